@@ -1,0 +1,1 @@
+"""Data tools: video files -> shards -> latent shards, verification, FVD statistics."""

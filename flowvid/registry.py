@@ -1,0 +1,164 @@
+"""Named registries, one per interface kind, and plugin discovery through entry points.
+
+Built-ins register with a decorator::
+
+    @BLOCKS.register("starflow")
+    class AffineBlock(FlowBlock): ...
+
+Installed packages register through the entry-point group of a kind, for example in their
+``pyproject.toml``::
+
+    [project.entry-points."flowvid.blocks"]
+    gated = "my_package.blocks:GatedAffineBlock"
+
+``load_plugins()`` imports every entry point once, so that a plugin is known both to its registry
+(look-up by short name) and to jsonargparse (look-up by class name or ``class_path`` in YAML).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as metadata
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered object and where it comes from."""
+
+    name: str
+    obj: Any
+    package: str
+    version: str
+
+    @property
+    def class_path(self) -> str:
+        return f"{self.obj.__module__}.{self.obj.__qualname__}"
+
+
+def _distribution_of(module_name: str) -> tuple[str, str]:
+    top_level = module_name.split(".")[0]
+    for dist in metadata.packages_distributions().get(top_level, []):
+        try:
+            return dist, metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return top_level, "unknown"
+
+
+class Registry:
+    """Short names to classes (or factories) of one interface kind."""
+
+    def __init__(self, kind: str, group: str):
+        self.kind = kind
+        self.group = group
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str | None = None) -> Callable[[Any], Any]:
+        def decorator(obj: Any) -> Any:
+            self.add(name or obj.__name__, obj)
+            return obj
+
+        return decorator
+
+    def add(self, name: str, obj: Any) -> None:
+        known = self._entries.get(name)
+        if known is not None and known.obj is not obj:
+            raise ValueError(
+                f"{self.kind} name {name!r} is taken by {known.class_path} ({known.package}); "
+                f"cannot register {obj.__module__}.{obj.__qualname__} under it"
+            )
+        package, version = _distribution_of(obj.__module__)
+        self._entries[name] = Entry(name, obj, package, version)
+
+    def get(self, name: str) -> Any:
+        load_plugins()
+        try:
+            return self._entries[name].obj
+        except KeyError:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {known}") from None
+
+    def name_of(self, obj: Any) -> str | None:
+        for entry in self._entries.values():
+            if entry.obj is obj:
+                return entry.name
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        load_plugins()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        load_plugins()
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def names(self) -> list[str]:
+        return [entry.name for entry in self]
+
+
+BLOCKS = Registry("block", "flowvid.blocks")
+PERMUTATIONS = Registry("permutation", "flowvid.permutations")
+CODECS = Registry("codec", "flowvid.codecs")
+TEXT_ENCODERS = Registry("text encoder", "flowvid.text_encoders")
+SAMPLERS = Registry("sampler", "flowvid.samplers")
+FVD_EXTRACTORS = Registry("FVD extractor", "flowvid.fvd_extractors")
+DATASETS = Registry("dataset", "flowvid.datasets")
+
+REGISTRIES: dict[str, Registry] = {
+    "blocks": BLOCKS,
+    "permutations": PERMUTATIONS,
+    "codecs": CODECS,
+    "text_encoders": TEXT_ENCODERS,
+    "samplers": SAMPLERS,
+    "fvd_extractors": FVD_EXTRACTORS,
+    "datasets": DATASETS,
+}
+
+# Modules whose import registers the built-ins of each kind.
+_BUILTIN_MODULES = (
+    "flowvid.flows",
+    "flowvid.sampling",
+    "flowvid.codecs",
+    "flowvid.text",
+    "flowvid.metrics",
+    "flowvid.data",
+)
+
+_loaded = False
+
+
+def load_plugins() -> None:
+    """Import the built-ins and every installed entry point (once per process).
+
+    A plugin that fails to import is reported with a warning naming it, never silently dropped,
+    and never takes the built-ins down with it.
+    """
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:  # a real import error inside an existing module
+                raise
+    for registry in REGISTRIES.values():
+        for entry_point in metadata.entry_points(group=registry.group):
+            try:
+                obj = entry_point.load()
+            except Exception as err:  # noqa: BLE001 - a broken plugin must not break the CLI
+                warnings.warn(f"could not load {registry.kind} plugin {entry_point.name!r} "
+                              f"({entry_point.value}): {err}", stacklevel=2)
+                continue
+            registry.add(entry_point.name, obj)
+
+
+def resolve(registry: Registry, spec: Any) -> Any:
+    """A registered short name becomes its object; anything else is returned as given."""
+    if isinstance(spec, str):
+        return registry.get(spec)
+    return spec

@@ -1,0 +1,1 @@
+"""Optional plugins, registered through entry points (see pyproject.toml)."""

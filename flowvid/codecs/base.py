@@ -1,0 +1,91 @@
+"""The LatentCodec contract: uint8 video <-> the latent space the flow models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class CodecMismatchError(ValueError):
+    """Data, model or checkpoint were made with different codecs."""
+
+
+class LatentCodec(nn.Module, ABC):
+    """Maps videos ``(B, T, H, W, 3)`` uint8 to latents ``(B, t, h, w, c)`` float and back.
+
+    Subclasses set ``spatial_factor``, ``temporal_factor`` and ``latent_channels`` and implement
+    ``encode``, ``decode`` and ``config``. ``identity()`` (name + hash of the config) is written into
+    every shard manifest and checkpoint so that a mismatch is caught before any step runs.
+    """
+
+    spatial_factor: int = 1
+    temporal_factor: int = 1
+    latent_channels: int = 3
+    #: True when the first frame is encoded alone and the rest in groups (causal video VAEs):
+    #: T frames become 1 + (T - 1) / temporal_factor latent frames.
+    causal_first_frame: bool = False
+
+    @property
+    def name(self) -> str:
+        from flowvid.registry import CODECS
+
+        return CODECS.name_of(type(self)) or type(self).__name__
+
+    @abstractmethod
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, T, H, W, 3)`` -> float32 latents ``(B, t, h, w, c)``."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """float latents ``(B, t, h, w, c)`` -> uint8 video ``(B, T, H, W, 3)``."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments that determine the latent space."""
+
+    def latent_frames(self, num_frames: int) -> int:
+        self.check_video_size(num_frames, None, None)
+        if self.causal_first_frame:
+            return 1 + (num_frames - 1) // self.temporal_factor
+        return num_frames // self.temporal_factor
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        self.check_video_size(num_frames, height, width)
+        return (
+            self.latent_frames(num_frames),
+            height // self.spatial_factor,
+            width // self.spatial_factor,
+            self.latent_channels,
+        )
+
+    def check_video_size(self, num_frames: int | None, height: int | None, width: int | None) -> None:
+        """Raise a ValueError naming the factor when a video size cannot be encoded exactly."""
+        if num_frames is not None:
+            usable = num_frames - 1 if self.causal_first_frame else num_frames
+            if num_frames < 1 or usable % self.temporal_factor:
+                form = f"1 + {self.temporal_factor}k" if self.causal_first_frame else f"a multiple of {self.temporal_factor}"
+                raise ValueError(f"codec {self.name!r} needs a frame count of {form}, got {num_frames}")
+        for side, value in (("height", height), ("width", width)):
+            if value is not None and (value < 1 or value % self.spatial_factor):
+                raise ValueError(
+                    f"codec {self.name!r} needs {side} divisible by {self.spatial_factor}, got {value}; "
+                    f"resize or crop the video first"
+                )
+
+    def identity(self) -> dict[str, str]:
+        blob = json.dumps(self.config(), sort_keys=True, default=str).encode()
+        return {"name": self.name, "config_hash": hashlib.sha256(blob).hexdigest()[:16]}
+
+
+def check_codec_identity(expected: dict[str, str], actual: dict[str, str], where: str) -> None:
+    """Raise CodecMismatchError when two codec identities differ."""
+    if expected.get("name") != actual.get("name") or expected.get("config_hash") != actual.get("config_hash"):
+        raise CodecMismatchError(
+            f"{where} was made with codec {actual.get('name')!r} (config {actual.get('config_hash')}), "
+            f"but this model uses {expected.get('name')!r} (config {expected.get('config_hash')})"
+        )

@@ -1,0 +1,103 @@
+"""Multi-head self-attention on ``scaled_dot_product_attention``, with the masks the flows need."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flowvid.nn.kv_cache import KVCache
+from flowvid.nn.rope import apply_rope
+
+
+class Attention(nn.Module):
+    """Fused-QKV attention with rotary embeddings and an optional KV cache.
+
+    ``cos``/``sin`` hold one rotation per query position (the keys of earlier positions were
+    rotated when they were written to the cache).
+    """
+
+    def __init__(self, width: int, head_dim: int, qk_norm: bool = False):
+        super().__init__()
+        if width % head_dim:
+            raise ValueError(f"width {width} is not a multiple of head_dim {head_dim}")
+        self.heads = width // head_dim
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """``mask`` is a boolean (B or 1, 1, Q, K) "may attend" mask.
+
+        Without a cache, None means causal; with a cache, None means every cached key is visible
+        (a single query at the newest position).
+        """
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)
+        if mask is None and cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+def prefix_causal_mask(
+    num_queries: int,
+    first_query: int,
+    num_keys: int,
+    prefix_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """"May attend" mask for a sequence ``[prefix ; tokens]`` with causal tokens.
+
+    Positions ``[0, P)`` are the prefix (text), ``P = prefix_valid.shape[1]``; queries are positions
+    ``[first_query, first_query + num_queries)``. Prefix queries see the valid prefix and themselves
+    (so a fully padded caption never gives an empty row); token queries see the valid prefix and
+    every token position up to their own.
+    """
+    prefix = 0 if prefix_valid is None else prefix_valid.shape[1]
+    device = prefix_valid.device if prefix_valid is not None else None
+    query_pos = torch.arange(first_query, first_query + num_queries, device=device)[:, None]
+    key_pos = torch.arange(num_keys, device=device)[None, :]
+    causal = key_pos <= query_pos
+    if prefix == 0:
+        return causal[None, None]
+    is_prefix_key = key_pos < prefix
+    is_prefix_query = query_pos < prefix
+    key_valid = torch.ones(prefix_valid.shape[0], num_keys, dtype=torch.bool, device=device)
+    key_valid[:, :prefix] = prefix_valid
+    allowed = torch.where(is_prefix_key, key_valid[:, None, :], causal[None])
+    allowed = allowed & ~(is_prefix_query & ~is_prefix_key)[None]
+    allowed = allowed | (key_pos == query_pos)[None]
+    return allowed[:, None]
+
+
+def frame_window_mask(
+    num_frames: int,
+    tokens_per_frame: int,
+    past_frames: int | None = None,
+    future_frames: int = 0,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Bidirectional inside a frame; frame n sees frames ``[n - past_frames, n + future_frames]``.
+
+    ``past_frames=None`` means all earlier frames. Shape (1, 1, T*F, T*F).
+    """
+    frame = torch.arange(num_frames, device=device).repeat_interleave(tokens_per_frame)
+    delta = frame[None, :] - frame[:, None]  # key frame minus query frame
+    allowed = delta <= future_frames
+    if past_frames is not None:
+        allowed &= delta >= -past_frames
+    return allowed[None, None]

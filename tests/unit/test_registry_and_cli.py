@@ -1,0 +1,39 @@
+"""Registries, entry-point discovery and the CLI skeleton."""
+
+import subprocess
+import sys
+
+import pytest
+
+from flowvid.cli import main
+from flowvid.registry import BLOCKS, Registry
+
+
+def test_entry_point_plugin_is_discovered_with_its_package():
+    entry = {e.name: e for e in BLOCKS}["gated"]
+    assert entry.class_path == "flowvid_plugins.blocks.GatedAffineBlock"
+    assert entry.package == "flowvid" and entry.version != "unknown"
+
+
+def test_unknown_name_lists_the_registered_ones():
+    with pytest.raises(KeyError, match="affine"):
+        BLOCKS.get("no-such-block")
+
+
+def test_a_name_cannot_be_taken_twice():
+    registry = Registry("thing", "flowvid.things")
+    registry.add("a", int)
+    registry.add("a", int)  # the same object again is fine
+    with pytest.raises(ValueError, match="taken"):
+        registry.add("a", float)
+
+
+def test_plugins_command_lists_builtin_and_plugin_blocks():
+    out = subprocess.run([sys.executable, "-m", "flowvid.cli", "plugins"], capture_output=True, text=True, check=True)
+    assert "affine" in out.stdout and "gated" in out.stdout and "GatedAffineBlock" in out.stdout
+
+
+def test_unknown_command_is_one_line_and_nonzero(capsys):
+    assert main(["frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command" in err and "Traceback" not in err

@@ -1,0 +1,204 @@
+"""``encode-latents``: raw clip shards -> latent shards through a registered codec.
+
+    flowvid data encode-latents RAW_DIR --out DIR --codec pixel [--codec-args JSON]
+                                [--text-encoder NAME [--text-encoder-args JSON]] [--first-frame]
+
+The manifest records the codec's identity (name + config hash, checked against the model at
+training time), the latent shape, the per-channel mean and std measured over all written latents,
+and the codec's own normalisation when it has one (``latents_mean`` / ``latents_std``). A frozen
+text encoder's embeddings can be cached with the latents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from data_tools.report import print_summary, progress_bar
+from flowvid.codecs.base import LatentCodec
+from flowvid.data.manifest import load_manifest, new_manifest, video_shape, write_manifest
+from flowvid.data.shards import BadSample, BrokenShard, SampleSpec, ShardFolderWriter, decode_sample, encode_sample, iter_tar, shard_paths
+from flowvid.registry import CODECS, TEXT_ENCODERS
+from flowvid.text.base import TextEncoder
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="RAW_DIR", help="raw shard folder (from from-videos or make-synthetic)")
+    parser.add_argument("--out", required=True, help="output latent shard folder (earlier shards there are replaced)")
+    parser.add_argument("--codec", default="pixel", help="registered codec name (see `flowvid plugins`)")
+    parser.add_argument("--codec-args", type=json.loads, default={}, help="codec constructor arguments as JSON")
+    parser.add_argument("--text-encoder", default=None, help="also cache this registered text encoder's embeddings")
+    parser.add_argument("--text-encoder-args", type=json.loads, default={}, help="text encoder arguments as JSON")
+    parser.add_argument("--first-frame", action="store_true", help="store each clip's first frame (first.npy) for image-to-video")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shard-samples", type=int, default=1000, help="most samples per shard")
+
+
+def run(args: argparse.Namespace) -> int:
+    codec = CODECS.get(args.codec)(**args.codec_args)
+    text_encoder = TEXT_ENCODERS.get(args.text_encoder)(**args.text_encoder_args) if args.text_encoder else None
+    raw = load_manifest(args.source)
+    started = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("clips", total=raw["samples"])
+        manifest = encode_latents(
+            args.source, args.out, codec, text_encoder=text_encoder, first_frame=args.first_frame,
+            batch_size=args.batch_size, device=args.device, shard_samples=args.shard_samples,
+            on_sample=lambda: bar.advance(task),
+        )
+    seconds = time.perf_counter() - started
+    fields = {"written": manifest["samples"], "shards": manifest["num_shards"], "codec": manifest["codec"]["name"],
+              "latent shape": tuple(manifest["latent_shape"]), "seconds": seconds,
+              "clips_per_second": manifest["samples"] / seconds}
+    print_summary(f"encode-latents -> {args.out}", fields, manifest["skipped"])
+    return 0 if manifest["samples"] > 0 else 1
+
+
+def encode_latents(
+    source: str | Path,
+    out: str | Path,
+    codec: LatentCodec,
+    text_encoder: TextEncoder | None = None,
+    first_frame: bool = False,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    shard_samples: int = 1000,
+    on_sample: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Encode every usable clip of the raw folder ``source`` into latent shards in ``out``; returns the manifest."""
+    raw = load_manifest(source)
+    if raw["kind"] != "raw":
+        raise ValueError(f"{source} holds {raw['kind']} shards; encode-latents reads raw video shards")
+    frames, height, width = video_shape(raw)
+    latent_shape = codec.latent_shape(frames, height, width)  # raises when the codec cannot take this size
+    codec = codec.to(device).eval()
+    skipped: list[dict[str, str]] = []
+    stats = _ChannelStats(latent_shape[-1])
+    text_shape = None
+
+    with ShardFolderWriter(out, max_samples=shard_samples) as writer:
+        for group in _groups(_samples(source, raw, skipped, on_sample), batch_size):
+            with torch.inference_mode():
+                video = torch.from_numpy(np.stack([s["video"] for s in group])).to(device)
+                latents = codec.encode(video).float().cpu()
+                text = text_encoder.encode([s["caption"] for s in group]) if text_encoder is not None else None
+            if tuple(latents.shape) != (len(group), *latent_shape):
+                raise ValueError(f"codec {codec.name!r} returned latents {tuple(latents.shape)}, its latent_shape says {latent_shape}")
+            if text is not None:
+                tokens, mask = _pad_text(text.tokens.float().cpu(), text.mask.cpu(), text_encoder.max_length)
+                text_shape = tuple(tokens.shape[1:])
+            for index, sample in enumerate(group):
+                latent = latents[index].numpy().astype(np.float16)
+                if not np.isfinite(latent).all():  # NaN from the codec, or beyond float16's range
+                    skipped.append({"key": sample["key"], "reason": "non_finite_latent: NaN or inf after encoding to float16"})
+                    continue
+                stats.add(latents[index])
+                extra: dict[str, Any] = {}
+                if text is not None:
+                    extra = {"text": tokens[index].numpy().astype(np.float16), "text_mask": mask[index].numpy()}
+                if first_frame:
+                    extra["first"] = sample["video"][0]
+                writer.write(encode_sample(sample["key"], sample["caption"], sample["meta"], latent=latent, **extra))
+
+    mean, std = stats.result()
+    manifest = new_manifest(
+        "latent",
+        raw["video"],
+        codec=codec.identity(),
+        codec_config=json.loads(json.dumps(codec.config(), default=str)),
+        latent_shape=list(latent_shape),
+        latent_mean=mean,
+        latent_std=std,
+        codec_normalisation=_codec_normalisation(codec),
+        text_encoder=text_encoder.identity() if text_encoder is not None else None,
+        text_shape=list(text_shape) if text_shape else None,
+        first_frame=first_frame,
+        samples=writer.samples,
+        num_shards=len(writer.shards),
+        shards=writer.shards,
+        skipped=skipped,
+        source={"tool": "encode-latents", "raw": str(source), "raw_samples": raw["samples"]},
+    )
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _samples(source: str | Path, raw: dict[str, Any], skipped: list[dict[str, str]], on_sample: Callable[[], None] | None) -> Iterator[dict[str, Any]]:
+    spec = SampleSpec.from_manifest(raw)
+    for shard in shard_paths(source, raw):
+        try:
+            for sample in iter_tar(shard):
+                if on_sample is not None:
+                    on_sample()
+                try:
+                    yield decode_sample(sample, spec)
+                except BadSample as err:
+                    skipped.append({"key": sample.get("__key__", "?"), "reason": f"{err.reason}: {err}"})
+        except BrokenShard as err:
+            skipped.append({"shard": shard.name, "reason": f"broken_tar: {err}"})
+
+
+def _groups(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    group: list[dict[str, Any]] = []
+    for sample in samples:
+        group.append(sample)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _pad_text(tokens: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a batch's embeddings to the encoder's max_length, so every sample has the same (L, D)."""
+    if tokens.shape[1] > length:
+        raise ValueError(f"text encoder returned {tokens.shape[1]} tokens, more than its max_length {length}")
+    pad = length - tokens.shape[1]
+    return torch.nn.functional.pad(tokens, (0, 0, 0, pad)), torch.nn.functional.pad(mask.bool(), (0, pad))
+
+
+class _ChannelStats:
+    """Running per-channel mean and std over every latent position, in float64."""
+
+    def __init__(self, channels: int):
+        self.total = torch.zeros(channels, dtype=torch.float64)
+        self.squares = torch.zeros(channels, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, latent: torch.Tensor) -> None:
+        flat = latent.reshape(-1, latent.shape[-1]).double()
+        self.total += flat.sum(0)
+        self.squares += (flat**2).sum(0)
+        self.count += flat.shape[0]
+
+    def result(self) -> tuple[list[float] | None, list[float] | None]:
+        if self.count == 0:
+            return None, None
+        mean = self.total / self.count
+        std = (self.squares / self.count - mean**2).clamp_min(0).sqrt()
+        return mean.tolist(), std.tolist()
+
+
+def _codec_normalisation(codec: LatentCodec) -> dict[str, list[float]] | None:
+    mean, std = getattr(codec, "latents_mean", None), getattr(codec, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return {"mean": torch.as_tensor(mean).flatten().tolist(), "std": torch.as_tensor(std).flatten().tolist()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_tools.cli import main as data_main
+
+    return data_main(["encode-latents", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

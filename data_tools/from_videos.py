@@ -1,0 +1,232 @@
+"""``from-videos``: a folder or glob of video files plus captions -> raw clip shards with a manifest.
+
+    flowvid data from-videos INPUT... --out DIR --frames N --size S [--fps F] [--stride K] [--captions FILE]
+
+Captions come from a CSV or JSONL of ``path,caption`` (paths relative to that file), else from a
+sidecar ``<video>.txt``, else ``--default-caption``; a video without one is skipped. Files are
+decoded in parallel; the output depends only on the inputs and options (not on --workers). Every
+skipped file is listed with its reason in ``DIR/summary.json`` and the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from data_tools.clips import VIDEO_EXTENSIONS, Clips, ClipSpec, VideoSkipped, read_clips
+from data_tools.report import console, print_summary, progress_bar
+from flowvid.data.manifest import new_manifest, write_manifest
+from flowvid.data.shards import ShardFolderWriter, encode_sample
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders (searched recursively) or glob patterns")
+    parser.add_argument("--out", required=True, help="output shard folder (earlier shards there are replaced)")
+    parser.add_argument("--frames", type=int, required=True, help="frames per clip")
+    parser.add_argument("--size", type=parse_size, required=True, help="clip size: S (square) or HxW; centre crop, then resize")
+    parser.add_argument("--fps", type=float, default=None, help="target frame rate by frame stepping (default: the source rate)")
+    parser.add_argument("--stride", type=int, default=None, help="frames between clip starts (default: --frames, no overlap)")
+    parser.add_argument("--captions", default=None, help="CSV or JSONL of path,caption")
+    parser.add_argument("--default-caption", default=None, help="caption for videos without one (e.g. '' for unconditional)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    parser.add_argument("--shard-samples", type=int, default=1000, help="most clips per shard")
+    parser.add_argument("--shard-mb", type=float, default=512.0, help="most megabytes per shard")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'64' -> (64, 64); '48x64' -> (48, 64) as (height, width)."""
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"size must be S or HxW (e.g. 64 or 48x64), got {text!r}")
+    height = int(match.group(1))
+    return height, int(match.group(2) or height)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = ClipSpec(args.frames, args.size[0], args.size[1], args.fps, args.stride)
+    summary = convert_videos(
+        args.inputs, args.out, spec, captions=args.captions, default_caption=args.default_caption,
+        workers=args.workers, shard_samples=args.shard_samples, shard_bytes=args.shard_mb * 2**20, show_progress=True,
+    )
+    fields = {k: summary[k] for k in ("written", "files_ok", "files_total", "shards", "seconds", "clips_per_second")}
+    print_summary(f"from-videos -> {args.out}", fields, summary["skipped"])
+    return 0 if summary["written"] > 0 else 1
+
+
+def convert_videos(
+    inputs: Sequence[str],
+    out: str | Path,
+    spec: ClipSpec,
+    captions: str | Path | None = None,
+    default_caption: str | None = None,
+    workers: int = 1,
+    shard_samples: int = 1000,
+    shard_bytes: float = 512 * 2**20,
+    show_progress: bool = False,
+) -> dict:
+    """Write the clips of ``inputs`` to shards in ``out``; returns the summary (also ``out/summary.json``)."""
+    started = time.perf_counter()
+    files = find_videos(inputs)
+    table = load_captions(captions) if captions else {}
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    skipped: list[dict[str, str]] = []
+    captioned: list[tuple[Path, str]] = []
+    for path in files:
+        try:
+            captioned.append((path, caption_for(path, table, default_caption)))
+        except NoCaption as err:
+            skipped.append({"path": str(path), "reason": str(err)})
+
+    out = Path(out)
+    files_ok, fps_seen = 0, set()
+    with ShardFolderWriter(out, max_samples=shard_samples, max_bytes=shard_bytes) as writer, progress_bar() as bar:
+        task = bar.add_task("videos", total=len(files), completed=len(skipped), visible=show_progress)
+        for (path, caption), result in zip(captioned, _read_all([p for p, _ in captioned], spec, workers)):
+            bar.advance(task)
+            if isinstance(result, str):
+                skipped.append({"path": str(path), "reason": result})
+                if show_progress:
+                    console.log(f"[yellow]skipped[/] {path}: {result}")
+                continue
+            files_ok += 1
+            fps_seen.add(result.fps)
+            relative = path.relative_to(root).as_posix()
+            for index, (clip, start) in enumerate(zip(result.videos, result.starts)):
+                meta = {"caption": caption, "fps": result.fps, "source": relative, "clip_start": start,
+                        "clip_start_seconds": start / result.fps, "frames": spec.frames, "height": spec.height, "width": spec.width}
+                writer.write(encode_sample(clip_key(relative, index), caption, meta, frames=clip))
+
+    skipped.sort(key=lambda item: item["path"])
+    video = {"frames": spec.frames, "height": spec.height, "width": spec.width,
+             "fps": spec.fps if spec.fps is not None else (fps_seen.pop() if len(fps_seen) == 1 else None)}
+    source = {"tool": "from-videos", "inputs": list(inputs), "clip": {"fps": spec.fps, "stride": spec.stride or spec.frames}}
+    manifest = new_manifest("raw", video, samples=writer.samples, num_shards=len(writer.shards), shards=writer.shards,
+                            skipped=skipped, source=source)
+    write_manifest(out, manifest)
+    seconds = time.perf_counter() - started
+    summary = {"out": str(out), "written": writer.samples, "files_total": len(files), "files_ok": files_ok,
+               "shards": len(writer.shards), "skipped": skipped, "seconds": round(seconds, 3),
+               "clips_per_second": round(writer.samples / seconds, 3)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def find_videos(inputs: Sequence[str]) -> list[Path]:
+    """Files named directly, video files under folders (recursively) and glob matches; sorted, unique."""
+    found: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        elif path.is_file():
+            found.add(path)
+        else:
+            matches = [Path(p) for p in glob.glob(item, recursive=True)]
+            found.update(p for p in matches if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    if not found:
+        raise ValueError(f"no video files found in {list(inputs)} (extensions: {', '.join(sorted(VIDEO_EXTENSIONS))})")
+    return sorted(p.resolve() for p in found)
+
+
+def load_captions(path: str | Path) -> dict[str, str]:
+    """``{resolved video path: caption}`` from a CSV (optional header ``path,caption``) or a JSONL file.
+
+    File names are also keys, where they are unique, so that a table of bare names works too.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read captions file {path}: {err}") from err
+    rows = list(_jsonl_rows(text, path) if path.suffix.lower() == ".jsonl" else _csv_rows(text, path))
+    table = {str((path.parent / video).resolve()): caption for video, caption in rows}
+    names: dict[str, list[str]] = {}
+    for video, caption in rows:
+        names.setdefault(Path(video).name, []).append(caption)
+    table.update({name: captions[0] for name, captions in names.items() if len(captions) == 1})
+    return table
+
+
+def _csv_rows(text: str, path: Path) -> Iterator[tuple[str, str]]:
+    for number, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or (number == 1 and [c.strip().lower() for c in row] == ["path", "caption"]):
+            continue
+        if len(row) != 2:
+            raise ValueError(f"{path}:{number}: expected 2 columns (path,caption; quote captions with commas), got {len(row)}")
+        yield row[0].strip(), row[1].strip()
+
+
+def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[str, str]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            yield str(row["path"]), str(row["caption"]).strip()
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f'{path}:{number}: expected {{"path": ..., "caption": ...}}, got {line[:80]!r}') from err
+
+
+class NoCaption(Exception):
+    """A video without a usable caption; the message is the reason listed in the summary."""
+
+
+def caption_for(video: Path, table: dict[str, str], default: str | None) -> str:
+    """The captions table's entry, else the sidecar ``.txt``, else ``default``; NoCaption says why not."""
+    for key in (str(video), video.name):
+        if key in table:
+            return table[key]
+    sidecar = video.with_suffix(".txt")
+    if sidecar.is_file():
+        try:
+            return sidecar.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise NoCaption(f"unreadable caption {sidecar.name}: {err}") from err
+    if default is not None:
+        return default
+    raise NoCaption("no caption (no sidecar .txt, no --captions entry, no --default-caption)")
+
+
+def clip_key(relative: str, index: int) -> str:
+    """A stable sample key: readable stem + hash of the relative path (stems repeat across folders)."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(relative).stem)[:48]
+    digest = hashlib.sha1(relative.encode()).hexdigest()[:8]
+    return f"{stem}-{digest}-{index:05d}"
+
+
+def _read_one(path: Path, spec: ClipSpec) -> Clips | str:
+    try:
+        return read_clips(path, spec)
+    except VideoSkipped as err:
+        return str(err)
+    except OSError as err:
+        return f"unreadable: {err}"
+
+
+def _read_all(paths: list[Path], spec: ClipSpec, workers: int) -> Iterator[Clips | str]:
+    """Clips of each path, in order; decoding runs in ``workers`` processes."""
+    if workers <= 1 or len(paths) <= 1:
+        yield from (_read_one(path, spec) for path in paths)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(_read_one, paths, [spec] * len(paths))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_tools.cli import main as data_main
+
+    return data_main(["from-videos", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""``verify``: decode every sample of a shard folder and check it against its manifest.
+
+    flowvid data verify DIR [DIR ...]
+
+Checks the manifest, that every listed shard exists with its sha256 and sample count, that no shard
+is unlisted or half-written (``*.tmp``), that every sample decodes with the declared shapes and
+finite values, and that keys are unique. Exits 1 when any folder is damaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from data_tools.report import console, progress_bar
+from flowvid.data.manifest import ManifestError, load_manifest
+from flowvid.data.shards import TEMPORARY_SUFFIX, BadSample, BrokenShard, SampleSpec, decode_sample, file_sha256, iter_tar
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folders", nargs="+", metavar="DIR", help="shard folders (each with manifest.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    damaged = 0
+    for folder in args.folders:
+        report = verify_folder(folder, show_progress=True)
+        print_report(report)
+        damaged += not report["ok"]
+    return 1 if damaged else 0
+
+
+def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, Any]:
+    """Check one folder; ``report["ok"]`` is False when anything is wrong, ``problems`` says what."""
+    folder = Path(folder)
+    report: dict[str, Any] = {"folder": str(folder), "ok": False, "problems": [], "shards": [], "samples": 0}
+    problems: list[str] = report["problems"]
+    try:
+        manifest = load_manifest(folder)
+    except ManifestError as err:
+        problems.append(str(err))
+        problems += [f"half-written file {p.name}" for p in sorted(folder.glob(f"*{TEMPORARY_SUFFIX}"))]
+        return report
+    report["kind"] = manifest["kind"]
+    problems += [f"half-written file {p.name}" for p in sorted(folder.glob(f"*{TEMPORARY_SUFFIX}"))]
+    listed = {shard["name"] for shard in manifest["shards"]}
+    problems += [f"shard {p.name} is not in the manifest" for p in sorted(folder.glob("*.tar")) if p.name not in listed]
+
+    spec = SampleSpec.from_manifest(manifest)
+    keys: set[str] = set()
+    with progress_bar() as bar:
+        task = bar.add_task(f"verify {folder.name}", total=len(manifest["shards"]), visible=show_progress)
+        for entry in manifest["shards"]:
+            report["shards"].append(_verify_shard(folder / entry["name"], entry, spec, keys, problems))
+            bar.advance(task)
+    report["samples"] = sum(shard["found"] for shard in report["shards"])
+    if report["samples"] != manifest["samples"]:
+        problems.append(f"found {report['samples']} good samples, the manifest lists {manifest['samples']}")
+    report["ok"] = not problems
+    return report
+
+
+def _verify_shard(path: Path, entry: dict[str, Any], spec: SampleSpec, keys: set[str], problems: list[str]) -> dict[str, Any]:
+    row = {"name": entry["name"], "listed": entry["samples"], "found": 0, "bad": 0, "checksum": "missing"}
+    if not path.is_file():
+        problems.append(f"shard {entry['name']} is missing")
+        return row
+    row["checksum"] = "ok" if file_sha256(path) == entry["sha256"] else "MISMATCH"
+    if row["checksum"] != "ok":
+        problems.append(f"shard {entry['name']}: sha256 differs from the manifest")
+    try:
+        for raw in iter_tar(path):
+            try:
+                sample = decode_sample(raw, spec)
+            except BadSample as err:
+                row["bad"] += 1
+                problems.append(f"shard {entry['name']}: {err.reason}: {err}")
+                continue
+            if sample["key"] in keys:
+                problems.append(f"shard {entry['name']}: duplicate key {sample['key']!r}")
+            keys.add(sample["key"])
+            row["found"] += 1
+    except BrokenShard as err:
+        problems.append(f"shard {entry['name']}: broken_tar: {err}")
+    if row["found"] + row["bad"] != entry["samples"]:
+        problems.append(f"shard {entry['name']}: holds {row['found'] + row['bad']} samples, the manifest lists {entry['samples']}")
+    return row
+
+
+def print_report(report: dict[str, Any], show: int = 20) -> None:
+    if report["shards"]:
+        table = Table(title=f"verify {report['folder']} ({report.get('kind', '?')})")
+        for column in ("shard", "listed", "found", "bad", "sha256"):
+            table.add_column(column)
+        for row in report["shards"]:
+            table.add_row(row["name"], str(row["listed"]), str(row["found"]), str(row["bad"]), row["checksum"])
+        console.print(table)
+    for problem in report["problems"][:show]:
+        console.print(f"  [red]problem[/] {problem}")
+    if len(report["problems"]) > show:
+        console.print(f"  ... and {len(report['problems']) - show} more")
+    verdict = "[green]OK[/]" if report["ok"] else "[red]DAMAGED[/]"
+    console.print(f"{verdict} {report['folder']}: {report['samples']} samples in {len(report['shards'])} shards")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_tools.cli import main as data_main
+
+    return data_main(["verify", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""LightningDataModules over shard folders: raw video shards or latent shards, train and validation."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from flowvid.codecs.base import check_codec_identity
+from flowvid.data import manifest as manifests
+from flowvid.data.pipeline import ShardLoader, ShardStream, SkipCounter, shards_for_rank
+from flowvid.data.shards import SampleSpec, shard_paths
+from flowvid.registry import DATASETS
+
+
+@DATASETS.register("shards")
+class VideoShardDataModule(L.LightningDataModule):
+    """Batches from shard folders written by ``flowvid data`` (raw video or latent shards).
+
+    Batches are dicts: ``video`` uint8 ``(B, T, H, W, 3)`` for raw shards or ``latents`` float32
+    ``(B, t, h, w, c)`` for latent shards, ``caption`` and ``key`` (lists of str), ``meta`` (list of
+    dict), and when the folder has them ``text_tokens`` ``(B, L, D)`` / ``text_mask`` ``(B, L)`` and
+    ``first_frame`` uint8 ``(B, H, W, 3)``. Raw video is encoded by the model, on its device.
+
+    Training resamples each rank's shards and stops after ``batches_per_epoch`` batches on every rank.
+    Validation reads each rank's shards once in order, or exactly ``val_batches`` batches per rank when
+    given (set it under multi-device training so that ranks do not wait for each other).
+
+    Unusable samples are skipped, logged once and counted (``skipped_counts()``). The data order is
+    fixed by ``seed``, epoch, rank and worker; ``state_dict()`` records the position in the epoch and
+    ``load_state_dict()`` resumes from it batch-exactly (with the same ``num_workers`` and devices).
+    """
+
+    def __init__(
+        self,
+        train_dir: str,
+        val_dir: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        shuffle_buffer: int = 128,
+        batches_per_epoch: int = 100,
+        val_batches: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                 ("shuffle_buffer", shuffle_buffer, 0), ("batches_per_epoch", batches_per_epoch, 1)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if val_batches is not None and val_batches < 1:
+            raise ValueError(f"val_batches must be >= 1 or None, got {val_batches}")
+        self.train_dir = str(train_dir)
+        self.val_dir = None if val_dir is None else str(val_dir)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.batches_per_epoch = batches_per_epoch
+        self.val_batches = val_batches
+        self.seed = seed
+        self._train_skips = SkipCounter(num_workers)
+        self._val_skips = SkipCounter(num_workers)
+        self._manifests: dict[str, dict[str, Any]] = {}
+        self._train_loader: ShardLoader | None = None
+        self._next_epoch = 0  # used without a Trainer: each pass over the train loader is an epoch
+        self._resume: tuple[int, int] | None = None
+
+    # --- what the data is ----------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The training folder's manifest (kind, video spec, codec, latent shape and statistics, ...)."""
+        return self._manifest(self.train_dir)
+
+    @property
+    def val_manifest(self) -> dict[str, Any] | None:
+        return None if self.val_dir is None else self._manifest(self.val_dir)
+
+    def _manifest(self, folder: str) -> dict[str, Any]:
+        if folder not in self._manifests:
+            self._manifests[folder] = manifests.load_manifest(folder)
+        return self._manifests[folder]
+
+    def check_compatible(
+        self,
+        codec_identity: dict[str, str] | None = None,
+        latent_shape: tuple[int, ...] | None = None,
+        video_shape: tuple[int, int, int] | None = None,
+        text_encoder: dict[str, str] | None = None,
+    ) -> None:
+        """Raise when the shards were not made for this model.
+
+        ``video_shape`` is (frames, height, width). For latent shards the codec identity (name and
+        config hash, else CodecMismatchError) and ``latent_shape`` (t, h, w, c) must match; for raw
+        shards the model encodes the video itself, so only the video shape is checked. ``text_encoder``
+        is checked against cached text embeddings, when the shards have them.
+        """
+        for folder in filter(None, (self.train_dir, self.val_dir)):
+            manifest, where = self._manifest(folder), f"shards in {folder}"
+            stored = manifests.video_shape(manifest)
+            if video_shape is not None and tuple(video_shape) != stored:
+                raise ValueError(f"{where} hold clips of (frames, height, width) {stored}, but the model expects {tuple(video_shape)}")
+            if manifest["kind"] == "latent":
+                if codec_identity is not None:
+                    check_codec_identity(codec_identity, manifest["codec"], where)
+                if latent_shape is not None and tuple(latent_shape) != tuple(manifest["latent_shape"]):
+                    raise ValueError(
+                        f"{where} hold latents of shape {tuple(manifest['latent_shape'])}, but the model expects {tuple(latent_shape)}"
+                    )
+            cached = manifest.get("text_encoder")
+            if text_encoder is not None and cached is not None and dict(cached) != dict(text_encoder):
+                raise ValueError(f"{where} cache text embeddings of {cached}, but the model uses {text_encoder}")
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Samples skipped so far (train and validation, all workers), per reason."""
+        counts = self._train_skips.totals()
+        for reason, count in self._val_skips.totals().items():
+            counts[reason] = counts.get(reason, 0) + count
+        return counts
+
+    # --- Lightning hooks -----------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        train = self.manifest
+        if self.val_dir is not None:
+            _check_same_space(train, self.val_manifest, self.train_dir, self.val_dir)
+        rank, world_size = self._rank_and_world_size()
+        shards_for_rank(self._shards(self.train_dir), rank, world_size)  # fail now, not in a worker
+
+    def train_dataloader(self) -> ShardLoader:
+        stream = ShardStream(
+            self._shards(self.train_dir),
+            SampleSpec.from_manifest(self.manifest),
+            batch_size=self.batch_size,
+            batches=self.batches_per_epoch,
+            resample=True,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            counter=self._train_skips,
+        )
+        self._train_loader = ShardLoader(stream, self.num_workers, self._train_position, self.state_dict, self.load_state_dict)
+        return self._train_loader
+
+    def val_dataloader(self) -> ShardLoader | list:
+        if self.val_dir is None:
+            return []
+        stream = ShardStream(
+            self._shards(self.val_dir),
+            SampleSpec.from_manifest(self.val_manifest),  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            batches=self.val_batches,
+            resample=False,
+            shuffle_buffer=0,
+            seed=self.seed,
+            counter=self._val_skips,
+        )
+        return ShardLoader(stream, self.num_workers, lambda: (*self._rank_and_world_size(), 0, 0))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Seed and position in the training stream: ``epoch`` and ``batches_consumed`` in it."""
+        epoch, consumed = self._consumed()
+        if consumed >= self.batches_per_epoch:
+            epoch, consumed = epoch + 1, 0
+        return {"seed": self.seed, "epoch": epoch, "batches_consumed": consumed, "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the training stream where ``state`` left it (on the next pass of the loader)."""
+        for key, now in (("seed", self.seed), ("num_workers", self.num_workers)):
+            if key in state and state[key] != now:
+                warnings.warn(f"resuming with {key}={now} where the run had {state[key]}: the data order will differ", stacklevel=2)
+        self._resume = (int(state["epoch"]), int(state["batches_consumed"]))
+        self._next_epoch = self._resume[0]
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _shards(self, folder: str) -> list[str]:
+        return [str(path) for path in shard_paths(folder, self._manifest(folder))]
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def _train_position(self) -> tuple[int, int, int, int]:
+        """(rank, world size, epoch, batches to skip) for the training pass about to start."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else self._next_epoch
+        self._next_epoch = epoch + 1
+        skip = 0
+        if self._resume is not None:
+            resume_epoch, consumed = self._resume
+            self._resume = None
+            skip = consumed if resume_epoch == epoch else 0
+        return (*self._rank_and_world_size(), epoch, skip)
+
+    def _consumed(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            # Lightning's own count of finished training steps in this epoch: a checkpoint taken
+            # after a step resumes after it, whatever batch the loader had already prefetched.
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+            return self.trainer.current_epoch, int(progress.processed)
+        if self._resume is not None:
+            return self._resume
+        if self._train_loader is None:
+            return 0, 0
+        return self._next_epoch - 1, self._train_loader.consumed
+
+
+def _check_same_space(train: dict[str, Any], val: dict[str, Any] | None, train_dir: str, val_dir: str) -> None:
+    assert val is not None
+    for key in ("kind", "codec", "latent_shape", "text_encoder", "first_frame"):
+        if train.get(key) != val.get(key):
+            raise ValueError(f"train shards ({train_dir}) and val shards ({val_dir}) differ in {key}: {train.get(key)!r} vs {val.get(key)!r}")
+    if manifests.video_shape(train) != manifests.video_shape(val):
+        raise ValueError(
+            f"train shards ({train_dir}) hold clips of {manifests.video_shape(train)} but val shards ({val_dir}) {manifests.video_shape(val)}"
+        )
+
+
+@DATASETS.register("synthetic")
+class SyntheticVideoDataModule(VideoShardDataModule):
+    """Captioned videos of moving shapes, written to ``root/train`` and ``root/val`` on first use.
+
+    ``prepare_data`` (run once per node by Lightning) makes the shards unless ``root`` already holds
+    the same dataset; validation holds only attribute combinations never seen in training.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/synthetic",
+        num_videos: int = 512,
+        val_videos: int = 64,
+        frames: int = 8,
+        size: int = 16,
+        fps: float = 8.0,
+        data_seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        shuffle_buffer: int = 128,
+        batches_per_epoch: int = 100,
+        val_batches: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(str(Path(root) / "train"), str(Path(root) / "val"), batch_size, num_workers,
+                         shuffle_buffer, batches_per_epoch, val_batches, seed)
+        self.root = str(root)
+        self.recipe = {"num_videos": num_videos, "val_videos": val_videos, "frames": frames, "size": size,
+                       "fps": fps, "seed": data_seed}
+
+    def prepare_data(self) -> None:
+        from flowvid.data.synthetic import synthetic_recipe, write_synthetic_dataset
+
+        try:
+            if synthetic_recipe(self.root) == self.recipe:
+                return
+        except manifests.ManifestError:
+            pass
+        write_synthetic_dataset(self.root, **self.recipe)
+        self._manifests.clear()

@@ -1,0 +1,120 @@
+"""``manifest.json``: what a shard folder holds, written last so that a folder without one is unfinished.
+
+Format (version 1)::
+
+    {
+      "format_version": 1,
+      "kind": "raw" | "latent",
+      "video": {"frames": T, "height": H, "width": W, "fps": F | null},
+      "codec": null | {"name": ..., "config_hash": ...},          # latent shards
+      "codec_config": null | {...},
+      "latent_shape": null | [t, h, w, c],
+      "latent_mean": null | [c floats], "latent_std": null | [c floats],   # measured on the shards
+      "codec_normalisation": null | {"mean": [...], "std": [...]},         # the codec's own, if it has one
+      "text_encoder": null | {...}, "text_shape": null | [L, D],           # cached text embeddings
+      "first_frame": bool,                                                 # first.npy in every sample
+      "samples": N, "num_shards": S,
+      "shards": [{"name": "shard-000000.tar", "samples": n, "bytes": b, "sha256": "..."}],
+      "skipped": [{"path" or "key": ..., "reason": ...}],
+      "source": {...}                                               # how the folder was made
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+KINDS = ("raw", "latent")
+_REQUIRED = ("format_version", "kind", "video", "samples", "num_shards", "shards")
+
+
+class ManifestError(ValueError):
+    """A shard folder's manifest is missing, unreadable or inconsistent."""
+
+
+def new_manifest(kind: str, video: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A manifest with every key present; shards and counts are filled in by the writer."""
+    if kind not in KINDS:
+        raise ValueError(f"manifest kind must be one of {KINDS}, got {kind!r}")
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "video": dict(video),
+        "codec": None,
+        "codec_config": None,
+        "latent_shape": None,
+        "latent_mean": None,
+        "latent_std": None,
+        "codec_normalisation": None,
+        "text_encoder": None,
+        "text_shape": None,
+        "first_frame": False,
+        "samples": 0,
+        "num_shards": 0,
+        "shards": [],
+        "skipped": [],
+        "source": {},
+    }
+    unknown = set(fields) - set(manifest)
+    if unknown:
+        raise ValueError(f"unknown manifest fields {sorted(unknown)}")
+    manifest.update(fields)
+    return manifest
+
+
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write atomically (temporary name, then rename): a reader never sees half a manifest."""
+    check_manifest(manifest, where=str(folder))
+    path = Path(folder) / MANIFEST_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(folder: str | Path) -> dict[str, Any]:
+    """Read and check a folder's manifest; ManifestError says what is wrong."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(
+            f"{path} not found: {folder} is not a finished shard folder "
+            "(make one with `flowvid data from-videos` or `flowvid data make-synthetic`)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path} is not readable JSON: {err}") from err
+    check_manifest(manifest, where=str(path))
+    return manifest
+
+
+def check_manifest(manifest: Any, where: str) -> None:
+    """Raise ManifestError when required keys are missing or counts disagree."""
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{where}: manifest must be a JSON object, got {type(manifest).__name__}")
+    missing = [key for key in _REQUIRED if key not in manifest]
+    if missing:
+        raise ManifestError(f"{where}: manifest lacks {missing}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ManifestError(f"{where}: format_version {manifest['format_version']!r} is not supported (expected {FORMAT_VERSION})")
+    if manifest["kind"] not in KINDS:
+        raise ManifestError(f"{where}: kind must be one of {KINDS}, got {manifest['kind']!r}")
+    if manifest["kind"] == "latent" and (not manifest.get("codec") or not manifest.get("latent_shape")):
+        raise ManifestError(f"{where}: latent shards need 'codec' and 'latent_shape' in the manifest")
+    shards = manifest["shards"]
+    if len(shards) != manifest["num_shards"]:
+        raise ManifestError(f"{where}: num_shards is {manifest['num_shards']} but {len(shards)} shards are listed")
+    listed = sum(shard["samples"] for shard in shards)
+    if listed != manifest["samples"]:
+        raise ManifestError(f"{where}: samples is {manifest['samples']} but the shards hold {listed}")
+
+
+def video_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:
+    """(frames, height, width) of the clips a folder was made from."""
+    video = manifest["video"]
+    return (int(video["frames"]), int(video["height"]), int(video["width"]))

@@ -1,0 +1,236 @@
+"""The streams behind the DataModule: shards -> checked samples -> shuffled batches, per rank and worker.
+
+Shards are split twice: rank ``r`` of ``R`` takes every R-th shard, and within a rank the DataLoader's
+worker ``w`` of ``W`` takes every W-th of those. A training stream resamples its own shards forever
+(with a shuffle buffer) and stops after a fixed number of batches, so every rank runs the same number
+of steps whatever its shards hold: no rank waits for another at the end of an epoch.
+
+Determinism: a stream's randomness is seeded by (seed, epoch, rank, stream), and the DataLoader asks
+its workers for batches in turn, so batch ``i`` of an epoch is the ``i // W``-th batch of stream
+``i % W``. To resume after ``k`` batches, worker ``w`` serves stream ``(w + k) % W`` and replays (reads
+and drops) that stream's batches before ``k``: the rest of the epoch is the same, batch for batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from flowvid.data.shards import SKIP_REASONS, BadSample, BrokenShard, SampleSpec, decode_sample, iter_tar
+
+log = logging.getLogger("flowvid.data")
+
+Sample = dict[str, Any]
+Batch = dict[str, Any]
+
+
+class SkipCounter:
+    """Skipped samples per reason, summed over the DataLoader's worker processes.
+
+    The counts live in shared memory; each worker writes its own row, so no update is lost.
+    """
+
+    def __init__(self, workers: int):
+        self._counts = torch.zeros(max(1, workers), len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+
+    def add(self, reason: str, worker: int = 0) -> None:
+        self._counts[worker % len(self._counts), SKIP_REASONS.index(reason)] += 1
+
+    def totals(self) -> dict[str, int]:
+        return {reason: int(count) for reason, count in zip(SKIP_REASONS, self._counts.sum(0)) if count}
+
+
+def collate(samples: list[Sample]) -> Batch:
+    """Stack arrays into tensors; keys, captions and metadata stay lists."""
+    batch: Batch = {
+        "key": [s["key"] for s in samples],
+        "caption": [s["caption"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+    }
+    for name in ("video", "latents", "text_tokens", "text_mask", "first_frame"):
+        if name in samples[0]:
+            batch[name] = torch.from_numpy(np.stack([s[name] for s in samples]))
+    return batch
+
+
+def shards_for_rank(shards: list[str], rank: int, world_size: int) -> list[str]:
+    """Every ``world_size``-th shard from ``rank``; a clear error when that leaves none."""
+    mine = shards[rank::world_size]
+    if not mine:
+        raise ValueError(
+            f"rank {rank} of {world_size} receives no shard: the folder has {len(shards)} shard(s). "
+            f"Write at least {world_size} shards (a smaller --shard-samples) or train on fewer devices."
+        )
+    return mine
+
+
+class ShardStream(IterableDataset):
+    """Batches from a list of shards for one rank, split over the DataLoader's workers.
+
+    ``batches`` fixes the number of batches per rank and pass (required with ``resample``); with
+    ``batches=None`` the stream is one ordered pass over the rank's shards. ``place`` tells the stream
+    which rank, epoch and position it serves before each pass.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        spec: SampleSpec,
+        batch_size: int,
+        batches: int | None,
+        resample: bool,
+        shuffle_buffer: int,
+        seed: int,
+        counter: SkipCounter,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if resample and batches is None:
+            raise ValueError("a resampled stream is endless: give the number of batches per epoch")
+        if not shards:
+            raise ValueError("a stream needs at least one shard")
+        self.shards = list(shards)
+        self.spec = spec
+        self.batch_size = batch_size
+        self.batches = batches
+        self.resample = resample
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.counter = counter
+        self.rank, self.world_size, self.epoch, self.skip = 0, 1, 0, 0
+
+    def place(self, rank: int, world_size: int, epoch: int = 0, skip: int = 0) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.rank, self.world_size, self.epoch, self.skip = rank, world_size, epoch, skip
+
+    def __len__(self) -> int:
+        if self.batches is None:
+            raise TypeError("a single pass over shards has no length known in advance")
+        return self.batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rank_shards = shards_for_rank(self.shards, self.rank, self.world_size)
+        stream = (worker + self.skip) % workers
+        shards = rank_shards[stream::workers]
+        if not shards and self.batches is not None:
+            shards = rank_shards  # fewer shards than workers: share them rather than starve
+        if not shards:
+            return
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{stream}")
+        samples = self._samples(shards, rng, worker)
+        if self.shuffle_buffer > 1:
+            samples = _shuffled(samples, self.shuffle_buffer, rng)
+        batches = _batched(samples, self.batch_size)
+        if self.batches is None:
+            yield from batches
+            return
+        for index, batch in zip(range(stream, self.batches, workers), batches):
+            if index >= self.skip:
+                yield batch
+
+    def _samples(self, shards: list[str], rng: random.Random, worker: int) -> Iterator[Sample]:
+        """Checked samples; resampled shards forever, or ordered passes (one unless a batch count is set)."""
+        barren: set[str] = set()  # shards that gave no usable sample
+        while True:
+            order = [rng.choice(shards) for _ in shards] if self.resample else shards
+            for shard in order:
+                found = False
+                for sample in self._read(shard, worker):
+                    found = True
+                    yield sample
+                if not found:
+                    barren.add(shard)
+                    if barren >= set(shards):
+                        raise RuntimeError(
+                            f"no usable sample left in {len(set(shards))} shard(s) of rank {self.rank} "
+                            f"(first: {shards[0]}); skipped so far: {self.counter.totals()}"
+                        )
+            if not self.resample and self.batches is None:
+                return
+
+    def _read(self, shard: str, worker: int) -> Iterator[Sample]:
+        try:
+            for raw in iter_tar(shard):
+                try:
+                    yield decode_sample(raw, self.spec)
+                except BadSample as err:
+                    self._skip(err.reason, str(err), worker)
+        except BrokenShard as err:
+            self._skip("broken_tar", str(err), worker)
+
+    def _skip(self, reason: str, message: str, worker: int) -> None:
+        self.counter.add(reason, worker)
+        if message not in _reported:  # a resampled stream meets the same bad sample again and again
+            _reported.add(message)
+            log.warning("skipped (%s): %s", reason, message)
+
+
+_reported: set[str] = set()  # per process: each defect is logged once, counted every time
+
+
+def _shuffled(samples: Iterator[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
+    buffer: list[Sample] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(size)
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _batched(samples: Iterator[Sample], batch_size: int) -> Iterator[Batch]:
+    group: list[Sample] = []
+    for sample in samples:
+        group.append(sample)
+        if len(group) == batch_size:
+            yield collate(group)
+            group = []
+    if group:
+        yield collate(group)
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader that places its ShardStream (rank, epoch, position) before every pass.
+
+    ``position()`` returns ``(rank, world_size, epoch, skip)`` for the pass about to start.
+    ``state_dict`` / ``load_state_dict`` hand over to the owner's (the DataModule's), which makes
+    the loader resumable in Lightning's eyes. ``consumed`` counts the batches handed out in this pass.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        num_workers: int,
+        position: Callable[[], tuple[int, int, int, int]],
+        state_dict: Callable[[], dict[str, Any]] = dict,
+        load_state_dict: Callable[[dict[str, Any]], None] = lambda state: None,
+    ):
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
+        self._position = position
+        self._state_dict, self._load_state_dict = state_dict, load_state_dict
+        self.consumed = 0
+
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
+        rank, world_size, epoch, skip = self._position()
+        self.dataset.place(rank, world_size, epoch, skip)  # type: ignore[attr-defined]
+        self.consumed = skip
+        for batch in super().__iter__():
+            self.consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load_state_dict(state)

@@ -1,0 +1,303 @@
+"""WebDataset tar shards: one sample per clip, written atomically, read back with every defect named.
+
+A sample is a group of tar members sharing a key (the clip id)::
+
+    <key>.frames.npy   uint8 (T, H, W, 3)          raw shards
+    <key>.latent.npy   float16 (t, h, w, c)        latent shards (instead of frames)
+    <key>.txt          caption, UTF-8
+    <key>.json         metadata: caption, fps, source, clip_start, frames, height, width, ...
+    <key>.text.npy     optional float16 (L, D) cached text embedding, with <key>.textmask.npy bool (L,)
+    <key>.first.npy    optional uint8 (H, W, 3) conditioning frame
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+import webdataset as wds
+
+from flowvid.data.manifest import MANIFEST_NAME, video_shape
+
+SHARD_PATTERN = "shard-%06d.tar"
+TEMPORARY_SUFFIX = ".tmp"
+
+# Why a sample can be skipped; the DataModule and `verify` count skips under these names.
+SKIP_REASONS = (
+    "broken_tar",
+    "missing_field",
+    "bad_caption",
+    "bad_metadata",
+    "bad_frames",
+    "bad_latent",
+    "non_finite_latent",
+    "bad_text_embedding",
+    "bad_first_frame",
+)
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used; ``reason`` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(message)
+        self.reason = reason
+
+
+class BrokenShard(OSError):
+    """A shard that is missing, truncated or not a tar file. Samples read before the damage are kept."""
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_sample(
+    key: str,
+    caption: str,
+    meta: dict[str, Any],
+    *,
+    frames: np.ndarray | None = None,
+    latent: np.ndarray | None = None,
+    text: np.ndarray | None = None,
+    text_mask: np.ndarray | None = None,
+    first: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Fields of one sample as tar members (bytes). Exactly one of ``frames`` / ``latent``."""
+    if (frames is None) == (latent is None):
+        raise ValueError("a sample holds either frames (raw shards) or a latent (latent shards)")
+    if "." in key or "/" in key:
+        raise ValueError(f"sample keys may not contain '.' or '/', got {key!r}")
+    sample: dict[str, Any] = {
+        "__key__": key,
+        "txt": caption.encode("utf-8"),
+        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+    }
+    if frames is not None:
+        sample["frames.npy"] = npy_bytes(frames)
+    if latent is not None:
+        sample["latent.npy"] = npy_bytes(latent)
+    if text is not None:
+        sample["text.npy"] = npy_bytes(text)
+        sample["textmask.npy"] = npy_bytes(text_mask)
+    if first is not None:
+        sample["first.npy"] = npy_bytes(first)
+    return sample
+
+
+def clear_shard_folder(folder: str | Path) -> None:
+    """Remove what an earlier run left (shards, temporaries, manifest, summary), nothing else."""
+    folder = Path(folder)
+    for pattern in ("shard-*.tar", f"shard-*.tar{TEMPORARY_SUFFIX}", MANIFEST_NAME, MANIFEST_NAME + TEMPORARY_SUFFIX, "summary.json"):
+        for path in folder.glob(pattern):
+            path.unlink()
+
+
+class ShardFolderWriter:
+    """Writes samples into size-limited shards ``shard-NNNNNN.tar`` of one folder.
+
+    Each shard is written as ``*.tar.tmp`` and renamed when complete, so a crash leaves a temporary
+    file (which ``verify`` reports), never a short shard under a valid name. Tar members carry fixed
+    times and owners: the same samples always give the same bytes (and sha256). Opening a writer on
+    a folder clears the previous run's shards and manifest; ``shards`` lists what was written.
+    """
+
+    def __init__(self, folder: str | Path, max_samples: int = 1000, max_bytes: float = 512 * 2**20):
+        if max_samples < 1 or max_bytes <= 0:
+            raise ValueError(f"need max_samples >= 1 and max_bytes > 0, got {max_samples}, {max_bytes}")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        clear_shard_folder(self.folder)
+        self.shards: list[dict[str, Any]] = []
+        self.samples = 0
+        self._file: BinaryIO | None = None
+        self._writer = wds.ShardWriter(
+            str(self.folder / SHARD_PATTERN),
+            maxcount=max_samples,
+            maxsize=max_bytes,
+            opener=self._open_temporary,
+            post=self._commit,
+            verbose=0,
+            encoder=False,
+            mtime=0.0,
+            user="flowvid",
+            group="flowvid",
+        )
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self._writer.write(sample)
+        self.samples += 1
+
+    def close(self) -> list[dict[str, Any]]:
+        self._writer.close()
+        return self.shards
+
+    def __enter__(self) -> "ShardFolderWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._file is not None:  # failed mid-shard: drop the half-written temporary
+            self._file.close()
+            Path(self._file.name).unlink(missing_ok=True)
+
+    def _open_temporary(self, name: str) -> BinaryIO:
+        self._file = open(name + TEMPORARY_SUFFIX, "wb")
+        return self._file
+
+    def _commit(self, name: str) -> None:
+        assert self._file is not None
+        self._file.close()
+        temporary, self._file = Path(self._file.name), None
+        count = self._writer.count
+        if count == 0:
+            temporary.unlink()
+            return
+        os.replace(temporary, name)
+        self.shards.append(
+            {"name": Path(name).name, "samples": count, "bytes": Path(name).stat().st_size, "sha256": file_sha256(name)}
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def iter_tar(path: str | Path) -> Iterator[dict[str, bytes]]:
+    """Samples of one shard as dicts of raw bytes (plus ``__key__``), in stored order.
+
+    Raises BrokenShard at the point of damage, after yielding every complete sample before it.
+    """
+    try:
+        with open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
+            sample: dict[str, Any] = {}
+            for member in archive:
+                if not member.isfile():
+                    continue
+                folder, base = os.path.split(member.name)
+                stem, _, field = base.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
+                data = archive.extractfile(member).read()  # type: ignore[union-attr]
+                if sample and key != sample["__key__"]:
+                    yield sample
+                    sample = {}
+                sample["__key__"] = key
+                sample[field] = data
+            # tarfile takes a cut at a header for a normal end; a complete archive ends in zero blocks.
+            stream.seek(archive.offset)
+            if stream.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+                raise tarfile.ReadError(f"truncated: no end-of-archive marker at byte {archive.offset}")
+            if sample:
+                yield sample
+    except (OSError, EOFError, tarfile.TarError) as err:
+        raise BrokenShard(f"{path}: {err}") from err
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What every sample of one shard folder must look like, from its manifest."""
+
+    kind: str
+    frames_shape: tuple[int, ...]
+    latent_shape: tuple[int, ...] | None = None
+    text_shape: tuple[int, ...] | None = None
+    first_frame: bool = False
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> "SampleSpec":
+        optional = {key: tuple(manifest[key]) if manifest.get(key) else None for key in ("latent_shape", "text_shape")}
+        return cls(
+            kind=manifest["kind"],
+            frames_shape=(*video_shape(manifest), 3),
+            first_frame=bool(manifest.get("first_frame")),
+            **optional,
+        )
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        fields = ["txt", "json", "frames.npy" if self.kind == "raw" else "latent.npy"]
+        if self.text_shape is not None:
+            fields += ["text.npy", "textmask.npy"]
+        if self.first_frame:
+            fields.append("first.npy")
+        return tuple(fields)
+
+
+def decode_sample(raw: dict[str, bytes], spec: SampleSpec) -> dict[str, Any]:
+    """Check and decode one sample; BadSample names the reason when it is unusable.
+
+    Returns ``key``, ``caption``, ``meta`` and ``video`` (uint8) or ``latents`` (float32), plus
+    ``text_tokens`` / ``text_mask`` and ``first_frame`` when the folder has them.
+    """
+    key = raw.get("__key__", "?")
+    missing = [field for field in spec.fields if field not in raw]
+    if missing:
+        raise BadSample("missing_field", f"sample {key!r} lacks {missing}")
+    try:
+        caption = raw["txt"].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadSample("bad_caption", f"sample {key!r}: caption is not UTF-8 ({err})") from err
+    try:
+        meta = json.loads(raw["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadSample("bad_metadata", f"sample {key!r}: metadata is not JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise BadSample("bad_metadata", f"sample {key!r}: metadata must be a JSON object")
+    out: dict[str, Any] = {"key": key, "caption": caption, "meta": meta}
+
+    if spec.kind == "raw":
+        out["video"] = _array(raw, "frames.npy", "bad_frames", key, (np.uint8,), spec.frames_shape)
+    else:
+        latent = _array(raw, "latent.npy", "bad_latent", key, (np.float16, np.float32), spec.latent_shape)
+        if not np.isfinite(latent).all():
+            raise BadSample("non_finite_latent", f"sample {key!r}: latent holds NaN or inf")
+        out["latents"] = latent.astype(np.float32)
+    if spec.text_shape is not None:
+        tokens = _array(raw, "text.npy", "bad_text_embedding", key, (np.float16, np.float32), spec.text_shape)
+        mask = _array(raw, "textmask.npy", "bad_text_embedding", key, (np.bool_,), spec.text_shape[:1])
+        if not np.isfinite(tokens).all():
+            raise BadSample("bad_text_embedding", f"sample {key!r}: text embedding holds NaN or inf")
+        out["text_tokens"], out["text_mask"] = tokens.astype(np.float32), mask
+    if spec.first_frame:
+        out["first_frame"] = _array(raw, "first.npy", "bad_first_frame", key, (np.uint8,), spec.frames_shape[1:])
+    return out
+
+
+def _array(
+    raw: dict[str, bytes], field: str, reason: str, key: str, dtypes: tuple[type, ...], shape: tuple[int, ...] | None
+) -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(raw[field]), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        raise BadSample(reason, f"sample {key!r}: {field} is not a readable .npy ({err})") from err
+    if array.dtype not in [np.dtype(d) for d in dtypes]:
+        raise BadSample(reason, f"sample {key!r}: {field} has dtype {array.dtype}, expected {[np.dtype(d).name for d in dtypes]}")
+    if shape is not None and tuple(array.shape) != tuple(shape):
+        raise BadSample(reason, f"sample {key!r}: {field} has shape {tuple(array.shape)}, expected {tuple(shape)}")
+    return array
+
+
+def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[Path]:
+    """The shards a manifest lists, as paths inside ``folder``."""
+    return [Path(folder) / shard["name"] for shard in manifest["shards"]]

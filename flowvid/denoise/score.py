@@ -1,0 +1,47 @@
+"""Flow-score matching: the denoiser's target, read off the likelihood's own backward pass.
+
+Notation: a batch of B noisy latents x~_b with D dimensions each; ``NLL_b`` is the summed negative
+log-likelihood of sample b in nats. The training loss is the batch mean of per-dimension NLLs,
+
+    L = (1 / B) * sum_b NLL_b / D        (up to a constant),
+
+so the gradient that its backward pass leaves on the input is ``grad_{x_b} L = grad_{x_b} NLL_b / (B D)``
+and the per-sample score is ``grad_{x_b} NLL_b = (B D) * x.grad = x.numel() * x.grad``.
+
+Tweedie's formula gives the clean latents from the score of the noisy density:
+``E[x | x~] = x~ + sigma^2 grad log p(x~) = x~ - sigma^2 grad NLL(x~)``. The denoiser learns the
+unit-scale quantity ``sigma * grad NLL(x~)`` (for Gaussian noise it is about the noise ``eps`` that was
+added) and denoises with ``x~ - sigma * D(x~)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flowvid.text.base import TextEmbedding
+
+
+def flow_score_target(input_grad: torch.Tensor, noise_std: float) -> torch.Tensor:
+    """``sigma * grad NLL_b`` of every sample, from ``x.grad`` of the batch-mean per-dimension loss.
+
+    ``input_grad`` must come from the backward pass of ``L = mean_b(NLL_b / D)`` with nothing else
+    scaling it (no fp16 loss scaling, no accumulation divisor). Terms of the loss that are not the NLL
+    (a latent-norm penalty) add their own small gradient.
+    """
+    return (input_grad * (input_grad.numel() * noise_std)).detach()
+
+
+def tweedie_denoise(flow, x_noisy: torch.Tensor, noise_std: float, text: TextEmbedding | None = None) -> torch.Tensor:
+    """One Tweedie step through the flow itself: ``x~ - sigma^2 * grad NLL(x~)`` (fp32).
+
+    The fallback when no denoiser was trained; it needs one backward pass through the flow, so it
+    leaves inference mode (Lightning validates under it) and works on copies of its inputs.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x_noisy.detach().float().clone().requires_grad_(True)
+        if text is not None:
+            text = TextEmbedding(text.tokens.clone(), text.mask.clone())
+        dims = x[0].numel()
+        nll_sum = flow.nll(x, text).sum() * dims
+        (grad,) = torch.autograd.grad(nll_sum, x)
+    return (x - noise_std**2 * grad).detach()

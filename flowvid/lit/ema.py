@@ -1,0 +1,57 @@
+"""Exponential moving average of a model's weights, used for validation and sampling."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """``shadow = decay * shadow + (1 - decay) * weight`` after every optimiser step.
+
+    The averages live outside the module on purpose: as buffers they would be broadcast by DDP on
+    every forward and would double the parameters that a strategy shards. They travel in the
+    checkpoint through ``state_dict`` / ``load_state_dict``, keyed by parameter name.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.parameters = {name: p for name, p in module.named_parameters() if p.requires_grad}
+        self.shadow = {name: p.detach().clone() for name, p in self.parameters.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, weight in self.parameters.items():
+            if self.shadow[name].device != weight.device:  # the module moved after the EMA was made
+                self.shadow[name] = self.shadow[name].to(weight.device)
+            self.shadow[name].lerp_(weight.detach(), 1.0 - self.decay)
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Run the module with its averaged weights; the trained weights come back on exit."""
+        trained = {name: p.detach().clone() for name, p in self.parameters.items()}
+        with torch.no_grad():
+            for name, p in self.parameters.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.parameters.items():
+                    p.copy_(trained[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        unexpected = set(state) - set(self.shadow)
+        if missing or unexpected:
+            raise KeyError(f"EMA state does not match the model: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+        self.shadow = {name: state[name].to(self.parameters[name].device) for name in self.shadow}

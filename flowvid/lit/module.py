@@ -1,0 +1,480 @@
+"""FlowModule: trains a GlobalLocalFlow by maximum likelihood and its causal denoiser by flow-score matching.
+
+One training step:
+
+1. latents: the batch's ``latents``, or its uint8 ``video`` through the frozen codec;
+2. task and noise: video-to-video or extension (``conditioning.py``), then ``x~ = x + sigma * eps``,
+   then the caption is dropped with probability ``text_dropout`` (for classifier-free guidance);
+3. likelihood: ``loss = mean_b[0.5 * mean(z^2) - logdet / D]`` (+ a latent-norm penalty); its backward
+   pass leaves ``grad_x~ loss`` on the input;
+4. flow-score matching: that gradient, rescaled, is the denoiser's target ``sigma * grad NLL(x~)``
+   (``flowvid.denoise.score``); the denoiser sees ``x~`` and the text detached, so no gradient of its
+   loss reaches the flow or the text encoder;
+5. update: each parameter group is clipped on its own; a step whose loss or gradients are not finite,
+   or whose flow gradient norm exceeds ``skip_threshold``, is skipped and counted
+   (``train/skipped_steps``); otherwise one AdamW step, the schedule, and the EMA.
+
+The flow and the denoiser share one AdamW with two parameter groups (their own learning rates and
+betas) rather than two optimisers: Lightning counts every optimiser step as a global step, and
+DeepSpeed accepts a single optimiser. Both losses are backpropagated in the same step; under DDP
+the two backward passes touch disjoint parameters, so the strategy must allow parameters unused by
+one pass (``DDPStrategy(find_unused_parameters=True)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from flowvid.codecs.base import LatentCodec, check_codec_identity
+from flowvid.denoise import CausalDenoiser, flow_score_target, tweedie_denoise
+from flowvid.flows.global_local import LOG_2PI, GlobalLocalFlow
+from flowvid.lit.conditioning import EXTEND_PREFIX, V2V_PREFIX, add_prefix, chance, drop_captions
+from flowvid.lit.ema import EMA
+from flowvid.lit.schedule import warmup_cosine_scheduler
+from flowvid.registry import CODECS, SAMPLERS
+from flowvid.text.base import TextEmbedding, TextEncoder
+
+log = logging.getLogger("flowvid.train")
+
+#: A run that skips this many steps in a row is broken, not unlucky: stop it with an error.
+MAX_CONSECUTIVE_SKIPS = 50
+
+
+class FlowModule(LightningModule):
+    """Trains a ``GlobalLocalFlow`` (and optionally a ``CausalDenoiser``) on latent or raw-video batches.
+
+    Args:
+        flow: the flow.
+        codec: maps uint8 video to the flow's latents and back; default ``PixelCodec()``.
+        text_encoder: captions to token states; required exactly when the flow is text-conditioned.
+        denoiser: trained jointly by flow-score matching; without one, sampling ends with a Tweedie
+            step through the flow.
+        video_shape: (frames, height, width) of the clips the model trains on and generates.
+        sampler: registered sampler name used by ``generate_videos`` ("sequential" when "jacobi" is
+            not installed).
+        guidance: classifier-free guidance weight for ``generate_videos``.
+        noise_std: sigma of the Gaussian noise added to the latents.
+        text_dropout: probability of replacing a caption by ``""``.
+        extend_prob: probability that a batch trains extension (first latent frame dropped).
+        v2v_prob: probability that a batch with a source clip (``source_latents`` / ``source_video``)
+            trains video-to-video; other batches train on their target clip alone.
+        latent_norm_penalty: weight of ``sum_blocks mean(h^2)`` over the shallow blocks' outputs.
+        lr, denoiser_lr: peak learning rates of the flow (and text encoder) and of the denoiser.
+        weight_decay: AdamW weight decay of both groups.
+        warmup_steps, schedule_steps, min_lr: linear warm-up, then cosine to ``min_lr`` at
+            ``schedule_steps`` (default: the trainer's estimated number of steps).
+        grad_clip: max gradient norm of each group; None for no clipping.
+        skip_threshold: skip steps whose flow gradient norm (before clipping) exceeds it; None skips
+            only non-finite steps.
+        ema_decay: keep an exponential moving average of the weights for validation and sampling.
+    """
+
+    def __init__(
+        self,
+        flow: GlobalLocalFlow,
+        codec: LatentCodec | None = None,
+        text_encoder: TextEncoder | None = None,
+        denoiser: CausalDenoiser | None = None,
+        video_shape: tuple[int, int, int] = (8, 16, 16),
+        sampler: str = "jacobi",
+        guidance: float = 0.0,
+        noise_std: float = 0.3,
+        text_dropout: float = 0.1,
+        extend_prob: float = 0.0,
+        v2v_prob: float = 0.0,
+        latent_norm_penalty: float = 0.0,
+        lr: float = 1e-4,
+        denoiser_lr: float = 1e-4,
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 100,
+        schedule_steps: int | None = None,
+        min_lr: float = 1e-6,
+        grad_clip: float | None = 1.0,
+        skip_threshold: float | None = None,
+        ema_decay: float | None = None,
+    ):
+        super().__init__()
+        # Under LightningCLI the hyperparameters are the parsed config, class_path and init_args of
+        # every sub-module included, so ``load_from_checkpoint(path)`` rebuilds the whole model. Built
+        # in Python, the sub-modules are objects: their weights are in the state dict, not here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        self.remove_ignored_hparams([k for k, v in self.hparams.items() if isinstance(v, nn.Module)])
+        self.automatic_optimization = False
+
+        self.flow = flow
+        self.codec = codec if codec is not None else CODECS.get("pixel")()
+        self.codec.requires_grad_(False)
+        self.text_encoder = text_encoder
+        self.denoiser = denoiser
+        self.video_shape = tuple(int(s) for s in video_shape)
+        self.latent_shape = tuple(self.codec.latent_shape(*self.video_shape))
+        for name, value in (("noise_std", noise_std), ("lr", lr), ("denoiser_lr", denoiser_lr)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        for name, value in (("text_dropout", text_dropout), ("extend_prob", extend_prob), ("v2v_prob", v2v_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        self._check_parts_fit()
+        if denoiser is not None:
+            if denoiser.noise_std is not None and not math.isclose(denoiser.noise_std, noise_std):
+                raise ValueError(f"the denoiser was built for noise_std={denoiser.noise_std}, "
+                                 f"but the model adds noise_std={noise_std}")
+            denoiser.noise_std = noise_std
+
+        self.sampler_name = sampler
+        self.guidance = guidance
+        self.noise_std = noise_std
+        self.text_dropout = text_dropout
+        self.extend_prob = extend_prob
+        self.v2v_prob = v2v_prob
+        self.latent_norm_penalty = latent_norm_penalty
+        self.ema = EMA(self, ema_decay) if ema_decay is not None else None
+        self.skipped_steps = 0
+        self._consecutive_skips = 0
+        self._checked_captions = False
+
+    def _check_parts_fit(self) -> None:
+        """The codec, flow, text encoder and denoiser must agree on sizes: fail at construction."""
+        flow = self.flow
+        latent = (*flow.frame_size, flow.latent_channels)
+        if tuple(self.latent_shape[1:]) != latent:
+            raise ValueError(f"codec {self.codec.name!r} turns {self.video_shape} clips (frames, height, width) into "
+                             f"latents {self.latent_shape}, but the flow models frames of (h, w, c) = {latent}")
+        if (flow.text_width is None) != (self.text_encoder is None):
+            raise ValueError("a text-conditioned flow needs a text_encoder, an unconditional one takes none "
+                             f"(flow text_width={flow.text_width}, text_encoder={type(self.text_encoder).__name__})")
+        if self.text_encoder is not None and self.text_encoder.width != flow.text_width:
+            raise ValueError(f"the text encoder gives width {self.text_encoder.width}, "
+                             f"the flow expects text_width={flow.text_width}")
+        denoiser = self.denoiser
+        if denoiser is not None:
+            if (denoiser.frame_size, denoiser.channels) != (flow.frame_size, flow.latent_channels):
+                raise ValueError(f"the denoiser works on frames {denoiser.frame_size} x {denoiser.channels} channels, "
+                                 f"the flow on {flow.frame_size} x {flow.latent_channels}")
+            if denoiser.text_width is not None and denoiser.text_width != flow.text_width:
+                raise ValueError(f"the denoiser expects text_width={denoiser.text_width}, "
+                                 f"the text encoder gives {flow.text_width}")
+
+    def train(self, mode: bool = True) -> "FlowModule":
+        super().train(mode)
+        self.codec.eval()  # frozen: never in training mode (dropout, batch statistics)
+        return self
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    def latents_of(self, batch: dict[str, Any], key: str = "") -> torch.Tensor:
+        """Clean latents (B, t, h, w, c) of ``batch[key + "latents"]`` or ``batch[key + "video"]``."""
+        if key + "latents" in batch:
+            return batch[key + "latents"].float()
+        if key + "video" in batch:
+            with torch.no_grad():
+                return self.codec.encode(batch[key + "video"]).float()
+        raise ValueError(f"a batch needs {key + 'latents'!r} or {key + 'video'!r}; got keys {sorted(batch)}")
+
+    def encode_text(self, captions: list[str]) -> TextEmbedding | None:
+        if self.text_encoder is None:
+            return None
+        return self.text_encoder.encode(captions).to(self.device)
+
+    def captions_of(self, batch: dict[str, Any]) -> list[str]:
+        captions = batch.get("caption")
+        if self.text_encoder is not None and not self._checked_captions:
+            if captions is None or not any(captions):
+                raise ValueError("the flow is text-conditioned but the batches carry no captions "
+                                 "(key 'caption' missing or every caption empty); train an unconditional flow "
+                                 "(text_width=None, no text_encoder) or add captions to the shards")
+            self._checked_captions = True
+        return list(captions) if captions is not None else []
+
+    def training_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, TextEmbedding | None]:
+        """Noisy latents of the batch's task and the text they are conditioned on."""
+        clean = self.latents_of(batch)
+        captions = self.captions_of(batch)
+        prefix = ""
+        if chance(self.v2v_prob):
+            if "source_latents" not in batch and "source_video" not in batch:
+                raise ValueError("v2v_prob > 0 needs batches with a source clip ('source_latents' or 'source_video')")
+            clean = torch.cat([self.latents_of(batch, "source_"), clean], dim=1)
+            prefix = V2V_PREFIX
+        noisy = clean + self.noise_std * torch.randn_like(clean)
+        if clean.shape[1] > 1 and chance(self.extend_prob):
+            noisy = noisy[:, 1:]
+            prefix = EXTEND_PREFIX
+        if self.text_encoder is None:
+            return noisy, None
+        captions, kept = drop_captions(captions, self.text_dropout)
+        if not prefix and "text_tokens" in batch:  # cached embeddings of the plain captions
+            text = self._cached_text(batch, kept)
+        else:
+            text = self.encode_text(add_prefix(captions, prefix))
+        return noisy, text
+
+    def _cached_text(self, batch: dict[str, Any], kept: torch.Tensor) -> TextEmbedding:
+        """The batch's cached text states; dropped captions take the empty caption's states."""
+        tokens, mask = batch["text_tokens"].float(), batch["text_mask"].bool()
+        empty = self.encode_text([""])
+        if empty.tokens.shape[1:] != tokens.shape[1:]:
+            raise ValueError(f"cached text states {tuple(tokens.shape[1:])} do not match the text encoder's "
+                             f"{tuple(empty.tokens.shape[1:])}")
+        kept = kept.to(tokens.device)
+        tokens = torch.where(kept[:, None, None], tokens, empty.tokens.to(tokens.dtype))
+        mask = torch.where(kept[:, None], mask, empty.mask)
+        return TextEmbedding(tokens, mask)
+
+    # --- losses --------------------------------------------------------------------------------
+
+    def likelihood_terms(self, x: torch.Tensor, text: TextEmbedding | None) -> dict[str, torch.Tensor]:
+        """The MLE loss and its parts, all per dimension and averaged over the batch.
+
+        ``loss = z2 - logdet (+ penalty)``, with ``z2 = 0.5 mean(z^2)`` and ``logdet = log|det| / D``;
+        ``nats_per_dim = z2 - logdet + 0.5 ln(2 pi)`` is the NLL of the noisy latents. ``sigma`` holds
+        (mean, min, max) of each block's scales.
+        """
+        with record_block_outputs(self.flow) as outputs:
+            z, logdet = self.flow(x, text)
+        dims = x[0].numel()
+        z2 = 0.5 * z.pow(2).flatten(1).mean(1).mean()
+        logdet = (logdet / dims).mean()
+        penalty = sum(h.pow(2).mean() for h, _ in outputs[:-1]) if self.latent_norm_penalty else z2.new_zeros(())
+        with torch.no_grad():
+            sigma = torch.stack([torch.stack([s.mean(), s.min(), s.max()])
+                                 for s in (torch.exp(-block_logdet) for _, block_logdet in outputs)])
+        return {
+            "loss": z2 - logdet + self.latent_norm_penalty * penalty,
+            "z2": z2,
+            "logdet": logdet,
+            "penalty": penalty,
+            "nats_per_dim": z2 - logdet + 0.5 * LOG_2PI,
+            "sigma": sigma,
+        }
+
+    def denoiser_loss(self, x_noisy: torch.Tensor, text: TextEmbedding | None, target: torch.Tensor) -> torch.Tensor:
+        """MSE of the denoiser's prediction to the FSM target; nothing upstream of it gets a gradient."""
+        assert self.denoiser is not None
+        if text is not None:
+            text = TextEmbedding(text.tokens.detach(), text.mask)
+        return F.mse_loss(self.denoiser(x_noisy.detach(), text), target.detach())
+
+    # --- training ------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        x, text = self.training_inputs(batch)
+        if not self._on_all_ranks(torch.isfinite(x).all()):
+            self._skip_step("non-finite values in the batch's latents")
+            return
+        optimizer.zero_grad(set_to_none=True)
+        x.requires_grad_(self.denoiser is not None)
+        terms = self.likelihood_terms(x, text)
+        self.manual_backward(terms["loss"])
+        metrics = {f"train/{name}": terms[name] for name in ("loss", "nats_per_dim", "z2", "logdet")}
+        metrics["train/bits_per_dim"] = terms["nats_per_dim"] / math.log(2)
+        if self.latent_norm_penalty:
+            metrics["train/latent_norm"] = terms["penalty"]
+        healthy = torch.isfinite(terms["loss"])
+
+        if self.denoiser is not None:
+            target = flow_score_target(x.grad, self.noise_std)
+            den_loss = self.denoiser_loss(x, text, target)
+            self.manual_backward(den_loss)
+            metrics["train/denoiser_loss"] = den_loss
+            healthy &= torch.isfinite(den_loss)
+
+        norms = self._clip_groups(optimizer)
+        metrics.update({f"train/{group}_grad_norm": norm for group, norm in norms.items()})
+        healthy &= torch.stack(list(norms.values())).isfinite().all()
+        too_large = self.hparams.skip_threshold is not None and bool(norms["flow"] > self.hparams.skip_threshold)
+        if not self._on_all_ranks(healthy) or too_large:
+            reason = "gradient norm above skip_threshold" if too_large else "non-finite loss or gradients"
+            self._skip_step(reason)
+            return
+
+        optimizer.step()
+        self.lr_schedulers().step()
+        if self.ema is not None:
+            self.ema.update()
+        self._consecutive_skips = 0
+        for group in optimizer.param_groups:
+            metrics[f"train/{group['name']}_lr"] = group["lr"]
+        metrics["train/skipped_steps"] = float(self.skipped_steps)
+        metrics.update(self._data_skips())
+        self.log_dict(metrics, prog_bar=False, batch_size=x.shape[0])
+        self.log("train/loss_step", terms["loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
+        self._log_sigma(terms["sigma"], x.shape[0])
+
+    def _clip_groups(self, optimizer) -> dict[str, torch.Tensor]:
+        """Clip each parameter group to ``grad_clip`` on its own; return each group's norm before clipping.
+
+        Parameters without a gradient (none under DeepSpeed, which clips inside its engine) are left out.
+        """
+        norms = {}
+        max_norm = self.hparams.grad_clip or float("inf")
+        for group in optimizer.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            norms[group["name"]] = (torch.nn.utils.clip_grad_norm_(params, max_norm) if params
+                                    else torch.zeros((), device=self.device))
+        return norms
+
+    def _skip_step(self, reason: str) -> None:
+        self.optimizers().zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        log.warning("skipped training step %d (batch %d of epoch %d): %s; %d skipped so far",
+                    self.global_step, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                    self.current_epoch, reason, self.skipped_steps)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise RuntimeError(f"{self._consecutive_skips} training steps in a row were skipped (last: {reason}); "
+                               "lower the learning rate, check the data, or raise skip_threshold")
+
+    def _on_all_ranks(self, condition: torch.Tensor) -> bool:
+        """True only when ``condition`` holds on every rank, so that all ranks take the same branch."""
+        return bool(self.trainer.strategy.reduce_boolean_decision(bool(condition), all=True))
+
+    def _log_sigma(self, sigma: torch.Tensor, batch_size: int) -> None:
+        names = [f"shallow{i}" for i in range(len(self.flow.shallow))] + ["deep"]
+        for name, (mean, low, high) in zip(names, sigma):
+            self.log_dict({f"sigma/{name}_mean": mean, f"sigma/{name}_min": low, f"sigma/{name}_max": high},
+                          batch_size=batch_size)
+
+    def _data_skips(self) -> dict[str, float]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "skipped_counts"):
+            return {}
+        counts = datamodule.skipped_counts()
+        return {"data/skipped_samples": float(sum(counts.values())),
+                **{f"data/skipped_{reason}": float(n) for reason, n in counts.items()}}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        flow_params = [p for name, p in self.named_parameters()
+                       if p.requires_grad and not name.startswith(("denoiser.", "codec."))]
+        groups = [{"name": "flow", "params": flow_params, "lr": hp.lr, "betas": (0.9, 0.95)}]
+        if self.denoiser is not None:
+            groups.append({"name": "denoiser", "params": list(self.denoiser.parameters()), "lr": hp.denoiser_lr,
+                           "betas": (0.9, 0.999)})
+        optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        total = hp.schedule_steps or self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("cannot size the learning-rate schedule: set trainer.max_steps or schedule_steps")
+        scheduler = warmup_cosine_scheduler(optimizer, hp.warmup_steps, int(total), hp.min_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checks before the first step ------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise ValueError(f"precision {precision!r} is not supported: fp16 loss scaling would rescale the "
+                             "flow-score-matching target; use 'bf16-mixed' (GPU) or '32-true'")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "check_compatible"):
+            datamodule.check_compatible(
+                codec_identity=self.codec.identity(),
+                latent_shape=self.latent_shape,
+                video_shape=self.video_shape,
+                text_encoder=self.text_encoder.identity() if self.text_encoder is not None else None,
+            )
+
+    # --- validation ----------------------------------------------------------------------------
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Bits/dim of noisy validation latents, and how far each denoiser lands from the clean ones.
+
+        The noise of batch ``i`` is the same in every validation run, so numbers compare across runs.
+        """
+        clean = self.latents_of(batch)
+        generator = torch.Generator().manual_seed(batch_idx)
+        noisy = clean + self.noise_std * torch.randn(clean.shape, generator=generator).to(clean)
+        text = self.encode_text(self.captions_of(batch)) if self.text_encoder is not None else None
+        batch_size = clean.shape[0]
+        with self.averaged_weights():
+            nats = self.flow.nll(noisy, text).mean()
+            metrics = {
+                "val/nats_per_dim": nats,
+                "val/bits_per_dim": nats / math.log(2),
+                "val/noisy_mse": F.mse_loss(noisy, clean),
+                "val/tweedie_mse": F.mse_loss(tweedie_denoise(self.flow, noisy, self.noise_std, text), clean),
+            }
+            if self.denoiser is not None:
+                metrics["val/denoiser_mse"] = F.mse_loss(self.denoiser.denoise(noisy, text), clean)
+        self.log_dict(metrics, batch_size=batch_size, sync_dist=True)
+
+    # --- sampling ------------------------------------------------------------------------------
+
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """The EMA weights while inside, when the model keeps an EMA."""
+        with self.ema.averaged() if self.ema is not None else nullcontext():
+            yield
+
+    def denoise(self, x_noisy: torch.Tensor, text: TextEmbedding | None = None) -> torch.Tensor:
+        """One final denoising step: the learned denoiser, else a Tweedie step through the flow."""
+        if self.denoiser is not None:
+            return self.denoiser.denoise(x_noisy, text)
+        return tweedie_denoise(self.flow, x_noisy, self.noise_std, text)
+
+    def sampler(self):
+        """The configured sampler; "sequential" when "jacobi" is asked for but not installed."""
+        name = self.sampler_name
+        if name == "jacobi" and "jacobi" not in SAMPLERS:
+            name = "sequential"
+        return SAMPLERS.get(name)()
+
+    @torch.no_grad()
+    def generate_videos(self, captions: list[str], seed: int) -> torch.Tensor:
+        """uint8 videos (B, T, H, W, 3) of ``video_shape`` for ``captions``, the same for the same seed."""
+        from flowvid.sampling import GuidedText
+
+        generator = torch.Generator().manual_seed(seed)
+        z = torch.randn((len(captions), *self.latent_shape), generator=generator).to(self.device)
+        text = self.encode_text(captions)
+        condition = text
+        if self.guidance > 0 and text is not None:
+            condition = GuidedText(text, self.encode_text([""]))
+        with self.averaged_weights():
+            latents = self.sampler().sample(self.flow, z, condition, guidance=self.guidance)
+            latents = self.denoise(latents, text)
+        return self.codec.decode(latents)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["flowvid"] = {
+            "codec": self.codec.identity(),
+            "skipped_steps": self.skipped_steps,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("flowvid")
+        if saved is None:
+            return
+        check_codec_identity(self.codec.identity(), saved["codec"], "the checkpoint")
+        self.skipped_steps = int(saved["skipped_steps"])
+        if self.ema is not None and saved["ema"] is not None:
+            self.ema.load_state_dict(saved["ema"])
+
+
+@contextmanager
+def record_block_outputs(flow: GlobalLocalFlow) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Collect ``(tokens, logdet per element)`` of every block of one forward pass, data-to-noise order."""
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handles = [block.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))
+               for block in flow.blocks]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,183 @@
+"""FlowModule pieces: gradient isolation, task conditioning, size checks, EMA and the schedule."""
+
+import math
+
+import pytest
+import torch
+
+from flowvid.codecs.base import CodecMismatchError
+from flowvid.codecs.pixel import PixelCodec
+from flowvid.denoise import CausalDenoiser, flow_score_target
+from flowvid.flows import GlobalLocalFlow
+from flowvid.lit import EMA, FlowModule, warmup_cosine
+from flowvid.lit.schedule import warmup_cosine_scheduler
+from flowvid.text import LearnedTextEncoder
+
+TEXT_WIDTH = 16
+VIDEO = (3, 4, 6)  # frames, height, width -> PixelCodec(2): latents (3, 2, 3, 12)
+
+
+def make_module(text=True, denoiser=True, **overrides) -> FlowModule:
+    torch.manual_seed(0)
+    width = TEXT_WIDTH if text else None
+    flow = GlobalLocalFlow.from_preset("tiny", latent_channels=12, frame_size=(2, 3), text_width=width)
+    return FlowModule(
+        flow,
+        PixelCodec(patch_size=2),
+        LearnedTextEncoder(width=TEXT_WIDTH, max_length=12, depth=1, head_dim=8) if text else None,
+        CausalDenoiser(12, (2, 3), width=16, depth=1, head_dim=8, text_width=width) if denoiser else None,
+        video_shape=VIDEO,
+        **overrides,
+    )
+
+
+def video_batch(batch=2, seed=0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    video = torch.randint(0, 256, (batch, *VIDEO, 3), generator=generator, dtype=torch.uint8)
+    captions = ["a red circle moves left", "a blue square moves up", "a green triangle moves down"][:batch]
+    return {"video": video, "caption": captions, "key": [str(i) for i in range(batch)]}
+
+
+def test_the_denoiser_loss_reaches_neither_the_flow_nor_the_text_encoder():
+    module = make_module()
+    x, text = module.training_inputs(video_batch())
+    x.requires_grad_(True)
+    module.likelihood_terms(x, text)["loss"].backward()
+    target = flow_score_target(x.grad, module.noise_std)
+    module.zero_grad(set_to_none=True)
+
+    module.denoiser_loss(x, text, target).backward()
+
+    upstream = [*module.flow.named_parameters(), *module.text_encoder.named_parameters()]
+    assert all(p.grad is None for _, p in upstream), [n for n, p in upstream if p.grad is not None][:3]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.denoiser.parameters())
+
+
+def test_noise_augmentation_has_the_configured_sigma():
+    module = make_module(text=False, denoiser=False, noise_std=0.25)
+    batch = video_batch(batch=3)
+    clean = module.latents_of(batch)
+    noisy, _ = module.training_inputs(batch)
+    assert (noisy - clean).std().item() == pytest.approx(0.25, rel=0.1)
+
+
+def test_extension_drops_the_first_frame_and_prefixes_the_caption(monkeypatch):
+    module = make_module(extend_prob=1.0, text_dropout=0.0)
+    seen = []
+    monkeypatch.setattr(module, "encode_text", lambda captions: seen.append(captions) or None)
+    batch = video_batch()
+    noisy, _ = module.training_inputs(batch)
+    assert noisy.shape[1] == VIDEO[0] - 1
+    assert seen == [["(extend) " + c for c in batch["caption"]]]
+
+
+def test_video_to_video_puts_the_source_clip_first(monkeypatch):
+    module = make_module(v2v_prob=1.0, text_dropout=0.0, noise_std=1e-6)
+    seen = []
+    monkeypatch.setattr(module, "encode_text", lambda captions: seen.append(captions) or None)
+    batch = video_batch()
+    batch["source_video"] = video_batch(seed=1)["video"]
+    noisy, _ = module.training_inputs(batch)
+    torch.testing.assert_close(noisy, torch.cat([module.latents_of(batch, "source_"), module.latents_of(batch)], 1),
+                               atol=1e-4, rtol=0)
+    assert seen == [["(v2v) " + c for c in batch["caption"]]]
+
+    del batch["source_video"]
+    with pytest.raises(ValueError, match="source clip"):
+        module.training_inputs(batch)
+
+
+def test_caption_dropout_drops_the_caption_but_keeps_the_task(monkeypatch):
+    module = make_module(extend_prob=1.0, text_dropout=1.0)
+    seen = []
+    monkeypatch.setattr(module, "encode_text", lambda captions: seen.append(captions) or None)
+    module.training_inputs(video_batch())
+    assert seen == [["(extend) ", "(extend) "]]
+
+
+def test_cached_text_states_are_used_and_dropped_rows_become_the_empty_caption():
+    module = make_module(text_dropout=0.5)
+    batch = video_batch(batch=3)
+    cached = module.text_encoder.encode(batch["caption"])
+    batch["text_tokens"], batch["text_mask"] = cached.tokens.detach() + 7.0, cached.mask
+    torch.manual_seed(3)
+    _, text = module.training_inputs(batch)
+    empty = module.text_encoder.encode([""])
+    kept = [bool(torch.equal(row, cached_row)) for row, cached_row in zip(text.tokens, batch["text_tokens"])]
+    dropped = [bool(torch.allclose(row, empty.tokens[0])) for row in text.tokens]
+    assert all(k != d for k, d in zip(kept, dropped)) and any(kept) and any(dropped)
+
+
+def test_a_conditioned_model_without_captions_is_a_clear_error():
+    module = make_module()
+    batch = video_batch()
+    batch["caption"] = ["", ""]
+    with pytest.raises(ValueError, match="no captions"):
+        module.training_inputs(batch)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(video_shape=(3, 8, 6)), "flow models frames"),
+        (dict(text_encoder=None), "needs a text_encoder"),
+        (dict(text_encoder=LearnedTextEncoder(width=8, depth=1, head_dim=8)), "text_width=16"),
+        (dict(denoiser=CausalDenoiser(12, (3, 2), width=16, depth=1, head_dim=8)), "denoiser works on frames"),
+        (dict(denoiser=CausalDenoiser(12, (2, 3), width=16, depth=1, head_dim=8, noise_std=0.1)), "noise_std=0.1"),
+        (dict(noise_std=0.0), "noise_std must be > 0"),
+        (dict(text_dropout=1.5), "text_dropout must be a probability"),
+    ],
+)
+def test_parts_that_do_not_fit_are_clear_errors(change, message):
+    flow = GlobalLocalFlow.from_preset("tiny", latent_channels=12, frame_size=(2, 3), text_width=TEXT_WIDTH)
+    arguments = dict(flow=flow, codec=PixelCodec(patch_size=2),
+                     text_encoder=LearnedTextEncoder(width=TEXT_WIDTH, depth=1, head_dim=8), video_shape=VIDEO)
+    with pytest.raises(ValueError, match=message):
+        FlowModule(**{**arguments, **change})
+
+
+def test_a_checkpoint_of_another_codec_is_refused():
+    module = make_module()
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    other = make_module()
+    other.codec = PixelCodec(patch_size=1)
+    with pytest.raises(CodecMismatchError):
+        other.on_load_checkpoint(checkpoint)
+
+
+def test_ema_averages_and_swaps_weights_back():
+    layer = torch.nn.Linear(2, 2)
+    ema = EMA(layer, decay=0.75)
+    start = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(4.0)
+    ema.update()
+    torch.testing.assert_close(ema.shadow["weight"], start + 1.0)  # 0.75 * w0 + 0.25 * (w0 + 4)
+    with ema.averaged():
+        torch.testing.assert_close(layer.weight, start + 1.0)
+    torch.testing.assert_close(layer.weight, start + 4.0)
+    restored = EMA(layer, decay=0.75)
+    restored.load_state_dict(ema.state_dict())
+    torch.testing.assert_close(restored.shadow["weight"], start + 1.0)
+
+
+def test_warmup_then_cosine_to_the_floor():
+    lrs = [warmup_cosine(step, 4, 14, 1.0, 0.1) for step in range(16)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[14:] == pytest.approx([0.1, 0.1])
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+def test_each_parameter_group_follows_the_shape_from_its_own_peak():
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3},
+              {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4}]
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=2, total_steps=10, min_lr=1e-6)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-4, 5e-5])
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-6, 1e-6])

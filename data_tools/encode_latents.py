@@ -27,6 +27,7 @@ from flowvid.data.manifest import load_manifest, new_manifest, video_shape, writ
 from flowvid.data.shards import BadSample, BrokenShard, SampleSpec, ShardFolderWriter, decode_sample, encode_sample, iter_tar, shard_paths
 from flowvid.registry import CODECS, TEXT_ENCODERS
 from flowvid.text.base import TextEncoder
+from flowvid.text.cache import cache_embeddings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +78,8 @@ def encode_latents(
     raw = load_manifest(source)
     if raw["kind"] != "raw":
         raise ValueError(f"{source} holds {raw['kind']} shards; encode-latents reads raw video shards")
+    if text_encoder is not None and text_encoder.trainable:
+        raise ValueError(f"text encoder {text_encoder.identity()['name']!r} trains with the model: its embeddings cannot be cached")
     frames, height, width = video_shape(raw)
     latent_shape = codec.latent_shape(frames, height, width)  # raises when the codec cannot take this size
     codec = codec.to(device).eval()
@@ -89,21 +92,20 @@ def encode_latents(
             with torch.inference_mode():
                 video = torch.from_numpy(np.stack([s["video"] for s in group])).to(device)
                 latents = codec.encode(video).float().cpu()
-                text = text_encoder.encode([s["caption"] for s in group]) if text_encoder is not None else None
             if tuple(latents.shape) != (len(group), *latent_shape):
                 raise ValueError(f"codec {codec.name!r} returned latents {tuple(latents.shape)}, its latent_shape says {latent_shape}")
-            if text is not None:
-                tokens, mask = _pad_text(text.tokens.float().cpu(), text.mask.cpu(), text_encoder.max_length)
-                text_shape = tuple(tokens.shape[1:])
+            if text_encoder is not None:
+                tokens, mask = cache_embeddings(text_encoder, [s["caption"] for s in group])
+                text_shape = tokens.shape[1:]
             for index, sample in enumerate(group):
-                latent = latents[index].numpy().astype(np.float16)
+                latent = latents[index].half().numpy()
                 if not np.isfinite(latent).all():  # NaN from the codec, or beyond float16's range
                     skipped.append({"key": sample["key"], "reason": "non_finite_latent: NaN or inf after encoding to float16"})
                     continue
                 stats.add(latents[index])
                 extra: dict[str, Any] = {}
-                if text is not None:
-                    extra = {"text": tokens[index].numpy().astype(np.float16), "text_mask": mask[index].numpy()}
+                if text_encoder is not None:
+                    extra = {"text": tokens[index], "text_mask": mask[index]}
                 if first_frame:
                     extra["first"] = sample["video"][0]
                 writer.write(encode_sample(sample["key"], sample["caption"], sample["meta"], latent=latent, **extra))
@@ -157,14 +159,6 @@ def _groups(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[
         yield group
 
 
-def _pad_text(tokens: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad a batch's embeddings to the encoder's max_length, so every sample has the same (L, D)."""
-    if tokens.shape[1] > length:
-        raise ValueError(f"text encoder returned {tokens.shape[1]} tokens, more than its max_length {length}")
-    pad = length - tokens.shape[1]
-    return torch.nn.functional.pad(tokens, (0, 0, 0, pad)), torch.nn.functional.pad(mask.bool(), (0, pad))
-
-
 class _ChannelStats:
     """Running per-channel mean and std over every latent position, in float64."""
 
@@ -188,6 +182,10 @@ class _ChannelStats:
 
 
 def _codec_normalisation(codec: LatentCodec) -> dict[str, list[float]] | None:
+    """What the codec says it applies (``normalisation()``), else its ``latents_mean`` / ``latents_std``."""
+    normalisation = codec.normalisation() if hasattr(codec, "normalisation") else None
+    if normalisation is not None:
+        return {key: [float(v) for v in values] for key, values in normalisation.items()}
     mean, std = getattr(codec, "latents_mean", None), getattr(codec, "latents_std", None)
     if mean is None or std is None:
         return None

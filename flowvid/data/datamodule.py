@@ -226,7 +226,8 @@ class SyntheticVideoDataModule(VideoShardDataModule):
     """Captioned videos of moving shapes, written to ``root/train`` and ``root/val`` on first use.
 
     ``prepare_data`` (run once per node by Lightning) makes the shards unless ``root`` already holds
-    the same dataset; validation holds only attribute combinations never seen in training.
+    the same dataset; validation holds only attribute combinations never seen in training. Keep
+    ``num_videos / shard_samples`` at least devices x workers, so that every worker has a shard.
     """
 
     def __init__(
@@ -238,6 +239,7 @@ class SyntheticVideoDataModule(VideoShardDataModule):
         size: int = 16,
         fps: float = 8.0,
         data_seed: int = 0,
+        shard_samples: int = 64,
         batch_size: int = 8,
         num_workers: int = 0,
         shuffle_buffer: int = 128,
@@ -249,7 +251,7 @@ class SyntheticVideoDataModule(VideoShardDataModule):
                          shuffle_buffer, batches_per_epoch, val_batches, seed)
         self.root = str(root)
         self.recipe = {"num_videos": num_videos, "val_videos": val_videos, "frames": frames, "size": size,
-                       "fps": fps, "seed": data_seed}
+                       "fps": fps, "seed": data_seed, "shard_samples": shard_samples}
 
     def prepare_data(self) -> None:
         from flowvid.data.synthetic import synthetic_recipe, write_synthetic_dataset

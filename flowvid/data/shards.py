@@ -132,7 +132,7 @@ class ShardFolderWriter:
             post=self._commit,
             verbose=0,
             encoder=False,
-            mtime=0.0,
+            mtime=0,  # an int: a float mtime costs a PAX header per member
             user="flowvid",
             group="flowvid",
         )
@@ -152,6 +152,7 @@ class ShardFolderWriter:
         if exc_type is None:
             self.close()
         elif self._file is not None:  # failed mid-shard: drop the half-written temporary
+            self._writer.tarstream.close()
             self._file.close()
             Path(self._file.name).unlink(missing_ok=True)
 

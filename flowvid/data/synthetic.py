@@ -290,7 +290,8 @@ def write_synthetic_dataset(
     if num_videos < 1:
         raise ValueError(f"num_videos must be >= 1, got {num_videos}")
     counts = {"train": num_videos, "val": max(1, num_videos // 8) if val_videos is None else val_videos}
-    recipe = {"num_videos": num_videos, "val_videos": counts["val"], "frames": frames, "size": size, "fps": fps, "seed": seed}
+    recipe = {"num_videos": num_videos, "val_videos": counts["val"], "frames": frames, "size": size, "fps": fps,
+              "seed": seed, "shard_samples": shard_samples}
     written = {}
     for split_index, (split, combinations) in enumerate(SPLITS.items()):
         folder = Path(root) / split

@@ -1,0 +1,132 @@
+"""encode-latents: raw shards -> latent shards through registered codecs -> latent batches."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.cli import main as data_main
+from data_tools.encode_latents import encode_latents
+from data_tools.verify import verify_folder
+from flowvid.codecs.base import CodecMismatchError, LatentCodec
+from flowvid.data import VideoShardDataModule, load_manifest, write_synthetic_dataset
+from flowvid.registry import CODECS
+from flowvid.text.base import TextEmbedding, TextEncoder
+
+
+class SpaceToDepth(LatentCodec):
+    """2x2 pixel blocks folded into 12 channels and scaled; carries a normalisation like a VAE does."""
+
+    spatial_factor = 2
+    latent_channels = 12
+
+    def __init__(self, scale: float = 1 / 255):
+        super().__init__()
+        self.scale = scale
+        self.latents_mean = torch.full((12,), 0.5)
+        self.latents_std = torch.full((12,), 0.25)
+
+    def config(self):
+        return {"scale": self.scale}
+
+    def encode(self, video):
+        b, t, h, w, _ = video.shape
+        x = video.float().reshape(b, t, h // 2, 2, w // 2, 2, 3).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, t, h // 2, w // 2, 12) * self.scale
+
+    def decode(self, latents):
+        b, t, h, w, _ = latents.shape
+        x = (latents / self.scale).reshape(b, t, h, w, 2, 2, 3).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, t, h * 2, w * 2, 3).round().clamp(0, 255).to(torch.uint8)
+
+
+class WordHashText(TextEncoder):
+    """A frozen toy encoder: one token per word, its state a fixed function of the word."""
+
+    width, max_length = 8, 6
+
+    def forward(self, captions):
+        tokens = torch.zeros(len(captions), self.max_length, self.width)
+        mask = torch.zeros(len(captions), self.max_length, dtype=torch.bool)
+        for row, caption in enumerate(captions):
+            for col, word in enumerate(caption.split()[: self.max_length]):
+                tokens[row, col] = torch.tensor([(sum(map(ord, word)) >> k) % 7 for k in range(self.width)]) / 7
+                mask[row, col] = True
+        return TextEmbedding(tokens, mask)
+
+
+CODECS.add("test-space-to-depth", SpaceToDepth)
+CODEC_NAMES = ["test-space-to-depth"] + (["pixel"] if "pixel" in CODECS else [])
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(root, num_videos=12, frames=4, size=16, seed=3, shard_samples=5)
+    return root / "train"
+
+
+def batches(folder, **kwargs):
+    dm = VideoShardDataModule(str(folder), val_dir=str(folder), batch_size=4, **kwargs)
+    return dm, list(dm.val_dataloader())
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
+def test_latent_shards_match_the_codec(raw, tmp_path, name):
+    out = tmp_path / "latent"
+    assert data_main(["encode-latents", str(raw), "--out", str(out), "--codec", name, "--first-frame",
+                      "--batch-size", "5", "--shard-samples", "4"]) == 0
+    codec = CODECS.get(name)()
+    manifest = load_manifest(out)
+    assert manifest["kind"] == "latent" and manifest["samples"] == 12 and manifest["num_shards"] == 3
+    assert manifest["codec"] == codec.identity() and tuple(manifest["latent_shape"]) == codec.latent_shape(4, 16, 16)
+    assert verify_folder(out)["ok"]
+
+    _, raw_batches = batches(raw)
+    videos = {k: v for b in raw_batches for k, v in zip(b["key"], b["video"])}
+    dm, latent_batches = batches(out)
+    latents = {k: v for b in latent_batches for k, v in zip(b["key"], b["latents"])}
+    firsts = {k: v for b in latent_batches for k, v in zip(b["key"], b["first_frame"])}
+    assert latents.keys() == videos.keys()
+    expected = codec.encode(torch.stack([videos[k] for k in latents]))
+    torch.testing.assert_close(torch.stack(list(latents.values())), expected, atol=2e-3, rtol=1e-3)  # stored as float16
+    assert all(torch.equal(firsts[k], videos[k][0]) for k in latents)
+
+    flat = expected.reshape(-1, expected.shape[-1]).double()
+    np.testing.assert_allclose(manifest["latent_mean"], flat.mean(0), atol=1e-4)
+    np.testing.assert_allclose(manifest["latent_std"], flat.std(0, unbiased=False), atol=1e-4)
+
+    dm.check_compatible(codec.identity(), codec.latent_shape(4, 16, 16), (4, 16, 16))
+    with pytest.raises(CodecMismatchError):
+        dm.check_compatible({"name": name, "config_hash": "not-this-one"})
+
+
+def test_codec_normalisation_and_text_cache_are_recorded(raw, tmp_path):
+    manifest = encode_latents(raw, tmp_path / "latent", SpaceToDepth(), text_encoder=WordHashText(), batch_size=4)
+    assert manifest["codec_normalisation"] == {"mean": [0.5] * 12, "std": [0.25] * 12}
+    assert manifest["text_encoder"] == WordHashText().identity() and manifest["text_shape"] == [6, 8]
+    _, got = batches(tmp_path / "latent")
+    expected = WordHashText().encode(got[0]["caption"])
+    torch.testing.assert_close(got[0]["text_tokens"], expected.tokens, atol=1e-3, rtol=1e-3)
+    assert torch.equal(got[0]["text_mask"], expected.mask)
+
+
+def test_overflowing_latents_are_skipped_and_listed(raw, tmp_path):
+    # Scaled by 1000, any pixel above 65 overflows float16: those clips must not be written.
+    manifest = encode_latents(raw, tmp_path / "latent", SpaceToDepth(scale=1000.0))
+    assert manifest["samples"] + len(manifest["skipped"]) == 12 and manifest["skipped"]
+    assert all(item["reason"].startswith("non_finite_latent") for item in manifest["skipped"])
+
+
+def test_codec_arguments_and_bad_requests(raw, tmp_path):
+    args = ["--codec", "test-space-to-depth", "--codec-args", json.dumps({"scale": 0.5})]
+    assert data_main(["encode-latents", str(raw), "--out", str(tmp_path / "latent"), *args]) == 0
+    assert load_manifest(tmp_path / "latent")["codec_config"] == {"scale": 0.5}
+    # Latent shards as input, an unknown codec: one-line errors, exit code 2.
+    assert data_main(["encode-latents", str(tmp_path / "latent"), "--out", str(tmp_path / "x"), *args]) == 2
+    assert data_main(["encode-latents", str(raw), "--out", str(tmp_path / "y"), "--codec", "no-such-codec"]) == 2
+    codec = SpaceToDepth()
+    codec.spatial_factor = 3
+    with pytest.raises(ValueError, match="divisible by 3"):
+        encode_latents(raw, tmp_path / "z", codec)

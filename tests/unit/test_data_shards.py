@@ -1,0 +1,158 @@
+"""Shard format: atomic deterministic writing, damage detection on read, manifests, and `verify`."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data_tools.cli import main as data_main
+from data_tools.verify import verify_folder
+from flowvid.data.manifest import ManifestError, load_manifest, new_manifest, write_manifest
+from flowvid.data.shards import (
+    BadSample,
+    BrokenShard,
+    SampleSpec,
+    ShardFolderWriter,
+    decode_sample,
+    encode_sample,
+    iter_tar,
+    npy_bytes,
+)
+
+VIDEO = {"frames": 2, "height": 4, "width": 4, "fps": 8.0}
+RAW = SampleSpec("raw", (2, 4, 4, 3))
+
+
+def _frames(i):
+    return np.full((2, 4, 4, 3), i, np.uint8)
+
+
+def _write_folder(folder, count=7, per_shard=3):
+    with ShardFolderWriter(folder, max_samples=per_shard) as writer:
+        for i in range(count):
+            writer.write(encode_sample(f"clip{i:03d}", f"caption {i}", {"i": i}, frames=_frames(i)))
+    manifest = new_manifest("raw", VIDEO, samples=writer.samples, num_shards=len(writer.shards), shards=writer.shards)
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def test_writer_splits_renames_and_is_deterministic(tmp_path):
+    first = _write_folder(tmp_path / "a")
+    second = _write_folder(tmp_path / "b")
+    assert [s["samples"] for s in first["shards"]] == [3, 3, 1]
+    assert first["shards"] == second["shards"]  # same samples, same bytes, same sha256
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+
+
+def test_rewriting_a_folder_replaces_the_old_shards(tmp_path):
+    _write_folder(tmp_path, count=7)
+    (tmp_path / "notes.md").write_text("kept")
+    manifest = _write_folder(tmp_path, count=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "notes.md", "shard-000000.tar"]
+    assert verify_folder(tmp_path)["ok"] and manifest["samples"] == 2
+
+
+def test_a_failed_write_leaves_no_shard_under_a_final_name(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardFolderWriter(tmp_path, max_samples=3) as writer:
+            for i in range(5):
+                writer.write(encode_sample(f"clip{i}", "c", {}, frames=_frames(i)))
+            raise RuntimeError("crash while writing the second shard")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar"]  # complete one only
+    report = verify_folder(tmp_path)
+    assert not report["ok"] and "manifest.json not found" in report["problems"][0]
+
+
+def test_round_trip_and_truncation(tmp_path):
+    _write_folder(tmp_path, count=3, per_shard=3)
+    shard = tmp_path / "shard-000000.tar"
+    samples = [decode_sample(raw, RAW) for raw in iter_tar(shard)]
+    assert [s["key"] for s in samples] == ["clip000", "clip001", "clip002"]
+    np.testing.assert_array_equal(samples[2]["video"], _frames(2))
+    assert samples[1]["caption"] == "caption 1" and samples[1]["meta"] == {"i": 1}
+
+    data = shard.read_bytes()
+    for cut in (0, 100, 512 * 4, len(data) // 2 + 7):
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        kept = []
+        with pytest.raises(BrokenShard):
+            for raw in iter_tar(tmp_path / "cut.tar"):
+                kept.append(raw["__key__"])
+        assert len(kept) < 3
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (lambda s: s.pop("txt"), "missing_field"),
+        (lambda s: s.update(txt=b"\xff\xfe caption"), "bad_caption"),
+        (lambda s: s.update(json=b"{not json"), "bad_metadata"),
+        (lambda s: s.update({"frames.npy": npy_bytes(np.zeros((2, 4, 5, 3), np.uint8))}), "bad_frames"),
+        (lambda s: s.update({"frames.npy": npy_bytes(np.zeros((2, 4, 4, 3), np.float32))}), "bad_frames"),
+        (lambda s: s.update({"frames.npy": b"\x93NUMPY garbage"}), "bad_frames"),
+    ],
+)
+def test_bad_samples_are_named(change, reason):
+    sample = encode_sample("k", "c", {}, frames=_frames(0))
+    change(sample)
+    with pytest.raises(BadSample) as caught:
+        decode_sample(sample, RAW)
+    assert caught.value.reason == reason
+
+
+def test_latent_samples_must_be_finite_and_shaped():
+    spec = SampleSpec("latent", (2, 4, 4, 3), latent_shape=(2, 2, 2, 12))
+    good = encode_sample("k", "c", {}, latent=np.ones((2, 2, 2, 12), np.float16))
+    assert decode_sample(good, spec)["latents"].dtype == np.float32
+    bad = np.ones((2, 2, 2, 12), np.float16)
+    bad[0, 0, 0, 0] = np.inf
+    with pytest.raises(BadSample, match="NaN or inf"):
+        decode_sample(encode_sample("k", "c", {}, latent=bad), spec)
+    with pytest.raises(BadSample, match="shape"):
+        decode_sample(encode_sample("k", "c", {}, latent=np.ones((2, 2, 2, 4), np.float16)), spec)
+
+
+def test_manifest_checks(tmp_path):
+    with pytest.raises(ManifestError, match="not found"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(ManifestError, match="not readable JSON"):
+        load_manifest(tmp_path)
+    manifest = new_manifest("raw", VIDEO, samples=5, num_shards=0, shards=[])
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="samples is 5 but the shards hold 0"):
+        load_manifest(tmp_path)
+    with pytest.raises(ManifestError, match="need 'codec'"):
+        write_manifest(tmp_path, new_manifest("latent", VIDEO))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        new_manifest("pixels", VIDEO)
+
+
+@pytest.mark.parametrize(
+    "damage,problem",
+    [
+        (lambda d: (d / "shard-000001.tar").write_bytes((d / "shard-000001.tar").read_bytes()[:-3000]), "sha256"),
+        (lambda d: (d / "shard-000002.tar").unlink(), "missing"),
+        (lambda d: (d / "shard-000003.tar.tmp").write_bytes(b"half"), "half-written"),
+        (lambda d: (d / "shard-000009.tar").write_bytes(b""), "not in the manifest"),
+        (lambda d: (d / "manifest.json").unlink(), "not found"),
+    ],
+)
+def test_verify_finds_damage(tmp_path, damage, problem):
+    _write_folder(tmp_path)
+    assert verify_folder(tmp_path)["ok"]
+    assert data_main(["verify", str(tmp_path)]) == 0
+    damage(tmp_path)
+    report = verify_folder(tmp_path)
+    assert not report["ok"] and any(problem in p for p in report["problems"]), report["problems"]
+    assert data_main(["verify", str(tmp_path)]) == 1
+
+
+def test_verify_catches_a_bad_sample_behind_a_valid_checksum(tmp_path):
+    with ShardFolderWriter(tmp_path) as writer:
+        writer.write(encode_sample("good", "c", {}, frames=_frames(0)))
+        writer.write(encode_sample("bad", "c", {}, frames=np.zeros((3, 4, 4, 3), np.uint8)))
+    write_manifest(tmp_path, new_manifest("raw", VIDEO, samples=2, num_shards=1, shards=writer.shards))
+    report = verify_folder(tmp_path)
+    assert not report["ok"] and report["shards"][0]["bad"] == 1 and report["samples"] == 1

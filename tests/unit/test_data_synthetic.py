@@ -1,0 +1,100 @@
+"""Synthetic captioned videos: vocabulary, rendering, captions, held-out split, and the attribute probe."""
+
+import numpy as np
+import pytest
+
+from flowvid.data import synthetic
+from flowvid.data.synthetic import (
+    ALL_COMBINATIONS,
+    COLOURS,
+    HELDOUT_COMBINATIONS,
+    MOTIONS,
+    SHAPES,
+    TRAIN_COMBINATIONS,
+    caption_adherence,
+    caption_of,
+    estimate_attributes,
+    render_video,
+    sample_attributes,
+    write_synthetic_dataset,
+)
+from flowvid.data.manifest import load_manifest
+from flowvid.data.shards import SampleSpec, decode_sample, iter_tar, shard_paths
+
+RED_CIRCLE_LEFT = {"objects": [{"shape": "circle", "colour": "red", "motion": "left"}], "background": "plain"}
+
+
+def _videos(count, frames=8, size=16, combinations=ALL_COMBINATIONS):
+    attributes = [sample_attributes(np.random.default_rng(i), combinations) for i in range(count)]
+    return [render_video(a, frames, size, seed=i) for i, a in enumerate(attributes)], attributes
+
+
+def test_vocabulary_is_large_enough_and_split_holds_out_combinations_not_words():
+    assert len(SHAPES) >= 3 and len(COLOURS) >= 5 and len(MOTIONS) >= 4
+    assert set(TRAIN_COMBINATIONS).isdisjoint(HELDOUT_COMBINATIONS)
+    assert len(TRAIN_COMBINATIONS) + len(HELDOUT_COMBINATIONS) == len(ALL_COMBINATIONS)
+    assert 0 < len(HELDOUT_COMBINATIONS) < len(ALL_COMBINATIONS) // 4
+    for position, words in enumerate((SHAPES, COLOURS, MOTIONS)):
+        assert {c[position] for c in TRAIN_COMBINATIONS} == set(words)  # every word is still trained
+
+
+def test_captions_name_every_object():
+    assert caption_of(RED_CIRCLE_LEFT) == "a red circle moves left"
+    two = {"objects": [RED_CIRCLE_LEFT["objects"][0], {"shape": "square", "colour": "blue", "motion": "up"}]}
+    assert caption_of(two) == "a red circle moves left and a blue square moves up"
+
+
+def test_render_is_deterministic_and_seeded():
+    a = render_video(RED_CIRCLE_LEFT, frames=8, size=16, fps=8, seed=3)
+    assert a.dtype == np.uint8 and a.shape == (8, 16, 16, 3)
+    np.testing.assert_array_equal(a, render_video(RED_CIRCLE_LEFT, frames=8, size=16, fps=8, seed=3))
+    assert not np.array_equal(a, render_video(RED_CIRCLE_LEFT, frames=8, size=16, fps=8, seed=4))
+    assert render_video(RED_CIRCLE_LEFT, frames=5, size=(12, 20)).shape == (5, 12, 20, 3)
+
+
+def test_render_rejects_unknown_attributes():
+    with pytest.raises(ValueError, match="colour must be one of"):
+        render_video({"objects": [{"shape": "circle", "colour": "teal", "motion": "left"}]}, 4, 16)
+    with pytest.raises(ValueError, match="size >= 4"):
+        render_video(RED_CIRCLE_LEFT, 4, 2)
+
+
+@pytest.mark.parametrize("size,frames", [(16, 8), (32, 12)])
+def test_probe_reads_clean_videos(size, frames):
+    videos, attributes = _videos(120, frames, size)
+    found = [estimate_attributes(v) for v in videos]
+    objects = [(o, {f["colour"]: f for f in est["objects"]}) for est, a in zip(found, attributes) for o in a["objects"]]
+    colour = np.mean([o["colour"] in seen for o, seen in objects])
+    motion = np.mean([o["colour"] in seen and seen[o["colour"]]["motion"] == o["motion"] for o, seen in objects])
+    shape = np.mean([o["colour"] in seen and seen[o["colour"]]["shape"] == o["shape"] for o, seen in objects])
+    assert colour >= 0.95 and motion >= 0.95 and shape >= 0.9, (colour, motion, shape)
+    assert caption_adherence(videos, attributes) >= 0.9
+
+
+def test_probe_rejects_videos_that_contradict_their_captions():
+    videos, attributes = _videos(40)
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    flipped = [{"objects": [{**o, "motion": opposite[o["motion"]]} for o in a["objects"]]} for a in attributes]
+    assert caption_adherence(videos, flipped) <= 0.05
+    blank = np.full((8, 16, 16, 3), 30, np.uint8)
+    assert estimate_attributes(blank) == {"colour": None, "motion": None, "shape": None, "objects": []}
+    assert caption_adherence([blank], [RED_CIRCLE_LEFT]) == 0.0
+
+
+def test_dataset_is_deterministic_and_validation_is_held_out(tmp_path):
+    first = write_synthetic_dataset(tmp_path / "a", num_videos=24, frames=4, size=16, seed=5, shard_samples=10)
+    again = write_synthetic_dataset(tmp_path / "b", num_videos=24, frames=4, size=16, seed=5, shard_samples=10)
+    assert [s["sha256"] for s in first["train"]["shards"]] == [s["sha256"] for s in again["train"]["shards"]]
+    assert first["train"]["num_shards"] == 3 and first["val"]["samples"] == 3
+    assert synthetic.synthetic_recipe(tmp_path / "a")["seed"] == 5
+
+    folder = tmp_path / "a" / "val"
+    manifest = load_manifest(folder)
+    spec = SampleSpec.from_manifest(manifest)
+    for shard in shard_paths(folder, manifest):
+        for raw in iter_tar(shard):
+            sample = decode_sample(raw, spec)
+            assert sample["video"].shape == (4, 16, 16, 3)
+            assert sample["caption"] == caption_of(sample["meta"]["attributes"])
+            for obj in sample["meta"]["attributes"]["objects"]:
+                assert (obj["shape"], obj["colour"], obj["motion"]) in HELDOUT_COMBINATIONS

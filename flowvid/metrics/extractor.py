@@ -1,0 +1,95 @@
+"""The FVD-extractor contract: uint8 videos -> one feature vector per video.
+
+An extractor owns its network and preprocessing; ``FrechetVideoDistance`` owns the statistics and the
+Fréchet math. Built-ins register in ``flowvid.registry.FVD_EXTRACTORS``; a plugin registers through
+the ``flowvid.fvd_extractors`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FVDExtractor(nn.Module, ABC):
+    """Maps uint8 videos ``(B, T, H, W, 3)`` to float features ``(B, feature_dim)``.
+
+    Subclasses set ``feature_dim`` and implement ``features``; one that loads weights returns their
+    hash from ``weights_hash``, so that cached reference statistics are never compared with features
+    of other weights. ``family`` is the first part of the logged name: ``"fvd"`` for the standard
+    protocol, ``"fvd_proxy"`` for numbers that are not comparable to published FVD.
+    """
+
+    feature_dim: int
+    family: str = "fvd"
+
+    @property
+    def name(self) -> str:
+        from flowvid.registry import FVD_EXTRACTORS
+
+        return FVD_EXTRACTORS.name_of(type(self)) or type(self).__name__
+
+    @property
+    def weights_hash(self) -> str:
+        """sha256 of the weights file (hex), or "" for an extractor without stored weights."""
+        return ""
+
+    @abstractmethod
+    def features(self, video: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, T, H, W, 3)`` -> float ``(B, feature_dim)``."""
+
+
+def build_extractor(spec: str | FVDExtractor, **kwargs: Any) -> FVDExtractor:
+    """A registered name (constructed with ``kwargs``) or an extractor instance, returned as is."""
+    from flowvid.registry import FVD_EXTRACTORS, resolve
+
+    if isinstance(spec, FVDExtractor):
+        if kwargs:
+            raise ValueError(f"extractor arguments {sorted(kwargs)} given with an already built extractor {spec.name!r}")
+        return spec
+    extractor = resolve(FVD_EXTRACTORS, spec)(**kwargs)
+    if not isinstance(extractor, FVDExtractor):
+        raise ValueError(f"FVD extractor {spec!r} built a {type(extractor).__name__}, expected an FVDExtractor")
+    return extractor
+
+
+def check_video(video: torch.Tensor) -> None:
+    """Raise a ValueError unless ``video`` is uint8 ``(B, T, H, W, 3)``."""
+    if not isinstance(video, torch.Tensor) or video.dtype != torch.uint8 or video.ndim != 5 or video.shape[-1] != 3:
+        described = f"{video.dtype} {tuple(video.shape)}" if isinstance(video, torch.Tensor) else type(video).__name__
+        raise ValueError(f"expected uint8 videos (B, T, H, W, 3), got {described}")
+
+
+def resized_frames(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``(B, T, H, W, 3)`` -> float32 ``(B, T, 3, h, w)`` in [0, 255], bilinear, ``align_corners=False``.
+
+    Resizing comes before any scaling: the order changes the result in floating point, and the
+    standard FVD pipeline resizes the raw pixel values.
+    """
+    batch, frames, height, width, _ = video.shape
+    frames_first = video.reshape(batch * frames, height, width, 3).permute(0, 3, 1, 2).float()
+    if (height, width) != tuple(size):
+        frames_first = F.interpolate(frames_first, size=size, mode="bilinear", align_corners=False)
+    return frames_first.reshape(batch, frames, 3, *size)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file; computed once per file version in a process."""
+    stat = Path(path).stat()
+    return _cached_sha256(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_sha256(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

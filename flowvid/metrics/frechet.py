@@ -1,0 +1,77 @@
+"""The Fréchet distance between two Gaussians: the number behind FID and FVD.
+
+For feature statistics ``(mu1, sigma1)`` and ``(mu2, sigma2)``::
+
+    d = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))
+
+The product ``sigma1 sigma2`` is not symmetric, and taking its square root in general form
+(``scipy.linalg.sqrtm``, ``eigvals``) gives complex values or NaN when the covariances are
+near-singular, which is the usual case when there are fewer videos than feature dimensions. The
+trace term equals ``tr((sqrt(sigma1) sigma2 sqrt(sigma1))^(1/2))``, whose matrix is symmetric and
+positive semi-definite: ``eigh`` handles it in float64, and eigenvalues below zero are rounding
+noise that is clamped away.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), computed in float64.
+
+    Args:
+        mu1, mu2: means, shape ``(F,)``.
+        sigma1, sigma2: covariances, shape ``(F, F)``; symmetric positive semi-definite up to rounding.
+
+    Returns:
+        The distance as a Python float, never negative.
+    """
+    mu1, mu2 = _as_float64(mu1, "mu1"), _as_float64(mu2, "mu2")
+    sigma1, sigma2 = _as_float64(sigma1, "sigma1"), _as_float64(sigma2, "sigma2")
+    dim = mu1.shape[0] if mu1.ndim == 1 else -1
+    for name, value, shape in (("mu1", mu1, (dim,)), ("mu2", mu2, (dim,)), ("sigma1", sigma1, (dim, dim)), ("sigma2", sigma2, (dim, dim))):
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (F = len(mu1)), got {tuple(value.shape)}")
+    sigma2 = sigma2.to(sigma1.device)
+    root1 = psd_sqrt(sigma1)
+    middle = root1 @ _symmetric(sigma2) @ root1
+    trace_of_root = torch.linalg.eigvalsh(_symmetric(middle)).clamp_min(0).sqrt().sum()
+    mean_term = (mu1 - mu2.to(mu1.device)).square().sum()
+    distance = mean_term + torch.trace(sigma1) + torch.trace(sigma2) - 2 * trace_of_root
+    return max(float(distance), 0.0)
+
+
+def psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a positive semi-definite matrix (negative eigenvalues -> 0)."""
+    values, vectors = torch.linalg.eigh(_symmetric(matrix))
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def mean_and_covariance(total: torch.Tensor, outer_total: torch.Tensor, count: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased (N - 1) covariance from the sums ``sum x``, ``sum x x^T`` over ``count`` samples.
+
+    These sums are what a metric keeps per process: summing them across processes gives the sums of
+    the whole set, so the statistics are exact under data parallelism.
+    """
+    count = int(count)
+    if count < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {count}")
+    total, outer_total = total.double(), outer_total.double()
+    mean = total / count
+    covariance = (outer_total - count * torch.outer(mean, mean)) / (count - 1)
+    return mean, _symmetric(covariance)
+
+
+def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    return (matrix + matrix.T) / 2
+
+
+def _as_float64(value: ArrayLike, name: str) -> torch.Tensor:
+    tensor = torch.as_tensor(value).detach().to(torch.float64)
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} holds NaN or inf")
+    return tensor

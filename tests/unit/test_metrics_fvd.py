@@ -1,0 +1,128 @@
+"""FrechetVideoDistance (on the weight-free pixel-stats extractor), reference statistics and BitsPerDim."""
+
+import numpy as np
+import pytest
+import torch
+
+from flowvid.metrics import BitsPerDim, FrechetVideoDistance, PixelStatsExtractor, ReferenceStats, build_extractor
+from flowvid.registry import FVD_EXTRACTORS
+
+
+def _videos(count: int = 12, frames: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 200, (count, frames, size, size, 3), dtype=torch.uint8, generator=generator)
+
+
+def _brighter(videos: torch.Tensor, amount: int) -> torch.Tensor:
+    return (videos.int() + amount).clamp(0, 255).to(torch.uint8)
+
+
+def test_extractors_are_registered():
+    assert {"i3d", "inception-proxy", "pixel-stats"} <= set(FVD_EXTRACTORS.names())
+    assert isinstance(build_extractor("pixel-stats"), PixelStatsExtractor)
+    with pytest.raises(ValueError, match="already built"):
+        build_extractor(PixelStatsExtractor(), weights="x")
+
+
+def test_fvd_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    real = _videos()
+    metric = FrechetVideoDistance("pixel-stats")
+    metric.update(real, real=True)
+    distances = []
+    for shift in (0, 8, 16, 32, 64):
+        metric.reset()  # keeps the real statistics
+        metric.update(_brighter(real, shift), real=False)
+        distances.append(float(metric.compute()))
+    assert distances[0] < 1e-9
+    assert all(a < b for a, b in zip(distances, distances[1:])), distances
+
+
+def test_protocol_name_spells_out_extractor_frames_resolution_and_samples():
+    metric = FrechetVideoDistance(PixelStatsExtractor())
+    metric.update(_videos(6, frames=3, size=8), real=True)
+    metric.update(_videos(5, frames=3, size=8, seed=1), real=False)
+    metric.compute()
+    assert metric.protocol_name == "fvd_debug/pixel-stats_f3_r8_n5"
+
+
+def test_reset_keeps_real_features_unless_asked():
+    kept = FrechetVideoDistance("pixel-stats")
+    kept.update(_videos(), real=True)
+    kept.reset()
+    assert int(kept.real_features_num_samples) == 12
+    cleared = FrechetVideoDistance("pixel-stats", reset_real_features=True)
+    cleared.update(_videos(), real=True)
+    cleared.reset()
+    assert int(cleared.real_features_num_samples) == 0
+
+
+def test_clear_errors_for_bad_videos_and_too_few_samples():
+    metric = FrechetVideoDistance("pixel-stats")
+    with pytest.raises(ValueError, match=r"expected uint8 videos \(B, T, H, W, 3\), got torch.float32"):
+        metric.update(_videos().float(), real=True)
+    metric.update(_videos(frames=4), real=True)
+    with pytest.raises(ValueError, match=r"one size .* \(5, 16, 16\), earlier ones \(4, 16, 16\)"):
+        metric.update(_videos(frames=5), real=False)
+    metric.update(_videos(1, seed=2), real=False)
+    with pytest.raises(ValueError, match="at least 2 generated videos, got 1"):
+        metric.compute()
+
+
+def test_cached_reference_gives_the_same_fvd_as_real_videos(tmp_path):
+    real, fake = _videos(), _brighter(_videos(seed=3), 10)
+    direct = FrechetVideoDistance("pixel-stats")
+    direct.update(real, real=True)
+    direct.update(fake, real=False)
+
+    stats = direct.real_statistics(source="unit test")
+    path = stats.save(tmp_path / stats.file_name())
+    assert path.name == "pixel-stats_noweights_f4_r16x16_n12.npz"
+    loaded = ReferenceStats.load(path)
+    assert loaded.key() == stats.key() and loaded.source == "unit test"
+
+    cached = FrechetVideoDistance("pixel-stats")
+    cached.set_reference(path)
+    cached.update(fake, real=False)
+    assert float(cached.compute()) == pytest.approx(float(direct.compute()), rel=1e-10)
+    with pytest.raises(ValueError, match="uses reference statistics"):
+        cached.update(real, real=True)
+    with pytest.raises(ValueError, match=r"earlier ones \(4, 16, 16\)"):
+        cached.update(_videos(frames=2), real=False)
+
+
+def test_reference_of_another_extractor_or_size_is_refused(tmp_path):
+    stats = ReferenceStats(mu=np.zeros(96), sigma=np.eye(96), extractor="i3d", weights_hash="abc",
+                           frames=4, height=16, width=16, num_samples=10)
+    metric = FrechetVideoDistance("pixel-stats")
+    with pytest.raises(ValueError, match="extractor 'i3d', this metric's extractor has 'pixel-stats'"):
+        metric.set_reference(stats)
+    metric.update(_videos(frames=8), real=False)
+    same_extractor = ReferenceStats(**{**stats.__dict__, "extractor": "pixel-stats", "weights_hash": ""})
+    with pytest.raises(ValueError, match=r"reference statistics are \(4, 16, 16\)"):
+        metric.set_reference(same_extractor)
+    with pytest.raises(FileNotFoundError, match="flowvid data fvd-stats"):
+        ReferenceStats.load(tmp_path / "missing.npz")
+    np.savez(tmp_path / "other.npz", mu=np.zeros(3))
+    with pytest.raises(ValueError, match="not an FVD reference file"):
+        ReferenceStats.load(tmp_path / "other.npz")
+
+
+def test_bits_per_dim_per_video_and_per_frame():
+    per_frame = torch.tensor([[1.0, 3.0], [2.0, 4.0], [0.0, 2.0]])
+    metric = BitsPerDim(num_frames=2)
+    metric.update(per_frame[:2])
+    metric.update(per_frame[2:])
+    assert float(metric.compute()) == pytest.approx(2.0)
+    torch.testing.assert_close(metric.compute_per_frame(), torch.tensor([1.0, 3.0], dtype=torch.float64))
+    assert metric.scalars("val/bpd") == pytest.approx({"val/bpd": 2.0, "val/bpd/frame_00": 1.0, "val/bpd/frame_01": 3.0})
+
+    videos = BitsPerDim()
+    videos.update(torch.tensor([1.0, 2.0]))
+    videos.update(torch.tensor([6.0]))
+    assert float(videos.compute()) == pytest.approx(3.0)  # mean over samples, not over batches
+    with pytest.raises(ValueError, match=r"need BitsPerDim\(num_frames=2\)"):
+        videos.update(per_frame)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        videos.update(torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match=r"give per-frame values \(B, 2\)"):
+        metric.update(torch.tensor([1.0]))

@@ -1,0 +1,341 @@
+"""Checkpoints that survive crashes, say what made them, and refuse to resume the wrong model.
+
+* ``RunCheckpoint`` (a ``ModelCheckpoint``) saves every ``every_n_train_steps`` into
+  ``<run dir>/checkpoints/step=NNNNNNNN.ckpt``, keeps the last ``keep_last_k``, writes atomically
+  (a file or a DeepSpeed directory appears under its final name only when complete), stores the run's
+  metadata (``run_metadata``) and, before resuming, checks the checkpoint against the model.
+* ``resolve_resume(checkpoint_dir, resume)`` turns ``resume: auto | none | PATH`` into the
+  ``ckpt_path`` for ``Trainer.fit``.
+
+Lightning itself restores weights, optimisers, schedulers, step counters, callback states and the
+datamodule's ``state_dict`` (the data stream position); ``StepSeed`` makes the random numbers of every
+step a function of the step counter, so they are restored with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from lightning.fabric.plugins.io import TorchCheckpointIO
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from flowvid.codecs.base import LatentCodec, check_codec_identity
+from flowvid.text.base import TextEncoder
+
+#: Suffix of a checkpoint being written; such names are never resumed from.
+PARTIAL_SUFFIX = ".partial"
+#: Key of flowvid's own metadata in a checkpoint.
+METADATA_KEY = "flowvid_run"
+#: Where RunCheckpoint writes, inside the run directory (``trainer.default_root_dir``).
+CHECKPOINT_SUBDIR = "checkpoints"
+
+_STEP_IN_NAME = re.compile(r"step=(\d+)")
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file or directory is truncated, incomplete or unreadable."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was made by a different model than the one it is loaded into."""
+
+
+# --- what a checkpoint records ----------------------------------------------------------------
+
+
+def run_metadata(pl_module: LightningModule, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to tell later what made a checkpoint.
+
+    flowvid version, versions of the plugin packages in the registries, codec and text encoder
+    identities (from the first ``LatentCodec`` / ``TextEncoder`` inside the module), the shape of
+    every parameter, the world size, and the run's resolved config when given.
+    """
+    import flowvid
+    from flowvid.registry import REGISTRIES
+
+    plugins = {entry.package: entry.version for registry in REGISTRIES.values() for entry in registry
+               if entry.package != "flowvid"}
+    codec = _first(pl_module, LatentCodec)
+    text_encoder = _first(pl_module, TextEncoder)
+    trainer = pl_module._trainer
+    return {
+        "flowvid_version": flowvid.__version__,
+        "plugins": dict(sorted(plugins.items())),
+        "codec": codec.identity() if codec is not None else None,
+        "text_encoder": text_encoder.identity() if text_encoder is not None else None,
+        "parameters": parameter_shapes(pl_module),
+        "world_size": trainer.world_size if trainer is not None else 1,
+        "config": config,
+    }
+
+
+def parameter_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    """Full shapes of all parameters, also when DeepSpeed ZeRO-3 holds only a shard of each."""
+    return {name: list(getattr(param, "ds_shape", param.shape)) for name, param in module.named_parameters()}
+
+
+def _first(module: torch.nn.Module, kind: type) -> Any:
+    return next((m for m in module.modules() if isinstance(m, kind)), None)
+
+
+# --- reading checkpoints ----------------------------------------------------------------------
+
+
+def is_deepspeed_checkpoint(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir()
+
+
+def load_client_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The training state of a checkpoint: the whole dict of a Lightning file, or the non-tensor
+    part (``client_state``) of a DeepSpeed directory. Tensors are memory-mapped, not read.
+
+    Raises FileNotFoundError when ``path`` is missing and CorruptCheckpointError when it cannot be read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.name.endswith(PARTIAL_SUFFIX):
+        raise CorruptCheckpointError(f"{path} is a checkpoint that was still being written; use an earlier one")
+    source = deepspeed_model_states(path) if path.is_dir() else path
+    try:
+        state = torch.load(source, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged zip
+        raise CorruptCheckpointError(f"cannot read checkpoint {source}: {err}") from err
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{source} holds a {type(state).__name__}, not a checkpoint dict")
+    if path.is_dir():
+        check_deepspeed_shards(path, state)
+    return state
+
+
+def deepspeed_model_states(directory: Path) -> Path:
+    """The file of a DeepSpeed checkpoint directory that holds its client state."""
+    candidates = sorted(directory.glob("*/*mp_rank_00_model_states.pt"))
+    if not candidates:
+        raise CorruptCheckpointError(
+            f"{directory} is not a complete DeepSpeed checkpoint: no */*mp_rank_00_model_states.pt inside"
+        )
+    return candidates[0]
+
+
+def check_deepspeed_shards(directory: Path, client_state: dict[str, Any]) -> None:
+    """Raise CorruptCheckpointError unless every rank's optimiser shard is present."""
+    world_size = (client_state.get(METADATA_KEY) or {}).get("world_size")
+    if world_size is None:
+        return
+    shards = list(directory.glob("*/*_optim_states.pt"))
+    if len(shards) != world_size:
+        raise CorruptCheckpointError(
+            f"{directory} was written by {world_size} ranks but holds {len(shards)} optimiser shards"
+        )
+
+
+# --- checking a checkpoint against the model ----------------------------------------------------
+
+
+def check_resumable(checkpoint: dict[str, Any], pl_module: LightningModule, where: str) -> None:
+    """Raise when ``checkpoint`` was made by a model with other parameters, codec or text encoder.
+
+    CodecMismatchError for another codec, CheckpointMismatchError otherwise; a checkpoint without
+    flowvid metadata is only checked by Lightning's own loading.
+    """
+    metadata = checkpoint.get(METADATA_KEY)
+    if metadata is None:
+        rank_zero_info(f"{where} carries no flowvid metadata; skipping the model and codec checks")
+        return
+    codec = _first(pl_module, LatentCodec)
+    if codec is not None and metadata.get("codec") is not None:
+        check_codec_identity(codec.identity(), metadata["codec"], where)
+    text_encoder = _first(pl_module, TextEncoder)
+    if text_encoder is not None and metadata.get("text_encoder") is not None:
+        if dict(metadata["text_encoder"]) != dict(text_encoder.identity()):
+            raise CheckpointMismatchError(
+                f"{where} was trained with text encoder {metadata['text_encoder']}, "
+                f"but this model uses {text_encoder.identity()}"
+            )
+    stored, current = metadata.get("parameters"), parameter_shapes(pl_module)
+    if stored is None or not current:  # no parameters yet: built later in configure_model
+        return
+    problems = _shape_differences(stored, current)
+    if problems:
+        hints = _config_differences(checkpoint.get("hyper_parameters") or {}, dict(pl_module.hparams))
+        raise CheckpointMismatchError(
+            f"{where} was made by a different model configuration: {'; '.join(problems)}"
+            + (f". Config differences: {'; '.join(hints)}" if hints else "")
+        )
+
+
+def _shape_differences(stored: dict[str, list[int]], current: dict[str, list[int]], limit: int = 5) -> list[str]:
+    missing = [name for name in current if name not in stored]
+    unexpected = [name for name in stored if name not in current]
+    reshaped = [f"{name} {tuple(stored[name])} in the checkpoint vs {tuple(shape)} in the model"
+                for name, shape in current.items() if name in stored and list(stored[name]) != list(shape)]
+    problems = []
+    for label, names in (("missing from the checkpoint", missing), ("not in the model", unexpected),
+                         ("different shapes", reshaped)):
+        if names:
+            more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+            problems.append(f"{label}: {', '.join(names[:limit])}{more}")
+    return problems
+
+
+def _config_differences(stored: dict[str, Any], current: dict[str, Any], limit: int = 8) -> list[str]:
+    flat_stored, flat_current = dict(_flatten(stored)), dict(_flatten(current))
+    keys = sorted(k for k in flat_stored.keys() | flat_current.keys()
+                  if not k.split(".")[-1].startswith("_") and flat_stored.get(k) != flat_current.get(k))
+    return [f"{k}: {flat_stored.get(k)!r} -> {flat_current.get(k)!r}" for k in keys[:limit]]
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _flatten(item, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, value
+
+
+# --- writing checkpoints -------------------------------------------------------------------------
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes ``<path>.partial``, flushes it to disk, then renames it to ``<path>``.
+
+    A crash mid-write leaves the previous checkpoint as it was (and a ``.partial`` file that resuming
+    ignores). Reading a damaged file raises CorruptCheckpointError naming it.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's own transaction does the same job
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + PARTIAL_SUFFIX)
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=bool(weights_only))
+        except Exception as err:  # noqa: BLE001
+            raise CorruptCheckpointError(f"cannot read checkpoint {path}: {err}") from err
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Periodic, atomic, self-describing checkpoints of a run; keeps the last ``keep_last_k``.
+
+    Args:
+        dirpath: where to write; default ``<trainer.default_root_dir>/checkpoints``, a place that
+            does not change between restarts (unlike a logger's ``version_N`` folder), so that
+            ``resume: auto`` finds it.
+        every_n_train_steps: save after every this many optimiser steps.
+        keep_last_k: how many of the newest checkpoints to keep (-1 keeps all).
+        save_on_train_end: also save when training stops at a step that is not a multiple.
+
+    ``run_config`` (the resolved CLI config, set by ``FlowvidCLI``) is stored in every checkpoint and
+    becomes ``config.yaml`` on export.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 1000, keep_last_k: int = 3,
+                 save_on_train_end: bool = True):
+        if keep_last_k == 0 or keep_last_k < -1:
+            raise ValueError(f"keep_last_k must be a positive count or -1 (keep all), got {keep_last_k}")
+        if every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be >= 1, got {every_n_train_steps}")
+        super().__init__(dirpath=dirpath, filename="{step:08d}", monitor="step", mode="max",
+                         save_top_k=keep_last_k, every_n_train_steps=every_n_train_steps,
+                         save_on_train_epoch_end=False)
+        self.keep_last_k = keep_last_k
+        self.save_on_train_end = save_on_train_end
+        self.run_config: dict[str, Any] | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, CHECKPOINT_SUBDIR)
+        super().setup(trainer, pl_module, stage)
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            if not hasattr(strategy, "cpu_shm_allreduce"):  # the stock strategy, not ZeroStrategy
+                rank_zero_warn("DeepSpeed checkpoints are written atomically only by flowvid.lit.strategies.ZeroStrategy")
+        elif type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.ckpt_path:
+            check_resumable(load_client_state(trainer.ckpt_path), pl_module, f"checkpoint {trainer.ckpt_path}")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            # Lightning warns that manual optimisation saves the weights after the step: that is the intent.
+            warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved")
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[METADATA_KEY] = run_metadata(pl_module, self.run_config)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_on_train_end and trainer.global_step != self._last_global_step_saved:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+# --- resuming ------------------------------------------------------------------------------------
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Finished checkpoints in ``directory``, oldest first (by the step in the name, else by time)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir()
+             if p.name.endswith(".ckpt") and not p.name.endswith((PARTIAL_SUFFIX, ".old"))]
+
+    def order(path: Path) -> tuple[int, float]:
+        match = _STEP_IN_NAME.search(path.name)
+        return (int(match.group(1)) if match else -1, path.stat().st_mtime)
+
+    return sorted(found, key=order)
+
+
+def resolve_resume(checkpoint_dir: str | os.PathLike, resume: str | None) -> str | None:
+    """The checkpoint to resume from: ``"auto"`` (the newest in ``checkpoint_dir``, or None for a
+    fresh start), ``None`` / ``"none"`` (fresh start) or a path (which must exist).
+    """
+    if resume is None or str(resume).lower() in ("none", "false", ""):
+        return None
+    if resume == "auto":
+        found = list_checkpoints(checkpoint_dir)
+        if not found:
+            rank_zero_info(f"resume: auto found no checkpoint in {checkpoint_dir}; starting from scratch")
+            return None
+        rank_zero_info(f"resume: auto continues from {found[-1]}")
+        return str(found[-1])
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"resume: {resume} does not exist (use 'auto', 'none' or a checkpoint path)")
+    return str(path)
+
+
+def checkpoint_dir_of(trainer: Trainer) -> str:
+    """Where this trainer's RunCheckpoint writes (``<default_root_dir>/checkpoints`` by default)."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, RunCheckpoint) and callback.dirpath is not None:
+            return str(callback.dirpath)
+    return os.path.join(trainer.default_root_dir, CHECKPOINT_SUBDIR)

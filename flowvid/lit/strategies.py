@@ -1,0 +1,126 @@
+"""DeepSpeed ZeRO that runs the same recipe on GPUs and, for tests and small machines, on CPUs.
+
+Lightning's ``DeepSpeedStrategy`` refuses to start without CUDA, although DeepSpeed itself trains on
+CPU over gloo. ``ZeroStrategy`` is the stock strategy on GPUs; on a CPU accelerator it lifts the three
+CUDA-only assumptions (the accelerator check, device-index validation, a device index for
+``deepspeed.initialize``) and gives the same results as DDP. A recipe names it once::
+
+    trainer:
+      strategy:
+        class_path: flowvid.lit.strategies.ZeroStrategy
+        init_args: {stage: 3}
+
+Checkpoints are DeepSpeed directories written atomically: every rank writes its shard into
+``<name>.partial`` and rank 0 renames the finished directory, so a crash mid-write leaves the previous
+checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+from flowvid.lit.checkpointing import PARTIAL_SUFFIX
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Make DeepSpeed use plain gloo collectives on CPU instead of JIT-compiling its shm-allreduce op.
+
+    The op only helps many ranks on one multi-core host; building it needs g++ and takes about 45 s.
+    """
+    # `import deepspeed.comm.torch as m` would bind the torch package, not DeepSpeed's module.
+    deepspeed_comm = importlib.import_module("deepspeed.comm.torch")
+    deepspeed_comm.build_shm_op = lambda: None
+
+
+def finish_distributed() -> None:
+    """Tear the process group down at the end of a multi-process run.
+
+    A gloo group left to the interpreter's exit sometimes aborts the process after training
+    finished (``terminate called without an active exception``); destroying it first does not.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+class ZeroStrategy(DeepSpeedStrategy):
+    """DeepSpeed ZeRO (stage 1, 2 or 3) on CUDA GPUs, or on CPUs over gloo when no GPU is used.
+
+    Args:
+        stage: ZeRO stage: 1 shards optimiser states, 2 also gradients, 3 also parameters.
+        cpu_shm_allreduce: on CPU, build and use DeepSpeed's shared-memory allreduce (needs g++);
+            by default CPU runs use gloo collectives.
+        **kwargs: any other ``lightning.pytorch.strategies.DeepSpeedStrategy`` argument.
+    """
+
+    def __init__(self, stage: int = 2, *, cpu_shm_allreduce: bool = False, **kwargs: Any):
+        if stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
+        super().__init__(stage=stage, **kwargs)
+        self.cpu_shm_allreduce = cpu_shm_allreduce
+
+    @property
+    def on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    def setup_environment(self) -> None:
+        if not self.on_cpu:
+            return super().setup_environment()
+        if not self.cpu_shm_allreduce:
+            skip_deepspeed_shm_op()
+        DDPStrategy.setup_environment(self)  # skips the "only supported on CUDA GPUs" check
+
+    def setup_distributed(self) -> None:
+        if not self.on_cpu:
+            return super().setup_distributed()
+        # The stock version validates device indices, which CPU devices do not have.
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @property
+    def root_device(self) -> torch.device:
+        if not self.on_cpu:
+            return super().root_device
+        # deepspeed.initialize needs an index for its device rank; torch treats cpu:N as the CPU.
+        return torch.device("cpu", self.local_rank)
+
+    def _auto_select_batch_size(self) -> int:
+        # Only feeds DeepSpeed's throughput log. The stock version reads the loader's batch_sampler,
+        # which loaders that batch inside their dataset (WebDataset pipelines) do not have.
+        datamodule = getattr(self.lightning_module.trainer, "datamodule", None)
+        batch_size = getattr(datamodule, "batch_size", None)
+        return batch_size if isinstance(batch_size, int) else super()._auto_select_batch_size()
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
+        target = Path(self.broadcast(str(filepath)))
+        partial = target.with_name(target.name + PARTIAL_SUFFIX)
+        if self.is_global_zero and partial.exists():
+            shutil.rmtree(partial)  # left by a run that died while writing
+        self.barrier("ZeroStrategy.save_checkpoint:clean")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("ZeroStrategy.save_checkpoint:written")
+        if self.is_global_zero:
+            _replace_directory(partial, target)
+        self.barrier("ZeroStrategy.save_checkpoint:renamed")
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    """Move the finished ``source`` directory to ``target``, replacing an older one there."""
+    if target.exists():
+        stale = target.with_name(target.name + ".old")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(target, stale)
+        os.replace(source, target)
+        shutil.rmtree(stale)
+    else:
+        os.replace(source, target)

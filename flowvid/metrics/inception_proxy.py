@@ -66,7 +66,8 @@ class InceptionProxyExtractor(FVDExtractor):
             raise ValueError(f"frame_batch must be >= 1, got {frame_batch}")
         self.frame_batch = frame_batch
         self.network: nn.Module = torch.jit.load(str(self.weights_path), map_location="cpu").eval()
-        self.network.requires_grad_(False)
+        for parameter in self.network.parameters():  # ScriptModules have no requires_grad_()
+            parameter.requires_grad_(False)
 
     @property
     def weights_hash(self) -> str:

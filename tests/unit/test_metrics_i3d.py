@@ -1,0 +1,87 @@
+"""The I3D network on random weights: loading the converted state-dict layout, shapes, clear errors."""
+
+import hashlib
+
+import pytest
+import torch
+
+from flowvid.metrics import FrechetVideoDistance, I3DExtractor, InceptionI3D
+from flowvid.metrics.i3d import WEIGHTS_URL, same_padding
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """Random weights saved like the converted TF-Hub file: no batch-norm step counters."""
+    torch.manual_seed(0)
+    state = {k: v for k, v in InceptionI3D().state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path_factory.mktemp("i3d") / "i3d_pretrained_400.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_parameter_names_follow_the_converted_weights():
+    names = InceptionI3D().state_dict().keys()
+    assert {"Conv3d_1a_7x7.conv3d.weight", "Conv3d_1a_7x7.bn.running_var", "Mixed_4b.b1b.bn.bias",
+            "Mixed_5c.b3b.conv3d.weight", "logits.conv3d.weight", "logits.conv3d.bias"} <= set(names)
+    assert not any(".b3a." in name for name in names)  # the pooling branch has no parameters
+
+
+def test_same_padding_follows_tensorflow():
+    # (T, H, W) = (16, 224, 224), kernel 7, stride 2: 5 rows of padding, the extra one at the end.
+    assert same_padding((16, 224, 224), (7, 7, 7), (2, 2, 2)) == [2, 3, 2, 3, 2, 3]
+    assert same_padding((5, 7, 7), (3, 3, 3), (1, 1, 1)) == [1, 1, 1, 1, 1, 1]
+    assert same_padding((3, 7, 7), (1, 3, 3), (1, 2, 2)) == [1, 1, 1, 1, 0, 0]
+
+
+def test_standard_input_reaches_the_original_2x7x7_head():
+    # Shapes only, on the meta device: 16 frames of 224x224 end in a (2, 7, 7) map of 1024 channels.
+    network = InceptionI3D().to("meta")
+    seen = {}
+    network.logits.register_forward_hook(lambda module, inputs, output: seen.update(head=inputs[0].shape, out=output.shape))
+    network(torch.empty(1, 3, 16, 224, 224, device="meta"))
+    assert tuple(seen["head"]) == (1, 1024, 2, 7, 7)
+    assert tuple(seen["out"]) == (1, 400)
+
+
+def test_features_on_random_weights_at_a_tiny_size(weights_file):
+    extractor = I3DExtractor(weights=weights_file, resolution=16)
+    videos = torch.randint(0, 256, (2, 8, 20, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    features = extractor.features(videos)
+    assert features.shape == (2, 400) and features.dtype == torch.float32
+    assert torch.isfinite(features).all()
+    assert not torch.allclose(features[0], features[1])
+    torch.testing.assert_close(extractor.features(videos[:1]), features[:1], rtol=1e-4, atol=1e-4)
+    assert extractor.weights_hash == hashlib.sha256(weights_file.read_bytes()).hexdigest()
+
+    metric = FrechetVideoDistance(extractor)
+    metric.update(videos, real=True)
+    metric.update(videos.flip(0), real=False)
+    assert float(metric.compute()) < 1e-6
+    assert metric.protocol_name == "fvd/i3d_f8_r20x24_n2"
+
+
+def test_built_by_name_from_config_arguments(weights_file):
+    metric = FrechetVideoDistance("i3d", extractor_args={"weights": str(weights_file), "resolution": 16})
+    assert isinstance(metric.extractor, I3DExtractor) and metric.extractor.resolution == 16
+
+
+def test_training_mode_never_updates_batch_statistics(weights_file):
+    extractor = I3DExtractor(weights=weights_file, resolution=16).train()
+    before = extractor.network.Conv3d_1a_7x7.bn.running_mean.clone()
+    extractor.features(torch.zeros(1, 4, 32, 32, 3, dtype=torch.uint8))
+    assert not extractor.network.training
+    torch.testing.assert_close(extractor.network.Conv3d_1a_7x7.bn.running_mean, before)
+
+
+def test_missing_weights_name_the_file_and_where_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        I3DExtractor(weights=tmp_path / "nowhere" / "i3d_pretrained_400.pt")
+    message = str(error.value)
+    assert "i3d_pretrained_400.pt" in message and WEIGHTS_URL in message and "inception-proxy" in message
+
+
+def test_another_state_dict_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match=r"not the Kinetics-400 I3D .*missing \['Conv3d_1a_7x7"):
+        I3DExtractor(weights=path)

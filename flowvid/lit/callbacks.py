@@ -1,0 +1,218 @@
+"""Training callbacks that watch samples: TensorBoard videos of fixed prompts, and FVD every K steps.
+
+Both work with any LightningModule that offers::
+
+    generate_videos(captions: list[str], seed: int) -> uint8 tensor (B, T, H, W, 3)
+
+(``FlowModule`` does). Both are off unless added to the trainer, and their cost is set by their
+arguments: how often (``every_n_steps``) and how many videos. Every process samples, because a
+sharded model (DeepSpeed ZeRO-3, FSDP) needs all of them in the forward pass; only rank 0 writes.
+Validation bits/dim is logged by the module itself (``val/bits_per_dim``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from flowvid.lit.tensorboard import add_video_gif, frame_grid, tensorboard_writers
+from flowvid.metrics.extractor import FVDExtractor, check_video
+from flowvid.metrics.fvd import FrechetVideoDistance
+
+
+def generate(pl_module: LightningModule, captions: list[str], seed: int) -> torch.Tensor:
+    """``pl_module.generate_videos`` in eval mode, without gradients and without touching the global RNG."""
+    was_training = pl_module.training
+    cuda_devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    pl_module.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
+            videos = pl_module.generate_videos(list(captions), seed)
+    finally:
+        pl_module.train(was_training)
+    try:
+        check_video(videos)
+    except ValueError as err:
+        raise ValueError(f"{type(pl_module).__name__}.generate_videos: {err}") from None
+    if videos.shape[0] != len(captions):
+        raise ValueError(f"{type(pl_module).__name__}.generate_videos returned {videos.shape[0]} videos for {len(captions)} captions")
+    return videos
+
+
+class _EveryNSteps(Callback):
+    """Runs ``run`` after every ``every_n_steps``-th optimizer step (once per step, also with gradient accumulation)."""
+
+    def __init__(self, every_n_steps: int):
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        raise NotImplementedError
+
+
+class SampleVideoLogger(_EveryNSteps):
+    """Samples the same prompts with the same seed every ``every_n_steps`` steps and logs them to TensorBoard.
+
+    Writes ``<tag>/video`` (an animated GIF, the prompts side by side, in the Images tab) and
+    ``<tag>/frames`` (a grid: one row per prompt, one column per frame); the prompts are logged once
+    as text under ``<tag>/captions``.
+
+    Args:
+        every_n_steps: optimizer steps between two samplings.
+        captions: the prompts, one video each ("" samples unconditionally).
+        seed: noise seed; fixed, so that the videos of successive steps differ only by training.
+        fps: playback speed of the GIF.
+        tag: name prefix in TensorBoard.
+    """
+
+    def __init__(self, every_n_steps: int = 1000, captions: list[str] | None = None, seed: int = 0, fps: float = 8.0,
+                 tag: str = "samples"):
+        super().__init__(every_n_steps)
+        self.captions = list(captions) if captions else [""]
+        self.seed, self.fps, self.tag = seed, fps, tag
+        self._captions_logged = False
+
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        videos = generate(pl_module, self.captions, self.seed)
+        if not trainer.is_global_zero:
+            return
+        writers = tensorboard_writers(trainer)
+        if not writers:
+            rank_zero_warn("SampleVideoLogger: the trainer has no TensorBoardLogger; samples are not logged")
+        for writer in writers:
+            add_video_gif(writer, f"{self.tag}/video", videos, trainer.global_step, fps=self.fps)
+            writer.add_image(f"{self.tag}/frames", frame_grid(videos), trainer.global_step)
+            if not self._captions_logged:
+                listing = "\n".join(f"{i}. {caption or '(unconditional)'}" for i, caption in enumerate(self.captions))
+                writer.add_text(f"{self.tag}/captions", listing, trainer.global_step)
+        self._captions_logged = True
+
+
+class FVDCallback(_EveryNSteps):
+    """FVD (or FVD-proxy) of ``num_samples`` generated videos every ``every_n_steps`` steps.
+
+    The value is logged under its protocol name, e.g. ``fvd/i3d_f16_r64_n256`` or
+    ``fvd_proxy/inception-proxy_f16_r64_n256``, and put in ``trainer.callback_metrics`` (so a
+    ModelCheckpoint can monitor it).
+
+    The real side is either a reference file from ``flowvid data fvd-stats`` (``reference=path``),
+    or ``num_samples`` validation videos read once at the first evaluation (``reference="val"``):
+    batches with ``latents`` are decoded by ``pl_module.codec``, others give their ``video``.
+
+    Args:
+        every_n_steps: optimizer steps between two evaluations.
+        num_samples: generated videos per evaluation, split over the processes; more than the
+            feature dimension (400 for I3D) for a meaningful covariance.
+        extractor: registered FVD extractor name or instance ("i3d" needs its weights file).
+        extractor_args: constructor arguments of a named extractor, e.g. ``{"weights": path}``.
+        reference: path of cached reference statistics, or "val".
+        captions: prompts, cycled over the samples; default: the validation captions with
+            ``reference="val"``, else unconditional ("").
+        batch_size: videos per ``generate_videos`` call.
+        seed: noise seed of the first sample; sample ``i`` of an evaluation uses the same noise every time.
+    """
+
+    def __init__(self, every_n_steps: int = 5000, num_samples: int = 256, extractor: str | FVDExtractor = "inception-proxy",
+                 extractor_args: dict[str, Any] | None = None, reference: str | Path = "val",
+                 captions: list[str] | None = None, batch_size: int = 8, seed: int = 0):
+        super().__init__(every_n_steps)
+        if num_samples < 2 or batch_size < 1:
+            raise ValueError(f"need num_samples >= 2 and batch_size >= 1, got {num_samples} and {batch_size}")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.extractor, self.extractor_args = extractor, extractor_args
+        self.reference = reference
+        self.captions = list(captions) if captions else None
+        self.metric: FrechetVideoDistance | None = None
+        self._real_collected = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Built here, before the first step, so that missing weights or a stale reference fail at once.
+        if self.metric is None:
+            self.metric = FrechetVideoDistance(self.extractor, self.extractor_args)
+            if str(self.reference) != "val":
+                self.metric.set_reference(self.reference)
+                self._real_collected = True
+
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.metric is not None, "FVDCallback.setup() did not run"
+        started = time.perf_counter()
+        metric = self.metric.to(pl_module.device)
+        if not self._real_collected:
+            self._collect_real(trainer, pl_module)
+        metric.reset()  # the generated side only; real statistics are kept
+        first, count = self._share(trainer, self.num_samples)
+        prompts = itertools.cycle(self.captions or [""])
+        prompts = itertools.islice(prompts, first, None)
+        for start in range(first, first + count, self.batch_size):
+            size = min(self.batch_size, first + count - start)
+            metric.update(generate(pl_module, list(itertools.islice(prompts, size)), self.seed + start), real=False)
+        value = metric.compute()
+        name = metric.protocol_name
+        trainer.callback_metrics[name] = value.float()
+        for logger in trainer.loggers:
+            logger.log_metrics({name: float(value)}, step=trainer.global_step)
+        rank_zero_info(f"{name} = {float(value):.4g} at step {trainer.global_step} ({time.perf_counter() - started:.1f} s)")
+
+    def _collect_real(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """This process's share of real validation videos, and their captions when none were given."""
+        assert self.metric is not None
+        _, wanted = self._share(trainer, self.num_samples)
+        captions: list[str] = []
+        collected = 0
+        for batch in _validation_batches(trainer):
+            videos = real_videos(batch, pl_module)[: wanted - collected]
+            self.metric.update(videos, real=True)
+            captions += list(batch.get("caption", [""] * len(videos)))[: len(videos)]
+            collected += len(videos)
+            if collected >= wanted:
+                break
+        if collected < wanted:
+            rank_zero_warn(f"FVDCallback: the validation data gave {collected} real videos on this process, "
+                           f"{wanted} were asked for; the FVD uses what there is")
+        if self.captions is None and any(captions):
+            self.captions = captions
+        self._real_collected = True
+
+    @staticmethod
+    def _share(trainer: Trainer, total: int) -> tuple[int, int]:
+        """(first index, count) of this process's part of ``total`` samples."""
+        rank, world = trainer.global_rank, trainer.world_size
+        base, extra = divmod(total, world)
+        return rank * base + min(rank, extra), base + (rank < extra)
+
+
+def real_videos(batch: dict[str, Any], pl_module: LightningModule) -> torch.Tensor:
+    """uint8 videos of a validation batch: its ``latents`` through ``pl_module.codec``, else its ``video``."""
+    if "latents" in batch:
+        with torch.no_grad():
+            return pl_module.codec.decode(batch["latents"].to(pl_module.device))
+    if "video" in batch:
+        return batch["video"].to(pl_module.device)
+    raise ValueError(f"FVDCallback(reference='val') needs validation batches with 'latents' or 'video'; got keys {sorted(batch)}")
+
+
+def _validation_batches(trainer: Trainer) -> Iterator[dict[str, Any]]:
+    loaders = trainer.val_dataloaders
+    if loaders is None:  # validation has not run yet (no sanity check): prepare its data as Lightning would
+        trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        loaders = trainer.val_dataloaders
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        raise ValueError("FVDCallback(reference='val') needs validation data (a val dataloader and a validation_step); "
+                         "or give reference statistics from `flowvid data fvd-stats`")
+    return iter(loaders)

@@ -1,0 +1,124 @@
+"""A tiny Lightning run with the sample-video and FVD callbacks; the TensorBoard event files are read back."""
+
+import io
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader
+
+from flowvid.lit.callbacks import FVDCallback, SampleVideoLogger
+from flowvid.lit.tensorboard import frame_grid, tile_videos
+from flowvid.metrics import BitsPerDim, FrechetVideoDistance
+
+FRAMES, SIZE = 4, 16
+
+
+def random_videos(count: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, FRAMES, SIZE, SIZE, 3), dtype=torch.uint8, generator=generator)
+
+
+class ClampCodec(torch.nn.Module):
+    """Latents are pixels in [0, 1]."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class RandomVideoModule(L.LightningModule):
+    """Trains one weight; samples random videos; validation reports made-up per-frame bits/dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.codec = ClampCodec()
+        self.val_bits_per_dim = BitsPerDim(num_frames=FRAMES)
+        self.seeds_seen: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch["x"]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.val_bits_per_dim.update(batch["latents"].mean(dim=(2, 3, 4)) * 8)
+
+    def on_validation_epoch_end(self):
+        self.log_dict(self.val_bits_per_dim.scalars("val/bits_per_dim"))
+        self.val_bits_per_dim.reset()
+
+    def generate_videos(self, captions, seed):
+        assert not self.training and not torch.is_grad_enabled()
+        self.seeds_seen.append(seed)
+        return random_videos(len(captions), seed)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _val_latents(count: int = 8) -> torch.Tensor:
+    return torch.rand(count, FRAMES, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(7))
+
+
+def test_event_files_hold_the_video_fvd_and_bits_per_dim(tmp_path):
+    train = [{"x": torch.randn(2)} for _ in range(3)]
+    latents = _val_latents()
+    val = [{"latents": latents[i], "caption": f"clip {i}"} for i in range(len(latents))]
+    model = RandomVideoModule()
+    samples = SampleVideoLogger(every_n_steps=2, captions=["a red ball", "a blue bar"], seed=5, fps=4)
+    fvd = FVDCallback(every_n_steps=2, num_samples=6, extractor="pixel-stats", reference="val", batch_size=4, seed=0)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="run"),
+                        callbacks=[samples, fvd], num_sanity_val_steps=0, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(model, DataLoader(train, batch_size=1), DataLoader(val, batch_size=4))
+
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+
+    assert {"samples/video", "samples/frames"} <= set(tags["images"])
+    (video,) = events.Images("samples/video")
+    assert video.step == 2 and video.encoded_image_string.startswith(b"GIF8")
+    assert (video.width, video.height) == (2 * SIZE, SIZE)  # the two prompts side by side
+    assert Image.open(io.BytesIO(video.encoded_image_string)).n_frames == FRAMES
+    (grid,) = events.Images("samples/frames")
+    assert (grid.width, grid.height) == (FRAMES * SIZE, 2 * SIZE)
+    assert "samples/captions/text_summary" in tags["tensors"]
+
+    name = "fvd_debug/pixel-stats_f4_r16_n6"
+    (logged,) = events.Scalars(name)
+    assert logged.step == 2
+    assert model.seeds_seen == [5, 0, 4]  # the prompts, then two FVD batches of 4 and 2 samples
+
+    expected = FrechetVideoDistance("pixel-stats")
+    expected.update(ClampCodec().decode(latents[:6]), real=True)
+    expected.update(torch.cat([random_videos(4, 0), random_videos(2, 4)]), real=False)
+    assert logged.value == pytest.approx(float(expected.compute()), rel=1e-5)
+
+    assert "val/bits_per_dim" in tags["scalars"] and "val/bits_per_dim/frame_03" in tags["scalars"]
+    assert events.Scalars("val/bits_per_dim")[-1].value == pytest.approx(float(latents.mean() * 8), rel=1e-5)
+
+
+def test_tiles_and_grid_keep_every_pixel_in_place():
+    videos = torch.randint(0, 256, (2, 3, 4, 5, 3), dtype=torch.uint8)
+    tiled = tile_videos(videos)
+    assert tiled.shape == (3, 4, 10, 3)
+    assert (tiled[2, :, 5:] == videos[1, 2].numpy()).all()
+    grid = frame_grid(videos)
+    assert grid.shape == (3, 8, 15)
+    assert torch.equal(grid[:, 4:, 10:].permute(1, 2, 0), videos[1, 2])
+
+
+def test_callbacks_refuse_bad_settings_and_bad_samples():
+    with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
+        SampleVideoLogger(every_n_steps=0)
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        FVDCallback(num_samples=1)
+    model = RandomVideoModule()
+    model.generate_videos = lambda captions, seed: torch.zeros(len(captions), FRAMES, SIZE, SIZE, 3)
+    from flowvid.lit.callbacks import generate
+
+    with pytest.raises(ValueError, match=r"RandomVideoModule.generate_videos: expected uint8 videos"):
+        generate(model, ["x"], 0)

@@ -14,9 +14,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-VIDEO_EXTENSIONS = frozenset(
-    {".mp4", ".m4v", ".avi", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".ogv", ".ogg", ".flv", ".wmv", ".ts", ".3gp", ".gif"}
-)
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".avi", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".ogv", ".ogg",
+                              ".flv", ".wmv", ".ts", ".3gp", ".gif"})
 
 
 class VideoSkipped(Exception):
@@ -40,7 +39,8 @@ class ClipSpec:
 
     def __post_init__(self) -> None:
         if self.frames < 1 or self.height < 1 or self.width < 1:
-            raise ValueError(f"clip frames, height and width must be >= 1, got {self.frames}, {self.height}, {self.width}")
+            raise ValueError(f"clip frames, height and width must be >= 1, "
+                             f"got {self.frames}, {self.height}, {self.width}")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         if self.stride is not None and self.stride < 1:

@@ -24,7 +24,16 @@ import torch
 from data_tools.report import print_summary, progress_bar
 from flowvid.codecs.base import LatentCodec
 from flowvid.data.manifest import load_manifest, new_manifest, video_shape, write_manifest
-from flowvid.data.shards import BadSample, BrokenShard, SampleSpec, ShardFolderWriter, decode_sample, encode_sample, iter_tar, shard_paths
+from flowvid.data.shards import (
+    BadSample,
+    BrokenShard,
+    SampleSpec,
+    ShardFolderWriter,
+    decode_sample,
+    encode_sample,
+    iter_tar,
+    shard_paths,
+)
 from flowvid.registry import CODECS, TEXT_ENCODERS
 from flowvid.text.base import TextEncoder
 from flowvid.text.cache import cache_embeddings
@@ -37,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codec-args", type=json.loads, default={}, help="codec constructor arguments as JSON")
     parser.add_argument("--text-encoder", default=None, help="also cache this registered text encoder's embeddings")
     parser.add_argument("--text-encoder-args", type=json.loads, default={}, help="text encoder arguments as JSON")
-    parser.add_argument("--first-frame", action="store_true", help="store each clip's first frame (first.npy) for image-to-video")
+    parser.add_argument("--first-frame", action="store_true",
+                        help="store each clip's first frame (first.npy) for image-to-video")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shard-samples", type=int, default=1000, help="most samples per shard")
@@ -79,7 +89,8 @@ def encode_latents(
     if raw["kind"] != "raw":
         raise ValueError(f"{source} holds {raw['kind']} shards; encode-latents reads raw video shards")
     if text_encoder is not None and text_encoder.trainable:
-        raise ValueError(f"text encoder {text_encoder.identity()['name']!r} trains with the model: its embeddings cannot be cached")
+        raise ValueError(f"text encoder {text_encoder.identity()['name']!r} trains with the model: "
+                         "its embeddings cannot be cached")
     frames, height, width = video_shape(raw)
     latent_shape = codec.latent_shape(frames, height, width)  # raises when the codec cannot take this size
     codec = codec.to(device).eval()
@@ -93,14 +104,15 @@ def encode_latents(
                 video = torch.from_numpy(np.stack([s["video"] for s in group])).to(device)
                 latents = codec.encode(video).float().cpu()
             if tuple(latents.shape) != (len(group), *latent_shape):
-                raise ValueError(f"codec {codec.name!r} returned latents {tuple(latents.shape)}, its latent_shape says {latent_shape}")
+                raise ValueError(f"codec {codec.name!r} returned latents {tuple(latents.shape)}, "
+                                 f"its latent_shape says {latent_shape}")
             if text_encoder is not None:
                 tokens, mask = cache_embeddings(text_encoder, [s["caption"] for s in group])
                 text_shape = tokens.shape[1:]
             for index, sample in enumerate(group):
                 latent = latents[index].half().numpy()
                 if not np.isfinite(latent).all():  # NaN from the codec, or beyond float16's range
-                    skipped.append({"key": sample["key"], "reason": "non_finite_latent: NaN or inf after encoding to float16"})
+                    skipped.append({"key": sample["key"], "reason": "non_finite_latent: NaN or inf as float16"})
                     continue
                 stats.add(latents[index])
                 extra: dict[str, Any] = {}
@@ -133,7 +145,10 @@ def encode_latents(
     return manifest
 
 
-def _samples(source: str | Path, raw: dict[str, Any], skipped: list[dict[str, str]], on_sample: Callable[[], None] | None) -> Iterator[dict[str, Any]]:
+def _samples(
+    source: str | Path, raw: dict[str, Any], skipped: list[dict[str, str]], on_sample: Callable[[], None] | None
+) -> Iterator[dict[str, Any]]:
+    """Decoded samples of a raw folder in stored order; unusable ones are appended to ``skipped``."""
     spec = SampleSpec.from_manifest(raw)
     for shard in shard_paths(source, raw):
         try:

@@ -30,14 +30,19 @@ from flowvid.data.shards import ShardFolderWriter, encode_sample
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders (searched recursively) or glob patterns")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="video files, folders (searched recursively) or glob patterns")
     parser.add_argument("--out", required=True, help="output shard folder (earlier shards there are replaced)")
     parser.add_argument("--frames", type=int, required=True, help="frames per clip")
-    parser.add_argument("--size", type=parse_size, required=True, help="clip size: S (square) or HxW; centre crop, then resize")
-    parser.add_argument("--fps", type=float, default=None, help="target frame rate by frame stepping (default: the source rate)")
-    parser.add_argument("--stride", type=int, default=None, help="frames between clip starts (default: --frames, no overlap)")
+    parser.add_argument("--size", type=parse_size, required=True,
+                        help="clip size: S (square) or HxW; centre crop, then resize")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="target frame rate by frame stepping (default: the source rate)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="frames between clip starts (default: --frames, no overlap)")
     parser.add_argument("--captions", default=None, help="CSV or JSONL of path,caption")
-    parser.add_argument("--default-caption", default=None, help="caption for videos without one (e.g. '' for unconditional)")
+    parser.add_argument("--default-caption", default=None,
+                        help="caption for videos without one (e.g. '' for unconditional)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--shard-samples", type=int, default=1000, help="most clips per shard")
     parser.add_argument("--shard-mb", type=float, default=512.0, help="most megabytes per shard")
@@ -88,9 +93,10 @@ def convert_videos(
             skipped.append({"path": str(path), "reason": str(err)})
 
     out = Path(out)
-    files_ok, fps_seen = 0, set()
-    with ShardFolderWriter(out, max_samples=shard_samples, max_bytes=shard_bytes) as writer, progress_bar() as bar:
-        task = bar.add_task("videos", total=len(files), completed=len(skipped), visible=show_progress)
+    files_ok, rates = 0, set()
+    writer = ShardFolderWriter(out, max_samples=shard_samples, max_bytes=shard_bytes)
+    with writer, progress_bar(show_progress) as bar:
+        task = bar.add_task("videos", total=len(files), completed=len(skipped))
         for (path, caption), result in zip(captioned, _read_all([p for p, _ in captioned], spec, workers)):
             bar.advance(task)
             if isinstance(result, str):
@@ -99,17 +105,19 @@ def convert_videos(
                     console.log(f"[yellow]skipped[/] {path}: {result}")
                 continue
             files_ok += 1
-            fps_seen.add(result.fps)
+            rates.add(result.fps)
             relative = path.relative_to(root).as_posix()
             for index, (clip, start) in enumerate(zip(result.videos, result.starts)):
                 meta = {"caption": caption, "fps": result.fps, "source": relative, "clip_start": start,
-                        "clip_start_seconds": start / result.fps, "frames": spec.frames, "height": spec.height, "width": spec.width}
+                        "clip_start_seconds": start / result.fps, "frames": spec.frames, "height": spec.height,
+                        "width": spec.width}
                 writer.write(encode_sample(clip_key(relative, index), caption, meta, frames=clip))
 
     skipped.sort(key=lambda item: item["path"])
-    video = {"frames": spec.frames, "height": spec.height, "width": spec.width,
-             "fps": spec.fps if spec.fps is not None else (fps_seen.pop() if len(fps_seen) == 1 else None)}
-    source = {"tool": "from-videos", "inputs": list(inputs), "clip": {"fps": spec.fps, "stride": spec.stride or spec.frames}}
+    fps = spec.fps if spec.fps is not None else (rates.pop() if len(rates) == 1 else None)  # None: mixed rates
+    video = {"frames": spec.frames, "height": spec.height, "width": spec.width, "fps": fps}
+    source = {"tool": "from-videos", "inputs": list(inputs),
+              "clip": {"fps": spec.fps, "stride": spec.stride or spec.frames}}
     manifest = new_manifest("raw", video, samples=writer.samples, num_shards=len(writer.shards), shards=writer.shards,
                             skipped=skipped, source=source)
     write_manifest(out, manifest)
@@ -162,7 +170,8 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[str, str]]:
         if not row or (number == 1 and [c.strip().lower() for c in row] == ["path", "caption"]):
             continue
         if len(row) != 2:
-            raise ValueError(f"{path}:{number}: expected 2 columns (path,caption; quote captions with commas), got {len(row)}")
+            raise ValueError(f"{path}:{number}: expected 2 columns (path,caption; quote captions with commas), "
+                             f"got {len(row)}")
         yield row[0].strip(), row[1].strip()
 
 

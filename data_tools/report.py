@@ -12,7 +12,7 @@ from rich.table import Table
 console = Console(stderr=True)
 
 
-def progress_bar() -> Progress:
+def progress_bar(enabled: bool = True) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -20,6 +20,7 @@ def progress_bar() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
+        disable=not enabled,
     )
 
 

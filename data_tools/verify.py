@@ -18,7 +18,15 @@ from rich.table import Table
 
 from data_tools.report import console, progress_bar
 from flowvid.data.manifest import ManifestError, load_manifest
-from flowvid.data.shards import TEMPORARY_SUFFIX, BadSample, BrokenShard, SampleSpec, decode_sample, file_sha256, iter_tar
+from flowvid.data.shards import (
+    TEMPORARY_SUFFIX,
+    BadSample,
+    BrokenShard,
+    SampleSpec,
+    decode_sample,
+    file_sha256,
+    iter_tar,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,8 +60,8 @@ def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, 
 
     spec = SampleSpec.from_manifest(manifest)
     keys: set[str] = set()
-    with progress_bar() as bar:
-        task = bar.add_task(f"verify {folder.name}", total=len(manifest["shards"]), visible=show_progress)
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task(f"verify {folder.name}", total=len(manifest["shards"]))
         for entry in manifest["shards"]:
             report["shards"].append(_verify_shard(folder / entry["name"], entry, spec, keys, problems))
             bar.advance(task)
@@ -64,7 +72,9 @@ def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, 
     return report
 
 
-def _verify_shard(path: Path, entry: dict[str, Any], spec: SampleSpec, keys: set[str], problems: list[str]) -> dict[str, Any]:
+def _verify_shard(
+    path: Path, entry: dict[str, Any], spec: SampleSpec, keys: set[str], problems: list[str]
+) -> dict[str, Any]:
     row = {"name": entry["name"], "listed": entry["samples"], "found": 0, "bad": 0, "checksum": "missing"}
     if not path.is_file():
         problems.append(f"shard {entry['name']} is missing")
@@ -87,7 +97,8 @@ def _verify_shard(path: Path, entry: dict[str, Any], spec: SampleSpec, keys: set
     except BrokenShard as err:
         problems.append(f"shard {entry['name']}: broken_tar: {err}")
     if row["found"] + row["bad"] != entry["samples"]:
-        problems.append(f"shard {entry['name']}: holds {row['found'] + row['bad']} samples, the manifest lists {entry['samples']}")
+        held = row["found"] + row["bad"]
+        problems.append(f"shard {entry['name']}: holds {held} samples, the manifest lists {entry['samples']}")
     return row
 
 

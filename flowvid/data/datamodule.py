@@ -102,14 +102,14 @@ class VideoShardDataModule(L.LightningDataModule):
             manifest, where = self._manifest(folder), f"shards in {folder}"
             stored = manifests.video_shape(manifest)
             if video_shape is not None and tuple(video_shape) != stored:
-                raise ValueError(f"{where} hold clips of (frames, height, width) {stored}, but the model expects {tuple(video_shape)}")
+                raise ValueError(f"{where} hold clips of (frames, height, width) {stored}, "
+                                 f"but the model expects {tuple(video_shape)}")
             if manifest["kind"] == "latent":
                 if codec_identity is not None:
                     check_codec_identity(codec_identity, manifest["codec"], where)
                 if latent_shape is not None and tuple(latent_shape) != tuple(manifest["latent_shape"]):
-                    raise ValueError(
-                        f"{where} hold latents of shape {tuple(manifest['latent_shape'])}, but the model expects {tuple(latent_shape)}"
-                    )
+                    raise ValueError(f"{where} hold latents of shape {tuple(manifest['latent_shape'])}, "
+                                     f"but the model expects {tuple(latent_shape)}")
             cached = manifest.get("text_encoder")
             if text_encoder is not None and cached is not None and dict(cached) != dict(text_encoder):
                 raise ValueError(f"{where} cache text embeddings of {cached}, but the model uses {text_encoder}")
@@ -126,7 +126,7 @@ class VideoShardDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         train = self.manifest
         if self.val_dir is not None:
-            _check_same_space(train, self.val_manifest, self.train_dir, self.val_dir)
+            _check_same_space(train, self._manifest(self.val_dir), self.train_dir, self.val_dir)
         rank, world_size = self._rank_and_world_size()
         shards_for_rank(self._shards(self.train_dir), rank, world_size)  # fail now, not in a worker
 
@@ -141,7 +141,8 @@ class VideoShardDataModule(L.LightningDataModule):
             seed=self.seed,
             counter=self._train_skips,
         )
-        self._train_loader = ShardLoader(stream, self.num_workers, self._train_position, self.state_dict, self.load_state_dict)
+        self._train_loader = ShardLoader(stream, self.num_workers, self._train_position,
+                                         self.state_dict, self.load_state_dict)
         return self._train_loader
 
     def val_dataloader(self) -> ShardLoader | list:
@@ -149,7 +150,7 @@ class VideoShardDataModule(L.LightningDataModule):
             return []
         stream = ShardStream(
             self._shards(self.val_dir),
-            SampleSpec.from_manifest(self.val_manifest),  # type: ignore[arg-type]
+            SampleSpec.from_manifest(self._manifest(self.val_dir)),
             batch_size=self.batch_size,
             batches=self.val_batches,
             resample=False,
@@ -170,7 +171,8 @@ class VideoShardDataModule(L.LightningDataModule):
         """Continue the training stream where ``state`` left it (on the next pass of the loader)."""
         for key, now in (("seed", self.seed), ("num_workers", self.num_workers)):
             if key in state and state[key] != now:
-                warnings.warn(f"resuming with {key}={now} where the run had {state[key]}: the data order will differ", stacklevel=2)
+                warnings.warn(f"resuming with {key}={now} where the run had {state[key]}: "
+                              "the data order will differ", stacklevel=2)
         self._resume = (int(state["epoch"]), int(state["batches_consumed"]))
         self._next_epoch = self._resume[0]
 
@@ -210,15 +212,14 @@ class VideoShardDataModule(L.LightningDataModule):
         return self._next_epoch - 1, self._train_loader.consumed
 
 
-def _check_same_space(train: dict[str, Any], val: dict[str, Any] | None, train_dir: str, val_dir: str) -> None:
-    assert val is not None
+def _check_same_space(train: dict[str, Any], val: dict[str, Any], train_dir: str, val_dir: str) -> None:
     for key in ("kind", "codec", "latent_shape", "text_encoder", "first_frame"):
         if train.get(key) != val.get(key):
-            raise ValueError(f"train shards ({train_dir}) and val shards ({val_dir}) differ in {key}: {train.get(key)!r} vs {val.get(key)!r}")
+            raise ValueError(f"train shards ({train_dir}) and val shards ({val_dir}) differ in {key}: "
+                             f"{train.get(key)!r} vs {val.get(key)!r}")
     if manifests.video_shape(train) != manifests.video_shape(val):
-        raise ValueError(
-            f"train shards ({train_dir}) hold clips of {manifests.video_shape(train)} but val shards ({val_dir}) {manifests.video_shape(val)}"
-        )
+        raise ValueError(f"train shards ({train_dir}) hold clips of {manifests.video_shape(train)} "
+                         f"but val shards ({val_dir}) {manifests.video_shape(val)}")
 
 
 @DATASETS.register("synthetic")

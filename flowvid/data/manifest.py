@@ -101,7 +101,8 @@ def check_manifest(manifest: Any, where: str) -> None:
     if missing:
         raise ManifestError(f"{where}: manifest lacks {missing}")
     if manifest["format_version"] != FORMAT_VERSION:
-        raise ManifestError(f"{where}: format_version {manifest['format_version']!r} is not supported (expected {FORMAT_VERSION})")
+        raise ManifestError(f"{where}: format_version {manifest['format_version']!r} is not supported "
+                            f"(expected {FORMAT_VERSION})")
     if manifest["kind"] not in KINDS:
         raise ManifestError(f"{where}: kind must be one of {KINDS}, got {manifest['kind']!r}")
     if manifest["kind"] == "latent" and (not manifest.get("codec") or not manifest.get("latent_shape")):

@@ -101,7 +101,9 @@ def encode_sample(
 def clear_shard_folder(folder: str | Path) -> None:
     """Remove what an earlier run left (shards, temporaries, manifest, summary), nothing else."""
     folder = Path(folder)
-    for pattern in ("shard-*.tar", f"shard-*.tar{TEMPORARY_SUFFIX}", MANIFEST_NAME, MANIFEST_NAME + TEMPORARY_SUFFIX, "summary.json"):
+    leftovers = ("shard-*.tar", "shard-*.tar" + TEMPORARY_SUFFIX, MANIFEST_NAME, MANIFEST_NAME + TEMPORARY_SUFFIX,
+                 "summary.json")
+    for pattern in leftovers:
         for path in folder.glob(pattern):
             path.unlink()
 
@@ -293,7 +295,8 @@ def _array(
     except (ValueError, EOFError, OSError) as err:
         raise BadSample(reason, f"sample {key!r}: {field} is not a readable .npy ({err})") from err
     if array.dtype not in [np.dtype(d) for d in dtypes]:
-        raise BadSample(reason, f"sample {key!r}: {field} has dtype {array.dtype}, expected {[np.dtype(d).name for d in dtypes]}")
+        expected = [np.dtype(d).name for d in dtypes]
+        raise BadSample(reason, f"sample {key!r}: {field} has dtype {array.dtype}, expected {expected}")
     if shape is not None and tuple(array.shape) != tuple(shape):
         raise BadSample(reason, f"sample {key!r}: {field} has shape {tuple(array.shape)}, expected {tuple(shape)}")
     return array

@@ -199,9 +199,8 @@ def estimate_attributes(video: np.ndarray) -> dict[str, Any]:
         pixels_per_frame = mask.sum(axis=(1, 2))
         if pixels_per_frame.mean() < min_pixels:
             continue
-        objects.append(
-            {"colour": colour, "motion": _motion_of(mask), "shape": _shape_of(mask), "pixels": float(pixels_per_frame.mean())}
-        )
+        objects.append({"colour": colour, "motion": _motion_of(mask), "shape": _shape_of(mask),
+                        "pixels": float(pixels_per_frame.mean())})
     objects.sort(key=lambda o: -o["pixels"])
     top = objects[0] if objects else {"colour": None, "motion": None, "shape": None}
     return {"colour": top["colour"], "motion": top["motion"], "shape": top["shape"], "objects": objects}
@@ -244,7 +243,9 @@ def _shape_of(mask: np.ndarray) -> str | None:
     return "square" if fill > 0.88 else "circle"
 
 
-def caption_adherence(videos: Sequence[np.ndarray] | np.ndarray, attributes: Sequence[dict[str, Any]], check_shape: bool = True) -> float:
+def caption_adherence(
+    videos: Sequence[np.ndarray] | np.ndarray, attributes: Sequence[dict[str, Any]], check_shape: bool = True
+) -> float:
     """Fraction of videos in which the probe finds every captioned object with its colour and motion.
 
     With ``check_shape`` the shape must match too.

@@ -39,7 +39,8 @@ def test_round_trip_is_bit_exact_without_resize(tmp_path):
     (tmp_path / "in").mkdir()
     for name, frames in videos.items():
         write_video(tmp_path / "in" / f"{name}.mkv", frames)
-    (tmp_path / "captions.jsonl").write_text('{"path": "in/a.mkv", "caption": "first"}\n{"path": "in/b.mkv", "caption": "second"}\n')
+    rows = [{"path": "in/a.mkv", "caption": "first"}, {"path": "in/b.mkv", "caption": "second"}]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     code = data_main(["from-videos", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--frames", "4",
                       "--size", "24x32", "--fps", "8", "--stride", "3", "--captions", str(tmp_path / "captions.jsonl")])
     assert code == 0
@@ -73,7 +74,8 @@ def test_damaged_corpus_is_counted_exactly(tmp_path):
     (corpus / "garbled.txt").write_bytes(b"\xff\xfe\xfa caption")
 
     out = tmp_path / "out"
-    assert data_main(["from-videos", str(corpus), "--out", str(out), "--frames", "4", "--size", "16", "--workers", "2"]) == 0
+    clip = ["--frames", "4", "--size", "16"]
+    assert data_main(["from-videos", str(corpus), "--out", str(out), *clip, "--workers", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     reasons = {Path(item["path"]).name: item["reason"].split(":")[0].split(" (")[0] for item in summary["skipped"]}
     assert reasons == {
@@ -88,9 +90,8 @@ def test_damaged_corpus_is_counted_exactly(tmp_path):
     assert load_manifest(out)["skipped"] == summary["skipped"]
     assert verify_folder(out)["ok"]
 
-    nothing = data_main(["from-videos", str(corpus / "noise.avi"), "--out", str(tmp_path / "none"), "--frames", "4", "--size", "16"])
-    assert nothing == 1
-    assert data_main(["from-videos", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--frames", "4", "--size", "16"]) == 2
+    assert data_main(["from-videos", str(corpus / "noise.avi"), "--out", str(tmp_path / "none"), *clip]) == 1
+    assert data_main(["from-videos", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), *clip]) == 2
 
 
 def test_output_does_not_depend_on_workers(tmp_path):

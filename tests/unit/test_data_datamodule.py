@@ -23,8 +23,9 @@ def write_folder(folder, shards=8, per_shard=6, kind="raw", corrupt=None):
                 if kind == "raw":
                     sample = encode_sample(key, f"shard {s}", {"shard": s}, frames=value)
                 else:
-                    sample = encode_sample(key, f"shard {s}", {"shard": s}, latent=np.full((1, 2, 2, 12), s, np.float16),
-                                           text=np.ones((5, 8), np.float16), text_mask=np.arange(5) < 3, first=value[0])
+                    latent = np.full((1, 2, 2, 12), s, np.float16)
+                    sample = encode_sample(key, f"shard {s}", {"shard": s}, latent=latent, first=value[0],
+                                           text=np.ones((5, 8), np.float16), text_mask=np.arange(5) < 3)
                 if corrupt is not None:
                     corrupt(key, sample)
                 writer.write(sample)
@@ -55,7 +56,8 @@ def test_two_ranks_two_workers_see_disjoint_shards_and_equal_batch_counts(folder
     seen = {}
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
-        dm = VideoShardDataModule(str(folder), batch_size=4, num_workers=2, shuffle_buffer=8, batches_per_epoch=5, seed=1)
+        dm = VideoShardDataModule(str(folder), batch_size=4, num_workers=2, shuffle_buffer=8, batches_per_epoch=5,
+                                  seed=1)
         dm.setup("fit")
         batches = run_epoch(dm)
         assert len(batches) == 5 and all(len(b) == 4 for b in batches)
@@ -85,7 +87,8 @@ def test_batches_are_dicts_of_tensors_and_lists(folder):
 
 def test_data_order_is_seeded_and_resumes_batch_exactly(folder):
     def module(seed=0):
-        return VideoShardDataModule(str(folder), batch_size=2, num_workers=2, shuffle_buffer=6, batches_per_epoch=7, seed=seed)
+        return VideoShardDataModule(str(folder), batch_size=2, num_workers=2, shuffle_buffer=6, batches_per_epoch=7,
+                                    seed=seed)
 
     dm = module()
     epoch0, epoch1 = run_epoch(dm), run_epoch(dm)

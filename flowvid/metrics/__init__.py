@@ -8,7 +8,7 @@ are only read when an extractor is constructed.
 from flowvid.metrics.bits_per_dim import BitsPerDim
 from flowvid.metrics.extractor import FVDExtractor, build_extractor, check_video, resized_frames
 from flowvid.metrics.frechet import frechet_distance, mean_and_covariance, psd_sqrt
-from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats, protocol_name
+from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats, protocol_name, reference_file_name
 from flowvid.metrics.i3d import I3DExtractor, InceptionI3D, load_i3d_weights
 from flowvid.metrics.inception_proxy import InceptionProxyExtractor, packaged_weights
 from flowvid.metrics.pixel_stats import PixelStatsExtractor
@@ -30,5 +30,6 @@ __all__ = [
     "packaged_weights",
     "protocol_name",
     "psd_sqrt",
+    "reference_file_name",
     "resized_frames",
 ]

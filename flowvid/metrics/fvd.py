@@ -34,6 +34,11 @@ def protocol_name(extractor: FVDExtractor, frames: int, height: int, width: int,
     return f"{extractor.family}/{extractor.name}_f{frames}_r{resolution}_n{num_samples}"
 
 
+def reference_file_name(extractor: str, weights_hash: str, frames: int, height: int, width: int, num_samples: int) -> str:
+    """A file name that spells out a reference key, e.g. ``i3d_3f2a9c0d1b7e_f16_r64x64_n2048.npz``."""
+    return f"{extractor}_{weights_hash[:12] or 'noweights'}_f{frames}_r{height}x{width}_n{num_samples}.npz"
+
+
 @dataclass(frozen=True)
 class ReferenceStats:
     """Mean and covariance of a real set's features, with everything they depend on."""
@@ -54,8 +59,7 @@ class ReferenceStats:
         return {name: getattr(self, name) for name in self.KEY_FIELDS}
 
     def file_name(self) -> str:
-        """A file name that spells out the key, e.g. ``i3d_3f2a9c0d1b7e_f16_r64x64_n2048.npz``."""
-        return f"{self.extractor}_{self.weights_hash[:12] or 'noweights'}_f{self.frames}_r{self.height}x{self.width}_n{self.num_samples}.npz"
+        return reference_file_name(**self.key())
 
     def save(self, path: str | Path) -> Path:
         """Write an ``.npz`` atomically (temporary name, then rename)."""

@@ -43,14 +43,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RAW_DIR", help="raw shard folder (from from-videos or make-synthetic)")
     parser.add_argument("--out", required=True, help="output latent shard folder (earlier shards there are replaced)")
     parser.add_argument("--codec", default="pixel", help="registered codec name (see `flowvid plugins`)")
-    parser.add_argument("--codec-args", type=json.loads, default={}, help="codec constructor arguments as JSON")
+    parser.add_argument("--codec-args", type=json_object, default={}, help="codec constructor arguments as JSON")
     parser.add_argument("--text-encoder", default=None, help="also cache this registered text encoder's embeddings")
-    parser.add_argument("--text-encoder-args", type=json.loads, default={}, help="text encoder arguments as JSON")
+    parser.add_argument("--text-encoder-args", type=json_object, default={}, help="text encoder arguments as JSON")
     parser.add_argument("--first-frame", action="store_true",
                         help="store each clip's first frame (first.npy) for image-to-video")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shard-samples", type=int, default=1000, help="most samples per shard")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"patch_size\": 2}}', got {text!r} ({err})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +104,8 @@ def encode_latents(
     frames, height, width = video_shape(raw)
     latent_shape = codec.latent_shape(frames, height, width)  # raises when the codec cannot take this size
     codec = codec.to(device).eval()
+    if text_encoder is not None:
+        text_encoder = text_encoder.to(device).eval()
     skipped: list[dict[str, str]] = []
     stats = _ChannelStats(latent_shape[-1])
     text_shape = None

@@ -128,7 +128,8 @@ class VideoShardDataModule(L.LightningDataModule):
         if self.val_dir is not None:
             _check_same_space(train, self._manifest(self.val_dir), self.train_dir, self.val_dir)
         rank, world_size = self._rank_and_world_size()
-        shards_for_rank(self._shards(self.train_dir), rank, world_size)  # fail now, not in a worker
+        for folder in filter(None, (self.train_dir, self.val_dir)):
+            shards_for_rank(self._shards(folder), rank, world_size)  # fail now, not in a worker
 
     def train_dataloader(self) -> ShardLoader:
         stream = ShardStream(

@@ -14,6 +14,7 @@ and drops) that stream's batches before ``k``: the rest of the epoch is the same
 from __future__ import annotations
 
 import logging
+import os
 import random
 from typing import Any, Callable, Iterator
 
@@ -62,8 +63,9 @@ def shards_for_rank(shards: list[str], rank: int, world_size: int) -> list[str]:
     """Every ``world_size``-th shard from ``rank``; a clear error when that leaves none."""
     mine = shards[rank::world_size]
     if not mine:
+        folder = os.path.dirname(shards[0]) if shards else "the folder"
         raise ValueError(
-            f"rank {rank} of {world_size} receives no shard: the folder has {len(shards)} shard(s). "
+            f"rank {rank} of {world_size} receives no shard: {folder} has {len(shards)} shard(s). "
             f"Write at least {world_size} shards (a smaller --shard-samples) or train on fewer devices."
         )
     return mine
@@ -216,7 +218,8 @@ class ShardLoader(DataLoader):
         state_dict: Callable[[], dict[str, Any]] = dict,
         load_state_dict: Callable[[dict[str, Any]], None] = lambda state: None,
     ):
-        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                         pin_memory=torch.cuda.is_available())
         self._position = position
         self._state_dict, self._load_state_dict = state_dict, load_state_dict
         self.consumed = 0

@@ -1,0 +1,227 @@
+"""Import checkpoints of the reference implementation (apple/ml-starflow) into flowvid's layout.
+
+The reference saves ``model.state_dict()`` of its ``Model``: ``blocks.{i}`` are its flow blocks in
+data-to-noise order (the last one is the deep block) and ``learnable_self_denoiser`` its denoiser.
+For a flow of the same architecture (RoPE, SOS token, final RMSNorm, GELU MLP, soft clip) the
+parameters map one to one::
+
+    blocks.{i<N-1}.*  -> shallow.{i}.*          blocks.{N-1}.* -> deep.*
+    sos_embed         -> sos                    proj_txt       -> proj_text
+    final_norm        -> norm_out               proj_in, proj_out keep their names
+    attn_blocks.{j}.attention.norm -> layers.{j}.norm_attn    attention.qkv / .proj -> attn.qkv / .proj
+    attn_blocks.{j}.mlp.norm       -> layers.{j}.norm_mlp     mlp.main.0 / .2       -> mlp.fc / .proj
+
+Buffers the reference keeps only for compatibility (``attn_mask``, ``var``, RoPE tables) are dropped.
+The reference denoiser is not converted: flowvid's ``CausalDenoiser`` normalises its output and
+windows its attention differently, so its weights would not mean the same thing; train a denoiser
+on the imported flow instead (``recipes/finetune/custom_shards.yaml``, ``train: denoiser``).
+
+Anything else in the file (features flowvid's blocks do not have, such as learned position
+embeddings, AdaLN or QK-norm) is an error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+#: Wrappers a training script may have put around the reference model (DDP, torch.compile).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: Reference buffers that hold nothing a model needs.
+DEPRECATED_BUFFERS = re.compile(r"^(var|feat_rope(_gen)?\.freqs_(cos|sin)|blocks\.\d+\.attn_mask)$")
+DENOISER_PREFIX = "learnable_self_denoiser."
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_LAYER_RENAMES = {
+    "attention.norm.": "norm_attn.",
+    "attention.qkv.": "attn.qkv.",
+    "attention.proj.": "attn.proj.",
+    "mlp.norm.": "norm_mlp.",
+    "mlp.main.0.": "mlp.fc.",
+    "mlp.main.2.": "mlp.proj.",
+}
+_BLOCK_RENAMES = {"sos_embed": "sos", "proj_txt.": "proj_text.", "final_norm.": "norm_out.", "proj_in.": "proj_in.",
+                  "proj_out.": "proj_out."}
+
+
+@dataclass
+class ReferenceImport:
+    """The flow's weights in flowvid's names, and what was deliberately left behind."""
+
+    flow: dict[str, torch.Tensor]
+    dropped_buffers: list[str] = field(default_factory=list)
+    denoiser_keys: list[str] = field(default_factory=list)
+
+
+def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The reference ``.pth`` state dict, read with ``weights_only=True`` (no code runs)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: a sharded (FSDP / torch.distributed.checkpoint) reference "
+                         "checkpoint; convert it to one file with torch.distributed.checkpoint.format_utils first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    stripped = {}
+    for name, tensor in state_dict.items():
+        for prefix in WRAPPER_PREFIXES:
+            name = name.removeprefix(prefix)
+        stripped[name] = tensor
+    return stripped
+
+
+def from_reference(state_dict: dict[str, torch.Tensor]) -> ReferenceImport:
+    """Rename a reference state dict into ``GlobalLocalFlow`` parameter names.
+
+    Raises ValueError for keys that have no counterpart in flowvid (listing them) and for reference
+    models whose block order flowvid cannot reproduce.
+    """
+    state_dict = strip_wrappers(state_dict)
+    blocks = sorted({int(m.group(1)) for m in map(_BLOCK_KEY.match, state_dict) if m})
+    if not blocks or blocks != list(range(len(blocks))):
+        raise ValueError(f"expected reference flow blocks blocks.0 .. blocks.N-1, found block indices {blocks}")
+    if len(blocks) % 2:
+        raise ValueError(
+            f"the reference model has {len(blocks)} flow blocks; with an odd count its deep block reads frames in "
+            "flipped order, while flowvid's deep block reads them in natural order (only even block counts, i.e. an "
+            "odd number of shallow blocks, map exactly)"
+        )
+    deep = blocks[-1]
+    result = ReferenceImport(flow={})
+    unknown = []
+    for name, tensor in state_dict.items():
+        if DEPRECATED_BUFFERS.match(name):
+            result.dropped_buffers.append(name)
+            continue
+        if name.startswith(DENOISER_PREFIX):
+            result.denoiser_keys.append(name)
+            continue
+        match = _BLOCK_KEY.match(name)
+        renamed = _rename_in_block(match.group(2)) if match else None
+        if renamed is None:
+            unknown.append(name)
+            continue
+        index = int(match.group(1))
+        owner = "deep" if index == deep else f"shallow.{index}"
+        result.flow[f"{owner}.{renamed}"] = tensor
+    if unknown:
+        raise ValueError(f"{len(unknown)} reference keys have no counterpart in flowvid's blocks "
+                         f"(features flowvid does not implement?): {', '.join(sorted(unknown)[:8])}")
+    return result
+
+
+def _rename_in_block(name: str) -> str | None:
+    layer = re.match(r"^attn_blocks\.(\d+)\.(.+)$", name)
+    if layer:
+        index, rest = layer.groups()
+        for old, new in _LAYER_RENAMES.items():
+            if rest.startswith(old):
+                return f"layers.{index}.{new}{rest[len(old):]}"
+        return None
+    for old, new in _BLOCK_RENAMES.items():
+        if name == old or (old.endswith(".") and name.startswith(old)):
+            return new + name[len(old):]
+    return None
+
+
+def reference_flow_config(flow_state: dict[str, torch.Tensor], frame_size: tuple[int, int],
+                          head_dim: int = 64) -> dict[str, Any]:
+    """``GlobalLocalFlow`` keyword arguments for converted weights (``from_reference(...).flow``).
+
+    Sizes are read from the tensors; ``frame_size`` (latent h, w) and ``head_dim`` cannot be, so they
+    are given (the reference's default head size is 64).
+    """
+    shallow = sorted({int(k.split(".")[1]) for k in flow_state if k.startswith("shallow.")})
+    conditioned = sorted({k.rsplit(".", 2)[0] for k in flow_state if k.startswith("shallow.") and ".proj_text." in k})
+    if conditioned:
+        raise ValueError(f"{', '.join(conditioned)} see the text; flowvid conditions only the deep block "
+                         "(the reference's cond_top_only)")
+
+    def size(prefix: str) -> tuple[int, int]:
+        width = flow_state[f"{prefix}.proj_in.weight"].shape[0]
+        depth = len({k.split(".")[2] for k in flow_state if k.startswith(f"{prefix}.layers.")})
+        fc = flow_state[f"{prefix}.layers.0.mlp.fc.weight"]
+        if fc.shape[0] != 4 * width:
+            raise ValueError(f"{prefix}: MLP hidden size {fc.shape[0]} is not 4 x width {width}")
+        return width, depth
+
+    shallow_sizes = {size(f"shallow.{i}") for i in shallow}
+    if len(shallow_sizes) > 1:
+        raise ValueError(f"the shallow blocks differ in (width, depth): {sorted(shallow_sizes)}")
+    shallow_width, shallow_depth = shallow_sizes.pop()
+    deep_width, deep_depth = size("deep")
+    for width in (shallow_width, deep_width):
+        if width % head_dim:
+            raise ValueError(f"width {width} is not a multiple of head_dim {head_dim}")
+    text = flow_state.get("deep.proj_text.weight")
+    return {
+        "latent_channels": int(flow_state["deep.sos"].shape[-1]),
+        "frame_size": [int(frame_size[0]), int(frame_size[1])],
+        "num_shallow": len(shallow),
+        "shallow_width": int(shallow_width),
+        "shallow_depth": int(shallow_depth),
+        "deep_width": int(deep_width),
+        "deep_depth": int(deep_depth),
+        "head_dim": int(head_dim),
+        "text_width": int(text.shape[1]) if text is not None else None,
+    }
+
+
+def import_reference_flow(path: str | os.PathLike, frame_size: tuple[int, int], head_dim: int = 64):
+    """A ``GlobalLocalFlow`` with the weights of a reference checkpoint (strict: every weight used)."""
+    from flowvid.flows.global_local import GlobalLocalFlow
+
+    imported = from_reference(load_reference_checkpoint(path))
+    flow = GlobalLocalFlow(**reference_flow_config(imported.flow, frame_size, head_dim))
+    flow.load_state_dict(imported.flow, strict=True)
+    return flow
+
+
+def main(argv: list[str]) -> int:
+    """``flowvid convert --reference model.pth --frame-size H W [--head-dim 64] --out flow.safetensors``.
+
+    Writes the flow's weights under ``flow.*`` (what ``flowvid.lit.finetune.InitFromExport`` loads,
+    with ``strict: false`` for the parts the file lacks) and ``flow.yaml``, the flow's config to put
+    under ``model.init_args.flow`` in a recipe.
+    """
+    from safetensors.torch import save_file
+
+    from flowvid.cli import UserError
+
+    parser = argparse.ArgumentParser(prog="flowvid convert", description="Import an apple/ml-starflow checkpoint.")
+    parser.add_argument("--reference", required=True, help="the reference .pth state dict")
+    parser.add_argument("--frame-size", type=int, nargs=2, required=True, metavar=("H", "W"),
+                        help="latent tokens per frame side (480p Wan2.2 latents: 30 53)")
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--out", required=True, help="the .safetensors file to write (flow.yaml goes beside it)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    config_path = out.parent / "flow.yaml"
+    try:
+        for existing in (p for p in (out, config_path) if p.exists() and not args.force):
+            raise FileExistsError(f"{existing} exists; pass --force to overwrite it")
+        flow = import_reference_flow(args.reference, tuple(args.frame_size), args.head_dim)
+        config = reference_flow_config(dict(flow.state_dict()), tuple(args.frame_size), args.head_dim)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from err
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"flow.{k}": v.contiguous() for k, v in flow.state_dict().items()}, str(out),
+              metadata={"format": "flowvid", "source": Path(args.reference).name})
+    flow_config = {"class_path": "flowvid.flows.global_local.GlobalLocalFlow", "init_args": config}
+    config_path.write_text(yaml.safe_dump(flow_config, sort_keys=False))
+    print(f"wrote {out} and {config_path}")
+    return 0

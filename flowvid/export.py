@@ -1,0 +1,236 @@
+"""``flowvid export``: a training checkpoint -> one portable ``safetensors`` file + ``config.yaml``.
+
+::
+
+    flowvid export --ckpt runs/demo/checkpoints/step=00010000.ckpt --out exported/model.safetensors \\
+        [--dtype fp32|bf16] [--weights ema|trained] [--force]
+
+The checkpoint may be a Lightning file (single device, DDP) or a DeepSpeed directory sharded over any
+number of ranks; the export holds the whole module's weights, consolidated, and loads on any number of
+devices. ``config.yaml`` (written beside it) is the run's config, so ``model:`` rebuilds the module.
+
+Loading (``load_exported``) reads only safetensors and YAML: no pickle, so no code hidden in the
+file runs. The classes built are the ones the config names, as with a recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from flowvid.lit.checkpointing import METADATA_KEY, PARTIAL_SUFFIX, CorruptCheckpointError, load_client_state
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CONFIG_NAME = "config.yaml"
+FORMAT = "flowvid"
+
+
+@dataclass
+class ExportedModel:
+    """A loaded export: the whole LightningModule and its parts (None where the model has none)."""
+
+    module: nn.Module
+    flow: nn.Module
+    codec: nn.Module | None
+    text_encoder: nn.Module | None
+    denoiser: nn.Module | None
+    config: dict[str, Any]
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+
+def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32",
+                      weights: str = "ema", force: bool = False) -> Path:
+    """Write ``out`` (safetensors) and ``config.yaml`` beside it from checkpoint ``ckpt``; return ``out``.
+
+    Args:
+        ckpt: a Lightning checkpoint file or a DeepSpeed checkpoint directory.
+        out: the ``.safetensors`` file to write.
+        dtype: ``fp32`` or ``bf16`` for the floating-point tensors.
+        weights: ``ema`` exports the moving average when the run kept one (else the trained
+            weights); ``trained`` always exports the trained weights.
+        force: overwrite ``out`` and ``config.yaml`` when they exist.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if weights not in ("ema", "trained"):
+        raise ValueError(f"weights must be 'ema' or 'trained', got {weights!r}")
+    out = Path(out)
+    config_path = out.parent / CONFIG_NAME
+    if not force:
+        for existing in (p for p in (out, config_path) if p.exists()):
+            raise FileExistsError(f"{existing} exists; pass --force to overwrite it")
+
+    client_state = load_client_state(ckpt)
+    state_dict = consolidated_state_dict(ckpt, client_state)
+    used = "trained"
+    ema = (client_state.get("flowvid") or {}).get("ema")
+    if weights == "ema" and ema:
+        state_dict.update({name: tensor for name, tensor in ema.items() if name in state_dict})
+        used = "ema"
+    tensors = {name: _portable(tensor, DTYPES[dtype]) for name, tensor in state_dict.items()}
+
+    run = client_state.get(METADATA_KEY) or {}
+    config = run.get("config") or {"model": model_config_from_hparams(client_state)}
+    metadata = {
+        "format": FORMAT,
+        "dtype": dtype,
+        "weights": used,
+        "source": str(Path(ckpt).name),
+        "global_step": str(client_state.get("global_step", "")),
+        **{key: json.dumps(run.get(key)) for key in ("flowvid_version", "codec", "text_encoder", "plugins")},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out, lambda path: save_file(tensors, str(path), metadata=metadata))
+    _write_atomically(config_path, lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False)))
+    return out
+
+
+def consolidated_state_dict(ckpt: str | os.PathLike, client_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of the module, whatever the number of ranks that wrote ``ckpt``."""
+    if not Path(ckpt).is_dir():
+        if "state_dict" not in client_state:
+            raise CorruptCheckpointError(f"{ckpt} has no 'state_dict': not a Lightning training checkpoint")
+        return dict(client_state["state_dict"])
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    # Lightning wraps the module; older versions saved it under this prefix.
+    return {name.removeprefix("_forward_module."): tensor for name, tensor in state.items()}
+
+
+def model_config_from_hparams(client_state: dict[str, Any]) -> dict[str, Any]:
+    """``{class_path, init_args}`` of the LightningModule, from hyperparameters saved under LightningCLI."""
+    hparams = dict(client_state.get("hyper_parameters") or {})
+    class_path = hparams.pop("_class_path", None)
+    if class_path is None:
+        raise ValueError("the checkpoint records neither the run's config nor the module's class_path; "
+                         "train through `flowvid fit` (or save_hyperparameters under LightningCLI) to export it")
+    return {"class_path": class_path, "init_args": {k: v for k, v in hparams.items() if not k.startswith("_")}}
+
+
+def _portable(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # safetensors stores neither shared nor strided storage: give every tensor its own.
+    tensor = tensor.detach().to("cpu")
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.contiguous().clone()
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+# --- load ------------------------------------------------------------------------------------------
+
+
+def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata stored in an exported file (codec, text encoder, versions, dtype, ...)."""
+    with safe_open(str(path), framework="pt") as file:
+        raw = file.metadata() or {}
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a flowvid export (format {raw.get('format')!r})")
+    decoded: dict[str, Any] = dict(raw)
+    for key in ("flowvid_version", "codec", "text_encoder", "plugins"):
+        if key in raw:
+            decoded[key] = json.loads(raw[key])
+    return decoded
+
+
+def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = None,
+                  map_location: str | torch.device = "cpu") -> ExportedModel:
+    """Rebuild the model of an export from ``config.yaml`` and load its weights (in fp32).
+
+    ``config`` defaults to the ``config.yaml`` beside ``path``. The returned module is in eval mode.
+    """
+    path = Path(path)
+    config_path = Path(config) if config is not None else path.parent / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"exported model {path} does not exist")
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} does not exist: it is written beside the model by `flowvid export`")
+    run_config = yaml.safe_load(config_path.read_text())
+    read_export_metadata(path)  # fail early on a file that is not an export
+    module = build_module(run_config)
+    load_weights(module, load_file(str(path), device=str(map_location)), where=str(path))
+    module.to(map_location).eval()
+    return ExportedModel(
+        module=module,
+        flow=getattr(module, "flow", module),
+        codec=getattr(module, "codec", None),
+        text_encoder=getattr(module, "text_encoder", None),
+        denoiser=getattr(module, "denoiser", None),
+        config=run_config,
+    )
+
+
+def build_module(run_config: dict[str, Any]) -> nn.Module:
+    """Instantiate ``run_config["model"]`` (``class_path`` + ``init_args``) as LightningCLI would."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningModule
+
+    from flowvid.registry import load_plugins
+
+    if "model" not in run_config:
+        raise ValueError(f"the config has no 'model' section (keys: {sorted(run_config)})")
+    load_plugins()
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model", type=LightningModule)
+    parsed = parser.parse_object({"model": run_config["model"]})
+    return parser.instantiate_classes(parsed).model
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:
+    """Copy ``state`` into ``module`` (cast to each parameter's dtype); clear errors on a mismatch."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if reshaped or (strict and (missing or unexpected)):
+        details = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                   for label, names in (("missing", missing), ("unexpected", unexpected), ("different shape", reshaped))
+                   if names]
+        raise ValueError(f"the weights in {where} do not fit the model built from its config: {'; '.join(details)}")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items() if k in expected}, strict=strict)
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    """``flowvid export --ckpt C --out model.safetensors [--dtype fp32|bf16] [--weights ema|trained] [--force]``."""
+    from flowvid.cli import UserError
+
+    parser = argparse.ArgumentParser(prog="flowvid export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint file or DeepSpeed checkpoint directory")
+    parser.add_argument("--out", required=True, help="the .safetensors file to write (config.yaml goes beside it)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--weights", choices=("ema", "trained"), default="ema",
+                        help="export the moving average when the run kept one (default) or the trained weights")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing export")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.ckpt, args.out, args.dtype, args.weights, args.force)
+    except (FileExistsError, FileNotFoundError, CorruptCheckpointError, ValueError) as err:
+        raise UserError(str(err)) from err
+    print(f"wrote {out} and {out.parent / CONFIG_NAME}")
+    return 0

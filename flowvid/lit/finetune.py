@@ -1,0 +1,91 @@
+"""Fine-tuning: start from exported weights, and choose which parts of the model train.
+
+In a recipe (``recipes/finetune/custom_shards.yaml``)::
+
+    trainer:
+      callbacks:
+        - class_path: flowvid.lit.finetune.InitFromExport
+          init_args: {path: exported/model.safetensors}
+        - class_path: flowvid.lit.finetune.Freeze
+          init_args: {modules: [flow.deep]}
+
+``InitFromExport`` loads weights only: optimiser, schedule and step counters start afresh. When the
+run is resumed (``resume: auto``), the checkpoint's weights win and the export is not read again.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from safetensors.torch import load_file
+
+from flowvid.export import load_weights
+
+#: Shorthands for ``Freeze(modules=...)``.
+PRESETS = {
+    "deep": ["flow.deep"],
+    "shallow": ["flow.shallow"],
+    "denoiser_only": ["flow", "text_encoder"],
+}
+
+
+class InitFromExport(Callback):
+    """Load a ``flowvid export`` (or ``flowvid convert``) file into the model before training starts.
+
+    Args:
+        path: the ``.safetensors`` file.
+        strict: every weight of the model must be in the file. With ``strict: false`` model weights
+            the file lacks keep their initialisation (e.g. a new denoiser on an imported flow); weights
+            in the file that the model lacks, or of another shape, are always an error.
+    """
+
+    def __init__(self, path: str, strict: bool = True):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"InitFromExport: {path} does not exist")
+        self.path = path
+        self.strict = strict
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or trainer.ckpt_path:
+            return
+        state = load_file(self.path)
+        unexpected = sorted(set(state) - set(pl_module.state_dict()))
+        if unexpected:
+            raise ValueError(f"{self.path} holds weights this model does not have: {', '.join(unexpected[:5])}"
+                             f"{' ...' if len(unexpected) > 5 else ''}")
+        load_weights(pl_module, state, where=self.path, strict=self.strict)
+        rank_zero_info(f"initialised {len(state)} tensors from {self.path}")
+
+
+class Freeze(Callback):
+    """Stop the named sub-modules from training (``requires_grad = False``).
+
+    Args:
+        modules: dotted names of sub-modules (``flow.deep``, ``flow.shallow``, ``flow``,
+            ``text_encoder``, ...), or one preset: ``deep``, ``shallow`` or ``denoiser_only`` (the flow
+            and text encoder frozen, only the denoiser trains).
+    """
+
+    def __init__(self, modules: list[str] | str):
+        self.preset = isinstance(modules, str)
+        if self.preset and modules not in PRESETS:
+            raise ValueError(f"unknown Freeze preset {modules!r}; presets: {sorted(PRESETS)}, "
+                             "or give a list of sub-module names")
+        self.modules = list(PRESETS[modules] if self.preset else modules)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        named = dict(pl_module.named_modules())
+        unknown = [name for name in self.modules if name not in named]
+        if unknown and not self.preset:  # a preset's optional parts (no text encoder) may be absent
+            raise ValueError(f"Freeze: {type(pl_module).__name__} has no sub-module {', '.join(unknown)}")
+        frozen = 0
+        for name in (name for name in self.modules if name in named):
+            for parameter in named[name].parameters():
+                parameter.requires_grad_(False)
+                frozen += parameter.numel()
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        if trainable == 0:
+            raise ValueError(f"Freeze({self.modules}) leaves nothing to train")
+        rank_zero_info(f"froze {frozen:,} parameters of {', '.join(self.modules)}; {trainable:,} train")

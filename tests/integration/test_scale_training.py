@@ -1,0 +1,224 @@
+"""Scale and durability end to end: ZeRO-2/3 against DDP, resume after a crash, export of sharded checkpoints.
+
+Every run is ``python -m flowvid.lit.cli_support fit`` (what ``flowvid fit`` runs) in a subprocess on
+a tiny FlowModule and 4-frame 8x8 synthetic clips; multi-process runs are 2 CPU processes over gloo.
+The runs log their losses per rank to JSON-lines files through ``LossLog`` below (the subprocesses
+import this file by putting its folder on PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Callback
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+# --- callbacks the subprocesses load by class path ----------------------------------------------
+
+
+class LossLog(Callback):
+    """Appends ``{"step", "loss"}`` after every training step to ``<path>.rank<R>.jsonl``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = float(trainer.callback_metrics["train/loss"])
+        with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as file:
+            file.write(json.dumps({"step": trainer.global_step, "loss": loss}) + "\n")
+
+
+class CrashAt(Callback):
+    """Kills the process without any cleanup when training is about to take step ``step + 1``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os._exit(17)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from flowvid.data import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("shards")
+    write_synthetic_dataset(root, num_videos=32, frames=4, size=8, val_videos=16, shard_samples=8)
+    return root
+
+
+def recipe(shards: Path, run_dir: Path, *, denoiser: bool, max_steps: int, extra_callbacks: list | None = None) -> dict:
+    """A complete fit config: tiny flow (+ denoiser), checkpoints every 2 steps, validation every 2."""
+    model = {
+        "flow": {"class_path": "flowvid.flows.global_local.GlobalLocalFlow",
+                 "init_args": {"latent_channels": 3, "frame_size": [8, 8], "num_shallow": 2, "shallow_width": 32,
+                               "shallow_depth": 1, "deep_width": 32, "deep_depth": 2, "head_dim": 16}},
+        "codec": {"class_path": "flowvid.codecs.pixel.PixelCodec"},
+        "video_shape": [4, 8, 8],
+        "lr": 1e-3,
+        "warmup_steps": 2,
+        "grad_clip": None,  # DeepSpeed clips inside its engine; compare strategies without clipping
+    }
+    if denoiser:
+        model["denoiser"] = {"class_path": "flowvid.denoise.CausalDenoiser",
+                             "init_args": {"channels": 3, "frame_size": [8, 8], "width": 32, "depth": 1, "head_dim": 16}}
+    return {
+        "seed_everything": 0,
+        "model": {"class_path": "flowvid.lit.FlowModule", "init_args": model},
+        "data": {"class_path": "flowvid.data.VideoShardDataModule",
+                 "init_args": {"train_dir": str(shards / "train"), "val_dir": str(shards / "val"), "batch_size": 4,
+                               "batches_per_epoch": 4, "val_batches": 1, "shuffle_buffer": 8}},
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": max_steps,
+            "default_root_dir": str(run_dir), "logger": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "num_sanity_val_steps": 0, "val_check_interval": 2,
+            "callbacks": [
+                {"class_path": "flowvid.lit.checkpointing.RunCheckpoint",
+                 "init_args": {"every_n_train_steps": 2, "keep_last_k": -1}},
+                {"class_path": "flowvid.lit.step_seed.StepSeed"},
+                {"class_path": "test_scale_training.LossLog", "init_args": {"path": str(run_dir / "losses")}},
+                *(extra_callbacks or []),
+            ],
+        },
+    }
+
+
+def fit(config: dict, *overlays: str, args: tuple[str, ...] = (), expect_rc: int = 0) -> None:
+    run_dir = Path(config["trainer"]["default_root_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "recipe.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "flowvid.lit.cli_support", "fit", "--config", str(config_path)]
+    for overlay in overlays:
+        command += ["--config", str(REPO / overlay)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    assert done.returncode == expect_rc, f"rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+def losses(run_dir: Path, rank: int = 0) -> dict[int, float]:
+    """Loss per step; a step logged twice (redone after a resume) keeps its last value."""
+    lines = (run_dir / f"losses.rank{rank}.jsonl").read_text().splitlines()
+    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+
+TWO_PROCESSES = ("--trainer.devices", "2")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(shards, tmp_path_factory) -> Path:
+    """The reference: DDP on 2 processes, 4 steps, without a denoiser."""
+    run_dir = tmp_path_factory.mktemp("ddp")
+    fit(recipe(shards, run_dir, denoiser=False, max_steps=4), "recipes/distributed/ddp.yaml",
+        args=(*TWO_PROCESSES, "--trainer.precision", "32-true"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def zero_runs(shards, tmp_path_factory) -> dict[int, Path]:
+    """ZeRO-2 and ZeRO-3 on 2 processes, the DDP run's config otherwise (run on first use)."""
+    runs: dict[int, Path] = {}
+
+    def run(stage: int) -> Path:
+        if stage not in runs:
+            run_dir = tmp_path_factory.mktemp(f"zero{stage}")
+            fit(recipe(shards, run_dir, denoiser=False, max_steps=4), f"recipes/distributed/zero{stage}.yaml",
+                args=(*TWO_PROCESSES, "--trainer.precision", "32-true"))
+            runs[stage] = run_dir
+        return runs[stage]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def single_run(shards, tmp_path_factory) -> Path:
+    """One process, with a denoiser, 6 steps: the run the others are compared with."""
+    run_dir = tmp_path_factory.mktemp("single")
+    fit(recipe(shards, run_dir, denoiser=True, max_steps=6))
+    return run_dir
+
+
+# --- ZeRO equals DDP ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_on_two_processes_gives_the_ddp_losses(stage, ddp_run, zero_runs):
+    run_dir = zero_runs(stage)
+    for rank in (0, 1):
+        expected = losses(ddp_run, rank)
+        assert sorted(expected) == [1, 2, 3, 4]
+        assert losses(run_dir, rank) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    # Sharded checkpoints: one optimiser shard per rank, written under their final names only.
+    checkpoint = run_dir / "checkpoints" / "step=00000004.ckpt"
+    assert len(list(checkpoint.glob("checkpoint/*optim_states.pt"))) == 2
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
+
+
+@pytest.mark.xfail(strict=True, reason="FlowModule backpropagates the flow and the denoiser losses in two "
+                   "separate backward passes per step; DeepSpeed ZeRO reduces gradients at the end of each "
+                   "pass and the second one overwrites the flow's gradients, so the flow does not train")
+def test_zero_with_a_denoiser_gives_the_single_process_losses(shards, single_run, tmp_path):
+    fit(recipe(shards, tmp_path, denoiser=True, max_steps=6), "recipes/distributed/zero2.yaml",
+        args=("--trainer.devices", "1", "--trainer.precision", "32-true"))
+    assert losses(tmp_path) == pytest.approx(losses(single_run), rel=1e-6)
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+def test_a_run_killed_mid_training_resumes_with_auto_to_the_same_losses(shards, single_run, tmp_path):
+    crash = {"class_path": "test_scale_training.CrashAt", "init_args": {"step": 3}}
+    fit(recipe(shards, tmp_path, denoiser=True, max_steps=6, extra_callbacks=[crash]), expect_rc=17)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=00000002.ckpt"]
+    fit(recipe(shards, tmp_path, denoiser=True, max_steps=6), args=("--resume", "auto"))
+    expected = losses(single_run)
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+    assert losses(tmp_path) == expected  # bit for bit: weights, AdamW, schedule, data position, noise
+
+
+def test_ddp_resumes_from_the_newest_checkpoint_to_the_same_losses(shards, ddp_run, tmp_path):
+    # What a run killed after step 2 leaves behind: its run directory with the step-2 checkpoint.
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(ddp_run / "checkpoints" / "step=00000002.ckpt", tmp_path / "checkpoints")
+    fit(recipe(shards, tmp_path, denoiser=False, max_steps=4), "recipes/distributed/ddp.yaml",
+        args=(*TWO_PROCESSES, "--trainer.precision", "32-true", "--resume", "auto"))
+    for rank in (0, 1):
+        resumed = losses(tmp_path, rank)
+        assert sorted(resumed) == [3, 4]
+        assert resumed == {step: losses(ddp_run, rank)[step] for step in (3, 4)}
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def test_export_of_a_zero3_checkpoint_loads_in_one_process_with_the_ddp_likelihood(ddp_run, zero_runs, tmp_path):
+    from flowvid.export import export_checkpoint, load_exported
+
+    checkpoint = "checkpoints/step=00000004.ckpt"
+    sharded = export_checkpoint(zero_runs(3) / checkpoint, tmp_path / "z3" / "model.safetensors")
+    single = export_checkpoint(ddp_run / checkpoint, tmp_path / "ddp" / "model.safetensors")
+    batch = torch.rand(2, 4, 8, 8, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        from_sharded = load_exported(sharded).flow.nll(batch)
+        from_single = load_exported(single).flow.nll(batch)
+    assert torch.allclose(from_sharded, from_single, rtol=1e-6, atol=0)
+    config = yaml.safe_load((tmp_path / "z3" / "config.yaml").read_text())
+    assert config["trainer"]["strategy"]["init_args"]["stage"] == 3

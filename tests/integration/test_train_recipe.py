@@ -1,0 +1,88 @@
+"""The demo recipe parses with the CLI's own parser, builds the demo model, and its checkpoints reload."""
+
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from flowvid.data import VideoShardDataModule, write_synthetic_dataset
+from flowvid.flows import PRESETS
+from flowvid.lit import FlowModule
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "shapes_t2v.yaml"
+
+
+def parse(*args: str) -> LightningCLI:
+    """What ``flowvid fit --config ...`` builds (``flowvid.cli.run_lightning``), without running it."""
+    with mock.patch.object(sys, "argv", ["flowvid"]):  # pytest's own arguments are not the CLI's
+        return LightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                            save_config_kwargs={"overwrite": True}, run=False, args=list(args))
+
+
+def test_the_demo_recipe_builds_the_demo_model_on_the_shapes_shards():
+    cli = parse("--config", str(RECIPE))
+    module, data = cli.model, cli.datamodule
+    assert isinstance(module, FlowModule) and isinstance(data, VideoShardDataModule)
+    flow = module.flow
+    demo = PRESETS["demo"]
+    assert len(flow.shallow) == demo["num_shallow"] and flow.text_width == demo["text_width"]
+    assert flow.deep.spec.width == demo["deep_width"] and flow.deep.spec.depth == demo["deep_depth"]
+    assert flow.shallow[0].spec.width == demo["shallow_width"] and flow.shallow[0].spec.depth == demo["shallow_depth"]
+    assert module.latent_shape == (8, 8, 8, 12)
+    assert module.denoiser is not None and module.denoiser.noise_std == module.noise_std
+    assert (data.train_dir, data.val_dir) == ("data/shapes/train", "data/shapes/val")
+    assert cli.trainer.max_steps > 0
+
+
+def every_key(tree, path=()):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from every_key(value, (*path, key))
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            if isinstance(value, dict):
+                yield from every_key(value, (*path, index))
+    if path:
+        yield path
+
+
+def test_every_key_of_the_recipe_is_checked(tmp_path):
+    """A misspelt copy of any key is refused, so no key of the recipe is silently ignored."""
+    recipe = yaml.safe_load(RECIPE.read_text())
+    leaves = [path for path in every_key(recipe) if isinstance(path[-1], str) and path[-1] not in ("class_path",)]
+    assert len(leaves) > 40
+    for path in leaves:
+        broken = yaml.safe_load(RECIPE.read_text())
+        parent = broken
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1] + "_typo"] = parent.pop(path[-1])
+        config = tmp_path / "broken.yaml"
+        config.write_text(yaml.safe_dump(broken))
+        with pytest.raises(SystemExit):
+            parse("--config", str(config))
+
+
+def test_a_checkpoint_of_a_recipe_run_rebuilds_the_model(tmp_path):
+    write_synthetic_dataset(tmp_path / "shapes", num_videos=8, frames=8, size=16, val_videos=2, shard_samples=8)
+    cli = parse(
+        "--config", str(RECIPE),
+        "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
+        "--data.init_args.train_dir", str(tmp_path / "shapes" / "train"),
+        "--data.init_args.val_dir", str(tmp_path / "shapes" / "val"),
+        "--data.init_args.batch_size", "2",
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    checkpoint = next((tmp_path / "run").rglob("last.ckpt"))
+
+    restored = FlowModule.load_from_checkpoint(checkpoint)  # no arguments: the saved config rebuilds it
+
+    assert restored.hparams.noise_std == cli.model.noise_std
+    for (name, trained), (_, loaded) in zip(cli.model.state_dict().items(), restored.state_dict().items()):
+        assert torch.equal(trained, loaded), name

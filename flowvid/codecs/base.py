@@ -32,8 +32,9 @@ class LatentCodec(nn.Module, ABC):
 
     @property
     def name(self) -> str:
-        from flowvid.registry import CODECS
+        from flowvid.registry import CODECS, load_plugins
 
+        load_plugins()  # plugins register their names on first use
         return CODECS.name_of(type(self)) or type(self).__name__
 
     @abstractmethod
@@ -76,6 +77,29 @@ class LatentCodec(nn.Module, ABC):
                     f"codec {self.name!r} needs {side} divisible by {self.spatial_factor}, got {value}; "
                     f"resize or crop the video first"
                 )
+
+    def normalisation(self) -> dict[str, list[float]] | None:
+        """The per-channel ``{"mean": [...], "std": [...]}`` that ``encode`` already applies, if any.
+
+        Recorded in shard manifests; ``None`` for codecs without one.
+        """
+        return None
+
+    def check_video(self, video: torch.Tensor) -> None:
+        """Raise a ValueError unless ``video`` is uint8 ``(B, T, H, W, 3)`` of a size this codec encodes."""
+        if video.dtype != torch.uint8 or video.dim() != 5 or video.shape[-1] != 3:
+            raise ValueError(
+                f"codec {self.name!r} expects uint8 video (B, T, H, W, 3), got {video.dtype} {tuple(video.shape)}"
+            )
+        self.check_video_size(*video.shape[1:4])
+
+    def check_latents(self, latents: torch.Tensor) -> None:
+        """Raise a ValueError unless ``latents`` is ``(B, t, h, w, latent_channels)``."""
+        if latents.dim() != 5 or latents.shape[-1] != self.latent_channels:
+            raise ValueError(
+                f"codec {self.name!r} expects latents (B, t, h, w, {self.latent_channels}), "
+                f"got {tuple(latents.shape)}"
+            )
 
     def identity(self) -> dict[str, str]:
         blob = json.dumps(self.config(), sort_keys=True, default=str).encode()

@@ -1,0 +1,118 @@
+"""Conformance tests for latent codecs.
+
+A codec plugin's test module subclasses the mixin and says how to build its codec::
+
+    from flowvid.testing import CodecConformance
+
+    class TestMyCodec(CodecConformance):
+        video_shape = (9, 32, 32)          # (frames, height, width) the codec can encode
+        exact = False                      # True when decode(encode(video)) == video
+
+        def make_codec(self):
+            return MyCodec(...)
+
+pytest then runs every ``test_*`` method below: latent and video shapes and dtypes, determinism,
+independence of batch elements, causality over frames, clear errors for bad sizes and dtypes, a
+stable identity, and (for exact codecs) the exact round trip.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+import pytest
+import torch
+
+from flowvid.codecs.base import LatentCodec
+
+
+def smooth_video(batch: int, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """uint8 ``(B, T, H, W, 3)``: moving colour gradients plus noise, so that every codec has something to do."""
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.arange(frames, dtype=torch.float32)[:, None, None, None]
+    y = torch.linspace(0, 1, height)[None, :, None, None]
+    x = torch.linspace(0, 1, width)[None, None, :, None]
+    phase = torch.rand(batch, 1, 1, 1, 3, generator=generator) * 6.28
+    wave = torch.sin(6.0 * x + 4.0 * y + 0.3 * t + phase)  # B, T, H, W, 3
+    noise = torch.randn(batch, frames, height, width, 3, generator=generator) * 0.1
+    return ((wave + noise) * 100 + 128).clamp(0, 255).to(torch.uint8)
+
+
+class CodecConformance:
+    """Mixin of tests every LatentCodec must pass. Implement ``make_codec``; set ``video_shape``."""
+
+    video_shape: ClassVar[tuple[int, int, int]] = (9, 16, 16)
+    exact: ClassVar[bool] = False
+
+    def make_codec(self) -> LatentCodec:
+        """Build the codec under test; every call must give the same codec (seed random weights)."""
+        raise NotImplementedError
+
+    @pytest.fixture(scope="class")
+    def codec(self) -> LatentCodec:
+        return self.make_codec().eval()
+
+    def video(self, batch: int = 2, seed: int = 0) -> torch.Tensor:
+        return smooth_video(batch, *self.video_shape, seed=seed)
+
+    def test_encode_gives_float_latents_of_the_announced_shape(self, codec):
+        latents = codec.encode(self.video())
+        assert latents.shape == (2, *codec.latent_shape(*self.video_shape))
+        assert latents.shape[-1] == codec.latent_channels
+        assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
+
+    def test_decode_gives_uint8_video_of_the_input_shape(self, codec):
+        video = self.video()
+        decoded = codec.decode(codec.encode(video))
+        assert decoded.shape == video.shape and decoded.dtype == torch.uint8
+
+    def test_round_trip_is_exact_when_announced(self, codec):
+        if not self.exact:
+            pytest.skip("lossy codec")
+        video = self.video()
+        assert torch.equal(codec.decode(codec.encode(video)), video)
+
+    def test_encoding_is_deterministic_and_per_video(self, codec):
+        video = self.video(batch=3, seed=1)
+        together = codec.encode(video)
+        assert torch.equal(together, codec.encode(video))
+        alone = codec.encode(video[1:2])
+        torch.testing.assert_close(alone, together[1:2], rtol=1e-4, atol=1e-4)
+
+    def test_later_frames_do_not_change_earlier_latent_frames(self, codec):
+        video = self.video(seed=2)
+        changed = video.clone()
+        changed[:, -1] = 255 - changed[:, -1]
+        before, after = codec.encode(video), codec.encode(changed)
+        torch.testing.assert_close(after[:, :-1], before[:, :-1], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(after[:, -1], before[:, -1])
+
+    def test_sizes_the_codec_cannot_encode_are_a_clear_error(self, codec):
+        frames, height, width = self.video_shape
+        if codec.spatial_factor == 1 and codec.temporal_factor == 1 and not codec.causal_first_frame:
+            pytest.skip("every size is encodable")
+        if codec.spatial_factor > 1:
+            with pytest.raises(ValueError, match=f"divisible by {codec.spatial_factor}"):
+                codec.encode(smooth_video(1, frames, height + 1, width))
+        if codec.temporal_factor > 1:
+            with pytest.raises(ValueError, match="frame count"):
+                codec.encode(smooth_video(1, frames + 1, height, width))
+
+    def test_float_video_is_a_clear_error(self, codec):
+        with pytest.raises(ValueError, match="uint8"):
+            codec.encode(self.video().float())
+
+    def test_latents_of_the_wrong_width_are_a_clear_error(self, codec):
+        latents = codec.encode(self.video())
+        with pytest.raises(ValueError, match=str(codec.latent_channels)):
+            codec.decode(latents[..., :-1])
+
+    def test_identity_is_stable_and_json_serialisable(self, codec):
+        identity = codec.identity()
+        assert set(identity) == {"name", "config_hash"} and len(identity["config_hash"]) == 16
+        assert identity == self.make_codec().identity()
+        json.dumps(codec.config())
+        normalisation = codec.normalisation()
+        if normalisation is not None:
+            assert len(normalisation["mean"]) == len(normalisation["std"]) == codec.latent_channels

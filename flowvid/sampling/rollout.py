@@ -1,0 +1,103 @@
+"""Videos longer than the model was trained on: a sliding window over latent frames.
+
+The first ``window`` frames are sampled as usual. Then the window moves on by ``window - context``
+frames: its last ``context`` frames are encoded again as the prefix of a fresh window (a fresh cache,
+frame positions starting at 0 again, the text encoded again) and the rest of the window is sampled::
+
+    frames   0 ............ window
+                    |<- context ->|<- new ->|
+                    start ......... start + window
+
+so every frame is sampled with at most ``window`` frames in view, as in training.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from flowvid.registry import SAMPLERS
+from flowvid.sampling.base import Sampler, TextInput, check_request
+
+
+def windows(frames: int, window: int, context: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of every window over ``frames`` latent frames; each starts ``context`` before
+    the previous end."""
+    spans = [(0, min(window, frames))]
+    while spans[-1][1] < frames:
+        start = spans[-1][1] - context
+        spans.append((start, min(start + window, frames)))
+    return spans
+
+
+def _resolve(sampler: str | Sampler) -> Sampler:
+    return SAMPLERS.get(sampler)() if isinstance(sampler, str) else sampler
+
+
+@SAMPLERS.register("windowed")
+class WindowedSampler(Sampler):
+    """Samples any length with ``sampler`` over windows of ``window`` latent frames.
+
+    Args:
+        sampler: the sampler of each window (an instance or a registered name).
+        window: latent frames in view at once; the training length of the model.
+        context: frames of the previous window re-encoded as the prefix of the next, 0 <= context < window.
+
+    ``last_stats`` lists the inner sampler's statistics for every window.
+    """
+
+    def __init__(self, sampler: str | Sampler = "jacobi", window: int = 8, context: int = 4):
+        if not isinstance(window, int) or window <= 0:
+            raise ValueError(f"window must be a positive number of latent frames, got {window!r}")
+        if not isinstance(context, int) or not 0 <= context < window:
+            raise ValueError(f"context must be an integer in [0, window={window}), got {context!r}")
+        self.sampler = _resolve(sampler)
+        self.window = window
+        self.context = context
+        self._window_stats: list[dict] = []
+
+    @property
+    def last_stats(self) -> dict:
+        return {"window": self.window, "context": self.context, "windows": self._window_stats}
+
+    def reset_stats(self) -> None:
+        self._window_stats = []
+
+    def _check(self, flow, z, text, guidance, prefix) -> None:
+        if prefix is not None and prefix.dim() == 5 and prefix.shape[1] >= self.window:
+            raise ValueError(f"a prefix of {prefix.shape[1]} frames does not fit a window of {self.window} frames")
+        # The first window is a complete request of its own; validating it checks text, guidance and prefix.
+        check_request(flow, z[:, :self.window] if z.dim() == 5 else z, text, guidance, prefix)
+
+    def _known(self, video: torch.Tensor | None, start: int) -> torch.Tensor | None:
+        """The frames of a window that are already sampled (or given): its prefix."""
+        if video is None or video.shape[1] <= start:
+            return None
+        return video[:, start:]
+
+    @torch.no_grad()
+    def sample(self, flow, z: torch.Tensor, text: TextInput = None, guidance: float = 0.0,
+               prefix: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(flow, z, text, guidance, prefix)
+        self.reset_stats()
+        video = prefix
+        for start, end in windows(z.shape[1], self.window, self.context):
+            known = self._known(video, start)
+            part = self.sampler.sample(flow, z[:, start:end], text, guidance, known)
+            self._window_stats.append(self.sampler.last_stats)
+            new = part if known is None else part[:, known.shape[1]:]
+            video = new if video is None else torch.cat([video, new], dim=1)
+        return video
+
+    @torch.no_grad()
+    def stream(self, flow, z: torch.Tensor, text: TextInput = None, guidance: float = 0.0,
+               prefix: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        self._check(flow, z, text, guidance, prefix)
+        self.reset_stats()
+        video = prefix
+        for start, end in windows(z.shape[1], self.window, self.context):
+            for frame in self.sampler.stream(flow, z[:, start:end], text, guidance, self._known(video, start)):
+                video = frame[:, None] if video is None else torch.cat([video, frame[:, None]], dim=1)
+                yield frame
+            self._window_stats.append(self.sampler.last_stats)

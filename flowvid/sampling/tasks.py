@@ -1,0 +1,105 @@
+"""Generation tasks: how each builds its caption, its prefix frames, its noise and its text.
+
+=========  ==============================  ==========================================
+task       prefix (known latent frames)    caption the model sees
+=========  ==============================  ==========================================
+t2v        none                            the caption
+i2v        the image's latent frame        the caption
+extend     the clip to continue            ``"(extend) " + caption``
+v2v        the source clip                 ``"(v2v) " + caption``
+=========  ==============================  ==========================================
+
+Image-to-video needs no mechanism of its own: the image is the first latent frame, encoded into the
+deep block's cache, and sampling continues from frame 1. ``extend`` marks clips that do not start at
+a first frame (a causal video codec encodes first frames differently); ``v2v`` puts the source before
+the target in one sequence. The training module and ``flowvid generate`` both call ``task_caption``,
+so the prefixes the model learns are the ones it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from flowvid.sampling.base import GuidedText, TextInput
+
+CAPTION_PREFIXES: dict[str, str] = {"t2v": "", "i2v": "", "extend": "(extend) ", "v2v": "(v2v) "}
+TASKS = tuple(CAPTION_PREFIXES)
+
+
+def _check_task(task: str) -> None:
+    if task not in CAPTION_PREFIXES:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+def task_caption(task: str, caption: str) -> str:
+    """The caption for ``task``: ``task_caption("extend", "a red circle moves left")`` is
+    ``"(extend) a red circle moves left"``. The empty (unconditional) caption stays empty."""
+    _check_task(task)
+    return CAPTION_PREFIXES[task] + caption if caption else caption
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    """What a sampler needs for one task: captions with their task prefix, the prefix frames and the
+    noise of the whole video (``z[:, :P]`` is ignored where a prefix is given)."""
+
+    captions: list[str]
+    prefix: torch.Tensor | None
+    z: torch.Tensor
+
+
+def initial_noise(shape: Sequence[int], seed: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU from ``seed``: the same seed gives the same video on any device."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(shape), generator=generator).to(device)
+
+
+def task_inputs(task: str, captions: Sequence[str], frames: int, latent_shape: Sequence[int], seed: int,
+                source: torch.Tensor | None = None, noise_std: float = 0.0,
+                device: torch.device | str | None = None) -> TaskInputs:
+    """Build the inputs of ``task`` for a video of ``frames`` latent frames of ``latent_shape`` (h, w, c).
+
+    Args:
+        source: known latent frames (B, P, h, w, c): the image (P = 1) for ``i2v``, the clip to
+            continue for ``extend``, the source clip for ``v2v``; None for ``t2v``.
+        noise_std: the noise-augmentation level the flow was trained at; the same noise is added to
+            the prefix, so that it looks like the noisy latents the model saw.
+        seed: fixes the sampling noise and the prefix's augmentation noise.
+    """
+    _check_task(task)
+    batch = len(captions)
+    if task == "t2v" and source is not None:
+        raise ValueError("t2v takes no source frames; use i2v, extend or v2v to condition on frames")
+    if task != "t2v":
+        if source is None:
+            raise ValueError(f"{task} needs source latent frames (B, P, h, w, c)")
+        if source.dim() != 5 or source.shape[0] != batch or tuple(source.shape[2:]) != tuple(latent_shape):
+            raise ValueError(f"expected source latent frames of shape ({batch}, P, {', '.join(map(str, latent_shape))}), "
+                             f"got {tuple(source.shape)}")
+        if task == "i2v" and source.shape[1] != 1:
+            raise ValueError(f"i2v conditions on one image, i.e. one latent frame; got {source.shape[1]} frames")
+        if source.shape[1] >= frames:
+            raise ValueError(f"{task}: {source.shape[1]} source frames leave nothing to sample in {frames} frames")
+    z = initial_noise((batch, frames, *latent_shape), seed, device)
+    prefix = None
+    if source is not None:
+        prefix = source.float().to(device) + noise_std * initial_noise(source.shape, seed + 1, device)
+    return TaskInputs([task_caption(task, c) for c in captions], prefix, z)
+
+
+@torch.no_grad()
+def encode_text(text_encoder, captions: Sequence[str], guidance: float = 0.0) -> TextInput:
+    """The sampler's ``text``: the captions' embedding, with the empty caption's as ``GuidedText`` for
+    guidance. No encoder means an unconditional model; guidance then is an error."""
+    if text_encoder is None:
+        if guidance > 0:
+            raise ValueError(f"guidance={guidance} needs a text encoder for the unconditional text; "
+                             "this model has none (use guidance=0)")
+        return None
+    cond = text_encoder.encode(list(captions))
+    if guidance <= 0:
+        return cond
+    return GuidedText(cond, text_encoder.encode([""]))

@@ -1,0 +1,128 @@
+"""Conformance tests for samplers.
+
+A sampler plugin's test module subclasses the mixin and says how to build its sampler::
+
+    from flowvid.testing import SamplerConformance
+
+    class TestMySampler(SamplerConformance):
+        sampler_class = MySampler       # called as sampler_class(**sampler_kwargs)
+        sampler_kwargs = {"tol": 1e-5}
+        tolerance = 1e-4                # relative L2 to the exact SequentialSampler that it promises
+
+pytest then runs every ``test_*`` method below on a tiny text-conditioned flow with perturbed weights:
+agreement with ``SequentialSampler`` (plain, guided, with a prefix), exact prefix reproduction, the
+inverse of the flow's own noise, shapes and dtypes, determinism, streaming, and clear errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from flowvid.flows.global_local import GlobalLocalFlow
+from flowvid.sampling.base import GuidedText, Sampler
+from flowvid.sampling.sequential import SequentialSampler
+from flowvid.testing.block_conformance import perturb_parameters
+from flowvid.text.base import TextEmbedding
+
+
+def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((x - reference).norm() / reference.norm()).item()
+
+
+class SamplerConformance:
+    """Mixin of tests every Sampler must pass. Set ``sampler_class`` (and ``sampler_kwargs``, ``tolerance``)."""
+
+    sampler_class: ClassVar[Any]
+    sampler_kwargs: ClassVar[dict] = {}
+    tolerance: ClassVar[float] = 1e-4
+    text_width: ClassVar[int] = 8
+    frames: ClassVar[int] = 4
+
+    @pytest.fixture(autouse=True)
+    def _one_thread(self):
+        """Tiny flows run fastest on one thread, and do not stall when other processes load the CPU."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
+
+    def make_sampler(self) -> Sampler:
+        return self.sampler_class(**self.sampler_kwargs)
+
+    def make_flow(self) -> GlobalLocalFlow:
+        torch.manual_seed(0)
+        flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=(2, 3), text_width=self.text_width)
+        perturb_parameters(flow, std=0.05)
+        return flow.eval()
+
+    def make_text(self, batch: int = 2) -> GuidedText:
+        generator = torch.Generator().manual_seed(1)
+        mask = torch.ones(batch, 4, dtype=torch.bool)
+        mask[0, 2:] = False
+        cond = TextEmbedding(torch.randn(batch, 4, self.text_width, generator=generator) * mask[..., None], mask)
+        uncond = TextEmbedding(torch.zeros(1, 1, self.text_width), torch.zeros(1, 1, dtype=torch.bool))
+        return GuidedText(cond, uncond)
+
+    def make_noise(self, batch: int = 2, seed: int = 2) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(batch, self.frames, 2, 3, 3, generator=generator)
+
+    def test_output_shape_and_dtype(self):
+        flow, z = self.make_flow(), self.make_noise()
+        x = self.make_sampler().sample(flow, z, self.make_text().cond)
+        assert x.shape == z.shape and x.dtype == torch.float32 and torch.isfinite(x).all()
+
+    def test_inverts_the_flow(self):
+        flow, text = self.make_flow(), self.make_text().cond
+        x = self.make_noise(seed=3)
+        with torch.no_grad():
+            z, _ = flow(x, text)
+        assert relative_error(self.make_sampler().sample(flow, z, text), x) <= self.tolerance
+
+    @pytest.mark.parametrize("guidance", [0.0, 2.0])
+    def test_agrees_with_sequential_sampler(self, guidance):
+        flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
+        reference = SequentialSampler().sample(flow, z, text, guidance=guidance)
+        assert relative_error(self.make_sampler().sample(flow, z, text, guidance=guidance), reference) <= self.tolerance
+
+    def test_guidance_zero_equals_unguided_sampling(self):
+        flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
+        sampler = self.make_sampler()
+        assert torch.equal(sampler.sample(flow, z, text, guidance=0.0), sampler.sample(flow, z, text.cond))
+
+    def test_prefix_is_reproduced_exactly_and_continued(self):
+        flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
+        prefix = self.make_noise(seed=4)[:, :2]
+        x = self.make_sampler().sample(flow, z, text.cond, prefix=prefix)
+        assert torch.equal(x[:, :2], prefix)
+        reference = SequentialSampler().sample(flow, z, text.cond, prefix=prefix)
+        assert relative_error(x, reference) <= self.tolerance
+
+    def test_same_inputs_give_the_same_sample(self):
+        flow, z, text = self.make_flow(), self.make_noise(), self.make_text().cond
+        sampler = self.make_sampler()
+        assert torch.equal(sampler.sample(flow, z, text), sampler.sample(flow, z, text))
+
+    def test_stream_yields_the_sampled_frames_in_order(self):
+        flow, z, text = self.make_flow(), self.make_noise(), self.make_text().cond
+        prefix = self.make_noise(seed=4)[:, :1]
+        sampler = self.make_sampler()
+        frames = list(sampler.stream(flow, z, text, prefix=prefix))
+        assert len(frames) == self.frames - 1 and all(f.shape == z[:, 0].shape for f in frames)
+        x = sampler.sample(flow, z, text, prefix=prefix)
+        assert relative_error(torch.stack(frames, dim=1), x[:, 1:]) <= self.tolerance
+
+    def test_bad_input_is_rejected_before_sampling(self):
+        flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
+        sampler = self.make_sampler()
+        with pytest.raises(ValueError, match="nothing to sample"):
+            sampler.sample(flow, z, text.cond, prefix=torch.zeros(2, self.frames + 1, 2, 3, 3))
+        with pytest.raises(ValueError, match="prefix"):
+            sampler.sample(flow, z, text.cond, prefix=torch.zeros(2, 1, 3, 2, 3))
+        with pytest.raises(ValueError, match="unconditional"):
+            sampler.sample(flow, z, text.cond, guidance=1.0)
+        with pytest.raises(ValueError, match="latents"):
+            sampler.sample(flow, z[..., :2], text.cond)

@@ -18,7 +18,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from lightning.fabric.plugins.io import TorchCheckpointIO
@@ -209,8 +209,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes ``<path>.partial``, flushes it to disk, then renames it to ``<path>``.
 
     A crash mid-write leaves the previous checkpoint as it was (and a ``.partial`` file that resuming
-    ignores). Reading a damaged file raises CorruptCheckpointError naming it.
+    ignores). Reading a damaged file raises CorruptCheckpointError naming it; ``check(checkpoint,
+    path)``, when given, vets every checkpoint read before Lightning loads anything from it.
     """
+
+    def __init__(self, check: Callable[[dict[str, Any], str], None] | None = None):
+        super().__init__()
+        self.check = check
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if "://" in str(path):  # remote storage: fsspec's own transaction does the same job
@@ -236,9 +241,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=bool(weights_only))
+            checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=bool(weights_only))
         except Exception as err:  # noqa: BLE001
             raise CorruptCheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        if self.check is not None:
+            self.check(checkpoint, str(path))
+        return checkpoint
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -275,12 +283,13 @@ class RunCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
-            if not hasattr(strategy, "cpu_shm_allreduce"):  # the stock strategy, not ZeroStrategy
+            # ZeroStrategy writes atomically and checks what it resumes from itself.
+            if not hasattr(strategy, "cpu_shm_allreduce"):
                 rank_zero_warn("DeepSpeed checkpoints are written atomically only by flowvid.lit.strategies.ZeroStrategy")
         elif type(strategy.checkpoint_io) is TorchCheckpointIO:
-            strategy.checkpoint_io = AtomicCheckpointIO()
-        if trainer.ckpt_path:
-            check_resumable(load_client_state(trainer.ckpt_path), pl_module, f"checkpoint {trainer.ckpt_path}")
+            strategy.checkpoint_io = AtomicCheckpointIO(
+                check=lambda checkpoint, path: check_resumable(checkpoint, pl_module, f"checkpoint {path}")
+            )
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         with warnings.catch_warnings():

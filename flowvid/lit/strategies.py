@@ -12,7 +12,8 @@ CUDA-only assumptions (the accelerator check, device-index validation, a device 
 
 Checkpoints are DeepSpeed directories written atomically: every rank writes its shard into
 ``<name>.partial`` and rank 0 renames the finished directory, so a crash mid-write leaves the previous
-checkpoint untouched.
+checkpoint untouched. Before resuming, the checkpoint is checked against the model (parameter shapes,
+codec, text encoder) and for missing rank shards, with an error that says what differs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from flowvid.lit.checkpointing import PARTIAL_SUFFIX
+from flowvid.lit.checkpointing import PARTIAL_SUFFIX, check_resumable, load_client_state
 
 
 def skip_deepspeed_shm_op() -> None:
@@ -100,6 +101,13 @@ class ZeroStrategy(DeepSpeedStrategy):
         datamodule = getattr(self.lightning_module.trainer, "datamodule", None)
         batch_size = getattr(datamodule, "batch_size", None)
         return batch_size if isinstance(batch_size, int) else super()._auto_select_batch_size()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if not Path(checkpoint_path).is_dir():  # a consolidated file (load_full_weights)
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        # Fail with a clear message before DeepSpeed reads shards into a model they do not fit.
+        check_resumable(load_client_state(checkpoint_path), self.lightning_module, f"checkpoint {checkpoint_path}")
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         target = Path(self.broadcast(str(filepath)))

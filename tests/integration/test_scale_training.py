@@ -194,16 +194,20 @@ def test_a_run_killed_mid_training_resumes_with_auto_to_the_same_losses(shards, 
     assert losses(tmp_path) == expected  # bit for bit: weights, AdamW, schedule, data position, noise
 
 
-def test_ddp_resumes_from_the_newest_checkpoint_to_the_same_losses(shards, ddp_run, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_two_processes_resume_from_the_newest_checkpoint_to_the_same_losses(strategy, shards, ddp_run, zero_runs,
+                                                                             tmp_path):
+    whole = ddp_run if strategy == "ddp" else zero_runs(3)
     # What a run killed after step 2 leaves behind: its run directory with the step-2 checkpoint.
     (tmp_path / "checkpoints").mkdir()
-    shutil.copy(ddp_run / "checkpoints" / "step=00000002.ckpt", tmp_path / "checkpoints")
-    fit(recipe(shards, tmp_path, denoiser=False, max_steps=4), "recipes/distributed/ddp.yaml",
+    copy = shutil.copytree if strategy == "zero3" else shutil.copy
+    copy(whole / "checkpoints" / "step=00000002.ckpt", tmp_path / "checkpoints" / "step=00000002.ckpt")
+    fit(recipe(shards, tmp_path, denoiser=False, max_steps=4), f"recipes/distributed/{strategy}.yaml",
         args=(*TWO_PROCESSES, "--trainer.precision", "32-true", "--resume", "auto"))
     for rank in (0, 1):
         resumed = losses(tmp_path, rank)
         assert sorted(resumed) == [3, 4]
-        assert resumed == {step: losses(ddp_run, rank)[step] for step in (3, 4)}
+        assert resumed == {step: losses(whole, rank)[step] for step in (3, 4)}
 
 
 # --- export ---------------------------------------------------------------------------------------

@@ -1,0 +1,203 @@
+"""Checkpoint files: atomic writes, damaged files, resume: auto, and refusing the wrong model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from flowvid.codecs.base import CodecMismatchError
+from flowvid.codecs.pixel import PixelCodec
+from flowvid.flows.global_local import GlobalLocalFlow
+from flowvid.lit.checkpointing import (
+    METADATA_KEY,
+    AtomicCheckpointIO,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    check_resumable,
+    list_checkpoints,
+    load_client_state,
+    resolve_resume,
+    run_metadata,
+)
+from flowvid.lit.strategies import ZeroStrategy
+
+
+class TinyModel(LightningModule):
+    def __init__(self, deep_width: int = 32, patch_size: int = 1):
+        super().__init__()
+        self.save_hyperparameters()
+        self.codec = PixelCodec(patch_size=patch_size)
+        self.flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=(4, 4), deep_width=deep_width)
+
+
+def checkpoint_of(model: LightningModule) -> dict:
+    return {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+            METADATA_KEY: run_metadata(model)}
+
+
+# --- atomic writes ---------------------------------------------------------------------------------
+
+
+def test_a_crash_in_the_middle_of_a_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "step=00000002.ckpt"
+    io.save_checkpoint({"step": 2, "weights": torch.arange(4.0)}, path)
+    before = path.read_bytes()
+
+    def dies_halfway(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half a zip archive")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 4}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert io.load_checkpoint(path)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # the partial file is gone
+
+
+def test_a_hard_kill_mid_write_leaves_a_partial_file_that_resume_ignores(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 2}, tmp_path / "step=00000002.ckpt")
+    (tmp_path / "step=00000004.ckpt.partial").write_bytes(b"PK\x03\x04 truncated")  # what a SIGKILL leaves
+    assert resolve_resume(tmp_path, "auto") == str(tmp_path / "step=00000002.ckpt")
+    with pytest.raises(CorruptCheckpointError, match="still being written"):
+        load_client_state(tmp_path / "step=00000004.ckpt.partial")
+
+
+def test_zero_strategy_writes_directories_atomically(tmp_path, monkeypatch):
+    target = tmp_path / "step=00000004.ckpt"
+    target.mkdir()
+    (target / "old_shard.pt").write_text("the previous checkpoint")
+
+    def writes_then_dies(self, checkpoint, filepath, storage_options=None):
+        Path(filepath).mkdir()
+        (Path(filepath) / "half_written_shard.pt").write_text("...")
+        raise RuntimeError("node lost")
+
+    monkeypatch.setattr(DeepSpeedStrategy, "save_checkpoint", writes_then_dies)
+    with pytest.raises(RuntimeError, match="node lost"):
+        ZeroStrategy(stage=3).save_checkpoint({}, target)
+    assert [p.name for p in target.iterdir()] == ["old_shard.pt"]
+
+    def writes(self, checkpoint, filepath, storage_options=None):
+        Path(filepath).mkdir()  # fails unless the half-written folder of the crash was cleared first
+        (Path(filepath) / "shard.pt").write_text("new")
+
+    monkeypatch.setattr(DeepSpeedStrategy, "save_checkpoint", writes)
+    ZeroStrategy(stage=3).save_checkpoint({}, target)
+    assert [p.name for p in target.iterdir()] == ["shard.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+# --- damaged checkpoints ---------------------------------------------------------------------------
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "step=00000002.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"weights": torch.randn(256)}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CorruptCheckpointError, match="cannot read checkpoint"):
+        load_client_state(path)
+    with pytest.raises(CorruptCheckpointError, match="step=00000002.ckpt"):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
+def test_a_deepspeed_checkpoint_missing_a_rank_shard_is_a_clear_error(tmp_path):
+    folder = tmp_path / "step=00000004.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    torch.save({METADATA_KEY: {"world_size": 2}}, folder / "checkpoint" / "mp_rank_00_model_states.pt")
+    torch.save({}, folder / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(CorruptCheckpointError, match="2 ranks but holds 1"):
+        load_client_state(folder)
+    empty = tmp_path / "empty.ckpt"
+    empty.mkdir()
+    with pytest.raises(CorruptCheckpointError, match="not a complete DeepSpeed checkpoint"):
+        load_client_state(empty)
+
+
+# --- resume: auto | none | path --------------------------------------------------------------------
+
+
+def test_resume_auto_takes_the_highest_step_not_the_newest_file(tmp_path):
+    for step in (10, 8, 9):  # written out of order: modification times disagree with steps
+        (tmp_path / f"step={step:08d}.ckpt").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"step={s:08d}.ckpt" for s in (8, 9, 10)]
+    assert resolve_resume(tmp_path, "auto") == str(tmp_path / "step=00000010.ckpt")
+
+
+def test_resume_none_and_an_empty_run_start_fresh_and_a_missing_path_is_an_error(tmp_path):
+    assert resolve_resume(tmp_path / "no-run-yet", "auto") is None
+    assert resolve_resume(tmp_path, None) is None
+    assert resolve_resume(tmp_path, "none") is None
+    with pytest.raises(FileNotFoundError, match="'auto', 'none' or a checkpoint path"):
+        resolve_resume(tmp_path, str(tmp_path / "missing.ckpt"))
+
+
+# --- the wrong model -------------------------------------------------------------------------------
+
+
+def test_resuming_a_different_model_configuration_names_the_differences():
+    saved = checkpoint_of(TinyModel(deep_width=32))
+    check_resumable(saved, TinyModel(deep_width=32), "checkpoint c")  # the same model passes
+    with pytest.raises(CheckpointMismatchError, match=r"different shapes: flow\.deep\..*deep_width: 32 -> 64"):
+        check_resumable(saved, TinyModel(deep_width=64), "checkpoint c")
+
+
+def test_resuming_with_another_codec_is_a_codec_mismatch():
+    saved = checkpoint_of(TinyModel(patch_size=1))
+    with pytest.raises(CodecMismatchError, match="checkpoint c was made with codec 'pixel'"):
+        check_resumable(saved, TinyModel(patch_size=2), "checkpoint c")
+
+
+def test_metadata_records_versions_codec_and_every_parameter_shape():
+    model = TinyModel()
+    metadata = run_metadata(model, config={"model": {"class_path": "x"}})
+    import flowvid
+
+    assert metadata["flowvid_version"] == flowvid.__version__
+    assert metadata["codec"] == model.codec.identity()
+    assert metadata["parameters"]["flow.deep.proj_in.weight"] == [32, 3]
+    assert set(metadata["parameters"]) == {name for name, _ in model.named_parameters()}
+    assert metadata["config"] == {"model": {"class_path": "x"}} and metadata["world_size"] == 1
+    assert all(isinstance(v, str) for v in metadata["plugins"].values())
+
+
+
+class TrainableTiny(TinyModel):
+    def training_step(self, batch, batch_idx):
+        return self.flow.nll(batch[0]).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_run_checkpoint_keeps_the_last_k_and_refuses_to_resume_another_model(tmp_path):
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from flowvid.lit.checkpointing import RunCheckpoint
+
+    data = DataLoader(TensorDataset(torch.rand(8, 2, 4, 4, 3)), batch_size=2)
+
+    def trainer(max_steps):
+        return Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=tmp_path, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False,
+                       callbacks=[RunCheckpoint(every_n_train_steps=1, keep_last_k=2)])
+
+    first = trainer(3)
+    first.fit(TrainableTiny(), data)
+    assert isinstance(first.strategy.checkpoint_io, AtomicCheckpointIO)
+    kept = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in kept] == ["step=00000002.ckpt", "step=00000003.ckpt"]
+    assert load_client_state(kept[-1])[METADATA_KEY]["parameters"]["flow.deep.proj_in.weight"] == [32, 3]
+
+    with pytest.raises(CheckpointMismatchError, match="deep_width: 32 -> 64"):
+        trainer(4).fit(TrainableTiny(deep_width=64), data, ckpt_path=resolve_resume(tmp_path / "checkpoints", "auto"))

@@ -1,0 +1,101 @@
+"""Import of reference (apple/ml-starflow) checkpoints: a reference-shaped state dict built here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowvid.cli import UserError
+from flowvid.convert import from_reference, import_reference_flow, main, reference_flow_config
+from flowvid.flows.global_local import GlobalLocalFlow
+
+CHANNELS, TEXT = 3, 8
+SHALLOW = [(32, 1)] * 3  # (width, layers) of the reference's blocks 0..2
+DEEP = (64, 2)  # its last block
+FLOW_CONFIG = dict(latent_channels=CHANNELS, frame_size=(4, 4), num_shallow=3, shallow_width=32, shallow_depth=1,
+                   deep_width=64, deep_depth=2, head_dim=16, text_width=TEXT)
+
+
+def reference_block(width: int, layers: int, text: bool) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of one reference MetaBlock (RoPE, SOS, final norm, GELU MLP)."""
+    shapes = {"sos_embed": (1, 1, CHANNELS), "proj_in.weight": (width, CHANNELS), "proj_in.bias": (width,),
+              "proj_out.weight": (2 * CHANNELS, width), "proj_out.bias": (2 * CHANNELS,),
+              "final_norm.weight": (width,), "attn_mask": (16 + 4, 16 + 4)}
+    if text:
+        shapes |= {"proj_txt.weight": (width, TEXT), "proj_txt.bias": (width,)}
+    for j in range(layers):
+        layer = f"attn_blocks.{j}"
+        shapes |= {f"{layer}.attention.norm.weight": (width,), f"{layer}.attention.norm.bias": (width,),
+                   f"{layer}.attention.qkv.weight": (3 * width, width), f"{layer}.attention.qkv.bias": (3 * width,),
+                   f"{layer}.attention.proj.weight": (width, width), f"{layer}.attention.proj.bias": (width,),
+                   f"{layer}.mlp.norm.weight": (width,), f"{layer}.mlp.norm.bias": (width,),
+                   f"{layer}.mlp.main.0.weight": (4 * width, width), f"{layer}.mlp.main.0.bias": (4 * width,),
+                   f"{layer}.mlp.main.2.weight": (width, 4 * width), f"{layer}.mlp.main.2.bias": (width,)}
+    return shapes
+
+
+def reference_state_dict(prefix: str = "module.") -> dict[str, torch.Tensor]:
+    """What the reference's ``torch.save(model.state_dict())`` holds, saved from a DDP-wrapped model."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [*SHALLOW, DEEP]
+    shapes = {}
+    for index, (width, layers) in enumerate(sizes):
+        last = index == len(sizes) - 1
+        shapes |= {f"blocks.{index}.{k}": v for k, v in reference_block(width, layers, text=last).items()}
+    shapes |= {"var": (16, CHANNELS), "feat_rope.freqs_cos": (20, 16), "feat_rope.freqs_sin": (20, 16),
+               "learnable_self_denoiser.proj_in.weight": (32, CHANNELS),
+               "learnable_self_denoiser.final_norm.weight": (32,)}
+    return {prefix + name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+
+
+def test_a_reference_state_dict_maps_with_no_missing_or_unexpected_keys():
+    reference = reference_state_dict()
+    imported = from_reference(reference)
+    flow = GlobalLocalFlow(**FLOW_CONFIG)
+    result = flow.load_state_dict(imported.flow, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(flow.deep.layers[1].mlp.fc.weight, reference["module.blocks.3.attn_blocks.1.mlp.main.0.weight"])
+    assert torch.equal(flow.shallow[2].sos, reference["module.blocks.2.sos_embed"])
+    assert torch.equal(flow.deep.norm_out.weight, reference["module.blocks.3.final_norm.weight"])
+    assert torch.equal(flow.deep.proj_text.weight, reference["module.blocks.3.proj_txt.weight"])
+    # Deliberately left behind, and reported: compatibility buffers and the (different) denoiser.
+    assert sorted(imported.dropped_buffers) == sorted(
+        ["var", "feat_rope.freqs_cos", "feat_rope.freqs_sin"] + [f"blocks.{i}.attn_mask" for i in range(4)])
+    assert len(imported.denoiser_keys) == 2
+
+
+def test_the_flow_config_is_read_from_the_weights():
+    flow_state = from_reference(reference_state_dict()).flow
+    config = reference_flow_config(flow_state, frame_size=(4, 4), head_dim=16)
+    assert config == {**FLOW_CONFIG, "frame_size": [4, 4]}
+
+
+def test_reference_features_flowvid_lacks_are_errors_not_dropped():
+    reference = reference_state_dict(prefix="")
+    reference["blocks.0.pos_embed"] = torch.zeros(16, 32)  # learned positions instead of RoPE
+    with pytest.raises(ValueError, match=r"no counterpart.*blocks\.0\.pos_embed"):
+        from_reference(reference)
+
+
+def test_an_odd_number_of_reference_blocks_is_refused():
+    reference = {k: v for k, v in reference_state_dict(prefix="").items() if not k.startswith("blocks.3.")}
+    with pytest.raises(ValueError, match="3 flow blocks.*natural order"):
+        from_reference(reference)
+
+
+def test_a_reference_file_imports_and_converts_through_the_command(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save(reference_state_dict(), path)
+    flow = import_reference_flow(path, frame_size=(4, 4), head_dim=16)
+    x = torch.randn(1, 2, 4, 4, CHANNELS)
+    text = (torch.randn(1, 5, TEXT), torch.ones(1, 5, dtype=torch.bool))
+    assert torch.isfinite(flow.nll(x, text)).all()
+
+    out = tmp_path / "converted" / "flow.safetensors"
+    args = ["--reference", str(path), "--frame-size", "4", "4", "--head-dim", "16", "--out", str(out)]
+    assert main(args) == 0
+    from safetensors.torch import load_file
+
+    assert set(load_file(out)) == {f"flow.{k}" for k in flow.state_dict()}
+    with pytest.raises(UserError, match="exists; pass --force"):
+        main(args)

@@ -1,0 +1,105 @@
+"""flowvid export: checkpoint -> safetensors + config.yaml -> the same model, with no pickle on load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from flowvid.cli import UserError
+from flowvid.export import build_module, export_checkpoint, load_exported, main, read_export_metadata
+from flowvid.lit.checkpointing import METADATA_KEY, CorruptCheckpointError, run_metadata
+
+CONFIG = {
+    "model": {
+        "class_path": "flowvid.lit.FlowModule",
+        "init_args": {
+            "flow": {"class_path": "flowvid.flows.global_local.GlobalLocalFlow",
+                     "init_args": {"latent_channels": 3, "frame_size": [4, 4], "num_shallow": 2, "shallow_width": 32,
+                                   "shallow_depth": 1, "deep_width": 32, "deep_depth": 1, "head_dim": 16}},
+            "codec": {"class_path": "flowvid.codecs.pixel.PixelCodec"},
+            "denoiser": {"class_path": "flowvid.denoise.CausalDenoiser",
+                         "init_args": {"channels": 3, "frame_size": [4, 4], "width": 16, "depth": 1, "head_dim": 16}},
+            "video_shape": [2, 4, 4],
+        },
+    },
+}
+BATCH = torch.rand(3, 2, 4, 4, 3, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A Lightning checkpoint of a model whose weights are not the initial ones, with an EMA."""
+    module = build_module(CONFIG)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    ema = {name: p.detach() + 0.01 for name, p in module.named_parameters() if name.startswith("flow.")}
+    checkpoint = {"state_dict": module.state_dict(), "global_step": 7, "flowvid": {"ema": ema},
+                  METADATA_KEY: run_metadata(module, config=CONFIG)}
+    path = tmp_path / "step=00000007.ckpt"
+    torch.save(checkpoint, path)
+    return module, path
+
+
+def nll(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.flow.nll(BATCH)
+
+
+def test_export_then_load_gives_the_identical_log_likelihood(trained, tmp_path):
+    module, ckpt = trained
+    out = export_checkpoint(ckpt, tmp_path / "export" / "model.safetensors", weights="trained")
+    loaded = load_exported(out)
+    assert torch.equal(nll(loaded), nll(module))
+    assert loaded.denoiser is not None and loaded.codec.identity() == module.codec.identity()
+    assert yaml.safe_load((tmp_path / "export" / "config.yaml").read_text()) == CONFIG
+    metadata = read_export_metadata(out)
+    assert metadata["codec"] == module.codec.identity() and metadata["weights"] == "trained"
+    assert metadata["global_step"] == "7"
+
+
+def test_the_moving_average_is_exported_by_default(trained, tmp_path):
+    module, ckpt = trained
+    loaded = load_exported(export_checkpoint(ckpt, tmp_path / "model.safetensors"))
+    assert torch.equal(loaded.flow.deep.proj_in.weight, module.flow.deep.proj_in.weight + 0.01)
+    assert torch.equal(loaded.denoiser.proj_in.weight, module.denoiser.proj_in.weight)  # no EMA kept for it
+
+
+def test_bf16_export_halves_the_file_and_loads_as_fp32_close_to_the_original(trained, tmp_path):
+    module, ckpt = trained
+    full = export_checkpoint(ckpt, tmp_path / "fp32" / "model.safetensors", weights="trained")
+    half = export_checkpoint(ckpt, tmp_path / "bf16" / "model.safetensors", dtype="bf16", weights="trained")
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_exported(half)
+    assert loaded.flow.deep.proj_in.weight.dtype == torch.float32
+    assert torch.allclose(nll(loaded), nll(module), rtol=2e-2)
+
+
+def test_an_existing_export_is_not_overwritten_without_force(trained, tmp_path):
+    _, ckpt = trained
+    out = export_checkpoint(ckpt, tmp_path / "model.safetensors", weights="trained")
+    before = out.read_bytes()
+    with pytest.raises(FileExistsError, match="pass --force"):
+        export_checkpoint(ckpt, out)
+    with pytest.raises(UserError, match="exists"):
+        main(["--ckpt", str(ckpt), "--out", str(out)])
+    assert out.read_bytes() == before
+    assert main(["--ckpt", str(ckpt), "--out", str(out), "--force"]) == 0
+    assert out.read_bytes() != before  # now the EMA weights
+
+
+def test_a_corrupt_checkpoint_or_a_mismatched_config_is_a_clear_error(trained, tmp_path):
+    _, ckpt = trained
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(ckpt.read_bytes()[:500])
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        main(["--ckpt", str(broken), "--out", str(tmp_path / "x.safetensors")])
+    out = export_checkpoint(ckpt, tmp_path / "model.safetensors")
+    wider = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    wider["model"]["init_args"]["flow"]["init_args"]["deep_width"] = 64
+    (tmp_path / "wider.yaml").write_text(yaml.safe_dump(wider))
+    with pytest.raises(ValueError, match="different shape: flow.deep"):
+        load_exported(out, config=tmp_path / "wider.yaml")
+    with pytest.raises(CorruptCheckpointError):
+        export_checkpoint(broken, tmp_path / "other" / "y.safetensors")

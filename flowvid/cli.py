@@ -60,6 +60,9 @@ def _verb(module: str, function: str = "main") -> Callable[[list[str]], int]:
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "plugins": list_plugins,
     "data": _verb("data_tools.cli"),
+    "generate": _verb("flowvid.generate"),
+    "score": _verb("flowvid.score"),
+    "export": _verb("flowvid.export"),
 }
 
 

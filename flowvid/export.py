@@ -74,17 +74,10 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
         for existing in (p for p in (out, config_path) if p.exists()):
             raise FileExistsError(f"{existing} exists; pass --force to overwrite it")
 
-    client_state = load_client_state(ckpt)
-    state_dict = consolidated_state_dict(ckpt, client_state)
-    used = "trained"
-    ema = (client_state.get("flowvid") or {}).get("ema")
-    if weights == "ema" and ema:
-        state_dict.update({name: tensor for name, tensor in ema.items() if name in state_dict})
-        used = "ema"
+    state_dict, config, client_state = checkpoint_weights(ckpt, weights)
     tensors = {name: _portable(tensor, DTYPES[dtype]) for name, tensor in state_dict.items()}
-
     run = client_state.get(METADATA_KEY) or {}
-    config = run.get("config") or {"model": model_config_from_hparams(client_state)}
+    used = "ema" if weights == "ema" and (client_state.get("flowvid") or {}).get("ema") else "trained"
     metadata = {
         "format": FORMAT,
         "dtype": dtype,
@@ -99,6 +92,20 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     return out
 
 
+def checkpoint_weights(ckpt: str | os.PathLike, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                                              dict[str, Any]]:
+    """The module weights of ``ckpt`` (the EMA when ``weights="ema"`` and the run kept one), the run's
+    config (``{"model": {class_path, init_args}, ...}``) and the checkpoint's client state."""
+    client_state = load_client_state(ckpt)
+    state_dict = consolidated_state_dict(ckpt, client_state)
+    ema = (client_state.get("flowvid") or {}).get("ema")
+    if weights == "ema" and ema:
+        state_dict.update({name: tensor for name, tensor in ema.items() if name in state_dict})
+    run = client_state.get(METADATA_KEY) or {}
+    config = run.get("config") or {"model": model_config_from_hparams(client_state)}
+    return state_dict, config, client_state
+
+
 def consolidated_state_dict(ckpt: str | os.PathLike, client_state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Full fp32 weights of the module, whatever the number of ranks that wrote ``ckpt``."""
     if not Path(ckpt).is_dir():
@@ -108,9 +115,18 @@ def consolidated_state_dict(ckpt: str | os.PathLike, client_state: dict[str, Any
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+        gathered = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
     # Lightning wraps the module; older versions saved it under this prefix.
-    return {name.removeprefix("_forward_module."): tensor for name, tensor in state.items()}
+    gathered = {name.removeprefix("_forward_module."): tensor for name, tensor in gathered.items()}
+    # Keep exactly the module's state_dict keys: DeepSpeed also reconstructs frozen pretrained
+    # weights (a VAE, a text encoder) that the module leaves out of its state dict on purpose.
+    module_state = client_state.get("module") or {}
+    if not module_state:
+        return gathered
+    missing = [name for name in module_state if name not in gathered and module_state[name].numel() == 0]
+    if missing:
+        raise CorruptCheckpointError(f"{ckpt}: the shards do not hold {', '.join(missing[:5])}")
+    return {name: gathered[name] if name in gathered else tensor for name, tensor in module_state.items()}
 
 
 def model_config_from_hparams(client_state: dict[str, Any]) -> dict[str, Any]:

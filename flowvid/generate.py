@@ -1,0 +1,247 @@
+"""``flowvid generate``: text-to-video, image-to-video, video-to-video and extension from a trained model.
+
+::
+
+    flowvid generate --ckpt model.safetensors --task t2v --prompt "a red circle moves left" --out samples/
+    flowvid generate --ckpt last.ckpt --task i2v --image first.png --prompt "..." --frames 8 --seed 3 --out s/
+    flowvid generate --ckpt last.ckpt --task extend --video clip.mp4 --prompts prompts.txt --out s/ --stream
+
+For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
+before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, timings,
+Jacobi iterations). Sample ``i`` uses seed ``seed + i``, so a sample does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowvid.media import MediaError, read_image, read_video, write_video
+from flowvid.sampling import Sampler, WindowedSampler, build_sampler
+from flowvid.sampling.tasks import TASKS, encode_text, task_inputs
+
+
+class GenerateError(ValueError):
+    """A request that cannot be generated; the message is the one line the user sees."""
+
+
+@dataclass
+class Request:
+    task: str
+    prompts: list[str]
+    frames: int
+    sampler: str
+    tol: float
+    guidance: float
+    seed: int
+    batch_size: int
+    fps: float
+    stream: bool
+    image: str | None = None
+    video: str | None = None
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
+    """Prompts from ``--prompt`` (repeatable) and ``--prompts FILE`` (one per line)."""
+    found = list(prompts or [])
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise GenerateError(f"prompt file {path} does not exist")
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                raise GenerateError(f"{path} line {number} is empty; write one prompt per line "
+                                    "(an unconditional sample is --prompt '')")
+            found.append(line.strip())
+    if not found:
+        raise GenerateError("give at least one --prompt or a --prompts file")
+    return found
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "unconditional"
+
+
+def make_sampler(request: Request, latent_frames: int, trained_frames: int) -> Sampler:
+    init_args = {"tol": request.tol} if request.sampler == "jacobi" else {}
+    sampler = build_sampler({"name": request.sampler, "init_args": init_args})
+    if latent_frames > trained_frames:  # longer than training: slide a window of the trained length
+        return WindowedSampler(sampler, window=trained_frames, context=max(1, trained_frames // 2))
+    return sampler
+
+
+def source_video(module, request: Request) -> torch.Tensor | None:
+    """The conditioning frames of the task as uint8 (1, S, H, W, 3), or None for t2v."""
+    _, height, width = module.video_shape
+    if request.task == "t2v":
+        if request.image or request.video:
+            raise GenerateError("t2v takes no --image or --video; use --task i2v, extend or v2v")
+        return None
+    if request.task == "i2v":
+        if not request.image:
+            raise GenerateError("i2v needs --image FILE")
+        frames = read_image(request.image, height, width)[None]
+        frames = np.repeat(frames, 1 if module.codec.causal_first_frame else module.codec.temporal_factor, axis=0)
+    else:
+        if not request.video:
+            raise GenerateError(f"{request.task} needs --video FILE")
+        frames = read_video(request.video, height, width)
+        usable = (len(frames) - 1) // module.codec.temporal_factor * module.codec.temporal_factor + 1 \
+            if module.codec.causal_first_frame else len(frames) // module.codec.temporal_factor * module.codec.temporal_factor
+        if usable < 1:
+            raise GenerateError(f"{request.video} has {len(frames)} frames, fewer than one latent frame")
+        frames = frames[:usable]
+    return torch.from_numpy(np.ascontiguousarray(frames))[None]
+
+
+@torch.no_grad()
+def generate_batch(module, request: Request, prompts: list[str], seeds: list[int], source: torch.Tensor | None,
+                   on_frame=None) -> dict[str, Any]:
+    """Sample, denoise and decode one batch; returns videos, latents, timings and sampler statistics."""
+    codec, flow = module.codec, module.flow
+    latent_frames = codec.latent_frames(request.frames)
+    latent_shape = tuple(module.latent_shape[1:])
+    known = None if source is None else codec.encode(source.to(module.device)).float().expand(len(prompts), -1, -1, -1, -1)
+    per_sample = [task_inputs(request.task, [p], latent_frames, latent_shape, seed,
+                              None if known is None else known[:1], module.noise_std, module.device)
+                  for p, seed in zip(prompts, seeds)]
+    z = torch.cat([inputs.z for inputs in per_sample])
+    prefix = None if known is None else torch.cat([inputs.prefix for inputs in per_sample])
+    captions = [caption for inputs in per_sample for caption in inputs.captions]
+    text = encode_text(module.text_encoder, captions, request.guidance)
+    cond = getattr(text, "cond", text)
+    sampler = make_sampler(request, latent_frames, module.latent_shape[0])
+
+    started = time.perf_counter()
+    if request.stream and on_frame is not None:
+        frames = []
+        for frame in sampler.stream(flow, z, text, request.guidance, prefix):
+            frames.append(frame)
+            on_frame(len(frames) - 1 + (0 if prefix is None else prefix.shape[1]), frame)
+        new = torch.stack(frames, dim=1)
+        latents = new if prefix is None else torch.cat([prefix, new], dim=1)
+    else:
+        latents = sampler.sample(flow, z, text, request.guidance, prefix)
+    sampled = time.perf_counter()
+    latents = module.denoise(latents, cond)
+    if known is not None:  # the given frames come back exactly as given
+        latents[:, :known.shape[1]] = known
+    denoised = time.perf_counter()
+    videos = codec.decode(latents)
+    decoded = time.perf_counter()
+    return {
+        "videos": videos.cpu().numpy(),
+        "latents": latents.cpu().numpy(),
+        "captions": captions,
+        "timings": {"sample_seconds": sampled - started, "denoise_seconds": denoised - sampled,
+                    "decode_seconds": decoded - denoised},
+        "sampler_stats": sampler.last_stats,
+    }
+
+
+def write_sample(out: Path, name: str, video: np.ndarray, latents: np.ndarray, record: dict[str, Any], fps: float) -> None:
+    write_video(out / f"{name}.mp4", video, fps=fps)
+    np.save(out / f"{name}.npy", video)
+    np.save(out / f"{name}.latent.npy", latents.astype(np.float32))
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+
+
+def run(module, request: Request, out: Path) -> list[dict[str, Any]]:
+    """Generate every prompt of ``request`` into ``out``; returns the JSON records written."""
+    try:
+        module.codec.latent_frames(request.frames)
+        source = source_video(module, request)
+    except MediaError as err:
+        raise GenerateError(str(err)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for start in range(0, len(request.prompts), request.batch_size):
+        prompts = request.prompts[start:start + request.batch_size]
+        seeds = [request.seed + start + i for i in range(len(prompts))]
+        names = [f"{request.task}_{start + i:03d}_{slug(p)}" for i, p in enumerate(prompts)]
+        on_frame = _frame_writer(module, out, names) if request.stream else None
+        result = generate_batch(module, request, prompts, seeds, source, on_frame)
+        for i, name in enumerate(names):
+            record = {
+                "prompt": prompts[i], "caption_seen_by_model": result["captions"][i], "task": request.task,
+                "seed": seeds[i], "sampler": request.sampler, "tol": request.tol if request.sampler == "jacobi" else None,
+                "guidance": request.guidance, "frames": int(result["videos"].shape[1]),
+                "timings": {k: v / len(prompts) for k, v in result["timings"].items()}, "batch_size": len(prompts),
+                "sampler_stats": result["sampler_stats"],
+            }
+            write_sample(out, name, result["videos"][i], result["latents"][i], record, request.fps)
+            records.append({"name": name, **record})
+    return records
+
+
+def _frame_writer(module, out: Path, names: list[str]):
+    """Writes each latent frame, decoded, as ``NAME.stream/frame_XXX.png`` the moment it is sampled.
+
+    Frames are previews before the final denoising step; codecs that decode groups of frames
+    together stream nothing until the end.
+    """
+    from PIL import Image
+
+    def write(index: int, frame: torch.Tensor) -> None:
+        if module.codec.temporal_factor != 1 or module.codec.causal_first_frame:
+            return
+        pixels = module.codec.decode(frame[:, None]).cpu().numpy()[:, 0]
+        for name, image in zip(names, pixels):
+            folder = out / f"{name}.stream"
+            folder.mkdir(exist_ok=True)
+            Image.fromarray(image).save(folder / f"frame_{index:03d}.png")
+
+    return write
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowvid generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="exported .safetensors, Lightning .ckpt or DeepSpeed directory")
+    parser.add_argument("--task", choices=TASKS, default="t2v")
+    parser.add_argument("--prompt", action="append", help="a caption (repeatable)")
+    parser.add_argument("--prompts", help="a file with one caption per line")
+    parser.add_argument("--image", help="i2v: the first frame")
+    parser.add_argument("--video", help="extend / v2v: the clip to continue or transform (video file or .npy)")
+    parser.add_argument("--frames", type=int, help="video frames to generate (default: the training length)")
+    parser.add_argument("--sampler", default="jacobi", help="registered sampler name (jacobi, sequential, ...)")
+    parser.add_argument("--tol", type=float, default=1e-3, help="Jacobi tolerance (relative change per pass)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance weight (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written mp4")
+    parser.add_argument("--stream", action="store_true", help="write frames as soon as they are sampled")
+    parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
+    parser.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    from flowvid.cli import UserError
+    from flowvid.loading import load_model
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
+        prompts = read_prompts(args.prompt, args.prompts)
+        module = load_model(args.ckpt, weights=args.weights)
+        request = Request(
+            task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames, sampler=args.sampler,
+            tol=args.tol, guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
+            batch_size=args.batch_size, fps=args.fps, stream=args.stream, image=args.image, video=args.video,
+        )
+        records = run(module, request, Path(args.out))
+    except (GenerateError, FileNotFoundError, KeyError) as err:
+        raise UserError(str(err).strip("'\"")) from None
+    except ValueError as err:  # bad sizes, guidance without text encoder, codec mismatch, ...
+        raise UserError(str(err)) from None
+    print(f"wrote {len(records)} samples to {args.out}")
+    return 0

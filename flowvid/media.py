@@ -1,0 +1,99 @@
+"""Reading and writing the media users hand to and get from flowvid: images, video files, frame arrays."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class MediaError(ValueError):
+    """A file that cannot be read as the image or video it should be."""
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: str = "libx264") -> None:
+    """uint8 frames (T, H, W, 3) -> a video file; H.264 at near-lossless quality by default.
+
+    ``ffv1`` stores the frames losslessly. H.264 needs even sides: odd ones are padded by one pixel.
+    """
+    frames = np.asarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames of shape (T, H, W, 3), got {frames.shape}")
+    if codec == "libx264":
+        pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream.height, stream.width = frames.shape[1:3]
+        if codec == "libx264":
+            stream.pix_fmt, stream.options = "yuv420p", {"crf": "12"}
+        elif codec == "ffv1":
+            stream.pix_fmt = "bgr0"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def fit_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre-crop ``frame`` (H, W, 3) to the target aspect ratio, then resize (bilinear) to (height, width)."""
+    h, w = frame.shape[:2]
+    if (h, w) == (height, width):
+        return frame
+    scale = min(h / height, w / width)
+    crop_h, crop_w = round(height * scale), round(width * scale)
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    image = Image.fromarray(frame[top:top + crop_h, left:left + crop_w])
+    return np.asarray(image.resize((width, height), Image.BILINEAR))
+
+
+def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
+    """An image file as uint8 (height, width, 3), centre-cropped and resized."""
+    try:
+        with Image.open(path) as image:
+            frame = np.asarray(image.convert("RGB"))
+    except (FileNotFoundError, IsADirectoryError):
+        raise MediaError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise MediaError(f"cannot read image {path}: {err}") from None
+    return fit_frame(frame, height, width)
+
+
+def read_video(path: str | Path, height: int, width: int, max_frames: int | None = None) -> np.ndarray:
+    """A video file (or a ``.npy`` array (T, H, W, 3) uint8) as uint8 (T, height, width, 3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"video {path} does not exist")
+    if path.suffix == ".npy":
+        frames = np.load(path, allow_pickle=False)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise MediaError(f"{path} holds {frames.dtype} {frames.shape}, expected uint8 (T, H, W, 3)")
+        frames = list(frames[:max_frames])
+    else:
+        frames = []
+        try:
+            with av.open(str(path)) as container:
+                for frame in container.decode(video=0):
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    if max_frames is not None and len(frames) >= max_frames:
+                        break
+        except (av.FFmpegError, ValueError, IndexError) as err:
+            raise MediaError(f"cannot decode video {path}: {err}") from None
+    if not frames:
+        raise MediaError(f"video {path} has no frames")
+    return np.stack([fit_frame(frame, height, width) for frame in frames])
+
+
+def contact_sheet(videos: np.ndarray, path: str | Path, max_frames: int = 8, gap: int = 2, zoom: int = 4) -> None:
+    """A PNG with one row per video and one column per frame, scaled up ``zoom`` times."""
+    videos = np.asarray(videos)[:, :max_frames]
+    count, frames, height, width, _ = videos.shape
+    sheet = np.full((count * (height + gap) + gap, frames * (width + gap) + gap, 3), 255, dtype=np.uint8)
+    for row in range(count):
+        for col in range(frames):
+            top, left = gap + row * (height + gap), gap + col * (width + gap)
+            sheet[top:top + height, left:left + width] = videos[row, col]
+    image = Image.fromarray(sheet)
+    image.resize((image.width * zoom, image.height * zoom), Image.NEAREST).save(path)

@@ -1,0 +1,133 @@
+"""`flowvid generate` and `flowvid score` on a tiny model saved like a training checkpoint."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flowvid.cli import main
+from flowvid.export import build_module
+from flowvid.media import write_video
+from flowvid.score import clips_of
+from flowvid.testing import perturb_parameters
+
+CONFIG = {
+    "model": {
+        "class_path": "flowvid.lit.FlowModule",
+        "init_args": {
+            "flow": {"class_path": "flowvid.flows.GlobalLocalFlow",
+                     "init_args": {"latent_channels": 12, "frame_size": [4, 4], "num_shallow": 1, "shallow_width": 32,
+                                   "shallow_depth": 1, "deep_width": 32, "deep_depth": 1, "head_dim": 16,
+                                   "text_width": 16}},
+            "codec": {"class_path": "flowvid.codecs.PixelCodec", "init_args": {"patch_size": 2}},
+            "text_encoder": {"class_path": "flowvid.text.LearnedTextEncoder",
+                             "init_args": {"width": 16, "max_length": 8, "depth": 1, "head_dim": 8}},
+            "video_shape": [4, 8, 8],
+            "sampler": "jacobi",
+            "noise_std": 0.1,
+        },
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint file as training writes it: weights plus the run's config."""
+    torch.manual_seed(0)
+    module = build_module(CONFIG)
+    perturb_parameters(module.flow, std=0.02)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "flowvid_run": {"config": CONFIG}}, path)
+    return path
+
+
+def read_record(folder, prefix):
+    [record] = [json.loads(p.read_text()) for p in folder.glob(f"{prefix}*.json")]
+    return record
+
+
+def test_t2v_writes_every_output_and_is_reproducible(checkpoint, tmp_path):
+    args = ["generate", "--ckpt", str(checkpoint), "--prompt", "a red circle moves left", "--seed", "5"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--sampler", "sequential"]) == 0
+    [npy] = [p for p in (tmp_path / "a").glob("*.npy") if not p.name.endswith(".latent.npy")]
+    name = npy.name.removesuffix(".npy")
+    for suffix in (".mp4", ".npy", ".latent.npy", ".json"):
+        assert (tmp_path / "a" / f"{name}{suffix}").exists()
+    video = np.load(npy)
+    assert video.shape == (4, 8, 8, 3) and video.dtype == np.uint8
+    record = read_record(tmp_path / "a", "t2v_000")
+    assert record["seed"] == 5 and record["task"] == "t2v" and "sample_seconds" in record["timings"]
+    assert record["sampler_stats"]  # Jacobi passes per block
+    jacobi = np.load(tmp_path / "a" / f"{name}.latent.npy")
+    sequential = np.load(tmp_path / "b" / f"{name}.latent.npy")
+    assert np.linalg.norm(jacobi - sequential) / np.linalg.norm(sequential) < 1e-2
+
+
+def test_i2v_reproduces_the_given_first_frame(checkpoint, tmp_path):
+    from PIL import Image
+
+    image = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "first.png")
+    assert main(["generate", "--ckpt", str(checkpoint), "--task", "i2v", "--image", str(tmp_path / "first.png"),
+                 "--prompt", "a blue square moves up", "--out", str(tmp_path / "out")]) == 0
+    [npy] = [p for p in (tmp_path / "out").glob("*.npy") if not p.name.endswith(".latent.npy")]
+    assert np.array_equal(np.load(npy)[0], image)
+
+
+def test_stream_writes_frames_as_they_come_and_longer_videos_use_a_window(checkpoint, tmp_path):
+    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--frames", "7", "--stream",
+                 "--out", str(tmp_path)]) == 0
+    [stream] = list(tmp_path.glob("*.stream"))
+    assert len(list(stream.glob("frame_*.png"))) == 7
+    record = read_record(tmp_path, "t2v_000")
+    assert record["frames"] == 7 and record["sampler_stats"]["window"] == 4
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--task", "i2v", "--prompt", "x"], "needs --image"),
+        (["--task", "i2v", "--image", "missing.png", "--prompt", "x"], "does not exist"),
+        (["--prompt", "x", "--guidance", "2", "--frames", "0"], "frame count"),
+        (["--prompts", "PROMPTS"], "line 2 is empty"),
+    ],
+)
+def test_bad_requests_are_one_line_errors(checkpoint, tmp_path, capsys, extra, message):
+    (tmp_path / "prompts.txt").write_text("a red circle moves left\n\nmore\n")
+    extra = [str(tmp_path / "prompts.txt") if e == "PROMPTS" else e for e in extra]
+    assert main(["generate", "--ckpt", str(checkpoint), *extra, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    assert main(["generate", "--ckpt", str(tmp_path / "nope.ckpt"), "--prompt", "x", "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_score_ranks_videos_and_matches_the_flow_likelihood(checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    smooth = np.repeat(np.repeat(rng.integers(100, 140, (6, 4, 4, 3)), 2, 1), 2, 2).astype(np.uint8)
+    noisy = rng.integers(0, 256, (6, 8, 8, 3)).astype(np.uint8)
+    for name, video in (("smooth", smooth), ("noisy", noisy)):
+        write_video(tmp_path / f"{name}.mkv", video, codec="ffv1")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path), "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"].rsplit("/", 1)[-1] for r in records] == ["noisy.mkv", "smooth.mkv", "broken.mp4"]
+    noisy_record = records[0]
+    assert noisy_record["rank"] == 1 and "error" in records[2]
+    assert len(noisy_record["bits_per_dim_per_frame"]) == 6 and noisy_record["clips"] == 2
+    # Uniform noise over 256 levels costs ~8 bits; a model can't do much better on it.
+    assert 6.0 < noisy_record["bits_per_dim"] < 40.0
+    assert math.isclose(np.mean(noisy_record["bits_per_dim_per_frame"]), noisy_record["bits_per_dim"], rel_tol=1e-6)
+
+
+def test_clips_cover_the_video_in_whole_latent_frames():
+    assert clips_of(10, 4, 1) == [(0, 4), (4, 8), (8, 10)]
+    assert clips_of(10, 4, 2) == [(0, 4), (4, 8), (8, 10)]
+    assert clips_of(9, 4, 2) == [(0, 4), (4, 8)]

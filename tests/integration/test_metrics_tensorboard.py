@@ -10,7 +10,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from flowvid.lit.callbacks import FVDCallback, SampleVideoLogger
+from flowvid.lit.callbacks import FVDCallback, SampleVideoLogger, generate
 from flowvid.lit.tensorboard import frame_grid, tile_videos
 from flowvid.metrics import BitsPerDim, FrechetVideoDistance
 
@@ -111,6 +111,17 @@ def test_tiles_and_grid_keep_every_pixel_in_place():
     assert torch.equal(grid[:, 4:, 10:].permute(1, 2, 0), videos[1, 2])
 
 
+def test_sampling_leaves_the_global_random_state_and_the_training_mode_alone():
+    model = RandomVideoModule().train()
+    model.generate_videos = lambda captions, seed: (torch.rand(len(captions), FRAMES, SIZE, SIZE, 3) * 255).to(torch.uint8)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    generate(model, ["a", "b"], seed=0)
+    torch.testing.assert_close(torch.rand(4), expected)
+    assert model.training
+
+
 def test_callbacks_refuse_bad_settings_and_bad_samples():
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         SampleVideoLogger(every_n_steps=0)
@@ -118,7 +129,5 @@ def test_callbacks_refuse_bad_settings_and_bad_samples():
         FVDCallback(num_samples=1)
     model = RandomVideoModule()
     model.generate_videos = lambda captions, seed: torch.zeros(len(captions), FRAMES, SIZE, SIZE, 3)
-    from flowvid.lit.callbacks import generate
-
     with pytest.raises(ValueError, match=r"RandomVideoModule.generate_videos: expected uint8 videos"):
         generate(model, ["x"], 0)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=sys.argv[1:] if argv is None else argv,
+        args=argv,
     )
     finish_distributed()
     return 0

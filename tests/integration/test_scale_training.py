@@ -101,16 +101,21 @@ def recipe(shards: Path, run_dir: Path, *, denoiser: bool, max_steps: int, extra
 
 
 def fit(config: dict, *overlays: str, args: tuple[str, ...] = (), expect_rc: int = 0) -> None:
+    """Write ``config`` into its run directory and fit it, with recipe overlays from the repository."""
     run_dir = Path(config["trainer"]["default_root_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "recipe.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "flowvid.lit.cli_support", "fit", "--config", str(config_path)]
-    for overlay in overlays:
-        command += ["--config", str(REPO / overlay)]
+    run_fit([config_path, *(REPO / overlay for overlay in overlays)], args, cwd=REPO, expect_rc=expect_rc)
+
+
+def run_fit(configs: list[Path], args: tuple[str, ...], cwd: Path, expect_rc: int = 0) -> None:
+    command = [sys.executable, "-m", "flowvid.lit.cli_support", "fit"]
+    for config in configs:
+        command += ["--config", str(config)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    done = subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == expect_rc, f"rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
@@ -226,3 +231,30 @@ def test_export_of_a_zero3_checkpoint_loads_in_one_process_with_the_ddp_likeliho
     assert torch.allclose(from_sharded, from_single, rtol=1e-6, atol=0)
     config = yaml.safe_load((tmp_path / "z3" / "config.yaml").read_text())
     assert config["trainer"]["strategy"]["init_args"]["stage"] == 3
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------
+
+
+def test_the_finetune_recipe_starts_from_the_export_and_keeps_the_frozen_blocks(shards, single_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from flowvid.export import export_checkpoint
+
+    exported = export_checkpoint(single_run / "checkpoints" / "step=00000006.ckpt",
+                                 tmp_path / "exported" / "model.safetensors")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "custom").symlink_to(shards, target_is_directory=True)
+    # The commands of the recipe's header, run where its relative paths point.
+    run_fit([tmp_path / "exported" / "config.yaml", REPO / "recipes" / "finetune" / "custom_shards.yaml"],
+            ("--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.logger", "false",
+             "--trainer.enable_progress_bar", "false", "--data.init_args.num_workers", "0",
+             "--data.init_args.batches_per_epoch", "4", "--data.init_args.val_batches", "1"), cwd=tmp_path)
+    start = load_file(exported)
+    tuned = torch.load(tmp_path / "runs" / "finetune_custom" / "checkpoints" / "step=00000002.ckpt",
+                       map_location="cpu", weights_only=False)["state_dict"]
+    assert set(tuned) == set(start)
+    changed = {name for name in start if not torch.equal(tuned[name], start[name])}
+    assert not any(name.startswith("flow.shallow.") for name in changed)  # frozen by the recipe
+    assert any(name.startswith("flow.deep.") for name in changed)
+    assert any(name.startswith("denoiser.") for name in changed)

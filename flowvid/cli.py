@@ -21,18 +21,11 @@ class UserError(Exception):
 
 
 def run_lightning(argv: list[str]) -> int:
-    from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.cli import LightningCLI
+    """LightningCLI with ``--resume auto|none|PATH`` and self-describing checkpoints."""
+    from flowvid.lit.cli_support import main as lightning_main
 
-    LightningCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
-    return 0
+    # Lightning relaunches ``sys.argv`` for multi-process runs; passing the same list again only warns.
+    return lightning_main(None if argv == sys.argv[1:] else argv)
 
 
 def list_plugins(argv: list[str]) -> int:

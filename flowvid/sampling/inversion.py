@@ -57,6 +57,9 @@ class BlockInversion:
         self.z = block.permutation.forward(z.float())
         # Slot values: final below ``done``, current guesses above it (samplers write the guesses).
         self.x = self.z.clone()
+        # The affine parameters of the latest pass over each slot (warm starts reuse them).
+        self.mu = torch.zeros_like(self.z)
+        self.sigma = torch.ones_like(self.z)
         self.done = 0
         batch, num_tokens, _ = z.shape
         if guidance > 0:
@@ -89,13 +92,15 @@ class BlockInversion:
         if self.done:
             raise RuntimeError("prefill must come before any other slot is final")
         self.x[:, :count] = self.block.permutation.forward(tokens.float())
-        self._affine(self.inputs(0, count))
+        self.mu[:, :count], self.sigma[:, :count] = self._affine(self.inputs(0, count))
         self.commit(count)
 
     def propose(self, count: int) -> torch.Tensor:
         """fp32 values of slots ``[done, done + count)`` given the current values before them."""
         first = self.done
         mu, sigma = self._affine(self.inputs(first, count))
+        self.mu[:, first:first + count] = mu
+        self.sigma[:, first:first + count] = sigma
         return mu + sigma * self.z[:, first:first + count]
 
     def commit(self, count: int) -> None:

@@ -60,6 +60,7 @@ class JacobiStats:
     def to_dict(self) -> dict:
         return {
             "block_sizes": self.block_sizes,
+            "block_frames": self.first_frames,
             "iterations": self.iterations,
             "iterations_per_frame": {str(k): v for k, v in self.iterations_per_frame().items()},
             "passes": round(self.passes, 4),
@@ -96,6 +97,9 @@ def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return _all_ranks_max(change.max())
 
 
+WARM_STARTS = ("affine", "values", "noise")
+
+
 @SAMPLERS.register("jacobi")
 class JacobiSampler(BlockSampler):
     """Block-Jacobi inversion of a GlobalLocalFlow, with a warm start from the previous frame.
@@ -107,19 +111,24 @@ class JacobiSampler(BlockSampler):
         first_block_size: slots per block in the first frame, and in the shallow blocks.
         max_iterations: passes per block at most; a block still moving then is accepted as is and
             counted in ``last_stats`` (``unconverged_blocks``).
-        warm_start: start each later frame from the previous frame's values (else from the noise).
+        warm_start: the first guess of a slot. ``"affine"``: the affine parameters (mu, sigma) found
+            one frame earlier at the same position (in the first frame: one row earlier) applied to
+            the slot's own noise; ``"values"``: the value one frame earlier at the same position;
+            ``"noise"``: the slot's noise (the inverse of a block at its identity initialisation).
 
     After every call ``last_stats`` holds the passes spent per block (see ``JacobiStats``).
     """
 
-    def __init__(self, tol: float = 1e-2, block_size: int | None = None, first_block_size: int = 64,
-                 max_iterations: int = 32, warm_start: bool = True):
+    def __init__(self, tol: float = 1e-2, block_size: int | None = None, first_block_size: int = 16,
+                 max_iterations: int = 32, warm_start: str = "affine"):
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol}")
         for name, value in (("block_size", block_size), ("first_block_size", first_block_size),
                             ("max_iterations", max_iterations)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if warm_start not in WARM_STARTS:
+            raise ValueError(f"warm_start must be one of {', '.join(WARM_STARTS)}, got {warm_start!r}")
         self.tol = tol
         self.block_size = block_size
         self.first_block_size = first_block_size
@@ -136,16 +145,31 @@ class JacobiSampler(BlockSampler):
         self.run = JacobiRun()
 
     # --- one block of slots -------------------------------------------------------------------
-    def _guess(self, inversion: BlockInversion, first: int, end: int, tokens_per_frame: int) -> None:
-        """Write first guesses for slots ``[first, end)``: the previous frame's values, or the noise."""
-        if not self.warm_start or end <= tokens_per_frame:
-            return  # the buffer starts out as the noise
-        for start in range(max(first, tokens_per_frame), end, tokens_per_frame):
-            stop = min(start + tokens_per_frame, end)
-            inversion.x[:, start:stop] = inversion.x[:, start - tokens_per_frame:stop - tokens_per_frame]
+    def _guess(self, inversion: BlockInversion, size: int) -> None:
+        """Write the first guesses of the next ``size`` slots (the buffer starts out as the noise)."""
+        if self.warm_start == "noise":
+            return
+        height, width = inversion.block.spec.frame_size
+        per_frame = height * width
+        first, end = inversion.done, inversion.done + size
+        if self.warm_start == "values":
+            # The previous frame at the same positions, frame by frame: a block may span several frames.
+            for start in range(max(first, per_frame), end, per_frame):
+                stop = min(start + per_frame, end)
+                inversion.x[:, start:stop] = inversion.x[:, start - per_frame:stop - per_frame]
+            return
+        # Slot s borrows (mu, sigma) of slot s - offset: the previous frame if there is one, else the previous row.
+        offset = per_frame if first >= per_frame else width
+        for start in range(max(first, offset), end, offset):
+            stop = min(start + offset, end)
+            source = slice(start - offset, stop - offset)
+            inversion.mu[:, start:stop] = inversion.mu[:, source]
+            inversion.sigma[:, start:stop] = inversion.sigma[:, source]
+            inversion.x[:, start:stop] = inversion.mu[:, start:stop] + inversion.sigma[:, start:stop] * inversion.z[:, start:stop]
 
     def _solve(self, inversion: BlockInversion, size: int, stats: JacobiStats) -> None:
-        """Iterate the next ``size`` slots to convergence and commit them."""
+        """Guess the next ``size`` slots, iterate them to convergence and commit them."""
+        self._guess(inversion, size)
         first = inversion.done
         values = inversion.x[:, first:first + size]
         for iteration in range(1, self.max_iterations + 1):
@@ -157,21 +181,18 @@ class JacobiSampler(BlockSampler):
         inversion.commit(size)
         stats.record(first, size, iteration, converged or iteration == size)
 
-    def _next_size(self, inversion: BlockInversion, tokens_per_frame: int, in_first_frame: bool) -> int:
-        if in_first_frame:
-            frame_end = (inversion.done // tokens_per_frame + 1) * tokens_per_frame
-            return min(self.first_block_size, frame_end - inversion.done)
+    def _next_size(self, inversion: BlockInversion, tokens_per_frame: int) -> int:
+        if inversion.done < tokens_per_frame:
+            return min(self.first_block_size, tokens_per_frame - inversion.done)
         size = self.block_size or tokens_per_frame
         return min(size, inversion.num_slots - inversion.done)
 
-    # --- the Sampler hooks ---------------------------------------------------------------------
+    # --- the BlockSampler hooks ------------------------------------------------------------------
     def deep_frames(self, inversion: BlockInversion, tokens_per_frame: int) -> Iterator[torch.Tensor]:
         stats = self.run.deep = JacobiStats(tokens_per_frame)
         yielded = inversion.done // tokens_per_frame
         while inversion.done < inversion.num_slots:
-            size = self._next_size(inversion, tokens_per_frame, inversion.done < tokens_per_frame)
-            self._guess(inversion, inversion.done, inversion.done + size, tokens_per_frame)
-            self._solve(inversion, size, stats)
+            self._solve(inversion, self._next_size(inversion, tokens_per_frame), stats)
             while (yielded + 1) * tokens_per_frame <= inversion.done:
                 yield inversion.frame(yielded, tokens_per_frame)
                 yielded += 1
@@ -181,5 +202,5 @@ class JacobiSampler(BlockSampler):
         per_frame = frames.shape[1]
         stats = self.run.shallow.setdefault(index, JacobiStats(per_frame))
         while inversion.done < inversion.num_slots:
-            self._solve(inversion, self._next_size(inversion, per_frame, True), stats)
+            self._solve(inversion, self._next_size(inversion, per_frame), stats)
         return inversion.result()

@@ -17,5 +17,11 @@ class TestJacobiSampler(SamplerConformance):
 
 class TestJacobiSamplerWithoutWarmStart(SamplerConformance):
     sampler_class = JacobiSampler
-    sampler_kwargs = {"tol": 1e-5, "block_size": 12, "warm_start": False}
+    sampler_kwargs = {"tol": 1e-5, "block_size": 12, "warm_start": "noise"}
+    tolerance = 1e-4
+
+
+class TestJacobiSamplerWithValueWarmStart(SamplerConformance):
+    sampler_class = JacobiSampler
+    sampler_kwargs = {"tol": 1e-5, "first_block_size": 3, "warm_start": "values"}
     tolerance = 1e-4

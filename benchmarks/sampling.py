@@ -1,0 +1,196 @@
+"""Sampling speed: sequential vs Jacobi inversion, in forward passes of the same video.
+
+    python benchmarks/sampling.py [--config demo|large] [--frames 4] [--perturb 0.02 | --train-steps 250]
+                                  [--threads 1] [--json OUT]
+
+A forward (encoding) pass over the video is the floor: Jacobi needs at least one parallel pass. For
+every sampler the table gives its wall time in forward passes, its relative L2 distance to the exact
+sequential inverse, and the passes Jacobi spent (slot evaluations per slot, per block kind; the first
+frame has no earlier frame to warm-start from, so its iterations are listed apart).
+
+Weights: a freshly built flow is the identity, so the flow is either perturbed (``--perturb STD``,
+every parameter moved by N(0, STD^2)) or fitted for a few steps to the synthetic moving-shapes videos
+(``--train-steps N``, 16x16 pixels patchified 2x2 into 8x8x12 latents, or 32x32 for ``large``), which
+gives the temporally coherent samples that a trained video model makes. Wall-clock numbers depend on
+the machine and its load; the command is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from flowvid.codecs import PixelCodec
+from flowvid.data.synthetic import TRAIN_COMBINATIONS, render_video, sample_attributes
+from flowvid.flows import GlobalLocalFlow
+from flowvid.sampling import JacobiSampler, Sampler, SequentialSampler
+from flowvid.testing import perturb_parameters
+
+CONFIGS: dict[str, dict] = {
+    # The "demo" preset at the demo recipe's latent size (16x16 pixels, patch 2).
+    "demo": dict(preset="demo", latent_channels=12, frame_size=(8, 8)),
+    # Four times the tokens per frame, twice the deep block's width and depth.
+    "large": dict(preset="demo", latent_channels=12, frame_size=(16, 16), deep_width=384, deep_depth=12,
+                  shallow_width=192),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    sampler: Callable[[], Sampler]
+
+
+def variants() -> list[Variant]:
+    """The samplers measured, the defaults first."""
+    return [
+        Variant("jacobi (defaults: tol 1e-2, affine warm start)", lambda: JacobiSampler()),
+        Variant("jacobi tol 3e-2", lambda: JacobiSampler(tol=3e-2)),
+        Variant("jacobi tol 1e-3", lambda: JacobiSampler(tol=1e-3)),
+        Variant("jacobi, values warm start", lambda: JacobiSampler(warm_start="values")),
+        Variant("jacobi, no warm start", lambda: JacobiSampler(warm_start="noise")),
+        Variant("jacobi, first blocks of one frame", lambda: JacobiSampler(first_block_size=10**9)),
+        # The reference's settings: blocks of 32 then 128 slots, previous-frame values, threshold
+        # 1e-3 on the *squared* relative change (= 0.0316 on the relative change).
+        Variant("jacobi, reference settings", lambda: JacobiSampler(tol=0.0316, first_block_size=32, block_size=128,
+                                                                    warm_start="values")),
+    ]
+
+
+def build_flow(config: str) -> GlobalLocalFlow:
+    settings = dict(CONFIGS[config])
+    torch.manual_seed(0)
+    return GlobalLocalFlow.from_preset(settings.pop("preset"), text_width=None, **settings)
+
+
+def shapes_latents(count: int, frames: int, pixels: int, seed: int = 0) -> torch.Tensor:
+    """Synthetic moving-shapes videos as patchified pixel latents (count, frames, pixels/2, pixels/2, 12)."""
+    rng = np.random.default_rng(seed)
+    videos = [render_video(sample_attributes(rng, TRAIN_COMBINATIONS), frames, pixels, seed=int(rng.integers(2**31)))
+              for _ in range(count)]
+    return PixelCodec(patch_size=2).encode(torch.from_numpy(np.stack(videos)))
+
+
+def fit_to_shapes(flow: GlobalLocalFlow, steps: int, frames: int, noise_std: float = 0.1, batch: int = 4) -> None:
+    """A few steps of maximum likelihood on noise-augmented shapes latents (the demo recipe's optimiser)."""
+    data = shapes_latents(256, frames, 2 * flow.frame_size[0])
+    optimizer = torch.optim.AdamW(flow.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    flow.train()
+    for step in range(steps):
+        clips = data[torch.randint(len(data), (batch,), generator=generator)]
+        loss = flow.nll(clips + noise_std * torch.randn(clips.shape, generator=generator)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  fit step {step}: nll {loss.item():.3f} nats/dim", flush=True)
+    flow.eval()
+
+
+def best_time(run: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
+    """The fastest of ``repeats`` runs (the least disturbed by other processes) and its result."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - started)
+    return min(times), result
+
+
+def first_and_later_iterations(stats: dict) -> tuple[float, float]:
+    """Mean iterations per deep block in the first frame and after it."""
+    deep = stats["deep"]
+    first = [i for i, frame in zip(deep["iterations"], deep["block_frames"]) if frame == 0]
+    later = [i for i, frame in zip(deep["iterations"], deep["block_frames"]) if frame > 0]
+    return float(np.mean(first)) if first else 0.0, float(np.mean(later)) if later else 0.0
+
+
+@torch.no_grad()
+def measure(config: str, frames: int, batch: int, perturb: float, train_steps: int, repeats: int) -> dict:
+    flow = build_flow(config)
+    if train_steps:
+        with torch.enable_grad():
+            fit_to_shapes(flow, train_steps, frames)
+        weights = f"fitted {train_steps} steps to shapes"
+    else:
+        perturb_parameters(flow, std=perturb)
+        weights = f"perturbed, std {perturb}"
+    z = torch.randn(batch, frames, *flow.frame_size, flow.latent_channels, generator=torch.Generator().manual_seed(1))
+    sequential_seconds, reference = best_time(lambda: SequentialSampler().sample(flow, z), 1)
+    forward_seconds, _ = best_time(lambda: flow(reference), max(repeats, 5))
+    rows = [{"sampler": "sequential", "seconds": sequential_seconds, "forward_passes": sequential_seconds / forward_seconds,
+             "relative_l2": 0.0}]
+    for variant in variants():
+        sampler = variant.sampler()
+        seconds, x = best_time(lambda: sampler.sample(flow, z), repeats)
+        stats = sampler.last_stats
+        first, later = first_and_later_iterations(stats)
+        rows.append({
+            "sampler": variant.label, "seconds": seconds, "forward_passes": seconds / forward_seconds,
+            "relative_l2": ((x - reference).norm() / reference.norm()).item(),
+            "deep_passes": stats["deep"]["passes"],
+            "shallow_passes": float(np.mean([s["passes"] for s in stats["shallow"].values()])),
+            "first_frame_iterations": first, "later_iterations": later,
+            "unconverged_blocks": stats["deep"]["unconverged_blocks"],
+        })
+        print(f"  {variant.label}: {seconds:.3f} s", flush=True)
+    parameters = sum(p.numel() for p in flow.parameters())
+    return {"config": config, "parameters": parameters, "weights": weights, "video": [batch, frames, *flow.frame_size,
+            flow.latent_channels], "forward_seconds": forward_seconds, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    b, t, h, w, c = result["video"]
+    lines = [
+        f"**{result['config']}** ({result['parameters'] / 1e6:.2f}M parameters, {result['weights']}), "
+        f"video {b}x{t}x{h}x{w}x{c}, one forward pass {result['forward_seconds'] * 1e3:.1f} ms",
+        "",
+        "| sampler | time (s) | forward passes | rel. L2 to sequential | deep passes | shallow passes "
+        "| iterations/block, first frame | iterations/block, later |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        if row["sampler"] == "sequential":
+            lines.append(f"| sequential (exact) | {row['seconds']:.2f} | {row['forward_passes']:.1f} | 0 | | | | |")
+            continue
+        lines.append(
+            f"| {row['sampler']} | {row['seconds']:.3f} | {row['forward_passes']:.2f} | {row['relative_l2']:.1e} "
+            f"| {row['deep_passes']:.2f} | {row['shallow_passes']:.2f} | {row['first_frame_iterations']:.1f} "
+            f"| {row['later_iterations']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="demo")
+    parser.add_argument("--frames", type=int, default=4, help="latent frames of the video")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--perturb", type=float, default=0.02, help="std of the weight perturbation")
+    parser.add_argument("--train-steps", type=int, default=0, help="fit the flow to shapes videos instead")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per Jacobi sampler; the fastest counts")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"# sampling benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} thread(s)", flush=True)
+    result = measure(args.config, args.frames, args.batch, args.perturb, args.train_steps, args.repeats)
+    print(markdown(result))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({**result, "args": vars(args)}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""Jacobi under a process group: every rank takes the same convergence decisions (two gloo processes)."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from flowvid.flows import GlobalLocalFlow
+from flowvid.sampling import JacobiSampler, SequentialSampler
+from flowvid.testing import perturb_parameters
+
+SETTINGS = {"tol": 1e-3, "first_block_size": 4}
+
+
+def make_flow():
+    torch.manual_seed(0)
+    flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=(2, 3))
+    perturb_parameters(flow, std=0.05)
+    return flow.eval()
+
+
+def noise_of(rank):
+    # Rank 1 samples larger noise, which takes more passes: only the all-reduce keeps the ranks in step.
+    return torch.randn(1, 3, 2, 3, 3, generator=torch.Generator().manual_seed(rank)) * (1 + 2 * rank)
+
+
+def _rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sampler = JacobiSampler(**SETTINGS)
+        x = sampler.sample(make_flow(), noise_of(rank))
+        torch.save({"x": x, "stats": sampler.last_stats}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_every_convergence_decision(tmp_path):
+    make_flow()  # import every plugin here once; forked ranks inherit them instead of importing again
+    mp.start_processes(_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert results[0]["stats"] == results[1]["stats"]
+
+    torch.set_num_threads(1)
+    alone = []
+    for rank in range(2):  # without a process group each rank would have decided on its own
+        sampler = JacobiSampler(**SETTINGS)
+        sampler.sample(make_flow(), noise_of(rank))
+        alone.append(sampler.last_stats["deep"]["iterations"])
+    assert alone[0] != alone[1]
+    for rank, result in enumerate(results):
+        reference = SequentialSampler().sample(make_flow(), noise_of(rank))
+        assert ((result["x"] - reference).norm() / reference.norm()).item() < 1e-3

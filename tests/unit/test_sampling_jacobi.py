@@ -1,0 +1,107 @@
+"""JacobiSampler: tolerance-driven agreement with the exact sampler, warm starts, statistics, settings."""
+
+import pytest
+import torch
+
+from flowvid.flows import GlobalLocalFlow
+from flowvid.sampling import JacobiSampler, SequentialSampler
+from flowvid.testing import perturb_parameters
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_flow(frame_size=(4, 4), std=0.05):
+    torch.manual_seed(0)
+    flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=frame_size)
+    perturb_parameters(flow, std=std)
+    return flow.eval()
+
+
+def relative_error(x, reference):
+    return ((x - reference).norm() / reference.norm()).item()
+
+
+def test_error_to_the_exact_inverse_follows_the_tolerance():
+    flow = make_flow()
+    z = torch.randn(2, 3, 4, 4, 3, generator=torch.Generator().manual_seed(0))
+    reference = SequentialSampler().sample(flow, z)
+    errors = {}
+    for tol in (1e-1, 1e-2, 1e-3, 1e-4):
+        errors[tol] = relative_error(JacobiSampler(tol=tol).sample(flow, z), reference)
+        assert errors[tol] <= tol
+    assert errors[1e-1] > 10 * errors[1e-4]  # the tolerance, not exactness after N passes, stops the loop
+    assert errors[1e-1] > errors[1e-2] > errors[1e-3]
+
+
+def test_statistics_describe_every_block_of_the_last_call():
+    flow = make_flow()
+    z = torch.randn(2, 3, 4, 4, 3)
+    sampler = JacobiSampler(first_block_size=8)
+    sampler.sample(flow, z)
+    deep = sampler.last_stats["deep"]
+    assert deep["block_sizes"] == [8, 8, 16, 16] and deep["block_frames"] == [0, 0, 1, 2]
+    assert set(deep["iterations_per_frame"]) == {"0", "1", "2"}
+    assert sum(deep["iterations_per_frame"].values()) == sum(deep["iterations"])
+    assert all(1 <= i <= 32 for i in deep["iterations"]) and deep["passes"] >= 1
+    assert set(sampler.last_stats["shallow"]) == {"0", "1"}
+    assert sum(sampler.last_stats["shallow"]["0"]["block_sizes"]) == 16  # one frame, all frames at once
+
+    sampler.sample(flow, z, prefix=torch.randn(2, 2, 4, 4, 3))
+    assert sampler.last_stats["deep"]["block_frames"] == [2]  # the new call's blocks only
+
+
+def test_blocks_still_moving_at_max_iterations_are_counted():
+    flow = make_flow(std=0.1)
+    z = torch.randn(1, 2, 4, 4, 3)
+    sampler = JacobiSampler(tol=1e-6, max_iterations=1, warm_start="noise")
+    x = sampler.sample(flow, z)
+    assert torch.isfinite(x).all()
+    assert sampler.last_stats["deep"]["unconverged_blocks"] > 0
+    assert sampler.last_stats["deep"]["iterations"] == [1] * len(sampler.last_stats["deep"]["iterations"])
+
+
+@pytest.mark.parametrize("warm_start", ["values", "affine"])
+def test_warm_start_from_the_previous_frame_saves_passes_on_a_still_video(warm_start):
+    flow = make_flow(std=0.03)
+    still = torch.randn(1, 1, 4, 4, 3).expand(1, 4, 4, 4, 3).contiguous()
+    with torch.no_grad():
+        z, _ = flow(still)
+
+    def later_iterations(sampler):
+        x = sampler.sample(flow, z)
+        assert relative_error(x, still) < 1e-2
+        deep = sampler.last_stats["deep"]
+        return [i for i, f in zip(deep["iterations"], deep["block_frames"]) if f > 0]
+
+    warm = later_iterations(JacobiSampler(tol=1e-3, warm_start=warm_start))
+    cold = later_iterations(JacobiSampler(tol=1e-3, warm_start="noise"))
+    assert sum(warm) < sum(cold)
+    if warm_start == "values":  # every later frame repeats the first: the guess is already the answer
+        assert warm == [1, 1, 1]
+
+
+def test_network_in_bf16_keeps_the_sampling_math_in_fp32():
+    flow = make_flow()
+    z = torch.randn(2, 2, 4, 4, 3)
+    reference = SequentialSampler().sample(flow, z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = JacobiSampler(tol=1e-3).sample(flow, z)
+    assert x.dtype == torch.float32
+    assert relative_error(x, reference) < 3e-2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tol": 0.0}, "tol"), ({"tol": -1e-3}, "tol"),
+    ({"block_size": 0}, "block_size"), ({"first_block_size": -4}, "first_block_size"),
+    ({"block_size": 2.5}, "block_size"), ({"max_iterations": 0}, "max_iterations"),
+    ({"warm_start": "previous"}, "warm_start"),
+])
+def test_bad_settings_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        JacobiSampler(**kwargs)

@@ -1,0 +1,76 @@
+"""Long videos: the sliding window re-encodes its context and keeps the first window a plain sample."""
+
+import pytest
+import torch
+
+from flowvid.flows import GlobalLocalFlow
+from flowvid.sampling import JacobiSampler, SequentialSampler, WindowedSampler, windows
+from flowvid.testing import perturb_parameters
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_flow():
+    torch.manual_seed(0)
+    flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=(2, 3))
+    perturb_parameters(flow, std=0.05)
+    return flow.eval()
+
+
+def test_windows_overlap_by_the_context():
+    assert windows(10, 4, 2) == [(0, 4), (2, 6), (4, 8), (6, 10)]
+    assert windows(9, 4, 1) == [(0, 4), (3, 7), (6, 9)]
+    assert windows(3, 4, 2) == [(0, 3)]
+    assert windows(8, 4, 0) == [(0, 4), (4, 8)]
+
+
+@pytest.mark.parametrize("inner", [SequentialSampler(), JacobiSampler(tol=1e-3)], ids=["sequential", "jacobi"])
+def test_rollout_has_the_requested_length_and_its_first_window_is_a_plain_sample(inner):
+    flow = make_flow()
+    z = torch.randn(2, 7, 2, 3, 3)
+    x = WindowedSampler(inner, window=3, context=1).sample(flow, z)
+    assert x.shape == z.shape and torch.isfinite(x).all()
+    assert torch.equal(x[:, :3], inner.sample(flow, z[:, :3]))
+
+
+def test_each_window_continues_from_its_re_encoded_context():
+    flow = make_flow()
+    z = torch.randn(1, 6, 2, 3, 3)
+    inner = SequentialSampler()
+    x = WindowedSampler(inner, window=4, context=2).sample(flow, z)
+    second = inner.sample(flow, z[:, 2:6], prefix=x[:, 2:4])
+    assert torch.equal(x[:, 4:], second[:, 2:])
+    assert not torch.allclose(x[:, 4:], inner.sample(flow, z)[:, 4:])  # a window, not the whole video in view
+
+
+def test_rollout_keeps_a_given_prefix_and_streams_the_same_frames():
+    flow = make_flow()
+    z = torch.randn(1, 6, 2, 3, 3)
+    prefix = torch.randn(1, 1, 2, 3, 3)
+    sampler = WindowedSampler("sequential", window=3, context=1)
+    x = sampler.sample(flow, z, prefix=prefix)
+    assert torch.equal(x[:, :1], prefix)
+    frames = list(sampler.stream(flow, z, prefix=prefix))
+    assert len(frames) == 5
+    torch.testing.assert_close(torch.stack(frames, dim=1), x[:, 1:])
+    assert len(sampler.last_stats["windows"]) == len(windows(6, 3, 1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"window": 0}, "window"), ({"window": 4, "context": 4}, "context"), ({"window": 4, "context": -1}, "context"),
+])
+def test_bad_window_settings_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        WindowedSampler("sequential", **kwargs)
+
+
+def test_a_prefix_must_fit_in_the_window():
+    with pytest.raises(ValueError, match="does not fit a window"):
+        WindowedSampler("sequential", window=3, context=1).sample(
+            make_flow(), torch.randn(1, 8, 2, 3, 3), prefix=torch.randn(1, 3, 2, 3, 3))

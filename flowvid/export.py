@@ -185,8 +185,13 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} does not exist: it is written beside the model by `flowvid export`")
     run_config = yaml.safe_load(config_path.read_text())
-    read_export_metadata(path)  # fail early on a file that is not an export
-    module = build_module(run_config)
+    metadata = read_export_metadata(path)  # fails early on a file that is not an export
+    try:
+        module = build_module(run_config)
+    except Exception as err:  # noqa: BLE001 - most often a plugin that is not installed here
+        raise ValueError(f"cannot build the model of {path} from {config_path}: {err}\n"
+                         f"It was exported with flowvid {metadata.get('flowvid_version')} and the plugin "
+                         f"packages {metadata.get('plugins') or 'none'}") from err
     load_weights(module, load_file(str(path), device=str(map_location)), where=str(path))
     module.to(map_location).eval()
     return ExportedModel(

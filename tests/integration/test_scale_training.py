@@ -76,7 +76,8 @@ def recipe(shards: Path, run_dir: Path, *, denoiser: bool, max_steps: int, extra
         "warmup_steps": 2,
         "grad_clip": None,  # DeepSpeed clips inside its engine; compare strategies without clipping
     }
-    if denoiser:
+    if denoiser:  # the full-featured model: a denoiser and a moving average of the weights
+        model["ema_decay"] = 0.9
         model["denoiser"] = {"class_path": "flowvid.denoise.CausalDenoiser",
                              "init_args": {"channels": 3, "frame_size": [8, 8], "width": 32, "depth": 1, "head_dim": 16}}
     return {
@@ -123,6 +124,12 @@ def losses(run_dir: Path, rank: int = 0) -> dict[int, float]:
     """Loss per step; a step logged twice (redone after a resume) keeps its last value."""
     lines = (run_dir / f"losses.rank{rank}.jsonl").read_text().splitlines()
     return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+
+def assert_same_tensors(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == actual.keys()
+    different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert not different, different
 
 
 TWO_PROCESSES = ("--trainer.devices", "2")
@@ -197,6 +204,10 @@ def test_a_run_killed_mid_training_resumes_with_auto_to_the_same_losses(shards, 
     expected = losses(single_run)
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert losses(tmp_path) == expected  # bit for bit: weights, AdamW, schedule, data position, noise
+    whole, resumed = (torch.load(run / "checkpoints" / "step=00000006.ckpt", map_location="cpu", weights_only=False)
+                      for run in (single_run, tmp_path))
+    assert_same_tensors(whole["state_dict"], resumed["state_dict"])
+    assert_same_tensors(whole["flowvid"]["ema"], resumed["flowvid"]["ema"])
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])

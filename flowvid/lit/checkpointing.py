@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io import TorchCheckpointIO
@@ -285,7 +286,7 @@ class RunCheckpoint(ModelCheckpoint):
         if isinstance(strategy, DeepSpeedStrategy):
             # ZeroStrategy writes atomically and checks what it resumes from itself.
             if not hasattr(strategy, "cpu_shm_allreduce"):
-                rank_zero_warn("DeepSpeed checkpoints are written atomically only by flowvid.lit.strategies.ZeroStrategy")
+                rank_zero_warn("only flowvid.lit.strategies.ZeroStrategy writes DeepSpeed checkpoints atomically")
         elif type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO(
                 check=lambda checkpoint, path: check_resumable(checkpoint, pl_module, f"checkpoint {path}")

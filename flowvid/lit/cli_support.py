@@ -10,7 +10,7 @@ carries (and ``flowvid export`` writes out as ``config.yaml``).
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -24,7 +24,7 @@ class FlowvidCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
-            "--resume", type=Optional[str], default=None,
+            "--resume", type=str | None, default=None,
             help="fit only: 'auto' continues from the newest checkpoint in <trainer.default_root_dir>/checkpoints "
                  "(or starts fresh when there is none), 'none' starts fresh, a path continues from that checkpoint",
         )

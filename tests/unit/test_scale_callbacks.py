@@ -49,7 +49,7 @@ def test_checkpointed_deep_layers_recompute_in_backward_and_give_identical_gradi
     for flow in (plain, checkpointed):
         flow.nll(x).mean().backward()
     assert calls == {"deep": 2, "shallow": 1}  # the deep layer ran again in the backward pass
-    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters(), strict=True):
         assert torch.equal(a.grad, b.grad), name
     with torch.no_grad():
         checkpointed.nll(x)
@@ -68,7 +68,8 @@ def test_activation_checkpointing_needs_a_flow_and_a_known_block_choice():
 
 def fake_trainer(batch_index: int, rank: int) -> SimpleNamespace:
     progress = SimpleNamespace(total=SimpleNamespace(ready=batch_index))
-    return SimpleNamespace(global_rank=rank, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+    return SimpleNamespace(global_rank=rank, fit_loop=loop)
 
 
 def draws_at(batch_index: int, rank: int = 0, seed: int = 7) -> torch.Tensor:
@@ -97,7 +98,7 @@ def test_init_from_export_loads_weights_only_when_not_resuming(tmp_path):
     InitFromExport(str(path)).setup(SimpleNamespace(ckpt_path="runs/x/last.ckpt"), fresh, "fit")
     assert not torch.equal(fresh.flow.deep.proj_in.weight, source.flow.deep.proj_in.weight)  # resuming: untouched
     InitFromExport(str(path)).setup(SimpleNamespace(ckpt_path=None), fresh, "fit")
-    for (name, a), (_, b) in zip(source.state_dict().items(), fresh.state_dict().items()):
+    for (name, a), (_, b) in zip(source.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 

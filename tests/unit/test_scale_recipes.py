@@ -1,0 +1,64 @@
+"""The scale recipes parse, alone or as overlays, and say what their headers promise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flowvid.flows.presets import PRESETS
+from flowvid.lit.cli_support import main
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+DEMO = RECIPES / "demo" / "shapes_t2v.yaml"
+
+
+def resolved(capsys, *configs: Path) -> dict:
+    """The full config ``flowvid fit`` would run (parsed and checked, nothing instantiated)."""
+    args = ["fit"]
+    for config in configs:
+        args += ["--config", str(config)]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--print_config"])
+    assert stop.value.code in (0, None)
+    out = capsys.readouterr().out
+    return yaml.safe_load(out[out.index("# lightning.pytorch"):])  # after DeepSpeed's import-time log lines
+
+
+def callback_classes(config: dict) -> list[str]:
+    return [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
+
+
+def test_the_paper_scale_recipe_is_the_7b_preset_on_zero3(capsys):
+    config = resolved(capsys, RECIPES / "starflow_v" / "t2v_480p.yaml")
+    flow = config["model"]["init_args"]["flow"]["init_args"]
+    assert {k: flow[k] for k in PRESETS["starflow-v-7b"]} == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in PRESETS["starflow-v-7b"].items()}
+    strategy = config["trainer"]["strategy"]
+    assert strategy["class_path"] == "flowvid.lit.strategies.ZeroStrategy" and strategy["init_args"]["stage"] == 3
+    assert config["trainer"]["precision"] == "bf16-mixed" and config["resume"] == "auto"
+    assert {"RunCheckpoint", "StepSeed", "ActivationCheckpointing"} <= set(callback_classes(config))
+
+
+@pytest.mark.parametrize("overlay, strategy, stage", [("ddp", "DDPStrategy", None), ("zero2", "ZeroStrategy", 2),
+                                                      ("zero3", "ZeroStrategy", 3)])
+def test_distributed_overlays_change_the_strategy_and_add_to_the_callbacks(capsys, overlay, strategy, stage):
+    config = resolved(capsys, DEMO, RECIPES / "distributed" / f"{overlay}.yaml")
+    assert config["trainer"]["strategy"]["class_path"].endswith(strategy)
+    assert config["trainer"]["strategy"]["init_args"].get("stage") == stage
+    assert config["trainer"]["precision"] == "bf16-mixed"
+    assert callback_classes(config)[-1] == "ActivationCheckpointing"
+    assert len(callback_classes(config)) == len(yaml.safe_load(DEMO.read_text())["trainer"]["callbacks"]) + 1
+    assert config["model"] == resolved(capsys, DEMO)["model"]  # the model recipe is untouched
+
+
+def test_the_finetune_overlay_keeps_the_model_and_replaces_data_and_training(capsys):
+    base = resolved(capsys, DEMO)
+    config = resolved(capsys, DEMO, RECIPES / "finetune" / "custom_shards.yaml")
+    model, tuned = base["model"]["init_args"], config["model"]["init_args"]
+    assert tuned["flow"] == model["flow"] and tuned["codec"] == model["codec"]
+    assert tuned["lr"] < model["lr"]
+    assert config["data"]["init_args"]["train_dir"] == "data/custom/train"
+    assert callback_classes(config)[:2] == ["InitFromExport", "Freeze"]
+    assert config["resume"] == "auto" and config["ckpt_path"] is None

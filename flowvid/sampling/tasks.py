@@ -12,7 +12,9 @@ v2v        the source clip                 ``"(v2v) " + caption``
 Image-to-video needs no mechanism of its own: the image is the first latent frame, encoded into the
 deep block's cache, and sampling continues from frame 1. ``extend`` marks clips that do not start at
 a first frame (a causal video codec encodes first frames differently); ``v2v`` puts the source before
-the target in one sequence. The training module and ``flowvid generate`` both call ``task_caption``,
+the target in one sequence. The task prefix belongs to the task, not to the caption: guidance dropout
+in training removes the caption and keeps the prefix, so the unconditional caption of a task is
+``task_caption(task, "")``. The training module and ``flowvid generate`` both call ``task_caption``,
 so the prefixes the model learns are the ones it is given.
 """
 
@@ -24,29 +26,30 @@ from typing import Sequence
 import torch
 
 from flowvid.sampling.base import GuidedText, TextInput
+from flowvid.text.template import TASK_PREFIXES
 
-CAPTION_PREFIXES: dict[str, str] = {"t2v": "", "i2v": "", "extend": "(extend) ", "v2v": "(v2v) "}
-TASKS = tuple(CAPTION_PREFIXES)
+TASKS = ("t2v", "i2v", "extend", "v2v")
 
 
 def _check_task(task: str) -> None:
-    if task not in CAPTION_PREFIXES:
+    if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
 
 
 def task_caption(task: str, caption: str) -> str:
     """The caption for ``task``: ``task_caption("extend", "a red circle moves left")`` is
-    ``"(extend) a red circle moves left"``. The empty (unconditional) caption stays empty."""
+    ``"(extend) a red circle moves left"``; ``task_caption(task, "")`` is the task's unconditional caption."""
     _check_task(task)
-    return CAPTION_PREFIXES[task] + caption if caption else caption
+    return TASK_PREFIXES[task] + caption
 
 
 @dataclass(frozen=True)
 class TaskInputs:
-    """What a sampler needs for one task: captions with their task prefix, the prefix frames and the
-    noise of the whole video (``z[:, :P]`` is ignored where a prefix is given)."""
+    """What a sampler needs for one task: captions with their task prefix, the unconditional caption,
+    the prefix frames and the noise of the whole video (``z[:, :P]`` is ignored where a prefix is given)."""
 
     captions: list[str]
+    uncond_caption: str
     prefix: torch.Tensor | None
     z: torch.Tensor
 
@@ -87,13 +90,14 @@ def task_inputs(task: str, captions: Sequence[str], frames: int, latent_shape: S
     prefix = None
     if source is not None:
         prefix = source.float().to(device) + noise_std * initial_noise(source.shape, seed + 1, device)
-    return TaskInputs([task_caption(task, c) for c in captions], prefix, z)
+    return TaskInputs([task_caption(task, c) for c in captions], task_caption(task, ""), prefix, z)
 
 
 @torch.no_grad()
-def encode_text(text_encoder, captions: Sequence[str], guidance: float = 0.0) -> TextInput:
-    """The sampler's ``text``: the captions' embedding, with the empty caption's as ``GuidedText`` for
-    guidance. No encoder means an unconditional model; guidance then is an error."""
+def encode_text(text_encoder, captions: Sequence[str], guidance: float = 0.0, uncond_caption: str = "") -> TextInput:
+    """The sampler's ``text``: the captions' embedding, and for guidance a ``GuidedText`` with the
+    embedding of ``uncond_caption`` (``TaskInputs.uncond_caption``). No encoder means an unconditional
+    model; guidance then is an error."""
     if text_encoder is None:
         if guidance > 0:
             raise ValueError(f"guidance={guidance} needs a text encoder for the unconditional text; "
@@ -102,4 +106,14 @@ def encode_text(text_encoder, captions: Sequence[str], guidance: float = 0.0) ->
     cond = text_encoder.encode(list(captions))
     if guidance <= 0:
         return cond
-    return GuidedText(cond, text_encoder.encode([""]))
+    return GuidedText(cond, text_encoder.encode([uncond_caption]))
+
+
+@torch.no_grad()
+def sample_task(flow, sampler, inputs: TaskInputs, text_encoder=None, guidance: float = 0.0) -> torch.Tensor:
+    """Latents (B, T, h, w, c) for ``inputs`` (from ``task_inputs``): encode the text, then sample.
+
+    ``sampler.last_stats`` afterwards describes the run (iterations per block for Jacobi).
+    """
+    text = encode_text(text_encoder, inputs.captions, guidance, inputs.uncond_caption)
+    return sampler.sample(flow, inputs.z, text, guidance, inputs.prefix)

@@ -5,7 +5,7 @@ import torch
 
 from flowvid.flows import GlobalLocalFlow
 from flowvid.sampling import GuidedText, JacobiSampler, SequentialSampler
-from flowvid.sampling.tasks import TASKS, encode_text, initial_noise, task_caption, task_inputs
+from flowvid.sampling.tasks import TASKS, encode_text, initial_noise, sample_task, task_caption, task_inputs
 from flowvid.testing import perturb_parameters
 from flowvid.text.base import TextEmbedding
 
@@ -62,7 +62,7 @@ def test_task_captions_carry_the_task_prefix():
     assert task_caption("i2v", "a red circle moves left") == "a red circle moves left"
     assert task_caption("extend", "a red circle moves left") == "(extend) a red circle moves left"
     assert task_caption("v2v", "a cat") == "(v2v) a cat"
-    assert task_caption("extend", "") == ""  # the unconditional caption stays empty
+    assert task_caption("extend", "") == "(extend) "  # guidance drops the caption, not the task
     with pytest.raises(ValueError, match="unknown task"):
         task_caption("t2i", "a cat")
 
@@ -74,6 +74,7 @@ def test_task_inputs_build_prefix_noise_and_captions():
         inputs = task_inputs(task, ["a", "b"], 6, (2, 3, 3), seed=0, source=given)
         assert inputs.z.shape == (2, 6, 2, 3, 3)
         assert inputs.captions == [task_caption(task, "a"), task_caption(task, "b")]
+        assert inputs.uncond_caption == task_caption(task, "")
         assert (inputs.prefix is None) == (task == "t2v")
         if given is not None:
             assert torch.equal(inputs.prefix, given)  # no augmentation noise asked for
@@ -119,6 +120,20 @@ def test_encode_text_adds_the_empty_caption_for_guidance():
     guided = encode_text(EchoEncoder(), ["ab", "abc"], guidance=2.0)
     assert isinstance(guided, GuidedText) and guided.uncond.tokens.shape[0] == 1
     assert not guided.uncond.mask.any()
+    extend = encode_text(EchoEncoder(), ["(extend) ab"], guidance=2.0, uncond_caption="(extend) ")
+    assert extend.uncond.tokens[0, 0, 0].item() == len("(extend) ")
     assert encode_text(None, ["ab"]) is None
     with pytest.raises(ValueError, match="needs a text encoder"):
         encode_text(None, ["ab"], guidance=2.0)
+
+
+def test_a_task_runs_end_to_end_with_guidance():
+    flow = make_flow(text_width=8)
+    source = torch.randn(2, 2, 2, 3, 3)
+    inputs = task_inputs("extend", ["ab", "abc"], 4, (2, 3, 3), seed=0, source=source)
+    sampler = JacobiSampler(tol=1e-4)
+    x = sample_task(flow, sampler, inputs, EchoEncoder(), guidance=2.0)
+    assert x.shape == (2, 4, 2, 3, 3) and torch.equal(x[:, :2], source)
+    assert sampler.last_stats["deep"]["block_frames"][0] == 2
+    with pytest.raises(ValueError, match="needs a text encoder"):
+        sample_task(flow, sampler, inputs, None, guidance=2.0)

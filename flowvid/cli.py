@@ -56,6 +56,7 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "generate": _verb("flowvid.generate"),
     "score": _verb("flowvid.score"),
     "export": _verb("flowvid.export"),
+    "convert": _verb("flowvid.convert"),
 }
 
 
@@ -79,4 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Verbs raise flowvid.cli.UserError; run that module's main, not a second copy named __main__.
+    from flowvid.cli import main as flowvid_main
+
+    sys.exit(flowvid_main())

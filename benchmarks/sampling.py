@@ -4,9 +4,11 @@
                                   [--threads 1] [--json OUT]
 
 A forward (encoding) pass over the video is the floor: Jacobi needs at least one parallel pass. For
-every sampler the table gives its wall time in forward passes, its relative L2 distance to the exact
-sequential inverse, and the passes Jacobi spent (slot evaluations per slot, per block kind; the first
-frame has no earlier frame to warm-start from, so its iterations are listed apart).
+every sampler the table gives its wall time in forward passes (each sampler is timed in alternation
+with a forward pass, so that both see the same load from other processes), its work in forward passes
+(slot evaluations of every block, weighted by the block's parameter count: the same number on any
+machine), its relative L2 distance to the exact sequential inverse, and the passes Jacobi spent per
+block kind (the first frame has no earlier frame to warm-start from, so its iterations are listed apart).
 
 Weights: a freshly built flow is the identity, so the flow is either perturbed (``--perturb STD``,
 every parameter moved by N(0, STD^2)) or fitted for a few steps to the synthetic moving-shapes videos
@@ -96,14 +98,31 @@ def fit_to_shapes(flow: GlobalLocalFlow, steps: int, frames: int, noise_std: flo
     flow.eval()
 
 
-def best_time(run: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
-    """The fastest of ``repeats`` runs (the least disturbed by other processes) and its result."""
-    times = []
+def timed(run: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    started = time.perf_counter()
+    result = run()
+    return time.perf_counter() - started, result
+
+
+def time_against_forward(run: Callable[[], torch.Tensor], forward: Callable[[], object],
+                         repeats: int) -> tuple[float, float, torch.Tensor]:
+    """Fastest time of ``run`` and of a forward pass, measured in alternation so that both see the
+    same load from other processes; and ``run``'s result."""
+    run_times, forward_times = [], []
     for _ in range(repeats):
-        started = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - started)
-    return min(times), result
+        forward_times.append(timed(forward)[0])
+        seconds, result = timed(run)
+        run_times.append(seconds)
+    return min(run_times), min(forward_times), result
+
+
+def work_in_forward_passes(flow: GlobalLocalFlow, stats: dict) -> float:
+    """Slot evaluations of all blocks in forward passes, each block weighted by its parameter count
+    (its matrix-multiply cost per token): a wall-clock-free measure of the cost."""
+    shallow = stats["shallow"]
+    weights = [sum(p.numel() for p in block.parameters()) for block in flow.blocks]
+    passes = [shallow[str(i)]["passes"] for i in range(len(flow.shallow))] + [stats["deep"]["passes"]]
+    return sum(w * p for w, p in zip(weights, passes)) / sum(weights)
 
 
 def first_and_later_iterations(stats: dict) -> tuple[float, float]:
@@ -125,17 +144,19 @@ def measure(config: str, frames: int, batch: int, perturb: float, train_steps: i
         perturb_parameters(flow, std=perturb)
         weights = f"perturbed, std {perturb}"
     z = torch.randn(batch, frames, *flow.frame_size, flow.latent_channels, generator=torch.Generator().manual_seed(1))
-    sequential_seconds, reference = best_time(lambda: SequentialSampler().sample(flow, z), 1)
-    forward_seconds, _ = best_time(lambda: flow(reference), max(repeats, 5))
-    rows = [{"sampler": "sequential", "seconds": sequential_seconds, "forward_passes": sequential_seconds / forward_seconds,
-             "relative_l2": 0.0}]
+    forward = lambda: flow(z)  # noqa: E731 - the same amount of work as encoding the sampled video
+    seconds, forward_seconds, reference = time_against_forward(lambda: SequentialSampler().sample(flow, z), forward, 1)
+    rows = [{"sampler": "sequential", "seconds": seconds, "forward_passes": seconds / forward_seconds,
+             "work": 1.0, "relative_l2": 0.0}]
+    print(f"  sequential: {seconds:.3f} s", flush=True)
     for variant in variants():
         sampler = variant.sampler()
-        seconds, x = best_time(lambda: sampler.sample(flow, z), repeats)
+        seconds, forward_seconds, x = time_against_forward(lambda: sampler.sample(flow, z), forward, repeats)
         stats = sampler.last_stats
         first, later = first_and_later_iterations(stats)
         rows.append({
             "sampler": variant.label, "seconds": seconds, "forward_passes": seconds / forward_seconds,
+            "work": work_in_forward_passes(flow, stats),
             "relative_l2": ((x - reference).norm() / reference.norm()).item(),
             "deep_passes": stats["deep"]["passes"],
             "shallow_passes": float(np.mean([s["passes"] for s in stats["shallow"].values()])),
@@ -144,6 +165,7 @@ def measure(config: str, frames: int, batch: int, perturb: float, train_steps: i
         })
         print(f"  {variant.label}: {seconds:.3f} s", flush=True)
     parameters = sum(p.numel() for p in flow.parameters())
+    forward_seconds = min(timed(forward)[0] for _ in range(3))
     return {"config": config, "parameters": parameters, "weights": weights, "video": [batch, frames, *flow.frame_size,
             flow.latent_channels], "forward_seconds": forward_seconds, "rows": rows}
 
@@ -152,20 +174,21 @@ def markdown(result: dict) -> str:
     b, t, h, w, c = result["video"]
     lines = [
         f"**{result['config']}** ({result['parameters'] / 1e6:.2f}M parameters, {result['weights']}), "
-        f"video {b}x{t}x{h}x{w}x{c}, one forward pass {result['forward_seconds'] * 1e3:.1f} ms",
+        f"video {b}x{t}x{h}x{w}x{c}, one forward pass about {result['forward_seconds'] * 1e3:.0f} ms",
         "",
-        "| sampler | time (s) | forward passes | rel. L2 to sequential | deep passes | shallow passes "
-        "| iterations/block, first frame | iterations/block, later |",
-        "|---|---|---|---|---|---|---|---|",
+        "| sampler | time (s) | wall time in forward passes | work in forward passes | rel. L2 to sequential "
+        "| deep passes | shallow passes | iterations/block, first frame | iterations/block, later |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         if row["sampler"] == "sequential":
-            lines.append(f"| sequential (exact) | {row['seconds']:.2f} | {row['forward_passes']:.1f} | 0 | | | | |")
+            lines.append(f"| sequential (exact) | {row['seconds']:.2f} | {row['forward_passes']:.1f} "
+                         f"| 1 (in {t * h * w} passes of one token) | 0 | | | | |")
             continue
         lines.append(
-            f"| {row['sampler']} | {row['seconds']:.3f} | {row['forward_passes']:.2f} | {row['relative_l2']:.1e} "
-            f"| {row['deep_passes']:.2f} | {row['shallow_passes']:.2f} | {row['first_frame_iterations']:.1f} "
-            f"| {row['later_iterations']:.1f} |"
+            f"| {row['sampler']} | {row['seconds']:.3f} | {row['forward_passes']:.2f} | {row['work']:.2f} "
+            f"| {row['relative_l2']:.1e} | {row['deep_passes']:.2f} | {row['shallow_passes']:.2f} "
+            f"| {row['first_frame_iterations']:.1f} | {row['later_iterations']:.1f} |"
         )
     return "\n".join(lines)
 

@@ -7,9 +7,11 @@ is below ``tol``. After ``k`` passes the first ``k`` slots of a block are exact,
 at most ``block size`` passes, usually in a few. Each pass overwrites the block's keys/values in the
 cache; only the final pass is committed.
 
-Video-aware warm start: a slot's first guess is the value at the same position one frame earlier,
-which is already close when the video changes slowly. Slots of the first frame start from their noise
-(``x = z``, the value of a block at its identity initialisation).
+Video-aware warm start: a slot's first guess comes from the same position one frame earlier, which is
+already close when the video changes slowly. By default it reuses that slot's affine parameters
+``(mu, sigma)`` with the slot's own noise, so only the change of ``mu, sigma`` between frames is left to
+iterate away (in the first frame it borrows them from one row earlier); ``warm_start="values"`` copies
+the earlier frame's values instead, as the reference implementation does.
 
 The deep block uses ``first_block_size`` slots per block inside the first frame (no earlier frame to
 warm-start from) and ``block_size`` afterwards; shallow blocks invert every frame of the video at once
@@ -36,13 +38,13 @@ class JacobiStats:
     tokens_per_frame: int
     block_sizes: list[int] = field(default_factory=list)
     iterations: list[int] = field(default_factory=list)
-    first_frames: list[int] = field(default_factory=list)
+    block_frames: list[int] = field(default_factory=list)
     unconverged_blocks: int = 0
 
     def record(self, first: int, size: int, iterations: int, converged: bool) -> None:
         self.block_sizes.append(size)
         self.iterations.append(iterations)
-        self.first_frames.append(first // self.tokens_per_frame)
+        self.block_frames.append(first // self.tokens_per_frame)
         self.unconverged_blocks += not converged
 
     @property
@@ -53,14 +55,14 @@ class JacobiStats:
 
     def iterations_per_frame(self) -> dict[int, int]:
         per_frame: dict[int, int] = {}
-        for frame, iterations in zip(self.first_frames, self.iterations):
+        for frame, iterations in zip(self.block_frames, self.iterations):
             per_frame[frame] = per_frame.get(frame, 0) + iterations
         return per_frame
 
     def to_dict(self) -> dict:
         return {
             "block_sizes": self.block_sizes,
-            "block_frames": self.first_frames,
+            "block_frames": self.block_frames,
             "iterations": self.iterations,
             "iterations_per_frame": {str(k): v for k, v in self.iterations_per_frame().items()},
             "passes": round(self.passes, 4),
@@ -162,10 +164,10 @@ class JacobiSampler(BlockSampler):
         offset = per_frame if first >= per_frame else width
         for start in range(max(first, offset), end, offset):
             stop = min(start + offset, end)
-            source = slice(start - offset, stop - offset)
-            inversion.mu[:, start:stop] = inversion.mu[:, source]
-            inversion.sigma[:, start:stop] = inversion.sigma[:, source]
-            inversion.x[:, start:stop] = inversion.mu[:, start:stop] + inversion.sigma[:, start:stop] * inversion.z[:, start:stop]
+            target, source = slice(start, stop), slice(start - offset, stop - offset)
+            inversion.mu[:, target] = inversion.mu[:, source]
+            inversion.sigma[:, target] = inversion.sigma[:, source]
+            inversion.x[:, target] = inversion.mu[:, target] + inversion.sigma[:, target] * inversion.z[:, target]
 
     def _solve(self, inversion: BlockInversion, size: int, stats: JacobiStats) -> None:
         """Guess the next ``size`` slots, iterate them to convergence and commit them."""

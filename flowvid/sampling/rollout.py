@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from flowvid.registry import SAMPLERS
-from flowvid.sampling.base import Sampler, TextInput, check_request
+from flowvid.sampling.base import Sampler, TextInput, build_sampler, check_request
 
 
 def windows(frames: int, window: int, context: int) -> list[tuple[int, int]]:
@@ -31,28 +31,25 @@ def windows(frames: int, window: int, context: int) -> list[tuple[int, int]]:
     return spans
 
 
-def _resolve(sampler: str | Sampler) -> Sampler:
-    return SAMPLERS.get(sampler)() if isinstance(sampler, str) else sampler
-
-
 @SAMPLERS.register("windowed")
 class WindowedSampler(Sampler):
     """Samples any length with ``sampler`` over windows of ``window`` latent frames.
 
     Args:
-        sampler: the sampler of each window (an instance or a registered name).
+        sampler: the sampler of each window: an instance, a registered name or a mapping with
+            ``name`` and ``init_args`` (see ``build_sampler``).
         window: latent frames in view at once; the training length of the model.
         context: frames of the previous window re-encoded as the prefix of the next, 0 <= context < window.
 
     ``last_stats`` lists the inner sampler's statistics for every window.
     """
 
-    def __init__(self, sampler: str | Sampler = "jacobi", window: int = 8, context: int = 4):
+    def __init__(self, sampler: str | dict | Sampler = "jacobi", window: int = 8, context: int = 4):
         if not isinstance(window, int) or window <= 0:
             raise ValueError(f"window must be a positive number of latent frames, got {window!r}")
         if not isinstance(context, int) or not 0 <= context < window:
             raise ValueError(f"context must be an integer in [0, window={window}), got {context!r}")
-        self.sampler = _resolve(sampler)
+        self.sampler = build_sampler(sampler)
         self.window = window
         self.context = context
         self._window_stats: list[dict] = []

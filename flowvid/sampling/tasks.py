@@ -80,8 +80,8 @@ def task_inputs(task: str, captions: Sequence[str], frames: int, latent_shape: S
         if source is None:
             raise ValueError(f"{task} needs source latent frames (B, P, h, w, c)")
         if source.dim() != 5 or source.shape[0] != batch or tuple(source.shape[2:]) != tuple(latent_shape):
-            raise ValueError(f"expected source latent frames of shape ({batch}, P, {', '.join(map(str, latent_shape))}), "
-                             f"got {tuple(source.shape)}")
+            expected = f"({batch}, P, {', '.join(map(str, latent_shape))})"
+            raise ValueError(f"expected source latent frames of shape {expected}, got {tuple(source.shape)}")
         if task == "i2v" and source.shape[1] != 1:
             raise ValueError(f"i2v conditions on one image, i.e. one latent frame; got {source.shape[1]} frames")
         if source.shape[1] >= frames:

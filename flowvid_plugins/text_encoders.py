@@ -54,7 +54,7 @@ class FrozenTextEncoder(TextEncoder):
         super().__init__()
         keep_out_of_checkpoints(self, "model")
 
-    def freeze(self) -> None:
+    def _freeze(self) -> None:
         self.model.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> "FrozenTextEncoder":
@@ -107,7 +107,7 @@ class MiniLMTextEncoder(FrozenTextEncoder):
             raise ValueError(f"max_length must be in [1, 512] for MiniLM, got {max_length}")
         self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         self.model = AutoModel.from_pretrained(directory, local_files_only=True)
-        self.freeze()
+        self._freeze()
         self.width = self.model.config.hidden_size
         self.max_length = max_length
 
@@ -135,7 +135,7 @@ class T5TextEncoder(FrozenTextEncoder):
         self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         self.model = classes[model_type].from_pretrained(directory, local_files_only=True,
                                                          dtype=getattr(torch, dtype))
-        self.freeze()
+        self._freeze()
         self.width = self.model.config.d_model
         self.max_length = max_length
 

@@ -116,7 +116,7 @@ def generate_batch(module, request: Request, prompts: list[str], seeds: list[int
     z = torch.cat([inputs.z for inputs in per_sample])
     prefix = None if known is None else torch.cat([inputs.prefix for inputs in per_sample])
     captions = [caption for inputs in per_sample for caption in inputs.captions]
-    text = encode_text(module.text_encoder, captions, request.guidance)
+    text = encode_text(module.text_encoder, captions, request.guidance, per_sample[0].uncond_caption)
     cond = getattr(text, "cond", text)
     sampler = make_sampler(request, latent_frames, module.latent_shape[0])
 

@@ -29,6 +29,8 @@ from flowvid.text.base import TextEmbedding
 
 SOFTPLUS_INV_ONE = math.log(math.e - 1.0)  # softplus^-1(1) = 0.5413...
 SOFT_CLIP = 4.0
+#: Rotation tables a block keeps (one per run of slots it was asked for); beyond that it starts over.
+ROTATION_CACHE_SIZE = 256
 
 
 class FP32RMSNorm(nn.Module):
@@ -40,9 +42,7 @@ class FP32RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x * (1.0 + self.weight.float())
+        return F.rms_norm(x.float(), self.weight.shape, 1.0 + self.weight.float(), self.eps)
 
 
 def affine_parameters(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,29 +70,40 @@ class AffineBlock(FlowBlock):
         self.proj_out = nn.Linear(spec.width, 2 * spec.channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
-        self._angles: torch.Tensor | None = None
+        self._rotations: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def make_layer(self) -> nn.Module:
         """One transformer layer; plugins override this to change the layer."""
         return TransformerLayer(self.spec.width, self.spec.head_dim)
 
     # --- positions -------------------------------------------------------------------------
-    def _rotation(self, first_slot: int, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for slots ``[first_slot, first_slot + count)`` of the permuted token order.
+    def _rotation(self, first_slot: int, count: int, device: torch.device,
+                  prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for ``prefix`` unrotated text positions, then slots ``[first_slot, first_slot + count)``.
 
         Slot s predicts the token at natural position ``permutation.index[s]``; it is rotated by that
-        token's (x, y, frame) position. Frame-local blocks see every frame as frame 0.
+        token's (x, y, frame) position. Frame-local blocks see every frame as frame 0. The tables
+        depend only on these arguments, so they are built once and reused (training asks for the same
+        ones every step, samplers for the same runs of slots on every pass).
         """
+        key = (first_slot, count, prefix, device)
+        if key not in self._rotations:
+            if len(self._rotations) >= ROTATION_CACHE_SIZE:
+                self._rotations.clear()
+            self._rotations[key] = self._build_rotation(first_slot, count, device, prefix)
+        return self._rotations[key]
+
+    def _build_rotation(self, first_slot: int, count: int, device: torch.device,
+                        prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
         per_frame = self.spec.tokens_per_frame
         num_tokens = first_slot + count
         frames = 1 if self.spec.frame_local else -(-num_tokens // per_frame)
-        if self._angles is None or self._angles.shape[0] < frames * per_frame or self._angles.device != device:
-            self._angles = rope_angles(self.spec.frame_size, frames, self.spec.head_dim, self.rope_theta).to(device)
+        angles = rope_angles(self.spec.frame_size, frames, self.spec.head_dim, self.rope_theta).to(device)
         padded = -(-num_tokens // per_frame) * per_frame
         natural = self.permutation.index(padded, device)[first_slot:num_tokens]
         if self.spec.frame_local:
             natural = natural % per_frame
-        angles = self._angles[natural]
+        angles = torch.cat([angles.new_zeros(prefix, angles.shape[1]), angles[natural]])
         return angles.cos(), angles.sin()
 
     # --- data -> noise ---------------------------------------------------------------------
@@ -108,13 +119,12 @@ class AffineBlock(FlowBlock):
         return self.proj_text(tokens), mask.bool()
 
     def _run(self, inputs: torch.Tensor, cos, sin, text_states, mask, cache=None) -> torch.Tensor:
+        """The raw fp32 outputs of the video tokens; ``cos``/``sin`` cover the text positions too."""
         h = self.proj_in(inputs)
         prefix = 0
         if text_states is not None and cache is None:
             prefix = text_states.shape[1]
             h = torch.cat([text_states, h], dim=1)
-            ones, zeros = torch.ones_like(cos[:1]).expand(prefix, -1), torch.zeros_like(sin[:1]).expand(prefix, -1)
-            cos, sin = torch.cat([ones, cos]), torch.cat([zeros, sin])
         for index, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, cache, index)
         with torch.autocast(h.device.type, enabled=False):
@@ -125,10 +135,11 @@ class AffineBlock(FlowBlock):
         x = x.float()
         xp = self.permutation.forward(x)
         text_states, text_valid = self._text_states(text, batch)
-        cos, sin = self._rotation(0, num_tokens, x.device)
+        prefix = 0 if text_states is None else text_states.shape[1]
+        cos, sin = self._rotation(0, num_tokens, x.device, prefix)
         mask = None
         if text_states is not None:
-            total = text_states.shape[1] + num_tokens
+            total = prefix + num_tokens
             mask = prefix_causal_mask(total, 0, total, text_valid)
         inputs = self.shift(xp).to(self.proj_in.weight.dtype)
         raw = self._run(inputs, cos, sin, text_states, mask)
@@ -146,11 +157,11 @@ class AffineBlock(FlowBlock):
                         prefix + num_tokens, device=device, dtype=dtype or self.proj_in.weight.dtype)
         if prefix:
             cache.key_valid[:, :prefix] = text_valid
-            cos = torch.ones(prefix, self.spec.head_dim // 2, device=device)
+            cos, sin = self._rotation(0, 0, device, prefix)
             mask = prefix_causal_mask(prefix, 0, prefix, text_valid)
             h = text_states
             for index, layer in enumerate(self.layers):
-                h = layer(h, cos, torch.zeros_like(cos), mask, cache, index)
+                h = layer(h, cos, sin, mask, cache, index)
             cache.advance(prefix)
         cache.prefix = prefix
         return cache

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flowvid.nn.kv_cache import KVCache
-from flowvid.nn.rope import apply_rope
+from flowvid.nn.rope import rotate_pairs
 
 
 class Attention(nn.Module):
@@ -42,9 +44,14 @@ class Attention(nn.Module):
         Without a cache, None means causal; with a cache, None means every cached key is visible
         (a single query at the newest position).
         """
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        batch, length, _ = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim)
+        rotation = torch.complex(cos.float(), sin.float())[:, None]  # (N, 1, D/2): the same for every head
+        # Rotated q and k come out as (B, N, H, D); transposed to (B, H, N, D) they are views, which
+        # is the layout the attention kernels read anyway.
+        q = rotate_pairs(self.q_norm(qkv[:, :, 0]), rotation).transpose(1, 2)
+        k = rotate_pairs(self.k_norm(qkv[:, :, 1]), rotation).transpose(1, 2)
+        v = qkv[:, :, 2].transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v)
         if mask is None and cache is None:
@@ -52,6 +59,11 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).flatten(2))
+
+
+#: Masks up to this many entries are kept for reuse (training reuses one shape every step, Jacobi
+#: re-evaluates a block of slots several times); larger ones are rebuilt on every call.
+MAX_CACHED_MASK_ENTRIES = 1 << 22
 
 
 def prefix_causal_mask(
@@ -65,23 +77,31 @@ def prefix_causal_mask(
     Positions ``[0, P)`` are the prefix (text), ``P = prefix_valid.shape[1]``; queries are positions
     ``[first_query, first_query + num_queries)``. Prefix queries see the valid prefix and themselves
     (so a fully padded caption never gives an empty row); token queries see the valid prefix and
-    every token position up to their own.
+    every token position up to their own. The result may be shared between calls: do not modify it.
     """
     prefix = 0 if prefix_valid is None else prefix_valid.shape[1]
     device = prefix_valid.device if prefix_valid is not None else None
+    build = _text_independent_part
+    if num_queries * num_keys <= MAX_CACHED_MASK_ENTRIES:
+        build = _cached_text_independent_part
+    allowed = build(num_queries, first_query, num_keys, prefix, device)
+    if prefix == 0:
+        return allowed[None, None]
+    # Valid prefix keys are visible to every query; the rest of the mask does not depend on the text.
+    valid_keys = F.pad(prefix_valid.bool(), (0, num_keys - prefix))
+    return (allowed[None] | valid_keys[:, None, :])[:, None]
+
+
+def _text_independent_part(num_queries: int, first_query: int, num_keys: int, prefix: int,
+                           device: torch.device | None) -> torch.Tensor:
+    """(Q, K): token queries see earlier and equal token positions, prefix queries only themselves."""
     query_pos = torch.arange(first_query, first_query + num_queries, device=device)[:, None]
     key_pos = torch.arange(num_keys, device=device)[None, :]
-    causal = key_pos <= query_pos
-    if prefix == 0:
-        return causal[None, None]
-    is_prefix_key = key_pos < prefix
-    is_prefix_query = query_pos < prefix
-    key_valid = torch.ones(prefix_valid.shape[0], num_keys, dtype=torch.bool, device=device)
-    key_valid[:, :prefix] = prefix_valid
-    allowed = torch.where(is_prefix_key, key_valid[:, None, :], causal[None])
-    allowed = allowed & ~(is_prefix_query & ~is_prefix_key)[None]
-    allowed = allowed | (key_pos == query_pos)[None]
-    return allowed[:, None]
+    causal_tokens = (key_pos <= query_pos) & (key_pos >= prefix) & (query_pos >= prefix)
+    return causal_tokens | (key_pos == query_pos)
+
+
+_cached_text_independent_part = functools.lru_cache(maxsize=32)(_text_independent_part)
 
 
 def frame_window_mask(

@@ -1,0 +1,269 @@
+"""Training throughput: tokens/s of a full training step and its model FLOPs utilisation (MFU).
+
+    python benchmarks/train_throughput.py [--widths 128 256] [--rounds 8] [--threads 2]
+                                          [--reference PATH] [--json OUT]
+    python benchmarks/train_throughput.py --gpu [--json OUT]     # CUDA only, see gpu_training()
+
+A training step is what ``FlowModule`` does to the flow: the forward pass through every block, the
+maximum-likelihood loss ``0.5 mean(z^2) - log|det| / D``, the backward pass, gradient clipping at norm 1
+and one AdamW step (betas 0.9 / 0.95, weight decay 1e-4). Models are built from
+``reference.SharedConfig``: three frame-local shallow blocks of two layers and a text-conditioned deep
+block, all of one width, on videos of 4 frames of 8 x 8 latents of 8 channels with 16 text tokens.
+
+FLOP conventions (both printed):
+
+* **MFU** = model FLOPs per second / measured matmul FLOP/s, with model FLOPs = 6 x parameters x
+  video tokens per step (2 in the forward and 4 in the backward pass per parameter and token; text
+  tokens and attention not counted, the usual LLM convention).
+* **HFU** counts what the step executes: every matmul (counted by ``torch.utils.flop_counter``, text
+  tokens included) plus attention as full (non-causal) products, ``12 x queries x keys x width`` per
+  layer for forward and backward.
+
+The denominator is the fp32 FLOP/s of a 2048 x 2048 matmul measured in the same run, one matmul per
+round between the training steps, so that the load of a shared machine hits both alike. With
+``--reference`` the reference implementation runs the same configuration in the same rounds (its order
+alternating with ours); ratios are taken per round and their median reported.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a machine shared with other jobs spinning threads
+# stall every parallel region (this must be set before torch starts its thread pool).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from reference import SharedConfig, build_reference, load_reference, reference_loss, reference_video  # noqa: E402
+
+MATMUL_SIZE = 2048
+
+
+def flow_loss(flow, x: torch.Tensor, text) -> torch.Tensor:
+    """FlowModule's maximum-likelihood loss: ``0.5 mean(z^2) - mean(log|det|) / D``."""
+    z, logdet = flow(x, text)
+    return 0.5 * z.pow(2).flatten(1).mean(1).mean() - (logdet / x[0].numel()).mean()
+
+
+def make_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], float]:
+    """One training step of ``model`` (as FlowModule takes it): loss, backward, clip, AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
+    model.train()
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        value = loss()
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return value.item()
+
+    return step
+
+
+def timed(run: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def matmul_benchmark(size: int = MATMUL_SIZE) -> tuple[Callable[[], object], float]:
+    """A square fp32 matmul into a preallocated output, and its FLOPs."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
+    out = torch.empty(size, size)
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * size**3
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_flops(parameters: int, config: SharedConfig) -> float:
+    """6 x parameters x video tokens of one step."""
+    return 6.0 * parameters * config.batch * config.tokens
+
+
+def attention_flops(config: SharedConfig) -> float:
+    """Attention products of one step (forward + backward), counted as full ``queries x keys`` squares."""
+    per_frame = config.frame_size[0] * config.frame_size[1]
+    shallow_layers = config.shallow_blocks * config.shallow_depth
+    shallow = shallow_layers * config.batch * config.frames * per_frame**2
+    deep = config.deep_depth * config.batch * (config.tokens + config.text_length) ** 2
+    return 12.0 * config.width * (shallow + deep)
+
+
+def counted_matmul_flops(step: Callable[[], float]) -> float:
+    """Matmul FLOPs of one step as executed (forward and backward), counted by torch."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def measure_width(config: SharedConfig, rounds: int, reference_path: str | None) -> dict:
+    """Interleaved rounds of (our step, the reference's step, one matmul); medians and per-round ratios."""
+    torch.manual_seed(0)
+    flow = config.build_flow()
+    x, text = config.inputs()
+    steps = {"flowvid": make_step(flow, lambda: flow_loss(flow, x, text))}
+    parameters = {"flowvid": parameter_count(flow)}
+    if reference_path:
+        model = build_reference(load_reference(reference_path), config)
+        video = reference_video(x)
+        steps["reference"] = make_step(model, lambda: reference_loss(model, video, text))
+        parameters["reference"] = parameter_count(model)
+    matmul, matmul_flops = matmul_benchmark()
+    executed = counted_matmul_flops(steps["flowvid"]) + attention_flops(config)
+    for step in steps.values():  # warm-up: first-touch allocations, kernel selection
+        step()
+    matmul()
+    times: dict[str, list[float]] = {name: [] for name in [*steps, "matmul"]}
+    for index in range(rounds):
+        order = list(steps) if index % 2 == 0 else list(reversed(steps))
+        for name in order:
+            times[name].append(timed(steps[name]))
+        times["matmul"].append(timed(matmul))
+    matmul_rates = [matmul_flops / t for t in times["matmul"]]
+    tokens = config.batch * config.tokens
+    result = {
+        "config": config.label(), "width": config.width, "parameters": parameters["flowvid"],
+        "tokens_per_step": tokens, "model_flops_per_step": model_flops(parameters["flowvid"], config),
+        "executed_flops_per_step": executed, "matmul_gflops": statistics.median(matmul_rates) / 1e9,
+        "rounds": rounds, "implementations": {},
+    }
+    for name in steps:
+        step_times = times[name]
+        flops = model_flops(parameters[name], config)
+        result["implementations"][name] = {
+            "parameters": parameters[name],
+            "step_ms": statistics.median(step_times) * 1e3,
+            "tokens_per_s": tokens / statistics.median(step_times),
+            "mfu": statistics.median(flops / t / rate for t, rate in zip(step_times, matmul_rates)),
+            "hfu": statistics.median(executed / t / rate for t, rate in zip(step_times, matmul_rates)),
+        }
+    if "reference" in steps:
+        ratios = [r / o for o, r in zip(times["flowvid"], times["reference"])]
+        result["speedup_over_reference"] = statistics.median(ratios)
+        result["speedup_per_round"] = [round(r, 3) for r in ratios]
+    return result
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| width | parameters | implementation | step (ms) | tokens/s | MFU (6PT) | HFU (executed) | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for name, row in result["implementations"].items():
+            speedup = f"{result['speedup_over_reference']:.2f}x" if name == "flowvid" and "speedup_over_reference" in result else ""
+            hfu = f"{row['hfu']:.0%}" if name == "flowvid" else ""
+            lines.append(f"| {result['width']} | {row['parameters'] / 1e6:.2f}M | {name} | {row['step_ms']:.0f} "
+                         f"| {row['tokens_per_s']:.0f} | {row['mfu']:.0%} | {hfu} | {speedup} |")
+    lines.append("")
+    lines.append(", ".join(f"width {r['width']}: matmul {r['matmul_gflops']:.1f} GFLOP/s" for r in results))
+    return "\n".join(lines)
+
+
+# --- GPU ---------------------------------------------------------------------------------------------
+
+def gpu_training(steps: int = 20) -> dict:
+    """bf16-mixed training MFU of the "base" preset (about 0.35B parameters) on one CUDA GPU.
+
+    Against the measured bf16 FLOP/s of an 8192 x 8192 matmul on the same card, 6PT convention.
+    """
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device: the GPU benchmarks need one"}
+    from flowvid.flows import GlobalLocalFlow
+    from flowvid.text.base import TextEmbedding
+
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    flow = GlobalLocalFlow.from_preset("base", latent_channels=48, frame_size=(16, 16)).to(device)
+    config = SharedConfig(width=1024, channels=48, frame_size=(16, 16), frames=8, text_length=64, text_width=768,
+                          batch=4)
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn(config.batch, config.frames, *config.frame_size, config.channels, device=device, generator=generator)
+    text = TextEmbedding(torch.randn(config.batch, config.text_length, 768, device=device, generator=generator),
+                         torch.ones(config.batch, config.text_length, dtype=torch.bool, device=device))
+    optimizer = torch.optim.AdamW(flow.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, fused=True)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = flow_loss(flow, x, text)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
+        optimizer.step()
+
+    seconds = cuda_seconds(step, steps)
+    size = 8192
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    matmul_rate = 2.0 * size**3 / cuda_seconds(lambda: a @ b, 20)
+    parameters = parameter_count(flow)
+    flops = 6.0 * parameters * config.batch * config.tokens
+    return {
+        "device": torch.cuda.get_device_name(), "parameters": parameters, "tokens_per_step": config.batch * config.tokens,
+        "step_ms": seconds * 1e3, "tokens_per_s": config.batch * config.tokens / seconds,
+        "bf16_matmul_tflops": matmul_rate / 1e12, "mfu": flops / seconds / matmul_rate,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+def cuda_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``run`` on the GPU (after two warm-up runs)."""
+    for _ in range(2):
+        run()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--deep-depth", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds; medians are reported")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--reference", default=None, help="checkout of apple/ml-starflow to compare against")
+    parser.add_argument("--gpu", action="store_true", help="run the CUDA benchmark instead")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.gpu:
+        result = gpu_training()
+        print(json.dumps(result, indent=2))
+    else:
+        torch.set_num_threads(args.threads)
+        print(f"# training throughput: {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
+        results = []
+        for width in args.widths:
+            config = replace(SharedConfig(), width=width, deep_depth=args.deep_depth, batch=args.batch)
+            results.append(measure_width(config, args.rounds, args.reference))
+            print(f"  width {width} done", flush=True)
+        print(markdown(results))
+        result = {"threads": args.threads, "results": results}
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({**result, "args": vars(args)}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""The fast paths of the transformer parts compute exactly what the plain formulas say."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flowvid.flows import AffineBlock, BlockSpec
+from flowvid.flows.autoregressive import ROTATION_CACHE_SIZE
+from flowvid.nn import Attention, apply_rope, prefix_causal_mask
+from flowvid.nn.rope import rope_angles, rotate_pairs
+from flowvid.text.base import TextEmbedding
+
+
+def rotate_by_formula(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved pairs (a, b) -> (a cos - b sin, a sin + b cos), written out."""
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+
+def test_rotate_pairs_matches_the_rotation_formula_on_strided_views():
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 5, 3, 4, 8)  # (B, N, q/k/v, H, D): q and k are strided views
+    angles = torch.randn(5, 4)
+    rotation = torch.polar(torch.ones_like(angles), angles)[:, None]
+    for view in (qkv[:, :, 0], qkv[:, :, 1]):
+        expected = rotate_by_formula(view, angles.cos()[:, None], angles.sin()[:, None])
+        torch.testing.assert_close(rotate_pairs(view, rotation), expected, rtol=0, atol=1e-6)
+    odd_offset = torch.randn(41)[1:].view(5, 8)  # a view that cannot be read as complex pairs in place
+    expected = rotate_by_formula(odd_offset, angles.cos(), angles.sin())
+    torch.testing.assert_close(rotate_pairs(odd_offset, torch.polar(torch.ones_like(angles), angles)), expected,
+                               rtol=0, atol=1e-6)
+
+
+def test_apply_rope_keeps_dtype_and_computes_in_fp32():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 8).bfloat16()
+    angles = torch.randn(6, 4)
+    out = apply_rope(x, angles.cos(), angles.sin())
+    assert out.dtype == torch.bfloat16
+    expected = rotate_by_formula(x.float(), angles.cos(), angles.sin()).bfloat16()
+    assert torch.equal(out, expected)
+
+
+def brute_force_mask(num_queries: int, first_query: int, num_keys: int, valid: torch.Tensor | None) -> torch.Tensor:
+    prefix = 0 if valid is None else valid.shape[1]
+    batch = 1 if valid is None else valid.shape[0]
+    allowed = torch.zeros(batch, 1, num_queries, num_keys, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(num_queries):
+            q = first_query + i
+            for k in range(num_keys):
+                if k < prefix:
+                    allowed[b, 0, i, k] = bool(valid[b, k]) or k == q
+                else:
+                    allowed[b, 0, i, k] = q >= prefix and k <= q
+    return allowed
+
+
+@pytest.mark.parametrize("num_queries, first_query, num_keys, prefix",
+                         [(7, 0, 7, 0), (9, 0, 9, 3), (4, 5, 9, 3), (1, 8, 9, 3), (3, 0, 3, 3)])
+def test_prefix_causal_mask_matches_its_definition(num_queries, first_query, num_keys, prefix):
+    torch.manual_seed(prefix)
+    valid = torch.rand(2, prefix) > 0.5 if prefix else None
+    if valid is not None:
+        valid[1] = False  # an empty caption: prefix queries still see themselves
+    mask = prefix_causal_mask(num_queries, first_query, num_keys, valid)
+    assert torch.equal(mask.expand(-1, 1, -1, -1), brute_force_mask(num_queries, first_query, num_keys, valid))
+
+
+def test_cached_mask_parts_are_not_changed_by_later_calls_with_other_text():
+    first = prefix_causal_mask(6, 0, 6, torch.tensor([[True, False]]))
+    before = first.clone()
+    prefix_causal_mask(6, 0, 6, torch.tensor([[True, True]]))
+    assert torch.equal(first, before)
+    assert torch.equal(prefix_causal_mask(6, 0, 6, torch.tensor([[True, False]])), before)
+
+
+def plain_attention(attention: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Causal multi-head attention written with explicit scores and a softmax."""
+    batch, length, width = x.shape
+    q, k, v = attention.qkv(x).view(batch, length, 3, attention.heads, attention.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = rotate_by_formula(q, cos, sin), rotate_by_formula(k, cos, sin)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(attention.head_dim)
+    scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
+    out = scores.softmax(-1) @ v
+    return attention.proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+def test_attention_equals_the_plain_formula_forward_and_backward():
+    torch.manual_seed(0)
+    attention = Attention(32, 8)
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    angles = rope_angles((2, 5), 1, 8)
+    fast = attention(x, angles.cos(), angles.sin())
+    (fast_grad,) = torch.autograd.grad(fast.square().sum(), x)
+    plain = plain_attention(attention, x, angles.cos(), angles.sin())
+    (plain_grad,) = torch.autograd.grad(plain.square().sum(), x)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-4, atol=1e-4)
+
+
+def make_block(text_width: int | None = 6) -> AffineBlock:
+    torch.manual_seed(0)
+    spec = BlockSpec(3, (2, 3), width=16, depth=1, head_dim=8, permutation="flip_within_frame", text_width=text_width)
+    return AffineBlock(spec)
+
+
+def test_rotation_tables_are_built_once_and_equal_fresh_ones():
+    block = make_block()
+    x = torch.randn(2, 12, 3)
+    text = TextEmbedding(torch.randn(2, 4, 6), torch.ones(2, 4, dtype=torch.bool))
+    block(x, text)
+    cached = block._rotation(0, 12, x.device, prefix=4)
+    block(x, text)
+    assert block._rotation(0, 12, x.device, prefix=4)[0] is cached[0]
+    fresh = block._build_rotation(0, 12, x.device, prefix=4)
+    assert torch.equal(cached[0], fresh[0]) and torch.equal(cached[1], fresh[1])
+    assert torch.equal(cached[0][:4], torch.ones(4, 4))  # text positions are not rotated
+    assert torch.equal(cached[1][:4], torch.zeros(4, 4))
+
+
+def test_rotation_cache_stays_bounded():
+    block = make_block(text_width=None)
+    for first in range(ROTATION_CACHE_SIZE + 10):
+        block._rotation(first % 12, 1 + first // 12, torch.device("cpu"))
+    assert len(block._rotations) <= ROTATION_CACHE_SIZE
+
+
+def test_block_output_does_not_depend_on_what_was_cached_before():
+    """A block that has sampled (many cached runs of slots) still encodes exactly as a fresh one."""
+    block = make_block(text_width=None).eval()
+    twin = make_block(text_width=None).eval()
+    x = torch.randn(2, 12, 3)
+    with torch.no_grad():
+        cache = block.start_inverse(2, 12)
+        for first in range(0, 12, 4):
+            block.affine(block.shift(x)[:, first:first + 4], cache)
+            cache.advance(4)
+        assert torch.equal(block(x)[0], twin(x)[0])

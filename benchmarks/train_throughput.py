@@ -165,7 +165,8 @@ def markdown(results: list[dict]) -> str:
     ]
     for result in results:
         for name, row in result["implementations"].items():
-            speedup = f"{result['speedup_over_reference']:.2f}x" if name == "flowvid" and "speedup_over_reference" in result else ""
+            speedup = result.get("speedup_over_reference") if name == "flowvid" else None
+            speedup = f"{speedup:.2f}x" if speedup else ""
             hfu = f"{row['hfu']:.0%}" if name == "flowvid" else ""
             lines.append(f"| {result['width']} | {row['parameters'] / 1e6:.2f}M | {name} | {row['step_ms']:.0f} "
                          f"| {row['tokens_per_s']:.0f} | {row['mfu']:.0%} | {hfu} | {speedup} |")

@@ -45,13 +45,15 @@ class Attention(nn.Module):
         (a single query at the newest position).
         """
         batch, length, _ = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim)
+        # unbind, not three selects: its backward stacks the three gradients in one tensor instead of
+        # zero-filling and summing three full-size ones.
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).unbind(2)
         rotation = torch.complex(cos.float(), sin.float())[:, None]  # (N, 1, D/2): the same for every head
         # Rotated q and k come out as (B, N, H, D); transposed to (B, H, N, D) they are views, which
         # is the layout the attention kernels read anyway.
-        q = rotate_pairs(self.q_norm(qkv[:, :, 0]), rotation).transpose(1, 2)
-        k = rotate_pairs(self.k_norm(qkv[:, :, 1]), rotation).transpose(1, 2)
-        v = qkv[:, :, 2].transpose(1, 2)
+        q = rotate_pairs(self.q_norm(q), rotation).transpose(1, 2)
+        k = rotate_pairs(self.k_norm(k), rotation).transpose(1, 2)
+        v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v)
         if mask is None and cache is None:

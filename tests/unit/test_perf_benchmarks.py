@@ -78,8 +78,8 @@ def test_measure_width_reports_throughput_and_utilisation():
 
 def test_peak_rss_sees_the_memory_a_process_touches(tmp_path):
     small, _ = memory.run_measured([sys.executable, "-c", "pass"], tmp_path)
-    large, _ = memory.run_measured([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
-                                   tmp_path)
+    touch_300_mib = "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"
+    large, _ = memory.run_measured([sys.executable, "-c", touch_300_mib], tmp_path)
     assert large - small > 250
 
 

@@ -56,7 +56,7 @@ def measure(steps: int) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory(prefix="flowvid-memory-") as folder:
         work = Path(folder)
-        rows["imports (python -c 'import flowvid.cli')"] = run_measured(
+        rows["imports only (flowvid.cli, flowvid.lit, flowvid.sampling)"] = run_measured(
             [sys.executable, "-c", "import flowvid.cli, flowvid.lit, flowvid.sampling"], ROOT)
         run_measured([*FLOWVID, "data", "make-synthetic", "--out", str(work / "shapes"), "--num-videos", "64",
                       "--frames", "8", "--size", "16", "--seed", "0"], ROOT)

@@ -168,7 +168,7 @@ class AffineBlock(FlowBlock):
 
     def affine(self, inputs: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (mu, sigma) of slots ``[cache position, + n)``; writes their keys/values, no advance."""
-        prefix = getattr(cache, "prefix", 0)
+        prefix = cache.prefix
         first = cache.length
         count = inputs.shape[1]
         cos, sin = self._rotation(first - prefix, count, inputs.device)

@@ -11,7 +11,8 @@ class KVCache:
     Positions are written block by block: every layer writes its keys and values for the block at
     ``[length, length + n)``, then ``advance(n)`` makes them visible to later blocks. ``rewind(n)``
     forgets the last ``n`` positions, which Jacobi iterations use to overwrite a block in place.
-    ``key_valid`` marks padded text positions that no query may attend to.
+    ``key_valid`` marks padded text positions that no query may attend to; ``prefix`` counts the
+    leading positions that hold text rather than tokens.
     """
 
     def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, capacity: int,
@@ -22,6 +23,7 @@ class KVCache:
         self.key_valid = torch.ones(batch, capacity, device=device, dtype=torch.bool)
         self.capacity = capacity
         self.length = 0
+        self.prefix = 0
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a block's keys/values (B, H, n, D) and return all keys/values up to its end."""

@@ -13,14 +13,6 @@ from flowvid.testing import perturb_parameters
 from flowvid.text.base import TextEmbedding
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gaussian_log_density(x, mu, sigma):
     return -0.5 * ((x - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
 

@@ -8,14 +8,6 @@ from flowvid.sampling import JacobiSampler, SequentialSampler
 from flowvid.testing import perturb_parameters
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_flow(frame_size=(4, 4), std=0.05):
     torch.manual_seed(0)
     flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=frame_size)

@@ -10,14 +10,6 @@ from flowvid.testing import perturb_parameters
 from flowvid.text.base import TextEmbedding
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_flow(text_width=None):
     torch.manual_seed(0)
     flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=(2, 3), text_width=text_width)

@@ -1,6 +1,7 @@
 """``make-synthetic``: the built-in dataset of captioned moving shapes, made locally, deterministic by seed.
 
-    flowvid data make-synthetic --out DIR --num-videos N --frames T --size S --seed K
+    flowvid data make-synthetic --out DIR --num-videos N --frames T --size S --seed K \
+        [--max-objects M] [--backgrounds plain textured]
 
 Writes ``DIR/train`` and ``DIR/val``; validation holds only (shape, colour, motion) combinations that
 training never shows.
@@ -13,7 +14,7 @@ import sys
 import time
 
 from data_tools.report import print_summary, progress_bar
-from flowvid.data.synthetic import write_synthetic_dataset
+from flowvid.data.synthetic import BACKGROUNDS, write_synthetic_dataset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate recorded with the videos")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-samples", type=int, default=64, help="most videos per shard")
+    parser.add_argument("--max-objects", type=int, default=2, help="objects per video: 1 to this many")
+    parser.add_argument("--backgrounds", nargs="+", default=list(BACKGROUNDS), choices=BACKGROUNDS,
+                        help="backgrounds to draw from")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         task = bar.add_task("videos", total=args.num_videos + val_videos)
         manifests = write_synthetic_dataset(
             args.out, args.num_videos, args.frames, args.size, fps=args.fps, seed=args.seed,
-            val_videos=val_videos, shard_samples=args.shard_samples, on_video=lambda: bar.advance(task),
+            val_videos=val_videos, shard_samples=args.shard_samples, max_objects=args.max_objects,
+            backgrounds=args.backgrounds, on_video=lambda: bar.advance(task),
         )
     seconds = time.perf_counter() - started
     fields = {f"{split} videos": m["samples"] for split, m in manifests.items()}

@@ -62,15 +62,24 @@ def caption_of(attributes: dict[str, Any]) -> str:
     return " and ".join(clauses)
 
 
-def sample_attributes(rng: np.random.Generator, combinations: Sequence[Combination]) -> dict[str, Any]:
-    """One or two objects of distinct colours drawn from ``combinations``, and a background."""
-    num_objects = int(rng.integers(1, 3))
+def sample_attributes(
+    rng: np.random.Generator,
+    combinations: Sequence[Combination],
+    max_objects: int = 2,
+    backgrounds: Sequence[str] = BACKGROUNDS,
+) -> dict[str, Any]:
+    """One to ``max_objects`` objects of distinct colours drawn from ``combinations``, and a background."""
+    if not 1 <= max_objects <= len(COLOURS):
+        raise ValueError(f"max_objects must be between 1 and {len(COLOURS)}, got {max_objects}")
+    if not backgrounds or any(b not in BACKGROUNDS for b in backgrounds):
+        raise ValueError(f"backgrounds must be a non-empty subset of {list(BACKGROUNDS)}, got {list(backgrounds)}")
+    num_objects = int(rng.integers(1, max_objects + 1))
     objects: list[dict[str, str]] = []
     while len(objects) < num_objects:
         shape, colour, motion = combinations[int(rng.integers(len(combinations)))]
         if all(o["colour"] != colour for o in objects):  # the probe tells objects apart by colour
             objects.append({"shape": shape, "colour": colour, "motion": motion})
-    return {"objects": objects, "background": BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]}
+    return {"objects": objects, "background": backgrounds[int(rng.integers(len(backgrounds)))]}
 
 
 def check_attributes(attributes: dict[str, Any]) -> None:
@@ -280,26 +289,30 @@ def write_synthetic_dataset(
     seed: int = 0,
     val_videos: int | None = None,
     shard_samples: int = 64,
+    max_objects: int = 2,
+    backgrounds: Sequence[str] = BACKGROUNDS,
     on_video: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write ``root/train`` (training combinations) and ``root/val`` (held-out combinations).
 
-    ``val_videos`` defaults to an eighth of ``num_videos`` (at least one). Every video is a function
-    of (seed, split, index) alone. ``on_video`` is called after each video (for progress bars).
+    ``val_videos`` defaults to an eighth of ``num_videos`` (at least one). Each video shows one to
+    ``max_objects`` objects on one of ``backgrounds``. Every video is a function of (seed, split,
+    index) alone. ``on_video`` is called after each video (for progress bars).
     Returns the two manifests.
     """
     if num_videos < 1:
         raise ValueError(f"num_videos must be >= 1, got {num_videos}")
     counts = {"train": num_videos, "val": max(1, num_videos // 8) if val_videos is None else val_videos}
     recipe = {"num_videos": num_videos, "val_videos": counts["val"], "frames": frames, "size": size, "fps": fps,
-              "seed": seed, "shard_samples": shard_samples}
+              "seed": seed, "shard_samples": shard_samples, "max_objects": max_objects,
+              "backgrounds": list(backgrounds)}
     written = {}
     for split_index, (split, combinations) in enumerate(SPLITS.items()):
         folder = Path(root) / split
         with ShardFolderWriter(folder, max_samples=shard_samples) as writer:
             for index in range(counts[split]):
                 rng = np.random.default_rng([seed, split_index, index])
-                attributes = sample_attributes(rng, combinations)
+                attributes = sample_attributes(rng, combinations, max_objects, backgrounds)
                 video = render_video(attributes, frames, size, fps, seed=int(rng.integers(2**31)))
                 caption = caption_of(attributes)
                 meta = {"caption": caption, "fps": fps, "source": "synthetic", "clip_start": 0, "frames": frames,

@@ -98,3 +98,20 @@ def test_dataset_is_deterministic_and_validation_is_held_out(tmp_path):
             assert sample["caption"] == caption_of(sample["meta"]["attributes"])
             for obj in sample["meta"]["attributes"]["objects"]:
                 assert (obj["shape"], obj["colour"], obj["motion"]) in HELDOUT_COMBINATIONS
+
+
+def test_object_count_and_backgrounds_can_be_narrowed(tmp_path):
+    rng = np.random.default_rng(0)
+    drawn = [sample_attributes(rng, TRAIN_COMBINATIONS, max_objects=1, backgrounds=["plain"]) for _ in range(50)]
+    assert all(len(a["objects"]) == 1 and a["background"] == "plain" for a in drawn)
+    both = [sample_attributes(rng, TRAIN_COMBINATIONS) for _ in range(50)]
+    assert {len(a["objects"]) for a in both} == {1, 2} and {a["background"] for a in both} == {"plain", "textured"}
+    with pytest.raises(ValueError, match="max_objects"):
+        sample_attributes(rng, TRAIN_COMBINATIONS, max_objects=0)
+    with pytest.raises(ValueError, match="backgrounds"):
+        sample_attributes(rng, TRAIN_COMBINATIONS, backgrounds=["starry"])
+
+    write_synthetic_dataset(tmp_path, num_videos=6, frames=4, size=16, val_videos=2, max_objects=1,
+                            backgrounds=["plain"])
+    recipe = synthetic.synthetic_recipe(tmp_path)
+    assert recipe["max_objects"] == 1 and recipe["backgrounds"] == ["plain"]

@@ -103,3 +103,22 @@ def test_a_corrupt_checkpoint_or_a_mismatched_config_is_a_clear_error(trained, t
         load_exported(out, config=tmp_path / "wider.yaml")
     with pytest.raises(CorruptCheckpointError):
         export_checkpoint(broken, tmp_path / "other" / "y.safetensors")
+
+
+def test_a_model_that_kept_an_average_samples_with_the_loaded_weights(tmp_path):
+    """Loading builds a fresh module (with a fresh EMA): sampling must use the loaded weights, not the init."""
+    from flowvid.loading import load_model
+
+    config = {"model": {**CONFIG["model"], "init_args": {**CONFIG["model"]["init_args"], "ema_decay": 0.9}}}
+    module = build_module(config)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": module.state_dict(), "global_step": 3, "flowvid": {"ema": {}},
+                METADATA_KEY: run_metadata(module, config=config)}, path)
+    for loaded in (load_model(path), load_exported(export_checkpoint(path, tmp_path / "model.safetensors")).module):
+        with loaded.averaged_weights():
+            assert torch.equal(nll(loaded), nll(module))
+        torch.testing.assert_close(loaded.generate_videos(["", ""], seed=0), module.generate_videos(["", ""], seed=0),
+                                   rtol=0, atol=1)

@@ -150,6 +150,7 @@ def test_ema_averages_and_swaps_weights_back():
     layer = torch.nn.Linear(2, 2)
     ema = EMA(layer, decay=0.75)
     start = layer.weight.detach().clone()
+    ema.update()  # the average starts at the weights of the first update
     with torch.no_grad():
         layer.weight.add_(4.0)
     ema.update()
@@ -160,6 +161,19 @@ def test_ema_averages_and_swaps_weights_back():
     restored = EMA(layer, decay=0.75)
     restored.load_state_dict(ema.state_dict())
     torch.testing.assert_close(restored.shadow["weight"], start + 1.0)
+
+
+def test_ema_starts_from_weights_loaded_after_construction():
+    layer = torch.nn.Linear(2, 2)
+    ema = EMA(layer, decay=0.5)
+    loaded = {"weight": torch.full((2, 2), 3.0), "bias": torch.zeros(2)}
+    layer.load_state_dict(loaded)
+    with ema.averaged():  # nothing averaged yet: the loaded weights, not the initial ones
+        torch.testing.assert_close(layer.weight, loaded["weight"])
+    assert ema.state_dict() == {}
+    ema.load_state_dict({})
+    ema.update()
+    torch.testing.assert_close(ema.shadow["weight"], loaded["weight"])
 
 
 def test_warmup_then_cosine_to_the_floor():

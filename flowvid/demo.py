@@ -26,7 +26,7 @@ import torch
 
 RECIPE = "recipes/demo/shapes_t2v.yaml"
 DATA = Path("data/shapes")
-DATASET = dict(num_videos=2048, frames=8, size=16, seed=0)
+DATASET = dict(num_videos=2048, frames=8, size=16, seed=0, max_objects=1, backgrounds=["plain"])
 SAMPLES = 16
 SEED = 1234
 

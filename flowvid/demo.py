@@ -18,8 +18,9 @@ import math
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -31,18 +32,15 @@ SAMPLES = 16
 SEED = 1234
 
 
-def step(title: str):
+@contextmanager
+def step(title: str) -> Iterator[None]:
     """Print a step's title now and its duration when the block ends."""
-
-    class Step:
-        def __enter__(self):
-            print(f"==> {title}", flush=True)
-            self.started = time.perf_counter()
-
-        def __exit__(self, *exc):
-            print(f"    done in {time.perf_counter() - self.started:.1f} s", flush=True)
-
-    return Step()
+    print(f"==> {title}", flush=True)
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        print(f"    done in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def make_data(root: Path) -> None:

@@ -94,8 +94,7 @@ def source_video(module, request: Request) -> torch.Tensor | None:
         if not request.video:
             raise GenerateError(f"{request.task} needs --video FILE")
         frames = read_video(request.video, height, width)
-        usable = (len(frames) - 1) // module.codec.temporal_factor * module.codec.temporal_factor + 1 \
-            if module.codec.causal_first_frame else len(frames) // module.codec.temporal_factor * module.codec.temporal_factor
+        usable = module.codec.usable_frames(len(frames))
         if usable < 1:
             raise GenerateError(f"{request.video} has {len(frames)} frames, fewer than one latent frame")
         frames = frames[:usable]

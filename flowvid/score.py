@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from flowvid.codecs.base import check_codec_identity
+from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.media import MediaError, read_video
 
 PIXEL_UNIT = "bits per 8-bit subpixel (uniform dequantisation)"
@@ -62,10 +62,11 @@ def dequantised_latents(module, video: np.ndarray, generator: torch.Generator) -
     return latents + torch.rand(latents.shape, generator=generator) / 127.5
 
 
-def clips_of(frames: int, length: int, step: int) -> list[tuple[int, int]]:
-    """Consecutive clips of ``length`` frames covering ``frames``; the last may be shorter (a multiple of ``step``)."""
+def clips_of(frames: int, length: int, codec: LatentCodec) -> list[tuple[int, int]]:
+    """Consecutive clips of ``length`` frames covering ``frames``; the last may be shorter, cut to what ``codec``
+    encodes exactly."""
     spans = [(start, min(start + length, frames)) for start in range(0, frames, length)]
-    spans = [(a, a + (b - a) // step * step) for a, b in spans]
+    spans = [(a, a + codec.usable_frames(b - a)) for a, b in spans]
     return [(a, b) for a, b in spans if b > a]
 
 
@@ -74,7 +75,7 @@ def score_video(module, video: np.ndarray, caption: str, generator: torch.Genera
     codec = module.codec
     discrete = is_pixel_codec(codec)
     per_frame: list[float] = []
-    spans = clips_of(len(video), module.video_shape[0], codec.temporal_factor)
+    spans = clips_of(len(video), module.video_shape[0], codec)
     if not spans:
         raise ScoreError(f"{len(video)} frames are fewer than one latent frame of codec {codec.name!r}")
     for start, end in spans:

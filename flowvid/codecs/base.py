@@ -55,6 +55,12 @@ class LatentCodec(nn.Module, ABC):
             return 1 + (num_frames - 1) // self.temporal_factor
         return num_frames // self.temporal_factor
 
+    def usable_frames(self, num_frames: int) -> int:
+        """The most frames, at most ``num_frames``, that encode exactly (0 when not even one latent frame)."""
+        if self.causal_first_frame:
+            return (num_frames - 1) // self.temporal_factor * self.temporal_factor + 1 if num_frames >= 1 else 0
+        return num_frames // self.temporal_factor * self.temporal_factor
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         self.check_video_size(num_frames, height, width)
         return (

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flowvid.cli import main
+from flowvid.codecs import PixelCodec, VideoVAE
 from flowvid.export import build_module
 from flowvid.media import write_video
 from flowvid.score import clips_of
@@ -128,6 +129,10 @@ def test_score_ranks_videos_and_matches_the_flow_likelihood(checkpoint, tmp_path
 
 
 def test_clips_cover_the_video_in_whole_latent_frames():
-    assert clips_of(10, 4, 1) == [(0, 4), (4, 8), (8, 10)]
-    assert clips_of(10, 4, 2) == [(0, 4), (4, 8), (8, 10)]
-    assert clips_of(9, 4, 2) == [(0, 4), (4, 8)]
+    assert clips_of(10, 4, PixelCodec()) == [(0, 4), (4, 8), (8, 10)]
+    assert clips_of(10, 4, PixelCodec(temporal_patch=2)) == [(0, 4), (4, 8), (8, 10)]
+    assert clips_of(9, 4, PixelCodec(temporal_patch=2)) == [(0, 4), (4, 8)]
+    # A causal codec encodes 1 + 4k frames: clips of 9 and a shorter last one of 5 (of the 7 left).
+    causal = VideoVAE(spatial_factor=2, temporal_factor=4, latent_channels=4, width=8, depth=1)
+    assert clips_of(16, 9, causal) == [(0, 9), (9, 14)]
+    assert [causal.usable_frames(n) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 5, 5, 9]

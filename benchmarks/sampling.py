@@ -2,6 +2,7 @@
 
     python benchmarks/sampling.py [--config demo|large] [--frames 4] [--perturb 0.02 | --train-steps 250]
                                   [--threads 1] [--json OUT]
+    python benchmarks/sampling.py --checkpoint demo_out/run/lightning_logs/version_0/checkpoints/last.ckpt
 
 A forward (encoding) pass over the video is the floor: Jacobi needs at least one parallel pass. For
 every sampler the table gives its wall time in forward passes (each sampler is timed in alternation
@@ -13,8 +14,10 @@ block kind (the first frame has no earlier frame to warm-start from, so its iter
 Weights: a freshly built flow is the identity, so the flow is either perturbed (``--perturb STD``,
 every parameter moved by N(0, STD^2)) or fitted for a few steps to the synthetic moving-shapes videos
 (``--train-steps N``, 16x16 pixels patchified 2x2 into 8x8x12 latents, or 32x32 for ``large``), which
-gives the temporally coherent samples that a trained video model makes. Wall-clock numbers depend on
-the machine and its load; the command is the reference.
+gives the temporally coherent samples that a trained video model makes. ``--checkpoint`` measures a
+trained model instead (a checkpoint or an export; a text-conditioned flow samples for the empty
+caption), over its full video length. Wall-clock numbers depend on the machine and its load; the
+command is the reference.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from flowvid.data.synthetic import TRAIN_COMBINATIONS, render_video, sample_attr
 from flowvid.flows import GlobalLocalFlow
 from flowvid.sampling import JacobiSampler, Sampler, SequentialSampler
 from flowvid.testing import perturb_parameters
+from flowvid.text.base import TextEmbedding
 
 CONFIGS: dict[str, dict] = {
     # The "demo" preset at the demo recipe's latent size (16x16 pixels, patch 2).
@@ -133,25 +137,41 @@ def first_and_later_iterations(stats: dict) -> tuple[float, float]:
     return float(np.mean(first)) if first else 0.0, float(np.mean(later)) if later else 0.0
 
 
+def trained_flow(checkpoint: str, batch: int) -> tuple[GlobalLocalFlow, TextEmbedding | None, int]:
+    """The flow of a trained model, the empty caption's text states for ``batch`` videos, and its latent frames."""
+    from flowvid.loading import load_model
+
+    module = load_model(checkpoint)
+    text = module.encode_text([""] * batch) if module.text_encoder is not None else None
+    return module.flow, text, module.latent_shape[0]
+
+
 @torch.no_grad()
-def measure(config: str, frames: int, batch: int, perturb: float, train_steps: int, repeats: int) -> dict:
-    flow = build_flow(config)
-    if train_steps:
-        with torch.enable_grad():
-            fit_to_shapes(flow, train_steps, frames)
-        weights = f"fitted {train_steps} steps to shapes"
+def measure(config: str, frames: int, batch: int, perturb: float, train_steps: int, repeats: int,
+            checkpoint: str | None = None) -> dict:
+    text = None
+    if checkpoint:
+        flow, text, frames = trained_flow(checkpoint, batch)
+        config, weights = "trained", f"trained, {checkpoint}"
     else:
-        perturb_parameters(flow, std=perturb)
-        weights = f"perturbed, std {perturb}"
+        flow = build_flow(config)
+        if train_steps:
+            with torch.enable_grad():
+                fit_to_shapes(flow, train_steps, frames)
+            weights = f"fitted {train_steps} steps to shapes"
+        else:
+            perturb_parameters(flow, std=perturb)
+            weights = f"perturbed, std {perturb}"
     z = torch.randn(batch, frames, *flow.frame_size, flow.latent_channels, generator=torch.Generator().manual_seed(1))
-    forward = lambda: flow(z)  # noqa: E731 - the same amount of work as encoding the sampled video
-    seconds, forward_seconds, reference = time_against_forward(lambda: SequentialSampler().sample(flow, z), forward, 1)
+    forward = lambda: flow(z, text)  # noqa: E731 - the same amount of work as encoding the sampled video
+    seconds, forward_seconds, reference = time_against_forward(lambda: SequentialSampler().sample(flow, z, text),
+                                                               forward, 1)
     rows = [{"sampler": "sequential", "seconds": seconds, "forward_passes": seconds / forward_seconds,
              "work": 1.0, "relative_l2": 0.0}]
     print(f"  sequential: {seconds:.3f} s", flush=True)
     for variant in variants():
         sampler = variant.sampler()
-        seconds, forward_seconds, x = time_against_forward(lambda: sampler.sample(flow, z), forward, repeats)
+        seconds, forward_seconds, x = time_against_forward(lambda: sampler.sample(flow, z, text), forward, repeats)
         stats = sampler.last_stats
         first, later = first_and_later_iterations(stats)
         rows.append({
@@ -202,12 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=0, help="fit the flow to shapes videos instead")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=3, help="runs per Jacobi sampler; the fastest counts")
+    parser.add_argument("--checkpoint", default=None, help="measure this trained model (checkpoint or export)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# sampling benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s)", flush=True)
-    result = measure(args.config, args.frames, args.batch, args.perturb, args.train_steps, args.repeats)
+    result = measure(args.config, args.frames, args.batch, args.perturb, args.train_steps, args.repeats,
+                     args.checkpoint)
     print(markdown(result))
     if args.json:
         with open(args.json, "w") as handle:

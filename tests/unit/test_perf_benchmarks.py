@@ -126,3 +126,26 @@ def test_reference_model_has_our_parameter_count_and_takes_our_weights():
         z_ours = flow.encode(x, unconditional)[0]
         z_theirs = model(reference.reference_video(x), unconditional.tokens)[0].permute(0, 1, 3, 4, 2)
     assert ((z_ours - z_theirs).norm() / z_ours.norm()).item() < 0.05
+
+
+def test_sampling_benchmark_measures_a_trained_checkpoint(tmp_path):
+    from flowvid.export import build_module
+    from flowvid.lit.checkpointing import METADATA_KEY, run_metadata
+    from flowvid.testing import perturb_parameters
+
+    sampling = importlib.import_module("sampling")
+    config = {"model": {"class_path": "flowvid.lit.FlowModule", "init_args": {
+        "flow": {"class_path": "flowvid.flows.GlobalLocalFlow",
+                 "init_args": {"latent_channels": 3, "frame_size": [2, 2], **TINY_PRESET, "text_width": 16}},
+        "text_encoder": {"class_path": "flowvid.text.LearnedTextEncoder",
+                         "init_args": {"width": 16, "max_length": 4, "depth": 1, "head_dim": 16}},
+        "video_shape": [3, 2, 2]}}}
+    module = build_module(config)
+    perturb_parameters(module.flow, std=0.05)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": module.state_dict(), METADATA_KEY: run_metadata(module, config=config)}, path)
+
+    result = sampling.measure("demo", frames=1, batch=2, perturb=0.0, train_steps=0, repeats=1, checkpoint=str(path))
+    assert result["video"] == [2, 3, 2, 2, 3] and result["weights"].startswith("trained")
+    jacobi = {row["sampler"]: row for row in result["rows"]}["jacobi tol 1e-3"]
+    assert jacobi["relative_l2"] < 1e-2 and jacobi["work"] >= 1.0

@@ -12,6 +12,10 @@ Tweedie's formula gives the clean latents from the score of the noisy density:
 ``E[x | x~] = x~ + sigma^2 grad log p(x~) = x~ - sigma^2 grad NLL(x~)``. The denoiser learns the
 unit-scale quantity ``sigma * grad NLL(x~)`` (for Gaussian noise it is about the noise ``eps`` that was
 added) and denoises with ``x~ - sigma * D(x~)``.
+
+``score_matching_tap`` trains the denoiser inside that same backward pass, so one training step has a
+single backward: what data-parallel and ZeRO strategies, which reduce gradients at the end of each
+backward pass, need.
 """
 
 from __future__ import annotations
@@ -29,6 +33,36 @@ def flow_score_target(input_grad: torch.Tensor, noise_std: float) -> torch.Tenso
     (a latent-norm penalty) add their own small gradient.
     """
     return (input_grad * (input_grad.numel() * noise_std)).detach()
+
+
+class _ScoreMatchingTap(torch.autograd.Function):
+    """Identity on ``x``; its backward turns the gradient arriving at ``x`` into the denoiser's one."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, prediction: torch.Tensor, noise_std: float) -> torch.Tensor:
+        ctx.save_for_backward(prediction)
+        ctx.noise_std = noise_std
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, input_grad: torch.Tensor):
+        (prediction,) = ctx.saved_tensors
+        target = flow_score_target(input_grad, ctx.noise_std)
+        # d/dprediction of mse_loss(prediction, target), the mean over every element.
+        prediction_grad = 2.0 * (prediction - target) / prediction.numel()
+        return input_grad, prediction_grad, None
+
+
+def score_matching_tap(x: torch.Tensor, prediction: torch.Tensor, noise_std: float) -> torch.Tensor:
+    """``x`` unchanged, tied to the denoiser's ``prediction`` for it (made from ``x`` detached).
+
+    Feed the result to the flow instead of ``x``: the backward pass of the likelihood loss then also
+    gives ``prediction`` the gradient of ``mse_loss(prediction, flow_score_target(x.grad, noise_std))``,
+    which trains the denoiser in the same pass; the gradient that reaches ``x`` is the likelihood's
+    alone, so the flow learns nothing from the denoiser. The loss's input gradient must be unscaled,
+    as for ``flow_score_target``.
+    """
+    return _ScoreMatchingTap.apply(x, prediction, noise_std)
 
 
 def tweedie_denoise(flow, x_noisy: torch.Tensor, noise_std: float, text: TextEmbedding | None = None) -> torch.Tensor:

@@ -5,20 +5,20 @@ One training step:
 1. latents: the batch's ``latents``, or its uint8 ``video`` through the frozen codec;
 2. task and noise: video-to-video or extension (``conditioning.py``), then ``x~ = x + sigma * eps``,
    then the caption is dropped with probability ``text_dropout`` (for classifier-free guidance);
-3. likelihood: ``loss = mean_b[0.5 * mean(z^2) - logdet / D]`` (+ a latent-norm penalty); its backward
-   pass leaves ``grad_x~ loss`` on the input;
-4. flow-score matching: that gradient, rescaled, is the denoiser's target ``sigma * grad NLL(x~)``
-   (``flowvid.denoise.score``); the denoiser sees ``x~`` and the text detached, so no gradient of its
-   loss reaches the flow or the text encoder;
+3. likelihood: ``loss = mean_b[0.5 * mean(z^2) - logdet / D]`` (+ a latent-norm penalty), with one
+   backward pass per step;
+4. flow-score matching: the gradient that this backward pass leaves on ``x~``, rescaled, is the
+   denoiser's target ``sigma * grad NLL(x~)``, and the same pass trains the denoiser towards it
+   (``flowvid.denoise.score_matching_tap``); the denoiser sees ``x~`` and the text detached, so no
+   gradient of its loss reaches the flow or the text encoder;
 5. update: each parameter group is clipped on its own; a step whose loss or gradients are not finite,
    or whose flow gradient norm exceeds ``skip_threshold``, is skipped and counted
    (``train/skipped_steps``); otherwise one AdamW step, the schedule, and the EMA.
 
 The flow and the denoiser share one AdamW with two parameter groups (their own learning rates and
 betas) rather than two optimisers: Lightning counts every optimiser step as a global step, and
-DeepSpeed accepts a single optimiser. Both losses are backpropagated in the same step; under DDP
-the two backward passes touch disjoint parameters, so the strategy must allow parameters unused by
-one pass (``DDPStrategy(find_unused_parameters=True)``).
+DeepSpeed accepts a single optimiser. A single backward pass gives both their gradients, so DDP and
+DeepSpeed ZeRO reduce them once per step, as they expect.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from flowvid.codecs.base import LatentCodec, check_codec_identity
-from flowvid.denoise import CausalDenoiser, flow_score_target, tweedie_denoise
+from flowvid.denoise import CausalDenoiser, flow_score_target, score_matching_tap, tweedie_denoise
 from flowvid.flows.global_local import LOG_2PI, GlobalLocalFlow
 from flowvid.lit.conditioning import EXTEND_PREFIX, V2V_PREFIX, add_prefix, chance, drop_captions
 from flowvid.lit.ema import EMA
@@ -259,12 +259,12 @@ class FlowModule(LightningModule):
             "sigma": sigma,
         }
 
-    def denoiser_loss(self, x_noisy: torch.Tensor, text: TextEmbedding | None, target: torch.Tensor) -> torch.Tensor:
-        """MSE of the denoiser's prediction to the FSM target; nothing upstream of it gets a gradient."""
+    def denoiser_prediction(self, x_noisy: torch.Tensor, text: TextEmbedding | None) -> torch.Tensor:
+        """The denoiser's output for ``x~``; nothing upstream of it (flow, text encoder) gets a gradient."""
         assert self.denoiser is not None
         if text is not None:
             text = TextEmbedding(text.tokens.detach(), text.mask)
-        return F.mse_loss(self.denoiser(x_noisy.detach(), text), target.detach())
+        return self.denoiser(x_noisy.detach(), text)
 
     # --- training ------------------------------------------------------------------------------
 
@@ -275,9 +275,13 @@ class FlowModule(LightningModule):
             self._skip_step("non-finite values in the batch's latents")
             return
         optimizer.zero_grad(set_to_none=True)
-        x.requires_grad_(self.denoiser is not None)
-        terms = self.likelihood_terms(x, text)
-        self.manual_backward(terms["loss"])
+        flow_input = x
+        if self.denoiser is not None:
+            x.requires_grad_(True)
+            prediction = self.denoiser_prediction(x, text)
+            flow_input = score_matching_tap(x, prediction, self.noise_std)
+        terms = self.likelihood_terms(flow_input, text)
+        self.manual_backward(terms["loss"])  # trains the flow, the text encoder and the denoiser
         metrics = {f"train/{name}": terms[name] for name in ("loss", "nats_per_dim", "z2", "logdet")}
         metrics["train/bits_per_dim"] = terms["nats_per_dim"] / math.log(2)
         if self.latent_norm_penalty:
@@ -285,9 +289,7 @@ class FlowModule(LightningModule):
         healthy = torch.isfinite(terms["loss"])
 
         if self.denoiser is not None:
-            target = flow_score_target(x.grad, self.noise_std)
-            den_loss = self.denoiser_loss(x, text, target)
-            self.manual_backward(den_loss)
+            den_loss = F.mse_loss(prediction.detach(), flow_score_target(x.grad, self.noise_std))
             metrics["train/denoiser_loss"] = den_loss
             healthy &= torch.isfinite(den_loss)
 

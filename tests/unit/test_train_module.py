@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flowvid.codecs.base import CodecMismatchError
 from flowvid.codecs.pixel import PixelCodec
-from flowvid.denoise import CausalDenoiser, flow_score_target
+from flowvid.denoise import CausalDenoiser, flow_score_target, score_matching_tap
 from flowvid.flows import GlobalLocalFlow
 from flowvid.lit import EMA, FlowModule, warmup_cosine
 from flowvid.lit.schedule import warmup_cosine_scheduler
@@ -38,19 +39,30 @@ def video_batch(batch=2, seed=0) -> dict:
     return {"video": video, "caption": captions, "key": [str(i) for i in range(batch)]}
 
 
-def test_the_denoiser_loss_reaches_neither_the_flow_nor_the_text_encoder():
+def test_one_backward_pass_trains_the_denoiser_by_fsm_and_the_flow_by_likelihood_alone():
     module = make_module()
     x, text = module.training_inputs(video_batch())
+    upstream = [*module.flow.parameters(), *module.text_encoder.parameters()]
+
+    # Two passes, spelled out: the likelihood, then the MSE to the target read off its input gradient.
     x.requires_grad_(True)
-    module.likelihood_terms(x, text)["loss"].backward()
+    module.likelihood_terms(x, text)["loss"].backward(retain_graph=True)
     target = flow_score_target(x.grad, module.noise_std)
+    flow_grads = [p.grad.clone() for p in upstream]
     module.zero_grad(set_to_none=True)
+    F.mse_loss(module.denoiser_prediction(x, text), target).backward()
+    assert all(p.grad is None for p in upstream)  # the denoiser's loss reaches neither flow nor text
+    denoiser_grads = [p.grad.clone() for p in module.denoiser.parameters()]
+    assert any(g.abs().sum() > 0 for g in denoiser_grads)
 
-    module.denoiser_loss(x, text, target).backward()
-
-    upstream = [*module.flow.named_parameters(), *module.text_encoder.named_parameters()]
-    assert all(p.grad is None for _, p in upstream), [n for n, p in upstream if p.grad is not None][:3]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.denoiser.parameters())
+    # One pass through the tap: the same gradients for both.
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    tapped = score_matching_tap(x, module.denoiser_prediction(x, text), module.noise_std)
+    module.likelihood_terms(tapped, text)["loss"].backward()
+    for expected, p in zip(flow_grads + denoiser_grads, upstream + list(module.denoiser.parameters())):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(flow_score_target(x.grad, module.noise_std), target)
 
 
 def test_noise_augmentation_has_the_configured_sigma():

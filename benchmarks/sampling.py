@@ -63,6 +63,7 @@ def variants() -> list[Variant]:
         Variant("jacobi, values warm start", lambda: JacobiSampler(warm_start="values")),
         Variant("jacobi, no warm start", lambda: JacobiSampler(warm_start="noise")),
         Variant("jacobi, first blocks of one frame", lambda: JacobiSampler(first_block_size=10**9)),
+        Variant("jacobi, later blocks of 16 slots", lambda: JacobiSampler(block_size=16)),
         # The reference's settings: blocks of 32 then 128 slots, previous-frame values, threshold
         # 1e-3 on the *squared* relative change (= 0.0316 on the relative change).
         Variant("jacobi, reference settings", lambda: JacobiSampler(tol=0.0316, first_block_size=32, block_size=128,

@@ -69,10 +69,7 @@ def sample_attributes(
     backgrounds: Sequence[str] = BACKGROUNDS,
 ) -> dict[str, Any]:
     """One to ``max_objects`` objects of distinct colours drawn from ``combinations``, and a background."""
-    if not 1 <= max_objects <= len(COLOURS):
-        raise ValueError(f"max_objects must be between 1 and {len(COLOURS)}, got {max_objects}")
-    if not backgrounds or any(b not in BACKGROUNDS for b in backgrounds):
-        raise ValueError(f"backgrounds must be a non-empty subset of {list(BACKGROUNDS)}, got {list(backgrounds)}")
+    check_scene_options(max_objects, backgrounds)
     num_objects = int(rng.integers(1, max_objects + 1))
     objects: list[dict[str, str]] = []
     while len(objects) < num_objects:
@@ -80,6 +77,14 @@ def sample_attributes(
         if all(o["colour"] != colour for o in objects):  # the probe tells objects apart by colour
             objects.append({"shape": shape, "colour": colour, "motion": motion})
     return {"objects": objects, "background": backgrounds[int(rng.integers(len(backgrounds)))]}
+
+
+def check_scene_options(max_objects: int, backgrounds: Sequence[str]) -> None:
+    """Raise a ValueError unless 1 <= ``max_objects`` <= the colours, and ``backgrounds`` are known ones."""
+    if not 1 <= max_objects <= len(COLOURS):
+        raise ValueError(f"max_objects must be between 1 and {len(COLOURS)}, got {max_objects}")
+    if not backgrounds or any(b not in BACKGROUNDS for b in backgrounds):
+        raise ValueError(f"backgrounds must be a non-empty subset of {list(BACKGROUNDS)}, got {list(backgrounds)}")
 
 
 def check_attributes(attributes: dict[str, Any]) -> None:
@@ -302,6 +307,7 @@ def write_synthetic_dataset(
     """
     if num_videos < 1:
         raise ValueError(f"num_videos must be >= 1, got {num_videos}")
+    check_scene_options(max_objects, backgrounds)  # before any folder is made
     counts = {"train": num_videos, "val": max(1, num_videos // 8) if val_videos is None else val_videos}
     recipe = {"num_videos": num_videos, "val_videos": counts["val"], "frames": frames, "size": size, "fps": fps,
               "seed": seed, "shard_samples": shard_samples, "max_objects": max_objects,

@@ -111,6 +111,10 @@ def test_object_count_and_backgrounds_can_be_narrowed(tmp_path):
     with pytest.raises(ValueError, match="backgrounds"):
         sample_attributes(rng, TRAIN_COMBINATIONS, backgrounds=["starry"])
 
+    with pytest.raises(ValueError, match="max_objects"):
+        write_synthetic_dataset(tmp_path / "bad", num_videos=6, frames=4, size=16, max_objects=7)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
     write_synthetic_dataset(tmp_path, num_videos=6, frames=4, size=16, val_videos=2, max_objects=1,
                             backgrounds=["plain"])
     recipe = synthetic.synthetic_recipe(tmp_path)

@@ -1,7 +1,7 @@
 """Training throughput: tokens/s of a full training step and its model FLOPs utilisation (MFU).
 
     python benchmarks/train_throughput.py [--widths 128 256] [--rounds 8] [--threads 2]
-                                          [--reference PATH] [--json OUT]
+                                          [--frames 4] [--reference PATH] [--json OUT]
 
 A training step is what ``FlowModule`` does to the flow: the forward pass through every block, the
 maximum-likelihood loss ``0.5 mean(z^2) - log|det| / D``, the backward pass, gradient clipping at norm 1
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--deep-depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=4, help="latent frames per video")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds; medians are reported")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--reference", default=None, help="checkout of apple/ml-starflow to compare against")
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
     results = []
     for width in args.widths:
-        config = replace(SharedConfig(), width=width, deep_depth=args.deep_depth, batch=args.batch)
+        config = replace(SharedConfig(), width=width, deep_depth=args.deep_depth, batch=args.batch,
+                         frames=args.frames)
         results.append(measure_width(config, args.rounds, args.reference))
         print(f"  width {width} done", flush=True)
     print(markdown(results))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +60,66 @@ class Attention(nn.Module):
             k, v = cache.write(layer, k, v)
         if mask is None and cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif cache is None:
+            out = banded_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).flatten(2))
+
+
+#: Queries per chunk of ``banded_attention``: small enough that a causal mask's chunks skip about half
+#: of the products, large enough that the kernels stay efficient (measured on CPU, 272 to 2080 tokens).
+QUERY_CHUNK = 192
+#: Chunks are used only when they skip at least this share of the query x key products.
+MIN_SKIPPED_SHARE = 0.1
+
+
+def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, attn_mask=mask)``, computing only the keys queries may see.
+
+    Attention kernels given an explicit mask compute every query x key product, even where the mask
+    hides a whole band of keys (the future of a causal sequence behind a text prefix, the frames
+    outside a window). Here the queries go in chunks, each over the run of keys its rows can see: for a
+    long causal sequence about half of the products. ``mask`` is boolean, (B or 1, H or 1, Q, K).
+    """
+    bands = _key_bands(mask)
+    if bands is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    chunks = [
+        F.scaled_dot_product_attention(q[..., first:last, :], k[..., lo:hi, :], v[..., lo:hi, :],
+                                       attn_mask=mask[..., first:last, lo:hi])
+        for first, last, lo, hi in bands
+    ]
+    return torch.cat(chunks, dim=-2)
+
+
+# Every layer of a block gets the same mask in one forward pass: its bands are found once.
+_last_bands: tuple[weakref.ref, int, list[tuple[int, int, int, int]] | None] | None = None
+
+
+def _key_bands(mask: torch.Tensor) -> list[tuple[int, int, int, int]] | None:
+    """(first query, end query, first key, end key) per chunk of queries; None when chunks would not pay."""
+    global _last_bands
+    if _last_bands is not None and _last_bands[0]() is mask and _last_bands[1] == mask._version:
+        return _last_bands[2]
+    num_queries, num_keys = mask.shape[-2:]
+    bands = None
+    if num_queries > QUERY_CHUNK:
+        visible = mask.flatten(0, -3).any(0)  # (Q, K): keys some sample or head may see
+        columns = torch.arange(num_keys, device=mask.device)
+        lo = torch.where(visible, columns, num_keys).amin(1)
+        hi = torch.where(visible, columns, -1).amax(1) + 1
+        count = math.ceil(num_queries / QUERY_CHUNK)
+        bounds = [num_queries * index // count for index in range(count + 1)]
+        firsts, ends = bounds[:-1], bounds[1:]
+        key_lo = torch.stack([lo[a:b].min() for a, b in zip(firsts, ends)]).tolist()
+        key_hi = torch.stack([hi[a:b].max() for a, b in zip(firsts, ends)]).tolist()
+        bands = list(zip(firsts, ends, key_lo, key_hi))
+        computed = sum((b - a) * (h - l) for a, b, l, h in bands)
+        if computed > (1 - MIN_SKIPPED_SHARE) * num_queries * num_keys:
+            bands = None
+    _last_bands = (weakref.ref(mask), mask._version, bands)
+    return bands
 
 
 #: Masks up to this many entries are kept for reuse (training reuses one shape every step, Jacobi

@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flowvid.flows import AffineBlock, BlockSpec
 from flowvid.flows.autoregressive import ROTATION_CACHE_SIZE
-from flowvid.nn import Attention, apply_rope, prefix_causal_mask
+from flowvid.nn import Attention, apply_rope, banded_attention, frame_window_mask, prefix_causal_mask
+from flowvid.nn.attention import _key_bands
 from flowvid.nn.rope import rope_angles, rotate_pairs
 from flowvid.text.base import TextEmbedding
 
@@ -140,3 +142,40 @@ def test_block_output_does_not_depend_on_what_was_cached_before():
             block.affine(block.shift(x)[:, first:first + 4], cache)
             cache.advance(4)
         assert torch.equal(block(x)[0], twin(x)[0])
+
+
+def masked_attention_and_grads(attend, q, k, v, mask):
+    out = attend(q, k, v, mask)
+    return (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+
+
+@pytest.mark.parametrize("mask", [
+    prefix_causal_mask(416, 0, 416, torch.tensor([[True] * 10 + [False] * 6, [True] * 16])),
+    frame_window_mask(8, 48, past_frames=2),
+    frame_window_mask(8, 48, past_frames=None, future_frames=1),
+], ids=["text-prefix-causal", "window-of-past-frames", "causal-with-lookahead"])
+def test_banded_attention_equals_attention_with_the_full_mask(mask):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, mask.shape[-1], 16, requires_grad=True) for _ in range(3))
+    full = lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    for banded, plain in zip(masked_attention_and_grads(banded_attention, q, k, v, mask),
+                             masked_attention_and_grads(full, q, k, v, mask)):
+        torch.testing.assert_close(banded, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_banded_attention_skips_the_hidden_keys_of_a_causal_mask():
+    length = 1040
+    bands = _key_bands(prefix_causal_mask(length, 0, length, torch.ones(1, 16, dtype=torch.bool)))
+    computed = sum((end - first) * (key_end - key_first) for first, end, key_first, key_end in bands)
+    assert computed < 0.65 * length * length
+    assert _key_bands(torch.ones(1, 1, length, length, dtype=torch.bool)) is None  # nothing to skip
+
+
+def test_banded_attention_sees_a_mask_changed_in_place():
+    torch.manual_seed(0)
+    mask = prefix_causal_mask(400, 0, 400, torch.ones(1, 16, dtype=torch.bool)).clone()
+    q, k, v = (torch.randn(1, 1, 400, 8) for _ in range(3))
+    banded_attention(q, k, v, mask)
+    mask[..., :100, :] = True  # the first queries now see every key
+    torch.testing.assert_close(banded_attention(q, k, v, mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask))

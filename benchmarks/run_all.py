@@ -4,8 +4,9 @@
 
 Sections, in the order of docs/benchmarks.md:
 
-* training throughput and MFU (``train_throughput.py``), side by side with the reference implementation
-  when a checkout of it is given (``--reference`` or the ``FLOWVID_REFERENCE`` environment variable);
+* training throughput and MFU (``train_throughput.py``, at 4 and, without ``--quick``, 16 latent frames),
+  side by side with the reference implementation when a checkout of it is given (``--reference`` or the
+  ``FLOWVID_REFERENCE`` environment variable);
 * sampling: sequential vs Jacobi (``sampling.py``, two configurations) and, with the reference, Jacobi
   against the reference's Jacobi (``reference.py``);
 * memory: peak RSS of the demo's training and sampling (``memory.py``);
@@ -88,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         print("no reference checkout (--reference PATH or FLOWVID_REFERENCE): side-by-side comparisons skipped")
 
     sections: dict[str, list[str | None]] = {
-        "Training throughput": [run("train_throughput.py", ["--rounds", "3" if quick else "8", *reference],
-                                    out / "training.json")],
+        "Training throughput": [
+            run("train_throughput.py", ["--rounds", "3" if quick else "8", *reference], out / "training.json"),
+            None if quick else run("train_throughput.py", ["--frames", "16", "--batch", "2", "--rounds", "6",
+                                                            *reference], out / "training_16_frames.json"),
+        ],
         "Sampling": [
             run("sampling.py", ["--perturb", "0.02", "--repeats", "2" if quick else "3"], out / "sampling.json"),
             None if quick else run("sampling.py", ["--config", "large", "--repeats", "2"], out / "sampling_large.json"),

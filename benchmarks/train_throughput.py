@@ -15,8 +15,8 @@ FLOP conventions (both printed):
   video tokens per step (2 in the forward and 4 in the backward pass per parameter and token; text
   tokens and attention not counted, the usual LLM convention).
 * **HFU** counts what the step executes: every matmul (counted by ``torch.utils.flop_counter``, text
-  tokens included) plus attention as full (non-causal) products, ``12 x queries x keys x width`` per
-  layer for forward and backward.
+  tokens included) plus attention, ``12 x queries x keys x width`` per layer for forward and backward,
+  over the keys the kernels visit (``attention_flops``).
 
 The denominator is the fp32 FLOP/s of a 2048 x 2048 matmul measured in the same run, one matmul per
 round between the training steps, so that the load of a shared machine hits both alike. With
@@ -44,6 +44,7 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from flowvid.nn.attention import attention_bands, prefix_causal_mask  # noqa: E402
 from reference import SharedConfig, build_reference, load_reference, reference_loss, reference_video  # noqa: E402
 
 MATMUL_SIZE = 2048
@@ -95,11 +96,17 @@ def model_flops(parameters: int, config: SharedConfig) -> float:
 
 
 def attention_flops(config: SharedConfig) -> float:
-    """Attention products of one step (forward + backward), counted as full ``queries x keys`` squares."""
+    """Attention products of one step (forward + backward): ``12 x queries x keys x width`` per layer,
+    with the keys the kernels visit: a frame's full square in the frame-local blocks, the bands of
+    ``banded_attention`` (or the full square, when it does not split) in the text-conditioned deep block."""
     per_frame = config.frame_size[0] * config.frame_size[1]
     shallow_layers = config.shallow_blocks * config.shallow_depth
     shallow = shallow_layers * config.batch * config.frames * per_frame**2
-    deep = config.deep_depth * config.batch * (config.tokens + config.text_length) ** 2
+    length = config.tokens + config.text_length
+    mask = prefix_causal_mask(length, 0, length, torch.ones(1, config.text_length, dtype=torch.bool))
+    bands = attention_bands(mask) or [(0, length, 0, length)]
+    products = sum((end - first) * (key_end - key_first) for first, end, key_first, key_end in bands)
+    deep = config.deep_depth * config.batch * products
     return 12.0 * config.width * (shallow + deep)
 
 

@@ -82,7 +82,7 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     outside a window). Here the queries go in chunks, each over the run of keys its rows can see: for a
     long causal sequence about half of the products. ``mask`` is boolean, (B or 1, H or 1, Q, K).
     """
-    bands = _key_bands(mask)
+    bands = attention_bands(mask)
     if bands is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     chunks = [
@@ -93,12 +93,13 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.cat(chunks, dim=-2)
 
 
-# Every layer of a block gets the same mask in one forward pass: its bands are found once.
+# Every layer of a block gets the same mask in one forward pass: its bands are worked out once.
 _last_bands: tuple[weakref.ref, int, list[tuple[int, int, int, int]] | None] | None = None
 
 
-def _key_bands(mask: torch.Tensor) -> list[tuple[int, int, int, int]] | None:
-    """(first query, end query, first key, end key) per chunk of queries; None when chunks would not pay."""
+def attention_bands(mask: torch.Tensor) -> list[tuple[int, int, int, int]] | None:
+    """The chunks ``banded_attention`` computes for ``mask``: (first query, end query, first key, end
+    key) each, or None when chunks would not skip enough of the products to pay."""
     global _last_bands
     if _last_bands is not None and _last_bands[0]() is mask and _last_bands[1] == mask._version:
         return _last_bands[2]

@@ -54,6 +54,12 @@ def test_attention_flops_count_queries_times_keys_per_layer():
     assert train_throughput.attention_flops(config) == 12 * config.width * (shallow + deep)
 
 
+def test_attention_flops_of_a_long_video_count_the_bands_the_deep_block_computes():
+    config = replace(TINY_CONFIG, frame_size=(8, 8), frames=16, text_length=16, shallow_blocks=0)
+    full_square = 12 * config.width * config.batch * (config.tokens + config.text_length) ** 2
+    assert 0.5 * full_square < train_throughput.attention_flops(config) < 0.65 * full_square
+
+
 def test_training_step_lowers_the_loss_it_reports():
     torch.manual_seed(0)
     flow = TINY_CONFIG.build_flow()

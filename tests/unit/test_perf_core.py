@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from flowvid.flows import AffineBlock, BlockSpec
 from flowvid.flows.autoregressive import ROTATION_CACHE_SIZE
 from flowvid.nn import Attention, apply_rope, banded_attention, frame_window_mask, prefix_causal_mask
-from flowvid.nn.attention import _key_bands
+from flowvid.nn.attention import attention_bands
 from flowvid.nn.rope import rope_angles, rotate_pairs
 from flowvid.text.base import TextEmbedding
 
@@ -165,10 +165,10 @@ def test_banded_attention_equals_attention_with_the_full_mask(mask):
 
 def test_banded_attention_skips_the_hidden_keys_of_a_causal_mask():
     length = 1040
-    bands = _key_bands(prefix_causal_mask(length, 0, length, torch.ones(1, 16, dtype=torch.bool)))
+    bands = attention_bands(prefix_causal_mask(length, 0, length, torch.ones(1, 16, dtype=torch.bool)))
     computed = sum((end - first) * (key_end - key_first) for first, end, key_first, key_end in bands)
     assert computed < 0.65 * length * length
-    assert _key_bands(torch.ones(1, 1, length, length, dtype=torch.bool)) is None  # nothing to skip
+    assert attention_bands(torch.ones(1, 1, length, length, dtype=torch.bool)) is None  # nothing to skip
 
 
 def test_banded_attention_sees_a_mask_changed_in_place():

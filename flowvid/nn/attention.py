@@ -94,6 +94,7 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 # Every layer of a block gets the same mask in one forward pass: its bands are worked out once.
+# (Inference tensors have no version counter, so a mask made under inference mode is not cached.)
 _last_bands: tuple[weakref.ref, int, list[tuple[int, int, int, int]] | None] | None = None
 
 
@@ -101,26 +102,29 @@ def attention_bands(mask: torch.Tensor) -> list[tuple[int, int, int, int]] | Non
     """The chunks ``banded_attention`` computes for ``mask``: (first query, end query, first key, end
     key) each, or None when chunks would not skip enough of the products to pay."""
     global _last_bands
-    if _last_bands is not None and _last_bands[0]() is mask and _last_bands[1] == mask._version:
-        return _last_bands[2]
+    if mask.is_inference():
+        return _bands(mask)
+    if _last_bands is None or _last_bands[0]() is not mask or _last_bands[1] != mask._version:
+        _last_bands = (weakref.ref(mask), mask._version, _bands(mask))
+    return _last_bands[2]
+
+
+def _bands(mask: torch.Tensor) -> list[tuple[int, int, int, int]] | None:
     num_queries, num_keys = mask.shape[-2:]
-    bands = None
-    if num_queries > QUERY_CHUNK:
-        visible = mask.flatten(0, -3).any(0)  # (Q, K): keys some sample or head may see
-        columns = torch.arange(num_keys, device=mask.device)
-        lo = torch.where(visible, columns, num_keys).amin(1)
-        hi = torch.where(visible, columns, -1).amax(1) + 1
-        count = math.ceil(num_queries / QUERY_CHUNK)
-        bounds = [num_queries * index // count for index in range(count + 1)]
-        firsts, ends = bounds[:-1], bounds[1:]
-        key_lo = torch.stack([lo[a:b].min() for a, b in zip(firsts, ends)]).tolist()
-        key_hi = torch.stack([hi[a:b].max() for a, b in zip(firsts, ends)]).tolist()
-        bands = list(zip(firsts, ends, key_lo, key_hi))
-        computed = sum((b - a) * (h - l) for a, b, l, h in bands)
-        if computed > (1 - MIN_SKIPPED_SHARE) * num_queries * num_keys:
-            bands = None
-    _last_bands = (weakref.ref(mask), mask._version, bands)
-    return bands
+    if num_queries <= QUERY_CHUNK:
+        return None
+    visible = mask.flatten(0, -3).any(0)  # (Q, K): keys some sample or head may see
+    columns = torch.arange(num_keys, device=mask.device)
+    lo = torch.where(visible, columns, num_keys).amin(1)
+    hi = torch.where(visible, columns, -1).amax(1) + 1
+    count = math.ceil(num_queries / QUERY_CHUNK)
+    bounds = [num_queries * index // count for index in range(count + 1)]
+    firsts, ends = bounds[:-1], bounds[1:]
+    key_lo = torch.stack([lo[a:b].min() for a, b in zip(firsts, ends)]).tolist()
+    key_hi = torch.stack([hi[a:b].max() for a, b in zip(firsts, ends)]).tolist()
+    bands = list(zip(firsts, ends, key_lo, key_hi))
+    computed = sum((b - a) * (h - l) for a, b, l, h in bands)
+    return None if computed > (1 - MIN_SKIPPED_SHARE) * num_queries * num_keys else bands
 
 
 #: Masks up to this many entries are kept for reuse (training reuses one shape every step, Jacobi

@@ -179,3 +179,18 @@ def test_banded_attention_sees_a_mask_changed_in_place():
     mask[..., :100, :] = True  # the first queries now see every key
     torch.testing.assert_close(banded_attention(q, k, v, mask),
                                F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_a_text_conditioned_block_encodes_a_long_video_under_inference_mode():
+    """Validation and scoring run under inference mode, whose masks carry no version counter."""
+    torch.manual_seed(0)
+    spec = BlockSpec(3, (8, 8), width=16, depth=1, head_dim=8, permutation="flip_within_frame", text_width=6)
+    block = AffineBlock(spec)
+    x = torch.randn(2, 4 * 64, 3)  # 4 frames: more queries than one chunk
+    text = TextEmbedding(torch.randn(2, 5, 6), torch.tensor([[True] * 3 + [False] * 2, [True] * 5]))
+    with torch.no_grad():
+        expected = block(x, text)
+    with torch.inference_mode():
+        z, logdet = block(x, text)
+    torch.testing.assert_close(z, expected[0])
+    torch.testing.assert_close(logdet, expected[1])

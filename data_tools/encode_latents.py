@@ -6,7 +6,9 @@
 The manifest records the codec's identity (name + config hash, checked against the model at
 training time), the latent shape, the per-channel mean and std measured over all written latents,
 and the codec's own normalisation when it has one (``latents_mean`` / ``latents_std``). A frozen
-text encoder's embeddings can be cached with the latents.
+text encoder's embeddings can be cached with the latents. Codec and text-encoder arguments are
+checked before anything is written, and a run replaces earlier shards in DIR only when it writes at
+least one latent.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from data_tools.report import print_summary, progress_bar
+from data_tools.arguments import build_registered, json_object
+from data_tools.report import console, print_summary, progress_bar
 from flowvid.codecs.base import LatentCodec
 from flowvid.data.manifest import load_manifest, new_manifest, video_shape, write_manifest
 from flowvid.data.shards import (
@@ -32,7 +35,9 @@ from flowvid.data.shards import (
     decode_sample,
     encode_sample,
     iter_tar,
+    replace_shard_folder,
     shard_paths,
+    staging_folder,
 )
 from flowvid.registry import CODECS, TEXT_ENCODERS
 from flowvid.text.base import TextEncoder
@@ -53,19 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-samples", type=int, default=1000, help="most samples per shard")
 
 
-def json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"patch_size\": 2}}', got {text!r} ({err})")
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
-    codec = CODECS.get(args.codec)(**args.codec_args)
-    text_encoder = TEXT_ENCODERS.get(args.text_encoder)(**args.text_encoder_args) if args.text_encoder else None
+    codec = build_registered(CODECS, args.codec, args.codec_args, "--codec-args")
+    text_encoder = None
+    if args.text_encoder:
+        text_encoder = build_registered(TEXT_ENCODERS, args.text_encoder, args.text_encoder_args, "--text-encoder-args")
+    check_output_folder(args.source, args.out)
     raw = load_manifest(args.source)
     started = time.perf_counter()
     with progress_bar() as bar:
@@ -80,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
               "latent shape": tuple(manifest["latent_shape"]), "seconds": seconds,
               "clips_per_second": manifest["samples"] / seconds}
     print_summary(f"encode-latents -> {args.out}", fields, manifest["skipped"])
-    return 0 if manifest["samples"] > 0 else 1
+    if manifest["samples"] == 0:
+        console.print(f"[red]no latent written[/]: {args.out} is left as it was")
+        return 1
+    return 0
 
 
 def encode_latents(
@@ -94,7 +95,12 @@ def encode_latents(
     shard_samples: int = 1000,
     on_sample: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Encode every usable clip of the raw folder ``source`` into latent shards in ``out``; returns the manifest."""
+    """Encode every usable clip of the raw folder ``source`` into latent shards in ``out``; returns the manifest.
+
+    The latents are written to a staging folder and replace ``out``'s earlier shards only when there
+    is at least one: a run that writes nothing (or fails) leaves ``out`` as it was.
+    """
+    check_output_folder(source, out)
     raw = load_manifest(source)
     if raw["kind"] != "raw":
         raise ValueError(f"{source} holds {raw['kind']} shards; encode-latents reads raw video shards")
@@ -106,10 +112,38 @@ def encode_latents(
     codec = codec.to(device).eval()
     if text_encoder is not None:
         text_encoder = text_encoder.to(device).eval()
+    with staging_folder(out) as staging:
+        manifest = _write_latents(source, raw, staging, codec, latent_shape, text_encoder, first_frame, batch_size,
+                                  device, shard_samples, on_sample)
+        if manifest["samples"] > 0:  # a run that writes no latent keeps the previous run's shards
+            replace_shard_folder(staging, out)
+    return manifest
+
+
+def check_output_folder(source: str | Path, out: str | Path) -> None:
+    """Raise a ValueError when ``out`` is the raw folder ``source``: the latents would replace its shards."""
+    if Path(out).resolve() == Path(source).resolve():
+        raise ValueError(f"the output folder {out} is the raw folder itself, whose shards it would replace; "
+                         "write the latents to another folder")
+
+
+def _write_latents(
+    source: str | Path,
+    raw: dict[str, Any],
+    out: Path,
+    codec: LatentCodec,
+    latent_shape: tuple[int, ...],
+    text_encoder: TextEncoder | None,
+    first_frame: bool,
+    batch_size: int,
+    device: str | torch.device,
+    shard_samples: int,
+    on_sample: Callable[[], None] | None,
+) -> dict[str, Any]:
+    """Encode the raw folder's usable clips into shards and a manifest in ``out``; returns the manifest."""
     skipped: list[dict[str, str]] = []
     stats = _ChannelStats(latent_shape[-1])
     text_shape = None
-
     with ShardFolderWriter(out, max_samples=shard_samples) as writer:
         for group in _groups(_samples(source, raw, skipped, on_sample), batch_size):
             with torch.inference_mode():

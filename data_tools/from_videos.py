@@ -5,7 +5,9 @@
 Captions come from a CSV or JSONL of ``path,caption`` (paths relative to that file), else from a
 sidecar ``<video>.txt``, else ``--default-caption``; a video without one is skipped. Files are
 decoded in parallel; the output depends only on the inputs and options (not on --workers). Every
-skipped file is listed with its reason in ``DIR/summary.json`` and the manifest.
+skipped file is listed with its reason in ``DIR/summary.json`` and the manifest. A run replaces the
+shards of an earlier one only when it writes at least one clip; one that writes none leaves ``DIR``
+as it was (and lists every skip on the console).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Iterator, Sequence
 from data_tools.clips import VIDEO_EXTENSIONS, Clips, ClipSpec, VideoSkipped, read_clips
 from data_tools.report import console, print_summary, progress_bar
 from flowvid.data.manifest import new_manifest, write_manifest
-from flowvid.data.shards import ShardFolderWriter, encode_sample
+from flowvid.data.shards import ShardFolderWriter, encode_sample, replace_shard_folder, staging_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,8 +66,13 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, shard_samples=args.shard_samples, shard_bytes=args.shard_mb * 2**20, show_progress=True,
     )
     fields = {k: summary[k] for k in ("written", "files_ok", "files_total", "shards", "seconds", "clips_per_second")}
-    print_summary(f"from-videos -> {args.out}", fields, summary["skipped"])
-    return 0 if summary["written"] > 0 else 1
+    if summary["written"] > 0:
+        print_summary(f"from-videos -> {args.out}", fields, summary["skipped"])
+        return 0
+    # No summary file was written to point at, so every skip is shown here.
+    print_summary(f"from-videos -> {args.out}", fields, summary["skipped"], show=len(summary["skipped"]))
+    console.print(f"[red]no clip written[/]: {args.out} is left as it was")
+    return 1
 
 
 def convert_videos(
@@ -79,7 +86,11 @@ def convert_videos(
     shard_bytes: float = 512 * 2**20,
     show_progress: bool = False,
 ) -> dict:
-    """Write the clips of ``inputs`` to shards in ``out``; returns the summary (also ``out/summary.json``)."""
+    """Write the clips of ``inputs`` to shards in ``out``; returns the summary (also ``out/summary.json``).
+
+    The clips are written to a staging folder and replace ``out``'s earlier shards only when there
+    is at least one: a run that writes nothing (or fails) leaves ``out`` as it was.
+    """
     started = time.perf_counter()
     files = find_videos(inputs)
     table = load_captions(captions) if captions else {}
@@ -93,10 +104,44 @@ def convert_videos(
             skipped.append({"path": str(path), "reason": str(err)})
 
     out = Path(out)
+    with staging_folder(out) as staging:
+        with ShardFolderWriter(staging, max_samples=shard_samples, max_bytes=shard_bytes) as writer:
+            files_ok, rates = _write_clips(writer, captioned, spec, root, workers, skipped, len(files), show_progress)
+        skipped.sort(key=lambda item: item["path"])
+        fps = spec.fps if spec.fps is not None else (rates.pop() if len(rates) == 1 else None)  # None: mixed rates
+        video = {"frames": spec.frames, "height": spec.height, "width": spec.width, "fps": fps}
+        source = {"tool": "from-videos", "inputs": list(inputs),
+                  "clip": {"fps": spec.fps, "stride": spec.stride or spec.frames}}
+        manifest = new_manifest("raw", video, samples=writer.samples, num_shards=len(writer.shards),
+                                shards=writer.shards, skipped=skipped, source=source)
+        write_manifest(staging, manifest)
+        seconds = time.perf_counter() - started
+        summary = {"out": str(out), "written": writer.samples, "files_total": len(files), "files_ok": files_ok,
+                   "shards": len(writer.shards), "skipped": skipped, "seconds": round(seconds, 3),
+                   "clips_per_second": round(writer.samples / seconds, 3)}
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if writer.samples > 0:  # a run that writes no clip keeps the previous run's shards
+            replace_shard_folder(staging, out)
+    return summary
+
+
+def _write_clips(
+    writer: ShardFolderWriter,
+    captioned: list[tuple[Path, str]],
+    spec: ClipSpec,
+    root: Path,
+    workers: int,
+    skipped: list[dict[str, str]],
+    files_total: int,
+    show_progress: bool,
+) -> tuple[int, set[float]]:
+    """Decode the captioned files and write their clips; unusable files go to ``skipped``.
+
+    Returns how many files gave clips and the frame rates they had.
+    """
     files_ok, rates = 0, set()
-    writer = ShardFolderWriter(out, max_samples=shard_samples, max_bytes=shard_bytes)
-    with writer, progress_bar(show_progress) as bar:
-        task = bar.add_task("videos", total=len(files), completed=len(skipped))
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("videos", total=files_total, completed=len(skipped))
         for (path, caption), result in zip(captioned, _read_all([p for p, _ in captioned], spec, workers)):
             bar.advance(task)
             if isinstance(result, str):
@@ -112,21 +157,7 @@ def convert_videos(
                         "clip_start_seconds": start / result.fps, "frames": spec.frames, "height": spec.height,
                         "width": spec.width}
                 writer.write(encode_sample(clip_key(relative, index), caption, meta, frames=clip))
-
-    skipped.sort(key=lambda item: item["path"])
-    fps = spec.fps if spec.fps is not None else (rates.pop() if len(rates) == 1 else None)  # None: mixed rates
-    video = {"frames": spec.frames, "height": spec.height, "width": spec.width, "fps": fps}
-    source = {"tool": "from-videos", "inputs": list(inputs),
-              "clip": {"fps": spec.fps, "stride": spec.stride or spec.frames}}
-    manifest = new_manifest("raw", video, samples=writer.samples, num_shards=len(writer.shards), shards=writer.shards,
-                            skipped=skipped, source=source)
-    write_manifest(out, manifest)
-    seconds = time.perf_counter() - started
-    summary = {"out": str(out), "written": writer.samples, "files_total": len(files), "files_ok": files_ok,
-               "shards": len(writer.shards), "skipped": skipped, "seconds": round(seconds, 3),
-               "clips_per_second": round(writer.samples / seconds, 3)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return files_ok, rates
 
 
 def find_videos(inputs: Sequence[str]) -> list[Path]:

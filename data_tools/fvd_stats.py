@@ -14,7 +14,6 @@ produce is reused unless ``--force``. Unreadable samples are skipped and counted
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,18 +22,20 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from data_tools.arguments import check_registered_arguments, json_object
 from data_tools.report import console, print_summary, progress_bar
 from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.data.shards import BadSample, BrokenShard, SampleSpec, decode_sample, iter_tar, shard_paths
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats, reference_file_name
+from flowvid.registry import FVD_EXTRACTORS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RAW_DIR", help="raw shard folder (from from-videos or make-synthetic)")
     parser.add_argument("--extractor", default="inception-proxy",
                         help="registered FVD extractor: i3d (standard FVD, needs its weights) or inception-proxy")
-    parser.add_argument("--extractor-args", type=json.loads, default={},
+    parser.add_argument("--extractor-args", type=json_object, default={},
                         help='extractor arguments as JSON, e.g. \'{"weights": "i3d_pretrained_400.pt"}\'')
     parser.add_argument("--frames", type=int, default=None, help="use the first T frames of every clip (default: all)")
     parser.add_argument("--max-samples", type=int, default=None, help="use at most N clips (default: all)")
@@ -47,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.source)
     frames = args.frames or video_shape(manifest)[0]
+    check_registered_arguments(FVD_EXTRACTORS, args.extractor, args.extractor_args, "--extractor-args")
     try:
         metric = FrechetVideoDistance(build_extractor(args.extractor, **args.extractor_args))
-    except FileNotFoundError as err:  # extractor weights not installed: one line, not a traceback
+    except FileNotFoundError as err:  # extractor weights not given or not installed: one line, not a traceback
         console.print(f"[red]error:[/] {err}")
         return 2
     planned = planned_key(manifest, metric, frames, args.max_samples)

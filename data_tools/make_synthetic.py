@@ -14,7 +14,7 @@ import sys
 import time
 
 from data_tools.report import print_summary, progress_bar
-from flowvid.data.synthetic import BACKGROUNDS, write_synthetic_dataset
+from flowvid.data.synthetic import BACKGROUNDS, check_dataset_options, write_synthetic_dataset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     val_videos = max(1, args.num_videos // 8) if args.val_videos is None else args.val_videos
+    check_dataset_options(args.num_videos, val_videos, args.frames, args.size, args.fps, args.shard_samples,
+                          args.max_objects, args.backgrounds)  # refused before the progress bar shows
     started = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task("videos", total=args.num_videos + val_videos)

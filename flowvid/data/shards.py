@@ -12,11 +12,14 @@ A sample is a group of tar members sharing a key (the clip id)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -28,6 +31,7 @@ from flowvid.data.manifest import MANIFEST_NAME, video_shape
 
 SHARD_PATTERN = "shard-%06d.tar"
 TEMPORARY_SUFFIX = ".tmp"
+STAGING_PREFIX = ".staging-"
 
 # Why a sample can be skipped; the DataModule and `verify` count skips under these names.
 SKIP_REASONS = (
@@ -101,11 +105,48 @@ def encode_sample(
 def clear_shard_folder(folder: str | Path) -> None:
     """Remove what an earlier run left (shards, temporaries, manifest, summary), nothing else."""
     folder = Path(folder)
-    leftovers = ("shard-*.tar", "shard-*.tar" + TEMPORARY_SUFFIX, MANIFEST_NAME, MANIFEST_NAME + TEMPORARY_SUFFIX,
-                 "summary.json")
+    # The manifest goes first: stopped halfway, the folder is one without a manifest, which readers
+    # refuse, rather than one whose manifest lists shards that are gone.
+    leftovers = (MANIFEST_NAME, MANIFEST_NAME + TEMPORARY_SUFFIX, "summary.json", "shard-*.tar",
+                 "shard-*.tar" + TEMPORARY_SUFFIX)
     for pattern in leftovers:
         for path in folder.glob(pattern):
             path.unlink()
+
+
+@contextlib.contextmanager
+def staging_folder(folder: str | Path) -> Iterator[Path]:
+    """A fresh empty folder inside ``folder`` for a new run to write into; removed on exit, whatever happens.
+
+    A run writes its shards, manifest and summary there and moves them in with ``replace_shard_folder``
+    only once it has succeeded: a run that fails, is interrupted or writes nothing leaves the previous
+    run's data as it was. Being inside ``folder`` keeps the final renames on one file system (atomic),
+    and a unique name keeps two runs apart. A ``folder`` made here and left empty is removed again.
+    """
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def replace_shard_folder(staging: str | Path, folder: str | Path) -> None:
+    """Put a finished run's shards, summary and manifest from ``staging`` in place of ``folder``'s previous ones.
+
+    Nothing else in ``folder`` is touched. The manifest comes last, so a reader never sees a manifest
+    whose shards are not all there.
+    """
+    staging, folder = Path(staging), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_shard_folder(folder)
+    for path in [*sorted(staging.glob("shard-*.tar")), staging / "summary.json", staging / MANIFEST_NAME]:
+        if path.is_file():
+            os.replace(path, folder / path.name)
 
 
 class ShardFolderWriter:
@@ -114,7 +155,8 @@ class ShardFolderWriter:
     Each shard is written as ``*.tar.tmp`` and renamed when complete, so a crash leaves a temporary
     file (which ``verify`` reports), never a short shard under a valid name. Tar members carry fixed
     times and owners: the same samples always give the same bytes (and sha256). Opening a writer on
-    a folder clears the previous run's shards and manifest; ``shards`` lists what was written.
+    a folder clears the previous run's shards and manifest; ``shards`` lists what was written. (The
+    data tools open it on a ``staging_folder``, so that a run that fails keeps the previous data.)
     """
 
     def __init__(self, folder: str | Path, max_samples: int = 1000, max_bytes: float = 512 * 2**20):

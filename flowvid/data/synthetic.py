@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from flowvid.data.manifest import load_manifest, new_manifest, write_manifest
-from flowvid.data.shards import ShardFolderWriter, encode_sample
+from flowvid.data.shards import ShardFolderWriter, encode_sample, replace_shard_folder, staging_folder
 
 SHAPES = ("circle", "square", "triangle")
 # Saturated, far apart in RGB (the closest pair, blue/cyan, is ~120 apart) and far from the dark
@@ -87,6 +87,13 @@ def check_scene_options(max_objects: int, backgrounds: Sequence[str]) -> None:
         raise ValueError(f"backgrounds must be a non-empty subset of {list(BACKGROUNDS)}, got {list(backgrounds)}")
 
 
+def check_video_options(frames: int, size: int | tuple[int, int], fps: float) -> None:
+    """Raise a ValueError unless videos of ``frames`` x ``size`` pixels at ``fps`` can be drawn."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if frames < 1 or height < 4 or width < 4 or fps <= 0:
+        raise ValueError(f"need frames >= 1, size >= 4 and fps > 0, got frames={frames}, size={size}, fps={fps}")
+
+
 def check_attributes(attributes: dict[str, Any]) -> None:
     """Raise a ValueError naming the first attribute outside the vocabulary."""
     objects = attributes.get("objects")
@@ -111,9 +118,8 @@ def render_video(
     it is the rate the clip is meant to be played at and is recorded beside it.
     """
     check_attributes(attributes)
+    check_video_options(frames, size, fps)
     height, width = (size, size) if isinstance(size, int) else size
-    if frames < 1 or height < 4 or width < 4 or fps <= 0:
-        raise ValueError(f"need frames >= 1, size >= 4 and fps > 0, got {frames}, {(height, width)}, {fps}")
     rng = np.random.default_rng(seed)
     canvas = _background(rng, attributes.get("background", "plain"), height, width)
     video = np.broadcast_to(canvas, (frames, height, width, 3)).copy()
@@ -303,41 +309,73 @@ def write_synthetic_dataset(
     ``val_videos`` defaults to an eighth of ``num_videos`` (at least one). Each video shows one to
     ``max_objects`` objects on one of ``backgrounds``. Every video is a function of (seed, split,
     index) alone. ``on_video`` is called after each video (for progress bars).
+    Every option is checked before ``root`` is touched, and both splits are written to a staging
+    folder first: a refused or failed run leaves an earlier dataset in ``root`` as it was.
     Returns the two manifests.
     """
-    if num_videos < 1:
-        raise ValueError(f"num_videos must be >= 1, got {num_videos}")
-    check_scene_options(max_objects, backgrounds)  # before any folder is made
-    counts = {"train": num_videos, "val": max(1, num_videos // 8) if val_videos is None else val_videos}
-    recipe = {"num_videos": num_videos, "val_videos": counts["val"], "frames": frames, "size": size, "fps": fps,
+    val_videos = max(1, num_videos // 8) if val_videos is None else val_videos
+    check_dataset_options(num_videos, val_videos, frames, size, fps, shard_samples, max_objects, backgrounds)
+    recipe = {"num_videos": num_videos, "val_videos": val_videos, "frames": frames, "size": size, "fps": fps,
               "seed": seed, "shard_samples": shard_samples, "max_objects": max_objects,
               "backgrounds": list(backgrounds)}
-    written = {}
-    for split_index, (split, combinations) in enumerate(SPLITS.items()):
-        folder = Path(root) / split
-        with ShardFolderWriter(folder, max_samples=shard_samples) as writer:
-            for index in range(counts[split]):
-                rng = np.random.default_rng([seed, split_index, index])
-                attributes = sample_attributes(rng, combinations, max_objects, backgrounds)
-                video = render_video(attributes, frames, size, fps, seed=int(rng.integers(2**31)))
-                caption = caption_of(attributes)
-                meta = {"caption": caption, "fps": fps, "source": "synthetic", "clip_start": 0, "frames": frames,
-                        "height": size, "width": size, "attributes": attributes}
-                writer.write(encode_sample(f"synthetic-{split}-{index:06d}", caption, meta, frames=video))
-                if on_video is not None:
-                    on_video()
-        manifest = new_manifest(
-            "raw",
-            {"frames": frames, "height": size, "width": size, "fps": fps},
-            samples=writer.samples,
-            num_shards=len(writer.shards),
-            shards=writer.shards,
-            source={"generator": "synthetic", "split": split, "recipe": recipe,
-                    "heldout": [list(c) for c in sorted(HELDOUT)]},
-        )
-        write_manifest(folder, manifest)
-        written[split] = manifest
+    with staging_folder(root) as staging:
+        written = {split: _write_split(staging / split, split, recipe, on_video) for split in SPLITS}
+        for split in SPLITS:
+            replace_shard_folder(staging / split, Path(root) / split)
     return written
+
+
+def check_dataset_options(
+    num_videos: int,
+    val_videos: int,
+    frames: int,
+    size: int,
+    fps: float,
+    shard_samples: int,
+    max_objects: int,
+    backgrounds: Sequence[str],
+) -> None:
+    """Raise a ValueError naming the first option of ``write_synthetic_dataset`` that cannot work.
+
+    Called before anything is written (and by ``make-synthetic`` before its progress bar), so that a
+    bad option is refused while an earlier dataset is still untouched.
+    """
+    if num_videos < 1 or val_videos < 1 or shard_samples < 1:
+        raise ValueError(f"need num_videos >= 1, val_videos >= 1 and shard_samples >= 1, "
+                         f"got num_videos={num_videos}, val_videos={val_videos}, shard_samples={shard_samples}")
+    check_video_options(frames, size, fps)
+    check_scene_options(max_objects, backgrounds)
+
+
+def _write_split(
+    folder: Path, split: str, recipe: dict[str, Any], on_video: Callable[[], None] | None
+) -> dict[str, Any]:
+    """Render one split's videos into shards and a manifest in ``folder``; returns the manifest."""
+    split_index = list(SPLITS).index(split)
+    count = recipe["num_videos"] if split == "train" else recipe["val_videos"]
+    frames, size, fps = recipe["frames"], recipe["size"], recipe["fps"]
+    with ShardFolderWriter(folder, max_samples=recipe["shard_samples"]) as writer:
+        for index in range(count):
+            rng = np.random.default_rng([recipe["seed"], split_index, index])
+            attributes = sample_attributes(rng, SPLITS[split], recipe["max_objects"], recipe["backgrounds"])
+            video = render_video(attributes, frames, size, fps, seed=int(rng.integers(2**31)))
+            caption = caption_of(attributes)
+            meta = {"caption": caption, "fps": fps, "source": "synthetic", "clip_start": 0, "frames": frames,
+                    "height": size, "width": size, "attributes": attributes}
+            writer.write(encode_sample(f"synthetic-{split}-{index:06d}", caption, meta, frames=video))
+            if on_video is not None:
+                on_video()
+    manifest = new_manifest(
+        "raw",
+        {"frames": frames, "height": size, "width": size, "fps": fps},
+        samples=writer.samples,
+        num_shards=len(writer.shards),
+        shards=writer.shards,
+        source={"generator": "synthetic", "split": split, "recipe": recipe,
+                "heldout": [list(c) for c in sorted(HELDOUT)]},
+    )
+    write_manifest(folder, manifest)
+    return manifest
 
 
 def synthetic_recipe(root: str | Path) -> dict[str, Any] | None:

@@ -27,6 +27,13 @@ from flowvid.registry import FVD_EXTRACTORS
 
 WEIGHTS_FILE = "i3d_pretrained_400.pt"
 WEIGHTS_URL = "https://github.com/songweige/TATS/raw/main/tats/fvd/i3d_pretrained_400.pt"
+# Where the weights come from and what to do without them: said whether the file is missing or not given.
+GET_WEIGHTS = (
+    f"FVD needs the Kinetics-400 I3D converted from TF-Hub, the file {WEIGHTS_FILE} (about 50 MB) that the "
+    f"common FVD code bases use: download it from {WEIGHTS_URL}"
+)
+WITHOUT_WEIGHTS = ("Without it, use the offline extractor 'inception-proxy' "
+                   "(FVD-proxy, not comparable to published FVD).")
 
 # Inception blocks: (name, output channels of the six convolutions): 1x1 | 1x1 -> 3x3 | 1x1 -> 3x3 | pool -> 1x1.
 _INCEPTION_BLOCKS = {
@@ -150,7 +157,8 @@ class I3DExtractor(FVDExtractor):
     """The standard FVD features: Kinetics-400 I3D logits (400-d) of 224x224 frames in [-1, 1].
 
     Args:
-        weights: path to the converted TF-Hub weights ``i3d_pretrained_400.pt`` (see the module docstring).
+        weights: path to the converted TF-Hub weights ``i3d_pretrained_400.pt`` (see the module docstring);
+            required (the default None only serves to say so, and where to get the file).
         resolution: side the frames are resized to; 224 is the standard protocol, smaller sizes are
             for tests only.
     """
@@ -158,8 +166,14 @@ class I3DExtractor(FVDExtractor):
     feature_dim = 400
     family = "fvd"
 
-    def __init__(self, weights: str | Path, resolution: int = 224):
+    def __init__(self, weights: str | Path | None = None, resolution: int = 224):
         super().__init__()
+        if weights is None:
+            raise FileNotFoundError(
+                f"the i3d extractor needs its weights file, which is not shipped. {GET_WEIGHTS} and give its "
+                f"path as `weights` (`--extractor-args '{{\"weights\": \"PATH\"}}'` on the command line, "
+                f"`extractor_args: {{weights: PATH}}` in a config). {WITHOUT_WEIGHTS}"
+            )
         self.weights_path = Path(weights).expanduser()
         self.resolution = int(resolution)
         self.network = InceptionI3D(num_classes=self.feature_dim)
@@ -185,12 +199,8 @@ class I3DExtractor(FVDExtractor):
 def load_i3d_weights(path: Path) -> dict[str, torch.Tensor]:
     """The state dict in ``path``, with a clear error when the file is missing or holds something else."""
     if not path.is_file():
-        raise FileNotFoundError(
-            f"I3D weights not found at {path}. FVD needs the Kinetics-400 I3D converted from TF-Hub, "
-            f"the file {WEIGHTS_FILE} (about 50 MB) that the common FVD code bases use: download it from "
-            f"{WEIGHTS_URL} and pass its path as `weights`. Without it, use the offline extractor "
-            f"'inception-proxy' (FVD-proxy, not comparable to published FVD)."
-        )
+        raise FileNotFoundError(f"I3D weights not found at {path}. {GET_WEIGHTS} and pass its path as `weights`. "
+                                f"{WITHOUT_WEIGHTS}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors; expected the I3D weights {WEIGHTS_FILE}")

@@ -8,6 +8,7 @@ import torch
 
 from data_tools.cli import main as data_main
 from data_tools.encode_latents import encode_latents
+from data_tools.report import console
 from data_tools.verify import verify_folder
 from flowvid.codecs.base import CodecMismatchError, LatentCodec
 from flowvid.data import VideoShardDataModule, load_manifest, write_synthetic_dataset
@@ -130,3 +131,38 @@ def test_codec_arguments_and_bad_requests(raw, tmp_path):
     codec.spatial_factor = 3
     with pytest.raises(ValueError, match="divisible by 3"):
         encode_latents(raw, tmp_path / "z", codec)
+
+
+def folder_contents(root):
+    """Every file and folder under ``root`` with the bytes of the files: equal means untouched."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("option,arguments,named", [
+    ("--codec-args", {"patch_sz": 2}, ["codec 'pixel'", "'patch_sz'", "patch_size, temporal_patch"]),
+    ("--text-encoder-args", {"widht": 8}, ["text encoder 'learned'", "'widht'", "--text-encoder-args"]),
+])
+def test_a_misspelt_constructor_argument_is_one_line_before_anything_is_written(
+    raw, tmp_path, capsys, monkeypatch, option, arguments, named
+):
+    monkeypatch.setattr(console, "width", 400)  # the message on one line
+    out = tmp_path / "latent"
+    text = ["--text-encoder", "learned"] if option == "--text-encoder-args" else []
+    code = data_main(["encode-latents", str(raw), "--out", str(out), "--codec", "pixel", *text,
+                      option, json.dumps(arguments)])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("error:") and error.count("\n") == 1
+    assert all(part in error for part in named), error
+    assert not out.exists()
+
+
+def test_a_run_that_writes_nothing_or_would_overwrite_its_source_keeps_the_data(raw, tmp_path):
+    out = tmp_path / "latent"
+    assert data_main(["encode-latents", str(raw), "--out", str(out), "--codec", "test-space-to-depth"]) == 0
+    before, raw_before = folder_contents(out), folder_contents(raw)
+    # Scaled by a million, every latent overflows float16: every clip is skipped, nothing is written.
+    overflowing = ["--codec", "test-space-to-depth", "--codec-args", json.dumps({"scale": 1e6})]
+    assert data_main(["encode-latents", str(raw), "--out", str(out), *overflowing]) == 1
+    assert folder_contents(out) == before
+    assert data_main(["encode-latents", str(raw), "--out", str(raw), "--codec", "test-space-to-depth"]) == 2
+    assert folder_contents(raw) == raw_before

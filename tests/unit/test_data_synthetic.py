@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from data_tools.cli import main as data_main
 from flowvid.data import synthetic
 from flowvid.data.synthetic import (
     ALL_COMBINATIONS,
@@ -20,6 +21,11 @@ from flowvid.data.synthetic import (
 )
 from flowvid.data.manifest import load_manifest
 from flowvid.data.shards import SampleSpec, decode_sample, iter_tar, shard_paths
+
+def folder_contents(root):
+    """Every file and folder under ``root`` with the bytes of the files: equal means untouched."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
 
 RED_CIRCLE_LEFT = {"objects": [{"shape": "circle", "colour": "red", "motion": "left"}], "background": "plain"}
 
@@ -119,3 +125,36 @@ def test_object_count_and_backgrounds_can_be_narrowed(tmp_path):
                             backgrounds=["plain"])
     recipe = synthetic.synthetic_recipe(tmp_path)
     assert recipe["max_objects"] == 1 and recipe["backgrounds"] == ["plain"]
+
+
+@pytest.mark.parametrize("bad_option", [["--size", "0"], ["--frames", "0"], ["--fps", "0"], ["--val-videos", "0"],
+                                        ["--shard-samples", "0"], ["--max-objects", "7"]])
+def test_a_refused_command_leaves_an_existing_dataset_byte_for_byte(tmp_path, capsys, bad_option):
+    make = ["make-synthetic", "--out", str(tmp_path), "--num-videos", "8", "--frames", "4", "--size", "16"]
+    assert data_main(make) == 0
+    before = folder_contents(tmp_path)
+    capsys.readouterr()
+    assert data_main([*make, *bad_option]) == 2  # the later option wins
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and "Traceback" not in error  # nothing before it, not even a progress bar
+    assert folder_contents(tmp_path) == before
+
+
+def test_a_run_that_fails_midway_leaves_the_previous_dataset_as_it_was(tmp_path):
+    write_synthetic_dataset(tmp_path, num_videos=8, frames=4, size=16, shard_samples=3)
+    (tmp_path / "train" / "notes.md").write_text("kept")
+    before = folder_contents(tmp_path)
+    drawn = []
+
+    def crash_after_five_videos():
+        drawn.append(1)
+        if len(drawn) == 5:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_synthetic_dataset(tmp_path, num_videos=9, frames=4, size=16, seed=1, on_video=crash_after_five_videos)
+    assert folder_contents(tmp_path) == before  # no shard replaced, no staging folder left behind
+
+    again = write_synthetic_dataset(tmp_path, num_videos=2, frames=4, size=16, val_videos=1)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["manifest.json", "notes.md", "shard-000000.tar"]
+    assert again["train"]["samples"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["train", "val"]

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -148,20 +148,43 @@ def _portable(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _write_atomically(path: Path, write: Any) -> None:
+    """``write`` the file beside ``path``, then rename it: a crash never leaves half a file at ``path``."""
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     try:
         write(partial)
+        # Some writers create their file private (safetensors does, 0600); an export is shared like any
+        # file the user writes.
+        os.chmod(partial, 0o666 & ~_umask())
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    """The process's umask; setting it is the only portable way to read it, so it is set back at once."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 # --- load ------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _reading_export(path: str | os.PathLike):
+    """safetensors' errors on a damaged file do not name it: raise CorruptCheckpointError naming it."""
+    try:
+        yield
+    except (SafetensorError, OSError) as err:
+        raise CorruptCheckpointError(f"cannot read exported model {path}: {err}") from err
+
+
 def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata stored in an exported file (codec, text encoder, versions, dtype, ...)."""
-    with safe_open(str(path), framework="pt") as file:
+    """The metadata stored in an exported file (codec, text encoder, versions, dtype, ...).
+
+    Raises CorruptCheckpointError when the file is not a readable safetensors file.
+    """
+    with _reading_export(path), safe_open(str(path), framework="pt") as file:
         raw = file.metadata() or {}
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path} is not a flowvid export (format {raw.get('format')!r})")
@@ -177,6 +200,7 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
     """Rebuild the model of an export from ``config.yaml`` and load its weights (in fp32).
 
     ``config`` defaults to the ``config.yaml`` beside ``path``. The returned module is in eval mode.
+    Raises FileNotFoundError, CorruptCheckpointError (a damaged file) or ValueError with a one-line reason.
     """
     path = Path(path)
     config_path = Path(config) if config is not None else path.parent / CONFIG_NAME
@@ -192,7 +216,9 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
         raise ValueError(f"cannot build the model of {path} from {config_path}: {err}\n"
                          f"It was exported with flowvid {metadata.get('flowvid_version')} and the plugin "
                          f"packages {metadata.get('plugins') or 'none'}") from err
-    load_weights(module, load_file(str(path), device=str(map_location)), where=str(path))
+    with _reading_export(path):
+        state = load_file(str(path), device=str(map_location))
+    load_weights(module, state, where=str(path))
     module.to(map_location).eval()
     return ExportedModel(
         module=module,

@@ -9,6 +9,8 @@
 For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
 before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, timings,
 Jacobi iterations). Sample ``i`` uses seed ``seed + i``, so a sample does not depend on its batch.
+An unconditional model (one trained without text) takes no prompt: leave ``--prompt`` out for one
+sample, or repeat ``--prompt ''`` for several.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowvid.media import MediaError, read_image, read_video, write_video
+from flowvid.media import MediaError, frame_rate, read_image, read_video, write_video
 from flowvid.sampling import Sampler, WindowedSampler, build_sampler
 from flowvid.sampling.tasks import TASKS, encode_text, task_inputs
 
@@ -49,21 +51,72 @@ class Request:
     video: str | None = None
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse numbers and an output path that cannot work, before the model is loaded."""
+    if args.batch_size < 1:
+        raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        frame_rate(args.fps)
+    except MediaError:
+        raise GenerateError(f"--fps must be a finite number of frames per second >= 0.001, got {args.fps}") from None
+    check_output_folder(Path(args.out))
+
+
+def check_output_folder(out: Path) -> None:
+    """``out`` must be a folder, or a path where one can be made: neither a file nor inside one."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file" if path == out else f"is inside the file {path}"
+                raise GenerateError(f"--out {out} {what}; give a folder for the samples")
+            return
+
+
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
-    """Prompts from ``--prompt`` (repeatable) and ``--prompts FILE`` (one per line)."""
+    """Prompts from ``--prompt`` (repeatable) and ``--prompts FILE`` (one per line); may be none."""
     found = list(prompts or [])
     if prompt_file is not None:
-        path = Path(prompt_file)
-        if not path.is_file():
-            raise GenerateError(f"prompt file {path} does not exist")
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                raise GenerateError(f"{path} line {number} is empty; write one prompt per line "
-                                    "(an unconditional sample is --prompt '')")
-            found.append(line.strip())
-    if not found:
-        raise GenerateError("give at least one --prompt or a --prompts file")
+        found += read_prompt_file(Path(prompt_file))
     return found
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """One prompt per line of a UTF-8 file; an empty line is a mistake, not an unconditional sample."""
+    if not path.is_file():
+        raise GenerateError(f"prompt file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise GenerateError(f"prompt file {path} is not UTF-8 text: {err.reason} at byte {err.start}; "
+                            "save it as UTF-8") from None
+    except OSError as err:
+        raise GenerateError(f"cannot read prompt file {path}: {err.strerror or err}") from None
+    lines = text.splitlines()
+    if not lines:
+        raise GenerateError(f"prompt file {path} is empty; write one prompt per line")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise GenerateError(f"{path} line {number} is empty; write one prompt per line "
+                                "(an unconditional sample is --prompt '')")
+    return [line.strip() for line in lines]
+
+
+def takes_text(module) -> bool:
+    """Whether the model reads captions; an unconditional one has no text encoder."""
+    return module.text_encoder is not None
+
+
+def prompts_for(module, prompts: list[str]) -> list[str]:
+    """The prompts to sample: at least one for a model that reads text; none but empty ones for an
+    unconditional model, which samples one video when given none."""
+    if takes_text(module):
+        if not prompts:
+            raise GenerateError("give at least one --prompt or a --prompts file")
+        return prompts
+    if any(prompts):
+        raise GenerateError("this model is unconditional (trained without text) and takes no prompt; leave out "
+                            "--prompt and --prompts (repeat --prompt '' for several samples)")
+    return prompts or [""]
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -160,7 +213,10 @@ def run(module, request: Request, out: Path) -> list[dict[str, Any]]:
         source = source_video(module, request)
     except MediaError as err:
         raise GenerateError(str(err)) from None
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # checked up front by the command; a library caller may still hit this
+        raise GenerateError(f"cannot make the output folder {out}: {err.strerror or err}") from None
     records = []
     for start in range(0, len(request.prompts), request.batch_size):
         prompts = request.prompts[start:start + request.batch_size]
@@ -169,8 +225,10 @@ def run(module, request: Request, out: Path) -> list[dict[str, Any]]:
         on_frame = _frame_writer(module, out, names) if request.stream else None
         result = generate_batch(module, request, prompts, seeds, source, on_frame)
         for i, name in enumerate(names):
+            # A model without text sees no caption: say so by leaving the field out.
+            seen = {"caption_seen_by_model": result["captions"][i]} if takes_text(module) else {}
             record = {
-                "prompt": prompts[i], "caption_seen_by_model": result["captions"][i], "task": request.task,
+                "prompt": prompts[i], **seen, "task": request.task,
                 "seed": seeds[i], "sampler": request.sampler, "tol": request.tol if request.sampler == "jacobi" else None,
                 "guidance": request.guidance, "frames": int(result["videos"].shape[1]),
                 "timings": {k: v / len(prompts) for k, v in result["timings"].items()}, "batch_size": len(prompts),
@@ -224,14 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from flowvid.cli import UserError
+    from flowvid.lit.checkpointing import CorruptCheckpointError
     from flowvid.loading import load_model
 
     args = build_parser().parse_args(argv)
     try:
-        if args.batch_size < 1:
-            raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
+        check_options(args)
         prompts = read_prompts(args.prompt, args.prompts)
         module = load_model(args.ckpt, weights=args.weights)
+        prompts = prompts_for(module, prompts)
         request = Request(
             task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames, sampler=args.sampler,
             tol=args.tol, guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
@@ -240,6 +299,8 @@ def main(argv: list[str]) -> int:
         records = run(module, request, Path(args.out))
     except (GenerateError, FileNotFoundError, KeyError) as err:
         raise UserError(str(err).strip("'\"")) from None
+    except CorruptCheckpointError as err:
+        raise UserError(str(err)) from None
     except ValueError as err:  # bad sizes, guidance without text encoder, codec mismatch, ...
         raise UserError(str(err)) from None
     print(f"wrote {len(records)} samples to {args.out}")

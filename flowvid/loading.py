@@ -16,7 +16,8 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
 
     ``path`` is an exported ``.safetensors`` file (with ``config.yaml`` beside it), a Lightning
     checkpoint file or a DeepSpeed checkpoint directory. ``weights="ema"`` takes the moving average
-    when the run kept one. Raises FileNotFoundError / ValueError with a one-line reason.
+    when the run kept one. Raises FileNotFoundError, CorruptCheckpointError (a damaged or incomplete
+    checkpoint or export) or ValueError, each with a one-line reason.
     """
     path = Path(path)
     if not path.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,11 +15,21 @@ class MediaError(ValueError):
     """A file that cannot be read as the image or video it should be."""
 
 
+def frame_rate(fps: float) -> Fraction:
+    """``fps`` as the fraction a video stream stores (denominator at most 1000); MediaError unless it is a
+    finite rate of at least 1/1000 frame per second, so that a bad rate is refused before any work."""
+    rate = Fraction(fps).limit_denominator(1000) if math.isfinite(fps) else Fraction(0)
+    if rate <= 0:
+        raise MediaError(f"the frame rate must be a finite number of frames per second >= 0.001, got {fps}")
+    return rate
+
+
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: str = "libx264") -> None:
     """uint8 frames (T, H, W, 3) -> a video file; H.264 at near-lossless quality by default.
 
     ``ffv1`` stores the frames losslessly. H.264 needs even sides: odd ones are padded by one pixel.
     """
+    rate = frame_rate(fps)
     frames = np.asarray(frames, dtype=np.uint8)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected frames of shape (T, H, W, 3), got {frames.shape}")
@@ -26,7 +37,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: s
         pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream = container.add_stream(codec, rate=rate)
         stream.height, stream.width = frames.shape[1:3]
         if codec == "libx264":
             stream.pix_fmt, stream.options = "yuv420p", {"crf": "12"}

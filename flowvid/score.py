@@ -89,6 +89,27 @@ def score_video(module, video: np.ndarray, caption: str, generator: torch.Genera
             "frames": int(sum(end - start for start, end in spans))}
 
 
+def is_shard_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.json").exists()
+
+
+def check_inputs(inputs: list[str]) -> None:
+    """Refuse, before any work, an input that does not exist or a folder with nothing to score."""
+    for given in map(Path, inputs):
+        if not given.exists():
+            raise ScoreError(f"input {given} does not exist")
+        if given.is_dir() and not is_shard_folder(given) and next(video_inputs([given]), None) is None:
+            raise ScoreError(f"no videos found in folder {given}: score looks for files ending in "
+                             f"{' '.join(VIDEO_SUFFIXES)} (in subfolders too), or a shard folder with manifest.json")
+
+
+def check_caption(module, caption: str) -> None:
+    """A caption for a model without a text encoder would be silently ignored: refuse it instead."""
+    if caption and module.text_encoder is None:
+        raise ScoreError("this model is unconditional (trained without text) and takes no caption; "
+                         "leave out --caption")
+
+
 def video_inputs(paths: list[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
@@ -128,13 +149,13 @@ def score_shard_folder(module, folder: Path, generator: torch.Generator) -> Iter
 
 def score_inputs(module, inputs: list[str], caption: str = "", seed: int = 0) -> list[dict[str, Any]]:
     """Score every input (video files, folders of videos, shard folders); ranked, least likely first."""
+    check_inputs(inputs)
+    check_caption(module, caption)
     generator = torch.Generator().manual_seed(seed)
     _, height, width = module.video_shape
     records: list[dict[str, Any]] = []
     for given in map(Path, inputs):
-        if not given.exists():
-            raise ScoreError(f"input {given} does not exist")
-        if given.is_dir() and (given / "manifest.json").exists():
+        if is_shard_folder(given):
             records += score_shard_folder(module, given, generator)
             continue
         for path in video_inputs([given]):
@@ -154,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowvid score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="exported .safetensors, Lightning .ckpt or DeepSpeed directory")
     parser.add_argument("--input", nargs="+", required=True, help="video files, folders of videos or shard folders")
-    parser.add_argument("--caption", default="", help="caption for video files (default: unconditional)")
+    parser.add_argument("--caption", default="",
+                        help="caption for video files (default: unconditional); a model without text takes none")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
     parser.add_argument("--out", required=True, help="JSON lines, one per video")
@@ -163,13 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from flowvid.cli import UserError
+    from flowvid.lit.checkpointing import CorruptCheckpointError
     from flowvid.loading import load_model
 
     args = build_parser().parse_args(argv)
     try:
+        check_inputs(args.input)
+        if Path(args.out).is_dir():  # found now, not after every video is scored
+            raise ScoreError(f"--out {args.out} is a folder; give the JSON lines file to write")
         module = load_model(args.ckpt, weights=args.weights)
         records = score_inputs(module, args.input, args.caption, args.seed)
-    except (ScoreError, FileNotFoundError, ValueError) as err:
+    except (ScoreError, FileNotFoundError, ValueError, CorruptCheckpointError) as err:
         raise UserError(str(err)) from None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

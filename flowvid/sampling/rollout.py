@@ -8,7 +8,10 @@ frame positions starting at 0 again, the text encoded again) and the rest of the
                     |<- context ->|<- new ->|
                     start ......... start + window
 
-so every frame is sampled with at most ``window`` frames in view, as in training.
+so every frame is sampled with at most ``window`` frames in view, as in training. A given prefix that
+fills the window (continuing a clip as long as the training length, or longer) is treated like an
+earlier window: only its last ``context`` frames are in view of the first frames sampled, and the
+whole prefix is returned as given.
 """
 
 from __future__ import annotations
@@ -21,10 +24,15 @@ from flowvid.registry import SAMPLERS
 from flowvid.sampling.base import Sampler, TextInput, build_sampler, check_request
 
 
-def windows(frames: int, window: int, context: int) -> list[tuple[int, int]]:
+def windows(frames: int, window: int, context: int, given: int = 0) -> list[tuple[int, int]]:
     """``(start, end)`` of every window over ``frames`` latent frames; each starts ``context`` before
-    the previous end."""
-    spans = [(0, min(window, frames))]
+    the previous end.
+
+    ``given`` prefix frames are all in the first window when they leave room to sample; a prefix that
+    fills the window is continued from its last ``context`` frames, as the end of a sampled window is.
+    """
+    start = 0 if given < window else given - context
+    spans = [(start, min(start + window, frames))]
     while spans[-1][1] < frames:
         start = spans[-1][1] - context
         spans.append((start, min(start + window, frames)))
@@ -61,11 +69,14 @@ class WindowedSampler(Sampler):
     def reset_stats(self) -> None:
         self._window_stats = []
 
+    def _windows(self, z: torch.Tensor, prefix: torch.Tensor | None) -> list[tuple[int, int]]:
+        given = prefix.shape[1] if prefix is not None and prefix.dim() == 5 else 0
+        return windows(z.shape[1], self.window, self.context, given)
+
     def _check(self, flow, z, text, guidance, prefix) -> None:
-        if prefix is not None and prefix.dim() == 5 and prefix.shape[1] >= self.window:
-            raise ValueError(f"a prefix of {prefix.shape[1]} frames does not fit a window of {self.window} frames")
-        # The first window is a complete request of its own; validating it checks text, guidance and prefix.
-        check_request(flow, z[:, :self.window] if z.dim() == 5 else z, text, guidance, prefix)
+        # Validated as one request over the whole video: windows only cut it up, and a prefix may be
+        # longer than a window.
+        check_request(flow, z, text, guidance, prefix)
 
     def _known(self, video: torch.Tensor | None, start: int) -> torch.Tensor | None:
         """The frames of a window that are already sampled (or given): its prefix."""
@@ -79,7 +90,7 @@ class WindowedSampler(Sampler):
         self._check(flow, z, text, guidance, prefix)
         self.reset_stats()
         video = prefix
-        for start, end in windows(z.shape[1], self.window, self.context):
+        for start, end in self._windows(z, prefix):
             known = self._known(video, start)
             part = self.sampler.sample(flow, z[:, start:end], text, guidance, known)
             self._window_stats.append(self.sampler.last_stats)
@@ -93,7 +104,7 @@ class WindowedSampler(Sampler):
         self._check(flow, z, text, guidance, prefix)
         self.reset_stats()
         video = prefix
-        for start, end in windows(z.shape[1], self.window, self.context):
+        for start, end in self._windows(z, prefix):
             for frame in self.sampler.stream(flow, z[:, start:end], text, guidance, self._known(video, start)):
                 video = frame[:, None] if video is None else torch.cat([video, frame[:, None]], dim=1)
                 yield frame

@@ -1,5 +1,6 @@
 """`flowvid generate` and `flowvid score` on a tiny model saved like a training checkpoint."""
 
+import copy
 import json
 import math
 
@@ -9,7 +10,7 @@ import torch
 
 from flowvid.cli import main
 from flowvid.codecs import PixelCodec, VideoVAE
-from flowvid.export import build_module
+from flowvid.export import build_module, export_checkpoint
 from flowvid.media import write_video
 from flowvid.score import clips_of
 from flowvid.testing import perturb_parameters
@@ -41,6 +42,26 @@ def checkpoint(tmp_path_factory):
     perturb_parameters(module.flow, std=0.02)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     torch.save({"state_dict": module.state_dict(), "flowvid_run": {"config": CONFIG}}, path)
+    return path
+
+
+def unconditional_config():
+    config = copy.deepcopy(CONFIG)
+    init_args = config["model"]["init_args"]
+    init_args["flow"]["init_args"]["text_width"] = None
+    del init_args["text_encoder"]
+    return config
+
+
+@pytest.fixture(scope="module")
+def unconditional_checkpoint(tmp_path_factory):
+    """A checkpoint of a model trained without text: no text encoder, a flow with text_width None."""
+    torch.manual_seed(0)
+    config = unconditional_config()
+    module = build_module(config)
+    perturb_parameters(module.flow, std=0.02)
+    path = tmp_path_factory.mktemp("unconditional") / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "flowvid_run": {"config": config}}, path)
     return path
 
 
@@ -107,6 +128,105 @@ def test_bad_requests_are_one_line_errors(checkpoint, tmp_path, capsys, extra, m
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert main(["generate", "--ckpt", str(tmp_path / "nope.ckpt"), "--prompt", "x", "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def damaged_models(checkpoint, folder):
+    """Every way a --ckpt can be unreadable: junk and truncated checkpoints and exports, a plain folder."""
+    export = export_checkpoint(checkpoint, folder / "export" / "model.safetensors")
+    (folder / "junk.ckpt").write_bytes(b"this is not a checkpoint\n" * 20)
+    (folder / "truncated.ckpt").write_bytes(checkpoint.read_bytes()[:500])
+    (folder / "export" / "junk.safetensors").write_bytes(b"this is not a tensor file\n" * 20)
+    (folder / "export" / "truncated.safetensors").write_bytes(export.read_bytes()[:-100])
+    (folder / "videos").mkdir()
+    return [folder / "junk.ckpt", folder / "truncated.ckpt", folder / "export" / "junk.safetensors",
+            folder / "export" / "truncated.safetensors", folder / "videos"]
+
+
+def test_an_unreadable_checkpoint_is_a_one_line_error_naming_it(checkpoint, tmp_path, capsys):
+    clip = tmp_path / "clip.npy"
+    np.save(clip, np.zeros((4, 8, 8, 3), np.uint8))
+    for damaged in damaged_models(checkpoint, tmp_path):
+        commands = (["generate", "--ckpt", str(damaged), "--prompt", "x", "--out", str(tmp_path / "o")],
+                    ["score", "--ckpt", str(damaged), "--input", str(clip), "--out", str(tmp_path / "s.jsonl")])
+        for command in commands:
+            assert main(command) == 2
+            assert str(damaged) in one_line_error(capsys)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s.jsonl").exists()
+
+
+@pytest.mark.parametrize("out", ["taken.txt", "taken.txt/samples"])
+def test_an_output_path_that_is_a_file_is_refused_before_loading(tmp_path, capsys, out):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("keep me")
+    # The checkpoint does not exist either: the --out error shows the check comes first.
+    assert main(["generate", "--ckpt", str(tmp_path / "nope.ckpt"), "--prompt", "x",
+                 "--out", str(tmp_path / out)]) == 2
+    assert "give a folder" in one_line_error(capsys)
+    assert taken.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("fps", ["0", "-5", "nan", "inf"])
+def test_a_frame_rate_that_is_not_positive_and_finite_is_refused_before_loading(tmp_path, capsys, fps):
+    assert main(["generate", "--ckpt", str(tmp_path / "nope.ckpt"), "--prompt", "x", "--fps", fps,
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--fps" in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named(checkpoint, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a red circle\n\xff\xfe moves\n")
+    assert main(["generate", "--ckpt", str(checkpoint), "--prompts", str(prompts), "--out", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys)
+    assert str(prompts) in err and "UTF-8" in err
+
+
+def test_an_unconditional_model_samples_without_a_prompt_and_refuses_one(unconditional_checkpoint, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["generate", "--ckpt", str(unconditional_checkpoint), "--out", str(out)]) == 0
+    record = read_record(out, "t2v_000")
+    assert record["prompt"] == "" and "caption_seen_by_model" not in record
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves left\n")
+    for given in (["--prompt", "a red circle moves left"], ["--prompts", str(prompts)]):
+        assert main(["generate", "--ckpt", str(unconditional_checkpoint), *given, "--out", str(tmp_path / "p")]) == 2
+        assert "takes no prompt" in one_line_error(capsys)
+    assert not (tmp_path / "p").exists()
+
+
+def test_an_unconditional_model_scores_without_a_caption_and_refuses_one(unconditional_checkpoint, tmp_path, capsys):
+    clip = tmp_path / "clip.npy"
+    np.save(clip, np.zeros((4, 8, 8, 3), np.uint8))
+    args = ["score", "--ckpt", str(unconditional_checkpoint), "--input", str(clip)]
+    assert main([*args, "--out", str(tmp_path / "plain.jsonl")]) == 0
+    assert main([*args, "--caption", "a red circle", "--out", str(tmp_path / "captioned.jsonl")]) == 2
+    assert "takes no caption" in one_line_error(capsys)
+    assert not (tmp_path / "captioned.jsonl").exists()
+
+
+def test_scoring_a_folder_without_videos_says_what_it_looks_for(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no video here")
+    assert main(["score", "--ckpt", str(tmp_path / "nope.ckpt"), "--input", str(tmp_path / "empty"),
+                 "--out", str(tmp_path / "s.jsonl")]) == 2
+    err = one_line_error(capsys)
+    assert f"no videos found in folder {tmp_path / 'empty'}" in err and ".mp4" in err and "manifest.json" in err
+
+
+def test_extending_a_clip_as_long_as_the_training_window_continues_it(checkpoint, tmp_path):
+    clip = (np.random.default_rng(0).random((4, 8, 8, 3)) * 255).astype(np.uint8)
+    np.save(tmp_path / "clip.npy", clip)
+    assert main(["generate", "--ckpt", str(checkpoint), "--task", "extend", "--video", str(tmp_path / "clip.npy"),
+                 "--frames", "7", "--prompt", "x", "--out", str(tmp_path / "o")]) == 0
+    [npy] = [p for p in (tmp_path / "o").glob("*.npy") if not p.name.endswith(".latent.npy")]
+    video = np.load(npy)
+    assert video.shape == (7, 8, 8, 3) and np.array_equal(video[:4], clip)
 
 
 def test_score_ranks_videos_and_matches_the_flow_likelihood(checkpoint, tmp_path):

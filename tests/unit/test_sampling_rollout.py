@@ -22,6 +22,12 @@ def test_windows_overlap_by_the_context():
     assert windows(8, 4, 0) == [(0, 4), (4, 8)]
 
 
+def test_a_prefix_that_fills_the_window_is_continued_from_its_last_context_frames():
+    assert windows(10, 4, 2, given=3) == [(0, 4), (2, 6), (4, 8), (6, 10)]  # fits: all in the first window
+    assert windows(10, 4, 2, given=4) == [(2, 6), (4, 8), (6, 10)]
+    assert windows(10, 4, 1, given=6) == [(5, 9), (8, 10)]
+
+
 @pytest.mark.parametrize("inner", [SequentialSampler(), JacobiSampler(tol=1e-3)], ids=["sequential", "jacobi"])
 def test_rollout_has_the_requested_length_and_its_first_window_is_a_plain_sample(inner):
     flow = make_flow()
@@ -62,7 +68,23 @@ def test_bad_window_settings_are_rejected(kwargs, message):
         WindowedSampler("sequential", **kwargs)
 
 
-def test_a_prefix_must_fit_in_the_window():
-    with pytest.raises(ValueError, match="does not fit a window"):
+@pytest.mark.parametrize("given", [3, 5], ids=["as-long-as-the-window", "longer"])
+def test_a_prefix_that_fills_the_window_is_extended_to_the_requested_length(given):
+    flow = make_flow()
+    z = torch.randn(1, 8, 2, 3, 3)
+    prefix = torch.randn(1, given, 2, 3, 3)
+    inner = SequentialSampler()
+    sampler = WindowedSampler(inner, window=3, context=1)
+    x = sampler.sample(flow, z, prefix=prefix)
+    assert x.shape == z.shape and torch.isfinite(x).all()
+    assert torch.equal(x[:, :given], prefix)  # the whole prefix, exactly as given
+    # The first sampled frames see only the last context frame of the prefix, as a later window would.
+    first = inner.sample(flow, z[:, given - 1:given + 2], prefix=prefix[:, -1:])
+    assert torch.equal(x[:, given:given + 2], first[:, 1:])
+    torch.testing.assert_close(torch.stack(list(sampler.stream(flow, z, prefix=prefix)), dim=1), x[:, given:])
+
+
+def test_a_prefix_must_leave_frames_to_sample():
+    with pytest.raises(ValueError, match="leaves nothing to sample"):
         WindowedSampler("sequential", window=3, context=1).sample(
-            make_flow(), torch.randn(1, 8, 2, 3, 3), prefix=torch.randn(1, 3, 2, 3, 3))
+            make_flow(), torch.randn(1, 8, 2, 3, 3), prefix=torch.randn(1, 8, 2, 3, 3))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 import torch
 import yaml
@@ -103,6 +106,31 @@ def test_a_corrupt_checkpoint_or_a_mismatched_config_is_a_clear_error(trained, t
         load_exported(out, config=tmp_path / "wider.yaml")
     with pytest.raises(CorruptCheckpointError):
         export_checkpoint(broken, tmp_path / "other" / "y.safetensors")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_get_the_permissions_of_any_new_file(trained, tmp_path, umask):
+    _, ckpt = trained
+    previous = os.umask(umask)
+    try:
+        out = export_checkpoint(ckpt, tmp_path / "model.safetensors")
+    finally:
+        os.umask(previous)
+    for path in (out, tmp_path / "config.yaml"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_a_damaged_export_is_a_corrupt_checkpoint_error_naming_the_file(trained, tmp_path):
+    _, ckpt = trained
+    out = export_checkpoint(ckpt, tmp_path / "model.safetensors")
+    junk, truncated = tmp_path / "junk.safetensors", tmp_path / "truncated.safetensors"
+    junk.write_bytes(b"not a tensor file" * 10)
+    truncated.write_bytes(out.read_bytes()[:-64])
+    for damaged in (junk, truncated):
+        with pytest.raises(CorruptCheckpointError, match=re.escape(f"cannot read exported model {damaged}")):
+            load_exported(damaged)
+        with pytest.raises(CorruptCheckpointError, match=re.escape(str(damaged))):
+            read_export_metadata(damaged)
 
 
 def test_a_model_that_kept_an_average_samples_with_the_loaded_weights(tmp_path):

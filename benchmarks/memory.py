@@ -66,7 +66,7 @@ def measure(steps: int) -> dict:
              "--data.init_args.val_dir", str(work / "shapes" / "val"),
              "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
              "--trainer.default_root_dir", str(work / "run"), "--trainer.enable_progress_bar", "false"], ROOT)
-        checkpoint = next((work / "run").rglob("last.ckpt"))
+        checkpoint = next((work / "run" / "checkpoints").glob("*.ckpt"))
         rows["demo sampling (flowvid generate, 4 captions, Jacobi)"] = run_measured(
             [*FLOWVID, "generate", "--ckpt", str(checkpoint), "--out", str(work / "videos"),
              "--prompt", "a red square moves right", "--prompt", "a blue circle moves down",

@@ -2,7 +2,7 @@
 
     python benchmarks/sampling.py [--config demo|large] [--frames 4] [--perturb 0.02 | --train-steps 250]
                                   [--threads 1] [--json OUT]
-    python benchmarks/sampling.py --checkpoint demo_out/run/lightning_logs/version_0/checkpoints/last.ckpt
+    python benchmarks/sampling.py --checkpoint demo_out/run/checkpoints/step=00000640.ckpt
 
 A forward (encoding) pass over the video is the floor: Jacobi needs at least one parallel pass. For
 every sampler the table gives its wall time in forward passes (each sampler is timed in alternation

@@ -1,8 +1,9 @@
 """The ``flowvid`` command.
 
-``flowvid fit|validate|test|predict --config recipe.yaml`` is LightningCLI; the other verbs are small
-programs of their own (``flowvid plugins``, ``flowvid data ...``). Plugins are loaded before any
-parsing, so YAML can name a plugin class by its short name.
+``flowvid fit|validate --config recipe.yaml`` is LightningCLI (a flow needs no test or predict loop:
+``generate`` and ``score`` are those); the other verbs are small programs of their own (``flowvid
+plugins``, ``flowvid data ...``). Plugins are loaded before any parsing, so YAML can name a plugin
+class by its short name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Callable
 
 from flowvid.registry import REGISTRIES, load_plugins
 
-LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+LIGHTNING_VERBS = ("fit", "validate")
 
 
 class UserError(Exception):
@@ -30,6 +31,12 @@ def run_lightning(argv: list[str]) -> int:
 
 def list_plugins(argv: list[str]) -> int:
     """Print every registered block, codec, text encoder, sampler, FVD extractor and dataset."""
+    if argv in (["-h"], ["--help"]):
+        print("usage: flowvid plugins\n\nList every registered block, permutation, codec, text encoder, sampler, "
+              "FVD extractor and dataset, with its class, package and version.")
+        return 0
+    if argv:
+        raise UserError(f"plugins takes no arguments, got {' '.join(argv)}")
     from rich.console import Console
     from rich.table import Table
 
@@ -60,11 +67,30 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+#: One line per command for ``flowvid --help``.
+SUMMARIES = {
+    "fit": "train a model from a recipe (LightningCLI; --resume auto continues a run)",
+    "validate": "bits/dim and denoising errors of a checkpoint on the validation shards",
+    "data": "make, encode, verify and describe shard folders; FVD reference statistics",
+    "generate": "sample videos: text-to-video, image-to-video, extension, video-to-video",
+    "score": "exact bits/dim of videos under a model, least likely first",
+    "export": "a checkpoint (file or DeepSpeed directory) to one .safetensors file with its config.yaml",
+    "convert": "weights of the reference implementation to a flowvid export",
+    "plugins": "list the registered blocks, codecs, text encoders, samplers, extractors and datasets",
+}
+
+
+def usage() -> str:
+    lines = [f"usage: flowvid {{{','.join([*LIGHTNING_VERBS, *VERBS])}}} ...", "", "commands:"]
+    lines += [f"  {verb:<10} {SUMMARIES[verb]}" for verb in [*LIGHTNING_VERBS, *VERBS]]
+    lines += ["", "`flowvid COMMAND --help` describes each command's options."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        verbs = ", ".join([*LIGHTNING_VERBS, *VERBS])
-        print(f"usage: flowvid {{{verbs}}} ...")
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
     load_plugins()

@@ -130,6 +130,18 @@ class VideoShardDataModule(L.LightningDataModule):
         rank, world_size = self._rank_and_world_size()
         for folder in filter(None, (self.train_dir, self.val_dir)):
             shards_for_rank(self._shards(folder), rank, world_size)  # fail now, not in a worker
+            self._check_some_sample_is_usable(folder, rank, world_size)
+
+    def _check_some_sample_is_usable(self, folder: str, rank: int, world_size: int) -> None:
+        """Read this rank's shards of ``folder`` up to the first usable sample: a folder whose shards
+        are all broken fails before training rather than at the first validation, minutes later."""
+        probe = ShardStream(self._shards(folder), SampleSpec.from_manifest(self._manifest(folder)), batch_size=1,
+                            batches=1, resample=False, shuffle_buffer=0, seed=self.seed, counter=SkipCounter(1))
+        probe.place(rank, world_size)
+        try:
+            next(iter(probe), None)
+        except RuntimeError as err:  # every shard of the rank is barren
+            raise ValueError(f"the shards in {folder} hold no usable sample for rank {rank}: {err}") from err
 
     def train_dataloader(self) -> ShardLoader:
         stream = ShardStream(

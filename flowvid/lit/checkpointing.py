@@ -325,22 +325,41 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 
 def resolve_resume(checkpoint_dir: str | os.PathLike, resume: str | None) -> str | None:
-    """The checkpoint to resume from: ``"auto"`` (the newest in ``checkpoint_dir``, or None for a
-    fresh start), ``None`` / ``"none"`` (fresh start) or a path (which must exist).
+    """The checkpoint to resume from: ``"auto"`` (the newest readable one in ``checkpoint_dir``, or
+    None for a fresh start), ``None`` / ``"none"`` (fresh start) or a path (which must exist).
+
+    ``auto`` passes over checkpoints that cannot be read (a file truncated by a full disk, say) with a
+    warning naming each, and resumes from the newest good one; when none can be read it stops.
     """
     if resume is None or str(resume).lower() in ("none", "false", ""):
         return None
     if resume == "auto":
-        found = list_checkpoints(checkpoint_dir)
-        if not found:
-            rank_zero_info(f"resume: auto found no checkpoint in {checkpoint_dir}; starting from scratch")
-            return None
-        rank_zero_info(f"resume: auto continues from {found[-1]}")
-        return str(found[-1])
+        return _newest_readable(checkpoint_dir)
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"resume: {resume} does not exist (use 'auto', 'none' or a checkpoint path)")
     return str(path)
+
+
+def _newest_readable(checkpoint_dir: str | os.PathLike) -> str | None:
+    found = list_checkpoints(checkpoint_dir)
+    if not found:
+        rank_zero_info(f"resume: auto found no checkpoint in {checkpoint_dir}; starting from scratch")
+        return None
+    for path in reversed(found):
+        try:
+            load_client_state(path)
+        except CorruptCheckpointError as err:
+            rank_zero_warn(f"resume: auto passes over an unreadable checkpoint: {err}")
+            continue
+        rank_zero_info(f"resume: auto continues from {path}")
+        return str(path)
+    raise CorruptCheckpointError(f"resume: auto found {len(found)} checkpoint(s) in {checkpoint_dir}, and none "
+                                 "can be read; move them away to start from scratch")
+
+
+def has_run_checkpoint(trainer: Trainer) -> bool:
+    return any(isinstance(callback, RunCheckpoint) for callback in trainer.checkpoint_callbacks)
 
 
 def checkpoint_dir_of(trainer: Trainer) -> str:

@@ -5,18 +5,46 @@ the newest checkpoint of the run directory, ``<trainer.default_root_dir>/checkpo
 from scratch when there is none; so the same command both starts a run and restarts it after a crash
 or a preemption. ``RunCheckpoint`` callbacks get the resolved config, which every checkpoint then
 carries (and ``flowvid export`` writes out as ``config.yaml``).
+
+A wrong value, path or checkpoint found before the first loop starts (while the recipe's classes are
+built, the resume point is found, the data and the model are checked) is reported in one line, exit
+status 2; ``FLOWVID_TRACEBACK=1`` shows the traceback instead. Later errors keep their traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from flowvid.lit.checkpointing import RunCheckpoint, checkpoint_dir_of, resolve_resume
+from flowvid.lit.checkpointing import (
+    CorruptCheckpointError,
+    RunCheckpoint,
+    checkpoint_dir_of,
+    has_run_checkpoint,
+    resolve_resume,
+)
+from flowvid.lit.finetune import InitFromExport
+
+
+#: What a mistake in a command's inputs raises (a value, a path, a checkpoint).
+INPUT_ERRORS = (ValueError, FileNotFoundError, CorruptCheckpointError, MisconfigurationException)
+
+
+class LoopStarted(Callback):
+    """Notes when the first loop starts: an input error before it is the inputs' fault, not a crash."""
+
+    started = False
+
+    def _mark(self, *args: Any) -> None:
+        LoopStarted.started = True
+
+    on_train_start = on_validation_start = _mark
 
 
 class FlowvidCLI(LightningCLI):
@@ -29,17 +57,29 @@ class FlowvidCLI(LightningCLI):
                  "(or starts fresh when there is none), 'none' starts fresh, a path continues from that checkpoint",
         )
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(LoopStarted())
+        return trainer
+
     def before_fit(self) -> None:
         settings = self.config_init[self.subcommand]
         resume = settings.get("resume")
         if resume is not None:
             if settings.get("ckpt_path"):
                 raise ValueError(f"give either resume ({resume!r}) or ckpt_path ({settings.ckpt_path!r}), not both")
+            if resume == "auto" and not has_run_checkpoint(self.trainer):
+                # A plain ModelCheckpoint writes into the logger's version_N folder, new on every restart.
+                raise ValueError("resume: auto needs a flowvid.lit.checkpointing.RunCheckpoint in trainer.callbacks "
+                                 "(it writes to <trainer.default_root_dir>/checkpoints, where auto looks); "
+                                 "add one, or resume from a checkpoint path")
             settings.ckpt_path = resolve_resume(checkpoint_dir_of(self.trainer), resume)
         config = self.resolved_config()
         for callback in self.trainer.callbacks:
             if isinstance(callback, RunCheckpoint):
                 callback.run_config = config
+            if isinstance(callback, InitFromExport):
+                callback.resuming = settings.ckpt_path is not None
 
     def resolved_config(self) -> dict[str, Any]:
         """The full config of this command as plain data (what ``config.yaml`` holds)."""
@@ -47,20 +87,35 @@ class FlowvidCLI(LightningCLI):
         return yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False))
 
 
+def _first_cause(err: BaseException) -> BaseException:
+    """The error that started a chain: jsonargparse wraps a class's own error in a long union report."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``FlowvidCLI`` as ``flowvid fit|validate|test|predict`` does."""
+    """Run ``FlowvidCLI`` as ``flowvid fit|validate`` does."""
     from flowvid.lit.strategies import finish_distributed
     from flowvid.registry import load_plugins
 
     load_plugins()
-    FlowvidCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
+    LoopStarted.started = False
+    try:
+        FlowvidCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        )
+    except INPUT_ERRORS as err:
+        if LoopStarted.started or os.environ.get("FLOWVID_TRACEBACK"):
+            raise
+        subcommand = (sys.argv[1:] if argv is None else argv)[:1]
+        print(f"flowvid {' '.join(subcommand)}: error: {_first_cause(err)}", file=sys.stderr)
+        return 2
     finish_distributed()
     return 0
 

@@ -42,14 +42,17 @@ class InitFromExport(Callback):
     """
 
     def __init__(self, path: str, strict: bool = True):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"InitFromExport: {path} does not exist")
         self.path = path
         self.strict = strict
+        # Set by FlowvidCLI when the run resumes from a checkpoint, whose weights then win; Lightning
+        # itself says so (``trainer.ckpt_path``) only after ``setup``, too late to skip the file.
+        self.resuming = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or trainer.ckpt_path:
+        if stage != "fit" or self.resuming or trainer.ckpt_path:
             return
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"InitFromExport: {self.path} does not exist")
         state = load_file(self.path)
         unexpected = sorted(set(state) - set(pl_module.state_dict()))
         if unexpected:

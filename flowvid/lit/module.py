@@ -118,6 +118,8 @@ class FlowModule(LightningModule):
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.video_shape = tuple(int(s) for s in video_shape)
+        if len(self.video_shape) != 3 or min(self.video_shape) < 1:
+            raise ValueError(f"video_shape is (frames, height, width), each >= 1, got {list(video_shape)}")
         self.latent_shape = tuple(self.codec.latent_shape(*self.video_shape))
         for name, value in (("noise_std", noise_std), ("lr", lr), ("denoiser_lr", denoiser_lr)):
             if not value > 0:
@@ -125,6 +127,10 @@ class FlowModule(LightningModule):
         for name, value in (("text_dropout", text_dropout), ("extend_prob", extend_prob), ("v2v_prob", v2v_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+        if sampler not in SAMPLERS and sampler != "jacobi":  # "jacobi" falls back to sequential when absent
+            raise ValueError(f"unknown sampler {sampler!r}; registered: {', '.join(sorted(SAMPLERS.names()))}")
         self._check_parts_fit()
         if denoiser is not None:
             if denoiser.noise_std is not None and not math.isclose(denoiser.noise_std, noise_std):

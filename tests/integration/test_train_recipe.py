@@ -79,7 +79,7 @@ def test_a_checkpoint_of_a_recipe_run_rebuilds_the_model(tmp_path):
         "--data.init_args.batch_size", "2",
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    checkpoint = next((tmp_path / "run").rglob("last.ckpt"))
+    checkpoint = next((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
 
     restored = FlowModule.load_from_checkpoint(checkpoint)  # no arguments: the saved config rebuilds it
 

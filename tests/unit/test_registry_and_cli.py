@@ -37,3 +37,17 @@ def test_unknown_command_is_one_line_and_nonzero(capsys):
     assert main(["frobnicate"]) == 2
     err = capsys.readouterr().err
     assert "unknown command" in err and "Traceback" not in err
+
+
+def test_help_lists_every_command_with_what_it_does(capsys):
+    from flowvid.cli import LIGHTNING_VERBS, VERBS
+
+    assert main(["--help"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert listed == {*LIGHTNING_VERBS, *VERBS}
+
+
+def test_plugins_help_explains_instead_of_listing(capsys):
+    assert main(["plugins", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: flowvid plugins")
+    assert main(["plugins", "--bogus"]) == 2

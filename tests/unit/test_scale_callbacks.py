@@ -95,7 +95,9 @@ def test_init_from_export_loads_weights_only_when_not_resuming(tmp_path):
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
 
     fresh = Parts(seed=2)
-    InitFromExport(str(path)).setup(SimpleNamespace(ckpt_path="runs/x/last.ckpt"), fresh, "fit")
+    resuming = InitFromExport(str(tmp_path / "moved-away.safetensors"))
+    resuming.resuming = True  # what FlowvidCLI sets when the run resumes from a checkpoint
+    resuming.setup(SimpleNamespace(ckpt_path=None), fresh, "fit")
     assert not torch.equal(fresh.flow.deep.proj_in.weight, source.flow.deep.proj_in.weight)  # resuming: untouched
     InitFromExport(str(path)).setup(SimpleNamespace(ckpt_path=None), fresh, "fit")
     for (name, a), (_, b) in zip(source.state_dict().items(), fresh.state_dict().items(), strict=True):
@@ -115,8 +117,8 @@ def test_init_from_a_flow_only_file_needs_strict_false_and_refuses_foreign_weigh
     save_file({"vae.encoder.weight": torch.zeros(2)}, str(foreign))
     with pytest.raises(ValueError, match="does not have: vae.encoder.weight"):
         InitFromExport(str(foreign), strict=False).setup(SimpleNamespace(ckpt_path=None), Parts(), "fit")
-    with pytest.raises(FileNotFoundError):
-        InitFromExport(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        InitFromExport(str(tmp_path / "missing.safetensors")).setup(SimpleNamespace(ckpt_path=None), Parts(), "fit")
 
 
 def test_freeze_stops_exactly_the_named_parts_from_training():

@@ -128,10 +128,23 @@ def test_a_deepspeed_checkpoint_missing_a_rank_shard_is_a_clear_error(tmp_path):
 
 def test_resume_auto_takes_the_highest_step_not_the_newest_file(tmp_path):
     for step in (10, 8, 9):  # written out of order: modification times disagree with steps
-        (tmp_path / f"step={step:08d}.ckpt").write_bytes(b"x")
+        AtomicCheckpointIO().save_checkpoint({"step": step}, tmp_path / f"step={step:08d}.ckpt")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     assert [p.name for p in list_checkpoints(tmp_path)] == [f"step={s:08d}.ckpt" for s in (8, 9, 10)]
     assert resolve_resume(tmp_path, "auto") == str(tmp_path / "step=00000010.ckpt")
+
+
+def test_resume_auto_passes_over_a_truncated_newest_checkpoint(tmp_path):
+    for step in (2, 4):
+        checkpoint = {"step": step, "weights": torch.randn(256)}
+        AtomicCheckpointIO().save_checkpoint(checkpoint, tmp_path / f"step={step:08d}.ckpt")
+    newest = tmp_path / "step=00000004.ckpt"
+    newest.write_bytes(newest.read_bytes()[:200])  # what a full disk leaves
+    with pytest.warns(UserWarning, match="unreadable checkpoint.*step=00000004"):
+        assert resolve_resume(tmp_path, "auto") == str(tmp_path / "step=00000002.ckpt")
+    (tmp_path / "step=00000002.ckpt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(CorruptCheckpointError, match="none can be read"):
+        resolve_resume(tmp_path, "auto")
 
 
 def test_resume_none_and_an_empty_run_start_fresh_and_a_missing_path_is_an_error(tmp_path):

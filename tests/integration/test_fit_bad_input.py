@@ -1,0 +1,50 @@
+"""`flowvid fit` refuses what it cannot train before the first step, in one line, and resumes safely."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from flowvid.data import VideoShardDataModule, write_synthetic_dataset
+from flowvid.lit.cli_support import main as fit_main
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "shapes_t2v.yaml"
+
+
+def fit(*args: str) -> int:
+    with mock.patch.object(sys, "argv", ["flowvid"]):  # pytest's own arguments are not the CLI's
+        return fit_main(["fit", "--config", str(RECIPE), *args])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--data.init_args.batch_size=0", "batch_size must be >= 1, got 0"),
+    ("--model.init_args.sampler=jacobbi", "unknown sampler 'jacobbi'; registered: jacobi"),
+    ("--model.init_args.guidance=-3", "guidance must be a finite number >= 0, got -3.0"),
+    ("--model.init_args.video_shape=[0,16,16]", "video_shape is (frames, height, width), each >= 1"),
+    ("--resume=/no/such.ckpt", "resume: /no/such.ckpt does not exist"),
+])
+def test_a_bad_value_is_one_line_before_training(override, message, tmp_path, capsys):
+    assert fit(override, f"--trainer.default_root_dir={tmp_path}") == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith(f"flowvid fit: error: {message}")
+    assert "Traceback" not in "\n".join(error)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_resume_auto_without_a_run_checkpoint_is_refused(tmp_path, capsys):
+    no_run_checkpoint = "--trainer.callbacks=[]"
+    assert fit("--resume=auto", no_run_checkpoint, f"--trainer.default_root_dir={tmp_path}") == 2
+    assert "resume: auto needs a flowvid.lit.checkpointing.RunCheckpoint" in capsys.readouterr().err
+
+
+def test_shards_that_hold_no_usable_sample_are_refused_at_setup(tmp_path):
+    write_synthetic_dataset(tmp_path, num_videos=4, frames=2, size=8, seed=0)
+    for shard in (tmp_path / "val").glob("*.tar"):
+        shard.write_bytes(b"\xff" * 4096)
+    data = VideoShardDataModule(str(tmp_path / "train"), str(tmp_path / "val"), batch_size=2)
+    with pytest.raises(ValueError, match=f"shards in {tmp_path / 'val'} hold no usable sample"):
+        data.setup("fit")
+    VideoShardDataModule(str(tmp_path / "train"), batch_size=2).setup("fit")  # the good folder alone is fine

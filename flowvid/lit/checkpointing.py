@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,9 @@ def load_client_state(path: str | os.PathLike) -> dict[str, Any]:
     if path.name.endswith(PARTIAL_SUFFIX):
         raise CorruptCheckpointError(f"{path} is a checkpoint that was still being written; use an earlier one")
     source = deepspeed_model_states(path) if path.is_dir() else path
+    if not zipfile.is_zipfile(source):  # torch.load would only say that it cannot memory-map the file
+        raise CorruptCheckpointError(f"cannot read checkpoint {source}: not a PyTorch checkpoint (no zip archive "
+                                     "inside; truncated, or another kind of file)")
     try:
         state = torch.load(source, map_location="cpu", mmap=True, weights_only=False)
     except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged zip

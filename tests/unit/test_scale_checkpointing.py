@@ -110,6 +110,13 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
         AtomicCheckpointIO().load_checkpoint(path)
 
 
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    path = tmp_path / "notes.ckpt"
+    path.write_text("not a checkpoint at all")
+    with pytest.raises(CorruptCheckpointError, match="notes.ckpt: not a PyTorch checkpoint"):
+        load_client_state(path)
+
+
 def test_a_deepspeed_checkpoint_missing_a_rank_shard_is_a_clear_error(tmp_path):
     folder = tmp_path / "step=00000004.ckpt"
     (folder / "checkpoint").mkdir(parents=True)

@@ -5,7 +5,8 @@
 
 A training step is what ``FlowModule`` does to the flow: the forward pass through every block, the
 maximum-likelihood loss ``0.5 mean(z^2) - log|det| / D``, the backward pass, gradient clipping at norm 1
-and one AdamW step (betas 0.9 / 0.95, weight decay 1e-4). Models are built from
+and one AdamW step (betas 0.9 / 0.95, weight decay 1e-4; fused, as FlowModule's, while the reference
+steps with the default AdamW of its training script). Models are built from
 ``reference.SharedConfig``: three frame-local shallow blocks of two layers and a text-conditioned deep
 block, all of one width, on videos of 4 frames of 8 x 8 latents of 8 channels with 16 text tokens.
 
@@ -56,9 +57,13 @@ def flow_loss(flow, x: torch.Tensor, text) -> torch.Tensor:
     return 0.5 * z.pow(2).flatten(1).mean(1).mean() - (logdet / x[0].numel()).mean()
 
 
-def make_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], float]:
-    """One training step of ``model`` (as FlowModule takes it): loss, backward, clip, AdamW."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
+def make_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor], fused: bool = True) -> Callable[[], float]:
+    """One training step of ``model`` (as FlowModule takes it): loss, backward, clip, AdamW.
+
+    ``fused`` picks AdamW's fused kernel, which FlowModule uses; the reference's training script uses
+    the default, a loop of small kernels per parameter.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, fused=fused)
     model.train()
 
     def step() -> float:
@@ -127,7 +132,7 @@ def measure_width(config: SharedConfig, rounds: int, reference_path: str | None)
     if reference_path:
         model = build_reference(load_reference(reference_path), config)
         video = reference_video(x)
-        steps["reference"] = make_step(model, lambda: reference_loss(model, video, text))
+        steps["reference"] = make_step(model, lambda: reference_loss(model, video, text), fused=False)
         parameters["reference"] = parameter_count(model)
     matmul, matmul_flops = matmul_benchmark()
     executed = counted_matmul_flops(steps["flowvid"]) + attention_flops(config)

@@ -372,7 +372,8 @@ class FlowModule(LightningModule):
         if self.denoiser is not None:
             groups.append({"name": "denoiser", "params": list(self.denoiser.parameters()), "lr": hp.denoiser_lr,
                            "betas": (0.9, 0.999)})
-        optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        # One fused kernel over all parameters instead of ten small ones per tensor (CPU and GPU).
+        optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay, fused=True)
         total = hp.schedule_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("cannot size the learning-rate schedule: set trainer.max_steps or schedule_steps")

@@ -308,13 +308,13 @@ class FlowModule(LightningModule):
             self._skip_step(reason)
             return
 
+        # The rates this step uses: the scheduler moves them on for the next step.
+        metrics.update({f"train/{group['name']}_lr": group["lr"] for group in optimizer.param_groups})
         optimizer.step()
         self.lr_schedulers().step()
         if self.ema is not None:
             self.ema.update()
         self._consecutive_skips = 0
-        for group in optimizer.param_groups:
-            metrics[f"train/{group['name']}_lr"] = group["lr"]
         metrics["train/skipped_steps"] = float(self.skipped_steps)
         metrics.update(self._data_skips())
         self.log_dict(metrics, prog_bar=False, batch_size=x.shape[0])
@@ -406,9 +406,9 @@ class FlowModule(LightningModule):
         clean = self.latents_of(batch)
         generator = torch.Generator().manual_seed(batch_idx)
         noisy = clean + self.noise_std * torch.randn(clean.shape, generator=generator).to(clean)
-        text = self.encode_text(self.captions_of(batch)) if self.text_encoder is not None else None
         batch_size = clean.shape[0]
-        with self.averaged_weights():
+        with self.averaged_weights():  # the text encoder is averaged too
+            text = self.encode_text(self.captions_of(batch)) if self.text_encoder is not None else None
             nats = self.flow.nll(noisy, text).mean()
             metrics = {
                 "val/nats_per_dim": nats,
@@ -448,11 +448,11 @@ class FlowModule(LightningModule):
 
         generator = torch.Generator().manual_seed(seed)
         z = torch.randn((len(captions), *self.latent_shape), generator=generator).to(self.device)
-        text = self.encode_text(captions)
-        condition = text
-        if self.guidance > 0 and text is not None:
-            condition = GuidedText(text, self.encode_text([""]))
-        with self.averaged_weights():
+        with self.averaged_weights():  # the text encoder is averaged too
+            text = self.encode_text(captions)
+            condition = text
+            if self.guidance > 0 and text is not None:
+                condition = GuidedText(text, self.encode_text([""]))
             latents = self.sampler().sample(self.flow, z, condition, guidance=self.guidance)
             latents = self.denoise(latents, text)
         return self.codec.decode(latents)

@@ -138,3 +138,21 @@ def test_shards_of_another_clip_shape_fail_before_the_first_step(shapes_shards):
     with pytest.raises(ValueError, match=r"clips of \(frames, height, width\) \(4, 8, 8\)"):
         run.fit(module, datamodule=shard_data(shapes_shards))
     assert run.global_step == 0
+
+
+class RecordRates(L.Callback):
+    def __init__(self):
+        self.logged, self.used = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.used.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.logged.append(trainer.callback_metrics["train/flow_lr"].item())
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_used():
+    record = RecordRates()
+    trainer(max_steps=3, callbacks=[record]).fit(tiny_module(lr=1e-3, warmup_steps=4), fixed_batches(3))
+    assert record.used == pytest.approx([2.5e-4, 5e-4, 7.5e-4])  # warm-up: peak * (step + 1) / 4
+    assert record.logged == pytest.approx(record.used)

@@ -207,3 +207,19 @@ def test_each_parameter_group_follows_the_shape_from_its_own_peak():
         optimizer.step()
         scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-6, 1e-6])
+
+
+def test_an_averaged_model_samples_with_its_averaged_text_encoder_too():
+    module = make_module(ema_decay=0.5, guidance=2.0).eval()
+    with torch.no_grad():
+        for p in module.parameters():  # a flow that is not the identity, so the caption matters
+            p.add_(0.05 * torch.randn_like(p))
+    module.ema.update()  # the average: the weights as they are now
+    averaged = {name: p.detach().clone() for name, p in module.named_parameters()}
+    with torch.no_grad():
+        for p in module.text_encoder.parameters():  # training moved on; the average did not
+            p.add_(0.5 * torch.randn_like(p))
+    plain = make_module(guidance=2.0).eval()
+    plain.load_state_dict(averaged, strict=False)
+    captions = ["a red circle moves left", "a blue square moves up"]
+    assert torch.equal(module.generate_videos(captions, seed=3), plain.generate_videos(captions, seed=3))

@@ -77,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
     fields = {"written": manifest["samples"], "shards": manifest["num_shards"], "codec": manifest["codec"]["name"],
               "latent shape": tuple(manifest["latent_shape"]), "seconds": seconds,
               "clips_per_second": manifest["samples"] / seconds}
-    print_summary(f"encode-latents -> {args.out}", fields, manifest["skipped"])
+    skipped = manifest["skipped"]
+    # With nothing written there is no summary file to read the rest in: list every skip.
+    print_summary(f"encode-latents -> {args.out}", fields, skipped,
+                  show=len(skipped) if not manifest["samples"] else 10)
     if manifest["samples"] == 0:
         console.print(f"[red]no latent written[/]: {args.out} is left as it was")
         return 1

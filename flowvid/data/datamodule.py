@@ -14,6 +14,7 @@ from flowvid.codecs.base import check_codec_identity
 from flowvid.data import manifest as manifests
 from flowvid.data.pipeline import ShardLoader, ShardStream, SkipCounter, shards_for_rank
 from flowvid.data.shards import SampleSpec, shard_paths
+from flowvid.data.synthetic import BACKGROUNDS, DEFAULT_MAX_OBJECTS
 from flowvid.registry import DATASETS
 
 
@@ -264,8 +265,10 @@ class SyntheticVideoDataModule(VideoShardDataModule):
         super().__init__(str(Path(root) / "train"), str(Path(root) / "val"), batch_size, num_workers,
                          shuffle_buffer, batches_per_epoch, val_batches, seed)
         self.root = str(root)
+        # Every argument the dataset's manifests record, so that an unchanged dataset is recognised.
         self.recipe = {"num_videos": num_videos, "val_videos": val_videos, "frames": frames, "size": size,
-                       "fps": fps, "seed": data_seed, "shard_samples": shard_samples}
+                       "fps": fps, "seed": data_seed, "shard_samples": shard_samples,
+                       "max_objects": DEFAULT_MAX_OBJECTS, "backgrounds": list(BACKGROUNDS)}
 
     def prepare_data(self) -> None:
         from flowvid.data.synthetic import synthetic_recipe, write_synthetic_dataset

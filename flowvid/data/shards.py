@@ -102,8 +102,13 @@ def encode_sample(
     return sample
 
 
+#: What is computed from a folder's shards (FVD reference statistics): stale once the shards change.
+DERIVED_FOLDERS = ("fvd_stats",)
+
+
 def clear_shard_folder(folder: str | Path) -> None:
-    """Remove what an earlier run left (shards, temporaries, manifest, summary), nothing else."""
+    """Remove what an earlier run left (shards, temporaries, manifest, summary) and what was computed
+    from its shards (``DERIVED_FOLDERS``), nothing else."""
     folder = Path(folder)
     # The manifest goes first: stopped halfway, the folder is one without a manifest, which readers
     # refuse, rather than one whose manifest lists shards that are gone.
@@ -111,7 +116,9 @@ def clear_shard_folder(folder: str | Path) -> None:
                  "shard-*.tar" + TEMPORARY_SUFFIX)
     for pattern in leftovers:
         for path in folder.glob(pattern):
-            path.unlink()
+            path.unlink(missing_ok=True)  # another process clearing the same folder may be first
+    for name in DERIVED_FOLDERS:
+        shutil.rmtree(folder / name, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -124,22 +131,25 @@ def staging_folder(folder: str | Path) -> Iterator[Path]:
     and a unique name keeps two runs apart. A ``folder`` made here and left empty is removed again.
     """
     folder = Path(folder)
-    made = not folder.exists()
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]  # innermost first
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
     try:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if made and not any(folder.iterdir()):
-            folder.rmdir()
+        for made in missing:  # the folders made here, as long as the run left them empty
+            if any(made.iterdir()):
+                break
+            made.rmdir()
 
 
 def replace_shard_folder(staging: str | Path, folder: str | Path) -> None:
     """Put a finished run's shards, summary and manifest from ``staging`` in place of ``folder``'s previous ones.
 
-    Nothing else in ``folder`` is touched. The manifest comes last, so a reader never sees a manifest
-    whose shards are not all there.
+    Statistics computed from the previous shards (``DERIVED_FOLDERS``) go with them; nothing else in
+    ``folder`` is touched. The manifest comes last, so a reader never sees a manifest whose shards are
+    not all there.
     """
     staging, folder = Path(staging), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 MOTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 BACKGROUNDS = ("plain", "textured")
+#: Objects per video at most, unless a dataset asks for fewer or more.
+DEFAULT_MAX_OBJECTS = 2
 
 Combination = tuple[str, str, str]  # (shape, colour, motion)
 ALL_COMBINATIONS: tuple[Combination, ...] = tuple(itertools.product(SHAPES, COLOURS, MOTIONS))
@@ -65,7 +67,7 @@ def caption_of(attributes: dict[str, Any]) -> str:
 def sample_attributes(
     rng: np.random.Generator,
     combinations: Sequence[Combination],
-    max_objects: int = 2,
+    max_objects: int = DEFAULT_MAX_OBJECTS,
     backgrounds: Sequence[str] = BACKGROUNDS,
 ) -> dict[str, Any]:
     """One to ``max_objects`` objects of distinct colours drawn from ``combinations``, and a background."""
@@ -300,7 +302,7 @@ def write_synthetic_dataset(
     seed: int = 0,
     val_videos: int | None = None,
     shard_samples: int = 64,
-    max_objects: int = 2,
+    max_objects: int = DEFAULT_MAX_OBJECTS,
     backgrounds: Sequence[str] = BACKGROUNDS,
     on_video: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, Any]]:

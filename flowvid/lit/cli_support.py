@@ -78,8 +78,8 @@ class FlowvidCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, RunCheckpoint):
                 callback.run_config = config
-            if isinstance(callback, InitFromExport):
-                callback.resuming = settings.ckpt_path is not None
+            if isinstance(callback, InitFromExport):  # ("last" with no checkpoint yet starts afresh)
+                callback.resuming = settings.ckpt_path is not None and os.path.exists(settings.ckpt_path)
 
     def resolved_config(self) -> dict[str, Any]:
         """The full config of this command as plain data (what ``config.yaml`` holds)."""
@@ -88,10 +88,17 @@ class FlowvidCLI(LightningCLI):
 
 
 def _first_cause(err: BaseException) -> BaseException:
-    """The error that started a chain: jsonargparse wraps a class's own error in a long union report."""
-    while err.__cause__ is not None:
+    """The class's own error inside jsonargparse's long report of the union types it tried."""
+    while err.__cause__ is not None and _raised_in_jsonargparse(err):
         err = err.__cause__
     return err
+
+
+def _raised_in_jsonargparse(err: BaseException) -> bool:
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and f"{os.sep}jsonargparse{os.sep}" in frame.tb_frame.f_code.co_filename
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,12 +151,12 @@ def test_a_run_that_writes_no_clip_leaves_the_previous_shards_untouched(tmp_path
     report = capsys.readouterr().err
     assert "short.mkv" in report and "noise.avi" in report and "left as it was" in report
 
-    # A run that writes clips still replaces the earlier shards, and only them.
+    # A run that writes clips replaces the earlier shards, and the statistics computed from them.
+    (out / "notes.txt").write_text("the user's own file")
     assert data_main(["from-videos", str(tmp_path / "good.mkv"), "--out", str(out), *clip]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["fvd_stats", "manifest.json", "shard-000000.tar", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "shard-000000.tar", "summary.json"]
     assert load_manifest(out)["samples"] == 3 and verify_folder(out)["ok"]
-    assert (out / "fvd_stats" / "reference.npz").read_bytes() == b"statistics"
 
     # A first run that writes nothing leaves no folder behind.
-    assert data_main(["from-videos", str(tmp_path / "noise.avi"), "--out", str(tmp_path / "new"), *clip]) == 1
+    assert data_main(["from-videos", str(tmp_path / "noise.avi"), "--out", str(tmp_path / "new" / "deeper"), *clip]) == 1
     assert not (tmp_path / "new").exists()

@@ -45,3 +45,14 @@ def test_resume_mid_epoch_continues_the_same_batches(tmp_path):
         checkpoint = next((tmp_path / "ckpt").glob(f"*step={step}.ckpt"))
         assert fit(tmp_path / "data", tmp_path / f"again{step}", resume=str(checkpoint)) == full[step:]
 
+
+
+def test_prepare_data_keeps_a_dataset_made_with_the_same_recipe(tmp_path):
+    settings = dict(num_videos=8, val_videos=2, frames=2, size=8, shard_samples=4)
+    SyntheticVideoDataModule(str(tmp_path), **settings).prepare_data()
+    manifest = tmp_path / "train" / "manifest.json"
+    made = manifest.stat().st_mtime_ns
+    SyntheticVideoDataModule(str(tmp_path), **settings).prepare_data()
+    assert manifest.stat().st_mtime_ns == made  # recognised, not written again
+    SyntheticVideoDataModule(str(tmp_path), **{**settings, "size": 12}).prepare_data()
+    assert manifest.stat().st_mtime_ns != made

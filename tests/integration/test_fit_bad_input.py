@@ -48,3 +48,13 @@ def test_shards_that_hold_no_usable_sample_are_refused_at_setup(tmp_path):
     with pytest.raises(ValueError, match=f"shards in {tmp_path / 'val'} hold no usable sample"):
         data.setup("fit")
     VideoShardDataModule(str(tmp_path / "train"), batch_size=2).setup("fit")  # the good folder alone is fine
+
+
+def test_the_error_keeps_its_context_when_it_wraps_another(tmp_path, capsys):
+    write_synthetic_dataset(tmp_path, num_videos=4, frames=8, size=16, seed=0)
+    for shard in (tmp_path / "val").glob("*.tar"):
+        shard.write_bytes(b"\xff" * 4096)
+    assert fit(f"--data.init_args.train_dir={tmp_path / 'train'}", f"--data.init_args.val_dir={tmp_path / 'val'}",
+               f"--trainer.default_root_dir={tmp_path / 'run'}") == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"flowvid fit: error: the shards in {tmp_path / 'val'} hold no usable sample")

@@ -133,8 +133,8 @@ _loaded = False
 def load_plugins() -> None:
     """Import the built-ins and every installed entry point (once per process).
 
-    A plugin that fails to import is reported with a warning naming it, never silently dropped,
-    and never takes the built-ins down with it.
+    A plugin that fails to import, or that takes a name already taken, is reported with a warning
+    naming it, never silently dropped, and never takes the built-ins or the other plugins down with it.
     """
     global _loaded
     if _loaded:
@@ -150,11 +150,10 @@ def load_plugins() -> None:
         for entry_point in metadata.entry_points(group=registry.group):
             try:
                 obj = entry_point.load()
-            except Exception as err:  # noqa: BLE001 - a broken plugin must not break the CLI
+                registry.add(entry_point.name, obj)
+            except Exception as err:  # noqa: BLE001 - a broken plugin must not break the CLI or the others
                 warnings.warn(f"could not load {registry.kind} plugin {entry_point.name!r} "
                               f"({entry_point.value}): {err}", stacklevel=2)
-                continue
-            registry.add(entry_point.name, obj)
 
 
 def resolve(registry: Registry, spec: Any) -> Any:

@@ -1,5 +1,8 @@
 """Every built-in and shipped plugin block passes the conformance kit."""
 
+import pytest
+import torch
+
 from flowvid.flows import AffineBlock
 from flowvid.testing import FlowBlockConformance
 from flowvid_plugins.blocks import GatedAffineBlock
@@ -11,3 +14,44 @@ class TestAffineBlock(FlowBlockConformance):
 
 class TestGatedAffineBlock(FlowBlockConformance):
     block_class = GatedAffineBlock
+
+
+# --- the kit fails blocks that break the contract ---------------------------------------------------
+
+
+class BatchAveragedLogdet(AffineBlock):
+    def forward(self, x, text=None):
+        z, logdet = super().forward(x, text)
+        return z, logdet.mean(0, keepdim=True).expand_as(logdet)
+
+
+class LaterFramesLogdetDropped(AffineBlock):
+    def forward(self, x, text=None):
+        z, logdet = super().forward(x, text)
+        return z, torch.cat([logdet[:, :self.spec.tokens_per_frame], 0 * logdet[:, self.spec.tokens_per_frame:]], 1)
+
+
+class BatchMixing(AffineBlock):
+    def _run(self, *args, **kwargs):
+        raw = super()._run(*args, **kwargs)
+        return raw + 0.5 * raw.mean(0, keepdim=True)
+
+
+class PeeksAtTheNextToken(AffineBlock):
+    def forward(self, x, text=None):
+        return super().forward(x + 0.01 * torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1), text)
+
+
+@pytest.mark.parametrize("wrong_block, kit_test", [
+    (BatchAveragedLogdet, "test_logdet_matches_autograd_jacobian"),
+    (LaterFramesLogdetDropped, "test_logdet_matches_autograd_jacobian"),
+    (BatchMixing, "test_samples_of_a_batch_do_not_see_each_other"),
+    (PeeksAtTheNextToken, "test_changing_a_token_leaves_earlier_slots_unchanged"),
+])
+def test_the_kit_fails_a_block_that_breaks_the_contract(wrong_block, kit_test):
+    kit = type("Kit", (FlowBlockConformance,), {"block_class": wrong_block})()
+    arguments = {"conditioned": False}
+    if kit_test == "test_changing_a_token_leaves_earlier_slots_unchanged":
+        arguments["permutation"] = "identity"
+    with pytest.raises(AssertionError):
+        getattr(kit, kit_test)(**arguments)

@@ -51,3 +51,30 @@ def test_plugins_help_explains_instead_of_listing(capsys):
     assert main(["plugins", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: flowvid plugins")
     assert main(["plugins", "--bogus"]) == 2
+
+
+class FakeEntryPoint:
+    def __init__(self, name, obj):
+        self.name, self.value, self.obj = name, f"fake:{name}", obj
+
+    def load(self):
+        return self.obj
+
+
+def test_a_plugin_that_takes_a_taken_name_is_a_warning_and_the_others_still_load(monkeypatch):
+    import flowvid.registry as registry_module
+
+    class Clash:
+        pass
+
+    class Fine:
+        pass
+
+    fakes = [FakeEntryPoint("affine", Clash), FakeEntryPoint("fine-block", Fine)]
+    monkeypatch.setattr(registry_module.metadata, "entry_points",
+                        lambda group: fakes if group == BLOCKS.group else [])
+    monkeypatch.setattr(registry_module, "_loaded", False)
+    monkeypatch.setattr(BLOCKS, "_entries", dict(BLOCKS._entries))  # restored after the test
+    with pytest.warns(UserWarning, match="could not load block plugin 'affine'.*taken"):
+        registry_module.load_plugins()
+    assert BLOCKS.get("affine").__name__ == "AffineBlock" and BLOCKS.get("fine-block") is Fine

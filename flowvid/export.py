@@ -206,9 +206,7 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
     config_path = Path(config) if config is not None else path.parent / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"exported model {path} does not exist")
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} does not exist: it is written beside the model by `flowvid export`")
-    run_config = yaml.safe_load(config_path.read_text())
+    run_config = read_run_config(config_path)
     metadata = read_export_metadata(path)  # fails early on a file that is not an export
     try:
         module = build_module(run_config)
@@ -228,6 +226,22 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
         denoiser=getattr(module, "denoiser", None),
         config=run_config,
     )
+
+
+def read_run_config(config_path: Path) -> dict[str, Any]:
+    """The run's config from ``config_path``; FileNotFoundError or ValueError naming the file otherwise."""
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} does not exist: it is written beside the model by `flowvid export`")
+    if not config_path.is_file():
+        raise ValueError(f"config {config_path} is not a file: expected the config.yaml written by `flowvid export`")
+    try:
+        run_config = yaml.safe_load(config_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"config {config_path} is not valid YAML: {err}") from err
+    if not isinstance(run_config, dict):
+        raise ValueError(f"config {config_path} must be a YAML mapping with a 'model' section, "
+                         f"got {type(run_config).__name__}")
+    return run_config
 
 
 def build_module(run_config: dict[str, Any]) -> nn.Module:

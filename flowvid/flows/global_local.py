@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from numbers import Integral
 from typing import Any, Union
 
 import torch
@@ -35,7 +36,8 @@ class GlobalLocalFlow(nn.Module):
     Args:
         latent_channels: c, channels per latent token.
         frame_size: (h, w), latent tokens per frame side.
-        num_shallow: number of frame-local blocks (their direction alternates inside the frame).
+        num_shallow: number of frame-local blocks (their direction alternates inside the frame); 0 leaves
+            the deep block alone.
         shallow_width, shallow_depth: width and layers of each shallow block.
         deep_width, deep_depth: width and layers of the deep block.
         head_dim: attention head size of every block.
@@ -59,6 +61,13 @@ class GlobalLocalFlow(nn.Module):
         deep_block: BlockChoice = "affine",
     ):
         super().__init__()
+        _check_sizes(latent_channels=latent_channels, num_shallow=num_shallow, shallow_width=shallow_width,
+                     shallow_depth=shallow_depth, deep_width=deep_width, deep_depth=deep_depth, head_dim=head_dim)
+        _check_frame_size(frame_size)
+        if text_width is not None:
+            _check_size("text_width", text_width, minimum=1)
+        _check_block_choice("shallow_block", shallow_block)
+        _check_block_choice("deep_block", deep_block)
         self.latent_channels = latent_channels
         self.frame_size = (int(frame_size[0]), int(frame_size[1]))
         self.text_width = text_width
@@ -96,32 +105,52 @@ class GlobalLocalFlow(nn.Module):
         return self.frame_size[0] * self.frame_size[1]
 
     # --- checks -----------------------------------------------------------------------------
-    def check_input(self, x: torch.Tensor, text: TextEmbedding | None = None) -> None:
-        """Raise a ValueError naming expected and actual shapes before any computation."""
+    def check_input(self, x: torch.Tensor, text: TextEmbedding | None = None) -> TextEmbedding | None:
+        """Raise a ValueError naming expected and actual shapes before any computation.
+
+        Returns ``text`` with its tokens in the flow's dtype (a caller may hand over float64 states).
+        """
         h, w = self.frame_size
         expected = f"(B, T, {h}, {w}, {self.latent_channels})"
         if x.dim() != 5:
             raise ValueError(f"expected latents of shape {expected}, got rank {x.dim()} shape {tuple(x.shape)}")
         if tuple(x.shape[2:]) != (h, w, self.latent_channels):
             raise ValueError(f"expected latents of shape {expected}, got {tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"expected latents of shape {expected} with B >= 1 and T >= 1, got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"expected floating-point latents, got {x.dtype}")
         if not torch.isfinite(x).all():
             raise ValueError("latents contain NaN or infinite values")
-        if text is not None:
-            tokens, mask = text
-            if self.text_width is None:
-                raise ValueError("this flow is unconditional (text_width=None) but text was given")
-            if tokens.dim() != 3 or tokens.shape[-1] != self.text_width or tokens.shape[0] != x.shape[0]:
-                raise ValueError(f"expected text tokens of shape ({x.shape[0]}, L, {self.text_width}), "
-                                 f"got {tuple(tokens.shape)}")
-            if tuple(mask.shape) != tuple(tokens.shape[:2]):
-                raise ValueError(f"text mask shape {tuple(mask.shape)} does not match tokens {tuple(tokens.shape)}")
+        if text is None:
+            return None
+        if self.text_width is None:
+            raise ValueError("this flow is unconditional (text_width=None) but text was given")
+        tokens, mask = text
+        if tokens.dim() != 3 or tokens.shape[-1] != self.text_width or tokens.shape[0] != x.shape[0]:
+            raise ValueError(f"expected text tokens of shape ({x.shape[0]}, L, {self.text_width}), "
+                             f"got {tuple(tokens.shape)}")
+        if tuple(mask.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(f"text mask shape {tuple(mask.shape)} does not match tokens {tuple(tokens.shape)}")
+        return TextEmbedding(self.check_text_tokens(tokens), mask)
+
+    def check_text_tokens(self, tokens: torch.Tensor, what: str = "text tokens") -> torch.Tensor:
+        """Finite floating-point text states, cast to the flow's dtype; a ValueError otherwise."""
+        if not tokens.is_floating_point():
+            raise ValueError(f"expected floating-point {what} (the text encoder's states), got {tokens.dtype}")
+        if not torch.isfinite(tokens).all():
+            raise ValueError(f"{what} contain NaN or infinite values")
+        return tokens.to(self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the flow's parameters."""
+        return next(self.parameters()).dtype
 
     # --- data -> noise ------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, text: TextEmbedding | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """z (B, T, h, w, c) in fp32 and the log-determinant per frame (B, T) in fp32 nats."""
-        self.check_input(x, text)
+        text = self.check_input(x, text)
         batch, frames = x.shape[:2]
         tokens = x.float().reshape(batch * frames, self.tokens_per_frame, self.latent_channels)
         logdet = torch.zeros(batch * frames, device=x.device)
@@ -160,3 +189,41 @@ class GlobalLocalFlow(nn.Module):
     def bits_per_dim(self, x: torch.Tensor, text: TextEmbedding | None = None) -> torch.Tensor:
         """``nll / ln 2`` (B,): bits per dimension of the (noise-augmented) latents."""
         return self.nll(x, text) / math.log(2)
+
+
+# --- constructor checks ------------------------------------------------------------------------
+
+#: The smallest value each integer size may take. No shallow blocks is allowed: the deep block alone.
+MINIMUM_SIZES = {"latent_channels": 1, "num_shallow": 0, "shallow_width": 1, "shallow_depth": 1, "deep_width": 1,
+                 "deep_depth": 1, "head_dim": 2}
+
+
+def _check_sizes(**sizes: Any) -> None:
+    """Refuse sizes no block can be built with, before building any (a zero width fails far away, a
+    zero channel count gives a NaN likelihood)."""
+    for name, value in sizes.items():
+        _check_size(name, value, MINIMUM_SIZES[name])
+    if sizes["head_dim"] % 2:
+        raise ValueError(f"head_dim must be even (RoPE rotates channel pairs), got {sizes['head_dim']}")
+
+
+def _check_size(name: str, value: Any, minimum: int) -> None:
+    if not _is_size(value, minimum):
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _is_size(value: Any, minimum: int = 1) -> bool:
+    # bool is an Integral too, but True is never meant as a size.
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_frame_size(frame_size: Any) -> None:
+    # YAML gives a list, Python code a tuple.
+    if not (isinstance(frame_size, (tuple, list)) and len(frame_size) == 2 and all(map(_is_size, frame_size))):
+        raise ValueError(f"frame_size must be a pair (h, w) of ints >= 1, got {frame_size!r}")
+
+
+def _check_block_choice(name: str, choice: Any) -> None:
+    if not isinstance(choice, str) and not callable(choice):
+        raise ValueError(f"{name} must be a registered block name or a factory BlockSpec -> FlowBlock, "
+                         f"got {choice!r} ({type(choice).__name__})")

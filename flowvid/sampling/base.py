@@ -9,6 +9,7 @@ any computation, so every sampler rejects bad input the same way.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ def check_request(flow, z: torch.Tensor, text: TextInput = None, guidance: float
                   prefix: torch.Tensor | None = None) -> SamplingRequest:
     """Validate a ``sample`` call before any computation; ValueErrors name expected and actual."""
     cond, uncond = (text.cond, text.uncond) if isinstance(text, GuidedText) else (text, None)
-    flow.check_input(z, cond)
+    cond = flow.check_input(z, cond)  # its tokens now in the flow's dtype
     guidance = float(guidance)
     if not math.isfinite(guidance) or guidance < 0:
         raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
@@ -85,14 +86,14 @@ def check_request(flow, z: torch.Tensor, text: TextInput = None, guidance: float
                 f"guidance={guidance} needs the caption and the unconditional text: pass "
                 "text=GuidedText(cond, uncond), with uncond the text encoder's embedding of the empty caption"
             )
-        _check_uncond(flow, cond, uncond)
+        uncond = _check_uncond(flow, cond, uncond)
     if prefix is not None:
         _check_prefix(flow, z, prefix)
     _check_frame_order(flow)
     return SamplingRequest(flow, z, cond, uncond if guidance > 0 else None, guidance, prefix)
 
 
-def _check_uncond(flow, cond: TextEmbedding, uncond: TextEmbedding) -> None:
+def _check_uncond(flow, cond: TextEmbedding, uncond: TextEmbedding) -> TextEmbedding:
     tokens, mask = uncond
     batch = cond.tokens.shape[0]
     if tokens.dim() != 3 or tokens.shape[-1] != flow.text_width or tokens.shape[0] not in (1, batch):
@@ -101,6 +102,7 @@ def _check_uncond(flow, cond: TextEmbedding, uncond: TextEmbedding) -> None:
     if tuple(mask.shape) != tuple(tokens.shape[:2]):
         raise ValueError(f"unconditional text mask shape {tuple(mask.shape)} does not match tokens "
                          f"{tuple(tokens.shape)}")
+    return TextEmbedding(flow.check_text_tokens(tokens, "unconditional text tokens"), mask)
 
 
 def _check_prefix(flow, z: torch.Tensor, prefix: torch.Tensor) -> None:
@@ -210,22 +212,66 @@ class BlockSampler(Sampler):
         """Clear the statistics of the previous call (samplers that keep any override this)."""
 
 
+#: The keys of a sampler spec in a recipe.
+SPEC_KEYS = ("name", "class_path", "init_args")
+
+
 def build_sampler(spec: "str | Mapping[str, Any] | Sampler") -> Sampler:
     """A sampler from what a recipe writes: a registered name (``jacobi``), a mapping with ``name`` or
-    ``class_path`` and optional ``init_args``, or an instance (returned as is)."""
+    ``class_path`` and optional ``init_args``, or an instance (returned as is).
+
+    A spec that cannot work is a ValueError naming it, raised before anything is called (a misspelled
+    key would otherwise leave the sampler's defaults in place without a word).
+    """
     if isinstance(spec, Sampler):
         return spec
     if isinstance(spec, str):
         spec = {"name": spec}
+    _check_spec(spec)
+    cls = SAMPLERS.get(spec["name"]) if "name" in spec else _import_sampler_class(spec["class_path"])
+    init_args = dict(spec.get("init_args") or {})
+    _check_init_args(cls, init_args, spec)
+    return cls(**init_args)
+
+
+def _check_spec(spec: Any) -> None:
     if not isinstance(spec, Mapping) or ("name" in spec) == ("class_path" in spec):
         raise ValueError(f"a sampler is a registered name or a mapping with 'name' or 'class_path' "
                          f"(and 'init_args'), got {spec!r}")
-    if "name" in spec:
-        cls = SAMPLERS.get(spec["name"])
-    else:
-        module, _, name = spec["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-    sampler = cls(**dict(spec.get("init_args") or {}))
-    if not isinstance(sampler, Sampler):
-        raise TypeError(f"{spec!r} built a {type(sampler).__name__}, not a Sampler")
-    return sampler
+    unknown = sorted(str(key) for key in spec if key not in SPEC_KEYS)
+    if unknown:
+        raise ValueError(f"sampler spec {spec!r} has unknown keys {', '.join(unknown)}; "
+                         f"expected {', '.join(SPEC_KEYS)}")
+    if not isinstance(spec.get("init_args") or {}, Mapping):
+        raise ValueError(f"the init_args of sampler spec {spec!r} must be a mapping of settings, "
+                         f"got {type(spec['init_args']).__name__}")
+
+
+def _import_sampler_class(class_path: Any) -> type:
+    """The Sampler class at ``module.Class``, checked to be one before anything calls it."""
+    module_name, _, name = class_path.rpartition(".") if isinstance(class_path, str) else ("", "", "")
+    if not module_name or not name:
+        raise ValueError(f"a sampler class_path is 'package.module.Class', got {class_path!r}")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except ImportError as err:
+        raise ValueError(f"sampler class_path {class_path!r}: cannot import {module_name!r}: {err}") from err
+    except AttributeError:
+        raise ValueError(f"sampler class_path {class_path!r}: module {module_name!r} has no {name!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Sampler)):
+        raise TypeError(f"sampler class_path {class_path!r} is a {type(cls).__name__}, not a Sampler class")
+    return cls
+
+
+def _check_init_args(cls: Any, init_args: dict[str, Any], spec: Mapping[str, Any]) -> None:
+    """Refuse settings the sampler does not take, naming them and the ones it does."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call itself decide
+        return
+    try:
+        signature.bind(**init_args)
+    except TypeError as err:
+        takes = ", ".join(signature.parameters) or "none"
+        raise ValueError(f"sampler {getattr(cls, '__name__', cls)!r} (spec {spec!r}) cannot take init_args "
+                         f"{sorted(init_args)}: {err}; its settings: {takes}") from None

@@ -121,3 +121,58 @@ def test_bad_input_raises_a_clear_value_error(x, text, message):
 def test_text_on_an_unconditional_flow_is_rejected():
     with pytest.raises(ValueError, match="unconditional"):
         make_flow()(torch.randn(1, 1, 2, 3, 3), make_text(1))
+
+
+@pytest.mark.parametrize(
+    "overrides, parameter",
+    [
+        ({"deep_depth": 0}, "deep_depth"),
+        ({"shallow_depth": -1}, "shallow_depth"),
+        ({"num_shallow": -2}, "num_shallow"),
+        ({"deep_width": 0}, "deep_width"),
+        ({"shallow_width": 0}, "shallow_width"),
+        ({"latent_channels": 0}, "latent_channels"),
+        ({"latent_channels": -3}, "latent_channels"),
+        ({"latent_channels": 3.0}, "latent_channels"),
+        ({"frame_size": (0, 4)}, "frame_size"),
+        ({"frame_size": (-4, 4)}, "frame_size"),
+        ({"frame_size": (4.7, 4)}, "frame_size"),
+        ({"frame_size": (4,)}, "frame_size"),
+        ({"text_width": 0}, "text_width"),
+        ({"text_width": -8}, "text_width"),
+        ({"head_dim": 15}, "head_dim must be even"),
+        ({"deep_block": 3}, "deep_block"),
+    ],
+)
+def test_sizes_that_cannot_work_are_refused_by_the_constructor(overrides, parameter):
+    sizes = {"latent_channels": 3, "frame_size": (2, 3), **overrides}
+    with pytest.raises(ValueError, match=parameter) as raised:
+        GlobalLocalFlow.from_preset("tiny", **sizes)
+    bad_value = next(iter(overrides.values()))
+    assert repr(bad_value) in str(raised.value) or str(bad_value) in str(raised.value)
+
+
+def test_text_states_in_another_float_dtype_are_cast_to_the_flows():
+    flow = make_flow(text_width=8)
+    x, text = torch.randn(2, 2, 2, 3, 3), make_text(2)
+    with torch.no_grad():
+        expected = flow(x, text)[1]
+        in_double = flow(x, TextEmbedding(text.tokens.double(), text.mask))[1]
+    torch.testing.assert_close(in_double, expected)
+
+
+@pytest.mark.parametrize(
+    "x, tokens, message",
+    [
+        (torch.randn(1, 2, 2, 3, 3), torch.ones(1, 4, 8, dtype=torch.int64), "floating-point text tokens.*int64"),
+        (torch.randn(1, 2, 2, 3, 3), torch.full((1, 4, 8), float("nan")), "text tokens contain NaN"),
+        (torch.randn(1, 2, 2, 3, 3), torch.full((1, 4, 8), float("inf")), "text tokens contain NaN or infinite"),
+        (torch.randn(1, 0, 2, 3, 3), None, r"T >= 1, got \(1, 0, 2, 3, 3\)"),
+        (torch.randn(0, 2, 2, 3, 3), None, r"B >= 1 and T >= 1, got \(0, 2, 2, 3, 3\)"),
+    ],
+)
+def test_bad_text_and_empty_videos_are_refused_before_any_computation(x, tokens, message):
+    flow = make_flow(text_width=8)
+    text = None if tokens is None else TextEmbedding(tokens, torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=message):
+        flow(x, text)

@@ -68,3 +68,36 @@ def _identity_flow():
     from flowvid.flows import GlobalLocalFlow
 
     return GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=(2, 3)).eval()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"name": "jacobi", "init_arg": {"tol": 1e-4}}, "unknown keys init_arg"),
+        ({"class_path": "JacobiSampler"}, "'package.module.Class', got 'JacobiSampler'"),
+        ({"class_path": "flowvid.no_such_module.JacobiSampler"}, "cannot import 'flowvid.no_such_module'"),
+        ({"class_path": "flowvid.sampling.NoSuchSampler"}, "has no 'NoSuchSampler'"),
+        ({"name": "jacobi", "init_args": [1e-4]}, "init_args .* must be a mapping"),
+        ({"name": "jacobi", "init_args": {"tols": 1e-4}}, "'JacobiSampler'.*'tols'"),
+    ],
+)
+def test_a_spec_that_cannot_work_is_a_value_error_naming_it(spec, message):
+    with pytest.raises(ValueError, match=message) as raised:
+        build_sampler(spec)
+    assert repr(spec) in str(raised.value) or spec["class_path"] in str(raised.value)
+
+
+CALLS = []
+
+
+def make_something():
+    """Stands for any callable a class_path may name, like ``os.getcwd``."""
+    CALLS.append("called")
+    return HalfStepSampler()
+
+
+def test_a_class_path_that_is_not_a_sampler_class_is_refused_before_it_is_called():
+    CALLS.clear()
+    with pytest.raises(TypeError, match="is a function, not a Sampler class"):
+        build_sampler({"class_path": f"{__name__}.make_something"})
+    assert CALLS == []

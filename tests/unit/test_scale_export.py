@@ -108,6 +108,16 @@ def test_a_corrupt_checkpoint_or_a_mismatched_config_is_a_clear_error(trained, t
         export_checkpoint(broken, tmp_path / "other" / "y.safetensors")
 
 
+def test_a_broken_or_misplaced_config_is_an_error_naming_the_file(trained, tmp_path):
+    _, ckpt = trained
+    out = export_checkpoint(ckpt, tmp_path / "export" / "model.safetensors")
+    (tmp_path / "export" / "config.yaml").write_text("model: {class_path: [unclosed\n")
+    with pytest.raises(ValueError, match=re.escape(f"config {tmp_path / 'export' / 'config.yaml'} is not valid YAML")):
+        load_exported(out)
+    with pytest.raises(ValueError, match=re.escape(f"config {tmp_path} is not a file")):
+        load_exported(out, config=tmp_path)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_exported_files_get_the_permissions_of_any_new_file(trained, tmp_path, umask):
     _, ckpt = trained

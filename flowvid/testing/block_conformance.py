@@ -74,24 +74,23 @@ class FlowBlockConformance:
         assert z.dtype == torch.float32
         torch.testing.assert_close(x_back, x, rtol=1e-5, atol=1e-5, msg=lambda m: f"inverse(forward(x)) != x: {m}")
 
-    def jacobian(self, block: FlowBlock, x: torch.Tensor, text: TextEmbedding | None) -> torch.Tensor:
-        """d z / d x over the whole batch, (B*N*C, B*N*C), in float64."""
-
-        def flat_forward(values):
-            return block(values.view_as(x), text)[0].reshape(-1)
-
-        return torch.autograd.functional.jacobian(flat_forward, x.reshape(-1))
-
-    @pytest.mark.parametrize("conditioned", [False, True])
-    def test_logdet_matches_autograd_jacobian(self, conditioned):
-        """Per element and per sample, over several frames and with text: what the Jacobian says."""
+    def batch_jacobian(self, conditioned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A float64 block's d z / d x over a batch of two two-frame videos, (B*N*C, B*N*C); and x, log-det."""
         block = self.make_block("flip_within_frame", conditioned).double()
         x = self.sequence(batch=2, frames=2).double()
         text = self.make_text(2) if conditioned else None
         if text is not None:
             text = TextEmbedding(text.tokens.double(), text.mask)
-        jacobian = self.jacobian(block, x, text)
-        _, logdet = block(x, text)
+
+        def flat_forward(values):
+            return block(values.view_as(x), text)[0].reshape(-1)
+
+        return torch.autograd.functional.jacobian(flat_forward, x.reshape(-1)), x, block(x, text)[1]
+
+    @pytest.mark.parametrize("conditioned", [False, True])
+    def test_logdet_matches_autograd_jacobian(self, conditioned):
+        """Per element and per sample, over several frames and with text: what the Jacobian says."""
+        jacobian, x, logdet = self.batch_jacobian(conditioned)
         assert logdet.shape == x.shape
         size = x[0].numel()
         for b in range(x.shape[0]):
@@ -105,13 +104,9 @@ class FlowBlockConformance:
 
     @pytest.mark.parametrize("conditioned", [False, True])
     def test_samples_of_a_batch_do_not_see_each_other(self, conditioned):
-        block = self.make_block("flip_within_frame", conditioned).double()
-        x = self.sequence(batch=2, frames=2).double()
-        text = self.make_text(2) if conditioned else None
-        if text is not None:
-            text = TextEmbedding(text.tokens.double(), text.mask)
+        jacobian, x, _ = self.batch_jacobian(conditioned)
         size = x[0].numel()
-        across = self.jacobian(block, x, text)[:size, size:]  # z of sample 0 against x of sample 1
+        across = jacobian[:size, size:]  # z of sample 0 against x of sample 1
         assert across.abs().max().item() == 0.0, "z of one sample depends on another sample of the batch"
 
     @pytest.mark.parametrize("permutation", ["identity", "flip_within_frame"])

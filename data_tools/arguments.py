@@ -8,13 +8,10 @@ from inside the constructor, and so that it stops the run before anything is wri
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-from typing import Any, Callable
+from typing import Any
 
-from flowvid.registry import Registry
-
-_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+from flowvid.registry import Registry, check_arguments
 
 
 def json_object(text: str) -> dict[str, Any]:
@@ -40,22 +37,3 @@ def build_registered(registry: Registry, name: str, arguments: dict[str, Any], o
 def check_registered_arguments(registry: Registry, name: str, arguments: dict[str, Any], option: str) -> None:
     """Raise a KeyError for a name ``registry`` does not know, a ValueError for arguments it would refuse."""
     check_arguments(f"{registry.kind} {name!r}", registry.get(name), arguments, option)
-
-
-def check_arguments(what: str, factory: Callable[..., Any], arguments: dict[str, Any], option: str) -> None:
-    """Raise a ValueError unless ``factory`` takes ``arguments`` by name, saying which it does take."""
-    try:
-        parameters = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):  # no signature to check against (a builtin): the call itself will tell
-        return
-    named = [p for p in parameters if p.kind in _NAMED]
-    accepted = ", ".join(p.name for p in named) or "none"
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-    unknown = [key for key in arguments if key not in {p.name for p in named}]
-    if unknown and not takes_any:
-        raise ValueError(f"{what} takes no argument {', '.join(map(repr, unknown))} (in {option}); "
-                         f"its arguments are: {accepted}")
-    missing = [p.name for p in named if p.default is inspect.Parameter.empty and p.name not in arguments]
-    if missing:
-        raise ValueError(f"{what} needs the argument {', '.join(map(repr, missing))}: give it in {option} "
-                         f"(its arguments are: {accepted})")

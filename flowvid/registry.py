@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as metadata
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -161,3 +162,25 @@ def resolve(registry: Registry, spec: Any) -> Any:
     if isinstance(spec, str):
         return registry.get(spec)
     return spec
+
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_arguments(what: str, factory: Callable[..., Any], arguments: dict[str, Any], option: str) -> None:
+    """Raise a ValueError unless ``factory`` takes ``arguments`` by name, saying which it does take."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to check against (a builtin): the call itself will tell
+        return
+    named = [p for p in parameters if p.kind in _NAMED]
+    accepted = ", ".join(p.name for p in named) or "none"
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    unknown = [key for key in arguments if key not in {p.name for p in named}]
+    if unknown and not takes_any:
+        raise ValueError(f"{what} takes no argument {', '.join(map(repr, unknown))} (in {option}); "
+                         f"its arguments are: {accepted}")
+    missing = [p.name for p in named if p.default is inspect.Parameter.empty and p.name not in arguments]
+    if missing:
+        raise ValueError(f"{what} needs the argument {', '.join(map(repr, missing))}: give it in {option} "
+                         f"(its arguments are: {accepted})")

@@ -9,7 +9,6 @@ any computation, so every sampler rejects bad input the same way.
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any, Iterator, Mapping, Union
 
 import torch
 
-from flowvid.registry import SAMPLERS
+from flowvid.registry import SAMPLERS, check_arguments
 from flowvid.sampling.inversion import BlockInversion
 from flowvid.text.base import TextEmbedding
 
@@ -230,7 +229,7 @@ def build_sampler(spec: "str | Mapping[str, Any] | Sampler") -> Sampler:
     _check_spec(spec)
     cls = SAMPLERS.get(spec["name"]) if "name" in spec else _import_sampler_class(spec["class_path"])
     init_args = dict(spec.get("init_args") or {})
-    _check_init_args(cls, init_args, spec)
+    check_arguments(f"sampler {cls.__name__!r}", cls, init_args, f"the init_args of {spec!r}")
     return cls(**init_args)
 
 
@@ -261,17 +260,3 @@ def _import_sampler_class(class_path: Any) -> type:
     if not (isinstance(cls, type) and issubclass(cls, Sampler)):
         raise TypeError(f"sampler class_path {class_path!r} is a {type(cls).__name__}, not a Sampler class")
     return cls
-
-
-def _check_init_args(cls: Any, init_args: dict[str, Any], spec: Mapping[str, Any]) -> None:
-    """Refuse settings the sampler does not take, naming them and the ones it does."""
-    try:
-        signature = inspect.signature(cls)
-    except (TypeError, ValueError):  # a builtin without a signature: let the call itself decide
-        return
-    try:
-        signature.bind(**init_args)
-    except TypeError as err:
-        takes = ", ".join(signature.parameters) or "none"
-        raise ValueError(f"sampler {getattr(cls, '__name__', cls)!r} (spec {spec!r}) cannot take init_args "
-                         f"{sorted(init_args)}: {err}; its settings: {takes}") from None

@@ -1,14 +1,15 @@
 """Sampling speed: sequential vs Jacobi inversion, in forward passes of the same video.
 
     python benchmarks/sampling.py [--config demo|large] [--frames 4] [--perturb 0.02 | --train-steps 250]
-                                  [--threads 1] [--json OUT]
+                                  [--threads 1] [--precision 32-true|bf16-mixed] [--json OUT]
     python benchmarks/sampling.py --checkpoint demo_out/run/checkpoints/step=00000640.ckpt
 
 A forward (encoding) pass over the video is the floor: Jacobi needs at least one parallel pass. For
 every sampler the table gives its wall time in forward passes (each sampler is timed in alternation
 with a forward pass, so that both see the same load from other processes), its work in forward passes
 (slot evaluations of every block, weighted by the block's parameter count: the same number on any
-machine), its relative L2 distance to the exact sequential inverse, and the passes Jacobi spent per
+machine), its relative L2 distance to the exact sequential inverse (per frame of each video in the
+JSON, ``relative_l2_per_frame``), and the passes Jacobi spent per
 block kind (the first frame has no earlier frame to warm-start from, so its iterations are listed apart).
 
 Weights: a freshly built flow is the identity, so the flow is either perturbed (``--perturb STD``,
@@ -16,7 +17,12 @@ every parameter moved by N(0, STD^2)) or fitted for a few steps to the synthetic
 (``--train-steps N``, 16x16 pixels patchified 2x2 into 8x8x12 latents, or 32x32 for ``large``), which
 gives the temporally coherent samples that a trained video model makes. ``--checkpoint`` measures a
 trained model instead (a checkpoint or an export; a text-conditioned flow samples for the empty
-caption), over its full video length. Wall-clock numbers depend on the machine and its load; the
+caption), over its full video length.
+
+``--precision bf16-mixed`` runs the Jacobi samplers and the forward pass they are timed against under
+bf16 autocast (the affine steps and residuals stay fp32); the exact sequential inverse they are
+compared with stays fp32, and a last column gives their wall time in fp32 forward passes too.
+Wall-clock numbers depend on the machine and its load; the
 command is the reference.
 """
 
@@ -35,6 +41,7 @@ import torch
 from flowvid.codecs import PixelCodec
 from flowvid.data.synthetic import TRAIN_COMBINATIONS, render_video, sample_attributes
 from flowvid.flows import GlobalLocalFlow
+from flowvid.placement import precision_context
 from flowvid.sampling import JacobiSampler, Sampler, SequentialSampler
 from flowvid.testing import perturb_parameters
 from flowvid.text.base import TextEmbedding
@@ -130,6 +137,12 @@ def work_in_forward_passes(flow: GlobalLocalFlow, stats: dict) -> float:
     return sum(w * p for w, p in zip(weights, passes)) / sum(weights)
 
 
+def per_frame_relative_l2(x: torch.Tensor, reference: torch.Tensor) -> list[list[float]]:
+    """Relative L2 distance of every frame of every video (B lists of T): where the error grows."""
+    difference = (x - reference).flatten(2).norm(dim=2) / reference.flatten(2).norm(dim=2)
+    return [[round(value, 6) for value in video] for video in difference.tolist()]
+
+
 def first_and_later_iterations(stats: dict) -> tuple[float, float]:
     """Mean iterations per deep block in the first frame and after it."""
     deep = stats["deep"]
@@ -149,7 +162,7 @@ def trained_flow(checkpoint: str, batch: int) -> tuple[GlobalLocalFlow, TextEmbe
 
 @torch.no_grad()
 def measure(config: str, frames: int, batch: int, perturb: float, train_steps: int, repeats: int,
-            checkpoint: str | None = None) -> dict:
+            checkpoint: str | None = None, precision: str = "32-true") -> dict:
     text = None
     if checkpoint:
         flow, text, frames = trained_flow(checkpoint, batch)
@@ -165,6 +178,13 @@ def measure(config: str, frames: int, batch: int, perturb: float, train_steps: i
             weights = f"perturbed, std {perturb}"
     z = torch.randn(batch, frames, *flow.frame_size, flow.latent_channels, generator=torch.Generator().manual_seed(1))
     forward = lambda: flow(z, text)  # noqa: E731 - the same amount of work as encoding the sampled video
+
+    def in_precision(run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def wrapped() -> torch.Tensor:
+            with precision_context(precision, z.device):
+                return run()
+        return wrapped
+
     seconds, forward_seconds, reference = time_against_forward(lambda: SequentialSampler().sample(flow, z, text),
                                                                forward, 1)
     rows = [{"sampler": "sequential", "seconds": seconds, "forward_passes": seconds / forward_seconds,
@@ -172,13 +192,15 @@ def measure(config: str, frames: int, batch: int, perturb: float, train_steps: i
     print(f"  sequential: {seconds:.3f} s", flush=True)
     for variant in variants():
         sampler = variant.sampler()
-        seconds, forward_seconds, x = time_against_forward(lambda: sampler.sample(flow, z, text), forward, repeats)
+        seconds, forward_seconds, x = time_against_forward(in_precision(lambda: sampler.sample(flow, z, text)),
+                                                           in_precision(forward), repeats)
         stats = sampler.last_stats
         first, later = first_and_later_iterations(stats)
         rows.append({
             "sampler": variant.label, "seconds": seconds, "forward_passes": seconds / forward_seconds,
             "work": work_in_forward_passes(flow, stats),
             "relative_l2": ((x - reference).norm() / reference.norm()).item(),
+            "relative_l2_per_frame": per_frame_relative_l2(x, reference),
             "deep_passes": stats["deep"]["passes"],
             "shallow_passes": float(np.mean([s["passes"] for s in stats["shallow"].values()])),
             "first_frame_iterations": first, "later_iterations": later,
@@ -187,29 +209,39 @@ def measure(config: str, frames: int, batch: int, perturb: float, train_steps: i
         print(f"  {variant.label}: {seconds:.3f} s", flush=True)
     parameters = sum(p.numel() for p in flow.parameters())
     forward_seconds = min(timed(forward)[0] for _ in range(3))
+    precision_forward_seconds = min(timed(in_precision(forward))[0] for _ in range(3))
+    for row in rows:
+        row["fp32_forward_passes"] = row["seconds"] / forward_seconds
     return {"config": config, "parameters": parameters, "weights": weights, "video": [batch, frames, *flow.frame_size,
-            flow.latent_channels], "forward_seconds": forward_seconds, "rows": rows}
+            flow.latent_channels], "precision": precision, "forward_seconds": forward_seconds,
+            "precision_forward_seconds": precision_forward_seconds, "rows": rows}
 
 
 def markdown(result: dict) -> str:
     b, t, h, w, c = result["video"]
+    mixed = result["precision"] != "32-true"
+    forward = f"one forward pass about {result['forward_seconds'] * 1e3:.0f} ms"
+    if mixed:
+        forward += f" in fp32, {result['precision_forward_seconds'] * 1e3:.0f} ms in {result['precision']}"
     lines = [
         f"**{result['config']}** ({result['parameters'] / 1e6:.2f}M parameters, {result['weights']}), "
-        f"video {b}x{t}x{h}x{w}x{c}, one forward pass about {result['forward_seconds'] * 1e3:.0f} ms",
+        f"video {b}x{t}x{h}x{w}x{c}, {forward}; Jacobi in {result['precision']}",
         "",
         "| sampler | time (s) | wall time in forward passes | work in forward passes | rel. L2 to sequential "
-        "| deep passes | shallow passes | iterations/block, first frame | iterations/block, later |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| deep passes | shallow passes | iterations/block, first frame | iterations/block, later |"
+        + (" wall time in fp32 forward passes |" if mixed else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if mixed else ""),
     ]
     for row in result["rows"]:
+        fp32 = f" {row['fp32_forward_passes']:.2f} |" if mixed else ""
         if row["sampler"] == "sequential":
-            lines.append(f"| sequential (exact) | {row['seconds']:.2f} | {row['forward_passes']:.1f} "
-                         f"| 1 (in {t * h * w} passes of one token) | 0 | | | | |")
+            lines.append(f"| sequential (exact, fp32) | {row['seconds']:.2f} | {row['forward_passes']:.1f} "
+                         f"| 1 (in {t * h * w} passes of one token) | 0 | | | | |" + fp32)
             continue
         lines.append(
             f"| {row['sampler']} | {row['seconds']:.3f} | {row['forward_passes']:.2f} | {row['work']:.2f} "
             f"| {row['relative_l2']:.1e} | {row['deep_passes']:.2f} | {row['shallow_passes']:.2f} "
-            f"| {row['first_frame_iterations']:.1f} | {row['later_iterations']:.1f} |"
+            f"| {row['first_frame_iterations']:.1f} | {row['later_iterations']:.1f} |" + fp32
         )
     return "\n".join(lines)
 
@@ -224,13 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=3, help="runs per Jacobi sampler; the fastest counts")
     parser.add_argument("--checkpoint", default=None, help="measure this trained model (checkpoint or export)")
+    parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true",
+                        help="precision of the Jacobi samplers and their forward pass")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# sampling benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} thread(s)", flush=True)
+          f"{args.threads} thread(s), {args.precision}", flush=True)
     result = measure(args.config, args.frames, args.batch, args.perturb, args.train_steps, args.repeats,
-                     args.checkpoint)
+                     args.checkpoint, args.precision)
     print(markdown(result))
     if args.json:
         with open(args.json, "w") as handle:

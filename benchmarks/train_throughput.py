@@ -1,7 +1,8 @@
 """Training throughput: tokens/s of a full training step and its model FLOPs utilisation (MFU).
 
     python benchmarks/train_throughput.py [--widths 128 256] [--rounds 8] [--threads 2]
-                                          [--frames 4] [--reference PATH] [--json OUT]
+                                          [--frames 4] [--precision 32-true|bf16-mixed]
+                                          [--reference PATH] [--json OUT]
 
 A training step is what ``FlowModule`` does to the flow: the forward pass through every block, the
 maximum-likelihood loss ``0.5 mean(z^2) - log|det| / D``, the backward pass, gradient clipping at norm 1
@@ -19,8 +20,10 @@ FLOP conventions (both printed):
   tokens included) plus attention, ``12 x queries x keys x width`` per layer for forward and backward,
   over the keys the kernels visit (``attention_flops``).
 
-The denominator is the fp32 FLOP/s of a 2048 x 2048 matmul measured in the same run, one matmul per
-round between the training steps, so that the load of a shared machine hits both alike. With
+The denominator is the FLOP/s of a 2048 x 2048 matmul measured in the same run, one matmul per round
+between the training steps, so that the load of a shared machine hits both alike; it runs in the
+precision of the network's matmuls: fp32, or bf16 under ``--precision bf16-mixed`` (the step then runs
+under ``torch.autocast`` in bf16, as Lightning's ``bf16-mixed`` does; on CPUs with AVX512-BF16 or AMX). With
 ``--reference`` the reference implementation runs the same configuration in the same rounds (its order
 alternating with ours); ratios are taken per round and their median reported. The GPU counterpart
 (bf16-mixed, a 0.35B flow) is ``gpu.py``.
@@ -35,6 +38,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -49,6 +53,8 @@ from flowvid.nn.attention import attention_bands, prefix_causal_mask  # noqa: E4
 from reference import SharedConfig, build_reference, load_reference, reference_loss, reference_video  # noqa: E402
 
 MATMUL_SIZE = 2048
+#: Lightning's precision names and the autocast dtype of each (None: no autocast).
+PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16}
 
 
 def flow_loss(flow, x: torch.Tensor, text) -> torch.Tensor:
@@ -57,18 +63,22 @@ def flow_loss(flow, x: torch.Tensor, text) -> torch.Tensor:
     return 0.5 * z.pow(2).flatten(1).mean(1).mean() - (logdet / x[0].numel()).mean()
 
 
-def make_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor], fused: bool = True) -> Callable[[], float]:
+def make_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor], fused: bool = True,
+              autocast: torch.dtype | None = None) -> Callable[[], float]:
     """One training step of ``model`` (as FlowModule takes it): loss, backward, clip, AdamW.
 
     ``fused`` picks AdamW's fused kernel, which FlowModule uses; the reference's training script uses
-    the default, a loop of small kernels per parameter.
+    the default, a loop of small kernels per parameter. ``autocast`` runs the loss under CPU autocast in
+    that dtype (the weights, gradients and optimiser stay fp32, as with Lightning's ``bf16-mixed``).
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, fused=fused)
     model.train()
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        value = loss()
+        mixed = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+        with mixed:
+            value = loss()
         value.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -83,11 +93,11 @@ def timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def matmul_benchmark(size: int = MATMUL_SIZE) -> tuple[Callable[[], object], float]:
-    """A square fp32 matmul into a preallocated output, and its FLOPs."""
+def matmul_benchmark(size: int = MATMUL_SIZE, dtype: torch.dtype = torch.float32) -> tuple[Callable[[], object], float]:
+    """A square matmul in ``dtype`` into a preallocated output, and its FLOPs."""
     generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
-    out = torch.empty(size, size)
+    a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
+    out = torch.empty(size, size, dtype=dtype)
     return (lambda: torch.mm(a, b, out=out)), 2.0 * size**3
 
 
@@ -122,19 +132,21 @@ def counted_matmul_flops(step: Callable[[], float]) -> float:
     return float(counter.get_total_flops())
 
 
-def measure_width(config: SharedConfig, rounds: int, reference_path: str | None) -> dict:
+def measure_width(config: SharedConfig, rounds: int, reference_path: str | None, precision: str = "32-true") -> dict:
     """Interleaved rounds of (our step, the reference's step, one matmul); medians and per-round ratios."""
+    autocast = PRECISIONS[precision]
     torch.manual_seed(0)
     flow = config.build_flow()
     x, text = config.inputs()
-    steps = {"flowvid": make_step(flow, lambda: flow_loss(flow, x, text))}
+    steps = {"flowvid": make_step(flow, lambda: flow_loss(flow, x, text), autocast=autocast)}
     parameters = {"flowvid": parameter_count(flow)}
     if reference_path:
         model = build_reference(load_reference(reference_path), config)
         video = reference_video(x)
-        steps["reference"] = make_step(model, lambda: reference_loss(model, video, text), fused=False)
+        steps["reference"] = make_step(model, lambda: reference_loss(model, video, text), fused=False,
+                                       autocast=autocast)
         parameters["reference"] = parameter_count(model)
-    matmul, matmul_flops = matmul_benchmark()
+    matmul, matmul_flops = matmul_benchmark(dtype=autocast or torch.float32)
     executed = counted_matmul_flops(steps["flowvid"]) + attention_flops(config)
     for step in steps.values():  # warm-up: first-touch allocations, kernel selection
         step()
@@ -148,7 +160,7 @@ def measure_width(config: SharedConfig, rounds: int, reference_path: str | None)
     matmul_rates = [matmul_flops / t for t in times["matmul"]]
     tokens = config.batch * config.tokens
     result = {
-        "config": config.label(), "width": config.width, "parameters": parameters["flowvid"],
+        "config": config.label(), "width": config.width, "precision": precision, "parameters": parameters["flowvid"],
         "tokens_per_step": tokens, "model_flops_per_step": model_flops(parameters["flowvid"], config),
         "executed_flops_per_step": executed, "matmul_gflops": statistics.median(matmul_rates) / 1e9,
         "rounds": rounds, "implementations": {},
@@ -183,7 +195,8 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {result['width']} | {row['parameters'] / 1e6:.2f}M | {name} | {row['step_ms']:.0f} "
                          f"| {row['tokens_per_s']:.0f} | {row['mfu']:.0%} | {hfu} | {speedup} |")
     lines.append("")
-    lines.append(", ".join(f"width {r['width']}: matmul {r['matmul_gflops']:.1f} GFLOP/s" for r in results))
+    lines.append(", ".join(f"width {r['width']}: {r['precision']} matmul {r['matmul_gflops']:.1f} GFLOP/s"
+                           for r in results))
     return "\n".join(lines)
 
 
@@ -195,17 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=4, help="latent frames per video")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds; medians are reported")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="32-true",
+                        help="bf16-mixed: the step under bf16 autocast, MFU against the bf16 matmul")
     parser.add_argument("--reference", default=None, help="checkout of apple/ml-starflow to compare against")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# training throughput: {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
+          f"{args.precision}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
     results = []
     for width in args.widths:
         config = replace(SharedConfig(), width=width, deep_depth=args.deep_depth, batch=args.batch,
                          frames=args.frames)
-        results.append(measure_width(config, args.rounds, args.reference))
+        results.append(measure_width(config, args.rounds, args.reference, args.precision))
         print(f"  width {width} done", flush=True)
     print(markdown(results))
     result = {"threads": args.threads, "results": results}

@@ -5,10 +5,12 @@
     flowvid generate --ckpt model.safetensors --task t2v --prompt "a red circle moves left" --out samples/
     flowvid generate --ckpt last.ckpt --task i2v --image first.png --prompt "..." --frames 8 --seed 3 --out s/
     flowvid generate --ckpt last.ckpt --task extend --video clip.mp4 --prompts prompts.txt --out s/ --stream
+    flowvid generate --ckpt model.safetensors --prompt "..." --device cuda:1 --precision bf16-mixed --out s/
 
-For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
-before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, timings,
-Jacobi iterations). Sample ``i`` uses seed ``seed + i``, so a sample does not depend on its batch.
+The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed precision on a GPU
+that supports it and in fp32 elsewhere (``--precision``; see ``flowvid.placement``). For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
+before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, device,
+precision, timings, Jacobi iterations). Sample ``i`` uses seed ``seed + i``, so a sample does not depend on its batch.
 An unconditional model (one trained without text) takes no prompt: leave ``--prompt`` out for one
 sample, or repeat ``--prompt ''`` for several.
 """
@@ -27,8 +29,14 @@ import numpy as np
 import torch
 
 from flowvid.media import MediaError, frame_rate, read_image, read_video, write_video
+from flowvid.placement import PRECISIONS, precision_context, resolve_device, resolve_precision
 from flowvid.sampling import Sampler, WindowedSampler, build_sampler
 from flowvid.sampling.tasks import TASKS, encode_text, task_inputs
+
+
+#: Jacobi's default tolerance per precision: bf16 matmuls leave a relative noise of 1e-3 to 3e-3 in every
+#: pass, below which a block's change need not fall (it would then run to max_iterations).
+DEFAULT_TOLERANCE = {"32-true": 1e-3, "bf16-mixed": 1e-2}
 
 
 class GenerateError(ValueError):
@@ -49,6 +57,7 @@ class Request:
     stream: bool
     image: str | None = None
     video: str | None = None
+    precision: str = "32-true"
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -157,7 +166,14 @@ def source_video(module, request: Request) -> torch.Tensor | None:
 @torch.no_grad()
 def generate_batch(module, request: Request, prompts: list[str], seeds: list[int], source: torch.Tensor | None,
                    on_frame=None) -> dict[str, Any]:
-    """Sample, denoise and decode one batch; returns videos, latents, timings and sampler statistics."""
+    """Sample, denoise and decode one batch in ``request.precision``; returns videos, latents, timings and
+    sampler statistics."""
+    with precision_context(request.precision, module.device):
+        return _generate_batch(module, request, prompts, seeds, source, on_frame)
+
+
+def _generate_batch(module, request: Request, prompts: list[str], seeds: list[int], source: torch.Tensor | None,
+                    on_frame) -> dict[str, Any]:
     codec, flow = module.codec, module.flow
     latent_frames = codec.latent_frames(request.frames)
     latent_shape = tuple(module.latent_shape[1:])
@@ -191,7 +207,7 @@ def generate_batch(module, request: Request, prompts: list[str], seeds: list[int
     decoded = time.perf_counter()
     return {
         "videos": videos.cpu().numpy(),
-        "latents": latents.cpu().numpy(),
+        "latents": latents.float().cpu().numpy(),
         "captions": captions,
         "timings": {"sample_seconds": sampled - started, "denoise_seconds": denoised - sampled,
                     "decode_seconds": decoded - denoised},
@@ -230,7 +246,8 @@ def run(module, request: Request, out: Path) -> list[dict[str, Any]]:
             record = {
                 "prompt": prompts[i], **seen, "task": request.task,
                 "seed": seeds[i], "sampler": request.sampler, "tol": request.tol if request.sampler == "jacobi" else None,
-                "guidance": request.guidance, "frames": int(result["videos"].shape[1]),
+                "guidance": request.guidance, "device": str(module.device), "precision": request.precision,
+                "frames": int(result["videos"].shape[1]),
                 "timings": {k: v / len(prompts) for k, v in result["timings"].items()}, "batch_size": len(prompts),
                 "sampler_stats": result["sampler_stats"],
             }
@@ -269,13 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video", help="extend / v2v: the clip to continue or transform (video file or .npy)")
     parser.add_argument("--frames", type=int, help="video frames to generate (default: the training length)")
     parser.add_argument("--sampler", default="jacobi", help="registered sampler name (jacobi, sequential, ...)")
-    parser.add_argument("--tol", type=float, default=1e-3, help="Jacobi tolerance (relative change per pass)")
+    parser.add_argument("--tol", type=float, default=None,
+                        help="Jacobi tolerance (relative change per pass); default 1e-3 in 32-true, 1e-2 in bf16-mixed")
     parser.add_argument("--guidance", type=float, default=None, help="guidance weight (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written mp4")
     parser.add_argument("--stream", action="store_true", help="write frames as soon as they are sampled")
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
+    parser.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: bf16-mixed on a GPU that supports bf16, else 32-true")
     parser.add_argument("--out", required=True)
     return parser
 
@@ -289,12 +310,16 @@ def main(argv: list[str]) -> int:
     try:
         check_options(args)
         prompts = read_prompts(args.prompt, args.prompts)
-        module = load_model(args.ckpt, weights=args.weights)
+        device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device)
+        module = load_model(args.ckpt, weights=args.weights, map_location=device)
         prompts = prompts_for(module, prompts)
         request = Request(
-            task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames, sampler=args.sampler,
-            tol=args.tol, guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
+            task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames,
+            sampler=args.sampler, tol=DEFAULT_TOLERANCE[precision] if args.tol is None else args.tol,
+            guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
             batch_size=args.batch_size, fps=args.fps, stream=args.stream, image=args.image, video=args.video,
+            precision=precision,
         )
         records = run(module, request, Path(args.out))
     except (GenerateError, FileNotFoundError, KeyError) as err:

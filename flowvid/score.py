@@ -4,6 +4,7 @@
 
     flowvid score --ckpt model.safetensors --input clips/ --out scores.jsonl
     flowvid score --ckpt last.ckpt --input data/shapes/val --out scores.jsonl   # a shard folder
+    flowvid score --ckpt model.safetensors --input clips/ --device cuda:1 --out scores.jsonl
 
 Every video is cut into consecutive clips of the model's training length (frames beyond the last
 whole clip are scored as a shorter clip), each clip is scored exactly (the flow is invertible, the
@@ -16,6 +17,9 @@ are dequantised uniformly, ``y = (v + u) / 127.5 - 1`` with ``u ~ U[0, 1)``, and
 map (``ln 127.5`` nats per dimension) is added, so the figure is an upper bound on the bits a lossless
 code built on the model would spend per 8-bit value, directly comparable with FFV1 or PNG on the same
 frames. With a latent codec it is bits per dimension of the latents (``unit`` says which).
+
+The model runs on the first CUDA GPU when there is one (``--device``), in fp32 unless ``--precision
+bf16-mixed`` is asked for (the network's matmuls in bf16; z and the log-determinant stay fp32).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.media import MediaError, read_video
+from flowvid.placement import PRECISIONS, precision_context, resolve_device, resolve_precision
 
 PIXEL_UNIT = "bits per 8-bit subpixel (uniform dequantisation)"
 LATENT_UNIT = "bits per latent dimension"
@@ -58,8 +63,8 @@ def score_latents(module, latents: torch.Tensor, caption: str, discrete: bool) -
 
 def dequantised_latents(module, video: np.ndarray, generator: torch.Generator) -> torch.Tensor:
     """Pixel-codec latents of uint8 ``video`` with uniform dequantisation noise (one draw)."""
-    latents = module.codec.encode(torch.from_numpy(video)[None])[0]
-    return latents + torch.rand(latents.shape, generator=generator) / 127.5
+    latents = module.codec.encode(torch.from_numpy(video)[None].to(module.device))[0]
+    return latents + torch.rand(latents.shape, generator=generator).to(latents.device) / 127.5
 
 
 def clips_of(frames: int, length: int, codec: LatentCodec) -> list[tuple[int, int]]:
@@ -83,7 +88,7 @@ def score_video(module, video: np.ndarray, caption: str, generator: torch.Genera
         if discrete:
             latents = dequantised_latents(module, clip, generator)
         else:
-            latents = codec.encode(torch.from_numpy(clip)[None])[0]
+            latents = codec.encode(torch.from_numpy(clip)[None].to(module.device))[0]
         per_frame += score_latents(module, latents, caption, discrete).tolist()
     return {"bits_per_dim": float(np.mean(per_frame)), "bits_per_dim_per_frame": per_frame, "clips": len(spans),
             "frames": int(sum(end - start for start, end in spans))}
@@ -179,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="caption for video files (default: unconditional); a model without text takes none")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
+    parser.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default="32-true",
+                        help="32-true (exact, the default), bf16-mixed, or auto (bf16-mixed on a GPU that supports it)")
     parser.add_argument("--out", required=True, help="JSON lines, one per video")
     return parser
 
@@ -190,11 +198,14 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device)
         check_inputs(args.input)
         if Path(args.out).is_dir():  # found now, not after every video is scored
             raise ScoreError(f"--out {args.out} is a folder; give the JSON lines file to write")
-        module = load_model(args.ckpt, weights=args.weights)
-        records = score_inputs(module, args.input, args.caption, args.seed)
+        module = load_model(args.ckpt, weights=args.weights, map_location=device)
+        with precision_context(precision, device):
+            records = score_inputs(module, args.input, args.caption, args.seed)
     except (ScoreError, FileNotFoundError, ValueError, CorruptCheckpointError) as err:
         raise UserError(str(err)) from None
     out = Path(args.out)

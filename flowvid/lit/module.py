@@ -386,7 +386,7 @@ class FlowModule(LightningModule):
         precision = str(self.trainer.precision)
         if precision.startswith("16"):
             raise ValueError(f"precision {precision!r} is not supported: fp16 loss scaling would rescale the "
-                             "flow-score-matching target; use 'bf16-mixed' (GPU) or '32-true'")
+                             "flow-score-matching target; use 'bf16-mixed' or '32-true'")
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "check_compatible"):
             datamodule.check_compatible(

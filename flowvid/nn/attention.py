@@ -59,12 +59,28 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, k, v)
         if mask is None and cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = attention(q, k, v, causal=True)
         elif cache is None:
             out = banded_attention(q, k, v, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = attention(q, k, v, mask)
         return self.proj(out.transpose(1, 2).flatten(2))
+
+
+#: On a CPU, the backward pass of the bf16 attention kernel is slower than the fp32 one over short runs
+#: of keys (1.4-3.7x at 16 to 128 keys, even with the casts; equal at 192, faster from 272 on):
+#: bf16 attention over fewer keys than this runs in fp32 there (docs/benchmarks.md, bf16 on the CPU).
+CPU_BF16_MIN_KEYS = 192
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False) -> torch.Tensor:
+    """``scaled_dot_product_attention``; bf16 inputs with few keys are computed in fp32 on a CPU."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[-2] < CPU_BF16_MIN_KEYS:
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 #: Queries per chunk of ``banded_attention``: small enough that a causal mask's chunks skip about half
@@ -84,10 +100,9 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """
     bands = attention_bands(mask)
     if bands is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attention(q, k, v, mask)
     chunks = [
-        F.scaled_dot_product_attention(q[..., first:last, :], k[..., lo:hi, :], v[..., lo:hi, :],
-                                       attn_mask=mask[..., first:last, lo:hi])
+        attention(q[..., first:last, :], k[..., lo:hi, :], v[..., lo:hi, :], mask[..., first:last, lo:hi])
         for first, last, lo, hi in bands
     ]
     return torch.cat(chunks, dim=-2)

@@ -85,6 +85,20 @@ def test_the_denoiser_learns_alongside(overfit_run):
     assert module.denoiser.proj_out.weight.abs().sum() > 0  # it moved from its zero initialisation
 
 
+def test_bf16_mixed_training_on_the_cpu_follows_fp32_with_a_bf16_network_and_fp32_weights(overfit_run):
+    L.seed_everything(0)
+    module = tiny_module(lr=3e-3, denoiser_lr=3e-3, text_dropout=0.0)
+    record = RecordLosses()
+    dtypes = set()
+    module.flow.deep.layers[0].register_forward_hook(lambda layer, args, out: dtypes.add(out.dtype))
+    trainer(max_steps=5, precision="bf16-mixed", callbacks=[record]).fit(module, fixed_batches(5))
+    assert dtypes == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    _, fp32_losses = overfit_run
+    assert record.losses != fp32_losses[:5]
+    assert record.losses == pytest.approx(fp32_losses[:5], abs=0.02)
+
+
 def test_a_nan_step_is_skipped_counted_and_training_goes_on():
     L.seed_everything(0)
     module = tiny_module()

@@ -72,6 +72,20 @@ def test_training_step_lowers_the_loss_it_reports():
     torch.testing.assert_close(train_throughput.flow_loss(flow, x, text), expected)
 
 
+def test_bf16_mixed_step_runs_the_network_in_bf16_and_keeps_fp32_weights():
+    torch.manual_seed(0)
+    flow = TINY_CONFIG.build_flow()
+    x, text = TINY_CONFIG.inputs()
+    seen = []
+    hook = flow.deep.layers[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    step = train_throughput.make_step(flow, lambda: train_throughput.flow_loss(flow, x, text), autocast=torch.bfloat16)
+    losses = [step() for _ in range(5)]
+    hook.remove()
+    assert set(seen) == {torch.bfloat16}
+    assert losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in flow.parameters())
+
+
 def test_measure_width_reports_throughput_and_utilisation():
     result = train_throughput.measure_width(TINY_CONFIG, rounds=2, reference_path=None)
     ours = result["implementations"]["flowvid"]
@@ -80,6 +94,7 @@ def test_measure_width_reports_throughput_and_utilisation():
     assert 0 < ours["mfu"] < ours["hfu"]  # executed work includes attention and text tokens
     assert result["executed_flops_per_step"] > result["model_flops_per_step"] > 0
     assert "speedup_over_reference" not in result
+    assert result["precision"] == "32-true"
 
 
 def test_peak_rss_sees_the_memory_a_process_touches(tmp_path):
@@ -155,3 +170,19 @@ def test_sampling_benchmark_measures_a_trained_checkpoint(tmp_path):
     assert result["video"] == [2, 3, 2, 2, 3] and result["weights"].startswith("trained")
     jacobi = {row["sampler"]: row for row in result["rows"]}["jacobi tol 1e-3"]
     assert jacobi["relative_l2"] < 1e-2 and jacobi["work"] >= 1.0
+    assert torch.tensor(jacobi["relative_l2_per_frame"]).shape == (2, 3)  # videos x frames
+
+    mixed = sampling.measure("demo", frames=1, batch=2, perturb=0.0, train_steps=0, repeats=1, checkpoint=str(path),
+                             precision="bf16-mixed")
+    rows = {row["sampler"]: row for row in mixed["rows"]}
+    assert rows["sequential"]["relative_l2"] == 0  # the exact inverse stays fp32: the yardstick of bf16 Jacobi
+    assert 0 < rows["jacobi tol 1e-3"]["relative_l2"] < 5e-2
+    assert "wall time in fp32 forward passes" in sampling.markdown(mixed)
+
+
+def test_per_frame_error_locates_the_frame_that_differs():
+    sampling = importlib.import_module("sampling")
+    reference = torch.ones(2, 3, 2, 2, 4)
+    x = reference.clone()
+    x[1, 2] *= 1.5
+    assert sampling.per_frame_relative_l2(x, reference) == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.5]]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from flowvid.flows import AffineBlock, BlockSpec
 from flowvid.flows.autoregressive import ROTATION_CACHE_SIZE
 from flowvid.nn import Attention, apply_rope, banded_attention, frame_window_mask, prefix_causal_mask
+from flowvid.nn.attention import CPU_BF16_MIN_KEYS, attention
 from flowvid.nn.attention import attention_bands
 from flowvid.nn.rope import rope_angles, rotate_pairs
 from flowvid.text.base import TextEmbedding
@@ -161,6 +162,22 @@ def test_banded_attention_equals_attention_with_the_full_mask(mask):
     for banded, plain in zip(masked_attention_and_grads(banded_attention, q, k, v, mask),
                              masked_attention_and_grads(full, q, k, v, mask)):
         torch.testing.assert_close(banded, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("keys, computed_in", [(64, torch.float32), (CPU_BF16_MIN_KEYS, torch.bfloat16)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_short_bf16_attention_on_the_cpu_is_computed_in_fp32_and_returned_in_bf16(keys, computed_in, causal):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, keys, 16).bfloat16().requires_grad_() for _ in range(3))
+    mask = None if causal else torch.rand(1, 1, keys, keys) < 0.7
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, mask, causal=causal)
+    expected = F.scaled_dot_product_attention(*(t.to(computed_in) for t in (q, k, v)), attn_mask=mask,
+                                              is_causal=causal).bfloat16()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.float().square().sum().backward()
+    assert all(t.grad.dtype == torch.bfloat16 and torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 def test_banded_attention_skips_the_hidden_keys_of_a_causal_mask():

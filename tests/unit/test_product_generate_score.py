@@ -82,6 +82,8 @@ def test_t2v_writes_every_output_and_is_reproducible(checkpoint, tmp_path):
     assert video.shape == (4, 8, 8, 3) and video.dtype == np.uint8
     record = read_record(tmp_path / "a", "t2v_000")
     assert record["seed"] == 5 and record["task"] == "t2v" and "sample_seconds" in record["timings"]
+    if not torch.cuda.is_available():
+        assert record["device"] == "cpu" and record["precision"] == "32-true" and record["tol"] == 1e-3
     assert record["sampler_stats"]  # Jacobi passes per block
     jacobi = np.load(tmp_path / "a" / f"{name}.latent.npy")
     sequential = np.load(tmp_path / "b" / f"{name}.latent.npy")
@@ -256,3 +258,57 @@ def test_clips_cover_the_video_in_whole_latent_frames():
     causal = VideoVAE(spatial_factor=2, temporal_factor=4, latent_channels=4, width=8, depth=1)
     assert clips_of(16, 9, causal) == [(0, 9), (9, 14)]
     assert [causal.usable_frames(n) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 5, 5, 9]
+
+
+def generated_latents(folder) -> np.ndarray:
+    [latents] = list(folder.glob("*.latent.npy"))
+    return np.load(latents)
+
+
+def test_bf16_mixed_generation_runs_the_network_in_bf16_and_stays_close_to_fp32(checkpoint, tmp_path):
+    args = ["generate", "--ckpt", str(checkpoint), "--prompt", "a red circle moves left", "--device", "cpu"]
+    assert main([*args, "--precision", "32-true", "--sampler", "sequential", "--out", str(tmp_path / "fp32")]) == 0
+    assert main([*args, "--precision", "bf16-mixed", "--out", str(tmp_path / "bf16")]) == 0
+    record = read_record(tmp_path / "bf16", "t2v_000")
+    assert record["precision"] == "bf16-mixed" and record["device"] == "cpu"
+    assert record["sampler"] == "jacobi" and record["tol"] == 1e-2  # above bf16's rounding noise
+    fp32, bf16 = generated_latents(tmp_path / "fp32"), generated_latents(tmp_path / "bf16")
+    assert bf16.dtype == np.float32
+    difference = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
+    assert 0 < difference < 5e-2  # bf16 matmuls change the numbers, not the sample
+
+
+def test_score_in_bf16_mixed_keeps_the_likelihood_close(checkpoint, tmp_path):
+    video = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+    write_video(tmp_path / "clip.mkv", video, codec="ffv1")
+    scores = {}
+    for precision in ("32-true", "bf16-mixed"):
+        out = tmp_path / f"{precision}.jsonl"
+        assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "clip.mkv"), "--device", "cpu",
+                     "--precision", precision, "--out", str(out)]) == 0
+        scores[precision] = json.loads(out.read_text())["bits_per_dim"]
+    assert scores["bf16-mixed"] != scores["32-true"]
+    assert math.isclose(scores["bf16-mixed"], scores["32-true"], rel_tol=1e-2)
+
+
+@pytest.mark.parametrize("device, message", [("mps", "is not supported"), ("tpu", "is not a device"),
+                                             ("cuda:99", "CUDA device")])
+def test_a_device_that_is_not_here_is_a_one_line_error_before_loading(tmp_path, capsys, device, message):
+    missing = tmp_path / "never-read.ckpt"  # the device is checked first, so the missing file is not reported
+    for command in (["generate", "--prompt", "x"], ["score", "--input", str(tmp_path)]):
+        assert main([command[0], "--ckpt", str(missing), *command[1:], "--device", device,
+                     "--out", str(tmp_path / "out")]) == 2
+        assert message in one_line_error(capsys)
+
+
+def test_auto_placement_is_fp32_on_the_cpu_and_bf16_on_a_gpu_that_supports_it(monkeypatch):
+    from flowvid.placement import resolve_device, resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "32-true"
+    assert resolve_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")

@@ -1,0 +1,52 @@
+"""Where a loaded model runs and in what precision: ``--device`` and ``--precision`` of generate and score.
+
+The precisions are Lightning's names for what training uses: ``32-true`` (fp32 throughout) and
+``bf16-mixed`` (fp32 weights, the network's matmuls in bf16 under ``torch.autocast``; the affine
+steps, log-determinants and Jacobi residuals stay fp32 either way). ``auto`` picks the first CUDA GPU
+if there is one, and bf16-mixed on a GPU that supports bf16; fp32 on a CPU, where bf16 is fast only
+on CPUs with AVX512-BF16 or AMX (docs/benchmarks.md, bf16 on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device that exists here; ValueError otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: no CUDA device is visible here (torch.cuda.is_available() is "
+                             "False); use --device cpu")
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1})")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``32-true`` or ``bf16-mixed``; ``auto`` is bf16-mixed on a CUDA device that supports bf16."""
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    if name != "auto":
+        return name
+    return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` for ``bf16-mixed``; nothing for ``32-true``."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -6,9 +6,11 @@ Sections, in the order of docs/benchmarks.md:
 
 * training throughput and MFU (``train_throughput.py``, at 4 and, without ``--quick``, 16 latent frames),
   side by side with the reference implementation when a checkout of it is given (``--reference`` or the
-  ``FLOWVID_REFERENCE`` environment variable);
-* sampling: sequential vs Jacobi (``sampling.py``, two configurations) and, with the reference, Jacobi
-  against the reference's Jacobi (``reference.py``);
+  ``FLOWVID_REFERENCE`` environment variable); on a CPU with native bf16 (AVX512-BF16 or AMX) also
+  under bf16-mixed;
+* sampling: sequential vs Jacobi (``sampling.py``, two configurations, and on a CPU with native bf16
+  the demo preset under bf16-mixed) and, with the reference, Jacobi against the reference's Jacobi
+  (``reference.py``);
 * memory: peak RSS of the demo's training and sampling (``memory.py``);
 * data throughput (``data.py``);
 * thread settings: the same training step under OpenMP's default wait policy, ``PASSIVE`` and one
@@ -38,6 +40,13 @@ THREAD_SETTINGS = {
     "2 threads, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, "2"),
     "1 thread, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, "1"),
 }
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (elsewhere bf16 is emulated: slower than fp32)."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 #: Commands that failed in this run (the report leaves them out; the exit status says so).
 FAILURES: list[str] = []
 
@@ -84,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     quick = args.quick
+    bf16 = cpu_has_native_bf16()
     reference = ["--reference", args.reference] if args.reference else []
     if not args.reference:
         print("no reference checkout (--reference PATH or FLOWVID_REFERENCE): side-by-side comparisons skipped")
@@ -93,10 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             run("train_throughput.py", ["--rounds", "3" if quick else "8", *reference], out / "training.json"),
             None if quick else run("train_throughput.py", ["--frames", "16", "--batch", "2", "--rounds", "6",
                                                             *reference], out / "training_16_frames.json"),
+            run("train_throughput.py", ["--precision", "bf16-mixed", "--rounds", "3" if quick else "8", *reference],
+                out / "training_bf16.json") if bf16 else None,
         ],
         "Sampling": [
             run("sampling.py", ["--perturb", "0.02", "--repeats", "2" if quick else "3"], out / "sampling.json"),
             None if quick else run("sampling.py", ["--config", "large", "--repeats", "2"], out / "sampling_large.json"),
+            run("sampling.py", ["--perturb", "0.02", "--precision", "bf16-mixed", "--repeats", "2" if quick else "3"],
+                out / "sampling_bf16.json") if bf16 else None,
             run("reference.py", [*reference, "--rounds", "3" if quick else "5"], out / "reference_jacobi.json")
             if reference else None,
         ],

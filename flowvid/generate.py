@@ -7,10 +7,11 @@
     flowvid generate --ckpt last.ckpt --task extend --video clip.mp4 --prompts prompts.txt --out s/ --stream
     flowvid generate --ckpt model.safetensors --prompt "..." --device cuda:1 --precision bf16-mixed --out s/
 
-The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed precision on a GPU
-that supports it and in fp32 elsewhere (``--precision``; see ``flowvid.placement``). For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
+For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
 before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, device,
-precision, timings, Jacobi iterations). Sample ``i`` uses seed ``seed + i``, so a sample does not depend on its batch.
+precision, timings, Jacobi iterations). Sample ``i`` uses seed ``seed + i``, so a sample does not depend
+on its batch. The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed on a
+GPU that supports it and in fp32 elsewhere (``--precision``; see ``flowvid.placement``).
 An unconditional model (one trained without text) takes no prompt: leave ``--prompt`` out for one
 sample, or repeat ``--prompt ''`` for several.
 """
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from flowvid.media import MediaError, frame_rate, read_image, read_video, write_video
-from flowvid.placement import PRECISIONS, precision_context, resolve_device, resolve_precision
+from flowvid.placement import add_placement_arguments, precision_context, resolve_device, resolve_precision
 from flowvid.sampling import Sampler, WindowedSampler, build_sampler
 from flowvid.sampling.tasks import TASKS, encode_text, task_inputs
 
@@ -294,9 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written mp4")
     parser.add_argument("--stream", action="store_true", help="write frames as soon as they are sampled")
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
-    parser.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto: bf16-mixed on a GPU that supports bf16, else 32-true")
+    add_placement_arguments(parser, precision="auto")
     parser.add_argument("--out", required=True)
     return parser
 

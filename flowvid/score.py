@@ -35,7 +35,7 @@ import torch
 
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.media import MediaError, read_video
-from flowvid.placement import PRECISIONS, precision_context, resolve_device, resolve_precision
+from flowvid.placement import add_placement_arguments, precision_context, resolve_device, resolve_precision
 
 PIXEL_UNIT = "bits per 8-bit subpixel (uniform dequantisation)"
 LATENT_UNIT = "bits per latent dimension"
@@ -184,9 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="caption for video files (default: unconditional); a model without text takes none")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
-    parser.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", choices=PRECISIONS, default="32-true",
-                        help="32-true (exact, the default), bf16-mixed, or auto (bf16-mixed on a GPU that supports it)")
+    add_placement_arguments(parser, precision="32-true")  # scores are exact unless asked otherwise
     parser.add_argument("--out", required=True, help="JSON lines, one per video")
     return parser
 

@@ -32,6 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flowvid.placement import cpu_has_native_bf16
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -40,13 +42,6 @@ THREAD_SETTINGS = {
     "2 threads, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, "2"),
     "1 thread, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, "1"),
 }
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (elsewhere bf16 is emulated: slower than fp32)."""
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 #: Commands that failed in this run (the report leaves them out; the exit status says so).
 FAILURES: list[str] = []
 
@@ -93,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     quick = args.quick
-    bf16 = cpu_has_native_bf16()
+    bf16 = cpu_has_native_bf16()  # elsewhere bf16 is emulated, slower than fp32: nothing to measure
     reference = ["--reference", args.reference] if args.reference else []
     if not args.reference:
         print("no reference checkout (--reference PATH or FLOWVID_REFERENCE): side-by-side comparisons skipped")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import warnings
 
 import torch
 
@@ -44,13 +45,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """``32-true`` or ``bf16-mixed``; ``auto`` is bf16-mixed on a CUDA device that supports bf16."""
     if name not in PRECISIONS:
         raise ValueError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
-    if name != "auto":
-        return name
-    return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+    if name == "auto":
+        return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+    if name == "bf16-mixed" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16-mixed runs emulated and slower "
+                      "than 32-true", stacklevel=2)
+    return name
 
 
 def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -312,3 +312,11 @@ def test_auto_placement_is_fp32_on_the_cpu_and_bf16_on_a_gpu_that_supports_it(mo
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="no CUDA device"):
         resolve_device("cuda")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_allowed_with_a_warning(monkeypatch):
+    import flowvid.placement as placement
+
+    monkeypatch.setattr(placement, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert placement.resolve_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"

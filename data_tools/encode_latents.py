@@ -39,6 +39,7 @@ from flowvid.data.shards import (
     shard_paths,
     staging_folder,
 )
+from flowvid.placement import resolve_device
 from flowvid.registry import CODECS, TEXT_ENCODERS
 from flowvid.text.base import TextEncoder
 from flowvid.text.cache import cache_embeddings
@@ -54,11 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-frame", action="store_true",
                         help="store each clip's first frame (first.npy) for image-to-video")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto",
+                        help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--shard-samples", type=int, default=1000, help="most samples per shard")
 
 
 def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
     codec = build_registered(CODECS, args.codec, args.codec_args, "--codec-args")
     text_encoder = None
     if args.text_encoder:
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         task = bar.add_task("clips", total=raw["samples"])
         manifest = encode_latents(
             args.source, args.out, codec, text_encoder=text_encoder, first_frame=args.first_frame,
-            batch_size=args.batch_size, device=args.device, shard_samples=args.shard_samples,
+            batch_size=args.batch_size, device=device, shard_samples=args.shard_samples,
             on_sample=lambda: bar.advance(task),
         )
     seconds = time.perf_counter() - started

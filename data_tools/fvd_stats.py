@@ -28,6 +28,7 @@ from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.data.shards import BadSample, BrokenShard, SampleSpec, decode_sample, iter_tar, shard_paths
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats, reference_file_name
+from flowvid.placement import resolve_device
 from flowvid.registry import FVD_EXTRACTORS
 
 
@@ -42,10 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output .npz (default: RAW_DIR/fvd_stats/<key>.npz)")
     parser.add_argument("--force", action="store_true", help="recompute even when the output already exists")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto",
+                        help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
 
 
 def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
     manifest = load_manifest(args.source)
     frames = args.frames or video_shape(manifest)[0]
     check_registered_arguments(FVD_EXTRACTORS, args.extractor, args.extractor_args, "--extractor-args")
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar() as bar:
         task = bar.add_task("clips", total=planned["num_samples"])
         stats = reference_stats(args.source, metric, frames=frames, max_samples=args.max_samples, batch_size=args.batch_size,
-                                device=args.device, skipped=skipped, on_clip=lambda: bar.advance(task))
+                                device=device, skipped=skipped, on_clip=lambda: bar.advance(task))
     stats.save(out)
     seconds = time.perf_counter() - started
     fields = {"file": str(out), "extractor": stats.extractor, "weights sha256": stats.weights_hash[:12] or "-",

@@ -166,3 +166,13 @@ def test_a_run_that_writes_nothing_or_would_overwrite_its_source_keeps_the_data(
     assert folder_contents(out) == before
     assert data_main(["encode-latents", str(raw), "--out", str(raw), "--codec", "test-space-to-depth"]) == 2
     assert folder_contents(raw) == raw_before
+
+
+@pytest.mark.parametrize("verb", ["encode-latents", "fvd-stats"])
+def test_a_device_that_is_not_here_is_one_line_before_anything_is_read(raw, tmp_path, capsys, monkeypatch, verb):
+    monkeypatch.setattr(console, "width", 400)
+    out = tmp_path / "out"
+    code = data_main([verb, str(raw), "--out", str(out), "--device", "cuda:99"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("error:") and error.count("\n") == 1 and "--device cuda:99" in error
+    assert not out.exists()

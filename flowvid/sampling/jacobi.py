@@ -20,6 +20,7 @@ warm-start from) and ``block_size`` afterwards; shallow blocks invert every fram
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -76,6 +77,7 @@ class JacobiRun:
 
     deep: JacobiStats | None = None
     shallow: dict[int, JacobiStats] = field(default_factory=dict)
+    warned: bool = False  # about blocks still moving at max_iterations, once per call
 
     def to_dict(self) -> dict:
         return {
@@ -111,8 +113,8 @@ class JacobiSampler(BlockSampler):
             x_old|| / ||x_new||`` (worst sample), drops below ``tol``.
         block_size: slots per block after the first frame of the deep block; None means one frame.
         first_block_size: slots per block in the first frame, and in the shallow blocks.
-        max_iterations: passes per block at most; a block still moving then is accepted as is and
-            counted in ``last_stats`` (``unconverged_blocks``).
+        max_iterations: passes per block at most; a block still moving then is accepted as is,
+            counted in ``last_stats`` (``unconverged_blocks``) and named in a warning (once per call).
         warm_start: the first guess of a slot. ``"affine"``: the affine parameters (mu, sigma) found
             one frame earlier at the same position (in the first frame: one row earlier) applied to
             the slot's own noise; ``"values"``: the value one frame earlier at the same position;
@@ -182,6 +184,19 @@ class JacobiSampler(BlockSampler):
                 break
         inversion.commit(size)
         stats.record(first, size, iteration, converged or iteration == size)
+        if not (converged or iteration == size):
+            self._warn_unconverged(values.device.type)
+
+    def _warn_unconverged(self, device_type: str) -> None:
+        if self.run.warned:
+            return
+        self.run.warned = True
+        bf16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+        advice = ("under bf16 autocast the network's rounding keeps a block's change near 1e-3 to 3e-3: use tol "
+                  ">= 1e-2" if bf16 else "raise max_iterations or tol")
+        warnings.warn(f"JacobiSampler(tol={self.tol}): a block still moved after max_iterations={self.max_iterations} "
+                      f"passes and was accepted as it was (last_stats counts unconverged_blocks); {advice}",
+                      stacklevel=2)
 
     def _next_size(self, inversion: BlockInversion, tokens_per_frame: int) -> int:
         if inversion.done < tokens_per_frame:

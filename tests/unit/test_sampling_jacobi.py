@@ -1,5 +1,7 @@
 """JacobiSampler: tolerance-driven agreement with the exact sampler, warm starts, statistics, settings."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -52,7 +54,9 @@ def test_blocks_still_moving_at_max_iterations_are_counted():
     flow = make_flow(std=0.1)
     z = torch.randn(1, 2, 4, 4, 3)
     sampler = JacobiSampler(tol=1e-6, max_iterations=1, warm_start="noise")
-    x = sampler.sample(flow, z)
+    with pytest.warns(UserWarning, match="raise max_iterations or tol") as caught:
+        x = sampler.sample(flow, z)
+    assert len(caught) == 1  # once per call, not once per block
     assert torch.isfinite(x).all()
     assert sampler.last_stats["deep"]["unconverged_blocks"] > 0
     assert sampler.last_stats["deep"]["iterations"] == [1] * len(sampler.last_stats["deep"]["iterations"])
@@ -97,3 +101,17 @@ def test_network_in_bf16_keeps_the_sampling_math_in_fp32():
 def test_bad_settings_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         JacobiSampler(**kwargs)
+
+
+def test_unconverged_blocks_under_bf16_autocast_name_the_rounding_floor():
+    flow = make_flow(std=0.1)
+    z = torch.randn(1, 2, 4, 4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="tol >= 1e-2"):
+        JacobiSampler(tol=1e-6, max_iterations=1, warm_start="noise").sample(flow, z)
+
+
+def test_converged_sampling_does_not_warn():
+    flow = make_flow(std=0.03)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        JacobiSampler(tol=1e-3).sample(flow, torch.randn(1, 2, 4, 4, 3))

@@ -22,7 +22,7 @@ def add_placement_arguments(parser: argparse.ArgumentParser, precision: str) -> 
     """``--device`` (default ``auto``) and ``--precision`` (default ``precision``) of a command."""
     parser.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=PRECISIONS, default=precision,
-                        help=f"32-true, bf16-mixed, or auto (bf16-mixed on a GPU that supports it); default {precision}")
+                        help=f"32-true, bf16-mixed or auto (bf16-mixed on a GPU that supports it); default {precision}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -170,3 +170,11 @@ def test_the_logged_learning_rate_is_the_one_the_step_used():
     trainer(max_steps=3, callbacks=[record]).fit(tiny_module(lr=1e-3, warmup_steps=4), fixed_batches(3))
     assert record.used == pytest.approx([2.5e-4, 5e-4, 7.5e-4])  # warm-up: peak * (step + 1) / 4
     assert record.logged == pytest.approx(record.used)
+
+
+def test_bf16_mixed_on_a_cpu_without_native_bf16_warns_before_the_first_step(monkeypatch):
+    import flowvid.lit.module as module_file
+
+    monkeypatch.setattr(module_file, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="runs emulated"):
+        trainer(max_steps=1, precision="bf16-mixed").fit(tiny_module(), fixed_batches(1))

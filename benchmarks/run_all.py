@@ -7,7 +7,7 @@ Sections, in the order of docs/benchmarks.md:
 * training throughput and MFU (``train_throughput.py``, at 4 and, without ``--quick``, 16 latent frames),
   side by side with the reference implementation when a checkout of it is given (``--reference`` or the
   ``FLOWVID_REFERENCE`` environment variable); on a CPU with native bf16 (AVX512-BF16 or AMX) also
-  under bf16-mixed;
+  under bf16-mixed, with the bf16 and fp32 attention kernels by length (``attention_kernels.py``);
 * sampling: sequential vs Jacobi (``sampling.py``, two configurations, and on a CPU with native bf16
   the demo preset under bf16-mixed) and, with the reference, Jacobi against the reference's Jacobi
   (``reference.py``);
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                                                             *reference], out / "training_16_frames.json"),
             run("train_throughput.py", ["--precision", "bf16-mixed", "--rounds", "3" if quick else "8", *reference],
                 out / "training_bf16.json") if bf16 else None,
+            run("attention_kernels.py", ["--lengths", "16", "64", "192", "512"] if quick else [],
+                out / "attention_kernels.json") if bf16 else None,
         ],
         "Sampling": [
             run("sampling.py", ["--perturb", "0.02", "--repeats", "2" if quick else "3"], out / "sampling.json"),

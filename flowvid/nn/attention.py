@@ -68,8 +68,8 @@ class Attention(nn.Module):
 
 
 #: On a CPU, the backward pass of the bf16 attention kernel is slower than the fp32 one over short runs
-#: of keys (1.4-3.8x at 16 to 128 keys, even with the casts; about equal at 192 and 272, faster from 384
-#: on): bf16 attention over fewer keys than this runs in fp32 there (docs/benchmarks.md, bf16 on the CPU).
+#: of keys (1.3-3.6x at 16 to 128 keys, even with the casts; about equal at 192, faster from 272-384 on,
+#: benchmarks/attention_kernels.py): bf16 attention over fewer keys than this runs in fp32 there.
 CPU_BF16_MIN_KEYS = 192
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -186,3 +187,15 @@ def test_per_frame_error_locates_the_frame_that_differs():
     x = reference.clone()
     x[1, 2] *= 1.5
     assert sampling.per_frame_relative_l2(x, reference) == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.5]]
+
+
+def test_attention_kernel_benchmark_times_both_kernels_on_the_same_tokens():
+    attention_kernels = importlib.import_module("attention_kernels")
+    q, k, v = (torch.randn(2, 2, 16, 8).bfloat16() for _ in range(3))
+    fp32 = attention_kernels.fp32_kernel(q, k, v)
+    assert fp32.dtype == torch.bfloat16
+    torch.testing.assert_close(fp32, F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                                    is_causal=True).bfloat16(), rtol=0, atol=0)
+    row = attention_kernels.measure(16, tokens=64)
+    assert row["batch"] == 4
+    assert all(row[f"{kernel}_{part}_ms"] > 0 for kernel in ("bf16", "fp32") for part in ("forward", "forward_backward"))

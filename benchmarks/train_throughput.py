@@ -38,7 +38,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -50,11 +49,12 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from flowvid.nn.attention import attention_bands, prefix_causal_mask  # noqa: E402
+from flowvid.placement import precision_context  # noqa: E402
 from reference import SharedConfig, build_reference, load_reference, reference_loss, reference_video  # noqa: E402
 
 MATMUL_SIZE = 2048
-#: Lightning's precision names and the autocast dtype of each (None: no autocast).
-PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16}
+#: Lightning's precision names and the dtype of the network's matmuls in each.
+MATMUL_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
 
 
 def flow_loss(flow, x: torch.Tensor, text) -> torch.Tensor:
@@ -64,20 +64,19 @@ def flow_loss(flow, x: torch.Tensor, text) -> torch.Tensor:
 
 
 def make_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor], fused: bool = True,
-              autocast: torch.dtype | None = None) -> Callable[[], float]:
+              precision: str = "32-true") -> Callable[[], float]:
     """One training step of ``model`` (as FlowModule takes it): loss, backward, clip, AdamW.
 
     ``fused`` picks AdamW's fused kernel, which FlowModule uses; the reference's training script uses
-    the default, a loop of small kernels per parameter. ``autocast`` runs the loss under CPU autocast in
-    that dtype (the weights, gradients and optimiser stay fp32, as with Lightning's ``bf16-mixed``).
+    the default, a loop of small kernels per parameter. ``precision="bf16-mixed"`` runs the loss under
+    bf16 autocast (the weights, gradients and optimiser stay fp32, as with Lightning's).
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, fused=fused)
     model.train()
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        mixed = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
-        with mixed:
+        with precision_context(precision, torch.device("cpu")):
             value = loss()
         value.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -134,19 +133,18 @@ def counted_matmul_flops(step: Callable[[], float]) -> float:
 
 def measure_width(config: SharedConfig, rounds: int, reference_path: str | None, precision: str = "32-true") -> dict:
     """Interleaved rounds of (our step, the reference's step, one matmul); medians and per-round ratios."""
-    autocast = PRECISIONS[precision]
     torch.manual_seed(0)
     flow = config.build_flow()
     x, text = config.inputs()
-    steps = {"flowvid": make_step(flow, lambda: flow_loss(flow, x, text), autocast=autocast)}
+    steps = {"flowvid": make_step(flow, lambda: flow_loss(flow, x, text), precision=precision)}
     parameters = {"flowvid": parameter_count(flow)}
     if reference_path:
         model = build_reference(load_reference(reference_path), config)
         video = reference_video(x)
         steps["reference"] = make_step(model, lambda: reference_loss(model, video, text), fused=False,
-                                       autocast=autocast)
+                                       precision=precision)
         parameters["reference"] = parameter_count(model)
-    matmul, matmul_flops = matmul_benchmark(dtype=autocast or torch.float32)
+    matmul, matmul_flops = matmul_benchmark(dtype=MATMUL_DTYPES[precision])
     executed = counted_matmul_flops(steps["flowvid"]) + attention_flops(config)
     for step in steps.values():  # warm-up: first-touch allocations, kernel selection
         step()
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=4, help="latent frames per video")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds; medians are reported")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="32-true",
+    parser.add_argument("--precision", choices=list(MATMUL_DTYPES), default="32-true",
                         help="bf16-mixed: the step under bf16 autocast, MFU against the bf16 matmul")
     parser.add_argument("--reference", default=None, help="checkout of apple/ml-starflow to compare against")
     parser.add_argument("--json", default=None, help="also write the results here")

@@ -79,7 +79,7 @@ def test_bf16_mixed_step_runs_the_network_in_bf16_and_keeps_fp32_weights():
     x, text = TINY_CONFIG.inputs()
     seen = []
     hook = flow.deep.layers[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    step = train_throughput.make_step(flow, lambda: train_throughput.flow_loss(flow, x, text), autocast=torch.bfloat16)
+    step = train_throughput.make_step(flow, lambda: train_throughput.flow_loss(flow, x, text), precision="bf16-mixed")
     losses = [step() for _ in range(5)]
     hook.remove()
     assert set(seen) == {torch.bfloat16}

@@ -209,7 +209,8 @@ def measure(config: str, frames: int, batch: int, perturb: float, train_steps: i
         print(f"  {variant.label}: {seconds:.3f} s", flush=True)
     parameters = sum(p.numel() for p in flow.parameters())
     forward_seconds = min(timed(forward)[0] for _ in range(3))
-    precision_forward_seconds = min(timed(in_precision(forward))[0] for _ in range(3))
+    precision_forward_seconds = (forward_seconds if precision == "32-true"
+                                 else min(timed(in_precision(forward))[0] for _ in range(3)))
     for row in rows:
         row["fp32_forward_passes"] = row["seconds"] / forward_seconds
     return {"config": config, "parameters": parameters, "weights": weights, "video": [batch, frames, *flow.frame_size,

@@ -327,5 +327,5 @@ def main(argv: list[str]) -> int:
         raise UserError(str(err)) from None
     except ValueError as err:  # bad sizes, guidance without text encoder, codec mismatch, ...
         raise UserError(str(err)) from None
-    print(f"wrote {len(records)} samples to {args.out}")
+    print(f"wrote {len(records)} samples to {args.out} ({module.device}, {precision})")
     return 0

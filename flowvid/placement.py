@@ -56,10 +56,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
         raise ValueError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
     if name == "auto":
         return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
-    if name == "bf16-mixed" and device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16-mixed runs emulated and slower "
-                      "than 32-true", stacklevel=2)
+    warn_if_bf16_is_emulated(name, device)
     return name
+
+
+def warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
+    """bf16-mixed on a CPU without native bf16 works, but slower than fp32: say so."""
+    if precision == "bf16-mixed" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16-mixed runs emulated and slower "
+                      "than 32-true", stacklevel=3)
 
 
 def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -40,7 +40,7 @@ from flowvid.flows.global_local import LOG_2PI, GlobalLocalFlow
 from flowvid.lit.conditioning import EXTEND_PREFIX, V2V_PREFIX, add_prefix, chance, drop_captions
 from flowvid.lit.ema import EMA
 from flowvid.lit.schedule import warmup_cosine_scheduler
-from flowvid.placement import cpu_has_native_bf16
+from flowvid.placement import warn_if_bf16_is_emulated
 from flowvid.registry import CODECS, SAMPLERS
 from flowvid.text.base import TextEmbedding, TextEncoder
 
@@ -388,9 +388,7 @@ class FlowModule(LightningModule):
         if precision.startswith("16"):
             raise ValueError(f"precision {precision!r} is not supported: fp16 loss scaling would rescale the "
                              "flow-score-matching target; use 'bf16-mixed' or '32-true'")
-        if precision == "bf16-mixed" and self.trainer.strategy.root_device.type == "cpu" and not cpu_has_native_bf16():
-            warnings.warn("bf16-mixed on a CPU without native bf16 (AVX512-BF16 or AMX) runs emulated and slower "
-                          "than 32-true", stacklevel=2)
+        warn_if_bf16_is_emulated(precision, self.trainer.strategy.root_device)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "check_compatible"):
             datamodule.check_compatible(

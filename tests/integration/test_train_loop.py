@@ -173,8 +173,8 @@ def test_the_logged_learning_rate_is_the_one_the_step_used():
 
 
 def test_bf16_mixed_on_a_cpu_without_native_bf16_warns_before_the_first_step(monkeypatch):
-    import flowvid.lit.module as module_file
+    import flowvid.placement as placement
 
-    monkeypatch.setattr(module_file, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(placement, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="runs emulated"):
         trainer(max_steps=1, precision="bf16-mixed").fit(tiny_module(), fixed_batches(1))

@@ -55,7 +55,16 @@ def make_data(root: Path) -> None:
 
 
 def train(recipe: str, run_dir: Path, extra: list[str]) -> Path:
-    """Run ``flowvid fit`` on ``recipe``; returns the newest checkpoint of the run."""
+    """Run ``flowvid fit`` on ``recipe`` as a fresh run; returns its newest checkpoint.
+
+    Checkpoints of an earlier demo run in ``run_dir`` are removed first: left there, the new run's
+    checkpoints would be written next to them as ``step=...-v1.ckpt``.
+    """
+    stale = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    if stale:
+        print(f"    removing {len(stale)} checkpoint(s) of the previous demo run in {run_dir / 'checkpoints'}")
+        for path in stale:
+            path.unlink()
     command = [sys.executable, "-m", "flowvid.cli", "fit", "--config", recipe,
                f"--trainer.default_root_dir={run_dir}", *extra]
     print("    " + " ".join(command), flush=True)

@@ -101,11 +101,19 @@ class WindowedSampler(Sampler):
     @torch.no_grad()
     def stream(self, flow, z: torch.Tensor, text: TextInput = None, guidance: float = 0.0,
                prefix: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """Yield each frame as soon as it is sampled, holding only the frames a later window re-encodes."""
         self._check(flow, z, text, guidance, prefix)
         self.reset_stats()
-        video = prefix
-        for start, end in self._windows(z, prefix):
-            for frame in self.sampler.stream(flow, z[:, start:end], text, guidance, self._known(video, start)):
-                video = frame[:, None] if video is None else torch.cat([video, frame[:, None]], dim=1)
+        spans = self._windows(z, prefix)
+        # The latest frames (given or sampled) by their index in the video: the next window's prefix.
+        recent = {} if prefix is None else dict(enumerate(prefix.unbind(1)))
+        for number, (start, end) in enumerate(spans):
+            context = [recent[i] for i in sorted(recent) if i >= start]
+            known = torch.stack(context, dim=1) if context else None
+            first_new = start + (0 if known is None else known.shape[1])
+            for offset, frame in enumerate(self.sampler.stream(flow, z[:, start:end], text, guidance, known)):
+                recent[first_new + offset] = frame
                 yield frame
             self._window_stats.append(self.sampler.last_stats)
+            next_start = spans[number + 1][0] if number + 1 < len(spans) else end
+            recent = {i: frame for i, frame in recent.items() if i >= next_start}

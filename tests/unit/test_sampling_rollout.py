@@ -60,6 +60,16 @@ def test_rollout_keeps_a_given_prefix_and_streams_the_same_frames():
     assert len(sampler.last_stats["windows"]) == len(windows(6, 3, 1))
 
 
+@pytest.mark.parametrize("context", [0, 1, 2])
+def test_streaming_a_long_video_gives_the_frames_of_sample(context):
+    flow = make_flow()
+    z = torch.randn(2, 8, 2, 3, 3)
+    sampler = WindowedSampler("sequential", window=3, context=context)
+    frames = list(sampler.stream(flow, z))
+    assert len(frames) == 8
+    torch.testing.assert_close(torch.stack(frames, dim=1), sampler.sample(flow, z))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"window": 0}, "window"), ({"window": 4, "context": 4}, "context"), ({"window": 4, "context": -1}, "context"),
 ])

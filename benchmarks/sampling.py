@@ -1,7 +1,8 @@
 """Sampling speed: sequential vs Jacobi inversion, in forward passes of the same video.
 
     python benchmarks/sampling.py [--config demo|large] [--frames 4] [--perturb 0.02 | --train-steps 250]
-                                  [--threads 1] [--precision 32-true|bf16-mixed] [--json OUT]
+                                  [--threads 1] [--precision 32-true|bf16-mixed] [--tolerances 0.07 0.1]
+                                  [--json OUT]
     python benchmarks/sampling.py --checkpoint demo_out/run/checkpoints/step=00000640.ckpt
 
 A forward (encoding) pass over the video is the floor: Jacobi needs at least one parallel pass. For
@@ -61,8 +62,8 @@ class Variant:
     sampler: Callable[[], Sampler]
 
 
-def variants() -> list[Variant]:
-    """The samplers measured, the defaults first."""
+def variants(extra_tolerances: tuple[float, ...] = ()) -> list[Variant]:
+    """The samplers measured, the defaults first; then Jacobi at each of ``extra_tolerances``."""
     return [
         Variant("jacobi (defaults: tol 1e-2, affine warm start)", lambda: JacobiSampler()),
         Variant("jacobi tol 3e-2", lambda: JacobiSampler(tol=3e-2)),
@@ -75,6 +76,7 @@ def variants() -> list[Variant]:
         # 1e-3 on the *squared* relative change (= 0.0316 on the relative change).
         Variant("jacobi, reference settings", lambda: JacobiSampler(tol=0.0316, first_block_size=32, block_size=128,
                                                                     warm_start="values")),
+        *(Variant(f"jacobi tol {tol:g}", lambda tol=tol: JacobiSampler(tol=tol)) for tol in extra_tolerances),
     ]
 
 
@@ -162,7 +164,7 @@ def trained_flow(checkpoint: str, batch: int) -> tuple[GlobalLocalFlow, TextEmbe
 
 @torch.no_grad()
 def measure(config: str, frames: int, batch: int, perturb: float, train_steps: int, repeats: int,
-            checkpoint: str | None = None, precision: str = "32-true") -> dict:
+            checkpoint: str | None = None, precision: str = "32-true", tolerances: tuple[float, ...] = ()) -> dict:
     text = None
     if checkpoint:
         flow, text, frames = trained_flow(checkpoint, batch)
@@ -190,7 +192,7 @@ def measure(config: str, frames: int, batch: int, perturb: float, train_steps: i
     rows = [{"sampler": "sequential", "seconds": seconds, "forward_passes": seconds / forward_seconds,
              "work": 1.0, "relative_l2": 0.0}]
     print(f"  sequential: {seconds:.3f} s", flush=True)
-    for variant in variants():
+    for variant in variants(tolerances):
         sampler = variant.sampler()
         seconds, forward_seconds, x = time_against_forward(in_precision(lambda: sampler.sample(flow, z, text)),
                                                            in_precision(forward), repeats)
@@ -259,13 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=None, help="measure this trained model (checkpoint or export)")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true",
                         help="precision of the Jacobi samplers and their forward pass")
+    parser.add_argument("--tolerances", type=float, nargs="*", default=[],
+                        help="also measure Jacobi (default settings) at these tolerances")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# sampling benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), {args.precision}", flush=True)
     result = measure(args.config, args.frames, args.batch, args.perturb, args.train_steps, args.repeats,
-                     args.checkpoint, args.precision)
+                     args.checkpoint, args.precision, tuple(args.tolerances))
     print(markdown(result))
     if args.json:
         with open(args.json, "w") as handle:

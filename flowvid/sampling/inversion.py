@@ -8,7 +8,8 @@ so the inverse ``x_s = mu_s + sigma_s * z_s`` needs every earlier slot first. ``
 the values ``x`` found so far, the noise and the block's KV cache. ``propose(n)`` evaluates the next
 ``n`` slots from the current values of the slots before them (one parallel pass that writes their
 keys/values); ``commit(n)`` makes the first ``n`` of them final. Proposing again without committing
-overwrites the same cache slots: that is how Jacobi iterations revise a run.
+overwrites the same cache slots: that is how Jacobi iterations revise a run. A pass may cover only
+some of the videos (``propose(n, samples)``): the others keep their values and keys/values.
 
 With guidance the cache holds two batches, ``[cond; uncond]``; both are fed the same guided values,
 so the unconditional branch shares the guided history.
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from flowvid.flows.base import FlowBlock
 from flowvid.flows.guidance import guided_affine
+from flowvid.nn.kv_cache import KVCache
 from flowvid.text.base import TextEmbedding
 
 
@@ -61,6 +63,8 @@ class BlockInversion:
         self.mu = torch.zeros_like(self.z)
         self.sigma = torch.ones_like(self.z)
         self.done = 0
+        # The cache of the videos a partial pass covers: (their indices, cache), until the next commit.
+        self._part: tuple[torch.Tensor, KVCache] | None = None
         batch, num_tokens, _ = z.shape
         if guidance > 0:
             text = guidance_batch(text, uncond)
@@ -78,10 +82,11 @@ class BlockInversion:
             return torch.cat([start, self.x[:, :count - 1]], dim=1)
         return self.x[:, first - 1:first + count - 1]
 
-    def _affine(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _affine(self, inputs: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.cache if cache is None else cache
         if self.guidance <= 0:
-            return self.block.affine(inputs, self.cache)
-        mu, sigma = self.block.affine(torch.cat([inputs, inputs]), self.cache)
+            return self.block.affine(inputs, cache)
+        mu, sigma = self.block.affine(torch.cat([inputs, inputs]), cache)
         mu_cond, mu_uncond = mu.chunk(2)
         sigma_cond, sigma_uncond = sigma.chunk(2)
         return guided_affine(mu_cond, sigma_cond, mu_uncond, sigma_uncond, self.guidance)
@@ -95,18 +100,33 @@ class BlockInversion:
         self.mu[:, :count], self.sigma[:, :count] = self._affine(self.inputs(0, count))
         self.commit(count)
 
-    def propose(self, count: int) -> torch.Tensor:
-        """fp32 values of slots ``[done, done + count)`` given the current values before them."""
+    def propose(self, count: int, samples: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 values of slots ``[done, done + count)`` given the current values before them, of every
+        video or of the videos ``samples`` (ascending indices) only."""
         first = self.done
-        mu, sigma = self._affine(self.inputs(first, count))
-        self.mu[:, first:first + count] = mu
-        self.sigma[:, first:first + count] = sigma
-        return mu + sigma * self.z[:, first:first + count]
+        run = slice(first, first + count)
+        if samples is None or len(samples) == self.x.shape[0]:
+            mu, sigma = self._affine(self.inputs(first, count))
+            self.mu[:, run], self.sigma[:, run] = mu, sigma
+            return mu + sigma * self.z[:, run]
+        rows = samples if self.guidance <= 0 else torch.cat([samples, samples + self.x.shape[0]])
+        mu, sigma = self._affine(self.inputs(first, count)[samples], self._part_cache(samples, rows, count))
+        position = self.cache.length  # of slot ``first``, after the text
+        self.cache.store(self._part[1], rows, position, position + count)
+        self.mu[samples, run], self.sigma[samples, run] = mu, sigma
+        return mu + sigma * self.z[samples, run]
+
+    def _part_cache(self, samples: torch.Tensor, rows: torch.Tensor, count: int) -> KVCache:
+        """The cache of ``samples``, copied once per run and set of videos (the set only shrinks)."""
+        if self._part is None or not torch.equal(self._part[0], samples):
+            self._part = (samples, self.cache.select(rows, self.cache.length + count))
+        return self._part[1]
 
     def commit(self, count: int) -> None:
         """The next ``count`` slots are final (their values must be in ``x``, their K/V in the cache)."""
         self.cache.advance(count)
         self.done += count
+        self._part = None
 
     def result(self) -> torch.Tensor:
         """All slot values in natural token order (B, N, C)."""

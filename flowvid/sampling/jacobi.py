@@ -5,7 +5,9 @@ for a run ("block") of slots at once: guess the block's values, evaluate all its
 pass from the current guesses, replace the guesses by the results and repeat until the relative change
 is below ``tol``. After ``k`` passes the first ``k`` slots of a block are exact, so a block converges in
 at most ``block size`` passes, usually in a few. Each pass overwrites the block's keys/values in the
-cache; only the final pass is committed.
+cache; only the final pass is committed. Every video of a batch stops on its own: once its change is
+below ``tol`` it leaves the passes, so a video's samples do not depend on the videos sampled with it,
+and an easy video costs no more because a hard one shares its batch.
 
 Video-aware warm start: a slot's first guess comes from the same position one frame earlier, which is
 already close when the video changes slowly. By default it reuses that slot's affine parameters
@@ -39,20 +41,23 @@ class JacobiStats:
     tokens_per_frame: int
     block_sizes: list[int] = field(default_factory=list)
     iterations: list[int] = field(default_factory=list)
+    sample_iterations: list[float] = field(default_factory=list)
     block_frames: list[int] = field(default_factory=list)
     unconverged_blocks: int = 0
 
-    def record(self, first: int, size: int, iterations: int, converged: bool) -> None:
+    def record(self, first: int, size: int, iterations: int, sample_iterations: float, converged: bool) -> None:
+        """A block solved in ``iterations`` passes, in which a video took part ``sample_iterations`` times on average."""
         self.block_sizes.append(size)
         self.iterations.append(iterations)
+        self.sample_iterations.append(round(sample_iterations, 4))
         self.block_frames.append(first // self.tokens_per_frame)
         self.unconverged_blocks += not converged
 
     @property
     def passes(self) -> float:
-        """Slot evaluations per solved slot: the cost in forward passes of this block (1 is the floor)."""
+        """Slot evaluations per solved slot and video: the cost in forward passes of this block (1 is the floor)."""
         solved = sum(self.block_sizes)
-        return sum(s * i for s, i in zip(self.block_sizes, self.iterations)) / max(solved, 1)
+        return sum(s * i for s, i in zip(self.block_sizes, self.sample_iterations)) / max(solved, 1)
 
     def iterations_per_frame(self) -> dict[int, int]:
         per_frame: dict[int, int] = {}
@@ -65,6 +70,7 @@ class JacobiStats:
             "block_sizes": self.block_sizes,
             "block_frames": self.block_frames,
             "iterations": self.iterations,
+            "sample_iterations": self.sample_iterations,
             "iterations_per_frame": {str(k): v for k, v in self.iterations_per_frame().items()},
             "passes": round(self.passes, 4),
             "unconverged_blocks": self.unconverged_blocks,
@@ -86,19 +92,19 @@ class JacobiRun:
         }
 
 
-def _all_ranks_max(value: torch.Tensor) -> torch.Tensor:
-    """The largest value over ranks when a process group exists, so that every rank decides alike."""
+def any_rank_moving(moving: int, device: torch.device) -> bool:
+    """Whether a video on any rank still moves: with a process group, every rank runs as many passes."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value
+        count = torch.tensor([moving], device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        moving = int(count.item())
+    return moving > 0
 
 
 def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``||new - old|| / ||new||`` per sample, the largest over the batch (and over ranks); fp32."""
+    """``||new - old|| / ||new||`` of every sample (B,), in fp32."""
     new, old = new.float(), old.float()
-    change = (new - old).flatten(1).norm(dim=1) / new.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return _all_ranks_max(change.max())
+    return (new - old).flatten(1).norm(dim=1) / new.flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
 WARM_STARTS = ("affine", "values", "noise")
@@ -109,8 +115,8 @@ class JacobiSampler(BlockSampler):
     """Block-Jacobi inversion of a GlobalLocalFlow, with a warm start from the previous frame.
 
     Args:
-        tol: a block is done when the relative change of its values in one pass, ``||x_new -
-            x_old|| / ||x_new||`` (worst sample), drops below ``tol``.
+        tol: a video's block is done when the relative change of its values in one pass, ``||x_new -
+            x_old|| / ||x_new||``, drops below ``tol``; the block is done when every video's is.
         block_size: slots per block after the first frame of the deep block; None means one frame.
         first_block_size: slots per block in the first frame, and in the shallow blocks.
         max_iterations: passes per block at most; a block still moving then is accepted as is,
@@ -172,20 +178,27 @@ class JacobiSampler(BlockSampler):
             inversion.x[:, target] = inversion.mu[:, target] + inversion.sigma[:, target] * inversion.z[:, target]
 
     def _solve(self, inversion: BlockInversion, size: int, stats: JacobiStats) -> None:
-        """Guess the next ``size`` slots, iterate them to convergence and commit them."""
+        """Guess the next ``size`` slots, iterate each video's to convergence and commit them."""
         self._guess(inversion, size)
         first = inversion.done
-        values = inversion.x[:, first:first + size]
+        run = slice(first, first + size)
+        batch = inversion.x.shape[0]
+        moving = torch.arange(batch, device=inversion.x.device)  # videos still iterating, ascending
+        evaluations = 0
         for iteration in range(1, self.max_iterations + 1):
-            new = inversion.propose(size)
-            converged = bool(relative_change(new, values) < self.tol)
-            values.copy_(new)
+            if len(moving):
+                new = inversion.propose(size, moving)
+                change = relative_change(new, inversion.x[moving, run])
+                inversion.x[moving, run] = new
+                evaluations += len(moving)
+                moving = moving[change >= self.tol]
+            converged = not any_rank_moving(len(moving), inversion.x.device)
             if converged or iteration == size:  # after `size` passes every slot is exact
                 break
         inversion.commit(size)
-        stats.record(first, size, iteration, converged or iteration == size)
+        stats.record(first, size, iteration, evaluations / batch, converged or iteration == size)
         if not (converged or iteration == size):
-            self._warn_unconverged(values.device.type)
+            self._warn_unconverged(inversion.x.device.type)
 
     def _warn_unconverged(self, device_type: str) -> None:
         if self.run.warned:

@@ -181,6 +181,14 @@ def test_sampling_benchmark_measures_a_trained_checkpoint(tmp_path):
     assert "wall time in fp32 forward passes" in sampling.markdown(mixed)
 
 
+def test_sampling_benchmark_adds_jacobi_at_the_tolerances_asked_for():
+    sampling = importlib.import_module("sampling")
+    default = sampling.variants()
+    extra = sampling.variants((0.07, 0.1))[len(default):]
+    assert [variant.label for variant in extra] == ["jacobi tol 0.07", "jacobi tol 0.1"]
+    assert [variant.sampler().tol for variant in extra] == [0.07, 0.1]
+
+
 def test_per_frame_error_locates_the_frame_that_differs():
     sampling = importlib.import_module("sampling")
     reference = torch.ones(2, 3, 2, 2, 4)

@@ -211,3 +211,22 @@ def test_a_text_conditioned_block_encodes_a_long_video_under_inference_mode():
         z, logdet = block(x, text)
     torch.testing.assert_close(z, expected[0])
     torch.testing.assert_close(logdet, expected[1])
+
+
+def test_a_pass_over_some_videos_reads_and_writes_only_their_cache_rows():
+    from flowvid.nn.kv_cache import KVCache
+
+    cache = KVCache(num_layers=2, batch=3, heads=1, head_dim=2, capacity=6)
+    cache.keys.normal_(), cache.values.normal_()
+    cache.key_valid[1, 0] = False
+    cache.advance(3)
+    rows = torch.tensor([0, 2])
+    part = cache.select(rows, capacity=5)
+    assert torch.equal(part.keys[:, :, :, :3], cache.keys[:, rows, :, :3]) and part.length == 3
+    assert torch.equal(part.key_valid, cache.key_valid[rows, :5])
+    before = cache.keys.clone()
+    part.write(1, torch.ones(2, 1, 2, 2), torch.ones(2, 1, 2, 2))
+    cache.store(part, rows, 3, 5)
+    assert torch.equal(cache.keys[1, rows, :, 3:5], torch.ones(2, 1, 2, 2))
+    changed = (cache.keys != before).any(dim=(0, 2, 4))  # (batch, positions)
+    assert changed[1].sum() == 0 and not changed[:, :3].any() and not changed[:, 5:].any()

@@ -97,6 +97,22 @@ def test_guidance_changes_the_sample_and_jacobi_follows_sequential():
     assert (jacobi - guided).norm() / guided.norm() < 1e-4
 
 
+def test_guided_videos_of_a_batch_stop_on_their_own():
+    flow = make_flow()
+    generator = torch.Generator().manual_seed(4)
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False], [True, False, False, False]])
+    text = GuidedText(TextEmbedding(torch.randn(3, 4, 8, generator=generator), mask), make_text().uncond)
+    z = torch.randn(3, 3, 2, 3, 3, generator=generator) * torch.tensor([1.0, 3.0, 0.3])[:, None, None, None, None]
+    sampler = JacobiSampler(tol=1e-2)
+    batch = sampler.sample(flow, z, text, guidance=2.0)
+    deep = sampler.last_stats["deep"]
+    assert any(s < i for s, i in zip(deep["sample_iterations"], deep["iterations"]))
+    for video in range(3):
+        alone = GuidedText(TextEmbedding(text.cond.tokens[video:video + 1], mask[video:video + 1]), text.uncond)
+        torch.testing.assert_close(batch[video:video + 1], sampler.sample(flow, z[video:video + 1], alone, guidance=2.0),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_one_unconditional_embedding_serves_the_whole_batch():
     flow, text = make_flow(), make_text()
     z = torch.randn(2, 2, 2, 3, 3)

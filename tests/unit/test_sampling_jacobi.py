@@ -50,6 +50,35 @@ def test_statistics_describe_every_block_of_the_last_call():
     assert sampler.last_stats["deep"]["block_frames"] == [2]  # the new call's blocks only
 
 
+def test_a_video_sampled_in_a_batch_is_the_video_sampled_alone():
+    flow = make_flow()
+    # Noise of different scales takes different numbers of passes to converge.
+    z = torch.randn(3, 3, 4, 4, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 3.0, 0.3])[:, None,
+                                                                                                        None, None, None]
+    sampler = JacobiSampler(tol=1e-2)
+    batch = sampler.sample(flow, z)
+    deep = sampler.last_stats["deep"]
+    assert any(s < i for s, i in zip(deep["sample_iterations"], deep["iterations"]))  # videos did stop apart
+    assert all(s <= i for s, i in zip(deep["sample_iterations"], deep["iterations"]))
+    for video in range(3):
+        torch.testing.assert_close(batch[video:video + 1], sampler.sample(flow, z[video:video + 1]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_work_counts_only_the_videos_still_iterating():
+    flow = make_flow()
+    z = torch.randn(2, 2, 4, 4, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.3, 3.0])[:, None, None,
+                                                                                                      None, None]
+    sampler = JacobiSampler(tol=1e-2)
+    sampler.sample(flow, z)
+    passes_alone = []
+    for video in range(2):
+        sampler.sample(flow, z[video:video + 1])
+        passes_alone.append(sampler.last_stats["deep"]["passes"])
+    sampler.sample(flow, z)
+    assert sampler.last_stats["deep"]["passes"] == pytest.approx(sum(passes_alone) / 2)
+
+
 def test_blocks_still_moving_at_max_iterations_are_counted():
     flow = make_flow(std=0.1)
     z = torch.randn(1, 2, 4, 4, 3)

@@ -116,6 +116,13 @@ class BlockInversion:
         self.mu[samples, run], self.sigma[samples, run] = mu, sigma
         return mu + sigma * self.z[samples, run]
 
+    def rehearse(self, count: int) -> None:
+        """A pass over the next ``count`` slots of the first video that changes nothing: its results and
+        keys/values are dropped. A rank whose videos are all done runs it while another rank's still move,
+        so that models sharded over the ranks (FSDP, ZeRO-3) see every rank in every pass."""
+        rows = torch.tensor([0] if self.guidance <= 0 else [0, self.x.shape[0]], device=self.x.device)
+        self._affine(self.inputs(self.done, count)[:1], self.cache.select(rows, self.cache.length + count))
+
     def _part_cache(self, samples: torch.Tensor, rows: torch.Tensor, count: int) -> KVCache:
         """The cache of ``samples``, copied once per run and set of videos (the set only shrinks)."""
         if self._part is None or not torch.equal(self._part[0], samples):

@@ -192,6 +192,8 @@ class JacobiSampler(BlockSampler):
                 inversion.x[moving, run] = new
                 evaluations += len(moving)
                 moving = moving[change >= self.tol]
+            else:  # only under a process group: this rank's videos are done, another rank's are not
+                inversion.rehearse(size)
             converged = not any_rank_moving(len(moving), inversion.x.device)
             if converged or iteration == size:  # after `size` passes every slot is exact
                 break

@@ -32,8 +32,18 @@ def _rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         sampler = JacobiSampler(**SETTINGS)
-        x = sampler.sample(make_flow(), noise_of(rank))
-        torch.save({"x": x, "stats": sampler.last_stats}, os.path.join(out_dir, f"rank{rank}.pt"))
+        flow = make_flow()
+        passes = {"deep": 0}
+        affine = flow.deep.affine
+
+        def counted(*args):
+            passes["deep"] += 1
+            return affine(*args)
+
+        flow.deep.affine = counted
+        x = sampler.sample(flow, noise_of(rank))
+        torch.save({"x": x, "stats": sampler.last_stats, "forward_calls": passes["deep"]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -46,6 +56,9 @@ def test_ranks_run_in_step_and_sample_what_they_sample_alone(tmp_path):
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     passes = [result["stats"]["deep"]["iterations"] for result in results]
     assert passes[0] == passes[1]  # every rank ran as many passes over every block
+    # and called the network as often, as models sharded over the ranks need, though rank 0 was done sooner
+    assert results[0]["forward_calls"] == results[1]["forward_calls"]
+    assert results[0]["stats"]["deep"]["sample_iterations"] != results[1]["stats"]["deep"]["sample_iterations"]
 
     torch.set_num_threads(1)
     alone = []

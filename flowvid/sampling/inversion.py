@@ -110,9 +110,10 @@ class BlockInversion:
             self.mu[:, run], self.sigma[:, run] = mu, sigma
             return mu + sigma * self.z[:, run]
         rows = samples if self.guidance <= 0 else torch.cat([samples, samples + self.x.shape[0]])
-        mu, sigma = self._affine(self.inputs(first, count)[samples], self._part_cache(samples, rows, count))
+        part = self._part_cache(samples, rows, count)
+        mu, sigma = self._affine(self.inputs(first, count)[samples], part)
         position = self.cache.length  # of slot ``first``, after the text
-        self.cache.store(self._part[1], rows, position, position + count)
+        self.cache.store(part, rows, position, position + count)
         self.mu[samples, run], self.sigma[samples, run] = mu, sigma
         return mu + sigma * self.z[samples, run]
 

@@ -12,9 +12,8 @@ class KVCache:
     ``[length, length + n)``, then ``advance(n)`` makes them visible to later blocks. ``rewind(n)``
     forgets the last ``n`` positions, which Jacobi iterations use to overwrite a block in place.
     ``key_valid`` marks padded text positions that no query may attend to; ``prefix`` counts the
-    leading positions that hold text rather than tokens. ``select`` copies some batch rows into a
-    cache of their own and ``store`` writes a run of positions back, so that a pass can run on part
-    of the batch.
+    leading positions that hold text rather than tokens. ``rows(index)`` is the cache as some batch
+    rows see it, so that a pass can run on part of the batch.
     """
 
     def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, capacity: int,
@@ -36,20 +35,10 @@ class KVCache:
         self.values[layer, :, :, self.length:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def select(self, rows: torch.Tensor, capacity: int) -> "KVCache":
-        """A cache of batch ``rows`` holding copies of their first ``length`` positions, room for ``capacity``."""
-        num_layers, _, heads, _, head_dim = self.keys.shape
-        part = KVCache(num_layers, len(rows), heads, head_dim, capacity, self.keys.device, self.keys.dtype)
-        part.keys[:, :, :, :self.length] = self.keys[:, rows, :, :self.length]
-        part.values[:, :, :, :self.length] = self.values[:, rows, :, :self.length]
-        part.key_valid = self.key_valid[rows, :capacity]
-        part.length, part.prefix = self.length, self.prefix
-        return part
-
-    def store(self, part: "KVCache", rows: torch.Tensor, start: int, end: int) -> None:
-        """Write positions ``[start, end)`` of ``part`` (made by ``select(rows, ...)``) back into ``rows``."""
-        self.keys[:, rows, :, start:end] = part.keys[:, :, :, start:end]
-        self.values[:, rows, :, start:end] = part.values[:, :, :, start:end]
+    def rows(self, index: torch.Tensor, keep: bool = True) -> "CacheRows":
+        """The cache as batch rows ``index`` see it: a pass over them writes their keys/values here (with
+        ``keep=False``: nowhere), and reads gather their rows one layer at a time, never the whole cache."""
+        return CacheRows(self, index, keep)
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -61,3 +50,25 @@ class KVCache:
 
     def reset(self, length: int = 0) -> None:
         self.length = length
+
+
+class CacheRows(KVCache):
+    """Some batch rows of a ``KVCache`` (made by ``KVCache.rows``); it holds no keys or values of its own."""
+
+    def __init__(self, cache: KVCache, index: torch.Tensor, keep: bool):
+        self.cache, self.index, self.keep = cache, index, keep
+        self.key_valid = cache.key_valid[index]
+        self.capacity, self.length, self.prefix = cache.capacity, cache.length, cache.prefix
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + keys.shape[2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} positions requested, capacity {self.capacity}")
+        stored_keys, stored_values = self.cache.keys[layer], self.cache.values[layer]
+        keys, values = keys.to(stored_keys.dtype), values.to(stored_values.dtype)
+        if not self.keep:
+            return (torch.cat([stored_keys[self.index, :, :self.length], keys], dim=2),
+                    torch.cat([stored_values[self.index, :, :self.length], values], dim=2))
+        stored_keys[self.index, :, self.length:end] = keys
+        stored_values[self.index, :, self.length:end] = values
+        return stored_keys[self.index, :, :end], stored_values[self.index, :, :end]

@@ -63,8 +63,6 @@ class BlockInversion:
         self.mu = torch.zeros_like(self.z)
         self.sigma = torch.ones_like(self.z)
         self.done = 0
-        # The cache of the videos a partial pass covers: (their indices, cache), until the next commit.
-        self._part: tuple[torch.Tensor, KVCache] | None = None
         batch, num_tokens, _ = z.shape
         if guidance > 0:
             text = guidance_batch(text, uncond)
@@ -109,11 +107,7 @@ class BlockInversion:
             mu, sigma = self._affine(self.inputs(first, count))
             self.mu[:, run], self.sigma[:, run] = mu, sigma
             return mu + sigma * self.z[:, run]
-        rows = samples if self.guidance <= 0 else torch.cat([samples, samples + self.x.shape[0]])
-        part = self._part_cache(samples, rows, count)
-        mu, sigma = self._affine(self.inputs(first, count)[samples], part)
-        position = self.cache.length  # of slot ``first``, after the text
-        self.cache.store(part, rows, position, position + count)
+        mu, sigma = self._affine(self.inputs(first, count)[samples], self.cache.rows(self._cache_rows(samples)))
         self.mu[samples, run], self.sigma[samples, run] = mu, sigma
         return mu + sigma * self.z[samples, run]
 
@@ -121,20 +115,17 @@ class BlockInversion:
         """A pass over the next ``count`` slots of the first video that changes nothing: its results and
         keys/values are dropped. A rank whose videos are all done runs it while another rank's still move,
         so that models sharded over the ranks (FSDP, ZeRO-3) see every rank in every pass."""
-        rows = torch.tensor([0] if self.guidance <= 0 else [0, self.x.shape[0]], device=self.x.device)
-        self._affine(self.inputs(self.done, count)[:1], self.cache.select(rows, self.cache.length + count))
+        first_video = self._cache_rows(torch.zeros(1, dtype=torch.long, device=self.x.device))
+        self._affine(self.inputs(self.done, count)[:1], self.cache.rows(first_video, keep=False))
 
-    def _part_cache(self, samples: torch.Tensor, rows: torch.Tensor, count: int) -> KVCache:
-        """The cache of ``samples``, copied once per run and set of videos (the set only shrinks)."""
-        if self._part is None or not torch.equal(self._part[0], samples):
-            self._part = (samples, self.cache.select(rows, self.cache.length + count))
-        return self._part[1]
+    def _cache_rows(self, samples: torch.Tensor) -> torch.Tensor:
+        """The cache rows of videos ``samples``: with guidance, their conditional and unconditional rows."""
+        return samples if self.guidance <= 0 else torch.cat([samples, samples + self.x.shape[0]])
 
     def commit(self, count: int) -> None:
         """The next ``count`` slots are final (their values must be in ``x``, their K/V in the cache)."""
         self.cache.advance(count)
         self.done += count
-        self._part = None
 
     def result(self) -> torch.Tensor:
         """All slot values in natural token order (B, N, C)."""

@@ -220,13 +220,16 @@ def test_a_pass_over_some_videos_reads_and_writes_only_their_cache_rows():
     cache.keys.normal_(), cache.values.normal_()
     cache.key_valid[1, 0] = False
     cache.advance(3)
-    rows = torch.tensor([0, 2])
-    part = cache.select(rows, capacity=5)
-    assert torch.equal(part.keys[:, :, :, :3], cache.keys[:, rows, :, :3]) and part.length == 3
-    assert torch.equal(part.key_valid, cache.key_valid[rows, :5])
+    index = torch.tensor([0, 2])
     before = cache.keys.clone()
-    part.write(1, torch.ones(2, 1, 2, 2), torch.ones(2, 1, 2, 2))
-    cache.store(part, rows, 3, 5)
-    assert torch.equal(cache.keys[1, rows, :, 3:5], torch.ones(2, 1, 2, 2))
+    dropped = cache.rows(index, keep=False)
+    keys, _ = dropped.write(1, torch.ones(2, 1, 2, 2), torch.ones(2, 1, 2, 2))
+    assert torch.equal(keys[:, :, :3], before[1, index, :, :3]) and torch.equal(keys[:, :, 3:], torch.ones(2, 1, 2, 2))
+    assert torch.equal(cache.keys, before)  # nothing written
+
+    kept = cache.rows(index)
+    assert kept.length == 3 and torch.equal(kept.key_valid, cache.key_valid[index])
+    keys, _ = kept.write(1, torch.ones(2, 1, 2, 2), torch.ones(2, 1, 2, 2))
+    assert torch.equal(keys, cache.keys[1, index, :, :5])
     changed = (cache.keys != before).any(dim=(0, 2, 4))  # (batch, positions)
-    assert changed[1].sum() == 0 and not changed[:, :3].any() and not changed[:, 5:].any()
+    assert changed[index][:, 3:5].all() and changed[1].sum() == 0 and not changed[:, :3].any()

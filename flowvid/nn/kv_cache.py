@@ -28,12 +28,17 @@ class KVCache:
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a block's keys/values (B, H, n, D) and return all keys/values up to its end."""
-        end = self.length + keys.shape[2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} positions requested, capacity {self.capacity}")
+        end = self._end_of(keys)
         self.keys[layer, :, :, self.length:end] = keys
         self.values[layer, :, :, self.length:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def _end_of(self, keys: torch.Tensor) -> int:
+        """The position after a block of ``keys`` written at ``length``; an error past the capacity."""
+        end = self.length + keys.shape[2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} positions requested, capacity {self.capacity}")
+        return end
 
     def rows(self, index: torch.Tensor, keep: bool = True) -> "CacheRows":
         """The cache as batch rows ``index`` see it: a pass over them writes their keys/values here (with
@@ -61,9 +66,7 @@ class CacheRows(KVCache):
         self.capacity, self.length, self.prefix = cache.capacity, cache.length, cache.prefix
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + keys.shape[2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} positions requested, capacity {self.capacity}")
+        end = self._end_of(keys)
         stored_keys, stored_values = self.cache.keys[layer], self.cache.values[layer]
         keys, values = keys.to(stored_keys.dtype), values.to(stored_values.dtype)
         if not self.keep:

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flowvid.lit.checkpointing import METADATA_KEY, PARTIAL_SUFFIX, CorruptCheckpointError, load_client_state
+from flowvid.nn.lora import is_adapter_key, merge_lora
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONFIG_NAME = "config.yaml"
@@ -101,6 +102,7 @@ def checkpoint_weights(ckpt: str | os.PathLike, weights: str = "ema") -> tuple[d
     ema = (client_state.get("flowvid") or {}).get("ema")
     if weights == "ema" and ema:
         state_dict.update({name: tensor for name, tensor in ema.items() if name in state_dict})
+    state_dict = merge_lora(state_dict)  # a run that trained adapters gives the model it adapted
     run = client_state.get(METADATA_KEY) or {}
     config = run.get("config") or {"model": model_config_from_hparams(client_state)}
     return state_dict, config, client_state
@@ -261,9 +263,11 @@ def build_module(run_config: dict[str, Any]) -> nn.Module:
 
 
 def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:
-    """Copy ``state`` into ``module`` (cast to each parameter's dtype); clear errors on a mismatch."""
+    """Copy ``state`` into ``module`` (cast to each parameter's dtype); clear errors on a mismatch.
+
+    A module with LoRA adapters takes weights without them (its adapters keep their values)."""
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(k for k in set(expected) - set(state) if not is_adapter_key(k))
     unexpected = sorted(set(state) - set(expected))
     reshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if reshaped or (strict and (missing or unexpected)):
@@ -271,7 +275,8 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str, 
                    for label, names in (("missing", missing), ("unexpected", unexpected), ("different shape", reshaped))
                    if names]
         raise ValueError(f"the weights in {where} do not fit the model built from its config: {'; '.join(details)}")
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items() if k in expected}, strict=strict)
+    # Checked above: what is left out here is allowed to be.
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items() if k in expected}, strict=False)
 
 
 # --- command line ----------------------------------------------------------------------------------

@@ -263,7 +263,8 @@ class RunCheckpoint(ModelCheckpoint):
             ``resume: auto`` finds it.
         every_n_train_steps: save after every this many optimiser steps.
         keep_last_k: how many of the newest checkpoints to keep (-1 keeps all).
-        save_on_train_end: also save when training stops at a step that is not a multiple.
+        save_on_train_end: also save when training stops at a step that is not a multiple. A run that
+            reached ``max_steps`` continues with a larger ``max_steps`` exactly as if it had not stopped.
 
     ``run_config`` (the resolved CLI config, set by ``FlowvidCLI``) is stored in every checkpoint and
     becomes ``config.yaml`` on export.
@@ -301,6 +302,11 @@ class RunCheckpoint(ModelCheckpoint):
             # Lightning warns that manual optimisation saves the weights after the step: that is the intent.
             warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved")
             super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        # The last step's checkpoint is written here, not in on_train_end: by then Lightning has closed
+        # the epoch, so a run continued with a larger max_steps would start a new epoch of data.
+        last_step = 0 < trainer.max_steps <= trainer.global_step
+        if self.save_on_train_end and last_step and trainer.global_step != self._last_global_step_saved:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[METADATA_KEY] = run_metadata(pl_module, self.run_config)

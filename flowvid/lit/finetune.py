@@ -1,4 +1,5 @@
-"""Fine-tuning: start from exported weights, and choose which parts of the model train.
+"""Fine-tuning: start from exported weights, and choose which parts of the model train, or train
+low-rank adapters instead of them.
 
 In a recipe (``recipes/finetune/custom_shards.yaml``)::
 
@@ -8,6 +9,11 @@ In a recipe (``recipes/finetune/custom_shards.yaml``)::
           init_args: {path: exported/model.safetensors}
         - class_path: flowvid.lit.finetune.Freeze
           init_args: {modules: [flow.deep]}
+
+or, for adapters on the flow's transformer layers instead of ``Freeze``::
+
+        - class_path: flowvid.lit.finetune.LoRA
+          init_args: {rank: 16}
 
 ``InitFromExport`` loads weights only: optimiser, schedule and step counters start afresh. When the
 run is resumed (``resume: auto``), the checkpoint's weights win and the export is not read again.
@@ -22,6 +28,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file
 
 from flowvid.export import load_weights
+from flowvid.lit.ema import EMA
+from flowvid.nn.lora import DEFAULT_TARGETS, LoRALinear, add_lora, check_lora_settings
 
 #: Shorthands for ``Freeze(modules=...)``.
 PRESETS = {
@@ -92,3 +100,47 @@ class Freeze(Callback):
         if trainable == 0:
             raise ValueError(f"Freeze({self.modules}) leaves nothing to train")
         rank_zero_info(f"froze {frozen:,} parameters of {', '.join(self.modules)}; {trainable:,} train")
+
+
+class LoRA(Callback):
+    """Train low-rank adapters instead of the weights of ``modules`` (see ``flowvid.nn.lora``).
+
+    The linear layers of ``modules`` named by ``targets`` get adapters of rank ``rank``, and every
+    other parameter of ``modules`` is frozen. Parts outside ``modules`` (the denoiser, the text
+    encoder) keep training unless a ``Freeze`` names them. Checkpoints hold the frozen weights and the
+    adapters (a resumed run continues with both); ``flowvid export``, ``generate`` and ``score`` merge
+    the adapters into the weights, so what they produce has the architecture of the model adapted.
+
+    Args:
+        rank: the rank of every adapter.
+        alpha: the adapters' scale is ``alpha / rank``; defaults to ``rank``.
+        modules: dotted names of the sub-modules to adapt.
+        targets: name suffixes of the linear layers to adapt, inside transformer layers.
+    """
+
+    def __init__(self, rank: int = 8, alpha: float | None = None, modules: list[str] | None = None,
+                 targets: list[str] | None = None):
+        check_lora_settings(rank, alpha)  # a bad recipe fails when it is read
+        self.rank = rank
+        self.alpha = alpha
+        self.modules = list(modules or ["flow"])
+        self.targets = list(targets or DEFAULT_TARGETS)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if any(isinstance(layer, LoRALinear) for layer in pl_module.modules()):
+            return  # adapted in an earlier stage of the same run
+        named = dict(pl_module.named_modules())
+        unknown = [name for name in self.modules if name not in named]
+        if unknown:
+            raise ValueError(f"LoRA: {type(pl_module).__name__} has no sub-module {', '.join(unknown)}")
+        adapted = 0
+        for name in self.modules:
+            module = named[name]
+            module.requires_grad_(False)
+            adapted += len(add_lora(module, self.rank, self.alpha, self.targets))
+        ema = getattr(pl_module, "ema", None)
+        if isinstance(ema, EMA):  # it averages what trains: now the adapters
+            pl_module.ema = EMA(pl_module, ema.decay)
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        rank_zero_info(f"LoRA: {adapted} linear layers of {', '.join(self.modules)} adapted at rank {self.rank}; "
+                       f"{trainable:,} parameters train")

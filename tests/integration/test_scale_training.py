@@ -280,3 +280,48 @@ def test_the_finetune_recipe_starts_from_the_export_and_keeps_the_frozen_blocks(
     assert not any(name.startswith("flow.shallow.") for name in changed)  # frozen by the recipe
     assert any(name.startswith("flow.deep.") for name in changed)
     assert any(name.startswith("denoiser.") for name in changed)
+
+
+def test_the_lora_recipe_trains_adapters_only_resumes_exactly_and_exports_the_adapted_model(shards, single_run,
+                                                                                             tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from flowvid.export import build_module, export_checkpoint, load_exported
+    from flowvid.lit.finetune import LoRA
+
+    start = export_checkpoint(single_run / "checkpoints" / "step=00000006.ckpt",
+                              tmp_path / "exported" / "model.safetensors")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "custom").symlink_to(shards, target_is_directory=True)
+    configs = [tmp_path / "exported" / "config.yaml", REPO / "recipes" / "finetune" / "custom_shards.yaml",
+               REPO / "recipes" / "finetune" / "lora.yaml"]
+    quiet = ("--trainer.val_check_interval", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar",
+             "false", "--data.init_args.num_workers", "0", "--data.init_args.batches_per_epoch", "4",
+             "--data.init_args.val_batches", "1", "--model.init_args.schedule_steps", "4")
+    run_fit(configs, (*quiet, "--trainer.max_steps", "4", "--trainer.default_root_dir", "whole"), cwd=tmp_path)
+    for steps in ("2", "4"):  # stopped after step 2, then the same command again: it resumes
+        run_fit(configs, (*quiet, "--trainer.max_steps", steps, "--trainer.default_root_dir", "resumed"), cwd=tmp_path)
+    final = "checkpoints/step=00000004.ckpt"
+    whole, resumed = (torch.load(tmp_path / run / final, map_location="cpu", weights_only=False)
+                      for run in ("whole", "resumed"))
+    assert_same_tensors(whole["state_dict"], resumed["state_dict"])
+    assert_same_tensors(whole["flowvid"]["ema"], resumed["flowvid"]["ema"])
+
+    exported, tuned = load_file(start), whole["state_dict"]
+    adapters = {name for name in tuned if name.rpartition(".")[2] in ("lora_a", "lora_b", "lora_scale")}
+    assert set(tuned) == set(exported) | adapters and adapters
+    assert all(torch.equal(tuned[name], exported[name]) for name in exported if name.startswith("flow."))
+    assert any(tuned[name].abs().max() > 0 for name in adapters if name.endswith("lora_b"))  # trained from zero
+    assert any(not torch.equal(tuned[name], exported[name]) for name in exported if name.startswith("denoiser."))
+
+    merged = export_checkpoint(tmp_path / "whole" / final, tmp_path / "merged" / "model.safetensors",
+                               weights="trained")
+    assert set(load_file(merged)) == set(exported)  # the architecture of the model adapted
+    adapted = build_module(yaml.safe_load((tmp_path / "exported" / "config.yaml").read_text()))
+    LoRA(rank=16, alpha=16).setup(SimpleNamespace(), adapted, "fit")
+    adapted.load_state_dict(tuned)
+    batch = torch.rand(2, 4, 8, 8, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(merged).flow.nll(batch), adapted.flow.nll(batch), rtol=1e-5, atol=1e-6)

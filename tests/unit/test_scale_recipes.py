@@ -62,3 +62,12 @@ def test_the_finetune_overlay_keeps_the_model_and_replaces_data_and_training(cap
     assert config["data"]["init_args"]["train_dir"] == "data/custom/train"
     assert callback_classes(config)[:2] == ["InitFromExport", "Freeze"]
     assert config["resume"] == "auto" and config["ckpt_path"] is None
+
+
+def test_the_lora_overlay_trains_adapters_instead_of_frozen_blocks_on_the_same_data(capsys):
+    finetune = resolved(capsys, DEMO, RECIPES / "finetune" / "custom_shards.yaml")
+    config = resolved(capsys, DEMO, RECIPES / "finetune" / "custom_shards.yaml", RECIPES / "finetune" / "lora.yaml")
+    assert callback_classes(config) == ["InitFromExport", "LoRA", "RunCheckpoint", "StepSeed"]
+    assert config["data"] == finetune["data"] and config["resume"] == "auto"
+    assert config["trainer"]["default_root_dir"] != finetune["trainer"]["default_root_dir"]
+    assert config["model"]["init_args"]["lr"] > finetune["model"]["init_args"]["lr"]

@@ -1,0 +1,140 @@
+"""LoRA adapters: an adapted block is still an exact flow, starts as the block it adapts, and merges
+into plain weights that give the adapted model's outputs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+from safetensors.torch import save_file
+
+from flowvid.denoise import CausalDenoiser
+from flowvid.flows import AffineBlock, GlobalLocalFlow
+from flowvid.lit.ema import EMA
+from flowvid.lit.finetune import InitFromExport, LoRA
+from flowvid.nn.lora import LoRALinear, add_lora, merge_lora
+from flowvid.testing import FlowBlockConformance, perturb_parameters
+from flowvid_plugins.blocks import GatedAffineBlock
+
+
+def adapted_affine_block(spec):
+    block = AffineBlock(spec)
+    add_lora(block, rank=2, alpha=4.0)
+    return block  # the kit perturbs every parameter, the adapters' B included: the adapters are not zero
+
+
+def adapted_gated_block(spec):
+    block = GatedAffineBlock(spec)
+    add_lora(block, rank=2)
+    return block
+
+
+class TestAdaptedAffineBlock(FlowBlockConformance):
+    block_class = staticmethod(adapted_affine_block)
+
+
+class TestAdaptedGatedBlock(FlowBlockConformance):
+    block_class = staticmethod(adapted_gated_block)
+
+
+def test_an_adapted_layer_starts_as_the_layer_and_merges_into_it():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 5)
+    x = torch.randn(4, 6)
+    adapted = LoRALinear(linear, rank=2, alpha=3.0)
+    assert torch.equal(adapted(x), linear(x))  # B starts at zero
+    assert adapted.weight is linear.weight and not adapted.weight.requires_grad
+    assert [name for name, p in adapted.named_parameters() if p.requires_grad] == ["lora_a", "lora_b"]
+
+    with torch.no_grad():
+        adapted.lora_b.normal_()
+    expected = linear(x) + 1.5 * x @ adapted.lora_a.T @ adapted.lora_b.T
+    torch.testing.assert_close(adapted(x), expected)
+    merged = torch.nn.Linear(6, 5)
+    merged.load_state_dict(merge_lora(adapted.state_dict()))
+    torch.testing.assert_close(merged(x), adapted(x), rtol=1e-6, atol=1e-6)
+
+
+def tiny_flow(seed: int = 0) -> GlobalLocalFlow:
+    torch.manual_seed(seed)
+    flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=(4, 4))
+    perturb_parameters(flow, std=0.05, seed=seed)
+    return flow
+
+
+def test_add_lora_adapts_every_transformer_linear_and_refuses_the_rest():
+    flow = tiny_flow()
+    layers = sum(len(block.layers) for block in flow.blocks)
+    names = add_lora(flow, rank=2)
+    assert len(names) == 4 * layers  # qkv, attention output, and the MLP's two
+    assert all(".layers." in name for name in names)
+    with pytest.raises(ValueError, match="outside them"):
+        add_lora(tiny_flow(), rank=2, targets=["proj_out"])  # read directly in fp32: an adapter would be skipped
+    with pytest.raises(ValueError, match="found no linear layer named mlp.up"):
+        add_lora(tiny_flow(), rank=2, targets=["mlp.up"])
+    for rank in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="rank must be a positive integer"):
+            add_lora(tiny_flow(), rank=rank)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        LoRA(rank=4, alpha=0.0)
+
+
+class Parts(LightningModule):
+    def __init__(self, ema_decay: float | None = None):
+        super().__init__()
+        self.flow = tiny_flow()
+        self.denoiser = CausalDenoiser(3, (4, 4), width=16, depth=1, head_dim=16)
+        self.ema = EMA(self, ema_decay) if ema_decay else None
+
+
+def test_the_callback_trains_only_the_adapters_of_the_flow_and_keeps_its_outputs():
+    model = Parts(ema_decay=0.9)
+    x = torch.randn(2, 2, 4, 4, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model.flow.nll(x)
+    LoRA(rank=2).setup(SimpleNamespace(), model, "fit")
+    with torch.no_grad():
+        assert torch.equal(model.flow.nll(x), before)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    flow_trainable = {name for name in trainable if name.startswith("flow.")}
+    assert flow_trainable and all(name.endswith(("lora_a", "lora_b")) for name in flow_trainable)
+    assert {name for name, _ in model.denoiser.named_parameters(prefix="denoiser")} <= trainable
+    assert set(model.ema.parameters) == trainable  # the average follows what trains
+
+    LoRA(rank=2).setup(SimpleNamespace(), model, "validate")  # a later stage of the same run adapts nothing twice
+    assert sum(isinstance(layer, LoRALinear) for layer in model.modules()) == len(add_lora(tiny_flow(), rank=2))
+    with pytest.raises(ValueError, match="has no sub-module flow.middle"):
+        LoRA(modules=["flow.middle"]).setup(SimpleNamespace(), Parts(), "fit")
+
+
+def test_plain_weights_load_into_an_adapted_model_whatever_the_callback_order(tmp_path):
+    source = Parts()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    adapted = Parts()
+    with torch.no_grad():
+        for parameter in adapted.parameters():
+            parameter.zero_()
+    LoRA(rank=2).setup(SimpleNamespace(), adapted, "fit")  # listed before InitFromExport
+    InitFromExport(str(path)).setup(SimpleNamespace(ckpt_path=None), adapted, "fit")
+    x = torch.randn(2, 2, 4, 4, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(adapted.flow.nll(x), source.flow.nll(x))
+
+
+def test_merged_weights_give_the_adapted_flow():
+    adapted = tiny_flow()
+    add_lora(adapted, rank=3, alpha=6.0)
+    perturb_parameters(adapted, std=0.05, seed=3)
+    plain = tiny_flow()
+    merged = merge_lora(adapted.state_dict())
+    assert not any("lora" in key for key in merged)
+    plain.load_state_dict(merged)
+    x = torch.randn(2, 2, 4, 4, 3, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        (z_adapted, logdet_adapted), (z_plain, logdet_plain) = adapted(x), plain(x)
+        assert not torch.allclose(z_adapted, tiny_flow()(x)[0], atol=1e-3)  # the adapters do change the flow
+    torch.testing.assert_close(z_plain, z_adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logdet_plain, logdet_adapted, rtol=1e-5, atol=1e-5)

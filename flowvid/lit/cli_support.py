@@ -64,6 +64,10 @@ class FlowvidCLI(LightningCLI):
 
     def before_fit(self) -> None:
         settings = self.config_init[self.subcommand]
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate != 1 and not self.model.automatic_optimization:  # Lightning's own message names no fix
+            raise ValueError(f"trainer.accumulate_grad_batches={accumulate} applies only to automatic optimisation; "
+                             f"{type(self.model).__name__} optimises itself: set model.init_args.accumulate_grad_batches")
         resume = settings.get("resume")
         if resume is not None:
             if settings.get("ckpt_path"):

@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
 from flowvid.codecs.base import LatentCodec, check_codec_identity
@@ -77,6 +78,9 @@ class FlowModule(LightningModule):
         skip_threshold: skip steps whose flow gradient norm (before clipping) exceeds it; None skips
             only non-finite steps.
         ema_decay: keep an exponential moving average of the weights for validation and sampling.
+        accumulate_grad_batches: take an optimiser step after this many batches, with their gradients
+            averaged (Lightning's ``trainer.accumulate_grad_batches`` applies only to automatic
+            optimisation). Steps, ``max_steps``, schedules and checkpoints count optimiser steps.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class FlowModule(LightningModule):
         grad_clip: float | None = 1.0,
         skip_threshold: float | None = None,
         ema_decay: float | None = None,
+        accumulate_grad_batches: int = 1,
     ):
         super().__init__()
         # Under LightningCLI the hyperparameters are the parsed config, class_path and init_args of
@@ -128,6 +133,8 @@ class FlowModule(LightningModule):
         for name, value in (("text_dropout", text_dropout), ("extend_prob", extend_prob), ("v2v_prob", v2v_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches!r}")
         if not (math.isfinite(guidance) and guidance >= 0):
             raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
         if sampler not in SAMPLERS and sampler != "jacobi":  # "jacobi" falls back to sequential when absent
@@ -149,6 +156,7 @@ class FlowModule(LightningModule):
         self.ema = EMA(self, ema_decay) if ema_decay is not None else None
         self.skipped_steps = 0
         self._consecutive_skips = 0
+        self._window_problem: str | None = None  # why the current accumulation window cannot step
         self._checked_captions = False
 
     def _check_parts_fit(self) -> None:
@@ -277,11 +285,27 @@ class FlowModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         optimizer = self.optimizers()
+        opens, closes = self._accumulation_window()
+        if opens:
+            optimizer.zero_grad(set_to_none=True)
+            self._window_problem = None
+        if self._window_problem is None:  # after a bad batch, the rest of its window is not computed
+            self._window_problem = self._accumulate_gradients(batch)
+        if closes:
+            self._step(optimizer)
+
+    def _accumulation_window(self) -> tuple[bool, bool]:
+        """Whether this batch opens and whether it closes a window of ``accumulate_grad_batches`` batches."""
+        size = self.hparams.accumulate_grad_batches
+        # Batches of the whole run, this one included: restored on resume, so windows stay aligned.
+        index = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
+        return index % size == 0, index % size == size - 1
+
+    def _accumulate_gradients(self, batch: dict[str, Any]) -> str | None:
+        """Add the batch's gradients and log its losses; the reason the window must be skipped, if any."""
         x, text = self.training_inputs(batch)
         if not self._on_all_ranks(torch.isfinite(x).all()):
-            self._skip_step("non-finite values in the batch's latents")
-            return
-        optimizer.zero_grad(set_to_none=True)
+            return "non-finite values in the batch's latents"
         flow_input = x
         if self.denoiser is not None:
             x.requires_grad_(True)
@@ -296,19 +320,37 @@ class FlowModule(LightningModule):
         healthy = torch.isfinite(terms["loss"])
 
         if self.denoiser is not None:
+            # x.grad is this batch's own: x is new in every batch, whatever the window holds.
             den_loss = F.mse_loss(prediction.detach(), flow_score_target(x.grad, self.noise_std))
             metrics["train/denoiser_loss"] = den_loss
             healthy &= torch.isfinite(den_loss)
+        if not self._on_all_ranks(healthy):
+            return "non-finite loss"
+        self.log_dict(metrics, prog_bar=False, batch_size=x.shape[0])
+        self.log("train/loss_step", terms["loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
+        self._log_sigma(terms["sigma"], x.shape[0])
+        return None
 
-        norms = self._clip_groups(optimizer)
-        metrics.update({f"train/{group}_grad_norm": norm for group, norm in norms.items()})
-        healthy &= torch.stack(list(norms.values())).isfinite().all()
-        too_large = self.hparams.skip_threshold is not None and bool(norms["flow"] > self.hparams.skip_threshold)
-        if not self._on_all_ranks(healthy) or too_large:
-            reason = "gradient norm above skip_threshold" if too_large else "non-finite loss or gradients"
-            self._skip_step(reason)
+    def _step(self, optimizer) -> None:
+        """Average the window's gradients, clip them and take the optimiser step, or skip the window."""
+        problem = self._window_problem
+        if problem is None:
+            size = self.hparams.accumulate_grad_batches
+            if size > 1:
+                for parameter in self.parameters():
+                    if parameter.grad is not None:
+                        parameter.grad.div_(size)
+            norms = self._clip_groups(optimizer)
+            too_large = self.hparams.skip_threshold is not None and bool(norms["flow"] > self.hparams.skip_threshold)
+            if not self._on_all_ranks(torch.stack(list(norms.values())).isfinite().all()):
+                problem = "non-finite gradients"
+            elif too_large:
+                problem = "gradient norm above skip_threshold"
+        if problem is not None:
+            self._skip_step(problem)
             return
 
+        metrics = {f"train/{group}_grad_norm": norm for group, norm in norms.items()}
         # The rates this step uses: the scheduler moves them on for the next step.
         metrics.update({f"train/{group['name']}_lr": group["lr"] for group in optimizer.param_groups})
         optimizer.step()
@@ -318,9 +360,7 @@ class FlowModule(LightningModule):
         self._consecutive_skips = 0
         metrics["train/skipped_steps"] = float(self.skipped_steps)
         metrics.update(self._data_skips())
-        self.log_dict(metrics, prog_bar=False, batch_size=x.shape[0])
-        self.log("train/loss_step", terms["loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
-        self._log_sigma(terms["sigma"], x.shape[0])
+        self.log_dict(metrics, prog_bar=False, batch_size=1)
 
     def _clip_groups(self, optimizer) -> dict[str, torch.Tensor]:
         """Clip each parameter group to ``grad_clip`` on its own; return each group's norm before clipping.
@@ -375,11 +415,20 @@ class FlowModule(LightningModule):
                            "betas": (0.9, 0.999)})
         # One fused kernel over all parameters instead of ten small ones per tensor (CPU and GPU).
         optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay, fused=True)
-        total = hp.schedule_steps or self.trainer.estimated_stepping_batches
+        total = hp.schedule_steps or self._planned_steps()
         if not math.isfinite(total):
             raise ValueError("cannot size the learning-rate schedule: set trainer.max_steps or schedule_steps")
         scheduler = warmup_cosine_scheduler(optimizer, hp.warmup_steps, int(total), hp.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _planned_steps(self) -> float:
+        """Optimiser steps the run will take. Under manual optimisation Lightning's estimate counts
+        batches (capped by ``max_steps``, which counts optimiser steps)."""
+        batches = self.trainer.estimated_stepping_batches
+        max_steps = self.trainer.max_steps
+        if max_steps > 0 and batches >= max_steps:
+            return max_steps
+        return math.ceil(batches / self.hparams.accumulate_grad_batches) if math.isfinite(batches) else batches
 
     # --- checks before the first step ------------------------------------------------------------
 
@@ -389,6 +438,7 @@ class FlowModule(LightningModule):
             raise ValueError(f"precision {precision!r} is not supported: fp16 loss scaling would rescale the "
                              "flow-score-matching target; use 'bf16-mixed' or '32-true'")
         warn_if_bf16_is_emulated(precision, self.trainer.strategy.root_device)
+        self._check_accumulation()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "check_compatible"):
             datamodule.check_compatible(
@@ -397,6 +447,11 @@ class FlowModule(LightningModule):
                 video_shape=self.video_shape,
                 text_encoder=self.text_encoder.identity() if self.text_encoder is not None else None,
             )
+
+    def _check_accumulation(self) -> None:
+        if self.hparams.accumulate_grad_batches > 1 and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            raise ValueError("accumulate_grad_batches > 1 is not supported under DeepSpeed strategies; raise the "
+                             "batch size or the number of devices, or train with DDP")
 
     # --- validation ----------------------------------------------------------------------------
 

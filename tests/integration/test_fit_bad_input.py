@@ -25,6 +25,9 @@ def fit(*args: str) -> int:
     ("--model.init_args.guidance=-3", "guidance must be a finite number >= 0, got -3.0"),
     ("--model.init_args.video_shape=[0,16,16]", "video_shape is (frames, height, width), each >= 1"),
     ("--resume=/no/such.ckpt", "resume: /no/such.ckpt does not exist"),
+    ("--model.init_args.accumulate_grad_batches=0", "accumulate_grad_batches must be an integer >= 1, got 0"),
+    ("--trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4 applies only to automatic optimisation; "
+                                            "FlowModule optimises itself: set model.init_args.accumulate_grad_batches"),
 ])
 def test_a_bad_value_is_one_line_before_training(override, message, tmp_path, capsys):
     assert fit(override, f"--trainer.default_root_dir={tmp_path}") == 2

@@ -109,16 +109,16 @@ def recipe(shards: Path, run_dir: Path, *, denoiser: bool, max_steps: int, extra
     }
 
 
-def fit(config: dict, *overlays: str, args: tuple[str, ...] = (), expect_rc: int = 0) -> None:
+def fit(config: dict, *overlays: str, args: tuple[str, ...] = (), expect_rc: int = 0) -> subprocess.CompletedProcess:
     """Write ``config`` into its run directory and fit it, with recipe overlays from the repository."""
     run_dir = Path(config["trainer"]["default_root_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "recipe.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    run_fit([config_path, *(REPO / overlay for overlay in overlays)], args, cwd=REPO, expect_rc=expect_rc)
+    return run_fit([config_path, *(REPO / overlay for overlay in overlays)], args, cwd=REPO, expect_rc=expect_rc)
 
 
-def run_fit(configs: list[Path], args: tuple[str, ...], cwd: Path, expect_rc: int = 0) -> None:
+def run_fit(configs: list[Path], args: tuple[str, ...], cwd: Path, expect_rc: int = 0) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "flowvid.lit.cli_support", "fit"]
     for config in configs:
         command += ["--config", str(config)]
@@ -126,6 +126,7 @@ def run_fit(configs: list[Path], args: tuple[str, ...], cwd: Path, expect_rc: in
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == expect_rc, f"rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
 
 
 def losses(run_dir: Path, rank: int = 0, key: str = "loss") -> dict[int, float]:
@@ -201,6 +202,15 @@ def test_zero_with_a_denoiser_gives_the_single_process_losses(shards, single_run
         args=("--trainer.devices", "1", "--trainer.precision", "32-true"))
     assert losses(tmp_path) == pytest.approx(losses(single_run), rel=1e-6)
     assert losses(tmp_path, key="denoiser_loss") == pytest.approx(losses(single_run, key="denoiser_loss"), rel=1e-5)
+
+
+@needs_deepspeed
+def test_gradient_accumulation_under_deepspeed_is_refused_before_the_first_step(shards, tmp_path):
+    done = fit(recipe(shards, tmp_path, denoiser=False, max_steps=2), "recipes/distributed/zero2.yaml",
+               args=("--trainer.devices", "1", "--trainer.precision", "32-true",
+                     "--model.init_args.accumulate_grad_batches", "2"), expect_rc=2)
+    assert "accumulate_grad_batches > 1 is not supported under DeepSpeed strategies" in done.stderr
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "losses.rank0.jsonl").exists()
 
 
 # --- resume ---------------------------------------------------------------------------------------

@@ -178,3 +178,68 @@ def test_bf16_mixed_on_a_cpu_without_native_bf16_warns_before_the_first_step(mon
     monkeypatch.setattr(placement, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="runs emulated"):
         trainer(max_steps=1, precision="bf16-mixed").fit(tiny_module(), fixed_batches(1))
+
+
+# --- gradient accumulation ---------------------------------------------------------------------------
+
+
+class FixedNoise(FlowModule):
+    """Noise that belongs to each video, not to its batch: how videos are batched then changes nothing."""
+
+    def training_inputs(self, batch):
+        return self.latents_of(batch) + self.noise_std * batch["noise"], self.encode_text(batch["caption"])
+
+
+def four_videos() -> dict:
+    generator = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 256, (4, *VIDEO, 3), generator=generator, dtype=torch.uint8)
+    noise = torch.randn(4, VIDEO[0], 4, 4, 12, generator=generator)
+    return {"video": video, "noise": noise, "caption": CAPTIONS * 2}
+
+
+def halves(batch: dict) -> list[dict]:
+    return [{key: value[part] for key, value in batch.items()} for part in (slice(0, 2), slice(2, 4))]
+
+
+def trained_weights(accumulate: int, batches: list[dict], steps: int) -> tuple[dict[str, torch.Tensor], dict, int]:
+    torch.manual_seed(0)
+    module = tiny_module(accumulate_grad_batches=accumulate, ema_decay=0.9, text_dropout=0.0)
+    module.__class__ = FixedNoise
+    run = trainer(max_steps=steps)
+    run.fit(module, DataLoader(batches, batch_size=None))
+    return {k: v.clone() for k, v in module.state_dict().items()}, module.ema.state_dict(), run.global_step
+
+
+def test_accumulating_two_half_batches_takes_the_step_of_the_whole_batch():
+    whole = four_videos()
+    at_once, at_once_ema, steps = trained_weights(1, [whole] * 3, steps=3)
+    accumulated, accumulated_ema, accumulated_steps = trained_weights(2, halves(whole) * 3, steps=3)
+    assert steps == accumulated_steps == 3  # max_steps counts optimiser steps, not batches
+    for name, weight in at_once.items():
+        torch.testing.assert_close(accumulated[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    for name, weight in at_once_ema.items():
+        torch.testing.assert_close(accumulated_ema[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    single_half, _, _ = trained_weights(1, halves(whole)[:1] * 3, steps=3)
+    assert not torch.allclose(single_half["flow.deep.proj_out.weight"], at_once["flow.deep.proj_out.weight"], atol=1e-6)
+
+
+def test_a_bad_batch_skips_its_whole_window_and_the_next_window_steps():
+    module = tiny_module(accumulate_grad_batches=2)
+    module.__class__ = FixedNoise
+    poisoned = halves(four_videos())
+    poisoned[0] = {**poisoned[0], "noise": poisoned[0]["noise"] * float("nan")}
+    batches = [poisoned[1], poisoned[0], *halves(four_videos())]  # the first window holds the bad batch
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    run = trainer(max_steps=1)
+    run.fit(module, DataLoader(batches, batch_size=None))
+    assert module.skipped_steps == 1 and run.global_step == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert any(not torch.equal(module.state_dict()[k], v) for k, v in before.items())
+
+
+def test_the_schedule_of_an_accumulating_run_spans_its_optimiser_steps():
+    module = tiny_module(accumulate_grad_batches=2, warmup_steps=1, schedule_steps=None, lr=1e-3, min_lr=1e-5)
+    run = trainer(max_epochs=1)
+    run.fit(module, fixed_batches(6))  # 6 batches: 3 optimiser steps, so the cosine ends after the third
+    assert run.global_step == 3
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-5)

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output shard folder (earlier shards there are replaced)")
     parser.add_argument("--frames", type=int, required=True, help="frames per clip")
     parser.add_argument("--size", type=parse_size, required=True,
-                        help="clip size: S (square) or HxW; centre crop, then resize")
+                        help="clip size: S (square) or HxW; scaled to cover it, then centre-cropped")
     parser.add_argument("--fps", type=float, default=None,
                         help="target frame rate by frame stepping (default: the source rate)")
     parser.add_argument("--stride", type=int, default=None,

@@ -2,7 +2,7 @@
 
 Built-ins register with a decorator::
 
-    @BLOCKS.register("starflow")
+    @BLOCKS.register("affine")
     class AffineBlock(FlowBlock): ...
 
 Installed packages register through the entry-point group of a kind, for example in their

@@ -14,8 +14,8 @@ deep block's cache, and sampling continues from frame 1. ``extend`` marks clips 
 a first frame (a causal video codec encodes first frames differently); ``v2v`` puts the source before
 the target in one sequence. The task prefix belongs to the task, not to the caption: guidance dropout
 in training removes the caption and keeps the prefix, so the unconditional caption of a task is
-``task_caption(task, "")``. The training module and ``flowvid generate`` both call ``task_caption``,
-so the prefixes the model learns are the ones it is given.
+``task_caption(task, "")``. Training (``flowvid.lit.conditioning``) and ``task_caption`` both take the
+prefixes from ``TASK_PREFIXES``, so the prefixes the model learns are the ones it is given.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class CodecConformance:
         """Build the codec under test; every call must give the same codec (seed random weights)."""
         raise NotImplementedError
 
-    @pytest.fixture(scope="class")
+    @pytest.fixture
     def codec(self) -> LatentCodec:
         return self.make_codec().eval()
 

@@ -36,7 +36,7 @@ class TextEncoderConformance:
         """Build the encoder under test (random weights seeded)."""
         raise NotImplementedError
 
-    @pytest.fixture(scope="class")
+    @pytest.fixture
     def encoder(self) -> TextEncoder:
         return self.make_encoder().eval()
 

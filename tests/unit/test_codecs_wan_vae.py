@@ -34,9 +34,9 @@ def wan_dir(tmp_path_factory):
 class TestWanVAECodec(CodecConformance):
     video_shape = (5, 16, 16)
 
-    @pytest.fixture(scope="class", autouse=True)
-    def _folder(self, request, wan_dir):
-        request.cls.folder = wan_dir
+    @pytest.fixture(autouse=True)
+    def _folder(self, wan_dir):
+        self.folder = wan_dir
 
     def make_codec(self):
         return WanVAECodec(self.folder)

@@ -41,9 +41,9 @@ def t5_dir(tmp_path_factory):
 
 
 class TestT5TextEncoder(TextEncoderConformance):
-    @pytest.fixture(scope="class", autouse=True)
-    def _folder(self, request, t5_dir):
-        request.cls.folder = t5_dir
+    @pytest.fixture(autouse=True)
+    def _folder(self, t5_dir):
+        self.folder = t5_dir
 
     def make_encoder(self):
         return T5TextEncoder(self.folder, max_length=12)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.denoise import CausalDenoiser, flow_score_target, score_matching_tap, tweedie_denoise
@@ -293,6 +294,13 @@ class FlowModule(LightningModule):
             self._window_problem = self._accumulate_gradients(batch)
         if closes:
             self._step(optimizer)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # DDP reduces gradients in every backward pass it prepared for in its forward pass: within a
+        # window only the last one needs it (the others' gradients add up locally, as with no_sync).
+        model = self.trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            model.require_backward_grad_sync = self._accumulation_window()[1]
 
     def _accumulation_window(self) -> tuple[bool, bool]:
         """Whether this batch opens and whether it closes a window of ``accumulate_grad_batches`` batches."""

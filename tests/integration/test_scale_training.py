@@ -47,6 +47,17 @@ class LossLog(Callback):
             file.write(json.dumps(record) + "\n")
 
 
+class WeightsLog(Callback):
+    """Saves the module's weights at the end of training to ``<path>.rank<R>.pt``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+                   f"{self.path}.rank{trainer.global_rank}.pt")
+
+
 class CrashAt(Callback):
     """Kills the process without any cleanup when training is about to take step ``step + 1``."""
 
@@ -202,6 +213,19 @@ def test_zero_with_a_denoiser_gives_the_single_process_losses(shards, single_run
         args=("--trainer.devices", "1", "--trainer.precision", "32-true"))
     assert losses(tmp_path) == pytest.approx(losses(single_run), rel=1e-6)
     assert losses(tmp_path, key="denoiser_loss") == pytest.approx(losses(single_run, key="denoiser_loss"), rel=1e-5)
+
+
+def test_ddp_with_gradient_accumulation_keeps_the_ranks_in_step(shards, tmp_path):
+    weights = {"class_path": "test_scale_training.WeightsLog", "init_args": {"path": str(tmp_path / "weights")}}
+    fit(recipe(shards, tmp_path, denoiser=True, max_steps=2, extra_callbacks=[weights]), "recipes/distributed/ddp.yaml",
+        args=(*TWO_PROCESSES, "--trainer.precision", "32-true", "--model.init_args.accumulate_grad_batches", "2"))
+    ranks = [torch.load(tmp_path / f"weights.rank{rank}.pt") for rank in (0, 1)]
+    # Only every second backward pass reduces gradients; the ranks still take identical steps.
+    assert_same_tensors(*ranks)
+    logged = (tmp_path / "losses.rank0.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in logged] == [0, 1, 1, 2]  # four batches, two optimiser steps
+    start = torch.load(tmp_path / "checkpoints" / "step=00000002.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(start[name], ranks[0][name]) for name in start)  # the checkpoint is the last step's
 
 
 @needs_deepspeed

@@ -28,6 +28,7 @@ from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.data.shards import BadSample, BrokenShard, SampleSpec, decode_sample, iter_tar, shard_paths
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats, reference_file_name
+from flowvid.paths import check_output_file
 from flowvid.placement import resolve_device
 from flowvid.registry import FVD_EXTRACTORS
 
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     planned = planned_key(manifest, metric, frames, args.max_samples)
     out = Path(args.out) if args.out else Path(args.source) / "fvd_stats" / reference_file_name(**planned)
-    if out.is_file() and not args.force and ReferenceStats.load(out).key() == planned:
+    check_output_file(out, "--out", "give the .npz file to write")
+    if out.is_file() and not args.force and cached_key(out) == planned:
         console.print(f"[green]cached[/] {out} already holds these statistics (--force recomputes)")
         return 0
 
@@ -79,6 +81,14 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[yellow]note[/] {stats.num_samples} samples for {stats.mu.shape[0]} features: the covariance is "
                       "singular; FVD still computes but is noisy and biased upwards")
     return 0
+
+
+def cached_key(out: Path) -> dict[str, Any]:
+    """The key of the statistics already in ``out``; a file that holds none is the user's, not replaced."""
+    try:
+        return ReferenceStats.load(out).key()
+    except ValueError as err:
+        raise ValueError(f"{err}; give another --out, or --force to replace it") from None
 
 
 def planned_key(manifest: dict[str, Any], metric: FrechetVideoDistance, frames: int, max_samples: int | None) -> dict[str, Any]:

@@ -66,7 +66,13 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor
     if path.is_dir():
         raise ValueError(f"{path} is a directory: a sharded (FSDP / torch.distributed.checkpoint) reference "
                          "checkpoint; convert it to one file with torch.distributed.checkpoint.format_utils first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not path.exists():
+        raise FileNotFoundError(f"reference checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
+        detail = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot read reference checkpoint {path}: not a PyTorch file, or a damaged one ({detail})") from err
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -32,6 +32,7 @@ from torch import nn
 
 from flowvid.lit.checkpointing import METADATA_KEY, PARTIAL_SUFFIX, CorruptCheckpointError, load_client_state
 from flowvid.nn.lora import is_adapter_key, merge_lora
+from flowvid.paths import check_output_file
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONFIG_NAME = "config.yaml"
@@ -71,6 +72,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
         raise ValueError(f"weights must be 'ema' or 'trained', got {weights!r}")
     out = Path(out)
     config_path = out.parent / CONFIG_NAME
+    check_export_path(out)
     if not force:
         for existing in (p for p in (out, config_path) if p.exists()):
             raise FileExistsError(f"{existing} exists; pass --force to overwrite it")
@@ -87,10 +89,22 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
         "global_step": str(client_state.get("global_step", "")),
         **{key: json.dumps(run.get(key)) for key in ("flowvid_version", "codec", "text_encoder", "plugins")},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out, lambda path: save_file(tensors, str(path), metadata=metadata))
-    _write_atomically(config_path, lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False)))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(out, lambda path: save_file(tensors, str(path), metadata=metadata))
+        _write_atomically(config_path, lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False)))
+    except (OSError, SafetensorError) as err:  # a full disk, a folder without write permission
+        raise OSError(f"cannot write the export {out}: {getattr(err, 'strerror', None) or err}") from None
     return out
+
+
+def check_export_path(out: Path) -> None:
+    """Refuse, before the checkpoint is read, an ``out`` that cannot be an export: a folder, a path
+    inside a file, or a name without the ``.safetensors`` ending by which generate and score know one."""
+    check_output_file(out, "--out", f"give the file to write, e.g. {out / 'model.safetensors'}")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out} does not end in .safetensors, which is how generate and score know an "
+                         f"export; name it {out.with_suffix('.safetensors')}")
 
 
 def checkpoint_weights(ckpt: str | os.PathLike, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, Any],
@@ -239,11 +253,20 @@ def read_run_config(config_path: Path) -> dict[str, Any]:
     try:
         run_config = yaml.safe_load(config_path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ValueError(f"config {config_path} is not valid YAML: {err}") from err
+        raise ValueError(f"config {config_path} is not valid YAML: {yaml_problem(err)}") from err
     if not isinstance(run_config, dict):
         raise ValueError(f"config {config_path} must be a YAML mapping with a 'model' section, "
                          f"got {type(run_config).__name__}")
     return run_config
+
+
+def yaml_problem(err: Exception) -> str:
+    """The parser's complaint in one line, with the line and column of the file where it arose
+    (its own message spans several lines and shows a ``<unicode string>``, not the file)."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(err).split())
+    return f"{getattr(err, 'problem', None) or err} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def build_module(run_config: dict[str, Any]) -> nn.Module:
@@ -296,7 +319,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.ckpt, args.out, args.dtype, args.weights, args.force)
-    except (FileExistsError, FileNotFoundError, CorruptCheckpointError, ValueError) as err:
+    except (OSError, CorruptCheckpointError, ValueError) as err:
         raise UserError(str(err)) from err
     print(f"wrote {out} and {out.parent / CONFIG_NAME}")
     return 0

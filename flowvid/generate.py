@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from flowvid.media import MediaError, frame_rate, read_image, read_video, write_video
+from flowvid.paths import check_output_folder
 from flowvid.placement import add_placement_arguments, precision_context, resolve_device, resolve_precision
 from flowvid.sampling import Sampler, WindowedSampler, build_sampler
 from flowvid.sampling.tasks import TASKS, encode_text, task_inputs
@@ -65,21 +66,20 @@ def check_options(args: argparse.Namespace) -> None:
     """Refuse numbers and an output path that cannot work, before the model is loaded."""
     if args.batch_size < 1:
         raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.frames is not None and args.frames < 1:
+        raise GenerateError(f"--frames must be >= 1, got {args.frames}")
+    check_seed(args.seed)
     try:
         frame_rate(args.fps)
     except MediaError:
         raise GenerateError(f"--fps must be a finite number of frames per second >= 0.001, got {args.fps}") from None
-    check_output_folder(Path(args.out))
+    check_output_folder(args.out, "--out", "give a folder for the samples", GenerateError)
 
 
-def check_output_folder(out: Path) -> None:
-    """``out`` must be a folder, or a path where one can be made: neither a file nor inside one."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                what = "is a file" if path == out else f"is inside the file {path}"
-                raise GenerateError(f"--out {out} {what}; give a folder for the samples")
-            return
+def check_seed(seed: int) -> None:
+    """torch takes seeds of 64 bits; sample ``i`` uses ``seed + i``, so leave room above the largest."""
+    if not -2**63 <= seed < 2**63:
+        raise GenerateError(f"--seed must be an integer from -2**63 to 2**63 - 1, got {seed}")
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
@@ -92,6 +92,8 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
 
 def read_prompt_file(path: Path) -> list[str]:
     """One prompt per line of a UTF-8 file; an empty line is a mistake, not an unconditional sample."""
+    if path.is_dir():
+        raise GenerateError(f"prompt file {path} is a folder; give a text file with one prompt per line")
     if not path.is_file():
         raise GenerateError(f"prompt file {path} does not exist")
     try:
@@ -321,8 +323,10 @@ def main(argv: list[str]) -> int:
             precision=precision,
         )
         records = run(module, request, Path(args.out))
-    except (GenerateError, FileNotFoundError, KeyError) as err:
-        raise UserError(str(err).strip("'\"")) from None
+    except KeyError as err:  # str() of a KeyError quotes its message
+        raise UserError(str(err.args[0]) if err.args else str(err)) from None
+    except (GenerateError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
     except CorruptCheckpointError as err:
         raise UserError(str(err)) from None
     except ValueError as err:  # bad sizes, guidance without text encoder, codec mismatch, ...

@@ -65,8 +65,10 @@ def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             frame = np.asarray(image.convert("RGB"))
-    except (FileNotFoundError, IsADirectoryError):
+    except FileNotFoundError:
         raise MediaError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise MediaError(f"image {path} is a folder; give an image file") from None
     except (UnidentifiedImageError, OSError) as err:
         raise MediaError(f"cannot read image {path}: {err}") from None
     return fit_frame(frame, height, width)
@@ -75,10 +77,12 @@ def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
 def read_video(path: str | Path, height: int, width: int, max_frames: int | None = None) -> np.ndarray:
     """A video file (or a ``.npy`` array (T, H, W, 3) uint8) as uint8 (T, height, width, 3)."""
     path = Path(path)
+    if path.is_dir():
+        raise MediaError(f"video {path} is a folder; give a video file or a .npy array")
     if not path.is_file():
         raise MediaError(f"video {path} does not exist")
     if path.suffix == ".npy":
-        frames = np.load(path, allow_pickle=False)
+        frames = load_frame_array(path)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise MediaError(f"{path} holds {frames.dtype} {frames.shape}, expected uint8 (T, H, W, 3)")
         frames = list(frames[:max_frames])
@@ -95,6 +99,16 @@ def read_video(path: str | Path, height: int, width: int, max_frames: int | None
     if not frames:
         raise MediaError(f"video {path} has no frames")
     return np.stack([fit_frame(frame, height, width) for frame in frames])
+
+
+def load_frame_array(path: Path) -> np.ndarray:
+    """A ``.npy`` file as an array. numpy's errors do not name the file, and on a file that is not a
+    ``.npy`` at all it speaks of pickled data and ``allow_pickle``, which is no help here."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise MediaError(f"cannot read {path}: not an array saved with numpy.save (or a damaged one); "
+                         "expected uint8 frames (T, H, W, 3)") from None
 
 
 def contact_sheet(videos: np.ndarray, path: str | Path, max_frames: int = 8, gap: int = 2, zoom: int = 4) -> None:

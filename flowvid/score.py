@@ -35,6 +35,7 @@ import torch
 
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.media import MediaError, read_video
+from flowvid.paths import check_output_file
 from flowvid.placement import add_placement_arguments, precision_context, resolve_device, resolve_precision
 
 PIXEL_UNIT = "bits per 8-bit subpixel (uniform dequantisation)"
@@ -106,6 +107,11 @@ def check_inputs(inputs: list[str]) -> None:
         if given.is_dir() and not is_shard_folder(given) and next(video_inputs([given]), None) is None:
             raise ScoreError(f"no videos found in folder {given}: score looks for files ending in "
                              f"{' '.join(VIDEO_SUFFIXES)} (in subfolders too), or a shard folder with manifest.json")
+
+
+def check_seed(seed: int) -> None:
+    if not -2**63 <= seed < 2**63:  # torch's generator takes 64 bits; found now, not after loading the model
+        raise ScoreError(f"--seed must be an integer from -2**63 to 2**63 - 1, got {seed}")
 
 
 def check_caption(module, caption: str) -> None:
@@ -199,16 +205,19 @@ def main(argv: list[str]) -> int:
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
         check_inputs(args.input)
-        if Path(args.out).is_dir():  # found now, not after every video is scored
-            raise ScoreError(f"--out {args.out} is a folder; give the JSON lines file to write")
+        check_seed(args.seed)
+        check_output_file(args.out, "--out", "give the JSON lines file to write", ScoreError)
         module = load_model(args.ckpt, weights=args.weights, map_location=device)
         with precision_context(precision, device):
             records = score_inputs(module, args.input, args.caption, args.seed)
     except (ScoreError, FileNotFoundError, ValueError, CorruptCheckpointError) as err:
         raise UserError(str(err)) from None
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    except OSError as err:  # a full disk or a folder without write permission
+        raise UserError(f"cannot write the scores to {out}: {err.strerror or err}") from None
     failed = sum("error" in r for r in records)
     print(f"scored {len(records) - failed} videos into {out}" + (f"; {failed} could not be read (listed)" if failed else ""))
     return 0 if len(records) > failed else 1

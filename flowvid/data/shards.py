@@ -28,6 +28,7 @@ import numpy as np
 import webdataset as wds
 
 from flowvid.data.manifest import MANIFEST_NAME, video_shape
+from flowvid.paths import check_output_folder
 
 SHARD_PATTERN = "shard-%06d.tar"
 TEMPORARY_SUFFIX = ".tmp"
@@ -132,6 +133,7 @@ def staging_folder(folder: str | Path) -> Iterator[Path]:
     """
     folder = Path(folder)
     missing = [path for path in (folder, *folder.parents) if not path.exists()]  # innermost first
+    check_output_folder(folder, "output folder", "give a folder for the shards")
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
     try:

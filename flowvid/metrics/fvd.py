@@ -39,6 +39,17 @@ def reference_file_name(extractor: str, weights_hash: str, frames: int, height: 
     return f"{extractor}_{weights_hash[:12] or 'noweights'}_f{frames}_r{height}x{width}_n{num_samples}.npz"
 
 
+def _open_npz(path: Path):
+    """``np.load`` of an ``.npz``; numpy's error on another kind of file names neither the file nor the problem."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        data = None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not an FVD reference file (an .npz written by `flowvid data fvd-stats`)")
+    return data
+
+
 @dataclass(frozen=True)
 class ReferenceStats:
     """Mean and covariance of a real set's features, with everything they depend on."""
@@ -78,7 +89,7 @@ class ReferenceStats:
         if not path.is_file():
             raise FileNotFoundError(f"FVD reference statistics {path} not found; compute them once with "
                                     f"`flowvid data fvd-stats RAW_SHARD_DIR --out {path}`")
-        with np.load(path, allow_pickle=False) as data:
+        with _open_npz(path) as data:
             missing = [name for name in ("mu", "sigma", *cls.KEY_FIELDS) if name not in data]
             if missing:
                 raise ValueError(f"{path} is not an FVD reference file: it lacks {missing}")

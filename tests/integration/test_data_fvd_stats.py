@@ -38,3 +38,22 @@ def test_a_misspelt_extractor_argument_names_the_accepted_ones(raw_folder, capsy
         data_main(["fvd-stats", str(raw_folder), "--extractor-args", '["weights"]'])
     assert refused.value.code == 2
     assert not (raw_folder / "fvd_stats").exists()
+
+
+def test_an_output_that_cannot_hold_the_statistics_is_one_line_before_computing(raw_folder, tmp_path, capsys,
+                                                                                 wide_console):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    refusals = {
+        # numpy's "contains pickled (object) data" named neither the file nor what to do
+        str(notes): f"{notes} is not an FVD reference file (an .npz written by `flowvid data fvd-stats`); "
+                    "give another --out, or --force to replace it",
+        # a traceback (FileExistsError) once every clip had been read
+        str(notes / "stats.npz"): f"--out {notes / 'stats.npz'} is inside the file {notes}",
+        str(tmp_path): f"--out {tmp_path} is a folder",
+    }
+    for out, message in refusals.items():
+        assert data_main(["fvd-stats", str(raw_folder), "--out", out]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error:") and error.count("\n") == 1 and message in error
+    assert notes.read_text() == "keep me"

@@ -17,6 +17,7 @@ from flowvid.data.shards import (
     encode_sample,
     iter_tar,
     npy_bytes,
+    staging_folder,
 )
 
 VIDEO = {"frames": 2, "height": 4, "width": 4, "fps": 8.0}
@@ -62,6 +63,16 @@ def test_a_failed_write_leaves_no_shard_under_a_final_name(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar"]  # complete one only
     report = verify_folder(tmp_path)
     assert not report["ok"] and "manifest.json not found" in report["problems"][0]
+
+
+@pytest.mark.parametrize("out", ["taken.txt", "taken.txt/shards"])
+def test_an_output_folder_that_is_a_file_or_inside_one_is_a_value_error_naming_it(tmp_path, out):
+    # make-synthetic, from-videos and encode-latents stage into their --out: a file there was a traceback.
+    (tmp_path / "taken.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=f"output folder {tmp_path / out} (is a file|is inside the file)"):
+        with staging_folder(tmp_path / out):
+            pass
+    assert (tmp_path / "taken.txt").read_text() == "keep me"
 
 
 def test_round_trip_and_truncation(tmp_path):

@@ -140,6 +140,16 @@ def test_a_refused_command_leaves_an_existing_dataset_byte_for_byte(tmp_path, ca
     assert folder_contents(tmp_path) == before
 
 
+@pytest.mark.parametrize("out", ["taken.txt", "taken.txt/shapes"])
+def test_an_output_that_is_a_file_is_one_line_and_the_file_is_kept(tmp_path, capsys, out):
+    (tmp_path / "taken.txt").write_text("keep me")
+    assert data_main(["make-synthetic", "--out", str(tmp_path / out), "--num-videos", "4", "--frames", "2",
+                      "--size", "8"]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and f"output folder {tmp_path / out}" in " ".join(error.split())
+    assert (tmp_path / "taken.txt").read_text() == "keep me"
+
+
 def test_a_run_that_fails_midway_leaves_the_previous_dataset_as_it_was(tmp_path):
     write_synthetic_dataset(tmp_path, num_videos=8, frames=4, size=16, shard_samples=3)
     (tmp_path / "train" / "notes.md").write_text("kept")

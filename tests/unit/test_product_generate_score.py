@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,7 +116,7 @@ def test_stream_writes_frames_as_they_come_and_longer_videos_use_a_window(checkp
     [
         (["--task", "i2v", "--prompt", "x"], "needs --image"),
         (["--task", "i2v", "--image", "missing.png", "--prompt", "x"], "does not exist"),
-        (["--prompt", "x", "--guidance", "2", "--frames", "0"], "frame count"),
+        (["--prompt", "x", "--guidance", "2", "--frames", "0"], "--frames must be >= 1, got 0"),
         (["--prompts", "PROMPTS"], "line 2 is empty"),
     ],
 )
@@ -179,6 +180,58 @@ def test_a_frame_rate_that_is_not_positive_and_finite_is_refused_before_loading(
                  "--out", str(tmp_path / "o")]) == 2
     assert "--fps" in one_line_error(capsys)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--frames", "0", "--frames must be >= 1, got 0"),
+    ("--frames", "-3", "--frames must be >= 1, got -3"),
+    ("--seed", str(10**20), f"--seed must be an integer from -2**63 to 2**63 - 1, got {10**20}"),
+])
+def test_a_frame_count_or_seed_out_of_range_is_refused_before_loading(tmp_path, capsys, option, value, message):
+    # Both used to load the model first: --frames 0 then read "a frame count of a multiple of 1", and a
+    # seed of more than 64 bits "Overflow when unpacking long long".
+    assert main(["generate", "--ckpt", str(tmp_path / "nope.ckpt"), "--prompt", "x", option, value,
+                 "--out", str(tmp_path / "o")]) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option", ["--prompts", "--image", "--video"])
+def test_a_folder_given_for_an_input_file_is_called_a_folder(checkpoint, tmp_path, capsys, option):
+    task = {"--image": ["--task", "i2v"], "--video": ["--task", "extend"]}.get(option, [])
+    assert main(["generate", "--ckpt", str(checkpoint), *task, "--prompt", "x", option, str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys)
+    assert f"{tmp_path} is a folder" in err and "does not exist" not in err
+
+
+def test_damaged_npy_clips_are_named_and_listed_and_the_other_videos_still_scored(checkpoint, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    np.save(videos / "good.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    (videos / "junk.npy").write_bytes(b"not an array\n" * 10)  # numpy: "contains pickled (object) data"
+    (videos / "truncated.npy").write_bytes((videos / "good.npy").read_bytes()[:100])
+    np.save(videos / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    out = tmp_path / "s.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(videos), "--out", str(out)]) == 0
+    records = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "bits_per_dim" in records["good.npy"]
+    for name in ("junk.npy", "truncated.npy", "objects.npy"):
+        assert records[name]["error"].startswith(f"cannot read {videos / name}: not an array saved with numpy.save")
+    assert main(["generate", "--ckpt", str(checkpoint), "--task", "extend", "--video", str(videos / "junk.npy"),
+                 "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    assert f"cannot read {videos / 'junk.npy'}" in one_line_error(capsys)
+
+
+def test_a_score_output_inside_a_file_or_a_seed_out_of_range_is_refused_before_loading(tmp_path, capsys):
+    clip = tmp_path / "clip.npy"
+    np.save(clip, np.zeros((4, 8, 8, 3), np.uint8))
+    score = ["score", "--ckpt", str(tmp_path / "nope.ckpt"), "--input", str(clip)]
+    # Inside a file used to end in FileExistsError once every video was scored.
+    assert main([*score, "--out", str(clip / "s.jsonl")]) == 2
+    assert f"--out {clip / 's.jsonl'} is inside the file {clip}" in one_line_error(capsys)
+    assert main([*score, "--seed", str(2**64), "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "--seed must be an integer from -2**63 to 2**63 - 1" in one_line_error(capsys)
 
 
 def test_a_prompt_file_that_is_not_utf8_is_named(checkpoint, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -99,3 +101,16 @@ def test_a_reference_file_imports_and_converts_through_the_command(tmp_path):
     assert set(load_file(out)) == {f"flow.{k}" for k in flow.state_dict()}
     with pytest.raises(UserError, match="exists; pass --force"):
         main(args)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint\n" * 20, b"PK\x03\x04" + b"\x00" * 40])
+def test_an_unreadable_reference_file_is_one_line_naming_it(tmp_path, content):
+    # torch.load's KeyError, EOFError or RuntimeError ended the command in a traceback.
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    args = ["--reference", str(path), "--frame-size", "4", "4", "--out", str(tmp_path / "flow.safetensors")]
+    with pytest.raises(UserError, match=re.escape(f"cannot read reference checkpoint {path}: not a PyTorch file")):
+        main(args)
+    with pytest.raises(UserError, match=re.escape(f"reference checkpoint {tmp_path / 'nope.pth'} does not exist")):
+        main([*args[:1], str(tmp_path / "nope.pth"), *args[2:]])
+    assert not (tmp_path / "flow.safetensors").exists()

@@ -112,10 +112,41 @@ def test_a_broken_or_misplaced_config_is_an_error_naming_the_file(trained, tmp_p
     _, ckpt = trained
     out = export_checkpoint(ckpt, tmp_path / "export" / "model.safetensors")
     (tmp_path / "export" / "config.yaml").write_text("model: {class_path: [unclosed\n")
-    with pytest.raises(ValueError, match=re.escape(f"config {tmp_path / 'export' / 'config.yaml'} is not valid YAML")):
+    with pytest.raises(ValueError, match=re.escape(f"config {tmp_path / 'export' / 'config.yaml'} is not valid YAML")) as bad:
         load_exported(out)
+    assert "\n" not in str(bad.value) and "line 2, column 1" in str(bad.value)  # the parser's own spans four lines
     with pytest.raises(ValueError, match=re.escape(f"config {tmp_path} is not a file")):
         load_exported(out, config=tmp_path)
+
+
+def test_an_output_that_cannot_be_an_export_is_refused_before_the_checkpoint_is_read(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("keep me")
+    missing = tmp_path / "nope.ckpt"  # the --out error comes first
+    refusals = {
+        # --force then failed with IsADirectoryError
+        "folder": f"--out {tmp_path / 'folder'} is a folder; give the file to write",
+        # written, but generate and score then read it as a Lightning checkpoint: "not a PyTorch checkpoint"
+        "model.pt": f"--out {tmp_path / 'model.pt'} does not end in .safetensors",
+        "notes.txt/model.safetensors": f"--out {tmp_path / 'notes.txt' / 'model.safetensors'} is inside the file",
+    }
+    for out, message in refusals.items():
+        with pytest.raises(UserError, match=re.escape(message)):
+            main(["--ckpt", str(missing), "--out", str(tmp_path / out), "--force"])
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and not list((tmp_path / "folder").iterdir())
+
+
+def test_an_export_that_cannot_be_written_is_one_line(trained, tmp_path, monkeypatch):
+    _, ckpt = trained
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("flowvid.export.save_file", full_disk)
+    with pytest.raises(UserError, match=re.escape(f"cannot write the export {tmp_path / 'model.safetensors'}: "
+                                                  "No space left on device")):
+        main(["--ckpt", str(ckpt), "--out", str(tmp_path / "model.safetensors")])
+    assert not list(tmp_path.glob("model.safetensors*"))
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

@@ -1,0 +1,33 @@
+"""Output paths checked before any work: a path that can never be written is refused up front, in one
+line, instead of failing with a traceback after minutes of sampling, scoring or encoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def blocking_file(path: Path) -> Path | None:
+    """The file that ``path``, or the nearest of its parents that exists, is; None when that is a folder."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def check_output_folder(folder: str | Path, name: str, hint: str, error: type[Exception] = ValueError) -> None:
+    """``folder`` must be a folder or a path where one can be made; ``name`` is how the user gave it."""
+    folder = Path(folder)
+    blocker = blocking_file(folder)
+    if blocker is not None:
+        where = "is a file" if blocker == folder else f"is inside the file {blocker}"
+        raise error(f"{name} {folder} {where}; {hint}")
+
+
+def check_output_file(file: str | Path, name: str, hint: str, error: type[Exception] = ValueError) -> None:
+    """``file`` must be a file, or a path where one can be written: not a folder, not inside a file."""
+    file = Path(file)
+    if file.is_dir():
+        raise error(f"{name} {file} is a folder; {hint}")
+    blocker = blocking_file(file.parent)
+    if blocker is not None:
+        raise error(f"{name} {file} is inside the file {blocker}; give a path in a folder")

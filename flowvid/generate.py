@@ -124,6 +124,10 @@ def prompts_for(module, prompts: list[str]) -> list[str]:
     if takes_text(module):
         if not prompts:
             raise GenerateError("give at least one --prompt or a --prompts file")
+        blank = [prompt for prompt in prompts if prompt and not prompt.strip()]
+        if blank:  # it would be sampled as the empty caption, unconditionally, without a word
+            raise GenerateError(f"--prompt {blank[0]!r} holds only whitespace; give a caption, or --prompt '' "
+                                "for an unconditional sample")
         return prompts
     if any(prompts):
         raise GenerateError("this model is unconditional (trained without text) and takes no prompt; leave out "

@@ -119,6 +119,9 @@ def check_caption(module, caption: str) -> None:
     if caption and module.text_encoder is None:
         raise ScoreError("this model is unconditional (trained without text) and takes no caption; "
                          "leave out --caption")
+    if caption and not caption.strip():
+        raise ScoreError(f"--caption {caption!r} holds only whitespace; give a caption, or leave it out to "
+                         "score under the empty caption")
 
 
 def video_inputs(paths: list[Path]) -> Iterator[Path]:

@@ -118,6 +118,7 @@ def test_stream_writes_frames_as_they_come_and_longer_videos_use_a_window(checkp
         (["--task", "i2v", "--image", "missing.png", "--prompt", "x"], "does not exist"),
         (["--prompt", "x", "--guidance", "2", "--frames", "0"], "--frames must be >= 1, got 0"),
         (["--prompts", "PROMPTS"], "line 2 is empty"),
+        (["--prompt", "a red circle", "--prompt", "   "], "--prompt '   ' holds only whitespace"),
     ],
 )
 def test_bad_requests_are_one_line_errors(checkpoint, tmp_path, capsys, extra, message):
@@ -373,3 +374,12 @@ def test_bf16_on_a_cpu_without_native_bf16_is_allowed_with_a_warning(monkeypatch
     monkeypatch.setattr(placement, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="no native bf16"):
         assert placement.resolve_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"
+
+
+def test_a_whitespace_caption_is_refused_not_scored_as_the_empty_one(checkpoint, tmp_path, capsys):
+    clip = tmp_path / "clip.npy"
+    np.save(clip, np.zeros((4, 8, 8, 3), np.uint8))
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(clip), "--caption", "  ",
+                 "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "--caption '  ' holds only whitespace" in one_line_error(capsys)
+    assert not (tmp_path / "s.jsonl").exists()

@@ -41,6 +41,10 @@ from flowvid.sampling.tasks import TASKS, encode_text, task_inputs
 DEFAULT_TOLERANCE = {"32-true": 1e-3, "bf16-mixed": 1e-2}
 
 
+#: The latents written beside each sample (``NAME.latent.npy``): arrays, but not videos.
+LATENTS_SUFFIX = ".latent.npy"
+
+
 class GenerateError(ValueError):
     """A request that cannot be generated; the message is the one line the user sees."""
 
@@ -225,7 +229,7 @@ def _generate_batch(module, request: Request, prompts: list[str], seeds: list[in
 def write_sample(out: Path, name: str, video: np.ndarray, latents: np.ndarray, record: dict[str, Any], fps: float) -> None:
     write_video(out / f"{name}.mp4", video, fps=fps)
     np.save(out / f"{name}.npy", video)
-    np.save(out / f"{name}.latent.npy", latents.astype(np.float32))
+    np.save(out / f"{name}{LATENTS_SUFFIX}", latents.astype(np.float32))
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))
 
 

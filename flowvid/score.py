@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from flowvid.codecs.base import LatentCodec, check_codec_identity
+from flowvid.generate import LATENTS_SUFFIX
 from flowvid.media import MediaError, read_video
 from flowvid.paths import check_output_file
 from flowvid.placement import add_placement_arguments, precision_context, resolve_device, resolve_precision
@@ -127,7 +128,9 @@ def check_caption(module, caption: str) -> None:
 def video_inputs(paths: list[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+            # A folder written by `flowvid generate` also holds each sample's latents, which are no video.
+            yield from sorted(p for p in path.rglob("*")
+                              if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.endswith(LATENTS_SUFFIX))
         else:
             yield path
 
@@ -188,7 +191,7 @@ def score_inputs(module, inputs: list[str], caption: str = "", seed: int = 0) ->
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowvid score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="exported .safetensors, Lightning .ckpt or DeepSpeed directory")
-    parser.add_argument("--input", nargs="+", required=True, help="video files, folders of videos or shard folders")
+    parser.add_argument("--input", nargs="+", required=True, help="video files, folders of videos (not the .latent.npy beside generated samples) or shard folders")
     parser.add_argument("--caption", default="",
                         help="caption for video files (default: unconditional); a model without text takes none")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")

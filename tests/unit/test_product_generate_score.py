@@ -383,3 +383,14 @@ def test_a_whitespace_caption_is_refused_not_scored_as_the_empty_one(checkpoint,
                  "--out", str(tmp_path / "s.jsonl")]) == 2
     assert "--caption '  ' holds only whitespace" in one_line_error(capsys)
     assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_score_of_a_generate_folder_scores_its_videos_and_not_their_latents(checkpoint, tmp_path):
+    samples = tmp_path / "samples"
+    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "a red circle moves left", "--out", str(samples)]) == 0
+    assert list(samples.glob("*.latent.npy"))
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(samples), "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(Path(r["path"]).suffix for r in records) == [".mp4", ".npy"]
+    assert not any("error" in r for r in records)

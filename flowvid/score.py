@@ -191,7 +191,9 @@ def score_inputs(module, inputs: list[str], caption: str = "", seed: int = 0) ->
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowvid score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="exported .safetensors, Lightning .ckpt or DeepSpeed directory")
-    parser.add_argument("--input", nargs="+", required=True, help="video files, folders of videos (not the .latent.npy beside generated samples) or shard folders")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="video files, folders of videos (not the .latent.npy beside generated samples) "
+                             "or shard folders")
     parser.add_argument("--caption", default="",
                         help="caption for video files (default: unconditional); a model without text takes none")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")

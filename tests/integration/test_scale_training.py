@@ -359,3 +359,23 @@ def test_the_lora_recipe_trains_adapters_only_resumes_exactly_and_exports_the_ad
     batch = torch.rand(2, 4, 8, 8, 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(load_exported(merged).flow.nll(batch), adapted.flow.nll(batch), rtol=1e-5, atol=1e-6)
+
+
+@needs_deepspeed
+def test_lora_under_zero3_gives_the_ddp_losses_and_exports_the_merged_model(shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from flowvid.export import export_checkpoint
+
+    lora = {"class_path": "flowvid.lit.finetune.LoRA", "init_args": {"rank": 4}}
+    runs = {strategy: tmp_path / strategy for strategy in ("ddp", "zero3")}
+    for strategy, run_dir in runs.items():
+        fit(recipe(shards, run_dir, denoiser=False, max_steps=4, extra_callbacks=[lora]),
+            f"recipes/distributed/{strategy}.yaml", args=(*TWO_PROCESSES, "--trainer.precision", "32-true"))
+    assert losses(runs["zero3"]) == pytest.approx(losses(runs["ddp"]), rel=1e-6)
+    checkpoint = "checkpoints/step=00000004.ckpt"
+    exports = {strategy: load_file(export_checkpoint(run_dir / checkpoint, run_dir / "export" / "model.safetensors"))
+               for strategy, run_dir in runs.items()}
+    assert not any("lora" in name for name in exports["zero3"])  # adapters merged from the shards
+    for name, weight in exports["ddp"].items():
+        torch.testing.assert_close(exports["zero3"][name], weight, rtol=1e-5, atol=1e-6, msg=name)

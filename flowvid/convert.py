@@ -70,9 +70,10 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor
         raise FileNotFoundError(f"reference checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
-        detail = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot read reference checkpoint {path}: not a PyTorch file, or a damaged one ({detail})") from err
+    except Exception as err:  # torch raises many types for a damaged or foreign file
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot read reference checkpoint {path}: not a PyTorch file, or a damaged one "
+                         f"({detail})") from err
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

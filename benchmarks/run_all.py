@@ -11,6 +11,8 @@ Sections, in the order of docs/benchmarks.md:
 * sampling: sequential vs Jacobi (``sampling.py``, two configurations, and on a CPU with native bf16
   the demo preset under bf16-mixed) and, with the reference, Jacobi against the reference's Jacobi
   (``reference.py``);
+* fine-tuning: a training step that updates every weight of the flow against one through LoRA
+  (``finetune.py``);
 * memory: peak RSS of the demo's training and sampling (``memory.py``);
 * data throughput (``data.py``);
 * thread settings: the same training step under OpenMP's default wait policy, ``PASSIVE`` and one
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             run("reference.py", [*reference, "--rounds", "3" if quick else "5"], out / "reference_jacobi.json")
             if reference else None,
         ],
+        "Fine-tuning": [run("finetune.py", ["--rounds", "2" if quick else "6"], out / "finetune.json")],
         "Memory": [run("memory.py", ["--steps", "10" if quick else "30"], out / "memory.json")],
         "Data": [run("data.py", ["--quick"] if quick else [], out / "data.json")],
         "Thread settings": [None if quick else thread_settings(out, cycles=2)],

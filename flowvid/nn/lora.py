@@ -38,11 +38,15 @@ class LoRALinear(nn.Module):
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
-        self.register_buffer("lora_scale", torch.tensor(alpha / rank, device=linear.weight.device))
+        self.scale = alpha / rank
+        # Also in the state dict, so that merge_lora needs nothing but the weights.
+        self.register_buffer("lora_scale", torch.tensor(self.scale, device=linear.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(x, self.lora_a), self.lora_b)
-        return F.linear(x, self.weight, self.bias) + update * self.lora_scale.to(update.dtype)
+        out = F.linear(x, self.weight, self.bias)
+        low = F.linear(x, self.lora_a)
+        # out + scale * low B^T as one matmul that accumulates into out: no separate scale and add passes.
+        return torch.addmm(out.flatten(0, -2), low.flatten(0, -2), self.lora_b.t(), alpha=self.scale).view_as(out)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lora_a.shape[0]}"

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+finetune = importlib.import_module("finetune")
 gpu = importlib.import_module("gpu")
 memory = importlib.import_module("memory")
 reference = importlib.import_module("reference")
@@ -207,3 +208,12 @@ def test_attention_kernel_benchmark_times_both_kernels_on_the_same_tokens():
     row = attention_kernels.measure(16, tokens=64)
     assert row["batch"] == 4
     assert all(row[f"{kernel}_{part}_ms"] > 0 for kernel in ("bf16", "fp32") for part in ("forward", "forward_backward"))
+
+
+def test_finetune_benchmark_trains_adapters_only_and_counts_their_state():
+    rows = finetune.measure_width(deep_width=64, rank=4, rounds=1, batch=1)
+    full, lora = rows["full"], rows["lora r4"]
+    assert full["trainable"] == full["parameters"]
+    assert lora["parameters"] - lora["trainable"] == full["parameters"]  # every weight frozen, adapters added
+    assert lora["adamw_state_mib"] == pytest.approx(full["adamw_state_mib"] * lora["trainable"] / full["trainable"])
+    assert "| 64 | lora r4 |" in finetune.markdown({64: rows})

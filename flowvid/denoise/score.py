@@ -39,30 +39,33 @@ class _ScoreMatchingTap(torch.autograd.Function):
     """Identity on ``x``; its backward turns the gradient arriving at ``x`` into the denoiser's one."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, prediction: torch.Tensor, noise_std: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, prediction: torch.Tensor, noise_std: float, loss_scale: float) -> torch.Tensor:
         ctx.save_for_backward(prediction)
         ctx.noise_std = noise_std
+        ctx.loss_scale = loss_scale
         return x.clone()
 
     @staticmethod
     def backward(ctx, input_grad: torch.Tensor):
         (prediction,) = ctx.saved_tensors
-        target = flow_score_target(input_grad, ctx.noise_std)
-        # d/dprediction of mse_loss(prediction, target), the mean over every element.
-        prediction_grad = 2.0 * (prediction - target) / prediction.numel()
-        return input_grad, prediction_grad, None
+        target = flow_score_target(input_grad / ctx.loss_scale, ctx.noise_std)
+        # d/dprediction of loss_scale * mse_loss(prediction, target), the mean over every element.
+        prediction_grad = 2.0 * (prediction - target) / prediction.numel() * ctx.loss_scale
+        return input_grad, prediction_grad, None, None
 
 
-def score_matching_tap(x: torch.Tensor, prediction: torch.Tensor, noise_std: float) -> torch.Tensor:
+def score_matching_tap(x: torch.Tensor, prediction: torch.Tensor, noise_std: float,
+                       loss_scale: float = 1.0) -> torch.Tensor:
     """``x`` unchanged, tied to the denoiser's ``prediction`` for it (made from ``x`` detached).
 
     Feed the result to the flow instead of ``x``: the backward pass of the likelihood loss then also
     gives ``prediction`` the gradient of ``mse_loss(prediction, flow_score_target(x.grad, noise_std))``,
     which trains the denoiser in the same pass; the gradient that reaches ``x`` is the likelihood's
-    alone, so the flow learns nothing from the denoiser. The loss's input gradient must be unscaled,
-    as for ``flow_score_target``.
+    alone, so the flow learns nothing from the denoiser. ``loss_scale`` is the factor the likelihood
+    loss is multiplied by before its backward pass (``1 / k`` when k batches accumulate); the target
+    is read off the unscaled gradient, and the denoiser's loss gets the same factor.
     """
-    return _ScoreMatchingTap.apply(x, prediction, noise_std)
+    return _ScoreMatchingTap.apply(x, prediction, noise_std, loss_scale)
 
 
 def tweedie_denoise(flow, x_noisy: torch.Tensor, noise_std: float, text: TextEmbedding | None = None) -> torch.Tensor:

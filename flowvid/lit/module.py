@@ -42,6 +42,7 @@ from flowvid.flows.global_local import LOG_2PI, GlobalLocalFlow
 from flowvid.lit.conditioning import EXTEND_PREFIX, V2V_PREFIX, add_prefix, chance, drop_captions
 from flowvid.lit.ema import EMA
 from flowvid.lit.schedule import warmup_cosine_scheduler
+from flowvid.lit.strategies import ZeroStrategy
 from flowvid.placement import warn_if_bf16_is_emulated
 from flowvid.registry import CODECS, SAMPLERS
 from flowvid.text.base import TextEmbedding, TextEncoder
@@ -314,13 +315,16 @@ class FlowModule(LightningModule):
         x, text = self.training_inputs(batch)
         if not self._on_all_ranks(torch.isfinite(x).all()):
             return "non-finite values in the batch's latents"
+        # Each batch's loss weighs 1/k: the window's gradients add up to their mean, on every strategy.
+        scale = 1.0 / self.hparams.accumulate_grad_batches
         flow_input = x
         if self.denoiser is not None:
             x.requires_grad_(True)
             prediction = self.denoiser_prediction(x, text)
-            flow_input = score_matching_tap(x, prediction, self.noise_std)
+            flow_input = score_matching_tap(x, prediction, self.noise_std, scale)
         terms = self.likelihood_terms(flow_input, text)
-        self.manual_backward(terms["loss"])  # trains the flow, the text encoder and the denoiser
+        # Trains the flow, the text encoder and the denoiser.
+        self.manual_backward(terms["loss"] * scale if scale != 1.0 else terms["loss"])
         metrics = {f"train/{name}": terms[name] for name in ("loss", "nats_per_dim", "z2", "logdet")}
         metrics["train/bits_per_dim"] = terms["nats_per_dim"] / math.log(2)
         if self.latent_norm_penalty:
@@ -329,7 +333,7 @@ class FlowModule(LightningModule):
 
         if self.denoiser is not None:
             # x.grad is this batch's own: x is new in every batch, whatever the window holds.
-            den_loss = F.mse_loss(prediction.detach(), flow_score_target(x.grad, self.noise_std))
+            den_loss = F.mse_loss(prediction.detach(), flow_score_target(x.grad / scale, self.noise_std))
             metrics["train/denoiser_loss"] = den_loss
             healthy &= torch.isfinite(den_loss)
         if not self._on_all_ranks(healthy):
@@ -340,14 +344,9 @@ class FlowModule(LightningModule):
         return None
 
     def _step(self, optimizer) -> None:
-        """Average the window's gradients, clip them and take the optimiser step, or skip the window."""
+        """Clip the window's mean gradients and take the optimiser step, or skip the window."""
         problem = self._window_problem
         if problem is None:
-            size = self.hparams.accumulate_grad_batches
-            if size > 1:
-                for parameter in self.parameters():
-                    if parameter.grad is not None:
-                        parameter.grad.div_(size)
             norms = self._clip_groups(optimizer)
             too_large = self.hparams.skip_threshold is not None and bool(norms["flow"] > self.hparams.skip_threshold)
             if not self._on_all_ranks(torch.stack(list(norms.values())).isfinite().all()):
@@ -457,9 +456,15 @@ class FlowModule(LightningModule):
             )
 
     def _check_accumulation(self) -> None:
-        if self.hparams.accumulate_grad_batches > 1 and isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            raise ValueError("accumulate_grad_batches > 1 is not supported under DeepSpeed strategies; raise the "
-                             "batch size or the number of devices, or train with DDP")
+        strategy = self.trainer.strategy
+        if self.hparams.accumulate_grad_batches == 1 or not isinstance(strategy, DeepSpeedStrategy):
+            return
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        if not isinstance(strategy, ZeroStrategy) or not hasattr(DeepSpeedEngine, "managed_gradient_accumulation"):
+            raise ValueError("accumulate_grad_batches > 1 under DeepSpeed needs flowvid.lit.strategies.ZeroStrategy "
+                             "and a DeepSpeed with managed_gradient_accumulation (0.19 or later); raise the batch "
+                             "size or the number of devices instead")
 
     # --- validation ----------------------------------------------------------------------------
 

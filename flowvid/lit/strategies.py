@@ -95,6 +95,13 @@ class ZeroStrategy(DeepSpeedStrategy):
         # deepspeed.initialize needs an index for its device rank; torch treats cpu:N as the CPU.
         return torch.device("cpu", self.local_rank)
 
+    def _format_config(self) -> None:
+        super()._format_config()
+        if self.lightning_module.hparams.get("accumulate_grad_batches", 1) > 1:
+            # The module accumulates itself: a backward pass only adds up (ZeRO-2/3 still reduce and
+            # partition each one), and the one step() per window is the accumulation boundary.
+            self.config["managed_gradient_accumulation"] = False
+
     def _auto_select_batch_size(self) -> int:
         # Only feeds DeepSpeed's throughput log. The stock version reads the loader's batch_sampler,
         # which loaders that batch inside their dataset (WebDataset pipelines) do not have.

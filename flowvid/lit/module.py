@@ -357,10 +357,14 @@ class FlowModule(LightningModule):
             self._skip_step(problem)
             return
 
-        metrics = {f"train/{group}_grad_norm": norm for group, norm in norms.items()}
+        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        # Under DeepSpeed the groups hold no gradients (the engine reduces and clips them in step()).
+        metrics = {} if deepspeed else {f"train/{group}_grad_norm": norm for group, norm in norms.items()}
         # The rates this step uses: the scheduler moves them on for the next step.
         metrics.update({f"train/{group['name']}_lr": group["lr"] for group in optimizer.param_groups})
         optimizer.step()
+        if deepspeed and (norm := self.trainer.strategy.deepspeed_engine.get_global_grad_norm()) is not None:
+            metrics["train/grad_norm"] = float(norm)
         self.lr_schedulers().step()
         if self.ema is not None:
             self.ema.update()

@@ -33,7 +33,8 @@ REPO = HERE.parents[1]
 
 
 class LossLog(Callback):
-    """Appends ``{"step", "loss", "denoiser_loss"}`` after every training step to ``<path>.rank<R>.jsonl``."""
+    """Appends ``{"step", "loss", "denoiser_loss", "flow_grad_norm" or "grad_norm"}`` (those logged) after
+    every training batch to ``<path>.rank<R>.jsonl``."""
 
     def __init__(self, path: str):
         self.path = path
@@ -41,8 +42,9 @@ class LossLog(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = trainer.callback_metrics
         record = {"step": trainer.global_step, "loss": float(metrics["train/loss"])}
-        if "train/denoiser_loss" in metrics:
-            record["denoiser_loss"] = float(metrics["train/denoiser_loss"])
+        for name in ("denoiser_loss", "flow_grad_norm", "grad_norm"):
+            if f"train/{name}" in metrics:
+                record[name] = float(metrics[f"train/{name}"])
         with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as file:
             file.write(json.dumps(record) + "\n")
 
@@ -237,10 +239,10 @@ def accumulating_runs(shards, tmp_path_factory):
     return run
 
 
-def logged(run_dir: Path, key: str = "loss", rank: int = 0) -> list[float]:
-    """Every batch's logged value, in order (``losses`` keeps one per step)."""
+def logged(run_dir: Path, key: str = "loss", rank: int = 0) -> list[float | None]:
+    """Every batch's logged value, in order (``losses`` keeps one per step); None before it is logged."""
     lines = (run_dir / f"losses.rank{rank}.jsonl").read_text().splitlines()
-    return [json.loads(line)[key] for line in lines]
+    return [json.loads(line).get(key) for line in lines]
 
 
 def test_ddp_with_gradient_accumulation_keeps_the_ranks_in_step(accumulating_runs):
@@ -263,6 +265,10 @@ def test_zero_with_gradient_accumulation_gives_the_ddp_losses(stage, accumulatin
         assert logged(zero, rank=rank) == pytest.approx(logged(ddp, rank=rank), rel=1e-6)
         if denoiser:
             assert logged(zero, "denoiser_loss", rank) == pytest.approx(logged(ddp, "denoiser_loss", rank), rel=1e-5)
+        else:  # the engine's norm of the window's gradients is their mean's, as under DDP (flow only here)
+            norms = [norm for norm in logged(zero, "grad_norm", rank) if norm is not None]
+            assert len(norms) == 3  # from the first step on: batches 2, 3 and 4
+            assert norms == pytest.approx([n for n in logged(ddp, "flow_grad_norm", rank) if n is not None], rel=1e-5)
 
 
 # --- resume ---------------------------------------------------------------------------------------

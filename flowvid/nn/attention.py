@@ -14,6 +14,14 @@ from flowvid.nn.kv_cache import KVCache
 from flowvid.nn.rope import rotate_pairs
 
 
+class QKNorm(nn.RMSNorm):
+    """RMSNorm of queries or keys in their own dtype: under bf16 autocast they arrive in bf16, and an fp32
+    gain would send ``rms_norm`` to its slow unfused path (the kernel still accumulates in fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     """Fused-QKV attention with rotary embeddings and an optional KV cache.
 
@@ -29,8 +37,8 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
-        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.q_norm = QKNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = QKNorm(head_dim) if qk_norm else nn.Identity()
 
     def forward(
         self,

@@ -15,8 +15,8 @@ from flowvid.nn.rope import rotate_pairs
 
 
 class QKNorm(nn.RMSNorm):
-    """RMSNorm of queries or keys in their own dtype: under bf16 autocast they arrive in bf16, and an fp32
-    gain would send ``rms_norm`` to its slow unfused path (the kernel still accumulates in fp32)."""
+    """RMSNorm of queries or keys in their own dtype: under bf16 autocast they arrive in bf16, and with an
+    fp32 gain ``rms_norm`` skips its fused kernel and warns (either way it accumulates in fp32)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)

@@ -91,8 +91,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     }
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(out, lambda path: save_file(tensors, str(path), metadata=metadata))
-        _write_atomically(config_path, lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False)))
+        write_atomically(out, lambda path: save_file(tensors, str(path), metadata=metadata))
+        write_atomically(config_path, lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False)))
     except (OSError, SafetensorError) as err:  # a full disk, a folder without write permission
         raise OSError(f"cannot write the export {out}: {getattr(err, 'strerror', None) or err}") from None
     return out
@@ -107,16 +107,18 @@ def check_export_path(out: Path) -> None:
                          f"export; name it {out.with_suffix('.safetensors')}")
 
 
-def checkpoint_weights(ckpt: str | os.PathLike, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, Any],
-                                                                              dict[str, Any]]:
+def checkpoint_weights(ckpt: str | os.PathLike, weights: str = "ema",
+                       merge_adapters: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """The module weights of ``ckpt`` (the EMA when ``weights="ema"`` and the run kept one), the run's
-    config (``{"model": {class_path, init_args}, ...}``) and the checkpoint's client state."""
+    config (``{"model": {class_path, init_args}, ...}``) and the checkpoint's client state. LoRA
+    adapters are merged into the weights they adapt unless ``merge_adapters=False``."""
     client_state = load_client_state(ckpt)
     state_dict = consolidated_state_dict(ckpt, client_state)
     ema = (client_state.get("flowvid") or {}).get("ema")
     if weights == "ema" and ema:
         state_dict.update({name: tensor for name, tensor in ema.items() if name in state_dict})
-    state_dict = merge_lora(state_dict)  # a run that trained adapters gives the model it adapted
+    if merge_adapters:  # a run that trained adapters gives the model it adapted
+        state_dict = merge_lora(state_dict)
     run = client_state.get(METADATA_KEY) or {}
     config = run.get("config") or {"model": model_config_from_hparams(client_state)}
     return state_dict, config, client_state
@@ -163,7 +165,7 @@ def _portable(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.contiguous().clone()
 
 
-def _write_atomically(path: Path, write: Any) -> None:
+def write_atomically(path: Path, write: Any) -> None:
     """``write`` the file beside ``path``, then rename it: a crash never leaves half a file at ``path``."""
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     try:
@@ -187,7 +189,7 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def _reading_export(path: str | os.PathLike):
+def reading_export(path: str | os.PathLike):
     """safetensors' errors on a damaged file do not name it: raise CorruptCheckpointError naming it."""
     try:
         yield
@@ -200,7 +202,7 @@ def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises CorruptCheckpointError when the file is not a readable safetensors file.
     """
-    with _reading_export(path), safe_open(str(path), framework="pt") as file:
+    with reading_export(path), safe_open(str(path), framework="pt") as file:
         raw = file.metadata() or {}
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path} is not a flowvid export (format {raw.get('format')!r})")
@@ -230,7 +232,7 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
         raise ValueError(f"cannot build the model of {path} from {config_path}: {err}\n"
                          f"It was exported with flowvid {metadata.get('flowvid_version')} and the plugin "
                          f"packages {metadata.get('plugins') or 'none'}") from err
-    with _reading_export(path):
+    with reading_export(path):
         state = load_file(str(path), device=str(map_location))
     load_weights(module, state, where=str(path))
     module.to(map_location).eval()
@@ -316,10 +318,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema",
                         help="export the moving average when the run kept one (default) or the trained weights")
     parser.add_argument("--force", action="store_true", help="overwrite an existing export")
+    parser.add_argument("--adapters-only", action="store_true",
+                        help="a LoRA run: write only its adapters (fp32), to apply with generate/score --lora")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.ckpt, args.out, args.dtype, args.weights, args.force)
+        if args.adapters_only:
+            from flowvid.adapters import export_adapters
+
+            out = export_adapters(args.ckpt, args.out, args.weights, args.force)
+        else:
+            out = export_checkpoint(args.ckpt, args.out, args.dtype, args.weights, args.force)
     except (OSError, CorruptCheckpointError, ValueError) as err:
         raise UserError(str(err)) from err
-    print(f"wrote {out} and {out.parent / CONFIG_NAME}")
+    print(f"wrote {out}" if args.adapters_only else f"wrote {out} and {out.parent / CONFIG_NAME}")
     return 0

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.media import MediaError, frame_rate, read_image, read_video, write_video
 from flowvid.paths import check_output_folder
 from flowvid.placement import add_placement_arguments, precision_context, resolve_device, resolve_precision
@@ -64,6 +65,8 @@ class Request:
     image: str | None = None
     video: str | None = None
     precision: str = "32-true"
+    lora: str | None = None
+    lora_strength: float = 1.0
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -258,6 +261,7 @@ def run(module, request: Request, out: Path) -> list[dict[str, Any]]:
                 "prompt": prompts[i], **seen, "task": request.task,
                 "seed": seeds[i], "sampler": request.sampler, "tol": request.tol if request.sampler == "jacobi" else None,
                 "guidance": request.guidance, "device": str(module.device), "precision": request.precision,
+                **({"lora": request.lora, "lora_strength": request.lora_strength} if request.lora else {}),
                 "frames": int(result["videos"].shape[1]),
                 "timings": {k: v / len(prompts) for k, v in result["timings"].items()}, "batch_size": len(prompts),
                 "sampler_stats": result["sampler_stats"],
@@ -305,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written mp4")
     parser.add_argument("--stream", action="store_true", help="write frames as soon as they are sampled")
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
+    add_adapter_arguments(parser)
     add_placement_arguments(parser, precision="auto")
     parser.add_argument("--out", required=True)
     return parser
@@ -318,17 +323,19 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_options(args)
+        check_adapter_arguments(args.lora, args.lora_strength)
         prompts = read_prompts(args.prompt, args.prompts)
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
-        module = load_model(args.ckpt, weights=args.weights, map_location=device)
+        module = load_model(args.ckpt, weights=args.weights, map_location=device, adapters=args.lora,
+                            adapter_strength=args.lora_strength)
         prompts = prompts_for(module, prompts)
         request = Request(
             task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames,
             sampler=args.sampler, tol=DEFAULT_TOLERANCE[precision] if args.tol is None else args.tol,
             guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
             batch_size=args.batch_size, fps=args.fps, stream=args.stream, image=args.image, video=args.video,
-            precision=precision,
+            precision=precision, lora=args.lora, lora_strength=args.lora_strength,
         )
         records = run(module, request, Path(args.out))
     except KeyError as err:  # str() of a KeyError quotes its message

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.generate import LATENTS_SUFFIX
 from flowvid.media import MediaError, read_video
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="caption for video files (default: unconditional); a model without text takes none")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
+    add_adapter_arguments(parser)
     add_placement_arguments(parser, precision="32-true")  # scores are exact unless asked otherwise
     parser.add_argument("--out", required=True, help="JSON lines, one per video")
     return parser
@@ -215,7 +217,9 @@ def main(argv: list[str]) -> int:
         check_inputs(args.input)
         check_seed(args.seed)
         check_output_file(args.out, "--out", "give the JSON lines file to write", ScoreError)
-        module = load_model(args.ckpt, weights=args.weights, map_location=device)
+        check_adapter_arguments(args.lora, args.lora_strength)
+        module = load_model(args.ckpt, weights=args.weights, map_location=device, adapters=args.lora,
+                            adapter_strength=args.lora_strength)
         with precision_context(precision, device):
             records = score_inputs(module, args.input, args.caption, args.seed)
     except (ScoreError, FileNotFoundError, ValueError, CorruptCheckpointError) as err:

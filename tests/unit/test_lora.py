@@ -3,6 +3,7 @@ into plain weights that give the adapted model's outputs."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -138,3 +139,66 @@ def test_merged_weights_give_the_adapted_flow():
         assert not torch.allclose(z_adapted, tiny_flow()(x)[0], atol=1e-3)  # the adapters do change the flow
     torch.testing.assert_close(z_plain, z_adapted, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logdet_plain, logdet_adapted, rtol=1e-5, atol=1e-5)
+
+
+# --- adapter files ------------------------------------------------------------------------------------
+
+
+def test_adapters_alone_turn_the_base_model_into_the_fine_tuned_one_at_any_strength(tmp_path, capsys):
+    from flowvid.adapters import export_adapters, read_adapters
+    from flowvid.cli import main
+    from flowvid.export import build_module, export_checkpoint
+    from flowvid.lit.checkpointing import METADATA_KEY, run_metadata
+    from flowvid.loading import load_model
+
+    config = {"model": {"class_path": "flowvid.lit.FlowModule", "init_args": {
+        "flow": {"class_path": "flowvid.flows.global_local.GlobalLocalFlow",
+                 "init_args": {"latent_channels": 3, "frame_size": [4, 4], "num_shallow": 1, "shallow_width": 32,
+                               "shallow_depth": 1, "deep_width": 32, "deep_depth": 1, "head_dim": 16}},
+        "codec": {"class_path": "flowvid.codecs.pixel.PixelCodec"}, "video_shape": [2, 4, 4]}}}
+
+    def checkpoint(module, name):
+        path = tmp_path / name
+        torch.save({"state_dict": module.state_dict(), "global_step": 3,
+                    METADATA_KEY: run_metadata(module, config=config)}, path)
+        return path
+
+    base = build_module(config)
+    perturb_parameters(base, std=0.05, seed=1)
+    base_export = export_checkpoint(checkpoint(base, "base.ckpt"), tmp_path / "base" / "model.safetensors")
+    tuned = build_module(config)
+    tuned.load_state_dict(base.state_dict())
+    LoRA(rank=2).setup(SimpleNamespace(), tuned, "fit")
+    with torch.no_grad():
+        for name, parameter in tuned.named_parameters():
+            if "lora_b" in name:
+                parameter.normal_(std=0.05)
+    adapters = export_adapters(checkpoint(tuned, "tuned.ckpt"), tmp_path / "lora" / "style.safetensors")
+    assert read_adapters(adapters) and all(name.rpartition(".")[2].startswith("lora_") for name in read_adapters(adapters))
+
+    x = torch.rand(2, 2, 4, 4, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tuned.flow.nll(x)
+        assert not torch.allclose(expected, base.flow.nll(x))
+        torch.testing.assert_close(load_model(base_export, adapters=adapters).flow.nll(x), expected,
+                                   rtol=1e-5, atol=1e-6)
+        assert torch.equal(load_model(base_export, adapters=adapters, adapter_strength=0.0).flow.nll(x),
+                           base.flow.nll(x))
+        half = load_model(base_export, adapters=adapters, adapter_strength=0.5).flow.nll(x)
+        assert not torch.allclose(half, expected) and not torch.allclose(half, base.flow.nll(x))
+
+    with pytest.raises(ValueError, match="holds no LoRA adapters"):
+        export_adapters(tmp_path / "base.ckpt", tmp_path / "none.safetensors")
+    with pytest.raises(ValueError, match="is not a LoRA adapter file"):
+        read_adapters(base_export)
+    wider = {"model": {**config["model"], "init_args": {**config["model"]["init_args"], "flow": {
+        **config["model"]["init_args"]["flow"],
+        "init_args": {**config["model"]["init_args"]["flow"]["init_args"], "deep_width": 64, "shallow_width": 64}}}}}
+    from flowvid.adapters import apply_adapters
+    with pytest.raises(ValueError, match="do not fit this model"):
+        apply_adapters(build_module(wider), adapters)
+    assert main(["generate", "--ckpt", str(base_export), "--lora-strength", "0.5", "--out", str(tmp_path / "o")]) == 2
+    assert "--lora-strength needs --lora" in capsys.readouterr().err
+    assert main(["generate", "--ckpt", str(base_export), "--lora", str(adapters), "--out", str(tmp_path / "o")]) == 0
+    record = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    assert record["lora"] == str(adapters) and record["lora_strength"] == 1.0

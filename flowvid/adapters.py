@@ -1,0 +1,96 @@
+"""LoRA adapter files: a run's adapters alone, applied to the model they adapted.
+
+A LoRA run's export (``flowvid export``) is the whole model with the adapters merged in. The adapters
+alone are a few MB where the model is GB, so they can be shared and applied to the model they were
+trained on, at any strength::
+
+    flowvid export --ckpt runs/finetune_lora/checkpoints/step=00002000.ckpt --out lora/style.safetensors \\
+        --adapters-only
+    flowvid generate --ckpt exported/model.safetensors --lora lora/style.safetensors --lora-strength 0.8 ...
+
+``strength`` scales every adapter's update: 0 is the model without it, 1 the model as fine-tuned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from flowvid.export import check_export_path, checkpoint_weights, load_weights, reading_export, write_atomically
+from flowvid.nn.lora import is_adapter_key, merge_lora
+
+FORMAT = "flowvid-lora"
+
+
+def export_adapters(ckpt: str | os.PathLike, out: str | os.PathLike, weights: str = "ema",
+                    force: bool = False) -> Path:
+    """Write the LoRA adapters of checkpoint ``ckpt`` (the moving average when the run kept one and
+    ``weights="ema"``) to ``out``, a safetensors file of fp32 tensors; return ``out``."""
+    out = Path(out)
+    check_export_path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    state, _, client_state = checkpoint_weights(ckpt, weights, merge_adapters=False)
+    adapters = {name: tensor.float().contiguous() for name, tensor in state.items() if is_adapter_key(name)}
+    if not adapters:
+        raise ValueError(f"{ckpt} holds no LoRA adapters (its run had no LoRA callback); export the whole "
+                         "model without --adapters-only")
+    metadata = {"format": FORMAT, "source": Path(ckpt).name, "global_step": str(client_state.get("global_step", "")),
+                "layers": json.dumps(sorted({name.rpartition(".")[0] for name in adapters}))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(out, lambda path: save_file(adapters, str(path), metadata=metadata))
+    return out
+
+
+def read_adapters(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a file written by ``export_adapters``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA adapter file {path} does not exist")
+    with reading_export(path), safe_open(str(path), framework="pt") as file:
+        kind = (file.metadata() or {}).get("format")
+    if kind != FORMAT:
+        raise ValueError(f"{path} is not a LoRA adapter file (format {kind!r}); write one with "
+                         "`flowvid export --adapters-only`")
+    with reading_export(path):
+        return load_file(str(path))
+
+
+def apply_adapters(module: nn.Module, path: str | os.PathLike, strength: float = 1.0) -> None:
+    """Merge the adapters of ``path`` into ``module``'s weights, their updates scaled by ``strength``."""
+    adapters = read_adapters(path)
+    weights = module.state_dict()
+    for layer in sorted({name.rpartition(".")[0] for name in adapters}):
+        weight = weights.get(f"{layer}.weight")
+        update = (adapters[f"{layer}.lora_b"].shape[0], adapters[f"{layer}.lora_a"].shape[1])
+        if weight is None or tuple(weight.shape) != update:
+            found = "no such layer" if weight is None else f"a weight of {tuple(weight.shape)}"
+            raise ValueError(f"the LoRA adapters of {path} do not fit this model: {layer} adapts {update}, the "
+                             f"model has {found}; apply them to the model they were trained on")
+    device = next(iter(weights.values())).device
+    scaled = {name: (tensor * strength if name.endswith("lora_scale") else tensor).to(device)
+              for name, tensor in adapters.items()}
+    merged = merge_lora({**weights, **scaled})
+    load_weights(module, merged, where=str(path))
+
+
+def add_adapter_arguments(parser) -> None:
+    """``--lora`` and ``--lora-strength`` for the commands that load a model."""
+    parser.add_argument("--lora", default=None,
+                        help="a LoRA adapter file (flowvid export --adapters-only) to apply to the model")
+    parser.add_argument("--lora-strength", type=float, default=1.0,
+                        help="scale of the adapters' update: 0 leaves the model as it is, 1 is as trained")
+
+
+def check_adapter_arguments(lora: str | None, strength: float) -> None:
+    if lora is None and strength != 1.0:
+        raise ValueError("--lora-strength needs --lora")
+    if not math.isfinite(strength):
+        raise ValueError(f"--lora-strength must be a finite number, got {strength}")

@@ -127,12 +127,12 @@ class LoRA(Callback):
         self.targets = list(targets or DEFAULT_TARGETS)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if any(isinstance(layer, LoRALinear) for layer in pl_module.modules()):
-            return  # adapted in an earlier stage of the same run
         named = dict(pl_module.named_modules())
         unknown = [name for name in self.modules if name not in named]
         if unknown:
             raise ValueError(f"LoRA: {type(pl_module).__name__} has no sub-module {', '.join(unknown)}")
+        if any(isinstance(layer, LoRALinear) for name in self.modules for layer in named[name].modules()):
+            return  # adapted in an earlier stage of the same run
         adapted = 0
         for name in self.modules:
             module = named[name]

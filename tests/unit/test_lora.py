@@ -106,6 +106,8 @@ def test_the_callback_trains_only_the_adapters_of_the_flow_and_keeps_its_outputs
 
     LoRA(rank=2).setup(SimpleNamespace(), model, "validate")  # a later stage of the same run adapts nothing twice
     assert sum(isinstance(layer, LoRALinear) for layer in model.modules()) == len(add_lora(tiny_flow(), rank=2))
+    LoRA(rank=2, modules=["denoiser"]).setup(SimpleNamespace(), model, "fit")  # a second callback, other parts
+    assert any(isinstance(layer, LoRALinear) for layer in model.denoiser.modules())
     with pytest.raises(ValueError, match="has no sub-module flow.middle"):
         LoRA(modules=["flow.middle"]).setup(SimpleNamespace(), Parts(), "fit")
 

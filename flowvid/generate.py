@@ -34,7 +34,7 @@ from flowvid.media import MediaError, frame_rate, read_image, read_video, write_
 from flowvid.paths import check_output_folder
 from flowvid.placement import add_placement_arguments, precision_context, resolve_device, resolve_precision
 from flowvid.sampling import Sampler, WindowedSampler, build_sampler
-from flowvid.sampling.tasks import TASKS, encode_text, task_inputs
+from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_inputs
 
 
 #: Jacobi's default tolerance per precision: bf16 matmuls leave a relative noise of 1e-3 to 3e-3 in every
@@ -81,12 +81,6 @@ def check_options(args: argparse.Namespace) -> None:
     except MediaError:
         raise GenerateError(f"--fps must be a finite number of frames per second >= 0.001, got {args.fps}") from None
     check_output_folder(args.out, "--out", "give a folder for the samples", GenerateError)
-
-
-def check_seed(seed: int) -> None:
-    """torch takes seeds of 64 bits; sample ``i`` uses ``seed + i``, so leave room above the largest."""
-    if not -2**63 <= seed < 2**63:
-        raise GenerateError(f"--seed must be an integer from -2**63 to 2**63 - 1, got {seed}")
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:

@@ -38,6 +38,7 @@ from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.generate import LATENTS_SUFFIX
 from flowvid.media import MediaError, read_video
 from flowvid.paths import check_output_file
+from flowvid.sampling.tasks import check_seed
 from flowvid.placement import add_placement_arguments, precision_context, resolve_device, resolve_precision
 
 PIXEL_UNIT = "bits per 8-bit subpixel (uniform dequantisation)"
@@ -109,11 +110,6 @@ def check_inputs(inputs: list[str]) -> None:
         if given.is_dir() and not is_shard_folder(given) and next(video_inputs([given]), None) is None:
             raise ScoreError(f"no videos found in folder {given}: score looks for files ending in "
                              f"{' '.join(VIDEO_SUFFIXES)} (in subfolders too), or a shard folder with manifest.json")
-
-
-def check_seed(seed: int) -> None:
-    if not -2**63 <= seed < 2**63:  # torch's generator takes 64 bits; found now, not after loading the model
-        raise ScoreError(f"--seed must be an integer from -2**63 to 2**63 - 1, got {seed}")
 
 
 def check_caption(module, caption: str) -> None:

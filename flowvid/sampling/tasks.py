@@ -54,6 +54,12 @@ class TaskInputs:
     z: torch.Tensor
 
 
+def check_seed(seed: int) -> None:
+    """A ValueError, before any work, for a seed torch's generators cannot take (they take 64 bits)."""
+    if not -2**63 <= seed < 2**63:
+        raise ValueError(f"--seed must be an integer from -2**63 to 2**63 - 1, got {seed}")
+
+
 def initial_noise(shape: Sequence[int], seed: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Standard normal noise drawn on the CPU from ``seed``: the same seed gives the same video on any device."""
     generator = torch.Generator().manual_seed(seed)

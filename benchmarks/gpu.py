@@ -10,10 +10,15 @@ the card it was measured on.
   768; about 0.35B parameters) on 8 frames of 16 x 16 x 48 latents with 64 text tokens, bf16 autocast,
   fused AdamW. MFU = 6 x parameters x video tokens per second / the bf16 FLOP/s of an 8192 x 8192
   matmul measured on the same card.
+  ``training_mfu_no_text`` drops the text prefix (plain causal attention) and lists the step's
+  slowest kernels.
 * **Sampling**: the same flow, exact sequential inverse against ``JacobiSampler`` (bf16 network, fp32
   sampling arithmetic), in forward passes of wall time and relative L2 to the exact inverse.
 * **ZeRO-2 on one GPU**: ``FlowModule`` under Lightning with ``ZeroStrategy(stage=2)`` and
   ``bf16-mixed``, the way ``recipes/distributed/zero2.yaml`` trains, in steps/s and peak memory.
+
+A part that fails records its error and the others still run; ``--json`` is rewritten after every part,
+so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import json
 import statistics
 import time
+import traceback
 from typing import Callable
 
 import torch
@@ -69,10 +75,12 @@ def random_inputs(flow: GlobalLocalFlow, batch: int, frames: int, text_length: i
 
 
 def training_mfu(device: torch.device, batch: int = 4, frames: int = 8, frame_size: tuple[int, int] = (16, 16),
-                 steps: int = 10, matmul_size: int = 8192, **overrides) -> dict:
+                 steps: int = 10, matmul_size: int = 8192, text_length: int = 64, profile: bool = False,
+                 **overrides) -> dict:
     """bf16-mixed training steps of the ``base`` flow: tokens/s and MFU against a measured bf16 matmul."""
     flow = build_flow(device, frame_size, latent_channels=48, **overrides)
-    x, text = random_inputs(flow, batch, frames, 64, device)
+    x, text = random_inputs(flow, batch, frames, text_length, device)
+    text = text if text_length else None
     optimizer = torch.optim.AdamW(flow.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4,
                                   fused=device.type == "cuda")
     dims = x[0].numel()
@@ -93,12 +101,27 @@ def training_mfu(device: torch.device, batch: int = 4, frames: int = 8, frame_si
     matmul_rate = 2.0 * matmul_size**3 / median_seconds(lambda: a @ b, steps, device)
     parameters = sum(p.numel() for p in flow.parameters())
     tokens = x.shape[0] * x.shape[1] * flow.tokens_per_frame
+    kernels = top_kernels(step) if profile else None
     return {
         "device": device_name(device), "parameters": parameters, "tokens_per_step": tokens,
         "step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
         "bf16_matmul_tflops": matmul_rate / 1e12, "mfu": 6.0 * parameters * tokens / seconds / matmul_rate,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        **({"top_kernels": kernels} if kernels else {}),
     }
+
+
+def top_kernels(step: Callable[[], None], count: int = 15) -> list[str]:
+    """The kernels that take most of one step's device time, as ``name: ms (calls)``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0] or list(prof.key_averages())
+    events.sort(key=lambda e: e.device_time_total or e.cpu_time_total, reverse=True)
+    return [f"{e.key[:90]}: {(e.device_time_total or e.cpu_time_total) / 1e3:.2f} ms ({e.count})"
+            for e in events[:count]]
 
 
 @torch.no_grad()
@@ -113,17 +136,24 @@ def jacobi_vs_sequential(device: torch.device, frames: int = 4, frame_size: tupl
     z, text = random_inputs(flow, batch, frames, 16, device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         forward = median_seconds(lambda: flow(z, text), 5, device)
-        sequential = median_seconds(lambda: SequentialSampler().sample(flow, z, text), 1, device, warmup=0)
-        exact = SequentialSampler().sample(flow, z, text)
+        synchronize(device)
+        started = time.perf_counter()
+        exact = SequentialSampler().sample(flow, z, text)  # one token at a time: long, so timed once
+        synchronize(device)
+        sequential = time.perf_counter() - started
         sampler = JacobiSampler(tol=tol)
         jacobi = median_seconds(lambda: sampler.sample(flow, z, text), 3, device, warmup=1)
         x = sampler.sample(flow, z, text)
+        reencoded, logdet = flow(exact, text)
     return {
         "device": device_name(device), "video": [batch, frames, *frame_size, flow.latent_channels], "tol": tol,
         "forward_s": forward, "sequential_s": sequential, "jacobi_s": jacobi,
         "sequential_forward_passes": sequential / forward, "jacobi_forward_passes": jacobi / forward,
         "jacobi_speedup": sequential / jacobi, "relative_l2": ((x - exact).norm() / exact.norm()).item(),
         "deep_passes": sampler.last_stats["deep"]["passes"],
+        # The exact inverse under a bf16 network, encoded again: how far the round trip lands from z.
+        "reencoded_relative_l2": ((reencoded - z).norm() / z.norm()).item(),
+        "z_dtype": str(reencoded.dtype), "logdet_dtype": str(logdet.dtype), "sample_dtype": str(exact.dtype),
     }
 
 
@@ -176,24 +206,47 @@ def zero2_training(device: torch.device, steps: int = 20, batch: int = 4, **over
     }
 
 
-def run_all() -> dict:
+def gpu_parts(device: torch.device) -> dict[str, Callable[[], dict]]:
+    return {
+        "training_mfu": lambda: training_mfu(device),
+        "training_mfu_batch16": lambda: training_mfu(device, batch=16),
+        "training_mfu_no_text": lambda: training_mfu(device, text_length=0, profile=True),
+        "sampling": lambda: jacobi_vs_sequential(device),
+        "zero2": lambda: zero2_training(device),
+    }
+
+
+def run_all(json_path: str | None = None, only: list[str] | None = None) -> dict:
     if not torch.cuda.is_available():
         return {"skipped": SKIPPED}
-    device = torch.device("cuda")
-    return {
-        "training_mfu": training_mfu(device),
-        "sampling": jacobi_vs_sequential(device),
-        "zero2": zero2_training(device),
-    }
+    parts = gpu_parts(torch.device("cuda"))
+    result: dict = {}
+    for name, part in parts.items():
+        if only and name not in only:
+            continue
+        started = time.perf_counter()
+        try:
+            result[name] = part()
+        except Exception:  # one broken part must not cost the others' numbers
+            result[name] = {"error": traceback.format_exc()}
+        result[name]["part_s"] = time.perf_counter() - started
+        print(name, json.dumps(result[name]), flush=True)
+        torch.cuda.empty_cache()
+        if json_path:
+            with open(json_path, "w") as handle:
+                json.dump(result, handle, indent=2)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--parts", nargs="+", choices=list(gpu_parts(torch.device("cpu"))), default=None,
+                        help="run only these parts (default: all)")
     args = parser.parse_args(argv)
-    result = run_all()
+    result = run_all(args.json, args.parts)
     print(result.get("skipped") or json.dumps(result, indent=2))
-    if args.json:
+    if args.json and "skipped" in result:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)
     return 0

@@ -175,6 +175,6 @@ class AffineBlock(FlowBlock):
         mask = None  # one query with a cache: every cached key is visible
         if count > 1 or prefix:
             valid = cache.key_valid[:, :prefix] if prefix else None
-            mask = prefix_causal_mask(count, first, first + count, valid)
+            mask = prefix_causal_mask(count, first, first + count, valid, device=inputs.device)
         raw = self._run(inputs.to(self.proj_in.weight.dtype), cos, sin, None, mask, cache)
         return affine_parameters(raw)

@@ -160,16 +160,19 @@ def prefix_causal_mask(
     first_query: int,
     num_keys: int,
     prefix_valid: torch.Tensor | None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """"May attend" mask for a sequence ``[prefix ; tokens]`` with causal tokens.
 
     Positions ``[0, P)`` are the prefix (text), ``P = prefix_valid.shape[1]``; queries are positions
     ``[first_query, first_query + num_queries)``. Prefix queries see the valid prefix and themselves
     (so a fully padded caption never gives an empty row); token queries see the valid prefix and
-    every token position up to their own. The result may be shared between calls: do not modify it.
+    every token position up to their own. The mask lives on ``prefix_valid``'s device, or on
+    ``device`` when there is no prefix. The result may be shared between calls: do not modify it.
     """
     prefix = 0 if prefix_valid is None else prefix_valid.shape[1]
-    device = prefix_valid.device if prefix_valid is not None else None
+    if prefix_valid is not None:
+        device = prefix_valid.device
     build = _text_independent_part
     if num_queries * num_keys <= MAX_CACHED_MASK_ENTRIES:
         build = _cached_text_independent_part

@@ -8,6 +8,7 @@ those tests (they are skipped otherwise).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from dataclasses import replace
@@ -123,6 +124,28 @@ def test_gpu_sampling_benchmark_logic_runs_on_any_device():
                                       **TINY_PRESET)
     assert result["relative_l2"] < 0.05  # bf16 network, tolerance 1e-2
     assert result["deep_passes"] >= 1 and result["jacobi_s"] > 0
+    assert result["reencoded_relative_l2"] < 0.05
+    assert result["z_dtype"] == result["logdet_dtype"] == result["sample_dtype"] == "torch.float32"
+
+
+def test_gpu_training_benchmark_lists_the_slowest_operations_without_text():
+    result = gpu.training_mfu(torch.device("cpu"), batch=1, frames=2, frame_size=(2, 2), steps=1, matmul_size=32,
+                              text_width=8, text_length=0, profile=True, **TINY_PRESET)
+    assert 0 < len(result["top_kernels"]) <= 15 and " ms (" in result["top_kernels"][0]
+
+
+def test_a_failing_gpu_part_is_recorded_and_the_others_still_run(monkeypatch, tmp_path):
+    def broken() -> dict:
+        raise RuntimeError("device mismatch")
+
+    parts = {"first": broken, "second": lambda: {"step_ms": 1.0}, "third": lambda: {"step_ms": 2.0}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu, "gpu_parts", lambda device: parts)
+    out = tmp_path / "gpu.json"
+    result = gpu.run_all(str(out), only=["first", "second"])
+    assert "RuntimeError: device mismatch" in result["first"]["error"]
+    assert result["second"]["step_ms"] == 1.0 and "third" not in result
+    assert json.loads(out.read_text()) == result
 
 
 def test_gpu_benchmarks_say_they_are_skipped_without_cuda(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -143,6 +144,26 @@ def test_block_output_does_not_depend_on_what_was_cached_before():
             block.affine(block.shift(x)[:, first:first + 4], cache)
             cache.advance(4)
         assert torch.equal(block(x)[0], twin(x)[0])
+
+
+@pytest.mark.parametrize("text_width", [None, 8], ids=["unconditional", "text"])
+def test_inverse_block_builds_its_masks_on_the_inputs_device(text_width, monkeypatch):
+    """A block of several slots without a text prefix once built its mask on the CPU, failing on a GPU.
+
+    The meta device stands in for a GPU: attention there refuses a mask that lives on the CPU. It has
+    no autocast, which the block only uses to switch autocast off.
+    """
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    block = make_block(text_width=text_width).to("meta")
+    text = None
+    if text_width:
+        text = TextEmbedding(torch.zeros(2, 4, text_width, device="meta"),
+                             torch.ones(2, 4, dtype=torch.bool, device="meta"))
+    with torch.no_grad():
+        cache = block.start_inverse(2, 12, text)
+        mu, sigma = block.affine(torch.zeros(2, 4, 3, device="meta"), cache)
+    assert mu.device.type == "meta" and mu.shape == (2, 4, 3)
+    assert prefix_causal_mask(4, 0, 4, None, device=torch.device("meta")).device.type == "meta"
 
 
 def masked_attention_and_grads(attend, q, k, v, mask):

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -30,6 +31,7 @@ from flowvid.lit.checkpointing import (
     resolve_resume,
 )
 from flowvid.lit.finetune import InitFromExport
+from flowvid.lit.progress import StepProgressBar
 
 
 #: What a mistake in a command's inputs raises (a value, a path, a checkpoint).
@@ -58,8 +60,12 @@ class FlowvidCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        chose_a_bar = any(isinstance(callback, ProgressBar) for callback in configured)
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(LoopStarted())
+        if not chose_a_bar:
+            _use_step_progress_bar(trainer)
         return trainer
 
     def before_fit(self) -> None:
@@ -89,6 +95,13 @@ class FlowvidCLI(LightningCLI):
         """The full config of this command as plain data (what ``config.yaml`` holds)."""
         parser = self._parser(self.subcommand)
         return yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False))
+
+
+def _use_step_progress_bar(trainer: Trainer) -> None:
+    """Lightning's default rich bar (the recipe chose none) becomes ``StepProgressBar``."""
+    for index, callback in enumerate(trainer.callbacks):
+        if type(callback) is RichProgressBar:
+            trainer.callbacks[index] = StepProgressBar()
 
 
 def _first_cause(err: BaseException) -> BaseException:

@@ -1,0 +1,52 @@
+"""``flowvid fit`` shows the run's step out of max_steps instead of Lightning's ``Epoch 3/-2``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from flowvid.lit.cli_support import FlowvidCLI
+from flowvid.lit.progress import StepProgressBar
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "shapes_t2v.yaml"
+
+
+@pytest.fixture(autouse=True)
+def no_pytest_arguments(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["flowvid"])  # the CLI reads args= only; pytest's would be ignored
+
+
+def built_cli(*args: str) -> FlowvidCLI:
+    return FlowvidCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      args=["--config", str(RECIPE), *args], run=False)
+
+
+def bar_of(cli: FlowvidCLI):
+    bar = cli.trainer.progress_bar_callback
+    bar._trainer = cli.trainer  # what Lightning's setup hook does when fitting starts
+    return bar
+
+
+def test_a_step_bounded_run_shows_its_step_and_no_epoch_total():
+    cli = built_cli("--trainer.max_steps", "640")
+    bar = bar_of(cli)
+    assert isinstance(bar, StepProgressBar)
+    assert bar._get_train_description(3).strip() == "Epoch 3"
+    assert bar.get_metrics(cli.trainer, cli.model)["step"] == "0/640"
+
+
+def test_an_epoch_bounded_run_keeps_lightnings_description():
+    cli = built_cli("--trainer.max_steps", "-1", "--trainer.max_epochs", "4")
+    bar = bar_of(cli)
+    assert bar._get_train_description(1).strip() == "Epoch 1/3"
+    assert "step" not in bar.get_metrics(cli.trainer, cli.model)
+
+
+def test_a_progress_bar_the_recipe_chose_is_kept():
+    cli = built_cli("--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar")
+    bars = [callback for callback in cli.trainer.callbacks if isinstance(callback, (TQDMProgressBar, StepProgressBar))]
+    assert [type(bar) for bar in bars] == [TQDMProgressBar]

@@ -71,6 +71,21 @@ class CrashAt(Callback):
             os._exit(17)
 
 
+class PoisonBatch(Callback):
+    """Makes batch ``batch_idx``'s latents NaN on rank ``rank`` only."""
+
+    def __init__(self, rank: int, batch_idx: int):
+        self.rank, self.batch_idx = rank, batch_idx
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and batch_idx == self.batch_idx:
+            encode = type(pl_module).latents_of
+            pl_module.latents_of = lambda *args: encode(pl_module, *args).fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        pl_module.__dict__.pop("latents_of", None)
+
+
 # --- helpers ------------------------------------------------------------------------------------
 
 
@@ -192,6 +207,18 @@ def single_run(shards, tmp_path_factory) -> Path:
 
 
 # --- ZeRO equals DDP ------------------------------------------------------------------------------
+
+
+def test_a_batch_bad_on_one_rank_is_skipped_by_every_rank(shards, tmp_path):
+    weights = {"class_path": "test_scale_training.WeightsLog", "init_args": {"path": str(tmp_path / "weights")}}
+    poison = {"class_path": "test_scale_training.PoisonBatch", "init_args": {"rank": 1, "batch_idx": 1}}
+    fit(recipe(shards, tmp_path, denoiser=False, max_steps=3, extra_callbacks=[weights, poison]),
+        "recipes/distributed/ddp.yaml", args=(*TWO_PROCESSES, "--trainer.precision", "32-true"))
+    ranks = [torch.load(tmp_path / f"weights.rank{rank}.pt") for rank in (0, 1)]
+    assert_same_tensors(*ranks)  # rank 0's batch was fine, yet it skipped with rank 1
+    for rank in (0, 1):
+        steps = [json.loads(line)["step"] for line in (tmp_path / f"losses.rank{rank}.jsonl").read_text().splitlines()]
+        assert steps == [1, 1, 2, 3]  # the second batch took no step, on either rank
 
 
 @needs_deepspeed

@@ -139,6 +139,13 @@ def work_in_forward_passes(flow: GlobalLocalFlow, stats: dict) -> float:
     return sum(w * p for w, p in zip(weights, passes)) / sum(weights)
 
 
+def passes_in_a_row(stats: dict) -> dict[str, int]:
+    """Passes of the deep block and of all shallow blocks, each waiting on the one before: what sets
+    the time where a narrow pass costs as much as a wide one (a GPU), whatever the work."""
+    shallow = sum(sum(block["iterations"]) for block in stats["shallow"].values())
+    return {"deep": sum(stats["deep"]["iterations"]), "shallow": shallow}
+
+
 def per_frame_relative_l2(x: torch.Tensor, reference: torch.Tensor) -> list[list[float]]:
     """Relative L2 distance of every frame of every video (B lists of T): where the error grows."""
     difference = (x - reference).flatten(2).norm(dim=2) / reference.flatten(2).norm(dim=2)
@@ -206,6 +213,7 @@ def measure(config: str, frames: int, batch: int, perturb: float, train_steps: i
             "deep_passes": stats["deep"]["passes"],
             "shallow_passes": float(np.mean([s["passes"] for s in stats["shallow"].values()])),
             "first_frame_iterations": first, "later_iterations": later,
+            "passes_in_a_row": passes_in_a_row(stats),
             "unconverged_blocks": stats["deep"]["unconverged_blocks"],
         })
         print(f"  {variant.label}: {seconds:.3f} s", flush=True)
@@ -231,20 +239,21 @@ def markdown(result: dict) -> str:
         f"video {b}x{t}x{h}x{w}x{c}, {forward}; Jacobi in {result['precision']}",
         "",
         "| sampler | time (s) | wall time in forward passes | work in forward passes | rel. L2 to sequential "
-        "| deep passes | shallow passes | iterations/block, first frame | iterations/block, later |"
-        + (" wall time in fp32 forward passes |" if mixed else ""),
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if mixed else ""),
+        "| deep passes | shallow passes | iterations/block, first frame | iterations/block, later "
+        "| passes in a row, deep + shallow |" + (" wall time in fp32 forward passes |" if mixed else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if mixed else ""),
     ]
     for row in result["rows"]:
         fp32 = f" {row['fp32_forward_passes']:.2f} |" if mixed else ""
         if row["sampler"] == "sequential":
             lines.append(f"| sequential (exact, fp32) | {row['seconds']:.2f} | {row['forward_passes']:.1f} "
-                         f"| 1 (in {t * h * w} passes of one token) | 0 | | | | |" + fp32)
+                         f"| 1 (in {t * h * w} passes of one token) | 0 | | | | | |" + fp32)
             continue
         lines.append(
             f"| {row['sampler']} | {row['seconds']:.3f} | {row['forward_passes']:.2f} | {row['work']:.2f} "
             f"| {row['relative_l2']:.1e} | {row['deep_passes']:.2f} | {row['shallow_passes']:.2f} "
-            f"| {row['first_frame_iterations']:.1f} | {row['later_iterations']:.1f} |" + fp32
+            f"| {row['first_frame_iterations']:.1f} | {row['later_iterations']:.1f} "
+            f"| {row['passes_in_a_row']['deep']} + {row['passes_in_a_row']['shallow']} |" + fp32
         )
     return "\n".join(lines)
 

@@ -67,6 +67,8 @@ class Request:
     precision: str = "32-true"
     lora: str | None = None
     lora_strength: float = 1.0
+    first_block_size: int | None = None  # Jacobi's block sizes; None keeps the sampler's defaults
+    block_size: int | None = None
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -75,6 +77,11 @@ def check_options(args: argparse.Namespace) -> None:
         raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.frames is not None and args.frames < 1:
         raise GenerateError(f"--frames must be >= 1, got {args.frames}")
+    for option, value in (("--first-block-size", args.first_block_size), ("--block-size", args.block_size)):
+        if value is not None and args.sampler != "jacobi":
+            raise GenerateError(f"{option} sets the jacobi sampler's blocks; --sampler {args.sampler} has none")
+        if value is not None and value < 1:
+            raise GenerateError(f"{option} must be >= 1, got {value}")
     check_seed(args.seed)
     try:
         frame_rate(args.fps)
@@ -141,7 +148,10 @@ def slug(text: str, limit: int = 40) -> str:
 
 
 def make_sampler(request: Request, latent_frames: int, trained_frames: int) -> Sampler:
-    init_args = {"tol": request.tol} if request.sampler == "jacobi" else {}
+    init_args = {}
+    if request.sampler == "jacobi":
+        blocks = {"first_block_size": request.first_block_size, "block_size": request.block_size}
+        init_args = {"tol": request.tol, **{name: size for name, size in blocks.items() if size is not None}}
     sampler = build_sampler({"name": request.sampler, "init_args": init_args})
     if latent_frames > trained_frames:  # longer than training: slide a window of the trained length
         return WindowedSampler(sampler, window=trained_frames, context=max(1, trained_frames // 2))
@@ -297,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", default="jacobi", help="registered sampler name (jacobi, sequential, ...)")
     parser.add_argument("--tol", type=float, default=None,
                         help="Jacobi tolerance (relative change per pass); default 1e-3 in 32-true, 1e-2 in bf16-mixed")
+    parser.add_argument("--first-block-size", type=int, default=None,
+                        help="Jacobi: slots per block in the first frame and in the shallow blocks (default 16; "
+                             "a whole frame takes fewer, larger passes, which suits GPUs)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="Jacobi: slots per block of the deep block after the first frame (default: one frame)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance weight (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -330,6 +345,7 @@ def main(argv: list[str]) -> int:
             guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
             batch_size=args.batch_size, fps=args.fps, stream=args.stream, image=args.image, video=args.video,
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
+            first_block_size=args.first_block_size, block_size=args.block_size,
         )
         records = run(module, request, Path(args.out))
     except KeyError as err:  # str() of a KeyError quotes its message

@@ -205,6 +205,22 @@ def test_sampling_benchmark_measures_a_trained_checkpoint(tmp_path):
     assert "wall time in fp32 forward passes" in sampling.markdown(mixed)
 
 
+def test_passes_in_a_row_count_every_pass_of_every_block():
+    sampling = importlib.import_module("sampling")
+    from flowvid.flows import GlobalLocalFlow
+    from flowvid.sampling import JacobiSampler
+    from flowvid.testing import perturb_parameters
+
+    flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=(2, 3))
+    perturb_parameters(flow, std=0.05)
+    sampler = JacobiSampler(first_block_size=1, block_size=1)  # a block of one slot is exact after one pass
+    with torch.no_grad():
+        sampler.sample(flow, torch.randn(2, 4, 2, 3, 3))
+    # The deep block goes slot by slot through all 4 frames; the shallow ones through one frame, all
+    # frames at once.
+    assert sampling.passes_in_a_row(sampler.last_stats) == {"deep": 4 * 6, "shallow": len(flow.shallow) * 6}
+
+
 def test_sampling_benchmark_adds_jacobi_at_the_tolerances_asked_for():
     sampling = importlib.import_module("sampling")
     default = sampling.variants()

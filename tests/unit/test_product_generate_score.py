@@ -197,6 +197,25 @@ def test_a_frame_count_or_seed_out_of_range_is_refused_before_loading(tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--first-block-size", "0"], "--first-block-size must be >= 1, got 0"),
+    (["--block-size", "-4"], "--block-size must be >= 1, got -4"),
+    (["--sampler", "sequential", "--block-size", "16"], "--sampler sequential has none"),
+])
+def test_jacobi_block_sizes_that_cannot_work_are_refused_before_loading(tmp_path, capsys, extra, message):
+    assert main(["generate", "--ckpt", str(tmp_path / "nope.ckpt"), "--prompt", "x", *extra,
+                 "--out", str(tmp_path / "o")]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_jacobi_block_sizes_reach_the_sampler(checkpoint, tmp_path):
+    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--first-block-size", "4",
+                 "--block-size", "8", "--out", str(tmp_path)]) == 0
+    deep = read_record(tmp_path, "t2v_000")["sampler_stats"]["deep"]
+    first, later = deep["block_frames"].count(0), len(deep["block_frames"]) - deep["block_frames"].count(0)
+    assert set(deep["block_sizes"][:first]) == {4} and set(deep["block_sizes"][first:]) == {8} and later > 0
+
+
 @pytest.mark.parametrize("option", ["--prompts", "--image", "--video"])
 def test_a_folder_given_for_an_input_file_is_called_a_folder(checkpoint, tmp_path, capsys, option):
     task = {"--image": ["--task", "i2v"], "--video": ["--task", "extend"]}.get(option, [])

@@ -1,6 +1,6 @@
 """GPU benchmarks: bf16-mixed training MFU of a 0.35B flow, Jacobi vs sequential sampling, ZeRO-2 on one GPU.
 
-    python benchmarks/gpu.py [--json OUT]
+    python benchmarks/gpu.py [--parts PART ...] [--json OUT]
 
 Without a CUDA device every part is skipped with a message (the numbers of this file need a GPU; the
 CPU numbers come from ``train_throughput.py``, ``sampling.py`` and ``memory.py``). Each result records
@@ -12,8 +12,11 @@ the card it was measured on.
   matmul measured on the same card.
   ``training_mfu_no_text`` drops the text prefix (plain causal attention) and lists the step's
   slowest kernels.
-* **Sampling**: the same flow, exact sequential inverse against ``JacobiSampler`` (bf16 network, fp32
-  sampling arithmetic), in forward passes of wall time and relative L2 to the exact inverse.
+* **Sampling**: the same flow, exact sequential inverse against ``JacobiSampler`` with its defaults and
+  with whole-frame first blocks (bf16 network, fp32 sampling arithmetic), in forward passes of wall time,
+  passes run in a row and relative L2 to the exact inverse.
+* **Text-prefix attention**: the deep block's attention at that shape, forward and backward, as it runs
+  (``banded_attention``), as one masked kernel call, and as plain causal attention without text.
 * **ZeRO-2 on one GPU**: ``FlowModule`` under Lightning with ``ZeroStrategy(stage=2)`` and
   ``bf16-mixed``, the way ``recipes/distributed/zero2.yaml`` trains, in steps/s and peak memory.
 
@@ -34,6 +37,7 @@ import torch
 
 from flowvid.flows import GlobalLocalFlow
 from flowvid.text.base import TextEmbedding
+from sampling import passes_in_a_row
 
 SKIPPED = "skipped: no CUDA device (torch.cuda.is_available() is False); these benchmarks need a GPU"
 
@@ -141,20 +145,56 @@ def jacobi_vs_sequential(device: torch.device, frames: int = 4, frame_size: tupl
         exact = SequentialSampler().sample(flow, z, text)  # one token at a time: long, so timed once
         synchronize(device)
         sequential = time.perf_counter() - started
-        sampler = JacobiSampler(tol=tol)
-        jacobi = median_seconds(lambda: sampler.sample(flow, z, text), 3, device, warmup=1)
-        x = sampler.sample(flow, z, text)
+        jacobi = {}
+        # The defaults (16-slot blocks in the first frame and the shallow blocks), and whole-frame blocks,
+        # which run fewer passes in a row for more work.
+        for name, first_block_size in (("defaults", 16), ("frame_blocks", flow.tokens_per_frame)):
+            sampler = JacobiSampler(tol=tol, first_block_size=first_block_size)
+            seconds = median_seconds(lambda: sampler.sample(flow, z, text), 3, device, warmup=1)
+            x = sampler.sample(flow, z, text)
+            jacobi[name] = {
+                "first_block_size": first_block_size, "seconds": seconds, "forward_passes": seconds / forward,
+                "speedup": sequential / seconds, "relative_l2": ((x - exact).norm() / exact.norm()).item(),
+                "deep_passes": sampler.last_stats["deep"]["passes"],
+                "passes_in_a_row": passes_in_a_row(sampler.last_stats),
+            }
         reencoded, logdet = flow(exact, text)
     return {
         "device": device_name(device), "video": [batch, frames, *frame_size, flow.latent_channels], "tol": tol,
-        "forward_s": forward, "sequential_s": sequential, "jacobi_s": jacobi,
-        "sequential_forward_passes": sequential / forward, "jacobi_forward_passes": jacobi / forward,
-        "jacobi_speedup": sequential / jacobi, "relative_l2": ((x - exact).norm() / exact.norm()).item(),
-        "deep_passes": sampler.last_stats["deep"]["passes"],
+        "forward_s": forward, "sequential_s": sequential, "sequential_forward_passes": sequential / forward,
+        "jacobi": jacobi,
         # The exact inverse under a bf16 network, encoded again: how far the round trip lands from z.
         "reencoded_relative_l2": ((reencoded - z).norm() / z.norm()).item(),
         "z_dtype": str(reencoded.dtype), "logdet_dtype": str(logdet.dtype), "sample_dtype": str(exact.dtype),
     }
+
+
+def text_prefix_attention(device: torch.device, batch: int = 4, heads: int = 16, text_length: int = 64,
+                          video_tokens: int = 2048, head_dim: int = 64, repeats: int = 10) -> dict:
+    """The deep block's attention at the ``base`` training shape, forward and backward, three ways.
+
+    ``banded`` is what a text-conditioned block runs (chunks of queries over the keys they may see),
+    ``one_masked_call`` the same mask in a single kernel call, ``causal_no_text`` plain causal attention
+    over as many tokens, the floor. Captions are padded to ``text_length`` from half its length on.
+    """
+    from flowvid.nn.attention import attention, banded_attention, prefix_causal_mask
+
+    length = text_length + video_tokens
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, generator=generator).to(device, dtype).requires_grad_()
+               for _ in range(3))
+    valid = torch.arange(text_length)[None, :] < torch.linspace(text_length // 2, text_length, batch).long()[:, None]
+    mask = prefix_causal_mask(length, 0, length, valid.to(device))
+    kinds = {
+        "banded": lambda: banded_attention(q, k, v, mask),
+        "one_masked_call": lambda: attention(q, k, v, mask),
+        "causal_no_text": lambda: attention(q, k, v, causal=True),
+    }
+    result: dict = {"device": device_name(device), "shape": [batch, heads, length, head_dim], "dtype": str(dtype)}
+    for name, attend in kinds.items():
+        result[f"{name}_ms"] = 1e3 * median_seconds(lambda: attend().sum().backward(), repeats, device)
+    return result
 
 
 def zero2_training(device: torch.device, steps: int = 20, batch: int = 4, **overrides) -> dict:
@@ -212,6 +252,7 @@ def gpu_parts(device: torch.device) -> dict[str, Callable[[], dict]]:
         "training_mfu_batch16": lambda: training_mfu(device, batch=16),
         "training_mfu_no_text": lambda: training_mfu(device, text_length=0, profile=True),
         "sampling": lambda: jacobi_vs_sequential(device),
+        "text_prefix_attention": lambda: text_prefix_attention(device),
         "zero2": lambda: zero2_training(device),
     }
 

@@ -2,7 +2,8 @@
 
 Lightning's rich bar reads ``Epoch 3/-2`` when a run has ``max_steps`` and no ``max_epochs`` (Lightning
 then sets ``max_epochs=-1``), which every flowvid recipe does. This one reads ``Epoch 3`` and shows
-``step: 530/640`` beside the logged metrics; with an epoch bound it is Lightning's bar unchanged.
+``step: 530/640`` beside the logged metrics (and not the logger's version number); with an epoch bound
+its description is Lightning's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class StepProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version folder, drawn as "v_num: 0.000"
         if trainer.max_steps > 0:
             metrics = {"step": f"{trainer.global_step}/{trainer.max_steps}", **metrics}
         return metrics

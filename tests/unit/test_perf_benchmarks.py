@@ -120,12 +120,25 @@ def test_gpu_training_benchmark_logic_runs_on_any_device():
 
 
 def test_gpu_sampling_benchmark_logic_runs_on_any_device():
-    result = gpu.jacobi_vs_sequential(torch.device("cpu"), frames=2, frame_size=(2, 2), batch=1, text_width=8,
+    result = gpu.jacobi_vs_sequential(torch.device("cpu"), frames=2, frame_size=(4, 8), batch=1, text_width=8,
                                       **TINY_PRESET)
-    assert result["relative_l2"] < 0.05  # bf16 network, tolerance 1e-2
-    assert result["deep_passes"] >= 1 and result["jacobi_s"] > 0
+    for jacobi in result["jacobi"].values():
+        assert jacobi["relative_l2"] < 0.05  # bf16 network, tolerance 1e-2
+        assert jacobi["deep_passes"] >= 1 and jacobi["seconds"] > 0
+    # Frames of 32 slots: the defaults invert the first frame (and the shallow blocks) in two blocks of 16
+    # slots, one after the other; whole-frame blocks in one.
+    in_a_row = {name: jacobi["passes_in_a_row"] for name, jacobi in result["jacobi"].items()}
+    assert in_a_row["frame_blocks"]["shallow"] < in_a_row["defaults"]["shallow"]
+    assert in_a_row["frame_blocks"]["deep"] < in_a_row["defaults"]["deep"]
     assert result["reencoded_relative_l2"] < 0.05
     assert result["z_dtype"] == result["logdet_dtype"] == result["sample_dtype"] == "torch.float32"
+
+
+def test_text_prefix_attention_three_ways_on_any_device():
+    result = gpu.text_prefix_attention(torch.device("cpu"), batch=2, heads=1, text_length=4, video_tokens=400,
+                                       head_dim=8, repeats=1)
+    assert result["shape"] == [2, 1, 404, 8]
+    assert all(result[f"{kind}_ms"] > 0 for kind in ("banded", "one_masked_call", "causal_no_text"))
 
 
 def test_gpu_training_benchmark_lists_the_slowest_operations_without_text():

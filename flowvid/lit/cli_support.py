@@ -61,6 +61,7 @@ class FlowvidCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]  # one callback may stand alone
         chose_a_bar = any(isinstance(callback, ProgressBar) for callback in configured)
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(LoopStarted())

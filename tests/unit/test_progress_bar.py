@@ -47,7 +47,11 @@ def test_an_epoch_bounded_run_keeps_lightnings_description():
     assert "step" not in bar.get_metrics(cli.trainer, cli.model)
 
 
-def test_a_progress_bar_the_recipe_chose_is_kept():
-    cli = built_cli("--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar")
+@pytest.mark.parametrize("callbacks", [
+    ["--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"],  # added to the recipe's list
+    ["--trainer.callbacks=lightning.pytorch.callbacks.TQDMProgressBar"],  # the only callback, not in a list
+])
+def test_a_progress_bar_the_recipe_chose_is_kept(callbacks):
+    cli = built_cli(*callbacks)
     bars = [callback for callback in cli.trainer.callbacks if isinstance(callback, (TQDMProgressBar, StepProgressBar))]
     assert [type(bar) for bar in bars] == [TQDMProgressBar]

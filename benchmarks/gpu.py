@@ -11,7 +11,7 @@ the card it was measured on.
   fused AdamW. MFU = 6 x parameters x video tokens per second / the bf16 FLOP/s of an 8192 x 8192
   matmul measured on the same card.
   ``training_mfu_no_text`` drops the text prefix (plain causal attention) and lists the step's
-  slowest kernels.
+  slowest kernels; ``training_mfu_compiled`` compiles the flow's blocks (``compile_flow``).
 * **Sampling**: the same flow, exact sequential inverse against ``JacobiSampler`` with its defaults and
   with whole-frame first blocks (bf16 network, fp32 sampling arithmetic), in forward passes of wall time,
   passes run in a row and relative L2 to the exact inverse.
@@ -80,9 +80,12 @@ def random_inputs(flow: GlobalLocalFlow, batch: int, frames: int, text_length: i
 
 def training_mfu(device: torch.device, batch: int = 4, frames: int = 8, frame_size: tuple[int, int] = (16, 16),
                  steps: int = 10, matmul_size: int = 8192, text_length: int = 64, profile: bool = False,
-                 **overrides) -> dict:
+                 compile_flow: bool = False, **overrides) -> dict:
     """bf16-mixed training steps of the ``base`` flow: tokens/s and MFU against a measured bf16 matmul."""
     flow = build_flow(device, frame_size, latent_channels=48, **overrides)
+    if compile_flow:  # as FlowModule(compile_flow=True) does; the warm-up steps pay the compilation
+        for block in flow.blocks:
+            block.compile()
     x, text = random_inputs(flow, batch, frames, text_length, device)
     text = text if text_length else None
     optimizer = torch.optim.AdamW(flow.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4,
@@ -251,6 +254,7 @@ def gpu_parts(device: torch.device) -> dict[str, Callable[[], dict]]:
         "training_mfu": lambda: training_mfu(device),
         "training_mfu_batch16": lambda: training_mfu(device, batch=16),
         "training_mfu_no_text": lambda: training_mfu(device, text_length=0, profile=True),
+        "training_mfu_compiled": lambda: training_mfu(device, compile_flow=True),
         "sampling": lambda: jacobi_vs_sequential(device),
         "text_prefix_attention": lambda: text_prefix_attention(device),
         "zero2": lambda: zero2_training(device),

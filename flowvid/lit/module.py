@@ -53,6 +53,13 @@ log = logging.getLogger("flowvid.train")
 MAX_CONSECUTIVE_SKIPS = 50
 
 
+def check_compilable(strategy) -> None:
+    """``compile_flow`` under ZeRO-3 would compile around the hooks that gather each sharded parameter."""
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 3:
+        raise ValueError("compile_flow does not work with ZeRO-3 (its hooks gather parameters during the "
+                         "forward pass); use ZeRO-2 or DDP, or leave compile_flow off")
+
+
 class FlowModule(LightningModule):
     """Trains a ``GlobalLocalFlow`` (and optionally a ``CausalDenoiser``) on latent or raw-video batches.
 
@@ -83,6 +90,9 @@ class FlowModule(LightningModule):
         accumulate_grad_batches: take an optimiser step after this many batches, with their gradients
             averaged (Lightning's ``trainer.accumulate_grad_batches`` applies only to automatic
             optimisation). Steps, ``max_steps``, schedules and checkpoints count optimiser steps.
+        compile_flow: compile the forward pass of every flow block with ``torch.compile`` when training
+            starts (training and validation; samplers run the blocks eagerly). The first steps pay the
+            compilation; the state dict is unchanged. Not with ZeRO-3, whose parameter hooks it breaks.
     """
 
     def __init__(
@@ -109,6 +119,7 @@ class FlowModule(LightningModule):
         skip_threshold: float | None = None,
         ema_decay: float | None = None,
         accumulate_grad_batches: int = 1,
+        compile_flow: bool = False,
     ):
         super().__init__()
         # Under LightningCLI the hyperparameters are the parsed config, class_path and init_args of
@@ -459,6 +470,10 @@ class FlowModule(LightningModule):
                              "flow-score-matching target; use 'bf16-mixed' or '32-true'")
         warn_if_bf16_is_emulated(precision, self.trainer.strategy.root_device)
         self._check_accumulation()
+        if self.hparams.compile_flow:
+            check_compilable(self.trainer.strategy)
+            for block in self.flow.blocks:  # after the callbacks' setup: adapters and checkpointing are in
+                block.compile()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "check_compatible"):
             datamodule.check_compatible(

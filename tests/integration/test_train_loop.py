@@ -257,3 +257,30 @@ def test_the_schedule_of_an_accumulating_run_spans_its_optimiser_steps():
     run.fit(module, fixed_batches(6))  # 6 batches: 3 optimiser steps, so the cosine ends after the third
     assert run.global_step == 3
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+def test_compiled_flow_blocks_train_like_eager_ones():
+    """``compile_flow``: the same losses and weights as eager training (the eager fallback is the default)."""
+    runs = {}
+    for compiled in (False, True):
+        L.seed_everything(0)
+        module = tiny_module(lr=3e-3, denoiser_lr=3e-3, text_dropout=0.0, compile_flow=compiled)
+        record = RecordLosses()
+        trainer(max_steps=3, callbacks=[record]).fit(module, fixed_batches(3))
+        runs[compiled] = module, record.losses
+    (eager, eager_losses), (compiled, compiled_losses) = runs[False], runs[True]
+    assert all(block._compiled_call_impl is not None for block in compiled.flow.blocks)
+    assert all(block._compiled_call_impl is None for block in eager.flow.blocks)
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
+    for (name, a), (_, b) in zip(eager.flow.state_dict().items(), compiled.flow.state_dict().items()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiling_the_flow_under_zero3_is_refused():
+    pytest.importorskip("deepspeed")
+    from flowvid.lit.module import check_compilable
+    from flowvid.lit.strategies import ZeroStrategy
+
+    check_compilable(ZeroStrategy(stage=2))
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        check_compilable(ZeroStrategy(stage=3))

@@ -473,7 +473,8 @@ class FlowModule(LightningModule):
         if self.hparams.compile_flow:
             check_compilable(self.trainer.strategy)
             for block in self.flow.blocks:  # after the callbacks' setup: adapters and checkpointing are in
-                block.compile()
+                if block._compiled_call_impl is None:  # a second stage (validate after fit) keeps the first's
+                    block.compile()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "check_compatible"):
             datamodule.check_compatible(

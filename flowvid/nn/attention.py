@@ -168,11 +168,14 @@ def prefix_causal_mask(
     ``[first_query, first_query + num_queries)``. Prefix queries see the valid prefix and themselves
     (so a fully padded caption never gives an empty row); token queries see the valid prefix and
     every token position up to their own. The mask lives on ``prefix_valid``'s device, or on
-    ``device`` when there is no prefix. The result may be shared between calls: do not modify it.
+    ``device``, which a call without a prefix must give (a default would put it on the CPU, and attention
+    on a GPU would fail). The result may be shared between calls: do not modify it.
     """
     prefix = 0 if prefix_valid is None else prefix_valid.shape[1]
     if prefix_valid is not None:
         device = prefix_valid.device
+    elif device is None:
+        raise ValueError("prefix_causal_mask without a prefix (prefix_valid=None) needs the device of the mask")
     build = _text_independent_part
     if num_queries * num_keys <= MAX_CACHED_MASK_ENTRIES:
         build = _cached_text_independent_part

@@ -271,6 +271,9 @@ def test_compiled_flow_blocks_train_like_eager_ones():
     (eager, eager_losses), (compiled, compiled_losses) = runs[False], runs[True]
     assert all(block._compiled_call_impl is not None for block in compiled.flow.blocks)
     assert all(block._compiled_call_impl is None for block in eager.flow.blocks)
+    first = [block._compiled_call_impl for block in compiled.flow.blocks]
+    compiled.setup("validate")  # a later stage keeps the compiled blocks instead of compiling anew
+    assert [block._compiled_call_impl for block in compiled.flow.blocks] == first
     assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
     for (name, a), (_, b) in zip(eager.flow.state_dict().items(), compiled.flow.state_dict().items()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)

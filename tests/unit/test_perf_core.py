@@ -70,7 +70,7 @@ def test_prefix_causal_mask_matches_its_definition(num_queries, first_query, num
     valid = torch.rand(2, prefix) > 0.5 if prefix else None
     if valid is not None:
         valid[1] = False  # an empty caption: prefix queries still see themselves
-    mask = prefix_causal_mask(num_queries, first_query, num_keys, valid)
+    mask = prefix_causal_mask(num_queries, first_query, num_keys, valid, device=torch.device("cpu"))
     assert torch.equal(mask.expand(-1, 1, -1, -1), brute_force_mask(num_queries, first_query, num_keys, valid))
 
 
@@ -164,6 +164,8 @@ def test_inverse_block_builds_its_masks_on_the_inputs_device(text_width, monkeyp
         mu, sigma = block.affine(torch.zeros(2, 4, 3, device="meta"), cache)
     assert mu.device.type == "meta" and mu.shape == (2, 4, 3)
     assert prefix_causal_mask(4, 0, 4, None, device=torch.device("meta")).device.type == "meta"
+    with pytest.raises(ValueError, match="needs the device"):
+        prefix_causal_mask(4, 0, 4, None)
 
 
 def masked_attention_and_grads(attend, q, k, v, mask):

@@ -21,6 +21,7 @@ VERBS: dict[str, str] = {
     "encode-latents": "data_tools.encode_latents",
     "verify": "data_tools.verify",
     "fvd-stats": "data_tools.fvd_stats",
+    "fvd": "data_tools.fvd",
 }
 
 

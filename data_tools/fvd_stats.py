@@ -14,10 +14,11 @@ produce is reused unless ``--force``. Unreadable samples are skipped and counted
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -120,23 +121,27 @@ def reference_stats(
     skipped = [] if skipped is None else skipped
     metric = metric.to(device)
     wanted = manifest["samples"] if max_samples is None else max_samples
-    batch: list[np.ndarray] = []
-    used = 0
-    for clip in _clips(source, manifest, skipped):
-        if used + len(batch) >= wanted:
-            break
-        batch.append(clip[:frames])
-        if on_clip is not None:
-            on_clip()
-        if len(batch) == batch_size:
-            metric.update(torch.from_numpy(np.stack(batch)).to(device), real=True)
-            used, batch = used + len(batch), []
-    if batch:
-        metric.update(torch.from_numpy(np.stack(batch)).to(device), real=True)
-        used += len(batch)
+
+    def wanted_clips() -> Iterator[np.ndarray]:
+        for clip in itertools.islice(_clips(source, manifest, skipped), wanted):
+            if on_clip is not None:
+                on_clip()
+            yield clip[:frames]
+
+    used = feed_in_batches(metric, wanted_clips(), real=True, batch_size=batch_size, device=device)
     if used < 2:
         raise ValueError(f"{source}: {used} usable clips ({len(skipped)} skipped); FVD statistics need at least 2")
     return metric.real_statistics(source=str(source))
+
+
+def feed_in_batches(metric: FrechetVideoDistance, clips: Iterable[np.ndarray], real: bool, batch_size: int,
+                    device: str | torch.device) -> int:
+    """Give ``clips`` (uint8 (T, H, W, 3) each) to ``metric``, ``batch_size`` at a time; returns how many."""
+    clips, used = iter(clips), 0
+    while batch := list(itertools.islice(clips, batch_size)):
+        metric.update(torch.from_numpy(np.stack(batch)).to(device), real=real)
+        used += len(batch)
+    return used
 
 
 def _clips(source: str | Path, manifest: dict[str, Any], skipped: list[dict[str, str]]) -> Iterator[np.ndarray]:

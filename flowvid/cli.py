@@ -71,7 +71,7 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
 SUMMARIES = {
     "fit": "train a model from a recipe (LightningCLI; --resume auto continues a run)",
     "validate": "bits/dim and denoising errors of a checkpoint on the validation shards",
-    "data": "make, encode, verify and describe shard folders; FVD reference statistics",
+    "data": "make, encode, verify and describe shard folders; FVD reference statistics and FVD of samples",
     "generate": "sample videos: text-to-video, image-to-video, extension, video-to-video",
     "score": "exact bits/dim of videos under a model, least likely first",
     "export": "a checkpoint (file or DeepSpeed directory) to one .safetensors file with its config.yaml",

@@ -123,11 +123,14 @@ def check_caption(module, caption: str) -> None:
 
 
 def video_inputs(paths: list[Path]) -> Iterator[Path]:
+    """The videos of files and folders. A folder written by ``flowvid generate`` holds every sample as
+    ``NAME.npy`` (its exact pixels) and ``NAME.mp4``, and its latents: each sample counts once, as its array."""
     for path in paths:
         if path.is_dir():
-            # A folder written by `flowvid generate` also holds each sample's latents, which are no video.
-            yield from sorted(p for p in path.rglob("*")
-                              if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.endswith(LATENTS_SUFFIX))
+            found = sorted(p for p in path.rglob("*")
+                           if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.endswith(LATENTS_SUFFIX))
+            arrays = {p.with_suffix("") for p in found if p.suffix == ".npy"}
+            yield from (p for p in found if p.suffix == ".npy" or p.with_suffix("") not in arrays)
         else:
             yield path
 

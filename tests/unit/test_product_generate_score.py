@@ -404,12 +404,13 @@ def test_a_whitespace_caption_is_refused_not_scored_as_the_empty_one(checkpoint,
     assert not (tmp_path / "s.jsonl").exists()
 
 
-def test_score_of_a_generate_folder_scores_its_videos_and_not_their_latents(checkpoint, tmp_path):
+def test_score_of_a_generate_folder_scores_each_sample_once_and_not_its_latents(checkpoint, tmp_path):
     samples = tmp_path / "samples"
     assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "a red circle moves left", "--out", str(samples)]) == 0
     assert list(samples.glob("*.latent.npy"))
     out = tmp_path / "scores.jsonl"
     assert main(["score", "--ckpt", str(checkpoint), "--input", str(samples), "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(Path(r["path"]).suffix for r in records) == [".mp4", ".npy"]
+    # Written as NAME.npy (exact pixels), NAME.mp4 and NAME.latent.npy: scored once, as the array.
+    assert [Path(r["path"]).suffix for r in records] == [".npy"]
     assert not any("error" in r for r in records)

@@ -1,0 +1,137 @@
+"""``fvd``: FVD (or FVD-proxy) of generated videos against a real set, from the command line.
+
+    flowvid data fvd GENERATED [GENERATED ...] --reference REF [--extractor inception-proxy]
+                     [--extractor-args JSON] [--batch-size 8] [--device auto] [--out FILE.json]
+
+GENERATED are video files (``.mp4``, ``.npy``, ...) or folders of them, such as the output folder of
+``flowvid generate`` (whose ``.latent.npy`` files are left out). REF is either an ``.npz`` written by
+``flowvid data fvd-stats``, whose key fixes the extractor, the frames and the resolution, or a raw
+shard folder, whose statistics are then computed first (``fvd-stats`` caches them for next time).
+Every generated video is cut to the reference's frames and fitted to its resolution; a video that
+cannot be read or is too short is skipped and counted. The result is one JSON line on stdout (and in
+``--out``): the distance, its protocol name (extractor, frames, resolution, sample count) and the counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from data_tools.arguments import check_registered_arguments, json_object
+from data_tools.fvd_stats import feed_in_batches, reference_stats
+from data_tools.report import console, print_summary, progress_bar
+from flowvid.media import MediaError, read_video
+from flowvid.metrics.extractor import build_extractor
+from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
+from flowvid.paths import check_output_file
+from flowvid.placement import resolve_device
+from flowvid.registry import FVD_EXTRACTORS
+from flowvid.score import VIDEO_SUFFIXES, video_inputs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("generated", nargs="+", metavar="GENERATED", help="video files or folders of them")
+    parser.add_argument("--reference", required=True,
+                        help="an .npz of `flowvid data fvd-stats`, or a raw shard folder of real clips")
+    parser.add_argument("--extractor", default="inception-proxy",
+                        help="registered FVD extractor: i3d (standard FVD, needs its weights) or inception-proxy")
+    parser.add_argument("--extractor-args", type=json_object, default={},
+                        help='extractor arguments as JSON, e.g. \'{"weights": "i3d_pretrained_400.pt"}\'')
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--out", default=None, help="also write the result to this .json file")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.out is not None:
+        check_output_file(args.out, "--out", "give the .json file to write")
+    videos = generated_videos(args.generated)
+    device = resolve_device(args.device)
+    check_registered_arguments(FVD_EXTRACTORS, args.extractor, args.extractor_args, "--extractor-args")
+    try:
+        metric = FrechetVideoDistance(build_extractor(args.extractor, **args.extractor_args)).to(device)
+    except FileNotFoundError as err:  # extractor weights not given or not installed: one line, not a traceback
+        console.print(f"[red]error:[/] {err}")
+        return 2
+    reference = real_set(metric, Path(args.reference), args.batch_size, device)
+
+    skipped: list[dict[str, str]] = []
+    with progress_bar() as bar:
+        task = bar.add_task("generated videos", total=len(videos))
+        used = add_generated(metric, videos, reference, args.batch_size, device, skipped,
+                             on_video=lambda: bar.advance(task))
+    if used < 2:
+        raise ValueError(f"{used} usable generated videos ({len(skipped)} skipped); FVD needs at least 2")
+    result = {"fvd": float(metric.compute()), "protocol": metric.protocol_name, "generated": used,
+              "skipped": len(skipped), "reference": str(args.reference), "reference_samples": reference.num_samples}
+    print_summary(f"fvd of {used} generated videos", result, skipped)
+    print(json.dumps(result))
+    if args.out is not None:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def generated_videos(inputs: list[str]) -> list[Path]:
+    """The video files among ``inputs`` (folders searched, subfolders too); refuses inputs that hold none."""
+    for given in map(Path, inputs):
+        if not given.exists():
+            raise ValueError(f"generated videos {given} do not exist")
+    videos = list(video_inputs([Path(given) for given in inputs]))
+    if not videos:
+        raise ValueError(f"no videos found in {' '.join(inputs)}: fvd looks for files ending in "
+                         f"{' '.join(VIDEO_SUFFIXES)}")
+    return videos
+
+
+def real_set(metric: FrechetVideoDistance, reference: Path, batch_size: int, device: torch.device) -> ReferenceStats:
+    """Load (an .npz) or compute (a raw shard folder) the real statistics into ``metric``."""
+    if reference.is_dir():
+        skipped: list[dict[str, str]] = []
+        stats = reference_stats(reference, metric, batch_size=batch_size, device=device, skipped=skipped)
+        if skipped:
+            console.print(f"[yellow]note[/] {len(skipped)} samples of {reference} were skipped")
+        return stats
+    if not reference.is_file():
+        raise ValueError(f"--reference {reference} does not exist; give an .npz of `flowvid data fvd-stats` "
+                         "or a raw shard folder")
+    metric.set_reference(reference)
+    return metric.reference
+
+
+def add_generated(metric: FrechetVideoDistance, videos: list[Path], reference: ReferenceStats, batch_size: int,
+                  device: torch.device, skipped: list[dict[str, Any]], on_video=lambda: None) -> int:
+    """Feed the generated videos, at the reference's frames and resolution, to ``metric``; returns how many."""
+
+    def usable() -> Iterator[np.ndarray]:
+        for path in videos:
+            on_video()
+            try:
+                video = read_video(path, reference.height, reference.width, max_frames=reference.frames)
+            except MediaError as err:
+                skipped.append({"path": str(path), "reason": f"unreadable: {err}"})
+                continue
+            if len(video) < reference.frames:
+                skipped.append({"path": str(path), "reason": f"too_short: {len(video)} frames, the reference "
+                                                             f"has {reference.frames}"})
+                continue
+            yield video
+
+    return feed_in_batches(metric, usable(), real=False, batch_size=batch_size, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_tools.cli import main as data_main
+
+    return data_main(["fvd", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""``flowvid data fvd``: the FVD of a folder of generated videos against a real set."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data_tools.cli import main as data_main
+from flowvid.data import write_synthetic_dataset
+from flowvid.data.manifest import load_manifest
+from flowvid.data.shards import SampleSpec, decode_sample, iter_tar, shard_paths
+
+
+@pytest.fixture(scope="module")
+def raw_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(root, num_videos=12, frames=4, size=16, val_videos=4, shard_samples=5)
+    return root / "train"
+
+
+@pytest.fixture(scope="module")
+def real_clips(raw_folder) -> np.ndarray:
+    manifest = load_manifest(raw_folder)
+    spec = SampleSpec.from_manifest(manifest)
+    return np.stack([decode_sample(raw, spec)["video"] for shard in shard_paths(raw_folder, manifest)
+                     for raw in iter_tar(shard)])
+
+
+def write_videos(folder, videos) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, video in enumerate(videos):
+        np.save(folder / f"video_{index:02d}.npy", video)
+
+
+def fvd(capsys, *args: str) -> dict:
+    capsys.readouterr()
+    assert data_main(["fvd", *args, "--extractor", "pixel-stats"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_the_real_set_against_itself_is_zero_and_noise_is_far(raw_folder, real_clips, tmp_path, capsys):
+    write_videos(tmp_path / "same", real_clips)
+    same = fvd(capsys, str(tmp_path / "same"), "--reference", str(raw_folder))
+    assert same["fvd"] < 1e-6 and same["generated"] == len(real_clips) and same["skipped"] == 0
+    assert same["protocol"].endswith(f"pixel-stats_f4_r16_n{len(real_clips)}")
+
+    noise = np.random.default_rng(0).integers(0, 256, real_clips.shape, dtype=np.uint8)
+    write_videos(tmp_path / "noise", noise)
+    assert fvd(capsys, str(tmp_path / "noise"), "--reference", str(raw_folder))["fvd"] > 100 * same["fvd"] + 1
+
+
+def test_a_cached_reference_file_gives_the_number_of_its_folder(raw_folder, real_clips, tmp_path, capsys):
+    write_videos(tmp_path / "generated", real_clips[::-1][:7])
+    stats = tmp_path / "reference.npz"
+    assert data_main(["fvd-stats", str(raw_folder), "--extractor", "pixel-stats", "--out", str(stats)]) == 0
+    from_file = fvd(capsys, str(tmp_path / "generated"), "--reference", str(stats), "--out", str(tmp_path / "r.json"))
+    from_folder = fvd(capsys, str(tmp_path / "generated"), "--reference", str(raw_folder))
+    assert from_file["fvd"] == pytest.approx(from_folder["fvd"], rel=1e-9) and from_file["fvd"] > 0
+    assert json.loads((tmp_path / "r.json").read_text()) == from_file
+
+
+def test_unreadable_and_short_videos_are_skipped_and_counted(raw_folder, real_clips, tmp_path, capsys):
+    folder = tmp_path / "generated"
+    write_videos(folder, real_clips[:5])
+    (folder / "damaged.npy").write_bytes(b"not an array")
+    np.save(folder / "short.npy", real_clips[0][:2])
+    np.save(folder / "video_00.latent.npy", np.zeros((4, 8, 8, 12), np.float32))  # generate's latents: no video
+    result = fvd(capsys, str(folder), "--reference", str(raw_folder))
+    assert result["generated"] == 5 and result["skipped"] == 2
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing reference", "does not exist"),
+    ("no videos", "no videos found"),
+    ("one video", "1 usable generated videos"),
+])
+def test_inputs_that_cannot_give_an_fvd_are_one_line_errors(raw_folder, real_clips, tmp_path, capsys, case, message):
+    write_videos(tmp_path / "generated", real_clips[:1] if case == "one video" else real_clips[:3])
+    (tmp_path / "empty").mkdir()
+    generated = tmp_path / ("empty" if case == "no videos" else "generated")
+    reference = tmp_path / "nope.npz" if case == "missing reference" else raw_folder
+    capsys.readouterr()
+    assert data_main(["fvd", str(generated), "--reference", str(reference), "--extractor", "pixel-stats"]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert message in err and "Traceback" not in err

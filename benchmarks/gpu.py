@@ -195,6 +195,9 @@ def text_prefix_attention(device: torch.device, batch: int = 4, heads: int = 16,
         "causal_no_text": lambda: attention(q, k, v, causal=True),
     }
     result: dict = {"device": device_name(device), "shape": [batch, heads, length, head_dim], "dtype": str(dtype)}
+    with torch.no_grad():  # the chunks must give what the one call gives, on this device's kernels too
+        difference = (kinds["banded"]() - kinds["one_masked_call"]()).abs().max()
+        result["banded_max_abs_difference"] = difference.item()
     for name, attend in kinds.items():
         result[f"{name}_ms"] = 1e3 * median_seconds(lambda: attend().sum().backward(), repeats, device)
     return result

@@ -54,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output_file(args.out, "--out", "give the .json file to write")
     videos = generated_videos(args.generated)
+    reference_path = Path(args.reference)
+    if not reference_path.exists():  # before the extractor (I3D weights) is loaded
+        raise ValueError(f"--reference {reference_path} does not exist; give an .npz of `flowvid data fvd-stats` "
+                         "or a raw shard folder")
     device = resolve_device(args.device)
     check_registered_arguments(FVD_EXTRACTORS, args.extractor, args.extractor_args, "--extractor-args")
     try:
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:  # extractor weights not given or not installed: one line, not a traceback
         console.print(f"[red]error:[/] {err}")
         return 2
-    reference = real_set(metric, Path(args.reference), args.batch_size, device)
+    reference = real_set(metric, reference_path, args.batch_size, device)
 
     skipped: list[dict[str, str]] = []
     with progress_bar() as bar:
@@ -84,7 +88,7 @@ def generated_videos(inputs: list[str]) -> list[Path]:
     for given in map(Path, inputs):
         if not given.exists():
             raise ValueError(f"generated videos {given} do not exist")
-    videos = list(video_inputs([Path(given) for given in inputs]))
+    videos = list(video_inputs(list(map(Path, inputs))))
     if not videos:
         raise ValueError(f"no videos found in {' '.join(inputs)}: fvd looks for files ending in "
                          f"{' '.join(VIDEO_SUFFIXES)}")
@@ -99,9 +103,6 @@ def real_set(metric: FrechetVideoDistance, reference: Path, batch_size: int, dev
         if skipped:
             console.print(f"[yellow]note[/] {len(skipped)} samples of {reference} were skipped")
         return stats
-    if not reference.is_file():
-        raise ValueError(f"--reference {reference} does not exist; give an .npz of `flowvid data fvd-stats` "
-                         "or a raw shard folder")
     metric.set_reference(reference)
     return metric.reference
 

@@ -84,8 +84,7 @@ def training_mfu(device: torch.device, batch: int = 4, frames: int = 8, frame_si
     """bf16-mixed training steps of the ``base`` flow: tokens/s and MFU against a measured bf16 matmul."""
     flow = build_flow(device, frame_size, latent_channels=48, **overrides)
     if compile_flow:  # as FlowModule(compile_flow=True) does; the warm-up steps pay the compilation
-        for block in flow.blocks:
-            block.compile()
+        flow.compile_blocks()
     x, text = random_inputs(flow, batch, frames, text_length, device)
     text = text if text_length else None
     optimizer = torch.optim.AdamW(flow.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4,

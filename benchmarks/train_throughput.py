@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py [--widths 128 256] [--rounds 8] [--threads 2]
                                           [--frames 4] [--precision 32-true|bf16-mixed]
-                                          [--reference PATH] [--json OUT]
+                                          [--reference PATH] [--compile] [--json OUT]
 
 A training step is what ``FlowModule`` does to the flow: the forward pass through every block, the
 maximum-likelihood loss ``0.5 mean(z^2) - log|det| / D``, the backward pass, gradient clipping at norm 1
@@ -42,6 +42,7 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from copy import deepcopy  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -131,13 +132,28 @@ def counted_matmul_flops(step: Callable[[], float]) -> float:
     return float(counter.get_total_flops())
 
 
-def measure_width(config: SharedConfig, rounds: int, reference_path: str | None, precision: str = "32-true") -> dict:
-    """Interleaved rounds of (our step, the reference's step, one matmul); medians and per-round ratios."""
+def compiled_copy(flow: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``flow`` with every block's forward compiled, as ``FlowModule(compile_flow=True)`` does."""
+    copy = deepcopy(flow)
+    copy.compile_blocks()
+    return copy
+
+
+def measure_width(config: SharedConfig, rounds: int, reference_path: str | None, precision: str = "32-true",
+                  compile_flow: bool = False) -> dict:
+    """Interleaved rounds of (our step, the reference's step, one matmul); medians and per-round ratios.
+
+    ``compile_flow`` adds a third step: the same flow with its blocks compiled (compilation happens in
+    the warm-up step and is timed apart)."""
     torch.manual_seed(0)
     flow = config.build_flow()
     x, text = config.inputs()
     steps = {"flowvid": make_step(flow, lambda: flow_loss(flow, x, text), precision=precision)}
     parameters = {"flowvid": parameter_count(flow)}
+    if compile_flow:
+        compiled = compiled_copy(flow)
+        steps["flowvid-compiled"] = make_step(compiled, lambda: flow_loss(compiled, x, text), precision=precision)
+        parameters["flowvid-compiled"] = parameters["flowvid"]
     if reference_path:
         model = build_reference(load_reference(reference_path), config)
         video = reference_video(x)
@@ -146,8 +162,7 @@ def measure_width(config: SharedConfig, rounds: int, reference_path: str | None,
         parameters["reference"] = parameter_count(model)
     matmul, matmul_flops = matmul_benchmark(dtype=MATMUL_DTYPES[precision])
     executed = counted_matmul_flops(steps["flowvid"]) + attention_flops(config)
-    for step in steps.values():  # warm-up: first-touch allocations, kernel selection
-        step()
+    warm_up_s = {name: timed(step) for name, step in steps.items()}  # first-touch allocations, kernels, compiling
     matmul()
     times: dict[str, list[float]] = {name: [] for name in [*steps, "matmul"]}
     for index in range(rounds):
@@ -177,6 +192,13 @@ def measure_width(config: SharedConfig, rounds: int, reference_path: str | None,
         ratios = [r / o for o, r in zip(times["flowvid"], times["reference"])]
         result["speedup_over_reference"] = statistics.median(ratios)
         result["speedup_per_round"] = [round(r, 3) for r in ratios]
+    if compile_flow:
+        result["compile_s"] = warm_up_s["flowvid-compiled"] - warm_up_s["flowvid"]
+        result["compiled_speedup_over_eager"] = statistics.median(
+            e / c for e, c in zip(times["flowvid"], times["flowvid-compiled"]))
+        if "reference" in steps:
+            result["compiled_speedup_over_reference"] = statistics.median(
+                r / c for c, r in zip(times["flowvid-compiled"], times["reference"]))
     return result
 
 
@@ -187,14 +209,19 @@ def markdown(results: list[dict]) -> str:
     ]
     for result in results:
         for name, row in result["implementations"].items():
-            speedup = result.get("speedup_over_reference") if name == "flowvid" else None
+            speedup = {"flowvid": result.get("speedup_over_reference"),
+                       "flowvid-compiled": result.get("compiled_speedup_over_reference")}.get(name)
             speedup = f"{speedup:.2f}x" if speedup else ""
-            hfu = f"{row['hfu']:.0%}" if name == "flowvid" else ""
+            hfu = f"{row['hfu']:.0%}" if name.startswith("flowvid") else ""
             lines.append(f"| {result['width']} | {row['parameters'] / 1e6:.2f}M | {name} | {row['step_ms']:.0f} "
                          f"| {row['tokens_per_s']:.0f} | {row['mfu']:.0%} | {hfu} | {speedup} |")
     lines.append("")
     lines.append(", ".join(f"width {r['width']}: {r['precision']} matmul {r['matmul_gflops']:.1f} GFLOP/s"
                            for r in results))
+    for r in results:
+        if "compile_s" in r:
+            lines.append(f"width {r['width']}: compiled {r['compiled_speedup_over_eager']:.2f}x eager, "
+                         f"compilation {r['compile_s']:.0f} s")
     return "\n".join(lines)
 
 
@@ -209,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=list(MATMUL_DTYPES), default="32-true",
                         help="bf16-mixed: the step under bf16 autocast, MFU against the bf16 matmul")
     parser.add_argument("--reference", default=None, help="checkout of apple/ml-starflow to compare against")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the flow with its blocks compiled (FlowModule's compile_flow)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -218,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     for width in args.widths:
         config = replace(SharedConfig(), width=width, deep_depth=args.deep_depth, batch=args.batch,
                          frames=args.frames)
-        results.append(measure_width(config, args.rounds, args.reference, args.precision))
+        results.append(measure_width(config, args.rounds, args.reference, args.precision, args.compile))
         print(f"  width {width} done", flush=True)
     print(markdown(results))
     result = {"threads": args.threads, "results": results}

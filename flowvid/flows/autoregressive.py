@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowvid.flows.base import BlockSpec, FlowBlock
-from flowvid.nn.attention import prefix_causal_mask
+from flowvid.nn.attention import BandedMask, prefix_causal_bands, prefix_causal_mask
 from flowvid.nn.kv_cache import KVCache
 from flowvid.nn.rope import rope_angles
 from flowvid.nn.transformer import TransformerLayer
@@ -86,6 +86,8 @@ class AffineBlock(FlowBlock):
         depend only on these arguments, so they are built once and reused (training asks for the same
         ones every step, samplers for the same runs of slots on every pass).
         """
+        if torch.compiler.is_compiling():  # built in the graph: a cache would add a guard, and a recompilation
+            return self._build_rotation(first_slot, count, device, prefix)
         key = (first_slot, count, prefix, device)
         if key not in self._rotations:
             if len(self._rotations) >= ROTATION_CACHE_SIZE:
@@ -140,7 +142,7 @@ class AffineBlock(FlowBlock):
         mask = None
         if text_states is not None:
             total = prefix + num_tokens
-            mask = prefix_causal_mask(total, 0, total, text_valid)
+            mask = BandedMask(prefix_causal_mask(total, 0, total, text_valid), prefix_causal_bands(total, 0, total))
         inputs = self.shift(xp).to(self.proj_in.weight.dtype)
         raw = self._run(inputs, cos, sin, text_states, mask)
         mu, sigma = affine_parameters(raw)

@@ -30,6 +30,10 @@ LOG_2PI = math.log(2 * math.pi)
 BlockChoice = Union[str, BlockFactory]
 
 
+#: Compiled variants each block may need (see ``GlobalLocalFlow.compile_blocks``), with room to spare.
+VARIANTS_PER_BLOCK = 8
+
+
 class GlobalLocalFlow(nn.Module):
     """The STARFlow-V flow.
 
@@ -103,6 +107,21 @@ class GlobalLocalFlow(nn.Module):
     @property
     def tokens_per_frame(self) -> int:
         return self.frame_size[0] * self.frame_size[1]
+
+    def compile_blocks(self, **options: Any) -> None:
+        """Compile the forward pass of every block with ``torch.compile`` (blocks already compiled stay as
+        they are); the samplers, which call the blocks' ``affine``, stay eager.
+
+        Blocks of one class share one compiled function, and each block compiles its own variants of it
+        (its permutation, weight shapes, whether its input needs gradients, training or validation):
+        torch's limit of 8 variants per function is raised, so that the later blocks of a deep flow are
+        not silently left to run eagerly.
+        """
+        config = torch._dynamo.config  # cache_size_limit: recompile_limit's name in every torch from 2.4 on
+        config.cache_size_limit = max(config.cache_size_limit, VARIANTS_PER_BLOCK * len(self.blocks))
+        for block in self.blocks:
+            if block._compiled_call_impl is None:
+                block.compile(**options)
 
     # --- checks -----------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor, text: TextEmbedding | None = None) -> TextEmbedding | None:

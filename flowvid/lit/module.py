@@ -472,9 +472,9 @@ class FlowModule(LightningModule):
         self._check_accumulation()
         if self.hparams.compile_flow:
             check_compilable(self.trainer.strategy)
-            for block in self.flow.blocks:  # after the callbacks' setup: adapters and checkpointing are in
-                if block._compiled_call_impl is None:  # a second stage (validate after fit) keeps the first's
-                    block.compile()
+            # After the callbacks' setup (adapters and checkpointing are in); a second stage, such as
+            # validate after fit, keeps the first one's compiled blocks.
+            self.flow.compile_blocks()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "check_compatible"):
             datamodule.check_compatible(

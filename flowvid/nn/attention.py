@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import math
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flowvid.nn.kv_cache import KVCache
-from flowvid.nn.rope import rotate_pairs
+from flowvid.nn.rope import apply_rope
 
 
 class QKNorm(nn.RMSNorm):
@@ -45,11 +46,11 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: "torch.Tensor | BandedMask | None" = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
-        """``mask`` is a boolean (B or 1, 1, Q, K) "may attend" mask.
+        """``mask`` is a boolean (B or 1, 1, Q, K) "may attend" mask, or a ``BandedMask`` (without a cache).
 
         Without a cache, None means causal; with a cache, None means every cached key is visible
         (a single query at the newest position).
@@ -58,11 +59,11 @@ class Attention(nn.Module):
         # unbind, not three selects: its backward stacks the three gradients in one tensor instead of
         # zero-filling and summing three full-size ones.
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).unbind(2)
-        rotation = torch.complex(cos.float(), sin.float())[:, None]  # (N, 1, D/2): the same for every head
+        cos, sin = cos[:, None], sin[:, None]  # (N, 1, D/2): the same rotation for every head
         # Rotated q and k come out as (B, N, H, D); transposed to (B, H, N, D) they are views, which
         # is the layout the attention kernels read anyway.
-        q = rotate_pairs(self.q_norm(q), rotation).transpose(1, 2)
-        k = rotate_pairs(self.k_norm(k), rotation).transpose(1, 2)
+        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_norm(k), cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v)
@@ -98,15 +99,27 @@ QUERY_CHUNK = 192
 MIN_SKIPPED_SHARE = 0.1
 
 
-def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+class BandedMask(NamedTuple):
+    """A "may attend" mask with the chunks ``banded_attention`` computes for it, known from how the mask
+    was built (``prefix_causal_bands``) instead of read from its values, which torch.compile cannot do
+    without breaking the graph."""
+
+    allowed: torch.Tensor
+    bands: list[tuple[int, int, int, int]] | None
+
+
+def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | BandedMask) -> torch.Tensor:
     """``scaled_dot_product_attention(q, k, v, attn_mask=mask)``, computing only the keys queries may see.
 
     Attention kernels given an explicit mask compute every query x key product, even where the mask
     hides a whole band of keys (the future of a causal sequence behind a text prefix, the frames
     outside a window). Here the queries go in chunks, each over the run of keys its rows can see: for a
-    long causal sequence about half of the products. ``mask`` is boolean, (B or 1, H or 1, Q, K).
+    long causal sequence about half of the products. ``mask`` is boolean, (B or 1, H or 1, Q, K), or a
+    ``BandedMask``. A plain mask's chunks are read from its values, except under torch.compile, where
+    it is one masked call.
     """
-    bands = attention_bands(mask)
+    mask, bands = mask if isinstance(mask, BandedMask) else (mask, attention_bands(mask))
     if bands is None:
         return attention(q, k, v, mask)
     chunks = [
@@ -125,6 +138,8 @@ def attention_bands(mask: torch.Tensor) -> list[tuple[int, int, int, int]] | Non
     """The chunks ``banded_attention`` computes for ``mask``: (first query, end query, first key, end
     key) each, or None when chunks would not skip enough of the products to pay."""
     global _last_bands
+    if torch.compiler.is_compiling():  # reading the mask's values would break the graph
+        return None
     if mask.is_inference():
         return _bands(mask)
     if _last_bands is None or _last_bands[0]() is not mask or _last_bands[1] != mask._version:
@@ -140,12 +155,30 @@ def _bands(mask: torch.Tensor) -> list[tuple[int, int, int, int]] | None:
     columns = torch.arange(num_keys, device=mask.device)
     lo = torch.where(visible, columns, num_keys).amin(1)
     hi = torch.where(visible, columns, -1).amax(1) + 1
-    count = math.ceil(num_queries / QUERY_CHUNK)
-    bounds = [num_queries * index // count for index in range(count + 1)]
-    firsts, ends = bounds[:-1], bounds[1:]
+    firsts, ends = _query_chunks(num_queries)
     key_lo = torch.stack([lo[a:b].min() for a, b in zip(firsts, ends)]).tolist()
     key_hi = torch.stack([hi[a:b].max() for a, b in zip(firsts, ends)]).tolist()
-    bands = list(zip(firsts, ends, key_lo, key_hi))
+    return _worth_it(list(zip(firsts, ends, key_lo, key_hi)), num_queries, num_keys)
+
+
+def prefix_causal_bands(num_queries: int, first_query: int, num_keys: int) -> list[tuple[int, int, int, int]] | None:
+    """The chunks of a ``prefix_causal_mask`` of this shape, whatever its text padding: a chunk of queries
+    sees at most the keys up to its last query (the text prefix included), none after."""
+    if num_queries <= QUERY_CHUNK:
+        return None
+    firsts, ends = _query_chunks(num_queries)
+    bands = [(first, end, 0, min(num_keys, first_query + end)) for first, end in zip(firsts, ends)]
+    return _worth_it(bands, num_queries, num_keys)
+
+
+def _query_chunks(num_queries: int) -> tuple[list[int], list[int]]:
+    count = math.ceil(num_queries / QUERY_CHUNK)
+    bounds = [num_queries * index // count for index in range(count + 1)]
+    return bounds[:-1], bounds[1:]
+
+
+def _worth_it(bands: list[tuple[int, int, int, int]], num_queries: int,
+              num_keys: int) -> list[tuple[int, int, int, int]] | None:
     computed = sum((b - a) * (h - l) for a, b, l, h in bands)
     return None if computed > (1 - MIN_SKIPPED_SHARE) * num_queries * num_keys else bands
 
@@ -177,7 +210,8 @@ def prefix_causal_mask(
     elif device is None:
         raise ValueError("prefix_causal_mask without a prefix (prefix_valid=None) needs the device of the mask")
     build = _text_independent_part
-    if num_queries * num_keys <= MAX_CACHED_MASK_ENTRIES:
+    # (Compiled code builds the mask in its graph, where a cache would only be traced through.)
+    if num_queries * num_keys <= MAX_CACHED_MASK_ENTRIES and not torch.compiler.is_compiling():
         build = _cached_text_independent_part
     allowed = build(num_queries, first_query, num_keys, prefix, device)
     if prefix == 0:

@@ -72,6 +72,21 @@ def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
+def rotate_pairs_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rotate_pairs`` in real arithmetic, ``(a cos - b sin, a sin + b cos)``: the form torch.compile fuses
+    into one kernel (inductor generates no code for complex tensors, which it leaves to slow fallbacks)."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos.float(), sin.float()
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` (B, H, N, D) by angles given as cos/sin (N, D/2)."""
+    """Rotate interleaved pairs of ``x`` by angles given as cos/sin broadcasting against it with its last
+    dimension halved (for ``x`` (B, H, N, D): (N, D/2)). In fp32, returned in ``x``'s dtype.
+
+    Eager code multiplies complex numbers (3x faster on a CPU than the real-valued rotation); compiled
+    code rotates in real arithmetic, which the compiler fuses.
+    """
+    if torch.compiler.is_compiling():
+        return rotate_pairs_real(x, cos, sin)
     return rotate_pairs(x, torch.complex(cos.float(), sin.float()))

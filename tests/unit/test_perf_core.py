@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowvid.flows import AffineBlock, BlockSpec
+from flowvid.flows import AffineBlock, BlockSpec, GlobalLocalFlow
 from flowvid.flows.autoregressive import ROTATION_CACHE_SIZE
-from flowvid.nn import Attention, apply_rope, banded_attention, frame_window_mask, prefix_causal_mask
+from flowvid.nn import (
+    Attention, BandedMask, apply_rope, banded_attention, frame_window_mask, prefix_causal_bands, prefix_causal_mask,
+)
 from flowvid.nn.attention import CPU_BF16_MIN_KEYS, attention
 from flowvid.nn.attention import attention_bands
-from flowvid.nn.rope import rope_angles, rotate_pairs
+from flowvid.nn.rope import rope_angles, rotate_pairs, rotate_pairs_real
 from flowvid.text.base import TextEmbedding
 
 
@@ -46,6 +48,16 @@ def test_apply_rope_keeps_dtype_and_computes_in_fp32():
     assert out.dtype == torch.bfloat16
     expected = rotate_by_formula(x.float(), angles.cos(), angles.sin()).bfloat16()
     assert torch.equal(out, expected)
+
+
+def test_the_real_valued_rotation_torch_compile_runs_equals_the_complex_one():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8)
+    angles = torch.randn(5, 1, 4)
+    expected = rotate_pairs(x, torch.polar(torch.ones_like(angles), angles))
+    torch.testing.assert_close(rotate_pairs_real(x, angles.cos(), angles.sin()), expected, rtol=0, atol=1e-6)
+    compiled = torch.compile(apply_rope, backend="eager", fullgraph=True)  # takes the real-valued path
+    torch.testing.assert_close(compiled(x, angles.cos(), angles.sin()), expected, rtol=0, atol=1e-6)
 
 
 def brute_force_mask(num_queries: int, first_query: int, num_keys: int, valid: torch.Tensor | None) -> torch.Tensor:
@@ -211,6 +223,48 @@ def test_banded_attention_skips_the_hidden_keys_of_a_causal_mask():
     assert attention_bands(torch.ones(1, 1, length, length, dtype=torch.bool)) is None  # nothing to skip
 
 
+@pytest.mark.parametrize("num_queries, first_query, num_keys", [(416, 0, 416), (1040, 0, 1040), (400, 300, 700)])
+def test_prefix_causal_bands_from_the_shape_are_the_bands_read_from_the_mask(num_queries, first_query, num_keys):
+    valid = torch.tensor([[True] * 10 + [False] * 6, [True] * 16])
+    mask = prefix_causal_mask(num_queries, first_query, num_keys, valid)
+    assert prefix_causal_bands(num_queries, first_query, num_keys) == attention_bands(mask)
+    assert prefix_causal_bands(150, 0, 150) is None  # one chunk
+
+
+def test_banded_attention_with_bands_known_from_the_shape_equals_attention_with_the_full_mask():
+    torch.manual_seed(0)
+    mask = prefix_causal_mask(416, 0, 416, torch.tensor([[True] * 10 + [False] * 6, [True] * 16]))
+    q, k, v = (torch.randn(2, 2, 416, 16, requires_grad=True) for _ in range(3))
+    banded = lambda q, k, v, mask: banded_attention(q, k, v, BandedMask(mask, prefix_causal_bands(416, 0, 416)))  # noqa: E731
+    full = lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    for ours, plain in zip(masked_attention_and_grads(banded, q, k, v, mask),
+                           masked_attention_and_grads(full, q, k, v, mask)):
+        torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("text_width", [None, 6])
+def test_a_block_compiles_to_one_graph_and_computes_what_it_does_eagerly(text_width):
+    """torch.compile (``FlowModule(compile_flow=True)``) sees the whole block: a graph break per layer (the
+    chunks of a mask read from its values, complex rotations) would leave the compiler nothing to fuse."""
+    torch.manual_seed(0)
+    spec = BlockSpec(3, (8, 8), width=16, depth=2, head_dim=8, permutation="flip_within_frame",
+                     text_width=text_width)
+    block = AffineBlock(spec)
+    x = torch.randn(2, 4 * 64, 3, requires_grad=True)  # more queries than one chunk of banded attention
+    text = None if text_width is None else TextEmbedding(torch.randn(2, 5, 6), torch.tensor([[True] * 3 + [False] * 2,
+                                                                                            [True] * 5]))
+    explanation = torch._dynamo.explain(block)(x, text)
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    results = []
+    for run in (compiled, block):
+        z, logdet = run(x, text)
+        results.append((z, logdet, *torch.autograd.grad(z.square().sum() - logdet.sum(), (x, block.proj_in.weight))))
+    for ours, eager in zip(*results):
+        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_banded_attention_sees_a_mask_changed_in_place():
     torch.manual_seed(0)
     mask = prefix_causal_mask(400, 0, 400, torch.ones(1, 16, dtype=torch.bool)).clone()
@@ -256,3 +310,29 @@ def test_a_pass_over_some_videos_reads_and_writes_only_their_cache_rows():
     assert torch.equal(keys, cache.keys[1, index, :, :5])
     changed = (cache.keys != before).any(dim=(0, 2, 4))  # (batch, positions)
     assert changed[index][:, 3:5].all() and changed[1].sum() == 0 and not changed[:, :3].any()
+
+
+def test_every_compiled_block_keeps_its_variants_past_torchs_limit_of_eight(monkeypatch):
+    """Training steps, validation without gradients and a smaller last batch: 13 variants of the one
+    ``AffineBlock.forward`` for a four-block flow. At torch's default limit of 8 the later blocks would
+    quietly run eagerly; here a hit would fail."""
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    flow = GlobalLocalFlow(latent_channels=3, frame_size=(2, 2), num_shallow=3, shallow_width=16, shallow_depth=1,
+                           deep_width=16, deep_depth=1, head_dim=8, text_width=6)
+    flow.compile_blocks(backend="eager")
+
+    def encode(batch: int, frames: int = 3):
+        x = torch.randn(batch, frames, 2, 2, 3)
+        return flow(x, TextEmbedding(torch.randn(batch, 4, 6), torch.ones(batch, 4, dtype=torch.bool)))
+
+    for batch in (2, 2, 3):
+        z, logdet = encode(batch)
+        (z.square().mean() - logdet.mean()).backward()
+        with torch.no_grad():
+            encode(batch + 2, frames=4)
+    assert all(block._compiled_call_impl is not None for block in flow.blocks)
+    assert torch._dynamo.config.cache_size_limit >= 8 * len(flow.blocks)
+    torch._dynamo.reset()

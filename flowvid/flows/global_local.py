@@ -115,10 +115,14 @@ class GlobalLocalFlow(nn.Module):
         Blocks of one class share one compiled function, and each block compiles its own variants of it
         (its permutation, weight shapes, whether its input needs gradients, training or validation):
         torch's limit of 8 variants per function is raised, so that the later blocks of a deep flow are
-        not silently left to run eagerly.
+        not silently left to run eagerly. Shapes are static by default (``dynamic=False``): the shallow
+        blocks see every frame as a sample and the deep block whole videos, and torch would otherwise
+        compile the shared function for any batch size, into slower kernels (a demo training step took
+        0.91 s instead of 0.79 s eagerly, after 100 s of compilation instead of 28).
         """
         config = torch._dynamo.config  # cache_size_limit: recompile_limit's name in every torch from 2.4 on
         config.cache_size_limit = max(config.cache_size_limit, VARIANTS_PER_BLOCK * len(self.blocks))
+        options = {"dynamic": False, **options}
         for block in self.blocks:
             if block._compiled_call_impl is None:
                 block.compile(**options)

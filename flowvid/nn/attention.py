@@ -46,7 +46,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: "torch.Tensor | BandedMask | None" = None,
+        mask: torch.Tensor | BandedMask | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flowvid.nn.attention import Attention
+from flowvid.nn.attention import Attention, BandedMask
 from flowvid.nn.kv_cache import KVCache
 from flowvid.nn.mlp import MLP
 
@@ -25,7 +25,7 @@ class TransformerLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BandedMask | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:

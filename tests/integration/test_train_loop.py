@@ -12,6 +12,7 @@ from flowvid.data import VideoShardDataModule, write_synthetic_dataset
 from flowvid.denoise import CausalDenoiser
 from flowvid.flows import GlobalLocalFlow
 from flowvid.lit import FlowModule
+from flowvid.lit.activation_checkpointing import ActivationCheckpointing
 from flowvid.text import LearnedTextEncoder
 
 VIDEO = (4, 8, 8)  # frames, height, width -> PixelCodec(2): latents (4, 4, 4, 12)
@@ -259,14 +260,17 @@ def test_the_schedule_of_an_accumulating_run_spans_its_optimiser_steps():
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-5)
 
 
-def test_compiled_flow_blocks_train_like_eager_ones():
-    """``compile_flow``: the same losses and weights as eager training (the eager fallback is the default)."""
+@pytest.mark.parametrize("checkpointed", [None, "all"], ids=["plain", "with-activation-checkpointing"])
+def test_compiled_flow_blocks_train_like_eager_ones(checkpointed):
+    """``compile_flow``: the same losses and weights as eager training (the eager fallback is the default),
+    also through the layers that activation checkpointing wraps."""
     runs = {}
     for compiled in (False, True):
         L.seed_everything(0)
         module = tiny_module(lr=3e-3, denoiser_lr=3e-3, text_dropout=0.0, compile_flow=compiled)
         record = RecordLosses()
-        trainer(max_steps=3, callbacks=[record]).fit(module, fixed_batches(3))
+        callbacks = [record] + ([ActivationCheckpointing(checkpointed)] if checkpointed else [])
+        trainer(max_steps=3, callbacks=callbacks).fit(module, fixed_batches(3))
         runs[compiled] = module, record.losses
     (eager, eager_losses), (compiled, compiled_losses) = runs[False], runs[True]
     assert all(block._compiled_call_impl is not None for block in compiled.flow.blocks)

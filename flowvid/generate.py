@@ -6,10 +6,11 @@
     flowvid generate --ckpt last.ckpt --task i2v --image first.png --prompt "..." --frames 8 --seed 3 --out s/
     flowvid generate --ckpt last.ckpt --task extend --video clip.mp4 --prompts prompts.txt --out s/ --stream
     flowvid generate --ckpt model.safetensors --prompt "..." --device cuda:1 --precision bf16-mixed --out s/
+    flowvid generate --ckpt model.safetensors --prompt "a red circle" --negative-prompt "moves left" --out s/
 
 For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
-before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, device,
-precision, timings, Jacobi iterations). Sample ``i`` uses seed ``seed + i``, so a sample does not depend
+before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, negative
+prompt, device, precision, timings, Jacobi iterations). Sample ``i`` uses seed ``seed + i``, so a sample does not depend
 on its batch. The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed on a
 GPU that supports it and in fp32 elsewhere (``--precision``; see ``flowvid.placement``).
 An unconditional model (one trained without text) takes no prompt: leave ``--prompt`` out for one
@@ -69,6 +70,7 @@ class Request:
     lora_strength: float = 1.0
     first_block_size: int | None = None  # Jacobi's block sizes; None keeps the sampler's defaults
     block_size: int | None = None
+    negative_prompt: str = ""  # what guidance steers away from; "" is the unconditional (empty) caption
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -82,6 +84,8 @@ def check_options(args: argparse.Namespace) -> None:
             raise GenerateError(f"{option} sets the jacobi sampler's blocks; --sampler {args.sampler} has none")
         if value is not None and value < 1:
             raise GenerateError(f"{option} must be >= 1, got {value}")
+    if args.negative_prompt is not None and not args.negative_prompt.strip():
+        raise GenerateError("--negative-prompt holds no words; leave it out to guide away from the empty caption")
     check_seed(args.seed)
     try:
         frame_rate(args.fps)
@@ -197,7 +201,8 @@ def _generate_batch(module, request: Request, prompts: list[str], seeds: list[in
     latent_shape = tuple(module.latent_shape[1:])
     known = None if source is None else codec.encode(source.to(module.device)).float().expand(len(prompts), -1, -1, -1, -1)
     per_sample = [task_inputs(request.task, [p], latent_frames, latent_shape, seed,
-                              None if known is None else known[:1], module.noise_std, module.device)
+                              None if known is None else known[:1], module.noise_std, module.device,
+                              request.negative_prompt)
                   for p, seed in zip(prompts, seeds)]
     z = torch.cat([inputs.z for inputs in per_sample])
     prefix = None if known is None else torch.cat([inputs.prefix for inputs in per_sample])
@@ -240,8 +245,20 @@ def write_sample(out: Path, name: str, video: np.ndarray, latents: np.ndarray, r
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))
 
 
+def check_negative_prompt(module, request: Request) -> None:
+    """A negative prompt needs a model that reads text, and guidance to steer with."""
+    if not request.negative_prompt:
+        return
+    if not takes_text(module):
+        raise GenerateError("this model is unconditional (trained without text) and takes no --negative-prompt")
+    if request.guidance <= 0:
+        raise GenerateError(f"--negative-prompt steers guidance, which is off (guidance {request.guidance}); "
+                            "give --guidance > 0")
+
+
 def run(module, request: Request, out: Path) -> list[dict[str, Any]]:
     """Generate every prompt of ``request`` into ``out``; returns the JSON records written."""
+    check_negative_prompt(module, request)
     try:
         module.codec.latent_frames(request.frames)
         source = source_video(module, request)
@@ -264,7 +281,9 @@ def run(module, request: Request, out: Path) -> list[dict[str, Any]]:
             record = {
                 "prompt": prompts[i], **seen, "task": request.task,
                 "seed": seeds[i], "sampler": request.sampler, "tol": request.tol if request.sampler == "jacobi" else None,
-                "guidance": request.guidance, "device": str(module.device), "precision": request.precision,
+                "guidance": request.guidance,
+                **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),
+                "device": str(module.device), "precision": request.precision,
                 **({"lora": request.lora, "lora_strength": request.lora_strength} if request.lora else {}),
                 "frames": int(result["videos"].shape[1]),
                 "timings": {k: v / len(prompts) for k, v in result["timings"].items()}, "batch_size": len(prompts),
@@ -313,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=None,
                         help="Jacobi: slots per block of the deep block after the first frame (default: one frame)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance weight (default: the model's)")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="a caption guidance steers away from, instead of the empty caption")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written mp4")
@@ -346,6 +367,7 @@ def main(argv: list[str]) -> int:
             batch_size=args.batch_size, fps=args.fps, stream=args.stream, image=args.image, video=args.video,
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
             first_block_size=args.first_block_size, block_size=args.block_size,
+            negative_prompt=args.negative_prompt or "",
         )
         records = run(module, request, Path(args.out))
     except KeyError as err:  # str() of a KeyError quotes its message

@@ -45,7 +45,7 @@ def task_caption(task: str, caption: str) -> str:
 
 @dataclass(frozen=True)
 class TaskInputs:
-    """What a sampler needs for one task: captions with their task prefix, the unconditional caption,
+    """What a sampler needs for one task: captions with their task prefix, the unconditional (or negative) caption,
     the prefix frames and the noise of the whole video (``z[:, :P]`` is ignored where a prefix is given)."""
 
     captions: list[str]
@@ -68,7 +68,7 @@ def initial_noise(shape: Sequence[int], seed: int, device: torch.device | str | 
 
 def task_inputs(task: str, captions: Sequence[str], frames: int, latent_shape: Sequence[int], seed: int,
                 source: torch.Tensor | None = None, noise_std: float = 0.0,
-                device: torch.device | str | None = None) -> TaskInputs:
+                device: torch.device | str | None = None, negative_caption: str = "") -> TaskInputs:
     """Build the inputs of ``task`` for a video of ``frames`` latent frames of ``latent_shape`` (h, w, c).
 
     Args:
@@ -77,6 +77,8 @@ def task_inputs(task: str, captions: Sequence[str], frames: int, latent_shape: S
         noise_std: the noise-augmentation level the flow was trained at; the same noise is added to
             the prefix, so that it looks like the noisy latents the model saw.
         seed: fixes the sampling noise and the prefix's augmentation noise.
+        negative_caption: what guidance steers away from: the unconditional branch reads it (with the
+            task prefix) instead of the empty caption, like a negative prompt in diffusion pipelines.
     """
     _check_task(task)
     batch = len(captions)
@@ -96,7 +98,7 @@ def task_inputs(task: str, captions: Sequence[str], frames: int, latent_shape: S
     prefix = None
     if source is not None:
         prefix = source.float().to(device) + noise_std * initial_noise(source.shape, seed + 1, device)
-    return TaskInputs([task_caption(task, c) for c in captions], task_caption(task, ""), prefix, z)
+    return TaskInputs([task_caption(task, c) for c in captions], task_caption(task, negative_caption), prefix, z)
 
 
 @torch.no_grad()

@@ -12,7 +12,10 @@ import torch
 from flowvid.cli import main
 from flowvid.codecs import PixelCodec, VideoVAE
 from flowvid.export import build_module, export_checkpoint
+from flowvid.loading import load_model
 from flowvid.media import write_video
+from flowvid.sampling import SequentialSampler
+from flowvid.sampling.tasks import sample_task, task_inputs
 from flowvid.score import clips_of
 from flowvid.testing import perturb_parameters
 
@@ -119,6 +122,8 @@ def test_stream_writes_frames_as_they_come_and_longer_videos_use_a_window(checkp
         (["--prompt", "x", "--guidance", "2", "--frames", "0"], "--frames must be >= 1, got 0"),
         (["--prompts", "PROMPTS"], "line 2 is empty"),
         (["--prompt", "a red circle", "--prompt", "   "], "--prompt '   ' holds only whitespace"),
+        (["--prompt", "x", "--negative-prompt", "y", "--guidance", "0"], "--negative-prompt steers guidance"),
+        (["--prompt", "x", "--negative-prompt", "  "], "--negative-prompt holds no words"),
     ],
 )
 def test_bad_requests_are_one_line_errors(checkpoint, tmp_path, capsys, extra, message):
@@ -273,6 +278,9 @@ def test_an_unconditional_model_samples_without_a_prompt_and_refuses_one(uncondi
         assert main(["generate", "--ckpt", str(unconditional_checkpoint), *given, "--out", str(tmp_path / "p")]) == 2
         assert "takes no prompt" in one_line_error(capsys)
     assert not (tmp_path / "p").exists()
+    given = ["--guidance", "2", "--negative-prompt", "a blue square"]
+    assert main(["generate", "--ckpt", str(unconditional_checkpoint), *given, "--out", str(tmp_path / "n")]) == 2
+    assert "takes no --negative-prompt" in one_line_error(capsys)
 
 
 def test_an_unconditional_model_scores_without_a_caption_and_refuses_one(unconditional_checkpoint, tmp_path, capsys):
@@ -336,6 +344,25 @@ def test_clips_cover_the_video_in_whole_latent_frames():
 def generated_latents(folder) -> np.ndarray:
     [latents] = list(folder.glob("*.latent.npy"))
     return np.load(latents)
+
+
+def test_a_negative_prompt_is_what_guidance_steers_away_from(checkpoint, tmp_path):
+    """Guidance reads the negative caption in its unconditional branch instead of the empty caption."""
+    args = ["generate", "--ckpt", str(checkpoint), "--prompt", "a red circle moves left", "--guidance", "2",
+            "--sampler", "sequential"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--negative-prompt", "a blue square", "--out", str(tmp_path / "negative")]) == 0
+    assert "negative_prompt" not in read_record(tmp_path / "plain", "t2v")
+    assert read_record(tmp_path / "negative", "t2v")["negative_prompt"] == "a blue square"
+    negative = generated_latents(tmp_path / "negative")
+    assert np.abs(negative - generated_latents(tmp_path / "plain")).max() > 1e-3
+
+    module = load_model(checkpoint)
+    inputs = task_inputs("t2v", ["a red circle moves left"], module.latent_shape[0], module.latent_shape[1:], 0,
+                         noise_std=module.noise_std, negative_caption="a blue square")
+    latents = sample_task(module.flow, SequentialSampler(), inputs, module.text_encoder, guidance=2.0)
+    expected = module.denoise(latents, module.text_encoder.encode(inputs.captions))
+    np.testing.assert_allclose(negative, expected[0].detach().numpy(), atol=1e-5)
 
 
 def test_bf16_mixed_generation_runs_the_network_in_bf16_and_stays_close_to_fp32(checkpoint, tmp_path):

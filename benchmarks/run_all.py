@@ -15,6 +15,8 @@ Sections, in the order of docs/benchmarks.md:
   (``finetune.py``);
 * memory: peak RSS of the demo's training and sampling (``memory.py``);
 * data throughput (``data.py``);
+* quality: what negative prompts do to the demo model's samples (``negative_prompt.py``; needs the
+  model ``make demo`` trains);
 * thread settings: the same training step under OpenMP's default wait policy, ``PASSIVE`` and one
   thread, alternated (skipped with ``--quick``);
 * GPU (``gpu.py``), which says that it is skipped when there is no CUDA device.
@@ -38,6 +40,8 @@ from flowvid.placement import cpu_has_native_bf16
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+#: The model ``make demo`` trains, which the quality measurements read.
+DEMO_CHECKPOINT = "demo_out/run/checkpoints/step=00000640.ckpt"
 
 THREAD_SETTINGS = {
     "2 threads, OpenMP's default wait policy": ({}, "2"),
@@ -94,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     reference = ["--reference", args.reference] if args.reference else []
     if not args.reference:
         print("no reference checkout (--reference PATH or FLOWVID_REFERENCE): side-by-side comparisons skipped")
+    demo_model = (ROOT / DEMO_CHECKPOINT).is_file()
+    if not demo_model:
+        print(f"no {DEMO_CHECKPOINT} (make demo writes it): the negative-prompt measurement skipped")
 
     sections: dict[str, list[str | None]] = {
         "Training throughput": [
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         "Fine-tuning": [run("finetune.py", ["--rounds", "2" if quick else "6"], out / "finetune.json")],
         "Memory": [run("memory.py", ["--steps", "10" if quick else "30"], out / "memory.json")],
         "Data": [run("data.py", ["--quick"] if quick else [], out / "data.json")],
+        "Quality": [run("negative_prompt.py", ["--samples", "8" if quick else "16"], out / "negative_prompt.json")
+                    if demo_model else None],
         "Thread settings": [None if quick else thread_settings(out, cycles=2)],
         "GPU": [run("gpu.py", [], out / "gpu.json")],
     }

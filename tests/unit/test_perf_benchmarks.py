@@ -23,6 +23,7 @@ sys.path.insert(0, str(BENCHMARKS))
 finetune = importlib.import_module("finetune")
 gpu = importlib.import_module("gpu")
 memory = importlib.import_module("memory")
+negative_prompt = importlib.import_module("negative_prompt")
 reference = importlib.import_module("reference")
 train_throughput = importlib.import_module("train_throughput")
 
@@ -270,3 +271,49 @@ def test_finetune_benchmark_trains_adapters_only_and_counts_their_state():
     assert lora["parameters"] - lora["trainable"] == full["parameters"]  # every weight frozen, adapters added
     assert lora["adamw_state_mib"] == pytest.approx(full["adamw_state_mib"] * lora["trainable"] / full["trainable"])
     assert "| 64 | lora r4 |" in finetune.markdown({64: rows})
+
+
+def test_negative_prompts_differ_from_the_caption_where_their_name_says():
+    obj = {"colour": "red", "shape": "circle", "motion": "left"}
+    caption = "a red circle moves left"
+    assert negative_prompt.negative_caption("none", obj) == ""
+    assert negative_prompt.negative_caption("opposite motion", obj) == "a red circle moves right"
+    other = negative_prompt.negative_caption("other colour", obj).split()
+    assert other[2:] == caption.split()[2:] and other[1] != "red"
+    nothing = negative_prompt.negative_caption("nothing shared", obj).split()
+    assert not {nothing[1], nothing[2], nothing[4]} & {"red", "circle", "left"}
+
+
+def test_the_negative_prompt_probe_reads_what_a_video_shows():
+    from flowvid.data.synthetic import render_video
+
+    obj = {"colour": "red", "shape": "square", "motion": "up"}
+    video = render_video({"objects": [obj], "background": "plain"}, frames=8, size=32)
+    assert negative_prompt.attributes_found(video, obj) == {"colour": True, "motion": True, "shape": True,
+                                                            "all": True}
+    moving_down = negative_prompt.attributes_found(video, {**obj, "motion": "down"})
+    assert moving_down == {"colour": True, "motion": False, "shape": True, "all": False}
+    assert not any(negative_prompt.attributes_found(video, {**obj, "colour": "blue"}).values())
+
+
+def test_the_negative_prompt_measurement_samples_every_kind_for_every_caption(tmp_path):
+    from flowvid.export import build_module
+
+    torch.manual_seed(0)
+    module = build_module({"model": {"class_path": "flowvid.lit.FlowModule", "init_args": {
+        "flow": {"class_path": "flowvid.flows.GlobalLocalFlow",
+                 "init_args": {"latent_channels": 12, "frame_size": [4, 4], "text_width": 16, **TINY_PRESET}},
+        "codec": {"class_path": "flowvid.codecs.PixelCodec", "init_args": {"patch_size": 2}},
+        "text_encoder": {"class_path": "flowvid.text.LearnedTextEncoder",
+                         "init_args": {"width": 16, "max_length": 8, "depth": 1, "head_dim": 8}},
+        "video_shape": [2, 8, 8]}}})
+    objects = [{"colour": "red", "shape": "circle", "motion": "left"},
+               {"colour": "blue", "shape": "square", "motion": "up"}]
+    samples = [{"caption": f"a {o['colour']} {o['shape']} moves {o['motion']}", "meta": {"attributes": {"objects": [o]}}}
+               for o in objects]
+    results = negative_prompt.measure(module, samples, guidance=2.0)
+    assert list(results) == list(negative_prompt.NEGATIVES)
+    for row in results.values():
+        assert set(row) == {"colour", "motion", "shape", "all"}
+        assert all(value in (0.0, 0.5, 1.0) for value in row.values())  # two samples each
+        assert row["all"] <= min(row["motion"], row["shape"]) <= row["colour"]

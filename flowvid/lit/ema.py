@@ -19,6 +19,10 @@ class EMA:
     The average starts at the weights of the first update, not at construction: weights loaded into
     the module after it was built (an export, a fine-tuning start) are what it averages from, and a
     module that never trained has no average to swap in.
+
+    The averages are fp32 whatever the weights' dtype. DeepSpeed under bf16 keeps the module's weights
+    in bf16, whose 8-bit mantissa would round away every step's ``(1 - decay)`` share of a small change:
+    a bf16 average with decay 0.999 never moves.
     """
 
     def __init__(self, module: nn.Module, decay: float):
@@ -31,12 +35,12 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         if not self.shadow:
-            self.shadow = {name: p.detach().clone() for name, p in self.parameters.items()}
+            self.shadow = {name: p.detach().float().clone() for name, p in self.parameters.items()}
             return
         for name, weight in self.parameters.items():
             if self.shadow[name].device != weight.device:  # the module moved after the EMA was made
                 self.shadow[name] = self.shadow[name].to(weight.device)
-            self.shadow[name].lerp_(weight.detach(), 1.0 - self.decay)
+            self.shadow[name].lerp_(weight.detach().float(), 1.0 - self.decay)
 
     @contextmanager
     def averaged(self) -> Iterator[None]:
@@ -67,4 +71,4 @@ class EMA:
         if missing or unexpected:
             raise KeyError(f"EMA state does not match the model: missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]}")
-        self.shadow = {name: state[name].to(self.parameters[name].device) for name in self.parameters}
+        self.shadow = {name: state[name].to(self.parameters[name].device, torch.float32) for name in self.parameters}

@@ -175,6 +175,26 @@ def test_ema_averages_and_swaps_weights_back():
     torch.testing.assert_close(restored.shadow["weight"], start + 1.0)
 
 
+def test_ema_of_bf16_weights_averages_in_fp32_and_keeps_every_small_step():
+    """DeepSpeed under bf16 keeps the weights in bf16: an average in bf16 with decay 0.999 would round
+    every update away and stay at the first weights."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    ema = EMA(layer, decay=0.999)
+    ema.update()
+    expected = layer.weight.double()
+    for _ in range(100):
+        with torch.no_grad():
+            layer.weight.add_(0.01)
+        ema.update()
+        expected = 0.999 * expected + 0.001 * layer.weight.double()
+    assert ema.state_dict()["weight"].dtype == torch.float32
+    torch.testing.assert_close(ema.shadow["weight"].double(), expected, rtol=0, atol=1e-5)
+    with ema.averaged():
+        assert layer.weight.dtype == torch.bfloat16
+        torch.testing.assert_close(layer.weight.double(), expected, rtol=1e-2, atol=0)
+
+
 def test_ema_starts_from_weights_loaded_after_construction():
     layer = torch.nn.Linear(2, 2)
     ema = EMA(layer, decay=0.5)

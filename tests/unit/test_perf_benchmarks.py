@@ -317,3 +317,13 @@ def test_the_negative_prompt_measurement_samples_every_kind_for_every_caption(tm
         assert set(row) == {"colour", "motion", "shape", "all"}
         assert all(value in (0.0, 0.5, 1.0) for value in row.values())  # two samples each
         assert row["all"] <= min(row["motion"], row["shape"]) <= row["colour"]
+
+
+def test_the_compiled_training_step_runs_on_a_compiled_copy_of_the_same_weights():
+    torch.manual_seed(0)
+    flow = TINY_CONFIG.build_flow()
+    compiled = train_throughput.compiled_copy(flow)
+    assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+    assert all(block._compiled_call_impl is None for block in flow.blocks)  # the eager one stays eager
+    for (name, a), (_, b) in zip(flow.state_dict().items(), compiled.state_dict().items()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name

@@ -45,6 +45,16 @@ class FP32RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, 1.0 + self.weight.float(), self.eps)
 
 
+class FP32Linear(nn.Linear):
+    """A linear layer computed in fp32 whatever the autocast context or the dtype its weights are kept in
+    (DeepSpeed keeps them in bf16). The block calls it as a module rather than reading its weights, so
+    that DeepSpeed ZeRO-3 gathers them when it runs (and finds them where its trace of the step says)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
 def affine_parameters(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (mu, sigma) from the raw 2C-channel output of a block."""
     raw = SOFT_CLIP * torch.tanh(raw.float() / SOFT_CLIP)
@@ -67,7 +77,7 @@ class AffineBlock(FlowBlock):
         self.proj_text = nn.Linear(spec.text_width, spec.width) if spec.text_width else None
         self.layers = nn.ModuleList(self.make_layer() for _ in range(spec.depth))
         self.norm_out = FP32RMSNorm(spec.width)
-        self.proj_out = nn.Linear(spec.width, 2 * spec.channels)
+        self.proj_out = FP32Linear(spec.width, 2 * spec.channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
         self._rotations: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -130,7 +140,7 @@ class AffineBlock(FlowBlock):
         for index, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, cache, index)
         with torch.autocast(h.device.type, enabled=False):
-            return F.linear(self.norm_out(h[:, prefix:]), self.proj_out.weight.float(), self.proj_out.bias.float())
+            return self.proj_out(self.norm_out(h[:, prefix:]))
 
     def forward(self, x: torch.Tensor, text: TextEmbedding | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         batch, num_tokens, _ = x.shape

@@ -6,6 +6,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,6 +25,12 @@ class EMA:
     The averages are fp32 whatever the weights' dtype. DeepSpeed under bf16 keeps the module's weights
     in bf16, whose 8-bit mantissa would round away every step's ``(1 - decay)`` share of a small change:
     a bf16 average with decay 0.999 never moves.
+
+    Under DeepSpeed ZeRO-3 a rank holds a flat shard of each weight (``ds_tensor``) and averages that
+    shard. ``averaged`` writes the averages into the shards, from which DeepSpeed gathers the weights it
+    uses, and into the whole copies it keeps gathered of small weights. ``state_dict`` gathers the shards
+    into whole weights, so every rank must call it together (as Lightning saves checkpoints);
+    ``load_state_dict`` keeps each rank's shard of whole weights.
     """
 
     def __init__(self, module: nn.Module, decay: float):
@@ -35,9 +43,10 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         if not self.shadow:
-            self.shadow = {name: p.detach().float().clone() for name, p in self.parameters.items()}
+            self.shadow = {name: held(p).detach().float().clone() for name, p in self.parameters.items()}
             return
         for name, weight in self.parameters.items():
+            weight = held(weight)
             if self.shadow[name].device != weight.device:  # the module moved after the EMA was made
                 self.shadow[name] = self.shadow[name].to(weight.device)
             self.shadow[name].lerp_(weight.detach().float(), 1.0 - self.decay)
@@ -48,19 +57,24 @@ class EMA:
         if not self.shadow:
             yield
             return
-        trained = {name: p.detach().clone() for name, p in self.parameters.items()}
-        with torch.no_grad():
-            for name, p in self.parameters.items():
-                p.copy_(self.shadow[name])
+        trained = {name: held(p).detach().clone() for name, p in self.parameters.items()}
+        self._hold(self.shadow)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, p in self.parameters.items():
-                    p.copy_(trained[name])
+            self._hold(trained)
+
+    @torch.no_grad()
+    def _hold(self, weights: dict[str, torch.Tensor]) -> None:
+        """Make ``weights`` (what each rank holds) the module's weights."""
+        for name, p in self.parameters.items():
+            held(p).copy_(weights[name])
+            if is_gathered(p):  # DeepSpeed keeps small ZeRO-3 weights gathered between steps
+                p.data.copy_(whole(p, held(p)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)
+        """Whole fp32 averages by parameter name (ZeRO-3 shards gathered from every rank)."""
+        return {name: whole(self.parameters[name], shadow) for name, shadow in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if not state:  # saved before the first update
@@ -71,4 +85,42 @@ class EMA:
         if missing or unexpected:
             raise KeyError(f"EMA state does not match the model: missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]}")
-        self.shadow = {name: state[name].to(self.parameters[name].device, torch.float32) for name in self.parameters}
+        self.shadow = {name: shard_of(p, state[name]).to(held(p).device, torch.float32)
+                       for name, p in self.parameters.items()}
+
+
+def is_sharded(p: nn.Parameter) -> bool:
+    """A ZeRO-3 parameter: this rank holds a flat shard of it, which DeepSpeed gathers when it is used."""
+    return getattr(p, "ds_tensor", None) is not None
+
+
+def is_gathered(p: nn.Parameter) -> bool:
+    """A ZeRO-3 parameter whose whole weight is gathered on this rank now."""
+    if not is_sharded(p):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return p.ds_status == ZeroParamStatus.AVAILABLE
+
+
+def held(p: nn.Parameter) -> torch.Tensor:
+    """What this rank holds of ``p``: its ZeRO-3 shard, or the whole weight."""
+    return p.ds_tensor if is_sharded(p) else p
+
+
+def whole(p: nn.Parameter, shard: torch.Tensor) -> torch.Tensor:
+    """The whole weight of ``p``'s shape from every rank's ``shard`` of it (a collective under ZeRO-3)."""
+    if not is_sharded(p):
+        return shard
+    pieces = [torch.empty_like(shard) for _ in range(p.ds_zero_partition_world_size)]
+    dist.all_gather(pieces, shard.contiguous(), group=p.ds_process_group)
+    return torch.cat(pieces)[:p.ds_numel].view(p.ds_shape)
+
+
+def shard_of(p: nn.Parameter, weight: torch.Tensor) -> torch.Tensor:
+    """This rank's flat shard of a whole weight of ``p``, zero-padded as DeepSpeed pads it."""
+    if not is_sharded(p):
+        return weight
+    size = p.ds_tensor.numel()
+    flat = F.pad(weight.reshape(-1), (0, size * p.ds_zero_partition_world_size - weight.numel()))
+    return flat[size * p.ds_zero_partition_rank:][:size]

@@ -60,14 +60,6 @@ def check_compilable(strategy) -> None:
                          "forward pass); use ZeRO-2 or DDP, or leave compile_flow off")
 
 
-def check_ema_shardable(strategy, ema: EMA | None) -> None:
-    """An EMA copies whole parameters, of which ZeRO-3 keeps only a shard on each rank: its averages of
-    the sharded weights would be empty tensors, and an export of them no model."""
-    if ema is not None and isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 3:
-        raise ValueError("ema_decay does not work with ZeRO-3 (each rank holds only a shard of every large weight, "
-                         "so the averages would be empty); set model.init_args.ema_decay: null, or use ZeRO-2 or DDP")
-
-
 class FlowModule(LightningModule):
     """Trains a ``GlobalLocalFlow`` (and optionally a ``CausalDenoiser``) on latent or raw-video batches.
 
@@ -478,7 +470,6 @@ class FlowModule(LightningModule):
                              "flow-score-matching target; use 'bf16-mixed' or '32-true'")
         warn_if_bf16_is_emulated(precision, self.trainer.strategy.root_device)
         self._check_accumulation()
-        check_ema_shardable(self.trainer.strategy, self.ema)
         if self.hparams.compile_flow:
             check_compilable(self.trainer.strategy)
             # After the callbacks' setup (adapters and checkpointing are in); a second stage, such as

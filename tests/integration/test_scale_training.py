@@ -8,6 +8,7 @@ import this file by putting its folder on PYTHONPATH).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -58,6 +59,35 @@ class WeightsLog(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
                    f"{self.path}.rank{trainer.global_rank}.pt")
+
+
+class ReferenceEMA(Callback):
+    """The moving average of the whole weights in float64, after every step, saved at the end of training
+    to ``<path>.rank<R>.pt`` with the number of parameters ZeRO-3 sharded (gathered on every rank)."""
+
+    def __init__(self, path: str, decay: float):
+        self.path, self.decay, self.average = path, decay, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from flowvid.lit.ema import is_sharded
+
+        params = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+        self.sharded = sum(map(is_sharded, params.values()))
+        gathered = contextlib.nullcontext()
+        if self.sharded:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(params.values()))
+        with gathered:
+            weights = {name: p.detach().double().clone() for name, p in params.items()}
+        if not self.average:
+            self.average = weights
+            return
+        for name, weight in weights.items():
+            self.average[name] = self.decay * self.average[name] + (1 - self.decay) * weight
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({"average": self.average, "sharded": self.sharded}, f"{self.path}.rank{trainer.global_rank}.pt")
 
 
 class CrashAt(Callback):
@@ -250,7 +280,7 @@ ACCUMULATE = ("--trainer.precision", "32-true", "--model.init_args.accumulate_gr
 @pytest.fixture(scope="module")
 def accumulating_runs(shards, tmp_path_factory):
     """2 processes, 2 optimiser steps of 2 batches each, under DDP or ZeRO-2/3 (run on first use);
-    with a denoiser and an EMA, or (as ZeRO-3 needs) without either."""
+    with a denoiser and an EMA, or without either."""
     runs: dict[str, Path] = {}
 
     def run(strategy: str, denoiser: bool) -> Path:
@@ -329,6 +359,37 @@ def test_two_processes_resume_from_the_newest_checkpoint_to_the_same_losses(stra
         resumed = losses(tmp_path, rank)
         assert sorted(resumed) == [3, 4]
         assert resumed == {step: losses(whole, rank)[step] for step in (3, 4)}
+
+
+@needs_deepspeed
+def test_an_ema_under_zero3_averages_every_shard_saves_whole_weights_and_resumes(shards, tmp_path):
+    """Each rank averages its ZeRO-3 shards (of the deep block's large weights, which DeepSpeed gathers
+    only while they are used, and of the small ones, which it keeps gathered between steps); validation
+    runs on the averages, a checkpoint holds the whole averages, and a resumed run's averages are the
+    uninterrupted run's."""
+    from flowvid.lit.checkpointing import load_client_state
+
+    args = (*TWO_PROCESSES, "--trainer.precision", "32-true")
+    runs = {name: tmp_path / name for name in ("whole", "resumed")}
+    for name, run_dir in runs.items():
+        reference = {"class_path": "test_scale_training.ReferenceEMA",
+                     "init_args": {"path": str(run_dir / "reference"), "decay": 0.9}}
+        config = recipe(shards, run_dir, denoiser=False, max_steps=4, extra_callbacks=[reference])
+        config["model"]["init_args"]["ema_decay"] = 0.9
+        config["model"]["init_args"]["flow"]["init_args"]["deep_width"] = 192  # 192 x 576 > 1e5: gathered when used
+        if name == "resumed":  # what a run killed after step 2 leaves behind
+            shutil.copytree(runs["whole"] / "checkpoints" / "step=00000002.ckpt",
+                            run_dir / "checkpoints" / "step=00000002.ckpt")
+        fit(config, "recipes/distributed/zero3.yaml", args=(*args, "--resume", "auto") if name == "resumed" else args)
+    averages = {name: load_client_state(run_dir / "checkpoints" / "step=00000004.ckpt")["flowvid"]["ema"]
+                for name, run_dir in runs.items()}
+    reference = torch.load(runs["whole"] / "reference.rank0.pt")
+    assert reference["sharded"] == len(reference["average"])
+    assert averages["whole"].keys() == reference["average"].keys()
+    for name, expected in reference["average"].items():
+        assert averages["whole"][name].dtype == torch.float32
+        torch.testing.assert_close(averages["whole"][name].double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_tensors(averages["whole"], averages["resumed"])
 
 
 # --- export ---------------------------------------------------------------------------------------

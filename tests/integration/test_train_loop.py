@@ -307,16 +307,3 @@ def test_compiling_the_flow_under_zero3_is_refused():
     check_compilable(ZeroStrategy(stage=2))
     with pytest.raises(ValueError, match="ZeRO-3"):
         check_compilable(ZeroStrategy(stage=3))
-
-
-def test_an_ema_under_zero3_is_refused():
-    """ZeRO-3 leaves each rank a shard of every large weight: an average of it would be an empty tensor."""
-    pytest.importorskip("deepspeed")
-    from flowvid.lit.module import check_ema_shardable
-    from flowvid.lit.strategies import ZeroStrategy
-
-    ema = tiny_module(ema_decay=0.9).ema
-    check_ema_shardable(ZeroStrategy(stage=2), ema)
-    check_ema_shardable(ZeroStrategy(stage=3), None)
-    with pytest.raises(ValueError, match="ema_decay does not work with ZeRO-3"):
-        check_ema_shardable(ZeroStrategy(stage=3), ema)

@@ -312,12 +312,11 @@ def test_a_pass_over_some_videos_reads_and_writes_only_their_cache_rows():
     assert changed[index][:, 3:5].all() and changed[1].sum() == 0 and not changed[:, :3].any()
 
 
-def test_every_compiled_block_keeps_its_variants_past_torchs_limit_of_eight(monkeypatch):
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8)
+def test_every_compiled_block_keeps_its_variants_past_torchs_limit_of_eight():
     """Training steps, validation without gradients and a smaller last batch: 13 variants of the one
     ``AffineBlock.forward`` for a four-block flow. At torch's default limit of 8 the later blocks would
     quietly run eagerly; here a hit would fail."""
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)
     torch._dynamo.reset()
     torch.manual_seed(0)
     flow = GlobalLocalFlow(latent_channels=3, frame_size=(2, 2), num_shallow=3, shallow_width=16, shallow_depth=1,
@@ -334,5 +333,5 @@ def test_every_compiled_block_keeps_its_variants_past_torchs_limit_of_eight(monk
         with torch.no_grad():
             encode(batch + 2, frames=4)
     assert all(block._compiled_call_impl is not None for block in flow.blocks)
-    assert torch._dynamo.config.cache_size_limit >= 8 * len(flow.blocks)
+    assert torch._dynamo.config.recompile_limit >= 8 * len(flow.blocks)
     torch._dynamo.reset()

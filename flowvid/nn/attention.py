@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowvid.nn.kv_cache import KVCache
-from flowvid.nn.rope import apply_rope
+from flowvid.nn.rope import rope_rotation, rotate_pairs
 
 
 class QKNorm(nn.RMSNorm):
@@ -59,11 +59,11 @@ class Attention(nn.Module):
         # unbind, not three selects: its backward stacks the three gradients in one tensor instead of
         # zero-filling and summing three full-size ones.
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).unbind(2)
-        cos, sin = cos[:, None], sin[:, None]  # (N, 1, D/2): the same rotation for every head
+        rotation = rope_rotation(cos, sin)[:, None]  # (N, 1, D/2[, 2]): the same for every head
         # Rotated q and k come out as (B, N, H, D); transposed to (B, H, N, D) they are views, which
         # is the layout the attention kernels read anyway.
-        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_norm(k), cos, sin).transpose(1, 2)
+        q = rotate_pairs(self.q_norm(q), rotation).transpose(1, 2)
+        k = rotate_pairs(self.k_norm(k), rotation).transpose(1, 2)
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v)

@@ -59,12 +59,24 @@ def rope_angles(
     return angles.float()
 
 
-def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dimension of ``x`` by unit complex numbers.
+def rope_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotation by angles given as cos/sin, built once for both queries and keys: unit complex
+    numbers in eager code (3x faster on a CPU than the real-valued rotation), and under torch.compile the
+    (cos, sin) pairs stacked in a last dimension, which the compiler fuses (inductor generates no code
+    for complex tensors and leaves them to slow fallbacks)."""
+    if torch.compiler.is_compiling():
+        return torch.stack([cos.float(), sin.float()], dim=-1)
+    return torch.complex(cos.float(), sin.float())
 
-    ``rotation`` (complex64) broadcasts against ``x`` with its last dimension halved. The product is
-    taken in fp32 and returned as a new contiguous tensor of ``x``'s dtype.
+
+def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the last dimension of ``x`` by a ``rope_rotation``.
+
+    ``rotation`` broadcasts against ``x`` with its last dimension halved. The product is taken in fp32
+    and returned as a new contiguous tensor of ``x``'s dtype.
     """
+    if not rotation.is_complex():
+        return rotate_pairs_real(x, *rotation.unbind(-1))
     values = x.float()
     if values.stride(-1) != 1 or values.storage_offset() % 2 or any(s % 2 for s in values.stride()[:-1]):
         values = values.clone(memory_format=torch.contiguous_format)  # complex views need aligned pairs
@@ -73,8 +85,7 @@ def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 def rotate_pairs_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``rotate_pairs`` in real arithmetic, ``(a cos - b sin, a sin + b cos)``: the form torch.compile fuses
-    into one kernel (inductor generates no code for complex tensors, which it leaves to slow fallbacks)."""
+    """``rotate_pairs`` in real arithmetic, ``(a cos - b sin, a sin + b cos)``."""
     a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos.float(), sin.float()
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
@@ -82,11 +93,5 @@ def rotate_pairs_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of ``x`` by angles given as cos/sin broadcasting against it with its last
-    dimension halved (for ``x`` (B, H, N, D): (N, D/2)). In fp32, returned in ``x``'s dtype.
-
-    Eager code multiplies complex numbers (3x faster on a CPU than the real-valued rotation); compiled
-    code rotates in real arithmetic, which the compiler fuses.
-    """
-    if torch.compiler.is_compiling():
-        return rotate_pairs_real(x, cos, sin)
-    return rotate_pairs(x, torch.complex(cos.float(), sin.float()))
+    dimension halved (for ``x`` (B, H, N, D): (N, D/2)). In fp32, returned in ``x``'s dtype."""
+    return rotate_pairs(x, rope_rotation(cos, sin))

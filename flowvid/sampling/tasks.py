@@ -45,8 +45,9 @@ def task_caption(task: str, caption: str) -> str:
 
 @dataclass(frozen=True)
 class TaskInputs:
-    """What a sampler needs for one task: captions with their task prefix, the unconditional (or negative) caption,
-    the prefix frames and the noise of the whole video (``z[:, :P]`` is ignored where a prefix is given)."""
+    """What a sampler needs for one task: captions with their task prefix, the unconditional (or
+    negative) caption, the prefix frames and the noise of the whole video (``z[:, :P]`` is ignored where a
+    prefix is given)."""
 
     captions: list[str]
     uncond_caption: str

@@ -168,6 +168,9 @@ class FlowModule(LightningModule):
         self.latent_norm_penalty = latent_norm_penalty
         self.ema = EMA(self, ema_decay) if ema_decay is not None else None
         self.skipped_steps = 0
+        # Latent tokens and videos trained on by all processes together (TrainingThroughput logs them).
+        self.tokens_seen = 0
+        self.videos_seen = 0
         self._consecutive_skips = 0
         self._window_problem: str | None = None  # why the current accumulation window cannot step
         self._checked_captions = False
@@ -336,6 +339,7 @@ class FlowModule(LightningModule):
         terms = self.likelihood_terms(flow_input, text)
         # Trains the flow, the text encoder and the denoiser.
         self.manual_backward(terms["loss"] * scale if scale != 1.0 else terms["loss"])
+        self._count_seen(x)
         metrics = {f"train/{name}": terms[name] for name in ("loss", "nats_per_dim", "z2", "logdet")}
         metrics["train/bits_per_dim"] = terms["nats_per_dim"] / math.log(2)
         if self.latent_norm_penalty:
@@ -353,6 +357,23 @@ class FlowModule(LightningModule):
         self.log("train/loss_step", terms["loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
         self._log_sigma(terms["sigma"], x.shape[0])
         return None
+
+    def _count_seen(self, x: torch.Tensor) -> None:
+        """Add a batch of latents (B, t, h, w, c) to the totals; every process trains on as many."""
+        world = self.trainer.world_size
+        self.videos_seen += x.shape[0] * world
+        self.tokens_seen += math.prod(x.shape[:-1]) * world
+
+    @property
+    def model_flops_per_token(self) -> float:
+        """Training FLOPs per latent token of the flow and the denoiser: per parameter, 2 in the forward
+        pass, 2 for the gradient of its input (which always flows back: the denoiser's target is the
+        gradient on the noisy latents) and 2 for its own gradient when it trains: 6 x parameters when
+        every weight trains, as in the usual convention."""
+        networks = [self.flow] + ([self.denoiser] if self.denoiser is not None else [])
+        # ZeRO-3 leaves each process a shard of every parameter; ds_numel is its whole size.
+        return sum((6.0 if p.requires_grad else 4.0) * getattr(p, "ds_numel", p.numel())
+                   for net in networks for p in net.parameters())
 
     def _step(self, optimizer) -> None:
         """Clip the window's mean gradients and take the optimiser step, or skip the window."""
@@ -562,6 +583,8 @@ class FlowModule(LightningModule):
         checkpoint["flowvid"] = {
             "codec": self.codec.identity(),
             "skipped_steps": self.skipped_steps,
+            "tokens_seen": self.tokens_seen,
+            "videos_seen": self.videos_seen,
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
@@ -571,6 +594,8 @@ class FlowModule(LightningModule):
             return
         check_codec_identity(self.codec.identity(), saved["codec"], "the checkpoint")
         self.skipped_steps = int(saved["skipped_steps"])
+        self.tokens_seen = int(saved.get("tokens_seen", 0))  # checkpoints of earlier versions have none
+        self.videos_seen = int(saved.get("videos_seen", 0))
         if self.ema is not None and saved["ema"] is not None:
             self.ema.load_state_dict(saved["ema"])
 

@@ -34,15 +34,16 @@ REPO = HERE.parents[1]
 
 
 class LossLog(Callback):
-    """Appends ``{"step", "loss", "denoiser_loss", "flow_grad_norm" or "grad_norm"}`` (those logged) after
-    every training batch to ``<path>.rank<R>.jsonl``."""
+    """Appends ``{"step", "loss", "denoiser_loss", "flow_grad_norm" or "grad_norm"}`` (those logged) and the
+    module's ``tokens_seen`` and ``model_flops_per_token`` after every training batch to ``<path>.rank<R>.jsonl``."""
 
     def __init__(self, path: str):
         self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = trainer.callback_metrics
-        record = {"step": trainer.global_step, "loss": float(metrics["train/loss"])}
+        record = {"step": trainer.global_step, "loss": float(metrics["train/loss"]),
+                  "tokens_seen": pl_module.tokens_seen, "flops_per_token": pl_module.model_flops_per_token}
         for name in ("denoiser_loss", "flow_grad_norm", "grad_norm"):
             if f"train/{name}" in metrics:
                 record[name] = float(metrics[f"train/{name}"])
@@ -161,6 +162,7 @@ def recipe(shards: Path, run_dir: Path, *, denoiser: bool, max_steps: int, extra
                  "init_args": {"every_n_train_steps": 2, "keep_last_k": -1}},
                 {"class_path": "flowvid.lit.step_seed.StepSeed"},
                 {"class_path": "test_scale_training.LossLog", "init_args": {"path": str(run_dir / "losses")}},
+                {"class_path": "flowvid.lit.throughput.TrainingThroughput"},
                 *(extra_callbacks or []),
             ],
         },
@@ -266,6 +268,14 @@ def test_zero_on_two_processes_gives_the_ddp_losses(stage, ddp_run, zero_runs):
 
 
 @needs_deepspeed
+def test_tokens_seen_count_every_process(ddp_run, zero_runs):
+    tokens_per_step = 2 * 4 * 4 * 8 * 8  # processes x videos x frames x 8 x 8 tokens
+    for run_dir in (ddp_run, zero_runs(3)):
+        for rank in (0, 1):
+            assert losses(run_dir, rank, key="tokens_seen") == {step: step * tokens_per_step for step in (1, 2, 3, 4)}
+
+
+@needs_deepspeed
 def test_zero_with_a_denoiser_gives_the_single_process_losses(shards, single_run, tmp_path):
     """One backward pass per step trains both the flow and the denoiser, as ZeRO requires."""
     fit(recipe(shards, tmp_path, denoiser=True, max_steps=6), "recipes/distributed/zero2.yaml",
@@ -339,6 +349,7 @@ def test_a_run_killed_mid_training_resumes_with_auto_to_the_same_losses(shards, 
     expected = losses(single_run)
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert losses(tmp_path) == expected  # bit for bit: weights, AdamW, schedule, data position, noise
+    assert losses(tmp_path, key="tokens_seen") == losses(single_run, key="tokens_seen")
     whole, resumed = (torch.load(run / "checkpoints" / "step=00000006.ckpt", map_location="cpu", weights_only=False)
                       for run in (single_run, tmp_path))
     assert_same_tensors(whole["state_dict"], resumed["state_dict"])
@@ -390,6 +401,10 @@ def test_an_ema_under_zero3_averages_every_shard_saves_whole_weights_and_resumes
         assert averages["whole"][name].dtype == torch.float32
         torch.testing.assert_close(averages["whole"][name].double(), expected, rtol=1e-5, atol=1e-6, msg=name)
     assert_same_tensors(averages["whole"], averages["resumed"])
+    # Throughput counts the whole weights' FLOPs, not the shards' (the flow is all there is to train).
+    whole_parameters = sum(weight.numel() for weight in reference["average"].values())
+    for rank in (0, 1):
+        assert set(losses(runs["whole"], rank, key="flops_per_token").values()) == {6.0 * whole_parameters}
 
 
 # --- export ---------------------------------------------------------------------------------------

@@ -307,3 +307,112 @@ def test_compiling_the_flow_under_zero3_is_refused():
     check_compilable(ZeroStrategy(stage=2))
     with pytest.raises(ValueError, match="ZeRO-3"):
         check_compilable(ZeroStrategy(stage=3))
+
+
+# --- throughput in the logs ------------------------------------------------------------------------
+
+
+class FakeClock:
+    """``time`` for flowvid.lit.throughput: a training batch takes 0.5 s, a validation batch 30 s."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class AdvanceClock(L.Callback):
+    def __init__(self, clock: FakeClock):
+        self.clock = clock
+
+    def on_train_batch_start(self, *args):
+        self.clock.now += 0.5
+
+    def on_validation_batch_start(self, *args):
+        self.clock.now += 30.0
+
+
+def test_throughput_is_tokens_over_training_time_with_validation_left_out(monkeypatch):
+    from flowvid.lit import throughput
+
+    clock = FakeClock()
+    monkeypatch.setattr(throughput, "time", clock)
+    module = tiny_module(accumulate_grad_batches=2)
+    monitor = throughput.TrainingThroughput(window=3, peak_flops=1e9)
+    run = trainer(max_steps=6, limit_val_batches=1, val_check_interval=4, log_every_n_steps=1,
+                  callbacks=[AdvanceClock(clock), monitor])
+    run.fit(module, fixed_batches(12), val_dataloaders=fixed_batches(1))
+    assert run.global_step == 6
+    tokens_per_batch = 2 * 4 * 4 * 4  # videos x latent frames x 4 x 4 tokens
+    assert module.tokens_seen == 12 * tokens_per_batch and module.videos_seen == 24
+    logged = {name: value.item() for name, value in run.callback_metrics.items()}
+    # Two batches of 0.5 s per optimiser step; the last window spans a validation (after batch 8).
+    assert logged["throughput/step_seconds"] == pytest.approx(1.0)
+    assert logged["throughput/tokens_per_sec"] == pytest.approx(2 * tokens_per_batch)
+    assert logged["throughput/tokens_per_sec_per_device"] == pytest.approx(2 * tokens_per_batch)
+    assert logged["throughput/videos_per_sec"] == pytest.approx(4.0)
+    flow_and_denoiser = sum(p.numel() for p in [*module.flow.parameters(), *module.denoiser.parameters()])
+    flops_per_sec = 6 * flow_and_denoiser * 2 * tokens_per_batch
+    assert logged["throughput/model_tflops_per_device"] == pytest.approx(flops_per_sec / 1e12)
+    assert logged["throughput/mfu"] == pytest.approx(flops_per_sec / 1e9)
+    assert logged["train/tokens_seen"] == 12 * tokens_per_batch
+
+
+def test_tokens_seen_carry_over_a_resume(tmp_path):
+    def fit(steps: int, ckpt_path=None) -> FlowModule:
+        L.seed_everything(0)
+        module = tiny_module()
+        run = trainer(max_steps=steps, callbacks=[TrainingThroughput()])
+        run.fit(module, fixed_batches(steps), ckpt_path=ckpt_path)
+        run.save_checkpoint(tmp_path / f"step{steps}.ckpt")
+        return module
+
+    from flowvid.lit.throughput import TrainingThroughput
+
+    uninterrupted = fit(4)
+    fit(2)
+    resumed = fit(4, ckpt_path=tmp_path / "step2.ckpt")
+    assert resumed.tokens_seen == uninterrupted.tokens_seen == 4 * 2 * 4 * 16
+    assert resumed.videos_seen == uninterrupted.videos_seen == 8
+
+
+def test_throughput_measures_a_cpu_and_reads_a_known_gpus_datasheet(monkeypatch):
+    from flowvid.lit import throughput
+
+    for precision in ("32-true", "bf16-mixed"):
+        assert 1e8 < throughput.peak_flops_of(torch.device("cpu"), precision) < 1e15
+    asked = []
+    monkeypatch.setattr(throughput, "get_available_flops", lambda device, dtype: asked.append(dtype) or 989e12)
+    assert throughput.peak_flops_of(torch.device("cuda", 0), "bf16-mixed") == 989e12
+    assert asked == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"window": 1}, "window must be an integer >= 2"),
+    ({"peak_flops": 0}, "peak_flops must be"),
+    ({"peak_flops": "fast"}, "peak_flops must be"),
+])
+def test_bad_throughput_settings_are_clear_errors(arguments, message):
+    from flowvid.lit.throughput import TrainingThroughput
+
+    with pytest.raises(ValueError, match=message):
+        TrainingThroughput(**arguments)
+
+
+def test_throughput_names_what_another_module_lacks():
+    from flowvid.lit.throughput import TrainingThroughput
+
+    class Plain(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(TypeError, match="tokens_seen, videos_seen, model_flops_per_token"):
+        trainer(max_steps=1, callbacks=[TrainingThroughput()]).fit(Plain(), DataLoader(torch.randn(4, 2), batch_size=2))

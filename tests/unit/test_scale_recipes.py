@@ -67,7 +67,7 @@ def test_the_finetune_overlay_keeps_the_model_and_replaces_data_and_training(cap
 def test_the_lora_overlay_trains_adapters_instead_of_frozen_blocks_on_the_same_data(capsys):
     finetune = resolved(capsys, DEMO, RECIPES / "finetune" / "custom_shards.yaml")
     config = resolved(capsys, DEMO, RECIPES / "finetune" / "custom_shards.yaml", RECIPES / "finetune" / "lora.yaml")
-    assert callback_classes(config) == ["InitFromExport", "LoRA", "RunCheckpoint", "StepSeed"]
+    assert callback_classes(config) == ["InitFromExport", "LoRA", "RunCheckpoint", "StepSeed", "TrainingThroughput"]
     assert config["data"] == finetune["data"] and config["resume"] == "auto"
     assert config["trainer"]["default_root_dir"] != finetune["trainer"]["default_root_dir"]
     assert config["model"]["init_args"]["lr"] > finetune["model"]["init_args"]["lr"]

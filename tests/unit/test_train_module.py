@@ -243,3 +243,12 @@ def test_an_averaged_model_samples_with_its_averaged_text_encoder_too():
     plain.load_state_dict(averaged, strict=False)
     captions = ["a red circle moves left", "a blue square moves up"]
     assert torch.equal(module.generate_videos(captions, seed=3), plain.generate_videos(captions, seed=3))
+
+
+def test_model_flops_leave_out_the_gradients_of_frozen_weights():
+    module = make_module()
+    counts = {name: sum(p.numel() for p in part.parameters())
+              for name, part in (("flow", module.flow), ("denoiser", module.denoiser), ("shallow", module.flow.shallow))}
+    assert module.model_flops_per_token == 6 * (counts["flow"] + counts["denoiser"])
+    module.flow.shallow.requires_grad_(False)  # frozen: forward and input gradient only
+    assert module.model_flops_per_token == 6 * (counts["flow"] + counts["denoiser"]) - 2 * counts["shallow"]

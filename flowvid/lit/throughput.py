@@ -1,0 +1,163 @@
+"""Training speed in the logs: videos and latent tokens per second, model FLOP/s and MFU.
+
+``TrainingThroughput`` logs, at the trainer's ``log_every_n_steps``, rates averaged over the last
+``window`` optimiser steps:
+
+* ``throughput/videos_per_sec`` and ``throughput/tokens_per_sec`` (latent tokens) of the whole run,
+  all processes together, and ``throughput/tokens_per_sec_per_device``;
+* ``throughput/step_seconds``: wall time of one optimiser step (data loading, the forward and backward
+  passes, the optimiser and whatever other callbacks do in the step; validation is left out);
+* ``throughput/model_tflops_per_device`` and ``throughput/mfu``: model FLOPs per second, counted as
+  ``6 x parameters x latent tokens`` over the flow and the denoiser (2 in the forward and 4 in the
+  backward pass per parameter and token; a frozen weight's own gradient, 2 of the 4, is not computed
+  and not counted; attention and text tokens are not counted, the usual LLM convention), and their
+  share of the device's peak;
+* ``train/tokens_seen`` and ``train/videos_seen``: totals of the run, carried over by a resume.
+
+The peak of a GPU is its datasheet figure for the run's precision (Lightning's table, as litgpt
+reports MFU); a CPU has none, so there the peak is the FLOP/s of a large square matmul in the run's
+precision, measured once when training starts: on a CPU MFU says how close the step comes to what
+the machine's matmul kernels give (``docs/benchmarks.md`` uses the same denominator).
+
+It works with any LightningModule that offers ``tokens_seen`` and ``videos_seen`` (totals over
+all processes) and ``model_flops_per_token`` (``FlowModule`` does).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+
+#: Side of the square matmul whose FLOP/s stand in for a device's peak when no datasheet figure is known.
+MATMUL_SIDE = {"cpu": 2048, "cuda": 8192}
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype of the network's matmuls under a Lightning precision setting."""
+    return torch.bfloat16 if str(precision).startswith("bf16") else torch.float32
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype, rounds: int = 3) -> float:
+    """FLOP/s of the fastest of ``rounds`` square matmuls in ``dtype`` on ``device`` (after one to warm up)."""
+    side = MATMUL_SIDE.get(device.type, 2048)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(side, side, generator=generator, device=device).to(dtype) for _ in range(2))
+    out = torch.empty(side, side, device=device, dtype=dtype)
+    best = math.inf
+    for round_ in range(rounds + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if round_:  # the first one warms the kernels up
+            best = min(best, time.perf_counter() - start)
+    return 2.0 * side**3 / best
+
+
+def peak_flops_of(device: torch.device, precision: str) -> float | None:
+    """The device's datasheet peak for ``precision`` when Lightning knows it, else a measured matmul's FLOP/s."""
+    dtype = compute_dtype(precision)
+    if device.type == "cuda":
+        known = get_available_flops(device, dtype)
+        if known:
+            return float(known)
+    if device.type in MATMUL_SIDE:
+        return measured_matmul_flops(device, dtype)
+    return None
+
+
+class TrainingThroughput(Callback):
+    """Logs videos/s, latent tokens/s, model FLOP/s and MFU of training (see the module's docstring).
+
+    Args:
+        window: optimiser steps the rates are averaged over (the first log comes after two steps).
+        peak_flops: FLOP/s of one device that MFU is measured against: ``"auto"`` (the datasheet peak of
+            a known GPU, else a measured matmul's), a number, or None for no MFU.
+    """
+
+    def __init__(self, window: int = 20, peak_flops: float | Literal["auto"] | None = "auto"):
+        if not isinstance(window, int) or window < 2:
+            raise ValueError(f"window must be an integer >= 2 (rates need two steps), got {window!r}")
+        if peak_flops is not None and peak_flops != "auto" and not (
+                isinstance(peak_flops, (int, float)) and math.isfinite(peak_flops) and peak_flops > 0):
+            raise ValueError(f"peak_flops must be 'auto', a positive number of FLOP/s or None, got {peak_flops!r}")
+        self.window = window
+        self.peak_flops = peak_flops
+        self.device_peak: float | None = None
+        # (time, tokens, videos) at the end of each of the last `window` optimiser steps.
+        self._marks: deque[tuple[float, int, int]] = deque(maxlen=window)
+        self._last_step = -1
+        self._validation_start: float | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        missing = [name for name in ("tokens_seen", "videos_seen", "model_flops_per_token")
+                   if not hasattr(pl_module, name)]
+        if missing:
+            raise TypeError(f"TrainingThroughput needs a LightningModule with {', '.join(missing)} "
+                            f"(as flowvid.lit.FlowModule has); {type(pl_module).__name__} has not")
+        if self.peak_flops == "auto":
+            self.device_peak = peak_flops_of(trainer.strategy.root_device, str(trainer.precision))
+            if self.device_peak is None:
+                rank_zero_warn(f"TrainingThroughput: no peak FLOP/s known for {trainer.strategy.root_device}; "
+                               "MFU is not logged (set peak_flops)")
+        else:
+            self.device_peak = self.peak_flops
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._marks.clear()
+        self._mark(pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # inside an accumulation window, or a skipped step
+            return
+        self._last_step = step
+        self._mark(pl_module)
+        metrics = {"train/tokens_seen": float(pl_module.tokens_seen),
+                   "train/videos_seen": float(pl_module.videos_seen)}
+        if len(self._marks) >= 2:
+            metrics.update(self._rates(trainer.world_size, pl_module.model_flops_per_token))
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._validation_start is None:
+            return
+        # The steps before validation seem to have ended later by its length, so no window spans it.
+        pause = time.perf_counter() - self._validation_start
+        self._marks = deque(((t + pause, tokens, videos) for t, tokens, videos in self._marks), maxlen=self.window)
+        self._validation_start = None
+
+    def _mark(self, pl_module: LightningModule) -> None:
+        self._marks.append((time.perf_counter(), int(pl_module.tokens_seen), int(pl_module.videos_seen)))
+
+    def _rates(self, world_size: int, flops_per_token: float) -> dict[str, float]:
+        (t0, tokens0, videos0), (t1, tokens1, videos1) = self._marks[0], self._marks[-1]
+        seconds = max(t1 - t0, 1e-9)
+        tokens_per_sec = (tokens1 - tokens0) / seconds
+        per_device_flops = flops_per_token * tokens_per_sec / world_size
+        rates = {
+            "throughput/videos_per_sec": (videos1 - videos0) / seconds,
+            "throughput/tokens_per_sec": tokens_per_sec,
+            "throughput/tokens_per_sec_per_device": tokens_per_sec / world_size,
+            "throughput/step_seconds": seconds / (len(self._marks) - 1),
+            "throughput/model_tflops_per_device": per_device_flops / 1e12,
+        }
+        if self.device_peak:
+            rates["throughput/mfu"] = per_device_flops / self.device_peak
+        return rates

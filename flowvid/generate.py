@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,24 +30,16 @@ import numpy as np
 import torch
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
-from flowvid.media import MediaError, frame_rate, read_image, read_video, write_video
+from flowvid.media import MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder
-from flowvid.placement import add_placement_arguments, precision_context, resolve_device, resolve_precision
-from flowvid.sampling import Sampler, WindowedSampler, build_sampler
-from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_inputs
-
-
-#: Jacobi's default tolerance per precision: bf16 matmuls leave a relative noise of 1e-3 to 3e-3 in every
-#: pass, below which a block's change need not fall (it would then run to max_iterations).
-DEFAULT_TOLERANCE = {"32-true": 1e-3, "bf16-mixed": 1e-2}
+from flowvid.pipeline import DEFAULT_TOLERANCE, GenerateError, VideoPipeline
+from flowvid.placement import add_placement_arguments, resolve_device, resolve_precision
+from flowvid.sampling import Sampler, build_sampler
+from flowvid.sampling.tasks import TASKS, check_seed
 
 
 #: The latents written beside each sample (``NAME.latent.npy``): arrays, but not videos.
 LATENTS_SUFFIX = ".latent.npy"
-
-
-class GenerateError(ValueError):
-    """A request that cannot be generated; the message is the one line the user sees."""
 
 
 @dataclass
@@ -84,6 +75,12 @@ def check_options(args: argparse.Namespace) -> None:
             raise GenerateError(f"{option} sets the jacobi sampler's blocks; --sampler {args.sampler} has none")
         if value is not None and value < 1:
             raise GenerateError(f"{option} must be >= 1, got {value}")
+    if args.task == "t2v" and (args.image or args.video):
+        raise GenerateError("t2v takes no --image or --video; use --task i2v, extend or v2v")
+    if args.task == "i2v" and not args.image:
+        raise GenerateError("i2v needs --image FILE")
+    if args.task in ("extend", "v2v") and not args.video:
+        raise GenerateError(f"{args.task} needs --video FILE")
     if args.negative_prompt is not None and not args.negative_prompt.strip():
         raise GenerateError("--negative-prompt holds no words; leave it out to guide away from the empty caption")
     check_seed(args.seed)
@@ -125,117 +122,17 @@ def read_prompt_file(path: Path) -> list[str]:
     return [line.strip() for line in lines]
 
 
-def takes_text(module) -> bool:
-    """Whether the model reads captions; an unconditional one has no text encoder."""
-    return module.text_encoder is not None
-
-
-def prompts_for(module, prompts: list[str]) -> list[str]:
-    """The prompts to sample: at least one for a model that reads text; none but empty ones for an
-    unconditional model, which samples one video when given none."""
-    if takes_text(module):
-        if not prompts:
-            raise GenerateError("give at least one --prompt or a --prompts file")
-        blank = [prompt for prompt in prompts if prompt and not prompt.strip()]
-        if blank:  # it would be sampled as the empty caption, unconditionally, without a word
-            raise GenerateError(f"--prompt {blank[0]!r} holds only whitespace; give a caption, or --prompt '' "
-                                "for an unconditional sample")
-        return prompts
-    if any(prompts):
-        raise GenerateError("this model is unconditional (trained without text) and takes no prompt; leave out "
-                            "--prompt and --prompts (repeat --prompt '' for several samples)")
-    return prompts or [""]
-
-
 def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "unconditional"
 
 
-def make_sampler(request: Request, latent_frames: int, trained_frames: int) -> Sampler:
+def request_sampler(request: Request) -> Sampler:
+    """The sampler the request names, with its Jacobi settings."""
     init_args = {}
     if request.sampler == "jacobi":
         blocks = {"first_block_size": request.first_block_size, "block_size": request.block_size}
         init_args = {"tol": request.tol, **{name: size for name, size in blocks.items() if size is not None}}
-    sampler = build_sampler({"name": request.sampler, "init_args": init_args})
-    if latent_frames > trained_frames:  # longer than training: slide a window of the trained length
-        return WindowedSampler(sampler, window=trained_frames, context=max(1, trained_frames // 2))
-    return sampler
-
-
-def source_video(module, request: Request) -> torch.Tensor | None:
-    """The conditioning frames of the task as uint8 (1, S, H, W, 3), or None for t2v."""
-    _, height, width = module.video_shape
-    if request.task == "t2v":
-        if request.image or request.video:
-            raise GenerateError("t2v takes no --image or --video; use --task i2v, extend or v2v")
-        return None
-    if request.task == "i2v":
-        if not request.image:
-            raise GenerateError("i2v needs --image FILE")
-        frames = read_image(request.image, height, width)[None]
-        frames = np.repeat(frames, 1 if module.codec.causal_first_frame else module.codec.temporal_factor, axis=0)
-    else:
-        if not request.video:
-            raise GenerateError(f"{request.task} needs --video FILE")
-        frames = read_video(request.video, height, width)
-        usable = module.codec.usable_frames(len(frames))
-        if usable < 1:
-            raise GenerateError(f"{request.video} has {len(frames)} frames, fewer than one latent frame")
-        frames = frames[:usable]
-    return torch.from_numpy(np.ascontiguousarray(frames))[None]
-
-
-@torch.no_grad()
-def generate_batch(module, request: Request, prompts: list[str], seeds: list[int], source: torch.Tensor | None,
-                   on_frame=None) -> dict[str, Any]:
-    """Sample, denoise and decode one batch in ``request.precision``; returns videos, latents, timings and
-    sampler statistics."""
-    with precision_context(request.precision, module.device):
-        return _generate_batch(module, request, prompts, seeds, source, on_frame)
-
-
-def _generate_batch(module, request: Request, prompts: list[str], seeds: list[int], source: torch.Tensor | None,
-                    on_frame) -> dict[str, Any]:
-    codec, flow = module.codec, module.flow
-    latent_frames = codec.latent_frames(request.frames)
-    latent_shape = tuple(module.latent_shape[1:])
-    known = None if source is None else codec.encode(source.to(module.device)).float().expand(len(prompts), -1, -1, -1, -1)
-    per_sample = [task_inputs(request.task, [p], latent_frames, latent_shape, seed,
-                              None if known is None else known[:1], module.noise_std, module.device,
-                              request.negative_prompt)
-                  for p, seed in zip(prompts, seeds)]
-    z = torch.cat([inputs.z for inputs in per_sample])
-    prefix = None if known is None else torch.cat([inputs.prefix for inputs in per_sample])
-    captions = [caption for inputs in per_sample for caption in inputs.captions]
-    text = encode_text(module.text_encoder, captions, request.guidance, per_sample[0].uncond_caption)
-    cond = getattr(text, "cond", text)
-    sampler = make_sampler(request, latent_frames, module.latent_shape[0])
-
-    started = time.perf_counter()
-    if request.stream and on_frame is not None:
-        frames = []
-        for frame in sampler.stream(flow, z, text, request.guidance, prefix):
-            frames.append(frame)
-            on_frame(len(frames) - 1 + (0 if prefix is None else prefix.shape[1]), frame)
-        new = torch.stack(frames, dim=1)
-        latents = new if prefix is None else torch.cat([prefix, new], dim=1)
-    else:
-        latents = sampler.sample(flow, z, text, request.guidance, prefix)
-    sampled = time.perf_counter()
-    latents = module.denoise(latents, cond)
-    if known is not None:  # the given frames come back exactly as given
-        latents[:, :known.shape[1]] = known
-    denoised = time.perf_counter()
-    videos = codec.decode(latents)
-    decoded = time.perf_counter()
-    return {
-        "videos": videos.cpu().numpy(),
-        "latents": latents.float().cpu().numpy(),
-        "captions": captions,
-        "timings": {"sample_seconds": sampled - started, "denoise_seconds": denoised - sampled,
-                    "decode_seconds": decoded - denoised},
-        "sampler_stats": sampler.last_stats,
-    }
+    return build_sampler({"name": request.sampler, "init_args": init_args})
 
 
 def write_sample(out: Path, name: str, video: np.ndarray, latents: np.ndarray, record: dict[str, Any], fps: float) -> None:
@@ -245,23 +142,14 @@ def write_sample(out: Path, name: str, video: np.ndarray, latents: np.ndarray, r
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))
 
 
-def check_negative_prompt(module, request: Request) -> None:
-    """A negative prompt needs a model that reads text, and guidance to steer with."""
-    if not request.negative_prompt:
-        return
-    if not takes_text(module):
-        raise GenerateError("this model is unconditional (trained without text) and takes no --negative-prompt")
-    if request.guidance <= 0:
-        raise GenerateError(f"--negative-prompt steers guidance, which is off (guidance {request.guidance}); "
-                            "give --guidance > 0")
-
-
 def run(module, request: Request, out: Path) -> list[dict[str, Any]]:
     """Generate every prompt of ``request`` into ``out``; returns the JSON records written."""
-    check_negative_prompt(module, request)
+    pipeline = VideoPipeline(module, request_sampler(request), request.precision)
+    prompts = pipeline.prompts_for(request.prompts)
+    pipeline.check(request.task, request.frames, request.guidance, request.negative_prompt, request.seed,
+                   request.batch_size)
     try:
-        module.codec.latent_frames(request.frames)
-        source = source_video(module, request)
+        source = pipeline.source_frames(request.task, request.image, request.video)
     except MediaError as err:
         raise GenerateError(str(err)) from None
     try:
@@ -269,27 +157,28 @@ def run(module, request: Request, out: Path) -> list[dict[str, Any]]:
     except OSError as err:  # checked up front by the command; a library caller may still hit this
         raise GenerateError(f"cannot make the output folder {out}: {err.strerror or err}") from None
     records = []
-    for start in range(0, len(request.prompts), request.batch_size):
-        prompts = request.prompts[start:start + request.batch_size]
-        seeds = [request.seed + start + i for i in range(len(prompts))]
-        names = [f"{request.task}_{start + i:03d}_{slug(p)}" for i, p in enumerate(prompts)]
-        on_frame = _frame_writer(module, out, names) if request.stream else None
-        result = generate_batch(module, request, prompts, seeds, source, on_frame)
+    for start in range(0, len(prompts), request.batch_size):
+        batch = prompts[start:start + request.batch_size]
+        seeds = [request.seed + start + i for i in range(len(batch))]
+        names = [f"{request.task}_{start + i:03d}_{slug(p)}" for i, p in enumerate(batch)]
+        result = pipeline.generate_batch(batch, seeds, source, task=request.task, frames=request.frames,
+                                         guidance=request.guidance, negative_prompt=request.negative_prompt,
+                                         on_frame=_frame_writer(module, out, names) if request.stream else None)
         for i, name in enumerate(names):
             # A model without text sees no caption: say so by leaving the field out.
-            seen = {"caption_seen_by_model": result["captions"][i]} if takes_text(module) else {}
+            seen = {"caption_seen_by_model": result.captions[i]} if pipeline.reads_text else {}
             record = {
-                "prompt": prompts[i], **seen, "task": request.task,
+                "prompt": batch[i], **seen, "task": request.task,
                 "seed": seeds[i], "sampler": request.sampler, "tol": request.tol if request.sampler == "jacobi" else None,
                 "guidance": request.guidance,
                 **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),
                 "device": str(module.device), "precision": request.precision,
                 **({"lora": request.lora, "lora_strength": request.lora_strength} if request.lora else {}),
-                "frames": int(result["videos"].shape[1]),
-                "timings": {k: v / len(prompts) for k, v in result["timings"].items()}, "batch_size": len(prompts),
-                "sampler_stats": result["sampler_stats"],
+                "frames": int(result.videos.shape[1]),
+                "timings": {k: v / len(batch) for k, v in result.timings.items()}, "batch_size": len(batch),
+                "sampler_stats": result.sampler_stats[0],
             }
-            write_sample(out, name, result["videos"][i], result["latents"][i], record, request.fps)
+            write_sample(out, name, result.videos[i], result.latents[i], record, request.fps)
             records.append({"name": name, **record})
     return records
 
@@ -359,7 +248,6 @@ def main(argv: list[str]) -> int:
         precision = resolve_precision(args.precision, device)
         module = load_model(args.ckpt, weights=args.weights, map_location=device, adapters=args.lora,
                             adapter_strength=args.lora_strength)
-        prompts = prompts_for(module, prompts)
         request = Request(
             task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames,
             sampler=args.sampler, tol=DEFAULT_TOLERANCE[precision] if args.tol is None else args.tol,

@@ -121,8 +121,8 @@ def test_stream_writes_frames_as_they_come_and_longer_videos_use_a_window(checkp
         (["--task", "i2v", "--image", "missing.png", "--prompt", "x"], "does not exist"),
         (["--prompt", "x", "--guidance", "2", "--frames", "0"], "--frames must be >= 1, got 0"),
         (["--prompts", "PROMPTS"], "line 2 is empty"),
-        (["--prompt", "a red circle", "--prompt", "   "], "--prompt '   ' holds only whitespace"),
-        (["--prompt", "x", "--negative-prompt", "y", "--guidance", "0"], "--negative-prompt steers guidance"),
+        (["--prompt", "a red circle", "--prompt", "   "], "prompt '   ' holds only whitespace"),
+        (["--prompt", "x", "--negative-prompt", "y", "--guidance", "0"], "negative prompt steers guidance"),
         (["--prompt", "x", "--negative-prompt", "  "], "--negative-prompt holds no words"),
     ],
 )
@@ -280,7 +280,7 @@ def test_an_unconditional_model_samples_without_a_prompt_and_refuses_one(uncondi
     assert not (tmp_path / "p").exists()
     given = ["--guidance", "2", "--negative-prompt", "a blue square"]
     assert main(["generate", "--ckpt", str(unconditional_checkpoint), *given, "--out", str(tmp_path / "n")]) == 2
-    assert "takes no --negative-prompt" in one_line_error(capsys)
+    assert "takes no negative prompt" in one_line_error(capsys)
 
 
 def test_an_unconditional_model_scores_without_a_caption_and_refuses_one(unconditional_checkpoint, tmp_path, capsys):
@@ -441,3 +441,54 @@ def test_score_of_a_generate_folder_scores_each_sample_once_and_not_its_latents(
     # Written as NAME.npy (exact pixels), NAME.mp4 and NAME.latent.npy: scored once, as the array.
     assert [Path(r["path"]).suffix for r in records] == [".npy"]
     assert not any("error" in r for r in records)
+
+
+# --- the same from Python: VideoPipeline ----------------------------------------------------------
+
+
+def test_the_pipeline_gives_what_flowvid_generate_writes_whatever_the_batch(checkpoint, tmp_path):
+    from flowvid.pipeline import VideoPipeline
+
+    prompts = ["a red circle moves left", "a blue square moves up", "a green triangle moves down"]
+    args = ["generate", "--ckpt", str(checkpoint), "--seed", "5", "--guidance", "1.5", "--out", str(tmp_path)]
+    assert main([*args, *(arg for prompt in prompts for arg in ("--prompt", prompt))]) == 0
+    written = [np.load(path) for path in sorted(tmp_path.glob("t2v_*.latent.npy"))]
+
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu")
+    together = pipe(prompts, seed=5, guidance=1.5)
+    one_by_one = pipe(prompts, seed=5, guidance=1.5, batch_size=1)
+    assert together.videos.shape == (3, 4, 8, 8, 3) and together.videos.dtype == np.uint8
+    assert together.seeds == [5, 6, 7] and len(one_by_one.sampler_stats) == 3
+    np.testing.assert_array_equal(together.latents, np.stack(written))
+    np.testing.assert_allclose(one_by_one.latents, together.latents, atol=1e-5)
+
+
+def test_the_pipeline_takes_frames_as_arrays_and_its_sampler_can_be_swapped(checkpoint):
+    from flowvid.pipeline import GenerateError, VideoPipeline
+
+    pipe = VideoPipeline(load_model(checkpoint))
+    image = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
+    jacobi = pipe("a blue square moves up", task="i2v", image=image, seed=3)
+    assert np.array_equal(jacobi.videos[0, 0], image)
+    pipe.sampler = SequentialSampler()
+    exact = pipe("a blue square moves up", task="i2v", image=torch.from_numpy(image), seed=3)
+    assert np.array_equal(exact.videos[0, 0], image)
+    assert 0 < np.linalg.norm(jacobi.latents - exact.latents) / np.linalg.norm(exact.latents) < 1e-2
+    clip = pipe("a red circle moves left", task="extend", video=exact.videos[0], frames=7)
+    assert clip.videos.shape == (1, 7, 8, 8, 3) and clip.sampler_stats[0]["window"] == 4
+    assert np.array_equal(clip.videos[0, :4], exact.videos[0])  # the given frames come back as given
+    with pytest.raises(GenerateError, match=r"uint8 frames of shape \(8, 8, 3\).*float64 \(8, 8, 3\)"):
+        pipe("x", task="i2v", image=image / 255.0)
+    with pytest.raises(GenerateError, match="t2v takes no image or video"):
+        pipe("x", image=image)
+    with pytest.raises(GenerateError, match="unknown task 'i2i'"):
+        pipe("x", task="i2i")
+
+
+def test_the_pipeline_of_an_unconditional_model_samples_one_video_without_a_prompt(unconditional_checkpoint):
+    from flowvid.pipeline import GenerateError, VideoPipeline
+
+    pipe = VideoPipeline.from_pretrained(unconditional_checkpoint, device="cpu")
+    assert pipe().videos.shape == (1, 4, 8, 8, 3) and pipe.precision == "32-true"
+    with pytest.raises(GenerateError, match="takes no prompt"):
+        pipe("a red circle")

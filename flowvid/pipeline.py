@@ -1,0 +1,271 @@
+"""``VideoPipeline``: a trained model and its sampler, ready to generate from Python.
+
+::
+
+    from flowvid.pipeline import VideoPipeline
+
+    pipe = VideoPipeline.from_pretrained("exported/model.safetensors")     # or a .ckpt / DeepSpeed directory
+    out = pipe(["a red circle moves left"], seed=0)                          # out.videos: uint8 (B, T, H, W, 3)
+    out = pipe(["a red circle moves left"], task="i2v", image=first_frame)   # (H, W, 3) uint8, or a file
+    out = pipe(["..."], task="extend", video="clip.mp4", frames=16)
+    pipe.sampler = SequentialSampler()                                       # swap it, like a scheduler
+
+It is what ``flowvid generate`` runs, without the files: the same seeds give the same videos. Sample
+``i`` of a call draws its noise from ``seed + i``, so a sample does not depend on the batch it is
+sampled in. The sampler stands apart from the model: ``sampler`` is any registered sampler, used as
+it is for the training length and inside a sliding window (``WindowedSampler``) for longer videos.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from flowvid.media import read_image, read_video
+from flowvid.placement import precision_context, resolve_device, resolve_precision
+from flowvid.sampling import JacobiSampler, Sampler, WindowedSampler
+from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_inputs
+
+#: Jacobi's default tolerance per precision: bf16 matmuls leave a relative noise of 1e-3 to 3e-3 in every
+#: pass, below which a block's change need not fall (it would then run to max_iterations).
+DEFAULT_TOLERANCE = {"32-true": 1e-3, "bf16-mixed": 1e-2}
+
+#: ``on_frame(index, latents)``: latent frame ``index`` (B, h, w, c) of a batch, as soon as it is sampled.
+FrameCallback = Callable[[int, torch.Tensor], None]
+
+
+class GenerateError(ValueError):
+    """A request that cannot be generated; the message is one line for the user."""
+
+
+@dataclass
+class GeneratedVideos:
+    """What a pipeline call returns.
+
+    Attributes:
+        videos: uint8 (B, T, H, W, 3), the given frames of ``i2v`` / ``extend`` / ``v2v`` as given.
+        latents: float32 (B, T, h, w, c), denoised, before decoding.
+        captions: the captions the model saw (with the task's prefix).
+        seeds: the noise seed of each video.
+        timings: seconds spent sampling, denoising and decoding, summed over the batches.
+        sampler_stats: the sampler's ``last_stats`` of each batch (Jacobi: passes per block).
+    """
+
+    videos: np.ndarray
+    latents: np.ndarray
+    captions: list[str]
+    seeds: list[int]
+    timings: dict[str, float]
+    sampler_stats: list[dict[str, Any]]
+
+    @classmethod
+    def concatenate(cls, parts: list["GeneratedVideos"]) -> "GeneratedVideos":
+        """The videos of several batches as one result."""
+        return cls(
+            videos=np.concatenate([part.videos for part in parts]),
+            latents=np.concatenate([part.latents for part in parts]),
+            captions=[caption for part in parts for caption in part.captions],
+            seeds=[seed for part in parts for seed in part.seeds],
+            timings={name: sum(part.timings[name] for part in parts) for name in parts[0].timings},
+            sampler_stats=[stats for part in parts for stats in part.sampler_stats],
+        )
+
+
+class VideoPipeline:
+    """Generates videos from a trained ``FlowModule`` (see the module's docstring).
+
+    Args:
+        model: the trained model (``flowvid.loading.load_model`` gives one), in eval mode.
+        sampler: inverts the flow; default ``JacobiSampler`` at the precision's default tolerance.
+        precision: ``"32-true"`` or ``"bf16-mixed"`` (the network under bf16 autocast, sampling math fp32).
+    """
+
+    def __init__(self, model, sampler: Sampler | None = None, precision: str = "32-true"):
+        if precision not in DEFAULT_TOLERANCE:
+            raise ValueError(f"precision must be one of {', '.join(DEFAULT_TOLERANCE)}, got {precision!r}")
+        self.model = model.eval()
+        self.precision = precision
+        self.sampler = sampler if sampler is not None else JacobiSampler(tol=DEFAULT_TOLERANCE[precision])
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
+                        weights: str = "ema", sampler: Sampler | None = None, lora: str | os.PathLike | None = None,
+                        lora_strength: float = 1.0) -> "VideoPipeline":
+        """Load an export, a Lightning checkpoint or a DeepSpeed directory onto ``device`` (``"auto"``: the
+        first CUDA GPU, else the CPU) in ``precision`` (``"auto"``: bf16-mixed on a GPU that supports
+        it, else fp32); ``lora`` merges adapters (``flowvid export --adapters-only``) into the weights."""
+        from flowvid.loading import load_model
+
+        placed = resolve_device(device)
+        model = load_model(path, weights=weights, map_location=placed, adapters=lora, adapter_strength=lora_strength)
+        return cls(model, sampler, resolve_precision(precision, placed))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether the model reads captions; an unconditional one has no text encoder."""
+        return self.model.text_encoder is not None
+
+    def __call__(self, prompts: str | Sequence[str] | None = None, *, task: str = "t2v",
+                 image: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
+                 video: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
+                 frames: int | None = None, guidance: float | None = None, negative_prompt: str = "",
+                 seed: int = 0, batch_size: int = 8) -> GeneratedVideos:
+        """Videos for ``prompts`` (one each; an unconditional model takes none and samples one).
+
+        Args:
+            task: ``t2v``, ``i2v`` (needs ``image``), ``extend`` or ``v2v`` (need ``video``).
+            image, video: uint8 frames (H, W, 3) / (T, H, W, 3) at the model's size, or a file to read
+                and resize.
+            frames: frames to generate (default: the training length; longer ones slide a window).
+            guidance: classifier-free guidance weight (default: the model's).
+            negative_prompt: a caption guidance steers away from instead of the empty one.
+            seed: video ``i`` draws its noise from ``seed + i``.
+            batch_size: videos sampled together.
+        """
+        prompts = self.prompts_for([prompts] if isinstance(prompts, str) else list(prompts or []))
+        guidance = self.model.guidance if guidance is None else guidance
+        frames = self.model.video_shape[0] if frames is None else frames
+        self.check(task, frames, guidance, negative_prompt, seed, batch_size)
+        source = self.source_frames(task, image, video)
+        parts = []
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            seeds = list(range(seed + start, seed + start + len(batch)))
+            parts.append(self.generate_batch(batch, seeds, source, task=task, frames=frames, guidance=guidance,
+                                             negative_prompt=negative_prompt))
+        return GeneratedVideos.concatenate(parts)
+
+    # --- checks, before any work -----------------------------------------------------------------
+
+    def prompts_for(self, prompts: list[str]) -> list[str]:
+        """At least one caption for a model that reads text; none but empty ones for an unconditional
+        model, which samples one video when given none."""
+        if self.reads_text:
+            if not prompts:
+                raise GenerateError("give at least one prompt")
+            blank = [prompt for prompt in prompts if prompt and not prompt.strip()]
+            if blank:  # it would be sampled as the empty caption, unconditionally, without a word
+                raise GenerateError(f"prompt {blank[0]!r} holds only whitespace; give a caption, or '' for an "
+                                    "unconditional sample")
+            return prompts
+        if any(prompts):
+            raise GenerateError("this model is unconditional (trained without text) and takes no prompt "
+                                "('' for each of several samples)")
+        return prompts or [""]
+
+    def check(self, task: str, frames: int, guidance: float, negative_prompt: str, seed: int, batch_size: int) -> None:
+        if task not in TASKS:
+            raise GenerateError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        if frames < 1 or batch_size < 1:
+            raise GenerateError(f"frames and batch_size must be >= 1, got {frames} and {batch_size}")
+        check_seed(seed)
+        self.model.codec.latent_frames(frames)
+        if negative_prompt:
+            if not self.reads_text:
+                raise GenerateError("this model is unconditional (trained without text) and takes no negative prompt")
+            if guidance <= 0:
+                raise GenerateError(f"a negative prompt steers guidance, which is off (guidance {guidance}); "
+                                    "give guidance > 0")
+
+    def source_frames(self, task: str, image, video) -> torch.Tensor | None:
+        """The task's conditioning frames as uint8 (1, S, H, W, 3), or None for t2v."""
+        _, height, width = self.model.video_shape
+        codec = self.model.codec
+        if task == "t2v":
+            if image is not None or video is not None:
+                raise GenerateError("t2v takes no image or video; use the task i2v, extend or v2v")
+            return None
+        if task == "i2v":
+            if image is None:
+                raise GenerateError("i2v needs an image")
+            frame = _frames(image, read_image, height, width, "image", dims=3)[None]
+            frames = np.repeat(frame, 1 if codec.causal_first_frame else codec.temporal_factor, axis=0)
+        else:
+            if video is None:
+                raise GenerateError(f"{task} needs a video")
+            frames = _frames(video, read_video, height, width, "video", dims=4)
+            usable = codec.usable_frames(len(frames))
+            if usable < 1:
+                raise GenerateError(f"the video has {len(frames)} frames, fewer than one latent frame")
+            frames = frames[:usable]
+        return torch.from_numpy(np.ascontiguousarray(frames))[None]
+
+    # --- one batch -------------------------------------------------------------------------------
+
+    def sampler_for(self, latent_frames: int) -> Sampler:
+        """The sampler for a video of ``latent_frames``: a window of the trained length beyond it."""
+        trained = self.model.latent_shape[0]
+        if latent_frames > trained:
+            return WindowedSampler(self.sampler, window=trained, context=max(1, trained // 2))
+        return self.sampler
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[str], seeds: list[int], source: torch.Tensor | None, *, task: str = "t2v",
+                       frames: int | None = None, guidance: float = 0.0, negative_prompt: str = "",
+                       on_frame: FrameCallback | None = None) -> GeneratedVideos:
+        """Sample, denoise and decode one batch, checked already (``__call__`` checks and batches);
+        ``on_frame`` receives each latent frame as the sampler finishes it."""
+        with precision_context(self.precision, self.device):
+            return self._generate_batch(prompts, seeds, source, task, frames or self.model.video_shape[0], guidance,
+                                        negative_prompt, on_frame)
+
+    def _generate_batch(self, prompts, seeds, source, task, frames, guidance, negative_prompt, on_frame):
+        model = self.model
+        codec, flow, device = model.codec, model.flow, model.device
+        latent_frames = codec.latent_frames(frames)
+        latent_shape = tuple(model.latent_shape[1:])
+        known = None if source is None else codec.encode(source.to(device)).float()
+        per_sample = [task_inputs(task, [prompt], latent_frames, latent_shape, seed, known, model.noise_std, device,
+                                  negative_prompt)
+                      for prompt, seed in zip(prompts, seeds)]
+        z = torch.cat([inputs.z for inputs in per_sample])
+        prefix = None if known is None else torch.cat([inputs.prefix for inputs in per_sample])
+        captions = [caption for inputs in per_sample for caption in inputs.captions]
+        text = encode_text(model.text_encoder, captions, guidance, per_sample[0].uncond_caption)
+        sampler = self.sampler_for(latent_frames)
+
+        started = time.perf_counter()
+        if on_frame is not None:
+            given = 0 if prefix is None else prefix.shape[1]
+            new = []
+            for frame in sampler.stream(flow, z, text, guidance, prefix):
+                on_frame(given + len(new), frame)
+                new.append(frame)
+            latents = torch.stack(new, dim=1) if prefix is None else torch.cat([prefix, torch.stack(new, dim=1)], 1)
+        else:
+            latents = sampler.sample(flow, z, text, guidance, prefix)
+        sampled = time.perf_counter()
+        latents = model.denoise(latents, getattr(text, "cond", text))
+        if known is not None:  # the given frames come back exactly as given
+            latents[:, :known.shape[1]] = known
+        denoised = time.perf_counter()
+        videos = codec.decode(latents)
+        decoded = time.perf_counter()
+        return GeneratedVideos(
+            videos=videos.cpu().numpy(), latents=latents.float().cpu().numpy(), captions=captions, seeds=list(seeds),
+            timings={"sample_seconds": sampled - started, "denoise_seconds": denoised - sampled,
+                     "decode_seconds": decoded - denoised},
+            sampler_stats=[sampler.last_stats],
+        )
+
+
+def _frames(given, read: Callable, height: int, width: int, what: str, dims: int) -> np.ndarray:
+    """uint8 frames from an array or tensor at the model's size, or read (and resized) from a file."""
+    if isinstance(given, (str, os.PathLike)):
+        return read(given, height, width)
+    frames = given.cpu().numpy() if isinstance(given, torch.Tensor) else np.asarray(given)
+    expected = (height, width, 3)
+    if frames.dtype != np.uint8 or frames.ndim != dims or frames.shape[-3:] != expected:
+        shape = ("T, " if dims == 4 else "") + ", ".join(map(str, expected))
+        raise GenerateError(f"the {what} must be uint8 frames of shape ({shape}), the model's size; got "
+                            f"{frames.dtype} {tuple(frames.shape)} (give a file to have it resized)")
+    return frames

@@ -7,6 +7,7 @@
     flowvid generate --ckpt last.ckpt --task extend --video clip.mp4 --prompts prompts.txt --out s/ --stream
     flowvid generate --ckpt model.safetensors --prompt "..." --device cuda:1 --precision bf16-mixed --out s/
     flowvid generate --ckpt model.safetensors --prompt "a red circle" --negative-prompt "moves left" --out s/
+    torchrun --nproc-per-node 8 --no-python flowvid generate --ckpt model.safetensors --prompts all.txt --out s/
 
 For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
 before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, negative
@@ -14,7 +15,9 @@ prompt, device, precision, timings, Jacobi iterations). Sample ``i`` uses seed `
 on its batch. The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed on a
 GPU that supports it and in fp32 elsewhere (``--precision``; see ``flowvid.placement``).
 An unconditional model (one trained without text) takes no prompt: leave ``--prompt`` out for one
-sample, or repeat ``--prompt ''`` for several.
+sample, or repeat ``--prompt ''`` for several. Under torchrun every process samples its share of the
+prompts (``i % WORLD_SIZE == RANK``) on its own GPU (``cuda:LOCAL_RANK``), without talking to the others;
+names and seeds follow the prompt's index, so the folder holds what one process would have written.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.media import MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder
 from flowvid.pipeline import DEFAULT_TOLERANCE, GenerateError, VideoPipeline
-from flowvid.placement import add_placement_arguments, resolve_device, resolve_precision
+from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
 from flowvid.sampling import Sampler, build_sampler
 from flowvid.sampling.tasks import TASKS, check_seed
 
@@ -62,6 +65,8 @@ class Request:
     first_block_size: int | None = None  # Jacobi's block sizes; None keeps the sampler's defaults
     block_size: int | None = None
     negative_prompt: str = ""  # what guidance steers away from; "" is the unconditional (empty) caption
+    rank: int = 0  # under torchrun this process samples prompts rank, rank + world_size, ...
+    world_size: int = 1
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -157,10 +162,12 @@ def run(module, request: Request, out: Path) -> list[dict[str, Any]]:
     except OSError as err:  # checked up front by the command; a library caller may still hit this
         raise GenerateError(f"cannot make the output folder {out}: {err.strerror or err}") from None
     records = []
-    for start in range(0, len(prompts), request.batch_size):
-        batch = prompts[start:start + request.batch_size]
-        seeds = [request.seed + start + i for i in range(len(batch))]
-        names = [f"{request.task}_{start + i:03d}_{slug(p)}" for i, p in enumerate(batch)]
+    mine = range(request.rank, len(prompts), request.world_size)
+    for start in range(0, len(mine), request.batch_size):
+        indices = mine[start:start + request.batch_size]
+        batch = [prompts[i] for i in indices]
+        seeds = [request.seed + i for i in indices]
+        names = [f"{request.task}_{i:03d}_{slug(prompts[i])}" for i in indices]
         result = pipeline.generate_batch(batch, seeds, source, task=request.task, frames=request.frames,
                                          guidance=request.guidance, negative_prompt=request.negative_prompt,
                                          on_frame=_frame_writer(module, out, names) if request.stream else None)
@@ -244,6 +251,7 @@ def main(argv: list[str]) -> int:
         check_options(args)
         check_adapter_arguments(args.lora, args.lora_strength)
         prompts = read_prompts(args.prompt, args.prompts)
+        rank, world_size = launch_rank()
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
         module = load_model(args.ckpt, weights=args.weights, map_location=device, adapters=args.lora,
@@ -255,7 +263,7 @@ def main(argv: list[str]) -> int:
             batch_size=args.batch_size, fps=args.fps, stream=args.stream, image=args.image, video=args.video,
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
             first_block_size=args.first_block_size, block_size=args.block_size,
-            negative_prompt=args.negative_prompt or "",
+            negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,
         )
         records = run(module, request, Path(args.out))
     except KeyError as err:  # str() of a KeyError quotes its message
@@ -266,5 +274,6 @@ def main(argv: list[str]) -> int:
         raise UserError(str(err)) from None
     except ValueError as err:  # bad sizes, guidance without text encoder, codec mismatch, ...
         raise UserError(str(err)) from None
-    print(f"wrote {len(records)} samples to {args.out} ({module.device}, {precision})")
+    shard = f", prompts {rank}, {rank + world_size}, ... of {len(prompts)}" if world_size > 1 else ""
+    print(f"wrote {len(records)} samples to {args.out} ({module.device}, {precision}{shard})")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import warnings
 
 import torch
@@ -25,10 +26,26 @@ def add_placement_arguments(parser: argparse.ArgumentParser, precision: str) -> 
                         help=f"32-true, bf16-mixed or auto (bf16-mixed on a GPU that supports it); default {precision}")
 
 
+def launch_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of a process that torchrun started (``RANK``, ``WORLD_SIZE``), else ``(0, 1)``."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise ValueError(f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
+                         "must be integers") from None
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} must be at least 0 and below WORLD_SIZE={world}")
+    return rank, world
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device that exists here; ValueError otherwise."""
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device that exists here; ValueError otherwise.
+
+    Under torchrun ``auto`` and ``cuda`` mean the process's own GPU, ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
         device = torch.device(name)
     except RuntimeError:

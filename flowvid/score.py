@@ -39,7 +39,8 @@ from flowvid.generate import LATENTS_SUFFIX
 from flowvid.media import MediaError, read_video
 from flowvid.paths import check_output_file
 from flowvid.sampling.tasks import check_seed
-from flowvid.placement import add_placement_arguments, precision_context, resolve_device, resolve_precision
+from flowvid.placement import (add_placement_arguments, launch_rank, precision_context, resolve_device,
+                               resolve_precision)
 
 PIXEL_UNIT = "bits per 8-bit subpixel (uniform dequantisation)"
 LATENT_UNIT = "bits per latent dimension"
@@ -211,6 +212,8 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if launch_rank()[1] > 1:  # every process would write the same --out file
+            raise ScoreError("flowvid score runs in one process; start it without torchrun")
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
         check_inputs(args.input)

@@ -414,6 +414,17 @@ def test_auto_placement_is_fp32_on_the_cpu_and_bf16_on_a_gpu_that_supports_it(mo
         resolve_device("cuda")
 
 
+def test_under_torchrun_auto_and_cuda_mean_the_processs_own_gpu(monkeypatch):
+    from flowvid.placement import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
+
+
 def test_bf16_on_a_cpu_without_native_bf16_is_allowed_with_a_warning(monkeypatch):
     import flowvid.placement as placement
 
@@ -492,3 +503,29 @@ def test_the_pipeline_of_an_unconditional_model_samples_one_video_without_a_prom
     assert pipe().videos.shape == (1, 4, 8, 8, 3) and pipe.precision == "32-true"
     with pytest.raises(GenerateError, match="takes no prompt"):
         pipe("a red circle")
+
+
+def test_processes_of_torchrun_share_the_prompts_and_write_what_one_process_writes(checkpoint, tmp_path, monkeypatch,
+                                                                                  capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves left\na blue square moves up\na green triangle moves down\n")
+    args = ["generate", "--ckpt", str(checkpoint), "--prompts", str(prompts), "--batch-size", "1"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main([*args, "--out", str(tmp_path / "two")]) == 0
+        written = capsys.readouterr().out
+        assert f"wrote {2 - rank} samples" in written and f"prompts {rank}, {rank + 2}, ... of 3" in written
+    one, two = (sorted(p.name for p in (tmp_path / run).iterdir()) for run in ("one", "two"))
+    assert one == two and len(one) == 3 * 4
+    for name in one:
+        if name.endswith(".npy"):
+            np.testing.assert_array_equal(np.load(tmp_path / "two" / name), np.load(tmp_path / "one" / name))
+    monkeypatch.setenv("RANK", "2")
+    assert main([*args, "--out", str(tmp_path / "bad")]) == 2
+    assert "RANK=2 must be at least 0 and below WORLD_SIZE=2" in one_line_error(capsys)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "one"),
+                 "--out", str(tmp_path / "scores.jsonl")]) == 2
+    assert "runs in one process" in one_line_error(capsys) and not (tmp_path / "scores.jsonl").exists()

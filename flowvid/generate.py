@@ -25,14 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
+from flowvid.export import write_atomically
 from flowvid.media import MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder
 from flowvid.pipeline import DEFAULT_TOLERANCE, GenerateError, VideoPipeline
@@ -65,6 +67,7 @@ class Request:
     first_block_size: int | None = None  # Jacobi's block sizes; None keeps the sampler's defaults
     block_size: int | None = None
     negative_prompt: str = ""  # what guidance steers away from; "" is the unconditional (empty) caption
+    skip_existing: bool = False  # leave out samples whose files are complete in the output folder
     rank: int = 0  # under torchrun this process samples prompts rank, rank + world_size, ...
     world_size: int = 1
 
@@ -141,14 +144,46 @@ def request_sampler(request: Request) -> Sampler:
 
 
 def write_sample(out: Path, name: str, video: np.ndarray, latents: np.ndarray, record: dict[str, Any], fps: float) -> None:
+    """The sample's files; its JSON record last and atomically, so a record means a complete sample."""
     write_video(out / f"{name}.mp4", video, fps=fps)
     np.save(out / f"{name}.npy", video)
     np.save(out / f"{name}{LATENTS_SUFFIX}", latents.astype(np.float32))
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    write_atomically(out / f"{name}.json", lambda path: path.write_text(json.dumps(record, indent=2)))
 
 
-def run(module, request: Request, out: Path) -> list[dict[str, Any]]:
-    """Generate every prompt of ``request`` into ``out``; returns the JSON records written."""
+def planned_record(request: Request, prompt: str, seed: int, frames: int) -> dict[str, Any]:
+    """What the request fixes of a sample's record: two samples with the same are the same video."""
+    return {
+        "prompt": prompt, "task": request.task, "seed": seed, "sampler": request.sampler,
+        "tol": request.tol if request.sampler == "jacobi" else None, "guidance": request.guidance,
+        **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),
+        "precision": request.precision,
+        **({"lora": request.lora, "lora_strength": request.lora_strength} if request.lora else {}),
+        "frames": frames,
+    }
+
+
+def already_written(out: Path, name: str, planned: dict[str, Any]) -> bool:
+    """Whether ``out`` holds this sample, complete (its record is written last); a record of another
+    request under the same name is an error rather than a sample silently kept or overwritten."""
+    path = out / f"{name}.json"
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise GenerateError(f"cannot read {path} to skip its sample: {err}; remove it to sample it again") from None
+    differences = [f"{key} {record.get(key)!r}, not {value!r}" for key, value in planned.items()
+                   if record.get(key) != value]
+    if differences:
+        raise GenerateError(f"{path} was written by another request ({'; '.join(differences)}); "
+                            "write to another --out folder or remove it")
+    return True
+
+
+def run(module, request: Request, out: Path, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Generate every prompt of ``request`` into ``out``; returns the JSON records written. ``progress``
+    receives a line after every batch."""
     pipeline = VideoPipeline(module, request_sampler(request), request.precision)
     prompts = pipeline.prompts_for(request.prompts)
     pipeline.check(request.task, request.frames, request.guidance, request.negative_prompt, request.seed,
@@ -161,32 +196,35 @@ def run(module, request: Request, out: Path) -> list[dict[str, Any]]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # checked up front by the command; a library caller may still hit this
         raise GenerateError(f"cannot make the output folder {out}: {err.strerror or err}") from None
+    frames = module.codec.usable_frames(request.frames)
+    name = {i: f"{request.task}_{i:03d}_{slug(prompt)}" for i, prompt in enumerate(prompts)}
+    planned = {i: planned_record(request, prompts[i], request.seed + i, frames)
+               for i in range(request.rank, len(prompts), request.world_size)}
+    todo = [i for i in planned if not (request.skip_existing and already_written(out, name[i], planned[i]))]
+    if progress and len(todo) < len(planned):
+        progress(f"{len(planned) - len(todo)} of {len(planned)} samples are in {out} already")
     records = []
-    mine = range(request.rank, len(prompts), request.world_size)
-    for start in range(0, len(mine), request.batch_size):
-        indices = mine[start:start + request.batch_size]
-        batch = [prompts[i] for i in indices]
-        seeds = [request.seed + i for i in indices]
-        names = [f"{request.task}_{i:03d}_{slug(prompts[i])}" for i in indices]
-        result = pipeline.generate_batch(batch, seeds, source, task=request.task, frames=request.frames,
-                                         guidance=request.guidance, negative_prompt=request.negative_prompt,
+    for start in range(0, len(todo), request.batch_size):
+        indices = todo[start:start + request.batch_size]
+        names = [name[i] for i in indices]
+        result = pipeline.generate_batch([prompts[i] for i in indices], [request.seed + i for i in indices], source,
+                                         task=request.task, frames=request.frames, guidance=request.guidance,
+                                         negative_prompt=request.negative_prompt,
                                          on_frame=_frame_writer(module, out, names) if request.stream else None)
-        for i, name in enumerate(names):
-            # A model without text sees no caption: say so by leaving the field out.
-            seen = {"caption_seen_by_model": result.captions[i]} if pipeline.reads_text else {}
+        for row, (index, sample) in enumerate(zip(indices, names)):
             record = {
-                "prompt": batch[i], **seen, "task": request.task,
-                "seed": seeds[i], "sampler": request.sampler, "tol": request.tol if request.sampler == "jacobi" else None,
-                "guidance": request.guidance,
-                **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),
-                "device": str(module.device), "precision": request.precision,
-                **({"lora": request.lora, "lora_strength": request.lora_strength} if request.lora else {}),
-                "frames": int(result.videos.shape[1]),
-                "timings": {k: v / len(batch) for k, v in result.timings.items()}, "batch_size": len(batch),
+                **planned[index],
+                # A model without text sees no caption: say so by leaving the field out.
+                **({"caption_seen_by_model": result.captions[row]} if pipeline.reads_text else {}),
+                "device": str(module.device),
+                "timings": {k: v / len(indices) for k, v in result.timings.items()}, "batch_size": len(indices),
                 "sampler_stats": result.sampler_stats[0],
             }
-            write_sample(out, name, result.videos[i], result.latents[i], record, request.fps)
-            records.append({"name": name, **record})
+            write_sample(out, sample, result.videos[row], result.latents[row], record, request.fps)
+            records.append({"name": sample, **record})
+        if progress:
+            seconds = sum(result.timings.values())
+            progress(f"{len(records)}/{len(todo)} samples ({seconds:.1f} s for the last {len(indices)})")
     return records
 
 
@@ -234,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written mp4")
     parser.add_argument("--stream", action="store_true", help="write frames as soon as they are sampled")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="leave out samples already complete in --out (to finish an interrupted run)")
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
     add_adapter_arguments(parser)
     add_placement_arguments(parser, precision="auto")
@@ -260,12 +300,13 @@ def main(argv: list[str]) -> int:
             task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames,
             sampler=args.sampler, tol=DEFAULT_TOLERANCE[precision] if args.tol is None else args.tol,
             guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
-            batch_size=args.batch_size, fps=args.fps, stream=args.stream, image=args.image, video=args.video,
+            batch_size=args.batch_size, fps=args.fps, stream=args.stream, skip_existing=args.skip_existing,
+            image=args.image, video=args.video,
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
             first_block_size=args.first_block_size, block_size=args.block_size,
             negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,
         )
-        records = run(module, request, Path(args.out))
+        records = run(module, request, Path(args.out), progress=lambda line: print(line, file=sys.stderr, flush=True))
     except KeyError as err:  # str() of a KeyError quotes its message
         raise UserError(str(err.args[0]) if err.args else str(err)) from None
     except (GenerateError, FileNotFoundError) as err:

@@ -270,6 +270,7 @@ def test_a_prompt_file_that_is_not_utf8_is_named(checkpoint, tmp_path, capsys):
 def test_an_unconditional_model_samples_without_a_prompt_and_refuses_one(unconditional_checkpoint, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["generate", "--ckpt", str(unconditional_checkpoint), "--out", str(out)]) == 0
+    capsys.readouterr()
     record = read_record(out, "t2v_000")
     assert record["prompt"] == "" and "caption_seen_by_model" not in record
     prompts = tmp_path / "prompts.txt"
@@ -529,3 +530,30 @@ def test_processes_of_torchrun_share_the_prompts_and_write_what_one_process_writ
     assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "one"),
                  "--out", str(tmp_path / "scores.jsonl")]) == 2
     assert "runs in one process" in one_line_error(capsys) and not (tmp_path / "scores.jsonl").exists()
+
+
+def test_skip_existing_finishes_an_interrupted_run_and_refuses_another_requests_samples(checkpoint, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves left\na blue square moves up\na green triangle moves down\n")
+    args = ["generate", "--ckpt", str(checkpoint), "--prompts", str(prompts), "--batch-size", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert "3/3 samples" in capsys.readouterr().err  # a progress line after every batch
+    before = {path.name: np.load(path) for path in tmp_path.glob("t2v_*.npy")}
+    first = sorted(tmp_path.glob("t2v_000_*"))
+    stamps = [path.stat().st_mtime_ns for path in first]
+    # Interrupted while writing the second sample (its record is written last) and before the third.
+    next(tmp_path.glob("t2v_001_*.json")).unlink()
+    for path in tmp_path.glob("t2v_002_*"):
+        path.unlink()
+
+    assert main([*args, "--skip-existing"]) == 0
+    captured = capsys.readouterr()
+    assert "1 of 3 samples are in" in captured.err and "wrote 2 samples" in captured.out
+    assert [path.stat().st_mtime_ns for path in first] == stamps  # the complete sample was left alone
+    assert sorted(before) == sorted(path.name for path in tmp_path.glob("t2v_*.npy"))
+    for name, array in before.items():
+        np.testing.assert_array_equal(np.load(tmp_path / name), array)
+    assert not list(tmp_path.glob("*.partial"))
+
+    assert main([*args, "--skip-existing", "--seed", "7"]) == 2
+    assert "was written by another request (seed 0, not 7)" in one_line_error(capsys)

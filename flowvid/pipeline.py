@@ -163,6 +163,7 @@ class VideoPipeline:
         return prompts or [""]
 
     def check(self, task: str, frames: int, guidance: float, negative_prompt: str, seed: int, batch_size: int) -> None:
+        """Refuse a request that cannot be sampled, before any work."""
         if task not in TASKS:
             raise GenerateError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
         if frames < 1 or batch_size < 1:

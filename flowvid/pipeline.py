@@ -9,6 +9,7 @@
     out = pipe(["a red circle moves left"], task="i2v", image=first_frame)   # (H, W, 3) uint8, or a file
     out = pipe(["..."], task="extend", video="clip.mp4", frames=16)
     pipe.sampler = SequentialSampler()                                       # swap it, like a scheduler
+    pipe.score(video, caption="a red circle moves left")                     # exact bits/dim, per frame too
 
 It is what ``flowvid generate`` runs, without the files: the same seeds give the same videos. Sample
 ``i`` of a call draws its noise from ``seed + i``, so a sample does not depend on the batch it is
@@ -143,6 +144,19 @@ class VideoPipeline:
             parts.append(self.generate_batch(batch, seeds, source, task=task, frames=frames, guidance=guidance,
                                              negative_prompt=negative_prompt))
         return GeneratedVideos.concatenate(parts)
+
+    @torch.no_grad()
+    def score(self, video: np.ndarray | torch.Tensor | str | os.PathLike, caption: str = "",
+              seed: int = 0) -> dict[str, Any]:
+        """The exact likelihood of a video under ``caption``, as ``flowvid score`` gives it: ``bits_per_dim``
+        and ``bits_per_dim_per_frame`` of uint8 frames (T, H, W, 3) at the model's size, or of a video
+        file. Always in fp32 (scores are exact); ``seed`` fixes the pixel codec's dequantisation noise."""
+        from flowvid.score import check_caption, score_video  # flowvid.score reads generate's file names
+
+        check_caption(self.model, caption)
+        _, height, width = self.model.video_shape
+        frames = _frames(video, read_video, height, width, "video", dims=4)
+        return score_video(self.model, frames, caption, torch.Generator().manual_seed(seed))
 
     # --- checks, before any work -----------------------------------------------------------------
 

@@ -557,3 +557,20 @@ def test_skip_existing_finishes_an_interrupted_run_and_refuses_another_requests_
 
     assert main([*args, "--skip-existing", "--seed", "7"]) == 2
     assert "was written by another request (seed 0, not 7)" in one_line_error(capsys)
+
+
+def test_the_pipeline_scores_a_video_as_flowvid_score_does(checkpoint, tmp_path):
+    from flowvid.pipeline import GenerateError, VideoPipeline
+
+    video = (np.random.default_rng(1).random((4, 8, 8, 3)) * 255).astype(np.uint8)
+    np.save(tmp_path / "clip.npy", video)
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "clip.npy"), "--caption", "a red circle",
+                 "--seed", "3", "--out", str(tmp_path / "scores.jsonl")]) == 0
+    [expected] = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu")
+    scored = pipe.score(video, caption="a red circle", seed=3)
+    assert scored["bits_per_dim"] == expected["bits_per_dim"]
+    assert scored["bits_per_dim_per_frame"] == expected["bits_per_dim_per_frame"]
+    assert pipe.score(video, caption="a blue square", seed=3)["bits_per_dim"] != expected["bits_per_dim"]
+    with pytest.raises(GenerateError, match=r"uint8 frames of shape \(T, 8, 8, 3\)"):
+        pipe.score(video[0])

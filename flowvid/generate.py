@@ -229,11 +229,9 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
 
 
 def _frame_writer(module, out: Path, names: list[str]):
-    """Writes each latent frame, decoded, as ``NAME.stream/frame_XXX.png`` the moment it is sampled.
-
-    Frames are previews before the final denoising step; codecs that decode groups of frames
-    together stream nothing until the end.
-    """
+    """Writes each frame, final (denoised and decoded), as ``NAME.stream/frame_XXX.png`` the moment it is
+    known: the denoiser's look-ahead behind the sampler. Codecs that decode groups of frames together
+    stream nothing until the end."""
     from PIL import Image
 
     def write(index: int, frame: torch.Tensor) -> None:

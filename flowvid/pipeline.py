@@ -19,10 +19,11 @@ it is for the training length and inside a sliding window (``WindowedSampler``) 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_inputs
 #: pass, below which a block's change need not fall (it would then run to max_iterations).
 DEFAULT_TOLERANCE = {"32-true": 1e-3, "bf16-mixed": 1e-2}
 
-#: ``on_frame(index, latents)``: latent frame ``index`` (B, h, w, c) of a batch, as soon as it is sampled.
+#: ``on_frame(index, latents)``: the final latents (B, h, w, c) of frame ``index`` of a batch, as soon as known.
 FrameCallback = Callable[[int, torch.Tensor], None]
 
 
@@ -227,50 +228,120 @@ class VideoPipeline:
     def generate_batch(self, prompts: list[str], seeds: list[int], source: torch.Tensor | None, *, task: str = "t2v",
                        frames: int | None = None, guidance: float = 0.0, negative_prompt: str = "",
                        on_frame: FrameCallback | None = None) -> GeneratedVideos:
-        """Sample, denoise and decode one batch, checked already (``__call__`` checks and batches);
-        ``on_frame`` receives each latent frame as the sampler finishes it."""
-        with precision_context(self.precision, self.device):
-            return self._generate_batch(prompts, seeds, source, task, frames or self.model.video_shape[0], guidance,
-                                        negative_prompt, on_frame)
+        """Sample, denoise and decode one batch, checked already (``__call__`` checks and batches).
 
-    def _generate_batch(self, prompts, seeds, source, task, frames, guidance, negative_prompt, on_frame):
-        model = self.model
-        codec, flow, device = model.codec, model.flow, model.device
-        latent_frames = codec.latent_frames(frames)
-        latent_shape = tuple(model.latent_shape[1:])
-        known = None if source is None else codec.encode(source.to(device)).float()
-        per_sample = [task_inputs(task, [prompt], latent_frames, latent_shape, seed, known, model.noise_std, device,
+        With ``on_frame`` the video is sampled frame by frame and denoised as it comes (``stream``), and
+        ``on_frame(index, latents)`` receives each frame's final latents (B, h, w, c) as soon as they are
+        known; the timings then count the interleaved denoising as sampling."""
+        with self._precision():
+            batch = self._prepare(prompts, seeds, source, task, frames or self.model.video_shape[0], guidance,
                                   negative_prompt)
+            started = time.perf_counter()
+            if on_frame is None:
+                latents = batch.sampler.sample(self.model.flow, batch.z, batch.text, guidance, batch.prefix)
+                sampled = time.perf_counter()
+                latents = self.model.denoise(latents, batch.cond)
+                if batch.known is not None:  # the given frames come back exactly as given
+                    latents[:, :batch.known.shape[1]] = batch.known
+            else:
+                final = []
+                for index, frame in enumerate(self._final_frames(batch, guidance)):
+                    on_frame(index, frame)
+                    final.append(frame)
+                latents = torch.stack(final, dim=1)
+                sampled = time.perf_counter()
+            denoised = time.perf_counter()
+            videos = self.model.codec.decode(latents)
+            decoded = time.perf_counter()
+        return GeneratedVideos(
+            videos=videos.cpu().numpy(), latents=latents.float().cpu().numpy(), captions=batch.captions,
+            seeds=list(seeds), timings={"sample_seconds": sampled - started, "denoise_seconds": denoised - sampled,
+                                        "decode_seconds": decoded - denoised},
+            sampler_stats=[batch.sampler.last_stats],
+        )
+
+    @torch.no_grad()
+    def stream(self, prompts: str | Sequence[str] | None = None, *, task: str = "t2v",
+               image: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
+               video: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
+               frames: int | None = None, guidance: float | None = None, negative_prompt: str = "",
+               seed: int = 0) -> Iterator[np.ndarray]:
+        """The frames of the videos for ``prompts`` (sampled together; arguments as for a call), uint8
+        (B, H, W, 3) each, in order, as soon as each is final: sampled, denoised and decoded.
+
+        The learned denoiser needs the ``lookahead`` frames after a frame, so frames come that many
+        behind the sampler; without a denoiser (the Tweedie step reads every later frame), or with a
+        codec that decodes frames in groups, they come once the video is done. The videos equal a
+        call's up to the sampler's tolerance (the frames are sampled one at a time)."""
+        prompts = self.prompts_for([prompts] if isinstance(prompts, str) else list(prompts or []))
+        guidance = self.model.guidance if guidance is None else guidance
+        frames = self.model.video_shape[0] if frames is None else frames
+        self.check(task, frames, guidance, negative_prompt, seed, len(prompts))
+        source = self.source_frames(task, image, video)
+        codec = self.model.codec
+        by_frame = codec.temporal_factor == 1 and not codec.causal_first_frame
+        with self._precision():
+            batch = self._prepare(prompts, list(range(seed, seed + len(prompts))), source, task, frames, guidance,
+                                  negative_prompt)
+            final = self._final_frames(batch, guidance)
+        # Autocast is entered for each step only: a caller's code between two frames runs without it.
+        held = []
+        while True:
+            with self._precision():
+                frame = next(final, None)
+                if frame is not None and by_frame:
+                    pixels = codec.decode(frame[:, None])[:, 0].cpu().numpy()
+            if frame is None:
+                break
+            if by_frame:
+                yield pixels
+            else:
+                held.append(frame)
+        if held:
+            with self._precision():
+                videos = codec.decode(torch.stack(held, dim=1)).cpu().numpy()
+            yield from videos.swapaxes(0, 1)
+
+    # --- one batch, inside -----------------------------------------------------------------------
+
+    def _precision(self):
+        return precision_context(self.precision, self.device)
+
+    def _prepare(self, prompts, seeds, source, task, frames, guidance, negative_prompt) -> "_Batch":
+        """Noise, prefix, text and sampler of one batch."""
+        model = self.model
+        latent_frames = model.codec.latent_frames(frames)
+        known = None if source is None else model.codec.encode(source.to(model.device)).float()
+        per_sample = [task_inputs(task, [prompt], latent_frames, tuple(model.latent_shape[1:]), seed, known,
+                                  model.noise_std, model.device, negative_prompt)
                       for prompt, seed in zip(prompts, seeds)]
-        z = torch.cat([inputs.z for inputs in per_sample])
-        prefix = None if known is None else torch.cat([inputs.prefix for inputs in per_sample])
         captions = [caption for inputs in per_sample for caption in inputs.captions]
         text = encode_text(model.text_encoder, captions, guidance, per_sample[0].uncond_caption)
-        sampler = self.sampler_for(latent_frames)
-
-        started = time.perf_counter()
-        if on_frame is not None:
-            given = 0 if prefix is None else prefix.shape[1]
-            new = []
-            for frame in sampler.stream(flow, z, text, guidance, prefix):
-                on_frame(given + len(new), frame)
-                new.append(frame)
-            latents = torch.stack(new, dim=1) if prefix is None else torch.cat([prefix, torch.stack(new, dim=1)], 1)
-        else:
-            latents = sampler.sample(flow, z, text, guidance, prefix)
-        sampled = time.perf_counter()
-        latents = model.denoise(latents, getattr(text, "cond", text))
-        if known is not None:  # the given frames come back exactly as given
-            latents[:, :known.shape[1]] = known
-        denoised = time.perf_counter()
-        videos = codec.decode(latents)
-        decoded = time.perf_counter()
-        return GeneratedVideos(
-            videos=videos.cpu().numpy(), latents=latents.float().cpu().numpy(), captions=captions, seeds=list(seeds),
-            timings={"sample_seconds": sampled - started, "denoise_seconds": denoised - sampled,
-                     "decode_seconds": decoded - denoised},
-            sampler_stats=[sampler.last_stats],
+        return _Batch(
+            z=torch.cat([inputs.z for inputs in per_sample]),
+            prefix=None if known is None else torch.cat([inputs.prefix for inputs in per_sample]),
+            known=known, captions=captions, text=text, cond=getattr(text, "cond", text),
+            sampler=self.sampler_for(latent_frames),
         )
+
+    def _final_frames(self, batch: "_Batch", guidance: float) -> Iterator[torch.Tensor]:
+        """Each frame's final latents (B, h, w, c), in order, as soon as they are known: the given frames
+        as given, the sampled ones once the denoiser has what it needs."""
+        given = [] if batch.prefix is None else list(batch.prefix.unbind(1))
+        sampled = batch.sampler.stream(self.model.flow, batch.z, batch.text, guidance, batch.prefix)
+        for index, frame in enumerate(self.model.denoise_stream(itertools.chain(given, sampled), batch.cond)):
+            yield batch.known[:, index].expand_as(frame) if index < len(given) else frame
+
+
+@dataclass
+class _Batch:
+    z: torch.Tensor
+    prefix: torch.Tensor | None  # the given frames' latents with the noise the model was trained with
+    known: torch.Tensor | None  # the given frames' latents (1, P, h, w, c)
+    captions: list[str]
+    text: Any  # what the sampler reads: the captions' states, or a GuidedText
+    cond: Any  # the captions' states alone, for the denoiser
+    sampler: Sampler
 
 
 def _frames(given, read: Callable, height: int, width: int, what: str, dims: int) -> np.ndarray:

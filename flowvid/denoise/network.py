@@ -15,6 +15,8 @@ after ``n + lookahead`` however deep the network is (a per-layer look-ahead woul
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import torch
 from torch import nn
 
@@ -103,13 +105,16 @@ class CausalDenoiser(nn.Module):
         if x.dim() != 5 or tuple(x.shape[2:]) != (h, w, self.channels):
             raise ValueError(f"expected latents of shape (B, T, {h}, {w}, {self.channels}), got {tuple(x.shape)}")
 
-    def forward(self, x: torch.Tensor, text: TextEmbedding | None = None) -> torch.Tensor:
-        """The predicted scaled score ``sigma * grad NLL(x)``, fp32, shaped like ``x``."""
+    def forward(self, x: torch.Tensor, text: TextEmbedding | None = None, first_frame: int = 0) -> torch.Tensor:
+        """The predicted scaled score ``sigma * grad NLL(x)``, fp32, shaped like ``x``; ``x`` may be frames
+        ``first_frame, first_frame + 1, ...`` of a longer video (their rotary positions are absolute:
+        the unrotated text makes attention depend on them)."""
         self.check_input(x)
         batch, frames = x.shape[:2]
         tokens = x.reshape(batch, frames * self.tokens_per_frame, self.channels)
         hidden = self.proj_in(tokens.to(self.proj_in.weight.dtype))
-        angles = rope_angles(self.frame_size, frames, self.head_dim).to(x.device)
+        angles = rope_angles(self.frame_size, first_frame + frames, self.head_dim)
+        angles = angles[first_frame * self.tokens_per_frame:].to(x.device)
         cos, sin = angles.cos(), angles.sin()
         text_valid = None
         if text is not None and self.proj_text is not None:
@@ -129,8 +134,33 @@ class CausalDenoiser(nn.Module):
         hidden = hidden[:, hidden.shape[1] - tokens.shape[1]:]
         return self.proj_out(self.norm_out(hidden)).float().view(x.shape)
 
-    def denoise(self, x_noisy: torch.Tensor, text: TextEmbedding | None = None) -> torch.Tensor:
+    def denoise(self, x_noisy: torch.Tensor, text: TextEmbedding | None = None, first_frame: int = 0) -> torch.Tensor:
         """``x_noisy - sigma * D(x_noisy)``: the clean latents estimated in one step (fp32)."""
         if self.noise_std is None:
             raise ValueError("the denoiser does not know its noise_std; set it (FlowModule does so from its own)")
-        return x_noisy.float() - self.noise_std * self(x_noisy, text)
+        return x_noisy.float() - self.noise_std * self(x_noisy, text, first_frame)
+
+    @property
+    def frames_seen(self) -> tuple[int, int]:
+        """How many frames before and after frame n its output depends on: ``window`` per layer back,
+        ``lookahead`` ahead."""
+        return self.window * len(self.layers), self.lookahead
+
+    def denoise_stream(self, frames: Iterable[torch.Tensor], text: TextEmbedding | None = None
+                       ) -> Iterator[torch.Tensor]:
+        """``denoise`` of a video that arrives frame by frame (each (B, h, w, c)): yields each denoised
+        frame as soon as the ``lookahead`` frames after it have arrived, computed over the frames it
+        depends on only. The frames equal those of ``denoise`` over the whole video."""
+        back, ahead = self.frames_seen
+        seen: list[torch.Tensor] = []
+
+        def denoised(n: int) -> torch.Tensor:
+            first = max(0, n - back)
+            return self.denoise(torch.stack(seen[first:n + ahead + 1], dim=1), text, first)[:, n - first]
+
+        for frame in frames:
+            seen.append(frame)
+            if len(seen) > ahead:
+                yield denoised(len(seen) - 1 - ahead)
+        for n in range(max(0, len(seen) - ahead), len(seen)):
+            yield denoised(n)

@@ -27,7 +27,7 @@ import logging
 import math
 import warnings
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -553,6 +553,16 @@ class FlowModule(LightningModule):
         if self.denoiser is not None:
             return self.denoiser.denoise(x_noisy, text)
         return tweedie_denoise(self.flow, x_noisy, self.noise_std, text)
+
+    def denoise_stream(self, frames: Iterable[torch.Tensor], text: TextEmbedding | None = None
+                       ) -> Iterator[torch.Tensor]:
+        """``denoise`` of a video that arrives frame by frame: the learned denoiser yields each frame its
+        ``lookahead`` frames behind; a Tweedie step reads every later frame, so without a denoiser the
+        frames come once the last has arrived."""
+        if self.denoiser is not None:
+            yield from self.denoiser.denoise_stream(frames, text)
+            return
+        yield from self.denoise(torch.stack(list(frames), dim=1), text).unbind(1)
 
     def sampler(self):
         """The configured sampler; "sequential" when "jacobi" is asked for but not installed."""

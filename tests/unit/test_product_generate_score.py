@@ -574,3 +574,65 @@ def test_the_pipeline_scores_a_video_as_flowvid_score_does(checkpoint, tmp_path)
     assert pipe.score(video, caption="a blue square", seed=3)["bits_per_dim"] != expected["bits_per_dim"]
     with pytest.raises(GenerateError, match=r"uint8 frames of shape \(T, 8, 8, 3\)"):
         pipe.score(video[0])
+
+
+class CountingSampler(SequentialSampler):
+    """The exact inverse, streamed, counting the frames it has handed out."""
+
+    def __init__(self):
+        self.handed_out = 0
+
+    def stream(self, flow, z, text=None, guidance=0.0, prefix=None):
+        for frame in super().stream(flow, z, text, guidance, prefix):
+            self.handed_out += 1
+            yield frame
+
+
+def model_with_a_denoiser(lookahead: int):
+    config = copy.deepcopy(CONFIG)
+    config["model"]["init_args"]["video_shape"] = [6, 8, 8]
+    config["model"]["init_args"]["denoiser"] = {
+        "class_path": "flowvid.denoise.CausalDenoiser",
+        "init_args": {"channels": 12, "frame_size": [4, 4], "width": 16, "depth": 2, "head_dim": 8, "window": 1,
+                      "lookahead": lookahead, "text_width": 16}}
+    torch.manual_seed(0)
+    module = build_module(config)
+    perturb_parameters(module.flow, std=0.02)
+    torch.nn.init.normal_(module.denoiser.proj_out.weight, std=0.1)  # as if trained: it changes the frames
+    return module.eval()
+
+
+@pytest.mark.parametrize("lookahead", [1, 2])
+def test_streamed_frames_are_final_and_come_the_denoisers_lookahead_behind_the_sampler(lookahead):
+    from flowvid.pipeline import VideoPipeline
+
+    pipe = VideoPipeline(model_with_a_denoiser(lookahead), CountingSampler())
+    whole = pipe(["a red circle moves left", "a blue square"], seed=2, guidance=1.0)
+    streamed = []
+    for index, frames in enumerate(pipe.stream(["a red circle moves left", "a blue square"], seed=2, guidance=1.0)):
+        assert pipe.sampler.handed_out == min(index + 1 + lookahead, 6)
+        streamed.append(frames)
+    assert len(streamed) == 6 and streamed[0].shape == (2, 8, 8, 3) and streamed[0].dtype == np.uint8
+    difference = np.abs(np.stack(streamed, axis=1).astype(int) - whole.videos.astype(int))
+    assert difference.max() <= 1 and difference.mean() < 1e-3  # the same video, up to rounding
+
+    # The command line streams the same final frames, and its files hold the streamed video.
+    latents = {}
+    result = pipe.generate_batch(["a red circle moves left"], [2], None, guidance=1.0,
+                                 on_frame=lambda index, frame: latents.setdefault(index, frame.clone()))
+    np.testing.assert_allclose(result.latents[0], whole.latents[0], atol=1e-5)
+    np.testing.assert_allclose(torch.stack([latents[i] for i in range(6)], 1)[0].numpy(), whole.latents[0], atol=1e-5)
+
+
+def test_streaming_image_to_video_starts_with_the_image_and_without_a_denoiser_waits_for_the_end(checkpoint):
+    from flowvid.pipeline import VideoPipeline
+
+    image = (np.random.default_rng(2).random((8, 8, 3)) * 255).astype(np.uint8)
+    pipe = VideoPipeline(model_with_a_denoiser(1), CountingSampler())
+    frames = pipe.stream("a blue square", task="i2v", image=image, seed=4)
+    assert np.array_equal(next(frames)[0], image) and pipe.sampler.handed_out == 1
+    assert len(list(frames)) == 5
+    tweedie = VideoPipeline(load_model(checkpoint), CountingSampler())  # no learned denoiser
+    frames = tweedie.stream("a blue square", seed=4)
+    next(frames)
+    assert tweedie.sampler.handed_out == 4  # the Tweedie step reads the whole video

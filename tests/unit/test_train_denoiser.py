@@ -102,6 +102,24 @@ def test_the_past_is_seen_through_depth_times_window_frames():
     torch.testing.assert_close(out[:, 3:], base[:, 3:])
 
 
+@pytest.mark.parametrize("depth,window,lookahead", [(2, 1, 1), (3, 2, 0), (1, 1, 2)])
+def test_denoising_a_video_frame_by_frame_gives_the_whole_videos_frames_lookahead_frames_behind(depth, window,
+                                                                                                 lookahead):
+    denoiser = make_denoiser(depth=depth, window=window, lookahead=lookahead, text_width=8)
+    x, text = torch.randn(2, 9, *FRAME, CHANNELS), random_text(2)
+    arrived, out = [], []
+
+    def frames():
+        for frame in x.unbind(1):
+            arrived.append(frame)
+            yield frame
+
+    for n, frame in enumerate(denoiser.denoise_stream(frames(), text)):
+        assert len(arrived) == min(n + lookahead + 1, 9)  # no later frame was needed yet
+        out.append(frame)
+    torch.testing.assert_close(torch.stack(out, dim=1), denoiser.denoise(x, text), rtol=1e-5, atol=1e-5)
+
+
 def test_text_conditioning_counts_and_padding_does_not():
     denoiser = make_denoiser(text_width=8)
     x = torch.randn(3, 2, *FRAME, CHANNELS)

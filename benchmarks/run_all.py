@@ -15,6 +15,8 @@ Sections, in the order of docs/benchmarks.md:
   (``finetune.py``);
 * memory: peak RSS of the demo's training and sampling (``memory.py``);
 * data throughput (``data.py``);
+* streaming: when the first final frame comes, against sampling the whole video first
+  (``streaming.py``; needs the model ``make demo`` trains);
 * quality: what negative prompts do to the demo model's samples (``negative_prompt.py``; needs the
   model ``make demo`` trains);
 * thread settings: the same training step under OpenMP's default wait policy, ``PASSIVE`` and one
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no reference checkout (--reference PATH or FLOWVID_REFERENCE): side-by-side comparisons skipped")
     demo_model = (ROOT / DEMO_CHECKPOINT).is_file()
     if not demo_model:
-        print(f"no {DEMO_CHECKPOINT} (make demo writes it): the negative-prompt measurement skipped")
+        print(f"no {DEMO_CHECKPOINT} (make demo writes it): the streaming and negative-prompt measurements skipped")
 
     sections: dict[str, list[str | None]] = {
         "Training throughput": [
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "Fine-tuning": [run("finetune.py", ["--rounds", "2" if quick else "6"], out / "finetune.json")],
         "Memory": [run("memory.py", ["--steps", "10" if quick else "30"], out / "memory.json")],
         "Data": [run("data.py", ["--quick"] if quick else [], out / "data.json")],
+        "Streaming": [run("streaming.py", ["--rounds", "1" if quick else "3"], out / "streaming.json")
+                      if demo_model else None],
         "Quality": [run("negative_prompt.py", ["--samples", "8" if quick else "16"], out / "negative_prompt.json")
                     if demo_model else None],
         "Thread settings": [None if quick else thread_settings(out, cycles=2)],

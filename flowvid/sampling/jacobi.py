@@ -17,7 +17,9 @@ the earlier frame's values instead, as the reference implementation does.
 
 The deep block uses ``first_block_size`` slots per block inside the first frame (no earlier frame to
 warm-start from) and ``block_size`` afterwards; shallow blocks invert every frame of the video at once
-(frames are independent there), ``first_block_size`` slots at a time.
+(frames are independent there), ``first_block_size`` slots at a time. When streaming, frames reach
+the shallow blocks one at a time: after the first, each is guessed from the frame before it, like
+the deep block's frames, and solved as one block.
 """
 
 from __future__ import annotations
@@ -153,6 +155,8 @@ class JacobiSampler(BlockSampler):
 
     def reset_stats(self) -> None:
         self.run = JacobiRun()
+        # (x, mu, sigma) of the frame each shallow block inverted last, when frames come one at a time.
+        self._last_frame: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # --- one block of slots -------------------------------------------------------------------
     def _guess(self, inversion: BlockInversion, size: int) -> None:
@@ -177,9 +181,11 @@ class JacobiSampler(BlockSampler):
             inversion.sigma[:, target] = inversion.sigma[:, source]
             inversion.x[:, target] = inversion.mu[:, target] + inversion.sigma[:, target] * inversion.z[:, target]
 
-    def _solve(self, inversion: BlockInversion, size: int, stats: JacobiStats) -> None:
-        """Guess the next ``size`` slots, iterate each video's to convergence and commit them."""
-        self._guess(inversion, size)
+    def _solve(self, inversion: BlockInversion, size: int, stats: JacobiStats, guessed: bool = False) -> None:
+        """Guess the next ``size`` slots (unless ``guessed`` already), iterate each video's to convergence
+        and commit them."""
+        if not guessed:
+            self._guess(inversion, size)
         first = inversion.done
         run = slice(first, first + size)
         batch = inversion.x.shape[0]
@@ -233,6 +239,25 @@ class JacobiSampler(BlockSampler):
         inversion = BlockInversion(block, frames)
         per_frame = frames.shape[1]
         stats = self.run.shallow.setdefault(index, JacobiStats(per_frame))
+        guessed = self._guess_from_last_frame(inversion, index)
         while inversion.done < inversion.num_slots:
-            self._solve(inversion, self._next_size(inversion, per_frame), stats)
+            # A frame guessed from the one before it is one block: fewer, wider passes.
+            size = inversion.num_slots if guessed else self._next_size(inversion, per_frame)
+            self._solve(inversion, size, stats, guessed)
+        self._last_frame[index] = (inversion.x, inversion.mu, inversion.sigma)
         return inversion.result()
+
+    def _guess_from_last_frame(self, inversion: BlockInversion, index: int) -> bool:
+        """Streaming inverts a shallow block one frame at a time: guess every slot from the frame before,
+        at the same position, as the deep block does. False when there is no such frame."""
+        last = self._last_frame.get(index)
+        if last is None or last[0].shape != inversion.x.shape or self.warm_start == "noise":
+            return False
+        x, mu, sigma = last
+        if self.warm_start == "values":
+            inversion.x.copy_(x)
+        else:
+            inversion.mu.copy_(mu)
+            inversion.sigma.copy_(sigma)
+            inversion.x.copy_(mu + sigma * inversion.z)
+        return True

@@ -25,6 +25,7 @@ gpu = importlib.import_module("gpu")
 memory = importlib.import_module("memory")
 negative_prompt = importlib.import_module("negative_prompt")
 reference = importlib.import_module("reference")
+streaming = importlib.import_module("streaming")
 train_throughput = importlib.import_module("train_throughput")
 
 TINY_CONFIG = reference.SharedConfig(width=32, deep_depth=1, shallow_blocks=1, shallow_depth=1, head_dim=16,
@@ -327,3 +328,9 @@ def test_the_compiled_training_step_runs_on_a_compiled_copy_of_the_same_weights(
     assert all(block._compiled_call_impl is None for block in flow.blocks)  # the eager one stays eager
     for (name, a), (_, b) in zip(flow.state_dict().items(), compiled.state_dict().items()):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+
+
+def test_streaming_arrival_times_count_from_the_start_of_the_iteration():
+    ticks = iter([10.0, 10.5, 11.25, 13.0])
+    frames = (frame for frame in "abc")
+    assert streaming.arrival_times(frames, clock=lambda: next(ticks)) == [0.5, 1.25, 3.0]

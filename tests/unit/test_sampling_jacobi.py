@@ -143,3 +143,20 @@ def test_converged_sampling_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         JacobiSampler(tol=1e-3).sample(flow, torch.randn(1, 2, 4, 4, 3))
+
+
+def test_streamed_frames_reach_the_shallow_blocks_guessed_from_the_frame_before():
+    flow = make_flow(std=0.03)
+    still = torch.randn(1, 1, 4, 4, 3).expand(2, 4, 4, 4, 3).contiguous()
+    with torch.no_grad():
+        z, _ = flow(still)
+    reference = SequentialSampler().sample(flow, z)
+    sampler = JacobiSampler(tol=1e-3, first_block_size=8, warm_start="values")
+    streamed = torch.stack(list(sampler.stream(flow, z)), dim=1)
+    assert relative_error(streamed, reference) < 1e-2
+    shallow = sampler.last_stats["shallow"]["0"]
+    # The first frame in blocks of 8 slots, cold; the others as one block each, guessed: here already right.
+    assert shallow["block_sizes"] == [8, 8, 16, 16, 16]
+    assert shallow["iterations"][2:] == [1, 1, 1]
+    sampler.sample(flow, z)  # a whole video: every frame at once, as before
+    assert sampler.last_stats["shallow"]["0"]["block_sizes"] == [8, 8]

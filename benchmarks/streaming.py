@@ -1,0 +1,79 @@
+"""Streaming: how soon the first final frame comes, against sampling the whole video first.
+
+    python benchmarks/streaming.py [--ckpt demo_out/run/checkpoints/step=00000640.ckpt]
+                                   [--frames 8 32] [--rounds 3] [--threads 2] [--json OUT]
+
+For each length one caption is generated as one video, Jacobi at tol 1e-3 (``flowvid generate``'s
+fp32 setting), rounds alternating: once by a pipeline call (sample, then denoise and decode the whole
+video) and once by ``VideoPipeline.stream`` (each frame sampled, denoised and decoded as soon as it
+can be). The table gives medians: when the first and the last frame arrive, and the call's time.
+Lengths beyond the training length slide a window (``WindowedSampler``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+CAPTION = "a red circle moves left"
+
+
+def arrival_times(frames: Iterable[object], clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Seconds from the start until each item of ``frames`` arrives (the iteration starts the clock)."""
+    start = clock()
+    return [clock() - start for _ in frames]
+
+
+def measure(pipe, frames: int, rounds: int, seed: int = 0) -> dict:
+    whole, first, last = [], [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        pipe(CAPTION, frames=frames, seed=seed)
+        whole.append(time.perf_counter() - started)
+        times = arrival_times(pipe.stream(CAPTION, frames=frames, seed=seed))
+        first.append(times[0])
+        last.append(times[-1])
+    return {"frames": frames, "whole_seconds": statistics.median(whole), "first_frame_seconds": statistics.median(first),
+            "stream_seconds": statistics.median(last)}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| frames | whole video (s) | streamed: first frame (s) | streamed: last frame (s) | first frame / whole |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['frames']} | {r['whole_seconds']:.2f} | {r['first_frame_seconds']:.2f} | {r['stream_seconds']:.2f} "
+              f"| {r['first_frame_seconds'] / r['whole_seconds']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from run_all import DEMO_CHECKPOINT
+
+    from flowvid.loading import load_model
+    from flowvid.pipeline import VideoPipeline
+    from flowvid.sampling import JacobiSampler
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", default=DEMO_CHECKPOINT)
+    parser.add_argument("--frames", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = VideoPipeline(load_model(args.ckpt), JacobiSampler(tol=1e-3))
+    pipe(CAPTION, seed=0)  # warm up
+    rows = [measure(pipe, frames, args.rounds) for frames in args.frames]
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -466,7 +466,10 @@ def test_the_pipeline_gives_what_flowvid_generate_writes_whatever_the_batch(chec
     assert main([*args, *(arg for prompt in prompts for arg in ("--prompt", prompt))]) == 0
     written = [np.load(path) for path in sorted(tmp_path.glob("t2v_*.latent.npy"))]
 
-    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu")
+    import flowvid
+
+    assert flowvid.VideoPipeline is VideoPipeline
+    pipe = flowvid.VideoPipeline.from_pretrained(checkpoint, device="cpu")
     together = pipe(prompts, seed=5, guidance=1.5)
     one_by_one = pipe(prompts, seed=5, guidance=1.5, batch_size=1)
     assert together.videos.shape == (3, 4, 8, 8, 3) and together.videos.dtype == np.uint8

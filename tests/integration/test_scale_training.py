@@ -51,6 +51,18 @@ class LossLog(Callback):
             file.write(json.dumps(record) + "\n")
 
 
+class ValidationLog(Callback):
+    """Appends ``{"step", "bits_per_dim"}`` after every validation to ``<path>.jsonl``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        record = {"step": trainer.global_step, "bits_per_dim": float(trainer.callback_metrics["val/bits_per_dim"])}
+        with open(f"{self.path}.jsonl", "a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
 class WeightsLog(Callback):
     """Saves the module's weights at the end of training to ``<path>.rank<R>.pt``."""
 
@@ -424,6 +436,24 @@ def test_export_of_a_zero3_checkpoint_loads_in_one_process_with_the_ddp_likeliho
     assert torch.allclose(from_sharded, from_single, rtol=1e-6, atol=0)
     config = yaml.safe_load((tmp_path / "z3" / "config.yaml").read_text())
     assert config["trainer"]["strategy"]["init_args"]["stage"] == 3
+
+
+def test_a_best_checkpoint_by_validation_bits_per_dim_beside_the_run_checkpoints_exports(shards, tmp_path):
+    from flowvid.export import export_checkpoint, load_exported
+
+    best = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "best"), "filename": "{step}", "monitor": "val/bits_per_dim",
+                          "mode": "min", "save_top_k": 1}}
+    validations = {"class_path": "test_scale_training.ValidationLog", "init_args": {"path": str(tmp_path / "val")}}
+    fit(recipe(shards, tmp_path, denoiser=False, max_steps=6, extra_callbacks=[best, validations]))
+    scores = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
+    assert [score["step"] for score in scores] == [2, 4, 6]
+    lowest = min(scores, key=lambda score: score["bits_per_dim"])
+    [kept] = list((tmp_path / "best").iterdir())
+    assert kept.name == f"step={lowest['step']}.ckpt"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "step=00000006.ckpt"  # resume: auto
+    exported = load_exported(export_checkpoint(kept, tmp_path / "export" / "model.safetensors"))
+    assert exported.flow.nll(torch.rand(1, 4, 8, 8, 3)).isfinite().all()
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------

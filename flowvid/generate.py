@@ -37,7 +37,7 @@ from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.export import write_atomically
 from flowvid.media import MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder
-from flowvid.pipeline import DEFAULT_TOLERANCE, GenerateError, VideoPipeline
+from flowvid.pipeline import DEFAULT_TOLERANCE, NON_FINITE_ADVICE, GenerateError, VideoPipeline
 from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
 from flowvid.sampling import Sampler, build_sampler
 from flowvid.sampling.tasks import TASKS, check_seed
@@ -45,6 +45,15 @@ from flowvid.sampling.tasks import TASKS, check_seed
 
 #: The latents written beside each sample (``NAME.latent.npy``): arrays, but not videos.
 LATENTS_SUFFIX = ".latent.npy"
+
+
+class NonFiniteSamples(GenerateError):
+    """Some samples came out NaN or infinite and were not written; the others were."""
+
+    def __init__(self, names: list[str], written: int):
+        self.names, self.written = names, written
+        super().__init__(f"{len(names)} sample(s) came out NaN or infinite and were not written ({', '.join(names)}; "
+                         f"{written} written): {NON_FINITE_ADVICE}")
 
 
 @dataclass
@@ -203,7 +212,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     todo = [i for i in planned if not (request.skip_existing and already_written(out, name[i], planned[i]))]
     if progress and len(todo) < len(planned):
         progress(f"{len(planned) - len(todo)} of {len(planned)} samples are in {out} already")
-    records = []
+    records, failed = [], []
     for start in range(0, len(todo), request.batch_size):
         indices = todo[start:start + request.batch_size]
         names = [name[i] for i in indices]
@@ -212,6 +221,9 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
                                          negative_prompt=request.negative_prompt,
                                          on_frame=_frame_writer(module, out, names) if request.stream else None)
         for row, (index, sample) in enumerate(zip(indices, names)):
+            if row in result.failed:  # nothing is written: --skip-existing samples it again
+                failed.append(sample)
+                continue
             record = {
                 **planned[index],
                 # A model without text sees no caption: say so by leaving the field out.
@@ -224,7 +236,9 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
             records.append({"name": sample, **record})
         if progress:
             seconds = sum(result.timings.values())
-            progress(f"{len(records)}/{len(todo)} samples ({seconds:.1f} s for the last {len(indices)})")
+            progress(f"{len(records) + len(failed)}/{len(todo)} samples ({seconds:.1f} s for the last {len(indices)})")
+    if failed:
+        raise NonFiniteSamples(failed, len(records))
     return records
 
 

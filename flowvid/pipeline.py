@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -36,6 +37,9 @@ from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_inputs
 #: Jacobi's default tolerance per precision: bf16 matmuls leave a relative noise of 1e-3 to 3e-3 in every
 #: pass, below which a block's change need not fall (it would then run to max_iterations).
 DEFAULT_TOLERANCE = {"32-true": 1e-3, "bf16-mixed": 1e-2}
+
+#: What to try when a video comes out NaN or infinite.
+NON_FINITE_ADVICE = "lower the guidance, sample in 32-true, or use the sequential sampler"
 
 #: ``on_frame(index, latents)``: the final latents (B, h, w, c) of frame ``index`` of a batch, as soon as known.
 FrameCallback = Callable[[int, torch.Tensor], None]
@@ -56,6 +60,8 @@ class GeneratedVideos:
         seeds: the noise seed of each video.
         timings: seconds spent sampling, denoising and decoding, summed over the batches.
         sampler_stats: the sampler's ``last_stats`` of each batch (Jacobi: passes per block).
+
+    ``failed`` lists the videos whose latents came out NaN or infinite: their frames mean nothing.
     """
 
     videos: np.ndarray
@@ -64,6 +70,10 @@ class GeneratedVideos:
     seeds: list[int]
     timings: dict[str, float]
     sampler_stats: list[dict[str, Any]]
+
+    @property
+    def failed(self) -> list[int]:
+        return [index for index, latents in enumerate(self.latents) if not np.isfinite(latents).all()]
 
     @classmethod
     def concatenate(cls, parts: list["GeneratedVideos"]) -> "GeneratedVideos":
@@ -144,7 +154,11 @@ class VideoPipeline:
             seeds = list(range(seed + start, seed + start + len(batch)))
             parts.append(self.generate_batch(batch, seeds, source, task=task, frames=frames, guidance=guidance,
                                              negative_prompt=negative_prompt))
-        return GeneratedVideos.concatenate(parts)
+        result = GeneratedVideos.concatenate(parts)
+        if result.failed:
+            warnings.warn(f"videos {result.failed} came out NaN or infinite ({NON_FINITE_ADVICE}); "
+                          "GeneratedVideos.failed lists them", stacklevel=2)
+        return result
 
     @torch.no_grad()
     def score(self, video: np.ndarray | torch.Tensor | str | os.PathLike, caption: str = "",

@@ -549,10 +549,18 @@ class FlowModule(LightningModule):
             yield
 
     def denoise(self, x_noisy: torch.Tensor, text: TextEmbedding | None = None) -> torch.Tensor:
-        """One final denoising step: the learned denoiser, else a Tweedie step through the flow."""
+        """One final denoising step: the learned denoiser, else a Tweedie step through the flow. A video
+        that sampling left NaN or infinite stays so, and the others are denoised."""
         if self.denoiser is not None:
             return self.denoiser.denoise(x_noisy, text)
-        return tweedie_denoise(self.flow, x_noisy, self.noise_std, text)
+        finite = torch.isfinite(x_noisy).flatten(1).all(dim=1)
+        if finite.all():
+            return tweedie_denoise(self.flow, x_noisy, self.noise_std, text)
+        denoised = x_noisy.float().clone()  # the flow refuses non-finite input, so it sees the finite videos only
+        if finite.any():
+            denoised[finite] = tweedie_denoise(self.flow, x_noisy[finite], self.noise_std,
+                                               None if text is None else text[finite])
+        return denoised
 
     def denoise_stream(self, frames: Iterable[torch.Tensor], text: TextEmbedding | None = None
                        ) -> Iterator[torch.Tensor]:

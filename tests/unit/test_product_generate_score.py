@@ -639,3 +639,32 @@ def test_streaming_image_to_video_starts_with_the_image_and_without_a_denoiser_w
     frames = tweedie.stream("a blue square", seed=4)
     next(frames)
     assert tweedie.sampler.handed_out == 4  # the Tweedie step reads the whole video
+
+
+def test_a_video_that_comes_out_nan_is_named_not_written_and_the_others_are(checkpoint, tmp_path, monkeypatch, capsys):
+    from flowvid.pipeline import VideoPipeline
+    from flowvid.sampling import JacobiSampler
+
+    sample = JacobiSampler.sample
+
+    def second_video_diverges(self, flow, z, *args, **kwargs):
+        x = sample(self, flow, z, *args, **kwargs)
+        x[1:2] = float("nan")
+        return x
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves left\na blue square moves up\na green triangle moves down\n")
+    args = ["generate", "--ckpt", str(checkpoint), "--prompts", str(prompts), "--out", str(tmp_path / "out")]
+    with monkeypatch.context() as patch:
+        patch.setattr(JacobiSampler, "sample", second_video_diverges)
+        assert main(args) == 2
+        last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line
+        assert "1 sample(s) came out NaN or infinite and were not written (t2v_001_a-blue-square-moves-up; " \
+               "2 written)" in last_line
+        with pytest.warns(UserWarning, match=r"videos \[1\] came out NaN or infinite"):
+            result = VideoPipeline.from_pretrained(checkpoint, device="cpu")(["a", "b"], seed=0)
+        assert result.failed == [1]
+    assert sorted(p.name[:7] for p in (tmp_path / "out").glob("*.json")) == ["t2v_000", "t2v_002"]
+    assert main([*args, "--skip-existing"]) == 0  # the missing sample, once the sampler behaves
+    assert "2 of 3 samples are in" in capsys.readouterr().err
+    assert len(list((tmp_path / "out").glob("*.json"))) == 3

@@ -2,7 +2,7 @@
 
 ::
 
-    from flowvid.pipeline import VideoPipeline
+    from flowvid import VideoPipeline
 
     pipe = VideoPipeline.from_pretrained("exported/model.safetensors")     # or a .ckpt / DeepSpeed directory
     out = pipe(["a red circle moves left"], seed=0)                          # out.videos: uint8 (B, T, H, W, 3)
@@ -10,6 +10,7 @@
     out = pipe(["..."], task="extend", video="clip.mp4", frames=16)
     pipe.sampler = SequentialSampler()                                       # swap it, like a scheduler
     pipe.score(video, caption="a red circle moves left")                     # exact bits/dim, per frame too
+    for frame in pipe.stream("a red circle moves left", frames=32): ...     # (1, H, W, 3), each once final
 
 It is what ``flowvid generate`` runs, without the files: the same seeds give the same videos. Sample
 ``i`` of a call draws its noise from ``seed + i``, so a sample does not depend on the batch it is

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -73,6 +74,20 @@ def train(recipe: str, run_dir: Path, extra: list[str]) -> Path:
     if not checkpoints:
         raise RuntimeError(f"training wrote no checkpoint under {run_dir}")
     return checkpoints[-1]
+
+
+def training_speed(run_dir: Path) -> dict[str, float]:
+    """The median speed the newest training run in ``run_dir`` logged to TensorBoard (``TrainingThroughput``)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = sorted(run_dir.glob("lightning_logs/version_*/events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return {}
+    events = EventAccumulator(str(logs[-1]), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = set(events.Tags()["scalars"])
+    return {f"train_{name}": statistics.median(event.value for event in events.Scalars(f"throughput/{name}"))
+            for name in ("tokens_per_sec", "step_seconds", "mfu") if f"throughput/{name}" in logged}
 
 
 def validation_samples(root: Path, count: int) -> list[dict[str, Any]]:
@@ -171,9 +186,11 @@ def run_demo(out: Path, recipe: str, extra: list[str], checkpoint: Path | None =
     out.mkdir(parents=True, exist_ok=True)
     with step(f"making the synthetic shapes data in {DATA}"):
         make_data(DATA)
+    speed: dict[str, float] = {}
     if checkpoint is None:
         with step(f"training {recipe} on {torch.get_num_threads()} CPU threads"):
             checkpoint = train(recipe, out / "run", extra)
+        speed = training_speed(out / "run")
     with step(f"loading the trained model {checkpoint} and the held-out set"):
         module = load_model(checkpoint)
         if guidance is not None:
@@ -185,6 +202,7 @@ def run_demo(out: Path, recipe: str, extra: list[str], checkpoint: Path | None =
         initial = build_module(checkpoint_weights(checkpoint)[1])
         metrics: dict[str, Any] = {"val_bits_per_dim_init": bits_per_dim(initial.eval(), held_out),
                                    "val_bits_per_dim": bits_per_dim(module, held_out)}
+    metrics.update(speed)  # how fast it trained, when this run trained
     with step(f"text-to-video for {len(captions)} held-out captions"):
         t2v = generate_t2v(module, captions, out / "t2v")
     with step(f"image-to-video from {len(held_out) // 2} held-out first frames"):

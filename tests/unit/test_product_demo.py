@@ -1,6 +1,8 @@
-"""The demo's training step starts a fresh run in its output folder."""
+"""The demo's training step starts a fresh run in its output folder and reports how fast it trained."""
 
 import subprocess
+
+import pytest
 
 from flowvid import demo
 
@@ -21,3 +23,21 @@ def test_a_second_demo_run_replaces_the_checkpoints_of_the_first(tmp_path, monke
     checkpoint = demo.train("recipe.yaml", run_dir, [])
     assert checkpoint == old and checkpoint.read_bytes() == b"second run"
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step=00000640.ckpt"]
+
+
+def test_the_demo_reports_the_median_speed_of_its_newest_training_run(tmp_path):
+    import os
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    for version, tokens in ((0, [1.0, 2.0, 3.0]), (1, [10.0, 40.0, 20.0])):
+        folder = tmp_path / "lightning_logs" / f"version_{version}"
+        writer = SummaryWriter(str(folder))
+        for step, value in enumerate(tokens):
+            writer.add_scalar("throughput/tokens_per_sec", value, step)
+            writer.add_scalar("throughput/mfu", value / 100, step)
+        writer.close()
+        [log] = folder.glob("events.out.tfevents.*")
+        os.utime(log, (version, version))  # version_1 is the newer run
+    assert demo.training_speed(tmp_path) == pytest.approx({"train_tokens_per_sec": 20.0, "train_mfu": 0.2})
+    assert demo.training_speed(tmp_path / "nothing") == {}

@@ -144,11 +144,8 @@ class VideoPipeline:
             seed: video ``i`` draws its noise from ``seed + i``.
             batch_size: videos sampled together.
         """
-        prompts = self.prompts_for([prompts] if isinstance(prompts, str) else list(prompts or []))
-        guidance = self.model.guidance if guidance is None else guidance
-        frames = self.model.video_shape[0] if frames is None else frames
-        self.check(task, frames, guidance, negative_prompt, seed, batch_size)
-        source = self.source_frames(task, image, video)
+        prompts, frames, guidance, source = self._request(prompts, task, image, video, frames, guidance,
+                                                          negative_prompt, seed, batch_size)
         parts = []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
@@ -175,6 +172,15 @@ class VideoPipeline:
         return score_video(self.model, frames, caption, torch.Generator().manual_seed(seed))
 
     # --- checks, before any work -----------------------------------------------------------------
+
+    def _request(self, prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size):
+        """The prompts, frames, guidance and conditioning frames of a call, with the model's defaults
+        filled in, checked before any work."""
+        prompts = self.prompts_for([prompts] if isinstance(prompts, str) else list(prompts or []))
+        guidance = self.model.guidance if guidance is None else guidance
+        frames = self.model.video_shape[0] if frames is None else frames
+        self.check(task, frames, guidance, negative_prompt, seed, batch_size)
+        return prompts, frames, guidance, self.source_frames(task, image, video)
 
     def prompts_for(self, prompts: list[str]) -> list[str]:
         """At least one caption for a model that reads text; none but empty ones for an unconditional
@@ -288,11 +294,8 @@ class VideoPipeline:
         behind the sampler; without a denoiser (the Tweedie step reads every later frame), or with a
         codec that decodes frames in groups, they come once the video is done. The videos equal a
         call's up to the sampler's tolerance (the frames are sampled one at a time)."""
-        prompts = self.prompts_for([prompts] if isinstance(prompts, str) else list(prompts or []))
-        guidance = self.model.guidance if guidance is None else guidance
-        frames = self.model.video_shape[0] if frames is None else frames
-        self.check(task, frames, guidance, negative_prompt, seed, len(prompts))
-        source = self.source_frames(task, image, video)
+        prompts, frames, guidance, source = self._request(prompts, task, image, video, frames, guidance,
+                                                          negative_prompt, seed, batch_size=1)
         codec = self.model.codec
         by_frame = codec.temporal_factor == 1 and not codec.causal_first_frame
         with self._precision():

@@ -16,8 +16,9 @@
 
 The peak of a GPU is its datasheet figure for the run's precision (Lightning's table, as litgpt
 reports MFU); a CPU has none, so there the peak is the FLOP/s of a large square matmul in the run's
-precision, measured once when training starts: on a CPU MFU says how close the step comes to what
-the machine's matmul kernels give (``docs/benchmarks.md`` uses the same denominator).
+precision, the fastest of those measured when training starts and every ``REMEASURE_STEPS`` steps
+after: on a CPU MFU says how close the step comes to what the machine's matmul kernels give
+(``docs/benchmarks.md`` uses the same denominator).
 
 It works with any LightningModule that offers ``tokens_seen`` and ``videos_seen`` (totals over
 all processes) and ``model_flops_per_token`` (``FlowModule`` does).
@@ -37,6 +38,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 #: Side of the square matmul whose FLOP/s stand in for a device's peak when no datasheet figure is known.
 MATMUL_SIDE = {"cpu": 2048, "cuda": 8192}
+
+#: A measured peak is measured again every this many steps and the highest kept: a machine busy with
+#: something else when training starts would otherwise set it too low (and MFU too high).
+REMEASURE_STEPS = 100
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -63,16 +68,12 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, rounds: int 
     return 2.0 * side**3 / best
 
 
-def peak_flops_of(device: torch.device, precision: str) -> float | None:
-    """The device's datasheet peak for ``precision`` when Lightning knows it, else a measured matmul's FLOP/s."""
-    dtype = compute_dtype(precision)
-    if device.type == "cuda":
-        known = get_available_flops(device, dtype)
-        if known:
-            return float(known)
-    if device.type in MATMUL_SIDE:
-        return measured_matmul_flops(device, dtype)
-    return None
+def datasheet_flops(device: torch.device, precision: str) -> float | None:
+    """The datasheet peak of a GPU that Lightning knows, for ``precision``; None for others."""
+    if device.type != "cuda":
+        return None
+    known = get_available_flops(device, compute_dtype(precision))
+    return float(known) if known else None
 
 
 class TrainingThroughput(Callback):
@@ -93,6 +94,7 @@ class TrainingThroughput(Callback):
         self.window = window
         self.peak_flops = peak_flops
         self.device_peak: float | None = None
+        self._measured: tuple[torch.device, torch.dtype] | None = None  # what a measured peak is measured on
         # (time, tokens, videos) at the end of each of the last `window` optimiser steps.
         self._marks: deque[tuple[float, int, int]] = deque(maxlen=window)
         self._last_step = -1
@@ -106,13 +108,16 @@ class TrainingThroughput(Callback):
         if missing:
             raise TypeError(f"TrainingThroughput needs a LightningModule with {', '.join(missing)} "
                             f"(as flowvid.lit.FlowModule has); {type(pl_module).__name__} has not")
-        if self.peak_flops == "auto":
-            self.device_peak = peak_flops_of(trainer.strategy.root_device, str(trainer.precision))
-            if self.device_peak is None:
-                rank_zero_warn(f"TrainingThroughput: no peak FLOP/s known for {trainer.strategy.root_device}; "
-                               "MFU is not logged (set peak_flops)")
-        else:
+        if self.peak_flops != "auto":
             self.device_peak = self.peak_flops
+            return
+        device, precision = trainer.strategy.root_device, str(trainer.precision)
+        self.device_peak = datasheet_flops(device, precision)
+        if self.device_peak is None and device.type in MATMUL_SIDE:
+            self._measured = (device, compute_dtype(precision))
+            self.device_peak = measured_matmul_flops(*self._measured)
+        if self.device_peak is None:
+            rank_zero_warn(f"TrainingThroughput: no peak FLOP/s known for {device}; MFU is not logged (set peak_flops)")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._marks.clear()
@@ -125,6 +130,8 @@ class TrainingThroughput(Callback):
             return
         self._last_step = step
         self._mark(pl_module)
+        if self._measured is not None and step % REMEASURE_STEPS == 0:
+            self.device_peak = max(self.device_peak, measured_matmul_flops(*self._measured))
         metrics = {"train/tokens_seen": float(pl_module.tokens_seen),
                    "train/videos_seen": float(pl_module.videos_seen)}
         if len(self._marks) >= 2:

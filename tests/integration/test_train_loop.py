@@ -380,12 +380,27 @@ def test_tokens_seen_carry_over_a_resume(tmp_path):
 def test_throughput_measures_a_cpu_and_reads_a_known_gpus_datasheet(monkeypatch):
     from flowvid.lit import throughput
 
-    for precision in ("32-true", "bf16-mixed"):
-        assert 1e8 < throughput.peak_flops_of(torch.device("cpu"), precision) < 1e15
+    for dtype in (torch.float32, torch.bfloat16):
+        assert 1e8 < throughput.measured_matmul_flops(torch.device("cpu"), dtype) < 1e15
+    assert throughput.datasheet_flops(torch.device("cpu"), "32-true") is None
     asked = []
     monkeypatch.setattr(throughput, "get_available_flops", lambda device, dtype: asked.append(dtype) or 989e12)
-    assert throughput.peak_flops_of(torch.device("cuda", 0), "bf16-mixed") == 989e12
+    assert throughput.datasheet_flops(torch.device("cuda", 0), "bf16-mixed") == 989e12
     assert asked == [torch.bfloat16]
+
+
+def test_a_cpu_peak_measured_on_a_busy_machine_is_raised_by_later_measurements(monkeypatch):
+    from flowvid.lit import throughput
+
+    measured = iter([1e9, 4e9, 2e9, 3e9])  # at setup, then after steps 2, 4 and 6
+    monkeypatch.setattr(throughput, "measured_matmul_flops", lambda device, dtype: next(measured))
+    monkeypatch.setattr(throughput, "REMEASURE_STEPS", 2)
+    monitor = throughput.TrainingThroughput(window=2)
+    run = trainer(max_steps=6, log_every_n_steps=1, callbacks=[monitor])
+    run.fit(tiny_module(), fixed_batches(6))
+    assert monitor.device_peak == 4e9 and next(measured, None) is None
+    flops_per_sec = run.callback_metrics["throughput/model_tflops_per_device"].item() * 1e12
+    assert run.callback_metrics["throughput/mfu"].item() == pytest.approx(flops_per_sec / 4e9, rel=1e-5)
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -220,8 +220,9 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
                                          task=request.task, frames=request.frames, guidance=request.guidance,
                                          negative_prompt=request.negative_prompt,
                                          on_frame=_frame_writer(module, out, names) if request.stream else None)
+        diverged = result.failed
         for row, (index, sample) in enumerate(zip(indices, names)):
-            if row in result.failed:  # nothing is written: --skip-existing samples it again
+            if row in diverged:  # nothing is written: --skip-existing samples it again
                 failed.append(sample)
                 continue
             record = {

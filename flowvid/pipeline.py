@@ -153,8 +153,9 @@ class VideoPipeline:
             parts.append(self.generate_batch(batch, seeds, source, task=task, frames=frames, guidance=guidance,
                                              negative_prompt=negative_prompt))
         result = GeneratedVideos.concatenate(parts)
-        if result.failed:
-            warnings.warn(f"videos {result.failed} came out NaN or infinite ({NON_FINITE_ADVICE}); "
+        failed = result.failed
+        if failed:
+            warnings.warn(f"videos {failed} came out NaN or infinite ({NON_FINITE_ADVICE}); "
                           "GeneratedVideos.failed lists them", stacklevel=2)
         return result
 

@@ -20,6 +20,7 @@ VERBS: dict[str, str] = {
     "make-synthetic": "data_tools.make_synthetic",
     "encode-latents": "data_tools.encode_latents",
     "verify": "data_tools.verify",
+    "describe": "data_tools.describe",
     "fvd-stats": "data_tools.fvd_stats",
     "fvd": "data_tools.fvd",
 }

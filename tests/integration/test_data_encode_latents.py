@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from data_tools.cli import main as data_main
+from data_tools.describe import describe_folder
 from data_tools.encode_latents import encode_latents
 from data_tools.report import console
 from data_tools.verify import verify_folder
@@ -111,6 +112,11 @@ def test_codec_normalisation_and_text_cache_are_recorded(raw, tmp_path):
     expected = WordHashText().encode(got[0]["caption"])
     torch.testing.assert_close(got[0]["text_tokens"], expected.tokens, atol=1e-3, rtol=1e-3)
     assert torch.equal(got[0]["text_mask"], expected.mask)
+
+    description = describe_folder(tmp_path / "latent", captions=1)
+    assert description["kind"] == "latent" and description["codec"] == SpaceToDepth().identity()
+    assert description["latent_shape"] == [4, 8, 8, 12] and description["text_shape"] == [6, 8]
+    assert description["source"]["tool"] == "encode-latents" and description["captions"] == [got[0]["caption"][0]]
 
 
 def test_overflowing_latents_are_skipped_and_listed(raw, tmp_path):

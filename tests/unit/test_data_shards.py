@@ -1,4 +1,4 @@
-"""Shard format: atomic deterministic writing, damage detection on read, manifests, and `verify`."""
+"""Shard format: atomic deterministic writing, damage detection on read, manifests, `verify` and `describe`."""
 
 import json
 
@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from data_tools.cli import main as data_main
+from data_tools.describe import describe_folder
+from data_tools.report import console
 from data_tools.verify import verify_folder
 from flowvid.data.manifest import ManifestError, load_manifest, new_manifest, write_manifest
 from flowvid.data.shards import (
@@ -167,3 +169,39 @@ def test_verify_catches_a_bad_sample_behind_a_valid_checksum(tmp_path):
     write_manifest(tmp_path, new_manifest("raw", VIDEO, samples=2, num_shards=1, shards=writer.shards))
     report = verify_folder(tmp_path)
     assert not report["ok"] and report["shards"][0]["bad"] == 1 and report["samples"] == 1
+
+
+def test_describe_reads_the_manifest_and_the_first_captions(tmp_path, capsys):
+    manifest = _write_folder(tmp_path, count=7, per_shard=3)
+    description = describe_folder(tmp_path, captions=2)
+    assert (description["kind"], description["samples"], description["shards"]) == ("raw", 7, 3)
+    assert description["bytes"] == sum(p.stat().st_size for p in tmp_path.glob("*.tar"))
+    assert description["video"] == {**VIDEO, "clip_seconds": 0.25}
+    assert description["hours"] == pytest.approx(7 * 0.25 / 3600)
+    assert description["captions"] == ["caption 0", "caption 1"]
+    assert describe_folder(tmp_path, captions=5)["captions"] == ["caption 0", "caption 1", "caption 2"]  # first shard only
+
+    assert data_main(["describe", str(tmp_path), "--json", "--captions", "2"]) == 0
+    assert json.loads(capsys.readouterr().out) == description
+    assert data_main(["describe", str(tmp_path), str(tmp_path), "--json", "--captions", "0"]) == 0
+    assert [d["samples"] for d in json.loads(capsys.readouterr().out)] == [manifest["samples"]] * 2
+    with console.capture() as printed:
+        assert data_main(["describe", str(tmp_path)]) == 0
+    assert "caption 0" in printed.get() and "2 frames of 4x4 at 8 fps" in printed.get()
+
+
+def test_describe_names_what_is_wrong_and_reads_a_damaged_shard_up_to_the_damage(tmp_path):
+    with console.capture() as printed:
+        assert data_main(["describe", str(tmp_path)]) == 2
+    assert "manifest.json not found" in " ".join(printed.get().split())  # rich wraps long lines
+    _write_folder(tmp_path, count=3, per_shard=3)
+    with console.capture() as printed:
+        assert data_main(["describe", str(tmp_path), "--captions", "-1"]) == 2
+    assert "--captions must be >= 0" in " ".join(printed.get().split())
+    shard = tmp_path / "shard-000000.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:len(whole) // 2])
+    with console.capture() as printed:
+        captions = describe_folder(tmp_path, captions=3)["captions"]
+    assert 0 < len(captions) < 3 and captions == [f"caption {i}" for i in range(len(captions))]
+    assert "flowvid data verify" in printed.get()

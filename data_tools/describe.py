@@ -1,0 +1,142 @@
+"""``describe``: what a shard folder holds, read from its manifest, with a few of its captions.
+
+    flowvid data describe DIR [DIR ...] [--captions 5] [--json]
+
+Prints the kind of the folder (raw clips or latents), its samples, shards and size, the clips'
+frames, resolution and duration, the codec and latent shape of latent shards, the cached text
+embeddings and first frames, how the folder was made, the clips skipped while making it and the
+first ``--captions`` captions of its first shard. Only the manifest and those few samples are read,
+so a folder of any size is described at once; ``flowvid data verify`` reads everything. ``--json``
+writes the description to stdout for scripts instead of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from data_tools.report import console, print_summary
+from flowvid.data.manifest import load_manifest, video_shape
+from flowvid.data.shards import BrokenShard, iter_tar, shard_paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folders", nargs="+", metavar="DIR", help="shard folders (each with manifest.json)")
+    parser.add_argument("--captions", type=int, default=5, metavar="N",
+                        help="show the first N captions of the first shard (0: none)")
+    parser.add_argument("--json", action="store_true", help="write the descriptions to stdout as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.captions < 0:
+        raise ValueError(f"--captions must be >= 0, got {args.captions}")
+    descriptions = [describe_folder(folder, captions=args.captions) for folder in args.folders]
+    if args.json:
+        json.dump(descriptions if len(descriptions) > 1 else descriptions[0], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for description in descriptions:
+            print_description(description)
+    return 0
+
+
+def describe_folder(folder: str | Path, captions: int = 5) -> dict[str, Any]:
+    """What ``folder`` holds, as JSON-ready values; ManifestError when it is not a finished shard folder."""
+    manifest = load_manifest(folder)
+    frames, height, width = video_shape(manifest)
+    fps = manifest["video"].get("fps")
+    clip_seconds = frames / fps if fps else None
+    description: dict[str, Any] = {
+        "folder": str(folder),
+        "kind": manifest["kind"],
+        "samples": manifest["samples"],
+        "shards": manifest["num_shards"],
+        "bytes": sum(shard.get("bytes", 0) for shard in manifest["shards"]),
+        "video": {"frames": frames, "height": height, "width": width, "fps": fps, "clip_seconds": clip_seconds},
+        "hours": manifest["samples"] * clip_seconds / 3600 if clip_seconds else None,
+        "latent_shape": manifest.get("latent_shape"),
+        "codec": manifest.get("codec"),
+        "text_encoder": manifest.get("text_encoder"),
+        "text_shape": manifest.get("text_shape"),
+        "first_frame": bool(manifest.get("first_frame")),
+        "source": manifest.get("source") or {},
+        "skipped": manifest.get("skipped") or [],
+        "captions": first_captions(folder, manifest, captions),
+    }
+    return description
+
+
+def first_captions(folder: str | Path, manifest: dict[str, Any], count: int) -> list[str]:
+    """The captions of the first ``count`` samples of the first shard, in stored order."""
+    captions: list[str] = []
+    paths = shard_paths(folder, manifest)
+    if not count or not paths:
+        return captions
+    try:
+        for sample in iter_tar(paths[0]):
+            caption = sample.get("txt")
+            captions.append(caption.decode("utf-8", errors="replace") if caption is not None else "")
+            if len(captions) == count:
+                break
+    except BrokenShard as err:
+        console.print(f"[yellow]warning:[/] {err} (run `flowvid data verify {folder}`)")
+    return captions
+
+
+def print_description(description: dict[str, Any]) -> None:
+    video = description["video"]
+    fields: dict[str, Any] = {
+        "kind": description["kind"],
+        "samples": description["samples"],
+        "shards": description["shards"],
+        "size": _size(description["bytes"]),
+        "clips": f"{video['frames']} frames of {video['height']}x{video['width']}"
+                 + (f" at {video['fps']:g} fps ({video['clip_seconds']:.2f} s)" if video["fps"] else ""),
+    }
+    if description["hours"] is not None:
+        fields["total duration"] = f"{description['hours']:.2f} h"
+    if description["kind"] == "latent":
+        codec = description["codec"]
+        fields["codec"] = f"{codec['name']} (config {str(codec.get('config_hash', '?'))[:12]})"
+        fields["latent shape"] = " x ".join(map(str, description["latent_shape"]))
+    if description["text_encoder"]:
+        encoder = description["text_encoder"]
+        name = encoder.get("name", "?") if isinstance(encoder, dict) else encoder
+        fields["cached text"] = f"{name}, {' x '.join(map(str, description['text_shape'] or []))}"
+    fields["first frames"] = "yes" if description["first_frame"] else "no"
+    fields["made by"] = _origin(description["source"])
+    print_summary(f"describe {description['folder']}", fields, description["skipped"], show=3)
+    for caption in description["captions"]:
+        console.print(f"  [dim]caption[/] {caption}")
+
+
+def _origin(source: dict[str, Any]) -> str:
+    if source.get("generator") == "synthetic":
+        return f"make-synthetic ({source.get('split', '?')} split)"
+    if source.get("tool") == "from-videos":
+        inputs = source.get("inputs") or []
+        return f"from-videos of {', '.join(map(str, inputs[:2]))}" + (" ..." if len(inputs) > 2 else "")
+    if source.get("tool") == "encode-latents":
+        return f"encode-latents of {source.get('raw', '?')}"
+    return json.dumps(source) if source else "unknown"
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_tools.cli import main as data_main
+
+    return data_main(["describe", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

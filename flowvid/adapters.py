@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flowvid.export import check_export_path, checkpoint_weights, load_weights, reading_export, write_atomically
+from flowvid.lit.checkpointing import resolve_checkpoint
 from flowvid.nn.lora import is_adapter_key, merge_lora
 
 FORMAT = "flowvid-lora"
@@ -37,6 +38,7 @@ def export_adapters(ckpt: str | os.PathLike, out: str | os.PathLike, weights: st
     check_export_path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    ckpt = resolve_checkpoint(ckpt)
     state, _, client_state = checkpoint_weights(ckpt, weights, merge_adapters=False)
     adapters = {name: tensor.float().contiguous() for name, tensor in state.items() if is_adapter_key(name)}
     if not adapters:

@@ -30,7 +30,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flowvid.lit.checkpointing import METADATA_KEY, PARTIAL_SUFFIX, CorruptCheckpointError, load_client_state
+from flowvid.lit.checkpointing import (
+    METADATA_KEY,
+    PARTIAL_SUFFIX,
+    CorruptCheckpointError,
+    load_client_state,
+    resolve_checkpoint,
+)
 from flowvid.nn.lora import is_adapter_key, merge_lora
 from flowvid.paths import check_output_file
 
@@ -59,7 +65,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     """Write ``out`` (safetensors) and ``config.yaml`` beside it from checkpoint ``ckpt``; return ``out``.
 
     Args:
-        ckpt: a Lightning checkpoint file or a DeepSpeed checkpoint directory.
+        ckpt: a Lightning checkpoint file, a DeepSpeed checkpoint directory or a run directory (its
+            newest readable checkpoint).
         out: the ``.safetensors`` file to write.
         dtype: ``fp32`` or ``bf16`` for the floating-point tensors.
         weights: ``ema`` exports the moving average when the run kept one (else the trained
@@ -77,6 +84,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
         for existing in (p for p in (out, config_path) if p.exists()):
             raise FileExistsError(f"{existing} exists; pass --force to overwrite it")
 
+    ckpt = resolve_checkpoint(ckpt)
     state_dict, config, client_state = checkpoint_weights(ckpt, weights)
     tensors = {name: _portable(tensor, DTYPES[dtype]) for name, tensor in state_dict.items()}
     run = client_state.get(METADATA_KEY) or {}
@@ -312,7 +320,8 @@ def main(argv: list[str]) -> int:
     from flowvid.cli import UserError
 
     parser = argparse.ArgumentParser(prog="flowvid export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint file or DeepSpeed checkpoint directory")
+    parser.add_argument("--ckpt", required=True,
+                        help="Lightning checkpoint file, DeepSpeed checkpoint directory, or a run directory (its newest)")
     parser.add_argument("--out", required=True, help="the .safetensors file to write (config.yaml goes beside it)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema",

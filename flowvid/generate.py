@@ -77,6 +77,7 @@ class Request:
     block_size: int | None = None
     negative_prompt: str = ""  # what guidance steers away from; "" is the unconditional (empty) caption
     skip_existing: bool = False  # leave out samples whose files are complete in the output folder
+    model: str = ""  # the export or checkpoint that samples (recorded, and checked by skip_existing)
     rank: int = 0  # under torchrun this process samples prompts rank, rank + world_size, ...
     world_size: int = 1
 
@@ -169,6 +170,7 @@ def planned_record(request: Request, prompt: str, seed: int, frames: int) -> dic
         "precision": request.precision,
         **({"lora": request.lora, "lora_strength": request.lora_strength} if request.lora else {}),
         "frames": frames,
+        **({"model": request.model} if request.model else {}),
     }
 
 
@@ -263,7 +265,8 @@ def _frame_writer(module, out: Path, names: list[str]):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowvid generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="exported .safetensors, Lightning .ckpt or DeepSpeed directory")
+    parser.add_argument("--ckpt", required=True, help="exported .safetensors (or its folder), Lightning .ckpt, DeepSpeed directory, or a run "
+                        "directory (its newest checkpoint)")
     parser.add_argument("--task", choices=TASKS, default="t2v")
     parser.add_argument("--prompt", action="append", help="a caption (repeatable)")
     parser.add_argument("--prompts", help="a file with one caption per line")
@@ -297,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     from flowvid.cli import UserError
     from flowvid.lit.checkpointing import CorruptCheckpointError
-    from flowvid.loading import load_model
+    from flowvid.loading import load_model, model_file
 
     args = build_parser().parse_args(argv)
     try:
@@ -307,7 +310,8 @@ def main(argv: list[str]) -> int:
         rank, world_size = launch_rank()
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
-        module = load_model(args.ckpt, weights=args.weights, map_location=device, adapters=args.lora,
+        model = model_file(args.ckpt)
+        module = load_model(model, weights=args.weights, map_location=device, adapters=args.lora,
                             adapter_strength=args.lora_strength)
         request = Request(
             task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames,
@@ -318,6 +322,7 @@ def main(argv: list[str]) -> int:
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
             first_block_size=args.first_block_size, block_size=args.block_size,
             negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,
+            model=str(model.resolve()),
         )
         records = run(module, request, Path(args.out), progress=lambda line: print(line, file=sys.stderr, flush=True))
     except KeyError as err:  # str() of a KeyError quotes its message

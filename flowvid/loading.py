@@ -9,23 +9,23 @@ import torch
 from torch import nn
 
 from flowvid.adapters import apply_adapters
-from flowvid.export import build_module, checkpoint_weights, load_exported, load_weights
+from flowvid.export import CONFIG_NAME, build_module, checkpoint_weights, load_exported, load_weights
+from flowvid.lit.checkpointing import resolve_checkpoint
 
 
 def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str | torch.device = "cpu",
                adapters: str | os.PathLike | None = None, adapter_strength: float = 1.0) -> nn.Module:
     """The LightningModule of ``path`` in eval mode.
 
-    ``path`` is an exported ``.safetensors`` file (with ``config.yaml`` beside it), a Lightning
-    checkpoint file or a DeepSpeed checkpoint directory. ``weights="ema"`` takes the moving average
+    ``path`` is an exported ``.safetensors`` file (with ``config.yaml`` beside it) or its folder, a Lightning
+    checkpoint file, a DeepSpeed checkpoint directory, or a run directory (its newest readable
+    checkpoint, in it or in its ``checkpoints/``). ``weights="ema"`` takes the moving average
     when the run kept one. ``adapters`` (a file of ``flowvid export --adapters-only``) are merged into
     the weights, their updates scaled by ``adapter_strength``. Raises FileNotFoundError,
     CorruptCheckpointError (a damaged or incomplete checkpoint or export) or ValueError, each with a
     one-line reason.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = model_file(path)
     if path.suffix == ".safetensors":
         module = load_exported(path, map_location=map_location).module
     else:
@@ -36,3 +36,22 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
     if adapters is not None:
         apply_adapters(module, adapters, adapter_strength)
     return module
+
+
+def model_file(path: str | os.PathLike) -> Path:
+    """The export or checkpoint that ``path`` names (see ``load_model``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return export_in(path) or resolve_checkpoint(path)
+
+
+def export_in(folder: Path) -> Path | None:
+    """The export of a folder that holds one (``config.yaml`` beside a single ``.safetensors``)."""
+    if not (folder.is_dir() and (folder / CONFIG_NAME).is_file()):
+        return None
+    exports = sorted(folder.glob("*.safetensors"))
+    if len(exports) != 1:
+        raise ValueError(f"{folder} holds {len(exports)} .safetensors files beside {CONFIG_NAME}"
+                         f"{': ' + ', '.join(p.name for p in exports) if exports else ''}; name the export to load")
+    return exports[0]

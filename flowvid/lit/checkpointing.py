@@ -5,7 +5,8 @@
   (a file or a DeepSpeed directory appears under its final name only when complete), stores the run's
   metadata (``run_metadata``) and, before resuming, checks the checkpoint against the model.
 * ``resolve_resume(checkpoint_dir, resume)`` turns ``resume: auto | none | PATH`` into the
-  ``ckpt_path`` for ``Trainer.fit``.
+  ``ckpt_path`` for ``Trainer.fit``; ``resolve_checkpoint(path)`` lets the commands that read a
+  checkpoint take a run directory for its newest one.
 
 Lightning itself restores weights, optimisers, schedulers, step counters, callback states and the
 datamodule's ``state_dict`` (the data stream position); ``StepSeed`` makes the random numbers of every
@@ -356,16 +357,38 @@ def _newest_readable(checkpoint_dir: str | os.PathLike) -> str | None:
     if not found:
         rank_zero_info(f"resume: auto found no checkpoint in {checkpoint_dir}; starting from scratch")
         return None
+    path = newest_readable(found, f"resume: auto found {len(found)} checkpoint(s) in {checkpoint_dir}")
+    rank_zero_info(f"resume: auto continues from {path}")
+    return str(path)
+
+
+def newest_readable(found: list[Path], found_where: str) -> Path:
+    """The newest of ``found`` (oldest first) that can be read, passing over the others with a warning."""
     for path in reversed(found):
         try:
             load_client_state(path)
         except CorruptCheckpointError as err:
-            rank_zero_warn(f"resume: auto passes over an unreadable checkpoint: {err}")
+            rank_zero_warn(f"passing over an unreadable checkpoint: {err}")
             continue
-        rank_zero_info(f"resume: auto continues from {path}")
-        return str(path)
-    raise CorruptCheckpointError(f"resume: auto found {len(found)} checkpoint(s) in {checkpoint_dir}, and none "
-                                 "can be read; move them away to start from scratch")
+        return path
+    raise CorruptCheckpointError(f"{found_where}, and none can be read; move them away or name one that can")
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint that ``path`` names: itself when it is a checkpoint (a file, or a DeepSpeed
+    checkpoint directory); for a run directory, or the ``checkpoints/`` folder inside it, the newest
+    checkpoint there that can be read. Lets a command take ``--ckpt runs/my_run``."""
+    path = Path(path)
+    if not path.is_dir() or path.name.endswith(".ckpt") or any(path.glob("*/*mp_rank_00_model_states.pt")):
+        return path
+    for folder in (path, path / "checkpoints"):
+        found = list_checkpoints(folder)
+        if found:
+            newest = newest_readable(found, f"{folder} holds {len(found)} checkpoint(s)")
+            rank_zero_info(f"using the newest checkpoint of {path}: {newest}")
+            return newest
+    raise FileNotFoundError(f"{path} is a directory without a checkpoint: give a checkpoint file, a DeepSpeed "
+                            "checkpoint directory or a run directory with *.ckpt in it or in its checkpoints/")
 
 
 def has_run_checkpoint(trainer: Trainer) -> bool:

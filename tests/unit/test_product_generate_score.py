@@ -561,6 +561,19 @@ def test_skip_existing_finishes_an_interrupted_run_and_refuses_another_requests_
     assert main([*args, "--skip-existing", "--seed", "7"]) == 2
     assert "was written by another request (seed 0, not 7)" in one_line_error(capsys)
 
+    # Each record names the model that made it; a run directory samples with its newest checkpoint.
+    assert json.loads(next(tmp_path.glob("t2v_000_*.json")).read_text())["model"] == str(checkpoint.resolve())
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "step=00000001.ckpt").write_bytes(checkpoint.read_bytes())
+    run_args = [args[0], "--ckpt", str(run.parent), *args[3:]]
+    assert main([*run_args, "--skip-existing"]) == 2
+    assert f"model {str(checkpoint.resolve())!r}, not {str((run / 'step=00000001.ckpt').resolve())!r}" in \
+        one_line_error(capsys)
+    assert main([*run_args[:-1], str(tmp_path / "from_run")]) == 0
+    for name, array in before.items():
+        np.testing.assert_array_equal(np.load(tmp_path / "from_run" / name), array)
+
 
 def test_the_pipeline_scores_a_video_as_flowvid_score_does(checkpoint, tmp_path):
     from flowvid.pipeline import GenerateError, VideoPipeline

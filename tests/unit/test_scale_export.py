@@ -191,3 +191,34 @@ def test_a_model_that_kept_an_average_samples_with_the_loaded_weights(tmp_path):
             assert torch.equal(nll(loaded), nll(module))
         torch.testing.assert_close(loaded.generate_videos(["", ""], seed=0), module.generate_videos(["", ""], seed=0),
                                    rtol=0, atol=1)
+
+
+def test_a_run_directory_or_an_export_folder_names_its_newest_model(trained, tmp_path):
+    from flowvid.loading import load_model
+
+    module, ckpt = trained
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    older = build_module(CONFIG)
+    torch.save({"state_dict": older.state_dict(), "global_step": 3, METADATA_KEY: run_metadata(older, config=CONFIG)},
+               run / "checkpoints" / "step=00000003.ckpt")
+    (run / "checkpoints" / "step=00000007.ckpt").write_bytes(ckpt.read_bytes())
+    (run / "checkpoints" / "step=00000009.ckpt").write_bytes(ckpt.read_bytes()[:500])  # a torn newest one
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        loaded = load_model(run, weights="trained")
+    assert torch.equal(nll(loaded), nll(module))
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        out = export_checkpoint(run / "checkpoints", tmp_path / "export" / "model.safetensors", weights="trained")
+    assert read_export_metadata(out)["source"] == "step=00000007.ckpt" and read_export_metadata(out)["global_step"] == "7"
+    assert torch.equal(nll(load_model(tmp_path / "export")), nll(module))  # the folder of an export
+
+    (tmp_path / "export" / "copy.safetensors").write_bytes(out.read_bytes())
+    with pytest.raises(ValueError, match="2 .safetensors files"):
+        load_model(tmp_path / "export")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="directory without a checkpoint"):
+        load_model(tmp_path / "empty")
+    (run / "checkpoints" / "step=00000003.ckpt").unlink()
+    (run / "checkpoints" / "step=00000007.ckpt").write_bytes(b"torn")
+    with pytest.warns(UserWarning), pytest.raises(CorruptCheckpointError, match="none can be read"):
+        load_model(run)

@@ -12,7 +12,7 @@ import torch
 
 from flowvid.codecs.base import check_codec_identity
 from flowvid.data import manifest as manifests
-from flowvid.data.pipeline import ShardLoader, ShardStream, SkipCounter, shards_for_rank
+from flowvid.data.pipeline import ShardLoader, ShardSource, ShardStream, SkipCounter, shards_for_rank
 from flowvid.data.shards import SampleSpec, shard_paths
 from flowvid.data.synthetic import BACKGROUNDS, DEFAULT_MAX_OBJECTS
 from flowvid.registry import DATASETS
@@ -27,6 +27,11 @@ class VideoShardDataModule(L.LightningDataModule):
     dict), and when the folder has them ``text_tokens`` ``(B, L, D)`` / ``text_mask`` ``(B, L)`` and
     ``first_frame`` uint8 ``(B, H, W, 3)``. Raw video is encoded by the model, on its device.
 
+    ``train_dir`` may be a list of folders, mixed in the proportions ``train_weights`` (by default each
+    in proportion to its samples): the expected share of a folder's samples in the batches is its
+    weight over the sum of the weights. Every folder must hold clips of one kind and size (and latents
+    of one codec, text of one encoder).
+
     Training resamples each rank's shards and stops after ``batches_per_epoch`` batches on every rank.
     Validation reads each rank's shards once in order, or exactly ``val_batches`` batches per rank when
     given (set it under multi-device training so that ranks do not wait for each other).
@@ -38,7 +43,7 @@ class VideoShardDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_dir: str,
+        train_dir: str | list[str],
         val_dir: str | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -46,6 +51,7 @@ class VideoShardDataModule(L.LightningDataModule):
         batches_per_epoch: int = 100,
         val_batches: int | None = None,
         seed: int = 0,
+        train_weights: list[float] | None = None,
     ):
         super().__init__()
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
@@ -54,7 +60,9 @@ class VideoShardDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if val_batches is not None and val_batches < 1:
             raise ValueError(f"val_batches must be >= 1 or None, got {val_batches}")
-        self.train_dir = str(train_dir)
+        self.train_dir = str(train_dir) if isinstance(train_dir, (str, os.PathLike)) else [str(d) for d in train_dir]
+        self.train_dirs = [self.train_dir] if isinstance(self.train_dir, str) else self.train_dir
+        self.train_weights = _check_weights(self.train_dirs, train_weights)
         self.val_dir = None if val_dir is None else str(val_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -73,8 +81,8 @@ class VideoShardDataModule(L.LightningDataModule):
 
     @property
     def manifest(self) -> dict[str, Any]:
-        """The training folder's manifest (kind, video spec, codec, latent shape and statistics, ...)."""
-        return self._manifest(self.train_dir)
+        """The (first) training folder's manifest (kind, video spec, codec, latent shape and statistics, ...)."""
+        return self._manifest(self.train_dirs[0])
 
     @property
     def val_manifest(self) -> dict[str, Any] | None:
@@ -99,7 +107,7 @@ class VideoShardDataModule(L.LightningDataModule):
         shards the model encodes the video itself, so only the video shape is checked. ``text_encoder``
         is checked against cached text embeddings, when the shards have them.
         """
-        for folder in filter(None, (self.train_dir, self.val_dir)):
+        for folder in self._folders():
             manifest, where = self._manifest(folder), f"shards in {folder}"
             stored = manifests.video_shape(manifest)
             if video_shape is not None and tuple(video_shape) != stored:
@@ -125,11 +133,11 @@ class VideoShardDataModule(L.LightningDataModule):
     # --- Lightning hooks -----------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        train = self.manifest
-        if self.val_dir is not None:
-            _check_same_space(train, self._manifest(self.val_dir), self.train_dir, self.val_dir)
+        first = self.train_dirs[0]
+        for folder in self._folders()[1:]:
+            _check_same_space(self.manifest, self._manifest(folder), first, folder)
         rank, world_size = self._rank_and_world_size()
-        for folder in filter(None, (self.train_dir, self.val_dir)):
+        for folder in self._folders():
             shards_for_rank(self._shards(folder), rank, world_size)  # fail now, not in a worker
             self._check_some_sample_is_usable(folder, rank, world_size)
 
@@ -145,8 +153,10 @@ class VideoShardDataModule(L.LightningDataModule):
             raise ValueError(f"the shards in {folder} hold no usable sample for rank {rank}: {err}") from err
 
     def train_dataloader(self) -> ShardLoader:
+        sources = [ShardSource(self._shards(folder), [shard["samples"] for shard in self._manifest(folder)["shards"]],
+                               weight) for folder, weight in zip(self.train_dirs, self._weights())]
         stream = ShardStream(
-            self._shards(self.train_dir),
+            sources,
             SampleSpec.from_manifest(self.manifest),
             batch_size=self.batch_size,
             batches=self.batches_per_epoch,
@@ -179,11 +189,12 @@ class VideoShardDataModule(L.LightningDataModule):
         epoch, consumed = self._consumed()
         if consumed >= self.batches_per_epoch:
             epoch, consumed = epoch + 1, 0
-        return {"seed": self.seed, "epoch": epoch, "batches_consumed": consumed, "num_workers": self.num_workers}
+        return {"seed": self.seed, "epoch": epoch, "batches_consumed": consumed, "num_workers": self.num_workers,
+                "mixture": self._mixture()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the training stream where ``state`` left it (on the next pass of the loader)."""
-        for key, now in (("seed", self.seed), ("num_workers", self.num_workers)):
+        for key, now in (("seed", self.seed), ("num_workers", self.num_workers), ("mixture", self._mixture())):
             if key in state and state[key] != now:
                 warnings.warn(f"resuming with {key}={now} where the run had {state[key]}: "
                               "the data order will differ", stacklevel=2)
@@ -191,6 +202,21 @@ class VideoShardDataModule(L.LightningDataModule):
         self._next_epoch = self._resume[0]
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _folders(self) -> list[str]:
+        """Every training folder, then the validation folder."""
+        return [*self.train_dirs, *([self.val_dir] if self.val_dir is not None else [])]
+
+    def _weights(self) -> list[float]:
+        """Each training folder's share: ``train_weights``, else its samples."""
+        return self.train_weights or [float(self._manifest(folder)["samples"]) for folder in self.train_dirs]
+
+    def _mixture(self) -> dict[str, float] | None:
+        """Each training folder's share of the samples, when there are several."""
+        if len(self.train_dirs) == 1:
+            return None
+        weights = self._weights()
+        return {folder: weight / sum(weights) for folder, weight in zip(self.train_dirs, weights)}
 
     def _shards(self, folder: str) -> list[str]:
         return [str(path) for path in shard_paths(folder, self._manifest(folder))]
@@ -226,14 +252,26 @@ class VideoShardDataModule(L.LightningDataModule):
         return self._next_epoch - 1, self._train_loader.consumed
 
 
-def _check_same_space(train: dict[str, Any], val: dict[str, Any], train_dir: str, val_dir: str) -> None:
+def _check_weights(folders: list[str], weights: list[float] | None) -> list[float] | None:
+    if not folders:
+        raise ValueError("train_dir names no folder")
+    if weights is None:
+        return None
+    if len(weights) != len(folders):
+        raise ValueError(f"train_weights has {len(weights)} weight(s) for {len(folders)} train_dir folder(s)")
+    if not all(weight > 0 for weight in weights):
+        raise ValueError(f"train_weights must all be > 0, got {list(weights)}")
+    return [float(weight) for weight in weights]
+
+
+def _check_same_space(first: dict[str, Any], other: dict[str, Any], first_dir: str, other_dir: str) -> None:
     for key in ("kind", "codec", "latent_shape", "text_encoder", "first_frame"):
-        if train.get(key) != val.get(key):
-            raise ValueError(f"train shards ({train_dir}) and val shards ({val_dir}) differ in {key}: "
-                             f"{train.get(key)!r} vs {val.get(key)!r}")
-    if manifests.video_shape(train) != manifests.video_shape(val):
-        raise ValueError(f"train shards ({train_dir}) hold clips of {manifests.video_shape(train)} "
-                         f"but val shards ({val_dir}) {manifests.video_shape(val)}")
+        if first.get(key) != other.get(key):
+            raise ValueError(f"the shards in {first_dir} and in {other_dir} differ in {key}: "
+                             f"{first.get(key)!r} vs {other.get(key)!r}")
+    if manifests.video_shape(first) != manifests.video_shape(other):
+        raise ValueError(f"the shards in {first_dir} hold clips of {manifests.video_shape(first)} "
+                         f"but those in {other_dir} {manifests.video_shape(other)}")
 
 
 @DATASETS.register("synthetic")

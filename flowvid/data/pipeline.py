@@ -5,6 +5,11 @@ worker ``w`` of ``W`` takes every W-th of those. A training stream resamples its
 (with a shuffle buffer) and stops after a fixed number of batches, so every rank runs the same number
 of steps whatever its shards hold: no rank waits for another at the end of an epoch.
 
+A stream may mix several sources (shard folders), each split over ranks and workers on its own. A
+resampled stream then draws a source's shard with probability ``weight / samples`` of that source's
+shards in the stream, so that the expected share of samples from each source is its weight,
+whatever the sizes of its shards.
+
 Determinism: a stream's randomness is seeded by (seed, epoch, rank, stream), and the DataLoader asks
 its workers for batches in turn, so batch ``i`` of an epoch is the ``i // W``-th batch of stream
 ``i % W``. To resume after ``k`` batches, worker ``w`` serves stream ``(w + k) % W`` and replays (reads
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -71,17 +77,37 @@ def shards_for_rank(shards: list[str], rank: int, world_size: int) -> list[str]:
     return mine
 
 
-class ShardStream(IterableDataset):
-    """Batches from a list of shards for one rank, split over the DataLoader's workers.
+@dataclass(frozen=True)
+class ShardSource:
+    """The shards of one folder, the samples each holds, and the folder's share of a mixture."""
 
-    ``batches`` fixes the number of batches per rank and pass (required with ``resample``); with
-    ``batches=None`` the stream is one ordered pass over the rank's shards. ``place`` tells the stream
-    which rank, epoch and position it serves before each pass.
+    shards: list[str]
+    samples: list[int]
+    weight: float = 1.0
+
+    def for_rank(self, rank: int, world_size: int) -> "ShardSource":
+        return ShardSource(shards_for_rank(self.shards, rank, world_size), self.samples[rank::world_size], self.weight)
+
+    def for_stream(self, stream: int, streams: int, share: bool) -> "ShardSource":
+        """This source's part of worker stream ``stream`` of ``streams``: every ``streams``-th shard. With
+        ``share``, a stream that this leaves without a shard reads them all rather than starve."""
+        if share and len(self.shards) <= stream:
+            return self
+        return ShardSource(self.shards[stream::streams], self.samples[stream::streams], self.weight)
+
+
+class ShardStream(IterableDataset):
+    """Batches from shard sources for one rank, split over the DataLoader's workers.
+
+    ``shards`` is a list of shard paths (one source) or of ``ShardSource`` (a mixture, see the module
+    docstring). ``batches`` fixes the number of batches per rank and pass (required with
+    ``resample``); with ``batches=None`` the stream is one ordered pass over the rank's shards, source
+    after source. ``place`` tells the stream which rank, epoch and position it serves before each pass.
     """
 
     def __init__(
         self,
-        shards: list[str],
+        shards: list[str] | list[ShardSource],
         spec: SampleSpec,
         batch_size: int,
         batches: int | None,
@@ -96,7 +122,10 @@ class ShardStream(IterableDataset):
             raise ValueError("a resampled stream is endless: give the number of batches per epoch")
         if not shards:
             raise ValueError("a stream needs at least one shard")
-        self.shards = list(shards)
+        if all(isinstance(source, ShardSource) for source in shards):
+            self.sources = list(shards)
+        else:  # plain paths: one source, whose shard sizes do not matter
+            self.sources = [ShardSource(list(shards), [1] * len(shards))]
         self.spec = spec
         self.batch_size = batch_size
         self.batches = batches
@@ -119,15 +148,14 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rank_shards = shards_for_rank(self.shards, self.rank, self.world_size)
         stream = (worker + self.skip) % workers
-        shards = rank_shards[stream::workers]
-        if not shards and self.batches is not None:
-            shards = rank_shards  # fewer shards than workers: share them rather than starve
-        if not shards:
+        # A single ordered pass reads each shard once; a stream of a fixed number of batches may share.
+        sources = [source.for_rank(self.rank, self.world_size).for_stream(stream, workers, self.batches is not None)
+                   for source in self.sources]
+        if not any(source.shards for source in sources):
             return
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{stream}")
-        samples = self._samples(shards, rng, worker)
+        samples = self._samples(sources, rng, worker)
         if self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         batches = _batched(samples, self.batch_size)
@@ -138,11 +166,18 @@ class ShardStream(IterableDataset):
             if index >= self.skip:
                 yield batch
 
-    def _samples(self, shards: list[str], rng: random.Random, worker: int) -> Iterator[Sample]:
+    def _samples(self, sources: list[ShardSource], rng: random.Random, worker: int) -> Iterator[Sample]:
         """Checked samples; resampled shards forever, or ordered passes (one unless a batch count is set)."""
+        shards = [shard for source in sources for shard in source.shards]
+        weights = [source.weight / max(sum(source.samples), 1) for source in sources for _ in source.shards]
         barren: set[str] = set()  # shards that gave no usable sample
         while True:
-            order = [rng.choice(shards) for _ in shards] if self.resample else shards
+            if not self.resample:
+                order = shards
+            elif len(sources) == 1:  # uniform over the shards, the order single-folder runs have always had
+                order = [rng.choice(shards) for _ in shards]
+            else:
+                order = rng.choices(shards, weights, k=len(shards))
             for shard in order:
                 found = False
                 for sample in self._read(shard, worker):
@@ -150,13 +185,19 @@ class ShardStream(IterableDataset):
                     yield sample
                 if not found:
                     barren.add(shard)
-                    if barren >= set(shards):
-                        raise RuntimeError(
-                            f"no usable sample left in {len(set(shards))} shard(s) of rank {self.rank} "
-                            f"(first: {shards[0]}); skipped so far: {self.counter.totals()}"
-                        )
+                    self._check_not_barren(sources, barren)
             if not self.resample and self.batches is None:
                 return
+
+    def _check_not_barren(self, sources: list[ShardSource], barren: set[str]) -> None:
+        """A stream whose shards are all barren would never end; nor would a mixture keep its weights
+        when one of its sources has nothing left to give."""
+        for source in sources:
+            if source.shards and source.weight > 0 and barren >= set(source.shards):
+                raise RuntimeError(
+                    f"no usable sample left in {len(set(source.shards))} shard(s) of rank {self.rank} "
+                    f"(first: {source.shards[0]}); skipped so far: {self.counter.totals()}"
+                )
 
     def _read(self, shard: str, worker: int) -> Iterator[Sample]:
         try:

@@ -61,3 +61,17 @@ def test_the_error_keeps_its_context_when_it_wraps_another(tmp_path, capsys):
                f"--trainer.default_root_dir={tmp_path / 'run'}") == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"flowvid fit: error: the shards in {tmp_path / 'val'} hold no usable sample")
+
+
+def test_a_mixture_of_folders_that_do_not_fit_together_is_one_line_before_training(tmp_path, capsys):
+    write_synthetic_dataset(tmp_path / "a", num_videos=4, frames=8, size=16, seed=0)
+    write_synthetic_dataset(tmp_path / "b", num_videos=4, frames=4, size=16, seed=1)
+    train = f"[{tmp_path / 'a' / 'train'}, {tmp_path / 'b' / 'train'}]"
+    assert fit(f"--data.init_args.train_dir={train}", f"--data.init_args.val_dir={tmp_path / 'a' / 'val'}",
+               "--data.init_args.train_weights=[1, 1]", f"--trainer.default_root_dir={tmp_path / 'run'}") == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"flowvid fit: error: the shards in {tmp_path / 'a' / 'train'} hold clips of (8, 16, 16) "
+                            f"but those in {tmp_path / 'b' / 'train'} (4, 16, 16)"), error
+    assert fit(f"--data.init_args.train_dir={train}", "--data.init_args.train_weights=[1]",
+               f"--trainer.default_root_dir={tmp_path / 'run'}") == 2
+    assert "train_weights has 1 weight(s) for 2 train_dir folder(s)" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""VideoShardDataModule: rank/worker splits, fixed batch counts, resume, skip counting, manifest checks."""
+"""VideoShardDataModule: rank/worker splits, fixed batch counts, resume, skip counting, manifest checks, mixtures."""
 
 import numpy as np
 import pytest
@@ -13,12 +13,12 @@ VIDEO = {"frames": 2, "height": 4, "width": 4, "fps": 8.0}
 CODEC = {"name": "tiny", "config_hash": "0123456789abcdef"}
 
 
-def write_folder(folder, shards=8, per_shard=6, kind="raw", corrupt=None):
+def write_folder(folder, shards=8, per_shard=6, kind="raw", corrupt=None, name="s", video=VIDEO):
     """Shards whose keys say where they live ("s3-005": shard 3, sample 5); ``corrupt(key, sample)`` may damage."""
     with ShardFolderWriter(folder, max_samples=per_shard) as writer:
         for s in range(shards):
             for i in range(per_shard):
-                key = f"s{s}-{i:03d}"
+                key = f"{name}{s}-{i:03d}"
                 value = np.full((2, 4, 4, 3), s, np.uint8)
                 if kind == "raw":
                     sample = encode_sample(key, f"shard {s}", {"shard": s}, frames=value)
@@ -33,7 +33,7 @@ def write_folder(folder, shards=8, per_shard=6, kind="raw", corrupt=None):
     if kind == "latent":
         extra = {"codec": CODEC, "latent_shape": [1, 2, 2, 12], "text_shape": [5, 8], "first_frame": True,
                  "text_encoder": {"name": "tiny-text", "width": "8"}}
-    write_manifest(folder, new_manifest(kind, VIDEO, samples=writer.samples, num_shards=len(writer.shards),
+    write_manifest(folder, new_manifest(kind, video, samples=writer.samples, num_shards=len(writer.shards),
                                         shards=writer.shards, **extra))
     return folder
 
@@ -93,7 +93,7 @@ def test_data_order_is_seeded_and_resumes_batch_exactly(folder):
     dm = module()
     epoch0, epoch1 = run_epoch(dm), run_epoch(dm)
     assert epoch0 != epoch1 and run_epoch(module(seed=1)) != epoch0
-    assert dm.state_dict() == {"seed": 0, "epoch": 2, "batches_consumed": 0, "num_workers": 2}
+    assert dm.state_dict() == {"seed": 0, "epoch": 2, "batches_consumed": 0, "num_workers": 2, "mixture": None}
 
     for done in (1, 3, 4):
         resumed = module()
@@ -164,3 +164,70 @@ def test_latent_shards_and_compatibility_checks(tmp_path):
     mixed = VideoShardDataModule(str(tmp_path / "latent"), val_dir=str(tmp_path / "raw"))
     with pytest.raises(ValueError, match="differ in kind"):
         mixed.setup("fit")
+
+
+@pytest.fixture(scope="module")
+def two_folders(tmp_path_factory):
+    """48 samples in 8 shards of 6 ("a..." keys) and 40 in 2 shards of 20 ("b..." keys)."""
+    root = tmp_path_factory.mktemp("mixture")
+    return write_folder(root / "a", name="a"), write_folder(root / "b", shards=2, per_shard=20, name="b")
+
+
+def share_of_a(batches):
+    keys = [key for batch in batches for key in batch]
+    return sum(key.startswith("a") for key in keys) / len(keys)
+
+
+@pytest.mark.parametrize("weights,share", [([3, 1], 0.75), ([1, 3], 0.25), (None, 48 / 88)])
+def test_a_mixture_draws_each_folder_in_proportion_to_its_weight_whatever_its_shard_sizes(two_folders, weights,
+                                                                                         share):
+    dm = VideoShardDataModule([str(f) for f in two_folders], batch_size=8, shuffle_buffer=16, batches_per_epoch=300,
+                              train_weights=weights)
+    dm.setup("fit")
+    # Drawn shard by shard, a folder of large shards would otherwise give 20 samples a draw against 6.
+    assert share_of_a(run_epoch(dm)) == pytest.approx(share, abs=0.04)
+
+
+def test_a_mixture_resumes_batch_exactly_and_splits_every_folder_over_the_ranks(two_folders, monkeypatch):
+    folders = [str(f) for f in two_folders]
+
+    def module():
+        return VideoShardDataModule(folders, batch_size=4, num_workers=2, shuffle_buffer=6, batches_per_epoch=9,
+                                    train_weights=[1, 1])
+
+    dm = module()
+    run_epoch(dm)
+    epoch1 = run_epoch(dm)
+    assert dm.state_dict()["mixture"] == {folders[0]: 0.5, folders[1]: 0.5}
+    for done in (1, 4):
+        resumed = module()
+        resumed.load_state_dict({**dm.state_dict(), "epoch": 1, "batches_consumed": done})
+        assert run_epoch(resumed) == epoch1[done:]
+    with pytest.warns(UserWarning, match="mixture"):
+        VideoShardDataModule(folders, train_weights=[1, 2]).load_state_dict(dm.state_dict())
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        ranked = VideoShardDataModule(folders, batch_size=4, batches_per_epoch=40, train_weights=[1, 1])
+        ranked.setup("fit")
+        shards = {key.split("-")[0] for batch in run_epoch(ranked) for key in batch}
+        assert shards == {f"a{s}" for s in range(rank, 8, 2)} | {f"b{rank}"}
+
+
+def test_a_mixture_is_checked_before_training(two_folders, tmp_path):
+    folders = [str(f) for f in two_folders]
+    for weights, message in (([1], "1 weight"), ([1, 0], "must all be > 0"), ([1, -2], "must all be > 0")):
+        with pytest.raises(ValueError, match=message):
+            VideoShardDataModule(folders, train_weights=weights)
+    with pytest.raises(ValueError, match="names no folder"):
+        VideoShardDataModule([])
+    longer = write_folder(tmp_path / "longer", shards=2, name="c", video={**VIDEO, "frames": 3})
+    with pytest.raises(ValueError, match=f"the shards in {folders[0]} hold clips of .* but those in {longer}"):
+        VideoShardDataModule([folders[0], str(longer)]).setup("fit")
+    latent = write_folder(tmp_path / "latent", shards=2, kind="latent", name="d")
+    with pytest.raises(ValueError, match=f"the shards in {folders[0]} and in {latent} differ in kind"):
+        VideoShardDataModule([folders[0], str(latent)]).setup("fit")
+    barren = write_folder(tmp_path / "barren", shards=2, name="e", corrupt=lambda key, sample: sample.pop("txt"))
+    with pytest.raises(RuntimeError, match=f"no usable sample left in 2 shard.*{barren}"):
+        run_epoch(VideoShardDataModule([folders[0], str(barren)], batch_size=2, batches_per_epoch=50))

@@ -27,6 +27,9 @@ class VideoShardDataModule(L.LightningDataModule):
     dict), and when the folder has them ``text_tokens`` ``(B, L, D)`` / ``text_mask`` ``(B, L)`` and
     ``first_frame`` uint8 ``(B, H, W, 3)``. Raw video is encoded by the model, on its device.
 
+    ``val_dir`` may be a list of folders too: the first one's metrics are logged as ``val/...``, each
+    other's as ``val/<name>/...`` (``val_names``), e.g. to watch the original data while fine-tuning.
+
     ``train_dir`` may be a list of folders, mixed in the proportions ``train_weights`` (by default each
     in proportion to its samples): the expected share of a folder's samples in the batches is its
     weight over the sum of the weights. Every folder must hold clips of one kind and size (and latents
@@ -44,7 +47,7 @@ class VideoShardDataModule(L.LightningDataModule):
     def __init__(
         self,
         train_dir: str | list[str],
-        val_dir: str | None = None,
+        val_dir: str | list[str] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         shuffle_buffer: int = 128,
@@ -60,10 +63,11 @@ class VideoShardDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if val_batches is not None and val_batches < 1:
             raise ValueError(f"val_batches must be >= 1 or None, got {val_batches}")
-        self.train_dir = str(train_dir) if isinstance(train_dir, (str, os.PathLike)) else [str(d) for d in train_dir]
-        self.train_dirs = [self.train_dir] if isinstance(self.train_dir, str) else self.train_dir
+        self.train_dir = _folder_or_folders(train_dir)
+        self.train_dirs = _listed(self.train_dir)
         self.train_weights = _check_weights(self.train_dirs, train_weights)
-        self.val_dir = None if val_dir is None else str(val_dir)
+        self.val_dir = _folder_or_folders(val_dir)
+        self.val_dirs = _listed(self.val_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -86,7 +90,17 @@ class VideoShardDataModule(L.LightningDataModule):
 
     @property
     def val_manifest(self) -> dict[str, Any] | None:
-        return None if self.val_dir is None else self._manifest(self.val_dir)
+        """The (first) validation folder's manifest."""
+        return self._manifest(self.val_dirs[0]) if self.val_dirs else None
+
+    @property
+    def val_names(self) -> list[str]:
+        """What each validation folder's metrics are called: ``""`` for the first (logged as ``val/...``),
+        then each other folder's path below the common parent of them all (``val/<name>/...``)."""
+        if len(self.val_dirs) < 2:
+            return [""] * len(self.val_dirs)
+        parent = os.path.commonpath([os.path.abspath(folder) for folder in self.val_dirs])
+        return ["", *(Path(os.path.relpath(os.path.abspath(folder), parent)).as_posix() for folder in self.val_dirs[1:])]
 
     def _manifest(self, folder: str) -> dict[str, Any]:
         if folder not in self._manifests:
@@ -170,11 +184,14 @@ class VideoShardDataModule(L.LightningDataModule):
         return self._train_loader
 
     def val_dataloader(self) -> ShardLoader | list:
-        if self.val_dir is None:
-            return []
+        """One loader per validation folder: a list when there are several (or none)."""
+        loaders = [self._val_loader(folder) for folder in self.val_dirs]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def _val_loader(self, folder: str) -> ShardLoader:
         stream = ShardStream(
-            self._shards(self.val_dir),
-            SampleSpec.from_manifest(self._manifest(self.val_dir)),
+            self._shards(folder),
+            SampleSpec.from_manifest(self._manifest(folder)),
             batch_size=self.batch_size,
             batches=self.val_batches,
             resample=False,
@@ -204,8 +221,8 @@ class VideoShardDataModule(L.LightningDataModule):
     # --- helpers -------------------------------------------------------------------------------
 
     def _folders(self) -> list[str]:
-        """Every training folder, then the validation folder."""
-        return [*self.train_dirs, *([self.val_dir] if self.val_dir is not None else [])]
+        """Every training folder, then every validation folder."""
+        return [*self.train_dirs, *self.val_dirs]
 
     def _weights(self) -> list[float]:
         """Each training folder's share: ``train_weights``, else its samples."""
@@ -250,6 +267,16 @@ class VideoShardDataModule(L.LightningDataModule):
         if self._train_loader is None:
             return 0, 0
         return self._next_epoch - 1, self._train_loader.consumed
+
+
+def _folder_or_folders(folders: str | os.PathLike | list[str] | None) -> str | list[str] | None:
+    if folders is None or isinstance(folders, (str, os.PathLike)):
+        return None if folders is None else str(folders)
+    return [str(folder) for folder in folders]
+
+
+def _listed(folders: str | list[str] | None) -> list[str]:
+    return [] if folders is None else [folders] if isinstance(folders, str) else folders
 
 
 def _check_weights(folders: list[str], weights: list[float] | None) -> list[float] | None:

@@ -518,10 +518,12 @@ class FlowModule(LightningModule):
 
     # --- validation ----------------------------------------------------------------------------
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Bits/dim of noisy validation latents, and how far each denoiser lands from the clean ones.
 
         The noise of batch ``i`` is the same in every validation run, so numbers compare across runs.
+        The first validation set logs ``val/...``; another logs ``val/<name>/...``, named by the
+        DataModule's ``val_names`` when it has them.
         """
         clean = self.latents_of(batch)
         generator = torch.Generator().manual_seed(batch_idx)
@@ -531,14 +533,22 @@ class FlowModule(LightningModule):
             text = self.encode_text(self.captions_of(batch)) if self.text_encoder is not None else None
             nats = self.flow.nll(noisy, text).mean()
             metrics = {
-                "val/nats_per_dim": nats,
-                "val/bits_per_dim": nats / math.log(2),
-                "val/noisy_mse": F.mse_loss(noisy, clean),
-                "val/tweedie_mse": F.mse_loss(tweedie_denoise(self.flow, noisy, self.noise_std, text), clean),
+                "nats_per_dim": nats,
+                "bits_per_dim": nats / math.log(2),
+                "noisy_mse": F.mse_loss(noisy, clean),
+                "tweedie_mse": F.mse_loss(tweedie_denoise(self.flow, noisy, self.noise_std, text), clean),
             }
             if self.denoiser is not None:
-                metrics["val/denoiser_mse"] = F.mse_loss(self.denoiser.denoise(noisy, text), clean)
-        self.log_dict(metrics, batch_size=batch_size, sync_dist=True)
+                metrics["denoiser_mse"] = F.mse_loss(self.denoiser.denoise(noisy, text), clean)
+        prefix = self._validation_prefix(dataloader_idx)
+        self.log_dict({f"{prefix}/{name}": value for name, value in metrics.items()}, batch_size=batch_size,
+                      sync_dist=True, add_dataloader_idx=False)
+
+    def _validation_prefix(self, dataloader_idx: int) -> str:
+        if dataloader_idx == 0:
+            return "val"
+        names = getattr(self.trainer.datamodule, "val_names", None)
+        return f"val/{names[dataloader_idx] if names else f'dataloader_{dataloader_idx}'}"
 
     # --- sampling ------------------------------------------------------------------------------
 

@@ -128,8 +128,8 @@ def shapes_shards(tmp_path_factory):
 
 
 def shard_data(root, **overrides) -> VideoShardDataModule:
-    return VideoShardDataModule(str(root / "train"), str(root / "val"),
-                                **{"batch_size": 4, "batches_per_epoch": 2, "val_batches": 1, **overrides})
+    return VideoShardDataModule(str(root / "train"), **{"val_dir": str(root / "val"), "batch_size": 4,
+                                                       "batches_per_epoch": 2, "val_batches": 1, **overrides})
 
 
 def test_fast_dev_run_from_shards_to_videos(shapes_shards):
@@ -145,6 +145,21 @@ def test_fast_dev_run_from_shards_to_videos(shapes_shards):
     assert videos.dtype == torch.uint8 and tuple(videos.shape) == (2, *VIDEO, 3)
     assert torch.equal(module.generate_videos(CAPTIONS, seed=3), videos)
     assert not torch.equal(module.generate_videos(CAPTIONS, seed=4), videos)
+
+
+def test_each_validation_folder_logs_what_it_would_alone(shapes_shards):
+    L.seed_everything(0)
+    module = tiny_module()
+    folders = [str(shapes_shards / "val"), str(shapes_shards / "train")]
+    both = trainer(limit_val_batches=None).validate(module, datamodule=shard_data(shapes_shards, val_dir=folders),
+                                                   verbose=False)
+    assert shard_data(shapes_shards, val_dir=folders).val_names == ["", "train"]
+    assert set(both[0]) >= {"val/bits_per_dim", "val/denoiser_mse"} and not any("train/" in k for k in both[0])
+    assert set(both[1]) >= {"val/train/bits_per_dim", "val/train/denoiser_mse"}
+    assert both[0]["val/bits_per_dim"] != both[1]["val/train/bits_per_dim"]
+    alone = trainer(limit_val_batches=None).validate(module, datamodule=shard_data(shapes_shards, val_dir=folders[1]),
+                                                    verbose=False)
+    assert alone[0]["val/bits_per_dim"] == pytest.approx(both[1]["val/train/bits_per_dim"], rel=1e-6)
 
 
 def test_shards_of_another_clip_shape_fail_before_the_first_step(shapes_shards):

@@ -321,7 +321,8 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="flowvid export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True,
-                        help="Lightning checkpoint file, DeepSpeed checkpoint directory, or a run directory (its newest)")
+                        help="Lightning checkpoint file, DeepSpeed checkpoint directory, or a run directory "
+                             "(its newest checkpoint)")
     parser.add_argument("--out", required=True, help="the .safetensors file to write (config.yaml goes beside it)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema",

@@ -265,8 +265,9 @@ def _frame_writer(module, out: Path, names: list[str]):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowvid generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="exported .safetensors (or its folder), Lightning .ckpt, DeepSpeed directory, or a run "
-                        "directory (its newest checkpoint)")
+    parser.add_argument("--ckpt", required=True,
+                        help="exported .safetensors (or its folder), Lightning .ckpt, DeepSpeed directory, "
+                             "or a run directory (its newest checkpoint)")
     parser.add_argument("--task", choices=TASKS, default="t2v")
     parser.add_argument("--prompt", action="append", help="a caption (repeatable)")
     parser.add_argument("--prompts", help="a file with one caption per line")

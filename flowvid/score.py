@@ -191,8 +191,9 @@ def score_inputs(module, inputs: list[str], caption: str = "", seed: int = 0) ->
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowvid score", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="exported .safetensors (or its folder), Lightning .ckpt, DeepSpeed directory, or a run "
-                        "directory (its newest checkpoint)")
+    parser.add_argument("--ckpt", required=True,
+                        help="exported .safetensors (or its folder), Lightning .ckpt, DeepSpeed directory, "
+                             "or a run directory (its newest checkpoint)")
     parser.add_argument("--input", nargs="+", required=True,
                         help="video files, folders of videos (not the .latent.npy beside generated samples) "
                              "or shard folders")

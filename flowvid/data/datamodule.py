@@ -68,6 +68,11 @@ class VideoShardDataModule(L.LightningDataModule):
         self.train_weights = _check_weights(self.train_dirs, train_weights)
         self.val_dir = _folder_or_folders(val_dir)
         self.val_dirs = _listed(self.val_dir)
+        for name, folders in (("train_dir", self.train_dirs), ("val_dir", self.val_dirs)):
+            seen = [os.path.abspath(folder) for folder in folders]
+            for folder, where in zip(folders, seen):
+                if seen.count(where) > 1:
+                    raise ValueError(f"{name} lists {folder} more than once")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -100,7 +105,8 @@ class VideoShardDataModule(L.LightningDataModule):
         if len(self.val_dirs) < 2:
             return [""] * len(self.val_dirs)
         parent = os.path.commonpath([os.path.abspath(folder) for folder in self.val_dirs])
-        return ["", *(Path(os.path.relpath(os.path.abspath(folder), parent)).as_posix() for folder in self.val_dirs[1:])]
+        below = [Path(os.path.relpath(os.path.abspath(folder), parent)).as_posix() for folder in self.val_dirs]
+        return ["", *below[1:]]
 
     def _manifest(self, folder: str) -> dict[str, Any]:
         if folder not in self._manifests:

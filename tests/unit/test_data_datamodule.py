@@ -222,6 +222,10 @@ def test_a_mixture_is_checked_before_training(two_folders, tmp_path):
             VideoShardDataModule(folders, train_weights=weights)
     with pytest.raises(ValueError, match="names no folder"):
         VideoShardDataModule([])
+    with pytest.raises(ValueError, match=f"train_dir lists {folders[0]} more than once"):
+        VideoShardDataModule([folders[0], folders[1], folders[0] + "/"])
+    with pytest.raises(ValueError, match=f"val_dir lists {folders[1]} more than once"):
+        VideoShardDataModule(folders[0], val_dir=[folders[1], folders[1]])
     longer = write_folder(tmp_path / "longer", shards=2, name="c", video={**VIDEO, "frames": 3})
     with pytest.raises(ValueError, match=f"the shards in {folders[0]} hold clips of .* but those in {longer}"):
         VideoShardDataModule([folders[0], str(longer)]).setup("fit")

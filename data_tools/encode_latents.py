@@ -9,12 +9,20 @@ and the codec's own normalisation when it has one (``latents_mean`` / ``latents_
 text encoder's embeddings can be cached with the latents. Codec and text-encoder arguments are
 checked before anything is written, and a run replaces earlier shards in DIR only when it writes at
 least one latent.
+
+Under torchrun every process encodes every N-th raw shard on its own GPU (``--device auto``), and the
+first one assembles the folder once all are done (a gloo process group carries the bookkeeping)::
+
+    torchrun --nproc-per-node 8 --no-python flowvid data encode-latents RAW_DIR --out DIR --codec wan2.2
+
+The latents of every clip are those a single process writes; only their grouping into shards differs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,12 +30,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from data_tools.arguments import build_registered, json_object
 from data_tools.report import console, print_summary, progress_bar
 from flowvid.codecs.base import LatentCodec
 from flowvid.data.manifest import load_manifest, new_manifest, video_shape, write_manifest
 from flowvid.data.shards import (
+    SHARD_PATTERN,
     BadSample,
     BrokenShard,
     SampleSpec,
@@ -39,7 +49,7 @@ from flowvid.data.shards import (
     shard_paths,
     staging_folder,
 )
-from flowvid.placement import resolve_device
+from flowvid.placement import launch_rank, resolve_device
 from flowvid.registry import CODECS, TEXT_ENCODERS
 from flowvid.text.base import TextEncoder
 from flowvid.text.cache import cache_embeddings
@@ -61,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    rank, world_size = launch_rank()
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # torchrun's environment says where the others are
     device = resolve_device(args.device)
     codec = build_registered(CODECS, args.codec, args.codec_args, "--codec-args")
     text_encoder = None
@@ -69,13 +82,15 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(args.source, args.out)
     raw = load_manifest(args.source)
     started = time.perf_counter()
-    with progress_bar() as bar:
-        task = bar.add_task("clips", total=raw["samples"])
+    with progress_bar(enabled=rank == 0) as bar:
+        task = bar.add_task("clips", total=sum(shard["samples"] for shard in raw["shards"][rank::world_size]))
         manifest = encode_latents(
             args.source, args.out, codec, text_encoder=text_encoder, first_frame=args.first_frame,
             batch_size=args.batch_size, device=device, shard_samples=args.shard_samples,
             on_sample=lambda: bar.advance(task),
         )
+    if rank != 0:
+        return 0
     seconds = time.perf_counter() - started
     fields = {"written": manifest["samples"], "shards": manifest["num_shards"], "codec": manifest["codec"]["name"],
               "latent shape": tuple(manifest["latent_shape"]), "seconds": seconds,
@@ -104,7 +119,8 @@ def encode_latents(
     """Encode every usable clip of the raw folder ``source`` into latent shards in ``out``; returns the manifest.
 
     The latents are written to a staging folder and replace ``out``'s earlier shards only when there
-    is at least one: a run that writes nothing (or fails) leaves ``out`` as it was.
+    is at least one: a run that writes nothing (or fails) leaves ``out`` as it was. Under a process
+    group each rank encodes every world-size-th raw shard and every rank returns the whole manifest.
     """
     check_output_folder(source, out)
     raw = load_manifest(source)
@@ -118,11 +134,21 @@ def encode_latents(
     codec = codec.to(device).eval()
     if text_encoder is not None:
         text_encoder = text_encoder.to(device).eval()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     with staging_folder(out) as staging:
-        manifest = _write_latents(source, raw, staging, codec, latent_shape, text_encoder, first_frame, batch_size,
-                                  device, shard_samples, on_sample)
-        if manifest["samples"] > 0:  # a run that writes no latent keeps the previous run's shards
+        part = _write_latents(source, raw, staging, codec, latent_shape, text_encoder, first_frame, batch_size,
+                              device, shard_samples, on_sample, rank, world_size)
+        parts = [part]
+        if world_size > 1:
+            parts = [None] * world_size
+            dist.all_gather_object(parts, part)
+        manifest = _manifest(raw, source, codec, latent_shape, text_encoder, first_frame, parts)
+        if rank == 0 and manifest["samples"] > 0:  # a run that writes no latent keeps the previous run's shards
+            _gather_shards(parts, staging)
+            write_manifest(staging, manifest)
             replace_shard_folder(staging, out)
+        if world_size > 1:
+            dist.barrier()  # the other ranks' staging folders (and their shards) live until the folder is whole
     return manifest
 
 
@@ -145,13 +171,17 @@ def _write_latents(
     device: str | torch.device,
     shard_samples: int,
     on_sample: Callable[[], None] | None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """Encode the raw folder's usable clips into shards and a manifest in ``out``; returns the manifest."""
+    """Encode every ``world_size``-th raw shard from ``rank`` into shards in ``out``; returns this part's
+    shards, statistics, skipped clips and text shape, for ``_manifest``."""
     skipped: list[dict[str, str]] = []
     stats = _ChannelStats(latent_shape[-1])
     text_shape = None
     with ShardFolderWriter(out, max_samples=shard_samples) as writer:
-        for group in _groups(_samples(source, raw, skipped, on_sample), batch_size):
+        shards = shard_paths(source, raw)[rank::world_size]
+        for group in _groups(_samples(shards, SampleSpec.from_manifest(raw), skipped, on_sample), batch_size):
             with torch.inference_mode():
                 video = torch.from_numpy(np.stack([s["video"] for s in group])).to(device)
                 latents = codec.encode(video).float().cpu()
@@ -174,8 +204,20 @@ def _write_latents(
                     extra["first"] = sample["video"][0]
                 writer.write(encode_sample(sample["key"], sample["caption"], sample["meta"], latent=latent, **extra))
 
+    return {"folder": str(out), "shards": writer.shards, "stats": stats, "skipped": skipped,
+            "text_shape": list(text_shape) if text_shape else None}
+
+
+def _manifest(raw: dict[str, Any], source: str | Path, codec: LatentCodec, latent_shape: tuple[int, ...],
+              text_encoder: TextEncoder | None, first_frame: bool, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of the folder the ``parts`` (in rank order) make together, shards numbered in that order."""
+    stats = _ChannelStats(latent_shape[-1])
+    for part in parts:
+        stats.merge(part["stats"])
     mean, std = stats.result()
-    manifest = new_manifest(
+    shards = [{**shard, "name": SHARD_PATTERN % index}
+              for index, shard in enumerate(shard for part in parts for shard in part["shards"])]
+    return new_manifest(
         "latent",
         raw["video"],
         codec=codec.identity(),
@@ -185,24 +227,32 @@ def _write_latents(
         latent_std=std,
         codec_normalisation=_codec_normalisation(codec),
         text_encoder=text_encoder.identity() if text_encoder is not None else None,
-        text_shape=list(text_shape) if text_shape else None,
+        text_shape=next((part["text_shape"] for part in parts if part["text_shape"]), None),
         first_frame=first_frame,
-        samples=writer.samples,
-        num_shards=len(writer.shards),
-        shards=writer.shards,
-        skipped=skipped,
+        samples=sum(shard["samples"] for shard in shards),
+        num_shards=len(shards),
+        shards=shards,
+        skipped=[item for part in parts for item in part["skipped"]],
         source={"tool": "encode-latents", "raw": str(source), "raw_samples": raw["samples"]},
     )
-    write_manifest(out, manifest)
-    return manifest
+
+
+def _gather_shards(parts: list[dict[str, Any]], staging: Path) -> None:
+    """Move every part's shards into ``staging`` under the names ``_manifest`` gave them (renamed in place
+    within one file system, so a checksum stays true)."""
+    sources = [Path(part["folder"]) / shard["name"] for part in parts for shard in part["shards"]]
+    moving = [staging / f".moving-{index}" for index in range(len(sources))]
+    for source, middle in zip(sources, moving):  # in two steps: one part's new names may be another's old ones
+        os.replace(source, middle)
+    for index, middle in enumerate(moving):
+        os.replace(middle, staging / (SHARD_PATTERN % index))
 
 
 def _samples(
-    source: str | Path, raw: dict[str, Any], skipped: list[dict[str, str]], on_sample: Callable[[], None] | None
+    shards: list[Path], spec: SampleSpec, skipped: list[dict[str, str]], on_sample: Callable[[], None] | None
 ) -> Iterator[dict[str, Any]]:
-    """Decoded samples of a raw folder in stored order; unusable ones are appended to ``skipped``."""
-    spec = SampleSpec.from_manifest(raw)
-    for shard in shard_paths(source, raw):
+    """Decoded samples of raw shards in stored order; unusable ones are appended to ``skipped``."""
+    for shard in shards:
         try:
             for sample in iter_tar(shard):
                 if on_sample is not None:
@@ -239,6 +289,11 @@ class _ChannelStats:
         self.total += flat.sum(0)
         self.squares += (flat**2).sum(0)
         self.count += flat.shape[0]
+
+    def merge(self, other: "_ChannelStats") -> None:
+        self.total += other.total
+        self.squares += other.squares
+        self.count += other.count
 
     def result(self) -> tuple[list[float] | None, list[float] | None]:
         if self.count == 0:

@@ -1,10 +1,13 @@
 """encode-latents: raw shards -> latent shards through registered codecs -> latent batches."""
 
 import json
+import os
+import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from data_tools.cli import main as data_main
 from data_tools.describe import describe_folder
@@ -13,6 +16,7 @@ from data_tools.report import console
 from data_tools.verify import verify_folder
 from flowvid.codecs.base import CodecMismatchError, LatentCodec
 from flowvid.data import VideoShardDataModule, load_manifest, write_synthetic_dataset
+from flowvid.data.shards import iter_tar
 from flowvid.registry import CODECS
 from flowvid.text.base import TextEmbedding, TextEncoder
 
@@ -182,3 +186,38 @@ def test_a_device_that_is_not_here_is_one_line_before_anything_is_read(raw, tmp_
     error = capsys.readouterr().err
     assert code == 2 and error.startswith("error:") and error.count("\n") == 1 and "--device cuda:99" in error
     assert not out.exists()
+
+
+def _encode_as_torchrun_rank(rank: int, world: int, port: int, raw: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    code = data_main(["encode-latents", raw, "--out", out, "--codec", "test-space-to-depth", "--first-frame",
+                      "--batch-size", "3", "--shard-samples", "2", "--device", "cpu"])
+    if code != 0:
+        raise SystemExit(code)
+
+
+def samples_by_key(folder):
+    return {sample["__key__"]: sample for shard in sorted(folder.glob("shard-*.tar")) for sample in iter_tar(shard)}
+
+
+@pytest.mark.slow
+def test_under_torchrun_each_process_encodes_its_shards_into_one_folder(raw, tmp_path):
+    one = encode_latents(raw, tmp_path / "one", SpaceToDepth(), first_frame=True, batch_size=3, shard_samples=2)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    # raw holds 3 shards: rank 0 encodes the first and the third, rank 1 the second.
+    mp.start_processes(_encode_as_torchrun_rank, args=(2, port, str(raw), str(tmp_path / "two")), nprocs=2,
+                       join=True, start_method="fork")
+    two = load_manifest(tmp_path / "two")
+    assert verify_folder(tmp_path / "two")["ok"]
+    assert [shard["name"] for shard in two["shards"]] == [f"shard-{i:06d}.tar" for i in range(two["num_shards"])]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(["manifest.json", *(s["name"] for s in two["shards"])])
+    assert two["samples"] == one["samples"] == 12 and two["num_shards"] == 4 + 3  # rank 0: 7 clips, rank 1: 5
+    np.testing.assert_allclose(two["latent_mean"], one["latent_mean"], rtol=1e-12)
+    np.testing.assert_allclose(two["latent_std"], one["latent_std"], rtol=1e-9)
+    for key in ("codec", "latent_shape", "first_frame", "video"):
+        assert two[key] == one[key]
+    assert samples_by_key(tmp_path / "two") == samples_by_key(tmp_path / "one")  # every clip, byte for byte

@@ -13,7 +13,8 @@ least one latent.
 Under torchrun every process encodes every N-th raw shard on its own GPU (``--device auto``), and the
 first one assembles the folder once all are done (a gloo process group carries the bookkeeping)::
 
-    torchrun --nproc-per-node 8 --no-python flowvid data encode-latents RAW_DIR --out DIR --codec wan2.2
+    torchrun --nproc-per-node 8 --no-python flowvid data encode-latents RAW_DIR --out DIR --codec wan2.2 \\
+        --codec-args '{"path": "Wan2.2-TI2V-5B/vae"}'
 
 The latents of every clip are those a single process writes; only their grouping into shards differs.
 """

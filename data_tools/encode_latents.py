@@ -50,7 +50,7 @@ from flowvid.data.shards import (
     shard_paths,
     staging_folder,
 )
-from flowvid.placement import launch_rank, resolve_device
+from flowvid.placement import join_launch_group, resolve_device
 from flowvid.registry import CODECS, TEXT_ENCODERS
 from flowvid.text.base import TextEncoder
 from flowvid.text.cache import cache_embeddings
@@ -72,9 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rank, world_size = launch_rank()
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # torchrun's environment says where the others are
+    rank, world_size = join_launch_group()
     device = resolve_device(args.device)
     codec = build_registered(CODECS, args.codec, args.codec_args, "--codec-args")
     text_encoder = None

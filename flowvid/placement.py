@@ -38,6 +38,15 @@ def launch_rank() -> tuple[int, int]:
     return rank, world
 
 
+def join_launch_group() -> tuple[int, int]:
+    """``launch_rank()``, and under torchrun a gloo process group of its processes (set up from torchrun's
+    environment) for commands whose processes share their bookkeeping; the GPUs stay each process's own."""
+    rank, world_size = launch_rank()
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return rank, world_size
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device that exists here; ValueError otherwise.
 

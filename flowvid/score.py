@@ -20,6 +20,12 @@ frames. With a latent codec it is bits per dimension of the latents (``unit`` sa
 
 The model runs on the first CUDA GPU when there is one (``--device``), in fp32 unless ``--precision
 bf16-mixed`` is asked for (the network's matmuls in bf16; z and the log-determinant stay fp32).
+Video file (or shard) ``i`` of the inputs draws its dequantisation noise from ``--seed`` + ``i``.
+
+Under torchrun every process scores every N-th video file and shard on its own GPU and the first
+writes them all, ranked, the same file as one process writes::
+
+    torchrun --nproc-per-node 8 --no-python flowvid score --ckpt model.safetensors --input data/train --out s.jsonl
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.codecs.base import LatentCodec, check_codec_identity
@@ -39,7 +47,7 @@ from flowvid.generate import LATENTS_SUFFIX
 from flowvid.media import MediaError, read_video
 from flowvid.paths import check_output_file
 from flowvid.sampling.tasks import check_seed
-from flowvid.placement import (add_placement_arguments, launch_rank, precision_context, resolve_device,
+from flowvid.placement import (add_placement_arguments, join_launch_group, precision_context, resolve_device,
                                resolve_precision)
 
 PIXEL_UNIT = "bits per 8-bit subpixel (uniform dequantisation)"
@@ -136,56 +144,90 @@ def video_inputs(paths: list[Path]) -> Iterator[Path]:
             yield path
 
 
-def score_shard_folder(module, folder: Path, generator: torch.Generator) -> Iterator[dict[str, Any]]:
-    """Score every sample of a raw or latent shard folder; damaged samples are reported, not fatal."""
-    from flowvid.data import BadSample, BrokenShard, SampleSpec, decode_sample, iter_tar, load_manifest
+@dataclass(frozen=True)
+class Work:
+    """One unit of scoring: a video file, or one shard of a shard folder (with the folder's sample spec)."""
+
+    path: Path
+    spec: Any = None
+
+
+def work_of(module, inputs: list[str]) -> list[Work]:
+    """Every video file and every shard of the inputs, in a fixed order. A latent shard folder made with
+    another codec is refused here, before any work."""
+    from flowvid.data import SampleSpec, load_manifest
     from flowvid.data.shards import shard_paths
 
-    manifest = load_manifest(folder)
-    spec = SampleSpec.from_manifest(manifest)
-    if manifest["kind"] == "latent":
-        check_codec_identity(module.codec.identity(), manifest["codec"], f"shard folder {folder}")
-    for shard in shard_paths(folder, manifest):
+    work: list[Work] = []
+    for given in map(Path, inputs):
+        if is_shard_folder(given):
+            manifest = load_manifest(given)
+            if manifest["kind"] == "latent":
+                check_codec_identity(module.codec.identity(), manifest["codec"], f"shard folder {given}")
+            spec = SampleSpec.from_manifest(manifest)
+            work += [Work(shard, spec) for shard in shard_paths(given, manifest)]
+        else:
+            work += [Work(path) for path in video_inputs([given])]
+    return work
+
+
+def score_work(module, work: Work, caption: str, generator: torch.Generator) -> list[dict[str, Any]]:
+    """The records of one video file, or of every sample of one shard; damage is reported, not fatal."""
+    if work.spec is None:
+        _, height, width = module.video_shape
         try:
-            for raw in iter_tar(shard):
-                where = f"{shard.name}:{raw.get('__key__', '?')}"
-                try:
-                    sample = decode_sample(raw, spec)
-                except BadSample as err:
-                    yield {"path": where, "error": str(err)}
-                    continue
-                if "video" in sample:
-                    yield {"path": where, **score_video(module, sample["video"], sample["caption"], generator)}
-                else:
-                    latents = torch.from_numpy(sample["latents"])
-                    per_frame = score_latents(module, latents, sample["caption"], discrete=False).tolist()
-                    yield {"path": where, "bits_per_dim": float(np.mean(per_frame)),
-                           "bits_per_dim_per_frame": per_frame, "clips": 1, "frames": len(per_frame)}
-        except BrokenShard as err:
-            yield {"path": str(shard), "error": str(err)}
+            video = read_video(work.path, height, width)
+            return [{"path": str(work.path), **score_video(module, video, caption, generator)}]
+        except (MediaError, ScoreError) as err:
+            return [{"path": str(work.path), "error": str(err)}]
+    return list(score_shard(module, work.path, work.spec, generator))
+
+
+def score_shard(module, shard: Path, spec, generator: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Score every sample of one shard of a raw or latent shard folder, under the samples' own captions."""
+    from flowvid.data import BadSample, BrokenShard, decode_sample, iter_tar
+
+    try:
+        for raw in iter_tar(shard):
+            where = f"{shard.name}:{raw.get('__key__', '?')}"
+            try:
+                sample = decode_sample(raw, spec)
+            except BadSample as err:
+                yield {"path": where, "error": str(err)}
+                continue
+            if "video" in sample:
+                yield {"path": where, **score_video(module, sample["video"], sample["caption"], generator)}
+            else:
+                latents = torch.from_numpy(sample["latents"])
+                per_frame = score_latents(module, latents, sample["caption"], discrete=False).tolist()
+                yield {"path": where, "bits_per_dim": float(np.mean(per_frame)),
+                       "bits_per_dim_per_frame": per_frame, "clips": 1, "frames": len(per_frame)}
+    except BrokenShard as err:
+        yield {"path": str(shard), "error": str(err)}
 
 
 def score_inputs(module, inputs: list[str], caption: str = "", seed: int = 0) -> list[dict[str, Any]]:
-    """Score every input (video files, folders of videos, shard folders); ranked, least likely first."""
+    """Score every input (video files, folders of videos, shard folders); ranked, least likely first.
+
+    Video file (or shard) ``i`` draws its dequantisation noise from ``seed + i``. Under a process group
+    rank r scores the files and shards r, r + N, ..., and every rank returns all the records: the same
+    as one process gives.
+    """
     check_inputs(inputs)
     check_caption(module, caption)
-    generator = torch.Generator().manual_seed(seed)
-    _, height, width = module.video_shape
-    records: list[dict[str, Any]] = []
-    for given in map(Path, inputs):
-        if is_shard_folder(given):
-            records += score_shard_folder(module, given, generator)
-            continue
-        for path in video_inputs([given]):
-            try:
-                video = read_video(path, height, width)
-                records.append({"path": str(path), **score_video(module, video, caption, generator)})
-            except (MediaError, ScoreError) as err:
-                records.append({"path": str(path), "error": str(err)})
+    work = work_of(module, inputs)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {index: score_work(module, work[index], caption, torch.Generator().manual_seed(seed + index))
+            for index in range(rank, len(work), world_size)}
+    if world_size > 1:
+        parts: list[dict[int, list[dict[str, Any]]]] = [{} for _ in range(world_size)]
+        dist.all_gather_object(parts, mine)
+        mine = {index: records for part in parts for index, records in part.items()}
+    records = [record for index in sorted(mine) for record in mine[index]]
     unit = PIXEL_UNIT if is_pixel_codec(module.codec) else f"{LATENT_UNIT} (codec {module.codec.name})"
     scored = sorted((r for r in records if "error" not in r), key=lambda r: -r["bits_per_dim"])
-    for rank, record in enumerate(scored, start=1):
-        record.update(rank=rank, unit=unit)
+    for rank_in_file, record in enumerate(scored, start=1):
+        record.update(rank=rank_in_file, unit=unit)
     return scored + [r for r in records if "error" in r]
 
 
@@ -214,8 +256,7 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        if launch_rank()[1] > 1:  # every process would write the same --out file
-            raise ScoreError("flowvid score runs in one process; start it without torchrun")
+        rank, world_size = join_launch_group()
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
         check_inputs(args.input)
@@ -228,6 +269,8 @@ def main(argv: list[str]) -> int:
             records = score_inputs(module, args.input, args.caption, args.seed)
     except (ScoreError, FileNotFoundError, ValueError, CorruptCheckpointError) as err:
         raise UserError(str(err)) from None
+    if rank != 0:  # the first process writes everyone's records
+        return 0
     out = Path(args.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -522,8 +522,10 @@ class FlowModule(LightningModule):
         """Bits/dim of noisy validation latents, and how far each denoiser lands from the clean ones.
 
         The noise of batch ``i`` is the same in every validation run, so numbers compare across runs.
-        The first validation set logs ``val/...``; another logs ``val/<name>/...``, named by the
-        DataModule's ``val_names`` when it has them.
+        Bits/dim are logged for the video and for each latent frame given the ones before it
+        (``bits_per_dim/frame_03``), which shows what the earlier frames' context buys. The first
+        validation set logs ``val/...``; another logs ``val/<name>/...``, named by the DataModule's
+        ``val_names`` when it has them.
         """
         clean = self.latents_of(batch)
         generator = torch.Generator().manual_seed(batch_idx)
@@ -531,10 +533,12 @@ class FlowModule(LightningModule):
         batch_size = clean.shape[0]
         with self.averaged_weights():  # the text encoder is averaged too
             text = self.encode_text(self.captions_of(batch)) if self.text_encoder is not None else None
-            nats = self.flow.nll(noisy, text).mean()
+            per_frame = self.flow.nll_per_frame(noisy, text)  # (B, T) nats per dimension
+            nats = per_frame.mean(dim=1).mean()
             metrics = {
                 "nats_per_dim": nats,
                 "bits_per_dim": nats / math.log(2),
+                **{f"bits_per_dim/frame_{t:02d}": value / math.log(2) for t, value in enumerate(per_frame.mean(0))},
                 "noisy_mse": F.mse_loss(noisy, clean),
                 "tweedie_mse": F.mse_loss(tweedie_denoise(self.flow, noisy, self.noise_std, text), clean),
             }

@@ -157,6 +157,9 @@ def test_each_validation_folder_logs_what_it_would_alone(shapes_shards):
     assert set(both[0]) >= {"val/bits_per_dim", "val/denoiser_mse"} and not any("train/" in k for k in both[0])
     assert set(both[1]) >= {"val/train/bits_per_dim", "val/train/denoiser_mse"}
     assert both[0]["val/bits_per_dim"] != both[1]["val/train/bits_per_dim"]
+    # Each latent frame's bits/dim given the frames before it; the video's is their mean.
+    frames = [both[1][f"val/train/bits_per_dim/frame_{t:02d}"] for t in range(VIDEO[0])]
+    assert len(set(frames)) == VIDEO[0] and sum(frames) / len(frames) == pytest.approx(both[1]["val/train/bits_per_dim"])
     alone = trainer(limit_val_batches=None).validate(module, datamodule=shard_data(shapes_shards, val_dir=folders[1]),
                                                     verbose=False)
     assert alone[0]["val/bits_per_dim"] == pytest.approx(both[1]["val/train/bits_per_dim"], rel=1e-6)

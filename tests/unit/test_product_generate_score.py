@@ -529,10 +529,42 @@ def test_processes_of_torchrun_share_the_prompts_and_write_what_one_process_writ
     monkeypatch.setenv("RANK", "2")
     assert main([*args, "--out", str(tmp_path / "bad")]) == 2
     assert "RANK=2 must be at least 0 and below WORLD_SIZE=2" in one_line_error(capsys)
-    monkeypatch.setenv("RANK", "1")
-    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "one"),
-                 "--out", str(tmp_path / "scores.jsonl")]) == 2
-    assert "runs in one process" in one_line_error(capsys) and not (tmp_path / "scores.jsonl").exists()
+
+
+def _score_as_torchrun_rank(rank: int, world: int, port: int, args: list[str]) -> None:
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    code = main(args)
+    if code != 0:
+        raise SystemExit(code)
+
+
+@pytest.mark.slow
+def test_processes_of_torchrun_share_the_videos_and_shards_and_write_what_one_process_writes(checkpoint, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from flowvid.data import write_synthetic_dataset
+
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        np.save(tmp_path / f"clip{index}.npy", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    write_synthetic_dataset(tmp_path / "shapes", num_videos=6, frames=4, size=8, val_videos=2, shard_samples=2)
+    inputs = [str(tmp_path / f"clip{index}.npy") for index in range(3)] + [str(tmp_path / "shapes" / "train")]
+    args = ["score", "--ckpt", str(checkpoint), "--input", *inputs, "--device", "cpu", "--out"]
+    assert main([*args, str(tmp_path / "one.jsonl")]) == 0
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    # Six units of work (three files, three shards): each process scores three, the first writes all.
+    mp.start_processes(_score_as_torchrun_rank, args=(2, port, [*args, str(tmp_path / "two.jsonl")]), nprocs=2,
+                       join=True, start_method="fork")
+    one = (tmp_path / "one.jsonl").read_text()
+    assert (tmp_path / "two.jsonl").read_text() == one and len(one.splitlines()) == 3 + 6
 
 
 def test_skip_existing_finishes_an_interrupted_run_and_refuses_another_requests_samples(checkpoint, tmp_path, capsys):

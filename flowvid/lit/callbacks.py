@@ -19,9 +19,10 @@ from typing import Any, Iterator
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from PIL import Image
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from flowvid.lit.tensorboard import add_video_gif, frame_grid, tensorboard_writers
+from flowvid.lit.tensorboard import add_video_gif, frame_grid, gif_bytes, tensorboard_writers, tile_videos
 from flowvid.metrics.extractor import FVDExtractor, check_video
 from flowvid.metrics.fvd import FrechetVideoDistance
 
@@ -69,7 +70,8 @@ class SampleVideoLogger(_EveryNSteps):
 
     Writes ``<tag>/video`` (an animated GIF, the prompts side by side, in the Images tab) and
     ``<tag>/frames`` (a grid: one row per prompt, one column per frame); the prompts are logged once
-    as text under ``<tag>/captions``.
+    as text under ``<tag>/captions``. A run without a TensorBoardLogger (CSV, W&B, none) gets the same as
+    files instead: ``<default_root_dir>/<tag>/step=NNNNNNNN.gif`` and ``.png``, and ``captions.txt``.
 
     Args:
         every_n_steps: optimizer steps between two samplings.
@@ -92,7 +94,7 @@ class SampleVideoLogger(_EveryNSteps):
             return
         writers = tensorboard_writers(trainer)
         if not writers:
-            rank_zero_warn("SampleVideoLogger: the trainer has no TensorBoardLogger; samples are not logged")
+            self._write_files(Path(trainer.default_root_dir) / self.tag, videos, trainer.global_step)
         for writer in writers:
             add_video_gif(writer, f"{self.tag}/video", videos, trainer.global_step, fps=self.fps)
             writer.add_image(f"{self.tag}/frames", frame_grid(videos), trainer.global_step)
@@ -100,6 +102,16 @@ class SampleVideoLogger(_EveryNSteps):
                 listing = "\n".join(f"{i}. {caption or '(unconditional)'}" for i, caption in enumerate(self.captions))
                 writer.add_text(f"{self.tag}/captions", listing, trainer.global_step)
         self._captions_logged = True
+
+    def _write_files(self, folder: Path, videos: torch.Tensor, step: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not self._captions_logged:
+            rank_zero_info(f"SampleVideoLogger: no TensorBoardLogger, so the samples go to {folder}")
+            (folder / "captions.txt").write_text("".join(f"{caption or '(unconditional)'}\n"
+                                                         for caption in self.captions))
+        name = f"step={step:08d}"
+        (folder / f"{name}.gif").write_bytes(gif_bytes(tile_videos(videos), self.fps))
+        Image.fromarray(frame_grid(videos).permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
 
 
 class FVDCallback(_EveryNSteps):

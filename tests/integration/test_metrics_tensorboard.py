@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+import numpy as np
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
@@ -131,3 +132,19 @@ def test_callbacks_refuse_bad_settings_and_bad_samples():
     model.generate_videos = lambda captions, seed: torch.zeros(len(captions), FRAMES, SIZE, SIZE, 3)
     with pytest.raises(ValueError, match=r"RandomVideoModule.generate_videos: expected uint8 videos"):
         generate(model, ["x"], 0)
+
+
+def test_without_tensorboard_the_samples_are_written_as_files(tmp_path):
+    model = RandomVideoModule()
+    samples = SampleVideoLogger(every_n_steps=2, captions=["a red ball", ""], seed=5, fps=4)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[samples],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader([{"x": torch.randn(2)} for _ in range(4)], batch_size=1))
+    folder = tmp_path / "samples"
+    assert sorted(p.name for p in folder.iterdir()) == ["captions.txt", "step=00000002.gif", "step=00000002.png",
+                                                        "step=00000004.gif", "step=00000004.png"]
+    assert (folder / "captions.txt").read_text() == "a red ball\n(unconditional)\n"
+    gif = Image.open(folder / "step=00000004.gif")
+    assert gif.n_frames == FRAMES and gif.size == (2 * SIZE, SIZE)
+    grid = torch.from_numpy(np.asarray(Image.open(folder / "step=00000004.png")))
+    assert torch.equal(grid.permute(2, 0, 1), frame_grid(random_videos(2, 5)))  # the same seed every time

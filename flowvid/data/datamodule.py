@@ -85,6 +85,7 @@ class VideoShardDataModule(L.LightningDataModule):
         self._train_loader: ShardLoader | None = None
         self._next_epoch = 0  # used without a Trainer: each pass over the train loader is an epoch
         self._resume: tuple[int, int] | None = None
+        self._loaded_state: dict[str, Any] | None = None
 
     # --- what the data is ----------------------------------------------------------------------
 
@@ -217,8 +218,10 @@ class VideoShardDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the training stream where ``state`` left it (on the next pass of the loader)."""
+        # Lightning hands the state over twice, to the DataModule and to its loader: say what differs once.
+        repeated, self._loaded_state = state == self._loaded_state, dict(state)
         for key, now in (("seed", self.seed), ("num_workers", self.num_workers), ("mixture", self._mixture())):
-            if key in state and state[key] != now:
+            if key in state and state[key] != now and not repeated:
                 warnings.warn(f"resuming with {key}={now} where the run had {state[key]}: "
                               "the data order will differ", stacklevel=2)
         self._resume = (int(state["epoch"]), int(state["batches_consumed"]))

@@ -77,7 +77,8 @@ def train(recipe: str, run_dir: Path, extra: list[str]) -> Path:
 
 
 def training_speed(run_dir: Path) -> dict[str, float]:
-    """The median speed the newest training run in ``run_dir`` logged to TensorBoard (``TrainingThroughput``)."""
+    """The median speed the newest training run in ``run_dir`` logged to TensorBoard (``TrainingThroughput``),
+    and the most memory it held (``train_peak_memory_gb``)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logs = sorted(run_dir.glob("lightning_logs/version_*/events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
@@ -86,8 +87,11 @@ def training_speed(run_dir: Path) -> dict[str, float]:
     events = EventAccumulator(str(logs[-1]), size_guidance={"scalars": 0})
     events.Reload()
     logged = set(events.Tags()["scalars"])
-    return {f"train_{name}": statistics.median(event.value for event in events.Scalars(f"throughput/{name}"))
-            for name in ("tokens_per_sec", "step_seconds", "mfu") if f"throughput/{name}" in logged}
+    speed = {f"train_{name}": statistics.median(event.value for event in events.Scalars(f"throughput/{name}"))
+             for name in ("tokens_per_sec", "step_seconds", "mfu") if f"throughput/{name}" in logged}
+    if "memory/peak_gb" in logged:
+        speed["train_peak_memory_gb"] = max(event.value for event in events.Scalars("memory/peak_gb"))
+    return speed
 
 
 def validation_samples(root: Path, count: int) -> list[dict[str, Any]]:

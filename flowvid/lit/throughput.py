@@ -12,7 +12,11 @@
   backward pass per parameter and token; a frozen weight's own gradient, 2 of the 4, is not computed
   and not counted; attention and text tokens are not counted, the usual LLM convention), and their
   share of the device's peak;
-* ``train/tokens_seen`` and ``train/videos_seen``: totals of the run, carried over by a resume.
+* ``train/tokens_seen`` and ``train/videos_seen``: totals of the run, carried over by a resume;
+* ``memory/peak_gb``: the most memory training has held so far on the first process's device: on a
+  GPU the tensors' peak (``torch.cuda.max_memory_allocated``, with ``memory/peak_reserved_gb``, what
+  the caching allocator holds, the figure that runs out first), on a CPU the process's peak resident
+  size (the Python process, its data and the model).
 
 The peak of a GPU is its datasheet figure for the run's precision (Lightning's table, as litgpt
 reports MFU); a CPU has none, so there the peak is the FLOP/s of a large square matmul in the run's
@@ -27,6 +31,8 @@ all processes) and ``model_flops_per_token`` (``FlowModule`` does).
 from __future__ import annotations
 
 import math
+import resource
+import sys
 import time
 from collections import deque
 from typing import Any, Literal
@@ -66,6 +72,15 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, rounds: int 
         if round_:  # the first one warms the kernels up
             best = min(best, time.perf_counter() - start)
     return 2.0 * side**3 / best
+
+
+def peak_memory_gb(device: torch.device) -> dict[str, float]:
+    """``memory/peak_gb`` (and on a GPU ``memory/peak_reserved_gb``) of this process on ``device``."""
+    if device.type == "cuda":
+        return {"memory/peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+                "memory/peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"memory/peak_gb": peak * (1 if sys.platform == "darwin" else 1024) / 1e9}  # bytes on macOS, KiB elsewhere
 
 
 def datasheet_flops(device: torch.device, precision: str) -> float | None:
@@ -133,7 +148,7 @@ class TrainingThroughput(Callback):
         if self._measured is not None and step % REMEASURE_STEPS == 0:
             self.device_peak = max(self.device_peak, measured_matmul_flops(*self._measured))
         metrics = {"train/tokens_seen": float(pl_module.tokens_seen),
-                   "train/videos_seen": float(pl_module.videos_seen)}
+                   "train/videos_seen": float(pl_module.videos_seen), **peak_memory_gb(trainer.strategy.root_device)}
         if len(self._marks) >= 2:
             metrics.update(self._rates(trainer.world_size, pl_module.model_flops_per_token))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)

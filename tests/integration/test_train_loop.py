@@ -375,6 +375,17 @@ def test_throughput_is_tokens_over_training_time_with_validation_left_out(monkey
     assert logged["throughput/model_tflops_per_device"] == pytest.approx(flops_per_sec / 1e12)
     assert logged["throughput/mfu"] == pytest.approx(flops_per_sec / 1e9)
     assert logged["train/tokens_seen"] == 12 * tokens_per_batch
+    # The process's peak resident size so far: above what torch alone takes, below the peak after the run.
+    peak_now = throughput.peak_memory_gb(torch.device("cpu"))["memory/peak_gb"]
+    assert 0.1 < logged["memory/peak_gb"] <= peak_now * (1 + 1e-6)  # logged as float32
+
+
+def test_on_a_gpu_the_peak_memory_is_the_allocators(monkeypatch):
+    from flowvid.lit.throughput import peak_memory_gb
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3.5e9 if device.index == 1 else 0.0)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 4e9 if device.index == 1 else 0.0)
+    assert peak_memory_gb(torch.device("cuda", 1)) == {"memory/peak_gb": 3.5, "memory/peak_reserved_gb": 4.0}
 
 
 def test_tokens_seen_carry_over_a_resume(tmp_path):

@@ -36,8 +36,10 @@ def test_the_demo_reports_the_median_speed_of_its_newest_training_run(tmp_path):
         for step, value in enumerate(tokens):
             writer.add_scalar("throughput/tokens_per_sec", value, step)
             writer.add_scalar("throughput/mfu", value / 100, step)
+            writer.add_scalar("memory/peak_gb", value / 10, step)
         writer.close()
         [log] = folder.glob("events.out.tfevents.*")
         os.utime(log, (version, version))  # version_1 is the newer run
-    assert demo.training_speed(tmp_path) == pytest.approx({"train_tokens_per_sec": 20.0, "train_mfu": 0.2})
+    assert demo.training_speed(tmp_path) == pytest.approx({"train_tokens_per_sec": 20.0, "train_mfu": 0.2,
+                                                           "train_peak_memory_gb": 4.0})
     assert demo.training_speed(tmp_path / "nothing") == {}

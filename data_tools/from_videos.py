@@ -1,6 +1,7 @@
 """``from-videos``: a folder or glob of video files plus captions -> raw clip shards with a manifest.
 
     flowvid data from-videos INPUT... --out DIR --frames N --size S [--fps F] [--stride K] [--captions FILE]
+                             [--val-fraction 0.05]
 
 Captions come from a CSV or JSONL of ``path,caption`` (paths relative to that file), else from a
 sidecar ``<video>.txt``, else ``--default-caption``; a video without one is skipped. Files are
@@ -8,6 +9,11 @@ decoded in parallel; the output depends only on the inputs and options (not on -
 skipped file is listed with its reason in ``DIR/summary.json`` and the manifest. A run replaces the
 shards of an earlier one only when it writes at least one clip; one that writes none leaves ``DIR``
 as it was (and lists every skip on the console).
+
+``--val-fraction F`` holds out about that share of the videos (never clips of a video on both sides):
+their clips go to ``DIR/val`` and the others' to ``DIR/train``, the layout ``make-synthetic`` writes.
+A video's side depends on its path alone (a hash), so adding videos later moves none of the others;
+at least one video is held out and at least one kept.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--shard-samples", type=int, default=1000, help="most clips per shard")
     parser.add_argument("--shard-mb", type=float, default=512.0, help="most megabytes per shard")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="hold out about this share of the videos into DIR/val (the rest into DIR/train)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -64,15 +72,20 @@ def run(args: argparse.Namespace) -> int:
     summary = convert_videos(
         args.inputs, args.out, spec, captions=args.captions, default_caption=args.default_caption,
         workers=args.workers, shard_samples=args.shard_samples, shard_bytes=args.shard_mb * 2**20, show_progress=True,
+        val_fraction=args.val_fraction,
     )
-    fields = {k: summary[k] for k in ("written", "files_ok", "files_total", "shards", "seconds", "clips_per_second")}
-    if summary["written"] > 0:
-        print_summary(f"from-videos -> {args.out}", fields, summary["skipped"])
-        return 0
-    # No summary file was written to point at, so every skip is shown here.
-    print_summary(f"from-videos -> {args.out}", fields, summary["skipped"], show=len(summary["skipped"]))
-    console.print(f"[red]no clip written[/]: {args.out} is left as it was")
-    return 1
+    splits = summary["splits"] if "splits" in summary else {"": summary}
+    code = 0
+    for summary in splits.values():
+        fields = {k: summary[k] for k in ("written", "files_ok", "files_total", "shards", "seconds", "clips_per_second")}
+        if summary["written"] > 0:
+            print_summary(f"from-videos -> {summary['out']}", fields, summary["skipped"])
+            continue
+        # No summary file was written to point at, so every skip is shown here.
+        print_summary(f"from-videos -> {summary['out']}", fields, summary["skipped"], show=len(summary["skipped"]))
+        console.print(f"[red]no clip written[/]: {summary['out']} is left as it was")
+        code = 1
+    return code
 
 
 def convert_videos(
@@ -85,12 +98,17 @@ def convert_videos(
     shard_samples: int = 1000,
     shard_bytes: float = 512 * 2**20,
     show_progress: bool = False,
+    val_fraction: float = 0.0,
 ) -> dict:
     """Write the clips of ``inputs`` to shards in ``out``; returns the summary (also ``out/summary.json``).
 
     The clips are written to a staging folder and replace ``out``'s earlier shards only when there
-    is at least one: a run that writes nothing (or fails) leaves ``out`` as it was.
+    is at least one: a run that writes nothing (or fails) leaves ``out`` as it was. With
+    ``val_fraction`` the videos are split into ``out/train`` and ``out/val``, and the summary holds
+    one per folder under ``splits``.
     """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
     started = time.perf_counter()
     files = find_videos(inputs)
     table = load_captions(captions) if captions else {}
@@ -102,11 +120,41 @@ def convert_videos(
             captioned.append((path, caption_for(path, table, default_caption)))
         except NoCaption as err:
             skipped.append({"path": str(path), "reason": str(err)})
+    settings = dict(inputs=inputs, spec=spec, root=root, workers=workers, shard_samples=shard_samples,
+                    shard_bytes=shard_bytes, show_progress=show_progress, started=started)
+    if not val_fraction:
+        return _convert(captioned, skipped, len(files), Path(out), **settings)
+    train, val = split_videos(captioned, root, val_fraction)
+    splits = {"train": _convert(train, skipped, len(train) + len(skipped), Path(out) / "train", **settings),
+              "val": _convert(val, [], len(val), Path(out) / "val", **settings)}
+    return {"out": str(out), "splits": splits}
 
-    out = Path(out)
+
+def split_videos(captioned: list[tuple[Path, str]], root: Path,
+                 fraction: float) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(kept, held out): a video is held out when the hash of its path below ``root``, as a number in [0, 1),
+    is below ``fraction``; at least one video goes to each side."""
+    if len(captioned) < 2:
+        raise ValueError(f"--val-fraction needs at least two captioned videos to hold some out, found {len(captioned)}")
+
+    def position(path: Path) -> float:
+        digest = hashlib.sha1(path.relative_to(root).as_posix().encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    positions = [position(path) for path, _ in captioned]
+    count = min(max(sum(p < fraction for p in positions), 1), len(captioned) - 1)
+    held = set(sorted(range(len(captioned)), key=positions.__getitem__)[:count])
+    return ([item for index, item in enumerate(captioned) if index not in held],
+            [item for index, item in enumerate(captioned) if index in held])
+
+
+def _convert(captioned: list[tuple[Path, str]], skipped: list[dict[str, str]], files_total: int, out: Path, *,
+             inputs: Sequence[str], spec: ClipSpec, root: Path, workers: int, shard_samples: int, shard_bytes: float,
+             show_progress: bool, started: float) -> dict:
+    """Write the clips of the ``captioned`` videos to shards in ``out``, with the manifest and summary."""
     with staging_folder(out) as staging:
         with ShardFolderWriter(staging, max_samples=shard_samples, max_bytes=shard_bytes) as writer:
-            files_ok, rates = _write_clips(writer, captioned, spec, root, workers, skipped, len(files), show_progress)
+            files_ok, rates = _write_clips(writer, captioned, spec, root, workers, skipped, files_total, show_progress)
         skipped.sort(key=lambda item: item["path"])
         fps = spec.fps if spec.fps is not None else (rates.pop() if len(rates) == 1 else None)  # None: mixed rates
         video = {"frames": spec.frames, "height": spec.height, "width": spec.width, "fps": fps}
@@ -116,7 +164,7 @@ def convert_videos(
                                 shards=writer.shards, skipped=skipped, source=source)
         write_manifest(staging, manifest)
         seconds = time.perf_counter() - started
-        summary = {"out": str(out), "written": writer.samples, "files_total": len(files), "files_ok": files_ok,
+        summary = {"out": str(out), "written": writer.samples, "files_total": files_total, "files_ok": files_ok,
                    "shards": len(writer.shards), "skipped": skipped, "seconds": round(seconds, 3),
                    "clips_per_second": round(writer.samples / seconds, 3)}
         (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -160,3 +160,44 @@ def test_a_run_that_writes_no_clip_leaves_the_previous_shards_untouched(tmp_path
     # A first run that writes nothing leaves no folder behind.
     assert data_main(["from-videos", str(tmp_path / "noise.avi"), "--out", str(tmp_path / "new" / "deeper"), *clip]) == 1
     assert not (tmp_path / "new").exists()
+
+
+def test_val_fraction_holds_out_whole_videos_chosen_by_their_paths(tmp_path):
+    (tmp_path / "in" / "more").mkdir(parents=True)
+    names = [f"v{index:02d}" for index in range(12)]
+    for index, name in enumerate(names):
+        write_video(tmp_path / "in" / f"{name}.mkv", random_frames(8, 8, 8, seed=index), codec="mpeg4")
+        (tmp_path / "in" / f"{name}.txt").write_text(f"video {name}")
+    (tmp_path / "in" / "no_caption.mkv").write_bytes(b"")  # skipped before the split, listed with train
+    args = ["from-videos", str(tmp_path / "in"), "--frames", "2", "--size", "8", "--val-fraction", "0.25"]
+    assert data_main([*args, "--out", str(tmp_path / "out")]) == 0
+    sources = {split: {meta["source"] for meta in metas(tmp_path / "out" / split)} for split in ("train", "val")}
+    assert sources["train"].isdisjoint(sources["val"]) and len(sources["train"] | sources["val"]) == 12
+    assert 1 <= len(sources["val"]) <= 6  # about a quarter of 12, at least one
+    assert verify_folder(tmp_path / "out" / "train")["ok"] and verify_folder(tmp_path / "out" / "val")["ok"]
+    assert [item["path"] for item in load_manifest(tmp_path / "out" / "train")["skipped"]] == [
+        str((tmp_path / "in" / "no_caption.mkv").resolve())]
+    assert load_manifest(tmp_path / "out" / "val")["skipped"] == []
+
+    # A video's side follows from its path: new videos leave the others where they were.
+    write_video(tmp_path / "in" / "more" / "w.mkv", random_frames(8, 8, 8, seed=99), codec="mpeg4")
+    (tmp_path / "in" / "more" / "w.txt").write_text("a new video")
+    assert data_main([*args, "--out", str(tmp_path / "again")]) == 0
+    again = {split: {meta["source"] for meta in metas(tmp_path / "again" / split)} for split in ("train", "val")}
+    assert sources["train"] <= again["train"] and sources["val"] <= again["val"]
+
+    single = tmp_path / "single"
+    single.mkdir()
+    write_video(single / "only.mkv", random_frames(8, 8, 8), codec="mpeg4")
+    with console.capture() as printed:
+        assert data_main(["from-videos", str(single), "--frames", "2", "--size", "8", "--default-caption", "",
+                          "--val-fraction", "0.1", "--out", str(tmp_path / "nothing")]) == 2
+    assert "needs at least two captioned videos" in " ".join(printed.get().split())
+    with console.capture() as printed:
+        assert data_main([*args[:-1], "1.5", "--out", str(tmp_path / "nothing")]) == 2
+    assert "--val-fraction must be at least 0 and below 1" in " ".join(printed.get().split())
+
+
+def metas(folder):
+    dm = VideoShardDataModule(str(folder), val_dir=str(folder), batch_size=4)
+    return [meta for batch in dm.val_dataloader() for meta in batch["meta"]]

@@ -7,7 +7,8 @@
 
 The checkpoint may be a Lightning file (single device, DDP) or a DeepSpeed directory sharded over any
 number of ranks; the export holds the whole module's weights, consolidated, and loads on any number of
-devices. ``config.yaml`` (written beside it) is the run's config, so ``model:`` rebuilds the module.
+devices. ``config.yaml`` (written beside it) is the run's config, so ``model:`` rebuilds the module;
+``README.md``, a model card, says what the model is and how to use it (a README of your own stays).
 
 Loading (``load_exported``) reads only safetensors and YAML: no pickle, so no code hidden in the
 file runs. The classes built are the ones the config names, as with a recipe.
@@ -37,6 +38,7 @@ from flowvid.lit.checkpointing import (
     load_client_state,
     resolve_checkpoint,
 )
+from flowvid.model_card import CARD_NAME, is_card, is_replaceable, model_card
 from flowvid.nn.lora import is_adapter_key, merge_lora
 from flowvid.paths import check_output_file
 
@@ -63,6 +65,7 @@ class ExportedModel:
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32",
                       weights: str = "ema", force: bool = False) -> Path:
     """Write ``out`` (safetensors) and ``config.yaml`` beside it from checkpoint ``ckpt``; return ``out``.
+    A model card, ``README.md``, goes beside them too, unless a README that flowvid did not write is there.
 
     Args:
         ckpt: a Lightning checkpoint file, a DeepSpeed checkpoint directory or a run directory (its
@@ -101,6 +104,10 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(out, lambda path: save_file(tensors, str(path), metadata=metadata))
         write_atomically(config_path, lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False)))
+        card = out.parent / CARD_NAME
+        if is_replaceable(card):
+            text = model_card(out.parent, out.name, metadata, config, tensors)
+            write_atomically(card, lambda path: path.write_text(text))
     except (OSError, SafetensorError) as err:  # a full disk, a folder without write permission
         raise OSError(f"cannot write the export {out}: {getattr(err, 'strerror', None) or err}") from None
     return out
@@ -340,5 +347,7 @@ def main(argv: list[str]) -> int:
             out = export_checkpoint(args.ckpt, args.out, args.dtype, args.weights, args.force)
     except (OSError, CorruptCheckpointError, ValueError) as err:
         raise UserError(str(err)) from err
-    print(f"wrote {out}" if args.adapters_only else f"wrote {out} and {out.parent / CONFIG_NAME}")
+    card = out.parent / CARD_NAME
+    written = [out] if args.adapters_only else [out, out.parent / CONFIG_NAME] + ([card] if is_card(card) else [])
+    print(f"wrote {', '.join(map(str, written[:-1]))} and {written[-1]}" if len(written) > 1 else f"wrote {out}")
     return 0

@@ -222,3 +222,25 @@ def test_a_run_directory_or_an_export_folder_names_its_newest_model(trained, tmp
     (run / "checkpoints" / "step=00000007.ckpt").write_bytes(b"torn")
     with pytest.warns(UserWarning), pytest.raises(CorruptCheckpointError, match="none can be read"):
         load_model(run)
+
+
+def test_the_model_card_says_what_the_export_holds_and_never_replaces_a_readme_of_yours(trained, tmp_path, capsys):
+    from flowvid.model_card import CARD_MARK
+
+    module, ckpt = trained
+    out = tmp_path / "export" / "model.safetensors"
+    assert main(["--ckpt", str(ckpt), "--out", str(out), "--weights", "trained"]) == 0
+    assert "and " + str(out.parent / "README.md") in capsys.readouterr().out
+    card = (out.parent / "README.md").read_text()
+    flow, denoiser = (sum(p.numel() for p in part.parameters()) for part in (module.flow, module.denoiser))
+    assert card.startswith(CARD_MARK) and "| training steps | 7 |" in card and "| video | 2 frames of 4x4 pixels |" in card
+    assert f"flow {flow:,}, denoiser {denoiser:,}" in card and "`pixel`" in card and "none: an unconditional" in card
+    assert f'VideoPipeline.from_pretrained("{out.parent}")' in card
+
+    mine = tmp_path / "mine" / "README.md"
+    mine.parent.mkdir()
+    mine.write_text("# my project\n")
+    assert main(["--ckpt", str(ckpt), "--out", str(mine.parent / "model.safetensors")]) == 0
+    assert mine.read_text() == "# my project\n" and "README" not in capsys.readouterr().out
+    assert main(["--ckpt", str(ckpt), "--out", str(out), "--force"]) == 0  # a card of ours is written again
+    assert (out.parent / "README.md").read_text().startswith(CARD_MARK)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable
@@ -266,13 +268,16 @@ class RunCheckpoint(ModelCheckpoint):
         keep_last_k: how many of the newest checkpoints to keep (-1 keeps all).
         save_on_train_end: also save when training stops at a step that is not a multiple. A run that
             reached ``max_steps`` continues with a larger ``max_steps`` exactly as if it had not stopped.
+        save_on_sigterm: when a process of the run receives SIGTERM (a preemption, a cluster's time
+            limit, ``kill``), save after the step in progress and stop every process there, so that
+            ``resume: auto`` continues from that step. ``flowvid fit`` then exits with status 143.
 
     ``run_config`` (the resolved CLI config, set by ``FlowvidCLI``) is stored in every checkpoint and
     becomes ``config.yaml`` on export.
     """
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 1000, keep_last_k: int = 3,
-                 save_on_train_end: bool = True):
+                 save_on_train_end: bool = True, save_on_sigterm: bool = True):
         if keep_last_k == 0 or keep_last_k < -1:
             raise ValueError(f"keep_last_k must be a positive count or -1 (keep all), got {keep_last_k}")
         if every_n_train_steps < 1:
@@ -282,6 +287,7 @@ class RunCheckpoint(ModelCheckpoint):
                          save_on_train_epoch_end=False)
         self.keep_last_k = keep_last_k
         self.save_on_train_end = save_on_train_end
+        self.save_on_sigterm = save_on_sigterm
         self.run_config: dict[str, Any] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -308,6 +314,26 @@ class RunCheckpoint(ModelCheckpoint):
         last_step = 0 < trainer.max_steps <= trainer.global_step
         if self.save_on_train_end and last_step and trainer.global_step != self._last_global_step_saved:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.save_on_sigterm and self._stopping(trainer):
+            if trainer.global_step != self._last_global_step_saved:
+                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            rank_zero_info(f"SIGTERM: stopping after step {trainer.global_step}, saved in {self.dirpath}; "
+                           "the same command with resume: auto continues from there")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_on_sigterm and threading.current_thread() is threading.main_thread():
+            _note_sigterm_only(trainer)
+
+    @staticmethod
+    def _stopping(trainer: Trainer) -> bool:
+        """Whether any process received SIGTERM; then every one stops after this step (Lightning stops the
+        processes that received it, so the others are told too: no process waits for a stopped one)."""
+        received = trainer.received_sigterm
+        if trainer.world_size > 1:
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+            if received:
+                trainer._signal_connector.received_sigterm = True
+        return received
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[METADATA_KEY] = run_metadata(pl_module, self.run_config)
@@ -315,6 +341,25 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_on_train_end and trainer.global_step != self._last_global_step_saved:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _note_sigterm_only(trainer: Trainer) -> None:
+    """Make SIGTERM only set ``trainer.received_sigterm`` (and reach the processes this one launched).
+
+    Lightning's own handler also broadcasts from rank 0 inside the handler, wherever the signal finds a
+    process; a process other than rank 0, or one that receives the signal in the middle of a step, then
+    pairs that broadcast with another collective and the run hangs (Lightning issue #20806). Here the
+    processes agree at the end of a step instead (``RunCheckpoint._stopping``).
+    """
+    connector = trainer._signal_connector
+
+    def note(signum: int, frame: Any) -> None:
+        launcher = trainer.strategy.launcher
+        if not connector.received_sigterm and launcher is not None:
+            launcher.kill(signum)
+        connector.received_sigterm = True
+
+    signal.signal(signal.SIGTERM, note)
 
 
 # --- resuming ------------------------------------------------------------------------------------

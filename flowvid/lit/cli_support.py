@@ -21,7 +21,7 @@ import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from flowvid.lit.checkpointing import (
     CorruptCheckpointError,
@@ -119,8 +119,13 @@ def _raised_in_jsonargparse(err: BaseException) -> bool:
     return frame is not None and f"{os.sep}jsonargparse{os.sep}" in frame.tb_frame.f_code.co_filename
 
 
+#: What a shell reports for a process ended by SIGTERM (128 + 15): schedulers then know the run is not done.
+SIGTERM_EXIT_STATUS = 143
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``FlowvidCLI`` as ``flowvid fit|validate`` does."""
+    """Run ``FlowvidCLI`` as ``flowvid fit|validate`` does; 2 for bad input found before training, 143
+    for a run stopped by SIGTERM."""
     from flowvid.lit.strategies import finish_distributed
     from flowvid.registry import load_plugins
 
@@ -141,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         subcommand = (sys.argv[1:] if argv is None else argv)[:1]
         print(f"flowvid {' '.join(subcommand)}: error: {_first_cause(err)}", file=sys.stderr)
         return 2
+    except SIGTERMException:  # stopped after a step (RunCheckpoint saved it): not a finished run
+        finish_distributed()
+        return SIGTERM_EXIT_STATUS
     finish_distributed()
     return 0
 

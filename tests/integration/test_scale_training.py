@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,17 @@ class CrashAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os._exit(17)
+
+
+class SigtermAt(Callback):
+    """Sends SIGTERM to process ``rank`` while it takes step ``step + 1``, as a preemption would."""
+
+    def __init__(self, step: int, rank: int = 0):
+        self.step, self.rank = step, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class PoisonBatch(Callback):
@@ -366,6 +378,34 @@ def test_a_run_killed_mid_training_resumes_with_auto_to_the_same_losses(shards, 
                       for run in (single_run, tmp_path))
     assert_same_tensors(whole["state_dict"], resumed["state_dict"])
     assert_same_tensors(whole["flowvid"]["ema"], resumed["flowvid"]["ema"])
+
+
+def test_a_sigterm_saves_the_step_in_progress_and_resume_auto_continues_to_the_same_losses(shards, single_run,
+                                                                                          tmp_path):
+    sigterm = {"class_path": "test_scale_training.SigtermAt", "init_args": {"step": 2}}
+    done = fit(recipe(shards, tmp_path, denoiser=True, max_steps=6, extra_callbacks=[sigterm]), expect_rc=143)
+    assert "SIGTERM: stopping after step 3" in done.stderr + done.stdout
+    # Step 3 is no multiple of the checkpoint interval (2): saved because of the signal, and nothing after it.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=00000002.ckpt", "step=00000003.ckpt"]
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+    fit(recipe(shards, tmp_path, denoiser=True, max_steps=6), args=("--resume", "auto"))
+    assert losses(tmp_path) == losses(single_run)  # bit for bit, steps 4 to 6 included
+    whole, resumed = (torch.load(run / "checkpoints" / "step=00000006.ckpt", map_location="cpu", weights_only=False)
+                      for run in (single_run, tmp_path))
+    assert_same_tensors(whole["state_dict"], resumed["state_dict"])
+
+
+def test_a_sigterm_to_one_of_two_processes_stops_both_after_the_same_saved_step(shards, ddp_run, tmp_path):
+    sigterm = {"class_path": "test_scale_training.SigtermAt", "init_args": {"step": 2, "rank": 1}}
+    fit(recipe(shards, tmp_path, denoiser=False, max_steps=4, extra_callbacks=[sigterm]), "recipes/distributed/ddp.yaml",
+        args=(*TWO_PROCESSES, "--trainer.precision", "32-true"), expect_rc=143)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=00000002.ckpt", "step=00000003.ckpt"]
+    for rank in (0, 1):
+        assert losses(tmp_path, rank) == {step: losses(ddp_run, rank)[step] for step in (1, 2, 3)}
+    fit(recipe(shards, tmp_path, denoiser=False, max_steps=4), "recipes/distributed/ddp.yaml",
+        args=(*TWO_PROCESSES, "--trainer.precision", "32-true", "--resume", "auto"))
+    for rank in (0, 1):
+        assert losses(tmp_path, rank) == losses(ddp_run, rank)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero3", marks=needs_deepspeed)])

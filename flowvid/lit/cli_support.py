@@ -28,6 +28,7 @@ from flowvid.lit.checkpointing import (
     RunCheckpoint,
     checkpoint_dir_of,
     has_run_checkpoint,
+    resolve_checkpoint,
     resolve_resume,
 )
 from flowvid.lit.finetune import InitFromExport
@@ -91,6 +92,12 @@ class FlowvidCLI(LightningCLI):
                 callback.run_config = config
             if isinstance(callback, InitFromExport):  # ("last" with no checkpoint yet starts afresh)
                 callback.resuming = settings.ckpt_path is not None and os.path.exists(settings.ckpt_path)
+
+    def before_validate(self) -> None:
+        """``--ckpt_path`` may name a run directory: its newest readable checkpoint is validated."""
+        settings = self.config_init[self.subcommand]
+        if settings.get("ckpt_path") and os.path.isdir(settings.ckpt_path):
+            settings.ckpt_path = str(resolve_checkpoint(settings.ckpt_path))
 
     def resolved_config(self) -> dict[str, Any]:
         """The full config of this command as plain data (what ``config.yaml`` holds)."""

@@ -202,8 +202,9 @@ def fit(config: dict, *overlays: str, args: tuple[str, ...] = (), expect_rc: int
     return run_fit([config_path, *(REPO / overlay for overlay in overlays)], args, cwd=REPO, expect_rc=expect_rc)
 
 
-def run_fit(configs: list[Path], args: tuple[str, ...], cwd: Path, expect_rc: int = 0) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "flowvid.lit.cli_support", "fit"]
+def run_fit(configs: list[Path], args: tuple[str, ...], cwd: Path, expect_rc: int = 0,
+            subcommand: str = "fit") -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "flowvid.lit.cli_support", subcommand]
     for config in configs:
         command += ["--config", str(config)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
@@ -393,6 +394,16 @@ def test_a_sigterm_saves_the_step_in_progress_and_resume_auto_continues_to_the_s
     whole, resumed = (torch.load(run / "checkpoints" / "step=00000006.ckpt", map_location="cpu", weights_only=False)
                       for run in (single_run, tmp_path))
     assert_same_tensors(whole["state_dict"], resumed["state_dict"])
+
+
+def test_validate_takes_a_run_directory_for_its_newest_checkpoint(shards, single_run, tmp_path):
+    log = {"class_path": "test_scale_training.ValidationLog", "init_args": {"path": str(tmp_path / "val")}}
+    config = tmp_path / "validate.yaml"
+    config.write_text(yaml.safe_dump(recipe(shards, single_run, denoiser=True, max_steps=6, extra_callbacks=[log])))
+    for ckpt in (single_run, *(single_run / "checkpoints" / f"step=0000000{step}.ckpt" for step in (6, 4))):
+        run_fit([config], ("--ckpt_path", str(ckpt)), cwd=REPO, subcommand="validate")
+    by_directory, newest, older = map(json.loads, (tmp_path / "val.jsonl").read_text().splitlines())
+    assert by_directory == newest != older
 
 
 def test_a_sigterm_to_one_of_two_processes_stops_both_after_the_same_saved_step(shards, ddp_run, tmp_path):

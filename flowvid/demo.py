@@ -111,13 +111,15 @@ def validation_samples(root: Path, count: int) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def bits_per_dim(module, samples: list[dict[str, Any]]) -> float:
-    """Mean bits/dim of noise-augmented held-out latents (fixed noise), as validation logs it."""
+def bits_per_dim(module, samples: list[dict[str, Any]]) -> tuple[float, list[float]]:
+    """Mean bits/dim of noise-augmented held-out latents (fixed noise), as validation logs it, and of each
+    latent frame given the frames before it."""
     videos = torch.from_numpy(np.stack([s["video"] for s in samples]))
     clean = module.codec.encode(videos).float()
     noisy = clean + module.noise_std * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
     text = module.encode_text([s["caption"] for s in samples]) if module.text_encoder is not None else None
-    return float(module.flow.bits_per_dim(noisy, text).mean())
+    nats = module.flow.nll_per_frame(noisy, text)  # (B, T)
+    return float((nats.mean(dim=1) / math.log(2)).mean()), (nats.mean(dim=0) / math.log(2)).tolist()
 
 
 def generate_t2v(module, captions: list[str], out: Path) -> np.ndarray:
@@ -204,8 +206,9 @@ def run_demo(out: Path, recipe: str, extra: list[str], checkpoint: Path | None =
     with step("validation bits/dim at initialisation and after training"):
         torch.manual_seed(0)
         initial = build_module(checkpoint_weights(checkpoint)[1])
-        metrics: dict[str, Any] = {"val_bits_per_dim_init": bits_per_dim(initial.eval(), held_out),
-                                   "val_bits_per_dim": bits_per_dim(module, held_out)}
+        trained, per_frame = bits_per_dim(module, held_out)
+        metrics: dict[str, Any] = {"val_bits_per_dim_init": bits_per_dim(initial.eval(), held_out)[0],
+                                   "val_bits_per_dim": trained, "val_bits_per_dim_per_frame": per_frame}
     metrics.update(speed)  # how fast it trained, when this run trained
     with step(f"text-to-video for {len(captions)} held-out captions"):
         t2v = generate_t2v(module, captions, out / "t2v")
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     width = max(map(len, metrics))
     for key, value in metrics.items():
         shown = f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else value
+        if isinstance(value, list):
+            shown = "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
         print(f"  {key:<{width}}  {shown}")
     print(f"wrote {args.out}/metrics.json")
     return 0

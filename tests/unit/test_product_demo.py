@@ -43,3 +43,23 @@ def test_the_demo_reports_the_median_speed_of_its_newest_training_run(tmp_path):
     assert demo.training_speed(tmp_path) == pytest.approx({"train_tokens_per_sec": 20.0, "train_mfu": 0.2,
                                                            "train_peak_memory_gb": 4.0})
     assert demo.training_speed(tmp_path / "nothing") == {}
+
+
+def test_the_demo_reports_bits_per_dim_of_every_frame_whose_mean_is_the_videos():
+    import numpy as np
+    import torch
+
+    from flowvid.codecs.pixel import PixelCodec
+    from flowvid.flows import GlobalLocalFlow
+    from flowvid.lit import FlowModule
+    from flowvid.testing import perturb_parameters
+
+    torch.manual_seed(0)
+    flow = GlobalLocalFlow.from_preset("tiny", latent_channels=12, frame_size=(4, 4))
+    perturb_parameters(flow, std=0.05)
+    module = FlowModule(flow, PixelCodec(patch_size=2), video_shape=(3, 8, 8)).eval()
+    rng = np.random.default_rng(0)
+    samples = [{"video": rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8), "caption": ""} for _ in range(2)]
+    video, frames = demo.bits_per_dim(module, samples)
+    assert len(frames) == 3 and len(set(frames)) == 3
+    assert video == pytest.approx(sum(frames) / 3, rel=1e-6)

@@ -26,6 +26,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -215,6 +216,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     if progress and len(todo) < len(planned):
         progress(f"{len(planned) - len(todo)} of {len(planned)} samples are in {out} already")
     records, failed = [], []
+    started = time.perf_counter()
     for start in range(0, len(todo), request.batch_size):
         indices = todo[start:start + request.batch_size]
         names = [name[i] for i in indices]
@@ -238,11 +240,19 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
             write_sample(out, sample, result.videos[row], result.latents[row], record, request.fps)
             records.append({"name": sample, **record})
         if progress:
-            seconds = sum(result.timings.values())
-            progress(f"{len(records) + len(failed)}/{len(todo)} samples ({seconds:.1f} s for the last {len(indices)})")
+            done, seconds = len(records) + len(failed), sum(result.timings.values())
+            left = (time.perf_counter() - started) / done * (len(todo) - done)
+            progress(f"{done}/{len(todo)} samples ({seconds:.1f} s for the last {len(indices)}"
+                     + (f", about {_duration(left)} left)" if done < len(todo) else ")"))
     if failed:
         raise NonFiniteSamples(failed, len(records))
     return records
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def _frame_writer(module, out: Path, names: list[str]):

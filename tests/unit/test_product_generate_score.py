@@ -572,7 +572,9 @@ def test_skip_existing_finishes_an_interrupted_run_and_refuses_another_requests_
     prompts.write_text("a red circle moves left\na blue square moves up\na green triangle moves down\n")
     args = ["generate", "--ckpt", str(checkpoint), "--prompts", str(prompts), "--batch-size", "1", "--out", str(tmp_path)]
     assert main(args) == 0
-    assert "3/3 samples" in capsys.readouterr().err  # a progress line after every batch
+    progress = capsys.readouterr().err.splitlines()  # a line after every batch, with the time left
+    assert progress[0].startswith("1/3 samples (") and " left)" in progress[0] and progress[-1].startswith("3/3 samples")
+    assert " left" not in progress[-1]
     before = {path.name: np.load(path) for path in tmp_path.glob("t2v_*.npy")}
     first = sorted(tmp_path.glob("t2v_000_*"))
     stamps = [path.stat().st_mtime_ns for path in first]

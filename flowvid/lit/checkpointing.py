@@ -288,6 +288,7 @@ class RunCheckpoint(ModelCheckpoint):
         self.keep_last_k = keep_last_k
         self.save_on_train_end = save_on_train_end
         self.save_on_sigterm = save_on_sigterm
+        self._sigterm = False  # noted by the handler that on_train_start installs
         self.run_config: dict[str, Any] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -321,19 +322,36 @@ class RunCheckpoint(ModelCheckpoint):
                            "the same command with resume: auto continues from there")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sigterm = False
         if self.save_on_sigterm and threading.current_thread() is threading.main_thread():
-            _note_sigterm_only(trainer)
+            signal.signal(signal.SIGTERM, self._note_sigterm(trainer))
 
-    @staticmethod
-    def _stopping(trainer: Trainer) -> bool:
-        """Whether any process received SIGTERM; then every one stops after this step (Lightning stops the
-        processes that received it, so the others are told too: no process waits for a stopped one)."""
-        received = trainer.received_sigterm
+    def _note_sigterm(self, trainer: Trainer) -> Callable[[int, Any], None]:
+        """A SIGTERM handler that only notes the signal (and passes it to the processes this one launched).
+
+        Lightning's own handler stops a process at the end of the step the signal finds it in, and
+        broadcasts from rank 0 inside the handler, wherever the signal arrives: a process that stops
+        alone, or a broadcast paired with another collective, hangs a multi-process run (Lightning
+        issue #20806). Here the processes agree at the end of a step instead (``_stopping``).
+        """
+
+        def note(signum: int, frame: Any) -> None:
+            launcher = trainer.strategy.launcher
+            if not self._sigterm and launcher is not None:
+                launcher.kill(signum)
+            self._sigterm = True
+
+        return note
+
+    def _stopping(self, trainer: Trainer) -> bool:
+        """Whether any process has noted SIGTERM; if so every one stops after this step (Lightning raises
+        its SIGTERMException at the end of the step once ``received_sigterm`` is set)."""
+        stop = self._sigterm
         if trainer.world_size > 1:
-            received = trainer.strategy.reduce_boolean_decision(received, all=False)
-            if received:
-                trainer._signal_connector.received_sigterm = True
-        return received
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            trainer._signal_connector.received_sigterm = True
+        return stop
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[METADATA_KEY] = run_metadata(pl_module, self.run_config)
@@ -341,25 +359,6 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_on_train_end and trainer.global_step != self._last_global_step_saved:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-def _note_sigterm_only(trainer: Trainer) -> None:
-    """Make SIGTERM only set ``trainer.received_sigterm`` (and reach the processes this one launched).
-
-    Lightning's own handler also broadcasts from rank 0 inside the handler, wherever the signal finds a
-    process; a process other than rank 0, or one that receives the signal in the middle of a step, then
-    pairs that broadcast with another collective and the run hangs (Lightning issue #20806). Here the
-    processes agree at the end of a step instead (``RunCheckpoint._stopping``).
-    """
-    connector = trainer._signal_connector
-
-    def note(signum: int, frame: Any) -> None:
-        launcher = trainer.strategy.launcher
-        if not connector.received_sigterm and launcher is not None:
-            launcher.kill(signum)
-        connector.received_sigterm = True
-
-    signal.signal(signal.SIGTERM, note)
 
 
 # --- resuming ------------------------------------------------------------------------------------

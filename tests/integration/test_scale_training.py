@@ -116,14 +116,21 @@ class CrashAt(Callback):
 
 
 class SigtermAt(Callback):
-    """Sends SIGTERM to process ``rank`` while it takes step ``step + 1``, as a preemption would."""
+    """Sends SIGTERM to process ``rank`` while it takes step ``step + 1`` (or, ``during="validation"``,
+    while it validates after step ``step``), as a preemption would."""
 
-    def __init__(self, step: int, rank: int = 0):
-        self.step, self.rank = step, rank
+    def __init__(self, step: int, rank: int = 0, during: str = "train"):
+        self.step, self.rank, self.during = step, rank, during
+
+    def _send(self, trainer, during: str) -> None:
+        if (trainer.global_step, trainer.global_rank, during) == (self.step, self.rank, self.during):
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and trainer.global_rank == self.rank:
-            os.kill(os.getpid(), signal.SIGTERM)
+        self._send(trainer, "train")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._send(trainer, "validation")
 
 
 class PoisonBatch(Callback):
@@ -381,9 +388,11 @@ def test_a_run_killed_mid_training_resumes_with_auto_to_the_same_losses(shards, 
     assert_same_tensors(whole["flowvid"]["ema"], resumed["flowvid"]["ema"])
 
 
-def test_a_sigterm_saves_the_step_in_progress_and_resume_auto_continues_to_the_same_losses(shards, single_run,
-                                                                                          tmp_path):
-    sigterm = {"class_path": "test_scale_training.SigtermAt", "init_args": {"step": 2}}
+@pytest.mark.parametrize("during", ["train", "validation"])
+def test_a_sigterm_saves_the_step_in_progress_and_resume_auto_continues_to_the_same_losses(during, shards,
+                                                                                          single_run, tmp_path):
+    # In training step 3, or in the validation after step 2, which finishes, and then step 3 too.
+    sigterm = {"class_path": "test_scale_training.SigtermAt", "init_args": {"step": 2, "during": during}}
     done = fit(recipe(shards, tmp_path, denoiser=True, max_steps=6, extra_callbacks=[sigterm]), expect_rc=143)
     assert "SIGTERM: stopping after step 3" in done.stderr + done.stdout
     # Step 3 is no multiple of the checkpoint interval (2): saved because of the signal, and nothing after it.

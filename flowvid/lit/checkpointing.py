@@ -345,7 +345,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _stopping(self, trainer: Trainer) -> bool:
         """Whether any process has noted SIGTERM; if so every one stops after this step (Lightning raises
-        its SIGTERMException at the end of the step once ``received_sigterm`` is set)."""
+        its SIGTERMException at the end of the step once ``received_sigterm`` is set). With several
+        processes this costs one boolean all-reduce a step, beside the broadcast Lightning makes anyway."""
         stop = self._sigterm
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)

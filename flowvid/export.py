@@ -45,6 +45,8 @@ from flowvid.paths import check_output_file
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONFIG_NAME = "config.yaml"
 FORMAT = "flowvid"
+#: Metadata fields stored as JSON (safetensors metadata holds strings only).
+JSON_FIELDS = ("flowvid_version", "codec", "text_encoder", "plugins")
 
 
 @dataclass
@@ -98,7 +100,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
         "weights": used,
         "source": str(Path(ckpt).name),
         "global_step": str(client_state.get("global_step", "")),
-        **{key: json.dumps(run.get(key)) for key in ("flowvid_version", "codec", "text_encoder", "plugins")},
+        **{key: json.dumps(run.get(key)) for key in JSON_FIELDS},
     }
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +108,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
         write_atomically(config_path, lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False)))
         card = out.parent / CARD_NAME
         if is_replaceable(card):
-            text = model_card(out.parent, out.name, metadata, config, tensors)
+            text = model_card(out.parent, out.name, decode_metadata(metadata), config, tensors)
             write_atomically(card, lambda path: path.write_text(text))
     except (OSError, SafetensorError) as err:  # a full disk, a folder without write permission
         raise OSError(f"cannot write the export {out}: {getattr(err, 'strerror', None) or err}") from None
@@ -221,11 +223,12 @@ def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raw = file.metadata() or {}
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path} is not a flowvid export (format {raw.get('format')!r})")
-    decoded: dict[str, Any] = dict(raw)
-    for key in ("flowvid_version", "codec", "text_encoder", "plugins"):
-        if key in raw:
-            decoded[key] = json.loads(raw[key])
-    return decoded
+    return decode_metadata(raw)
+
+
+def decode_metadata(raw: dict[str, str]) -> dict[str, Any]:
+    """An export's metadata (all strings in the file) with its JSON fields decoded."""
+    return {key: json.loads(value) if key in JSON_FIELDS else value for key, value in raw.items()}
 
 
 def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = None,

@@ -6,7 +6,6 @@ and the weights cannot disagree. A ``README.md`` that flowvid did not write is n
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,13 @@ def parameter_counts(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     return {part: count for part, count in counts.items() if count}
 
 
-def model_card(folder: str | Path, file_name: str, metadata: dict[str, str], config: dict[str, Any],
+def model_card(folder: str | Path, file_name: str, metadata: dict[str, Any], config: dict[str, Any],
                tensors: dict[str, torch.Tensor]) -> str:
-    """The card's Markdown for the export ``folder/file_name``."""
+    """The card's Markdown for the export ``folder/file_name``; ``metadata`` as ``read_export_metadata``
+    gives it."""
     init = (config.get("model") or {}).get("init_args") or {}
     video = init.get("video_shape")
-    codec = _json_field(metadata, "codec")
-    text = _json_field(metadata, "text_encoder")
+    codec, text = metadata.get("codec"), metadata.get("text_encoder")
     train_dir = ((config.get("data") or {}).get("init_args") or {}).get("train_dir")
     parameters = ", ".join(f"{PARTS[part]} {_millions(count)}" for part, count in parameter_counts(tensors).items())
     rows = [
@@ -55,7 +54,7 @@ def model_card(folder: str | Path, file_name: str, metadata: dict[str, str], con
 # {Path(folder).name or file_name}
 
 A normalizing-flow video generator of the STARFlow-V family: it gives the exact likelihood of a video
-and samples frame after frame. Exported by flowvid {_json_field(metadata, "flowvid_version") or "?"} from
+and samples frame after frame. Exported by flowvid {metadata.get("flowvid_version") or "?"} from
 `{metadata.get("source", "?")}`.
 
 | | |
@@ -92,13 +91,6 @@ def is_card(path: Path) -> bool:
 def is_replaceable(path: Path) -> bool:
     """Whether a card may be written at ``path``: nothing is there, or a card flowvid wrote."""
     return not path.exists() or is_card(path)
-
-
-def _json_field(metadata: dict[str, str], key: str) -> Any:
-    try:
-        return json.loads(metadata.get(key, "null"))
-    except ValueError:
-        return None
 
 
 def _millions(count: int) -> str:

@@ -13,12 +13,17 @@ CUDA-only assumptions (the accelerator check, device-index validation, a device 
 Checkpoints are DeepSpeed directories written atomically: every rank writes its shard into
 ``<name>.partial`` and rank 0 renames the finished directory, so a crash mid-write leaves the previous
 checkpoint untouched. Before resuming, the checkpoint is checked against the model (parameter shapes,
-codec, text encoder) and for missing rank shards, with an error that says what differs.
+codec, text encoder) and for missing rank shards, with an error that says what differs. A checkpoint
+written by another number of processes is re-partitioned for this run through DeepSpeed's universal
+checkpoint format, so a run continues on fewer or more devices than it started on.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib
+import io
 import os
 import shutil
 from pathlib import Path
@@ -28,8 +33,13 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from flowvid.lit.checkpointing import PARTIAL_SUFFIX, check_resumable, load_client_state
+from flowvid.lit.checkpointing import METADATA_KEY, PARTIAL_SUFFIX, check_resumable, load_client_state
+
+#: Suffix of the folder beside a checkpoint where it is re-partitioned for another number of processes
+#: (removed once loaded; never taken for a checkpoint, whose names end in ``.ckpt``).
+RESHARD_SUFFIX = ".resharding"
 
 
 def skip_deepspeed_shm_op() -> None:
@@ -113,8 +123,46 @@ class ZeroStrategy(DeepSpeedStrategy):
         if not Path(checkpoint_path).is_dir():  # a consolidated file (load_full_weights)
             return super().load_checkpoint(checkpoint_path, weights_only)
         # Fail with a clear message before DeepSpeed reads shards into a model they do not fit.
-        check_resumable(load_client_state(checkpoint_path), self.lightning_module, f"checkpoint {checkpoint_path}")
-        return super().load_checkpoint(checkpoint_path, weights_only)
+        client_state = load_client_state(checkpoint_path)
+        check_resumable(client_state, self.lightning_module, f"checkpoint {checkpoint_path}")
+        saved_world_size = (client_state.get(METADATA_KEY) or {}).get("world_size", self.world_size)
+        if saved_world_size == self.world_size:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        return self._load_resharded(Path(checkpoint_path), saved_world_size, weights_only)
+
+    def _load_resharded(self, checkpoint: Path, saved_world_size: int, weights_only: bool | None) -> dict[str, Any]:
+        """Load a checkpoint written by ``saved_world_size`` processes into this run's partitioning.
+
+        DeepSpeed refuses ZeRO shards made for another world size. Rank 0 rewrites them as a universal
+        checkpoint (every parameter's fp32 weights and optimiser moments whole) beside the checkpoint;
+        every rank loads its own partition of that, and the folder is removed.
+        """
+        resharded = checkpoint.with_name(checkpoint.name + RESHARD_SUFFIX)
+        error = None
+        if self.is_global_zero:
+            rank_zero_info(f"{checkpoint} was written by {_processes(saved_world_size)} and this run has "
+                           f"{self.world_size}: re-partitioning its ZeRO states (DeepSpeed universal checkpoint)")
+            try:
+                write_universal_checkpoint(checkpoint, resharded)
+            except Exception as err:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+                error = f"{type(err).__name__}: {str(err).rstrip('.')}"
+                shutil.rmtree(resharded, ignore_errors=True)
+        error = self.broadcast(error)
+        if error:
+            raise RuntimeError(f"cannot re-partition {checkpoint}, written by {_processes(saved_world_size)}, for "
+                               f"{_processes(self.world_size)}: {error}. Resume on as many devices as wrote it, or "
+                               "export the checkpoint (flowvid export) and fine-tune from the export (with a new "
+                               "optimiser state).")
+        config = self.deepspeed_engine._config  # the engine reads the flag when it loads, and only then
+        config.load_universal_checkpoint = True
+        try:
+            client_state = super().load_checkpoint(resharded, weights_only)
+        finally:
+            config.load_universal_checkpoint = False
+        self.barrier("ZeroStrategy.load_checkpoint:resharded")
+        if self.is_global_zero:
+            shutil.rmtree(resharded, ignore_errors=True)
+        return client_state
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         target = Path(self.broadcast(str(filepath)))
@@ -127,6 +175,27 @@ class ZeroStrategy(DeepSpeedStrategy):
         if self.is_global_zero:
             _replace_directory(partial, target)
         self.barrier("ZeroStrategy.save_checkpoint:renamed")
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
+def write_universal_checkpoint(checkpoint: Path, target: Path) -> None:
+    """Rewrite the DeepSpeed checkpoint directory ``checkpoint`` (Lightning's layout: ``latest`` names
+    the tag folder) as a universal checkpoint in ``target``, which DeepSpeed loads on any world size."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    tag = (checkpoint / "latest").read_text().strip()
+    shutil.rmtree(target, ignore_errors=True)  # left by a run that died while converting
+    target.mkdir(parents=True)
+    options = argparse.Namespace(input_folder=str(checkpoint / tag), output_folder=str(target / tag),
+                                 num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                 strict=True, inject_missing_state=True)
+    # It reports every step of the conversion, with progress bars; an error still raises.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(options)
+    shutil.copy(checkpoint / "latest", target / "latest")  # what Lightning checks a DeepSpeed folder by
 
 
 def _replace_directory(source: Path, target: Path) -> None:

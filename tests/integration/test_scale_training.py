@@ -444,6 +444,65 @@ def test_two_processes_resume_from_the_newest_checkpoint_to_the_same_losses(stra
         assert resumed == {step: losses(whole, rank)[step] for step in (3, 4)}
 
 
+def resume_on(shards: Path, devices: int, strategy: str, checkpoint: Path, run_dir: Path, *, denoiser: bool) -> Path:
+    """Continue ``checkpoint`` (taken after step 2) to step 4 on ``devices`` processes, from a copy of it in
+    ``run_dir``'s checkpoint folder, as ``resume: auto`` finds it after a restart on other machines; the
+    validation after step 4 is logged to ``run_dir/validation.jsonl``."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    copy = shutil.copytree if checkpoint.is_dir() else shutil.copy
+    copy(checkpoint, run_dir / "checkpoints" / checkpoint.name)
+    validation = {"class_path": "test_scale_training.ValidationLog", "init_args": {"path": str(run_dir / "validation")}}
+    fit(recipe(shards, run_dir, denoiser=denoiser, max_steps=4, extra_callbacks=[validation]),
+        f"recipes/distributed/{strategy}.yaml",
+        args=("--trainer.devices", str(devices), "--trainer.precision", "32-true", "--resume", "auto"))
+    return run_dir
+
+
+@needs_deepspeed
+def test_a_zero3_checkpoint_of_two_processes_resumes_on_one_as_the_ddp_checkpoint_does(shards, ddp_run, zero_runs,
+                                                                                        tmp_path):
+    """ZeRO shards fit the number of processes that wrote them: a run continued on fewer devices has them
+    re-partitioned, and trains on as a DDP checkpoint of the same run does (plain Lightning restores that)."""
+    step2 = "checkpoints/step=00000002.ckpt"
+    reference = resume_on(shards, 1, "ddp", ddp_run / step2, tmp_path / "ddp", denoiser=False)
+    resumed = resume_on(shards, 1, "zero3", zero_runs(3) / step2, tmp_path / "zero3", denoiser=False)
+    assert sorted(losses(reference)) == [3, 4]
+    assert losses(resumed) == pytest.approx(losses(reference), rel=1e-6, abs=1e-7)
+    leftovers = [p.name for p in (tmp_path / "zero3" / "checkpoints").iterdir() if not p.name.endswith(".ckpt")]
+    assert not leftovers  # the re-partitioned copy is removed once loaded
+
+
+@needs_deepspeed
+def test_a_zero2_checkpoint_of_one_process_resumes_on_two_with_the_denoiser_and_ema(shards, single_run, tmp_path):
+    one = tmp_path / "one"
+    fit(recipe(shards, one, denoiser=True, max_steps=2), "recipes/distributed/zero2.yaml",
+        args=("--trainer.devices", "1", "--trainer.precision", "32-true"))
+    step2 = "checkpoints/step=00000002.ckpt"
+    reference = resume_on(shards, 2, "ddp", single_run / step2, tmp_path / "ddp", denoiser=True)
+    resumed = resume_on(shards, 2, "zero2", one / step2, tmp_path / "zero2", denoiser=True)
+    for rank in (0, 1):
+        assert sorted(losses(reference, rank)) == [3, 4]
+        for key in ("loss", "denoiser_loss"):
+            assert losses(resumed, rank, key) == pytest.approx(losses(reference, rank, key), rel=1e-5)
+    # Validation runs on the moving average of the weights, which came back whole from one process's shard.
+    reference, resumed = ([json.loads(line) for line in (tmp_path / run / "validation.jsonl").read_text().splitlines()]
+                          for run in ("ddp", "zero2"))
+    assert [record["step"] for record in reference] == [4, 4]  # one line per process
+    assert [record["bits_per_dim"] for record in resumed] == pytest.approx(
+        [record["bits_per_dim"] for record in reference], rel=1e-5)
+
+    # A damaged shard stops every process with one message, rather than leaving the others waiting.
+    damaged = tmp_path / "damaged" / "checkpoints" / "step=00000002.ckpt"
+    shutil.copytree(one / step2, damaged)
+    shard = next(damaged.glob("checkpoint/*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    failed = fit(recipe(shards, damaged.parents[1], denoiser=True, max_steps=4), "recipes/distributed/zero2.yaml",
+                 args=(*TWO_PROCESSES, "--trainer.precision", "32-true", "--resume", "auto"), expect_rc=1)
+    for rank in (0, 1):
+        assert f"[rank{rank}]: RuntimeError: cannot re-partition {damaged}, written by 1 process, for 2" in failed.stderr
+    assert [p.name for p in damaged.parent.iterdir()] == [damaged.name]
+
+
 @needs_deepspeed
 def test_an_ema_under_zero3_averages_every_shard_saves_whole_weights_and_resumes(shards, tmp_path):
     """Each rank averages its ZeRO-3 shards (of the deep block's large weights, which DeepSpeed gathers

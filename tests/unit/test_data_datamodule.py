@@ -95,12 +95,16 @@ def test_data_order_is_seeded_and_resumes_batch_exactly(folder):
     dm = module()
     epoch0, epoch1 = run_epoch(dm), run_epoch(dm)
     assert epoch0 != epoch1 and run_epoch(module(seed=1)) != epoch0
-    assert dm.state_dict() == {"seed": 0, "epoch": 2, "batches_consumed": 0, "num_workers": 2, "mixture": None}
+    assert dm.state_dict() == {"seed": 0, "epoch": 2, "batches_consumed": 0, "num_workers": 2, "world_size": 1,
+                               "mixture": None}
 
     for done in (1, 3, 4):
         resumed = module()
         resumed.load_state_dict({"seed": 0, "epoch": 1, "batches_consumed": done, "num_workers": 2})
         assert run_epoch(resumed) == epoch1[done:]
+
+    with pytest.warns(UserWarning, match="world_size=1 where the run had 2"):  # resumed on fewer processes
+        module().load_state_dict({**dm.state_dict(), "world_size": 2})
 
     partway = module()
     loader = iter(partway.train_dataloader())

@@ -348,7 +348,7 @@ def main(argv: list[str]) -> int:
             out = export_adapters(args.ckpt, args.out, args.weights, args.force)
         else:
             out = export_checkpoint(args.ckpt, args.out, args.dtype, args.weights, args.force)
-    except (OSError, CorruptCheckpointError, ValueError) as err:
+    except (OSError, CorruptCheckpointError, ValueError, ImportError) as err:
         raise UserError(str(err)) from err
     card = out.parent / CARD_NAME
     written = [out] if args.adapters_only else [out, out.parent / CONFIG_NAME] + ([card] if is_card(card) else [])

@@ -338,7 +338,7 @@ def main(argv: list[str]) -> int:
         records = run(module, request, Path(args.out), progress=lambda line: print(line, file=sys.stderr, flush=True))
     except KeyError as err:  # str() of a KeyError quotes its message
         raise UserError(str(err.args[0]) if err.args else str(err)) from None
-    except (GenerateError, FileNotFoundError) as err:
+    except (GenerateError, FileNotFoundError, ImportError) as err:
         raise UserError(str(err)) from None
     except CorruptCheckpointError as err:
         raise UserError(str(err)) from None

@@ -267,7 +267,7 @@ def main(argv: list[str]) -> int:
                             adapter_strength=args.lora_strength)
         with precision_context(precision, device):
             records = score_inputs(module, args.input, args.caption, args.seed)
-    except (ScoreError, FileNotFoundError, ValueError, CorruptCheckpointError) as err:
+    except (ScoreError, FileNotFoundError, ValueError, CorruptCheckpointError, ImportError) as err:
         raise UserError(str(err)) from None
     if rank != 0:  # the first process writes everyone's records
         return 0

@@ -15,6 +15,7 @@ step a function of the step counter, so they are restored with it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -110,6 +111,9 @@ def load_client_state(path: str | os.PathLike) -> dict[str, Any]:
     if path.name.endswith(PARTIAL_SUFFIX):
         raise CorruptCheckpointError(f"{path} is a checkpoint that was still being written; use an earlier one")
     source = deepspeed_model_states(path) if path.is_dir() else path
+    if path.is_dir() and importlib.util.find_spec("deepspeed") is None:  # its files unpickle DeepSpeed's classes
+        raise ImportError(f"{path} is a DeepSpeed checkpoint, and reading it needs DeepSpeed: "
+                          "pip install 'flowvid[deepspeed]'")
     if not zipfile.is_zipfile(source):  # torch.load would only say that it cannot memory-map the file
         raise CorruptCheckpointError(f"cannot read checkpoint {source}: not a PyTorch checkpoint (no zip archive "
                                      "inside; truncated, or another kind of file)")

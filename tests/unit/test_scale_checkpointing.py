@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from flowvid.cli import UserError
 from flowvid.codecs.base import CodecMismatchError
 from flowvid.codecs.pixel import PixelCodec
 from flowvid.flows.global_local import GlobalLocalFlow
@@ -24,6 +25,7 @@ from flowvid.lit.checkpointing import (
     resolve_resume,
     run_metadata,
 )
+from flowvid.export import main as export_main
 from flowvid.lit.strategies import ZeroStrategy
 
 
@@ -128,6 +130,18 @@ def test_a_deepspeed_checkpoint_missing_a_rank_shard_is_a_clear_error(tmp_path):
     empty.mkdir()
     with pytest.raises(CorruptCheckpointError, match="not a complete DeepSpeed checkpoint"):
         load_client_state(empty)
+
+
+def test_a_deepspeed_checkpoint_without_deepspeed_installed_says_what_to_install(tmp_path, monkeypatch):
+    folder = tmp_path / "step=00000004.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    torch.save({METADATA_KEY: {"world_size": 1}}, folder / "checkpoint" / "mp_rank_00_model_states.pt")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    with pytest.raises(ImportError, match=r"step=00000004.ckpt is a DeepSpeed checkpoint.*flowvid\[deepspeed\]"):
+        load_client_state(folder)
+    with pytest.raises(UserError, match="reading it needs DeepSpeed"):  # the commands say it in one line
+        export_main(["--ckpt", str(folder), "--out", str(tmp_path / "model.safetensors")])
 
 
 # --- resume: auto | none | path --------------------------------------------------------------------

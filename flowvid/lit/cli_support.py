@@ -13,8 +13,10 @@ status 2; ``FLOWVID_TRACEBACK=1`` shows the traceback instead. Later errors keep
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import yaml
@@ -129,6 +131,22 @@ def _raised_in_jsonargparse(err: BaseException) -> bool:
 #: What a shell reports for a process ended by SIGTERM (128 + 15): schedulers then know the run is not done.
 SIGTERM_EXIT_STATUS = 143
 
+#: Lightning's warnings that tell a flowvid user nothing to act on.
+BENIGN_WARNINGS = (
+    # The shard loaders deal every worker shards of its own, so their length holds with any number of workers.
+    r"Your `IterableDataset` has `__len__` defined",
+    # Lightning calling a torch API that torch has deprecated.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+def quiet_benign_messages() -> None:
+    """Leave out of a run's output Lightning's warnings above and its advertisement for a cloud logger."""
+    for message in BENIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip"))
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``FlowvidCLI`` as ``flowvid fit|validate`` does; 2 for bad input found before training, 143
@@ -137,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from flowvid.registry import load_plugins
 
     load_plugins()
+    quiet_benign_messages()
     LoopStarted.started = False
     try:
         FlowvidCLI(

@@ -1,15 +1,19 @@
-"""``flowvid fit`` shows the run's step out of max_steps instead of Lightning's ``Epoch 3/-2``."""
+"""What ``flowvid fit`` shows: the run's step out of max_steps instead of Lightning's ``Epoch 3/-2``, and
+none of Lightning's messages that ask nothing of the user."""
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from flowvid.lit.cli_support import FlowvidCLI
+from flowvid.lit.cli_support import FlowvidCLI, quiet_benign_messages
 from flowvid.lit.progress import StepProgressBar
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "shapes_t2v.yaml"
@@ -55,3 +59,17 @@ def test_a_progress_bar_the_recipe_chose_is_kept(callbacks):
     cli = built_cli(*callbacks)
     bars = [callback for callback in cli.trainer.callbacks if isinstance(callback, (TQDMProgressBar, StepProgressBar))]
     assert [type(bar) for bar in bars] == [TQDMProgressBar]
+
+
+def test_lightnings_messages_that_ask_nothing_of_the_user_are_left_out(caplog):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_benign_messages()
+        warnings.warn("Your `IterableDataset` has `__len__` defined. In combination with multi-process data loading")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`")
+        warnings.warn("a warning that matters")
+    assert [str(warning.message) for warning in caught] == ["a warning that matters"]
+    with caplog.at_level(logging.INFO):
+        rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
+        rank_zero_info("GPU available: False, used: False")
+    assert [record.getMessage() for record in caplog.records] == ["GPU available: False, used: False"]

@@ -213,14 +213,16 @@ class VideoShardDataModule(L.LightningDataModule):
         epoch, consumed = self._consumed()
         if consumed >= self.batches_per_epoch:
             epoch, consumed = epoch + 1, 0
-        return {"seed": self.seed, "epoch": epoch, "batches_consumed": consumed, "num_workers": self.num_workers,
-                "world_size": self._rank_and_world_size()[1], "mixture": self._mixture()}
+        return {"seed": self.seed, "epoch": epoch, "batches_consumed": consumed, "batch_size": self.batch_size,
+                "num_workers": self.num_workers, "world_size": self._rank_and_world_size()[1],
+                "mixture": self._mixture()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the training stream where ``state`` left it (on the next pass of the loader)."""
         # Lightning hands the state over twice, to the DataModule and to its loader: say what differs once.
         repeated, self._loaded_state = state == self._loaded_state, dict(state)
-        settings = (("seed", self.seed), ("num_workers", self.num_workers),
+        # The position is counted in batches: with another batch size it falls on other samples.
+        settings = (("seed", self.seed), ("batch_size", self.batch_size), ("num_workers", self.num_workers),
                     ("world_size", self._rank_and_world_size()[1]), ("mixture", self._mixture()))
         for key, now in settings:
             if key in state and state[key] != now and not repeated:

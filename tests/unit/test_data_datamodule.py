@@ -95,8 +95,8 @@ def test_data_order_is_seeded_and_resumes_batch_exactly(folder):
     dm = module()
     epoch0, epoch1 = run_epoch(dm), run_epoch(dm)
     assert epoch0 != epoch1 and run_epoch(module(seed=1)) != epoch0
-    assert dm.state_dict() == {"seed": 0, "epoch": 2, "batches_consumed": 0, "num_workers": 2, "world_size": 1,
-                               "mixture": None}
+    assert dm.state_dict() == {"seed": 0, "epoch": 2, "batches_consumed": 0, "batch_size": 2, "num_workers": 2,
+                               "world_size": 1, "mixture": None}
 
     for done in (1, 3, 4):
         resumed = module()
@@ -105,6 +105,8 @@ def test_data_order_is_seeded_and_resumes_batch_exactly(folder):
 
     with pytest.warns(UserWarning, match="world_size=1 where the run had 2"):  # resumed on fewer processes
         module().load_state_dict({**dm.state_dict(), "world_size": 2})
+    with pytest.warns(UserWarning, match="batch_size=2 where the run had 4"):
+        module().load_state_dict({**dm.state_dict(), "batch_size": 4})
 
     partway = module()
     loader = iter(partway.train_dataloader())
@@ -209,7 +211,7 @@ def test_a_mixture_resumes_batch_exactly_and_splits_every_folder_over_the_ranks(
         resumed = module()
         resumed.load_state_dict({**dm.state_dict(), "epoch": 1, "batches_consumed": done})
         assert run_epoch(resumed) == epoch1[done:]
-    other = VideoShardDataModule(folders, train_weights=[1, 2])
+    other = VideoShardDataModule(folders, batch_size=4, num_workers=2, train_weights=[1, 2])
     with pytest.warns(UserWarning, match="mixture"):
         other.load_state_dict(dm.state_dict())
     with warnings.catch_warnings():  # Lightning hands the same state to the loader too: said once is enough

@@ -35,7 +35,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from flowvid.lit.checkpointing import METADATA_KEY, PARTIAL_SUFFIX, check_resumable, load_client_state
+from flowvid.lit.checkpointing import PARTIAL_SUFFIX, check_resumable, load_client_state
 
 #: Suffix of the folder beside a checkpoint where it is re-partitioned for another number of processes
 #: (removed once loaded; never taken for a checkpoint, whose names end in ``.ckpt``).
@@ -125,8 +125,8 @@ class ZeroStrategy(DeepSpeedStrategy):
         # Fail with a clear message before DeepSpeed reads shards into a model they do not fit.
         client_state = load_client_state(checkpoint_path)
         check_resumable(client_state, self.lightning_module, f"checkpoint {checkpoint_path}")
-        saved_world_size = (client_state.get(METADATA_KEY) or {}).get("world_size", self.world_size)
-        if saved_world_size == self.world_size:
+        saved_world_size = len(list(Path(checkpoint_path).glob("*/*_optim_states.pt")))  # one shard per process
+        if saved_world_size in (0, self.world_size):
             return super().load_checkpoint(checkpoint_path, weights_only)
         return self._load_resharded(Path(checkpoint_path), saved_world_size, weights_only)
 

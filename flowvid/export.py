@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from flowvid.lit.checkpointing import (
     METADATA_KEY,
     PARTIAL_SUFFIX,
     CorruptCheckpointError,
+    consolidated_state_dict,
     load_client_state,
     resolve_checkpoint,
 )
@@ -139,29 +139,6 @@ def checkpoint_weights(ckpt: str | os.PathLike, weights: str = "ema",
     run = client_state.get(METADATA_KEY) or {}
     config = run.get("config") or {"model": model_config_from_hparams(client_state)}
     return state_dict, config, client_state
-
-
-def consolidated_state_dict(ckpt: str | os.PathLike, client_state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the module, whatever the number of ranks that wrote ``ckpt``."""
-    if not Path(ckpt).is_dir():
-        if "state_dict" not in client_state:
-            raise CorruptCheckpointError(f"{ckpt} has no 'state_dict': not a Lightning training checkpoint")
-        return dict(client_state["state_dict"])
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
-        gathered = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-    # Lightning wraps the module; older versions saved it under this prefix.
-    gathered = {name.removeprefix("_forward_module."): tensor for name, tensor in gathered.items()}
-    # Keep exactly the module's state_dict keys: DeepSpeed also reconstructs frozen pretrained
-    # weights (a VAE, a text encoder) that the module leaves out of its state dict on purpose.
-    module_state = client_state.get("module") or {}
-    if not module_state:
-        return gathered
-    missing = [name for name in module_state if name not in gathered and module_state[name].numel() == 0]
-    if missing:
-        raise CorruptCheckpointError(f"{ckpt}: the shards do not hold {', '.join(missing[:5])}")
-    return {name: gathered[name] if name in gathered else tensor for name, tensor in module_state.items()}
 
 
 def model_config_from_hparams(client_state: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,9 @@ step a function of the step counter, so they are restored with it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import re
 import signal
@@ -126,6 +128,29 @@ def load_client_state(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         check_deepspeed_shards(path, state)
     return state
+
+
+def consolidated_state_dict(ckpt: str | os.PathLike, client_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of the module, whatever the number of ranks that wrote ``ckpt``."""
+    if not Path(ckpt).is_dir():
+        if "state_dict" not in client_state:
+            raise CorruptCheckpointError(f"{ckpt} has no 'state_dict': not a Lightning training checkpoint")
+        return dict(client_state["state_dict"])
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+        gathered = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    # Lightning wraps the module; older versions saved it under this prefix.
+    gathered = {name.removeprefix("_forward_module."): tensor for name, tensor in gathered.items()}
+    # Keep exactly the module's state_dict keys: DeepSpeed also reconstructs frozen pretrained
+    # weights (a VAE, a text encoder) that the module leaves out of its state dict on purpose.
+    module_state = client_state.get("module") or {}
+    if not module_state:
+        return gathered
+    missing = [name for name in module_state if name not in gathered and module_state[name].numel() == 0]
+    if missing:
+        raise CorruptCheckpointError(f"{ckpt}: the shards do not hold {', '.join(missing[:5])}")
+    return {name: gathered[name] if name in gathered else tensor for name, tensor in module_state.items()}
 
 
 def deepspeed_model_states(directory: Path) -> Path:

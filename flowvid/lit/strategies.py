@@ -33,9 +33,10 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from flowvid.lit.checkpointing import PARTIAL_SUFFIX, check_resumable, load_client_state
+from flowvid.lit.checkpointing import PARTIAL_SUFFIX, check_resumable, consolidated_state_dict, load_client_state
 
 #: Suffix of the folder beside a checkpoint where it is re-partitioned for another number of processes
 #: (removed once loaded; never taken for a checkpoint, whose names end in ``.ckpt``).
@@ -125,10 +126,29 @@ class ZeroStrategy(DeepSpeedStrategy):
         # Fail with a clear message before DeepSpeed reads shards into a model they do not fit.
         client_state = load_client_state(checkpoint_path)
         check_resumable(client_state, self.lightning_module, f"checkpoint {checkpoint_path}")
+        if self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return self._load_weights(Path(checkpoint_path), client_state, weights_only)
         saved_world_size = len(list(Path(checkpoint_path).glob("*/*_optim_states.pt")))  # one shard per process
         if saved_world_size in (0, self.world_size):
             return super().load_checkpoint(checkpoint_path, weights_only)
         return self._load_resharded(Path(checkpoint_path), saved_world_size, weights_only)
+
+    def _load_weights(self, checkpoint: Path, client_state: dict[str, Any], weights_only: bool | None) -> dict[str, Any]:
+        """The weights alone, to validate or test. Under ZeRO-3 DeepSpeed's inference engine cannot load its own
+        checkpoints (it asks its parameter-offload object to restore an optimiser it does not have), so rank 0
+        consolidates the shards and ``load_model_state_dict`` hands each layer's weights to its partitions on
+        every rank (the other ranks read none: rank 0's weights are broadcast layer by layer)."""
+        if not self.zero_stage_3:
+            return super().load_checkpoint(checkpoint, weights_only)
+        weights = consolidated_state_dict(checkpoint, client_state) if self.is_global_zero else {}
+        return {**client_state, "state_dict": weights}
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        if self.zero_stage_3 and "state_dict" in checkpoint:  # consolidated by _load_weights
+            self.model_to_device()
+            self._restore_zero_state(checkpoint, strict=strict)
+            return
+        super().load_model_state_dict(checkpoint, strict)
 
     def _load_resharded(self, checkpoint: Path, saved_world_size: int, weights_only: bool | None) -> dict[str, Any]:
         """Load a checkpoint written by ``saved_world_size`` processes into this run's partitioning.

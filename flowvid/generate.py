@@ -345,5 +345,6 @@ def main(argv: list[str]) -> int:
     except ValueError as err:  # bad sizes, guidance without text encoder, codec mismatch, ...
         raise UserError(str(err)) from None
     shard = f", prompts {rank}, {rank + world_size}, ... of {len(prompts)}" if world_size > 1 else ""
-    print(f"wrote {len(records)} samples to {args.out} ({module.device}, {precision}{shard})")
+    samples = f"{len(records)} sample{'' if len(records) == 1 else 's'}"
+    print(f"wrote {samples} to {args.out} ({module.device}, {precision}{shard})")
     return 0

@@ -47,11 +47,14 @@ def model_file(path: str | os.PathLike) -> Path:
 
 
 def export_in(folder: Path) -> Path | None:
-    """The export of a folder that holds one (``config.yaml`` beside a single ``.safetensors``)."""
+    """The export of a folder that holds one (``config.yaml`` beside a single ``.safetensors``). A run
+    directory is none, although LightningCLI writes a ``config.yaml`` into it too."""
     if not (folder.is_dir() and (folder / CONFIG_NAME).is_file()):
         return None
     exports = sorted(folder.glob("*.safetensors"))
-    if len(exports) != 1:
+    if not exports:
+        return None
+    if len(exports) > 1:
         raise ValueError(f"{folder} holds {len(exports)} .safetensors files beside {CONFIG_NAME}"
                          f"{': ' + ', '.join(p.name for p in exports) if exports else ''}; name the export to load")
     return exports[0]

@@ -600,6 +600,7 @@ def test_skip_existing_finishes_an_interrupted_run_and_refuses_another_requests_
     run = tmp_path / "run" / "checkpoints"
     run.mkdir(parents=True)
     (run / "step=00000001.ckpt").write_bytes(checkpoint.read_bytes())
+    (run.parent / "config.yaml").write_text("trainer: {}\n")  # what LightningCLI saves in a run directory
     run_args = [args[0], "--ckpt", str(run.parent), *args[3:]]
     assert main([*run_args, "--skip-existing"]) == 2
     assert f"model {str(checkpoint.resolve())!r}, not {str((run / 'step=00000001.ckpt').resolve())!r}" in \

@@ -520,7 +520,7 @@ def test_processes_of_torchrun_share_the_prompts_and_write_what_one_process_writ
         monkeypatch.setenv("WORLD_SIZE", "2")
         assert main([*args, "--out", str(tmp_path / "two")]) == 0
         written = capsys.readouterr().out
-        assert f"wrote {2 - rank} samples" in written and f"prompts {rank}, {rank + 2}, ... of 3" in written
+        assert f"wrote {2 - rank} sample{'s' if rank == 0 else ''} to" in written and f"prompts {rank}, {rank + 2}, ... of 3" in written
     one, two = (sorted(p.name for p in (tmp_path / run).iterdir()) for run in ("one", "two"))
     assert one == two and len(one) == 3 * 4
     for name in one:

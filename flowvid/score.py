@@ -278,5 +278,7 @@ def main(argv: list[str]) -> int:
     except OSError as err:  # a full disk or a folder without write permission
         raise UserError(f"cannot write the scores to {out}: {err.strerror or err}") from None
     failed = sum("error" in r for r in records)
-    print(f"scored {len(records) - failed} videos into {out}" + (f"; {failed} could not be read (listed)" if failed else ""))
+    scored = len(records) - failed
+    print(f"scored {scored} video{'' if scored == 1 else 's'} into {out}"
+          + (f"; {failed} could not be read (listed)" if failed else ""))
     return 0 if len(records) > failed else 1

@@ -416,11 +416,9 @@ def test_validate_takes_a_run_directory_for_its_newest_checkpoint(shards, single
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("devices", [2, 1])
-def test_validate_reads_a_zero3_checkpoint_as_the_ddp_checkpoint_of_the_same_run(devices, shards, ddp_run, zero_runs,
-                                                                               tmp_path):
-    """Outside training DeepSpeed cannot load its own ZeRO-3 checkpoints; the shards are consolidated instead,
-    so validation works on any number of processes."""
+def test_validate_reads_a_zero3_checkpoint_as_the_ddp_checkpoint_of_the_same_run(shards, ddp_run, zero_runs, tmp_path):
+    """Outside training DeepSpeed cannot load its own ZeRO-3 checkpoints; rank 0 consolidates the shards instead
+    (whatever the number of processes, which this test keeps at the two that wrote them)."""
 
     def validate(run_dir: Path, strategy: str) -> list[float]:
         log = {"class_path": "test_scale_training.ValidationLog", "init_args": {"path": str(tmp_path / strategy)}}
@@ -428,12 +426,12 @@ def test_validate_reads_a_zero3_checkpoint_as_the_ddp_checkpoint_of_the_same_run
         config.write_text(yaml.safe_dump(recipe(shards, tmp_path / strategy, denoiser=False, max_steps=4,
                                                 extra_callbacks=[log])))
         run_fit([config, REPO / "recipes" / "distributed" / f"{strategy}.yaml"],
-                ("--trainer.devices", str(devices), "--trainer.precision", "32-true",
+                (*TWO_PROCESSES, "--trainer.precision", "32-true",
                  "--ckpt_path", str(run_dir / "checkpoints" / "step=00000002.ckpt")), cwd=REPO, subcommand="validate")
         return [json.loads(line)["bits_per_dim"] for line in (tmp_path / f"{strategy}.jsonl").read_text().splitlines()]
 
     expected = validate(ddp_run, "ddp")
-    assert len(expected) == devices  # one line per process
+    assert len(expected) == 2  # one line per process
     assert validate(zero_runs(3), "zero3") == pytest.approx(expected, rel=1e-5)
 
 

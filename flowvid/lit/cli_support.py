@@ -140,12 +140,16 @@ BENIGN_WARNINGS = (
 )
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip")
+
+
 def quiet_benign_messages() -> None:
-    """Leave out of a run's output Lightning's warnings above and its advertisement for a cloud logger."""
+    """Leave out of a run's output Lightning's warnings above and its advertisement for a cloud logger.
+    Calling it again adds nothing (the same filters are kept once)."""
     for message in BENIGN_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not record.getMessage().startswith("💡 Tip"))
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_tip)
 
 
 def main(argv: list[str] | None = None) -> int:

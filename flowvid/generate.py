@@ -204,6 +204,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
         source = pipeline.source_frames(request.task, request.image, request.video)
     except MediaError as err:
         raise GenerateError(str(err)) from None
+    pipeline.check_room(request.task, request.frames, source)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # checked up front by the command; a library caller may still hit this

@@ -181,7 +181,9 @@ class VideoPipeline:
         guidance = self.model.guidance if guidance is None else guidance
         frames = self.model.video_shape[0] if frames is None else frames
         self.check(task, frames, guidance, negative_prompt, seed, batch_size)
-        return prompts, frames, guidance, self.source_frames(task, image, video)
+        source = self.source_frames(task, image, video)
+        self.check_room(task, frames, source)
+        return prompts, frames, guidance, source
 
     def prompts_for(self, prompts: list[str]) -> list[str]:
         """At least one caption for a model that reads text; none but empty ones for an unconditional
@@ -213,6 +215,13 @@ class VideoPipeline:
             if guidance <= 0:
                 raise GenerateError(f"a negative prompt steers guidance, which is off (guidance {guidance}); "
                                     "give guidance > 0")
+
+    def check_room(self, task: str, frames: int, source: torch.Tensor | None) -> None:
+        """Refuse a video no longer than its given frames: there would be nothing to sample."""
+        if source is not None and source.shape[1] >= self.model.codec.usable_frames(frames):
+            given = "the image" if task == "i2v" else f"the video's {source.shape[1]} frames"
+            raise GenerateError(f"{task}: {frames} frames leave nothing to sample after {given}; ask for more "
+                                f"than {source.shape[1]} frames (the result starts with the given ones)")
 
     def source_frames(self, task: str, image, video) -> torch.Tensor | None:
         """The task's conditioning frames as uint8 (1, S, H, W, 3), or None for t2v."""

@@ -313,6 +313,16 @@ def test_extending_a_clip_as_long_as_the_training_window_continues_it(checkpoint
     assert video.shape == (7, 8, 8, 3) and np.array_equal(video[:4], clip)
 
 
+@pytest.mark.parametrize("task", ["extend", "v2v"])
+def test_a_clip_as_long_as_the_video_asked_for_says_to_ask_for_more_frames(checkpoint, tmp_path, capsys, task):
+    np.save(tmp_path / "clip.npy", np.zeros((5, 8, 8, 3), np.uint8))
+    assert main(["generate", "--ckpt", str(checkpoint), "--task", task, "--video", str(tmp_path / "clip.npy"),
+                 "--frames", "5", "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys)
+    assert f"{task}: 5 frames leave nothing to sample after the video's 5 frames; ask for more than 5 frames" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_score_ranks_videos_and_matches_the_flow_likelihood(checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     smooth = np.repeat(np.repeat(rng.integers(100, 140, (6, 4, 4, 3)), 2, 1), 2, 2).astype(np.uint8)

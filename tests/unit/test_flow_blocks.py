@@ -37,6 +37,14 @@ class BatchMixing(AffineBlock):
         return raw + 0.5 * raw.mean(0, keepdim=True)
 
 
+class ReadsThePreviousSample(AffineBlock):
+    """Sample b reads sample b - 1: a batch folded into one causal sequence. Sample 0 sees nothing else."""
+
+    def _run(self, *args, **kwargs):
+        raw = super()._run(*args, **kwargs)
+        return raw + 0.5 * torch.cat([torch.zeros_like(raw[:1]), raw[:-1]])
+
+
 class PeeksAtTheNextToken(AffineBlock):
     def forward(self, x, text=None):
         return super().forward(x + 0.01 * torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1), text)
@@ -46,6 +54,7 @@ class PeeksAtTheNextToken(AffineBlock):
     (BatchAveragedLogdet, "test_logdet_matches_autograd_jacobian"),
     (LaterFramesLogdetDropped, "test_logdet_matches_autograd_jacobian"),
     (BatchMixing, "test_samples_of_a_batch_do_not_see_each_other"),
+    (ReadsThePreviousSample, "test_samples_of_a_batch_do_not_see_each_other"),
     (PeeksAtTheNextToken, "test_changing_a_token_leaves_earlier_slots_unchanged"),
 ])
 def test_the_kit_fails_a_block_that_breaks_the_contract(wrong_block, kit_test):

@@ -17,6 +17,7 @@ from flowvid.nn import (
 from flowvid.nn.attention import CPU_BF16_MIN_KEYS, attention
 from flowvid.nn.attention import attention_bands
 from flowvid.nn.rope import rope_angles, rotate_pairs, rotate_pairs_real
+from flowvid.testing import perturb_parameters
 from flowvid.text.base import TextEmbedding
 
 
@@ -119,9 +120,12 @@ def test_attention_equals_the_plain_formula_forward_and_backward():
 
 
 def make_block(text_width: int | None = 6) -> AffineBlock:
+    """A small block moved off its identity initialisation (the same weights on every call)."""
     torch.manual_seed(0)
     spec = BlockSpec(3, (2, 3), width=16, depth=1, head_dim=8, permutation="flip_within_frame", text_width=text_width)
-    return AffineBlock(spec)
+    block = AffineBlock(spec)
+    perturb_parameters(block)
+    return block
 
 
 def test_rotation_tables_are_built_once_and_equal_fresh_ones():
@@ -250,6 +254,7 @@ def test_a_block_compiles_to_one_graph_and_computes_what_it_does_eagerly(text_wi
     spec = BlockSpec(3, (8, 8), width=16, depth=2, head_dim=8, permutation="flip_within_frame",
                      text_width=text_width)
     block = AffineBlock(spec)
+    perturb_parameters(block)
     x = torch.randn(2, 4 * 64, 3, requires_grad=True)  # more queries than one chunk of banded attention
     text = None if text_width is None else TextEmbedding(torch.randn(2, 5, 6), torch.tensor([[True] * 3 + [False] * 2,
                                                                                             [True] * 5]))
@@ -280,6 +285,7 @@ def test_a_text_conditioned_block_encodes_a_long_video_under_inference_mode():
     torch.manual_seed(0)
     spec = BlockSpec(3, (8, 8), width=16, depth=1, head_dim=8, permutation="flip_within_frame", text_width=6)
     block = AffineBlock(spec)
+    perturb_parameters(block)
     x = torch.randn(2, 4 * 64, 3)  # 4 frames: more queries than one chunk
     text = TextEmbedding(torch.randn(2, 5, 6), torch.tensor([[True] * 3 + [False] * 2, [True] * 5]))
     with torch.no_grad():

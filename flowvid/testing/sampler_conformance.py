@@ -10,8 +10,9 @@ A sampler plugin's test module subclasses the mixin and says how to build its sa
         tolerance = 1e-4                # relative L2 to the exact SequentialSampler that it promises
 
 pytest then runs every ``test_*`` method below on a tiny text-conditioned flow with perturbed weights:
-agreement with ``SequentialSampler`` (plain, guided, with a prefix), exact prefix reproduction, the
-inverse of the flow's own noise, shapes and dtypes, determinism, streaming, and clear errors.
+agreement with ``SequentialSampler`` (plain, guided, with a prefix), guided samples that are the guided
+inverse, exact prefix reproduction, the inverse of the flow's own noise, shapes and dtypes,
+determinism, streaming, and clear errors.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pytest
 import torch
 
 from flowvid.flows.global_local import GlobalLocalFlow
-from flowvid.sampling.base import GuidedText, Sampler
+from flowvid.flows.guidance import guided_affine
+from flowvid.sampling.base import GuidedText, Sampler, encode_shallow
 from flowvid.sampling.sequential import SequentialSampler
 from flowvid.testing.block_conformance import perturb_parameters
 from flowvid.text.base import TextEmbedding
@@ -87,6 +89,21 @@ class SamplerConformance:
         flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
         reference = SequentialSampler().sample(flow, z, text, guidance=guidance)
         assert relative_error(self.make_sampler().sample(flow, z, text, guidance=guidance), reference) <= self.tolerance
+
+    def test_a_guided_sample_is_the_guided_inverse(self):
+        """Checked without another sampler: encoded again, every token the deep block reads is its guided
+        update, ``mu + sigma * z`` with both branches reading the guided sample."""
+        flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
+        x = self.make_sampler().sample(flow, z, text, guidance=2.0)
+        batch = z.shape[0]
+        uncond = TextEmbedding(text.uncond.tokens.expand(batch, -1, -1), text.uncond.mask.expand(batch, -1))
+        with torch.no_grad():
+            tokens = encode_shallow(flow, x)
+            (z_cond, logdet_cond), (z_uncond, logdet_uncond) = flow.deep(tokens, text.cond), flow.deep(tokens, uncond)
+        sigma_cond, sigma_uncond = logdet_cond.neg().exp(), logdet_uncond.neg().exp()
+        mu, sigma = guided_affine(tokens - sigma_cond * z_cond, sigma_cond, tokens - sigma_uncond * z_uncond,
+                                  sigma_uncond, 2.0)
+        assert relative_error(mu + sigma * z.reshape_as(tokens), tokens) <= self.tolerance
 
     def test_guidance_zero_equals_unguided_sampling(self):
         flow, z, text = self.make_flow(), self.make_noise(), self.make_text()

@@ -341,6 +341,21 @@ def test_score_ranks_videos_and_matches_the_flow_likelihood(checkpoint, tmp_path
     assert 6.0 < noisy_record["bits_per_dim"] < 40.0
     assert math.isclose(np.mean(noisy_record["bits_per_dim_per_frame"]), noisy_record["bits_per_dim"], rel_tol=1e-6)
 
+    # Alone, the file is video 0 and draws its dequantisation noise from the seed itself: the flow's
+    # likelihood of the dequantised latents, clip after clip, plus log 127.5 nats for the map from 8-bit values.
+    single = tmp_path / "single.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "noisy.mkv"), "--seed", "3",
+                 "--out", str(single)]) == 0
+    [record] = [json.loads(line) for line in single.read_text().splitlines()]
+    module, generator, expected = load_model(checkpoint), torch.Generator().manual_seed(3), []
+    text = module.text_encoder.encode([""])
+    with torch.no_grad():
+        for start in range(0, 6, module.video_shape[0]):
+            clip = module.codec.encode(torch.from_numpy(noisy[start:start + module.video_shape[0]])[None])
+            clip = clip + torch.rand(clip.shape[1:], generator=generator) / 127.5
+            expected += ((module.flow.nll_per_frame(clip, text)[0] + math.log(127.5)) / math.log(2)).tolist()
+    assert record["bits_per_dim_per_frame"] == pytest.approx(expected, rel=1e-6)
+
 
 def test_clips_cover_the_video_in_whole_latent_frames():
     assert clips_of(10, 4, PixelCodec()) == [(0, 4), (4, 8), (8, 10)]

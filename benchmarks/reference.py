@@ -11,9 +11,9 @@ are equal. ``train_throughput.py --reference PATH`` times their training steps.
 
 Run as a script, this file compares Jacobi sampling. Our flow is fitted to the moving-shapes videos
 (``sampling.fit_to_shapes``) and its weights are copied into the reference model (the names map one to
-one, ``flowvid.convert``), so both invert nearly the same function: the video part is identical, the
-text part differs (the reference rotates text positions and reads the text causally; flowvid does
-neither). Each implementation's Jacobi output is compared with its own exact sequential inverse, and
+one and the query and key rows go to the reference's rotary layout, ``flowvid.convert``), so both invert
+nearly the same function: the video part is identical, the text part differs (the reference rotates
+text positions and reads the text causally; flowvid does neither). Each implementation's Jacobi output is compared with its own exact sequential inverse, and
 all timings of one round are taken back to back: our forward pass, our Jacobi, the reference's Jacobi,
 the reference's forward pass.
 
@@ -153,16 +153,20 @@ def reference_jacobi(model: nn.Module, z: torch.Tensor, text: TextEmbedding, blo
 
 
 def copy_weights(flow: GlobalLocalFlow, model: nn.Module) -> None:
-    """Make the reference model's parameters those of ``flow`` (strict: every parameter is set)."""
+    """Make the reference model's parameters those of ``flow`` (strict: every parameter is set), with the
+    query and key rows in the reference's rotary layout (``flowvid.convert.rotary_layout``), so that the
+    video part of both models is the same function."""
     from flowvid.convert import from_reference
 
-    targets = from_reference(model.state_dict()).flow  # the reference's own tensors, under flowvid's names
-    source = flow.state_dict()
-    if set(targets) != set(source):
-        raise ValueError(f"parameter names differ: {sorted(set(targets) ^ set(source))[:6]}")
+    state, ours = model.state_dict(), flow.state_dict()
+    names = from_reference(state, flow.deep.spec.head_dim).names
+    if set(names) != set(ours):
+        raise ValueError(f"parameter names differ: {sorted(set(names) ^ set(ours))[:6]}")
+    # Importing is its own inverse: importing our weights under the reference's names lays them out as it does.
+    theirs = from_reference({names[name]: tensor for name, tensor in ours.items()}, flow.deep.spec.head_dim).flow
     with torch.no_grad():
-        for name, tensor in targets.items():
-            tensor.copy_(source[name])
+        for name, reference_name in names.items():
+            state[reference_name].copy_(theirs[name])
 
 
 def relative_l2(x: torch.Tensor, exact: torch.Tensor) -> float:

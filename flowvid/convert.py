@@ -12,6 +12,22 @@ parameters map one to one::
     attn_blocks.{j}.mlp.norm       -> layers.{j}.norm_mlp     mlp.main.0 / .2       -> mlp.fc / .proj
 
 Buffers the reference keeps only for compatibility (``attn_mask``, ``var``, RoPE tables) are dropped.
+
+The two implementations lay out their rotary embeddings differently, and the import makes up for it in
+the query and key rows of every ``qkv`` projection (``rotary_layout``), so that the video part of the
+imported flow computes what the reference's computes:
+
+* a head's first spatial rotation pairs turn with the column in flowvid and with the row in the
+  reference: the two groups of pairs trade places;
+* in a flipped (right-to-left) block flowvid rotates a slot by the position of the token it holds, the
+  reference by the position of the token natural order puts there, i.e. by the mirrored position: the
+  angles between two slots have opposite signs, so each pair's second query and key component changes
+  sign (conjugating both leaves the scores as the opposite angles make them).
+
+What no weights can make up for: the reference also rotates its text positions (along the time axis)
+and reads the text causally and unmasked, where flowvid leaves text unrotated and lets the text tokens
+see each other (padding hidden). An imported text-conditioned deep block therefore starts close to the
+reference's but not equal to it; fine-tune it before relying on its samples or likelihoods.
 The reference denoiser is not converted: flowvid's ``CausalDenoiser`` normalises its output and
 windows its attention differently, so its weights would not mean the same thing; train a denoiser
 on the imported flow instead (``recipes/finetune/custom_shards.yaml``, ``train: denoiser``).
@@ -56,6 +72,7 @@ class ReferenceImport:
     """The flow's weights in flowvid's names, and what was deliberately left behind."""
 
     flow: dict[str, torch.Tensor]
+    names: dict[str, str] = field(default_factory=dict)  # flowvid's name -> the reference's
     dropped_buffers: list[str] = field(default_factory=list)
     denoiser_keys: list[str] = field(default_factory=list)
 
@@ -90,12 +107,44 @@ def strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return stripped
 
 
-def from_reference(state_dict: dict[str, torch.Tensor]) -> ReferenceImport:
-    """Rename a reference state dict into ``GlobalLocalFlow`` parameter names.
+def check_rotary_split(head_dim: int) -> None:
+    """The reference turns 8 pairs of a head with the frame (when it has text) and splits the rest evenly
+    between the two spatial axes; flowvid's split (``rope_pair_split``) must be the same for the weights to
+    mean the same thing."""
+    from flowvid.nn.rope import rope_pair_split
 
-    Raises ValueError for keys that have no counterpart in flowvid (listing them) and for reference
-    models whose block order flowvid cannot reproduce.
+    pairs = head_dim // 2
+    theirs = ((pairs - 8) // 2, (pairs - 8) // 2, 8) if head_dim % 4 == 0 and pairs > 8 else None
+    ours = rope_pair_split(head_dim)
+    if theirs != ours:
+        raise ValueError(f"head_dim {head_dim}: flowvid turns its rotation pairs as (column, row, frame) = {ours}, the "
+                         f"reference as (row, column, frame) = {theirs or 'an uneven split'}; weights convert "
+                         "exactly only where the two agree (head_dim 64)")
+
+
+def rotary_layout(qkv: torch.Tensor, head_dim: int, flipped: bool) -> torch.Tensor:
+    """A fused ``qkv`` weight (3W, ...) or bias (3W,) with the query and key rows moved from the reference's
+    rotary layout to flowvid's (see the module's docstring); the map is its own inverse."""
+    from flowvid.nn.rope import rope_pair_split
+
+    columns, rows, _ = rope_pair_split(head_dim)
+    width = qkv.shape[0] // 3
+    pairs = qkv[:2 * width].reshape(2, width // head_dim, head_dim // 2, 2, *qkv.shape[1:])
+    order = [*range(columns, columns + rows), *range(columns), *range(columns + rows, head_dim // 2)]
+    pairs = pairs[:, :, order].clone()
+    if flipped:
+        pairs[:, :, :, 1] *= -1
+    return torch.cat([pairs.reshape(2 * width, *qkv.shape[1:]), qkv[2 * width:]])
+
+
+def from_reference(state_dict: dict[str, torch.Tensor], head_dim: int = 64) -> ReferenceImport:
+    """Rename a reference state dict into ``GlobalLocalFlow`` parameter names, with the query and key rows
+    in flowvid's rotary layout (``rotary_layout``) for heads of ``head_dim``.
+
+    Raises ValueError for keys that have no counterpart in flowvid (listing them), for reference
+    models whose block order flowvid cannot reproduce and for head sizes whose rotations differ.
     """
+    check_rotary_split(head_dim)
     state_dict = strip_wrappers(state_dict)
     blocks = sorted({int(m.group(1)) for m in map(_BLOCK_KEY.match, state_dict) if m})
     if not blocks or blocks != list(range(len(blocks))):
@@ -123,7 +172,11 @@ def from_reference(state_dict: dict[str, torch.Tensor]) -> ReferenceImport:
             continue
         index = int(match.group(1))
         owner = "deep" if index == deep else f"shallow.{index}"
+        if ".attn.qkv." in renamed:
+            # Shallow block i is flipped when an odd number of blocks follows it, in both implementations.
+            tensor = rotary_layout(tensor, head_dim, flipped=(deep - index) % 2 == 1)
         result.flow[f"{owner}.{renamed}"] = tensor
+        result.names[f"{owner}.{renamed}"] = name
     if unknown:
         raise ValueError(f"{len(unknown)} reference keys have no counterpart in flowvid's blocks "
                          f"(features flowvid does not implement?): {', '.join(sorted(unknown)[:8])}")
@@ -191,7 +244,7 @@ def import_reference_flow(path: str | os.PathLike, frame_size: tuple[int, int], 
     """A ``GlobalLocalFlow`` with the weights of a reference checkpoint (strict: every weight used)."""
     from flowvid.flows.global_local import GlobalLocalFlow
 
-    imported = from_reference(load_reference_checkpoint(path))
+    imported = from_reference(load_reference_checkpoint(path), head_dim)
     flow = GlobalLocalFlow(**reference_flow_config(imported.flow, frame_size, head_dim))
     flow.load_state_dict(imported.flow, strict=True)
     return flow
@@ -231,4 +284,7 @@ def main(argv: list[str]) -> int:
     flow_config = {"class_path": "flowvid.flows.global_local.GlobalLocalFlow", "init_args": config}
     config_path.write_text(yaml.safe_dump(flow_config, sort_keys=False))
     print(f"wrote {out} and {config_path}")
+    if config["text_width"]:
+        print("the deep block reads its text differently from the reference (text positions, causal reading): "
+              "fine-tune it before relying on its samples or likelihoods")
     return 0

@@ -83,8 +83,22 @@ SUMMARIES = {
 def usage() -> str:
     lines = [f"usage: flowvid {{{','.join([*LIGHTNING_VERBS, *VERBS])}}} ...", "", "commands:"]
     lines += [f"  {verb:<10} {SUMMARIES[verb]}" for verb in [*LIGHTNING_VERBS, *VERBS]]
-    lines += ["", "`flowvid COMMAND --help` describes each command's options."]
+    lines += ["", "`flowvid COMMAND --help` describes each command's options; `flowvid --version` the versions."]
     return "\n".join(lines)
+
+
+def versions() -> str:
+    """flowvid's version and those of the libraries that decide its numbers, for bug reports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    others = ", ".join(f"{package} {installed(package)}" for package in ("torch", "lightning", "deepspeed"))
+    return f"flowvid {installed('flowvid')} ({others}; Python {sys.version.split()[0]})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv == ["--version"]:
+        print(versions())
+        return 0
     verb, rest = argv[0], argv[1:]
     load_plugins()
     try:

@@ -47,6 +47,16 @@ def test_help_lists_every_command_with_what_it_does(capsys):
     assert listed == {*LIGHTNING_VERBS, *VERBS}
 
 
+def test_version_names_flowvid_and_the_libraries_behind_its_numbers(capsys):
+    from importlib.metadata import version
+
+    import torch
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"flowvid {version('flowvid')} (torch {torch.__version__}, lightning ") and "Python 3." in out
+
+
 def test_plugins_help_explains_instead_of_listing(capsys):
     assert main(["plugins", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: flowvid plugins")

@@ -23,7 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flowvid.export import check_export_path, checkpoint_weights, load_weights, reading_export, write_atomically
+from flowvid.export import check_export_path, checkpoint_weights, load_weights, reading_export
+from flowvid.paths import write_atomically
 from flowvid.lit.checkpointing import resolve_checkpoint
 from flowvid.nn.lora import is_adapter_key, merge_lora
 

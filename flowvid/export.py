@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,6 @@ from torch import nn
 
 from flowvid.lit.checkpointing import (
     METADATA_KEY,
-    PARTIAL_SUFFIX,
     CorruptCheckpointError,
     consolidated_state_dict,
     load_client_state,
@@ -40,7 +41,7 @@ from flowvid.lit.checkpointing import (
 )
 from flowvid.model_card import CARD_NAME, is_card, is_replaceable, model_card
 from flowvid.nn.lora import is_adapter_key, merge_lora
-from flowvid.paths import check_output_file
+from flowvid.paths import check_output_file, write_atomically
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONFIG_NAME = "config.yaml"
@@ -94,6 +95,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     tensors = {name: _portable(tensor, DTYPES[dtype]) for name, tensor in state_dict.items()}
     run = client_state.get(METADATA_KEY) or {}
     used = "ema" if weights == "ema" and (client_state.get("flowvid") or {}).get("ema") else "trained"
+    config_text = yaml.safe_dump(config, sort_keys=False)
     metadata = {
         "format": FORMAT,
         "dtype": dtype,
@@ -101,11 +103,12 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
         "source": str(Path(ckpt).name),
         "global_step": str(client_state.get("global_step", "")),
         **{key: json.dumps(run.get(key)) for key in JSON_FIELDS},
+        "config_sha256": sha256(config_text),
     }
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(out, lambda path: save_file(tensors, str(path), metadata=metadata))
-        write_atomically(config_path, lambda path: path.write_text(yaml.safe_dump(config, sort_keys=False)))
+        write_atomically(config_path, lambda path: path.write_text(config_text))
         card = out.parent / CARD_NAME
         if is_replaceable(card):
             text = model_card(out.parent, out.name, decode_metadata(metadata), config, tensors)
@@ -159,26 +162,6 @@ def _portable(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.contiguous().clone()
 
 
-def write_atomically(path: Path, write: Any) -> None:
-    """``write`` the file beside ``path``, then rename it: a crash never leaves half a file at ``path``."""
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    try:
-        write(partial)
-        # Some writers create their file private (safetensors does, 0600); an export is shared like any
-        # file the user writes.
-        os.chmod(partial, 0o666 & ~_umask())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    """The process's umask; setting it is the only portable way to read it, so it is set back at once."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
 # --- load ------------------------------------------------------------------------------------------
 
 
@@ -221,6 +204,8 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
         raise FileNotFoundError(f"exported model {path} does not exist")
     run_config = read_run_config(config_path)
     metadata = read_export_metadata(path)  # fails early on a file that is not an export
+    if config is None:
+        check_config_matches(path, config_path, metadata)
     try:
         module = build_module(run_config)
     except Exception as err:  # noqa: BLE001 - most often a plugin that is not installed here
@@ -239,6 +224,21 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
         denoiser=getattr(module, "denoiser", None),
         config=run_config,
     )
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_config_matches(path: Path, config_path: Path, metadata: dict[str, str]) -> None:
+    """Warn when the config beside an export is not the one it was written with: an export interrupted
+    between its two files, another export into the same folder, or an edit since (exports before the
+    config's checksum was recorded are not checked)."""
+    expected = metadata.get("config_sha256")
+    if expected and sha256(config_path.read_text()) != expected:
+        warnings.warn(f"{config_path} is not the config {path.name} was exported with (another export into the "
+                      "same folder, an interrupted export or an edit since?); the model is built from it as it is "
+                      "now. Export again to pair them", stacklevel=3)
 
 
 def read_run_config(config_path: Path) -> dict[str, Any]:

@@ -35,9 +35,8 @@ import numpy as np
 import torch
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
-from flowvid.export import write_atomically
 from flowvid.media import MediaError, frame_rate, write_video
-from flowvid.paths import check_output_folder
+from flowvid.paths import check_output_folder, write_atomically
 from flowvid.pipeline import DEFAULT_TOLERANCE, NON_FINITE_ADVICE, GenerateError, VideoPipeline
 from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
 from flowvid.sampling import Sampler, build_sampler
@@ -155,11 +154,19 @@ def request_sampler(request: Request) -> Sampler:
 
 
 def write_sample(out: Path, name: str, video: np.ndarray, latents: np.ndarray, record: dict[str, Any], fps: float) -> None:
-    """The sample's files; its JSON record last and atomically, so a record means a complete sample."""
-    write_video(out / f"{name}.mp4", video, fps=fps)
-    np.save(out / f"{name}.npy", video)
-    np.save(out / f"{name}{LATENTS_SUFFIX}", latents.astype(np.float32))
+    """The sample's files, each written whole; its JSON record last, so a record means a complete sample.
+    The record of an earlier sample under the same name goes first: an interrupted overwrite leaves no
+    record for ``--skip-existing`` to trust."""
+    (out / f"{name}.json").unlink(missing_ok=True)
+    write_atomically(out / f"{name}.mp4", lambda path: write_video(path, video, fps=fps, container="mp4"))
+    for path, array in ((out / f"{name}.npy", video), (out / f"{name}{LATENTS_SUFFIX}", latents.astype(np.float32))):
+        write_atomically(path, lambda partial, array=array: _save_npy(partial, array))
     write_atomically(out / f"{name}.json", lambda path: path.write_text(json.dumps(record, indent=2)))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as file:  # a file object: np.save would add ".npy" to a path not ending in it
+        np.save(file, array)
 
 
 def planned_record(request: Request, prompt: str, seed: int, frames: int) -> dict[str, Any]:

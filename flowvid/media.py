@@ -24,10 +24,12 @@ def frame_rate(fps: float) -> Fraction:
     return rate
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: str = "libx264") -> None:
+def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: str = "libx264",
+                container: str | None = None) -> None:
     """uint8 frames (T, H, W, 3) -> a video file; H.264 at near-lossless quality by default.
 
     ``ffv1`` stores the frames losslessly. H.264 needs even sides: odd ones are padded by one pixel.
+    ``container`` is FFmpeg's name of the file format (``"mp4"``), by default read from the file's suffix.
     """
     rate = frame_rate(fps)
     frames = np.asarray(frames, dtype=np.uint8)
@@ -36,16 +38,16 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: s
     if codec == "libx264":
         pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate)
+    with av.open(str(path), "w", format=container) as output:
+        stream = output.add_stream(codec, rate=rate)
         stream.height, stream.width = frames.shape[1:3]
         if codec == "libx264":
             stream.pix_fmt, stream.options = "yuv420p", {"crf": "12"}
         elif codec == "ffv1":
             stream.pix_fmt = "bgr0"
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+            output.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        output.mux(stream.encode())
 
 
 def fit_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:

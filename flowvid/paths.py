@@ -3,7 +3,12 @@ line, instead of failing with a traceback after minutes of sampling, scoring or 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any, Callable
+
+#: What a file is called while it is being written (``write_atomically``, checkpoints).
+PARTIAL_SUFFIX = ".partial"
 
 
 def blocking_file(path: Path) -> Path | None:
@@ -31,3 +36,23 @@ def check_output_file(file: str | Path, name: str, hint: str, error: type[Except
     blocker = blocking_file(file.parent)
     if blocker is not None:
         raise error(f"{name} {file} is inside the file {blocker}; give a path in a folder")
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` the file beside ``path``, then rename it: a crash never leaves half a file at ``path``."""
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        write(partial)
+        # Some writers create their file private (safetensors does, 0600); an export is shared like any
+        # file the user writes.
+        os.chmod(partial, 0o666 & ~_umask())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask; setting it is the only portable way to read it, so it is set back at once."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask

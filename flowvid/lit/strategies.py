@@ -36,7 +36,8 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from flowvid.lit.checkpointing import PARTIAL_SUFFIX, check_resumable, consolidated_state_dict, load_client_state
+from flowvid.lit.checkpointing import check_resumable, consolidated_state_dict, load_client_state
+from flowvid.paths import PARTIAL_SUFFIX
 
 #: Suffix of the folder beside a checkpoint where it is re-partitioned for another number of processes
 #: (removed once loaded; never taken for a checkpoint, whose names end in ``.ckpt``).

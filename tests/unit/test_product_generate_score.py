@@ -592,6 +592,31 @@ def test_processes_of_torchrun_share_the_videos_and_shards_and_write_what_one_pr
     assert (tmp_path / "two.jsonl").read_text() == one and len(one.splitlines()) == 3 + 6
 
 
+def test_an_overwrite_interrupted_mid_sample_leaves_no_record_that_skip_existing_would_trust(checkpoint, tmp_path,
+                                                                                            monkeypatch):
+    import flowvid.generate as generate
+
+    args = ["generate", "--ckpt", str(checkpoint), "--prompt", "a red circle", "--out", str(tmp_path)]
+    assert main(args) == 0
+    [npy] = [p for p in tmp_path.glob("*.npy") if not p.name.endswith(".latent.npy")]
+    sample = np.load(npy)
+
+    def interrupted(path, array):
+        path.write_bytes(b"\x93NUMPY half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "_save_npy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--seed", "5"])
+    monkeypatch.undo()
+    assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.partial"))
+    np.testing.assert_array_equal(np.load(npy), sample)  # never half overwritten
+
+    assert main([*args, "--skip-existing"]) == 0  # samples it again rather than keeping a mix of two samples
+    np.testing.assert_array_equal(np.load(npy), sample)
+    assert json.loads(next(tmp_path.glob("*.json")).read_text())["seed"] == 0
+
+
 def test_skip_existing_finishes_an_interrupted_run_and_refuses_another_requests_samples(checkpoint, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moves left\na blue square moves up\na green triangle moves down\n")

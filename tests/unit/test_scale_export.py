@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -106,6 +107,24 @@ def test_a_corrupt_checkpoint_or_a_mismatched_config_is_a_clear_error(trained, t
         load_exported(out, config=tmp_path / "wider.yaml")
     with pytest.raises(CorruptCheckpointError):
         export_checkpoint(broken, tmp_path / "other" / "y.safetensors")
+
+
+def test_a_config_that_is_not_the_one_exported_with_the_weights_is_named(trained, tmp_path, recwarn):
+    """An export interrupted between its weights and its config, or another export into the same folder,
+    leaves a pair that may still load: the checksum of the config in the weights' metadata tells."""
+    module, ckpt = trained
+    out = export_checkpoint(ckpt, tmp_path / "model.safetensors")
+    load_exported(out)
+    assert not [w for w in recwarn if "exported with" in str(w.message)]
+    other = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    other["model"]["init_args"]["guidance"] = 7.5
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(other))
+    with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / 'config.yaml'} is not the config model.safetensors "
+                                                   "was exported with")):
+        assert load_exported(out).module.guidance == 7.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_exported(out, config=tmp_path / "config.yaml")  # a config given on purpose is not second-guessed
 
 
 def test_a_broken_or_misplaced_config_is_an_error_naming_the_file(trained, tmp_path):

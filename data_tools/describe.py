@@ -78,7 +78,9 @@ def first_captions(folder: str | Path, manifest: dict[str, Any], count: int) -> 
     try:
         for sample in iter_tar(paths[0]):
             caption = sample.get("txt")
-            captions.append(caption.decode("utf-8", errors="replace") if caption is not None else "")
+            if caption is None:  # the last sample before damage may be cut short
+                continue
+            captions.append(caption.decode("utf-8", errors="replace"))
             if len(captions) == count:
                 break
     except BrokenShard as err:

@@ -174,8 +174,7 @@ class VideoShardDataModule(L.LightningDataModule):
             raise ValueError(f"the shards in {folder} hold no usable sample for rank {rank}: {err}") from err
 
     def train_dataloader(self) -> ShardLoader:
-        sources = [ShardSource(self._shards(folder), [shard["samples"] for shard in self._manifest(folder)["shards"]],
-                               weight) for folder, weight in zip(self.train_dirs, self._weights())]
+        sources = [self._source(folder, weight) for folder, weight in zip(self.train_dirs, self._weights())]
         stream = ShardStream(
             sources,
             SampleSpec.from_manifest(self.manifest),
@@ -197,7 +196,7 @@ class VideoShardDataModule(L.LightningDataModule):
 
     def _val_loader(self, folder: str) -> ShardLoader:
         stream = ShardStream(
-            self._shards(folder),
+            [self._source(folder)],
             SampleSpec.from_manifest(self._manifest(folder)),
             batch_size=self.batch_size,
             batches=self.val_batches,
@@ -250,6 +249,10 @@ class VideoShardDataModule(L.LightningDataModule):
 
     def _shards(self, folder: str) -> list[str]:
         return [str(path) for path in shard_paths(folder, self._manifest(folder))]
+
+    def _source(self, folder: str, weight: float = 1.0) -> ShardSource:
+        """The folder's shards with the samples its manifest says each holds."""
+        return ShardSource(self._shards(folder), [shard["samples"] for shard in self._manifest(folder)["shards"]], weight)
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         if self.trainer is not None:

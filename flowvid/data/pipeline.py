@@ -124,8 +124,12 @@ class ShardStream(IterableDataset):
             raise ValueError("a stream needs at least one shard")
         if all(isinstance(source, ShardSource) for source in shards):
             self.sources = list(shards)
+            # What the manifests say each shard holds: a shard that ends early (a zero-filled tail reads as
+            # a normal end) is counted as broken, not silently shorter.
+            self.listed = {shard: count for source in shards for shard, count in zip(source.shards, source.samples)}
         else:  # plain paths: one source, whose shard sizes do not matter
             self.sources = [ShardSource(list(shards), [1] * len(shards))]
+            self.listed = {}
         self.spec = spec
         self.batch_size = batch_size
         self.batches = batches
@@ -200,14 +204,19 @@ class ShardStream(IterableDataset):
                 )
 
     def _read(self, shard: str, worker: int) -> Iterator[Sample]:
+        read = 0
         try:
             for raw in iter_tar(shard):
+                read += 1
                 try:
                     yield decode_sample(raw, self.spec)
                 except BadSample as err:
                     self._skip(err.reason, str(err), worker)
         except BrokenShard as err:
             self._skip("broken_tar", str(err), worker)
+            return
+        if read < self.listed.get(shard, 0):
+            self._skip("broken_tar", f"{shard}: holds {read} samples, the manifest lists {self.listed[shard]}", worker)
 
     def _skip(self, reason: str, message: str, worker: int) -> None:
         self.counter.add(reason, worker)

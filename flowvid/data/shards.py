@@ -244,7 +244,9 @@ def file_sha256(path: str | Path) -> str:
 def iter_tar(path: str | Path) -> Iterator[dict[str, bytes]]:
     """Samples of one shard as dicts of raw bytes (plus ``__key__``), in stored order.
 
-    Raises BrokenShard at the point of damage, after yielding every complete sample before it.
+    Raises BrokenShard at the point of damage, after yielding every complete sample before it (a sample
+    is yielded as soon as the next one begins, and the last one before the end is checked for its fields
+    where it is decoded).
     """
     try:
         with open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
@@ -255,18 +257,17 @@ def iter_tar(path: str | Path) -> Iterator[dict[str, bytes]]:
                 folder, base = os.path.split(member.name)
                 stem, _, field = base.partition(".")
                 key = f"{folder}/{stem}" if folder else stem
-                data = archive.extractfile(member).read()  # type: ignore[union-attr]
                 if sample and key != sample["__key__"]:
                     yield sample
                     sample = {}
                 sample["__key__"] = key
-                sample[field] = data
+                sample[field] = archive.extractfile(member).read()  # type: ignore[union-attr]
+            if sample:
+                yield sample
             # tarfile takes a cut at a header for a normal end; a complete archive ends in zero blocks.
             stream.seek(archive.offset)
             if stream.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
                 raise tarfile.ReadError(f"truncated: no end-of-archive marker at byte {archive.offset}")
-            if sample:
-                yield sample
     except (OSError, EOFError, tarfile.TarError) as err:
         raise BrokenShard(f"{path}: {err}") from err
 

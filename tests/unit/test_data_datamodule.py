@@ -2,6 +2,8 @@
 
 import warnings
 
+import tarfile
+
 import numpy as np
 import pytest
 import torch
@@ -141,6 +143,20 @@ def test_skipped_samples_are_counted_exactly(tmp_path):
     assert len(keys) == 8 * 6 - 3 - 5
     assert dm.skipped_counts() == {"broken_tar": 1, "missing_field": 1, "bad_caption": 1, "bad_frames": 1}
     assert len(run_epoch(dm)) == dm.batches_per_epoch  # training goes on around the damage
+
+
+def test_a_shard_whose_tail_reads_as_zeros_is_counted_not_silently_shorter(tmp_path):
+    """Zeros look like the end of an archive: only the manifest's count of the shard's samples tells."""
+    write_folder(tmp_path)
+    shard = tmp_path / "shard-000003.tar"
+    with tarfile.open(shard) as archive:
+        lost = next(member for member in archive.getmembers() if member.name.startswith("s3-002"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:lost.offset] + bytes(len(data) - lost.offset))
+    dm = VideoShardDataModule(str(tmp_path), val_dir=str(tmp_path), batch_size=4, num_workers=2)
+    keys = [k for batch in dm.val_dataloader() for k in batch["key"]]
+    assert len(keys) == 8 * 6 - 4 and "s3-001" in keys
+    assert dm.skipped_counts() == {"broken_tar": 1}
 
 
 def test_nothing_usable_is_a_clear_error(tmp_path):

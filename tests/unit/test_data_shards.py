@@ -2,6 +2,8 @@
 
 import json
 
+import tarfile
+
 import numpy as np
 import pytest
 
@@ -93,6 +95,21 @@ def test_round_trip_and_truncation(tmp_path):
             for raw in iter_tar(tmp_path / "cut.tar"):
                 kept.append(raw["__key__"])
         assert len(kept) < 3
+
+
+def test_a_cut_keeps_every_sample_complete_before_it(tmp_path):
+    _write_folder(tmp_path, count=3, per_shard=3)
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard) as archive:
+        third = next(member for member in archive.getmembers() if member.name.startswith("clip002"))
+    data = shard.read_bytes()
+    for cut in (third.offset, third.offset_data + 10):  # at the third sample's first header, in its data
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        kept = []
+        with pytest.raises(BrokenShard):
+            for raw in iter_tar(tmp_path / "cut.tar"):
+                kept.append(raw["__key__"])
+        assert kept == ["clip000", "clip001"]
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as err:
         console.print(f"[red]error:[/] {err}")
         return 2
+    except OSError as err:  # a full disk, a folder without write permission: the data there is left as it was
+        where = f" ({err.filename})" if err.filename else ""
+        console.print(f"[red]error:[/] cannot write or read{where}: {err.strerror or err}")
+        return 2
 
 
 if __name__ == "__main__":

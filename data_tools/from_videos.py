@@ -112,6 +112,9 @@ def convert_videos(
     started = time.perf_counter()
     files = find_videos(inputs)
     table = load_captions(captions) if captions else {}
+    if table and not any(str(path) in table or path.name in table for path in files):
+        raise ValueError(f"the captions in {captions} name none of the {len(files)} videos found (paths are read "
+                         f"relative to the captions file's folder, {Path(captions).resolve().parent})")
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
     skipped: list[dict[str, str]] = []
     captioned: list[tuple[Path, str]] = []
@@ -246,8 +249,11 @@ def load_captions(path: str | Path) -> dict[str, str]:
 
 def _csv_rows(text: str, path: Path) -> Iterator[tuple[str, str]]:
     for number, row in enumerate(csv.reader(text.splitlines()), start=1):
-        if not row or (number == 1 and [c.strip().lower() for c in row] == ["path", "caption"]):
+        header = [c.strip().lower() for c in row] if number == 1 else []
+        if not row or header == ["path", "caption"]:
             continue
+        if {"path", "caption"} & set(header):  # a header in another order would be read as a video
+            raise ValueError(f"{path}:1: the header must be path,caption (in that order), got {','.join(row)}")
         if len(row) != 2:
             raise ValueError(f"{path}:{number}: expected 2 columns (path,caption; quote captions with commas), "
                              f"got {len(row)}")

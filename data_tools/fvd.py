@@ -29,7 +29,7 @@ from data_tools.report import console, print_summary, progress_bar
 from flowvid.media import MediaError, read_video
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
-from flowvid.paths import check_output_file
+from flowvid.paths import check_output_file, write_atomically
 from flowvid.placement import resolve_device
 from flowvid.registry import FVD_EXTRACTORS
 from flowvid.score import VIDEO_SUFFIXES, video_inputs
@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     print_summary(f"fvd of {used} generated videos", result, skipped)
     print(json.dumps(result))
     if args.out is not None:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        text = json.dumps(result, indent=2) + "\n"
+        write_atomically(Path(args.out), lambda path: path.write_text(text))
     return 0
 
 

@@ -260,6 +260,7 @@ def main(argv: list[str]) -> int:
     from safetensors.torch import save_file
 
     from flowvid.cli import UserError
+    from flowvid.paths import write_atomically
 
     parser = argparse.ArgumentParser(prog="flowvid convert", description="Import an apple/ml-starflow checkpoint.")
     parser.add_argument("--reference", required=True, help="the reference .pth state dict")
@@ -279,10 +280,11 @@ def main(argv: list[str]) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from err
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"flow.{k}": v.contiguous() for k, v in flow.state_dict().items()}, str(out),
-              metadata={"format": "flowvid", "source": Path(args.reference).name})
+    tensors = {f"flow.{k}": v.contiguous() for k, v in flow.state_dict().items()}
+    write_atomically(out, lambda path: save_file(tensors, str(path), metadata={"format": "flowvid",
+                                                                               "source": Path(args.reference).name}))
     flow_config = {"class_path": "flowvid.flows.global_local.GlobalLocalFlow", "init_args": config}
-    config_path.write_text(yaml.safe_dump(flow_config, sort_keys=False))
+    write_atomically(config_path, lambda path: path.write_text(yaml.safe_dump(flow_config, sort_keys=False)))
     print(f"wrote {out} and {config_path}")
     if config["text_width"]:
         print("the deep block reads its text differently from the reference (text positions, causal reading): "

@@ -45,7 +45,7 @@ from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.generate import LATENTS_SUFFIX
 from flowvid.media import MediaError, read_video
-from flowvid.paths import check_output_file
+from flowvid.paths import check_output_file, write_atomically
 from flowvid.sampling.tasks import check_seed
 from flowvid.placement import (add_placement_arguments, join_launch_group, precision_context, resolve_device,
                                resolve_precision)
@@ -274,7 +274,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(r) + "\n" for r in records))
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        write_atomically(out, lambda path: path.write_text(text))  # a full disk keeps the earlier scores whole
     except OSError as err:  # a full disk or a folder without write permission
         raise UserError(f"cannot write the scores to {out}: {err.strerror or err}") from None
     failed = sum("error" in r for r in records)

@@ -81,6 +81,7 @@ class VideoShardDataModule(L.LightningDataModule):
         self.seed = seed
         self._train_skips = SkipCounter(num_workers)
         self._val_skips = SkipCounter(num_workers)
+        self._skipped_before: dict[str, int] = {}  # counted before the run resumed
         self._manifests: dict[str, dict[str, Any]] = {}
         self._train_loader: ShardLoader | None = None
         self._next_epoch = 0  # used without a Trainer: each pass over the train loader is an epoch
@@ -145,10 +146,11 @@ class VideoShardDataModule(L.LightningDataModule):
                 raise ValueError(f"{where} cache text embeddings of {cached}, but the model uses {text_encoder}")
 
     def skipped_counts(self) -> dict[str, int]:
-        """Samples skipped so far (train and validation, all workers), per reason."""
-        counts = self._train_skips.totals()
-        for reason, count in self._val_skips.totals().items():
-            counts[reason] = counts.get(reason, 0) + count
+        """Samples skipped so far (train and validation, all workers; before a resume too), per reason."""
+        counts = dict(self._skipped_before)
+        for totals in (self._train_skips.totals(), self._val_skips.totals()):
+            for reason, count in totals.items():
+                counts[reason] = counts.get(reason, 0) + count
         return counts
 
     # --- Lightning hooks -----------------------------------------------------------------------
@@ -208,13 +210,14 @@ class VideoShardDataModule(L.LightningDataModule):
         return ShardLoader(stream, self.num_workers, lambda: (*self._rank_and_world_size(), 0, 0))
 
     def state_dict(self) -> dict[str, Any]:
-        """Seed and position in the training stream: ``epoch`` and ``batches_consumed`` in it."""
+        """Seed and position in the training stream (``epoch`` and ``batches_consumed`` in it), and the
+        samples skipped so far."""
         epoch, consumed = self._consumed()
         if consumed >= self.batches_per_epoch:
             epoch, consumed = epoch + 1, 0
         return {"seed": self.seed, "epoch": epoch, "batches_consumed": consumed, "batch_size": self.batch_size,
                 "num_workers": self.num_workers, "world_size": self._rank_and_world_size()[1],
-                "mixture": self._mixture()}
+                "mixture": self._mixture(), "skipped": self.skipped_counts()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the training stream where ``state`` left it (on the next pass of the loader)."""
@@ -228,6 +231,7 @@ class VideoShardDataModule(L.LightningDataModule):
                 warnings.warn(f"resuming with {key}={now} where the run had {state[key]}: "
                               "the data order will differ", stacklevel=2)
         self._resume = (int(state["epoch"]), int(state["batches_consumed"]))
+        self._skipped_before = {str(reason): int(count) for reason, count in (state.get("skipped") or {}).items()}
         self._next_epoch = self._resume[0]
 
     # --- helpers -------------------------------------------------------------------------------

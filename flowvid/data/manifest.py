@@ -107,12 +107,26 @@ def check_manifest(manifest: Any, where: str) -> None:
         raise ManifestError(f"{where}: kind must be one of {KINDS}, got {manifest['kind']!r}")
     if manifest["kind"] == "latent" and (not manifest.get("codec") or not manifest.get("latent_shape")):
         raise ManifestError(f"{where}: latent shards need 'codec' and 'latent_shape' in the manifest")
+    video = manifest["video"]
+    if not isinstance(video, dict) or not all(_positive_int(video.get(key)) for key in ("frames", "height", "width")):
+        raise ManifestError(f"{where}: 'video' must give frames, height and width as integers >= 1, got {video!r}")
     shards = manifest["shards"]
+    if not isinstance(shards, list) or not all(_shard_entry(shard) for shard in shards):
+        raise ManifestError(f"{where}: 'shards' must list objects with a 'name' and a count of 'samples' >= 0")
     if len(shards) != manifest["num_shards"]:
         raise ManifestError(f"{where}: num_shards is {manifest['num_shards']} but {len(shards)} shards are listed")
     listed = sum(shard["samples"] for shard in shards)
     if listed != manifest["samples"]:
         raise ManifestError(f"{where}: samples is {manifest['samples']} but the shards hold {listed}")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _shard_entry(shard: Any) -> bool:
+    return (isinstance(shard, dict) and isinstance(shard.get("name"), str) and isinstance(shard.get("samples"), int)
+            and not isinstance(shard.get("samples"), bool) and shard["samples"] >= 0)
 
 
 def video_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -30,6 +31,7 @@ from flowvid.lit.checkpointing import (
     RunCheckpoint,
     checkpoint_dir_of,
     has_run_checkpoint,
+    list_checkpoints,
     resolve_checkpoint,
     resolve_resume,
 )
@@ -88,6 +90,8 @@ class FlowvidCLI(LightningCLI):
                                  "(it writes to <trainer.default_root_dir>/checkpoints, where auto looks); "
                                  "add one, or resume from a checkpoint path")
             settings.ckpt_path = resolve_resume(checkpoint_dir_of(self.trainer), resume)
+        if not settings.ckpt_path and has_run_checkpoint(self.trainer):
+            check_no_earlier_run(checkpoint_dir_of(self.trainer))
         config = self.resolved_config()
         for callback in self.trainer.callbacks:
             if isinstance(callback, RunCheckpoint):
@@ -105,6 +109,16 @@ class FlowvidCLI(LightningCLI):
         """The full config of this command as plain data (what ``config.yaml`` holds)."""
         parser = self._parser(self.subcommand)
         return yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False))
+
+
+def check_no_earlier_run(checkpoint_dir: str) -> None:
+    """A fresh run must not write its checkpoints among an earlier run's: ``resume: auto``, ``export`` and
+    ``generate --ckpt RUN_DIR`` take the newest step there, which could be the other run's."""
+    earlier = list_checkpoints(checkpoint_dir)
+    if earlier:
+        raise ValueError(f"{checkpoint_dir} holds {len(earlier)} checkpoint(s) of an earlier run (newest: "
+                         f"{Path(earlier[-1]).name}); continue it with --resume auto, or start afresh in another "
+                         "--trainer.default_root_dir (or remove them)")
 
 
 def _use_step_progress_bar(trainer: Trainer) -> None:

@@ -143,6 +143,12 @@ class FlowModule(LightningModule):
         for name, value in (("noise_std", noise_std), ("lr", lr), ("denoiser_lr", denoiser_lr)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        # A negative clip norm turns the step round (the loss climbs); zero would mean "no clipping" silently.
+        for name, value in (("grad_clip", grad_clip), ("skip_threshold", skip_threshold)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, or null for none, got {value}")
+        if not 0 <= min_lr <= lr:
+            raise ValueError(f"min_lr must be in [0, lr={lr}], got {min_lr}")
         for name, value in (("text_dropout", text_dropout), ("extend_prob", extend_prob), ("v2v_prob", v2v_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")

@@ -13,7 +13,8 @@ FVD depends on all of these, so the protocol is part of the logged name::
 
 from __future__ import annotations
 
-import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from torchmetrics import Metric
 
 from flowvid.metrics.extractor import FVDExtractor, build_extractor, check_video
 from flowvid.metrics.frechet import frechet_distance, mean_and_covariance
+from flowvid.paths import write_atomically
 
 _SETS = ("real", "fake")
 
@@ -43,7 +45,7 @@ def _open_npz(path: Path):
     """``np.load`` of an ``.npz``; numpy's error on another kind of file names neither the file nor the problem."""
     try:
         data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError):
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):  # a truncated .npz is a damaged zip
         data = None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"{path} is not an FVD reference file (an .npz written by `flowvid data fvd-stats`)")
@@ -76,11 +78,13 @@ class ReferenceStats:
         """Write an ``.npz`` atomically (temporary name, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "wb") as stream:
-            np.savez(stream, mu=self.mu, sigma=self.sigma, source=np.str_(self.source),
-                     **{name: np.asarray(value) for name, value in self.key().items()})
-        os.replace(temporary, path)
+
+        def write(partial: Path) -> None:
+            with open(partial, "wb") as stream:
+                np.savez(stream, mu=self.mu, sigma=self.sigma, source=np.str_(self.source),
+                         **{name: np.asarray(value) for name, value in self.key().items()})
+
+        write_atomically(path, write)
         return path
 
     @classmethod
@@ -93,10 +97,14 @@ class ReferenceStats:
             missing = [name for name in ("mu", "sigma", *cls.KEY_FIELDS) if name not in data]
             if missing:
                 raise ValueError(f"{path} is not an FVD reference file: it lacks {missing}")
-            text = {name: str(data[name]) for name in ("extractor", "weights_hash")}
-            numbers = {name: int(data[name]) for name in ("frames", "height", "width", "num_samples")}
-            source = str(data["source"]) if "source" in data else ""
-            stats = cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64), source=source, **text, **numbers)
+            try:
+                text = {name: str(data[name]) for name in ("extractor", "weights_hash")}
+                numbers = {name: int(data[name]) for name in ("frames", "height", "width", "num_samples")}
+                source = str(data["source"]) if "source" in data else ""
+                stats = cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64), source=source,
+                            **text, **numbers)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+                raise ValueError(f"{path} is a damaged FVD reference file ({err}); compute it again") from None
         dim = stats.mu.shape[0]
         if stats.mu.ndim != 1 or stats.sigma.shape != (dim, dim):
             raise ValueError(f"{path}: mu {stats.mu.shape} and sigma {stats.sigma.shape} do not fit together")

@@ -201,3 +201,20 @@ def test_val_fraction_holds_out_whole_videos_chosen_by_their_paths(tmp_path):
 def metas(folder):
     dm = VideoShardDataModule(str(folder), val_dir=str(folder), batch_size=4)
     return [meta for batch in dm.val_dataloader() for meta in batch["meta"]]
+
+
+@pytest.mark.parametrize("table, message", [
+    ("caption,path\na red circle,good.mkv\n", "captions.csv:1: the header must be path,caption (in that order), "
+                                              "got caption,path"),
+    ("path,caption\nclips/other.mkv,a red circle\n", "the captions in CAPTIONS name none of the 1 videos found"),
+])
+def test_a_captions_table_that_fits_no_video_is_refused_not_read_as_empty_captions(tmp_path, capsys, monkeypatch,
+                                                                                     table, message):
+    monkeypatch.setattr(console, "width", 400)
+    write_video(tmp_path / "good.mkv", random_frames(12))
+    captions = tmp_path / "captions.csv"
+    captions.write_text(table)
+    assert data_main(["from-videos", str(tmp_path / "good.mkv"), "--out", str(tmp_path / "out"), "--frames", "4",
+                      "--size", "16", "--default-caption", "", "--captions", str(captions)]) == 2
+    assert message.replace("CAPTIONS", str(captions)) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

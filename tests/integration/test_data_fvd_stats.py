@@ -1,5 +1,6 @@
 """``flowvid data fvd-stats`` refuses extractor arguments it cannot use in one line, before computing anything."""
 
+import numpy as np
 import pytest
 
 from data_tools.cli import main as data_main
@@ -44,7 +45,12 @@ def test_an_output_that_cannot_hold_the_statistics_is_one_line_before_computing(
                                                                                  wide_console):
     notes = tmp_path / "notes.txt"
     notes.write_text("keep me")
+    cut = tmp_path / "cut.npz"  # statistics cut short (a zip without its directory): BadZipFile was a traceback
+    np.savez(cut, mu=np.zeros(64))
+    cut.write_bytes(cut.read_bytes()[:200])
     refusals = {
+        str(cut): f"{cut} is not an FVD reference file (an .npz written by `flowvid data fvd-stats`); "
+                  "give another --out, or --force to replace it",
         # numpy's "contains pickled (object) data" named neither the file nor what to do
         str(notes): f"{notes} is not an FVD reference file (an .npz written by `flowvid data fvd-stats`); "
                     "give another --out, or --force to replace it",

@@ -43,6 +43,20 @@ def test_resume_auto_without_a_run_checkpoint_is_refused(tmp_path, capsys):
     assert "resume: auto needs a flowvid.lit.checkpointing.RunCheckpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume=none"]], ids=["default", "none"])
+def test_a_fresh_run_among_an_earlier_runs_checkpoints_is_refused(tmp_path, capsys, resume):
+    """Its checkpoints would mix with the earlier run's, and the newest step could be the other run's."""
+    earlier = tmp_path / "checkpoints" / "step=00000005.ckpt"
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"an earlier run")
+    assert fit(*resume, f"--trainer.default_root_dir={tmp_path}") == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (f"flowvid fit: error: {tmp_path / 'checkpoints'} holds 1 checkpoint(s) of an earlier run (newest: "
+                     "step=00000005.ckpt); continue it with --resume auto, or start afresh in another "
+                     "--trainer.default_root_dir (or remove them)")
+    assert [p.name for p in earlier.parent.iterdir()] == [earlier.name]
+
+
 def test_shards_that_hold_no_usable_sample_are_refused_at_setup(tmp_path):
     write_synthetic_dataset(tmp_path, num_videos=4, frames=2, size=8, seed=0)
     for shard in (tmp_path / "val").glob("*.tar"):

@@ -98,7 +98,7 @@ def test_data_order_is_seeded_and_resumes_batch_exactly(folder):
     epoch0, epoch1 = run_epoch(dm), run_epoch(dm)
     assert epoch0 != epoch1 and run_epoch(module(seed=1)) != epoch0
     assert dm.state_dict() == {"seed": 0, "epoch": 2, "batches_consumed": 0, "batch_size": 2, "num_workers": 2,
-                               "world_size": 1, "mixture": None}
+                               "world_size": 1, "mixture": None, "skipped": {}}
 
     for done in (1, 3, 4):
         resumed = module()
@@ -143,6 +143,19 @@ def test_skipped_samples_are_counted_exactly(tmp_path):
     assert len(keys) == 8 * 6 - 3 - 5
     assert dm.skipped_counts() == {"broken_tar": 1, "missing_field": 1, "bad_caption": 1, "bad_frames": 1}
     assert len(run_epoch(dm)) == dm.batches_per_epoch  # training goes on around the damage
+
+
+def test_skip_counts_go_on_from_where_a_resumed_run_left_them(tmp_path):
+    write_folder(tmp_path, corrupt=_damage)
+    dm = VideoShardDataModule(str(tmp_path), val_dir=str(tmp_path), batch_size=4, num_workers=2)
+    list(dm.val_dataloader())
+    before = dm.skipped_counts()
+    assert before == {"missing_field": 1, "bad_caption": 1, "bad_frames": 1}
+    resumed = VideoShardDataModule(str(tmp_path), val_dir=str(tmp_path), batch_size=4, num_workers=2)
+    resumed.load_state_dict(dm.state_dict())
+    assert resumed.skipped_counts() == before
+    list(resumed.val_dataloader())
+    assert resumed.skipped_counts() == {reason: 2 * count for reason, count in before.items()}
 
 
 def test_a_shard_whose_tail_reads_as_zeros_is_counted_not_silently_shorter(tmp_path):

@@ -1,6 +1,7 @@
 """Shard format: atomic deterministic writing, damage detection on read, manifests, `verify` and `describe`."""
 
 import json
+import re
 
 import tarfile
 
@@ -157,6 +158,21 @@ def test_manifest_checks(tmp_path):
         write_manifest(tmp_path, new_manifest("latent", VIDEO))
     with pytest.raises(ValueError, match="kind must be one of"):
         new_manifest("pixels", VIDEO)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["shards"][0].pop("samples"), "'shards' must list objects with a 'name' and a count of 'samples'"),
+    (lambda m: m.update(shards="shard-000000.tar"), "'shards' must list objects"),
+    (lambda m: m.update(video=None), "'video' must give frames, height and width as integers >= 1, got None"),
+    (lambda m: m["video"].pop("height"), "'video' must give frames, height and width"),
+    (lambda m: m["video"].update(frames="8"), "'video' must give frames, height and width"),
+])
+def test_a_manifest_of_the_wrong_shape_is_one_error_naming_it(tmp_path, change, message):
+    manifest = _write_folder(tmp_path, count=3, per_shard=3)
+    change(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=re.escape(f"{tmp_path / 'manifest.json'}: {message}")):
+        load_manifest(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,27 @@ def test_an_output_that_is_a_file_is_one_line_and_the_file_is_kept(tmp_path, cap
     assert (tmp_path / "taken.txt").read_text() == "keep me"
 
 
+def test_a_full_disk_is_one_line_and_the_previous_dataset_stays(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from flowvid.data import shards
+
+    make = ["make-synthetic", "--out", str(tmp_path), "--num-videos", "8", "--frames", "4", "--size", "16"]
+    assert data_main(make) == 0
+    before = folder_contents(tmp_path)
+    capsys.readouterr()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "shard-000000.tar.tmp"))
+
+    monkeypatch.setattr(shards.tarfile, "open", full)
+    assert data_main([*make, "--seed", "3"]) == 2
+    error = capsys.readouterr().err
+    expected = f"error: cannot write or read ({tmp_path / 'shard-000000.tar.tmp'}): No space left on device"
+    assert "Traceback" not in error and "".join(expected.split()) in "".join(error.split())  # rich wraps lines
+    assert folder_contents(tmp_path) == before
+
+
 def test_a_run_that_fails_midway_leaves_the_previous_dataset_as_it_was(tmp_path):
     write_synthetic_dataset(tmp_path, num_videos=8, frames=4, size=16, shard_samples=3)
     (tmp_path / "train" / "notes.md").write_text("kept")

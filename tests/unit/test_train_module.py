@@ -138,6 +138,10 @@ def test_a_conditioned_model_without_captions_is_a_clear_error():
         (dict(denoiser=CausalDenoiser(12, (2, 3), width=16, depth=1, head_dim=8, noise_std=0.1)), "noise_std=0.1"),
         (dict(noise_std=0.0), "noise_std must be > 0"),
         (dict(text_dropout=1.5), "text_dropout must be a probability"),
+        (dict(grad_clip=-1.0), r"grad_clip must be > 0, or null for none, got -1.0"),
+        (dict(grad_clip=0.0), r"grad_clip must be > 0"),
+        (dict(skip_threshold=0.0), r"skip_threshold must be > 0"),
+        (dict(min_lr=-1e-6), r"min_lr must be in \[0, lr=0.0001\], got -1e-06"),
     ],
 )
 def test_parts_that_do_not_fit_are_clear_errors(change, message):

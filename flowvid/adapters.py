@@ -2,13 +2,16 @@
 
 A LoRA run's export (``flowvid export``) is the whole model with the adapters merged in. The adapters
 alone are a few MB where the model is GB, so they can be shared and applied to the model they were
-trained on, at any strength::
+trained on, at any strength. Parts the run trained in full beside the adapters (the LoRA recipe's
+denoiser and text encoder) go into the file whole, so that the file turns the model into the one
+fine-tuned::
 
     flowvid export --ckpt runs/finetune_lora/checkpoints/step=00002000.ckpt --out lora/style.safetensors \\
         --adapters-only
     flowvid generate --ckpt exported/model.safetensors --lora lora/style.safetensors --lora-strength 0.8 ...
 
-``strength`` scales every adapter's update: 0 is the model without it, 1 the model as fine-tuned.
+``strength`` scales every update, an adapter's or a whole weight's (``w0 + strength * (w1 - w0)``): 0 is
+the model without it, 1 the model as fine-tuned.
 """
 
 from __future__ import annotations
@@ -45,8 +48,12 @@ def export_adapters(ckpt: str | os.PathLike, out: str | os.PathLike, weights: st
     if not adapters:
         raise ValueError(f"{ckpt} holds no LoRA adapters (its run had no LoRA callback); export the whole "
                          "model without --adapters-only")
+    trained = (client_state.get("flowvid") or {}).get("trained") or []
+    whole = sorted(name for name in trained if not is_adapter_key(name) and name in state)
+    adapters.update({name: state[name].float().contiguous() for name in whole})
     metadata = {"format": FORMAT, "source": Path(ckpt).name, "global_step": str(client_state.get("global_step", "")),
-                "layers": json.dumps(sorted({name.rpartition(".")[0] for name in adapters}))}
+                "layers": json.dumps(sorted({name.rpartition(".")[0] for name in adapters if is_adapter_key(name)})),
+                "whole_weights": json.dumps(whole)}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(out, lambda path: save_file(adapters, str(path), metadata=metadata))
     return out
@@ -70,6 +77,12 @@ def apply_adapters(module: nn.Module, path: str | os.PathLike, strength: float =
     """Merge the adapters of ``path`` into ``module``'s weights, their updates scaled by ``strength``."""
     adapters = read_adapters(path)
     weights = module.state_dict()
+    whole = {name: adapters.pop(name) for name in list(adapters) if not is_adapter_key(name)}
+    for name, tensor in whole.items():
+        if name not in weights or weights[name].shape != tensor.shape:
+            found = "no such weight" if name not in weights else f"a weight of {tuple(weights[name].shape)}"
+            raise ValueError(f"the LoRA file {path} does not fit this model: it trained {name} of "
+                             f"{tuple(tensor.shape)}, the model has {found}; apply it to the model it was trained on")
     for layer in sorted({name.rpartition(".")[0] for name in adapters}):
         weight = weights.get(f"{layer}.weight")
         update = (adapters[f"{layer}.lora_b"].shape[0], adapters[f"{layer}.lora_a"].shape[1])
@@ -80,7 +93,9 @@ def apply_adapters(module: nn.Module, path: str | os.PathLike, strength: float =
     device = next(iter(weights.values())).device
     scaled = {name: (tensor * strength if name.endswith("lora_scale") else tensor).to(device)
               for name, tensor in adapters.items()}
-    merged = merge_lora({**weights, **scaled})
+    moved = {name: weights[name] + strength * (tensor.to(device, weights[name].dtype) - weights[name])
+             for name, tensor in whole.items()}
+    merged = merge_lora({**weights, **moved, **scaled})
     load_weights(module, merged, where=str(path))
 
 

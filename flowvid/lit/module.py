@@ -624,6 +624,8 @@ class FlowModule(LightningModule):
             "tokens_seen": self.tokens_seen,
             "videos_seen": self.videos_seen,
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            # What this run trains: adapter files carry the weights a LoRA run trained in full besides its adapters.
+            "trained": sorted(name for name, parameter in self.named_parameters() if parameter.requires_grad),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

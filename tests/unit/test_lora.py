@@ -204,3 +204,54 @@ def test_adapters_alone_turn_the_base_model_into_the_fine_tuned_one_at_any_stren
     assert main(["generate", "--ckpt", str(base_export), "--lora", str(adapters), "--out", str(tmp_path / "o")]) == 0
     record = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
     assert record["lora"] == str(adapters) and record["lora_strength"] == 1.0
+
+
+def test_an_adapter_file_carries_what_the_run_trained_in_full_beside_the_adapters(tmp_path):
+    """The LoRA recipe trains the text encoder and the denoiser in full: the file must bring them too."""
+    from flowvid.adapters import export_adapters, read_adapters
+    from flowvid.export import build_module, export_checkpoint
+    from flowvid.lit.checkpointing import METADATA_KEY, run_metadata
+    from flowvid.loading import load_model
+
+    config = {"model": {"class_path": "flowvid.lit.FlowModule", "init_args": {
+        "flow": {"class_path": "flowvid.flows.global_local.GlobalLocalFlow",
+                 "init_args": {"latent_channels": 3, "frame_size": [4, 4], "num_shallow": 1, "shallow_width": 32,
+                               "shallow_depth": 1, "deep_width": 32, "deep_depth": 1, "head_dim": 16,
+                               "text_width": 16}},
+        "codec": {"class_path": "flowvid.codecs.pixel.PixelCodec"},
+        "text_encoder": {"class_path": "flowvid.text.LearnedTextEncoder",
+                         "init_args": {"width": 16, "depth": 1, "head_dim": 8}},
+        "video_shape": [2, 4, 4]}}}
+
+    def checkpoint(module, name):
+        saved = {"state_dict": module.state_dict(), "global_step": 3, METADATA_KEY: run_metadata(module, config=config)}
+        module.on_save_checkpoint(saved)
+        torch.save(saved, tmp_path / name)
+        return tmp_path / name
+
+    base = build_module(config)
+    perturb_parameters(base, std=0.05, seed=1)
+    base_export = export_checkpoint(checkpoint(base, "base.ckpt"), tmp_path / "base" / "model.safetensors")
+    tuned = build_module(config)
+    tuned.load_state_dict(base.state_dict())
+    LoRA(rank=2).setup(SimpleNamespace(), tuned, "fit")
+    perturb_parameters(tuned.text_encoder, std=0.05, seed=2)  # trained in full
+    with torch.no_grad():
+        for name, parameter in tuned.named_parameters():
+            if "lora_b" in name:
+                parameter.normal_(std=0.05)
+    adapters = export_adapters(checkpoint(tuned, "tuned.ckpt"), tmp_path / "lora" / "style.safetensors")
+    stored = read_adapters(adapters)
+    assert {name for name in stored if not name.rpartition(".")[2].startswith("lora_")} == \
+        {name for name, _ in tuned.text_encoder.named_parameters(prefix="text_encoder")}
+
+    expected = merge_lora(tuned.state_dict())
+    for strength, target in ((1.0, expected), (0.0, base.state_dict())):
+        applied = load_model(base_export, adapters=adapters, adapter_strength=strength).state_dict()
+        assert applied.keys() == target.keys()
+        for name in target:
+            torch.testing.assert_close(applied[name], target[name], rtol=1e-5, atol=1e-6, msg=name)
+    half = load_model(base_export, adapters=adapters, adapter_strength=0.5).text_encoder.state_dict()
+    for name, weight in half.items():
+        torch.testing.assert_close(weight, (base.text_encoder.state_dict()[name] +
+                                            tuned.text_encoder.state_dict()[name]) / 2, msg=name)

@@ -46,6 +46,13 @@ def generate(pl_module: LightningModule, captions: list[str], seed: int) -> torc
     return videos
 
 
+def logged_step(trainer: Trainer) -> int:
+    """The step Lightning logs the run's scalars at: batches under flowvid's own optimisation, where
+    ``global_step`` counts optimiser steps (fewer when gradients accumulate), so that samples and FVD sit
+    beside the losses of the same moment."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 class _EveryNSteps(Callback):
     """Runs ``run`` after every ``every_n_steps``-th optimizer step (once per step, also with gradient accumulation)."""
 
@@ -54,6 +61,9 @@ class _EveryNSteps(Callback):
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self._last_step = -1
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_step = trainer.global_step  # a resumed run has already run at the step it starts at
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -96,11 +106,11 @@ class SampleVideoLogger(_EveryNSteps):
         if not writers:
             self._write_files(Path(trainer.default_root_dir) / self.tag, videos, trainer.global_step)
         for writer in writers:
-            add_video_gif(writer, f"{self.tag}/video", videos, trainer.global_step, fps=self.fps)
-            writer.add_image(f"{self.tag}/frames", frame_grid(videos), trainer.global_step)
+            add_video_gif(writer, f"{self.tag}/video", videos, logged_step(trainer), fps=self.fps)
+            writer.add_image(f"{self.tag}/frames", frame_grid(videos), logged_step(trainer))
             if not self._captions_logged:
                 listing = "\n".join(f"{i}. {caption or '(unconditional)'}" for i, caption in enumerate(self.captions))
-                writer.add_text(f"{self.tag}/captions", listing, trainer.global_step)
+                writer.add_text(f"{self.tag}/captions", listing, logged_step(trainer))
         self._captions_logged = True
 
     def _write_files(self, folder: Path, videos: torch.Tensor, step: int) -> None:
@@ -164,7 +174,10 @@ class FVDCallback(_EveryNSteps):
         started = time.perf_counter()
         metric = self.metric.to(pl_module.device)
         if not self._real_collected:
-            self._collect_real(trainer, pl_module)
+            # Starting a DataLoader draws its seed from the global generator: training's random numbers
+            # must not depend on whether FVD is measured.
+            with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+                self._collect_real(trainer, pl_module)
         metric.reset()  # the generated side only; real statistics are kept
         first, count = self._share(trainer, self.num_samples)
         prompts = itertools.cycle(self.captions or [""])
@@ -176,7 +189,7 @@ class FVDCallback(_EveryNSteps):
         name = metric.protocol_name
         trainer.callback_metrics[name] = value.float()
         for logger in trainer.loggers:
-            logger.log_metrics({name: float(value)}, step=trainer.global_step)
+            logger.log_metrics({name: float(value)}, step=logged_step(trainer))
         rank_zero_info(f"{name} = {float(value):.4g} at step {trainer.global_step} ({time.perf_counter() - started:.1f} s)")
 
     def _collect_real(self, trainer: Trainer, pl_module: LightningModule) -> None:

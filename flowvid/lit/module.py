@@ -373,13 +373,22 @@ class FlowModule(LightningModule):
     @property
     def model_flops_per_token(self) -> float:
         """Training FLOPs per latent token of the flow and the denoiser: per parameter, 2 in the forward
-        pass, 2 for the gradient of its input (which always flows back: the denoiser's target is the
-        gradient on the noisy latents) and 2 for its own gradient when it trains: 6 x parameters when
-        every weight trains, as in the usual convention."""
-        networks = [self.flow] + ([self.denoiser] if self.denoiser is not None else [])
-        # ZeRO-3 leaves each process a shard of every parameter; ds_numel is its whole size.
-        return sum((6.0 if p.requires_grad else 4.0) * getattr(p, "ds_numel", p.numel())
-                   for net in networks for p in net.parameters())
+        pass, 2 for its own gradient when it trains and 2 for the gradient of its input when one passes
+        back through it. In the flow one always does when there is a denoiser (its target is the gradient
+        on the noisy latents), else from the first block that trains on; the denoiser's input is
+        detached, so only a denoiser that trains passes one. 6 x parameters when every weight trains,
+        as in the usual convention."""
+        def size(p: torch.Tensor) -> int:  # ZeRO-3 leaves each process a shard; ds_numel is the whole size
+            return getattr(p, "ds_numel", p.numel())
+
+        flops, gradient_passes = 0.0, self.denoiser is not None
+        for block in self.flow.blocks:  # data-to-noise order
+            parameters = list(block.parameters())
+            gradient_passes = gradient_passes or any(p.requires_grad for p in parameters)
+            flops += sum((2.0 + 2.0 * p.requires_grad + 2.0 * gradient_passes) * size(p) for p in parameters)
+        if self.denoiser is not None:
+            flops += sum((6.0 if p.requires_grad else 2.0) * size(p) for p in self.denoiser.parameters())
+        return flops
 
     def _step(self, optimizer) -> None:
         """Clip the window's mean gradients and take the optimiser step, or skip the window."""
@@ -469,8 +478,8 @@ class FlowModule(LightningModule):
                        if p.requires_grad and not name.startswith(("denoiser.", "codec."))]
         groups = [{"name": "flow", "params": flow_params, "lr": hp.lr, "betas": (0.9, 0.95)}]
         if self.denoiser is not None:
-            groups.append({"name": "denoiser", "params": list(self.denoiser.parameters()), "lr": hp.denoiser_lr,
-                           "betas": (0.9, 0.999)})
+            groups.append({"name": "denoiser", "params": [p for p in self.denoiser.parameters() if p.requires_grad],
+                           "lr": hp.denoiser_lr, "betas": (0.9, 0.999)})
         # One fused kernel over all parameters instead of ten small ones per tensor (CPU and GPU).
         optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay, fused=True)
         total = hp.schedule_steps or self._planned_steps()
@@ -480,13 +489,15 @@ class FlowModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _planned_steps(self) -> float:
-        """Optimiser steps the run will take. Under manual optimisation Lightning's estimate counts
-        batches (capped by ``max_steps``, which counts optimiser steps)."""
-        batches = self.trainer.estimated_stepping_batches
-        max_steps = self.trainer.max_steps
-        if max_steps > 0 and batches >= max_steps:
+        """Optimiser steps the run will take: ``max_steps`` counts them, the epochs end after their batches,
+        of which ``accumulate_grad_batches`` make a step. (Lightning's estimate, under manual optimisation,
+        is batches capped by ``max_steps``: with accumulation it mixes the two units.)"""
+        self.trainer.estimated_stepping_batches  # noqa: B018 - sets up the training data, counted below
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else math.inf
+        epochs, batches = self.trainer.max_epochs, self.trainer.num_training_batches
+        if epochs is None or epochs < 0 or not math.isfinite(batches):
             return max_steps
-        return math.ceil(batches / self.hparams.accumulate_grad_batches) if math.isfinite(batches) else batches
+        return min(max_steps, math.ceil(batches * epochs / self.hparams.accumulate_grad_batches))
 
     # --- checks before the first step ------------------------------------------------------------
 

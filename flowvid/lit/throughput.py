@@ -83,11 +83,23 @@ def peak_memory_gb(device: torch.device) -> dict[str, float]:
     return {"memory/peak_gb": peak * (1 if sys.platform == "darwin" else 1024) / 1e9}  # bytes on macOS, KiB elsewhere
 
 
+#: Dense bf16 tensor-core peaks of Hopper cards, by words of their device name, most specific first.
+#: Lightning's table gives the H100 NVL and H200 figures with sparsity (twice the dense ones) and does not
+#: match an H200 by the name the driver reports ("NVIDIA H200"). Source: NVIDIA's H100 and H200 datasheets.
+HOPPER_BF16_DENSE = ((("h200", "nvl"), 835.5e12), (("h200",), 989.4e12), (("h100", "nvl"), 835.5e12))
+
+
 def datasheet_flops(device: torch.device, precision: str) -> float | None:
-    """The datasheet peak of a GPU that Lightning knows, for ``precision``; None for others."""
+    """The datasheet peak of a GPU that flowvid or Lightning knows, for ``precision``; None for others."""
     if device.type != "cuda":
         return None
-    known = get_available_flops(device, compute_dtype(precision))
+    dtype = compute_dtype(precision)
+    if dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device).lower()
+        for words, peak in HOPPER_BF16_DENSE:
+            if all(word in name for word in words):
+                return peak
+    known = get_available_flops(device, dtype)
     return float(known) if known else None
 
 
@@ -136,6 +148,7 @@ class TrainingThroughput(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._marks.clear()
+        self._last_step = trainer.global_step  # 0, or the step a resumed run starts at: not a step just ended
         self._mark(pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -146,7 +159,9 @@ class TrainingThroughput(Callback):
         self._last_step = step
         self._mark(pl_module)
         if self._measured is not None and step % REMEASURE_STEPS == 0:
+            started = time.perf_counter()
             self.device_peak = max(self.device_peak, measured_matmul_flops(*self._measured))
+            self._pause(time.perf_counter() - started)
         metrics = {"train/tokens_seen": float(pl_module.tokens_seen),
                    "train/videos_seen": float(pl_module.videos_seen), **peak_memory_gb(trainer.strategy.root_device)}
         if len(self._marks) >= 2:
@@ -160,10 +175,13 @@ class TrainingThroughput(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._validation_start is None:
             return
-        # The steps before validation seem to have ended later by its length, so no window spans it.
-        pause = time.perf_counter() - self._validation_start
-        self._marks = deque(((t + pause, tokens, videos) for t, tokens, videos in self._marks), maxlen=self.window)
+        self._pause(time.perf_counter() - self._validation_start)
         self._validation_start = None
+
+    def _pause(self, seconds: float) -> None:
+        """Time that was not training (validation, measuring the peak): the steps before it seem to have
+        ended later by its length, so no window spans it."""
+        self._marks = deque(((t + seconds, tokens, videos) for t, tokens, videos in self._marks), maxlen=self.window)
 
     def _mark(self, pl_module: LightningModule) -> None:
         self._marks.append((time.perf_counter(), int(pl_module.tokens_seen), int(pl_module.videos_seen)))

@@ -102,6 +102,28 @@ def test_event_files_hold_the_video_fvd_and_bits_per_dim(tmp_path):
     assert events.Scalars("val/bits_per_dim")[-1].value == pytest.approx(float(latents.mean() * 8), rel=1e-5)
 
 
+def test_measuring_fvd_against_the_validation_videos_leaves_training_random_numbers_alone():
+    class NoisyModule(RandomVideoModule):
+        def training_step(self, batch, batch_idx):
+            self.noise.append(torch.rand(1).item())  # what a noise-augmented step draws
+            return super().training_step(batch, batch_idx)
+
+    draws = {}
+    for with_fvd in (False, True):
+        torch.manual_seed(0)
+        model = NoisyModule()
+        model.noise = []
+        callbacks = [FVDCallback(every_n_steps=1, num_samples=2, extractor="pixel-stats", reference="val",
+                                 batch_size=2)] if with_fvd else []
+        latents = _val_latents()
+        val = [{"latents": latents[i], "caption": f"clip {i}"} for i in range(len(latents))]
+        L.Trainer(max_steps=3, accelerator="cpu", logger=False, callbacks=callbacks, num_sanity_val_steps=0,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(model, DataLoader([{"x": torch.randn(2)} for _ in range(3)], batch_size=1),
+                                           DataLoader(val, batch_size=4))
+        draws[with_fvd] = model.noise
+    assert len(draws[True]) == 3 and draws[True] == draws[False]
+
+
 def test_tiles_and_grid_keep_every_pixel_in_place():
     videos = torch.randint(0, 256, (2, 3, 4, 5, 3), dtype=torch.uint8)
     tiled = tile_videos(videos)

@@ -287,6 +287,12 @@ def test_the_schedule_of_an_accumulating_run_spans_its_optimiser_steps():
     run.fit(module, fixed_batches(6))  # 6 batches: 3 optimiser steps, so the cosine ends after the third
     assert run.global_step == 3
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-5)
+    # The epoch ends before max_steps optimiser steps: the cosine still ends with the run.
+    module = tiny_module(accumulate_grad_batches=4, warmup_steps=1, schedule_steps=None, lr=1e-3, min_lr=1e-5)
+    run = trainer(max_epochs=1, max_steps=10)
+    run.fit(module, fixed_batches(12))
+    assert run.global_step == 3
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-5)
 
 
 def train_eager_and_compiled(checkpointed: str | None = None, precision: str = "32-true") -> dict:
@@ -391,6 +397,78 @@ def test_throughput_is_tokens_over_training_time_with_validation_left_out(monkey
     assert 0.1 < logged["memory/peak_gb"] <= peak_now * (1 + 1e-6)  # logged as float32
 
 
+class RecordStepSeconds(L.Callback):
+    def __init__(self):
+        self.logged: list[float] = []
+
+    def on_train_batch_end(self, trainer, *args):
+        if "throughput/step_seconds" in trainer.callback_metrics:
+            self.logged.append(trainer.callback_metrics["throughput/step_seconds"].item())
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resumed"])
+def test_step_time_spans_whole_optimiser_steps_and_leaves_out_measuring_the_peak(monkeypatch, tmp_path, resume):
+    """The first batch of an accumulation window is not the end of a step (nor on resuming), and the
+    matmul that re-measures a CPU's peak is not training time."""
+    from flowvid.lit import throughput
+
+    clock = FakeClock()
+    monkeypatch.setattr(throughput, "time", clock)
+
+    def slow_measurement(device, dtype):
+        clock.now += 10.0
+        return 1e9
+
+    monkeypatch.setattr(throughput, "measured_matmul_flops", slow_measurement)
+    monkeypatch.setattr(throughput, "REMEASURE_STEPS", 2)
+    ckpt = None
+    if resume:
+        first = trainer(max_steps=2, enable_checkpointing=False)
+        first.fit(tiny_module(accumulate_grad_batches=2), fixed_batches(4))
+        first.save_checkpoint(tmp_path / "step2.ckpt")
+        ckpt = tmp_path / "step2.ckpt"
+    record = RecordStepSeconds()
+    run = trainer(max_steps=6, log_every_n_steps=1, callbacks=[AdvanceClock(clock), throughput.TrainingThroughput(window=2),
+                                                               record])
+    run.fit(tiny_module(accumulate_grad_batches=2), fixed_batches(12), ckpt_path=ckpt)
+    assert record.logged and all(seconds == pytest.approx(1.0) for seconds in record.logged), record.logged
+
+
+def test_a_resumed_run_does_not_sample_again_at_the_step_it_starts_at(tmp_path):
+    from flowvid.lit.callbacks import _EveryNSteps
+
+    class Steps(_EveryNSteps):
+        def __init__(self):
+            super().__init__(every_n_steps=2)
+            self.steps = []
+
+        def run(self, trainer, pl_module):
+            self.steps.append(trainer.global_step)
+
+    first, resumed = Steps(), Steps()
+    run = trainer(max_steps=2, callbacks=[first])
+    run.fit(tiny_module(accumulate_grad_batches=2), fixed_batches(4))
+    run.save_checkpoint(tmp_path / "step2.ckpt")
+    trainer(max_steps=4, callbacks=[resumed]).fit(tiny_module(accumulate_grad_batches=2), fixed_batches(8),
+                                                  ckpt_path=tmp_path / "step2.ckpt")
+    assert first.steps == [2] and resumed.steps == [4]
+
+
+def test_samples_of_an_accumulating_run_sit_beside_the_losses_of_the_same_moment(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flowvid.lit.callbacks import SampleVideoLogger
+
+    run = trainer(max_steps=2, log_every_n_steps=1, logger=TensorBoardLogger(tmp_path, name="run"),
+                  callbacks=[SampleVideoLogger(every_n_steps=2, captions=[CAPTIONS[0]])])
+    run.fit(tiny_module(accumulate_grad_batches=2), fixed_batches(4))  # 4 batches, 2 optimiser steps
+    events = EventAccumulator(run.logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    (video,) = events.Images("samples/video")
+    assert video.step == max(event.step for event in events.Scalars("train/loss")) == 3  # the last batch
+
+
 def test_on_a_gpu_the_peak_memory_is_the_allocators(monkeypatch):
     from flowvid.lit.throughput import peak_memory_gb
 
@@ -424,9 +502,15 @@ def test_throughput_measures_a_cpu_and_reads_a_known_gpus_datasheet(monkeypatch)
         assert 1e8 < throughput.measured_matmul_flops(torch.device("cpu"), dtype) < 1e15
     assert throughput.datasheet_flops(torch.device("cpu"), "32-true") is None
     asked = []
-    monkeypatch.setattr(throughput, "get_available_flops", lambda device, dtype: asked.append(dtype) or 989e12)
-    assert throughput.datasheet_flops(torch.device("cuda", 0), "bf16-mixed") == 989e12
+    monkeypatch.setattr(throughput, "get_available_flops", lambda device, dtype: asked.append(dtype) or 123e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    assert throughput.datasheet_flops(torch.device("cuda", 0), "bf16-mixed") == 123e12
     assert asked == [torch.bfloat16]
+    # Hopper cards at their dense bf16 peak, whatever Lightning's table says of them.
+    for name, peak in (("NVIDIA H200", 989.4e12), ("NVIDIA H200 NVL", 835.5e12), ("NVIDIA H100 NVL", 835.5e12)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert throughput.datasheet_flops(torch.device("cuda", 0), "bf16-mixed") == peak
+    assert throughput.datasheet_flops(torch.device("cuda", 0), "32-true") == 123e12
 
 
 def test_a_cpu_peak_measured_on_a_busy_machine_is_raised_by_later_measurements(monkeypatch):

@@ -256,3 +256,7 @@ def test_model_flops_leave_out_the_gradients_of_frozen_weights():
     assert module.model_flops_per_token == 6 * (counts["flow"] + counts["denoiser"])
     module.flow.shallow.requires_grad_(False)  # frozen: forward and input gradient only
     assert module.model_flops_per_token == 6 * (counts["flow"] + counts["denoiser"]) - 2 * counts["shallow"]
+    module.denoiser.requires_grad_(False)  # its input is detached: the forward pass alone
+    assert module.model_flops_per_token == 6 * counts["flow"] - 2 * counts["shallow"] + 2 * counts["denoiser"]
+    module.denoiser = None  # no gradient on the latents: the frozen shallow blocks before the deep one see none
+    assert module.model_flops_per_token == 6 * counts["flow"] - 4 * counts["shallow"]

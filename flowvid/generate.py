@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
+from flowvid.data.shards import file_sha256
 from flowvid.media import MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder, write_atomically
 from flowvid.pipeline import DEFAULT_TOLERANCE, NON_FINITE_ADVICE, GenerateError, VideoPipeline
@@ -78,6 +80,7 @@ class Request:
     negative_prompt: str = ""  # what guidance steers away from; "" is the unconditional (empty) caption
     skip_existing: bool = False  # leave out samples whose files are complete in the output folder
     model: str = ""  # the export or checkpoint that samples (recorded, and checked by skip_existing)
+    weights: str = "ema"  # which of the model's weights: its moving average (when it kept one) or as trained
     rank: int = 0  # under torchrun this process samples prompts rank, rank + world_size, ...
     world_size: int = 1
 
@@ -169,16 +172,28 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(file, array)
 
 
+#: The keys of a record that the request fixes (``planned_record``); a key only some requests set is
+#: compared too, so that a sample made with a negative prompt or an adapter is not kept for one without.
+REQUEST_KEYS = ("prompt", "task", "seed", "sampler", "tol", "first_block_size", "block_size", "guidance",
+                "negative_prompt", "precision", "lora", "lora_strength", "frames", "model", "weights", "source",
+                "source_sha256")
+
+
 def planned_record(request: Request, prompt: str, seed: int, frames: int) -> dict[str, Any]:
     """What the request fixes of a sample's record: two samples with the same are the same video."""
+    source = request.image or request.video
+    blocks = {"first_block_size": request.first_block_size, "block_size": request.block_size}
     return {
         "prompt": prompt, "task": request.task, "seed": seed, "sampler": request.sampler,
-        "tol": request.tol if request.sampler == "jacobi" else None, "guidance": request.guidance,
+        "tol": request.tol if request.sampler == "jacobi" else None,
+        **({key: size for key, size in blocks.items() if size is not None} if request.sampler == "jacobi" else {}),
+        "guidance": request.guidance,
         **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),
         "precision": request.precision,
         **({"lora": request.lora, "lora_strength": request.lora_strength} if request.lora else {}),
         "frames": frames,
-        **({"model": request.model} if request.model else {}),
+        **({"model": request.model, "weights": request.weights} if request.model else {}),
+        **({"source": str(source), "source_sha256": file_sha256(source)} if source else {}),
     }
 
 
@@ -192,8 +207,8 @@ def already_written(out: Path, name: str, planned: dict[str, Any]) -> bool:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise GenerateError(f"cannot read {path} to skip its sample: {err}; remove it to sample it again") from None
-    differences = [f"{key} {record.get(key)!r}, not {value!r}" for key, value in planned.items()
-                   if record.get(key) != value]
+    differences = [f"{key} {record.get(key)!r}, not {planned.get(key)!r}" for key in REQUEST_KEYS
+                   if (key in planned or key in record) and record.get(key) != planned.get(key)]
     if differences:
         raise GenerateError(f"{path} was written by another request ({'; '.join(differences)}); "
                             "write to another --out folder or remove it")
@@ -228,6 +243,8 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     for start in range(0, len(todo), request.batch_size):
         indices = todo[start:start + request.batch_size]
         names = [name[i] for i in indices]
+        for sample in names:  # frames streamed for an earlier sample of the same name are not this one's
+            shutil.rmtree(out / f"{sample}.stream", ignore_errors=True)
         result = pipeline.generate_batch([prompts[i] for i in indices], [request.seed + i for i in indices], source,
                                          task=request.task, frames=request.frames, guidance=request.guidance,
                                          negative_prompt=request.negative_prompt,
@@ -236,6 +253,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
         for row, (index, sample) in enumerate(zip(indices, names)):
             if row in diverged:  # nothing is written: --skip-existing samples it again
                 failed.append(sample)
+                shutil.rmtree(out / f"{sample}.stream", ignore_errors=True)
                 continue
             record = {
                 **planned[index],
@@ -341,7 +359,7 @@ def main(argv: list[str]) -> int:
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
             first_block_size=args.first_block_size, block_size=args.block_size,
             negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,
-            model=str(model.resolve()),
+            model=str(model.resolve()), weights=args.weights,
         )
         records = run(module, request, Path(args.out), progress=lambda line: print(line, file=sys.stderr, flush=True))
     except KeyError as err:  # str() of a KeyError quotes its message

@@ -249,10 +249,11 @@ class VideoPipeline:
     # --- one batch -------------------------------------------------------------------------------
 
     def sampler_for(self, latent_frames: int) -> Sampler:
-        """The sampler for a video of ``latent_frames``: a window of the trained length beyond it."""
+        """The sampler for a video of ``latent_frames``: beyond the trained length, a window of that length
+        that keeps half of it in view (none for a model of single frames, whose frames are independent)."""
         trained = self.model.latent_shape[0]
         if latent_frames > trained:
-            return WindowedSampler(self.sampler, window=trained, context=max(1, trained // 2))
+            return WindowedSampler(self.sampler, window=trained, context=trained // 2)
         return self.sampler
 
     @torch.no_grad()
@@ -283,6 +284,8 @@ class VideoPipeline:
                 sampled = time.perf_counter()
             denoised = time.perf_counter()
             videos = self.model.codec.decode(latents)
+            if source is not None:  # as given, not as the codec gives them back (a VAE does not exactly)
+                videos[:, :source.shape[1]] = source.to(videos.device)
             decoded = time.perf_counter()
         return GeneratedVideos(
             videos=videos.cpu().numpy(), latents=latents.float().cpu().numpy(), captions=batch.captions,
@@ -312,22 +315,24 @@ class VideoPipeline:
             batch = self._prepare(prompts, list(range(seed, seed + len(prompts))), source, task, frames, guidance,
                                   negative_prompt)
             final = self._final_frames(batch, guidance)
+        given = np.zeros((0,)) if source is None else source[0].numpy()  # the frames that come back as given
         # Autocast is entered for each step only: a caller's code between two frames runs without it.
         held = []
-        while True:
+        for index in itertools.count():
             with self._precision():
                 frame = next(final, None)
-                if frame is not None and by_frame:
+                if frame is not None and by_frame and index >= len(given):
                     pixels = codec.decode(frame[:, None])[:, 0].cpu().numpy()
             if frame is None:
                 break
             if by_frame:
-                yield pixels
+                yield np.repeat(given[None, index], len(prompts), axis=0) if index < len(given) else pixels
             else:
                 held.append(frame)
         if held:
             with self._precision():
                 videos = codec.decode(torch.stack(held, dim=1)).cpu().numpy()
+            videos[:, :len(given)] = given
             yield from videos.swapaxes(0, 1)
 
     # --- one batch, inside -----------------------------------------------------------------------

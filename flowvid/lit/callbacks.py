@@ -13,6 +13,7 @@ Validation bits/dim is logged by the module itself (``val/bits_per_dim``).
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -182,9 +183,17 @@ class FVDCallback(_EveryNSteps):
         first, count = self._share(trainer, self.num_samples)
         prompts = itertools.cycle(self.captions or [""])
         prompts = itertools.islice(prompts, first, None)
-        for start in range(first, first + count, self.batch_size):
+        # Every rank samples as many batches as the rank with the largest share: a sampler that keeps its
+        # passes in step across ranks (Jacobi under a process group) would wait for a batch never sampled.
+        largest_share = math.ceil(self.num_samples / trainer.world_size)
+        for batch in range(math.ceil(largest_share / self.batch_size)):
+            start = first + batch * self.batch_size
             size = min(self.batch_size, first + count - start)
-            metric.update(generate(pl_module, list(itertools.islice(prompts, size)), self.seed + start), real=False)
+            if size > 0:
+                metric.update(generate(pl_module, list(itertools.islice(prompts, size)), self.seed + start),
+                              real=False)
+            else:
+                generate(pl_module, [self.captions[0] if self.captions else ""], self.seed)  # in step, not counted
         value = metric.compute()
         name = metric.protocol_name
         trainer.callback_metrics[name] = value.float()

@@ -91,10 +91,10 @@ class WindowedSampler(Sampler):
         self.reset_stats()
         video = prefix
         for start, end in self._windows(z, prefix):
-            known = self._known(video, start)
+            known, lost = _stand_in_for_lost(self._known(video, start))
             part = self.sampler.sample(flow, z[:, start:end], text, guidance, known)
             self._window_stats.append(self.sampler.last_stats)
-            new = part if known is None else part[:, known.shape[1]:]
+            new = _lost(part if known is None else part[:, known.shape[1]:], lost)
             video = new if video is None else torch.cat([video, new], dim=1)
         return video
 
@@ -109,11 +109,30 @@ class WindowedSampler(Sampler):
         recent = {} if prefix is None else dict(enumerate(prefix.unbind(1)))
         for number, (start, end) in enumerate(spans):
             context = [recent[i] for i in sorted(recent) if i >= start]
-            known = torch.stack(context, dim=1) if context else None
+            known, lost = _stand_in_for_lost(torch.stack(context, dim=1) if context else None)
             first_new = start + (0 if known is None else known.shape[1])
             for offset, frame in enumerate(self.sampler.stream(flow, z[:, start:end], text, guidance, known)):
+                frame = _lost(frame, lost)
                 recent[first_new + offset] = frame
                 yield frame
             self._window_stats.append(self.sampler.last_stats)
             next_start = spans[number + 1][0] if number + 1 < len(spans) else end
             recent = {i: frame for i, frame in recent.items() if i >= next_start}
+
+
+def _stand_in_for_lost(known: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A window's prefix, with zeros standing in for the videos an earlier window lost (non-finite values,
+    from too strong a guidance, say), so that the others go on; and which videos those are (None: none)."""
+    if known is None:
+        return None, None
+    lost = ~torch.isfinite(known).flatten(1).all(dim=1)
+    if not lost.any():
+        return known, None
+    return torch.where(lost.view(-1, *[1] * (known.dim() - 1)), torch.zeros_like(known), known), lost
+
+
+def _lost(frames: torch.Tensor, lost: torch.Tensor | None) -> torch.Tensor:
+    """``frames`` with the lost videos' values NaN: they stay failed, however well the stand-in sampled."""
+    if lost is None:
+        return frames
+    return frames.masked_fill(lost.view(-1, *[1] * (frames.dim() - 1)), float("nan"))

@@ -170,3 +170,27 @@ def test_without_tensorboard_the_samples_are_written_as_files(tmp_path):
     assert gif.n_frames == FRAMES and gif.size == (2 * SIZE, SIZE)
     grid = torch.from_numpy(np.asarray(Image.open(folder / "step=00000004.png")))
     assert torch.equal(grid.permute(2, 0, 1), frame_grid(random_videos(2, 5)))  # the same seed every time
+
+
+def test_every_rank_samples_as_many_fvd_batches_so_that_synced_samplers_keep_in_step(monkeypatch):
+    """17 samples over two ranks in batches of 8: 9 and 8 samples, but two sampling calls on each rank
+    (a Jacobi sampler under a process group syncs its passes across ranks, call by call)."""
+    from types import SimpleNamespace
+
+    from flowvid.lit import callbacks
+
+    calls = {0: [], 1: []}
+    for rank in (0, 1):
+        monkeypatch.setattr(callbacks, "generate", lambda module, captions, seed, rank=rank:
+                            calls[rank].append(len(captions)) or random_videos(len(captions), seed))
+        fvd = FVDCallback(num_samples=17, batch_size=8, extractor="pixel-stats", captions=["a"])
+        updated = []
+        fvd.metric = SimpleNamespace(to=lambda device, fvd=fvd: fvd.metric, reset=lambda: None,
+                                     update=lambda videos, real: updated.append(len(videos)),
+                                     compute=lambda: torch.tensor(1.0), protocol_name="fvd")
+        fvd._real_collected = True
+        trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=4, callback_metrics={}, loggers=[],
+                                  fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=4)))
+        fvd.run(trainer, SimpleNamespace(device=torch.device("cpu")))
+        assert sum(updated) == (9 if rank == 0 else 8)
+    assert len(calls[0]) == len(calls[1]) == 2

@@ -105,6 +105,25 @@ def test_i2v_reproduces_the_given_first_frame(checkpoint, tmp_path):
     assert np.array_equal(np.load(npy)[0], image)
 
 
+def test_skip_existing_keeps_no_sample_of_another_source_negative_prompt_or_weights(checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    for name, value in (("a.png", 200), ("b.png", 0)):
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / name)
+    args = ["generate", "--ckpt", str(checkpoint), "--task", "i2v", "--prompt", "x", "--guidance", "2",
+            "--out", str(tmp_path / "out")]
+    assert main([*args, "--image", str(tmp_path / "a.png"), "--negative-prompt", "y"]) == 0
+    capsys.readouterr()
+    for extra, differs in ((["--image", str(tmp_path / "b.png"), "--negative-prompt", "y"], "source"),
+                           (["--image", str(tmp_path / "a.png")], "negative_prompt 'y', not None"),
+                           (["--image", str(tmp_path / "a.png"), "--negative-prompt", "y", "--weights", "trained"],
+                            "weights 'ema', not 'trained'")):
+        assert main([*args, *extra, "--skip-existing"]) == 2
+        assert "was written by another request" in (error := one_line_error(capsys)) and differs in error
+    assert main([*args, "--image", str(tmp_path / "a.png"), "--negative-prompt", "y", "--skip-existing"]) == 0
+    assert "1 of 1 samples are in" in capsys.readouterr().err
+
+
 def test_stream_writes_frames_as_they_come_and_longer_videos_use_a_window(checkpoint, tmp_path):
     assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--frames", "7", "--stream",
                  "--out", str(tmp_path)]) == 0
@@ -112,6 +131,12 @@ def test_stream_writes_frames_as_they_come_and_longer_videos_use_a_window(checkp
     assert len(list(stream.glob("frame_*.png"))) == 7
     record = read_record(tmp_path, "t2v_000")
     assert record["frames"] == 7 and record["sampler_stats"]["window"] == 4
+    # The same name sampled again, shorter: the folder holds the new sample's frames only.
+    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--frames", "5", "--stream",
+                 "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in stream.glob("frame_*.png")) == [f"frame_{i:03d}.png" for i in range(5)]
+    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--out", str(tmp_path)]) == 0
+    assert not stream.exists()  # not streamed this time: no frames of another sample left beside it
 
 
 @pytest.mark.parametrize(
@@ -766,3 +791,43 @@ def test_a_video_that_comes_out_nan_is_named_not_written_and_the_others_are(chec
     assert main([*args, "--skip-existing"]) == 0  # the missing sample, once the sampler behaves
     assert "2 of 3 samples are in" in capsys.readouterr().err
     assert len(list((tmp_path / "out").glob("*.json"))) == 3
+
+
+def test_a_model_of_single_frames_makes_longer_videos_frame_by_frame():
+    from flowvid.pipeline import VideoPipeline
+
+    config = copy.deepcopy(CONFIG)
+    config["model"]["init_args"]["video_shape"] = [1, 8, 8]
+    torch.manual_seed(0)
+    module = build_module(config)
+    perturb_parameters(module.flow, std=0.02)
+    pipe = VideoPipeline(module.eval())
+    videos = pipe(["a red circle"], frames=3, seed=0).videos
+    assert videos.shape == (1, 3, 8, 8, 3)
+    assert pipe.sampler_for(3).context == 0
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["call", "stream"])
+def test_the_given_frames_come_back_as_given_through_a_lossy_codec(streamed):
+    """A VAE does not give back exactly what it encoded: the image of image-to-video is returned itself."""
+    from flowvid.pipeline import VideoPipeline
+
+    config = copy.deepcopy(CONFIG)
+    init = config["model"]["init_args"]
+    init["codec"] = {"class_path": "flowvid.codecs.VideoVAE",
+                     "init_args": {"spatial_factor": 2, "temporal_factor": 4, "latent_channels": 4, "width": 8,
+                                   "depth": 1}}
+    init["flow"]["init_args"]["latent_channels"] = 4
+    init["video_shape"] = [5, 8, 8]
+    torch.manual_seed(0)
+    module = build_module(config)
+    perturb_parameters(module, std=0.05)
+    image = (np.random.default_rng(3).random((8, 8, 3)) * 255).astype(np.uint8)
+    pipe = VideoPipeline(module.eval())
+    assert not np.array_equal(module.codec.decode(module.codec.encode(torch.from_numpy(image)[None, None]))[0, 0],
+                              image)  # the codec alone would not give it back
+    if streamed:
+        videos = np.stack(list(pipe.stream(["x", "y"], task="i2v", image=image, seed=1)), axis=1)
+    else:
+        videos = pipe(["x", "y"], task="i2v", image=image, seed=1).videos
+    assert videos.shape == (2, 5, 8, 8, 3) and all(np.array_equal(video[0], image) for video in videos)

@@ -98,3 +98,28 @@ def test_a_prefix_must_leave_frames_to_sample():
     with pytest.raises(ValueError, match="leaves nothing to sample"):
         WindowedSampler("sequential", window=3, context=1).sample(
             make_flow(), torch.randn(1, 8, 2, 3, 3), prefix=torch.randn(1, 8, 2, 3, 3))
+
+
+class LosesTheSecondVideo(SequentialSampler):
+    """The first window's second video comes out NaN, as too strong a guidance can make it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def sample(self, flow, z, text=None, guidance=0.0, prefix=None):
+        x = super().sample(flow, z, text, guidance, prefix)
+        self.calls += 1
+        return torch.cat([x[:1], torch.full_like(x[1:], float("nan"))]) if self.calls == 1 else x
+
+    def stream(self, flow, z, text=None, guidance=0.0, prefix=None):
+        yield from self.sample(flow, z, text, guidance, prefix)[:, 0 if prefix is None else prefix.shape[1]:].unbind(1)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["sample", "stream"])
+def test_a_video_lost_in_one_window_stays_lost_and_the_others_go_on(streamed):
+    flow, z = make_flow(), torch.randn(2, 5, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    rollout = WindowedSampler(LosesTheSecondVideo(), window=3, context=1)
+    x = torch.stack(list(rollout.stream(flow, z)), 1) if streamed else rollout.sample(flow, z)
+    alone = WindowedSampler(SequentialSampler(), window=3, context=1).sample(flow, z[:1])
+    assert x.shape == z.shape and torch.isnan(x[1]).all()
+    torch.testing.assert_close(x[:1], alone)

@@ -13,9 +13,9 @@ Run as a script, this file compares Jacobi sampling. Our flow is fitted to the m
 (``sampling.fit_to_shapes``) and its weights are copied into the reference model (the names map one to
 one and the query and key rows go to the reference's rotary layout, ``flowvid.convert``), so both invert
 nearly the same function: the video part is identical, the text part differs (the reference rotates
-text positions and reads the text causally; flowvid does neither). Each implementation's Jacobi output is compared with its own exact sequential inverse, and
-all timings of one round are taken back to back: our forward pass, our Jacobi, the reference's Jacobi,
-the reference's forward pass.
+text positions and reads the text causally; flowvid does neither). Each implementation's Jacobi output
+is compared with its own exact sequential inverse, and all timings of one round are taken back to
+back: our forward pass, our Jacobi, the reference's Jacobi, the reference's forward pass.
 
 The reference's Jacobi calls ``torch.distributed.all_reduce`` unconditionally, so
 ``single_process_group`` starts a one-process gloo group first.

@@ -27,9 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flowvid.export import check_export_path, checkpoint_weights, load_weights, reading_export
-from flowvid.paths import write_atomically
 from flowvid.lit.checkpointing import resolve_checkpoint
 from flowvid.nn.lora import is_adapter_key, merge_lora
+from flowvid.paths import write_atomically
 
 FORMAT = "flowvid-lora"
 

@@ -28,6 +28,7 @@ What no weights can make up for: the reference also rotates its text positions (
 and reads the text causally and unmasked, where flowvid leaves text unrotated and lets the text tokens
 see each other (padding hidden). An imported text-conditioned deep block therefore starts close to the
 reference's but not equal to it; fine-tune it before relying on its samples or likelihoods.
+
 The reference denoiser is not converted: flowvid's ``CausalDenoiser`` normalises its output and
 windows its attention differently, so its weights would not mean the same thing; train a denoiser
 on the imported flow instead (``recipes/finetune/custom_shards.yaml``, ``train: denoiser``).

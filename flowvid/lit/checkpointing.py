@@ -39,7 +39,6 @@ from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.paths import PARTIAL_SUFFIX
 from flowvid.text.base import TextEncoder
 
-#: Suffix of a checkpoint being written; such names are never resumed from.
 #: Key of flowvid's own metadata in a checkpoint.
 METADATA_KEY = "flowvid_run"
 #: Where RunCheckpoint writes, inside the run directory (``trainer.default_root_dir``).

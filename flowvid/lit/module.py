@@ -492,7 +492,7 @@ class FlowModule(LightningModule):
         """Optimiser steps the run will take: ``max_steps`` counts them, the epochs end after their batches,
         of which ``accumulate_grad_batches`` make a step. (Lightning's estimate, under manual optimisation,
         is batches capped by ``max_steps``: with accumulation it mixes the two units.)"""
-        self.trainer.estimated_stepping_batches  # noqa: B018 - sets up the training data, counted below
+        self.trainer.fit_loop.setup_data()  # the training data, whose batches are counted below
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else math.inf
         epochs, batches = self.trainer.max_epochs, self.trainer.num_training_batches
         if epochs is None or epochs < 0 or not math.isfinite(batches):

@@ -12,14 +12,13 @@ the files). Registered through entry points (group ``flowvid.text_encoders``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from flowvid.fingerprint import json_fingerprint, weights_fingerprint
 from flowvid.text.base import TextEmbedding, TextEncoder
 from flowvid_plugins.frozen import keep_out_of_checkpoints
 
@@ -71,14 +70,20 @@ class FrozenTextEncoder(TextEncoder):
                                return_tensors="pt")
         device = next(self.model.parameters()).device
         mask = batch["attention_mask"].to(device).bool()
-        states = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long()).last_hidden_state
+        with torch.autocast(device.type, enabled=False):  # the model's own precision, as for cached embeddings
+            states = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long()).last_hidden_state
         return TextEmbedding(states.float() * mask[..., None], mask)
 
     def identity(self) -> dict[str, str]:
-        config = {k: v for k, v in self.model.config.to_dict().items()
-                  if k not in ("_name_or_path", "transformers_version")}
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return {**super().identity(), "model_config_sha256": digest}
+        """Name, sizes, and fingerprints of the model's config, weights and vocabulary: another checkpoint of
+        the same architecture (a paraphrase MiniLM, a fine-tuned T5) embeds captions otherwise."""
+        if not hasattr(self, "_fingerprints"):  # frozen: computed once
+            config = {k: v for k, v in self.model.config.to_dict().items()
+                      if k not in ("_name_or_path", "transformers_version")}
+            self._fingerprints = {"model_config_sha256": json_fingerprint(config),
+                                  "weights_sha256": weights_fingerprint(self.model),
+                                  "vocabulary_sha256": json_fingerprint(sorted(self.tokenizer.get_vocab().items()))}
+        return {**super().identity(), **self._fingerprints}
 
 
 class MiniLMTextEncoder(FrozenTextEncoder):
@@ -103,8 +108,8 @@ class MiniLMTextEncoder(FrozenTextEncoder):
         from transformers import AutoModel, AutoTokenizer
 
         directory = check_model_directory(path, "MiniLM")
-        if not 1 <= max_length <= 512:
-            raise ValueError(f"max_length must be in [1, 512] for MiniLM, got {max_length}")
+        if not 2 <= max_length <= 512:  # [CLS] and [SEP] take two
+            raise ValueError(f"max_length must be in [2, 512] for MiniLM, got {max_length}")
         self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         self.model = AutoModel.from_pretrained(directory, local_files_only=True)
         self._freeze()

@@ -13,7 +13,6 @@ Registered through the entry point ``wan2.2`` (group ``flowvid.codecs``).
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 
 from flowvid.codecs.base import LatentCodec
 from flowvid.codecs.pixel import to_uint8, to_unit_range
+from flowvid.fingerprint import json_fingerprint, weights_fingerprint
 from flowvid_plugins.frozen import keep_out_of_checkpoints
 
 # Per-channel mean and std of the Wan2.2 TI2V-5B VAE's latents (from the Wan2.2 release); used when
@@ -107,11 +107,14 @@ class WanVAECodec(LatentCodec):
         return self
 
     def config(self) -> dict[str, Any]:
-        # The model config (not the directory, which differs between machines) fixes the latent space.
+        # The model's config and weights (not the directory, which differs between machines) fix the latent
+        # space: a fine-tuned or distilled VAE of the same config gives other latents.
+        if not hasattr(self, "_weights_sha256"):  # frozen: computed once
+            self._weights_sha256 = weights_fingerprint(self.vae)
         model = {k: v for k, v in self.vae.config.items() if not k.startswith("_")}
-        model_hash = hashlib.sha256(json.dumps(model, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return {"model_config_sha256": model_hash, "temporal_scale": self.temporal_scale,
-                "sample_posterior": self.sample_posterior, **self.normalisation()}
+        return {"model_config_sha256": json_fingerprint(model), "weights_sha256": self._weights_sha256,
+                "temporal_scale": self.temporal_scale, "sample_posterior": self.sample_posterior,
+                **self.normalisation()}
 
     def normalisation(self) -> dict[str, list[float]]:
         return {"mean": self.latents_mean.tolist(), "std": self.latents_std.tolist()}
@@ -121,17 +124,29 @@ class WanVAECodec(LatentCodec):
         self.check_video(video)
         weight = next(self.vae.parameters())
         x = to_unit_range(video).permute(0, 4, 1, 2, 3).to(weight.device, weight.dtype)  # B, 3, T, H, W
-        posterior = self.vae.encode(x).latent_dist
-        z = posterior.sample() if self.sample_posterior else posterior.mode()
+        with torch.autocast(weight.device.type, enabled=False):  # the VAE's own precision, as for latent shards
+            posterior = self.vae.encode(x).latent_dist
+        z = self._posterior_sample(posterior, video) if self.sample_posterior else posterior.mode()
         z = z.float().permute(0, 2, 3, 4, 1)  # B, t, h, w, c
         z = (z - self.latents_mean) / self.latents_std
         return torch.cat([z[:, :1], z[:, 1:] * self.temporal_scale], dim=1)
+
+    @staticmethod
+    def _posterior_sample(posterior, video: torch.Tensor) -> torch.Tensor:
+        """A sample of each video's posterior with noise seeded by its pixels: the same latents whatever the
+        batch it is encoded in, the process, or what drew from the global generator before."""
+        noise = torch.stack([
+            torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(
+                int.from_bytes(hashlib.sha256(clip.cpu().numpy().tobytes()).digest()[:8], "little")))
+            for clip in video])
+        return posterior.mean + posterior.std * noise.to(posterior.mean.device, posterior.mean.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self.check_latents(latents)
         z = torch.cat([latents[:, :1], latents[:, 1:] / self.temporal_scale], dim=1).float()
-        z = z * self.latents_std + self.latents_mean
+        z = z.to(self.latents_mean.device) * self.latents_std + self.latents_mean
         weight = next(self.vae.parameters())
-        video = self.vae.decode(z.permute(0, 4, 1, 2, 3).to(weight.dtype)).sample
+        with torch.autocast(weight.device.type, enabled=False):
+            video = self.vae.decode(z.permute(0, 4, 1, 2, 3).to(weight.dtype)).sample
         return to_uint8(video.permute(0, 2, 3, 4, 1))

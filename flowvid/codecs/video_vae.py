@@ -144,15 +144,18 @@ class VideoVAE(LatentCodec):
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(B, T, H, W, 3)`` -> the normalised posterior mean ``(B, t, h, w, c)``."""
+        """uint8 ``(B, T, H, W, 3)`` -> the normalised posterior mean ``(B, t, h, w, c)``, in the codec's own
+        precision whatever the autocast context (latents made on the fly equal those of latent shards)."""
         self.check_video(video)
-        mean, _ = self.encode_posterior(video)
-        return self.normalise(mean)
+        with torch.autocast(self.latents_mean.device.type, enabled=False):
+            mean, _ = self.encode_posterior(video)
+            return self.normalise(mean)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self.check_latents(latents)
-        return to_uint8(self.decode_raw(self.denormalise(latents)))
+        with torch.autocast(self.latents_mean.device.type, enabled=False):
+            return to_uint8(self.decode_raw(self.denormalise(latents.to(self.latents_mean.device, self.latents_mean.dtype))))
 
     # --- the pieces training uses ------------------------------------------------------------------
     def encode_posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,9 +197,11 @@ class VideoVAE(LatentCodec):
         self.check_video(video)
         channels = self.latent_channels
         blocks = self._pixel_blocks(video).movedim(1, -1).flatten(0, -2).double()  # positions, block values
-        if self.width < channels or blocks.shape[0] < channels:
-            raise ValueError(f"a linear start needs width >= latent_channels and at least {channels} latent "
-                             f"positions, got width {self.width} and {blocks.shape[0]} positions")
+        if self.width < channels or blocks.shape[0] < channels or blocks.shape[1] < channels:
+            raise ValueError(f"a linear start needs width >= latent_channels, at least {channels} latent positions and "
+                             f"pixel blocks of at least {channels} values (3 x {self.temporal_factor} x "
+                             f"{self.spatial_factor}^2 = {blocks.shape[1]}); got width {self.width} and "
+                             f"{blocks.shape[0]} positions: use fewer latent channels or larger factors")
         centre = blocks.mean(0)
         _, singular, components = torch.linalg.svd(blocks - centre, full_matrices=False)
         basis = components[:channels]  # latent_channels x block values

@@ -16,6 +16,7 @@ from flowvid.data.pipeline import ShardLoader, ShardSource, ShardStream, SkipCou
 from flowvid.data.shards import SampleSpec, shard_paths
 from flowvid.data.synthetic import BACKGROUNDS, DEFAULT_MAX_OBJECTS
 from flowvid.registry import DATASETS
+from flowvid.text.base import same_text_encoder
 
 
 @DATASETS.register("shards")
@@ -142,7 +143,8 @@ class VideoShardDataModule(L.LightningDataModule):
                     raise ValueError(f"{where} hold latents of shape {tuple(manifest['latent_shape'])}, "
                                      f"but the model expects {tuple(latent_shape)}")
             cached = manifest.get("text_encoder")
-            if text_encoder is not None and cached is not None and dict(cached) != dict(text_encoder):
+            if (text_encoder is not None and cached is not None
+                    and not same_text_encoder(dict(cached), dict(text_encoder))):
                 raise ValueError(f"{where} cache text embeddings of {cached}, but the model uses {text_encoder}")
 
     def skipped_counts(self) -> dict[str, int]:

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.paths import PARTIAL_SUFFIX
-from flowvid.text.base import TextEncoder
+from flowvid.text.base import TextEncoder, same_text_encoder
 
 #: Key of flowvid's own metadata in a checkpoint.
 METADATA_KEY = "flowvid_run"
@@ -192,7 +192,7 @@ def check_resumable(checkpoint: dict[str, Any], pl_module: LightningModule, wher
         check_codec_identity(codec.identity(), metadata["codec"], where)
     text_encoder = _first(pl_module, TextEncoder)
     if text_encoder is not None and metadata.get("text_encoder") is not None:
-        if dict(metadata["text_encoder"]) != dict(text_encoder.identity()):
+        if not same_text_encoder(dict(metadata["text_encoder"]), dict(text_encoder.identity())):
             raise CheckpointMismatchError(
                 f"{where} was trained with text encoder {metadata['text_encoder']}, "
                 f"but this model uses {text_encoder.identity()}"

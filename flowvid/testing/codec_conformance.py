@@ -67,6 +67,15 @@ class CodecConformance:
         decoded = codec.decode(codec.encode(video))
         assert decoded.shape == video.shape and decoded.dtype == torch.uint8
 
+    def test_decoding_reads_the_latents(self, codec):
+        """Even an untrained lossy codec gives other videos for other latents: a decoder that dropped or
+        misplaced what it decodes (all frames alike, or the same video whatever the latents) fails."""
+        latents = codec.encode(self.video())
+        decoded = codec.decode(latents).float()
+        assert decoded.std() > 0, "the decoded video is one flat colour"
+        moved = codec.decode(latents + torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))).float()
+        assert (moved - decoded).abs().mean() > 0.5, "the decoder gives the same video for other latents"
+
     def test_round_trip_is_exact_when_announced(self, codec):
         if not self.exact:
             pytest.skip("lossy codec")

@@ -66,3 +66,10 @@ class TextEncoder(nn.Module, ABC):
         load_plugins()  # plugins register their names on first use
         return {"name": TEXT_ENCODERS.name_of(type(self)) or type(self).__name__, "width": str(self.width),
                 "max_length": str(self.max_length)}
+
+
+def same_text_encoder(recorded: dict[str, str], current: dict[str, str]) -> bool:
+    """Whether a recorded text-encoder identity is the current one, compared on the keys both have: an
+    identity recorded before a key was added (a run or shards of an earlier version) still matches."""
+    shared = recorded.keys() & current.keys()
+    return "name" in shared and all(recorded[key] == current[key] for key in shared)

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from flowvid.fingerprint import json_fingerprint
 from flowvid.nn.transformer import TransformerLayer
 from flowvid.registry import TEXT_ENCODERS
 from flowvid.text.base import TextEmbedding, TextEncoder
@@ -52,6 +53,12 @@ class LearnedTextEncoder(TextEncoder):
         self.norm = nn.LayerNorm(width)
         # Positions are learned, so the layers' rotary embedding is the identity rotation.
         self.register_buffer("no_rotation", torch.zeros(max_length, head_dim // 2), persistent=False)
+
+    def identity(self) -> dict[str, str]:
+        """Name and sizes, plus what the trained weights cannot tell apart: the vocabulary (another one
+        of the same size loads the same weights and maps words to other ids) and the layers' shape."""
+        return {**super().identity(), "depth": str(len(self.layers)), "head_dim": str(self.no_rotation.shape[1] * 2),
+                "vocabulary_sha256": json_fingerprint(self.tokenizer.vocabulary)}
 
     def forward(self, captions: Sequence[str]) -> TextEmbedding:
         ids, mask, truncated, unknown = self.tokenizer(captions, self.max_length)

@@ -71,6 +71,13 @@ def test_linear_start_keeps_the_top_components():
     assert quality[3] < quality[6] < quality[12]
 
 
+def test_a_linear_start_with_more_latent_channels_than_pixel_values_says_so():
+    # 3 x 1 x 2^2 = 12 values per pixel block: 16 latent channels cannot each take a principal component.
+    vae = VideoVAE(spatial_factor=2, temporal_factor=1, latent_channels=16, width=16, depth=1)
+    with pytest.raises(ValueError, match=r"pixel blocks of at least 16 values \(3 x 1 x 2\^2 = 12\)"):
+        vae.initialise_from(smooth_video(2, 3, 8, 8))
+
+
 def video_batches(count: int = 4, batch: int = 4):
     videos = smooth_video(count * batch, 5, 8, 8, seed=3)
     samples = [{"video": video, "caption": "a red circle moves left"} for video in videos]

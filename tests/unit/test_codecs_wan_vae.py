@@ -80,6 +80,12 @@ def test_identity_follows_the_model_config_and_scale_not_the_folder(wan_dir, tmp
     copy = save_tiny_wan(tmp_path / "copy", MEAN, STD)
     assert WanVAECodec(copy).identity() == WanVAECodec(wan_dir).identity()
     assert WanVAECodec(wan_dir, temporal_scale=1.0).identity() != WanVAECodec(wan_dir).identity()
+    # Another VAE of the same config (fine-tuned, distilled) gives other latents: another identity.
+    tuned = AutoencoderKLWan.from_pretrained(copy)
+    with torch.no_grad():
+        next(tuned.parameters()).add_(0.01)
+    tuned.save_pretrained(tmp_path / "tuned")
+    assert WanVAECodec(str(tmp_path / "tuned")).identity() != WanVAECodec(wan_dir).identity()
 
 
 def test_missing_folder_names_the_path_and_the_expected_files(tmp_path):
@@ -107,3 +113,13 @@ def test_selectable_from_yaml(wan_dir):
     parser.add_argument("--codec", type=LatentCodec)
     config = parser.parse_string(f"codec:\n  class_path: WanVAECodec\n  init_args:\n    path: {wan_dir}\n")
     assert isinstance(parser.instantiate_classes(config).codec, WanVAECodec)
+
+
+def test_posterior_samples_are_seeded_by_each_video_not_the_batch_or_global_state(wan_dir):
+    codec = WanVAECodec(wan_dir, sample_posterior=True)
+    videos = torch.randint(0, 256, (2, 5, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    together = codec.encode(videos)
+    torch.rand(7)  # whatever drew from the global generator in between
+    alone = codec.encode(videos[1:])
+    torch.testing.assert_close(together[1:], alone)
+    assert not torch.allclose(together, WanVAECodec(wan_dir).encode(videos))  # a sample, not the mean

@@ -112,3 +112,33 @@ def test_selectable_from_yaml(t5_dir):
     )
     encoder = parser.instantiate_classes(config).text_encoder
     assert isinstance(encoder, T5TextEncoder) and encoder.max_length == 7
+
+
+def test_another_checkpoint_of_the_same_architecture_is_another_encoder(t5_dir, tmp_path):
+    """Cached embeddings and checkpoints are checked against the identity: it follows the weights and the
+    vocabulary, not the config alone."""
+    from transformers import T5EncoderModel
+
+    tuned = T5EncoderModel.from_pretrained(t5_dir)
+    with torch.no_grad():
+        next(tuned.parameters()).add_(0.01)
+    tuned.save_pretrained(tmp_path / "tuned")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(t5_dir) / name).exists():
+            (tmp_path / "tuned" / name).write_bytes((Path(t5_dir) / name).read_bytes())
+    original, other = T5TextEncoder(t5_dir).identity(), T5TextEncoder(str(tmp_path / "tuned")).identity()
+    assert other["model_config_sha256"] == original["model_config_sha256"]
+    assert other["weights_sha256"] != original["weights_sha256"]
+    assert T5TextEncoder(t5_dir).identity() == original
+
+
+def test_an_identity_recorded_before_a_key_was_added_still_matches():
+    from flowvid.text.base import same_text_encoder
+    from flowvid.text.learned import LearnedTextEncoder
+
+    current = LearnedTextEncoder(width=16, depth=1, head_dim=8).identity()
+    recorded = {key: current[key] for key in ("name", "width", "max_length")}  # as earlier versions wrote it
+    assert same_text_encoder(recorded, current)
+    assert not same_text_encoder({**recorded, "width": "32"}, current)
+    other_words = LearnedTextEncoder(width=16, depth=1, head_dim=8, vocabulary=["cow", "pig"]).identity()
+    assert not same_text_encoder(other_words, current)  # the same weights would map words to other ids

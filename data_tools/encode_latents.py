@@ -40,12 +40,11 @@ from flowvid.data.manifest import load_manifest, new_manifest, video_shape, writ
 from flowvid.data.shards import (
     SHARD_PATTERN,
     BadSample,
-    BrokenShard,
     SampleSpec,
     ShardFolderWriter,
     decode_sample,
     encode_sample,
-    iter_tar,
+    listed_samples,
     replace_shard_folder,
     shard_paths,
     staging_folder,
@@ -72,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     rank, world_size = join_launch_group()
     device = resolve_device(args.device)
     codec = build_registered(CODECS, args.codec, args.codec_args, "--codec-args")
@@ -180,7 +181,8 @@ def _write_latents(
     text_shape = None
     with ShardFolderWriter(out, max_samples=shard_samples) as writer:
         shards = shard_paths(source, raw)[rank::world_size]
-        for group in _groups(_samples(shards, SampleSpec.from_manifest(raw), skipped, on_sample), batch_size):
+        listed = [shard["samples"] for shard in raw["shards"]][rank::world_size]
+        for group in _groups(_samples(shards, listed, SampleSpec.from_manifest(raw), skipped, on_sample), batch_size):
             with torch.inference_mode():
                 video = torch.from_numpy(np.stack([s["video"] for s in group])).to(device)
                 latents = codec.encode(video).float().cpu()
@@ -194,6 +196,9 @@ def _write_latents(
                 latent = latents[index].half().numpy()
                 if not np.isfinite(latent).all():  # NaN from the codec, or beyond float16's range
                     skipped.append({"key": sample["key"], "reason": "non_finite_latent: NaN or inf as float16"})
+                    continue
+                if text_encoder is not None and not np.isfinite(np.asarray(tokens[index], dtype=np.float16)).all():
+                    skipped.append({"key": sample["key"], "reason": "bad_text_embedding: NaN or inf as float16"})
                     continue
                 stats.add(latents[index])
                 extra: dict[str, Any] = {}
@@ -247,21 +252,16 @@ def _gather_shards(parts: list[dict[str, Any]], staging: Path) -> None:
         os.replace(middle, staging / (SHARD_PATTERN % index))
 
 
-def _samples(
-    shards: list[Path], spec: SampleSpec, skipped: list[dict[str, str]], on_sample: Callable[[], None] | None
-) -> Iterator[dict[str, Any]]:
+def _samples(shards: list[Path], listed: list[int], spec: SampleSpec, skipped: list[dict[str, str]],
+             on_sample: Callable[[], None] | None) -> Iterator[dict[str, Any]]:
     """Decoded samples of raw shards in stored order; unusable ones are appended to ``skipped``."""
-    for shard in shards:
+    for sample in listed_samples(shards, listed, skipped):
+        if on_sample is not None:
+            on_sample()
         try:
-            for sample in iter_tar(shard):
-                if on_sample is not None:
-                    on_sample()
-                try:
-                    yield decode_sample(sample, spec)
-                except BadSample as err:
-                    skipped.append({"key": sample.get("__key__", "?"), "reason": f"{err.reason}: {err}"})
-        except BrokenShard as err:
-            skipped.append({"shard": shard.name, "reason": f"broken_tar: {err}"})
+            yield decode_sample(sample, spec)
+        except BadSample as err:
+            skipped.append({"key": sample.get("__key__", "?"), "reason": f"{err.reason}: {err}"})
 
 
 def _groups(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:

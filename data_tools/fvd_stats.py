@@ -26,7 +26,7 @@ import torch
 from data_tools.arguments import check_registered_arguments, json_object
 from data_tools.report import console, print_summary, progress_bar
 from flowvid.data.manifest import load_manifest, video_shape
-from flowvid.data.shards import BadSample, BrokenShard, SampleSpec, decode_sample, iter_tar, shard_paths
+from flowvid.data.shards import BadSample, SampleSpec, decode_sample, listed_samples, shard_paths
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats, reference_file_name
 from flowvid.paths import check_output_file
@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for option, value in (("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
     device = resolve_device(args.device)
     manifest = load_manifest(args.source)
     frames = args.frames or video_shape(manifest)[0]
@@ -146,15 +149,12 @@ def feed_in_batches(metric: FrechetVideoDistance, clips: Iterable[np.ndarray], r
 
 def _clips(source: str | Path, manifest: dict[str, Any], skipped: list[dict[str, str]]) -> Iterator[np.ndarray]:
     spec = SampleSpec.from_manifest(manifest)
-    for shard in shard_paths(source, manifest):
+    listed = [shard["samples"] for shard in manifest["shards"]]
+    for raw in listed_samples(shard_paths(source, manifest), listed, skipped):
         try:
-            for raw in iter_tar(shard):
-                try:
-                    yield decode_sample(raw, spec)["video"]
-                except BadSample as err:
-                    skipped.append({"key": raw.get("__key__", "?"), "reason": f"{err.reason}: {err}"})
-        except BrokenShard as err:
-            skipped.append({"shard": shard.name, "reason": f"broken_tar: {err}"})
+            yield decode_sample(raw, spec)["video"]
+        except BadSample as err:
+            skipped.append({"key": raw.get("__key__", "?"), "reason": f"{err.reason}: {err}"})
 
 
 def main(argv: list[str] | None = None) -> int:

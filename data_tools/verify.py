@@ -19,6 +19,7 @@ from rich.table import Table
 from data_tools.report import console, progress_bar
 from flowvid.data.manifest import ManifestError, load_manifest
 from flowvid.data.shards import (
+    STAGING_PREFIX,
     TEMPORARY_SUFFIX,
     BadSample,
     BrokenShard,
@@ -55,6 +56,8 @@ def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, 
         return report
     report["kind"] = manifest["kind"]
     problems += [f"half-written file {p.name}" for p in sorted(folder.glob(f"*{TEMPORARY_SUFFIX}"))]
+    problems += [f"{p.name} is left from a run that did not finish (or one still writing); remove it once none is"
+                 for p in sorted(folder.glob(f"{STAGING_PREFIX}*")) if p.is_dir()]
     listed = {shard["name"] for shard in manifest["shards"]}
     problems += [f"shard {p.name} is not in the manifest" for p in sorted(folder.glob("*.tar")) if p.name not in listed]
 

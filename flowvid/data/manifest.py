@@ -112,7 +112,8 @@ def check_manifest(manifest: Any, where: str) -> None:
         raise ManifestError(f"{where}: 'video' must give frames, height and width as integers >= 1, got {video!r}")
     shards = manifest["shards"]
     if not isinstance(shards, list) or not all(_shard_entry(shard) for shard in shards):
-        raise ManifestError(f"{where}: 'shards' must list objects with a 'name' and a count of 'samples' >= 0")
+        raise ManifestError(f"{where}: 'shards' must list objects with a 'name', a 'sha256' and a count of "
+                            "'samples' >= 0")
     if len(shards) != manifest["num_shards"]:
         raise ManifestError(f"{where}: num_shards is {manifest['num_shards']} but {len(shards)} shards are listed")
     listed = sum(shard["samples"] for shard in shards)
@@ -125,8 +126,9 @@ def _positive_int(value: Any) -> bool:
 
 
 def _shard_entry(shard: Any) -> bool:
-    return (isinstance(shard, dict) and isinstance(shard.get("name"), str) and isinstance(shard.get("samples"), int)
-            and not isinstance(shard.get("samples"), bool) and shard["samples"] >= 0)
+    return (isinstance(shard, dict) and isinstance(shard.get("name"), str) and isinstance(shard.get("sha256"), str)
+            and isinstance(shard.get("samples"), int) and not isinstance(shard.get("samples"), bool)
+            and shard["samples"] >= 0)
 
 
 def video_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:

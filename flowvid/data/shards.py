@@ -360,3 +360,20 @@ def _array(
 def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[Path]:
     """The shards a manifest lists, as paths inside ``folder``."""
     return [Path(folder) / shard["name"] for shard in manifest["shards"]]
+
+
+def listed_samples(shards: list[Path], listed: list[int], skipped: list[dict[str, str]]) -> Iterator[dict[str, bytes]]:
+    """The raw samples of ``shards`` in stored order (``iter_tar``). A broken shard, and one that holds fewer
+    samples than its manifest lists (``listed``; a zero-filled tail reads as a normal end), is appended to
+    ``skipped`` as ``{"shard", "reason"}``: no sample is lost without a count."""
+    for shard, count in zip(shards, listed):
+        read = 0
+        try:
+            for raw in iter_tar(shard):
+                read += 1
+                yield raw
+        except BrokenShard as err:
+            skipped.append({"shard": shard.name, "reason": f"broken_tar: {err}"})
+            continue
+        if read < count:
+            skipped.append({"shard": shard.name, "reason": f"broken_tar: holds {read} samples, the manifest lists {count}"})

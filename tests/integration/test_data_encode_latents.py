@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -121,6 +122,34 @@ def test_codec_normalisation_and_text_cache_are_recorded(raw, tmp_path):
     assert description["kind"] == "latent" and description["codec"] == SpaceToDepth().identity()
     assert description["latent_shape"] == [4, 8, 8, 12] and description["text_shape"] == [6, 8]
     assert description["source"]["tool"] == "encode-latents" and description["captions"] == [got[0]["caption"][0]]
+
+
+class LoudText(WordHashText):
+    """Beyond float16's range for captions that mention a circle: their cached embeddings cannot be kept."""
+
+    def forward(self, captions):
+        embedding = super().forward(captions)
+        loud = torch.tensor(["circle" in caption for caption in captions])[:, None, None]
+        return TextEmbedding(torch.where(loud, embedding.tokens * 1e6, embedding.tokens), embedding.mask)
+
+
+def test_clips_whose_cached_text_cannot_be_stored_are_skipped_and_listed(raw, tmp_path):
+    manifest = encode_latents(raw, tmp_path / "latent", SpaceToDepth(), text_encoder=LoudText(), batch_size=4)
+    reasons = [item["reason"] for item in manifest["skipped"]]
+    assert reasons and all(reason.startswith("bad_text_embedding") for reason in reasons)
+    assert manifest["samples"] + len(reasons) == 12
+    assert verify_folder(tmp_path / "latent")["ok"]
+
+
+def test_a_shard_whose_tail_reads_as_zeros_is_listed_not_silently_shorter(raw, tmp_path):
+    source = tmp_path / "raw"
+    shutil.copytree(raw, source)
+    shard = next(iter(sorted(source.glob("*.tar"))))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))
+    manifest = encode_latents(source, tmp_path / "latent", SpaceToDepth())
+    assert any(item.get("shard") == shard.name and "the manifest lists" in item["reason"]
+               for item in manifest["skipped"])
 
 
 def test_overflowing_latents_are_skipped_and_listed(raw, tmp_path):

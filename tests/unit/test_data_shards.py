@@ -161,7 +161,9 @@ def test_manifest_checks(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda m: m["shards"][0].pop("samples"), "'shards' must list objects with a 'name' and a count of 'samples'"),
+    (lambda m: m["shards"][0].pop("samples"), "'shards' must list objects with a 'name', a 'sha256' and a count of "
+                                              "'samples' >= 0"),
+    (lambda m: m["shards"][0].pop("sha256"), "'shards' must list objects with a 'name', a 'sha256'"),
     (lambda m: m.update(shards="shard-000000.tar"), "'shards' must list objects"),
     (lambda m: m.update(video=None), "'video' must give frames, height and width as integers >= 1, got None"),
     (lambda m: m["video"].pop("height"), "'video' must give frames, height and width"),
@@ -181,6 +183,7 @@ def test_a_manifest_of_the_wrong_shape_is_one_error_naming_it(tmp_path, change, 
         (lambda d: (d / "shard-000001.tar").write_bytes((d / "shard-000001.tar").read_bytes()[:-3000]), "sha256"),
         (lambda d: (d / "shard-000002.tar").unlink(), "missing"),
         (lambda d: (d / "shard-000003.tar.tmp").write_bytes(b"half"), "half-written"),
+        (lambda d: (d / ".staging-x1y2").mkdir(), ".staging-x1y2 is left from a run that did not finish"),
         (lambda d: (d / "shard-000009.tar").write_bytes(b""), "not in the manifest"),
         (lambda d: (d / "manifest.json").unlink(), "not found"),
     ],

@@ -154,8 +154,9 @@ class VideoVAE(LatentCodec):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self.check_latents(latents)
+        latents = latents.to(self.latents_mean.device, self.latents_mean.dtype)
         with torch.autocast(self.latents_mean.device.type, enabled=False):
-            return to_uint8(self.decode_raw(self.denormalise(latents.to(self.latents_mean.device, self.latents_mean.dtype))))
+            return to_uint8(self.decode_raw(self.denormalise(latents)))
 
     # --- the pieces training uses ------------------------------------------------------------------
     def encode_posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

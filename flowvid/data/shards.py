@@ -376,4 +376,5 @@ def listed_samples(shards: list[Path], listed: list[int], skipped: list[dict[str
             skipped.append({"shard": shard.name, "reason": f"broken_tar: {err}"})
             continue
         if read < count:
-            skipped.append({"shard": shard.name, "reason": f"broken_tar: holds {read} samples, the manifest lists {count}"})
+            skipped.append({"shard": shard.name,
+                            "reason": f"broken_tar: holds {read} samples, the manifest lists {count}"})

@@ -172,19 +172,20 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(file, array)
 
 
-#: The keys of a record that the request fixes (``planned_record``); a key only some requests set is
+#: The keys of a record that the request fixes (``planned_records``); a key only some requests set is
 #: compared too, so that a sample made with a negative prompt or an adapter is not kept for one without.
 REQUEST_KEYS = ("prompt", "task", "seed", "sampler", "tol", "first_block_size", "block_size", "guidance",
                 "negative_prompt", "precision", "lora", "lora_strength", "frames", "model", "weights", "source",
                 "source_sha256")
 
 
-def planned_record(request: Request, prompt: str, seed: int, frames: int) -> dict[str, Any]:
-    """What the request fixes of a sample's record: two samples with the same are the same video."""
+def planned_records(request: Request, prompts: list[str], frames: int) -> dict[int, dict[str, Any]]:
+    """What the request fixes of the record of each sample this process makes (by prompt index): two
+    samples with the same are the same video."""
     source = request.image or request.video
     blocks = {"first_block_size": request.first_block_size, "block_size": request.block_size}
-    return {
-        "prompt": prompt, "task": request.task, "seed": seed, "sampler": request.sampler,
+    shared = {
+        "task": request.task, "sampler": request.sampler,
         "tol": request.tol if request.sampler == "jacobi" else None,
         **({key: size for key, size in blocks.items() if size is not None} if request.sampler == "jacobi" else {}),
         "guidance": request.guidance,
@@ -193,8 +194,10 @@ def planned_record(request: Request, prompt: str, seed: int, frames: int) -> dic
         **({"lora": request.lora, "lora_strength": request.lora_strength} if request.lora else {}),
         "frames": frames,
         **({"model": request.model, "weights": request.weights} if request.model else {}),
-        **({"source": str(source), "source_sha256": file_sha256(source)} if source else {}),
+        **({"source": str(source), "source_sha256": file_sha256(source)} if source else {}),  # read once
     }
+    return {i: {"prompt": prompts[i], "seed": request.seed + i, **shared}
+            for i in range(request.rank, len(prompts), request.world_size)}
 
 
 def already_written(out: Path, name: str, planned: dict[str, Any]) -> bool:
@@ -233,8 +236,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
         raise GenerateError(f"cannot make the output folder {out}: {err.strerror or err}") from None
     frames = module.codec.usable_frames(request.frames)
     name = {i: f"{request.task}_{i:03d}_{slug(prompt)}" for i, prompt in enumerate(prompts)}
-    planned = {i: planned_record(request, prompts[i], request.seed + i, frames)
-               for i in range(request.rank, len(prompts), request.world_size)}
+    planned = planned_records(request, prompts, frames)
     todo = [i for i in planned if not (request.skip_existing and already_written(out, name[i], planned[i]))]
     if progress and len(todo) < len(planned):
         progress(f"{len(planned) - len(todo)} of {len(planned)} samples are in {out} already")

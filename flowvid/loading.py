@@ -56,5 +56,5 @@ def export_in(folder: Path) -> Path | None:
         return None
     if len(exports) > 1:
         raise ValueError(f"{folder} holds {len(exports)} .safetensors files beside {CONFIG_NAME}"
-                         f"{': ' + ', '.join(p.name for p in exports) if exports else ''}; name the export to load")
+                         f": {', '.join(p.name for p in exports)}; name the export to load")
     return exports[0]

@@ -3,6 +3,7 @@ into plain weights that give the adapted model's outputs."""
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -146,28 +147,31 @@ def test_merged_weights_give_the_adapted_flow():
 # --- adapter files ------------------------------------------------------------------------------------
 
 
-def test_adapters_alone_turn_the_base_model_into_the_fine_tuned_one_at_any_strength(tmp_path, capsys):
-    from flowvid.adapters import export_adapters, read_adapters
-    from flowvid.cli import main
-    from flowvid.export import build_module, export_checkpoint
+ADAPTED_CONFIG = {"model": {"class_path": "flowvid.lit.FlowModule", "init_args": {
+    "flow": {"class_path": "flowvid.flows.global_local.GlobalLocalFlow",
+             "init_args": {"latent_channels": 3, "frame_size": [4, 4], "num_shallow": 1, "shallow_width": 32,
+                           "shallow_depth": 1, "deep_width": 32, "deep_depth": 1, "head_dim": 16}},
+    "codec": {"class_path": "flowvid.codecs.pixel.PixelCodec"}, "video_shape": [2, 4, 4]}}}
+
+
+def save_run_checkpoint(module, config, path):
+    """A checkpoint as ``flowvid fit`` writes it: weights, the run's metadata and flowvid's own section."""
     from flowvid.lit.checkpointing import METADATA_KEY, run_metadata
-    from flowvid.loading import load_model
 
-    config = {"model": {"class_path": "flowvid.lit.FlowModule", "init_args": {
-        "flow": {"class_path": "flowvid.flows.global_local.GlobalLocalFlow",
-                 "init_args": {"latent_channels": 3, "frame_size": [4, 4], "num_shallow": 1, "shallow_width": 32,
-                               "shallow_depth": 1, "deep_width": 32, "deep_depth": 1, "head_dim": 16}},
-        "codec": {"class_path": "flowvid.codecs.pixel.PixelCodec"}, "video_shape": [2, 4, 4]}}}
+    saved = {"state_dict": module.state_dict(), "global_step": 3, METADATA_KEY: run_metadata(module, config=config)}
+    module.on_save_checkpoint(saved)
+    torch.save(saved, path)
+    return path
 
-    def checkpoint(module, name):
-        path = tmp_path / name
-        torch.save({"state_dict": module.state_dict(), "global_step": 3,
-                    METADATA_KEY: run_metadata(module, config=config)}, path)
-        return path
+
+def base_and_adapted(config, tmp_path):
+    """A perturbed model, its export, and a copy of it given LoRA adapters whose updates are not zero."""
+    from flowvid.export import build_module, export_checkpoint
 
     base = build_module(config)
     perturb_parameters(base, std=0.05, seed=1)
-    base_export = export_checkpoint(checkpoint(base, "base.ckpt"), tmp_path / "base" / "model.safetensors")
+    base_export = export_checkpoint(save_run_checkpoint(base, config, tmp_path / "base.ckpt"),
+                                    tmp_path / "base" / "model.safetensors")
     tuned = build_module(config)
     tuned.load_state_dict(base.state_dict())
     LoRA(rank=2).setup(SimpleNamespace(), tuned, "fit")
@@ -175,7 +179,19 @@ def test_adapters_alone_turn_the_base_model_into_the_fine_tuned_one_at_any_stren
         for name, parameter in tuned.named_parameters():
             if "lora_b" in name:
                 parameter.normal_(std=0.05)
-    adapters = export_adapters(checkpoint(tuned, "tuned.ckpt"), tmp_path / "lora" / "style.safetensors")
+    return base, base_export, tuned
+
+
+def test_adapters_alone_turn_the_base_model_into_the_fine_tuned_one_at_any_strength(tmp_path, capsys):
+    from flowvid.adapters import export_adapters, read_adapters
+    from flowvid.cli import main
+    from flowvid.export import build_module
+    from flowvid.loading import load_model
+
+    config = ADAPTED_CONFIG
+    base, base_export, tuned = base_and_adapted(config, tmp_path)
+    adapters = export_adapters(save_run_checkpoint(tuned, config, tmp_path / "tuned.ckpt"),
+                               tmp_path / "lora" / "style.safetensors")
     assert read_adapters(adapters) and all(name.rpartition(".")[2].startswith("lora_") for name in read_adapters(adapters))
 
     x = torch.rand(2, 2, 4, 4, 3, generator=torch.Generator().manual_seed(0))
@@ -193,9 +209,8 @@ def test_adapters_alone_turn_the_base_model_into_the_fine_tuned_one_at_any_stren
         export_adapters(tmp_path / "base.ckpt", tmp_path / "none.safetensors")
     with pytest.raises(ValueError, match="is not a LoRA adapter file"):
         read_adapters(base_export)
-    wider = {"model": {**config["model"], "init_args": {**config["model"]["init_args"], "flow": {
-        **config["model"]["init_args"]["flow"],
-        "init_args": {**config["model"]["init_args"]["flow"]["init_args"], "deep_width": 64, "shallow_width": 64}}}}}
+    wider = copy.deepcopy(config)
+    wider["model"]["init_args"]["flow"]["init_args"].update(deep_width=64, shallow_width=64)
     from flowvid.adapters import apply_adapters
     with pytest.raises(ValueError, match="do not fit this model"):
         apply_adapters(build_module(wider), adapters)
@@ -209,38 +224,16 @@ def test_adapters_alone_turn_the_base_model_into_the_fine_tuned_one_at_any_stren
 def test_an_adapter_file_carries_what_the_run_trained_in_full_beside_the_adapters(tmp_path):
     """The LoRA recipe trains the text encoder and the denoiser in full: the file must bring them too."""
     from flowvid.adapters import export_adapters, read_adapters
-    from flowvid.export import build_module, export_checkpoint
-    from flowvid.lit.checkpointing import METADATA_KEY, run_metadata
     from flowvid.loading import load_model
 
-    config = {"model": {"class_path": "flowvid.lit.FlowModule", "init_args": {
-        "flow": {"class_path": "flowvid.flows.global_local.GlobalLocalFlow",
-                 "init_args": {"latent_channels": 3, "frame_size": [4, 4], "num_shallow": 1, "shallow_width": 32,
-                               "shallow_depth": 1, "deep_width": 32, "deep_depth": 1, "head_dim": 16,
-                               "text_width": 16}},
-        "codec": {"class_path": "flowvid.codecs.pixel.PixelCodec"},
-        "text_encoder": {"class_path": "flowvid.text.LearnedTextEncoder",
-                         "init_args": {"width": 16, "depth": 1, "head_dim": 8}},
-        "video_shape": [2, 4, 4]}}}
-
-    def checkpoint(module, name):
-        saved = {"state_dict": module.state_dict(), "global_step": 3, METADATA_KEY: run_metadata(module, config=config)}
-        module.on_save_checkpoint(saved)
-        torch.save(saved, tmp_path / name)
-        return tmp_path / name
-
-    base = build_module(config)
-    perturb_parameters(base, std=0.05, seed=1)
-    base_export = export_checkpoint(checkpoint(base, "base.ckpt"), tmp_path / "base" / "model.safetensors")
-    tuned = build_module(config)
-    tuned.load_state_dict(base.state_dict())
-    LoRA(rank=2).setup(SimpleNamespace(), tuned, "fit")
+    config = copy.deepcopy(ADAPTED_CONFIG)
+    config["model"]["init_args"]["flow"]["init_args"]["text_width"] = 16
+    config["model"]["init_args"]["text_encoder"] = {"class_path": "flowvid.text.LearnedTextEncoder",
+                                                    "init_args": {"width": 16, "depth": 1, "head_dim": 8}}
+    base, base_export, tuned = base_and_adapted(config, tmp_path)
     perturb_parameters(tuned.text_encoder, std=0.05, seed=2)  # trained in full
-    with torch.no_grad():
-        for name, parameter in tuned.named_parameters():
-            if "lora_b" in name:
-                parameter.normal_(std=0.05)
-    adapters = export_adapters(checkpoint(tuned, "tuned.ckpt"), tmp_path / "lora" / "style.safetensors")
+    adapters = export_adapters(save_run_checkpoint(tuned, config, tmp_path / "tuned.ckpt"),
+                               tmp_path / "lora" / "style.safetensors")
     stored = read_adapters(adapters)
     assert {name for name in stored if not name.rpartition(".")[2].startswith("lora_")} == \
         {name for name, _ in tuned.text_encoder.named_parameters(prefix="text_encoder")}

@@ -152,7 +152,7 @@ class AffineBlock(FlowBlock):
         mask = None
         if text_states is not None:
             total = prefix + num_tokens
-            mask = BandedMask(prefix_causal_mask(total, 0, total, text_valid), prefix_causal_bands(total, 0, total))
+            mask = BandedMask(prefix_causal_mask(total, 0, total, text_valid), prefix_causal_bands(total, 0, total, prefix))
         inputs = self.shift(xp).to(self.proj_in.weight.dtype)
         raw = self._run(inputs, cos, sin, text_states, mask)
         mu, sigma = affine_parameters(raw)

@@ -161,13 +161,15 @@ def _bands(mask: torch.Tensor) -> list[tuple[int, int, int, int]] | None:
     return _worth_it(list(zip(firsts, ends, key_lo, key_hi)), num_queries, num_keys)
 
 
-def prefix_causal_bands(num_queries: int, first_query: int, num_keys: int) -> list[tuple[int, int, int, int]] | None:
-    """The chunks of a ``prefix_causal_mask`` of this shape, whatever its text padding: a chunk of queries
-    sees at most the keys up to its last query (the text prefix included), none after."""
+def prefix_causal_bands(num_queries: int, first_query: int, num_keys: int,
+                        prefix: int) -> list[tuple[int, int, int, int]] | None:
+    """The chunks of a ``prefix_causal_mask`` of this shape and ``prefix`` text positions, whatever its
+    text padding: a chunk of queries sees at most the keys up to its last query, none after, and the
+    whole text prefix (text queries read every text key, even those after their own position)."""
     if num_queries <= QUERY_CHUNK:
         return None
     firsts, ends = _query_chunks(num_queries)
-    bands = [(first, end, 0, min(num_keys, first_query + end)) for first, end in zip(firsts, ends)]
+    bands = [(first, end, 0, min(num_keys, max(prefix, first_query + end))) for first, end in zip(firsts, ends)]
     return _worth_it(bands, num_queries, num_keys)
 
 

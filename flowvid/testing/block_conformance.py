@@ -51,12 +51,12 @@ class FlowBlockConformance:
         perturb_parameters(block, seed=seed)
         return block.eval()
 
-    def make_text(self, batch: int) -> TextEmbedding:
+    def make_text(self, batch: int, length: int = 5) -> TextEmbedding:
         torch.manual_seed(1)
-        mask = torch.ones(batch, 5, dtype=torch.bool)
-        mask[0, 3:] = False
+        mask = torch.ones(batch, length, dtype=torch.bool)
+        mask[0, length - 2:] = False
         mask[-1, :] = False  # an empty caption
-        return TextEmbedding(torch.randn(batch, 5, self.text_width) * mask[..., None], mask)
+        return TextEmbedding(torch.randn(batch, length, self.text_width) * mask[..., None], mask)
 
     def sequence(self, batch: int = 2, frames: int = 2) -> torch.Tensor:
         torch.manual_seed(2)
@@ -142,6 +142,19 @@ class FlowBlockConformance:
                 cache.advance(count)
                 z_steps.append((xp[:, first:first + count] - mu) / sigma)
         torch.testing.assert_close(torch.cat(z_steps, dim=1), z_full, rtol=1e-5, atol=1e-5)
+
+    def test_a_caption_longer_than_the_video_is_read_whole_in_the_forward_pass(self):
+        """Captions of T5's 256 tokens outnumber a small video's tokens: the training forward pass (which
+        may split its queries into chunks) must read the same text as the sampler's cached passes."""
+        block = self.make_block("flip_within_frame", text=True)
+        x = self.sequence(frames=4)
+        text = self.make_text(x.shape[0], length=256)
+        with torch.no_grad():
+            z_full = block.permutation.forward(block(x, text)[0])
+            xp = block.permutation.forward(x)
+            cache = block.start_inverse(x.shape[0], x.shape[1], text)
+            mu, sigma = block.affine(block.shift(xp), cache)
+        torch.testing.assert_close((xp - mu) / sigma, z_full, rtol=1e-5, atol=1e-5)
 
     def test_logdet_and_z_stay_fp32_under_bf16_autocast(self):
         block = self.make_block()

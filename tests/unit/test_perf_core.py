@@ -227,19 +227,23 @@ def test_banded_attention_skips_the_hidden_keys_of_a_causal_mask():
     assert attention_bands(torch.ones(1, 1, length, length, dtype=torch.bool)) is None  # nothing to skip
 
 
-@pytest.mark.parametrize("num_queries, first_query, num_keys", [(416, 0, 416), (1040, 0, 1040), (400, 300, 700)])
-def test_prefix_causal_bands_from_the_shape_are_the_bands_read_from_the_mask(num_queries, first_query, num_keys):
-    valid = torch.tensor([[True] * 10 + [False] * 6, [True] * 16])
+@pytest.mark.parametrize("num_queries, first_query, num_keys, prefix",
+                         [(416, 0, 416, 16), (1040, 0, 1040, 16), (400, 300, 700, 16),
+                          (512, 0, 512, 256)])  # a prefix longer than the first chunk of queries (T5's 256)
+def test_prefix_causal_bands_from_the_shape_are_the_bands_read_from_the_mask(num_queries, first_query, num_keys,
+                                                                              prefix):
+    valid = torch.ones(2, prefix, dtype=torch.bool)
+    valid[0, prefix // 2:] = False
     mask = prefix_causal_mask(num_queries, first_query, num_keys, valid)
-    assert prefix_causal_bands(num_queries, first_query, num_keys) == attention_bands(mask)
-    assert prefix_causal_bands(150, 0, 150) is None  # one chunk
+    assert prefix_causal_bands(num_queries, first_query, num_keys, prefix) == attention_bands(mask)
+    assert prefix_causal_bands(150, 0, 150, 16) is None  # one chunk
 
 
 def test_banded_attention_with_bands_known_from_the_shape_equals_attention_with_the_full_mask():
     torch.manual_seed(0)
     mask = prefix_causal_mask(416, 0, 416, torch.tensor([[True] * 10 + [False] * 6, [True] * 16]))
     q, k, v = (torch.randn(2, 2, 416, 16, requires_grad=True) for _ in range(3))
-    banded = lambda q, k, v, mask: banded_attention(q, k, v, BandedMask(mask, prefix_causal_bands(416, 0, 416)))  # noqa: E731
+    banded = lambda q, k, v, mask: banded_attention(q, k, v, BandedMask(mask, prefix_causal_bands(416, 0, 416, 16)))  # noqa: E731
     full = lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
     for ours, plain in zip(masked_attention_and_grads(banded, q, k, v, mask),
                            masked_attention_and_grads(full, q, k, v, mask)):

@@ -195,6 +195,9 @@ def score_shard(module, shard: Path, spec, generator: torch.Generator) -> Iterat
             except BadSample as err:
                 yield {"path": where, "error": str(err)}
                 continue
+            if "latents" in sample and is_pixel_codec(module.codec):
+                # Pixel latents are 8-bit frames: score them as such, in the unit of every other pixel record.
+                sample["video"] = module.codec.decode(torch.from_numpy(sample["latents"])[None])[0].numpy()
             if "video" in sample:
                 yield {"path": where, **score_video(module, sample["video"], sample["caption"], generator)}
             else:

@@ -36,6 +36,8 @@ class BitsPerDim(Metric):
 
     def update(self, bits_per_dim: torch.Tensor) -> None:
         values = bits_per_dim.detach().double()
+        if not torch.isfinite(values).all():  # checked first: a refused update must leave every sum as it was
+            raise ValueError("bits/dim values hold NaN or inf")
         if values.ndim == 2:
             if self.num_frames is None:
                 raise ValueError(f"per-frame values {tuple(values.shape)} need BitsPerDim(num_frames={values.shape[1]})")
@@ -47,8 +49,6 @@ class BitsPerDim(Metric):
             raise ValueError(f"expected bits/dim per video (B,) or per frame (B, T), got {tuple(values.shape)}")
         elif self.num_frames is not None:
             raise ValueError(f"this BitsPerDim tracks {self.num_frames} frames: give per-frame values (B, {self.num_frames})")
-        if not torch.isfinite(values).all():
-            raise ValueError("bits/dim values hold NaN or inf")
         self.video_sum = self.video_sum + values.sum()
         self.count = self.count + values.shape[0]
 

@@ -16,6 +16,15 @@ class TestGatedAffineBlock(FlowBlockConformance):
     block_class = GatedAffineBlock
 
 
+@pytest.mark.parametrize("block_class", [AffineBlock, GatedAffineBlock])
+def test_the_mlp_ratio_sets_the_hidden_width(block_class):
+    from flowvid.flows.base import BlockSpec
+
+    spec = BlockSpec(3, (2, 2), width=32, depth=1, head_dim=16)
+    sizes = {ratio: sum(p.numel() for p in block_class(spec, mlp_ratio=ratio).parameters()) for ratio in (1, 2, 4)}
+    assert sizes[1] < sizes[2] < sizes[4]
+
+
 # --- the kit fails blocks that break the contract ---------------------------------------------------
 
 

@@ -126,3 +126,8 @@ def test_bits_per_dim_per_video_and_per_frame():
         videos.update(torch.tensor([float("nan")]))
     with pytest.raises(ValueError, match=r"give per-frame values \(B, 2\)"):
         metric.update(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metric.update(torch.tensor([[float("nan"), 5.0]]))
+    # A refused update leaves every sum as it was.
+    torch.testing.assert_close(metric.compute_per_frame(), torch.tensor([1.0, 3.0], dtype=torch.float64))
+    assert float(metric.compute()) == pytest.approx(2.0)

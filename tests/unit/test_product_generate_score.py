@@ -382,6 +382,24 @@ def test_score_ranks_videos_and_matches_the_flow_likelihood(checkpoint, tmp_path
     assert record["bits_per_dim_per_frame"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_pixel_latent_shard_folder_scores_as_the_raw_one_it_was_encoded_from(checkpoint, tmp_path):
+    """Pixel latents are the 8-bit frames themselves: their records are in the same unit, with the same
+    dequantisation, as those of the raw shards (they used to skip both and still claim that unit)."""
+    from data_tools.encode_latents import encode_latents
+    from flowvid.data import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "raw", num_videos=3, frames=4, size=8, val_videos=1, shard_samples=8)
+    encode_latents(tmp_path / "raw" / "train", tmp_path / "latent", load_model(checkpoint).codec)
+    scores = {}
+    for name, folder in (("raw", tmp_path / "raw" / "train"), ("latent", tmp_path / "latent")):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["score", "--ckpt", str(checkpoint), "--input", str(folder), "--out", str(out)]) == 0
+        scores[name] = [(r["unit"], r["bits_per_dim"]) for r in map(json.loads, out.read_text().splitlines())]
+    (raw_units, raw_bits), (latent_units, latent_bits) = zip(*scores["raw"]), zip(*scores["latent"])
+    assert len(raw_bits) == 3 and latent_units == raw_units
+    assert latent_bits == pytest.approx(raw_bits, rel=1e-5)
+
+
 def test_clips_cover_the_video_in_whole_latent_frames():
     assert clips_of(10, 4, PixelCodec()) == [(0, 4), (4, 8), (8, 10)]
     assert clips_of(10, 4, PixelCodec(temporal_patch=2)) == [(0, 4), (4, 8), (8, 10)]

@@ -26,6 +26,9 @@ class EMA:
     in bf16, whose 8-bit mantissa would round away every step's ``(1 - decay)`` share of a small change:
     a bf16 average with decay 0.999 never moves.
 
+    Only weights that train are averaged: a frozen weight is its own average, so the module's weight
+    stands for it in ``averaged`` and in exports, and it costs no fp32 copy in memory or checkpoints.
+
     Under DeepSpeed ZeRO-3 a rank holds a flat shard of each weight (``ds_tensor``) and averages that
     shard. ``averaged`` writes the averages into the shards, from which DeepSpeed gathers the weights it
     uses, and into the whole copies it keeps gathered of small weights. ``state_dict`` gathers the shards
@@ -38,26 +41,32 @@ class EMA:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.parameters = {name: p for name, p in module.named_parameters() if p.requires_grad}
+        self.frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
         self.shadow: dict[str, torch.Tensor] = {}
+
+    def stop_averaging_frozen(self) -> None:
+        """Leave out the weights frozen since the EMA was made (``Freeze`` runs after the module is built)."""
+        frozen = {name for name, p in self.parameters.items() if not p.requires_grad}
+        self.frozen |= frozen
+        self.parameters = {name: p for name, p in self.parameters.items() if name not in frozen}
+        self.shadow = {name: average for name, average in self.shadow.items() if name not in frozen}
 
     @torch.no_grad()
     def update(self) -> None:
-        if not self.shadow:
-            self.shadow = {name: held(p).detach().float().clone() for name, p in self.parameters.items()}
-            return
         for name, weight in self.parameters.items():
-            weight = held(weight)
+            weight = held(weight).detach()
+            if name not in self.shadow:  # the first update, or a weight the loaded averages leave out
+                self.shadow[name] = weight.float().clone()
+                continue
             if self.shadow[name].device != weight.device:  # the module moved after the EMA was made
                 self.shadow[name] = self.shadow[name].to(weight.device)
-            self.shadow[name].lerp_(weight.detach().float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(weight.float(), 1.0 - self.decay)
 
     @contextmanager
     def averaged(self) -> Iterator[None]:
-        """Run the module with its averaged weights; the trained weights come back on exit."""
-        if not self.shadow:
-            yield
-            return
-        trained = {name: held(p).detach().clone() for name, p in self.parameters.items()}
+        """Run the module with its averaged weights; the trained weights come back on exit. Weights
+        without an average yet (none before the first update) stay as they are."""
+        trained = {name: held(self.parameters[name]).detach().clone() for name in self.shadow}
         self._hold(self.shadow)
         try:
             yield
@@ -66,9 +75,10 @@ class EMA:
 
     @torch.no_grad()
     def _hold(self, weights: dict[str, torch.Tensor]) -> None:
-        """Make ``weights`` (what each rank holds) the module's weights."""
-        for name, p in self.parameters.items():
-            held(p).copy_(weights[name])
+        """Make ``weights`` (what each rank holds, by parameter name) the module's weights."""
+        for name, weight in weights.items():
+            p = self.parameters[name]
+            held(p).copy_(weight)
             if is_gathered(p):  # DeepSpeed keeps small ZeRO-3 weights gathered between steps
                 p.data.copy_(whole(p, held(p)))
 
@@ -77,16 +87,17 @@ class EMA:
         return {name: whole(self.parameters[name], shadow) for name, shadow in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if not state:  # saved before the first update
-            self.shadow = {}
-            return
-        missing = set(self.parameters) - set(state)
-        unexpected = set(state) - set(self.parameters)
-        if missing or unexpected:
-            raise KeyError(f"EMA state does not match the model: missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
+        """Averages saved by ``state_dict`` (none when saved before the first update).
+
+        Averages of weights frozen here are passed over: runs of earlier versions averaged frozen weights
+        too. A weight that trains here but has no saved average (frozen in the saved run, where it was its
+        own average) keeps its weight in ``averaged`` and starts an average at the next update.
+        """
+        unexpected = set(state) - set(self.parameters) - self.frozen
+        if unexpected:
+            raise KeyError(f"EMA state does not match the model: unexpected {sorted(unexpected)[:5]}")
         self.shadow = {name: shard_of(p, state[name]).to(held(p).device, torch.float32)
-                       for name, p in self.parameters.items()}
+                       for name, p in self.parameters.items() if name in state}
 
 
 def is_sharded(p: nn.Parameter) -> bool:

@@ -77,6 +77,9 @@ class Freeze(Callback):
         modules: dotted names of sub-modules (``flow.deep``, ``flow.shallow``, ``flow``,
             ``text_encoder``, ...), or one preset: ``deep``, ``shallow`` or ``denoiser_only`` (the flow
             and text encoder frozen, only the denoiser trains).
+
+    The model's moving average (``ema_decay``) then averages only what trains; the frozen weights stand
+    for their own average.
     """
 
     def __init__(self, modules: list[str] | str):
@@ -99,6 +102,9 @@ class Freeze(Callback):
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         if trainable == 0:
             raise ValueError(f"Freeze({self.modules}) leaves nothing to train")
+        ema = getattr(pl_module, "ema", None)
+        if isinstance(ema, EMA):  # made with the module, before this froze anything: it averages what trains
+            ema.stop_averaging_frozen()
         rank_zero_info(f"froze {frozen:,} parameters of {', '.join(self.modules)}; {trainable:,} train")
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -82,7 +83,9 @@ class FlowModule(LightningModule):
         lr, denoiser_lr: peak learning rates of the flow (and text encoder) and of the denoiser.
         weight_decay: AdamW weight decay of both groups.
         warmup_steps, schedule_steps, min_lr: linear warm-up, then cosine to ``min_lr`` at
-            ``schedule_steps`` (default: the trainer's estimated number of steps).
+            ``schedule_steps`` (default: the trainer's estimated number of steps). A run resumed with
+            another length of schedule (a larger ``max_steps``) warns; setting ``schedule_steps``
+            keeps the length.
         grad_clip: max gradient norm of each group; None for no clipping.
         skip_threshold: skip steps whose flow gradient norm (before clipping) exceeds it; None skips
             only non-finite steps.
@@ -180,6 +183,10 @@ class FlowModule(LightningModule):
         self._consecutive_skips = 0
         self._window_problem: str | None = None  # why the current accumulation window cannot step
         self._checked_captions = False
+        # Optimiser steps the learning-rate schedule spans: this run's (set with the optimiser) and
+        # that of the checkpoint it resumes from, if that recorded one.
+        self.schedule_length: int | None = None
+        self._resumed_schedule_length: int | None = None
 
     def _check_parts_fit(self) -> None:
         """The codec, flow, text encoder and denoiser must agree on sizes: fail at construction."""
@@ -395,7 +402,10 @@ class FlowModule(LightningModule):
         problem = self._window_problem
         if problem is None:
             norms = self._clip_groups(optimizer)
-            too_large = self.hparams.skip_threshold is not None and bool(norms["flow"] > self.hparams.skip_threshold)
+            # A frozen flow has no group, and no gradient norm to hold against the threshold.
+            flow_norm = norms.get("flow")
+            too_large = (self.hparams.skip_threshold is not None and flow_norm is not None
+                         and bool(flow_norm > self.hparams.skip_threshold))
             if not self._on_all_ranks(torch.stack(list(norms.values())).isfinite().all()):
                 problem = "non-finite gradients"
             elif too_large:
@@ -474,19 +484,32 @@ class FlowModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
+        # One fused kernel over all parameters instead of ten small ones per tensor (CPU and GPU).
+        optimizer = torch.optim.AdamW(self._parameter_groups(), weight_decay=hp.weight_decay, fused=True)
+        self.schedule_length = self._schedule_length()
+        scheduler = warmup_cosine_scheduler(optimizer, hp.warmup_steps, self.schedule_length, hp.min_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """The ``flow`` (text encoder included) and ``denoiser`` groups, each only if something in it trains.
+
+        A group that a ``Freeze`` left empty is left out: DeepSpeed drops empty groups, and the
+        schedule, which has one rate function per group, would then no longer match the optimiser.
+        """
+        hp = self.hparams
         flow_params = [p for name, p in self.named_parameters()
                        if p.requires_grad and not name.startswith(("denoiser.", "codec."))]
         groups = [{"name": "flow", "params": flow_params, "lr": hp.lr, "betas": (0.9, 0.95)}]
         if self.denoiser is not None:
             groups.append({"name": "denoiser", "params": [p for p in self.denoiser.parameters() if p.requires_grad],
                            "lr": hp.denoiser_lr, "betas": (0.9, 0.999)})
-        # One fused kernel over all parameters instead of ten small ones per tensor (CPU and GPU).
-        optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay, fused=True)
-        total = hp.schedule_steps or self._planned_steps()
+        return [group for group in groups if group["params"]]
+
+    def _schedule_length(self) -> int:
+        total = self.hparams.schedule_steps or self._planned_steps()
         if not math.isfinite(total):
             raise ValueError("cannot size the learning-rate schedule: set trainer.max_steps or schedule_steps")
-        scheduler = warmup_cosine_scheduler(optimizer, hp.warmup_steps, int(total), hp.min_lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return int(total)
 
     def _planned_steps(self) -> float:
         """Optimiser steps the run will take: ``max_steps`` counts them, the epochs end after their batches,
@@ -637,6 +660,7 @@ class FlowModule(LightningModule):
             "ema": self.ema.state_dict() if self.ema is not None else None,
             # What this run trains: adapter files carry the weights a LoRA run trained in full besides its adapters.
             "trained": sorted(name for name, parameter in self.named_parameters() if parameter.requires_grad),
+            "schedule_length": self.schedule_length,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -649,6 +673,25 @@ class FlowModule(LightningModule):
         self.videos_seen = int(saved.get("videos_seen", 0))
         if self.ema is not None and saved["ema"] is not None:
             self.ema.load_state_dict(saved["ema"])
+        self._resumed_schedule_length = saved.get("schedule_length")  # checkpoints of earlier versions have none
+
+    def on_train_start(self) -> None:
+        # Both lengths are known only now: DeepSpeed restores the checkpoint after building the optimiser,
+        # other strategies before. A model built by load_from_checkpoint and fitted afresh resumes nothing.
+        if self.trainer.ckpt_path is not None:
+            self._warn_if_schedule_changes_length()
+
+    def _warn_if_schedule_changes_length(self) -> None:
+        """The schedule's rate functions are not in the checkpoint: they are rebuilt from this run's
+        length, so a resumed run whose length differs (a larger ``max_steps``, other epochs or data)
+        does not continue the learning rates of the run it resumes."""
+        old, new = self._resumed_schedule_length, self.schedule_length
+        if old is None or old == new:
+            return
+        rank_zero_warn(f"the learning-rate schedule changes length from the checkpoint's {old} optimiser steps to "
+                       f"{new} (it spans max_steps unless schedule_steps is set): the resumed run's learning rates "
+                       f"are not those the checkpoint's run would have used; --model.init_args.schedule_steps {old} "
+                       "keeps the original schedule")
 
 
 @contextmanager

@@ -1,10 +1,13 @@
 """FlowModule pieces: gradient isolation, task conditioning, size checks, EMA and the schedule."""
 
 import math
+import warnings
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from flowvid.codecs.base import CodecMismatchError
 from flowvid.codecs.pixel import PixelCodec
@@ -12,6 +15,7 @@ from flowvid.denoise import CausalDenoiser, flow_score_target, score_matching_ta
 from flowvid.flows import GlobalLocalFlow
 from flowvid.lit import EMA, FlowModule, warmup_cosine
 from flowvid.lit.schedule import warmup_cosine_scheduler
+from flowvid.lit.step_seed import StepSeed
 from flowvid.text import LearnedTextEncoder
 
 TEXT_WIDTH = 16
@@ -231,6 +235,33 @@ def test_each_parameter_group_follows_the_shape_from_its_own_peak():
         optimizer.step()
         scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-6, 1e-6])
+
+
+def fit_to(max_steps: int, checkpoint, resume=None, **overrides) -> tuple[FlowModule, list[str]]:
+    """Train to ``max_steps`` (from ``resume``), save ``checkpoint``; the module and the schedule's warnings."""
+    module = make_module(text=False, denoiser=False, warmup_steps=1, lr=1e-3, **overrides)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[StepSeed()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, DataLoader([video_batch()] * 8, batch_size=None), ckpt_path=resume)
+    trainer.save_checkpoint(checkpoint)
+    return module, [str(w.message) for w in caught if "learning-rate schedule" in str(w.message)]
+
+
+def test_a_finished_run_continued_further_warns_that_its_schedule_stretches_unless_its_length_is_set(tmp_path):
+    fit_to(2, tmp_path / "sized.ckpt")
+    _, warned = fit_to(4, tmp_path / "sized4.ckpt", resume=tmp_path / "sized.ckpt")
+    assert len(warned) == 1
+    assert "from the checkpoint's 2 optimiser steps to 4" in warned[0]
+    assert "--model.init_args.schedule_steps 2 keeps the original schedule" in warned[0]
+
+    uninterrupted, _ = fit_to(4, tmp_path / "whole.ckpt", schedule_steps=4)
+    fit_to(2, tmp_path / "set.ckpt", schedule_steps=4)
+    continued, warned = fit_to(4, tmp_path / "set4.ckpt", resume=tmp_path / "set.ckpt", schedule_steps=4)
+    assert warned == []
+    expected = uninterrupted.state_dict()
+    assert all(torch.equal(weight, expected[name]) for name, weight in continued.state_dict().items())
 
 
 def test_an_averaged_model_samples_with_its_averaged_text_encoder_too():

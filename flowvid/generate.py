@@ -224,7 +224,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     pipeline = VideoPipeline(module, request_sampler(request), request.precision)
     prompts = pipeline.prompts_for(request.prompts)
     pipeline.check(request.task, request.frames, request.guidance, request.negative_prompt, request.seed,
-                   request.batch_size)
+                   request.batch_size, count=len(prompts))
     try:
         source = pipeline.source_frames(request.task, request.image, request.video)
     except MediaError as err:

@@ -180,7 +180,7 @@ class VideoPipeline:
         prompts = self.prompts_for([prompts] if isinstance(prompts, str) else list(prompts or []))
         guidance = self.model.guidance if guidance is None else guidance
         frames = self.model.video_shape[0] if frames is None else frames
-        self.check(task, frames, guidance, negative_prompt, seed, batch_size)
+        self.check(task, frames, guidance, negative_prompt, seed, batch_size, count=len(prompts))
         source = self.source_frames(task, image, video)
         self.check_room(task, frames, source)
         return prompts, frames, guidance, source
@@ -201,13 +201,14 @@ class VideoPipeline:
                                 "('' for each of several samples)")
         return prompts or [""]
 
-    def check(self, task: str, frames: int, guidance: float, negative_prompt: str, seed: int, batch_size: int) -> None:
-        """Refuse a request that cannot be sampled, before any work."""
+    def check(self, task: str, frames: int, guidance: float, negative_prompt: str, seed: int, batch_size: int,
+              count: int = 1) -> None:
+        """Refuse a request of ``count`` videos that cannot be sampled, before any work."""
         if task not in TASKS:
             raise GenerateError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
         if frames < 1 or batch_size < 1:
             raise GenerateError(f"frames and batch_size must be >= 1, got {frames} and {batch_size}")
-        check_seed(seed)
+        check_seed(seed, count)
         self.model.codec.latent_frames(frames)
         if negative_prompt:
             if not self.reads_text:

@@ -159,6 +159,9 @@ class FlowModule(LightningModule):
             raise ValueError(f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches!r}")
         if not (math.isfinite(guidance) and guidance >= 0):
             raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+        if guidance > 0 and text_encoder is None:  # else the first sample logged mid-training would fail
+            raise ValueError(f"guidance={guidance} needs a text encoder: a model without one has no caption to "
+                             "guide towards; set guidance: 0")
         if sampler not in SAMPLERS and sampler != "jacobi":  # "jacobi" falls back to sequential when absent
             raise ValueError(f"unknown sampler {sampler!r}; registered: {', '.join(sorted(SAMPLERS.names()))}")
         self._check_parts_fit()

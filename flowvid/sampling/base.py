@@ -163,10 +163,13 @@ class BlockSampler(Sampler):
     (``sample``) or frame by frame (``stream``).
     """
 
+    #: The state of the call in progress (statistics, warm starts), made by ``new_call``.
+    call: Any = None
+
     @torch.no_grad()
     def sample(self, flow, z, text=None, guidance=0.0, prefix=None):
         request = check_request(flow, z, text, guidance, prefix)
-        self.reset_stats()
+        self.call = self.new_call()
         deep = self.invert_deep(request.deep_inversion(), flow.tokens_per_frame)
         batch, frames = z.shape[:2]
         new_frames = frames - request.prefix_frames
@@ -182,9 +185,14 @@ class BlockSampler(Sampler):
         The frames equal ``sample``'s, up to the sampler's tolerance.
         """
         request = check_request(flow, z, text, guidance, prefix)
-        self.reset_stats()
+        call = self.new_call()
         batch = z.shape[0]
-        for tokens in self.deep_frames(request.deep_inversion(), flow.tokens_per_frame):
+        frames = self.deep_frames(request.deep_inversion(), flow.tokens_per_frame)
+        while True:
+            self.call = call  # another stream of this sampler may have run while this one waited
+            tokens = next(frames, None)
+            if tokens is None:
+                return
             yield self.invert_shallow(flow, tokens).view(batch, *z.shape[2:])
 
     def invert_shallow(self, flow, frames: torch.Tensor) -> torch.Tensor:
@@ -207,8 +215,10 @@ class BlockSampler(Sampler):
     def invert_frames(self, block, frames: torch.Tensor, index: int) -> torch.Tensor:
         """Invert shallow block number ``index`` on a batch of frames (F, tokens_per_frame, c)."""
 
-    def reset_stats(self) -> None:
-        """Clear the statistics of the previous call (samplers that keep any override this)."""
+    def new_call(self) -> Any:
+        """Fresh state for one ``sample`` or ``stream`` call, held in ``self.call`` while it runs, so that
+        streams interleaved on one sampler each keep their own (samplers that keep any override this)."""
+        return None
 
 
 #: The keys of a sampler spec in a recipe.

@@ -55,10 +55,17 @@ class TaskInputs:
     z: torch.Tensor
 
 
-def check_seed(seed: int) -> None:
-    """A ValueError, before any work, for a seed torch's generators cannot take (they take 64 bits)."""
-    if not -2**63 <= seed < 2**63:
-        raise ValueError(f"--seed must be an integer from -2**63 to 2**63 - 1, got {seed}")
+#: Seeds run from 0 to 2**32 - 1: torch's CPU generator keeps only the low 32 bits of a seed, so seed
+#: ``s + 2**32`` (or a negative one) would draw the very noise of another seed.
+SEED_LIMIT = 2**32
+
+
+def check_seed(seed: int, count: int = 1) -> None:
+    """A ValueError, before any work, unless the seeds ``seed, ..., seed + count - 1`` are distinct seeds
+    of torch's generator."""
+    if not 0 <= seed <= SEED_LIMIT - count:
+        raise ValueError(f"--seed must be an integer from 0 to {SEED_LIMIT - count:,} for {count} sample"
+                         f"{'' if count == 1 else 's'} (torch's generator keeps 32 bits of a seed), got {seed}")
 
 
 def initial_noise(shape: Sequence[int], seed: int, device: torch.device | str | None = None) -> torch.Tensor:

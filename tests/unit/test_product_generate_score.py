@@ -216,7 +216,9 @@ def test_a_frame_rate_that_is_not_positive_and_finite_is_refused_before_loading(
 @pytest.mark.parametrize("option, value, message", [
     ("--frames", "0", "--frames must be >= 1, got 0"),
     ("--frames", "-3", "--frames must be >= 1, got -3"),
-    ("--seed", str(10**20), f"--seed must be an integer from -2**63 to 2**63 - 1, got {10**20}"),
+    ("--seed", str(10**20), f"--seed must be an integer from 0 to 4,294,967,295 for 1 sample (torch's generator "
+                            f"keeps 32 bits of a seed), got {10**20}"),
+    ("--seed", "-1", "--seed must be an integer from 0 to 4,294,967,295"),
 ])
 def test_a_frame_count_or_seed_out_of_range_is_refused_before_loading(tmp_path, capsys, option, value, message):
     # Both used to load the model first: --frames 0 then read "a frame count of a multiple of 1", and a
@@ -280,8 +282,8 @@ def test_a_score_output_inside_a_file_or_a_seed_out_of_range_is_refused_before_l
     # Inside a file used to end in FileExistsError once every video was scored.
     assert main([*score, "--out", str(clip / "s.jsonl")]) == 2
     assert f"--out {clip / 's.jsonl'} is inside the file {clip}" in one_line_error(capsys)
-    assert main([*score, "--seed", str(2**64), "--out", str(tmp_path / "s.jsonl")]) == 2
-    assert "--seed must be an integer from -2**63 to 2**63 - 1" in one_line_error(capsys)
+    assert main([*score, "--seed", str(2**32), "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "--seed must be an integer from 0 to 4,294,967,295" in one_line_error(capsys)
 
 
 def test_a_prompt_file_that_is_not_utf8_is_named(checkpoint, tmp_path, capsys):

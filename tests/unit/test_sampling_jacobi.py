@@ -118,12 +118,16 @@ def test_network_in_bf16_keeps_the_sampling_math_in_fp32():
         x = JacobiSampler(tol=1e-3).sample(flow, z)
     assert x.dtype == torch.float32
     assert relative_error(x, reference) < 3e-2
+    # The affine updates ran in fp32: samples rounded to bf16 anywhere would all lie on bf16's grid.
+    assert (x.bfloat16().float() != x).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"tol": 0.0}, "tol"), ({"tol": -1e-3}, "tol"),
     ({"block_size": 0}, "block_size"), ({"first_block_size": -4}, "first_block_size"),
     ({"block_size": 2.5}, "block_size"), ({"max_iterations": 0}, "max_iterations"),
+    ({"first_block_size": None}, "first_block_size"), ({"max_iterations": None}, "max_iterations"),
+    ({"block_size": True}, "block_size"),
     ({"warm_start": "previous"}, "warm_start"),
 ])
 def test_bad_settings_are_rejected(kwargs, message):
@@ -160,3 +164,20 @@ def test_streamed_frames_reach_the_shallow_blocks_guessed_from_the_frame_before(
     assert shallow["iterations"][2:] == [1, 1, 1]
     sampler.sample(flow, z)  # a whole video: every frame at once, as before
     assert sampler.last_stats["shallow"]["0"]["block_sizes"] == [8, 8]
+
+
+def test_streams_interleaved_on_one_sampler_each_keep_their_own_warm_starts_and_statistics():
+    flow = make_flow()
+    generator = torch.Generator().manual_seed(0)
+    za, zb = torch.randn(1, 4, 4, 4, 3, generator=generator), 2 * torch.randn(1, 4, 4, 4, 3, generator=generator)
+    sampler = JacobiSampler(tol=1e-2)
+    alone_b = torch.stack(list(sampler.stream(flow, zb)), 1)
+    alone_a = torch.stack(list(sampler.stream(flow, za)), 1)
+    stats_a = sampler.last_stats
+    stream_a, stream_b = sampler.stream(flow, za), sampler.stream(flow, zb)
+    frames_a, frames_b = [], []
+    for _ in range(4):  # one frame of each in turn, as a server streaming two requests would
+        frames_b.append(next(stream_b))
+        frames_a.append(next(stream_a))
+    assert torch.equal(torch.stack(frames_a, 1), alone_a) and torch.equal(torch.stack(frames_b, 1), alone_b)
+    assert sampler.last_stats == stats_a  # the stream that ran last

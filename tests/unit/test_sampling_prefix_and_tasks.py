@@ -87,6 +87,18 @@ def test_bad_task_inputs_are_rejected(task, source, frames, message):
         task_inputs(task, ["a", "b"], frames, (2, 3, 3), seed=0, source=source)
 
 
+def test_seeds_that_torch_would_fold_onto_others_are_refused():
+    from flowvid.sampling.tasks import SEED_LIMIT, check_seed, initial_noise
+
+    # Why: torch's generator keeps the low 32 bits, so seed s + 2**32 draws the noise of seed s.
+    assert torch.equal(initial_noise((4,), 7), initial_noise((4,), 7 + SEED_LIMIT))
+    check_seed(0)
+    check_seed(SEED_LIMIT - 3, count=3)  # seeds up to 2**32 - 1
+    for seed, count in ((-1, 1), (SEED_LIMIT, 1), (SEED_LIMIT - 2, 3)):
+        with pytest.raises(ValueError, match="--seed must be an integer from 0 to"):
+            check_seed(seed, count)
+
+
 def test_seeds_make_samples_reproducible():
     flow = make_flow()
     sampler = JacobiSampler()

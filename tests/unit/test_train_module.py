@@ -146,6 +146,7 @@ def test_a_conditioned_model_without_captions_is_a_clear_error():
         (dict(grad_clip=0.0), r"grad_clip must be > 0"),
         (dict(skip_threshold=0.0), r"skip_threshold must be > 0"),
         (dict(min_lr=-1e-6), r"min_lr must be in \[0, lr=0.0001\], got -1e-06"),
+        (dict(text_encoder=None, guidance=3.0), "guidance=3.0 needs a text encoder"),
     ],
 )
 def test_parts_that_do_not_fit_are_clear_errors(change, message):

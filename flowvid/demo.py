@@ -5,7 +5,7 @@
     python -m flowvid.demo --out demo_out            # what `make demo` runs
     python -m flowvid.demo --out demo_out --real     # `make demo-real`: fine-tune on real clips, bits/dim vs FFV1
 
-Writes ``demo_out/t2v/`` and ``demo_out/i2v/`` (in the format of ``flowvid generate``), a contact sheet
+Writes ``demo_out/t2v/`` and ``demo_out/i2v/NNN/`` (in the format of ``flowvid generate``), a contact sheet
 ``demo_out/contact_sheet.png``, ``demo_out/metrics.json`` and TensorBoard logs in ``demo_out/run/``.
 Every step prints what it does and how long it took.
 """
@@ -136,16 +136,17 @@ def generate_i2v(module, samples: list[dict[str, Any]], out: Path) -> np.ndarray
 
     from flowvid.generate import Request, run
 
-    (out / "inputs").mkdir(parents=True, exist_ok=True)
     videos = []
     for index, sample in enumerate(samples):
-        image = out / "inputs" / f"first_{index:03d}.png"
+        folder = out / f"{index:03d}"  # one per first frame: held-out captions repeat, and so would names
+        folder.mkdir(parents=True, exist_ok=True)
+        image = folder / "first.png"
         Image.fromarray(sample["video"][0]).save(image)
         request = Request(task="i2v", prompts=[sample["caption"]], frames=module.video_shape[0], sampler="jacobi",
                           tol=1e-3, guidance=module.guidance, seed=SEED + index, batch_size=1, fps=8.0,
                           stream=False, image=str(image))
-        [record] = run(module, request, out)
-        videos.append(np.load(out / f"{record['name']}.npy"))
+        [record] = run(module, request, folder)
+        videos.append(np.load(folder / f"{record['name']}.npy"))
     return np.stack(videos)
 
 

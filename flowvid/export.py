@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -95,7 +96,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     tensors = {name: _portable(tensor, DTYPES[dtype]) for name, tensor in state_dict.items()}
     run = client_state.get(METADATA_KEY) or {}
     used = "ema" if weights == "ema" and (client_state.get("flowvid") or {}).get("ema") else "trained"
-    config_text = yaml.safe_dump(config, sort_keys=False)
+    config_text = yaml.safe_dump(without_held_weight_files(config, tensors), sort_keys=False)
     metadata = {
         "format": FORMAT,
         "dtype": dtype,
@@ -116,6 +117,18 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     except (OSError, SafetensorError) as err:  # a full disk, a folder without write permission
         raise OSError(f"cannot write the export {out}: {getattr(err, 'strerror', None) or err}") from None
     return out
+
+
+def without_held_weight_files(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``config`` less the weight files (a ``VideoVAE``'s ``checkpoint``) of the parts whose weights the
+    export holds: such a file lies on the training machine, and an export must load without it."""
+    config = copy.deepcopy(config)
+    for name, part in ((config.get("model") or {}).get("init_args") or {}).items():
+        init_args = part.get("init_args") if isinstance(part, dict) else None
+        if isinstance(init_args, dict) and "checkpoint" in init_args and any(key.startswith(f"{name}.")
+                                                                             for key in tensors):
+            del init_args["checkpoint"]
+    return config
 
 
 def check_export_path(out: Path) -> None:

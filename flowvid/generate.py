@@ -127,7 +127,7 @@ def read_prompt_file(path: Path) -> list[str]:
     if not path.is_file():
         raise GenerateError(f"prompt file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not prompt text
     except UnicodeDecodeError as err:
         raise GenerateError(f"prompt file {path} is not UTF-8 text: {err.reason} at byte {err.start}; "
                             "save it as UTF-8") from None
@@ -265,6 +265,8 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
                 "timings": {k: v / len(indices) for k, v in result.timings.items()}, "batch_size": len(indices),
                 "sampler_stats": result.sampler_stats[0],
             }
+            if request.stream and not decodes_frame_by_frame(module.codec):  # its frames come now, at the end
+                write_stream_frames(out / f"{sample}.stream", result.videos[row])
             write_sample(out, sample, result.videos[row], result.latents[row], record, request.fps)
             records.append({"name": sample, **record})
         if progress:
@@ -283,20 +285,31 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
+def decodes_frame_by_frame(codec) -> bool:
+    """Whether each latent frame decodes on its own into one video frame (not in groups, as a VAE's)."""
+    return codec.temporal_factor == 1 and not codec.causal_first_frame
+
+
+def write_stream_frames(folder: Path, frames: np.ndarray, first: int = 0) -> None:
+    """uint8 frames (T, H, W, 3) as ``folder/frame_XXX.png``, numbered from ``first``."""
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    for index, image in enumerate(frames, start=first):
+        Image.fromarray(image).save(folder / f"frame_{index:03d}.png")
+
+
 def _frame_writer(module, out: Path, names: list[str]):
     """Writes each frame, final (denoised and decoded), as ``NAME.stream/frame_XXX.png`` the moment it is
     known: the denoiser's look-ahead behind the sampler. Codecs that decode groups of frames together
-    stream nothing until the end."""
-    from PIL import Image
+    have their frames written once the batch is done."""
 
     def write(index: int, frame: torch.Tensor) -> None:
-        if module.codec.temporal_factor != 1 or module.codec.causal_first_frame:
+        if not decodes_frame_by_frame(module.codec):
             return
-        pixels = module.codec.decode(frame[:, None]).cpu().numpy()[:, 0]
-        for name, image in zip(names, pixels):
-            folder = out / f"{name}.stream"
-            folder.mkdir(exist_ok=True)
-            Image.fromarray(image).save(folder / f"frame_{index:03d}.png")
+        pixels = module.codec.decode(frame[:, None]).cpu().numpy()
+        for name, video in zip(names, pixels):
+            write_stream_frames(out / f"{name}.stream", video, first=index)
 
     return write
 

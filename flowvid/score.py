@@ -189,7 +189,7 @@ def score_shard(module, shard: Path, spec, generator: torch.Generator) -> Iterat
 
     try:
         for raw in iter_tar(shard):
-            where = f"{shard.name}:{raw.get('__key__', '?')}"
+            where = f"{shard}:{raw.get('__key__', '?')}"  # the folder too: several may be scored at once
             try:
                 sample = decode_sample(raw, spec)
             except BadSample as err:

@@ -124,6 +124,25 @@ def test_skip_existing_keeps_no_sample_of_another_source_negative_prompt_or_weig
     assert "1 of 1 samples are in" in capsys.readouterr().err
 
 
+def test_stream_of_a_codec_that_decodes_frames_in_groups_writes_them_when_the_sample_is_done(tmp_path):
+    from PIL import Image
+
+    config = copy.deepcopy(CONFIG)
+    config["model"]["init_args"]["codec"] = {"class_path": "flowvid.codecs.VideoVAE", "init_args": {
+        "spatial_factor": 2, "temporal_factor": 1, "latent_channels": 12, "width": 8, "depth": 1}}
+    torch.manual_seed(0)
+    module = build_module(config)
+    checkpoint = tmp_path / "vae_model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "flowvid_run": {"config": config}}, checkpoint)
+    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--stream", "--out", str(tmp_path / "o")]) == 0
+    [stream] = list((tmp_path / "o").glob("*.stream"))
+    [npy] = [p for p in (tmp_path / "o").glob("*.npy") if not p.name.endswith(".latent.npy")]
+    video = np.load(npy)
+    frames = sorted(stream.glob("frame_*.png"))
+    assert len(frames) == len(video) == 4
+    assert all(np.array_equal(np.asarray(Image.open(path)), image) for path, image in zip(frames, video))
+
+
 def test_stream_writes_frames_as_they_come_and_longer_videos_use_a_window(checkpoint, tmp_path):
     assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--frames", "7", "--stream",
                  "--out", str(tmp_path)]) == 0
@@ -294,6 +313,14 @@ def test_a_prompt_file_that_is_not_utf8_is_named(checkpoint, tmp_path, capsys):
     assert str(prompts) in err and "UTF-8" in err
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    from flowvid.generate import read_prompt_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a red circle\r\na blue square\r\n".encode("utf-8-sig"))
+    assert read_prompt_file(prompts) == ["a red circle", "a blue square"]
+
+
 def test_an_unconditional_model_samples_without_a_prompt_and_refuses_one(unconditional_checkpoint, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["generate", "--ckpt", str(unconditional_checkpoint), "--out", str(out)]) == 0
@@ -399,6 +426,8 @@ def test_a_pixel_latent_shard_folder_scores_as_the_raw_one_it_was_encoded_from(c
         scores[name] = [(r["unit"], r["bits_per_dim"]) for r in map(json.loads, out.read_text().splitlines())]
     (raw_units, raw_bits), (latent_units, latent_bits) = zip(*scores["raw"]), zip(*scores["latent"])
     assert len(raw_bits) == 3 and latent_units == raw_units
+    records = [json.loads(line) for line in (tmp_path / "latent.jsonl").read_text().splitlines()]
+    assert all(r["path"].startswith(str(tmp_path / "latent" / "shard-")) for r in records)  # which folder, too
     assert latent_bits == pytest.approx(raw_bits, rel=1e-5)
 
 
@@ -851,3 +880,18 @@ def test_the_given_frames_come_back_as_given_through_a_lossy_codec(streamed):
     else:
         videos = pipe(["x", "y"], task="i2v", image=image, seed=1).videos
     assert videos.shape == (2, 5, 8, 8, 3) and all(np.array_equal(video[0], image) for video in videos)
+
+
+def test_the_demo_keeps_every_image_to_video_sample_when_captions_repeat(checkpoint, tmp_path):
+    from flowvid.demo import generate_i2v
+
+    rng = np.random.default_rng(0)
+    samples = [{"caption": "a red circle moves left", "video": rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)}
+               for _ in range(2)]
+    videos = generate_i2v(load_model(checkpoint), samples, tmp_path)
+    folders = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(folders) == 2 and len(videos) == 2
+    for folder, sample, video in zip(folders, samples, videos):
+        [npy] = [p for p in folder.glob("*.npy") if not p.name.endswith(".latent.npy")]
+        np.testing.assert_array_equal(np.load(npy), video)
+        np.testing.assert_array_equal(video[0], sample["video"][0])  # each from its own first frame

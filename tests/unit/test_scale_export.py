@@ -117,11 +117,11 @@ def test_a_config_that_is_not_the_one_exported_with_the_weights_is_named(trained
     load_exported(out)
     assert not [w for w in recwarn if "exported with" in str(w.message)]
     other = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    other["model"]["init_args"]["guidance"] = 7.5
+    other["model"]["init_args"]["lr"] = 7.5e-4
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(other))
     with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / 'config.yaml'} is not the config model.safetensors "
                                                    "was exported with")):
-        assert load_exported(out).module.guidance == 7.5
+        assert load_exported(out).module.hparams.lr == 7.5e-4
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_exported(out, config=tmp_path / "config.yaml")  # a config given on purpose is not second-guessed
@@ -263,3 +263,28 @@ def test_the_model_card_says_what_the_export_holds_and_never_replaces_a_readme_o
     assert mine.read_text() == "# my project\n" and "README" not in capsys.readouterr().out
     assert main(["--ckpt", str(ckpt), "--out", str(out), "--force"]) == 0  # a card of ours is written again
     assert (out.parent / "README.md").read_text().startswith(CARD_MARK)
+
+
+def test_an_export_holds_its_video_vae_and_loads_without_the_vae_file(tmp_path):
+    from flowvid.codecs import VideoVAE
+
+    torch.manual_seed(0)
+    vae = VideoVAE(spatial_factor=2, temporal_factor=1, latent_channels=3, width=8, depth=1)
+    with torch.no_grad():
+        vae.latents_std.fill_(2.0)  # trained normalisation, which the weights file carries
+    vae.save(tmp_path / "vae.pt")
+    config = {"model": {**CONFIG["model"], "init_args": {
+        **CONFIG["model"]["init_args"], "video_shape": [2, 8, 8],
+        "codec": {"class_path": "flowvid.codecs.VideoVAE", "init_args": {
+            "spatial_factor": 2, "temporal_factor": 1, "latent_channels": 3, "width": 8, "depth": 1,
+            "checkpoint": str(tmp_path / "vae.pt")}}}}}
+    module = build_module(config)
+    path = tmp_path / "step=00000001.ckpt"
+    torch.save({"state_dict": module.state_dict(), METADATA_KEY: run_metadata(module, config=config)}, path)
+    out = export_checkpoint(path, tmp_path / "export" / "model.safetensors", weights="trained")
+    (tmp_path / "vae.pt").unlink()  # the export is shared without the training machine's files
+
+    loaded = load_exported(out)
+    assert loaded.codec.identity() == module.codec.identity()
+    video = torch.randint(0, 256, (1, 2, 8, 8, 3), dtype=torch.uint8)
+    assert torch.equal(loaded.codec.encode(video), module.codec.encode(video))

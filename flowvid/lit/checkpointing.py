@@ -33,6 +33,7 @@ from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from flowvid.codecs.base import LatentCodec, check_codec_identity
@@ -53,6 +54,11 @@ class CorruptCheckpointError(RuntimeError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was made by a different model than the one it is loaded into."""
+
+
+class CheckpointStrategyError(ValueError):
+    """A checkpoint in a form that the run's strategy cannot load: DeepSpeed shards without
+    ``ZeroStrategy``, or a Lightning file under it."""
 
 
 # --- what a checkpoint records ----------------------------------------------------------------
@@ -276,6 +282,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location, weights_only)
         if not Path(path).exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
+        if Path(path).is_dir():
+            raise CheckpointStrategyError(
+                f"{path} is a DeepSpeed ZeRO checkpoint (a directory of shards), which only "
+                "flowvid.lit.strategies.ZeroStrategy loads: run with the ZeRO overlay that wrote it (--config "
+                "recipes/distributed/zero2.yaml or zero3.yaml), or `flowvid export` it and fine-tune from the export"
+            )
         try:
             checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=bool(weights_only))
         except Exception as err:  # noqa: BLE001
@@ -294,11 +306,16 @@ class RunCheckpoint(ModelCheckpoint):
             ``resume: auto`` finds it.
         every_n_train_steps: save after every this many optimiser steps.
         keep_last_k: how many of the newest checkpoints to keep (-1 keeps all).
-        save_on_train_end: also save when training stops at a step that is not a multiple. A run that
-            reached ``max_steps`` continues with a larger ``max_steps`` exactly as if it had not stopped.
+        save_on_train_end: also save when training stops at a step that is not a multiple: at
+            ``max_steps``, or where a callback stops it (``trainer.should_stop``: EarlyStopping, a Timer's
+            ``max_time``). The run continues from there (with a larger limit) exactly as if it had not stopped.
         save_on_sigterm: when a process of the run receives SIGTERM (a preemption, a cluster's time
-            limit, ``kill``), save after the step in progress and stop every process there, so that
-            ``resume: auto`` continues from that step. ``flowvid fit`` then exits with status 143.
+            limit, ``kill``) or a first Ctrl-C, save after the step in progress and stop every process
+            there, so that ``resume: auto`` continues from that step. ``flowvid fit`` then exits with
+            status 143. A second Ctrl-C stops at once, without saving.
+
+    With gradient accumulation a step ends with the last batch of its window. The gradients of the
+    batches before it are in no checkpoint, so saving and stopping, whatever asks for it, wait for it.
 
     ``run_config`` (the resolved CLI config, set by ``FlowvidCLI``) is stored in every checkpoint and
     becomes ``config.yaml`` on export.
@@ -316,7 +333,8 @@ class RunCheckpoint(ModelCheckpoint):
         self.keep_last_k = keep_last_k
         self.save_on_train_end = save_on_train_end
         self.save_on_sigterm = save_on_sigterm
-        self._sigterm = False  # noted by the handler that on_train_start installs
+        self._signal: str | None = None  # "SIGTERM" or "Ctrl-C", noted by the handlers on_train_start installs
+        self._stop_held = False  # a trainer.should_stop that waits for the end of the accumulation window
         self.run_config: dict[str, Any] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -334,25 +352,73 @@ class RunCheckpoint(ModelCheckpoint):
             )
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        if not self._window_closed(trainer, pl_module):
+            return
         with warnings.catch_warnings():
             # Lightning warns that manual optimisation saves the weights after the step: that is the intent.
             warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved")
             super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         # The last step's checkpoint is written here, not in on_train_end: by then Lightning has closed
         # the epoch, so a run continued with a larger max_steps would start a new epoch of data.
-        last_step = 0 < trainer.max_steps <= trainer.global_step
-        if self.save_on_train_end and last_step and trainer.global_step != self._last_global_step_saved:
-            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._save_if_training_stops(trainer)
         if self.save_on_sigterm and self._stopping(trainer):
-            if trainer.global_step != self._last_global_step_saved:
-                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-            rank_zero_info(f"SIGTERM: stopping after step {trainer.global_step}, saved in {self.dirpath}; "
-                           "the same command with resume: auto continues from there")
+            self._save_step(trainer)
+            rank_zero_info(f"{self._signal or 'a signal to another process'}: stopping after step "
+                           f"{trainer.global_step}, saved in {self.dirpath}; the same command with resume: auto "
+                           "continues from there")
+
+    # EarlyStopping decides after a validation or at the end of an epoch, after this batch's
+    # on_train_batch_end: the step it stops after is saved there, before Lightning closes the epoch.
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if fitting and self._window_closed(trainer, pl_module):
+            self._save_if_training_stops(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._window_closed(trainer, pl_module):
+            self._save_if_training_stops(trainer)
+
+    def _save_if_training_stops(self, trainer: Trainer) -> None:
+        if self.save_on_train_end and self._training_stops(trainer):
+            self._save_step(trainer)
+
+    def _window_closed(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Whether the batch that just ran ended an accumulation window (without accumulation, every batch
+        does). Inside a window, a stop that a callback asked for (``trainer.should_stop``) is held back
+        until the window's end."""
+        if not closes_accumulation_window(trainer, pl_module):
+            self._stop_held = self._stop_held or trainer.should_stop
+            trainer.should_stop = False
+            return False
+        trainer.should_stop = trainer.should_stop or self._stop_held
+        self._stop_held = False
+        return True
+
+    @staticmethod
+    def _training_stops(trainer: Trainer) -> bool:
+        """Whether training ends after this step: at max_steps, or because a callback stopped it."""
+        reached_max_steps = 0 < trainer.max_steps <= trainer.global_step
+        # Lightning trains on past a should_stop until min_steps and min_epochs are met.
+        return reached_max_steps or (trainer.should_stop and trainer.fit_loop._can_stop_early)
+
+    def _save_step(self, trainer: Trainer) -> None:
+        """Save this step, unless it is saved already (or Lightning saves nothing now: a sanity check,
+        fast_dev_run)."""
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._sigterm = False
+        self._signal, self._stop_held = None, False
+        # Lightning does not restore this on resume; left at 0, a resumed run would save its first step
+        # again (as step=N-v1.ckpt) when that step is skipped or, with accumulation, inside the window.
+        self._last_global_step_saved = trainer.global_step
         if self.save_on_sigterm and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._note_sigterm(trainer))
+            # Lightning restores the handlers it found when fit ends. Where SIGINT is ignored (a
+            # background job), it stays so.
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, self._note_ctrl_c)
 
     def _note_sigterm(self, trainer: Trainer) -> Callable[[int, Any], None]:
         """A SIGTERM handler that only notes the signal (and passes it to the processes this one launched).
@@ -365,17 +431,28 @@ class RunCheckpoint(ModelCheckpoint):
 
         def note(signum: int, frame: Any) -> None:
             launcher = trainer.strategy.launcher
-            if not self._sigterm and launcher is not None:
+            if self._signal != "SIGTERM" and launcher is not None:
                 launcher.kill(signum)
-            self._sigterm = True
+            self._signal = "SIGTERM"
 
         return note
 
+    def _note_ctrl_c(self, signum: int, frame: Any) -> None:
+        """A first Ctrl-C stops the run as SIGTERM does; the next one raises KeyboardInterrupt at once.
+
+        Not passed on to launched processes: a terminal sends Ctrl-C to all of them, and one passed on
+        would arrive as a second one there (``_stopping`` tells every process of a signal anyway).
+        """
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._signal = self._signal or "Ctrl-C"
+        rank_zero_info("Ctrl-C: saving after the step in progress, then stopping; Ctrl-C again stops at once "
+                       "without saving")
+
     def _stopping(self, trainer: Trainer) -> bool:
-        """Whether any process has noted SIGTERM; if so every one stops after this step (Lightning raises
+        """Whether any process has noted a signal; if so every one stops after this step (Lightning raises
         its SIGTERMException at the end of the step once ``received_sigterm`` is set). With several
         processes this costs one boolean all-reduce a step, beside the broadcast Lightning makes anyway."""
-        stop = self._sigterm
+        stop = self._signal is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
@@ -386,8 +463,19 @@ class RunCheckpoint(ModelCheckpoint):
         checkpoint[METADATA_KEY] = run_metadata(pl_module, self.run_config)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.save_on_train_end and trainer.global_step != self._last_global_step_saved:
-            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        # Training stopped where none of the hooks above saw it: the data ran out (max_epochs), or the
+        # LightningModule's own on_train_batch_end set should_stop.
+        if self.save_on_train_end:
+            self._save_step(trainer)
+
+
+def closes_accumulation_window(trainer: Trainer, pl_module: LightningModule) -> bool:
+    """Whether the training batch that just ran was the last of an optimiser step's accumulation window."""
+    if pl_module.automatic_optimization:  # Lightning's trainer.accumulate_grad_batches
+        return not trainer.fit_loop.epoch_loop._should_accumulate()
+    # A module that optimises itself (FlowModule) counts its windows over the batches of the whole run.
+    size = pl_module.hparams.get("accumulate_grad_batches", 1)
+    return trainer.fit_loop.epoch_loop.batch_progress.total.ready % size == 0
 
 
 # --- resuming ------------------------------------------------------------------------------------

@@ -60,8 +60,9 @@ class FlowvidCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--resume", type=str | None, default=None,
-            help="fit only: 'auto' continues from the newest checkpoint in <trainer.default_root_dir>/checkpoints "
-                 "(or starts fresh when there is none), 'none' starts fresh, a path continues from that checkpoint",
+            help="'auto' continues from the newest checkpoint in <trainer.default_root_dir>/checkpoints "
+                 "(or starts fresh when there is none), 'none' starts fresh, a path continues from that checkpoint; "
+                 "validate takes the same checkpoint unless --ckpt_path names one",
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -100,10 +101,18 @@ class FlowvidCLI(LightningCLI):
                 callback.resuming = settings.ckpt_path is not None and os.path.exists(settings.ckpt_path)
 
     def before_validate(self) -> None:
-        """``--ckpt_path`` may name a run directory: its newest readable checkpoint is validated."""
+        """``--ckpt_path`` may name a run directory: its newest readable checkpoint is validated. Without
+        it, ``resume`` (``auto`` in some recipes) picks the checkpoint, as it picks where ``fit`` goes on."""
         settings = self.config_init[self.subcommand]
-        if settings.get("ckpt_path") and os.path.isdir(settings.ckpt_path):
-            settings.ckpt_path = str(resolve_checkpoint(settings.ckpt_path))
+        if settings.get("ckpt_path"):
+            if os.path.isdir(settings.ckpt_path):
+                settings.ckpt_path = str(resolve_checkpoint(settings.ckpt_path))
+            return
+        resume = settings.get("resume")
+        settings.ckpt_path = resolve_resume(checkpoint_dir_of(self.trainer), resume)
+        if settings.ckpt_path is None and resume not in (None, "none"):
+            warnings.warn(f"resume: {resume} found no checkpoint in {checkpoint_dir_of(self.trainer)}: "
+                          "validating the model as initialised", stacklevel=2)
 
     def resolved_config(self) -> dict[str, Any]:
         """The full config of this command as plain data (what ``config.yaml`` holds)."""

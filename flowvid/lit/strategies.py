@@ -36,7 +36,12 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from flowvid.lit.checkpointing import check_resumable, consolidated_state_dict, load_client_state
+from flowvid.lit.checkpointing import (
+    CheckpointStrategyError,
+    check_resumable,
+    consolidated_state_dict,
+    load_client_state,
+)
 from flowvid.paths import PARTIAL_SUFFIX
 
 #: Suffix of the folder beside a checkpoint where it is re-partitioned for another number of processes
@@ -122,6 +127,13 @@ class ZeroStrategy(DeepSpeedStrategy):
         return batch_size if isinstance(batch_size, int) else super()._auto_select_batch_size()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if Path(checkpoint_path).is_file() and not (self.load_full_weights and self.zero_stage_3):
+            # DeepSpeed would only say that it is not a DeepSpeed checkpoint.
+            raise CheckpointStrategyError(
+                f"{checkpoint_path} is a Lightning checkpoint file (one device or DDP), which ZeroStrategy cannot "
+                "load: run without the ZeRO overlay (the file loads on any number of devices), or `flowvid export` "
+                "it and fine-tune from the export under ZeRO"
+            )
         if not Path(checkpoint_path).is_dir():  # a consolidated file (load_full_weights)
             return super().load_checkpoint(checkpoint_path, weights_only)
         # Fail with a clear message before DeepSpeed reads shards into a model they do not fit.

@@ -133,6 +133,28 @@ class SigtermAt(Callback):
         self._send(trainer, "validation")
 
 
+class StopAt(Callback):
+    """Stops training after step ``step`` through ``trainer.should_stop``, as a Timer's max_time does after a
+    batch (``during="train"``) and EarlyStopping after a validation (``during="validation"``) or at the end of
+    an epoch (``during="epoch_end"``)."""
+
+    def __init__(self, step: int, during: str = "train"):
+        self.step, self.during = step, during
+
+    def _stop(self, trainer, during: str) -> None:
+        if (trainer.global_step, during) == (self.step, self.during):
+            trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self._stop(trainer, "train")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._stop(trainer, "validation")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop(trainer, "epoch_end")
+
+
 class PoisonBatch(Callback):
     """Makes batch ``batch_idx``'s latents NaN on rank ``rank`` only."""
 
@@ -405,14 +427,58 @@ def test_a_sigterm_saves_the_step_in_progress_and_resume_auto_continues_to_the_s
     assert_same_tensors(whole["state_dict"], resumed["state_dict"])
 
 
+@pytest.mark.parametrize(("during", "step"), [("train", 3), ("validation", 3), ("epoch_end", 4)])
+def test_a_run_a_callback_stops_resumes_with_auto_to_the_same_losses(during, step, shards, single_run, tmp_path):
+    """A stop through trainer.should_stop (a Timer's max_time, EarlyStopping) saves the step it stops after
+    before Lightning closes the epoch: the resumed run takes the rest of the epoch's batches, or the next
+    epoch's (4 batches an epoch)."""
+    stop = {"class_path": "test_scale_training.StopAt", "init_args": {"step": step, "during": during}}
+    stopped = recipe(shards, tmp_path, denoiser=True, max_steps=6, extra_callbacks=[stop])
+    stopped["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # saved because of the stop only
+    stopped["trainer"]["val_check_interval"] = 3  # a validation after step 3 (StepSeed: no effect on training)
+    fit(stopped)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"step={step:08d}.ckpt"]
+    fit(recipe(shards, tmp_path, denoiser=True, max_steps=6), args=("--resume", "auto"))
+    assert losses(tmp_path) == losses(single_run)
+    whole, resumed = (torch.load(run / "checkpoints" / "step=00000006.ckpt", map_location="cpu", weights_only=False)
+                      for run in (single_run, tmp_path))
+    assert_same_tensors(whole["state_dict"], resumed["state_dict"])
+
+
+@pytest.fixture(scope="module")
+def accumulating_single_run(shards, tmp_path_factory) -> Path:
+    """One process, 4 optimiser steps of 2 batches each."""
+    run_dir = tmp_path_factory.mktemp("accumulating_single")
+    fit(recipe(shards, run_dir, denoiser=False, max_steps=4), args=ACCUMULATE)
+    return run_dir
+
+
+def test_a_sigterm_inside_an_accumulation_window_saves_at_its_end_and_resumes_to_the_same_weights(
+        shards, accumulating_single_run, tmp_path):
+    # In the first batch of step 2's window, whose gradients no checkpoint could hold before its last batch.
+    sigterm = {"class_path": "test_scale_training.SigtermAt", "init_args": {"step": 1}}
+    done = fit(recipe(shards, tmp_path, denoiser=False, max_steps=4, extra_callbacks=[sigterm]), args=ACCUMULATE,
+               expect_rc=143)
+    assert "SIGTERM: stopping after step 2" in done.stderr + done.stdout
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=00000002.ckpt"]
+    fit(recipe(shards, tmp_path, denoiser=False, max_steps=4), args=(*ACCUMULATE, "--resume", "auto"))
+    # Resumed at a window's start: no second checkpoint of step 2 (step=00000002-v1.ckpt) inside the next one.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=00000002.ckpt", "step=00000004.ckpt"]
+    assert logged(tmp_path) == logged(accumulating_single_run)  # every batch's loss, bit for bit
+    whole, resumed = (torch.load(run / "checkpoints" / "step=00000004.ckpt", map_location="cpu", weights_only=False)
+                      for run in (accumulating_single_run, tmp_path))
+    assert_same_tensors(whole["state_dict"], resumed["state_dict"])
+
+
 def test_validate_takes_a_run_directory_for_its_newest_checkpoint(shards, single_run, tmp_path):
     log = {"class_path": "test_scale_training.ValidationLog", "init_args": {"path": str(tmp_path / "val")}}
     config = tmp_path / "validate.yaml"
     config.write_text(yaml.safe_dump(recipe(shards, single_run, denoiser=True, max_steps=6, extra_callbacks=[log])))
     for ckpt in (single_run, *(single_run / "checkpoints" / f"step=0000000{step}.ckpt" for step in (6, 4))):
         run_fit([config], ("--ckpt_path", str(ckpt)), cwd=REPO, subcommand="validate")
-    by_directory, newest, older = map(json.loads, (tmp_path / "val.jsonl").read_text().splitlines())
-    assert by_directory == newest != older
+    run_fit([config], ("--resume", "auto"), cwd=REPO, subcommand="validate")  # as a recipe's resume: auto says
+    by_directory, newest, older, by_resume = map(json.loads, (tmp_path / "val.jsonl").read_text().splitlines())
+    assert by_directory == newest == by_resume != older
 
 
 @needs_deepspeed
@@ -476,6 +542,22 @@ def resume_on(shards: Path, devices: int, strategy: str, checkpoint: Path, run_d
         f"recipes/distributed/{strategy}.yaml",
         args=("--trainer.devices", str(devices), "--trainer.precision", "32-true", "--resume", "auto"))
     return run_dir
+
+
+@needs_deepspeed
+def test_resuming_a_checkpoint_under_the_other_kind_of_strategy_says_what_to_do_in_one_line(shards, tmp_path):
+    zero2 = ("recipes/distributed/zero2.yaml",)
+    for written_under, resumed_under, message in (
+            ((), zero2, "is a Lightning checkpoint file (one device or DDP), which ZeroStrategy cannot load"),
+            (zero2, (), "is a DeepSpeed ZeRO checkpoint (a directory of shards), which only "
+                        "flowvid.lit.strategies.ZeroStrategy loads")):
+        run_dir = tmp_path / ("zero2" if written_under else "plain")
+        precision = ("--trainer.precision", "32-true")
+        fit(recipe(shards, run_dir, denoiser=False, max_steps=1), *written_under, args=precision)
+        failed = fit(recipe(shards, run_dir, denoiser=False, max_steps=2), *resumed_under,
+                     args=(*precision, "--resume", "auto"), expect_rc=2)
+        line = failed.stderr.strip().splitlines()[-1]
+        assert line.startswith("flowvid fit: error: ") and message in line and "flowvid export" in line
 
 
 @needs_deepspeed

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule
+import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader, TensorDataset
 
 from flowvid.cli import UserError
 from flowvid.codecs.base import CodecMismatchError
@@ -18,7 +23,9 @@ from flowvid.lit.checkpointing import (
     METADATA_KEY,
     AtomicCheckpointIO,
     CheckpointMismatchError,
+    CheckpointStrategyError,
     CorruptCheckpointError,
+    RunCheckpoint,
     check_resumable,
     list_checkpoints,
     load_client_state,
@@ -144,6 +151,23 @@ def test_a_deepspeed_checkpoint_without_deepspeed_installed_says_what_to_install
         export_main(["--ckpt", str(folder), "--out", str(tmp_path / "model.safetensors")])
 
 
+def test_a_deepspeed_directory_under_another_strategy_says_how_to_load_it(tmp_path):
+    folder = tmp_path / "step=00000004.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    with pytest.raises(CheckpointStrategyError, match=r"DeepSpeed ZeRO checkpoint .*recipes/distributed/zero2\.yaml"
+                                                      r".*flowvid export"):
+        AtomicCheckpointIO().load_checkpoint(folder)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed")
+def test_a_lightning_file_under_zero_says_how_to_load_it(tmp_path):
+    path = tmp_path / "step=00000004.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, path)
+    with pytest.raises(CheckpointStrategyError, match=r"Lightning checkpoint file .*without the ZeRO overlay"
+                                                      r".*flowvid export"):
+        ZeroStrategy(stage=2).load_checkpoint(path)
+
+
 # --- resume: auto | none | path --------------------------------------------------------------------
 
 
@@ -215,11 +239,6 @@ class TrainableTiny(TinyModel):
 
 
 def test_run_checkpoint_keeps_the_last_k_and_refuses_to_resume_another_model(tmp_path):
-    from lightning.pytorch import Trainer
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from flowvid.lit.checkpointing import RunCheckpoint
-
     data = DataLoader(TensorDataset(torch.rand(8, 2, 4, 4, 3)), batch_size=2)
 
     def trainer(max_steps):
@@ -236,3 +255,118 @@ def test_run_checkpoint_keeps_the_last_k_and_refuses_to_resume_another_model(tmp
 
     with pytest.raises(CheckpointMismatchError, match="deep_width: 32 -> 64"):
         trainer(4).fit(TrainableTiny(deep_width=64), data, ckpt_path=resolve_resume(tmp_path / "checkpoints", "auto"))
+
+
+def test_every_recipe_that_checkpoints_a_run_seeds_its_steps():
+    """Without StepSeed a run resumed from its RunCheckpoint draws other noise than it would have."""
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    checked = 0
+    for recipe in sorted(recipes.rglob("*.yaml")):
+        callbacks = (yaml.safe_load(recipe.read_text()).get("trainer") or {}).get("callbacks") or []
+        classes = [callback["class_path"].rsplit(".", 1)[-1] for callback in callbacks]
+        if "RunCheckpoint" in classes:
+            checked += 1
+            assert "StepSeed" in classes, f"{recipe} checkpoints the run without flowvid.lit.step_seed.StepSeed"
+    assert checked >= 4
+
+
+# --- stopping and saving in training ---------------------------------------------------------------
+
+
+def tiny_data(batches: int = 4) -> DataLoader:
+    return DataLoader(TensorDataset(torch.rand(2 * batches, 2, 4, 4, 3)), batch_size=2)
+
+
+def tiny_trainer(root: Path, max_steps: int, *callbacks: Callback, every_n_train_steps: int = 100,
+                 **options) -> Trainer:
+    checkpoints = RunCheckpoint(every_n_train_steps=every_n_train_steps, keep_last_k=-1)
+    return Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=root, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   callbacks=[checkpoints, *callbacks], **options)
+
+
+class SignalAt(Callback):
+    """Sends ``signum`` to this process at the start of training batch ``batch`` (counted over the run),
+    ``times`` times."""
+
+    def __init__(self, signum: int, batch: int, times: int = 1):
+        self.signum, self.batch, self.times = signum, batch, times
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.total.ready == self.batch:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+
+def saved(root: Path) -> list[str]:
+    return [path.name for path in list_checkpoints(root / "checkpoints")]
+
+
+def batches_in(checkpoint: Path) -> int:
+    return load_client_state(checkpoint)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"]
+
+
+def test_ctrl_c_saves_the_step_in_progress_and_stops(tmp_path):
+    with pytest.raises(SIGTERMException):  # what flowvid fit turns into exit status 143
+        tiny_trainer(tmp_path, 4, SignalAt(signal.SIGINT, batch=2)).fit(TrainableTiny(), tiny_data())
+    assert saved(tmp_path) == ["step=00000002.ckpt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C interrupts again after fit
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+    with pytest.raises(SystemExit):  # Lightning's answer to a KeyboardInterrupt
+        tiny_trainer(tmp_path, 4, SignalAt(signal.SIGINT, batch=2, times=2)).fit(TrainableTiny(), tiny_data())
+    assert saved(tmp_path) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_sigterm_inside_an_accumulation_window_stops_and_saves_at_its_end(tmp_path):
+    trainer = tiny_trainer(tmp_path, 4, SignalAt(signal.SIGTERM, batch=3), accumulate_grad_batches=2)
+    with pytest.raises(SIGTERMException):
+        trainer.fit(TrainableTiny(), tiny_data())
+    # The signal came in the first batch of the second window: its gradients are not in a checkpoint.
+    assert saved(tmp_path) == ["step=00000002.ckpt"]
+    assert batches_in(tmp_path / "checkpoints" / "step=00000002.ckpt") == 4
+
+
+class StepsItself(TrainableTiny):
+    """Optimises itself as FlowModule does: one step per ``accumulate_grad_batches`` batches, counted over the
+    run; ``skip_first``: no step for the first window it trains on (as for a non-finite loss)."""
+
+    def __init__(self, accumulate_grad_batches: int = 1, skip_first: bool = False):
+        super().__init__()
+        self.automatic_optimization = False
+        self.hparams.accumulate_grad_batches = accumulate_grad_batches
+        self.skip_next = skip_first
+
+    def training_step(self, batch, batch_idx):
+        size = self.hparams.accumulate_grad_batches
+        self.manual_backward(self.flow.nll(batch[0]).mean() / size)
+        if self.trainer.fit_loop.epoch_loop.batch_progress.total.ready % size:
+            return  # inside the window
+        optimizer = self.optimizers()
+        if not self.skip_next:
+            optimizer.step()
+        optimizer.zero_grad()
+        self.skip_next = False
+
+
+class StopAtEpochEnd(Callback):
+    """Stops training at the end of the first epoch, as EarlyStopping checking on train epoch end does."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = True
+
+
+def test_a_stop_at_an_epoch_end_inside_an_accumulation_window_waits_for_the_window_end(tmp_path):
+    # Windows of 2 batches run across epochs of 3: the first epoch ends in the middle of the second window.
+    tiny_trainer(tmp_path, 10, StopAtEpochEnd()).fit(StepsItself(accumulate_grad_batches=2), tiny_data(batches=3))
+    assert saved(tmp_path) == ["step=00000002.ckpt"]
+    assert batches_in(tmp_path / "checkpoints" / "step=00000002.ckpt") == 4
+
+
+def test_a_resumed_run_does_not_save_the_step_it_resumed_from_again(tmp_path):
+    tiny_trainer(tmp_path, 2, every_n_train_steps=2).fit(StepsItself(), tiny_data())
+    tiny_trainer(tmp_path, 3, every_n_train_steps=2).fit(StepsItself(skip_first=True), tiny_data(),
+                                                         ckpt_path=resolve_resume(tmp_path / "checkpoints", "auto"))
+    assert saved(tmp_path) == ["step=00000002.ckpt", "step=00000003.ckpt"]  # no step=00000002-v1.ckpt

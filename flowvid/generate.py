@@ -91,9 +91,11 @@ def check_options(args: argparse.Namespace) -> None:
         raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.frames is not None and args.frames < 1:
         raise GenerateError(f"--frames must be >= 1, got {args.frames}")
+    for option, value in (("--tol", args.tol), ("--first-block-size", args.first_block_size),
+                          ("--block-size", args.block_size)):
+        if value is not None and args.sampler != "jacobi":  # it would be ignored without a word
+            raise GenerateError(f"{option} is a setting of the jacobi sampler; --sampler {args.sampler} has none")
     for option, value in (("--first-block-size", args.first_block_size), ("--block-size", args.block_size)):
-        if value is not None and args.sampler != "jacobi":
-            raise GenerateError(f"{option} sets the jacobi sampler's blocks; --sampler {args.sampler} has none")
         if value is not None and value < 1:
             raise GenerateError(f"{option} must be >= 1, got {value}")
     if args.task == "t2v" and (args.image or args.video):

@@ -252,6 +252,7 @@ def test_a_frame_count_or_seed_out_of_range_is_refused_before_loading(tmp_path, 
     (["--first-block-size", "0"], "--first-block-size must be >= 1, got 0"),
     (["--block-size", "-4"], "--block-size must be >= 1, got -4"),
     (["--sampler", "sequential", "--block-size", "16"], "--sampler sequential has none"),
+    (["--sampler", "windowed", "--tol", "0.01"], "--tol is a setting of the jacobi sampler; --sampler windowed"),
 ])
 def test_jacobi_block_sizes_that_cannot_work_are_refused_before_loading(tmp_path, capsys, extra, message):
     assert main(["generate", "--ckpt", str(tmp_path / "nope.ckpt"), "--prompt", "x", *extra,

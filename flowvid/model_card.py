@@ -49,7 +49,9 @@ def model_card(folder: str | Path, file_name: str, metadata: dict[str, Any], con
         ("weights", f"{metadata.get('weights', '?')} ({metadata.get('dtype', '?')})"),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    prompt = "" if not text else '"a red circle moves left"'
+    prompt = "" if not text else '"your caption"'
+    # The folder by its own name: the card travels with it, the path it was exported to does not.
+    where = Path(folder).name or "."
     return f"""{CARD_MARK}
 # {Path(folder).name or file_name}
 
@@ -65,16 +67,18 @@ and samples frame after frame. Exported by flowvid {metadata.get("flowvid_versio
 
 ## Use
 
+From the folder that holds `{where}/`:
+
 ```python
 from flowvid import VideoPipeline
 
-pipe = VideoPipeline.from_pretrained("{folder}")
+pipe = VideoPipeline.from_pretrained("{where}")
 videos = pipe([{prompt}], seed=0).videos            # uint8 (B, T, H, W, 3)
 ```
 
 ```bash
-flowvid generate --ckpt {folder} {'--prompt ' + prompt + ' ' if prompt else ''}--out samples/
-flowvid score --ckpt {folder} --input clips/ --out scores.jsonl
+flowvid generate --ckpt {where} {'--prompt ' + prompt + ' ' if prompt else ''}--out samples/
+flowvid score --ckpt {where} --input clips/ --out scores.jsonl
 ```
 """
 

@@ -22,7 +22,6 @@ from torch import nn
 from flowvid.flows.base import BlockSpec, FlowBlock
 from flowvid.nn.attention import BandedMask, prefix_causal_bands, prefix_causal_mask
 from flowvid.nn.kv_cache import KVCache
-from flowvid.nn.mlp import MLP
 from flowvid.nn.rope import rope_angles
 from flowvid.nn.transformer import TransformerLayer
 from flowvid.registry import BLOCKS, PERMUTATIONS
@@ -85,7 +84,7 @@ class AffineBlock(FlowBlock):
 
     def make_layer(self) -> nn.Module:
         """One transformer layer; plugins override this to change the layer."""
-        return TransformerLayer(self.spec.width, self.spec.head_dim, mlp=MLP(self.spec.width, self.mlp_ratio))
+        return TransformerLayer(self.spec.width, self.spec.head_dim, mlp_ratio=self.mlp_ratio)
 
     # --- positions -------------------------------------------------------------------------
     def _rotation(self, first_slot: int, count: int, device: torch.device,

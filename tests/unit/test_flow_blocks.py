@@ -73,3 +73,15 @@ def test_the_kit_fails_a_block_that_breaks_the_contract(wrong_block, kit_test):
         arguments["permutation"] = "identity"
     with pytest.raises(AssertionError):
         getattr(kit, kit_test)(**arguments)
+
+
+EXPECTED_FIRST_MLP_WEIGHTS = [-0.032836, -0.110159, 0.149697]  # torch.manual_seed(0), recorded with flowvid 0.1
+
+
+def test_a_seed_gives_the_initial_weights_it_always_gave():
+    """Recorded runs (the demo's numbers, the benchmarks) rebuild their models from a seed."""
+    from flowvid.flows.base import BlockSpec
+
+    torch.manual_seed(0)
+    block = AffineBlock(BlockSpec(3, (2, 2), width=32, depth=1, head_dim=16))
+    assert block.layers[0].mlp.fc.weight[0, :3].tolist() == pytest.approx(EXPECTED_FIRST_MLP_WEIGHTS, abs=1e-6)

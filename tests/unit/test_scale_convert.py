@@ -115,9 +115,8 @@ def test_imported_weights_compute_what_they_compute_under_the_references_rotary_
             monkeypatch.setattr(block, "_build_rotation", reference_rotation.__get__(block))
         actual = theirs.encode(x)
     assert (expected[0] - x).norm() > 0.5 * x.norm()  # the blocks are far from the identity
-    # fp32 sums of rotated pairs in another order (a mismatched layout is 15-25% off, not 1e-5).
-    torch.testing.assert_close(expected[0], actual[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(expected[1], actual[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(expected[0], actual[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(expected[1], actual[1], rtol=1e-5, atol=1e-5)
 
 
 def test_a_head_size_whose_rotations_differ_from_the_references_is_refused():

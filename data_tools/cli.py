@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as err:
         console.print(f"[red]error:[/] {err}")
         return 2
+    except FileNotFoundError as err:  # a missing input (a checkpoint, weights): the message says which and what to do
+        message = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
+        console.print(f"[red]error:[/] {message}")
+        return 2
     except OSError as err:  # a full disk, a folder without write permission: the data there is left as it was
         where = f" ({err.filename})" if err.filename else ""
         console.print(f"[red]error:[/] cannot write or read{where}: {err.strerror or err}")

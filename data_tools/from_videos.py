@@ -6,12 +6,15 @@
 Captions come from a CSV or JSONL of ``path,caption`` (paths relative to that file), else from a
 sidecar ``<video>.txt``, else ``--default-caption``; a video without one is skipped. Files are
 decoded in parallel; the output depends only on the inputs and options (not on --workers). Every
-skipped file is listed with its reason in ``DIR/summary.json`` and the manifest. A run replaces the
+skipped file is listed with its reason in ``DIR/summary.json`` (with ``--val-fraction``:
+``DIR/train/summary.json`` and ``DIR/val/summary.json``) and the manifest. A run replaces the
 shards of an earlier one only when it writes at least one clip; one that writes none leaves ``DIR``
 as it was (and lists every skip on the console).
 
 ``--val-fraction F`` holds out about that share of the videos (never clips of a video on both sides):
-their clips go to ``DIR/val`` and the others' to ``DIR/train``, the layout ``make-synthetic`` writes.
+their clips go to ``DIR/val`` and the others' to ``DIR/train``, the layout ``make-synthetic`` writes;
+each of the two folders has its own manifest and ``summary.json`` (videos skipped before the split,
+for want of a caption, are listed in ``train``'s).
 A video's side depends on its path alone (a hash), so adding videos later moves none of the others;
 at least one video is held out and at least one kept.
 """
@@ -100,7 +103,8 @@ def convert_videos(
     show_progress: bool = False,
     val_fraction: float = 0.0,
 ) -> dict:
-    """Write the clips of ``inputs`` to shards in ``out``; returns the summary (also ``out/summary.json``).
+    """Write the clips of ``inputs`` to shards in ``out``; returns the summary (also ``out/summary.json``,
+    or with ``val_fraction`` ``out/train/summary.json`` and ``out/val/summary.json``).
 
     The clips are written to a staging folder and replace ``out``'s earlier shards only when there
     is at least one: a run that writes nothing (or fails) leaves ``out`` as it was. With
@@ -235,7 +239,7 @@ def load_captions(path: str | Path) -> dict[str, str]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is not data
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read captions file {path}: {err}") from err
     rows = list(_jsonl_rows(text, path) if path.suffix.lower() == ".jsonl" else _csv_rows(text, path))
@@ -283,7 +287,7 @@ def caption_for(video: Path, table: dict[str, str], default: str | None) -> str:
     sidecar = video.with_suffix(".txt")
     if sidecar.is_file():
         try:
-            return sidecar.read_bytes().decode("utf-8").strip()
+            return sidecar.read_bytes().decode("utf-8-sig").strip()  # without a byte-order mark
         except (OSError, UnicodeDecodeError) as err:
             raise NoCaption(f"unreadable caption {sidecar.name}: {err}") from err
     if default is not None:

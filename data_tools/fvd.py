@@ -1,12 +1,14 @@
 """``fvd``: FVD (or FVD-proxy) of generated videos against a real set, from the command line.
 
-    flowvid data fvd GENERATED [GENERATED ...] --reference REF [--extractor inception-proxy]
+    flowvid data fvd GENERATED [GENERATED ...] --reference REF [--extractor NAME]
                      [--extractor-args JSON] [--batch-size 8] [--device auto] [--out FILE.json]
 
 GENERATED are video files (``.mp4``, ``.npy``, ...) or folders of them, such as the output folder of
 ``flowvid generate`` (whose ``.latent.npy`` files are left out). REF is either an ``.npz`` written by
-``flowvid data fvd-stats``, whose key fixes the extractor, the frames and the resolution, or a raw
-shard folder, whose statistics are then computed first (``fvd-stats`` caches them for next time).
+``flowvid data fvd-stats``, whose key fixes the extractor (``--extractor`` defaults to the one named
+in it; another one is refused), the frames and the resolution, or a raw shard folder, whose
+statistics are then computed first with ``--extractor`` (default ``inception-proxy``; ``fvd-stats``
+caches them for next time).
 Every generated video is cut to the reference's frames and fitted to its resolution; a video that
 cannot be read or is too short is skipped and counted. The result is one JSON line on stdout (and in
 ``--out``): the distance, its protocol name (extractor, frames, resolution, sample count) and the counts.
@@ -34,13 +36,16 @@ from flowvid.placement import resolve_device
 from flowvid.registry import FVD_EXTRACTORS
 from flowvid.score import VIDEO_SUFFIXES, video_inputs
 
+DEFAULT_EXTRACTOR = "inception-proxy"  # for a raw shard folder reference
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("generated", nargs="+", metavar="GENERATED", help="video files or folders of them")
     parser.add_argument("--reference", required=True,
                         help="an .npz of `flowvid data fvd-stats`, or a raw shard folder of real clips")
-    parser.add_argument("--extractor", default="inception-proxy",
-                        help="registered FVD extractor: i3d (standard FVD, needs its weights) or inception-proxy")
+    parser.add_argument("--extractor", default=None,
+                        help="registered FVD extractor: i3d (standard FVD, needs its weights) or inception-proxy; "
+                             "default: the one an .npz reference names, else inception-proxy")
     parser.add_argument("--extractor-args", type=json_object, default={},
                         help='extractor arguments as JSON, e.g. \'{"weights": "i3d_pretrained_400.pt"}\'')
     parser.add_argument("--batch-size", type=int, default=8)
@@ -58,14 +63,18 @@ def run(args: argparse.Namespace) -> int:
     if not reference_path.exists():  # before the extractor (I3D weights) is loaded
         raise ValueError(f"--reference {reference_path} does not exist; give an .npz of `flowvid data fvd-stats` "
                          "or a raw shard folder")
+    cached = None if reference_path.is_dir() else ReferenceStats.load(reference_path)
+    extractor = args.extractor or (cached.extractor if cached is not None else DEFAULT_EXTRACTOR)
     device = resolve_device(args.device)
-    check_registered_arguments(FVD_EXTRACTORS, args.extractor, args.extractor_args, "--extractor-args")
+    check_registered_arguments(FVD_EXTRACTORS, extractor, args.extractor_args, "--extractor-args")
     try:
-        metric = FrechetVideoDistance(build_extractor(args.extractor, **args.extractor_args)).to(device)
+        metric = FrechetVideoDistance(build_extractor(extractor, **args.extractor_args)).to(device)
     except FileNotFoundError as err:  # extractor weights not given or not installed: one line, not a traceback
         console.print(f"[red]error:[/] {err}")
         return 2
-    reference = real_set(metric, reference_path, args.batch_size, device)
+    if cached is not None:
+        check_reference_fits(cached, metric, reference_path)
+    reference = real_set(metric, reference_path, args.batch_size, device, cached)
 
     skipped: list[dict[str, str]] = []
     with progress_bar() as bar:
@@ -96,15 +105,27 @@ def generated_videos(inputs: list[str]) -> list[Path]:
     return videos
 
 
-def real_set(metric: FrechetVideoDistance, reference: Path, batch_size: int, device: torch.device) -> ReferenceStats:
-    """Load (an .npz) or compute (a raw shard folder) the real statistics into ``metric``."""
+def check_reference_fits(stats: ReferenceStats, metric: FrechetVideoDistance, path: Path) -> None:
+    """Raise a ValueError, naming the .npz ``path``, unless ``stats`` come from ``metric``'s extractor and weights."""
+    ours = {"extractor": metric.extractor.name, "weights_hash": metric.extractor.weights_hash}
+    for field, value in ours.items():
+        if getattr(stats, field) != value:
+            computed = f" (computed from {stats.source})" if stats.source else ""
+            raise ValueError(f"--reference {path}{computed} has {field} {getattr(stats, field)!r}, the extractor "
+                             f"has {value!r}; leave --extractor out to use the reference's, or recompute it with "
+                             f"`flowvid data fvd-stats RAW_SHARD_DIR --extractor {metric.extractor.name}`")
+
+
+def real_set(metric: FrechetVideoDistance, reference: Path, batch_size: int, device: torch.device,
+             cached: ReferenceStats | None = None) -> ReferenceStats:
+    """Load (an .npz, or ``cached``, its contents) or compute (a raw shard folder) the real statistics into ``metric``."""
     if reference.is_dir():
         skipped: list[dict[str, str]] = []
         stats = reference_stats(reference, metric, batch_size=batch_size, device=device, skipped=skipped)
         if skipped:
             console.print(f"[yellow]note[/] {len(skipped)} samples of {reference} were skipped")
         return stats
-    metric.set_reference(reference)
+    metric.set_reference(reference if cached is None else cached)
     return metric.reference
 
 

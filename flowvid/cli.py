@@ -3,7 +3,9 @@
 ``flowvid fit|validate --config recipe.yaml`` is LightningCLI (a flow needs no test or predict loop:
 ``generate`` and ``score`` are those); the other verbs are small programs of their own (``flowvid
 plugins``, ``flowvid data ...``). Plugins are loaded before any parsing, so YAML can name a plugin
-class by its short name.
+class by its bare class name in ``class_path`` (``class_path: PixelCodec``, codecs, text encoders,
+data modules), and blocks and samplers by their registered short name (``deep_block: gated``);
+a short name in ``class_path`` is not resolved.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as metadata
 import inspect
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -47,6 +48,17 @@ def _distribution_of(module_name: str) -> tuple[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return top_level, "unknown"
+
+
+class UnknownName(KeyError):
+    """A name no registry entry has: a KeyError (for callers that catch one) printed without quotes.
+
+    ``str()`` of a plain KeyError is the ``repr`` of its message, so a CLI printing it would show the
+    message wrapped in quotes; this one prints the message as it is.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class Registry:
@@ -80,7 +92,7 @@ class Registry:
             return self._entries[name].obj
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "none"
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {known}") from None
+            raise UnknownName(f"unknown {self.kind} {name!r}; registered: {known}") from None
 
     def name_of(self, obj: Any) -> str | None:
         for entry in self._entries.values():
@@ -169,6 +181,10 @@ _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONL
 
 def check_arguments(what: str, factory: Callable[..., Any], arguments: dict[str, Any], option: str) -> None:
     """Raise a ValueError unless ``factory`` takes ``arguments`` by name, saying which it does take."""
+    if _takes_no_arguments(factory):  # a class without its own __init__: torch.nn.Module's (*args, **kwargs)
+        if arguments:
+            raise ValueError(f"{what} takes no arguments, got {', '.join(map(repr, arguments))} (in {option})")
+        return
     try:
         parameters = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):  # no signature to check against (a builtin): the call itself will tell
@@ -184,3 +200,20 @@ def check_arguments(what: str, factory: Callable[..., Any], arguments: dict[str,
     if missing:
         raise ValueError(f"{what} needs the argument {', '.join(map(repr, missing))}: give it in {option} "
                          f"(its arguments are: {accepted})")
+
+
+def _takes_no_arguments(factory: Callable[..., Any]) -> bool:
+    """Whether ``factory`` is a class whose ``__init__`` is ``object``'s or ``torch.nn.Module``'s.
+
+    Their signatures are ``(*args, **kwargs)`` (``nn.Module`` only passes them on to refuse them), so a
+    signature check would accept anything and the call would end in a TypeError from inside torch.
+    """
+    if not inspect.isclass(factory):
+        return False
+    if factory.__new__ is not object.__new__:  # a __new__ of its own may take the arguments
+        return False
+    init = factory.__init__
+    if init is object.__init__:
+        return True
+    nn = sys.modules.get("torch.nn")  # not imported: ``factory`` cannot be a torch module
+    return nn is not None and init is nn.Module.__init__

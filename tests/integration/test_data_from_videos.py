@@ -178,6 +178,15 @@ def test_val_fraction_holds_out_whole_videos_chosen_by_their_paths(tmp_path):
     assert [item["path"] for item in load_manifest(tmp_path / "out" / "train")["skipped"]] == [
         str((tmp_path / "in" / "no_caption.mkv").resolve())]
     assert load_manifest(tmp_path / "out" / "val")["skipped"] == []
+    # One summary per split, as the docs say; none for the whole.
+    summaries = {split: json.loads((tmp_path / "out" / split / "summary.json").read_text()) for split in ("train", "val")}
+    assert summaries["train"]["out"] == str(tmp_path / "out" / "train") and summaries["val"]["written"] >= 1
+    assert not (tmp_path / "out" / "summary.json").exists()
+    import data_tools.from_videos as from_videos
+
+    assert "DIR/train/summary.json" in from_videos.__doc__.replace("``", "")
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text()
+    assert "`DIR/train/summary.json`" in docs and "`DIR/val/summary.json`" in docs
 
     # A video's side follows from its path: new videos leave the others where they were.
     write_video(tmp_path / "in" / "more" / "w.mkv", random_frames(8, 8, 8, seed=99), codec="mpeg4")
@@ -218,3 +227,13 @@ def test_a_captions_table_that_fits_no_video_is_refused_not_read_as_empty_captio
                       "--size", "16", "--default-caption", "", "--captions", str(captions)]) == 2
     assert message.replace("CAPTIONS", str(captions)) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_captions_with_a_byte_order_mark_are_read_without_it(tmp_path):
+    for name in ("a", "b"):
+        write_video(tmp_path / f"{name}.mkv", random_frames(4, 8, 8), codec="mpeg4")
+    (tmp_path / "captions.csv").write_text("path,caption\na.mkv,a red circle\n", encoding="utf-8-sig")  # Excel's
+    (tmp_path / "b.txt").write_text("a blue square", encoding="utf-8-sig")  # a sidecar, as Notepad may save it
+    assert data_main(["from-videos", str(tmp_path / "a.mkv"), str(tmp_path / "b.mkv"), "--frames", "4", "--size",
+                      "8", "--captions", str(tmp_path / "captions.csv"), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(meta["caption"] for meta in metas(tmp_path / "out")) == ["a blue square", "a red circle"]

@@ -59,6 +59,20 @@ def test_a_cached_reference_file_gives_the_number_of_its_folder(raw_folder, real
     assert json.loads((tmp_path / "r.json").read_text()) == from_file
 
 
+def test_a_reference_file_fixes_the_extractor_and_a_mismatch_names_the_file(raw_folder, real_clips, tmp_path, capsys):
+    write_videos(tmp_path / "generated", real_clips[:3])
+    stats = tmp_path / "reference.npz"
+    assert data_main(["fvd-stats", str(raw_folder), "--extractor", "pixel-stats", "--out", str(stats)]) == 0
+    capsys.readouterr()
+    assert data_main(["fvd", str(tmp_path / "generated"), "--reference", str(stats)]) == 0  # no --extractor
+    assert "/pixel-stats_f4_r16_n3" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["protocol"]
+
+    assert data_main(["fvd", str(tmp_path / "generated"), "--reference", str(stats),
+                      "--extractor", "inception-proxy"]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert f"error: --reference {stats} (computed from {raw_folder}) has extractor 'pixel-stats'" in err
+
+
 def test_unreadable_and_short_videos_are_skipped_and_counted(raw_folder, real_clips, tmp_path, capsys):
     folder = tmp_path / "generated"
     write_videos(folder, real_clips[:5])

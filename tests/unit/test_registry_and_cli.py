@@ -88,3 +88,99 @@ def test_a_plugin_that_takes_a_taken_name_is_a_warning_and_the_others_still_load
     with pytest.warns(UserWarning, match="could not load block plugin 'affine'.*taken"):
         registry_module.load_plugins()
     assert BLOCKS.get("affine").__name__ == "AffineBlock" and BLOCKS.get("fine-block") is Fine
+
+
+@pytest.fixture(scope="module")
+def raw_folder(tmp_path_factory):
+    from flowvid.data import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(root, num_videos=2, frames=2, size=16, val_videos=1)
+    return root / "train"
+
+
+def test_an_unknown_name_prints_without_quotes_and_is_still_a_key_error():
+    with pytest.raises(KeyError) as caught:
+        BLOCKS.get("no-such-block")
+    assert str(caught.value).startswith("unknown block 'no-such-block'; registered: ")
+
+
+def test_an_unknown_name_on_the_data_command_line_is_one_plain_line(raw_folder, capsys):
+    from data_tools.cli import main as data_main
+
+    assert data_main(["fvd-stats", str(raw_folder), "--extractor", "nosuch"]) == 2
+    out = capsys.readouterr().err
+    assert "error: unknown FVD extractor 'nosuch'" in " ".join(out.split()) and '"' not in out
+
+
+def test_a_missing_file_on_the_data_command_line_is_just_its_cause(raw_folder, tmp_path, capsys):
+    from data_tools.cli import main as data_main
+
+    raw = raw_folder
+    missing = tmp_path / "nope.pt"
+    code = data_main(["encode-latents", str(raw), "--out", str(tmp_path / "lat"), "--codec", "video_vae",
+                      "--codec-args", f'{{"checkpoint": "{missing}"}}'])
+    out = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and out.startswith(f"error: VideoVAE checkpoint {missing} does not exist")
+    assert "cannot write or read" not in out
+
+
+def test_arguments_to_a_module_without_its_own_init_are_refused_up_front():
+    import torch
+
+    from flowvid.registry import check_arguments
+
+    class NoInit(torch.nn.Module):
+        pass
+
+    class Plain:
+        pass
+
+    for factory in (NoInit, Plain):
+        check_arguments("thing 'x'", factory, {}, "--x-args")  # no arguments: fine
+        with pytest.raises(ValueError, match=r"^thing 'x' takes no arguments, got 'weights' \(in --x-args\)$"):
+            check_arguments("thing 'x'", factory, {"weights": "w.pt"}, "--x-args")
+
+
+def test_extractor_arguments_the_pixel_stats_extractor_does_not_take_are_one_line(raw_folder, capsys):
+    from data_tools.cli import main as data_main
+
+    code = data_main(["fvd-stats", str(raw_folder), "--extractor", "pixel-stats",
+                      "--extractor-args", '{"weights": "x"}'])
+    out = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "error: FVD extractor 'pixel-stats' takes no arguments, got 'weights'" in out
+
+
+def test_yaml_takes_class_names_for_codecs_and_short_names_for_blocks_as_the_docs_say(tmp_path, capsys):
+    from pathlib import Path
+
+    import yaml
+
+    import flowvid.cli
+
+    root = Path(__file__).resolve().parents[2]
+    demo = root / "recipes" / "demo" / "shapes_t2v.yaml"
+    works = tmp_path / "class_names.yaml"
+    works.write_text("model:\n  init_args:\n    codec: {class_path: PixelCodec}\n"
+                     "    text_encoder: {class_path: LearnedTextEncoder}\n"
+                     "    flow: {init_args: {deep_block: gated}}\n"
+                     "data: {class_path: VideoShardDataModule}\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(demo), "--config", str(works), "--print_config"])
+    assert stop.value.code in (0, None)
+    out = capsys.readouterr().out
+    config = yaml.safe_load(out[out.index("# lightning.pytorch"):])
+    assert config["model"]["init_args"]["codec"]["class_path"] == "flowvid.codecs.PixelCodec"
+    assert config["model"]["init_args"]["flow"]["init_args"]["deep_block"] == "gated"
+
+    refused = tmp_path / "short_name.yaml"
+    refused.write_text("model:\n  init_args:\n    codec: {class_path: pixel}\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(demo), "--config", str(refused), "--print_config"])
+    assert stop.value.code not in (0, None)
+
+    # ... and the docs no longer promise short names in class_path for them.
+    assert "by short name or by `class_path`" not in (root / "docs" / "codecs_and_text.md").read_text()
+    assert "by short name or `class_path`" not in (root / "docs" / "plugins.md").read_text()
+    assert "class by its short name." not in flowvid.cli.__doc__
+    assert "`class_path: pixel` is refused" in (root / "docs" / "plugins.md").read_text()

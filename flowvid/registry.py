@@ -17,6 +17,7 @@ Installed packages register through the entry-point group of a kind, for example
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata as metadata
 import inspect
@@ -32,22 +33,38 @@ class Entry:
 
     name: str
     obj: Any
-    package: str
-    version: str
 
     @property
     def class_path(self) -> str:
         return f"{self.obj.__module__}.{self.obj.__qualname__}"
 
+    @property
+    def package(self) -> str:
+        return _distribution_of(self.obj.__module__.split(".")[0])[0]
 
-def _distribution_of(module_name: str) -> tuple[str, str]:
-    top_level = module_name.split(".")[0]
-    for dist in metadata.packages_distributions().get(top_level, []):
+    @property
+    def version(self) -> str:
+        return _distribution_of(self.obj.__module__.split(".")[0])[1]
+
+
+@functools.cache
+def _distribution_of(top_level: str) -> tuple[str, str]:
+    """The installed distribution that provides the top-level package ``top_level``, and its version.
+
+    Asked when listed rather than at registration: a scan of the installed distributions takes a
+    good tenth of a second, and every import of a module that registers something would pay it.
+    """
+    for dist in _distributions_by_package().get(top_level, []):
         try:
             return dist, metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
     return top_level, "unknown"
+
+
+@functools.cache
+def _distributions_by_package() -> dict[str, list[str]]:
+    return dict(metadata.packages_distributions())
 
 
 class UnknownName(KeyError):
@@ -83,8 +100,7 @@ class Registry:
                 f"{self.kind} name {name!r} is taken by {known.class_path} ({known.package}); "
                 f"cannot register {obj.__module__}.{obj.__qualname__} under it"
             )
-        package, version = _distribution_of(obj.__module__)
-        self._entries[name] = Entry(name, obj, package, version)
+        self._entries[name] = Entry(name, obj)
 
     def get(self, name: str) -> Any:
         load_plugins()

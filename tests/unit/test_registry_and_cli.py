@@ -15,6 +15,30 @@ def test_entry_point_plugin_is_discovered_with_its_package():
     assert entry.package == "flowvid" and entry.version != "unknown"
 
 
+def test_registering_reads_no_package_metadata_and_listing_reads_it_once(monkeypatch):
+    """A scan of the installed distributions takes a tenth of a second; importing flowvid registers
+    dozens of entries."""
+    from flowvid import registry
+    from flowvid.flows.permutations import Flip, Identity
+
+    scans = []
+    monkeypatch.setattr(registry.metadata, "packages_distributions",
+                        lambda: scans.append("scan") or {"flowvid": ["flowvid"]})
+    registry._distributions_by_package.cache_clear()
+    registry._distribution_of.cache_clear()
+    monkeypatch.setattr(registry, "load_plugins", lambda: None)
+    try:
+        things = Registry("thing", "flowvid.things")
+        things.add("identity", Identity)
+        things.add("flip", Flip)
+        assert scans == []
+        assert [entry.package for entry in things] == ["flowvid", "flowvid"]
+        assert scans == ["scan"]
+    finally:  # the caches must not keep what the fake scan found
+        registry._distributions_by_package.cache_clear()
+        registry._distribution_of.cache_clear()
+
+
 def test_unknown_name_lists_the_registered_ones():
     with pytest.raises(KeyError, match="affine"):
         BLOCKS.get("no-such-block")

@@ -20,7 +20,8 @@
 
 The peak of a GPU is its datasheet figure for the run's precision (Lightning's table, as litgpt
 reports MFU); a CPU has none, so there the peak is the FLOP/s of a large square matmul in the run's
-precision, the fastest of those measured when training starts and every ``REMEASURE_STEPS`` steps
+precision (2048 x 2048, or smaller where one such product would take long: bf16 on a CPU without
+native bf16), the fastest of those measured when training starts and every ``REMEASURE_STEPS`` steps
 after: on a CPU MFU says how close the step comes to what the machine's matmul kernels give
 (``docs/benchmarks.md`` uses the same denominator).
 
@@ -42,8 +43,14 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-#: Side of the square matmul whose FLOP/s stand in for a device's peak when no datasheet figure is known.
+#: Largest side of the square matmul whose FLOP/s stand in for a device's peak when no datasheet figure
+#: is known.
 MATMUL_SIDE = {"cpu": 2048, "cuda": 8192}
+
+#: The measuring matmul's side doubles from 256 towards ``MATMUL_SIDE`` while one product takes less
+#: than this: long enough for the kernels to reach their peak, short enough that a CPU which emulates
+#: bf16 (about a hundred times slower than fp32) is not held up for minutes at every measurement.
+MATMUL_SECONDS = 0.05
 
 #: A measured peak is measured again every this many steps and the highest kept: a machine busy with
 #: something else when training starts would otherwise set it too low (and MFU too high).
@@ -56,22 +63,30 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, rounds: int = 3) -> float:
-    """FLOP/s of the fastest of ``rounds`` square matmuls in ``dtype`` on ``device`` (after one to warm up)."""
-    side = MATMUL_SIDE.get(device.type, 2048)
+    """FLOP/s of the fastest of ``rounds`` square matmuls in ``dtype`` on ``device``, of the first side
+    from 256 up to ``MATMUL_SIDE`` whose product takes ``MATMUL_SECONDS``."""
+    largest = MATMUL_SIDE.get(device.type, 2048)
+    side = min(256, largest)
+    while side < largest and matmul_seconds(device, dtype, side, repeats=1) < MATMUL_SECONDS:
+        side *= 2
+    return 2.0 * side**3 / matmul_seconds(device, dtype, side, repeats=rounds)
+
+
+def matmul_seconds(device: torch.device, dtype: torch.dtype, side: int, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` products of two ``side`` x ``side`` matrices."""
     generator = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(side, side, generator=generator, device=device).to(dtype) for _ in range(2))
-    out = torch.empty(side, side, device=device, dtype=dtype)
+    out = torch.empty_like(a)
     best = math.inf
-    for round_ in range(rounds + 1):
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b, out=out)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if round_:  # the first one warms the kernels up
-            best = min(best, time.perf_counter() - start)
-    return 2.0 * side**3 / best
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def peak_memory_gb(device: torch.device) -> dict[str, float]:

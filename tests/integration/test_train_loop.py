@@ -513,6 +513,19 @@ def test_throughput_measures_a_cpu_and_reads_a_known_gpus_datasheet(monkeypatch)
     assert throughput.datasheet_flops(torch.device("cuda", 0), "32-true") == 123e12
 
 
+def test_the_measured_peak_grows_its_matmul_only_while_a_product_stays_quick(monkeypatch):
+    """bf16 on a CPU without native bf16 is measured on a smaller matmul, in a second rather than minutes."""
+    from flowvid.lit import throughput
+
+    for slow_from, sides_timed, flops in ((1024, [256, 512, 1024, 1024], 2 * 1024**3 / 0.1),  # 0.1 s: stop there
+                                          (4096, [256, 512, 1024, 2048], 2 * 2048**3 / 0.01)):  # the largest side
+        sides = []
+        monkeypatch.setattr(throughput, "matmul_seconds", lambda device, dtype, side, repeats:
+                            sides.append(side) or (0.1 if side >= slow_from else 0.01))
+        assert throughput.measured_matmul_flops(torch.device("cpu"), torch.bfloat16) == flops
+        assert sides == sides_timed
+
+
 def test_a_cpu_peak_measured_on_a_busy_machine_is_raised_by_later_measurements(monkeypatch):
     from flowvid.lit import throughput
 

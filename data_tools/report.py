@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=True)
+# Messages are not wrapped at the console's width: a path broken over two lines cannot be copied.
+console = Console(stderr=True, soft_wrap=True)
 
 
 def progress_bar(enabled: bool = True) -> Progress:

@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# One worker per core; a test file runs on one worker, so its module-scoped runs are made once.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 demo: $(STAMP)
 	$(PY) -m flowvid.demo --out demo_out

@@ -54,7 +54,7 @@ def accumulating_single_run(shards, tmp_path_factory) -> Path:
 def test_a_run_killed_mid_training_resumes_with_auto_to_the_same_losses(shards, single_run, tmp_path):
     crash = {"class_path": "scale_runs.CrashAt", "init_args": {"step": 3}}
     fit(recipe(shards, tmp_path, denoiser=True, max_steps=6, extra_callbacks=[crash]), expect_rc=17)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=00000002.ckpt"]
+    assert checkpoint_names(tmp_path) == ["step=00000002.ckpt"]
     fit(recipe(shards, tmp_path, denoiser=True, max_steps=6), args=("--resume", "auto"))
     expected = losses(single_run)
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
@@ -108,10 +108,10 @@ def test_a_sigterm_inside_an_accumulation_window_saves_at_its_end_and_resumes_to
     done = fit(recipe(shards, tmp_path, denoiser=False, max_steps=4, extra_callbacks=[sigterm]), args=ACCUMULATE,
                expect_rc=143)
     assert "SIGTERM: stopping after step 2" in done.stderr + done.stdout
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=00000002.ckpt"]
+    assert checkpoint_names(tmp_path) == ["step=00000002.ckpt"]
     fit(recipe(shards, tmp_path, denoiser=False, max_steps=4), args=(*ACCUMULATE, "--resume", "auto"))
     # Resumed at a window's start: no second checkpoint of step 2 (step=00000002-v1.ckpt) inside the next one.
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=00000002.ckpt", "step=00000004.ckpt"]
+    assert checkpoint_names(tmp_path) == ["step=00000002.ckpt", "step=00000004.ckpt"]
     assert logged(tmp_path) == logged(accumulating_single_run)  # every batch's loss, bit for bit
     whole, resumed = (torch.load(run / "checkpoints" / "step=00000004.ckpt", map_location="cpu", weights_only=False)
                       for run in (accumulating_single_run, tmp_path))

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from scale_runs import (ACCUMULATE, REPO, TWO_PROCESSES, assert_same_tensors, fit, logged, losses, needs_deepspeed,
-                        recipe, resume_on, run_fit, shards)  # noqa: F401 (shards: a fixture)
+from scale_runs import (ACCUMULATE, REPO, TWO_PROCESSES, assert_same_tensors, checkpoint_names, fit, logged, losses,
+                        needs_deepspeed, recipe, resume_on, run_fit, shards)  # noqa: F401 (shards: a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -209,7 +209,7 @@ def test_a_sigterm_to_one_of_two_processes_stops_both_after_the_same_saved_step(
     sigterm = {"class_path": "scale_runs.SigtermAt", "init_args": {"step": 2, "rank": 1}}
     fit(recipe(shards, tmp_path, denoiser=False, max_steps=4, extra_callbacks=[sigterm]), "recipes/distributed/ddp.yaml",
         args=(*TWO_PROCESSES, "--trainer.precision", "32-true"), expect_rc=143)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=00000002.ckpt", "step=00000003.ckpt"]
+    assert checkpoint_names(tmp_path) == ["step=00000002.ckpt", "step=00000003.ckpt"]
     for rank in (0, 1):
         assert losses(tmp_path, rank) == {step: losses(ddp_run, rank)[step] for step in (1, 2, 3)}
     fit(recipe(shards, tmp_path, denoiser=False, max_steps=4), "recipes/distributed/ddp.yaml",
@@ -277,6 +277,6 @@ def test_a_best_checkpoint_by_validation_bits_per_dim_beside_the_run_checkpoints
     lowest = min(scores, key=lambda score: score["bits_per_dim"])
     [kept] = list((tmp_path / "best").iterdir())
     assert kept.name == f"step={lowest['step']}.ckpt"
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "step=00000006.ckpt"  # resume: auto
+    assert checkpoint_names(tmp_path)[-1] == "step=00000006.ckpt"  # resume: auto
     exported = load_exported(export_checkpoint(kept, tmp_path / "export" / "model.safetensors"))
     assert exported.flow.nll(torch.rand(1, 4, 8, 8, 3)).isfinite().all()

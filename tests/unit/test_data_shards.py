@@ -229,7 +229,12 @@ def test_describe_reads_the_manifest_and_the_first_captions(tmp_path, capsys):
 def test_describe_names_what_is_wrong_and_reads_a_damaged_shard_up_to_the_damage(tmp_path):
     with console.capture() as printed:
         assert data_main(["describe", str(tmp_path)]) == 2
-    assert "manifest.json not found" in " ".join(printed.get().split())  # rich wraps long lines
+    assert "manifest.json not found" in printed.get()
+    far = tmp_path / ("a-folder-whose-name-is-longer-than-the-console-is-wide-" * 2)
+    far.mkdir()
+    with console.capture() as printed:
+        assert data_main(["describe", str(far)]) == 2
+    assert f"{far / 'manifest.json'} not found" in printed.get()  # whole, to be copied
     _write_folder(tmp_path, count=3, per_shard=3)
     with console.capture() as printed:
         assert data_main(["describe", str(tmp_path), "--captions", "-1"]) == 2

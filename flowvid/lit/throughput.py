@@ -50,7 +50,7 @@ MATMUL_SIDE = {"cpu": 2048, "cuda": 8192}
 #: The measuring matmul's side doubles from 256 towards ``MATMUL_SIDE`` while one product takes less
 #: than this: long enough for the kernels to reach their peak, short enough that a CPU which emulates
 #: bf16 (about a hundred times slower than fp32) is not held up for minutes at every measurement.
-MATMUL_SECONDS = 0.05
+MATMUL_SECONDS = 0.1
 
 #: A measured peak is measured again every this many steps and the highest kept: a machine busy with
 #: something else when training starts would otherwise set it too low (and MFU too high).

@@ -517,11 +517,12 @@ def test_the_measured_peak_grows_its_matmul_only_while_a_product_stays_quick(mon
     """bf16 on a CPU without native bf16 is measured on a smaller matmul, in a second rather than minutes."""
     from flowvid.lit import throughput
 
-    for slow_from, sides_timed, flops in ((1024, [256, 512, 1024, 1024], 2 * 1024**3 / 0.1),  # 0.1 s: stop there
-                                          (4096, [256, 512, 1024, 2048], 2 * 2048**3 / 0.01)):  # the largest side
+    slow, quick = 2 * throughput.MATMUL_SECONDS, throughput.MATMUL_SECONDS / 10
+    for slow_from, sides_timed, flops in ((1024, [256, 512, 1024, 1024], 2 * 1024**3 / slow),  # stops there
+                                          (4096, [256, 512, 1024, 2048], 2 * 2048**3 / quick)):  # the largest side
         sides = []
         monkeypatch.setattr(throughput, "matmul_seconds", lambda device, dtype, side, repeats:
-                            sides.append(side) or (0.1 if side >= slow_from else 0.01))
+                            sides.append(side) or (slow if side >= slow_from else quick))
         assert throughput.measured_matmul_flops(torch.device("cpu"), torch.bfloat16) == flops
         assert sides == sides_timed
 

@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.paths import PARTIAL_SUFFIX
@@ -312,7 +313,8 @@ class RunCheckpoint(ModelCheckpoint):
         save_on_sigterm: when a process of the run receives SIGTERM (a preemption, a cluster's time
             limit, ``kill``) or a first Ctrl-C, save after the step in progress and stop every process
             there, so that ``resume: auto`` continues from that step. ``flowvid fit`` then exits with
-            status 143. A second Ctrl-C stops at once, without saving.
+            status 143, or 130 after a Ctrl-C, as a shell reports those signals. A second Ctrl-C stops at
+            once, without saving.
 
     With gradient accumulation a step ends with the last batch of its window. The gradients of the
     batches before it are in no checkpoint, so saving and stopping, whatever asks for it, wait for it.
@@ -447,6 +449,11 @@ class RunCheckpoint(ModelCheckpoint):
         self._signal = self._signal or "Ctrl-C"
         rank_zero_info("Ctrl-C: saving after the step in progress, then stopping; Ctrl-C again stops at once "
                        "without saving")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, SIGTERMException):  # the stop _stopping asked for; flowvid fit's exit status
+            exception.stopped_by = self._signal  # "SIGTERM", "Ctrl-C", or None (a signal to another process)
 
     def _stopping(self, trainer: Trainer) -> bool:
         """Whether any process has noted a signal; if so every one stops after this step (Lightning raises

@@ -153,6 +153,8 @@ def _raised_in_jsonargparse(err: BaseException) -> bool:
 
 #: What a shell reports for a process ended by SIGTERM (128 + 15): schedulers then know the run is not done.
 SIGTERM_EXIT_STATUS = 143
+#: And for one ended by Ctrl-C (128 + SIGINT's 2).
+CTRL_C_EXIT_STATUS = 130
 
 #: Lightning's warnings that tell a flowvid user nothing to act on.
 BENIGN_WARNINGS = (
@@ -177,7 +179,7 @@ def quiet_benign_messages() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``FlowvidCLI`` as ``flowvid fit|validate`` does; 2 for bad input found before training, 143
-    for a run stopped by SIGTERM."""
+    for a run stopped by SIGTERM, 130 by Ctrl-C."""
     from flowvid.lit.strategies import finish_distributed
     from flowvid.registry import load_plugins
 
@@ -199,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         subcommand = (sys.argv[1:] if argv is None else argv)[:1]
         print(f"flowvid {' '.join(subcommand)}: error: {_first_cause(err)}", file=sys.stderr)
         return 2
-    except SIGTERMException:  # stopped after a step (RunCheckpoint saved it): not a finished run
+    except SIGTERMException as stopped:  # stopped after a step (RunCheckpoint saved it): not a finished run
         finish_distributed()
-        return SIGTERM_EXIT_STATUS
+        return CTRL_C_EXIT_STATUS if getattr(stopped, "stopped_by", None) == "Ctrl-C" else SIGTERM_EXIT_STATUS
     finish_distributed()
     return 0
 

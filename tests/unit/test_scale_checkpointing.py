@@ -307,10 +307,25 @@ def batches_in(checkpoint: Path) -> int:
 
 
 def test_ctrl_c_saves_the_step_in_progress_and_stops(tmp_path):
-    with pytest.raises(SIGTERMException):  # what flowvid fit turns into exit status 143
+    with pytest.raises(SIGTERMException) as stopped:
         tiny_trainer(tmp_path, 4, SignalAt(signal.SIGINT, batch=2)).fit(TrainableTiny(), tiny_data())
     assert saved(tmp_path) == ["step=00000002.ckpt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C interrupts again after fit
+    assert stopped.value.stopped_by == "Ctrl-C"
+
+
+@pytest.mark.parametrize(("stopped_by", "status"), [("Ctrl-C", 130), ("SIGTERM", 143), (None, 143)])
+def test_flowvid_fit_exits_as_a_shell_reports_the_signal_that_stopped_the_run(stopped_by, status, monkeypatch):
+    """143 after SIGTERM, also on a process that learnt of another's signal (None); 130 after Ctrl-C."""
+    from flowvid.lit import cli_support
+
+    def stopped_run(*args, **kwargs):
+        exception = SIGTERMException()
+        exception.stopped_by = stopped_by
+        raise exception
+
+    monkeypatch.setattr(cli_support, "FlowvidCLI", stopped_run)
+    assert cli_support.main(["fit"]) == status
 
 
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
@@ -322,11 +337,12 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
 
 def test_a_sigterm_inside_an_accumulation_window_stops_and_saves_at_its_end(tmp_path):
     trainer = tiny_trainer(tmp_path, 4, SignalAt(signal.SIGTERM, batch=3), accumulate_grad_batches=2)
-    with pytest.raises(SIGTERMException):
+    with pytest.raises(SIGTERMException) as stopped:
         trainer.fit(TrainableTiny(), tiny_data())
     # The signal came in the first batch of the second window: its gradients are not in a checkpoint.
     assert saved(tmp_path) == ["step=00000002.ckpt"]
     assert batches_in(tmp_path / "checkpoints" / "step=00000002.ckpt") == 4
+    assert stopped.value.stopped_by == "SIGTERM"
 
 
 class StepsItself(TrainableTiny):

@@ -10,13 +10,17 @@ the card it was measured on.
   768; about 0.35B parameters) on 8 frames of 16 x 16 x 48 latents with 64 text tokens, bf16 autocast,
   fused AdamW. MFU = 6 x parameters x video tokens per second / the bf16 FLOP/s of an 8192 x 8192
   matmul measured on the same card.
-  ``training_mfu_no_text`` drops the text prefix (plain causal attention) and lists the step's
-  slowest kernels; ``training_mfu_compiled`` compiles the flow's blocks (``compile_flow``).
+  ``training_mfu`` and ``training_mfu_no_text`` (without the text prefix: plain causal attention) list
+  the step's slowest kernels; ``training_mfu_chunked`` runs text-prefix attention in chunks of queries,
+  as on a CPU, instead of one block-sparse call; ``training_mfu_compiled`` compiles the flow's blocks
+  (``compile_flow``).
 * **Sampling**: the same flow, exact sequential inverse against ``JacobiSampler`` with its defaults and
   with whole-frame first blocks (bf16 network, fp32 sampling arithmetic), in forward passes of wall time,
   passes run in a row and relative L2 to the exact inverse.
-* **Text-prefix attention**: the deep block's attention at that shape, forward and backward, as it runs
-  (``banded_attention``), as one masked kernel call, and as plain causal attention without text.
+* **Text-prefix attention**: the deep block's attention at that shape, forward and backward, as a GPU
+  runs it (one block-sparse FlexAttention call), as a CPU runs it (chunks of queries), as one dense
+  masked call, and as plain causal attention without text; outputs and gradients checked against the
+  dense call.
 * **ZeRO-2 on one GPU**: ``FlowModule`` under Lightning with ``ZeroStrategy(stage=2)`` and
   ``bf16-mixed``, the way ``recipes/distributed/zero2.yaml`` trains, in steps/s and peak memory.
 
@@ -32,6 +36,7 @@ import statistics
 import time
 import traceback
 from typing import Callable
+from unittest import mock
 
 import torch
 
@@ -80,8 +85,15 @@ def random_inputs(flow: GlobalLocalFlow, batch: int, frames: int, text_length: i
 
 def training_mfu(device: torch.device, batch: int = 4, frames: int = 8, frame_size: tuple[int, int] = (16, 16),
                  steps: int = 10, matmul_size: int = 8192, text_length: int = 64, profile: bool = False,
-                 compile_flow: bool = False, **overrides) -> dict:
-    """bf16-mixed training steps of the ``base`` flow: tokens/s and MFU against a measured bf16 matmul."""
+                 compile_flow: bool = False, attention_chunks: bool = False, **overrides) -> dict:
+    """bf16-mixed training steps of the ``base`` flow: tokens/s and MFU against a measured bf16 matmul.
+
+    ``attention_chunks`` runs text-prefix attention in chunks of queries, as on a CPU, instead of one
+    block-sparse call."""
+    if attention_chunks:
+        with mock.patch("flowvid.nn.attention.use_block_sparse", lambda q, mask: False):
+            return training_mfu(device, batch, frames, frame_size, steps, matmul_size, text_length, profile,
+                                compile_flow, **overrides)
     flow = build_flow(device, frame_size, latent_channels=48, **overrides)
     if compile_flow:  # as FlowModule(compile_flow=True) does; the warm-up steps pay the compilation
         flow.compile_blocks()
@@ -173,13 +185,14 @@ def jacobi_vs_sequential(device: torch.device, frames: int = 4, frame_size: tupl
 
 def text_prefix_attention(device: torch.device, batch: int = 4, heads: int = 16, text_length: int = 64,
                           video_tokens: int = 2048, head_dim: int = 64, repeats: int = 10) -> dict:
-    """The deep block's attention at the ``base`` training shape, forward and backward, three ways.
+    """The deep block's attention at the ``base`` training shape, forward and backward, four ways.
 
-    ``banded`` is what a text-conditioned block runs (chunks of queries over the keys they may see),
-    ``one_masked_call`` the same mask in a single kernel call, ``causal_no_text`` plain causal attention
-    over as many tokens, the floor. Captions are padded to ``text_length`` from half its length on.
+    ``block_sparse`` is what a text-conditioned block runs on a GPU (one FlexAttention call that skips
+    hidden blocks of keys), ``chunks`` what it runs on a CPU (chunks of queries over the keys they may
+    see), ``one_masked_call`` the mask in a single dense kernel call, ``causal_no_text`` plain causal
+    attention over as many tokens, the floor. Captions are padded to ``text_length`` from half its length on.
     """
-    from flowvid.nn.attention import attention, banded_attention, prefix_causal_mask
+    from flowvid.nn.attention import attention, block_sparse_attention, prefix_causal_bands, prefix_causal_mask
 
     length = text_length + video_tokens
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -188,18 +201,31 @@ def text_prefix_attention(device: torch.device, batch: int = 4, heads: int = 16,
                for _ in range(3))
     valid = torch.arange(text_length)[None, :] < torch.linspace(text_length // 2, text_length, batch).long()[:, None]
     mask = prefix_causal_mask(length, 0, length, valid.to(device))
+    bands = prefix_causal_bands(length, 0, length, text_length)
     kinds = {
-        "banded": lambda: banded_attention(q, k, v, mask),
+        "block_sparse": lambda: block_sparse_attention(q, k, v, mask),
+        "chunks": lambda: torch.cat([attention(q[..., a:b, :], k[..., lo:hi, :], v[..., lo:hi, :],
+                                               mask[..., a:b, lo:hi]) for a, b, lo, hi in bands], dim=-2),
         "one_masked_call": lambda: attention(q, k, v, mask),
         "causal_no_text": lambda: attention(q, k, v, causal=True),
     }
     result: dict = {"device": device_name(device), "shape": [batch, heads, length, head_dim], "dtype": str(dtype)}
-    with torch.no_grad():  # the chunks must give what the one call gives, on this device's kernels too
-        difference = (kinds["banded"]() - kinds["one_masked_call"]()).abs().max()
-        result["banded_max_abs_difference"] = difference.item()
+    # Every way must give what the one dense call gives, gradients included, on this device's kernels.
+    expected = output_and_gradients(kinds["one_masked_call"], (q, k, v))
+    for name in ("block_sparse", "chunks"):
+        got = output_and_gradients(kinds[name], (q, k, v))
+        result[f"{name}_max_abs_difference"] = max((a - b).abs().max().item() for a, b in zip(got, expected))
     for name, attend in kinds.items():
         result[f"{name}_ms"] = 1e3 * median_seconds(lambda: attend().sum().backward(), repeats, device)
     return result
+
+
+def output_and_gradients(attend: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    for tensor in inputs:
+        tensor.grad = None
+    out = attend()
+    out.float().pow(2).sum().backward()
+    return [out.detach().float()] + [tensor.grad.float() for tensor in inputs]
 
 
 def zero2_training(device: torch.device, steps: int = 20, batch: int = 4, **overrides) -> dict:
@@ -253,12 +279,13 @@ def zero2_training(device: torch.device, steps: int = 20, batch: int = 4, **over
 
 def gpu_parts(device: torch.device) -> dict[str, Callable[[], dict]]:
     return {
-        "training_mfu": lambda: training_mfu(device),
-        "training_mfu_batch16": lambda: training_mfu(device, batch=16),
-        "training_mfu_no_text": lambda: training_mfu(device, text_length=0, profile=True),
-        "training_mfu_compiled": lambda: training_mfu(device, compile_flow=True),
-        "sampling": lambda: jacobi_vs_sequential(device),
         "text_prefix_attention": lambda: text_prefix_attention(device),
+        "training_mfu": lambda: training_mfu(device, profile=True),
+        "training_mfu_chunked": lambda: training_mfu(device, attention_chunks=True),
+        "training_mfu_compiled": lambda: training_mfu(device, compile_flow=True),
+        "training_mfu_no_text": lambda: training_mfu(device, text_length=0, profile=True),
+        "sampling": lambda: jacobi_vs_sequential(device),
+        "training_mfu_batch16": lambda: training_mfu(device, batch=16),
         "zero2": lambda: zero2_training(device),
     }
 

@@ -14,6 +14,11 @@ from torch import nn
 from flowvid.nn.kv_cache import KVCache
 from flowvid.nn.rope import rope_rotation, rotate_pairs
 
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch before 2.5: GPUs run masked attention in chunks too
+    flex_attention = create_block_mask = None
+
 
 class QKNorm(nn.RMSNorm):
     """RMSNorm of queries or keys in their own dtype: under bf16 autocast they arrive in bf16, and with an
@@ -114,37 +119,86 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Attention kernels given an explicit mask compute every query x key product, even where the mask
     hides a whole band of keys (the future of a causal sequence behind a text prefix, the frames
-    outside a window). Here the queries go in chunks, each over the run of keys its rows can see: for a
-    long causal sequence about half of the products. ``mask`` is boolean, (B or 1, H or 1, Q, K), or a
-    ``BandedMask``. A plain mask's chunks are read from its values, except under torch.compile, where
-    it is one masked call.
+    outside a window). On a CPU the queries go in chunks, each over the run of keys its rows can see:
+    for a long causal sequence about half of the products. On a GPU, where many small kernel calls cost
+    more than the products they skip, it is one block-sparse kernel call (``block_sparse_attention``).
+    ``mask`` is boolean, (B or 1, H or 1, Q, K), or a ``BandedMask``. A plain mask's chunks are read from
+    its values, except under torch.compile, where it is one masked call.
     """
-    mask, bands = mask if isinstance(mask, BandedMask) else (mask, attention_bands(mask))
+    allowed = mask.allowed if isinstance(mask, BandedMask) else mask
+    if use_block_sparse(q, allowed):
+        return block_sparse_attention(q, k, v, allowed)
+    bands = mask.bands if isinstance(mask, BandedMask) else attention_bands(mask)
     if bands is None:
-        return attention(q, k, v, mask)
+        return attention(q, k, v, allowed)
     chunks = [
-        attention(q[..., first:last, :], k[..., lo:hi, :], v[..., lo:hi, :], mask[..., first:last, lo:hi])
+        attention(q[..., first:last, :], k[..., lo:hi, :], v[..., lo:hi, :], allowed[..., first:last, lo:hi])
         for first, last, lo, hi in bands
     ]
     return torch.cat(chunks, dim=-2)
 
 
-# Every layer of a block gets the same mask in one forward pass: its bands are worked out once.
-# (Inference tensors have no version counter, so a mask made under inference mode is not cached.)
-_last_bands: tuple[weakref.ref, int, list[tuple[int, int, int, int]] | None] | None = None
+def use_block_sparse(q: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether ``banded_attention`` makes one block-sparse call: on GPUs, in eager code (compiled code
+    makes one masked call), for masks shared by every head, where torch has FlexAttention (2.5 on)."""
+    return (q.device.type == "cuda" and flex_attention is not None and mask.shape[1] == 1
+            and not torch.compiler.is_compiling())
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked attention in one FlexAttention call that skips the blocks of keys ``mask`` hides entirely
+    (``mask``: boolean, (B or 1, 1, Q, K)). Its kernels are compiled once per shape."""
+    return _compiled_flex_attention()(q, k, v, block_mask=_block_mask_of(mask))
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # FlexAttention is fast only compiled; uncompiled it computes and stores every product.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class _LastMask:
+    """A value worked out from a mask, kept for the mask it was worked out from: every layer of a block
+    gets the same mask in one forward pass. (Inference tensors have no version counter, so a mask made
+    under inference mode is not kept.)"""
+
+    def __init__(self, work_out):
+        self.work_out = work_out
+        self.last: tuple[weakref.ref, int, object] | None = None
+
+    def __call__(self, mask: torch.Tensor):
+        if mask.is_inference():
+            return self.work_out(mask)
+        if self.last is None or self.last[0]() is not mask or self.last[1] != mask._version:
+            self.last = (weakref.ref(mask), mask._version, self.work_out(mask))
+        return self.last[2]
+
+
+def _block_mask(mask: torch.Tensor):
+    batch, _, num_queries, num_keys = mask.shape
+    if batch == 1:  # one mask for the whole batch: FlexAttention still asks for every sample's index
+        shared = mask[0, 0]
+
+        def may_attend(b, h, query, key):
+            return shared[query, key]
+    else:
+        per_sample = mask[:, 0]
+
+        def may_attend(b, h, query, key):
+            return per_sample[b, query, key]
+    return create_block_mask(may_attend, B=None if batch == 1 else batch, H=None, Q_LEN=num_queries,
+                             KV_LEN=num_keys, device=mask.device)
+
+
+_block_mask_of = _LastMask(_block_mask)
 
 
 def attention_bands(mask: torch.Tensor) -> list[tuple[int, int, int, int]] | None:
     """The chunks ``banded_attention`` computes for ``mask``: (first query, end query, first key, end
     key) each, or None when chunks would not skip enough of the products to pay."""
-    global _last_bands
     if torch.compiler.is_compiling():  # reading the mask's values would break the graph
         return None
-    if mask.is_inference():
-        return _bands(mask)
-    if _last_bands is None or _last_bands[0]() is not mask or _last_bands[1] != mask._version:
-        _last_bands = (weakref.ref(mask), mask._version, _bands(mask))
-    return _last_bands[2]
+    return _bands_of(mask)
 
 
 def _bands(mask: torch.Tensor) -> list[tuple[int, int, int, int]] | None:
@@ -159,6 +213,9 @@ def _bands(mask: torch.Tensor) -> list[tuple[int, int, int, int]] | None:
     key_lo = torch.stack([lo[a:b].min() for a, b in zip(firsts, ends)]).tolist()
     key_hi = torch.stack([hi[a:b].max() for a, b in zip(firsts, ends)]).tolist()
     return _worth_it(list(zip(firsts, ends, key_lo, key_hi)), num_queries, num_keys)
+
+
+_bands_of = _LastMask(_bands)
 
 
 def prefix_causal_bands(num_queries: int, first_query: int, num_keys: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -201,6 +202,25 @@ def test_banded_attention_equals_attention_with_the_full_mask(mask):
     for banded, plain in zip(masked_attention_and_grads(banded_attention, q, k, v, mask),
                              masked_attention_and_grads(full, q, k, v, mask)):
         torch.testing.assert_close(banded, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", [
+    prefix_causal_mask(416, 0, 416, torch.tensor([[True] * 10 + [False] * 6, [True] * 16])),
+    frame_window_mask(8, 48, past_frames=2),
+], ids=["text-prefix-causal", "window-of-past-frames"])
+def test_block_sparse_attention_equals_attention_with_the_full_mask(mask):
+    """The GPU's path of ``banded_attention``; FlexAttention runs only forward on a CPU, and the GPU
+    benchmark (benchmarks/gpu.py, text_prefix_attention) checks the gradients on a GPU's kernels."""
+    torch.manual_seed(0)
+    mask = mask.clone()
+    q, k, v = (torch.randn(2, 2, mask.shape[-1], 16) for _ in range(3))
+    refuse_dense = mock.Mock(side_effect=AssertionError("the dense path ran"))
+    with mock.patch("flowvid.nn.attention.use_block_sparse", return_value=True), \
+            mock.patch("flowvid.nn.attention.attention", refuse_dense):
+        for _ in range(2):  # the second time with the first queries seeing every key
+            expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            torch.testing.assert_close(banded_attention(q, k, v, BandedMask(mask, None)), expected)
+            mask[..., :100, :] = True
 
 
 @pytest.mark.parametrize("keys, computed_in", [(64, torch.float32), (CPU_BF16_MIN_KEYS, torch.bfloat16)])

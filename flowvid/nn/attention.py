@@ -148,21 +148,7 @@ def use_block_sparse(q: torch.Tensor, mask: torch.Tensor) -> bool:
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked attention in one FlexAttention call that skips the blocks of keys ``mask`` hides entirely
     (``mask``: boolean, (B or 1, 1, Q, K)). Its kernels are compiled once per shape."""
-    return _DenseGradient.apply(_compiled_flex_attention()(q, k, v, block_mask=_block_mask_of(mask)))
-
-
-class _DenseGradient(torch.autograd.Function):
-    """The identity, whose backward hands on its gradient dense: FlexAttention's backward kernels read a
-    broadcast gradient (stride 0, as ``out.sum().backward()`` gives) out of bounds and crash the GPU
-    (pytorch/pytorch#147551)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
+    return _compiled_flex_attention()(q, k, v, block_mask=_block_mask_of(mask))
 
 
 @functools.cache

@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tol", type=float, default=None,
                         help="Jacobi tolerance (relative change per pass); default 1e-3 in 32-true, 1e-2 in bf16-mixed")
     parser.add_argument("--first-block-size", type=int, default=None,
-                        help="Jacobi: slots per block in the first frame and in the shallow blocks (default 16; "
-                             "a whole frame takes fewer, larger passes, which suits GPUs)")
+                        help="Jacobi: slots per block in the first frame and in the shallow blocks (default: one frame "
+                             "on a GPU, where fewer, larger passes are faster; 16 on a CPU)")
     parser.add_argument("--block-size", type=int, default=None,
                         help="Jacobi: slots per block of the deep block after the first frame (default: one frame)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance weight (default: the model's)")

@@ -147,14 +147,15 @@ def use_block_sparse(q: torch.Tensor, mask: torch.Tensor) -> bool:
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked attention in one FlexAttention call that skips the blocks of keys ``mask`` hides entirely
-    (``mask``: boolean, (B or 1, 1, Q, K)). Its kernels are compiled once per shape."""
+    (``mask``: boolean, (B or 1, 1, Q, K)). Its kernels are compiled for the first shape it sees, and
+    once more, for any shape, when a second one comes."""
     return _compiled_flex_attention()(q, k, v, block_mask=_block_mask_of(mask))
 
 
 @functools.cache
 def _compiled_flex_attention():
     # FlexAttention is fast only compiled; uncompiled it computes and stores every product.
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 class _LastMask:

@@ -122,11 +122,18 @@ def test_network_in_bf16_keeps_the_sampling_math_in_fp32():
     assert (x.bfloat16().float() != x).float().mean() > 0.9
 
 
+def test_first_blocks_are_one_frame_on_a_gpu_and_16_slots_on_a_cpu_unless_set():
+    per_frame = 256
+    assert JacobiSampler().first_block_size_on(torch.device("cpu"), per_frame) == 16
+    assert JacobiSampler().first_block_size_on(torch.device("cuda"), per_frame) == per_frame
+    assert JacobiSampler(first_block_size=4).first_block_size_on(torch.device("cuda"), per_frame) == 4
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"tol": 0.0}, "tol"), ({"tol": -1e-3}, "tol"),
     ({"block_size": 0}, "block_size"), ({"first_block_size": -4}, "first_block_size"),
     ({"block_size": 2.5}, "block_size"), ({"max_iterations": 0}, "max_iterations"),
-    ({"first_block_size": None}, "first_block_size"), ({"max_iterations": None}, "max_iterations"),
+    ({"first_block_size": "16"}, "first_block_size"), ({"max_iterations": None}, "max_iterations"),
     ({"block_size": True}, "block_size"),
     ({"warm_start": "previous"}, "warm_start"),
 ])

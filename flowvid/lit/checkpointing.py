@@ -354,7 +354,7 @@ class RunCheckpoint(ModelCheckpoint):
             )
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-        if not self._window_closed(trainer, pl_module):
+        if not self._window_closed_or_stop_held(trainer, pl_module):
             return
         with warnings.catch_warnings():
             # Lightning warns that manual optimisation saves the weights after the step: that is the intent.
@@ -374,18 +374,18 @@ class RunCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-        if fitting and self._window_closed(trainer, pl_module):
+        if fitting and self._window_closed_or_stop_held(trainer, pl_module):
             self._save_if_training_stops(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._window_closed(trainer, pl_module):
+        if self._window_closed_or_stop_held(trainer, pl_module):
             self._save_if_training_stops(trainer)
 
     def _save_if_training_stops(self, trainer: Trainer) -> None:
         if self.save_on_train_end and self._training_stops(trainer):
             self._save_step(trainer)
 
-    def _window_closed(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+    def _window_closed_or_stop_held(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         """Whether the batch that just ran ended an accumulation window (without accumulation, every batch
         does). Inside a window, a stop that a callback asked for (``trainer.should_stop``) is held back
         until the window's end."""

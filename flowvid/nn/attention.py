@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -163,11 +163,11 @@ class _LastMask:
     gets the same mask in one forward pass. (Inference tensors have no version counter, so a mask made
     under inference mode is not kept.)"""
 
-    def __init__(self, work_out):
+    def __init__(self, work_out: Callable[[torch.Tensor], Any]):
         self.work_out = work_out
         self.last: tuple[weakref.ref, int, object] | None = None
 
-    def __call__(self, mask: torch.Tensor):
+    def __call__(self, mask: torch.Tensor) -> Any:
         if mask.is_inference():
             return self.work_out(mask)
         if self.last is None or self.last[0]() is not mask or self.last[1] != mask._version:

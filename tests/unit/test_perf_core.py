@@ -16,7 +16,7 @@ from flowvid.nn import (
     Attention, BandedMask, apply_rope, banded_attention, frame_window_mask, prefix_causal_bands, prefix_causal_mask,
 )
 from flowvid.nn.attention import CPU_BF16_MIN_KEYS, attention
-from flowvid.nn.attention import attention_bands
+from flowvid.nn.attention import attention_bands, block_sparse_attention
 from flowvid.nn.rope import rope_angles, rotate_pairs, rotate_pairs_real
 from flowvid.testing import perturb_parameters
 from flowvid.text.base import TextEmbedding
@@ -221,6 +221,18 @@ def test_block_sparse_attention_equals_attention_with_the_full_mask(mask):
             expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             torch.testing.assert_close(banded_attention(q, k, v, BandedMask(mask, None)), expected)
             mask[..., :100, :] = True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward pass needs a GPU")
+def test_block_sparse_attention_has_the_gradients_of_attention_with_the_full_mask():
+    torch.manual_seed(0)
+    valid = torch.tensor([[True] * 10 + [False] * 6, [True] * 16], device="cuda")
+    mask = prefix_causal_mask(416, 0, 416, valid)
+    q, k, v = (torch.randn(2, 2, 416, 16, device="cuda", requires_grad=True) for _ in range(3))
+    full = lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    for ours, plain in zip(masked_attention_and_grads(block_sparse_attention, q, k, v, mask),
+                           masked_attention_and_grads(full, q, k, v, mask)):
+        torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("keys, computed_in", [(64, torch.float32), (CPU_BF16_MIN_KEYS, torch.bfloat16)])

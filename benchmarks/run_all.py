@@ -17,8 +17,9 @@ Sections, in the order of docs/benchmarks.md:
 * data throughput (``data.py``);
 * streaming: when the first final frame comes, against sampling the whole video first
   (``streaming.py``; needs the model ``make demo`` trains);
-* quality: what negative prompts do to the demo model's samples (``negative_prompt.py``; needs the
-  model ``make demo`` trains);
+* quality: what negative prompts do to the demo model's samples (``negative_prompt.py``), and its
+  caption adherence over several sampling seeds (``adherence.py``); both need the model ``make demo``
+  trains;
 * thread settings: the same training step under OpenMP's default wait policy, ``PASSIVE`` and one
   thread, alternated (skipped with ``--quick``);
 * GPU (``gpu.py``), which says that it is skipped when there is no CUDA device.
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no reference checkout (--reference PATH or FLOWVID_REFERENCE): side-by-side comparisons skipped")
     demo_model = (ROOT / DEMO_CHECKPOINT).is_file()
     if not demo_model:
-        print(f"no {DEMO_CHECKPOINT} (make demo writes it): the streaming and negative-prompt measurements skipped")
+        print(f"no {DEMO_CHECKPOINT} (make demo writes it): the streaming and quality measurements skipped")
 
     sections: dict[str, list[str | None]] = {
         "Training throughput": [
@@ -127,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         "Data": [run("data.py", ["--quick"] if quick else [], out / "data.json")],
         "Streaming": [run("streaming.py", ["--rounds", "1" if quick else "3"], out / "streaming.json")
                       if demo_model else None],
-        "Quality": [run("negative_prompt.py", ["--samples", "8" if quick else "16"], out / "negative_prompt.json")
-                    if demo_model else None],
+        "Quality": [
+            run("negative_prompt.py", ["--samples", "8" if quick else "16"], out / "negative_prompt.json")
+            if demo_model else None,
+            run("adherence.py", ["--seeds", "1234", "1"] if quick else [], out / "adherence.json")
+            if demo_model else None,
+        ],
         "Thread settings": [None if quick else thread_settings(out, cycles=2)],
         "GPU": [run("gpu.py", [], out / "gpu.json")],
     }

@@ -13,13 +13,16 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+adherence = importlib.import_module("adherence")
 finetune = importlib.import_module("finetune")
 gpu = importlib.import_module("gpu")
 memory = importlib.import_module("memory")
@@ -304,16 +307,7 @@ def test_the_negative_prompt_probe_reads_what_a_video_shows():
 
 
 def test_the_negative_prompt_measurement_samples_every_kind_for_every_caption(tmp_path):
-    from flowvid.export import build_module
-
-    torch.manual_seed(0)
-    module = build_module({"model": {"class_path": "flowvid.lit.FlowModule", "init_args": {
-        "flow": {"class_path": "flowvid.flows.GlobalLocalFlow",
-                 "init_args": {"latent_channels": 12, "frame_size": [4, 4], "text_width": 16, **TINY_PRESET}},
-        "codec": {"class_path": "flowvid.codecs.PixelCodec", "init_args": {"patch_size": 2}},
-        "text_encoder": {"class_path": "flowvid.text.LearnedTextEncoder",
-                         "init_args": {"width": 16, "max_length": 8, "depth": 1, "head_dim": 8}},
-        "video_shape": [2, 8, 8]}}})
+    module = tiny_text_to_video_module()
     objects = [{"colour": "red", "shape": "circle", "motion": "left"},
                {"colour": "blue", "shape": "square", "motion": "up"}]
     samples = [{"caption": f"a {o['colour']} {o['shape']} moves {o['motion']}", "meta": {"attributes": {"objects": [o]}}}
@@ -324,6 +318,47 @@ def test_the_negative_prompt_measurement_samples_every_kind_for_every_caption(tm
         assert set(row) == {"colour", "motion", "shape", "all"}
         assert all(value in (0.0, 0.5, 1.0) for value in row.values())  # two samples each
         assert row["all"] <= min(row["motion"], row["shape"]) <= row["colour"]
+
+
+def tiny_text_to_video_module():
+    from flowvid.export import build_module
+
+    torch.manual_seed(0)
+    return build_module({"model": {"class_path": "flowvid.lit.FlowModule", "init_args": {
+        "flow": {"class_path": "flowvid.flows.GlobalLocalFlow",
+                 "init_args": {"latent_channels": 12, "frame_size": [4, 4], "text_width": 16, **TINY_PRESET}},
+        "codec": {"class_path": "flowvid.codecs.PixelCodec", "init_args": {"patch_size": 2}},
+        "text_encoder": {"class_path": "flowvid.text.LearnedTextEncoder",
+                         "init_args": {"width": 16, "max_length": 8, "depth": 1, "head_dim": 8}},
+        "video_shape": [2, 8, 8]}}})
+
+
+def test_caption_adherence_scores_the_captions_sampled_with_each_seed():
+    from flowvid.data.synthetic import render_video
+
+    objects = [{"colour": "red", "shape": "circle", "motion": "left"},
+               {"colour": "blue", "shape": "square", "motion": "up"}]
+    samples = [{"caption": f"a {o['colour']} {o['shape']} moves {o['motion']}", "meta": {"attributes": {"objects": [o]}}}
+               for o in objects]
+    module = tiny_text_to_video_module()
+    results = adherence.adherence_per_seed(module, samples, [0, 1])  # sampled for real by the tiny model
+    assert list(results) == [0, 1] and all(value in (0.0, 0.5, 1.0) for value in results.values())
+    requests = []
+
+    def the_captioned_videos(module, request, out):  # stands for a model that does what it is told
+        requests.append(request)
+        return [save_rendered(out, index, render_video({"objects": [o], "background": "plain"}, frames=2, size=8))
+                for index, o in enumerate(objects[::-1] if request.seed == 8 else objects)]
+
+    with mock.patch("flowvid.generate.run", the_captioned_videos):
+        assert adherence.adherence_per_seed(module, samples, [7, 8]) == {7: 1.0, 8: 0.0}
+    assert [r.seed for r in requests] == [7, 8] and requests[0].prompts == [s["caption"] for s in samples]
+
+
+def save_rendered(folder: Path, index: int, video) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / f"video{index}.npy", video)
+    return {"name": f"video{index}"}
 
 
 def test_the_compiled_training_step_runs_on_a_compiled_copy_of_the_same_weights():

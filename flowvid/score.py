@@ -9,8 +9,9 @@
 Every video is cut into consecutive clips of the model's training length (frames beyond the last
 whole clip are scored as a shorter clip), each clip is scored exactly (the flow is invertible, the
 likelihood factorises over frames), and one JSON line per video gives ``bits_per_dim`` and
-``bits_per_dim_per_frame``. Lines are ranked from the least to the most likely video: the top of the
-file is where anomalies are.
+``bits_per_dim_per_frame`` (one value per latent frame), with ``clips``, ``frames`` (the video frames
+scored; absent for samples of latent shards, which hold no video frames) and ``latent_frames``. Lines
+are ranked from the least to the most likely video: the top of the file is where anomalies are.
 
 With the pixel codec the number follows the discrete convention of image flows: 8-bit values ``v``
 are dequantised uniformly, ``y = (v + u) / 127.5 - 1`` with ``u ~ U[0, 1)``, and the Jacobian of that
@@ -104,7 +105,7 @@ def score_video(module, video: np.ndarray, caption: str, generator: torch.Genera
             latents = codec.encode(torch.from_numpy(clip)[None].to(module.device))[0]
         per_frame += score_latents(module, latents, caption, discrete).tolist()
     return {"bits_per_dim": float(np.mean(per_frame)), "bits_per_dim_per_frame": per_frame, "clips": len(spans),
-            "frames": int(sum(end - start for start, end in spans))}
+            "frames": int(sum(end - start for start, end in spans)), "latent_frames": len(per_frame)}
 
 
 def is_shard_folder(path: Path) -> bool:
@@ -204,7 +205,7 @@ def score_shard(module, shard: Path, spec, generator: torch.Generator) -> Iterat
                 latents = torch.from_numpy(sample["latents"])
                 per_frame = score_latents(module, latents, sample["caption"], discrete=False).tolist()
                 yield {"path": where, "bits_per_dim": float(np.mean(per_frame)),
-                       "bits_per_dim_per_frame": per_frame, "clips": 1, "frames": len(per_frame)}
+                       "bits_per_dim_per_frame": per_frame, "clips": 1, "latent_frames": len(per_frame)}
     except BrokenShard as err:
         yield {"path": str(shard), "error": str(err)}
 

@@ -392,6 +392,7 @@ def test_score_ranks_videos_and_matches_the_flow_likelihood(checkpoint, tmp_path
     noisy_record = records[0]
     assert noisy_record["rank"] == 1 and "error" in records[2]
     assert len(noisy_record["bits_per_dim_per_frame"]) == 6 and noisy_record["clips"] == 2
+    assert noisy_record["frames"] == noisy_record["latent_frames"] == 6  # the pixel codec: a latent frame each
     # Uniform noise over 256 levels costs ~8 bits; a model can't do much better on it.
     assert 6.0 < noisy_record["bits_per_dim"] < 40.0
     assert math.isclose(np.mean(noisy_record["bits_per_dim_per_frame"]), noisy_record["bits_per_dim"], rel_tol=1e-6)
@@ -430,6 +431,27 @@ def test_a_pixel_latent_shard_folder_scores_as_the_raw_one_it_was_encoded_from(c
     records = [json.loads(line) for line in (tmp_path / "latent.jsonl").read_text().splitlines()]
     assert all(r["path"].startswith(str(tmp_path / "latent" / "shard-")) for r in records)  # which folder, too
     assert latent_bits == pytest.approx(raw_bits, rel=1e-5)
+
+
+def test_a_latent_shard_record_counts_latent_frames_and_claims_no_video_frames(tmp_path):
+    from data_tools.encode_latents import encode_latents
+    from flowvid.data import write_synthetic_dataset
+
+    config = copy.deepcopy(CONFIG)
+    config["model"]["init_args"]["codec"] = {"class_path": "flowvid.codecs.VideoVAE", "init_args": {
+        "spatial_factor": 2, "temporal_factor": 1, "latent_channels": 12, "width": 8, "depth": 1}}
+    torch.manual_seed(0)
+    module = build_module(config)
+    checkpoint = tmp_path / "vae_model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "flowvid_run": {"config": config}}, checkpoint)
+    write_synthetic_dataset(tmp_path / "raw", num_videos=2, frames=4, size=8, val_videos=1, shard_samples=8)
+    encode_latents(tmp_path / "raw" / "train", tmp_path / "latent", module.codec)
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "latent"), "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2
+    for record in records:
+        assert record["latent_frames"] == len(record["bits_per_dim_per_frame"]) == 4 and "frames" not in record
 
 
 def test_clips_cover_the_video_in_whole_latent_frames():

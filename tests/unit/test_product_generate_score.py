@@ -124,16 +124,22 @@ def test_skip_existing_keeps_no_sample_of_another_source_negative_prompt_or_weig
     assert "1 of 1 samples are in" in capsys.readouterr().err
 
 
-def test_stream_of_a_codec_that_decodes_frames_in_groups_writes_them_when_the_sample_is_done(tmp_path):
-    from PIL import Image
-
+def vae_checkpoint(folder: Path) -> Path:
+    """A checkpoint of the test model with a tiny video VAE as its codec instead of the pixel codec."""
     config = copy.deepcopy(CONFIG)
     config["model"]["init_args"]["codec"] = {"class_path": "flowvid.codecs.VideoVAE", "init_args": {
         "spatial_factor": 2, "temporal_factor": 1, "latent_channels": 12, "width": 8, "depth": 1}}
     torch.manual_seed(0)
     module = build_module(config)
-    checkpoint = tmp_path / "vae_model.ckpt"
+    checkpoint = folder / "vae_model.ckpt"
     torch.save({"state_dict": module.state_dict(), "flowvid_run": {"config": config}}, checkpoint)
+    return checkpoint
+
+
+def test_stream_of_a_codec_that_decodes_frames_in_groups_writes_them_when_the_sample_is_done(tmp_path):
+    from PIL import Image
+
+    checkpoint = vae_checkpoint(tmp_path)
     assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--stream", "--out", str(tmp_path / "o")]) == 0
     [stream] = list((tmp_path / "o").glob("*.stream"))
     [npy] = [p for p in (tmp_path / "o").glob("*.npy") if not p.name.endswith(".latent.npy")]
@@ -437,15 +443,9 @@ def test_a_latent_shard_record_counts_latent_frames_and_claims_no_video_frames(t
     from data_tools.encode_latents import encode_latents
     from flowvid.data import write_synthetic_dataset
 
-    config = copy.deepcopy(CONFIG)
-    config["model"]["init_args"]["codec"] = {"class_path": "flowvid.codecs.VideoVAE", "init_args": {
-        "spatial_factor": 2, "temporal_factor": 1, "latent_channels": 12, "width": 8, "depth": 1}}
-    torch.manual_seed(0)
-    module = build_module(config)
-    checkpoint = tmp_path / "vae_model.ckpt"
-    torch.save({"state_dict": module.state_dict(), "flowvid_run": {"config": config}}, checkpoint)
+    checkpoint = vae_checkpoint(tmp_path)
     write_synthetic_dataset(tmp_path / "raw", num_videos=2, frames=4, size=8, val_videos=1, shard_samples=8)
-    encode_latents(tmp_path / "raw" / "train", tmp_path / "latent", module.codec)
+    encode_latents(tmp_path / "raw" / "train", tmp_path / "latent", load_model(checkpoint).codec)
     out = tmp_path / "scores.jsonl"
     assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "latent"), "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]

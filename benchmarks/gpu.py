@@ -86,15 +86,8 @@ def random_inputs(flow: GlobalLocalFlow, batch: int, frames: int, text_length: i
 
 def training_mfu(device: torch.device, batch: int = 4, frames: int = 8, frame_size: tuple[int, int] = (16, 16),
                  steps: int = 10, matmul_size: int = 8192, text_length: int = 64, profile: bool = False,
-                 compile_flow: bool = False, attention_chunks: bool = False, **overrides) -> dict:
-    """bf16-mixed training steps of the ``base`` flow: tokens/s and MFU against a measured bf16 matmul.
-
-    ``attention_chunks`` runs text-prefix attention in chunks of queries, as on a CPU, instead of one
-    block-sparse call."""
-    if attention_chunks:
-        with mock.patch("flowvid.nn.attention.use_block_sparse", lambda q, mask: False):
-            return training_mfu(device, batch, frames, frame_size, steps, matmul_size, text_length, profile,
-                                compile_flow, **overrides)
+                 compile_flow: bool = False, **overrides) -> dict:
+    """bf16-mixed training steps of the ``base`` flow: tokens/s and MFU against a measured bf16 matmul."""
     flow = build_flow(device, frame_size, latent_channels=48, **overrides)
     if compile_flow:  # as FlowModule(compile_flow=True) does; the warm-up steps pay the compilation
         flow.compile_blocks()
@@ -128,6 +121,12 @@ def training_mfu(device: torch.device, batch: int = 4, frames: int = 8, frame_si
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         **({"top_kernels": kernels} if kernels else {}),
     }
+
+
+def in_attention_chunks(run: Callable[[], dict]) -> dict:
+    """``run()`` with masked attention in chunks of queries, as on a CPU, instead of one block-sparse call."""
+    with mock.patch("flowvid.nn.attention.use_block_sparse", lambda q, mask: False):
+        return run()
 
 
 def top_kernels(step: Callable[[], None], count: int = 15) -> list[str]:
@@ -193,7 +192,9 @@ def text_prefix_attention(device: torch.device, batch: int = 4, heads: int = 16,
     see), ``one_masked_call`` the mask in a single dense kernel call, ``causal_no_text`` plain causal
     attention over as many tokens, the floor. Captions are padded to ``text_length`` from half its length on.
     """
-    from flowvid.nn.attention import attention, block_sparse_attention, prefix_causal_bands, prefix_causal_mask
+    from flowvid.nn.attention import (
+        BandedMask, attention, banded_attention, block_sparse_attention, prefix_causal_bands, prefix_causal_mask,
+    )
 
     length = text_length + video_tokens
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -202,11 +203,10 @@ def text_prefix_attention(device: torch.device, batch: int = 4, heads: int = 16,
                for _ in range(3))
     valid = torch.arange(text_length)[None, :] < torch.linspace(text_length // 2, text_length, batch).long()[:, None]
     mask = prefix_causal_mask(length, 0, length, valid.to(device))
-    bands = prefix_causal_bands(length, 0, length, text_length)
+    banded = BandedMask(mask, prefix_causal_bands(length, 0, length, text_length))
     kinds = {
         "block_sparse": lambda: block_sparse_attention(q, k, v, mask),
-        "chunks": lambda: torch.cat([attention(q[..., a:b, :], k[..., lo:hi, :], v[..., lo:hi, :],
-                                               mask[..., a:b, lo:hi]) for a, b, lo, hi in bands], dim=-2),
+        "chunks": lambda: in_attention_chunks(lambda: banded_attention(q, k, v, banded)),
         "one_masked_call": lambda: attention(q, k, v, mask),
         "causal_no_text": lambda: attention(q, k, v, causal=True),
     }
@@ -287,7 +287,7 @@ def gpu_parts(device: torch.device) -> dict[str, Callable[[], dict]]:
     return {
         "text_prefix_attention": lambda: text_prefix_attention(device),
         "training_mfu": lambda: training_mfu(device, profile=True),
-        "training_mfu_chunked": lambda: training_mfu(device, attention_chunks=True),
+        "training_mfu_chunked": lambda: in_attention_chunks(lambda: training_mfu(device)),
         "training_mfu_compiled": lambda: training_mfu(device, compile_flow=True),
         "training_mfu_no_text": lambda: training_mfu(device, text_length=0, profile=True),
         "sampling": lambda: jacobi_vs_sequential(device),

@@ -10,8 +10,10 @@ every sampler the table gives its wall time in forward passes (each sampler is t
 with a forward pass, so that both see the same load from other processes), its work in forward passes
 (slot evaluations of every block, weighted by the block's parameter count: the same number on any
 machine), its relative L2 distance to the exact sequential inverse (per frame of each video in the
-JSON, ``relative_l2_per_frame``), and the passes Jacobi spent per
-block kind (the first frame has no earlier frame to warm-start from, so its iterations are listed apart).
+JSON, ``relative_l2_per_frame``), its noise residual (the relative L2 distance from the noise to the
+sample encoded again: a sample is the exact inverse of that nearby noise), and the passes Jacobi spent
+per block kind (the first frame has no earlier frame to warm-start from, so its iterations are listed
+apart).
 
 Weights: a freshly built flow is the identity, so the flow is either perturbed (``--perturb STD``,
 every parameter moved by N(0, STD^2)) or fitted for a few steps to the synthetic moving-shapes videos
@@ -146,6 +148,12 @@ def passes_in_a_row(stats: dict) -> dict[str, int]:
     return {"deep": sum(stats["deep"]["iterations"]), "shallow": shallow}
 
 
+def noise_residual(flow: GlobalLocalFlow, x: torch.Tensor, z: torch.Tensor, text: TextEmbedding | None) -> float:
+    """``||flow(x) - z|| / ||z||``, encoded in fp32: how far the noise whose exact inverse ``x`` is lies from ``z``."""
+    encoded, _ = flow(x.float(), text)
+    return ((encoded.reshape(z.shape) - z).norm() / z.norm()).item()
+
+
 def per_frame_relative_l2(x: torch.Tensor, reference: torch.Tensor) -> list[list[float]]:
     """Relative L2 distance of every frame of every video (B lists of T): where the error grows."""
     difference = (x - reference).flatten(2).norm(dim=2) / reference.flatten(2).norm(dim=2)
@@ -197,7 +205,7 @@ def measure(config: str, frames: int, batch: int, perturb: float, train_steps: i
     seconds, forward_seconds, reference = time_against_forward(lambda: SequentialSampler().sample(flow, z, text),
                                                                forward, 1)
     rows = [{"sampler": "sequential", "seconds": seconds, "forward_passes": seconds / forward_seconds,
-             "work": 1.0, "relative_l2": 0.0}]
+             "work": 1.0, "relative_l2": 0.0, "noise_residual": noise_residual(flow, reference, z, text)}]
     print(f"  sequential: {seconds:.3f} s", flush=True)
     for variant in variants(tolerances):
         sampler = variant.sampler()
@@ -210,6 +218,7 @@ def measure(config: str, frames: int, batch: int, perturb: float, train_steps: i
             "work": work_in_forward_passes(flow, stats),
             "relative_l2": ((x - reference).norm() / reference.norm()).item(),
             "relative_l2_per_frame": per_frame_relative_l2(x, reference),
+            "noise_residual": noise_residual(flow, x, z, text),
             "deep_passes": stats["deep"]["passes"],
             "shallow_passes": float(np.mean([s["passes"] for s in stats["shallow"].values()])),
             "first_frame_iterations": first, "later_iterations": later,
@@ -239,19 +248,19 @@ def markdown(result: dict) -> str:
         f"video {b}x{t}x{h}x{w}x{c}, {forward}; Jacobi in {result['precision']}",
         "",
         "| sampler | time (s) | wall time in forward passes | work in forward passes | rel. L2 to sequential "
-        "| deep passes | shallow passes | iterations/block, first frame | iterations/block, later "
+        "| noise residual | deep passes | shallow passes | iterations/block, first frame | iterations/block, later "
         "| passes in a row, deep + shallow |" + (" wall time in fp32 forward passes |" if mixed else ""),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if mixed else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if mixed else ""),
     ]
     for row in result["rows"]:
         fp32 = f" {row['fp32_forward_passes']:.2f} |" if mixed else ""
         if row["sampler"] == "sequential":
             lines.append(f"| sequential (exact, fp32) | {row['seconds']:.2f} | {row['forward_passes']:.1f} "
-                         f"| 1 (in {t * h * w} passes of one token) | 0 | | | | | |" + fp32)
+                         f"| 1 (in {t * h * w} passes of one token) | 0 | {row['noise_residual']:.1e} | | | | | |" + fp32)
             continue
         lines.append(
             f"| {row['sampler']} | {row['seconds']:.3f} | {row['forward_passes']:.2f} | {row['work']:.2f} "
-            f"| {row['relative_l2']:.1e} | {row['deep_passes']:.2f} | {row['shallow_passes']:.2f} "
+            f"| {row['relative_l2']:.1e} | {row['noise_residual']:.1e} | {row['deep_passes']:.2f} | {row['shallow_passes']:.2f} "
             f"| {row['first_frame_iterations']:.1f} | {row['later_iterations']:.1f} "
             f"| {row['passes_in_a_row']['deep']} + {row['passes_in_a_row']['shallow']} |" + fp32
         )

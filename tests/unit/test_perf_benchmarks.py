@@ -221,6 +221,9 @@ def test_sampling_benchmark_measures_a_trained_checkpoint(tmp_path):
     jacobi = {row["sampler"]: row for row in result["rows"]}["jacobi tol 1e-3"]
     assert jacobi["relative_l2"] < 1e-2 and jacobi["work"] >= 1.0
     assert torch.tensor(jacobi["relative_l2_per_frame"]).shape == (2, 3)  # videos x frames
+    # Encoded again, the exact inverse gives back its noise; a Jacobi sample, a noise close to it.
+    sequential = {row["sampler"]: row for row in result["rows"]}["sequential"]
+    assert sequential["noise_residual"] < 1e-5 and 0 < jacobi["noise_residual"] < 1e-2
 
     mixed = sampling.measure("demo", frames=1, batch=2, perturb=0.0, train_steps=0, repeats=1, checkpoint=str(path),
                              precision="bf16-mixed")

@@ -126,7 +126,7 @@ class JacobiSampler(BlockSampler):
     Args:
         tol: a video's block is done when the relative change of its values in one pass, ``||x_new -
             x_old|| / ||x_new||``, drops below ``tol``; the block is done when every video's is. Encoded
-            again, the sample gives back its noise to about ``tol`` (0.3-1.6 x ``tol`` measured); its
+            again, the sample gives back its noise to about ``tol`` (0.2-1.6 x ``tol`` measured); its
             distance to the exact inverse is larger where a block's tokens lean hard on each other:
             measure it for a model with ``benchmarks/sampling.py --checkpoint`` before loosening ``tol``.
         block_size: slots per block after the first frame of the deep block; None means one frame.

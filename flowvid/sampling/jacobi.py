@@ -125,10 +125,11 @@ class JacobiSampler(BlockSampler):
 
     Args:
         tol: a video's block is done when the relative change of its values in one pass, ``||x_new -
-            x_old|| / ||x_new||``, drops below ``tol``; the block is done when every video's is. Encoded
-            again, the sample gives back its noise to about ``tol`` (0.2-1.6 x ``tol`` measured); its
-            distance to the exact inverse is larger where a block's tokens lean hard on each other:
-            measure it for a model with ``benchmarks/sampling.py --checkpoint`` before loosening ``tol``.
+            x_old|| / ||x_new||``, drops below ``tol``; the block is done when every video's is. This
+            bounds the last pass's change, not an error: the distance to the exact inverse and the noise
+            residual ``||flow(x) - z|| / ||z||`` each came out from a fraction of ``tol`` to several times
+            it, depending on the model. Measure both for a model with ``benchmarks/sampling.py
+            --checkpoint`` before loosening ``tol``.
         block_size: slots per block after the first frame of the deep block; None means one frame.
         first_block_size: slots per block in the first frame, and in the shallow blocks. None: one
             frame on a GPU, where the count of passes in a row sets the time (one H200 sampled 5x

@@ -3,7 +3,7 @@
     flowvid data encode-latents RAW_DIR --out DIR --codec pixel [--codec-args JSON]
                                 [--text-encoder NAME [--text-encoder-args JSON]] [--first-frame]
 
-The manifest records the codec's identity (name + config hash, checked against the model at
+The manifest records the codec's identity (name, config and config hash, checked against the model at
 training time), the latent shape, the per-channel mean and std measured over all written latents,
 and the codec's own normalisation when it has one (``latents_mean`` / ``latents_std``). A frozen
 text encoder's embeddings can be cached with the latents. Codec and text-encoder arguments are

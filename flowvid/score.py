@@ -157,6 +157,7 @@ def work_of(module, inputs: list[str]) -> list[Work]:
     """Every video file and every shard of the inputs, in a fixed order. A latent shard folder made with
     another codec is refused here, before any work."""
     from flowvid.data import SampleSpec, load_manifest
+    from flowvid.data.manifest import codec_identity
     from flowvid.data.shards import shard_paths
 
     work: list[Work] = []
@@ -164,7 +165,7 @@ def work_of(module, inputs: list[str]) -> list[Work]:
         if is_shard_folder(given):
             manifest = load_manifest(given)
             if manifest["kind"] == "latent":
-                check_codec_identity(module.codec.identity(), manifest["codec"], f"shard folder {given}")
+                check_codec_identity(module.codec.identity(), codec_identity(manifest), f"shard folder {given}")
             spec = SampleSpec.from_manifest(manifest)
             work += [Work(shard, spec) for shard in shard_paths(given, manifest)]
         else:

@@ -19,8 +19,8 @@ class LatentCodec(nn.Module, ABC):
     """Maps videos ``(B, T, H, W, 3)`` uint8 to latents ``(B, t, h, w, c)`` float and back.
 
     Subclasses set ``spatial_factor``, ``temporal_factor`` and ``latent_channels`` and implement
-    ``encode``, ``decode`` and ``config``. ``identity()`` (name + hash of the config) is written into
-    every shard manifest and checkpoint so that a mismatch is caught before any step runs.
+    ``encode``, ``decode`` and ``config``. ``identity()`` (name, config and a hash of the config) is
+    written into every shard manifest and checkpoint so that a mismatch is caught before any step runs.
     """
 
     spatial_factor: int = 1
@@ -107,15 +107,37 @@ class LatentCodec(nn.Module, ABC):
                 f"got {tuple(latents.shape)}"
             )
 
-    def identity(self) -> dict[str, str]:
-        blob = json.dumps(self.config(), sort_keys=True, default=str).encode()
-        return {"name": self.name, "config_hash": hashlib.sha256(blob).hexdigest()[:16]}
+    def identity(self) -> dict[str, Any]:
+        """The registered name, the config as JSON values and a hash of it: two codecs with the same
+        name and hash make the same latents. The config is there so that a mismatch can say what differs."""
+        blob = json.dumps(self.config(), sort_keys=True, default=str)
+        return {"name": self.name, "config_hash": hashlib.sha256(blob.encode()).hexdigest()[:16],
+                "config": json.loads(blob)}
 
 
-def check_codec_identity(expected: dict[str, str], actual: dict[str, str], where: str) -> None:
-    """Raise CodecMismatchError when two codec identities differ."""
-    if expected.get("name") != actual.get("name") or expected.get("config_hash") != actual.get("config_hash"):
-        raise CodecMismatchError(
-            f"{where} was made with codec {actual.get('name')!r} (config {actual.get('config_hash')}), "
-            f"but this model uses {expected.get('name')!r} (config {expected.get('config_hash')})"
-        )
+def check_codec_identity(expected: dict[str, Any], actual: dict[str, Any], where: str) -> None:
+    """Raise CodecMismatchError when two codec identities differ, naming the settings that differ when
+    both identities carry their config (those written before it was recorded carry only its hash)."""
+    if expected.get("name") == actual.get("name") and expected.get("config_hash") == actual.get("config_hash"):
+        return
+    message = (f"{where} was made with codec {actual.get('name')!r} (config {actual.get('config_hash')}), "
+               f"but this model uses {expected.get('name')!r} (config {expected.get('config_hash')})")
+    differences = config_differences(expected.get("config"), actual.get("config"))
+    raise CodecMismatchError(message + (f": {differences}" if differences else ""))
+
+
+def config_differences(expected: dict[str, Any] | None, actual: dict[str, Any] | None) -> str:
+    """``"they differ in patch_size (1 there, 2 here)"``, "there" being the recorded side (``actual``),
+    or "" when either config is unknown."""
+    if not isinstance(expected, dict) or not isinstance(actual, dict):
+        return ""
+    differing = [key for key in sorted(expected.keys() | actual.keys())
+                 if key not in expected or key not in actual or expected[key] != actual[key]]
+    if not differing:
+        return ""
+    return "they differ in " + ", ".join(f"{key} ({_shown(actual, key)} there, {_shown(expected, key)} here)"
+                                         for key in differing)
+
+
+def _shown(config: dict[str, Any], key: str) -> str:
+    return json.dumps(config[key]) if key in config else "not set"

@@ -118,7 +118,7 @@ class VideoShardDataModule(L.LightningDataModule):
 
     def check_compatible(
         self,
-        codec_identity: dict[str, str] | None = None,
+        codec_identity: dict[str, Any] | None = None,
         latent_shape: tuple[int, ...] | None = None,
         video_shape: tuple[int, int, int] | None = None,
         text_encoder: dict[str, str] | None = None,
@@ -138,7 +138,7 @@ class VideoShardDataModule(L.LightningDataModule):
                                  f"but the model expects {tuple(video_shape)}")
             if manifest["kind"] == "latent":
                 if codec_identity is not None:
-                    check_codec_identity(codec_identity, manifest["codec"], where)
+                    check_codec_identity(codec_identity, manifests.codec_identity(manifest), where)
                 if latent_shape is not None and tuple(latent_shape) != tuple(manifest["latent_shape"]):
                     raise ValueError(f"{where} hold latents of shape {tuple(manifest['latent_shape'])}, "
                                      f"but the model expects {tuple(latent_shape)}")
@@ -315,13 +315,20 @@ def _check_weights(folders: list[str], weights: list[float] | None) -> list[floa
 
 def _check_same_space(first: dict[str, Any], other: dict[str, Any], first_dir: str, other_dir: str) -> None:
     for key in ("kind", "codec", "latent_shape", "text_encoder", "first_frame"):
-        if first.get(key) != other.get(key):
+        if _space_value(first, key) != _space_value(other, key):
             raise ValueError(f"the shards in {first_dir} and in {other_dir} differ in {key}: "
                              f"{first.get(key)!r} vs {other.get(key)!r}")
     if manifests.video_shape(first) != manifests.video_shape(other):
         raise ValueError(f"the shards in {first_dir} hold clips of {manifests.video_shape(first)} "
                          f"but those in {other_dir} {manifests.video_shape(other)}")
 
+
+
+def _space_value(manifest: dict[str, Any], key: str) -> Any:
+    value = manifest.get(key)
+    if key == "codec" and value:  # a codec is its name and hash; older folders' identities lack the config
+        return {"name": value.get("name"), "config_hash": value.get("config_hash")}
+    return value
 
 @DATASETS.register("synthetic")
 class SyntheticVideoDataModule(VideoShardDataModule):

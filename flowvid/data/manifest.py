@@ -6,8 +6,8 @@ Format (version 1)::
       "format_version": 1,
       "kind": "raw" | "latent",
       "video": {"frames": T, "height": H, "width": W, "fps": F | null},
-      "codec": null | {"name": ..., "config_hash": ...},          # latent shards
-      "codec_config": null | {...},
+      "codec": null | {"name": ..., "config_hash": ..., "config": {...}},   # latent shards
+      "codec_config": null | {...},                                 # the same config (older folders: only here)
       "latent_shape": null | [t, h, w, c],
       "latent_mean": null | [c floats], "latent_std": null | [c floats],   # measured on the shards
       "codec_normalisation": null | {"mean": [...], "std": [...]},         # the codec's own, if it has one
@@ -135,3 +135,9 @@ def video_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:
     """(frames, height, width) of the clips a folder was made from."""
     video = manifest["video"]
     return (int(video["frames"]), int(video["height"]), int(video["width"]))
+
+
+def codec_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The codec identity of latent shards, with its config: folders made before identities carried the
+    config have it in ``codec_config`` only."""
+    return {"config": manifest.get("codec_config"), **manifest["codec"]}

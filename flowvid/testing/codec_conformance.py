@@ -119,9 +119,9 @@ class CodecConformance:
 
     def test_identity_is_stable_and_json_serialisable(self, codec):
         identity = codec.identity()
-        assert set(identity) == {"name", "config_hash"} and len(identity["config_hash"]) == 16
+        assert set(identity) == {"name", "config_hash", "config"} and len(identity["config_hash"]) == 16
         assert identity == self.make_codec().identity()
-        json.dumps(codec.config())
+        assert identity["config"] == json.loads(json.dumps(codec.config(), default=str))
         normalisation = codec.normalisation()
         if normalisation is not None:
             assert len(normalisation["mean"]) == len(normalisation["std"]) == codec.latent_channels

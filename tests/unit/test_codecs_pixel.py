@@ -53,9 +53,19 @@ def test_identity_names_the_codec_and_hashes_its_config():
     assert CODECS.get("pixel") is PixelCodec
 
 
-def test_a_codec_mismatch_is_a_clear_error():
-    with pytest.raises(CodecMismatchError, match="pixel"):
+def test_a_codec_mismatch_is_a_clear_error_that_names_the_settings_that_differ():
+    with pytest.raises(CodecMismatchError, match=r"shards in data/x was made with codec 'pixel' \(config \w{16}\), "
+                       r"but this model uses 'pixel' \(config \w{16}\): they differ in patch_size \(2 there, 1 here\)$"):
         check_codec_identity(PixelCodec().identity(), PixelCodec(patch_size=2).identity(), "shards in data/x")
+
+
+def test_identities_recorded_before_they_carried_the_config_are_still_checked_by_hash():
+    # The hash is the one every earlier checkpoint and manifest recorded for this codec.
+    assert PixelCodec().identity()["config_hash"] == "50fb07c8512f93ec"
+    recorded = {"name": "pixel", "config_hash": "50fb07c8512f93ec"}
+    check_codec_identity(PixelCodec().identity(), recorded, "the checkpoint")
+    with pytest.raises(CodecMismatchError, match=r"but this model uses 'pixel' \(config \w{16}\)$"):
+        check_codec_identity(PixelCodec(patch_size=2).identity(), recorded, "the checkpoint")
 
 
 def test_nonpositive_patch_sizes_are_rejected():

@@ -10,7 +10,7 @@ import torch
 
 from flowvid.codecs.base import CodecMismatchError
 from flowvid.data import VideoShardDataModule
-from flowvid.data.manifest import new_manifest, write_manifest
+from flowvid.data.manifest import load_manifest, new_manifest, write_manifest
 from flowvid.data.shards import ShardFolderWriter, encode_sample, npy_bytes
 
 VIDEO = {"frames": 2, "height": 4, "width": 4, "fps": 8.0}
@@ -177,6 +177,21 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
     dm = VideoShardDataModule(str(tmp_path), batch_size=2, batches_per_epoch=3)
     with pytest.raises(RuntimeError, match="no usable sample left"):
         run_epoch(dm)
+
+
+def test_a_codec_mismatch_names_the_settings_that_differ_also_in_older_folders(tmp_path):
+    # Folders made before codec identities carried their config record it as codec_config only.
+    write_folder(tmp_path, shards=1, kind="latent")
+    manifest = load_manifest(tmp_path)
+    write_manifest(tmp_path, {**manifest, "codec_config": {"patch_size": 1, "temporal_patch": 1}})
+    dm = VideoShardDataModule(str(tmp_path), batch_size=1, batches_per_epoch=1)
+    model = {"name": "tiny", "config_hash": "fedcba9876543210", "config": {"patch_size": 2, "temporal_patch": 1}}
+    with pytest.raises(CodecMismatchError, match=r"they differ in patch_size \(1 there, 2 here\)$"):
+        dm.check_compatible(model)
+    # A folder whose identity carries the config mixes with an older one of the same codec.
+    newer = write_folder(tmp_path / "newer", shards=1, kind="latent", name="n")
+    write_manifest(newer, {**load_manifest(newer), "codec": {**CODEC, "config": {"patch_size": 1, "temporal_patch": 1}}})
+    VideoShardDataModule([str(tmp_path), str(newer)], batch_size=1, batches_per_epoch=1).setup("fit")
 
 
 def test_latent_shards_and_compatibility_checks(tmp_path):

@@ -323,12 +323,12 @@ def _check_same_space(first: dict[str, Any], other: dict[str, Any], first_dir: s
                          f"but those in {other_dir} {manifests.video_shape(other)}")
 
 
-
 def _space_value(manifest: dict[str, Any], key: str) -> Any:
     value = manifest.get(key)
     if key == "codec" and value:  # a codec is its name and hash; older folders' identities lack the config
         return {"name": value.get("name"), "config_hash": value.get("config_hash")}
     return value
+
 
 @DATASETS.register("synthetic")
 class SyntheticVideoDataModule(VideoShardDataModule):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 from torch import nn
+
+from flowvid.fingerprint import json_fingerprint
 
 
 class CodecMismatchError(ValueError):
@@ -110,9 +111,9 @@ class LatentCodec(nn.Module, ABC):
     def identity(self) -> dict[str, Any]:
         """The registered name, the config as JSON values and a hash of it: two codecs with the same
         name and hash make the same latents. The config is there so that a mismatch can say what differs."""
-        blob = json.dumps(self.config(), sort_keys=True, default=str)
-        return {"name": self.name, "config_hash": hashlib.sha256(blob.encode()).hexdigest()[:16],
-                "config": json.loads(blob)}
+        config = self.config()
+        return {"name": self.name, "config_hash": json_fingerprint(config),
+                "config": json.loads(json.dumps(config, default=str))}
 
 
 def check_codec_identity(expected: dict[str, Any], actual: dict[str, Any], where: str) -> None:

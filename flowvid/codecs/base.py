@@ -116,10 +116,16 @@ class LatentCodec(nn.Module, ABC):
                 "config": json.loads(json.dumps(config, default=str))}
 
 
+def same_codec(first: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two codec identities are one codec: the same name and config hash (identities recorded
+    before they carried the config still match those that do)."""
+    return first.get("name") == other.get("name") and first.get("config_hash") == other.get("config_hash")
+
+
 def check_codec_identity(expected: dict[str, Any], actual: dict[str, Any], where: str) -> None:
     """Raise CodecMismatchError when two codec identities differ, naming the settings that differ when
     both identities carry their config (those written before it was recorded carry only its hash)."""
-    if expected.get("name") == actual.get("name") and expected.get("config_hash") == actual.get("config_hash"):
+    if same_codec(expected, actual):
         return
     message = (f"{where} was made with codec {actual.get('name')!r} (config {actual.get('config_hash')}), "
                f"but this model uses {expected.get('name')!r} (config {expected.get('config_hash')})")

@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from flowvid.codecs.base import check_codec_identity
+from flowvid.codecs.base import check_codec_identity, same_codec
 from flowvid.data import manifest as manifests
 from flowvid.data.pipeline import ShardLoader, ShardSource, ShardStream, SkipCounter, shards_for_rank
 from flowvid.data.shards import SampleSpec, shard_paths
@@ -315,7 +315,7 @@ def _check_weights(folders: list[str], weights: list[float] | None) -> list[floa
 
 def _check_same_space(first: dict[str, Any], other: dict[str, Any], first_dir: str, other_dir: str) -> None:
     for key in ("kind", "codec", "latent_shape", "text_encoder", "first_frame"):
-        if _space_value(first, key) != _space_value(other, key):
+        if not _same_space_value(key, first.get(key), other.get(key)):
             raise ValueError(f"the shards in {first_dir} and in {other_dir} differ in {key}: "
                              f"{first.get(key)!r} vs {other.get(key)!r}")
     if manifests.video_shape(first) != manifests.video_shape(other):
@@ -323,11 +323,10 @@ def _check_same_space(first: dict[str, Any], other: dict[str, Any], first_dir: s
                          f"but those in {other_dir} {manifests.video_shape(other)}")
 
 
-def _space_value(manifest: dict[str, Any], key: str) -> Any:
-    value = manifest.get(key)
-    if key == "codec" and value:  # a codec is its name and hash; older folders' identities lack the config
-        return {"name": value.get("name"), "config_hash": value.get("config_hash")}
-    return value
+def _same_space_value(key: str, first: Any, other: Any) -> bool:
+    if key == "codec" and first and other:
+        return same_codec(first, other)
+    return first == other
 
 
 @DATASETS.register("synthetic")

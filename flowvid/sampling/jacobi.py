@@ -4,8 +4,8 @@ The inverse of a block is the fixed point ``x = mu(shift(x)) + sigma(shift(x)) *
 for a run ("block") of slots at once: guess the block's values, evaluate all its slots in one parallel
 pass from the current guesses, replace the guesses by the results and repeat until the relative change
 is below ``tol``. After ``k`` passes the first ``k`` slots of a block are exact, so a block converges in
-at most ``block size`` passes, usually in a few. Each pass overwrites the block's keys/values in the
-cache; only the final pass is committed. Every video of a batch stops on its own: once its change is
+at most ``block size`` passes, usually in a few; each pass commits its first slot, which is exact, and
+the next pass starts after it. Each pass overwrites the open slots' keys/values in the cache. Every video of a batch stops on its own: once its change is
 below ``tol`` it leaves the passes, so a video's samples do not depend on the videos sampled with it,
 and an easy video costs no more because a hard one shares its batch.
 
@@ -44,22 +44,25 @@ class JacobiStats:
     block_sizes: list[int] = field(default_factory=list)
     iterations: list[int] = field(default_factory=list)
     sample_iterations: list[float] = field(default_factory=list)
+    slot_evaluations: list[float] = field(default_factory=list)
     block_frames: list[int] = field(default_factory=list)
     unconverged_blocks: int = 0
 
-    def record(self, first: int, size: int, iterations: int, sample_iterations: float, converged: bool) -> None:
-        """A block solved in ``iterations`` passes, in which a video took part ``sample_iterations`` times on average."""
+    def record(self, first: int, size: int, iterations: int, sample_iterations: float, slot_evaluations: float,
+               converged: bool) -> None:
+        """A block solved in ``iterations`` passes, in which a video took part ``sample_iterations`` times and
+        had ``slot_evaluations`` of its slots evaluated, on average."""
         self.block_sizes.append(size)
         self.iterations.append(iterations)
         self.sample_iterations.append(round(sample_iterations, 4))
+        self.slot_evaluations.append(round(slot_evaluations, 4))
         self.block_frames.append(first // self.tokens_per_frame)
         self.unconverged_blocks += not converged
 
     @property
     def passes(self) -> float:
         """Slot evaluations per solved slot and video: the cost in forward passes of this block (1 is the floor)."""
-        solved = sum(self.block_sizes)
-        return sum(s * i for s, i in zip(self.block_sizes, self.sample_iterations)) / max(solved, 1)
+        return sum(self.slot_evaluations) / max(sum(self.block_sizes), 1)
 
     def iterations_per_frame(self) -> dict[int, int]:
         per_frame: dict[int, int] = {}
@@ -73,6 +76,7 @@ class JacobiStats:
             "block_frames": self.block_frames,
             "iterations": self.iterations,
             "sample_iterations": self.sample_iterations,
+            "slot_evaluations": self.slot_evaluations,
             "iterations_per_frame": {str(k): v for k, v in self.iterations_per_frame().items()},
             "passes": round(self.passes, 4),
             "unconverged_blocks": self.unconverged_blocks,
@@ -106,10 +110,12 @@ def any_rank_moving(moving: int, device: torch.device) -> bool:
     return moving > 0
 
 
-def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``||new - old|| / ||new||`` of every sample (B,), in fp32."""
-    new, old = new.float(), old.float()
-    return (new - old).flatten(1).norm(dim=1) / new.flatten(1).norm(dim=1).clamp_min(1e-12)
+def relative_change(new: torch.Tensor, old: torch.Tensor, settled: torch.Tensor) -> torch.Tensor:
+    """``||new - old|| / ||x||`` of every sample (B,), in fp32, where ``x`` is the block's values: the
+    ``settled`` ones no pass changes any more, followed by ``new``."""
+    new, old, settled = new.float(), old.float(), settled.float()
+    norm = (new.flatten(1).square().sum(1) + settled.flatten(1).square().sum(1)).sqrt()
+    return (new - old).flatten(1).norm(dim=1) / norm.clamp_min(1e-12)
 
 
 WARM_STARTS = ("affine", "values", "noise")
@@ -196,29 +202,36 @@ class JacobiSampler(BlockSampler):
 
     def _solve(self, inversion: BlockInversion, size: int, stats: JacobiStats, guessed: bool = False) -> None:
         """Guess the next ``size`` slots (unless ``guessed`` already), iterate each video's to convergence
-        and commit them."""
+        and commit them.
+
+        A pass evaluates every slot from the values before it, so the block's first open slot, which reads
+        only final values, comes out exact: it is committed after every pass and the next pass starts
+        after it (the same values as evaluating the whole block again, for fewer slot evaluations)."""
         if not guessed:
             self._guess(inversion, size)
-        first = inversion.done
-        run = slice(first, first + size)
+        first, end = inversion.done, inversion.done + size
         batch = inversion.x.shape[0]
         moving = torch.arange(batch, device=inversion.x.device)  # videos still iterating, ascending
-        evaluations = 0
+        passes = evaluations = 0
         for iteration in range(1, self.max_iterations + 1):
+            open_slots = end - inversion.done
             if len(moving):
-                new = inversion.propose(size, moving)
-                change = relative_change(new, inversion.x[moving, run])
+                run = slice(inversion.done, end)
+                new = inversion.propose(open_slots, moving)
+                change = relative_change(new, inversion.x[moving, run], inversion.x[moving, first:inversion.done])
                 inversion.x[moving, run] = new
-                evaluations += len(moving)
+                passes += len(moving)
+                evaluations += len(moving) * open_slots
                 moving = moving[change >= self.tol]
             else:  # only under a process group: this rank's videos are done, another rank's are not
-                inversion.rehearse(size)
-            converged = not any_rank_moving(len(moving), inversion.x.device)
-            if converged or iteration == size:  # after `size` passes every slot is exact
+                inversion.rehearse(open_slots)
+            converged = not any_rank_moving(len(moving), inversion.x.device) or open_slots == 1
+            if converged:
                 break
-        inversion.commit(size)
-        stats.record(first, size, iteration, evaluations / batch, converged or iteration == size)
-        if not (converged or iteration == size):
+            inversion.commit(1)
+        inversion.commit(end - inversion.done)
+        stats.record(first, size, iteration, passes / batch, evaluations / batch, converged)
+        if not converged:
             self._warn_unconverged(inversion.x.device.type)
 
     def _warn_unconverged(self, device_type: str) -> None:

@@ -4,8 +4,9 @@ The inverse of a block is the fixed point ``x = mu(shift(x)) + sigma(shift(x)) *
 for a run ("block") of slots at once: guess the block's values, evaluate all its slots in one parallel
 pass from the current guesses, replace the guesses by the results and repeat until the relative change
 is below ``tol``. After ``k`` passes the first ``k`` slots of a block are exact, so a block converges in
-at most ``block size`` passes, usually in a few; each pass commits its first slot, which is exact, and
-the next pass starts after it. Each pass overwrites the open slots' keys/values in the cache. Every video of a batch stops on its own: once its change is
+at most ``block size`` passes, usually in a few. Each pass makes a video's first open slot exact and
+the slots after it that read only values the pass barely moved final; once slots are final for every
+video, passes start after them. Each pass overwrites the open slots' keys/values in the cache. Every video of a batch stops on its own: once its change is
 below ``tol`` it leaves the passes, so a video's samples do not depend on the videos sampled with it,
 and an easy video costs no more because a hard one shares its batch.
 
@@ -110,12 +111,20 @@ def any_rank_moving(moving: int, device: torch.device) -> bool:
     return moving > 0
 
 
-def relative_change(new: torch.Tensor, old: torch.Tensor, settled: torch.Tensor) -> torch.Tensor:
-    """``||new - old|| / ||x||`` of every sample (B,), in fp32, where ``x`` is the block's values: the
-    ``settled`` ones no pass changes any more, followed by ``new``."""
-    new, old, settled = new.float(), old.float(), settled.float()
-    norm = (new.flatten(1).square().sum(1) + settled.flatten(1).square().sum(1)).sqrt()
-    return (new - old).flatten(1).norm(dim=1) / norm.clamp_min(1e-12)
+def pass_change(new: torch.Tensor, old: torch.Tensor, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far one pass moved the open slots of each video's block (``new`` and ``old``: B, n, C), in
+    fp32: ``||new - old|| / ||x||`` (B,), where ``x`` is the block (its ``final`` slots, then ``new``), and
+    each slot's move relative to the block's root-mean-square slot (B, n)."""
+    new, old, final = new.float(), old.float(), final.float()
+    norm = (new.square().sum((1, 2)) + final.square().sum((1, 2))).sqrt().clamp_min(1e-12)
+    moves = (new - old).norm(dim=2)
+    slots = new.shape[1] + final.shape[1]
+    return moves.square().sum(1).sqrt() / norm, moves * slots ** 0.5 / norm[:, None]
+
+
+def leading_run(flags: torch.Tensor) -> torch.Tensor:
+    """The number of leading True values of every row of ``flags`` (B, n)."""
+    return flags.int().cumprod(dim=1).sum(dim=1)
 
 
 WARM_STARTS = ("affine", "values", "noise")
@@ -123,6 +132,10 @@ WARM_STARTS = ("affine", "values", "noise")
 #: Slots per first-frame and shallow block on a CPU: small blocks save passes of work where tokens lean
 #: on their neighbours (docs/sampling.md, "Small blocks").
 CPU_FIRST_BLOCK_SIZE = 16
+
+#: A slot is settled once a pass moved every slot before it by less than this share of ``tol`` (relative
+#: to the block's root-mean-square slot): the inputs it was evaluated from were then as good as final.
+SETTLED_SHARE = 0.1
 
 
 @SAMPLERS.register("jacobi")
@@ -204,35 +217,44 @@ class JacobiSampler(BlockSampler):
         """Guess the next ``size`` slots (unless ``guessed`` already), iterate each video's to convergence
         and commit them.
 
-        A pass evaluates every slot from the values before it, so the block's first open slot, which reads
-        only final values, comes out exact: it is committed after every pass and the next pass starts
-        after it (the same values as evaluating the whole block again, for fewer slot evaluations)."""
+        A pass evaluates every slot from the values before it, so a video's first open slot, which reads
+        only final values, comes out exact, and so, nearly, does every slot after it whose inputs the pass
+        barely moved (``SETTLED_SHARE``). Those slots are final for that video: later passes leave them
+        as they are, and once they are final for every video still moving, the passes start after them.
+        """
         if not guessed:
             self._guess(inversion, size)
         first, end = inversion.done, inversion.done + size
+        device = inversion.x.device
         batch = inversion.x.shape[0]
-        moving = torch.arange(batch, device=inversion.x.device)  # videos still iterating, ascending
+        moving = torch.arange(batch, device=device)  # videos still iterating, ascending
+        final_up_to = torch.full((batch,), first, device=device)  # per video, slots before it are final
         passes = evaluations = 0
         for iteration in range(1, self.max_iterations + 1):
             open_slots = end - inversion.done
             if len(moving):
                 run = slice(inversion.done, end)
-                new = inversion.propose(open_slots, moving)
-                change = relative_change(new, inversion.x[moving, run], inversion.x[moving, first:inversion.done])
+                old = inversion.x[moving, run]
+                is_final = torch.arange(inversion.done, end, device=device) < final_up_to[moving, None]
+                new = torch.where(is_final[..., None], old, inversion.propose(open_slots, moving))
+                change, moves = pass_change(new, old, inversion.x[moving, first:inversion.done])
                 inversion.x[moving, run] = new
                 passes += len(moving)
                 evaluations += len(moving) * open_slots
-                moving = moving[change >= self.tol]
+                barely_moved = leading_run(moves[:, :-1] < SETTLED_SHARE * self.tol)
+                final_up_to[moving] = inversion.done + barely_moved + 1
+                moving = moving[(change >= self.tol) & (final_up_to[moving] < end)]
             else:  # only under a process group: this rank's videos are done, another rank's are not
                 inversion.rehearse(open_slots)
-            converged = not any_rank_moving(len(moving), inversion.x.device) or open_slots == 1
+            converged = not any_rank_moving(len(moving), device)
             if converged:
                 break
-            inversion.commit(1)
+            if len(moving):
+                inversion.commit(int(final_up_to[moving].min()) - inversion.done)
         inversion.commit(end - inversion.done)
         stats.record(first, size, iteration, passes / batch, evaluations / batch, converged)
         if not converged:
-            self._warn_unconverged(inversion.x.device.type)
+            self._warn_unconverged(device.type)
 
     def _warn_unconverged(self, device_type: str) -> None:
         if self.call.warned:

@@ -80,22 +80,42 @@ def test_work_counts_only_the_videos_still_iterating():
     assert sampler.last_stats["deep"]["passes"] == pytest.approx(sum(passes_alone) / 2, abs=1e-4)  # 4 digits each
 
 
-def test_committing_the_exact_first_slot_of_every_pass_changes_no_value():
-    flow = make_flow(std=0.1)
-    z = torch.randn(1, 2, 4, 4, 3, generator=torch.Generator().manual_seed(0))
-    sampler = JacobiSampler(tol=1e-4, first_block_size=16, warm_start="noise")
+def solve_first_block(flow, z, guess=None, tol=1e-4):
+    """One Jacobi block of 16 slots of the deep block: the inversion and its statistics."""
+    sampler = JacobiSampler(tol=tol, warm_start="noise")
     sampler.call = sampler.new_call()
-    inversion = BlockInversion(flow.deep, z.reshape(1, 32, 3))
+    inversion = BlockInversion(flow.deep, z)
+    if guess is not None:
+        inversion.x[:, :len(guess[0])] = guess
     stats = JacobiStats(tokens_per_frame=16)
-    sampler._solve(inversion, 16, stats)
+    sampler._solve(inversion, 16, stats, guessed=True)
+    return inversion, stats
+
+
+def test_each_pass_commits_its_exact_first_slot_and_the_next_starts_after_it():
+    flow = make_flow(std=0.1)
+    z = torch.randn(1, 32, 3, generator=torch.Generator().manual_seed(0))
+    inversion, stats = solve_first_block(flow, z)
     passes = stats.iterations[0]
     assert 2 < passes < 16  # converged on the tolerance, before every slot was exact by count alone
     assert stats.slot_evaluations == [sum(16 - k for k in range(passes))]  # each pass one slot shorter
 
-    whole = BlockInversion(flow.deep, z.reshape(1, 32, 3))
+    whole = BlockInversion(flow.deep, z)
     for _ in range(passes):  # the same passes, each over the whole block
         whole.x[:, :16] = whole.propose(16)
     torch.testing.assert_close(inversion.x[:, :16], whole.x[:, :16], rtol=1e-5, atol=1e-6)
+
+
+def test_slots_after_a_run_the_pass_barely_moved_are_final():
+    flow = make_flow(std=0.1)
+    x = torch.randn(1, 32, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z, _ = flow.deep(x)
+    exact = flow.deep.permutation.forward(x)[:, :16]
+    inversion, stats = solve_first_block(flow, z, guess=exact[:, :10])  # the first ten slots already right
+    # The first pass moves none of them, so it makes eleven slots final; later passes cover the other five.
+    assert stats.slot_evaluations[0] <= 16 + 5 * (stats.iterations[0] - 1)
+    assert relative_error(inversion.x[:, :16], exact) < 1e-3
 
 
 def test_blocks_still_moving_at_max_iterations_are_counted():

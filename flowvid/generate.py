@@ -91,6 +91,11 @@ def check_options(args: argparse.Namespace) -> None:
         raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.frames is not None and args.frames < 1:
         raise GenerateError(f"--frames must be >= 1, got {args.frames}")
+    if args.sampler == "windowed":
+        raise GenerateError("--sampler windowed: videos longer than the model's training length are sampled in "
+                            "windows of that length already; choose the sampler of each window (jacobi, sequential)")
+    if args.tol is not None and not 0 < args.tol < 1:
+        raise GenerateError(f"--tol must be a number in (0, 1): a relative change per pass, got {args.tol}")
     for option, value in (("--tol", args.tol), ("--first-block-size", args.first_block_size),
                           ("--block-size", args.block_size)):
         if value is not None and args.sampler != "jacobi":  # it would be ignored without a word
@@ -106,7 +111,7 @@ def check_options(args: argparse.Namespace) -> None:
         raise GenerateError(f"{args.task} needs --video FILE")
     if args.negative_prompt is not None and not args.negative_prompt.strip():
         raise GenerateError("--negative-prompt holds no words; leave it out to guide away from the empty caption")
-    check_seed(args.seed)
+    check_seed(args.seed, name="--seed")
     try:
         frame_rate(args.fps)
     except MediaError:

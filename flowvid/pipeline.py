@@ -33,6 +33,7 @@ import torch
 from flowvid.media import read_image, read_video
 from flowvid.placement import precision_context, resolve_device, resolve_precision
 from flowvid.sampling import JacobiSampler, Sampler, WindowedSampler
+from flowvid.sampling.base import is_count
 from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_inputs
 
 #: Jacobi's default tolerance per precision: bf16 matmuls leave a relative noise of 1e-3 to 3e-3 in every
@@ -206,8 +207,8 @@ class VideoPipeline:
         """Refuse a request of ``count`` videos that cannot be sampled, before any work."""
         if task not in TASKS:
             raise GenerateError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-        if frames < 1 or batch_size < 1:
-            raise GenerateError(f"frames and batch_size must be >= 1, got {frames} and {batch_size}")
+        if not (is_count(frames) and is_count(batch_size)) or frames < 1 or batch_size < 1:
+            raise GenerateError(f"frames and batch_size must be integers >= 1, got {frames!r} and {batch_size!r}")
         check_seed(seed, count)
         self.model.codec.latent_frames(frames)
         if negative_prompt:
@@ -251,9 +252,10 @@ class VideoPipeline:
 
     def sampler_for(self, latent_frames: int) -> Sampler:
         """The sampler for a video of ``latent_frames``: beyond the trained length, a window of that length
-        that keeps half of it in view (none for a model of single frames, whose frames are independent)."""
+        that keeps half of it in view (none for a model of single frames, whose frames are independent),
+        unless the sampler is a ``WindowedSampler`` already, whose window is then the one used."""
         trained = self.model.latent_shape[0]
-        if latent_frames > trained:
+        if latent_frames > trained and not isinstance(self.sampler, WindowedSampler):
             return WindowedSampler(self.sampler, window=trained, context=trained // 2)
         return self.sampler
 

@@ -265,7 +265,7 @@ def main(argv: list[str]) -> int:
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
         check_inputs(args.input)
-        check_seed(args.seed)
+        check_seed(args.seed, name="--seed")
         check_output_file(args.out, "--out", "give the JSON lines file to write", ScoreError)
         check_adapter_arguments(args.lora, args.lora_strength)
         module = load_model(args.ckpt, weights=args.weights, map_location=device, adapters=args.lora,

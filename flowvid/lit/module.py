@@ -45,7 +45,8 @@ from flowvid.lit.ema import EMA
 from flowvid.lit.schedule import warmup_cosine_scheduler
 from flowvid.lit.strategies import ZeroStrategy
 from flowvid.placement import warn_if_bf16_is_emulated
-from flowvid.registry import CODECS, SAMPLERS
+from flowvid.registry import CODECS
+from flowvid.sampling.base import Sampler, build_sampler
 from flowvid.text.base import TextEmbedding, TextEncoder
 
 log = logging.getLogger("flowvid.train")
@@ -71,8 +72,8 @@ class FlowModule(LightningModule):
         denoiser: trained jointly by flow-score matching; without one, sampling ends with a Tweedie
             step through the flow.
         video_shape: (frames, height, width) of the clips the model trains on and generates.
-        sampler: registered sampler name used by ``generate_videos`` ("sequential" when "jacobi" is
-            not installed).
+        sampler: the sampler of ``generate_videos``: a registered name, or a mapping with ``name`` or
+            ``class_path`` and ``init_args`` (``flowvid.sampling.build_sampler``).
         guidance: classifier-free guidance weight for ``generate_videos``.
         noise_std: sigma of the Gaussian noise added to the latents.
         text_dropout: probability of replacing a caption by ``""``.
@@ -105,7 +106,7 @@ class FlowModule(LightningModule):
         text_encoder: TextEncoder | None = None,
         denoiser: CausalDenoiser | None = None,
         video_shape: tuple[int, int, int] = (8, 16, 16),
-        sampler: str = "jacobi",
+        sampler: str | dict[str, Any] = "jacobi",
         guidance: float = 0.0,
         noise_std: float = 0.3,
         text_dropout: float = 0.1,
@@ -162,8 +163,7 @@ class FlowModule(LightningModule):
         if guidance > 0 and text_encoder is None:  # else the first sample logged mid-training would fail
             raise ValueError(f"guidance={guidance} needs a text encoder: a model without one has no caption to "
                              "guide towards; set guidance: 0")
-        if sampler not in SAMPLERS and sampler != "jacobi":  # "jacobi" falls back to sequential when absent
-            raise ValueError(f"unknown sampler {sampler!r}; registered: {', '.join(sorted(SAMPLERS.names()))}")
+        build_sampler(sampler)  # a sampler that cannot be built fails here, not at the first logged sample
         self._check_parts_fit()
         if denoiser is not None:
             if denoiser.noise_std is not None and not math.isclose(denoiser.noise_std, noise_std):
@@ -171,7 +171,7 @@ class FlowModule(LightningModule):
                                  f"but the model adds noise_std={noise_std}")
             denoiser.noise_std = noise_std
 
-        self.sampler_name = sampler
+        self.sampler_spec = sampler
         self.guidance = guidance
         self.noise_std = noise_std
         self.text_dropout = text_dropout
@@ -629,12 +629,9 @@ class FlowModule(LightningModule):
             return
         yield from self.denoise(torch.stack(list(frames), dim=1), text).unbind(1)
 
-    def sampler(self):
-        """The configured sampler; "sequential" when "jacobi" is asked for but not installed."""
-        name = self.sampler_name
-        if name == "jacobi" and "jacobi" not in SAMPLERS:
-            name = "sequential"
-        return SAMPLERS.get(name)()
+    def sampler(self) -> Sampler:
+        """A fresh instance of the configured sampler."""
+        return build_sampler(self.sampler_spec)
 
     @torch.no_grad()
     def generate_videos(self, captions: list[str], seed: int) -> torch.Tensor:

@@ -62,6 +62,11 @@ class SamplingRequest:
         return inversion
 
 
+def is_count(value: Any) -> bool:
+    """An int that is not a bool (``True`` is never meant as a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def encode_shallow(flow, frames: torch.Tensor) -> torch.Tensor:
     """Latent frames (B, P, h, w, c) through the shallow blocks: the deep block's input (B, P*h*w, c)."""
     batch, count = frames.shape[:2]
@@ -74,6 +79,10 @@ def encode_shallow(flow, frames: torch.Tensor) -> torch.Tensor:
 def check_request(flow, z: torch.Tensor, text: TextInput = None, guidance: float = 0.0,
                   prefix: torch.Tensor | None = None) -> SamplingRequest:
     """Validate a ``sample`` call before any computation; ValueErrors name expected and actual."""
+    for name, value in (("z", z), ("prefix", prefix)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of latent frames (B, T, h, w, c), "
+                            f"got {type(value).__name__}")
     cond, uncond = (text.cond, text.uncond) if isinstance(text, GuidedText) else (text, None)
     cond = flow.check_input(z, cond)  # its tokens now in the flow's dtype
     guidance = float(guidance)
@@ -130,7 +139,8 @@ class Sampler(ABC):
 
     ``text`` is the caption's ``TextEmbedding``, or a ``GuidedText`` when ``guidance > 0``.
     ``prefix`` (B, P, h, w, c) are known first frames (an image, a source clip): they are encoded
-    into the deep block's cache and returned unchanged as ``x[:, :P]``; ``z[:, :P]`` is ignored.
+    into the deep block's cache and returned unchanged as ``x[:, :P]`` (in float32, like every sample);
+    ``z[:, :P]`` is not used.
     """
 
     @abstractmethod
@@ -238,6 +248,8 @@ def build_sampler(spec: "str | Mapping[str, Any] | Sampler") -> Sampler:
         spec = {"name": spec}
     _check_spec(spec)
     cls = SAMPLERS.get(spec["name"]) if "name" in spec else _import_sampler_class(spec["class_path"])
+    if not (isinstance(cls, type) and issubclass(cls, Sampler)):
+        raise TypeError(f"sampler {spec!r} names {cls!r}, which is not a Sampler class")
     init_args = dict(spec.get("init_args") or {})
     check_arguments(f"sampler {cls.__name__!r}", cls, init_args, f"the init_args of {spec!r}")
     return cls(**init_args)
@@ -256,8 +268,8 @@ def _check_spec(spec: Any) -> None:
                          f"got {type(spec['init_args']).__name__}")
 
 
-def _import_sampler_class(class_path: Any) -> type:
-    """The Sampler class at ``module.Class``, checked to be one before anything calls it."""
+def _import_sampler_class(class_path: Any) -> Any:
+    """What ``module.Class`` names (``build_sampler`` checks that it is a Sampler class)."""
     module_name, _, name = class_path.rpartition(".") if isinstance(class_path, str) else ("", "", "")
     if not module_name or not name:
         raise ValueError(f"a sampler class_path is 'package.module.Class', got {class_path!r}")
@@ -267,6 +279,4 @@ def _import_sampler_class(class_path: Any) -> type:
         raise ValueError(f"sampler class_path {class_path!r}: cannot import {module_name!r}: {err}") from err
     except AttributeError:
         raise ValueError(f"sampler class_path {class_path!r}: module {module_name!r} has no {name!r}") from None
-    if not (isinstance(cls, type) and issubclass(cls, Sampler)):
-        raise TypeError(f"sampler class_path {class_path!r} is a {type(cls).__name__}, not a Sampler class")
     return cls

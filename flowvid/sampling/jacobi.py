@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from flowvid.registry import SAMPLERS
-from flowvid.sampling.base import BlockSampler
+from flowvid.sampling.base import BlockSampler, is_count
 from flowvid.sampling.inversion import BlockInversion
 
 
@@ -165,13 +166,13 @@ class JacobiSampler(BlockSampler):
 
     def __init__(self, tol: float = 1e-2, block_size: int | None = None, first_block_size: int | None = None,
                  max_iterations: int = 32, warm_start: str = "affine"):
-        if not tol > 0:
-            raise ValueError(f"tol must be > 0, got {tol}")
+        if isinstance(tol, bool) or not isinstance(tol, Real) or not 0 < tol < 1:
+            raise ValueError(f"tol must be a number in (0, 1): a relative change per pass, got {tol!r}")
         for name, value in (("block_size", block_size), ("first_block_size", first_block_size),
                             ("max_iterations", max_iterations)):
             if value is None and name != "max_iterations":  # a size that depends on the frame
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_count(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start must be one of {', '.join(WARM_STARTS)}, got {warm_start!r}")

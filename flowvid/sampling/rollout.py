@@ -21,7 +21,15 @@ from typing import Iterator
 import torch
 
 from flowvid.registry import SAMPLERS
-from flowvid.sampling.base import Sampler, TextInput, build_sampler, check_request
+from flowvid.sampling.base import Sampler, TextInput, build_sampler, check_request, is_count
+
+
+def check_window(window: int, context: int) -> None:
+    """A window of at least one frame, and a context that leaves it room to sample."""
+    if not is_count(window) or window <= 0:
+        raise ValueError(f"window must be a positive number of latent frames, got {window!r}")
+    if not is_count(context) or not 0 <= context < window:
+        raise ValueError(f"context must be an integer in [0, window={window}), got {context!r}")
 
 
 def windows(frames: int, window: int, context: int, given: int = 0) -> list[tuple[int, int]]:
@@ -31,6 +39,9 @@ def windows(frames: int, window: int, context: int, given: int = 0) -> list[tupl
     ``given`` prefix frames are all in the first window when they leave room to sample; a prefix that
     fills the window is continued from its last ``context`` frames, as the end of a sampled window is.
     """
+    check_window(window, context)
+    if not is_count(frames) or frames <= 0 or not is_count(given) or not 0 <= given <= frames:
+        raise ValueError(f"need frames > 0 and 0 <= given <= frames, got frames={frames!r}, given={given!r}")
     start = 0 if given < window else given - context
     spans = [(start, min(start + window, frames))]
     while spans[-1][1] < frames:
@@ -53,10 +64,7 @@ class WindowedSampler(Sampler):
     """
 
     def __init__(self, sampler: str | dict | Sampler = "jacobi", window: int = 8, context: int = 4):
-        if not isinstance(window, int) or window <= 0:
-            raise ValueError(f"window must be a positive number of latent frames, got {window!r}")
-        if not isinstance(context, int) or not 0 <= context < window:
-            raise ValueError(f"context must be an integer in [0, window={window}), got {context!r}")
+        check_window(window, context)
         self.sampler = build_sampler(sampler)
         self.window = window
         self.context = context

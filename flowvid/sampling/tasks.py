@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from flowvid.sampling.base import GuidedText, TextInput
+from flowvid.sampling.base import GuidedText, TextInput, is_count
 from flowvid.text.template import TASK_PREFIXES
 
 TASKS = ("t2v", "i2v", "extend", "v2v")
@@ -60,12 +60,12 @@ class TaskInputs:
 SEED_LIMIT = 2**32
 
 
-def check_seed(seed: int, count: int = 1) -> None:
+def check_seed(seed: int, count: int = 1, name: str = "seed") -> None:
     """A ValueError, before any work, unless the seeds ``seed, ..., seed + count - 1`` are distinct seeds
-    of torch's generator."""
-    if not 0 <= seed <= SEED_LIMIT - count:
-        raise ValueError(f"--seed must be an integer from 0 to {SEED_LIMIT - count:,} for {count} sample"
-                         f"{'' if count == 1 else 's'} (torch's generator keeps 32 bits of a seed), got {seed}")
+    of torch's generator; ``name`` is what the caller called the seed (``--seed`` on a command line)."""
+    if not is_count(seed) or not 0 <= seed <= SEED_LIMIT - count:
+        raise ValueError(f"{name} must be an integer from 0 to {SEED_LIMIT - count:,} for {count} sample"
+                         f"{'' if count == 1 else 's'} (torch's generator keeps 32 bits of a seed), got {seed!r}")
 
 
 def initial_noise(shape: Sequence[int], seed: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -90,6 +90,7 @@ def task_inputs(task: str, captions: Sequence[str], frames: int, latent_shape: S
     """
     _check_task(task)
     batch = len(captions)
+    check_seed(seed)
     if task == "t2v" and source is not None:
         raise ValueError("t2v takes no source frames; use i2v, extend or v2v to condition on frames")
     if task != "t2v":

@@ -22,6 +22,7 @@ def fit(*args: str) -> int:
 @pytest.mark.parametrize("override, message", [
     ("--data.init_args.batch_size=0", "batch_size must be >= 1, got 0"),
     ("--model.init_args.sampler=jacobbi", "unknown sampler 'jacobbi'; registered: jacobi"),
+    ("--model.init_args.sampler={name: jacobi, init_args: {tol: 2}}", "tol must be a number in (0, 1)"),
     ("--model.init_args.guidance=-3", "guidance must be a finite number >= 0, got -3.0"),
     ("--model.init_args.video_shape=[0,16,16]", "video_shape is (frames, height, width), each >= 1"),
     ("--resume=/no/such.ckpt", "resume: /no/such.ckpt does not exist"),

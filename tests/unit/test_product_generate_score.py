@@ -14,7 +14,7 @@ from flowvid.codecs import PixelCodec, VideoVAE
 from flowvid.export import build_module, export_checkpoint
 from flowvid.loading import load_model
 from flowvid.media import write_video
-from flowvid.sampling import SequentialSampler
+from flowvid.sampling import SequentialSampler, WindowedSampler
 from flowvid.sampling.tasks import sample_task, task_inputs
 from flowvid.score import clips_of
 from flowvid.testing import perturb_parameters
@@ -174,6 +174,9 @@ def test_stream_writes_frames_as_they_come_and_longer_videos_use_a_window(checkp
         (["--prompt", "a red circle", "--prompt", "   "], "prompt '   ' holds only whitespace"),
         (["--prompt", "x", "--negative-prompt", "y", "--guidance", "0"], "negative prompt steers guidance"),
         (["--prompt", "x", "--negative-prompt", "  "], "--negative-prompt holds no words"),
+        (["--prompt", "x", "--tol", "inf"], "--tol must be a number in (0, 1): a relative change per pass, got inf"),
+        (["--prompt", "x", "--tol", "0"], "--tol must be a number in (0, 1)"),
+        (["--prompt", "x", "--sampler", "windowed"], "sampled in windows of that length already"),
     ],
 )
 def test_bad_requests_are_one_line_errors(checkpoint, tmp_path, capsys, extra, message):
@@ -258,7 +261,7 @@ def test_a_frame_count_or_seed_out_of_range_is_refused_before_loading(tmp_path, 
     (["--first-block-size", "0"], "--first-block-size must be >= 1, got 0"),
     (["--block-size", "-4"], "--block-size must be >= 1, got -4"),
     (["--sampler", "sequential", "--block-size", "16"], "--sampler sequential has none"),
-    (["--sampler", "windowed", "--tol", "0.01"], "--tol is a setting of the jacobi sampler; --sampler windowed"),
+    (["--sampler", "sequential", "--tol", "0.01"], "--tol is a setting of the jacobi sampler; --sampler sequential"),
 ])
 def test_jacobi_block_sizes_that_cannot_work_are_refused_before_loading(tmp_path, capsys, extra, message):
     assert main(["generate", "--ckpt", str(tmp_path / "nope.ckpt"), "--prompt", "x", *extra,
@@ -614,12 +617,20 @@ def test_the_pipeline_takes_frames_as_arrays_and_its_sampler_can_be_swapped(chec
     clip = pipe("a red circle moves left", task="extend", video=exact.videos[0], frames=7)
     assert clip.videos.shape == (1, 7, 8, 8, 3) and clip.sampler_stats[0]["window"] == 4
     assert np.array_equal(clip.videos[0, :4], exact.videos[0])  # the given frames come back as given
+    pipe.sampler = WindowedSampler(SequentialSampler(), window=2, context=1)
+    windowed = pipe("a red circle moves left", frames=7)
+    assert windowed.sampler_stats[0]["window"] == 2  # the sampler's own window, not wrapped in another
+    assert all("window" not in stats for stats in windowed.sampler_stats[0]["windows"])
     with pytest.raises(GenerateError, match=r"uint8 frames of shape \(8, 8, 3\).*float64 \(8, 8, 3\)"):
         pipe("x", task="i2v", image=image / 255.0)
     with pytest.raises(GenerateError, match="t2v takes no image or video"):
         pipe("x", image=image)
     with pytest.raises(GenerateError, match="unknown task 'i2i'"):
         pipe("x", task="i2i")
+    with pytest.raises(GenerateError, match="frames and batch_size must be integers >= 1, got 2.5"):
+        pipe("x", frames=2.5)
+    with pytest.raises(ValueError, match="seed must be an integer from 0 to .* got -1"):
+        pipe("x", seed=-1)
 
 
 def test_the_pipeline_of_an_unconditional_model_samples_one_video_without_a_prompt(unconditional_checkpoint):

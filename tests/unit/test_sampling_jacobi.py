@@ -170,7 +170,8 @@ def test_first_blocks_are_one_frame_on_a_gpu_and_16_slots_on_a_cpu_unless_set():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"tol": 0.0}, "tol"), ({"tol": -1e-3}, "tol"),
+    ({"tol": 0.0}, "tol"), ({"tol": -1e-3}, "tol"), ({"tol": float("inf")}, "tol"), ({"tol": 1.0}, "tol"),
+    ({"tol": float("nan")}, "tol"), ({"tol": "1e-3"}, r"tol must be a number in \(0, 1\).*'1e-3'"),
     ({"block_size": 0}, "block_size"), ({"first_block_size": -4}, "first_block_size"),
     ({"block_size": 2.5}, "block_size"), ({"max_iterations": 0}, "max_iterations"),
     ({"first_block_size": "16"}, "first_block_size"), ({"max_iterations": None}, "max_iterations"),

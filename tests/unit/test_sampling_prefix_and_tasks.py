@@ -49,6 +49,14 @@ def test_bad_prefixes_are_rejected_before_sampling(prefix, message):
         JacobiSampler().sample(make_flow(), torch.randn(2, 4, 2, 3, 3), prefix=prefix)
 
 
+def test_latents_that_are_not_tensors_are_refused_by_name():
+    flow, z = make_flow(), torch.randn(1, 3, 2, 3, 3)
+    with pytest.raises(TypeError, match=r"z must be a torch.Tensor of latent frames \(B, T, h, w, c\), got ndarray"):
+        JacobiSampler().sample(flow, z.numpy())
+    with pytest.raises(TypeError, match="prefix must be a torch.Tensor .*, got list"):
+        JacobiSampler().sample(flow, z, prefix=[[0.0]])
+
+
 def test_task_captions_carry_the_task_prefix():
     assert task_caption("t2v", "a red circle moves left") == "a red circle moves left"
     assert task_caption("i2v", "a red circle moves left") == "a red circle moves left"
@@ -95,8 +103,10 @@ def test_seeds_that_torch_would_fold_onto_others_are_refused():
     check_seed(0)
     check_seed(SEED_LIMIT - 3, count=3)  # seeds up to 2**32 - 1
     for seed, count in ((-1, 1), (SEED_LIMIT, 1), (SEED_LIMIT - 2, 3)):
-        with pytest.raises(ValueError, match="--seed must be an integer from 0 to"):
+        with pytest.raises(ValueError, match="seed must be an integer from 0 to"):
             check_seed(seed, count)
+    with pytest.raises(ValueError, match="seed must be an integer from 0 to 4,294,967,295 .* got -1"):
+        task_inputs("t2v", ["a"], 4, (2, 3, 3), seed=-1)
 
 
 def test_seeds_make_samples_reproducible():

@@ -98,6 +98,12 @@ def make_something():
 
 def test_a_class_path_that_is_not_a_sampler_class_is_refused_before_it_is_called():
     CALLS.clear()
-    with pytest.raises(TypeError, match="is a function, not a Sampler class"):
+    with pytest.raises(TypeError, match="names <function make_something.*which is not a Sampler class"):
         build_sampler({"class_path": f"{__name__}.make_something"})
     assert CALLS == []
+
+
+def test_a_registered_name_that_is_not_a_sampler_class_is_refused(plugin):
+    SAMPLERS.add("identity", torch.nn.Identity)
+    with pytest.raises(TypeError, match="names <class 'torch.nn.modules.linear.Identity'>, which is not a Sampler"):
+        build_sampler("identity")

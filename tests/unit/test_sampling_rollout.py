@@ -78,6 +78,15 @@ def test_bad_window_settings_are_rejected(kwargs, message):
         WindowedSampler("sequential", **kwargs)
 
 
+@pytest.mark.parametrize("args, message", [
+    ((10, 3, 3), "context"), ((10, 0, 0), "window"), ((10, 3, -1), "context"), ((5, 3, 1, 9), "given"),
+    ((0, 3, 1), "frames"),
+])
+def test_windows_refuse_spans_that_would_never_end_or_skip_frames(args, message):
+    with pytest.raises(ValueError, match=message):
+        windows(*args)
+
+
 @pytest.mark.parametrize("given", [3, 5], ids=["as-long-as-the-window", "longer"])
 def test_a_prefix_that_fills_the_window_is_extended_to_the_requested_length(given):
     flow = make_flow()

@@ -16,6 +16,7 @@ from flowvid.flows import GlobalLocalFlow
 from flowvid.lit import EMA, FlowModule, warmup_cosine
 from flowvid.lit.schedule import warmup_cosine_scheduler
 from flowvid.lit.step_seed import StepSeed
+from flowvid.sampling import JacobiSampler, SequentialSampler
 from flowvid.text import LearnedTextEncoder
 
 TEXT_WIDTH = 16
@@ -279,6 +280,18 @@ def test_an_averaged_model_samples_with_its_averaged_text_encoder_too():
     plain.load_state_dict(averaged, strict=False)
     captions = ["a red circle moves left", "a blue square moves up"]
     assert torch.equal(module.generate_videos(captions, seed=3), plain.generate_videos(captions, seed=3))
+
+
+def test_the_sampler_of_logged_samples_is_a_name_or_a_mapping_checked_when_the_module_is_built():
+    assert isinstance(make_module(sampler="sequential").sampler(), SequentialSampler)
+    jacobi = make_module(sampler={"name": "jacobi", "init_args": {"tol": 1e-3}}).sampler()
+    assert isinstance(jacobi, JacobiSampler) and jacobi.tol == 1e-3
+    by_path = make_module(sampler={"class_path": "flowvid.sampling.JacobiSampler", "init_args": {"block_size": 3}})
+    assert by_path.sampler().block_size == 3
+    with pytest.raises(ValueError, match="tol must be a number in"):
+        make_module(sampler={"name": "jacobi", "init_args": {"tol": 2.0}})
+    with pytest.raises(KeyError, match="unknown sampler 'jacobbi'"):
+        make_module(sampler="jacobbi")
 
 
 def test_model_flops_leave_out_the_gradients_of_frozen_weights():

@@ -6,9 +6,10 @@ pass from the current guesses, replace the guesses by the results and repeat unt
 is below ``tol``. After ``k`` passes the first ``k`` slots of a block are exact, so a block converges in
 at most ``block size`` passes, usually in a few. Each pass makes a video's first open slot exact and
 the slots after it that read only values the pass barely moved final; once slots are final for every
-video, passes start after them. Each pass overwrites the open slots' keys/values in the cache. Every video of a batch stops on its own: once its change is
-below ``tol`` it leaves the passes, so a video's samples do not depend on the videos sampled with it,
-and an easy video costs no more because a hard one shares its batch.
+video, passes start after them. Each pass overwrites the open slots' keys/values in the cache.
+Every video of a batch stops on its own: once its change is below ``tol`` it leaves the passes, so a
+video's samples do not depend on the videos sampled with it, and an easy video costs no more because
+a hard one shares its batch.
 
 Video-aware warm start: a slot's first guess comes from the same position one frame earlier, which is
 already close when the video changes slowly. By default it reuses that slot's affine parameters

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -345,16 +346,33 @@ def decode_sample(raw: dict[str, bytes], spec: SampleSpec) -> dict[str, Any]:
 def _array(
     raw: dict[str, bytes], field: str, reason: str, key: str, dtypes: tuple[type, ...], shape: tuple[int, ...] | None
 ) -> np.ndarray:
+    data = raw[field]
     try:
-        array = np.load(io.BytesIO(raw[field]), allow_pickle=False)
+        # The header first: np.load allocates the shape a header declares before it reads a byte, so a
+        # damaged header could ask for terabytes.
+        declared_shape, dtype = _npy_header(io.BytesIO(data))
     except (ValueError, EOFError, OSError) as err:
         raise BadSample(reason, f"sample {key!r}: {field} is not a readable .npy ({err})") from err
-    if array.dtype not in [np.dtype(d) for d in dtypes]:
+    if dtype not in [np.dtype(d) for d in dtypes]:
         expected = [np.dtype(d).name for d in dtypes]
-        raise BadSample(reason, f"sample {key!r}: {field} has dtype {array.dtype}, expected {expected}")
-    if shape is not None and tuple(array.shape) != tuple(shape):
-        raise BadSample(reason, f"sample {key!r}: {field} has shape {tuple(array.shape)}, expected {tuple(shape)}")
-    return array
+        raise BadSample(reason, f"sample {key!r}: {field} has dtype {dtype}, expected {expected}")
+    if shape is not None and declared_shape != tuple(shape):
+        raise BadSample(reason, f"sample {key!r}: {field} has shape {declared_shape}, expected {tuple(shape)}")
+    if math.prod(declared_shape) * dtype.itemsize > len(data):
+        raise BadSample(reason, f"sample {key!r}: {field} declares {declared_shape} {dtype}, more than its "
+                                f"{len(data)} bytes hold")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        raise BadSample(reason, f"sample {key!r}: {field} is not a readable .npy ({err})") from err
+
+
+def _npy_header(stream: io.BytesIO) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype an .npy file declares, read without reading its data."""
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    declared_shape, _, dtype = read_header(stream)
+    return tuple(declared_shape), dtype
 
 
 def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[Path]:

@@ -1,5 +1,6 @@
 """Shard format: atomic deterministic writing, damage detection on read, manifests, `verify` and `describe`."""
 
+import io
 import json
 import re
 
@@ -113,6 +114,13 @@ def test_a_cut_keeps_every_sample_complete_before_it(tmp_path):
         assert kept == ["clip000", "clip001"]
 
 
+def npy_header(shape) -> bytes:
+    """The header of a uint8 .npy file of ``shape``, without its data."""
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return stream.getvalue()
+
+
 @pytest.mark.parametrize(
     "change,reason",
     [
@@ -122,6 +130,8 @@ def test_a_cut_keeps_every_sample_complete_before_it(tmp_path):
         (lambda s: s.update({"frames.npy": npy_bytes(np.zeros((2, 4, 5, 3), np.uint8))}), "bad_frames"),
         (lambda s: s.update({"frames.npy": npy_bytes(np.zeros((2, 4, 4, 3), np.float32))}), "bad_frames"),
         (lambda s: s.update({"frames.npy": b"\x93NUMPY garbage"}), "bad_frames"),
+        (lambda s: s.update({"frames.npy": npy_header((400000, 8000, 8000, 3)) + b"\0" * 96}), "bad_frames"),
+        (lambda s: s.update({"frames.npy": npy_header((2, 4, 4, 3)) + b"\0" * 95}), "bad_frames"),  # one byte short
     ],
 )
 def test_bad_samples_are_named(change, reason):

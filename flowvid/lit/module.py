@@ -345,6 +345,8 @@ class FlowModule(LightningModule):
         x, text = self.training_inputs(batch)
         if not self._on_all_ranks(torch.isfinite(x).all()):
             return "non-finite values in the batch's latents"
+        if text is not None and not self._on_all_ranks(torch.isfinite(text.tokens).all()):
+            return "non-finite text states (the text encoder's output)"
         # Each batch's loss weighs 1/k: the window's gradients add up to their mean, on every strategy.
         scale = 1.0 / self.hparams.accumulate_grad_batches
         flow_input = x

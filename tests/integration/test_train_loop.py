@@ -131,6 +131,23 @@ def test_a_nan_step_is_skipped_counted_and_training_goes_on():
     assert run.callback_metrics["train/skipped_steps"].item() == 1.0
 
 
+def test_a_step_whose_text_states_are_nan_is_skipped_counted_and_training_goes_on():
+    L.seed_everything(0)
+    module = tiny_module()
+    encode_text, calls = module.encode_text, {"n": 0}
+
+    def nan_on_the_second_call(captions):
+        calls["n"] += 1
+        text = encode_text(captions)
+        return text._replace(tokens=text.tokens * float("nan")) if calls["n"] == 2 else text
+
+    module.encode_text = nan_on_the_second_call
+    run = trainer(max_steps=3)
+    run.fit(module, fixed_batches(5))
+    assert module.skipped_steps == 1 and run.global_step == 3
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 @pytest.fixture(scope="module")
 def shapes_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")

@@ -32,6 +32,7 @@ from flowvid.lit.checkpointing import (
     checkpoint_dir_of,
     has_run_checkpoint,
     list_checkpoints,
+    load_client_state,
     resolve_checkpoint,
     resolve_resume,
 )
@@ -64,6 +65,16 @@ class FlowvidCLI(LightningCLI):
                  "(or starts fresh when there is none), 'none' starts fresh, a path continues from that checkpoint; "
                  "validate takes the same checkpoint unless --ckpt_path names one",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """``ckpt_path`` is checked like ``resume``: a file that cannot be read is a one-line error, and the
+        model stays the one the config describes, so that loading refuses a checkpoint of another model.
+        (Lightning would put the checkpoint's hyperparameters over the config's without a word.)"""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            load_client_state(ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []

@@ -7,8 +7,10 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 from flowvid.data import VideoShardDataModule, write_synthetic_dataset
+from flowvid.lit.checkpointing import METADATA_KEY
 from flowvid.lit.cli_support import main as fit_main
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "shapes_t2v.yaml"
@@ -56,6 +58,23 @@ def test_a_fresh_run_among_an_earlier_runs_checkpoints_is_refused(tmp_path, caps
                      "step=00000005.ckpt); continue it with --resume auto, or start afresh in another "
                      "--trainer.default_root_dir (or remove them)")
     assert [p.name for p in earlier.parent.iterdir()] == [earlier.name]
+
+
+def test_a_ckpt_path_is_checked_like_resume_and_never_replaces_the_configured_model(tmp_path, capsys):
+    write_synthetic_dataset(tmp_path, num_videos=4, frames=8, size=16, seed=0)
+    run = [f"--data.init_args.train_dir={tmp_path / 'train'}", f"--data.init_args.val_dir={tmp_path / 'val'}",
+           f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(b"\0" * 100)
+    assert fit(f"--ckpt_path={truncated}", *run) == 2
+    assert f"flowvid fit: error: cannot read checkpoint {truncated}" in capsys.readouterr().err
+    other_model = tmp_path / "other_model.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"noise_std": 0.5},
+                METADATA_KEY: {"parameters": {"flow.deep.proj_in.weight": [64, 12]}}}, other_model)
+    assert fit(f"--ckpt_path={other_model}", *run) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"flowvid fit: error: checkpoint {other_model} was made by a different model configuration")
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
 def test_shards_that_hold_no_usable_sample_are_refused_at_setup(tmp_path):

@@ -148,7 +148,10 @@ class VideoShardDataModule(L.LightningDataModule):
                 raise ValueError(f"{where} cache text embeddings of {cached}, but the model uses {text_encoder}")
 
     def skipped_counts(self) -> dict[str, int]:
-        """Samples skipped so far (train and validation, all workers; before a resume too), per reason."""
+        """Samples skipped so far (train and validation, all workers; before a resume too), per reason.
+
+        A resumed run counts as the uninterrupted one does, except that with worker processes the
+        samples of the batches the workers had read ahead when the checkpoint was written count again."""
         counts = dict(self._skipped_before)
         for totals in (self._train_skips.totals(), self._val_skips.totals()):
             for reason, count in totals.items():

@@ -138,6 +138,7 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.counter = counter
         self.rank, self.world_size, self.epoch, self.skip = 0, 1, 0, 0
+        self.replaying = False
 
     def place(self, rank: int, world_size: int, epoch: int = 0, skip: int = 0) -> None:
         if not 0 <= rank < world_size:
@@ -166,8 +167,14 @@ class ShardStream(IterableDataset):
         if self.batches is None:
             yield from batches
             return
-        for index, batch in zip(range(stream, self.batches, workers), batches):
-            if index >= self.skip:
+        for index in range(stream, self.batches, workers):
+            # Batches before the resume position are read again only to be dropped: their skipped
+            # samples are in the counts the checkpoint brought back.
+            self.replaying = index < self.skip
+            batch = next(batches, None)
+            if batch is None:
+                return
+            if not self.replaying:
                 yield batch
 
     def _samples(self, sources: list[ShardSource], rng: random.Random, worker: int) -> Iterator[Sample]:
@@ -219,7 +226,8 @@ class ShardStream(IterableDataset):
             self._skip("broken_tar", f"{shard}: holds {read} samples, the manifest lists {self.listed[shard]}", worker)
 
     def _skip(self, reason: str, message: str, worker: int) -> None:
-        self.counter.add(reason, worker)
+        if not self.replaying:
+            self.counter.add(reason, worker)
         if message not in _reported:  # a resampled stream meets the same bad sample again and again
             _reported.add(message)
             log.warning("skipped (%s): %s", reason, message)

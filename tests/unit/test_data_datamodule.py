@@ -158,6 +158,25 @@ def test_skip_counts_go_on_from_where_a_resumed_run_left_them(tmp_path):
     assert resumed.skipped_counts() == {reason: 2 * count for reason, count in before.items()}
 
 
+def test_a_resumed_training_stream_counts_each_skipped_sample_once(tmp_path):
+    write_folder(tmp_path, corrupt=_damage)
+
+    def stream(state=None, batches=12):
+        dm = VideoShardDataModule(str(tmp_path), batch_size=4, shuffle_buffer=8, batches_per_epoch=12)
+        if state is not None:
+            dm.load_state_dict(state)
+        loader = iter(dm.train_dataloader())
+        for _ in range(batches):
+            next(loader)
+        return dm
+
+    whole = stream()
+    interrupted = stream(batches=8)
+    assert interrupted.skipped_counts()  # the batches read again on resuming hold skipped samples
+    resumed = stream(interrupted.state_dict(), batches=4)
+    assert resumed.skipped_counts() == whole.skipped_counts()
+
+
 def test_a_shard_whose_tail_reads_as_zeros_is_counted_not_silently_shorter(tmp_path):
     """Zeros look like the end of an archive: only the manifest's count of the shard's samples tells."""
     write_folder(tmp_path)

@@ -49,6 +49,8 @@ from typing import Any
 import torch
 import yaml
 
+from flowvid.files import read_torch_file
+
 #: Wrappers a training script may have put around the reference model (DDP, torch.compile).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: Reference buffers that hold nothing a model needs.
@@ -86,12 +88,7 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor
                          "checkpoint; convert it to one file with torch.distributed.checkpoint.format_utils first")
     if not path.exists():
         raise FileNotFoundError(f"reference checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged or foreign file
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot read reference checkpoint {path}: not a PyTorch file, or a damaged one "
-                         f"({detail})") from err
+    state = read_torch_file(path, "reference checkpoint")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

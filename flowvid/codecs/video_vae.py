@@ -27,6 +27,7 @@ from torch import nn
 
 from flowvid.codecs.base import LatentCodec
 from flowvid.codecs.pixel import to_uint8, to_unit_range
+from flowvid.files import read_torch_file
 from flowvid.registry import CODECS
 
 #: Checkpoint entry that holds a VideoVAE's architecture (written by VideoVAEModule and VideoVAE.save).
@@ -283,7 +284,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"VideoVAE checkpoint {path} does not exist; train one with "
             f"`flowvid fit --config recipes/codecs/video_vae_shapes.yaml` (it writes a .ckpt file)"
         )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_torch_file(path, "VideoVAE checkpoint", "train one again with "
+                                 "`flowvid fit --config recipes/codecs/video_vae_shapes.yaml`")
     if not isinstance(checkpoint, dict) or CHECKPOINT_CONFIG_KEY not in checkpoint:
         raise ValueError(f"{path} is not a VideoVAE checkpoint (it has no {CHECKPOINT_CONFIG_KEY!r} entry)")
     return checkpoint

@@ -27,7 +27,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file
 
-from flowvid.export import load_weights
+from flowvid.export import load_weights, reading_export
 from flowvid.lit.ema import EMA
 from flowvid.nn.lora import DEFAULT_TARGETS, LoRALinear, add_lora, check_lora_settings
 
@@ -61,7 +61,8 @@ class InitFromExport(Callback):
             return
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"InitFromExport: {self.path} does not exist")
-        state = load_file(self.path)
+        with reading_export(self.path):
+            state = load_file(self.path)
         unexpected = sorted(set(state) - set(pl_module.state_dict()))
         if unexpected:
             raise ValueError(f"{self.path} holds weights this model does not have: {', '.join(unexpected[:5])}"

@@ -143,6 +143,12 @@ def test_missing_checkpoint_names_the_file(tmp_path):
         VideoVAE(checkpoint=str(tmp_path / "vae.ckpt"))
 
 
+def test_a_damaged_checkpoint_names_the_file_and_how_to_make_another(tmp_path):
+    (tmp_path / "vae.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot read VideoVAE checkpoint .*vae.ckpt: truncated.*EOFError.*flowvid fit"):
+        VideoVAE(checkpoint=str(tmp_path / "vae.ckpt"))
+
+
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     tiny_vae().save(tmp_path / "vae.pt")
     with pytest.raises(ValueError, match="from_checkpoint"):

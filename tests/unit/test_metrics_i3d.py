@@ -85,3 +85,11 @@ def test_another_state_dict_is_refused(tmp_path):
     torch.save({"conv.weight": torch.zeros(3)}, path)
     with pytest.raises(ValueError, match=r"not the Kinetics-400 I3D .*missing \['Conv3d_1a_7x7"):
         I3DExtractor(weights=path)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short"], ids=["empty", "truncated"])
+def test_a_damaged_weights_file_is_named_with_where_to_get_it_again(tmp_path, content):
+    path = tmp_path / "i3d_pretrained_400.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"cannot read I3D weights {path}: truncated, or not a PyTorch file .*{WEIGHTS_URL}"):
+        I3DExtractor(weights=path)

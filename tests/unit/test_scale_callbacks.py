@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from flowvid.denoise import CausalDenoiser
 from flowvid.flows.global_local import GlobalLocalFlow
 from flowvid.lit.activation_checkpointing import ActivationCheckpointing, checkpoint_flow_layers
+from flowvid.lit.checkpointing import CorruptCheckpointError
 from flowvid.lit.finetune import Freeze, InitFromExport
 from flowvid.lit.step_seed import StepSeed, mixed_seed
 
@@ -119,6 +120,10 @@ def test_init_from_a_flow_only_file_needs_strict_false_and_refuses_foreign_weigh
         InitFromExport(str(foreign), strict=False).setup(SimpleNamespace(ckpt_path=None), Parts(), "fit")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         InitFromExport(str(tmp_path / "missing.safetensors")).setup(SimpleNamespace(ckpt_path=None), Parts(), "fit")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(flow_only.read_bytes()[:100])
+    with pytest.raises(CorruptCheckpointError, match=f"cannot read exported model {truncated}"):
+        InitFromExport(str(truncated)).setup(SimpleNamespace(ckpt_path=None), Parts(), "fit")
 
 
 def test_freeze_stops_exactly_the_named_parts_from_training():

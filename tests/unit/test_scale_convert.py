@@ -167,7 +167,7 @@ def test_an_unreadable_reference_file_is_one_line_naming_it(tmp_path, content):
     path = tmp_path / "model.pth"
     path.write_bytes(content)
     args = ["--reference", str(path), "--frame-size", "4", "4", "--out", str(tmp_path / "flow.safetensors")]
-    with pytest.raises(UserError, match=re.escape(f"cannot read reference checkpoint {path}: not a PyTorch file")):
+    with pytest.raises(UserError, match=re.escape(f"cannot read reference checkpoint {path}: truncated, or not a PyTorch file")):
         main(args)
     with pytest.raises(UserError, match=re.escape(f"reference checkpoint {tmp_path / 'nope.pth'} does not exist")):
         main([*args[:1], str(tmp_path / "nope.pth"), *args[2:]])

@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from flowvid.checks import is_count
 from flowvid.media import read_image, read_video
 from flowvid.placement import precision_context, resolve_device, resolve_precision
 from flowvid.sampling import JacobiSampler, Sampler, WindowedSampler
-from flowvid.sampling.base import is_count
 from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_inputs
 
 #: Jacobi's default tolerance per precision: bf16 matmuls leave a relative noise of 1e-3 to 3e-3 in every

@@ -166,7 +166,11 @@ class VideoShardDataModule(L.LightningDataModule):
             _check_same_space(self.manifest, self._manifest(folder), first, folder)
         rank, world_size = self._rank_and_world_size()
         for folder in self._folders():
-            shards_for_rank(self._shards(folder), rank, world_size)  # fail now, not in a worker
+            shards = self._shards(folder)
+            try:  # fail now, not in a worker
+                shards_for_rank(shards, rank, world_size)
+            except ValueError as err:
+                raise ValueError(f"{folder}: {err}") from err
             self._check_some_sample_is_usable(folder, rank, world_size)
 
     def _check_some_sample_is_usable(self, folder: str, rank: int, world_size: int) -> None:

@@ -67,9 +67,12 @@ def collate(samples: list[Sample]) -> Batch:
 
 def shards_for_rank(shards: list[str], rank: int, world_size: int) -> list[str]:
     """Every ``world_size``-th shard from ``rank``; a clear error when that leaves none."""
+    if not shards:
+        raise ValueError("the manifest lists no shards: there is no sample to read; write the folder again "
+                         "(flowvid data from-videos, make-synthetic or encode-latents)")
     mine = shards[rank::world_size]
     if not mine:
-        folder = os.path.dirname(shards[0]) if shards else "the folder"
+        folder = os.path.dirname(shards[0])
         raise ValueError(
             f"rank {rank} of {world_size} receives no shard: {folder} has {len(shards)} shard(s). "
             f"Write at least {world_size} shards (a smaller --shard-samples) or train on fewer devices."

@@ -158,8 +158,9 @@ class FlowModule(LightningModule):
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
         if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches!r}")
-        if not (math.isfinite(guidance) and guidance >= 0):
-            raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+        for name, value in (("guidance", guidance), ("latent_norm_penalty", latent_norm_penalty)):
+            if not (math.isfinite(value) and value >= 0):  # a negative penalty rewards latents that blow up
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if guidance > 0 and text_encoder is None:  # else the first sample logged mid-training would fail
             raise ValueError(f"guidance={guidance} needs a text encoder: a model without one has no caption to "
                              "guide towards; set guidance: 0")

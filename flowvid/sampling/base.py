@@ -62,11 +62,6 @@ class SamplingRequest:
         return inversion
 
 
-def is_count(value: Any) -> bool:
-    """An int that is not a bool (``True`` is never meant as a count)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def encode_shallow(flow, frames: torch.Tensor) -> torch.Tensor:
     """Latent frames (B, P, h, w, c) through the shallow blocks: the deep block's input (B, P*h*w, c)."""
     batch, count = frames.shape[:2]

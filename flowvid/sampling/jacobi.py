@@ -34,8 +34,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from flowvid.checks import is_count
 from flowvid.registry import SAMPLERS
-from flowvid.sampling.base import BlockSampler, is_count
+from flowvid.sampling.base import BlockSampler
 from flowvid.sampling.inversion import BlockInversion
 
 

@@ -20,8 +20,9 @@ from typing import Iterator
 
 import torch
 
+from flowvid.checks import is_count
 from flowvid.registry import SAMPLERS
-from flowvid.sampling.base import Sampler, TextInput, build_sampler, check_request, is_count
+from flowvid.sampling.base import Sampler, TextInput, build_sampler, check_request
 
 
 def check_window(window: int, context: int) -> None:

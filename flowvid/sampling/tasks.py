@@ -25,7 +25,8 @@ from typing import Sequence
 
 import torch
 
-from flowvid.sampling.base import GuidedText, TextInput, is_count
+from flowvid.checks import is_count
+from flowvid.sampling.base import GuidedText, TextInput
 from flowvid.text.template import TASK_PREFIXES
 
 TASKS = ("t2v", "i2v", "extend", "v2v")

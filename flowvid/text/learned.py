@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from flowvid.checks import is_count
 from flowvid.fingerprint import json_fingerprint
 from flowvid.nn.transformer import TransformerLayer
 from flowvid.registry import TEXT_ENCODERS
@@ -43,6 +44,11 @@ class LearnedTextEncoder(TextEncoder):
         vocabulary: Sequence[str] | None = None,
     ):
         super().__init__()
+        for name, value in (("width", width), ("max_length", max_length), ("depth", depth), ("head_dim", head_dim)):
+            if not is_count(value) or value < 1:
+                raise ValueError(f"LearnedTextEncoder {name} must be an integer >= 1, got {value!r}")
+        if head_dim % 2:
+            raise ValueError(f"LearnedTextEncoder head_dim must be even (rotary pairs), got {head_dim}")
         self.width = width
         self.max_length = max_length
         self.tokenizer = WordTokenizer(SHAPES_WORDS if vocabulary is None else vocabulary)

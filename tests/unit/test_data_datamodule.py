@@ -1,8 +1,8 @@
 """VideoShardDataModule: rank/worker splits, fixed batch counts, resume, skip counting, manifest checks, mixtures."""
 
-import warnings
-
+import json
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -78,6 +78,14 @@ def test_a_rank_without_shards_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match=f"rank 2 of 3 receives no shard: {tmp_path} has 2 shard"):
+        VideoShardDataModule(str(tmp_path)).setup("fit")
+
+
+def test_a_manifest_that_lists_no_shard_is_named_with_what_to_do(tmp_path):
+    write_folder(tmp_path, shards=2)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "shards": [], "num_shards": 0, "samples": 0}))
+    with pytest.raises(ValueError, match=f"{tmp_path}: the manifest lists no shards: .*write the folder again"):
         VideoShardDataModule(str(tmp_path)).setup("fit")
 
 

@@ -30,6 +30,15 @@ def test_the_default_vocabulary_covers_every_synthetic_caption_and_prompt():
         assert unknown == 0, prompt
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"max_length": -1}, "max_length must be an integer >= 1, got -1"), ({"width": 0}, "width"),
+    ({"depth": 1.5}, "depth"), ({"head_dim": 7}, "head_dim must be even"),
+])
+def test_sizes_that_cannot_work_are_refused_by_name(settings, message):
+    with pytest.raises(ValueError, match=f"LearnedTextEncoder {message}"):
+        LearnedTextEncoder(**settings)
+
+
 def test_tokenizer_spells_numbers_and_marks_unknown_words():
     assert split_words("Noise Level 500:\n16:9") == ["noise", "level", "5", "0", "0", ":", "1", "6", ":", "9"]
     tokenizer = WordTokenizer(["red"])

@@ -294,6 +294,11 @@ def test_the_sampler_of_logged_samples_is_a_name_or_a_mapping_checked_when_the_m
         make_module(sampler="jacobbi")
 
 
+def test_a_negative_latent_norm_penalty_is_refused():
+    with pytest.raises(ValueError, match="latent_norm_penalty must be a finite number >= 0, got -1"):
+        make_module(latent_norm_penalty=-1.0)
+
+
 def test_model_flops_leave_out_the_gradients_of_frozen_weights():
     module = make_module()
     counts = {name: sum(p.numel() for p in part.parameters())

@@ -1,7 +1,7 @@
 """``make-synthetic``: the built-in dataset of captioned moving shapes, made locally, deterministic by seed.
 
-    flowvid data make-synthetic --out DIR --num-videos N --frames T --size S --seed K \
-        [--max-objects M] [--backgrounds plain textured]
+    flowvid data make-synthetic --out DIR --num-videos N [--val-videos V] --frames T --size S
+        [--fps F] --seed K [--shard-samples N] [--max-objects M] [--backgrounds plain textured]
 
 Writes ``DIR/train`` and ``DIR/val``; validation holds only (shape, colour, motion) combinations that
 training never shows.

@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            # FlowModule builds its optimiser and schedule itself (model.init_args); LightningCLI's
+            # --optimizer would replace its parameter groups and --lr_scheduler would be ignored.
+            auto_configure_optimizers=False,
             args=argv,
         )
     except INPUT_ERRORS as err:

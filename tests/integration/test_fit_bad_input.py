@@ -40,6 +40,15 @@ def test_a_bad_value_is_one_line_before_training(override, message, tmp_path, ca
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize("option", ["--optimizer=torch.optim.SGD", "--lr_scheduler=torch.optim.lr_scheduler.StepLR"])
+def test_lightnings_optimizer_and_scheduler_options_are_not_offered(option, tmp_path, capsys):
+    """The model's own two parameter groups and schedule would be replaced, or the option ignored."""
+    with pytest.raises(SystemExit) as stopped:
+        fit(option, f"--trainer.default_root_dir={tmp_path}")
+    assert stopped.value.code == 2
+    assert option.split("=")[0] in capsys.readouterr().err
+
+
 def test_resume_auto_without_a_run_checkpoint_is_refused(tmp_path, capsys):
     no_run_checkpoint = "--trainer.callbacks=[]"
     assert fit("--resume=auto", no_run_checkpoint, f"--trainer.default_root_dir={tmp_path}") == 2

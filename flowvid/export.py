@@ -152,9 +152,18 @@ def checkpoint_weights(ckpt: str | os.PathLike, weights: str = "ema",
         state_dict.update({name: tensor for name, tensor in ema.items() if name in state_dict})
     if merge_adapters:  # a run that trained adapters gives the model it adapted
         state_dict = merge_lora(state_dict)
+    check_finite(state_dict, str(ckpt))
     run = client_state.get(METADATA_KEY) or {}
     config = run.get("config") or {"model": model_config_from_hparams(client_state)}
     return state_dict, config, client_state
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """A ValueError naming the first weight of ``state`` that holds NaN or inf: training skips the steps
+    that would make one, so such a weight means a file damaged after it was written."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"the weights in {where} are damaged: {name} holds NaN or infinite values")
 
 
 def model_config_from_hparams(client_state: dict[str, Any]) -> dict[str, Any]:
@@ -308,6 +317,7 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str, 
                    for label, names in (("missing", missing), ("unexpected", unexpected), ("different shape", reshaped))
                    if names]
         raise ValueError(f"the weights in {where} do not fit the model built from its config: {'; '.join(details)}")
+    check_finite(state, where)
     # Checked above: what is left out here is allowed to be.
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items() if k in expected}, strict=False)
 

@@ -230,30 +230,37 @@ class JacobiSampler(BlockSampler):
         first, end = inversion.done, inversion.done + size
         device = inversion.x.device
         batch = inversion.x.shape[0]
-        moving = torch.arange(batch, device=device)  # videos still iterating, ascending
-        final_up_to = torch.full((batch,), first, device=device)  # per video, slots before it are final
+        moving = list(range(batch))  # videos still iterating, ascending
+        final_up_to = [first] * batch  # per video: its slots before this one are final
         passes = evaluations = 0
         for iteration in range(1, self.max_iterations + 1):
-            open_slots = end - inversion.done
-            if len(moving):
-                run = slice(inversion.done, end)
-                old = inversion.x[moving, run]
-                is_final = torch.arange(inversion.done, end, device=device) < final_up_to[moving, None]
-                new = torch.where(is_final[..., None], old, inversion.propose(open_slots, moving))
-                change, moves = pass_change(new, old, inversion.x[moving, first:inversion.done])
-                inversion.x[moving, run] = new
+            done = inversion.done
+            open_slots = end - done
+            if moving:
+                samples = None if len(moving) == batch else torch.tensor(moving, device=device)
+                rows = slice(None) if samples is None else samples
+                old = inversion.x[rows, done:end]
+                new = inversion.propose(open_slots, samples)
+                ahead = [final_up_to[video] - done for video in moving]
+                if any(ahead):  # slots final for their video keep their values
+                    is_final = torch.arange(open_slots, device=device) < torch.tensor(ahead, device=device)[:, None]
+                    new = torch.where(is_final[..., None], old, new)
+                change, moves = pass_change(new, old, inversion.x[rows, first:done])
+                inversion.x[rows, done:end] = new
                 passes += len(moving)
                 evaluations += len(moving) * open_slots
-                barely_moved = leading_run(moves[:, :-1] < SETTLED_SHARE * self.tol)
-                final_up_to[moving] = inversion.done + barely_moved + 1
-                moving = moving[(change >= self.tol) & (final_up_to[moving] < end)]
+                barely_moved = leading_run(moves[:, :-1] < SETTLED_SHARE * self.tol).tolist()
+                still_moving = (change >= self.tol).tolist()
+                for video, run in zip(moving, barely_moved):
+                    final_up_to[video] = done + run + 1
+                moving = [video for video, go in zip(moving, still_moving) if go and final_up_to[video] < end]
             else:  # only under a process group: this rank's videos are done, another rank's are not
                 inversion.rehearse(open_slots)
             converged = not any_rank_moving(len(moving), device)
             if converged:
                 break
-            if len(moving):
-                inversion.commit(int(final_up_to[moving].min()) - inversion.done)
+            if moving:
+                inversion.commit(min(final_up_to[video] for video in moving) - done)
         inversion.commit(end - inversion.done)
         stats.record(first, size, iteration, passes / batch, evaluations / batch, converged)
         if not converged:

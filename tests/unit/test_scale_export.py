@@ -193,6 +193,22 @@ def test_a_damaged_export_is_a_corrupt_checkpoint_error_naming_the_file(trained,
             read_export_metadata(damaged)
 
 
+def test_weights_that_hold_nan_are_named_not_exported_or_loaded(trained, tmp_path):
+    from flowvid.loading import load_model
+
+    module, _ = trained
+    state = module.state_dict()
+    state["flow.deep.proj_in.weight"][0, 0] = float("nan")
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save({"state_dict": state, "global_step": 7, METADATA_KEY: run_metadata(module, config=CONFIG)}, damaged)
+    message = f"the weights in {damaged} are damaged: flow.deep.proj_in.weight holds NaN or infinite values"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        export_checkpoint(damaged, tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_model(damaged)
+
+
 def test_a_model_that_kept_an_average_samples_with_the_loaded_weights(tmp_path):
     """Loading builds a fresh module (with a fresh EMA): sampling must use the loaded weights, not the init."""
     from flowvid.loading import load_model

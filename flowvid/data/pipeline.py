@@ -45,8 +45,8 @@ class SkipCounter:
     def __init__(self, workers: int):
         self._counts = torch.zeros(max(1, workers), len(SKIP_REASONS), dtype=torch.int64).share_memory_()
 
-    def add(self, reason: str, worker: int = 0) -> None:
-        self._counts[worker % len(self._counts), SKIP_REASONS.index(reason)] += 1
+    def add(self, reason: str, worker: int = 0, samples: int = 1) -> None:
+        self._counts[worker % len(self._counts), SKIP_REASONS.index(reason)] += samples
 
     def totals(self) -> dict[str, int]:
         return {reason: int(count) for reason, count in zip(SKIP_REASONS, self._counts.sum(0)) if count}
@@ -223,14 +223,16 @@ class ShardStream(IterableDataset):
                 except BadSample as err:
                     self._skip(err.reason, str(err), worker)
         except BrokenShard as err:
-            self._skip("broken_tar", str(err), worker)
+            # Every sample the manifest lists and the shard did not give is lost (one at least).
+            self._skip("broken_tar", str(err), worker, max(self.listed.get(shard, 0) - read, 1))
             return
         if read < self.listed.get(shard, 0):
-            self._skip("broken_tar", f"{shard}: holds {read} samples, the manifest lists {self.listed[shard]}", worker)
+            self._skip("broken_tar", f"{shard}: holds {read} samples, the manifest lists {self.listed[shard]}", worker,
+                       self.listed[shard] - read)
 
-    def _skip(self, reason: str, message: str, worker: int) -> None:
+    def _skip(self, reason: str, message: str, worker: int, samples: int = 1) -> None:
         if not self.replaying:
-            self.counter.add(reason, worker)
+            self.counter.add(reason, worker, samples)
         if message not in _reported:  # a resampled stream meets the same bad sample again and again
             _reported.add(message)
             log.warning("skipped (%s): %s", reason, message)

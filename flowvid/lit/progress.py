@@ -18,10 +18,20 @@ class StepProgressBar(RichProgressBar):
     """``RichProgressBar`` with the run's step out of ``max_steps`` and no epoch total when there is none."""
 
     def _get_train_description(self, current_epoch: int) -> str:
-        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+        if _bounded_by_epochs(self.trainer):
             return super()._get_train_description(current_epoch)
         description = f"Epoch {current_epoch}"
         return f"{description:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
+
+    @property
+    def total_train_batches(self) -> int | float:
+        """Lightning counts one batch per step left; a model that accumulates ``accumulate_grad_batches``
+        batches a step (FlowModule) has that many times more."""
+        trainer = self.trainer
+        if not _bounded_by_epochs(trainer) and trainer.max_steps is not None and trainer.max_steps > 0:
+            accumulate = getattr(trainer.lightning_module, "hparams", {}).get("accumulate_grad_batches", 1)
+            return min(trainer.num_training_batches, (trainer.max_steps - trainer.global_step) * accumulate)
+        return super().total_train_batches
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
@@ -29,3 +39,8 @@ class StepProgressBar(RichProgressBar):
         if trainer.max_steps > 0:
             metrics = {"step": f"{trainer.global_step}/{trainer.max_steps}", **metrics}
         return metrics
+
+
+def _bounded_by_epochs(trainer: Trainer) -> bool:
+    # Lightning turns an unset max_epochs into -1 when fitting starts.
+    return trainer.max_epochs is not None and trainer.max_epochs >= 0

@@ -44,6 +44,15 @@ def test_a_step_bounded_run_shows_its_step_and_no_epoch_total():
     assert metrics["step"] == "0/640" and "v_num" not in metrics
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_batch_total_counts_the_batches_of_the_steps_left(accumulate):
+    cli = built_cli("--trainer.max_steps", "6", "--model.init_args.accumulate_grad_batches", str(accumulate))
+    bar = bar_of(cli)
+    cli.trainer.strategy.connect(cli.model)  # what fitting does before the bar asks
+    cli.trainer.fit_loop.max_batches = 100  # batches in an epoch
+    assert bar.total_train_batches == 6 * accumulate
+
+
 def test_an_epoch_bounded_run_keeps_lightnings_description():
     cli = built_cli("--trainer.max_steps", "-1", "--trainer.max_epochs", "4")
     bar = bar_of(cli)

@@ -21,6 +21,7 @@ it is for the training length and inside a sliding window (``WindowedSampler``) 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 import warnings
@@ -211,6 +212,8 @@ class VideoPipeline:
             raise GenerateError(f"frames and batch_size must be integers >= 1, got {frames!r} and {batch_size!r}")
         check_seed(seed, count)
         self.model.codec.latent_frames(frames)
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise GenerateError(f"guidance must be a finite number >= 0, got {guidance}")
         if negative_prompt:
             if not self.reads_text:
                 raise GenerateError("this model is unconditional (trained without text) and takes no negative prompt")

@@ -135,7 +135,7 @@ class Sampler(ABC):
     ``text`` is the caption's ``TextEmbedding``, or a ``GuidedText`` when ``guidance > 0``.
     ``prefix`` (B, P, h, w, c) are known first frames (an image, a source clip): they are encoded
     into the deep block's cache and returned unchanged as ``x[:, :P]`` (in float32, like every sample);
-    ``z[:, :P]`` is not used.
+    ``z[:, :P]`` is not used (but must be finite, as all of ``z``).
     """
 
     @abstractmethod

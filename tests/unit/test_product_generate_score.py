@@ -177,6 +177,7 @@ def test_stream_writes_frames_as_they_come_and_longer_videos_use_a_window(checkp
         (["--prompt", "x", "--tol", "inf"], "--tol must be a number in (0, 1): a relative change per pass, got inf"),
         (["--prompt", "x", "--tol", "0"], "--tol must be a number in (0, 1)"),
         (["--prompt", "x", "--sampler", "windowed"], "sampled in windows of that length already"),
+        (["--prompt", "x", "--guidance", "-1"], "guidance must be a finite number >= 0, got -1.0"),
     ],
 )
 def test_bad_requests_are_one_line_errors(checkpoint, tmp_path, capsys, extra, message):

@@ -79,6 +79,9 @@ def check_request(flow, z: torch.Tensor, text: TextInput = None, guidance: float
             raise TypeError(f"{name} must be a torch.Tensor of latent frames (B, T, h, w, c), "
                             f"got {type(value).__name__}")
     cond, uncond = (text.cond, text.uncond) if isinstance(text, GuidedText) else (text, None)
+    if cond is None and flow.text_width is not None:  # a path the flow never trained on
+        raise ValueError("this flow is text-conditioned: pass the caption's text states (for an unconditional "
+                         "sample, the text encoder's embedding of the empty caption)")
     cond = flow.check_input(z, cond)  # its tokens now in the flow's dtype
     guidance = float(guidance)
     if not math.isfinite(guidance) or guidance < 0:

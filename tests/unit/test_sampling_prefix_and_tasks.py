@@ -57,6 +57,12 @@ def test_latents_that_are_not_tensors_are_refused_by_name():
         JacobiSampler().sample(flow, z, prefix=[[0.0]])
 
 
+def test_a_text_conditioned_flow_needs_text_states():
+    flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=(2, 3), text_width=16)
+    with pytest.raises(ValueError, match="this flow is text-conditioned: pass the caption's text states"):
+        JacobiSampler().sample(flow, torch.randn(1, 2, 2, 3, 3))
+
+
 def test_task_captions_carry_the_task_prefix():
     assert task_caption("t2v", "a red circle moves left") == "a red circle moves left"
     assert task_caption("i2v", "a red circle moves left") == "a red circle moves left"

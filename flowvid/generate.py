@@ -42,6 +42,7 @@ from flowvid.paths import check_output_folder, write_atomically
 from flowvid.pipeline import DEFAULT_TOLERANCE, NON_FINITE_ADVICE, GenerateError, VideoPipeline
 from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
 from flowvid.sampling import Sampler, build_sampler
+from flowvid.sampling.jacobi import check_tolerance
 from flowvid.sampling.tasks import TASKS, check_seed
 
 
@@ -94,8 +95,11 @@ def check_options(args: argparse.Namespace) -> None:
     if args.sampler == "windowed":
         raise GenerateError("--sampler windowed: videos longer than the model's training length are sampled in "
                             "windows of that length already; choose the sampler of each window (jacobi, sequential)")
-    if args.tol is not None and not 0 < args.tol < 1:
-        raise GenerateError(f"--tol must be a number in (0, 1): a relative change per pass, got {args.tol}")
+    if args.tol is not None:
+        try:
+            check_tolerance(args.tol, "--tol")
+        except ValueError as err:
+            raise GenerateError(str(err)) from None
     for option, value in (("--tol", args.tol), ("--first-block-size", args.first_block_size),
                           ("--block-size", args.block_size)):
         if value is not None and args.sampler != "jacobi":  # it would be ignored without a word

@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flowvid.checks import is_count
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 KINDS = ("raw", "latent")
@@ -122,13 +124,12 @@ def check_manifest(manifest: Any, where: str) -> None:
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_count(value) and value >= 1
 
 
 def _shard_entry(shard: Any) -> bool:
     return (isinstance(shard, dict) and isinstance(shard.get("name"), str) and isinstance(shard.get("sha256"), str)
-            and isinstance(shard.get("samples"), int) and not isinstance(shard.get("samples"), bool)
-            and shard["samples"] >= 0)
+            and is_count(shard.get("samples")) and shard["samples"] >= 0)
 
 
 def video_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:

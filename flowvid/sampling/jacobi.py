@@ -130,6 +130,12 @@ def leading_run(flags: torch.Tensor) -> torch.Tensor:
     return flags.int().cumprod(dim=1).sum(dim=1)
 
 
+def check_tolerance(tol: float, name: str = "tol") -> None:
+    """A ValueError unless ``tol`` is a number in (0, 1); ``name`` is what the caller called it (``--tol``)."""
+    if isinstance(tol, bool) or not isinstance(tol, Real) or not 0 < tol < 1:
+        raise ValueError(f"{name} must be a number in (0, 1): a relative change per pass, got {tol!r}")
+
+
 WARM_STARTS = ("affine", "values", "noise")
 
 #: Slots per first-frame and shallow block on a CPU: small blocks save passes of work where tokens lean
@@ -168,8 +174,7 @@ class JacobiSampler(BlockSampler):
 
     def __init__(self, tol: float = 1e-2, block_size: int | None = None, first_block_size: int | None = None,
                  max_iterations: int = 32, warm_start: str = "affine"):
-        if isinstance(tol, bool) or not isinstance(tol, Real) or not 0 < tol < 1:
-            raise ValueError(f"tol must be a number in (0, 1): a relative change per pass, got {tol!r}")
+        check_tolerance(tol)
         for name, value in (("block_size", block_size), ("first_block_size", first_block_size),
                             ("max_iterations", max_iterations)):
             if value is None and name != "max_iterations":  # a size that depends on the frame

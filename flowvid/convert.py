@@ -258,6 +258,7 @@ def main(argv: list[str]) -> int:
     from safetensors.torch import save_file
 
     from flowvid.cli import UserError
+    from flowvid.export import check_export_path
     from flowvid.paths import write_atomically
 
     parser = argparse.ArgumentParser(prog="flowvid convert", description="Import an apple/ml-starflow checkpoint.")
@@ -271,18 +272,22 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     config_path = out.parent / "flow.yaml"
     try:
+        check_export_path(out)
         for existing in (p for p in (out, config_path) if p.exists() and not args.force):
             raise FileExistsError(f"{existing} exists; pass --force to overwrite it")
         flow = import_reference_flow(args.reference, tuple(args.frame_size), args.head_dim)
         config = reference_flow_config(dict(flow.state_dict()), tuple(args.frame_size), args.head_dim)
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from err
-    out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"flow.{k}": v.contiguous() for k, v in flow.state_dict().items()}
-    write_atomically(out, lambda path: save_file(tensors, str(path), metadata={"format": "flowvid",
-                                                                               "source": Path(args.reference).name}))
     flow_config = {"class_path": "flowvid.flows.global_local.GlobalLocalFlow", "init_args": config}
-    write_atomically(config_path, lambda path: path.write_text(yaml.safe_dump(flow_config, sort_keys=False)))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(out, lambda path: save_file(tensors, str(path), metadata={"format": "flowvid",
+                                                                                   "source": Path(args.reference).name}))
+        write_atomically(config_path, lambda path: path.write_text(yaml.safe_dump(flow_config, sort_keys=False)))
+    except OSError as err:  # a full disk, a folder without write permission
+        raise UserError(f"cannot write {out}: {err.strerror or err}") from None
     print(f"wrote {out} and {config_path}")
     if config["text_width"]:
         print("the deep block reads its text differently from the reference (text positions, causal reading): "

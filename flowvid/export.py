@@ -341,6 +341,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--adapters-only", action="store_true",
                         help="a LoRA run: write only its adapters (fp32), to apply with generate/score --lora")
     args = parser.parse_args(argv)
+    if args.adapters_only and args.dtype != "fp32":
+        raise UserError("--adapters-only writes fp32 adapters (a few MB, merged into the weights in fp32); "
+                        "leave out --dtype")
     try:
         if args.adapters_only:
             from flowvid.adapters import export_adapters

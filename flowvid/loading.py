@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from flowvid.adapters import apply_adapters
-from flowvid.export import CONFIG_NAME, build_module, checkpoint_weights, load_exported, load_weights
+from flowvid.export import (
+    CONFIG_NAME,
+    build_module,
+    checkpoint_weights,
+    load_exported,
+    load_weights,
+    read_export_metadata,
+)
 from flowvid.lit.checkpointing import resolve_checkpoint
 
 
@@ -27,6 +34,7 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
     """
     path = model_file(path)
     if path.suffix == ".safetensors":
+        check_exported_weights(path, weights)
         module = load_exported(path, map_location=map_location).module
     else:
         state_dict, config, _ = checkpoint_weights(path, weights)
@@ -36,6 +44,13 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
     if adapters is not None:
         apply_adapters(module, adapters, adapter_strength)
     return module
+
+
+def check_exported_weights(path: Path, weights: str) -> None:
+    """An export holds one set of weights: refuse to pass its moving average off as the trained weights."""
+    if weights == "trained" and read_export_metadata(path).get("weights") == "ema":
+        raise ValueError(f"{path} holds the moving average of the weights, not the trained weights: export "
+                         "those with `flowvid export --weights trained`, or leave out --weights trained")
 
 
 def model_file(path: str | os.PathLike) -> Path:

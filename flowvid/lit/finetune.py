@@ -21,14 +21,17 @@ run is resumed (``resume: auto``), the checkpoint's weights win and the export i
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from flowvid.export import load_weights, reading_export
+from flowvid.export import CONFIG_NAME, decode_metadata, load_weights, reading_export
+from flowvid.lit.checkpointing import METADATA_KEY, check_resumable
 from flowvid.lit.ema import EMA
+from flowvid.loading import export_in
 from flowvid.nn.lora import DEFAULT_TARGETS, LoRALinear, add_lora, check_lora_settings
 
 #: Shorthands for ``Freeze(modules=...)``.
@@ -43,7 +46,7 @@ class InitFromExport(Callback):
     """Load a ``flowvid export`` (or ``flowvid convert``) file into the model before training starts.
 
     Args:
-        path: the ``.safetensors`` file.
+        path: the ``.safetensors`` file, or the folder of a ``flowvid export``.
         strict: every weight of the model must be in the file. With ``strict: false`` model weights
             the file lacks keep their initialisation (e.g. a new denoiser on an imported flow); weights
             in the file that the model lacks, or of another shape, are always an error.
@@ -59,16 +62,37 @@ class InitFromExport(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.resuming or trainer.ckpt_path:
             return
-        if not os.path.exists(self.path):
-            raise FileNotFoundError(f"InitFromExport: {self.path} does not exist")
-        with reading_export(self.path):
-            state = load_file(self.path)
+        path = self.export_file()
+        with reading_export(path), safe_open(str(path), framework="pt") as file:
+            recorded = decode_metadata(file.metadata() or {})
+        # The weights of a model that read other latents or other text states would load without a
+        # complaint, and train from a meaningless start.
+        identities = {"codec": recorded.get("codec"), "text_encoder": recorded.get("text_encoder")}
+        check_resumable({METADATA_KEY: identities}, pl_module, f"the export {path}")
+        with reading_export(path):
+            state = load_file(path)
         unexpected = sorted(set(state) - set(pl_module.state_dict()))
         if unexpected:
-            raise ValueError(f"{self.path} holds weights this model does not have: {', '.join(unexpected[:5])}"
+            raise ValueError(f"{path} holds weights this model does not have: {', '.join(unexpected[:5])}"
                              f"{' ...' if len(unexpected) > 5 else ''}")
-        load_weights(pl_module, state, where=self.path, strict=self.strict)
-        rank_zero_info(f"initialised {len(state)} tensors from {self.path}")
+        load_weights(pl_module, state, where=str(path), strict=self.strict)
+        rank_zero_info(f"initialised {len(state)} tensors from {path}")
+
+    def export_file(self) -> Path:
+        """The ``.safetensors`` file that ``path`` names: itself, or the export in the folder it names."""
+        path = Path(self.path)
+        if not path.exists():
+            raise FileNotFoundError(f"InitFromExport: {path} does not exist")
+        if path.is_dir():
+            found = export_in(path)
+            if found is None:
+                raise ValueError(f"InitFromExport: {path} is a folder without an export (a .safetensors file "
+                                 f"beside {CONFIG_NAME}); give the .safetensors file")
+            return found
+        if path.suffix != ".safetensors":
+            raise ValueError(f"InitFromExport: {path} is not an export (.safetensors); export a training checkpoint "
+                             f"first: flowvid export --ckpt {path} --out exported/model.safetensors")
+        return path
 
 
 class Freeze(Callback):

@@ -42,6 +42,16 @@ class LoRALinear(nn.Module):
         # Also in the state dict, so that merge_lora needs nothing but the weights.
         self.register_buffer("lora_scale", torch.tensor(self.scale, device=linear.weight.device))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        stored = state_dict.get(prefix + "lora_scale")
+        if stored is not None and not math.isclose(float(stored), self.scale, rel_tol=1e-6):
+            # The forward pass uses the configured scale and merging the stored one: a mix would give
+            # exports that are not the model trained.
+            raise ValueError(f"{prefix.rstrip('.') or 'a LoRA layer'}: the adapters were trained at scale {float(stored):g} "
+                             f"(alpha / rank), this model is configured for {self.scale:g}; set LoRA's alpha "
+                             "and rank as they were trained, or train new adapters in a new run")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         low = F.linear(x, self.lora_a)

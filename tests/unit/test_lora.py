@@ -59,6 +59,15 @@ def test_an_adapted_layer_starts_as_the_layer_and_merges_into_it():
     torch.testing.assert_close(merged(x), adapted(x), rtol=1e-6, atol=1e-6)
 
 
+def test_adapters_trained_at_another_scale_are_refused():
+    trained = LoRALinear(torch.nn.Linear(6, 5), rank=2, alpha=2.0)
+    state = trained.state_dict()
+    LoRALinear(torch.nn.Linear(6, 5), rank=2, alpha=2.0).load_state_dict(state)
+    # Resumed with another alpha, the forward pass and a merge would use different scales.
+    with pytest.raises(ValueError, match=r"trained at scale 1 \(alpha / rank\), this model is configured for 2"):
+        LoRALinear(torch.nn.Linear(6, 5), rank=2, alpha=4.0).load_state_dict(state)
+
+
 def tiny_flow(seed: int = 0) -> GlobalLocalFlow:
     torch.manual_seed(seed)
     flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=(4, 4))
@@ -207,6 +216,9 @@ def test_adapters_alone_turn_the_base_model_into_the_fine_tuned_one_at_any_stren
 
     with pytest.raises(ValueError, match="holds no LoRA adapters"):
         export_adapters(tmp_path / "base.ckpt", tmp_path / "none.safetensors")
+    bf16 = ["export", "--ckpt", str(tmp_path / "tuned.ckpt"), "--out", str(tmp_path / "bf16.safetensors"),
+            "--adapters-only", "--dtype", "bf16"]
+    assert main(bf16) == 2 and "--adapters-only writes fp32 adapters" in capsys.readouterr().err
     with pytest.raises(ValueError, match="is not a LoRA adapter file"):
         read_adapters(base_export)
     wider = copy.deepcopy(config)

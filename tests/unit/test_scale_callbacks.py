@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 from lightning.pytorch import LightningModule
 from safetensors.torch import save_file
 
+from flowvid.codecs import PixelCodec
+from flowvid.codecs.base import CodecMismatchError
 from flowvid.denoise import CausalDenoiser
 from flowvid.flows.global_local import GlobalLocalFlow
 from flowvid.lit.activation_checkpointing import ActivationCheckpointing, checkpoint_flow_layers
@@ -124,6 +127,31 @@ def test_init_from_a_flow_only_file_needs_strict_false_and_refuses_foreign_weigh
     truncated.write_bytes(flow_only.read_bytes()[:100])
     with pytest.raises(CorruptCheckpointError, match=f"cannot read exported model {truncated}"):
         InitFromExport(str(truncated)).setup(SimpleNamespace(ckpt_path=None), Parts(), "fit")
+
+
+def test_init_from_export_takes_an_export_folder_and_refuses_other_latents_and_checkpoints(tmp_path):
+    source = Parts(seed=1)
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    codec = json.dumps(PixelCodec(patch_size=1).identity())
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(folder / "model.safetensors"),
+              metadata={"format": "flowvid", "codec": codec})
+    (folder / "config.yaml").write_text("model: {}\n")
+
+    model = Parts(seed=2)
+    model.codec = PixelCodec(patch_size=1)
+    InitFromExport(str(folder)).setup(SimpleNamespace(ckpt_path=None), model, "fit")
+    assert torch.equal(model.flow.deep.sos, source.flow.deep.sos)
+
+    model.codec = PixelCodec(patch_size=2)  # latents of another codec: the weights would mean nothing
+    with pytest.raises(CodecMismatchError, match="patch_size"):
+        InitFromExport(str(folder)).setup(SimpleNamespace(ckpt_path=None), model, "fit")
+    checkpoint = tmp_path / "step=00000010.ckpt"
+    checkpoint.write_bytes(b"not an export")
+    with pytest.raises(ValueError, match="not an export .* flowvid export --ckpt"):
+        InitFromExport(str(checkpoint)).setup(SimpleNamespace(ckpt_path=None), Parts(), "fit")
+    with pytest.raises(ValueError, match="folder without an export"):
+        InitFromExport(str(tmp_path)).setup(SimpleNamespace(ckpt_path=None), Parts(), "fit")
 
 
 def test_freeze_stops_exactly_the_named_parts_from_training():

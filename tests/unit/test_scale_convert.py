@@ -159,6 +159,10 @@ def test_a_reference_file_imports_and_converts_through_the_command(tmp_path):
     assert set(load_file(out)) == {f"flow.{k}" for k in flow.state_dict()}
     with pytest.raises(UserError, match="exists; pass --force"):
         main(args)
+    # A folder, or a name the loaders would not take for an export, is refused before any work.
+    for wrong, reason in ((out.parent, "is a folder"), (out.with_suffix(".pt"), "does not end in .safetensors")):
+        with pytest.raises(UserError, match=reason):
+            main([*args[:-1], str(wrong), "--force"])
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint\n" * 20, b"PK\x03\x04" + b"\x00" * 40])

@@ -70,6 +70,16 @@ def test_the_moving_average_is_exported_by_default(trained, tmp_path):
     assert torch.equal(loaded.denoiser.proj_in.weight, module.denoiser.proj_in.weight)  # no EMA kept for it
 
 
+def test_an_export_of_the_moving_average_is_not_loaded_as_the_trained_weights(trained, tmp_path):
+    from flowvid.loading import load_model
+
+    _, ckpt = trained
+    out = export_checkpoint(ckpt, tmp_path / "model.safetensors")
+    assert torch.equal(load_model(out).flow.deep.sos, load_exported(out).flow.deep.sos)
+    with pytest.raises(ValueError, match="holds the moving average .* `flowvid export --weights trained`"):
+        load_model(out, weights="trained")
+
+
 def test_bf16_export_halves_the_file_and_loads_as_fp32_close_to_the_original(trained, tmp_path):
     module, ckpt = trained
     full = export_checkpoint(ckpt, tmp_path / "fp32" / "model.safetensors", weights="trained")

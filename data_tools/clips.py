@@ -1,4 +1,4 @@
-"""One video file -> fixed-size clips: frame stepping to a target fps, centre crop, resize.
+"""One video file -> fixed-size clips: frames picked by timestamp at a target fps, centre crop, resize.
 
 Any container and codec that PyAV's FFmpeg decodes works (mp4, avi, mkv, webm, mov, mpg, ogv; h264,
 vp8/vp9, mpeg1/2/4, mjpeg, theora, ...). Frames that need no resize are PyAV's rgb24 decode,
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import av
 import numpy as np
@@ -26,8 +28,8 @@ class VideoSkipped(Exception):
 class ClipSpec:
     """How clips are cut: ``frames`` per clip of ``height`` x ``width`` pixels.
 
-    ``fps``: target frame rate reached by stepping through the source frames (None keeps the
-    source rate; a source slower than the target is skipped, frames are never repeated).
+    ``fps``: target frame rate; output frame k is the source frame nearest in time to k / fps after
+    the first frame (None keeps the source rate; a source slower than the target is skipped).
     ``stride``: output frames between the starts of consecutive clips (None: ``frames``, no overlap).
     """
 
@@ -41,8 +43,8 @@ class ClipSpec:
         if self.frames < 1 or self.height < 1 or self.width < 1:
             raise ValueError(f"clip frames, height and width must be >= 1, "
                              f"got {self.frames}, {self.height}, {self.width}")
-        if self.fps is not None and self.fps <= 0:
-            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"fps must be a finite number of frames per second > 0, got {self.fps}")
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
 
@@ -74,26 +76,65 @@ def _decode(path: Path, spec: ClipSpec) -> tuple[list[np.ndarray], float]:
             if not container.streams.video:
                 raise VideoSkipped("no video stream")
             stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            source_fps = float(rate) if rate else None
-            if spec.fps is None:
-                if source_fps is None:
-                    raise VideoSkipped("unknown frame rate; pass --fps")
-                fps, step = source_fps, 1.0
-            else:
-                if source_fps is None:
-                    raise VideoSkipped("unknown frame rate, cannot step to the target fps")
-                if source_fps < spec.fps * 0.999:
-                    raise VideoSkipped(f"source is {source_fps:g} fps, below the target {spec.fps:g} fps")
-                fps, step = spec.fps, source_fps / spec.fps
-            picked: list[np.ndarray] = []
-            for index, frame in enumerate(container.decode(stream)):
-                # Output frame k is source frame floor(k * step): uneven steps keep the average rate exact.
-                if index == math.floor(len(picked) * step + 1e-6):
-                    picked.append(_fit(frame, spec.height, spec.width))
+            source_rate = stream.average_rate or stream.guessed_rate
+            rate = _output_rate(source_rate, spec.fps)
+            picked = [_fit(frame, spec.height, spec.width)
+                      for frame in _frames_at_rate(container.decode(stream), rate, source_rate)]
     except av.FFmpegError as err:
         raise VideoSkipped(f"undecodable: {err}") from err
-    return picked, fps
+    return picked, float(rate)
+
+
+def _output_rate(source_rate: Fraction | None, fps: float | None) -> Fraction:
+    """The clips' frame rate: ``fps``, or the source's own; VideoSkipped when the source cannot give it."""
+    if not source_rate:
+        raise VideoSkipped("unknown frame rate; pass --fps" if fps is None
+                           else "unknown frame rate, cannot step to the target fps")
+    if fps is None:
+        return Fraction(source_rate)
+    # Within 0.1% below the target passes: 29.97 fps footage (30000/1001) makes 30 fps clips.
+    if source_rate < fps * 0.999:
+        raise VideoSkipped(f"source is {float(source_rate):g} fps, below the target {fps:g} fps")
+    return Fraction(fps)
+
+
+def _frames_at_rate(frames: Iterable[av.VideoFrame], rate: Fraction,
+                    source_rate: Fraction) -> Iterator[av.VideoFrame]:
+    """For each output time ``start + k / rate``, the source frame nearest to it, from the first frame's
+    time ``start`` to the end of the last frame.
+
+    Timestamps, not frame counts, decide: a variable-rate video keeps its timing, and a frame that the
+    source shows for longer than an output frame (a slow stretch of it) is given again, as a player
+    would show it. A frame is nearest to the times up to the midpoint between it and the next frame;
+    the last frame is taken to last as long as the interval before it.
+    """
+    start = previous = previous_time = None
+    interval = 1 / Fraction(source_rate)  # the last frame's length when it is the only one
+    index = 0  # of the next output frame
+    for number, frame in enumerate(frames):
+        time = _frame_time(frame, number, source_rate)
+        if previous_time is not None and time <= previous_time:
+            continue  # shown for no time at all: a repeated or out-of-order timestamp
+        if previous is None:
+            start = time
+        else:
+            interval = time - previous_time
+            while start + index / rate <= previous_time + interval / 2:
+                yield previous
+                index += 1
+        previous, previous_time = frame, time
+    if previous is None:
+        return
+    while start + index / rate < previous_time + interval / 2:
+        yield previous
+        index += 1
+
+
+def _frame_time(frame: av.VideoFrame, number: int, source_rate: Fraction) -> Fraction:
+    """Presentation time in seconds, exact; from the frame's position where the file stores no timestamp."""
+    if frame.pts is None or frame.time_base is None:
+        return number / Fraction(source_rate)
+    return frame.pts * frame.time_base
 
 
 def _fit(frame: av.VideoFrame, height: int, width: int) -> np.ndarray:

@@ -5,8 +5,9 @@
 
 The manifest records the codec's identity (name, config and config hash, checked against the model at
 training time), the latent shape, the per-channel mean and std measured over all written latents,
-and the codec's own normalisation when it has one (``latents_mean`` / ``latents_std``). A frozen
-text encoder's embeddings can be cached with the latents. Codec and text-encoder arguments are
+the codec's own normalisation when it has one (``latents_mean`` / ``latents_std``) and the clips
+skipped (a broken raw shard as one entry with the number of ``samples`` it lost). A frozen text
+encoder's embeddings can be cached with the latents. Codec and text-encoder arguments are
 checked before anything is written, and a run replaces earlier shards in DIR only when it writes at
 least one latent.
 
@@ -176,7 +177,7 @@ def _write_latents(
 ) -> dict[str, Any]:
     """Encode every ``world_size``-th raw shard from ``rank`` into shards in ``out``; returns this part's
     shards, statistics, skipped clips and text shape, for ``_manifest``."""
-    skipped: list[dict[str, str]] = []
+    skipped: list[dict[str, Any]] = []
     stats = _ChannelStats(latent_shape[-1])
     text_shape = None
     with ShardFolderWriter(out, max_samples=shard_samples) as writer:
@@ -252,9 +253,10 @@ def _gather_shards(parts: list[dict[str, Any]], staging: Path) -> None:
         os.replace(middle, staging / (SHARD_PATTERN % index))
 
 
-def _samples(shards: list[Path], listed: list[int], spec: SampleSpec, skipped: list[dict[str, str]],
+def _samples(shards: list[Path], listed: list[int], spec: SampleSpec, skipped: list[dict[str, Any]],
              on_sample: Callable[[], None] | None) -> Iterator[dict[str, Any]]:
-    """Decoded samples of raw shards in stored order; unusable ones are appended to ``skipped``."""
+    """Decoded samples of raw shards in stored order; unusable ones are appended to ``skipped``, a broken
+    shard once with the number of ``samples`` it lost."""
     for sample in listed_samples(shards, listed, skipped):
         if on_sample is not None:
             on_sample()

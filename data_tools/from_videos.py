@@ -15,8 +15,9 @@ as it was (and lists every skip on the console).
 their clips go to ``DIR/val`` and the others' to ``DIR/train``, the layout ``make-synthetic`` writes;
 each of the two folders has its own manifest and ``summary.json`` (videos skipped before the split,
 for want of a caption, are listed in ``train``'s).
-A video's side depends on its path alone (a hash), so adding videos later moves none of the others;
-at least one video is held out and at least one kept.
+A video's side is a hash of its path below the INPUT it was found under (a file named directly: its
+name), so adding videos later, under that input or another one, moves none of the others; at least
+one video is held out and at least one kept. A file that several inputs name is one video.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import csv
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -114,7 +116,8 @@ def convert_videos(
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
     started = time.perf_counter()
-    files = find_videos(inputs)
+    videos = find_videos(inputs)
+    files = list(videos)
     table = load_captions(captions) if captions else {}
     if table and not any(str(path) in table or path.name in table for path in files):
         raise ValueError(f"the captions in {captions} name none of the {len(files)} videos found (paths are read "
@@ -131,21 +134,23 @@ def convert_videos(
                     shard_bytes=shard_bytes, show_progress=show_progress, started=started)
     if not val_fraction:
         return _convert(captioned, skipped, len(files), Path(out), **settings)
-    train, val = split_videos(captioned, root, val_fraction)
+    train, val = split_videos(captioned, videos, val_fraction)
     splits = {"train": _convert(train, skipped, len(train) + len(skipped), Path(out) / "train", **settings),
               "val": _convert(val, [], len(val), Path(out) / "val", **settings)}
     return {"out": str(out), "splits": splits}
 
 
-def split_videos(captioned: list[tuple[Path, str]], root: Path,
+def split_videos(captioned: list[tuple[Path, str]], found_as: dict[Path, str],
                  fraction: float) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
-    """(kept, held out): a video is held out when the hash of its path below ``root``, as a number in [0, 1),
-    is below ``fraction``; at least one video goes to each side."""
+    """(kept, held out): a video is held out when the hash of its path below its input (``found_as``, from
+    ``find_videos``), as a number in [0, 1), is below ``fraction``; at least one video goes to each side.
+
+    Neither the other videos nor where the inputs lie change a video's side."""
     if len(captioned) < 2:
         raise ValueError(f"--val-fraction needs at least two captioned videos to hold some out, found {len(captioned)}")
 
     def position(path: Path) -> float:
-        digest = hashlib.sha1(path.relative_to(root).as_posix().encode()).digest()
+        digest = hashlib.sha1(found_as[path].encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
     positions = [position(path) for path, _ in captioned]
@@ -215,27 +220,46 @@ def _write_clips(
     return files_ok, rates
 
 
-def find_videos(inputs: Sequence[str]) -> list[Path]:
-    """Files named directly, video files under folders (recursively) and glob matches; sorted, unique."""
-    found: set[Path] = set()
+WILDCARD = re.compile(r"[*?[]")  # what makes a path part a glob pattern
+
+
+def find_videos(inputs: Sequence[str]) -> dict[Path, str]:
+    """Files named directly, video files under folders (recursively) and glob matches, each once:
+    ``{resolved path: its path below the input it was first found under}``, sorted by path.
+
+    A file that several inputs name (a folder and a file in it, a relative and an absolute spelling)
+    is one video.
+    """
+    found: dict[Path, str] = {}
     for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
-        elif path.is_file():
-            found.add(path)
-        else:
-            matches = [Path(p) for p in glob.glob(item, recursive=True)]
-            found.update(p for p in matches if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        for path, below in _found_under(item):
+            found.setdefault(path.resolve(), below)
     if not found:
         raise ValueError(f"no video files found in {list(inputs)} (extensions: {', '.join(sorted(VIDEO_EXTENSIONS))})")
-    return sorted(p.resolve() for p in found)
+    return dict(sorted(found.items()))
+
+
+def _found_under(item: str) -> Iterator[tuple[Path, str]]:
+    """The files one input names, each with its path below the input (a file's: its name)."""
+    path = Path(item)
+    if path.is_file():
+        yield path, path.name
+        return
+    if path.is_dir():
+        candidates, base = path.rglob("*"), path
+    else:  # a glob pattern: its paths are read below the folders it names before the first wildcard
+        candidates = map(Path, glob.glob(item, recursive=True))
+        base = Path(*itertools.takewhile(lambda part: not WILDCARD.search(part), path.parts[:-1]))
+    for candidate in candidates:
+        if candidate.is_file() and candidate.suffix.lower() in VIDEO_EXTENSIONS:
+            yield candidate, candidate.relative_to(base).as_posix()
 
 
 def load_captions(path: str | Path) -> dict[str, str]:
     """``{resolved video path: caption}`` from a CSV (optional header ``path,caption``) or a JSONL file.
 
-    File names are also keys, where they are unique, so that a table of bare names works too.
+    A row whose path is a bare file name also captions a video of that name in any folder, where no
+    other bare row names it, so that a table of bare names works too; ``sub/a.mp4`` captions only itself.
     """
     path = Path(path)
     try:
@@ -246,7 +270,8 @@ def load_captions(path: str | Path) -> dict[str, str]:
     table = {str((path.parent / video).resolve()): caption for video, caption in rows}
     names: dict[str, list[str]] = {}
     for video, caption in rows:
-        names.setdefault(Path(video).name, []).append(caption)
+        if Path(video).name == video:
+            names.setdefault(video, []).append(caption)
     table.update({name: captions[0] for name, captions in names.items() if len(captions) == 1})
     return table
 
@@ -270,9 +295,14 @@ def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[str, str]]:
             continue
         try:
             row = json.loads(line)
-            yield str(row["path"]), str(row["caption"]).strip()
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f'{path}:{number}: expected {{"path": ..., "caption": ...}}, got {line[:80]!r}') from err
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not {"path", "caption"} <= row.keys():
+            raise ValueError(f'{path}:{number}: expected {{"path": ..., "caption": ...}}, got {line[:80]!r}')
+        if not isinstance(row["path"], str) or not isinstance(row["caption"], str):
+            raise ValueError(f'{path}:{number}: "path" and "caption" must be strings (a caption of "" for none), '
+                             f'got {line[:80]!r}')
+        yield row["path"], row["caption"].strip()
 
 
 class NoCaption(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -341,8 +341,11 @@ class SyntheticVideoDataModule(VideoShardDataModule):
     """Captioned videos of moving shapes, written to ``root/train`` and ``root/val`` on first use.
 
     ``prepare_data`` (run once per node by Lightning) makes the shards unless ``root`` already holds
-    the same dataset; validation holds only attribute combinations never seen in training. Keep
-    ``num_videos / shard_samples`` at least devices x workers, so that every worker has a shard.
+    the same dataset, made by this module or by ``make-synthetic`` with the same settings (the defaults
+    of both agree, except ``val_videos``); one made with other settings is written again, with a
+    warning naming the settings that differ. Validation holds only attribute combinations never seen
+    in training. Keep ``num_videos / shard_samples`` at least devices x workers, so that every worker
+    has a shard.
     """
 
     def __init__(
@@ -361,6 +364,8 @@ class SyntheticVideoDataModule(VideoShardDataModule):
         batches_per_epoch: int = 100,
         val_batches: int | None = None,
         seed: int = 0,
+        max_objects: int = DEFAULT_MAX_OBJECTS,
+        backgrounds: Sequence[str] = BACKGROUNDS,
     ):
         super().__init__(str(Path(root) / "train"), str(Path(root) / "val"), batch_size, num_workers,
                          shuffle_buffer, batches_per_epoch, val_batches, seed)
@@ -368,15 +373,21 @@ class SyntheticVideoDataModule(VideoShardDataModule):
         # Every argument the dataset's manifests record, so that an unchanged dataset is recognised.
         self.recipe = {"num_videos": num_videos, "val_videos": val_videos, "frames": frames, "size": size,
                        "fps": fps, "seed": data_seed, "shard_samples": shard_samples,
-                       "max_objects": DEFAULT_MAX_OBJECTS, "backgrounds": list(BACKGROUNDS)}
+                       "max_objects": max_objects, "backgrounds": list(backgrounds)}
 
     def prepare_data(self) -> None:
         from flowvid.data.synthetic import synthetic_recipe, write_synthetic_dataset
 
         try:
-            if synthetic_recipe(self.root) == self.recipe:
-                return
+            made = synthetic_recipe(self.root)
         except manifests.ManifestError:
-            pass
+            made = None  # no dataset there yet, or only part of one
+        if made == self.recipe:
+            return
+        if made is not None:
+            differ = ", ".join(f"{key}={made.get(key)!r} there, {value!r} here" for key, value in self.recipe.items()
+                               if made.get(key) != value)
+            warnings.warn(f"{self.root} holds a synthetic dataset made with other settings ({differ}): "
+                          "writing it again with these", stacklevel=2)
         write_synthetic_dataset(self.root, **self.recipe)
         self._manifests.clear()

@@ -158,12 +158,12 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stream = (worker + self.skip) % workers
         # A single ordered pass reads each shard once; a stream of a fixed number of batches may share.
-        sources = [source.for_rank(self.rank, self.world_size).for_stream(stream, workers, self.batches is not None)
-                   for source in self.sources]
+        rank_sources = [source.for_rank(self.rank, self.world_size) for source in self.sources]
+        sources = [source.for_stream(stream, workers, self.batches is not None) for source in rank_sources]
         if not any(source.shards for source in sources):
             return
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{stream}")
-        samples = self._samples(sources, rng, worker)
+        samples = self._samples(sources, rank_sources, rng, worker)
         if self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         batches = _batched(samples, self.batch_size)
@@ -180,38 +180,55 @@ class ShardStream(IterableDataset):
             if not self.replaying:
                 yield batch
 
-    def _samples(self, sources: list[ShardSource], rng: random.Random, worker: int) -> Iterator[Sample]:
-        """Checked samples; resampled shards forever, or ordered passes (one unless a batch count is set)."""
-        shards = [shard for source in sources for shard in source.shards]
-        weights = [source.weight / max(sum(source.samples), 1) for source in sources for _ in source.shards]
+    def _samples(self, sources: list[ShardSource], rank_sources: list[ShardSource], rng: random.Random,
+                 worker: int) -> Iterator[Sample]:
+        """Checked samples; resampled shards forever, or ordered passes (one unless a batch count is set).
+
+        A stream of a fixed number of batches must not run dry before it has them all: when a source's
+        shards in this stream give no usable sample, it reads all the rank's shards of that source from
+        then on (``_refilled``), as the rank's other streams read on.
+        """
+        endless = self.resample or self.batches is not None
         barren: set[str] = set()  # shards that gave no usable sample
         while True:
-            if not self.resample:
-                order = shards
-            elif len(sources) == 1:  # uniform over the shards, the order single-folder runs have always had
-                order = [rng.choice(shards) for _ in shards]
-            else:
-                order = rng.choices(shards, weights, k=len(shards))
-            for shard in order:
+            for shard in self._order(sources, rng):
                 found = False
                 for sample in self._read(shard, worker):
                     found = True
                     yield sample
-                if not found:
+                if not found and endless:
                     barren.add(shard)
-                    self._check_not_barren(sources, barren)
-            if not self.resample and self.batches is None:
+                    if any(_dry(source, barren) for source in sources):
+                        sources = self._refilled(sources, rank_sources, barren)
+                        break  # a new pass, over the refilled sources
+            if not endless:
                 return
 
-    def _check_not_barren(self, sources: list[ShardSource], barren: set[str]) -> None:
-        """A stream whose shards are all barren would never end; nor would a mixture keep its weights
-        when one of its sources has nothing left to give."""
-        for source in sources:
-            if source.shards and source.weight > 0 and barren >= set(source.shards):
-                raise RuntimeError(
-                    f"no usable sample left in {len(set(source.shards))} shard(s) of rank {self.rank} "
-                    f"(first: {source.shards[0]}); skipped so far: {self.counter.totals()}"
-                )
+    def _order(self, sources: list[ShardSource], rng: random.Random) -> list[str]:
+        """The shards of one pass: in stored order, or drawn (with replacement) by the sources' weights."""
+        shards = [shard for source in sources for shard in source.shards]
+        if not self.resample:
+            return shards
+        if len(sources) == 1:  # uniform over the shards, the order single-folder runs have always had
+            return [rng.choice(shards) for _ in shards]
+        weights = [source.weight / max(sum(source.samples), 1) for source in sources for _ in source.shards]
+        return rng.choices(shards, weights, k=len(shards))
+
+    def _refilled(self, sources: list[ShardSource], rank_sources: list[ShardSource],
+                  barren: set[str]) -> list[ShardSource]:
+        """Each dry source replaced by all the rank's shards of it. When those are all barren too, the rank
+        has nothing left to give: a stream would never end, nor would a mixture keep its weights."""
+        refilled = []
+        for source, whole in zip(sources, rank_sources):
+            if _dry(source, barren):
+                if _dry(whole, barren):
+                    raise RuntimeError(
+                        f"no usable sample left in {len(set(whole.shards))} shard(s) of rank {self.rank} "
+                        f"(first: {whole.shards[0]}); skipped so far: {self.counter.totals()}"
+                    )
+                source = whole
+            refilled.append(source)
+        return refilled
 
     def _read(self, shard: str, worker: int) -> Iterator[Sample]:
         read = 0
@@ -239,6 +256,11 @@ class ShardStream(IterableDataset):
 
 
 _reported: set[str] = set()  # per process: each defect is logged once, counted every time
+
+
+def _dry(source: ShardSource, barren: set[str]) -> bool:
+    """Whether every shard of ``source`` has given no usable sample (one that is never drawn does not count)."""
+    return bool(source.shards) and source.weight > 0 and barren >= set(source.shards)
 
 
 def _shuffled(samples: Iterator[Sample], size: int, rng: random.Random) -> Iterator[Sample]:

@@ -380,10 +380,13 @@ def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[Path]:
     return [Path(folder) / shard["name"] for shard in manifest["shards"]]
 
 
-def listed_samples(shards: list[Path], listed: list[int], skipped: list[dict[str, str]]) -> Iterator[dict[str, bytes]]:
+def listed_samples(shards: list[Path], listed: list[int],
+                   skipped: list[dict[str, Any]]) -> Iterator[dict[str, bytes]]:
     """The raw samples of ``shards`` in stored order (``iter_tar``). A broken shard, and one that holds fewer
     samples than its manifest lists (``listed``; a zero-filled tail reads as a normal end), is appended to
-    ``skipped`` as ``{"shard", "reason"}``: no sample is lost without a count."""
+    ``skipped`` as ``{"shard", "reason", "samples"}``, ``samples`` being how many of the listed ones it did
+    not give (a broken shard: one at least), as the training stream counts them: no sample is lost without
+    a count."""
     for shard, count in zip(shards, listed):
         read = 0
         try:
@@ -391,8 +394,8 @@ def listed_samples(shards: list[Path], listed: list[int], skipped: list[dict[str
                 read += 1
                 yield raw
         except BrokenShard as err:
-            skipped.append({"shard": shard.name, "reason": f"broken_tar: {err}"})
+            skipped.append({"shard": shard.name, "reason": f"broken_tar: {err}", "samples": max(count - read, 1)})
             continue
         if read < count:
-            skipped.append({"shard": shard.name,
-                            "reason": f"broken_tar: holds {read} samples, the manifest lists {count}"})
+            reason = f"broken_tar: holds {read} samples, the manifest lists {count}"
+            skipped.append({"shard": shard.name, "reason": reason, "samples": count - read})

@@ -17,6 +17,7 @@ and motion still appears in training.
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -92,8 +93,9 @@ def check_scene_options(max_objects: int, backgrounds: Sequence[str]) -> None:
 def check_video_options(frames: int, size: int | tuple[int, int], fps: float) -> None:
     """Raise a ValueError unless videos of ``frames`` x ``size`` pixels at ``fps`` can be drawn."""
     height, width = (size, size) if isinstance(size, int) else size
-    if frames < 1 or height < 4 or width < 4 or fps <= 0:
-        raise ValueError(f"need frames >= 1, size >= 4 and fps > 0, got frames={frames}, size={size}, fps={fps}")
+    if frames < 1 or height < 4 or width < 4 or not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"need frames >= 1, size >= 4 and a finite fps > 0, "
+                         f"got frames={frames}, size={size}, fps={fps}")
 
 
 def check_attributes(attributes: dict[str, Any]) -> None:

@@ -152,6 +152,15 @@ def test_a_shard_whose_tail_reads_as_zeros_is_listed_not_silently_shorter(raw, t
                for item in manifest["skipped"])
 
 
+def test_a_broken_raw_shard_is_listed_with_every_sample_it_lost(raw, tmp_path):
+    source = tmp_path / "raw"
+    shutil.copytree(raw, source)
+    (source / "shard-000001.tar").write_bytes(b"not a tar archive")
+    manifest = encode_latents(source, tmp_path / "latent", SpaceToDepth())
+    assert [(item["shard"], item["samples"]) for item in manifest["skipped"]] == [("shard-000001.tar", 5)]
+    assert manifest["samples"] + manifest["skipped"][0]["samples"] == 12
+
+
 def test_overflowing_latents_are_skipped_and_listed(raw, tmp_path):
     # Scaled by 1000, any pixel above 65 overflows float16: those clips must not be written.
     manifest = encode_latents(raw, tmp_path / "latent", SpaceToDepth(scale=1000.0))

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from data_tools.cli import main as data_main
+from data_tools.clips import ClipSpec, read_clips
 from data_tools.report import console
 from data_tools.verify import verify_folder
 from flowvid.data import VideoShardDataModule, load_manifest
@@ -237,3 +239,118 @@ def test_captions_with_a_byte_order_mark_are_read_without_it(tmp_path):
     assert data_main(["from-videos", str(tmp_path / "a.mkv"), str(tmp_path / "b.mkv"), "--frames", "4", "--size",
                       "8", "--captions", str(tmp_path / "captions.csv"), "--out", str(tmp_path / "out")]) == 0
     assert sorted(meta["caption"] for meta in metas(tmp_path / "out")) == ["a blue square", "a red circle"]
+
+
+@pytest.mark.parametrize("source_rate, target", [(Fraction(30000, 1001), 30), (Fraction(24000, 1001), 24),
+                                                 (Fraction(60000, 1001), 60)])
+def test_ntsc_footage_makes_clips_at_the_round_rate_of_every_frame(tmp_path, source_rate, target):
+    # 29.97 fps is 0.1% below 30: over 12 frames the nearest source frame to each 1/30 s is the next one.
+    frames = random_frames(12, 8, 8)
+    video = write_video(tmp_path / "ntsc.mkv", frames, fps=source_rate)
+    clips = read_clips(video, ClipSpec(4, 8, 8, fps=target))
+    assert clips.fps == target and clips.starts == [0, 4, 8]
+    np.testing.assert_array_equal(np.concatenate(clips.videos), frames)
+
+
+def write_timed_video(path, frames, milliseconds):
+    """A lossless video whose frame i is shown from ``milliseconds[i]``: a variable frame rate."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=30)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "bgr0"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for frame, time in zip(frames, milliseconds):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts, picture.time_base = time, Fraction(1, 1000)
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+    return path
+
+
+def test_a_variable_frame_rate_video_keeps_its_timing(tmp_path):
+    # One second at 30 fps, then one at 10 fps: at 10 fps every 3rd frame of the first, every frame of the second.
+    milliseconds = [round(i * 1000 / 30) for i in range(30)] + [1000 + 100 * i for i in range(10)]
+    frames = random_frames(40, 8, 8)
+    video = write_timed_video(tmp_path / "vfr.mkv", frames, milliseconds)
+    clips = read_clips(video, ClipSpec(10, 8, 8, fps=10))
+    expected = [*range(0, 30, 3), *range(30, 40)]
+    np.testing.assert_array_equal(np.concatenate(clips.videos), frames[expected])
+
+
+def test_a_slow_stretch_of_a_variable_rate_video_is_held_as_long_as_the_source_shows_it(tmp_path):
+    # Frame 1 is shown from 100 to 400 ms: at 10 fps it is the nearest frame to 100 and 200 ms, frame 2 to
+    # 300 and 400 ms.
+    frames = random_frames(3, 8, 8)
+    video = write_timed_video(tmp_path / "held.mkv", frames, [0, 100, 400])
+    clips = read_clips(video, ClipSpec(5, 8, 8, fps=10))
+    np.testing.assert_array_equal(clips.videos[0], frames[[0, 1, 1, 2, 2]])
+
+
+@pytest.mark.parametrize("fps", [float("nan"), float("inf"), 0.0])
+def test_a_frame_rate_that_is_not_finite_and_positive_is_refused(tmp_path, capsys, fps):
+    with pytest.raises(ValueError, match="finite number of frames per second > 0"):
+        ClipSpec(4, 8, 8, fps=fps)
+    video = write_video(tmp_path / "a.mkv", random_frames(4, 8, 8))
+    assert data_main(["from-videos", str(video), "--out", str(tmp_path / "out"), "--frames", "4", "--size", "8",
+                      "--fps", str(fps), "--default-caption", ""]) == 2
+    assert "fps must be a finite number" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def captions_by_split(out):
+    return {split: {meta["caption"] for meta in metas(out / split)} for split in ("train", "val")}
+
+
+def test_a_videos_side_of_the_split_stays_when_videos_are_added_under_another_input(tmp_path):
+    (tmp_path / "data" / "in").mkdir(parents=True)
+    for index in range(12):
+        write_video(tmp_path / "data" / "in" / f"v{index:02d}.mkv", random_frames(2, 8, 8, seed=index))
+        (tmp_path / "data" / "in" / f"v{index:02d}.txt").write_text(f"video {index}")
+    args = ["from-videos", "--frames", "2", "--size", "8", "--val-fraction", "0.25"]
+    assert data_main([*args, str(tmp_path / "data" / "in"), "--out", str(tmp_path / "first")]) == 0
+    # A second input moves the videos' common folder from data/in up to data: no video may change sides.
+    (tmp_path / "data" / "more").mkdir()
+    write_video(tmp_path / "data" / "more" / "w.mkv", random_frames(2, 8, 8, seed=99))
+    (tmp_path / "data" / "more" / "w.txt").write_text("a new video")
+    assert data_main([*args, str(tmp_path / "data" / "in"), str(tmp_path / "data" / "more"),
+                      "--out", str(tmp_path / "again")]) == 0
+    first, again = captions_by_split(tmp_path / "first"), captions_by_split(tmp_path / "again")
+    assert first["train"] <= again["train"] and first["val"] <= again["val"]
+
+
+def test_a_file_named_twice_in_different_spellings_is_one_video(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    write_video(tmp_path / "in" / "a.mkv", random_frames(4, 8, 8))
+    monkeypatch.chdir(tmp_path)
+    inputs = ["in", "in/a.mkv", str(tmp_path / "in" / "a.mkv"), "in/*.mkv"]
+    assert data_main(["from-videos", *inputs, "--out", "out", "--frames", "4", "--size", "8",
+                      "--default-caption", ""]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["files_total"] == 1 and summary["written"] == 1
+    assert verify_folder(tmp_path / "out")["ok"]
+
+
+def test_a_caption_for_a_path_in_a_folder_does_not_caption_a_namesake_in_another(tmp_path):
+    for folder in ("sub1", "sub2", "sub3"):
+        (tmp_path / folder).mkdir()
+        write_video(tmp_path / folder / "a.mkv", random_frames(2, 8, 8))
+    (tmp_path / "sub3" / "b.mkv").write_bytes((tmp_path / "sub3" / "a.mkv").read_bytes())
+    (tmp_path / "captions.csv").write_text("path,caption\nsub1/a.mkv,a cat jumps\nb.mkv,a bare name\n")
+    assert data_main(["from-videos", str(tmp_path / "sub1"), str(tmp_path / "sub2"), str(tmp_path / "sub3"),
+                      "--frames", "2", "--size", "8", "--captions", str(tmp_path / "captions.csv"),
+                      "--out", str(tmp_path / "out")]) == 0
+    captions = {meta["source"]: meta["caption"] for meta in metas(tmp_path / "out")}
+    assert captions == {"sub1/a.mkv": "a cat jumps", "sub3/b.mkv": "a bare name"}  # a bare name fits any folder
+    skipped = json.loads((tmp_path / "out" / "summary.json").read_text())["skipped"]
+    assert [(Path(item["path"]).parent.name, item["reason"].split(" (")[0]) for item in skipped] == [
+        ("sub2", "no caption"), ("sub3", "no caption")]
+
+
+@pytest.mark.parametrize("row", ['{"path": "a.mkv", "caption": null}', '{"path": "a.mkv", "caption": ["a", "dog"]}',
+                                 '{"path": 7, "caption": "a dog"}', '["a.mkv", "a dog"]'])
+def test_a_jsonl_caption_that_is_not_a_string_is_refused_naming_the_line(tmp_path, capsys, monkeypatch, row):
+    monkeypatch.setattr(console, "width", 400)
+    write_video(tmp_path / "a.mkv", random_frames(2, 8, 8))
+    (tmp_path / "captions.jsonl").write_text('{"path": "b.mkv", "caption": "fine"}\n' + row + "\n")
+    assert data_main(["from-videos", str(tmp_path / "a.mkv"), "--frames", "2", "--size", "8",
+                      "--captions", str(tmp_path / "captions.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'captions.jsonl'}:2: " in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 
-from flowvid.data import SyntheticVideoDataModule
+from flowvid.data import SyntheticVideoDataModule, load_manifest
 
 
 class KeyRecorder(L.LightningModule):
@@ -54,5 +54,22 @@ def test_prepare_data_keeps_a_dataset_made_with_the_same_recipe(tmp_path):
     made = manifest.stat().st_mtime_ns
     SyntheticVideoDataModule(str(tmp_path), **settings).prepare_data()
     assert manifest.stat().st_mtime_ns == made  # recognised, not written again
-    SyntheticVideoDataModule(str(tmp_path), **{**settings, "size": 12}).prepare_data()
+    with pytest.warns(UserWarning, match="size=8 there, 12 here"):
+        SyntheticVideoDataModule(str(tmp_path), **{**settings, "size": 12}).prepare_data()
     assert manifest.stat().st_mtime_ns != made
+
+
+def test_prepare_data_reuses_a_narrowed_dataset_that_make_synthetic_wrote(tmp_path):
+    from data_tools.cli import main as data_main
+
+    assert data_main(["make-synthetic", "--out", str(tmp_path), "--num-videos", "8", "--val-videos", "2",
+                      "--frames", "2", "--size", "8", "--shard-samples", "4", "--max-objects", "1",
+                      "--backgrounds", "plain"]) == 0
+    manifest = tmp_path / "train" / "manifest.json"
+    made = manifest.read_bytes(), manifest.stat().st_mtime_ns
+    settings = dict(num_videos=8, val_videos=2, frames=2, size=8, shard_samples=4)
+    SyntheticVideoDataModule(str(tmp_path), **settings, max_objects=1, backgrounds=["plain"]).prepare_data()
+    assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == made  # recognised, not written again
+    with pytest.warns(UserWarning, match="max_objects=1 there, 2 here"):
+        SyntheticVideoDataModule(str(tmp_path), **settings).prepare_data()
+    assert load_manifest(tmp_path / "train")["source"]["recipe"]["max_objects"] == 2

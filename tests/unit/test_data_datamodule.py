@@ -200,11 +200,29 @@ def test_a_shard_whose_tail_reads_as_zeros_is_counted_not_silently_shorter(tmp_p
     assert dm.skipped_counts() == {"broken_tar": 4}
 
 
-def test_nothing_usable_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_nothing_usable_is_a_clear_error(tmp_path, num_workers):
     write_folder(tmp_path, shards=2, corrupt=lambda key, sample: sample.pop("txt"))
-    dm = VideoShardDataModule(str(tmp_path), batch_size=2, batches_per_epoch=3)
-    with pytest.raises(RuntimeError, match="no usable sample left"):
+    dm = VideoShardDataModule(str(tmp_path), batch_size=2, batches_per_epoch=3, num_workers=num_workers)
+    with pytest.raises(RuntimeError, match="no usable sample left in 2 shard"):
         run_epoch(dm)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_worker_whose_own_shards_are_broken_reads_the_other_shards_of_its_rank(tmp_path, num_workers):
+    # With two workers, the second one's only shard is the broken one: it must read the first's, not stop.
+    write_folder(tmp_path, shards=2)
+    (tmp_path / "shard-000001.tar").write_bytes(b"not a tar archive")
+    dm = VideoShardDataModule(str(tmp_path), val_dir=str(tmp_path), batch_size=2, num_workers=num_workers,
+                              batches_per_epoch=4)
+    dm.setup("fit")
+    epoch = run_epoch(dm)
+    assert len(epoch) == 4 and {shard_of(key) for keys in epoch for key in keys} == {0}
+    lost_in_training = dm.skipped_counts()["broken_tar"]
+    assert lost_in_training > 0 and lost_in_training % 6 == 0  # every read of the shard loses its six samples
+    keys = [key for batch in dm.val_dataloader() for key in batch["key"]]
+    assert sorted(keys) == [f"s0-{i:03d}" for i in range(6)]
+    assert dm.skipped_counts() == {"broken_tar": lost_in_training + 6}
 
 
 def test_a_codec_mismatch_names_the_settings_that_differ_also_in_older_folders(tmp_path):

@@ -22,7 +22,9 @@ from flowvid.data.shards import (
     decode_sample,
     encode_sample,
     iter_tar,
+    listed_samples,
     npy_bytes,
+    shard_paths,
     staging_folder,
 )
 
@@ -112,6 +114,20 @@ def test_a_cut_keeps_every_sample_complete_before_it(tmp_path):
             for raw in iter_tar(tmp_path / "cut.tar"):
                 kept.append(raw["__key__"])
         assert kept == ["clip000", "clip001"]
+
+
+def test_listed_samples_count_every_sample_a_damaged_shard_lost(tmp_path):
+    manifest = _write_folder(tmp_path, count=9, per_shard=3)
+    first, second, third = shard_paths(tmp_path, manifest)
+    first.write_bytes(b"not a tar archive")  # broken before its first sample
+    with tarfile.open(second) as archive:
+        lost = next(member for member in archive.getmembers() if member.name.startswith("clip004"))
+    data = second.read_bytes()
+    second.write_bytes(data[:lost.offset] + bytes(len(data) - lost.offset))  # a zero tail reads as a normal end
+    skipped = []
+    keys = [raw["__key__"] for raw in listed_samples([first, second, third], [3, 3, 3], skipped)]
+    assert keys == ["clip003", "clip006", "clip007", "clip008"]
+    assert [(item["shard"], item["samples"]) for item in skipped] == [(first.name, 3), (second.name, 2)]
 
 
 def npy_header(shape) -> bytes:

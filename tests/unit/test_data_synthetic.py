@@ -127,8 +127,9 @@ def test_object_count_and_backgrounds_can_be_narrowed(tmp_path):
     assert recipe["max_objects"] == 1 and recipe["backgrounds"] == ["plain"]
 
 
-@pytest.mark.parametrize("bad_option", [["--size", "0"], ["--frames", "0"], ["--fps", "0"], ["--val-videos", "0"],
-                                        ["--shard-samples", "0"], ["--max-objects", "7"]])
+@pytest.mark.parametrize("bad_option", [["--size", "0"], ["--frames", "0"], ["--fps", "0"], ["--fps", "nan"],
+                                        ["--fps", "inf"], ["--val-videos", "0"], ["--shard-samples", "0"],
+                                        ["--max-objects", "7"]])
 def test_a_refused_command_leaves_an_existing_dataset_byte_for_byte(tmp_path, capsys, bad_option):
     make = ["make-synthetic", "--out", str(tmp_path), "--num-videos", "8", "--frames", "4", "--size", "16"]
     assert data_main(make) == 0

@@ -6,12 +6,13 @@
 GENERATED are video files (``.mp4``, ``.npy``, ...) or folders of them, such as the output folder of
 ``flowvid generate`` (whose ``.latent.npy`` files are left out). REF is either an ``.npz`` written by
 ``flowvid data fvd-stats``, whose key fixes the extractor (``--extractor`` defaults to the one named
-in it; another one is refused), the frames and the resolution, or a raw shard folder, whose
-statistics are then computed first with ``--extractor`` (default ``inception-proxy``; ``fvd-stats``
-caches them for next time).
+in it, and settings such as I3D's ``resolution`` to the reference's; others are refused), the frames
+and the resolution, or a raw shard folder, whose statistics are then computed first with
+``--extractor`` (default ``inception-proxy``; ``fvd-stats`` caches them for next time).
 Every generated video is cut to the reference's frames and fitted to its resolution; a video that
-cannot be read or is too short is skipped and counted. The result is one JSON line on stdout (and in
-``--out``): the distance, its protocol name (extractor, frames, resolution, sample count) and the counts.
+cannot be read or is too short is skipped and counted (the skips are listed even when too few videos
+are left for an FVD). The result is one JSON line on stdout (and in ``--out``): the distance, its
+protocol name (extractor, frames, resolution, sample count) and the counts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from data_tools.arguments import check_registered_arguments, json_object
 from data_tools.fvd_stats import feed_in_batches, reference_stats
-from data_tools.report import console, print_summary, progress_bar
+from data_tools.report import console, print_summary, progress_bar, samples_skipped
 from flowvid.media import MediaError, read_video
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
@@ -65,10 +66,13 @@ def run(args: argparse.Namespace) -> int:
                          "or a raw shard folder")
     cached = None if reference_path.is_dir() else ReferenceStats.load(reference_path)
     extractor = args.extractor or (cached.extractor if cached is not None else DEFAULT_EXTRACTOR)
+    extractor_args = args.extractor_args
+    if cached is not None and extractor == cached.extractor:
+        extractor_args = {**cached.extractor_settings, **extractor_args}  # the reference's settings unless given
     device = resolve_device(args.device)
-    check_registered_arguments(FVD_EXTRACTORS, extractor, args.extractor_args, "--extractor-args")
+    check_registered_arguments(FVD_EXTRACTORS, extractor, extractor_args, "--extractor-args")
     try:
-        metric = FrechetVideoDistance(build_extractor(extractor, **args.extractor_args)).to(device)
+        metric = FrechetVideoDistance(build_extractor(extractor, **extractor_args)).to(device)
     except FileNotFoundError as err:  # extractor weights not given or not installed: one line, not a traceback
         console.print(f"[red]error:[/] {err}")
         return 2
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         used = add_generated(metric, videos, reference, args.batch_size, device, skipped,
                              on_video=lambda: bar.advance(task))
     if used < 2:
+        print_summary("fvd: too few usable generated videos", {"generated": used, "skipped": len(skipped)}, skipped)
         raise ValueError(f"{used} usable generated videos ({len(skipped)} skipped); FVD needs at least 2")
     result = {"fvd": float(metric.compute()), "protocol": metric.protocol_name, "generated": used,
               "skipped": len(skipped), "reference": str(args.reference), "reference_samples": reference.num_samples}
@@ -106,14 +111,16 @@ def generated_videos(inputs: list[str]) -> list[Path]:
 
 
 def check_reference_fits(stats: ReferenceStats, metric: FrechetVideoDistance, path: Path) -> None:
-    """Raise a ValueError, naming the .npz ``path``, unless ``stats`` come from ``metric``'s extractor and weights."""
-    ours = {"extractor": metric.extractor.name, "weights_hash": metric.extractor.weights_hash}
-    for field, value in ours.items():
-        if getattr(stats, field) != value:
-            computed = f" (computed from {stats.source})" if stats.source else ""
-            raise ValueError(f"--reference {path}{computed} has {field} {getattr(stats, field)!r}, the extractor "
-                             f"has {value!r}; leave --extractor out to use the reference's, or recompute it with "
-                             f"`flowvid data fvd-stats RAW_SHARD_DIR --extractor {metric.extractor.name}`")
+    """Raise a ValueError, naming the .npz ``path``, unless ``stats`` come from ``metric``'s extractor, with its
+    settings and weights."""
+    mismatch = stats.identity_mismatch(metric.extractor)
+    if mismatch is not None:
+        name, theirs, ours = mismatch
+        computed = f" (computed from {stats.source})" if stats.source else ""
+        raise ValueError(f"--reference {path}{computed} has {name} {theirs!r}, the extractor has {ours!r}; leave "
+                         f"--extractor and its settings out to use the reference's, or recompute it with "
+                         f"`flowvid data fvd-stats RAW_SHARD_DIR --extractor {metric.extractor.name}` and the same "
+                         "--extractor-args")
 
 
 def real_set(metric: FrechetVideoDistance, reference: Path, batch_size: int, device: torch.device,
@@ -123,7 +130,7 @@ def real_set(metric: FrechetVideoDistance, reference: Path, batch_size: int, dev
         skipped: list[dict[str, str]] = []
         stats = reference_stats(reference, metric, batch_size=batch_size, device=device, skipped=skipped)
         if skipped:
-            console.print(f"[yellow]note[/] {len(skipped)} samples of {reference} were skipped")
+            console.print(f"[yellow]note[/] {samples_skipped(skipped)} samples of {reference} were skipped")
         return stats
     metric.set_reference(reference if cached is None else cached)
     return metric.reference

@@ -4,16 +4,20 @@
                            [--frames T] [--max-samples N] [--out FILE] [--force]
 
 Runs an FVD extractor on the clips (``frames.npy``, uint8) of a raw shard folder and writes their
-feature mean and covariance with the key they depend on (extractor, weights hash, frames,
-resolution, sample count) to an ``.npz``; ``FVDCallback(reference=FILE)`` and
+feature mean and covariance with the key they depend on (extractor, its settings, weights hash,
+frames, resolution, sample count) to an ``.npz``; ``FVDCallback(reference=FILE)`` and
 ``FrechetVideoDistance.set_reference(FILE)`` load it and refuse a key that does not fit. Without
-``--out`` the file is ``RAW_DIR/fvd_stats/<key>.npz``. An existing file with the key this run would
-produce is reused unless ``--force``. Unreadable samples are skipped and counted.
+``--out`` the file is ``RAW_DIR/fvd_stats/<key>.npz``, named by the samples it holds. An existing
+file computed from the same request (extractor, settings, weights, frames, resolution, samples asked
+for) is reused unless ``--force``. Unreadable samples are skipped and counted; a broken shard counts
+every sample it lost.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import glob
 import itertools
 import sys
 import time
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 
 from data_tools.arguments import check_registered_arguments, json_object
-from data_tools.report import console, print_summary, progress_bar
+from data_tools.report import console, print_summary, progress_bar, samples_skipped
 from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.data.shards import BadSample, SampleSpec, decode_sample, listed_samples, shard_paths
 from flowvid.metrics.extractor import build_extractor
@@ -40,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="registered FVD extractor: i3d (standard FVD, needs its weights) or inception-proxy")
     parser.add_argument("--extractor-args", type=json_object, default={},
                         help='extractor arguments as JSON, e.g. \'{"weights": "i3d_pretrained_400.pt"}\'')
-    parser.add_argument("--frames", type=int, default=None, help="use the first T frames of every clip (default: all)")
+    parser.add_argument("--frames", type=int, default=None, help="use the first T >= 1 frames of every clip (default: all)")
     parser.add_argument("--max-samples", type=int, default=None, help="use at most N clips (default: all)")
     parser.add_argument("--out", default=None, help="output .npz (default: RAW_DIR/fvd_stats/<key>.npz)")
     parser.add_argument("--force", action="store_true", help="recompute even when the output already exists")
@@ -50,12 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for option, value in (("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
-        if value is not None and value < 1:
+    for option, value in (("--batch-size", args.batch_size), ("--max-samples", args.max_samples),
+                          ("--frames", args.frames)):
+        if value is not None and value < 1:  # --frames 0 must not mean "all frames"
             raise ValueError(f"{option} must be >= 1, got {value}")
     device = resolve_device(args.device)
     manifest = load_manifest(args.source)
-    frames = args.frames or video_shape(manifest)[0]
+    frames = video_shape(manifest)[0] if args.frames is None else args.frames
     check_registered_arguments(FVD_EXTRACTORS, args.extractor, args.extractor_args, "--extractor-args")
     try:
         metric = FrechetVideoDistance(build_extractor(args.extractor, **args.extractor_args))
@@ -63,22 +68,26 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {err}")
         return 2
     planned = planned_key(manifest, metric, frames, args.max_samples)
-    out = Path(args.out) if args.out else Path(args.source) / "fvd_stats" / reference_file_name(**planned)
-    check_output_file(out, "--out", "give the .npz file to write")
-    if out.is_file() and not args.force and cached_key(out) == planned:
-        console.print(f"[green]cached[/] {out} already holds these statistics (--force recomputes)")
+    folder = Path(args.source) / "fvd_stats"
+    out = Path(args.out) if args.out else None
+    check_output_file(out or folder / reference_file_name(**planned), "--out", "give the .npz file to write")
+    cached = None if args.force else cached_statistics(out, folder, planned)
+    if cached is not None:
+        console.print(f"[green]cached[/] {cached} already holds these statistics (--force recomputes)")
         return 0
 
     started = time.perf_counter()
-    skipped: list[dict[str, str]] = []
+    skipped: list[dict[str, Any]] = []
     with progress_bar() as bar:
         task = bar.add_task("clips", total=planned["num_samples"])
         stats = reference_stats(args.source, metric, frames=frames, max_samples=args.max_samples, batch_size=args.batch_size,
                                 device=device, skipped=skipped, on_clip=lambda: bar.advance(task))
+    out = out or folder / stats.file_name()  # named by the samples it holds, which skips make fewer
     stats.save(out)
     seconds = time.perf_counter() - started
-    fields = {"file": str(out), "extractor": stats.extractor, "weights sha256": stats.weights_hash[:12] or "-",
-              "frames": stats.frames, "resolution": f"{stats.height}x{stats.width}", "samples": stats.num_samples,
+    fields = {"file": str(out), "extractor": stats.extractor, "extractor settings": stats.extractor_settings or "-",
+              "weights sha256": stats.weights_hash[:12] or "-", "frames": stats.frames,
+              "resolution": f"{stats.height}x{stats.width}", "samples": stats.num_samples,
               "feature dim": stats.mu.shape[0], "seconds": seconds, "clips_per_second": stats.num_samples / seconds}
     print_summary(f"fvd-stats {args.source}", fields, skipped)
     if stats.num_samples <= stats.mu.shape[0]:
@@ -87,10 +96,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cached_key(out: Path) -> dict[str, Any]:
-    """The key of the statistics already in ``out``; a file that holds none is the user's, not replaced."""
+def cached_statistics(out: Path | None, folder: Path, planned: dict[str, Any]) -> Path | None:
+    """The file that already holds what this run would compute: ``out``, or in ``folder`` one under any sample
+    count, since a run that skipped samples names its file by the count it got."""
+    if out is not None:
+        return out if out.is_file() and answers(cached_stats(out), planned) else None
+    name = reference_file_name(**{**planned, "num_samples": 0})
+    any_count = glob.escape(name.removesuffix("_n0.npz")) + "_n*.npz"
+    for candidate in sorted(folder.glob(any_count)):
+        try:
+            stats = ReferenceStats.load(candidate)
+        except ValueError:  # damaged: computed again, and replaced when the new file takes its name
+            continue
+        if answers(stats, planned):
+            return candidate
+    return None
+
+
+def answers(stats: ReferenceStats, planned: dict[str, Any]) -> bool:
+    """Whether ``stats`` came from the run ``planned`` describes: its key, with the samples it asked for."""
+    return {**stats.key(), "num_samples": stats.requested_samples} == planned
+
+
+def cached_stats(out: Path) -> ReferenceStats:
+    """The statistics already in ``out``; a file that holds none is the user's, not replaced."""
     try:
-        return ReferenceStats.load(out).key()
+        return ReferenceStats.load(out)
     except ValueError as err:
         raise ValueError(f"{err}; give another --out, or --force to replace it") from None
 
@@ -98,9 +129,12 @@ def cached_key(out: Path) -> dict[str, Any]:
 def planned_key(manifest: dict[str, Any], metric: FrechetVideoDistance, frames: int, max_samples: int | None) -> dict[str, Any]:
     """The key the statistics of this folder will have when no sample is skipped."""
     _, height, width = video_shape(manifest)
-    samples = manifest["samples"] if max_samples is None else min(max_samples, manifest["samples"])
-    return {"extractor": metric.extractor.name, "weights_hash": metric.extractor.weights_hash,
-            "frames": frames, "height": height, "width": width, "num_samples": samples}
+    return {**metric.extractor.identity(), "frames": frames, "height": height, "width": width,
+            "num_samples": requested_samples(manifest, max_samples)}
+
+
+def requested_samples(manifest: dict[str, Any], max_samples: int | None) -> int:
+    return manifest["samples"] if max_samples is None else min(max_samples, manifest["samples"])
 
 
 def reference_stats(
@@ -110,7 +144,7 @@ def reference_stats(
     max_samples: int | None = None,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
-    skipped: list[dict[str, str]] | None = None,
+    skipped: list[dict[str, Any]] | None = None,
     on_clip: Callable[[], None] | None = None,
 ) -> ReferenceStats:
     """Feature statistics of the first ``max_samples`` usable clips of a raw shard folder (first ``frames`` frames)."""
@@ -118,12 +152,12 @@ def reference_stats(
     if manifest["kind"] != "raw":
         raise ValueError(f"{source} holds {manifest['kind']} shards; fvd-stats reads raw video shards (frames.npy)")
     clip_frames = video_shape(manifest)[0]
-    frames = frames or clip_frames
+    frames = clip_frames if frames is None else frames
     if not 1 <= frames <= clip_frames:
         raise ValueError(f"--frames must be between 1 and the clips' {clip_frames} frames, got {frames}")
     skipped = [] if skipped is None else skipped
     metric = metric.to(device)
-    wanted = manifest["samples"] if max_samples is None else max_samples
+    wanted = requested_samples(manifest, max_samples)
 
     def wanted_clips() -> Iterator[np.ndarray]:
         for clip in itertools.islice(_clips(source, manifest, skipped), wanted):
@@ -133,8 +167,9 @@ def reference_stats(
 
     used = feed_in_batches(metric, wanted_clips(), real=True, batch_size=batch_size, device=device)
     if used < 2:
-        raise ValueError(f"{source}: {used} usable clips ({len(skipped)} skipped); FVD statistics need at least 2")
-    return metric.real_statistics(source=str(source))
+        raise ValueError(f"{source}: {used} usable clips ({samples_skipped(skipped)} skipped); "
+                         "FVD statistics need at least 2")
+    return dataclasses.replace(metric.real_statistics(source=str(source)), requested_samples=wanted)
 
 
 def feed_in_batches(metric: FrechetVideoDistance, clips: Iterable[np.ndarray], real: bool, batch_size: int,
@@ -147,7 +182,8 @@ def feed_in_batches(metric: FrechetVideoDistance, clips: Iterable[np.ndarray], r
     return used
 
 
-def _clips(source: str | Path, manifest: dict[str, Any], skipped: list[dict[str, str]]) -> Iterator[np.ndarray]:
+def _clips(source: str | Path, manifest: dict[str, Any], skipped: list[dict[str, Any]]) -> Iterator[np.ndarray]:
+    """The clips of a folder; a broken shard is one skip that counts the ``samples`` it lost (``listed_samples``)."""
     spec = SampleSpec.from_manifest(manifest)
     listed = [shard["samples"] for shard in manifest["shards"]]
     for raw in listed_samples(shard_paths(source, manifest), listed, skipped):

@@ -25,12 +25,14 @@ def progress_bar(enabled: bool = True) -> Progress:
     )
 
 
-def print_summary(title: str, fields: dict[str, Any], skipped: Sequence[dict[str, str]] = (), show: int = 10) -> None:
-    """A two-column table of results, the skip reasons with their counts, and the first few skips."""
+def print_summary(title: str, fields: dict[str, Any], skipped: Sequence[dict[str, Any]] = (), show: int = 10) -> None:
+    """A two-column table of results, the skip reasons with the samples they cost, and the first few skips."""
     table = Table(title=title, show_header=False)
     for name, value in fields.items():
         table.add_row(name, f"{value:.3g}" if isinstance(value, float) else str(value))
-    reasons = Counter(_reason_kind(item["reason"]) for item in skipped)
+    reasons: Counter[str] = Counter()
+    for item in skipped:
+        reasons[_reason_kind(item["reason"])] += _samples_of(item)
     for reason, count in reasons.most_common():
         table.add_row(f"skipped: {reason}", str(count), style="yellow")
     console.print(table)
@@ -39,6 +41,15 @@ def print_summary(title: str, fields: dict[str, Any], skipped: Sequence[dict[str
         console.print(f"  [yellow]skipped[/] {where}: {item['reason']}")
     if len(skipped) > show:
         console.print(f"  ... and {len(skipped) - show} more (see the summary file)")
+
+
+def samples_skipped(skipped: Sequence[dict[str, Any]]) -> int:
+    """How many samples the skips cost: an entry stands for one, unless it says ``"samples"`` (a broken shard)."""
+    return sum(_samples_of(item) for item in skipped)
+
+
+def _samples_of(item: dict[str, Any]) -> int:
+    return int(item.get("samples", 1))
 
 
 def _reason_kind(reason: str) -> str:

@@ -13,6 +13,11 @@ likelihood factorises over frames), and one JSON line per video gives ``bits_per
 scored; absent for samples of latent shards, which hold no video frames) and ``latent_frames``. Lines
 are ranked from the least to the most likely video: the top of the file is where anomalies are.
 
+A video file of another size than the model's is centre-cropped and resized to it (as ``generate``
+fits its images), and its line says so with ``resized_from`` ([height, width] of the file): the
+score is that of the fitted frames. A shard folder holds clips made for one model size, so one of
+another size is refused before any work, with both sizes.
+
 With the pixel codec the number follows the discrete convention of image flows: 8-bit values ``v``
 are dequantised uniformly, ``y = (v + u) / 127.5 - 1`` with ``u ~ U[0, 1)``, and the Jacobian of that
 map (``ln 127.5`` nats per dimension) is added, so the figure is an upper bound on the bits a lossless
@@ -38,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import av
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -164,6 +170,7 @@ def work_of(module, inputs: list[str]) -> list[Work]:
     for given in map(Path, inputs):
         if is_shard_folder(given):
             manifest = load_manifest(given)
+            check_frame_size(module, manifest, given)
             if manifest["kind"] == "latent":
                 check_codec_identity(module.codec.identity(), codec_identity(manifest), f"shard folder {given}")
             spec = SampleSpec.from_manifest(manifest)
@@ -173,16 +180,42 @@ def work_of(module, inputs: list[str]) -> list[Work]:
     return work
 
 
+def check_frame_size(module, manifest: dict[str, Any], folder: Path) -> None:
+    """Shards hold clips made for one model size: another size is the wrong folder (or model), refused
+    before any work. Unlike a video file, whose frames are fitted to the model, a shard is never resized."""
+    from flowvid.data.manifest import video_shape
+
+    _, height, width = video_shape(manifest)
+    _, model_height, model_width = module.video_shape
+    if (height, width) != (model_height, model_width):
+        raise ScoreError(f"shard folder {folder} holds {height}x{width} clips, the model takes "
+                         f"{model_height}x{model_width} (height x width); score shards made at the model's size "
+                         f"(`flowvid data from-videos ... --size {model_height}x{model_width}`)")
+
+
 def score_work(module, work: Work, caption: str, generator: torch.Generator) -> list[dict[str, Any]]:
     """The records of one video file, or of every sample of one shard; damage is reported, not fatal."""
     if work.spec is None:
         _, height, width = module.video_shape
         try:
             video = read_video(work.path, height, width)
-            return [{"path": str(work.path), **score_video(module, video, caption, generator)}]
+            record = {"path": str(work.path), **score_video(module, video, caption, generator)}
         except (MediaError, ScoreError) as err:
             return [{"path": str(work.path), "error": str(err)}]
+        stored = stored_frame_size(work.path)
+        if stored != (height, width):  # the score is of the fitted frames, not of the file's own
+            record["resized_from"] = list(stored)
+        return [record]
     return list(score_shard(module, work.path, work.spec, generator))
+
+
+def stored_frame_size(path: Path) -> tuple[int, int]:
+    """(height, width) of a readable video file's frames as stored, before ``read_video`` fits them to the model."""
+    if path.suffix == ".npy":
+        return tuple(np.load(path, mmap_mode="r").shape[1:3])
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        return frame.height, frame.width
 
 
 def score_shard(module, shard: Path, spec, generator: torch.Generator) -> Iterator[dict[str, Any]]:

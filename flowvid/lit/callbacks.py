@@ -134,7 +134,9 @@ class FVDCallback(_EveryNSteps):
 
     The real side is either a reference file from ``flowvid data fvd-stats`` (``reference=path``),
     or ``num_samples`` validation videos read once at the first evaluation (``reference="val"``):
-    batches with ``latents`` are decoded by ``pl_module.codec``, others give their ``video``.
+    batches with ``latents`` are decoded by ``pl_module.codec``, others give their ``video``. A
+    reference file whose frames or resolution differ from ``pl_module.video_shape`` is refused
+    before the first step.
 
     Args:
         every_n_steps: optimizer steps between two evaluations.
@@ -169,6 +171,21 @@ class FVDCallback(_EveryNSteps):
             if str(self.reference) != "val":
                 self.metric.set_reference(self.reference)
                 self._real_collected = True
+        if self.metric.reference is not None:
+            self._check_reference_fits(pl_module)
+
+    def _check_reference_fits(self, pl_module: LightningModule) -> None:
+        """A module that says what it generates (``video_shape``, as ``FlowModule`` does) is checked against
+        the reference now; any other is checked by the metric at the first evaluation."""
+        generated = getattr(pl_module, "video_shape", None)
+        stats = self.metric.reference
+        reference = (stats.frames, stats.height, stats.width)
+        if generated is not None and tuple(generated) != reference:
+            raise ValueError(
+                f"FVDCallback: the reference {self.reference} holds videos of (frames, height, width) {reference}, "
+                f"{type(pl_module).__name__} generates {tuple(generated)} (its video_shape); compute a reference "
+                f"that fits with `flowvid data fvd-stats RAW_DIR --frames {generated[0]}` on clips of "
+                f"{generated[1]}x{generated[2]}")
 
     def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.metric is not None, "FVDCallback.setup() did not run"

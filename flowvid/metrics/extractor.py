@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +23,17 @@ class FVDExtractor(nn.Module, ABC):
     """Maps uint8 videos ``(B, T, H, W, 3)`` to float features ``(B, feature_dim)``.
 
     Subclasses set ``feature_dim`` and implement ``features``; one that loads weights returns their
-    hash from ``weights_hash``, so that cached reference statistics are never compared with features
-    of other weights. ``family`` is the first part of the logged name: ``"fvd"`` for the standard
-    protocol, ``"fvd_proxy"`` for numbers that are not comparable to published FVD.
+    hash from ``weights_hash``, and one whose constructor takes arguments that change the features
+    (an input resolution, a layer) returns them from ``settings``: both are part of the key of cached
+    reference statistics, so that these are never compared with other features. ``family`` is the
+    first part of the logged name: ``"fvd"`` for the standard protocol, ``"fvd_proxy"`` for numbers
+    that are not comparable to published FVD.
     """
 
     feature_dim: int
     family: str = "fvd"
+    # The settings of the published protocol; others show in the protocol name (``i3d-resolution32``).
+    standard_settings: ClassVar[dict[str, Any]] = {}
 
     @property
     def name(self) -> str:
@@ -40,6 +45,23 @@ class FVDExtractor(nn.Module, ABC):
     def weights_hash(self) -> str:
         """sha256 of the weights file (hex), or "" for an extractor without stored weights."""
         return ""
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments that change the features, by name, with JSON values; not those that
+        only change speed or memory, such as a batch size."""
+        return {}
+
+    def identity(self) -> dict[str, Any]:
+        """What reference statistics must share with these features: name, settings and weights hash."""
+        # Through JSON, as a reference file stores the settings: a tuple would come back as a list.
+        settings = json.loads(json.dumps(self.settings(), sort_keys=True))
+        return {"extractor": self.name, "extractor_settings": settings, "weights_hash": self.weights_hash}
+
+    @property
+    def protocol_label(self) -> str:
+        """The name, with every setting that departs from the standard protocol: ``i3d``, ``i3d-resolution32``."""
+        departures = {key: value for key, value in self.settings().items() if self.standard_settings.get(key) != value}
+        return settings_label(self.name, departures)
 
     @abstractmethod
     def features(self, video: torch.Tensor) -> torch.Tensor:
@@ -58,6 +80,11 @@ def build_extractor(spec: str | FVDExtractor, **kwargs: Any) -> FVDExtractor:
     if not isinstance(extractor, FVDExtractor):
         raise ValueError(f"FVD extractor {spec!r} built a {type(extractor).__name__}, expected an FVDExtractor")
     return extractor
+
+
+def settings_label(name: str, settings: dict[str, Any]) -> str:
+    """``name`` followed by the settings in key order: ``i3d-resolution32``; just ``name`` without settings."""
+    return "-".join([name, *(f"{key}{value}" for key, value in sorted(settings.items()))])
 
 
 def check_video(video: torch.Tensor) -> None:

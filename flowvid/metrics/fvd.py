@@ -3,19 +3,21 @@
 Each process keeps, per set (real, generated), the float64 sums ``sum x``, ``sum x x^T`` and the count.
 They are reduced by sum, so DDP and DeepSpeed give the statistics of the whole set with no extra code.
 The real set can also come from a reference file computed once by ``flowvid data fvd-stats``
-(``ReferenceStats``), keyed by extractor, weights hash, frames, resolution and sample count.
+(``ReferenceStats``), keyed by extractor, its settings, weights hash, frames, resolution and sample count.
 
 FVD depends on all of these, so the protocol is part of the logged name::
 
     fvd/i3d_f16_r64_n256                     standard I3D features, 16 frames of 64x64, 256 samples
+    fvd/i3d-resolution32_f16_r64_n256        I3D on frames resized to 32x32, not 224x224: not standard
     fvd_proxy/inception-proxy_f16_r64_n256   the offline proxy: not comparable to published FVD
 """
 
 from __future__ import annotations
 
+import json
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from flowvid.metrics.extractor import FVDExtractor, build_extractor, check_video
+from flowvid.metrics.extractor import FVDExtractor, build_extractor, check_video, settings_label
 from flowvid.metrics.frechet import frechet_distance, mean_and_covariance
 from flowvid.paths import write_atomically
 
@@ -31,14 +33,17 @@ _SETS = ("real", "fake")
 
 
 def protocol_name(extractor: FVDExtractor, frames: int, height: int, width: int, num_samples: int) -> str:
-    """``<family>/<extractor>_f<frames>_r<side or HxW>_n<samples>``, the name FVD is logged under."""
+    """``<family>/<extractor>_f<frames>_r<side or HxW>_n<samples>``, the name FVD is logged under; the
+    extractor part names its settings that are not those of the standard protocol (``i3d-resolution32``)."""
     resolution = f"{height}" if height == width else f"{height}x{width}"
-    return f"{extractor.family}/{extractor.name}_f{frames}_r{resolution}_n{num_samples}"
+    return f"{extractor.family}/{extractor.protocol_label}_f{frames}_r{resolution}_n{num_samples}"
 
 
-def reference_file_name(extractor: str, weights_hash: str, frames: int, height: int, width: int, num_samples: int) -> str:
-    """A file name that spells out a reference key, e.g. ``i3d_3f2a9c0d1b7e_f16_r64x64_n2048.npz``."""
-    return f"{extractor}_{weights_hash[:12] or 'noweights'}_f{frames}_r{height}x{width}_n{num_samples}.npz"
+def reference_file_name(extractor: str, extractor_settings: dict[str, Any], weights_hash: str, frames: int,
+                        height: int, width: int, num_samples: int) -> str:
+    """A file name that spells out a reference key, e.g. ``i3d-resolution224_3f2a9c0d1b7e_f16_r64x64_n2048.npz``."""
+    label = settings_label(extractor, extractor_settings)
+    return f"{label}_{weights_hash[:12] or 'noweights'}_f{frames}_r{height}x{width}_n{num_samples}.npz"
 
 
 def _open_npz(path: Path):
@@ -54,7 +59,11 @@ def _open_npz(path: Path):
 
 @dataclass(frozen=True)
 class ReferenceStats:
-    """Mean and covariance of a real set's features, with everything they depend on."""
+    """Mean and covariance of a real set's features, with everything they depend on.
+
+    ``requested_samples`` is how many clips the computation asked for; it is more than
+    ``num_samples`` when some could not be read (default: ``num_samples``).
+    """
 
     mu: np.ndarray
     sigma: np.ndarray
@@ -64,12 +73,25 @@ class ReferenceStats:
     height: int
     width: int
     num_samples: int
+    extractor_settings: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    requested_samples: int | None = None
 
-    KEY_FIELDS = ("extractor", "weights_hash", "frames", "height", "width", "num_samples")
+    KEY_FIELDS = ("extractor", "extractor_settings", "weights_hash", "frames", "height", "width", "num_samples")
+
+    def __post_init__(self) -> None:
+        if self.requested_samples is None:
+            object.__setattr__(self, "requested_samples", self.num_samples)
 
     def key(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.KEY_FIELDS}
+
+    def identity_mismatch(self, extractor: FVDExtractor) -> tuple[str, Any, Any] | None:
+        """The first field of ``extractor.identity()`` these statistics differ in: (field, theirs, the extractor's)."""
+        for name, value in extractor.identity().items():
+            if getattr(self, name) != value:
+                return name, getattr(self, name), value
+        return None
 
     def file_name(self) -> str:
         return reference_file_name(**self.key())
@@ -80,9 +102,11 @@ class ReferenceStats:
         path.parent.mkdir(parents=True, exist_ok=True)
 
         def write(partial: Path) -> None:
+            fields = {**self.key(), "extractor_settings": json.dumps(self.extractor_settings, sort_keys=True),
+                      "requested_samples": self.requested_samples}
             with open(partial, "wb") as stream:
                 np.savez(stream, mu=self.mu, sigma=self.sigma, source=np.str_(self.source),
-                         **{name: np.asarray(value) for name, value in self.key().items()})
+                         **{name: np.asarray(value) for name, value in fields.items()})
 
         write_atomically(path, write)
         return path
@@ -94,15 +118,21 @@ class ReferenceStats:
             raise FileNotFoundError(f"FVD reference statistics {path} not found; compute them once with "
                                     f"`flowvid data fvd-stats RAW_SHARD_DIR --out {path}`")
         with _open_npz(path) as data:
-            missing = [name for name in ("mu", "sigma", *cls.KEY_FIELDS) if name not in data]
+            # Files written before the extractor settings were recorded hold none: they load, and fit only
+            # an extractor without settings (an I3D reference of those days is refused, to be recomputed).
+            missing = [name for name in ("mu", "sigma", *cls.KEY_FIELDS) if name not in data
+                       and name != "extractor_settings"]
             if missing:
                 raise ValueError(f"{path} is not an FVD reference file: it lacks {missing}")
             try:
                 text = {name: str(data[name]) for name in ("extractor", "weights_hash")}
                 numbers = {name: int(data[name]) for name in ("frames", "height", "width", "num_samples")}
-                source = str(data["source"]) if "source" in data else ""
-                stats = cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64), source=source,
-                            **text, **numbers)
+                optional = {"source": str(data["source"]) if "source" in data else "",
+                            "extractor_settings": json.loads(str(data["extractor_settings"]))
+                            if "extractor_settings" in data else {},
+                            "requested_samples": int(data["requested_samples"]) if "requested_samples" in data else None}
+                stats = cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64),
+                            **text, **numbers, **optional)
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
                 raise ValueError(f"{path} is a damaged FVD reference file ({err}); compute it again") from None
         dim = stats.mu.shape[0]
@@ -145,13 +175,13 @@ class FrechetVideoDistance(Metric):
         self.computed_samples: int | None = None  # generated videos behind the last compute(), all processes
 
     def set_reference(self, reference: ReferenceStats | str | Path) -> None:
-        """Use cached real statistics; they must come from this extractor with the same weights."""
+        """Use cached real statistics; they must come from this extractor, with its settings and weights."""
         stats = reference if isinstance(reference, ReferenceStats) else ReferenceStats.load(reference)
-        ours = {"extractor": self.extractor.name, "weights_hash": self.extractor.weights_hash}
-        for field, value in ours.items():
-            if getattr(stats, field) != value:
-                raise ValueError(f"FVD reference {stats.source or 'statistics'} has {field} {getattr(stats, field)!r}, "
-                                 f"this metric's extractor has {value!r}; recompute it with `flowvid data fvd-stats`")
+        mismatch = stats.identity_mismatch(self.extractor)
+        if mismatch is not None:
+            name, theirs, ours = mismatch
+            raise ValueError(f"FVD reference {stats.source or 'statistics'} has {name} {theirs!r}, "
+                             f"this metric's extractor has {ours!r}; recompute it with `flowvid data fvd-stats`")
         if stats.mu.shape[0] != self.extractor.feature_dim:
             raise ValueError(f"FVD reference has {stats.mu.shape[0]} features, the extractor gives {self.extractor.feature_dim}")
         self._check_video_size((stats.frames, stats.height, stats.width), "the reference statistics")
@@ -164,10 +194,20 @@ class FrechetVideoDistance(Metric):
         self._check_video_size(tuple(videos.shape[1:4]), "these videos")
         with torch.no_grad(), torch.autocast(videos.device.type, enabled=False):
             features = self.extractor.features(videos).double()
+        self._check_features(features, len(videos))
         name = "real" if real else "fake"
         setattr(self, f"{name}_features_sum", getattr(self, f"{name}_features_sum") + features.sum(dim=0))
         setattr(self, f"{name}_features_cov_sum", getattr(self, f"{name}_features_cov_sum") + features.T @ features)
         setattr(self, f"{name}_features_num_samples", getattr(self, f"{name}_features_num_samples") + features.shape[0])
+
+    def forward(self, videos: torch.Tensor, real: bool) -> None:
+        """The same as ``update``, and returns nothing.
+
+        torchmetrics' forward also returns the metric of the batch alone: it resets, updates, computes
+        and adds the saved states back. An FVD of one batch means nothing (too few videos for a
+        covariance), and the real statistics that ``reset`` keeps would be added twice.
+        """
+        self.update(videos, real=real)
 
     def compute(self) -> torch.Tensor:
         fake_count = int(self.fake_features_num_samples)
@@ -187,7 +227,7 @@ class FrechetVideoDistance(Metric):
     def reset(self) -> None:
         if self.reset_real_features:
             super().reset()
-            self.video_size = None
+            self.video_size = self._reference_size()  # a reference keeps fixing the size of what comes
             return
         kept = {name: getattr(self, name).clone() for name in self._defaults if name.startswith("real_")}
         super().reset()
@@ -209,9 +249,20 @@ class FrechetVideoDistance(Metric):
         if self.video_size is None:
             raise RuntimeError("no real videos were given")
         frames, height, width = self.video_size
-        return ReferenceStats(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), extractor=self.extractor.name,
-                              weights_hash=self.extractor.weights_hash, frames=frames, height=height, width=width,
-                              num_samples=count, source=source)
+        return ReferenceStats(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), frames=frames, height=height, width=width,
+                              num_samples=count, source=source, **self.extractor.identity())
+
+    def _reference_size(self) -> tuple[int, int, int] | None:
+        stats = self.reference
+        return None if stats is None else (stats.frames, stats.height, stats.width)
+
+    def _check_features(self, features: torch.Tensor, count: int) -> None:
+        """An extractor (a plugin's, say) that breaks its contract is named here, not by a shape error in the sums."""
+        expected = (count, self.extractor.feature_dim)
+        if tuple(features.shape) != expected:
+            raise ValueError(f"FVD extractor {self.extractor.name!r} returned features of shape {tuple(features.shape)} "
+                             f"for {count} videos, expected {expected} (batch, its feature_dim); fix its features() "
+                             "or its feature_dim")
 
     def _check_video_size(self, size: tuple[int, ...], what: str) -> None:
         size = tuple(int(s) for s in size)

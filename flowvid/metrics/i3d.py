@@ -27,6 +27,7 @@ from flowvid.metrics.extractor import FVDExtractor, check_video, file_sha256, re
 from flowvid.registry import FVD_EXTRACTORS
 
 WEIGHTS_FILE = "i3d_pretrained_400.pt"
+STANDARD_RESOLUTION = 224
 WEIGHTS_URL = "https://github.com/songweige/TATS/raw/main/tats/fvd/i3d_pretrained_400.pt"
 # Where the weights come from and what to do without them: said whether the file is missing or not given.
 GET_WEIGHTS = (
@@ -161,13 +162,14 @@ class I3DExtractor(FVDExtractor):
         weights: path to the converted TF-Hub weights ``i3d_pretrained_400.pt`` (see the module docstring);
             required (the default None only serves to say so, and where to get the file).
         resolution: side the frames are resized to; 224 is the standard protocol, smaller sizes are
-            for tests only.
+            for tests only and are named in the protocol (``fvd/i3d-resolution32_...``).
     """
 
     feature_dim = 400
     family = "fvd"
+    standard_settings = {"resolution": STANDARD_RESOLUTION}
 
-    def __init__(self, weights: str | Path | None = None, resolution: int = 224):
+    def __init__(self, weights: str | Path | None = None, resolution: int = STANDARD_RESOLUTION):
         super().__init__()
         if weights is None:
             raise FileNotFoundError(
@@ -184,6 +186,9 @@ class I3DExtractor(FVDExtractor):
     @property
     def weights_hash(self) -> str:
         return file_sha256(self.weights_path)
+
+    def settings(self) -> dict[str, int]:
+        return {"resolution": self.resolution}
 
     def train(self, mode: bool = True) -> "I3DExtractor":
         super().train(mode)

@@ -97,3 +97,13 @@ def test_inputs_that_cannot_give_an_fvd_are_one_line_errors(raw_folder, real_cli
     assert data_main(["fvd", str(generated), "--reference", str(reference), "--extractor", "pixel-stats"]) == 2
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert message in err and "Traceback" not in err
+
+
+def test_too_few_usable_videos_print_why_they_were_skipped_before_the_error(raw_folder, real_clips, tmp_path, capsys):
+    write_videos(tmp_path / "generated", real_clips[:3, :2])  # 2 frames each, the reference has 4
+    capsys.readouterr()
+    assert data_main(["fvd", str(tmp_path / "generated"), "--reference", str(raw_folder),
+                      "--extractor", "pixel-stats"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "skipped: too_short │ 3" in err and "too_short: 2 frames, the reference has 4" in err
+    assert "error: 0 usable generated videos (3 skipped); FVD needs at least 2" in err

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from flowvid.lit.callbacks import FVDCallback, SampleVideoLogger, generate
 from flowvid.lit.tensorboard import frame_grid, tile_videos
-from flowvid.metrics import BitsPerDim, FrechetVideoDistance
+from flowvid.metrics import BitsPerDim, FrechetVideoDistance, ReferenceStats
 
 FRAMES, SIZE = 4, 16
 
@@ -123,6 +123,20 @@ def test_measuring_fvd_against_the_validation_videos_leaves_training_random_numb
                                            DataLoader(val, batch_size=4))
         draws[with_fvd] = model.noise
     assert len(draws[True]) == 3 and draws[True] == draws[False]
+
+
+def test_a_reference_of_other_frames_than_the_model_generates_fails_before_the_first_step(tmp_path):
+    reference = ReferenceStats(mu=np.zeros(96), sigma=np.eye(96), extractor="pixel-stats", weights_hash="",
+                               frames=2 * FRAMES, height=SIZE, width=SIZE, num_samples=10).save(tmp_path / "ref.npz")
+    model = RandomVideoModule()
+    model.video_shape = (FRAMES, SIZE, SIZE)  # what FlowModule says it generates
+    fvd = FVDCallback(every_n_steps=1, num_samples=2, extractor="pixel-stats", reference=reference, batch_size=2)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=[fvd], num_sanity_val_steps=0,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=rf"reference {reference} holds videos of \(frames, height, width\) "
+                                         rf"\(8, 16, 16\), RandomVideoModule generates \(4, 16, 16\)"):
+        trainer.fit(model, DataLoader([{"x": torch.randn(2)} for _ in range(2)], batch_size=1))
+    assert trainer.global_step == 0 and model.seeds_seen == []
 
 
 def test_tiles_and_grid_keep_every_pixel_in_place():

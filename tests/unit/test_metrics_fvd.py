@@ -131,3 +131,51 @@ def test_bits_per_dim_per_video_and_per_frame():
     # A refused update leaves every sum as it was.
     torch.testing.assert_close(metric.compute_per_frame(), torch.tensor([1.0, 3.0], dtype=torch.float64))
     assert float(metric.compute()) == pytest.approx(2.0)
+
+
+def _pixel_stats_reference(frames: int = 4, size: int = 16) -> ReferenceStats:
+    return ReferenceStats(mu=np.zeros(96), sigma=np.eye(96), extractor="pixel-stats", weights_hash="",
+                          frames=frames, height=size, width=size, num_samples=10)
+
+
+def test_forward_is_update_and_counts_the_real_statistics_once():
+    real, fake = _videos(), _brighter(_videos(seed=3), 10)
+    by_update, by_forward = FrechetVideoDistance("pixel-stats"), FrechetVideoDistance("pixel-stats")
+    by_update.update(real, real=True)
+    for half in fake.split(6):
+        by_update.update(half, real=False)
+    # torchmetrics' forward resets, updates and adds the saved states back: the kept real sums were doubled.
+    assert by_forward(real, real=True) is None
+    for half in fake.split(6):
+        by_forward(half, real=False)
+    assert int(by_forward.real_features_num_samples) == int(by_forward.fake_features_num_samples) == 12
+    assert float(by_forward.compute()) == float(by_update.compute())
+
+
+def test_resetting_the_real_features_keeps_the_size_the_reference_fixes():
+    metric = FrechetVideoDistance("pixel-stats", reset_real_features=True)
+    metric.set_reference(_pixel_stats_reference(frames=4))
+    metric.reset()
+    with pytest.raises(ValueError, match=r"these videos are \(2, 16, 16\), earlier ones \(4, 16, 16\)"):
+        metric.update(_videos(frames=2), real=False)
+
+
+def test_an_extractor_whose_features_break_its_feature_dim_is_named():
+    class TooNarrow(PixelStatsExtractor):
+        def features(self, video):
+            return super().features(video)[:, :10]
+
+    metric = FrechetVideoDistance(TooNarrow())
+    with pytest.raises(ValueError, match=r"FVD extractor 'TooNarrow' returned features of shape \(12, 10\) for 12 "
+                                         r"videos, expected \(12, 96\) \(batch, its feature_dim\)"):
+        metric.update(_videos(), real=True)
+    assert int(metric.real_features_num_samples) == 0
+
+
+def test_a_reference_file_from_before_extractor_settings_still_fits_an_extractor_without_settings(tmp_path):
+    path = tmp_path / "old.npz"
+    np.savez(path, mu=np.zeros(96), sigma=np.eye(96), extractor="pixel-stats", weights_hash="", frames=4, height=16,
+             width=16, num_samples=10)
+    stats = ReferenceStats.load(path)
+    assert stats.extractor_settings == {} and stats.requested_samples == 10
+    FrechetVideoDistance("pixel-stats").set_reference(stats)

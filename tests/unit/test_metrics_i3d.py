@@ -2,10 +2,11 @@
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 
-from flowvid.metrics import FrechetVideoDistance, I3DExtractor, InceptionI3D
+from flowvid.metrics import FrechetVideoDistance, I3DExtractor, InceptionI3D, ReferenceStats
 from flowvid.metrics.i3d import WEIGHTS_URL, same_padding
 
 
@@ -57,7 +58,7 @@ def test_features_on_random_weights_at_a_tiny_size(weights_file):
     metric.update(videos, real=True)
     metric.update(videos.flip(0), real=False)
     assert float(metric.compute()) < 1e-6
-    assert metric.protocol_name == "fvd/i3d_f4_r20x24_n2"
+    assert metric.protocol_name == "fvd/i3d-resolution16_f4_r20x24_n2"  # not the standard 224
 
 
 def test_built_by_name_from_config_arguments(weights_file):
@@ -93,3 +94,24 @@ def test_a_damaged_weights_file_is_named_with_where_to_get_it_again(tmp_path, co
     path.write_bytes(content)
     with pytest.raises(ValueError, match=f"cannot read I3D weights {path}: truncated, or not a PyTorch file .*{WEIGHTS_URL}"):
         I3DExtractor(weights=path)
+
+
+def test_the_resolution_is_part_of_the_reference_key_and_of_a_non_standard_protocol_name(weights_file, tmp_path):
+    at_16, at_32 = (I3DExtractor(weights=weights_file, resolution=side) for side in (16, 32))
+    assert at_32.protocol_label == "i3d-resolution32"
+    assert I3DExtractor(weights=weights_file).protocol_label == "i3d"  # the standard protocol keeps its name
+    stats = ReferenceStats(mu=np.zeros(400), sigma=np.eye(400), frames=4, height=16, width=16, num_samples=8,
+                           **at_16.identity())
+    path = stats.save(tmp_path / stats.file_name())
+    assert path.name.startswith("i3d-resolution16_") and ReferenceStats.load(path).key() == stats.key()
+    FrechetVideoDistance(at_16).set_reference(path)
+    with pytest.raises(ValueError, match=r"has extractor_settings \{'resolution': 16\}, this metric's extractor has "
+                                         r"\{'resolution': 32\}; recompute it"):
+        FrechetVideoDistance(at_32).set_reference(path)
+
+    # A file written before the settings were recorded cannot say its resolution: refused, to be recomputed.
+    old = tmp_path / "old.npz"
+    np.savez(old, mu=stats.mu, sigma=stats.sigma, extractor="i3d", weights_hash=stats.weights_hash, frames=4,
+             height=16, width=16, num_samples=8)
+    with pytest.raises(ValueError, match=r"has extractor_settings \{\}, .* \{'resolution': 16\}; recompute it"):
+        FrechetVideoDistance(at_16).set_reference(old)

@@ -443,6 +443,33 @@ def test_a_pixel_latent_shard_folder_scores_as_the_raw_one_it_was_encoded_from(c
     assert latent_bits == pytest.approx(raw_bits, rel=1e-5)
 
 
+def test_a_shard_folder_of_another_size_is_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
+    import flowvid.score
+    from flowvid.data import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "big", num_videos=2, frames=4, size=16, val_videos=1, shard_samples=8)
+    np.save(tmp_path / "clip.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    monkeypatch.setattr(flowvid.score, "score_work", lambda *args: pytest.fail("scored before the sizes were checked"))
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "clip.npy"), str(tmp_path / "big" / "train"),
+                 "--out", str(out)]) == 2
+    err = one_line_error(capsys)
+    assert f"shard folder {tmp_path / 'big' / 'train'} holds 16x16 clips, the model takes 8x8 (height x width)" in err
+    assert not out.exists()
+
+
+def test_a_video_file_of_another_size_is_fitted_and_its_record_says_so(checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "fits.npy", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    np.save(tmp_path / "large.npy", rng.integers(0, 256, (4, 16, 12, 3), dtype=np.uint8))
+    write_video(tmp_path / "wide.mkv", rng.integers(0, 256, (4, 16, 24, 3), dtype=np.uint8), codec="ffv1")
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path), "--out", str(out)]) == 0
+    records = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records["large.npy"]["resized_from"] == [16, 12] and records["wide.mkv"]["resized_from"] == [16, 24]
+    assert "resized_from" not in records["fits.npy"] and "error" not in records["wide.mkv"]
+
+
 def test_a_latent_shard_record_counts_latent_frames_and_claims_no_video_frames(tmp_path):
     from data_tools.encode_latents import encode_latents
     from flowvid.data import write_synthetic_dataset

@@ -41,6 +41,7 @@ from flowvid.media import MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder, write_atomically
 from flowvid.pipeline import DEFAULT_TOLERANCE, NON_FINITE_ADVICE, GenerateError, VideoPipeline
 from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
+from flowvid.registry import SAMPLERS
 from flowvid.sampling import Sampler, build_sampler
 from flowvid.sampling.jacobi import check_tolerance
 from flowvid.sampling.tasks import TASKS, check_seed
@@ -87,11 +88,18 @@ class Request:
 
 
 def check_options(args: argparse.Namespace) -> None:
-    """Refuse numbers and an output path that cannot work, before the model is loaded."""
+    """Refuse numbers, names, input files and an output path that cannot work, before the model is loaded."""
     if args.batch_size < 1:
         raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.frames is not None and args.frames < 1:
         raise GenerateError(f"--frames must be >= 1, got {args.frames}")
+    try:
+        SAMPLERS.get(args.sampler)
+    except KeyError as err:
+        raise GenerateError(f"--sampler: {err.args[0]}") from None
+    for option, path in (("--image", args.image), ("--video", args.video)):
+        if path is not None and not Path(path).exists():  # (a folder is named so when it is read)
+            raise GenerateError(f"{option} {path} does not exist")
     if args.sampler == "windowed":
         raise GenerateError("--sampler windowed: videos longer than the model's training length are sampled in "
                             "windows of that length already; choose the sampler of each window (jacobi, sequential)")

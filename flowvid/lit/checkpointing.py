@@ -341,7 +341,9 @@ class RunCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dirpath is None:
-            self.dirpath = os.path.join(trainer.default_root_dir, CHECKPOINT_SUBDIR)
+            # As Lightning resolves a given dirpath: the checkpoints it keeps are matched by their folder,
+            # which must not change with the spelling of default_root_dir (relative, absolute, a symlink).
+            self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, CHECKPOINT_SUBDIR))
         super().setup(trainer, pl_module, stage)
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
@@ -469,6 +471,18 @@ class RunCheckpoint(ModelCheckpoint):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[METADATA_KEY] = run_metadata(pl_module, self.run_config)
 
+    def _should_remove_checkpoint(self, trainer: Trainer, previous: str, current: str) -> bool:
+        """The checkpoint a run resumed from goes too, once ``keep_last_k`` newer ones are written.
+
+        Lightning keeps it for good, so a run resumed after every preemption would keep one more checkpoint
+        each time, until the disk is full.
+        """
+        resumed = trainer.ckpt_path is not None and "://" not in previous and previous != current and (
+            Path(previous).absolute() == Path(trainer.ckpt_path).absolute())
+        if resumed:
+            return Path(self.dirpath).absolute() in Path(previous).absolute().parents
+        return super()._should_remove_checkpoint(trainer, previous, current)
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Training stopped where none of the hooks above saw it: the data ran out (max_epochs), or the
         # LightningModule's own on_train_batch_end set should_stop.
@@ -505,7 +519,8 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 def resolve_resume(checkpoint_dir: str | os.PathLike, resume: str | None) -> str | None:
     """The checkpoint to resume from: ``"auto"`` (the newest readable one in ``checkpoint_dir``, or
-    None for a fresh start), ``None`` / ``"none"`` (fresh start) or a path (which must exist).
+    None for a fresh start), ``None`` / ``"none"`` (fresh start) or a path (which must exist): a
+    checkpoint, or a run directory for its newest one (``resolve_checkpoint``).
 
     ``auto`` passes over checkpoints that cannot be read (a file truncated by a full disk, say) with a
     warning naming each, and resumes from the newest good one; when none can be read it stops.
@@ -517,7 +532,7 @@ def resolve_resume(checkpoint_dir: str | os.PathLike, resume: str | None) -> str
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"resume: {resume} does not exist (use 'auto', 'none' or a checkpoint path)")
-    return str(path)
+    return str(resolve_checkpoint(path))
 
 
 def _newest_readable(checkpoint_dir: str | os.PathLike) -> str | None:

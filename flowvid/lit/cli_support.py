@@ -40,6 +40,9 @@ from flowvid.lit.finetune import InitFromExport
 from flowvid.lit.progress import StepProgressBar
 
 
+#: The values of ``ckpt_path`` that Lightning reads as names, not paths.
+LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
+
 #: What a mistake in a command's inputs raises (a value, a path, a checkpoint).
 INPUT_ERRORS = (ValueError, FileNotFoundError, CorruptCheckpointError, MisconfigurationException)
 
@@ -88,28 +91,49 @@ class FlowvidCLI(LightningCLI):
 
     def before_fit(self) -> None:
         settings = self.config_init[self.subcommand]
-        accumulate = self.trainer.accumulate_grad_batches
-        if accumulate != 1 and not self.model.automatic_optimization:  # Lightning's own message names no fix
-            raise ValueError(f"trainer.accumulate_grad_batches={accumulate} applies only to automatic optimisation; "
-                             f"{type(self.model).__name__} optimises itself: set model.init_args.accumulate_grad_batches")
+        self._check_automatic_optimisation_settings()
         resume = settings.get("resume")
+        if resume is not None and settings.get("ckpt_path"):
+            raise ValueError(f"give either resume ({resume!r}) or ckpt_path ({settings.ckpt_path!r}), not both")
+        ckpt_path = settings.get("ckpt_path")
+        if ckpt_path == "last" and has_run_checkpoint(self.trainer):
+            resume = "auto"  # RunCheckpoint writes no last.ckpt: Lightning would start afresh among the run's
+        elif ckpt_path and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES:
+            if not os.path.exists(ckpt_path):
+                raise FileNotFoundError(f"ckpt_path {ckpt_path} does not exist")
+            resume = ckpt_path  # a checkpoint, or a run directory for its newest one, as resume takes them
         if resume is not None:
-            if settings.get("ckpt_path"):
-                raise ValueError(f"give either resume ({resume!r}) or ckpt_path ({settings.ckpt_path!r}), not both")
             if resume == "auto" and not has_run_checkpoint(self.trainer):
                 # A plain ModelCheckpoint writes into the logger's version_N folder, new on every restart.
                 raise ValueError("resume: auto needs a flowvid.lit.checkpointing.RunCheckpoint in trainer.callbacks "
                                  "(it writes to <trainer.default_root_dir>/checkpoints, where auto looks); "
                                  "add one, or resume from a checkpoint path")
             settings.ckpt_path = resolve_resume(checkpoint_dir_of(self.trainer), resume)
-        if not settings.ckpt_path and has_run_checkpoint(self.trainer):
-            check_no_earlier_run(checkpoint_dir_of(self.trainer))
+        if has_run_checkpoint(self.trainer):
+            if settings.ckpt_path:
+                check_no_later_checkpoints(checkpoint_dir_of(self.trainer), settings.ckpt_path)
+            else:
+                check_no_earlier_run(checkpoint_dir_of(self.trainer))
         config = self.resolved_config()
         for callback in self.trainer.callbacks:
             if isinstance(callback, RunCheckpoint):
                 callback.run_config = config
             if isinstance(callback, InitFromExport):  # ("last" with no checkpoint yet starts afresh)
                 callback.resuming = settings.ckpt_path is not None and os.path.exists(settings.ckpt_path)
+
+    def _check_automatic_optimisation_settings(self) -> None:
+        """Trainer settings that only automatic optimisation reads; Lightning's own messages name no fix."""
+        if self.model.automatic_optimization:
+            return
+        name = type(self.model).__name__
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate != 1:
+            raise ValueError(f"trainer.accumulate_grad_batches={accumulate} applies only to automatic optimisation; "
+                             f"{name} optimises itself: set model.init_args.accumulate_grad_batches")
+        clip = self.trainer.gradient_clip_val
+        if clip is not None:
+            raise ValueError(f"trainer.gradient_clip_val={clip} applies only to automatic optimisation; "
+                             f"{name} optimises itself: set model.init_args.grad_clip")
 
     def before_validate(self) -> None:
         """``--ckpt_path`` may name a run directory: its newest readable checkpoint is validated. Without
@@ -139,6 +163,21 @@ def check_no_earlier_run(checkpoint_dir: str) -> None:
         raise ValueError(f"{checkpoint_dir} holds {len(earlier)} checkpoint(s) of an earlier run (newest: "
                          f"{Path(earlier[-1]).name}); continue it with --resume auto, or start afresh in another "
                          "--trainer.default_root_dir (or remove them)")
+
+
+def check_no_later_checkpoints(checkpoint_dir: str, resumed: str) -> None:
+    """Resuming a run from one of its own checkpoints must not leave newer ones beside the new branch:
+    ``resume: auto`` and ``keep_last_k`` would take them for this run's."""
+    found = [path.resolve() for path in list_checkpoints(checkpoint_dir)]
+    resumed_path = Path(resumed).resolve()
+    if resumed_path not in found:
+        return
+    later = found[found.index(resumed_path) + 1:]
+    if later:
+        raise ValueError(f"{checkpoint_dir} holds {len(later)} checkpoint(s) newer than {resumed_path.name} "
+                         f"({', '.join(path.name for path in later[:3])}): continuing from {resumed_path.name} "
+                         "would leave them among the new ones, where resume: auto would take them; move them out "
+                         "of the folder first, or continue from the newest with --resume auto")
 
 
 def _use_step_progress_bar(trainer: Trainer) -> None:

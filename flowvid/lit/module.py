@@ -156,6 +156,9 @@ class FlowModule(LightningModule):
         for name, value in (("text_dropout", text_dropout), ("extend_prob", extend_prob), ("v2v_prob", v2v_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        if schedule_steps is not None and (not isinstance(schedule_steps, int) or schedule_steps < 1):
+            raise ValueError(f"schedule_steps must be an integer >= 1, or null for the run's planned steps, "
+                             f"got {schedule_steps!r}")
         if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches!r}")
         for name, value in (("guidance", guidance), ("latent_norm_penalty", latent_norm_penalty)):
@@ -250,9 +253,11 @@ class FlowModule(LightningModule):
         clean = self.latents_of(batch)
         captions = self.captions_of(batch)
         prefix = ""
+        if self.v2v_prob > 0 and "source_latents" not in batch and "source_video" not in batch:
+            # Checked on every batch, not only the drawn ones: a rare draw would stop the run far into it.
+            raise ValueError("v2v_prob > 0 needs batches with a source clip ('source_latents' or 'source_video'); "
+                             "make the shards with source clips, or set v2v_prob: 0")
         if chance(self.v2v_prob):
-            if "source_latents" not in batch and "source_video" not in batch:
-                raise ValueError("v2v_prob > 0 needs batches with a source clip ('source_latents' or 'source_video')")
             clean = torch.cat([self.latents_of(batch, "source_"), clean], dim=1)
             prefix = V2V_PREFIX
         noisy = clean + self.noise_std * torch.randn_like(clean)
@@ -512,7 +517,9 @@ class FlowModule(LightningModule):
         return [group for group in groups if group["params"]]
 
     def _schedule_length(self) -> int:
-        total = self.hparams.schedule_steps or self._planned_steps()
+        total = self.hparams.schedule_steps
+        if total is None:
+            total = self._planned_steps()
         if not math.isfinite(total):
             raise ValueError("cannot size the learning-rate schedule: set trainer.max_steps or schedule_steps")
         return int(total)
@@ -683,6 +690,7 @@ class FlowModule(LightningModule):
         # other strategies before. A model built by load_from_checkpoint and fitted afresh resumes nothing.
         if self.trainer.ckpt_path is not None:
             self._warn_if_schedule_changes_length()
+            self._apply_configured_rates()
 
     def _warn_if_schedule_changes_length(self) -> None:
         """The schedule's rate functions are not in the checkpoint: they are rebuilt from this run's
@@ -695,6 +703,28 @@ class FlowModule(LightningModule):
                        f"{new} (it spans max_steps unless schedule_steps is set): the resumed run's learning rates "
                        f"are not those the checkpoint's run would have used; --model.init_args.schedule_steps {old} "
                        "keeps the original schedule")
+
+    def _apply_configured_rates(self) -> None:
+        """The checkpoint restores the optimiser's peak rates and weight decay; the run's config wins, so that a
+        run resumed with another ``lr``, ``denoiser_lr`` or ``weight_decay`` trains with them (its schedule,
+        ``min_lr`` included, is already this run's)."""
+        scheduler = self.lr_schedulers()
+        peaks = {"flow": self.hparams.lr, "denoiser": self.hparams.denoiser_lr}
+        changed = set()
+        for index, group in enumerate(scheduler.optimizer.param_groups):
+            peak, decay = peaks[group["name"]], self.hparams.weight_decay
+            if scheduler.base_lrs[index] != peak or group["weight_decay"] != decay:
+                changed.add(group["name"])
+            scheduler.base_lrs[index] = group["initial_lr"] = peak
+            group["weight_decay"] = decay
+        if not changed:
+            return
+        rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates
+        rank_zero_warn(f"the {' and '.join(sorted(changed))} learning rate or weight decay differs from the checkpoint's: "
+                       "the resumed run trains with this run's lr, denoiser_lr and weight_decay")
 
 
 @contextmanager

@@ -31,6 +31,10 @@ def fit(*args: str) -> int:
     ("--model.init_args.accumulate_grad_batches=0", "accumulate_grad_batches must be an integer >= 1, got 0"),
     ("--trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4 applies only to automatic optimisation; "
                                             "FlowModule optimises itself: set model.init_args.accumulate_grad_batches"),
+    ("--trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0 applies only to automatic optimisation; "
+                                        "FlowModule optimises itself: set model.init_args.grad_clip"),
+    ("--model.init_args.schedule_steps=0", "schedule_steps must be an integer >= 1, or null"),
+    ("--ckpt_path=/no/such.ckpt", "ckpt_path /no/such.ckpt does not exist"),
 ])
 def test_a_bad_value_is_one_line_before_training(override, message, tmp_path, capsys):
     assert fit(override, f"--trainer.default_root_dir={tmp_path}") == 2
@@ -67,6 +71,29 @@ def test_a_fresh_run_among_an_earlier_runs_checkpoints_is_refused(tmp_path, caps
                      "step=00000005.ckpt); continue it with --resume auto, or start afresh in another "
                      "--trainer.default_root_dir (or remove them)")
     assert [p.name for p in earlier.parent.iterdir()] == [earlier.name]
+
+
+def test_resuming_from_a_checkpoint_with_newer_ones_beside_it_is_refused(tmp_path, capsys):
+    """The newer checkpoints of the branch left behind would be taken for the new branch's by resume: auto."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for step in (95, 120):
+        (folder / f"step={step:08d}.ckpt").write_bytes(b"a checkpoint")
+    assert fit(f"--resume={folder / 'step=00000095.ckpt'}", f"--trainer.default_root_dir={tmp_path}") == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"flowvid fit: error: {folder} holds 1 checkpoint(s) newer than step=00000095.ckpt "
+                            "(step=00000120.ckpt)")
+
+
+@pytest.mark.parametrize("ckpt_path", ["last", "run directory"])
+def test_ckpt_path_last_and_a_run_directory_continue_from_the_newest_checkpoint(ckpt_path, tmp_path, capsys):
+    """Lightning's "last" finds no last.ckpt among RunCheckpoint's and starts afresh beside them."""
+    newest = tmp_path / "checkpoints" / "step=00000008.ckpt"
+    newest.parent.mkdir()
+    newest.write_bytes(b"\0" * 100)  # unreadable: the run stops where it reads it, before training
+    given = "last" if ckpt_path == "last" else str(tmp_path)
+    assert fit(f"--ckpt_path={given}", f"--trainer.default_root_dir={tmp_path}") == 2
+    assert "none can be read" in capsys.readouterr().err
 
 
 def test_a_ckpt_path_is_checked_like_resume_and_never_replaces_the_configured_model(tmp_path, capsys):

@@ -512,6 +512,25 @@ def test_tokens_seen_carry_over_a_resume(tmp_path):
     assert resumed.videos_seen == uninterrupted.videos_seen == 8
 
 
+def test_a_run_resumed_with_other_rates_and_weight_decay_trains_with_them(tmp_path):
+    def fit(steps: int, ckpt_path=None, **rates) -> L.Trainer:
+        L.seed_everything(0)
+        run = trainer(max_steps=steps)
+        run.fit(tiny_module(**rates), fixed_batches(steps), ckpt_path=ckpt_path)
+        run.save_checkpoint(tmp_path / f"step{steps}.ckpt")
+        return run
+
+    changed = dict(lr=2e-4, denoiser_lr=5e-4, weight_decay=0.5)
+    fit(2, lr=1e-3, denoiser_lr=1e-3)
+    with pytest.warns(UserWarning, match="the resumed run trains with this run's lr"):
+        resumed = fit(4, ckpt_path=tmp_path / "step2.ckpt", **changed)
+    fresh = fit(4, **changed)  # the learning rates a run configured so from the start has at step 4
+    for ours, theirs in zip(resumed.optimizers[0].param_groups, fresh.optimizers[0].param_groups, strict=True):
+        assert ours["name"] == theirs["name"]
+        assert ours["lr"] == pytest.approx(theirs["lr"], rel=1e-12) and ours["weight_decay"] == 0.5
+        assert ours["initial_lr"] == changed["lr" if ours["name"] == "flow" else "denoiser_lr"]
+
+
 def test_throughput_measures_a_cpu_and_reads_a_known_gpus_datasheet(monkeypatch):
     from flowvid.lit import throughput
 

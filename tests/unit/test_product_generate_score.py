@@ -263,8 +263,11 @@ def test_a_frame_count_or_seed_out_of_range_is_refused_before_loading(tmp_path, 
     (["--block-size", "-4"], "--block-size must be >= 1, got -4"),
     (["--sampler", "sequential", "--block-size", "16"], "--sampler sequential has none"),
     (["--sampler", "sequential", "--tol", "0.01"], "--tol is a setting of the jacobi sampler; --sampler sequential"),
+    (["--sampler", "jacobl"], "--sampler: unknown sampler 'jacobl'; registered:"),
+    (["--task", "i2v", "--image", "missing.png"], "--image missing.png does not exist"),
+    (["--task", "extend", "--video", "missing.mp4"], "--video missing.mp4 does not exist"),
 ])
-def test_jacobi_block_sizes_that_cannot_work_are_refused_before_loading(tmp_path, capsys, extra, message):
+def test_options_that_cannot_work_are_refused_before_loading(tmp_path, capsys, extra, message):
     assert main(["generate", "--ckpt", str(tmp_path / "nope.ckpt"), "--prompt", "x", *extra,
                  "--out", str(tmp_path / "o")]) == 2
     assert message in one_line_error(capsys)

@@ -257,6 +257,21 @@ def test_run_checkpoint_keeps_the_last_k_and_refuses_to_resume_another_model(tmp
         trainer(4).fit(TrainableTiny(deep_width=64), data, ckpt_path=resolve_resume(tmp_path / "checkpoints", "auto"))
 
 
+def test_keep_last_k_prunes_the_checkpoint_resumed_from_whatever_the_spelling_of_the_run_folder(tmp_path, monkeypatch):
+    data = DataLoader(TensorDataset(torch.rand(8, 2, 4, 4, 3)), batch_size=2)
+    monkeypatch.chdir(tmp_path)
+
+    def fit(root, max_steps, ckpt_path=None):
+        Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=[RunCheckpoint(every_n_train_steps=1, keep_last_k=2)],
+                ).fit(TrainableTiny(), data, ckpt_path=ckpt_path)
+
+    fit("run", 2)
+    fit(str(tmp_path / "run"), 4, ckpt_path=resolve_resume(tmp_path / "run" / "checkpoints", "auto"))
+    kept = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in kept] == ["step=00000003.ckpt", "step=00000004.ckpt"]
+
+
 def test_every_recipe_that_checkpoints_a_run_seeds_its_steps():
     """Without StepSeed a run resumed from its RunCheckpoint draws other noise than it would have."""
     recipes = Path(__file__).resolve().parents[2] / "recipes"

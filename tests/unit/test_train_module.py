@@ -102,6 +102,10 @@ def test_video_to_video_puts_the_source_clip_first(monkeypatch):
     del batch["source_video"]
     with pytest.raises(ValueError, match="source clip"):
         module.training_inputs(batch)
+    # However rare the task, the first batch says the shards cannot serve it.
+    rare = make_module(v2v_prob=1e-9)
+    with pytest.raises(ValueError, match="source clip"):
+        rare.training_inputs(batch)
 
 
 def test_caption_dropout_drops_the_caption_but_keeps_the_task(monkeypatch):

@@ -16,6 +16,7 @@ from flowvid.export import (
     load_exported,
     load_weights,
     read_export_metadata,
+    without_held_weight_files,
 )
 from flowvid.lit.checkpointing import resolve_checkpoint
 
@@ -38,7 +39,8 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
         module = load_exported(path, map_location=map_location).module
     else:
         state_dict, config, _ = checkpoint_weights(path, weights)
-        module = build_module(config)
+        # The checkpoint holds the weights of a codec trained for this model: its file may be long gone.
+        module = build_module(without_held_weight_files(config, state_dict))
         load_weights(module, state_dict, where=str(path))
         module = module.to(map_location).eval()
     if adapters is not None:

@@ -36,15 +36,29 @@ class Entry:
 
     @property
     def class_path(self) -> str:
-        return f"{self.obj.__module__}.{self.obj.__qualname__}"
+        return describe(self.obj)
 
     @property
     def package(self) -> str:
-        return _distribution_of(self.obj.__module__.split(".")[0])[0]
+        return _distribution_of(_module_of(self.obj).split(".")[0])[0]
 
     @property
     def version(self) -> str:
-        return _distribution_of(self.obj.__module__.split(".")[0])[1]
+        return _distribution_of(_module_of(self.obj).split(".")[0])[1]
+
+
+def describe(obj: Any) -> str:
+    """``module.QualName`` of a class or function; a factory such as ``functools.partial`` names what it calls."""
+    if isinstance(obj, functools.partial):
+        return f"functools.partial({describe(obj.func)}, ...)"
+    qualname = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    return f"{_module_of(obj)}.{qualname}"
+
+
+def _module_of(obj: Any) -> str:
+    if isinstance(obj, functools.partial):
+        return _module_of(obj.func)
+    return getattr(obj, "__module__", None) or type(obj).__module__
 
 
 @functools.cache
@@ -85,6 +99,7 @@ class Registry:
         self.kind = kind
         self.group = group
         self._entries: dict[str, Entry] = {}
+        self._failed: dict[str, str] = {}  # plugin names that did not load: why, and from which package
 
     def register(self, name: str | None = None) -> Callable[[Any], Any]:
         def decorator(obj: Any) -> Any:
@@ -98,7 +113,7 @@ class Registry:
         if known is not None and known.obj is not obj:
             raise ValueError(
                 f"{self.kind} name {name!r} is taken by {known.class_path} ({known.package}); "
-                f"cannot register {obj.__module__}.{obj.__qualname__} under it"
+                f"cannot register {describe(obj)} under it"
             )
         self._entries[name] = Entry(name, obj)
 
@@ -107,6 +122,8 @@ class Registry:
         try:
             return self._entries[name].obj
         except KeyError:
+            if name in self._failed:
+                raise UnknownName(f"{self.kind} {name!r} {self._failed[name]}") from None
             known = ", ".join(sorted(self._entries)) or "none"
             raise UnknownName(f"unknown {self.kind} {name!r}; registered: {known}") from None
 
@@ -181,7 +198,11 @@ def load_plugins() -> None:
                 obj = entry_point.load()
                 registry.add(entry_point.name, obj)
             except Exception as err:  # noqa: BLE001 - a broken plugin must not break the CLI or the others
-                warnings.warn(f"could not load {registry.kind} plugin {entry_point.name!r} "
+                dist = getattr(entry_point, "dist", None)
+                source = f"{dist.name} {dist.version}" if dist is not None else "an unknown package"
+                registry._failed.setdefault(entry_point.name, f"is installed by {source} ({entry_point.value}) "
+                                                              f"but could not be loaded: {err}")
+                warnings.warn(f"could not load {registry.kind} plugin {entry_point.name!r} of {source} "
                               f"({entry_point.value}): {err}", stacklevel=2)
 
 

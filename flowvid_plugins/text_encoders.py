@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from flowvid.checks import is_count
 from flowvid.fingerprint import json_fingerprint, weights_fingerprint
 from flowvid.text.base import TextEmbedding, TextEncoder
 from flowvid_plugins.frozen import keep_out_of_checkpoints
@@ -130,6 +131,8 @@ class T5TextEncoder(FrozenTextEncoder):
         super().__init__()
         from transformers import AutoConfig, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
 
+        if not (is_count(max_length) and max_length >= 2):  # a token and the end-of-sequence token
+            raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
         directory = check_model_directory(path, "T5")
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")

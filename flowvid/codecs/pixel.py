@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from flowvid.checks import is_count
 from flowvid.codecs.base import LatentCodec
 from flowvid.registry import CODECS
 
@@ -30,8 +31,9 @@ class PixelCodec(LatentCodec):
 
     def __init__(self, patch_size: int = 1, temporal_patch: int = 1):
         super().__init__()
-        if patch_size < 1 or temporal_patch < 1:
-            raise ValueError(f"patch sizes must be >= 1, got patch_size={patch_size}, temporal_patch={temporal_patch}")
+        if not all(is_count(size) and size >= 1 for size in (patch_size, temporal_patch)):
+            raise ValueError(f"patch sizes must be integers >= 1, got patch_size={patch_size!r}, "
+                             f"temporal_patch={temporal_patch!r}")
         self.patch_size = patch_size
         self.temporal_patch = temporal_patch
         self.spatial_factor = patch_size

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowvid.checks import is_count
 from flowvid.codecs.base import LatentCodec
 from flowvid.codecs.pixel import to_uint8, to_unit_range
 from flowvid.files import read_torch_file
@@ -113,10 +114,10 @@ class VideoVAE(LatentCodec):
         checkpoint: str | None = None,
     ):
         super().__init__()
-        for name, value in (("spatial_factor", spatial_factor), ("temporal_factor", temporal_factor),
-                            ("latent_channels", latent_channels), ("width", width)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name, value, least in (("spatial_factor", spatial_factor, 1), ("temporal_factor", temporal_factor, 1),
+                                   ("latent_channels", latent_channels, 1), ("width", width, 1), ("depth", depth, 0)):
+            if not (is_count(value) and value >= least):
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         self.spatial_factor = spatial_factor
         self.temporal_factor = temporal_factor
         self.latent_channels = latent_channels
@@ -228,7 +229,8 @@ class VideoVAE(LatentCodec):
 
     def _pixel_blocks(self, video: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, T, H, W, 3)`` -> ``(B, 3*tf*sf*sf, t, h, w)``, the first frame repeated in front."""
-        x = to_unit_range(video).to(self.latents_mean.device).permute(0, 4, 1, 2, 3)  # B, 3, T, H, W
+        # In the weights' precision: bf16 under `precision: bf16-true`.
+        x = to_unit_range(video).to(self.latents_mean.device, self.latents_mean.dtype).permute(0, 4, 1, 2, 3)
         first = x[:, :, :1].expand(-1, -1, self.temporal_factor - 1, -1, -1)
         return self._fold(torch.cat([first, x], dim=2))
 

@@ -220,6 +220,8 @@ class FlowModule(LightningModule):
     def train(self, mode: bool = True) -> "FlowModule":
         super().train(mode)
         self.codec.eval()  # frozen: never in training mode (dropout, batch statistics)
+        if self.text_encoder is not None and not self.text_encoder.trainable:
+            self.text_encoder.eval()  # its embeddings must be those cached in shards and seen when sampling
         return self
 
     # --- inputs --------------------------------------------------------------------------------

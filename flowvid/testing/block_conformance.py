@@ -143,6 +143,21 @@ class FlowBlockConformance:
                 z_steps.append((xp[:, first:first + count] - mu) / sigma)
         torch.testing.assert_close(torch.cat(z_steps, dim=1), z_full, rtol=1e-5, atol=1e-5)
 
+    def test_padded_text_positions_are_never_read(self):
+        """Text encoders zero their padding, but a block must not rely on it: it reads the mask. Noise in
+        the padded positions changes nothing, in the forward pass and in the sampler's cached one."""
+        block = self.make_block("flip_within_frame", text=True)
+        x = self.sequence()
+        text = self.make_text(x.shape[0])
+        noisy = TextEmbedding(torch.where(text.mask[..., None], text.tokens, 10 * torch.randn_like(text.tokens)),
+                              text.mask)
+        with torch.no_grad():
+            assert torch.equal(block(x, noisy)[0], block(x, text)[0]), "the forward pass reads padded text"
+            xp = block.permutation.forward(x)
+            passes = [block.affine(block.shift(xp), block.start_inverse(x.shape[0], x.shape[1], given))
+                      for given in (text, noisy)]
+        assert all(torch.equal(a, b) for a, b in zip(*passes)), "the cached pass reads padded text"
+
     def test_a_caption_longer_than_the_video_is_read_whole_in_the_forward_pass(self):
         """Captions of T5's 256 tokens outnumber a small video's tokens: the training forward pass (which
         may split its queries into chunks) must read the same text as the sampler's cached passes."""

@@ -89,6 +89,14 @@ class CodecConformance:
         alone = codec.encode(video[1:2])
         torch.testing.assert_close(alone, together[1:2], rtol=1e-4, atol=1e-4)
 
+    def test_decoding_is_deterministic_and_per_video(self, codec):
+        latents = codec.encode(self.video(batch=3, seed=1))
+        together = codec.decode(latents)
+        assert torch.equal(together, codec.decode(latents))
+        alone = codec.decode(latents[1:2]).int()
+        # uint8 frames: one level of rounding apart at most, where batched kernels sum in another order.
+        assert (alone - together[1:2].int()).abs().max() <= 1, "a video's decoding depends on the others in its batch"
+
     def test_later_frames_do_not_change_earlier_latent_frames(self, codec):
         video = self.video(seed=2)
         changed = video.clone()

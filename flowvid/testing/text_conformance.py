@@ -61,6 +61,16 @@ class TextEncoderConformance:
         torch.testing.assert_close(alone.tokens, first.tokens[1:2], rtol=1e-4, atol=1e-4)
         assert torch.equal(alone.mask, first.mask[1:2])
 
+    def test_a_frozen_encoder_gives_the_same_embeddings_in_training_mode(self, encoder):
+        """Cached in shards and computed when sampling, a frozen encoder's embeddings must not change in
+        training (dropout left on would draw other ones every step)."""
+        if encoder.trainable:
+            pytest.skip("a trainable encoder may use dropout in training")
+        expected = encoder.encode(self.captions).tokens
+        encoder.train()
+        assert torch.equal(encoder.encode(self.captions).tokens, expected)
+        assert torch.equal(encoder.encode(self.captions).tokens, expected)
+
     def test_empty_caption_is_one_fixed_unconditional_embedding(self, encoder):
         empty = encoder.encode(["", self.captions[0], ""])
         assert torch.equal(empty.mask[0], empty.mask[2])

@@ -8,8 +8,10 @@ The layout follows the STARFlow-V training prompt::
 
      in a 16:9 aspect ratio.
 
-Classifier-free-guidance dropout replaces only the caption with "" and keeps the metadata, so the
-unconditional prompt still says how noisy, how fast and how wide the video is.
+In that training, classifier-free-guidance dropout replaced only the caption with "" and kept the
+metadata, so the unconditional prompt still said how noisy, how fast and how wide the video is.
+flowvid's training and samplers do not apply this template (they encode the caption after its task
+prefix, and dropout keeps the prefix alone): it is here for prompts to models trained on it.
 """
 
 from __future__ import annotations

@@ -71,3 +71,10 @@ def test_identities_recorded_before_they_carried_the_config_are_still_checked_by
 def test_nonpositive_patch_sizes_are_rejected():
     with pytest.raises(ValueError, match="patch"):
         PixelCodec(patch_size=0)
+
+
+@pytest.mark.parametrize("patch_size", [0, 2.0, "2", True])
+def test_a_patch_size_that_is_not_a_positive_integer_is_refused(patch_size):
+    # 2.0 failed in torch.zeros and "2" in a comparison, far from the argument that was wrong.
+    with pytest.raises(ValueError, match="patch sizes must be integers >= 1"):
+        PixelCodec(patch_size=patch_size)

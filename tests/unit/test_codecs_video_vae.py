@@ -37,6 +37,16 @@ def test_registered_as_video_vae():
     assert tiny_vae().latent_shape(9, 16, 8) == (5, 8, 4, 4)
 
 
+def test_weights_in_bf16_encode_and_decode_in_bf16():
+    """What `precision: bf16-true` makes of the codec: its input must follow its weights' dtype."""
+    video = smooth_video(1, 5, 8, 8)
+    full, half = tiny_vae(), tiny_vae().to(torch.bfloat16)
+    latents = half.encode(video)
+    assert latents.dtype == torch.bfloat16
+    torch.testing.assert_close(latents.float(), full.encode(video), rtol=0.05, atol=0.05)
+    assert half.decode(latents).shape == video.shape
+
+
 def test_first_frame_is_encoded_alone():
     vae = tiny_vae()
     video = smooth_video(1, 5, 8, 8)
@@ -179,3 +189,9 @@ def test_the_recipe_trains_on_the_synthetic_data_module(tmp_path, monkeypatch):
     assert "val/psnr" in cli.trainer.callback_metrics
     codec = VideoVAE.from_checkpoint(next((tmp_path / "run").rglob("last.ckpt")))
     assert codec.latent_shape(5, 16, 16) == (2, 4, 4, 8)
+
+
+@pytest.mark.parametrize("argument", [dict(width=8.0), dict(latent_channels="4"), dict(depth=-1)])
+def test_sizes_that_are_not_integers_in_range_are_refused(argument):
+    with pytest.raises(ValueError, match=f"{next(iter(argument))} must be an integer"):
+        VideoVAE(**{**TINY, **argument})

@@ -1,5 +1,6 @@
 """Registries, entry-point discovery and the CLI skeleton."""
 
+import functools
 import subprocess
 import sys
 
@@ -112,6 +113,34 @@ def test_a_plugin_that_takes_a_taken_name_is_a_warning_and_the_others_still_load
     with pytest.warns(UserWarning, match="could not load block plugin 'affine'.*taken"):
         registry_module.load_plugins()
     assert BLOCKS.get("affine").__name__ == "AffineBlock" and BLOCKS.get("fine-block") is Fine
+
+
+def test_a_plugin_that_fails_to_import_is_named_as_such_when_asked_for(monkeypatch):
+    import flowvid.registry as registry_module
+
+    class Broken(FakeEntryPoint):
+        def load(self):
+            raise ImportError("No module named 'missing_dependency'")
+
+    monkeypatch.setattr(registry_module.metadata, "entry_points",
+                        lambda group: [Broken("broken", None)] if group == BLOCKS.group else [])
+    monkeypatch.setattr(registry_module, "_loaded", False)
+    monkeypatch.setattr(BLOCKS, "_failed", {})
+    with pytest.warns(UserWarning, match="could not load block plugin 'broken'"):
+        registry_module.load_plugins()
+    with pytest.raises(KeyError, match="block 'broken' is installed by an unknown package .fake:broken. but could "
+                                       "not be loaded: No module named 'missing_dependency'"):
+        BLOCKS.get("broken")
+
+
+def test_a_factory_plugin_is_listed_by_what_it_calls():
+    from flowvid.codecs import PixelCodec
+
+    things = Registry("thing", "flowvid.things")
+    things.add("pixel2", functools.partial(PixelCodec, patch_size=2))
+    [entry] = list(things._entries.values())
+    assert entry.class_path == "functools.partial(flowvid.codecs.pixel.PixelCodec, ...)"
+    assert entry.package == "flowvid"
 
 
 @pytest.fixture(scope="module")

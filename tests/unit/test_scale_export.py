@@ -291,7 +291,7 @@ def test_the_model_card_says_what_the_export_holds_and_never_replaces_a_readme_o
     assert (out.parent / "README.md").read_text().startswith(CARD_MARK)
 
 
-def test_an_export_holds_its_video_vae_and_loads_without_the_vae_file(tmp_path):
+def test_an_export_or_checkpoint_holds_its_video_vae_and_loads_without_the_vae_file(tmp_path):
     from flowvid.codecs import VideoVAE
 
     torch.manual_seed(0)
@@ -310,7 +310,9 @@ def test_an_export_holds_its_video_vae_and_loads_without_the_vae_file(tmp_path):
     out = export_checkpoint(path, tmp_path / "export" / "model.safetensors", weights="trained")
     (tmp_path / "vae.pt").unlink()  # the export is shared without the training machine's files
 
-    loaded = load_exported(out)
-    assert loaded.codec.identity() == module.codec.identity()
+    from flowvid.loading import load_model
+
     video = torch.randint(0, 256, (1, 2, 8, 8, 3), dtype=torch.uint8)
-    assert torch.equal(loaded.codec.encode(video), module.codec.encode(video))
+    for loaded in (load_exported(out).module, load_model(path)):  # the training checkpoint holds them too
+        assert loaded.codec.identity() == module.codec.identity()
+        assert torch.equal(loaded.codec.encode(video), module.codec.encode(video))

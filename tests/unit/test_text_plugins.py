@@ -142,3 +142,9 @@ def test_an_identity_recorded_before_a_key_was_added_still_matches():
     assert not same_text_encoder({**recorded, "width": "32"}, current)
     other_words = LearnedTextEncoder(width=16, depth=1, head_dim=8, vocabulary=["cow", "pig"]).identity()
     assert not same_text_encoder(other_words, current)  # the same weights would map words to other ids
+
+
+@pytest.mark.parametrize("max_length", [0, 1, "8", 8.0])
+def test_t5_refuses_a_max_length_it_cannot_encode_before_loading(max_length, tmp_path):
+    with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
+        T5TextEncoder(str(tmp_path / "not-read"), max_length=max_length)

@@ -88,6 +88,14 @@ def test_extension_drops_the_first_frame_and_prefixes_the_caption(monkeypatch):
     assert seen == [["(extend) " + c for c in batch["caption"]]]
 
 
+def test_a_frozen_text_encoder_and_the_codec_stay_in_eval_mode_in_training():
+    module = make_module()
+    module.text_encoder.trainable = False  # as a frozen encoder that forgot to keep itself in eval mode
+    module.train()
+    assert module.flow.training and not module.codec.training and not module.text_encoder.training
+    assert make_module().train().text_encoder.training  # a trainable one trains
+
+
 def test_video_to_video_puts_the_source_clip_first(monkeypatch):
     module = make_module(v2v_prob=1.0, text_dropout=0.0, noise_std=1e-6)
     seen = []

@@ -13,7 +13,7 @@ the files). Registered through entry points (group ``flowvid.text_encoders``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.txt")
 
 
 def check_model_directory(path: str | Path, what: str) -> Path:
-    """Raise one FileNotFoundError naming the directory and every file group it lacks."""
+    """Raise one FileNotFoundError naming the directory, every file group it lacks and how to make it."""
     path = Path(path)
     groups = (_CONFIG_FILES, _WEIGHT_FILES, _TOKENIZER_FILES)
     missing = [group for group in groups if not any((path / name).is_file() for name in group)]
@@ -38,7 +38,9 @@ def check_model_directory(path: str | Path, what: str) -> Path:
         state = "does not exist" if not path.is_dir() else "is incomplete"
         expected = "; ".join(" or ".join(group) for group in groups)
         raise FileNotFoundError(f"{what} directory {path} {state}: expected {expected} "
-                                f"(missing: {'; '.join(' or '.join(group) for group in missing)})")
+                                f"(missing: {'; '.join(' or '.join(group) for group in missing)}); write it on a "
+                                "machine with the model, with the model's and the tokenizer's save_pretrained(DIR), "
+                                "or copy a downloaded model folder")
     return path
 
 
@@ -126,6 +128,10 @@ class T5TextEncoder(FrozenTextEncoder):
         max_length: tokens per caption (STARFlow-V: 256 for video). The empty caption is "</s>".
         dtype: "float32" or "bfloat16" for the weights; token states are returned as float32.
     """
+
+    @classmethod
+    def check_files(cls, path: str, **_: Any) -> None:
+        check_model_directory(path, "T5")
 
     def __init__(self, path: str, max_length: int = 256, dtype: str = "float32"):
         super().__init__()

@@ -81,6 +81,10 @@ class WanVAECodec(LatentCodec):
 
     causal_first_frame = True
 
+    @classmethod
+    def check_files(cls, path: str, **_: Any) -> None:
+        check_wan_directory(path)
+
     def __init__(self, path: str, temporal_scale: float = 0.6, sample_posterior: bool = False):
         super().__init__()
         try:

@@ -31,6 +31,12 @@ class LatentCodec(nn.Module, ABC):
     #: T frames become 1 + (T - 1) / temporal_factor latent frames.
     causal_first_frame: bool = False
 
+    @classmethod
+    def check_files(cls, **init_args: Any) -> None:
+        """Raise FileNotFoundError, naming the file and how to get it, when a file the constructor with
+        ``init_args`` would read is missing. The CLI asks before it builds any part of the model, so that
+        a missing VAE is reported before a large flow is allocated. Default: nothing to read."""
+
     @property
     def name(self) -> str:
         from flowvid.registry import CODECS, load_plugins

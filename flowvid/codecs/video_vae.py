@@ -131,6 +131,11 @@ class VideoVAE(LatentCodec):
         if checkpoint is not None:
             self._load(checkpoint)
 
+    @classmethod
+    def check_files(cls, checkpoint: str | None = None, **_: Any) -> None:
+        if checkpoint is not None:
+            check_checkpoint_exists(Path(checkpoint))
+
     # --- the codec ---------------------------------------------------------------------------------
     def architecture(self) -> dict[str, int]:
         """Constructor arguments that fix the shapes of the weights."""
@@ -278,14 +283,18 @@ class VideoVAE(LatentCodec):
         self.load_state_dict(state)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a VideoVAE checkpoint file, with one clear error if it is missing or of another kind."""
-    path = Path(path)
+def check_checkpoint_exists(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(
             f"VideoVAE checkpoint {path} does not exist; train one with "
             f"`flowvid fit --config recipes/codecs/video_vae_shapes.yaml` (it writes a .ckpt file)"
         )
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a VideoVAE checkpoint file, with one clear error if it is missing or of another kind."""
+    path = Path(path)
+    check_checkpoint_exists(path)
     checkpoint = read_torch_file(path, "VideoVAE checkpoint", "train one again with "
                                  "`flowvid fit --config recipes/codecs/video_vae_shapes.yaml`")
     if not isinstance(checkpoint, dict) or CHECKPOINT_CONFIG_KEY not in checkpoint:

@@ -13,6 +13,7 @@ status 2; ``FLOWVID_TRACEBACK=1`` shows the traceback instead. Later errors keep
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -78,6 +79,19 @@ class FlowvidCLI(LightningCLI):
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
             load_client_state(ckpt_path)
+
+    def before_instantiate_classes(self) -> None:
+        """Files the codec and the text encoder will read must exist before any part of the model is built:
+        jsonargparse builds the flow first, which at billions of parameters takes minutes and much memory."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model_args = (config.get("model") or {}).get("init_args") or {}
+        for part in ("codec", "text_encoder"):
+            spec = model_args.get(part)
+            if spec is None or not spec.get("class_path"):
+                continue
+            check_files = getattr(_imported(spec.class_path), "check_files", None)
+            if check_files is not None:
+                check_files(**dict(spec.get("init_args") or {}))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
@@ -153,6 +167,11 @@ class FlowvidCLI(LightningCLI):
         """The full config of this command as plain data (what ``config.yaml`` holds)."""
         parser = self._parser(self.subcommand)
         return yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False))
+
+
+def _imported(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def check_no_earlier_run(checkpoint_dir: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +45,11 @@ class TextEncoder(nn.Module, ABC):
     def __init__(self) -> None:
         super().__init__()
         self.truncated_count = 0
+
+    @classmethod
+    def check_files(cls, **init_args: Any) -> None:
+        """As ``LatentCodec.check_files``: raise FileNotFoundError, naming the file and how to get it,
+        when a file the constructor with ``init_args`` would read is missing. Default: nothing to read."""
 
     @abstractmethod
     def forward(self, captions: Sequence[str]) -> TextEmbedding:

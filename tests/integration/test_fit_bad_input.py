@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from unittest import mock
@@ -71,6 +72,33 @@ def test_a_fresh_run_among_an_earlier_runs_checkpoints_is_refused(tmp_path, caps
                      "step=00000005.ckpt); continue it with --resume auto, or start afresh in another "
                      "--trainer.default_root_dir (or remove them)")
     assert [p.name for p in earlier.parent.iterdir()] == [earlier.name]
+
+
+@pytest.mark.parametrize("missing", ["codec", "text_encoder"])
+def test_missing_model_files_are_found_before_any_part_of_the_model_is_built(missing, tmp_path, capsys, monkeypatch):
+    """The 7B recipe's flow takes minutes and tens of GB to build; its VAE and T5 folders are checked first."""
+    from flowvid.flows.global_local import GlobalLocalFlow
+
+    built = []
+    original = GlobalLocalFlow.__init__
+    monkeypatch.setattr(GlobalLocalFlow, "__init__", functools.wraps(original)(
+        lambda self, *args, **kwargs: built.append(1) or original(self, *args, **kwargs)))
+    vae = tmp_path / "vae"
+    if missing == "text_encoder":  # a folder that passes the check (the check reads no file)
+        vae.mkdir()
+        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+            (vae / name).write_text("{}")
+    recipe = RECIPE.parents[1] / "starflow_v" / "t2v_480p.yaml"
+    with mock.patch.object(sys, "argv", ["flowvid"]):
+        status = fit_main(["fit", "--config", str(recipe), f"--trainer.default_root_dir={tmp_path}",
+                           f"--model.init_args.codec.init_args.path={vae}",
+                           f"--model.init_args.text_encoder.init_args.path={tmp_path / 't5'}"])
+    assert status == 2 and not built
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    expected = {"codec": f"Wan VAE directory {vae} does not exist",
+                "text_encoder": f"T5 directory {tmp_path / 't5'} does not exist"}[missing]
+    assert expected in error
+    assert missing == "codec" or "save_pretrained" in error  # and how to make one
 
 
 def test_resuming_from_a_checkpoint_with_newer_ones_beside_it_is_refused(tmp_path, capsys):

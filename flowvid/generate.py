@@ -12,7 +12,7 @@
 For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
 before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, negative
 prompt, device, precision, timings, Jacobi iterations). Sample ``i`` uses seed ``seed + i``, so a sample does not depend
-on its batch. The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed on a
+on its batch. The sampler is the model's own (its recipe's ``model.sampler``) unless ``--sampler`` names one. The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed on a
 GPU that supports it and in fp32 elsewhere (``--precision``; see ``flowvid.placement``).
 An unconditional model (one trained without text) takes no prompt: leave ``--prompt`` out for one
 sample, or repeat ``--prompt ''`` for several. Under torchrun every process samples its share of the
@@ -28,7 +28,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,10 +39,17 @@ from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.data.shards import file_sha256
 from flowvid.media import MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder, write_atomically
-from flowvid.pipeline import DEFAULT_TOLERANCE, NON_FINITE_ADVICE, GenerateError, VideoPipeline
+from flowvid.pipeline import (
+    DEFAULT_TOLERANCE,
+    NON_FINITE_ADVICE,
+    GenerateError,
+    VideoPipeline,
+    build_named_sampler,
+    model_sampler,
+)
 from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
 from flowvid.registry import SAMPLERS
-from flowvid.sampling import Sampler, build_sampler
+from flowvid.sampling import Sampler
 from flowvid.sampling.jacobi import check_tolerance
 from flowvid.sampling.tasks import TASKS, check_seed
 
@@ -79,6 +86,7 @@ class Request:
     lora_strength: float = 1.0
     first_block_size: int | None = None  # Jacobi's block sizes; None keeps the sampler's defaults
     block_size: int | None = None
+    sampler_args: dict[str, Any] = field(default_factory=dict)  # the sampler's other settings (the model's)
     negative_prompt: str = ""  # what guidance steers away from; "" is the unconditional (empty) caption
     skip_existing: bool = False  # leave out samples whose files are complete in the output folder
     model: str = ""  # the export or checkpoint that samples (recorded, and checked by skip_existing)
@@ -93,25 +101,20 @@ def check_options(args: argparse.Namespace) -> None:
         raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.frames is not None and args.frames < 1:
         raise GenerateError(f"--frames must be >= 1, got {args.frames}")
-    try:
-        SAMPLERS.get(args.sampler)
-    except KeyError as err:
-        raise GenerateError(f"--sampler: {err.args[0]}") from None
+    if args.sampler is not None:
+        try:
+            SAMPLERS.get(args.sampler)
+        except KeyError as err:
+            raise GenerateError(f"--sampler: {err.args[0]}") from None
+        check_sampler_settings(args, args.sampler, "--sampler")
     for option, path in (("--image", args.image), ("--video", args.video)):
         if path is not None and not Path(path).exists():  # (a folder is named so when it is read)
             raise GenerateError(f"{option} {path} does not exist")
-    if args.sampler == "windowed":
-        raise GenerateError("--sampler windowed: videos longer than the model's training length are sampled in "
-                            "windows of that length already; choose the sampler of each window (jacobi, sequential)")
     if args.tol is not None:
         try:
             check_tolerance(args.tol, "--tol")
         except ValueError as err:
             raise GenerateError(str(err)) from None
-    for option, value in (("--tol", args.tol), ("--first-block-size", args.first_block_size),
-                          ("--block-size", args.block_size)):
-        if value is not None and args.sampler != "jacobi":  # it would be ignored without a word
-            raise GenerateError(f"{option} is a setting of the jacobi sampler; --sampler {args.sampler} has none")
     for option, value in (("--first-block-size", args.first_block_size), ("--block-size", args.block_size)):
         if value is not None and value < 1:
             raise GenerateError(f"{option} must be >= 1, got {value}")
@@ -129,6 +132,18 @@ def check_options(args: argparse.Namespace) -> None:
     except MediaError:
         raise GenerateError(f"--fps must be a finite number of frames per second >= 0.001, got {args.fps}") from None
     check_output_folder(args.out, "--out", "give a folder for the samples", GenerateError)
+
+
+def check_sampler_settings(args: argparse.Namespace, sampler: str, source: str) -> None:
+    """Refuse the windowed sampler (a long video is sampled in windows anyway) and Jacobi's settings given
+    to another sampler, where they would be ignored without a word."""
+    if sampler == "windowed":
+        raise GenerateError(f"{source} windowed: videos longer than the model's training length are sampled in "
+                            "windows of that length already; choose the sampler of each window (jacobi, sequential)")
+    for option, value in (("--tol", args.tol), ("--first-block-size", args.first_block_size),
+                          ("--block-size", args.block_size)):
+        if value is not None and sampler != "jacobi":
+            raise GenerateError(f"{option} is a setting of the jacobi sampler; {source} {sampler} has none")
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
@@ -168,11 +183,11 @@ def slug(text: str, limit: int = 40) -> str:
 
 def request_sampler(request: Request) -> Sampler:
     """The sampler the request names, with its Jacobi settings."""
-    init_args = {}
+    init_args = dict(request.sampler_args)
     if request.sampler == "jacobi":
         blocks = {"first_block_size": request.first_block_size, "block_size": request.block_size}
-        init_args = {"tol": request.tol, **{name: size for name, size in blocks.items() if size is not None}}
-    return build_sampler({"name": request.sampler, "init_args": init_args})
+        init_args.update(tol=request.tol, **{name: size for name, size in blocks.items() if size is not None})
+    return build_named_sampler(request.sampler, init_args)
 
 
 def write_sample(out: Path, name: str, video: np.ndarray, latents: np.ndarray, record: dict[str, Any], fps: float) -> None:
@@ -193,7 +208,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 #: The keys of a record that the request fixes (``planned_records``); a key only some requests set is
 #: compared too, so that a sample made with a negative prompt or an adapter is not kept for one without.
-REQUEST_KEYS = ("prompt", "task", "seed", "sampler", "tol", "first_block_size", "block_size", "guidance",
+REQUEST_KEYS = ("prompt", "task", "seed", "sampler", "tol", "first_block_size", "block_size", "sampler_args",
+                "guidance",
                 "negative_prompt", "precision", "lora", "lora_strength", "frames", "model", "weights", "source",
                 "source_sha256")
 
@@ -207,6 +223,7 @@ def planned_records(request: Request, prompts: list[str], frames: int) -> dict[i
         "task": request.task, "sampler": request.sampler,
         "tol": request.tol if request.sampler == "jacobi" else None,
         **({key: size for key, size in blocks.items() if size is not None} if request.sampler == "jacobi" else {}),
+        **({"sampler_args": request.sampler_args} if request.sampler_args else {}),
         "guidance": request.guidance,
         **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),
         "precision": request.precision,
@@ -344,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", help="i2v: the first frame")
     parser.add_argument("--video", help="extend / v2v: the clip to continue or transform (video file or .npy)")
     parser.add_argument("--frames", type=int, help="video frames to generate (default: the training length)")
-    parser.add_argument("--sampler", default="jacobi", help="registered sampler name (jacobi, sequential, ...)")
+    parser.add_argument("--sampler", default=None,
+                        help="registered sampler name (jacobi, sequential, ...); default: the model's (its recipe's "
+                             "model.sampler, jacobi unless set)")
     parser.add_argument("--tol", type=float, default=None,
                         help="Jacobi tolerance (relative change per pass); default 1e-3 in 32-true, 1e-2 in bf16-mixed")
     parser.add_argument("--first-block-size", type=int, default=None,
@@ -384,14 +403,23 @@ def main(argv: list[str]) -> int:
         model = model_file(args.ckpt)
         module = load_model(model, weights=args.weights, map_location=device, adapters=args.lora,
                             adapter_strength=args.lora_strength)
+        if args.sampler is None:
+            sampler, settings = model_sampler(module)
+            check_sampler_settings(args, sampler, "the model's sampler")
+        else:
+            sampler, settings = args.sampler, {}
+        # The command line's settings, else the model's, else the precision's tolerance and Jacobi's blocks.
+        model_tol = settings.pop("tol", DEFAULT_TOLERANCE[precision])
+        first_block_size, block_size = settings.pop("first_block_size", None), settings.pop("block_size", None)
         request = Request(
             task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames,
-            sampler=args.sampler, tol=DEFAULT_TOLERANCE[precision] if args.tol is None else args.tol,
+            sampler=sampler, tol=model_tol if args.tol is None else args.tol, sampler_args=settings,
             guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
             batch_size=args.batch_size, fps=args.fps, stream=args.stream, skip_existing=args.skip_existing,
             image=args.image, video=args.video,
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
-            first_block_size=args.first_block_size, block_size=args.block_size,
+            first_block_size=first_block_size if args.first_block_size is None else args.first_block_size,
+            block_size=block_size if args.block_size is None else args.block_size,
             negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,
             model=str(model.resolve()), weights=args.weights,
         )

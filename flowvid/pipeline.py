@@ -34,7 +34,7 @@ import torch
 from flowvid.checks import is_count
 from flowvid.media import read_image, read_video
 from flowvid.placement import precision_context, resolve_device, resolve_precision
-from flowvid.sampling import JacobiSampler, Sampler, WindowedSampler
+from flowvid.sampling import Sampler, WindowedSampler, build_sampler
 from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_inputs
 
 #: Jacobi's default tolerance per precision: bf16 matmuls leave a relative noise of 1e-3 to 3e-3 in every
@@ -46,6 +46,28 @@ NON_FINITE_ADVICE = "lower the guidance, sample in 32-true, or use the sequentia
 
 #: ``on_frame(index, latents)``: the final latents (B, h, w, c) of frame ``index`` of a batch, as soon as known.
 FrameCallback = Callable[[int, torch.Tensor], None]
+
+
+def model_sampler(model) -> tuple[str, dict[str, Any]]:
+    """The registered name (or class path) and settings of the sampler the model was configured with
+    (``FlowModule(sampler=...)``)."""
+    spec = getattr(model, "sampler_spec", "jacobi")
+    if isinstance(spec, str):
+        return spec, {}
+    return spec.get("name") or spec["class_path"], dict(spec.get("init_args") or {})
+
+
+def build_named_sampler(name: str, init_args: dict[str, Any]) -> Sampler:
+    """A sampler from a registered name, or from the import path of a plugin's class."""
+    return build_sampler({"class_path" if "." in name else "name": name, "init_args": init_args})
+
+
+def default_sampler(model, precision: str) -> Sampler:
+    """The model's own sampler, Jacobi at the precision's tolerance unless the model sets one."""
+    name, settings = model_sampler(model)
+    if name == "jacobi":
+        settings.setdefault("tol", DEFAULT_TOLERANCE[precision])
+    return build_named_sampler(name, settings)
 
 
 class GenerateError(ValueError):
@@ -96,7 +118,9 @@ class VideoPipeline:
 
     Args:
         model: the trained model (``flowvid.loading.load_model`` gives one), in eval mode.
-        sampler: inverts the flow; default ``JacobiSampler`` at the precision's default tolerance.
+        sampler: inverts the flow; default: the model's own (``FlowModule(sampler=...)``, as a diffusers
+            pipeline loads the scheduler saved with its model), Jacobi at the precision's tolerance
+            unless that sets one.
         precision: ``"32-true"`` or ``"bf16-mixed"`` (the network under bf16 autocast, sampling math fp32).
     """
 
@@ -105,7 +129,7 @@ class VideoPipeline:
             raise ValueError(f"precision must be one of {', '.join(DEFAULT_TOLERANCE)}, got {precision!r}")
         self.model = model.eval()
         self.precision = precision
-        self.sampler = sampler if sampler is not None else JacobiSampler(tol=DEFAULT_TOLERANCE[precision])
+        self.sampler = sampler if sampler is not None else default_sampler(model, precision)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str = "auto", precision: str = "auto",

@@ -664,6 +664,39 @@ def test_the_pipeline_takes_frames_as_arrays_and_its_sampler_can_be_swapped(chec
         pipe("x", seed=-1)
 
 
+def test_the_models_own_sampler_is_the_default_of_generate_and_the_pipeline(tmp_path, capsys):
+    """As a diffusers pipeline loads the scheduler saved with its model; the command line still wins."""
+    from flowvid.pipeline import VideoPipeline
+    from flowvid.sampling import JacobiSampler, SequentialSampler
+
+    def checkpoint_with(sampler) -> Path:
+        config = copy.deepcopy(CONFIG)
+        config["model"]["init_args"]["sampler"] = sampler
+        torch.manual_seed(0)
+        path = tmp_path / f"{len(list(tmp_path.glob('*.ckpt')))}.ckpt"
+        torch.save({"state_dict": build_module(config).state_dict(), "flowvid_run": {"config": config}}, path)
+        return path
+
+    sequential = checkpoint_with("sequential")
+    assert isinstance(VideoPipeline(load_model(sequential)).sampler, SequentialSampler)
+    assert main(["generate", "--ckpt", str(sequential), "--prompt", "x", "--out", str(tmp_path / "a")]) == 0
+    assert read_record(tmp_path / "a", "t2v_000")["sampler"] == "sequential"
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(sequential), "--prompt", "x", "--tol", "0.01",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "--tol is a setting of the jacobi sampler; the model's sampler sequential has none" in one_line_error(capsys)
+
+    tuned = checkpoint_with({"name": "jacobi", "init_args": {"tol": 0.05, "max_iterations": 7}})
+    pipe = VideoPipeline(load_model(tuned))
+    assert isinstance(pipe.sampler, JacobiSampler) and pipe.sampler.tol == 0.05 and pipe.sampler.max_iterations == 7
+    assert main(["generate", "--ckpt", str(tuned), "--prompt", "x", "--out", str(tmp_path / "c")]) == 0
+    record = read_record(tmp_path / "c", "t2v_000")
+    assert (record["sampler"], record["tol"], record["sampler_args"]) == ("jacobi", 0.05, {"max_iterations": 7})
+    assert main(["generate", "--ckpt", str(tuned), "--prompt", "x", "--sampler", "jacobi", "--out",
+                 str(tmp_path / "d")]) == 0
+    assert read_record(tmp_path / "d", "t2v_000")["tol"] == 1e-3  # the command's sampler, at its defaults
+
+
 def test_the_pipeline_of_an_unconditional_model_samples_one_video_without_a_prompt(unconditional_checkpoint):
     from flowvid.pipeline import GenerateError, VideoPipeline
 

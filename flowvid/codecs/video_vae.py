@@ -18,6 +18,7 @@ Train it with :class:`flowvid.codecs.vae_training.VideoVAEModule` and load the r
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -276,8 +277,10 @@ class VideoVAE(LatentCodec):
         checkpoint = read_checkpoint(path)
         stored = checkpoint[CHECKPOINT_CONFIG_KEY]
         if stored != self.architecture():
+            arguments = json.dumps({**stored, "checkpoint": str(path)})
             raise ValueError(f"checkpoint {path} holds a VideoVAE with {stored}, but this one was built with "
-                             f"{self.architecture()}; use VideoVAE.from_checkpoint({str(path)!r})")
+                             f"{self.architecture()}; give its architecture with the checkpoint (init_args, or "
+                             f"--codec-args '{arguments}'), or use VideoVAE.from_checkpoint({str(path)!r})")
         state = {key[len(STATE_PREFIX):]: value for key, value in checkpoint["state_dict"].items()
                  if key.startswith(STATE_PREFIX)}
         self.load_state_dict(state)

@@ -1,5 +1,6 @@
 """VideoVAE: codec conformance, the linear start, a few training steps, checkpoints as codecs, the recipe."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -161,8 +162,11 @@ def test_a_damaged_checkpoint_names_the_file_and_how_to_make_another(tmp_path):
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     tiny_vae().save(tmp_path / "vae.pt")
-    with pytest.raises(ValueError, match="from_checkpoint"):
+    with pytest.raises(ValueError, match="from_checkpoint") as refused:
         VideoVAE(**{**TINY, "latent_channels": 8}, checkpoint=str(tmp_path / "vae.pt"))
+    # The arguments it names, as the data tools' --codec-args take them, build the checkpoint's VAE.
+    arguments = json.loads(str(refused.value).split("--codec-args '")[1].split("'")[0])
+    assert VideoVAE(**arguments).identity() == VideoVAE.from_checkpoint(tmp_path / "vae.pt").identity()
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not a VideoVAE checkpoint"):
         VideoVAE.from_checkpoint(tmp_path / "other.ckpt")

@@ -43,7 +43,7 @@ from flowvid.flows.global_local import LOG_2PI, GlobalLocalFlow
 from flowvid.lit.conditioning import EXTEND_PREFIX, V2V_PREFIX, add_prefix, chance, drop_captions
 from flowvid.lit.ema import EMA
 from flowvid.lit.schedule import warmup_cosine_scheduler
-from flowvid.lit.strategies import ZeroStrategy
+from flowvid.lit.strategies import ZeroStrategy, discard_gradients
 from flowvid.placement import warn_if_bf16_is_emulated
 from flowvid.registry import CODECS
 from flowvid.sampling.base import Sampler, build_sampler
@@ -87,7 +87,8 @@ class FlowModule(LightningModule):
             ``schedule_steps`` (default: the trainer's estimated number of steps). A run resumed with
             another length of schedule (a larger ``max_steps``) warns; setting ``schedule_steps``
             keeps the length.
-        grad_clip: max gradient norm of each group; None for no clipping.
+        grad_clip: max gradient norm of each group; None for no clipping. Under DeepSpeed the engine
+            clips the global norm of both groups together.
         skip_threshold: skip steps whose flow gradient norm (before clipping) exceeds it; None skips
             only non-finite steps.
         ema_decay: keep an exponential moving average of the weights for validation and sampling.
@@ -331,6 +332,9 @@ class FlowModule(LightningModule):
             self._window_problem = None
         if self._window_problem is None:  # after a bad batch, the rest of its window is not computed
             self._window_problem = self._accumulate_gradients(batch)
+        if self._window_problem is not None:
+            # This batch trained nothing; unlogged, Lightning would show the loss of the batch before it.
+            self.log_dict({"train/loss": math.nan, "train/bits_per_dim": math.nan}, batch_size=1)
         if closes:
             self._step(optimizer)
 
@@ -457,7 +461,10 @@ class FlowModule(LightningModule):
         return norms
 
     def _skip_step(self, reason: str) -> None:
-        self.optimizers().zero_grad(set_to_none=True)
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            discard_gradients(self.trainer.strategy.deepspeed_engine)
+        else:
+            self.optimizers().zero_grad(set_to_none=True)
         self.skipped_steps += 1
         self._consecutive_skips += 1
         log.warning("skipped training step %d (batch %d of epoch %d): %s; %d skipped so far",
@@ -546,6 +553,10 @@ class FlowModule(LightningModule):
                              "flow-score-matching target; use 'bf16-mixed' or '32-true'")
         warn_if_bf16_is_emulated(precision, self.trainer.strategy.root_device)
         self._check_accumulation()
+        if self.hparams.skip_threshold is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            rank_zero_warn("skip_threshold is not applied under DeepSpeed: the engine holds the gradients and takes "
+                           "their norm inside its step (grad_clip still clips, the global norm of both groups); set "
+                           "skip_threshold: null to silence this")
         if self.hparams.compile_flow:
             check_compilable(self.trainer.strategy)
             # After the callbacks' setup (adapters and checkpointing are in); a second stage, such as

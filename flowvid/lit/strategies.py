@@ -113,6 +113,11 @@ class ZeroStrategy(DeepSpeedStrategy):
         return torch.device("cpu", self.local_rank)
 
     def _format_config(self) -> None:
+        grad_clip = self.lightning_module.hparams.get("grad_clip")
+        if grad_clip is not None and "gradient_clipping" not in self.config:
+            # The engine holds the gradients and clips them in its step (the global norm of all groups):
+            # Lightning would take trainer.gradient_clip_val, which a module that optimises itself leaves unset.
+            self.config["gradient_clipping"] = float(grad_clip)
         super()._format_config()
         if self.lightning_module.hparams.get("accumulate_grad_batches", 1) > 1:
             # The module accumulates itself: a backward pass only adds up (ZeRO-2/3 still reduce and
@@ -208,6 +213,25 @@ class ZeroStrategy(DeepSpeedStrategy):
         if self.is_global_zero:
             _replace_directory(partial, target)
         self.barrier("ZeroStrategy.save_checkpoint:renamed")
+
+
+def discard_gradients(engine: Any) -> None:
+    """Drop every gradient a ZeRO engine holds, as DeepSpeed does itself after an overflow. Its optimiser's
+    ``zero_grad`` alone leaves those it has reduced from the backward passes of an accumulation window,
+    which would then be added to the next window's."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    optimizer = engine.optimizer
+    optimizer.zero_grad(set_to_none=True)
+    if getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "offload_optimizer", False):
+        optimizer.reset_cpu_buffers()
+    elif isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+        optimizer.averaged_gradients = {}
+    else:  # stages 1 and 2
+        optimizer._release_preflattened_grad_buffers()
+        for index in optimizer.averaged_gradients:
+            optimizer.averaged_gradients[index] = None
+            optimizer.all_grad_tensors[index] = None
 
 
 def _processes(count: int) -> str:

@@ -123,12 +123,39 @@ def test_a_nan_step_is_skipped_counted_and_training_goes_on():
         return output
 
     module.flow.deep.register_forward_hook(poison_second_forward)
-    run = trainer(max_steps=3)
+    record = RecordLosses()
+    run = trainer(max_steps=3, callbacks=[record])
     run.fit(module, fixed_batches(5))
+    # The skipped batch logs no loss of its own: not the batch before it's, as Lightning would show.
+    assert math.isnan(record.losses[1]) and all(math.isfinite(loss) for loss in record.losses[::2])
     assert module.skipped_steps == 1
     assert run.global_step == 3  # three real updates, from four batches
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert run.callback_metrics["train/skipped_steps"].item() == 1.0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_under_zero_a_skipped_window_leaves_no_gradient_behind_and_grad_clip_reaches_the_engine(stage):
+    """DeepSpeed's engine holds the gradients of a window's backward passes; left there, a skipped window's
+    NaN gradients made the engine throw away the next window's step too (while it was counted as taken)."""
+    pytest.importorskip("deepspeed")
+    from flowvid.lit.strategies import ZeroStrategy
+
+    L.seed_everything(0)
+    module = tiny_module(accumulate_grad_batches=2, grad_clip=5.0, text_dropout=0.0)
+    calls = {"n": 0}
+
+    def poison_third_forward(block, inputs, output):  # the first batch of the second window
+        calls["n"] += 1
+        return (output[0] * float("nan"), output[1]) if calls["n"] == 3 else output
+
+    module.flow.deep.register_forward_hook(poison_third_forward)
+    run = trainer(max_steps=2, strategy=ZeroStrategy(stage=stage, logging_batch_size_per_gpu=2))
+    run.fit(module, fixed_batches(6))
+    engine = run.strategy.deepspeed_engine
+    assert module.skipped_steps == 1 and run.global_step == 2
+    assert engine.skipped_steps == 0 and math.isfinite(engine.get_global_grad_norm())  # the engine stepped twice
+    assert engine.gradient_clipping() == 5.0
 
 
 def test_a_step_whose_text_states_are_nan_is_skipped_counted_and_training_goes_on():

@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=parse_size, required=True,
                         help="clip size: S (square) or HxW; scaled to cover it, then centre-cropped")
     parser.add_argument("--fps", type=float, default=None,
-                        help="target frame rate by frame stepping (default: the source rate)")
+                        help="target frame rate: each output frame is the source frame nearest its time (default: the "
+                             "source rate)")
     parser.add_argument("--stride", type=int, default=None,
                         help="frames between clip starts (default: --frames, no overlap)")
     parser.add_argument("--captions", default=None, help="CSV or JSONL of path,caption")

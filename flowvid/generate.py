@@ -3,8 +3,8 @@
 ::
 
     flowvid generate --ckpt model.safetensors --task t2v --prompt "a red circle moves left" --out samples/
-    flowvid generate --ckpt last.ckpt --task i2v --image first.png --prompt "..." --frames 8 --seed 3 --out s/
-    flowvid generate --ckpt last.ckpt --task extend --video clip.mp4 --prompts prompts.txt --out s/ --stream
+    flowvid generate --ckpt runs/shapes_t2v --task i2v --image first.png --prompt "..." --frames 8 --seed 3 --out s/
+    flowvid generate --ckpt runs/shapes_t2v --task extend --video clip.mp4 --prompts prompts.txt --out s/ --stream
     flowvid generate --ckpt model.safetensors --prompt "..." --device cuda:1 --precision bf16-mixed --out s/
     flowvid generate --ckpt model.safetensors --prompt "a red circle" --negative-prompt "moves left" --out s/
     torchrun --nproc-per-node 8 --no-python flowvid generate --ckpt model.safetensors --prompts all.txt --out s/
@@ -365,12 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="registered sampler name (jacobi, sequential, ...); default: the model's (its recipe's "
                              "model.sampler, jacobi unless set)")
     parser.add_argument("--tol", type=float, default=None,
-                        help="Jacobi tolerance (relative change per pass); default 1e-3 in 32-true, 1e-2 in bf16-mixed")
+                        help="Jacobi tolerance (relative change per pass); default: the model's sampler's, else 1e-3 in "
+                             "32-true and 1e-2 in bf16-mixed")
     parser.add_argument("--first-block-size", type=int, default=None,
-                        help="Jacobi: slots per block in the first frame and in the shallow blocks (default: one frame "
-                             "on a GPU, where fewer, larger passes are faster; 16 on a CPU)")
+                        help="Jacobi: slots per block in the first frame and in the shallow blocks (default: the model's "
+                             "sampler's, else one frame on a GPU, where fewer, larger passes are faster, and 16 on a CPU)")
     parser.add_argument("--block-size", type=int, default=None,
-                        help="Jacobi: slots per block of the deep block after the first frame (default: one frame)")
+                        help="Jacobi: slots per block of the deep block after the first frame (default: the model's "
+                             "sampler's, else one frame)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance weight (default: the model's)")
     parser.add_argument("--negative-prompt", default=None,
                         help="a caption guidance steers away from, instead of the empty caption")

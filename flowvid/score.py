@@ -3,14 +3,14 @@
 ::
 
     flowvid score --ckpt model.safetensors --input clips/ --out scores.jsonl
-    flowvid score --ckpt last.ckpt --input data/shapes/val --out scores.jsonl   # a shard folder
+    flowvid score --ckpt runs/shapes_t2v --input data/shapes/val --out scores.jsonl   # a shard folder
     flowvid score --ckpt model.safetensors --input clips/ --device cuda:1 --out scores.jsonl
 
 Every video is cut into consecutive clips of the model's training length (frames beyond the last
 whole clip are scored as a shorter clip), each clip is scored exactly (the flow is invertible, the
 likelihood factorises over frames), and one JSON line per video gives ``bits_per_dim`` and
 ``bits_per_dim_per_frame`` (one value per latent frame), with ``clips``, ``frames`` (the video frames
-scored; absent for samples of latent shards, which hold no video frames) and ``latent_frames``. Lines
+scored; absent for samples of latent shards of a non-pixel codec, which hold no video frames) and ``latent_frames``. Lines
 are ranked from the least to the most likely video: the top of the file is where anomalies are.
 
 A video file of another size than the model's is centre-cropped and resized to it (as ``generate``

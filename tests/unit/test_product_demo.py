@@ -63,3 +63,13 @@ def test_the_demo_reports_bits_per_dim_of_every_frame_whose_mean_is_the_videos()
     video, frames = demo.bits_per_dim(module, samples)
     assert len(frames) == 3 and len(set(frames)) == 3
     assert video == pytest.approx(sum(frames) / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("argv, refused", [
+    (["--real", "--guidance", "2"], "--real fine-tunes the demo model in --out"),
+    (["--checkpoint", "model.ckpt", "--trainer.max_steps=3"], "--trainer.max_steps=3 would be ignored"),
+])
+def test_options_the_demo_would_ignore_are_refused(argv, refused, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(argv)
+    assert stopped.value.code == 2 and refused in capsys.readouterr().err

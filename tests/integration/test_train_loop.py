@@ -1,6 +1,10 @@
 """Tiny end-to-end training runs: shards to samples, overfitting, golden losses, skipped steps."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -134,18 +138,16 @@ def test_a_nan_step_is_skipped_counted_and_training_goes_on():
     assert run.callback_metrics["train/skipped_steps"].item() == 1.0
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_under_zero_a_skipped_window_leaves_no_gradient_behind_and_grad_clip_reaches_the_engine(stage):
-    """DeepSpeed's engine holds the gradients of a window's backward passes; left there, a skipped window's
-    NaN gradients made the engine throw away the next window's step too (while it was counted as taken)."""
-    pytest.importorskip("deepspeed")
+def zero_run_with_a_skipped_window(stage: int) -> None:
+    """Two steps of two batches under ZeRO, the first batch of the second window poisoned; prints what
+    the module and the engine counted (run in a process of its own: DeepSpeed keeps its process group)."""
     from flowvid.lit.strategies import ZeroStrategy
 
     L.seed_everything(0)
     module = tiny_module(accumulate_grad_batches=2, grad_clip=5.0, text_dropout=0.0)
     calls = {"n": 0}
 
-    def poison_third_forward(block, inputs, output):  # the first batch of the second window
+    def poison_third_forward(block, inputs, output):
         calls["n"] += 1
         return (output[0] * float("nan"), output[1]) if calls["n"] == 3 else output
 
@@ -153,9 +155,22 @@ def test_under_zero_a_skipped_window_leaves_no_gradient_behind_and_grad_clip_rea
     run = trainer(max_steps=2, strategy=ZeroStrategy(stage=stage, logging_batch_size_per_gpu=2))
     run.fit(module, fixed_batches(6))
     engine = run.strategy.deepspeed_engine
-    assert module.skipped_steps == 1 and run.global_step == 2
-    assert engine.skipped_steps == 0 and math.isfinite(engine.get_global_grad_norm())  # the engine stepped twice
-    assert engine.gradient_clipping() == 5.0
+    print(json.dumps({"skipped": module.skipped_steps, "steps": run.global_step, "engine_skipped": engine.skipped_steps,
+                      "norm": float(engine.get_global_grad_norm()), "clipping": engine.gradient_clipping()}))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_under_zero_a_skipped_window_leaves_no_gradient_behind_and_grad_clip_reaches_the_engine(stage):
+    """DeepSpeed's engine holds the gradients of a window's backward passes; left there, a skipped window's
+    NaN gradients made the engine throw away the next window's step too (while it was counted as taken)."""
+    pytest.importorskip("deepspeed")
+    script = f"import test_train_loop as t; t.zero_run_with_a_skipped_window({stage})"
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counted = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counted["skipped"] == 1 and counted["steps"] == 2
+    assert counted["engine_skipped"] == 0 and math.isfinite(counted["norm"])  # the engine stepped twice
+    assert counted["clipping"] == 5.0
 
 
 def test_a_step_whose_text_states_are_nan_is_skipped_counted_and_training_goes_on():

@@ -78,6 +78,16 @@ def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
 
 def read_video(path: str | Path, height: int, width: int, max_frames: int | None = None) -> np.ndarray:
     """A video file (or a ``.npy`` array (T, H, W, 3) uint8) as uint8 (T, height, width, 3)."""
+    return fit_frames(read_frames(path, max_frames), height, width)
+
+
+def fit_frames(frames: list[np.ndarray], height: int, width: int) -> np.ndarray:
+    """uint8 frames of any size, each fitted to ``height`` x ``width`` (``fit_frame``), as one array."""
+    return np.stack([fit_frame(frame, height, width) for frame in frames])
+
+
+def read_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndarray]:
+    """The frames of a video file (or a ``.npy`` array (T, H, W, 3) uint8) at their stored size, uint8."""
     path = Path(path)
     if path.is_dir():
         raise MediaError(f"video {path} is a folder; give a video file or a .npy array")
@@ -100,7 +110,7 @@ def read_video(path: str | Path, height: int, width: int, max_frames: int | None
             raise MediaError(f"cannot decode video {path}: {err}") from None
     if not frames:
         raise MediaError(f"video {path} has no frames")
-    return np.stack([fit_frame(frame, height, width) for frame in frames])
+    return frames
 
 
 def load_frame_array(path: Path) -> np.ndarray:

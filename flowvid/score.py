@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import av
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -51,7 +50,7 @@ import torch.distributed as dist
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.generate import LATENTS_SUFFIX
-from flowvid.media import MediaError, read_video
+from flowvid.media import MediaError, fit_frames, read_frames
 from flowvid.paths import check_output_file, write_atomically
 from flowvid.sampling.tasks import check_seed
 from flowvid.placement import (add_placement_arguments, join_launch_group, precision_context, resolve_device,
@@ -198,24 +197,16 @@ def score_work(module, work: Work, caption: str, generator: torch.Generator) -> 
     if work.spec is None:
         _, height, width = module.video_shape
         try:
-            video = read_video(work.path, height, width)
-            record = {"path": str(work.path), **score_video(module, video, caption, generator)}
+            frames = read_frames(work.path)
+            record = {"path": str(work.path), **score_video(module, fit_frames(frames, height, width), caption,
+                                                            generator)}
         except (MediaError, ScoreError) as err:
             return [{"path": str(work.path), "error": str(err)}]
-        stored = stored_frame_size(work.path)
+        stored = frames[0].shape[:2]
         if stored != (height, width):  # the score is of the fitted frames, not of the file's own
             record["resized_from"] = list(stored)
         return [record]
     return list(score_shard(module, work.path, work.spec, generator))
-
-
-def stored_frame_size(path: Path) -> tuple[int, int]:
-    """(height, width) of a readable video file's frames as stored, before ``read_video`` fits them to the model."""
-    if path.suffix == ".npy":
-        return tuple(np.load(path, mmap_mode="r").shape[1:3])
-    with av.open(str(path)) as container:
-        frame = next(container.decode(video=0))
-        return frame.height, frame.width
 
 
 def score_shard(module, shard: Path, spec, generator: torch.Generator) -> Iterator[dict[str, Any]]:

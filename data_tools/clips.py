@@ -16,6 +16,8 @@ from typing import Iterable, Iterator
 import av
 import numpy as np
 
+from flowvid.media import shown_frame, shown_size
+
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".avi", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".ogv", ".ogg",
                               ".flv", ".wmv", ".ts", ".3gp", ".gif"})
 
@@ -78,7 +80,7 @@ def _decode(path: Path, spec: ClipSpec) -> tuple[list[np.ndarray], float]:
             stream = container.streams.video[0]
             source_rate = stream.average_rate or stream.guessed_rate
             rate = _output_rate(source_rate, spec.fps)
-            picked = [_fit(frame, spec.height, spec.width)
+            picked = [_fit(frame, spec.height, spec.width, stream.sample_aspect_ratio)
                       for frame in _frames_at_rate(container.decode(stream), rate, source_rate)]
     except av.FFmpegError as err:
         raise VideoSkipped(f"undecodable: {err}") from err
@@ -137,13 +139,12 @@ def _frame_time(frame: av.VideoFrame, number: int, source_rate: Fraction) -> Fra
     return frame.pts * frame.time_base
 
 
-def _fit(frame: av.VideoFrame, height: int, width: int) -> np.ndarray:
-    """Scale so the frame covers height x width, then crop the centre."""
-    scale = max(height / frame.height, width / frame.width)
-    if scale == 1.0:
-        image = frame.to_ndarray(format="rgb24")
-    else:
-        size = (max(width, round(frame.width * scale)), max(height, round(frame.height * scale)))
-        image = frame.reformat(*size, format="rgb24", interpolation="AREA" if scale < 1 else "BICUBIC").to_ndarray()
+def _fit(frame: av.VideoFrame, height: int, width: int, pixel_aspect: Fraction | None) -> np.ndarray:
+    """Scale so the frame as a player shows it (square pixels, upright) covers height x width, then crop
+    the centre."""
+    shown_width, shown_height = shown_size(frame, pixel_aspect)
+    scale = max(height / shown_height, width / shown_width)
+    size = (max(width, round(shown_width * scale)), max(height, round(shown_height * scale)))
+    image = shown_frame(frame, pixel_aspect, size, interpolation="AREA" if scale < 1 else "BICUBIC")
     top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
     return np.ascontiguousarray(image[top : top + height, left : left + width])

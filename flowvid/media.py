@@ -8,7 +8,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class MediaError(ValueError):
@@ -62,11 +62,39 @@ def fit_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(image.resize((width, height), Image.BILINEAR))
 
 
+def quarter_turns(frame: av.VideoFrame) -> int:
+    """Counter-clockwise quarter turns (0-3) a player gives a decoded frame: its display matrix. Phones
+    store portrait video as landscape frames and say so there."""
+    return round(frame.rotation / 90) % 4
+
+
+def shown_size(frame: av.VideoFrame, pixel_aspect: Fraction | None = None) -> tuple[int, int]:
+    """(width, height) of ``frame`` as a player shows it: pixels made square by the stream's sample aspect
+    ratio ``pixel_aspect`` (anamorphic video: DV, DVD), then turned upright."""
+    width = round(frame.width * pixel_aspect) if pixel_aspect and pixel_aspect != 1 else frame.width
+    return (frame.height, width) if quarter_turns(frame) % 2 else (width, frame.height)
+
+
+def shown_frame(frame: av.VideoFrame, pixel_aspect: Fraction | None = None, size: tuple[int, int] | None = None,
+                interpolation: str | None = None) -> np.ndarray:
+    """A decoded frame as uint8 RGB (H, W, 3) the way a player shows it (``shown_size``), or scaled to
+    ``size`` = (width, height) of the shown frame."""
+    turns = quarter_turns(frame)
+    width, height = size or shown_size(frame, pixel_aspect)
+    stored = (height, width) if turns % 2 else (width, height)
+    if stored == (frame.width, frame.height):
+        image = frame.to_ndarray(format="rgb24")
+    else:
+        image = frame.reformat(*stored, format="rgb24", interpolation=interpolation).to_ndarray()
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+
 def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
-    """An image file as uint8 (height, width, 3), centre-cropped and resized."""
+    """An image file as uint8 (height, width, 3), upright by its EXIF orientation (phone photos), centre-cropped
+    and resized."""
     try:
         with Image.open(path) as image:
-            frame = np.asarray(image.convert("RGB"))
+            frame = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except FileNotFoundError:
         raise MediaError(f"image {path} does not exist") from None
     except IsADirectoryError:
@@ -87,7 +115,8 @@ def fit_frames(frames: list[np.ndarray], height: int, width: int) -> np.ndarray:
 
 
 def read_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndarray]:
-    """The frames of a video file (or a ``.npy`` array (T, H, W, 3) uint8) at their stored size, uint8."""
+    """The frames of a video file (or a ``.npy`` array (T, H, W, 3) uint8) as uint8, at the size a player
+    shows them (``shown_frame``: square pixels, upright)."""
     path = Path(path)
     if path.is_dir():
         raise MediaError(f"video {path} is a folder; give a video file or a .npy array")
@@ -102,8 +131,9 @@ def read_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndar
         frames = []
         try:
             with av.open(str(path)) as container:
-                for frame in container.decode(video=0):
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                stream = container.streams.video[0]
+                for frame in container.decode(stream):
+                    frames.append(shown_frame(frame, stream.sample_aspect_ratio))
                     if max_frames is not None and len(frames) >= max_frames:
                         break
         except (av.FFmpegError, ValueError, IndexError) as err:

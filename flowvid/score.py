@@ -14,7 +14,8 @@ scored; absent for samples of latent shards of a non-pixel codec, which hold no 
 are ranked from the least to the most likely video: the top of the file is where anomalies are.
 
 A video file of another size than the model's is centre-cropped and resized to it (as ``generate``
-fits its images), and its line says so with ``resized_from`` ([height, width] of the file): the
+fits its images), and its line says so with ``resized_from`` ([height, width] of the file as a
+player shows it: upright, square pixels): the
 score is that of the fitted frames. A shard folder holds clips made for one model size, so one of
 another size is refused before any work, with both sizes.
 
@@ -202,9 +203,9 @@ def score_work(module, work: Work, caption: str, generator: torch.Generator) -> 
                                                             generator)}
         except (MediaError, ScoreError) as err:
             return [{"path": str(work.path), "error": str(err)}]
-        stored = frames[0].shape[:2]
-        if stored != (height, width):  # the score is of the fitted frames, not of the file's own
-            record["resized_from"] = list(stored)
+        shown = frames[0].shape[:2]
+        if shown != (height, width):  # the score is of the fitted frames, not of the file's own
+            record["resized_from"] = list(shown)
         return [record]
     return list(score_shard(module, work.path, work.spec, generator))
 

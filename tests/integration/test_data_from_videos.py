@@ -8,11 +8,13 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_tools.cli import main as data_main
 from data_tools.clips import ClipSpec, read_clips
 from data_tools.report import console
 from data_tools.verify import verify_folder
+from flowvid.media import read_frames, read_image
 from flowvid.data import VideoShardDataModule, load_manifest
 
 
@@ -354,3 +356,50 @@ def test_a_jsonl_caption_that_is_not_a_string_is_refused_naming_the_line(tmp_pat
     assert data_main(["from-videos", str(tmp_path / "a.mkv"), "--frames", "2", "--size", "8",
                       "--captions", str(tmp_path / "captions.jsonl"), "--out", str(tmp_path / "out")]) == 2
     assert f"{tmp_path / 'captions.jsonl'}:2: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def write_shown_video(path, frame, codec, rotation=0, pixel_aspect=None):
+    """One frame stored as given, with the display rotation (degrees counter-clockwise) and sample aspect
+    ratio a player applies to it."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.height, stream.width = frame.shape[:2]
+        stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if pixel_aspect:
+            stream.codec_context.sample_aspect_ratio = pixel_aspect
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def test_a_phone_video_stored_sideways_is_read_upright(tmp_path):
+    # Phones store portrait video as landscape frames with a display rotation of -90 degrees (a quarter
+    # turn clockwise); clips and the frames `generate` and `score` read must be the portrait picture.
+    stored = random_frames(1, 16, 32)[0]
+    video = write_shown_video(tmp_path / "portrait.mkv", stored, "ffv1", rotation=-90)
+    upright = np.rot90(stored, -1)
+    np.testing.assert_array_equal(read_frames(video)[0], upright)
+    np.testing.assert_array_equal(read_clips(video, ClipSpec(1, 32, 16)).videos[0][0], upright)
+
+
+def test_anamorphic_video_is_read_with_square_pixels(tmp_path):
+    # Stored 32 x 16 with pixels twice as wide as high: shown 64 x 16. A red square of 8 x 8 stored pixels
+    # is 16 wide and 8 high on screen, and stays so in a 32 x 16 clip (the centre of the shown frame).
+    stored = np.zeros((16, 32, 3), dtype=np.uint8)
+    stored[4:12, 12:20, 0] = 255
+    video = write_shown_video(tmp_path / "anamorphic.mp4", stored, "libx264", pixel_aspect=Fraction(2))
+    assert read_frames(video)[0].shape == (16, 64, 3)
+    clip = read_clips(video, ClipSpec(1, 16, 32)).videos[0][0]
+    red = (clip[..., 0] > 128) & (clip[..., 2] < 128)
+    assert red.sum(axis=1).max() == 16 and red.sum(axis=0).max() == 8
+
+
+def test_a_phone_photo_is_read_upright_by_its_exif_orientation(tmp_path):
+    # EXIF orientation 6: the stored picture is shown turned a quarter clockwise (an image-to-video start).
+    stored = random_frames(1, 8, 16)[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    np.testing.assert_array_equal(read_image(tmp_path / "photo.png", 16, 8), np.rot90(stored, -1))

@@ -45,11 +45,12 @@ from flowvid.pipeline import (
     GenerateError,
     VideoPipeline,
     build_named_sampler,
+    is_jacobi,
     model_sampler,
 )
 from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
 from flowvid.registry import SAMPLERS
-from flowvid.sampling import Sampler
+from flowvid.sampling import Sampler, WindowedSampler, sampler_class
 from flowvid.sampling.jacobi import check_tolerance
 from flowvid.sampling.tasks import TASKS, check_seed
 
@@ -137,12 +138,12 @@ def check_options(args: argparse.Namespace) -> None:
 def check_sampler_settings(args: argparse.Namespace, sampler: str, source: str) -> None:
     """Refuse the windowed sampler (a long video is sampled in windows anyway) and Jacobi's settings given
     to another sampler, where they would be ignored without a word."""
-    if sampler == "windowed":
+    if issubclass(sampler_class(sampler), WindowedSampler):
         raise GenerateError(f"{source} windowed: videos longer than the model's training length are sampled in "
                             "windows of that length already; choose the sampler of each window (jacobi, sequential)")
     for option, value in (("--tol", args.tol), ("--first-block-size", args.first_block_size),
                           ("--block-size", args.block_size)):
-        if value is not None and sampler != "jacobi":
+        if value is not None and not is_jacobi(sampler):
             raise GenerateError(f"{option} is a setting of the jacobi sampler; {source} {sampler} has none")
 
 
@@ -184,7 +185,7 @@ def slug(text: str, limit: int = 40) -> str:
 def request_sampler(request: Request) -> Sampler:
     """The sampler the request names, with its Jacobi settings."""
     init_args = dict(request.sampler_args)
-    if request.sampler == "jacobi":
+    if is_jacobi(request.sampler):
         blocks = {"first_block_size": request.first_block_size, "block_size": request.block_size}
         init_args.update(tol=request.tol, **{name: size for name, size in blocks.items() if size is not None})
     return build_named_sampler(request.sampler, init_args)
@@ -219,10 +220,11 @@ def planned_records(request: Request, prompts: list[str], frames: int) -> dict[i
     samples with the same are the same video."""
     source = request.image or request.video
     blocks = {"first_block_size": request.first_block_size, "block_size": request.block_size}
+    jacobi = is_jacobi(request.sampler)
     shared = {
         "task": request.task, "sampler": request.sampler,
-        "tol": request.tol if request.sampler == "jacobi" else None,
-        **({key: size for key, size in blocks.items() if size is not None} if request.sampler == "jacobi" else {}),
+        "tol": request.tol if jacobi else None,
+        **({key: size for key, size in blocks.items() if size is not None} if jacobi else {}),
         **({"sampler_args": request.sampler_args} if request.sampler_args else {}),
         "guidance": request.guidance,
         **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),
@@ -411,8 +413,10 @@ def main(argv: list[str]) -> int:
         else:
             sampler, settings = args.sampler, {}
         # The command line's settings, else the model's, else the precision's tolerance and Jacobi's blocks.
-        model_tol = settings.pop("tol", DEFAULT_TOLERANCE[precision])
-        first_block_size, block_size = settings.pop("first_block_size", None), settings.pop("block_size", None)
+        jacobi = ({key: settings.pop(key) for key in ("tol", "first_block_size", "block_size") if key in settings}
+                  if is_jacobi(sampler) else {})
+        model_tol = jacobi.get("tol", DEFAULT_TOLERANCE[precision])
+        first_block_size, block_size = jacobi.get("first_block_size"), jacobi.get("block_size")
         request = Request(
             task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames,
             sampler=sampler, tol=model_tol if args.tol is None else args.tol, sampler_args=settings,

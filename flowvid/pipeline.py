@@ -34,7 +34,7 @@ import torch
 from flowvid.checks import is_count
 from flowvid.media import read_image, read_video
 from flowvid.placement import precision_context, resolve_device, resolve_precision
-from flowvid.sampling import Sampler, WindowedSampler, build_sampler
+from flowvid.sampling import JacobiSampler, Sampler, WindowedSampler, build_sampler, sampler_class
 from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_inputs
 
 #: Jacobi's default tolerance per precision: bf16 matmuls leave a relative noise of 1e-3 to 3e-3 in every
@@ -62,10 +62,16 @@ def build_named_sampler(name: str, init_args: dict[str, Any]) -> Sampler:
     return build_sampler({"class_path" if "." in name else "name": name, "init_args": init_args})
 
 
+def is_jacobi(name: str) -> bool:
+    """Whether the sampler a registered name or class path names is a Jacobi sampler (``tol`` and block
+    sizes are its settings), however the recipe names it."""
+    return issubclass(sampler_class(name), JacobiSampler)
+
+
 def default_sampler(model, precision: str) -> Sampler:
     """The model's own sampler, Jacobi at the precision's tolerance unless the model sets one."""
     name, settings = model_sampler(model)
-    if name == "jacobi":
+    if is_jacobi(name):
         settings.setdefault("tol", DEFAULT_TOLERANCE[precision])
     return build_named_sampler(name, settings)
 

@@ -6,7 +6,7 @@
 """
 
 from flowvid.sampling.base import (BlockSampler, GuidedText, Sampler, SamplingRequest, build_sampler,
-                                   check_request)
+                                   check_request, sampler_class)
 from flowvid.sampling.inversion import BlockInversion
 from flowvid.sampling.jacobi import JacobiSampler, JacobiStats
 from flowvid.sampling.rollout import WindowedSampler, windows
@@ -17,5 +17,6 @@ from flowvid.sampling.tasks import (TASKS, TaskInputs, encode_text, initial_nois
 __all__ = [
     "BlockInversion", "BlockSampler", "GuidedText", "JacobiSampler", "JacobiStats", "Sampler", "SamplingRequest",
     "SequentialSampler", "TASKS", "TaskInputs", "WindowedSampler", "build_sampler", "check_request", "encode_text",
-    "initial_noise", "invert_block_sequential", "sample_task", "task_caption", "task_inputs", "windows",
+    "initial_noise", "invert_block_sequential", "sample_task", "sampler_class", "task_caption", "task_inputs",
+    "windows",
 ]

@@ -116,7 +116,9 @@ def _check_prefix(flow, z: torch.Tensor, prefix: torch.Tensor) -> None:
     expected = f"({batch}, P, {', '.join(str(s) for s in z.shape[2:])}) with 1 <= P < {frames}"
     if prefix.dim() != 5 or prefix.shape[0] != batch or prefix.shape[2:] != z.shape[2:]:
         raise ValueError(f"expected prefix latent frames of shape {expected}, got {tuple(prefix.shape)}")
-    if not 1 <= prefix.shape[1] < frames:
+    if prefix.shape[1] < 1:
+        raise ValueError(f"a prefix of 0 frames is no prefix (leave it out: None); expected {expected}")
+    if prefix.shape[1] >= frames:
         raise ValueError(f"a prefix of {prefix.shape[1]} frames leaves nothing to sample in a video of {frames} "
                          f"frames; expected {expected}")
     if not prefix.is_floating_point() or not torch.isfinite(prefix).all():
@@ -245,12 +247,20 @@ def build_sampler(spec: "str | Mapping[str, Any] | Sampler") -> Sampler:
     if isinstance(spec, str):
         spec = {"name": spec}
     _check_spec(spec)
-    cls = SAMPLERS.get(spec["name"]) if "name" in spec else _import_sampler_class(spec["class_path"])
-    if not (isinstance(cls, type) and issubclass(cls, Sampler)):
-        raise TypeError(f"sampler {spec!r} names {cls!r}, which is not a Sampler class")
+    cls = sampler_class(spec)
     init_args = dict(spec.get("init_args") or {})
     check_arguments(f"sampler {cls.__name__!r}", cls, init_args, f"the init_args of {spec!r}")
     return cls(**init_args)
+
+
+def sampler_class(spec: "str | Mapping[str, Any]") -> type[Sampler]:
+    """The Sampler class a registered name, a ``package.module.Class`` path or a recipe's mapping names."""
+    if isinstance(spec, str):
+        spec = {"class_path" if "." in spec else "name": spec}
+    cls = SAMPLERS.get(spec["name"]) if "name" in spec else _import_sampler_class(spec["class_path"])
+    if not (isinstance(cls, type) and issubclass(cls, Sampler)):
+        raise TypeError(f"sampler {spec!r} names {cls!r}, which is not a Sampler class")
+    return cls
 
 
 def _check_spec(spec: Any) -> None:

@@ -73,10 +73,7 @@ class WindowedSampler(Sampler):
 
     @property
     def last_stats(self) -> dict:
-        return {"window": self.window, "context": self.context, "windows": self._window_stats}
-
-    def reset_stats(self) -> None:
-        self._window_stats = []
+        return {"window": self.window, "context": self.context, "windows": list(self._window_stats)}
 
     def _windows(self, z: torch.Tensor, prefix: torch.Tensor | None) -> list[tuple[int, int]]:
         given = prefix.shape[1] if prefix is not None and prefix.dim() == 5 else 0
@@ -97,8 +94,8 @@ class WindowedSampler(Sampler):
     def sample(self, flow, z: torch.Tensor, text: TextInput = None, guidance: float = 0.0,
                prefix: torch.Tensor | None = None) -> torch.Tensor:
         self._check(flow, z, text, guidance, prefix)
-        self.reset_stats()
-        video = prefix
+        self._window_stats = []
+        video = None if prefix is None else prefix.float()
         for start, end in self._windows(z, prefix):
             known, lost = _stand_in_for_lost(self._known(video, start))
             part = self.sampler.sample(flow, z[:, start:end], text, guidance, known)
@@ -112,7 +109,7 @@ class WindowedSampler(Sampler):
                prefix: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Yield each frame as soon as it is sampled, holding only the frames a later window re-encodes."""
         self._check(flow, z, text, guidance, prefix)
-        self.reset_stats()
+        stats = self._window_stats = []  # this call's; another call may run while this one waits
         spans = self._windows(z, prefix)
         # The latest frames (given or sampled) by their index in the video: the next window's prefix.
         recent = {} if prefix is None else dict(enumerate(prefix.unbind(1)))
@@ -124,7 +121,8 @@ class WindowedSampler(Sampler):
                 frame = _lost(frame, lost)
                 recent[first_new + offset] = frame
                 yield frame
-            self._window_stats.append(self.sampler.last_stats)
+            stats.append(self.sampler.last_stats)
+            self._window_stats = stats
             next_start = spans[number + 1][0] if number + 1 < len(spans) else end
             recent = {i: frame for i, frame in recent.items() if i >= next_start}
 

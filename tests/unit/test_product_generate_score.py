@@ -696,6 +696,20 @@ def test_the_models_own_sampler_is_the_default_of_generate_and_the_pipeline(tmp_
                  str(tmp_path / "d")]) == 0
     assert read_record(tmp_path / "d", "t2v_000")["tol"] == 1e-3  # the command's sampler, at its defaults
 
+    # Named by class path, a Jacobi sampler is still one: its settings reach generate, which samples
+    # what the pipeline samples.
+    by_path = checkpoint_with({"class_path": "flowvid.sampling.jacobi.JacobiSampler",
+                               "init_args": {"tol": 0.3, "first_block_size": 3}})
+    pipe = VideoPipeline(load_model(by_path))
+    assert (pipe.sampler.tol, pipe.sampler.first_block_size) == (0.3, 3)
+    assert main(["generate", "--ckpt", str(by_path), "--prompt", "x", "--out", str(tmp_path / "e")]) == 0
+    record = read_record(tmp_path / "e", "t2v_000")
+    assert (record["tol"], record["first_block_size"]) == (0.3, 3) and "sampler_args" not in record
+    np.testing.assert_array_equal(generated_latents(tmp_path / "e"), pipe("x", seed=0).latents[0])
+    assert main(["generate", "--ckpt", str(by_path), "--prompt", "x", "--tol", "0.05", "--out",
+                 str(tmp_path / "f")]) == 0
+    assert read_record(tmp_path / "f", "t2v_000")["tol"] == 0.05
+
 
 def test_the_pipeline_of_an_unconditional_model_samples_one_video_without_a_prompt(unconditional_checkpoint):
     from flowvid.pipeline import GenerateError, VideoPipeline

@@ -103,10 +103,12 @@ def test_a_prefix_that_fills_the_window_is_extended_to_the_requested_length(give
     torch.testing.assert_close(torch.stack(list(sampler.stream(flow, z, prefix=prefix)), dim=1), x[:, given:])
 
 
-def test_a_prefix_must_leave_frames_to_sample():
+def test_a_prefix_must_leave_frames_to_sample_and_hold_at_least_one():
+    sampler = WindowedSampler("sequential", window=3, context=1)
     with pytest.raises(ValueError, match="leaves nothing to sample"):
-        WindowedSampler("sequential", window=3, context=1).sample(
-            make_flow(), torch.randn(1, 8, 2, 3, 3), prefix=torch.randn(1, 8, 2, 3, 3))
+        sampler.sample(make_flow(), torch.randn(1, 8, 2, 3, 3), prefix=torch.randn(1, 8, 2, 3, 3))
+    with pytest.raises(ValueError, match="a prefix of 0 frames is no prefix"):
+        sampler.sample(make_flow(), torch.randn(1, 8, 2, 3, 3), prefix=torch.randn(1, 0, 2, 3, 3))
 
 
 class LosesTheSecondVideo(SequentialSampler):
@@ -132,3 +134,25 @@ def test_a_video_lost_in_one_window_stays_lost_and_the_others_go_on(streamed):
     alone = WindowedSampler(SequentialSampler(), window=3, context=1).sample(flow, z[:1])
     assert x.shape == z.shape and torch.isnan(x[1]).all()
     torch.testing.assert_close(x[:1], alone)
+
+
+def test_interleaved_calls_each_keep_their_own_window_statistics():
+    flow = make_flow()
+    sampler = WindowedSampler("sequential", window=3, context=1)
+    short, long = torch.randn(1, 5, 2, 3, 3), torch.randn(1, 9, 2, 3, 3)
+    stream = sampler.stream(flow, long)
+    next(stream)
+    sampler.sample(flow, short)
+    kept = sampler.last_stats
+    assert len(kept["windows"]) == len(windows(5, 3, 1))
+    list(stream)
+    assert len(sampler.last_stats["windows"]) == len(windows(9, 3, 1))
+    assert len(kept["windows"]) == len(windows(5, 3, 1))  # what was handed out does not change
+
+
+def test_a_prefix_of_another_float_type_comes_back_as_float32_like_every_sample():
+    flow = make_flow()
+    z = torch.randn(1, 5, 2, 3, 3)
+    prefix = torch.randn(1, 2, 2, 3, 3, dtype=torch.float64)
+    x = WindowedSampler("sequential", window=3, context=1).sample(flow, z, prefix=prefix)
+    assert x.dtype == torch.float32 and torch.equal(x[:, :2], prefix.float())

@@ -23,7 +23,9 @@ With the pixel codec the number follows the discrete convention of image flows: 
 are dequantised uniformly, ``y = (v + u) / 127.5 - 1`` with ``u ~ U[0, 1)``, and the Jacobian of that
 map (``ln 127.5`` nats per dimension) is added, so the figure is an upper bound on the bits a lossless
 code built on the model would spend per 8-bit value, directly comparable with FFV1 or PNG on the same
-frames. With a latent codec it is bits per dimension of the latents (``unit`` says which).
+frames. With a latent codec it is bits per dimension of the latents (``unit`` says which), the
+model's density at the clean latents. Neither is the validation bits/dim, which is the density of the
+noise-augmented latents at noisy points (what training fits; docs/metrics.md).
 
 The model runs on the first CUDA GPU when there is one (``--device``), in fp32 unless ``--precision
 bf16-mixed`` is asked for (the network's matmuls in bf16; z and the log-determinant stay fp32).

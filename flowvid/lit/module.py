@@ -62,6 +62,17 @@ def check_compilable(strategy) -> None:
                          "forward pass); use ZeRO-2 or DDP, or leave compile_flow off")
 
 
+def check_validation_in_step(strategy, world_size: int, datamodule) -> None:
+    """Under ZeRO-3 every forward pass gathers the weights from all processes, so a process with more
+    validation batches than the others would wait for them forever: the batches per process must be
+    fixed (``val_batches``), since shards hold different numbers of clips."""
+    if (world_size > 1 and getattr(strategy, "zero_stage_3", False) and getattr(datamodule, "val_dirs", None)
+            and getattr(datamodule, "val_batches", 0) is None):
+        raise ValueError(f"under ZeRO-3 on {world_size} processes every process must run the same number of "
+                         "validation batches (each forward pass gathers the weights from all of them): set "
+                         "data.init_args.val_batches")
+
+
 class FlowModule(LightningModule):
     """Trains a ``GlobalLocalFlow`` (and optionally a ``CausalDenoiser``) on latent or raw-video batches.
 
@@ -553,6 +564,7 @@ class FlowModule(LightningModule):
                              "flow-score-matching target; use 'bf16-mixed' or '32-true'")
         warn_if_bf16_is_emulated(precision, self.trainer.strategy.root_device)
         self._check_accumulation()
+        check_validation_in_step(self.trainer.strategy, self.trainer.world_size, getattr(self.trainer, "datamodule", None))
         if self.hparams.skip_threshold is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
             rank_zero_warn("skip_threshold is not applied under DeepSpeed: the engine holds the gradients and takes "
                            "their norm inside its step (grad_clip still clips, the global norm of both groups); set "

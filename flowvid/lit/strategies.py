@@ -197,10 +197,29 @@ class ZeroStrategy(DeepSpeedStrategy):
             client_state = super().load_checkpoint(resharded, weights_only)
         finally:
             config.load_universal_checkpoint = False
+        if self.zero_stage_3:
+            self._repair_zero3_universal_load(resharded)
         self.barrier("ZeroStrategy.load_checkpoint:resharded")
         if self.is_global_zero:
             shutil.rmtree(resharded, ignore_errors=True)
         return client_state
+
+    def _repair_zero3_universal_load(self, resharded: Path) -> None:
+        """Undo two slips of DeepSpeed's ZeRO-3 loader of universal checkpoints. It gives every parameter
+        group the settings of the first (the flow's learning rate, betas and group name for the denoiser's
+        group): each gets its own back from the checkpoint. And it hands every group one and the same
+        ``step`` tensor, which each group's update then advances, so that Adam's bias correction counted
+        one step per group and step: each gets its own copy."""
+        from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
+
+        [path] = resharded.glob("*/zero/optimizer_state.pt")
+        saved = torch.load(path, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]["param_groups"]
+        optimizer = self.deepspeed_engine.optimizer.optimizer
+        for group, settings in zip(optimizer.param_groups, saved, strict=True):
+            group.update({key: value for key, value in settings.items() if key != "params"})
+        for state in optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         target = Path(self.broadcast(str(filepath)))

@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+from flowvid.lit.checkpointing import consolidated_state_dict, load_client_state
+
 from scale_runs import (ACCUMULATE, REPO, TWO_PROCESSES, assert_same_tensors, checkpoint_names, fit, logged, losses,
                         needs_deepspeed, recipe, resume_on, run_fit, shards)  # noqa: F401 (shards: a fixture)
 
@@ -22,9 +24,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ddp_run(shards, tmp_path_factory) -> Path:
-    """The reference: DDP on 2 processes, 4 steps, without a denoiser."""
+    """The reference: DDP on 2 processes, 4 steps, with a denoiser and an EMA."""
     run_dir = tmp_path_factory.mktemp("ddp")
-    fit(recipe(shards, run_dir, denoiser=False, max_steps=4), "recipes/distributed/ddp.yaml",
+    fit(recipe(shards, run_dir, denoiser=True, max_steps=4), "recipes/distributed/ddp.yaml",
         args=(*TWO_PROCESSES, "--trainer.precision", "32-true"))
     return run_dir
 
@@ -37,7 +39,7 @@ def zero_runs(shards, tmp_path_factory) -> dict[int, Path]:
     def run(stage: int) -> Path:
         if stage not in runs:
             run_dir = tmp_path_factory.mktemp(f"zero{stage}")
-            fit(recipe(shards, run_dir, denoiser=False, max_steps=4), f"recipes/distributed/zero{stage}.yaml",
+            fit(recipe(shards, run_dir, denoiser=True, max_steps=4), f"recipes/distributed/zero{stage}.yaml",
                 args=(*TWO_PROCESSES, "--trainer.precision", "32-true"))
             runs[stage] = run_dir
         return runs[stage]
@@ -193,7 +195,7 @@ def test_validate_reads_a_zero3_checkpoint_as_the_ddp_checkpoint_of_the_same_run
     def validate(run_dir: Path, strategy: str) -> list[float]:
         log = {"class_path": "scale_runs.ValidationLog", "init_args": {"path": str(tmp_path / strategy)}}
         config = tmp_path / f"{strategy}.yaml"
-        config.write_text(yaml.safe_dump(recipe(shards, tmp_path / strategy, denoiser=False, max_steps=4,
+        config.write_text(yaml.safe_dump(recipe(shards, tmp_path / strategy, denoiser=True, max_steps=4,
                                                 extra_callbacks=[log])))
         run_fit([config, REPO / "recipes" / "distributed" / f"{strategy}.yaml"],
                 (*TWO_PROCESSES, "--trainer.precision", "32-true",
@@ -207,12 +209,12 @@ def test_validate_reads_a_zero3_checkpoint_as_the_ddp_checkpoint_of_the_same_run
 
 def test_a_sigterm_to_one_of_two_processes_stops_both_after_the_same_saved_step(shards, ddp_run, tmp_path):
     sigterm = {"class_path": "scale_runs.SigtermAt", "init_args": {"step": 2, "rank": 1}}
-    fit(recipe(shards, tmp_path, denoiser=False, max_steps=4, extra_callbacks=[sigterm]), "recipes/distributed/ddp.yaml",
+    fit(recipe(shards, tmp_path, denoiser=True, max_steps=4, extra_callbacks=[sigterm]), "recipes/distributed/ddp.yaml",
         args=(*TWO_PROCESSES, "--trainer.precision", "32-true"), expect_rc=143)
     assert checkpoint_names(tmp_path) == ["step=00000002.ckpt", "step=00000003.ckpt"]
     for rank in (0, 1):
         assert losses(tmp_path, rank) == {step: losses(ddp_run, rank)[step] for step in (1, 2, 3)}
-    fit(recipe(shards, tmp_path, denoiser=False, max_steps=4), "recipes/distributed/ddp.yaml",
+    fit(recipe(shards, tmp_path, denoiser=True, max_steps=4), "recipes/distributed/ddp.yaml",
         args=(*TWO_PROCESSES, "--trainer.precision", "32-true", "--resume", "auto"))
     for rank in (0, 1):
         assert losses(tmp_path, rank) == losses(ddp_run, rank)
@@ -226,7 +228,7 @@ def test_two_processes_resume_from_the_newest_checkpoint_to_the_same_losses(stra
     (tmp_path / "checkpoints").mkdir()
     copy = shutil.copytree if strategy == "zero3" else shutil.copy
     copy(whole / "checkpoints" / "step=00000002.ckpt", tmp_path / "checkpoints" / "step=00000002.ckpt")
-    fit(recipe(shards, tmp_path, denoiser=False, max_steps=4), f"recipes/distributed/{strategy}.yaml",
+    fit(recipe(shards, tmp_path, denoiser=True, max_steps=4), f"recipes/distributed/{strategy}.yaml",
         args=(*TWO_PROCESSES, "--trainer.precision", "32-true", "--resume", "auto"))
     for rank in (0, 1):
         resumed = losses(tmp_path, rank)
@@ -240,10 +242,17 @@ def test_a_zero3_checkpoint_of_two_processes_resumes_on_one_as_the_ddp_checkpoin
     """ZeRO shards fit the number of processes that wrote them: a run continued on fewer devices has them
     re-partitioned, and trains on as a DDP checkpoint of the same run does (plain Lightning restores that)."""
     step2 = "checkpoints/step=00000002.ckpt"
-    reference = resume_on(shards, 1, "ddp", ddp_run / step2, tmp_path / "ddp", denoiser=False)
-    resumed = resume_on(shards, 1, "zero3", zero_runs(3) / step2, tmp_path / "zero3", denoiser=False)
+    reference = resume_on(shards, 1, "ddp", ddp_run / step2, tmp_path / "ddp", denoiser=True)
+    resumed = resume_on(shards, 1, "zero3", zero_runs(3) / step2, tmp_path / "zero3", denoiser=True)
     assert sorted(losses(reference)) == [3, 4]
-    assert losses(resumed) == pytest.approx(losses(reference), rel=1e-6, abs=1e-7)
+    for key in ("loss", "denoiser_loss"):  # two parameter groups: each keeps its learning rate and betas
+        assert losses(resumed, key=key) == pytest.approx(losses(reference, key=key), rel=1e-6, abs=1e-7)
+    # The last step's update shows in the weights alone: every group's Adam step counts once per step.
+    checkpoint = "checkpoints/step=00000004.ckpt"
+    expected = torch.load(reference / checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    actual = consolidated_state_dict(resumed / checkpoint, load_client_state(resumed / checkpoint))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     leftovers = [p.name for p in (tmp_path / "zero3" / "checkpoints").iterdir() if not p.name.endswith(".ckpt")]
     assert not leftovers  # the re-partitioned copy is removed once loaded
 

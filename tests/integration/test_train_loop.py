@@ -403,6 +403,23 @@ def test_compiling_the_flow_under_zero3_is_refused():
         check_compilable(ZeroStrategy(stage=3))
 
 
+def test_zero3_on_several_processes_needs_a_fixed_number_of_validation_batches(tmp_path):
+    """Each ZeRO-3 forward pass gathers the weights from every process: a process with a validation batch
+    more than the others would wait for them forever, and shards hold different numbers of clips."""
+    pytest.importorskip("deepspeed")
+    from flowvid.lit.module import check_validation_in_step
+    from flowvid.lit.strategies import ZeroStrategy
+
+    write_synthetic_dataset(tmp_path, num_videos=4, frames=2, size=8, val_videos=3, shard_samples=2)
+    folders = {"train_dir": str(tmp_path / "train"), "val_dir": str(tmp_path / "val"), "batch_size": 2}
+    unfixed, fixed = VideoShardDataModule(**folders), VideoShardDataModule(**folders, val_batches=2)
+    with pytest.raises(ValueError, match="set data.init_args.val_batches"):
+        check_validation_in_step(ZeroStrategy(stage=3), 2, unfixed)
+    check_validation_in_step(ZeroStrategy(stage=3), 2, fixed)
+    check_validation_in_step(ZeroStrategy(stage=3), 1, unfixed)
+    check_validation_in_step(ZeroStrategy(stage=2), 2, unfixed)  # its forward passes gather nothing
+
+
 # --- throughput in the logs ------------------------------------------------------------------------
 
 

@@ -47,9 +47,9 @@ from flowvid.pipeline import (
     build_named_sampler,
     is_jacobi,
     model_sampler,
+    sampler_takes,
 )
 from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
-from flowvid.registry import SAMPLERS
 from flowvid.sampling import Sampler, WindowedSampler, sampler_class
 from flowvid.sampling.jacobi import check_tolerance
 from flowvid.sampling.tasks import TASKS, check_seed
@@ -74,7 +74,7 @@ class Request:
     prompts: list[str]
     frames: int
     sampler: str
-    tol: float
+    tol: float | None  # None: the sampler takes none, or keeps its own default
     guidance: float
     seed: int
     batch_size: int
@@ -85,7 +85,7 @@ class Request:
     precision: str = "32-true"
     lora: str | None = None
     lora_strength: float = 1.0
-    first_block_size: int | None = None  # Jacobi's block sizes; None keeps the sampler's defaults
+    first_block_size: int | None = None  # block sizes (Jacobi's); None keeps the sampler's defaults
     block_size: int | None = None
     sampler_args: dict[str, Any] = field(default_factory=dict)  # the sampler's other settings (the model's)
     negative_prompt: str = ""  # what guidance steers away from; "" is the unconditional (empty) caption
@@ -104,9 +104,11 @@ def check_options(args: argparse.Namespace) -> None:
         raise GenerateError(f"--frames must be >= 1, got {args.frames}")
     if args.sampler is not None:
         try:
-            SAMPLERS.get(args.sampler)
+            sampler_class(args.sampler)
         except KeyError as err:
             raise GenerateError(f"--sampler: {err.args[0]}") from None
+        except (TypeError, ValueError) as err:
+            raise GenerateError(f"--sampler: {err}") from None
         check_sampler_settings(args, args.sampler, "--sampler")
     for option, path in (("--image", args.image), ("--video", args.video)):
         if path is not None and not Path(path).exists():  # (a folder is named so when it is read)
@@ -135,16 +137,19 @@ def check_options(args: argparse.Namespace) -> None:
     check_output_folder(args.out, "--out", "give a folder for the samples", GenerateError)
 
 
+#: The sampler settings the command line sets, by the option that sets each.
+SAMPLER_OPTIONS = {"tol": "--tol", "first_block_size": "--first-block-size", "block_size": "--block-size"}
+
+
 def check_sampler_settings(args: argparse.Namespace, sampler: str, source: str) -> None:
-    """Refuse the windowed sampler (a long video is sampled in windows anyway) and Jacobi's settings given
-    to another sampler, where they would be ignored without a word."""
+    """Refuse the windowed sampler (a long video is sampled in windows anyway) and settings given to a
+    sampler that takes none such, where they would be ignored without a word."""
     if issubclass(sampler_class(sampler), WindowedSampler):
         raise GenerateError(f"{source} windowed: videos longer than the model's training length are sampled in "
                             "windows of that length already; choose the sampler of each window (jacobi, sequential)")
-    for option, value in (("--tol", args.tol), ("--first-block-size", args.first_block_size),
-                          ("--block-size", args.block_size)):
-        if value is not None and not is_jacobi(sampler):
-            raise GenerateError(f"{option} is a setting of the jacobi sampler; {source} {sampler} has none")
+    for key, option in SAMPLER_OPTIONS.items():
+        if getattr(args, key) is not None and not sampler_takes(sampler, key):
+            raise GenerateError(f"{option}: {source} {sampler} takes no {key}")
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
@@ -183,12 +188,13 @@ def slug(text: str, limit: int = 40) -> str:
 
 
 def request_sampler(request: Request) -> Sampler:
-    """The sampler the request names, with its Jacobi settings."""
-    init_args = dict(request.sampler_args)
-    if is_jacobi(request.sampler):
-        blocks = {"first_block_size": request.first_block_size, "block_size": request.block_size}
-        init_args.update(tol=request.tol, **{name: size for name, size in blocks.items() if size is not None})
-    return build_named_sampler(request.sampler, init_args)
+    """The sampler the request names, with its settings."""
+    return build_named_sampler(request.sampler, {**request.sampler_args, **chosen_settings(request)})
+
+
+def chosen_settings(request: Request) -> dict[str, Any]:
+    """The tolerance and block sizes the request sets (None: the sampler's own)."""
+    return {key: getattr(request, key) for key in SAMPLER_OPTIONS if getattr(request, key) is not None}
 
 
 def write_sample(out: Path, name: str, video: np.ndarray, latents: np.ndarray, record: dict[str, Any], fps: float) -> None:
@@ -219,12 +225,8 @@ def planned_records(request: Request, prompts: list[str], frames: int) -> dict[i
     """What the request fixes of the record of each sample this process makes (by prompt index): two
     samples with the same are the same video."""
     source = request.image or request.video
-    blocks = {"first_block_size": request.first_block_size, "block_size": request.block_size}
-    jacobi = is_jacobi(request.sampler)
     shared = {
-        "task": request.task, "sampler": request.sampler,
-        "tol": request.tol if jacobi else None,
-        **({key: size for key, size in blocks.items() if size is not None} if jacobi else {}),
+        "task": request.task, "sampler": request.sampler, "tol": request.tol, **chosen_settings(request),
         **({"sampler_args": request.sampler_args} if request.sampler_args else {}),
         "guidance": request.guidance,
         **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),
@@ -364,11 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video", help="extend / v2v: the clip to continue or transform (video file or .npy)")
     parser.add_argument("--frames", type=int, help="video frames to generate (default: the training length)")
     parser.add_argument("--sampler", default=None,
-                        help="registered sampler name (jacobi, sequential, ...); default: the model's (its recipe's "
-                             "model.sampler, jacobi unless set)")
+                        help="registered sampler name (jacobi, sequential, ...) or a plugin's class path; default: "
+                             "the model's (its recipe's model.sampler, jacobi unless set)")
     parser.add_argument("--tol", type=float, default=None,
-                        help="Jacobi tolerance (relative change per pass); default: the model's sampler's, else 1e-3 in "
-                             "32-true and 1e-2 in bf16-mixed")
+                        help="tolerance of the sampler (Jacobi: relative change per pass); default: the model's "
+                             "sampler's, else Jacobi's 1e-3 in 32-true and 1e-2 in bf16-mixed")
     parser.add_argument("--first-block-size", type=int, default=None,
                         help="Jacobi: slots per block in the first frame and in the shallow blocks (default: the model's "
                              "sampler's, else one frame on a GPU, where fewer, larger passes are faster, and 16 on a CPU)")
@@ -412,20 +414,19 @@ def main(argv: list[str]) -> int:
             check_sampler_settings(args, sampler, "the model's sampler")
         else:
             sampler, settings = args.sampler, {}
-        # The command line's settings, else the model's, else the precision's tolerance and Jacobi's blocks.
-        jacobi = ({key: settings.pop(key) for key in ("tol", "first_block_size", "block_size") if key in settings}
-                  if is_jacobi(sampler) else {})
-        model_tol = jacobi.get("tol", DEFAULT_TOLERANCE[precision])
-        first_block_size, block_size = jacobi.get("first_block_size"), jacobi.get("block_size")
+        # The command line's settings, else the model's, else the precision's tolerance (Jacobi) and the
+        # sampler's own defaults.
+        chosen = {key: settings.pop(key, None) for key in SAMPLER_OPTIONS}
+        chosen.update({key: getattr(args, key) for key in SAMPLER_OPTIONS if getattr(args, key) is not None})
+        if chosen["tol"] is None and is_jacobi(sampler):
+            chosen["tol"] = DEFAULT_TOLERANCE[precision]
         request = Request(
             task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames,
-            sampler=sampler, tol=model_tol if args.tol is None else args.tol, sampler_args=settings,
+            sampler=sampler, sampler_args=settings, **chosen,
             guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
             batch_size=args.batch_size, fps=args.fps, stream=args.stream, skip_existing=args.skip_existing,
             image=args.image, video=args.video,
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
-            first_block_size=first_block_size if args.first_block_size is None else args.first_block_size,
-            block_size=block_size if args.block_size is None else args.block_size,
             negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,
             model=str(model.resolve()), weights=args.weights,
         )

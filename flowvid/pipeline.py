@@ -20,6 +20,7 @@ it is for the training length and inside a sliding window (``WindowedSampler``) 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import os
@@ -66,6 +67,11 @@ def is_jacobi(name: str) -> bool:
     """Whether the sampler a registered name or class path names is a Jacobi sampler (``tol`` and block
     sizes are its settings), however the recipe names it."""
     return issubclass(sampler_class(name), JacobiSampler)
+
+
+def sampler_takes(name: str, setting: str) -> bool:
+    """Whether the sampler a registered name or class path names takes ``setting`` (``tol``, say)."""
+    return setting in inspect.signature(sampler_class(name)).parameters
 
 
 def default_sampler(model, precision: str) -> Sampler:
@@ -307,6 +313,7 @@ class VideoPipeline:
             started = time.perf_counter()
             if on_frame is None:
                 latents = batch.sampler.sample(self.model.flow, batch.z, batch.text, guidance, batch.prefix)
+                check_sampled(batch.sampler, latents, batch.z.shape, "sample")
                 sampled = time.perf_counter()
                 latents = self.model.denoise(latents, batch.cond)
                 if batch.known is not None:  # the given frames come back exactly as given
@@ -397,9 +404,22 @@ class VideoPipeline:
         """Each frame's final latents (B, h, w, c), in order, as soon as they are known: the given frames
         as given, the sampled ones once the denoiser has what it needs."""
         given = [] if batch.prefix is None else list(batch.prefix.unbind(1))
-        sampled = batch.sampler.stream(self.model.flow, batch.z, batch.text, guidance, batch.prefix)
+        frame_shape = (batch.z.shape[0], *batch.z.shape[2:])
+        sampled = (check_sampled(batch.sampler, frame, frame_shape, "stream")
+                   for frame in batch.sampler.stream(self.model.flow, batch.z, batch.text, guidance, batch.prefix))
         for index, frame in enumerate(self.model.denoise_stream(itertools.chain(given, sampled), batch.cond)):
             yield batch.known[:, index].expand_as(frame) if index < len(given) else frame
+
+
+def check_sampled(sampler: Sampler, latents: Any, shape: tuple[int, ...], call: str) -> torch.Tensor:
+    """What a sampler's ``sample`` (the video) or ``stream`` (one frame) gave, if it is float32 latents of
+    the noise's shape: a plugin's slip is named here, not deep in the denoiser or the codec."""
+    if not isinstance(latents, torch.Tensor) or latents.dtype != torch.float32 or tuple(latents.shape) != tuple(shape):
+        got = (f"{latents.dtype} {tuple(latents.shape)}" if isinstance(latents, torch.Tensor)
+               else type(latents).__name__)
+        raise TypeError(f"sampler {type(sampler).__name__}.{call} returned {got}; expected float32 latents of "
+                        f"shape {tuple(shape)}")
+    return latents
 
 
 @dataclass

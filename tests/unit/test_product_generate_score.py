@@ -261,9 +261,11 @@ def test_a_frame_count_or_seed_out_of_range_is_refused_before_loading(tmp_path, 
 @pytest.mark.parametrize("extra, message", [
     (["--first-block-size", "0"], "--first-block-size must be >= 1, got 0"),
     (["--block-size", "-4"], "--block-size must be >= 1, got -4"),
-    (["--sampler", "sequential", "--block-size", "16"], "--sampler sequential has none"),
-    (["--sampler", "sequential", "--tol", "0.01"], "--tol is a setting of the jacobi sampler; --sampler sequential"),
+    (["--sampler", "sequential", "--block-size", "16"], "--block-size: --sampler sequential takes no block_size"),
+    (["--sampler", "sequential", "--tol", "0.01"], "--tol: --sampler sequential takes no tol"),
     (["--sampler", "jacobl"], "--sampler: unknown sampler 'jacobl'; registered:"),
+    (["--sampler", "flowvid.sampling.Jacobi"], "--sampler: sampler class_path 'flowvid.sampling.Jacobi': module "),
+    (["--sampler", "flowvid.sampling.jacobi.JacobiSampler", "--tol", "0"], "--tol must be"),
     (["--task", "i2v", "--image", "missing.png"], "--image missing.png does not exist"),
     (["--task", "extend", "--video", "missing.mp4"], "--video missing.mp4 does not exist"),
 ])
@@ -664,6 +666,28 @@ def test_the_pipeline_takes_frames_as_arrays_and_its_sampler_can_be_swapped(chec
         pipe("x", seed=-1)
 
 
+class FlattensTheVideo(SequentialSampler):
+    """A plugin's slip: its samples lose the frame axes, and its streamed frames come back as float64."""
+
+    def sample(self, flow, z, text=None, guidance=0.0, prefix=None):
+        return super().sample(flow, z, text, guidance, prefix).flatten(1, 3)
+
+    def stream(self, flow, z, text=None, guidance=0.0, prefix=None):
+        return (frame.double() for frame in super().stream(flow, z, text, guidance, prefix))
+
+
+def test_a_sampler_that_returns_no_latents_of_the_noises_shape_is_named(checkpoint):
+    from flowvid.pipeline import VideoPipeline
+
+    pipe = VideoPipeline(load_model(checkpoint))
+    pipe.sampler = FlattensTheVideo()
+    with pytest.raises(TypeError, match=r"sampler FlattensTheVideo.sample returned torch.float32 \(1, 64, 12\); "
+                                        r"expected float32 latents of shape \(1, 4, 4, 4, 12\)"):
+        pipe("x")
+    with pytest.raises(TypeError, match=r"FlattensTheVideo.stream returned torch.float64 \(1, 4, 4, 12\)"):
+        list(pipe.stream("x"))
+
+
 def test_the_models_own_sampler_is_the_default_of_generate_and_the_pipeline(tmp_path, capsys):
     """As a diffusers pipeline loads the scheduler saved with its model; the command line still wins."""
     from flowvid.pipeline import VideoPipeline
@@ -684,7 +708,7 @@ def test_the_models_own_sampler_is_the_default_of_generate_and_the_pipeline(tmp_
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(sequential), "--prompt", "x", "--tol", "0.01",
                  "--out", str(tmp_path / "b")]) == 2
-    assert "--tol is a setting of the jacobi sampler; the model's sampler sequential has none" in one_line_error(capsys)
+    assert "--tol: the model's sampler sequential takes no tol" in one_line_error(capsys)
 
     tuned = checkpoint_with({"name": "jacobi", "init_args": {"tol": 0.05, "max_iterations": 7}})
     pipe = VideoPipeline(load_model(tuned))
@@ -709,6 +733,11 @@ def test_the_models_own_sampler_is_the_default_of_generate_and_the_pipeline(tmp_
     assert main(["generate", "--ckpt", str(by_path), "--prompt", "x", "--tol", "0.05", "--out",
                  str(tmp_path / "f")]) == 0
     assert read_record(tmp_path / "f", "t2v_000")["tol"] == 0.05
+    jacobi = "flowvid.sampling.jacobi.JacobiSampler"  # a plugin's sampler is named so on the command line
+    assert main(["generate", "--ckpt", str(sequential), "--prompt", "x", "--sampler", jacobi, "--tol", "0.2",
+                 "--out", str(tmp_path / "g")]) == 0
+    assert (read_record(tmp_path / "g", "t2v_000")["sampler"], read_record(tmp_path / "g", "t2v_000")["tol"]) == (
+        jacobi, 0.2)
 
 
 def test_the_pipeline_of_an_unconditional_model_samples_one_video_without_a_prompt(unconditional_checkpoint):

@@ -95,7 +95,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     state_dict, config, client_state = checkpoint_weights(ckpt, weights)
     tensors = {name: _portable(tensor, DTYPES[dtype]) for name, tensor in state_dict.items()}
     run = client_state.get(METADATA_KEY) or {}
-    used = "ema" if weights == "ema" and (client_state.get("flowvid") or {}).get("ema") else "trained"
+    used = weights_taken(weights, client_state)
     config_text = yaml.safe_dump(without_held_weight_files(config, tensors), sort_keys=False)
     metadata = {
         "format": FORMAT,
@@ -156,6 +156,12 @@ def checkpoint_weights(ckpt: str | os.PathLike, weights: str = "ema",
     run = client_state.get(METADATA_KEY) or {}
     config = run.get("config") or {"model": model_config_from_hparams(client_state)}
     return state_dict, config, client_state
+
+
+def weights_taken(weights: str, client_state: dict[str, Any]) -> str:
+    """Which weights ``checkpoint_weights`` gives for ``weights``: "ema" only where the run kept a moving
+    average."""
+    return "ema" if weights == "ema" and (client_state.get("flowvid") or {}).get("ema") else "trained"
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str) -> None:

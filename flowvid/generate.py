@@ -37,7 +37,7 @@ import torch
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.data.shards import file_sha256
-from flowvid.media import MediaError, frame_rate, write_video
+from flowvid.media import MediaError, frame_rate, frame_size, write_video
 from flowvid.paths import check_output_folder, write_atomically
 from flowvid.pipeline import (
     DEFAULT_TOLERANCE,
@@ -91,7 +91,7 @@ class Request:
     negative_prompt: str = ""  # what guidance steers away from; "" is the unconditional (empty) caption
     skip_existing: bool = False  # leave out samples whose files are complete in the output folder
     model: str = ""  # the export or checkpoint that samples (recorded, and checked by skip_existing)
-    weights: str = "ema"  # which of the model's weights: its moving average (when it kept one) or as trained
+    weights: str = "ema"  # which of the model's weights sample: its moving average ("ema") or as trained
     rank: int = 0  # under torchrun this process samples prompts rank, rank + world_size, ...
     world_size: int = 1
 
@@ -174,6 +174,8 @@ def read_prompt_file(path: Path) -> list[str]:
     except OSError as err:
         raise GenerateError(f"cannot read prompt file {path}: {err.strerror or err}") from None
     lines = text.splitlines()
+    while lines and not lines[-1].strip():  # an editor's blank lines at the end are not prompts
+        lines.pop()
     if not lines:
         raise GenerateError(f"prompt file {path} is empty; write one prompt per line")
     for number, line in enumerate(lines, start=1):
@@ -184,7 +186,8 @@ def read_prompt_file(path: Path) -> list[str]:
 
 
 def slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "unconditional"
+    """A file name's part for a prompt; a prompt without letters or digits is named as one all the same."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or ("prompt" if text.strip() else "unconditional")
 
 
 def request_sampler(request: Request) -> Sampler:
@@ -258,6 +261,35 @@ def already_written(out: Path, name: str, planned: dict[str, Any]) -> bool:
     return True
 
 
+#: The keys of a sample's record that say which model made it.
+MODEL_KEYS = ("model", "weights", "lora", "lora_strength")
+
+
+def check_one_model(out: Path, planned: dict[str, Any]) -> None:
+    """A folder of samples is one model's, as FVD and ``--skip-existing`` read it: samples of this model
+    beside or over another's would mix the two or lose the other's, so that is refused."""
+    if "model" not in planned:  # a library caller that names no model
+        return
+    for path in sorted(out.glob("*.json")):
+        record = sample_record(path)
+        if record is None or "model" not in record:
+            continue
+        differences = [f"{key} {record.get(key)!r}, not {planned.get(key)!r}" for key in MODEL_KEYS
+                       if record.get(key) != planned.get(key)]
+        if differences:
+            raise GenerateError(f"{out} holds samples of another model ({path.name}: {'; '.join(differences)}); "
+                                "write to another --out folder or remove them")
+
+
+def sample_record(path: Path) -> dict[str, Any] | None:
+    """The record of a sample ``generate`` wrote, or None for any other (or unreadable) JSON file."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and {"sampler", "seed", "prompt"} <= record.keys() else None
+
+
 def run(module, request: Request, out: Path, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Generate every prompt of ``request`` into ``out``; returns the JSON records written. ``progress``
     receives a line after every batch."""
@@ -270,6 +302,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     except MediaError as err:
         raise GenerateError(str(err)) from None
     pipeline.check_room(request.task, request.frames, source)
+    resized = resized_source(request, module.video_shape[1:])
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # checked up front by the command; a library caller may still hit this
@@ -277,6 +310,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     frames = module.codec.usable_frames(request.frames)
     name = {i: f"{request.task}_{i:03d}_{slug(prompt)}" for i, prompt in enumerate(prompts)}
     planned = planned_records(request, prompts, frames)
+    check_one_model(out, next(iter(planned.values()), {}))
     todo = [i for i in planned if not (request.skip_existing and already_written(out, name[i], planned[i]))]
     if progress and len(todo) < len(planned):
         progress(f"{len(planned) - len(todo)} of {len(planned)} samples are in {out} already")
@@ -298,7 +332,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
                 shutil.rmtree(out / f"{sample}.stream", ignore_errors=True)
                 continue
             record = {
-                **planned[index],
+                **planned[index], **resized,
                 # A model without text sees no caption: say so by leaving the field out.
                 **({"caption_seen_by_model": result.captions[row]} if pipeline.reads_text else {}),
                 "device": str(module.device),
@@ -317,6 +351,14 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     if failed:
         raise NonFiniteSamples(failed, len(records))
     return records
+
+
+def resized_source(request: Request, size: tuple[int, int]) -> dict[str, list[int]]:
+    """``{"resized_from": [height, width]}`` when the given image or video is not at the model's size
+    (it is centre-cropped and resized to it), as ``flowvid score`` records it."""
+    path = request.image or request.video
+    shown = frame_size(path, video=request.video is not None) if path else tuple(size)
+    return {"resized_from": list(shown)} if tuple(shown) != tuple(size) else {}
 
 
 def _duration(seconds: float) -> str:
@@ -428,7 +470,7 @@ def main(argv: list[str]) -> int:
             image=args.image, video=args.video,
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
             negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,
-            model=str(model.resolve()), weights=args.weights,
+            model=str(model.resolve()), weights=module.weights_used,
         )
         records = run(module, request, Path(args.out), progress=lambda line: print(line, file=sys.stderr, flush=True))
     except KeyError as err:  # str() of a KeyError quotes its message

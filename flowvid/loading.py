@@ -16,6 +16,7 @@ from flowvid.export import (
     load_exported,
     load_weights,
     read_export_metadata,
+    weights_taken,
     without_held_weight_files,
 )
 from flowvid.lit.checkpointing import resolve_checkpoint
@@ -28,31 +29,37 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
     ``path`` is an exported ``.safetensors`` file (with ``config.yaml`` beside it) or its folder, a Lightning
     checkpoint file, a DeepSpeed checkpoint directory, or a run directory (its newest readable
     checkpoint, in it or in its ``checkpoints/``). ``weights="ema"`` takes the moving average
-    when the run kept one. ``adapters`` (a file of ``flowvid export --adapters-only``) are merged into
-    the weights, their updates scaled by ``adapter_strength``. Raises FileNotFoundError,
+    when the run kept one; ``module.weights_used`` says which it took ("ema" or "trained").
+    ``adapters`` (a file of ``flowvid export --adapters-only``) are merged into the weights, their updates
+    scaled by ``adapter_strength``. Raises FileNotFoundError,
     CorruptCheckpointError (a damaged or incomplete checkpoint or export) or ValueError, each with a
     one-line reason.
     """
     path = model_file(path)
     if path.suffix == ".safetensors":
-        check_exported_weights(path, weights)
+        used = exported_weights(path, weights)
         module = load_exported(path, map_location=map_location).module
     else:
-        state_dict, config, _ = checkpoint_weights(path, weights)
+        state_dict, config, client_state = checkpoint_weights(path, weights)
         # The checkpoint holds the weights of a codec trained for this model: its file may be long gone.
         module = build_module(without_held_weight_files(config, state_dict))
         load_weights(module, state_dict, where=str(path))
         module = module.to(map_location).eval()
+        used = weights_taken(weights, client_state)
     if adapters is not None:
         apply_adapters(module, adapters, adapter_strength)
+    module.weights_used = used  # what a sample's record says: a run without a moving average has none
     return module
 
 
-def check_exported_weights(path: Path, weights: str) -> None:
-    """An export holds one set of weights: refuse to pass its moving average off as the trained weights."""
-    if weights == "trained" and read_export_metadata(path).get("weights") == "ema":
+def exported_weights(path: Path, weights: str) -> str:
+    """Which weights the export holds ("ema" or "trained"); refuses to pass its moving average off as the
+    trained weights."""
+    held = read_export_metadata(path).get("weights", "trained")
+    if weights == "trained" and held == "ema":
         raise ValueError(f"{path} holds the moving average of the weights, not the trained weights: export "
                          "those with `flowvid export --weights trained`, or leave out --weights trained")
+    return held
 
 
 def model_file(path: str | os.PathLike) -> Path:

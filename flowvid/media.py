@@ -104,6 +104,16 @@ def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
     return fit_frame(frame, height, width)
 
 
+def frame_size(path: str | Path, video: bool) -> tuple[int, int]:
+    """(height, width) of an image file, or of a video file's frames, as a player shows them: the size
+    ``read_image`` and ``read_video`` fit to the one asked for."""
+    if video:
+        return read_frames(path, max_frames=1)[0].shape[:2]
+    with Image.open(path) as image:
+        width, height = ImageOps.exif_transpose(image).size
+    return height, width
+
+
 def read_video(path: str | Path, height: int, width: int, max_frames: int | None = None) -> np.ndarray:
     """A video file (or a ``.npy`` array (T, H, W, 3) uint8) as uint8 (T, height, width, 3)."""
     return fit_frames(read_frames(path, max_frames), height, width)

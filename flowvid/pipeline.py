@@ -36,7 +36,7 @@ from flowvid.checks import is_count
 from flowvid.media import read_image, read_video
 from flowvid.placement import precision_context, resolve_device, resolve_precision
 from flowvid.sampling import JacobiSampler, Sampler, WindowedSampler, build_sampler, sampler_class
-from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_inputs
+from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_caption, task_inputs
 
 #: Jacobi's default tolerance per precision: bf16 matmuls leave a relative noise of 1e-3 to 3e-3 in every
 #: pass, below which a block's change need not fall (it would then run to max_iterations).
@@ -256,6 +256,7 @@ class VideoPipeline:
             if guidance <= 0:
                 raise GenerateError(f"a negative prompt steers guidance, which is off (guidance {guidance}); "
                                     "give guidance > 0")
+        warn_if_untrained(self.model, task, self.reads_text)
 
     def check_room(self, task: str, frames: int, source: torch.Tensor | None) -> None:
         """Refuse a video no longer than its given frames: there would be nothing to sample."""
@@ -409,6 +410,24 @@ class VideoPipeline:
                    for frame in batch.sampler.stream(self.model.flow, batch.z, batch.text, guidance, batch.prefix))
         for index, frame in enumerate(self.model.denoise_stream(itertools.chain(given, sampled), batch.cond)):
             yield batch.known[:, index].expand_as(frame) if index < len(given) else frame
+
+
+#: The tasks a model learns only when its training drew them, by the FlowModule setting that draws them.
+TRAINED_BY = {"extend": "extend_prob", "v2v": "v2v_prob"}
+
+
+def warn_if_untrained(model, task: str, reads_text: bool) -> None:
+    """A model trained without ``task`` still samples it, as it must (a continuation of the given frames),
+    but not as the task was meant: say so."""
+    setting = TRAINED_BY.get(task)
+    if setting is None or getattr(model, setting, None) != 0:
+        return
+    if task == "v2v":
+        warnings.warn(f"this model was trained with {setting} 0: it never learned to transform a video, so v2v "
+                      "continues the given clip instead", stacklevel=3)
+    elif reads_text:  # extension is a continuation anyway: only its captions are new to the model
+        warnings.warn(f"this model was trained with {setting} 0: its '{task_caption(task, '').strip()}' captions "
+                      "are new to it, so the continuation may follow the caption less well", stacklevel=3)
 
 
 def check_sampled(sampler: Sampler, latents: Any, shape: tuple[int, ...], call: str) -> torch.Tensor:

@@ -105,7 +105,7 @@ def test_i2v_reproduces_the_given_first_frame(checkpoint, tmp_path):
     assert np.array_equal(np.load(npy)[0], image)
 
 
-def test_skip_existing_keeps_no_sample_of_another_source_negative_prompt_or_weights(checkpoint, tmp_path, capsys):
+def test_skip_existing_keeps_no_sample_of_another_source_or_negative_prompt(checkpoint, tmp_path, capsys):
     from PIL import Image
 
     for name, value in (("a.png", 200), ("b.png", 0)):
@@ -115,13 +115,39 @@ def test_skip_existing_keeps_no_sample_of_another_source_negative_prompt_or_weig
     assert main([*args, "--image", str(tmp_path / "a.png"), "--negative-prompt", "y"]) == 0
     capsys.readouterr()
     for extra, differs in ((["--image", str(tmp_path / "b.png"), "--negative-prompt", "y"], "source"),
-                           (["--image", str(tmp_path / "a.png")], "negative_prompt 'y', not None"),
-                           (["--image", str(tmp_path / "a.png"), "--negative-prompt", "y", "--weights", "trained"],
-                            "weights 'ema', not 'trained'")):
+                           (["--image", str(tmp_path / "a.png")], "negative_prompt 'y', not None")):
         assert main([*args, *extra, "--skip-existing"]) == 2
         assert "was written by another request" in (error := one_line_error(capsys)) and differs in error
     assert main([*args, "--image", str(tmp_path / "a.png"), "--negative-prompt", "y", "--skip-existing"]) == 0
     assert "1 of 1 samples are in" in capsys.readouterr().err
+
+
+def test_a_sample_records_the_weights_it_was_made_with(checkpoint, tmp_path, capsys):
+    """The moving average where the run kept one, else the trained weights, whatever --weights asked."""
+    saved = torch.load(checkpoint, weights_only=False)
+    saved["flowvid"] = {"ema": {name: tensor + 0.01 for name, tensor in saved["state_dict"].items()
+                                if name.startswith("flow.")}}
+    torch.save(saved, tmp_path / "with_ema.ckpt")
+    for model, kept in ((tmp_path / "with_ema.ckpt", "ema"), (checkpoint, "trained")):
+        args = ["generate", "--ckpt", str(model), "--prompt", "x", "--out", str(tmp_path / kept)]
+        assert main(args) == 0
+        assert read_record(tmp_path / kept, "t2v_000")["weights"] == kept
+        capsys.readouterr()
+        assert main([*args, "--weights", "trained", "--skip-existing"]) == (2 if kept == "ema" else 0)
+        if kept == "ema":
+            assert "weights 'ema', not 'trained'" in one_line_error(capsys)
+        else:  # the same weights either way: the sample is kept
+            assert "1 of 1 samples are in" in capsys.readouterr().err
+
+
+def test_samples_of_another_model_are_not_mixed_into_a_folder(checkpoint, unconditional_checkpoint, tmp_path,
+                                                                capsys):
+    out = tmp_path / "samples"
+    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--prompt", "y", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(unconditional_checkpoint), "--out", str(out)]) == 2
+    assert f"{out} holds samples of another model (t2v_000_x.json: model " in one_line_error(capsys)
+    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "z", "--guidance", "1", "--out", str(out)]) == 0
 
 
 def vae_checkpoint(folder: Path) -> Path:
@@ -337,6 +363,20 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
     assert read_prompt_file(prompts) == ["a red circle", "a blue square"]
 
 
+def test_blank_lines_at_the_end_of_a_prompt_file_are_not_prompts(tmp_path):
+    from flowvid.generate import read_prompt_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n\n  \n")
+    assert read_prompt_file(prompts) == ["a red circle", "a blue square"]
+
+
+def test_a_prompt_without_letters_or_digits_is_not_named_unconditional():
+    from flowvid.generate import slug
+
+    assert (slug("..."), slug(""), slug("A red circle!")) == ("prompt", "unconditional", "a-red-circle")
+
+
 def test_an_unconditional_model_samples_without_a_prompt_and_refuses_one(unconditional_checkpoint, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["generate", "--ckpt", str(unconditional_checkpoint), "--out", str(out)]) == 0
@@ -473,6 +513,21 @@ def test_a_video_file_of_another_size_is_fitted_and_its_record_says_so(checkpoin
     records = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
     assert records["large.npy"]["resized_from"] == [16, 12] and records["wide.mkv"]["resized_from"] == [16, 24]
     assert "resized_from" not in records["fits.npy"] and "error" not in records["wide.mkv"]
+
+
+def test_an_image_or_video_of_another_size_is_fitted_and_the_samples_record_says_so(checkpoint, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 12, 3), dtype=np.uint8)).save(tmp_path / "tall.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "fits.png")
+    write_video(tmp_path / "wide.mkv", rng.integers(0, 256, (4, 16, 24, 3), dtype=np.uint8), codec="ffv1")
+    for task, option, name, resized in (("i2v", "--image", "tall.png", [16, 12]), ("i2v", "--image", "fits.png", None),
+                                        ("extend", "--video", "wide.mkv", [16, 24])):
+        out = tmp_path / name.replace(".", "_")
+        assert main(["generate", "--ckpt", str(checkpoint), "--task", task, option, str(tmp_path / name),
+                     "--prompt", "x", "--frames", "6", "--out", str(out)]) == 0
+        assert read_record(out, task).get("resized_from") == resized
 
 
 def test_a_latent_shard_record_counts_latent_frames_and_claims_no_video_frames(tmp_path):
@@ -686,6 +741,23 @@ def test_a_sampler_that_returns_no_latents_of_the_noises_shape_is_named(checkpoi
         pipe("x")
     with pytest.raises(TypeError, match=r"FlattensTheVideo.stream returned torch.float64 \(1, 4, 4, 12\)"):
         list(pipe.stream("x"))
+
+
+def test_a_task_the_model_never_trained_is_sampled_with_a_warning(checkpoint):
+    import warnings
+
+    from flowvid.pipeline import VideoPipeline
+
+    pipe = VideoPipeline(load_model(checkpoint))
+    clip = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    with pytest.warns(UserWarning, match=r"trained with extend_prob 0: its '\(extend\)' captions are new to it"):
+        pipe("x", task="extend", video=clip, frames=6)
+    with pytest.warns(UserWarning, match="trained with v2v_prob 0: it never learned to transform a video"):
+        pipe("x", task="v2v", video=clip, frames=6)
+    pipe.model.extend_prob = 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe("x", task="extend", video=clip, frames=6)
 
 
 def test_the_models_own_sampler_is_the_default_of_generate_and_the_pipeline(tmp_path, capsys):

@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 EXTRAS ?= all
 # Threads for the 2-core CPU machines; GPUs ignore it. Idle OpenMP threads sleep instead of spinning:
-# about 8% slower on an idle machine, up to 5x faster on a busy one (docs/benchmarks.md, Thread settings).
+# up to 5x faster on a busy machine; the cost on an idle one is unmeasured (docs/benchmarks.md, Thread settings).
 export OMP_NUM_THREADS ?= 2
 export OMP_WAIT_POLICY ?= PASSIVE
 export DS_BUILD_OPS := 0

@@ -42,7 +42,7 @@ def adherence_per_seed(module, samples: list[dict[str, Any]], seeds: list[int]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from run_all import DEMO_CHECKPOINT
+    from run_all import DEMO_CHECKPOINT, require_model, wait_policy
 
     from flowvid.demo import SEED, validation_samples
     from flowvid.loading import load_model
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    require_model(parser, args.ckpt)
     torch.set_num_threads(args.threads)
     module = load_model(args.ckpt)
     results = adherence_per_seed(module, validation_samples(Path(args.data), args.samples), args.seeds)
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: caption adherence {value:.4f}")
     print(f"mean over {len(results)} seeds: {statistics.mean(results.values()):.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        result = {"args": vars(args), "omp_wait_policy": wait_policy(), "results": results}
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 

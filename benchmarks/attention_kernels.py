@@ -10,17 +10,15 @@ to fp32 and back (the casts are timed too), as ``flowvid.nn.attention.attention`
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import time
+from typing import Callable
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+import torch
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from run_all import wait_policy
 
 TOKENS = 8192
 HEADS = 4
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# attention kernels: torch {torch.__version__}, {args.threads} thread(s), CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+          f"{torch.backends.cpu.get_cpu_capability()}, OMP_WAIT_POLICY: {wait_policy()}")
     print("| T | batch | fwd+bwd bf16 (ms) | fwd+bwd fp32 (ms) | bf16 / fp32 | forward bf16 / fp32 |")
     print("|---|---|---|---|---|---|")
     rows = []
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['bf16_forward_ms'] / row['fp32_forward_ms']:.2f} |", flush=True)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"threads": args.threads, "rows": rows}, handle, indent=2)
+            json.dump({"threads": args.threads, "omp_wait_policy": wait_policy(), "rows": rows}, handle, indent=2)
     return 0
 
 

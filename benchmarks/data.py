@@ -24,6 +24,7 @@ import numpy as np
 from data_tools.clips import ClipSpec
 from data_tools.from_videos import convert_videos
 from flowvid.data import VideoShardDataModule, write_synthetic_dataset
+from run_all import wait_policy
 
 
 def make_h264_corpus(folder: Path, files: int, frames: int, size: int) -> list[Path]:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     scale = 1 if args.quick else 4
-    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_average": os.getloadavg()}
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "omp_wait_policy": wait_policy()}
     results: dict = {"machine": machine, "from_videos": [], "loader": []}
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = bench_loader(root / "train", batch_size=16, num_workers=workers, batches=25 * scale)
                 results["loader"].append({"shards": f"raw {frames} x {size}x{size}", "batch_size": 16,
                                           "num_workers": workers, **row})
+    machine["load_average"] = os.getloadavg()  # read after measuring, so that its last minutes are the measuring
 
     for row in results["from_videos"]:
         print(f"from-videos  {row['corpus']:<28} workers={row['workers']}  {row['clips']:>4} clips  "
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in results["loader"]:
         print(f"DataModule   {row['shards']:<28} workers={row['num_workers']}  "
               f"{row['samples_per_second']:>7.1f} samples/s")
-    print(f"load average while measuring: {machine['load_average']}")
+    print(f"load average over the last 1, 5 and 15 minutes, read after measuring: {machine['load_average']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

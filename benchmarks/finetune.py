@@ -23,6 +23,7 @@ import torch
 from flowvid.flows import GlobalLocalFlow
 from flowvid.nn.lora import add_lora
 from flowvid.testing import perturb_parameters
+from run_all import wait_policy
 
 VIDEO = (8, 8, 8, 12)  # latent frames, height, width, channels of the demo recipe
 
@@ -105,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     results = {width: measure_width(width, args.rank, args.rounds, args.batch) for width in args.widths}
     print(f"# fine-tuning step: full vs LoRA rank {args.rank}, batch {args.batch} x {VIDEO}, "
-          f"{torch.get_num_threads()} thread(s)\n")
+          f"{torch.get_num_threads()} thread(s), OMP_WAIT_POLICY: {wait_policy()}\n")
     print(markdown(results))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({str(width): rows for width, rows in results.items()}, handle, indent=2)
+            json.dump({"threads": torch.get_num_threads(), "omp_wait_policy": wait_policy(),
+                       "results": {str(width): rows for width, rows in results.items()}}, handle, indent=2)
     return 0
 
 

@@ -25,8 +25,8 @@ the card it was measured on.
 * **ZeRO-2 on one GPU**: ``FlowModule`` under Lightning with ``ZeroStrategy(stage=2)`` and
   ``bf16-mixed``, the way ``recipes/distributed/zero2.yaml`` trains, in steps/s and peak memory.
 
-A part that fails records its error and the others still run; ``--json`` is rewritten after every part,
-so a run cut short keeps what it measured.
+A part that fails records its error and the others still run, and the exit status is then 1;
+``--json`` is rewritten after every part, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import traceback
 from typing import Callable
@@ -329,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and "skipped" in result:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)
-    return 0
+    failed = [name for name, part in result.items() if isinstance(part, dict) and "error" in part]
+    if failed:
+        print(f"failed parts: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

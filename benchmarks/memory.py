@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from run_all import wait_policy
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "demo" / "shapes_t2v.yaml"
 FLOWVID = [sys.executable, "-m", "flowvid.cli"]
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"rows": rows, "args": vars(args)}, handle, indent=2)
+            json.dump({"rows": rows, "omp_wait_policy": wait_policy(), "args": vars(args)}, handle, indent=2)
     return 0
 
 

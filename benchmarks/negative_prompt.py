@@ -77,7 +77,7 @@ def markdown(results: dict[float, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from run_all import DEMO_CHECKPOINT
+    from run_all import DEMO_CHECKPOINT, require_model, wait_policy
 
     from flowvid.demo import SEED, validation_samples
     from flowvid.loading import load_model
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    require_model(parser, args.ckpt)
     torch.set_num_threads(args.threads)
     module = load_model(args.ckpt)
     samples = [s for s in validation_samples(Path(args.data), args.samples)
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {guidance: measure(module, samples, guidance, seed=SEED) for guidance in args.guidance}
     print(markdown(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        result = {"args": vars(args), "omp_wait_policy": wait_policy(), "results": results}
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from flowvid.flows import GlobalLocalFlow
 from flowvid.text.base import TextEmbedding
+from run_all import wait_policy
 
 
 @dataclass(frozen=True)
@@ -173,9 +174,10 @@ def relative_l2(x: torch.Tensor, exact: torch.Tensor) -> float:
     return ((x - exact).norm() / exact.norm()).item()
 
 
-def compare_jacobi(path: str, fit_steps: int, rounds: int, tols: list[float], threshold: float,
+def compare_jacobi(reference: ModuleType, fit_steps: int, rounds: int, tols: list[float], threshold: float,
                    reference_block_size: int) -> dict:
-    """Our Jacobi sampler (at each tolerance) and the reference's on the same fitted weights and noise."""
+    """Our Jacobi sampler (at each tolerance) and the reference's (the module ``load_reference`` gives) on
+    the same fitted weights and noise."""
     from sampling import fit_to_shapes
 
     from flowvid.sampling import JacobiSampler, SequentialSampler
@@ -185,7 +187,7 @@ def compare_jacobi(path: str, fit_steps: int, rounds: int, tols: list[float], th
     flow = config.build_flow()
     fit_to_shapes(flow, fit_steps, config.frames)
     flow.eval()
-    model = build_reference(load_reference(path), config).eval()
+    model = build_reference(reference, config).eval()
     copy_weights(flow, model)
     _, text = config.inputs()
     text = TextEmbedding(torch.zeros_like(text.tokens), text.mask)  # the flow was fitted without captions
@@ -260,14 +262,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    try:
+        reference = load_reference(args.reference)  # before minutes of fitting, not after
+    except FileNotFoundError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
-    print(f"# Jacobi sampling, flowvid vs reference: torch {torch.__version__}, {args.threads} thread(s)", flush=True)
-    result = compare_jacobi(args.reference, args.fit_steps, args.rounds, args.tol, args.threshold,
+    print(f"# Jacobi sampling, flowvid vs reference: torch {torch.__version__}, {args.threads} thread(s), "
+          f"OMP_WAIT_POLICY: {wait_policy()}", flush=True)
+    result = compare_jacobi(reference, args.fit_steps, args.rounds, args.tol, args.threshold,
                             args.reference_block_size)
     print(markdown(result))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({**result, "args": vars(args)}, handle, indent=2)
+            json.dump({**result, "omp_wait_policy": wait_policy(), "args": vars(args)}, handle, indent=2)
     return 0
 
 

@@ -20,13 +20,15 @@ Sections, in the order of docs/benchmarks.md:
 * quality: what negative prompts do to the demo model's samples (``negative_prompt.py``), and its
   caption adherence over several sampling seeds (``adherence.py``); both need the model ``make demo``
   trains;
-* thread settings: the same training step under OpenMP's default wait policy, ``PASSIVE`` and one
-  thread, alternated (skipped with ``--quick``);
+* thread settings: the same training step under OpenMP's default wait policy (``OMP_WAIT_POLICY``
+  unset), ``PASSIVE`` and one thread, alternated (skipped with ``--quick``);
 * GPU (``gpu.py``), which says that it is skipped when there is no CUDA device.
 
 Benchmarks run with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (the thread-settings
-section shows why). Every benchmark's JSON and the report go to ``--out-dir`` (default
-``runs/benchmarks``). Numbers depend on the machine and its load; quote them with their command.
+section shows why); each records the policy it ran under in its JSON (``omp_wait_policy``). Every
+benchmark's JSON and the report (``report.md``, with a last section listing what failed) go to
+``--out-dir`` (default ``runs/benchmarks``). A benchmark that runs past ``TIMEOUT_S`` is stopped and
+counted as failed. Numbers depend on the machine and its load; quote them with their command.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,44 +49,98 @@ ROOT = HERE.parent
 #: The model ``make demo`` trains, which the quality measurements read.
 DEMO_CHECKPOINT = "demo_out/run/checkpoints/step=00000640.ckpt"
 
+#: How a benchmark's JSON records a run without OMP_WAIT_POLICY: OpenMP then picks its own policy (GNU
+#: OpenMP, torch's on Linux: idle threads spin for a while, then sleep).
+OPENMP_DEFAULT = "OpenMP's default"
+#: Setting name: (OMP_WAIT_POLICY, or None to leave it unset; torch threads).
 THREAD_SETTINGS = {
-    "2 threads, OpenMP's default wait policy": ({}, "2"),
-    "2 threads, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, "2"),
-    "1 thread, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, "1"),
+    "2 threads, OpenMP's default wait policy": (None, "2"),
+    "2 threads, OMP_WAIT_POLICY=PASSIVE": ("PASSIVE", "2"),
+    "1 thread, OMP_WAIT_POLICY=PASSIVE": ("PASSIVE", "1"),
 }
-#: Commands that failed in this run (the report leaves them out; the exit status says so).
+#: Far longer than any benchmark takes, even on a loaded 2-core machine: a benchmark still running then
+#: has hung, and is stopped so that ``make bench`` ends.
+TIMEOUT_S = 2 * 3600
+#: What failed in this run, and why: the report's last section, and the exit status.
 FAILURES: list[str] = []
 
 
-def run(script: str, arguments: list[str], json_path: Path, env: dict[str, str] | None = None) -> str | None:
-    """Run a benchmark with ``env`` as its whole environment (default: ours); its output, or None if it failed."""
+def wait_policy() -> str:
+    """The OpenMP wait policy of this process, for its JSON. OpenMP reads ``OMP_WAIT_POLICY`` once, when
+    torch loads it, and no benchmark changes the variable: what it holds is the policy in effect."""
+    return os.environ.get("OMP_WAIT_POLICY", OPENMP_DEFAULT)
+
+
+def require_model(parser: argparse.ArgumentParser, path: str) -> None:
+    """Stop with one line naming ``path``, not a loader's traceback, when the model to measure is missing."""
+    if not Path(path).exists():
+        parser.error(f"no model at {path} (`make demo` trains one at {DEMO_CHECKPOINT})")
+
+
+def run(script: str, arguments: list[str], json_path: Path, env: dict[str, str] | None = None,
+        timeout_s: float = TIMEOUT_S) -> str | None:
+    """Run a benchmark with ``env`` as its whole environment (default: ours); its output, or None if it
+    failed or ran past ``timeout_s``."""
     command = [sys.executable, str(HERE / script), *arguments, "--json", str(json_path)]
     shown = " ".join(["python", f"benchmarks/{script}", *arguments])
     print(f"$ {shown}", flush=True)
-    completed = subprocess.run(command, cwd=ROOT, env=os.environ.copy() if env is None else env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if completed.returncode:
-        print(f"  failed (exit {completed.returncode}):\n{completed.stdout[-3000:]}", flush=True)
-        FAILURES.append(shown)
+    output, failure = run_to_end(command, os.environ.copy() if env is None else env, timeout_s)
+    if failure:
+        print(f"  failed ({failure}):\n{output[-3000:]}", flush=True)
+        FAILURES.append(f"`{shown}`: {failure}")
         return None
-    return f"`{shown}`\n\n{completed.stdout.strip()}"
+    return f"`{shown}`\n\n{output.strip()}"
+
+
+def run_to_end(command: list[str], env: dict[str, str], timeout_s: float) -> tuple[str, str | None]:
+    """Run ``command``: its output, and why it failed (None if it did not)."""
+    # A process group of its own, so that stopping it stops whatever it started too (a training run, data
+    # loader workers). The terminal's Ctrl-C no longer reaches it, so it is passed on by hand.
+    process = subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except BaseException as error:
+        os.killpg(process.pid, signal.SIGKILL)
+        if not isinstance(error, subprocess.TimeoutExpired):
+            raise
+        output, _ = process.communicate()
+        return output, f"timed out after {timeout_s:g} s"
+    return output, f"exit {process.returncode}" if process.returncode else None
 
 
 def thread_settings(out_dir: Path, cycles: int) -> str:
-    """Median step time of the width-128 training step under each thread setting, settings alternated."""
+    """Median step time of the width-128 training step under each thread setting, settings alternated.
+
+    A run that did not get the wait policy its setting names counts as failed, not as that setting's."""
     base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     times: dict[str, list[float]] = {name: [] for name in THREAD_SETTINGS}
     for cycle in range(cycles):
-        for index, (name, (env, threads)) in enumerate(THREAD_SETTINGS.items()):
+        for index, (name, (policy, threads)) in enumerate(THREAD_SETTINGS.items()):
             path = out_dir / f"threads-{cycle}-{index}.json"
-            if run("train_throughput.py", ["--widths", "128", "--rounds", "3", "--threads", threads], path,
-                   {**base, **env}):
-                times[name].append(json.loads(path.read_text())["results"][0]["implementations"]["flowvid"]["step_ms"])
+            env = base if policy is None else {**base, "OMP_WAIT_POLICY": policy}
+            if not run("train_throughput.py", ["--widths", "128", "--rounds", "3", "--threads", threads], path, env):
+                continue
+            result = json.loads(path.read_text())
+            if result["omp_wait_policy"] != (policy or OPENMP_DEFAULT):
+                FAILURES.append(f"thread settings, {name}: ran under {result['omp_wait_policy']}")
+                continue
+            times[name].append(result["results"][0]["implementations"]["flowvid"]["step_ms"])
     lines = ["`python benchmarks/train_throughput.py --widths 128 --rounds 3 --threads N` under each setting, "
-             f"{cycles} alternating cycles", "", "| setting | step (ms), median | runs (ms) |", "|---|---|---|"]
+             f"{cycles} alternating cycles, each run's wait policy checked in its JSON", "",
+             "| setting | step (ms), median | runs (ms) |", "|---|---|---|"]
     lines += [f"| {name} | {statistics.median(values):.0f} | {', '.join(f'{v:.0f}' for v in values)} |"
               for name, values in times.items() if values]
     return "\n".join(lines)
+
+
+def report(sections: dict[str, list[str | None]]) -> str:
+    """The Markdown report: every section that has something to show, then what failed."""
+    parts = [f"## {title}\n\n" + "\n\n".join(part for part in parts if part)
+             for title, parts in sections.items() if any(parts)]
+    if FAILURES:
+        parts.append("## Failed\n\n" + "\n".join(f"* {failure}" for failure in FAILURES))
+    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,12 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         "Thread settings": [None if quick else thread_settings(out, cycles=2)],
         "GPU": [run("gpu.py", [], out / "gpu.json")],
     }
-    report = "\n\n".join(f"## {title}\n\n" + "\n\n".join(part for part in parts if part)
-                         for title, parts in sections.items() if any(parts))
-    (out / "report.md").write_text(report + "\n")
-    print(report)
+    text = report(sections)
+    (out / "report.md").write_text(text + "\n")
+    print(text)
     if FAILURES:
-        print(f"failed: {'; '.join(FAILURES)}", file=sys.stderr)
+        print(f"failed: {'; '.join(FAILURES)} (listed in {out / 'report.md'})", file=sys.stderr)
     return 1 if FAILURES else 0
 
 

@@ -6,8 +6,10 @@
     python benchmarks/sampling.py --checkpoint demo_out/run/checkpoints/step=00000640.ckpt
 
 A forward (encoding) pass over the video is the floor: Jacobi needs at least one parallel pass. For
-every sampler the table gives its wall time in forward passes (each sampler is timed in alternation
-with a forward pass, so that both see the same load from other processes), its work in forward passes
+every sampler the table gives its wall time in forward passes (every sampler, the sequential one
+included, is timed ``--repeats`` times in alternation with a forward pass, so that both see the same
+load from other processes, and the fastest of each counts; the process's first, slower forward pass is
+a warm-up that no row is measured against), its work in forward passes
 (slot evaluations of every block, weighted by the block's parameter count: the same number on any
 machine), its relative L2 distance to the exact sequential inverse (per frame of each video in the
 JSON, ``relative_l2_per_frame``), its noise residual (the relative L2 distance from the noise to the
@@ -25,8 +27,8 @@ caption), over its full video length.
 ``--precision bf16-mixed`` runs the Jacobi samplers and the forward pass they are timed against under
 bf16 autocast (the affine steps and residuals stay fp32); the exact sequential inverse they are
 compared with stays fp32, and a last column gives their wall time in fp32 forward passes too.
-Wall-clock numbers depend on the machine and its load; the
-command is the reference.
+Wall-clock numbers depend on the machine and its load, and on the OpenMP wait policy when there is more
+than one thread (the output and the JSON record it); the command is the reference.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from flowvid.placement import precision_context
 from flowvid.sampling import JacobiSampler, Sampler, SequentialSampler
 from flowvid.testing import perturb_parameters
 from flowvid.text.base import TextEmbedding
+from run_all import require_model, wait_policy
 
 CONFIGS: dict[str, dict] = {
     # The "demo" preset at the demo recipe's latent size (16x16 pixels, patch 2).
@@ -202,8 +205,10 @@ def measure(config: str, frames: int, batch: int, perturb: float, train_steps: i
                 return run()
         return wrapped
 
+    for warm_up in (forward, in_precision(forward)):  # a process's first pass pays for allocations and kernel choice
+        warm_up()
     seconds, forward_seconds, reference = time_against_forward(lambda: SequentialSampler().sample(flow, z, text),
-                                                               forward, 1)
+                                                               forward, repeats)
     rows = [{"sampler": "sequential", "seconds": seconds, "forward_passes": seconds / forward_seconds,
              "work": 1.0, "relative_l2": 0.0, "noise_residual": noise_residual(flow, reference, z, text)}]
     print(f"  sequential: {seconds:.3f} s", flush=True)
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--perturb", type=float, default=0.02, help="std of the weight perturbation")
     parser.add_argument("--train-steps", type=int, default=0, help="fit the flow to shapes videos instead")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per Jacobi sampler; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per sampler; the fastest counts")
     parser.add_argument("--checkpoint", default=None, help="measure this trained model (checkpoint or export)")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true",
                         help="precision of the Jacobi samplers and their forward pass")
@@ -283,15 +288,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure Jacobi (default settings) at these tolerances")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.checkpoint:
+        require_model(parser, args.checkpoint)
     torch.set_num_threads(args.threads)
     print(f"# sampling benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} thread(s), {args.precision}", flush=True)
+          f"{args.threads} thread(s), {args.precision}, OMP_WAIT_POLICY: {wait_policy()}", flush=True)
     result = measure(args.config, args.frames, args.batch, args.perturb, args.train_steps, args.repeats,
                      args.checkpoint, args.precision, tuple(args.tolerances))
     print(markdown(result))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({**result, "args": vars(args)}, handle, indent=2)
+            json.dump({**result, "omp_wait_policy": wait_policy(), "args": vars(args)}, handle, indent=2)
     return 0
 
 

@@ -52,7 +52,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from run_all import DEMO_CHECKPOINT
+    from run_all import DEMO_CHECKPOINT, require_model, wait_policy
 
     from flowvid.loading import load_model
     from flowvid.pipeline import VideoPipeline
@@ -65,13 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    require_model(parser, args.ckpt)
     torch.set_num_threads(args.threads)
     pipe = VideoPipeline(load_model(args.ckpt), JacobiSampler(tol=1e-3))
     pipe(CAPTION, seed=0)  # warm up
     rows = [measure(pipe, frames, args.rounds) for frames in args.frames]
     print(markdown(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        result = {"args": vars(args), "omp_wait_policy": wait_policy(), "rows": rows}
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 

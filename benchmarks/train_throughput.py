@@ -27,31 +27,31 @@ under ``torch.autocast`` in bf16, as Lightning's ``bf16-mixed`` does; on CPUs wi
 ``--reference`` the reference implementation runs the same configuration in the same rounds (its order
 alternating with ours); ratios are taken per round and their median reported. The GPU counterpart
 (bf16-mixed, a 0.35B flow) is ``gpu.py``.
+
+The step runs under the OpenMP wait policy of the environment (``make bench`` and the Makefile set
+``OMP_WAIT_POLICY=PASSIVE``; set it yourself before a run by hand), which the output and the JSON
+record: ``run_all.py`` compares the policies, so this script must not pick one of its own.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import platform
+import statistics
+import time
+from copy import deepcopy
+from dataclasses import replace
+from types import ModuleType
+from typing import Callable
 
-# Idle OpenMP threads sleep instead of spinning: on a machine shared with other jobs spinning threads
-# stall every parallel region (this must be set before torch starts its thread pool).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from copy import deepcopy  # noqa: E402
-from dataclasses import replace  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from flowvid.nn.attention import attention_bands, prefix_causal_mask  # noqa: E402
-from flowvid.placement import precision_context  # noqa: E402
-from reference import SharedConfig, build_reference, load_reference, reference_loss, reference_video  # noqa: E402
+from flowvid.nn.attention import attention_bands, prefix_causal_mask
+from flowvid.placement import precision_context
+from reference import SharedConfig, build_reference, load_reference, reference_loss, reference_video
+from run_all import wait_policy
 
 MATMUL_SIZE = 2048
 #: Lightning's precision names and the dtype of the network's matmuls in each.
@@ -139,9 +139,10 @@ def compiled_copy(flow: torch.nn.Module) -> torch.nn.Module:
     return copy
 
 
-def measure_width(config: SharedConfig, rounds: int, reference_path: str | None, precision: str = "32-true",
+def measure_width(config: SharedConfig, rounds: int, reference: ModuleType | None, precision: str = "32-true",
                   compile_flow: bool = False) -> dict:
-    """Interleaved rounds of (our step, the reference's step, one matmul); medians and per-round ratios.
+    """Interleaved rounds of (our step, the step of ``reference``'s model if given, one matmul); medians and
+    per-round ratios.
 
     ``compile_flow`` adds a third step: the same flow with its blocks compiled (compilation happens in
     the warm-up step and is timed apart)."""
@@ -154,8 +155,8 @@ def measure_width(config: SharedConfig, rounds: int, reference_path: str | None,
         compiled = compiled_copy(flow)
         steps["flowvid-compiled"] = make_step(compiled, lambda: flow_loss(compiled, x, text), precision=precision)
         parameters["flowvid-compiled"] = parameters["flowvid"]
-    if reference_path:
-        model = build_reference(load_reference(reference_path), config)
+    if reference:
+        model = build_reference(reference, config)
         video = reference_video(x)
         steps["reference"] = make_step(model, lambda: reference_loss(model, video, text), fused=False,
                                        precision=precision)
@@ -240,17 +241,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the flow with its blocks compiled (FlowModule's compile_flow)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    reference = None
+    if args.reference:
+        try:
+            reference = load_reference(args.reference)
+        except FileNotFoundError as error:
+            parser.error(str(error))
     torch.set_num_threads(args.threads)
     print(f"# training throughput: {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{args.precision}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
+          f"{args.precision}, OMP_WAIT_POLICY: {wait_policy()}", flush=True)
     results = []
     for width in args.widths:
         config = replace(SharedConfig(), width=width, deep_depth=args.deep_depth, batch=args.batch,
                          frames=args.frames)
-        results.append(measure_width(config, args.rounds, args.reference, args.precision, args.compile))
+        results.append(measure_width(config, args.rounds, reference, args.precision, args.compile))
         print(f"  width {width} done", flush=True)
     print(markdown(results))
-    result = {"threads": args.threads, "results": results}
+    result = {"threads": args.threads, "omp_wait_policy": wait_policy(), "results": results}
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({**result, "args": vars(args)}, handle, indent=2)

@@ -28,6 +28,8 @@ gpu = importlib.import_module("gpu")
 memory = importlib.import_module("memory")
 negative_prompt = importlib.import_module("negative_prompt")
 reference = importlib.import_module("reference")
+run_all = importlib.import_module("run_all")
+sampling = importlib.import_module("sampling")
 streaming = importlib.import_module("streaming")
 train_throughput = importlib.import_module("train_throughput")
 
@@ -95,7 +97,7 @@ def test_bf16_mixed_step_runs_the_network_in_bf16_and_keeps_fp32_weights():
 
 
 def test_measure_width_reports_throughput_and_utilisation():
-    result = train_throughput.measure_width(TINY_CONFIG, rounds=2, reference_path=None)
+    result = train_throughput.measure_width(TINY_CONFIG, rounds=2, reference=None)
     ours = result["implementations"]["flowvid"]
     assert result["tokens_per_step"] == TINY_CONFIG.batch * TINY_CONFIG.tokens
     assert ours["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / (ours["step_ms"] / 1e3))
@@ -103,6 +105,41 @@ def test_measure_width_reports_throughput_and_utilisation():
     assert result["executed_flops_per_step"] > result["model_flops_per_step"] > 0
     assert "speedup_over_reference" not in result
     assert result["precision"] == "32-true"
+
+
+def test_the_training_benchmark_runs_under_the_wait_policy_it_is_given(monkeypatch):
+    """run_all compares OpenMP's default wait policy with PASSIVE: the benchmark must not set one itself."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    importlib.reload(train_throughput)  # what a process started without OMP_WAIT_POLICY runs first
+    assert "OMP_WAIT_POLICY" not in os.environ
+    assert run_all.wait_policy() == run_all.OPENMP_DEFAULT
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert run_all.wait_policy() == "PASSIVE"
+
+
+def test_a_thread_setting_run_under_another_wait_policy_counts_as_failed(monkeypatch, tmp_path):
+    given = []
+
+    def benchmark_that_forces_passive(script, arguments, json_path, env):
+        given.append(env.get("OMP_WAIT_POLICY"))
+        result = {"omp_wait_policy": "PASSIVE", "results": [{"implementations": {"flowvid": {"step_ms": 500.0}}}]}
+        json_path.write_text(json.dumps(result))
+        return "output"
+
+    monkeypatch.setattr(run_all, "run", benchmark_that_forces_passive)
+    monkeypatch.setattr(run_all, "FAILURES", [])
+    table = run_all.thread_settings(tmp_path, cycles=1)
+    assert given == [None, "PASSIVE", "PASSIVE"]  # the default row leaves the variable unset
+    assert run_all.FAILURES == ["thread settings, 2 threads, OpenMP's default wait policy: ran under PASSIVE"]
+    assert "| 2 threads, OpenMP's default wait policy |" not in table
+    assert "| 2 threads, OMP_WAIT_POLICY=PASSIVE | 500 | 500 |" in table
+
+
+def test_a_bad_reference_checkout_stops_the_training_benchmark_before_it_measures(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(train_throughput, "measure_width", mock.Mock(side_effect=AssertionError("measured")))
+    with pytest.raises(SystemExit) as exit_:
+        train_throughput.main(["--reference", str(tmp_path)])
+    assert exit_.value.code == 2 and "transformer_flow.py" in capsys.readouterr().err
 
 
 def test_peak_rss_sees_the_memory_a_process_touches(tmp_path):
@@ -169,6 +206,17 @@ def test_a_failing_gpu_part_is_recorded_and_the_others_still_run(monkeypatch, tm
     assert json.loads(out.read_text()) == result
 
 
+def test_the_gpu_benchmark_exits_1_when_a_part_failed(monkeypatch, tmp_path):
+    def broken() -> dict:
+        raise RuntimeError("device mismatch")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(gpu, "gpu_parts", lambda device: {"broken": broken, "fine": lambda: {"step_ms": 1.0}})
+    assert gpu.main(["--json", str(tmp_path / "gpu.json"), "--parts", "fine"]) == 0
+    assert gpu.main(["--json", str(tmp_path / "gpu.json")]) == 1
+
+
 def test_gpu_benchmarks_say_they_are_skipped_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu.run_all() == {"skipped": gpu.SKIPPED}
@@ -177,6 +225,13 @@ def test_gpu_benchmarks_say_they_are_skipped_without_cuda(monkeypatch):
 def test_reference_loader_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="transformer_flow.py"):
         reference.load_reference(tmp_path)
+
+
+def test_a_bad_reference_checkout_stops_the_jacobi_comparison_before_the_fit(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(sampling, "fit_to_shapes", mock.Mock(side_effect=AssertionError("fitted")))
+    with pytest.raises(SystemExit) as exit_:
+        reference.main(["--reference", str(tmp_path)])
+    assert exit_.value.code == 2 and "transformer_flow.py" in capsys.readouterr().err
 
 
 @needs_reference
@@ -199,12 +254,12 @@ def test_reference_model_has_our_parameter_count_and_computes_our_function_on_vi
     torch.testing.assert_close(z_ours, z_theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_sampling_benchmark_measures_a_trained_checkpoint(tmp_path):
+def tiny_checkpoint(folder: Path) -> Path:
+    """A checkpoint of a tiny text-to-video model (3 latent frames of 2x2x3), its flow's weights perturbed."""
     from flowvid.export import build_module
     from flowvid.lit.checkpointing import METADATA_KEY, run_metadata
     from flowvid.testing import perturb_parameters
 
-    sampling = importlib.import_module("sampling")
     config = {"model": {"class_path": "flowvid.lit.FlowModule", "init_args": {
         "flow": {"class_path": "flowvid.flows.GlobalLocalFlow",
                  "init_args": {"latent_channels": 3, "frame_size": [2, 2], **TINY_PRESET, "text_width": 16}},
@@ -213,9 +268,13 @@ def test_sampling_benchmark_measures_a_trained_checkpoint(tmp_path):
         "video_shape": [3, 2, 2]}}}
     module = build_module(config)
     perturb_parameters(module.flow, std=0.05)
-    path = tmp_path / "last.ckpt"
+    path = folder / "last.ckpt"
     torch.save({"state_dict": module.state_dict(), METADATA_KEY: run_metadata(module, config=config)}, path)
+    return path
 
+
+def test_sampling_benchmark_measures_a_trained_checkpoint(tmp_path):
+    path = tiny_checkpoint(tmp_path)
     result = sampling.measure("demo", frames=1, batch=2, perturb=0.0, train_steps=0, repeats=1, checkpoint=str(path))
     assert result["video"] == [2, 3, 2, 2, 3] and result["weights"].startswith("trained")
     jacobi = {row["sampler"]: row for row in result["rows"]}["jacobi tol 1e-3"]
@@ -233,8 +292,21 @@ def test_sampling_benchmark_measures_a_trained_checkpoint(tmp_path):
     assert "wall time in fp32 forward passes" in sampling.markdown(mixed)
 
 
+def test_the_sequential_row_is_timed_as_often_as_the_jacobi_rows(monkeypatch, tmp_path):
+    """Every row's forward-pass unit is the fastest of as many warm passes (it was one cold pass for sequential)."""
+    repeats, timed = [], sampling.time_against_forward
+
+    def counting(run, forward, times):
+        repeats.append(times)
+        return timed(run, forward, times)
+
+    monkeypatch.setattr(sampling, "time_against_forward", counting)
+    result = sampling.measure("demo", frames=1, batch=1, perturb=0.0, train_steps=0, repeats=2,
+                              checkpoint=str(tiny_checkpoint(tmp_path)))
+    assert repeats == [2] * len(result["rows"])
+
+
 def test_passes_in_a_row_count_every_pass_of_every_block():
-    sampling = importlib.import_module("sampling")
     from flowvid.flows import GlobalLocalFlow
     from flowvid.sampling import JacobiSampler
     from flowvid.testing import perturb_parameters
@@ -250,7 +322,6 @@ def test_passes_in_a_row_count_every_pass_of_every_block():
 
 
 def test_sampling_benchmark_adds_jacobi_at_the_tolerances_asked_for():
-    sampling = importlib.import_module("sampling")
     default = sampling.variants()
     extra = sampling.variants((0.07, 0.1))[len(default):]
     assert [variant.label for variant in extra] == ["jacobi tol 0.07", "jacobi tol 0.1"]
@@ -258,7 +329,6 @@ def test_sampling_benchmark_adds_jacobi_at_the_tolerances_asked_for():
 
 
 def test_per_frame_error_locates_the_frame_that_differs():
-    sampling = importlib.import_module("sampling")
     reference = torch.ones(2, 3, 2, 2, 4)
     x = reference.clone()
     x[1, 2] *= 1.5
@@ -378,3 +448,24 @@ def test_streaming_arrival_times_count_from_the_start_of_the_iteration():
     ticks = iter([10.0, 10.5, 11.25, 13.0])
     frames = (frame for frame in "abc")
     assert streaming.arrival_times(frames, clock=lambda: next(ticks)) == [0.5, 1.25, 3.0]
+
+
+def test_a_benchmark_that_hangs_is_stopped_and_reported_as_failed(monkeypatch, tmp_path):
+    (tmp_path / "hangs.py").write_text("import time\ntime.sleep(600)\n")
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    monkeypatch.setattr(run_all, "FAILURES", [])
+    assert run_all.run("hangs.py", ["--rounds", "1"], tmp_path / "hangs.json", timeout_s=1) is None
+    failure = "`python benchmarks/hangs.py --rounds 1`: timed out after 1 s"
+    assert run_all.FAILURES == [failure]
+    report = run_all.report({"Training throughput": ["a table"], "GPU": [None]})
+    assert report == f"## Training throughput\n\na table\n\n## Failed\n\n* {failure}"
+
+
+@pytest.mark.parametrize("script, option", [(streaming, "--ckpt"), (adherence, "--ckpt"), (negative_prompt, "--ckpt"),
+                                            (sampling, "--checkpoint")])
+def test_a_missing_model_stops_a_benchmark_with_one_line(script, option, tmp_path, capsys):
+    missing = tmp_path / "step=00000640.ckpt"
+    with pytest.raises(SystemExit) as exit_:
+        script.main([option, str(missing)])
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and str(missing) in last_line and "`make demo` trains" in last_line

@@ -187,7 +187,8 @@ def read_prompt_file(path: Path) -> list[str]:
 
 def slug(text: str, limit: int = 40) -> str:
     """A file name's part for a prompt; a prompt without letters or digits is named as one all the same."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or ("prompt" if text.strip() else "unconditional")
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit]
+    return words or ("prompt" if text.strip() else "unconditional")
 
 
 def request_sampler(request: Request) -> Sampler:

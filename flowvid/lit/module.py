@@ -564,7 +564,8 @@ class FlowModule(LightningModule):
                              "flow-score-matching target; use 'bf16-mixed' or '32-true'")
         warn_if_bf16_is_emulated(precision, self.trainer.strategy.root_device)
         self._check_accumulation()
-        check_validation_in_step(self.trainer.strategy, self.trainer.world_size, getattr(self.trainer, "datamodule", None))
+        trainer = self.trainer
+        check_validation_in_step(trainer.strategy, trainer.world_size, getattr(trainer, "datamodule", None))
         if self.hparams.skip_threshold is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
             rank_zero_warn("skip_threshold is not applied under DeepSpeed: the engine holds the gradients and takes "
                            "their norm inside its step (grad_clip still clips, the global norm of both groups); set "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ class BlockSpec:
 
     Block classes take a ``BlockSpec`` as their first constructor argument, so that a recipe can
     swap a block class (by registered name or ``class_path`` + ``init_args``) without knowing sizes.
+    ``permutation`` is the registered name of the block's token order; a ``frame_local`` block is handed
+    one frame at a time (a GlobalLocalFlow's shallow blocks: ``flip`` and ``identity`` in turn).
     """
 
     channels: int
@@ -39,17 +41,21 @@ class FlowBlock(nn.Module):
     """One invertible autoregressive flow block on token sequences ``(B, N, C)``.
 
     ``forward`` maps data to noise and returns the per-element log-determinant ``(B, N, C)`` in fp32.
-    The inverse is driven by a sampler, in the block's own (permuted) token order:
+    The inverse is driven by a sampler (``flowvid/sampling/inversion.py``), in the order of the block's
+    ``permutation``, which is the one ``spec.permutation`` names:
 
     1. ``cache = block.start_inverse(batch, num_tokens, text)``
     2. for a run of slots ``[cache position, + n)``: ``mu, sigma = block.affine(inputs, cache)``, where
        ``inputs`` are the shifted tokens (``block.shift``: slot s sees token s - 1, slot 0
-       ``block.start_token``); then ``x = mu + sigma * z`` and ``cache.advance(n)`` once the run is final.
+       ``block.start_token``); then ``x = mu + sigma * z``.
+    3. ``cache.advance(k)`` makes the first ``k <= n`` slots of the run final. Before that, Jacobi calls
+       ``affine`` on the run again, from better inputs: each call overwrites what the last one wrote, so
+       state carried from slot to slot belongs in what ``affine`` writes at each position, never in
+       something every call updates.
+    4. ``block.affine(inputs[videos], cache.rows(videos))`` passes over some videos of the batch (those
+       still converging) and writes their rows only; ``cache.rows(videos, keep=False)`` keeps nothing.
     """
 
-    #: "tokens": token-causal in its (permuted) order; "frames": only frame-causal.
-    causal_over: Literal["tokens", "frames"] = "tokens"
-    supports_kv_cache: bool = True
     spec: BlockSpec
     permutation: Permutation
 

@@ -8,21 +8,34 @@ A block plugin's test module subclasses the mixin and says how to build its bloc
         block_class = MyBlock          # called as block_class(spec, **block_kwargs)
         block_kwargs = {}
 
-pytest then runs every ``test_*`` method below on it: invertibility, the log-determinant against the
-autograd Jacobian, causality, KV-cache stepping, fp32 log-det under bf16 autocast and the state-dict
-round trip, unconditional and text-conditioned.
+pytest then runs every ``test_*`` method below on it, unconditional and text-conditioned, in the token
+orders a GlobalLocalFlow builds blocks with: invertibility, the log-determinant against the autograd
+Jacobian, causality in the order ``spec.permutation`` names, the KV cache driven the ways samplers drive
+it (run by run, a run written again before it is final, a pass over some videos of a batch), fp32
+log-det under bf16 autocast, the state-dict round trip, and a GlobalLocalFlow made of the block that the
+built-in samplers invert.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import pytest
 import torch
 
 from flowvid.flows.base import BlockSpec, FlowBlock
-from flowvid.sampling.sequential import invert_block_sequential
+from flowvid.flows.global_local import GlobalLocalFlow
+from flowvid.registry import PERMUTATIONS
+from flowvid.sampling.jacobi import JacobiSampler
+from flowvid.sampling.sequential import SequentialSampler, invert_block_sequential
 from flowvid.text.base import TextEmbedding
+
+#: The token orders a flow builds blocks with (``permutation``, ``frame_local``): the deep block's, over
+#: the whole video and frame-causal, and a shallow block's, which sees one frame at a time and reads it
+#: forwards or backwards.
+ORDERS = [pytest.param("identity", False, id="identity"),
+          pytest.param("flip_within_frame", False, id="flip_within_frame"),
+          pytest.param("flip", True, id="frame_local-flip")]
 
 
 def perturb_parameters(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
@@ -34,6 +47,44 @@ def perturb_parameters(module: torch.nn.Module, std: float = 0.1, seed: int = 0)
             parameter.add_(noise.to(parameter.device, parameter.dtype))
 
 
+class CachedPasses:
+    """A block's KV cache driven by hand, the way samplers drive it (``flowvid/sampling/inversion.py``),
+    and checked against the block's full forward pass. Tokens are in the block's own order."""
+
+    @torch.no_grad()
+    def __init__(self, block: FlowBlock, x: torch.Tensor, text: TextEmbedding | None):
+        self.block = block
+        self.z_full = block.permutation.forward(block(x, text)[0])
+        self.x = block.permutation.forward(x)
+        self.inputs = block.shift(self.x)  # the true input of every slot
+        self.cache = block.start_inverse(x.shape[0], x.shape[1], text)
+
+    @property
+    def num_slots(self) -> int:
+        return self.x.shape[1]
+
+    @torch.no_grad()
+    def z(self, inputs: torch.Tensor, first: int, count: int, videos: Sequence[int] | None = None,
+          keep: bool = True) -> torch.Tensor:
+        """z of slots ``[first, first + count)`` from one pass over ``inputs`` of every video, or of
+        ``videos`` only (through ``cache.rows``, as a sampler passes over the videos still converging)."""
+        run = slice(first, first + count)
+        if videos is None:
+            mu, sigma = self.block.affine(inputs[:, run], self.cache)
+            return (self.x[:, run] - mu) / sigma
+        rows = torch.tensor(videos)
+        mu, sigma = self.block.affine(inputs[rows, run], self.cache.rows(rows, keep))
+        return (self.x[rows, run] - mu) / sigma
+
+    def check(self, first: int, count: int, when: str, videos: Sequence[int] | None = None) -> None:
+        """A pass over the true inputs of slots ``[first, first + count)`` gives the full forward's z."""
+        expected = self.z_full[:, first:first + count]
+        if videos is not None:
+            expected = expected[list(videos)]
+        torch.testing.assert_close(self.z(self.inputs, first, count, videos), expected, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{when}: the cached pass differs from the forward pass: {m}")
+
+
 class FlowBlockConformance:
     """Mixin of tests every FlowBlock must pass. Set ``block_class`` (and ``block_kwargs``)."""
 
@@ -43,11 +94,16 @@ class FlowBlockConformance:
     channels: ClassVar[int] = 3
     text_width: ClassVar[int] = 8
 
-    def make_block(self, permutation: str = "identity", text: bool = False, seed: int = 0) -> FlowBlock:
+    def build_block(self, spec: BlockSpec) -> FlowBlock:
+        """The block under test for ``spec``: the factory a GlobalLocalFlow is given."""
+        return self.block_class(spec, **self.block_kwargs)
+
+    def make_block(self, permutation: str = "identity", text: bool = False, seed: int = 0,
+                   frame_local: bool = False) -> FlowBlock:
         torch.manual_seed(seed)
         spec = BlockSpec(self.channels, self.frame_size, width=32, depth=2, head_dim=16, permutation=permutation,
-                         text_width=self.text_width if text else None)
-        block = self.block_class(spec, **self.block_kwargs)
+                         text_width=self.text_width if text else None, frame_local=frame_local)
+        block = self.build_block(spec)
         perturb_parameters(block, seed=seed)
         return block.eval()
 
@@ -62,12 +118,17 @@ class FlowBlockConformance:
         torch.manual_seed(2)
         return torch.randn(batch, frames * self.frame_size[0] * self.frame_size[1], self.channels)
 
-    @pytest.mark.parametrize("permutation", ["identity", "flip_within_frame"])
+    def ordered_case(self, permutation: str, frame_local: bool,
+                     conditioned: bool) -> tuple[FlowBlock, torch.Tensor, TextEmbedding | None]:
+        """A block built for that order and the tokens a flow hands it: a frame-local block gets one frame."""
+        block = self.make_block(permutation, conditioned, frame_local=frame_local)
+        x = self.sequence(frames=1 if frame_local else 2)
+        return block, x, self.make_text(x.shape[0]) if conditioned else None
+
+    @pytest.mark.parametrize("permutation, frame_local", ORDERS)
     @pytest.mark.parametrize("conditioned", [False, True])
-    def test_inverse_of_forward_is_identity(self, permutation, conditioned):
-        block = self.make_block(permutation, conditioned)
-        x = self.sequence()
-        text = self.make_text(x.shape[0]) if conditioned else None
+    def test_inverse_of_forward_is_identity(self, permutation, frame_local, conditioned):
+        block, x, text = self.ordered_case(permutation, frame_local, conditioned)
         with torch.no_grad():
             z, _ = block(x, text)
         x_back = invert_block_sequential(block, z, text)
@@ -110,38 +171,64 @@ class FlowBlockConformance:
             across = jacobian[b * size:(b + 1) * size, other * size:(other + 1) * size]
             assert across.abs().max().item() == 0.0, f"z of sample {b} depends on sample {other} of the batch"
 
-    @pytest.mark.parametrize("permutation", ["identity", "flip_within_frame"])
+    @pytest.mark.parametrize("permutation, frame_local", ORDERS)
     @pytest.mark.parametrize("conditioned", [False, True])
-    def test_changing_a_token_leaves_earlier_slots_unchanged(self, permutation, conditioned):
-        """Every slot in turn: a slot's z depends on that slot and the slots before it, never on later ones."""
-        block = self.make_block(permutation, conditioned)
-        x = self.sequence()
-        text = self.make_text(x.shape[0]) if conditioned else None
+    def test_changing_a_token_leaves_earlier_slots_unchanged(self, permutation, frame_local, conditioned):
+        """Every slot in turn, in the order ``spec.permutation`` names (samplers invert the slots in that
+        order): a slot's z depends on that slot and the slots before it, never on later ones."""
+        block, x, text = self.ordered_case(permutation, frame_local, conditioned)
+        order = PERMUTATIONS.get(permutation)(block.spec.tokens_per_frame)  # the spec's, whatever the block holds
         with torch.no_grad():
-            z = block.permutation.forward(block(x, text)[0])
+            z = order.forward(block(x, text)[0])
             for slot in range(x.shape[1]):
-                changed = block.permutation.forward(x).clone()
+                changed = order.forward(x).clone()
                 changed[:, slot] += 1.0
-                z_changed = block.permutation.forward(block(block.permutation.inverse(changed), text)[0])
-                assert torch.equal(z[:, :slot], z_changed[:, :slot]), f"slots before {slot} saw slot {slot} change"
+                z_changed = order.forward(block(order.inverse(changed), text)[0])
+                assert torch.equal(z[:, :slot], z_changed[:, :slot]), \
+                    f"in the order {permutation!r}, slots before {slot} saw slot {slot} change"
                 assert not torch.equal(z[:, slot], z_changed[:, slot]), f"slot {slot}'s z ignores its own value"
+
+    def cached_passes(self, conditioned: bool) -> CachedPasses:
+        block = self.make_block("flip_within_frame", conditioned)
+        x = self.sequence()
+        return CachedPasses(block, x, self.make_text(x.shape[0]) if conditioned else None)
 
     @pytest.mark.parametrize("conditioned", [False, True])
     def test_kv_cache_steps_equal_full_forward(self, conditioned):
-        block = self.make_block("flip_within_frame", conditioned)
-        x = self.sequence()
-        text = self.make_text(x.shape[0]) if conditioned else None
-        with torch.no_grad():
-            z_full = block.permutation.forward(block(x, text)[0])
-            xp = block.permutation.forward(x)
-            inputs = block.shift(xp)
-            cache = block.start_inverse(x.shape[0], x.shape[1], text)
-            z_steps = []
-            for first, count in [(0, 1), (1, 3), (4, x.shape[1] - 4)]:  # uneven runs of slots
-                mu, sigma = block.affine(inputs[:, first:first + count], cache)
-                cache.advance(count)
-                z_steps.append((xp[:, first:first + count] - mu) / sigma)
-        torch.testing.assert_close(torch.cat(z_steps, dim=1), z_full, rtol=1e-5, atol=1e-5)
+        """The exact sampler's way (and a prefix's): a pass over a run of slots, then advance over all of it."""
+        passes = self.cached_passes(conditioned)
+        for first, count in [(0, 1), (1, 3), (4, passes.num_slots - 4)]:  # uneven runs of slots
+            passes.check(first, count, f"slots [{first}, {first + count})")
+            passes.cache.advance(count)
+
+    @pytest.mark.parametrize("conditioned", [False, True])
+    def test_a_run_written_again_before_advance_counts_as_last_written(self, conditioned):
+        """Jacobi's way: a pass over a run of slots from guesses, more passes from better ones, each
+        overwriting the last in place, then advance over the slots that came out final and passes over the
+        rest of the run. Only the last write of a slot may count."""
+        passes = self.cached_passes(conditioned)
+        guesses = [torch.randn_like(passes.inputs) for _ in range(2)]
+        rest = passes.num_slots - 5
+        for first, count, final in [(0, 5, 2), (2, 3, 3), (5, rest, rest)]:
+            for guess in guesses:
+                passes.z(guess, first, count)
+            passes.check(first, count, f"slots [{first}, {first + count}) after passes from guesses")
+            passes.cache.advance(final)
+
+    @pytest.mark.parametrize("conditioned", [False, True])
+    def test_a_pass_over_some_videos_writes_their_rows_only(self, conditioned):
+        """Every video of a Jacobi batch stops on its own: a pass covers the videos still converging through
+        ``cache.rows(videos)``, and a rank with none left rehearses through ``cache.rows(videos, keep=False)``,
+        which keeps nothing. Later slots must see each video's own last write."""
+        passes = self.cached_passes(conditioned)
+        per_frame = self.frame_size[0] * self.frame_size[1]
+        guess = torch.randn_like(passes.inputs)
+        passes.z(guess, 0, per_frame)
+        for video in (1, 0):
+            passes.check(0, per_frame, f"the first frame of video {video} alone", videos=[video])
+        passes.z(guess, 0, per_frame, videos=[0], keep=False)  # a rehearsal: kept nowhere
+        passes.cache.advance(per_frame)
+        passes.check(per_frame, passes.num_slots - per_frame, "the next frame, after passes over single videos")
 
     def test_padded_text_positions_are_never_read(self):
         """Text encoders zero their padding, but a block must not rely on it: it reads the mask. Noise in
@@ -163,13 +250,8 @@ class FlowBlockConformance:
         may split its queries into chunks) must read the same text as the sampler's cached passes."""
         block = self.make_block("flip_within_frame", text=True)
         x = self.sequence(frames=4)
-        text = self.make_text(x.shape[0], length=256)
-        with torch.no_grad():
-            z_full = block.permutation.forward(block(x, text)[0])
-            xp = block.permutation.forward(x)
-            cache = block.start_inverse(x.shape[0], x.shape[1], text)
-            mu, sigma = block.affine(block.shift(xp), cache)
-        torch.testing.assert_close((xp - mu) / sigma, z_full, rtol=1e-5, atol=1e-5)
+        passes = CachedPasses(block, x, self.make_text(x.shape[0], length=256))
+        passes.check(0, passes.num_slots, "every slot at once")
 
     def test_logdet_and_z_stay_fp32_under_bf16_autocast(self):
         block = self.make_block()
@@ -188,3 +270,26 @@ class FlowBlockConformance:
         text = self.make_text(x.shape[0])
         with torch.no_grad():
             assert torch.equal(block(x, text)[0], twin(x, text)[0])
+
+    def make_flow(self, conditioned: bool) -> GlobalLocalFlow:
+        """A tiny GlobalLocalFlow whose shallow and deep blocks are all the block under test."""
+        torch.manual_seed(0)
+        flow = GlobalLocalFlow(self.channels, self.frame_size, num_shallow=2, shallow_width=32, shallow_depth=1,
+                               deep_width=32, deep_depth=2, head_dim=16,
+                               text_width=self.text_width if conditioned else None,
+                               shallow_block=self.build_block, deep_block=self.build_block)
+        perturb_parameters(flow, std=0.05)
+        return flow.eval()
+
+    @pytest.mark.parametrize("conditioned", [False, True])
+    def test_the_samplers_invert_a_flow_of_these_blocks(self, conditioned):
+        """In a GlobalLocalFlow (frame-local shallow blocks in both directions, then the deep block over the
+        whole video), the exact sampler and Jacobi, which drives the cache every way above, bring x back."""
+        flow = self.make_flow(conditioned)
+        x = torch.randn(2, 3, *self.frame_size, self.channels, generator=torch.Generator().manual_seed(3))
+        text = self.make_text(x.shape[0]) if conditioned else None
+        with torch.no_grad():
+            z, _ = flow(x, text)
+        for sampler in (SequentialSampler(), JacobiSampler(tol=1e-6)):
+            torch.testing.assert_close(sampler.sample(flow, z, text), x, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"{type(sampler).__name__} did not invert the flow: {m}")

@@ -11,8 +11,9 @@ A sampler plugin's test module subclasses the mixin and says how to build its sa
 
 pytest then runs every ``test_*`` method below on a tiny text-conditioned flow with perturbed weights:
 agreement with ``SequentialSampler`` (plain, guided, with a prefix), guided samples that are the guided
-inverse, exact prefix reproduction, the inverse of the flow's own noise, shapes and dtypes,
-determinism, streaming, and clear errors.
+inverse, exact prefix reproduction, the inverse of the flow's own noise and shapes and dtypes (also for
+an unconditional flow, sampled without text, and for a batch of one video), determinism, streaming,
+and clear errors.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from flowvid.sampling.base import GuidedText, Sampler, encode_shallow
 from flowvid.sampling.sequential import SequentialSampler
 from flowvid.testing.block_conformance import perturb_parameters
 from flowvid.text.base import TextEmbedding
+
+#: The requests every sampler meets (``conditioned``, ``batch``): a text-conditioned flow, an
+#: unconditional one (sampled with ``text=None``) and a batch of one video.
+REQUESTS = [pytest.param(True, 2, id="text"), pytest.param(False, 2, id="unconditional"),
+            pytest.param(True, 1, id="one_video")]
 
 
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
@@ -54,9 +60,10 @@ class SamplerConformance:
     def make_sampler(self) -> Sampler:
         return self.sampler_class(**self.sampler_kwargs)
 
-    def make_flow(self) -> GlobalLocalFlow:
+    def make_flow(self, conditioned: bool = True) -> GlobalLocalFlow:
         torch.manual_seed(0)
-        flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=(2, 3), text_width=self.text_width)
+        flow = GlobalLocalFlow.from_preset("tiny", latent_channels=3, frame_size=(2, 3),
+                                           text_width=self.text_width if conditioned else None)
         perturb_parameters(flow, std=0.05)
         return flow.eval()
 
@@ -72,14 +79,19 @@ class SamplerConformance:
         generator = torch.Generator().manual_seed(seed)
         return torch.randn(batch, self.frames, 2, 3, 3, generator=generator)
 
-    def test_output_shape_and_dtype(self):
-        flow, z = self.make_flow(), self.make_noise()
-        x = self.make_sampler().sample(flow, z, self.make_text().cond)
+    def request_text(self, conditioned: bool, batch: int) -> TextEmbedding | None:
+        return self.make_text(batch).cond if conditioned else None
+
+    @pytest.mark.parametrize("conditioned, batch", REQUESTS)
+    def test_output_shape_and_dtype(self, conditioned, batch):
+        flow, z = self.make_flow(conditioned), self.make_noise(batch)
+        x = self.make_sampler().sample(flow, z, self.request_text(conditioned, batch))
         assert x.shape == z.shape and x.dtype == torch.float32 and torch.isfinite(x).all()
 
-    def test_inverts_the_flow(self):
-        flow, text = self.make_flow(), self.make_text().cond
-        x = self.make_noise(seed=3)
+    @pytest.mark.parametrize("conditioned, batch", REQUESTS)
+    def test_inverts_the_flow(self, conditioned, batch):
+        flow, text = self.make_flow(conditioned), self.request_text(conditioned, batch)
+        x = self.make_noise(batch, seed=3)
         with torch.no_grad():
             z, _ = flow(x, text)
         assert relative_error(self.make_sampler().sample(flow, z, text), x) <= self.tolerance

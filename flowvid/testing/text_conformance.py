@@ -10,8 +10,9 @@ A text-encoder plugin's test module subclasses the mixin and says how to build i
 
 pytest then runs every ``test_*`` method below: shapes and dtypes, masked and zeroed padding, at
 least one real token per caption (so attention over the text never meets an all-masked row),
-determinism, independence of batch elements, the empty caption, counted truncation, and gradients
-(flowing into a trainable encoder, absent from a frozen one).
+determinism, independence of batch elements, the empty caption, counted truncation, gradients
+(flowing into a trainable encoder, absent from a frozen one), and an identity that tells a frozen
+encoder's weights from other ones (shards that cache its embeddings are matched to it by identity).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import ClassVar
 import pytest
 import torch
 
-from flowvid.text.base import TextEncoder
+from flowvid.testing.block_conformance import perturb_parameters
+from flowvid.text.base import TextEncoder, same_text_encoder
 
 CAPTIONS = ["a red circle moves left", "a blue square moves up and a green triangle moves down", ""]
 
@@ -35,6 +37,14 @@ class TextEncoderConformance:
     def make_encoder(self) -> TextEncoder:
         """Build the encoder under test (random weights seeded)."""
         raise NotImplementedError
+
+    def make_encoder_with_other_weights(self) -> TextEncoder:
+        """The encoder under test with other weights. Default: ``make_encoder()``'s, perturbed in memory.
+        Override it where that is not another encoder: an identity that fingerprints weight files needs
+        one loaded from other files, an encoder without weights one with another seed or tokenizer."""
+        encoder = self.make_encoder()
+        perturb_parameters(encoder, std=0.1, seed=3)
+        return encoder
 
     @pytest.fixture
     def encoder(self) -> TextEncoder:
@@ -100,3 +110,14 @@ class TextEncoderConformance:
         identity = encoder.identity()
         assert identity["width"] == str(encoder.width) and identity["max_length"] == str(encoder.max_length)
         assert identity == self.make_encoder().identity()
+
+    def test_identity_tells_other_weights_apart(self, encoder):
+        """Embeddings cached in shards are matched to the encoder by ``identity()``: an encoder that embeds
+        captions otherwise (other weights, seed, tokenizer) must not report the same identity."""
+        if encoder.trainable:
+            pytest.skip("a trainable encoder's embeddings are never cached: its weights travel in checkpoints")
+        other = self.make_encoder_with_other_weights().eval()
+        assert not torch.allclose(other.encode(self.captions).tokens, encoder.encode(self.captions).tokens), \
+            "make_encoder_with_other_weights() embeds the captions as make_encoder() does"
+        assert not same_text_encoder(other.identity(), encoder.identity()), \
+            "other weights, the same identity: shards would hand one encoder's cached embeddings to the other"

@@ -6,8 +6,9 @@ Prints the kind of the folder (raw clips or latents), its samples, shards and si
 frames, resolution and duration, the codec and latent shape of latent shards, the cached text
 embeddings and first frames, how the folder was made, the clips skipped while making it and the
 first ``--captions`` captions of its first shard. Only the manifest and those few samples are read,
-so a folder of any size is described at once; ``flowvid data verify`` reads everything. ``--json``
-writes the description to stdout for scripts instead of the table.
+so a folder of any size is described at once; ``flowvid data verify`` reads everything. The
+description goes to stdout (warnings to stderr); ``--json`` writes it as JSON for scripts instead of
+the table.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_tools.report import console, print_summary
+from data_tools.report import console, print_summary, results
 from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.data.shards import BrokenShard, iter_tar, shard_paths
 
@@ -110,9 +111,9 @@ def print_description(description: dict[str, Any]) -> None:
         fields["cached text"] = f"{name}, {' x '.join(map(str, description['text_shape'] or []))}"
     fields["first frames"] = "yes" if description["first_frame"] else "no"
     fields["made by"] = _origin(description["source"])
-    print_summary(f"describe {description['folder']}", fields, description["skipped"], show=3)
+    print_summary(f"describe {description['folder']}", fields, description["skipped"], show=3, to=results)
     for caption in description["captions"]:
-        console.print(f"  [dim]caption[/] {caption}")
+        results.print(f"  [dim]caption[/] {caption}")
 
 
 def _origin(source: dict[str, Any]) -> str:

@@ -9,7 +9,8 @@ decoded in parallel; the output depends only on the inputs and options (not on -
 skipped file is listed with its reason in ``DIR/summary.json`` (with ``--val-fraction``:
 ``DIR/train/summary.json`` and ``DIR/val/summary.json``) and the manifest. A run replaces the
 shards of an earlier one only when it writes at least one clip; one that writes none leaves ``DIR``
-as it was (and lists every skip on the console).
+as it was (and lists every skip on the console). ``DIR`` must not hold any of the input videos, nor a
+``manifest.json`` that flowvid did not write: both are refused before anything is read.
 
 ``--val-fraction F`` holds out about that share of the videos (never clips of a video on both sides):
 their clips go to ``DIR/val`` and the others' to ``DIR/train``, the layout ``make-synthetic`` writes;
@@ -18,6 +19,8 @@ for want of a caption, are listed in ``train``'s).
 A video's side is a hash of its path below the INPUT it was found under (a file named directly: its
 name), so adding videos later, under that input or another one, moves none of the others; at least
 one video is held out and at least one kept. A file that several inputs name is one video.
+A run into a ``DIR`` that holds the other layout (top-level shards, or ``train``/``val``) removes that
+layout's manifests, the shards they list and their summaries once it has written its own.
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from data_tools.clips import VIDEO_EXTENSIONS, Clips, ClipSpec, VideoSkipped, read_clips
 from data_tools.report import console, print_summary, progress_bar
-from flowvid.data.manifest import new_manifest, write_manifest
+from flowvid.data.manifest import MANIFEST_NAME, new_manifest, write_manifest
 from flowvid.data.shards import ShardFolderWriter, encode_sample, replace_shard_folder, staging_folder
 
 
@@ -112,12 +115,16 @@ def convert_videos(
     The clips are written to a staging folder and replace ``out``'s earlier shards only when there
     is at least one: a run that writes nothing (or fails) leaves ``out`` as it was. With
     ``val_fraction`` the videos are split into ``out/train`` and ``out/val``, and the summary holds
-    one per folder under ``splits``.
+    one per folder under ``splits``. An ``out`` that holds input videos or a manifest flowvid did not
+    write is refused before any video is read; once every folder of this run's layout is written, what
+    an earlier run left in the other layout is removed.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
     started = time.perf_counter()
+    out = Path(out)
     videos = find_videos(inputs)
+    check_output_folder(out, videos)
     files = list(videos)
     table = load_captions(captions) if captions else {}
     if table and not any(str(path) in table or path.name in table for path in files):
@@ -134,11 +141,71 @@ def convert_videos(
     settings = dict(inputs=inputs, spec=spec, root=root, workers=workers, shard_samples=shard_samples,
                     shard_bytes=shard_bytes, show_progress=show_progress, started=started)
     if not val_fraction:
-        return _convert(captioned, skipped, len(files), Path(out), **settings)
-    train, val = split_videos(captioned, videos, val_fraction)
-    splits = {"train": _convert(train, skipped, len(train) + len(skipped), Path(out) / "train", **settings),
-              "val": _convert(val, [], len(val), Path(out) / "val", **settings)}
-    return {"out": str(out), "splits": splits}
+        summary = _convert(captioned, skipped, len(files), out, **settings)
+        splits = {"": summary}
+    else:
+        train, val = split_videos(captioned, videos, val_fraction)
+        splits = {"train": _convert(train, skipped, len(train) + len(skipped), out / "train", **settings),
+                  "val": _convert(val, [], len(val), out / "val", **settings)}
+        summary = {"out": str(out), "splits": splits}
+    if all(split["written"] > 0 for split in splits.values()):  # this run's layout replaced the earlier data
+        for folder in remove_other_layout(out, split=bool(val_fraction)):
+            if show_progress:
+                console.print(f"[yellow]removed[/] the shards, manifest and summary in {folder}, left by an "
+                              f"earlier run {'without' if val_fraction else 'with'} --val-fraction")
+    return summary
+
+
+def layout_folders(out: Path, split: bool) -> list[Path]:
+    """The shard folders a run writes: ``out/train`` and ``out/val`` with --val-fraction, else ``out``."""
+    return [out / "train", out / "val"] if split else [out]
+
+
+def check_output_folder(out: Path, videos: Iterable[Path]) -> None:
+    """Refuse an ``out`` that holds an input video (the shards, manifest and summary would be mixed with the
+    user's videos, and a manifest of theirs replaced) or a ``manifest.json`` that flowvid did not write, in
+    either layout (it would be replaced, or removed as the other layout's)."""
+    resolved = out.resolve()
+    among = next((video for video in videos if resolved in video.parents), None)
+    if among is not None:
+        raise ValueError(f"--out {out} holds the input video {among}: the shards would be mixed with your videos; "
+                         "give a folder of their own")
+    for folder in layout_folders(out, split=False) + layout_folders(out, split=True):
+        manifest = folder / MANIFEST_NAME
+        if manifest.exists() and listed_shards(manifest) is None:
+            raise ValueError(f"{manifest} is not a flowvid manifest, and this run would replace it; give another "
+                             "--out, or move that file away")
+
+
+def listed_shards(manifest: Path) -> list[str] | None:
+    """The shard names a flowvid manifest lists; None when ``manifest`` is not one."""
+    try:
+        content = json.loads(manifest.read_text(encoding="utf-8"))
+        if isinstance(content, dict) and "format_version" in content:
+            return [Path(shard["name"]).name for shard in content["shards"]]  # a name: nothing outside the folder
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError):
+        pass
+    return None
+
+
+def remove_other_layout(out: Path, split: bool) -> list[Path]:
+    """Remove what an earlier run left in the layout this run did not write (``split``: this one wrote
+    ``out/train`` and ``out/val``), so that training cannot read those stale shards; returns the folders
+    cleared. Only flowvid's own files go: each manifest, the shards it lists and the summary beside it
+    (and a ``train`` or ``val`` folder left empty)."""
+    cleared = []
+    for folder in layout_folders(out, split=not split):
+        manifest = folder / MANIFEST_NAME
+        shards = listed_shards(manifest) if manifest.is_file() else None
+        if shards is None:
+            continue
+        manifest.unlink()  # first: stopped halfway, the folder is unfinished, not one whose shards are missing
+        for name in [*shards, "summary.json"]:
+            (folder / name).unlink(missing_ok=True)
+        if folder != out and not any(folder.iterdir()):
+            folder.rmdir()
+        cleared.append(folder)
+    return cleared
 
 
 def split_videos(captioned: list[tuple[Path, str]], found_as: dict[Path, str],

@@ -1,4 +1,9 @@
-"""Progress bars and end-of-run summaries shared by the data tools (on stderr, stdout stays clean)."""
+"""Progress bars and end-of-run summaries shared by the data tools.
+
+Progress, warnings, errors and the summaries of the tools that write a folder go to stderr
+(``console``); what a command is run to show, the tables of ``describe`` and ``verify``, goes to stdout
+(``results``), so that ``flowvid data describe DIR | grep caption`` finds it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from rich.table import Table
 
 # Messages are not wrapped at the console's width: a path broken over two lines cannot be copied.
 console = Console(stderr=True, soft_wrap=True)
+results = Console(soft_wrap=True)
 
 
 def progress_bar(enabled: bool = True) -> Progress:
@@ -25,8 +31,10 @@ def progress_bar(enabled: bool = True) -> Progress:
     )
 
 
-def print_summary(title: str, fields: dict[str, Any], skipped: Sequence[dict[str, Any]] = (), show: int = 10) -> None:
-    """A two-column table of results, the skip reasons with the samples they cost, and the first few skips."""
+def print_summary(title: str, fields: dict[str, Any], skipped: Sequence[dict[str, Any]] = (), show: int = 10,
+                  to: Console = console) -> None:
+    """A two-column table of results, the skip reasons with the samples they cost, and the first few skips,
+    printed ``to`` stderr (``console``) or stdout (``results``)."""
     table = Table(title=title, show_header=False)
     for name, value in fields.items():
         table.add_row(name, f"{value:.3g}" if isinstance(value, float) else str(value))
@@ -35,12 +43,12 @@ def print_summary(title: str, fields: dict[str, Any], skipped: Sequence[dict[str
         reasons[_reason_kind(item["reason"])] += _samples_of(item)
     for reason, count in reasons.most_common():
         table.add_row(f"skipped: {reason}", str(count), style="yellow")
-    console.print(table)
+    to.print(table)
     for item in list(skipped)[:show]:
         where = item.get("path") or item.get("key") or item.get("shard", "?")
-        console.print(f"  [yellow]skipped[/] {where}: {item['reason']}")
+        to.print(f"  [yellow]skipped[/] {where}: {item['reason']}")
     if len(skipped) > show:
-        console.print(f"  ... and {len(skipped) - show} more (see the summary file)")
+        to.print(f"  ... and {len(skipped) - show} more (see the summary file)")
 
 
 def samples_skipped(skipped: Sequence[dict[str, Any]]) -> int:

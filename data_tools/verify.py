@@ -4,7 +4,8 @@
 
 Checks the manifest, that every listed shard exists with its sha256 and sample count, that no shard
 is unlisted or half-written (``*.tmp``), that every sample decodes with the declared shapes and
-finite values, and that keys are unique. Exits 1 when any folder is damaged.
+finite values, and that keys are unique. The report goes to stdout (the progress bar to stderr);
+exits 1 when any folder is damaged.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from rich.table import Table
 
-from data_tools.report import console, progress_bar
+from data_tools.report import progress_bar, results
 from flowvid.data.manifest import ManifestError, load_manifest
 from flowvid.data.shards import (
     STAGING_PREFIX,
@@ -112,13 +113,13 @@ def print_report(report: dict[str, Any], show: int = 20) -> None:
             table.add_column(column)
         for row in report["shards"]:
             table.add_row(row["name"], str(row["listed"]), str(row["found"]), str(row["bad"]), row["checksum"])
-        console.print(table)
+        results.print(table)
     for problem in report["problems"][:show]:
-        console.print(f"  [red]problem[/] {problem}")
+        results.print(f"  [red]problem[/] {problem}")
     if len(report["problems"]) > show:
-        console.print(f"  ... and {len(report['problems']) - show} more")
+        results.print(f"  ... and {len(report['problems']) - show} more")
     verdict = "[green]OK[/]" if report["ok"] else "[red]DAMAGED[/]"
-    console.print(f"{verdict} {report['folder']}: {report['samples']} samples in {len(report['shards'])} shards")
+    results.print(f"{verdict} {report['folder']}: {report['samples']} samples in {len(report['shards'])} shards")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from flowvid.codecs.base import LatentCodec, check_codec_identity
+from flowvid.nn.lora import is_adapter_key
 from flowvid.paths import PARTIAL_SUFFIX
 from flowvid.text.base import TextEncoder, same_text_encoder
 
@@ -207,12 +208,25 @@ def check_resumable(checkpoint: dict[str, Any], pl_module: LightningModule, wher
     stored, current = metadata.get("parameters"), parameter_shapes(pl_module)
     if stored is None or not current:  # no parameters yet: built later in configure_model
         return
+    check_adapters(stored, current, where)
     problems = _shape_differences(stored, current)
     if problems:
         hints = _config_differences(checkpoint.get("hyper_parameters") or {}, dict(pl_module.hparams))
         raise CheckpointMismatchError(
             f"{where} was made by a different model configuration: {'; '.join(problems)}"
             + (f". Config differences: {'; '.join(hints)}" if hints else "")
+        )
+
+
+def check_adapters(stored: dict[str, list[int]], current: dict[str, list[int]], where: str) -> None:
+    """Raise when the checkpoint holds LoRA adapters and the model has none: the run that wrote it added them
+    (the ``LoRA`` callback), which a config without it does not; its parameters would read as another model's."""
+    adapters = [name for name in stored if is_adapter_key(name)]
+    if adapters and not any(is_adapter_key(name) for name in current):
+        raise CheckpointMismatchError(
+            f"{where} holds LoRA adapters ({len(adapters)} tensors, such as {adapters[0]}), which this model lacks: "
+            "add the LoRA callback of the run that wrote it, e.g. --config recipes/finetune/lora.yaml after the "
+            "other --config files"
         )
 
 
@@ -320,7 +334,8 @@ class RunCheckpoint(ModelCheckpoint):
     batches before it are in no checkpoint, so saving and stopping, whatever asks for it, wait for it.
 
     ``run_config`` (the resolved CLI config, set by ``FlowvidCLI``) is stored in every checkpoint and
-    becomes ``config.yaml`` on export.
+    becomes ``config.yaml`` on export. ``resuming_from`` (the checkpoint ``fit`` resumes from, also set by
+    ``FlowvidCLI``) tells a resume, which expects checkpoints in ``dirpath``, from a run that finds some there.
     """
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 1000, keep_last_k: int = 3,
@@ -338,13 +353,18 @@ class RunCheckpoint(ModelCheckpoint):
         self._signal: str | None = None  # "SIGTERM" or "Ctrl-C", noted by the handlers on_train_start installs
         self._stop_held = False  # a trainer.should_stop that waits for the end of the accumulation window
         self.run_config: dict[str, Any] | None = None
+        self.resuming_from: str | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dirpath is None:
             # As Lightning resolves a given dirpath: the checkpoints it keeps are matched by their folder,
             # which must not change with the spelling of default_root_dir (relative, absolute, a symlink).
             self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, CHECKPOINT_SUBDIR))
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():
+            if self._resumes_own_checkpoint():
+                # Lightning warns of a checkpoint folder that is not empty, which is where a resume finds it.
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
             # ZeroStrategy writes atomically and checks what it resumes from itself.
@@ -354,6 +374,13 @@ class RunCheckpoint(ModelCheckpoint):
             strategy.checkpoint_io = AtomicCheckpointIO(
                 check=lambda checkpoint, path: check_resumable(checkpoint, pl_module, f"checkpoint {path}")
             )
+
+    def _resumes_own_checkpoint(self) -> bool:
+        """Whether the run resumes from a checkpoint in this callback's folder (``dirpath``, not yet resolved
+        by Lightning when given)."""
+        if self.resuming_from is None or "://" in str(self.resuming_from) or "://" in str(self.dirpath):
+            return False
+        return Path(self.resuming_from).resolve().parent == Path(self.dirpath).resolve()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         if not self._window_closed_or_stop_held(trainer, pl_module):

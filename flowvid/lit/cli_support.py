@@ -121,7 +121,9 @@ class FlowvidCLI(LightningCLI):
                 # A plain ModelCheckpoint writes into the logger's version_N folder, new on every restart.
                 raise ValueError("resume: auto needs a flowvid.lit.checkpointing.RunCheckpoint in trainer.callbacks "
                                  "(it writes to <trainer.default_root_dir>/checkpoints, where auto looks); "
-                                 "add one, or resume from a checkpoint path")
+                                 "add one, or resume from a checkpoint path. A --config with a callbacks: list "
+                                 "replaces the list of the configs before it: add to it with callbacks+: "
+                                 "(or --trainer.callbacks+=...) instead")
             settings.ckpt_path = resolve_resume(checkpoint_dir_of(self.trainer), resume)
         if has_run_checkpoint(self.trainer):
             if settings.ckpt_path:
@@ -132,6 +134,7 @@ class FlowvidCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, RunCheckpoint):
                 callback.run_config = config
+                callback.resuming_from = settings.ckpt_path
             if isinstance(callback, InitFromExport):  # ("last" with no checkpoint yet starts afresh)
                 callback.resuming = settings.ckpt_path is not None and os.path.exists(settings.ckpt_path)
 

@@ -3,7 +3,8 @@
 Lightning's rich bar reads ``Epoch 3/-2`` when a run has ``max_steps`` and no ``max_epochs`` (Lightning
 then sets ``max_epochs=-1``), which every flowvid recipe does. This one reads ``Epoch 3`` and shows
 ``step: 530/640`` beside the logged metrics (and not the logger's version number); with an epoch bound
-its description is Lightning's.
+its description is Lightning's. The bar counts the batches of the epoch, and after a resume its total
+counts those before the resume too, as its count does.
 """
 
 from __future__ import annotations
@@ -25,13 +26,19 @@ class StepProgressBar(RichProgressBar):
 
     @property
     def total_train_batches(self) -> int | float:
-        """Lightning counts one batch per step left; a model that accumulates ``accumulate_grad_batches``
-        batches a step (FlowModule) has that many times more."""
+        """The batches this epoch will have run when the run ends or the epoch does, counted as the bar
+        counts them: from the epoch's start, the batches before a resume included.
+
+        Lightning counts one batch per step left, from when it asks (after a resume: ``14/7``); a model that
+        accumulates ``accumulate_grad_batches`` batches a step (FlowModule) has that many times more, less
+        the batches of the window in progress."""
         trainer = self.trainer
-        if not _bounded_by_epochs(trainer) and trainer.max_steps is not None and trainer.max_steps > 0:
-            accumulate = getattr(trainer.lightning_module, "hparams", {}).get("accumulate_grad_batches", 1)
-            return min(trainer.num_training_batches, (trainer.max_steps - trainer.global_step) * accumulate)
-        return super().total_train_batches
+        if _bounded_by_epochs(trainer) or trainer.max_steps is None or trainer.max_steps <= 0:
+            return super().total_train_batches
+        accumulate = getattr(trainer.lightning_module, "hparams", {}).get("accumulate_grad_batches", 1)
+        batches = trainer.fit_loop.epoch_loop.batch_progress
+        left = (trainer.max_steps - trainer.global_step) * accumulate - batches.total.ready % accumulate
+        return min(trainer.num_training_batches, batches.current.ready + left)
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)

@@ -166,6 +166,54 @@ def test_a_run_that_writes_no_clip_leaves_the_previous_shards_untouched(tmp_path
     assert not (tmp_path / "new").exists()
 
 
+def test_an_output_folder_among_the_videos_or_with_a_foreign_manifest_is_refused_before_any_work(tmp_path,
+                                                                                                monkeypatch):
+    monkeypatch.setattr(console, "width", 400)  # the message on one line
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for index in range(2):
+        write_video(videos / f"v{index}.mkv", random_frames(8, 8, 8, seed=index), codec="mpeg4")
+    (videos / "manifest.json").write_text('{"my": "own index of these videos"}')
+    clip = ["--frames", "2", "--size", "8", "--default-caption", ""]
+    for out in (videos, tmp_path):  # the input folder, and a folder that holds it
+        before = folder_contents(tmp_path)
+        with console.capture() as printed:
+            assert data_main(["from-videos", str(videos), "--out", str(out), *clip]) == 2
+        assert printed.get().count("\n") == 1 and "holds the input video" in printed.get()
+        assert folder_contents(tmp_path) == before
+
+    # A folder of its own inside the input folder holds no video: the shards are not mixed with them.
+    assert data_main(["from-videos", str(videos), "--out", str(videos / "shards"), *clip]) == 0
+
+    for foreign in (tmp_path / "other" / "manifest.json", tmp_path / "split" / "val" / "manifest.json"):
+        foreign.parent.mkdir(parents=True)
+        foreign.write_text('{"my": "manifest"}')
+        out = foreign.parent.parent if foreign.parent.name == "val" else foreign.parent
+        with console.capture() as printed:
+            assert data_main(["from-videos", str(videos), "--out", str(out), *clip]) == 2
+        assert printed.get().count("\n") == 1 and f"{foreign} is not a flowvid manifest" in printed.get()
+        assert foreign.read_text() == '{"my": "manifest"}' and sorted(out.rglob("*.tar")) == []
+
+
+def test_a_run_in_the_other_layout_removes_the_earlier_runs_shards_there(tmp_path):
+    (tmp_path / "in").mkdir()
+    for index in range(4):
+        write_video(tmp_path / "in" / f"v{index}.mkv", random_frames(8, 8, 8, seed=index), codec="mpeg4")
+    out = tmp_path / "out"
+    top_level = ["from-videos", str(tmp_path / "in"), "--out", str(out), "--frames", "2", "--size", "8",
+                 "--default-caption", ""]
+    split = [*top_level, "--val-fraction", "0.5"]
+    assert data_main(top_level) == 0
+    (out / "notes.txt").write_text("the user's own file")
+    assert data_main(split) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train", "val"]  # no stale top-level shards
+
+    (out / "val" / "notes.txt").write_text("kept, and the folder with it")
+    assert data_main(top_level) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "manifest.json", "notes.txt", "shard-000000.tar", "summary.json", "val", "val/notes.txt"]
+
+
 def test_val_fraction_holds_out_whole_videos_chosen_by_their_paths(tmp_path):
     (tmp_path / "in" / "more").mkdir(parents=True)
     names = [f"v{index:02d}" for index in range(12)]

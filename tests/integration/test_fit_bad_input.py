@@ -57,7 +57,9 @@ def test_lightnings_optimizer_and_scheduler_options_are_not_offered(option, tmp_
 def test_resume_auto_without_a_run_checkpoint_is_refused(tmp_path, capsys):
     no_run_checkpoint = "--trainer.callbacks=[]"
     assert fit("--resume=auto", no_run_checkpoint, f"--trainer.default_root_dir={tmp_path}") == 2
-    assert "resume: auto needs a flowvid.lit.checkpointing.RunCheckpoint" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "resume: auto needs a flowvid.lit.checkpointing.RunCheckpoint" in error
+    assert "replaces the list of the configs before it" in error and "--trainer.callbacks+=" in error
 
 
 @pytest.mark.parametrize("resume", [[], ["--resume=none"]], ids=["default", "none"])

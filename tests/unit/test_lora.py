@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from flowvid.denoise import CausalDenoiser
 from flowvid.flows import AffineBlock, GlobalLocalFlow
+from flowvid.lit.checkpointing import METADATA_KEY, CheckpointMismatchError, check_resumable, run_metadata
 from flowvid.lit.ema import EMA
 from flowvid.lit.finetune import InitFromExport, LoRA
 from flowvid.nn.lora import LoRALinear, add_lora, merge_lora
@@ -120,6 +121,16 @@ def test_the_callback_trains_only_the_adapters_of_the_flow_and_keeps_its_outputs
     assert any(isinstance(layer, LoRALinear) for layer in model.denoiser.modules())
     with pytest.raises(ValueError, match="has no sub-module flow.middle"):
         LoRA(modules=["flow.middle"]).setup(SimpleNamespace(), Parts(), "fit")
+
+
+def test_a_lora_checkpoint_loaded_without_the_lora_callback_says_to_add_the_overlay():
+    adapted = Parts()
+    LoRA(rank=2).setup(SimpleNamespace(), adapted, "fit")
+    saved = {"hyper_parameters": {"lr": 2e-4}, METADATA_KEY: run_metadata(adapted)}
+    with pytest.raises(CheckpointMismatchError, match=r"holds LoRA adapters .* recipes/finetune/lora\.yaml") as err:
+        check_resumable(saved, Parts(), "checkpoint c")
+    assert "different model configuration" not in str(err.value)
+    check_resumable(saved, adapted, "checkpoint c")  # with the callback it resumes
 
 
 def test_plain_weights_load_into_an_adapted_model_whatever_the_callback_order(tmp_path):

@@ -53,6 +53,27 @@ def test_the_batch_total_counts_the_batches_of_the_steps_left(accumulate):
     assert bar.total_train_batches == 6 * accumulate
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_after_a_resume_the_bar_counts_and_totals_the_same_batches(accumulate):
+    """Resumed at step 4 of 7: the bar's count (batch_idx + 1) goes on from the batches of those 4 steps, and
+    its total counts from the epoch's start too (it read 3 steps' batches: ``7/3``), whenever it is read."""
+    cli = built_cli("--trainer.max_steps", "7", "--model.init_args.accumulate_grad_batches", str(accumulate))
+    bar = bar_of(cli)
+    cli.trainer.strategy.connect(cli.model)
+    cli.trainer.fit_loop.max_batches = 100
+    batches = cli.trainer.fit_loop.epoch_loop.batch_progress
+    steps = cli.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total
+    steps.completed = 4
+    batches.total.ready = batches.current.ready = 4 * accumulate  # what the checkpoint restores
+    assert bar.total_train_batches == 7 * accumulate
+    for batch in range(4 * accumulate, 7 * accumulate):  # the rest of the run, a batch at a time
+        batches.total.ready += 1
+        batches.current.ready += 1
+        steps.completed += (batch + 1) % accumulate == 0
+        assert bar.total_train_batches == 7 * accumulate
+    assert batches.current.ready == bar.total_train_batches
+
+
 def test_an_epoch_bounded_run_keeps_lightnings_description():
     cli = built_cli("--trainer.max_steps", "-1", "--trainer.max_epochs", "4")
     bar = bar_of(cli)

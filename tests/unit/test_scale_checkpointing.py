@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,25 @@ def test_run_checkpoint_keeps_the_last_k_and_refuses_to_resume_another_model(tmp
 
     with pytest.raises(CheckpointMismatchError, match="deep_width: 32 -> 64"):
         trainer(4).fit(TrainableTiny(deep_width=64), data, ckpt_path=resolve_resume(tmp_path / "checkpoints", "auto"))
+
+
+@pytest.mark.parametrize("resuming_from, warned", [
+    ("run/checkpoints/step=00000002.ckpt", False),  # a resume finds its checkpoints there: nothing to warn of
+    (None, True),  # a fresh run among an earlier run's checkpoints (FlowvidCLI refuses it)
+    ("elsewhere/step=00000002.ckpt", True),  # a run continued from another folder's checkpoint
+])
+def test_lightnings_warning_of_a_checkpoint_folder_that_is_not_empty_is_left_out_on_a_resume(
+        tmp_path, monkeypatch, resuming_from, warned):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step=00000002.ckpt").write_bytes(b"")
+    checkpoints = RunCheckpoint()
+    checkpoints.resuming_from = resuming_from
+    trainer = Trainer(accelerator="cpu", default_root_dir="run", logger=False, callbacks=[checkpoints])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoints.setup(trainer, TinyModel(), "fit")
+    assert any("exists and is not empty" in str(warning.message) for warning in caught) == warned
 
 
 def test_keep_last_k_prunes_the_checkpoint_resumed_from_whatever_the_spelling_of_the_run_folder(tmp_path, monkeypatch):

@@ -7,8 +7,9 @@ GENERATED are video files (``.mp4``, ``.npy``, ...) or folders of them, such as 
 ``flowvid generate`` (whose ``.latent.npy`` files are left out). REF is either an ``.npz`` written by
 ``flowvid data fvd-stats``, whose key fixes the extractor (``--extractor`` defaults to the one named
 in it, and settings such as I3D's ``resolution`` to the reference's; others are refused), the frames
-and the resolution, or a raw shard folder, whose statistics are then computed first with
-``--extractor`` (default ``inception-proxy``; ``fvd-stats`` caches them for next time).
+and the resolution, or a raw shard folder, whose statistics (of every clip) are computed with
+``--extractor`` (default ``inception-proxy``) the first time and kept in its ``fvd_stats/``, where
+``fvd-stats`` keeps them too.
 Every generated video is cut to the reference's frames and fitted to its resolution; a video that
 cannot be read or is too short is skipped and counted (the skips are listed even when too few videos
 are left for an FVD). The result is one JSON line on stdout (and in ``--out``): the distance, its
@@ -27,8 +28,10 @@ import numpy as np
 import torch
 
 from data_tools.arguments import check_registered_arguments, json_object
-from data_tools.fvd_stats import feed_in_batches, reference_stats
+from data_tools.fvd_stats import (CACHE_FOLDER, cached_statistics, feed_in_batches, note_few_samples, planned_key,
+                                  reference_stats)
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
+from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.media import MediaError, read_video
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
@@ -88,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if used < 2:
         print_summary("fvd: too few usable generated videos", {"generated": used, "skipped": len(skipped)}, skipped)
         raise ValueError(f"{used} usable generated videos ({len(skipped)} skipped); FVD needs at least 2")
+    note_few_samples(used, metric.extractor.feature_dim, "generated videos")
     result = {"fvd": float(metric.compute()), "protocol": metric.protocol_name, "generated": used,
               "skipped": len(skipped), "reference": str(args.reference), "reference_samples": reference.num_samples}
     print_summary(f"fvd of {used} generated videos", result, skipped)
@@ -127,13 +131,32 @@ def real_set(metric: FrechetVideoDistance, reference: Path, batch_size: int, dev
              cached: ReferenceStats | None = None) -> ReferenceStats:
     """Load (an .npz, or ``cached``, its contents) or compute (a raw shard folder) the real statistics into ``metric``."""
     if reference.is_dir():
-        skipped: list[dict[str, str]] = []
-        stats = reference_stats(reference, metric, batch_size=batch_size, device=device, skipped=skipped)
-        if skipped:
-            console.print(f"[yellow]note[/] {samples_skipped(skipped)} samples of {reference} were skipped")
-        return stats
+        return shard_folder_stats(metric, reference, batch_size, device)
     metric.set_reference(reference if cached is None else cached)
     return metric.reference
+
+
+def shard_folder_stats(metric: FrechetVideoDistance, folder: Path, batch_size: int,
+                       device: torch.device) -> ReferenceStats:
+    """The real statistics of every clip of a raw shard folder: those ``fvd-stats`` (or an earlier ``fvd``)
+    keeps in its ``fvd_stats/``, else computed and kept there, as ``fvd-stats`` would, for the next run."""
+    manifest = load_manifest(folder)
+    planned = planned_key(manifest, metric, video_shape(manifest)[0], max_samples=None)
+    kept = cached_statistics(None, folder / CACHE_FOLDER, planned)
+    if kept is not None:
+        console.print(f"[green]cached[/] the statistics of {folder} are read from {kept}")
+        metric.set_reference(kept)
+        return metric.reference
+    skipped: list[dict[str, str]] = []
+    stats = reference_stats(folder, metric, batch_size=batch_size, device=device, skipped=skipped)
+    if skipped:
+        console.print(f"[yellow]note[/] {samples_skipped(skipped)} samples of {folder} were skipped")
+    try:
+        stats.save(folder / CACHE_FOLDER / stats.file_name())
+    except OSError as err:  # a folder the user may read but not write: computed again next time
+        console.print(f"[yellow]note[/] cannot keep the statistics of {folder} for the next run: "
+                      f"{err.strerror or err}")
+    return stats
 
 
 def add_generated(metric: FrechetVideoDistance, videos: list[Path], reference: ReferenceStats, batch_size: int,

@@ -38,6 +38,11 @@ from flowvid.placement import resolve_device
 from flowvid.registry import FVD_EXTRACTORS
 
 
+#: Where the statistics of a shard folder are kept, inside it (a from-videos run that replaces its shards
+#: removes them).
+CACHE_FOLDER = "fvd_stats"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RAW_DIR", help="raw shard folder (from from-videos or make-synthetic)")
     parser.add_argument("--extractor", default="inception-proxy",
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {err}")
         return 2
     planned = planned_key(manifest, metric, frames, args.max_samples)
-    folder = Path(args.source) / "fvd_stats"
+    folder = Path(args.source) / CACHE_FOLDER
     out = Path(args.out) if args.out else None
     check_output_file(out or folder / reference_file_name(**planned), "--out", "give the .npz file to write")
     cached = None if args.force else cached_statistics(out, folder, planned)
@@ -90,10 +95,15 @@ def run(args: argparse.Namespace) -> int:
               "resolution": f"{stats.height}x{stats.width}", "samples": stats.num_samples,
               "feature dim": stats.mu.shape[0], "seconds": seconds, "clips_per_second": stats.num_samples / seconds}
     print_summary(f"fvd-stats {args.source}", fields, skipped)
-    if stats.num_samples <= stats.mu.shape[0]:
-        console.print(f"[yellow]note[/] {stats.num_samples} samples for {stats.mu.shape[0]} features: the covariance is "
-                      "singular; FVD still computes but is noisy and biased upwards")
+    note_few_samples(stats.num_samples, stats.mu.shape[0], "samples")
     return 0
+
+
+def note_few_samples(count: int, features: int, what: str) -> None:
+    """Say so when ``count`` feature vectors of ``features`` dimensions cannot give a full-rank covariance."""
+    if count <= features:
+        console.print(f"[yellow]note[/] {count} {what} for {features} features: the covariance is singular; FVD "
+                      "still computes but is noisy and biased upwards")
 
 
 def cached_statistics(out: Path | None, folder: Path, planned: dict[str, Any]) -> Path | None:

@@ -59,6 +59,27 @@ def test_a_cached_reference_file_gives_the_number_of_its_folder(raw_folder, real
     assert json.loads((tmp_path / "r.json").read_text()) == from_file
 
 
+def test_a_shard_folder_reference_is_computed_once_and_kept_beside_its_shards(raw_folder, real_clips, tmp_path,
+                                                                              capsys):
+    import shutil
+
+    folder = tmp_path / "real"
+    shutil.copytree(raw_folder, folder, ignore=shutil.ignore_patterns("fvd_stats"))
+    write_videos(tmp_path / "generated", real_clips[:6])
+    first = fvd(capsys, str(tmp_path / "generated"), "--reference", str(folder))
+    [kept] = (folder / "fvd_stats").iterdir()
+    assert kept.name.startswith("pixel-stats") and kept.name.endswith(f"_n{len(real_clips)}.npz")
+    again = fvd(capsys, str(tmp_path / "generated"), "--reference", str(folder))
+    assert again == first
+    capsys.readouterr()
+    assert data_main(["fvd", str(tmp_path / "generated"), "--reference", str(folder), "--extractor", "pixel-stats"]) == 0
+    printed = " ".join(capsys.readouterr().err.split())
+    assert f"read from {kept}" in printed
+    assert "6 generated videos for 96 features: the covariance is singular" in printed
+    assert data_main(["fvd-stats", str(folder), "--extractor", "pixel-stats"]) == 0  # the same file, for both tools
+    assert "already holds these statistics" in " ".join(capsys.readouterr().err.split())
+
+
 def test_a_reference_file_fixes_the_extractor_and_a_mismatch_names_the_file(raw_folder, real_clips, tmp_path, capsys):
     write_videos(tmp_path / "generated", real_clips[:3])
     stats = tmp_path / "reference.npz"

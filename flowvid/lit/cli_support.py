@@ -59,6 +59,14 @@ class LoopStarted(Callback):
     on_train_start = on_validation_start = _mark
 
 
+class FlowvidArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors come without the usage: a hundred lines of options would bury
+    the one that is wrong (the tip printed with the error says how to list them)."""
+
+    def print_usage(self, file: Any = None) -> None:
+        pass
+
+
 class FlowvidCLI(LightningCLI):
     """LightningCLI with a ``--resume`` argument for ``fit`` (``auto``, ``none`` or a checkpoint path)."""
 
@@ -268,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             # FlowModule builds its optimiser and schedule itself (model.init_args); LightningCLI's
             # --optimizer would replace its parameter groups and --lr_scheduler would be ignored.
             auto_configure_optimizers=False,
+            parser_class=FlowvidArgumentParser,
             args=argv,
         )
     except INPUT_ERRORS as err:

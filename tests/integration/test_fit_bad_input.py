@@ -54,6 +54,16 @@ def test_lightnings_optimizer_and_scheduler_options_are_not_offered(option, tmp_
     assert option.split("=")[0] in capsys.readouterr().err
 
 
+def test_a_config_error_names_the_wrong_option_without_the_whole_usage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        fit('--model.init_args.codec={"class_path": "flowvid.codecs.PixelCodec", "init_args": {"patchsize": 2}}',
+            f"--trainer.default_root_dir={tmp_path}")
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "Option 'patchsize' is not accepted" in error and "flowvid fit --help" in error
+    assert "usage:" not in error and len(error.splitlines()) < 25
+
+
 def test_resume_auto_without_a_run_checkpoint_is_refused(tmp_path, capsys):
     no_run_checkpoint = "--trainer.callbacks=[]"
     assert fit("--resume=auto", no_run_checkpoint, f"--trainer.default_root_dir={tmp_path}") == 2

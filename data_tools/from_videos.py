@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -42,7 +43,8 @@ from typing import Iterable, Iterator, Sequence
 from data_tools.clips import VIDEO_EXTENSIONS, Clips, ClipSpec, VideoSkipped, read_clips
 from data_tools.report import console, print_summary, progress_bar
 from flowvid.data.manifest import MANIFEST_NAME, new_manifest, write_manifest
-from flowvid.data.shards import ShardFolderWriter, encode_sample, replace_shard_folder, staging_folder
+from flowvid.data.shards import (DERIVED_FOLDERS, ShardFolderWriter, encode_sample, replace_shard_folder,
+                                 staging_folder)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,8 +193,8 @@ def listed_shards(manifest: Path) -> list[str] | None:
 def remove_other_layout(out: Path, split: bool) -> list[Path]:
     """Remove what an earlier run left in the layout this run did not write (``split``: this one wrote
     ``out/train`` and ``out/val``), so that training cannot read those stale shards; returns the folders
-    cleared. Only flowvid's own files go: each manifest, the shards it lists and the summary beside it
-    (and a ``train`` or ``val`` folder left empty)."""
+    cleared. Only flowvid's own files go: each manifest, the shards it lists, the summary beside it and
+    the statistics computed from them (and a ``train`` or ``val`` folder left empty)."""
     cleared = []
     for folder in layout_folders(out, split=not split):
         manifest = folder / MANIFEST_NAME
@@ -202,6 +204,8 @@ def remove_other_layout(out: Path, split: bool) -> list[Path]:
         manifest.unlink()  # first: stopped halfway, the folder is unfinished, not one whose shards are missing
         for name in [*shards, "summary.json"]:
             (folder / name).unlink(missing_ok=True)
+        for name in DERIVED_FOLDERS:  # statistics of those shards
+            shutil.rmtree(folder / name, ignore_errors=True)
         if folder != out and not any(folder.iterdir()):
             folder.rmdir()
         cleared.append(folder)

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from data_tools.arguments import check_registered_arguments, json_object
-from data_tools.fvd_stats import (CACHE_FOLDER, cached_statistics, feed_in_batches, note_few_samples, planned_key,
+from data_tools.fvd_stats import (cached_statistics, feed_in_batches, note_few_samples, planned_key,
                                   reference_stats)
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
 from flowvid.data.manifest import load_manifest, video_shape
+from flowvid.data.shards import FVD_STATS_FOLDER
 from flowvid.media import MediaError, read_video
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
@@ -142,7 +143,7 @@ def shard_folder_stats(metric: FrechetVideoDistance, folder: Path, batch_size: i
     keeps in its ``fvd_stats/``, else computed and kept there, as ``fvd-stats`` would, for the next run."""
     manifest = load_manifest(folder)
     planned = planned_key(manifest, metric, video_shape(manifest)[0], max_samples=None)
-    kept = cached_statistics(None, folder / CACHE_FOLDER, planned)
+    kept = cached_statistics(None, folder / FVD_STATS_FOLDER, planned)
     if kept is not None:
         console.print(f"[green]cached[/] the statistics of {folder} are read from {kept}")
         metric.set_reference(kept)
@@ -152,7 +153,7 @@ def shard_folder_stats(metric: FrechetVideoDistance, folder: Path, batch_size: i
     if skipped:
         console.print(f"[yellow]note[/] {samples_skipped(skipped)} samples of {folder} were skipped")
     try:
-        stats.save(folder / CACHE_FOLDER / stats.file_name())
+        stats.save(folder / FVD_STATS_FOLDER / stats.file_name())
     except OSError as err:  # a folder the user may read but not write: computed again next time
         console.print(f"[yellow]note[/] cannot keep the statistics of {folder} for the next run: "
                       f"{err.strerror or err}")

@@ -30,17 +30,12 @@ import torch
 from data_tools.arguments import check_registered_arguments, json_object
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
 from flowvid.data.manifest import load_manifest, video_shape
-from flowvid.data.shards import BadSample, SampleSpec, decode_sample, listed_samples, shard_paths
+from flowvid.data.shards import FVD_STATS_FOLDER, BadSample, SampleSpec, decode_sample, listed_samples, shard_paths
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats, reference_file_name
 from flowvid.paths import check_output_file
 from flowvid.placement import resolve_device
 from flowvid.registry import FVD_EXTRACTORS
-
-
-#: Where the statistics of a shard folder are kept, inside it (a from-videos run that replaces its shards
-#: removes them).
-CACHE_FOLDER = "fvd_stats"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {err}")
         return 2
     planned = planned_key(manifest, metric, frames, args.max_samples)
-    folder = Path(args.source) / CACHE_FOLDER
+    folder = Path(args.source) / FVD_STATS_FOLDER
     out = Path(args.out) if args.out else None
     check_output_file(out or folder / reference_file_name(**planned), "--out", "give the .npz file to write")
     cached = None if args.force else cached_statistics(out, folder, planned)

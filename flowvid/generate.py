@@ -3,16 +3,19 @@
 ::
 
     flowvid generate --ckpt model.safetensors --task t2v --prompt "a red circle moves left" --out samples/
-    flowvid generate --ckpt runs/shapes_t2v --task i2v --image first.png --prompt "..." --frames 8 --seed 3 --out s/
-    flowvid generate --ckpt runs/shapes_t2v --task extend --video clip.mp4 --prompts prompts.txt --out s/ --stream
+    flowvid generate --ckpt runs/shapes_t2v --task i2v --image first.png --prompt "..." --frames 8 --seed 3 --out r/
+    flowvid generate --ckpt runs/shapes_t2v --task extend --video clip.mp4 --prompts prompts.txt --out r/ --stream
     flowvid generate --ckpt model.safetensors --prompt "..." --device cuda:1 --precision bf16-mixed --out s/
     flowvid generate --ckpt model.safetensors --prompt "a red circle" --negative-prompt "moves left" --out s/
     torchrun --nproc-per-node 8 --no-python flowvid generate --ckpt model.safetensors --prompts all.txt --out s/
 
 For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
 before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, negative
-prompt, device, precision, timings, Jacobi iterations). Sample ``i`` uses seed ``seed + i``, so a sample does not depend
-on its batch. The sampler is the model's own (its recipe's ``model.sampler``) unless ``--sampler`` names one. The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed on a
+prompt, device, precision, timings, Jacobi iterations, the model and the weights that sampled, and
+``resized_from`` for an image or video fitted to the model's size). A folder holds one model's samples:
+an ``--out`` with another model's is refused. Sample ``i`` uses seed ``seed + i``, so a sample does not
+depend on its batch. The sampler is the model's own (its recipe's ``model.sampler``) unless ``--sampler``
+names one. The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed on a
 GPU that supports it and in fp32 elsewhere (``--precision``; see ``flowvid.placement``).
 An unconditional model (one trained without text) takes no prompt: leave ``--prompt`` out for one
 sample, or repeat ``--prompt ''`` for several. Under torchrun every process samples its share of the
@@ -145,7 +148,7 @@ def check_sampler_settings(args: argparse.Namespace, sampler: str, source: str) 
     """Refuse the windowed sampler (a long video is sampled in windows anyway) and settings given to a
     sampler that takes none such, where they would be ignored without a word."""
     if issubclass(sampler_class(sampler), WindowedSampler):
-        raise GenerateError(f"{source} windowed: videos longer than the model's training length are sampled in "
+        raise GenerateError(f"{source} {sampler}: videos longer than the model's training length are sampled in "
                             "windows of that length already; choose the sampler of each window (jacobi, sequential)")
     for key, option in SAMPLER_OPTIONS.items():
         if getattr(args, key) is not None and not sampler_takes(sampler, key):
@@ -432,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
     add_adapter_arguments(parser)
     add_placement_arguments(parser, precision="auto")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True,
+                        help="folder for one model's samples (a folder holding another model's is refused)")
     return parser
 
 

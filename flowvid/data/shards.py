@@ -104,8 +104,10 @@ def encode_sample(
     return sample
 
 
-#: What is computed from a folder's shards (FVD reference statistics): stale once the shards change.
-DERIVED_FOLDERS = ("fvd_stats",)
+#: Where the FVD reference statistics of a folder's shards are kept, inside it.
+FVD_STATS_FOLDER = "fvd_stats"
+#: What is computed from a folder's shards: stale once the shards change.
+DERIVED_FOLDERS = (FVD_STATS_FOLDER,)
 
 
 def clear_shard_folder(folder: str | Path) -> None:

@@ -9,11 +9,12 @@ A block plugin's test module subclasses the mixin and says how to build its bloc
         block_kwargs = {}
 
 pytest then runs every ``test_*`` method below on it, unconditional and text-conditioned, in the token
-orders a GlobalLocalFlow builds blocks with: invertibility, the log-determinant against the autograd
-Jacobian, causality in the order ``spec.permutation`` names, the KV cache driven the ways samplers drive
-it (run by run, a run written again before it is final, a pass over some videos of a batch), fp32
-log-det under bf16 autocast, the state-dict round trip, and a GlobalLocalFlow made of the block that the
-built-in samplers invert.
+orders samplers meet (a GlobalLocalFlow's deep block reads ``identity``, its shallow blocks ``flip`` one
+frame at a time; ``flip_within_frame`` is the other registered order): invertibility, the log-determinant
+against the autograd Jacobian, causality in the order ``spec.permutation`` names, the KV cache driven the
+ways samplers drive it (run by run, a run written again before it is final, a pass over some videos of a
+batch), fp32 log-det under bf16 autocast, the state-dict round trip, and a GlobalLocalFlow made of the
+block that the built-in samplers invert.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from flowvid.sampling.jacobi import JacobiSampler
 from flowvid.sampling.sequential import SequentialSampler, invert_block_sequential
 from flowvid.text.base import TextEmbedding
 
-#: The token orders a flow builds blocks with (``permutation``, ``frame_local``): the deep block's, over
-#: the whole video and frame-causal, and a shallow block's, which sees one frame at a time and reads it
-#: forwards or backwards.
+#: The token orders samplers meet (``permutation``, ``frame_local``): over the whole video, frame-causal
+#: (``identity``: a GlobalLocalFlow's deep block; ``flip_within_frame``), and one frame at a time, read
+#: backwards (``flip``: its shallow blocks, which alternate it with ``identity``).
 ORDERS = [pytest.param("identity", False, id="identity"),
           pytest.param("flip_within_frame", False, id="flip_within_frame"),
           pytest.param("flip", True, id="frame_local-flip")]

@@ -205,6 +205,8 @@ def test_a_run_in_the_other_layout_removes_the_earlier_runs_shards_there(tmp_pat
     split = [*top_level, "--val-fraction", "0.5"]
     assert data_main(top_level) == 0
     (out / "notes.txt").write_text("the user's own file")
+    (out / "fvd_stats").mkdir()
+    (out / "fvd_stats" / "pixel-stats_n4.npz").write_bytes(b"statistics of the shards about to go")
     assert data_main(split) == 0
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train", "val"]  # no stale top-level shards
 

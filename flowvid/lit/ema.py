@@ -24,7 +24,10 @@ class EMA:
 
     The averages are fp32 whatever the weights' dtype. DeepSpeed under bf16 keeps the module's weights
     in bf16, whose 8-bit mantissa would round away every step's ``(1 - decay)`` share of a small change:
-    a bf16 average with decay 0.999 never moves.
+    a bf16 average with decay 0.999 never moves. What it trains are the fp32 master weights in its
+    optimiser, of which the module's weights are rounded copies, so the masters are what is averaged
+    (see ``master``); under ZeRO-1/2 that gathers each master from every rank, so every rank must call
+    ``update`` together (as every rank steps together).
 
     Only weights that train are averaged: a frozen weight is its own average, so the module's weight
     stands for it in ``averaged`` and in exports, and it costs no fp32 copy in memory or checkpoints.
@@ -54,7 +57,7 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         for name, weight in self.parameters.items():
-            weight = held(weight).detach()
+            weight = master(weight)
             if name not in self.shadow:  # the first update, or a weight the loaded averages leave out
                 self.shadow[name] = weight.float().clone()
                 continue
@@ -117,6 +120,28 @@ def is_gathered(p: nn.Parameter) -> bool:
 def held(p: nn.Parameter) -> torch.Tensor:
     """What this rank holds of ``p``: its ZeRO-3 shard, or the whole weight."""
     return p.ds_tensor if is_sharded(p) else p
+
+
+def master(p: nn.Parameter) -> torch.Tensor:
+    """What this rank holds of ``p`` as the optimiser steps it: DeepSpeed's fp32 master weight where
+    the module's weight is a low-precision copy of one (a collective under ZeRO-1/2), else ``held(p)``.
+
+    The module's bf16 copies are the masters rounded to 8 bits of mantissa, up to half a bf16 ulp
+    (2^-9 relative) off; an average of them averages that rounding into the fp32 averages, while the
+    trained weights a checkpoint exports are the masters.
+    """
+    weight = held(p).detach()
+    if weight.dtype == torch.float32:  # the weights are what trains: DDP, one process, fp32 ZeRO
+        return weight
+    if hasattr(p, "_z3_optimizer"):  # ZeRO-3's optimiser holds this rank's shard of the master, as ds_tensor's
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(p).detach()
+    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 (or DeepSpeed's bf16 optimiser) partitions the masters over ranks
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p).detach()
+    return weight  # low-precision weights without masters (bf16-true without DeepSpeed) train as they are
 
 
 def whole(p: nn.Parameter, shard: torch.Tensor) -> torch.Tensor:

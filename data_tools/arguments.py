@@ -7,22 +7,12 @@ from inside the constructor, and so that it stops the run before anything is wri
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
+from flowvid.checks import json_object
 from flowvid.registry import Registry, check_arguments
 
-
-def json_object(text: str) -> dict[str, Any]:
-    """argparse type: a JSON object of arguments, such as ``'{"patch_size": 2}'``."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"name\": 2}}', got {text!r} ({err})")
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
+__all__ = ["build_registered", "check_registered_arguments", "json_object"]
 
 
 def build_registered(registry: Registry, name: str, arguments: dict[str, Any], option: str) -> Any:

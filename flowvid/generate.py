@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
+from flowvid.checks import json_object
 from flowvid.data.shards import file_sha256
 from flowvid.media import MediaError, frame_rate, frame_size, write_video
 from flowvid.paths import check_output_folder, write_atomically
@@ -53,6 +54,7 @@ from flowvid.pipeline import (
     sampler_takes,
 )
 from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
+from flowvid.registry import check_arguments
 from flowvid.sampling import Sampler, WindowedSampler, sampler_class
 from flowvid.sampling.jacobi import check_tolerance
 from flowvid.sampling.tasks import TASKS, check_seed
@@ -144,15 +146,24 @@ def check_options(args: argparse.Namespace) -> None:
 SAMPLER_OPTIONS = {"tol": "--tol", "first_block_size": "--first-block-size", "block_size": "--block-size"}
 
 
-def check_sampler_settings(args: argparse.Namespace, sampler: str, source: str) -> None:
-    """Refuse the windowed sampler (a long video is sampled in windows anyway) and settings given to a
-    sampler that takes none such, where they would be ignored without a word."""
+def check_sampler_settings(args: argparse.Namespace, sampler: str, source: str,
+                           settings: dict[str, Any] | None = None) -> None:
+    """Refuse the windowed sampler (a long video is sampled in windows anyway), and settings given to a
+    sampler that takes none such (where they would be ignored without a word) or that, with its
+    ``settings`` from the recipe, it cannot be built with."""
     if issubclass(sampler_class(sampler), WindowedSampler):
         raise GenerateError(f"{source} {sampler}: videos longer than the model's training length are sampled in "
                             "windows of that length already; choose the sampler of each window (jacobi, sequential)")
     for key, option in SAMPLER_OPTIONS.items():
         if getattr(args, key) is not None and not sampler_takes(sampler, key):
             raise GenerateError(f"{option}: {source} {sampler} takes no {key}")
+        if key in args.sampler_args:
+            raise GenerateError(f"--sampler-args: give {key} as {option}")
+    try:
+        check_arguments(f"{source} {sampler}", sampler_class(sampler), {**(settings or {}), **args.sampler_args},
+                        "--sampler-args")
+    except ValueError as err:
+        raise GenerateError(str(err)) from None
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
@@ -414,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", default=None,
                         help="registered sampler name (jacobi, sequential, ...) or a plugin's class path; default: "
                              "the model's (its recipe's model.sampler, jacobi unless set)")
+    parser.add_argument("--sampler-args", type=json_object, default={},
+                        help="the sampler's other settings as JSON, e.g. '{\"max_iterations\": 64}'; over the model's "
+                             "own when --sampler is left out")
     parser.add_argument("--tol", type=float, default=None,
                         help="tolerance of the sampler (Jacobi: relative change per pass); default: the model's "
                              "sampler's, else Jacobi's 1e-3 in 32-true and 1e-2 in bf16-mixed")
@@ -458,9 +472,10 @@ def main(argv: list[str]) -> int:
                             adapter_strength=args.lora_strength)
         if args.sampler is None:
             sampler, settings = model_sampler(module)
-            check_sampler_settings(args, sampler, "the model's sampler")
+            check_sampler_settings(args, sampler, "the model's sampler", settings)
         else:
             sampler, settings = args.sampler, {}
+        settings.update(args.sampler_args)
         # The command line's settings, else the model's, else the precision's tolerance (Jacobi) and the
         # sampler's own defaults.
         chosen = {key: settings.pop(key, None) for key in SAMPLER_OPTIONS}

@@ -291,6 +291,8 @@ def test_a_frame_count_or_seed_out_of_range_is_refused_before_loading(tmp_path, 
     (["--sampler", "sequential", "--tol", "0.01"], "--tol: --sampler sequential takes no tol"),
     (["--sampler", "jacobl"], "--sampler: unknown sampler 'jacobl'; registered:"),
     (["--sampler", "flowvid.sampling.Jacobi"], "--sampler: sampler class_path 'flowvid.sampling.Jacobi': module "),
+    (["--sampler", "jacobi", "--sampler-args", '{"max_iter": 3}'], "takes no argument 'max_iter' (in --sampler-args)"),
+    (["--sampler", "jacobi", "--sampler-args", '{"tol": 0.1}'], "--sampler-args: give tol as --tol"),
     (["--sampler", "flowvid.sampling.jacobi.JacobiSampler", "--tol", "0"], "--tol must be"),
     (["--task", "i2v", "--image", "missing.png"], "--image missing.png does not exist"),
     (["--task", "extend", "--video", "missing.mp4"], "--video missing.mp4 does not exist"),
@@ -791,6 +793,10 @@ def test_the_models_own_sampler_is_the_default_of_generate_and_the_pipeline(tmp_
     assert main(["generate", "--ckpt", str(tuned), "--prompt", "x", "--sampler", "jacobi", "--out",
                  str(tmp_path / "d")]) == 0
     assert read_record(tmp_path / "d", "t2v_000")["tol"] == 1e-3  # the command's sampler, at its defaults
+    assert main(["generate", "--ckpt", str(tuned), "--prompt", "x", "--sampler-args", '{"max_iterations": 3}',
+                 "--out", str(tmp_path / "d2")]) == 0
+    record = read_record(tmp_path / "d2", "t2v_000")
+    assert (record["tol"], record["sampler_args"]) == (0.05, {"max_iterations": 3})  # over the model's own
 
     # Named by class path, a Jacobi sampler is still one: its settings reach generate, which samples
     # what the pipeline samples.

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowvid.checks import json_object
 from flowvid.registry import Registry, check_arguments
-
-__all__ = ["build_registered", "check_registered_arguments", "json_object"]
 
 
 def build_registered(registry: Registry, name: str, arguments: dict[str, Any], option: str) -> Any:

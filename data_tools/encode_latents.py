@@ -34,8 +34,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_tools.arguments import build_registered, json_object
+from data_tools.arguments import build_registered
 from data_tools.report import console, print_summary, progress_bar
+from flowvid.checks import json_object
 from flowvid.codecs.base import LatentCodec
 from flowvid.data.manifest import load_manifest, new_manifest, video_shape, write_manifest
 from flowvid.data.shards import (

@@ -27,10 +27,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from data_tools.arguments import check_registered_arguments, json_object
+from data_tools.arguments import check_registered_arguments
 from data_tools.fvd_stats import (cached_statistics, feed_in_batches, note_few_samples, planned_key,
                                   reference_stats)
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
+from flowvid.checks import json_object
 from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.data.shards import FVD_STATS_FOLDER
 from flowvid.media import MediaError, read_video

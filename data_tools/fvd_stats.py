@@ -27,8 +27,9 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from data_tools.arguments import check_registered_arguments, json_object
+from data_tools.arguments import check_registered_arguments
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
+from flowvid.checks import json_object
 from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.data.shards import FVD_STATS_FOLDER, BadSample, SampleSpec, decode_sample, listed_samples, shard_paths
 from flowvid.metrics.extractor import build_extractor

@@ -36,7 +36,8 @@ import re
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -300,14 +301,20 @@ def find_videos(inputs: Sequence[str]) -> dict[Path, str]:
     ``{resolved path: its path below the input it was first found under}``, sorted by path.
 
     A file that several inputs name (a folder and a file in it, a relative and an absolute spelling)
-    is one video.
+    is one video. An input that names no video (a misspelt path, a folder without videos) is refused
+    rather than left out unnoticed.
     """
     found: dict[Path, str] = {}
+    barren: list[str] = []
     for item in inputs:
-        for path, below in _found_under(item):
+        videos = list(_found_under(item))
+        if not videos:
+            barren.append(item)
+        for path, below in videos:
             found.setdefault(path.resolve(), below)
-    if not found:
-        raise ValueError(f"no video files found in {list(inputs)} (extensions: {', '.join(sorted(VIDEO_EXTENSIONS))})")
+    if barren:
+        raise ValueError(f"no video file found in {', '.join(map(repr, barren))}: not an existing file, nor a folder "
+                         f"or pattern with video files (extensions: {', '.join(sorted(VIDEO_EXTENSIONS))})")
     return dict(sorted(found.items()))
 
 
@@ -414,12 +421,20 @@ def _read_one(path: Path, spec: ClipSpec) -> Clips | str:
 
 
 def _read_all(paths: list[Path], spec: ClipSpec, workers: int) -> Iterator[Clips | str]:
-    """Clips of each path, in order; decoding runs in ``workers`` processes."""
+    """Clips of each path, in order; decoding runs in ``workers`` processes, at most two files each ahead
+    of the one being written. (``Executor.map`` would start every file at once: while a long video
+    decodes, the clips of all the files after it would pile up in memory.)"""
     if workers <= 1 or len(paths) <= 1:
         yield from (_read_one(path, spec) for path in paths)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(_read_one, paths, [spec] * len(paths))
+        pending: deque[Future] = deque()
+        for path in paths:
+            if len(pending) == 2 * workers:
+                yield pending.popleft().result()
+            pending.append(pool.submit(_read_one, path, spec))
+        while pending:
+            yield pending.popleft().result()
 
 
 def main(argv: list[str] | None = None) -> int:

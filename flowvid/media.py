@@ -71,7 +71,8 @@ def quarter_turns(frame: av.VideoFrame) -> int:
 def shown_size(frame: av.VideoFrame, pixel_aspect: Fraction | None = None) -> tuple[int, int]:
     """(width, height) of ``frame`` as a player shows it: pixels made square by the stream's sample aspect
     ratio ``pixel_aspect`` (anamorphic video: DV, DVD), then turned upright."""
-    width = round(frame.width * pixel_aspect) if pixel_aspect and pixel_aspect != 1 else frame.width
+    # At least one pixel: a sliver of a frame with very narrow pixels (or a damaged aspect ratio) is still a frame.
+    width = max(1, round(frame.width * pixel_aspect)) if pixel_aspect and pixel_aspect != 1 else frame.width
     return (frame.height, width) if quarter_turns(frame) % 2 else (width, frame.height)
 
 

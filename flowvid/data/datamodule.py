@@ -36,8 +36,9 @@ class VideoShardDataModule(L.LightningDataModule):
     weight over the sum of the weights. Every folder must hold clips of one kind and size (and latents
     of one codec, text of one encoder).
 
-    Training resamples each rank's shards and stops after ``batches_per_epoch`` batches on every rank.
-    Validation reads each rank's shards once in order, or exactly ``val_batches`` batches per rank when
+    Training resamples all the shards on every rank and worker (each with randomness of its own) and
+    stops after ``batches_per_epoch`` batches on every rank. Validation reads each rank's share of the
+    shards (every world-size-th) once in order, or exactly ``val_batches`` batches per rank when
     given (set it under multi-device training so that ranks do not wait for each other).
 
     Unusable samples are skipped, logged once and counted (``skipped_counts()``). The data order is
@@ -165,17 +166,19 @@ class VideoShardDataModule(L.LightningDataModule):
         for folder in self._folders()[1:]:
             _check_same_space(self.manifest, self._manifest(folder), first, folder)
         rank, world_size = self._rank_and_world_size()
-        for folder in self._folders():
-            shards = self._shards(folder)
+        # Training draws from all the shards on every rank; validation reads the rank's share of them.
+        placed = [(folder, 0, 1) for folder in self.train_dirs]
+        placed += [(folder, rank, world_size) for folder in self.val_dirs]
+        for folder, reader, readers in placed:
             try:  # fail now, not in a worker
-                shards_for_rank(shards, rank, world_size)
+                shards_for_rank(self._shards(folder), reader, readers)
             except ValueError as err:
                 raise ValueError(f"{folder}: {err}") from err
-            self._check_some_sample_is_usable(folder, rank, world_size)
+            self._check_some_sample_is_usable(folder, reader, readers)
 
     def _check_some_sample_is_usable(self, folder: str, rank: int, world_size: int) -> None:
-        """Read this rank's shards of ``folder`` up to the first usable sample: a folder whose shards
-        are all broken fails before training rather than at the first validation, minutes later."""
+        """Read the shards of ``folder`` that ``rank`` reads up to the first usable sample: a folder whose
+        shards are all broken fails before training rather than at the first validation, minutes later."""
         probe = ShardStream(self._shards(folder), SampleSpec.from_manifest(self._manifest(folder)), batch_size=1,
                             batches=1, resample=False, shuffle_buffer=0, seed=self.seed, counter=SkipCounter(1))
         probe.place(rank, world_size)
@@ -344,8 +347,8 @@ class SyntheticVideoDataModule(VideoShardDataModule):
     the same dataset, made by this module or by ``make-synthetic`` with the same settings (the defaults
     of both agree, except ``val_videos``); one made with other settings is written again, with a
     warning naming the settings that differ. Validation holds only attribute combinations never seen
-    in training. Keep ``num_videos / shard_samples`` at least devices x workers, so that every worker
-    has a shard.
+    in training. Keep ``val_videos / shard_samples`` at least the number of devices, so that every
+    rank has a validation shard.
     """
 
     def __init__(

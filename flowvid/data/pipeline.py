@@ -1,14 +1,18 @@
 """The streams behind the DataModule: shards -> checked samples -> shuffled batches, per rank and worker.
 
-Shards are split twice: rank ``r`` of ``R`` takes every R-th shard, and within a rank the DataLoader's
-worker ``w`` of ``W`` takes every W-th of those. A training stream resamples its own shards forever
-(with a shuffle buffer) and stops after a fixed number of batches, so every rank runs the same number
-of steps whatever its shards hold: no rank waits for another at the end of an epoch.
+A training stream (one per rank and DataLoader worker) resamples all the shards forever (with a
+shuffle buffer), with randomness of its own, and stops after a fixed number of batches, so every rank
+runs the same number of steps: no rank waits for another at the end of an epoch. Every stream draws
+from every shard because each gives the same number of batches: a stream dealt fewer or smaller
+shards (the last shard of a folder is usually small) would give each of its samples more often.
 
-A stream may mix several sources (shard folders), each split over ranks and workers on its own. A
-resampled stream then draws a source's shard with probability ``weight / samples`` of that source's
-shards in the stream, so that the expected share of samples from each source is its weight,
-whatever the sizes of its shards.
+A single pass (validation) splits the shards twice: rank ``r`` of ``R`` takes every R-th shard, and
+within a rank the DataLoader's worker ``w`` of ``W`` takes every W-th of those, so that each sample is
+read once.
+
+A stream may mix several sources (shard folders). A resampled stream then draws a source's shard
+with probability ``weight / samples`` of that source's shards, so that the expected share of samples
+from each source is its weight, whatever the sizes of its shards.
 
 Determinism: a stream's randomness is seeded by (seed, epoch, rank, stream), and the DataLoader asks
 its workers for batches in turn, so batch ``i`` of an epoch is the ``i // W``-th batch of stream
@@ -75,7 +79,7 @@ def shards_for_rank(shards: list[str], rank: int, world_size: int) -> list[str]:
         folder = os.path.dirname(shards[0])
         raise ValueError(
             f"rank {rank} of {world_size} receives no shard: {folder} has {len(shards)} shard(s). "
-            f"Write at least {world_size} shards (a smaller --shard-samples) or train on fewer devices."
+            f"Write at least {world_size} shards (a smaller --shard-samples) or run on fewer devices."
         )
     return mine
 
@@ -157,9 +161,7 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stream = (worker + self.skip) % workers
-        # A single ordered pass reads each shard once; a stream of a fixed number of batches may share.
-        rank_sources = [source.for_rank(self.rank, self.world_size) for source in self.sources]
-        sources = [source.for_stream(stream, workers, self.batches is not None) for source in rank_sources]
+        rank_sources, sources = self._stream_sources(stream, workers)
         if not any(source.shards for source in sources):
             return
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{stream}")
@@ -180,13 +182,23 @@ class ShardStream(IterableDataset):
             if not self.replaying:
                 yield batch
 
+    def _stream_sources(self, stream: int, workers: int) -> tuple[list[ShardSource], list[ShardSource]]:
+        """(the rank's sources, this stream's part of them). A resampled stream draws from all the shards
+        (see the module docstring); a single ordered pass reads each of the rank's shards once; a stream
+        of a fixed number of batches may share."""
+        if self.resample:
+            return self.sources, self.sources
+        rank_sources = [source.for_rank(self.rank, self.world_size) for source in self.sources]
+        return rank_sources, [source.for_stream(stream, workers, self.batches is not None) for source in rank_sources]
+
     def _samples(self, sources: list[ShardSource], rank_sources: list[ShardSource], rng: random.Random,
                  worker: int) -> Iterator[Sample]:
         """Checked samples; resampled shards forever, or ordered passes (one unless a batch count is set).
 
         A stream of a fixed number of batches must not run dry before it has them all: when a source's
         shards in this stream give no usable sample, it reads all the rank's shards of that source from
-        then on (``_refilled``), as the rank's other streams read on.
+        then on (``_refilled``), as the rank's other streams read on (a resampled stream reads them all
+        already).
         """
         endless = self.resample or self.batches is not None
         barren: set[str] = set()  # shards that gave no usable sample
@@ -209,7 +221,7 @@ class ShardStream(IterableDataset):
         shards = [shard for source in sources for shard in source.shards]
         if not self.resample:
             return shards
-        if len(sources) == 1:  # uniform over the shards, the order single-folder runs have always had
+        if len(sources) == 1:  # uniform over the shards: each sample is drawn as often as any other
             return [rng.choice(shards) for _ in shards]
         weights = [source.weight / max(sum(source.samples), 1) for source in sources for _ in source.shards]
         return rng.choices(shards, weights, k=len(shards))
@@ -223,7 +235,7 @@ class ShardStream(IterableDataset):
             if _dry(source, barren):
                 if _dry(whole, barren):
                     raise RuntimeError(
-                        f"no usable sample left in {len(set(whole.shards))} shard(s) of rank {self.rank} "
+                        f"no usable sample left in {len(set(whole.shards))} shard(s) read by rank {self.rank} "
                         f"(first: {whole.shards[0]}); skipped so far: {self.counter.totals()}"
                     )
                 source = whole

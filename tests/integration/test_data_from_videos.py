@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from concurrent.futures import Executor, Future
 from fractions import Fraction
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_tools import from_videos
 from data_tools.cli import main as data_main
-from data_tools.clips import ClipSpec, read_clips
+from data_tools.clips import ClipSpec, _fit, read_clips
 from data_tools.report import console
 from data_tools.verify import verify_folder
-from flowvid.media import read_frames, read_image
+from flowvid.media import read_frames, read_image, shown_size
 from flowvid.data import VideoShardDataModule, load_manifest
 
 
@@ -446,6 +448,13 @@ def test_anamorphic_video_is_read_with_square_pixels(tmp_path):
     assert red.sum(axis=1).max() == 16 and red.sum(axis=0).max() == 8
 
 
+def test_a_frame_whose_pixel_aspect_would_show_it_no_pixel_wide_makes_a_clip():
+    # One stored pixel wide with pixels a third as wide as high: shown a third of a pixel wide, rounded to one.
+    frame = av.VideoFrame.from_ndarray(np.full((32, 1, 3), 200, np.uint8), format="rgb24")
+    assert shown_size(frame, Fraction(1, 3)) == (1, 32)
+    np.testing.assert_array_equal(_fit(frame, 16, 16, Fraction(1, 3)), np.full((16, 16, 3), 200, np.uint8))
+
+
 def test_a_phone_photo_is_read_upright_by_its_exif_orientation(tmp_path):
     # EXIF orientation 6: the stored picture is shown turned a quarter clockwise (an image-to-video start).
     stored = random_frames(1, 8, 16)[0]
@@ -453,3 +462,59 @@ def test_a_phone_photo_is_read_upright_by_its_exif_orientation(tmp_path):
     exif[0x0112] = 6
     Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
     np.testing.assert_array_equal(read_image(tmp_path / "photo.png", 16, 8), np.rot90(stored, -1))
+
+
+def test_an_input_that_names_no_video_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(console, "width", 400)  # the message on one line
+    write_video(tmp_path / "good.mkv", random_frames(4, 8, 8))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not a video")
+    inputs = [str(tmp_path / "good.mkv"), str(tmp_path / "goood.mkv"), str(tmp_path / "notes")]
+    with console.capture() as printed:
+        assert data_main(["from-videos", *inputs, "--out", str(tmp_path / "out"), "--frames", "2", "--size", "8",
+                          "--default-caption", ""]) == 2
+    assert f"no video file found in {inputs[1]!r}, {inputs[2]!r}" in printed.get()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_camcorder_files_is_searched_for_them(tmp_path):
+    # AVCHD camcorders write MPEG transport streams named .mts / .m2ts.
+    for name in ("a.mts", "b.m2ts"):
+        with av.open(str(tmp_path / name), "w", format="mpegts") as container:
+            stream = container.add_stream("mpeg4", rate=16)
+            stream.height, stream.width, stream.pix_fmt = 16, 16, "yuv420p"
+            for frame in random_frames(16, 16, 16):  # a few frames more than FFmpeg needs to recognise the format
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+    assert data_main(["from-videos", str(tmp_path), "--out", str(tmp_path / "out"), "--frames", "8", "--size", "8",
+                      "--default-caption", ""]) == 0
+    assert sorted(meta["source"] for meta in metas(tmp_path / "out")) == ["a.mts", "a.mts", "b.m2ts", "b.m2ts"]
+
+
+class RecordingExecutor(Executor):
+    """Runs each file where it is submitted, and records when: how far decoding runs ahead of writing."""
+
+    submitted: list = []
+
+    def __init__(self, max_workers):
+        RecordingExecutor.submitted = []
+
+    def submit(self, fn, *args):
+        RecordingExecutor.submitted.append(args[0])
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
+def test_decoding_runs_only_a_few_files_ahead_of_writing(tmp_path, monkeypatch):
+    # Decoded files wait in memory until their turn to be written: a long video early in the list must
+    # not let the clips of every file after it pile up.
+    for index in range(12):
+        write_video(tmp_path / f"v{index:02d}.mkv", random_frames(2, 8, 8, seed=index))
+    monkeypatch.setattr(from_videos, "ProcessPoolExecutor", RecordingExecutor)
+    paths = sorted(tmp_path.glob("*.mkv"))
+    results = from_videos._read_all(paths, ClipSpec(2, 8, 8), workers=2)
+    for taken in range(1, len(paths) + 1):
+        assert not isinstance(next(results), str)
+        assert len(RecordingExecutor.submitted) <= taken + 4
+    assert RecordingExecutor.submitted == paths

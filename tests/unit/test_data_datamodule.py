@@ -55,30 +55,44 @@ def folder(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp("shards"))
 
 
-def test_two_ranks_two_workers_see_disjoint_shards_and_equal_batch_counts(folder, monkeypatch):
+def write_uneven_folder(folder, samples=31, per_shard=10):
+    """``samples`` clips "c000", ... in shards of ``per_shard``: the last shard holds the rest (here one clip)."""
+    with ShardFolderWriter(folder, max_samples=per_shard) as writer:
+        for index in range(samples):
+            writer.write(encode_sample(f"c{index:03d}", "clip", {}, frames=np.zeros((2, 4, 4, 3), np.uint8)))
+    write_manifest(folder, new_manifest("raw", VIDEO, samples=writer.samples, num_shards=len(writer.shards),
+                                        shards=writer.shards))
+    return folder
+
+
+def test_every_rank_and_worker_draws_evenly_from_every_shard(tmp_path, monkeypatch):
+    # Shards of 10, 10, 10 and 1 clips on two ranks of two workers: each worker gives a quarter of the
+    # batches, so one dealt the last shard alone would give its single clip a quarter of the time.
+    folder = write_uneven_folder(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    seen = {}
+    epochs = {}
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
-        dm = VideoShardDataModule(str(folder), batch_size=4, num_workers=2, shuffle_buffer=8, batches_per_epoch=5,
-                                  seed=1)
+        dm = VideoShardDataModule(str(folder), batch_size=4, num_workers=2, shuffle_buffer=8, batches_per_epoch=60)
         dm.setup("fit")
-        batches = run_epoch(dm)
-        assert len(batches) == 5 and all(len(b) == 4 for b in batches)
-        # The DataLoader takes batches from workers in turn: even batches from one, odd from the other.
-        workers = [{shard_of(k) for b in batches[w::2] for k in b} for w in (0, 1)]
-        assert workers[0].isdisjoint(workers[1])
-        seen[rank] = workers[0] | workers[1]
-    assert seen[0].isdisjoint(seen[1])
-    assert seen[0] <= {0, 2, 4, 6} and seen[1] <= {1, 3, 5, 7}
+        epochs[rank] = run_epoch(dm)
+        assert len(epochs[rank]) == 60 and all(len(batch) == 4 for batch in epochs[rank])
+    assert epochs[0] != epochs[1]  # every rank with randomness of its own
+    keys = [key for rank in (0, 1) for batch in epochs[rank] for key in batch]
+    assert set(keys) == {f"c{index:03d}" for index in range(31)}
+    assert keys.count("c030") / len(keys) < 0.08  # a fair share is 1/31
 
 
-def test_a_rank_without_shards_is_a_clear_error(tmp_path, monkeypatch):
+def test_a_rank_without_a_validation_shard_is_a_clear_error_while_training_needs_none_of_its_own(tmp_path,
+                                                                                                monkeypatch):
     write_folder(tmp_path, shards=2)
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "3")
+    dm = VideoShardDataModule(str(tmp_path), batch_size=2, batches_per_epoch=3)
+    dm.setup("fit")
+    assert len(run_epoch(dm)) == 3
     with pytest.raises(ValueError, match=f"rank 2 of 3 receives no shard: {tmp_path} has 2 shard"):
-        VideoShardDataModule(str(tmp_path)).setup("fit")
+        VideoShardDataModule(str(tmp_path), val_dir=str(tmp_path)).setup("fit")
 
 
 def test_a_manifest_that_lists_no_shard_is_named_with_what_to_do(tmp_path):
@@ -209,8 +223,7 @@ def test_nothing_usable_is_a_clear_error(tmp_path, num_workers):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_worker_whose_own_shards_are_broken_reads_the_other_shards_of_its_rank(tmp_path, num_workers):
-    # With two workers, the second one's only shard is the broken one: it must read the first's, not stop.
+def test_training_and_validation_go_on_around_a_broken_shard(tmp_path, num_workers):
     write_folder(tmp_path, shards=2)
     (tmp_path / "shard-000001.tar").write_bytes(b"not a tar archive")
     dm = VideoShardDataModule(str(tmp_path), val_dir=str(tmp_path), batch_size=2, num_workers=num_workers,
@@ -223,6 +236,12 @@ def test_a_worker_whose_own_shards_are_broken_reads_the_other_shards_of_its_rank
     keys = [key for batch in dm.val_dataloader() for key in batch["key"]]
     assert sorted(keys) == [f"s0-{i:03d}" for i in range(6)]
     assert dm.skipped_counts() == {"broken_tar": lost_in_training + 6}
+    # A fixed count of validation batches: with two workers, the second one's only shard is the broken one;
+    # it must read the first's, not stop.
+    fixed = VideoShardDataModule(str(tmp_path), val_dir=str(tmp_path), batch_size=2, num_workers=num_workers,
+                                 val_batches=5)
+    batches = list(fixed.val_dataloader())
+    assert len(batches) == 5 and {shard_of(key) for batch in batches for key in batch["key"]} == {0}
 
 
 def test_a_codec_mismatch_names_the_settings_that_differ_also_in_older_folders(tmp_path):
@@ -286,7 +305,7 @@ def test_a_mixture_draws_each_folder_in_proportion_to_its_weight_whatever_its_sh
     assert share_of_a(run_epoch(dm)) == pytest.approx(share, abs=0.04)
 
 
-def test_a_mixture_resumes_batch_exactly_and_splits_every_folder_over_the_ranks(two_folders, monkeypatch):
+def test_a_mixture_resumes_batch_exactly_and_every_rank_draws_from_both_folders(two_folders, monkeypatch):
     folders = [str(f) for f in two_folders]
 
     def module():
@@ -309,12 +328,14 @@ def test_a_mixture_resumes_batch_exactly_and_splits_every_folder_over_the_ranks(
         other.load_state_dict(dm.state_dict())
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    shards = {}
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         ranked = VideoShardDataModule(folders, batch_size=4, batches_per_epoch=40, train_weights=[1, 1])
         ranked.setup("fit")
-        shards = {key.split("-")[0] for batch in run_epoch(ranked) for key in batch}
-        assert shards == {f"a{s}" for s in range(rank, 8, 2)} | {f"b{rank}"}
+        shards[rank] = [key.split("-")[0] for batch in run_epoch(ranked) for key in batch]
+        assert {shard[0] for shard in shards[rank]} == {"a", "b"}
+    assert shards[0] != shards[1] and {"b0", "b1"} <= set(shards[0]) & set(shards[1])
 
 
 def test_a_mixture_is_checked_before_training(two_folders, tmp_path):

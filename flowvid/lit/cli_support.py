@@ -13,6 +13,7 @@ status 2; ``FLOWVID_TRACEBACK=1`` shows the traceback instead. Later errors keep
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -25,6 +26,7 @@ import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from flowvid.lit.checkpointing import (
@@ -43,6 +45,9 @@ from flowvid.lit.progress import StepProgressBar
 
 #: The values of ``ckpt_path`` that Lightning reads as names, not paths.
 LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
+
+#: Added to the name of a checkpoint that cannot be read when a resumed run sets it aside.
+UNREADABLE_SUFFIX = ".unreadable"
 
 #: What a mistake in a command's inputs raises (a value, a path, a checkpoint).
 INPUT_ERRORS = (ValueError, FileNotFoundError, CorruptCheckpointError, MisconfigurationException)
@@ -167,12 +172,24 @@ class FlowvidCLI(LightningCLI):
         if settings.get("ckpt_path"):
             if os.path.isdir(settings.ckpt_path):
                 settings.ckpt_path = str(resolve_checkpoint(settings.ckpt_path))
-            return
-        resume = settings.get("resume")
-        settings.ckpt_path = resolve_resume(checkpoint_dir_of(self.trainer), resume)
-        if settings.ckpt_path is None and resume not in (None, "none"):
-            warnings.warn(f"resume: {resume} found no checkpoint in {checkpoint_dir_of(self.trainer)}: "
-                          "validating the model as initialised", stacklevel=2)
+        else:
+            resume = settings.get("resume")
+            settings.ckpt_path = resolve_resume(checkpoint_dir_of(self.trainer), resume)
+            if settings.ckpt_path is None and resume not in (None, "none"):
+                warnings.warn(f"resume: {resume} found no checkpoint in {checkpoint_dir_of(self.trainer)}: "
+                              "validating the model as initialised", stacklevel=2)
+            elif settings.ckpt_path is None:
+                warn_of_unused_checkpoints(checkpoint_dir_of(self.trainer))
+        if settings.ckpt_path not in LIGHTNING_CHECKPOINT_NAMES and os.path.exists(settings.ckpt_path or ""):
+            self._log_at_the_step_of(settings.ckpt_path)
+
+    def _log_at_the_step_of(self, ckpt_path: str) -> None:
+        """Log the validation of a checkpoint at the step where its run logged the validation after it, so
+        that it lands on the run's curves in TensorBoard (the run's logs are its default folder), not at step
+        0. (Lightning restores the step counters only when fitting.)"""
+        loops = load_client_state(ckpt_path).get("loops") or {}
+        state = (loops.get("fit_loop") or {}).get("epoch_loop.state_dict") or {}
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = int(state.get("_batches_that_stepped", 0))
 
     def resolved_config(self) -> dict[str, Any]:
         """The full config of this command as plain data (what ``config.yaml`` holds)."""
@@ -195,19 +212,45 @@ def check_no_earlier_run(checkpoint_dir: str) -> None:
                          "--trainer.default_root_dir (or remove them)")
 
 
+def warn_of_unused_checkpoints(checkpoint_dir: str) -> None:
+    """``validate`` without a checkpoint measures the untrained model, even beside a run's checkpoints."""
+    found = list_checkpoints(checkpoint_dir)
+    if found:
+        warnings.warn(f"validating the model as initialised, not one of the {len(found)} checkpoint(s) in "
+                      f"{checkpoint_dir}: --ckpt_path {checkpoint_dir} (or --resume auto) validates "
+                      f"the newest, {found[-1].name}", stacklevel=3)
+
+
 def check_no_later_checkpoints(checkpoint_dir: str, resumed: str) -> None:
     """Resuming a run from one of its own checkpoints must not leave newer ones beside the new branch:
-    ``resume: auto`` and ``keep_last_k`` would take them for this run's."""
+    ``resume: auto`` and ``keep_last_k`` would take them for this run's. Newer ones that cannot be read
+    (what ``resume: auto`` passes over after a crash mid-write or a full disk) are set aside instead."""
     found = [path.resolve() for path in list_checkpoints(checkpoint_dir)]
     resumed_path = Path(resumed).resolve()
     if resumed_path not in found:
         return
-    later = found[found.index(resumed_path) + 1:]
+    later = [path for path in found[found.index(resumed_path) + 1:] if not set_aside_if_unreadable(path)]
     if later:
         raise ValueError(f"{checkpoint_dir} holds {len(later)} checkpoint(s) newer than {resumed_path.name} "
                          f"({', '.join(path.name for path in later[:3])}): continuing from {resumed_path.name} "
                          "would leave them among the new ones, where resume: auto would take them; move them out "
                          "of the folder first, or continue from the newest with --resume auto")
+
+
+def set_aside_if_unreadable(checkpoint: Path) -> bool:
+    """Rename a checkpoint that cannot be read to ``<name>.unreadable``, out of the run's checkpoints, and say
+    so; whether it was. Left in place it would block the step's new checkpoint, written beside it as
+    ``step=N-v1.ckpt``, and ``keep_last_k`` would never remove it."""
+    try:
+        load_client_state(checkpoint)
+    except CorruptCheckpointError as err:
+        aside = checkpoint.with_name(checkpoint.name + UNREADABLE_SUFFIX)
+        with contextlib.suppress(FileNotFoundError):  # another process of the run set it aside first
+            os.replace(checkpoint, aside)
+            rank_zero_warn(f"set aside {aside.name}, which cannot be read ({err}); the run continues "
+                           f"from an earlier checkpoint and writes the steps after it again")
+        return True
+    return False
 
 
 def _use_step_progress_bar(trainer: Trainer) -> None:

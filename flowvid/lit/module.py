@@ -173,7 +173,10 @@ class FlowModule(LightningModule):
                              f"got {schedule_steps!r}")
         if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches!r}")
-        for name, value in (("guidance", guidance), ("latent_norm_penalty", latent_norm_penalty)):
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        for name, value in (("guidance", guidance), ("latent_norm_penalty", latent_norm_penalty),
+                            ("weight_decay", weight_decay)):
             if not (math.isfinite(value) and value >= 0):  # a negative penalty rewards latents that blow up
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if guidance > 0 and text_encoder is None:  # else the first sample logged mid-training would fail
@@ -731,8 +734,9 @@ class FlowModule(LightningModule):
                        "keeps the original schedule")
 
     def _apply_configured_rates(self) -> None:
-        """The checkpoint restores the optimiser's peak rates and weight decay; the run's config wins, so that a
-        run resumed with another ``lr``, ``denoiser_lr`` or ``weight_decay`` trains with them (its schedule,
+        """The checkpoint restores the optimiser's peak rates and weight decay, and the rates of the step it
+        resumes at; the run's config wins, so that a run resumed with another ``lr``, ``denoiser_lr`` or
+        ``weight_decay``, or another length of schedule, trains with them from its first step (its schedule,
         ``min_lr`` included, is already this run's)."""
         scheduler = self.lr_schedulers()
         peaks = {"flow": self.hparams.lr, "denoiser": self.hparams.denoiser_lr}
@@ -743,12 +747,14 @@ class FlowModule(LightningModule):
                 changed.add(group["name"])
             scheduler.base_lrs[index] = group["initial_lr"] = peak
             group["weight_decay"] = decay
+        if changed or self._resumed_schedule_length not in (None, self.schedule_length):
+            rates = [base * factor(scheduler.last_epoch)
+                     for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, rate in zip(scheduler.optimizer.param_groups, rates):
+                group["lr"] = rate
+            scheduler._last_lr = rates
         if not changed:
             return
-        rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-        for group, rate in zip(scheduler.optimizer.param_groups, rates):
-            group["lr"] = rate
-        scheduler._last_lr = rates
         rank_zero_warn(f"the {' and '.join(sorted(changed))} learning rate or weight decay differs from the checkpoint's: "
                        "the resumed run trains with this run's lr, denoiser_lr and weight_decay")
 

@@ -35,6 +35,8 @@ def fit(*args: str) -> int:
     ("--trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0 applies only to automatic optimisation; "
                                         "FlowModule optimises itself: set model.init_args.grad_clip"),
     ("--model.init_args.schedule_steps=0", "schedule_steps must be an integer >= 1, or null"),
+    ("--model.init_args.warmup_steps=-5", "warmup_steps must be an integer >= 0, got -5"),
+    ("--model.init_args.weight_decay=-0.1", "weight_decay must be a finite number >= 0, got -0.1"),
     ("--ckpt_path=/no/such.ckpt", "ckpt_path /no/such.ckpt does not exist"),
 ])
 def test_a_bad_value_is_one_line_before_training(override, message, tmp_path, capsys):
@@ -118,7 +120,7 @@ def test_resuming_from_a_checkpoint_with_newer_ones_beside_it_is_refused(tmp_pat
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     for step in (95, 120):
-        (folder / f"step={step:08d}.ckpt").write_bytes(b"a checkpoint")
+        torch.save({"step": step}, folder / f"step={step:08d}.ckpt")
     assert fit(f"--resume={folder / 'step=00000095.ckpt'}", f"--trainer.default_root_dir={tmp_path}") == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"flowvid fit: error: {folder} holds 1 checkpoint(s) newer than step=00000095.ckpt "

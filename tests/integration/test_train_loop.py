@@ -590,6 +590,21 @@ def test_a_run_resumed_with_other_rates_and_weight_decay_trains_with_them(tmp_pa
         assert ours["initial_lr"] == changed["lr" if ours["name"] == "flow" else "denoiser_lr"]
 
 
+def test_a_run_resumed_with_a_longer_schedule_takes_its_first_step_at_the_new_schedules_rate(tmp_path):
+    def fit(steps: int, ckpt_path=None) -> list[float]:
+        record = RecordRates()
+        run = trainer(max_steps=steps, callbacks=[record])
+        run.fit(tiny_module(lr=1e-3, min_lr=1e-5, warmup_steps=1, schedule_steps=None), fixed_batches(steps),
+                ckpt_path=ckpt_path)
+        run.save_checkpoint(tmp_path / f"step{steps}.ckpt")
+        return record.used
+
+    fit(2)  # its schedule ends at min_lr after step 2
+    with pytest.warns(UserWarning, match="the learning-rate schedule changes length"):
+        resumed = fit(6, ckpt_path=tmp_path / "step2.ckpt")
+    assert resumed == pytest.approx(fit(6)[2:], rel=1e-12)
+
+
 def test_throughput_measures_a_cpu_and_reads_a_known_gpus_datasheet(monkeypatch):
     from flowvid.lit import throughput
 

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from flowvid.data import VideoShardDataModule, write_synthetic_dataset
 from flowvid.flows import PRESETS
 from flowvid.lit import FlowModule
+from flowvid.lit.cli_support import main as cli_main
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "shapes_t2v.yaml"
 
@@ -86,3 +87,44 @@ def test_a_checkpoint_of_a_recipe_run_rebuilds_the_model(tmp_path):
     assert restored.hparams.noise_std == cli.model.noise_std
     for (name, trained), (_, loaded) in zip(cli.model.state_dict().items(), restored.state_dict().items()):
         assert torch.equal(trained, loaded), name
+
+
+def logged_scalars(version: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    """A recipe's folder after ``flowvid fit`` of 4 steps, validating and checkpointing every 2."""
+    from scale_runs import recipe
+
+    root = tmp_path_factory.mktemp("small_run")
+    write_synthetic_dataset(root / "shapes", num_videos=8, frames=4, size=8, val_videos=4, shard_samples=8)
+    config = recipe(root / "shapes", root / "run", denoiser=False, max_steps=4)
+    config["trainer"].update(logger=True, callbacks=config["trainer"]["callbacks"][:2])
+    (root / "recipe.yaml").write_text(yaml.safe_dump(config))
+    assert run_cli("fit", root) == 0
+    return root
+
+
+def run_cli(command: str, root: Path, *args: str) -> int:
+    with mock.patch.object(sys, "argv", ["flowvid"]):
+        return cli_main([command, "--config", str(root / "recipe.yaml"), *args])
+
+
+def test_validating_a_checkpoint_logs_beside_the_validation_its_run_logged_after_it(small_run):
+    """Not at step 0 of the run's TensorBoard curves, where it would read as the untrained model's."""
+    assert run_cli("validate", small_run, "--ckpt_path", str(small_run / "run" / "checkpoints" / "step=00000002.ckpt")) == 0
+    logs = sorted((small_run / "run" / "lightning_logs").iterdir())
+    during_training = logged_scalars(logs[0], "val/bits_per_dim")
+    validated = logged_scalars(logs[-1], "val/bits_per_dim")
+    assert len(during_training) == 2 and validated == [pytest.approx(during_training[0], rel=1e-6)]
+
+
+def test_validating_without_a_checkpoint_beside_a_runs_checkpoints_warns(small_run):
+    with pytest.warns(UserWarning, match=r"validating the model as initialised, not one of the 2 checkpoint\(s\)"):
+        assert run_cli("validate", small_run) == 0

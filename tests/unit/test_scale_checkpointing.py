@@ -34,6 +34,7 @@ from flowvid.lit.checkpointing import (
     run_metadata,
 )
 from flowvid.export import main as export_main
+from flowvid.lit.cli_support import check_no_later_checkpoints
 from flowvid.lit.strategies import ZeroStrategy
 
 
@@ -191,6 +192,22 @@ def test_resume_auto_passes_over_a_truncated_newest_checkpoint(tmp_path):
     (tmp_path / "step=00000002.ckpt").write_bytes(b"garbage")
     with pytest.warns(UserWarning), pytest.raises(CorruptCheckpointError, match="none can be read"):
         resolve_resume(tmp_path, "auto")
+
+
+def test_resuming_past_a_truncated_checkpoint_sets_it_aside_and_refuses_a_readable_newer_one(tmp_path):
+    """resume: auto passes over a truncated newest checkpoint; the run it resumes must not be refused for it."""
+    for step in (2, 4, 6):
+        AtomicCheckpointIO().save_checkpoint({"step": step}, tmp_path / f"step={step:08d}.ckpt")
+    truncated = tmp_path / "step=00000006.ckpt"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        resumed = resolve_resume(tmp_path, "auto")
+    with pytest.warns(UserWarning, match="set aside step=00000006.ckpt.unreadable"):
+        check_no_later_checkpoints(str(tmp_path), resumed)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step=00000002.ckpt", "step=00000004.ckpt"]
+    assert (tmp_path / "step=00000006.ckpt.unreadable").is_file()
+    with pytest.raises(ValueError, match="holds 1 checkpoint.* newer than step=00000002.ckpt"):
+        check_no_later_checkpoints(str(tmp_path), str(tmp_path / "step=00000002.ckpt"))
 
 
 def test_resume_none_and_an_empty_run_start_fresh_and_a_missing_path_is_an_error(tmp_path):

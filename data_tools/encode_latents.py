@@ -51,6 +51,7 @@ from flowvid.data.shards import (
     shard_paths,
     staging_folder,
 )
+from flowvid import paths
 from flowvid.placement import join_launch_group, resolve_device
 from flowvid.registry import CODECS, TEXT_ENCODERS
 from flowvid.text.base import TextEncoder
@@ -81,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
     text_encoder = None
     if args.text_encoder:
         text_encoder = build_registered(TEXT_ENCODERS, args.text_encoder, args.text_encoder_args, "--text-encoder-args")
-    check_output_folder(args.source, args.out)
-    raw = load_manifest(args.source)
+    raw, _ = check_request(args.source, args.out, codec, text_encoder)  # a request that cannot be done draws no bar
     started = time.perf_counter()
     with progress_bar(enabled=rank == 0) as bar:
         task = bar.add_task("clips", total=sum(shard["samples"] for shard in raw["shards"][rank::world_size]))
@@ -124,15 +124,7 @@ def encode_latents(
     is at least one: a run that writes nothing (or fails) leaves ``out`` as it was. Under a process
     group each rank encodes every world-size-th raw shard and every rank returns the whole manifest.
     """
-    check_output_folder(source, out)
-    raw = load_manifest(source)
-    if raw["kind"] != "raw":
-        raise ValueError(f"{source} holds {raw['kind']} shards; encode-latents reads raw video shards")
-    if text_encoder is not None and text_encoder.trainable:
-        raise ValueError(f"text encoder {text_encoder.identity()['name']!r} trains with the model: "
-                         "its embeddings cannot be cached")
-    frames, height, width = video_shape(raw)
-    latent_shape = codec.latent_shape(frames, height, width)  # raises when the codec cannot take this size
+    raw, latent_shape = check_request(source, out, codec, text_encoder)
     codec = codec.to(device).eval()
     if text_encoder is not None:
         text_encoder = text_encoder.to(device).eval()
@@ -154,11 +146,28 @@ def encode_latents(
     return manifest
 
 
+def check_request(source: str | Path, out: str | Path, codec: LatentCodec,
+                  text_encoder: TextEncoder | None) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """The raw folder's manifest and the latent shape of its clips; a ValueError, before anything is read or
+    written, when the latents of ``source`` cannot be written to ``out`` with ``codec`` and ``text_encoder``."""
+    check_output_folder(source, out)
+    raw = load_manifest(source)
+    if raw["kind"] != "raw":
+        raise ValueError(f"{source} holds {raw['kind']} shards; encode-latents reads raw video shards")
+    if text_encoder is not None and text_encoder.trainable:
+        raise ValueError(f"text encoder {text_encoder.identity()['name']!r} trains with the model: "
+                         "its embeddings cannot be cached")
+    frames, height, width = video_shape(raw)
+    return raw, codec.latent_shape(frames, height, width)  # raises when the codec cannot take this size
+
+
 def check_output_folder(source: str | Path, out: str | Path) -> None:
-    """Raise a ValueError when ``out`` is the raw folder ``source``: the latents would replace its shards."""
+    """Raise a ValueError when ``out`` is the raw folder ``source`` (the latents would replace its shards) or
+    cannot be a folder."""
     if Path(out).resolve() == Path(source).resolve():
         raise ValueError(f"the output folder {out} is the raw folder itself, whose shards it would replace; "
                          "write the latents to another folder")
+    paths.check_output_folder(out, "output folder", "give a folder for the shards")
 
 
 def _write_latents(

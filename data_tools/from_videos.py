@@ -4,10 +4,11 @@
                              [--val-fraction 0.05]
 
 Captions come from a CSV or JSONL of ``path,caption`` (paths relative to that file), else from a
-sidecar ``<video>.txt``, else ``--default-caption``; a video without one is skipped. Files are
-decoded in parallel; the output depends only on the inputs and options (not on --workers). Every
-skipped file is listed with its reason in ``DIR/summary.json`` (with ``--val-fraction``:
-``DIR/train/summary.json`` and ``DIR/val/summary.json``) and the manifest. A run replaces the
+sidecar ``<video>.txt``, else ``--default-caption``; a video without one is skipped. A table's paths
+match as spelt, else up to Unicode normalisation (NFC). Files are decoded in parallel; the output
+depends only on the inputs and options (not on --workers). Every skipped file is listed with its
+reason in ``DIR/summary.json`` (with ``--val-fraction``: ``DIR/train/summary.json`` and
+``DIR/val/summary.json``) and the manifest. A run replaces the
 shards of an earlier one only when it writes at least one clip; one that writes none leaves ``DIR``
 as it was (and lists every skip on the console). ``DIR`` must not hold any of the input videos, nor a
 ``manifest.json`` that flowvid did not write: both are refused before anything is read.
@@ -15,7 +16,8 @@ as it was (and lists every skip on the console). ``DIR`` must not hold any of th
 ``--val-fraction F`` holds out about that share of the videos (never clips of a video on both sides):
 their clips go to ``DIR/val`` and the others' to ``DIR/train``, the layout ``make-synthetic`` writes;
 each of the two folders has its own manifest and ``summary.json`` (videos skipped before the split,
-for want of a caption, are listed in ``train``'s).
+for want of a caption, are listed in ``train``'s). The two are replaced together, and only when each
+gets a clip: a run whose held-out videos are all unusable leaves both as they were.
 A video's side is a hash of its path below the INPUT it was found under (a file named directly: its
 name), so adding videos later, under that input or another one, moves none of the others; at least
 one video is held out and at least one kept. A file that several inputs name is one video.
@@ -26,6 +28,7 @@ layout's manifests, the shards they list and their summaries once it has written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import hashlib
@@ -36,6 +39,7 @@ import re
 import shutil
 import sys
 import time
+import unicodedata
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -87,17 +91,24 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
     )
     splits = summary["splits"] if "splits" in summary else {"": summary}
-    code = 0
+    replaced = all(summary["written"] > 0 for summary in splits.values())
     for summary in splits.values():
         fields = {k: summary[k] for k in ("written", "files_ok", "files_total", "shards", "seconds", "clips_per_second")}
-        if summary["written"] > 0:
+        if replaced:
             print_summary(f"from-videos -> {summary['out']}", fields, summary["skipped"])
             continue
         # No summary file was written to point at, so every skip is shown here.
         print_summary(f"from-videos -> {summary['out']}", fields, summary["skipped"], show=len(summary["skipped"]))
-        console.print(f"[red]no clip written[/]: {summary['out']} is left as it was")
-        code = 1
-    return code
+        console.print(f"[red]{_why_not_written(summary, splits)}[/]: {summary['out']} is left as it was")
+    return 0 if replaced else 1
+
+
+def _why_not_written(summary: dict, splits: dict[str, dict]) -> str:
+    if summary["written"] == 0:
+        return "no clip written"
+    empty = " and ".join(name for name, other in splits.items() if other["written"] == 0)
+    return (f"its {summary['written']} clips are not written either, since {empty} has none (the train and val "
+            "folders of a run are written together; repair or remove the videos skipped there)")
 
 
 def convert_videos(
@@ -117,9 +128,9 @@ def convert_videos(
 
     The clips are written to a staging folder and replace ``out``'s earlier shards only when there
     is at least one: a run that writes nothing (or fails) leaves ``out`` as it was. With
-    ``val_fraction`` the videos are split into ``out/train`` and ``out/val``, and the summary holds
-    one per folder under ``splits``. An ``out`` that holds input videos or a manifest flowvid did not
-    write is refused before any video is read; once every folder of this run's layout is written, what
+    ``val_fraction`` the videos are split into ``out/train`` and ``out/val``, which are replaced together
+    and only when both have a clip, and the summary holds one per folder under ``splits``. An ``out``
+    that holds input videos or a manifest flowvid did not write is refused before any video is read; once every folder of this run's layout is written, what
     an earlier run left in the other layout is removed.
     """
     if not 0 <= val_fraction < 1:
@@ -129,8 +140,8 @@ def convert_videos(
     videos = find_videos(inputs)
     check_output_folder(out, videos)
     files = list(videos)
-    table = load_captions(captions) if captions else {}
-    if table and not any(str(path) in table or path.name in table for path in files):
+    table = CaptionTable(load_captions(captions) if captions else {}, files)
+    if table.rows and not any(table.names(path) for path in files):
         raise ValueError(f"the captions in {captions} name none of the {len(files)} videos found (paths are read "
                          f"relative to the captions file's folder, {Path(captions).resolve().parent})")
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
@@ -144,12 +155,12 @@ def convert_videos(
     settings = dict(inputs=inputs, spec=spec, root=root, workers=workers, shard_samples=shard_samples,
                     shard_bytes=shard_bytes, show_progress=show_progress, started=started)
     if not val_fraction:
-        summary = _convert(captioned, skipped, len(files), out, **settings)
-        splits = {"": summary}
+        splits = _convert_together({"": (captioned, skipped, len(files), out)}, **settings)
+        summary = splits[""]
     else:
         train, val = split_videos(captioned, videos, val_fraction)
-        splits = {"train": _convert(train, skipped, len(train) + len(skipped), out / "train", **settings),
-                  "val": _convert(val, [], len(val), out / "val", **settings)}
+        splits = _convert_together({"train": (train, skipped, len(train) + len(skipped), out / "train"),
+                                    "val": (val, [], len(val), out / "val")}, **settings)
         summary = {"out": str(out), "splits": splits}
     if all(split["written"] > 0 for split in splits.values()):  # this run's layout replaced the earlier data
         for folder in remove_other_layout(out, split=bool(val_fraction)):
@@ -233,28 +244,45 @@ def split_videos(captioned: list[tuple[Path, str]], found_as: dict[Path, str],
             [item for index, item in enumerate(captioned) if index in held])
 
 
-def _convert(captioned: list[tuple[Path, str]], skipped: list[dict[str, str]], files_total: int, out: Path, *,
-             inputs: Sequence[str], spec: ClipSpec, root: Path, workers: int, shard_samples: int, shard_bytes: float,
-             show_progress: bool, started: float) -> dict:
-    """Write the clips of the ``captioned`` videos to shards in ``out``, with the manifest and summary."""
-    with staging_folder(out) as staging:
-        with ShardFolderWriter(staging, max_samples=shard_samples, max_bytes=shard_bytes) as writer:
-            files_ok, rates = _write_clips(writer, captioned, spec, root, workers, skipped, files_total, show_progress)
-        skipped.sort(key=lambda item: item["path"])
-        fps = spec.fps if spec.fps is not None else (rates.pop() if len(rates) == 1 else None)  # None: mixed rates
-        video = {"frames": spec.frames, "height": spec.height, "width": spec.width, "fps": fps}
-        source = {"tool": "from-videos", "inputs": list(inputs),
-                  "clip": {"fps": spec.fps, "stride": spec.stride or spec.frames}}
-        manifest = new_manifest("raw", video, samples=writer.samples, num_shards=len(writer.shards),
-                                shards=writer.shards, skipped=skipped, source=source)
-        write_manifest(staging, manifest)
-        seconds = time.perf_counter() - started
-        summary = {"out": str(out), "written": writer.samples, "files_total": files_total, "files_ok": files_ok,
-                   "shards": len(writer.shards), "skipped": skipped, "seconds": round(seconds, 3),
-                   "clips_per_second": round(writer.samples / seconds, 3)}
-        (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if writer.samples > 0:  # a run that writes no clip keeps the previous run's shards
-            replace_shard_folder(staging, out)
+def _convert_together(folders: dict[str, tuple[list[tuple[Path, str]], list[dict[str, str]], int, Path]],
+                      **settings) -> dict[str, dict]:
+    """Write the clips of each ``{name: (captioned, skipped, files_total, folder)}`` to shards in its folder;
+    returns ``{name: summary}``.
+
+    Every folder is staged first and the earlier shards are replaced only when each one has at least one
+    clip, all of them together: the train and val folders of a run always belong together, and a split
+    without a clip (every held-out video corrupt) leaves both as they were."""
+    with contextlib.ExitStack() as stack:
+        staged = {}
+        for name, (captioned, skipped, files_total, folder) in folders.items():
+            staging = stack.enter_context(staging_folder(folder))
+            staged[name] = (staging, folder, _stage(captioned, skipped, files_total, folder, staging, **settings))
+        if all(summary["written"] > 0 for _, _, summary in staged.values()):
+            for staging, folder, _ in staged.values():
+                replace_shard_folder(staging, folder)
+    return {name: summary for name, (_, _, summary) in staged.items()}
+
+
+def _stage(captioned: list[tuple[Path, str]], skipped: list[dict[str, str]], files_total: int, out: Path,
+           staging: Path, *, inputs: Sequence[str], spec: ClipSpec, root: Path, workers: int, shard_samples: int,
+           shard_bytes: float, show_progress: bool, started: float) -> dict:
+    """Write the clips of the ``captioned`` videos to shards in ``staging``, with the manifest and the summary
+    of ``out``, the folder they are for."""
+    with ShardFolderWriter(staging, max_samples=shard_samples, max_bytes=shard_bytes) as writer:
+        files_ok, rates = _write_clips(writer, captioned, spec, root, workers, skipped, files_total, show_progress)
+    skipped.sort(key=lambda item: item["path"])
+    fps = spec.fps if spec.fps is not None else (rates.pop() if len(rates) == 1 else None)  # None: mixed rates
+    video = {"frames": spec.frames, "height": spec.height, "width": spec.width, "fps": fps}
+    source = {"tool": "from-videos", "inputs": list(inputs),
+              "clip": {"fps": spec.fps, "stride": spec.stride or spec.frames}}
+    manifest = new_manifest("raw", video, samples=writer.samples, num_shards=len(writer.shards),
+                            shards=writer.shards, skipped=skipped, source=source)
+    write_manifest(staging, manifest)
+    seconds = time.perf_counter() - started
+    summary = {"out": str(out), "written": writer.samples, "files_total": files_total, "files_ok": files_ok,
+               "shards": len(writer.shards), "skipped": skipped, "seconds": round(seconds, 3),
+               "clips_per_second": round(writer.samples / seconds, 3)}
+    (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -388,11 +416,53 @@ class NoCaption(Exception):
     """A video without a usable caption; the message is the reason listed in the summary."""
 
 
-def caption_for(video: Path, table: dict[str, str], default: str | None) -> str:
+def _normalised(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+class CaptionTable:
+    """The rows of ``load_captions``, looked up by a video's path or file name as it is spelt, else up to
+    Unicode normalisation: files copied from a Mac spell an accented letter as a letter and an accent
+    (NFD) while a table typed elsewhere has one character (NFC), and both show the same name."""
+
+    def __init__(self, rows: dict[str, str], videos: Iterable[Path]):
+        self.rows = rows
+        self.spellings: dict[str, list[str]] = {}  # normalised key -> the rows' keys
+        for key in rows:
+            self.spellings.setdefault(_normalised(key), []).append(key)
+        self.videos: dict[str, list[Path]] = {}  # normalised path -> the videos spelt so
+        for video in videos:
+            self.videos.setdefault(_normalised(str(video)), []).append(video)
+
+    def names(self, video: Path) -> bool:
+        """Whether a row names ``video``, in any spelling."""
+        return any(_normalised(key) in self.spellings for key in (str(video), video.name))
+
+    def caption(self, video: Path) -> str | None:
+        """The row's caption for ``video``, None when no row names it; NoCaption when rows in several spellings,
+        or videos whose names differ only in their spelling, make it ambiguous."""
+        for key in (str(video), video.name):
+            if key in self.rows:
+                return self.rows[key]
+        twins = [other for other in self.videos.get(_normalised(str(video)), []) if other != video]
+        for key in (str(video), video.name):
+            rows = self.spellings.get(_normalised(key), [])
+            if len(rows) > 1:
+                raise NoCaption(f"ambiguous caption: the captions file names {key} in {len(rows)} spellings that "
+                                "differ only in Unicode normalisation")
+            if rows and twins:
+                raise NoCaption(f"ambiguous caption: the captions file's {rows[0]} fits this video and {twins[0]}, "
+                                "whose names differ only in Unicode normalisation; name each as it is spelt")
+            if rows:
+                return self.rows[rows[0]]
+        return None
+
+
+def caption_for(video: Path, table: CaptionTable, default: str | None) -> str:
     """The captions table's entry, else the sidecar ``.txt``, else ``default``; NoCaption says why not."""
-    for key in (str(video), video.name):
-        if key in table:
-            return table[key]
+    caption = table.caption(video)
+    if caption is not None:
+        return caption
     sidecar = video.with_suffix(".txt")
     if sidecar.is_file():
         try:

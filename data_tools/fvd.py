@@ -28,12 +28,10 @@ import numpy as np
 import torch
 
 from data_tools.arguments import check_registered_arguments
-from data_tools.fvd_stats import (cached_statistics, feed_in_batches, note_few_samples, planned_key,
-                                  reference_stats)
+from data_tools.fvd_stats import feed_in_batches, kept_statistics, note_few_samples, planned_key
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
 from flowvid.checks import json_object
 from flowvid.data.manifest import load_manifest, video_shape
-from flowvid.data.shards import FVD_STATS_FOLDER
 from flowvid.media import MediaError, read_video
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
@@ -143,22 +141,18 @@ def shard_folder_stats(metric: FrechetVideoDistance, folder: Path, batch_size: i
     """The real statistics of every clip of a raw shard folder: those ``fvd-stats`` (or an earlier ``fvd``)
     keeps in its ``fvd_stats/``, else computed and kept there, as ``fvd-stats`` would, for the next run."""
     manifest = load_manifest(folder)
-    planned = planned_key(manifest, metric, video_shape(manifest)[0], max_samples=None)
-    kept = cached_statistics(None, folder / FVD_STATS_FOLDER, planned)
-    if kept is not None:
-        console.print(f"[green]cached[/] the statistics of {folder} are read from {kept}")
-        metric.set_reference(kept)
-        return metric.reference
+    frames = video_shape(manifest)[0]
+    planned = planned_key(manifest, metric, frames, max_samples=None)
     skipped: list[dict[str, str]] = []
-    stats = reference_stats(folder, metric, batch_size=batch_size, device=device, skipped=skipped)
+    kept = kept_statistics(folder, metric, planned, frames=frames, max_samples=None, batch_size=batch_size,
+                           device=device, skipped=skipped, keeping_is_optional=True)
+    if kept.computed is None:
+        console.print(f"[green]cached[/] the statistics of {folder} are read from {kept.path}")
+        metric.set_reference(kept.path)
+        return metric.reference
     if skipped:
         console.print(f"[yellow]note[/] {samples_skipped(skipped)} samples of {folder} were skipped")
-    try:
-        stats.save(folder / FVD_STATS_FOLDER / stats.file_name())
-    except OSError as err:  # a folder the user may read but not write: computed again next time
-        console.print(f"[yellow]note[/] cannot keep the statistics of {folder} for the next run: "
-                      f"{err.strerror or err}")
-    return stats
+    return kept.computed
 
 
 def add_generated(metric: FrechetVideoDistance, videos: list[Path], reference: ReferenceStats, batch_size: int,

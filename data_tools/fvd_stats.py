@@ -69,22 +69,18 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {err}")
         return 2
     planned = planned_key(manifest, metric, frames, args.max_samples)
-    folder = Path(args.source) / FVD_STATS_FOLDER
     out = Path(args.out) if args.out else None
-    check_output_file(out or folder / reference_file_name(**planned), "--out", "give the .npz file to write")
-    cached = None if args.force else cached_statistics(out, folder, planned)
-    if cached is not None:
-        console.print(f"[green]cached[/] {cached} already holds these statistics (--force recomputes)")
-        return 0
-
+    default = Path(args.source) / FVD_STATS_FOLDER / reference_file_name(**planned)
+    check_output_file(out or default, "--out", "give the .npz file to write")
     started = time.perf_counter()
     skipped: list[dict[str, Any]] = []
-    with progress_bar() as bar:
-        task = bar.add_task("clips", total=planned["num_samples"])
-        stats = reference_stats(args.source, metric, frames=frames, max_samples=args.max_samples, batch_size=args.batch_size,
-                                device=device, skipped=skipped, on_clip=lambda: bar.advance(task))
-    out = out or folder / stats.file_name()  # named by the samples it holds, which skips make fewer
-    stats.save(out)
+    kept = kept_statistics(args.source, metric, planned, frames=frames, max_samples=args.max_samples, out=out,
+                           force=args.force, batch_size=args.batch_size, device=device, skipped=skipped,
+                           show_progress=True)
+    if kept.computed is None:
+        console.print(f"[green]cached[/] {kept.path} already holds these statistics (--force recomputes)")
+        return 0
+    stats, out = kept.computed, kept.path
     seconds = time.perf_counter() - started
     fields = {"file": str(out), "extractor": stats.extractor, "extractor settings": stats.extractor_settings or "-",
               "weights sha256": stats.weights_hash[:12] or "-", "frames": stats.frames,
@@ -93,6 +89,43 @@ def run(args: argparse.Namespace) -> int:
     print_summary(f"fvd-stats {args.source}", fields, skipped)
     note_few_samples(stats.num_samples, stats.mu.shape[0], "samples")
     return 0
+
+
+@dataclasses.dataclass
+class KeptStatistics:
+    """The statistics of a folder: where they are kept, and the statistics themselves when this run computed
+    them (None: read from ``path``)."""
+
+    path: Path | None  # None: computed, but they could not be kept
+    computed: ReferenceStats | None
+
+
+def kept_statistics(source: str | Path, metric: FrechetVideoDistance, planned: dict[str, Any], *, frames: int,
+                    max_samples: int | None, out: Path | None = None, force: bool = False, batch_size: int = 8,
+                    device: str | torch.device = "cpu", skipped: list[dict[str, Any]] | None = None,
+                    show_progress: bool = False, keeping_is_optional: bool = False) -> KeptStatistics:
+    """The statistics ``planned`` describes (``planned_key``): the file that already holds them (``out``, else
+    one in ``source``'s ``fvd_stats/``) unless ``force``, else computed and saved there. With
+    ``keeping_is_optional``, a file that cannot be written is a note, not an error: they are computed
+    again next time."""
+    folder = Path(source) / FVD_STATS_FOLDER
+    cached = None if force else cached_statistics(out, folder, planned)
+    if cached is not None:
+        return KeptStatistics(cached, None)
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("clips", total=planned["num_samples"])
+        stats = reference_stats(source, metric, frames=frames, max_samples=max_samples, batch_size=batch_size,
+                                device=device, skipped=skipped, on_clip=lambda: bar.advance(task))
+    path = out or folder / stats.file_name()  # named by the samples it holds, which skips make fewer
+    try:
+        stats.save(path)
+    except OSError as err:  # a folder the user may read but not write
+        if not keeping_is_optional:
+            raise
+        console.print(f"[yellow]note[/] cannot keep the statistics of {source} for the next run: "
+                      f"{err.strerror or err}")
+        return KeptStatistics(None, stats)
+    return KeptStatistics(path, stats)
 
 
 def note_few_samples(count: int, features: int, what: str) -> None:

@@ -204,6 +204,24 @@ def test_a_misspelt_constructor_argument_is_one_line_before_anything_is_written(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("request_, named", [
+    (["--codec", "pixel", "--codec-args", '{"patch_size": 3}'], "needs height divisible by 3"),
+    (["--text-encoder", "learned"], "trains with the model"),
+    (["--out-is-a-file"], "is a file"),
+])
+def test_a_request_that_cannot_be_done_is_one_line_without_a_progress_bar(raw, tmp_path, capsys, monkeypatch,
+                                                                           request_, named):
+    monkeypatch.setattr(console, "width", 400)  # the message on one line
+    out = tmp_path / "latent"
+    if request_ == ["--out-is-a-file"]:
+        out.write_text("a file of the user's")
+        request_ = []
+    code = data_main(["encode-latents", str(raw), "--out", str(out), *request_])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("error:") and error.count("\n") == 1 and named in error, error
+    assert not out.is_dir()
+
+
 def test_a_run_that_writes_nothing_or_would_overwrite_its_source_keeps_the_data(raw, tmp_path):
     out = tmp_path / "latent"
     assert data_main(["encode-latents", str(raw), "--out", str(out), "--codec", "test-space-to-depth"]) == 0

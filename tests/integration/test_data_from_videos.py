@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import unicodedata
 from concurrent.futures import Executor, Future
 from fractions import Fraction
 from pathlib import Path
@@ -263,6 +264,28 @@ def test_val_fraction_holds_out_whole_videos_chosen_by_their_paths(tmp_path):
     assert "--val-fraction must be at least 0 and below 1" in " ".join(printed.get().split())
 
 
+def test_a_split_without_a_clip_leaves_both_folders_of_the_earlier_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(console, "width", 400)  # no line breaks inside paths
+    (tmp_path / "in").mkdir()
+    for index in range(4):
+        write_video(tmp_path / "in" / f"v{index}.mkv", random_frames(4, 8, 8, seed=index), codec="mpeg4")
+    out = tmp_path / "out"
+    args = ["from-videos", str(tmp_path / "in"), "--out", str(out), "--frames", "2", "--size", "8",
+            "--default-caption", "", "--val-fraction", "0.25"]
+    assert data_main(args) == 0
+    before = folder_contents(out)
+    for name in {meta["source"] for meta in metas(out / "val")}:  # every held-out video is now corrupt
+        (tmp_path / "in" / name).write_bytes(np.random.default_rng(0).bytes(4000))
+    write_video(tmp_path / "in" / "new.mkv", random_frames(4, 8, 8, seed=9), codec="mpeg4")
+
+    capsys.readouterr()
+    assert data_main(args) == 1
+    assert folder_contents(out) == before  # train is not replaced by clips whose val folder was never written
+    report = capsys.readouterr().err
+    assert f"no clip written: {out / 'val'} is left as it was" in report
+    assert "since val has none" in report and f"{out / 'train'} is left as it was" in report
+
+
 def metas(folder):
     dm = VideoShardDataModule(str(folder), val_dir=str(folder), batch_size=4)
     return [meta for batch in dm.val_dataloader() for meta in batch["meta"]]
@@ -397,6 +420,31 @@ def test_a_caption_for_a_path_in_a_folder_does_not_caption_a_namesake_in_another
     skipped = json.loads((tmp_path / "out" / "summary.json").read_text())["skipped"]
     assert [(Path(item["path"]).parent.name, item["reason"].split(" (")[0]) for item in skipped] == [
         ("sub2", "no caption"), ("sub3", "no caption")]
+
+
+def test_captions_name_videos_whose_names_are_spelt_in_another_unicode_normalisation(tmp_path):
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    (tmp_path / nfd).mkdir()  # as copied from a Mac: decomposed accents, in folder and file names
+    for name in ("crème", "brûlée"):
+        write_video(tmp_path / nfd / unicodedata.normalize("NFD", f"{name}.mkv"), random_frames(2, 8, 8))
+    (tmp_path / "captions.csv").write_text(f"path,caption\n{nfc}/crème.mkv,a cream\nbrûlée.mkv,a burnt cream\n")
+    assert data_main(["from-videos", str(tmp_path / nfd), "--frames", "2", "--size", "8",
+                      "--captions", str(tmp_path / "captions.csv"), "--out", str(tmp_path / "out")]) == 0
+    captions = {unicodedata.normalize("NFC", meta["source"]): meta["caption"] for meta in metas(tmp_path / "out")}
+    assert captions == {"crème.mkv": "a cream", "brûlée.mkv": "a burnt cream"}
+
+
+def test_videos_whose_names_differ_only_in_unicode_normalisation_are_captioned_only_as_spelt(tmp_path):
+    nfc, nfd = unicodedata.normalize("NFC", "café.mkv"), unicodedata.normalize("NFD", "café.mkv")
+    for name in (nfc, nfd):
+        write_video(tmp_path / name, random_frames(2, 8, 8))
+    (tmp_path / "captions.csv").write_text(f"path,caption\n{nfc},a cup\n")
+    assert data_main(["from-videos", str(tmp_path), "--frames", "2", "--size", "8",
+                      "--captions", str(tmp_path / "captions.csv"), "--out", str(tmp_path / "out")]) == 0
+    assert [(meta["source"], meta["caption"]) for meta in metas(tmp_path / "out")] == [(nfc, "a cup")]
+    skipped = json.loads((tmp_path / "out" / "summary.json").read_text())["skipped"]
+    assert [Path(item["path"]).name for item in skipped] == [nfd]
+    assert skipped[0]["reason"].startswith("ambiguous caption:") and "Unicode normalisation" in skipped[0]["reason"]
 
 
 @pytest.mark.parametrize("row", ['{"path": "a.mkv", "caption": null}', '{"path": "a.mkv", "caption": ["a", "dog"]}',

@@ -11,14 +11,18 @@ fine-tuned::
     flowvid generate --ckpt exported/model.safetensors --lora lora/style.safetensors --lora-strength 0.8 ...
 
 ``strength`` scales every update, an adapter's or a whole weight's (``w0 + strength * (w1 - w0)``): 0 is
-the model without it, 1 the model as fine-tuned.
+the model without it, 1 the model as fine-tuned. The file records a fingerprint of the weights the
+adapters were trained on; applied to other weights of the same shapes (the run's merged export, say,
+which has them in already), they are applied with a warning, since the result is not the fine-tuned model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +36,9 @@ from flowvid.nn.lora import is_adapter_key, merge_lora
 from flowvid.paths import write_atomically
 
 FORMAT = "flowvid-lora"
+#: Entries of each adapted weight that go into the fingerprint of the weights adapted: a different model
+#: differs almost everywhere, so a spread of them tells two apart without reading gigabytes.
+FINGERPRINT_ENTRIES = 4096
 
 
 def export_adapters(ckpt: str | os.PathLike, out: str | os.PathLike, weights: str = "ema",
@@ -51,24 +58,43 @@ def export_adapters(ckpt: str | os.PathLike, out: str | os.PathLike, weights: st
     trained = (client_state.get("flowvid") or {}).get("trained") or []
     whole = sorted(name for name in trained if not is_adapter_key(name) and name in state)
     adapters.update({name: state[name].float().contiguous() for name in whole})
+    layers = sorted({name.rpartition(".")[0] for name in adapters if is_adapter_key(name)})
     metadata = {"format": FORMAT, "source": Path(ckpt).name, "global_step": str(client_state.get("global_step", "")),
-                "layers": json.dumps(sorted({name.rpartition(".")[0] for name in adapters if is_adapter_key(name)})),
-                "whole_weights": json.dumps(whole)}
+                "layers": json.dumps(layers), "whole_weights": json.dumps(whole),
+                "base_fingerprint": base_fingerprint(state, layers)}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(out, lambda path: save_file(adapters, str(path), metadata=metadata))
     return out
 
 
-def read_adapters(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The adapter tensors of a file written by ``export_adapters``."""
+def base_fingerprint(weights: dict[str, torch.Tensor], layers: list[str]) -> str:
+    """A digest of the weights of the adapted ``layers`` (without their adapters), taken in bf16 so that
+    an fp32 and a bf16 export of the same model have the same."""
+    digest = hashlib.sha256()
+    for layer in layers:
+        flat = weights[f"{layer}.weight"].detach().flatten()
+        spread = flat[::max(1, flat.numel() // FINGERPRINT_ENTRIES)][:FINGERPRINT_ENTRIES]
+        digest.update(layer.encode())
+        digest.update(spread.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a file written by ``export_adapters``; refuses any other file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA adapter file {path} does not exist")
     with reading_export(path), safe_open(str(path), framework="pt") as file:
-        kind = (file.metadata() or {}).get("format")
-    if kind != FORMAT:
-        raise ValueError(f"{path} is not a LoRA adapter file (format {kind!r}); write one with "
+        metadata = file.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a LoRA adapter file (format {metadata.get('format')!r}); write one with "
                          "`flowvid export --adapters-only`")
+    return metadata
+
+
+def read_adapters(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a file written by ``export_adapters``."""
+    read_adapter_metadata(path)
     with reading_export(path):
         return load_file(str(path))
 
@@ -90,6 +116,7 @@ def apply_adapters(module: nn.Module, path: str | os.PathLike, strength: float =
             found = "no such layer" if weight is None else f"a weight of {tuple(weight.shape)}"
             raise ValueError(f"the LoRA adapters of {path} do not fit this model: {layer} adapts {update}, the "
                              f"model has {found}; apply them to the model they were trained on")
+    warn_if_other_base(path, weights, sorted({name.rpartition(".")[0] for name in adapters}))
     device = next(iter(weights.values())).device
     scaled = {name: (tensor * strength if name.endswith("lora_scale") else tensor).to(device)
               for name, tensor in adapters.items()}
@@ -97,6 +124,16 @@ def apply_adapters(module: nn.Module, path: str | os.PathLike, strength: float =
              for name, tensor in whole.items()}
     merged = merge_lora({**weights, **moved, **scaled})
     load_weights(module, merged, where=str(path))
+
+
+def warn_if_other_base(path: str | os.PathLike, weights: dict[str, torch.Tensor], layers: list[str]) -> None:
+    """Adapters fit any model of the same shapes, but make the fine-tuned model only from the weights they
+    were trained on: say so when these are others (files written before the fingerprint are not checked)."""
+    expected = read_adapter_metadata(path).get("base_fingerprint")
+    if expected and base_fingerprint(weights, layers) != expected:
+        warnings.warn(f"the LoRA adapters of {path} were trained on other weights than this model's (the merged "
+                      "export of their run has them in already); applied all the same, the result is not the "
+                      "fine-tuned model. Apply them to the model their run started from", stacklevel=3)
 
 
 def add_adapter_arguments(parser) -> None:

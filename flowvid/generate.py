@@ -13,9 +13,10 @@ For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3)
 before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, negative
 prompt, device, precision, timings, Jacobi iterations, the model and the weights that sampled, and
 ``resized_from`` for an image or video fitted to the model's size). A folder holds one model's samples:
-an ``--out`` with another model's is refused. Sample ``i`` uses seed ``seed + i``, so a sample does not
-depend on its batch. The sampler is the model's own (its recipe's ``model.sampler``) unless ``--sampler``
-names one. The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed on a
+an ``--out`` with another model's is refused, and a sample of another request (another seed, prompt,
+sampler...) under a name to be written is kept unless ``--force`` is given. Sample ``i`` uses seed
+``seed + i``, so a sample does not depend on its batch. The sampler is the model's own (its recipe's
+``model.sampler``) unless ``--sampler`` names one. The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed on a
 GPU that supports it and in fp32 elsewhere (``--precision``; see ``flowvid.placement``).
 An unconditional model (one trained without text) takes no prompt: leave ``--prompt`` out for one
 sample, or repeat ``--prompt ''`` for several. Under torchrun every process samples its share of the
@@ -95,6 +96,7 @@ class Request:
     sampler_args: dict[str, Any] = field(default_factory=dict)  # the sampler's other settings (the model's)
     negative_prompt: str = ""  # what guidance steers away from; "" is the unconditional (empty) caption
     skip_existing: bool = False  # leave out samples whose files are complete in the output folder
+    force: bool = False  # overwrite samples of another request (another seed, prompt, sampler...) in the folder
     model: str = ""  # the export or checkpoint that samples (recorded, and checked by skip_existing)
     weights: str = "ema"  # which of the model's weights sample: its moving average ("ema") or as trained
     rank: int = 0  # under torchrun this process samples prompts rank, rank + world_size, ...
@@ -258,9 +260,10 @@ def planned_records(request: Request, prompts: list[str], frames: int) -> dict[i
             for i in range(request.rank, len(prompts), request.world_size)}
 
 
-def already_written(out: Path, name: str, planned: dict[str, Any]) -> bool:
+def already_written(out: Path, name: str, planned: dict[str, Any], force: bool = False) -> bool:
     """Whether ``out`` holds this sample, complete (its record is written last); a record of another
-    request under the same name is an error rather than a sample silently kept or overwritten."""
+    request under the same name is an error rather than a sample silently kept, or, without ``force``,
+    overwritten."""
     path = out / f"{name}.json"
     if not path.is_file():
         return False
@@ -268,12 +271,30 @@ def already_written(out: Path, name: str, planned: dict[str, Any]) -> bool:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise GenerateError(f"cannot read {path} to skip its sample: {err}; remove it to sample it again") from None
-    differences = [f"{key} {record.get(key)!r}, not {planned.get(key)!r}" for key in REQUEST_KEYS
-                   if (key in planned or key in record) and record.get(key) != planned.get(key)]
-    if differences:
+    differences = request_differences(record, planned)
+    if differences and not force:
         raise GenerateError(f"{path} was written by another request ({'; '.join(differences)}); "
-                            "write to another --out folder or remove it")
-    return True
+                            "write to another --out folder, remove it, or pass --force to overwrite it")
+    return not differences
+
+
+def request_differences(record: dict[str, Any], planned: dict[str, Any]) -> list[str]:
+    """What the request that wrote ``record`` asked otherwise than ``planned``, one entry per key."""
+    return [f"{key} {record.get(key)!r}, not {planned.get(key)!r}" for key in REQUEST_KEYS
+            if (key in planned or key in record) and record.get(key) != planned.get(key)]
+
+
+def check_not_overwriting(out: Path, names: dict[int, str], planned: dict[int, dict[str, Any]]) -> None:
+    """Samples are kept: one of another request (another seed, prompt, sampler...) under a name this
+    request writes is refused, before any sampling, rather than replaced without a word. The same
+    request's sample is the same video, so it may be written again."""
+    for index, plan in planned.items():
+        path = out / f"{names[index]}.json"
+        record = sample_record(path)
+        differences = [] if record is None else request_differences(record, plan)
+        if differences:
+            raise GenerateError(f"{path} holds a sample of another request ({'; '.join(differences)}); write to "
+                                "another --out folder, remove it, or pass --force to overwrite it")
 
 
 #: The keys of a sample's record that say which model made it.
@@ -326,7 +347,10 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     name = {i: f"{request.task}_{i:03d}_{slug(prompt)}" for i, prompt in enumerate(prompts)}
     planned = planned_records(request, prompts, frames)
     check_one_model(out, next(iter(planned.values()), {}))
-    todo = [i for i in planned if not (request.skip_existing and already_written(out, name[i], planned[i]))]
+    if not (request.skip_existing or request.force):
+        check_not_overwriting(out, name, planned)
+    todo = [i for i in planned
+            if not (request.skip_existing and already_written(out, name[i], planned[i], request.force))]
     if progress and len(todo) < len(planned):
         progress(f"{len(planned) - len(todo)} of {len(planned)} samples are in {out} already")
     records, failed = [], []
@@ -446,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream", action="store_true", help="write frames as soon as they are sampled")
     parser.add_argument("--skip-existing", action="store_true",
                         help="leave out samples already complete in --out (to finish an interrupted run)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite samples of another request (seed, prompt, sampler, ...) in --out; without "
+                             "it they are refused")
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
     add_adapter_arguments(parser)
     add_placement_arguments(parser, precision="auto")
@@ -487,6 +514,7 @@ def main(argv: list[str]) -> int:
             sampler=sampler, sampler_args=settings, **chosen,
             guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
             batch_size=args.batch_size, fps=args.fps, stream=args.stream, skip_existing=args.skip_existing,
+            force=args.force,
             image=args.image, video=args.video,
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
             negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,

@@ -206,6 +206,7 @@ class VideoPipeline:
         from flowvid.score import check_caption, score_video  # flowvid.score reads generate's file names
 
         check_caption(self.model, caption)
+        check_seed(seed)  # torch keeps 32 bits: seed -1 would silently be seed 2**32 - 1
         _, height, width = self.model.video_shape
         frames = _frames(video, read_video, height, width, "video", dims=4)
         return score_video(self.model, frames, caption, torch.Generator().manual_seed(seed))

@@ -120,8 +120,12 @@ def is_shard_folder(path: Path) -> bool:
     return path.is_dir() and (path / "manifest.json").exists()
 
 
-def check_inputs(inputs: list[str]) -> None:
-    """Refuse, before any work, an input that does not exist or a folder with nothing to score."""
+def check_inputs(inputs: list[str], caption: str = "") -> None:
+    """Refuse, before any work, an input that does not exist, a folder with nothing to score, or a
+    caption with no video file to apply to (shards are scored under their own captions)."""
+    if caption and all(is_shard_folder(Path(given)) for given in inputs):
+        raise ScoreError("--caption applies to video files, and the inputs are all shard folders, whose samples "
+                         "are scored under their own captions; leave out --caption")
     for given in map(Path, inputs):
         if not given.exists():
             raise ScoreError(f"input {given} does not exist")
@@ -245,9 +249,10 @@ def score_inputs(module, inputs: list[str], caption: str = "", seed: int = 0) ->
     rank r scores the files and shards r, r + N, ..., and every rank returns all the records: the same
     as one process gives.
     """
-    check_inputs(inputs)
+    check_inputs(inputs, caption)
     check_caption(module, caption)
     work = work_of(module, inputs)
+    check_seed(seed, len(work), name="--seed")  # each file or shard its own seed: none may wrap onto another's
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = {index: score_work(module, work[index], caption, torch.Generator().manual_seed(seed + index))
             for index in range(rank, len(work), world_size)}
@@ -272,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="video files, folders of videos (not the .latent.npy beside generated samples) "
                              "or shard folders")
     parser.add_argument("--caption", default="",
-                        help="caption for video files (default: unconditional); a model without text takes none")
+                        help="caption for video files (default: unconditional); shards are scored under their own "
+                             "captions; a model without text takes none")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
     parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
     add_adapter_arguments(parser)
@@ -291,7 +297,7 @@ def main(argv: list[str]) -> int:
         rank, world_size = join_launch_group()
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
-        check_inputs(args.input)
+        check_inputs(args.input, args.caption)
         check_seed(args.seed, name="--seed")
         check_output_file(args.out, "--out", "give the JSON lines file to write", ScoreError)
         check_adapter_arguments(args.lora, args.lora_strength)

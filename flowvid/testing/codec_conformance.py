@@ -13,7 +13,8 @@ A codec plugin's test module subclasses the mixin and says how to build its code
 
 pytest then runs every ``test_*`` method below: latent and video shapes and dtypes, determinism,
 independence of batch elements, causality over frames, clear errors for bad sizes and dtypes, a
-stable identity, and (for exact codecs) the exact round trip.
+stable identity, each latent frame decoded alone as in the whole video (for codecs without frame groups,
+whose frames are streamed one by one), and (for exact codecs) the exact round trip.
 """
 
 from __future__ import annotations
@@ -104,6 +105,22 @@ class CodecConformance:
         before, after = codec.encode(video), codec.encode(changed)
         torch.testing.assert_close(after[:, :-1], before[:, :-1], rtol=1e-5, atol=1e-5)
         assert not torch.allclose(after[:, -1], before[:, -1])
+
+    def test_a_codec_without_frame_groups_decodes_each_frame_alone(self, codec):
+        """A codec that announces no temporal grouping (``temporal_factor`` 1, no causal first frame) has its
+        frames decoded one at a time, as soon as each is sampled (``VideoPipeline.stream``, ``flowvid
+        generate --stream``): a latent frame decoded alone must give its frame of the whole decoded video,
+        or the streamed frames are not the video's."""
+        if codec.temporal_factor != 1 or codec.causal_first_frame:
+            pytest.skip("frames are decoded in groups, with the whole video")
+        latents = codec.encode(self.video())
+        whole = codec.decode(latents).int()
+        for t in range(latents.shape[1]):
+            alone = codec.decode(latents[:, t:t + 1]).int()
+            # uint8 frames: one level of rounding apart at most, where kernels sum in another order.
+            assert (alone - whole[:, t:t + 1]).abs().max() <= 1, (
+                f"latent frame {t} decoded alone differs from frame {t} of the whole video: the decoder reads "
+                "other latent frames, and a codec with temporal_factor 1 is decoded frame by frame when streaming")
 
     def test_sizes_the_codec_cannot_encode_are_a_clear_error(self, codec):
         frames, height, width = self.video_shape

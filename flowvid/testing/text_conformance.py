@@ -10,7 +10,8 @@ A text-encoder plugin's test module subclasses the mixin and says how to build i
 
 pytest then runs every ``test_*`` method below: shapes and dtypes, masked and zeroed padding, at
 least one real token per caption (so attention over the text never meets an all-masked row),
-determinism, independence of batch elements, the empty caption, counted truncation, gradients
+embeddings that depend on the words (not only on how many there are), determinism, independence of
+batch elements, the empty caption, counted truncation, gradients
 (flowing into a trainable encoder, absent from a frozen one), and an identity that tells a frozen
 encoder's weights from other ones (shards that cache its embeddings are matched to it by identity).
 """
@@ -80,6 +81,19 @@ class TextEncoderConformance:
         encoder.train()
         assert torch.equal(encoder.encode(self.captions).tokens, expected)
         assert torch.equal(encoder.encode(self.captions).tokens, expected)
+
+    def test_the_words_change_the_embedding(self, encoder):
+        """The same words in another order (the same length, and the same tokens for any tokenizer) must
+        embed otherwise. An encoder that reads only how long a caption is (every word unknown to its
+        vocabulary, or the mask fed in as token ids) passes the checks of shapes, padding and lengths."""
+        words = self.captions[0].split()
+        if len(set(words)) < 2:
+            pytest.skip("the first caption needs two different words")
+        reordered = " ".join(reversed(words))
+        tokens = encoder.encode([self.captions[0], reordered]).tokens
+        assert not torch.allclose(tokens[0], tokens[1]), (
+            f"{self.captions[0]!r} and {reordered!r} embed alike: the encoder does not read the words "
+            "(are they all unknown to its vocabulary?)")
 
     def test_empty_caption_is_one_fixed_unconditional_embedding(self, encoder):
         empty = encoder.encode(["", self.captions[0], ""])

@@ -244,6 +244,27 @@ def test_adapters_alone_turn_the_base_model_into_the_fine_tuned_one_at_any_stren
     assert record["lora"] == str(adapters) and record["lora_strength"] == 1.0
 
 
+def test_adapters_applied_to_other_weights_than_their_runs_are_applied_with_a_warning(tmp_path):
+    import warnings
+
+    from flowvid.adapters import export_adapters
+    from flowvid.export import export_checkpoint
+    from flowvid.loading import load_model
+
+    config = ADAPTED_CONFIG
+    _, base_export, tuned = base_and_adapted(config, tmp_path)
+    tuned_checkpoint = save_run_checkpoint(tuned, config, tmp_path / "tuned.ckpt")
+    adapters = export_adapters(tuned_checkpoint, tmp_path / "lora" / "style.safetensors")
+    base_bf16 = export_checkpoint(tmp_path / "base.ckpt", tmp_path / "bf16" / "model.safetensors", dtype="bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model the run started from, in either precision: no warning
+        load_model(base_export, adapters=adapters)
+        load_model(base_bf16, adapters=adapters)
+    merged = export_checkpoint(tuned_checkpoint, tmp_path / "merged" / "model.safetensors")  # adapters in already
+    with pytest.warns(UserWarning, match="were trained on other weights than this model's"):
+        load_model(merged, adapters=adapters)
+
+
 def test_an_adapter_file_carries_what_the_run_trained_in_full_beside_the_adapters(tmp_path):
     """The LoRA recipe trains the text encoder and the denoiser in full: the file must bring them too."""
     from flowvid.adapters import export_adapters, read_adapters

@@ -115,3 +115,19 @@ def test_the_resolution_is_part_of_the_reference_key_and_of_a_non_standard_proto
              height=16, width=16, num_samples=8)
     with pytest.raises(ValueError, match=r"has extractor_settings \{\}, .* \{'resolution': 16\}; recompute it"):
         FrechetVideoDistance(at_16).set_reference(old)
+
+
+def test_a_module_holding_the_metric_saves_no_extractor_weights_and_loads_none(weights_file):
+    """The weights come from their file, named by hash in every reference: a checkpoint neither carries
+    them nor, written when it did, replaces them."""
+    holder = torch.nn.Module()
+    holder.fvd = FrechetVideoDistance("i3d", extractor_args={"weights": str(weights_file), "resolution": 16})
+    holder.head = torch.nn.Linear(2, 2)
+    assert set(holder.state_dict()) == {"head.weight", "head.bias"}
+    from_file = {name: tensor.clone() for name, tensor in holder.fvd.extractor.state_dict().items()}
+    older = {**holder.state_dict(), **{f"fvd.extractor.{name}": torch.zeros_like(tensor)
+                                       for name, tensor in from_file.items()}}
+    holder.load_state_dict(holder.state_dict())  # strict: nothing missing
+    holder.load_state_dict(older)
+    for name, tensor in holder.fvd.extractor.state_dict().items():
+        assert torch.equal(tensor, from_file[name]), name

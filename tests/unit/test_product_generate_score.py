@@ -184,9 +184,9 @@ def test_stream_writes_frames_as_they_come_and_longer_videos_use_a_window(checkp
     assert record["frames"] == 7 and record["sampler_stats"]["window"] == 4
     # The same name sampled again, shorter: the folder holds the new sample's frames only.
     assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--frames", "5", "--stream",
-                 "--out", str(tmp_path)]) == 0
+                 "--out", str(tmp_path), "--force"]) == 0
     assert sorted(p.name for p in stream.glob("frame_*.png")) == [f"frame_{i:03d}.png" for i in range(5)]
-    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--out", str(tmp_path)]) == 0
+    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--out", str(tmp_path), "--force"]) == 0
     assert not stream.exists()  # not streamed this time: no frames of another sample left beside it
 
 
@@ -900,7 +900,7 @@ def test_an_overwrite_interrupted_mid_sample_leaves_no_record_that_skip_existing
 
     monkeypatch.setattr(generate, "_save_npy", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        main([*args, "--seed", "5"])
+        main([*args, "--seed", "5", "--force"])
     monkeypatch.undo()
     assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.partial"))
     np.testing.assert_array_equal(np.load(npy), sample)  # never half overwritten
@@ -908,6 +908,26 @@ def test_an_overwrite_interrupted_mid_sample_leaves_no_record_that_skip_existing
     assert main([*args, "--skip-existing"]) == 0  # samples it again rather than keeping a mix of two samples
     np.testing.assert_array_equal(np.load(npy), sample)
     assert json.loads(next(tmp_path.glob("*.json")).read_text())["seed"] == 0
+
+
+def test_a_sample_of_another_request_is_not_overwritten_without_force(checkpoint, tmp_path, capsys):
+    args = ["generate", "--ckpt", str(checkpoint), "--prompt", "a red circle", "--out", str(tmp_path)]
+    assert main(args) == 0
+    [npy] = [p for p in tmp_path.glob("*.npy") if not p.name.endswith(".latent.npy")]
+    [record] = tmp_path.glob("*.json")
+    sample = np.load(npy)
+    assert main(args) == 0  # the same request makes the same video: writing it again loses nothing
+    np.testing.assert_array_equal(np.load(npy), sample)
+    capsys.readouterr()
+
+    assert main([*args, "--seed", "5"]) == 2
+    error = one_line_error(capsys)
+    assert "holds a sample of another request (seed 0, not 5)" in error and "--force" in error
+    np.testing.assert_array_equal(np.load(npy), sample)
+    assert json.loads(record.read_text())["seed"] == 0
+
+    assert main([*args, "--seed", "5", "--force"]) == 0
+    assert json.loads(record.read_text())["seed"] == 5 and not np.array_equal(np.load(npy), sample)
 
 
 def test_skip_existing_finishes_an_interrupted_run_and_refuses_another_requests_samples(checkpoint, tmp_path, capsys):
@@ -951,6 +971,34 @@ def test_skip_existing_finishes_an_interrupted_run_and_refuses_another_requests_
     assert main([*run_args[:-1], str(tmp_path / "from_run")]) == 0
     for name, array in before.items():
         np.testing.assert_array_equal(np.load(tmp_path / "from_run" / name), array)
+
+
+def test_a_seed_that_torch_would_wrap_onto_another_is_refused_by_every_score(checkpoint, tmp_path, capsys):
+    from flowvid.pipeline import VideoPipeline
+
+    video = np.zeros((4, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="seed must be an integer from 0 to 4,294,967,295"):
+        VideoPipeline.from_pretrained(checkpoint, device="cpu").score(video, seed=-1)  # would be 2**32 - 1
+    inputs = []
+    for index in range(2):
+        np.save(inputs_path := tmp_path / f"clip{index}.npy", video)
+        inputs.append(str(inputs_path))
+    # The second file's seed, 2**32, would draw the dequantisation noise of seed 0.
+    assert main(["score", "--ckpt", str(checkpoint), "--input", *inputs, "--seed", str(2**32 - 1),
+                 "--out", str(tmp_path / "scores.jsonl")]) == 2
+    assert "--seed must be an integer from 0 to 4,294,967,294 for 2 samples" in one_line_error(capsys)
+    assert not (tmp_path / "scores.jsonl").exists()
+
+
+def test_a_caption_for_shard_folders_alone_is_refused_not_ignored(checkpoint, tmp_path, capsys):
+    from flowvid.data import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "shapes", num_videos=4, frames=4, size=8, val_videos=2, shard_samples=2)
+    args = ["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "shapes" / "train"),
+            "--out", str(tmp_path / "scores.jsonl")]
+    assert main([*args, "--caption", "a red circle"]) == 2
+    assert "--caption applies to video files" in one_line_error(capsys)
+    assert main(args) == 0  # each sample under its own caption
 
 
 def test_the_pipeline_scores_a_video_as_flowvid_score_does(checkpoint, tmp_path):

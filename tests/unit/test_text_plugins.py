@@ -73,10 +73,34 @@ def test_missing_folder_names_the_path_and_the_expected_files(tmp_path):
     assert all(name in message for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
+def test_minilm_reports_a_missing_folder_before_the_model_is_built(tmp_path, monkeypatch):
+    """``flowvid fit`` asks ``check_files`` before it builds the flow, which at full size takes minutes."""
+    with pytest.raises(FileNotFoundError, match="MiniLM directory .*minilm does not exist"):
+        MiniLMTextEncoder.check_files(path=str(tmp_path / "minilm"), max_length=16)
+    MiniLMTextEncoder.check_files(max_length=16)  # the copy inside the installed package
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    with pytest.raises(FileNotFoundError, match="pip install 'flowvid\\[text\\]'"):
+        MiniLMTextEncoder.check_files()
+
+
 def test_incomplete_folder_names_what_is_missing(tmp_path, t5_dir):
     (tmp_path / "config.json").write_text((Path(t5_dir) / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="is incomplete.*missing: model.safetensors"):
         T5TextEncoder(str(tmp_path))
+
+
+def test_a_caption_longer_than_the_tokenizer_allows_is_truncated_without_an_indexing_error_warning(tmp_path, caplog):
+    """T5 tokenizers say a caption beyond their 512 tokens 'will result in indexing errors': it does not,
+    the encoder truncates it to max_length and counts it."""
+    folder = save_tiny_t5(tmp_path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    tokenizer.model_max_length = 16
+    tokenizer.save_pretrained(folder)
+    encoder = T5TextEncoder(folder, max_length=8)
+    with pytest.warns(UserWarning, match="truncated"):
+        embedding = encoder.encode([" ".join(["a red circle moves left and"] * 5)])
+    assert embedding.mask.all() and encoder.truncated_count == 1
+    assert "indexing errors" not in caplog.text
 
 
 def test_frozen_weights_stay_out_of_checkpoints(t5_dir):

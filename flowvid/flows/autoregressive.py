@@ -94,7 +94,7 @@ class AffineBlock(FlowBlock):
         Slot s predicts the token at natural position ``permutation.index[s]``; it is rotated by that
         token's (x, y, frame) position. Frame-local blocks see every frame as frame 0. The tables
         depend only on these arguments, so they are built once and reused (training asks for the same
-        ones every step, samplers for the same runs of slots on every pass).
+        ones every step, samplers for the whole sequence on every pass).
         """
         if torch.compiler.is_compiling():  # built in the graph: a cache would add a guard, and a recompilation
             return self._build_rotation(first_slot, count, device, prefix)
@@ -183,7 +183,10 @@ class AffineBlock(FlowBlock):
         prefix = cache.prefix
         first = cache.length
         count = inputs.shape[1]
-        cos, sin = self._rotation(first - prefix, count, inputs.device)
+        # Slots take their positions from the whole sequence, as in the forward pass: where a slot's token
+        # sits can depend on the sequence's length (``flip`` reverses it).
+        slots = slice(first - prefix, first - prefix + count)
+        cos, sin = (table[slots] for table in self._rotation(0, cache.capacity - prefix, inputs.device))
         mask = None  # one query with a cache: every cached key is visible
         if count > 1 or prefix:
             valid = cache.key_valid[:, :prefix] if prefix else None

@@ -9,8 +9,9 @@ class KVCache:
     """Keys and values of every layer for up to ``capacity`` positions.
 
     Positions are written block by block: every layer writes its keys and values for the block at
-    ``[length, length + n)``, then ``advance(n)`` makes them visible to later blocks. ``rewind(n)``
-    forgets the last ``n`` positions, which Jacobi iterations use to overwrite a block in place.
+    ``[length, length + n)``, then ``advance(n)`` makes them visible to later blocks; writing a block again
+    before ``advance`` overwrites it in place (Jacobi iterations). ``rewind(n)`` forgets the last ``n`` token
+    positions and ``reset`` all of them; neither forgets the text.
     ``key_valid`` marks padded text positions that no query may attend to; ``prefix`` counts the
     leading positions that hold text rather than tokens. ``rows(index)`` is the cache as some batch
     rows see it, so that a pass can run on part of the batch.
@@ -49,11 +50,17 @@ class KVCache:
         self.length += n
 
     def rewind(self, n: int) -> None:
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot rewind {n} positions of a cache holding {self.length}")
+        if not 0 <= n <= self.length - self.prefix:
+            raise ValueError(f"cannot rewind {n} positions of a cache holding {self.length - self.prefix} token "
+                             f"positions after {self.prefix} of text")
         self.length -= n
 
-    def reset(self, length: int = 0) -> None:
+    def reset(self, length: int | None = None) -> None:
+        """Keep the first ``length`` positions, text included (None: the text only)."""
+        length = self.prefix if length is None else length
+        if not self.prefix <= length <= self.capacity:
+            raise ValueError(f"cannot reset a cache of capacity {self.capacity} to {length} positions: "
+                             f"its first {self.prefix} hold the text")
         self.length = length
 
 

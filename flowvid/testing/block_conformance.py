@@ -37,6 +37,7 @@ from flowvid.text.base import TextEmbedding
 #: backwards (``flip``: its shallow blocks, which alternate it with ``identity``).
 ORDERS = [pytest.param("identity", False, id="identity"),
           pytest.param("flip_within_frame", False, id="flip_within_frame"),
+          pytest.param("flip", False, id="flip"),
           pytest.param("flip", True, id="frame_local-flip")]
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from flowvid.flows import AffineBlock
-from flowvid.testing import FlowBlockConformance
+from flowvid.flows.base import BlockSpec
+from flowvid.sampling.sequential import invert_block_sequential
+from flowvid.testing import FlowBlockConformance, perturb_parameters
 from flowvid_plugins.blocks import GatedAffineBlock
 
 
@@ -25,6 +27,19 @@ def test_the_mlp_ratio_sets_the_hidden_width(block_class):
     spec = BlockSpec(3, (2, 2), width=32, depth=1, head_dim=16)
     sizes = {ratio: sum(p.numel() for p in block_class(spec, mlp_ratio=ratio).parameters()) for ratio in (1, 2, 4)}
     assert sizes[1] < sizes[2] < sizes[4]
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_a_block_reversing_a_whole_video_is_inverted_by_its_own_passes(frames):
+    """``flip`` over several frames: where a slot's token sits depends on the length of the whole video,
+    which a pass over the first slots must place it in as the forward pass does."""
+    torch.manual_seed(0)
+    block = AffineBlock(BlockSpec(3, (2, 3), width=16, depth=2, head_dim=4, permutation="flip"))
+    perturb_parameters(block, std=0.2)
+    x = torch.randn(2, frames * 6, 3)
+    with torch.no_grad():
+        z, _ = block.eval()(x)
+    torch.testing.assert_close(invert_block_sequential(block, z), x, rtol=1e-5, atol=1e-5)
 
 
 # --- the kit fails blocks that break the contract ---------------------------------------------------

@@ -163,6 +163,27 @@ def test_block_output_does_not_depend_on_what_was_cached_before():
         assert torch.equal(block(x)[0], twin(x)[0])
 
 
+def test_a_cache_reset_or_rewound_keeps_its_text():
+    """Passes after ``reset`` or ``rewind`` compute what they computed the first time: the caption stays."""
+    block = make_block(text_width=6).eval()
+    x = torch.randn(2, 12, 3)
+    text = TextEmbedding(torch.randn(2, 4, 6), torch.tensor([[True] * 4, [True, False, False, False]]))
+    inputs = block.shift(x)
+    with torch.no_grad():
+        cache = block.start_inverse(2, 12, text)
+        first_pass = block.affine(inputs[:, :6], cache)
+        cache.advance(6)
+        second_pass = block.affine(inputs[:, 6:], cache)
+        cache.rewind(6)
+        torch.testing.assert_close(block.affine(inputs[:, :6], cache), first_pass, rtol=0, atol=0)
+        cache.advance(6)
+        torch.testing.assert_close(block.affine(inputs[:, 6:], cache), second_pass, rtol=0, atol=0)
+        cache.reset()
+        torch.testing.assert_close(block.affine(inputs[:, :6], cache), first_pass, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="4 of text"):
+            cache.rewind(1)
+
+
 @pytest.mark.parametrize("text_width", [None, 8], ids=["unconditional", "text"])
 def test_inverse_block_builds_its_masks_on_the_inputs_device(text_width, monkeypatch):
     """A block of several slots without a text prefix once built its mask on the CPU, failing on a GPU.

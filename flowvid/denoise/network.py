@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from flowvid.checks import is_count
 from flowvid.nn.attention import frame_window_mask
 from flowvid.nn.rope import rope_angles
 from flowvid.nn.transformer import TransformerLayer
@@ -51,6 +52,30 @@ def denoiser_attention_mask(
     return allowed[:, None]
 
 
+#: The smallest value each size may take. A denoiser without layers would see no other token: a model
+#: without a denoiser leaves it out (``denoiser: null``).
+MINIMUM_SIZES = {"channels": 1, "width": 1, "depth": 1, "head_dim": 2, "window": 0, "lookahead": 0, "text_width": 1}
+
+
+def _check_sizes(frame_size: tuple[int, int], text_width: int | None, **sizes: int) -> None:
+    """Refuse sizes that build no working denoiser, before building it: a negative depth built no layer,
+    a zero width a network that returns its input, a zero text width an unconditional one, and others
+    failed far away, in the first forward pass."""
+    if text_width is not None:
+        sizes["text_width"] = text_width
+    for name, value in sizes.items():
+        if not is_count(value) or value < MINIMUM_SIZES[name]:
+            raise ValueError(f"CausalDenoiser {name} must be an int >= {MINIMUM_SIZES[name]}, got {value!r}")
+    if not (isinstance(frame_size, (tuple, list)) and len(frame_size) == 2
+            and all(is_count(side) and side >= 1 for side in frame_size)):
+        raise ValueError(f"CausalDenoiser frame_size must be a pair (h, w) of ints >= 1, got {frame_size!r}")
+    if sizes["head_dim"] % 2:
+        raise ValueError(f"CausalDenoiser head_dim must be even (RoPE rotates channel pairs), got {sizes['head_dim']}")
+    if sizes["width"] % sizes["head_dim"]:
+        raise ValueError(f"CausalDenoiser width must be a multiple of head_dim, got width={sizes['width']}, "
+                         f"head_dim={sizes['head_dim']}")
+
+
 class CausalDenoiser(nn.Module):
     """Predicts ``sigma * grad_x NLL(x)`` of noisy latents; frame n sees no frame after ``n + lookahead``.
 
@@ -78,8 +103,8 @@ class CausalDenoiser(nn.Module):
         noise_std: float | None = None,
     ):
         super().__init__()
-        if window < 0 or lookahead < 0:
-            raise ValueError(f"window and lookahead must be >= 0, got window={window}, lookahead={lookahead}")
+        _check_sizes(channels=channels, frame_size=frame_size, width=width, depth=depth, head_dim=head_dim,
+                     window=window, lookahead=lookahead, text_width=text_width)
         self.channels = channels
         self.frame_size = (int(frame_size[0]), int(frame_size[1]))
         self.head_dim = head_dim

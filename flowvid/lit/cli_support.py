@@ -168,6 +168,7 @@ class FlowvidCLI(LightningCLI):
     def before_validate(self) -> None:
         """``--ckpt_path`` may name a run directory: its newest readable checkpoint is validated. Without
         it, ``resume`` (``auto`` in some recipes) picks the checkpoint, as it picks where ``fit`` goes on."""
+        check_some_batch_is_validated(self.trainer)
         settings = self.config_init[self.subcommand]
         if settings.get("ckpt_path"):
             if os.path.isdir(settings.ckpt_path):
@@ -210,6 +211,14 @@ def check_no_earlier_run(checkpoint_dir: str) -> None:
         raise ValueError(f"{checkpoint_dir} holds {len(earlier)} checkpoint(s) of an earlier run (newest: "
                          f"{Path(earlier[-1]).name}); continue it with --resume auto, or start afresh in another "
                          "--trainer.default_root_dir (or remove them)")
+
+
+def check_some_batch_is_validated(trainer: Trainer) -> None:
+    """``limit_val_batches=0`` turns validation off (what it is for in ``fit``): Lightning's ``validate`` would
+    then load the model, validate nothing and succeed without a word."""
+    if trainer.limit_val_batches == 0:
+        raise ValueError("trainer.limit_val_batches=0 validates no batch; give a number of batches, or a fraction "
+                         "of them (--trainer.limit_val_batches 1.0 for all)")
 
 
 def warn_of_unused_checkpoints(checkpoint_dir: str) -> None:

@@ -213,7 +213,10 @@ class ZeroStrategy(DeepSpeedStrategy):
         from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
 
         [path] = resharded.glob("*/zero/optimizer_state.pt")
-        saved = torch.load(path, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]["param_groups"]
+        # The file also holds rank 0's partition of the fp32 weights and Adam moments, which DeepSpeed has just
+        # loaded: mapped, not read again, since only the groups' settings are taken from it.
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        saved = state[OPTIMIZER_STATE_DICT]["param_groups"]
         optimizer = self.deepspeed_engine.optimizer.optimizer
         for group, settings in zip(optimizer.param_groups, saved, strict=True):
             group.update({key: value for key, value in settings.items() if key != "params"})

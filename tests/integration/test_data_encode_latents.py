@@ -1,9 +1,7 @@
 """encode-latents: raw shards -> latent shards through registered codecs -> latent batches."""
 
 import json
-import os
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from flowvid.data import VideoShardDataModule, load_manifest, write_synthetic_da
 from flowvid.data.shards import iter_tar
 from flowvid.registry import CODECS
 from flowvid.text.base import TextEmbedding, TextEncoder
+from processes import free_port, set_torchrun_environment
 
 
 class SpaceToDepth(LatentCodec):
@@ -246,8 +245,7 @@ def test_a_device_that_is_not_here_is_one_line_before_anything_is_read(raw, tmp_
 
 def _encode_as_torchrun_rank(rank: int, world: int, port: int, raw: str, out: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    set_torchrun_environment(rank, world, port)
     code = data_main(["encode-latents", raw, "--out", out, "--codec", "test-space-to-depth", "--first-frame",
                       "--batch-size", "3", "--shard-samples", "2", "--device", "cpu"])
     if code != 0:
@@ -261,9 +259,7 @@ def samples_by_key(folder):
 @pytest.mark.slow
 def test_under_torchrun_each_process_encodes_its_shards_into_one_folder(raw, tmp_path):
     one = encode_latents(raw, tmp_path / "one", SpaceToDepth(), first_frame=True, batch_size=3, shard_samples=2)
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     # raw holds 3 shards: rank 0 encodes the first and the third, rank 1 the second.
     mp.start_processes(_encode_as_torchrun_rank, args=(2, port, str(raw), str(tmp_path / "two")), nprocs=2,
                        join=True, start_method="fork")

@@ -37,6 +37,7 @@ def fit(*args: str) -> int:
     ("--model.init_args.schedule_steps=0", "schedule_steps must be an integer >= 1, or null"),
     ("--model.init_args.warmup_steps=-5", "warmup_steps must be an integer >= 0, got -5"),
     ("--model.init_args.weight_decay=-0.1", "weight_decay must be a finite number >= 0, got -0.1"),
+    ("--model.init_args.denoiser.init_args.depth=0", "CausalDenoiser depth must be an int >= 1, got 0"),
     ("--ckpt_path=/no/such.ckpt", "ckpt_path /no/such.ckpt does not exist"),
 ])
 def test_a_bad_value_is_one_line_before_training(override, message, tmp_path, capsys):
@@ -187,3 +188,17 @@ def test_a_mixture_of_folders_that_do_not_fit_together_is_one_line_before_traini
     assert fit(f"--data.init_args.train_dir={train}", "--data.init_args.train_weights=[1]",
                f"--trainer.default_root_dir={tmp_path / 'run'}") == 2
     assert "train_weights has 1 weight(s) for 2 train_dir folder(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["0", "0.0"])
+def test_validating_no_batch_is_refused_rather_than_a_silent_success(limit, tmp_path, capsys):
+    write_synthetic_dataset(tmp_path / "shapes", num_videos=4, frames=8, size=16, val_videos=2)
+    with mock.patch.object(sys, "argv", ["flowvid"]):
+        status = fit_main(["validate", "--config", str(RECIPE), f"--trainer.default_root_dir={tmp_path / 'run'}",
+                           f"--data.init_args.train_dir={tmp_path / 'shapes' / 'train'}",
+                           f"--data.init_args.val_dir={tmp_path / 'shapes' / 'val'}",
+                           f"--trainer.limit_val_batches={limit}"])
+    assert status == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1] == ("flowvid validate: error: trainer.limit_val_batches=0 validates no batch; give a number of "
+                         "batches, or a fraction of them (--trainer.limit_val_batches 1.0 for all)")

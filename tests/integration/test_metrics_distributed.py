@@ -1,7 +1,6 @@
 """Metric states summed across 2 gloo processes give the statistics of the whole set."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from flowvid.metrics import BitsPerDim, FrechetVideoDistance, PixelStatsExtractor
+from processes import free_port
 
 WORLD_SIZE = 2
 
@@ -46,15 +46,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_fvd_and_bits_per_dim_sync_across_two_gloo_processes(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
     whole = FrechetVideoDistance("pixel-stats")

@@ -143,3 +143,22 @@ def test_denoise_needs_its_noise_level():
     with pytest.raises(ValueError, match="noise_std"):
         denoiser.denoise(torch.randn(1, 1, *FRAME, CHANNELS))
 
+
+
+@pytest.mark.parametrize("size, message", [
+    ({"depth": 0}, "CausalDenoiser depth must be an int >= 1, got 0"),
+    ({"depth": -1}, "CausalDenoiser depth must be an int >= 1, got -1"),
+    ({"width": 0}, "CausalDenoiser width must be an int >= 1, got 0"),
+    ({"head_dim": 0}, "CausalDenoiser head_dim must be an int >= 2, got 0"),
+    ({"head_dim": 5, "width": 40}, "CausalDenoiser head_dim must be even"),
+    ({"head_dim": 16, "width": 40}, "CausalDenoiser width must be a multiple of head_dim, got width=40, head_dim=16"),
+    ({"window": -1}, "CausalDenoiser window must be an int >= 0, got -1"),
+    ({"lookahead": 1.5}, "CausalDenoiser lookahead must be an int >= 0, got 1.5"),
+    ({"channels": 0}, "CausalDenoiser channels must be an int >= 1, got 0"),
+    ({"frame_size": (0, 3)}, r"CausalDenoiser frame_size must be a pair \(h, w\) of ints >= 1, got \(0, 3\)"),
+    ({"text_width": 0}, "CausalDenoiser text_width must be an int >= 1, got 0"),
+])
+def test_sizes_that_build_no_working_denoiser_are_refused(size, message):
+    settings = {"channels": CHANNELS, "frame_size": FRAME, "width": 32, "head_dim": 16, **size}
+    with pytest.raises(ValueError, match=f"^{message}"):
+        CausalDenoiser(**settings)

@@ -5,13 +5,13 @@
 
 Captions come from a CSV or JSONL of ``path,caption`` (paths relative to that file), else from a
 sidecar ``<video>.txt``, else ``--default-caption``; a video without one is skipped. A table's paths
-match as spelt, else up to Unicode normalisation (NFC). Files are decoded in parallel; the output
-depends only on the inputs and options (not on --workers). Every skipped file is listed with its
-reason in ``DIR/summary.json`` (with ``--val-fraction``: ``DIR/train/summary.json`` and
-``DIR/val/summary.json``) and the manifest. A run replaces the
-shards of an earlier one only when it writes at least one clip; one that writes none leaves ``DIR``
-as it was (and lists every skip on the console). ``DIR`` must not hold any of the input videos, nor a
-``manifest.json`` that flowvid did not write: both are refused before anything is read.
+and sidecars' names match as spelt, else up to Unicode normalisation (NFC). Files are decoded in
+parallel; the output depends only on the inputs and options (not on --workers). Every skipped file
+is listed with its reason in ``DIR/summary.json`` (with ``--val-fraction``: ``DIR/train/summary.json``
+and ``DIR/val/summary.json``) and the manifest. A run replaces the shards of an earlier one only when
+it writes at least one clip; one that writes none leaves ``DIR`` as it was (and lists every skip on
+the console). ``DIR`` must not hold any of the input videos, nor a ``manifest.json`` that flowvid did
+not write: both are refused before anything is read.
 
 ``--val-fraction F`` holds out about that share of the videos (never clips of a video on both sides):
 their clips go to ``DIR/val`` and the others' to ``DIR/train``, the layout ``make-synthetic`` writes;
@@ -141,6 +141,7 @@ def convert_videos(
     check_output_folder(out, videos)
     files = list(videos)
     table = CaptionTable(load_captions(captions) if captions else {}, files)
+    sidecars = Sidecars(files)
     if table.rows and not any(table.names(path) for path in files):
         raise ValueError(f"the captions in {captions} name none of the {len(files)} videos found (paths are read "
                          f"relative to the captions file's folder, {Path(captions).resolve().parent})")
@@ -149,7 +150,7 @@ def convert_videos(
     captioned: list[tuple[Path, str]] = []
     for path in files:
         try:
-            captioned.append((path, caption_for(path, table, default_caption)))
+            captioned.append((path, caption_for(path, table, sidecars, default_caption)))
         except NoCaption as err:
             skipped.append({"path": str(path), "reason": str(err)})
     settings = dict(inputs=inputs, spec=spec, root=root, workers=workers, shard_samples=shard_samples,
@@ -458,13 +459,53 @@ class CaptionTable:
         return None
 
 
-def caption_for(video: Path, table: CaptionTable, default: str | None) -> str:
+class Sidecars:
+    """Each video's caption file ``<video>.txt``, found as it is spelt, else up to Unicode normalisation,
+    as ``CaptionTable`` finds rows: a video and its sidecar copied from different systems may spell the
+    same name differently (NFD, NFC)."""
+
+    def __init__(self, videos: Iterable[Path]):
+        self.videos: dict[str, list[Path]] = {}  # normalised path -> the videos spelt so
+        for video in videos:
+            self.videos.setdefault(_normalised(str(video)), []).append(video)
+        self.folders: dict[Path, dict[str, list[Path]]] = {}  # folder -> normalised .txt name -> files; listed once
+
+    def find(self, video: Path) -> Path | None:
+        """The sidecar of ``video``, None without one; NoCaption when sidecars in several spellings, or videos
+        whose names differ only in their spelling, make it ambiguous."""
+        spelt = video.with_suffix(".txt")
+        if spelt.is_file():
+            return spelt
+        found = self._text_files(video.parent).get(_normalised(spelt.name), [])
+        if len(found) > 1:
+            raise NoCaption(f"ambiguous caption: {len(found)} sidecars fit {video.name}, spelt differently only in "
+                            "Unicode normalisation")
+        twins = [other for other in self.videos.get(_normalised(str(video)), []) if other != video]
+        if found and twins:
+            raise NoCaption(f"ambiguous caption: sidecar {found[0].name} fits this video and {twins[0]}, whose names "
+                            "differ only in Unicode normalisation; name each sidecar as its video is spelt")
+        return found[0] if found else None
+
+    def _text_files(self, folder: Path) -> dict[str, list[Path]]:
+        if folder not in self.folders:
+            listing: dict[str, list[Path]] = {}
+            try:
+                for path in folder.iterdir():
+                    if path.suffix == ".txt" and path.is_file():
+                        listing.setdefault(_normalised(path.name), []).append(path)
+            except OSError:  # an unreadable folder has no sidecars to offer; the video says why it is skipped
+                pass
+            self.folders[folder] = listing
+        return self.folders[folder]
+
+
+def caption_for(video: Path, table: CaptionTable, sidecars: Sidecars, default: str | None) -> str:
     """The captions table's entry, else the sidecar ``.txt``, else ``default``; NoCaption says why not."""
     caption = table.caption(video)
     if caption is not None:
         return caption
-    sidecar = video.with_suffix(".txt")
-    if sidecar.is_file():
+    sidecar = sidecars.find(video)
+    if sidecar is not None:
         try:
             return sidecar.read_bytes().decode("utf-8-sig").strip()  # without a byte-order mark
         except (OSError, UnicodeDecodeError) as err:

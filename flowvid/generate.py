@@ -254,10 +254,16 @@ def planned_records(request: Request, prompts: list[str], frames: int) -> dict[i
         **({"lora": request.lora, "lora_strength": request.lora_strength} if request.lora else {}),
         "frames": frames,
         **({"model": request.model, "weights": request.weights} if request.model else {}),
-        **({"source": str(source), "source_sha256": file_sha256(source)} if source else {}),  # read once
+        # The file as resolved, as the model is recorded: another spelling of it is the same request.
+        **({"source": resolved_source(source), "source_sha256": file_sha256(source)} if source else {}),  # read once
     }
     return {i: {"prompt": prompts[i], "seed": request.seed + i, **shared}
             for i in range(request.rank, len(prompts), request.world_size)}
+
+
+def resolved_source(path: str | Path) -> str:
+    """The absolute path, links resolved, of an image or video given as typed."""
+    return str(Path(path).resolve())
 
 
 def already_written(out: Path, name: str, planned: dict[str, Any], force: bool = False) -> bool:
@@ -280,6 +286,10 @@ def already_written(out: Path, name: str, planned: dict[str, Any], force: bool =
 
 def request_differences(record: dict[str, Any], planned: dict[str, Any]) -> list[str]:
     """What the request that wrote ``record`` asked otherwise than ``planned``, one entry per key."""
+    if isinstance(record.get("source"), str):
+        # An older record holds the path as typed, relative to where generate ran: it is read from
+        # here, where a rerun of its request most likely runs too.
+        record = {**record, "source": resolved_source(record["source"])}
     return [f"{key} {record.get(key)!r}, not {planned.get(key)!r}" for key in REQUEST_KEYS
             if (key in planned or key in record) and record.get(key) != planned.get(key)]
 
@@ -333,10 +343,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     prompts = pipeline.prompts_for(request.prompts)
     pipeline.check(request.task, request.frames, request.guidance, request.negative_prompt, request.seed,
                    request.batch_size, count=len(prompts))
-    try:
-        source = pipeline.source_frames(request.task, request.image, request.video)
-    except MediaError as err:
-        raise GenerateError(str(err)) from None
+    source = pipeline.source_frames(request.task, request.image, request.video)
     pipeline.check_room(request.task, request.frames, source)
     resized = resized_source(request, module.video_shape[1:])
     try:

@@ -20,6 +20,7 @@ it is for the training length and inside a sliding window (``WindowedSampler``) 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import math
@@ -86,6 +87,18 @@ class GenerateError(ValueError):
     """A request that cannot be generated; the message is one line for the user."""
 
 
+@contextlib.contextmanager
+def refused_as_generate_error():
+    """Checks of a request raise GenerateError, whatever part of flowvid finds the fault (a seed out of
+    range, a frame count the codec cannot encode, a file that cannot be read): callers catch one error."""
+    try:
+        yield
+    except GenerateError:
+        raise
+    except ValueError as err:  # MediaError, ScoreError, a codec's or check_seed's refusal
+        raise GenerateError(str(err)) from err
+
+
 @dataclass
 class GeneratedVideos:
     """What a pipeline call returns.
@@ -138,7 +151,7 @@ class VideoPipeline:
 
     def __init__(self, model, sampler: Sampler | None = None, precision: str = "32-true"):
         if precision not in DEFAULT_TOLERANCE:
-            raise ValueError(f"precision must be one of {', '.join(DEFAULT_TOLERANCE)}, got {precision!r}")
+            raise GenerateError(f"precision must be one of {', '.join(DEFAULT_TOLERANCE)}, got {precision!r}")
         self.model = model.eval()
         self.precision = precision
         self.sampler = sampler if sampler is not None else default_sampler(model, precision)
@@ -152,9 +165,11 @@ class VideoPipeline:
         it, else fp32); ``lora`` merges adapters (``flowvid export --adapters-only``) into the weights."""
         from flowvid.loading import load_model
 
-        placed = resolve_device(device)
+        with refused_as_generate_error():  # before the model loads: a slip costs no wait
+            placed = resolve_device(device)
+            precision = resolve_precision(precision, placed)
         model = load_model(path, weights=weights, map_location=placed, adapters=lora, adapter_strength=lora_strength)
-        return cls(model, sampler, resolve_precision(precision, placed))
+        return cls(model, sampler, precision)
 
     @property
     def device(self) -> torch.device:
@@ -203,13 +218,17 @@ class VideoPipeline:
         """The exact likelihood of a video under ``caption``, as ``flowvid score`` gives it: ``bits_per_dim``
         and ``bits_per_dim_per_frame`` of uint8 frames (T, H, W, 3) at the model's size, or of a video
         file. Always in fp32 (scores are exact); ``seed`` fixes the pixel codec's dequantisation noise."""
-        from flowvid.score import check_caption, score_video  # flowvid.score reads generate's file names
+        from flowvid.score import ScoreError, check_caption, score_video  # flowvid.score reads generate's file names
 
-        check_caption(self.model, caption)
-        check_seed(seed)  # torch keeps 32 bits: seed -1 would silently be seed 2**32 - 1
-        _, height, width = self.model.video_shape
-        frames = _frames(video, read_video, height, width, "video", dims=4)
-        return score_video(self.model, frames, caption, torch.Generator().manual_seed(seed))
+        with refused_as_generate_error():
+            check_caption(self.model, caption, name="caption")
+            check_seed(seed)  # torch keeps 32 bits: seed -1 would silently be seed 2**32 - 1
+            _, height, width = self.model.video_shape
+            frames = _frames(video, read_video, height, width, "video", dims=4)
+        try:
+            return score_video(self.model, frames, caption, torch.Generator().manual_seed(seed))
+        except ScoreError as err:  # a video too short to score, found as it is cut into clips
+            raise GenerateError(str(err)) from err
 
     # --- checks, before any work -----------------------------------------------------------------
 
@@ -247,8 +266,9 @@ class VideoPipeline:
             raise GenerateError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
         if not (is_count(frames) and is_count(batch_size)) or frames < 1 or batch_size < 1:
             raise GenerateError(f"frames and batch_size must be integers >= 1, got {frames!r} and {batch_size!r}")
-        check_seed(seed, count)
-        self.model.codec.latent_frames(frames)
+        with refused_as_generate_error():
+            check_seed(seed, count)
+            self.model.codec.latent_frames(frames)
         if not (math.isfinite(guidance) and guidance >= 0):
             raise GenerateError(f"guidance must be a finite number >= 0, got {guidance}")
         if negative_prompt:
@@ -266,6 +286,7 @@ class VideoPipeline:
             raise GenerateError(f"{task}: {frames} frames leave nothing to sample after {given}; ask for more "
                                 f"than {source.shape[1]} frames (the result starts with the given ones)")
 
+    @refused_as_generate_error()
     def source_frames(self, task: str, image, video) -> torch.Tensor | None:
         """The task's conditioning frames as uint8 (1, S, H, W, 3), or None for t2v."""
         _, height, width = self.model.video_shape

@@ -134,13 +134,14 @@ def check_inputs(inputs: list[str], caption: str = "") -> None:
                              f"{' '.join(VIDEO_SUFFIXES)} (in subfolders too), or a shard folder with manifest.json")
 
 
-def check_caption(module, caption: str) -> None:
-    """A caption for a model without a text encoder would be silently ignored: refuse it instead."""
+def check_caption(module, caption: str, name: str = "--caption") -> None:
+    """A caption for a model without a text encoder would be silently ignored: refuse it instead. ``name``
+    is what the caller calls the caption (``--caption`` on the command line)."""
     if caption and module.text_encoder is None:
         raise ScoreError("this model is unconditional (trained without text) and takes no caption; "
-                         "leave out --caption")
+                         f"leave out {name}")
     if caption and not caption.strip():
-        raise ScoreError(f"--caption {caption!r} holds only whitespace; give a caption, or leave it out to "
+        raise ScoreError(f"{name} {caption!r} holds only whitespace; give a caption, or leave it out to "
                          "score under the empty caption")
 
 

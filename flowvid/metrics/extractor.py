@@ -7,12 +7,13 @@ the ``flowvid.fvd_extractors`` entry-point group.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,47 @@ def build_extractor(spec: str | FVDExtractor, **kwargs: Any) -> FVDExtractor:
     if not isinstance(extractor, FVDExtractor):
         raise ValueError(f"FVD extractor {spec!r} built a {type(extractor).__name__}, expected an FVDExtractor")
     return extractor
+
+
+@contextlib.contextmanager
+def tf32_off() -> Iterator[None]:
+    """Convolutions and matmuls in full fp32 inside, the caller's TF32 settings restored after.
+
+    CUDA GPUs from Ampere on run float32 cuDNN convolutions (and matmuls, where allowed) in TF32 by
+    default: features, and so FVD, would then differ between GPU generations and from the CPU's.
+    """
+    settings = _fp32_precision_settings()
+    precisions = [setting.fp32_precision for setting in settings]
+    try:
+        legacy = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    except RuntimeError:  # the caller set fp32_precision, which the old flags cannot report: set that only
+        legacy = None
+    if legacy is None:
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    else:  # through the old flags, which keep both kinds of setting in step (cuBLAS refuses them apart)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            torch.backends.cudnn.allow_tf32, matmul_precision = legacy
+            torch.set_float32_matmul_precision(matmul_precision)
+        for setting, precision in zip(settings, precisions):
+            setting.fp32_precision = precision
+
+
+#: Under ``torch.backends``, parents first: where torch 2.9+ keeps ``fp32_precision``.
+FP32_PRECISION_PATHS = ("cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul", "mkldnn.conv",
+                        "mkldnn.rnn")
+
+
+def _fp32_precision_settings() -> list[Any]:
+    """Where torch 2.9+ keeps the float32 precision per backend and operation (``fp32_precision``),
+    parents first; the old flags write there too, so their old values are put back from there."""
+    found = [torch.backends] + [functools.reduce(lambda owner, name: getattr(owner, name, None), path.split("."),
+                                                 torch.backends) for path in FP32_PRECISION_PATHS]
+    return [setting for setting in found if hasattr(setting, "fp32_precision")]
 
 
 def settings_label(name: str, settings: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from flowvid.metrics.extractor import FVDExtractor, build_extractor, check_video, settings_label
+from flowvid.metrics.extractor import FVDExtractor, build_extractor, check_video, settings_label, tf32_off
 from flowvid.metrics.frechet import frechet_distance, mean_and_covariance
 from flowvid.paths import write_atomically
 
@@ -216,7 +216,8 @@ class FrechetVideoDistance(Metric):
         if real and self.reference is not None:
             raise ValueError("real videos given to an FVD metric that uses reference statistics")
         self._check_video_size(tuple(videos.shape[1:4]), "these videos")
-        with torch.no_grad(), torch.autocast(videos.device.type, enabled=False):
+        # fp32 features, as the FVD protocol computes them: no autocast, no TF32 on a GPU.
+        with torch.no_grad(), torch.autocast(videos.device.type, enabled=False), tf32_off():
             features = self.extractor.features(videos).double()
         self._check_features(features, len(videos))
         name = "real" if real else "fake"

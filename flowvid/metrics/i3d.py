@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowvid.files import read_torch_file
-from flowvid.metrics.extractor import FVDExtractor, check_video, file_sha256, resized_frames
+from flowvid.metrics.extractor import FVDExtractor, check_video, file_sha256, resized_frames, tf32_off
 from flowvid.registry import FVD_EXTRACTORS
 
 WEIGHTS_FILE = "i3d_pretrained_400.pt"
@@ -199,7 +199,8 @@ class I3DExtractor(FVDExtractor):
         check_video(video)
         pixels = resized_frames(video, (self.resolution, self.resolution))
         scaled = (2 * pixels / 255 - 1).transpose(1, 2)  # (B, 3, T, H, W)
-        return self.network(scaled)
+        with tf32_off():  # the standard features are fp32's, whatever GPU computes them
+            return self.network(scaled)
 
 
 def load_i3d_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -12,8 +12,9 @@ A sampler plugin's test module subclasses the mixin and says how to build its sa
 pytest then runs every ``test_*`` method below on a tiny text-conditioned flow with perturbed weights:
 agreement with ``SequentialSampler`` (plain, guided, with a prefix), guided samples that are the guided
 inverse, exact prefix reproduction, the inverse of the flow's own noise and shapes and dtypes (also for
-an unconditional flow, sampled without text, and for a batch of one video), determinism, streaming,
-and clear errors.
+an unconditional flow, sampled without text, and for a batch of one video), determinism, the caller's
+noise, text and prefix left as given, streaming, and clear errors. A failure says what the sampler did
+wrong.
 """
 
 from __future__ import annotations
@@ -38,6 +39,25 @@ REQUESTS = [pytest.param(True, 2, id="text"), pytest.param(False, 2, id="uncondi
 
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     return ((x - reference).norm() / reference.norm()).item()
+
+
+def check_close(x: torch.Tensor, reference: torch.Tensor, tolerance: float, what: str) -> None:
+    """Fail, naming ``what`` was compared, unless ``x`` is within ``tolerance`` (relative L2) of ``reference``."""
+    error = relative_error(x, reference)
+    assert error <= tolerance, (f"{what}: relative L2 error {error:.3g} exceeds the tolerance {tolerance:g} the "
+                                "sampler promises (its class's `tolerance`; raise it, or tighten the sampler's own)")
+
+
+def inputs_of(z: torch.Tensor, text: Any, prefix: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The tensors a caller hands a sampler, by the name the message gives each."""
+    tensors = {"noise z": z}
+    if isinstance(text, GuidedText):
+        tensors.update({"text.cond.tokens": text.cond.tokens, "text.uncond.tokens": text.uncond.tokens})
+    elif text is not None:
+        tensors["text.tokens"] = text.tokens
+    if prefix is not None:
+        tensors["prefix"] = prefix
+    return tensors
 
 
 class SamplerConformance:
@@ -86,7 +106,10 @@ class SamplerConformance:
     def test_output_shape_and_dtype(self, conditioned, batch):
         flow, z = self.make_flow(conditioned), self.make_noise(batch)
         x = self.make_sampler().sample(flow, z, self.request_text(conditioned, batch))
-        assert x.shape == z.shape and x.dtype == torch.float32 and torch.isfinite(x).all()
+        assert isinstance(x, torch.Tensor) and x.shape == z.shape and x.dtype == torch.float32, (
+            f"sample returned {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}; a sample "
+            f"is float32 latents of the noise's shape {tuple(z.shape)}")
+        assert torch.isfinite(x).all(), "sample returned NaN or infinite latents for finite noise"
 
     @pytest.mark.parametrize("conditioned, batch", REQUESTS)
     def test_inverts_the_flow(self, conditioned, batch):
@@ -94,13 +117,15 @@ class SamplerConformance:
         x = self.make_noise(batch, seed=3)
         with torch.no_grad():
             z, _ = flow(x, text)
-        assert relative_error(self.make_sampler().sample(flow, z, text), x) <= self.tolerance
+        check_close(self.make_sampler().sample(flow, z, text), x, self.tolerance,
+                    "the sample of the noise flow(x) is not x")
 
     @pytest.mark.parametrize("guidance", [0.0, 2.0])
     def test_agrees_with_sequential_sampler(self, guidance):
         flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
         reference = SequentialSampler().sample(flow, z, text, guidance=guidance)
-        assert relative_error(self.make_sampler().sample(flow, z, text, guidance=guidance), reference) <= self.tolerance
+        check_close(self.make_sampler().sample(flow, z, text, guidance=guidance), reference, self.tolerance,
+                    f"the sample differs from SequentialSampler's at guidance {guidance}")
 
     def test_a_guided_sample_is_the_guided_inverse(self):
         """Checked without another sampler: encoded again, every token the deep block reads is its guided
@@ -115,34 +140,63 @@ class SamplerConformance:
         sigma_cond, sigma_uncond = logdet_cond.neg().exp(), logdet_uncond.neg().exp()
         mu, sigma = guided_affine(tokens - sigma_cond * z_cond, sigma_cond, tokens - sigma_uncond * z_uncond,
                                   sigma_uncond, 2.0)
-        assert relative_error(mu + sigma * z.reshape_as(tokens), tokens) <= self.tolerance
+        check_close(mu + sigma * z.reshape_as(tokens), tokens, self.tolerance,
+                    "the guided sample is not the guided inverse (mu + sigma * z, both branches reading the sample)")
 
     def test_guidance_zero_equals_unguided_sampling(self):
         flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
         sampler = self.make_sampler()
-        assert torch.equal(sampler.sample(flow, z, text, guidance=0.0), sampler.sample(flow, z, text.cond))
+        assert torch.equal(sampler.sample(flow, z, text, guidance=0.0), sampler.sample(flow, z, text.cond)), (
+            "at guidance 0 a GuidedText gave another sample than its conditional text alone: guidance 0 must "
+            "leave the unconditional branch out")
 
     def test_prefix_is_reproduced_exactly_and_continued(self):
         flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
         prefix = self.make_noise(seed=4)[:, :2]
         x = self.make_sampler().sample(flow, z, text.cond, prefix=prefix)
-        assert torch.equal(x[:, :2], prefix)
+        assert torch.equal(x[:, :2], prefix), ("the sample's first frames are not the prefix as given: return "
+                                               "the prefix itself as x[:, :P], not its inverse or a copy in "
+                                               "another precision")
         reference = SequentialSampler().sample(flow, z, text.cond, prefix=prefix)
-        assert relative_error(x, reference) <= self.tolerance
+        check_close(x, reference, self.tolerance, "the continuation of a prefix differs from SequentialSampler's")
 
     def test_same_inputs_give_the_same_sample(self):
         flow, z, text = self.make_flow(), self.make_noise(), self.make_text().cond
         sampler = self.make_sampler()
-        assert torch.equal(sampler.sample(flow, z, text), sampler.sample(flow, z, text))
+        assert torch.equal(sampler.sample(flow, z, text), sampler.sample(flow, z, text)), (
+            "two calls with the same inputs gave different samples: a sample may depend on its inputs only "
+            "(no random numbers drawn, no state carried from one call to the next)")
+
+    @pytest.mark.parametrize("guidance, prefix_frames", [(0.0, 0), (2.0, 1)])
+    def test_the_callers_inputs_are_left_as_given(self, guidance, prefix_frames):
+        """A caller keeps its tensors (a windowed rollout hands each window a view of the video's noise; a
+        caller may sample the same noise again): a sampler must not write into them."""
+        flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
+        text = text if guidance else text.cond
+        prefix = self.make_noise(seed=4)[:, :prefix_frames] if prefix_frames else None
+        sampler = self.make_sampler()
+        for call in ("sample", "stream"):
+            given = inputs_of(z, text, prefix)
+            before = {name: tensor.clone() for name, tensor in given.items()}
+            result = getattr(sampler, call)(flow, z, text, guidance, prefix)
+            if call == "stream":
+                list(result)
+            for name, tensor in given.items():
+                assert torch.equal(tensor, before[name]), (
+                    f"{type(sampler).__name__}.{call} changed the caller's {name} in place; work on a copy "
+                    f"(e.g. {name.split()[-1]}.clone()) or out-of-place operations: callers reuse their tensors")
 
     def test_stream_yields_the_sampled_frames_in_order(self):
         flow, z, text = self.make_flow(), self.make_noise(), self.make_text().cond
         prefix = self.make_noise(seed=4)[:, :1]
         sampler = self.make_sampler()
         frames = list(sampler.stream(flow, z, text, prefix=prefix))
-        assert len(frames) == self.frames - 1 and all(f.shape == z[:, 0].shape for f in frames)
+        shapes = [tuple(frame.shape) for frame in frames]
+        assert shapes == [tuple(z[:, 0].shape)] * (self.frames - 1), (
+            f"stream with a 1-frame prefix yielded frames of shapes {shapes}; expected the {self.frames - 1} "
+            f"sampled frames (the prefix is not yielded again), each {tuple(z[:, 0].shape)}")
         x = sampler.sample(flow, z, text, prefix=prefix)
-        assert relative_error(torch.stack(frames, dim=1), x[:, 1:]) <= self.tolerance
+        check_close(torch.stack(frames, dim=1), x[:, 1:], self.tolerance, "the streamed frames differ from sample's")
 
     def test_bad_input_is_rejected_before_sampling(self):
         flow, z, text = self.make_flow(), self.make_noise(), self.make_text()

@@ -434,6 +434,33 @@ def test_captions_name_videos_whose_names_are_spelt_in_another_unicode_normalisa
     assert captions == {"crème.mkv": "a cream", "brûlée.mkv": "a burnt cream"}
 
 
+def test_sidecars_spelt_in_another_unicode_normalisation_caption_their_videos(tmp_path):
+    for video, sidecar, caption in (("NFD", "NFC", "a cream"), ("NFC", "NFD", "a burnt cream")):
+        name = "crème" if caption == "a cream" else "brûlée"
+        write_video(tmp_path / unicodedata.normalize(video, f"{name}.mkv"), random_frames(2, 8, 8))
+        (tmp_path / unicodedata.normalize(sidecar, f"{name}.txt")).write_text(caption)
+    assert data_main(["from-videos", str(tmp_path), "--frames", "2", "--size", "8", "--out", str(tmp_path / "out")]) == 0
+    captions = {unicodedata.normalize("NFC", meta["source"]): meta["caption"] for meta in metas(tmp_path / "out")}
+    assert captions == {"crème.mkv": "a cream", "brûlée.mkv": "a burnt cream"}
+
+
+def test_a_sidecar_fits_only_the_video_spelt_as_it_is_when_names_differ_only_in_normalisation(tmp_path):
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    mixed = unicodedata.normalize("NFC", "crème") + unicodedata.normalize("NFD", " brûlée")  # one accent of each
+    for name in (nfc, nfd, mixed):
+        write_video(tmp_path / f"{name}.mkv", random_frames(2, 8, 8))
+    (tmp_path / f"{nfc}.txt").write_text("a cup")
+    for form in ("NFC", "NFD"):  # two sidecars, neither spelt as the video is
+        (tmp_path / unicodedata.normalize(form, f"{mixed}.txt")).write_text("a dessert")
+    assert data_main(["from-videos", str(tmp_path), "--frames", "2", "--size", "8", "--out", str(tmp_path / "out")]) == 0
+    assert [(meta["source"], meta["caption"]) for meta in metas(tmp_path / "out")] == [(f"{nfc}.mkv", "a cup")]
+    skipped = json.loads((tmp_path / "out" / "summary.json").read_text())["skipped"]
+    reasons = {Path(item["path"]).name: item["reason"] for item in skipped}
+    assert sorted(reasons) == sorted([f"{nfd}.mkv", f"{mixed}.mkv"])
+    assert all(reason.startswith("ambiguous caption:") and "Unicode normalisation" in reason
+               for reason in reasons.values())
+
+
 def test_videos_whose_names_differ_only_in_unicode_normalisation_are_captioned_only_as_spelt(tmp_path):
     nfc, nfd = unicodedata.normalize("NFC", "café.mkv"), unicodedata.normalize("NFD", "café.mkv")
     for name in (nfc, nfd):

@@ -172,6 +172,25 @@ def test_an_extractor_whose_features_break_its_feature_dim_is_named():
     assert int(metric.real_features_num_samples) == 0
 
 
+def test_every_extractor_computes_its_features_without_tf32():
+    class SeesTheFlags(PixelStatsExtractor):
+        seen: list = []
+
+        def features(self, video):
+            self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return super().features(video)
+
+    convolutions, precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        FrechetVideoDistance(SeesTheFlags()).update(_videos(), real=True)
+        after = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    finally:
+        torch.backends.cudnn.allow_tf32 = convolutions
+        torch.set_float32_matmul_precision(precision)
+    assert SeesTheFlags.seen == [(False, False)] and after == (True, True)
+
+
 def test_a_reference_file_from_before_extractor_settings_still_fits_an_extractor_without_settings(tmp_path):
     path = tmp_path / "old.npz"
     np.savez(path, mu=np.zeros(96), sigma=np.eye(96), extractor="pixel-stats", weights_hash="", frames=4, height=16,

@@ -131,3 +131,49 @@ def test_a_module_holding_the_metric_saves_no_extractor_weights_and_loads_none(w
     holder.load_state_dict(older)
     for name, tensor in holder.fvd.extractor.state_dict().items():
         assert torch.equal(tensor, from_file[name]), name
+
+
+def tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.fixture
+def tf32_allowed():
+    """TF32 on for convolutions and matmuls, as a user training on an Ampere GPU may set it."""
+    convolutions, precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32 = convolutions
+    torch.set_float32_matmul_precision(precision)
+
+
+def test_i3d_runs_without_tf32_and_gives_the_callers_settings_back(weights_file, tf32_allowed):
+    extractor = I3DExtractor(weights=weights_file, resolution=16)
+    seen = []
+    extractor.network.register_forward_pre_hook(lambda module, inputs: seen.append(tf32_flags()))
+    extractor.features(torch.zeros(1, 4, 16, 16, 3, dtype=torch.uint8))
+    assert seen == [(False, False)]
+    assert tf32_flags() == (True, True)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn.conv, "fp32_precision"), reason="torch before 2.9")
+def test_tf32_set_per_backend_is_turned_off_and_given_back_too(weights_file):
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    before = [backend.fp32_precision for backend in backends]
+    for backend in backends:
+        backend.fp32_precision = "tf32"
+    try:
+        check_per_backend_tf32_is_off_inside_and_given_back(weights_file, backends)
+    finally:
+        for backend, precision in zip(backends, before):
+            backend.fp32_precision = precision
+
+
+def check_per_backend_tf32_is_off_inside_and_given_back(weights_file, backends):
+    extractor = I3DExtractor(weights=weights_file, resolution=16)
+    seen = []
+    extractor.network.register_forward_pre_hook(
+        lambda module, inputs: seen.append([backend.fp32_precision for backend in backends]))
+    extractor.features(torch.zeros(1, 4, 16, 16, 3, dtype=torch.uint8))
+    assert seen == [["ieee", "ieee"]]
+    assert [backend.fp32_precision for backend in backends] == ["tf32", "tf32"]

@@ -18,6 +18,7 @@ from flowvid.sampling import SequentialSampler, WindowedSampler
 from flowvid.sampling.tasks import sample_task, task_inputs
 from flowvid.score import clips_of
 from flowvid.testing import perturb_parameters
+from processes import free_port, set_torchrun_environment
 
 CONFIG = {
     "model": {
@@ -119,6 +120,26 @@ def test_skip_existing_keeps_no_sample_of_another_source_or_negative_prompt(chec
         assert main([*args, *extra, "--skip-existing"]) == 2
         assert "was written by another request" in (error := one_line_error(capsys)) and differs in error
     assert main([*args, "--image", str(tmp_path / "a.png"), "--negative-prompt", "y", "--skip-existing"]) == 0
+    assert "1 of 1 samples are in" in capsys.readouterr().err
+
+
+def test_skip_existing_knows_the_source_however_its_path_is_spelled(checkpoint, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "first.png")
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "--ckpt", str(checkpoint), "--task", "i2v", "--prompt", "x", "--out", "out"]
+    assert main([*args, "--image", "first.png"]) == 0
+    [record_path] = (tmp_path / "out").glob("*.json")
+    assert json.loads(record_path.read_text())["source"] == str((tmp_path / "first.png").resolve())
+    for spelling in (str(tmp_path / "first.png"), "./first.png", "out/../first.png"):
+        capsys.readouterr()
+        assert main([*args, "--image", spelling, "--skip-existing"]) == 0
+        assert "1 of 1 samples are in" in capsys.readouterr().err
+    # A record holding the path as typed, relative to where generate ran, still stands for its sample.
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "source": "first.png"}))
+    assert main([*args, "--image", str(tmp_path / "first.png"), "--skip-existing"]) == 0
     assert "1 of 1 samples are in" in capsys.readouterr().err
 
 
@@ -723,6 +744,30 @@ def test_the_pipeline_takes_frames_as_arrays_and_its_sampler_can_be_swapped(chec
         pipe("x", seed=-1)
 
 
+@pytest.mark.filterwarnings("ignore:this model was trained with extend_prob 0")
+def test_every_bad_request_to_the_pipeline_is_a_generate_error(checkpoint, tmp_path):
+    from flowvid.pipeline import GenerateError, VideoPipeline
+
+    pipe = VideoPipeline(load_model(checkpoint))
+    video = np.zeros((4, 8, 8, 3), np.uint8)
+    missing = tmp_path / "missing.png"
+    refused = {
+        "seed": (lambda: pipe("x", seed=-1), "seed must be an integer from 0"),
+        "streamed seed": (lambda: list(pipe.stream("x", seed=2**32)), "seed must be an integer from 0"),
+        "image file": (lambda: pipe("x", task="i2v", image=missing), "missing.png does not exist"),
+        "video file": (lambda: pipe("x", task="extend", video=tmp_path), "is a folder"),
+        "score seed": (lambda: pipe.score(video, seed=-1), "seed must be an integer from 0"),
+        "score file": (lambda: pipe.score(missing), "missing.png does not exist"),
+        "score caption": (lambda: pipe.score(video, caption=" "), r"^caption ' ' holds only whitespace"),
+        "score length": (lambda: pipe.score(video[:0]), "0 frames are fewer than one latent frame"),
+        "precision": (lambda: VideoPipeline(pipe.model, precision="fp16"), "precision must be one of"),
+        "device": (lambda: VideoPipeline.from_pretrained(checkpoint, device="tpu"), "'tpu' is not"),
+    }
+    for request, (call, message) in refused.items():
+        with pytest.raises(GenerateError, match=message):
+            call()
+
+
 class FlattensTheVideo(SequentialSampler):
     """A plugin's slip: its samples lose the frame axes, and its streamed frames come back as float64."""
 
@@ -850,11 +895,8 @@ def test_processes_of_torchrun_share_the_prompts_and_write_what_one_process_writ
 
 
 def _score_as_torchrun_rank(rank: int, world: int, port: int, args: list[str]) -> None:
-    import os
-
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    set_torchrun_environment(rank, world, port)
     code = main(args)
     if code != 0:
         raise SystemExit(code)
@@ -862,8 +904,6 @@ def _score_as_torchrun_rank(rank: int, world: int, port: int, args: list[str]) -
 
 @pytest.mark.slow
 def test_processes_of_torchrun_share_the_videos_and_shards_and_write_what_one_process_writes(checkpoint, tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     from flowvid.data import write_synthetic_dataset
@@ -875,9 +915,7 @@ def test_processes_of_torchrun_share_the_videos_and_shards_and_write_what_one_pr
     inputs = [str(tmp_path / f"clip{index}.npy") for index in range(3)] + [str(tmp_path / "shapes" / "train")]
     args = ["score", "--ckpt", str(checkpoint), "--input", *inputs, "--device", "cpu", "--out"]
     assert main([*args, str(tmp_path / "one.jsonl")]) == 0
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     # Six units of work (three files, three shards): each process scores three, the first writes all.
     mp.start_processes(_score_as_torchrun_rank, args=(2, port, [*args, str(tmp_path / "two.jsonl")]), nprocs=2,
                        join=True, start_method="fork")

@@ -1,5 +1,8 @@
 """The built-in samplers, and a sampler written against the bare contract, pass the conformance kit."""
 
+import pytest
+import torch
+
 from flowvid.sampling import JacobiSampler, Sampler, SequentialSampler, WindowedSampler
 from flowvid.testing import SamplerConformance
 
@@ -43,3 +46,42 @@ class WholeVideoSampler(Sampler):
 class TestBareContractSampler(SamplerConformance):
     sampler_class = WholeVideoSampler
     tolerance = 1e-5
+
+
+class OverwritesTheNoise(Sampler):
+    """A slip the kit must name: the sample is written into the caller's noise tensor."""
+
+    def sample(self, flow, z, text=None, guidance=0.0, prefix=None):
+        return z.copy_(SequentialSampler().sample(flow, z, text, guidance, prefix))
+
+
+class InverseOfThePrefix(Sampler):
+    """A slip the kit must name: the prefix comes back as a number close to it, not as given."""
+
+    def sample(self, flow, z, text=None, guidance=0.0, prefix=None):
+        x = SequentialSampler().sample(flow, z, text, guidance, prefix)
+        return x if prefix is None else torch.cat([x[:, :prefix.shape[1]] * (1 + 1e-6), x[:, prefix.shape[1]:]], 1)
+
+
+class Approximate(Sampler):
+    """A slip the kit must name: samples further from the exact inverse than the sampler promises."""
+
+    def sample(self, flow, z, text=None, guidance=0.0, prefix=None):
+        return SequentialSampler().sample(flow, z, text, guidance, prefix) * 1.01
+
+
+def kit_for(sampler_class) -> SamplerConformance:
+    return type("Kit", (SamplerConformance,), {"sampler_class": sampler_class, "tolerance": 1e-5})()
+
+
+@pytest.mark.parametrize("sampler_class, check, message", [
+    (OverwritesTheNoise, lambda kit: kit.test_the_callers_inputs_are_left_as_given(0.0, 0),
+     r"OverwritesTheNoise.sample changed the caller's noise z in place; work on a copy \(e.g. z.clone\(\)\)"),
+    (InverseOfThePrefix, lambda kit: kit.test_prefix_is_reproduced_exactly_and_continued(),
+     "the sample's first frames are not the prefix as given"),
+    (Approximate, lambda kit: kit.test_agrees_with_sequential_sampler(2.0),
+     r"differs from SequentialSampler's at guidance 2.0: relative L2 error 0.01 exceeds the tolerance 1e-05"),
+])
+def test_the_kit_says_what_a_failing_sampler_did_wrong(sampler_class, check, message):
+    with pytest.raises(AssertionError, match=message):
+        check(kit_for(sampler_class))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import sys
@@ -269,6 +270,37 @@ def _use_step_progress_bar(trainer: Trainer) -> None:
             trainer.callbacks[index] = StepProgressBar()
 
 
+#: How YAML spells null.
+YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def nulls_as_mappings(args: list[str]) -> list[str]:
+    """``--model.init_args.flow.init_args.text_width=null`` as ``--model '{"init_args": {"flow": ...}}'``.
+
+    jsonargparse hands a value nested in a class's ``init_args`` to that class's own parser as the text
+    ``--text_width=None``, which no ``int | None`` accepts; a mapping given one level up reaches it intact
+    and merges with the recipe's other settings, as the dotted form does. Either spelling,
+    ``--key=null`` or ``--key null``, is rewritten; every other argument is left as given.
+    """
+    rewritten: list[str] = []
+    position = 0
+    while position < len(args):
+        arg = args[position]
+        key, equals, value = arg.partition("=")
+        spaced = not equals and position + 1 < len(args) and args[position + 1] in YAML_NULLS
+        if key.startswith("--") and ".init_args." in key and (value in YAML_NULLS if equals else spaced):
+            owner, _, path = key.partition(".init_args.")
+            mapping: Any = None
+            for name in reversed(["init_args", *path.split(".")]):
+                mapping = {name: mapping}
+            rewritten += [owner, json.dumps(mapping)]
+            position += 1 if equals else 2
+            continue
+        rewritten.append(arg)
+        position += 1
+    return rewritten
+
+
 def _first_cause(err: BaseException) -> BaseException:
     """The class's own error inside jsonargparse's long report of the union types it tried."""
     while err.__cause__ is not None and _raised_in_jsonargparse(err):
@@ -318,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     load_plugins()
     quiet_benign_messages()
     LoopStarted.started = False
+    if argv is None:  # rewritten where Lightning reads them, and relaunches other processes from
+        sys.argv[1:] = nulls_as_mappings(sys.argv[1:])
+    args = None if argv is None else nulls_as_mappings(argv)
     try:
         FlowvidCLI(
             LightningModule,
@@ -329,12 +364,12 @@ def main(argv: list[str] | None = None) -> int:
             # --optimizer would replace its parameter groups and --lr_scheduler would be ignored.
             auto_configure_optimizers=False,
             parser_class=FlowvidArgumentParser,
-            args=argv,
+            args=args,
         )
     except INPUT_ERRORS as err:
         if LoopStarted.started or os.environ.get("FLOWVID_TRACEBACK"):
             raise
-        subcommand = (sys.argv[1:] if argv is None else argv)[:1]
+        subcommand = (sys.argv[1:] if args is None else args)[:1]
         print(f"flowvid {' '.join(subcommand)}: error: {_first_cause(err)}", file=sys.stderr)
         return 2
     except SIGTERMException as stopped:  # stopped after a step (RunCheckpoint saved it): not a finished run

@@ -128,3 +128,18 @@ def test_validating_a_checkpoint_logs_beside_the_validation_its_run_logged_after
 def test_validating_without_a_checkpoint_beside_a_runs_checkpoints_warns(small_run):
     with pytest.warns(UserWarning, match=r"validating the model as initialised, not one of the 2 checkpoint\(s\)"):
         assert run_cli("validate", small_run) == 0
+
+
+def test_a_nested_setting_can_be_set_to_null_on_the_command_line(capsys):
+    """``--a.init_args.b.init_args.c=null`` (or ``... null``) sets that one setting to None and keeps the
+    recipe's others, as it does for any other value."""
+    with mock.patch.object(sys, "argv", ["flowvid"]), pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(RECIPE), "--model.init_args.flow.init_args.text_width=null",
+                  "--model.init_args.text_encoder=null", "--model.init_args.denoiser.init_args.text_width", "~",
+                  "--model.init_args.flow.init_args.deep_depth=3", "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    recipe = yaml.safe_load(RECIPE.read_text())["model"]["init_args"]
+    for part, changed in (("flow", {"text_width": None, "deep_depth": 3}), ("denoiser", {"text_width": None})):
+        expected = {**recipe[part]["init_args"], **changed}
+        assert {key: model[part]["init_args"][key] for key in expected} == expected
+    assert model["text_encoder"] is None

@@ -3,8 +3,9 @@
 A head of size ``head_dim`` has ``head_dim / 2`` rotation pairs. A quarter of them (at least one)
 encode the frame index; the rest are split evenly between the two spatial axes. Spatial positions are
 scaled by ``reference_side / sqrt(h * w)`` so that a model sees the same angular range at any
-resolution or aspect ratio. Text tokens sit at position (0, 0, 0), i.e. they are not rotated: their
-order is already encoded by the text encoder.
+resolution or aspect ratio. A ``head_dim`` below 6 has no pair left for some axis (4: frame and x,
+2: the frame alone); such tiny heads serve tests, not models. Text tokens sit at position (0, 0, 0),
+i.e. they are not rotated: their order is already encoded by the text encoder.
 
 A pair ``(a, b)`` rotated by angle ``t`` is the complex product ``(a + ib) * e^{it}``, so the rotation
 is one complex multiplication per pair (forward and backward), computed in fp32.

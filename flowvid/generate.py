@@ -42,7 +42,7 @@ import torch
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.checks import json_object
 from flowvid.data.shards import file_sha256
-from flowvid.media import MediaError, frame_rate, frame_size, write_video
+from flowvid.media import MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder, write_atomically
 from flowvid.pipeline import (
     DEFAULT_TOLERANCE,
@@ -183,13 +183,16 @@ def read_prompt_file(path: Path) -> list[str]:
     if not path.is_file():
         raise GenerateError(f"prompt file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not prompt text
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise GenerateError(f"prompt file {path} is not UTF-8 text: {err.reason} at byte {err.start}; "
                             "save it as UTF-8") from None
     except OSError as err:
         raise GenerateError(f"cannot read prompt file {path}: {err.strerror or err}") from None
-    lines = text.splitlines()
+    # A byte-order mark is not prompt text: Windows editors write one first, and files joined with cat hold
+    # one inside. Lines end at \n, \r\n or \r alone: str.splitlines() would also cut a prompt at a Unicode
+    # line separator (U+2028, as text pasted from the web holds) or a form feed.
+    lines = re.split(r"\r\n|\r|\n", text.replace("\ufeff", ""))
     while lines and not lines[-1].strip():  # an editor's blank lines at the end are not prompts
         lines.pop()
     if not lines:
@@ -266,17 +269,20 @@ def resolved_source(path: str | Path) -> str:
     return str(Path(path).resolve())
 
 
-def already_written(out: Path, name: str, planned: dict[str, Any], force: bool = False) -> bool:
-    """Whether ``out`` holds this sample, complete (its record is written last); a record of another
-    request under the same name is an error rather than a sample silently kept, or, without ``force``,
-    overwritten."""
+def already_written(out: Path, name: str, planned: dict[str, Any], found: dict[str, Any],
+                    force: bool = False) -> bool:
+    """Whether ``out`` holds this sample, complete (its record is written last; ``found`` holds the folder's
+    records, ``read_json_files``); a record of another request under the same name is an error rather than
+    a sample silently kept, or, without ``force``, overwritten."""
     path = out / f"{name}.json"
-    if not path.is_file():
+    if path.name not in found:
         return False
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise GenerateError(f"cannot read {path} to skip its sample: {err}; remove it to sample it again") from None
+    record = found[path.name]
+    if isinstance(record, Unreadable):
+        raise GenerateError(f"cannot read {path} to skip its sample: {record.reason}; remove it to sample it again")
+    if not isinstance(record, dict):
+        raise GenerateError(f"cannot read {path} to skip its sample: it holds no sample's record; remove it to "
+                            "sample it again")
     differences = request_differences(record, planned)
     if differences and not force:
         raise GenerateError(f"{path} was written by another request ({'; '.join(differences)}); "
@@ -294,13 +300,14 @@ def request_differences(record: dict[str, Any], planned: dict[str, Any]) -> list
             if (key in planned or key in record) and record.get(key) != planned.get(key)]
 
 
-def check_not_overwriting(out: Path, names: dict[int, str], planned: dict[int, dict[str, Any]]) -> None:
+def check_not_overwriting(out: Path, names: dict[int, str], planned: dict[int, dict[str, Any]],
+                          found: dict[str, Any]) -> None:
     """Samples are kept: one of another request (another seed, prompt, sampler...) under a name this
     request writes is refused, before any sampling, rather than replaced without a word. The same
     request's sample is the same video, so it may be written again."""
     for index, plan in planned.items():
         path = out / f"{names[index]}.json"
-        record = sample_record(path)
+        record = sample_record(found.get(path.name))
         differences = [] if record is None else request_differences(record, plan)
         if differences:
             raise GenerateError(f"{path} holds a sample of another request ({'; '.join(differences)}); write to "
@@ -311,29 +318,45 @@ def check_not_overwriting(out: Path, names: dict[int, str], planned: dict[int, d
 MODEL_KEYS = ("model", "weights", "lora", "lora_strength")
 
 
-def check_one_model(out: Path, planned: dict[str, Any]) -> None:
+def check_one_model(out: Path, planned: dict[str, Any], found: dict[str, Any]) -> None:
     """A folder of samples is one model's, as FVD and ``--skip-existing`` read it: samples of this model
     beside or over another's would mix the two or lose the other's, so that is refused."""
     if "model" not in planned:  # a library caller that names no model
         return
-    for path in sorted(out.glob("*.json")):
-        record = sample_record(path)
+    for file_name in sorted(found):
+        record = sample_record(found[file_name])
         if record is None or "model" not in record:
             continue
         differences = [f"{key} {record.get(key)!r}, not {planned.get(key)!r}" for key in MODEL_KEYS
                        if record.get(key) != planned.get(key)]
         if differences:
-            raise GenerateError(f"{out} holds samples of another model ({path.name}: {'; '.join(differences)}); "
+            raise GenerateError(f"{out} holds samples of another model ({file_name}: {'; '.join(differences)}); "
                                 "write to another --out folder or remove them")
 
 
-def sample_record(path: Path) -> dict[str, Any] | None:
-    """The record of a sample ``generate`` wrote, or None for any other (or unreadable) JSON file."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and {"sampler", "seed", "prompt"} <= record.keys() else None
+@dataclass(frozen=True)
+class Unreadable:
+    """A JSON file of the output folder that could not be read or parsed, and why."""
+
+    reason: str
+
+
+def read_json_files(out: Path) -> dict[str, Any]:
+    """The JSON files of ``out`` by file name, parsed (``Unreadable`` where that failed): read once, for
+    every check of a run, since a folder may hold many thousands of samples."""
+    found = {}
+    for path in out.glob("*.json"):
+        if path.is_file():
+            try:
+                found[path.name] = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                found[path.name] = Unreadable(str(err))
+    return found
+
+
+def sample_record(content: Any) -> dict[str, Any] | None:
+    """A JSON file's content if it is the record of a sample ``generate`` wrote, else None."""
+    return content if isinstance(content, dict) and {"sampler", "seed", "prompt"} <= content.keys() else None
 
 
 def run(module, request: Request, out: Path, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -345,7 +368,8 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
                    request.batch_size, count=len(prompts))
     source = pipeline.source_frames(request.task, request.image, request.video)
     pipeline.check_room(request.task, request.frames, source)
-    resized = resized_source(request, module.video_shape[1:])
+    # As flowvid score records it: the given image or video was centre-cropped and resized to the model's size.
+    resized = {"resized_from": source.resized_from} if source is not None and source.resized_from else {}
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # checked up front by the command; a library caller may still hit this
@@ -353,11 +377,12 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     frames = module.codec.usable_frames(request.frames)
     name = {i: f"{request.task}_{i:03d}_{slug(prompt)}" for i, prompt in enumerate(prompts)}
     planned = planned_records(request, prompts, frames)
-    check_one_model(out, next(iter(planned.values()), {}))
+    found = read_json_files(out)
+    check_one_model(out, next(iter(planned.values()), {}), found)
     if not (request.skip_existing or request.force):
-        check_not_overwriting(out, name, planned)
+        check_not_overwriting(out, name, planned, found)
     todo = [i for i in planned
-            if not (request.skip_existing and already_written(out, name[i], planned[i], request.force))]
+            if not (request.skip_existing and already_written(out, name[i], planned[i], found, request.force))]
     if progress and len(todo) < len(planned):
         progress(f"{len(planned) - len(todo)} of {len(planned)} samples are in {out} already")
     records, failed = [], []
@@ -367,7 +392,8 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
         names = [name[i] for i in indices]
         for sample in names:  # frames streamed for an earlier sample of the same name are not this one's
             shutil.rmtree(out / f"{sample}.stream", ignore_errors=True)
-        result = pipeline.generate_batch([prompts[i] for i in indices], [request.seed + i for i in indices], source,
+        result = pipeline.generate_batch([prompts[i] for i in indices], [request.seed + i for i in indices],
+                                         None if source is None else source.frames,
                                          task=request.task, frames=request.frames, guidance=request.guidance,
                                          negative_prompt=request.negative_prompt,
                                          on_frame=_frame_writer(module, out, names) if request.stream else None)
@@ -397,14 +423,6 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     if failed:
         raise NonFiniteSamples(failed, len(records))
     return records
-
-
-def resized_source(request: Request, size: tuple[int, int]) -> dict[str, list[int]]:
-    """``{"resized_from": [height, width]}`` when the given image or video is not at the model's size
-    (it is centre-cropped and resized to it), as ``flowvid score`` records it."""
-    path = request.image or request.video
-    shown = frame_size(path, video=request.video is not None) if path else tuple(size)
-    return {"resized_from": list(shown)} if tuple(shown) != tuple(size) else {}
 
 
 def _duration(seconds: float) -> str:

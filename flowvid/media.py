@@ -91,28 +91,33 @@ def shown_frame(frame: av.VideoFrame, pixel_aspect: Fraction | None = None, size
 
 
 def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
-    """An image file as uint8 (height, width, 3), upright by its EXIF orientation (phone photos), centre-cropped
-    and resized."""
+    """An image file as uint8 (height, width, 3), upright, centre-cropped and resized (``read_image_frame``)."""
+    return fit_frame(read_image_frame(path), height, width)
+
+
+def read_image_frame(path: str | Path) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3) at its own size, upright by its EXIF orientation (phone photos)."""
     try:
         with Image.open(path) as image:
-            frame = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+            return rgb_pixels(ImageOps.exif_transpose(image), path)
     except FileNotFoundError:
         raise MediaError(f"image {path} does not exist") from None
     except IsADirectoryError:
         raise MediaError(f"image {path} is a folder; give an image file") from None
     except (UnidentifiedImageError, OSError) as err:
         raise MediaError(f"cannot read image {path}: {err}") from None
-    return fit_frame(frame, height, width)
 
 
-def frame_size(path: str | Path, video: bool) -> tuple[int, int]:
-    """(height, width) of an image file, or of a video file's frames, as a player shows them: the size
-    ``read_image`` and ``read_video`` fit to the one asked for."""
-    if video:
-        return read_frames(path, max_frames=1)[0].shape[:2]
-    with Image.open(path) as image:
-        width, height = ImageOps.exif_transpose(image).size
-    return height, width
+def rgb_pixels(image: Image.Image, path: str | Path) -> np.ndarray:
+    """uint8 RGB (H, W, 3) of an image. PIL's own conversion clips 16- and 32-bit grey values at 255
+    rather than scaling them, which turns a 16-bit PNG white: they are scaled from 16 bits here."""
+    if image.mode == "F":  # floating-point pixels have no range to scale from
+        raise MediaError(f"cannot read image {path}: its pixels are floating-point numbers; save it with 8 or "
+                         "16 bits per channel")
+    if image.mode.startswith("I"):  # I;16, I;16B, I (a 16-bit PNG in older Pillow)
+        grey = np.clip(np.asarray(image, dtype=np.float64) / 257, 0, 255).round().astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
 
 
 def read_video(path: str | Path, height: int, width: int, max_frames: int | None = None) -> np.ndarray:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from flowvid.checks import is_count
-from flowvid.media import read_image, read_video
+from flowvid.media import fit_frames, read_frames, read_image_frame
 from flowvid.placement import precision_context, resolve_device, resolve_precision
 from flowvid.sampling import JacobiSampler, Sampler, WindowedSampler, build_sampler, sampler_class
 from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_caption, task_inputs
@@ -166,8 +166,8 @@ class VideoPipeline:
         from flowvid.loading import load_model
 
         with refused_as_generate_error():  # before the model loads: a slip costs no wait
-            placed = resolve_device(device)
-            precision = resolve_precision(precision, placed)
+            placed = resolve_device(device, setting="device")
+            precision = resolve_precision(precision, placed, setting="precision")
         model = load_model(path, weights=weights, map_location=placed, adapters=lora, adapter_strength=lora_strength)
         return cls(model, sampler, precision)
 
@@ -224,7 +224,7 @@ class VideoPipeline:
             check_caption(self.model, caption, name="caption")
             check_seed(seed)  # torch keeps 32 bits: seed -1 would silently be seed 2**32 - 1
             _, height, width = self.model.video_shape
-            frames = _frames(video, read_video, height, width, "video", dims=4)
+            frames, _ = _frames(video, height, width, "video")
         try:
             return score_video(self.model, frames, caption, torch.Generator().manual_seed(seed))
         except ScoreError as err:  # a video too short to score, found as it is cut into clips
@@ -241,7 +241,7 @@ class VideoPipeline:
         self.check(task, frames, guidance, negative_prompt, seed, batch_size, count=len(prompts))
         source = self.source_frames(task, image, video)
         self.check_room(task, frames, source)
-        return prompts, frames, guidance, source
+        return prompts, frames, guidance, None if source is None else source.frames
 
     def prompts_for(self, prompts: list[str]) -> list[str]:
         """At least one caption for a model that reads text; none but empty ones for an unconditional
@@ -279,16 +279,19 @@ class VideoPipeline:
                                     "give guidance > 0")
         warn_if_untrained(self.model, task, self.reads_text)
 
-    def check_room(self, task: str, frames: int, source: torch.Tensor | None) -> None:
+    def check_room(self, task: str, frames: int, source: "Source | None") -> None:
         """Refuse a video no longer than its given frames: there would be nothing to sample."""
-        if source is not None and source.shape[1] >= self.model.codec.usable_frames(frames):
-            given = "the image" if task == "i2v" else f"the video's {source.shape[1]} frames"
+        if source is None:
+            return
+        given_frames = source.frames.shape[1]
+        if given_frames >= self.model.codec.usable_frames(frames):
+            given = "the image" if task == "i2v" else f"the video's {given_frames} frames"
             raise GenerateError(f"{task}: {frames} frames leave nothing to sample after {given}; ask for more "
-                                f"than {source.shape[1]} frames (the result starts with the given ones)")
+                                f"than {given_frames} frames (the result starts with the given ones)")
 
     @refused_as_generate_error()
-    def source_frames(self, task: str, image, video) -> torch.Tensor | None:
-        """The task's conditioning frames as uint8 (1, S, H, W, 3), or None for t2v."""
+    def source_frames(self, task: str, image, video) -> "Source | None":
+        """The task's conditioning frames, read once, or None for t2v."""
         _, height, width = self.model.video_shape
         codec = self.model.codec
         if task == "t2v":
@@ -298,17 +301,21 @@ class VideoPipeline:
         if task == "i2v":
             if image is None:
                 raise GenerateError("i2v needs an image")
-            frame = _frames(image, read_image, height, width, "image", dims=3)[None]
-            frames = np.repeat(frame, 1 if codec.causal_first_frame else codec.temporal_factor, axis=0)
+            frame, given_size = _frames(image, height, width, "image")
+            frames = np.repeat(frame[None], 1 if codec.causal_first_frame else codec.temporal_factor, axis=0)
         else:
             if video is None:
                 raise GenerateError(f"{task} needs a video")
-            frames = _frames(video, read_video, height, width, "video", dims=4)
+            frames, given_size = _frames(video, height, width, "video")
             usable = codec.usable_frames(len(frames))
             if usable < 1:
                 raise GenerateError(f"the video has {len(frames)} frames, fewer than one latent frame")
+            if usable < len(frames):  # the codec encodes whole latent frames only
+                warnings.warn(f"the video's last {len(frames) - usable} of {len(frames)} frames are left out: codec "
+                              f"{codec.name!r} encodes {usable} of them exactly", stacklevel=3)
             frames = frames[:usable]
-        return torch.from_numpy(np.ascontiguousarray(frames))[None]
+        resized_from = list(given_size) if given_size != (height, width) else None
+        return Source(torch.from_numpy(np.ascontiguousarray(frames))[None], resized_from)
 
     # --- one batch -------------------------------------------------------------------------------
 
@@ -474,14 +481,26 @@ class _Batch:
     sampler: Sampler
 
 
-def _frames(given, read: Callable, height: int, width: int, what: str, dims: int) -> np.ndarray:
-    """uint8 frames from an array or tensor at the model's size, or read (and resized) from a file."""
+@dataclass
+class Source:
+    """The frames a task starts from (the image of i2v, the clip of extend and v2v)."""
+
+    frames: torch.Tensor  # uint8 (1, S, H, W, 3) at the model's size
+    resized_from: list[int] | None  # [height, width] of a file of another size, as a player shows it
+
+
+def _frames(given, height: int, width: int, what: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """uint8 frames (T, H, W, 3), or (H, W, 3) for an image, at the model's size, from an array or tensor
+    or read from a file and fitted; with the (height, width) the frames were given at."""
+    image = what == "image"
     if isinstance(given, (str, os.PathLike)):
-        return read(given, height, width)
+        read = [read_image_frame(given)] if image else read_frames(given)
+        fitted = fit_frames(read, height, width)
+        return fitted[0] if image else fitted, read[0].shape[:2]
     frames = given.cpu().numpy() if isinstance(given, torch.Tensor) else np.asarray(given)
     expected = (height, width, 3)
-    if frames.dtype != np.uint8 or frames.ndim != dims or frames.shape[-3:] != expected:
-        shape = ("T, " if dims == 4 else "") + ", ".join(map(str, expected))
+    if frames.dtype != np.uint8 or frames.ndim != (3 if image else 4) or frames.shape[-3:] != expected:
+        shape = ("" if image else "T, ") + ", ".join(map(str, expected))
         raise GenerateError(f"the {what} must be uint8 frames of shape ({shape}), the model's size; got "
                             f"{frames.dtype} {tuple(frames.shape)} (give a file to have it resized)")
-    return frames
+    return frames, (height, width)

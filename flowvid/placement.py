@@ -47,8 +47,9 @@ def join_launch_group() -> tuple[int, int]:
     return rank, world_size
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device that exists here; ValueError otherwise.
+def resolve_device(name: str, setting: str = "--device") -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device that exists here; ValueError otherwise, naming
+    ``setting`` as the caller wrote it (``--device`` on the command line, ``device`` in Python).
 
     Under torchrun ``auto`` and ``cuda`` mean the process's own GPU, ``cuda:LOCAL_RANK``."""
     if name == "auto":
@@ -58,16 +59,17 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"{setting} {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+        raise ValueError(f"{setting} {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"--device {name}: no CUDA device is visible here (torch.cuda.is_available() is "
-                             "False); use --device cpu")
+            raise ValueError(f"{setting} {name!r}: no CUDA device is visible here (torch.cuda.is_available() is "
+                             f"False); use {setting} 'cpu'")
         if (device.index or 0) >= count:
-            raise ValueError(f"--device {name}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1})")
+            raise ValueError(f"{setting} {name!r}: only {count} CUDA device(s) are visible "
+                             f"(cuda:0 to cuda:{count - 1})")
     return device
 
 
@@ -76,10 +78,11 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``32-true`` or ``bf16-mixed``; ``auto`` is bf16-mixed on a CUDA device that supports bf16."""
+def resolve_precision(name: str, device: torch.device, setting: str = "--precision") -> str:
+    """``32-true`` or ``bf16-mixed``; ``auto`` is bf16-mixed on a CUDA device that supports bf16. ``setting``
+    is what the caller calls it in an error (``precision`` in Python)."""
     if name not in PRECISIONS:
-        raise ValueError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"{setting} {name!r} is not one of {', '.join(PRECISIONS)}")
     if name == "auto":
         return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
     warn_if_bf16_is_emulated(name, device)

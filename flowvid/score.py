@@ -12,6 +12,9 @@ likelihood factorises over frames), and one JSON line per video gives ``bits_per
 ``bits_per_dim_per_frame`` (one value per latent frame), with ``clips``, ``frames`` (the video frames
 scored; absent for samples of latent shards of a non-pixel codec, which hold no video frames) and ``latent_frames``. Lines
 are ranked from the least to the most likely video: the top of the file is where anomalies are.
+What cannot be scored (an unreadable file, a sample that cannot be decoded, a broken shard) gets a
+line with ``error`` after them; a shard's says how many ``samples`` it lost, the manifest's count
+telling those of a shard that ends early.
 
 A video file of another size than the model's is centre-cropped and resized to it (as ``generate``
 fits its images), and its line says so with ``resized_from`` ([height, width] of the file as a
@@ -164,6 +167,7 @@ class Work:
 
     path: Path
     spec: Any = None
+    listed: int = 0  # the samples the folder's manifest lists in the shard
 
 
 def work_of(module, inputs: list[str]) -> list[Work]:
@@ -181,7 +185,8 @@ def work_of(module, inputs: list[str]) -> list[Work]:
             if manifest["kind"] == "latent":
                 check_codec_identity(module.codec.identity(), codec_identity(manifest), f"shard folder {given}")
             spec = SampleSpec.from_manifest(manifest)
-            work += [Work(shard, spec) for shard in shard_paths(given, manifest)]
+            work += [Work(path, spec, shard["samples"])
+                     for path, shard in zip(shard_paths(given, manifest), manifest["shards"])]
         else:
             work += [Work(path) for path in video_inputs([given])]
     return work
@@ -214,33 +219,36 @@ def score_work(module, work: Work, caption: str, generator: torch.Generator) -> 
         if shown != (height, width):  # the score is of the fitted frames, not of the file's own
             record["resized_from"] = list(shown)
         return [record]
-    return list(score_shard(module, work.path, work.spec, generator))
+    return list(score_shard(module, work.path, work.spec, work.listed, generator))
 
 
-def score_shard(module, shard: Path, spec, generator: torch.Generator) -> Iterator[dict[str, Any]]:
-    """Score every sample of one shard of a raw or latent shard folder, under the samples' own captions."""
-    from flowvid.data import BadSample, BrokenShard, decode_sample, iter_tar
+def score_shard(module, shard: Path, spec, listed: int, generator: torch.Generator) -> Iterator[dict[str, Any]]:
+    """Score every sample of one shard of a raw or latent shard folder, under the samples' own captions.
+    A broken shard, or one holding fewer than the ``listed`` samples (a zero-filled tail reads as a normal
+    end), ends in a record of the samples it lost (``samples``), as training counts them."""
+    from flowvid.data import BadSample, decode_sample
+    from flowvid.data.shards import listed_samples
 
-    try:
-        for raw in iter_tar(shard):
-            where = f"{shard}:{raw.get('__key__', '?')}"  # the folder too: several may be scored at once
-            try:
-                sample = decode_sample(raw, spec)
-            except BadSample as err:
-                yield {"path": where, "error": str(err)}
-                continue
-            if "latents" in sample and is_pixel_codec(module.codec):
-                # Pixel latents are 8-bit frames: score them as such, in the unit of every other pixel record.
-                sample["video"] = module.codec.decode(torch.from_numpy(sample["latents"])[None])[0].numpy()
-            if "video" in sample:
-                yield {"path": where, **score_video(module, sample["video"], sample["caption"], generator)}
-            else:
-                latents = torch.from_numpy(sample["latents"])
-                per_frame = score_latents(module, latents, sample["caption"], discrete=False).tolist()
-                yield {"path": where, "bits_per_dim": float(np.mean(per_frame)),
-                       "bits_per_dim_per_frame": per_frame, "clips": 1, "latent_frames": len(per_frame)}
-    except BrokenShard as err:
-        yield {"path": str(shard), "error": str(err)}
+    lost: list[dict[str, Any]] = []
+    for raw in listed_samples([shard], [listed], lost):
+        where = f"{shard}:{raw.get('__key__', '?')}"  # the folder too: several may be scored at once
+        try:
+            sample = decode_sample(raw, spec)
+        except BadSample as err:
+            yield {"path": where, "error": str(err)}
+            continue
+        if "latents" in sample and is_pixel_codec(module.codec):
+            # Pixel latents are 8-bit frames: score them as such, in the unit of every other pixel record.
+            sample["video"] = module.codec.decode(torch.from_numpy(sample["latents"])[None])[0].numpy()
+        if "video" in sample:
+            yield {"path": where, **score_video(module, sample["video"], sample["caption"], generator)}
+        else:
+            latents = torch.from_numpy(sample["latents"])
+            per_frame = score_latents(module, latents, sample["caption"], discrete=False).tolist()
+            yield {"path": where, "bits_per_dim": float(np.mean(per_frame)),
+                   "bits_per_dim_per_frame": per_frame, "clips": 1, "latent_frames": len(per_frame)}
+    for loss in lost:
+        yield {"path": str(shard), "error": loss["reason"], "samples": loss["samples"]}
 
 
 def score_inputs(module, inputs: list[str], caption: str = "", seed: int = 0) -> list[dict[str, Any]]:
@@ -317,8 +325,8 @@ def main(argv: list[str]) -> int:
         write_atomically(out, lambda path: path.write_text(text))  # a full disk keeps the earlier scores whole
     except OSError as err:  # a full disk or a folder without write permission
         raise UserError(f"cannot write the scores to {out}: {err.strerror or err}") from None
-    failed = sum("error" in r for r in records)
-    scored = len(records) - failed
+    scored = sum("error" not in r for r in records)
+    failed = sum(r.get("samples", 1) for r in records if "error" in r)  # a broken shard: every sample it lost
     print(f"scored {scored} video{'' if scored == 1 else 's'} into {out}"
           + (f"; {failed} could not be read (listed)" if failed else ""))
-    return 0 if len(records) > failed else 1
+    return 0 if scored else 1

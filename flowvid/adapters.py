@@ -61,7 +61,7 @@ def export_adapters(ckpt: str | os.PathLike, out: str | os.PathLike, weights: st
     layers = sorted({name.rpartition(".")[0] for name in adapters if is_adapter_key(name)})
     metadata = {"format": FORMAT, "source": Path(ckpt).name, "global_step": str(client_state.get("global_step", "")),
                 "layers": json.dumps(layers), "whole_weights": json.dumps(whole),
-                "base_fingerprint": base_fingerprint(state, layers)}
+                "base_fingerprint": base_fingerprint(state, layers), "base_shapes": json.dumps(base_shapes(state))}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(out, lambda path: save_file(adapters, str(path), metadata=metadata))
     return out
@@ -77,6 +77,29 @@ def base_fingerprint(weights: dict[str, torch.Tensor], layers: list[str]) -> str
         digest.update(layer.encode())
         digest.update(spread.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
+
+
+def base_shapes(weights: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """The shape of every weight of the model adapted, the adapters left out."""
+    return {name: list(tensor.shape) for name, tensor in weights.items() if not is_adapter_key(name)}
+
+
+def check_same_architecture(path: str | os.PathLike, weights: dict[str, torch.Tensor]) -> None:
+    """Adapters fit layer by layer also a model with more layers or blocks, which they would leave partly
+    unadapted: refuse a model whose weights differ from those of the model adapted (files written before
+    the shapes were recorded are not checked)."""
+    recorded = read_adapter_metadata(path).get("base_shapes")
+    if recorded is None:
+        return
+    expected, actual = json.loads(recorded), base_shapes(weights)
+    differences = ([f"the model has {name}, the model adapted had not" for name in actual if name not in expected]
+                   + [f"the model lacks {name}" for name in expected if name not in actual]
+                   + [f"{name} is {tuple(actual[name])} in the model, {tuple(expected[name])} in the model adapted"
+                      for name in actual if name in expected and actual[name] != expected[name]])
+    if differences:
+        more = f" (+{len(differences) - 1} more)" if len(differences) > 1 else ""
+        raise ValueError(f"the LoRA adapters of {path} were trained on a model of another architecture: "
+                         f"{differences[0]}{more}; apply them to the model they were trained on")
 
 
 def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -116,6 +139,7 @@ def apply_adapters(module: nn.Module, path: str | os.PathLike, strength: float =
             found = "no such layer" if weight is None else f"a weight of {tuple(weight.shape)}"
             raise ValueError(f"the LoRA adapters of {path} do not fit this model: {layer} adapts {update}, the "
                              f"model has {found}; apply them to the model they were trained on")
+    check_same_architecture(path, weights)
     warn_if_other_base(path, weights, sorted({name.rpartition(".")[0] for name in adapters}))
     device = next(iter(weights.values())).device
     scaled = {name: (tensor * strength if name.endswith("lora_scale") else tensor).to(device)

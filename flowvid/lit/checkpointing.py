@@ -521,9 +521,10 @@ def closes_accumulation_window(trainer: Trainer, pl_module: LightningModule) -> 
     """Whether the training batch that just ran was the last of an optimiser step's accumulation window."""
     if pl_module.automatic_optimization:  # Lightning's trainer.accumulate_grad_batches
         return not trainer.fit_loop.epoch_loop._should_accumulate()
-    # A module that optimises itself (FlowModule) counts its windows over the batches of the whole run.
+    # A module that optimises itself (FlowModule) counts its windows from the batch its fit started at.
     size = pl_module.hparams.get("accumulate_grad_batches", 1)
-    return trainer.fit_loop.epoch_loop.batch_progress.total.ready % size == 0
+    batches = trainer.fit_loop.epoch_loop.batch_progress.total.ready - getattr(pl_module, "accumulation_start", 0)
+    return batches % size == 0
 
 
 # --- resuming ------------------------------------------------------------------------------------

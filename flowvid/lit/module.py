@@ -45,6 +45,7 @@ from flowvid.lit.conditioning import EXTEND_PREFIX, V2V_PREFIX, add_prefix, chan
 from flowvid.lit.ema import EMA
 from flowvid.lit.schedule import warmup_cosine_scheduler
 from flowvid.lit.strategies import ZeroStrategy, discard_gradients
+from flowvid.nn.lora import LoRALinear, is_adapter_key, merge_lora
 from flowvid.placement import warn_if_bf16_is_emulated
 from flowvid.registry import CODECS
 from flowvid.sampling.base import Sampler, build_sampler
@@ -205,6 +206,9 @@ class FlowModule(LightningModule):
         self.videos_seen = 0
         self._consecutive_skips = 0
         self._window_problem: str | None = None  # why the current accumulation window cannot step
+        # Batches of the run before this fit started (restored on resuming): accumulation windows count
+        # from there, so that a run resumed with another accumulate_grad_batches steps on whole windows.
+        self.accumulation_start = 0
         self._checked_captions = False
         # Optimiser steps the learning-rate schedule spans: this run's (set with the optimiser) and
         # that of the checkpoint it resumes from, if that recorded one.
@@ -350,7 +354,9 @@ class FlowModule(LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self._window_problem = None
         if self._window_problem is None:  # after a bad batch, the rest of its window is not computed
-            self._window_problem = self._accumulate_gradients(batch)
+            problem = self._accumulate_gradients(batch)
+            if problem is not None:  # named now: the window is skipped at its last batch
+                self._window_problem = f"{problem} in batch {batch_idx} of epoch {self.current_epoch}"
         if self._window_problem is not None:
             # This batch trained nothing; unlogged, Lightning would show the loss of the batch before it.
             self.log_dict({"train/loss": math.nan, "train/bits_per_dim": math.nan}, batch_size=1)
@@ -367,8 +373,8 @@ class FlowModule(LightningModule):
     def _accumulation_window(self) -> tuple[bool, bool]:
         """Whether this batch opens and whether it closes a window of ``accumulate_grad_batches`` batches."""
         size = self.hparams.accumulate_grad_batches
-        # Batches of the whole run, this one included: restored on resume, so windows stay aligned.
-        index = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
+        # Batches of the whole run, this one included, are restored on resume; checkpoints end windows.
+        index = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1 - self.accumulation_start
         return index % size == 0, index % size == size - 1
 
     def _accumulate_gradients(self, batch: dict[str, Any]) -> str | None:
@@ -443,9 +449,9 @@ class FlowModule(LightningModule):
             too_large = (self.hparams.skip_threshold is not None and flow_norm is not None
                          and bool(flow_norm > self.hparams.skip_threshold))
             if not self._on_all_ranks(torch.stack(list(norms.values())).isfinite().all()):
-                problem = "non-finite gradients"
+                problem = f"non-finite gradients of {self._window_batches()}"
             elif too_large:
-                problem = "gradient norm above skip_threshold"
+                problem = f"gradient norm above skip_threshold in {self._window_batches()}"
         if problem is not None:
             self._skip_step(problem)
             return
@@ -465,6 +471,13 @@ class FlowModule(LightningModule):
         metrics["train/skipped_steps"] = float(self.skipped_steps)
         metrics.update(self._data_skips())
         self.log_dict(metrics, prog_bar=False, batch_size=1)
+
+    def _window_batches(self) -> str:
+        """The batches of the window that closes now, for messages."""
+        last = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        size = self.hparams.accumulate_grad_batches
+        batches = f"batch {last}" if size == 1 else f"the {size} batches up to batch {last}"
+        return f"{batches} of epoch {self.current_epoch}"
 
     def _clip_groups(self, optimizer) -> dict[str, torch.Tensor]:
         """Clip each parameter group to ``grad_clip`` on its own; return each group's norm before clipping.
@@ -486,9 +499,7 @@ class FlowModule(LightningModule):
             self.optimizers().zero_grad(set_to_none=True)
         self.skipped_steps += 1
         self._consecutive_skips += 1
-        log.warning("skipped training step %d (batch %d of epoch %d): %s; %d skipped so far",
-                    self.global_step, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-                    self.current_epoch, reason, self.skipped_steps)
+        log.warning("skipped training step %d: %s; %d skipped so far", self.global_step, reason, self.skipped_steps)
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
         if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
             raise RuntimeError(f"{self._consecutive_skips} training steps in a row were skipped (last: {reason}); "
@@ -739,6 +750,7 @@ class FlowModule(LightningModule):
         if saved is None:
             return
         check_codec_identity(self.codec.identity(), saved["codec"], "the checkpoint")
+        self._merge_adapters_for_a_plain_model(checkpoint)
         self.skipped_steps = int(saved["skipped_steps"])
         self.tokens_seen = int(saved.get("tokens_seen", 0))  # checkpoints of earlier versions have none
         self.videos_seen = int(saved.get("videos_seen", 0))
@@ -747,7 +759,23 @@ class FlowModule(LightningModule):
         self._resumed_schedule_length = saved.get("schedule_length")  # checkpoints of earlier versions have none
         self._resumed_data_skips = saved.get("data_skips")
 
+    def _merge_adapters_for_a_plain_model(self, checkpoint: dict[str, Any]) -> None:
+        """A LoRA run's checkpoint loaded into a model without adapters (``load_from_checkpoint``, which knows
+        nothing of the ``LoRA`` callback) gives the model it adapted with the adapters merged in, trained
+        weights and moving average alike, as ``flowvid export`` does. (A run resumed without the callback
+        was refused before this, by ``RunCheckpoint``.)"""
+        state = checkpoint.get("state_dict") or {}
+        if not any(map(is_adapter_key, state)) or any(isinstance(layer, LoRALinear) for layer in self.modules()):
+            return
+        saved = checkpoint["flowvid"]
+        if saved.get("ema"):
+            averaged = merge_lora({**state, **{name: v for name, v in saved["ema"].items() if name in state}})
+            adapted = {name.removesuffix("lora_a") + "weight" for name in state if name.endswith("lora_a")}
+            saved["ema"] = {name: averaged[name] for name in averaged if name in saved["ema"] or name in adapted}
+        checkpoint["state_dict"] = merge_lora(state)
+
     def on_train_start(self) -> None:
+        self.accumulation_start = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
         # Both lengths are known only now: DeepSpeed restores the checkpoint after building the optimiser,
         # other strategies before. A model built by load_from_checkpoint and fitted afresh resumes nothing.
         if self.trainer.ckpt_path is not None:

@@ -37,7 +37,8 @@ class StepProgressBar(RichProgressBar):
             return super().total_train_batches
         accumulate = getattr(trainer.lightning_module, "hparams", {}).get("accumulate_grad_batches", 1)
         batches = trainer.fit_loop.epoch_loop.batch_progress
-        left = (trainer.max_steps - trainer.global_step) * accumulate - batches.total.ready % accumulate
+        in_window = (batches.total.ready - getattr(trainer.lightning_module, "accumulation_start", 0)) % accumulate
+        left = (trainer.max_steps - trainer.global_step) * accumulate - in_window
         return min(trainer.num_training_batches, batches.current.ready + left)
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:

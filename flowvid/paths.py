@@ -51,6 +51,19 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
         partial.unlink(missing_ok=True)
 
 
+def sync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries to disk: a rename is durable only once its folder is, so that a power
+    cut after it cannot bring back the old file. Systems that cannot open a folder (Windows) skip it."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _umask() -> int:
     """The process's umask; setting it is the only portable way to read it, so it is set back at once."""
     umask = os.umask(0o022)

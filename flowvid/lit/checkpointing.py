@@ -39,7 +39,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.nn.lora import is_adapter_key
-from flowvid.paths import PARTIAL_SUFFIX
+from flowvid.paths import PARTIAL_SUFFIX, sync_folder
 from flowvid.text.base import TextEncoder, same_text_encoder
 
 #: Key of flowvid's own metadata in a checkpoint.
@@ -263,7 +263,7 @@ def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes ``<path>.partial``, flushes it to disk, then renames it to ``<path>``.
+    """Writes ``<path>.partial``, flushes it to disk, then renames it to ``<path>`` and flushes the folder.
 
     A crash mid-write leaves the previous checkpoint as it was (and a ``.partial`` file that resuming
     ignores). Reading a damaged file raises CorruptCheckpointError naming it; ``check(checkpoint,
@@ -288,6 +288,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(partial, target)
+            sync_folder(target.parent)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise

@@ -728,6 +728,7 @@ class FlowModule(LightningModule):
         checkpoint["flowvid"] = {
             "codec": self.codec.identity(),
             "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self._consecutive_skips,  # a diverged run stays stopped when restarted
             "tokens_seen": self.tokens_seen,
             "videos_seen": self.videos_seen,
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -752,6 +753,7 @@ class FlowModule(LightningModule):
         check_codec_identity(self.codec.identity(), saved["codec"], "the checkpoint")
         self._merge_adapters_for_a_plain_model(checkpoint)
         self.skipped_steps = int(saved["skipped_steps"])
+        self._consecutive_skips = int(saved.get("consecutive_skips", 0))  # checkpoints of earlier versions have none
         self.tokens_seen = int(saved.get("tokens_seen", 0))  # checkpoints of earlier versions have none
         self.videos_seen = int(saved.get("videos_seen", 0))
         if self.ema is not None and saved["ema"] is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import stat
 import warnings
 from pathlib import Path
 
@@ -71,6 +72,18 @@ def test_a_crash_in_the_middle_of_a_write_leaves_the_previous_checkpoint_loadabl
     assert path.read_bytes() == before
     assert io.load_checkpoint(path)["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # the partial file is gone
+
+
+def test_the_file_is_on_disk_before_its_rename_and_the_rename_after_it(tmp_path, monkeypatch):
+    """A power cut, unlike a crash, loses what is not flushed: the file's bytes before the rename (else the
+    name could point at an empty file), then its folder's entries (else the old file could come back)."""
+    events = []
+    replace, fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda *paths: (events.append("rename"), replace(*paths))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode)
+                                                               else "file"), fsync(fd))[1])
+    AtomicCheckpointIO().save_checkpoint({"step": 2}, tmp_path / "step=00000002.ckpt")
+    assert events == ["file", "rename", "folder"]
 
 
 def test_a_hard_kill_mid_write_leaves_a_partial_file_that_resume_ignores(tmp_path):

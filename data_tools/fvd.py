@@ -10,10 +10,11 @@ in it, and settings such as I3D's ``resolution`` to the reference's; others are 
 and the resolution, or a raw shard folder, whose statistics (of every clip) are computed with
 ``--extractor`` (default ``inception-proxy``) the first time and kept in its ``fvd_stats/``, where
 ``fvd-stats`` keeps them too.
-Every generated video is cut to the reference's frames and fitted to its resolution; a video that
-cannot be read or is too short is skipped and counted (the skips are listed even when too few videos
-are left for an FVD). The result is one JSON line on stdout (and in ``--out``): the distance, its
-protocol name (extractor, frames, resolution, sample count) and the counts.
+Every generated video is cut to the reference's frames and fitted to its resolution (centre-cropped to
+its aspect ratio, then resized), and counted as ``cut`` or ``resized``; a video that cannot be read or
+is too short is skipped and counted (the skips are listed even when too few videos are left for an
+FVD). The result is one JSON line on stdout (and in ``--out``): the distance, its protocol name
+(extractor, frames, resolution, sample count) and the counts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +34,7 @@ from data_tools.fvd_stats import feed_in_batches, kept_statistics, note_few_samp
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
 from flowvid.checks import json_object
 from flowvid.data.manifest import load_manifest, video_shape
-from flowvid.media import MediaError, read_video
+from flowvid.media import MediaError, fit_frames, read_frames
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
 from flowvid.paths import check_output_file, write_atomically
@@ -84,16 +86,18 @@ def run(args: argparse.Namespace) -> int:
     reference = real_set(metric, reference_path, args.batch_size, device, cached)
 
     skipped: list[dict[str, str]] = []
+    fitted: Counter = Counter()
     with progress_bar() as bar:
         task = bar.add_task("generated videos", total=len(videos))
-        used = add_generated(metric, videos, reference, args.batch_size, device, skipped,
+        used = add_generated(metric, videos, reference, args.batch_size, device, skipped, fitted,
                              on_video=lambda: bar.advance(task))
     if used < 2:
         print_summary("fvd: too few usable generated videos", {"generated": used, "skipped": len(skipped)}, skipped)
         raise ValueError(f"{used} usable generated videos ({len(skipped)} skipped); FVD needs at least 2")
     note_few_samples(used, metric.extractor.feature_dim, "generated videos")
     result = {"fvd": float(metric.compute()), "protocol": metric.protocol_name, "generated": used,
-              "skipped": len(skipped), "reference": str(args.reference), "reference_samples": reference.num_samples}
+              "skipped": len(skipped), "cut": fitted["cut"], "resized": fitted["resized"],
+              "reference": str(args.reference), "reference_samples": reference.num_samples}
     print_summary(f"fvd of {used} generated videos", result, skipped)
     print(json.dumps(result))
     if args.out is not None:
@@ -156,22 +160,27 @@ def shard_folder_stats(metric: FrechetVideoDistance, folder: Path, batch_size: i
 
 
 def add_generated(metric: FrechetVideoDistance, videos: list[Path], reference: ReferenceStats, batch_size: int,
-                  device: torch.device, skipped: list[dict[str, Any]], on_video=lambda: None) -> int:
-    """Feed the generated videos, at the reference's frames and resolution, to ``metric``; returns how many."""
+                  device: torch.device, skipped: list[dict[str, Any]], fitted: Counter,
+                  on_video=lambda: None) -> int:
+    """Feed the generated videos, at the reference's frames and resolution, to ``metric``; returns how many.
+    ``fitted`` counts the videos that were ``cut`` (more frames) and ``resized`` (another height or width)."""
+    size = (reference.height, reference.width)
 
     def usable() -> Iterator[np.ndarray]:
         for path in videos:
             on_video()
             try:
-                video = read_video(path, reference.height, reference.width, max_frames=reference.frames)
+                frames = read_frames(path, max_frames=reference.frames + 1)  # one more tells a longer video
             except MediaError as err:
                 skipped.append({"path": str(path), "reason": f"unreadable: {err}"})
                 continue
-            if len(video) < reference.frames:
-                skipped.append({"path": str(path), "reason": f"too_short: {len(video)} frames, the reference "
+            if len(frames) < reference.frames:
+                skipped.append({"path": str(path), "reason": f"too_short: {len(frames)} frames, the reference "
                                                              f"has {reference.frames}"})
                 continue
-            yield video
+            fitted["cut"] += len(frames) > reference.frames
+            fitted["resized"] += frames[0].shape[:2] != size
+            yield fit_frames(frames[:reference.frames], *size)
 
     return feed_in_batches(metric, usable(), real=False, batch_size=batch_size, device=device)
 

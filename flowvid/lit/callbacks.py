@@ -16,7 +16,7 @@ import itertools
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -28,23 +28,43 @@ from flowvid.metrics.extractor import FVDExtractor, check_video
 from flowvid.metrics.fvd import FrechetVideoDistance
 
 
-def generate(pl_module: LightningModule, captions: list[str], seed: int) -> torch.Tensor:
-    """``pl_module.generate_videos`` in eval mode, without gradients and without touching the global RNG."""
+class Samples(NamedTuple):
+    """Sampled uint8 videos ``(B, T, H, W, 3)`` and how many of them diverged (NaN or infinite latents)."""
+
+    videos: torch.Tensor
+    diverged: int
+
+
+def generate(pl_module: LightningModule, captions: list[str], seed: int) -> Samples:
+    """``pl_module``'s samples in eval mode, without gradients and without touching the global RNG."""
     was_training = pl_module.training
     cuda_devices = [pl_module.device] if pl_module.device.type == "cuda" else []
     pl_module.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
-            videos = pl_module.generate_videos(list(captions), seed)
+            samples = _sample(pl_module, list(captions), seed)
     finally:
         pl_module.train(was_training)
     try:
-        check_video(videos)
+        check_video(samples.videos)
     except ValueError as err:
         raise ValueError(f"{type(pl_module).__name__}.generate_videos: {err}") from None
-    if videos.shape[0] != len(captions):
-        raise ValueError(f"{type(pl_module).__name__}.generate_videos returned {videos.shape[0]} videos for {len(captions)} captions")
-    return videos
+    if samples.videos.shape[0] != len(captions):
+        raise ValueError(f"{type(pl_module).__name__}.generate_videos returned {samples.videos.shape[0]} videos for "
+                         f"{len(captions)} captions")
+    return samples
+
+
+def _sample(pl_module: LightningModule, captions: list[str], seed: int) -> Samples:
+    """A module with ``sample_latents`` and a ``codec`` (FlowModule) is sampled in two halves, so that
+    samples that diverged are counted: their NaN latents decode to black frames, which look like any
+    other uint8 video. Another module's ``generate_videos`` is taken as it comes."""
+    sample_latents = getattr(pl_module, "sample_latents", None)
+    if sample_latents is None:
+        return Samples(pl_module.generate_videos(captions, seed), 0)
+    latents = sample_latents(captions, seed)
+    diverged = int((~torch.isfinite(latents).flatten(1).all(dim=1)).sum())
+    return Samples(pl_module.codec.decode(latents), diverged)
 
 
 def logged_step(trainer: Trainer) -> int:
@@ -83,6 +103,7 @@ class SampleVideoLogger(_EveryNSteps):
     ``<tag>/frames`` (a grid: one row per prompt, one column per frame); the prompts are logged once
     as text under ``<tag>/captions``. A run without a TensorBoardLogger (CSV, W&B, none) gets the same as
     files instead: ``<default_root_dir>/<tag>/step=NNNNNNNN.gif`` and ``.png``, and ``captions.txt``.
+    Samples that diverge (NaN latents) show as black frames, and a warning says how many.
 
     Args:
         every_n_steps: optimizer steps between two samplings.
@@ -100,9 +121,12 @@ class SampleVideoLogger(_EveryNSteps):
         self._captions_logged = False
 
     def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        videos = generate(pl_module, self.captions, self.seed)
+        videos, diverged = generate(pl_module, self.captions, self.seed)
         if not trainer.is_global_zero:
             return
+        if diverged:
+            rank_zero_warn(f"SampleVideoLogger: {diverged} of {len(self.captions)} samples came out NaN or infinite "
+                           f"at step {trainer.global_step} and show as black frames: the model's samples diverge")
         writers = tensorboard_writers(trainer)
         if not writers:
             self._write_files(Path(trainer.default_root_dir) / self.tag, videos, trainer.global_step)
@@ -130,7 +154,8 @@ class FVDCallback(_EveryNSteps):
 
     The value is logged under its protocol name, e.g. ``fvd/i3d_f16_r64_n256`` or
     ``fvd_proxy/inception-proxy_f16_r64_n256``, and put in ``trainer.callback_metrics`` (so a
-    ModelCheckpoint can monitor it).
+    ModelCheckpoint can monitor it). An evaluation in which generated videos diverge (NaN latents, black
+    frames once decoded) logs NaN, with a warning that counts them.
 
     The real side is either a reference file from ``flowvid data fvd-stats`` (``reference=path``),
     or ``num_samples`` validation videos read once at the first evaluation (``reference="val"``):
@@ -203,16 +228,24 @@ class FVDCallback(_EveryNSteps):
         # Every rank samples as many batches as the rank with the largest share: a sampler that keeps its
         # passes in step across ranks (Jacobi under a process group) would wait for a batch never sampled.
         largest_share = math.ceil(self.num_samples / trainer.world_size)
+        diverged = 0
         for batch in range(math.ceil(largest_share / self.batch_size)):
             start = first + batch * self.batch_size
             size = min(self.batch_size, first + count - start)
             if size > 0:
-                metric.update(generate(pl_module, list(itertools.islice(prompts, size)), self.seed + start),
-                              real=False)
+                samples = generate(pl_module, list(itertools.islice(prompts, size)), self.seed + start)
+                metric.update(samples.videos, real=False)
+                diverged += samples.diverged
             else:
                 generate(pl_module, [self.captions[0] if self.captions else ""], self.seed)  # in step, not counted
         value = metric.compute()
         name = metric.protocol_name
+        diverged = _sum_over_processes(trainer, pl_module, diverged)
+        if diverged:
+            # The black frames of diverged samples would give a finite FVD that a ModelCheckpoint could rank best.
+            rank_zero_warn(f"FVDCallback: {diverged} of {self.num_samples} generated videos came out NaN or infinite "
+                           f"at step {trainer.global_step}; {name} is logged as NaN")
+            value = torch.full_like(value, math.nan)
         trainer.callback_metrics[name] = value.float()
         for logger in trainer.loggers:
             logger.log_metrics({name: float(value)}, step=logged_step(trainer))
@@ -231,9 +264,14 @@ class FVDCallback(_EveryNSteps):
             collected += len(videos)
             if collected >= wanted:
                 break
-        if collected < wanted:
-            rank_zero_warn(f"FVDCallback: the validation data gave {collected} real videos on this process, "
-                           f"{wanted} were asked for; the FVD uses what there is")
+        total = _sum_over_processes(trainer, pl_module, collected)
+        if total < 2:  # compute() would fail with no word of where the real videos come from
+            raise ValueError(f"FVDCallback(reference='val'): the validation data gave {total} real videos, FVD needs "
+                             "at least 2; give more validation clips, or reference statistics from "
+                             "`flowvid data fvd-stats`")
+        if total < self.num_samples:
+            rank_zero_warn(f"FVDCallback: the validation data gave {total} real videos, {self.num_samples} were asked "
+                           "for; the FVD uses what there is")
         if self.captions is None and any(captions):
             self.captions = captions
         self._real_collected = True
@@ -244,6 +282,10 @@ class FVDCallback(_EveryNSteps):
         rank, world = trainer.global_rank, trainer.world_size
         base, extra = divmod(total, world)
         return rank * base + min(rank, extra), base + (rank < extra)
+
+
+def _sum_over_processes(trainer: Trainer, pl_module: LightningModule, count: int) -> int:
+    return int(trainer.strategy.reduce(torch.tensor(count, device=pl_module.device), reduce_op="sum"))
 
 
 def real_videos(batch: dict[str, Any], pl_module: LightningModule) -> torch.Tensor:

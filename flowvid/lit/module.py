@@ -709,6 +709,10 @@ class FlowModule(LightningModule):
     @torch.no_grad()
     def generate_videos(self, captions: list[str], seed: int) -> torch.Tensor:
         """uint8 videos (B, T, H, W, 3) of ``video_shape`` for ``captions``, the same for the same seed."""
+        return self.codec.decode(self.sample_latents(captions, seed))
+
+    def sample_latents(self, captions: list[str], seed: int) -> torch.Tensor:
+        """The denoised latents that ``generate_videos`` decodes: NaN or infinite where a sample diverged."""
         from flowvid.sampling import GuidedText
 
         generator = torch.Generator().manual_seed(seed)
@@ -719,8 +723,7 @@ class FlowModule(LightningModule):
             if self.guidance > 0 and text is not None:
                 condition = GuidedText(text, self.encode_text([""]))
             latents = self.sampler().sample(self.flow, z, condition, guidance=self.guidance)
-            latents = self.denoise(latents, text)
-        return self.codec.decode(latents)
+            return self.denoise(latents, text)
 
     # --- checkpoints ---------------------------------------------------------------------------
 

@@ -201,6 +201,10 @@ class FrechetVideoDistance(Metric):
     def set_reference(self, reference: ReferenceStats | str | Path) -> None:
         """Use cached real statistics; they must come from this extractor, with its settings and weights."""
         stats = reference if isinstance(reference, ReferenceStats) else ReferenceStats.load(reference)
+        real_count = int(self.real_features_num_samples)
+        if real_count:  # compute() would use the reference alone and drop these without a word
+            raise ValueError(f"this FVD metric already holds {real_count} real videos; a reference replaces them: "
+                             "give reference statistics or real videos, not both")
         mismatch = stats.identity_mismatch(self.extractor)
         if mismatch is not None:
             name, theirs, ours = mismatch
@@ -250,6 +254,7 @@ class FrechetVideoDistance(Metric):
         return torch.tensor(frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake), dtype=torch.float64)
 
     def reset(self) -> None:
+        self.computed_samples = None  # the protocol name waits for the next compute()
         if self.reset_real_features:
             super().reset()
             self.video_size = self._reference_size()  # a reference keeps fixing the size of what comes
@@ -294,5 +299,6 @@ class FrechetVideoDistance(Metric):
         if self.video_size is None:
             self.video_size = size  # type: ignore[assignment]
         elif size != self.video_size:
+            earlier = "those of the reference statistics" if self.reference is not None else "earlier ones"
             raise ValueError(f"FVD compares videos of one size (frames, height, width): {what} are {size}, "
-                             f"earlier ones {self.video_size}")
+                             f"{earlier} are {self.video_size}")

@@ -128,3 +128,20 @@ def test_too_few_usable_videos_print_why_they_were_skipped_before_the_error(raw_
     err = " ".join(capsys.readouterr().err.split())
     assert "skipped: too_short │ 3" in err and "too_short: 2 frames, the reference has 4" in err
     assert "error: 0 usable generated videos (3 skipped); FVD needs at least 2" in err
+
+
+def test_videos_longer_or_of_another_size_are_cut_and_fitted_and_counted(raw_folder, real_clips, tmp_path, capsys):
+    from flowvid.media import fit_frames
+
+    longer = np.concatenate([real_clips[:4], real_clips[4:8]], axis=1)  # 8 frames, the reference has 4
+    portrait = np.random.default_rng(1).integers(0, 256, (3, 4, 32, 24, 3), dtype=np.uint8)
+    write_videos(tmp_path / "long", longer)
+    write_videos(tmp_path / "portrait", portrait)
+    result = fvd(capsys, str(tmp_path / "long"), str(tmp_path / "portrait"), "--reference", str(raw_folder))
+    assert (result["generated"], result["cut"], result["resized"], result["skipped"]) == (7, 4, 3, 0)
+
+    # The same number as for videos fitted beforehand: centre-cropped to 24x24, then resized to 16x16.
+    write_videos(tmp_path / "fitted", [*longer[:, :4], *(fit_frames(list(video), 16, 16) for video in portrait)])
+    fitted = fvd(capsys, str(tmp_path / "fitted"), "--reference", str(raw_folder))
+    assert (fitted["cut"], fitted["resized"]) == (0, 0)
+    assert fitted["fvd"] == pytest.approx(result["fvd"], rel=1e-12)

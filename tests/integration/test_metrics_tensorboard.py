@@ -11,7 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from flowvid.lit.callbacks import FVDCallback, SampleVideoLogger, generate
+from flowvid.lit.callbacks import FVDCallback, SampleVideoLogger, Samples, generate
 from flowvid.lit.tensorboard import frame_grid, tile_videos
 from flowvid.metrics import BitsPerDim, FrechetVideoDistance, ReferenceStats
 
@@ -197,7 +197,7 @@ def test_every_rank_samples_as_many_fvd_batches_so_that_synced_samplers_keep_in_
     calls = {0: [], 1: []}
     for rank in (0, 1):
         monkeypatch.setattr(callbacks, "generate", lambda module, captions, seed, rank=rank:
-                            calls[rank].append(len(captions)) or random_videos(len(captions), seed))
+                            calls[rank].append(len(captions)) or Samples(random_videos(len(captions), seed), 0))
         fvd = FVDCallback(num_samples=17, batch_size=8, extractor="pixel-stats", captions=["a"])
         updated = []
         fvd.metric = SimpleNamespace(to=lambda device, fvd=fvd: fvd.metric, reset=lambda: None,
@@ -205,7 +205,57 @@ def test_every_rank_samples_as_many_fvd_batches_so_that_synced_samplers_keep_in_
                                      compute=lambda: torch.tensor(1.0), protocol_name="fvd")
         fvd._real_collected = True
         trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=4, callback_metrics={}, loggers=[],
+                                  strategy=SimpleNamespace(reduce=lambda count, reduce_op: count),
                                   fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=4)))
         fvd.run(trainer, SimpleNamespace(device=torch.device("cpu")))
         assert sum(updated) == (9 if rank == 0 else 8)
     assert len(calls[0]) == len(calls[1]) == 2
+
+
+class DivergingModule(RandomVideoModule):
+    """Samples latents its codec decodes, as FlowModule does; the latents of video 1 of each call are NaN."""
+
+    def sample_latents(self, captions, seed):
+        latents = torch.rand(len(captions), FRAMES, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(seed))
+        latents[1:2] = torch.nan
+        return latents
+
+
+def test_sampling_counts_the_videos_whose_latents_diverged():
+    model = DivergingModule()
+    videos, diverged = generate(model, ["a", "b", "c"], seed=0)
+    assert diverged == 1 and videos.shape == (3, FRAMES, SIZE, SIZE, 3)
+    assert (videos[1] == 0).all()  # what a diverged sample looks like once it is uint8: black
+    assert generate(RandomVideoModule(), ["a", "b"], seed=0).diverged == 0
+
+
+def test_a_diverged_sample_is_warned_about_and_the_fvd_is_logged_as_nan(tmp_path):
+    latents = _val_latents()
+    val = [{"latents": latents[i], "caption": f"clip {i}"} for i in range(len(latents))]
+    samples = SampleVideoLogger(every_n_steps=1, captions=["a", "b"])
+    fvd = FVDCallback(every_n_steps=1, num_samples=4, extractor="pixel-stats", reference="val", batch_size=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="run"),
+                        callbacks=[samples, fvd], num_sanity_val_steps=0, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(DivergingModule(), DataLoader([{"x": torch.randn(2)}], batch_size=1), DataLoader(val, batch_size=4))
+    messages = [str(warning.message) for warning in caught]
+    assert any("SampleVideoLogger: 1 of 2 samples came out NaN or infinite at step 1" in m for m in messages)
+    assert any("FVDCallback: 1 of 4 generated videos came out NaN or infinite at step 1; "
+               "fvd_debug/pixel-stats_f4_r16_n4 is logged as NaN" in m for m in messages)
+    assert trainer.callback_metrics["fvd_debug/pixel-stats_f4_r16_n4"].isnan()
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    (logged,) = events.Scalars("fvd_debug/pixel-stats_f4_r16_n4")
+    assert np.isnan(logged.value)
+
+
+def test_validation_data_of_fewer_than_two_videos_is_refused_by_name():
+    val = [{"latents": _val_latents(1)[0], "caption": "the only clip"}]
+    fvd = FVDCallback(every_n_steps=1, num_samples=4, extractor="pixel-stats", reference="val", batch_size=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, callbacks=[fvd], num_sanity_val_steps=0,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"FVDCallback\(reference='val'\): the validation data gave 1 real videos, "
+                                         r"FVD needs at least 2; give more validation clips, or reference statistics"):
+        trainer.fit(RandomVideoModule(), DataLoader([{"x": torch.randn(2)}], batch_size=1),
+                    DataLoader(val, batch_size=4))

@@ -61,7 +61,7 @@ def test_clear_errors_for_bad_videos_and_too_few_samples():
     with pytest.raises(ValueError, match=r"expected uint8 videos \(B, T, H, W, 3\), got torch.float32"):
         metric.update(_videos().float(), real=True)
     metric.update(_videos(frames=4), real=True)
-    with pytest.raises(ValueError, match=r"one size .* \(5, 16, 16\), earlier ones \(4, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"one size .* \(5, 16, 16\), earlier ones are \(4, 16, 16\)"):
         metric.update(_videos(frames=5), real=False)
     metric.update(_videos(1, seed=2), real=False)
     with pytest.raises(ValueError, match="at least 2 generated videos, got 1"):
@@ -86,7 +86,7 @@ def test_cached_reference_gives_the_same_fvd_as_real_videos(tmp_path):
     assert float(cached.compute()) == pytest.approx(float(direct.compute()), rel=1e-10)
     with pytest.raises(ValueError, match="uses reference statistics"):
         cached.update(real, real=True)
-    with pytest.raises(ValueError, match=r"earlier ones \(4, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"those of the reference statistics are \(4, 16, 16\)"):
         cached.update(_videos(frames=2), real=False)
 
 
@@ -156,8 +156,30 @@ def test_resetting_the_real_features_keeps_the_size_the_reference_fixes():
     metric = FrechetVideoDistance("pixel-stats", reset_real_features=True)
     metric.set_reference(_pixel_stats_reference(frames=4))
     metric.reset()
-    with pytest.raises(ValueError, match=r"these videos are \(2, 16, 16\), earlier ones \(4, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"these videos are \(2, 16, 16\), those of the reference statistics are "
+                                         r"\(4, 16, 16\)"):
         metric.update(_videos(frames=2), real=False)
+
+
+def test_a_reference_set_after_real_videos_is_refused_instead_of_dropping_them():
+    metric = FrechetVideoDistance("pixel-stats")
+    metric.update(_videos(), real=True)
+    with pytest.raises(ValueError, match="already holds 12 real videos; a reference replaces them"):
+        metric.set_reference(_pixel_stats_reference(frames=4))
+    assert metric.reference is None and int(metric.real_features_num_samples) == 12
+
+
+def test_the_protocol_name_after_a_reset_waits_for_the_next_compute():
+    metric = FrechetVideoDistance("pixel-stats")
+    metric.update(_videos(), real=True)
+    metric.update(_videos(seed=3), real=False)
+    metric.compute()
+    metric.reset()
+    with pytest.raises(RuntimeError, match="known after update\\(\\) and compute\\(\\)"):
+        metric.protocol_name  # the last evaluation's sample count is not this one's
+    metric.update(_videos(5, seed=4), real=False)
+    metric.compute()
+    assert metric.protocol_name.endswith("_n5")
 
 
 def test_an_extractor_whose_features_break_its_feature_dim_is_named():

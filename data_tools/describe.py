@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     if args.captions < 0:
         raise ValueError(f"--captions must be >= 0, got {args.captions}")
     descriptions = [describe_folder(folder, captions=args.captions) for folder in args.folders]
+    for description in descriptions:
+        for warning in description["warnings"]:
+            console.print(f"[yellow]warning:[/] {warning} (run `flowvid data verify {description['folder']}`)")
     if args.json:
         json.dump(descriptions if len(descriptions) > 1 else descriptions[0], sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -65,27 +68,49 @@ def describe_folder(folder: str | Path, captions: int = 5) -> dict[str, Any]:
         "first_frame": bool(manifest.get("first_frame")),
         "source": manifest.get("source") or {},
         "skipped": manifest.get("skipped") or [],
-        "captions": first_captions(folder, manifest, captions),
     }
+    warnings = shard_file_warnings(folder, manifest)
+    description["captions"] = first_captions(folder, manifest, captions, warnings)
+    description["warnings"] = warnings
     return description
 
 
-def first_captions(folder: str | Path, manifest: dict[str, Any], count: int) -> list[str]:
-    """The captions of the first ``count`` samples of the first shard, in stored order."""
+def shard_file_warnings(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """Listed shards that are missing or whose size is not the manifest's: found without reading them."""
+    warnings = []
+    for entry, path in zip(manifest["shards"], shard_paths(folder, manifest)):
+        if not path.is_file():
+            warnings.append(f"shard {entry['name']} is missing")
+        elif "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            size = path.stat().st_size
+            warnings.append(f"shard {entry['name']} is {size} bytes, the manifest lists {entry['bytes']}")
+    return warnings
+
+
+def first_captions(folder: str | Path, manifest: dict[str, Any], count: int, warnings: list[str]) -> list[str]:
+    """The captions of the first ``count`` samples of the first shard, in stored order. A first shard that
+    breaks, or ends (a zero-filled one reads as empty) before it gives the samples its manifest lists, adds
+    to ``warnings``."""
     captions: list[str] = []
     paths = shard_paths(folder, manifest)
     if not count or not paths:
         return captions
+    read = 0
     try:
         for sample in iter_tar(paths[0]):
+            read += 1
             caption = sample.get("txt")
             if caption is None:  # the last sample before damage may be cut short
                 continue
             captions.append(caption.decode("utf-8", errors="replace"))
             if len(captions) == count:
-                break
+                return captions
     except BrokenShard as err:
-        console.print(f"[yellow]warning:[/] {err} (run `flowvid data verify {folder}`)")
+        warnings.append(f"{err}")
+        return captions
+    listed = manifest["shards"][0]["samples"]
+    if read < listed:
+        warnings.append(f"shard {paths[0].name} ends after {read} samples, the manifest lists {listed}")
     return captions
 
 

@@ -46,6 +46,7 @@ from flowvid.data.shards import (
     ShardFolderWriter,
     decode_sample,
     encode_sample,
+    keys_held_earlier,
     listed_samples,
     replace_shard_folder,
     shard_paths,
@@ -191,9 +192,12 @@ def _write_latents(
     stats = _ChannelStats(latent_shape[-1])
     text_shape = None
     with ShardFolderWriter(out, max_samples=shard_samples) as writer:
-        shards = shard_paths(source, raw)[rank::world_size]
+        every_shard = shard_paths(source, raw)
+        held_earlier = keys_held_earlier([str(shard) for shard in every_shard])
+        shards = every_shard[rank::world_size]
         listed = [shard["samples"] for shard in raw["shards"]][rank::world_size]
-        for group in _groups(_samples(shards, listed, SampleSpec.from_manifest(raw), skipped, on_sample), batch_size):
+        samples = _samples(shards, listed, SampleSpec.from_manifest(raw), skipped, on_sample, held_earlier)
+        for group in _groups(samples, batch_size):
             with torch.inference_mode():
                 video = torch.from_numpy(np.stack([s["video"] for s in group])).to(device)
                 latents = codec.encode(video).float().cpu()
@@ -264,10 +268,12 @@ def _gather_shards(parts: list[dict[str, Any]], staging: Path) -> None:
 
 
 def _samples(shards: list[Path], listed: list[int], spec: SampleSpec, skipped: list[dict[str, Any]],
-             on_sample: Callable[[], None] | None) -> Iterator[dict[str, Any]]:
+             on_sample: Callable[[], None] | None,
+             held_earlier: dict[str, frozenset[str]]) -> Iterator[dict[str, Any]]:
     """Decoded samples of raw shards in stored order; unusable ones are appended to ``skipped``, a broken
-    shard once with the number of ``samples`` it lost."""
-    for sample in listed_samples(shards, listed, skipped):
+    shard once with the number of ``samples`` it lost, a repeated key as ``listed_samples`` finds it (with
+    ``held_earlier`` over every raw shard, a process under torchrun drops what a single one does)."""
+    for sample in listed_samples(shards, listed, skipped, held_earlier):
         if on_sample is not None:
             on_sample()
         try:

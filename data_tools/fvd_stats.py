@@ -31,7 +31,15 @@ from data_tools.arguments import check_registered_arguments
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
 from flowvid.checks import json_object
 from flowvid.data.manifest import load_manifest, video_shape
-from flowvid.data.shards import FVD_STATS_FOLDER, BadSample, SampleSpec, decode_sample, listed_samples, shard_paths
+from flowvid.data.shards import (
+    FVD_STATS_FOLDER,
+    BadSample,
+    SampleSpec,
+    decode_sample,
+    keys_held_earlier,
+    listed_samples,
+    shard_paths,
+)
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats, reference_file_name
 from flowvid.paths import check_output_file
@@ -225,7 +233,8 @@ def _clips(source: str | Path, manifest: dict[str, Any], skipped: list[dict[str,
     """The clips of a folder; a broken shard is one skip that counts the ``samples`` it lost (``listed_samples``)."""
     spec = SampleSpec.from_manifest(manifest)
     listed = [shard["samples"] for shard in manifest["shards"]]
-    for raw in listed_samples(shard_paths(source, manifest), listed, skipped):
+    shards = shard_paths(source, manifest)
+    for raw in listed_samples(shards, listed, skipped, keys_held_earlier([str(shard) for shard in shards])):
         try:
             yield decode_sample(raw, spec)["video"]
         except BadSample as err:

@@ -63,7 +63,7 @@ def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, 
     problems += [f"shard {p.name} is not in the manifest" for p in sorted(folder.glob("*.tar")) if p.name not in listed]
 
     spec = SampleSpec.from_manifest(manifest)
-    keys: set[str] = set()
+    keys: dict[str, str] = {}  # each key's first shard
     with progress_bar(show_progress) as bar:
         task = bar.add_task(f"verify {folder.name}", total=len(manifest["shards"]))
         for entry in manifest["shards"]:
@@ -77,7 +77,7 @@ def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, 
 
 
 def _verify_shard(
-    path: Path, entry: dict[str, Any], spec: SampleSpec, keys: set[str], problems: list[str]
+    path: Path, entry: dict[str, Any], spec: SampleSpec, keys: dict[str, str], problems: list[str]
 ) -> dict[str, Any]:
     row = {"name": entry["name"], "listed": entry["samples"], "found": 0, "bad": 0, "checksum": "missing"}
     if not path.is_file():
@@ -95,8 +95,9 @@ def _verify_shard(
                 problems.append(f"shard {entry['name']}: {err.reason}: {err}")
                 continue
             if sample["key"] in keys:
-                problems.append(f"shard {entry['name']}: duplicate key {sample['key']!r}")
-            keys.add(sample["key"])
+                problems.append(f"shard {entry['name']}: duplicate_key: {sample['key']!r}, "
+                                f"also in shard {keys[sample['key']]}")
+            keys.setdefault(sample["key"], entry["name"])
             row["found"] += 1
     except BrokenShard as err:
         problems.append(f"shard {entry['name']}: broken_tar: {err}")

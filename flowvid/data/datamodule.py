@@ -13,7 +13,7 @@ import torch
 from flowvid.codecs.base import check_codec_identity, same_codec
 from flowvid.data import manifest as manifests
 from flowvid.data.pipeline import ShardLoader, ShardSource, ShardStream, SkipCounter, shards_for_rank
-from flowvid.data.shards import SampleSpec, shard_paths
+from flowvid.data.shards import SampleSpec, keys_held_earlier, shard_paths
 from flowvid.data.synthetic import BACKGROUNDS, DEFAULT_MAX_OBJECTS
 from flowvid.registry import DATASETS
 from flowvid.text.base import same_text_encoder
@@ -85,6 +85,7 @@ class VideoShardDataModule(L.LightningDataModule):
         self._val_skips = SkipCounter(num_workers)
         self._skipped_before: dict[str, int] = {}  # counted before the run resumed
         self._manifests: dict[str, dict[str, Any]] = {}
+        self._repeated_keys: dict[str, dict[str, frozenset[str]]] = {}
         self._train_loader: ShardLoader | None = None
         self._next_epoch = 0  # used without a Trainer: each pass over the train loader is an epoch
         self._resume: tuple[int, int] | None = None
@@ -218,6 +219,7 @@ class VideoShardDataModule(L.LightningDataModule):
             shuffle_buffer=0,
             seed=self.seed,
             counter=self._val_skips,
+            held_earlier=self._held_earlier(folder),
         )
         return ShardLoader(stream, self.num_workers, lambda: (*self._rank_and_world_size(), 0, 0))
 
@@ -265,6 +267,14 @@ class VideoShardDataModule(L.LightningDataModule):
 
     def _shards(self, folder: str) -> list[str]:
         return [str(path) for path in shard_paths(folder, self._manifest(folder))]
+
+    def _held_earlier(self, folder: str) -> dict[str, frozenset[str]]:
+        """Keys of a validation folder held by more than one shard: each sample is validated once, whichever
+        rank or worker reads the other copies. (A training stream resamples anyway; there a key met again
+        within a shard is skipped, and `flowvid data verify` finds copies in other shards.)"""
+        if folder not in self._repeated_keys:
+            self._repeated_keys[folder] = keys_held_earlier(self._shards(folder))
+        return self._repeated_keys[folder]
 
     def _source(self, folder: str, weight: float = 1.0) -> ShardSource:
         """The folder's shards with the samples its manifest says each holds."""
@@ -394,3 +404,4 @@ class SyntheticVideoDataModule(VideoShardDataModule):
                           "writing it again with these", stacklevel=2)
         write_synthetic_dataset(self.root, **self.recipe)
         self._manifests.clear()
+        self._repeated_keys.clear()

@@ -110,6 +110,8 @@ class ShardStream(IterableDataset):
     docstring). ``batches`` fixes the number of batches per rank and pass (required with
     ``resample``); with ``batches=None`` the stream is one ordered pass over the rank's shards, source
     after source. ``place`` tells the stream which rank, epoch and position it serves before each pass.
+    A sample whose key its shard gave before, or that ``held_earlier[shard]`` lists (``keys_held_earlier``),
+    is skipped as ``duplicate_key``.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int,
         seed: int,
         counter: SkipCounter,
+        held_earlier: dict[str, frozenset[str]] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -144,6 +147,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.counter = counter
+        self.held_earlier = held_earlier or {}
         self.rank, self.world_size, self.epoch, self.skip = 0, 1, 0, 0
         self.replaying = False
 
@@ -244,9 +248,15 @@ class ShardStream(IterableDataset):
 
     def _read(self, shard: str, worker: int) -> Iterator[Sample]:
         read = 0
+        held_earlier, seen = self.held_earlier.get(shard, frozenset()), set()
         try:
             for raw in iter_tar(shard):
                 read += 1
+                key = raw["__key__"]
+                if key in held_earlier or key in seen:
+                    self._skip("duplicate_key", f"{shard}: key {key!r} belongs to an earlier sample", worker)
+                    continue
+                seen.add(key)
                 try:
                     yield decode_sample(raw, self.spec)
                 except BadSample as err:

@@ -46,6 +46,7 @@ SKIP_REASONS = (
     "non_finite_latent",
     "bad_text_embedding",
     "bad_first_frame",
+    "duplicate_key",
 )
 
 
@@ -257,10 +258,9 @@ def iter_tar(path: str | Path) -> Iterator[dict[str, bytes]]:
             for member in archive:
                 if not member.isfile():
                     continue
-                folder, base = os.path.split(member.name)
-                stem, _, field = base.partition(".")
-                key = f"{folder}/{stem}" if folder else stem
-                if sample and key != sample["__key__"]:
+                key, field = _key_and_field(member.name)
+                # A field met again starts another sample of that key, rather than overwriting the first.
+                if sample and (key != sample["__key__"] or field in sample):
                     yield sample
                     sample = {}
                 sample["__key__"] = key
@@ -273,6 +273,39 @@ def iter_tar(path: str | Path) -> Iterator[dict[str, bytes]]:
                 raise tarfile.ReadError(f"truncated: no end-of-archive marker at byte {archive.offset}")
     except (OSError, EOFError, tarfile.TarError) as err:
         raise BrokenShard(f"{path}: {err}") from err
+
+
+def _key_and_field(member_name: str) -> tuple[str, str]:
+    """``"clip7.latent.npy"`` -> ``("clip7", "latent.npy")``: a member's sample key and field."""
+    folder, base = os.path.split(member_name)
+    stem, _, field = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), field
+
+
+def keys_held_earlier(shards: list[str]) -> dict[str, frozenset[str]]:
+    """For each shard that has any, the keys of its samples that an earlier shard of ``shards`` holds too.
+
+    Only the tar headers are read (the data is skipped), so a folder is scanned at little cost; a
+    damaged shard gives the keys before its damage. A single pass keeps the first sample of a key, in
+    stored order, and counts the others as ``duplicate_key``."""
+    seen: set[str] = set()
+    repeated: dict[str, frozenset[str]] = {}
+    for shard in shards:
+        keys = _member_keys(shard)
+        if keys & seen:
+            repeated[shard] = frozenset(keys & seen)
+        seen |= keys
+    return repeated
+
+
+def _member_keys(path: str) -> set[str]:
+    keys: set[str] = set()
+    try:
+        with tarfile.open(path, mode="r:") as archive:  # random access: iterating seeks past each member's data
+            keys.update(_key_and_field(member.name)[0] for member in archive if member.isfile())
+    except (OSError, EOFError, tarfile.TarError):
+        pass  # the samples before the damage were added; the stream counts what the damage costs
+    return keys
 
 
 @dataclass(frozen=True)
@@ -382,18 +415,26 @@ def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[Path]:
     return [Path(folder) / shard["name"] for shard in manifest["shards"]]
 
 
-def listed_samples(shards: list[Path], listed: list[int],
-                   skipped: list[dict[str, Any]]) -> Iterator[dict[str, bytes]]:
+def listed_samples(shards: list[Path], listed: list[int], skipped: list[dict[str, Any]],
+                   held_earlier: dict[str, frozenset[str]] | None = None) -> Iterator[dict[str, bytes]]:
     """The raw samples of ``shards`` in stored order (``iter_tar``). A broken shard, and one that holds fewer
     samples than its manifest lists (``listed``; a zero-filled tail reads as a normal end), is appended to
     ``skipped`` as ``{"shard", "reason", "samples"}``, ``samples`` being how many of the listed ones it did
     not give (a broken shard: one at least), as the training stream counts them: no sample is lost without
-    a count."""
+    a count. A sample whose key its shard gave before, or that ``held_earlier`` (``keys_held_earlier``)
+    lists for its shard, is appended as ``{"key", "reason"}`` instead of given: each clip counts once."""
+    held_earlier = held_earlier or {}
     for shard, count in zip(shards, listed):
-        read = 0
+        read, earlier, seen = 0, held_earlier.get(str(shard), frozenset()), set()
         try:
             for raw in iter_tar(shard):
                 read += 1
+                key = raw["__key__"]
+                if key in earlier or key in seen:
+                    reason = f"duplicate_key: an earlier sample has this key ({shard.name})"
+                    skipped.append({"key": key, "reason": reason})
+                    continue
+                seen.add(key)
                 yield raw
         except BrokenShard as err:
             skipped.append({"shard": shard.name, "reason": f"broken_tar: {err}", "samples": max(count - read, 1)})

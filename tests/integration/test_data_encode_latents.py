@@ -1,7 +1,9 @@
 """encode-latents: raw shards -> latent shards through registered codecs -> latent batches."""
 
+import io
 import json
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch.multiprocessing as mp
 
 from data_tools.cli import main as data_main
 from data_tools.describe import describe_folder
-from data_tools.encode_latents import encode_latents
+from data_tools.encode_latents import _write_latents, encode_latents
 from data_tools.report import console
 from data_tools.verify import verify_folder
 from flowvid.codecs.base import CodecMismatchError, LatentCodec
@@ -160,6 +162,29 @@ def test_a_broken_raw_shard_is_listed_with_every_sample_it_lost(raw, tmp_path):
     assert manifest["samples"] + manifest["skipped"][0]["samples"] == 12
 
 
+def test_a_key_met_again_is_skipped_and_listed_so_the_latent_folder_verifies(raw, tmp_path):
+    source = tmp_path / "raw"
+    shutil.copytree(raw, source)
+    first_key = next(iter_tar(source / "shard-000000.tar"))["__key__"]
+    shard = source / "shard-000001.tar"
+    with tarfile.open(shard) as archive:
+        members = [(member, archive.extractfile(member).read()) for member in archive.getmembers()]
+    repeated = members[0][0].name.split(".")[0]  # the second shard's first sample takes the first one's key
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as archive:
+        for member, data in members:
+            member.name = member.name.replace(repeated, first_key)
+            archive.addfile(member, io.BytesIO(data))
+    manifest = encode_latents(source, tmp_path / "latent", SpaceToDepth())
+    reason = "duplicate_key: an earlier sample has this key (shard-000001.tar)"
+    assert manifest["skipped"] == [{"key": first_key, "reason": reason}]
+    assert manifest["samples"] == 11
+    assert verify_folder(tmp_path / "latent")["ok"]
+    # Under torchrun the process that encodes the second shard alone drops the key just the same.
+    part = _write_latents(source, load_manifest(source), tmp_path / "part", SpaceToDepth(), (4, 8, 8, 12), None,
+                          False, 4, "cpu", 1000, None, rank=1, world_size=2)
+    assert part["skipped"] == [{"key": first_key, "reason": reason}]
+
+
 def test_overflowing_latents_are_skipped_and_listed(raw, tmp_path):
     # Scaled by 1000, any pixel above 65 overflows float16: those clips must not be written.
     manifest = encode_latents(raw, tmp_path / "latent", SpaceToDepth(scale=1000.0))
@@ -239,7 +264,7 @@ def test_a_device_that_is_not_here_is_one_line_before_anything_is_read(raw, tmp_
     out = tmp_path / "out"
     code = data_main([verb, str(raw), "--out", str(out), "--device", "cuda:99"])
     error = capsys.readouterr().err
-    assert code == 2 and error.startswith("error:") and error.count("\n") == 1 and "--device cuda:99" in error
+    assert code == 2 and error.startswith("error:") and error.count("\n") == 1 and "--device 'cuda:99'" in error
     assert not out.exists()
 
 

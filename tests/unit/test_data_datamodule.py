@@ -244,6 +244,34 @@ def test_training_and_validation_go_on_around_a_broken_shard(tmp_path, num_worke
     assert len(batches) == 5 and {shard_of(key) for batch in batches for key in batch["key"]} == {0}
 
 
+def repeat_keys(key, sample):
+    """Shard 1's first sample takes shard 0's first key, and shard 1 holds "s1-004" twice, once right after
+    the first (two samples of one key in a row must not merge into one)."""
+    renamed = {"s1-000": "s0-000", "s1-002": "s1-004", "s1-005": "s1-004"}
+    sample["__key__"] = renamed.get(key, key)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_validation_reads_a_repeated_key_once_and_counts_the_others(tmp_path, num_workers):
+    write_folder(tmp_path, shards=3, corrupt=repeat_keys)
+    dm = VideoShardDataModule(str(tmp_path), val_dir=str(tmp_path), batch_size=4, num_workers=num_workers)
+    keys = [key for batch in dm.val_dataloader() for key in batch["key"]]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 3 * 6 - 3
+    assert dm.skipped_counts() == {"duplicate_key": 3}
+    first_shard = [key for batch in dm.val_dataloader() for key in batch["key"] if key == "s0-000"]
+    assert first_shard == ["s0-000"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_training_skips_and_counts_a_key_repeated_within_a_shard(tmp_path, num_workers):
+    write_folder(tmp_path, shards=2, corrupt=repeat_keys)
+    dm = VideoShardDataModule(str(tmp_path), batch_size=4, num_workers=num_workers, batches_per_epoch=6)
+    epoch = run_epoch(dm)
+    assert len(epoch) == 6 and all(len(keys) == 4 for keys in epoch)
+    counts = dm.skipped_counts()
+    assert set(counts) == {"duplicate_key"} and counts["duplicate_key"] % 2 == 0  # two per read of shard 1
+
+
 def test_a_codec_mismatch_names_the_settings_that_differ_also_in_older_folders(tmp_path):
     # Folders made before codec identities carried their config record it as codec_config only.
     write_folder(tmp_path, shards=1, kind="latent")

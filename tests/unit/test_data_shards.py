@@ -22,6 +22,7 @@ from flowvid.data.shards import (
     decode_sample,
     encode_sample,
     iter_tar,
+    keys_held_earlier,
     listed_samples,
     npy_bytes,
     shard_paths,
@@ -130,6 +131,23 @@ def test_listed_samples_count_every_sample_a_damaged_shard_lost(tmp_path):
     assert [(item["shard"], item["samples"]) for item in skipped] == [(first.name, 3), (second.name, 2)]
 
 
+def test_listed_samples_give_each_key_once_in_stored_order(tmp_path):
+    with ShardFolderWriter(tmp_path, max_samples=3) as writer:
+        for key in ("a", "b", "c", "d", "a", "e", "e", "f", "f"):
+            writer.write(encode_sample(key, "c", {}, frames=_frames(0)))
+    shards = sorted(tmp_path.glob("shard-*.tar"))
+    with tarfile.open(shards[0]) as archive:
+        cut = next(member for member in archive.getmembers() if member.name.startswith("b")).offset
+    shards[0].write_bytes(shards[0].read_bytes()[:cut])  # "b" and "c" are lost: only "a" is held earlier
+    held_earlier = keys_held_earlier([str(shard) for shard in shards])
+    assert held_earlier == {str(shards[1]): {"a"}, str(shards[2]): {"e"}}
+    skipped = []
+    keys = [raw["__key__"] for raw in listed_samples(shards, [3, 3, 3], skipped, held_earlier)]
+    assert keys == ["a", "d", "e", "f"]
+    assert [(item.get("shard") or item["key"], item["reason"].split(":")[0]) for item in skipped] == [
+        ("shard-000000.tar", "broken_tar"), ("a", "duplicate_key"), ("e", "duplicate_key"), ("f", "duplicate_key")]
+
+
 def npy_header(shape) -> bytes:
     """The header of a uint8 .npy file of ``shape``, without its data."""
     stream = io.BytesIO()
@@ -233,6 +251,16 @@ def test_verify_catches_a_bad_sample_behind_a_valid_checksum(tmp_path):
     assert not report["ok"] and report["shards"][0]["bad"] == 1 and report["samples"] == 1
 
 
+def test_verify_names_both_shards_of_a_repeated_key_also_two_samples_of_one_key_in_a_row(tmp_path):
+    with ShardFolderWriter(tmp_path, max_samples=2) as writer:
+        for key in ("a", "b", "c", "a", "d", "d"):
+            writer.write(encode_sample(key, "c", {}, frames=_frames(0)))
+    write_manifest(tmp_path, new_manifest("raw", VIDEO, samples=6, num_shards=3, shards=writer.shards))
+    report = verify_folder(tmp_path)
+    assert report["problems"] == ["shard shard-000001.tar: duplicate_key: 'a', also in shard shard-000000.tar",
+                                  "shard shard-000002.tar: duplicate_key: 'd', also in shard shard-000002.tar"]
+
+
 def test_describe_reads_the_manifest_and_the_first_captions(tmp_path, capsys):
     manifest = _write_folder(tmp_path, count=7, per_shard=3)
     description = describe_folder(tmp_path, captions=2)
@@ -268,7 +296,28 @@ def test_describe_names_what_is_wrong_and_reads_a_damaged_shard_up_to_the_damage
     shard = tmp_path / "shard-000000.tar"
     whole = shard.read_bytes()
     shard.write_bytes(whole[:len(whole) // 2])
-    with console.capture() as printed:
-        captions = describe_folder(tmp_path, captions=3)["captions"]
+    captions = describe_folder(tmp_path, captions=3)["captions"]
     assert 0 < len(captions) < 3 and captions == [f"caption {i}" for i in range(len(captions))]
+    with console.capture() as printed:
+        assert data_main(["describe", str(tmp_path)]) == 0
     assert "flowvid data verify" in printed.get()
+
+
+def test_describe_warns_of_missing_resized_and_zero_filled_shards_without_reading_them_all(tmp_path):
+    listed = _write_folder(tmp_path, count=7, per_shard=3)["shards"]
+    assert describe_folder(tmp_path)["warnings"] == []
+    first, second, third = sorted(tmp_path.glob("shard-*.tar"))
+    first.write_bytes(bytes(first.stat().st_size))  # zeros read as an archive without a sample
+    second.unlink()
+    third.write_bytes(third.read_bytes()[:1000])
+    description = describe_folder(tmp_path, captions=2)
+    assert description["captions"] == []
+    assert description["warnings"] == [
+        "shard shard-000001.tar is missing",
+        f"shard shard-000002.tar is 1000 bytes, the manifest lists {listed[2]['bytes']}",
+        "shard shard-000000.tar ends after 0 samples, the manifest lists 3",
+    ]
+    with console.capture() as printed:
+        assert data_main(["describe", str(tmp_path)]) == 0
+    assert f"shard-000000.tar ends after 0 samples, the manifest lists 3 (run `flowvid data verify {tmp_path}`)" \
+        in " ".join(printed.get().split())

@@ -33,8 +33,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.lit.checkpointing import (
     METADATA_KEY,
+    CheckpointMismatchError,
     CorruptCheckpointError,
     consolidated_state_dict,
     load_client_state,
@@ -43,6 +45,7 @@ from flowvid.lit.checkpointing import (
 from flowvid.model_card import CARD_NAME, is_card, is_replaceable, model_card
 from flowvid.nn.lora import is_adapter_key, merge_lora
 from flowvid.paths import check_output_file, write_atomically
+from flowvid.text.base import TextEncoder, same_text_encoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONFIG_NAME = "config.yaml"
@@ -243,6 +246,7 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
     with reading_export(path):
         state = load_file(str(path), device=str(map_location))
     load_weights(module, state, where=str(path))
+    check_outside_parts(module, metadata, state, where=f"exported model {path}")
     module.to(map_location).eval()
     return ExportedModel(
         module=module,
@@ -308,6 +312,33 @@ def build_module(run_config: dict[str, Any]) -> nn.Module:
     parser.add_argument("--model", type=LightningModule)
     parsed = parser.parse_object({"model": run_config["model"]})
     return parser.instantiate_classes(parsed).model
+
+
+def check_outside_parts(module: nn.Module, recorded: dict[str, Any], held: dict[str, torch.Tensor], where: str) -> None:
+    """Raise when the codec or text encoder built from the config is not the one the model was trained with.
+
+    A frozen part (a Wan VAE, a T5 encoder) loads its weights from a folder named in the config, not from
+    the file: that folder may hold another checkpoint now, and the model would load without a complaint
+    and read latents or text states it never saw. ``recorded`` holds the identities written with the
+    file (``codec``, ``text_encoder``); a codec whose weights ``held`` carries is what the file holds.
+    """
+    codec_name, codec = first_part(module, LatentCodec)
+    if codec is not None and recorded.get("codec") and not any(key.startswith(f"{codec_name}.") for key in held):
+        check_codec_identity(codec.identity(), recorded["codec"], where)
+    _, text_encoder = first_part(module, TextEncoder)
+    if text_encoder is not None and recorded.get("text_encoder"):
+        theirs, ours = dict(recorded["text_encoder"]), dict(text_encoder.identity())
+        if not same_text_encoder(theirs, ours):
+            differing = ", ".join(f"{key} ({theirs[key]} there, {ours[key]} here)"
+                                  for key in sorted(theirs.keys() & ours.keys()) if theirs[key] != ours[key])
+            raise CheckpointMismatchError(
+                f"{where} was made with text encoder {theirs.get('name')!r}, but the one built from its config "
+                f"differs in {differing}: point the config at the files the model was trained with")
+
+
+def first_part(module: nn.Module, kind: type) -> tuple[str, Any]:
+    """The name and the first submodule of ``kind`` in ``module`` (``("", None)`` when it has none)."""
+    return next(((name, part) for name, part in module.named_modules() if isinstance(part, kind)), ("", None))
 
 
 def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:

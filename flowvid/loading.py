@@ -12,6 +12,7 @@ from flowvid.adapters import apply_adapters
 from flowvid.export import (
     CONFIG_NAME,
     build_module,
+    check_outside_parts,
     checkpoint_weights,
     load_exported,
     load_weights,
@@ -19,7 +20,7 @@ from flowvid.export import (
     weights_taken,
     without_held_weight_files,
 )
-from flowvid.lit.checkpointing import resolve_checkpoint
+from flowvid.lit.checkpointing import METADATA_KEY, resolve_checkpoint
 
 
 def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str | torch.device = "cpu",
@@ -44,6 +45,7 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
         # The checkpoint holds the weights of a codec trained for this model: its file may be long gone.
         module = build_module(without_held_weight_files(config, state_dict))
         load_weights(module, state_dict, where=str(path))
+        check_outside_parts(module, client_state.get(METADATA_KEY) or {}, state_dict, where=f"checkpoint {path}")
         module = module.to(map_location).eval()
         used = weights_taken(weights, client_state)
     if adapters is not None:

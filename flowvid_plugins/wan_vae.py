@@ -13,6 +13,8 @@ Registered through the entry point ``wan2.2`` (group ``flowvid.codecs``).
 from __future__ import annotations
 
 import hashlib
+import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from flowvid.codecs.base import LatentCodec
 from flowvid.codecs.pixel import to_uint8, to_unit_range
 from flowvid.fingerprint import json_fingerprint, weights_fingerprint
 from flowvid_plugins.frozen import keep_out_of_checkpoints
+from flowvid_plugins.pretrained import first_present, load_complete, reading
 
 # Per-channel mean and std of the Wan2.2 TI2V-5B VAE's latents (from the Wan2.2 release); used when
 # a 48-channel model's config does not carry its own tables.
@@ -59,6 +62,22 @@ def check_wan_directory(path: str | Path) -> Path:
     return path
 
 
+def load_wan_vae(directory: Path) -> Any:
+    """``AutoencoderKLWan`` from ``directory``, refusing a config of another model and weights that do not fit
+    it with one error naming the file."""
+    from diffusers import AutoencoderKLWan
+
+    config = directory / "config.json"
+    with reading(config, "Wan VAE config"):
+        class_name = json.loads(config.read_text()).get("_class_name", AutoencoderKLWan.__name__)
+    if class_name != AutoencoderKLWan.__name__:
+        raise ValueError(f"{config} describes model class {class_name}, not AutoencoderKLWan: give the vae/ folder of a "
+                         "diffusers Wan checkpoint")
+    # Loaded in full rather than onto meta tensors, so that a weight the file lacks is reported, not left unset.
+    load = partial(AutoencoderKLWan.from_pretrained, str(directory), low_cpu_mem_usage=False)
+    return load_complete(load, first_present(directory, _WEIGHT_FILES), "Wan VAE weights")
+
+
 def normalisation_tables(config: Any) -> tuple[list[float], list[float]]:
     """The model config's ``latents_mean``/``latents_std`` when they fit ``z_dim``, else Wan2.2's 48-value tables."""
     mean, std = list(config.latents_mean or []), list(config.latents_std or [])
@@ -88,12 +107,12 @@ class WanVAECodec(LatentCodec):
     def __init__(self, path: str, temporal_scale: float = 0.6, sample_posterior: bool = False):
         super().__init__()
         try:
-            from diffusers import AutoencoderKLWan
+            import diffusers  # noqa: F401
         except ImportError as err:
             raise ImportError("the Wan VAE codec needs diffusers: pip install 'flowvid[codecs]'") from err
         if temporal_scale <= 0:
             raise ValueError(f"temporal_scale must be > 0, got {temporal_scale}")
-        self.vae = AutoencoderKLWan.from_pretrained(str(check_wan_directory(path))).eval().requires_grad_(False)
+        self.vae = load_wan_vae(check_wan_directory(path)).eval().requires_grad_(False)
         keep_out_of_checkpoints(self, "vae")
         config = self.vae.config
         self.latent_channels = config.z_dim

@@ -56,7 +56,7 @@ class TextEncoder(nn.Module, ABC):
         ...
 
     def encode(self, captions: Sequence[str]) -> TextEmbedding:
-        return self(list(captions))
+        return self(check_captions(captions))
 
     def record_truncation(self, count: int) -> None:
         """Add ``count`` truncated captions to ``truncated_count``, warning the first time only."""
@@ -71,6 +71,18 @@ class TextEncoder(nn.Module, ABC):
         load_plugins()  # plugins register their names on first use
         return {"name": TEXT_ENCODERS.name_of(type(self)) or type(self).__name__, "width": str(self.width),
                 "max_length": str(self.max_length)}
+
+
+def check_captions(captions: Sequence[str]) -> list[str]:
+    """``captions`` as a list, or a ValueError for a single string (a sequence too: it would be read as one
+    caption per character) or an entry that is not a string."""
+    if isinstance(captions, str):
+        raise ValueError(f"expected a list of captions, got the string {captions[:40]!r}; pass [caption]")
+    captions = list(captions)
+    for index, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise ValueError(f"caption {index} is {type(caption).__name__} {str(caption)[:40]!r}, not a string")
+    return captions
 
 
 def same_text_encoder(recorded: dict[str, str], current: dict[str, str]) -> bool:

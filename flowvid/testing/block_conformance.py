@@ -13,9 +13,9 @@ orders samplers meet (a GlobalLocalFlow's deep block reads ``identity``, its sha
 frame at a time; ``flip_within_frame`` is the other registered order): invertibility, the log-determinant
 against the autograd Jacobian, causality in the order ``spec.permutation`` names, the KV cache driven the
 ways samplers drive it (run by run, a run written again before it is final, a pass over some videos of a
-batch), that a text-conditioned block reads its caption (and never its padding), fp32 log-det under bf16
-autocast, the state-dict round trip, and a GlobalLocalFlow made of the block that the built-in samplers
-invert.
+batch), a video alone mapped as in its batch, that a text-conditioned block reads its caption (and never
+its padding), fp32 log-det under bf16 autocast, the state-dict round trip, and a GlobalLocalFlow made of
+the block that the built-in samplers invert.
 """
 
 from __future__ import annotations
@@ -138,11 +138,11 @@ class FlowBlockConformance:
         assert z.dtype == torch.float32
         torch.testing.assert_close(x_back, x, rtol=1e-5, atol=1e-5, msg=lambda m: f"inverse(forward(x)) != x: {m}")
 
-    def batch_jacobian(self, conditioned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A float64 block's d z / d x over a batch of two two-frame videos, (B*N*C, B*N*C); and x, log-det."""
-        block = self.make_block("flip_within_frame", conditioned).double()
-        x = self.sequence(batch=2, frames=2).double()
-        text = self.make_text(2) if conditioned else None
+    def batch_jacobian(self, conditioned: bool, permutation: str = "flip_within_frame",
+                       frame_local: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A float64 block's d z / d x over a batch of two videos, (B*N*C, B*N*C); and x, log-det."""
+        block, x, text = self.ordered_case(permutation, frame_local, conditioned)
+        block, x = block.double(), x.double()
         if text is not None:
             text = TextEmbedding(text.tokens.double(), text.mask)
 
@@ -151,20 +151,24 @@ class FlowBlockConformance:
 
         return torch.autograd.functional.jacobian(flat_forward, x.reshape(-1)), x, block(x, text)[1]
 
+    @pytest.mark.parametrize("permutation, frame_local", ORDERS)
     @pytest.mark.parametrize("conditioned", [False, True])
-    def test_logdet_matches_autograd_jacobian(self, conditioned):
-        """Per element and per sample, over several frames and with text: what the Jacobian says."""
-        jacobian, x, logdet = self.batch_jacobian(conditioned)
-        assert logdet.shape == x.shape
+    def test_logdet_matches_autograd_jacobian(self, permutation, frame_local, conditioned):
+        """Per element and per sample, in every order (a flow's shallow blocks' log-det counts in its
+        loss as much as its deep block's), over several frames and with text: what the Jacobian says."""
+        jacobian, x, logdet = self.batch_jacobian(conditioned, permutation, frame_local)
+        assert logdet.shape == x.shape, f"log-det of shape {tuple(logdet.shape)}; per element: {tuple(x.shape)}"
         size = x[0].numel()
         for b in range(x.shape[0]):
             own = jacobian[b * size:(b + 1) * size, b * size:(b + 1) * size]
             # An autoregressive block's Jacobian is triangular: its diagonal holds each element's log-det.
             # The affine step runs in fp32 whatever the block's dtype: fp32 tolerances.
             torch.testing.assert_close(logdet[b].reshape(-1).double(), own.diagonal().abs().log(), rtol=1e-4, atol=1e-4,
-                                       msg=lambda m: f"sample {b}: per-element log-det against the Jacobian: {m}")
+                                       msg=lambda m: f"sample {b}, order {permutation!r}: per-element log-det "
+                                                     f"against the Jacobian: {m}")
             torch.testing.assert_close(logdet[b].sum().double(), torch.linalg.slogdet(own)[1], rtol=1e-4, atol=1e-4,
-                                       msg=lambda m: f"sample {b}: log-det against the Jacobian's: {m}")
+                                       msg=lambda m: f"sample {b}, order {permutation!r}: log-det against the "
+                                                     f"Jacobian's: {m}")
 
     @pytest.mark.parametrize("conditioned", [False, True])
     def test_samples_of_a_batch_do_not_see_each_other(self, conditioned):
@@ -173,6 +177,27 @@ class FlowBlockConformance:
         for b, other in ((0, 1), (1, 0)):
             across = jacobian[b * size:(b + 1) * size, other * size:(other + 1) * size]
             assert across.abs().max().item() == 0.0, f"z of sample {b} depends on sample {other} of the batch"
+
+    @pytest.mark.parametrize("conditioned", [False, True])
+    def test_a_video_alone_is_mapped_as_in_its_batch(self, conditioned):
+        """Samplers meet batches of one video, and a video's noise must not depend on where it sits in its
+        batch: each video alone (forward and inverse) gives what it gives in the batch."""
+        block, x, text = self.ordered_case("flip_within_frame", False, conditioned)
+        with torch.no_grad():
+            z, logdet = block(x, text)
+            for b in range(x.shape[0]):
+                own_text = None if text is None else text[b:b + 1]
+                z_alone, logdet_alone = block(x[b:b + 1], own_text)
+                assert z_alone.shape == x[b:b + 1].shape and logdet_alone.shape == z_alone.shape, (
+                    f"a batch of one video {tuple(x[b:b + 1].shape)} gave z {tuple(z_alone.shape)} and log-det "
+                    f"{tuple(logdet_alone.shape)}: keep the batch axis (no squeeze)")
+                for name, alone, batched in (("z", z_alone, z[b:b + 1]), ("log-det", logdet_alone, logdet[b:b + 1])):
+                    torch.testing.assert_close(alone, batched, rtol=1e-5, atol=1e-5, msg=lambda m: (
+                        f"video {b} alone gets another {name} than in its batch (does the block read the video's "
+                        f"row, or the batch?): {m}"))
+                torch.testing.assert_close(invert_block_sequential(block, z_alone, own_text), x[b:b + 1],
+                                           rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"video {b} alone: inverse(forward(x)) != x: {m}")
 
     @pytest.mark.parametrize("permutation, frame_local", ORDERS)
     @pytest.mark.parametrize("conditioned", [False, True])

@@ -11,10 +11,12 @@ A codec plugin's test module subclasses the mixin and says how to build its code
         def make_codec(self):
             return MyCodec(...)
 
-pytest then runs every ``test_*`` method below: latent and video shapes and dtypes, determinism,
-independence of batch elements, causality over frames, clear errors for bad sizes and dtypes, a
-stable identity, each latent frame decoded alone as in the whole video (for codecs without frame groups,
-whose frames are streamed one by one), and (for exact codecs) the exact round trip.
+pytest then runs every ``test_*`` method below: latent and video shapes and dtypes (``latent_frames`` and
+``usable_frames`` included), determinism, independence of batch elements, causality over frames, the
+caller's video and latents left as given, clear errors for bad sizes and dtypes, a stable identity that
+tells other weights apart (``make_codec_with_other_weights``), each latent frame decoded alone as in the
+whole video (for codecs without frame groups, whose frames are streamed one by one), and (for exact
+codecs) the exact round trip.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import ClassVar
 import pytest
 import torch
 
-from flowvid.codecs.base import LatentCodec
+from flowvid.codecs.base import LatentCodec, same_codec
+from flowvid.testing.block_conformance import perturb_parameters
 
 
 def smooth_video(batch: int, frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -61,7 +64,30 @@ class CodecConformance:
         latents = codec.encode(self.video())
         assert latents.shape == (2, *codec.latent_shape(*self.video_shape))
         assert latents.shape[-1] == codec.latent_channels
+        # Samplers and the data tools size videos with latent_frames alone.
+        assert latents.shape[1] == codec.latent_frames(self.video_shape[0]), (
+            f"{self.video_shape[0]} frames encode to {latents.shape[1]} latent frames, but latent_frames() says "
+            f"{codec.latent_frames(self.video_shape[0])}")
         assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
+
+    def test_usable_frames_is_the_longest_encodable_start(self, codec):
+        """Videos are cut to ``usable_frames(n)`` frames before they are encoded (``flowvid score``,
+        ``generate``, the pipeline's prefix): it must be encodable, and the most frames that are."""
+        frames = self.video_shape[0]
+        for count in range(1, 2 * frames + 2):
+            usable = codec.usable_frames(count)
+            encodable = [n for n in range(1, count + 1) if self._encodable(codec, n)]
+            assert usable == (encodable[-1] if encodable else 0), (
+                f"usable_frames({count}) is {usable}; of 1..{count} frames the codec encodes "
+                f"{encodable or 'none'}: it must give the most of them (0 if none)")
+
+    @staticmethod
+    def _encodable(codec: LatentCodec, frames: int) -> bool:
+        try:
+            codec.check_video_size(frames, None, None)
+        except ValueError:
+            return False
+        return True
 
     def test_decode_gives_uint8_video_of_the_input_shape(self, codec):
         video = self.video()
@@ -142,6 +168,17 @@ class CodecConformance:
         with pytest.raises(ValueError, match=str(codec.latent_channels)):
             codec.decode(latents[..., :-1])
 
+    def test_encoding_and_decoding_leave_their_input_as_given(self, codec):
+        """Callers keep their tensors (a video's frames, latents decoded again or saved to shards)."""
+        video = self.video()
+        kept_video = video.clone()
+        latents = codec.encode(video)
+        assert torch.equal(video, kept_video), "encode changed the caller's video in place: work on a copy"
+        kept_latents = latents.clone()
+        codec.decode(latents)
+        assert torch.equal(latents, kept_latents), (
+            "decode changed the caller's latents in place (an in-place denormalisation?): work on a copy")
+
     def test_identity_is_stable_and_json_serialisable(self, codec):
         identity = codec.identity()
         assert set(identity) == {"name", "config_hash", "config"} and len(identity["config_hash"]) == 16
@@ -150,3 +187,24 @@ class CodecConformance:
         normalisation = codec.normalisation()
         if normalisation is not None:
             assert len(normalisation["mean"]) == len(normalisation["std"]) == codec.latent_channels
+
+    def make_codec_with_other_weights(self) -> LatentCodec:
+        """The codec under test with other weights. Default: ``make_codec()``'s, perturbed in memory.
+        Override it where that is not another codec: an identity that fingerprints weight files needs one
+        loaded from other files."""
+        codec = self.make_codec()
+        perturb_parameters(codec, std=0.1, seed=3)
+        return codec
+
+    def test_identity_tells_other_weights_apart(self, codec):
+        """Latent shards, checkpoints and exports are matched to the codec by ``identity()``: a codec whose
+        weights give other latents must not report the same identity (put a weights fingerprint in
+        ``config()``)."""
+        if not any(True for _ in codec.parameters()):
+            pytest.skip("a codec without weights")
+        other = self.make_codec_with_other_weights().eval()
+        video = self.video()
+        assert not torch.allclose(other.encode(video), codec.encode(video)), \
+            "make_codec_with_other_weights() encodes the video as make_codec() does"
+        assert not same_codec(other.identity(), codec.identity()), \
+            "other weights, the same identity: latent shards and checkpoints of one codec would pass for the other's"

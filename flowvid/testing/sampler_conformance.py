@@ -10,11 +10,12 @@ A sampler plugin's test module subclasses the mixin and says how to build its sa
         tolerance = 1e-4                # relative L2 to the exact SequentialSampler that it promises
 
 pytest then runs every ``test_*`` method below on a tiny text-conditioned flow with perturbed weights:
-agreement with ``SequentialSampler`` (plain, guided, with a prefix), guided samples that are the guided
-inverse, exact prefix reproduction, the inverse of the flow's own noise and shapes and dtypes (also for
-an unconditional flow, sampled without text, and for a batch of one video), determinism, the caller's
-noise, text and prefix left as given, streaming, and clear errors. A failure says what the sampler did
-wrong.
+agreement with ``SequentialSampler`` (plain, guided, with a prefix, guided with a prefix; the unconditional
+text a real token, as text encoders give the empty caption), guided samples that are the guided inverse,
+exact prefix reproduction, the inverse of the flow's own noise and shapes and dtypes (also for an
+unconditional flow, sampled without text, and for a batch of one video), determinism (also after a call
+with other inputs), the caller's noise, text, prefix and flow left as given, streaming (plain and guided),
+and clear errors. A failure says what the sampler did wrong.
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ def inputs_of(z: torch.Tensor, text: Any, prefix: torch.Tensor | None) -> dict[s
     return tensors
 
 
+def changes_to(flow: torch.nn.Module, weights: dict[str, torch.Tensor], shown: int = 3) -> list[str]:
+    """The first ``shown`` weights of ``flow`` that differ from ``weights`` (in value or dtype), and its
+    training mode if it left eval mode."""
+    changed = [name for name, tensor in flow.state_dict().items()
+               if name not in weights or tensor.dtype != weights[name].dtype or not torch.equal(tensor, weights[name])]
+    return changed[:shown] + (["training mode"] if flow.training else [])
+
+
 class SamplerConformance:
     """Mixin of tests every Sampler must pass. Set ``sampler_class`` (and ``sampler_kwargs``, ``tolerance``)."""
 
@@ -88,11 +97,15 @@ class SamplerConformance:
         return flow.eval()
 
     def make_text(self, batch: int = 2) -> GuidedText:
+        """The captions, and the unconditional text as text encoders give it: the empty caption's own
+        (real) token, batch 1, of another length than the captions."""
         generator = torch.Generator().manual_seed(1)
         mask = torch.ones(batch, 4, dtype=torch.bool)
         mask[0, 2:] = False
         cond = TextEmbedding(torch.randn(batch, 4, self.text_width, generator=generator) * mask[..., None], mask)
-        uncond = TextEmbedding(torch.zeros(1, 1, self.text_width), torch.zeros(1, 1, dtype=torch.bool))
+        uncond_mask = torch.tensor([[True, False]])
+        uncond = TextEmbedding(torch.randn(1, 2, self.text_width, generator=generator) * uncond_mask[..., None],
+                               uncond_mask)
         return GuidedText(cond, uncond)
 
     def make_noise(self, batch: int = 2, seed: int = 2) -> torch.Tensor:
@@ -150,22 +163,32 @@ class SamplerConformance:
             "at guidance 0 a GuidedText gave another sample than its conditional text alone: guidance 0 must "
             "leave the unconditional branch out")
 
-    def test_prefix_is_reproduced_exactly_and_continued(self):
+    @pytest.mark.parametrize("guidance", [0.0, 2.0])
+    def test_prefix_is_reproduced_exactly_and_continued(self, guidance):
         flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
+        text = text if guidance else text.cond
         prefix = self.make_noise(seed=4)[:, :2]
-        x = self.make_sampler().sample(flow, z, text.cond, prefix=prefix)
+        x = self.make_sampler().sample(flow, z, text, guidance, prefix)
         assert torch.equal(x[:, :2], prefix), ("the sample's first frames are not the prefix as given: return "
                                                "the prefix itself as x[:, :P], not its inverse or a copy in "
                                                "another precision")
-        reference = SequentialSampler().sample(flow, z, text.cond, prefix=prefix)
-        check_close(x, reference, self.tolerance, "the continuation of a prefix differs from SequentialSampler's")
+        reference = SequentialSampler().sample(flow, z, text, guidance, prefix)
+        check_close(x, reference, self.tolerance,
+                    f"the continuation of a prefix differs from SequentialSampler's at guidance {guidance}")
 
     def test_same_inputs_give_the_same_sample(self):
+        """Also after a call with other inputs: a sampler used for one video after another must sample each
+        as a fresh sampler would."""
         flow, z, text = self.make_flow(), self.make_noise(), self.make_text().cond
         sampler = self.make_sampler()
-        assert torch.equal(sampler.sample(flow, z, text), sampler.sample(flow, z, text)), (
+        first = sampler.sample(flow, z, text)
+        assert torch.equal(first, sampler.sample(flow, z, text)), (
             "two calls with the same inputs gave different samples: a sample may depend on its inputs only "
             "(no random numbers drawn, no state carried from one call to the next)")
+        other = (self.make_noise(seed=5), TextEmbedding(text.tokens.flip(0), text.mask.flip(0)))
+        assert torch.equal(sampler.sample(flow, *other), self.make_sampler().sample(flow, *other)), (
+            "a sampler that had sampled other noise and text gave another sample than a fresh one: it carries "
+            "state (a cache, the last text or solution) from one call to the next")
 
     @pytest.mark.parametrize("guidance, prefix_frames", [(0.0, 0), (2.0, 1)])
     def test_the_callers_inputs_are_left_as_given(self, guidance, prefix_frames):
@@ -175,6 +198,7 @@ class SamplerConformance:
         text = text if guidance else text.cond
         prefix = self.make_noise(seed=4)[:, :prefix_frames] if prefix_frames else None
         sampler = self.make_sampler()
+        weights = {name: tensor.clone() for name, tensor in flow.state_dict().items()}
         for call in ("sample", "stream"):
             given = inputs_of(z, text, prefix)
             before = {name: tensor.clone() for name, tensor in given.items()}
@@ -185,18 +209,24 @@ class SamplerConformance:
                 assert torch.equal(tensor, before[name]), (
                     f"{type(sampler).__name__}.{call} changed the caller's {name} in place; work on a copy "
                     f"(e.g. {name.split()[-1]}.clone()) or out-of-place operations: callers reuse their tensors")
+            changed = changes_to(flow, weights)
+            assert not changed, (f"{type(sampler).__name__}.{call} changed the caller's flow ({', '.join(changed)}): "
+                                 "sample with the flow as given (another dtype or mode on a copy of it)")
 
-    def test_stream_yields_the_sampled_frames_in_order(self):
-        flow, z, text = self.make_flow(), self.make_noise(), self.make_text().cond
+    @pytest.mark.parametrize("guidance", [0.0, 2.0])
+    def test_stream_yields_the_sampled_frames_in_order(self, guidance):
+        flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
+        text = text if guidance else text.cond
         prefix = self.make_noise(seed=4)[:, :1]
         sampler = self.make_sampler()
-        frames = list(sampler.stream(flow, z, text, prefix=prefix))
+        frames = list(sampler.stream(flow, z, text, guidance, prefix))
         shapes = [tuple(frame.shape) for frame in frames]
         assert shapes == [tuple(z[:, 0].shape)] * (self.frames - 1), (
             f"stream with a 1-frame prefix yielded frames of shapes {shapes}; expected the {self.frames - 1} "
             f"sampled frames (the prefix is not yielded again), each {tuple(z[:, 0].shape)}")
-        x = sampler.sample(flow, z, text, prefix=prefix)
-        check_close(torch.stack(frames, dim=1), x[:, 1:], self.tolerance, "the streamed frames differ from sample's")
+        x = sampler.sample(flow, z, text, guidance, prefix)
+        check_close(torch.stack(frames, dim=1), x[:, 1:], self.tolerance,
+                    f"the streamed frames differ from sample's at guidance {guidance}")
 
     def test_bad_input_is_rejected_before_sampling(self):
         flow, z, text = self.make_flow(), self.make_noise(), self.make_text()

@@ -9,11 +9,11 @@ A text-encoder plugin's test module subclasses the mixin and says how to build i
             return MyEncoder(...)
 
 pytest then runs every ``test_*`` method below: shapes and dtypes, masked and zeroed padding, at
-least one real token per caption (so attention over the text never meets an all-masked row),
-embeddings that depend on the words (not only on how many there are), determinism, independence of
-batch elements, the empty caption, counted truncation, gradients
-(flowing into a trainable encoder, absent from a frozen one), and an identity that tells a frozen
-encoder's weights from other ones (shards that cache its embeddings are matched to it by identity).
+least one real token per caption (so attention over the text never meets an all-masked row) and no more
+for the empty caption than for any other, embeddings that depend on the words (not only on how many there
+are), determinism, each caption alone embedded as in a batch, the empty caption, counted truncation,
+gradients (flowing into a trainable encoder, absent from a frozen one), and an identity that tells a
+frozen encoder's weights from other ones (shards that cache its embeddings are matched to it by identity).
 """
 
 from __future__ import annotations
@@ -64,13 +64,22 @@ class TextEncoderConformance:
         lengths = mask.sum(dim=1)
         assert lengths[1] > lengths[0]  # the longer caption has more tokens
         assert (mask == (torch.arange(mask.shape[1]) < lengths[:, None])).all()  # real tokens come first
+        empty = [row for row, caption in enumerate(self.captions) if not caption.split()]
+        for row in empty:  # blocks read every real token: padding called real is read as words
+            assert lengths[row] <= lengths.min(), (
+                f"the empty caption has {int(lengths[row])} real tokens, more than caption "
+                f"{int(lengths.argmin())} ({int(lengths.min())}): its mask marks padding as real")
 
     def test_deterministic_and_independent_of_the_batch(self, encoder):
+        """Every caption alone embeds as in the batch (shards embed captions in batches of any make-up): an
+        encoder that pads to the batch's longest caption and reads the padding fails for the shorter ones."""
         first, second = encoder.encode(self.captions), encoder.encode(self.captions)
         assert torch.equal(first.tokens, second.tokens) and torch.equal(first.mask, second.mask)
-        alone = encoder.encode(self.captions[1:2])
-        torch.testing.assert_close(alone.tokens, first.tokens[1:2], rtol=1e-4, atol=1e-4)
-        assert torch.equal(alone.mask, first.mask[1:2])
+        for row, caption in enumerate(self.captions):
+            alone = encoder.encode([caption])
+            torch.testing.assert_close(alone.tokens, first.tokens[row:row + 1], rtol=1e-4, atol=1e-4, msg=lambda m: (
+                f"{caption!r} alone embeds otherwise than in a batch with other captions: {m}"))
+            assert torch.equal(alone.mask, first.mask[row:row + 1]), f"{caption!r} alone gets another mask"
 
     def test_a_frozen_encoder_gives_the_same_embeddings_in_training_mode(self, encoder):
         """Cached in shards and computed when sampling, a frozen encoder's embeddings must not change in

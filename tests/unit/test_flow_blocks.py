@@ -76,6 +76,30 @@ class PeeksAtTheNextToken(AffineBlock):
         return super().forward(x + 0.01 * torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1), text)
 
 
+class FrameLocalLogdetInSlotOrder(AffineBlock):
+    """A frame-local block (a flow's shallow blocks) whose log-det is left in its own slot order, not put
+    back in the tokens' natural order: only the ``flip`` order, which frame-local blocks read, shows it."""
+
+    def forward(self, x, text=None):
+        z, logdet = super().forward(x, text)
+        return z, self.permutation.forward(logdet) if self.spec.frame_local else logdet
+
+
+class SqueezesASingleVideo(AffineBlock):
+    """``squeeze()`` written for a batch: a batch of one video loses its batch axis."""
+
+    def forward(self, x, text=None):
+        z, logdet = super().forward(x, text)
+        return z.squeeze(0), logdet.squeeze(0)
+
+
+class StartTokenPerRow(AffineBlock):
+    """A start token scaled by the video's row in the batch: a video's noise depends on where it sits."""
+
+    def start_token(self, batch):
+        return super().start_token(batch) * torch.arange(1, batch + 1).view(batch, 1, 1)
+
+
 class IgnoresItsPermutation(AffineBlock):
     """Always reads tokens in natural order, consistently in its forward pass and its inverse: a flow's
     shallow blocks then all read frames the same way instead of in alternating directions."""
@@ -103,11 +127,16 @@ class RunningSumBlock(AffineBlock):
 
 
 UNCONDITIONED = {"conditioned": False}
+WHOLE_VIDEO = {**UNCONDITIONED, "permutation": "flip_within_frame", "frame_local": False}
+FRAME_LOCAL = {**UNCONDITIONED, "permutation": "flip", "frame_local": True}
 
 
 @pytest.mark.parametrize("wrong_block, kit_test, arguments", [
-    (BatchAveragedLogdet, "test_logdet_matches_autograd_jacobian", UNCONDITIONED),
-    (LaterFramesLogdetDropped, "test_logdet_matches_autograd_jacobian", UNCONDITIONED),
+    (BatchAveragedLogdet, "test_logdet_matches_autograd_jacobian", WHOLE_VIDEO),
+    (LaterFramesLogdetDropped, "test_logdet_matches_autograd_jacobian", WHOLE_VIDEO),
+    (FrameLocalLogdetInSlotOrder, "test_logdet_matches_autograd_jacobian", FRAME_LOCAL),
+    (SqueezesASingleVideo, "test_a_video_alone_is_mapped_as_in_its_batch", UNCONDITIONED),
+    (StartTokenPerRow, "test_a_video_alone_is_mapped_as_in_its_batch", UNCONDITIONED),
     (BatchMixing, "test_samples_of_a_batch_do_not_see_each_other", UNCONDITIONED),
     (ReadsThePreviousSample, "test_samples_of_a_batch_do_not_see_each_other", UNCONDITIONED),
     (PeeksAtTheNextToken, "test_changing_a_token_leaves_earlier_slots_unchanged",
@@ -126,9 +155,33 @@ def test_the_kit_fails_a_block_that_breaks_the_contract(wrong_block, kit_test, a
         getattr(kit, kit_test)(**arguments)
 
 
+@pytest.mark.parametrize("wrong_block, kit_test, arguments, message", [
+    (FrameLocalLogdetInSlotOrder, "test_logdet_matches_autograd_jacobian", FRAME_LOCAL,
+     "order 'flip': per-element log-det against the Jacobian"),
+    (SqueezesASingleVideo, "test_a_video_alone_is_mapped_as_in_its_batch", UNCONDITIONED,
+     r"a batch of one video \(1, 12, 3\) gave z \(12, 3\)"),
+    (StartTokenPerRow, "test_a_video_alone_is_mapped_as_in_its_batch", {"conditioned": True},
+     "video 1 alone gets another z than in its batch"),
+])
+def test_the_kit_names_what_the_block_breaks(wrong_block, kit_test, arguments, message):
+    kit = type("Kit", (FlowBlockConformance,), {"block_class": wrong_block})()
+    with pytest.raises(AssertionError, match=message):
+        getattr(kit, kit_test)(**arguments)
+
+
+@pytest.mark.parametrize("wrong_block, kit_test, arguments", [
+    (FrameLocalLogdetInSlotOrder, "test_logdet_matches_autograd_jacobian", WHOLE_VIDEO),
+    (SqueezesASingleVideo, "test_inverse_of_forward_is_identity", WHOLE_VIDEO),
+    (StartTokenPerRow, "test_samples_of_a_batch_do_not_see_each_other", UNCONDITIONED),
+])
+def test_what_the_kit_checked_before_passes_these_blocks(wrong_block, kit_test, arguments):
+    """The checks above are what catch them: the kit's other checks of the same property pass them."""
+    kit = type("Kit", (FlowBlockConformance,), {"block_class": wrong_block})()
+    getattr(kit, kit_test)(**arguments)
+
+
 @pytest.mark.parametrize("kit_test, arguments", [
-    ("test_inverse_of_forward_is_identity",
-     {**UNCONDITIONED, "permutation": "flip_within_frame", "frame_local": False}),
+    ("test_inverse_of_forward_is_identity", WHOLE_VIDEO),
     ("test_kv_cache_steps_equal_full_forward", UNCONDITIONED),
 ])
 def test_the_running_sum_passes_where_every_pass_is_final(kit_test, arguments):

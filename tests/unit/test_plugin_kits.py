@@ -5,11 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from flowvid.codecs import PixelCodec
+from flowvid.codecs import PixelCodec, VideoVAE
 from flowvid.fingerprint import weights_fingerprint
 from flowvid.flows import AffineBlock
 from flowvid.sampling import GuidedText, SequentialSampler
-from flowvid.testing import CodecConformance, FlowBlockConformance, SamplerConformance, TextEncoderConformance
+from flowvid.testing import (CodecConformance, FlowBlockConformance, SamplerConformance, TextEncoderConformance,
+                             perturb_parameters)
 from flowvid.text import LearnedTextEncoder
 from flowvid.text.base import TextEmbedding, TextEncoder
 from flowvid_plugins.blocks import GatedAffineBlock
@@ -146,8 +147,8 @@ class TimeSmoothingCodec(PixelCodec):
         return super().decode((latents + earlier) / 2)
 
 
-def codec_kit(codec_class):
-    kit = type("Kit", (CodecConformance,), {"make_codec": lambda self: codec_class(), "video_shape": (4, 8, 8)})()
+def codec_kit(codec_class, video_shape=(4, 8, 8)):
+    kit = type("Kit", (CodecConformance,), {"make_codec": lambda self: codec_class(), "video_shape": video_shape})()
     return kit, kit.make_codec().eval()
 
 
@@ -162,3 +163,119 @@ def test_the_codec_kit_fails_a_codec_whose_frames_cannot_be_decoded_one_by_one()
 def test_the_codec_kit_passes_a_codec_that_decodes_frame_by_frame():
     kit, codec = codec_kit(PixelCodec)
     kit.test_a_codec_without_frame_groups_decodes_each_frame_alone(codec)
+
+
+class CountsFramesNotGroups(PixelCodec):
+    """Groups two frames per latent frame and says so in ``latent_shape``, but its ``latent_frames`` (which
+    samplers and the data tools size videos with) counts video frames."""
+
+    def __init__(self):
+        super().__init__(temporal_patch=2)
+
+    def latent_shape(self, num_frames, height, width):
+        return num_frames // 2, height, width, self.latent_channels
+
+    def latent_frames(self, num_frames):
+        return num_frames
+
+
+class UsesEveryFrame(PixelCodec):
+    """Groups two frames per latent frame, but ``usable_frames`` forgets to round down to whole groups."""
+
+    def __init__(self):
+        super().__init__(temporal_patch=2)
+
+    def usable_frames(self, num_frames):
+        return num_frames
+
+
+class DenormalisesInPlace(PixelCodec):
+    """Normalises its latents, and undoes that on the caller's latents in place when decoding."""
+
+    def encode(self, video):
+        return (super().encode(video) - 0.1) / 2
+
+    def decode(self, latents):
+        return super().decode(latents.mul_(2).add_(0.1))
+
+
+class ArchitectureOnlyIdentity(VideoVAE):
+    """A trained VAE whose ``config()`` names its architecture only: every training of it looks alike."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__(spatial_factor=2, temporal_factor=2, latent_channels=4, width=8, depth=1)
+        perturb_parameters(self)
+
+    def config(self):
+        return self.architecture()
+
+
+@pytest.mark.parametrize("codec_class, kit_test, message", [
+    (CountsFramesNotGroups, "test_encode_gives_float_latents_of_the_announced_shape",
+     r"4 frames encode to 2 latent frames, but latent_frames\(\) says 4"),
+    (UsesEveryFrame, "test_usable_frames_is_the_longest_encodable_start",
+     r"usable_frames\(1\) is 1; of 1..1 frames the codec encodes none"),
+    (DenormalisesInPlace, "test_encoding_and_decoding_leave_their_input_as_given",
+     "decode changed the caller's latents in place"),
+    (ArchitectureOnlyIdentity, "test_identity_tells_other_weights_apart", "other weights, the same identity"),
+])
+def test_the_codec_kit_names_what_a_codec_breaks(codec_class, kit_test, message):
+    video_shape = (5, 8, 8) if issubclass(codec_class, VideoVAE) else (4, 8, 8)  # a VAE encodes 1 + 2k frames
+    kit, codec = codec_kit(codec_class, video_shape)
+    with pytest.raises(AssertionError, match=message):
+        getattr(kit, kit_test)(codec)
+
+
+@pytest.mark.parametrize("make_codec", [PixelCodec, lambda: PixelCodec(patch_size=2, temporal_patch=2)])
+def test_the_codec_kit_passes_codecs_that_keep_their_word(make_codec):
+    kit, codec = codec_kit(make_codec)
+    kit.test_usable_frames_is_the_longest_encodable_start(codec)
+    kit.test_encoding_and_decoding_leave_their_input_as_given(codec)
+
+
+class PadsToTheLongestCaption(LearnedTextEncoder):
+    """Lets every caption attend to the batch's longest caption's length, padding included: a caption's
+    embedding then depends on the captions beside it, though not the longest one's."""
+
+    def forward(self, captions):
+        ids, mask, truncated, _ = self.tokenizer(captions, self.max_length)
+        self.record_truncation(truncated)
+        reach = torch.arange(self.max_length) < mask.sum(dim=1).max()
+        h = self.embed(ids) + self.position
+        for layer in self.layers:
+            h = layer(h, self.no_rotation.cos(), self.no_rotation.sin(), reach.expand(len(captions), 1, 1, -1))
+        return TextEmbedding(self.norm(h) * mask[..., None], mask)
+
+
+class EmptyCaptionAllReal(LearnedTextEncoder):
+    """Marks every position of the empty caption real: blocks then read its padding as words."""
+
+    def forward(self, captions):
+        tokens, mask = super().forward(captions)
+        empty = torch.tensor([not caption.split() for caption in captions])
+        return TextEmbedding(tokens, mask | empty[:, None])
+
+
+def small_learned(encoder_class=LearnedTextEncoder):
+    torch.manual_seed(0)
+    return encoder_class(width=16, max_length=12, depth=1, head_dim=8)
+
+
+@pytest.mark.parametrize("encoder_class, kit_test, message", [
+    (PadsToTheLongestCaption, "test_deterministic_and_independent_of_the_batch",
+     "'a red circle moves left' alone embeds otherwise than in a batch with other captions"),
+    (EmptyCaptionAllReal, "test_padding_is_masked_and_zero_and_every_caption_has_a_real_token",
+     "the empty caption has 12 real tokens, more than caption 0"),
+])
+def test_the_text_kit_names_what_an_encoder_breaks(encoder_class, kit_test, message):
+    kit, encoder = text_kit(lambda: small_learned(encoder_class))
+    kit.test_shapes_and_dtypes(encoder)
+    with pytest.raises(AssertionError, match=message):
+        getattr(kit, kit_test)(encoder)
+
+
+def test_the_text_kit_passes_the_learned_encoder_on_these_checks():
+    kit, encoder = text_kit(small_learned)
+    kit.test_deterministic_and_independent_of_the_batch(encoder)
+    kit.test_padding_is_masked_and_zero_and_every_caption_has_a_real_token(encoder)

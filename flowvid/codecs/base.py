@@ -82,7 +82,8 @@ class LatentCodec(nn.Module, ABC):
         if num_frames is not None:
             usable = num_frames - 1 if self.causal_first_frame else num_frames
             if num_frames < 1 or usable % self.temporal_factor:
-                form = f"1 + {self.temporal_factor}k" if self.causal_first_frame else f"a multiple of {self.temporal_factor}"
+                form = (f"1 + {self.temporal_factor}k" if self.causal_first_frame
+                        else "at least 1" if self.temporal_factor == 1 else f"a positive multiple of {self.temporal_factor}")
                 raise ValueError(f"codec {self.name!r} needs a frame count of {form}, got {num_frames}")
         for side, value in (("height", height), ("width", width)):
             if value is not None and (value < 1 or value % self.spatial_factor):

@@ -78,3 +78,10 @@ def test_a_patch_size_that_is_not_a_positive_integer_is_refused(patch_size):
     # 2.0 failed in torch.zeros and "2" in a comparison, far from the argument that was wrong.
     with pytest.raises(ValueError, match="patch sizes must be integers >= 1"):
         PixelCodec(patch_size=patch_size)
+
+
+@pytest.mark.parametrize("temporal, message", [(1, "a frame count of at least 1, got 0"),
+                                               (2, "a frame count of a positive multiple of 2, got 0")])
+def test_a_video_of_no_frames_is_refused_saying_what_count_would_do(temporal, message):
+    with pytest.raises(ValueError, match=message):
+        PixelCodec(patch_size=2, temporal_patch=temporal).latent_frames(0)

@@ -171,8 +171,9 @@ class VideoShardDataModule(L.LightningDataModule):
         placed = [(folder, 0, 1) for folder in self.train_dirs]
         placed += [(folder, rank, world_size) for folder in self.val_dirs]
         for folder, reader, readers in placed:
-            try:  # fail now, not in a worker
-                shards_for_rank(self._shards(folder), reader, readers)
+            # Fail now, not in a worker, and on every rank: one failing alone leaves the others waiting for it.
+            try:  # the last rank has the fewest shards
+                shards_for_rank(self._shards(folder), readers - 1, readers)
             except ValueError as err:
                 raise ValueError(f"{folder}: {err}") from err
             self._check_some_sample_is_usable(folder, reader, readers)

@@ -303,16 +303,33 @@ def nulls_as_mappings(args: list[str]) -> list[str]:
 
 def _first_cause(err: BaseException) -> BaseException:
     """The class's own error inside jsonargparse's long report of the union types it tried."""
-    while err.__cause__ is not None and _raised_in_jsonargparse(err):
-        err = err.__cause__
+    while _raised_in_jsonargparse(err):
+        # A union (``str | Strategy``) chains only its first type's error, ``Expected a <class 'str'>``.
+        tried = [_first_cause(error) for error in _union_errors(err)]
+        own = next((error for error in tried if not _raised_in_jsonargparse(error)), err.__cause__)
+        if own is None:
+            break
+        err = own
     return err
 
 
-def _raised_in_jsonargparse(err: BaseException) -> bool:
+def _last_frame(err: BaseException) -> Any:
     frame = err.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
+    return frame
+
+
+def _raised_in_jsonargparse(err: BaseException) -> bool:
+    frame = _last_frame(err)
     return frame is not None and f"{os.sep}jsonargparse{os.sep}" in frame.tb_frame.f_code.co_filename
+
+
+def _union_errors(err: BaseException) -> list[BaseException]:
+    """The errors of every type a jsonargparse union tried, which only the frame that raised it holds."""
+    frame = _last_frame(err)
+    tried = frame.tb_frame.f_locals.get("exceptions") if frame is not None else None
+    return [error for error in tried or [] if isinstance(error, BaseException)]
 
 
 #: What a shell reports for a process ended by SIGTERM (128 + 15): schedulers then know the run is not done.

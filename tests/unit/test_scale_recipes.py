@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from flowvid.flows.presets import PRESETS
 from flowvid.lit.cli_support import main
@@ -71,3 +72,18 @@ def test_the_lora_overlay_trains_adapters_instead_of_frozen_blocks_on_the_same_d
     assert config["data"] == finetune["data"] and config["resume"] == "auto"
     assert config["trainer"]["default_root_dir"] != finetune["trainer"]["default_root_dir"]
     assert config["model"]["init_args"]["lr"] > finetune["model"]["init_args"]["lr"]
+
+
+class RefusingStrategy(SingleDeviceStrategy):
+    """Refuses its settings when built, as ZeroStrategy refuses a ZeRO stage other than 1, 2 or 3."""
+
+    def __init__(self, stage: int = 1):
+        raise ValueError(f"stage {stage} is refused")
+
+
+def test_a_strategy_that_refuses_its_settings_says_why_in_one_line(capsys):
+    # Not ZeroStrategy itself: building it in this process would import DeepSpeed.
+    status = main(["fit", "--config", str(DEMO), "--trainer.strategy", f"{__name__}.RefusingStrategy",
+                   "--trainer.strategy.init_args.stage", "4"])
+    assert status == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "flowvid fit: error: stage 4 is refused"

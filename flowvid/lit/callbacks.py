@@ -16,7 +16,7 @@ import itertools
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Hashable, Iterator, NamedTuple
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -158,10 +158,10 @@ class FVDCallback(_EveryNSteps):
     frames once decoded) logs NaN, with a warning that counts them.
 
     The real side is either a reference file from ``flowvid data fvd-stats`` (``reference=path``),
-    or ``num_samples`` validation videos read once at the first evaluation (``reference="val"``):
-    batches with ``latents`` are decoded by ``pl_module.codec``, others give their ``video``. A
-    reference file whose frames or resolution differ from ``pl_module.video_shape`` is refused
-    before the first step.
+    or ``num_samples`` validation videos read once at the first evaluation (``reference="val"``), each
+    clip (told apart by the batches' ``key``) once over all processes: batches with ``latents`` are
+    decoded by ``pl_module.codec``, others give their ``video``. A reference file whose frames or
+    resolution differ from ``pl_module.video_shape`` is refused before the first step.
 
     Args:
         every_n_steps: optimizer steps between two evaluations.
@@ -252,26 +252,40 @@ class FVDCallback(_EveryNSteps):
         rank_zero_info(f"{name} = {float(value):.4g} at step {trainer.global_step} ({time.perf_counter() - started:.1f} s)")
 
     def _collect_real(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """This process's share of real validation videos, and their captions when none were given."""
+        """This process's share of real validation videos, and their captions when none were given.
+
+        Each clip counts once over all processes, by its ``key``: a loader that pads or repeats so that
+        every rank gets as many batches (``val_batches``, a distributed sampler) would otherwise weigh
+        some clips twice in the real statistics."""
         assert self.metric is not None
         _, wanted = self._share(trainer, self.num_samples)
         captions: list[str] = []
-        collected = 0
-        for batch in _validation_batches(trainer):
-            videos = real_videos(batch, pl_module)[: wanted - collected]
-            self.metric.update(videos, real=True)
-            captions += list(batch.get("caption", [""] * len(videos)))[: len(videos)]
-            collected += len(videos)
-            if collected >= wanted:
+        taken_keys: set[Hashable] = set()  # over all processes, the same on each
+        collected = total = 0
+        batches = _validation_batches(trainer)
+        while True:
+            # Every process offers a batch (or None once it has its share or no more data) in each round,
+            # so that all of them gather as often.
+            batch = next(batches, None) if collected < wanted else None
+            offer = None if batch is None else (_batch_keys(batch), wanted - collected)
+            offers = _gather_objects(trainer, offer)
+            if offers.count(None) == len(offers):
                 break
-        total = _sum_over_processes(trainer, pl_module, collected)
+            taken = take_new_clips(offers, taken_keys)
+            total += sum(map(len, taken))
+            mine = taken[trainer.global_rank]
+            if mine:
+                picked = _pick(batch, mine)
+                self.metric.update(real_videos(picked, pl_module), real=True)
+                captions += list(picked.get("caption", [""] * len(mine)))
+                collected += len(mine)
         if total < 2:  # compute() would fail with no word of where the real videos come from
             raise ValueError(f"FVDCallback(reference='val'): the validation data gave {total} real videos, FVD needs "
                              "at least 2; give more validation clips, or reference statistics from "
                              "`flowvid data fvd-stats`")
         if total < self.num_samples:
-            rank_zero_warn(f"FVDCallback: the validation data gave {total} real videos, {self.num_samples} were asked "
-                           "for; the FVD uses what there is")
+            rank_zero_warn(f"FVDCallback: the validation data gave {total} distinct real videos, {self.num_samples} "
+                           "were asked for; the FVD uses what there is")
         if self.captions is None and any(captions):
             self.captions = captions
         self._real_collected = True
@@ -288,13 +302,69 @@ def _sum_over_processes(trainer: Trainer, pl_module: LightningModule, count: int
     return int(trainer.strategy.reduce(torch.tensor(count, device=pl_module.device), reduce_op="sum"))
 
 
+def take_new_clips(offers: list[tuple[list[Hashable | None], int] | None],
+                   taken_keys: set[Hashable]) -> list[list[int]]:
+    """Which clips of one round each process adds to the real set: ``offers[rank]`` is that process's
+    batch keys and how many clips it still wants (None: it offers nothing). A clip whose key was taken
+    before, or by a lower rank or an earlier position in this round, is left out; a clip without a key
+    (None) cannot be told apart and is always new. ``taken_keys`` gains the keys taken."""
+    taken: list[list[int]] = []
+    for offer in offers:
+        positions: list[int] = []
+        keys, room = offer if offer is not None else ([], 0)
+        for position, key in enumerate(keys):
+            if len(positions) == room:
+                break
+            if key is None or key not in taken_keys:
+                positions.append(position)
+                if key is not None:
+                    taken_keys.add(key)
+        taken.append(positions)
+    return taken
+
+
+def _batch_keys(batch: dict[str, Any]) -> list[Hashable | None]:
+    if "key" not in batch:
+        return [None] * len(_clips(batch))
+    keys = batch["key"]
+    return keys.tolist() if isinstance(keys, torch.Tensor) else list(keys)  # a tensor's items hash by identity
+
+
+def _pick(batch: dict[str, Any], positions: list[int]) -> dict[str, Any]:
+    """The samples at ``positions`` of a collated batch (tensors and lists; anything else as it is)."""
+    picked: dict[str, Any] = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value[positions]
+        elif isinstance(value, (list, tuple)):
+            value = [value[i] for i in positions]
+        picked[name] = value
+    return picked
+
+
+def _gather_objects(trainer: Trainer, value: Any) -> list[Any]:
+    """``value`` of every process, in rank order."""
+    if trainer.world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def real_videos(batch: dict[str, Any], pl_module: LightningModule) -> torch.Tensor:
     """uint8 videos of a validation batch: its ``latents`` through ``pl_module.codec``, else its ``video``."""
+    clips = _clips(batch).to(pl_module.device)
     if "latents" in batch:
         with torch.no_grad():
-            return pl_module.codec.decode(batch["latents"].to(pl_module.device))
-    if "video" in batch:
-        return batch["video"].to(pl_module.device)
+            return pl_module.codec.decode(clips)
+    return clips
+
+
+def _clips(batch: dict[str, Any]) -> torch.Tensor:
+    """A validation batch's ``latents``, else its ``video``."""
+    for name in ("latents", "video"):
+        if name in batch:
+            return batch[name]
     raise ValueError(f"FVDCallback(reference='val') needs validation batches with 'latents' or 'video'; got keys {sorted(batch)}")
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from flowvid.lit.callbacks import FVDCallback, SampleVideoLogger, Samples, generate
+from flowvid.lit.callbacks import FVDCallback, SampleVideoLogger, Samples, generate, take_new_clips
 from flowvid.lit.tensorboard import frame_grid, tile_videos
 from flowvid.metrics import BitsPerDim, FrechetVideoDistance, ReferenceStats
 
@@ -259,3 +259,41 @@ def test_validation_data_of_fewer_than_two_videos_is_refused_by_name():
                                          r"FVD needs at least 2; give more validation clips, or reference statistics"):
         trainer.fit(RandomVideoModule(), DataLoader([{"x": torch.randn(2)}], batch_size=1),
                     DataLoader(val, batch_size=4))
+
+
+def test_each_process_takes_only_clips_that_no_process_took_before():
+    taken_keys = {"z"}
+    offers = [(["a", "z", "b"], 2), None, (["b", "c", "a", "d"], 1), ([None, None], 5)]
+    assert take_new_clips(offers, taken_keys) == [[0, 2], [], [1], [0, 1]]  # clips without a key always count
+    assert taken_keys == {"z", "a", "b", "c"}
+    assert take_new_clips([(["a", "e", "e", "f"], 3)], taken_keys) == [[1, 3]]
+
+
+def test_validation_batches_that_repeat_the_clips_give_each_real_clip_once(tmp_path):
+    """``val_batches`` (6 clips' worth) over 3 validation clips: the stream reads them twice."""
+    from flowvid.data.datamodule import SyntheticVideoDataModule
+
+    class VideoBatches(RandomVideoModule):
+        def training_step(self, batch, batch_idx):
+            return (self.weight * batch["video"].float()).mean()
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def on_validation_epoch_end(self):
+            pass
+
+    data = SyntheticVideoDataModule(root=str(tmp_path / "data"), num_videos=4, val_videos=3, frames=FRAMES, size=SIZE,
+                                    shard_samples=4, batch_size=2, batches_per_epoch=1, val_batches=3)
+    fvd = FVDCallback(every_n_steps=1, num_samples=6, extractor="pixel-stats", reference="val", batch_size=2)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, callbacks=[fvd], num_sanity_val_steps=0,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="the validation data gave 3 distinct real videos, 6 were asked for"):
+        trainer.fit(VideoBatches(), datamodule=data)
+
+    data.val_batches, data.batch_size = None, 3  # one pass over the clips, in one batch
+    (every_clip,) = list(data.val_dataloader())
+    expected = FrechetVideoDistance("pixel-stats")
+    expected.update(every_clip["video"], real=True)
+    assert int(fvd.metric.real_features_num_samples) == 3
+    torch.testing.assert_close(fvd.metric.real_features_sum, expected.real_features_sum)

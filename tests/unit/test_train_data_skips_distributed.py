@@ -6,15 +6,13 @@ import os
 import lightning as L
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Dataset
 
 from flowvid.codecs.pixel import PixelCodec
 from flowvid.flows import GlobalLocalFlow
 from flowvid.lit import FlowModule
-from processes import free_port, set_torchrun_environment
+from processes import run_in_gloo_group
 
 WORLD_SIZE = 2
 BATCHES_PER_EPOCH = 2
@@ -85,25 +83,18 @@ def fit(max_steps: int, resume: str | None = None, save: str | None = None) -> S
     return log
 
 
-def _rank(rank: int, port: int, out_dir: str) -> None:
-    # Started from outside as torchrun would: Lightning launches nothing and joins this process group.
-    set_torchrun_environment(rank, WORLD_SIZE, port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
-        whole = fit(STEPS)
-        checkpoint = os.path.join(out_dir, "half.ckpt")
-        fit(STEPS // 2, save=checkpoint)
-        resumed = fit(STEPS, resume=checkpoint)
-        torch.save({"whole": whole.logged, "resumed": resumed.logged}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def fit_halted_and_resumed(rank: int, out_dir) -> dict:
+    """The logs of a whole run, and of the same run resumed from its checkpoint halfway."""
+    whole = fit(STEPS)
+    checkpoint = os.path.join(out_dir, "half.ckpt")
+    fit(STEPS // 2, save=checkpoint)
+    resumed = fit(STEPS, resume=checkpoint)
+    return {"whole": whole.logged, "resumed": resumed.logged}
 
 
 @pytest.mark.slow
 def test_logged_skip_counts_sum_the_ranks_and_a_resumed_run_goes_on_from_them(tmp_path):
-    mp.start_processes(_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True, start_method="fork")
-    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    results = run_in_gloo_group(fit_halted_and_resumed, tmp_path, WORLD_SIZE)
 
     # Four batches of both ranks' SKIPS.
     expected = {"data/skipped_samples": 16.0, "data/skipped_bad_caption": 4.0, "data/skipped_broken_tar": 12.0}

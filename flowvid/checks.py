@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import unicodedata
 from typing import Any
 
 
 def is_count(value: Any) -> bool:
     """An int that is not a bool (``True`` is never meant as a count)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_blank(text: str) -> bool:
+    """Whether ``text`` shows nothing: only whitespace and invisible format characters (Unicode category
+    Cf: zero-width spaces and joiners, byte-order marks), as text pasted from web pages may hold."""
+    return all(char.isspace() or unicodedata.category(char) == "Cf" for char in text)
 
 
 def json_object(text: str) -> dict[str, Any]:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
-from flowvid.checks import json_object
+from flowvid.checks import is_blank, json_object
 from flowvid.data.shards import file_sha256
 from flowvid.media import MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder, write_atomically
@@ -134,7 +134,7 @@ def check_options(args: argparse.Namespace) -> None:
         raise GenerateError("i2v needs --image FILE")
     if args.task in ("extend", "v2v") and not args.video:
         raise GenerateError(f"{args.task} needs --video FILE")
-    if args.negative_prompt is not None and not args.negative_prompt.strip():
+    if args.negative_prompt is not None and is_blank(args.negative_prompt):
         raise GenerateError("--negative-prompt holds no words; leave it out to guide away from the empty caption")
     check_seed(args.seed, name="--seed")
     try:
@@ -193,12 +193,12 @@ def read_prompt_file(path: Path) -> list[str]:
     # one inside. Lines end at \n, \r\n or \r alone: str.splitlines() would also cut a prompt at a Unicode
     # line separator (U+2028, as text pasted from the web holds) or a form feed.
     lines = re.split(r"\r\n|\r|\n", text.replace("\ufeff", ""))
-    while lines and not lines[-1].strip():  # an editor's blank lines at the end are not prompts
+    while lines and is_blank(lines[-1]):  # an editor's blank lines at the end are not prompts
         lines.pop()
     if not lines:
         raise GenerateError(f"prompt file {path} is empty; write one prompt per line")
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
+        if is_blank(line):
             raise GenerateError(f"{path} line {number} is empty; write one prompt per line "
                                 "(an unconditional sample is --prompt '')")
     return [line.strip() for line in lines]

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from flowvid.checks import is_count
+from flowvid.checks import is_blank, is_count
 from flowvid.media import fit_frames, read_frames, read_image_frame
 from flowvid.placement import precision_context, resolve_device, resolve_precision
 from flowvid.sampling import JacobiSampler, Sampler, WindowedSampler, build_sampler, sampler_class
@@ -249,10 +249,10 @@ class VideoPipeline:
         if self.reads_text:
             if not prompts:
                 raise GenerateError("give at least one prompt")
-            blank = [prompt for prompt in prompts if prompt and not prompt.strip()]
+            blank = [prompt for prompt in prompts if prompt and is_blank(prompt)]
             if blank:  # it would be sampled as the empty caption, unconditionally, without a word
-                raise GenerateError(f"prompt {blank[0]!r} holds only whitespace; give a caption, or '' for an "
-                                    "unconditional sample")
+                raise GenerateError(f"prompt {blank[0]!r} holds only whitespace or invisible characters; "
+                                    "give a caption, or '' for an unconditional sample")
             return prompts
         if any(prompts):
             raise GenerateError("this model is unconditional (trained without text) and takes no prompt "

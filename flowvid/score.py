@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
+from flowvid.checks import is_blank
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.generate import LATENTS_SUFFIX
 from flowvid.media import MediaError, fit_frames, read_frames
@@ -143,9 +144,9 @@ def check_caption(module, caption: str, name: str = "--caption") -> None:
     if caption and module.text_encoder is None:
         raise ScoreError("this model is unconditional (trained without text) and takes no caption; "
                          f"leave out {name}")
-    if caption and not caption.strip():
-        raise ScoreError(f"{name} {caption!r} holds only whitespace; give a caption, or leave it out to "
-                         "score under the empty caption")
+    if caption and is_blank(caption):
+        raise ScoreError(f"{name} {caption!r} holds only whitespace or invisible characters; give a caption, "
+                         "or leave it out to score under the empty caption")
 
 
 def video_inputs(paths: list[Path]) -> Iterator[Path]:

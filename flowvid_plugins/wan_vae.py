@@ -145,6 +145,8 @@ class WanVAECodec(LatentCodec):
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         self.check_video(video)
+        if not len(video):
+            return self.no_latents(video)  # the Wan VAE cannot run on an empty batch
         weight = next(self.vae.parameters())
         x = to_unit_range(video).permute(0, 4, 1, 2, 3).to(weight.device, weight.dtype)  # B, 3, T, H, W
         with torch.autocast(weight.device.type, enabled=False):  # the VAE's own precision, as for latent shards
@@ -167,6 +169,8 @@ class WanVAECodec(LatentCodec):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self.check_latents(latents)
+        if not len(latents):
+            return self.no_video(latents)
         z = torch.cat([latents[:, :1], latents[:, 1:] / self.temporal_scale], dim=1).float()
         z = z.to(self.latents_mean.device) * self.latents_std + self.latents_mean
         weight = next(self.vae.parameters())

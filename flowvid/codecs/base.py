@@ -17,7 +17,8 @@ class CodecMismatchError(ValueError):
 
 
 class LatentCodec(nn.Module, ABC):
-    """Maps videos ``(B, T, H, W, 3)`` uint8 to latents ``(B, t, h, w, c)`` float and back.
+    """Maps videos ``(B, T, H, W, 3)`` uint8 to latents ``(B, t, h, w, c)`` float and back; a batch of
+    no videos (B = 0) gives a batch of no latents of the same ``t, h, w, c``, and back.
 
     Subclasses set ``spatial_factor``, ``temporal_factor`` and ``latent_channels`` and implement
     ``encode``, ``decode`` and ``config``. ``identity()`` (name, config and a hash of the config) is
@@ -61,6 +62,12 @@ class LatentCodec(nn.Module, ABC):
         if self.causal_first_frame:
             return 1 + (num_frames - 1) // self.temporal_factor
         return num_frames // self.temporal_factor
+
+    def decoded_frames(self, latent_frames: int) -> int:
+        """The video frames ``latent_frames`` latent frames decode to (the inverse of ``latent_frames``)."""
+        if self.causal_first_frame:
+            return 1 + (latent_frames - 1) * self.temporal_factor
+        return latent_frames * self.temporal_factor
 
     def usable_frames(self, num_frames: int) -> int:
         """The most frames, at most ``num_frames``, that encode exactly (0 when not even one latent frame)."""
@@ -108,12 +115,26 @@ class LatentCodec(nn.Module, ABC):
         self.check_video_size(*video.shape[1:4])
 
     def check_latents(self, latents: torch.Tensor) -> None:
-        """Raise a ValueError unless ``latents`` is ``(B, t, h, w, latent_channels)``."""
+        """Raise a ValueError unless ``latents`` is ``(B, t, h, w, latent_channels)`` with t, h, w >= 1."""
         if latents.dim() != 5 or latents.shape[-1] != self.latent_channels:
             raise ValueError(
                 f"codec {self.name!r} expects latents (B, t, h, w, {self.latent_channels}), "
                 f"got {tuple(latents.shape)}"
             )
+        if min(latents.shape[1:4]) < 1:
+            raise ValueError(f"codec {self.name!r} needs latents of at least one frame, row and column, "
+                             f"got {tuple(latents.shape)}")
+
+    def no_latents(self, video: torch.Tensor) -> torch.Tensor:
+        """What ``encode`` gives for a batch of no videos: float32 ``(0, t, h, w, c)``, for codecs whose
+        model cannot run on an empty batch."""
+        return torch.zeros((0, *self.latent_shape(*video.shape[1:4])), device=video.device)
+
+    def no_video(self, latents: torch.Tensor) -> torch.Tensor:
+        """What ``decode`` gives for a batch of no latents: uint8 ``(0, T, H, W, 3)``."""
+        _, frames, height, width, _ = latents.shape
+        size = (self.decoded_frames(frames), height * self.spatial_factor, width * self.spatial_factor)
+        return torch.zeros((0, *size, 3), dtype=torch.uint8, device=latents.device)
 
     def identity(self) -> dict[str, Any]:
         """The registered name, the config as JSON values and a hash of it: two codecs with the same

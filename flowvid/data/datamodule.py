@@ -172,10 +172,7 @@ class VideoShardDataModule(L.LightningDataModule):
         placed += [(folder, rank, world_size) for folder in self.val_dirs]
         for folder, reader, readers in placed:
             # Fail now, not in a worker, and on every rank: one failing alone leaves the others waiting for it.
-            try:  # the last rank has the fewest shards
-                shards_for_rank(self._shards(folder), readers - 1, readers)
-            except ValueError as err:
-                raise ValueError(f"{folder}: {err}") from err
+            shards_for_rank(self._shards(folder), readers - 1, readers, folder)  # the last rank has fewest shards
             self._check_some_sample_is_usable(folder, reader, readers)
 
     def _check_some_sample_is_usable(self, folder: str, rank: int, world_size: int) -> None:

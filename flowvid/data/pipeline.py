@@ -69,17 +69,19 @@ def collate(samples: list[Sample]) -> Batch:
     return batch
 
 
-def shards_for_rank(shards: list[str], rank: int, world_size: int) -> list[str]:
-    """Every ``world_size``-th shard from ``rank``; a clear error when that leaves none."""
+def shards_for_rank(shards: list[str], rank: int, world_size: int, folder: str | None = None) -> list[str]:
+    """Every ``world_size``-th shard from ``rank``; a clear error, naming ``folder`` (by default the first
+    shard's), when that leaves none."""
+    where = f"{folder}: " if folder else ""
     if not shards:
-        raise ValueError("the manifest lists no shards: there is no sample to read; write the folder again "
-                         "(flowvid data from-videos, make-synthetic or encode-latents)")
+        raise ValueError(f"{where}the manifest lists no shards: there is no sample to read; write the folder "
+                         "again (flowvid data from-videos, make-synthetic or encode-latents)")
     mine = shards[rank::world_size]
     if not mine:
-        folder = os.path.dirname(shards[0])
         raise ValueError(
-            f"rank {rank} of {world_size} receives no shard: {folder} has {len(shards)} shard(s). "
-            f"Write at least {world_size} shards (a smaller --shard-samples) or run on fewer devices."
+            f"{folder or os.path.dirname(shards[0])}: rank {rank} of {world_size} receives no shard, the folder "
+            f"has {len(shards)} shard(s). Write at least {world_size} shards (a smaller --shard-samples) or run "
+            f"on fewer devices."
         )
     return mine
 

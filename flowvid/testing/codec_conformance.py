@@ -168,6 +168,17 @@ class CodecConformance:
         with pytest.raises(ValueError, match=str(codec.latent_channels)):
             codec.decode(latents[..., :-1])
 
+    def test_a_batch_of_no_videos_encodes_and_decodes_to_empty_batches_of_the_same_sizes(self, codec):
+        latents = codec.encode(self.video()[:0])
+        assert latents.shape == (0, *codec.latent_shape(*self.video_shape)) and latents.dtype == torch.float32
+        video = codec.decode(latents)
+        assert video.shape == (0, *self.video_shape, 3) and video.dtype == torch.uint8
+
+    def test_latents_of_no_frames_are_a_clear_error(self, codec):
+        latents = codec.encode(self.video())
+        with pytest.raises(ValueError, match="at least one frame"):
+            codec.decode(latents[:, :0])
+
     def test_encoding_and_decoding_leave_their_input_as_given(self, codec):
         """Callers keep their tensors (a video's frames, latents decoded again or saved to shards)."""
         video = self.video()

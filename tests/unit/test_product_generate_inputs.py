@@ -163,7 +163,8 @@ def test_a_prompt_is_not_cut_at_a_unicode_line_separator_and_no_byte_order_mark_
 
 
 @pytest.mark.parametrize("text, message", [("", "is empty"), ("\ufeff\n \n", "is empty"),
-                                           ("\ufeffa\n\nb\n", "line 2 is empty")])
+                                           ("\ufeffa\n\nb\n", "line 2 is empty"),
+                                           ("a\n\u200b \u2060\nb\n", "line 2 is empty")])
 def test_a_prompt_file_without_a_prompt_on_every_line_is_refused(tmp_path, text, message):
     from flowvid.generate import read_prompt_file
     from flowvid.pipeline import GenerateError

@@ -193,7 +193,7 @@ def _write_latents(
     text_shape = None
     with ShardFolderWriter(out, max_samples=shard_samples) as writer:
         every_shard = shard_paths(source, raw)
-        held_earlier = keys_held_earlier([str(shard) for shard in every_shard])
+        held_earlier = keys_held_earlier(every_shard)
         shards = every_shard[rank::world_size]
         listed = [shard["samples"] for shard in raw["shards"]][rank::world_size]
         samples = _samples(shards, listed, SampleSpec.from_manifest(raw), skipped, on_sample, held_earlier)

@@ -234,7 +234,7 @@ def _clips(source: str | Path, manifest: dict[str, Any], skipped: list[dict[str,
     spec = SampleSpec.from_manifest(manifest)
     listed = [shard["samples"] for shard in manifest["shards"]]
     shards = shard_paths(source, manifest)
-    for raw in listed_samples(shards, listed, skipped, keys_held_earlier([str(shard) for shard in shards])):
+    for raw in listed_samples(shards, listed, skipped, keys_held_earlier(shards)):
         try:
             yield decode_sample(raw, spec)["video"]
         except BadSample as err:

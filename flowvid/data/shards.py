@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 import webdataset as wds
@@ -282,8 +282,9 @@ def _key_and_field(member_name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), field
 
 
-def keys_held_earlier(shards: list[str]) -> dict[str, frozenset[str]]:
-    """For each shard that has any, the keys of its samples that an earlier shard of ``shards`` holds too.
+def keys_held_earlier(shards: Sequence[str | os.PathLike]) -> dict[str, frozenset[str]]:
+    """For each shard that has any (by its path as a string), the keys of its samples that an earlier shard
+    of ``shards`` holds too.
 
     Only the tar headers are read (the data is skipped), so a folder is scanned at little cost; a
     damaged shard gives the keys before its damage. A single pass keeps the first sample of a key, in
@@ -293,12 +294,12 @@ def keys_held_earlier(shards: list[str]) -> dict[str, frozenset[str]]:
     for shard in shards:
         keys = _member_keys(shard)
         if keys & seen:
-            repeated[shard] = frozenset(keys & seen)
+            repeated[os.fspath(shard)] = frozenset(keys & seen)
         seen |= keys
     return repeated
 
 
-def _member_keys(path: str) -> set[str]:
+def _member_keys(path: str | os.PathLike) -> set[str]:
     keys: set[str] = set()
     try:
         with tarfile.open(path, mode="r:") as archive:  # random access: iterating seeks past each member's data
@@ -425,7 +426,7 @@ def listed_samples(shards: list[Path], listed: list[int], skipped: list[dict[str
     lists for its shard, is appended as ``{"key", "reason"}`` instead of given: each clip counts once."""
     held_earlier = held_earlier or {}
     for shard, count in zip(shards, listed):
-        read, earlier, seen = 0, held_earlier.get(str(shard), frozenset()), set()
+        read, earlier, seen = 0, held_earlier.get(os.fspath(shard), frozenset()), set()
         try:
             for raw in iter_tar(shard):
                 read += 1

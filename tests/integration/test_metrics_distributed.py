@@ -1,14 +1,10 @@
 """Metric states summed across 2 gloo processes give the statistics of the whole set."""
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from flowvid.metrics import BitsPerDim, FrechetVideoDistance, PixelStatsExtractor
-from processes import free_port
+from processes import run_in_gloo_group
 
 WORLD_SIZE = 2
 
@@ -22,34 +18,27 @@ def _bits(seed: int) -> torch.Tensor:
     return torch.rand(3 + seed, 2, generator=torch.Generator().manual_seed(100 + seed)) * 4
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
-        fvd = FrechetVideoDistance(PixelStatsExtractor())  # an instance: no plugin discovery in the workers
-        fvd.update(_videos(seed=rank), real=True)  # each process holds half of each set
-        fvd.update(_videos(seed=10 + rank, shift=30), real=False)
-        value = float(fvd.compute())
+def metrics_of_half_the_videos(rank: int, out_dir) -> dict:
+    """FVD and bits/dim of this process's half of each set, synced over both processes."""
+    fvd = FrechetVideoDistance(PixelStatsExtractor())  # an instance: no plugin discovery in the workers
+    fvd.update(_videos(seed=rank), real=True)  # each process holds half of each set
+    fvd.update(_videos(seed=10 + rank, shift=30), real=False)
+    value = float(fvd.compute())
 
-        bits = BitsPerDim(num_frames=2)
-        bits.update(_bits(rank))  # 3 samples on rank 0, 4 on rank 1
-        result = {
-            "fvd": value,
-            "name": fvd.protocol_name,
-            "local_fake_count": int(fvd.fake_features_num_samples),
-            "bits": float(bits.compute()),
-            "bits_per_frame": bits.compute_per_frame(),
-        }
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    bits = BitsPerDim(num_frames=2)
+    bits.update(_bits(rank))  # 3 samples on rank 0, 4 on rank 1
+    return {
+        "fvd": value,
+        "name": fvd.protocol_name,
+        "local_fake_count": int(fvd.fake_features_num_samples),
+        "bits": float(bits.compute()),
+        "bits_per_frame": bits.compute_per_frame(),
+    }
 
 
 @pytest.mark.slow
 def test_fvd_and_bits_per_dim_sync_across_two_gloo_processes(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    results = run_in_gloo_group(metrics_of_half_the_videos, tmp_path, WORLD_SIZE)
 
     whole = FrechetVideoDistance("pixel-stats")
     whole.update(torch.cat([_videos(seed=r) for r in range(WORLD_SIZE)]), real=True)

@@ -7,11 +7,13 @@ from flowvid.data.shards import (
     SKIP_REASONS,
     BadSample,
     BrokenShard,
+    LostSamples,
     SampleSpec,
     ShardFolderWriter,
     decode_sample,
     encode_sample,
     iter_tar,
+    shard_samples,
 )
 from flowvid.data.synthetic import (
     caption_adherence,
@@ -27,6 +29,7 @@ __all__ = [
     "SKIP_REASONS",
     "BadSample",
     "BrokenShard",
+    "LostSamples",
     "ManifestError",
     "SampleSpec",
     "ShardFolderWriter",
@@ -45,6 +48,7 @@ __all__ = [
     "new_manifest",
     "render_video",
     "sample_attributes",
+    "shard_samples",
     "write_manifest",
     "write_synthetic_dataset",
 ]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from flowvid.data.shards import SKIP_REASONS, BadSample, BrokenShard, SampleSpec, decode_sample, iter_tar
+from flowvid.data.shards import SKIP_REASONS, BadSample, LostSamples, SampleSpec, decode_sample, shard_samples
 
 log = logging.getLogger("flowvid.data")
 
@@ -249,27 +249,14 @@ class ShardStream(IterableDataset):
         return refilled
 
     def _read(self, shard: str, worker: int) -> Iterator[Sample]:
-        read = 0
-        held_earlier, seen = self.held_earlier.get(shard, frozenset()), set()
-        try:
-            for raw in iter_tar(shard):
-                read += 1
-                key = raw["__key__"]
-                if key in held_earlier or key in seen:
-                    self._skip("duplicate_key", f"{shard}: key {key!r} belongs to an earlier sample", worker)
-                    continue
-                seen.add(key)
-                try:
-                    yield decode_sample(raw, self.spec)
-                except BadSample as err:
-                    self._skip(err.reason, str(err), worker)
-        except BrokenShard as err:
-            # Every sample the manifest lists and the shard did not give is lost (one at least).
-            self._skip("broken_tar", str(err), worker, max(self.listed.get(shard, 0) - read, 1))
-            return
-        if read < self.listed.get(shard, 0):
-            self._skip("broken_tar", f"{shard}: holds {read} samples, the manifest lists {self.listed[shard]}", worker,
-                       self.listed[shard] - read)
+        for raw in shard_samples(shard, self.listed.get(shard, 0), self.held_earlier.get(shard, frozenset())):
+            if isinstance(raw, LostSamples):
+                self._skip(raw.reason, raw.message, worker, raw.samples)
+                continue
+            try:
+                yield decode_sample(raw, self.spec)
+            except BadSample as err:
+                self._skip(err.reason, str(err), worker)
 
     def _skip(self, reason: str, message: str, worker: int, samples: int = 1) -> None:
         if not self.replaying:

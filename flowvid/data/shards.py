@@ -416,30 +416,52 @@ def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[Path]:
     return [Path(folder) / shard["name"] for shard in manifest["shards"]]
 
 
+@dataclass(frozen=True)
+class LostSamples:
+    """Samples a shard did not give: ``samples`` of them, for ``reason`` (``duplicate_key`` or ``broken_tar``).
+    ``message`` names the shard, and ``key`` the sample of a repeated key."""
+
+    reason: str
+    message: str
+    samples: int = 1
+    key: str | None = None
+
+
+def shard_samples(shard: str | os.PathLike, listed: int = 0,
+                  held_earlier: frozenset[str] = frozenset()) -> Iterator[dict[str, bytes] | LostSamples]:
+    """The raw samples of one shard in stored order (``iter_tar``), each key once, with a ``LostSamples``
+    where samples are lost, in the order they are met: a sample whose key the shard gave before or that
+    ``held_earlier`` (``keys_held_earlier``) lists; the damage of a broken shard, which costs every one of
+    the ``listed`` samples it did not give (one at least); the end of a shard that holds fewer than
+    ``listed`` (a zero-filled tail reads as a normal end). No sample is lost without a count."""
+    read, seen = 0, set()
+    try:
+        for raw in iter_tar(shard):
+            read += 1
+            key = raw["__key__"]
+            if key in held_earlier or key in seen:
+                yield LostSamples("duplicate_key", f"{shard}: key {key!r} belongs to an earlier sample", key=key)
+                continue
+            seen.add(key)
+            yield raw
+    except BrokenShard as err:
+        yield LostSamples("broken_tar", str(err), max(listed - read, 1))
+        return
+    if read < listed:
+        yield LostSamples("broken_tar", f"{shard}: holds {read} samples, the manifest lists {listed}", listed - read)
+
+
 def listed_samples(shards: list[Path], listed: list[int], skipped: list[dict[str, Any]],
                    held_earlier: dict[str, frozenset[str]] | None = None) -> Iterator[dict[str, bytes]]:
-    """The raw samples of ``shards`` in stored order (``iter_tar``). A broken shard, and one that holds fewer
-    samples than its manifest lists (``listed``; a zero-filled tail reads as a normal end), is appended to
-    ``skipped`` as ``{"shard", "reason", "samples"}``, ``samples`` being how many of the listed ones it did
-    not give (a broken shard: one at least), as the training stream counts them: no sample is lost without
-    a count. A sample whose key its shard gave before, or that ``held_earlier`` (``keys_held_earlier``)
-    lists for its shard, is appended as ``{"key", "reason"}`` instead of given: each clip counts once."""
+    """The raw samples of ``shards`` (``shard_samples``, shard ``i`` listing ``listed[i]``). What a shard
+    loses is appended to ``skipped``: ``{"shard", "reason", "samples"}`` for a broken or short shard,
+    ``{"key", "reason"}`` for a repeated key."""
     held_earlier = held_earlier or {}
     for shard, count in zip(shards, listed):
-        read, earlier, seen = 0, held_earlier.get(os.fspath(shard), frozenset()), set()
-        try:
-            for raw in iter_tar(shard):
-                read += 1
-                key = raw["__key__"]
-                if key in earlier or key in seen:
-                    reason = f"duplicate_key: an earlier sample has this key ({shard.name})"
-                    skipped.append({"key": key, "reason": reason})
-                    continue
-                seen.add(key)
+        for raw in shard_samples(shard, count, held_earlier.get(os.fspath(shard), frozenset())):
+            if not isinstance(raw, LostSamples):
                 yield raw
-        except BrokenShard as err:
-            skipped.append({"shard": shard.name, "reason": f"broken_tar: {err}", "samples": max(count - read, 1)})
-            continue
-        if read < count:
-            reason = f"broken_tar: holds {read} samples, the manifest lists {count}"
-            skipped.append({"shard": shard.name, "reason": reason, "samples": count - read})
+            elif raw.key is not None:
+                skipped.append({"key": raw.key, "reason": f"{raw.reason}: {raw.message}"})
+            else:
+                skipped.append({"shard": shard.name, "reason": f"{raw.reason}: {raw.message}", "samples": raw.samples})

@@ -175,7 +175,7 @@ def test_a_key_met_again_is_skipped_and_listed_so_the_latent_folder_verifies(raw
             member.name = member.name.replace(repeated, first_key)
             archive.addfile(member, io.BytesIO(data))
     manifest = encode_latents(source, tmp_path / "latent", SpaceToDepth())
-    reason = "duplicate_key: an earlier sample has this key (shard-000001.tar)"
+    reason = f"duplicate_key: {shard}: key {first_key!r} belongs to an earlier sample"
     assert manifest["skipped"] == [{"key": first_key, "reason": reason}]
     assert manifest["samples"] == 11
     assert verify_folder(tmp_path / "latent")["ok"]

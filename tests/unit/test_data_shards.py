@@ -17,6 +17,7 @@ from flowvid.data.manifest import ManifestError, load_manifest, new_manifest, wr
 from flowvid.data.shards import (
     BadSample,
     BrokenShard,
+    LostSamples,
     SampleSpec,
     ShardFolderWriter,
     decode_sample,
@@ -26,6 +27,7 @@ from flowvid.data.shards import (
     listed_samples,
     npy_bytes,
     shard_paths,
+    shard_samples,
     staging_folder,
 )
 
@@ -129,6 +131,19 @@ def test_listed_samples_count_every_sample_a_damaged_shard_lost(tmp_path):
     keys = [raw["__key__"] for raw in listed_samples([first, second, third], [3, 3, 3], skipped)]
     assert keys == ["clip003", "clip006", "clip007", "clip008"]
     assert [(item["shard"], item["samples"]) for item in skipped] == [(first.name, 3), (second.name, 2)]
+
+
+def test_a_shard_reports_each_loss_where_it_is_met(tmp_path):
+    with ShardFolderWriter(tmp_path, max_samples=10) as writer:
+        for key in ("a", "b", "a", "c"):
+            writer.write(encode_sample(key, "c", {}, frames=_frames(0)))
+    shard = tmp_path / "shard-000000.tar"
+    read = [raw if isinstance(raw, LostSamples) else raw["__key__"]
+            for raw in shard_samples(shard, listed=6, held_earlier=frozenset({"c"}))]
+    assert read == ["a", "b",
+                    LostSamples("duplicate_key", f"{shard}: key 'a' belongs to an earlier sample", key="a"),
+                    LostSamples("duplicate_key", f"{shard}: key 'c' belongs to an earlier sample", key="c"),
+                    LostSamples("broken_tar", f"{shard}: holds 4 samples, the manifest lists 6", samples=2)]
 
 
 def test_listed_samples_give_each_key_once_in_stored_order(tmp_path):

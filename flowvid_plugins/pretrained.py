@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from flowvid.checks import first_non_finite
+
 GET_AGAIN = "copy the model folder again from a complete download, or write it again with save_pretrained(DIR)"
 
 
@@ -39,7 +41,8 @@ def reading(file: Path, what: str) -> Iterator[None]:
 
 def load_complete(load: Callable[..., Any], file: Path, what: str) -> Any:
     """``load(**options)``, a ``from_pretrained`` of transformers or diffusers, refusing weights that the file
-    lacks or holds in another shape than the config describes (both libraries would draw them at random)."""
+    lacks or holds in another shape than the config describes (both libraries would draw them at random),
+    and weights that hold NaN or inf (a frozen model would turn every batch into NaN)."""
     with reading(file, what):
         model, info = load(output_loading_info=True, ignore_mismatched_sizes=True)
     missing = sorted(info.get("missing_keys") or ())
@@ -50,4 +53,6 @@ def load_complete(load: Callable[..., Any], file: Path, what: str) -> Any:
     if problems:
         raise ValueError(f"{what} {file} do not hold the model config.json describes ({'; '.join(problems)}); "
                          f"{GET_AGAIN}")
+    if (damaged := first_non_finite(model.named_parameters())) is not None:
+        raise ValueError(f"{what} {file} are damaged: {damaged} holds NaN or infinite values; {GET_AGAIN}")
     return model

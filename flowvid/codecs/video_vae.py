@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowvid.checks import is_count
+from flowvid.checks import first_non_finite, is_count
 from flowvid.codecs.base import LatentCodec
 from flowvid.codecs.pixel import to_uint8, to_unit_range
 from flowvid.files import read_torch_file
@@ -283,6 +283,9 @@ class VideoVAE(LatentCodec):
                              f"--codec-args '{arguments}'), or use VideoVAE.from_checkpoint({str(path)!r})")
         state = {key[len(STATE_PREFIX):]: value for key, value in checkpoint["state_dict"].items()
                  if key.startswith(STATE_PREFIX)}
+        if (damaged := first_non_finite(state.items())) is not None:
+            raise ValueError(f"checkpoint {path} is damaged: {damaged} holds NaN or infinite values; train the "
+                             "VideoVAE again (`flowvid fit --config recipes/codecs/video_vae_shapes.yaml`)")
         self.load_state_dict(state)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowvid.checks import first_non_finite
 from flowvid.files import read_torch_file
 from flowvid.metrics.extractor import FVDExtractor, check_video, file_sha256, resized_frames, tf32_off
 from flowvid.registry import FVD_EXTRACTORS
@@ -222,4 +223,6 @@ def load_i3d_weights(path: Path) -> dict[str, torch.Tensor]:
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}"
             + (" (and more)" if max(len(missing), len(unexpected), len(wrong_shape)) > 5 else "")
         )
+    if (damaged := first_non_finite(state.items())) is not None:
+        raise ValueError(f"{path} is damaged: {damaged} holds NaN or infinite values; {GET_WEIGHTS} again")
     return {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state}

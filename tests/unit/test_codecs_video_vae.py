@@ -1,6 +1,7 @@
 """VideoVAE: codec conformance, the linear start, a few training steps, checkpoints as codecs, the recipe."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -158,6 +159,16 @@ def test_a_damaged_checkpoint_names_the_file_and_how_to_make_another(tmp_path):
     (tmp_path / "vae.ckpt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"cannot read VideoVAE checkpoint .*vae.ckpt: truncated.*EOFError.*flowvid fit"):
         VideoVAE(checkpoint=str(tmp_path / "vae.ckpt"))
+
+
+def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(tmp_path):
+    vae = tiny_vae()
+    name, weight = next(iter(vae.named_parameters()))
+    with torch.no_grad():
+        weight.view(-1)[0] = float("nan")
+    vae.save(tmp_path / "vae.pt")
+    with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'vae.pt'} is damaged: {re.escape(name)} holds NaN"):
+        VideoVAE.from_checkpoint(tmp_path / "vae.pt")
 
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):

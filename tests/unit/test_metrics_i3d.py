@@ -88,6 +88,15 @@ def test_another_state_dict_is_refused(tmp_path):
         I3DExtractor(weights=path)
 
 
+def test_weights_holding_nan_are_refused_naming_the_tensor(weights_file, tmp_path):
+    state = torch.load(weights_file)
+    state["Mixed_5c.b3b.conv3d.weight"][0] = float("inf")
+    path = tmp_path / "i3d_pretrained_400.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=f"{path} is damaged: Mixed_5c.b3b.conv3d.weight holds NaN or infinite"):
+        I3DExtractor(weights=path)
+
+
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short"], ids=["empty", "truncated"])
 def test_a_damaged_weights_file_is_named_with_where_to_get_it_again(tmp_path, content):
     path = tmp_path / "i3d_pretrained_400.pt"

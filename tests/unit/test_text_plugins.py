@@ -208,6 +208,19 @@ def test_a_damaged_or_incomplete_file_is_one_line_naming_it(damage, file, proble
     assert str(folder / file) in str(error.value) and "\n" not in str(error.value)
 
 
+def test_weights_holding_nan_are_refused_naming_the_file_and_the_tensor(tmp_path):
+    """A frozen encoder with one NaN weight turns every caption into NaN; training would blame the batches."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(save_tiny_t5(tmp_path))
+    tensors = load_file(folder / "model.safetensors")
+    tensors["encoder.block.1.layer.1.DenseReluDense.wo.weight"][0, 0] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"T5 weights {folder / 'model.safetensors'} are damaged: "
+                                                   "encoder.block.1.layer.1.DenseReluDense.wo.weight holds NaN")):
+        T5TextEncoder(str(folder))
+
+
 def test_a_folder_of_another_model_is_refused_naming_its_config(tmp_path, t5_dir):
     with pytest.raises(ValueError, match=re.escape(f"{Path(t5_dir) / 'config.json'} describes a 't5' model; "
                                                    "the MiniLM encoder loads 'bert' models")):

@@ -12,9 +12,9 @@ likelihood factorises over frames), and one JSON line per video gives ``bits_per
 ``bits_per_dim_per_frame`` (one value per latent frame), with ``clips``, ``frames`` (the video frames
 scored; absent for samples of latent shards of a non-pixel codec, which hold no video frames) and ``latent_frames``. Lines
 are ranked from the least to the most likely video: the top of the file is where anomalies are.
-What cannot be scored (an unreadable file, a sample that cannot be decoded, a broken shard) gets a
-line with ``error`` after them; a shard's says how many ``samples`` it lost, the manifest's count
-telling those of a shard that ends early.
+What cannot be scored (an unreadable file, a sample that cannot be decoded, a broken shard, the copy of
+a repeated key, a likelihood that comes out NaN) gets a line with ``error`` after them; a shard's says
+how many ``samples`` it lost, the manifest's count telling those of a shard that ends early.
 
 A video file of another size than the model's is centre-cropped and resized to it (as ``generate``
 fits its images), and its line says so with ``resized_from`` ([height, width] of the file as a
@@ -138,6 +138,22 @@ def check_inputs(inputs: list[str], caption: str = "") -> None:
                              f"{' '.join(VIDEO_SUFFIXES)} (in subfolders too), or a shard folder with manifest.json")
 
 
+def check_output_is_no_input(out: str, inputs: list[str]) -> None:
+    """Writing the scores over a video being scored, or over a shard folder's manifest or shard, would
+    destroy it: refuse such an ``--out`` before any work."""
+    from flowvid.data import load_manifest
+    from flowvid.data.manifest import MANIFEST_NAME
+    from flowvid.data.shards import shard_paths
+
+    folders = [given for given in map(Path, inputs) if is_shard_folder(given)]
+    read = {path.resolve() for path in video_inputs([given for given in map(Path, inputs) if given not in folders])}
+    for folder in folders:
+        read |= {path.resolve() for path in [folder / MANIFEST_NAME, *shard_paths(folder, load_manifest(folder))]}
+    if Path(out).resolve() in read:
+        raise ScoreError(f"--out {out} is one of the inputs being scored, and writing the scores would destroy it; "
+                         "give another file, such as scores.jsonl")
+
+
 def check_caption(module, caption: str, name: str = "--caption") -> None:
     """A caption for a model without a text encoder would be silently ignored: refuse it instead. ``name``
     is what the caller calls the caption (``--caption`` on the command line)."""
@@ -244,12 +260,23 @@ def score_shard(module, shard: Path, spec, listed: int, generator: torch.Generat
         if "video" in sample:
             yield {"path": where, **score_video(module, sample["video"], sample["caption"], generator)}
         else:
-            latents = torch.from_numpy(sample["latents"])
-            per_frame = score_latents(module, latents, sample["caption"], discrete=False).tolist()
-            yield {"path": where, "bits_per_dim": float(np.mean(per_frame)),
-                   "bits_per_dim_per_frame": per_frame, "clips": 1, "latent_frames": len(per_frame)}
+            yield {"path": where, **score_latent_clips(module, torch.from_numpy(sample["latents"]), sample["caption"])}
     for loss in lost:
-        yield {"path": str(shard), "error": loss["reason"], "samples": loss["samples"]}
+        if "key" in loss:  # a repeated key: its first sample was scored, the copy is one sample lost
+            yield {"path": f"{shard}:{loss['key']}", "error": loss["reason"]}
+        else:
+            yield {"path": str(shard), "error": loss["reason"], "samples": loss["samples"]}
+
+
+def score_latent_clips(module, latents: torch.Tensor, caption: str) -> dict[str, Any]:
+    """Score latents (T, h, w, c) of a non-pixel codec in consecutive clips of the model's latent length, as
+    ``score_video`` scores frames: a longer clip is never scored past the window the model was trained on."""
+    length = module.latent_shape[0]
+    starts = range(0, len(latents), length)
+    per_frame = [bits for start in starts
+                 for bits in score_latents(module, latents[start:start + length], caption, discrete=False).tolist()]
+    return {"bits_per_dim": float(np.mean(per_frame)), "bits_per_dim_per_frame": per_frame, "clips": len(starts),
+            "latent_frames": len(per_frame)}
 
 
 def score_inputs(module, inputs: list[str], caption: str = "", seed: int = 0) -> list[dict[str, Any]]:
@@ -270,12 +297,22 @@ def score_inputs(module, inputs: list[str], caption: str = "", seed: int = 0) ->
         parts: list[dict[int, list[dict[str, Any]]]] = [{} for _ in range(world_size)]
         dist.all_gather_object(parts, mine)
         mine = {index: records for part in parts for index, records in part.items()}
-    records = [record for index in sorted(mine) for record in mine[index]]
+    records = [not_a_number_as_error(record) for index in sorted(mine) for record in mine[index]]
     unit = PIXEL_UNIT if is_pixel_codec(module.codec) else f"{LATENT_UNIT} (codec {module.codec.name})"
     scored = sorted((r for r in records if "error" not in r), key=lambda r: -r["bits_per_dim"])
     for rank_in_file, record in enumerate(scored, start=1):
         record.update(rank=rank_in_file, unit=unit)
     return scored + [r for r in records if "error" in r]
+
+
+def not_a_number_as_error(record: dict[str, Any]) -> dict[str, Any]:
+    """A NaN score is no rank: every comparison with it is false, so sorting it would scramble the ranking
+    of every other video. It is reported as a video that could not be scored."""
+    if "error" in record or not math.isnan(record["bits_per_dim"]):
+        return record
+    return {"path": record["path"], "error": "the model's likelihood of this video is NaN (not a number): the "
+                                             "weights or the precision overflow on it; score it with --precision "
+                                             "32-true, or with another checkpoint"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +347,7 @@ def main(argv: list[str]) -> int:
         check_inputs(args.input, args.caption)
         check_seed(args.seed, name="--seed")
         check_output_file(args.out, "--out", "give the JSON lines file to write", ScoreError)
+        check_output_is_no_input(args.out, args.input)
         check_adapter_arguments(args.lora, args.lora_strength)
         module = load_model(args.ckpt, weights=args.weights, map_location=device, adapters=args.lora,
                             adapter_strength=args.lora_strength)

@@ -1,0 +1,129 @@
+"""`flowvid score` on damaged shards, longer latent clips, scores that are not numbers and an --out that is an input."""
+
+import copy
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flowvid.cli import main
+from flowvid.export import build_module
+from flowvid.loading import load_model
+from flowvid.testing import perturb_parameters
+from test_product_generate_score import CONFIG, one_line_error
+
+
+def saved_checkpoint(config, path: Path) -> Path:
+    """A checkpoint as training writes it, with a flow whose frames depend on the ones before them."""
+    torch.manual_seed(0)
+    module = build_module(config)
+    perturb_parameters(module.flow, std=0.02)
+    torch.save({"state_dict": module.state_dict(), "flowvid_run": {"config": config}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return saved_checkpoint(CONFIG, tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+
+
+def records_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_a_repeated_key_in_a_shard_is_listed_and_every_other_sample_still_scored(checkpoint, tmp_path, capsys):
+    from flowvid.data import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "data", num_videos=3, frames=4, size=8, val_videos=1, shard_samples=8)
+    [shard] = sorted((tmp_path / "data" / "train").glob("shard-*.tar"))
+    with tarfile.open(shard) as archive:
+        members = [(member, archive.extractfile(member).read()) for member in archive.getmembers()]
+    key = members[0][0].name.split(".")[0]
+    with tarfile.open(shard, "a") as archive:  # the first sample once more, under its key
+        for member, data in members:
+            if member.name.split(".")[0] == key:
+                archive.addfile(member, io.BytesIO(data))
+    out = tmp_path / "s.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "data" / "train"),
+                 "--out", str(out)]) == 0
+    records = records_of(out)
+    assert [("error" in r) for r in records] == [False, False, False, True]
+    assert records[3]["path"] == f"{shard}:{key}" and records[3]["error"].startswith("duplicate_key")
+    assert "; 1 could not be read (listed)" in capsys.readouterr().out
+
+
+def test_a_score_that_is_not_a_number_is_listed_and_the_others_stay_ranked(checkpoint, tmp_path, monkeypatch):
+    import flowvid.score
+
+    rng = np.random.default_rng(0)
+    for name, spread in (("a", 8), ("b", 256), ("c", 16), ("d", 128), ("e", 64), ("f", 32)):
+        np.save(tmp_path / f"{name}.npy", rng.integers(128 - spread // 2, 128 + spread // 2, (4, 8, 8, 3), np.uint8))
+    score_latents = flowvid.score.score_latents
+    calls = iter(range(6))
+
+    def not_a_number_for_the_second_video(*args, **kwargs):
+        bits = score_latents(*args, **kwargs)
+        return bits * math.nan if next(calls) == 1 else bits
+
+    monkeypatch.setattr(flowvid.score, "score_latents", not_a_number_for_the_second_video)
+    out = tmp_path / "s.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path), "--out", str(out)]) == 0
+    *scored, failed = records_of(out)
+    bits = [r["bits_per_dim"] for r in scored if not math.isnan(r["bits_per_dim"])]
+    assert bits == sorted(bits, reverse=True)  # a NaN among them once put a likely video first
+    assert len(bits) == 5 and [r["rank"] for r in scored] == [1, 2, 3, 4, 5]
+    assert failed["path"] == str(tmp_path / "b.npy") and "NaN" in failed["error"]
+
+
+def vae_config():
+    config = copy.deepcopy(CONFIG)
+    config["model"]["init_args"]["codec"] = {"class_path": "flowvid.codecs.VideoVAE", "init_args": {
+        "spatial_factor": 2, "temporal_factor": 1, "latent_channels": 12, "width": 8, "depth": 1}}
+    return config
+
+
+def test_latents_longer_than_the_model_window_are_scored_in_clips_of_it(tmp_path):
+    from data_tools.encode_latents import encode_latents
+    from flowvid.data import SampleSpec, decode_sample, load_manifest, write_synthetic_dataset
+    from flowvid.data.shards import iter_tar, shard_paths
+
+    checkpoint = saved_checkpoint(vae_config(), tmp_path / "vae.ckpt")
+    module = load_model(checkpoint)
+    write_synthetic_dataset(tmp_path / "raw", num_videos=1, frames=8, size=8, val_videos=1, shard_samples=8)
+    encode_latents(tmp_path / "raw" / "train", tmp_path / "latent", module.codec)
+    out = tmp_path / "s.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "latent"), "--out", str(out)]) == 0
+    [record] = records_of(out)
+    manifest = load_manifest(tmp_path / "latent")
+    [raw] = iter_tar(shard_paths(tmp_path / "latent", manifest)[0])
+    sample = decode_sample(raw, SampleSpec.from_manifest(manifest))
+    latents, window = torch.from_numpy(sample["latents"]), module.latent_shape[0]
+    assert len(latents) == 2 * window
+    text = module.text_encoder.encode([sample["caption"]])
+    with torch.no_grad():
+        expected = [module.flow.nll_per_frame(latents[start:start + window][None], text)[0] / math.log(2)
+                    for start in (0, window)]
+    assert record["clips"] == 2 and record["latent_frames"] == 2 * window
+    assert record["bits_per_dim_per_frame"] == pytest.approx(torch.cat(expected).tolist(), rel=1e-5)
+
+
+def test_an_out_that_is_an_input_is_refused_before_loading(tmp_path, capsys):
+    from flowvid.data import write_synthetic_dataset
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    np.save(clips / "clip.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    write_synthetic_dataset(tmp_path / "data", num_videos=2, frames=4, size=8, val_videos=1, shard_samples=8)
+    shards = tmp_path / "data" / "train"
+    for inputs, out in (([clips / "clip.npy"], clips / "clip.npy"), ([clips], clips / "clip.npy"),
+                        ([shards], shards / "manifest.json"), ([shards], shards / "shard-000000.tar")):
+        before = out.read_bytes()
+        assert main(["score", "--ckpt", str(tmp_path / "nope.ckpt"), "--input", *map(str, inputs),
+                     "--out", str(out)]) == 2
+        assert f"--out {out} is one of the inputs being scored" in one_line_error(capsys)
+        assert out.read_bytes() == before

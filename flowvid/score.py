@@ -185,6 +185,7 @@ class Work:
     path: Path
     spec: Any = None
     listed: int = 0  # the samples the folder's manifest lists in the shard
+    held_earlier: frozenset[str] = frozenset()  # keys of the shard that an earlier shard of its folder holds
 
 
 def work_of(module, inputs: list[str]) -> list[Work]:
@@ -192,7 +193,7 @@ def work_of(module, inputs: list[str]) -> list[Work]:
     another codec is refused here, before any work."""
     from flowvid.data import SampleSpec, load_manifest
     from flowvid.data.manifest import codec_identity
-    from flowvid.data.shards import shard_paths
+    from flowvid.data.shards import keys_held_earlier, shard_paths
 
     work: list[Work] = []
     for given in map(Path, inputs):
@@ -202,8 +203,10 @@ def work_of(module, inputs: list[str]) -> list[Work]:
             if manifest["kind"] == "latent":
                 check_codec_identity(module.codec.identity(), codec_identity(manifest), f"shard folder {given}")
             spec = SampleSpec.from_manifest(manifest)
-            work += [Work(path, spec, shard["samples"])
-                     for path, shard in zip(shard_paths(given, manifest), manifest["shards"])]
+            shards = shard_paths(given, manifest)
+            repeated = keys_held_earlier(shards)
+            work += [Work(path, spec, shard["samples"], repeated.get(str(path), frozenset()))
+                     for path, shard in zip(shards, manifest["shards"])]
         else:
             work += [Work(path) for path in video_inputs([given])]
     return work
@@ -236,21 +239,26 @@ def score_work(module, work: Work, caption: str, generator: torch.Generator) -> 
         if shown != (height, width):  # the score is of the fitted frames, not of the file's own
             record["resized_from"] = list(shown)
         return [record]
-    return list(score_shard(module, work.path, work.spec, work.listed, generator))
+    return list(score_shard(module, work, generator))
 
 
-def score_shard(module, shard: Path, spec, listed: int, generator: torch.Generator) -> Iterator[dict[str, Any]]:
+def score_shard(module, work: Work, generator: torch.Generator) -> Iterator[dict[str, Any]]:
     """Score every sample of one shard of a raw or latent shard folder, under the samples' own captions.
-    A broken shard, or one holding fewer than the ``listed`` samples (a zero-filled tail reads as a normal
-    end), ends in a record of the samples it lost (``samples``), as training counts them."""
-    from flowvid.data import BadSample, decode_sample
-    from flowvid.data.shards import listed_samples
+    What the shard loses gets an ``error`` record, as training counts it (``shard_samples``): a broken
+    shard, or one holding fewer than the ``listed`` samples, the ``samples`` it lost; a key that the shard
+    or an earlier shard of its folder gave before, the copy."""
+    from flowvid.data import BadSample, LostSamples, decode_sample, shard_samples
 
-    lost: list[dict[str, Any]] = []
-    for raw in listed_samples([shard], [listed], lost):
+    shard = work.path
+    for raw in shard_samples(shard, work.listed, work.held_earlier):
+        if isinstance(raw, LostSamples):
+            error = f"{raw.reason}: {raw.message}"
+            yield ({"path": f"{shard}:{raw.key}", "error": error} if raw.key is not None
+                   else {"path": str(shard), "error": error, "samples": raw.samples})
+            continue
         where = f"{shard}:{raw.get('__key__', '?')}"  # the folder too: several may be scored at once
         try:
-            sample = decode_sample(raw, spec)
+            sample = decode_sample(raw, work.spec)
         except BadSample as err:
             yield {"path": where, "error": str(err)}
             continue
@@ -261,11 +269,6 @@ def score_shard(module, shard: Path, spec, listed: int, generator: torch.Generat
             yield {"path": where, **score_video(module, sample["video"], sample["caption"], generator)}
         else:
             yield {"path": where, **score_latent_clips(module, torch.from_numpy(sample["latents"]), sample["caption"])}
-    for loss in lost:
-        if "key" in loss:  # a repeated key: its first sample was scored, the copy is one sample lost
-            yield {"path": f"{shard}:{loss['key']}", "error": loss["reason"]}
-        else:
-            yield {"path": str(shard), "error": loss["reason"], "samples": loss["samples"]}
 
 
 def score_latent_clips(module, latents: torch.Tensor, caption: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from flowvid.cli import main
+from flowvid.data import iter_tar
 from flowvid.export import build_module
 from flowvid.loading import load_model
 from flowvid.testing import perturb_parameters
@@ -55,6 +56,26 @@ def test_a_repeated_key_in_a_shard_is_listed_and_every_other_sample_still_scored
     assert [("error" in r) for r in records] == [False, False, False, True]
     assert records[3]["path"] == f"{shard}:{key}" and records[3]["error"].startswith("duplicate_key")
     assert "; 1 could not be read (listed)" in capsys.readouterr().out
+
+
+def test_a_key_an_earlier_shard_holds_is_scored_once_as_in_training(checkpoint, tmp_path):
+    from flowvid.data import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "data", num_videos=3, frames=4, size=8, val_videos=1, shard_samples=1)
+    first, _, last = sorted((tmp_path / "data" / "train").glob("shard-*.tar"))
+    key = next(iter_tar(first))["__key__"]
+    with tarfile.open(last) as archive:
+        members = [(member, archive.extractfile(member).read()) for member in archive.getmembers()]
+    with tarfile.open(last, "w", format=tarfile.USTAR_FORMAT) as archive:  # the last sample takes the first's key
+        for member, data in members:
+            member.name = key + member.name[member.name.index("."):]
+            archive.addfile(member, io.BytesIO(data))
+    out = tmp_path / "s.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "data" / "train"),
+                 "--out", str(out)]) == 0
+    records = records_of(out)
+    assert [("error" in r) for r in records] == [False, False, True]
+    assert records[2]["path"] == f"{last}:{key}" and records[2]["error"].startswith("duplicate_key")
 
 
 def test_a_score_that_is_not_a_number_is_listed_and_the_others_stay_ranked(checkpoint, tmp_path, monkeypatch):

@@ -77,7 +77,8 @@ def _decode(path: Path, spec: ClipSpec) -> tuple[list[np.ndarray], float]:
     if path.stat().st_size == 0:
         raise VideoSkipped("empty file")
     try:
-        with av.open(str(path)) as container:
+        # Titles and tags are never read; one in another encoding (Latin-1 from old taggers) must not lose the video.
+        with av.open(str(path), metadata_errors="replace") as container:
             if not container.streams.video:
                 raise VideoSkipped("no video stream")
             stream = container.streams.video[0]

@@ -34,13 +34,14 @@ import glob
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import time
 import unicodedata
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -135,6 +136,7 @@ def convert_videos(
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
+    check_limits(workers, shard_samples, shard_bytes)
     started = time.perf_counter()
     out = Path(out)
     videos = find_videos(inputs)
@@ -153,7 +155,8 @@ def convert_videos(
             captioned.append((path, caption_for(path, table, sidecars, default_caption)))
         except NoCaption as err:
             skipped.append({"path": str(path), "reason": str(err)})
-    settings = dict(inputs=inputs, spec=spec, root=root, workers=workers, shard_samples=shard_samples,
+    keys = key_prefixes(path.relative_to(root).as_posix() for path, _ in captioned)
+    settings = dict(inputs=inputs, spec=spec, root=root, keys=keys, workers=workers, shard_samples=shard_samples,
                     shard_bytes=shard_bytes, show_progress=show_progress, started=started)
     if not val_fraction:
         splits = _convert_together({"": (captioned, skipped, len(files), out)}, **settings)
@@ -169,6 +172,16 @@ def convert_videos(
                 console.print(f"[yellow]removed[/] the shards, manifest and summary in {folder}, left by an "
                               f"earlier run {'without' if val_fraction else 'with'} --val-fraction")
     return summary
+
+
+def check_limits(workers: int, shard_samples: int, shard_bytes: float) -> None:
+    """Refuse, before any file is read, a limit that cannot be met: no decoding process, or empty shards."""
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1 (the processes that decode), got {workers}")
+    if shard_samples < 1:
+        raise ValueError(f"--shard-samples must be at least 1 (clips per shard), got {shard_samples}")
+    if not (math.isfinite(shard_bytes) and shard_bytes > 0):  # NaN would pass a plain > 0 and lift the limit
+        raise ValueError(f"--shard-mb must be a finite number above 0, got {shard_bytes / 2**20:g}")
 
 
 def layout_folders(out: Path, split: bool) -> list[Path]:
@@ -265,12 +278,13 @@ def _convert_together(folders: dict[str, tuple[list[tuple[Path, str]], list[dict
 
 
 def _stage(captioned: list[tuple[Path, str]], skipped: list[dict[str, str]], files_total: int, out: Path,
-           staging: Path, *, inputs: Sequence[str], spec: ClipSpec, root: Path, workers: int, shard_samples: int,
-           shard_bytes: float, show_progress: bool, started: float) -> dict:
+           staging: Path, *, inputs: Sequence[str], spec: ClipSpec, root: Path, keys: dict[str, str], workers: int,
+           shard_samples: int, shard_bytes: float, show_progress: bool, started: float) -> dict:
     """Write the clips of the ``captioned`` videos to shards in ``staging``, with the manifest and the summary
     of ``out``, the folder they are for."""
     with ShardFolderWriter(staging, max_samples=shard_samples, max_bytes=shard_bytes) as writer:
-        files_ok, rates = _write_clips(writer, captioned, spec, root, workers, skipped, files_total, show_progress)
+        files_ok, rates = _write_clips(writer, captioned, spec, root, keys, workers, skipped, files_total,
+                                       show_progress)
     skipped.sort(key=lambda item: item["path"])
     fps = spec.fps if spec.fps is not None else (rates.pop() if len(rates) == 1 else None)  # None: mixed rates
     video = {"frames": spec.frames, "height": spec.height, "width": spec.width, "fps": fps}
@@ -292,12 +306,14 @@ def _write_clips(
     captioned: list[tuple[Path, str]],
     spec: ClipSpec,
     root: Path,
+    keys: dict[str, str],
     workers: int,
     skipped: list[dict[str, str]],
     files_total: int,
     show_progress: bool,
 ) -> tuple[int, set[float]]:
-    """Decode the captioned files and write their clips; unusable files go to ``skipped``.
+    """Decode the captioned files and write their clips, keyed by ``keys`` (``key_prefixes``); unusable files go
+    to ``skipped``.
 
     Returns how many files gave clips and the frame rates they had.
     """
@@ -318,7 +334,7 @@ def _write_clips(
                 meta = {"caption": caption, "fps": result.fps, "source": relative, "clip_start": start,
                         "clip_start_seconds": start / result.fps, "frames": spec.frames, "height": spec.height,
                         "width": spec.width}
-                writer.write(encode_sample(clip_key(relative, index), caption, meta, frames=clip))
+                writer.write(encode_sample(f"{keys[relative]}-{index:05d}", caption, meta, frames=clip))
     return files_ok, rates
 
 
@@ -340,7 +356,7 @@ def find_videos(inputs: Sequence[str]) -> dict[Path, str]:
         if not videos:
             barren.append(item)
         for path, below in videos:
-            found.setdefault(path.resolve(), below)
+            found.setdefault(_resolved(path), below)
     if barren:
         raise ValueError(f"no video file found in {', '.join(map(repr, barren))}: not an existing file, nor a folder "
                          f"or pattern with video files (extensions: {', '.join(sorted(VIDEO_EXTENSIONS))})")
@@ -359,8 +375,20 @@ def _found_under(item: str) -> Iterator[tuple[Path, str]]:
         candidates = map(Path, glob.glob(item, recursive=True))
         base = Path(*itertools.takewhile(lambda part: not WILDCARD.search(part), path.parts[:-1]))
     for candidate in candidates:
-        if candidate.is_file() and candidate.suffix.lower() in VIDEO_EXTENSIONS:
+        if candidate.suffix.lower() in VIDEO_EXTENSIONS and (candidate.is_file() or _dangling(candidate)):
             yield candidate, candidate.relative_to(base).as_posix()
+
+
+def _dangling(path: Path) -> bool:
+    """A link to a file that is not there (a git-annex or DataLad file not fetched): a video that cannot be
+    read, to be listed as such rather than left out unnoticed."""
+    return path.is_symlink() and not path.exists()
+
+
+def _resolved(path: Path) -> Path:
+    """The absolute path of the file ``path`` names; a dangling link stays in its own folder, beside its
+    sidecar and its siblings, and is read (and listed as unreadable) there."""
+    return path.parent.resolve() / path.name if _dangling(path) else path.resolve()
 
 
 def load_captions(path: str | Path) -> dict[str, str]:
@@ -515,11 +543,20 @@ def caption_for(video: Path, table: CaptionTable, sidecars: Sidecars, default: s
     raise NoCaption("no caption (no sidecar .txt, no --captions entry, no --default-caption)")
 
 
-def clip_key(relative: str, index: int) -> str:
-    """A stable sample key: readable stem + hash of the relative path (stems repeat across folders)."""
+def key_prefixes(relatives: Iterable[str]) -> dict[str, str]:
+    """``{relative path: the key of its clips before their index}``: a readable stem and 8 hex digits of the
+    path's hash (stems repeat across folders), or all 40 for videos whose stems and 8 digits would be alike.
+
+    Among 100k videos of one name (``<id>/video.mp4``) a pair is likely to share 8 digits; their clips
+    would share keys, which ``verify`` reports and training reads once."""
+    short = {relative: _key_prefix(relative, 8) for relative in relatives}
+    uses = Counter(short.values())
+    return {relative: prefix if uses[prefix] == 1 else _key_prefix(relative, 40) for relative, prefix in short.items()}
+
+
+def _key_prefix(relative: str, digits: int) -> str:
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(relative).stem)[:48]
-    digest = hashlib.sha1(relative.encode()).hexdigest()[:8]
-    return f"{stem}-{digest}-{index:05d}"
+    return f"{stem}-{hashlib.sha1(relative.encode()).hexdigest()[:digits]}"
 
 
 def _read_one(path: Path, spec: ClipSpec) -> Clips | str:

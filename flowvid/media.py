@@ -146,7 +146,8 @@ def read_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndar
     else:
         frames = []
         try:
-            with av.open(str(path)) as container:
+            # Tags are never read; one in another encoding (Latin-1 from old taggers) must not lose the video.
+            with av.open(str(path), metadata_errors="replace") as container:
                 stream = container.streams.video[0]
                 for frame in container.decode(stream):
                     frames.append(shown_frame(frame, stream.sample_aspect_ratio))

@@ -171,6 +171,7 @@ def from_reference(state_dict: dict[str, torch.Tensor], head_dim: int = 64) -> R
         index = int(match.group(1))
         owner = "deep" if index == deep else f"shallow.{index}"
         if ".attn.qkv." in renamed:
+            check_whole_heads(name, tensor, head_dim)
             # Shallow block i is flipped when an odd number of blocks follows it, in both implementations.
             tensor = rotary_layout(tensor, head_dim, flipped=(deep - index) % 2 == 1)
         result.flow[f"{owner}.{renamed}"] = tensor
@@ -179,6 +180,30 @@ def from_reference(state_dict: dict[str, torch.Tensor], head_dim: int = 64) -> R
         raise ValueError(f"{len(unknown)} reference keys have no counterpart in flowvid's blocks "
                          f"(features flowvid does not implement?): {', '.join(sorted(unknown)[:8])}")
     return result
+
+
+def check_whole_heads(name: str, qkv: torch.Tensor, head_dim: int) -> None:
+    """A fused ``qkv`` tensor holds the query, key and value rows of whole heads of ``head_dim``."""
+    if qkv.dim() == 0 or qkv.shape[0] % (3 * head_dim):
+        raise ValueError(f"reference tensor {name} has shape {tuple(qkv.shape)}: a fused query, key and value "
+                         f"projection needs 3 x a multiple of head_dim {head_dim} rows (--head-dim as trained)")
+
+
+def reference_name(name: str, num_shallow: int) -> str:
+    """The reference's name of flowvid's weight ``name`` (``from_reference``'s renaming, reversed)."""
+    owner, _, rest = name.partition(".")
+    if owner == "shallow":
+        index, _, rest = rest.partition(".")
+    else:
+        index = str(num_shallow)
+    layer = re.match(r"^layers\.(\d+)\.(.+)$", rest)
+    renames = {new: old for old, new in (_LAYER_RENAMES if layer else _BLOCK_RENAMES).items()}
+    tail = layer.group(2) if layer else rest
+    for new, old in renames.items():
+        if tail == new or (new.endswith(".") and tail.startswith(new)):
+            tail = old + tail[len(new):]
+            break
+    return f"blocks.{index}." + (f"attn_blocks.{layer.group(1)}.{tail}" if layer else tail)
 
 
 def _rename_in_block(name: str) -> str | None:
@@ -203,15 +228,22 @@ def reference_flow_config(flow_state: dict[str, torch.Tensor], frame_size: tuple
     are given (the reference's default head size is 64).
     """
     shallow = sorted({int(k.split(".")[1]) for k in flow_state if k.startswith("shallow.")})
+
+    def weight(name: str) -> torch.Tensor:
+        if name not in flow_state:
+            raise ValueError(f"the reference checkpoint has no {reference_name(name, len(shallow))}, which a flow "
+                             f"block needs (flowvid's {name})")
+        return flow_state[name]
+
     conditioned = sorted({k.rsplit(".", 2)[0] for k in flow_state if k.startswith("shallow.") and ".proj_text." in k})
     if conditioned:
         raise ValueError(f"{', '.join(conditioned)} see the text; flowvid conditions only the deep block "
                          "(the reference's cond_top_only)")
 
     def size(prefix: str) -> tuple[int, int]:
-        width = flow_state[f"{prefix}.proj_in.weight"].shape[0]
+        width = weight(f"{prefix}.proj_in.weight").shape[0]
         depth = len({k.split(".")[2] for k in flow_state if k.startswith(f"{prefix}.layers.")})
-        fc = flow_state[f"{prefix}.layers.0.mlp.fc.weight"]
+        fc = weight(f"{prefix}.layers.0.mlp.fc.weight")
         if fc.shape[0] != 4 * width:
             raise ValueError(f"{prefix}: MLP hidden size {fc.shape[0]} is not 4 x width {width}")
         return width, depth
@@ -226,7 +258,7 @@ def reference_flow_config(flow_state: dict[str, torch.Tensor], frame_size: tuple
             raise ValueError(f"width {width} is not a multiple of head_dim {head_dim}")
     text = flow_state.get("deep.proj_text.weight")
     return {
-        "latent_channels": int(flow_state["deep.sos"].shape[-1]),
+        "latent_channels": int(weight("deep.sos").shape[-1]),
         "frame_size": [int(frame_size[0]), int(frame_size[1])],
         "num_shallow": len(shallow),
         "shallow_width": int(shallow_width),
@@ -243,9 +275,26 @@ def import_reference_flow(path: str | os.PathLike, frame_size: tuple[int, int], 
     from flowvid.flows.global_local import GlobalLocalFlow
 
     imported = from_reference(load_reference_checkpoint(path), head_dim)
-    flow = GlobalLocalFlow(**reference_flow_config(imported.flow, frame_size, head_dim))
+    config = reference_flow_config(imported.flow, frame_size, head_dim)
+    flow = GlobalLocalFlow(**config)
+    check_fits(imported.flow, flow.state_dict(), config["num_shallow"], where=str(path))
     flow.load_state_dict(imported.flow, strict=True)
     return flow
+
+
+def check_fits(imported: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], num_shallow: int,
+               where: str) -> None:
+    """A ValueError naming, by the reference's names, the weights of ``imported`` that are missing or of
+    another shape than in the flow of the sizes read from them (``expected``): torch's own error names
+    flowvid's weights over several lines."""
+    missing = [reference_name(k, num_shallow) for k in expected if k not in imported]
+    reshaped = [f"{reference_name(k, num_shallow)} {tuple(imported[k].shape)} (expected {tuple(v.shape)})"
+                for k, v in expected.items() if k in imported and imported[k].shape != v.shape]
+    problems = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                for label, names in (("missing", missing), ("different shape", reshaped)) if names]
+    if problems:
+        raise ValueError(f"the weights in {where} do not fit one flow of the sizes read from its blocks "
+                         f"(proj_in, sos_embed, mlp): {'; '.join(problems)}")
 
 
 def main(argv: list[str]) -> int:

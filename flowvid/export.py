@@ -22,7 +22,9 @@ import copy
 import hashlib
 import json
 import os
+import pickle
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,7 +151,7 @@ def checkpoint_weights(ckpt: str | os.PathLike, weights: str = "ema",
     config (``{"model": {class_path, init_args}, ...}``) and the checkpoint's client state. LoRA
     adapters are merged into the weights they adapt unless ``merge_adapters=False``."""
     client_state = load_client_state(ckpt)
-    state_dict = consolidated_state_dict(ckpt, client_state)
+    state_dict = consolidated_weights(ckpt, client_state)
     ema = (client_state.get("flowvid") or {}).get("ema")
     if weights == "ema" and ema:
         state_dict.update({name: tensor for name, tensor in ema.items() if name in state_dict})
@@ -159,6 +161,20 @@ def checkpoint_weights(ckpt: str | os.PathLike, weights: str = "ema",
     run = client_state.get(METADATA_KEY) or {}
     config = run.get("config") or {"model": model_config_from_hparams(client_state)}
     return state_dict, config, client_state
+
+
+def consolidated_weights(ckpt: str | os.PathLike, client_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``consolidated_state_dict``, with a DeepSpeed shard that cannot be read named in a
+    CorruptCheckpointError: torch's error for a truncated shard names no file."""
+    try:
+        return consolidated_state_dict(ckpt, client_state)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        damaged = [str(shard) for shard in sorted(Path(ckpt).glob("*/*.pt")) if not zipfile.is_zipfile(shard)]
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        which = (f"{', '.join(damaged)} is truncated or damaged" if damaged
+                 else f"one of its shards cannot be read ({detail})")
+        raise CorruptCheckpointError(f"cannot read DeepSpeed checkpoint {ckpt}: {which}; use an earlier "
+                                     "checkpoint, or copy this one again") from err
 
 
 def weights_taken(weights: str, client_state: dict[str, Any]) -> str:

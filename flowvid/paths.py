@@ -39,16 +39,23 @@ def check_output_file(file: str | Path, name: str, hint: str, error: type[Except
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write`` the file beside ``path``, then rename it: a crash never leaves half a file at ``path``."""
+    """``write`` the file beside ``path``, then rename it: a crash never leaves half a file at ``path``.
+
+    The file's bytes reach the disk before the rename and the rename after it, as checkpoints are
+    written: a power cut, unlike a crash, loses what is not flushed, and could leave an empty file under
+    the final name or bring back the one it replaced."""
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     try:
         write(partial)
         # Some writers create their file private (safetensors does, 0600); an export is shared like any
         # file the user writes.
         os.chmod(partial, 0o666 & ~_umask())
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+    sync_folder(path.parent)
 
 
 def sync_folder(folder: Path) -> None:

@@ -104,8 +104,9 @@ def is_adapter_key(key: str) -> bool:
 
 
 def merge_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with every adapted weight replaced by ``W + scale * B A`` (computed in fp32) and the
-    adapter entries removed: the weights of the model without adapters."""
+    """``state`` with every adapted weight replaced by ``W + scale * B A`` and the adapter entries removed:
+    the weights of the model without adapters. The merged weights are fp32 (or wider): a bf16 weight
+    (DeepSpeed keeps the frozen ones in bf16) would round away most of a small update."""
     merged = {key: value for key, value in state.items() if not is_adapter_key(key)}
     for key in state:
         if key.rpartition(".")[2] != "lora_a":
@@ -113,5 +114,6 @@ def merge_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix = key.removesuffix("lora_a")  # "layers.0.attn.qkv." or "" for a bare adapted layer
         weight = state[prefix + "weight"]
         update = state[prefix + "lora_b"].float() @ state[prefix + "lora_a"].float()
-        merged[prefix + "weight"] = (weight.float() + state[prefix + "lora_scale"].float() * update).to(weight.dtype)
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        merged[prefix + "weight"] = weight.to(wide) + state[prefix + "lora_scale"].to(wide) * update.to(wide)
     return merged

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -176,3 +178,38 @@ def test_an_unreadable_reference_file_is_one_line_naming_it(tmp_path, content):
     with pytest.raises(UserError, match=re.escape(f"reference checkpoint {tmp_path / 'nope.pth'} does not exist")):
         main([*args[:1], str(tmp_path / "nope.pth"), *args[2:]])
     assert not (tmp_path / "flow.safetensors").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.update({"blocks.3.attn_blocks.1.mlp.main.0.weight": torch.randn(512, 64)}),
+     "different shape: blocks.3.attn_blocks.1.mlp.main.0.weight (512, 64) (expected (512, 128))"),
+    (lambda s: s.pop("blocks.1.proj_out.bias"), "missing: blocks.1.proj_out.bias"),
+    (lambda s: s.pop("blocks.3.sos_embed"), "the reference checkpoint has no blocks.3.sos_embed"),
+    (lambda s: s.pop("blocks.3.attn_blocks.0.mlp.main.0.weight"),
+     "the reference checkpoint has no blocks.3.attn_blocks.0.mlp.main.0.weight"),
+    (lambda s: s.update({"blocks.3.attn_blocks.0.attention.qkv.weight": torch.randn(100, 128)}),
+     "reference tensor blocks.3.attn_blocks.0.attention.qkv.weight has shape (100, 128)"),
+], ids=["other-shape", "missing", "no-sos", "no-mlp", "partial-heads"])
+def test_a_reference_tensor_that_does_not_fit_is_one_line_naming_it(tmp_path, damage, message):
+    # torch's size-mismatch RuntimeError, a KeyError or a reshape error ended the command in a traceback.
+    reference = reference_state_dict(prefix="")
+    damage(reference)
+    path = tmp_path / "model.pth"
+    torch.save(reference, path)
+    out = tmp_path / "flow.safetensors"
+    with pytest.raises(UserError, match=re.escape(message)) as error:
+        main(["--reference", str(path), "--frame-size", "4", "4", "--out", str(out)])
+    assert "\n" not in str(error.value) and not out.exists()
+
+
+def test_the_converted_files_are_on_disk_before_their_rename_and_the_renames_after_them(tmp_path, monkeypatch):
+    events = []
+    replace, fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda *paths: (events.append(f"rename {paths[1].name}"), replace(*paths))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode)
+                                                               else "file"), fsync(fd))[1])
+    path = tmp_path / "model.pth"
+    torch.save(reference_state_dict(), path)
+    assert main(["--reference", str(path), "--frame-size", "4", "4", "--out", str(tmp_path / "flow.safetensors")]) == 0
+    assert events == [event for name in ("flow.safetensors", "flow.yaml")
+                      for event in ("file", f"rename {name}", "folder")]

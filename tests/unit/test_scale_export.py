@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -316,3 +319,64 @@ def test_an_export_or_checkpoint_holds_its_video_vae_and_loads_without_the_vae_f
     for loaded in (load_exported(out).module, load_model(path)):  # the training checkpoint holds them too
         assert loaded.codec.identity() == module.codec.identity()
         assert torch.equal(loaded.codec.encode(video), module.codec.encode(video))
+
+
+def test_adapters_merged_into_bf16_weights_keep_their_whole_update_in_an_fp32_export(tmp_path):
+    """DeepSpeed keeps the frozen weights of a LoRA run in bf16: a merge rounded back to bf16 lost most of
+    an update smaller than half a bf16 step of the weight."""
+    from flowvid.nn.lora import add_lora
+
+    torch.manual_seed(0)
+    module = build_module(CONFIG)
+    add_lora(module.flow, rank=4)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.endswith("lora_b"):
+                parameter.normal_(0, 1e-3)
+    module = module.to(torch.bfloat16)
+    state = module.state_dict()
+    path = tmp_path / "step=00000007.ckpt"
+    torch.save({"state_dict": state, "global_step": 7, METADATA_KEY: run_metadata(module, config=CONFIG)}, path)
+    loaded = load_exported(export_checkpoint(path, tmp_path / "model.safetensors", weights="trained"))
+    layer = "flow.deep.layers.0.attn.qkv."
+    update = state[layer + "lora_scale"].float() * (state[layer + "lora_b"].float() @ state[layer + "lora_a"].float())
+    merged = loaded.module.state_dict()[layer + "weight"]
+    assert merged.dtype == torch.float32 and (merged - state[layer + "weight"].float()).abs().max() > 0
+    torch.testing.assert_close(merged, state[layer + "weight"].float() + update, rtol=0, atol=1e-7)
+
+
+def test_each_exported_file_is_on_disk_before_its_rename_and_the_rename_after_it(trained, tmp_path, monkeypatch):
+    """A power cut, unlike a crash, loses what is not flushed: without the file's bytes on disk before the
+    rename, the export's name could point at an empty file after one."""
+    import stat
+
+    _, ckpt = trained
+    events = []
+    replace, fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda *paths: (events.append(f"rename {paths[1].name}"), replace(*paths))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode)
+                                                               else "file"), fsync(fd))[1])
+    export_checkpoint(ckpt, tmp_path / "model.safetensors")
+    assert events == [event for name in ("model.safetensors", "config.yaml", "README.md")
+                      for event in ("file", f"rename {name}", "folder")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed")
+def test_a_truncated_deepspeed_shard_is_one_line_naming_it(tmp_path):
+    """torch's RuntimeError for the shard names no file and ended the command in a traceback. DeepSpeed
+    reads the shards in a process of its own, as the command runs."""
+    ckpt = tmp_path / "step=00000001.ckpt"
+    (ckpt / "checkpoint").mkdir(parents=True)
+    (ckpt / "latest").write_text("checkpoint")
+    torch.save({METADATA_KEY: {"world_size": 1}, "module": {"w": torch.zeros(0)}, "buffer_names": [],
+                "param_shapes": [{"w": torch.Size([4])}], "shared_params": {}},
+               ckpt / "checkpoint" / "mp_rank_00_model_states.pt")
+    shard = ckpt / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"zero_stage": 2}}, shard)
+    shard.write_bytes(shard.read_bytes()[:300])  # a copy that stopped part way
+    done = subprocess.run([sys.executable, "-m", "flowvid.cli", "export", "--ckpt", str(ckpt),
+                           "--out", str(tmp_path / "export" / "model.safetensors")],
+                          capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"cannot read DeepSpeed checkpoint {ckpt}: {shard} is truncated or damaged" in done.stderr
+    assert not (tmp_path / "export" / "model.safetensors").exists()

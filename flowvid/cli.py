@@ -10,6 +10,7 @@ a short name in ``class_path`` is not resolved.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 from typing import Callable
@@ -103,6 +104,14 @@ def versions() -> str:
     return f"flowvid {installed('flowvid')} ({others}; Python {sys.version.split()[0]})"
 
 
+def unknown_command(verb: str) -> str:
+    """What to say of a command that does not exist: the likely one first, for a typo."""
+    commands = [*LIGHTNING_VERBS, *VERBS]
+    close = difflib.get_close_matches(verb, commands, n=1)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown command {verb!r}{guess}; choose one of {', '.join(commands)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if verb in LIGHTNING_VERBS:
             return run_lightning(argv)
         if verb not in VERBS:
-            raise UserError(f"unknown command {verb!r}; choose one of {', '.join([*LIGHTNING_VERBS, *VERBS])}")
+            raise UserError(unknown_command(verb))
         return VERBS[verb](rest)
     except UserError as err:
         print(f"flowvid {verb}: error: {err}", file=sys.stderr)

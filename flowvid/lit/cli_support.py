@@ -14,16 +14,20 @@ status 2; ``FLOWVID_TRACEBACK=1`` shows the traceback instead. Later errors keep
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
+import inspect
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
+from jsonargparse._common import debug_mode_active
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -66,11 +70,101 @@ class LoopStarted(Callback):
 
 
 class FlowvidArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser, whose errors come without the usage: a hundred lines of options would bury
-    the one that is wrong (the tip printed with the error says how to list them)."""
+    """LightningCLI's parser, whose errors are one line: the usage (a hundred lines of options) and
+    jsonargparse's report of every type a value might have had would bury the one that is wrong."""
 
-    def print_usage(self, file: Any = None) -> None:
-        pass
+    #: The arguments being parsed, for the recipe files a wrong key may come from.
+    command_line: list[str] = []
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if self.exit_on_error and not debug_mode_active():  # else a nested parser's caller reports it
+            prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+            print(f"{prog}: error: {one_line_error(message, config_files(self.command_line))} "
+                  f"(options: {prog} --help)", file=sys.stderr)
+            self.exit(2)
+        super().error(message, ex)
+
+
+#: Lines of jsonargparse's report of a union that tell nothing about the mistake.
+UNION_REPORT_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
+                      "Expected a <class 'NoneType'>")
+PARSER_KEY = re.compile(r'Parser key "([^"]+)":\s*(.*)')
+GIVEN_CLASS = re.compile(r"Problem with given class_path '([^']+)':")
+NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
+NOT_ACCEPTED_BY_SUBCOMMAND = re.compile(r"Subcommand '[^']+' does not accept option '([^']+)'")
+
+
+def one_line_error(message: str, recipes: list[str]) -> str:
+    """jsonargparse's error as ``key: what is wrong``; an unknown key also says which recipe has it (none: the
+    command line gave it) and the option it likely misspells."""
+    keys, owner, error = _innermost_error(message)
+    if match := NOT_ACCEPTED.fullmatch(error):
+        keys.append(match[1])
+        error += f" by {owner}{_did_you_mean(match[1], owner)}"
+    elif match := NOT_ACCEPTED_BY_SUBCOMMAND.fullmatch(error):
+        keys = match[1].split(".")
+    else:  # a wrong value: a recipe holding the key may not be where the value came from
+        recipes = []
+    if not keys:
+        return error
+    found_in = [recipe for recipe in recipes if _has_key(recipe, keys)]
+    where = f" in {found_in[-1]}" if found_in else ""
+    return f"{'.'.join(keys)}{where}: {error}"
+
+
+def _innermost_error(message: str) -> tuple[list[str], str | None, str]:
+    """The key, the class that owns it and the first error in jsonargparse's indented report: a key's
+    error nests the errors of its class's keys, and a union's lists those of each type it tried."""
+    headers: list[tuple[int, list[str], str | None]] = []
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ")
+        if not text or text.startswith(UNION_REPORT_NOISE):
+            continue
+        indent = len(line) - len(text)
+        while headers and headers[-1][0] >= indent:
+            headers.pop()
+        if key := PARSER_KEY.fullmatch(text):
+            headers.append((indent, key[1].split("."), None))
+            text = key[2]  # a key's own error may follow it on the same line
+        elif given := GIVEN_CLASS.fullmatch(text):
+            headers.append((indent, ["init_args"], given[1]))
+            text = ""
+        if text:
+            owners = [owner for _, _, owner in headers if owner]
+            return [key for _, keys, _ in headers for key in keys], (owners or [None])[-1], text
+    return [], None, " ".join(message.split())
+
+
+def _did_you_mean(option: str, owner: str | None) -> str:
+    try:
+        accepted = list(inspect.signature(_imported(owner)).parameters) if owner else []
+    except (ImportError, AttributeError, ValueError, TypeError):  # a class this cannot look into: no guess
+        return ""
+    close = difflib.get_close_matches(option, accepted, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def config_files(args: list[str]) -> list[str]:
+    """The recipes ``--config``/``-c`` name in ``args``, in order."""
+    files = []
+    for position, arg in enumerate(args):
+        if arg.startswith("--config="):
+            files.append(arg.partition("=")[2])
+        elif arg in ("--config", "-c") and position + 1 < len(args):
+            files.append(args[position + 1])
+    return files
+
+
+def _has_key(recipe: str, keys: list[str]) -> bool:
+    try:
+        node = yaml.safe_load(Path(recipe).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
 
 
 class FlowvidCLI(LightningCLI):
@@ -83,6 +177,12 @@ class FlowvidCLI(LightningCLI):
                  "(or starts fresh when there is none), 'none' starts fresh, a path continues from that checkpoint; "
                  "validate takes the same checkpoint unless --ckpt_path names one",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        command_line = list(sys.argv[1:] if args is None else args)
+        for reporting in (parser, *(self._parser(name) for name in self.subcommands())):  # either may report
+            reporting.command_line = command_line
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         """``ckpt_path`` is checked like ``resume``: a file that cannot be read is a one-line error, and the

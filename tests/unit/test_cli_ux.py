@@ -1,0 +1,80 @@
+"""What `flowvid` says to a mistyped command, option or recipe key: one line that names it and the likely fix."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from flowvid.cli import main
+from flowvid.lit.cli_support import main as lightning_main
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "shapes_t2v.yaml"
+
+
+def fit_error(*args: str, capsys) -> str:
+    """The error `flowvid fit ARGS` prints, which must stop it with status 2 while parsing."""
+    with mock.patch.object(sys, "argv", ["flowvid"]), pytest.raises(SystemExit) as stopped:
+        lightning_main(["fit", *args])
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
+
+
+def recipe_with(tmp_path: Path, line: str, replacement: str) -> Path:
+    text = RECIPE.read_text()
+    assert line in text
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text.replace(line, replacement))
+    return recipe
+
+
+@pytest.mark.parametrize("typo, command", [("fitt", "fit"), ("generat", "generate"), ("plugin", "plugins")])
+def test_a_mistyped_command_suggests_the_likely_one(typo, command, capsys):
+    assert main([typo]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"did you mean {command!r}?" in err
+
+
+def test_a_command_like_no_other_suggests_none(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "did you mean" not in capsys.readouterr().err
+
+
+def test_a_mistyped_recipe_key_is_one_line_naming_the_key_the_file_and_the_likely_option(tmp_path, capsys):
+    recipe = recipe_with(tmp_path, "    warmup_steps: 50", "    warmup_stepz: 50")
+    err = fit_error("--config", str(RECIPE), "--config", str(recipe), capsys=capsys)
+    assert err.count("\n") == 1
+    assert err.startswith(f"flowvid fit: error: model.init_args.warmup_stepz in {recipe}: ")
+    assert "did you mean 'warmup_steps'?" in err and "Given value" not in err
+
+
+def test_a_mistyped_key_of_a_nested_class_gets_its_full_path(tmp_path, capsys):
+    recipe = recipe_with(tmp_path, "        deep_depth: 6", "        deep_dept: 6")
+    err = fit_error("-c", str(recipe), capsys=capsys)
+    assert err.count("\n") == 1
+    assert err.startswith(f"flowvid fit: error: model.init_args.flow.init_args.deep_dept in {recipe}: ")
+    assert "flowvid.flows.GlobalLocalFlow" in err and "did you mean 'deep_depth'?" in err
+
+
+def test_a_mistyped_trainer_key_in_a_recipe_names_the_file(tmp_path, capsys):
+    recipe = recipe_with(tmp_path, "  max_steps: 640", "  max_stepz: 640")
+    err = fit_error(f"--config={recipe}", capsys=capsys)
+    assert err.count("\n") == 1 and err.startswith(f"flowvid fit: error: trainer.max_stepz in {recipe}: ")
+
+
+def test_a_mistyped_key_on_the_command_line_names_no_file(capsys):
+    err = fit_error("--config", str(RECIPE), "--model.init_args.lernin_rate", "1", capsys=capsys)
+    assert err.count("\n") == 1
+    assert err.startswith("flowvid fit: error: model.init_args.lernin_rate: Option 'lernin_rate' is not accepted")
+
+
+def test_a_wrong_value_names_its_key_but_not_the_recipe_that_also_sets_it(capsys):
+    err = fit_error("--config", str(RECIPE), "--model.init_args.lr", "abc", capsys=capsys)
+    assert err.count("\n") == 1 and err.startswith("flowvid fit: error: model.init_args.lr: ") and "abc" in err
+
+
+def test_a_missing_recipe_is_one_line(capsys):
+    err = fit_error("--config", "/no/such/recipe.yaml", capsys=capsys)
+    assert err.count("\n") == 1 and "/no/such/recipe.yaml" in err and err.startswith("flowvid fit: error: config")

@@ -24,6 +24,7 @@ import contextlib
 import inspect
 import itertools
 import math
+import numbers
 import os
 import time
 import warnings
@@ -183,7 +184,7 @@ class VideoPipeline:
     def __call__(self, prompts: str | Sequence[str] | None = None, *, task: str = "t2v",
                  image: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
                  video: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
-                 frames: int | None = None, guidance: float | None = None, negative_prompt: str = "",
+                 frames: int | None = None, guidance: float | None = None, negative_prompt: str | None = "",
                  seed: int = 0, batch_size: int = 8) -> GeneratedVideos:
         """Videos for ``prompts`` (one each; an unconditional model takes none and samples one).
 
@@ -193,12 +194,12 @@ class VideoPipeline:
                 and resize.
             frames: frames to generate (default: the training length; longer ones slide a window).
             guidance: classifier-free guidance weight (default: the model's).
-            negative_prompt: a caption guidance steers away from instead of the empty one.
+            negative_prompt: a caption guidance steers away from instead of the empty one ("" or None: none).
             seed: video ``i`` draws its noise from ``seed + i``.
             batch_size: videos sampled together.
         """
-        prompts, frames, guidance, source = self._request(prompts, task, image, video, frames, guidance,
-                                                          negative_prompt, seed, batch_size)
+        prompts, frames, guidance, negative_prompt, source = self._request(
+            prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size)
         parts = []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
@@ -233,19 +234,24 @@ class VideoPipeline:
     # --- checks, before any work -----------------------------------------------------------------
 
     def _request(self, prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size):
-        """The prompts, frames, guidance and conditioning frames of a call, with the model's defaults
-        filled in, checked before any work."""
-        prompts = self.prompts_for([prompts] if isinstance(prompts, str) else list(prompts or []))
+        """The prompts, frames, guidance, negative prompt and conditioning frames of a call, with the
+        model's defaults filled in, checked before any work."""
+        # A sequence of prompts may be an array, whose truth value is ambiguous: only None means none.
+        prompts = self.prompts_for([prompts] if isinstance(prompts, str) else [] if prompts is None else list(prompts))
         guidance = self.model.guidance if guidance is None else guidance
         frames = self.model.video_shape[0] if frames is None else frames
+        negative_prompt = "" if negative_prompt is None else negative_prompt  # None, as diffusers pipelines take
         self.check(task, frames, guidance, negative_prompt, seed, batch_size, count=len(prompts))
         source = self.source_frames(task, image, video)
         self.check_room(task, frames, source)
-        return prompts, frames, guidance, None if source is None else source.frames
+        return prompts, frames, guidance, negative_prompt, None if source is None else source.frames
 
     def prompts_for(self, prompts: list[str]) -> list[str]:
         """At least one caption for a model that reads text; none but empty ones for an unconditional
         model, which samples one video when given none."""
+        not_text = [prompt for prompt in prompts if not isinstance(prompt, str)]
+        if not_text:
+            raise GenerateError(f"prompts must be strings, got {not_text[0]!r} ({type(not_text[0]).__name__})")
         if self.reads_text:
             if not prompts:
                 raise GenerateError("give at least one prompt")
@@ -269,14 +275,22 @@ class VideoPipeline:
         with refused_as_generate_error():
             check_seed(seed, count)
             self.model.codec.latent_frames(frames)
-        if not (math.isfinite(guidance) and guidance >= 0):
-            raise GenerateError(f"guidance must be a finite number >= 0, got {guidance}")
+        if not (isinstance(guidance, numbers.Real) and math.isfinite(guidance) and guidance >= 0):
+            raise GenerateError(f"guidance must be a finite number >= 0, got {guidance!r}")
+        if not isinstance(negative_prompt, str):
+            raise GenerateError(f"negative_prompt must be a string ('' for none), got {negative_prompt!r}")
         if negative_prompt:
+            if is_blank(negative_prompt):  # it would steer away from a caption of no words, not the empty one
+                raise GenerateError(f"negative prompt {negative_prompt!r} holds only whitespace or invisible "
+                                    "characters; give a caption, or '' to steer away from the empty caption")
             if not self.reads_text:
                 raise GenerateError("this model is unconditional (trained without text) and takes no negative prompt")
             if guidance <= 0:
                 raise GenerateError(f"a negative prompt steers guidance, which is off (guidance {guidance}); "
                                     "give guidance > 0")
+        if guidance > 0 and not self.reads_text:  # guidance contrasts captions, which this model cannot read
+            raise GenerateError(f"this model is unconditional (trained without text) and cannot be guided "
+                                f"(guidance {guidance}); give guidance 0")
         warn_if_untrained(self.model, task, self.reads_text)
 
     def check_room(self, task: str, frames: int, source: "Source | None") -> None:
@@ -371,7 +385,7 @@ class VideoPipeline:
     def stream(self, prompts: str | Sequence[str] | None = None, *, task: str = "t2v",
                image: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
                video: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
-               frames: int | None = None, guidance: float | None = None, negative_prompt: str = "",
+               frames: int | None = None, guidance: float | None = None, negative_prompt: str | None = "",
                seed: int = 0) -> Iterator[np.ndarray]:
         """The frames of the videos for ``prompts`` (sampled together; arguments as for a call), uint8
         (B, H, W, 3) each, in order, as soon as each is final: sampled, denoised and decoded.
@@ -380,15 +394,16 @@ class VideoPipeline:
         behind the sampler; without a denoiser (the Tweedie step reads every later frame), or with a
         codec that decodes frames in groups, they come once the video is done. The videos equal a
         call's up to the sampler's tolerance (the frames are sampled one at a time)."""
-        prompts, frames, guidance, source = self._request(prompts, task, image, video, frames, guidance,
-                                                          negative_prompt, seed, batch_size=1)
+        prompts, frames, guidance, negative_prompt, source = self._request(
+            prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size=1)
         codec = self.model.codec
         by_frame = codec.temporal_factor == 1 and not codec.causal_first_frame
         with self._precision():
             batch = self._prepare(prompts, list(range(seed, seed + len(prompts))), source, task, frames, guidance,
                                   negative_prompt)
             final = self._final_frames(batch, guidance)
-        given = np.zeros((0,)) if source is None else source[0].numpy()  # the frames that come back as given
+        # The frames that come back as given: none for t2v, yet shaped as frames, to be written into a video.
+        given = np.zeros((0, *self.model.video_shape[1:], 3), np.uint8) if source is None else source[0].numpy()
         # Autocast is entered for each step only: a caller's code between two frames runs without it.
         held = []
         for index in itertools.count():

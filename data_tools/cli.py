@@ -14,6 +14,7 @@ import warnings
 from types import ModuleType
 
 from data_tools.report import console
+from flowvid.cli import help_text
 
 VERBS: dict[str, str] = {
     "from-videos": "data_tools.from_videos",
@@ -43,7 +44,7 @@ def build_parser(prog: str = "flowvid data") -> argparse.ArgumentParser:
         if module is None:
             continue
         summary = (module.__doc__ or verb).strip().split("\n")[0].split(": ", 1)[-1]  # drop the "``verb``: "
-        sub = verbs.add_parser(verb, help=summary, description=module.__doc__,
+        sub = verbs.add_parser(verb, help=help_text(summary), description=help_text(module.__doc__ or verb),
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)

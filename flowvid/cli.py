@@ -53,6 +53,11 @@ def list_plugins(argv: list[str]) -> int:
     return 0
 
 
+def help_text(docstring: str) -> str:
+    """A module docstring as a command's help: reStructuredText's ``code`` shown as `code`."""
+    return docstring.replace("``", "`")
+
+
 def _verb(module: str, function: str = "main") -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         return getattr(importlib.import_module(module), function)(argv)

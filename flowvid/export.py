@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flowvid.cli import help_text
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.lit.checkpointing import (
     METADATA_KEY,
@@ -382,7 +383,7 @@ def main(argv: list[str]) -> int:
     """``flowvid export --ckpt C --out model.safetensors [--dtype fp32|bf16] [--weights ema|trained] [--force]``."""
     from flowvid.cli import UserError
 
-    parser = argparse.ArgumentParser(prog="flowvid export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="flowvid export", description=help_text(__doc__.split("\n\n")[0]))
     parser.add_argument("--ckpt", required=True,
                         help="Lightning checkpoint file, DeepSpeed checkpoint directory, or a run directory "
                              "(its newest checkpoint)")

@@ -41,6 +41,7 @@ import torch
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.checks import is_blank, json_object
+from flowvid.cli import help_text
 from flowvid.data.shards import file_sha256
 from flowvid.media import MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder, write_atomically
@@ -461,7 +462,7 @@ def _frame_writer(module, out: Path, names: list[str]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowvid generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="flowvid generate", description=help_text(__doc__.split("\n\n")[0]))
     parser.add_argument("--ckpt", required=True,
                         help="exported .safetensors (or its folder), Lightning .ckpt, DeepSpeed directory, "
                              "or a run directory (its newest checkpoint)")

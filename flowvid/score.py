@@ -55,6 +55,7 @@ import torch.distributed as dist
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.checks import is_blank
+from flowvid.cli import help_text
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.generate import LATENTS_SUFFIX
 from flowvid.media import MediaError, fit_frames, read_frames
@@ -319,7 +320,7 @@ def not_a_number_as_error(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowvid score", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="flowvid score", description=help_text(__doc__.split("\n\n")[0]))
     parser.add_argument("--ckpt", required=True,
                         help="exported .safetensors (or its folder), Lightning .ckpt, DeepSpeed directory, "
                              "or a run directory (its newest checkpoint)")

@@ -78,3 +78,13 @@ def test_a_wrong_value_names_its_key_but_not_the_recipe_that_also_sets_it(capsys
 def test_a_missing_recipe_is_one_line(capsys):
     err = fit_error("--config", "/no/such/recipe.yaml", capsys=capsys)
     assert err.count("\n") == 1 and "/no/such/recipe.yaml" in err and err.startswith("flowvid fit: error: config")
+
+
+@pytest.mark.parametrize("command", [["export"], ["score"], ["generate"], ["convert"], ["data"], ["data", "verify"],
+                                     ["data", "from-videos"]])
+def test_help_shows_code_as_the_docs_do_not_as_restructuredtext(command, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--help"])
+    shown = capsys.readouterr().out
+    assert stopped.value.code == 0 and "usage: flowvid" in shown
+    assert "``" not in shown

@@ -241,8 +241,10 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 #: compared too, so that a sample made with a negative prompt or an adapter is not kept for one without.
 REQUEST_KEYS = ("prompt", "task", "seed", "sampler", "tol", "first_block_size", "block_size", "sampler_args",
                 "guidance",
-                "negative_prompt", "precision", "lora", "lora_strength", "frames", "model", "weights", "source",
+                "negative_prompt", "precision", "lora", "lora_strength", "frames", "fps", "model", "weights", "source",
                 "source_sha256")
+#: The frame rate of the written mp4s unless ``--fps`` gives another.
+DEFAULT_FPS = 8.0
 
 
 def planned_records(request: Request, prompts: list[str], frames: int) -> dict[int, dict[str, Any]]:
@@ -257,6 +259,8 @@ def planned_records(request: Request, prompts: list[str], frames: int) -> dict[i
         "precision": request.precision,
         **({"lora": request.lora, "lora_strength": request.lora_strength} if request.lora else {}),
         "frames": frames,
+        # Recorded only when chosen: records from before it was recorded hold the default's samples.
+        **({"fps": request.fps} if request.fps != DEFAULT_FPS else {}),
         **({"model": request.model, "weights": request.weights} if request.model else {}),
         # The file as resolved, as the model is recorded: another spelling of it is the same request.
         **({"source": resolved_source(source), "source_sha256": file_sha256(source)} if source else {}),  # read once
@@ -492,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a caption guidance steers away from, instead of the empty caption")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--fps", type=float, default=8.0, help="frame rate of the written mp4")
+    parser.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frame rate of the written mp4")
     parser.add_argument("--stream", action="store_true", help="write frames as soon as they are sampled")
     parser.add_argument("--skip-existing", action="store_true",
                         help="leave out samples already complete in --out (to finish an interrupted run)")

@@ -123,6 +123,18 @@ def test_skip_existing_keeps_no_sample_of_another_source_or_negative_prompt(chec
     assert "1 of 1 samples are in" in capsys.readouterr().err
 
 
+def test_skip_existing_keeps_no_sample_written_at_another_frame_rate(checkpoint, tmp_path, capsys):
+    args = ["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--fps", "16", "--skip-existing"]) == 2
+    assert "fps None, not 16.0" in one_line_error(capsys)
+    assert main([*args, "--fps", "16", "--force"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--fps", "16", "--skip-existing"]) == 0
+    assert "1 of 1 samples are in" in capsys.readouterr().err
+
+
 def test_skip_existing_knows_the_source_however_its_path_is_spelled(checkpoint, tmp_path, capsys, monkeypatch):
     from PIL import Image
 

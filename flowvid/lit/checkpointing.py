@@ -21,6 +21,7 @@ import io
 import os
 import re
 import signal
+import tempfile
 import threading
 import warnings
 import zipfile
@@ -56,6 +57,10 @@ class CorruptCheckpointError(RuntimeError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was made by a different model than the one it is loaded into."""
+
+
+class CheckpointFolderError(ValueError):
+    """The folder a run's checkpoints go to cannot be written."""
 
 
 class CheckpointStrategyError(ValueError):
@@ -366,6 +371,8 @@ class RunCheckpoint(ModelCheckpoint):
                 # Lightning warns of a checkpoint folder that is not empty, which is where a resume finds it.
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            check_writable(self.dirpath)
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
             # ZeroStrategy writes atomically and checks what it resumes from itself.
@@ -518,6 +525,24 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_step(trainer)
 
 
+def check_writable(dirpath: str | os.PathLike) -> None:
+    """Raise CheckpointFolderError unless a checkpoint can be written into ``dirpath`` (created if missing).
+
+    Checked before the first step: the first save comes ``every_n_train_steps`` later, hours into a run.
+    """
+    if "://" in str(dirpath):  # remote storage: its write permissions show only in a write
+        return
+    try:
+        Path(dirpath).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=dirpath, prefix=".write-test-"):  # a name of its own on every rank
+            pass
+    except OSError as err:
+        raise CheckpointFolderError(
+            f"cannot write checkpoints into {dirpath} ({err.strerror or err}): set trainer.default_root_dir (or "
+            "the RunCheckpoint's dirpath) to a folder this run can write to"
+        ) from err
+
+
 def closes_accumulation_window(trainer: Trainer, pl_module: LightningModule) -> bool:
     """Whether the training batch that just ran was the last of an optimiser step's accumulation window."""
     if pl_module.automatic_optimization:  # Lightning's trainer.accumulate_grad_batches
@@ -532,18 +557,35 @@ def closes_accumulation_window(trainer: Trainer, pl_module: LightningModule) -> 
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Finished checkpoints in ``directory``, oldest first (by the step in the name, else by time)."""
+    """Finished checkpoints in ``directory``, oldest first (by the step in the name, else by time). A link
+    to one of them is not another checkpoint, and a link to nothing is none: both are left out."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir()
+    named = [p for p in directory.iterdir()
              if p.name.endswith(".ckpt") and not p.name.endswith((PARTIAL_SUFFIX, ".old"))]
+    found = [p for p in named if not _dangling(p) and not _second_name_of_one_of(p, named)]
 
     def order(path: Path) -> tuple[int, float]:
         match = _STEP_IN_NAME.search(path.name)
         return (int(match.group(1)) if match else -1, path.stat().st_mtime)
 
     return sorted(found, key=order)
+
+
+def _dangling(path: Path) -> bool:
+    """Whether ``path`` is a link to nothing (a ``last.ckpt`` whose checkpoint ``keep_last_k`` removed, say),
+    which is then passed over with a warning naming both."""
+    if not path.is_symlink() or path.exists():
+        return False
+    rank_zero_warn(f"passing over {path}: it links to {os.readlink(path)}, which does not exist")
+    return True
+
+
+def _second_name_of_one_of(path: Path, others: list[Path]) -> bool:
+    """Whether ``path`` links to one of ``others`` (Lightning's ``last.ckpt`` with ``save_last="link"``): listed
+    twice, one checkpoint would count as two, older and newer than itself."""
+    return path.is_symlink() and any(path.resolve() == other.resolve() for other in others if not other.is_symlink())
 
 
 def resolve_resume(checkpoint_dir: str | os.PathLike, resume: str | None) -> str | None:

@@ -9,6 +9,10 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import nn
 
+#: The dtype shards cache a frozen encoder's states in. ``encode`` rounds a frozen encoder's states to it,
+#: so that a caption embeds alike from a cache and when computed (training without a cache, sampling).
+CACHE_DTYPE = torch.float16
+
 
 class TextEmbedding(NamedTuple):
     """Token states ``(B, L, D)`` and a boolean mask ``(B, L)`` that is True on real tokens."""
@@ -34,7 +38,7 @@ class TextEncoder(nn.Module, ABC):
 
     ``width`` is D, the size of each token state; ``max_length`` is L. Padding positions carry zeros
     in ``tokens`` and False in ``mask``. Over-long captions are truncated and counted in
-    ``truncated_count``.
+    ``truncated_count``. ``encode`` rounds a frozen encoder's states to ``CACHE_DTYPE``.
     """
 
     width: int
@@ -56,7 +60,10 @@ class TextEncoder(nn.Module, ABC):
         ...
 
     def encode(self, captions: Sequence[str]) -> TextEmbedding:
-        return self(check_captions(captions))
+        embedding = self(check_captions(captions))
+        if self.trainable:  # never cached: its states change as it trains
+            return embedding
+        return TextEmbedding(round_as_cached(embedding.tokens), embedding.mask)
 
     def record_truncation(self, count: int) -> None:
         """Add ``count`` truncated captions to ``truncated_count``, warning the first time only."""
@@ -71,6 +78,12 @@ class TextEncoder(nn.Module, ABC):
         load_plugins()  # plugins register their names on first use
         return {"name": TEXT_ENCODERS.name_of(type(self)) or type(self).__name__, "width": str(self.width),
                 "max_length": str(self.max_length)}
+
+
+def round_as_cached(tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens`` rounded to ``CACHE_DTYPE`` and back to their own dtype: the values a cache holds.
+    Values beyond its range (65504) become inf, which the flow refuses and a cache skips."""
+    return tokens.to(CACHE_DTYPE).to(tokens.dtype)
 
 
 def check_captions(captions: Sequence[str]) -> list[str]:

@@ -12,14 +12,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from flowvid.text.base import TextEmbedding, TextEncoder
+from flowvid.text.base import CACHE_DTYPE, TextEmbedding, TextEncoder
 
 
 @torch.no_grad()
 def cache_embeddings(
     encoder: TextEncoder, captions: Sequence[str], batch_size: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Encode ``captions`` into float16 token states ``(N, L, D)`` and a bool mask ``(N, L)``.
+    """Encode ``captions`` into float16 (``CACHE_DTYPE``) token states ``(N, L, D)`` and a bool mask
+    ``(N, L)``: the very states ``encoder.encode`` gives when training or sampling, which rounds them alike.
 
     Padding positions are zero in the states and False in the mask.
     """
@@ -31,7 +32,7 @@ def cache_embeddings(
     tokens, masks = [], []
     for start in range(0, len(captions), batch_size):
         embedding = encoder.encode(captions[start:start + batch_size])
-        tokens.append(embedding.tokens.to(torch.float16).cpu().numpy())
+        tokens.append(embedding.tokens.to(CACHE_DTYPE).cpu().numpy())
         masks.append(embedding.mask.bool().cpu().numpy())
     if not tokens:
         return (np.zeros((0, encoder.max_length, encoder.width), np.float16),

@@ -1,14 +1,17 @@
 """A word-level tokenizer over a fixed vocabulary, for the learned text encoder.
 
-Text is lower-cased and split into words (runs of letters), single digits and single punctuation
-marks; whitespace separates and is dropped. Numbers are spelled digit by digit, so the prompt
-template's "Noise Level 500" or "16:9" needs no number words. Words outside the vocabulary become
-``<unk>`` and are counted.
+Text is NFKC-normalised, lower-cased and split into words (runs of letters, accented ones included),
+single digits and single punctuation marks; whitespace separates and is dropped. Normalising first
+makes text that looks the same tokenize the same: "café" written with a combining accent (as macOS
+file names hold it) is the word "café", full-width "ＲＥＤ" is "red". Numbers are spelled digit by
+digit, so the prompt template's "Noise Level 500" or "16:9" needs no number words. Words outside
+the vocabulary become ``<unk>`` and are counted.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Iterable, Sequence
 
 import torch
@@ -17,7 +20,8 @@ PAD, UNK, NULL = "<pad>", "<unk>", "<null>"
 #: Token ids 0, 1, 2 in every vocabulary.
 SPECIAL_TOKENS = (PAD, UNK, NULL)
 
-_PIECE = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]")
+# A letter is a word character that is neither a digit nor "_"; any other non-space character is one piece.
+_PIECE = re.compile(r"[^\W\d_]+|[0-9]|\S")
 
 DIGITS = tuple("0123456789")
 PUNCTUATION = tuple(":().,;!?'\"-/")
@@ -35,7 +39,7 @@ SHAPES_WORDS = (
 
 def split_words(text: str) -> list[str]:
     """"Noise Level 16:9" -> ["noise", "level", "1", "6", ":", "9"]."""
-    return _PIECE.findall(text.lower())
+    return _PIECE.findall(unicodedata.normalize("NFKC", text).lower())
 
 
 class WordTokenizer:
@@ -45,7 +49,7 @@ class WordTokenizer:
     """
 
     def __init__(self, words: Iterable[str]):
-        words = [w.lower() for w in words]
+        words = [unicodedata.normalize("NFKC", w).lower() for w in words]
         for word in words:
             if split_words(word) != [word]:
                 raise ValueError(f"vocabulary entries must be single words, digits or punctuation marks, got {word!r}")

@@ -4,8 +4,8 @@
 
 Checks the manifest, that every listed shard exists with its sha256 and sample count, that no shard
 is unlisted or half-written (``*.tmp``), that every sample decodes with the declared shapes and
-finite values, and that keys are unique. The report goes to stdout (the progress bar to stderr);
-exits 1 when any folder is damaged.
+finite values, and that keys are unique; a manifest that lists no sample counts as damaged. The
+report goes to stdout (the progress bar to stderr); exits 1 when any folder is damaged.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, 
         problems += [f"half-written file {p.name}" for p in sorted(folder.glob(f"*{TEMPORARY_SUFFIX}"))]
         return report
     report["kind"] = manifest["kind"]
+    if not manifest["samples"]:  # no tool writes such a folder, and nothing can train or validate on it
+        problems.append("the manifest lists no sample: write the folder again")
     problems += [f"half-written file {p.name}" for p in sorted(folder.glob(f"*{TEMPORARY_SUFFIX}"))]
     problems += [f"{p.name} is left from a run that did not finish (or one still writing); remove it once none is"
                  for p in sorted(folder.glob(f"{STAGING_PREFIX}*")) if p.is_dir()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -70,11 +72,8 @@ class VideoShardDataModule(L.LightningDataModule):
         self.train_weights = _check_weights(self.train_dirs, train_weights)
         self.val_dir = _folder_or_folders(val_dir)
         self.val_dirs = _listed(self.val_dir)
-        for name, folders in (("train_dir", self.train_dirs), ("val_dir", self.val_dirs)):
-            seen = [os.path.abspath(folder) for folder in folders]
-            for folder, where in zip(folders, seen):
-                if seen.count(where) > 1:
-                    raise ValueError(f"{name} lists {folder} more than once")
+        _check_listed_once("train_dir", self.train_dirs)
+        _check_listed_once("val_dir", self.val_dirs)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -319,20 +318,38 @@ def _listed(folders: str | list[str] | None) -> list[str]:
     return [] if folders is None else [folders] if isinstance(folders, str) else folders
 
 
+def _check_listed_once(name: str, folders: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for folder in folders:
+        where = os.path.realpath(folder)  # a link to a listed folder, or another spelling of it, is that folder
+        if where in seen:
+            also = "" if os.path.abspath(folder) == os.path.abspath(seen[where]) else f" (also as {folder})"
+            raise ValueError(f"{name} lists {seen[where]} more than once{also}")
+        seen[where] = folder
+
+
 def _check_weights(folders: list[str], weights: list[float] | None) -> list[float] | None:
     if not folders:
         raise ValueError("train_dir names no folder")
     if weights is None:
         return None
+    if not isinstance(weights, (list, tuple)):
+        raise ValueError(f"train_weights must be a list of one number per train_dir folder, got {weights!r}")
     if len(weights) != len(folders):
         raise ValueError(f"train_weights has {len(weights)} weight(s) for {len(folders)} train_dir folder(s)")
-    if not all(weight > 0 for weight in weights):
-        raise ValueError(f"train_weights must all be > 0, got {list(weights)}")
+    # An infinite weight would pass here and fail at the first draw, inside a loader worker.
+    if not all(_positive_number(weight) for weight in weights):
+        raise ValueError(f"train_weights must all be > 0 and finite numbers, got {list(weights)}")
     return [float(weight) for weight in weights]
 
 
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _check_same_space(first: dict[str, Any], other: dict[str, Any], first_dir: str, other_dir: str) -> None:
-    for key in ("kind", "codec", "latent_shape", "text_encoder", "first_frame"):
+    # Everything a sample is checked against: the training stream checks every folder's samples by the first's.
+    for key in ("kind", "codec", "latent_shape", "text_encoder", "text_shape", "first_frame"):
         if not _same_space_value(key, first.get(key), other.get(key)):
             raise ValueError(f"the shards in {first_dir} and in {other_dir} differ in {key}: "
                              f"{first.get(key)!r} vs {other.get(key)!r}")

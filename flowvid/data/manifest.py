@@ -23,7 +23,9 @@ Format (version 1)::
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +98,13 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 def check_manifest(manifest: Any, where: str) -> None:
-    """Raise ManifestError when required keys are missing or counts disagree."""
+    """Raise ManifestError when required keys are missing, a field has the wrong type or counts disagree."""
     if not isinstance(manifest, dict):
         raise ManifestError(f"{where}: manifest must be a JSON object, got {type(manifest).__name__}")
     missing = [key for key in _REQUIRED if key not in manifest]
     if missing:
         raise ManifestError(f"{where}: manifest lacks {missing}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise ManifestError(f"{where}: format_version {manifest['format_version']!r} is not supported "
-                            f"(expected {FORMAT_VERSION})")
+    _check_version(manifest["format_version"], where)
     if manifest["kind"] not in KINDS:
         raise ManifestError(f"{where}: kind must be one of {KINDS}, got {manifest['kind']!r}")
     if manifest["kind"] == "latent" and (not manifest.get("codec") or not manifest.get("latent_shape")):
@@ -112,10 +112,53 @@ def check_manifest(manifest: Any, where: str) -> None:
     video = manifest["video"]
     if not isinstance(video, dict) or not all(_positive_int(video.get(key)) for key in ("frames", "height", "width")):
         raise ManifestError(f"{where}: 'video' must give frames, height and width as integers >= 1, got {video!r}")
+    if video.get("fps") is not None and not _positive_number(video["fps"]):
+        raise ManifestError(f"{where}: video 'fps' must be a finite number > 0 or null, got {video['fps']!r}")
+    _check_optional_fields(manifest, where)
+    _check_shards(manifest, where)
+
+
+def _check_version(version: Any, where: str) -> None:
+    if is_count(version) and version > FORMAT_VERSION:
+        raise ManifestError(f"{where}: format_version {version} was written by a newer flowvid, which this one "
+                            f"(format_version {FORMAT_VERSION}) cannot read: upgrade flowvid")
+    if not is_count(version) or version != FORMAT_VERSION:  # `true` equals 1 in Python, not in a manifest
+        raise ManifestError(f"{where}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+
+
+def _check_optional_fields(manifest: dict[str, Any], where: str) -> None:
+    """The fields that may be null or absent: when given, of the type readers rely on."""
+    for key in ("latent_shape", "text_shape"):
+        value = manifest.get(key)
+        if value is not None and not (isinstance(value, (list, tuple)) and value and all(map(_positive_int, value))):
+            raise ManifestError(f"{where}: '{key}' must be a list of integers >= 1 or null, got {value!r}")
+    for key in ("codec", "text_encoder", "source"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise ManifestError(f"{where}: '{key}' must be a JSON object or null, got {manifest[key]!r}")
+    if not isinstance(manifest.get("first_frame", False), bool):
+        raise ManifestError(f"{where}: 'first_frame' must be true or false, got {manifest['first_frame']!r}")
+    skipped = manifest.get("skipped", [])
+    if not isinstance(skipped, list) or not all(isinstance(item, dict) and isinstance(item.get("reason"), str)
+                                                for item in skipped):
+        raise ManifestError(f"{where}: 'skipped' must list objects with a 'reason'")
+
+
+def _check_shards(manifest: dict[str, Any], where: str) -> None:
+    for key in ("samples", "num_shards"):
+        if not is_count(manifest[key]) or manifest[key] < 0:
+            raise ManifestError(f"{where}: '{key}' must be an integer >= 0, got {manifest[key]!r}")
     shards = manifest["shards"]
     if not isinstance(shards, list) or not all(_shard_entry(shard) for shard in shards):
         raise ManifestError(f"{where}: 'shards' must list objects with a 'name', a 'sha256' and a count of "
-                            "'samples' >= 0")
+                            "'samples' >= 0 (and of 'bytes', when given)")
+    names = [shard["name"] for shard in shards]
+    strange = [name for name in names if not _plain_file_name(name)]
+    if strange:
+        # A shard is read from the folder itself: a path would read another folder's files.
+        raise ManifestError(f"{where}: shard names must be file names inside the folder, got {strange[0]!r}")
+    repeated = next((name for name, count in Counter(names).items() if count > 1), None)
+    if repeated is not None:
+        raise ManifestError(f"{where}: shard {repeated} is listed more than once")
     if len(shards) != manifest["num_shards"]:
         raise ManifestError(f"{where}: num_shards is {manifest['num_shards']} but {len(shards)} shards are listed")
     listed = sum(shard["samples"] for shard in shards)
@@ -127,9 +170,18 @@ def _positive_int(value: Any) -> bool:
     return is_count(value) and value >= 1
 
 
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _plain_file_name(name: str) -> bool:
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 def _shard_entry(shard: Any) -> bool:
     return (isinstance(shard, dict) and isinstance(shard.get("name"), str) and isinstance(shard.get("sha256"), str)
-            and is_count(shard.get("samples")) and shard["samples"] >= 0)
+            and is_count(shard.get("samples")) and shard["samples"] >= 0
+            and is_count(shard.get("bytes", 0)) and shard.get("bytes", 0) >= 0)
 
 
 def video_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:

@@ -146,7 +146,10 @@ class VideoShardDataModule(L.LightningDataModule):
             cached = manifest.get("text_encoder")
             if (text_encoder is not None and cached is not None
                     and not same_text_encoder(dict(cached), dict(text_encoder))):
-                raise ValueError(f"{where} cache text embeddings of {cached}, but the model uses {text_encoder}")
+                raise ValueError(f"{where} cache text embeddings of {cached}, but the model uses {text_encoder}; "
+                                 "encode the shards again with the model's text encoder (`flowvid data "
+                                 "encode-latents ... --text-encoder`), or give the model the encoder they were "
+                                 "cached with")
 
     def skipped_counts(self) -> dict[str, int]:
         """Samples skipped so far (train and validation, all workers; before a resume too), per reason.

@@ -79,12 +79,20 @@ class FlowvidArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if self.exit_on_error and not debug_mode_active():  # else a nested parser's caller reports it
             prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
-            print(f"{prog}: error: {one_line_error(message, config_files(self.command_line))} "
-                  f"(options: {prog} --help)", file=sys.stderr)
+            if required := REQUIRED_OF_SUBCOMMAND.fullmatch(message.strip()):  # `flowvid fit` without a recipe
+                prog = f"{prog} {required['subcommand']}"
+                keys = required["keys"].replace(f"{required['subcommand']}.", "")
+                text = f"{keys} must be given: give a recipe, --config RECIPE.yaml (recipes/ holds examples)"
+            else:
+                text = one_line_error(message, config_files(self.command_line))
+            print(f"{prog}: error: {text} (options: {prog} --help)", file=sys.stderr)
             self.exit(2)
         super().error(message, ex)
 
 
+#: The main parser's report of a subcommand's required keys, such as ``fit.data, fit.model``.
+REQUIRED_OF_SUBCOMMAND = re.compile(r"the following arguments are required: "
+                                    r"(?P<keys>(?P<subcommand>\w+)\.[\w.]+(?:, (?P=subcommand)\.[\w.]+)*)")
 #: Lines of jsonargparse's report of a union that tell nothing about the mistake.
 UNION_REPORT_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
                       "Expected a <class 'NoneType'>")

@@ -88,3 +88,9 @@ def test_help_shows_code_as_the_docs_do_not_as_restructuredtext(command, capsys)
     shown = capsys.readouterr().out
     assert stopped.value.code == 0 and "usage: flowvid" in shown
     assert "``" not in shown
+
+
+def test_fit_without_a_recipe_asks_for_one_in_the_commands_name(capsys):
+    error = fit_error(capsys=capsys)
+    assert error.startswith("flowvid fit: error: data, model must be given: give a recipe, --config RECIPE.yaml")
+    assert error.count("\n") == 1

@@ -24,7 +24,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Sequence
 
 import yaml
 from jsonargparse._common import debug_mode_active
@@ -78,13 +78,15 @@ class FlowvidArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if self.exit_on_error and not debug_mode_active():  # else a nested parser's caller reports it
-            prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+            reporting = getattr(ex, "subcommand_parser", None) or self
+            prog = reporting.prog.replace(" [options]", "")
             if required := REQUIRED_OF_SUBCOMMAND.fullmatch(message.strip()):  # `flowvid fit` without a recipe
                 prog = f"{prog} {required['subcommand']}"
                 keys = required["keys"].replace(f"{required['subcommand']}.", "")
                 text = f"{keys} must be given: give a recipe, --config RECIPE.yaml (recipes/ holds examples)"
             else:
-                text = one_line_error(message, config_files(self.command_line))
+                options = [option.lstrip("-") for option in reporting._option_string_actions]
+                text = one_line_error(message, config_files(self.command_line), options)
             print(f"{prog}: error: {text} (options: {prog} --help)", file=sys.stderr)
             self.exit(2)
         super().error(message, ex)
@@ -100,17 +102,22 @@ PARSER_KEY = re.compile(r'Parser key "([^"]+)":\s*(.*)')
 GIVEN_CLASS = re.compile(r"Problem with given class_path '([^']+)':")
 NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 NOT_ACCEPTED_BY_SUBCOMMAND = re.compile(r"Subcommand '[^']+' does not accept option '([^']+)'")
+UNRECOGNIZED = re.compile(r"unrecognized arguments: (\S+)")
 
 
-def one_line_error(message: str, recipes: list[str]) -> str:
+def one_line_error(message: str, recipes: list[str], options: list[str] = ()) -> str:
     """jsonargparse's error as ``key: what is wrong``; an unknown key also says which recipe has it (none: the
-    command line gave it) and the option it likely misspells."""
+    command line gave it) and the option it likely misspells (of the class's arguments, or of ``options``,
+    the reporting parser's)."""
     keys, owner, error = _innermost_error(message)
     if match := NOT_ACCEPTED.fullmatch(error):
         keys.append(match[1])
         error += f" by {owner}{_did_you_mean(match[1], owner)}"
     elif match := NOT_ACCEPTED_BY_SUBCOMMAND.fullmatch(error):
         keys = match[1].split(".")
+        error += _closest(match[1], options)
+    elif match := UNRECOGNIZED.match(error):
+        return error + _closest(match[1].lstrip("-"), options)
     else:  # a wrong value: a recipe holding the key may not be where the value came from
         recipes = []
     if not keys:
@@ -148,6 +155,10 @@ def _did_you_mean(option: str, owner: str | None) -> str:
         accepted = list(inspect.signature(_imported(owner)).parameters) if owner else []
     except (ImportError, AttributeError, ValueError, TypeError):  # a class this cannot look into: no guess
         return ""
+    return _closest(option, accepted)
+
+
+def _closest(option: str, accepted: Sequence[str]) -> str:
     close = difflib.get_close_matches(option, accepted, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

@@ -62,6 +62,13 @@ def test_a_mistyped_trainer_key_in_a_recipe_names_the_file(tmp_path, capsys):
     recipe = recipe_with(tmp_path, "  max_steps: 640", "  max_stepz: 640")
     err = fit_error(f"--config={recipe}", capsys=capsys)
     assert err.count("\n") == 1 and err.startswith(f"flowvid fit: error: trainer.max_stepz in {recipe}: ")
+    assert "(did you mean 'trainer.max_steps'?)" in err
+
+
+def test_a_mistyped_trainer_option_on_the_command_line_gets_the_likely_one(capsys):
+    err = fit_error("--config", str(RECIPE), "--trainer.max_stepz", "1", capsys=capsys)
+    assert err.count("\n") == 1 and err.startswith("flowvid fit: error: unrecognized arguments: --trainer.max_stepz")
+    assert "(did you mean 'trainer.max_steps'?)" in err
 
 
 def test_a_mistyped_key_on_the_command_line_names_no_file(capsys):

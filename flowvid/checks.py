@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import unicodedata
+from numbers import Integral, Real
 from typing import Any, Iterable
 
 import torch
@@ -13,6 +15,26 @@ import torch
 def is_count(value: Any) -> bool:
     """An int that is not a bool (``True`` is never meant as a count)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_integer(value: Any) -> bool:
+    """An integer of any integer type (numpy's too) that is not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> None:
+    """A ValueError unless ``value`` is an int >= ``minimum``: 2.5 layers or ``True`` steps are typos that
+    would otherwise be truncated or read as 1. A plain int, as it is kept in checkpoints' hyperparameters
+    (which load without numpy types)."""
+    if not (is_count(value) and value >= minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """A ValueError unless ``value`` is a finite number > 0: NaN fails ``> 0`` but infinity passes it, and
+    either turns the first step's numbers into NaN."""
+    if not (isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
 
 
 def is_blank(text: str) -> bool:

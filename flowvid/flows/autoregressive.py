@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowvid.checks import check_positive
 from flowvid.flows.base import BlockSpec, FlowBlock
 from flowvid.nn.attention import BandedMask, prefix_causal_bands, prefix_causal_mask
 from flowvid.nn.kv_cache import KVCache
@@ -68,6 +69,9 @@ class AffineBlock(FlowBlock):
 
     def __init__(self, spec: BlockSpec, mlp_ratio: float = 4.0, rope_theta: float = 10000.0):
         super().__init__()
+        # A rope_theta <= 0 gives NaN rotation angles, so a NaN likelihood at every step.
+        for name, value in (("mlp_ratio", mlp_ratio), ("rope_theta", rope_theta)):
+            check_positive(f"{type(self).__name__} {name}", value)
         self.spec = spec
         self.mlp_ratio = mlp_ratio
         self.rope_theta = rope_theta

@@ -23,6 +23,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from flowvid.checks import check_positive, is_integer
 from flowvid.lit.tensorboard import add_video_gif, frame_grid, gif_bytes, tensorboard_writers, tile_videos
 from flowvid.metrics.extractor import FVDExtractor, check_video
 from flowvid.metrics.fvd import FrechetVideoDistance
@@ -74,12 +75,30 @@ def logged_step(trainer: Trainer) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
+def caption_list(owner: str, captions: Any) -> list[str]:
+    """The prompts as a list; a single string is refused (``list`` would make each of its letters a prompt)."""
+    if captions is None:
+        return []
+    if isinstance(captions, str) or not all(isinstance(caption, str) for caption in captions):
+        raise ValueError(f"{owner} captions must be a list of strings, got {captions!r}; "
+                         "in YAML, one prompt per line under 'captions:', each starting with '- '")
+    return list(captions)
+
+
+def check_seed(owner: str, seed: Any) -> None:
+    """A seed torch's generators take: a float one would fail only at the first sampling, steps into the run."""
+    if not is_integer(seed):
+        raise ValueError(f"{owner} seed must be an integer, got {seed!r}")
+
+
 class _EveryNSteps(Callback):
     """Runs ``run`` after every ``every_n_steps``-th optimizer step (once per step, also with gradient accumulation)."""
 
     def __init__(self, every_n_steps: int):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        # A float step count would run at its multiples, or never (NaN, inf).
+        if not (is_integer(every_n_steps) and every_n_steps >= 1):
+            raise ValueError(f"{type(self).__name__} every_n_steps must be >= 1, a whole number of optimizer steps, "
+                             f"got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
         self._last_step = -1
 
@@ -116,7 +135,9 @@ class SampleVideoLogger(_EveryNSteps):
     def __init__(self, every_n_steps: int = 1000, captions: list[str] | None = None, seed: int = 0, fps: float = 8.0,
                  tag: str = "samples"):
         super().__init__(every_n_steps)
-        self.captions = list(captions) if captions else [""]
+        check_seed("SampleVideoLogger", seed)
+        check_positive("SampleVideoLogger fps", fps)  # the GIF's frame duration is 1000 / fps ms
+        self.captions = caption_list("SampleVideoLogger", captions) or [""]
         self.seed, self.fps, self.tag = seed, fps, tag
         self._captions_logged = False
 
@@ -180,12 +201,14 @@ class FVDCallback(_EveryNSteps):
                  extractor_args: dict[str, Any] | None = None, reference: str | Path = "val",
                  captions: list[str] | None = None, batch_size: int = 8, seed: int = 0):
         super().__init__(every_n_steps)
-        if num_samples < 2 or batch_size < 1:
-            raise ValueError(f"need num_samples >= 2 and batch_size >= 1, got {num_samples} and {batch_size}")
+        check_seed("FVDCallback", seed)
+        if not (is_integer(num_samples) and num_samples >= 2 and is_integer(batch_size) and batch_size >= 1):
+            raise ValueError(f"FVDCallback needs whole numbers num_samples >= 2 and batch_size >= 1, "
+                             f"got {num_samples!r} and {batch_size!r}")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.extractor, self.extractor_args = extractor, extractor_args
         self.reference = reference
-        self.captions = list(captions) if captions else None
+        self.captions = caption_list("FVDCallback", captions) or None
         self.metric: FrechetVideoDistance | None = None
         self._real_collected = False
 

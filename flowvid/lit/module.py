@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from flowvid.checks import check_count, check_positive, is_count, is_integer
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.data.shards import SKIP_REASONS
 from flowvid.denoise import CausalDenoiser, flow_score_target, score_matching_tap, tweedie_denoise
@@ -154,13 +155,14 @@ class FlowModule(LightningModule):
         self.codec.requires_grad_(False)
         self.text_encoder = text_encoder
         self.denoiser = denoiser
+        # A float would be truncated: 8.5 frames would train on 8 without a word.
+        if len(video_shape) != 3 or not all(is_integer(s) and s >= 1 for s in video_shape):
+            raise ValueError(f"video_shape is (frames, height, width), each >= 1, got {list(video_shape)} "
+                             "(whole numbers of frames and pixels)")
         self.video_shape = tuple(int(s) for s in video_shape)
-        if len(self.video_shape) != 3 or min(self.video_shape) < 1:
-            raise ValueError(f"video_shape is (frames, height, width), each >= 1, got {list(video_shape)}")
         self.latent_shape = tuple(self.codec.latent_shape(*self.video_shape))
         for name, value in (("noise_std", noise_std), ("lr", lr), ("denoiser_lr", denoiser_lr)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+            check_positive(name, value)
         # A negative clip norm turns the step round (the loss climbs); zero would mean "no clipping" silently.
         for name, value in (("grad_clip", grad_clip), ("skip_threshold", skip_threshold)):
             if value is not None and not value > 0:
@@ -170,13 +172,11 @@ class FlowModule(LightningModule):
         for name, value in (("text_dropout", text_dropout), ("extend_prob", extend_prob), ("v2v_prob", v2v_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
-        if schedule_steps is not None and (not isinstance(schedule_steps, int) or schedule_steps < 1):
+        if schedule_steps is not None and not (is_count(schedule_steps) and schedule_steps >= 1):
             raise ValueError(f"schedule_steps must be an integer >= 1, or null for the run's planned steps, "
                              f"got {schedule_steps!r}")
-        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        check_count("accumulate_grad_batches", accumulate_grad_batches)
+        check_count("warmup_steps", warmup_steps, minimum=0)
         for name, value in (("guidance", guidance), ("latent_norm_penalty", latent_norm_penalty),
                             ("weight_decay", weight_decay)):
             if not (math.isfinite(value) and value >= 0):  # a negative penalty rewards latents that blow up

@@ -30,10 +30,15 @@ def check_count(name: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def is_positive_number(value: Any) -> bool:
+    """A finite real number > 0 that is not a bool: NaN fails ``> 0`` but infinity passes it."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def check_positive(name: str, value: Any) -> None:
-    """A ValueError unless ``value`` is a finite number > 0: NaN fails ``> 0`` but infinity passes it, and
-    either turns the first step's numbers into NaN."""
-    if not (isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+    """A ValueError unless ``value`` is a finite number > 0 (``is_positive_number``): NaN or infinity turns
+    the first step's numbers into NaN."""
+    if not is_positive_number(value):
         raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import warnings
 from pathlib import Path
@@ -12,6 +10,7 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 
+from flowvid.checks import is_positive_number
 from flowvid.codecs.base import check_codec_identity, same_codec
 from flowvid.data import manifest as manifests
 from flowvid.data.pipeline import ShardLoader, ShardSource, ShardStream, SkipCounter, shards_for_rank
@@ -341,13 +340,9 @@ def _check_weights(folders: list[str], weights: list[float] | None) -> list[floa
     if len(weights) != len(folders):
         raise ValueError(f"train_weights has {len(weights)} weight(s) for {len(folders)} train_dir folder(s)")
     # An infinite weight would pass here and fail at the first draw, inside a loader worker.
-    if not all(_positive_number(weight) for weight in weights):
+    if not all(is_positive_number(weight) for weight in weights):
         raise ValueError(f"train_weights must all be > 0 and finite numbers, got {list(weights)}")
     return [float(weight) for weight in weights]
-
-
-def _positive_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _check_same_space(first: dict[str, Any], other: dict[str, Any], first_dir: str, other_dir: str) -> None:

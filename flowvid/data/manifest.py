@@ -23,13 +23,12 @@ Format (version 1)::
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from flowvid.checks import is_count
+from flowvid.checks import is_count, is_positive_number
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -112,7 +111,7 @@ def check_manifest(manifest: Any, where: str) -> None:
     video = manifest["video"]
     if not isinstance(video, dict) or not all(_positive_int(video.get(key)) for key in ("frames", "height", "width")):
         raise ManifestError(f"{where}: 'video' must give frames, height and width as integers >= 1, got {video!r}")
-    if video.get("fps") is not None and not _positive_number(video["fps"]):
+    if video.get("fps") is not None and not is_positive_number(video["fps"]):
         raise ManifestError(f"{where}: video 'fps' must be a finite number > 0 or null, got {video['fps']!r}")
     _check_optional_fields(manifest, where)
     _check_shards(manifest, where)
@@ -168,10 +167,6 @@ def _check_shards(manifest: dict[str, Any], where: str) -> None:
 
 def _positive_int(value: Any) -> bool:
     return is_count(value) and value >= 1
-
-
-def _positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _plain_file_name(name: str) -> bool:

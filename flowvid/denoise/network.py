@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from flowvid.checks import is_count
+from flowvid.checks import check_positive, is_count
 from flowvid.nn.attention import frame_window_mask
 from flowvid.nn.rope import rope_angles
 from flowvid.nn.transformer import TransformerLayer
@@ -105,6 +105,8 @@ class CausalDenoiser(nn.Module):
         super().__init__()
         _check_sizes(channels=channels, frame_size=frame_size, width=width, depth=depth, head_dim=head_dim,
                      window=window, lookahead=lookahead, text_width=text_width)
+        if noise_std is not None:  # 0 would denoise nothing, a negative sigma step the wrong way
+            check_positive("CausalDenoiser noise_std", noise_std)
         self.channels = channels
         self.frame_size = (int(frame_size[0]), int(frame_size[1]))
         self.head_dim = head_dim

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from flowvid.checks import check_positive
 from flowvid.text.base import TextEmbedding
 
 
@@ -65,6 +66,8 @@ def score_matching_tap(x: torch.Tensor, prediction: torch.Tensor, noise_std: flo
     loss is multiplied by before its backward pass (``1 / k`` when k batches accumulate); the target
     is read off the unscaled gradient, and the denoiser's loss gets the same factor.
     """
+    check_positive("noise_std", noise_std)
+    check_positive("loss_scale", loss_scale)  # the target is read off the gradient divided by it
     return _ScoreMatchingTap.apply(x, prediction, noise_std, loss_scale)
 
 
@@ -74,6 +77,7 @@ def tweedie_denoise(flow, x_noisy: torch.Tensor, noise_std: float, text: TextEmb
     The fallback when no denoiser was trained; it needs one backward pass through the flow, so it
     leaves inference mode (Lightning validates under it) and works on copies of its inputs.
     """
+    check_positive("noise_std", noise_std)
     with torch.inference_mode(False), torch.enable_grad():
         x = x_noisy.detach().float().clone().requires_grad_(True)
         if text is not None:

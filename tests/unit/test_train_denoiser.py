@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowvid.codecs.pixel import PixelCodec
-from flowvid.denoise import CausalDenoiser, flow_score_target, tweedie_denoise
+from flowvid.denoise import CausalDenoiser, flow_score_target, score_matching_tap, tweedie_denoise
 from flowvid.flows import GlobalLocalFlow
 from flowvid.lit.module import FlowModule
 from flowvid.text.base import TextEmbedding
@@ -138,6 +138,13 @@ def test_wrong_latent_shape_is_a_clear_error():
         denoiser(torch.randn(1, 2, 3, 2, CHANNELS))
 
 
+@pytest.mark.parametrize("noise_std, loss_scale", [(0.0, 1.0), (-0.1, 1.0), (0.1, 0.0), (0.1, float("inf"))])
+def test_the_score_matching_tap_refuses_a_noise_level_or_loss_scale_that_is_no_scale(noise_std, loss_scale):
+    x = torch.randn(1, 1, *FRAME, CHANNELS)
+    with pytest.raises(ValueError, match="must be > 0 and finite"):
+        score_matching_tap(x, torch.zeros_like(x), noise_std, loss_scale)
+
+
 def test_denoise_needs_its_noise_level():
     denoiser = CausalDenoiser(CHANNELS, FRAME, width=32, depth=1, head_dim=16)
     with pytest.raises(ValueError, match="noise_std"):
@@ -157,6 +164,9 @@ def test_denoise_needs_its_noise_level():
     ({"channels": 0}, "CausalDenoiser channels must be an int >= 1, got 0"),
     ({"frame_size": (0, 3)}, r"CausalDenoiser frame_size must be a pair \(h, w\) of ints >= 1, got \(0, 3\)"),
     ({"text_width": 0}, "CausalDenoiser text_width must be an int >= 1, got 0"),
+    ({"noise_std": 0.0}, "CausalDenoiser noise_std must be > 0 and finite, got 0.0"),
+    ({"noise_std": -0.1}, "CausalDenoiser noise_std must be > 0 and finite, got -0.1"),
+    ({"noise_std": float("nan")}, "CausalDenoiser noise_std must be > 0 and finite, got nan"),
 ])
 def test_sizes_that_build_no_working_denoiser_are_refused(size, message):
     settings = {"channels": CHANNELS, "frame_size": FRAME, "width": 32, "head_dim": 16, **size}

@@ -199,7 +199,8 @@ class FlowvidCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         command_line = list(sys.argv[1:] if args is None else args)
-        for reporting in (parser, *(self._parser(name) for name in self.subcommands())):  # either may report
+        # The main parser or a subcommand's may report an error; built with run=False, there are no subcommands.
+        for reporting in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
             reporting.command_line = command_line
         super().parse_arguments(parser, args)
 

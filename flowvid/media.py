@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class MediaError(ValueError):
-    """A file that cannot be read as the image or video it should be."""
+    """A file that cannot be read as the image or video it should be, or a video that cannot be written."""
 
 
 def frame_rate(fps: float) -> Fraction:
@@ -28,26 +28,68 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: s
                 container: str | None = None) -> None:
     """uint8 frames (T, H, W, 3) -> a video file; H.264 at near-lossless quality by default.
 
-    ``ffv1`` stores the frames losslessly. H.264 needs even sides: odd ones are padded by one pixel.
+    ``ffv1`` stores the frames losslessly. H.264 needs even sides: odd ones are padded by one pixel
+    (a copy of the last row or column), so such a video reads back one pixel taller or wider.
     ``container`` is FFmpeg's name of the file format (``"mp4"``), by default read from the file's suffix.
     """
     rate = frame_rate(fps)
-    frames = np.asarray(frames, dtype=np.uint8)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"expected frames of shape (T, H, W, 3), got {frames.shape}")
-    if codec == "libx264":
+    frames = video_pixels(frames, path)
+    encoder = encoder_name(codec)
+    if encoder == "libx264":
         pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    with av.open(str(path), "w", format=container) as output:
-        stream = output.add_stream(codec, rate=rate)
+    with open_for_writing(Path(path), container) as output:
+        stream = output.add_stream(encoder, rate=rate)
         stream.height, stream.width = frames.shape[1:3]
-        if codec == "libx264":
+        if encoder == "libx264":
             stream.pix_fmt, stream.options = "yuv420p", {"crf": "12"}
-        elif codec == "ffv1":
+        elif encoder == "ffv1":
             stream.pix_fmt = "bgr0"
         for frame in frames:
             output.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         output.mux(stream.encode())
+
+
+def video_pixels(frames: np.ndarray, path: str | Path) -> np.ndarray:
+    """``frames`` as uint8 (T, H, W, 3), at least one frame. A cast alone would wrap values outside 0-255
+    and turn a float video in [0, 1] black, so only whole numbers in 0-255 pass."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames of shape (T, H, W, 3) for video {path}, got {frames.shape}")
+    if frames.shape[0] == 0:
+        raise ValueError(f"no frames to write to video {path}: the array holds 0 frames {frames.shape}")
+    if frames.dtype == np.uint8:
+        return frames
+    if frames.dtype == bool or not np.issubdtype(frames.dtype, np.integer):
+        raise ValueError(f"expected uint8 frames (0-255) for video {path}, got {frames.dtype}; a float video in "
+                         "[0, 1] becomes uint8 with (frames * 255).round().astype(np.uint8)")
+    low, high = frames.min(), frames.max()
+    if low < 0 or high > 255:
+        raise ValueError(f"frames for video {path} hold values from {low} to {high}, expected 0-255; "
+                         "clip or rescale them to uint8")
+    return frames.astype(np.uint8)
+
+
+def encoder_name(codec: str) -> str:
+    """FFmpeg's encoder for ``codec``: ``h264`` is ``libx264``, which needs the even sides and settings above."""
+    try:
+        return av.Codec(codec, "w").name
+    except av.codec.codec.UnknownCodecError:
+        raise MediaError(f"no video encoder {codec!r} in this FFmpeg; use libx264 (h264), mpeg4, libvpx-vp9 "
+                         "or ffv1") from None
+
+
+def open_for_writing(path: Path, container: str | None) -> av.container.OutputContainer:
+    """``path`` opened to write a video; MediaError naming the file when its folder or format is wrong."""
+    if not path.parent.is_dir():
+        raise MediaError(f"cannot write video {path}: the folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise MediaError(f"cannot write video {path}: it is a folder; give a file name such as {path / 'video.mp4'}")
+    try:
+        return av.open(str(path), "w", format=container)
+    except ValueError as err:  # an unknown suffix or container name
+        raise MediaError(f"cannot write video {path}: {err}; end the name in .mp4 or .mkv, or give the "
+                         "container (\"mp4\")") from None
 
 
 def fit_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -1,0 +1,153 @@
+"""Edge cases of writing videos (write_video, read back with read_frames) and of the TensorBoard sample videos."""
+
+import io
+
+import av
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader
+
+from flowvid.lit.callbacks import SampleVideoLogger
+from flowvid.media import MediaError, read_frames, write_video
+
+
+def smooth_video(frames: int, height: int, width: int) -> np.ndarray:
+    """Red grows left to right, green top to bottom, blue over time, a few levels a step: what lossy
+    codecs keep well (4:2:0 chroma at half resolution blurs sharp colour edges)."""
+    t, y, x = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
+    return np.stack([np.minimum(x * 3, 255), np.minimum(y * 3, 255), np.minimum(64 + t * 8, 255)], axis=-1
+                    ).astype(np.uint8)
+
+
+def stream_rate_and_count(path) -> tuple:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.average_rate, stream.frames
+
+
+@pytest.mark.parametrize("frames, height, width", [(6, 32, 48), (1, 16, 16), (4, 2, 200), (4, 200, 2)])
+def test_a_smooth_video_reads_back_with_its_frames_size_and_colours(tmp_path, frames, height, width):
+    video = smooth_video(frames, height, width)
+    write_video(tmp_path / "clip.mp4", video)
+    back = np.stack(read_frames(tmp_path / "clip.mp4"))
+    assert back.shape == video.shape
+    assert np.abs(back.astype(int) - video).mean() < 4  # H.264 at crf 12, chroma at half resolution
+
+
+@pytest.mark.parametrize("height, width", [(17, 33), (1, 1), (3, 200)])
+def test_odd_sides_are_padded_by_one_pixel_for_h264_and_the_picture_is_kept(tmp_path, height, width):
+    video = smooth_video(4, height, width)
+    write_video(tmp_path / "odd.mp4", video)
+    back = np.stack(read_frames(tmp_path / "odd.mp4"))
+    assert back.shape == (4, height + height % 2, width + width % 2, 3)
+    assert np.abs(back[:, :height, :width].astype(int) - video).mean() < 4
+
+
+@pytest.mark.parametrize("codec", ["h264", "libx264"])
+def test_h264_by_its_short_name_pads_odd_sides_like_libx264(tmp_path, codec):
+    write_video(tmp_path / "odd.mp4", smooth_video(3, 17, 33), codec=codec)
+    assert np.stack(read_frames(tmp_path / "odd.mp4")).shape == (3, 18, 34, 3)
+
+
+@pytest.mark.parametrize("fps, stored", [(0.5, 0.5), (29.97, 29.97), (240, 240), (8, 8)])
+def test_low_high_and_fractional_frame_rates_keep_every_frame(tmp_path, fps, stored):
+    write_video(tmp_path / "rate.mp4", smooth_video(5, 16, 16), fps=fps)
+    rate, count = stream_rate_and_count(tmp_path / "rate.mp4")
+    assert float(rate) == pytest.approx(stored) and count == 5
+    assert len(read_frames(tmp_path / "rate.mp4")) == 5
+
+
+def test_a_path_with_spaces_and_unicode_is_written_and_read(tmp_path):
+    path = tmp_path / "my clips é 日本" / "vidéo 1.mp4"
+    path.parent.mkdir()
+    write_video(path, smooth_video(3, 16, 16))
+    assert len(read_frames(path)) == 3
+
+
+@pytest.mark.parametrize("frames", [np.full((2, 8, 8, 3), 0.5, dtype=np.float32),
+                                    np.full((2, 8, 8, 3), 200.0),
+                                    np.ones((2, 8, 8, 3), dtype=bool)])
+def test_frames_that_are_not_whole_numbers_0_to_255_are_refused_rather_than_cast(tmp_path, frames):
+    # A cast to uint8 would write a float video in [0, 1] as black frames.
+    with pytest.raises(ValueError, match=rf"expected uint8 frames \(0-255\) for video .*clip.mp4, got {frames.dtype}"):
+        write_video(tmp_path / "clip.mp4", frames)
+    assert not (tmp_path / "clip.mp4").exists()
+
+
+@pytest.mark.parametrize("low, high", [(-1, 100), (0, 256)])
+def test_integer_frames_outside_0_to_255_are_refused_rather_than_wrapped(tmp_path, low, high):
+    frames = np.linspace(low, high, 2 * 8 * 8 * 3).round().astype(np.int64).reshape(2, 8, 8, 3)
+    with pytest.raises(ValueError, match=f"hold values from {low} to {high}, expected 0-255"):
+        write_video(tmp_path / "clip.mp4", frames)
+
+
+def test_integer_frames_within_0_to_255_are_written_as_they_are(tmp_path):
+    video = smooth_video(3, 16, 16)
+    write_video(tmp_path / "clip.mkv", video.astype(np.int64), codec="ffv1")
+    assert np.array_equal(np.stack(read_frames(tmp_path / "clip.mkv")), video)
+
+
+def test_a_video_of_no_frames_is_refused_rather_than_leaving_no_file(tmp_path):
+    with pytest.raises(ValueError, match=r"no frames to write to video .*empty.mp4"):
+        write_video(tmp_path / "empty.mp4", np.zeros((0, 8, 8, 3), dtype=np.uint8))
+
+
+def test_a_missing_folder_is_named(tmp_path):
+    path = tmp_path / "not made" / "clip.mp4"
+    with pytest.raises(MediaError, match=f"the folder {tmp_path / 'not made'} does not exist; create it first"):
+        write_video(path, smooth_video(2, 8, 8))
+
+
+@pytest.mark.parametrize("name, container, reason", [("clip", None, "Could not determine output format"),
+                                                     ("clip.mp4", "nope", "no container format 'nope'")])
+def test_an_unknown_file_format_names_the_file(tmp_path, name, container, reason):
+    with pytest.raises(MediaError, match=f"cannot write video {tmp_path / name}: {reason}; end the name in .mp4"):
+        write_video(tmp_path / name, smooth_video(2, 8, 8), container=container)
+
+
+def test_an_unknown_encoder_is_named(tmp_path):
+    with pytest.raises(MediaError, match="no video encoder 'x246' in this FFmpeg"):
+        write_video(tmp_path / "clip.mp4", smooth_video(2, 8, 8), codec="x246")
+
+
+class OddSizedVideos(L.LightningModule):
+    """One 17x33 frame per caption."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch).square().mean()
+
+    def generate_videos(self, captions, seed):
+        return torch.from_numpy(smooth_video(1, 17, 33)).expand(len(captions), -1, -1, -1, -1).clone()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_tensorboard_gets_a_one_frame_odd_sized_video_and_long_unicode_captions(tmp_path):
+    captions = ["un chat bleu saute 🐈 " + "très loin, " * 200, ""]
+    logger = SampleVideoLogger(every_n_steps=1, captions=captions, tag="échantillons")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="run"),
+                        callbacks=[logger], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(OddSizedVideos(), DataLoader([torch.randn(2)], batch_size=1))
+
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    (video,) = events.Images("échantillons/video")
+    assert (video.width, video.height) == (2 * 33, 17)
+    gif = Image.open(io.BytesIO(video.encoded_image_string))
+    assert gif.n_frames == 1 and gif.size == (2 * 33, 17)
+    (grid,) = events.Images("échantillons/frames")
+    assert (grid.width, grid.height) == (33, 2 * 17)
+    (text,) = events.Tensors("échantillons/captions/text_summary")
+    listing = text.tensor_proto.string_val[0].decode()
+    assert listing == f"0. {captions[0]}\n1. (unconditional)"

@@ -41,7 +41,7 @@ class EMA:
 
     def __init__(self, module: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+            raise ValueError(f"ema_decay must be in (0, 1), or null for no moving average, got {decay}")
         self.decay = decay
         self.parameters = {name: p for name, p in module.named_parameters() if p.requires_grad}
         self.frozen = {name for name, p in module.named_parameters() if not p.requires_grad}

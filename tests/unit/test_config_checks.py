@@ -32,6 +32,8 @@ def build_module(**overrides) -> FlowModule:
     (dict(accumulate_grad_batches=True), "accumulate_grad_batches must be an integer >= 1, got True"),
     (dict(schedule_steps=True), "schedule_steps must be an integer >= 1, or null for the run's planned steps, "
                                 "got True"),
+    # The message names the setting the recipe has, not the class that checks it.
+    (dict(ema_decay=1.0), "ema_decay must be in (0, 1), or null for no moving average, got 1.0"),
 ])
 def test_flow_module_refuses_values_that_would_break_training(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -38,7 +38,7 @@ from data_tools.arguments import build_registered
 from data_tools.report import console, print_summary, progress_bar
 from flowvid.checks import json_object
 from flowvid.codecs.base import LatentCodec
-from flowvid.data.manifest import load_manifest, new_manifest, video_shape, write_manifest
+from flowvid.data.manifest import MANIFEST_NAME, load_manifest, new_manifest, video_shape, write_manifest
 from flowvid.data.shards import (
     SHARD_PATTERN,
     BadSample,
@@ -163,12 +163,30 @@ def check_request(source: str | Path, out: str | Path, codec: LatentCodec,
 
 
 def check_output_folder(source: str | Path, out: str | Path) -> None:
-    """Raise a ValueError when ``out`` is the raw folder ``source`` (the latents would replace its shards) or
-    cannot be a folder."""
+    """Raise a ValueError when ``out`` is the raw folder ``source`` (the latents would replace its shards),
+    cannot be a folder, or holds a manifest the latents must not replace."""
     if Path(out).resolve() == Path(source).resolve():
         raise ValueError(f"the output folder {out} is the raw folder itself, whose shards it would replace; "
                          "write the latents to another folder")
     paths.check_output_folder(out, "output folder", "give a folder for the shards")
+    _check_earlier_manifest(Path(out) / MANIFEST_NAME)
+
+
+def _check_earlier_manifest(manifest: Path) -> None:
+    """Raise a ValueError when ``manifest`` is not flowvid's (a user's file of that name) or lists raw shards:
+    latents replace only latents, as raw clips cannot be made again from them."""
+    if not manifest.is_file():
+        return
+    try:
+        content = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        content = None
+    if not isinstance(content, dict) or "format_version" not in content:
+        raise ValueError(f"{manifest} is not a flowvid manifest, and this run would replace it; give another "
+                         "--out, or move that file away")
+    if content.get("kind") == "raw":
+        raise ValueError(f"the output folder {manifest.parent} holds raw shards, which the latents would replace; "
+                         "give another --out, or remove those shards and their manifest.json first")
 
 
 def _write_latents(
@@ -215,7 +233,7 @@ def _write_latents(
                 if text_encoder is not None and not np.isfinite(np.asarray(tokens[index], dtype=np.float16)).all():
                     skipped.append({"key": sample["key"], "reason": "bad_text_embedding: NaN or inf as float16"})
                     continue
-                stats.add(latents[index])
+                stats.add(torch.from_numpy(latent))  # the float16 values written, which training reads
                 extra: dict[str, Any] = {}
                 if text_encoder is not None:
                     extra = {"text": tokens[index], "text_mask": mask[index]}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import platform
 import warnings
 
 import torch
@@ -27,7 +28,15 @@ def add_placement_arguments(parser: argparse.ArgumentParser, precision: str) -> 
 
 
 def launch_rank() -> tuple[int, int]:
-    """``(rank, world size)`` of a process that torchrun started (``RANK``, ``WORLD_SIZE``), else ``(0, 1)``."""
+    """``(rank, world size)`` of a process that torchrun started (``RANK``, ``WORLD_SIZE``), else ``(0, 1)``.
+
+    torchrun sets both: one without the other is a launch gone wrong, which would otherwise run as rank 0
+    of a world whose other processes never come (half the prompts sampled, or a wait for them)."""
+    present = [name for name in ("RANK", "WORLD_SIZE") if name in os.environ]
+    if len(present) == 1:
+        [given], [missing] = present, {"RANK", "WORLD_SIZE"} - set(present)
+        raise ValueError(f"{given}={os.environ[given]!r} is set but {missing} is not: start the processes with "
+                         f"torchrun, which sets both, or unset {given} to run one process")
     try:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     except ValueError:
@@ -43,6 +52,11 @@ def join_launch_group() -> tuple[int, int]:
     environment) for commands whose processes share their bookkeeping; the GPUs stay each process's own."""
     rank, world_size = launch_rank()
     if world_size > 1 and not torch.distributed.is_initialized():
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise ValueError(f"RANK={rank} and WORLD_SIZE={world_size} are set but {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not: start the processes with torchrun, which "
+                             "sets them all, or unset RANK and WORLD_SIZE to run one process")
         torch.distributed.init_process_group("gloo")
     return rank, world_size
 
@@ -55,7 +69,7 @@ def resolve_device(name: str, setting: str = "--device") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
+        name = f"cuda:{local_rank()}"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -73,9 +87,22 @@ def resolve_device(name: str, setting: str = "--device") -> torch.device:
     return device
 
 
+def local_rank() -> int:
+    """torchrun's ``LOCAL_RANK``: the index of the process's own GPU on its machine."""
+    value = os.environ["LOCAL_RANK"]
+    if not value.isdecimal():
+        raise ValueError(f"LOCAL_RANK={value!r} must be a GPU index (0, 1, ...): torchrun sets it; unset it to run "
+                         "one process")
+    return int(value)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # oneDNN's own check (torch.ops.mkldnn._is_mkldnn_bf16_supported) only asks for AVX-512, on which
+        # it runs bf16 emulated: Skylake to Ice Lake Xeons have AVX-512 without AVX512-BF16.
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # Arm: its BF16 extension
 
 
 def resolve_precision(name: str, device: torch.device, setting: str = "--precision") -> str:
@@ -90,9 +117,10 @@ def resolve_precision(name: str, device: torch.device, setting: str = "--precisi
 
 
 def warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
-    """bf16-mixed on a CPU without native bf16 works, but slower than fp32: say so."""
-    if precision == "bf16-mixed" and device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16-mixed runs emulated and slower "
+    """bf16 (``bf16-mixed``, or training's ``bf16-true``) on a CPU without native bf16 works, but slower than
+    fp32: say so."""
+    if precision.startswith("bf16") and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(f"this CPU has no native bf16 (AVX512-BF16 or AMX): {precision} runs emulated and slower "
                       "than 32-true", stacklevel=3)
 
 

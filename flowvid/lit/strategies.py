@@ -81,10 +81,22 @@ class ZeroStrategy(DeepSpeedStrategy):
     """
 
     def __init__(self, stage: int = 2, *, cpu_shm_allreduce: bool = False, **kwargs: Any):
-        if stage not in (1, 2, 3):
-            raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
+        if isinstance(stage, bool) or stage not in (1, 2, 3):  # True == 1, and "2" reads as 2 in a message
+            raise ValueError(f"ZeRO stage must be 1, 2 or 3 (a number), got {stage!r}; for data parallelism "
+                             "without ZeRO use strategy: ddp")
         super().__init__(stage=stage, **kwargs)
         self.cpu_shm_allreduce = cpu_shm_allreduce
+        self._refuse_offloading_a_client_optimizer()
+
+    def _refuse_offloading_a_client_optimizer(self) -> None:
+        # DeepSpeed's engine would refuse it with a traceback, on GPUs and CPUs alike, after the processes started
+        # (unless a DeepSpeed config names its own optimizer or lifts the check).
+        offload = self.config.get("zero_optimization", {}).get("offload_optimizer") or {}
+        lifted = "optimizer" in self.config or not self.config.get("zero_force_ds_cpu_optimizer", True)
+        if offload.get("device") in ("cpu", "nvme") and not lifted:
+            raise ValueError("ZeroStrategy offload_optimizer: DeepSpeed offloads only its own optimiser "
+                             "(DeepSpeedCPUAdam), and FlowModule trains with torch's AdamW; leave offload_optimizer "
+                             "off (offload_parameters, under stage 3, still moves the weights to host memory)")
 
     @property
     def on_cpu(self) -> bool:

@@ -124,6 +124,7 @@ def read_adapters(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def apply_adapters(module: nn.Module, path: str | os.PathLike, strength: float = 1.0) -> None:
     """Merge the adapters of ``path`` into ``module``'s weights, their updates scaled by ``strength``."""
+    check_strength(strength)
     adapters = read_adapters(path)
     weights = module.state_dict()
     whole = {name: adapters.pop(name) for name in list(adapters) if not is_adapter_key(name)}
@@ -148,6 +149,13 @@ def apply_adapters(module: nn.Module, path: str | os.PathLike, strength: float =
              for name, tensor in whole.items()}
     merged = merge_lora({**weights, **moved, **scaled})
     load_weights(module, merged, where=str(path))
+
+
+def check_strength(strength: float) -> None:
+    # A NaN or infinite strength makes NaN weights, which would be reported as a damaged file.
+    if not math.isfinite(strength):
+        raise ValueError(f"the LoRA strength must be a finite number (0: the model as it was, 1: as fine-tuned), "
+                         f"got {strength}")
 
 
 def warn_if_other_base(path: str | os.PathLike, weights: dict[str, torch.Tensor], layers: list[str]) -> None:

@@ -21,6 +21,7 @@ run is resumed (``resume: auto``), the checkpoint's weights win and the export i
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -32,7 +33,8 @@ from flowvid.export import CONFIG_NAME, decode_metadata, load_weights, reading_e
 from flowvid.lit.checkpointing import METADATA_KEY, check_resumable
 from flowvid.lit.ema import EMA
 from flowvid.loading import export_in
-from flowvid.nn.lora import DEFAULT_TARGETS, LoRALinear, add_lora, check_lora_settings
+from flowvid.nn.lora import (DEFAULT_TARGETS, LoRALinear, add_lora, check_lora_settings, check_targets_match,
+                             is_adapter_key)
 
 #: Shorthands for ``Freeze(modules=...)``.
 PRESETS = {
@@ -48,8 +50,9 @@ class InitFromExport(Callback):
     Args:
         path: the ``.safetensors`` file, or the folder of a ``flowvid export``.
         strict: every weight of the model must be in the file. With ``strict: false`` model weights
-            the file lacks keep their initialisation (e.g. a new denoiser on an imported flow); weights
-            in the file that the model lacks, or of another shape, are always an error.
+            the file lacks keep their initialisation (e.g. a new denoiser on an imported flow), and the
+            log counts them by part; weights in the file that the model lacks, or of another shape, are
+            always an error.
     """
 
     def __init__(self, path: str, strict: bool = True):
@@ -76,7 +79,7 @@ class InitFromExport(Callback):
             raise ValueError(f"{path} holds weights this model does not have: {', '.join(unexpected[:5])}"
                              f"{' ...' if len(unexpected) > 5 else ''}")
         load_weights(pl_module, state, where=str(path), strict=self.strict)
-        rank_zero_info(f"initialised {len(state)} tensors from {path}")
+        rank_zero_info(f"initialised {len(state)} tensors from {path}{kept_initialisation(pl_module, state)}")
 
     def export_file(self) -> Path:
         """The ``.safetensors`` file that ``path`` names: itself, or the export in the folder it names."""
@@ -93,6 +96,29 @@ class InitFromExport(Callback):
             raise ValueError(f"InitFromExport: {path} is not an export (.safetensors); export a training checkpoint "
                              f"first: flowvid export --ckpt {path} --out exported/model.safetensors")
         return path
+
+
+def kept_initialisation(module: LightningModule, state: dict) -> str:
+    """What of ``module`` a ``strict: false`` load left at its initialisation, counted by top-level part: a
+    wrong export would otherwise pass for a partial one."""
+    kept = sorted(name for name in module.state_dict() if name not in state and not is_adapter_key(name))
+    if not kept:
+        return ""
+    parts = Counter(name.partition(".")[0] for name in kept)
+    listed = ", ".join(f"{part} ({count})" for part, count in sorted(parts.items()))
+    return (f"; {len(kept)} tensors are not in it and keep their initialisation: {listed}, "
+            f"e.g. {', '.join(kept[:3])}")
+
+
+def submodules(module: LightningModule, names: list[str], callback: str) -> dict:
+    """The sub-modules of ``module`` that ``names`` name; a name it lacks is an error listing its parts."""
+    named = dict(module.named_modules())
+    unknown = [name for name in names if name not in named]
+    if unknown:
+        parts = [name for name, _ in module.named_children()]
+        raise ValueError(f"{callback}: {type(module).__name__} has no sub-module {', '.join(unknown)}; its parts are "
+                         f"{', '.join(parts)} (name sub-modules with dots, e.g. flow.deep)")
+    return {name: named[name] for name in names}
 
 
 class Freeze(Callback):
@@ -116,17 +142,22 @@ class Freeze(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         named = dict(pl_module.named_modules())
-        unknown = [name for name in self.modules if name not in named]
-        if unknown and not self.preset:  # a preset's optional parts (no text encoder) may be absent
-            raise ValueError(f"Freeze: {type(pl_module).__name__} has no sub-module {', '.join(unknown)}")
+        # A preset's optional parts (no text encoder) may be absent.
+        names = [name for name in self.modules if name in named] if self.preset else self.modules
+        chosen = submodules(pl_module, names, "Freeze")
         frozen = 0
-        for name in (name for name in self.modules if name in named):
-            for parameter in named[name].parameters():
+        for module in chosen.values():
+            for parameter in module.parameters():
                 parameter.requires_grad_(False)
                 frozen += parameter.numel()
+        if frozen == 0:  # the run would train everything, as if there were no Freeze
+            parts = [name for name, _ in pl_module.named_children()]
+            raise ValueError(f"Freeze({self.modules}) freezes no parameter ({type(pl_module).__name__} has no weights "
+                             f"there), so everything would train; name sub-modules that hold weights (its parts are "
+                             f"{', '.join(parts)}), or delete the callback to train everything")
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         if trainable == 0:
-            raise ValueError(f"Freeze({self.modules}) leaves nothing to train")
+            raise ValueError(f"Freeze({self.modules}) leaves nothing to train; leave at least one sub-module out")
         ema = getattr(pl_module, "ema", None)
         if isinstance(ema, EMA):  # made with the module, before this froze anything: it averages what trains
             ema.stop_averaging_frozen()
@@ -156,17 +187,16 @@ class LoRA(Callback):
         self.alpha = alpha
         self.modules = list(modules or ["flow"])
         self.targets = list(targets or DEFAULT_TARGETS)
+        self.targets_given = bool(targets)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        named = dict(pl_module.named_modules())
-        unknown = [name for name in self.modules if name not in named]
-        if unknown:
-            raise ValueError(f"LoRA: {type(pl_module).__name__} has no sub-module {', '.join(unknown)}")
-        if any(isinstance(layer, LoRALinear) for name in self.modules for layer in named[name].modules()):
+        named = submodules(pl_module, self.modules, "LoRA")
+        if any(isinstance(layer, LoRALinear) for module in named.values() for layer in module.modules()):
             return  # adapted in an earlier stage of the same run
+        if self.targets_given:  # the defaults name both feed-forward kinds, of which a model has one
+            check_targets_match(list(named.values()), self.targets)
         adapted = 0
-        for name in self.modules:
-            module = named[name]
+        for module in named.values():
             module.requires_grad_(False)
             adapted += len(add_lora(module, self.rank, self.alpha, self.targets))
         ema = getattr(pl_module, "ema", None)

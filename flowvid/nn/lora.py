@@ -63,10 +63,21 @@ class LoRALinear(nn.Module):
 
 
 def check_lora_settings(rank: int, alpha: float | None) -> None:
-    if not isinstance(rank, int) or rank <= 0:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-    if alpha is not None and not alpha > 0:
-        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+    if alpha is not None and not 0 < alpha < math.inf:  # an infinite scale makes every output NaN
+        raise ValueError(f"LoRA alpha must be > 0 and finite, got {alpha!r}")
+
+
+def check_targets_match(modules: list[nn.Module], targets: tuple[str, ...] | list[str]) -> None:
+    """Each of ``targets`` names a linear layer of ``modules``: a misspelt one would leave its layers
+    unadapted without a word."""
+    linear = [name for module in modules for name, layer in module.named_modules() if isinstance(layer, nn.Linear)]
+    unmatched = [target for target in targets if not any(_targeted(name, (target,)) for name in linear)]
+    if unmatched:
+        endings = sorted({".".join(name.split(".")[-2:]) for name in linear if ".layers." in f".{name}"})
+        raise ValueError(f"LoRA targets {', '.join(unmatched)} name no linear layer; the transformer layers' linear "
+                         f"layers end in {', '.join(endings)}")
 
 
 def _targeted(name: str, targets: tuple[str, ...]) -> bool:

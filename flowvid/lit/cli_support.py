@@ -290,6 +290,7 @@ class FlowvidCLI(LightningCLI):
         """``--ckpt_path`` may name a run directory: its newest readable checkpoint is validated. Without
         it, ``resume`` (``auto`` in some recipes) picks the checkpoint, as it picks where ``fit`` goes on."""
         check_some_batch_is_validated(self.trainer)
+        check_some_validation_data(self.datamodule)
         settings = self.config_init[self.subcommand]
         if settings.get("ckpt_path"):
             if os.path.isdir(settings.ckpt_path):
@@ -340,6 +341,13 @@ def check_some_batch_is_validated(trainer: Trainer) -> None:
     if trainer.limit_val_batches == 0:
         raise ValueError("trainer.limit_val_batches=0 validates no batch; give a number of batches, or a fraction "
                          "of them (--trainer.limit_val_batches 1.0 for all)")
+
+
+def check_some_validation_data(datamodule: Any) -> None:
+    """Without ``val_dir`` Lightning's ``validate`` finds no loader: it would validate nothing and succeed."""
+    if getattr(datamodule, "val_dirs", None) == []:
+        raise ValueError("data.init_args.val_dir is not set, so there is nothing to validate; give the validation "
+                         "shards with --data.init_args.val_dir")
 
 
 def warn_of_unused_checkpoints(checkpoint_dir: str) -> None:

@@ -661,7 +661,9 @@ class FlowModule(LightningModule):
             if self.denoiser is not None:
                 metrics["denoiser_mse"] = F.mse_loss(self.denoiser.denoise(noisy, text), clean)
         prefix = self._validation_prefix(dataloader_idx)
-        self.log_dict({f"{prefix}/{name}": value for name, value in metrics.items()}, batch_size=batch_size,
+        # A float count: Lightning averages each process's count of samples over the processes in the
+        # count's own dtype, and an integer one rounds down (5 samples on 2 processes would count as 4).
+        self.log_dict({f"{prefix}/{name}": value for name, value in metrics.items()}, batch_size=float(batch_size),
                       sync_dist=True, add_dataloader_idx=False)
 
     def _validation_prefix(self, dataloader_idx: int) -> str:

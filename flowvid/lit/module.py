@@ -23,6 +23,7 @@ DeepSpeed ZeRO reduce them once per step, as they expect.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
@@ -74,6 +75,17 @@ def check_validation_in_step(strategy, world_size: int, datamodule) -> None:
         raise ValueError(f"under ZeRO-3 on {world_size} processes every process must run the same number of "
                          "validation batches (each forward pass gathers the weights from all of them): set "
                          "data.init_args.val_batches")
+
+
+def validation_noise(keys: list[Any] | None, shape: torch.Size, batch_idx: int) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (B, ...) for a validation batch. A clip's noise is drawn from a seed
+    its key gives, so it is the same whichever batch and process the clip falls to; batches without keys
+    draw from their index."""
+    if keys is None:
+        return torch.randn(shape, generator=torch.Generator().manual_seed(batch_idx))
+    keys = keys.tolist() if isinstance(keys, torch.Tensor) else keys
+    seeds = [int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:8], "little") for key in keys]
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed)) for seed in seeds])
 
 
 class FlowModule(LightningModule):
@@ -637,15 +649,15 @@ class FlowModule(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Bits/dim of noisy validation latents, and how far each denoiser lands from the clean ones.
 
-        The noise of batch ``i`` is the same in every validation run, so numbers compare across runs.
+        Each clip's noise is drawn from its key (``validation_noise``): the same in every validation run,
+        whatever the batch size, the number of processes or the order, so numbers compare across runs.
         Bits/dim are logged for the video and for each latent frame given the ones before it
         (``bits_per_dim/frame_03``), which shows what the earlier frames' context buys. The first
         validation set logs ``val/...``; another logs ``val/<name>/...``, named by the DataModule's
         ``val_names`` when it has them.
         """
         clean = self.latents_of(batch)
-        generator = torch.Generator().manual_seed(batch_idx)
-        noisy = clean + self.noise_std * torch.randn(clean.shape, generator=generator).to(clean)
+        noisy = clean + self.noise_std * validation_noise(batch.get("key"), clean.shape, batch_idx).to(clean)
         batch_size = clean.shape[0]
         with self.averaged_weights():  # the text encoder is averaged too
             text = self.encode_text(self.captions_of(batch)) if self.text_encoder is not None else None

@@ -17,6 +17,7 @@ from flowvid.denoise import CausalDenoiser
 from flowvid.flows import GlobalLocalFlow
 from flowvid.lit import FlowModule
 from flowvid.lit.checkpointing import METADATA_KEY
+from flowvid.lit.module import validation_noise
 from flowvid.lit.cli_support import main as cli_main
 from flowvid.text import LearnedTextEncoder
 from processes import run_in_gloo_group
@@ -46,16 +47,23 @@ def batch(indices: list[int]) -> dict:
     return {"latents": LATENTS[indices], "caption": [CAPTIONS[i] for i in indices], "key": [str(i) for i in indices]}
 
 
-def bits_per_dim_of_each_clip(module: FlowModule, batches: list[list[int]], batch_indices: list[int]) -> torch.Tensor:
-    """``flow.bits_per_dim`` of each clip, with the noise validation draws for batch ``i``."""
+def bits_per_dim_of_each_clip(module: FlowModule, clips: list[int]) -> torch.Tensor:
+    """``flow.bits_per_dim`` of each clip, one at a time, with the noise its key draws."""
     values = []
     with torch.no_grad():
-        for indices, batch_idx in zip(batches, batch_indices):
-            clean = LATENTS[indices]
-            noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(batch_idx))
-            values.append(module.flow.bits_per_dim(clean + module.noise_std * noise,
-                                                   module.encode_text([CAPTIONS[i] for i in indices])))
+        for i in clips:
+            clean = LATENTS[[i]]
+            noise = validation_noise([str(i)], clean.shape, batch_idx=0)
+            values.append(module.flow.bits_per_dim(clean + module.noise_std * noise, module.encode_text([CAPTIONS[i]])))
     return torch.cat(values)
+
+
+def test_a_clips_validation_noise_follows_its_key_not_its_batch():
+    shape = (3, 2, 4)
+    alone = {key: validation_noise([key], (1, *shape), batch_idx=7)[0] for key in "abc"}
+    together = validation_noise(["c", "a", "b"], (3, *shape), batch_idx=0)
+    assert all(torch.equal(together[row], alone[key]) for row, key in enumerate("cab"))
+    assert not torch.equal(alone["a"], alone["b"])
 
 
 def test_bits_per_dim_average_every_clip_once_under_the_ema_and_the_trained_weights_come_back():
@@ -66,11 +74,11 @@ def test_bits_per_dim_average_every_clip_once_under_the_ema_and_the_trained_weig
 
     assert all(torch.equal(trained[name], weight) for name, weight in module.state_dict().items())
     with module.averaged_weights():
-        averaged = bits_per_dim_of_each_clip(module, BATCHES, [0, 1])
+        averaged = bits_per_dim_of_each_clip(module, list(range(len(LATENTS))))
     # Each clip once, not the mean of the two batches' means.
     assert logged["val/bits_per_dim"] == pytest.approx(averaged.mean().item(), rel=1e-6)
     assert logged["val/nats_per_dim"] == pytest.approx(averaged.mean().item() * math.log(2), rel=1e-6)
-    assert bits_per_dim_of_each_clip(module, BATCHES, [0, 1]).mean().item() != pytest.approx(
+    assert bits_per_dim_of_each_clip(module, list(range(len(LATENTS)))).mean().item() != pytest.approx(
         logged["val/bits_per_dim"], rel=1e-6)  # the trained weights give another number
 
 
@@ -81,9 +89,10 @@ def validate_the_ranks_batch(rank: int, out_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_with_an_odd_number_of_clips_average_each_clip_once(tmp_path):
-    """Three clips on one process and two on the other: five, not four (a count of 5 / 2 rounded down)."""
+    """Three clips on one process and two on the other: five, not four (a count of 5 / 2 rounded down), each
+    with the noise it has on one process."""
     logged = run_in_gloo_group(validate_the_ranks_batch, tmp_path)
-    each_clip = bits_per_dim_of_each_clip(tiny_module(), BATCHES, [0, 0])  # batch 0 of each process
+    each_clip = bits_per_dim_of_each_clip(tiny_module(), list(range(len(LATENTS))))
     for rank in logged:
         assert rank["val/bits_per_dim"] == pytest.approx(each_clip.mean().item(), rel=1e-5)
         assert rank["val/nats_per_dim"] == pytest.approx(each_clip.mean().item() * math.log(2), rel=1e-5)

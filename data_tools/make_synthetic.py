@@ -21,12 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder; gets train/ and val/ shard folders")
     parser.add_argument("--num-videos", type=int, required=True, help="training videos")
     parser.add_argument("--val-videos", type=int, default=None, help="validation videos (default: num-videos / 8)")
-    parser.add_argument("--frames", type=int, default=8, help="frames per video")
-    parser.add_argument("--size", type=int, default=16, help="frame height and width in pixels")
+    parser.add_argument("--frames", type=int, default=8, help="frames per video (2 or more: one frame shows no motion)")
+    parser.add_argument("--size", type=int, default=16, help="frame height and width in pixels (8 or more)")
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate recorded with the videos")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-samples", type=int, default=64, help="most videos per shard")
-    parser.add_argument("--max-objects", type=int, default=2, help="objects per video: 1 to this many")
+    parser.add_argument("--max-objects", type=int, default=2, help="objects per video: 1 to this many (1 or 2)")
     parser.add_argument("--backgrounds", nargs="+", default=list(BACKGROUNDS), choices=BACKGROUNDS,
                         help="backgrounds to draw from")
 

@@ -39,8 +39,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 MOTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 BACKGROUNDS = ("plain", "textured")
-#: Objects per video at most, unless a dataset asks for fewer or more.
+#: Objects per video at most, unless a dataset asks for fewer.
 DEFAULT_MAX_OBJECTS = 2
+# Each shape needs about half the frame to itself: a third object would be drawn over the others.
+MAX_OBJECTS = 2
+# Below 8 pixels a shape covers a few pixels or none, and 2 frames are the least that show motion:
+# a smaller dataset's captions would name objects and motions its videos do not show.
+MIN_DATASET_SIZE = 8
+MIN_DATASET_FRAMES = 2
 
 Combination = tuple[str, str, str]  # (shape, colour, motion)
 ALL_COMBINATIONS: tuple[Combination, ...] = tuple(itertools.product(SHAPES, COLOURS, MOTIONS))
@@ -73,6 +79,10 @@ def sample_attributes(
 ) -> dict[str, Any]:
     """One to ``max_objects`` objects of distinct colours drawn from ``combinations``, and a background."""
     check_scene_options(max_objects, backgrounds)
+    colours = sorted({colour for _, colour, _ in combinations})
+    if len(colours) < max_objects:
+        raise ValueError(f"{max_objects} objects of distinct colours need combinations in {max_objects} colours or "
+                         f"more, got {colours}: pass more combinations or a smaller max_objects")
     num_objects = int(rng.integers(1, max_objects + 1))
     objects: list[dict[str, str]] = []
     while len(objects) < num_objects:
@@ -83,9 +93,10 @@ def sample_attributes(
 
 
 def check_scene_options(max_objects: int, backgrounds: Sequence[str]) -> None:
-    """Raise a ValueError unless 1 <= ``max_objects`` <= the colours, and ``backgrounds`` are known ones."""
-    if not 1 <= max_objects <= len(COLOURS):
-        raise ValueError(f"max_objects must be between 1 and {len(COLOURS)}, got {max_objects}")
+    """Raise a ValueError unless 1 <= ``max_objects`` <= ``MAX_OBJECTS``, and ``backgrounds`` are known ones."""
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be between 1 and {MAX_OBJECTS} (a frame holds no more shapes apart), "
+                         f"got {max_objects}")
     if not backgrounds or any(b not in BACKGROUNDS for b in backgrounds):
         raise ValueError(f"backgrounds must be a non-empty subset of {list(BACKGROUNDS)}, got {list(backgrounds)}")
 
@@ -203,9 +214,10 @@ _MATCH_DISTANCE = 75.0  # RGB distance under which a pixel counts as one of the 
 def estimate_attributes(video: np.ndarray) -> dict[str, Any]:
     """Read objects back from a uint8 video ``(T, H, W, 3)``.
 
-    Pixels are labelled with their nearest palette colour (when close enough); each colour seen on
-    enough pixels is an object. Its motion is the dominant direction of its centroid track, its
-    shape comes from how it fills its bounding box and how its mass is skewed. Returns the
+    Pixels are labelled with their nearest palette colour (when close enough); a colour whose largest
+    connected patch per frame is big enough to be a shape is an object (scattered pixels of a colour,
+    as in noise, are none). Its motion is the dominant direction of the colour's centroid track, its
+    shape comes from how the patch fills its bounding box and how its mass is skewed. Returns the
     dominant object's ``colour``, ``motion`` and ``shape`` (None when no object is seen) and
     ``objects``, a list of all objects found, largest first.
     """
@@ -216,18 +228,41 @@ def estimate_attributes(video: np.ndarray) -> dict[str, Any]:
     distances = np.linalg.norm(video.astype(np.float32)[..., None, :] - _PALETTE, axis=-1)  # T,H,W,K
     nearest = distances.argmin(-1)
     labels = np.where(distances.min(-1) < _MATCH_DISTANCE, nearest, -1)
-    min_pixels = max(2.0, 0.01 * height * width)
+    # A third of the smallest shape (a triangle covers ~8.5% of a square frame), so an object half
+    # hidden by another still counts; noise's largest one-colour patch stays under 2% of the frame.
+    min_pixels = max(2.0, 0.03 * min(height, width) ** 2)
     objects = []
     for index, colour in enumerate(COLOURS):
         mask = labels == index
-        pixels_per_frame = mask.sum(axis=(1, 2))
-        if pixels_per_frame.mean() < min_pixels:
+        patch = _largest_patch(mask)
+        if patch.sum(axis=(1, 2)).mean() < min_pixels:
             continue
-        objects.append({"colour": colour, "motion": _motion_of(mask), "shape": _shape_of(mask),
-                        "pixels": float(pixels_per_frame.mean())})
+        # The motion of all the colour's pixels: a shape drawn as two patches still moves as one.
+        objects.append({"colour": colour, "motion": _motion_of(mask), "shape": _shape_of(patch),
+                        "pixels": float(mask.sum(axis=(1, 2)).mean())})
     objects.sort(key=lambda o: -o["pixels"])
     top = objects[0] if objects else {"colour": None, "motion": None, "shape": None}
     return {"colour": top["colour"], "motion": top["motion"], "shape": top["shape"], "objects": objects}
+
+
+def _largest_patch(mask: np.ndarray) -> np.ndarray:
+    """Per frame of a ``(T, H, W)`` mask, only its largest 8-connected patch of pixels."""
+    outside = mask.size
+    patch_ids = np.where(mask, np.arange(mask.size).reshape(mask.shape), outside)
+    height, width = mask.shape[1:]
+    while True:  # every pixel takes the smallest id around it until each patch shares one id
+        padded = np.pad(patch_ids, ((0, 0), (1, 1), (1, 1)), constant_values=outside)
+        around = np.minimum.reduce([padded[:, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)])
+        spread = np.where(mask, around, outside)
+        if np.array_equal(spread, patch_ids):
+            break
+        patch_ids = spread
+    largest = np.zeros_like(mask)
+    for t, frame_ids in enumerate(patch_ids):
+        ids, counts = np.unique(frame_ids[mask[t]], return_counts=True)
+        if ids.size:
+            largest[t] = frame_ids == ids[counts.argmax()]
+    return largest
 
 
 def _motion_of(mask: np.ndarray) -> str | None:
@@ -348,6 +383,9 @@ def check_dataset_options(
         raise ValueError(f"need num_videos >= 1, val_videos >= 1 and shard_samples >= 1, "
                          f"got num_videos={num_videos}, val_videos={val_videos}, shard_samples={shard_samples}")
     check_video_options(frames, size, fps)
+    if size < MIN_DATASET_SIZE or frames < MIN_DATASET_FRAMES:
+        raise ValueError(f"need size >= {MIN_DATASET_SIZE} (smaller shapes cannot be seen) and frames >= "
+                         f"{MIN_DATASET_FRAMES} (one frame shows no motion), got size={size}, frames={frames}")
     check_scene_options(max_objects, backgrounds)
 
 

@@ -8,8 +8,10 @@ The product ``sigma1 sigma2`` is not symmetric, and taking its square root in ge
 (``scipy.linalg.sqrtm``, ``eigvals``) gives complex values or NaN when the covariances are
 near-singular, which is the usual case when there are fewer videos than feature dimensions. The
 trace term equals ``tr((sqrt(sigma1) sigma2 sqrt(sigma1))^(1/2))``, whose matrix is symmetric and
-positive semi-definite: ``eigh`` handles it in float64, and eigenvalues below zero are rounding
-noise that is clamped away.
+positive semi-definite: ``eigh`` handles it in float64. Eigenvalues within rounding noise of zero
+(below ``F * eps * largest``, the tolerance of ``numpy.linalg.matrix_rank``) are set to zero: the
+square root would turn each of them from ~1e-16 into ~1e-8 of the scale, and with fewer samples than
+features hundreds of them would add up to a distance biased low by far more than rounding.
 """
 
 from __future__ import annotations
@@ -48,16 +50,22 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     with _cpu_threads(1 if dim <= SINGLE_THREAD_MAX_DIM else torch.get_num_threads()):
         root1 = psd_sqrt(sigma1)
         middle = root1 @ _symmetric(sigma2) @ root1
-        trace_of_root = torch.linalg.eigvalsh(_symmetric(middle)).clamp_min(0).sqrt().sum()
+        trace_of_root = _without_rounding_noise(torch.linalg.eigvalsh(_symmetric(middle))).sqrt().sum()
     mean_term = (mu1 - mu2.to(mu1.device)).square().sum()
     distance = mean_term + torch.trace(sigma1) + torch.trace(sigma2) - 2 * trace_of_root
     return max(float(distance), 0.0)
 
 
 def psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
-    """The symmetric square root of a positive semi-definite matrix (negative eigenvalues -> 0)."""
+    """The symmetric square root of a positive semi-definite matrix (eigenvalues within rounding noise of zero -> 0)."""
     values, vectors = torch.linalg.eigh(_symmetric(matrix))
-    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+    return (vectors * _without_rounding_noise(values).sqrt()) @ vectors.T
+
+
+def _without_rounding_noise(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a PSD matrix, with those indistinguishable from zero in its precision set to zero."""
+    tolerance = eigenvalues.abs().max() * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps
+    return torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
 
 
 def mean_and_covariance(total: torch.Tensor, outer_total: torch.Tensor, count: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

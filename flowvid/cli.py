@@ -41,6 +41,7 @@ def list_plugins(argv: list[str]) -> int:
     if argv:
         raise UserError(f"plugins takes no arguments, got {' '.join(argv)}")
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="flowvid plugins")
@@ -49,6 +50,10 @@ def list_plugins(argv: list[str]) -> int:
     for kind, registry in REGISTRIES.items():
         for entry in registry:
             table.add_row(kind, entry.name, entry.class_path, entry.package, entry.version)
+        # An installed plugin that did not load is listed too: this listing is where one looks for it.
+        for failure in registry.failures():
+            table.add_row(kind, failure.name, f"{failure.value} [red](not loaded: {escape(failure.error)})[/red]",
+                          failure.package, failure.version)
     Console(width=160).print(table)
     return 0
 

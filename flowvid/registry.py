@@ -17,6 +17,7 @@ Installed packages register through the entry-point group of a kind, for example
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import importlib.metadata as metadata
@@ -92,21 +93,55 @@ class UnknownName(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class Registry:
-    """Short names to classes (or factories) of one interface kind."""
+@dataclass(frozen=True)
+class Failure:
+    """An entry point that could not be loaded, and why."""
 
-    def __init__(self, kind: str, group: str):
+    name: str
+    value: str  # the entry point's ``module:attribute``
+    package: str
+    version: str
+    error: str
+
+
+class Registry:
+    """Short names to classes (or factories) of one interface kind.
+
+    ``base`` (``module:Class``, or None for any class) is the class every registered class must
+    subclass; it is imported when first needed, since the modules that define the bases import this one.
+    """
+
+    def __init__(self, kind: str, group: str, base: str | None = None):
         self.kind = kind
         self.group = group
+        self.base = base
         self._entries: dict[str, Entry] = {}
-        self._failed: dict[str, str] = {}  # plugin names that did not load: why, and from which package
+        self._failed: dict[str, Failure] = {}  # plugin names that did not load
 
     def register(self, name: str | None = None) -> Callable[[Any], Any]:
         def decorator(obj: Any) -> Any:
+            self.check_kind(obj)
             self.add(name or obj.__name__, obj)
             return obj
 
         return decorator
+
+    def check_kind(self, obj: Any) -> None:
+        """Raise a TypeError unless ``obj`` is a subclass of the base, or a factory (not a class) of one."""
+        base = self._base_class()
+        made = obj.func if isinstance(obj, functools.partial) else obj
+        if inspect.isclass(made) and not issubclass(made, base):
+            raise TypeError(f"{describe(obj)} is not a subclass of {describe(base)}: a {self.kind} must "
+                            f"subclass it")
+        if not callable(made):
+            raise TypeError(f"{describe(obj)} is not a {self.kind} class or factory: register a subclass of "
+                            f"{describe(base)}")
+
+    def _base_class(self) -> type:
+        if self.base is None:
+            return object
+        module, _, qualname = self.base.partition(":")
+        return getattr(importlib.import_module(module), qualname)
 
     def add(self, name: str, obj: Any) -> None:
         known = self._entries.get(name)
@@ -123,9 +158,17 @@ class Registry:
             return self._entries[name].obj
         except KeyError:
             if name in self._failed:
-                raise UnknownName(f"{self.kind} {name!r} {self._failed[name]}") from None
+                failure = self._failed[name]
+                raise UnknownName(f"{self.kind} {name!r} is installed by {_source(failure)} ({failure.value}) "
+                                  f"but could not be loaded: {failure.error}") from None
             known = ", ".join(sorted(self._entries)) or "none"
-            raise UnknownName(f"unknown {self.kind} {name!r}; registered: {known}") from None
+            raise UnknownName(f"unknown {self.kind} {name!r}; registered: {known}{self._suggestion(name)}") from None
+
+    def _suggestion(self, name: str) -> str:
+        """``; did you mean 'x'?`` for a name close to a registered one; names are case-sensitive."""
+        by_lower_case = {known.lower(): known for known in self._entries}
+        close = difflib.get_close_matches(name.lower(), list(by_lower_case), n=1)
+        return f"; did you mean {by_lower_case[close[0]]!r}?" if close else ""
 
     def name_of(self, obj: Any) -> str | None:
         for entry in self._entries.values():
@@ -144,14 +187,23 @@ class Registry:
     def names(self) -> list[str]:
         return [entry.name for entry in self]
 
+    def failures(self) -> list[Failure]:
+        """The installed plugins of this kind that could not be loaded, by name."""
+        load_plugins()
+        return sorted(self._failed.values(), key=lambda failure: failure.name)
 
-BLOCKS = Registry("block", "flowvid.blocks")
-PERMUTATIONS = Registry("permutation", "flowvid.permutations")
-CODECS = Registry("codec", "flowvid.codecs")
-TEXT_ENCODERS = Registry("text encoder", "flowvid.text_encoders")
-SAMPLERS = Registry("sampler", "flowvid.samplers")
-FVD_EXTRACTORS = Registry("FVD extractor", "flowvid.fvd_extractors")
-DATASETS = Registry("dataset", "flowvid.datasets")
+
+def _source(failure: Failure) -> str:
+    return f"{failure.package} {failure.version}" if failure.version else failure.package
+
+
+BLOCKS = Registry("block", "flowvid.blocks", "flowvid.flows.base:FlowBlock")
+PERMUTATIONS = Registry("permutation", "flowvid.permutations", "flowvid.flows.permutations:Permutation")
+CODECS = Registry("codec", "flowvid.codecs", "flowvid.codecs.base:LatentCodec")
+TEXT_ENCODERS = Registry("text encoder", "flowvid.text_encoders", "flowvid.text.base:TextEncoder")
+SAMPLERS = Registry("sampler", "flowvid.samplers", "flowvid.sampling.base:Sampler")
+FVD_EXTRACTORS = Registry("FVD extractor", "flowvid.fvd_extractors", "flowvid.metrics.extractor:FVDExtractor")
+DATASETS = Registry("dataset", "flowvid.datasets", "lightning.pytorch:LightningDataModule")
 
 REGISTRIES: dict[str, Registry] = {
     "blocks": BLOCKS,
@@ -196,14 +248,19 @@ def load_plugins() -> None:
         for entry_point in metadata.entry_points(group=registry.group):
             try:
                 obj = entry_point.load()
+                registry.check_kind(obj)
                 registry.add(entry_point.name, obj)
             except Exception as err:  # noqa: BLE001 - a broken plugin must not break the CLI or the others
-                dist = getattr(entry_point, "dist", None)
-                source = f"{dist.name} {dist.version}" if dist is not None else "an unknown package"
-                registry._failed.setdefault(entry_point.name, f"is installed by {source} ({entry_point.value}) "
-                                                              f"but could not be loaded: {err}")
-                warnings.warn(f"could not load {registry.kind} plugin {entry_point.name!r} of {source} "
-                              f"({entry_point.value}): {err}", stacklevel=2)
+                failure = _failure(entry_point, err)
+                registry._failed.setdefault(entry_point.name, failure)
+                warnings.warn(f"could not load {registry.kind} plugin {entry_point.name!r} of {_source(failure)} "
+                              f"({entry_point.value}): {failure.error}", stacklevel=2)
+
+
+def _failure(entry_point: metadata.EntryPoint, err: Exception) -> Failure:
+    dist = getattr(entry_point, "dist", None)
+    package, version = (dist.name, dist.version) if dist is not None else ("an unknown package", "")
+    return Failure(entry_point.name, entry_point.value, package, version, str(err))
 
 
 def resolve(registry: Registry, spec: Any) -> Any:

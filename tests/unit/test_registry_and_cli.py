@@ -98,11 +98,12 @@ class FakeEntryPoint:
 
 def test_a_plugin_that_takes_a_taken_name_is_a_warning_and_the_others_still_load(monkeypatch):
     import flowvid.registry as registry_module
+    from flowvid.flows import FlowBlock
 
-    class Clash:
+    class Clash(FlowBlock):
         pass
 
-    class Fine:
+    class Fine(FlowBlock):
         pass
 
     fakes = [FakeEntryPoint("affine", Clash), FakeEntryPoint("fine-block", Fine)]

@@ -65,9 +65,19 @@ def remove_earlier_checkpoints(run_dir: Path) -> None:
             path.unlink()
 
 
-def train(recipe: str, run_dir: Path, extra: list[str]) -> Path:
-    """Run ``flowvid fit`` on ``recipe`` as a fresh run; returns its newest checkpoint."""
-    remove_earlier_checkpoints(run_dir)
+def interrupted(out: Path) -> bool:
+    """Whether ``out`` holds the checkpoints of a demo that stopped before writing its ``metrics.json``."""
+    return not (out / "metrics.json").exists() and any((out / "run" / "checkpoints").glob("*.ckpt"))
+
+
+def train(recipe: str, run_dir: Path, extra: list[str], resume: bool = False) -> Path:
+    """Run ``flowvid fit`` on ``recipe``: a fresh run, or with ``resume`` the continuation of the run in
+    ``run_dir``; returns its newest checkpoint."""
+    if resume:
+        print(f"    continuing the interrupted demo run in {run_dir} from its newest checkpoint", flush=True)
+        extra = [*extra, "--resume", "auto"]
+    else:
+        remove_earlier_checkpoints(run_dir)
     command = [sys.executable, "-m", "flowvid.cli", "fit", "--config", recipe,
                f"--trainer.default_root_dir={run_dir}", *extra]
     print("    " + " ".join(command), flush=True)
@@ -197,8 +207,10 @@ def run_demo(out: Path, recipe: str, extra: list[str], checkpoint: Path | None =
         make_data(DATA)
     speed: dict[str, float] = {}
     if checkpoint is None:
+        resume = interrupted(out)
+        (out / "metrics.json").unlink(missing_ok=True)  # it describes the model that training replaces
         with step(f"training {recipe} on {torch.get_num_threads()} CPU threads"):
-            checkpoint = train(recipe, out / "run", extra)
+            checkpoint = train(recipe, out / "run", extra, resume)
         speed = training_speed(out / "run")
     with step(f"loading the trained model {checkpoint} and the held-out set"):
         module = load_model(checkpoint)
@@ -242,16 +254,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="sample from this trained checkpoint instead of training")
     parser.add_argument("--guidance", type=float, help="guidance weight for the samples (default: the model's)")
     args, extra = parser.parse_known_args(argv)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; give a folder for the demo's run, samples and metrics.json")
     if args.real and (args.recipe != RECIPE or args.checkpoint is not None or args.guidance is not None):
         parser.error("--real fine-tunes the demo model in --out; it takes no --recipe, --checkpoint or --guidance")
     if args.checkpoint is not None and extra:
         parser.error(f"--checkpoint samples without training; {' '.join(extra)} would be ignored")
     if args.real:
-        from flowvid.demo_real import run_demo_real
+        from flowvid.demo_real import check_inputs, run_demo_real
 
-        metrics = run_demo_real(Path(args.out), extra)
+        try:
+            check_inputs(out)
+        except FileNotFoundError as missing:
+            parser.exit(1, f"{parser.prog}: error: {missing}\n")
+        metrics = run_demo_real(out, extra)
     else:
-        metrics = run_demo(Path(args.out), args.recipe, extra, args.checkpoint, args.guidance)
+        metrics = run_demo(out, args.recipe, extra, args.checkpoint, args.guidance)
     width = max(map(len, metrics))
     for key, value in metrics.items():
         shown = f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else value

@@ -35,6 +35,16 @@ def sample_clips() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
+def check_inputs(out: Path) -> tuple[Path, Path]:
+    """The folder of the real clips and the newest demo checkpoint under ``out``, or a FileNotFoundError
+    that names what to install or run; the clips come first, as installing them takes no training."""
+    clips = sample_clips()
+    checkpoints = sorted((out / "run").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not checkpoints:
+        raise FileNotFoundError(f"no demo checkpoint under {out / 'run'}: run `make demo` first")
+    return clips, checkpoints[-1]
+
+
 def ffv1_bits_per_dim(frames: np.ndarray) -> float:
     """Bits per 8-bit subpixel that FFV1 (lossless) spends on uint8 frames (T, H, W, 3), container excluded."""
     import av
@@ -74,11 +84,8 @@ def run_demo_real(out: Path, extra: list[str]) -> dict[str, Any]:
 
     from flowvid.demo import remove_earlier_checkpoints, step
 
-    checkpoints = sorted((out / "run").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not checkpoints:
-        raise FileNotFoundError(f"no demo checkpoint under {out / 'run'}: run `make demo` first")
+    clips, demo_checkpoint = check_inputs(out)
     real = out / "real"
-    clips = sample_clips()
     with step(f"cutting {clips} into {CLIP['frames']}x{CLIP['height']}x{CLIP['width']} clips"):
         real.mkdir(parents=True, exist_ok=True)
         captions = real / "captions.csv"
@@ -89,7 +96,7 @@ def run_demo_real(out: Path, extra: list[str]) -> dict[str, Any]:
                            captions=captions)
     with step("exporting the demo model and fine-tuning it on the real clips"):
         export = real / "export" / "model.safetensors"
-        export_checkpoint(checkpoints[-1], export, force=True)
+        export_checkpoint(demo_checkpoint, export, force=True)
         overlay = finetune_overlay(export, real)
         remove_earlier_checkpoints(real / "run")  # the fine-tuning recipe resumes: it would continue the old one
         command = [sys.executable, "-m", "flowvid.cli", "fit", "--config", "recipes/demo/shapes_t2v.yaml",

@@ -56,11 +56,12 @@ class KVCache:
         self.length -= n
 
     def reset(self, length: int | None = None) -> None:
-        """Keep the first ``length`` positions, text included (None: the text only)."""
+        """Keep the first ``length`` positions, text included (None: the text only); it cannot grow the
+        cache, whose later positions hold no keys yet (``advance`` makes written positions visible)."""
         length = self.prefix if length is None else length
-        if not self.prefix <= length <= self.capacity:
-            raise ValueError(f"cannot reset a cache of capacity {self.capacity} to {length} positions: "
-                             f"its first {self.prefix} hold the text")
+        if not self.prefix <= length <= self.length:
+            raise ValueError(f"cannot reset a cache holding {self.length} positions to {length}: keep between "
+                             f"the {self.prefix} of text and the {self.length} it holds")
         self.length = length
 
 

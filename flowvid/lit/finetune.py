@@ -187,14 +187,13 @@ class LoRA(Callback):
         self.alpha = alpha
         self.modules = list(modules or ["flow"])
         self.targets = list(targets or DEFAULT_TARGETS)
-        self.targets_given = bool(targets)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         named = submodules(pl_module, self.modules, "LoRA")
         if any(isinstance(layer, LoRALinear) for module in named.values() for layer in module.modules()):
             return  # adapted in an earlier stage of the same run
-        if self.targets_given:  # the defaults name both feed-forward kinds, of which a model has one
-            check_targets_match(list(named.values()), self.targets)
+        # The default targets name both feed-forward kinds (mlp.fc, mlp.gate_up), of which a model has one.
+        check_targets_match(list(named.values()), [target for target in self.targets if target not in DEFAULT_TARGETS])
         adapted = 0
         for module in named.values():
             module.requires_grad_(False)

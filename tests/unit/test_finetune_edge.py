@@ -70,7 +70,9 @@ def test_lora_targets_given_that_name_no_layer_are_refused_before_anything_is_ad
     with pytest.raises(ValueError, match=r"LoRA targets attn\.qvk name no linear layer; .* end in .*attn\.qkv"):
         LoRA(rank=2, targets=["attn.qkv", "attn.qvk"]).setup(SimpleNamespace(), module, "fit")
     assert not any(isinstance(layer, LoRALinear) for layer in module.modules())
-    LoRA(rank=2).setup(SimpleNamespace(), module, "fit")  # the defaults name both feed-forward kinds
+    # The default targets name both feed-forward kinds, given or not: the recipe lists them all.
+    LoRA(rank=2, targets=["attn.qkv", "attn.proj", "mlp.fc", "mlp.gate_up", "mlp.proj"]).setup(
+        SimpleNamespace(), module, "fit")
 
 
 def test_an_infinite_lora_alpha_and_a_boolean_rank_are_refused():

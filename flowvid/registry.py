@@ -245,7 +245,8 @@ def load_plugins() -> None:
             if err.name != module:  # a real import error inside an existing module
                 raise
     for registry in REGISTRIES.values():
-        for entry_point in metadata.entry_points(group=registry.group):
+        # By package, then name: which of two packages keeps a name must not hang on the order of sys.path.
+        for entry_point in sorted(metadata.entry_points(group=registry.group), key=_package_and_name):
             try:
                 obj = entry_point.load()
                 registry.check_kind(obj)
@@ -257,10 +258,15 @@ def load_plugins() -> None:
                               f"({entry_point.value}): {failure.error}", stacklevel=2)
 
 
+def _package_and_name(entry_point: metadata.EntryPoint) -> tuple[str, str]:
+    dist = getattr(entry_point, "dist", None)
+    return (dist.name if dist is not None else ""), entry_point.name
+
+
 def _failure(entry_point: metadata.EntryPoint, err: Exception) -> Failure:
     dist = getattr(entry_point, "dist", None)
     package, version = (dist.name, dist.version) if dist is not None else ("an unknown package", "")
-    return Failure(entry_point.name, entry_point.value, package, version, str(err))
+    return Failure(entry_point.name, entry_point.value, package, version, str(err) or type(err).__name__)
 
 
 def resolve(registry: Registry, spec: Any) -> Any:

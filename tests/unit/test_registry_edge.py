@@ -117,3 +117,18 @@ def test_of_two_packages_that_register_one_name_the_first_wins_and_the_other_is_
     assert len(warned) == 1 and "'wider' of other-plugins 3.0" in warned[0] and "is taken by" in warned[0]
     assert main(["plugins"]) == 0
     assert "other-plugins" in capsys.readouterr().out
+
+
+def test_of_two_packages_that_register_one_name_the_first_by_package_name_wins_in_any_discovery_order(install):
+    class OtherBlock(AffineBlock):
+        pass
+
+    second = FakeEntryPoint("wider", OtherBlock, dist=Distribution("other-plugins", "3.0"))
+    warned = install(**{BLOCKS.group: [second, FakeEntryPoint("wider", WiderBlock)]})
+    assert BLOCKS.get("wider") is WiderBlock  # acme-plugins before other-plugins, wherever each is installed
+    assert len(warned) == 1 and "'wider' of other-plugins 3.0" in warned[0]
+
+
+def test_a_plugin_failing_without_a_message_is_named_by_its_error_type(install):
+    warned = install(**{CODECS.group: [FakeEntryPoint("silent", error=ImportError())]})
+    assert len(warned) == 1 and warned[0].endswith("(acme.mod:silent): ImportError")

@@ -88,21 +88,51 @@ def train(recipe: str, run_dir: Path, extra: list[str], resume: bool = False) ->
     return checkpoints[-1]
 
 
-def training_speed(run_dir: Path) -> dict[str, float]:
-    """The median speed the newest training run in ``run_dir`` logged to TensorBoard (``TrainingThroughput``),
-    and the most memory it held (``train_peak_memory_gb``)."""
+SPEED_TAGS = ("throughput/tokens_per_sec", "throughput/step_seconds", "throughput/mfu", "memory/peak_gb")
+
+
+def speed_by_step(log: Path) -> dict[str, dict[int, float]]:
+    """The speed scalars of one TensorBoard event file, by tag and step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    logs = sorted(run_dir.glob("lightning_logs/version_*/events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
-    if not logs:
-        return {}
-    events = EventAccumulator(str(logs[-1]), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(log), size_guidance={"scalars": 0})
     events.Reload()
-    logged = set(events.Tags()["scalars"])
-    speed = {f"train_{name}": statistics.median(event.value for event in events.Scalars(f"throughput/{name}"))
+    return {tag: {event.step: event.value for event in events.Scalars(tag)}
+            for tag in SPEED_TAGS if tag in events.Tags()["scalars"]}
+
+
+def current_training_speed_logs(run_dir: Path) -> dict[str, dict[int, float]]:
+    """The speed scalars, by tag and step, of the training the newest log in ``run_dir`` belongs to: that log
+    and those of the runs it continued (``--resume auto``), each run cut where the next one resumed.
+
+    A continued run logs from its checkpoint's step on, so an older log that begins before the newer ones
+    is of the same training; one that begins no earlier is of a run the demo replaced, whose checkpoints
+    it removed but whose logs stay. A log without steps (a continued run with nothing left to train) is
+    skipped."""
+    logs = sorted(run_dir.glob("lightning_logs/version_*/events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    merged: dict[str, dict[int, float]] = {}
+    resumed_at = math.inf
+    for log in reversed(logs):
+        scalars = speed_by_step(log)
+        begins = min((step for by_step in scalars.values() for step in by_step), default=None)
+        if begins is None:
+            continue
+        if begins >= resumed_at:
+            break
+        for tag, by_step in scalars.items():
+            merged.setdefault(tag, {}).update({step: value for step, value in by_step.items() if step < resumed_at})
+        resumed_at = begins
+    return merged
+
+
+def training_speed(run_dir: Path) -> dict[str, float]:
+    """The median speed over the steps of the newest training in ``run_dir``, interrupted parts included, that
+    it logged to TensorBoard (``TrainingThroughput``), and the most memory it held (``train_peak_memory_gb``)."""
+    logged = current_training_speed_logs(run_dir)
+    speed = {f"train_{name}": statistics.median(logged[f"throughput/{name}"].values())
              for name in ("tokens_per_sec", "step_seconds", "mfu") if f"throughput/{name}" in logged}
     if "memory/peak_gb" in logged:
-        speed["train_peak_memory_gb"] = max(event.value for event in events.Scalars("memory/peak_gb"))
+        speed["train_peak_memory_gb"] = max(logged["memory/peak_gb"].values())
     return speed
 
 

@@ -70,6 +70,36 @@ def test_continuing_keeps_the_checkpoints_and_asks_fit_to_resume(tmp_path, monke
     assert commands[0][-3:] == ["--trainer.max_steps=640", "--resume", "auto"]
 
 
+def write_speed_log(run_dir, version, tokens_by_step):
+    """A TensorBoard log like a training run's in ``run_dir``, ``version`` being also its age order."""
+    import os
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = run_dir / "lightning_logs" / f"version_{version}"
+    writer = SummaryWriter(str(folder))
+    writer.add_scalar("hp_metric", -1, 0)  # Lightning logs it at step 0 in every run, continued ones too
+    for step, tokens in tokens_by_step.items():
+        writer.add_scalar("throughput/tokens_per_sec", tokens, step)
+        writer.add_scalar("memory/peak_gb", tokens / 100, step)
+    writer.close()
+    [log] = folder.glob("events.out.tfevents.*")
+    os.utime(log, (version, version))
+
+
+@pytest.mark.parametrize("nothing_left_to_train", [False, True])
+def test_a_continued_demo_reports_the_speed_of_all_its_training_and_none_of_a_replaced_run(
+        tmp_path, nothing_left_to_train):
+    write_speed_log(tmp_path, 0, {10: 1.0, 20: 1.0, 30: 1.0, 40: 1.0, 50: 1.0, 60: 1.0})  # a replaced demo run
+    # Stopped after steps 40 and 50 but with its newest checkpoint at step 30: the continuation redoes them.
+    write_speed_log(tmp_path, 1, {10: 10.0, 20: 20.0, 30: 30.0, 40: 1000.0, 50: 1000.0})
+    write_speed_log(tmp_path, 2, {40: 40.0, 50: 50.0, 60: 60.0})
+    if nothing_left_to_train:
+        write_speed_log(tmp_path, 3, {})
+    assert demo.training_speed(tmp_path) == pytest.approx({"train_tokens_per_sec": 35.0,
+                                                           "train_peak_memory_gb": 0.6})
+
+
 def refuse_work(*args, **kwargs):
     raise AssertionError("the demo started working")
 

@@ -69,7 +69,7 @@ def resolve_device(name: str, setting: str = "--device") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{local_rank()}"
+        name = f"cuda:{own_gpu_index()}"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -85,6 +85,16 @@ def resolve_device(name: str, setting: str = "--device") -> torch.device:
             raise ValueError(f"{setting} {name!r}: only {count} CUDA device(s) are visible "
                              f"(cuda:0 to cuda:{count - 1})")
     return device
+
+
+def own_gpu_index() -> int:
+    """``LOCAL_RANK``, refused where this machine has fewer GPUs than torchrun started processes on it."""
+    rank = local_rank()
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < count <= rank:  # with no GPU at all, resolve_device names that instead
+        raise ValueError(f"LOCAL_RANK={rank} but this machine has {count} GPU(s): start at most {count} processes "
+                         f"per machine (torchrun --nproc-per-node {count})")
+    return rank
 
 
 def local_rank() -> int:
@@ -111,9 +121,17 @@ def resolve_precision(name: str, device: torch.device, setting: str = "--precisi
     if name not in PRECISIONS:
         raise ValueError(f"{setting} {name!r} is not one of {', '.join(PRECISIONS)}")
     if name == "auto":
-        return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+        return "bf16-mixed" if device.type == "cuda" and cuda_supports_bf16(device) else "32-true"
     warn_if_bf16_is_emulated(name, device)
     return name
+
+
+def cuda_supports_bf16(device: torch.device) -> bool:
+    """``torch.cuda.is_bf16_supported()`` for ``device``, not for the current GPU, which it asks about."""
+    if device.index is None:  # plain ``cuda`` is the current GPU
+        return torch.cuda.is_bf16_supported()
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported()
 
 
 def warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:

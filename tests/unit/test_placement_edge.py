@@ -56,6 +56,48 @@ def test_a_local_rank_that_is_no_gpu_index_is_named_as_such(monkeypatch):
         placement.resolve_device("auto")
 
 
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_a_local_rank_past_the_gpus_names_local_rank_and_the_gpu_count(monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match=r"^LOCAL_RANK=2 but this machine has 2 GPU\(s\): start at most 2 processes "
+                                         r"per machine \(torchrun --nproc-per-node 2\)$"):
+        placement.resolve_device(device)
+
+
+@pytest.fixture
+def current_gpu_without_bf16_beside_one_with_it(monkeypatch):
+    """cuda:0 a Turing card without bf16, cuda:1 an Ampere card with it; the current GPU is the returned list's
+    one item. Both torch's bf16 check and the compute capability answer, for whichever way the GPU is asked."""
+    capabilities = {0: (7, 5), 1: (8, 0)}
+    current = [0]
+
+    def exchange_device(index):
+        previous, current[0] = current[0], index if index >= 0 else current[0]
+        return previous
+
+    def capability(device=None):
+        index = current[0] if device is None else torch.cuda._utils._get_device_index(device, optional=True)
+        return capabilities[current[0] if index is None else index]
+
+    monkeypatch.setattr(torch.cuda, "_exchange_device", exchange_device)
+    monkeypatch.setattr(torch.cuda, "_maybe_exchange_device", exchange_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: capability() >= (8, 0))
+    return current
+
+
+def test_auto_precision_asks_the_gpu_it_places_on_about_bf16(current_gpu_without_bf16_beside_one_with_it):
+    current = current_gpu_without_bf16_beside_one_with_it
+    assert placement.resolve_precision("auto", torch.device("cuda", 1)) == "bf16-mixed"
+    assert current == [0]
+    current[0] = 1
+    assert placement.resolve_precision("auto", torch.device("cuda", 0)) == "32-true"
+    assert current == [1]
+
+
 @pytest.fixture
 def x86_cpu_with_avx512_only(monkeypatch):
     """A Skylake-to-Ice-Lake Xeon: AVX-512, which oneDNN's bf16 check asks for, but no AVX512-BF16 or AMX."""

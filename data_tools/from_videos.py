@@ -34,7 +34,6 @@ import glob
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -48,6 +47,7 @@ from typing import Iterable, Iterator, Sequence
 
 from data_tools.clips import VIDEO_EXTENSIONS, Clips, ClipSpec, VideoSkipped, read_clips
 from data_tools.report import console, print_summary, progress_bar
+from flowvid.checks import is_positive_number
 from flowvid.data.manifest import MANIFEST_NAME, new_manifest, write_manifest
 from flowvid.data.shards import (DERIVED_FOLDERS, ShardFolderWriter, encode_sample, replace_shard_folder,
                                  staging_folder)
@@ -180,7 +180,7 @@ def check_limits(workers: int, shard_samples: int, shard_bytes: float) -> None:
         raise ValueError(f"--workers must be at least 1 (the processes that decode), got {workers}")
     if shard_samples < 1:
         raise ValueError(f"--shard-samples must be at least 1 (clips per shard), got {shard_samples}")
-    if not (math.isfinite(shard_bytes) and shard_bytes > 0):  # NaN would pass a plain > 0 and lift the limit
+    if not is_positive_number(shard_bytes):  # NaN would pass a plain > 0 and lift the limit
         raise ValueError(f"--shard-mb must be a finite number above 0, got {shard_bytes / 2**20:g}")
 
 

@@ -10,12 +10,11 @@ a short name in ``class_path`` is not resolved.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import sys
 from typing import Callable
 
-from flowvid.registry import REGISTRIES, load_plugins
+from flowvid.registry import REGISTRIES, did_you_mean, load_plugins
 
 LIGHTNING_VERBS = ("fit", "validate")
 
@@ -117,9 +116,7 @@ def versions() -> str:
 def unknown_command(verb: str) -> str:
     """What to say of a command that does not exist: the likely one first, for a typo."""
     commands = [*LIGHTNING_VERBS, *VERBS]
-    close = difflib.get_close_matches(verb, commands, n=1)
-    guess = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown command {verb!r}{guess}; choose one of {', '.join(commands)}"
+    return f"unknown command {verb!r}{did_you_mean(verb, commands)}; choose one of {', '.join(commands)}"
 
 
 def main(argv: list[str] | None = None) -> int:

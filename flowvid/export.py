@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flowvid.checks import first_non_finite
 from flowvid.cli import help_text
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.lit.checkpointing import (
@@ -187,9 +188,8 @@ def weights_taken(weights: str, client_state: dict[str, Any]) -> str:
 def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
     """A ValueError naming the first weight of ``state`` that holds NaN or inf: training skips the steps
     that would make one, so such a weight means a file damaged after it was written."""
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"the weights in {where} are damaged: {name} holds NaN or infinite values")
+    if (damaged := first_non_finite(state.items())) is not None:
+        raise ValueError(f"the weights in {where} are damaged: {damaged} holds NaN or infinite values")
 
 
 def model_config_from_hparams(client_state: dict[str, Any]) -> dict[str, Any]:

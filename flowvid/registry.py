@@ -25,7 +25,7 @@ import inspect
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,19 @@ def _distribution_of(top_level: str) -> tuple[str, str]:
 @functools.cache
 def _distributions_by_package() -> dict[str, list[str]]:
     return dict(metadata.packages_distributions())
+
+
+def closest_name(name: str, names: Iterable[str]) -> str | None:
+    """The one of ``names`` that ``name`` most likely misspells, letter case aside; None when none is close."""
+    by_lower_case = {known.lower(): known for known in names}
+    close = difflib.get_close_matches(name.lower(), list(by_lower_case), n=1)
+    return by_lower_case[close[0]] if close else None
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the one of ``names`` that ``name`` most likely misspells, else ``""``."""
+    close = closest_name(name, names)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 class UnknownName(KeyError):
@@ -166,9 +179,8 @@ class Registry:
 
     def _suggestion(self, name: str) -> str:
         """``; did you mean 'x'?`` for a name close to a registered one; names are case-sensitive."""
-        by_lower_case = {known.lower(): known for known in self._entries}
-        close = difflib.get_close_matches(name.lower(), list(by_lower_case), n=1)
-        return f"; did you mean {by_lower_case[close[0]]!r}?" if close else ""
+        close = closest_name(name, self._entries)
+        return f"; did you mean {close!r}?" if close else ""
 
     def name_of(self, obj: Any) -> str | None:
         for entry in self._entries.values():

@@ -14,7 +14,6 @@ status 2; ``FLOWVID_TRACEBACK=1`` shows the traceback instead. Later errors keep
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 import inspect
 import json
@@ -24,7 +23,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import yaml
 from jsonargparse._common import debug_mode_active
@@ -46,6 +45,7 @@ from flowvid.lit.checkpointing import (
 )
 from flowvid.lit.finetune import InitFromExport
 from flowvid.lit.progress import StepProgressBar
+from flowvid.registry import did_you_mean
 
 
 #: The values of ``ckpt_path`` that Lightning reads as names, not paths.
@@ -112,12 +112,12 @@ def one_line_error(message: str, recipes: list[str], options: list[str] = ()) ->
     keys, owner, error = _innermost_error(message)
     if match := NOT_ACCEPTED.fullmatch(error):
         keys.append(match[1])
-        error += f" by {owner}{_did_you_mean(match[1], owner)}"
+        error += f" by {owner}{_did_you_mean_in_class(match[1], owner)}"
     elif match := NOT_ACCEPTED_BY_SUBCOMMAND.fullmatch(error):
         keys = match[1].split(".")
-        error += _closest(match[1], options)
+        error += did_you_mean(match[1], options)
     elif match := UNRECOGNIZED.match(error):
-        return error + _closest(match[1].lstrip("-"), options)
+        return error + did_you_mean(match[1].lstrip("-"), options)
     else:  # a wrong value: a recipe holding the key may not be where the value came from
         recipes = []
     if not keys:
@@ -150,17 +150,12 @@ def _innermost_error(message: str) -> tuple[list[str], str | None, str]:
     return [], None, " ".join(message.split())
 
 
-def _did_you_mean(option: str, owner: str | None) -> str:
+def _did_you_mean_in_class(option: str, owner: str | None) -> str:
     try:
         accepted = list(inspect.signature(_imported(owner)).parameters) if owner else []
     except (ImportError, AttributeError, ValueError, TypeError):  # a class this cannot look into: no guess
         return ""
-    return _closest(option, accepted)
-
-
-def _closest(option: str, accepted: Sequence[str]) -> str:
-    close = difflib.get_close_matches(option, accepted, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(option, accepted)
 
 
 def config_files(args: list[str]) -> list[str]:

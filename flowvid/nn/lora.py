@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowvid.checks import is_positive_number
+
 #: The linear layers of the transformer layers (attention and both feed-forward kinds).
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.gate_up", "mlp.proj")
 ADAPTER_KEYS = ("lora_a", "lora_b", "lora_scale")
@@ -65,7 +67,7 @@ class LoRALinear(nn.Module):
 def check_lora_settings(rank: int, alpha: float | None) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-    if alpha is not None and not 0 < alpha < math.inf:  # an infinite scale makes every output NaN
+    if alpha is not None and not is_positive_number(alpha):  # an infinite scale makes every output NaN
         raise ValueError(f"LoRA alpha must be > 0 and finite, got {alpha!r}")
 
 

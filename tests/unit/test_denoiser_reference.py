@@ -21,8 +21,7 @@ from flowvid.lit.module import FlowModule
 from flowvid.text import LearnedTextEncoder
 from flowvid.text.base import TextEmbedding
 
-FRAME = (2, 3)
-CHANNELS = 12  # PixelCodec(patch_size=2): 2 x 2 RGB pixels per token
+from test_train_denoiser import CHANNELS, FRAME, trained_looking_flow  # noqa: E402
 VIDEO = (3, 2 * FRAME[0], 2 * FRAME[1])
 SIGMA = 0.3
 TEXT_WIDTH = 8
@@ -50,16 +49,6 @@ class MixtureDensity:
         responsibilities = torch.softmax(self._component_log_densities(x), dim=-1)
         component_scores = -(x.double()[..., None] - self.means) / self.stds**2
         return (responsibilities * component_scores).sum(-1)
-
-
-def trained_looking_flow(seed=0, text_width=None) -> GlobalLocalFlow:
-    torch.manual_seed(seed)
-    flow = GlobalLocalFlow.from_preset("tiny", latent_channels=CHANNELS, frame_size=FRAME, text_width=text_width)
-    with torch.no_grad():
-        for block in flow.blocks:
-            block.proj_out.weight.normal_(0.0, 0.1)
-            block.proj_out.bias.normal_(0.0, 0.1)
-    return flow
 
 
 def float64_score(flow: GlobalLocalFlow, x: torch.Tensor) -> torch.Tensor:

@@ -127,19 +127,26 @@ def resolve_precision(name: str, device: torch.device, setting: str = "--precisi
 
 
 def cuda_supports_bf16(device: torch.device) -> bool:
-    """``torch.cuda.is_bf16_supported()`` for ``device``, not for the current GPU, which it asks about."""
+    """Whether ``device`` (not the current GPU, which torch's check asks about) computes in bf16 natively.
+    torch counts emulated bf16 as supported unless told not to, and on a GPU before Ampere that is slower
+    than fp32."""
     if device.index is None:  # plain ``cuda`` is the current GPU
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     with torch.cuda.device(device):
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
-    """bf16 (``bf16-mixed``, or training's ``bf16-true``) on a CPU without native bf16 works, but slower than
-    fp32: say so."""
-    if precision.startswith("bf16") and device.type == "cpu" and not cpu_has_native_bf16():
+    """bf16 (``bf16-mixed``, or training's ``bf16-true``) on a CPU or GPU without native bf16 works, but
+    slower than fp32: say so."""
+    if not precision.startswith("bf16"):
+        return
+    if device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(f"this CPU has no native bf16 (AVX512-BF16 or AMX): {precision} runs emulated and slower "
                       "than 32-true", stacklevel=3)
+    elif device.type == "cuda" and not cuda_supports_bf16(device):
+        warnings.warn(f"GPU {device} has no native bf16 (it came with Ampere, compute capability 8.0): "
+                      f"{precision} runs emulated and slower than 32-true", stacklevel=3)
 
 
 def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -99,6 +99,22 @@ def test_auto_precision_asks_the_gpu_it_places_on_about_bf16(current_gpu_without
 
 
 @pytest.fixture
+def turing_gpu(monkeypatch):
+    """A GPU before Ampere (compute capability 7.5): torch's bf16 check answers yes to bf16 it emulates,
+    unless asked about native support alone."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+
+
+def test_auto_precision_is_fp32_on_a_gpu_that_only_emulates_bf16(turing_gpu):
+    assert placement.resolve_precision("auto", torch.device("cuda")) == "32-true"
+
+
+def test_bf16_mixed_on_a_gpu_that_only_emulates_bf16_warns(turing_gpu):
+    with pytest.warns(UserWarning, match="GPU cuda has no native bf16 .* runs emulated and slower than 32-true"):
+        assert placement.resolve_precision("bf16-mixed", torch.device("cuda")) == "bf16-mixed"
+
+
+@pytest.fixture
 def x86_cpu_with_avx512_only(monkeypatch):
     """A Skylake-to-Ice-Lake Xeon: AVX-512, which oneDNN's bf16 check asks for, but no AVX512-BF16 or AMX."""
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")

@@ -33,15 +33,26 @@ SAMPLES = 16
 SEED = 1234
 
 
+class StepFailed(Exception):
+    """A step's command failed; it printed why, so the demo ends with one line that names the step."""
+
+
+def exit_status(returncode: int) -> str:
+    return f"was stopped by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
+
+
 @contextmanager
 def step(title: str) -> Iterator[None]:
-    """Print a step's title now and its duration when the block ends."""
+    """Print a step's title now and its duration when the block ends; a command of the step that fails
+    becomes a StepFailed."""
     print(f"==> {title}", flush=True)
     started = time.perf_counter()
     try:
         yield
-    finally:
-        print(f"    done in {time.perf_counter() - started:.1f} s", flush=True)
+    except subprocess.CalledProcessError as failed:
+        raise StepFailed(f"{title} failed: its command {exit_status(failed.returncode)}; "
+                         "its output above says why") from None
+    print(f"    done in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def make_data(root: Path) -> None:
@@ -70,6 +81,55 @@ def interrupted(out: Path) -> bool:
     return not (out / "metrics.json").exists() and any((out / "run" / "checkpoints").glob("*.ckpt"))
 
 
+RUN_RECORD = "demo_model.json"
+MODEL_OPTIONS = ("--model", "--config")
+
+
+def model_options(extra: list[str]) -> list[str]:
+    """The options for ``flowvid fit`` among ``extra`` that may change the model, with their values."""
+    chosen = []
+    for index, option in enumerate(extra):
+        if option.startswith(MODEL_OPTIONS):
+            chosen.append(option)
+            if "=" not in option and index + 1 < len(extra):
+                chosen.append(extra[index + 1])
+    return chosen
+
+
+def model_settings(recipe: str, extra: list[str]) -> dict[str, Any]:
+    """What decides the model that ``flowvid fit`` trains: the recipe, its model and the options that change it.
+    Other options, such as ``--trainer.max_steps``, may differ when a run continues."""
+    import yaml
+
+    return {"recipe": str(Path(recipe)), "model": yaml.safe_load(Path(recipe).read_text()).get("model"),
+            "model_options": model_options(extra)}
+
+
+def record_model(run_dir: Path, recipe: str, extra: list[str]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_RECORD).write_text(json.dumps(model_settings(recipe, extra), indent=2))
+
+
+def resumable(out: Path, recipe: str, extra: list[str]) -> bool:
+    """Whether ``out`` holds an interrupted demo run of the model that ``recipe`` and ``extra`` build; says why
+    not when it holds one of another model, as its checkpoints would not load into this one."""
+    if not interrupted(out):
+        return False
+    record = out / "run" / RUN_RECORD
+    earlier = json.loads(record.read_text()) if record.exists() else None
+    settings = model_settings(recipe, extra)
+    if earlier == settings:
+        return True
+    if earlier is None:
+        made_with = "an unknown recipe"
+    elif earlier["recipe"] != settings["recipe"]:
+        made_with = earlier["recipe"]
+    else:
+        made_with = f"{recipe} with other model settings"
+    print(f"    the interrupted demo run in {out / 'run'} trained {made_with}: training {recipe} afresh", flush=True)
+    return False
+
+
 def train(recipe: str, run_dir: Path, extra: list[str], resume: bool = False) -> Path:
     """Run ``flowvid fit`` on ``recipe``: a fresh run, or with ``resume`` the continuation of the run in
     ``run_dir``; returns its newest checkpoint."""
@@ -78,6 +138,7 @@ def train(recipe: str, run_dir: Path, extra: list[str], resume: bool = False) ->
         extra = [*extra, "--resume", "auto"]
     else:
         remove_earlier_checkpoints(run_dir)
+        record_model(run_dir, recipe, extra)  # after the removal: the record describes the checkpoints beside it
     command = [sys.executable, "-m", "flowvid.cli", "fit", "--config", recipe,
                f"--trainer.default_root_dir={run_dir}", *extra]
     print("    " + " ".join(command), flush=True)
@@ -237,9 +298,9 @@ def run_demo(out: Path, recipe: str, extra: list[str], checkpoint: Path | None =
         make_data(DATA)
     speed: dict[str, float] = {}
     if checkpoint is None:
-        resume = interrupted(out)
-        (out / "metrics.json").unlink(missing_ok=True)  # it describes the model that training replaces
         with step(f"training {recipe} on {torch.get_num_threads()} CPU threads"):
+            resume = resumable(out, recipe, extra)
+            (out / "metrics.json").unlink(missing_ok=True)  # it describes the model that training replaces
             checkpoint = train(recipe, out / "run", extra, resume)
         speed = training_speed(out / "run")
     with step(f"loading the trained model {checkpoint} and the held-out set"):
@@ -291,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--real fine-tunes the demo model in --out; it takes no --recipe, --checkpoint or --guidance")
     if args.checkpoint is not None and extra:
         parser.error(f"--checkpoint samples without training; {' '.join(extra)} would be ignored")
+    if args.checkpoint is None and not Path(args.recipe).is_file():
+        parser.error(f"--recipe {args.recipe}: no such file; give a recipe such as {RECIPE}")
     if args.real:
         from flowvid.demo_real import check_inputs, run_demo_real
 
@@ -298,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
             check_inputs(out)
         except FileNotFoundError as missing:
             parser.exit(1, f"{parser.prog}: error: {missing}\n")
-        metrics = run_demo_real(out, extra)
-    else:
-        metrics = run_demo(out, args.recipe, extra, args.checkpoint, args.guidance)
+    try:
+        metrics = (run_demo_real(out, extra) if args.real
+                   else run_demo(out, args.recipe, extra, args.checkpoint, args.guidance))
+    except StepFailed as failed:
+        parser.exit(1, f"{parser.prog}: error: {failed}\n")
     width = max(map(len, metrics))
     for key, value in metrics.items():
         shown = f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else value

@@ -5,6 +5,7 @@ import json
 import subprocess
 
 import pytest
+import yaml
 
 from flowvid import demo, demo_real
 
@@ -13,7 +14,7 @@ class TrainingStarted(Exception):
     pass
 
 
-def start_demo(out, monkeypatch):
+def start_demo(out, monkeypatch, recipe=demo.RECIPE, extra=()):
     """Run the demo into ``out`` up to its training; returns what training was asked to do."""
     asked = {}
 
@@ -24,14 +25,25 @@ def start_demo(out, monkeypatch):
     monkeypatch.setattr(demo, "make_data", lambda root: None)
     monkeypatch.setattr(demo, "train", fake_train)
     with pytest.raises(TrainingStarted):
-        demo.run_demo(out, demo.RECIPE, [])
+        demo.run_demo(out, str(recipe), list(extra))
     return asked
 
 
-def write_checkpoint(out, name="step=00000320.ckpt"):
+def write_checkpoint(out, name="step=00000320.ckpt", recipe=demo.RECIPE, extra=(), recorded=True):
+    """A checkpoint in ``out`` as a demo run of ``recipe`` with the options ``extra`` writes it."""
     path = out / "run" / "checkpoints" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"weights")
+    if recorded:
+        demo.record_model(out / "run", str(recipe), list(extra))
+    return path
+
+
+def write_recipe(path, deep_depth):
+    """The demo recipe with another depth: a model whose checkpoints the demo model cannot load."""
+    recipe = yaml.safe_load(open(demo.RECIPE))
+    recipe["model"]["init_args"]["flow"]["init_args"]["deep_depth"] = deep_depth
+    path.write_text(yaml.safe_dump(recipe))
     return path
 
 
@@ -68,6 +80,81 @@ def test_continuing_keeps_the_checkpoints_and_asks_fit_to_resume(tmp_path, monke
     newest = demo.train("recipe.yaml", tmp_path / "run", ["--trainer.max_steps=640"], resume=True)
     assert kept.exists() and newest.name == "step=00000640.ckpt"
     assert commands[0][-3:] == ["--trainer.max_steps=640", "--resume", "auto"]
+
+
+def test_a_demo_stopped_in_another_recipe_trains_afresh_and_replaces_its_checkpoints(
+        tmp_path, monkeypatch, capsys):
+    earlier = write_checkpoint(tmp_path)
+    other = write_recipe(tmp_path / "deeper.yaml", deep_depth=8)
+    commands = []
+
+    def fake_fit(command, check):
+        commands.append(command)
+        raise TrainingStarted
+
+    monkeypatch.setattr(demo, "make_data", lambda root: None)
+    monkeypatch.setattr(demo.subprocess, "run", fake_fit)
+    with pytest.raises(TrainingStarted):
+        demo.run_demo(tmp_path, str(other), [])
+    assert "--resume" not in commands[0] and not earlier.exists()
+    said = [line for line in capsys.readouterr().out.splitlines() if "interrupted" in line]
+    assert said == [f"    the interrupted demo run in {tmp_path / 'run'} trained {demo.RECIPE}: "
+                    f"training {other} afresh"]
+    # Stopped again, the run now continues with the recipe it was made with.
+    write_checkpoint(tmp_path, recorded=False)
+    assert start_demo(tmp_path, monkeypatch, other)["resume"] is True
+
+
+def test_a_demo_stopped_continues_only_with_the_same_model_settings(tmp_path, monkeypatch):
+    write_checkpoint(tmp_path, extra=["--model.init_args.flow.init_args.deep_depth", "4", "--trainer.max_steps=640"])
+    same_model = ["--trainer.max_steps=1200", "--model.init_args.flow.init_args.deep_depth", "4"]
+    assert start_demo(tmp_path, monkeypatch, extra=same_model)["resume"] is True
+    for other_model in (["--model.init_args.flow.init_args.deep_depth", "8"],
+                        ["--model.init_args.flow.init_args.deep_depth=4"],
+                        []):
+        assert start_demo(tmp_path, monkeypatch, extra=other_model)["resume"] is False
+
+
+def test_a_demo_stopped_after_its_recipe_changed_its_model_trains_afresh(tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path / "recipe.yaml", deep_depth=6)
+    write_checkpoint(tmp_path, recipe=recipe)
+    write_recipe(recipe, deep_depth=8)
+    assert start_demo(tmp_path, monkeypatch, recipe)["resume"] is False
+
+
+def test_a_demo_stopped_without_a_record_of_its_recipe_trains_afresh(tmp_path, monkeypatch, capsys):
+    write_checkpoint(tmp_path, recorded=False)
+    assert start_demo(tmp_path, monkeypatch)["resume"] is False
+    assert "trained an unknown recipe" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("returncode, status", [(1, "exited with status 1"), (-9, "was stopped by signal 9")])
+def test_a_failed_training_ends_the_demo_with_one_line_naming_the_step(tmp_path, monkeypatch, capsys,
+                                                                       returncode, status):
+    def failing_fit(command, check):
+        raise subprocess.CalledProcessError(returncode, command)
+
+    monkeypatch.setattr(demo, "make_data", lambda root: None)
+    monkeypatch.setattr(demo.subprocess, "run", failing_fit)
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and len(err.splitlines()) == 1
+    assert err.startswith(f"python -m flowvid.demo: error: training {demo.RECIPE} on ")
+    assert f"failed: its command {status}; its output above says why" in err
+
+
+def test_a_failed_command_of_any_step_names_that_step():
+    with pytest.raises(demo.StepFailed, match="^scoring the real clips failed: its command exited with status 2"):
+        with demo.step("scoring the real clips"):
+            raise subprocess.CalledProcessError(2, ["flowvid", "score"])
+
+
+def test_a_recipe_that_is_not_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "run_demo", refuse_work)
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--recipe", "recipes/demo/missing.yaml", "--out", str(tmp_path)])
+    assert stopped.value.code == 2 and "--recipe recipes/demo/missing.yaml: no such file" in capsys.readouterr().err
 
 
 def write_speed_log(run_dir, version, tokens_by_step):

@@ -20,7 +20,7 @@ def test_a_second_demo_run_replaces_the_checkpoints_of_the_first(tmp_path, monke
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(demo.subprocess, "run", fake_fit)
-    checkpoint = demo.train("recipe.yaml", run_dir, [])
+    checkpoint = demo.train(demo.RECIPE, run_dir, [])
     assert checkpoint == old and checkpoint.read_bytes() == b"second run"
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step=00000640.ckpt"]
 

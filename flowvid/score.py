@@ -33,6 +33,8 @@ noise-augmented latents at noisy points (what training fits; docs/metrics.md).
 The model runs on the first CUDA GPU when there is one (``--device``), in fp32 unless ``--precision
 bf16-mixed`` is asked for (the network's matmuls in bf16; z and the log-determinant stay fp32).
 Video file (or shard) ``i`` of the inputs draws its dequantisation noise from ``--seed`` + ``i``.
+Folders are listed once, before the model loads (under torchrun by the first process, for all): a file
+added to one after that is not scored.
 
 Under torchrun every process scores every N-th video file and shard on its own GPU and the first
 writes them all, ranked, the same file as one process writes::
@@ -125,31 +127,74 @@ def is_shard_folder(path: Path) -> bool:
     return path.is_dir() and (path / "manifest.json").exists()
 
 
-def check_inputs(inputs: list[str], caption: str = "") -> None:
-    """Refuse, before any work, an input that does not exist, a folder with nothing to score, or a
-    caption with no video file to apply to (shards are scored under their own captions)."""
-    if caption and all(is_shard_folder(Path(given)) for given in inputs):
+@dataclass(frozen=True)
+class ShardFolder:
+    """A shard folder of the inputs, with its manifest (read once)."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    def files(self) -> list[Path]:
+        """What scoring reads: the manifest and every shard it lists."""
+        from flowvid.data.manifest import MANIFEST_NAME
+        from flowvid.data.shards import shard_paths
+
+        return [self.path / MANIFEST_NAME, *shard_paths(self.path, self.manifest)]
+
+
+def list_inputs(inputs: list[str], caption: str = "") -> list[Path | ShardFolder]:
+    """Every video file of the inputs (a folder's walked once) and every shard folder, in the order given.
+    Every check and the scoring work on this one listing, so a file that appears in a folder afterwards is
+    not scored unchecked. Refused before any work: an input that does not exist, a folder with nothing to
+    score, a caption with no video file to apply to (shards are scored under their own captions)."""
+    from flowvid.data import load_manifest
+
+    listed: list[Path | ShardFolder] = []
+    for given in map(Path, inputs):
+        if is_shard_folder(given):
+            listed.append(ShardFolder(given, load_manifest(given)))
+        elif not given.exists():
+            raise ScoreError(f"input {given} does not exist")
+        elif given.is_dir():
+            listed += videos_of_folder(given)
+        else:
+            listed.append(given)
+    if caption and all(isinstance(entry, ShardFolder) for entry in listed):
         raise ScoreError("--caption applies to video files, and the inputs are all shard folders, whose samples "
                          "are scored under their own captions; leave out --caption")
-    for given in map(Path, inputs):
-        if not given.exists():
-            raise ScoreError(f"input {given} does not exist")
-        if given.is_dir() and not is_shard_folder(given) and next(video_inputs([given]), None) is None:
-            raise ScoreError(f"no videos found in folder {given}: score looks for files ending in "
-                             f"{' '.join(VIDEO_SUFFIXES)} (in subfolders too), or a shard folder with manifest.json")
+    return listed
 
 
-def check_output_is_no_input(out: str, inputs: list[str]) -> None:
+def list_inputs_once(inputs: list[str], caption: str = "") -> list[Path | ShardFolder]:
+    """``list_inputs`` made by the first process under a process group and shared with the others: listed
+    by each, a folder written to meanwhile would give the processes different work to divide."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list_inputs(inputs, caption)
+    shared: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            shared[0] = list_inputs(inputs, caption)
+        except (ValueError, OSError) as refused:  # the others must not wait for a listing that never comes
+            shared[0] = refused
+    dist.broadcast_object_list(shared, src=0)
+    if isinstance(shared[0], Exception):
+        raise shared[0]
+    return shared[0]
+
+
+def videos_of_folder(folder: Path) -> list[Path]:
+    videos = list(video_inputs([folder]))
+    if not videos:
+        raise ScoreError(f"no videos found in folder {folder}: score looks for files ending in "
+                         f"{' '.join(VIDEO_SUFFIXES)} (in subfolders too), or a shard folder with manifest.json")
+    return videos
+
+
+def check_output_is_no_input(out: str, listed: list[Path | ShardFolder]) -> None:
     """Writing the scores over a video being scored, or over a shard folder's manifest or shard, would
     destroy it: refuse such an ``--out`` before any work."""
-    from flowvid.data import load_manifest
-    from flowvid.data.manifest import MANIFEST_NAME
-    from flowvid.data.shards import shard_paths
-
-    folders = [given for given in map(Path, inputs) if is_shard_folder(given)]
-    read = {path.resolve() for path in video_inputs([given for given in map(Path, inputs) if given not in folders])}
-    for folder in folders:
-        read |= {path.resolve() for path in [folder / MANIFEST_NAME, *shard_paths(folder, load_manifest(folder))]}
+    read = {path.resolve() for entry in listed
+            for path in (entry.files() if isinstance(entry, ShardFolder) else [entry])}
     if Path(out).resolve() in read:
         raise ScoreError(f"--out {out} is one of the inputs being scored, and writing the scores would destroy it; "
                          "give another file, such as scores.jsonl")
@@ -189,28 +234,30 @@ class Work:
     held_earlier: frozenset[str] = frozenset()  # keys of the shard that an earlier shard of its folder holds
 
 
-def work_of(module, inputs: list[str]) -> list[Work]:
-    """Every video file and every shard of the inputs, in a fixed order. A latent shard folder made with
-    another codec is refused here, before any work."""
-    from flowvid.data import SampleSpec, load_manifest
+def work_of(module, listed: list[Path | ShardFolder]) -> list[Work]:
+    """Every video file and every shard of the listed inputs, in their order. A shard folder of another size
+    or a latent one made with another codec is refused here, before any work."""
+    work: list[Work] = []
+    for entry in listed:
+        work += shard_work(module, entry) if isinstance(entry, ShardFolder) else [Work(entry)]
+    return work
+
+
+def shard_work(module, folder: ShardFolder) -> list[Work]:
+    """The shards of ``folder``, once the model is known to take its clips."""
+    from flowvid.data import SampleSpec
     from flowvid.data.manifest import codec_identity
     from flowvid.data.shards import keys_held_earlier, shard_paths
 
-    work: list[Work] = []
-    for given in map(Path, inputs):
-        if is_shard_folder(given):
-            manifest = load_manifest(given)
-            check_frame_size(module, manifest, given)
-            if manifest["kind"] == "latent":
-                check_codec_identity(module.codec.identity(), codec_identity(manifest), f"shard folder {given}")
-            spec = SampleSpec.from_manifest(manifest)
-            shards = shard_paths(given, manifest)
-            repeated = keys_held_earlier(shards)
-            work += [Work(path, spec, shard["samples"], repeated.get(str(path), frozenset()))
-                     for path, shard in zip(shards, manifest["shards"])]
-        else:
-            work += [Work(path) for path in video_inputs([given])]
-    return work
+    manifest = folder.manifest
+    check_frame_size(module, manifest, folder.path)
+    if manifest["kind"] == "latent":
+        check_codec_identity(module.codec.identity(), codec_identity(manifest), f"shard folder {folder.path}")
+    spec = SampleSpec.from_manifest(manifest)
+    shards = shard_paths(folder.path, manifest)
+    repeated = keys_held_earlier(shards)
+    return [Work(path, spec, shard["samples"], repeated.get(str(path), frozenset()))
+            for path, shard in zip(shards, manifest["shards"])]
 
 
 def check_frame_size(module, manifest: dict[str, Any], folder: Path) -> None:
@@ -290,9 +337,13 @@ def score_inputs(module, inputs: list[str], caption: str = "", seed: int = 0) ->
     rank r scores the files and shards r, r + N, ..., and every rank returns all the records: the same
     as one process gives.
     """
-    check_inputs(inputs, caption)
+    return score_listed(module, list_inputs(inputs, caption), caption, seed)
+
+
+def score_listed(module, listed: list[Path | ShardFolder], caption: str = "", seed: int = 0) -> list[dict[str, Any]]:
+    """``score_inputs`` of inputs already listed (``list_inputs``)."""
     check_caption(module, caption)
-    work = work_of(module, inputs)
+    work = work_of(module, listed)
     check_seed(seed, len(work), name="--seed")  # each file or shard its own seed: none may wrap onto another's
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = {index: score_work(module, work[index], caption, torch.Generator().manual_seed(seed + index))
@@ -348,15 +399,15 @@ def main(argv: list[str]) -> int:
         rank, world_size = join_launch_group()
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
-        check_inputs(args.input, args.caption)
+        listed = list_inputs_once(args.input, args.caption)
         check_seed(args.seed, name="--seed")
         check_output_file(args.out, "--out", "give the JSON lines file to write", ScoreError)
-        check_output_is_no_input(args.out, args.input)
+        check_output_is_no_input(args.out, listed)
         check_adapter_arguments(args.lora, args.lora_strength)
         module = load_model(args.ckpt, weights=args.weights, map_location=device, adapters=args.lora,
                             adapter_strength=args.lora_strength)
         with precision_context(precision, device):
-            records = score_inputs(module, args.input, args.caption, args.seed)
+            records = score_listed(module, listed, args.caption, args.seed)
     except (ScoreError, FileNotFoundError, ValueError, CorruptCheckpointError, ImportError) as err:
         raise UserError(str(err)) from None
     if rank != 0:  # the first process writes everyone's records

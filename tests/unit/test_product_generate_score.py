@@ -938,6 +938,31 @@ def test_processes_of_torchrun_share_the_videos_and_shards_and_write_what_one_pr
     assert (tmp_path / "two.jsonl").read_text() == one and len(one.splitlines()) == 3 + 6
 
 
+def _score_as_rank_that_sees_one_more_video(rank: int, world: int, port: int, args: list[str]) -> None:
+    """A rank whose look at the folder finds a video the other's did not (written in between)."""
+    import flowvid.score as score
+
+    if rank == 1:
+        seen = score.video_inputs
+        score.video_inputs = lambda paths: [*seen(paths), paths[0] / "written_meanwhile.npy"]
+    _score_as_torchrun_rank(rank, world, port, args)
+
+
+@pytest.mark.slow
+def test_processes_of_torchrun_divide_the_first_processs_listing_of_a_folder(checkpoint, tmp_path):
+    import torch.multiprocessing as mp
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "videos").mkdir()
+    for index in range(3):
+        np.save(tmp_path / "videos" / f"clip{index}.npy", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    args = ["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "videos"), "--device", "cpu", "--out"]
+    assert main([*args, str(tmp_path / "one.jsonl")]) == 0
+    mp.start_processes(_score_as_rank_that_sees_one_more_video, args=(2, free_port(), [*args, str(tmp_path / "two.jsonl")]),
+                       nprocs=2, join=True, start_method="fork")
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+
+
 def test_an_overwrite_interrupted_mid_sample_leaves_no_record_that_skip_existing_would_trust(checkpoint, tmp_path,
                                                                                             monkeypatch):
     import flowvid.generate as generate

@@ -148,3 +148,36 @@ def test_an_out_that_is_an_input_is_refused_before_loading(tmp_path, capsys):
                      "--out", str(out)]) == 2
         assert f"--out {out} is one of the inputs being scored" in one_line_error(capsys)
         assert out.read_bytes() == before
+
+
+def test_a_video_that_appears_while_the_model_loads_is_not_scored_unchecked(checkpoint, tmp_path, monkeypatch):
+    import flowvid.loading
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    np.save(clips / "checked.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    load = flowvid.loading.load_model
+
+    def load_while_a_video_arrives(*args, **kwargs):
+        np.save(clips / "late.npy", np.zeros((4, 8, 8, 3), np.uint8))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(flowvid.loading, "load_model", load_while_a_video_arrives)
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(clips), "--out", str(out)]) == 0
+    assert [r["path"] for r in records_of(out)] == [str(clips / "checked.npy")]
+
+
+def test_score_inputs_walks_a_folder_once(checkpoint, tmp_path, monkeypatch):
+    from flowvid.score import score_inputs
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    walks = []
+    rglob = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda path, pattern: walks.append(path) or rglob(path, pattern))
+    records = score_inputs(load_model(checkpoint, map_location="cpu"), [str(tmp_path)], caption="a red circle")
+    assert walks == [tmp_path]
+    assert sorted(r["path"] for r in records) == [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]
+    assert [r["rank"] for r in records] == [1, 2]

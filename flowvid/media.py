@@ -8,6 +8,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
@@ -24,30 +25,67 @@ def frame_rate(fps: float) -> Fraction:
     return rate
 
 
+# Every YUV stream is converted from RGB with BT.601's matrix in limited range (16-235): the one FFmpeg assumes
+# for a stream without colour tags, as VP8 streams and AVI files are. Where the stream can, it is tagged so:
+# players guess the matrix of an untagged stream from its size (BT.709 for HD) and would shift its colours.
+# The pixels themselves are sRGB, whose primaries and transfer are BT.709's.
+SMPTE_170M = 6  # FFmpeg's (ITU-T H.273's) tag of BT.601's matrix; PyAV's Colorspace holds swscale's codes
+YUV_COLOUR_TAGS = {"colorspace": SMPTE_170M, "color_range": ColorRange.MPEG,
+                   "color_primaries": ColorPrimaries.BT709, "color_trc": ColorTrc.BT709}
+
+
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: str = "libx264",
                 container: str | None = None) -> None:
     """uint8 frames (T, H, W, 3) -> a video file; H.264 at near-lossless quality by default.
 
-    ``ffv1`` stores the frames losslessly. H.264 needs even sides: odd ones are padded by one pixel
-    (a copy of the last row or column), so such a video reads back one pixel taller or wider.
-    ``container`` is FFmpeg's name of the file format (``"mp4"``), by default read from the file's suffix.
+    ``ffv1`` stores the frames losslessly (RGB). Other encoders store YUV, converted with BT.601's matrix in
+    limited range and tagged so (``YUV_COLOUR_TAGS``). Most keep colour at half the resolution of brightness
+    (4:2:0), which needs even sides: odd ones are padded by one pixel (a copy of the last row or column), so
+    such a video reads back one pixel taller or wider. ``container`` is FFmpeg's name of the file format
+    (``"mp4"``), by default read from the file's suffix.
     """
     rate = frame_rate(fps)
     frames = video_pixels(frames, path)
     encoder = encoder_name(codec)
-    if encoder == "libx264":
-        pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     with open_for_writing(Path(path), container) as output:
-        stream = output.add_stream(encoder, rate=rate)
+        stream = add_video_stream(output, encoder, rate)
+        frames = padded_to_whole_colour_samples(frames, stream.pix_fmt)
         stream.height, stream.width = frames.shape[1:3]
-        if encoder == "libx264":
-            stream.pix_fmt, stream.options = "yuv420p", {"crf": "12"}
-        elif encoder == "ffv1":
-            stream.pix_fmt = "bgr0"
         for frame in frames:
-            output.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            output.mux(stream.encode(encodable_frame(frame, stream.pix_fmt)))
         output.mux(stream.encode())
+
+
+def add_video_stream(output: av.container.OutputContainer, encoder: str, rate: Fraction) -> av.VideoStream:
+    """A stream of ``encoder`` in ``output``, in the encoder's first pixel format unless set here, YUV tagged."""
+    stream = output.add_stream(encoder, rate=rate)
+    if encoder == "libx264":
+        stream.pix_fmt, stream.options = "yuv420p", {"crf": "12"}
+    elif encoder == "ffv1":
+        stream.pix_fmt = "bgr0"
+    if not av.VideoFormat(stream.pix_fmt).is_rgb:
+        for tag, value in YUV_COLOUR_TAGS.items():
+            setattr(stream.codec_context, tag, value)
+    return stream
+
+
+def padded_to_whole_colour_samples(frames: np.ndarray, pix_fmt: str) -> np.ndarray:
+    """``frames`` with the last row and column repeated until each side is a whole number of the colour
+    samples of ``pix_fmt`` (even sides for 4:2:0): encoders such as libx264 and libx265 refuse other sizes."""
+    pixel_format = av.VideoFormat(pix_fmt)
+    # A side's length over its colour sample count is how many pixels one colour sample covers.
+    step_h, step_w = 64 // pixel_format.chroma_height(64), 64 // pixel_format.chroma_width(64)
+    pad_h, pad_w = -frames.shape[1] % step_h, -frames.shape[2] % step_w
+    return np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+
+
+def encodable_frame(rgb: np.ndarray, pix_fmt: str) -> av.VideoFrame:
+    """uint8 RGB (H, W, 3) as a frame the encoder takes; a YUV one converted with the matrix and range the
+    stream is tagged with (``YUV_COLOUR_TAGS``), named rather than left to the encoder's default."""
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+    if av.VideoFormat(pix_fmt).is_rgb:
+        return frame
+    return frame.reformat(format=pix_fmt, dst_colorspace=Colorspace.ITU601, dst_color_range=ColorRange.MPEG)
 
 
 def video_pixels(frames: np.ndarray, path: str | Path) -> np.ndarray:
@@ -71,7 +109,7 @@ def video_pixels(frames: np.ndarray, path: str | Path) -> np.ndarray:
 
 
 def encoder_name(codec: str) -> str:
-    """FFmpeg's encoder for ``codec``: ``h264`` is ``libx264``, which needs the even sides and settings above."""
+    """FFmpeg's encoder for ``codec``: ``h264`` is ``libx264``, which gets the settings above."""
     try:
         return av.Codec(codec, "w").name
     except av.codec.codec.UnknownCodecError:
@@ -120,15 +158,17 @@ def shown_size(frame: av.VideoFrame, pixel_aspect: Fraction | None = None) -> tu
 
 def shown_frame(frame: av.VideoFrame, pixel_aspect: Fraction | None = None, size: tuple[int, int] | None = None,
                 interpolation: str | None = None) -> np.ndarray:
-    """A decoded frame as uint8 RGB (H, W, 3) the way a player shows it (``shown_size``), or scaled to
-    ``size`` = (width, height) of the shown frame."""
+    """A decoded frame as uint8 RGB (H, W, 3) the way a player shows it (``shown_size``, colours converted
+    with the matrix and range it is tagged with), or scaled to ``size`` = (width, height) of the shown frame."""
     turns = quarter_turns(frame)
     width, height = size or shown_size(frame, pixel_aspect)
     stored = (height, width) if turns % 2 else (width, height)
+    # Named, not left to PyAV: older versions converted every frame as BT.601 whatever its tags said.
+    colours = {"src_colorspace": frame.colorspace, "src_color_range": frame.color_range}
     if stored == (frame.width, frame.height):
-        image = frame.to_ndarray(format="rgb24")
+        image = frame.to_ndarray(format="rgb24", **colours)
     else:
-        image = frame.reformat(*stored, format="rgb24", interpolation=interpolation).to_ndarray()
+        image = frame.reformat(*stored, format="rgb24", interpolation=interpolation, **colours).to_ndarray()
     return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 

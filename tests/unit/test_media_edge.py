@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from av.video.reformatter import Colorspace
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -113,6 +114,61 @@ def test_an_unknown_file_format_names_the_file(tmp_path, name, container, reason
 def test_an_unknown_encoder_is_named(tmp_path):
     with pytest.raises(MediaError, match="no video encoder 'x246' in this FFmpeg"):
         write_video(tmp_path / "clip.mp4", smooth_video(2, 8, 8), codec="x246")
+
+
+def encoder_or_skip(codec: str) -> None:
+    if codec not in av.codecs_available:
+        pytest.skip(f"this FFmpeg has no {codec} encoder")
+
+
+# 65x129 rather than smaller: this FFmpeg's libx265 corrupts its memory on some frames a few dozen pixels wide.
+@pytest.mark.parametrize("codec, suffix", [("libx265", "mp4"), ("mpeg4", "mp4"), ("libvpx-vp9", "webm"),
+                                           ("libsvtav1", "mkv"), ("mpeg2video", "mkv")])
+def test_odd_sides_are_padded_for_every_encoder_that_halves_the_colour_resolution(tmp_path, codec, suffix):
+    encoder_or_skip(codec)
+    video = smooth_video(3, 65, 129)
+    write_video(tmp_path / f"odd.{suffix}", video, codec=codec)
+    with av.open(str(tmp_path / f"odd.{suffix}")) as container:
+        pixel_format = av.VideoFormat(container.streams.video[0].codec_context.pix_fmt)
+    assert (pixel_format.chroma_height(66), pixel_format.chroma_width(130)) == (33, 65)  # 4:2:0
+    back = np.stack(read_frames(tmp_path / f"odd.{suffix}"))
+    assert back.shape == (3, 66, 130, 3)
+    assert np.abs(back[:, :65, :129].astype(int) - video).mean() < 4
+
+
+BT601_LIMITED_SRGB = (6, 1, 1, 1)  # H.273 codes: SMPTE 170M matrix, limited range, BT.709 primaries and transfer
+
+
+@pytest.mark.parametrize("codec, suffix", [("libx264", "mp4"), ("libx265", "mkv"), ("mpeg4", "mp4"),
+                                           ("libvpx-vp9", "webm")])
+def test_a_yuv_stream_is_tagged_with_the_matrix_and_range_it_was_converted_with(tmp_path, codec, suffix):
+    encoder_or_skip(codec)
+    write_video(tmp_path / f"clip.{suffix}", smooth_video(2, 64, 64), codec=codec)
+    with av.open(str(tmp_path / f"clip.{suffix}")) as container:
+        stream = container.streams.video[0].codec_context
+        assert (stream.colorspace, stream.color_range, stream.color_primaries, stream.color_trc) == BT601_LIMITED_SRGB
+
+
+def as_a_player_shows(path) -> np.ndarray:
+    """The frames decoded with the matrix and range the stream is tagged with, the way players do. Untagged,
+    they guess: BT.709 for video taller than 576 lines (HD), BT.601 for smaller."""
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            matrix = frame.colorspace
+            if matrix == 2:  # unspecified
+                matrix = Colorspace.ITU709 if frame.height > 576 else Colorspace.ITU601
+            frames.append(frame.to_ndarray(format="rgb24", src_colorspace=matrix, src_color_range=frame.color_range))
+    return np.stack(frames)
+
+
+@pytest.mark.parametrize("height, width", [(16, 16), (720, 1280)])
+def test_saturated_colours_come_back_from_read_frames_and_in_players(tmp_path, height, width):
+    red, green, blue, yellow = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
+    video = np.stack([np.full((height, width, 3), colour, dtype=np.uint8) for colour in (red, green, blue, yellow)])
+    write_video(tmp_path / "colours.mp4", video)
+    assert np.abs(np.stack(read_frames(tmp_path / "colours.mp4")).astype(int) - video).max() <= 4
+    assert np.abs(as_a_player_shows(tmp_path / "colours.mp4").astype(int) - video).max() <= 4
 
 
 class OddSizedVideos(L.LightningModule):

@@ -40,7 +40,8 @@ class VideoShardDataModule(L.LightningDataModule):
     Training resamples all the shards on every rank and worker (each with randomness of its own) and
     stops after ``batches_per_epoch`` batches on every rank. Validation reads each rank's share of the
     shards (every world-size-th) once in order, or exactly ``val_batches`` batches per rank when
-    given (set it under multi-device training so that ranks do not wait for each other).
+    given (set it under multi-device training so that ranks do not wait for each other). A rank whose
+    share holds fewer than ``val_batches × batch_size`` clips reads some again: ``setup`` warns.
 
     Unusable samples are skipped, logged once and counted (``skipped_counts()``). The data order is
     fixed by ``seed``, epoch, rank and worker; ``state_dict()`` records the position in the epoch and
@@ -171,10 +172,61 @@ class VideoShardDataModule(L.LightningDataModule):
         # Training draws from all the shards on every rank; validation reads the rank's share of them.
         placed = [(folder, 0, 1) for folder in self.train_dirs]
         placed += [(folder, rank, world_size) for folder in self.val_dirs]
-        for folder, reader, readers in placed:
+        for folder, _, readers in placed:
             # Fail now, not in a worker, and on every rank: one failing alone leaves the others waiting for it.
             shards_for_rank(self._shards(folder), readers - 1, readers, folder)  # the last rank has fewest shards
+        for folder in self.val_dirs:
+            self._check_every_rank_lists_clips(folder, world_size)
+            if rank == 0:  # every rank finds the same in the manifest: one says it
+                self._warn_when_validation_repeats_clips(folder, world_size)
+        for folder, reader, readers in placed:
             self._check_some_sample_is_usable(folder, reader, readers)
+
+    def _check_every_rank_lists_clips(self, folder: str, world_size: int) -> None:
+        """Refuse, on every rank, a validation folder whose shards leave some rank no listed clip."""
+        shares = self._clips_per_rank(folder, world_size)
+        if 0 not in shares:
+            return
+        empty = shares.index(0)
+        names = ", ".join(Path(shard).name for shard in self._source(folder).for_rank(empty, world_size).shards)
+        raise ValueError(f"{folder}: the shards that rank {empty} of {world_size} validates on ({names}) list no "
+                         "clip, so it has nothing to read. Write the folder again with its clips spread over its "
+                         "shards, or run on fewer devices.")
+
+    def _warn_when_validation_repeats_clips(self, folder: str, world_size: int) -> None:
+        """``val_batches`` batches per rank are read in passes over the rank's share of the shards: when a share
+        holds fewer clips, some are read again and weigh more in the validation metrics."""
+        if self.val_batches is None:
+            return
+        shares = self._clips_per_rank(folder, world_size)
+        reads = self.val_batches * self.batch_size
+        if min(shares) < reads:
+            warnings.warn(f"{folder}: validation reads val_batches × batch_size = {self.val_batches} × "
+                          f"{self.batch_size} = {reads} clips per rank, but {_clips_held(shares)}: some clips "
+                          f"are read more than once and weigh more in the validation metrics. "
+                          f"{_how_to_read_each_once(min(shares), self.batch_size)}", stacklevel=3)
+        elif self.num_workers > 1 and (repeat := self._worker_that_repeats_clips(folder, world_size)):
+            warnings.warn(f"{folder}: with num_workers={self.num_workers}, {repeat}: some clips are read more "
+                          "than once and weigh more in the validation metrics. Lower num_workers, or write the "
+                          "folder in more shards.", stacklevel=3)
+
+    def _worker_that_repeats_clips(self, folder: str, world_size: int) -> str | None:
+        """How a DataLoader worker reads clips again, if one does: each reads every num_workers-th of its rank's
+        shards for every num_workers-th batch, and one that this leaves without a shard reads all the rank's
+        shards, which the others read too."""
+        workers = self.num_workers
+        for rank in range(world_size):
+            share = self._source(folder).for_rank(rank, world_size)
+            for worker in range(workers):
+                batches = len(range(worker, self.val_batches, workers))
+                if batches and worker >= len(share.shards):
+                    return (f"rank {rank} has {len(share.shards)} validation shard(s) for {workers} workers, and "
+                            f"worker {worker} reads the shards of the others again")
+                held = sum(share.for_stream(worker, workers, share=True).samples)
+                if held < batches * self.batch_size:
+                    return (f"worker {worker} of rank {rank} reads {batches * self.batch_size} clips for its "
+                            f"{batches} batch(es) from shards that list {held}")
+        return None
 
     def _check_some_sample_is_usable(self, folder: str, rank: int, world_size: int) -> None:
         """Read the shards of ``folder`` that ``rank`` reads up to the first usable sample: a folder whose
@@ -275,6 +327,11 @@ class VideoShardDataModule(L.LightningDataModule):
             self._repeated_keys[folder] = keys_held_earlier(self._shards(folder))
         return self._repeated_keys[folder]
 
+    def _clips_per_rank(self, folder: str, world_size: int) -> list[int]:
+        """The clips the manifest lists in each rank's share of the folder's shards (``ShardSource.for_rank``)."""
+        source = self._source(folder)
+        return [sum(source.for_rank(rank, world_size).samples) for rank in range(world_size)]
+
     def _source(self, folder: str, weight: float = 1.0) -> ShardSource:
         """The folder's shards with the samples its manifest says each holds."""
         return ShardSource(self._shards(folder), [shard["samples"] for shard in self._manifest(folder)["shards"]], weight)
@@ -328,6 +385,21 @@ def _check_listed_once(name: str, folders: list[str]) -> None:
             also = "" if os.path.abspath(folder) == os.path.abspath(seen[where]) else f" (also as {folder})"
             raise ValueError(f"{name} lists {seen[where]} more than once{also}")
         seen[where] = folder
+
+
+def _clips_held(shares: list[int]) -> str:
+    """``the folder holds 12`` on one rank, ``the shards list 12 clips for rank 0, 7 for rank 1`` on two."""
+    if len(shares) == 1:
+        return f"the folder holds {shares[0]}"
+    later = "".join(f", {clips} for rank {rank}" for rank, clips in enumerate(shares) if rank > 0)
+    return f"the shards list {shares[0]} clips for rank 0{later}"
+
+
+def _how_to_read_each_once(fewest: int, batch_size: int) -> str:
+    most = fewest // batch_size
+    if most == 0:  # even one batch is more than the smallest share holds
+        return f"Add clips (at least {batch_size} per rank), or lower batch_size to at most {fewest}."
+    return f"Lower val_batches to at most {most}, or add clips."
 
 
 def _check_weights(folders: list[str], weights: list[float] | None) -> list[float] | None:

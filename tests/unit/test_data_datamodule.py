@@ -1,5 +1,6 @@
 """VideoShardDataModule: rank/worker splits, fixed batch counts, resume, skip counting, manifest checks, mixtures."""
 
+import hashlib
 import json
 import tarfile
 import warnings
@@ -147,6 +148,109 @@ def test_validation_reads_each_sample_once_or_a_fixed_count(folder):
     assert sorted(keys) == sorted(f"s{s}-{i:03d}" for s in range(8) for i in range(6))
     fixed = VideoShardDataModule(str(folder), val_dir=str(folder), batch_size=5, num_workers=2, val_batches=13)
     assert len(list(fixed.val_dataloader())) == 13
+
+
+def validation_setup_warnings(folder, **settings):
+    dm = VideoShardDataModule(str(folder), val_dir=str(folder), **settings)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    return dm, [str(warning.message) for warning in caught]
+
+
+def repeats_warning(folder, reads, held, advice):
+    return (f"{folder}: validation reads val_batches × batch_size = {reads} clips per rank, but {held}: some clips "
+            f"are read more than once and weigh more in the validation metrics. {advice}")
+
+
+def test_val_batches_that_read_a_clip_twice_on_some_rank_are_warned_about_once_with_the_counts(tmp_path,
+                                                                                                monkeypatch):
+    # Shards of 10, 10, 10 and 1 clips on two ranks: rank 0 reads shards 0 and 2 (20 clips), rank 1
+    # shards 1 and 3 (11 clips), so 3 batches of 4 read one of rank 1's clips twice, 2 batches none.
+    folder = write_uneven_folder(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    _, said = validation_setup_warnings(folder, batch_size=4, val_batches=3)
+    held = "the shards list 20 clips for rank 0, 11 for rank 1"
+    assert said == [repeats_warning(folder, "3 × 4 = 12", held, "Lower val_batches to at most 2, or add clips.")]
+    assert validation_setup_warnings(folder, batch_size=4, val_batches=2)[1] == []
+    monkeypatch.setenv("RANK", "1")
+    for val_batches, distinct in ((3, 11), (2, 8)):
+        rank_1, said = validation_setup_warnings(folder, batch_size=4, val_batches=val_batches)
+        assert said == []  # every rank finds the same in the manifest: rank 0 says it
+        keys = [key for batch in rank_1.val_dataloader() for key in batch["key"]]
+        assert len(keys) == 4 * val_batches and len(set(keys)) == distinct
+
+
+def test_a_single_rank_is_warned_exactly_when_val_batches_read_more_clips_than_the_folder_holds(tmp_path):
+    folder = write_uneven_folder(tmp_path)  # 31 clips
+    assert validation_setup_warnings(folder, batch_size=4, val_batches=7)[1] == []
+    assert validation_setup_warnings(folder, batch_size=4)[1] == []  # one pass reads each clip once
+    _, said = validation_setup_warnings(folder, batch_size=4, val_batches=8)
+    assert said == [repeats_warning(folder, "8 × 4 = 32", "the folder holds 31",
+                                    "Lower val_batches to at most 7, or add clips.")]
+
+
+def test_a_batch_larger_than_a_rank_holds_is_warned_about_with_what_to_change(tmp_path, monkeypatch):
+    folder = write_uneven_folder(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _, said = validation_setup_warnings(folder, batch_size=12, val_batches=1)
+    assert said == [repeats_warning(folder, "1 × 12 = 12", "the shards list 20 clips for rank 0, 11 for rank 1",
+                                    "Add clips (at least 12 per rank), or lower batch_size to at most 11.")]
+
+
+def validation_keys(dm):
+    return [key for batch in dm.val_dataloader() for key in batch["key"]]
+
+
+def test_a_worker_that_reads_clips_again_is_warned_about_though_its_rank_holds_enough(tmp_path):
+    # Shards of 10, 10, 10 and 1 clips, two workers: worker 0 reads shards 0 and 2 (20 clips) for
+    # batches 0, 2, 4, ..., worker 1 shards 1 and 3 (11 clips) for batches 1, 3, 5, ...
+    folder = write_uneven_folder(tmp_path)
+    enough, said = validation_setup_warnings(folder, batch_size=4, val_batches=5, num_workers=2)
+    assert said == [] and len(set(validation_keys(enough))) == 20
+    short, said = validation_setup_warnings(folder, batch_size=4, val_batches=7, num_workers=2)
+    assert said == [f"{folder}: with num_workers=2, worker 1 of rank 0 reads 12 clips for its 3 batch(es) from "
+                    "shards that list 11: some clips are read more than once and weigh more in the validation "
+                    "metrics. Lower num_workers, or write the folder in more shards."]
+    assert len(set(validation_keys(short))) < 28  # 28 clips of the 31 asked for: some came twice
+
+
+def test_a_worker_without_a_shard_of_its_own_is_warned_about(tmp_path):
+    folder = write_uneven_folder(tmp_path)  # four shards
+    dm, said = validation_setup_warnings(folder, batch_size=1, val_batches=5, num_workers=5)
+    assert said == [f"{folder}: with num_workers=5, rank 0 has 4 validation shard(s) for 5 workers, and worker 4 "
+                    "reads the shards of the others again: some clips are read more than once and weigh more in "
+                    "the validation metrics. Lower num_workers, or write the folder in more shards."]
+    assert len(set(validation_keys(dm))) < 5
+
+
+def add_empty_shard(folder, position):
+    """An empty shard, listed with no sample, put ``position``-th in the manifest."""
+    empty = folder / "shard-empty.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    data = empty.read_bytes()
+    manifest = load_manifest(folder)
+    entry = {"name": empty.name, "samples": 0, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["shards"].insert(position, entry)
+    write_manifest(folder, {**manifest, "num_shards": len(manifest["shards"])})
+
+
+@pytest.mark.parametrize("val_batches", [None, 2])
+def test_a_rank_whose_validation_shards_list_no_clip_is_refused_on_every_rank(tmp_path, monkeypatch, val_batches):
+    write_folder(tmp_path, shards=2, per_shard=3)
+    add_empty_shard(tmp_path, 1)  # rank 1 of 2 reads it alone
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        dm = VideoShardDataModule(str(tmp_path), val_dir=str(tmp_path), batch_size=2, val_batches=val_batches)
+        with pytest.raises(ValueError) as refused:
+            dm.setup("fit")
+        assert str(refused.value) == (
+            f"{tmp_path}: the shards that rank 1 of 2 validates on (shard-empty.tar) list no clip, so it has "
+            "nothing to read. Write the folder again with its clips spread over its shards, or run on fewer "
+            "devices.")
 
 
 def _damage(key, sample):

@@ -96,6 +96,7 @@ class Request:
     block_size: int | None = None
     sampler_args: dict[str, Any] = field(default_factory=dict)  # the sampler's other settings (the model's)
     negative_prompt: str = ""  # what guidance steers away from; "" is the unconditional (empty) caption
+    context: int | None = None  # latent frames each window beyond the training length continues; None: half of it
     skip_existing: bool = False  # leave out samples whose files are complete in the output folder
     force: bool = False  # overwrite samples of another request (another seed, prompt, sampler...) in the folder
     model: str = ""  # the export or checkpoint that samples (recorded, and checked by skip_existing)
@@ -110,6 +111,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.frames is not None and args.frames < 1:
         raise GenerateError(f"--frames must be >= 1, got {args.frames}")
+    if args.context is not None and args.context < 0:
+        raise GenerateError(f"--context must be >= 0 latent frames, got {args.context}")
     if args.sampler is not None:
         try:
             sampler_class(args.sampler)
@@ -216,6 +219,21 @@ def request_sampler(request: Request) -> Sampler:
     return build_named_sampler(request.sampler, {**request.sampler_args, **chosen_settings(request)})
 
 
+def with_context(sampler: Sampler, module, request: Request) -> Sampler:
+    """``sampler`` in windows of the training length that each continue the last ``--context`` latent frames
+    of the window before; without ``--context``, the pipeline's windows (half the training length)."""
+    if request.context is None:
+        return sampler
+    trained = module.latent_shape[0]
+    if module.codec.latent_frames(request.frames) <= trained:
+        raise GenerateError(f"--context: {request.frames} frames fit in the model's training length of "
+                            f"{module.video_shape[0]} and are sampled in one piece; --context is for longer videos")
+    if request.context >= trained:
+        raise GenerateError(f"--context must be below the model's training length of {trained} latent frames, so "
+                            f"that every window samples new frames; got {request.context}")
+    return WindowedSampler(sampler, window=trained, context=request.context)
+
+
 def chosen_settings(request: Request) -> dict[str, Any]:
     """The tolerance and block sizes the request sets (None: the sampler's own)."""
     return {key: getattr(request, key) for key in SAMPLER_OPTIONS if getattr(request, key) is not None}
@@ -240,7 +258,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 #: The keys of a record that the request fixes (``planned_records``); a key only some requests set is
 #: compared too, so that a sample made with a negative prompt or an adapter is not kept for one without.
 REQUEST_KEYS = ("prompt", "task", "seed", "sampler", "tol", "first_block_size", "block_size", "sampler_args",
-                "guidance",
+                "context", "guidance",
                 "negative_prompt", "precision", "lora", "lora_strength", "frames", "fps", "model", "weights", "source",
                 "source_sha256")
 #: The frame rate of the written mp4s unless ``--fps`` gives another.
@@ -259,6 +277,7 @@ def planned_records(request: Request, prompts: list[str], frames: int) -> dict[i
         "precision": request.precision,
         **({"lora": request.lora, "lora_strength": request.lora_strength} if request.lora else {}),
         "frames": frames,
+        **({"context": request.context} if request.context is not None else {}),
         # Recorded only when chosen: records from before it was recorded hold the default's samples.
         **({"fps": request.fps} if request.fps != DEFAULT_FPS else {}),
         **({"model": request.model, "weights": request.weights} if request.model else {}),
@@ -371,6 +390,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     prompts = pipeline.prompts_for(request.prompts)
     pipeline.check(request.task, request.frames, request.guidance, request.negative_prompt, request.seed,
                    request.batch_size, count=len(prompts))
+    pipeline.sampler = with_context(pipeline.sampler, module, request)
     source = pipeline.source_frames(request.task, request.image, request.video)
     pipeline.check_room(request.task, request.frames, source)
     # As flowvid score records it: the given image or video was centre-cropped and resized to the model's size.
@@ -475,7 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", help="a file with one caption per line")
     parser.add_argument("--image", help="i2v: the first frame")
     parser.add_argument("--video", help="extend / v2v: the clip to continue or transform (video file or .npy)")
-    parser.add_argument("--frames", type=int, help="video frames to generate (default: the training length)")
+    parser.add_argument("--frames", type=int,
+                        help="video frames to generate (default: the training length); longer videos are sampled "
+                             "in windows of the training length, each continuing the one before (see --context)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="for videos longer than the training length: the latent frames of the window before "
+                             "that each window continues, 0 (none) to the training length - 1 (default: half the "
+                             "training length); with more, each window sees more of the video before it, with "
+                             "fewer, it samples more new frames")
     parser.add_argument("--sampler", default=None,
                         help="registered sampler name (jacobi, sequential, ...) or a plugin's class path; default: "
                              "the model's (its recipe's model.sampler, jacobi unless set)")
@@ -541,7 +568,7 @@ def main(argv: list[str]) -> int:
             chosen["tol"] = DEFAULT_TOLERANCE[precision]
         request = Request(
             task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames,
-            sampler=sampler, sampler_args=settings, **chosen,
+            sampler=sampler, sampler_args=settings, **chosen, context=args.context,
             guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
             batch_size=args.batch_size, fps=args.fps, stream=args.stream, skip_existing=args.skip_existing,
             force=args.force,

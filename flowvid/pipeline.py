@@ -88,6 +88,14 @@ class GenerateError(ValueError):
     """A request that cannot be generated; the message is one line for the user."""
 
 
+def check_window_fits(window: int, trained: int) -> None:
+    """A window of at most the model's training length: the model never saw more frames in view at once,
+    and every frame sampled with more would pay for it in quality without a word."""
+    if window > trained:
+        raise GenerateError(f"the sampler's window of {window} latent frames is longer than the model's training "
+                            f"length of {trained}; use WindowedSampler(window={trained}) or fewer")
+
+
 @contextlib.contextmanager
 def refused_as_generate_error():
     """Checks of a request raise GenerateError, whatever part of flowvid finds the fault (a seed out of
@@ -336,9 +344,13 @@ class VideoPipeline:
     def sampler_for(self, latent_frames: int) -> Sampler:
         """The sampler for a video of ``latent_frames``: beyond the trained length, a window of that length
         that keeps half of it in view (none for a model of single frames, whose frames are independent),
-        unless the sampler is a ``WindowedSampler`` already, whose window is then the one used."""
+        unless the sampler is a ``WindowedSampler`` already, whose own window (at most the training length)
+        is then the one used."""
         trained = self.model.latent_shape[0]
-        if latent_frames > trained and not isinstance(self.sampler, WindowedSampler):
+        if isinstance(self.sampler, WindowedSampler):
+            check_window_fits(self.sampler.window, trained)
+            return self.sampler
+        if latent_frames > trained:
             return WindowedSampler(self.sampler, window=trained, context=trained // 2)
         return self.sampler
 

@@ -117,12 +117,15 @@ class WindowedSampler(Sampler):
             context = [recent[i] for i in sorted(recent) if i >= start]
             known, lost = _stand_in_for_lost(torch.stack(context, dim=1) if context else None)
             first_new = start + (0 if known is None else known.shape[1])
+            stats.append({})
             for offset, frame in enumerate(self.sampler.stream(flow, z[:, start:end], text, guidance, known)):
                 frame = _lost(frame, lost)
                 recent[first_new + offset] = frame
+                # Kept up to date frame by frame: a caller that stops after the frames it asked for (or
+                # early) still finds the statistics of every frame it was given.
+                stats[-1] = self.sampler.last_stats
+                self._window_stats = stats
                 yield frame
-            stats.append(self.sampler.last_stats)
-            self._window_stats = stats
             next_start = spans[number + 1][0] if number + 1 < len(spans) else end
             recent = {i: frame for i, frame in recent.items() if i >= next_start}
 

@@ -7,7 +7,7 @@ import pytest
 
 from flowvid.cli import main
 from flowvid.pipeline import GenerateError, VideoPipeline
-from flowvid.sampling import SequentialSampler
+from flowvid.sampling import SequentialSampler, WindowedSampler
 from test_product_generate_score import checkpoint, unconditional_checkpoint, vae_checkpoint  # noqa: F401 (fixtures)
 
 
@@ -79,3 +79,14 @@ def test_prompts_in_an_array_are_sampled_as_the_list_of_them(checkpoint):
     pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu")
     prompts = ["a red circle moves left", "a blue square moves up"]
     np.testing.assert_array_equal(pipe(np.array(prompts), seed=2).videos, pipe(prompts, seed=2).videos)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["call", "stream"])
+def test_a_window_longer_than_the_training_length_is_refused_before_sampling(checkpoint, streamed):
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu")  # trained on 4 latent frames
+    pipe.sampler = WindowedSampler(RefusingSampler(), window=6, context=2)
+    with pytest.raises(GenerateError, match="window of 6 latent frames is longer than the model's training length"):
+        if streamed:
+            list(pipe.stream("x", frames=8))
+        else:
+            pipe("x", frames=8)

@@ -1240,3 +1240,21 @@ def test_the_demo_keeps_every_image_to_video_sample_when_captions_repeat(checkpo
         [npy] = [p for p in folder.glob("*.npy") if not p.name.endswith(".latent.npy")]
         np.testing.assert_array_equal(np.load(npy), video)
         np.testing.assert_array_equal(video[0], sample["video"][0])  # each from its own first frame
+
+
+def test_context_sets_the_frames_each_window_continues_and_is_refused_where_it_would_do_nothing(checkpoint, tmp_path,
+                                                                                                capsys):
+    args = ["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--seed", "2"]
+    assert main([*args, "--frames", "7", "--context", "1", "--out", str(tmp_path / "c1")]) == 0
+    record = read_record(tmp_path / "c1", "t2v_000")
+    assert record["context"] == 1
+    assert record["sampler_stats"]["window"] == 4 and record["sampler_stats"]["context"] == 1
+    assert len(record["sampler_stats"]["windows"]) == 2  # frames 0-3, then 3-6 continuing frame 3
+    for extra, message in [
+        (["--frames", "7", "--context", "4"], "--context must be below the model's training length of 4 latent"),
+        (["--frames", "4", "--context", "1"], "--context: 4 frames fit in the model's training length of 4"),
+        (["--frames", "7", "--context", "-1"], "--context must be >= 0 latent frames, got -1"),
+    ]:
+        assert main([*args, *extra, "--out", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

@@ -156,3 +156,14 @@ def test_a_prefix_of_another_float_type_comes_back_as_float32_like_every_sample(
     prefix = torch.randn(1, 2, 2, 3, 3, dtype=torch.float64)
     x = WindowedSampler("sequential", window=3, context=1).sample(flow, z, prefix=prefix)
     assert x.dtype == torch.float32 and torch.equal(x[:, :2], prefix.float())
+
+
+def test_a_stream_taken_frame_by_frame_has_the_statistics_of_every_window_it_gave():
+    flow = make_flow()
+    z = torch.randn(1, 7, 2, 3, 3)
+    sampler = WindowedSampler(JacobiSampler(tol=1e-3), window=3, context=1)
+    stream = sampler.stream(flow, z)
+    frames = [next(stream) for _ in range(7)]  # exactly the frames asked for: the stream is not run to its end
+    assert len(frames) == 7
+    assert len(sampler.last_stats["windows"]) == len(windows(7, 3, 1))
+    assert sampler.last_stats["windows"][-1] == sampler.sampler.last_stats

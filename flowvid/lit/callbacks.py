@@ -12,7 +12,6 @@ Validation bits/dim is logged by the module itself (``val/bits_per_dim``).
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ from PIL import Image
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from flowvid.checks import check_positive, is_integer
-from flowvid.lit.tensorboard import add_video_gif, frame_grid, gif_bytes, tensorboard_writers, tile_videos
+from flowvid.lit.tensorboard import (MAX_GIF_FPS, add_video_gif, frame_grid, gif_bytes, tensorboard_writers,
+                                     tile_videos)
 from flowvid.metrics.extractor import FVDExtractor, check_video
 from flowvid.metrics.fvd import FrechetVideoDistance
 
@@ -128,7 +128,7 @@ class SampleVideoLogger(_EveryNSteps):
         every_n_steps: optimizer steps between two samplings.
         captions: the prompts, one video each ("" samples unconditionally).
         seed: noise seed; fixed, so that the videos of successive steps differ only by training.
-        fps: playback speed of the GIF.
+        fps: playback speed of the GIF, at most 50 (a GIF frame shows for at least 20 ms).
         tag: name prefix in TensorBoard.
     """
 
@@ -137,6 +137,9 @@ class SampleVideoLogger(_EveryNSteps):
         super().__init__(every_n_steps)
         check_seed("SampleVideoLogger", seed)
         check_positive("SampleVideoLogger fps", fps)  # the GIF's frame duration is 1000 / fps ms
+        if fps > MAX_GIF_FPS:
+            raise ValueError(f"SampleVideoLogger fps must be at most {MAX_GIF_FPS:g}, got {fps!r}: GIF players show "
+                             "a frame for at least 20 ms; the samples' frames are all shown, so give a lower fps")
         self.captions = caption_list("SampleVideoLogger", captions) or [""]
         self.seed, self.fps, self.tag = seed, fps, tag
         self._captions_logged = False
@@ -183,6 +186,9 @@ class FVDCallback(_EveryNSteps):
     clip (told apart by the batches' ``key``) once over all processes: batches with ``latents`` are
     decoded by ``pl_module.codec``, others give their ``video``. A reference file whose frames or
     resolution differ from ``pl_module.video_shape`` is refused before the first step.
+
+    Sample ``i`` gets the same caption and noise at every evaluation and on any number of processes, so
+    that a run resumed on another number of processes continues the same curve.
 
     Args:
         every_n_steps: optimizer steps between two evaluations.
@@ -245,22 +251,17 @@ class FVDCallback(_EveryNSteps):
             with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
                 self._collect_real(trainer, pl_module)
         metric.reset()  # the generated side only; real statistics are kept
-        first, count = self._share(trainer, self.num_samples)
-        prompts = itertools.cycle(self.captions or [""])
-        prompts = itertools.islice(prompts, first, None)
-        # Every rank samples as many batches as the rank with the largest share: a sampler that keeps its
-        # passes in step across ranks (Jacobi under a process group) would wait for a batch never sampled.
-        largest_share = math.ceil(self.num_samples / trainer.world_size)
+        captions = self.captions or [""]
         diverged = 0
-        for batch in range(math.ceil(largest_share / self.batch_size)):
-            start = first + batch * self.batch_size
-            size = min(self.batch_size, first + count - start)
-            if size > 0:
-                samples = generate(pl_module, list(itertools.islice(prompts, size)), self.seed + start)
-                metric.update(samples.videos, real=False)
-                diverged += samples.diverged
-            else:
-                generate(pl_module, [self.captions[0] if self.captions else ""], self.seed)  # in step, not counted
+        for start in batch_starts(self.num_samples, self.batch_size, trainer.global_rank, trainer.world_size):
+            if start is None:
+                generate(pl_module, captions[:1], self.seed)  # in step with the other processes, not counted
+                continue
+            end = min(start + self.batch_size, self.num_samples)
+            prompts = [captions[i % len(captions)] for i in range(start, end)]
+            samples = generate(pl_module, prompts, self.seed + start)
+            metric.update(samples.videos, real=False)
+            diverged += samples.diverged
         value = metric.compute()
         name = metric.protocol_name
         diverged = _sum_over_processes(trainer, pl_module, diverged)
@@ -275,7 +276,8 @@ class FVDCallback(_EveryNSteps):
         rank_zero_info(f"{name} = {float(value):.4g} at step {trainer.global_step} ({time.perf_counter() - started:.1f} s)")
 
     def _collect_real(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """This process's share of real validation videos, and their captions when none were given.
+        """This process's share of real validation videos, and the captions of all of them (in the order
+        of the rounds, then of the processes: the same list on every process) when none were given.
 
         Each clip counts once over all processes, by its ``key``: a loader that pads or repeats so that
         every rank gets as many batches (``val_batches``, a distributed sampler) would otherwise weigh
@@ -290,18 +292,18 @@ class FVDCallback(_EveryNSteps):
             # Every process offers a batch (or None once it has its share or no more data) in each round,
             # so that all of them gather as often.
             batch = next(batches, None) if collected < wanted else None
-            offer = None if batch is None else (_batch_keys(batch), wanted - collected)
-            offers = _gather_objects(trainer, offer)
+            offers = _gather_objects(trainer, None if batch is None else _offer(batch, wanted - collected))
             if offers.count(None) == len(offers):
                 break
             taken = take_new_clips(offers, taken_keys)
+            captions += [offer.captions[i] for offer, positions in zip(offers, taken) for i in positions]
             total += sum(map(len, taken))
             mine = taken[trainer.global_rank]
             if mine:
-                picked = _pick(batch, mine)
-                self.metric.update(real_videos(picked, pl_module), real=True)
-                captions += list(picked.get("caption", [""] * len(mine)))
+                self.metric.update(real_videos(_pick(batch, mine), pl_module), real=True)
                 collected += len(mine)
+            else:
+                _decode_in_step(offers, taken, pl_module)
         if total < 2:  # compute() would fail with no word of where the real videos come from
             raise ValueError(f"FVDCallback(reference='val'): the validation data gave {total} real videos, FVD needs "
                              "at least 2; give more validation clips, or reference statistics from "
@@ -325,16 +327,42 @@ def _sum_over_processes(trainer: Trainer, pl_module: LightningModule, count: int
     return int(trainer.strategy.reduce(torch.tensor(count, device=pl_module.device), reduce_op="sum"))
 
 
-def take_new_clips(offers: list[tuple[list[Hashable | None], int] | None],
-                   taken_keys: set[Hashable]) -> list[list[int]]:
+def batch_starts(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[int | None]:
+    """The first sample of each batch that process ``rank`` generates; None for a batch it samples only to
+    keep in step. The batches are cut as one process cuts them and dealt to the processes in turn, so
+    that sample ``i`` gets the same noise on any number of processes. Every process samples as many
+    batches: a sampler that keeps its passes in step across processes (Jacobi under a process group)
+    would wait for a batch never sampled."""
+    starts = list(range(0, num_samples, batch_size))
+    mine: list[int | None] = list(starts[rank::world_size])
+    return mine + [None] * (math.ceil(len(starts) / world_size) - len(mine))
+
+
+class Offer(NamedTuple):
+    """What one process offers in a round of reading the real clips."""
+
+    keys: list[Hashable | None]  # a clip's key, None where the batch has none
+    room: int  # how many clips the process still wants
+    captions: list[str]
+    latent_shape: tuple[int, ...] | None  # of one clip, when the batch holds latents for the codec to decode
+
+
+def _offer(batch: dict[str, Any], room: int) -> Offer:
+    count = len(_clips(batch))
+    latents = batch.get("latents")
+    return Offer(_batch_keys(batch), room, list(batch.get("caption", [""] * count)),
+                 None if latents is None else tuple(latents.shape[1:]))
+
+
+def take_new_clips(offers: list[Offer | None], taken_keys: set[Hashable]) -> list[list[int]]:
     """Which clips of one round each process adds to the real set: ``offers[rank]`` is that process's
-    batch keys and how many clips it still wants (None: it offers nothing). A clip whose key was taken
-    before, or by a lower rank or an earlier position in this round, is left out; a clip without a key
-    (None) cannot be told apart and is always new. ``taken_keys`` gains the keys taken."""
+    offer (None: it offers nothing). A clip whose key was taken before, or by a lower rank or an earlier
+    position in this round, is left out; a clip without a key (None) cannot be told apart and is always
+    new. ``taken_keys`` gains the keys taken."""
     taken: list[list[int]] = []
     for offer in offers:
         positions: list[int] = []
-        keys, room = offer if offer is not None else ([], 0)
+        keys, room = (offer.keys, offer.room) if offer is not None else ([], 0)
         for position, key in enumerate(keys):
             if len(positions) == room:
                 break
@@ -344,6 +372,16 @@ def take_new_clips(offers: list[tuple[list[Hashable | None], int] | None],
                     taken_keys.add(key)
         taken.append(positions)
     return taken
+
+
+def _decode_in_step(offers: list[Offer | None], taken: list[list[int]], pl_module: LightningModule) -> None:
+    """Decode a blank clip when another process decodes latents in this round: a codec sharded over the
+    processes (DeepSpeed ZeRO-3) gathers its weights from all of them in every decode."""
+    for offer, positions in zip(offers, taken):
+        if positions and offer is not None and offer.latent_shape is not None:
+            with torch.no_grad():
+                pl_module.codec.decode(torch.zeros(1, *offer.latent_shape, device=pl_module.device))
+            return
 
 
 def _batch_keys(batch: dict[str, Any]) -> list[Hashable | None]:

@@ -8,6 +8,7 @@ encoded with Pillow. TensorBoard shows it in the Images tab.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
@@ -35,13 +36,27 @@ def frame_grid(videos: torch.Tensor) -> torch.Tensor:
     return grid.permute(2, 0, 1).contiguous()
 
 
+#: GIF players show a frame for at least 20 ms (a shorter delay plays as 100 ms in browsers).
+MAX_GIF_FPS = 50.0
+
+
 def gif_bytes(frames: np.ndarray, fps: float) -> bytes:
-    """uint8 ``(T, H, W, 3)`` -> an animated GIF that loops forever."""
+    """uint8 ``(T, H, W, 3)`` -> an animated GIF that loops forever, at ``fps`` (at most ``MAX_GIF_FPS``)."""
+    if not 0 < fps <= MAX_GIF_FPS:
+        raise ValueError(f"a GIF plays at more than 0 and at most {MAX_GIF_FPS:g} frames per second, got {fps!r}")
     images = [Image.fromarray(frame) for frame in frames]
     buffer = io.BytesIO()
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
-                   duration=max(int(round(1000 / fps)), 20), loop=0)
+                   duration=frame_durations_ms(len(images), fps), loop=0)
     return buffer.getvalue()
+
+
+def frame_durations_ms(count: int, fps: float) -> list[int]:
+    """How long each of ``count`` frames shows, in the 10 ms steps a GIF stores: frame ``k`` starts at
+    ``k / fps`` seconds, rounded to 10 ms, so the video keeps its speed: one duration for all frames,
+    which the GIF writer truncates to 10 ms, would play 30 fps as 33 fps."""
+    starts = [math.floor(100 * k / fps + 0.5) for k in range(count + 1)]
+    return [10 * (end - start) for start, end in zip(starts, starts[1:])]
 
 
 def add_video_gif(writer: SummaryWriter, tag: str, videos: torch.Tensor, step: int, fps: float = 8.0) -> None:

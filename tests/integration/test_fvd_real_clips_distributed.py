@@ -71,3 +71,70 @@ def test_the_real_set_holds_each_validation_clip_once_over_the_processes(tmp_pat
     torch.testing.assert_close(real["cov_sum"], whole.real_features_cov_sum)
     assert any("the validation data gave 3 distinct real videos, 4 were asked for" in message
                for message in results[0]["warnings"])
+
+
+class CountingCodec(torch.nn.Module):
+    """Latents are pixels in [0, 1]; counts its decodes (a sharded codec gathers its weights in each one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.decodes = 0
+
+    def decode(self, latents):
+        self.decodes += 1
+        return (latents.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class CaptionedRandomVideos(RandomVideos):
+    """Records each sampling call's captions and seed; the videos depend on both."""
+
+    def __init__(self):
+        super().__init__()
+        self.codec = CountingCodec()
+        self.calls = []
+
+    def generate_videos(self, captions, seed):
+        self.calls.append((tuple(captions), seed))
+        videos = super().generate_videos(captions, seed)
+        brightness = torch.tensor([len(caption) for caption in captions], dtype=torch.uint8)
+        return videos // 2 + brightness.view(-1, 1, 1, 1, 1) * 10
+
+
+CAPTIONS = ["a", "bb", "ccc"]
+
+
+def fvd_of_captioned_clips(devices: int) -> dict:
+    """One step with an FVD of 6 samples against 3 validation clips (as latents) with captions."""
+    latents = clips(3).float() / 255
+    val = [{"latents": latents[i], "key": f"clip{i}", "caption": CAPTIONS[i]} for i in range(3)]
+    fvd = FVDCallback(every_n_steps=1, num_samples=6, extractor="pixel-stats", reference="val", batch_size=2, seed=10)
+    strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[fvd])
+    module = CaptionedRandomVideos()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, DataLoader([torch.ones(2)], batch_size=1), DataLoader(val, batch_size=1))
+    (value,) = [float(value) for name, value in trainer.callback_metrics.items() if name.startswith("fvd")]
+    return {"fvd": value, "calls": module.calls, "real_decodes": module.codec.decodes}
+
+
+@pytest.mark.slow
+def test_the_fvd_samples_the_same_captions_and_noise_on_any_number_of_processes(tmp_path):
+    """Rank 0 reads clips 0 and 2, rank 1 clips 1 and 0 (padding, left out): every process prompts with the
+    captions of all three clips, and sample i gets the caption and noise it gets in one process."""
+    alone = fvd_of_captioned_clips(devices=1)
+    assert alone["calls"] == [(("a", "bb"), 10), (("ccc", "a"), 12), (("bb", "ccc"), 14)]
+
+    ranks = run_in_gloo_group(lambda rank, out_dir: fvd_of_captioned_clips(WORLD_SIZE), tmp_path, WORLD_SIZE)
+    counted = ranks[0]["calls"] + ranks[1]["calls"][:-1]  # rank 1's last call only keeps it in step
+    assert sorted(counted, key=lambda call: call[1]) == alone["calls"]
+    assert ranks[0]["fvd"] == ranks[1]["fvd"] == pytest.approx(alone["fvd"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_every_process_decodes_the_real_clips_as_often(tmp_path):
+    """Rank 1 takes no clip in the second round (its clip 0 is rank 0's); a sharded codec would wait for it."""
+    ranks = run_in_gloo_group(lambda rank, out_dir: fvd_of_captioned_clips(WORLD_SIZE), tmp_path, WORLD_SIZE)
+    assert ranks[0]["real_decodes"] == ranks[1]["real_decodes"] == 2

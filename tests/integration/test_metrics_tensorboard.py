@@ -11,8 +11,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from flowvid.lit.callbacks import FVDCallback, SampleVideoLogger, Samples, generate, take_new_clips
-from flowvid.lit.tensorboard import frame_grid, tile_videos
+from flowvid.lit.callbacks import FVDCallback, Offer, SampleVideoLogger, Samples, generate, take_new_clips
+from flowvid.lit.tensorboard import frame_grid, gif_bytes, tile_videos
 from flowvid.metrics import BitsPerDim, FrechetVideoDistance, ReferenceStats
 
 FRAMES, SIZE = 4, 16
@@ -262,11 +262,14 @@ def test_validation_data_of_fewer_than_two_videos_is_refused_by_name():
 
 
 def test_each_process_takes_only_clips_that_no_process_took_before():
+    def offer(keys, room):
+        return Offer(keys, room, captions=[""] * len(keys), latent_shape=None)
+
     taken_keys = {"z"}
-    offers = [(["a", "z", "b"], 2), None, (["b", "c", "a", "d"], 1), ([None, None], 5)]
+    offers = [offer(["a", "z", "b"], 2), None, offer(["b", "c", "a", "d"], 1), offer([None, None], 5)]
     assert take_new_clips(offers, taken_keys) == [[0, 2], [], [1], [0, 1]]  # clips without a key always count
     assert taken_keys == {"z", "a", "b", "c"}
-    assert take_new_clips([(["a", "e", "e", "f"], 3)], taken_keys) == [[1, 3]]
+    assert take_new_clips([offer(["a", "e", "e", "f"], 3)], taken_keys) == [[1, 3]]
 
 
 def test_validation_batches_that_repeat_the_clips_give_each_real_clip_once(tmp_path):
@@ -297,3 +300,20 @@ def test_validation_batches_that_repeat_the_clips_give_each_real_clip_once(tmp_p
     expected.update(every_clip["video"], real=True)
     assert int(fvd.metric.real_features_num_samples) == 3
     torch.testing.assert_close(fvd.metric.real_features_sum, expected.real_features_sum)
+
+
+@pytest.mark.parametrize("fps", [8, 15, 24, 30, 50])
+def test_the_gif_plays_at_the_frame_rate_asked_for(fps):
+    """A GIF stores durations in 10 ms steps: 30 fps as 33 ms a frame was written as 30 ms, 10% too fast."""
+    frames = random_videos(1, 0)[0].repeat(15, 1, 1, 1).numpy()  # 60 frames
+    frames[:, 0, 0, 0] = np.arange(60)  # each frame differs, so none is merged into the one before
+    gif = Image.open(io.BytesIO(gif_bytes(frames, fps)))
+    shown_until = np.cumsum([gif.seek(k) or gif.info["duration"] for k in range(gif.n_frames)])
+    assert gif.n_frames == 60
+    assert np.abs(shown_until - 1000 * np.arange(1, 61) / fps).max() <= 5  # each frame ends on time, to 5 ms
+
+
+def test_sample_video_logger_refuses_a_frame_rate_no_gif_plays():
+    with pytest.raises(ValueError, match=r"SampleVideoLogger fps must be at most 50, got 60: GIF players show a frame "
+                                         r"for at least 20 ms"):
+        SampleVideoLogger(fps=60)

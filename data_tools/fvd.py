@@ -13,8 +13,8 @@ and the resolution, or a raw shard folder, whose statistics (of every clip) are 
 Every generated video is cut to the reference's frames and fitted to its resolution (centre-cropped to
 its aspect ratio, then resized), and counted as ``cut`` or ``resized``; a video that cannot be read or
 is too short is skipped and counted (the skips are listed even when too few videos are left for an
-FVD). The result is one JSON line on stdout (and in ``--out``): the distance, its protocol name
-(extractor, frames, resolution, sample count) and the counts.
+FVD). The result is one JSON line on stdout (and in ``--out``, which must not be one of the inputs):
+the distance, its protocol name (extractor, frames, resolution, sample count) and the counts.
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ import numpy as np
 import torch
 
 from data_tools.arguments import check_registered_arguments
-from data_tools.fvd_stats import feed_in_batches, kept_statistics, note_few_samples, planned_key
+from data_tools.fvd_stats import (
+    check_output_is_no_input,
+    feed_in_batches,
+    kept_statistics,
+    note_few_samples,
+    planned_key,
+    shard_folder_files,
+)
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
 from flowvid.checks import json_object
 from flowvid.data.manifest import load_manifest, video_shape
@@ -69,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if not reference_path.exists():  # before the extractor (I3D weights) is loaded
         raise ValueError(f"--reference {reference_path} does not exist; give an .npz of `flowvid data fvd-stats` "
                          "or a raw shard folder")
+    if args.out is not None:
+        check_output_is_no_input(args.out, [*videos, *reference_files(reference_path)], "result")
     cached = None if reference_path.is_dir() else ReferenceStats.load(reference_path)
     extractor = args.extractor or (cached.extractor if cached is not None else DEFAULT_EXTRACTOR)
     extractor_args = args.extractor_args
@@ -116,6 +125,11 @@ def generated_videos(inputs: list[str]) -> list[Path]:
         raise ValueError(f"no videos found in {' '.join(inputs)}: fvd looks for files ending in "
                          f"{' '.join(VIDEO_SUFFIXES)}")
     return videos
+
+
+def reference_files(reference: Path) -> list[Path]:
+    """The files a reference is read from: the .npz itself, or a raw shard folder's manifest and shards."""
+    return shard_folder_files(reference, load_manifest(reference)) if reference.is_dir() else [reference]
 
 
 def check_reference_fits(stats: ReferenceStats, metric: FrechetVideoDistance, path: Path) -> None:

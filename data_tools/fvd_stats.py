@@ -8,8 +8,8 @@ feature mean and covariance with the key they depend on (extractor, its settings
 frames, resolution, sample count) to an ``.npz``; ``FVDCallback(reference=FILE)`` and
 ``FrechetVideoDistance.set_reference(FILE)`` load it and refuse a key that does not fit. Without
 ``--out`` the file is ``RAW_DIR/fvd_stats/<key>.npz``, named by the samples it holds. An existing
-file computed from the same request (extractor, settings, weights, frames, resolution, samples asked
-for) is reused unless ``--force``. Unreadable samples are skipped and counted; a broken shard counts
+file computed from the same request (the same shards; extractor, settings, weights, frames, resolution,
+samples asked for) is reused unless ``--force``. Unreadable samples are skipped and counted; a broken shard counts
 every sample it lost.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import hashlib
 import itertools
 import sys
 import time
@@ -30,7 +31,7 @@ import torch
 from data_tools.arguments import check_registered_arguments
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
 from flowvid.checks import json_object
-from flowvid.data.manifest import load_manifest, video_shape
+from flowvid.data.manifest import MANIFEST_NAME, load_manifest, video_shape
 from flowvid.data.shards import (
     FVD_STATS_FOLDER,
     BadSample,
@@ -80,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     default = Path(args.source) / FVD_STATS_FOLDER / reference_file_name(**planned)
     check_output_file(out or default, "--out", "give the .npz file to write")
+    if out is not None:
+        check_output_is_no_input(out, shard_folder_files(args.source, manifest), "statistics")
     started = time.perf_counter()
     skipped: list[dict[str, Any]] = []
     kept = kept_statistics(args.source, metric, planned, frames=frames, max_samples=args.max_samples, out=out,
@@ -117,7 +120,8 @@ def kept_statistics(source: str | Path, metric: FrechetVideoDistance, planned: d
     ``keeping_is_optional``, a file that cannot be written is a note, not an error: they are computed
     again next time."""
     folder = Path(source) / FVD_STATS_FOLDER
-    cached = None if force else cached_statistics(out, folder, planned)
+    shards = shards_sha256(load_manifest(source))
+    cached = None if force else cached_statistics(out, folder, planned, shards)
     if cached is not None:
         return KeptStatistics(cached, None)
     with progress_bar(show_progress) as bar:
@@ -136,6 +140,18 @@ def kept_statistics(source: str | Path, metric: FrechetVideoDistance, planned: d
     return KeptStatistics(path, stats)
 
 
+def shard_folder_files(folder: str | Path, manifest: dict[str, Any]) -> list[Path]:
+    """What reading a shard folder's clips reads: its manifest and every shard it lists."""
+    return [Path(folder) / MANIFEST_NAME, *shard_paths(folder, manifest)]
+
+
+def check_output_is_no_input(out: str | Path, inputs: Iterable[Path], written: str) -> None:
+    """Refuse an ``--out`` that is one of the files read: writing the ``written`` there would destroy it."""
+    if Path(out).resolve() in {path.resolve() for path in inputs}:
+        raise ValueError(f"--out {out} is one of the inputs, and writing the {written} over it would destroy it; "
+                         "give another file")
+
+
 def note_few_samples(count: int, features: int, what: str) -> None:
     """Say so when ``count`` feature vectors of ``features`` dimensions cannot give a full-rank covariance."""
     if count <= features:
@@ -143,11 +159,12 @@ def note_few_samples(count: int, features: int, what: str) -> None:
                       "still computes but is noisy and biased upwards")
 
 
-def cached_statistics(out: Path | None, folder: Path, planned: dict[str, Any]) -> Path | None:
-    """The file that already holds what this run would compute: ``out``, or in ``folder`` one under any sample
-    count, since a run that skipped samples names its file by the count it got."""
+def cached_statistics(out: Path | None, folder: Path, planned: dict[str, Any], shards: str) -> Path | None:
+    """The file that already holds what this run would compute from the shards whose ``shards_sha256`` is
+    ``shards``: ``out``, or in ``folder`` one under any sample count, since a run that skipped samples names
+    its file by the count it got."""
     if out is not None:
-        return out if out.is_file() and answers(cached_stats(out), planned) else None
+        return out if out.is_file() and answers(cached_stats(out), planned, shards) else None
     name = reference_file_name(**{**planned, "num_samples": 0})
     any_count = glob.escape(name.removesuffix("_n0.npz")) + "_n*.npz"
     for candidate in sorted(folder.glob(any_count)):
@@ -155,14 +172,21 @@ def cached_statistics(out: Path | None, folder: Path, planned: dict[str, Any]) -
             stats = ReferenceStats.load(candidate)
         except ValueError:  # damaged: computed again, and replaced when the new file takes its name
             continue
-        if answers(stats, planned):
+        if answers(stats, planned, shards):
             return candidate
     return None
 
 
-def answers(stats: ReferenceStats, planned: dict[str, Any]) -> bool:
-    """Whether ``stats`` came from the run ``planned`` describes: its key, with the samples it asked for."""
-    return {**stats.key(), "num_samples": stats.requested_samples} == planned
+def answers(stats: ReferenceStats, planned: dict[str, Any], shards: str) -> bool:
+    """Whether ``stats`` came from the run ``planned`` describes (its key, with the samples it asked for) on
+    the shards whose ``shards_sha256`` is ``shards``."""
+    return {**stats.key(), "num_samples": stats.requested_samples} == planned and stats.shards_sha256 == shards
+
+
+def shards_sha256(manifest: dict[str, Any]) -> str:
+    """sha256 of the shards' own hashes, in order: it changes when the clips, or their order, do."""
+    listed = "\n".join(shard["sha256"] for shard in manifest["shards"])
+    return hashlib.sha256(listed.encode()).hexdigest()
 
 
 def cached_stats(out: Path) -> ReferenceStats:
@@ -216,7 +240,8 @@ def reference_stats(
     if used < 2:
         raise ValueError(f"{source}: {used} usable clips ({samples_skipped(skipped)} skipped); "
                          "FVD statistics need at least 2")
-    return dataclasses.replace(metric.real_statistics(source=str(source)), requested_samples=wanted)
+    return dataclasses.replace(metric.real_statistics(source=str(source)), requested_samples=wanted,
+                               shards_sha256=shards_sha256(manifest))
 
 
 def feed_in_batches(metric: FrechetVideoDistance, clips: Iterable[np.ndarray], real: bool, batch_size: int,

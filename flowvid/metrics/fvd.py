@@ -62,7 +62,8 @@ class ReferenceStats:
     """Mean and covariance of a real set's features, with everything they depend on.
 
     ``requested_samples`` is how many clips the computation asked for; it is more than
-    ``num_samples`` when some could not be read (default: ``num_samples``).
+    ``num_samples`` when some could not be read (default: ``num_samples``). ``shards_sha256`` tells
+    which shards they were read from, so that a kept file is never reused for other clips ("": unknown).
     """
 
     mu: np.ndarray
@@ -76,6 +77,7 @@ class ReferenceStats:
     extractor_settings: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     requested_samples: int | None = None
+    shards_sha256: str = ""
 
     KEY_FIELDS = ("extractor", "extractor_settings", "weights_hash", "frames", "height", "width", "num_samples")
 
@@ -106,6 +108,7 @@ class ReferenceStats:
                       "requested_samples": self.requested_samples}
             with open(partial, "wb") as stream:
                 np.savez(stream, mu=self.mu, sigma=self.sigma, source=np.str_(self.source),
+                         shards_sha256=np.str_(self.shards_sha256),
                          **{name: np.asarray(value) for name, value in fields.items()})
 
         write_atomically(path, write)
@@ -128,17 +131,31 @@ class ReferenceStats:
                 text = {name: str(data[name]) for name in ("extractor", "weights_hash")}
                 numbers = {name: int(data[name]) for name in ("frames", "height", "width", "num_samples")}
                 optional = {"source": str(data["source"]) if "source" in data else "",
+                            "shards_sha256": str(data["shards_sha256"]) if "shards_sha256" in data else "",
                             "extractor_settings": json.loads(str(data["extractor_settings"]))
                             if "extractor_settings" in data else {},
                             "requested_samples": int(data["requested_samples"]) if "requested_samples" in data else None}
                 stats = cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64),
                             **text, **numbers, **optional)
-            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+            # TypeError, ValueError: a field of another type or shape, settings that are not JSON
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, TypeError, ValueError) as err:
                 raise ValueError(f"{path} is a damaged FVD reference file ({err}); compute it again") from None
-        dim = stats.mu.shape[0]
-        if stats.mu.ndim != 1 or stats.sigma.shape != (dim, dim):
-            raise ValueError(f"{path}: mu {stats.mu.shape} and sigma {stats.sigma.shape} do not fit together")
+        problem = stats._contents_problem()
+        if problem is not None:
+            raise ValueError(f"{path} is a damaged FVD reference file ({problem}); compute it again")
         return stats
+
+    def _contents_problem(self) -> str | None:
+        """What makes these statistics unusable, found on loading rather than after every generated video."""
+        dim = self.mu.shape[0] if self.mu.ndim == 1 else -1
+        if self.sigma.shape != (dim, dim):
+            return f"mu {self.mu.shape} and sigma {self.sigma.shape} do not fit together"
+        if not (np.isfinite(self.mu).all() and np.isfinite(self.sigma).all()):
+            return "its mean or covariance holds NaN or inf"
+        if min(self.frames, self.height, self.width) < 1 or self.num_samples < 2:
+            return (f"{self.frames} frames of {self.height}x{self.width} from {self.num_samples} samples; "
+                    "statistics need at least 1 frame of 1x1 from 2 samples")
+        return None
 
 
 def _extractor_keys(state_dict: dict[str, Any], prefix: str) -> list[str]:

@@ -63,3 +63,14 @@ def test_an_output_that_cannot_hold_the_statistics_is_one_line_before_computing(
         error = capsys.readouterr().err
         assert error.startswith("error:") and error.count("\n") == 1 and message in error
     assert notes.read_text() == "keep me"
+
+
+def test_an_output_over_the_folders_own_files_is_refused_even_with_force(raw_folder, capsys, wide_console):
+    for own in (raw_folder / "manifest.json", sorted(raw_folder.glob("shard-*.tar"))[0]):
+        before = own.read_bytes()
+        for force in ([], ["--force"]):  # --force was offered to replace it, and replaced it
+            code = data_main(["fvd-stats", str(raw_folder), "--extractor", "pixel-stats", "--out", str(own), *force])
+            error = capsys.readouterr().err
+            assert code == 2 and error.startswith("error:") and error.count("\n") == 1
+            assert f"--out {own} is one of the inputs" in error and "--force" not in error
+        assert own.read_bytes() == before

@@ -145,3 +145,17 @@ def test_videos_longer_or_of_another_size_are_cut_and_fitted_and_counted(raw_fol
     fitted = fvd(capsys, str(tmp_path / "fitted"), "--reference", str(raw_folder))
     assert (fitted["cut"], fitted["resized"]) == (0, 0)
     assert fitted["fvd"] == pytest.approx(result["fvd"], rel=1e-12)
+
+
+def test_an_output_over_an_input_is_refused_before_any_work(raw_folder, real_clips, tmp_path, capsys):
+    write_videos(tmp_path / "generated", real_clips[:3])
+    stats = tmp_path / "reference.npz"
+    assert data_main(["fvd-stats", str(raw_folder), "--extractor", "pixel-stats", "--out", str(stats)]) == 0
+    video = tmp_path / "generated" / "video_00.npy"
+    for reference, out in ((stats, stats), (stats, video), (raw_folder, raw_folder / "manifest.json")):
+        before = out.read_bytes()
+        capsys.readouterr()
+        assert data_main(["fvd", str(tmp_path / "generated"), "--reference", str(reference), "--out", str(out),
+                          "--extractor", "pixel-stats"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"error: --out {out} is one of the inputs" in err and out.read_bytes() == before

@@ -165,3 +165,17 @@ def test_fvd_takes_the_extractor_settings_of_its_reference_and_refuses_others(ra
     err = " ".join(capsys.readouterr().err.split())
     assert (f"--reference {reference} (computed from {raw_folder}) has extractor_settings {{'scale': 2}}, the "
             "extractor has {'scale': 3}") in err
+
+
+def test_statistics_kept_for_other_clips_are_computed_afresh(raw_folder, tmp_path, capsys):
+    other = tmp_path / "other"
+    write_synthetic_dataset(other, num_videos=12, frames=4, size=16, val_videos=4, shard_samples=5, seed=1)
+    out = tmp_path / "reference.npz"
+    assert data_main(["fvd-stats", str(raw_folder), "--extractor", "pixel-stats", "--out", str(out)]) == 0
+    capsys.readouterr()
+    # Another folder with the same key (extractor, frames, resolution, samples) at the same --out.
+    assert data_main(["fvd-stats", str(other / "train"), "--extractor", "pixel-stats", "--out", str(out)]) == 0
+    assert "cached" not in capsys.readouterr().err
+    expected = FrechetVideoDistance(PixelStatsExtractor())
+    expected.update(_clips(other / "train", frames=4), real=True)
+    np.testing.assert_allclose(ReferenceStats.load(out).mu, expected.real_statistics().mu, rtol=1e-12)

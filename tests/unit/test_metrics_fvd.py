@@ -220,3 +220,20 @@ def test_a_reference_file_from_before_extractor_settings_still_fits_an_extractor
     stats = ReferenceStats.load(path)
     assert stats.extractor_settings == {} and stats.requested_samples == 10
     FrechetVideoDistance("pixel-stats").set_reference(stats)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ({"frames": np.array([4, 4])}, "only 0-dimensional arrays"),  # was a TypeError traceback
+    ({"extractor_settings": np.str_("{not json")}, "Expecting property name"),
+    ({"mu": np.full(96, np.nan)}, "its mean or covariance holds NaN or inf"),  # was refused after every video
+    ({"frames": np.array(0)}, "0 frames of 16x16 from 10 samples"),  # was numpy's "need at least one array"
+    ({"num_samples": np.array(1)}, "4 frames of 16x16 from 1 samples"),
+    ({"mu": np.zeros((96, 1))}, "mu (96, 1) and sigma (96, 96) do not fit together"),
+])
+def test_a_damaged_reference_file_is_named_when_loaded(tmp_path, damage, problem):
+    path = _pixel_stats_reference().save(tmp_path / "reference.npz")
+    np.savez(path, **{**dict(np.load(path)), **damage})
+    with pytest.raises(ValueError) as refused:
+        ReferenceStats.load(path)
+    assert str(refused.value).startswith(f"{path} is a damaged FVD reference file (")
+    assert problem in str(refused.value) and str(refused.value).endswith("; compute it again")

@@ -102,7 +102,8 @@ class AffineBlock(FlowBlock):
         """
         if torch.compiler.is_compiling():  # built in the graph: a cache would add a guard, and a recompilation
             return self._build_rotation(first_slot, count, device, prefix)
-        key = (first_slot, count, prefix, device)
+        # Tables made in inference mode are inference tensors, which autograd cannot save for a backward pass.
+        key = (first_slot, count, prefix, device, torch.is_inference_mode_enabled())
         if key not in self._rotations:
             if len(self._rotations) >= ROTATION_CACHE_SIZE:
                 self._rotations.clear()

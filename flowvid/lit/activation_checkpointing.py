@@ -27,7 +27,7 @@ def checkpoint_module(module: nn.Module) -> None:
     forward = module.forward
 
     def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():  # sampling, validation: nothing to save memory on
+        if not torch.is_grad_enabled():  # no backward pass to save memory for
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 

@@ -110,7 +110,7 @@ class FlowModule(LightningModule):
         lr, denoiser_lr: peak learning rates of the flow (and text encoder) and of the denoiser.
         weight_decay: AdamW weight decay of both groups.
         warmup_steps, schedule_steps, min_lr: linear warm-up, then cosine to ``min_lr`` at
-            ``schedule_steps`` (default: the trainer's estimated number of steps). A run resumed with
+            ``schedule_steps`` (default: the optimiser steps the run will take). A run resumed with
             another length of schedule (a larger ``max_steps``) warns; setting ``schedule_steps``
             keeps the length.
         grad_clip: max gradient norm of each group; None for no clipping. Under DeepSpeed the engine
@@ -595,14 +595,16 @@ class FlowModule(LightningModule):
 
     def _planned_steps(self) -> float:
         """Optimiser steps the run will take: ``max_steps`` counts them, the epochs end after their batches,
-        of which ``accumulate_grad_batches`` make a step. (Lightning's estimate, under manual optimisation,
-        is batches capped by ``max_steps``: with accumulation it mixes the two units.)"""
+        of which every ``accumulate_grad_batches`` make a step. Windows run on across epochs, and batches
+        left over at the end of the run fill no window and take no step. (Lightning's estimate, under manual
+        optimisation, is batches capped by ``max_steps``: with accumulation it mixes the two units.)"""
         self.trainer.fit_loop.setup_data()  # the training data, whose batches are counted below
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else math.inf
         epochs, batches = self.trainer.max_epochs, self.trainer.num_training_batches
         if epochs is None or epochs < 0 or not math.isfinite(batches):
             return max_steps
-        return min(max_steps, math.ceil(batches * epochs / self.hparams.accumulate_grad_batches))
+        whole_windows = batches * epochs // self.hparams.accumulate_grad_batches
+        return min(max_steps, max(1, whole_windows))  # a run too short for one window still needs a schedule
 
     # --- checks before the first step ------------------------------------------------------------
 

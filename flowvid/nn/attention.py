@@ -269,11 +269,12 @@ def prefix_causal_mask(
         device = prefix_valid.device
     elif device is None:
         raise ValueError("prefix_causal_mask without a prefix (prefix_valid=None) needs the device of the mask")
-    build = _text_independent_part
     # (Compiled code builds the mask in its graph, where a cache would only be traced through.)
     if num_queries * num_keys <= MAX_CACHED_MASK_ENTRIES and not torch.compiler.is_compiling():
-        build = _cached_text_independent_part
-    allowed = build(num_queries, first_query, num_keys, prefix, device)
+        allowed = _cached_text_independent_part(num_queries, first_query, num_keys, prefix, device,
+                                                torch.is_inference_mode_enabled())
+    else:
+        allowed = _text_independent_part(num_queries, first_query, num_keys, prefix, device)
     if prefix == 0:
         return allowed[None, None]
     # Valid prefix keys are visible to every query; the rest of the mask does not depend on the text.
@@ -290,7 +291,12 @@ def _text_independent_part(num_queries: int, first_query: int, num_keys: int, pr
     return causal_tokens | (key_pos == query_pos)
 
 
-_cached_text_independent_part = functools.lru_cache(maxsize=32)(_text_independent_part)
+@functools.lru_cache(maxsize=32)
+def _cached_text_independent_part(num_queries: int, first_query: int, num_keys: int, prefix: int,
+                                  device: torch.device | None, inference: bool) -> torch.Tensor:
+    """``_text_independent_part``, kept apart for inference mode: a mask made there is an inference
+    tensor, which autograd cannot save for the backward pass of a later step with gradients."""
+    return _text_independent_part(num_queries, first_query, num_keys, prefix, device)
 
 
 def frame_window_mask(

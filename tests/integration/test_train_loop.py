@@ -19,6 +19,7 @@ from flowvid.denoise.score import flow_score_target
 from flowvid.flows import GlobalLocalFlow
 from flowvid.lit import FlowModule
 from flowvid.lit.activation_checkpointing import ActivationCheckpointing
+from flowvid.testing import perturb_parameters
 from flowvid.text import LearnedTextEncoder
 
 VIDEO = (4, 8, 8)  # frames, height, width -> PixelCodec(2): latents (4, 4, 4, 12)
@@ -352,6 +353,108 @@ def test_the_schedule_of_an_accumulating_run_spans_its_optimiser_steps():
     run.fit(module, fixed_batches(12))
     assert run.global_step == 3
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+def test_batches_left_over_after_the_last_whole_window_take_no_step_and_the_schedule_counts_none():
+    """5 batches in windows of 2 make 2 steps, not 3: the cosine must reach its floor at the second."""
+    module = tiny_module(accumulate_grad_batches=2, warmup_steps=1, schedule_steps=None, lr=1e-3, min_lr=1e-5)
+    run = trainer(max_epochs=1)
+    run.fit(module, fixed_batches(5))
+    assert run.global_step == module.schedule_length == 2
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-5)
+    # Windows run on across epochs: 3 epochs of 3 batches are 4 windows of 2, and a batch left over.
+    module = tiny_module(accumulate_grad_batches=2, warmup_steps=1, schedule_steps=None, lr=1e-3, min_lr=1e-5)
+    run = trainer(max_epochs=3)
+    run.fit(module, fixed_batches(3))
+    assert run.global_step == module.schedule_length == 4
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+class RecordStepWeights(L.Callback):
+    """The module's weights after every optimiser step."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > len(self.weights):
+            self.weights.append({name: p.detach().clone() for name, p in pl_module.named_parameters()})
+
+
+def test_the_ema_averages_the_weights_of_the_steps_taken_and_passes_over_skipped_windows():
+    module = tiny_module(accumulate_grad_batches=2, ema_decay=0.5)
+    module.__class__ = FixedNoise
+    poisoned = halves(four_videos())
+    poisoned[0] = {**poisoned[0], "noise": poisoned[0]["noise"] * float("nan")}
+    good = halves(four_videos())
+    steps = RecordStepWeights()
+    run = trainer(max_steps=3, callbacks=[steps])
+    run.fit(module, DataLoader([*good, *poisoned, *good, *good], batch_size=None))  # the second window is skipped
+    assert module.skipped_steps == 1 and len(steps.weights) == 3
+    expected = dict(steps.weights[0])  # the average starts at the weights of the first step
+    for weights in steps.weights[1:]:
+        expected = {name: 0.5 * average + 0.5 * weights[name] for name, average in expected.items()}
+    for name, average in module.ema.state_dict().items():
+        torch.testing.assert_close(average, expected[name], rtol=0, atol=1e-7, msg=name)
+
+
+def validate_and_sample(module: FlowModule, **trainer_settings) -> tuple[dict, torch.Tensor]:
+    metrics = trainer(limit_val_batches=None, **trainer_settings).validate(module, fixed_batches(1), verbose=False)[0]
+    return metrics, module.generate_videos(CAPTIONS, seed=0)
+
+
+def test_validation_and_sampling_use_the_ema_and_give_the_trained_weights_back_bit_for_bit():
+    module = tiny_module(ema_decay=0.5, lr=3e-3)
+    trainer(max_steps=3).fit(module, fixed_batches(3))
+    trained = {name: p.detach().clone() for name, p in module.named_parameters()}
+    averaged = tiny_module()
+    averaged.load_state_dict({**module.state_dict(), **module.ema.state_dict()})
+    metrics, videos = validate_and_sample(module)
+    assert all(torch.equal(p, trained[name]) for name, p in module.named_parameters())
+    expected_metrics, expected_videos = validate_and_sample(averaged)
+    assert metrics == expected_metrics and torch.equal(videos, expected_videos)
+    assert not all(torch.equal(module.ema.shadow[name], trained[name]) for name in module.ema.shadow)
+
+
+def one_step_gradients(checkpointed: bool, precision: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss and the gradients of every weight (flow, text encoder, denoiser) of one training step."""
+    L.seed_everything(0)
+    module = tiny_module(text_dropout=0.0)
+    gradients = {}
+
+    class Keep(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            gradients.update({name: p.grad.clone() for name, p in pl_module.named_parameters() if p.grad is not None})
+
+    record = RecordLosses()
+    callbacks = [record, Keep()] + ([ActivationCheckpointing("all")] if checkpointed else [])
+    trainer(max_steps=1, precision=precision, callbacks=callbacks).fit(module, fixed_batches(1))
+    return record.losses[0], gradients
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_activation_checkpointing_leaves_the_loss_and_every_gradient_of_a_step_unchanged(precision):
+    loss, gradients = one_step_gradients(False, precision)
+    checkpointed_loss, checkpointed_gradients = one_step_gradients(True, precision)
+    assert checkpointed_loss == loss
+    assert gradients.keys() == checkpointed_gradients.keys() and any(name.startswith("denoiser.") for name in gradients)
+    for name, gradient in gradients.items():
+        assert torch.equal(checkpointed_gradients[name], gradient), name
+
+
+def test_checkpointed_layers_validate_under_inference_mode_and_train_afterwards():
+    """``trainer.validate`` runs under inference mode, which a Tweedie step leaves for its backward pass;
+    the flow's rotary tables cached meanwhile are inference tensors, which a checkpoint cannot keep."""
+    results = {}
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        module = tiny_module()
+        perturb_parameters(module, std=0.02)  # a flow that is not the identity: the Tweedie step moves the latents
+        callbacks = [ActivationCheckpointing("all")] if checkpointed else []
+        results[checkpointed] = validate_and_sample(module, callbacks=callbacks)
+        trainer(max_steps=1, callbacks=callbacks).fit(module, fixed_batches(1))  # after the validation
+    (metrics, videos), (checkpointed_metrics, checkpointed_videos) = results[False], results[True]
+    assert checkpointed_metrics == metrics and torch.equal(checkpointed_videos, videos)
 
 
 def train_eager_and_compiled(checkpointed: str | None = None, precision: str = "32-true") -> dict:

@@ -1,5 +1,6 @@
 """Resuming and reloading training checkpoints: a run resumed with another accumulation size steps on
-whole windows, and a LoRA run's checkpoint loads into the model it adapted."""
+whole windows, a resumed run with skipped windows ends as the uninterrupted one, and a LoRA run's
+checkpoint loads into the model it adapted."""
 
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ from flowvid.flows import GlobalLocalFlow
 from flowvid.lit import FlowModule
 from flowvid.lit.checkpointing import RunCheckpoint
 from flowvid.lit.finetune import LoRA
+from flowvid.lit.step_seed import StepSeed
 from flowvid.testing import perturb_parameters
 
 VIDEO = (3, 4, 6)  # frames, height, width -> PixelCodec(2): latents (3, 2, 3, 12)
@@ -84,3 +86,43 @@ def test_a_lora_runs_checkpoint_loads_into_the_model_it_adapted_with_the_adapter
             averaged = module.flow.nll(x)
             torch.testing.assert_close(loaded.flow.nll(x), averaged, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(averaged, module.flow.nll(x))  # the average is not the trained weights
+
+
+class NaNLatentsInBatches(FlowModule):
+    """Non-finite latents in the batches of the given indices, counted over the whole run from 1."""
+
+    poisoned: tuple[int, ...] = ()
+
+    def latents_of(self, batch, key=""):
+        latents = super().latents_of(batch, key)
+        if self.trainer.fit_loop.epoch_loop.batch_progress.total.ready in self.poisoned:
+            return latents * float("nan")
+        return latents
+
+
+def fit_accumulating(max_steps: int, run_dir, resume=None) -> FlowModule:
+    """Windows of 2 batches, an EMA, seeded noise; the 2nd and 5th windows skipped (batches 3 and 9)."""
+    module = make_module(accumulate_grad_batches=2, ema_decay=0.5, warmup_steps=2, schedule_steps=5, lr=1e-2)
+    module.__class__ = NaNLatentsInBatches
+    module.poisoned = (3, 9)
+    perturb_parameters(module.flow, std=0.05, seed=1)  # zero output layers would pass no gradient to the rest
+    run = trainer(max_steps=max_steps, default_root_dir=run_dir, enable_checkpointing=True,
+                  callbacks=[StepSeed(0), RunCheckpoint(every_n_train_steps=2, keep_last_k=-1)])
+    same_batch = next(iter(batches(1)))  # the data position is the data module's to restore, not this test's
+    run.fit(module, DataLoader([same_batch] * 16, batch_size=None), ckpt_path=resume)
+    return module
+
+
+def test_a_resumed_accumulating_run_with_skipped_windows_ends_as_the_uninterrupted_one(tmp_path):
+    whole = fit_accumulating(4, tmp_path / "whole")
+    fit_accumulating(2, tmp_path / "stopped")
+    step2 = tmp_path / "stopped" / "checkpoints" / "step=00000002.ckpt"
+    resumed = fit_accumulating(4, tmp_path / "stopped", resume=step2)
+    assert whole.skipped_steps == resumed.skipped_steps == 2
+    assert [g["lr"] for g in resumed.optimizers().param_groups] == [g["lr"] for g in whole.optimizers().param_groups]
+    for name, weight in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], weight), name
+    whole_ema, resumed_ema = whole.ema.state_dict(), resumed.ema.state_dict()
+    assert whole_ema.keys() == resumed_ema.keys() and whole_ema
+    for name, average in whole_ema.items():
+        assert torch.equal(resumed_ema[name], average), name

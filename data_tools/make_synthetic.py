@@ -4,7 +4,8 @@
         [--fps F] --seed K [--shard-samples N] [--max-objects M] [--backgrounds plain textured]
 
 Writes ``DIR/train`` and ``DIR/val``; validation holds only (shape, colour, motion) combinations that
-training never shows.
+training never shows. The same options give the same bytes. A synthetic dataset already there is
+written again; one that another tool made (or a ``manifest.json`` of yours) is refused, not replaced.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import time
 
 from data_tools.report import print_summary, progress_bar
-from flowvid.data.synthetic import BACKGROUNDS, check_dataset_options, write_synthetic_dataset
+from flowvid.data.synthetic import BACKGROUNDS, check_dataset_folder, check_dataset_options, write_synthetic_dataset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=8, help="frames per video (2 or more: one frame shows no motion)")
     parser.add_argument("--size", type=int, default=16, help="frame height and width in pixels (8 or more)")
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate recorded with the videos")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="0 or more: the same seed gives the same bytes")
     parser.add_argument("--shard-samples", type=int, default=64, help="most videos per shard")
     parser.add_argument("--max-objects", type=int, default=2, help="objects per video: 1 to this many (1 or 2)")
     parser.add_argument("--backgrounds", nargs="+", default=list(BACKGROUNDS), choices=BACKGROUNDS,
@@ -33,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     val_videos = max(1, args.num_videos // 8) if args.val_videos is None else args.val_videos
+    # Refused before the progress bar shows:
     check_dataset_options(args.num_videos, val_videos, args.frames, args.size, args.fps, args.shard_samples,
-                          args.max_objects, args.backgrounds)  # refused before the progress bar shows
+                          args.max_objects, args.backgrounds, args.seed)
+    check_dataset_folder(args.out)
     started = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task("videos", total=args.num_videos + val_videos)

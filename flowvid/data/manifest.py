@@ -34,6 +34,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 KINDS = ("raw", "latent")
 _REQUIRED = ("format_version", "kind", "video", "samples", "num_shards", "shards")
+#: The shard folders of a dataset with a validation split, inside the folder given as its output.
+SPLIT_FOLDERS = ("train", "val")
 
 
 class ManifestError(ValueError):
@@ -84,16 +86,22 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     """Read and check a folder's manifest; ManifestError says what is wrong."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(
-            f"{path} not found: {folder} is not a finished shard folder "
-            "(make one with `flowvid data from-videos` or `flowvid data make-synthetic`)"
-        )
+        raise ManifestError(f"{path} not found: {folder} is not a finished shard folder ({_what_to_give(folder)})")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ManifestError(f"{path} is not readable JSON: {err}") from err
     check_manifest(manifest, where=str(path))
     return manifest
+
+
+def _what_to_give(folder: str | Path) -> str:
+    """The hint for a folder without a manifest: the ``train`` and ``val`` shard folders that
+    ``make-synthetic`` and ``from-videos --val-fraction`` write inside it, else how to make one."""
+    splits = [Path(folder) / split for split in SPLIT_FOLDERS if (Path(folder) / split / MANIFEST_NAME).is_file()]
+    if splits:
+        return f"it holds the shard folders {' and '.join(map(str, splits))}: give one of those"
+    return "make one with `flowvid data from-videos` or `flowvid data make-synthetic`"
 
 
 def check_manifest(manifest: Any, where: str) -> None:

@@ -245,34 +245,72 @@ def file_sha256(path: str | Path) -> str:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def iter_tar(path: str | Path) -> Iterator[dict[str, bytes]]:
+def iter_tar(path: str | Path, digest: Any = None) -> Iterator[dict[str, bytes]]:
     """Samples of one shard as dicts of raw bytes (plus ``__key__``), in stored order.
 
     Raises BrokenShard at the point of damage, after yielding every complete sample before it (a sample
     is yielded as soon as the next one begins, and the last one before the end is checked for its fields
-    where it is decoded).
+    where it is decoded). ``digest`` (a ``hashlib`` object), when given, is fed every byte of the file,
+    damaged or not, by the time the samples end: one pass over the disk both checks and decodes a shard.
     """
     try:
-        with open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
-            sample: dict[str, Any] = {}
-            for member in archive:
-                if not member.isfile():
-                    continue
-                key, field = _key_and_field(member.name)
-                # A field met again starts another sample of that key, rather than overwriting the first.
-                if sample and (key != sample["__key__"] or field in sample):
-                    yield sample
-                    sample = {}
-                sample["__key__"] = key
-                sample[field] = archive.extractfile(member).read()  # type: ignore[union-attr]
-            if sample:
-                yield sample
-            # tarfile takes a cut at a header for a normal end; a complete archive ends in zero blocks.
-            stream.seek(archive.offset)
-            if stream.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
-                raise tarfile.ReadError(f"truncated: no end-of-archive marker at byte {archive.offset}")
+        with open(path, "rb") as file:
+            stream = file if digest is None else _HashingReader(file, digest)
+            try:
+                yield from _tar_samples(stream)
+            finally:
+                if isinstance(stream, _HashingReader):
+                    stream.hash_rest()
     except (OSError, EOFError, tarfile.TarError) as err:
         raise BrokenShard(f"{path}: {err}") from err
+
+
+def _tar_samples(stream: BinaryIO) -> Iterator[dict[str, bytes]]:
+    with tarfile.open(fileobj=stream, mode="r|") as archive:
+        sample: dict[str, Any] = {}
+        for member in archive:
+            if not member.isfile():
+                continue
+            key, field = _key_and_field(member.name)
+            # A field met again starts another sample of that key, rather than overwriting the first.
+            if sample and (key != sample["__key__"] or field in sample):
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[field] = archive.extractfile(member).read()  # type: ignore[union-attr]
+        if sample:
+            yield sample
+        # tarfile takes a cut at a header for a normal end; a complete archive ends in zero blocks.
+        stream.seek(archive.offset)
+        if stream.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+            raise tarfile.ReadError(f"truncated: no end-of-archive marker at byte {archive.offset}")
+
+
+class _HashingReader:
+    """A binary file that feeds each of its bytes to ``digest`` once and in order, however it is read: a
+    rewind reads bytes already hashed, and ``hash_rest`` hashes from where hashing stopped to the end."""
+
+    def __init__(self, file: BinaryIO, digest: Any):
+        self._file, self._digest, self._hashed = file, digest, 0
+
+    def read(self, size: int = -1) -> bytes:
+        start = self._file.tell()
+        data = self._file.read(size)
+        if start <= self._hashed < start + len(data):
+            self._digest.update(data[self._hashed - start:])
+            self._hashed = start + len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def hash_rest(self) -> None:
+        self._file.seek(self._hashed)
+        while self.read(1 << 20):
+            pass
 
 
 def _key_and_field(member_name: str) -> tuple[str, str]:

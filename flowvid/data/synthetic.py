@@ -17,14 +17,17 @@ and motion still appears in training.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from flowvid.data.manifest import load_manifest, new_manifest, write_manifest
+from flowvid.checks import check_count
+from flowvid.data.manifest import MANIFEST_NAME, load_manifest, new_manifest, write_manifest
 from flowvid.data.shards import ShardFolderWriter, encode_sample, replace_shard_folder, staging_folder
+from flowvid.paths import check_output_folder
 
 SHAPES = ("circle", "square", "triangle")
 # Saturated, far apart in RGB (the closest pair, blue/cyan, is ~120 apart) and far from the dark
@@ -353,7 +356,8 @@ def write_synthetic_dataset(
     Returns the two manifests.
     """
     val_videos = max(1, num_videos // 8) if val_videos is None else val_videos
-    check_dataset_options(num_videos, val_videos, frames, size, fps, shard_samples, max_objects, backgrounds)
+    check_dataset_options(num_videos, val_videos, frames, size, fps, shard_samples, max_objects, backgrounds, seed)
+    check_dataset_folder(root)
     recipe = {"num_videos": num_videos, "val_videos": val_videos, "frames": frames, "size": size, "fps": fps,
               "seed": seed, "shard_samples": shard_samples, "max_objects": max_objects,
               "backgrounds": list(backgrounds)}
@@ -373,6 +377,7 @@ def check_dataset_options(
     shard_samples: int,
     max_objects: int,
     backgrounds: Sequence[str],
+    seed: int = 0,
 ) -> None:
     """Raise a ValueError naming the first option of ``write_synthetic_dataset`` that cannot work.
 
@@ -387,6 +392,29 @@ def check_dataset_options(
         raise ValueError(f"need size >= {MIN_DATASET_SIZE} (smaller shapes cannot be seen) and frames >= "
                          f"{MIN_DATASET_FRAMES} (one frame shows no motion), got size={size}, frames={frames}")
     check_scene_options(max_objects, backgrounds)
+    check_count("seed", seed, minimum=0)  # numpy's random generators take no negative seed
+
+
+def check_dataset_folder(root: str | Path) -> None:
+    """Raise a ValueError when ``root`` cannot be a folder, or when ``root/train`` or ``root/val`` holds a
+    ``manifest.json`` that ``make-synthetic`` did not write: writing the dataset would replace that file, or
+    the shards of a dataset made from videos, which cannot be drawn again by seed."""
+    check_output_folder(root, "output folder", "give a folder for the shards")
+    for split in SPLITS:
+        manifest = Path(root) / split / MANIFEST_NAME
+        if manifest.is_file() and not _is_synthetic_manifest(manifest):
+            raise ValueError(f"{manifest} was not written by make-synthetic (another dataset's, or not flowvid's), "
+                             "and this run would replace it and the shards beside it; give another --out, or move "
+                             f"{manifest.parent} away")
+
+
+def _is_synthetic_manifest(manifest: Path) -> bool:
+    try:
+        content = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    source = content.get("source") if isinstance(content, dict) else None
+    return isinstance(source, dict) and source.get("generator") == "synthetic"
 
 
 def _write_split(

@@ -1,8 +1,12 @@
 """Shard format: atomic deterministic writing, damage detection on read, manifests, `verify` and `describe`."""
 
+import builtins
+import contextlib
+import hashlib
 import io
 import json
 import re
+from pathlib import Path
 
 import tarfile
 
@@ -22,6 +26,7 @@ from flowvid.data.shards import (
     ShardFolderWriter,
     decode_sample,
     encode_sample,
+    file_sha256,
     iter_tar,
     keys_held_earlier,
     listed_samples,
@@ -255,6 +260,51 @@ def test_verify_finds_damage(tmp_path, damage, problem):
     report = verify_folder(tmp_path)
     assert not report["ok"] and any(problem in p for p in report["problems"]), report["problems"]
     assert data_main(["verify", str(tmp_path)]) == 1
+
+
+def test_verify_reads_each_shard_once(tmp_path, monkeypatch):
+    _write_folder(tmp_path, count=7, per_shard=3)
+    opened = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).endswith(".tar"):
+            opened.append(Path(file).name)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    assert verify_folder(tmp_path)["ok"]
+    assert sorted(opened) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: data,
+    lambda data: data[:len(data) // 2],
+    lambda data: bytes(len(data)),  # zeros: an archive without a sample, and no end of it read
+    lambda data: data[:700] + bytes([data[700] ^ 0xFF]) + data[701:],  # inside the first sample's frames
+    lambda data: data[:300] + b"x" + data[301:],  # inside the first header
+])
+def test_the_digest_iter_tar_feeds_is_the_whole_files_however_it_ends(tmp_path, damage):
+    _write_folder(tmp_path, count=3, per_shard=3)
+    shard = tmp_path / "shard-000000.tar"
+    shard.write_bytes(damage(shard.read_bytes()))
+    digest = hashlib.sha256()
+    with contextlib.suppress(BrokenShard):
+        for _ in iter_tar(shard, digest):
+            pass
+    assert digest.hexdigest() == file_sha256(shard)
+
+
+def test_verify_finds_a_changed_byte_in_a_sample_that_still_decodes(tmp_path):
+    _write_folder(tmp_path, count=3, per_shard=3)
+    shard = tmp_path / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[data.index(bytes([1] * 16))] = 2  # one pixel of clip001's frames: still a valid sample
+    shard.write_bytes(bytes(data))
+    report = verify_folder(tmp_path)
+    assert report["shards"][0] == {"name": "shard-000000.tar", "listed": 3, "found": 3, "bad": 0,
+                                   "checksum": "MISMATCH"}
+    assert report["problems"] == ["shard shard-000000.tar: sha256 differs from the manifest"]
 
 
 def test_verify_catches_a_bad_sample_behind_a_valid_checksum(tmp_path):

@@ -1,5 +1,7 @@
 """Synthetic captioned videos: vocabulary, rendering, captions, held-out split, and the attribute probe."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -19,8 +21,8 @@ from flowvid.data.synthetic import (
     sample_attributes,
     write_synthetic_dataset,
 )
-from flowvid.data.manifest import load_manifest
-from flowvid.data.shards import SampleSpec, decode_sample, iter_tar, shard_paths
+from flowvid.data.manifest import ManifestError, load_manifest, new_manifest, write_manifest
+from flowvid.data.shards import ShardFolderWriter, SampleSpec, decode_sample, encode_sample, iter_tar, shard_paths
 
 def folder_contents(root):
     """Every file and folder under ``root`` with the bytes of the files: equal means untouched."""
@@ -148,7 +150,60 @@ def test_an_output_that_is_a_file_is_one_line_and_the_file_is_kept(tmp_path, cap
                       "--size", "8"]) == 2
     error = capsys.readouterr().err
     assert "Traceback" not in error and f"output folder {tmp_path / out}" in " ".join(error.split())
+    assert error.startswith("error:")  # refused before the progress bar shows
     assert (tmp_path / "taken.txt").read_text() == "keep me"
+
+
+def test_a_negative_seed_is_refused_by_name_before_anything_shows(tmp_path, capsys):
+    assert data_main(["make-synthetic", "--out", str(tmp_path / "shapes"), "--num-videos", "4", "--frames", "2",
+                      "--size", "8", "--seed", "-1"]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert error.startswith("error: seed must be an integer >= 0, got -1")
+    assert not (tmp_path / "shapes").exists()
+    with pytest.raises(ValueError, match="seed"):
+        write_synthetic_dataset(tmp_path / "shapes", num_videos=4, frames=2, size=8, seed=-1)
+
+
+def _made_from_videos(folder):
+    """A raw shard folder as from-videos writes it: clips that no seed can draw again."""
+    with ShardFolderWriter(folder) as writer:
+        writer.write(encode_sample("holiday-0", "a beach", {}, frames=np.zeros((2, 8, 8, 3), np.uint8)))
+    write_manifest(folder, new_manifest("raw", {"frames": 2, "height": 8, "width": 8, "fps": 8.0}, samples=1,
+                                        num_shards=1, shards=writer.shards, source={"tool": "from-videos"}))
+
+
+def _not_flowvids(folder):
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text('{"model": "mine"}')
+    (folder / "shard-mine.tar").write_bytes(b"my own data")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("other", [_made_from_videos, _not_flowvids])
+def test_a_dataset_make_synthetic_did_not_write_is_refused_and_kept(tmp_path, capsys, split, other):
+    other(tmp_path / split)
+    before = folder_contents(tmp_path)
+    assert data_main(["make-synthetic", "--out", str(tmp_path), "--num-videos", "4", "--frames", "2",
+                      "--size", "8"]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert error.startswith(f"error: {tmp_path / split / 'manifest.json'} was not written by make-synthetic")
+    assert folder_contents(tmp_path) == before
+    with pytest.raises(ValueError, match="not written by make-synthetic"):
+        write_synthetic_dataset(tmp_path, num_videos=4, frames=2, size=8)
+    assert folder_contents(tmp_path) == before
+
+
+def test_a_synthetic_dataset_is_written_again_over_itself(tmp_path):
+    write_synthetic_dataset(tmp_path, num_videos=4, frames=2, size=8, seed=1)
+    again = write_synthetic_dataset(tmp_path, num_videos=2, frames=2, size=8, val_videos=1, seed=2)
+    assert load_manifest(tmp_path / "train") == again["train"]
+
+
+def test_the_dataset_folder_itself_is_named_with_its_two_shard_folders(tmp_path):
+    write_synthetic_dataset(tmp_path, num_videos=4, frames=2, size=8)
+    with pytest.raises(ManifestError, match=re.escape(f"it holds the shard folders {tmp_path / 'train'} and "
+                                                      f"{tmp_path / 'val'}: give one of those")):
+        load_manifest(tmp_path)
 
 
 def test_a_full_disk_is_one_line_and_the_previous_dataset_stays(tmp_path, capsys, monkeypatch):

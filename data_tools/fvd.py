@@ -51,6 +51,10 @@ from flowvid.score import VIDEO_SUFFIXES, video_inputs
 
 DEFAULT_EXTRACTOR = "inception-proxy"  # for a raw shard folder reference
 
+# From this many features on, the Fréchet distance (an eigendecomposition of a features x features
+# matrix) takes long enough on a CPU that a silent command looks stuck: 4096 took minutes on 2 cores.
+LONG_DISTANCE_FEATURES = 2048
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("generated", nargs="+", metavar="GENERATED", help="video files or folders of them")
@@ -104,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         print_summary("fvd: too few usable generated videos", {"generated": used, "skipped": len(skipped)}, skipped)
         raise ValueError(f"{used} usable generated videos ({len(skipped)} skipped); FVD needs at least 2")
     note_few_samples(used, metric.extractor.feature_dim, "generated videos")
+    note_long_distance(metric.extractor.feature_dim)
     result = {"fvd": float(metric.compute()), "protocol": metric.protocol_name, "generated": used,
               "skipped": len(skipped), "cut": fitted["cut"], "resized": fitted["resized"],
               "reference": str(args.reference), "reference_samples": reference.num_samples}
@@ -113,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
         text = json.dumps(result, indent=2) + "\n"
         write_atomically(Path(args.out), lambda path: path.write_text(text))
     return 0
+
+
+def note_long_distance(features: int) -> None:
+    if features >= LONG_DISTANCE_FEATURES:
+        console.print(f"[yellow]note[/] computing the Fréchet distance of {features} features; on a CPU of few "
+                      "cores this takes a minute or more")
 
 
 def generated_videos(inputs: list[str]) -> list[Path]:

@@ -6,11 +6,11 @@
 Runs an FVD extractor on the clips (``frames.npy``, uint8) of a raw shard folder and writes their
 feature mean and covariance with the key they depend on (extractor, its settings, weights hash,
 frames, resolution, sample count) to an ``.npz``; ``FVDCallback(reference=FILE)`` and
-``FrechetVideoDistance.set_reference(FILE)`` load it and refuse a key that does not fit. Without
-``--out`` the file is ``RAW_DIR/fvd_stats/<key>.npz``, named by the samples it holds. An existing
-file computed from the same request (the same shards; extractor, settings, weights, frames, resolution,
-samples asked for) is reused unless ``--force``. Unreadable samples are skipped and counted; a broken shard counts
-every sample it lost.
+``FrechetVideoDistance.set_reference(FILE)`` load it and refuse a key that does not fit. ``--out``
+names the file, which must end in ``.npz``; without it the file is ``RAW_DIR/fvd_stats/<key>.npz``,
+named by the samples it holds. An existing file computed from the same request (the same shards;
+extractor, settings, weights, frames, resolution, samples asked for) is reused unless ``--force``.
+Unreadable samples are skipped and counted; a broken shard counts every sample it lost.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extractor-args", type=json_object, default={},
                         help='extractor arguments as JSON, e.g. \'{"weights": "i3d_pretrained_400.pt"}\'')
     parser.add_argument("--frames", type=int, default=None, help="use the first T >= 1 frames of every clip (default: all)")
-    parser.add_argument("--max-samples", type=int, default=None, help="use at most N clips (default: all)")
-    parser.add_argument("--out", default=None, help="output .npz (default: RAW_DIR/fvd_stats/<key>.npz)")
+    parser.add_argument("--max-samples", type=int, default=None, help="use at most N >= 2 clips (default: all)")
+    parser.add_argument("--out", default=None,
+                        help="output file, ending in .npz (default: RAW_DIR/fvd_stats/<key>.npz)")
     parser.add_argument("--force", action="store_true", help="recompute even when the output already exists")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto",
@@ -64,13 +65,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for option, value in (("--batch-size", args.batch_size), ("--max-samples", args.max_samples),
-                          ("--frames", args.frames)):
+    for option, value in (("--batch-size", args.batch_size), ("--frames", args.frames)):
         if value is not None and value < 1:  # --frames 0 must not mean "all frames"
             raise ValueError(f"{option} must be >= 1, got {value}")
+    if args.max_samples is not None and args.max_samples < 2:
+        raise ValueError(f"--max-samples must be >= 2 (a covariance needs 2 clips), got {args.max_samples}")
     device = resolve_device(args.device)
     manifest = load_manifest(args.source)
-    frames = video_shape(manifest)[0] if args.frames is None else args.frames
+    frames = checked_frames(manifest, args.frames)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_out(out, args.source, manifest)
     check_registered_arguments(FVD_EXTRACTORS, args.extractor, args.extractor_args, "--extractor-args")
     try:
         metric = FrechetVideoDistance(build_extractor(args.extractor, **args.extractor_args))
@@ -78,11 +83,9 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {err}")
         return 2
     planned = planned_key(manifest, metric, frames, args.max_samples)
-    out = Path(args.out) if args.out else None
-    default = Path(args.source) / FVD_STATS_FOLDER / reference_file_name(**planned)
-    check_output_file(out or default, "--out", "give the .npz file to write")
-    if out is not None:
-        check_output_is_no_input(out, shard_folder_files(args.source, manifest), "statistics")
+    if out is None:
+        default = Path(args.source) / FVD_STATS_FOLDER / reference_file_name(**planned)
+        check_output_file(default, "--out", "give the .npz file to write")
     started = time.perf_counter()
     skipped: list[dict[str, Any]] = []
     kept = kept_statistics(args.source, metric, planned, frames=frames, max_samples=args.max_samples, out=out,
@@ -138,6 +141,15 @@ def kept_statistics(source: str | Path, metric: FrechetVideoDistance, planned: d
                       f"{err.strerror or err}")
         return KeptStatistics(None, stats)
     return KeptStatistics(path, stats)
+
+
+def check_out(out: Path, source: str | Path, manifest: dict[str, Any]) -> None:
+    """Refuse an ``--out`` that cannot hold the statistics of ``source``, before any clip is read."""
+    check_output_file(out, "--out", "give the .npz file to write")
+    check_output_is_no_input(out, shard_folder_files(source, manifest), "statistics")
+    if out.suffix != ".npz":
+        # The file would be written under the name given, and looked for as NAME.npz by whoever knows numpy's savez.
+        raise ValueError(f"--out {out} does not end in .npz; give the .npz file to write, e.g. {out}.npz")
 
 
 def shard_folder_files(folder: str | Path, manifest: dict[str, Any]) -> list[Path]:
@@ -222,10 +234,7 @@ def reference_stats(
     manifest = load_manifest(source)
     if manifest["kind"] != "raw":
         raise ValueError(f"{source} holds {manifest['kind']} shards; fvd-stats reads raw video shards (frames.npy)")
-    clip_frames = video_shape(manifest)[0]
-    frames = clip_frames if frames is None else frames
-    if not 1 <= frames <= clip_frames:
-        raise ValueError(f"--frames must be between 1 and the clips' {clip_frames} frames, got {frames}")
+    frames = checked_frames(manifest, frames)
     skipped = [] if skipped is None else skipped
     metric = metric.to(device)
     wanted = requested_samples(manifest, max_samples)
@@ -242,6 +251,15 @@ def reference_stats(
                          "FVD statistics need at least 2")
     return dataclasses.replace(metric.real_statistics(source=str(source)), requested_samples=wanted,
                                shards_sha256=shards_sha256(manifest))
+
+
+def checked_frames(manifest: dict[str, Any], frames: int | None) -> int:
+    """The frames to use of a folder's clips: ``frames``, refused when its clips have fewer, or all of them."""
+    clip_frames = video_shape(manifest)[0]
+    frames = clip_frames if frames is None else frames
+    if not 1 <= frames <= clip_frames:
+        raise ValueError(f"--frames must be between 1 and the clips' {clip_frames} frames, got {frames}")
+    return frames
 
 
 def feed_in_batches(metric: FrechetVideoDistance, clips: Iterable[np.ndarray], real: bool, batch_size: int,

@@ -6,12 +6,15 @@ For feature statistics ``(mu1, sigma1)`` and ``(mu2, sigma2)``::
 
 The product ``sigma1 sigma2`` is not symmetric, and taking its square root in general form
 (``scipy.linalg.sqrtm``, ``eigvals``) gives complex values or NaN when the covariances are
-near-singular, which is the usual case when there are fewer videos than feature dimensions. The
-trace term equals ``tr((sqrt(sigma1) sigma2 sqrt(sigma1))^(1/2))``, whose matrix is symmetric and
-positive semi-definite: ``eigh`` handles it in float64. Eigenvalues within rounding noise of zero
-(below ``F * eps * largest``, the tolerance of ``numpy.linalg.matrix_rank``) are set to zero: the
-square root would turn each of them from ~1e-16 into ~1e-8 of the scale, and with fewer samples than
-features hundreds of them would add up to a distance biased low by far more than rounding.
+near-singular, which is the usual case when there are fewer videos than feature dimensions. With
+``sigma1 = L L^T`` (``L = V sqrt(D)`` from ``sigma1``'s eigendecomposition, ``F x r`` for its rank
+``r``), ``sigma1 sigma2 = L (L^T sigma2)`` has the nonzero eigenvalues of ``L^T sigma2 L``, which is
+symmetric and positive semi-definite: ``eigvalsh`` handles it in float64. Eigenvalues within rounding
+noise of zero (below ``F * eps * largest``, the tolerance of ``numpy.linalg.matrix_rank``) are set to
+zero: the square root would turn each of them from ~1e-16 into ~1e-8 of the scale, and with fewer
+samples than features hundreds of them would add up to a distance biased low by far more than rounding.
+Leaving out the ``F - r`` zero directions of ``sigma1`` makes the second matrix ``r x r``: with 512
+samples of 4096 features, one eigendecomposition of 4096 dimensions is most of the work.
 """
 
 from __future__ import annotations
@@ -48,9 +51,9 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
             raise ValueError(f"{name} must have shape {shape} (F = len(mu1)), got {tuple(value.shape)}")
     sigma2 = sigma2.to(sigma1.device)
     with _cpu_threads(1 if dim <= SINGLE_THREAD_MAX_DIM else torch.get_num_threads()):
-        root1 = psd_sqrt(sigma1)
-        middle = root1 @ _symmetric(sigma2) @ root1
-        trace_of_root = _without_rounding_noise(torch.linalg.eigvalsh(_symmetric(middle))).sqrt().sum()
+        factor = psd_factor(sigma1)
+        middle = factor.T @ _symmetric(sigma2) @ factor
+        trace_of_root = _without_rounding_noise(torch.linalg.eigvalsh(_symmetric(middle)), dim).sqrt().sum()
     mean_term = (mu1 - mu2.to(mu1.device)).square().sum()
     distance = mean_term + torch.trace(sigma1) + torch.trace(sigma2) - 2 * trace_of_root
     return max(float(distance), 0.0)
@@ -58,13 +61,32 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
 
 def psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
     """The symmetric square root of a positive semi-definite matrix (eigenvalues within rounding noise of zero -> 0)."""
+    values, vectors = _psd_eigh(matrix)
+    return (vectors * values.sqrt()) @ vectors.T
+
+
+def psd_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """``L`` of shape ``(F, r)`` with ``L L^T = matrix``, for a positive semi-definite matrix of numerical
+    rank ``r`` (eigenvalues within rounding noise of zero count as zero)."""
+    values, vectors = _psd_eigh(matrix)
+    kept = values > 0
+    return vectors[:, kept] * values[kept].sqrt()
+
+
+def _psd_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values, vectors = torch.linalg.eigh(_symmetric(matrix))
-    return (vectors * _without_rounding_noise(values).sqrt()) @ vectors.T
+    return _without_rounding_noise(values), vectors
 
 
-def _without_rounding_noise(eigenvalues: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of a PSD matrix, with those indistinguishable from zero in its precision set to zero."""
-    tolerance = eigenvalues.abs().max() * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps
+def _without_rounding_noise(eigenvalues: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Eigenvalues of a PSD matrix, with those indistinguishable from zero in its precision set to zero.
+
+    ``dim`` is the size of the matrices whose products made it (default: its own size): a smaller matrix
+    reduced from ``F``-dimensional ones carries their rounding noise."""
+    if eigenvalues.numel() == 0:  # the factor of a zero covariance (features that never vary) has no columns
+        return eigenvalues
+    dim = eigenvalues.numel() if dim is None else dim
+    tolerance = eigenvalues.abs().max() * dim * torch.finfo(eigenvalues.dtype).eps
     return torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
 
 

@@ -64,6 +64,7 @@ class ReferenceStats:
     ``requested_samples`` is how many clips the computation asked for; it is more than
     ``num_samples`` when some could not be read (default: ``num_samples``). ``shards_sha256`` tells
     which shards they were read from, so that a kept file is never reused for other clips ("": unknown).
+    ``loaded_from`` is the file ``load`` read them from, for messages ("": not read from a file); it is not saved.
     """
 
     mu: np.ndarray
@@ -78,6 +79,7 @@ class ReferenceStats:
     source: str = ""
     requested_samples: int | None = None
     shards_sha256: str = ""
+    loaded_from: str = ""
 
     KEY_FIELDS = ("extractor", "extractor_settings", "weights_hash", "frames", "height", "width", "num_samples")
 
@@ -136,7 +138,7 @@ class ReferenceStats:
                             if "extractor_settings" in data else {},
                             "requested_samples": int(data["requested_samples"]) if "requested_samples" in data else None}
                 stats = cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64),
-                            **text, **numbers, **optional)
+                            **text, **numbers, **optional, loaded_from=str(path))
             # TypeError, ValueError: a field of another type or shape, settings that are not JSON
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError, TypeError, ValueError) as err:
                 raise ValueError(f"{path} is a damaged FVD reference file ({err}); compute it again") from None
@@ -156,6 +158,13 @@ class ReferenceStats:
             return (f"{self.frames} frames of {self.height}x{self.width} from {self.num_samples} samples; "
                     "statistics need at least 1 frame of 1x1 from 2 samples")
         return None
+
+
+def _described_reference(stats: ReferenceStats) -> str:
+    """``FVD reference FILE (computed from RAW_DIR)``, with what is known of the two."""
+    file = f" {stats.loaded_from}" if stats.loaded_from else ""
+    computed = f" (computed from {stats.source})" if stats.source else ""
+    return f"FVD reference{file}{computed}"
 
 
 def _extractor_keys(state_dict: dict[str, Any], prefix: str) -> list[str]:
@@ -222,13 +231,15 @@ class FrechetVideoDistance(Metric):
         if real_count:  # compute() would use the reference alone and drop these without a word
             raise ValueError(f"this FVD metric already holds {real_count} real videos; a reference replaces them: "
                              "give reference statistics or real videos, not both")
+        described = _described_reference(stats)
+        recompute = f"recompute it with `flowvid data fvd-stats RAW_DIR --extractor {self.extractor.name}`"
         mismatch = stats.identity_mismatch(self.extractor)
         if mismatch is not None:
             name, theirs, ours = mismatch
-            raise ValueError(f"FVD reference {stats.source or 'statistics'} has {name} {theirs!r}, "
-                             f"this metric's extractor has {ours!r}; recompute it with `flowvid data fvd-stats`")
+            raise ValueError(f"{described} has {name} {theirs!r}, this metric's extractor has {ours!r}; {recompute}")
         if stats.mu.shape[0] != self.extractor.feature_dim:
-            raise ValueError(f"FVD reference has {stats.mu.shape[0]} features, the extractor gives {self.extractor.feature_dim}")
+            raise ValueError(f"{described} has {stats.mu.shape[0]} features, the extractor {self.extractor.name!r} "
+                             f"gives {self.extractor.feature_dim}: it changed since; {recompute}")
         self._check_video_size((stats.frames, stats.height, stats.width), "the reference statistics")
         self.reference = stats
 
@@ -304,12 +315,18 @@ class FrechetVideoDistance(Metric):
         return None if stats is None else (stats.frames, stats.height, stats.width)
 
     def _check_features(self, features: torch.Tensor, count: int) -> None:
-        """An extractor (a plugin's, say) that breaks its contract is named here, not by a shape error in the sums."""
+        """An extractor (a plugin's, say) that breaks its contract is named here, not by a shape error in the sums
+        or by NaN statistics found at compute(), or saved by ``fvd-stats``. The videos are uint8, so NaN or inf
+        features come from the extractor or its weights."""
         expected = (count, self.extractor.feature_dim)
         if tuple(features.shape) != expected:
             raise ValueError(f"FVD extractor {self.extractor.name!r} returned features of shape {tuple(features.shape)} "
                              f"for {count} videos, expected {expected} (batch, its feature_dim); fix its features() "
                              "or its feature_dim")
+        non_finite = int((~torch.isfinite(features).all(dim=1)).sum())
+        if non_finite:
+            raise ValueError(f"FVD extractor {self.extractor.name!r} gave NaN or inf features for {non_finite} of "
+                             f"the {count} videos of this batch; check its weights file and its features()")
 
     def _check_video_size(self, size: tuple[int, ...], what: str) -> None:
         size = tuple(int(s) for s in size)

@@ -159,3 +159,19 @@ def test_an_output_over_an_input_is_refused_before_any_work(raw_folder, real_cli
                           "--extractor", "pixel-stats"]) == 2
         err = " ".join(capsys.readouterr().err.split())
         assert f"error: --out {out} is one of the inputs" in err and out.read_bytes() == before
+
+
+def test_a_distance_of_many_features_is_announced_before_it_is_computed(raw_folder, real_clips, tmp_path, capsys,
+                                                                        monkeypatch):
+    from data_tools import fvd as fvd_command
+
+    write_videos(tmp_path / "generated", real_clips[:4])
+    args = ["fvd", str(tmp_path / "generated"), "--reference", str(raw_folder), "--extractor", "pixel-stats"]
+    capsys.readouterr()
+    assert data_main(args) == 0
+    assert "Fréchet distance" not in capsys.readouterr().err  # 96 features: a moment
+    monkeypatch.setattr(fvd_command, "LONG_DISTANCE_FEATURES", 96)  # as inception-proxy's 4096 are
+    assert data_main(args) == 0
+    error = " ".join(capsys.readouterr().err.split())
+    assert "note computing the Fréchet distance of 96 features; on a CPU of few cores this takes a minute or more" \
+           in error

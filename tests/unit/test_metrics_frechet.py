@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowvid.metrics import frechet_distance, mean_and_covariance
+from flowvid.metrics import frechet_distance, mean_and_covariance, psd_sqrt
+from flowvid.metrics.frechet import psd_factor
 
 scipy_linalg = pytest.importorskip("scipy.linalg", reason="scipy is in the dev extra: pip install -e '.[dev]'")
 
@@ -81,3 +82,29 @@ def test_mean_and_covariance_from_sums_match_numpy():
     np.testing.assert_allclose(covariance.numpy(), np.cov(features.numpy(), rowvar=False), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="at least 2 samples"):
         mean_and_covariance(features[0], torch.outer(features[0], features[0]), 1)
+
+
+def _low_rank_psd(rng: np.random.Generator, dim: int, rank: int) -> np.ndarray:
+    factor = rng.normal(size=(dim, rank))
+    return factor @ factor.T
+
+
+def test_the_factor_of_a_covariance_has_its_rank_as_columns_and_gives_it_back():
+    rng = np.random.default_rng(5)
+    for rank in (0, 7, 40):
+        sigma = torch.from_numpy(_low_rank_psd(rng, 40, rank))
+        factor = psd_factor(sigma)
+        assert factor.shape == (40, rank)
+        torch.testing.assert_close(factor @ factor.T, sigma, rtol=0, atol=1e-10 * (1 + float(sigma.abs().max())))
+
+
+@pytest.mark.parametrize("rank1, rank2", [(120, 120), (15, 120), (120, 15), (15, 15), (0, 30)])
+def test_matches_the_symmetric_square_root_form_to_1e_8_relative(rank1, rank2):
+    # tr((sqrt(s1) s2 sqrt(s1))^1/2) with both square roots in full, as the distance was once computed.
+    rng = np.random.default_rng(rank1 + rank2)
+    sigma1, sigma2 = (torch.from_numpy(_low_rank_psd(rng, 120, rank)) for rank in (rank1, rank2))
+    mu1, mu2 = torch.from_numpy(rng.normal(size=120)), torch.from_numpy(rng.normal(size=120))
+    root1 = psd_sqrt(sigma1)
+    trace_of_root = psd_sqrt(root1 @ sigma2 @ root1).trace()
+    expected = float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_of_root)
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-8)

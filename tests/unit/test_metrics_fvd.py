@@ -237,3 +237,31 @@ def test_a_damaged_reference_file_is_named_when_loaded(tmp_path, damage, problem
         ReferenceStats.load(path)
     assert str(refused.value).startswith(f"{path} is a damaged FVD reference file (")
     assert problem in str(refused.value) and str(refused.value).endswith("; compute it again")
+
+
+def test_non_finite_features_are_refused_naming_the_extractor_and_how_many_videos():
+    class BrokenWeights(PixelStatsExtractor):
+        def features(self, video):
+            features = super().features(video)
+            features[1, 3] = float("nan")
+            features[4] = float("inf")
+            return features
+
+    metric = FrechetVideoDistance(BrokenWeights())
+    with pytest.raises(ValueError, match=r"FVD extractor 'BrokenWeights' gave NaN or inf features for 2 of the 12 "
+                                         r"videos of this batch; check its weights file"):
+        metric.update(_videos(), real=True)
+    assert int(metric.real_features_num_samples) == 0 and not metric.real_features_sum.isnan().any()
+
+
+def test_a_reference_file_with_another_feature_count_is_named_with_what_to_do(tmp_path):
+    narrower = ReferenceStats(mu=np.zeros(50), sigma=np.eye(50), extractor="pixel-stats", weights_hash="", frames=4,
+                              height=16, width=16, num_samples=10, source="raw/train")
+    path = narrower.save(tmp_path / "old.npz")
+    with pytest.raises(ValueError) as refused:
+        FrechetVideoDistance("pixel-stats").set_reference(path)
+    assert str(refused.value) == (f"FVD reference {path} (computed from raw/train) has 50 features, the extractor "
+                                  "'pixel-stats' gives 96: it changed since; recompute it with "
+                                  "`flowvid data fvd-stats RAW_DIR --extractor pixel-stats`")
+    with pytest.raises(ValueError, match=r"^FVD reference \(computed from raw/train\) has 50 features"):
+        FrechetVideoDistance("pixel-stats").set_reference(narrower)  # held in memory: no file to name

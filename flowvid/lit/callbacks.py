@@ -142,7 +142,23 @@ class SampleVideoLogger(_EveryNSteps):
                              "a frame for at least 20 ms; the samples' frames are all shown, so give a lower fps")
         self.captions = caption_list("SampleVideoLogger", captions) or [""]
         self.seed, self.fps, self.tag = seed, fps, tag
-        self._captions_logged = False
+        self._logged_captions: list[str] | None = None  # kept in checkpoints: a resumed run logs them once
+
+    @property
+    def state_key(self) -> str:
+        # Loggers of different tags keep their states side by side in the checkpoint.
+        return self._generate_state_key(tag=self.tag)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"logged_captions": self._logged_captions}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._logged_captions = state_dict["logged_captions"]
+
+    @property
+    def _captions_logged(self) -> bool:
+        """A run resumed with other prompts logs its own."""
+        return self._logged_captions == self.captions
 
     def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         videos, diverged = generate(pl_module, self.captions, self.seed)
@@ -160,7 +176,7 @@ class SampleVideoLogger(_EveryNSteps):
             if not self._captions_logged:
                 listing = "\n".join(f"{i}. {caption or '(unconditional)'}" for i, caption in enumerate(self.captions))
                 writer.add_text(f"{self.tag}/captions", listing, logged_step(trainer))
-        self._captions_logged = True
+        self._logged_captions = self.captions
 
     def _write_files(self, folder: Path, videos: torch.Tensor, step: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -112,7 +112,8 @@ class FlowModule(LightningModule):
         warmup_steps, schedule_steps, min_lr: linear warm-up, then cosine to ``min_lr`` at
             ``schedule_steps`` (default: the optimiser steps the run will take). A run resumed with
             another length of schedule (a larger ``max_steps``) warns; setting ``schedule_steps``
-            keeps the length.
+            keeps the length. A warm-up of at least ``schedule_steps`` is refused; a run no longer
+            than its warm-up (its own length sizing the schedule) is warned of.
         grad_clip: max gradient norm of each group; None for no clipping. Under DeepSpeed the engine
             clips the global norm of both groups together.
         skip_threshold: skip steps whose flow gradient norm (before clipping) exceeds it; None skips
@@ -598,15 +599,53 @@ class FlowModule(LightningModule):
         of which every ``accumulate_grad_batches`` make a step. Windows run on across epochs, and batches
         left over at the end of the run fill no window and take no step. (Lightning's estimate, under manual
         optimisation, is batches capped by ``max_steps``: with accumulation it mixes the two units.)"""
-        self.trainer.fit_loop.setup_data()  # the training data, whose batches are counted below
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else math.inf
+        batches = self._planned_batches()
+        if not math.isfinite(batches):
+            return max_steps
+        whole_windows = batches // self.hparams.accumulate_grad_batches
+        # A run too short for one window still needs a schedule to build; on_fit_start refuses it.
+        return min(max_steps, max(1, whole_windows))
+
+    def _planned_batches(self) -> float:
+        """Training batches of the run, all epochs together; infinite when no number of epochs ends it."""
+        self.trainer.fit_loop.setup_data()  # the training data, whose batches are counted
         epochs, batches = self.trainer.max_epochs, self.trainer.num_training_batches
         if epochs is None or epochs < 0 or not math.isfinite(batches):
-            return max_steps
-        whole_windows = batches * epochs // self.hparams.accumulate_grad_batches
-        return min(max_steps, max(1, whole_windows))  # a run too short for one window still needs a schedule
+            return math.inf
+        return batches * epochs
 
     # --- checks before the first step ------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        # The optimiser and its schedule are built, and no batch has trained yet.
+        self._check_a_window_fits()
+        self._check_warmup_fits()
+
+    def _check_a_window_fits(self) -> None:
+        """Every window steps at its last batch: a run of fewer batches than one would train nothing."""
+        window, batches = self.hparams.accumulate_grad_batches, self._planned_batches()
+        if 0 < batches < window:
+            more = f"--trainer.fast_dev_run {window}" if self.trainer.fast_dev_run else "more data or epochs"
+            raise ValueError(f"the run has {batches} training batches, fewer than one accumulation window of "
+                             f"accumulate_grad_batches={window}, so it would take no optimiser step: lower "
+                             f"accumulate_grad_batches to {batches} or less, or give it {window} batches ({more})")
+
+    def _check_warmup_fits(self) -> None:
+        """A warm-up as long as a fixed schedule leaves the cosine no steps: the rate would climb to its peak
+        and fall straight to ``min_lr``. A schedule that spans the run ends with it, so a run shorter than
+        its warm-up (a trial run with a lowered ``max_steps``) only never leaves the warm-up: it is warned of."""
+        warmup, length = self.hparams.warmup_steps, self.schedule_length
+        if warmup < length:
+            return
+        if self.hparams.schedule_steps is not None:
+            raise ValueError(f"warmup_steps={warmup} is not shorter than schedule_steps={length}: the learning rate "
+                             f"would climb to its peak and then drop straight to min_lr; lower warmup_steps below "
+                             f"{length} or raise schedule_steps above {warmup}")
+        if not self.trainer.fast_dev_run:
+            rank_zero_warn(f"the run takes {length} optimiser steps, no more than warmup_steps={warmup}: the learning "
+                           "rate stays in its warm-up and never decays (fine for a trial run); for a real run make it "
+                           f"longer than {warmup} steps or lower warmup_steps below {length}")
 
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)

@@ -5,6 +5,7 @@ import io
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 import numpy as np
 from PIL import Image
@@ -185,6 +186,46 @@ def test_without_tensorboard_the_samples_are_written_as_files(tmp_path):
     assert gif.n_frames == FRAMES and gif.size == (2 * SIZE, SIZE)
     grid = torch.from_numpy(np.asarray(Image.open(folder / "step=00000004.png")))
     assert torch.equal(grid.permute(2, 0, 1), frame_grid(random_videos(2, 5)))  # the same seed every time
+
+
+def fit_with_checkpoints(tmp_path, max_steps: int, callbacks: list, logger, ckpt_path=None) -> None:
+    """Four batches of RandomVideoModule, a checkpoint every second step in ``tmp_path / "ckpt"``."""
+    checkpoints = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=logger, default_root_dir=tmp_path,
+                        callbacks=[*callbacks, checkpoints], enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(RandomVideoModule(), DataLoader([{"x": torch.randn(2)} for _ in range(4)], batch_size=1),
+                ckpt_path=ckpt_path)
+
+
+def test_a_resumed_run_does_not_log_the_prompts_of_each_sample_logger_again(tmp_path):
+    def loggers():
+        return [SampleVideoLogger(every_n_steps=2, captions=["a red ball"], tag=tag) for tag in ("samples", "ema")]
+
+    fit_with_checkpoints(tmp_path, 2, loggers(), TensorBoardLogger(tmp_path, name="run"))
+    fit_with_checkpoints(tmp_path, 4, loggers(), TensorBoardLogger(tmp_path, name="run"),
+                         ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+
+    prompts, videos = {"samples": 0, "ema": 0}, 0
+    for version in sorted((tmp_path / "run").iterdir()):  # the resumed run writes version_1
+        events = EventAccumulator(str(version), size_guidance={"images": 0, "tensors": 0})
+        events.Reload()
+        for tag in prompts:
+            if f"{tag}/captions/text_summary" in events.Tags()["tensors"]:
+                prompts[tag] += len(events.Tensors(f"{tag}/captions/text_summary"))
+        videos += len(events.Images("samples/video"))
+    assert prompts == {"samples": 1, "ema": 1} and videos == 2  # sampled at steps 2 and 4
+
+
+def test_a_resumed_run_leaves_the_prompts_file_alone_unless_its_prompts_changed(tmp_path):
+    fit_with_checkpoints(tmp_path, 2, [SampleVideoLogger(every_n_steps=2, captions=["a red ball"])], False)
+    prompts = tmp_path / "samples" / "captions.txt"
+    prompts.write_text("a red ball\n(noted by hand)\n")
+
+    resume = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    fit_with_checkpoints(tmp_path, 4, [SampleVideoLogger(every_n_steps=2, captions=["a red ball"])], False, resume)
+    assert prompts.read_text() == "a red ball\n(noted by hand)\n"
+    fit_with_checkpoints(tmp_path, 4, [SampleVideoLogger(every_n_steps=2, captions=["a blue bar"])], False, resume)
+    assert prompts.read_text() == "a blue bar\n"
 
 
 def test_every_rank_samples_as_many_fvd_batches_so_that_synced_samplers_keep_in_step(monkeypatch):

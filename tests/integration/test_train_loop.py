@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -368,6 +369,53 @@ def test_batches_left_over_after_the_last_whole_window_take_no_step_and_the_sche
     run.fit(module, fixed_batches(3))
     assert run.global_step == module.schedule_length == 4
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("schedule_steps", [None, 100])
+def test_a_run_of_fewer_batches_than_one_accumulation_window_is_refused_before_training(schedule_steps):
+    module = tiny_module(accumulate_grad_batches=4, schedule_steps=schedule_steps)
+    before = {name: value.clone() for name, value in module.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^the run has 3 training batches, fewer than one accumulation window of "
+                                         r"accumulate_grad_batches=4, so it would take no optimiser step: lower "
+                                         r"accumulate_grad_batches to 3 or less, or give it 4 batches \(more data "
+                                         r"or epochs\)$"):
+        trainer(max_epochs=1).fit(module, fixed_batches(3))
+    assert all(torch.equal(module.state_dict()[name], value) for name, value in before.items())
+    # A window runs on across epochs: two epochs of three batches take a step.
+    module = tiny_module(accumulate_grad_batches=4, schedule_steps=schedule_steps)
+    run = trainer(max_epochs=2)
+    run.fit(module, fixed_batches(3))
+    assert run.global_step == 1
+
+
+def test_a_fast_dev_run_shorter_than_one_accumulation_window_says_how_many_batches_it_needs():
+    with pytest.raises(ValueError, match=r"give it 2 batches \(--trainer.fast_dev_run 2\)$"):
+        trainer(fast_dev_run=True).fit(tiny_module(accumulate_grad_batches=2), fixed_batches(3))
+
+
+def test_a_warm_up_that_fills_a_fixed_schedule_is_refused_before_training():
+    module = tiny_module(warmup_steps=100, schedule_steps=100)
+    with pytest.raises(ValueError, match=r"^warmup_steps=100 is not shorter than schedule_steps=100: the learning rate "
+                                         r"would climb to its peak and then drop straight to min_lr; lower warmup_steps "
+                                         r"below 100 or raise schedule_steps above 100$"):
+        trainer(max_steps=2).fit(module, fixed_batches(2))
+    assert module.global_step == 0
+
+
+def test_a_run_shorter_than_its_warm_up_is_warned_of_and_trains():
+    """A recipe's run cut short (``--trainer.max_steps 3``) only never leaves its warm-up: a trial run."""
+    module = tiny_module(warmup_steps=5, schedule_steps=None, lr=1e-3)
+    run = trainer(max_steps=3)
+    with pytest.warns(UserWarning, match=r"the run takes 3 optimiser steps, no more than warmup_steps=5: the learning "
+                                         r"rate stays in its warm-up and never decays \(fine for a trial run\); for a "
+                                         r"real run make it longer than 5 steps or lower warmup_steps below 3"):
+        run.fit(module, fixed_batches(3))
+    assert run.global_step == 3
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(1e-3 * 4 / 5)  # the rate of a 4th step
+    with warnings.catch_warnings(record=True) as caught:  # a fast_dev_run is a trial run by definition
+        warnings.simplefilter("always")
+        trainer(fast_dev_run=True).fit(tiny_module(warmup_steps=5, schedule_steps=None), fixed_batches(3))
+    assert not any("no more than warmup_steps" in str(warning.message) for warning in caught)
 
 
 class RecordStepWeights(L.Callback):

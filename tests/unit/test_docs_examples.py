@@ -1,10 +1,21 @@
-"""Output shown in the user docs is the output the tools print."""
+"""The examples of the user docs run as written, and the output they show is the output the tools print."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+import yaml
+from setuptools import build_meta
+
 from data_tools.describe import main as describe_main
+from flowvid import registry
+from flowvid.cli import main as cli_main
 from flowvid.data.synthetic import write_synthetic_dataset
+from flowvid.flows import GlobalLocalFlow
+from flowvid.sampling import build_sampler
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -27,3 +38,72 @@ def test_data_md_describe_example_matches_the_tool(tmp_path, monkeypatch, capsys
     assert describe_main(["data/shapes/val", "--captions", "2"]) == 0
     printed = capsys.readouterr().out
     assert printed == shown_output("data.md", "flowvid data describe data/shapes/val --captions 2")
+
+
+def files_shown(doc: str) -> dict[str, str]:
+    """The files a doc's code blocks show, by the path their first line names (``# my_blocks/blocks.py``)."""
+    text = (DOCS / doc).read_text(encoding="utf-8")
+    blocks = re.findall(r"```\w+\n# ([\w./-]+)\n(.*?)```", text, re.S)
+    return {path: body for path, body in blocks}
+
+
+def recipe_shown(doc: str, key: str) -> dict:
+    """The first YAML block of a doc that writes ``key:``, parsed."""
+    text = (DOCS / doc).read_text(encoding="utf-8")
+    recipe = next(block for block in re.findall(r"```yaml\n(.*?)```", text, re.S) if f"{key}:" in block)
+    return yaml.safe_load(recipe)
+
+
+@pytest.fixture
+def installed_plugin_package(tmp_path, monkeypatch):
+    """The plugin package docs/plugins.md writes, as `pip install -e .` leaves it: importable, with the
+    entry points of its pyproject.toml; the registries are restored afterwards."""
+    for path, body in files_shown("plugins.md").items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(body, encoding="utf-8")
+    (tmp_path / "my_blocks" / "__init__.py").touch()
+    monkeypatch.chdir(tmp_path)
+    build_meta.prepare_metadata_for_build_wheel(str(tmp_path))  # the .dist-info with the entry points
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_loaded", False)
+    for kind in registry.REGISTRIES.values():
+        monkeypatch.setattr(kind, "_entries", dict(kind._entries))
+        monkeypatch.setattr(kind, "_failed", dict(kind._failed))
+    forget_installed_packages()
+    yield tmp_path
+    forget_installed_packages()
+    for module in [name for name in sys.modules if name.split(".")[0] == "my_blocks"]:
+        del sys.modules[module]
+
+
+def forget_installed_packages():
+    """Drop the cached map of installed packages, so that `flowvid plugins` names the package written here."""
+    registry._distribution_of.cache_clear()
+    registry._distributions_by_package.cache_clear()
+
+
+def test_plugins_md_block_and_sampler_install_list_and_select(installed_plugin_package, capsys):
+    from my_blocks.blocks import WideMLPBlock
+    from my_blocks.samplers import CappedJacobiSampler
+
+    assert cli_main(["plugins"]) == 0
+    listed = capsys.readouterr().out
+    assert re.search(r"wide-mlp\s.*my_blocks\.blocks\.WideMLPBlock\s.*my-blocks\s.*0\.1\.0", listed), listed
+    assert re.search(r"capped-jacobi\s.*my_blocks\.samplers\.CappedJacobiSampler\s.*my-blocks", listed), listed
+
+    flow_args = recipe_shown("plugins.md", "deep_block")["model"]["init_args"]["flow"]["init_args"]
+    flow = GlobalLocalFlow.from_preset("tiny", latent_channels=4, frame_size=(2, 2), **flow_args)
+    assert isinstance(flow.deep, WideMLPBlock)
+    sampler = build_sampler(recipe_shown("plugins.md", "sampler")["model"]["init_args"]["sampler"])
+    assert isinstance(sampler, CappedJacobiSampler) and sampler.max_iterations == 8
+
+
+def test_plugins_md_conformance_tests_run_on_the_plugins(installed_plugin_package):
+    # A few tests of each mixin: enough to show the test files of the docs collect and run on the plugins.
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider", "-q", "tests",
+         "-k", "state_dict_round_trip or test_inverts_the_flow"],
+        cwd=installed_plugin_package, env={**os.environ, "PYTHONPATH": str(installed_plugin_package)},
+        capture_output=True, text=True)
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    assert re.search(r"\b4 passed\b", tests.stdout), tests.stdout

@@ -8,7 +8,8 @@ embeddings and first frames, how the folder was made, the clips skipped while ma
 first ``--captions`` captions of its first shard. Only the manifest and those few samples are read,
 so a folder of any size is described at once; ``flowvid data verify`` reads everything. The
 description goes to stdout (warnings to stderr); ``--json`` writes it as JSON for scripts instead of
-the table.
+the table. Every folder that can be is described; one that cannot (no finished manifest) is a one-line
+error, and the command exits 2.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_tools.report import console, print_summary, results
-from flowvid.data.manifest import load_manifest, video_shape
+from data_tools.report import console, print_error, print_summary, results
+from flowvid.data.manifest import ManifestError, load_manifest, video_shape
 from flowvid.data.shards import BrokenShard, iter_tar, shard_paths
 
 
@@ -34,17 +35,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.captions < 0:
         raise ValueError(f"--captions must be >= 0, got {args.captions}")
-    descriptions = [describe_folder(folder, captions=args.captions) for folder in args.folders]
+    descriptions = describe_each(args.folders, args.captions)
     for description in descriptions:
         for warning in description["warnings"]:
             console.print(f"[yellow]warning:[/] {warning} (run `flowvid data verify {description['folder']}`)")
     if args.json:
-        json.dump(descriptions if len(descriptions) > 1 else descriptions[0], sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        if descriptions:
+            json.dump(descriptions if len(args.folders) > 1 else descriptions[0], sys.stdout, indent=2)
+            sys.stdout.write("\n")
     else:
         for description in descriptions:
             print_description(description)
-    return 0
+    return 0 if len(descriptions) == len(args.folders) else 2
+
+
+def describe_each(folders: list[str], captions: int) -> list[dict[str, Any]]:
+    """The descriptions of the ``folders`` that are shard folders; each of the others is a one-line error,
+    so that one mistyped path among several hides none of the rest."""
+    descriptions = []
+    for folder in folders:
+        try:
+            descriptions.append(describe_folder(folder, captions=captions))
+        except ManifestError as err:
+            print_error(err)
+    return descriptions
 
 
 def describe_folder(folder: str | Path, captions: int = 5) -> dict[str, Any]:
@@ -93,7 +107,7 @@ def first_captions(folder: str | Path, manifest: dict[str, Any], count: int, war
     to ``warnings``."""
     captions: list[str] = []
     paths = shard_paths(folder, manifest)
-    if not count or not paths:
+    if not count or not paths or not paths[0].is_file():  # a missing shard is warned of already
         return captions
     read = 0
     try:

@@ -6,6 +6,8 @@
 Writes ``DIR/train`` and ``DIR/val``; validation holds only (shape, colour, motion) combinations that
 training never shows. The same options give the same bytes. A synthetic dataset already there is
 written again; one that another tool made (or a ``manifest.json`` of yours) is refused, not replaced.
+A clip of more than 64 MiB (frames x size x size x 3 bytes), or a dataset whose frames alone would not
+fit on the disk, is refused before anything is drawn.
 """
 
 from __future__ import annotations
@@ -15,15 +17,26 @@ import sys
 import time
 
 from data_tools.report import print_summary, progress_bar
-from flowvid.data.synthetic import BACKGROUNDS, check_dataset_folder, check_dataset_options, write_synthetic_dataset
+from flowvid.data.synthetic import (
+    BACKGROUNDS,
+    MAX_CLIP_BYTES,
+    check_dataset_folder,
+    check_dataset_options,
+    clip_bytes,
+    default_val_videos,
+    write_synthetic_dataset,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder; gets train/ and val/ shard folders")
     parser.add_argument("--num-videos", type=int, required=True, help="training videos")
-    parser.add_argument("--val-videos", type=int, default=None, help="validation videos (default: num-videos / 8)")
+    parser.add_argument("--val-videos", type=int, default=None,
+                        help="validation videos (default: an eighth of --num-videos, rounded down, and 1 at least)")
     parser.add_argument("--frames", type=int, default=8, help="frames per video (2 or more: one frame shows no motion)")
-    parser.add_argument("--size", type=int, default=16, help="frame height and width in pixels (8 or more)")
+    parser.add_argument("--size", type=int, default=16,
+                        help=f"frame height and width in pixels (8 or more; a clip, frames x size x size x 3 "
+                             f"bytes, may hold {MAX_CLIP_BYTES // 2**20} MiB at most)")
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate recorded with the videos")
     parser.add_argument("--seed", type=int, default=0, help="0 or more: the same seed gives the same bytes")
     parser.add_argument("--shard-samples", type=int, default=64, help="most videos per shard")
@@ -33,11 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    val_videos = max(1, args.num_videos // 8) if args.val_videos is None else args.val_videos
+    val_videos = default_val_videos(args.num_videos) if args.val_videos is None else args.val_videos
     # Refused before the progress bar shows:
     check_dataset_options(args.num_videos, val_videos, args.frames, args.size, args.fps, args.shard_samples,
-                          args.max_objects, args.backgrounds, args.seed)
-    check_dataset_folder(args.out)
+                          args.max_objects, args.backgrounds, args.seed, name_of=option_name)
+    check_dataset_folder(args.out, (args.num_videos + val_videos) * clip_bytes(args.frames, args.size))
     started = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task("videos", total=args.num_videos + val_videos)
@@ -52,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     fields |= {"seconds": seconds, "videos_per_second": (args.num_videos + val_videos) / seconds}
     print_summary(f"make-synthetic -> {args.out}", fields)
     return 0
+
+
+def option_name(argument: str) -> str:
+    """The option that gives a ``write_synthetic_dataset`` argument: ``num_videos`` -> ``--num-videos``."""
+    return "--" + argument.replace("_", "-")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,12 @@ console = Console(stderr=True, soft_wrap=True)
 results = Console(soft_wrap=True)
 
 
+def print_error(error: Exception | str) -> None:
+    """One line on stderr for an input that stops its own part of a run, as ``flowvid data`` prints one
+    that stops all of it."""
+    console.print(f"[red]error:[/] {error}")
+
+
 def progress_bar(enabled: bool = True) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),

@@ -6,7 +6,9 @@ Checks the manifest, that every listed shard exists with its sha256 and sample c
 is unlisted or half-written (``*.tmp``), that every sample decodes with the declared shapes and
 finite values, and that keys are unique; a manifest that lists no sample counts as damaged. Each
 shard is read once, one sample at a time. The report goes to stdout (the progress bar to stderr);
-exits 1 when any folder is damaged, 0 when all are whole.
+exits 1 when any folder is damaged, 0 when all are whole. A path that is no shard folder at all (no
+manifest and no shards: a typo, a file, the folder holding ``train/`` and ``val/``) is a one-line
+error, as for ``describe``, and exits 2 once the others are verified.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Any
 
 from rich.table import Table
 
-from data_tools.report import progress_bar, results
-from flowvid.data.manifest import ManifestError, load_manifest
+from data_tools.report import print_error, progress_bar, results
+from flowvid.data.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from flowvid.data.shards import (
     STAGING_PREFIX,
     TEMPORARY_SUFFIX,
@@ -37,22 +39,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    damaged = 0
+    damaged = not_shard_folders = 0
     for folder in args.folders:
-        report = verify_folder(folder, show_progress=True)
+        try:
+            report = verify_folder(folder, show_progress=True)
+        except ManifestError as err:
+            print_error(err)
+            not_shard_folders += 1
+            continue
         print_report(report)
         damaged += not report["ok"]
-    return 1 if damaged else 0
+    return 2 if not_shard_folders else 1 if damaged else 0
 
 
 def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, Any]:
-    """Check one folder; ``report["ok"]`` is False when anything is wrong, ``problems`` says what."""
+    """Check one folder; ``report["ok"]`` is False when anything is wrong, ``problems`` says what.
+
+    Raises ManifestError for a path that is no shard folder at all (``holds_shard_files``)."""
     folder = Path(folder)
     report: dict[str, Any] = {"folder": str(folder), "ok": False, "problems": [], "shards": [], "samples": 0}
     problems: list[str] = report["problems"]
     try:
         manifest = load_manifest(folder)
     except ManifestError as err:
+        if not holds_shard_files(folder):
+            raise
         problems.append(str(err))
         problems += [f"half-written file {p.name}" for p in sorted(folder.glob(f"*{TEMPORARY_SUFFIX}"))]
         return report
@@ -77,6 +88,14 @@ def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, 
         problems.append(f"found {report['samples']} good samples, the manifest lists {manifest['samples']}")
     report["ok"] = not problems
     return report
+
+
+def holds_shard_files(folder: Path) -> bool:
+    """Whether ``folder`` is a shard folder, whole or damaged: it holds a manifest, or shards or half-written
+    files that a run left without one. Anything else was given by mistake, and verifying it would call it
+    damaged."""
+    patterns = (MANIFEST_NAME, "*.tar", f"*{TEMPORARY_SUFFIX}")
+    return folder.is_dir() and any(path.is_file() for pattern in patterns for path in folder.glob(pattern))
 
 
 def _verify_shard(
@@ -128,7 +147,8 @@ def print_report(report: dict[str, Any], show: int = 20) -> None:
     if len(report["problems"]) > show:
         results.print(f"  ... and {len(report['problems']) - show} more")
     verdict = "[green]OK[/]" if report["ok"] else "[red]DAMAGED[/]"
-    results.print(f"{verdict} {report['folder']}: {report['samples']} samples in {len(report['shards'])} shards")
+    found = sum(row["checksum"] != "missing" for row in report["shards"])  # the missing are problems above
+    results.print(f"{verdict} {report['folder']}: {report['samples']} samples in {found} shards")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -266,24 +266,51 @@ def iter_tar(path: str | Path, digest: Any = None) -> Iterator[dict[str, bytes]]
 
 
 def _tar_samples(stream: BinaryIO) -> Iterator[dict[str, bytes]]:
-    with tarfile.open(fileobj=stream, mode="r|") as archive:
-        sample: dict[str, Any] = {}
-        for member in archive:
-            if not member.isfile():
-                continue
-            key, field = _key_and_field(member.name)
-            # A field met again starts another sample of that key, rather than overwriting the first.
-            if sample and (key != sample["__key__"] or field in sample):
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[field] = archive.extractfile(member).read()  # type: ignore[union-attr]
-        if sample:
+    """Samples of the tar archive ``stream``; a tarfile.ReadError at the damage says what is found there."""
+    archive: tarfile.TarFile | None = None
+    try:
+        archive = tarfile.open(fileobj=stream, mode="r|")
+        with archive:
+            yield from _archive_samples(archive)
+        # tarfile takes a cut at a header, or a damaged header after the first, for a normal end: a complete
+        # archive has its end-of-archive marker there.
+        damage = _damage_at(stream, archive.offset)
+    except tarfile.ReadError as err:  # a damaged first header, or a file that ends inside a member
+        where = archive.offset if archive is not None else 0
+        raise tarfile.ReadError(_damage_at(stream, where) or str(err)) from err
+    if damage is not None:
+        raise tarfile.ReadError(damage)
+
+
+def _archive_samples(archive: tarfile.TarFile) -> Iterator[dict[str, bytes]]:
+    sample: dict[str, Any] = {}
+    for member in archive:
+        if not member.isfile():
+            continue
+        key, field = _key_and_field(member.name)
+        # A field met again starts another sample of that key, rather than overwriting the first.
+        if sample and (key != sample["__key__"] or field in sample):
             yield sample
-        # tarfile takes a cut at a header for a normal end; a complete archive ends in zero blocks.
-        stream.seek(archive.offset)
-        if stream.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
-            raise tarfile.ReadError(f"truncated: no end-of-archive marker at byte {archive.offset}")
+            sample = {}
+        sample["__key__"] = key
+        sample[field] = archive.extractfile(member).read()  # type: ignore[union-attr]
+    if sample:
+        yield sample
+
+
+def _damage_at(stream: BinaryIO, offset: int) -> str | None:
+    """What lies at ``offset`` of a tar file, where a member's header or the end-of-archive marker (two zero
+    blocks) belongs, when it is neither: a damaged block, or the end of a file cut short. None for the marker."""
+    stream.seek(offset)
+    blocks = stream.read(2 * tarfile.BLOCKSIZE)
+    for start in range(0, len(blocks) - tarfile.BLOCKSIZE + 1, tarfile.BLOCKSIZE):
+        if blocks[start:start + tarfile.BLOCKSIZE] != bytes(tarfile.BLOCKSIZE):
+            return (f"damaged tar header at byte {offset + start}: the block there is neither a member's header "
+                    "nor the end of the archive")
+    if len(blocks) < 2 * tarfile.BLOCKSIZE:
+        size = stream.seek(0, os.SEEK_END)
+        return f"truncated: the file ends early, at byte {size}, before the end of the archive"
+    return None
 
 
 class _HashingReader:

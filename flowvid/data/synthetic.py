@@ -19,12 +19,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from flowvid.checks import check_count
+from flowvid.checks import check_count, check_positive
 from flowvid.data.manifest import MANIFEST_NAME, load_manifest, new_manifest, write_manifest
 from flowvid.data.shards import ShardFolderWriter, encode_sample, replace_shard_folder, staging_folder
 from flowvid.paths import check_output_folder
@@ -50,6 +51,9 @@ MAX_OBJECTS = 2
 # a smaller dataset's captions would name objects and motions its videos do not show.
 MIN_DATASET_SIZE = 8
 MIN_DATASET_FRAMES = 2
+#: The most bytes one clip of a dataset (frames x size x size x 3) may hold, 64 frames of 576x576 say:
+#: drawing a clip takes about 20 times its bytes in memory.
+MAX_CLIP_BYTES = 64 * 2**20
 
 Combination = tuple[str, str, str]  # (shape, colour, motion)
 ALL_COMBINATIONS: tuple[Combination, ...] = tuple(itertools.product(SHAPES, COLOURS, MOTIONS))
@@ -95,13 +99,15 @@ def sample_attributes(
     return {"objects": objects, "background": backgrounds[int(rng.integers(len(backgrounds)))]}
 
 
-def check_scene_options(max_objects: int, backgrounds: Sequence[str]) -> None:
-    """Raise a ValueError unless 1 <= ``max_objects`` <= ``MAX_OBJECTS``, and ``backgrounds`` are known ones."""
+def check_scene_options(max_objects: int, backgrounds: Sequence[str], name_of: Callable[[str], str] = str) -> None:
+    """Raise a ValueError unless 1 <= ``max_objects`` <= ``MAX_OBJECTS``, and ``backgrounds`` are known ones.
+    ``name_of`` spells each argument's name as the caller took it (``--max-objects`` on a command line)."""
     if not 1 <= max_objects <= MAX_OBJECTS:
-        raise ValueError(f"max_objects must be between 1 and {MAX_OBJECTS} (a frame holds no more shapes apart), "
-                         f"got {max_objects}")
+        raise ValueError(f"{name_of('max_objects')} must be between 1 and {MAX_OBJECTS} (a frame holds no more "
+                         f"shapes apart), got {max_objects}")
     if not backgrounds or any(b not in BACKGROUNDS for b in backgrounds):
-        raise ValueError(f"backgrounds must be a non-empty subset of {list(BACKGROUNDS)}, got {list(backgrounds)}")
+        raise ValueError(f"{name_of('backgrounds')} must be a non-empty subset of {list(BACKGROUNDS)}, "
+                         f"got {list(backgrounds)}")
 
 
 def check_video_options(frames: int, size: int | tuple[int, int], fps: float) -> None:
@@ -348,16 +354,16 @@ def write_synthetic_dataset(
 ) -> dict[str, dict[str, Any]]:
     """Write ``root/train`` (training combinations) and ``root/val`` (held-out combinations).
 
-    ``val_videos`` defaults to an eighth of ``num_videos`` (at least one). Each video shows one to
+    ``val_videos`` defaults to ``default_val_videos(num_videos)``. Each video shows one to
     ``max_objects`` objects on one of ``backgrounds``. Every video is a function of (seed, split,
     index) alone. ``on_video`` is called after each video (for progress bars).
     Every option is checked before ``root`` is touched, and both splits are written to a staging
     folder first: a refused or failed run leaves an earlier dataset in ``root`` as it was.
     Returns the two manifests.
     """
-    val_videos = max(1, num_videos // 8) if val_videos is None else val_videos
+    val_videos = default_val_videos(num_videos) if val_videos is None else val_videos
     check_dataset_options(num_videos, val_videos, frames, size, fps, shard_samples, max_objects, backgrounds, seed)
-    check_dataset_folder(root)
+    check_dataset_folder(root, (num_videos + val_videos) * clip_bytes(frames, size))
     recipe = {"num_videos": num_videos, "val_videos": val_videos, "frames": frames, "size": size, "fps": fps,
               "seed": seed, "shard_samples": shard_samples, "max_objects": max_objects,
               "backgrounds": list(backgrounds)}
@@ -366,6 +372,16 @@ def write_synthetic_dataset(
         for split in SPLITS:
             replace_shard_folder(staging / split, Path(root) / split)
     return written
+
+
+def default_val_videos(num_videos: int) -> int:
+    """Validation videos when none are asked for: an eighth of ``num_videos``, rounded down, and 1 at least."""
+    return max(1, num_videos // 8)
+
+
+def clip_bytes(frames: int, size: int) -> int:
+    """The bytes of one clip's frames, ``frames`` of ``size`` x ``size`` RGB pixels."""
+    return frames * size * size * 3
 
 
 def check_dataset_options(
@@ -378,34 +394,60 @@ def check_dataset_options(
     max_objects: int,
     backgrounds: Sequence[str],
     seed: int = 0,
+    name_of: Callable[[str], str] = str,
 ) -> None:
-    """Raise a ValueError naming the first option of ``write_synthetic_dataset`` that cannot work.
+    """Raise a ValueError naming the first option of ``write_synthetic_dataset`` that cannot work, as
+    ``name_of`` spells it (``make-synthetic`` gives ``--num-videos`` for ``num_videos``).
 
     Called before anything is written (and by ``make-synthetic`` before its progress bar), so that a
     bad option is refused while an earlier dataset is still untouched.
     """
-    if num_videos < 1 or val_videos < 1 or shard_samples < 1:
-        raise ValueError(f"need num_videos >= 1, val_videos >= 1 and shard_samples >= 1, "
-                         f"got num_videos={num_videos}, val_videos={val_videos}, shard_samples={shard_samples}")
-    check_video_options(frames, size, fps)
-    if size < MIN_DATASET_SIZE or frames < MIN_DATASET_FRAMES:
-        raise ValueError(f"need size >= {MIN_DATASET_SIZE} (smaller shapes cannot be seen) and frames >= "
-                         f"{MIN_DATASET_FRAMES} (one frame shows no motion), got size={size}, frames={frames}")
-    check_scene_options(max_objects, backgrounds)
-    check_count("seed", seed, minimum=0)  # numpy's random generators take no negative seed
+    for name, value in (("num_videos", num_videos), ("val_videos", val_videos), ("shard_samples", shard_samples)):
+        if value < 1:
+            raise ValueError(f"{name_of(name)} must be 1 or more, got {value}")
+    if size < MIN_DATASET_SIZE:
+        raise ValueError(f"{name_of('size')} must be {MIN_DATASET_SIZE} or more (smaller shapes cannot be seen), "
+                         f"got {size}")
+    if frames < MIN_DATASET_FRAMES:
+        raise ValueError(f"{name_of('frames')} must be {MIN_DATASET_FRAMES} or more (one frame shows no motion), "
+                         f"got {frames}")
+    _check_clip_size(frames, size, name_of)
+    check_positive(name_of("fps"), fps)
+    check_scene_options(max_objects, backgrounds, name_of)
+    check_count(name_of("seed"), seed, minimum=0)  # numpy's random generators take no negative seed
 
 
-def check_dataset_folder(root: str | Path) -> None:
-    """Raise a ValueError when ``root`` cannot be a folder, or when ``root/train`` or ``root/val`` holds a
-    ``manifest.json`` that ``make-synthetic`` did not write: writing the dataset would replace that file, or
-    the shards of a dataset made from videos, which cannot be drawn again by seed."""
+def _check_clip_size(frames: int, size: int, name_of: Callable[[str], str]) -> None:
+    """Refuse clips too large to draw before one is drawn: a huge ``size`` would fail in numpy, deep inside
+    the run, with a MemoryError (or thrash a machine that lets it allocate)."""
+    if clip_bytes(frames, size) > MAX_CLIP_BYTES:
+        megabytes = clip_bytes(frames, size) / 2**20
+        raise ValueError(f"a clip of {frames} frames of {size}x{size} pixels holds {megabytes:,.0f} MiB, more than "
+                         f"the {MAX_CLIP_BYTES // 2**20} MiB a clip may (drawing one takes about 20 times that in "
+                         f"memory): give a smaller {name_of('size')} or fewer {name_of('frames')}")
+
+
+def check_dataset_folder(root: str | Path, needed_bytes: int = 0) -> None:
+    """Raise a ValueError when ``root`` cannot be a folder, when its disk has not ``needed_bytes`` free, or
+    when ``root/train`` or ``root/val`` holds a ``manifest.json`` that ``make-synthetic`` did not write:
+    writing the dataset would replace that file, or the shards of a dataset made from videos, which cannot
+    be drawn again by seed."""
     check_output_folder(root, "output folder", "give a folder for the shards")
+    free = shutil.disk_usage(_nearest_existing(Path(root).absolute())).free
+    if needed_bytes > free:
+        raise ValueError(f"the videos' frames alone need {needed_bytes / 1e9:,.1f} GB, and the disk of {root} has "
+                         f"{free / 1e9:,.1f} GB free: ask for fewer or smaller videos, or write them to a larger disk")
     for split in SPLITS:
         manifest = Path(root) / split / MANIFEST_NAME
         if manifest.is_file() and not _is_synthetic_manifest(manifest):
             raise ValueError(f"{manifest} was not written by make-synthetic (another dataset's, or not flowvid's), "
                              "and this run would replace it and the shards beside it; give another --out, or move "
                              f"{manifest.parent} away")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path``, or the nearest of its parents that exists: where a folder made at ``path`` would take its disk."""
+    return next(folder for folder in (path, *path.parents) if folder.exists())
 
 
 def _is_synthetic_manifest(manifest: Path) -> bool:

@@ -109,12 +109,17 @@ def test_round_trip_and_truncation(tmp_path):
         assert len(kept) < 3
 
 
-def test_a_cut_keeps_every_sample_complete_before_it(tmp_path):
+def _shard_of_three_clips(tmp_path):
+    """The bytes of a shard of three clips, and the tar member where the third clip begins."""
     _write_folder(tmp_path, count=3, per_shard=3)
     shard = tmp_path / "shard-000000.tar"
     with tarfile.open(shard) as archive:
         third = next(member for member in archive.getmembers() if member.name.startswith("clip002"))
-    data = shard.read_bytes()
+    return shard.read_bytes(), third
+
+
+def test_a_cut_keeps_every_sample_complete_before_it(tmp_path):
+    data, third = _shard_of_three_clips(tmp_path)
     for cut in (third.offset, third.offset_data + 10):  # at the third sample's first header, in its data
         (tmp_path / "cut.tar").write_bytes(data[:cut])
         kept = []
@@ -122,6 +127,33 @@ def test_a_cut_keeps_every_sample_complete_before_it(tmp_path):
             for raw in iter_tar(tmp_path / "cut.tar"):
                 kept.append(raw["__key__"])
         assert kept == ["clip000", "clip001"]
+
+
+def test_a_broken_shard_says_whether_a_header_is_damaged_or_the_file_ends_early(tmp_path):
+    data, third = _shard_of_three_clips(tmp_path)
+    damaged_header = data[:third.offset + 100] + b"X" + data[third.offset + 101:]
+    damages = {
+        "damaged.tar": (damaged_header, f"damaged tar header at byte {third.offset}"),
+        "first.tar": (data[:100] + b"X" + data[101:], "damaged tar header at byte 0"),
+        "cut_at_header.tar": (data[:third.offset], f"truncated: the file ends early, at byte {third.offset}"),
+        "cut_in_data.tar": (data[:third.offset_data + 10],
+                            f"truncated: the file ends early, at byte {third.offset_data + 10}"),
+        "cut_in_end_marker.tar": (data[:-700], f"truncated: the file ends early, at byte {len(data) - 700}"),
+    }
+    for name, (content, message) in damages.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(BrokenShard) as broken:
+            for _ in iter_tar(tmp_path / name):
+                pass
+        assert str(broken.value) == f"{tmp_path / name}: {message}" + (
+            ": the block there is neither a member's header nor the end of the archive" if "damaged" in message
+            else ", before the end of the archive")
+
+    shard = tmp_path / "shard-000000.tar"
+    shard.write_bytes(damaged_header)
+    problems = verify_folder(tmp_path)["problems"]
+    assert f"shard shard-000000.tar: broken_tar: {shard}: damaged tar header at byte {third.offset}" \
+        in "\n".join(problems) and "truncated" not in "\n".join(problems)
 
 
 def test_listed_samples_count_every_sample_a_damaged_shard_lost(tmp_path):
@@ -262,6 +294,53 @@ def test_verify_finds_damage(tmp_path, damage, problem):
     assert data_main(["verify", str(tmp_path)]) == 1
 
 
+def _dataset_root(folder):
+    _write_folder(folder / "train")
+    _write_folder(folder / "val", count=2)
+    return folder
+
+
+@pytest.mark.parametrize("not_a_shard_folder,hint", [
+    (lambda d: d / "typo", "make one with `flowvid data from-videos`"),
+    (lambda d: d / "notes.txt", "make one with `flowvid data from-videos`"),
+    (lambda d: _dataset_root(d / "dataset"), "it holds the shard folders"),
+])
+def test_verify_takes_a_path_that_is_no_shard_folder_for_a_mistake_as_describe_does(
+        tmp_path, capsys, not_a_shard_folder, hint):
+    (tmp_path / "notes.txt").write_text("not shards")
+    path = not_a_shard_folder(tmp_path)
+    assert data_main(["describe", str(path)]) == 2
+    described = capsys.readouterr().err
+    assert data_main(["verify", str(path)]) == 2
+    printed = capsys.readouterr()
+    assert printed.err == described and len(described.strip().splitlines()) == 1 and hint in described
+    assert "DAMAGED" not in printed.out
+    if path.name == "dataset":
+        assert f"{path / 'train'} and {path / 'val'}: give one of those" in " ".join(described.split())
+    with pytest.raises(ManifestError, match="is not a finished shard folder"):
+        verify_folder(path)
+
+    _write_folder(tmp_path / "whole")
+    assert data_main(["verify", str(tmp_path / "whole"), str(path)]) == 2  # the others are still verified
+    assert f"OK {tmp_path / 'whole'}: 7 samples in 3 shards" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_shard_folder_without_its_manifest_is_damaged_not_a_mistake(tmp_path, capsys):
+    _write_folder(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    assert data_main(["verify", str(tmp_path)]) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+
+
+def test_verify_counts_the_shards_it_found_and_lists_the_missing_ones_as_problems(tmp_path, capsys):
+    _write_folder(tmp_path, count=7, per_shard=3)
+    (tmp_path / "shard-000001.tar").unlink()
+    assert data_main(["verify", str(tmp_path)]) == 1
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"DAMAGED {tmp_path}: 4 samples in 2 shards" in printed
+    assert "problem shard shard-000001.tar is missing" in printed
+
+
 def test_verify_reads_each_shard_once(tmp_path, monkeypatch):
     _write_folder(tmp_path, count=7, per_shard=3)
     opened = []
@@ -386,3 +465,27 @@ def test_describe_warns_of_missing_resized_and_zero_filled_shards_without_readin
         assert data_main(["describe", str(tmp_path)]) == 0
     assert f"shard-000000.tar ends after 0 samples, the manifest lists 3 (run `flowvid data verify {tmp_path}`)" \
         in " ".join(printed.get().split())
+
+
+def test_describe_warns_once_of_a_missing_first_shard(tmp_path, capsys):
+    _write_folder(tmp_path, count=7, per_shard=3)
+    (tmp_path / "shard-000000.tar").unlink()
+    description = describe_folder(tmp_path)
+    assert description["warnings"] == ["shard shard-000000.tar is missing"] and description["captions"] == []
+    assert data_main(["describe", str(tmp_path)]) == 0
+    assert capsys.readouterr().err.count("warning:") == 1
+
+
+def test_describe_describes_every_folder_it_can_and_names_each_it_cannot(tmp_path, capsys):
+    _write_folder(tmp_path / "a", count=2)
+    _write_folder(tmp_path / "c", count=5)
+    folders = [str(tmp_path / name) for name in ("a", "typo", "c", "also-typo")]
+    assert data_main(["describe", *folders]) == 2
+    printed = capsys.readouterr()
+    assert f"describe {tmp_path / 'a'}" in printed.out and f"describe {tmp_path / 'c'}" in printed.out
+    errors = printed.err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error:") for line in errors)
+    assert str(tmp_path / "typo") in errors[0] and str(tmp_path / "also-typo") in errors[1]
+
+    assert data_main(["describe", *folders, "--json"]) == 2
+    assert [d["samples"] for d in json.loads(capsys.readouterr().out)] == [2, 5]

@@ -158,7 +158,7 @@ def test_a_negative_seed_is_refused_by_name_before_anything_shows(tmp_path, caps
     assert data_main(["make-synthetic", "--out", str(tmp_path / "shapes"), "--num-videos", "4", "--frames", "2",
                       "--size", "8", "--seed", "-1"]) == 2
     error = " ".join(capsys.readouterr().err.split())
-    assert error.startswith("error: seed must be an integer >= 0, got -1")
+    assert error.startswith("error: --seed must be an integer >= 0, got -1")
     assert not (tmp_path / "shapes").exists()
     with pytest.raises(ValueError, match="seed"):
         write_synthetic_dataset(tmp_path / "shapes", num_videos=4, frames=2, size=8, seed=-1)
@@ -245,3 +245,34 @@ def test_a_run_that_fails_midway_leaves_the_previous_dataset_as_it_was(tmp_path)
     again = write_synthetic_dataset(tmp_path, num_videos=2, frames=4, size=16, val_videos=1)
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["manifest.json", "notes.md", "shard-000000.tar"]
     assert again["train"]["samples"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["train", "val"]
+
+
+def test_the_help_gives_the_default_of_val_videos_the_run_uses(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        data_main(["make-synthetic", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "default: an eighth of --num-videos, rounded down, and 1 at least" in shown
+    for num_videos, val_videos in ((4, 1), (17, 2)):
+        out = tmp_path / str(num_videos)
+        assert data_main(["make-synthetic", "--out", str(out), "--num-videos", str(num_videos), "--frames", "2",
+                          "--size", "8"]) == 0
+        assert load_manifest(out / "val")["samples"] == val_videos
+
+
+@pytest.mark.parametrize("too_much,message", [
+    (["--size", "100000"], "a clip of 2 frames of 100000x100000 pixels holds 57,220 MiB, more than the 64 MiB"),
+    (["--size", "2000", "--frames", "6"], "give a smaller --size or fewer --frames"),
+    (["--num-videos", str(10**12)], "the videos' frames alone need 432,000.0 GB"),  # and an eighth more for validation
+])
+def test_videos_that_would_not_fit_are_refused_before_one_is_drawn(tmp_path, capsys, monkeypatch, too_much, message):
+    def never(*args, **kwargs):
+        raise AssertionError("a video was drawn")
+
+    monkeypatch.setattr(synthetic, "render_video", never)
+    make = ["make-synthetic", "--out", str(tmp_path / "out"), "--num-videos", "4", "--frames", "2", "--size", "8"]
+    assert data_main([*make, *too_much]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and message in " ".join(error.split()) and len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="64 MiB"):
+        write_synthetic_dataset(tmp_path / "out", num_videos=4, frames=2, size=100000)

@@ -138,11 +138,12 @@ def test_verify_calls_a_folder_of_no_sample_damaged(tmp_path):
 def test_verify_and_describe_of_what_is_not_a_shard_folder_say_so_in_one_line(tmp_path, make, capsys):
     path = tmp_path / "data"
     make(path)
-    assert data_main(["verify", str(path)]) == 1
+    assert data_main(["verify", str(path)]) == 2
+    verified = capsys.readouterr()
     assert data_main(["describe", str(path)]) == 2
-    said = capsys.readouterr()
-    assert said.out.count(f"{path} is not a finished shard folder") == 1  # the report of verify
-    assert said.err.count(f"{path} is not a finished shard folder") == 1  # the error line of describe
+    described = capsys.readouterr()
+    assert verified.err == described.err and described.err.count(f"{path} is not a finished shard folder") == 1
+    assert verified.out == described.out == ""
 
 
 def test_verify_names_every_unlisted_shard_beside_the_listed_ones(two_folders, tmp_path):

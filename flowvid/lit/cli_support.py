@@ -45,6 +45,7 @@ from flowvid.lit.checkpointing import (
 )
 from flowvid.lit.finetune import InitFromExport
 from flowvid.lit.progress import StepProgressBar
+from flowvid.loading import export_in
 from flowvid.registry import did_you_mean
 
 
@@ -206,7 +207,8 @@ class FlowvidCLI(LightningCLI):
         if not self.config.get("subcommand"):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_file():
+        validating_an_export = self.config.subcommand == "validate" and export_named(ckpt_path) is not None
+        if ckpt_path and Path(ckpt_path).is_file() and not validating_an_export:
             load_client_state(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
@@ -282,12 +284,19 @@ class FlowvidCLI(LightningCLI):
                              f"{name} optimises itself: set model.init_args.grad_clip")
 
     def before_validate(self) -> None:
-        """``--ckpt_path`` may name a run directory: its newest readable checkpoint is validated. Without
+        """``--ckpt_path`` may name a run directory (its newest readable checkpoint is validated), ``last``
+        (the newest of this run's) or an export (its weights are loaded into the configured model). Without
         it, ``resume`` (``auto`` in some recipes) picks the checkpoint, as it picks where ``fit`` goes on."""
         check_some_batch_is_validated(self.trainer)
         check_some_validation_data(self.datamodule)
         settings = self.config_init[self.subcommand]
-        if settings.get("ckpt_path"):
+        if settings.get("ckpt_path") == "last" and has_run_checkpoint(self.trainer):
+            # RunCheckpoint writes no last.ckpt: Lightning would validate the model as initialised.
+            settings.ckpt_path = newest_run_checkpoint(checkpoint_dir_of(self.trainer))
+        export = export_named(settings.get("ckpt_path"))
+        if export is not None:
+            settings.ckpt_path = None  # Lightning reads checkpoints only
+        elif settings.get("ckpt_path"):
             if os.path.isdir(settings.ckpt_path):
                 settings.ckpt_path = str(resolve_checkpoint(settings.ckpt_path))
         else:
@@ -298,8 +307,19 @@ class FlowvidCLI(LightningCLI):
                               "validating the model as initialised", stacklevel=2)
             elif settings.ckpt_path is None:
                 warn_of_unused_checkpoints(checkpoint_dir_of(self.trainer))
+        self._load_exports_for_validation(export, settings.ckpt_path)
         if settings.ckpt_path not in LIGHTNING_CHECKPOINT_NAMES and os.path.exists(settings.ckpt_path or ""):
             self._log_at_the_step_of(settings.ckpt_path)
+
+    def _load_exports_for_validation(self, export: Path | None, ckpt_path: str | None) -> None:
+        """The export given as ``--ckpt_path`` is loaded as ``InitFromExport`` loads one (its codec and text
+        encoder checked, every weight of the model in it). A recipe's own ``InitFromExport`` is validated
+        when nothing else is given, and gives way to a checkpoint, as when ``fit`` resumes."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, InitFromExport):
+                callback.resuming = ckpt_path is not None or export is not None
+        if export is not None:
+            self.trainer.callbacks.append(InitFromExport(str(export)))
 
     def _log_at_the_step_of(self, ckpt_path: str) -> None:
         """Log the validation of a checkpoint at the step where its run logged the validation after it, so
@@ -328,6 +348,24 @@ def check_no_earlier_run(checkpoint_dir: str) -> None:
         raise ValueError(f"{checkpoint_dir} holds {len(earlier)} checkpoint(s) of an earlier run (newest: "
                          f"{Path(earlier[-1]).name}); continue it with --resume auto, or start afresh in another "
                          "--trainer.default_root_dir (or remove them)")
+
+
+def newest_run_checkpoint(checkpoint_dir: str) -> str:
+    """What ``ckpt_path: last`` names in a run whose checkpoints ``RunCheckpoint`` writes: the newest readable."""
+    if not list_checkpoints(checkpoint_dir):
+        raise FileNotFoundError(f"ckpt_path last: {checkpoint_dir} holds no checkpoint to validate; train first, "
+                                "or give a checkpoint file or run directory with --ckpt_path")
+    return str(resolve_checkpoint(checkpoint_dir))
+
+
+def export_named(ckpt_path: str | None) -> Path | None:
+    """The ``flowvid export`` file that ``ckpt_path`` names (the file, or the folder holding it), if it names one."""
+    if ckpt_path is None:
+        return None
+    path = Path(ckpt_path)
+    if path.suffix == ".safetensors" and path.is_file():
+        return path
+    return export_in(path)
 
 
 def check_some_batch_is_validated(trainer: Trainer) -> None:

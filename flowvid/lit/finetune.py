@@ -63,7 +63,7 @@ class InitFromExport(Callback):
         self.resuming = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self.resuming or trainer.ckpt_path:
+        if stage not in ("fit", "validate") or self.resuming or trainer.ckpt_path:
             return
         path = self.export_file()
         with reading_export(path), safe_open(str(path), framework="pt") as file:

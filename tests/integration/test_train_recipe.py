@@ -125,6 +125,47 @@ def test_validating_a_checkpoint_logs_beside_the_validation_its_run_logged_after
     assert len(during_training) == 2 and validated == [pytest.approx(during_training[0], rel=1e-6)]
 
 
+def newest_version(logs: Path) -> Path:
+    return max(logs.iterdir(), key=lambda version: int(version.name.removeprefix("version_")))
+
+
+def bits_per_dim_after_training(root: Path) -> float:
+    """What the run logged for the validation after its last step (4), with its last checkpoint."""
+    return logged_scalars(min((root / "run" / "lightning_logs").iterdir()), "val/bits_per_dim")[-1][1]
+
+
+def test_validating_the_last_checkpoint_validates_the_newest_of_the_run(small_run):
+    """``last`` names the newest of the run's checkpoints, as in ``fit``, not a ``last.ckpt`` that the run never
+    writes (the model as initialised would be validated instead)."""
+    assert run_cli("validate", small_run, "--ckpt_path", "last") == 0
+    validated = logged_scalars(newest_version(small_run / "run" / "lightning_logs"), "val/bits_per_dim")
+    assert [value for _, value in validated] == [pytest.approx(bits_per_dim_after_training(small_run), rel=1e-6)]
+
+
+def test_validating_an_export_gives_the_bits_per_dim_of_its_checkpoint(small_run, tmp_path):
+    from flowvid.export import export_checkpoint
+
+    export = export_checkpoint(small_run / "run" / "checkpoints" / "step=00000004.ckpt",
+                               tmp_path / "export" / "model.safetensors")
+    for named in (export, export.parent):  # the file, or the folder of the export
+        logs = tmp_path / f"validated_{named.name}"
+        assert run_cli("validate", small_run, "--ckpt_path", str(named), f"--trainer.default_root_dir={logs}") == 0
+        validated = logged_scalars(newest_version(logs / "lightning_logs"), "val/bits_per_dim")
+        assert [value for _, value in validated] == [pytest.approx(bits_per_dim_after_training(small_run), rel=1e-6)]
+
+
+def test_validating_a_fine_tuning_recipe_validates_the_export_it_starts_from(small_run, tmp_path):
+    from flowvid.export import export_checkpoint
+
+    export = export_checkpoint(small_run / "run" / "checkpoints" / "step=00000004.ckpt", tmp_path / "model.safetensors")
+    fine_tuning = tmp_path / "fine_tuning.yaml"
+    fine_tuning.write_text(yaml.safe_dump({"trainer": {"default_root_dir": str(tmp_path / "run"), "callbacks+": [
+        {"class_path": "flowvid.lit.finetune.InitFromExport", "init_args": {"path": str(export)}}]}}))
+    assert run_cli("validate", small_run, "--config", str(fine_tuning)) == 0
+    validated = logged_scalars(newest_version(tmp_path / "run" / "lightning_logs"), "val/bits_per_dim")
+    assert [value for _, value in validated] == [pytest.approx(bits_per_dim_after_training(small_run), rel=1e-6)]
+
+
 def test_validating_without_a_checkpoint_beside_a_runs_checkpoints_warns(small_run):
     with pytest.warns(UserWarning, match=r"validating the model as initialised, not one of the 2 checkpoint\(s\)"):
         assert run_cli("validate", small_run) == 0

@@ -816,6 +816,10 @@ class FlowModule(LightningModule):
         self.videos_seen = int(saved.get("videos_seen", 0))
         if self.ema is not None and saved["ema"] is not None:
             self.ema.load_state_dict(saved["ema"])
+        elif saved["ema"] is not None:
+            rank_zero_warn("the checkpoint holds a moving average of the weights, which this model (ema_decay "
+                           "null) leaves out: its trained weights are used, and a run continued from here keeps "
+                           "no average; keep model.init_args.ema_decay to use it")
         self._resumed_schedule_length = saved.get("schedule_length")  # checkpoints of earlier versions have none
         self._resumed_data_skips = saved.get("data_skips")
 

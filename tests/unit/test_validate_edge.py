@@ -122,3 +122,12 @@ def test_validate_refuses_a_checkpoint_of_another_model_in_one_line(tmp_path, ca
     assert error[-1].startswith(f"flowvid validate: error: checkpoint {other_model} was made by a different model "
                                 "configuration")
     assert "Traceback" not in "\n".join(error)
+
+
+def test_a_model_without_a_moving_average_says_it_leaves_out_the_checkpoints():
+    averaging = tiny_module(ema_decay=0.5)
+    checkpoint = {"state_dict": averaging.state_dict()}
+    averaging.on_save_checkpoint(checkpoint)
+    with pytest.warns(UserWarning, match="the checkpoint holds a moving average of the weights, which this model "
+                                         r"\(ema_decay null\) leaves out"):
+        tiny_module().on_load_checkpoint(checkpoint)

@@ -16,7 +16,8 @@ prompt, device, precision, timings, Jacobi iterations, the model and the weights
 an ``--out`` with another model's is refused, and a sample of another request (another seed, prompt,
 sampler...) under a name to be written is kept unless ``--force`` is given. Sample ``i`` uses seed
 ``seed + i``, so a sample does not depend on its batch. The sampler is the model's own (its recipe's
-``model.sampler``) unless ``--sampler`` names one. The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed on a
+``model.sampler``; a windowed one's windows, context and sampler of each window) unless ``--sampler``
+names one. The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed on a
 GPU that supports it and in fp32 elsewhere (``--precision``; see ``flowvid.placement``).
 An unconditional model (one trained without text) takes no prompt: leave ``--prompt`` out for one
 sample, or repeat ``--prompt ''`` for several. Under torchrun every process samples its share of the
@@ -51,9 +52,12 @@ from flowvid.pipeline import (
     GenerateError,
     VideoPipeline,
     build_named_sampler,
+    check_window_fits,
     is_jacobi,
+    is_windowed,
     model_sampler,
     sampler_takes,
+    window_sampler,
 )
 from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
 from flowvid.registry import check_arguments
@@ -96,7 +100,8 @@ class Request:
     block_size: int | None = None
     sampler_args: dict[str, Any] = field(default_factory=dict)  # the sampler's other settings (the model's)
     negative_prompt: str = ""  # what guidance steers away from; "" is the unconditional (empty) caption
-    context: int | None = None  # latent frames each window beyond the training length continues; None: half of it
+    context: int | None = None  # latent frames each window beyond the first continues; None: half the window
+    window: int | None = None  # latent frames in view at once for a longer video; None: the training length
     skip_existing: bool = False  # leave out samples whose files are complete in the output folder
     force: bool = False  # overwrite samples of another request (another seed, prompt, sampler...) in the folder
     model: str = ""  # the export or checkpoint that samples (recorded, and checked by skip_existing)
@@ -157,7 +162,7 @@ def check_sampler_settings(args: argparse.Namespace, sampler: str, source: str,
     """Refuse the windowed sampler (a long video is sampled in windows anyway), and settings given to a
     sampler that takes none such (where they would be ignored without a word) or that, with its
     ``settings`` from the recipe, it cannot be built with."""
-    if issubclass(sampler_class(sampler), WindowedSampler):
+    if is_windowed(sampler):
         raise GenerateError(f"{source} {sampler}: videos longer than the model's training length are sampled in "
                             "windows of that length already; choose the sampler of each window (jacobi, sequential)")
     for key, option in SAMPLER_OPTIONS.items():
@@ -220,18 +225,50 @@ def request_sampler(request: Request) -> Sampler:
 
 
 def with_context(sampler: Sampler, module, request: Request) -> Sampler:
-    """``sampler`` in windows of the training length that each continue the last ``--context`` latent frames
-    of the window before; without ``--context``, the pipeline's windows (half the training length)."""
-    if request.context is None:
+    """``sampler`` in windows of ``request.window`` latent frames (the training length unless set) that
+    each continue the last ``request.context`` latent frames of the window before (half the window unless
+    set); with neither set, the pipeline's windows, which are those."""
+    if request.context is None and request.window is None:
         return sampler
     trained = module.latent_shape[0]
-    if module.codec.latent_frames(request.frames) <= trained:
+    if request.window is None and module.codec.latent_frames(request.frames) <= trained:
         raise GenerateError(f"--context: {request.frames} frames fit in the model's training length of "
                             f"{module.video_shape[0]} and are sampled in one piece; --context is for longer videos")
-    if request.context >= trained:
-        raise GenerateError(f"--context must be below the model's training length of {trained} latent frames, so "
-                            f"that every window samples new frames; got {request.context}")
-    return WindowedSampler(sampler, window=trained, context=request.context)
+    window = trained if request.window is None else request.window
+    context = window // 2 if request.context is None else request.context
+    if context >= window:
+        in_view = (f"the model's training length of {trained}" if request.window is None
+                   else f"the model's sampler's window of {window}")
+        raise GenerateError(f"--context must be below {in_view} latent frames, so that every window samples new "
+                            f"frames; got {context}")
+    return WindowedSampler(sampler, window=window, context=context)
+
+
+def model_window_sampler(module) -> tuple[str, dict[str, Any], WindowedSampler | None]:
+    """The name and settings of the model's sampler, and, for a model whose recipe samples in windows, that
+    ``WindowedSampler``: then the sampler and settings are those of each window, since ``generate``
+    cuts a longer video into windows itself (``recipe_windows``)."""
+    sampler, settings = model_sampler(module)
+    if not is_windowed(sampler):
+        return sampler, settings, None
+    windowed = build_named_sampler(sampler, settings)
+    check_window_fits(windowed.window, module.latent_shape[0])
+    sampler, settings = window_sampler(settings)
+    return sampler, settings, windowed
+
+
+def recipe_windows(module, frames: int, windowed: WindowedSampler | None,
+                   context: int | None) -> tuple[int | None, int | None]:
+    """The window and context (None: the training length, and half the window) that sample a video of
+    ``frames``: the recipe's ``windowed``, for a video longer than its window, with ``--context`` (given
+    as ``context``) over its own. Each is None where it is the default, so that the record of a sample
+    names only what sets it apart (``planned_records``)."""
+    if windowed is None or module.codec.latent_frames(frames) <= windowed.window:
+        return None, context
+    window = None if windowed.window == module.latent_shape[0] else windowed.window
+    if context is None and windowed.context != windowed.window // 2:
+        context = windowed.context
+    return window, context
 
 
 def chosen_settings(request: Request) -> dict[str, Any]:
@@ -258,7 +295,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 #: The keys of a record that the request fixes (``planned_records``); a key only some requests set is
 #: compared too, so that a sample made with a negative prompt or an adapter is not kept for one without.
 REQUEST_KEYS = ("prompt", "task", "seed", "sampler", "tol", "first_block_size", "block_size", "sampler_args",
-                "context", "guidance",
+                "context", "window", "guidance",
                 "negative_prompt", "precision", "lora", "lora_strength", "frames", "fps", "model", "weights", "source",
                 "source_sha256")
 #: The frame rate of the written mp4s unless ``--fps`` gives another.
@@ -278,6 +315,7 @@ def planned_records(request: Request, prompts: list[str], frames: int) -> dict[i
         **({"lora": request.lora, "lora_strength": request.lora_strength} if request.lora else {}),
         "frames": frames,
         **({"context": request.context} if request.context is not None else {}),
+        **({"window": request.window} if request.window is not None else {}),
         # Recorded only when chosen: records from before it was recorded hold the default's samples.
         **({"fps": request.fps} if request.fps != DEFAULT_FPS else {}),
         **({"model": request.model, "weights": request.weights} if request.model else {}),
@@ -500,12 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "in windows of the training length, each continuing the one before (see --context)")
     parser.add_argument("--context", type=int, default=None,
                         help="for videos longer than the training length: the latent frames of the window before "
-                             "that each window continues, 0 (none) to the training length - 1 (default: half the "
-                             "training length); with more, each window sees more of the video before it, with "
-                             "fewer, it samples more new frames")
+                             "that each window continues, 0 (none) to the training length - 1 (default: the "
+                             "model's windowed sampler's, else half the training length); with more, each window "
+                             "sees more of the video before it, with fewer, it samples more new frames")
     parser.add_argument("--sampler", default=None,
                         help="registered sampler name (jacobi, sequential, ...) or a plugin's class path; default: "
-                             "the model's (its recipe's model.sampler, jacobi unless set)")
+                             "the model's (its recipe's model.sampler, jacobi unless set; a windowed one samples "
+                             "each window with its own sampler)")
     parser.add_argument("--sampler-args", type=json_object, default={},
                         help="the sampler's other settings as JSON, e.g. '{\"max_iterations\": 64}'; over the model's "
                              "own when --sampler is left out")
@@ -555,10 +594,10 @@ def main(argv: list[str]) -> int:
         module = load_model(model, weights=args.weights, map_location=device, adapters=args.lora,
                             adapter_strength=args.lora_strength)
         if args.sampler is None:
-            sampler, settings = model_sampler(module)
+            sampler, settings, windowed = model_window_sampler(module)
             check_sampler_settings(args, sampler, "the model's sampler", settings)
         else:
-            sampler, settings = args.sampler, {}
+            sampler, settings, windowed = args.sampler, {}, None
         settings.update(args.sampler_args)
         # The command line's settings, else the model's, else the precision's tolerance (Jacobi) and the
         # sampler's own defaults.
@@ -566,9 +605,11 @@ def main(argv: list[str]) -> int:
         chosen.update({key: getattr(args, key) for key in SAMPLER_OPTIONS if getattr(args, key) is not None})
         if chosen["tol"] is None and is_jacobi(sampler):
             chosen["tol"] = DEFAULT_TOLERANCE[precision]
+        frames = module.video_shape[0] if args.frames is None else args.frames
+        window, context = recipe_windows(module, frames, windowed, args.context)
         request = Request(
-            task=args.task, prompts=prompts, frames=module.video_shape[0] if args.frames is None else args.frames,
-            sampler=sampler, sampler_args=settings, **chosen, context=args.context,
+            task=args.task, prompts=prompts, frames=frames,
+            sampler=sampler, sampler_args=settings, **chosen, context=context, window=window,
             guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
             batch_size=args.batch_size, fps=args.fps, stream=args.stream, skip_existing=args.skip_existing,
             force=args.force,

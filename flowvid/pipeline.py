@@ -54,15 +54,35 @@ FrameCallback = Callable[[int, torch.Tensor], None]
 def model_sampler(model) -> tuple[str, dict[str, Any]]:
     """The registered name (or class path) and settings of the sampler the model was configured with
     (``FlowModule(sampler=...)``)."""
-    spec = getattr(model, "sampler_spec", "jacobi")
+    return name_and_settings(getattr(model, "sampler_spec", "jacobi"))
+
+
+def name_and_settings(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The registered name (or class path) and settings of a sampler as a recipe writes it."""
     if isinstance(spec, str):
         return spec, {}
     return spec.get("name") or spec["class_path"], dict(spec.get("init_args") or {})
 
 
+def is_windowed(name: str) -> bool:
+    """Whether the sampler a registered name or class path names samples in windows (``WindowedSampler``)."""
+    return issubclass(sampler_class(name), WindowedSampler)
+
+
+def window_sampler(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The name and settings of the sampler of each window, from a ``WindowedSampler``'s settings."""
+    default = inspect.signature(WindowedSampler).parameters["sampler"].default
+    return name_and_settings(settings.get("sampler", default))
+
+
 def build_named_sampler(name: str, init_args: dict[str, Any]) -> Sampler:
     """A sampler from a registered name, or from the import path of a plugin's class."""
-    return build_sampler({"class_path" if "." in name else "name": name, "init_args": init_args})
+    return build_sampler(sampler_spec(name, init_args))
+
+
+def sampler_spec(name: str, init_args: dict[str, Any]) -> dict[str, Any]:
+    """A sampler as a recipe writes it, from a registered name or the import path of a plugin's class."""
+    return {"class_path" if "." in name else "name": name, "init_args": init_args}
 
 
 def is_jacobi(name: str) -> bool:
@@ -79,9 +99,18 @@ def sampler_takes(name: str, setting: str) -> bool:
 def default_sampler(model, precision: str) -> Sampler:
     """The model's own sampler, Jacobi at the precision's tolerance unless the model sets one."""
     name, settings = model_sampler(model)
+    return build_named_sampler(name, with_default_tolerance(name, settings, precision))
+
+
+def with_default_tolerance(name: str, settings: dict[str, Any], precision: str) -> dict[str, Any]:
+    """``settings`` with the precision's tolerance for a Jacobi sampler that sets none, be it the sampler
+    itself or the sampler of each window of a ``WindowedSampler``."""
     if is_jacobi(name):
-        settings.setdefault("tol", DEFAULT_TOLERANCE[precision])
-    return build_named_sampler(name, settings)
+        return {"tol": DEFAULT_TOLERANCE[precision], **settings}
+    if is_windowed(name):
+        inner, inner_settings = window_sampler(settings)
+        return {**settings, "sampler": sampler_spec(inner, with_default_tolerance(inner, inner_settings, precision))}
+    return settings
 
 
 class GenerateError(ValueError):

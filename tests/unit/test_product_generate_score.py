@@ -1258,3 +1258,84 @@ def test_context_sets_the_frames_each_window_continues_and_is_refused_where_it_w
         assert main([*args, *extra, "--out", str(tmp_path / "refused")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+def checkpoint_sampling_with(sampler, folder: Path) -> Path:
+    """A checkpoint of the tiny model (a training length of 4 latent frames) whose recipe sets ``sampler``."""
+    config = copy.deepcopy(CONFIG)
+    config["model"]["init_args"]["sampler"] = sampler
+    torch.manual_seed(0)
+    module = build_module(config)
+    perturb_parameters(module.flow, std=0.02)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "windowed.ckpt"
+    torch.save({"state_dict": module.state_dict(), "flowvid_run": {"config": config}}, path)
+    return path
+
+
+def windowed(sampler, window: int, context: int) -> dict:
+    return {"name": "windowed", "init_args": {"sampler": sampler, "window": window, "context": context}}
+
+
+def test_generate_samples_each_window_of_a_windowed_recipe_with_its_sampler_and_context(tmp_path, capsys):
+    from flowvid.pipeline import VideoPipeline
+
+    ckpt = checkpoint_sampling_with(windowed("jacobi", window=4, context=1), tmp_path / "model")
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", "x", "--frames", "7"]
+    assert main([*args, "--out", str(tmp_path / "long")]) == 0
+    record = read_record(tmp_path / "long", "t2v_000")
+    # The sampler of each window, at the precision's tolerance, continuing the recipe's context.
+    assert (record["sampler"], record["tol"], record["context"]) == ("jacobi", 1e-3, 1) and "window" not in record
+    stats = record["sampler_stats"]
+    assert (stats["window"], stats["context"], len(stats["windows"])) == (4, 1, 2)
+    # The pipeline samples the same: its windows' Jacobi sampler gets the precision's tolerance too.
+    pipe = VideoPipeline(load_model(ckpt))
+    assert pipe.sampler.sampler.tol == 1e-3
+    np.testing.assert_array_equal(generated_latents(tmp_path / "long"), pipe("x", seed=0, frames=7).latents[0])
+
+    # The same request spelled out on the command line is the same sample: --skip-existing keeps it.
+    assert main([*args, "--sampler", "jacobi", "--context", "1", "--skip-existing",
+                 "--out", str(tmp_path / "long")]) == 0
+    assert "1 of 1 samples are in" in capsys.readouterr().err
+
+    # A video within the training length is sampled in one piece, as by the sampler of each window.
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "x", "--out", str(tmp_path / "short")]) == 0
+    record = read_record(tmp_path / "short", "t2v_000")
+    assert (record["sampler"], record["tol"]) == ("jacobi", 1e-3) and "context" not in record
+
+
+def test_a_windowed_recipe_at_the_default_context_records_none_and_keeps_plain_samples(tmp_path, capsys):
+    ckpt = checkpoint_sampling_with(windowed("jacobi", window=4, context=2), tmp_path / "model")
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", "x", "--frames", "7", "--out", str(tmp_path / "s")]
+    assert main([*args, "--sampler", "jacobi"]) == 0
+    assert main([*args, "--skip-existing"]) == 0
+    assert "1 of 1 samples are in" in capsys.readouterr().err
+    assert "context" not in read_record(tmp_path / "s", "t2v_000")
+
+
+def test_a_windowed_recipes_shorter_window_and_window_sampler_settings_are_honoured_and_recorded(tmp_path, capsys):
+    from flowvid.pipeline import VideoPipeline
+
+    ckpt = checkpoint_sampling_with(windowed({"name": "jacobi", "init_args": {"tol": 0.05}}, window=2, context=0),
+                                    tmp_path / "model")
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", "x", "--frames", "7"]
+    assert main([*args, "--out", str(tmp_path / "recipe")]) == 0
+    record = read_record(tmp_path / "recipe", "t2v_000")
+    assert (record["sampler"], record["tol"], record["window"], record["context"]) == ("jacobi", 0.05, 2, 0)
+    assert (record["sampler_stats"]["window"], len(record["sampler_stats"]["windows"])) == (2, 4)
+    np.testing.assert_array_equal(generated_latents(tmp_path / "recipe"),
+                                  VideoPipeline(load_model(ckpt))("x", seed=0, frames=7).latents[0])
+
+    assert main([*args, "--context", "1", "--out", str(tmp_path / "context")]) == 0
+    record = read_record(tmp_path / "context", "t2v_000")
+    assert (record["window"], record["context"], record["sampler_stats"]["context"]) == (2, 1, 1)
+    capsys.readouterr()
+    assert main([*args, "--context", "2", "--out", str(tmp_path / "refused")]) == 2
+    assert "--context must be below the model's sampler's window of 2 latent frames" in one_line_error(capsys)
+
+
+def test_a_windowed_recipe_with_a_window_beyond_the_training_length_is_refused(tmp_path, capsys):
+    ckpt = checkpoint_sampling_with(windowed("jacobi", window=5, context=2), tmp_path / "model")
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    assert "window of 5 latent frames is longer than the model's training length of 4" in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,22 @@ def read_torch_file(path: str | Path, what: str, hint: str = "") -> Any:
     torch raises many kinds of error for a damaged file, some without a message (``EOFError`` on an
     empty one): each becomes a ValueError naming the file.
     """
+    if is_torchscript(path):
+        # torch would call it damaged and advise loading it with weights_only=False, which runs its code.
+        raise ValueError(f"cannot read {what} {path}: it is a TorchScript program, not a file of tensors"
+                         + (f"; {hint}" if hint else ""))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - see above
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot read {what} {path}: truncated, or not a PyTorch file ({detail})"
                          + (f"; {hint}" if hint else "")) from err
+
+
+def is_torchscript(path: str | Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``): a zip whose records include its constants."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False

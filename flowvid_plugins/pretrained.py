@@ -9,6 +9,7 @@ file and how to get a good one.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,22 @@ from typing import Any
 from flowvid.checks import first_non_finite
 
 GET_AGAIN = "copy the model folder again from a complete download, or write it again with save_pretrained(DIR)"
+# "owner/name", as Hugging Face Hub ids are written.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def download_first(path: str | Path, subfolder: str = "") -> str:
+    """For a missing ``path`` written like a Hub id ("google/flan-t5-xl"): a clause saying how to download it
+    before the run, since nothing is downloaded at run time. Empty for any other path.
+
+    ``subfolder`` is the folder of the repository that holds the model ("vae" in a diffusers pipeline)."""
+    name = str(path)
+    if Path(name).exists() or not _HUB_ID.fullmatch(name):
+        return ""
+    include = f" --include '{subfolder}/*'" if subfolder else ""
+    local = f"DIR/{subfolder}" if subfolder else "DIR"
+    return (f"; if {name} is a Hugging Face Hub id: nothing is downloaded at run time, so download it first "
+            f"(`hf download {name}{include} --local-dir DIR`) and give the local folder {local}")
 
 
 def first_present(folder: Path, names: Iterable[str]) -> Path:

@@ -24,7 +24,7 @@ from flowvid.checks import is_count
 from flowvid.fingerprint import json_fingerprint, weights_fingerprint
 from flowvid.text.base import TextEmbedding, TextEncoder
 from flowvid_plugins.frozen import keep_out_of_checkpoints
-from flowvid_plugins.pretrained import first_present, load_complete, reading
+from flowvid_plugins.pretrained import download_first, first_present, load_complete, reading
 
 _CONFIG_FILES = ("config.json",)
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -41,12 +41,12 @@ def check_model_directory(path: str | Path, what: str) -> Path:
     groups = (_CONFIG_FILES, _WEIGHT_FILES, _TOKENIZER_FILES)
     missing = [group for group in groups if not any((path / name).is_file() for name in group)]
     if missing:
-        state = "does not exist" if not path.is_dir() else "is incomplete"
         expected = "; ".join(" or ".join(group) for group in groups)
-        raise FileNotFoundError(f"{what} directory {path} {state}: expected {expected} "
-                                f"(missing: {'; '.join(' or '.join(group) for group in missing)}); write it on a "
-                                "machine with the model, with the model's and the tokenizer's save_pretrained(DIR), "
-                                "or copy a downloaded model folder")
+        state = ("does not exist" if not path.is_dir() else
+                 f"is incomplete (missing: {'; '.join(' or '.join(group) for group in missing)})")
+        raise FileNotFoundError(f"{what} directory {path} {state}: expected {expected}; write it on a machine with "
+                                "the model, with the model's and the tokenizer's save_pretrained(DIR), or copy a "
+                                f"downloaded model folder{download_first(path)}")
     return path
 
 

@@ -24,7 +24,7 @@ from flowvid.codecs.base import LatentCodec
 from flowvid.codecs.pixel import to_uint8, to_unit_range
 from flowvid.fingerprint import json_fingerprint, weights_fingerprint
 from flowvid_plugins.frozen import keep_out_of_checkpoints
-from flowvid_plugins.pretrained import first_present, load_complete, reading
+from flowvid_plugins.pretrained import download_first, first_present, load_complete, reading
 
 # Per-channel mean and std of the Wan2.2 TI2V-5B VAE's latents (from the Wan2.2 release); used when
 # a 48-channel model's config does not carry its own tables.
@@ -54,10 +54,13 @@ def check_wan_directory(path: str | Path) -> Path:
     has_config = (path / "config.json").is_file()
     has_weights = any((path / name).is_file() for name in _WEIGHT_FILES)
     if not (has_config and has_weights):
+        if (path / "model_index.json").is_file() and (path / "vae").is_dir():
+            raise FileNotFoundError(f"Wan VAE directory {path} holds a whole diffusers pipeline (model_index.json): "
+                                    f"give its VAE folder, {path / 'vae'}")
         state = "does not exist" if not path.is_dir() else "is incomplete"
         raise FileNotFoundError(
             f"Wan VAE directory {path} {state}: expected config.json and one of {', '.join(_WEIGHT_FILES)} "
-            f"(the vae/ folder of a diffusers Wan checkpoint, saved locally)"
+            f"(the vae/ folder of a diffusers Wan checkpoint, saved locally){download_first(path, 'vae')}"
         )
     return path
 
@@ -69,9 +72,12 @@ def load_wan_vae(directory: Path) -> Any:
 
     config = directory / "config.json"
     with reading(config, "Wan VAE config"):
-        class_name = json.loads(config.read_text()).get("_class_name", AutoencoderKLWan.__name__)
+        settings = json.loads(config.read_text())
+        class_name, model_type = settings.get("_class_name"), settings.get("model_type")
     if class_name != AutoencoderKLWan.__name__:
-        raise ValueError(f"{config} describes model class {class_name}, not AutoencoderKLWan: give the vae/ folder of a "
+        # diffusers writes the class into every model config; transformers (a text encoder's folder) does not.
+        described = f"model class {class_name}" if class_name else f"no diffusers model (model_type {model_type!r})"
+        raise ValueError(f"{config} describes {described}, not AutoencoderKLWan: give the vae/ folder of a "
                          "diffusers Wan checkpoint")
     # Loaded in full rather than onto meta tensors, so that a weight the file lacks is reported, not left unset.
     load = partial(AutoencoderKLWan.from_pretrained, str(directory), low_cpu_mem_usage=False)

@@ -283,10 +283,25 @@ class VideoVAE(LatentCodec):
                              f"--codec-args '{arguments}'), or use VideoVAE.from_checkpoint({str(path)!r})")
         state = {key[len(STATE_PREFIX):]: value for key, value in checkpoint["state_dict"].items()
                  if key.startswith(STATE_PREFIX)}
+        if (mismatch := weights_mismatch(self.state_dict(), state)) is not None:
+            raise ValueError(f"checkpoint {path} does not hold the weights of the VideoVAE it describes ({mismatch}); "
+                             "train the VideoVAE again (`flowvid fit --config recipes/codecs/video_vae_shapes.yaml`)")
         if (damaged := first_non_finite(state.items())) is not None:
             raise ValueError(f"checkpoint {path} is damaged: {damaged} holds NaN or infinite values; train the "
                              "VideoVAE again (`flowvid fit --config recipes/codecs/video_vae_shapes.yaml`)")
         self.load_state_dict(state)
+
+
+def weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
+    """What keeps ``found`` from loading in place of ``expected`` ("missing: a, b; other shape: c"), or None.
+    Said in one line, where ``load_state_dict`` would list every key over several."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    reshaped = sorted(key for key in expected.keys() & found.keys() if expected[key].shape != found[key].shape)
+    problems = [f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                for label, names in (("missing", missing), ("unexpected", unexpected), ("other shape", reshaped))
+                if names]
+    return "; ".join(problems) or None
 
 
 def check_checkpoint_exists(path: Path) -> None:

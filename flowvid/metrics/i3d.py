@@ -209,7 +209,7 @@ def load_i3d_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"I3D weights not found at {path}. {GET_WEIGHTS} and pass its path as `weights`. "
                                 f"{WITHOUT_WEIGHTS}")
-    state = read_torch_file(path, "I3D weights", f"{GET_WEIGHTS} again")
+    state = read_torch_file(path, "I3D weights", GET_WEIGHTS)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors; expected the I3D weights {WEIGHTS_FILE}")
     expected = InceptionI3D().state_dict()

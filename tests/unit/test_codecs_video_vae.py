@@ -171,6 +171,20 @@ def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(tmp_path):
         VideoVAE.from_checkpoint(tmp_path / "vae.pt")
 
 
+def test_a_checkpoint_lacking_a_weight_is_one_line_naming_the_file_and_the_weight(tmp_path):
+    """torch's strict loading would list every key over several lines, without the file or what to do."""
+    tiny_vae().save(tmp_path / "vae.pt")
+    checkpoint = torch.load(tmp_path / "vae.pt")
+    del checkpoint["state_dict"]["vae.decoder.0.weight"]
+    torch.save(checkpoint, tmp_path / "vae.pt")
+    with pytest.raises(ValueError) as refused:
+        VideoVAE.from_checkpoint(tmp_path / "vae.pt")
+    message = str(refused.value)
+    assert message.startswith(f"checkpoint {tmp_path / 'vae.pt'} does not hold the weights of the VideoVAE it "
+                              "describes (missing: decoder.0.weight); train the VideoVAE again")
+    assert "\n" not in message
+
+
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     tiny_vae().save(tmp_path / "vae.pt")
     with pytest.raises(ValueError, match="from_checkpoint") as refused:

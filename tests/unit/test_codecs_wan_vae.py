@@ -1,6 +1,8 @@
 """The Wan VAE codec plugin on a tiny randomly initialised AutoencoderKLWan saved to a temporary folder."""
 
+import json
 import re
+import shutil
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import SimpleNamespace
@@ -155,4 +157,32 @@ def test_a_damaged_file_or_a_config_of_another_model_is_one_line_naming_it(tmp_p
         WanVAECodec(str(folder))
     config.write_text(config.read_text().replace('"AutoencoderKLWan"', '"AutoencoderKL"'))
     with pytest.raises(ValueError, match=re.escape(f"{config} describes model class AutoencoderKL, not AutoencoderKLWan")):
+        WanVAECodec(str(folder))
+
+
+def test_a_hub_id_is_not_downloaded_and_the_error_says_how_to_download_it_first(without_network):
+    with pytest.raises(FileNotFoundError) as error:
+        WanVAECodec("Wan-AI/Wan2.2-TI2V-5B-Diffusers")
+    message = str(error.value)
+    assert "nothing is downloaded at run time" in message and "\n" not in message
+    assert "`hf download Wan-AI/Wan2.2-TI2V-5B-Diffusers --include 'vae/*' --local-dir DIR`" in message
+    assert message.endswith("give the local folder DIR/vae")
+
+
+def test_the_folder_of_a_whole_pipeline_points_to_its_vae_folder(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"give its VAE folder, {tmp_path / 'vae'}")):
+        WanVAECodec(str(tmp_path))
+
+
+def test_the_config_of_a_text_encoder_is_refused_naming_it_not_the_weights(tmp_path, wan_dir):
+    """A transformers config has no _class_name; diffusers would ignore its keys with a warning of a hundred
+    settings, then fail on one of them and blame the weights."""
+    folder = tmp_path / "vae"
+    shutil.copytree(wan_dir, folder)
+    config = folder / "config.json"
+    config.write_text(json.dumps({"model_type": "t5", "d_model": 32, "dtype": "float32"}))
+    with pytest.raises(ValueError, match=re.escape(f"{config} describes no diffusers model (model_type 't5'), "
+                                                   "not AutoencoderKLWan")):
         WanVAECodec(str(folder))

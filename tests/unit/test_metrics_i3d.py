@@ -105,6 +105,18 @@ def test_a_damaged_weights_file_is_named_with_where_to_get_it_again(tmp_path, co
         I3DExtractor(weights=path)
 
 
+def test_a_torchscript_i3d_is_refused_as_a_program_naming_the_file_to_get_instead(tmp_path):
+    """Other FVD code bases ship I3D as TorchScript (i3d_torchscript.pt); torch would call it damaged and advise
+    loading it with weights_only=False, which runs the code inside."""
+    path = tmp_path / "i3d_torchscript.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+    with pytest.raises(ValueError) as error:
+        I3DExtractor(weights=path)
+    message = str(error.value)
+    assert f"cannot read I3D weights {path}: it is a TorchScript program, not a file of tensors" in message
+    assert "i3d_pretrained_400.pt" in message and WEIGHTS_URL in message and "weights_only" not in message
+
+
 def test_the_resolution_is_part_of_the_reference_key_and_of_a_non_standard_protocol_name(weights_file, tmp_path):
     at_16, at_32 = (I3DExtractor(weights=weights_file, resolution=side) for side in (16, 32))
     assert at_32.protocol_label == "i3d-resolution32"

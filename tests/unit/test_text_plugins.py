@@ -74,6 +74,20 @@ def test_missing_folder_names_the_path_and_the_expected_files(tmp_path):
     assert all(name in message for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
+def test_a_hub_id_is_not_downloaded_and_the_error_says_how_to_download_it_first(without_network):
+    with pytest.raises(FileNotFoundError) as error:
+        T5TextEncoder("google/flan-t5-xl")
+    message = str(error.value)
+    assert "nothing is downloaded at run time" in message and "\n" not in message
+    assert message.endswith("(`hf download google/flan-t5-xl --local-dir DIR`) and give the local folder DIR")
+
+
+def test_a_missing_folder_that_cannot_be_a_hub_id_gets_no_download_advice(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        T5TextEncoder(str(tmp_path / "flan-t5-xl"))
+    assert "hf download" not in str(error.value)
+
+
 def test_minilm_reports_a_missing_folder_before_the_model_is_built(tmp_path, monkeypatch):
     """``flowvid fit`` asks ``check_files`` before it builds the flow, which at full size takes minutes."""
     with pytest.raises(FileNotFoundError, match="MiniLM directory .*minilm does not exist"):

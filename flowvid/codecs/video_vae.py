@@ -305,6 +305,10 @@ def weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.T
 
 
 def check_checkpoint_exists(path: Path) -> None:
+    if path.is_dir():
+        found = sorted(path.rglob("*.ckpt"), key=lambda file: file.stat().st_mtime)
+        hint = f"give the checkpoint file, such as {found[-1]}" if found else "it holds no .ckpt file"
+        raise FileNotFoundError(f"VideoVAE checkpoint {path} is a folder, not a checkpoint file: {hint}")
     if not path.is_file():
         raise FileNotFoundError(
             f"VideoVAE checkpoint {path} does not exist; train one with "

@@ -155,6 +155,15 @@ def test_missing_checkpoint_names_the_file(tmp_path):
         VideoVAE(checkpoint=str(tmp_path / "vae.ckpt"))
 
 
+def test_a_folder_given_as_the_checkpoint_is_named_as_such_with_the_file_to_give(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    tiny_vae().save(tmp_path / "run" / "checkpoints" / "vae.ckpt")
+    newest = tmp_path / "run" / "checkpoints" / "vae.ckpt"
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'run'} is a folder, not a checkpoint file: give the "
+                                                f"checkpoint file, such as {newest}"):
+        VideoVAE.from_checkpoint(tmp_path / "run")
+
+
 def test_a_damaged_checkpoint_names_the_file_and_how_to_make_another(tmp_path):
     (tmp_path / "vae.ckpt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"cannot read VideoVAE checkpoint .*vae.ckpt: truncated.*EOFError.*flowvid fit"):

@@ -1,4 +1,4 @@
-"""GPU benchmarks: bf16-mixed training MFU of a 0.35B flow, Jacobi vs sequential sampling, ZeRO-2 on one GPU.
+"""GPU benchmarks: bf16-mixed training MFU of a 0.36B flow, Jacobi vs sequential sampling, ZeRO-2 on one GPU.
 
     python benchmarks/gpu.py [--parts PART ...] [--json OUT]
 
@@ -7,7 +7,7 @@ CPU numbers come from ``train_throughput.py``, ``sampling.py`` and ``memory.py``
 the card it was measured on.
 
 * **Training MFU**: the ``base`` preset (24-layer deep block at width 1024, four 2-layer shallow blocks at
-  768; about 0.35B parameters) on 8 frames of 16 x 16 x 48 latents with 64 text tokens, bf16 autocast,
+  768; 0.36B parameters) on 8 frames of 16 x 16 x 48 latents with 64 text tokens, bf16 autocast,
   fused AdamW. MFU = 6 x parameters x video tokens per second / the bf16 FLOP/s of an 8192 x 8192
   matmul measured on the same card.
   ``training_mfu`` and ``training_mfu_no_text`` (without the text prefix: plain causal attention) list

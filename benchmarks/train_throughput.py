@@ -26,7 +26,7 @@ precision of the network's matmuls: fp32, or bf16 under ``--precision bf16-mixed
 under ``torch.autocast`` in bf16, as Lightning's ``bf16-mixed`` does; on CPUs with AVX512-BF16 or AMX). With
 ``--reference`` the reference implementation runs the same configuration in the same rounds (its order
 alternating with ours); ratios are taken per round and their median reported. The GPU counterpart
-(bf16-mixed, a 0.35B flow) is ``gpu.py``.
+(bf16-mixed, a 0.36B flow) is ``gpu.py``.
 
 The step runs under the OpenMP wait policy of the environment (``make bench`` and the Makefile set
 ``OMP_WAIT_POLICY=PASSIVE``; set it yourself before a run by hand), which the output and the JSON

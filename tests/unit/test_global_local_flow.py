@@ -88,6 +88,12 @@ def test_tiny_preset_accepts_any_number_of_frames():
         assert z.shape == (1, frames, 2, 3, 3) and logdet.shape == (1,)
 
 
+def test_the_base_preset_counts_the_documented_0_36b_parameters():
+    with torch.device("meta"):
+        flow = GlobalLocalFlow.from_preset("base", latent_channels=48, frame_size=(16, 16))
+    assert round(sum(p.numel() for p in flow.parameters()) / 1e9, 2) == 0.36
+
+
 def test_the_7b_configuration_counts_about_5_98b_flow_parameters():
     with torch.device("meta"):
         flow = GlobalLocalFlow.from_preset("starflow-v-7b")

@@ -8,14 +8,27 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
+from flowvid.denoise import CausalDenoiser
+from flowvid.flows import GlobalLocalFlow
 from flowvid.flows.presets import PRESETS
 from flowvid.lit.cli_support import main
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = ROOT / "recipes"
 DEMO = RECIPES / "demo" / "shapes_t2v.yaml"
+PAPER_SCALE = RECIPES / "starflow_v" / "t2v_480p.yaml"
+
+#: Parameters of the reference STARFlow-V 7B model (apple/ml-starflow, counted on the meta device), in
+#: billions to the published three decimals.
+REFERENCE_BILLIONS = {"shallow block": 0.227, "deep block": 4.842, "denoiser": 0.913}
+
+#: The reference's training and sampling settings for video (apple/ml-starflow's 480p configuration).
+REFERENCE_SETTINGS = {"noise_std": 0.5, "guidance": 3.5, "text_dropout": 0.1, "extend_prob": 0.25, "lr": 5e-5,
+                      "denoiser_lr": 1e-4, "weight_decay": 1e-4, "min_lr": 1e-6, "grad_clip": 1.0}
 
 
 def fit_arguments(configs: tuple[Path, ...]) -> list[str]:
@@ -54,8 +67,13 @@ def callback_classes(config: dict) -> list[str]:
     return [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
 
 
-def test_the_paper_scale_recipe_is_the_7b_preset_on_zero3():
-    config = resolved_apart(RECIPES / "starflow_v" / "t2v_480p.yaml")
+@pytest.fixture(scope="module")
+def paper_scale() -> dict:
+    return resolved_apart(PAPER_SCALE)
+
+
+def test_the_paper_scale_recipe_is_the_7b_preset_on_zero3(paper_scale):
+    config = paper_scale
     flow = config["model"]["init_args"]["flow"]["init_args"]
     assert {k: flow[k] for k in PRESETS["starflow-v-7b"]} == {
         k: list(v) if isinstance(v, tuple) else v for k, v in PRESETS["starflow-v-7b"].items()}
@@ -63,6 +81,49 @@ def test_the_paper_scale_recipe_is_the_7b_preset_on_zero3():
     assert strategy["class_path"] == "flowvid.lit.strategies.ZeroStrategy" and strategy["init_args"]["stage"] == 3
     assert config["trainer"]["precision"] == "bf16-mixed" and config["resume"] == "auto"
     assert {"RunCheckpoint", "StepSeed", "ActivationCheckpointing"} <= set(callback_classes(config))
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_the_paper_scale_recipe_builds_the_reference_model_with_the_documented_sizes(paper_scale):
+    model = paper_scale["model"]["init_args"]
+    with torch.device("meta"):  # shapes only: no memory for the 7B weights
+        flow = GlobalLocalFlow(**model["flow"]["init_args"])
+        denoiser = CausalDenoiser(**model["denoiser"]["init_args"])
+    assert {p.device.type for p in [*flow.parameters(), *denoiser.parameters()]} == {"meta"}
+    built = {"shallow block": parameter_count(flow.shallow[0]), "deep block": parameter_count(flow.deep),
+             "denoiser": parameter_count(denoiser)}
+    assert len(flow.shallow) == 5 and len({parameter_count(block) for block in flow.shallow}) == 1
+    assert {part: round(count / 1e9, 3) for part, count in built.items()} == REFERENCE_BILLIONS
+    flow_count, denoiser_count = parameter_count(flow), built["denoiser"]
+    documented = [f"{flow_count / 1e9:.2f}B", f"{denoiser_count / 1e9:.2f}B",
+                  f"{(flow_count + denoiser_count) / 1e9:.2f}B"]
+    assert documented == ["5.98B", "0.91B", "6.89B"]
+    header = PAPER_SCALE.read_text().split("\nseed_everything")[0]
+    scaling = (ROOT / "docs" / "scaling.md").read_text().split("## The paper-scale recipe")[1]
+    for text in (header, scaling):
+        assert [number for number in documented if number not in text] == []
+
+
+def test_the_paper_scale_recipe_trains_and_samples_with_the_reference_settings(paper_scale):
+    model = paper_scale["model"]["init_args"]
+    assert {name: model[name] for name in REFERENCE_SETTINGS} == REFERENCE_SETTINGS
+    flow, denoiser = model["flow"]["init_args"], model["denoiser"]["init_args"]
+    text_encoder, codec = model["text_encoder"]["init_args"], model["codec"]["init_args"]
+    assert (denoiser["channels"], denoiser["frame_size"], denoiser["text_width"]) == (
+        flow["latent_channels"], flow["frame_size"], flow["text_width"])
+    assert (denoiser["width"], denoiser["depth"], denoiser["head_dim"]) == (3072, 8, 64)
+    assert (denoiser["window"], denoiser["lookahead"]) == (9, 1)  # frames n - 9 to n + 1
+    assert text_encoder["max_length"] == 256 and flow["text_width"] == 2048  # flan-t5-xl
+    assert codec["temporal_scale"] == 0.6 and codec["sample_posterior"] is True
+    frames, height, width = model["video_shape"]  # Wan2.2: first frame alone, then 4x in time; 16x in space
+    assert [(frames - 1) // 4 + 1, height // 16, width // 16] == [21, *flow["frame_size"]]
+    trainer = paper_scale["trainer"]
+    videos_per_step = (trainer["num_nodes"] * trainer["devices"] * paper_scale["data"]["init_args"]["batch_size"]
+                       * model["accumulate_grad_batches"])
+    assert videos_per_step == 192
 
 
 @pytest.mark.parametrize("overlay, strategy, stage", [("ddp", "DDPStrategy", None), ("zero2", "ZeroStrategy", 2),

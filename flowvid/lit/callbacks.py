@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from flowvid.checks import check_positive, is_integer
 from flowvid.lit.tensorboard import (MAX_GIF_FPS, add_video_gif, frame_grid, gif_bytes, tensorboard_writers,
                                      tile_videos)
+from flowvid.lit.throughput import apart_from_training
 from flowvid.metrics.extractor import FVDExtractor, check_video
 from flowvid.metrics.fvd import FrechetVideoDistance
 
@@ -109,7 +110,8 @@ class _EveryNSteps(Callback):
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._last_step = step
-            self.run(trainer, pl_module)
+            with apart_from_training(trainer):  # evaluation, like validation: not in the training speed
+                self.run(trainer, pl_module)
 
     def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         raise NotImplementedError

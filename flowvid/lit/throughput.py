@@ -1,12 +1,17 @@
 """Training speed in the logs: videos and latent tokens per second, model FLOP/s and MFU.
 
 ``TrainingThroughput`` logs, at the trainer's ``log_every_n_steps``, rates averaged over the last
-``window`` optimiser steps:
+``window`` steps. A step here is a window of ``accumulate_grad_batches`` batches: an optimiser step, or
+one the module skipped (its batches ran forward and backward and count in ``tokens_seen``). The first
+step of a run, or of a resumed run, is left out (it compiles, starts the data workers and warms up the
+kernels), so the first rates come after the second step:
 
 * ``throughput/videos_per_sec`` and ``throughput/tokens_per_sec`` (latent tokens) of the whole run,
   all processes together, and ``throughput/tokens_per_sec_per_device``;
-* ``throughput/step_seconds``: wall time of one optimiser step (data loading, the forward and backward
-  passes, the optimiser and whatever other callbacks do in the step; validation is left out);
+* ``throughput/step_seconds``: wall time of one step (data loading, the forward and backward passes, the
+  optimiser and whatever other callbacks do in the step, checkpoints included; validation and the
+  evaluations run in ``apart_from_training``, the samples and FVD of ``flowvid.lit.callbacks``, are
+  left out);
 * ``throughput/model_tflops_per_device`` and ``throughput/mfu``: model FLOPs per second, counted as
   ``6 x parameters x latent tokens`` over the flow and the denoiser (2 in the forward and 4 in the
   backward pass per parameter and token; a frozen weight's own gradient, 2 of the 4, is not computed
@@ -26,7 +31,8 @@ after: on a CPU MFU says how close the step comes to what the machine's matmul k
 (``docs/benchmarks.md`` uses the same denominator).
 
 It works with any LightningModule that offers ``tokens_seen`` and ``videos_seen`` (totals over
-all processes) and ``model_flops_per_token`` (``FlowModule`` does).
+all processes) and ``model_flops_per_token``, and counts skipped steps in ``skipped_steps`` if it skips
+any (``FlowModule`` does).
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ import resource
 import sys
 import time
 from collections import deque
-from typing import Any, Literal
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal
 
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
@@ -122,14 +129,14 @@ class TrainingThroughput(Callback):
     """Logs videos/s, latent tokens/s, model FLOP/s and MFU of training (see the module's docstring).
 
     Args:
-        window: optimiser steps the rates are averaged over (the first log comes after two steps).
+        window: steps the rates are averaged over (the first log comes after two steps).
         peak_flops: FLOP/s of one device that MFU is measured against: ``"auto"`` (the datasheet peak of
             a known GPU, else a measured matmul's), a number, or None for no MFU.
     """
 
     def __init__(self, window: int = 20, peak_flops: float | Literal["auto"] | None = "auto"):
-        if not isinstance(window, int) or window < 2:
-            raise ValueError(f"window must be an integer >= 2 (rates need two steps), got {window!r}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a whole number of steps >= 1, got {window!r}")
         if peak_flops is not None and peak_flops != "auto" and not (
                 isinstance(peak_flops, (int, float)) and math.isfinite(peak_flops) and peak_flops > 0):
             raise ValueError(f"peak_flops must be 'auto', a positive number of FLOP/s or None, got {peak_flops!r}")
@@ -137,8 +144,8 @@ class TrainingThroughput(Callback):
         self.peak_flops = peak_flops
         self.device_peak: float | None = None
         self._measured: tuple[torch.device, torch.dtype] | None = None  # what a measured peak is measured on
-        # (time, tokens, videos) at the end of each of the last `window` optimiser steps.
-        self._marks: deque[tuple[float, int, int]] = deque(maxlen=window)
+        # (time, tokens, videos) at the end of each of the last `window` steps and of the one before them.
+        self._marks: deque[tuple[float, int, int]] = deque(maxlen=window + 1)
         self._last_step = -1
         self._validation_start: float | None = None
 
@@ -163,20 +170,21 @@ class TrainingThroughput(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._marks.clear()
-        self._last_step = trainer.global_step  # 0, or the step a resumed run starts at: not a step just ended
-        self._mark(pl_module)
+        # 0, or the steps a resumed run starts after: not a step just ended. No mark yet: the first step
+        # (compilation, the data workers starting) is left out of the rates, which start at its end.
+        self._last_step = steps_ended(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # inside an accumulation window, or a skipped step
+        step = steps_ended(trainer, pl_module)
+        if step == self._last_step:  # inside an accumulation window
             return
         self._last_step = step
         self._mark(pl_module)
         if self._measured is not None and step % REMEASURE_STEPS == 0:
             started = time.perf_counter()
             self.device_peak = max(self.device_peak, measured_matmul_flops(*self._measured))
-            self._pause(time.perf_counter() - started)
+            self.leave_out(time.perf_counter() - started)
         metrics = {"train/tokens_seen": float(pl_module.tokens_seen),
                    "train/videos_seen": float(pl_module.videos_seen), **peak_memory_gb(trainer.strategy.root_device)}
         if len(self._marks) >= 2:
@@ -190,13 +198,14 @@ class TrainingThroughput(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._validation_start is None:
             return
-        self._pause(time.perf_counter() - self._validation_start)
+        self.leave_out(time.perf_counter() - self._validation_start)
         self._validation_start = None
 
-    def _pause(self, seconds: float) -> None:
-        """Time that was not training (validation, measuring the peak): the steps before it seem to have
-        ended later by its length, so no window spans it."""
-        self._marks = deque(((t + seconds, tokens, videos) for t, tokens, videos in self._marks), maxlen=self.window)
+    def leave_out(self, seconds: float) -> None:
+        """Time that was not training (validation, sampling, measuring the peak): the steps before it seem
+        to have ended later by its length, so no window spans it."""
+        self._marks = deque(((t + seconds, tokens, videos) for t, tokens, videos in self._marks),
+                            maxlen=self._marks.maxlen)
 
     def _mark(self, pl_module: LightningModule) -> None:
         self._marks.append((time.perf_counter(), int(pl_module.tokens_seen), int(pl_module.videos_seen)))
@@ -216,3 +225,22 @@ class TrainingThroughput(Callback):
         if self.device_peak:
             rates["throughput/mfu"] = per_device_flops / self.device_peak
         return rates
+
+
+def steps_ended(trainer: Trainer, pl_module: LightningModule) -> int:
+    """Steps the run has ended: the optimiser's, and those the module skipped (a skipped step does not
+    move ``global_step``, but its batches took their time and count in ``tokens_seen``)."""
+    return trainer.global_step + getattr(pl_module, "skipped_steps", 0)
+
+
+@contextmanager
+def apart_from_training(trainer: Trainer) -> Iterator[None]:
+    """Leaves the time spent inside out of the step time and rates of the trainer's ``TrainingThroughput``:
+    for evaluations that callbacks run between steps (sampling, FVD), as validation is left out."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        for callback in trainer.callbacks:
+            if isinstance(callback, TrainingThroughput):
+                callback.leave_out(time.perf_counter() - started)

@@ -661,6 +661,86 @@ def test_step_time_spans_whole_optimiser_steps_and_leaves_out_measuring_the_peak
     assert record.logged and all(seconds == pytest.approx(1.0) for seconds in record.logged), record.logged
 
 
+class StepDurations(L.Callback):
+    """Advances a FakeClock by ``seconds[i]`` in the i-th training batch of the run."""
+
+    def __init__(self, clock: FakeClock, seconds: list[float]):
+        self.clock, self.seconds, self.batches = clock, seconds, 0
+
+    def on_train_batch_start(self, *args):
+        self.clock.now += self.seconds[self.batches]
+        self.batches += 1
+
+
+class RecordSpeed(L.Callback):
+    """The step time and tokens/s that TrainingThroughput logged at each step (None before its first rates)."""
+
+    def __init__(self):
+        self.step_seconds: list[float | None] = []
+        self.tokens_per_sec: list[float | None] = []
+
+    def on_train_batch_end(self, trainer, *args):
+        metrics = trainer.callback_metrics
+        for name, values in (("step_seconds", self.step_seconds), ("tokens_per_sec", self.tokens_per_sec)):
+            values.append(metrics[f"throughput/{name}"].item() if f"throughput/{name}" in metrics else None)
+
+
+def test_rates_average_the_last_window_steps_and_leave_out_the_first(monkeypatch):
+    """The first step (compilation, data workers starting) is not in the rates, which come after the
+    second step, and a window of 3 averages 3 steps."""
+    from flowvid.lit import throughput
+
+    clock = FakeClock()
+    monkeypatch.setattr(throughput, "time", clock)
+    record = RecordSpeed()
+    run = trainer(max_steps=5, log_every_n_steps=1,
+                  callbacks=[StepDurations(clock, [20.0, 2.0, 3.0, 4.0, 5.0]),
+                             throughput.TrainingThroughput(window=3, peak_flops=1e9), record])
+    run.fit(tiny_module(), fixed_batches(5))
+    assert record.step_seconds == [None, 2.0, 2.5, 3.0, 4.0]
+
+
+def test_a_skipped_step_counts_as_a_step_in_the_rates(monkeypatch):
+    """Its batch ran forward and backward and is in tokens_seen: its time is one step's, not the next
+    optimiser step's as well."""
+    from flowvid.lit import throughput
+
+    class SkipThirdBatch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            pl_module.hparams.skip_threshold = 0.0 if batch_idx == 2 else None
+
+    clock = FakeClock()
+    monkeypatch.setattr(throughput, "time", clock)
+    module, monitor, record = tiny_module(), throughput.TrainingThroughput(window=2, peak_flops=1e9), RecordSpeed()
+    run = trainer(max_steps=4, log_every_n_steps=1, callbacks=[SkipThirdBatch(), AdvanceClock(clock), monitor, record])
+    run.fit(module, fixed_batches(5))
+    assert module.skipped_steps == 1 and run.global_step == 4
+    tokens_per_batch = 2 * 4 * 4 * 4
+    assert record.step_seconds[1:] == [0.5] * 4
+    assert record.tokens_per_sec[1:] == [tokens_per_batch / 0.5] * 4
+
+
+@pytest.mark.parametrize("sampler_first", [False, True], ids=["sampler-after", "sampler-before"])
+def test_sampling_between_steps_is_left_out_of_the_step_time(monkeypatch, sampler_first):
+    from flowvid.lit import throughput
+    from flowvid.lit.callbacks import _EveryNSteps
+
+    clock = FakeClock()
+    monkeypatch.setattr(throughput, "time", clock)
+
+    class SlowSampler(_EveryNSteps):
+        def run(self, trainer, pl_module):
+            clock.now += 30.0
+
+    monitor, sampler, record = throughput.TrainingThroughput(window=2, peak_flops=1e9), SlowSampler(2), RecordSpeed()
+    callbacks = [sampler, monitor] if sampler_first else [monitor, sampler]
+    durations = StepDurations(clock, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    run = trainer(max_steps=6, log_every_n_steps=1, callbacks=[durations, *callbacks, record])
+    run.fit(tiny_module(), fixed_batches(6))
+    # Samples after steps 2 and 4; each rate still averages the last two steps.
+    assert record.step_seconds == [None, 2.0, 2.5, 3.5, 4.5, 5.5]
+
+
 def test_a_resumed_run_does_not_sample_again_at_the_step_it_starts_at(tmp_path):
     from flowvid.lit.callbacks import _EveryNSteps
 
@@ -803,7 +883,7 @@ def test_a_cpu_peak_measured_on_a_busy_machine_is_raised_by_later_measurements(m
 
 
 @pytest.mark.parametrize("arguments, message", [
-    ({"window": 1}, "window must be an integer >= 2"),
+    ({"window": 0}, "window must be a whole number of steps >= 1"),
     ({"peak_flops": 0}, "peak_flops must be"),
     ({"peak_flops": "fast"}, "peak_flops must be"),
 ])

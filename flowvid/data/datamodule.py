@@ -19,6 +19,9 @@ from flowvid.data.synthetic import BACKGROUNDS, DEFAULT_MAX_OBJECTS
 from flowvid.registry import DATASETS
 from flowvid.text.base import same_text_encoder
 
+#: The Lightning stages that read the validation folders only.
+VALIDATION_ONLY_STAGES = ("validate",)
+
 
 @DATASETS.register("shards")
 class VideoShardDataModule(L.LightningDataModule):
@@ -37,6 +40,10 @@ class VideoShardDataModule(L.LightningDataModule):
     weight over the sum of the weights. Every folder must hold clips of one kind and size (and latents
     of one codec, text of one encoder).
 
+    ``validate`` reads only the validation folders: ``train_dir`` may then be left out (``None``), and
+    the validation folders are checked against each other and, through ``check_compatible``, against
+    the model. ``fit`` needs ``train_dir``.
+
     Training resamples all the shards on every rank and worker (each with randomness of its own) and
     stops after ``batches_per_epoch`` batches on every rank. Validation reads each rank's share of the
     shards (every world-size-th) once in order, or exactly ``val_batches`` batches per rank when
@@ -50,7 +57,7 @@ class VideoShardDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_dir: str | list[str],
+        train_dir: str | list[str] | None = None,
         val_dir: str | list[str] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -69,7 +76,8 @@ class VideoShardDataModule(L.LightningDataModule):
             raise ValueError(f"val_batches must be >= 1 or None, got {val_batches}")
         self.train_dir = _folder_or_folders(train_dir)
         self.train_dirs = _listed(self.train_dir)
-        self.train_weights = _check_weights(self.train_dirs, train_weights)
+        # Without train_dir there is nothing to train on (fit refuses that in setup), nor weights to check.
+        self.train_weights = None if train_dir is None else _check_weights(self.train_dirs, train_weights)
         self.val_dir = _folder_or_folders(val_dir)
         self.val_dirs = _listed(self.val_dir)
         _check_listed_once("train_dir", self.train_dirs)
@@ -89,6 +97,7 @@ class VideoShardDataModule(L.LightningDataModule):
         self._next_epoch = 0  # used without a Trainer: each pass over the train loader is an epoch
         self._resume: tuple[int, int] | None = None
         self._loaded_state: dict[str, Any] | None = None
+        self._reads_training_data = True  # until a validate stage says otherwise
 
     # --- what the data is ----------------------------------------------------------------------
 
@@ -165,12 +174,17 @@ class VideoShardDataModule(L.LightningDataModule):
     # --- Lightning hooks -----------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        first = self.train_dirs[0]
-        for folder in self._folders()[1:]:
-            _check_same_space(self.manifest, self._manifest(folder), first, folder)
+        # Validating a checkpoint on held-out data must not need the training data at hand.
+        self._reads_training_data = stage not in VALIDATION_ONLY_STAGES
+        if self._reads_training_data and not self.train_dirs:
+            raise ValueError("data.init_args.train_dir is not set, so there is nothing to train on; give the "
+                             "training shards with --data.init_args.train_dir")
+        folders = self._folders()
+        for folder in folders[1:]:
+            _check_same_space(self._manifest(folders[0]), self._manifest(folder), folders[0], folder)
         rank, world_size = self._rank_and_world_size()
         # Training draws from all the shards on every rank; validation reads the rank's share of them.
-        placed = [(folder, 0, 1) for folder in self.train_dirs]
+        placed = [(folder, 0, 1) for folder in self._training_folders()]
         placed += [(folder, rank, world_size) for folder in self.val_dirs]
         for folder, _, readers in placed:
             # Fail now, not in a worker, and on every rank: one failing alone leaves the others waiting for it.
@@ -285,7 +299,10 @@ class VideoShardDataModule(L.LightningDataModule):
                 "mixture": self._mixture(), "skipped": self.skipped_counts()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the training stream where ``state`` left it (on the next pass of the loader)."""
+        """Continue the training stream where ``state`` left it (on the next pass of the loader). Validation
+        reads no training stream: there is nothing to continue, nor training folders to compare with."""
+        if not self._reads_training_data:
+            return
         # Lightning hands the state over twice, to the DataModule and to its loader: say what differs once.
         repeated, self._loaded_state = state == self._loaded_state, dict(state)
         # The position is counted in batches: with another batch size it falls on other samples.
@@ -302,8 +319,11 @@ class VideoShardDataModule(L.LightningDataModule):
     # --- helpers -------------------------------------------------------------------------------
 
     def _folders(self) -> list[str]:
-        """Every training folder, then every validation folder."""
-        return [*self.train_dirs, *self.val_dirs]
+        """Every folder the stage reads: the training folders (not when validating), then the validation ones."""
+        return [*self._training_folders(), *self.val_dirs]
+
+    def _training_folders(self) -> list[str]:
+        return self.train_dirs if self._reads_training_data else []
 
     def _weights(self) -> list[float]:
         """Each training folder's share: ``train_weights``, else its samples."""
@@ -311,7 +331,7 @@ class VideoShardDataModule(L.LightningDataModule):
 
     def _mixture(self) -> dict[str, float] | None:
         """Each training folder's share of the samples, when there are several."""
-        if len(self.train_dirs) == 1:
+        if len(self.train_dirs) < 2:
             return None
         weights = self._weights()
         return {folder: weight / sum(weights) for folder, weight in zip(self.train_dirs, weights)}

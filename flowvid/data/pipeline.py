@@ -23,6 +23,7 @@ and drops) that stream's batches before ``k``: the rest of the epoch is the same
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -160,8 +161,18 @@ class ShardStream(IterableDataset):
 
     def __len__(self) -> int:
         if self.batches is None:
-            raise TypeError("a single pass over shards has no length known in advance")
+            raise TypeError("a single pass has the batches its workers make: its ShardLoader counts them")
         return self.batches
+
+    def listed_batches(self, rank: int, world_size: int, workers: int) -> int:
+        """The batches of a single pass for ``rank`` over the samples that the manifests list, each of the
+        ``workers`` streams batching those of its own shards; fewer come when samples are skipped."""
+        if not self.listed:
+            raise TypeError("shards given as plain paths have no listed sizes to count batches by")
+        rank_sources = [source.for_rank(rank, world_size) for source in self.sources]
+        per_stream = [sum(sum(source.for_stream(stream, workers, share=False).samples) for source in rank_sources)
+                      for stream in range(workers)]
+        return sum(math.ceil(samples / self.batch_size) for samples in per_stream)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -327,6 +338,15 @@ class ShardLoader(DataLoader):
         for batch in super().__iter__():
             self.consumed += 1
             yield batch
+
+    def __len__(self) -> int:
+        """The batches of a pass: the stream's fixed count, or for a single pass those that the samples the
+        manifests list for the rank make, of which Lightning can then take a fraction (``limit_val_batches``)."""
+        stream: ShardStream = self.dataset  # type: ignore[assignment]
+        if stream.batches is not None:
+            return stream.batches
+        rank, world_size, _, _ = self._position()
+        return stream.listed_batches(rank, world_size, max(self.num_workers, 1))
 
     def state_dict(self) -> dict[str, Any]:
         return self._state_dict()

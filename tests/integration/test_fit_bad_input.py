@@ -39,6 +39,8 @@ def fit(*args: str) -> int:
     ("--model.init_args.weight_decay=-0.1", "weight_decay must be a finite number >= 0, got -0.1"),
     ("--model.init_args.denoiser.init_args.depth=0", "CausalDenoiser depth must be an int >= 1, got 0"),
     ("--ckpt_path=/no/such.ckpt", "ckpt_path /no/such.ckpt does not exist"),
+    ("--data.init_args.train_dir=null", "data.init_args.train_dir is not set, so there is nothing to train on; "
+                                        "give the training shards with --data.init_args.train_dir"),
 ])
 def test_a_bad_value_is_one_line_before_training(override, message, tmp_path, capsys):
     assert fit(override, f"--trainer.default_root_dir={tmp_path}") == 2

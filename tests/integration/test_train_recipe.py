@@ -1,5 +1,6 @@
 """The demo recipe parses with the CLI's own parser, builds the demo model, and its checkpoints reload."""
 
+import shutil
 import sys
 from pathlib import Path
 from unittest import mock
@@ -164,6 +165,34 @@ def test_validating_a_fine_tuning_recipe_validates_the_export_it_starts_from(sma
     assert run_cli("validate", small_run, "--config", str(fine_tuning)) == 0
     validated = logged_scalars(newest_version(tmp_path / "run" / "lightning_logs"), "val/bits_per_dim")
     assert [value for _, value in validated] == [pytest.approx(bits_per_dim_after_training(small_run), rel=1e-6)]
+
+
+@pytest.mark.parametrize("train_dir", ["null", "moved_away"])
+def test_validating_on_held_out_shards_needs_no_training_shards(small_run, tmp_path, train_dir):
+    """Only the validation shards are read: with the training folder left out, or named but gone, the checkpoint
+    validates as its run logged it."""
+    held_out = shutil.copytree(small_run / "shapes" / "val", tmp_path / "held_out")
+    checkpoint = small_run / "run" / "checkpoints" / "step=00000004.ckpt"
+    assert run_cli("validate", small_run, "--ckpt_path", str(checkpoint), f"--trainer.default_root_dir={tmp_path}",
+                   "--data.init_args.train_dir", "null" if train_dir == "null" else str(tmp_path / train_dir),
+                   "--data.init_args.val_dir", str(held_out)) == 0
+    validated = logged_scalars(newest_version(tmp_path / "lightning_logs"), "val/bits_per_dim")
+    assert [value for _, value in validated] == [pytest.approx(bits_per_dim_after_training(small_run), rel=1e-6)]
+
+
+def test_a_fraction_of_the_validation_batches_validates_that_share_of_them(small_run, tmp_path):
+    """``limit_val_batches: 0.5`` of a single pass over 4 clips in batches of 1 is its first 2 batches."""
+    checkpoint = small_run / "run" / "checkpoints" / "step=00000004.ckpt"
+
+    def validated_with(limit: str) -> list[float]:
+        logs = tmp_path / f"limit_{limit}"
+        assert run_cli("validate", small_run, "--ckpt_path", str(checkpoint), f"--trainer.default_root_dir={logs}",
+                       "--data.init_args.val_batches", "null", "--data.init_args.batch_size", "1",
+                       "--trainer.limit_val_batches", limit) == 0
+        return [value for _, value in logged_scalars(newest_version(logs / "lightning_logs"), "val/bits_per_dim")]
+
+    half, two, every = validated_with("0.5"), validated_with("2"), validated_with("1.0")
+    assert half == [pytest.approx(two[0], rel=1e-6)] and every[0] != pytest.approx(two[0], rel=1e-6)
 
 
 def test_validating_without_a_checkpoint_beside_a_runs_checkpoints_warns(small_run):

@@ -417,6 +417,41 @@ def test_latent_shards_and_compatibility_checks(tmp_path):
         mixed.setup("fit")
 
 
+def test_validation_reads_only_the_validation_folders_and_checks_them_against_each_other_and_the_model(tmp_path):
+    val = write_folder(tmp_path / "val", shards=2, kind="latent")
+    gone = [str(tmp_path / "moved_away"), str(tmp_path / "also_gone")]
+    for train_dir in (None, gone[0], gone):
+        dm = VideoShardDataModule(train_dir, val_dir=str(val), batch_size=5)
+        dm.setup("validate")
+        dm.check_compatible(CODEC, (1, 2, 2, 12), (2, 4, 4), {"name": "tiny-text", "width": "8"})
+        with pytest.raises(CodecMismatchError, match="made with codec 'tiny'"):
+            dm.check_compatible({"name": "tiny", "config_hash": "ffffffffffffffff"})
+        with warnings.catch_warnings():  # a checkpoint's training position concerns no validation
+            warnings.simplefilter("error")
+            dm.load_state_dict({"seed": 1, "epoch": 3, "batches_consumed": 2, "mixture": {gone[0]: 1.0}})
+        assert sorted(key for batch in dm.val_dataloader() for key in batch["key"]) == [
+            f"s{shard}-{i:03d}" for shard in range(2) for i in range(6)]
+    longer = write_folder(tmp_path / "longer", shards=2, kind="latent", name="c", video={**VIDEO, "frames": 3})
+    with pytest.raises(ValueError, match=f"the shards in {val} hold clips of .* but those in {longer}"):
+        VideoShardDataModule(val_dir=[str(val), str(longer)]).setup("validate")
+    with pytest.raises(ValueError, match="^data.init_args.train_dir is not set, so there is nothing to train on"):
+        VideoShardDataModule(val_dir=str(val)).setup("fit")
+
+
+def test_a_validation_pass_has_the_batches_its_listed_clips_make_on_each_rank_and_worker(tmp_path, monkeypatch):
+    """What Lightning takes a fraction of: 31 clips in shards of 10, 10, 10 and 1, in batches of 4."""
+    folder = write_uneven_folder(tmp_path)
+    # Rank 1 of 2 holds the shards of 10 and 1 clips: 3 batches, or 3 + 1 when each of 2 workers batches one.
+    counts = {(1, 0): [8], (2, 0): [5, 3], (1, 2): [8], (2, 2): [6, 4]}
+    for (world_size, workers), lengths in counts.items():
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        for rank, length in enumerate(lengths):
+            monkeypatch.setenv("RANK", str(rank))
+            loader = VideoShardDataModule(str(folder), val_dir=str(folder), batch_size=4,
+                                          num_workers=workers).val_dataloader()
+            assert len(loader) == length == len(list(loader))
+
+
 @pytest.fixture(scope="module")
 def two_folders(tmp_path_factory):
     """48 samples in 8 shards of 6 ("a..." keys) and 40 in 2 shards of 20 ("b..." keys)."""

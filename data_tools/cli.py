@@ -1,7 +1,7 @@
 """``flowvid data VERB ...``: one entry point for the data tools.
 
-Each verb is a module with ``add_arguments(parser)`` and ``run(args) -> int`` (and its own ``main`` for
-``python -m data_tools.<module>``). Another tool joins by adding a line to ``VERBS``; a verb whose
+Each verb is a module with ``add_arguments(parser)``, ``run(args) -> int`` and ``EXIT_STATUS``, what its
+exit statuses mean (and its own ``main`` for ``python -m data_tools.<module>``). Another tool joins by adding a line to ``VERBS``; a verb whose
 module is absent or fails to import is left out with a warning, and the others keep working.
 """
 
@@ -14,7 +14,7 @@ import warnings
 from types import ModuleType
 
 from data_tools.report import console
-from flowvid.cli import help_text
+from flowvid.cli import RawDescriptionHelpFormatter, help_text
 
 VERBS: dict[str, str] = {
     "from-videos": "data_tools.from_videos",
@@ -45,7 +45,7 @@ def build_parser(prog: str = "flowvid data") -> argparse.ArgumentParser:
             continue
         summary = (module.__doc__ or verb).strip().split("\n")[0].split(": ", 1)[-1]  # drop the "``verb``: "
         sub = verbs.add_parser(verb, help=help_text(summary), description=help_text(module.__doc__ or verb),
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+                               epilog=module.EXIT_STATUS, formatter_class=RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser

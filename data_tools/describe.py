@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.report import console, print_error, print_summary, results
+from flowvid.cli import exit_statuses
 from flowvid.data.manifest import ManifestError, load_manifest, video_shape
 from flowvid.data.shards import BrokenShard, iter_tar, shard_paths
+
+
+EXIT_STATUS = exit_statuses("every folder is described")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from data_tools.arguments import build_registered
 from data_tools.report import console, print_summary, progress_bar
 from flowvid.checks import json_object
+from flowvid.cli import exit_statuses
 from flowvid.codecs.base import LatentCodec
 from flowvid.data.manifest import MANIFEST_NAME, load_manifest, new_manifest, video_shape, write_manifest
 from flowvid.data.shards import (
@@ -53,24 +54,28 @@ from flowvid.data.shards import (
     staging_folder,
 )
 from flowvid import paths
-from flowvid.placement import join_launch_group, resolve_device
+from flowvid.placement import add_device_argument, join_launch_group, resolve_device
 from flowvid.registry import CODECS, TEXT_ENCODERS
 from flowvid.text.base import TextEncoder
 from flowvid.text.cache import cache_embeddings
+
+
+EXIT_STATUS = exit_statuses("a latent is written", "none is (DIR is left as it was)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RAW_DIR", help="raw shard folder (from from-videos or make-synthetic)")
     parser.add_argument("--out", required=True, help="output latent shard folder (earlier shards there are replaced)")
     parser.add_argument("--codec", default="pixel", help="registered codec name (see `flowvid plugins`)")
-    parser.add_argument("--codec-args", type=json_object, default={}, help="codec constructor arguments as JSON")
+    parser.add_argument("--codec-args", type=json_object, default={}, metavar="JSON",
+                        help="codec constructor arguments as JSON")
     parser.add_argument("--text-encoder", default=None, help="also cache this registered text encoder's embeddings")
-    parser.add_argument("--text-encoder-args", type=json_object, default={}, help="text encoder arguments as JSON")
+    parser.add_argument("--text-encoder-args", type=json_object, default={}, metavar="JSON",
+                        help="text encoder arguments as JSON")
     parser.add_argument("--first-frame", action="store_true",
                         help="store each clip's first frame (first.npy) for image-to-video")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto",
-                        help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips run through the codec together")
+    add_device_argument(parser)
     parser.add_argument("--shard-samples", type=int, default=1000, help="most samples per shard")
 
 

@@ -48,9 +48,14 @@ from typing import Iterable, Iterator, Sequence
 from data_tools.clips import VIDEO_EXTENSIONS, Clips, ClipSpec, VideoSkipped, read_clips
 from data_tools.report import console, print_summary, progress_bar
 from flowvid.checks import is_positive_number
+from flowvid.cli import exit_statuses
 from flowvid.data.manifest import MANIFEST_NAME, new_manifest, write_manifest
 from flowvid.data.shards import (DERIVED_FOLDERS, ShardFolderWriter, encode_sample, replace_shard_folder,
                                  staging_folder)
+
+
+EXIT_STATUS = exit_statuses("a clip is written (with --val-fraction: into each folder)",
+                            "none is (DIR is left as it was)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--captions", default=None, help="CSV or JSONL of path,caption")
     parser.add_argument("--default-caption", default=None,
                         help="caption for videos without one (e.g. '' for unconditional)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="decoding processes (default: one per CPU core, 4 at most)")
     parser.add_argument("--shard-samples", type=int, default=1000, help="most clips per shard")
     parser.add_argument("--shard-mb", type=float, default=512.0, help="most megabytes per shard")
     parser.add_argument("--val-fraction", type=float, default=0.0,

@@ -40,12 +40,13 @@ from data_tools.fvd_stats import (
 )
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
 from flowvid.checks import json_object
+from flowvid.cli import exit_statuses
 from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.media import MediaError, fit_frames, read_frames
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
 from flowvid.paths import check_output_file, write_atomically
-from flowvid.placement import resolve_device
+from flowvid.placement import add_device_argument, resolve_device
 from flowvid.registry import FVD_EXTRACTORS
 from flowvid.score import VIDEO_SUFFIXES, video_inputs
 
@@ -56,6 +57,9 @@ DEFAULT_EXTRACTOR = "inception-proxy"  # for a raw shard folder reference
 LONG_DISTANCE_FEATURES = 2048
 
 
+EXIT_STATUS = exit_statuses("the distance is computed")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("generated", nargs="+", metavar="GENERATED", help="video files or folders of them")
     parser.add_argument("--reference", required=True,
@@ -63,10 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extractor", default=None,
                         help="registered FVD extractor: i3d (standard FVD, needs its weights) or inception-proxy; "
                              "default: the one an .npz reference names, else inception-proxy")
-    parser.add_argument("--extractor-args", type=json_object, default={},
+    parser.add_argument("--extractor-args", type=json_object, default={}, metavar="JSON",
                         help='extractor arguments as JSON, e.g. \'{"weights": "i3d_pretrained_400.pt"}\'')
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips run through the extractor together")
+    add_device_argument(parser)
     parser.add_argument("--out", default=None, help="also write the result to this .json file")
 
 

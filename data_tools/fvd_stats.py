@@ -31,6 +31,7 @@ import torch
 from data_tools.arguments import check_registered_arguments
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
 from flowvid.checks import json_object
+from flowvid.cli import exit_statuses
 from flowvid.data.manifest import MANIFEST_NAME, load_manifest, video_shape
 from flowvid.data.shards import (
     FVD_STATS_FOLDER,
@@ -44,24 +45,26 @@ from flowvid.data.shards import (
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats, reference_file_name
 from flowvid.paths import check_output_file
-from flowvid.placement import resolve_device
+from flowvid.placement import add_device_argument, resolve_device
 from flowvid.registry import FVD_EXTRACTORS
+
+
+EXIT_STATUS = exit_statuses("the statistics are written or already kept")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RAW_DIR", help="raw shard folder (from from-videos or make-synthetic)")
     parser.add_argument("--extractor", default="inception-proxy",
                         help="registered FVD extractor: i3d (standard FVD, needs its weights) or inception-proxy")
-    parser.add_argument("--extractor-args", type=json_object, default={},
+    parser.add_argument("--extractor-args", type=json_object, default={}, metavar="JSON",
                         help='extractor arguments as JSON, e.g. \'{"weights": "i3d_pretrained_400.pt"}\'')
     parser.add_argument("--frames", type=int, default=None, help="use the first T >= 1 frames of every clip (default: all)")
     parser.add_argument("--max-samples", type=int, default=None, help="use at most N >= 2 clips (default: all)")
     parser.add_argument("--out", default=None,
                         help="output file, ending in .npz (default: RAW_DIR/fvd_stats/<key>.npz)")
     parser.add_argument("--force", action="store_true", help="recompute even when the output already exists")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto",
-                        help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips run through the extractor together")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

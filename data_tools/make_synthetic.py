@@ -17,6 +17,7 @@ import sys
 import time
 
 from data_tools.report import print_summary, progress_bar
+from flowvid.cli import exit_statuses
 from flowvid.data.synthetic import (
     BACKGROUNDS,
     MAX_CLIP_BYTES,
@@ -26,6 +27,9 @@ from flowvid.data.synthetic import (
     default_val_videos,
     write_synthetic_dataset,
 )
+
+
+EXIT_STATUS = exit_statuses("the dataset is written")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from rich.table import Table
 
 from data_tools.report import print_error, progress_bar, results
+from flowvid.cli import exit_statuses
 from flowvid.data.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from flowvid.data.shards import (
     STAGING_PREFIX,
@@ -32,6 +33,9 @@ from flowvid.data.shards import (
     decode_sample,
     iter_tar,
 )
+
+
+EXIT_STATUS = exit_statuses("every folder is whole", "a folder is damaged")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,8 +10,10 @@ a short name in ``class_path`` is not resolved.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+import textwrap
 from typing import Callable
 
 from flowvid.registry import REGISTRIES, did_you_mean, load_plugins
@@ -35,7 +37,8 @@ def list_plugins(argv: list[str]) -> int:
     """Print every registered block, codec, text encoder, sampler, FVD extractor and dataset."""
     if argv in (["-h"], ["--help"]):
         print("usage: flowvid plugins\n\nList every registered block, permutation, codec, text encoder, sampler, "
-              "FVD extractor and dataset, with its class, package and version.")
+              "FVD extractor and dataset, with its class, package and version.\n")
+        print(exit_statuses("the plugins are listed"))
         return 0
     if argv:
         raise UserError(f"plugins takes no arguments, got {' '.join(argv)}")
@@ -60,6 +63,36 @@ def list_plugins(argv: list[str]) -> int:
 def help_text(docstring: str) -> str:
     """A module docstring as a command's help: reStructuredText's ``code`` shown as `code`."""
     return docstring.replace("``", "`")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that ends each option's text with its default, unless the text already says it or the option
+    has none worth saying (a switch that is off, a setting that is unset, unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or not _worth_stating(action.default):
+            return text
+        shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``HelpFormatter`` for a command whose description keeps its own line breaks (its synopsis)."""
+
+
+def _worth_stating(default: object) -> bool:
+    if default is None or default is False or default is argparse.SUPPRESS:
+        return False
+    return isinstance(default, (int, float)) or bool(default)  # 0 is a seed; an empty JSON object is not said
+
+
+def exit_statuses(success: str, some_failed: str | None = None) -> str:
+    """The end of a command's help: what its exit status means, in the one convention of every command."""
+    failed = f"1 when {some_failed}, " if some_failed else ""
+    # Filled here, as a command whose description keeps its line breaks keeps the epilog's too.
+    return textwrap.fill(f"exit status: 0 when {success}, {failed}2 when the request cannot be done (an unknown "
+                         "option, a missing or unusable input, ...), said in one line.", width=79)
 
 
 def _verb(module: str, function: str = "main") -> Callable[[list[str]], int]:

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import yaml
 
+from flowvid.cli import HelpFormatter, exit_statuses
 from flowvid.files import read_torch_file
 
 #: Wrappers a training script may have put around the reference model (DDP, torch.compile).
@@ -297,6 +298,19 @@ def check_fits(imported: dict[str, torch.Tensor], expected: dict[str, torch.Tens
                          f"(proj_in, sos_embed, mlp): {'; '.join(problems)}")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowvid convert", description="Import an apple/ml-starflow checkpoint.",
+                                     formatter_class=HelpFormatter,
+                                     epilog=exit_statuses("the flow and its config are written"))
+    parser.add_argument("--reference", required=True, help="the reference .pth state dict")
+    parser.add_argument("--frame-size", type=int, nargs=2, required=True, metavar=("H", "W"),
+                        help="latent tokens per frame side (480p Wan2.2 latents: 30 53)")
+    parser.add_argument("--head-dim", type=int, default=64, help="channels per attention head")
+    parser.add_argument("--out", required=True, help="the .safetensors file to write (flow.yaml goes beside it)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    return parser
+
+
 def main(argv: list[str]) -> int:
     """``flowvid convert --reference model.pth --frame-size H W [--head-dim 64] --out flow.safetensors``.
 
@@ -310,14 +324,7 @@ def main(argv: list[str]) -> int:
     from flowvid.export import check_export_path
     from flowvid.paths import write_atomically
 
-    parser = argparse.ArgumentParser(prog="flowvid convert", description="Import an apple/ml-starflow checkpoint.")
-    parser.add_argument("--reference", required=True, help="the reference .pth state dict")
-    parser.add_argument("--frame-size", type=int, nargs=2, required=True, metavar=("H", "W"),
-                        help="latent tokens per frame side (480p Wan2.2 latents: 30 53)")
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--out", required=True, help="the .safetensors file to write (flow.yaml goes beside it)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing files")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     config_path = out.parent / "flow.yaml"
     try:

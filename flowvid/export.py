@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flowvid.checks import first_non_finite
-from flowvid.cli import help_text
+from flowvid.cli import HelpFormatter, exit_statuses, help_text
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.lit.checkpointing import (
     METADATA_KEY,
@@ -379,22 +379,34 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str, 
 # --- command line ----------------------------------------------------------------------------------
 
 
-def main(argv: list[str]) -> int:
-    """``flowvid export --ckpt C --out model.safetensors [--dtype fp32|bf16] [--weights ema|trained] [--force]``."""
-    from flowvid.cli import UserError
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    """``--weights ema|trained`` of the commands that read a checkpoint's weights."""
+    parser.add_argument("--weights", choices=("ema", "trained"), default="ema",
+                        help="ema: the moving average of the weights when the run kept one, else the trained "
+                             "weights; trained: the weights as trained")
 
-    parser = argparse.ArgumentParser(prog="flowvid export", description=help_text(__doc__.split("\n\n")[0]))
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowvid export", description=help_text(__doc__.split("\n\n")[0]),
+                                     formatter_class=HelpFormatter,
+                                     epilog=exit_statuses("the export is written"))
     parser.add_argument("--ckpt", required=True,
                         help="Lightning checkpoint file, DeepSpeed checkpoint directory, or a run directory "
                              "(its newest checkpoint)")
     parser.add_argument("--out", required=True, help="the .safetensors file to write (config.yaml goes beside it)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--weights", choices=("ema", "trained"), default="ema",
-                        help="export the moving average when the run kept one (default) or the trained weights")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the dtype of the weights written")
+    add_weights_argument(parser)
     parser.add_argument("--force", action="store_true", help="overwrite an existing export")
     parser.add_argument("--adapters-only", action="store_true",
                         help="a LoRA run: write only its adapters (fp32), to apply with generate/score --lora")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """``flowvid export --ckpt C --out model.safetensors [--dtype fp32|bf16] [--weights ema|trained] [--force]``."""
+    from flowvid.cli import UserError
+
+    args = build_parser().parse_args(argv)
     if args.adapters_only and args.dtype != "fp32":
         raise UserError("--adapters-only writes fp32 adapters (a few MB, merged into the weights in fp32); "
                         "leave out --dtype")

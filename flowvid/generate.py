@@ -42,8 +42,9 @@ import torch
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.checks import is_blank, json_object
-from flowvid.cli import help_text
+from flowvid.cli import HelpFormatter, exit_statuses, help_text
 from flowvid.data.shards import file_sha256
+from flowvid.export import add_weights_argument
 from flowvid.media import MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder, write_atomically
 from flowvid.pipeline import (
@@ -53,10 +54,10 @@ from flowvid.pipeline import (
     VideoPipeline,
     build_named_sampler,
     check_window_fits,
-    is_jacobi,
     is_windowed,
     model_sampler,
     sampler_takes,
+    takes_the_precisions_tolerance,
     window_sampler,
 )
 from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
@@ -524,11 +525,15 @@ def _frame_writer(module, out: Path, names: list[str]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowvid generate", description=help_text(__doc__.split("\n\n")[0]))
+    parser = argparse.ArgumentParser(
+        prog="flowvid generate", description=help_text(__doc__.split("\n\n")[0]), formatter_class=HelpFormatter,
+        epilog=exit_statuses("every sample is written", "some samples came out NaN or infinite and were not "
+                             "written (the others were; --skip-existing samples only those again)"))
     parser.add_argument("--ckpt", required=True,
                         help="exported .safetensors (or its folder), Lightning .ckpt, DeepSpeed directory, "
                              "or a run directory (its newest checkpoint)")
-    parser.add_argument("--task", choices=TASKS, default="t2v")
+    parser.add_argument("--task", choices=TASKS, default="t2v",
+                        help="t2v: text-to-video, i2v: from --image, extend: continue --video, v2v: transform --video")
     parser.add_argument("--prompt", action="append", help="a caption (repeatable)")
     parser.add_argument("--prompts", help="a file with one caption per line")
     parser.add_argument("--image", help="i2v: the first frame")
@@ -545,12 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="registered sampler name (jacobi, sequential, ...) or a plugin's class path; default: "
                              "the model's (its recipe's model.sampler, jacobi unless set; a windowed one samples "
                              "each window with its own sampler)")
-    parser.add_argument("--sampler-args", type=json_object, default={},
+    parser.add_argument("--sampler-args", type=json_object, default={}, metavar="JSON",
                         help="the sampler's other settings as JSON, e.g. '{\"max_iterations\": 64}'; over the model's "
                              "own when --sampler is left out")
     parser.add_argument("--tol", type=float, default=None,
                         help="tolerance of the sampler (Jacobi: relative change per pass); default: the model's "
-                             "sampler's, else Jacobi's 1e-3 in 32-true and 1e-2 in bf16-mixed")
+                             "sampler's, else a plugin's own default, else Jacobi's 1e-3 in 32-true and 1e-2 in "
+                             "bf16-mixed")
     parser.add_argument("--first-block-size", type=int, default=None,
                         help="Jacobi: slots per block in the first frame and in the shallow blocks (default: the model's "
                              "sampler's, else one frame on a GPU, where fewer, larger passes are faster, and 16 on a CPU)")
@@ -560,8 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=float, default=None, help="guidance weight (default: the model's)")
     parser.add_argument("--negative-prompt", default=None,
                         help="a caption guidance steers away from, instead of the empty caption")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples drawn together")
     parser.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frame rate of the written mp4")
     parser.add_argument("--stream", action="store_true", help="write frames as soon as they are sampled")
     parser.add_argument("--skip-existing", action="store_true",
@@ -569,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true",
                         help="overwrite samples of another request (seed, prompt, sampler, ...) in --out; without "
                              "it they are refused")
-    parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
+    add_weights_argument(parser)
     add_adapter_arguments(parser)
     add_placement_arguments(parser, precision="auto")
     parser.add_argument("--out", required=True,
@@ -603,7 +609,7 @@ def main(argv: list[str]) -> int:
         # sampler's own defaults.
         chosen = {key: settings.pop(key, None) for key in SAMPLER_OPTIONS}
         chosen.update({key: getattr(args, key) for key in SAMPLER_OPTIONS if getattr(args, key) is not None})
-        if chosen["tol"] is None and is_jacobi(sampler):
+        if chosen["tol"] is None and takes_the_precisions_tolerance(sampler):
             chosen["tol"] = DEFAULT_TOLERANCE[precision]
         frames = module.video_shape[0] if args.frames is None else args.frames
         window, context = recipe_windows(module, frames, windowed, args.context)
@@ -619,6 +625,9 @@ def main(argv: list[str]) -> int:
             model=str(model.resolve()), weights=module.weights_used,
         )
         records = run(module, request, Path(args.out), progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except NonFiniteSamples as err:  # the request was sound and the other samples are written: no usage error
+        print(f"flowvid generate: error: {err}", file=sys.stderr)
+        return 1
     except KeyError as err:  # str() of a KeyError quotes its message
         raise UserError(str(err.args[0]) if err.args else str(err)) from None
     except (GenerateError, FileNotFoundError, ImportError) as err:

@@ -85,12 +85,6 @@ def sampler_spec(name: str, init_args: dict[str, Any]) -> dict[str, Any]:
     return {"class_path" if "." in name else "name": name, "init_args": init_args}
 
 
-def is_jacobi(name: str) -> bool:
-    """Whether the sampler a registered name or class path names is a Jacobi sampler (``tol`` and block
-    sizes are its settings), however the recipe names it."""
-    return issubclass(sampler_class(name), JacobiSampler)
-
-
 def sampler_takes(name: str, setting: str) -> bool:
     """Whether the sampler a registered name or class path names takes ``setting`` (``tol``, say)."""
     return setting in inspect.signature(sampler_class(name)).parameters
@@ -102,10 +96,23 @@ def default_sampler(model, precision: str) -> Sampler:
     return build_named_sampler(name, with_default_tolerance(name, settings, precision))
 
 
+def takes_the_precisions_tolerance(name: str) -> bool:
+    """Whether a sampler left without ``tol`` gets the precision's (``DEFAULT_TOLERANCE``): a Jacobi sampler
+    whose own default is ``JacobiSampler``'s. A plugin that chose another default keeps it."""
+    cls = sampler_class(name)
+    return issubclass(cls, JacobiSampler) and _tol_default(cls) in (None, _tol_default(JacobiSampler))
+
+
+def _tol_default(cls: type) -> Any:
+    """The default of ``tol`` in ``cls``'s signature; None where it takes ``tol`` only through ``**kwargs``."""
+    parameter = inspect.signature(cls).parameters.get("tol")
+    return None if parameter is None else parameter.default
+
+
 def with_default_tolerance(name: str, settings: dict[str, Any], precision: str) -> dict[str, Any]:
     """``settings`` with the precision's tolerance for a Jacobi sampler that sets none, be it the sampler
     itself or the sampler of each window of a ``WindowedSampler``."""
-    if is_jacobi(name):
+    if takes_the_precisions_tolerance(name):
         return {"tol": DEFAULT_TOLERANCE[precision], **settings}
     if is_windowed(name):
         inner, inner_settings = window_sampler(settings)

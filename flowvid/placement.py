@@ -22,9 +22,14 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed")
 
 def add_placement_arguments(parser: argparse.ArgumentParser, precision: str) -> None:
     """``--device`` (default ``auto``) and ``--precision`` (default ``precision``) of a command."""
-    parser.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--precision", choices=PRECISIONS, default=precision,
-                        help=f"32-true, bf16-mixed or auto (bf16-mixed on a GPU that supports it); default {precision}")
+                        help=f"32-true, bf16-mixed or auto (bf16-mixed on a GPU that supports it) (default: {precision})")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (default ``auto``) of a command, with or without ``--precision``."""
+    parser.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
 
 
 def launch_rank() -> tuple[int, int]:

@@ -57,8 +57,9 @@ import torch.distributed as dist
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.checks import is_blank
-from flowvid.cli import help_text
+from flowvid.cli import HelpFormatter, exit_statuses, help_text
 from flowvid.codecs.base import LatentCodec, check_codec_identity
+from flowvid.export import add_weights_argument
 from flowvid.generate import LATENTS_SUFFIX
 from flowvid.media import MediaError, fit_frames, read_frames
 from flowvid.paths import check_output_file, write_atomically
@@ -371,7 +372,10 @@ def not_a_number_as_error(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowvid score", description=help_text(__doc__.split("\n\n")[0]))
+    parser = argparse.ArgumentParser(
+        prog="flowvid score", description=help_text(__doc__.split("\n\n")[0]), formatter_class=HelpFormatter,
+        epilog=exit_statuses("some video is scored (those that cannot be are listed with an error)",
+                             "no video could be scored"))
     parser.add_argument("--ckpt", required=True,
                         help="exported .safetensors (or its folder), Lightning .ckpt, DeepSpeed directory, "
                              "or a run directory (its newest checkpoint)")
@@ -382,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="caption for video files (default: unconditional); shards are scored under their own "
                              "captions; a model without text takes none")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
-    parser.add_argument("--weights", choices=("ema", "trained"), default="ema")
+    add_weights_argument(parser)
     add_adapter_arguments(parser)
     add_placement_arguments(parser, precision="32-true")  # scores are exact unless asked otherwise
     parser.add_argument("--out", required=True, help="JSON lines, one per video")

@@ -7,7 +7,7 @@ import pytest
 
 from flowvid.cli import main
 from flowvid.pipeline import GenerateError, VideoPipeline
-from flowvid.sampling import SequentialSampler, WindowedSampler
+from flowvid.sampling import JacobiSampler, SequentialSampler, WindowedSampler
 from test_product_generate_score import checkpoint, unconditional_checkpoint, vae_checkpoint  # noqa: F401 (fixtures)
 
 
@@ -90,3 +90,30 @@ def test_a_window_longer_than_the_training_length_is_refused_before_sampling(che
             list(pipe.stream("x", frames=8))
         else:
             pipe("x", frames=8)
+
+
+class PatientJacobi(JacobiSampler):
+    """A plugin that chose its own default tolerance."""
+
+    def __init__(self, tol: float = 0.05, **settings):
+        super().__init__(tol=tol, **settings)
+
+
+class CappedJacobi(JacobiSampler):
+    """A plugin that leaves the tolerance to JacobiSampler."""
+
+    def __init__(self, max_iterations: int = 8, **settings):
+        super().__init__(max_iterations=max_iterations, **settings)
+
+
+def test_the_precisions_tolerance_leaves_a_plugins_own_default_alone(monkeypatch):
+    from flowvid.pipeline import with_default_tolerance
+    from flowvid.registry import SAMPLERS
+
+    monkeypatch.setattr(SAMPLERS, "_entries", dict(SAMPLERS._entries))
+    SAMPLERS.register("patient-jacobi")(PatientJacobi)
+    SAMPLERS.register("capped-jacobi")(CappedJacobi)
+    assert with_default_tolerance("patient-jacobi", {}, "32-true") == {}
+    assert with_default_tolerance("capped-jacobi", {}, "32-true") == {"tol": 1e-3}
+    assert with_default_tolerance("jacobi", {}, "bf16-mixed") == {"tol": 1e-2}
+    assert with_default_tolerance("jacobi", {"tol": 0.2}, "32-true") == {"tol": 0.2}

@@ -13,8 +13,9 @@ and the resolution, or a raw shard folder, whose statistics (of every clip) are 
 Every generated video is cut to the reference's frames and fitted to its resolution (centre-cropped to
 its aspect ratio, then resized), and counted as ``cut`` or ``resized``; a video that cannot be read or
 is too short is skipped and counted (the skips are listed even when too few videos are left for an
-FVD). The result is one JSON line on stdout (and in ``--out``, which must not be one of the inputs):
-the distance, its protocol name (extractor, frames, resolution, sample count) and the counts.
+FVD: the exit status is then 1, while fewer than 2 videos found is 2). The result is one JSON line on
+stdout (and in ``--out``, which must not be one of the inputs): the distance, its protocol name
+(extractor, frames, resolution, sample count) and the counts.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from data_tools.fvd_stats import (
     planned_key,
     shard_folder_files,
 )
-from data_tools.report import console, print_summary, progress_bar, samples_skipped
+from data_tools.report import console, print_error, print_summary, progress_bar, samples_skipped
 from flowvid.checks import json_object
 from flowvid.cli import exit_statuses
 from flowvid.data.manifest import load_manifest, video_shape
@@ -57,7 +58,9 @@ DEFAULT_EXTRACTOR = "inception-proxy"  # for a raw shard folder reference
 LONG_DISTANCE_FEATURES = 2048
 
 
-EXIT_STATUS = exit_statuses("the distance is computed")
+EXIT_STATUS = exit_statuses("the distance is computed",
+                            "skipping the unreadable or too short videos leaves fewer than 2 (when fewer "
+                            "than 2 are found: 2)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
                              on_video=lambda: bar.advance(task))
     if used < 2:
         print_summary("fvd: too few usable generated videos", {"generated": used, "skipped": len(skipped)}, skipped)
-        raise ValueError(f"{used} usable generated videos ({len(skipped)} skipped); FVD needs at least 2")
+        too_few = f"{used} usable generated videos ({len(skipped)} skipped); FVD needs at least 2"
+        if not skipped:  # fewer than 2 were given: no input failed, the request cannot be done
+            raise ValueError(too_few)
+        print_error(too_few)
+        return 1
     note_few_samples(used, metric.extractor.feature_dim, "generated videos")
     note_long_distance(metric.extractor.feature_dim)
     result = {"fvd": float(metric.compute()), "protocol": metric.protocol_name, "generated": used,

@@ -1,20 +1,22 @@
 """``verify``: decode every sample of a shard folder and check it against its manifest.
 
-    flowvid data verify DIR [DIR ...]
+    flowvid data verify DIR [DIR ...] [--json]
 
 Checks the manifest, that every listed shard exists with its sha256 and sample count, that no shard
 is unlisted or half-written (``*.tmp``), that every sample decodes with the declared shapes and
 finite values, and that keys are unique; a manifest that lists no sample counts as damaged. Each
 shard is read once, one sample at a time. The report goes to stdout (the progress bar to stderr);
-exits 1 when any folder is damaged, 0 when all are whole. A path that is no shard folder at all (no
-manifest and no shards: a typo, a file, the folder holding ``train/`` and ``val/``) is a one-line
-error, as for ``describe``, and exits 2 once the others are verified.
+``--json`` writes it as JSON for scripts instead of the tables, one object per folder (a list when
+given several). Exits 1 when any folder is damaged, 0 when all are whole. A path that is no shard
+folder at all (no manifest and no shards: a typo, a file, the folder holding ``train/`` and ``val/``)
+is a one-line error, as for ``describe``, and exits 2 once the others are verified.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,20 +42,26 @@ EXIT_STATUS = exit_statuses("every folder is whole", "a folder is damaged")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folders", nargs="+", metavar="DIR", help="shard folders (each with manifest.json)")
+    parser.add_argument("--json", action="store_true", help="write the reports to stdout as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    damaged = not_shard_folders = 0
+    reports = []
     for folder in args.folders:
         try:
             report = verify_folder(folder, show_progress=True)
         except ManifestError as err:
             print_error(err)
-            not_shard_folders += 1
             continue
-        print_report(report)
-        damaged += not report["ok"]
-    return 2 if not_shard_folders else 1 if damaged else 0
+        if not args.json:  # each table as soon as its folder is read, not after the last one
+            print_report(report)
+        reports.append(report)
+    if args.json and reports:
+        json.dump(reports if len(args.folders) > 1 else reports[0], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    if len(reports) < len(args.folders):
+        return 2
+    return 0 if all(report["ok"] for report in reports) else 1
 
 
 def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, Any]:
@@ -61,7 +69,8 @@ def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, 
 
     Raises ManifestError for a path that is no shard folder at all (``holds_shard_files``)."""
     folder = Path(folder)
-    report: dict[str, Any] = {"folder": str(folder), "ok": False, "problems": [], "shards": [], "samples": 0}
+    report: dict[str, Any] = {"folder": str(folder), "kind": None, "ok": False, "samples": 0, "shards_found": 0,
+                              "shards": [], "problems": []}
     problems: list[str] = report["problems"]
     try:
         manifest = load_manifest(folder)
@@ -88,6 +97,7 @@ def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, 
             report["shards"].append(_verify_shard(folder / entry["name"], entry, spec, keys, problems))
             bar.advance(task)
     report["samples"] = sum(shard["found"] for shard in report["shards"])
+    report["shards_found"] = sum(shard["checksum"] != "missing" for shard in report["shards"])
     if report["samples"] != manifest["samples"]:
         problems.append(f"found {report['samples']} good samples, the manifest lists {manifest['samples']}")
     report["ok"] = not problems
@@ -140,7 +150,7 @@ def _verify_shard(
 
 def print_report(report: dict[str, Any], show: int = 20) -> None:
     if report["shards"]:
-        table = Table(title=f"verify {report['folder']} ({report.get('kind', '?')})")
+        table = Table(title=f"verify {report['folder']} ({report['kind']})")
         for column in ("shard", "listed", "found", "bad", "sha256"):
             table.add_column(column)
         for row in report["shards"]:
@@ -151,8 +161,8 @@ def print_report(report: dict[str, Any], show: int = 20) -> None:
     if len(report["problems"]) > show:
         results.print(f"  ... and {len(report['problems']) - show} more")
     verdict = "[green]OK[/]" if report["ok"] else "[red]DAMAGED[/]"
-    found = sum(row["checksum"] != "missing" for row in report["shards"])  # the missing are problems above
-    results.print(f"{verdict} {report['folder']}: {report['samples']} samples in {found} shards")
+    # The missing shards are among the problems above.
+    results.print(f"{verdict} {report['folder']}: {report['samples']} samples in {report['shards_found']} shards")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,10 +124,24 @@ def test_too_few_usable_videos_print_why_they_were_skipped_before_the_error(raw_
     write_videos(tmp_path / "generated", real_clips[:3, :2])  # 2 frames each, the reference has 4
     capsys.readouterr()
     assert data_main(["fvd", str(tmp_path / "generated"), "--reference", str(raw_folder),
-                      "--extractor", "pixel-stats"]) == 2
+                      "--extractor", "pixel-stats"]) == 1  # videos were given, and failed
     err = " ".join(capsys.readouterr().err.split())
     assert "skipped: too_short │ 3" in err and "too_short: 2 frames, the reference has 4" in err
     assert "error: 0 usable generated videos (3 skipped); FVD needs at least 2" in err
+
+
+def test_videos_found_but_unreadable_exit_1_and_none_found_exit_2(raw_folder, real_clips, tmp_path, capsys):
+    folder = tmp_path / "generated"
+    write_videos(folder, real_clips[:1])
+    (folder / "damaged.npy").write_bytes(b"not an array")
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert data_main(["fvd", str(folder), "--reference", str(raw_folder), "--extractor", "pixel-stats"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unreadable" in err and "error: 1 usable generated videos (1 skipped); FVD needs at least 2" in err
+    assert data_main(["fvd", str(tmp_path / "empty"), "--reference", str(raw_folder),
+                      "--extractor", "pixel-stats"]) == 2
+    assert "error: no videos found" in " ".join(capsys.readouterr().err.split())
 
 
 def test_videos_longer_or_of_another_size_are_cut_and_fitted_and_counted(raw_folder, real_clips, tmp_path, capsys):

@@ -341,6 +341,32 @@ def test_verify_counts_the_shards_it_found_and_lists_the_missing_ones_as_problem
     assert "problem shard shard-000001.tar is missing" in printed
 
 
+def test_verify_json_gives_the_counts_of_the_report_with_the_same_exit_status(tmp_path, capsys):
+    whole, damaged = tmp_path / "whole", tmp_path / "damaged"
+    _write_folder(whole, count=7, per_shard=3)
+    _write_folder(damaged, count=7, per_shard=3)
+    (damaged / "shard-000001.tar").unlink()
+    capsys.readouterr()
+
+    assert data_main(["verify", str(whole), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # one folder: one object, and nothing but JSON on stdout
+    assert (report["folder"], report["kind"], report["ok"]) == (str(whole), "raw", True)
+    assert (report["samples"], report["shards_found"], report["problems"]) == (7, 3, [])
+    assert [(row["name"], row["listed"], row["found"], row["bad"], row["checksum"]) for row in report["shards"]] == [
+        ("shard-000000.tar", 3, 3, 0, "ok"), ("shard-000001.tar", 3, 3, 0, "ok"), ("shard-000002.tar", 1, 1, 0, "ok")]
+
+    assert data_main(["verify", str(whole), str(damaged), "--json"]) == 1
+    reports = json.loads(capsys.readouterr().out)
+    assert [(r["ok"], r["samples"], r["shards_found"]) for r in reports] == [(True, 7, 3), (False, 4, 2)]
+    assert "shard shard-000001.tar is missing" in reports[1]["problems"]
+    assert reports[1]["shards"][1]["checksum"] == "missing"
+
+    assert data_main(["verify", str(whole), str(tmp_path / "typo"), "--json"]) == 2
+    printed = capsys.readouterr()
+    assert [r["folder"] for r in json.loads(printed.out)] == [str(whole)]  # several folders given: a list
+    assert f"error: {tmp_path / 'typo' / 'manifest.json'} not found" in " ".join(printed.err.split())
+
+
 def test_verify_reads_each_shard_once(tmp_path, monkeypatch):
     _write_folder(tmp_path, count=7, per_shard=3)
     opened = []

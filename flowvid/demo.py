@@ -26,6 +26,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from flowvid.paths import write_atomically
+
 RECIPE = "recipes/demo/shapes_t2v.yaml"
 DATA = Path("data/shapes")
 DATASET = dict(num_videos=2048, frames=8, size=16, seed=0, max_objects=1, backgrounds=["plain"])
@@ -107,7 +109,16 @@ def model_settings(recipe: str, extra: list[str]) -> dict[str, Any]:
 
 def record_model(run_dir: Path, recipe: str, extra: list[str]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_RECORD).write_text(json.dumps(model_settings(recipe, extra), indent=2))
+    text = json.dumps(model_settings(recipe, extra), indent=2)
+    write_atomically(run_dir / RUN_RECORD, lambda path: path.write_text(text))
+
+
+def recorded_settings(record: Path) -> dict[str, Any] | None:
+    """What ``record_model`` wrote, or None where there is no record or it cannot be read."""
+    try:
+        return json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def resumable(out: Path, recipe: str, extra: list[str]) -> bool:
@@ -116,7 +127,7 @@ def resumable(out: Path, recipe: str, extra: list[str]) -> bool:
     if not interrupted(out):
         return False
     record = out / "run" / RUN_RECORD
-    earlier = json.loads(record.read_text()) if record.exists() else None
+    earlier = recorded_settings(record)
     settings = model_settings(recipe, extra)
     if earlier == settings:
         return True

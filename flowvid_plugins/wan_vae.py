@@ -73,9 +73,11 @@ def load_wan_vae(directory: Path) -> Any:
     config = directory / "config.json"
     with reading(config, "Wan VAE config"):
         settings = json.loads(config.read_text())
-        class_name, model_type = settings.get("_class_name"), settings.get("model_type")
+        model_type = settings.get("model_type")
+        # diffusers writes the class into every model config, and loads one without it as the class asked for;
+        # transformers (a text encoder's folder) writes a model_type instead.
+        class_name = settings.get("_class_name", None if model_type else AutoencoderKLWan.__name__)
     if class_name != AutoencoderKLWan.__name__:
-        # diffusers writes the class into every model config; transformers (a text encoder's folder) does not.
         described = f"model class {class_name}" if class_name else f"no diffusers model (model_type {model_type!r})"
         raise ValueError(f"{config} describes {described}, not AutoencoderKLWan: give the vae/ folder of a "
                          "diffusers Wan checkpoint")

@@ -103,8 +103,9 @@ class VideoShardDataModule(L.LightningDataModule):
 
     @property
     def manifest(self) -> dict[str, Any]:
-        """The (first) training folder's manifest (kind, video spec, codec, latent shape and statistics, ...)."""
-        return self._manifest(self.train_dirs[0])
+        """The manifest of the first folder read (kind, video spec, codec, latent shape and statistics, ...):
+        the first training folder, or the first validation folder of a module without ``train_dir``."""
+        return self._manifest(self._folders()[0])
 
     @property
     def val_manifest(self) -> dict[str, Any] | None:

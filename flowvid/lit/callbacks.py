@@ -271,6 +271,7 @@ class FVDCallback(_EveryNSteps):
         metric.reset()  # the generated side only; real statistics are kept
         captions = self.captions or [""]
         diverged = 0
+        refused = RefusedFeatures()
         for start in batch_starts(self.num_samples, self.batch_size, trainer.global_rank, trainer.world_size):
             if start is None:
                 generate(pl_module, captions[:1], self.seed)  # in step with the other processes, not counted
@@ -278,8 +279,9 @@ class FVDCallback(_EveryNSteps):
             end = min(start + self.batch_size, self.num_samples)
             prompts = [captions[i % len(captions)] for i in range(start, end)]
             samples = generate(pl_module, prompts, self.seed + start)
-            metric.update(samples.videos, real=False)
+            refused.update(metric, samples.videos, real=False)
             diverged += samples.diverged
+        refused.raise_on_every_process(trainer, pl_module)
         value = metric.compute()
         name = metric.protocol_name
         diverged = _sum_over_processes(trainer, pl_module, diverged)
@@ -305,6 +307,7 @@ class FVDCallback(_EveryNSteps):
         captions: list[str] = []
         taken_keys: set[Hashable] = set()  # over all processes, the same on each
         collected = total = 0
+        refused = RefusedFeatures()
         batches = _validation_batches(trainer)
         while True:
             # Every process offers a batch (or None once it has its share or no more data) in each round,
@@ -318,10 +321,11 @@ class FVDCallback(_EveryNSteps):
             total += sum(map(len, taken))
             mine = taken[trainer.global_rank]
             if mine:
-                self.metric.update(real_videos(_pick(batch, mine), pl_module), real=True)
+                refused.update(self.metric, real_videos(_pick(batch, mine), pl_module), real=True)
                 collected += len(mine)
             else:
                 _decode_in_step(offers, taken, pl_module)
+        refused.raise_on_every_process(trainer, pl_module)
         if total < 2:  # compute() would fail with no word of where the real videos come from
             raise ValueError(f"FVDCallback(reference='val'): the validation data gave {total} real videos, FVD needs "
                              "at least 2; give more validation clips, or reference statistics from "
@@ -339,6 +343,29 @@ class FVDCallback(_EveryNSteps):
         rank, world = trainer.global_rank, trainer.world_size
         base, extra = divmod(total, world)
         return rank * base + min(rank, extra), base + (rank < extra)
+
+
+class RefusedFeatures:
+    """The metric's refusal of a batch (an extractor giving NaN features, say), kept until every process can
+    raise it together: one process raising alone would leave the others waiting for it in the next
+    collective call."""
+
+    def __init__(self) -> None:
+        self.message: str | None = None
+
+    def update(self, metric: FrechetVideoDistance, videos: torch.Tensor, real: bool) -> None:
+        if self.message is not None:  # the evaluation fails anyway: only keep in step
+            return
+        try:
+            metric.update(videos, real=real)
+        except ValueError as refusal:
+            self.message = str(refusal)
+
+    def raise_on_every_process(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        refusing = _sum_over_processes(trainer, pl_module, int(self.message is not None))
+        if refusing:
+            raise ValueError(self.message or f"FVDCallback: the FVD metric refused the features of {refusing} "
+                                             "other process(es); their log says why")
 
 
 def _sum_over_processes(trainer: Trainer, pl_module: LightningModule, count: int) -> int:

@@ -138,3 +138,27 @@ def test_every_process_decodes_the_real_clips_as_often(tmp_path):
     """Rank 1 takes no clip in the second round (its clip 0 is rank 0's); a sharded codec would wait for it."""
     ranks = run_in_gloo_group(lambda rank, out_dir: fvd_of_captioned_clips(WORLD_SIZE), tmp_path, WORLD_SIZE)
     assert ranks[0]["real_decodes"] == ranks[1]["real_decodes"] == 2
+
+
+def refusal_of_one_process_in_a_ddp_fit(rank: int, out_dir) -> str:
+    """The error each process ends with when only process 1's metric refuses its generated features."""
+    if rank == 1:
+        def refuse(self, videos, real):
+            raise ValueError("FVD extractor 'pixel-stats' gave NaN or inf features for 2 of the 2 videos")
+
+        FrechetVideoDistance.update = refuse
+    fvd = FVDCallback(every_n_steps=1, num_samples=4, extractor="pixel-stats", reference="val", batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=WORLD_SIZE, strategy=DDPStrategy(process_group_backend="gloo"),
+                        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[fvd])
+    val = [{"video": video, "key": f"clip{i}"} for i, video in enumerate(clips(4))]
+    with pytest.raises(ValueError) as refused:
+        trainer.fit(RandomVideos(), DataLoader([torch.ones(2)], batch_size=1), DataLoader(val, batch_size=1))
+    return str(refused.value)
+
+
+@pytest.mark.slow
+def test_a_refusal_of_one_process_ends_every_process_with_its_reason(tmp_path):
+    results = run_in_gloo_group(refusal_of_one_process_in_a_ddp_fit, tmp_path, WORLD_SIZE)
+    assert results[1] == "FVD extractor 'pixel-stats' gave NaN or inf features for 2 of the 2 videos"
+    assert results[0] == "FVDCallback: the FVD metric refused the features of 1 other process(es); their log says why"

@@ -186,3 +186,14 @@ def test_the_config_of_a_text_encoder_is_refused_naming_it_not_the_weights(tmp_p
     with pytest.raises(ValueError, match=re.escape(f"{config} describes no diffusers model (model_type 't5'), "
                                                    "not AutoencoderKLWan")):
         WanVAECodec(str(folder))
+
+
+def test_a_config_without_its_class_name_still_loads_as_a_wan_vae(tmp_path, wan_dir):
+    """diffusers loads a model config that leaves out _class_name; only a config that names another kind of
+    model (a transformers model_type) is refused."""
+    folder = tmp_path / "vae"
+    shutil.copytree(wan_dir, folder)
+    config = folder / "config.json"
+    config.write_text(json.dumps({key: value for key, value in json.loads(config.read_text()).items()
+                                  if key != "_class_name"}))
+    assert WanVAECodec(str(folder)).latent_channels == 4

@@ -423,6 +423,7 @@ def test_validation_reads_only_the_validation_folders_and_checks_them_against_ea
     for train_dir in (None, gone[0], gone):
         dm = VideoShardDataModule(train_dir, val_dir=str(val), batch_size=5)
         dm.setup("validate")
+        assert dm.manifest == load_manifest(val)
         dm.check_compatible(CODEC, (1, 2, 2, 12), (2, 4, 4), {"name": "tiny-text", "width": "8"})
         with pytest.raises(CodecMismatchError, match="made with codec 'tiny'"):
             dm.check_compatible({"name": "tiny", "config_hash": "ffffffffffffffff"})

@@ -122,8 +122,11 @@ def test_a_demo_stopped_after_its_recipe_changed_its_model_trains_afresh(tmp_pat
     assert start_demo(tmp_path, monkeypatch, recipe)["resume"] is False
 
 
-def test_a_demo_stopped_without_a_record_of_its_recipe_trains_afresh(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("record", [None, "{\"recipe\": ", "\xff"])
+def test_a_demo_stopped_without_a_readable_record_of_its_recipe_trains_afresh(tmp_path, monkeypatch, capsys, record):
     write_checkpoint(tmp_path, recorded=False)
+    if record is not None:  # cut short, or not text
+        (tmp_path / "run" / demo.RUN_RECORD).write_bytes(record.encode("latin-1"))
     assert start_demo(tmp_path, monkeypatch)["resume"] is False
     assert "trained an unknown recipe" in capsys.readouterr().out
 

@@ -232,7 +232,8 @@ def test_the_lora_recipe_trains_adapters_only_resumes_exactly_and_exports_the_ad
                REPO / "recipes" / "finetune" / "lora.yaml"]
     quiet = ("--trainer.val_check_interval", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar",
              "false", "--data.init_args.num_workers", "0", "--data.init_args.batches_per_epoch", "4",
-             "--data.init_args.val_batches", "1", "--model.init_args.schedule_steps", "4")
+             "--data.init_args.val_batches", "1", "--model.init_args.schedule_steps", "4",
+             "--model.init_args.warmup_steps", "1")
     run_fit(configs, (*quiet, "--trainer.max_steps", "4", "--trainer.default_root_dir", "whole"), cwd=tmp_path)
     for steps in ("2", "4"):  # stopped after step 2, then the same command again: it resumes
         run_fit(configs, (*quiet, "--trainer.max_steps", steps, "--trainer.default_root_dir", "resumed"), cwd=tmp_path)

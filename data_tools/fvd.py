@@ -31,22 +31,16 @@ import numpy as np
 import torch
 
 from data_tools.arguments import check_registered_arguments
-from data_tools.fvd_stats import (
-    check_output_is_no_input,
-    feed_in_batches,
-    kept_statistics,
-    note_few_samples,
-    planned_key,
-    shard_folder_files,
-)
+from data_tools.fvd_stats import feed_in_batches, kept_statistics, note_few_samples, planned_key
 from data_tools.report import console, print_error, print_summary, progress_bar, samples_skipped
 from flowvid.checks import json_object
 from flowvid.cli import exit_statuses
 from flowvid.data.manifest import load_manifest, video_shape
+from flowvid.data.shards import shard_folder_files
 from flowvid.media import MediaError, fit_frames, read_frames
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
-from flowvid.paths import check_output_file, write_atomically
+from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
 from flowvid.placement import add_device_argument, resolve_device
 from flowvid.registry import FVD_EXTRACTORS
 from flowvid.score import VIDEO_SUFFIXES, video_inputs

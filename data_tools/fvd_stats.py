@@ -32,7 +32,7 @@ from data_tools.arguments import check_registered_arguments
 from data_tools.report import console, print_summary, progress_bar, samples_skipped
 from flowvid.checks import json_object
 from flowvid.cli import exit_statuses
-from flowvid.data.manifest import MANIFEST_NAME, load_manifest, video_shape
+from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.data.shards import (
     FVD_STATS_FOLDER,
     BadSample,
@@ -40,11 +40,12 @@ from flowvid.data.shards import (
     decode_sample,
     keys_held_earlier,
     listed_samples,
+    shard_folder_files,
     shard_paths,
 )
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats, reference_file_name
-from flowvid.paths import check_output_file
+from flowvid.paths import check_output_file, check_output_is_no_input
 from flowvid.placement import add_device_argument, resolve_device
 from flowvid.registry import FVD_EXTRACTORS
 
@@ -153,18 +154,6 @@ def check_out(out: Path, source: str | Path, manifest: dict[str, Any]) -> None:
     if out.suffix != ".npz":
         # The file would be written under the name given, and looked for as NAME.npz by whoever knows numpy's savez.
         raise ValueError(f"--out {out} does not end in .npz; give the .npz file to write, e.g. {out}.npz")
-
-
-def shard_folder_files(folder: str | Path, manifest: dict[str, Any]) -> list[Path]:
-    """What reading a shard folder's clips reads: its manifest and every shard it lists."""
-    return [Path(folder) / MANIFEST_NAME, *shard_paths(folder, manifest)]
-
-
-def check_output_is_no_input(out: str | Path, inputs: Iterable[Path], written: str) -> None:
-    """Refuse an ``--out`` that is one of the files read: writing the ``written`` there would destroy it."""
-    if Path(out).resolve() in {path.resolve() for path in inputs}:
-        raise ValueError(f"--out {out} is one of the inputs, and writing the {written} over it would destroy it; "
-                         "give another file")
 
 
 def note_few_samples(count: int, features: int, what: str) -> None:

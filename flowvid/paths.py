@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 #: What a file is called while it is being written (``write_atomically``, checkpoints).
 PARTIAL_SUFFIX = ".partial"
@@ -36,6 +36,14 @@ def check_output_file(file: str | Path, name: str, hint: str, error: type[Except
     blocker = blocking_file(file.parent)
     if blocker is not None:
         raise error(f"{name} {file} is inside the file {blocker}; give a path in a folder")
+
+
+def check_output_is_no_input(out: str | Path, inputs: Iterable[Path], written: str,
+                             error: type[Exception] = ValueError) -> None:
+    """Refuse an ``--out`` that is one of the files read: writing the ``written`` there would destroy it."""
+    if Path(out).resolve() in {Path(path).resolve() for path in inputs}:
+        raise error(f"--out {out} is one of the inputs, and writing the {written} over it would destroy it; "
+                    "give another file")
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:

@@ -62,7 +62,7 @@ from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.export import add_weights_argument
 from flowvid.generate import LATENTS_SUFFIX
 from flowvid.media import MediaError, fit_frames, read_frames
-from flowvid.paths import check_output_file, write_atomically
+from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
 from flowvid.sampling.tasks import check_seed
 from flowvid.placement import (add_placement_arguments, join_launch_group, precision_context, resolve_device,
                                resolve_precision)
@@ -137,10 +137,9 @@ class ShardFolder:
 
     def files(self) -> list[Path]:
         """What scoring reads: the manifest and every shard it lists."""
-        from flowvid.data.manifest import MANIFEST_NAME
-        from flowvid.data.shards import shard_paths
+        from flowvid.data.shards import shard_folder_files
 
-        return [self.path / MANIFEST_NAME, *shard_paths(self.path, self.manifest)]
+        return shard_folder_files(self.path, self.manifest)
 
 
 def list_inputs(inputs: list[str], caption: str = "") -> list[Path | ShardFolder]:
@@ -191,14 +190,11 @@ def videos_of_folder(folder: Path) -> list[Path]:
     return videos
 
 
-def check_output_is_no_input(out: str, listed: list[Path | ShardFolder]) -> None:
+def check_out_is_no_listed_input(out: str, listed: list[Path | ShardFolder]) -> None:
     """Writing the scores over a video being scored, or over a shard folder's manifest or shard, would
     destroy it: refuse such an ``--out`` before any work."""
-    read = {path.resolve() for entry in listed
-            for path in (entry.files() if isinstance(entry, ShardFolder) else [entry])}
-    if Path(out).resolve() in read:
-        raise ScoreError(f"--out {out} is one of the inputs being scored, and writing the scores would destroy it; "
-                         "give another file, such as scores.jsonl")
+    read = [path for entry in listed for path in (entry.files() if isinstance(entry, ShardFolder) else [entry])]
+    check_output_is_no_input(out, read, "scores", ScoreError)
 
 
 def check_caption(module, caption: str, name: str = "--caption") -> None:
@@ -406,7 +402,7 @@ def main(argv: list[str]) -> int:
         listed = list_inputs_once(args.input, args.caption)
         check_seed(args.seed, name="--seed")
         check_output_file(args.out, "--out", "give the JSON lines file to write", ScoreError)
-        check_output_is_no_input(args.out, listed)
+        check_out_is_no_listed_input(args.out, listed)
         check_adapter_arguments(args.lora, args.lora_strength)
         module = load_model(args.ckpt, weights=args.weights, map_location=device, adapters=args.lora,
                             adapter_strength=args.lora_strength)

@@ -481,6 +481,11 @@ def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[Path]:
     return [Path(folder) / shard["name"] for shard in manifest["shards"]]
 
 
+def shard_folder_files(folder: str | Path, manifest: dict[str, Any]) -> list[Path]:
+    """What reading a shard folder's clips reads: its manifest and every shard it lists."""
+    return [Path(folder) / MANIFEST_NAME, *shard_paths(folder, manifest)]
+
+
 @dataclass(frozen=True)
 class LostSamples:
     """Samples a shard did not give: ``samples`` of them, for ``reason`` (``duplicate_key`` or ``broken_tar``).

@@ -146,7 +146,7 @@ def test_an_out_that_is_an_input_is_refused_before_loading(tmp_path, capsys):
         before = out.read_bytes()
         assert main(["score", "--ckpt", str(tmp_path / "nope.ckpt"), "--input", *map(str, inputs),
                      "--out", str(out)]) == 2
-        assert f"--out {out} is one of the inputs being scored" in one_line_error(capsys)
+        assert f"--out {out} is one of the inputs, and writing the scores over it" in one_line_error(capsys)
         assert out.read_bytes() == before
 
 

@@ -24,7 +24,8 @@ def add_placement_arguments(parser: argparse.ArgumentParser, precision: str) -> 
     """``--device`` (default ``auto``) and ``--precision`` (default ``precision``) of a command."""
     add_device_argument(parser)
     parser.add_argument("--precision", choices=PRECISIONS, default=precision,
-                        help=f"32-true, bf16-mixed or auto (bf16-mixed on a GPU that supports it) (default: {precision})")
+                        help=f"32-true, bf16-mixed or auto, bf16-mixed on a GPU that supports it "
+                             f"(default: {precision})")
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

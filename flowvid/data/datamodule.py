@@ -191,36 +191,37 @@ class VideoShardDataModule(L.LightningDataModule):
             # Fail now, not in a worker, and on every rank: one failing alone leaves the others waiting for it.
             shards_for_rank(self._shards(folder), readers - 1, readers, folder)  # the last rank has fewest shards
         for folder in self.val_dirs:
-            self._check_every_rank_lists_clips(folder, world_size)
+            shares = self._clips_per_rank(folder, world_size)
+            self._check_every_rank_lists_clips(folder, shares)
             if rank == 0:  # every rank finds the same in the manifest: one says it
-                self._warn_when_validation_repeats_clips(folder, world_size)
+                self._warn_when_validation_repeats_clips(folder, shares)
         for folder, reader, readers in placed:
             self._check_some_sample_is_usable(folder, reader, readers)
 
-    def _check_every_rank_lists_clips(self, folder: str, world_size: int) -> None:
-        """Refuse, on every rank, a validation folder whose shards leave some rank no listed clip."""
-        shares = self._clips_per_rank(folder, world_size)
+    def _check_every_rank_lists_clips(self, folder: str, shares: list[int]) -> None:
+        """Refuse, on every rank, a validation folder whose shards leave some rank (``shares``: the clips each
+        rank's shards list) no listed clip."""
         if 0 not in shares:
             return
-        empty = shares.index(0)
+        empty, world_size = shares.index(0), len(shares)
         names = ", ".join(Path(shard).name for shard in self._source(folder).for_rank(empty, world_size).shards)
         raise ValueError(f"{folder}: the shards that rank {empty} of {world_size} validates on ({names}) list no "
                          "clip, so it has nothing to read. Write the folder again with its clips spread over its "
                          "shards, or run on fewer devices.")
 
-    def _warn_when_validation_repeats_clips(self, folder: str, world_size: int) -> None:
+    def _warn_when_validation_repeats_clips(self, folder: str, shares: list[int]) -> None:
         """``val_batches`` batches per rank are read in passes over the rank's share of the shards: when a share
-        holds fewer clips, some are read again and weigh more in the validation metrics."""
+        (``shares``: the clips each rank's shards list) holds fewer clips, some are read again and weigh more
+        in the validation metrics."""
         if self.val_batches is None:
             return
-        shares = self._clips_per_rank(folder, world_size)
         reads = self.val_batches * self.batch_size
         if min(shares) < reads:
             warnings.warn(f"{folder}: validation reads val_batches × batch_size = {self.val_batches} × "
                           f"{self.batch_size} = {reads} clips per rank, but {_clips_held(shares)}: some clips "
                           f"are read more than once and weigh more in the validation metrics. "
                           f"{_how_to_read_each_once(min(shares), self.batch_size)}", stacklevel=3)
-        elif self.num_workers > 1 and (repeat := self._worker_that_repeats_clips(folder, world_size)):
+        elif self.num_workers > 1 and (repeat := self._worker_that_repeats_clips(folder, len(shares))):
             warnings.warn(f"{folder}: with num_workers={self.num_workers}, {repeat}: some clips are read more "
                           "than once and weigh more in the validation metrics. Lower num_workers, or write the "
                           "folder in more shards.", stacklevel=3)
@@ -229,9 +230,9 @@ class VideoShardDataModule(L.LightningDataModule):
         """How a DataLoader worker reads clips again, if one does: each reads every num_workers-th of its rank's
         shards for every num_workers-th batch, and one that this leaves without a shard reads all the rank's
         shards, which the others read too."""
-        workers = self.num_workers
+        workers, source = self.num_workers, self._source(folder)
         for rank in range(world_size):
-            share = self._source(folder).for_rank(rank, world_size)
+            share = source.for_rank(rank, world_size)
             for worker in range(workers):
                 batches = len(range(worker, self.val_batches, workers))
                 if batches and worker >= len(share.shards):

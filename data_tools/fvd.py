@@ -81,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if not reference_path.exists():  # before the extractor (I3D weights) is loaded
         raise ValueError(f"--reference {reference_path} does not exist; give an .npz of `flowvid data fvd-stats` "
                          "or a raw shard folder")
+    shard_manifest = load_manifest(reference_path) if reference_path.is_dir() else None
     if args.out is not None:
-        check_output_is_no_input(args.out, [*videos, *reference_files(reference_path)], "result")
+        check_output_is_no_input(args.out, [*videos, *reference_files(reference_path, shard_manifest)], "result")
     cached = None if reference_path.is_dir() else ReferenceStats.load(reference_path)
     extractor = args.extractor or (cached.extractor if cached is not None else DEFAULT_EXTRACTOR)
     extractor_args = args.extractor_args
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if cached is not None:
         check_reference_fits(cached, metric, reference_path)
-    reference = real_set(metric, reference_path, args.batch_size, device, cached)
+    reference = real_set(metric, reference_path, args.batch_size, device, cached, shard_manifest)
 
     skipped: list[dict[str, str]] = []
     fitted: Counter = Counter()
@@ -143,9 +144,10 @@ def generated_videos(inputs: list[str]) -> list[Path]:
     return videos
 
 
-def reference_files(reference: Path) -> list[Path]:
-    """The files a reference is read from: the .npz itself, or a raw shard folder's manifest and shards."""
-    return shard_folder_files(reference, load_manifest(reference)) if reference.is_dir() else [reference]
+def reference_files(reference: Path, shard_manifest: dict[str, Any] | None) -> list[Path]:
+    """The files a reference is read from: the .npz itself, or a raw shard folder's manifest (``shard_manifest``)
+    and shards."""
+    return [reference] if shard_manifest is None else shard_folder_files(reference, shard_manifest)
 
 
 def check_reference_fits(stats: ReferenceStats, metric: FrechetVideoDistance, path: Path) -> None:
@@ -162,24 +164,24 @@ def check_reference_fits(stats: ReferenceStats, metric: FrechetVideoDistance, pa
 
 
 def real_set(metric: FrechetVideoDistance, reference: Path, batch_size: int, device: torch.device,
-             cached: ReferenceStats | None = None) -> ReferenceStats:
-    """Load (an .npz, or ``cached``, its contents) or compute (a raw shard folder) the real statistics into ``metric``."""
-    if reference.is_dir():
-        return shard_folder_stats(metric, reference, batch_size, device)
+             cached: ReferenceStats | None = None, shard_manifest: dict[str, Any] | None = None) -> ReferenceStats:
+    """Load (an .npz, or ``cached``, its contents) or compute (a raw shard folder, whose manifest is
+    ``shard_manifest``) the real statistics into ``metric``."""
+    if shard_manifest is not None:
+        return shard_folder_stats(metric, reference, shard_manifest, batch_size, device)
     metric.set_reference(reference if cached is None else cached)
     return metric.reference
 
 
-def shard_folder_stats(metric: FrechetVideoDistance, folder: Path, batch_size: int,
+def shard_folder_stats(metric: FrechetVideoDistance, folder: Path, manifest: dict[str, Any], batch_size: int,
                        device: torch.device) -> ReferenceStats:
     """The real statistics of every clip of a raw shard folder: those ``fvd-stats`` (or an earlier ``fvd``)
     keeps in its ``fvd_stats/``, else computed and kept there, as ``fvd-stats`` would, for the next run."""
-    manifest = load_manifest(folder)
     frames = video_shape(manifest)[0]
     planned = planned_key(manifest, metric, frames, max_samples=None)
     skipped: list[dict[str, str]] = []
-    kept = kept_statistics(folder, metric, planned, frames=frames, max_samples=None, batch_size=batch_size,
-                           device=device, skipped=skipped, keeping_is_optional=True)
+    kept = kept_statistics(folder, manifest, metric, planned, frames=frames, max_samples=None,
+                           batch_size=batch_size, device=device, skipped=skipped, keeping_is_optional=True)
     if kept.computed is None:
         console.print(f"[green]cached[/] the statistics of {folder} are read from {kept.path}")
         metric.set_reference(kept.path)

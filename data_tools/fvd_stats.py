@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(default, "--out", "give the .npz file to write")
     started = time.perf_counter()
     skipped: list[dict[str, Any]] = []
-    kept = kept_statistics(args.source, metric, planned, frames=frames, max_samples=args.max_samples, out=out,
-                           force=args.force, batch_size=args.batch_size, device=device, skipped=skipped,
+    kept = kept_statistics(args.source, manifest, metric, planned, frames=frames, max_samples=args.max_samples,
+                           out=out, force=args.force, batch_size=args.batch_size, device=device, skipped=skipped,
                            show_progress=True)
     if kept.computed is None:
         console.print(f"[green]cached[/] {kept.path} already holds these statistics (--force recomputes)")
@@ -118,23 +118,26 @@ class KeptStatistics:
     computed: ReferenceStats | None
 
 
-def kept_statistics(source: str | Path, metric: FrechetVideoDistance, planned: dict[str, Any], *, frames: int,
-                    max_samples: int | None, out: Path | None = None, force: bool = False, batch_size: int = 8,
-                    device: str | torch.device = "cpu", skipped: list[dict[str, Any]] | None = None,
-                    show_progress: bool = False, keeping_is_optional: bool = False) -> KeptStatistics:
+def kept_statistics(source: str | Path, manifest: dict[str, Any], metric: FrechetVideoDistance,
+                    planned: dict[str, Any], *, frames: int, max_samples: int | None, out: Path | None = None,
+                    force: bool = False, batch_size: int = 8, device: str | torch.device = "cpu",
+                    skipped: list[dict[str, Any]] | None = None, show_progress: bool = False,
+                    keeping_is_optional: bool = False) -> KeptStatistics:
     """The statistics ``planned`` describes (``planned_key``): the file that already holds them (``out``, else
-    one in ``source``'s ``fvd_stats/``) unless ``force``, else computed and saved there. With
-    ``keeping_is_optional``, a file that cannot be written is a note, not an error: they are computed
-    again next time."""
+    one in ``source``'s ``fvd_stats/``) unless ``force``, else computed and saved there. ``manifest`` is
+    ``source``'s, read once by the caller, so that the key, the cache check and the clips read all
+    describe the same shards. With ``keeping_is_optional``, a file that cannot be written is a note, not
+    an error: they are computed again next time."""
     folder = Path(source) / FVD_STATS_FOLDER
-    shards = shards_sha256(load_manifest(source))
+    shards = shards_sha256(manifest)
     cached = None if force else cached_statistics(out, folder, planned, shards)
     if cached is not None:
         return KeptStatistics(cached, None)
     with progress_bar(show_progress) as bar:
         task = bar.add_task("clips", total=planned["num_samples"])
         stats = reference_stats(source, metric, frames=frames, max_samples=max_samples, batch_size=batch_size,
-                                device=device, skipped=skipped, on_clip=lambda: bar.advance(task))
+                                device=device, skipped=skipped, on_clip=lambda: bar.advance(task),
+                                manifest=manifest)
     path = out or folder / stats.file_name()  # named by the samples it holds, which skips make fewer
     try:
         stats.save(path)
@@ -221,9 +224,11 @@ def reference_stats(
     device: str | torch.device = "cpu",
     skipped: list[dict[str, Any]] | None = None,
     on_clip: Callable[[], None] | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> ReferenceStats:
-    """Feature statistics of the first ``max_samples`` usable clips of a raw shard folder (first ``frames`` frames)."""
-    manifest = load_manifest(source)
+    """Feature statistics of the first ``max_samples`` usable clips of a raw shard folder (first ``frames`` frames);
+    ``manifest`` is the folder's when the caller has read it already."""
+    manifest = load_manifest(source) if manifest is None else manifest
     if manifest["kind"] != "raw":
         raise ValueError(f"{source} holds {manifest['kind']} shards; fvd-stats reads raw video shards (frames.npy)")
     frames = checked_frames(manifest, frames)

@@ -18,15 +18,7 @@ import time
 
 from data_tools.report import print_summary, progress_bar
 from flowvid.cli import exit_statuses
-from flowvid.data.synthetic import (
-    BACKGROUNDS,
-    MAX_CLIP_BYTES,
-    check_dataset_folder,
-    check_dataset_options,
-    clip_bytes,
-    default_val_videos,
-    write_synthetic_dataset,
-)
+from flowvid.data.synthetic import BACKGROUNDS, MAX_CLIP_BYTES, checked_recipe, write_checked_recipe
 
 
 EXIT_STATUS = exit_statuses("the dataset is written")
@@ -50,23 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    val_videos = default_val_videos(args.num_videos) if args.val_videos is None else args.val_videos
     # Refused before the progress bar shows:
-    check_dataset_options(args.num_videos, val_videos, args.frames, args.size, args.fps, args.shard_samples,
-                          args.max_objects, args.backgrounds, args.seed, name_of=option_name)
-    check_dataset_folder(args.out, (args.num_videos + val_videos) * clip_bytes(args.frames, args.size))
+    recipe = checked_recipe(args.out, args.num_videos, args.frames, args.size, fps=args.fps, seed=args.seed,
+                            val_videos=args.val_videos, shard_samples=args.shard_samples,
+                            max_objects=args.max_objects, backgrounds=args.backgrounds, name_of=option_name)
+    videos = recipe["num_videos"] + recipe["val_videos"]
     started = time.perf_counter()
     with progress_bar() as bar:
-        task = bar.add_task("videos", total=args.num_videos + val_videos)
-        manifests = write_synthetic_dataset(
-            args.out, args.num_videos, args.frames, args.size, fps=args.fps, seed=args.seed,
-            val_videos=val_videos, shard_samples=args.shard_samples, max_objects=args.max_objects,
-            backgrounds=args.backgrounds, on_video=lambda: bar.advance(task),
-        )
+        task = bar.add_task("videos", total=videos)
+        manifests = write_checked_recipe(args.out, recipe, on_video=lambda: bar.advance(task))
     seconds = time.perf_counter() - started
     fields = {f"{split} videos": m["samples"] for split, m in manifests.items()}
     fields |= {f"{split} shards": m["num_shards"] for split, m in manifests.items()}
-    fields |= {"seconds": seconds, "videos_per_second": (args.num_videos + val_videos) / seconds}
+    fields |= {"seconds": seconds, "videos_per_second": videos / seconds}
     print_summary(f"make-synthetic -> {args.out}", fields)
     return 0
 

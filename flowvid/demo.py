@@ -18,6 +18,7 @@ import math
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from flowvid.cli import RawDescriptionHelpFormatter, exit_statuses, help_text
 from flowvid.paths import write_atomically
 
 RECIPE = "recipes/demo/shapes_t2v.yaml"
@@ -347,9 +349,11 @@ def run_demo(out: Path, recipe: str, extra: list[str], checkpoint: Path | None =
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m flowvid.demo", description=__doc__.split("\n\n")[0],
-        epilog="Other options go to `flowvid fit` (the demo's training, or --real's fine-tuning), e.g. "
-               "--trainer.max_steps=1200.")
+        prog="python -m flowvid.demo", description=textwrap.fill(help_text(__doc__.split("\n\n")[0]), width=79),
+        epilog=textwrap.fill("Other options go to `flowvid fit` (the demo's training, or --real's fine-tuning), "
+                             "e.g. --trainer.max_steps=1200.", width=79, break_on_hyphens=False)
+        + "\n\n" + exit_statuses("the demo wrote its metrics.json", "a step fails (its output above says why)"),
+        formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="folder of the run, samples and metrics.json "
                                                           "(default: %(default)s)")
     parser.add_argument("--recipe", default=RECIPE, help="the recipe trained (default: %(default)s)")
@@ -373,13 +377,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ckpt samples without training; {' '.join(extra)} would be ignored")
     if args.checkpoint is None and not Path(args.recipe).is_file():
         parser.error(f"--recipe {args.recipe}: no such file; give a recipe such as {RECIPE}")
+    if args.checkpoint is not None and not args.checkpoint.exists():  # a file, or a DeepSpeed directory
+        parser.error(f"--ckpt {args.checkpoint}: no such file or directory; give a checkpoint of `flowvid fit`, or leave "
+                     "--ckpt out to train one")
     if args.real:
         from flowvid.demo_real import check_inputs, run_demo_real
 
         try:
             check_inputs(out)
-        except FileNotFoundError as missing:
-            parser.exit(1, f"{parser.prog}: error: {missing}\n")
+        except FileNotFoundError as missing:  # a package to install or the demo to run first: nothing started
+            parser.error(str(missing))
     try:
         metrics = (run_demo_real(out, extra) if args.real
                    else run_demo(out, args.recipe, extra, args.checkpoint, args.guidance))

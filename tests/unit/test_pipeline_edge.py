@@ -117,3 +117,46 @@ def test_the_precisions_tolerance_leaves_a_plugins_own_default_alone(monkeypatch
     assert with_default_tolerance("capped-jacobi", {}, "32-true") == {"tol": 1e-3}
     assert with_default_tolerance("jacobi", {}, "bf16-mixed") == {"tol": 1e-2}
     assert with_default_tolerance("jacobi", {"tol": 0.2}, "32-true") == {"tol": 0.2}
+
+
+def test_prompts_given_as_bytes_are_named_as_bytes_not_as_their_integers(checkpoint):
+    with pytest.raises(GenerateError, match=r"^prompts must be strings, got b'a red circle' \(bytes\)"):
+        refusing_pipeline(checkpoint)(b"a red circle")
+
+
+@pytest.mark.parametrize("caption", [None, ["a red circle"]])
+def test_a_caption_to_score_that_is_not_a_string_is_a_generate_error(checkpoint, caption):
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu")
+    with pytest.raises(GenerateError, match=r"^caption must be a string \(''"):
+        pipe.score(np.zeros((4, 8, 8, 3), np.uint8), caption=caption)
+
+
+def test_unknown_weights_or_a_sampler_given_by_name_are_refused_before_loading(tmp_path, monkeypatch):
+    import flowvid.loading
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("loaded a model for a request that should have been refused")
+
+    monkeypatch.setattr(flowvid.loading, "load_model", load_model)
+    missing = tmp_path / "model.safetensors"
+    with pytest.raises(GenerateError, match=r"^weights must be one of ema, trained, got 'best'"):
+        VideoPipeline.from_pretrained(missing, device="cpu", weights="best")
+    with pytest.raises(GenerateError, match=r"^sampler must be a Sampler instance .*, got 'sequential'"):
+        VideoPipeline.from_pretrained(missing, device="cpu", sampler="sequential")
+
+
+def test_the_constructor_refuses_a_sampler_that_is_not_one(checkpoint):
+    model = VideoPipeline.from_pretrained(checkpoint, device="cpu").model
+    with pytest.raises(GenerateError, match=r"^sampler must be a Sampler instance"):
+        VideoPipeline(model, sampler="jacobi")
+
+
+def test_the_documented_arguments_are_the_arguments():
+    """``help()`` on the public calls describes every argument they take."""
+    import inspect
+
+    for call in (VideoPipeline.__call__, VideoPipeline.from_pretrained):
+        documented = inspect.getdoc(call)
+        for name in inspect.signature(call).parameters:
+            if name not in ("self", "cls"):
+                assert re.search(rf"^\s+(\w+, )*{name}(, \w+)*:", documented, re.MULTILINE), (call.__name__, name)

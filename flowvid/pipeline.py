@@ -9,6 +9,7 @@
     out = pipe(["a red circle moves left"], task="i2v", image=first_frame)   # (H, W, 3) uint8, or a file
     out = pipe(["..."], task="extend", video="clip.mp4", frames=16)
     pipe.sampler = SequentialSampler()                                       # swap it, like a scheduler
+    pipe.to("cuda", precision="bf16-mixed")                                  # move it, as in diffusers
     pipe.score(video, caption="a red circle moves left")                     # exact bits/dim, per frame too
     for frame in pipe.stream("a red circle moves left", frames=32): ...     # (1, H, W, 3), each once final
 
@@ -34,7 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from flowvid.checks import is_blank, is_count
+from flowvid.checks import is_blank, is_integer
 from flowvid.media import fit_frames, read_frames, read_image_frame
 from flowvid.placement import precision_context, resolve_device, resolve_precision
 from flowvid.sampling import JacobiSampler, Sampler, WindowedSampler, build_sampler, sampler_class
@@ -208,10 +209,21 @@ class VideoPipeline:
     def __init__(self, model, sampler: Sampler | None = None, precision: str = "32-true"):
         if precision not in DEFAULT_TOLERANCE:
             raise GenerateError(f"precision must be one of {', '.join(DEFAULT_TOLERANCE)}, got {precision!r}")
-        check_sampler_given(sampler)
         self.model = model.eval()
         self.precision = precision
-        self.sampler = sampler if sampler is not None else default_sampler(model, precision)
+        self.sampler = sampler
+
+    @property
+    def sampler(self) -> Sampler:
+        """Inverts the flow; assign a ``Sampler`` instance to swap it, or None for the model's own."""
+        return self._sampler
+
+    @sampler.setter
+    def sampler(self, sampler: Sampler | None) -> None:
+        check_sampler_given(sampler)
+        # The model's own sampler takes the precision's tolerance, so ``to`` rebuilds it; a given one is kept.
+        self.uses_default_sampler = sampler is None
+        self._sampler = default_sampler(self.model, self.precision) if sampler is None else sampler
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
@@ -242,8 +254,27 @@ class VideoPipeline:
         model = load_model(path, weights=weights, map_location=placed, adapters=lora, adapter_strength=lora_strength)
         return cls(model, sampler, precision)
 
+    def to(self, device: str | torch.device | None = None, precision: str | None = None) -> "VideoPipeline":
+        """Move the model to ``device`` and sample at ``precision``, each as ``from_pretrained`` takes
+        it (None: as now); returns the pipeline, as a diffusers pipeline's ``to`` does. The model's own
+        sampler follows the precision's tolerance; a sampler given to the pipeline is kept as it is.
+
+        Raises:
+            GenerateError: a device or precision that cannot be used here, before anything moves.
+        """
+        with refused_as_generate_error():
+            placed = self.device if device is None else resolve_device(str(device), setting="device")
+            precision = self.precision if precision is None else resolve_precision(precision, placed,
+                                                                                  setting="precision")
+        self.model.to(placed)
+        self.precision = precision
+        if self.uses_default_sampler:
+            self.sampler = None
+        return self
+
     @property
     def device(self) -> torch.device:
+        """Where the model is, and where it samples."""
         return self.model.device
 
     @property
@@ -275,14 +306,13 @@ class VideoPipeline:
         Raises:
             GenerateError: a request that cannot be sampled, before any sampling.
         """
-        prompts, frames, guidance, negative_prompt, source = self._request(
+        prompts, seeds, frames, guidance, negative_prompt, source = self._request(
             prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size)
         parts = []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
-            seeds = list(range(seed + start, seed + start + len(batch)))
-            parts.append(self.generate_batch(batch, seeds, source, task=task, frames=frames, guidance=guidance,
-                                             negative_prompt=negative_prompt))
+            parts.append(self.generate_batch(batch, seeds[start:start + batch_size], source, task=task, frames=frames,
+                                             guidance=guidance, negative_prompt=negative_prompt))
         result = GeneratedVideos.concatenate(parts)
         failed = result.failed
         if failed:
@@ -306,15 +336,16 @@ class VideoPipeline:
             _, height, width = self.model.video_shape
             frames, _ = _frames(video, height, width, "video")
         try:
-            return score_video(self.model, frames, caption, torch.Generator().manual_seed(seed))
+            return score_video(self.model, frames, caption, torch.Generator().manual_seed(int(seed)))
         except ScoreError as err:  # a video too short to score, found as it is cut into clips
             raise GenerateError(str(err)) from err
 
     # --- checks, before any work -----------------------------------------------------------------
 
     def _request(self, prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size):
-        """The prompts, frames, guidance, negative prompt and conditioning frames of a call, with the
-        model's defaults filled in, checked before any work."""
+        """The prompts, their seeds, the frames, guidance, negative prompt and conditioning frames of a
+        call, with the model's defaults filled in, checked before any work. Counts and seeds come back
+        as ints, whatever integer type (numpy's) they were given in."""
         # A sequence of prompts may be an array, whose truth value is ambiguous: only None means none. Bytes
         # are one prompt in the wrong type, not a sequence of integers.
         one_prompt = isinstance(prompts, (str, bytes))
@@ -325,7 +356,8 @@ class VideoPipeline:
         self.check(task, frames, guidance, negative_prompt, seed, batch_size, count=len(prompts))
         source = self.source_frames(task, image, video)
         self.check_room(task, frames, source)
-        return prompts, frames, guidance, negative_prompt, None if source is None else source.frames
+        seeds = list(range(int(seed), int(seed) + len(prompts)))
+        return prompts, seeds, int(frames), guidance, negative_prompt, None if source is None else source.frames
 
     def prompts_for(self, prompts: list[str]) -> list[str]:
         """At least one caption for a model that reads text; none but empty ones for an unconditional
@@ -351,12 +383,14 @@ class VideoPipeline:
         """Refuse a request of ``count`` videos that cannot be sampled, before any work."""
         if task not in TASKS:
             raise GenerateError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-        if not (is_count(frames) and is_count(batch_size)) or frames < 1 or batch_size < 1:
+        if not (is_integer(frames) and is_integer(batch_size)) or frames < 1 or batch_size < 1:
             raise GenerateError(f"frames and batch_size must be integers >= 1, got {frames!r} and {batch_size!r}")
         with refused_as_generate_error():
             check_seed(seed, count)
             self.model.codec.latent_frames(frames)
-        if not (isinstance(guidance, numbers.Real) and math.isfinite(guidance) and guidance >= 0):
+        # A bool is no weight: True would run as guidance 1.0.
+        if not (isinstance(guidance, numbers.Real) and not isinstance(guidance, bool) and math.isfinite(guidance)
+                and guidance >= 0):
             raise GenerateError(f"guidance must be a finite number >= 0, got {guidance!r}")
         if not isinstance(negative_prompt, str):
             raise GenerateError(f"negative_prompt must be a string ('' for none), got {negative_prompt!r}")
@@ -479,13 +513,12 @@ class VideoPipeline:
         behind the sampler; without a denoiser (the Tweedie step reads every later frame), or with a
         codec that decodes frames in groups, they come once the video is done. The videos equal a
         call's up to the sampler's tolerance (the frames are sampled one at a time)."""
-        prompts, frames, guidance, negative_prompt, source = self._request(
+        prompts, seeds, frames, guidance, negative_prompt, source = self._request(
             prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size=1)
         codec = self.model.codec
         by_frame = codec.temporal_factor == 1 and not codec.causal_first_frame
         with self._precision():
-            batch = self._prepare(prompts, list(range(seed, seed + len(prompts))), source, task, frames, guidance,
-                                  negative_prompt)
+            batch = self._prepare(prompts, seeds, source, task, frames, guidance, negative_prompt)
             final = self._final_frames(batch, guidance)
         # The frames that come back as given: none for t2v, yet shaped as frames, to be written into a video.
         given = np.zeros((0, *self.model.video_shape[1:], 3), np.uint8) if source is None else source[0].numpy()

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from flowvid.checks import is_count
+from flowvid.checks import is_integer
 from flowvid.sampling.base import GuidedText, TextInput
 from flowvid.text.template import TASK_PREFIXES
 
@@ -64,7 +64,7 @@ SEED_LIMIT = 2**32
 def check_seed(seed: int, count: int = 1, name: str = "seed") -> None:
     """A ValueError, before any work, unless the seeds ``seed, ..., seed + count - 1`` are distinct seeds
     of torch's generator; ``name`` is what the caller called the seed (``--seed`` on a command line)."""
-    if not is_count(seed) or not 0 <= seed <= SEED_LIMIT - count:
+    if not is_integer(seed) or not 0 <= seed <= SEED_LIMIT - count:
         raise ValueError(f"{name} must be an integer from 0 to {SEED_LIMIT - count:,} for {count} sample"
                          f"{'' if count == 1 else 's'} (torch's generator keeps 32 bits of a seed), got {seed!r}")
 

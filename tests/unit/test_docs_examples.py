@@ -2,6 +2,7 @@
 
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ from data_tools.describe import main as describe_main
 from flowvid import registry
 from flowvid.cli import main as cli_main
 from flowvid.data.synthetic import write_synthetic_dataset
+from flowvid.export import export_checkpoint
 from flowvid.flows import GlobalLocalFlow
 from flowvid.sampling import build_sampler
+from test_product_generate_score import checkpoint  # noqa: F401 (a fixture)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -47,6 +50,20 @@ def files_shown(doc: str) -> dict[str, str]:
     return {path: body for path, body in blocks}
 
 
+def write_files_shown(doc: str, folder: Path) -> None:
+    """The files a doc's code blocks show, written under ``folder``, with the package's ``__init__.py``."""
+    for path, body in files_shown(doc).items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text(body, encoding="utf-8")
+    (folder / "my_blocks" / "__init__.py").touch()
+
+
+def forget_my_blocks():
+    """Drop the doc's package from the imported modules: the next test imports the files it writes."""
+    for module in [name for name in sys.modules if name.split(".")[0] == "my_blocks"]:
+        del sys.modules[module]
+
+
 def recipe_shown(doc: str, key: str) -> dict:
     """The first YAML block of a doc that writes ``key:``, parsed."""
     text = (DOCS / doc).read_text(encoding="utf-8")
@@ -58,10 +75,7 @@ def recipe_shown(doc: str, key: str) -> dict:
 def installed_plugin_package(tmp_path, monkeypatch):
     """The plugin package docs/plugins.md writes, as `pip install -e .` leaves it: importable, with the
     entry points of its pyproject.toml; the registries are restored afterwards."""
-    for path, body in files_shown("plugins.md").items():
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text(body, encoding="utf-8")
-    (tmp_path / "my_blocks" / "__init__.py").touch()
+    write_files_shown("plugins.md", tmp_path)
     monkeypatch.chdir(tmp_path)
     build_meta.prepare_metadata_for_build_wheel(str(tmp_path))  # the .dist-info with the entry points
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -72,8 +86,7 @@ def installed_plugin_package(tmp_path, monkeypatch):
     forget_installed_packages()
     yield tmp_path
     forget_installed_packages()
-    for module in [name for name in sys.modules if name.split(".")[0] == "my_blocks"]:
-        del sys.modules[module]
+    forget_my_blocks()
 
 
 def forget_installed_packages():
@@ -107,3 +120,19 @@ def test_plugins_md_conformance_tests_run_on_the_plugins(installed_plugin_packag
         capture_output=True, text=True)
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert re.search(r"\b4 passed\b", tests.stdout), tests.stdout
+
+
+def test_plugins_md_classes_are_used_from_python_without_a_package(checkpoint, tmp_path, monkeypatch):
+    write_files_shown("plugins.md", tmp_path)  # importable, with no entry points
+    export_checkpoint(checkpoint, tmp_path / "exported" / "model.safetensors", weights="trained")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry.SAMPLERS, "_entries", dict(registry.SAMPLERS._entries))
+    try:
+        shown = runpy.run_path("use_unpackaged.py")
+    finally:
+        forget_my_blocks()
+    capped = shown["CappedJacobiSampler"]
+    assert isinstance(shown["flow"].deep, shown["WideMLPBlock"]) and shown["flow"].deep.ratio == 6.0
+    assert isinstance(shown["pipe"].sampler, capped) and shown["pipe"].sampler.max_iterations == 8
+    assert isinstance(shown["sampler"], capped) and shown["sampler"].tol == 1e-3

@@ -160,3 +160,88 @@ def test_the_documented_arguments_are_the_arguments():
         for name in inspect.signature(call).parameters:
             if name not in ("self", "cls"):
                 assert re.search(rf"^\s+(\w+, )*{name}(, \w+)*:", documented, re.MULTILINE), (call.__name__, name)
+
+
+BF16_EMULATED = "ignore:this CPU has no native bf16"
+
+
+@pytest.mark.filterwarnings(BF16_EMULATED)
+def test_moving_a_pipeline_returns_it_and_the_models_own_sampler_follows_the_precision(checkpoint):
+    import torch
+
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu", precision="32-true")
+    before = pipe("a red circle", seed=1).videos
+    assert pipe.sampler.tol == 1e-3
+    assert pipe.to("cpu") is pipe and pipe.device == torch.device("cpu") and pipe.precision == "32-true"
+    np.testing.assert_array_equal(pipe("a red circle", seed=1).videos, before)
+
+    pipe.to(precision="bf16-mixed")
+    assert pipe.precision == "bf16-mixed" and pipe.sampler.tol == 1e-2  # the model's own, rebuilt
+    assert pipe.to(torch.device("cpu"), precision="32-true").sampler.tol == 1e-3
+
+
+@pytest.mark.filterwarnings(BF16_EMULATED)
+@pytest.mark.parametrize("given_at", ["from_pretrained", "assignment"])
+def test_moving_a_pipeline_keeps_the_sampler_given_to_it(checkpoint, given_at):
+    given = JacobiSampler(tol=0.3)
+    if given_at == "from_pretrained":
+        pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu", sampler=given)
+    else:
+        pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu")
+        pipe.sampler = given
+    pipe.to("cpu", precision="bf16-mixed")
+    assert pipe.sampler is given
+    pipe.sampler = None  # back to the model's own, at the precision's tolerance
+    assert isinstance(pipe.sampler, JacobiSampler) and pipe.sampler.tol == 1e-2
+
+
+@pytest.mark.parametrize("device, precision, error", [
+    ("gpu", None, r"^device 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+    ("mps", None, r"^device 'mps' is not supported"),
+    ("cuda:99", None, r"^device 'cuda:99': (no CUDA device is visible|only \d+ CUDA device)"),
+    (None, "fp16", r"^precision 'fp16' is not one of auto, 32-true, bf16-mixed"),
+])
+def test_moving_a_pipeline_where_it_cannot_go_is_refused_before_anything_moves(checkpoint, monkeypatch, device,
+                                                                              precision, error):
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu")
+    sampler = pipe.sampler
+
+    def move(*args, **kwargs):
+        raise AssertionError("moved the model for a request that should have been refused")
+
+    monkeypatch.setattr(pipe.model, "to", move)
+    with pytest.raises(GenerateError, match=error):
+        pipe.to(device, precision=precision)
+    assert pipe.precision == "32-true" and pipe.sampler is sampler
+
+
+def test_a_sampler_assigned_by_name_is_refused_when_assigned_not_when_sampling(checkpoint):
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu")
+    sampler = pipe.sampler
+    with pytest.raises(GenerateError, match=r"^sampler must be a Sampler instance .*, got 'sequential'"):
+        pipe.sampler = "sequential"
+    assert pipe.sampler is sampler
+
+
+def test_numpy_integers_are_taken_for_frames_seed_and_batch_size(checkpoint):
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu", sampler=SequentialSampler())
+    prompts = ["a red circle moves left", "a blue square moves up"]
+    given = pipe(prompts, frames=np.int64(4), seed=np.int64(3), batch_size=np.int32(1))
+    expected = pipe(prompts, frames=4, seed=3, batch_size=1)
+    np.testing.assert_array_equal(given.videos, expected.videos)
+    assert given.seeds == [3, 4] and all(type(seed) is int for seed in given.seeds)
+    streamed = np.stack(list(pipe.stream(prompts, frames=np.int64(4), seed=np.uint32(3))), axis=1)
+    np.testing.assert_array_equal(streamed, expected.videos)
+    scored = pipe.score(expected.videos[0], caption=prompts[0], seed=np.int64(0))
+    assert scored == pipe.score(expected.videos[0], caption=prompts[0], seed=0)
+
+
+@pytest.mark.parametrize("setting, error", [
+    ({"frames": True}, r"^frames and batch_size must be integers >= 1, got True"),
+    ({"batch_size": np.True_}, r"^frames and batch_size must be integers >= 1, got 4 and "),
+    ({"seed": True}, r"^seed must be an integer from 0 to .*, got True"),
+    ({"guidance": True}, r"^guidance must be a finite number >= 0, got True"),
+])
+def test_a_bool_is_no_count_seed_or_guidance(checkpoint, setting, error):
+    with pytest.raises(GenerateError, match=error):
+        refusing_pipeline(checkpoint)("a red circle", **setting)

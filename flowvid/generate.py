@@ -4,9 +4,11 @@
 
     flowvid generate --ckpt model.safetensors --task t2v --prompt "a red circle moves left" --out samples/
     flowvid generate --ckpt runs/shapes_t2v --task i2v --image first.png --prompt "..." --frames 8 --seed 3 --out r/
+    flowvid generate --ckpt runs/shapes_t2v --task i2v --image clip.mp4 --prompt "..." --out r/   # its first frame
     flowvid generate --ckpt runs/shapes_t2v --task extend --video clip.mp4 --prompts prompts.txt --out r/ --stream
     flowvid generate --ckpt model.safetensors --prompt "..." --device cuda:1 --precision bf16-mixed --out s/
     flowvid generate --ckpt model.safetensors --prompt "a red circle" --negative-prompt "moves left" --out s/
+    flowvid generate --ckpt model.safetensors --prompts prompts.txt --samples-per-prompt 4 --out s/
     torchrun --nproc-per-node 8 --no-python flowvid generate --ckpt model.safetensors --prompts all.txt --out s/
 
 For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
@@ -15,14 +17,15 @@ prompt, device, precision, timings, Jacobi iterations, the model and the weights
 ``resized_from`` for an image or video fitted to the model's size). A folder holds one model's samples:
 an ``--out`` with another model's is refused, and a sample of another request (another seed, prompt,
 sampler...) under a name to be written is kept unless ``--force`` is given. Sample ``i`` uses seed
-``seed + i``, so a sample does not depend on its batch. The sampler is the model's own (its recipe's
-``model.sampler``; a windowed one's windows, context and sampler of each window) unless ``--sampler``
-names one. The model runs on the first CUDA GPU when there is one (``--device``), in bf16-mixed on a
-GPU that supports it and in fp32 elsewhere (``--precision``; see ``flowvid.placement``).
+``seed + i``, so a sample does not depend on its batch; ``--samples-per-prompt N`` samples each prompt
+N times in a row, named and seeded as the prompt repeated N times would be. The sampler is the model's
+own (its recipe's ``model.sampler``; a windowed one's windows, context and sampler of each window)
+unless ``--sampler`` names one. The model runs on the first CUDA GPU when there is one (``--device``),
+in bf16-mixed on a GPU that supports it and in fp32 elsewhere (``--precision``; see ``flowvid.placement``).
 An unconditional model (one trained without text) takes no prompt: leave ``--prompt`` out for one
-sample, or repeat ``--prompt ''`` for several. Under torchrun every process samples its share of the
-prompts (``i % WORLD_SIZE == RANK``) on its own GPU (``cuda:LOCAL_RANK``), without talking to the others;
-names and seeds follow the prompt's index, so the folder holds what one process would have written.
+sample, or give ``--samples-per-prompt`` for several. Under torchrun every process draws its share of
+the samples (``i % WORLD_SIZE == RANK``) on its own GPU (``cuda:LOCAL_RANK``), without talking to the
+others; names and seeds follow the sample's index, so the folder holds what one process would have written.
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ from flowvid.pipeline import (
     GenerateError,
     VideoPipeline,
     build_named_sampler,
+    check_per_prompt,
     check_window_fits,
+    each_prompt_repeated,
     is_windowed,
     model_sampler,
     sampler_takes,
@@ -109,12 +114,14 @@ class Request:
     weights: str = "ema"  # which of the model's weights sample: its moving average ("ema") or as trained
     rank: int = 0  # under torchrun this process samples prompts rank, rank + world_size, ...
     world_size: int = 1
+    samples_per_prompt: int = 1  # each prompt's samples, in a row, as the prompt repeated would give them
 
 
 def check_options(args: argparse.Namespace) -> None:
     """Refuse numbers, names, input files and an output path that cannot work, before the model is loaded."""
     if args.batch_size < 1:
         raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_per_prompt(args.samples_per_prompt, "--samples-per-prompt")
     if args.frames is not None and args.frames < 1:
         raise GenerateError(f"--frames must be >= 1, got {args.frames}")
     if args.context is not None and args.context < 0:
@@ -295,8 +302,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 #: The keys of a record that the request fixes (``planned_records``); a key only some requests set is
 #: compared too, so that a sample made with a negative prompt or an adapter is not kept for one without.
-REQUEST_KEYS = ("prompt", "task", "seed", "sampler", "tol", "first_block_size", "block_size", "sampler_args",
-                "context", "window", "guidance",
+REQUEST_KEYS = ("prompt", "task", "seed", "samples_per_prompt", "sampler", "tol", "first_block_size",
+                "block_size", "sampler_args", "context", "window", "guidance",
                 "negative_prompt", "precision", "lora", "lora_strength", "frames", "fps", "model", "weights", "source",
                 "source_sha256")
 #: The frame rate of the written mp4s unless ``--fps`` gives another.
@@ -319,6 +326,9 @@ def planned_records(request: Request, prompts: list[str], frames: int) -> dict[i
         **({"window": request.window} if request.window is not None else {}),
         # Recorded only when chosen: records from before it was recorded hold the default's samples.
         **({"fps": request.fps} if request.fps != DEFAULT_FPS else {}),
+        # Likewise. Another count moves the later prompts to other names and seeds, so a run resumed with
+        # another one would leave the folder a mix of both.
+        **({"samples_per_prompt": request.samples_per_prompt} if request.samples_per_prompt != 1 else {}),
         **({"model": request.model, "weights": request.weights} if request.model else {}),
         # The file as resolved, as the model is recorded: another spelling of it is the same request.
         **({"source": resolved_source(source), "source_sha256": file_sha256(source)} if source else {}),  # read once
@@ -426,7 +436,8 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     """Generate every prompt of ``request`` into ``out``; returns the JSON records written. ``progress``
     receives a line after every batch."""
     pipeline = VideoPipeline(module, request_sampler(request), request.precision)
-    prompts = pipeline.prompts_for(request.prompts)
+    check_per_prompt(request.samples_per_prompt, "samples_per_prompt")
+    prompts = each_prompt_repeated(pipeline.prompts_for(request.prompts), request.samples_per_prompt)
     pipeline.check(request.task, request.frames, request.guidance, request.negative_prompt, request.seed,
                    request.batch_size, count=len(prompts))
     pipeline.sampler = with_context(pipeline.sampler, module, request)
@@ -536,7 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="t2v: text-to-video, i2v: from --image, extend: continue --video, v2v: transform --video")
     parser.add_argument("--prompt", action="append", help="a caption (repeatable)")
     parser.add_argument("--prompts", help="a file with one caption per line")
-    parser.add_argument("--image", help="i2v: the first frame")
+    parser.add_argument("--samples-per-prompt", type=int, default=1,
+                        help="samples of each caption, in a row, named and seeded as the caption repeated "
+                             "(default: 1)")
+    parser.add_argument("--image",
+                        help="i2v: the first frame: an image file, or a video file (or .npy) whose first frame it is")
     parser.add_argument("--video", help="extend / v2v: the clip to continue or transform (video file or .npy)")
     parser.add_argument("--frames", type=int,
                         help="video frames to generate (default: the training length); longer videos are sampled "
@@ -622,6 +637,7 @@ def main(argv: list[str]) -> int:
             image=args.image, video=args.video,
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
             negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,
+            samples_per_prompt=args.samples_per_prompt,
             model=str(model.resolve()), weights=module.weights_used,
         )
         records = run(module, request, Path(args.out), progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -636,7 +652,10 @@ def main(argv: list[str]) -> int:
         raise UserError(str(err)) from None
     except ValueError as err:  # bad sizes, guidance without text encoder, codec mismatch, ...
         raise UserError(str(err)) from None
-    shard = f", prompts {rank}, {rank + world_size}, ... of {len(prompts)}" if world_size > 1 else ""
+    # Processes share the samples by index: with one sample per prompt, the prompts.
+    shared = "prompts" if args.samples_per_prompt == 1 else "samples"
+    shard = (f", {shared} {rank}, {rank + world_size}, ... of {len(prompts) * args.samples_per_prompt}"
+             if world_size > 1 else "")
     samples = f"{len(records)} sample{'' if len(records) == 1 else 's'}"
     print(f"wrote {samples} to {args.out} ({module.device}, {precision}{shard})")
     return 0

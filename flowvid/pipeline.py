@@ -6,7 +6,7 @@
 
     pipe = VideoPipeline.from_pretrained("exported/model.safetensors")     # or a .ckpt / DeepSpeed directory
     out = pipe(["a red circle moves left"], seed=0)                          # out.videos: uint8 (B, T, H, W, 3)
-    out = pipe(["a red circle moves left"], task="i2v", image=first_frame)   # (H, W, 3) uint8, or a file
+    out = pipe(["a red circle moves left"], task="i2v", image=first_frame)   # (H, W, 3) uint8, an image or a video file
     out = pipe(["..."], task="extend", video="clip.mp4", frames=16)
     pipe.sampler = SequentialSampler()                                       # swap it, like a scheduler
     pipe.to("cuda", precision="bf16-mixed")                                  # move it, as in diffusers
@@ -15,8 +15,9 @@
 
 It is what ``flowvid generate`` runs, without the files: the same seeds give the same videos. Sample
 ``i`` of a call draws its noise from ``seed + i``, so a sample does not depend on the batch it is
-sampled in. The sampler stands apart from the model: ``sampler`` is any registered sampler, used as
-it is for the training length and inside a sliding window (``WindowedSampler``) for longer videos.
+sampled in; ``videos_per_prompt=N`` samples each prompt N times in a row, as the prompt repeated would.
+The sampler stands apart from the model: ``sampler`` is any registered sampler, used as it is for the
+training length and inside a sliding window (``WindowedSampler``) for longer videos.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -123,6 +125,18 @@ def with_default_tolerance(name: str, settings: dict[str, Any], precision: str) 
 
 class GenerateError(ValueError):
     """A request that cannot be generated; the message is one line for the user."""
+
+
+def check_per_prompt(count: Any, name: str = "videos_per_prompt") -> None:
+    """Refuse a number of videos per prompt that is not a whole number >= 1 (``True`` is no count)."""
+    if not is_integer(count) or count < 1:
+        raise GenerateError(f"{name} must be an integer >= 1, got {count!r}")
+
+
+def each_prompt_repeated(prompts: list[str], times: int) -> list[str]:
+    """``prompts`` with each one ``times`` in a row, as diffusers orders its videos per prompt: video ``i``
+    still draws from ``seed + i``, so each is the video that the prompt repeated by hand gives."""
+    return [prompt for prompt in prompts for _ in range(int(times))]
 
 
 #: The weights ``from_pretrained`` loads: the moving average (when the run kept one) or the trained ones.
@@ -286,19 +300,22 @@ class VideoPipeline:
                  image: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
                  video: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
                  frames: int | None = None, guidance: float | None = None, negative_prompt: str | None = "",
-                 seed: int = 0, batch_size: int = 8) -> GeneratedVideos:
-        """Videos for ``prompts`` (one each; an unconditional model takes none and samples one).
+                 seed: int = 0, batch_size: int = 8, videos_per_prompt: int = 1) -> GeneratedVideos:
+        """Videos for ``prompts`` (``videos_per_prompt`` each; an unconditional model takes none and samples
+        ``videos_per_prompt``).
 
         Args:
             prompts: a caption, or a sequence of them (a list, a tuple, an array of strings).
             task: ``t2v``, ``i2v`` (needs ``image``), ``extend`` or ``v2v`` (need ``video``).
             image, video: uint8 frames (H, W, 3) / (T, H, W, 3) at the model's size, or a file to read
-                and resize.
+                and resize; the image may be a video file, whose first frame it is.
             frames: frames to generate (default: the training length; longer ones slide a window).
             guidance: classifier-free guidance weight (default: the model's).
             negative_prompt: a caption guidance steers away from instead of the empty one ("" or None: none).
             seed: video ``i`` draws its noise from ``seed + i`` (every one from 0 to 2**32 - 1).
             batch_size: videos sampled together.
+            videos_per_prompt: videos of each prompt, in a row: those of ``["a", "b"]`` with 2 are those of
+                ``["a", "a", "b", "b"]``, seeds included.
 
         Returns:
             ``GeneratedVideos``: ``videos`` uint8 (B, T, H, W, 3) in 0..255, ``latents`` and the rest.
@@ -307,7 +324,7 @@ class VideoPipeline:
             GenerateError: a request that cannot be sampled, before any sampling.
         """
         prompts, seeds, frames, guidance, negative_prompt, source = self._request(
-            prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size)
+            prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size, videos_per_prompt)
         parts = []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
@@ -342,14 +359,18 @@ class VideoPipeline:
 
     # --- checks, before any work -----------------------------------------------------------------
 
-    def _request(self, prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size):
-        """The prompts, their seeds, the frames, guidance, negative prompt and conditioning frames of a
-        call, with the model's defaults filled in, checked before any work. Counts and seeds come back
+    def _request(self, prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size,
+                 videos_per_prompt=1):
+        """The prompts (each ``videos_per_prompt`` times in a row), their seeds, the frames, guidance,
+        negative prompt and conditioning frames of a call, with the model's defaults filled in, checked
+        before any work. Counts and seeds come back
         as ints, whatever integer type (numpy's) they were given in."""
         # A sequence of prompts may be an array, whose truth value is ambiguous: only None means none. Bytes
         # are one prompt in the wrong type, not a sequence of integers.
         one_prompt = isinstance(prompts, (str, bytes))
-        prompts = self.prompts_for([prompts] if one_prompt else [] if prompts is None else list(prompts))
+        check_per_prompt(videos_per_prompt)
+        prompts = each_prompt_repeated(
+            self.prompts_for([prompts] if one_prompt else [] if prompts is None else list(prompts)), videos_per_prompt)
         guidance = self.model.guidance if guidance is None else guidance
         frames = self.model.video_shape[0] if frames is None else frames
         negative_prompt = "" if negative_prompt is None else negative_prompt  # None, as diffusers pipelines take
@@ -622,12 +643,23 @@ class Source:
     resized_from: list[int] | None  # [height, width] of a file of another size, as a player shows it
 
 
+def read_start_image(path: str | os.PathLike) -> np.ndarray:
+    """The image ``i2v`` starts from, uint8 (H, W, 3): an image file, or the first frame of a video file (or
+    of a ``.npy`` of frames), the only frame decoded. A video is known by its suffix, as ``flowvid score``
+    knows the videos of a folder."""
+    from flowvid.score import VIDEO_SUFFIXES  # imported here: score imports generate, which imports this module
+
+    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+        return read_frames(path, max_frames=1)[0]
+    return read_image_frame(path)
+
+
 def _frames(given, height: int, width: int, what: str) -> tuple[np.ndarray, tuple[int, int]]:
     """uint8 frames (T, H, W, 3), or (H, W, 3) for an image, at the model's size, from an array or tensor
     or read from a file and fitted; with the (height, width) the frames were given at."""
     image = what == "image"
     if isinstance(given, (str, os.PathLike)):
-        read = [read_image_frame(given)] if image else read_frames(given)
+        read = [read_start_image(given)] if image else read_frames(given)
         fitted = fit_frames(read, height, width)
         return fitted[0] if image else fitted, read[0].shape[:2]
     frames = given.cpu().numpy() if isinstance(given, torch.Tensor) else np.asarray(given)

@@ -5,6 +5,7 @@
     flowvid score --ckpt model.safetensors --input clips/ --out scores.jsonl
     flowvid score --ckpt runs/shapes_t2v --input data/shapes/val --out scores.jsonl   # a shard folder
     flowvid score --ckpt model.safetensors --input clips/ --device cuda:1 --out scores.jsonl
+    flowvid score --ckpt model.safetensors --input clips/ --captions captions.csv --out scores.jsonl
 
 Every video is cut into consecutive clips of the model's training length (frames beyond the last
 whole clip are scored as a shorter clip), each clip is scored exactly (the flow is invertible, the
@@ -20,6 +21,13 @@ Lines are ranked from the least to the most likely video: the top of the file is
 What cannot be scored (an unreadable file, a sample that cannot be decoded, a broken shard, the copy of
 a repeated key, a likelihood that comes out NaN) gets a line with ``error`` after them; a shard's says
 how many ``samples`` it lost, the manifest's count telling those of a shard that ends early.
+
+Captions: a shard's samples are scored under their own, video files under ``--caption`` (the empty
+caption without it), or each under its row of ``--captions FILE``, a CSV or JSONL of ``path,caption``
+read as ``flowvid data from-videos --captions`` reads it (paths relative to that file). There
+``--caption`` is the caption of the files the table lacks, as from-videos' ``--default-caption`` is;
+without it such a file gets a line with ``error``, as from-videos skips it. A captions file that is
+missing, unreadable or names none of the video files is refused before the model loads.
 
 A video file of another size than the model's is centre-cropped and resized to it (as ``generate``
 fits its images), and its line says so with ``resized_from`` ([height, width] of the file as a
@@ -147,7 +155,7 @@ class ShardFolder:
         return shard_folder_files(self.path, self.manifest)
 
 
-def list_inputs(inputs: list[str], caption: str = "") -> list[Path | ShardFolder]:
+def list_inputs(inputs: list[str], caption: str | None = None) -> list[Path | ShardFolder]:
     """Every video file of the inputs (a folder's walked once) and every shard folder, in the order given.
     Every check and the scoring work on this one listing, so a file that appears in a folder afterwards is
     not scored unchecked. Refused before any work: an input that does not exist, a folder with nothing to
@@ -170,7 +178,7 @@ def list_inputs(inputs: list[str], caption: str = "") -> list[Path | ShardFolder
     return listed
 
 
-def list_inputs_once(inputs: list[str], caption: str = "") -> list[Path | ShardFolder]:
+def list_inputs_once(inputs: list[str], caption: str | None = None) -> list[Path | ShardFolder]:
     """``list_inputs`` made by the first process under a process group and shared with the others: listed
     by each, a folder written to meanwhile would give the processes different work to divide."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -195,10 +203,12 @@ def videos_of_folder(folder: Path) -> list[Path]:
     return videos
 
 
-def check_out_is_no_listed_input(out: str, listed: list[Path | ShardFolder]) -> None:
-    """Writing the scores over a video being scored, or over a shard folder's manifest or shard, would
-    destroy it: refuse such an ``--out`` before any work."""
+def check_out_is_no_listed_input(out: str, listed: list[Path | ShardFolder],
+                                 captions: FileCaptions | None = None) -> None:
+    """Writing the scores over a video being scored, over a shard folder's manifest or shard, or over the
+    captions table would destroy it: refuse such an ``--out`` before any work."""
     read = [path for entry in listed for path in (entry.files() if isinstance(entry, ShardFolder) else [entry])]
+    read += [Path(captions.table)] if captions is not None else []
     check_output_is_no_input(out, read, "scores", ScoreError)
 
 
@@ -211,6 +221,57 @@ def check_caption(module, caption: str, name: str = "--caption") -> None:
     if caption and is_blank(caption):
         raise ScoreError(f"{name} {caption!r} holds only whitespace or invisible characters; give a caption, "
                          "or leave it out to score under the empty caption")
+
+
+@dataclass(frozen=True)
+class FileCaptions:
+    """The caption of each video file of the inputs, from a table of ``path,caption`` rows (``--captions``)."""
+
+    table: str  # the table's file, as given
+    captions: dict[Path, str]  # by video file, as listed
+    missing: dict[Path, str]  # why a video file has none
+
+    def caption(self, video: Path) -> str:
+        """``video``'s caption; ScoreError, which its record gives, when it has none."""
+        if video in self.captions:
+            return self.captions[video]
+        raise ScoreError(self.missing[video])
+
+
+def read_file_captions(table: str | Path, listed: list[Path | ShardFolder], default: str | None) -> FileCaptions:
+    """The captions a table gives the listed video files, read as ``flowvid data from-videos --captions``
+    reads it; a file the table lacks gets ``default`` (``--caption``), as from-videos gives its
+    ``--default-caption``, and where that is None none, so that it is listed unscored as from-videos skips
+    it. Refused before any work: a table that is missing or unreadable, or that names none of the files."""
+    from data_tools.from_videos import CaptionTable, NoCaption, load_captions
+
+    table = str(table)
+    if Path(table).is_dir():
+        raise ScoreError(f"--captions {table} is a folder; give a CSV or JSONL file of path,caption rows")
+    if not Path(table).exists():
+        raise ScoreError(f"--captions {table} does not exist; give a CSV or JSONL file of path,caption rows")
+    videos = [entry for entry in listed if isinstance(entry, Path)]
+    if not videos:
+        raise ScoreError("--captions applies to video files, and the inputs are all shard folders, whose samples "
+                         "are scored under their own captions; leave out --captions")
+    # The table's rows are keyed by absolute paths, and by bare file names, as from-videos finds its videos.
+    rows = CaptionTable(load_captions(table), [video.resolve() for video in videos])
+    if not any(rows.names(video.resolve()) for video in videos):
+        raise ScoreError(f"--captions {table} names none of the {len(videos)} video files of the inputs (paths are "
+                         f"read relative to the captions file's folder, {Path(table).resolve().parent})")
+    captions, missing = {}, {}
+    for video in videos:
+        try:
+            caption = rows.caption(video.resolve())
+        except NoCaption as err:
+            missing[video] = str(err)
+            continue
+        if caption is None and default is None:
+            missing[video] = (f"no caption: --captions {table} has no row for it, and no --caption gives the "
+                              "caption of such files")
+        else:
+            captions[video] = default if caption is None else caption
+    return FileCaptions(table, captions, missing)
 
 
 def video_inputs(paths: list[Path]) -> Iterator[Path]:
@@ -275,13 +336,16 @@ def check_frame_size(module, manifest: dict[str, Any], folder: Path) -> None:
                          f"(`flowvid data from-videos ... --size {model_height}x{model_width}`)")
 
 
-def score_work(module, work: Work, caption: str, generator: torch.Generator) -> list[dict[str, Any]]:
-    """The records of one video file, or of every sample of one shard; damage is reported, not fatal."""
+def score_work(module, work: Work, caption: str | None, generator: torch.Generator,
+               captions: FileCaptions | None = None) -> list[dict[str, Any]]:
+    """The records of one video file, under its row of ``captions`` if given, else ``caption``, or of every
+    sample of one shard; damage is reported, not fatal."""
     if work.spec is None:
         _, height, width = module.video_shape
         try:
+            text = (caption or "") if captions is None else captions.caption(work.path)
             frames = read_frames(work.path)
-            record = {"path": str(work.path), **score_video(module, fit_frames(frames, height, width), caption,
+            record = {"path": str(work.path), **score_video(module, fit_frames(frames, height, width), text,
                                                             generator)}
         except (MediaError, ScoreError) as err:
             return [{"path": str(work.path), "error": str(err)}]
@@ -343,23 +407,32 @@ def score_latent_clips(module, latents: torch.Tensor, caption: str) -> dict[str,
     return record
 
 
-def score_inputs(module, inputs: list[str], caption: str = "", seed: int = 0) -> list[dict[str, Any]]:
+def score_inputs(module, inputs: list[str], caption: str | None = None, seed: int = 0,
+                 captions: str | Path | None = None) -> list[dict[str, Any]]:
     """Score every input (video files, folders of videos, shard folders); ranked, least likely first.
 
-    Video file (or shard) ``i`` draws its dequantisation noise from ``seed + i``. Under a process group
-    rank r scores the files and shards r, r + N, ..., and every rank returns all the records: the same
-    as one process gives.
+    Video files are scored under ``caption`` (None: the empty caption), or with ``captions``, a table of
+    ``path,caption`` rows (``read_file_captions``), each under its row, and ``caption`` is that of the files
+    the table lacks (None: they get an error record). Video file (or shard) ``i`` draws its dequantisation
+    noise from ``seed + i``. Under a process group rank r scores the files and shards r, r + N, ..., and
+    every rank returns all the records: the same as one process gives.
     """
-    return score_listed(module, list_inputs(inputs, caption), caption, seed)
+    listed = list_inputs(inputs, caption)
+    table = None if captions is None else read_file_captions(captions, listed, caption)
+    return score_listed(module, listed, caption, seed, table)
 
 
-def score_listed(module, listed: list[Path | ShardFolder], caption: str = "", seed: int = 0) -> list[dict[str, Any]]:
-    """``score_inputs`` of inputs already listed (``list_inputs``)."""
+def score_listed(module, listed: list[Path | ShardFolder], caption: str | None = None, seed: int = 0,
+                 captions: FileCaptions | None = None) -> list[dict[str, Any]]:
+    """``score_inputs`` of inputs already listed (``list_inputs``), with their ``captions`` already read."""
     check_caption(module, caption)
+    if captions is not None:
+        for text in set(captions.captions.values()):
+            check_caption(module, text, f"--captions {captions.table}")
     work = work_of(module, listed)
     check_seed(seed, len(work), name="--seed")  # each file or shard its own seed: none may wrap onto another's
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = {index: score_work(module, work[index], caption, torch.Generator().manual_seed(seed + index))
+    mine = {index: score_work(module, work[index], caption, torch.Generator().manual_seed(seed + index), captions)
             for index in range(rank, len(work), world_size)}
     if world_size > 1:
         parts: list[dict[int, list[dict[str, Any]]]] = [{} for _ in range(world_size)]
@@ -394,9 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", nargs="+", required=True,
                         help="video files, folders of videos (not the .latent.npy beside generated samples) "
                              "or shard folders")
-    parser.add_argument("--caption", default="",
-                        help="caption for video files (default: unconditional); shards are scored under their own "
+    parser.add_argument("--caption", default=None,
+                        help="caption for video files (default: unconditional); with --captions, for the files its "
+                             "table lacks (default: those are listed unscored); shards are scored under their own "
                              "captions; a model without text takes none")
+    parser.add_argument("--captions", default=None, metavar="FILE",
+                        help="CSV or JSONL of path,caption rows giving each video file its caption, as `flowvid data "
+                             "from-videos --captions` reads it (paths relative to FILE; a bare file name captions "
+                             "that name in any folder)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
     add_weights_argument(parser)
     add_adapter_arguments(parser)
@@ -416,14 +494,15 @@ def main(argv: list[str]) -> int:
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
         listed = list_inputs_once(args.input, args.caption)
+        captions = None if args.captions is None else read_file_captions(args.captions, listed, args.caption)
         check_seed(args.seed, name="--seed")
         check_output_file(args.out, "--out", "give the JSON lines file to write", ScoreError)
-        check_out_is_no_listed_input(args.out, listed)
+        check_out_is_no_listed_input(args.out, listed, captions)
         check_adapter_arguments(args.lora, args.lora_strength)
         module = load_model(args.ckpt, weights=args.weights, map_location=device, adapters=args.lora,
                             adapter_strength=args.lora_strength)
         with precision_context(precision, device):
-            records = score_listed(module, listed, args.caption, args.seed)
+            records = score_listed(module, listed, args.caption, args.seed, captions)
     except (ScoreError, FileNotFoundError, ValueError, CorruptCheckpointError, ImportError) as err:
         raise UserError(str(err)) from None
     if rank != 0:  # the first process writes everyone's records

@@ -245,3 +245,39 @@ def test_numpy_integers_are_taken_for_frames_seed_and_batch_size(checkpoint):
 def test_a_bool_is_no_count_seed_or_guidance(checkpoint, setting, error):
     with pytest.raises(GenerateError, match=error):
         refusing_pipeline(checkpoint)("a red circle", **setting)
+
+
+def test_videos_per_prompt_samples_each_prompt_in_a_row_as_the_prompt_repeated_by_hand(checkpoint):
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu")
+    prompts = ["a red circle moves left", "a blue square moves up"]
+    each_twice = pipe(prompts, seed=3, batch_size=3, videos_per_prompt=np.int64(2))
+    by_hand = pipe(["a red circle moves left"] * 2 + ["a blue square moves up"] * 2, seed=3, batch_size=3)
+    assert each_twice.videos.shape == (4, 4, 8, 8, 3) and each_twice.seeds == [3, 4, 5, 6]
+    assert each_twice.captions == by_hand.captions and each_twice.captions[0] == each_twice.captions[1]
+    np.testing.assert_array_equal(each_twice.videos, by_hand.videos)
+    assert not np.array_equal(each_twice.videos[0], each_twice.videos[1])  # two samples, not one twice
+    alone = pipe("a blue square moves up", seed=6)  # the last sample, drawn on its own from its seed
+    np.testing.assert_allclose(each_twice.latents[3], alone.latents[0], atol=1e-5)
+    np.testing.assert_array_equal(pipe(prompts, seed=3, videos_per_prompt=1).videos, pipe(prompts, seed=3).videos)
+
+
+def test_videos_per_prompt_of_one_image_starts_each_video_with_it(checkpoint):
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu")
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    out = pipe("a blue square moves up", task="i2v", image=image, seed=1, videos_per_prompt=3)
+    assert out.videos.shape[0] == 3 and all(np.array_equal(video[0], image) for video in out.videos)
+    assert len({video.tobytes() for video in out.videos}) == 3
+    np.testing.assert_array_equal(out.videos, pipe(["a blue square moves up"] * 3, task="i2v", image=image,
+                                                   seed=1).videos)
+
+
+def test_an_unconditional_model_samples_videos_per_prompt_without_a_prompt(unconditional_checkpoint):
+    out = VideoPipeline.from_pretrained(unconditional_checkpoint, device="cpu")(seed=2, videos_per_prompt=2)
+    assert out.videos.shape[0] == 2 and out.seeds == [2, 3]
+
+
+@pytest.mark.parametrize("count", [0, -1, True, 2.0, "2", None])
+def test_videos_per_prompt_that_is_no_count_is_refused_before_any_work(checkpoint, count):
+    message = rf"^videos_per_prompt must be an integer >= 1, got {re.escape(repr(count))}$"
+    with pytest.raises(GenerateError, match=message):
+        refusing_pipeline(checkpoint)("a red circle", videos_per_prompt=count)

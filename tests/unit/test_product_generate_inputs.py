@@ -55,6 +55,84 @@ def test_a_record_that_is_json_but_no_samples_is_named_by_skip_existing(checkpoi
     assert f"cannot read {record} to skip its sample: it holds no sample's record" in one_line_error(capsys)
 
 
+# --- several samples of each prompt --------------------------------------------------------------
+
+
+def written(folder: Path) -> dict[str, tuple[dict, np.ndarray]]:
+    """Each sample of ``folder`` by name: its record without the run's timings, and its frames."""
+    samples = {}
+    for path in sorted(folder.glob("*.json")):
+        record = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("timings", "batch_size")}
+        samples[path.stem] = record, np.load(path.with_suffix(".npy"))
+    return samples
+
+
+def test_samples_per_prompt_writes_what_the_prompts_repeated_in_a_row_write(checkpoint, tmp_path, capsys):
+    two_each = ["--prompt", "a red circle", "--prompt", "a blue square", "--samples-per-prompt", "2"]
+    assert generate(checkpoint, tmp_path / "n2", *two_each, "--batch-size", "3") == 0
+    assert "wrote 4 samples" in capsys.readouterr().out
+    by_hand = ["--prompt", "a red circle"] * 2 + ["--prompt", "a blue square"] * 2
+    assert generate(checkpoint, tmp_path / "repeated", *by_hand, "--batch-size", "3") == 0
+    samples, expected = written(tmp_path / "n2"), written(tmp_path / "repeated")
+    assert list(samples) == list(expected) == ["t2v_000_a-red-circle", "t2v_001_a-red-circle",
+                                               "t2v_002_a-blue-square", "t2v_003_a-blue-square"]
+    for name, (record, video) in samples.items():
+        assert record == {**expected[name][0], "samples_per_prompt": 2}
+        np.testing.assert_array_equal(video, expected[name][1])
+    assert [record["seed"] for record, _ in samples.values()] == [0, 1, 2, 3]
+
+    # One sample per prompt is a run as before: the same names and records, which resumption keeps.
+    plain = ["--prompt", "a red circle", "--prompt", "a blue square"]
+    assert generate(checkpoint, tmp_path / "n1", *plain) == 0
+    assert all("samples_per_prompt" not in record for record, _ in written(tmp_path / "n1").values())
+    capsys.readouterr()
+    assert generate(checkpoint, tmp_path / "n1", *plain, "--samples-per-prompt", "1", "--skip-existing") == 0
+    assert "2 of 2 samples are in" in capsys.readouterr().err
+
+
+def test_skip_existing_resumes_samples_per_prompt_and_refuses_another_count(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    two_each = ["--prompt", "a red circle", "--prompt", "a blue square", "--samples-per-prompt", "2"]
+    assert generate(checkpoint, out, *two_each) == 0
+    (out / "t2v_003_a-blue-square.json").unlink()  # interrupted while writing the last sample
+    capsys.readouterr()
+    assert generate(checkpoint, out, *two_each, "--skip-existing") == 0
+    captured = capsys.readouterr()
+    assert "3 of 4 samples are in" in captured.err and "wrote 1 sample to" in captured.out
+    # Three of each would leave this run's blue square at t2v_002 beside that run's three: a mix of both.
+    for count, recorded in (("3", "samples_per_prompt 2, not 3"), ("1", "samples_per_prompt 2, not None")):
+        assert generate(checkpoint, out, *two_each[:-1], count, "--skip-existing") == 2
+        assert f"was written by another request ({recorded})" in one_line_error(capsys)
+    assert generate(checkpoint, out, *two_each[:-1], "3") == 2
+    assert "holds a sample of another request (samples_per_prompt 2, not 3)" in one_line_error(capsys)
+
+
+def test_samples_per_prompt_of_one_image_start_with_it(checkpoint, tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "first.png")
+    assert generate(checkpoint, tmp_path / "out", "--task", "i2v", "--image", str(tmp_path / "first.png"),
+                    "--prompt", "x", "--samples-per-prompt", "2") == 0
+    samples = written(tmp_path / "out")
+    assert list(samples) == ["i2v_000_x", "i2v_001_x"]
+    [first, second] = [video for _, video in samples.values()]
+    assert np.array_equal(first[0], image) and np.array_equal(second[0], image) and not np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_a_samples_per_prompt_below_one_is_refused_before_loading(tmp_path, capsys, count):
+    never_read = tmp_path / "never-read.ckpt"
+    assert generate(never_read, tmp_path / "out", "--prompt", "x", "--samples-per-prompt", count) == 2
+    assert f"--samples-per-prompt must be an integer >= 1, got {count}" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_samples_per_prompt_that_is_no_integer_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        generate(tmp_path / "never-read.ckpt", tmp_path / "out", "--prompt", "x", "--samples-per-prompt", "1.5")
+    assert exit_status.value.code == 2
+    assert "argument --samples-per-prompt: invalid int value: '1.5'" in capsys.readouterr().err
+
+
 # --- device and precision, as the caller names them ----------------------------------------------
 
 
@@ -133,6 +211,41 @@ def test_an_image_of_floating_point_pixels_is_refused_not_read_black(checkpoint,
     assert generate(checkpoint, tmp_path / "out", "--task", "i2v", "--image", str(tmp_path / "float.tiff"),
                     "--prompt", "x") == 2
     assert "pixels are floating-point numbers; save it with 8 or 16 bits per channel" in one_line_error(capsys)
+
+
+def test_i2v_from_a_video_file_starts_from_its_first_frame_the_only_one_decoded(checkpoint, tmp_path, monkeypatch):
+    import flowvid.media
+    from flowvid.media import fit_frame, read_frames, write_video
+    from flowvid.pipeline import VideoPipeline
+
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "clip.mp4", rng.integers(0, 256, (6, 16, 12, 3), dtype=np.uint8))
+    first = read_frames(tmp_path / "clip.mp4")[0]  # as decoded: H.264 is lossy
+    Image.fromarray(first).save(tmp_path / "first.png")
+    decoded: list[int] = []
+    shown_frame = flowvid.media.shown_frame
+    monkeypatch.setattr(flowvid.media, "shown_frame", lambda *args: decoded.append(1) or shown_frame(*args))
+    args = ["--task", "i2v", "--prompt", "a red circle", "--seed", "4"]
+    for name in ("clip.mp4", "first.png"):
+        assert generate(checkpoint, tmp_path / f"from {name}", *args, "--image", str(tmp_path / name)) == 0
+    assert len(decoded) == 1
+    np.testing.assert_array_equal(only_video(tmp_path / "from clip.mp4"), only_video(tmp_path / "from first.png"))
+    [from_video], [from_image] = ([json.loads(p.read_text()) for p in (tmp_path / f"from {name}").glob("*.json")]
+                                 for name in ("clip.mp4", "first.png"))
+    assert from_video["resized_from"] == from_image["resized_from"] == [16, 12]
+
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu")
+    np.save(tmp_path / "frames.npy", np.stack([first, first[::-1]]))
+    from_array = pipe("a red circle", task="i2v", image=fit_frame(first, 8, 8), seed=4).videos
+    for given in (tmp_path / "clip.mp4", str(tmp_path / "frames.npy")):
+        np.testing.assert_array_equal(pipe("a red circle", task="i2v", image=given, seed=4).videos, from_array)
+
+
+def test_i2v_from_a_video_whose_first_frame_cannot_be_decoded_is_refused(checkpoint, tmp_path, capsys):
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    assert generate(checkpoint, tmp_path / "out", "--task", "i2v", "--image", str(tmp_path / "broken.mp4"),
+                    "--prompt", "x") == 2
+    assert f"cannot decode video {tmp_path / 'broken.mp4'}" in one_line_error(capsys)
 
 
 def test_a_clip_cut_to_whole_latent_frames_says_so():

@@ -221,3 +221,69 @@ def test_score_inputs_walks_a_folder_once(checkpoint, tmp_path, monkeypatch):
     assert walks == [tmp_path]
     assert sorted(r["path"] for r in records) == [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]
     assert [r["rank"] for r in records] == [1, 2]
+
+
+# --- captions of video files from a table ----------------------------------------------------------
+
+
+def scores(checkpoint, out: Path, *arguments) -> dict[str, dict]:
+    assert main(["score", "--ckpt", str(checkpoint), *arguments, "--out", str(out)]) == 0
+    return {Path(r["path"]).name: r for r in records_of(out)}
+
+
+@pytest.mark.parametrize("table, rows", [
+    ("captions.csv", 'path,caption\nclips/a.npy,a red circle\nb.npy,"a blue square, moving up"\n'),
+    ("captions.jsonl", '{"path": "clips/a.npy", "caption": "a red circle"}\n'
+                       '{"path": "b.npy", "caption": "a blue square, moving up"}\n')])
+def test_each_video_file_is_scored_under_its_caption_from_the_table(checkpoint, tmp_path, table, rows):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        np.save(clips / f"{name}.npy", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    (tmp_path / table).write_text(rows)
+    inputs = ["--input", str(clips / "a.npy"), str(clips / "b.npy"), str(clips / "c.npy")]
+    from_table = scores(checkpoint, tmp_path / "table.jsonl", *inputs, "--captions", str(tmp_path / table))
+    # Video file i draws its dequantisation noise from seed i: each is scored alone under its seed.
+    for index, (name, caption) in enumerate((("a.npy", "a red circle"), ("b.npy", "a blue square, moving up"))):
+        alone = scores(checkpoint, tmp_path / f"{name}.jsonl", "--input", str(clips / name), "--caption", caption,
+                       "--seed", str(index))[name]
+        assert from_table[name]["bits_per_dim_per_frame"] == alone["bits_per_dim_per_frame"]
+        unconditional = scores(checkpoint, tmp_path / "empty.jsonl", "--input", str(clips / name),
+                               "--seed", str(index))[name]
+        assert from_table[name]["bits_per_dim"] != unconditional["bits_per_dim"]  # the caption is read
+    # As from-videos skips a video the table lacks, unless --default-caption gives it one.
+    assert "error" not in from_table["a.npy"] and "error" not in from_table["b.npy"]
+    assert from_table["c.npy"]["error"].startswith(f"no caption: --captions {tmp_path / table} has no row for it")
+    with_default = scores(checkpoint, tmp_path / "default.jsonl", *inputs, "--captions", str(tmp_path / table),
+                          "--caption", "a green star")
+    alone = scores(checkpoint, tmp_path / "c.jsonl", "--input", str(clips / "c.npy"), "--caption", "a green star",
+                   "--seed", "2")["c.npy"]
+    assert with_default["c.npy"]["bits_per_dim_per_frame"] == alone["bits_per_dim_per_frame"]
+    assert with_default["a.npy"]["bits_per_dim"] == from_table["a.npy"]["bits_per_dim"]
+
+
+def test_a_captions_table_that_cannot_caption_the_inputs_is_refused_before_loading(tmp_path, capsys):
+    from flowvid.data import write_synthetic_dataset
+
+    np.save(tmp_path / "clip.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    write_synthetic_dataset(tmp_path / "data", num_videos=2, frames=4, size=8, val_videos=1, shard_samples=8)
+    (tmp_path / "others.csv").write_text("other.mp4,a red circle\n")
+    (tmp_path / "latin1.csv").write_bytes("clip.npy,une scène d'été\n".encode("latin-1"))
+    (tmp_path / "named.csv").write_text("clip.npy,a red circle\n")
+    clip, shards = str(tmp_path / "clip.npy"), str(tmp_path / "data" / "train")
+    for table, inputs, message in (
+            ("missing.csv", [clip], f"--captions {tmp_path / 'missing.csv'} does not exist"),
+            ("data", [clip], f"--captions {tmp_path / 'data'} is a folder"),
+            ("latin1.csv", [clip], f"cannot read captions file {tmp_path / 'latin1.csv'}"),
+            ("others.csv", [clip], f"--captions {tmp_path / 'others.csv'} names none of the 1 video files"),
+            ("named.csv", [shards], "--captions applies to video files, and the inputs are all shard folders")):
+        # A checkpoint that is not there: only a refusal before the model loads names the captions.
+        assert main(["score", "--ckpt", str(tmp_path / "nope.ckpt"), "--input", *inputs,
+                     "--captions", str(tmp_path / table), "--out", str(tmp_path / "s.jsonl")]) == 2
+        assert message in one_line_error(capsys)
+    assert not (tmp_path / "s.jsonl").exists()
+    assert main(["score", "--ckpt", str(tmp_path / "nope.ckpt"), "--input", clip, "--captions",
+                 str(tmp_path / "named.csv"), "--out", str(tmp_path / "named.csv")]) == 2
+    assert f"--out {tmp_path / 'named.csv'} is one of the inputs" in one_line_error(capsys)
+    assert (tmp_path / "named.csv").read_text() == "clip.npy,a red circle\n"

@@ -9,6 +9,9 @@ carries (and ``flowvid export`` writes out as ``config.yaml``).
 A wrong value, path or checkpoint found before the first loop starts (while the recipe's classes are
 built, the resume point is found, the data and the model are checked) is reported in one line, exit
 status 2; ``FLOWVID_TRACEBACK=1`` shows the traceback instead. Later errors keep their traceback.
+
+``flowvid fit`` ends by naming the run's newest checkpoint, its TensorBoard folder and the commands that take
+the checkpoint on (``FitSummary``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -28,8 +32,9 @@ from typing import Any, NoReturn
 import yaml
 from jsonargparse._common import debug_mode_active
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -47,6 +52,7 @@ from flowvid.lit.finetune import InitFromExport
 from flowvid.lit.progress import StepProgressBar
 from flowvid.loading import export_in
 from flowvid.registry import did_you_mean
+from flowvid.text.base import TextEncoder
 
 
 #: The values of ``ckpt_path`` that Lightning reads as names, not paths.
@@ -68,6 +74,65 @@ class LoopStarted(Callback):
         LoopStarted.started = True
 
     on_train_start = on_validation_start = _mark
+
+
+class FitSummary(Callback):
+    """Ends ``flowvid fit`` by saying where the run's newest checkpoint and its logs are, and the commands that
+    take the checkpoint on: after the last step, and after a stop by SIGTERM or a first Ctrl-C (for which
+    ``RunCheckpoint`` saves the step in progress). Not after a crash or a second Ctrl-C, which save nothing."""
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        print_fit_summary(trainer, pl_module, stopped=False)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            print_fit_summary(trainer, pl_module, stopped=True)
+
+
+def print_fit_summary(trainer: Trainer, pl_module: LightningModule, stopped: bool) -> None:
+    """``fit_summary`` on the first process; the others know the same paths and stay quiet."""
+    if trainer.is_global_zero:
+        print(fit_summary(trainer, pl_module, stopped), flush=True)
+
+
+def fit_summary(trainer: Trainer, pl_module: LightningModule, stopped: bool) -> str:
+    """``trained to step N; saved CHECKPOINT, logs in FOLDER`` and the commands that take the checkpoint on;
+    only the first part, saying so, when the run wrote no checkpoint."""
+    checkpoint = newest_checkpoint_saved(trainer)
+    logger = next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
+    summary = f"{'stopped at' if stopped else 'trained to'} step {trainer.global_step}; "
+    summary += f"saved {shown(checkpoint)}" if checkpoint else "wrote no checkpoint"
+    if logger is not None:
+        summary += f", logs in {shown(logger.log_dir)}"
+    if checkpoint is None:
+        return summary
+    ckpt = shlex.quote(shown(checkpoint))
+    prompt = ' --prompt "..."' if any(isinstance(module, TextEncoder) for module in pl_module.modules()) else ""
+    export_to = shlex.quote(shown(os.path.join(trainer.default_root_dir, "exported", "model.safetensors")))
+    samples_to = shlex.quote(shown(os.path.join(trainer.default_root_dir, "samples")))
+    commands = [f"flowvid export --ckpt {ckpt} --out {export_to}",
+                f"flowvid generate --ckpt {ckpt}{prompt} --out {samples_to}"]
+    if logger is not None:
+        commands.append(f"tensorboard --logdir {shlex.quote(shown(logger.root_dir))}")
+    return "\n".join([summary, "next:", *(f"  {command}" for command in commands)])
+
+
+def newest_checkpoint_saved(trainer: Trainer) -> str | None:
+    """The checkpoint this run saved last: its ``RunCheckpoint``'s (what ``resume: auto`` and ``--ckpt RUN_DIR``
+    take) when that saved one, else another ``ModelCheckpoint``'s; None when the run saved none."""
+    callbacks = sorted(trainer.checkpoint_callbacks, key=lambda callback: not isinstance(callback, RunCheckpoint))
+    # The last checkpoint a ModelCheckpoint wrote in this process (unlike best_model_path, not restored on resume).
+    saved = [callback._last_checkpoint_saved for callback in callbacks if isinstance(callback, ModelCheckpoint)]
+    return next((path for path in saved if path), None)
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as a user would type it here: relative to the current folder when inside it."""
+    path = str(path)
+    if "://" in path:
+        return path
+    relative = os.path.relpath(path)
+    return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
 
 class FlowvidArgumentParser(LightningArgumentParser):
@@ -268,6 +333,7 @@ class FlowvidCLI(LightningCLI):
                 callback.resuming_from = settings.ckpt_path
             if isinstance(callback, InitFromExport):  # ("last" with no checkpoint yet starts afresh)
                 callback.resuming = settings.ckpt_path is not None and os.path.exists(settings.ckpt_path)
+        self.trainer.callbacks.append(FitSummary())  # for fit only, and once the run is accepted
 
     def _check_automatic_optimisation_settings(self) -> None:
         """Trainer settings that only automatic optimisation reads; Lightning's own messages name no fix."""

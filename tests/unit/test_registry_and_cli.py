@@ -238,3 +238,78 @@ def test_yaml_takes_class_names_for_codecs_and_short_names_for_blocks_as_the_doc
     assert "by short name or `class_path`" not in (root / "docs" / "plugins.md").read_text()
     assert "class by its short name." not in flowvid.cli.__doc__
     assert "`class_path: pixel` is refused" in (root / "docs" / "plugins.md").read_text()
+
+
+# --- how `flowvid fit` ends -------------------------------------------------------------------------
+
+#: The demo recipe at the smallest sizes, checkpointed after every step, without validation and sampling.
+TINY_FIT = """
+trainer:
+  max_steps: 2
+  limit_val_batches: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: flowvid.lit.checkpointing.RunCheckpoint
+      init_args: {every_n_train_steps: 1, keep_last_k: -1}
+model:
+  init_args:
+    warmup_steps: 1
+    flow:
+      init_args: {num_shallow: 1, shallow_width: 32, shallow_depth: 1, deep_width: 32, deep_depth: 1, head_dim: 16,
+                  text_width: 16}
+    text_encoder: {init_args: {width: 16, depth: 1, head_dim: 8}}
+    denoiser: {init_args: {width: 16, depth: 1, head_dim: 8, text_width: 16}}
+data: {init_args: {batch_size: 2, val_batches: 1}}
+"""
+
+
+def test_fit_ends_with_its_newest_checkpoint_its_logs_and_the_commands_that_take_it_on(tmp_path, capsys):
+    from pathlib import Path
+    from unittest import mock
+
+    from flowvid.data import write_synthetic_dataset
+    from flowvid.lit.checkpointing import list_checkpoints
+
+    write_synthetic_dataset(tmp_path / "shapes", num_videos=4, frames=8, size=16, val_videos=2)
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(TINY_FIT)
+    demo = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "shapes_t2v.yaml"
+    run = tmp_path / "run"
+    with mock.patch.object(sys, "argv", ["flowvid"]):  # pytest's own arguments are not the CLI's
+        status = main(["fit", "--config", str(demo), "--config", str(tiny), f"--trainer.default_root_dir={run}",
+                       f"--data.init_args.train_dir={tmp_path / 'shapes' / 'train'}",
+                       f"--data.init_args.val_dir={tmp_path / 'shapes' / 'val'}"])
+    assert status == 0
+    summary, rest = capsys.readouterr().out.split("trained to step 2; saved ", 1)[1].split(", logs in ", 1)
+    logs, _, commands = rest.partition("\n")
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    assert newest.name == "step=00000002.ckpt" and Path(summary).resolve() == newest.resolve()
+    assert Path(logs).is_dir() and Path(logs).parent == run / "lightning_logs"
+    assert commands.splitlines() == [
+        "next:",
+        f"  flowvid export --ckpt {summary} --out {run / 'exported' / 'model.safetensors'}",
+        f'  flowvid generate --ckpt {summary} --prompt "..." --out {run / "samples"}',
+        f"  tensorboard --logdir {run / 'lightning_logs'}",
+    ]
+
+
+def test_only_the_first_process_of_a_run_says_how_it_ended(capsys):
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from flowvid.lit.checkpointing import RunCheckpoint
+    from flowvid.lit.cli_support import FitSummary
+
+    checkpoints = RunCheckpoint()
+    checkpoints._last_checkpoint_saved = "/runs/a/checkpoints/step=00000007.ckpt"
+
+    def process(rank: int) -> SimpleNamespace:
+        return SimpleNamespace(is_global_zero=rank == 0, global_step=7, checkpoint_callbacks=[checkpoints],
+                               loggers=[], default_root_dir="/runs/a")
+
+    FitSummary().on_fit_end(process(rank=1), nn.Linear(1, 1))
+    assert capsys.readouterr().out == ""
+    FitSummary().on_fit_end(process(rank=0), nn.Linear(1, 1))
+    assert capsys.readouterr().out.startswith("trained to step 7; saved /runs/a/checkpoints/step=00000007.ckpt\n")

@@ -379,6 +379,27 @@ def test_ctrl_c_saves_the_step_in_progress_and_stops(tmp_path):
     assert stopped.value.stopped_by == "Ctrl-C"
 
 
+def test_a_run_stopped_by_sigterm_names_the_checkpoint_of_the_step_it_stopped_after(tmp_path, capsys):
+    from flowvid.lit.cli_support import FitSummary
+
+    with pytest.raises(SIGTERMException):
+        tiny_trainer(tmp_path, 4, SignalAt(signal.SIGTERM, batch=2), FitSummary()).fit(TrainableTiny(), tiny_data())
+    checkpoint = tmp_path / "checkpoints" / "step=00000002.ckpt"
+    assert saved(tmp_path) == [checkpoint.name]
+    summary = capsys.readouterr().out
+    assert f"stopped at step 2; saved {checkpoint}\nnext:\n  flowvid export --ckpt {checkpoint} " in summary
+
+
+def test_a_run_that_saved_no_checkpoint_names_none(tmp_path, capsys):
+    from flowvid.lit.cli_support import FitSummary
+
+    unsaved = RunCheckpoint(every_n_train_steps=100, save_on_train_end=False)
+    Trainer(accelerator="cpu", max_steps=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[unsaved, FitSummary()]).fit(TrainableTiny(), tiny_data())
+    assert saved(tmp_path) == []
+    assert capsys.readouterr().out == "trained to step 2; wrote no checkpoint\n"
+
+
 @pytest.mark.parametrize(("stopped_by", "status"), [("Ctrl-C", 130), ("SIGTERM", 143), (None, 143)])
 def test_flowvid_fit_exits_as_a_shell_reports_the_signal_that_stopped_the_run(stopped_by, status, monkeypatch):
     """143 after SIGTERM, also on a process that learnt of another's signal (None); 130 after Ctrl-C."""

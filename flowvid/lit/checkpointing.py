@@ -362,10 +362,7 @@ class RunCheckpoint(ModelCheckpoint):
         self.resuming_from: str | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.dirpath is None:
-            # As Lightning resolves a given dirpath: the checkpoints it keeps are matched by their folder,
-            # which must not change with the spelling of default_root_dir (relative, absolute, a symlink).
-            self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, CHECKPOINT_SUBDIR))
+        self.dirpath = self._checkpoint_dir(trainer)
         with warnings.catch_warnings():
             if self._resumes_own_checkpoint():
                 # Lightning warns of a checkpoint folder that is not empty, which is where a resume finds it.
@@ -382,6 +379,23 @@ class RunCheckpoint(ModelCheckpoint):
             strategy.checkpoint_io = AtomicCheckpointIO(
                 check=lambda checkpoint, path: check_resumable(checkpoint, pl_module, f"checkpoint {path}")
             )
+
+    def _checkpoint_dir(self, trainer: Trainer) -> str:
+        if self.dirpath is not None:
+            return self.dirpath
+        # As Lightning resolves a given dirpath: the checkpoints it keeps are matched by their folder,
+        # which must not change with the spelling of default_root_dir (relative, absolute, a symlink).
+        return os.path.realpath(os.path.join(trainer.default_root_dir, CHECKPOINT_SUBDIR))
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        """What ``trainer.fit(ckpt_path="last")`` and ``trainer.validate(ckpt_path="last")`` take from this
+        callback: the newest readable step. Lightning looks for a ``last.ckpt``, which this callback does
+        not write, and without one would start afresh (or validate the model as initialised)."""
+        folder = self._checkpoint_dir(trainer)
+        found = list_checkpoints(folder)
+        if not found:
+            return set()
+        return {str(newest_readable(found, f"{folder} holds {len(found)} checkpoint(s)"))}
 
     def _resumes_own_checkpoint(self) -> bool:
         """Whether the run resumes from a checkpoint in this callback's folder (``dirpath``, not yet resolved

@@ -58,6 +58,9 @@ log = logging.getLogger("flowvid.train")
 #: A run that skips this many steps in a row is broken, not unlucky: stop it with an error.
 MAX_CONSECUTIVE_SKIPS = 50
 
+PREDICT_REFUSED = ("FlowModule does not run under trainer.predict: sample with module.generate_videos(captions, "
+                   "seed=...), or with flowvid generate")
+
 
 def check_compilable(strategy) -> None:
     """``compile_flow`` under ZeRO-3 would compile around the hooks that gather each sharded parameter."""
@@ -619,6 +622,10 @@ class FlowModule(LightningModule):
 
     def on_fit_start(self) -> None:
         # The optimiser and its schedule are built, and no batch has trained yet.
+        if self.schedule_length is None:
+            raise TypeError(f"{type(self).__name__}.configure_optimizers must return what "
+                            "FlowModule.configure_optimizers returns (call super() and adjust it): the training step "
+                            "clips, logs and schedules its 'flow' and 'denoiser' parameter groups itself")
         self._check_a_window_fits()
         self._check_warmup_fits()
 
@@ -648,6 +655,8 @@ class FlowModule(LightningModule):
                            f"longer than {warmup} steps or lower warmup_steps below {length}")
 
     def setup(self, stage: str) -> None:
+        if stage == "predict":  # refused here, before Lightning asks the data module for a predict_dataloader
+            raise NotImplementedError(PREDICT_REFUSED)
         precision = str(self.trainer.precision)
         if precision.startswith("16"):
             raise ValueError(f"precision {precision!r} is not supported: fp16 loss scaling would rescale the "
@@ -726,6 +735,10 @@ class FlowModule(LightningModule):
         return f"val/{names[dataloader_idx] if names else f'dataloader_{dataloader_idx}'}"
 
     # --- sampling ------------------------------------------------------------------------------
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: without it Lightning's ``trainer.predict`` would ask for a ``forward`` method."""
+        raise NotImplementedError(PREDICT_REFUSED)
 
     @contextmanager
     def averaged_weights(self) -> Iterator[None]:

@@ -101,3 +101,32 @@ def test_the_folder_check_leaves_nothing_behind_but_the_folder(tmp_path):
     trainer = Trainer(accelerator="cpu", default_root_dir=tmp_path, logger=False)
     checkpoints.setup(trainer, TrainableTiny(), "fit")
     assert (tmp_path / "checkpoints").is_dir() and list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def plain_trainer(root, max_steps: int) -> Trainer:
+    return Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=root,
+                   callbacks=[RunCheckpoint(every_n_train_steps=2)])
+
+
+def test_ckpt_path_last_in_a_trainer_of_ones_own_continues_from_the_newest_run_checkpoint(tmp_path):
+    """RunCheckpoint writes no last.ckpt, so Lightning found no 'last', warned and trained from step 0."""
+    data = DataLoader(TensorDataset(torch.rand(8, 2, 4, 4, 3)), batch_size=2)
+    plain_trainer(tmp_path, 4).fit(TrainableTiny(), data)
+    (tmp_path / "checkpoints" / "step=00000002.ckpt").unlink()  # the newest stays; keep_last_k would do this
+    resumed = plain_trainer(tmp_path, 6)
+    steps = CountSteps()
+    resumed.callbacks.append(steps)
+    resumed.fit(TrainableTiny(), data, ckpt_path="last")
+    assert resumed.ckpt_path == str(tmp_path / "checkpoints" / "step=00000004.ckpt")
+    assert steps.batches == 2
+
+
+def test_ckpt_path_last_passes_over_an_unreadable_newest_checkpoint(tmp_path):
+    data = DataLoader(TensorDataset(torch.rand(8, 2, 4, 4, 3)), batch_size=2)
+    plain_trainer(tmp_path, 4).fit(TrainableTiny(), data)
+    (tmp_path / "checkpoints" / "step=00000004.ckpt").write_bytes(b"cut short by a full disk")
+    resumed = plain_trainer(tmp_path, 4)
+    with pytest.warns(UserWarning, match="passing over an unreadable checkpoint"):
+        resumed.fit(TrainableTiny(), data, ckpt_path="last")
+    assert resumed.ckpt_path == str(tmp_path / "checkpoints" / "step=00000002.ckpt")

@@ -322,3 +322,28 @@ def test_model_flops_leave_out_the_gradients_of_frozen_weights():
     assert module.model_flops_per_token == 6 * counts["flow"] - 2 * counts["shallow"] + 2 * counts["denoiser"]
     module.denoiser = None  # no gradient on the latents: the frozen shallow blocks before the deep one see none
     assert module.model_flops_per_token == 6 * counts["flow"] - 4 * counts["shallow"]
+
+
+def test_trainer_predict_is_refused_in_one_line_that_names_the_sampling_api():
+    """Lightning asked for a forward method, or for the data module's predict_dataloader."""
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(NotImplementedError, match=r"does not run under trainer\.predict: .*generate_videos"):
+        trainer.predict(make_module(), DataLoader([video_batch()], batch_size=None))
+
+
+def test_a_subclass_whose_optimiser_is_not_flowmodules_is_refused_before_its_first_step():
+    """The step clips and logs the groups 'flow' and 'denoiser' and steps the schedule: a plain optimiser
+    failed with "'<' not supported between instances of 'int' and 'NoneType'"."""
+
+    class WithSGD(FlowModule):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    plain = make_module()
+    module = WithSGD(plain.flow, plain.codec, plain.text_encoder, plain.denoiser, video_shape=VIDEO)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(TypeError, match=r"WithSGD\.configure_optimizers must return what "
+                                        r"FlowModule\.configure_optimizers returns \(call super\(\)"):
+        trainer.fit(module, DataLoader([video_batch()] * 2, batch_size=None))
+    assert module.global_step == 0

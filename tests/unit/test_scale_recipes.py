@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 DEMO = RECIPES / "demo" / "shapes_t2v.yaml"
 PAPER_SCALE = RECIPES / "starflow_v" / "t2v_480p.yaml"
+OWN_VIDEOS = RECIPES / "custom" / "t2v_64px.yaml"
 
 #: Parameters of the reference STARFlow-V 7B model (apple/ml-starflow, counted on the meta device), in
 #: billions to the published three decimals.
@@ -157,6 +158,40 @@ def test_the_lora_overlay_trains_adapters_instead_of_frozen_blocks_on_the_same_d
     assert config["data"] == finetune["data"] and config["resume"] == "auto"
     assert config["trainer"]["default_root_dir"] != finetune["trainer"]["default_root_dir"]
     assert config["model"]["init_args"]["lr"] > finetune["model"]["init_args"]["lr"]
+
+
+def clip_spec(command_line: str) -> list[int]:
+    """[frames, size, size] of a ``flowvid data from-videos ... --frames N --size S`` line."""
+    words = command_line.split()
+    size = int(words[words.index("--size") + 1])
+    return [int(words[words.index("--frames") + 1]), size, size]
+
+
+def test_the_own_videos_recipe_trains_on_the_clips_the_readme_makes_with_sizes_that_agree(capsys):
+    vocabulary = ["a", "dog", "runs"]
+    with pytest.raises(SystemExit) as stop:
+        main([*fit_arguments((OWN_VIDEOS,)), "--model.init_args.text_encoder.init_args.vocabulary", str(vocabulary)])
+    assert stop.value.code in (0, None)
+    config = printed_config(capsys.readouterr().out)
+    model = config["model"]["init_args"]
+    flow, denoiser = model["flow"]["init_args"], model["denoiser"]["init_args"]
+    patch = model["codec"]["init_args"]["patch_size"]
+    frames, height, width = model["video_shape"]
+    assert (flow["latent_channels"], flow["frame_size"]) == (3 * patch**2, [height // patch, width // patch])
+    assert (denoiser["channels"], denoiser["frame_size"], denoiser["text_width"]) == (
+        flow["latent_channels"], flow["frame_size"], flow["text_width"])
+    assert model["text_encoder"]["init_args"]["vocabulary"] == vocabulary  # the documented override takes
+    data = config["data"]["init_args"]
+    assert (data["train_dir"], data["val_dir"], data["val_batches"]) == ("data/custom/train", "data/custom/val", None)
+    sample_logger = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("SampleVideoLogger"))
+    assert not sample_logger["init_args"].get("captions")  # the shapes captions mean nothing to your model
+    assert config["resume"] == "auto" and "StepSeed" in callback_classes(config)
+
+    header = OWN_VIDEOS.read_text().split("\nresume:")[0]
+    readme = (ROOT / "README.md").read_text().splitlines()
+    made = [line for line in (*header.splitlines(), *readme) if "flowvid data from-videos" in line]
+    assert len(made) == 2 and [clip_spec(line) for line in made] == [[frames, height, width]] * 2
+    assert any(line.startswith("flowvid fit --config recipes/custom/t2v_64px.yaml") for line in readme)
 
 
 class RefusingStrategy(SingleDeviceStrategy):

@@ -143,7 +143,7 @@ def print_description(description: dict[str, Any]) -> None:
                  + (f" at {video['fps']:g} fps ({video['clip_seconds']:.2f} s)" if video["fps"] else ""),
     }
     if description["hours"] is not None:
-        fields["total duration"] = f"{description['hours']:.2f} h"
+        fields["total duration"] = _duration(description["hours"] * 3600)
     if description["kind"] == "latent":
         codec = description["codec"]
         fields["codec"] = f"{codec['name']} (config {str(codec.get('config_hash', '?'))[:12]})"
@@ -168,6 +168,15 @@ def _origin(source: dict[str, Any]) -> str:
     if source.get("tool") == "encode-latents":
         return f"encode-latents of {source.get('raw', '?')}"
     return json.dumps(source) if source else "unknown"
+
+
+def _duration(seconds: float) -> str:
+    """In the unit that shows it: a first folder of a few clips holds seconds, which hours would print as 0.00 h."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
 
 
 def _size(count: int) -> str:

@@ -145,8 +145,12 @@ class VideoShardDataModule(L.LightningDataModule):
             manifest, where = self._manifest(folder), f"shards in {folder}"
             stored = manifests.video_shape(manifest)
             if video_shape is not None and tuple(video_shape) != stored:
+                frames, height, width = video_shape
+                size = f"{height}" if height == width else f"{height}x{width}"
                 raise ValueError(f"{where} hold clips of (frames, height, width) {stored}, "
-                                 f"but the model expects {tuple(video_shape)}")
+                                 f"but the model expects {tuple(video_shape)}: make them again at the model's "
+                                 f"size (`flowvid data from-videos ... --frames {frames} --size {size}`, then "
+                                 "`encode-latents` for latent shards), or train a model of their size")
             if manifest["kind"] == "latent":
                 if codec_identity is not None:
                     check_codec_identity(codec_identity, manifests.codec_identity(manifest), where)

@@ -408,6 +408,9 @@ def test_latent_shards_and_compatibility_checks(tmp_path):
         dm.check_compatible(latent_shape=(2, 2, 2, 12))
     with pytest.raises(ValueError, match=r"clips of \(frames, height, width\) \(2, 4, 4\)"):
         dm.check_compatible(video_shape=(8, 4, 4))
+    with pytest.raises(ValueError, match=r"make them again at the model's size \(`flowvid data from-videos \.\.\. "
+                                         r"--frames 8 --size 16x32`"):
+        dm.check_compatible(video_shape=(8, 16, 32))
     with pytest.raises(ValueError, match="text embeddings .* encode the shards again with the model's text encoder"):
         dm.check_compatible(text_encoder={"name": "other", "width": "8"})
 

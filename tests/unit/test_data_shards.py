@@ -448,6 +448,7 @@ def test_describe_reads_the_manifest_and_the_first_captions(tmp_path, capsys):
     assert data_main(["describe", str(tmp_path)]) == 0
     printed = capsys.readouterr().out  # the description, on stdout
     assert "caption 0" in printed and "2 frames of 4x4 at 8 fps" in printed
+    assert "1.8 s" in printed  # 7 clips of 0.25 s, in seconds rather than as 0.00 h
 
 
 def test_describe_names_what_is_wrong_and_reads_a_damaged_shard_up_to_the_damage(tmp_path):

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import av
 import numpy as np
 
-from flowvid.media import shown_frame, shown_size
+from flowvid.media import decode_failure, shown_frame, shown_size
 
 # What a folder is searched for. Camcorder (.mts, .m2ts, .dv), DVD (.vob) and broadcast (.mxf) files are
 # video as much as .mp4 is; a file named directly is read whatever its extension.
@@ -87,7 +87,7 @@ def _decode(path: Path, spec: ClipSpec) -> tuple[list[np.ndarray], float]:
             picked = [_fit(frame, spec.height, spec.width, stream.sample_aspect_ratio)
                       for frame in _frames_at_rate(container.decode(stream), rate, source_rate)]
     except av.FFmpegError as err:
-        raise VideoSkipped(f"undecodable: {err}") from err
+        raise VideoSkipped(f"undecodable: {decode_failure(err)}") from err
     return picked, float(rate)
 
 

@@ -16,6 +16,16 @@ class MediaError(ValueError):
     """A file that cannot be read as the image or video it should be, or a video that cannot be written."""
 
 
+def decode_failure(err: Exception) -> str:
+    """Why a file could not be decoded, in FFmpeg's words ("Invalid data found when processing input"), with
+    the line FFmpeg logged about it when PyAV kept one. PyAV prints its errors as ``[Errno 1094995529] ...:
+    'path'``: an internal error code no reader can use and the path that our own message names already."""
+    if not isinstance(err, av.FFmpegError) or not err.strerror:
+        return str(err)
+    logged = err.log[-1].strip() if err.log else ""
+    return f"{err.strerror} ({logged})" if logged else err.strerror
+
+
 def frame_rate(fps: float) -> Fraction:
     """``fps`` as the fraction a video stream stores (denominator at most 1000); MediaError unless it is a
     finite rate of at least 1/1000 frame per second, so that a bad rate is refused before any work."""
@@ -41,12 +51,14 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: s
     ``ffv1`` stores the frames losslessly (RGB). Other encoders store YUV, converted with BT.601's matrix in
     limited range and tagged so (``YUV_COLOUR_TAGS``). Most keep colour at half the resolution of brightness
     (4:2:0), which needs even sides: odd ones are padded by one pixel (a copy of the last row or column), so
-    such a video reads back one pixel taller or wider. ``container`` is FFmpeg's name of the file format
-    (``"mp4"``), by default read from the file's suffix.
+    such a video reads back one pixel taller or wider. ``libx265`` (HEVC) takes no side under 64 pixels:
+    smaller frames are refused before the file is made (``MINIMUM_SIDE``).
+    ``container`` is FFmpeg's name of the file format (``"mp4"``), by default read from the file's suffix.
     """
     rate = frame_rate(fps)
     frames = video_pixels(frames, path)
     encoder = encoder_name(codec)
+    check_frame_size(frames, encoder, path)
     with open_for_writing(Path(path), container) as output:
         stream = add_video_stream(output, encoder, rate)
         frames = padded_to_whole_colour_samples(frames, stream.pix_fmt)
@@ -54,6 +66,21 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: s
         for frame in frames:
             output.mux(stream.encode(encodable_frame(frame, stream.pix_fmt)))
         output.mux(stream.encode())
+
+
+# The smallest side (in pixels) an encoder takes, where that is more than one pixel. libx265 refuses sides
+# under 16, and below its largest coding block (64) it writes past its buffers: the process aborts on some
+# sizes and goes on with corrupted memory on others.
+MINIMUM_SIDE = {"libx265": 64}
+
+
+def check_frame_size(frames: np.ndarray, encoder: str, path: str | Path) -> None:
+    """MediaError unless every side of ``frames`` (T, H, W, 3) is one ``encoder`` takes (``MINIMUM_SIDE``)."""
+    height, width = frames.shape[1:3]
+    minimum = MINIMUM_SIDE.get(encoder, 1)
+    if min(height, width) < minimum:
+        raise MediaError(f"cannot write video {path} with {encoder}: it needs frames of at least {minimum}x{minimum} "
+                         f"pixels, got {height}x{width} (HxW); use libx264 or ffv1, or scale the frames up")
 
 
 def add_video_stream(output: av.container.OutputContainer, encoder: str, rate: Fraction) -> av.VideoStream:
@@ -236,7 +263,7 @@ def read_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndar
                     if max_frames is not None and len(frames) >= max_frames:
                         break
         except (av.FFmpegError, ValueError, IndexError) as err:
-            raise MediaError(f"cannot decode video {path}: {err}") from None
+            raise MediaError(f"cannot decode video {path}: {decode_failure(err)}") from None
     if not frames:
         raise MediaError(f"video {path} has no frames")
     return frames

@@ -1,6 +1,8 @@
 """Edge cases of writing videos (write_video, read back with read_frames) and of the TensorBoard sample videos."""
 
 import io
+import subprocess
+import sys
 
 import av
 import lightning as L
@@ -13,6 +15,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from data_tools.clips import ClipSpec, VideoSkipped, read_clips
 from flowvid.lit.callbacks import SampleVideoLogger
 from flowvid.media import MediaError, read_frames, write_video
 
@@ -116,12 +119,25 @@ def test_an_unknown_encoder_is_named(tmp_path):
         write_video(tmp_path / "clip.mp4", smooth_video(2, 8, 8), codec="x246")
 
 
+def test_a_file_that_is_no_video_is_named_with_ffmpegs_reason_and_no_internal_error_code(tmp_path):
+    """PyAV's own text, ``[Errno 1094995529] Invalid data ...: 'path'``, would show a code no reader can use
+    and the path twice, in `generate` and `score` errors and in the skip list of `from-videos`."""
+    path = tmp_path / "broken.mp4"
+    path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    with pytest.raises(MediaError) as refused:
+        read_frames(path)
+    assert str(refused.value) == f"cannot decode video {path}: Invalid data found when processing input"
+    with pytest.raises(VideoSkipped) as skipped:
+        read_clips(path, ClipSpec(frames=2, height=8, width=8))
+    assert str(skipped.value) == "undecodable: Invalid data found when processing input"
+
+
 def encoder_or_skip(codec: str) -> None:
     if codec not in av.codecs_available:
         pytest.skip(f"this FFmpeg has no {codec} encoder")
 
 
-# 65x129 rather than smaller: this FFmpeg's libx265 corrupts its memory on some frames a few dozen pixels wide.
+# 65x129: libx265 takes no side under 64 pixels.
 @pytest.mark.parametrize("codec, suffix", [("libx265", "mp4"), ("mpeg4", "mp4"), ("libvpx-vp9", "webm"),
                                            ("libsvtav1", "mkv"), ("mpeg2video", "mkv")])
 def test_odd_sides_are_padded_for_every_encoder_that_halves_the_colour_resolution(tmp_path, codec, suffix):
@@ -134,6 +150,36 @@ def test_odd_sides_are_padded_for_every_encoder_that_halves_the_colour_resolutio
     back = np.stack(read_frames(tmp_path / f"odd.{suffix}"))
     assert back.shape == (3, 66, 130, 3)
     assert np.abs(back[:, :65, :129].astype(int) - video).mean() < 4
+
+
+WRITE_IN_ITS_OWN_PROCESS = """
+import sys
+import numpy as np
+from flowvid.media import write_video
+path, codec, height, width = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+write_video(path, np.full((3, height, width, 3), 128, dtype=np.uint8), codec=codec)
+"""
+
+
+# In a process of its own: below 64 pixels a side libx265 writes past its buffers and may abort the process.
+@pytest.mark.parametrize("height, width", [(8, 8), (16, 40), (24, 40), (40, 16), (63, 200), (200, 48)])
+def test_frames_smaller_than_libx265_takes_are_refused_before_any_file_is_made(tmp_path, height, width):
+    encoder_or_skip("libx265")
+    path = tmp_path / "small.mkv"
+    run = subprocess.run([sys.executable, "-c", WRITE_IN_ITS_OWN_PROCESS, str(path), "libx265", str(height),
+                          str(width)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, f"exit status {run.returncode}:\n{run.stderr[-2000:]}"
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"flowvid.media.MediaError: cannot write video {path} with libx265: it needs frames of at least 64x64 "
+        f"pixels, got {height}x{width} (HxW); use libx264 or ffv1, or scale the frames up")
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (64, 200)])
+def test_frames_of_the_smallest_size_libx265_takes_are_written(tmp_path, height, width):
+    encoder_or_skip("libx265")
+    write_video(tmp_path / "small.mkv", smooth_video(3, height, width), codec="libx265")
+    assert np.stack(read_frames(tmp_path / "small.mkv")).shape == (3, height, width, 3)
 
 
 BT601_LIMITED_SRGB = (6, 1, 1, 1)  # H.273 codes: SMPTE 170M matrix, limited range, BT.709 primaries and transfer

@@ -22,6 +22,7 @@ VERBS: dict[str, str] = {
     "encode-latents": "data_tools.encode_latents",
     "verify": "data_tools.verify",
     "describe": "data_tools.describe",
+    "vocabulary": "data_tools.vocabulary",
     "fvd-stats": "data_tools.fvd_stats",
     "fvd": "data_tools.fvd",
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from flowvid.checks import is_positive_number
 from flowvid.codecs.base import check_codec_identity, same_codec
 from flowvid.data import manifest as manifests
 from flowvid.data.pipeline import ShardLoader, ShardSource, ShardStream, SkipCounter, shards_for_rank
-from flowvid.data.shards import SampleSpec, keys_held_earlier, shard_paths
+from flowvid.data.shards import SampleSpec, captions_of_shards, keys_held_earlier, shard_paths
 from flowvid.data.synthetic import BACKGROUNDS, DEFAULT_MAX_OBJECTS
 from flowvid.registry import DATASETS
 from flowvid.text.base import same_text_encoder
@@ -164,6 +165,12 @@ class VideoShardDataModule(L.LightningDataModule):
                                  "encode the shards again with the model's text encoder (`flowvid data "
                                  "encode-latents ... --text-encoder`), or give the model the encoder they were "
                                  "cached with")
+
+    def training_captions(self, per_folder: int) -> dict[str, list[str]]:
+        """The captions of the first ``per_folder`` samples of each training folder, in stored order and read
+        without the clips: the same on every rank. A damaged shard gives those before its damage."""
+        return {folder: list(itertools.islice(captions_of_shards(self._shards(folder)), per_folder))
+                for folder in self.train_dirs}
 
     def skipped_counts(self) -> dict[str, int]:
         """Samples skipped so far (train and validation, all workers; before a resume too), per reason.

@@ -374,6 +374,40 @@ def _member_keys(path: str | os.PathLike) -> set[str]:
     return keys
 
 
+def shard_captions(path: str | os.PathLike) -> Iterator[str]:
+    """The captions of one shard's samples, in stored order, read without the clips: only the tar headers
+    and the ``.txt`` members are read, every other member's data is skipped. A caption that is not UTF-8
+    is left out, as training skips its sample. Raises BrokenShard at the point of damage, after the
+    captions before it."""
+    try:
+        with open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:") as archive:
+            for member in archive:
+                if not member.isfile() or _key_and_field(member.name)[1] != "txt":
+                    continue
+                try:
+                    caption = archive.extractfile(member).read().decode("utf-8")  # type: ignore[union-attr]
+                except UnicodeDecodeError:
+                    continue
+                yield caption
+            # tarfile takes damage after the first header for the end of the archive: look at what is there.
+            damage = _damage_at(file, archive.offset)
+    except (OSError, EOFError, tarfile.TarError) as err:
+        raise BrokenShard(f"{path}: {err}") from err
+    if damage is not None:
+        raise BrokenShard(f"{path}: {damage}")
+
+
+def captions_of_shards(shards: Sequence[str | os.PathLike], broken: list[str] | None = None) -> Iterator[str]:
+    """The captions of ``shards`` in order (``shard_captions``). A damaged shard gives the captions before its
+    damage, and the error naming it is appended to ``broken``."""
+    for shard in shards:
+        try:
+            yield from shard_captions(shard)
+        except BrokenShard as err:
+            if broken is not None:
+                broken.append(str(err))
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     """What every sample of one shard folder must look like, from its manifest."""

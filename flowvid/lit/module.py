@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import shlex
 import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterable, Iterator
@@ -52,11 +53,16 @@ from flowvid.placement import warn_if_bf16_is_emulated
 from flowvid.registry import CODECS
 from flowvid.sampling.base import Sampler, build_sampler
 from flowvid.text.base import TextEmbedding, TextEncoder
+from flowvid.text.learned import LearnedTextEncoder
+from flowvid.text.vocabulary import REFUSED_UNKNOWN_SHARE, coverage
 
 log = logging.getLogger("flowvid.train")
 
 #: A run that skips this many steps in a row is broken, not unlucky: stop it with an error.
 MAX_CONSECUTIVE_SKIPS = 50
+#: Captions read from the start of each training folder to check a learned text encoder's vocabulary:
+#: enough to meet a folder's common words, few enough to read at once.
+VOCABULARY_CHECK_CAPTIONS = 256
 
 PREDICT_REFUSED = ("FlowModule does not run under trainer.predict: sample with module.generate_videos(captions, "
                    "seed=...), or with flowvid generate")
@@ -682,6 +688,41 @@ class FlowModule(LightningModule):
                 video_shape=self.video_shape,
                 text_encoder=self.text_encoder.identity() if self.text_encoder is not None else None,
             )
+        if stage == "fit":
+            self._check_vocabulary_knows_the_captions()
+
+    def _check_vocabulary_knows_the_captions(self) -> None:
+        """A learned text encoder reads every word outside its vocabulary as <unk>: trained on captions it mostly
+        cannot read, the model comes out nearly unconditional, and nothing else would show it. The first
+        captions of each training folder are read; they are the same on every rank, so every rank decides
+        alike, and a resumed run as it did when it started."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not isinstance(self.text_encoder, LearnedTextEncoder) or not hasattr(datamodule, "training_captions"):
+            return
+        captions_of = datamodule.training_captions(VOCABULARY_CHECK_CAPTIONS)
+        folders = " ".join(map(shlex.quote, captions_of))
+        fix = f'--model.init_args.text_encoder.init_args.vocabulary "$(flowvid data vocabulary {folders})"'
+        for folder, captions in captions_of.items():
+            found = coverage(self.text_encoder.tokenizer, captions)
+            if not found.unknown:
+                continue
+            said = (f"{found.unknown_percent()} of the words of the first {len(captions)} "
+                    f"captions in {folder} are unknown to the learned text encoder's vocabulary and read as <unk> "
+                    f"(most often: {found.most_frequent_unknown()})")
+            if self._starts_from_an_export():
+                rank_zero_warn(f"{said}; the vocabulary comes with the exported weights and cannot change: a model "
+                               f"trained from scratch with {fix} knows them")
+            elif found.unknown_share > REFUSED_UNKNOWN_SHARE:
+                raise ValueError(f"{said}, so the model would learn to ignore its captions; give the encoder the "
+                                 f"words of the captions: {fix}")
+            else:
+                rank_zero_warn(f"{said}; to make them known: {fix}")
+
+    def _starts_from_an_export(self) -> bool:
+        # Imported here: flowvid.lit.finetune imports flowvid.export, which imports this package.
+        from flowvid.lit.finetune import InitFromExport
+
+        return any(isinstance(callback, InitFromExport) for callback in self.trainer.callbacks)
 
     def _check_accumulation(self) -> None:
         strategy = self.trainer.strategy

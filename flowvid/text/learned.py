@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -12,7 +13,7 @@ from flowvid.fingerprint import json_fingerprint
 from flowvid.nn.transformer import TransformerLayer
 from flowvid.registry import TEXT_ENCODERS
 from flowvid.text.base import TextEmbedding, TextEncoder
-from flowvid.text.tokenizer import SHAPES_WORDS, WordTokenizer
+from flowvid.text.tokenizer import SHAPES_WORDS, WordTokenizer, split_words
 
 
 @TEXT_ENCODERS.register("learned")
@@ -30,7 +31,8 @@ class LearnedTextEncoder(TextEncoder):
         head_dim: channels per attention head (``width`` must be a multiple).
         vocabulary: the words it knows; default: the synthetic shapes captions. The prompt template's
             words, digits and punctuation are always included; other words become ``<unk>`` and are
-            counted in ``unknown_count``.
+            counted in ``unknown_count`` (the first ones met are named in a warning).
+            ``flowvid data vocabulary DIR`` lists the words of a shard folder's captions.
     """
 
     trainable = True
@@ -66,10 +68,22 @@ class LearnedTextEncoder(TextEncoder):
         return {**super().identity(), "depth": str(len(self.layers)), "head_dim": str(self.no_rotation.shape[1] * 2),
                 "vocabulary_sha256": json_fingerprint(self.tokenizer.vocabulary)}
 
+    def record_unknown(self, captions: Sequence[str], count: int) -> None:
+        """Add the ``count`` unknown words of ``captions`` to ``unknown_count``, warning the first time only,
+        with their names: a model trained on captions it cannot read learns to ignore them."""
+        if count and not self.unknown_count:
+            unknown = sorted({word for caption in captions for word in split_words(caption)
+                              if word not in self.tokenizer.ids})
+            named = ", ".join(map(repr, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
+            warnings.warn(f"{type(self).__name__}: {count} word(s) unknown to its vocabulary became <unk> ({named}); "
+                          "later ones are only counted (unknown_count). Give it the words of the captions as its "
+                          "vocabulary (`flowvid data vocabulary DIR` lists those of a shard folder)", stacklevel=3)
+        self.unknown_count += count
+
     def forward(self, captions: Sequence[str]) -> TextEmbedding:
         ids, mask, truncated, unknown = self.tokenizer(captions, self.max_length)
         self.record_truncation(truncated)
-        self.unknown_count += unknown
+        self.record_unknown(captions, unknown)
         ids, mask = ids.to(self.embed.weight.device), mask.to(self.embed.weight.device)
         h = self.embed(ids) + self.position
         may_attend = mask[:, None, None, :]  # every query sees the caption's real tokens

@@ -191,7 +191,12 @@ def test_the_own_videos_recipe_trains_on_the_clips_the_readme_makes_with_sizes_t
     readme = (ROOT / "README.md").read_text().splitlines()
     made = [line for line in (*header.splitlines(), *readme) if "flowvid data from-videos" in line]
     assert len(made) == 2 and [clip_spec(line) for line in made] == [[frames, height, width]] * 2
-    assert any(line.startswith("flowvid fit --config recipes/custom/t2v_64px.yaml") for line in readme)
+    fit_line = "flowvid fit --config recipes/custom/t2v_64px.yaml"
+    fits = [line for line in (*header.splitlines(), *readme) if fit_line in line]
+    assert any(line.startswith(fit_line) for line in readme)
+    # Both give the encoder the words of the captions the recipe trains on.
+    listed = f'--model.init_args.text_encoder.init_args.vocabulary "$(flowvid data vocabulary {data["train_dir"]})"'
+    assert len(fits) == 2 and all(listed in line for line in fits)
 
 
 class RefusingStrategy(SingleDeviceStrategy):

@@ -526,16 +526,18 @@ class VideoPipeline:
                image: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
                video: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
                frames: int | None = None, guidance: float | None = None, negative_prompt: str | None = "",
-               seed: int = 0) -> Iterator[np.ndarray]:
+               seed: int = 0, videos_per_prompt: int = 1) -> Iterator[np.ndarray]:
         """The frames of the videos for ``prompts`` (sampled together; arguments as for a call), uint8
-        (B, H, W, 3) each, in order, as soon as each is final: sampled, denoised and decoded.
+        (B, H, W, 3) each, in order, as soon as each is final: sampled, denoised and decoded. Each
+        prompt is sampled ``videos_per_prompt`` times in a row, from the seeds a call gives those videos.
 
         The learned denoiser needs the ``lookahead`` frames after a frame, so frames come that many
         behind the sampler; without a denoiser (the Tweedie step reads every later frame), or with a
         codec that decodes frames in groups, they come once the video is done. The videos equal a
         call's up to the sampler's tolerance (the frames are sampled one at a time)."""
         prompts, seeds, frames, guidance, negative_prompt, source = self._request(
-            prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size=1)
+            prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size=1,
+            videos_per_prompt=videos_per_prompt)
         codec = self.model.codec
         by_frame = codec.temporal_factor == 1 and not codec.causal_first_frame
         with self._precision():

@@ -12,6 +12,7 @@ Validation bits/dim is logged by the module itself (``val/bits_per_dim``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from PIL import Image
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from flowvid.checks import check_positive, is_integer
+from flowvid.data.shards import captions_of_shards, shard_paths
 from flowvid.lit.tensorboard import (MAX_GIF_FPS, add_video_gif, frame_grid, gif_bytes, tensorboard_writers,
                                      tile_videos)
 from flowvid.lit.throughput import apart_from_training
@@ -120,6 +122,11 @@ class _EveryNSteps(Callback):
 class SampleVideoLogger(_EveryNSteps):
     """Samples the same prompts with the same seed every ``every_n_steps`` steps and logs them to TensorBoard.
 
+    Without ``captions``, the prompts are the first ``from_validation`` captions of the validation
+    shards (``VideoShardDataModule``'s first ``val_dir``), in stored order and read without the clips
+    when training starts: the same on every process and at every resume of the same data. A model
+    without a text encoder, or a run without validation shards, samples one unconditional video.
+
     Writes ``<tag>/video`` (an animated GIF, the prompts side by side, in the Images tab) and
     ``<tag>/frames`` (a grid: one row per prompt, one column per frame); the prompts are logged once
     as text under ``<tag>/captions``. A run without a TensorBoardLogger (CSV, W&B, none) gets the same as
@@ -128,23 +135,37 @@ class SampleVideoLogger(_EveryNSteps):
 
     Args:
         every_n_steps: optimizer steps between two samplings.
-        captions: the prompts, one video each ("" samples unconditionally).
+        captions: the prompts, one video each ("" samples unconditionally); default: the validation
+            shards' first captions.
         seed: noise seed; fixed, so that the videos of successive steps differ only by training.
         fps: playback speed of the GIF, at most 50 (a GIF frame shows for at least 20 ms).
         tag: name prefix in TensorBoard.
+        from_validation: how many validation captions to sample when ``captions`` is not given.
     """
 
     def __init__(self, every_n_steps: int = 1000, captions: list[str] | None = None, seed: int = 0, fps: float = 8.0,
-                 tag: str = "samples"):
+                 tag: str = "samples", from_validation: int = 4):
         super().__init__(every_n_steps)
         check_seed("SampleVideoLogger", seed)
         check_positive("SampleVideoLogger fps", fps)  # the GIF's frame duration is 1000 / fps ms
         if fps > MAX_GIF_FPS:
             raise ValueError(f"SampleVideoLogger fps must be at most {MAX_GIF_FPS:g}, got {fps!r}: GIF players show "
                              "a frame for at least 20 ms; the samples' frames are all shown, so give a lower fps")
-        self.captions = caption_list("SampleVideoLogger", captions) or [""]
+        if not (is_integer(from_validation) and from_validation >= 1):
+            raise ValueError(f"SampleVideoLogger from_validation must be a whole number >= 1, got {from_validation!r}; "
+                             "give captions: [\"\"] for one unconditional sample")
+        self._given_captions = caption_list("SampleVideoLogger", captions)
+        self.from_validation = from_validation
+        self.captions = self._given_captions or [""]  # until setup finds the validation data's
         self.seed, self.fps, self.tag = seed, fps, tag
         self._logged_captions: list[str] | None = None  # kept in checkpoints: a resumed run logs them once
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._given_captions:
+            return
+        reads_text = getattr(pl_module, "text_encoder", None) is not None
+        captions = validation_captions(trainer, self.from_validation) if reads_text else []
+        self.captions = captions if any(captions) else [""]  # uncaptioned clips: one unconditional sample
 
     @property
     def state_key(self) -> str:
@@ -189,6 +210,18 @@ class SampleVideoLogger(_EveryNSteps):
         name = f"step={step:08d}"
         (folder / f"{name}.gif").write_bytes(gif_bytes(tile_videos(videos), self.fps))
         Image.fromarray(frame_grid(videos).permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
+
+
+def validation_captions(trainer: Trainer, count: int) -> list[str]:
+    """The first ``count`` captions of the trainer's validation shards (its data module's first
+    ``val_dir``), in stored order; none when it has no validation shards. Only the shards' tar headers
+    and captions are read, as far as the ``count``-th caption."""
+    datamodule = trainer.datamodule
+    manifest = getattr(datamodule, "val_manifest", None)  # a data module of another kind has no shards to read
+    if manifest is None:
+        return []
+    shards = shard_paths(datamodule.val_dirs[0], manifest)
+    return list(itertools.islice(captions_of_shards(shards), count))
 
 
 class FVDCallback(_EveryNSteps):

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -835,6 +836,23 @@ class FlowModule(LightningModule):
             return self.denoise(latents, text)
 
     # --- checkpoints ---------------------------------------------------------------------------
+
+    @_restricted_classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, weights_only: bool | None = None,
+                             **kwargs: Any) -> "FlowModule":
+        """Lightning's ``load_from_checkpoint``, saying what to do where it would fail bare: the checkpoint of
+        a module built in Python holds its sub-modules' weights but not their settings (they were objects)."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only,
+                                                **kwargs)
+        except TypeError as err:
+            # Lightning calls __init__ with the saved settings: only there can the one required argument be missing.
+            if "flow" in kwargs or "required positional argument: 'flow'" not in str(err):
+                raise
+            raise TypeError(f"{checkpoint_path} holds no settings of the model's sub-modules (it was built in "
+                            f"Python, not by `flowvid fit`): pass them again, {cls.__name__}.load_from_checkpoint("
+                            "path, flow=..., codec=..., text_encoder=..., denoiser=...)") from None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["flowvid"] = {

@@ -276,8 +276,22 @@ def test_an_unconditional_model_samples_videos_per_prompt_without_a_prompt(uncon
     assert out.videos.shape[0] == 2 and out.seeds == [2, 3]
 
 
+def test_streaming_videos_per_prompt_gives_each_prompt_in_a_row_as_a_call_does(checkpoint):
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu", sampler=SequentialSampler())
+    prompts = ["a red circle moves left", "a blue square moves up"]
+    streamed = np.stack(list(pipe.stream(prompts, seed=3, videos_per_prompt=np.int64(2))), axis=1)
+    by_hand = np.stack(list(pipe.stream([prompt for prompt in prompts for _ in range(2)], seed=3)), axis=1)
+    np.testing.assert_array_equal(streamed, by_hand)
+    called = pipe(prompts, seed=3, videos_per_prompt=2).videos
+    assert streamed.shape == called.shape == (4, 4, 8, 8, 3)
+    assert np.abs(streamed.astype(int) - called).max() <= 1  # frames sampled one at a time: up to rounding
+    assert not np.array_equal(streamed[0], streamed[1])  # two samples, not one twice
+
+
 @pytest.mark.parametrize("count", [0, -1, True, 2.0, "2", None])
 def test_videos_per_prompt_that_is_no_count_is_refused_before_any_work(checkpoint, count):
     message = rf"^videos_per_prompt must be an integer >= 1, got {re.escape(repr(count))}$"
-    with pytest.raises(GenerateError, match=message):
-        refusing_pipeline(checkpoint)("a red circle", videos_per_prompt=count)
+    pipe = refusing_pipeline(checkpoint)
+    for call in (pipe, lambda *args, **kwargs: next(pipe.stream(*args, **kwargs))):
+        with pytest.raises(GenerateError, match=message):
+            call("a red circle", videos_per_prompt=count)

@@ -278,6 +278,20 @@ def test_a_finished_run_continued_further_warns_that_its_schedule_stretches_unle
     assert all(torch.equal(weight, expected[name]) for name, weight in continued.state_dict().items())
 
 
+def test_a_checkpoint_of_a_module_built_in_python_asks_for_its_sub_modules_again(tmp_path):
+    """Its sub-modules are objects, kept as weights but not as settings: Lightning failed with a bare
+    ``__init__() missing 1 required positional argument: 'flow'``."""
+    trained, _ = fit_to(1, tmp_path / "python.ckpt")
+    with pytest.raises(TypeError, match=r"built in Python.*: pass them again, "
+                                        r"FlowModule\.load_from_checkpoint\(path, flow=\.\.\., codec=\.\.\."):
+        FlowModule.load_from_checkpoint(tmp_path / "python.ckpt")
+    parts = make_module(text=False, denoiser=False)
+    loaded = FlowModule.load_from_checkpoint(tmp_path / "python.ckpt", flow=parts.flow, codec=parts.codec)
+    assert all(torch.equal(weight, trained.state_dict()[name]) for name, weight in loaded.state_dict().items())
+    with pytest.raises(TypeError, match="cannot be called on an instance"):  # Lightning's guard is kept
+        loaded.load_from_checkpoint(tmp_path / "python.ckpt", flow=parts.flow, codec=parts.codec)
+
+
 def test_an_averaged_model_samples_with_its_averaged_text_encoder_too():
     module = make_module(ema_decay=0.5, guidance=2.0).eval()
     with torch.no_grad():

@@ -51,8 +51,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: s
     ``ffv1`` stores the frames losslessly (RGB). Other encoders store YUV, converted with BT.601's matrix in
     limited range and tagged so (``YUV_COLOUR_TAGS``). Most keep colour at half the resolution of brightness
     (4:2:0), which needs even sides: odd ones are padded by one pixel (a copy of the last row or column), so
-    such a video reads back one pixel taller or wider. ``libx265`` (HEVC) takes no side under 64 pixels:
-    smaller frames are refused before the file is made (``MINIMUM_SIDE``).
+    such a video reads back one pixel taller or wider. ``libx265`` (HEVC) takes no side under 64 pixels and
+    ``libsvtav1`` (AV1) none under 25: smaller frames are refused before the file is made (``MINIMUM_SIDE``).
     ``container`` is FFmpeg's name of the file format (``"mp4"``), by default read from the file's suffix.
     """
     rate = frame_rate(fps)
@@ -70,8 +70,11 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: s
 
 # The smallest side (in pixels) an encoder takes, where that is more than one pixel. libx265 refuses sides
 # under 16, and below its largest coding block (64) it writes past its buffers: the process aborts on some
-# sizes and goes on with corrupted memory on others.
-MINIMUM_SIDE = {"libx265": 64}
+# sizes and goes on with corrupted memory on others. libsvtav1 refuses sides under 4, and waits forever for
+# its own threads at the end of a video whose side is under 25 while the other side is over 64 (24x65 hangs,
+# 24x64 and 25x4096 are written). Those bounds were measured on one SVT-AV1 release, so the whole class of
+# sides under 25 is refused rather than only that corner of it.
+MINIMUM_SIDE = {"libx265": 64, "libsvtav1": 25}
 
 
 def check_frame_size(frames: np.ndarray, encoder: str, path: str | Path) -> None:

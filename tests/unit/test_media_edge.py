@@ -161,25 +161,46 @@ write_video(path, np.full((3, height, width, 3), 128, dtype=np.uint8), codec=cod
 """
 
 
-# In a process of its own: below 64 pixels a side libx265 writes past its buffers and may abort the process.
-@pytest.mark.parametrize("height, width", [(8, 8), (16, 40), (24, 40), (40, 16), (63, 200), (200, 48)])
-def test_frames_smaller_than_libx265_takes_are_refused_before_any_file_is_made(tmp_path, height, width):
-    encoder_or_skip("libx265")
+def write_in_its_own_process(path, codec: str, height: int, width: int) -> subprocess.CompletedProcess:
+    """Three grey frames written to ``path`` by a Python process of their own, so that an encoder that aborts
+    the process or never finishes fails the test instead of taking pytest down or holding it forever."""
+    seconds = 60  # a healthy write of these frames takes about one
+    try:
+        return subprocess.run([sys.executable, "-c", WRITE_IN_ITS_OWN_PROCESS, str(path), codec, str(height),
+                               str(width)], capture_output=True, text=True, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{codec} did not finish writing {height}x{width} (HxW) frames within {seconds} seconds")
+
+
+# Below 64 pixels a side libx265 writes past its buffers and may abort the process. libsvtav1 refuses sides
+# under 4 with an unexplained error and never finishes a video with a side under 25 and another over 64.
+@pytest.mark.parametrize("codec, minimum, height, width", [
+    ("libx265", 64, 8, 8), ("libx265", 64, 16, 40), ("libx265", 64, 24, 40), ("libx265", 64, 40, 16),
+    ("libx265", 64, 63, 200), ("libx265", 64, 200, 48),
+    ("libsvtav1", 25, 2, 64), ("libsvtav1", 25, 4, 200), ("libsvtav1", 25, 8, 200), ("libsvtav1", 25, 200, 8),
+    ("libsvtav1", 25, 24, 65), ("libsvtav1", 25, 16, 16)])
+def test_frames_smaller_than_the_encoder_takes_are_refused_before_any_file_is_made(tmp_path, codec, minimum,
+                                                                                   height, width):
+    encoder_or_skip(codec)
     path = tmp_path / "small.mkv"
-    run = subprocess.run([sys.executable, "-c", WRITE_IN_ITS_OWN_PROCESS, str(path), "libx265", str(height),
-                          str(width)], capture_output=True, text=True, timeout=120)
+    run = write_in_its_own_process(path, codec, height, width)
     assert run.returncode == 1, f"exit status {run.returncode}:\n{run.stderr[-2000:]}"
     assert run.stderr.strip().splitlines()[-1] == (
-        f"flowvid.media.MediaError: cannot write video {path} with libx265: it needs frames of at least 64x64 "
-        f"pixels, got {height}x{width} (HxW); use libx264 or ffv1, or scale the frames up")
+        f"flowvid.media.MediaError: cannot write video {path} with {codec}: it needs frames of at least "
+        f"{minimum}x{minimum} pixels, got {height}x{width} (HxW); use libx264 or ffv1, or scale the frames up")
     assert not path.exists()
 
 
-@pytest.mark.parametrize("height, width", [(64, 64), (64, 200)])
-def test_frames_of_the_smallest_size_libx265_takes_are_written(tmp_path, height, width):
-    encoder_or_skip("libx265")
-    write_video(tmp_path / "small.mkv", smooth_video(3, height, width), codec="libx265")
-    assert np.stack(read_frames(tmp_path / "small.mkv")).shape == (3, height, width, 3)
+# Odd sides are padded to even ones (25 -> 26).
+@pytest.mark.parametrize("codec, height, width", [("libx265", 64, 64), ("libx265", 64, 200),
+                                                  ("libsvtav1", 25, 25), ("libsvtav1", 25, 200),
+                                                  ("libsvtav1", 200, 26)])
+def test_frames_of_the_smallest_size_the_encoder_takes_are_written(tmp_path, codec, height, width):
+    encoder_or_skip(codec)
+    path = tmp_path / "small.mkv"
+    run = write_in_its_own_process(path, codec, height, width)
+    assert run.returncode == 0, f"exit status {run.returncode}:\n{run.stderr[-2000:]}"
+    assert np.stack(read_frames(path)).shape == (3, height + height % 2, width + width % 2, 3)
 
 
 BT601_LIMITED_SRGB = (6, 1, 1, 1)  # H.273 codes: SMPTE 170M matrix, limited range, BT.709 primaries and transfer

@@ -59,7 +59,7 @@ def resolved_apart(*configs: Path) -> dict:
     changes global state that later tests in this process would inherit."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "flowvid.lit.cli_support", *fit_arguments(configs)],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return printed_config(done.stdout)
 

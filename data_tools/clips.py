@@ -18,12 +18,6 @@ import numpy as np
 
 from flowvid.media import decode_failure, shown_frame, shown_size
 
-# What a folder is searched for. Camcorder (.mts, .m2ts, .dv), DVD (.vob) and broadcast (.mxf) files are
-# video as much as .mp4 is; a file named directly is read whatever its extension.
-VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".avi", ".mkv", ".webm", ".mov", ".qt", ".mpg", ".mpeg", ".m2v",
-                              ".ogv", ".ogg", ".flv", ".f4v", ".wmv", ".asf", ".ts", ".mts", ".m2ts", ".vob", ".dv",
-                              ".mxf", ".y4m", ".3gp", ".3g2", ".gif"})
-
 
 class VideoSkipped(Exception):
     """A video that yields no clip; the message is the reason listed in the summary."""

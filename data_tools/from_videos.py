@@ -45,13 +45,14 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from data_tools.clips import VIDEO_EXTENSIONS, Clips, ClipSpec, VideoSkipped, read_clips
+from data_tools.clips import Clips, ClipSpec, VideoSkipped, read_clips
 from data_tools.report import console, print_summary, progress_bar
 from flowvid.checks import is_positive_number
 from flowvid.cli import exit_statuses
 from flowvid.data.manifest import MANIFEST_NAME, new_manifest, write_manifest
 from flowvid.data.shards import (DERIVED_FOLDERS, ShardFolderWriter, encode_sample, replace_shard_folder,
                                  staging_folder)
+from flowvid.media import VIDEO_SUFFIXES
 
 
 EXIT_STATUS = exit_statuses("a clip is written (with --val-fraction: into each folder)",
@@ -365,7 +366,7 @@ def find_videos(inputs: Sequence[str]) -> dict[Path, str]:
             found.setdefault(_resolved(path), below)
     if barren:
         raise ValueError(f"no video file found in {', '.join(map(repr, barren))}: not an existing file, nor a folder "
-                         f"or pattern with video files (extensions: {', '.join(sorted(VIDEO_EXTENSIONS))})")
+                         f"or pattern with video files (extensions: {', '.join(sorted(VIDEO_SUFFIXES))})")
     return dict(sorted(found.items()))
 
 
@@ -381,7 +382,7 @@ def _found_under(item: str) -> Iterator[tuple[Path, str]]:
         candidates = map(Path, glob.glob(item, recursive=True))
         base = Path(*itertools.takewhile(lambda part: not WILDCARD.search(part), path.parts[:-1]))
     for candidate in candidates:
-        if candidate.suffix.lower() in VIDEO_EXTENSIONS and (candidate.is_file() or _dangling(candidate)):
+        if candidate.suffix.lower() in VIDEO_SUFFIXES and (candidate.is_file() or _dangling(candidate)):
             yield candidate, candidate.relative_to(base).as_posix()
 
 

@@ -35,6 +35,13 @@ def frame_rate(fps: float) -> Fraction:
     return rate
 
 
+# What a folder is searched for. Camcorder (.mts, .m2ts, .dv), DVD (.vob) and broadcast (.mxf) files are
+# video as much as .mp4 is; a file named directly is read whatever its extension.
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".avi", ".mkv", ".webm", ".mov", ".qt", ".mpg", ".mpeg", ".m2v",
+                            ".ogv", ".ogg", ".flv", ".f4v", ".wmv", ".asf", ".ts", ".mts", ".m2ts", ".vob", ".dv",
+                            ".mxf", ".y4m", ".3gp", ".3g2", ".gif"})
+
+
 # Every YUV stream is converted from RGB with BT.601's matrix in limited range (16-235): the one FFmpeg assumes
 # for a stream without colour tags, as VP8 streams and AVI files are. Where the stream can, it is tagged so:
 # players guess the matrix of an untagged stream from its size (BT.709 for HD) and would shift its colours.
@@ -254,7 +261,7 @@ def read_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndar
         frames = load_frame_array(path)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise MediaError(f"{path} holds {frames.dtype} {frames.shape}, expected uint8 (T, H, W, 3)")
-        frames = list(frames[:max_frames])
+        frames = list(np.array(frames[:max_frames]))
     else:
         frames = []
         try:
@@ -273,10 +280,11 @@ def read_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndar
 
 
 def load_frame_array(path: Path) -> np.ndarray:
-    """A ``.npy`` file as an array. numpy's errors do not name the file, and on a file that is not a
-    ``.npy`` at all it speaks of pickled data and ``allow_pickle``, which is no help here."""
+    """A ``.npy`` file as an array mapped from the disk, so that reading a few frames of a long video reads
+    only those. numpy's errors do not name the file, and on a file that is not a ``.npy`` at all it speaks
+    of pickled data and ``allow_pickle``, which is no help here."""
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError):
         raise MediaError(f"cannot read {path}: not an array saved with numpy.save (or a damaged one); "
                          "expected uint8 frames (T, H, W, 3)") from None

@@ -137,6 +137,29 @@ def encoder_or_skip(codec: str) -> None:
         pytest.skip(f"this FFmpeg has no {codec} encoder")
 
 
+def test_frames_of_a_npy_video_come_back_as_arrays_of_their_own(tmp_path):
+    video = smooth_video(6, 8, 10)
+    np.save(tmp_path / "clip.npy", video)
+    first = read_frames(tmp_path / "clip.npy", max_frames=2)
+    assert len(first) == 2 and all(type(frame) is np.ndarray and frame.flags.writeable for frame in first)
+    np.save(tmp_path / "clip.npy", np.zeros_like(video))  # the file may change once it has been read
+    assert np.array_equal(np.stack(first), video[:2])
+
+
+@pytest.mark.parametrize("name", ["camcorder.MTS", "broadcast.ts", "old.wmv", "frames.npy", "clip.mp4"])
+def test_score_and_image_to_video_know_the_videos_that_from_videos_reads(tmp_path, name):
+    from flowvid.pipeline import read_start_image
+    from flowvid.score import video_inputs
+
+    video = smooth_video(3, 16, 16)
+    path = tmp_path / name
+    np.save(path, video) if name.endswith(".npy") else write_video(path, video, container="mpegts"
+                                                                    if name.lower().endswith(("ts", "mts")) else None)
+    (tmp_path / "notes.txt").write_text("not a video")
+    assert list(video_inputs([tmp_path])) == [path]
+    assert read_start_image(path).shape == (16, 16, 3)
+
+
 # 65x129: libx265 takes no side under 64 pixels.
 @pytest.mark.parametrize("codec, suffix", [("libx265", "mp4"), ("mpeg4", "mp4"), ("libvpx-vp9", "webm"),
                                            ("libsvtav1", "mkv"), ("mpeg2video", "mkv")])

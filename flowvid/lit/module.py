@@ -702,7 +702,8 @@ class FlowModule(LightningModule):
             return
         captions_of = datamodule.training_captions(VOCABULARY_CHECK_CAPTIONS)
         folders = " ".join(map(shlex.quote, captions_of))
-        fix = f'--model.init_args.text_encoder.init_args.vocabulary "$(flowvid data vocabulary {folders})"'
+        written = f"flowvid data vocabulary {folders} --out vocabulary.yaml"
+        fix = f"`{written}`, then `--config vocabulary.yaml` after the recipe"
         for folder, captions in captions_of.items():
             found = coverage(self.text_encoder.tokenizer, captions)
             if not found.unknown:
@@ -712,7 +713,8 @@ class FlowModule(LightningModule):
                     f"(most often: {found.most_frequent_unknown()})")
             if self._starts_from_an_export():
                 rank_zero_warn(f"{said}; the vocabulary comes with the exported weights and cannot change: a model "
-                               f"trained from scratch with {fix} knows them")
+                               f"trained from scratch knows them with `--config vocabulary.yaml` after the recipe, "
+                               f"written by `{written}`")
             elif found.unknown_share > REFUSED_UNKNOWN_SHARE:
                 raise ValueError(f"{said}, so the model would learn to ignore its captions; give the encoder the "
                                  f"words of the captions: {fix}")

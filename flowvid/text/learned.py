@@ -43,9 +43,16 @@ class LearnedTextEncoder(TextEncoder):
         max_length: int = 48,
         depth: int = 2,
         head_dim: int = 16,
-        vocabulary: Sequence[str] | None = None,
+        vocabulary: Sequence | None = None,
     ):
         super().__init__()
+        # A bare Sequence, its words checked here: jsonargparse checks a Sequence[str] word by word at a cost
+        # that grows with the square of its length, minutes for a vocabulary of a few thousand words.
+        if isinstance(vocabulary, str):
+            raise ValueError(f"LearnedTextEncoder vocabulary must be a list of words, got the string {vocabulary[:40]!r}")
+        not_words = [word for word in vocabulary or () if not isinstance(word, str)]
+        if not_words:
+            raise ValueError(f"LearnedTextEncoder vocabulary entries must be strings, got {not_words[0]!r}")
         for name, value in (("width", width), ("max_length", max_length), ("depth", depth), ("head_dim", head_dim)):
             if not is_count(value) or value < 1:
                 raise ValueError(f"LearnedTextEncoder {name} must be an integer >= 1, got {value!r}")

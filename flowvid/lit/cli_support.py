@@ -301,7 +301,6 @@ class FlowvidCLI(LightningCLI):
 
     def before_fit(self) -> None:
         settings = self.config_init[self.subcommand]
-        self._check_automatic_optimisation_settings()
         resume = settings.get("resume")
         if resume is not None and settings.get("ckpt_path"):
             raise ValueError(f"give either resume ({resume!r}) or ckpt_path ({settings.ckpt_path!r}), not both")
@@ -334,20 +333,6 @@ class FlowvidCLI(LightningCLI):
             if isinstance(callback, InitFromExport):  # ("last" with no checkpoint yet starts afresh)
                 callback.resuming = settings.ckpt_path is not None and os.path.exists(settings.ckpt_path)
         self.trainer.callbacks.append(FitSummary())  # for fit only, and once the run is accepted
-
-    def _check_automatic_optimisation_settings(self) -> None:
-        """Trainer settings that only automatic optimisation reads; Lightning's own messages name no fix."""
-        if self.model.automatic_optimization:
-            return
-        name = type(self.model).__name__
-        accumulate = self.trainer.accumulate_grad_batches
-        if accumulate != 1:
-            raise ValueError(f"trainer.accumulate_grad_batches={accumulate} applies only to automatic optimisation; "
-                             f"{name} optimises itself: set model.init_args.accumulate_grad_batches")
-        clip = self.trainer.gradient_clip_val
-        if clip is not None:
-            raise ValueError(f"trainer.gradient_clip_val={clip} applies only to automatic optimisation; "
-                             f"{name} optimises itself: set model.init_args.grad_clip")
 
     def before_validate(self) -> None:
         """``--ckpt_path`` may name a run directory (its newest readable checkpoint is validated), ``last``

@@ -661,6 +661,22 @@ class FlowModule(LightningModule):
                            "rate stays in its warm-up and never decays (fine for a trial run); for a real run make it "
                            f"longer than {warmup} steps or lower warmup_steps below {length}")
 
+    def configure_callbacks(self) -> list:
+        """None of its own. Lightning calls this hook with the trainer attached and before it checks its loop
+        settings, whose refusal of the Trainer options below says to switch to automatic optimisation: a
+        FlowModule cannot, it has an option of its own for each."""
+        trainer = self.trainer
+        if trainer.state.fn != "fit":
+            return []
+        for option, value, unset, ours in (("accumulate_grad_batches", trainer.accumulate_grad_batches, 1,
+                                            "accumulate_grad_batches"),
+                                           ("gradient_clip_val", trainer.gradient_clip_val, None, "grad_clip")):
+            if value != unset:
+                raise ValueError(f"trainer.{option}={value} applies only to automatic optimisation; "
+                                 f"{type(self).__name__} optimises itself: set model.init_args.{ours} "
+                                 f"({type(self).__name__}({ours}={value}) in Python)")
+        return []
+
     def setup(self, stage: str) -> None:
         if stage == "predict":  # refused here, before Lightning asks the data module for a predict_dataloader
             raise NotImplementedError(PREDICT_REFUSED)

@@ -361,3 +361,18 @@ def test_a_subclass_whose_optimiser_is_not_flowmodules_is_refused_before_its_fir
                                         r"FlowModule\.configure_optimizers returns \(call super\(\)"):
         trainer.fit(module, DataLoader([video_batch()] * 2, batch_size=None))
     assert module.global_step == 0
+
+
+@pytest.mark.parametrize("option, value, own", [("accumulate_grad_batches", 4, "accumulate_grad_batches"),
+                                                ("gradient_clip_val", 1.0, "grad_clip")])
+def test_trainer_options_of_automatic_optimisation_are_refused_naming_the_modules_own(option, value, own):
+    """Lightning's refusal said to switch to automatic optimisation, which a FlowModule cannot do."""
+    module = make_module()
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **{option: value})
+    with pytest.raises(ValueError, match=rf"trainer\.{option}={value} applies only to automatic optimisation; "
+                                         rf"FlowModule optimises itself: set model\.init_args\.{own} "
+                                         rf"\(FlowModule\({own}={value}\) in Python\)"):
+        trainer.fit(module, DataLoader([video_batch()] * 2, batch_size=None))
+    assert module.global_step == 0
+    trainer.validate(module, DataLoader([video_batch()], batch_size=None))  # validation takes no optimiser step

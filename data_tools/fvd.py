@@ -37,13 +37,13 @@ from flowvid.checks import json_object
 from flowvid.cli import exit_statuses
 from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.data.shards import shard_folder_files
-from flowvid.media import MediaError, fit_frames, read_frames
+from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_frames
 from flowvid.metrics.extractor import build_extractor
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
 from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
 from flowvid.placement import add_device_argument, resolve_device
 from flowvid.registry import FVD_EXTRACTORS
-from flowvid.score import SCORED_SUFFIXES, video_inputs
+from flowvid.score import video_inputs
 
 DEFAULT_EXTRACTOR = "inception-proxy"  # for a raw shard folder reference
 
@@ -140,7 +140,7 @@ def generated_videos(inputs: list[str]) -> list[Path]:
     videos = list(video_inputs(list(map(Path, inputs))))
     if not videos:
         raise ValueError(f"no videos found in {' '.join(inputs)}: fvd looks for files ending in "
-                         f"{' '.join(sorted(SCORED_SUFFIXES))}")
+                         f"{' '.join(sorted(READABLE_VIDEO_SUFFIXES))}")
     return videos
 
 

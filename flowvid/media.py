@@ -40,6 +40,9 @@ def frame_rate(fps: float) -> Fraction:
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".avi", ".mkv", ".webm", ".mov", ".qt", ".mpg", ".mpeg", ".m2v",
                             ".ogv", ".ogg", ".flv", ".f4v", ".wmv", ".asf", ".ts", ".mts", ".m2ts", ".vob", ".dv",
                             ".mxf", ".y4m", ".3gp", ".3g2", ".gif"})
+#: What ``read_frames`` reads as a video: a video file, or a ``.npy`` of frames (the exact pixels that
+#: ``flowvid generate`` saves beside each ``.mp4``).
+READABLE_VIDEO_SUFFIXES = VIDEO_SUFFIXES | {".npy"}
 
 
 # Every YUV stream is converted from RGB with BT.601's matrix in limited range (16-235): the one FFmpeg assumes

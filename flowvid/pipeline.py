@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from flowvid.checks import is_blank, is_integer
-from flowvid.media import VIDEO_SUFFIXES, fit_frames, read_frames, read_image_frame
+from flowvid.media import READABLE_VIDEO_SUFFIXES, fit_frames, read_frames, read_image_frame
 from flowvid.placement import precision_context, resolve_device, resolve_precision
 from flowvid.sampling import JacobiSampler, Sampler, WindowedSampler, build_sampler, sampler_class
 from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_caption, task_inputs
@@ -649,7 +649,7 @@ def read_start_image(path: str | os.PathLike) -> np.ndarray:
     """The image ``i2v`` starts from, uint8 (H, W, 3): an image file, or the first frame of a video file (or
     of a ``.npy`` of frames), the only frame decoded. A video is known by its suffix, as ``flowvid score``
     knows the videos of a folder."""
-    if Path(path).suffix.lower() in VIDEO_SUFFIXES | {".npy"}:
+    if Path(path).suffix.lower() in READABLE_VIDEO_SUFFIXES:
         return read_frames(path, max_frames=1)[0]
     return read_image_frame(path)
 

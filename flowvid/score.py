@@ -74,7 +74,7 @@ from flowvid.cli import HelpFormatter, exit_statuses, help_text
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.export import add_weights_argument
 from flowvid.generate import LATENTS_SUFFIX
-from flowvid.media import VIDEO_SUFFIXES, MediaError, fit_frames, read_frames
+from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_frames
 from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
 from flowvid.sampling.tasks import check_seed
 from flowvid.placement import (add_placement_arguments, join_launch_group, precision_context, resolve_device,
@@ -82,8 +82,6 @@ from flowvid.placement import (add_placement_arguments, join_launch_group, preci
 
 PIXEL_UNIT = "bits per 8-bit subpixel (uniform dequantisation)"
 LATENT_UNIT = "bits per latent dimension"
-#: What a folder of videos is searched for: video files, and the exact pixels ``flowvid generate`` saves.
-SCORED_SUFFIXES = VIDEO_SUFFIXES | {".npy"}
 
 
 class ScoreError(ValueError):
@@ -200,7 +198,8 @@ def videos_of_folder(folder: Path) -> list[Path]:
     videos = list(video_inputs([folder]))
     if not videos:
         raise ScoreError(f"no videos found in folder {folder}: score looks for files ending in "
-                         f"{' '.join(sorted(SCORED_SUFFIXES))} (in subfolders too), or a shard folder with manifest.json")
+                         f"{' '.join(sorted(READABLE_VIDEO_SUFFIXES))} (in subfolders too), "
+                         "or a shard folder with manifest.json")
     return videos
 
 
@@ -280,8 +279,8 @@ def video_inputs(paths: list[Path]) -> Iterator[Path]:
     ``NAME.npy`` (its exact pixels) and ``NAME.mp4``, and its latents: each sample counts once, as its array."""
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.suffix.lower() in SCORED_SUFFIXES and not p.name.endswith(LATENTS_SUFFIX))
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in READABLE_VIDEO_SUFFIXES
+                           and not p.name.endswith(LATENTS_SUFFIX))
             arrays = {p.with_suffix("") for p in found if p.suffix == ".npy"}
             yield from (p for p in found if p.suffix == ".npy" or p.with_suffix("") not in arrays)
         else:

@@ -187,7 +187,7 @@ write_video(path, np.full((3, height, width, 3), 128, dtype=np.uint8), codec=cod
 def write_in_its_own_process(path, codec: str, height: int, width: int) -> subprocess.CompletedProcess:
     """Three grey frames written to ``path`` by a Python process of their own, so that an encoder that aborts
     the process or never finishes fails the test instead of taking pytest down or holding it forever."""
-    seconds = 60  # a healthy write of these frames takes about one
+    seconds = 300  # a healthy write of these frames takes about one; the rest is room for a loaded machine
     try:
         return subprocess.run([sys.executable, "-c", WRITE_IN_ITS_OWN_PROCESS, str(path), codec, str(height),
                                str(width)], capture_output=True, text=True, timeout=seconds)

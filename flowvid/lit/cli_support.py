@@ -139,8 +139,10 @@ class FlowvidArgumentParser(LightningArgumentParser):
     """LightningCLI's parser, whose errors are one line: the usage (a hundred lines of options) and
     jsonargparse's report of every type a value might have had would bury the one that is wrong."""
 
-    #: The arguments being parsed, for the recipe files a wrong key may come from.
+    #: The arguments being parsed, for the recipe files a wrong key may come from, and the directory they
+    #: are relative to (jsonargparse parses a recipe from within the recipe's own directory).
     command_line: list[str] = []
+    launch_directory: str = "."
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if self.exit_on_error and not debug_mode_active():  # else a nested parser's caller reports it
@@ -152,7 +154,8 @@ class FlowvidArgumentParser(LightningArgumentParser):
                 text = f"{keys} must be given: give a recipe, --config RECIPE.yaml (recipes/ holds examples)"
             else:
                 options = [option.lstrip("-") for option in reporting._option_string_actions]
-                text = one_line_error(message, config_files(self.command_line), options)
+                recipes = read_recipes(config_files(self.command_line), self.launch_directory)
+                text = one_line_error(message, recipes, options)
             print(f"{prog}: error: {text} (options: {prog} --help)", file=sys.stderr)
             self.exit(2)
         super().error(message, ex)
@@ -171,13 +174,14 @@ NOT_ACCEPTED_BY_SUBCOMMAND = re.compile(r"Subcommand '[^']+' does not accept opt
 UNRECOGNIZED = re.compile(r"unrecognized arguments: (\S+)")
 
 
-def one_line_error(message: str, recipes: list[str], options: list[str] = ()) -> str:
-    """jsonargparse's error as ``key: what is wrong``; an unknown key also says which recipe has it (none: the
-    command line gave it) and the option it likely misspells (of the class's arguments, or of ``options``,
-    the reporting parser's)."""
+def one_line_error(message: str, recipes: dict[str, Any], options: list[str] = ()) -> str:
+    """jsonargparse's error as ``key: what is wrong``; an unknown key also says which of the ``recipes`` (file
+    name: content, in command-line order) has it (none: the command line gave it) and the option it likely
+    misspells (of the class's arguments, or of ``options``, the reporting parser's)."""
     keys, owner, error = _innermost_error(message)
+    unknown_key = True
     if match := NOT_ACCEPTED.fullmatch(error):
-        keys.append(match[1])
+        keys += match[1].split(".")
         error += f" by {owner}{_did_you_mean_in_class(match[1], owner)}"
     elif match := NOT_ACCEPTED_BY_SUBCOMMAND.fullmatch(error):
         keys = match[1].split(".")
@@ -185,12 +189,37 @@ def one_line_error(message: str, recipes: list[str], options: list[str] = ()) ->
     elif match := UNRECOGNIZED.match(error):
         return error + did_you_mean(match[1].lstrip("-"), options)
     else:  # a wrong value: a recipe holding the key may not be where the value came from
-        recipes = []
+        unknown_key = False
     if not keys:
         return error
-    found_in = [recipe for recipe in recipes if _has_key(recipe, keys)]
+    path = ".".join(keys)
+    if classless := _init_args_without_a_class(recipes, keys):
+        recipe, why = classless
+        return f"{path} in {recipe}: {error}; {why}"
+    found_in = [name for name, recipe in recipes.items() if unknown_key and _has_key(recipe, keys)]
     where = f" in {found_in[-1]}" if found_in else ""
-    return f"{'.'.join(keys)}{where}: {error}"
+    return f"{path}{where}: {error}"
+
+
+def _init_args_without_a_class(recipes: dict[str, Any], keys: list[str]) -> tuple[str, str] | None:
+    """The recipe whose ``init_args`` of a class key along ``keys`` met no class, and why: it sets them without
+    a ``class_path`` of its own and comes before the recipe that chooses the class (an overlay given first),
+    or after one that sets the key to null. None when no recipe does either."""
+    names = list(recipes)
+    classes = [keys[:end] for end in range(1, len(keys) + 1) if end == len(keys) or keys[end] == "init_args"]
+    for key in classes:
+        setters = [index for index, recipe in enumerate(recipes.values())
+                   if _has_key(recipe, [*key, "init_args"]) and not _has_key(recipe, [*key, "class_path"])]
+        if not setters:
+            continue
+        setter, name = names[setters[0]], ".".join(key)
+        if later := [later for later in names[setters[0]:] if _has_key(recipes[later], [*key, "class_path"])]:
+            return setter, (f"it sets {name}.init_args before {later[0]} chooses {name}.class_path: give "
+                            f"--config {setter} after --config {later[0]}")
+        if nulls := [earlier for earlier in names[:setters[0]] if _value(recipes[earlier], key) is None]:
+            return setter, (f"{nulls[-1]} sets {name} to null, so these init_args have no class_path or other "
+                            f"settings to join: give {name} in full")
+    return None
 
 
 def _innermost_error(message: str) -> tuple[list[str], str | None, str]:
@@ -235,16 +264,33 @@ def config_files(args: list[str]) -> list[str]:
     return files
 
 
-def _has_key(recipe: str, keys: list[str]) -> bool:
-    try:
-        node = yaml.safe_load(Path(recipe).read_text())
-    except (OSError, yaml.YAMLError):
-        return False
+def read_recipes(files: list[str], directory: str) -> dict[str, Any]:
+    """Each recipe file's content by its name as given (relative to ``directory``); None where unreadable."""
+    recipes = {}
+    for file in files:
+        try:
+            recipes[file] = yaml.safe_load(Path(directory, file).read_text())
+        except (OSError, yaml.YAMLError):
+            recipes[file] = None
+    return recipes
+
+
+def _has_key(recipe: Any, keys: list[str]) -> bool:
+    return _value(recipe, keys) is not MISSING
+
+
+#: What ``_value`` gives for a key a recipe does not hold.
+MISSING = object()
+
+
+def _value(recipe: Any, keys: list[str]) -> Any:
+    """The value a recipe's content gives the nested key, or MISSING."""
+    node = recipe
     for key in keys:
         if not isinstance(node, dict) or key not in node:
-            return False
+            return MISSING
         node = node[key]
-    return True
+    return node
 
 
 class FlowvidCLI(LightningCLI):
@@ -263,6 +309,7 @@ class FlowvidCLI(LightningCLI):
         # The main parser or a subcommand's may report an error; built with run=False, there are no subcommands.
         for reporting in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
             reporting.command_line = command_line
+            reporting.launch_directory = os.getcwd()
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:

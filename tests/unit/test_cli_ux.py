@@ -7,6 +7,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import yaml
 
 from flowvid.cli import main
 from flowvid.lit.cli_support import main as lightning_main
@@ -80,6 +81,43 @@ def test_a_mistyped_key_on_the_command_line_names_no_file(capsys):
 def test_a_wrong_value_names_its_key_but_not_the_recipe_that_also_sets_it(capsys):
     err = fit_error("--config", str(RECIPE), "--model.init_args.lr", "abc", capsys=capsys)
     assert err.count("\n") == 1 and err.startswith("flowvid fit: error: model.init_args.lr: ") and "abc" in err
+
+
+def overlay(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_mistyped_key_of_a_recipe_given_by_a_relative_path_names_it(tmp_path, monkeypatch, capsys):
+    recipe = recipe_with(tmp_path, "    warmup_steps: 50", "    warmup_stepz: 50")
+    monkeypatch.chdir(tmp_path)  # jsonargparse reads a recipe from within its directory, here another one
+    (tmp_path / "configs").mkdir()
+    moved = recipe.rename(tmp_path / "configs" / recipe.name)
+    err = fit_error("--config", f"configs/{moved.name}", capsys=capsys)
+    assert err.startswith(f"flowvid fit: error: model.init_args.warmup_stepz in configs/{moved.name}: ")
+
+
+def test_an_overlay_given_before_the_recipe_that_chooses_its_class_says_to_give_it_after(tmp_path, capsys):
+    rates = overlay(tmp_path, "rates.yaml", "model:\n  init_args:\n    flow:\n      init_args:\n        deep_depth: 2\n")
+    err = fit_error("--config", str(rates), "--config", str(RECIPE), capsys=capsys)
+    assert err.count("\n") == 1
+    assert err.startswith(f"flowvid fit: error: model.init_args.flow.init_args.deep_depth in {rates}: ")
+    assert err.endswith(f"; it sets model.init_args before {RECIPE} chooses model.class_path: give --config {rates} "
+                        f"after --config {RECIPE} (options: flowvid fit --help)\n")
+
+
+def test_init_args_for_a_class_an_earlier_recipe_set_to_null_name_both_recipes(tmp_path, capsys):
+    settings = yaml.safe_load(RECIPE.read_text())
+    settings["model"]["init_args"]["text_encoder"] = None
+    recipe = overlay(tmp_path, "unconditional.yaml", yaml.safe_dump(settings))
+    words = overlay(tmp_path, "words.yaml",
+                    "model:\n  init_args:\n    text_encoder:\n      init_args:\n        vocabulary: [red]\n")
+    err = fit_error("--config", str(recipe), "--config", str(words), capsys=capsys)
+    assert err.count("\n") == 1
+    assert err.startswith(f"flowvid fit: error: model.init_args.text_encoder in {words}: ")
+    assert (f"; {recipe} sets model.init_args.text_encoder to null, so these init_args have no class_path or other "
+            "settings to join: give model.init_args.text_encoder in full") in err
 
 
 def test_a_missing_recipe_is_one_line(capsys):

@@ -173,11 +173,13 @@ def test_a_vocabulary_file_for_a_recipe_without_the_learned_text_encoder_is_refu
     recipe = yaml.safe_load(OWN_VIDEOS.read_text())
     recipe["model"]["init_args"]["text_encoder"] = None
     without_text.write_text(yaml.safe_dump(recipe))
-    for configs in [(without_text, out), (out, OWN_VIDEOS)]:  # given before the recipe, its class is not yet known
+    for configs, why in [((without_text, out), f"{without_text} sets model.init_args.text_encoder to null"),
+                         ((out, OWN_VIDEOS), f"give --config {out} after --config {OWN_VIDEOS}")]:
         with mock.patch.object(sys, "argv", ["flowvid"]), pytest.raises(SystemExit) as stop:
             lightning_main(fit_arguments(configs))
         assert stop.value.code == 2
-        assert "error: model.init_args.text_encoder" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "error: model.init_args.text_encoder" in err and f" in {out}: " in err and why in err
 
 
 def test_a_vocabulary_file_is_not_written_over_a_shard_folders_files(tmp_path, capsys):

@@ -42,10 +42,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flowvid.checks import check_count, check_positive, is_count, is_integer
 from flowvid.codecs.base import LatentCodec, check_codec_identity
-from flowvid.data.shards import SKIP_REASONS
 from flowvid.denoise import CausalDenoiser, flow_score_target, score_matching_tap, tweedie_denoise
 from flowvid.flows.global_local import LOG_2PI, GlobalLocalFlow
 from flowvid.lit.conditioning import EXTEND_PREFIX, V2V_PREFIX, add_prefix, chance, drop_captions
+from flowvid.lit.data_skips import SkippedSamples
 from flowvid.lit.ema import EMA
 from flowvid.lit.schedule import warmup_cosine_scheduler
 from flowvid.lit.strategies import ZeroStrategy, discard_gradients
@@ -237,10 +237,7 @@ class FlowModule(LightningModule):
         # that of the checkpoint it resumes from, if that recorded one.
         self.schedule_length: int | None = None
         self._resumed_schedule_length: int | None = None
-        # What the skipped-sample totals over all ranks need added to the sum of the ranks' own counts
-        # (set on resuming), and the checkpoint's record of them.
-        self._data_skip_offset = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
-        self._resumed_data_skips: dict[str, dict[str, int]] | None = None
+        self.skipped_samples = SkippedSamples()  # by the data module, over all ranks and resumes
 
     def _check_parts_fit(self) -> None:
         """The codec, flow, text encoder and denoiser must agree on sizes: fail at construction."""
@@ -492,7 +489,7 @@ class FlowModule(LightningModule):
             self.ema.update()
         self._consecutive_skips = 0
         metrics["train/skipped_steps"] = float(self.skipped_steps)
-        metrics.update(self._data_skips())
+        metrics.update(self.skipped_samples.metrics(self.trainer, self.device))
         self.log_dict(metrics, prog_bar=False, batch_size=1)
 
     def _window_batches(self) -> str:
@@ -546,32 +543,6 @@ class FlowModule(LightningModule):
         for name, (mean, low, high) in zip(names, sigma):
             self.log_dict({f"sigma/{name}_mean": mean, f"sigma/{name}_min": low, f"sigma/{name}_max": high},
                           batch_size=batch_size)
-
-    def _data_skips(self) -> dict[str, float]:
-        """The samples skipped so far by all ranks together, in total and per reason, to log."""
-        totals = self._data_skip_totals()
-        if totals is None:
-            return {}
-        return {"data/skipped_samples": float(sum(totals.values())),
-                **{f"data/skipped_{reason}": float(n) for reason, n in totals.items()}}
-
-    def _rank_data_skips(self) -> torch.Tensor | None:
-        """This rank's data module's count of skipped samples per SKIP_REASONS; None without one that counts."""
-        datamodule = getattr(self._trainer, "datamodule", None)  # a module saved outside a Trainer has none
-        if datamodule is None or not hasattr(datamodule, "skipped_counts"):
-            return None
-        return per_reason(datamodule.skipped_counts())
-
-    def _data_skip_totals(self) -> dict[str, int] | None:
-        """The ranks' counts summed (one all-reduce: every rank must call this), with what the run counted
-        before it resumed; the reasons with a count, the same on every rank."""
-        counts = self._rank_data_skips()
-        if counts is None:
-            return None
-        if self.trainer.world_size > 1:
-            counts = counts.to(self.device)
-            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
-        return by_reason(counts.cpu() + self._data_skip_offset)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -883,16 +854,9 @@ class FlowModule(LightningModule):
             # What this run trains: adapter files carry the weights a LoRA run trained in full besides its adapters.
             "trained": sorted(name for name, parameter in self.named_parameters() if parameter.requires_grad),
             "schedule_length": self.schedule_length,
-            "data_skips": self._data_skips_to_save(),
+            # An all-reduce: Lightning saves on every rank. A module saved outside a Trainer has none.
+            "data_skips": self.skipped_samples.state(self._trainer, self.device),
         }
-
-    def _data_skips_to_save(self) -> dict[str, dict[str, int]] | None:
-        """The skipped-sample totals over all ranks, and this rank's data module's own counts: the checkpoint
-        is rank 0's, and on resuming every rank's data module starts again from rank 0's counts."""
-        totals = self._data_skip_totals()  # an all-reduce: Lightning saves on every rank
-        if totals is None:
-            return None
-        return {"total": totals, "datamodule": by_reason(self._rank_data_skips())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("flowvid")
@@ -911,7 +875,7 @@ class FlowModule(LightningModule):
                            "null) leaves out: its trained weights are used, and a run continued from here keeps "
                            "no average; keep model.init_args.ema_decay to use it")
         self._resumed_schedule_length = saved.get("schedule_length")  # checkpoints of earlier versions have none
-        self._resumed_data_skips = saved.get("data_skips")
+        self.skipped_samples.resumed = saved.get("data_skips")
 
     def _merge_adapters_for_a_plain_model(self, checkpoint: dict[str, Any]) -> None:
         """A LoRA run's checkpoint loaded into a model without adapters (``load_from_checkpoint``, which knows
@@ -935,15 +899,7 @@ class FlowModule(LightningModule):
         if self.trainer.ckpt_path is not None:
             self._warn_if_schedule_changes_length()
             self._apply_configured_rates()
-            self._continue_data_skip_totals()
-
-    def _continue_data_skip_totals(self) -> None:
-        """Every rank's data module resumes with rank 0's counts: the sum over ``world_size`` ranks holds
-        them ``world_size`` times where the run's totals belong (on any number of ranks)."""
-        saved = self._resumed_data_skips
-        if saved is None:  # a checkpoint of an earlier version, or of a run without a data module that counts
-            return
-        self._data_skip_offset = per_reason(saved["total"]) - self.trainer.world_size * per_reason(saved["datamodule"])
+            self.skipped_samples.resume(self.trainer.world_size)
 
     def _warn_if_schedule_changes_length(self) -> None:
         """The schedule's rate functions are not in the checkpoint: they are rebuilt from this run's
@@ -981,16 +937,6 @@ class FlowModule(LightningModule):
             return
         rank_zero_warn(f"the {' and '.join(sorted(changed))} learning rate or weight decay differs from the checkpoint's: "
                        "the resumed run trains with this run's lr, denoiser_lr and weight_decay")
-
-
-def per_reason(counts: dict[str, int]) -> torch.Tensor:
-    """Skipped-sample counts as a vector over SKIP_REASONS, the same layout on every rank."""
-    return torch.tensor([counts.get(reason, 0) for reason in SKIP_REASONS], dtype=torch.int64)
-
-
-def by_reason(vector: torch.Tensor) -> dict[str, int]:
-    """The reasons of ``per_reason``'s vector that have a count."""
-    return {reason: int(n) for reason, n in zip(SKIP_REASONS, vector) if n}
 
 
 @contextmanager

@@ -6,15 +6,22 @@ plugins``, ``flowvid data ...``). Plugins are loaded before any parsing, so YAML
 class by its bare class name in ``class_path`` (``class_path: PixelCodec``, codecs, text encoders,
 data modules), and blocks and samplers by their registered short name (``deep_block: gated``);
 a short name in ``class_path`` is not resolved.
+
+Warnings are printed as ``flowvid: warning: MESSAGE``, without the file, line and source line Python
+names (code of flowvid or a library, of no use at the command line); ``FLOWVID_TRACEBACK=1`` keeps
+Python's format. Importing flowvid changes nothing: only the commands print warnings so.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 import textwrap
-from typing import Callable
+import warnings
+from typing import Callable, Iterator
 
 from flowvid.registry import REGISTRIES, did_you_mean, load_plugins
 
@@ -23,6 +30,27 @@ LIGHTNING_VERBS = ("fit", "validate")
 
 class UserError(Exception):
     """A mistake in the command line or its inputs: reported in one line, without a traceback."""
+
+
+def console_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """``warnings.formatwarning`` for the commands: the message alone, after the program's name."""
+    return f"flowvid: warning: {message}\n"
+
+
+@contextlib.contextmanager
+def warnings_for_the_console() -> Iterator[None]:
+    """Within it, warnings print as ``console_warning`` says, unless ``FLOWVID_TRACEBACK`` is set; the
+    format in place before comes back after. Also a decorator, for a command's ``main``."""
+    if os.environ.get("FLOWVID_TRACEBACK"):
+        yield
+        return
+    python_format = warnings.formatwarning
+    warnings.formatwarning = console_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
 
 
 def run_lightning(argv: list[str]) -> int:
@@ -152,6 +180,7 @@ def unknown_command(verb: str) -> str:
     return f"unknown command {verb!r}{did_you_mean(verb, commands)}; choose one of {', '.join(commands)}"
 
 
+@warnings_for_the_console()
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

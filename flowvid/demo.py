@@ -152,8 +152,9 @@ def train(recipe: str, run_dir: Path, extra: list[str], resume: bool = False) ->
     else:
         remove_earlier_checkpoints(run_dir)
         record_model(run_dir, recipe, extra)  # after the removal: the record describes the checkpoints beside it
-    command = [sys.executable, "-m", "flowvid.cli", "fit", "--config", recipe,
-               f"--trainer.default_root_dir={run_dir}", *extra]
+    # The run directory last: the checkpoints are looked for there, whatever a config given in extra says.
+    command = [sys.executable, "-m", "flowvid.cli", "fit", "--config", recipe, *extra,
+               f"--trainer.default_root_dir={run_dir}"]
     print("    " + " ".join(command), flush=True)
     subprocess.run(command, check=True)
     checkpoints = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)

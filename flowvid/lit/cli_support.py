@@ -27,7 +27,7 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import yaml
 from jsonargparse._common import debug_mode_active
@@ -38,6 +38,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from flowvid.cli import warnings_for_the_console
 from flowvid.lit.checkpointing import (
     CorruptCheckpointError,
     RunCheckpoint,
@@ -160,6 +161,11 @@ class FlowvidArgumentParser(LightningArgumentParser):
             self.exit(2)
         super().error(message, ex)
 
+    def refuse(self, text: str) -> NoReturn:
+        """Stop with one line about a command the parser accepts but that would not do what it says."""
+        print(f"{self.prog.replace(' [options]', '')}: error: {text}", file=sys.stderr)
+        self.exit(2)
+
 
 #: The main parser's report of a subcommand's required keys, such as ``fit.data, fit.model``.
 REQUIRED_OF_SUBCOMMAND = re.compile(r"the following arguments are required: "
@@ -255,13 +261,119 @@ def _did_you_mean_in_class(option: str, owner: str | None) -> str:
 
 def config_files(args: list[str]) -> list[str]:
     """The recipes ``--config``/``-c`` name in ``args``, in order."""
-    files = []
+    return [file for _, file in configs_at(args)]
+
+
+def configs_at(args: list[str]) -> list[tuple[int, str]]:
+    """Each recipe ``--config``/``-c`` names in ``args``, with the position of its option."""
+    found = []
     for position, arg in enumerate(args):
         if arg.startswith("--config="):
-            files.append(arg.partition("=")[2])
+            found.append((position, arg.partition("=")[2]))
         elif arg in ("--config", "-c") and position + 1 < len(args):
-            files.append(args[position + 1])
-    return files
+            found.append((position, args[position + 1]))
+    return found
+
+
+#: The callbacks that decide which weights train or where they start. A ``--config`` whose ``callbacks:``
+#: list replaces an earlier one's drops them without a word, and the run still trains, only something else:
+#: without ``LoRA`` every weight trains (at the adapters' learning rate), without ``InitFromExport`` the model
+#: starts from its initialisation. Other callbacks, ``Freeze`` included, may be replaced on purpose, as an
+#: overlay that trains through adapters replaces the ``Freeze`` of the recipe before it.
+WEIGHT_CALLBACKS = ("flowvid.lit.finetune.LoRA", "flowvid.lit.finetune.InitFromExport")
+
+
+@contextlib.contextmanager
+def refused_by(parser: FlowvidArgumentParser) -> Iterator[None]:
+    """A ``ValueError`` of a check of the command line as the parser's one-line error."""
+    try:
+        yield
+    except ValueError as mistake:
+        parser.refuse(str(mistake))
+
+
+def check_overlay_order(recipes: dict[str, Any], final_callbacks: Any) -> None:
+    """Refuse overlays given in an order that drops one of ``WEIGHT_CALLBACKS``: an overlay (a config that
+    leaves the model's class to an earlier one) lists it in ``trainer.callbacks``, a later config's list
+    replaces that list, and the parsed config no longer has it. A recipe that chooses the model is left out:
+    its callbacks are there to be replaced (an export's ``config.yaml`` lists those of the run that made it)."""
+    kept = {_class_path_of(callback) for callback in _as_list(final_callbacks)}
+    names = list(recipes)
+    for index, name in enumerate(names):
+        replacing = [later for later in names[index + 1:] if _has_key(recipes[later], ["trainer", "callbacks"])]
+        if _has_key(recipes[name], ["model", "class_path"]) or not replacing:
+            continue
+        listed = {_class_path_of(callback) for callback in _as_list(_value(recipes[name], ["trainer", "callbacks"]))}
+        if dropped := [path for path in WEIGHT_CALLBACKS if path in listed - kept]:
+            later, short = replacing[-1], dropped[0].rpartition(".")[2]
+            raise ValueError(f"{later} replaces the trainer.callbacks list of {name}, so the run would train "
+                             f"without its {dropped[0]}: give --config {name} after --config {later}, or add "
+                             f"{short} to the callbacks of {later}")
+
+
+def _as_list(callbacks: Any) -> list[Any]:
+    """A ``callbacks`` value as a list: one callback may stand alone, and null or MISSING lists none."""
+    if callbacks is None or callbacks is MISSING:
+        return []
+    return list(callbacks) if isinstance(callbacks, list) else [callbacks]
+
+
+def _class_path_of(callback: Any) -> str | None:
+    """A callback's ``class_path``; a short name of one of ``WEIGHT_CALLBACKS`` (``LoRA``) as its full one."""
+    class_path = callback if isinstance(callback, str) else (callback or {}).get("class_path")
+    if isinstance(class_path, str) and "." not in class_path:
+        return next((path for path in WEIGHT_CALLBACKS if path.rpartition(".")[2] == class_path), class_path)
+    return class_path
+
+
+def check_options_after_configs(args: list[str]) -> None:
+    """Refuse an option given before a ``--config`` that sets the same key: the later config wins, so the
+    option would be dropped without a word."""
+    configs = configs_at(args)
+    recipes = read_recipes([file for _, file in configs], ".")
+    for position, arg in enumerate(args):
+        later = [file for at, file in configs if at > position]
+        if not arg.startswith("--") or arg.startswith("--config") or not later:
+            continue
+        key, equals, value = arg[2:].partition("=")
+        value = value if equals else (args[position + 1] if position + 1 < len(args) else "")
+        for leaf, leaf_value in _option_leaves(key, value):
+            setting_key = leaf.removesuffix("+")  # `callbacks+=` adds to a list that a later config replaces
+            for file in later:
+                if (setting := _value_along(recipes[file], setting_key.split("."))) is not MISSING:
+                    raise ValueError(f"--{leaf}{'=' if equals else ' '}{leaf_value} comes before --config {file}, "
+                                     f"whose {setting_key}: {_shown_value(setting)} replaces it: give options after "
+                                     "the configs")
+
+
+def _option_leaves(key: str, value: str) -> list[tuple[str, str]]:
+    """The keys an option sets: its own, or each one of a mapping it is given (``--model '{"init_args": ...}'``,
+    as ``nulls_as_mappings`` writes a null one)."""
+    try:
+        mapping = json.loads(value)
+    except ValueError:
+        return [(key, value)]
+    if not isinstance(mapping, dict) or not mapping:
+        return [(key, value)]
+    return [leaf for name, nested in mapping.items() for leaf in _option_leaves(f"{key}.{name}", json.dumps(nested))]
+
+
+def _value_along(recipe: Any, keys: list[str]) -> Any:
+    """What a recipe sets at the key of an option, which may leave out ``init_args`` (``--model.lr``)."""
+    node = recipe
+    for key in keys:
+        if isinstance(node, dict) and key not in node and isinstance(node.get("init_args"), dict):
+            node = node["init_args"]
+        if not isinstance(node, dict) or key not in node:
+            return MISSING
+        node = node[key]
+    return node
+
+
+def _shown_value(value: Any) -> str:
+    """A recipe's value as YAML on one line, cut short when long."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip().removesuffix("...").strip()
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_recipes(files: list[str], directory: str) -> dict[str, Any]:
@@ -307,10 +419,17 @@ class FlowvidCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         command_line = list(sys.argv[1:] if args is None else args)
         # The main parser or a subcommand's may report an error; built with run=False, there are no subcommands.
-        for reporting in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
+        subcommand_parsers = getattr(self, "_subcommand_parsers", {})
+        for reporting in (parser, *subcommand_parsers.values()):
             reporting.command_line = command_line
             reporting.launch_directory = os.getcwd()
+        reporting = subcommand_parsers.get(command_line[0] if command_line else None, parser)
+        with refused_by(reporting):
+            check_options_after_configs(command_line)
         super().parse_arguments(parser, args)
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        with refused_by(reporting):
+            check_overlay_order(read_recipes(config_files(command_line), "."), config.trainer.get("callbacks"))
 
     def _parse_ckpt_path(self) -> None:
         """``ckpt_path`` is checked like ``resume``: a file that cannot be read is a one-line error, and the
@@ -617,6 +736,7 @@ def quiet_benign_messages() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_tip)
 
 
+@warnings_for_the_console()
 def main(argv: list[str] | None = None) -> int:
     """Run ``FlowvidCLI`` as ``flowvid fit|validate`` does; 2 for bad input found before training, 143
     for a run stopped by SIGTERM, 130 by Ctrl-C."""

@@ -77,15 +77,24 @@ class LearnedTextEncoder(TextEncoder):
 
     def record_unknown(self, captions: Sequence[str], count: int) -> None:
         """Add the ``count`` unknown words of ``captions`` to ``unknown_count``, warning the first time only,
-        with their names: a model trained on captions it cannot read learns to ignore them."""
+        with their names: a model trained on captions it cannot read learns to ignore them, and a prompt of
+        words a trained model never learned says less than it seems. In training mode the warning says how to
+        make them known; otherwise (sampling, validation) the vocabulary came with the weights and is fixed."""
         if count and not self.unknown_count:
             unknown = sorted({word for caption in captions for word in split_words(caption)
                               if word not in self.tokenizer.ids})
             named = ", ".join(map(repr, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
-            warnings.warn(f"{type(self).__name__}: {count} word(s) unknown to its vocabulary became <unk> ({named}); "
-                          "later ones are only counted (unknown_count). Give it the words of the captions as its "
-                          "vocabulary (`flowvid data vocabulary DIR` lists those of a shard folder)", stacklevel=3)
+            warnings.warn(f"{type(self).__name__}: {self._unknown_words_said(count, named)}", stacklevel=3)
         self.unknown_count += count
+
+    def _unknown_words_said(self, count: int, named: str) -> str:
+        if self.training:
+            return (f"{count} word(s) unknown to its vocabulary became <unk> ({named}); later ones are only counted "
+                    "(unknown_count). Give it the words of the captions as its vocabulary "
+                    "(`flowvid data vocabulary DIR` lists those of a shard folder)")
+        return (f"the model never learned {count} word(s) of the text it was given ({named}): they read as <unk>, "
+                "so the text says less than it seems; later ones are only counted (unknown_count). Its vocabulary "
+                "came with its weights: use words of its training captions")
 
     def forward(self, captions: Sequence[str]) -> TextEmbedding:
         ids, mask, truncated, unknown = self.tokenizer(captions, self.max_length)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from flowvid.cli import main
-from flowvid.lit.cli_support import main as lightning_main
+from flowvid.lit.cli_support import FlowvidCLI, main as lightning_main
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "shapes_t2v.yaml"
 
@@ -139,3 +139,59 @@ def test_fit_without_a_recipe_asks_for_one_in_the_commands_name(capsys):
     error = fit_error(capsys=capsys)
     assert error.startswith("flowvid fit: error: data, model must be given: give a recipe, --config RECIPE.yaml")
     assert error.count("\n") == 1
+
+
+RECIPES = RECIPE.parents[1]
+CUSTOM_SHARDS = RECIPES / "finetune" / "custom_shards.yaml"
+LORA = RECIPES / "finetune" / "lora.yaml"
+T2V_64PX = RECIPES / "custom" / "t2v_64px.yaml"
+
+
+class Parsed(Exception):
+    """Raised where `flowvid fit` would start building the recipe's classes: the command was accepted."""
+
+
+def fit_parses(*args: str) -> bool:
+    """Whether `flowvid fit ARGS` gets through parsing and its checks to building the classes."""
+    with mock.patch.object(sys, "argv", ["flowvid"]), \
+            mock.patch.object(FlowvidCLI, "before_instantiate_classes", side_effect=Parsed), \
+            pytest.raises(Parsed):
+        lightning_main(["fit", *args])
+    return True
+
+
+def test_lora_given_before_an_overlay_whose_callbacks_replace_its_own_is_refused(capsys):
+    # RECIPE stands in for an export's config.yaml: both choose the model that the overlays adjust.
+    err = fit_error("--config", str(RECIPE), "--config", str(LORA), "--config", str(CUSTOM_SHARDS), capsys=capsys)
+    assert err == (f"flowvid fit: error: {CUSTOM_SHARDS} replaces the trainer.callbacks list of {LORA}, so the run "
+                   f"would train without its flowvid.lit.finetune.LoRA: give --config {LORA} after --config "
+                   f"{CUSTOM_SHARDS}, or add LoRA to the callbacks of {CUSTOM_SHARDS}\n")
+
+
+def test_only_a_weight_callback_of_an_overlay_dropped_by_a_later_list_is_refused(tmp_path, capsys):
+    assert fit_parses("--config", str(RECIPE), "--config", str(CUSTOM_SHARDS), "--config", str(LORA))  # Freeze goes
+    settings = yaml.safe_load(RECIPE.read_text())  # the config of an export of a LoRA run lists its LoRA
+    settings["trainer"]["callbacks"].append({"class_path": "flowvid.lit.finetune.LoRA"})
+    exported = overlay(tmp_path, "config.yaml", yaml.safe_dump(settings))
+    assert fit_parses("--config", str(exported), "--config", str(CUSTOM_SHARDS))
+    short = overlay(tmp_path, "adapters.yaml", "trainer:\n  callbacks:\n    - class_path: LoRA\n")
+    err = fit_error("--config", str(RECIPE), "--config", str(short), "--config", str(CUSTOM_SHARDS), capsys=capsys)
+    assert err.startswith(f"flowvid fit: error: {CUSTOM_SHARDS} replaces the trainer.callbacks list of {short}, ")
+    assert "without its flowvid.lit.finetune.LoRA" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("option", [["--trainer.max_steps", "2"], ["--trainer.max_steps=2"]])
+def test_an_option_before_a_config_that_sets_the_same_key_is_refused(option, capsys):
+    err = fit_error(*option, "--config", str(T2V_64PX), capsys=capsys)
+    assert err == (f"flowvid fit: error: {' '.join(option)} comes before --config {T2V_64PX}, whose "
+                   "trainer.max_steps: 4000 replaces it: give options after the configs\n")
+
+
+def test_only_options_that_a_later_config_sets_are_refused(capsys):
+    assert fit_parses("--config", str(T2V_64PX), "--trainer.max_steps", "2")
+    assert fit_parses("--trainer.max_epochs", "2", "--config", str(T2V_64PX))  # the recipe leaves it as it is
+    # A null inside init_args reaches the parser as a mapping (nulls_as_mappings): its key is still the one given.
+    err = fit_error("--model.init_args.flow.init_args.text_width=null", "--config", str(RECIPE), capsys=capsys)
+    assert err == (f"flowvid fit: error: --model.init_args.flow.init_args.text_width null comes before --config "
+                   f"{RECIPE}, whose model.init_args.flow.init_args.text_width: 64 replaces it: give options after "
+                   "the configs\n")

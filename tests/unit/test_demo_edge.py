@@ -79,7 +79,8 @@ def test_continuing_keeps_the_checkpoints_and_asks_fit_to_resume(tmp_path, monke
     monkeypatch.setattr(demo.subprocess, "run", fake_fit)
     newest = demo.train("recipe.yaml", tmp_path / "run", ["--trainer.max_steps=640"], resume=True)
     assert kept.exists() and newest.name == "step=00000640.ckpt"
-    assert commands[0][-3:] == ["--trainer.max_steps=640", "--resume", "auto"]
+    assert commands[0][-4:] == ["--trainer.max_steps=640", "--resume", "auto",
+                                f"--trainer.default_root_dir={tmp_path / 'run'}"]
 
 
 def test_a_demo_stopped_in_another_recipe_trains_afresh_and_replaces_its_checkpoints(

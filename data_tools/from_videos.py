@@ -330,9 +330,7 @@ def _write_clips(
         for (path, caption), result in zip(captioned, _read_all([p for p, _ in captioned], spec, workers)):
             bar.advance(task)
             if isinstance(result, str):
-                skipped.append({"path": str(path), "reason": result})
-                if show_progress:
-                    console.log(f"[yellow]skipped[/] {path}: {result}")
+                skipped.append({"path": str(path), "reason": result})  # listed in the end-of-run summary
                 continue
             files_ok += 1
             rates.add(result.fps)

@@ -9,6 +9,8 @@ The checkpoint may be a Lightning file (single device, DDP) or a DeepSpeed direc
 number of ranks; the export holds the whole module's weights, consolidated, and loads on any number of
 devices. ``config.yaml`` (written beside it) is the run's config, so ``model:`` rebuilds the module;
 ``README.md``, a model card, says what the model is and how to use it (a README of your own stays).
+``--out`` may name a folder instead, one that exists or ``exported/``: the export is then
+``model.safetensors`` in it, the name under which ``--ckpt FOLDER`` finds it.
 
 Loading (``load_exported``) reads only safetensors and YAML: no pickle, so no code hidden in the
 file runs. The classes built are the ones the config names, as with a recipe.
@@ -53,6 +55,8 @@ from flowvid.text.base import TextEncoder, same_text_encoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONFIG_NAME = "config.yaml"
+#: The file an export into a folder (``--out FOLDER``) writes there.
+EXPORT_NAME = "model.safetensors"
 FORMAT = "flowvid"
 #: Metadata fields stored as JSON (safetensors metadata holds strings only).
 JSON_FIELDS = ("flowvid_version", "codec", "text_encoder", "plugins")
@@ -81,7 +85,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     Args:
         ckpt: a Lightning checkpoint file, a DeepSpeed checkpoint directory or a run directory (its
             newest readable checkpoint).
-        out: the ``.safetensors`` file to write.
+        out: the ``.safetensors`` file to write, or a folder (one that exists, or a path ending in a
+            separator) to write ``model.safetensors`` into.
         dtype: ``fp32`` or ``bf16`` for the floating-point tensors.
         weights: ``ema`` exports the moving average when the run kept one (else the trained
             weights); ``trained`` always exports the trained weights.
@@ -91,7 +96,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if weights not in ("ema", "trained"):
         raise ValueError(f"weights must be 'ema' or 'trained', got {weights!r}")
-    out = Path(out)
+    out = export_file(out)
     config_path = out.parent / CONFIG_NAME
     check_export_path(out)
     if not force:
@@ -136,6 +141,14 @@ def without_held_weight_files(config: dict[str, Any], tensors: dict[str, torch.T
                                                                              for key in tensors):
             del init_args["checkpoint"]
     return config
+
+
+def export_file(out: str | os.PathLike) -> Path:
+    """The file an export to ``out`` writes: ``out`` itself, or ``model.safetensors`` in it when ``out`` is
+    a folder that exists or is spelt as one (``exported/``), since that is how exports are loaded too."""
+    spelt_as_folder = str(out).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))
+    out = Path(out)
+    return out / EXPORT_NAME if spelt_as_folder or out.is_dir() else out
 
 
 def check_export_path(out: Path) -> None:
@@ -393,7 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True,
                         help="Lightning checkpoint file, DeepSpeed checkpoint directory, or a run directory "
                              "(its newest checkpoint)")
-    parser.add_argument("--out", required=True, help="the .safetensors file to write (config.yaml goes beside it)")
+    parser.add_argument("--out", required=True,
+                        help="the .safetensors file to write (config.yaml and a model card go beside it), or a "
+                             "folder, existing or given with a trailing /, to write model.safetensors into (not with "
+                             "--adapters-only)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the dtype of the weights written")
     add_weights_argument(parser)
     parser.add_argument("--force", action="store_true", help="overwrite an existing export")

@@ -196,11 +196,25 @@ def list_inputs_once(inputs: list[str], caption: str | None = None) -> list[Path
 
 def videos_of_folder(folder: Path) -> list[Path]:
     videos = list(video_inputs([folder]))
+    if not videos and holds_split_folders(folder):
+        # The folder given to ``from-videos --val-fraction`` or ``make-synthetic`` as --out: point at its
+        # halves, as the data tools do.
+        from flowvid.data.manifest import what_to_give
+
+        raise ScoreError(f"no videos found in folder {folder}, and it is not a shard folder: "
+                         f"{what_to_give(folder)}")
     if not videos:
         raise ScoreError(f"no videos found in folder {folder}: score looks for files ending in "
                          f"{' '.join(sorted(READABLE_VIDEO_SUFFIXES))} (in subfolders too), "
                          "or a shard folder with manifest.json")
     return videos
+
+
+def holds_split_folders(folder: Path) -> bool:
+    """Whether ``folder`` holds the ``train`` or ``val`` shard folder of a dataset with a validation split."""
+    from flowvid.data.manifest import SPLIT_FOLDERS
+
+    return any(is_shard_folder(folder / split) for split in SPLIT_FOLDERS)
 
 
 def check_out_is_no_listed_input(out: str, listed: list[Path | ShardFolder],

@@ -86,7 +86,7 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     """Read and check a folder's manifest; ManifestError says what is wrong."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"{path} not found: {folder} is not a finished shard folder ({_what_to_give(folder)})")
+        raise ManifestError(f"{path} not found: {folder} is not a finished shard folder ({what_to_give(folder)})")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -95,7 +95,7 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _what_to_give(folder: str | Path) -> str:
+def what_to_give(folder: str | Path) -> str:
     """The hint for a folder without a manifest: the ``train`` and ``val`` shard folders that
     ``make-synthetic`` and ``from-videos --val-fraction`` write inside it, else how to make one."""
     splits = [Path(folder) / split for split in SPLIT_FOLDERS if (Path(folder) / split / MANIFEST_NAME).is_file()]

@@ -286,6 +286,13 @@ class VideoPipeline:
             self.sampler = None
         return self
 
+    def __repr__(self) -> str:
+        model = self.model
+        text_encoder = type(model.text_encoder).__name__ if model.text_encoder is not None else None
+        return (f"VideoPipeline(video_shape={model.video_shape}, codec={model.codec.name!r}, "
+                f"text_encoder={text_encoder}, sampler={self.sampler!r}, device={self.device}, "
+                f"precision={self.precision!r})")
+
     @property
     def device(self) -> torch.device:
         """Where the model is, and where it samples."""

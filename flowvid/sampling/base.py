@@ -9,6 +9,7 @@ any computation, so every sampler rejects bad input the same way.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -157,6 +158,13 @@ class Sampler(ABC):
         """
         x = self.sample(flow, z, text, guidance, prefix)
         yield from x[:, 0 if prefix is None else prefix.shape[1]:].unbind(1)
+
+    def __repr__(self) -> str:
+        """The class and the settings its constructor took, as a diffusers scheduler shows its config: each
+        argument the instance keeps under the same name."""
+        names = [name for name, parameter in inspect.signature(type(self).__init__).parameters.items()
+                 if name != "self" and parameter.kind is not parameter.VAR_KEYWORD and hasattr(self, name)]
+        return f"{type(self).__name__}({', '.join(f'{name}={getattr(self, name)!r}' for name in names)})"
 
     @property
     def last_stats(self) -> dict:

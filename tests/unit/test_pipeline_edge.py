@@ -295,3 +295,21 @@ def test_videos_per_prompt_that_is_no_count_is_refused_before_any_work(checkpoin
     for call in (pipe, lambda *args, **kwargs: next(pipe.stream(*args, **kwargs))):
         with pytest.raises(GenerateError, match=message):
             call("a red circle", videos_per_prompt=count)
+
+
+def test_a_sampler_shows_its_settings_and_its_repr_builds_the_same_sampler():
+    jacobi = JacobiSampler(tol=0.05, block_size=8, max_iterations=12, warm_start="values")
+    assert repr(jacobi) == ("JacobiSampler(tol=0.05, block_size=8, first_block_size=None, max_iterations=12, "
+                            "warm_start='values')")
+    windowed = WindowedSampler(jacobi, window=4, context=2)
+    rebuilt = eval(repr(windowed), {"JacobiSampler": JacobiSampler, "WindowedSampler": WindowedSampler})
+    assert repr(rebuilt) == repr(windowed) and rebuilt.sampler.warm_start == "values"
+    assert repr(SequentialSampler()) == "SequentialSampler()"
+
+
+def test_a_pipeline_shows_what_it_samples_with(checkpoint):
+    pipe = VideoPipeline.from_pretrained(checkpoint, device="cpu", precision="32-true")
+    pipe.sampler = SequentialSampler()
+    shape = pipe.model.video_shape
+    assert repr(pipe) == (f"VideoPipeline(video_shape={shape}, codec='pixel', text_encoder=LearnedTextEncoder, "
+                          "sampler=SequentialSampler(), device=cpu, precision='32-true')")

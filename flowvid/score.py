@@ -72,6 +72,7 @@ from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.checks import is_blank
 from flowvid.cli import HelpFormatter, exit_statuses, help_text
 from flowvid.codecs.base import LatentCodec, check_codec_identity
+from flowvid.data.manifest import SPLIT_FOLDERS, what_to_give
 from flowvid.export import add_weights_argument
 from flowvid.generate import LATENTS_SUFFIX
 from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_frames
@@ -199,8 +200,6 @@ def videos_of_folder(folder: Path) -> list[Path]:
     if not videos and holds_split_folders(folder):
         # The folder given to ``from-videos --val-fraction`` or ``make-synthetic`` as --out: point at its
         # halves, as the data tools do.
-        from flowvid.data.manifest import what_to_give
-
         raise ScoreError(f"no videos found in folder {folder}, and it is not a shard folder: "
                          f"{what_to_give(folder)}")
     if not videos:
@@ -212,8 +211,6 @@ def videos_of_folder(folder: Path) -> list[Path]:
 
 def holds_split_folders(folder: Path) -> bool:
     """Whether ``folder`` holds the ``train`` or ``val`` shard folder of a dataset with a validation split."""
-    from flowvid.data.manifest import SPLIT_FOLDERS
-
     return any(is_shard_folder(folder / split) for split in SPLIT_FOLDERS)
 
 

@@ -326,11 +326,10 @@ def _class_path_of(callback: Any) -> str | None:
     return class_path
 
 
-def check_options_after_configs(args: list[str]) -> None:
-    """Refuse an option given before a ``--config`` that sets the same key: the later config wins, so the
-    option would be dropped without a word."""
+def check_options_after_configs(args: list[str], recipes: dict[str, Any]) -> None:
+    """Refuse an option given before a ``--config`` (of ``recipes``, read from ``args``) that sets the same
+    key: the later config wins, so the option would be dropped without a word."""
     configs = configs_at(args)
-    recipes = read_recipes([file for _, file in configs], ".")
     for position, arg in enumerate(args):
         later = [file for at, file in configs if at > position]
         if not arg.startswith("--") or arg.startswith("--config") or not later:
@@ -340,7 +339,7 @@ def check_options_after_configs(args: list[str]) -> None:
         for leaf, leaf_value in _option_leaves(key, value):
             setting_key = leaf.removesuffix("+")  # `callbacks+=` adds to a list that a later config replaces
             for file in later:
-                if (setting := _value_along(recipes[file], setting_key.split("."))) is not MISSING:
+                if (setting := _value(recipes[file], setting_key.split("."))) is not MISSING:
                     raise ValueError(f"--{leaf}{'=' if equals else ' '}{leaf_value} comes before --config {file}, "
                                      f"whose {setting_key}: {_shown_value(setting)} replaces it: give options after "
                                      "the configs")
@@ -356,18 +355,6 @@ def _option_leaves(key: str, value: str) -> list[tuple[str, str]]:
     if not isinstance(mapping, dict) or not mapping:
         return [(key, value)]
     return [leaf for name, nested in mapping.items() for leaf in _option_leaves(f"{key}.{name}", json.dumps(nested))]
-
-
-def _value_along(recipe: Any, keys: list[str]) -> Any:
-    """What a recipe sets at the key of an option, which may leave out ``init_args`` (``--model.lr``)."""
-    node = recipe
-    for key in keys:
-        if isinstance(node, dict) and key not in node and isinstance(node.get("init_args"), dict):
-            node = node["init_args"]
-        if not isinstance(node, dict) or key not in node:
-            return MISSING
-        node = node[key]
-    return node
 
 
 def _shown_value(value: Any) -> str:
@@ -396,9 +383,12 @@ MISSING = object()
 
 
 def _value(recipe: Any, keys: list[str]) -> Any:
-    """The value a recipe's content gives the nested key, or MISSING."""
+    """The value a recipe's content gives the nested key, or MISSING. The key may leave out a class's
+    ``init_args``, as an option may (``--model.lr``)."""
     node = recipe
     for key in keys:
+        if isinstance(node, dict) and key not in node and isinstance(node.get("init_args"), dict):
+            node = node["init_args"]
         if not isinstance(node, dict) or key not in node:
             return MISSING
         node = node[key]
@@ -424,12 +414,13 @@ class FlowvidCLI(LightningCLI):
             reporting.command_line = command_line
             reporting.launch_directory = os.getcwd()
         reporting = subcommand_parsers.get(command_line[0] if command_line else None, parser)
+        recipes = read_recipes(config_files(command_line), os.getcwd())
         with refused_by(reporting):
-            check_options_after_configs(command_line)
+            check_options_after_configs(command_line, recipes)
         super().parse_arguments(parser, args)
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         with refused_by(reporting):
-            check_overlay_order(read_recipes(config_files(command_line), "."), config.trainer.get("callbacks"))
+            check_overlay_order(recipes, config.trainer.get("callbacks"))
 
     def _parse_ckpt_path(self) -> None:
         """``ckpt_path`` is checked like ``resume``: a file that cannot be read is a one-line error, and the

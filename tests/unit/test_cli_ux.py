@@ -151,13 +151,12 @@ class Parsed(Exception):
     """Raised where `flowvid fit` would start building the recipe's classes: the command was accepted."""
 
 
-def fit_parses(*args: str) -> bool:
-    """Whether `flowvid fit ARGS` gets through parsing and its checks to building the classes."""
+def check_fit_parses(*args: str) -> None:
+    """Fail unless `flowvid fit ARGS` gets through parsing and its checks to building the classes."""
     with mock.patch.object(sys, "argv", ["flowvid"]), \
             mock.patch.object(FlowvidCLI, "before_instantiate_classes", side_effect=Parsed), \
             pytest.raises(Parsed):
         lightning_main(["fit", *args])
-    return True
 
 
 def test_lora_given_before_an_overlay_whose_callbacks_replace_its_own_is_refused(capsys):
@@ -169,11 +168,11 @@ def test_lora_given_before_an_overlay_whose_callbacks_replace_its_own_is_refused
 
 
 def test_only_a_weight_callback_of_an_overlay_dropped_by_a_later_list_is_refused(tmp_path, capsys):
-    assert fit_parses("--config", str(RECIPE), "--config", str(CUSTOM_SHARDS), "--config", str(LORA))  # Freeze goes
+    check_fit_parses("--config", str(RECIPE), "--config", str(CUSTOM_SHARDS), "--config", str(LORA))  # Freeze goes
     settings = yaml.safe_load(RECIPE.read_text())  # the config of an export of a LoRA run lists its LoRA
     settings["trainer"]["callbacks"].append({"class_path": "flowvid.lit.finetune.LoRA"})
     exported = overlay(tmp_path, "config.yaml", yaml.safe_dump(settings))
-    assert fit_parses("--config", str(exported), "--config", str(CUSTOM_SHARDS))
+    check_fit_parses("--config", str(exported), "--config", str(CUSTOM_SHARDS))
     short = overlay(tmp_path, "adapters.yaml", "trainer:\n  callbacks:\n    - class_path: LoRA\n")
     err = fit_error("--config", str(RECIPE), "--config", str(short), "--config", str(CUSTOM_SHARDS), capsys=capsys)
     assert err.startswith(f"flowvid fit: error: {CUSTOM_SHARDS} replaces the trainer.callbacks list of {short}, ")
@@ -188,8 +187,8 @@ def test_an_option_before_a_config_that_sets_the_same_key_is_refused(option, cap
 
 
 def test_only_options_that_a_later_config_sets_are_refused(capsys):
-    assert fit_parses("--config", str(T2V_64PX), "--trainer.max_steps", "2")
-    assert fit_parses("--trainer.max_epochs", "2", "--config", str(T2V_64PX))  # the recipe leaves it as it is
+    check_fit_parses("--config", str(T2V_64PX), "--trainer.max_steps", "2")
+    check_fit_parses("--trainer.max_epochs", "2", "--config", str(T2V_64PX))  # the recipe leaves it as it is
     # A null inside init_args reaches the parser as a mapping (nulls_as_mappings): its key is still the one given.
     err = fit_error("--model.init_args.flow.init_args.text_width=null", "--config", str(RECIPE), capsys=capsys)
     assert err == (f"flowvid fit: error: --model.init_args.flow.init_args.text_width null comes before --config "

@@ -39,6 +39,13 @@ import torch
 
 from flowvid.checks import is_blank, is_integer
 from flowvid.media import READABLE_VIDEO_SUFFIXES, fit_frames, read_frames, read_image_frame
+from flowvid.other_names import (
+    DIFFUSERS_CALL_NAMES,
+    DIFFUSERS_LOAD_NAMES,
+    DIFFUSERS_MOVE_NAMES,
+    SCORE_NAMES,
+    other_names,
+)
 from flowvid.placement import precision_context, resolve_device, resolve_precision
 from flowvid.sampling import JacobiSampler, Sampler, WindowedSampler, build_sampler, sampler_class
 from flowvid.sampling.tasks import TASKS, check_seed, encode_text, task_caption, task_inputs
@@ -240,6 +247,7 @@ class VideoPipeline:
         self._sampler = default_sampler(self.model, self.precision) if sampler is None else sampler
 
     @classmethod
+    @other_names(DIFFUSERS_LOAD_NAMES)
     def from_pretrained(cls, path: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
                         weights: str = "ema", sampler: Sampler | None = None, lora: str | os.PathLike | None = None,
                         lora_strength: float = 1.0) -> "VideoPipeline":
@@ -268,6 +276,7 @@ class VideoPipeline:
         model = load_model(path, weights=weights, map_location=placed, adapters=lora, adapter_strength=lora_strength)
         return cls(model, sampler, precision)
 
+    @other_names(DIFFUSERS_MOVE_NAMES)
     def to(self, device: str | torch.device | None = None, precision: str | None = None) -> "VideoPipeline":
         """Move the model to ``device`` and sample at ``precision``, each as ``from_pretrained`` takes
         it (None: as now); returns the pipeline, as a diffusers pipeline's ``to`` does. The model's own
@@ -303,6 +312,7 @@ class VideoPipeline:
         """Whether the model reads captions; an unconditional one has no text encoder."""
         return self.model.text_encoder is not None
 
+    @other_names(DIFFUSERS_CALL_NAMES)
     def __call__(self, prompts: str | Sequence[str] | None = None, *, task: str = "t2v",
                  image: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
                  video: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
@@ -341,9 +351,10 @@ class VideoPipeline:
         failed = result.failed
         if failed:
             warnings.warn(f"videos {failed} came out NaN or infinite ({NON_FINITE_ADVICE}); "
-                          "GeneratedVideos.failed lists them", stacklevel=2)
+                          "GeneratedVideos.failed lists them", stacklevel=3)  # past other_names' check
         return result
 
+    @other_names(SCORE_NAMES)
     @torch.no_grad()
     def score(self, video: np.ndarray | torch.Tensor | str | os.PathLike, caption: str = "",
               seed: int = 0) -> dict[str, Any]:
@@ -528,6 +539,7 @@ class VideoPipeline:
             sampler_stats=[batch.sampler.last_stats],
         )
 
+    @other_names(DIFFUSERS_CALL_NAMES)  # outside no_grad, which must see the generator function to cover it
     @torch.no_grad()
     def stream(self, prompts: str | Sequence[str] | None = None, *, task: str = "t2v",
                image: np.ndarray | torch.Tensor | str | os.PathLike | None = None,

@@ -11,12 +11,11 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import av
 import numpy as np
 
-from flowvid.media import decode_failure, shown_frame, shown_size
+from flowvid.media import decode_failure, frames_at_rate, is_slower, shown_frame, shown_size, stream_rate
 
 
 class VideoSkipped(Exception):
@@ -76,10 +75,10 @@ def _decode(path: Path, spec: ClipSpec) -> tuple[list[np.ndarray], float]:
             if not container.streams.video:
                 raise VideoSkipped("no video stream")
             stream = container.streams.video[0]
-            source_rate = stream.average_rate or stream.guessed_rate
+            source_rate = stream_rate(stream)
             rate = _output_rate(source_rate, spec.fps)
             picked = [_fit(frame, spec.height, spec.width, stream.sample_aspect_ratio)
-                      for frame in _frames_at_rate(container.decode(stream), rate, source_rate)]
+                      for frame in frames_at_rate(container.decode(stream), rate, source_rate)]
     except av.FFmpegError as err:
         raise VideoSkipped(f"undecodable: {decode_failure(err)}") from err
     return picked, float(rate)
@@ -92,49 +91,9 @@ def _output_rate(source_rate: Fraction | None, fps: float | None) -> Fraction:
                            else "unknown frame rate, cannot step to the target fps")
     if fps is None:
         return Fraction(source_rate)
-    # Within 0.1% below the target passes: 29.97 fps footage (30000/1001) makes 30 fps clips.
-    if source_rate < fps * 0.999:
+    if is_slower(source_rate, fps):  # within 0.1% below the target passes (RATE_TOLERANCE)
         raise VideoSkipped(f"source is {float(source_rate):g} fps, below the target {fps:g} fps")
     return Fraction(fps)
-
-
-def _frames_at_rate(frames: Iterable[av.VideoFrame], rate: Fraction,
-                    source_rate: Fraction) -> Iterator[av.VideoFrame]:
-    """For each output time ``start + k / rate``, the source frame nearest to it, from the first frame's
-    time ``start`` to the end of the last frame.
-
-    Timestamps, not frame counts, decide: a variable-rate video keeps its timing, and a frame that the
-    source shows for longer than an output frame (a slow stretch of it) is given again, as a player
-    would show it. A frame is nearest to the times up to the midpoint between it and the next frame;
-    the last frame is taken to last as long as the interval before it.
-    """
-    start = previous = previous_time = None
-    interval = 1 / Fraction(source_rate)  # the last frame's length when it is the only one
-    index = 0  # of the next output frame
-    for number, frame in enumerate(frames):
-        time = _frame_time(frame, number, source_rate)
-        if previous_time is not None and time <= previous_time:
-            continue  # shown for no time at all: a repeated or out-of-order timestamp
-        if previous is None:
-            start = time
-        else:
-            interval = time - previous_time
-            while start + index / rate <= previous_time + interval / 2:
-                yield previous
-                index += 1
-        previous, previous_time = frame, time
-    if previous is None:
-        return
-    while start + index / rate < previous_time + interval / 2:
-        yield previous
-        index += 1
-
-
-def _frame_time(frame: av.VideoFrame, number: int, source_rate: Fraction) -> Fraction:
-    """Presentation time in seconds, exact; from the frame's position where the file stores no timestamp."""
-    if frame.pts is None or frame.time_base is None:
-        return number / Fraction(source_rate)
-    return frame.pts * frame.time_base
 
 
 def _fit(frame: av.VideoFrame, height: int, width: int, pixel_aspect: Fraction | None) -> np.ndarray:

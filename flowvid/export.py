@@ -46,6 +46,7 @@ from flowvid.lit.checkpointing import (
     CorruptCheckpointError,
     consolidated_state_dict,
     load_client_state,
+    recorded_fps,
     resolve_checkpoint,
 )
 from flowvid.model_card import CARD_NAME, is_card, is_replaceable, model_card
@@ -58,8 +59,9 @@ CONFIG_NAME = "config.yaml"
 #: The file an export into a folder (``--out FOLDER``) writes there.
 EXPORT_NAME = "model.safetensors"
 FORMAT = "flowvid"
-#: Metadata fields stored as JSON (safetensors metadata holds strings only).
-JSON_FIELDS = ("flowvid_version", "codec", "text_encoder", "plugins")
+#: Metadata fields stored as JSON (safetensors metadata holds strings only). ``fps`` is the frame rate of the
+#: training clips (null where the checkpoint records none; exports made before it was recorded lack it).
+JSON_FIELDS = ("flowvid_version", "codec", "text_encoder", "plugins", "fps")
 
 
 @dataclass
@@ -256,7 +258,8 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
                   map_location: str | torch.device = "cpu") -> ExportedModel:
     """Rebuild the model of an export from ``config.yaml`` and load its weights (in fp32).
 
-    ``config`` defaults to the ``config.yaml`` beside ``path``. The returned module is in eval mode.
+    ``config`` defaults to the ``config.yaml`` beside ``path``. The returned module is in eval mode, with
+    ``training_fps`` set as ``flowvid.loading.load_model`` sets it.
     Raises FileNotFoundError, CorruptCheckpointError (a damaged file) or ValueError with a one-line reason.
     """
     path = Path(path)
@@ -278,6 +281,7 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
     load_weights(module, state, where=str(path))
     check_outside_parts(module, metadata, state, where=f"exported model {path}")
     module.to(map_location).eval()
+    module.training_fps = recorded_fps(metadata)
     return ExportedModel(
         module=module,
         flow=getattr(module, "flow", module),

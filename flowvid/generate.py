@@ -13,8 +13,10 @@
 
 For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
 before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, negative
-prompt, device, precision, timings, Jacobi iterations, the model and the weights that sampled, and
-``resized_from`` for an image or video fitted to the model's size). A folder holds one model's samples:
+prompt, device, precision, timings, Jacobi iterations, the model and the weights that sampled, the ``fps``
+of the mp4 unless it is 8, and ``resized_from`` for an image or video fitted to the model's size). The mp4
+plays at the frame rate the model was trained at when its checkpoint or export records it, else at 8 fps
+(``--fps`` sets another). A folder holds one model's samples:
 an ``--out`` with another model's is refused, and a sample of another request (another seed, prompt,
 sampler...) under a name to be written is kept unless ``--force`` is given. Sample ``i`` uses seed
 ``seed + i``, so a sample does not depend on its batch; ``--samples-per-prompt N`` samples each prompt
@@ -48,7 +50,7 @@ from flowvid.checks import is_blank, json_object
 from flowvid.cli import HelpFormatter, exit_statuses, help_text
 from flowvid.data.shards import file_sha256
 from flowvid.export import add_weights_argument
-from flowvid.media import MediaError, frame_rate, write_video
+from flowvid.media import DEFAULT_FPS, MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder, write_atomically
 from flowvid.pipeline import (
     DEFAULT_TOLERANCE,
@@ -61,6 +63,7 @@ from flowvid.pipeline import (
     each_prompt_repeated,
     is_windowed,
     model_sampler,
+    playback_fps,
     sampler_takes,
     takes_the_precisions_tolerance,
     window_sampler,
@@ -155,7 +158,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise GenerateError("--negative-prompt holds no words; leave it out to guide away from the empty caption")
     check_seed(args.seed, name="--seed")
     try:
-        frame_rate(args.fps)
+        if args.fps is not None:
+            frame_rate(args.fps)
     except MediaError:
         raise GenerateError(f"--fps must be a finite number of frames per second >= 0.001, got {args.fps}") from None
     check_output_folder(args.out, "--out", "give a folder for the samples", GenerateError)
@@ -306,8 +310,6 @@ REQUEST_KEYS = ("prompt", "task", "seed", "samples_per_prompt", "sampler", "tol"
                 "block_size", "sampler_args", "context", "window", "guidance",
                 "negative_prompt", "precision", "lora", "lora_strength", "frames", "fps", "model", "weights", "source",
                 "source_sha256")
-#: The frame rate of the written mp4s unless ``--fps`` gives another.
-DEFAULT_FPS = 8.0
 
 
 def planned_records(request: Request, prompts: list[str], frames: int) -> dict[int, dict[str, Any]]:
@@ -324,7 +326,7 @@ def planned_records(request: Request, prompts: list[str], frames: int) -> dict[i
         "frames": frames,
         **({"context": request.context} if request.context is not None else {}),
         **({"window": request.window} if request.window is not None else {}),
-        # Recorded only when chosen: records from before it was recorded hold the default's samples.
+        # The mp4's rate, left out at 8 fps: records from before it was recorded hold samples written at 8.
         **({"fps": request.fps} if request.fps != DEFAULT_FPS else {}),
         # Likewise. Another count moves the later prompts to other names and seeds, so a run resumed with
         # another one would leave the folder a mix of both.
@@ -583,7 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a caption guidance steers away from, instead of the empty caption")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=8, help="samples drawn together")
-    parser.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frame rate of the written mp4")
+    parser.add_argument("--fps", type=float, default=None,
+                        help=f"frame rate of the written mp4 (default: the rate the model was trained at, when its "
+                             f"checkpoint or export records it, else {DEFAULT_FPS:g})")
     parser.add_argument("--stream", action="store_true", help="write frames as soon as they are sampled")
     parser.add_argument("--skip-existing", action="store_true",
                         help="leave out samples already complete in --out (to finish an interrupted run)")
@@ -632,8 +636,8 @@ def main(argv: list[str]) -> int:
             task=args.task, prompts=prompts, frames=frames,
             sampler=sampler, sampler_args=settings, **chosen, context=context, window=window,
             guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
-            batch_size=args.batch_size, fps=args.fps, stream=args.stream, skip_existing=args.skip_existing,
-            force=args.force,
+            batch_size=args.batch_size, fps=playback_fps(module) if args.fps is None else args.fps,
+            stream=args.stream, skip_existing=args.skip_existing, force=args.force,
             image=args.image, video=args.video,
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
             negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,

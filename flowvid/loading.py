@@ -20,7 +20,7 @@ from flowvid.export import (
     weights_taken,
     without_held_weight_files,
 )
-from flowvid.lit.checkpointing import METADATA_KEY, resolve_checkpoint
+from flowvid.lit.checkpointing import METADATA_KEY, recorded_fps, resolve_checkpoint
 
 
 def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str | torch.device = "cpu",
@@ -31,6 +31,10 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
     checkpoint file, a DeepSpeed checkpoint directory, or a run directory (its newest readable
     checkpoint, in it or in its ``checkpoints/``). ``weights="ema"`` takes the moving average
     when the run kept one; ``module.weights_used`` says which it took ("ema" or "trained").
+    ``module.training_fps`` is the frame rate of the clips the model was trained on, in frames per second
+    (a float), as the checkpoint or export records it from the training data's manifest; None where it is
+    unknown (a checkpoint or export made before the rate was recorded, or data of no single rate).
+    ``flowvid generate`` writes its videos at that rate and ``flowvid score`` reads video files at it.
     ``adapters`` (a file of ``flowvid export --adapters-only``) are merged into the weights, their updates
     scaled by ``adapter_strength``. Raises FileNotFoundError,
     CorruptCheckpointError (a damaged or incomplete checkpoint or export) or ValueError, each with a
@@ -47,6 +51,7 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
         load_weights(module, state_dict, where=str(path))
         check_outside_parts(module, client_state.get(METADATA_KEY) or {}, state_dict, where=f"checkpoint {path}")
         module = module.to(map_location).eval()
+        module.training_fps = recorded_fps(client_state.get(METADATA_KEY) or {})
         used = weights_taken(weights, client_state)
     if adapters is not None:
         apply_adapters(module, adapters, adapter_strength)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -54,7 +57,11 @@ YUV_COLOUR_TAGS = {"colorspace": SMPTE_170M, "color_range": ColorRange.MPEG,
                    "color_primaries": ColorPrimaries.BT709, "color_trc": ColorTrc.BT709}
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, codec: str = "libx264",
+#: The frame rate a video is written at when nothing says otherwise (a model whose training rate is unknown).
+DEFAULT_FPS = 8.0
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float = DEFAULT_FPS, codec: str = "libx264",
                 container: str | None = None) -> None:
     """uint8 frames (T, H, W, 3) -> a video file; H.264 at near-lossless quality by default.
 
@@ -254,32 +261,148 @@ def fit_frames(frames: list[np.ndarray], height: int, width: int) -> np.ndarray:
 
 def read_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndarray]:
     """The frames of a video file (or a ``.npy`` array (T, H, W, 3) uint8) as uint8, at the size a player
-    shows them (``shown_frame``: square pixels, upright)."""
+    shows them (``shown_frame``: square pixels, upright), every frame the file holds."""
+    return read_frames_at(path, None, max_frames).frames
+
+
+@dataclass(frozen=True)
+class TimedFrames:
+    """Frames read from a file, and their rate in frames per second: the rate asked for, else the file's own;
+    None where it is unknown (a ``.npy`` array, a file that records no rate)."""
+
+    frames: list[np.ndarray]
+    fps: float | None
+
+
+class SlowerVideo(MediaError):
+    """A video slower than the rate it is to be read at (``fps``; its own is ``source_fps``): its frames would
+    be shown more than once."""
+
+    def __init__(self, path: Path, source_fps: float, fps: float):
+        self.source_fps, self.fps = source_fps, fps
+        super().__init__(f"video {path} is {source_fps:g} fps, below the {fps:g} fps it is to be read at")
+
+
+def read_frames_at(path: str | Path, fps: float | None, max_frames: int | None = None) -> TimedFrames:
+    """The frames of a video file (or a ``.npy`` array) as ``read_frames`` gives them, at ``fps``: output frame
+    k is the frame nearest in time to k / fps after the first one (``frames_at_rate``), as ``flowvid data
+    from-videos`` cuts its clips. A file at ``fps`` already, one that records no rate, a ``.npy`` array and
+    ``fps=None`` give every frame as stored. SlowerVideo for a file slower than ``fps`` (``is_slower``)."""
     path = Path(path)
     if path.is_dir():
         raise MediaError(f"video {path} is a folder; give a video file or a .npy array")
     if not path.is_file():
         raise MediaError(f"video {path} does not exist")
-    if path.suffix == ".npy":
-        frames = load_frame_array(path)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise MediaError(f"{path} holds {frames.dtype} {frames.shape}, expected uint8 (T, H, W, 3)")
-        frames = list(np.array(frames[:max_frames]))
-    else:
-        frames = []
-        try:
-            # Tags are never read; one in another encoding (Latin-1 from old taggers) must not lose the video.
-            with av.open(str(path), metadata_errors="replace") as container:
-                stream = container.streams.video[0]
-                for frame in container.decode(stream):
-                    frames.append(shown_frame(frame, stream.sample_aspect_ratio))
-                    if max_frames is not None and len(frames) >= max_frames:
-                        break
-        except (av.FFmpegError, ValueError, IndexError) as err:
-            raise MediaError(f"cannot decode video {path}: {decode_failure(err)}") from None
-    if not frames:
+    timed = TimedFrames(read_frame_array(path, max_frames), None) if path.suffix == ".npy" else \
+        decode_frames(path, fps, max_frames)
+    if not timed.frames:
         raise MediaError(f"video {path} has no frames")
-    return frames
+    return timed
+
+
+def read_at_training_rate(path: str | Path, training_fps: float | None) -> TimedFrames:
+    """The frames of a video file at the frame rate a model was trained at (``read_frames_at``), as ``flowvid
+    score`` and the video tasks of ``flowvid generate`` read them. A model of unknown rate (None), a ``.npy``
+    array and a file at the model's rate are read frame by frame; so is a file that records no rate, with a
+    warning. MediaError for a file slower than the model's rate: it would show frames twice, a motion the
+    model never saw."""
+    try:
+        timed = read_frames_at(path, training_fps)
+    except SlowerVideo as err:
+        raise MediaError(f"video {path} is {err.source_fps:g} fps, below the {err.fps:g} fps the model was trained "
+                         "at: at that rate it would show frames twice, a motion the model never saw") from None
+    if training_fps is not None and timed.fps is None and Path(path).suffix != ".npy":
+        warnings.warn(f"{path} records no frame rate: read frame by frame, not at the model's {training_fps:g} fps",
+                      stacklevel=2)
+    return timed
+
+
+def read_frame_array(path: Path, max_frames: int | None) -> list[np.ndarray]:
+    frames = load_frame_array(path)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise MediaError(f"{path} holds {frames.dtype} {frames.shape}, expected uint8 (T, H, W, 3)")
+    return list(np.array(frames[:max_frames]))
+
+
+def decode_frames(path: Path, fps: float | None, max_frames: int | None) -> TimedFrames:
+    """A video file's frames, at ``fps`` when it is another rate that the file records (see ``read_frames_at``)."""
+    frames = []
+    try:
+        # Tags are never read; one in another encoding (Latin-1 from old taggers) must not lose the video.
+        with av.open(str(path), metadata_errors="replace") as container:
+            stream = container.streams.video[0]
+            rate = stream_rate(stream)  # of the frames picked: the file's own, or fps
+            picked = container.decode(stream)
+            if fps is not None and rate is not None and rate != Fraction(fps):
+                if is_slower(rate, fps):
+                    raise SlowerVideo(path, float(rate), fps)
+                picked, rate = frames_at_rate(picked, Fraction(fps), rate), Fraction(fps)
+            for frame in picked:
+                frames.append(shown_frame(frame, stream.sample_aspect_ratio))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except MediaError:
+        raise
+    except (av.FFmpegError, ValueError, IndexError) as err:
+        raise MediaError(f"cannot decode video {path}: {decode_failure(err)}") from None
+    return TimedFrames(frames, None if rate is None else float(rate))
+
+
+# --- frame rates --------------------------------------------------------------------------------------------
+
+#: How much slower than a target rate a source may be and still be read at it: 29.97 fps footage
+#: (30000/1001) makes 30 fps clips, with a frame shown twice about once in a thousand.
+RATE_TOLERANCE = 0.001
+
+
+def stream_rate(stream: av.VideoStream) -> Fraction | None:
+    """The frame rate of a video stream (its average, else FFmpeg's guess); None where the file records none."""
+    rate = stream.average_rate or stream.guessed_rate
+    return Fraction(rate) if rate else None
+
+
+def is_slower(source_rate: Fraction, fps: float) -> bool:
+    """Whether a source at ``source_rate`` is too slow to be read at ``fps`` (``RATE_TOLERANCE``)."""
+    return source_rate < fps * (1 - RATE_TOLERANCE)
+
+
+def frames_at_rate(frames: Iterable[av.VideoFrame], rate: Fraction,
+                   source_rate: Fraction) -> Iterator[av.VideoFrame]:
+    """For each output time ``start + k / rate``, the source frame nearest to it, from the first frame's
+    time ``start`` to the end of the last frame.
+
+    Timestamps, not frame counts, decide: a variable-rate video keeps its timing, and a frame that the
+    source shows for longer than an output frame (a slow stretch of it) is given again, as a player
+    would show it. A frame is nearest to the times up to the midpoint between it and the next frame;
+    the last frame is taken to last as long as the interval before it.
+    """
+    start = previous = previous_time = None
+    interval = 1 / Fraction(source_rate)  # the last frame's length when it is the only one
+    index = 0  # of the next output frame
+    for number, frame in enumerate(frames):
+        time = frame_time(frame, number, source_rate)
+        if previous_time is not None and time <= previous_time:
+            continue  # shown for no time at all: a repeated or out-of-order timestamp
+        if previous is None:
+            start = time
+        else:
+            interval = time - previous_time
+            while start + index / rate <= previous_time + interval / 2:
+                yield previous
+                index += 1
+        previous, previous_time = frame, time
+    if previous is None:
+        return
+    while start + index / rate < previous_time + interval / 2:
+        yield previous
+        index += 1
+
+
+def frame_time(frame: av.VideoFrame, number: int, source_rate: Fraction) -> Fraction:
+    """Presentation time in seconds, exact; from the frame's position where the file stores no timestamp."""
+    if frame.pts is None or frame.time_base is None:
+        return number / Fraction(source_rate)
+    return frame.pts * frame.time_base
 
 
 def load_frame_array(path: Path) -> np.ndarray:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from flowvid.media import DEFAULT_FPS
+
 CARD_NAME = "README.md"
 #: The first line of every card: how a card is told from a README of someone else's.
 CARD_MARK = "<!-- flowvid model card -->"
@@ -40,6 +42,7 @@ def model_card(folder: str | Path, file_name: str, metadata: dict[str, Any], con
     rows = [
         ("parameters", parameters),
         ("video", f"{video[0]} frames of {video[1]}x{video[2]} pixels" if video else "see config.yaml"),
+        ("frame rate", frame_rate_row(metadata.get("fps"))),
         ("latent codec", f"`{codec['name']}` (config {codec.get('config_hash', '?')[:12]})" if codec else "see config.yaml"),
         ("text", f"`{text['name']}`" if text else "none: an unconditional model"),
         ("guidance (default)", str(init.get("guidance", "see config.yaml"))),
@@ -81,6 +84,13 @@ flowvid generate --ckpt {where} {'--prompt ' + prompt + ' ' if prompt else ''}--
 flowvid score --ckpt {where} --input clips/ --out scores.jsonl
 ```
 """
+
+
+def frame_rate_row(fps: float | None) -> str:
+    """The card's frame rate: that of the training clips, at which generate writes and score reads videos."""
+    if fps is None:
+        return f"unknown (not recorded by the run): generate writes {DEFAULT_FPS:g} fps unless given --fps"
+    return f"{fps:g} fps, as trained: generate writes its videos at it and score reads video files at it"
 
 
 def is_card(path: Path) -> bool:

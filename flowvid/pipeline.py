@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from flowvid.checks import is_blank, is_integer
-from flowvid.media import READABLE_VIDEO_SUFFIXES, fit_frames, read_frames, read_image_frame
+from flowvid.media import DEFAULT_FPS, READABLE_VIDEO_SUFFIXES, fit_frames, read_at_training_rate, read_frames, read_image_frame
 from flowvid.other_names import (
     DIFFUSERS_CALL_NAMES,
     DIFFUSERS_LOAD_NAMES,
@@ -188,6 +188,7 @@ class GeneratedVideos:
         seeds: the noise seed of each video.
         timings: seconds spent sampling, denoising and decoding, summed over the batches.
         sampler_stats: the sampler's ``last_stats`` of each batch (Jacobi: passes per block).
+        fps: the frame rate to play the videos at, the pipeline's ``fps``.
 
     ``failed`` lists the videos whose latents came out NaN or infinite: their frames mean nothing.
     """
@@ -198,6 +199,7 @@ class GeneratedVideos:
     seeds: list[int]
     timings: dict[str, float]
     sampler_stats: list[dict[str, Any]]
+    fps: float = DEFAULT_FPS
 
     @property
     def failed(self) -> list[int]:
@@ -213,6 +215,7 @@ class GeneratedVideos:
             seeds=[seed for part in parts for seed in part.seeds],
             timings={name: sum(part.timings[name] for part in parts) for name in parts[0].timings},
             sampler_stats=[stats for part in parts for stats in part.sampler_stats],
+            fps=parts[0].fps,
         )
 
 
@@ -308,6 +311,13 @@ class VideoPipeline:
         return self.model.device
 
     @property
+    def fps(self) -> float:
+        """The frame rate the videos play at: the model's training rate where its checkpoint or export records
+        it (``model.training_fps``), else 8, as ``flowvid generate`` writes them. A video file given to a call
+        or to ``score`` is read at the training rate."""
+        return playback_fps(self.model)
+
+    @property
     def reads_text(self) -> bool:
         """Whether the model reads captions; an unconditional one has no text encoder."""
         return self.model.text_encoder is not None
@@ -368,8 +378,7 @@ class VideoPipeline:
         with refused_as_generate_error():
             check_caption(self.model, caption, name="caption")
             check_seed(seed)  # torch keeps 32 bits: seed -1 would silently be seed 2**32 - 1
-            _, height, width = self.model.video_shape
-            frames, _ = _frames(video, height, width, "video")
+            frames, _ = _frames(video, self.model, "video")
         try:
             return score_video(self.model, frames, caption, torch.Generator().manual_seed(int(seed)))
         except ScoreError as err:  # a video too short to score, found as it is cut into clips
@@ -469,12 +478,12 @@ class VideoPipeline:
         if task == "i2v":
             if image is None:
                 raise GenerateError("i2v needs an image")
-            frame, given_size = _frames(image, height, width, "image")
+            frame, given_size = _frames(image, self.model, "image")
             frames = np.repeat(frame[None], 1 if codec.causal_first_frame else codec.temporal_factor, axis=0)
         else:
             if video is None:
                 raise GenerateError(f"{task} needs a video")
-            frames, given_size = _frames(video, height, width, "video")
+            frames, given_size = _frames(video, self.model, "video")
             usable = codec.usable_frames(len(frames))
             if usable < 1:
                 raise GenerateError(f"the video has {len(frames)} frames, fewer than one latent frame")
@@ -536,7 +545,7 @@ class VideoPipeline:
             videos=videos.cpu().numpy(), latents=latents.float().cpu().numpy(), captions=batch.captions,
             seeds=list(seeds), timings={"sample_seconds": sampled - started, "denoise_seconds": denoised - sampled,
                                         "decode_seconds": decoded - denoised},
-            sampler_stats=[batch.sampler.last_stats],
+            sampler_stats=[batch.sampler.last_stats], fps=self.fps,
         )
 
     @other_names(DIFFUSERS_CALL_NAMES)  # outside no_grad, which must see the generator function to cover it
@@ -673,12 +682,27 @@ def read_start_image(path: str | os.PathLike) -> np.ndarray:
     return read_image_frame(path)
 
 
-def _frames(given, height: int, width: int, what: str) -> tuple[np.ndarray, tuple[int, int]]:
+def training_fps(model) -> float | None:
+    """The frame rate of the clips the model was trained on (``load_model`` sets it); None where unknown, as
+    for a model built in Python or loaded from a checkpoint that records none."""
+    return getattr(model, "training_fps", None)
+
+
+def playback_fps(model) -> float:
+    """The frame rate to play the model's videos at: its training rate, else ``DEFAULT_FPS``. A model trained
+    on 24 fps clips played at 8 would move in slow motion."""
+    trained = training_fps(model)
+    return DEFAULT_FPS if trained is None else trained
+
+
+def _frames(given, model, what: str) -> tuple[np.ndarray, tuple[int, int]]:
     """uint8 frames (T, H, W, 3), or (H, W, 3) for an image, at the model's size, from an array or tensor
-    or read from a file and fitted; with the (height, width) the frames were given at."""
+    or read from a file (a video at the rate the model was trained at) and fitted; with the (height, width)
+    the frames were given at."""
+    _, height, width = model.video_shape
     image = what == "image"
     if isinstance(given, (str, os.PathLike)):
-        read = [read_start_image(given)] if image else read_frames(given)
+        read = [read_start_image(given)] if image else read_at_training_rate(given, training_fps(model)).frames
         fitted = fit_frames(read, height, width)
         return fitted[0] if image else fitted, read[0].shape[:2]
     frames = given.cpu().numpy() if isinstance(given, torch.Tensor) else np.asarray(given)

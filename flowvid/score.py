@@ -35,6 +35,13 @@ player shows it: upright, square pixels): the
 score is that of the fitted frames. A shard folder holds clips made for one model size, so one of
 another size is refused before any work, with both sizes.
 
+Frame rate: a video file is scored at the frame rate the model was trained at, when its checkpoint or
+export records it: frame k is the file's frame nearest in time to k / fps, as ``flowvid data from-videos
+--fps`` picks frames, so a 30 fps file moves as the model's 24 fps clips did. A file slower than that
+(by more than 0.1%) gets a line with ``error``; one that records no rate is scored frame by frame, with a
+warning. A video file's line gives the ``fps`` its frames were scored at (null: unknown); ``.npy`` arrays
+and shards are scored frame by frame.
+
 With the pixel codec the number follows the discrete convention of image flows: 8-bit values ``v``
 are dequantised uniformly, ``y = (v + u) / 127.5 - 1`` with ``u ~ U[0, 1)``, and the Jacobian of that
 map (``ln 127.5`` nats per dimension) is added, so the figure is an upper bound on the bits a lossless
@@ -75,7 +82,7 @@ from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.data.manifest import SPLIT_FOLDERS, what_to_give
 from flowvid.export import add_weights_argument
 from flowvid.generate import LATENTS_SUFFIX
-from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_frames
+from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_at_training_rate
 from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
 from flowvid.sampling.tasks import check_seed
 from flowvid.placement import (add_placement_arguments, join_launch_group, precision_context, resolve_device,
@@ -352,19 +359,27 @@ def score_work(module, work: Work, caption: str | None, generator: torch.Generat
     """The records of one video file, under its row of ``captions`` if given, else ``caption``, or of every
     sample of one shard; damage is reported, not fatal."""
     if work.spec is None:
-        _, height, width = module.video_shape
-        try:
-            text = (caption or "") if captions is None else captions.caption(work.path)
-            frames = read_frames(work.path)
-            record = {"path": str(work.path), **score_video(module, fit_frames(frames, height, width), text,
-                                                            generator)}
-        except (MediaError, ScoreError) as err:
-            return [{"path": str(work.path), "error": str(err)}]
-        shown = frames[0].shape[:2]
-        if shown != (height, width):  # the score is of the fitted frames, not of the file's own
-            record["resized_from"] = list(shown)
-        return [record]
+        return [score_file(module, work.path, caption, generator, captions)]
     return list(score_shard(module, work, generator))
+
+
+def score_file(module, path: Path, caption: str | None, generator: torch.Generator,
+               captions: FileCaptions | None = None) -> dict[str, Any]:
+    """The record of one video file (see ``score_work``): its frames fitted to the model's size and, for a
+    model whose training rate is known, picked at that rate (``read_at_training_rate``)."""
+    _, height, width = module.video_shape
+    try:
+        text = (caption or "") if captions is None else captions.caption(path)
+        timed = read_at_training_rate(path, getattr(module, "training_fps", None))
+        record = {"path": str(path), **score_video(module, fit_frames(timed.frames, height, width), text, generator)}
+    except (MediaError, ScoreError) as err:
+        return {"path": str(path), "error": str(err)}
+    if path.suffix != ".npy":  # an array holds frames, not their times
+        record["fps"] = timed.fps
+    shown = timed.frames[0].shape[:2]
+    if shown != (height, width):  # the score is of the fitted frames, not of the file's own
+        record["resized_from"] = list(shown)
+    return record
 
 
 def score_shard(module, work: Work, generator: torch.Generator) -> Iterator[dict[str, Any]]:

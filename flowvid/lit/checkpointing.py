@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import math
 import os
 import re
 import signal
@@ -76,7 +77,8 @@ def run_metadata(pl_module: LightningModule, config: dict[str, Any] | None = Non
 
     flowvid version, versions of the plugin packages in the registries, codec and text encoder
     identities (from the first ``LatentCodec`` / ``TextEncoder`` inside the module), the shape of
-    every parameter, the world size, and the run's resolved config when given.
+    every parameter, the world size, the frame rate of the clips the run trains on (``fps``, from
+    ``training_fps``; None where unknown) and the run's resolved config when given.
     """
     import flowvid
     from flowvid.registry import REGISTRIES
@@ -93,8 +95,30 @@ def run_metadata(pl_module: LightningModule, config: dict[str, Any] | None = Non
         "text_encoder": text_encoder.identity() if text_encoder is not None else None,
         "parameters": parameter_shapes(pl_module),
         "world_size": trainer.world_size if trainer is not None else 1,
+        "fps": training_fps(trainer),
         "config": config,
     }
+
+
+def training_fps(trainer: Trainer | None) -> float | None:
+    """The frame rate of the clips a run trains on, as its datamodule's manifest records it (``video.fps``);
+    None without a datamodule that has a manifest, or where the manifest records no single rate."""
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    try:
+        manifest = getattr(datamodule, "manifest", None)
+    except (OSError, ValueError):  # a folder moved away since it was read: the checkpoint still gets written
+        return None
+    video = manifest.get("video") if isinstance(manifest, dict) else None
+    return recorded_fps(video or {})
+
+
+def recorded_fps(metadata: dict[str, Any]) -> float | None:
+    """``metadata["fps"]`` as a frame rate: None where it is missing (a checkpoint or export made before the
+    rate was recorded), null, or not a finite number above 0."""
+    fps = metadata.get("fps")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        return None
+    return float(fps)
 
 
 def parameter_shapes(module: torch.nn.Module) -> dict[str, list[int]]:

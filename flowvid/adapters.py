@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flowvid.caller_warnings import warn_caller
 from flowvid.export import check_export_path, checkpoint_weights, load_weights, reading_export
 from flowvid.lit.checkpointing import resolve_checkpoint
 from flowvid.nn.lora import is_adapter_key, merge_lora
@@ -163,9 +163,9 @@ def warn_if_other_base(path: str | os.PathLike, weights: dict[str, torch.Tensor]
     were trained on: say so when these are others (files written before the fingerprint are not checked)."""
     expected = read_adapter_metadata(path).get("base_fingerprint")
     if expected and base_fingerprint(weights, layers) != expected:
-        warnings.warn(f"the LoRA adapters of {path} were trained on other weights than this model's (the merged "
-                      "export of their run has them in already); applied all the same, the result is not the "
-                      "fine-tuned model. Apply them to the model their run started from", stacklevel=3)
+        warn_caller(f"the LoRA adapters of {path} were trained on other weights than this model's (the merged "
+                    "export of their run has them in already); applied all the same, the result is not the "
+                    "fine-tuned model. Apply them to the model their run started from")
 
 
 def add_adapter_arguments(parser) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -13,6 +12,8 @@ import av
 import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from flowvid.caller_warnings import warn_caller
 
 
 class MediaError(ValueError):
@@ -312,8 +313,7 @@ def read_at_training_rate(path: str | Path, training_fps: float | None) -> Timed
         raise MediaError(f"video {path} is {err.source_fps:g} fps, below the {err.fps:g} fps the model was trained "
                          "at: at that rate it would show frames twice, a motion the model never saw") from None
     if training_fps is not None and timed.fps is None and Path(path).suffix != ".npy":
-        warnings.warn(f"{path} records no frame rate: read frame by frame, not at the model's {training_fps:g} fps",
-                      stacklevel=2)
+        warn_caller(f"{path} records no frame rate: read frame by frame, not at the model's {training_fps:g} fps")
     return timed
 
 

@@ -8,6 +8,7 @@
     out = pipe(["a red circle moves left"], seed=0)                          # out.videos: uint8 (B, T, H, W, 3)
     out = pipe(["a red circle moves left"], task="i2v", image=first_frame)   # (H, W, 3) uint8, an image or a video file
     out = pipe(["..."], task="extend", video="clip.mp4", frames=16)
+    out = pipe(["..."], task="v2v", video="clip.mp4", frames=16)              # the source, then new frames
     pipe.sampler = SequentialSampler()                                       # swap it, like a scheduler
     pipe.to("cuda", precision="bf16-mixed")                                  # move it, as in diffusers
     pipe.score(video, caption="a red circle moves left")                     # exact bits/dim, per frame too
@@ -29,7 +30,6 @@ import math
 import numbers
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from flowvid.caller_warnings import warn_caller
 from flowvid.checks import is_blank, is_integer
 from flowvid.media import DEFAULT_FPS, READABLE_VIDEO_SUFFIXES, fit_frames, read_at_training_rate, read_frames, read_image_frame
 from flowvid.other_names import (
@@ -360,8 +361,8 @@ class VideoPipeline:
         result = GeneratedVideos.concatenate(parts)
         failed = result.failed
         if failed:
-            warnings.warn(f"videos {failed} came out NaN or infinite ({NON_FINITE_ADVICE}); "
-                          "GeneratedVideos.failed lists them", stacklevel=3)  # past other_names' check
+            warn_caller(f"videos {failed} came out NaN or infinite ({NON_FINITE_ADVICE}); "
+                        "GeneratedVideos.failed lists them")
         return result
 
     @other_names(SCORE_NAMES)
@@ -454,17 +455,17 @@ class VideoPipeline:
         if guidance > 0 and not self.reads_text:  # guidance contrasts captions, which this model cannot read
             raise GenerateError(f"this model is unconditional (trained without text) and cannot be guided "
                                 f"(guidance {guidance}); give guidance 0")
-        warn_if_untrained(self.model, task, self.reads_text)
 
     def check_room(self, task: str, frames: int, source: "Source | None") -> None:
-        """Refuse a video no longer than its given frames: there would be nothing to sample."""
-        if source is None:
-            return
-        given_frames = source.frames.shape[1]
-        if given_frames >= self.model.codec.usable_frames(frames):
-            given = "the image" if task == "i2v" else f"the video's {given_frames} frames"
-            raise GenerateError(f"{task}: {frames} frames leave nothing to sample after {given}; ask for more "
-                                f"than {given_frames} frames (the result starts with the given ones)")
+        """Refuse a video no longer than its given frames: there would be nothing to sample. The last check
+        of a request; only a request that passes them all is then warned of a task the model never trained."""
+        if source is not None:
+            given_frames = source.frames.shape[1]
+            if given_frames >= self.model.codec.usable_frames(frames):
+                given = "the image" if task == "i2v" else f"the video's {given_frames} frames"
+                raise GenerateError(f"{task}: {frames} frames leave nothing to sample after {given}; ask for more "
+                                    f"than {given_frames} frames (the result starts with the given ones)")
+        warn_if_untrained(self.model, task, self.reads_text)
 
     @refused_as_generate_error()
     def source_frames(self, task: str, image, video) -> "Source | None":
@@ -488,8 +489,8 @@ class VideoPipeline:
             if usable < 1:
                 raise GenerateError(f"the video has {len(frames)} frames, fewer than one latent frame")
             if usable < len(frames):  # the codec encodes whole latent frames only
-                warnings.warn(f"the video's last {len(frames) - usable} of {len(frames)} frames are left out: codec "
-                              f"{codec.name!r} encodes {usable} of them exactly", stacklevel=3)
+                warn_caller(f"the video's last {len(frames) - usable} of {len(frames)} frames are left out: codec "
+                            f"{codec.name!r} encodes {usable} of them exactly")
             frames = frames[:usable]
         resized_from = list(given_size) if given_size != (height, width) else None
         return Source(torch.from_numpy(np.ascontiguousarray(frames))[None], resized_from)
@@ -636,11 +637,11 @@ def warn_if_untrained(model, task: str, reads_text: bool) -> None:
     if setting is None or getattr(model, setting, None) != 0:
         return
     if task == "v2v":
-        warnings.warn(f"this model was trained with {setting} 0: it never learned to transform a video, so v2v "
-                      "continues the given clip instead", stacklevel=3)
+        warn_caller(f"this model was trained with {setting} 0: it never learned to transform a video, so v2v "
+                    "continues the given clip instead")
     elif reads_text:  # extension is a continuation anyway: only its captions are new to the model
-        warnings.warn(f"this model was trained with {setting} 0: its '{task_caption(task, '').strip()}' captions "
-                      "are new to it, so the continuation may follow the caption less well", stacklevel=3)
+        warn_caller(f"this model was trained with {setting} 0: its '{task_caption(task, '').strip()}' captions "
+                    "are new to it, so the continuation may follow the caption less well")
 
 
 def check_sampled(sampler: Sampler, latents: Any, shape: tuple[int, ...], call: str) -> torch.Tensor:

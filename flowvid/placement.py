@@ -13,9 +13,10 @@ import argparse
 import contextlib
 import os
 import platform
-import warnings
 
 import torch
+
+from flowvid.caller_warnings import warn_caller
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed")
 
@@ -148,11 +149,11 @@ def warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
     if not precision.startswith("bf16"):
         return
     if device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn(f"this CPU has no native bf16 (AVX512-BF16 or AMX): {precision} runs emulated and slower "
-                      "than 32-true", stacklevel=3)
+        warn_caller(f"this CPU has no native bf16 (AVX512-BF16 or AMX): {precision} runs emulated and slower "
+                    "than 32-true")
     elif device.type == "cuda" and not cuda_supports_bf16(device):
-        warnings.warn(f"GPU {device} has no native bf16 (it came with Ampere, compute capability 8.0): "
-                      f"{precision} runs emulated and slower than 32-true", stacklevel=3)
+        warn_caller(f"GPU {device} has no native bf16 (it came with Ampere, compute capability 8.0): "
+                    f"{precision} runs emulated and slower than 32-true")
 
 
 def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

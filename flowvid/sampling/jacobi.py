@@ -26,7 +26,6 @@ the deep block's frames, and solved as one block.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Iterator
@@ -34,6 +33,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from flowvid.caller_warnings import warn_caller
 from flowvid.checks import is_count
 from flowvid.registry import SAMPLERS
 from flowvid.sampling.base import BlockSampler
@@ -278,9 +278,8 @@ class JacobiSampler(BlockSampler):
         bf16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
         advice = ("under bf16 autocast the network's rounding keeps a block's change near 1e-3 to 3e-3: use tol "
                   ">= 1e-2" if bf16 else "raise max_iterations or tol")
-        warnings.warn(f"JacobiSampler(tol={self.tol}): a block still moved after max_iterations={self.max_iterations} "
-                      f"passes and was accepted as it was (last_stats counts unconverged_blocks); {advice}",
-                      stacklevel=2)
+        warn_caller(f"JacobiSampler(tol={self.tol}): a block still moved after max_iterations={self.max_iterations} "
+                    f"passes and was accepted as it was (last_stats counts unconverged_blocks); {advice}")
 
     def first_block_size_on(self, device: torch.device, tokens_per_frame: int) -> int:
         """Slots per block in the first frame and in the shallow blocks when sampling on ``device``."""

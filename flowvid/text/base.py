@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
+
+from flowvid.caller_warnings import warn_caller
 
 #: The dtype shards cache a frozen encoder's states in. ``encode`` rounds a frozen encoder's states to it,
 #: so that a caption embeds alike from a cache and when computed (training without a cache, sampling).
@@ -68,8 +69,8 @@ class TextEncoder(nn.Module, ABC):
     def record_truncation(self, count: int) -> None:
         """Add ``count`` truncated captions to ``truncated_count``, warning the first time only."""
         if count and not self.truncated_count:
-            warnings.warn(f"{type(self).__name__}: {count} caption(s) longer than {self.max_length} tokens "
-                          f"were truncated; later truncations are only counted (truncated_count)", stacklevel=3)
+            warn_caller(f"{type(self).__name__}: {count} caption(s) longer than {self.max_length} tokens "
+                        f"were truncated; later truncations are only counted (truncated_count)")
         self.truncated_count += count
 
     def identity(self) -> dict[str, str]:

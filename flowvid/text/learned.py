@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from flowvid.caller_warnings import warn_caller
 from flowvid.checks import is_count
 from flowvid.fingerprint import json_fingerprint
 from flowvid.nn.transformer import TransformerLayer
@@ -84,7 +84,7 @@ class LearnedTextEncoder(TextEncoder):
             unknown = sorted({word for caption in captions for word in split_words(caption)
                               if word not in self.tokenizer.ids})
             named = ", ".join(map(repr, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
-            warnings.warn(f"{type(self).__name__}: {self._unknown_words_said(count, named)}", stacklevel=3)
+            warn_caller(f"{type(self).__name__}: {self._unknown_words_said(count, named)}")
         self.unknown_count += count
 
     def _unknown_words_said(self, count: int, named: str) -> str:

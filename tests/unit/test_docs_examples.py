@@ -136,3 +136,15 @@ def test_plugins_md_classes_are_used_from_python_without_a_package(checkpoint, t
     assert isinstance(shown["flow"].deep, shown["WideMLPBlock"]) and shown["flow"].deep.ratio == 6.0
     assert isinstance(shown["pipe"].sampler, capped) and shown["pipe"].sampler.max_iterations == 8
     assert isinstance(shown["sampler"], capped) and shown["sampler"].tol == 1e-3
+
+
+def test_codecs_and_text_md_text_encoder_passes_its_conformance_tests(tmp_path):
+    for path, body in files_shown("codecs_and_text.md").items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(body, encoding="utf-8")
+    (tmp_path / "my_text" / "__init__.py").touch()
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider", "-q", "tests"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True)
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    assert re.search(r"\b10 passed\b", tests.stdout), tests.stdout

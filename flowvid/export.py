@@ -62,6 +62,8 @@ FORMAT = "flowvid"
 #: Metadata fields stored as JSON (safetensors metadata holds strings only). ``fps`` is the frame rate of the
 #: training clips (null where the checkpoint records none; exports made before it was recorded lack it).
 JSON_FIELDS = ("flowvid_version", "codec", "text_encoder", "plugins", "fps")
+#: The weights a checkpoint gives: the moving average (when the run kept one) or the weights as trained.
+WEIGHTS = ("ema", "trained")
 
 
 @dataclass
@@ -96,8 +98,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if weights not in ("ema", "trained"):
-        raise ValueError(f"weights must be 'ema' or 'trained', got {weights!r}")
+    check_weights(weights)
     out = export_file(out)
     config_path = out.parent / CONFIG_NAME
     check_export_path(out)
@@ -131,6 +132,13 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     except (OSError, SafetensorError) as err:  # a full disk, a folder without write permission
         raise OSError(f"cannot write the export {out}: {getattr(err, 'strerror', None) or err}") from None
     return out
+
+
+def check_weights(weights: str) -> None:
+    """A ValueError unless ``weights`` is one of ``WEIGHTS``: the loaders take the moving average only for
+    "ema", so any other spelling ("EMA", a typo) would give the trained weights without a word."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
 
 
 def without_held_weight_files(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -270,12 +278,7 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
     metadata = read_export_metadata(path)  # fails early on a file that is not an export
     if config is None:
         check_config_matches(path, config_path, metadata)
-    try:
-        module = build_module(run_config)
-    except Exception as err:  # noqa: BLE001 - most often a plugin that is not installed here
-        raise ValueError(f"cannot build the model of {path} from {config_path}: {err}\n"
-                         f"It was exported with flowvid {metadata.get('flowvid_version')} and the plugin "
-                         f"packages {metadata.get('plugins') or 'none'}") from err
+    module = build_recorded_module(run_config, metadata, f"{path} from {config_path}", made="exported")
     with reading_export(path):
         state = load_file(str(path), device=str(map_location))
     load_weights(module, state, where=str(path))
@@ -348,6 +351,27 @@ def build_module(run_config: dict[str, Any]) -> nn.Module:
     return parser.instantiate_classes(parsed).model
 
 
+def build_recorded_module(run_config: dict[str, Any], recorded: dict[str, Any], where: str, made: str) -> nn.Module:
+    """``build_module``, whose error also says what the model was ``made`` (exported, trained) with, as
+    ``recorded`` (an export's or a checkpoint's metadata) has it: most often the error is a plugin's block or
+    codec that is not installed here, and the plugin packages name what to install."""
+    try:
+        return build_module(run_config)
+    except Exception as err:  # noqa: BLE001 - the class named in the config decides what it raises
+        raise ValueError(f"cannot build the model of {where}: {err}{made_with(recorded, made)}") from err
+
+
+def made_with(recorded: dict[str, Any], made: str) -> str:
+    """``It was MADE with flowvid V and the plugin packages P`` on a line of its own, from ``recorded``;
+    nothing where it records no version (a checkpoint written outside ``flowvid fit``)."""
+    if not recorded.get("flowvid_version"):
+        return ""
+    plugins = recorded.get("plugins") or {}
+    packages = (f"the plugin packages {', '.join(f'{name} {version}' for name, version in sorted(plugins.items()))}"
+                if plugins else "no plugin package")
+    return f"\nIt was {made} with flowvid {recorded['flowvid_version']} and {packages}"
+
+
 def check_outside_parts(module: nn.Module, recorded: dict[str, Any], held: dict[str, torch.Tensor], where: str) -> None:
     """Raise when the codec or text encoder built from the config is not the one the model was trained with.
 
@@ -398,7 +422,7 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str, 
 
 def add_weights_argument(parser: argparse.ArgumentParser) -> None:
     """``--weights ema|trained`` of the commands that read a checkpoint's weights."""
-    parser.add_argument("--weights", choices=("ema", "trained"), default="ema",
+    parser.add_argument("--weights", choices=WEIGHTS, default="ema",
                         help="ema: the moving average of the weights when the run kept one, else the trained "
                              "weights; trained: the weights as trained")
 

@@ -11,8 +11,9 @@ from torch import nn
 from flowvid.adapters import apply_adapters
 from flowvid.export import (
     CONFIG_NAME,
-    build_module,
+    build_recorded_module,
     check_outside_parts,
+    check_weights,
     checkpoint_weights,
     load_exported,
     load_weights,
@@ -30,7 +31,8 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
     ``path`` is an exported ``.safetensors`` file (with ``config.yaml`` beside it) or its folder, a Lightning
     checkpoint file, a DeepSpeed checkpoint directory, or a run directory (its newest readable
     checkpoint, in it or in its ``checkpoints/``). ``weights="ema"`` takes the moving average
-    when the run kept one; ``module.weights_used`` says which it took ("ema" or "trained").
+    when the run kept one, ``weights="trained"`` the weights as trained (any other value is a ValueError);
+    ``module.weights_used`` says which it took ("ema" or "trained").
     ``module.training_fps`` is the frame rate of the clips the model was trained on, in frames per second
     (a float), as the checkpoint or export records it from the training data's manifest; None where it is
     unknown (a checkpoint or export made before the rate was recorded, or data of no single rate).
@@ -40,18 +42,21 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
     CorruptCheckpointError (a damaged or incomplete checkpoint or export) or ValueError, each with a
     one-line reason.
     """
+    check_weights(weights)
     path = model_file(path)
     if path.suffix == ".safetensors":
         used = exported_weights(path, weights)
         module = load_exported(path, map_location=map_location).module
     else:
         state_dict, config, client_state = checkpoint_weights(path, weights)
+        recorded = client_state.get(METADATA_KEY) or {}
         # The checkpoint holds the weights of a codec trained for this model: its file may be long gone.
-        module = build_module(without_held_weight_files(config, state_dict))
+        module = build_recorded_module(without_held_weight_files(config, state_dict), recorded, f"checkpoint {path}",
+                                       made="trained")
         load_weights(module, state_dict, where=str(path))
-        check_outside_parts(module, client_state.get(METADATA_KEY) or {}, state_dict, where=f"checkpoint {path}")
+        check_outside_parts(module, recorded, state_dict, where=f"checkpoint {path}")
         module = module.to(map_location).eval()
-        module.training_fps = recorded_fps(client_state.get(METADATA_KEY) or {})
+        module.training_fps = recorded_fps(recorded)
         used = weights_taken(weights, client_state)
     if adapters is not None:
         apply_adapters(module, adapters, adapter_strength)

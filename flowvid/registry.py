@@ -95,6 +95,31 @@ def did_you_mean(name: str, names: Iterable[str]) -> str:
     return f" (did you mean {close!r}?)" if close else ""
 
 
+def class_path_for(name: str) -> str | None:
+    """What to write in a ``class_path`` instead of ``name`` when it is a registered short name there: the
+    kind and the class it registers, and the import path of that class (``class_path`` takes import paths
+    and class names, not short names). None when no registry holds a class under ``name``."""
+    registered = [(registry.kind, entry.obj) for registry in REGISTRIES.values() for entry in registry
+                  if entry.name == name and inspect.isclass(entry.obj)]
+    if not registered:
+        return None
+    paths = [import_path(obj) for _, obj in registered]
+    classes = " and ".join(f"the {kind} {path}" for (kind, _), path in zip(registered, paths))
+    return (f"{name!r} is the short name of {classes}; class_path takes an import path, not a short name: "
+            f"write class_path: {' or '.join(paths)}")
+
+
+def import_path(cls: type) -> str:
+    """The shortest ``package.Class`` path of ``cls``: a package that exports it (``flowvid.codecs.PixelCodec``),
+    else the module that defines it."""
+    parts = _module_of(cls).split(".")
+    for end in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:end]))
+        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            return f"{module.__name__}.{cls.__qualname__}"
+    return describe(cls)
+
+
 class UnknownName(KeyError):
     """A name no registry entry has: a KeyError (for callers that catch one) printed without quotes.
 

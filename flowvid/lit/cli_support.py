@@ -52,7 +52,7 @@ from flowvid.lit.checkpointing import (
 from flowvid.lit.finetune import InitFromExport
 from flowvid.lit.progress import StepProgressBar
 from flowvid.loading import export_in
-from flowvid.registry import did_you_mean
+from flowvid.registry import class_path_for, did_you_mean
 from flowvid.text.base import TextEncoder
 
 
@@ -178,6 +178,7 @@ GIVEN_CLASS = re.compile(r"Problem with given class_path '([^']+)':")
 NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 NOT_ACCEPTED_BY_SUBCOMMAND = re.compile(r"Subcommand '[^']+' does not accept option '([^']+)'")
 UNRECOGNIZED = re.compile(r"unrecognized arguments: (\S+)")
+NOT_AN_IMPORT_PATH = re.compile(r"Expected a dot import path string: (\S+)")
 
 
 def one_line_error(message: str, recipes: dict[str, Any], options: list[str] = ()) -> str:
@@ -193,9 +194,11 @@ def one_line_error(message: str, recipes: dict[str, Any], options: list[str] = (
         keys = match[1].split(".")
         error += did_you_mean(match[1], options)
     elif match := UNRECOGNIZED.match(error):
-        return error + did_you_mean(match[1].lstrip("-"), options)
+        return _unrecognized(match[1], keys, options)
     else:  # a wrong value: a recipe holding the key may not be where the value came from
         unknown_key = False
+        if (match := NOT_AN_IMPORT_PATH.fullmatch(error)) and (instead := class_path_for(match[1])):
+            error = instead
     if not keys:
         return error
     path = ".".join(keys)
@@ -205,6 +208,22 @@ def one_line_error(message: str, recipes: dict[str, Any], options: list[str] = (
     found_in = [name for name, recipe in recipes.items() if unknown_key and _has_key(recipe, keys)]
     where = f" in {found_in[-1]}" if found_in else ""
     return f"{path}{where}: {error}"
+
+
+def _unrecognized(option: str, keys: list[str], options: list[str]) -> str:
+    """jsonargparse's report of an option it could not place, with the option as given: within a key it
+    names only the rest of the option (``--0.init_args.x=3`` of ``--trainer.callbacks.0.init_args.x=3``)."""
+    if not keys:
+        return f"unrecognized arguments: {option}{did_you_mean(option.lstrip('-'), options)}"
+    owner = keys[:-1] if keys[-1] == "init_args" else keys  # the init_args of the class tried, not of the option
+    given = f"--{'.'.join(owner)}.{option.lstrip('-')}"
+    text = f"unrecognized arguments: {given}"
+    if option.lstrip("-").partition(".")[0].isdigit():  # a list's item chosen by its position
+        listed = ".".join(owner)
+        text += (f"; an option cannot change one of the items {listed} lists: give the whole list, changed, in an "
+                 f"overlay (a later --config's {listed} replaces the list); --{listed}+=... adds an item, it does "
+                 "not edit one")
+    return text
 
 
 def _init_args_without_a_class(recipes: dict[str, Any], keys: list[str]) -> tuple[str, str] | None:
@@ -712,6 +731,9 @@ BENIGN_WARNINGS = (
     r"Your `IterableDataset` has `__len__` defined",
     # Lightning calling a torch API that torch has deprecated.
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # DeepSpeed's ZeRO calling torch collectives that torch has deprecated, at every step.
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
 )
 
 
@@ -720,7 +742,7 @@ def _not_a_tip(record: logging.LogRecord) -> bool:
 
 
 def quiet_benign_messages() -> None:
-    """Leave out of a run's output Lightning's warnings above and its advertisement for a cloud logger.
+    """Leave out of a run's output the warnings above and Lightning's advertisement for a cloud logger.
     Calling it again adds nothing (the same filters are kept once)."""
     for message in BENIGN_WARNINGS:
         warnings.filterwarnings("ignore", message=message)

@@ -26,6 +26,7 @@ import importlib
 import io
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,12 @@ from flowvid.paths import PARTIAL_SUFFIX
 #: Suffix of the folder beside a checkpoint where it is re-partitioned for another number of processes
 #: (removed once loaded; never taken for a checkpoint, whose names end in ``.ckpt``).
 RESHARD_SUFFIX = ".resharding"
+
+#: The start of Lightning's note, on saving a ZeRO-3 checkpoint, that points at its own conversion to one file.
+LIGHTNING_SINGLE_FILE_HINT = r"When saving the DeepSpeed Stage 3 checkpoint, each worker will save a shard"
+#: What a ZeRO-3 run says instead, once.
+HOW_TO_CONSOLIDATE = ("ZeRO-3 saves each checkpoint as a folder of the processes' shards: `flowvid export --ckpt DIR` "
+                      "consolidates it into one file (generate and score read the folder as it is)")
 
 
 def skip_deepspeed_shm_op() -> None:
@@ -86,6 +93,7 @@ class ZeroStrategy(DeepSpeedStrategy):
                              "without ZeRO use strategy: ddp")
         super().__init__(stage=stage, **kwargs)
         self.cpu_shm_allreduce = cpu_shm_allreduce
+        self._said_how_to_consolidate = False
         self._refuse_offloading_a_client_optimizer()
 
     def _refuse_offloading_a_client_optimizer(self) -> None:
@@ -242,11 +250,21 @@ class ZeroStrategy(DeepSpeedStrategy):
         if self.is_global_zero and partial.exists():
             shutil.rmtree(partial)  # left by a run that died while writing
         self.barrier("ZeroStrategy.save_checkpoint:clean")
-        super().save_checkpoint(checkpoint, partial, storage_options)
+        self._say_how_to_consolidate()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=LIGHTNING_SINGLE_FILE_HINT)
+            super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("ZeroStrategy.save_checkpoint:written")
         if self.is_global_zero:
             _replace_directory(partial, target)
         self.barrier("ZeroStrategy.save_checkpoint:renamed")
+
+    def _say_how_to_consolidate(self) -> None:
+        """Once per run, in place of Lightning's note on a sharded checkpoint, which points at Lightning's own
+        conversion to one file: for a flowvid run that is ``flowvid export``."""
+        if self.zero_stage_3 and self._multi_device and not self._said_how_to_consolidate:
+            self._said_how_to_consolidate = True
+            rank_zero_info(HOW_TO_CONSOLIDATE)
 
 
 def discard_gradients(engine: Any) -> None:

@@ -59,18 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     that cannot take the clip size) is reported in one line with exit code 2.
     """
     args = build_parser().parse_args(argv)
+    error = f"[red]flowvid data {args.verb}: error:[/]"  # as the other commands, and argparse's usage errors, name theirs
     try:
         return args.run(args)
     except (ValueError, KeyError) as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"{error} {err}")
         return 2
     except FileNotFoundError as err:  # a missing input (a checkpoint, weights): the message says which and what to do
         message = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
-        console.print(f"[red]error:[/] {message}")
+        console.print(f"{error} {message}")
         return 2
     except OSError as err:  # a full disk, a folder without write permission: the data there is left as it was
         where = f" ({err.filename})" if err.filename else ""
-        console.print(f"[red]error:[/] cannot write or read{where}: {err.strerror or err}")
+        console.print(f"{error} cannot write or read{where}: {err.strerror or err}")
         return 2
 
 

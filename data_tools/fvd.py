@@ -38,7 +38,7 @@ from flowvid.cli import exit_statuses
 from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.data.shards import shard_folder_files
 from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_frames
-from flowvid.metrics.extractor import build_extractor
+from flowvid.metrics.extractor import build_extractor, extractor_help
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
 from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
 from flowvid.placement import add_device_argument, resolve_device
@@ -62,8 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", required=True,
                         help="an .npz of `flowvid data fvd-stats`, or a raw shard folder of real clips")
     parser.add_argument("--extractor", default=None,
-                        help="registered FVD extractor: i3d (standard FVD, needs its weights) or inception-proxy; "
-                             "default: the one an .npz reference names, else inception-proxy")
+                        help=f"{extractor_help()}; default: the one an .npz reference names, else {DEFAULT_EXTRACTOR}")
     parser.add_argument("--extractor-args", type=json_object, default={}, metavar="JSON",
                         help='extractor arguments as JSON, e.g. \'{"weights": "i3d_pretrained_400.pt"}\'')
     parser.add_argument("--batch-size", type=int, default=8, help="clips run through the extractor together")
@@ -91,11 +90,8 @@ def run(args: argparse.Namespace) -> int:
         extractor_args = {**cached.extractor_settings, **extractor_args}  # the reference's settings unless given
     device = resolve_device(args.device)
     check_registered_arguments(FVD_EXTRACTORS, extractor, extractor_args, "--extractor-args")
-    try:
-        metric = FrechetVideoDistance(build_extractor(extractor, **extractor_args)).to(device)
-    except FileNotFoundError as err:  # extractor weights not given or not installed: one line, not a traceback
-        console.print(f"[red]error:[/] {err}")
-        return 2
+    # Missing extractor weights raise FileNotFoundError, which `flowvid data` prints in one line.
+    metric = FrechetVideoDistance(build_extractor(extractor, **extractor_args)).to(device)
     if cached is not None:
         check_reference_fits(cached, metric, reference_path)
     reference = real_set(metric, reference_path, args.batch_size, device, cached, shard_manifest)

@@ -43,7 +43,7 @@ from flowvid.data.shards import (
     shard_folder_files,
     shard_paths,
 )
-from flowvid.metrics.extractor import build_extractor
+from flowvid.metrics.extractor import build_extractor, extractor_help
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats, reference_file_name
 from flowvid.paths import check_output_file, check_output_is_no_input
 from flowvid.placement import add_device_argument, resolve_device
@@ -55,8 +55,7 @@ EXIT_STATUS = exit_statuses("the statistics are written or already kept")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RAW_DIR", help="raw shard folder (from from-videos or make-synthetic)")
-    parser.add_argument("--extractor", default="inception-proxy",
-                        help="registered FVD extractor: i3d (standard FVD, needs its weights) or inception-proxy")
+    parser.add_argument("--extractor", default="inception-proxy", help=extractor_help())
     parser.add_argument("--extractor-args", type=json_object, default={}, metavar="JSON",
                         help='extractor arguments as JSON, e.g. \'{"weights": "i3d_pretrained_400.pt"}\'')
     parser.add_argument("--frames", type=int, default=None, help="use the first T >= 1 frames of every clip (default: all)")
@@ -81,11 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         check_out(out, args.source, manifest)
     check_registered_arguments(FVD_EXTRACTORS, args.extractor, args.extractor_args, "--extractor-args")
-    try:
-        metric = FrechetVideoDistance(build_extractor(args.extractor, **args.extractor_args))
-    except FileNotFoundError as err:  # extractor weights not given or not installed: one line, not a traceback
-        console.print(f"[red]error:[/] {err}")
-        return 2
+    # Missing extractor weights raise FileNotFoundError, which `flowvid data` prints in one line.
+    metric = FrechetVideoDistance(build_extractor(args.extractor, **args.extractor_args))
     planned = planned_key(manifest, metric, frames, args.max_samples)
     if out is None:
         default = Path(args.source) / FVD_STATS_FOLDER / reference_file_name(**planned)
@@ -106,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
               "feature dim": stats.mu.shape[0], "seconds": seconds, "clips_per_second": stats.num_samples / seconds}
     print_summary(f"fvd-stats {args.source}", fields, skipped)
     note_few_samples(stats.num_samples, stats.mu.shape[0], "samples")
+    # Whole, on its own line: the table clips long cells to the terminal's width, and --reference needs the name.
+    print(f"wrote {out}")
     return 0
 
 

@@ -72,10 +72,11 @@ def _sample(pl_module: LightningModule, captions: list[str], seed: int) -> Sampl
 
 
 def logged_step(trainer: Trainer) -> int:
-    """The step Lightning logs the run's scalars at: batches under flowvid's own optimisation, where
-    ``global_step`` counts optimiser steps (fewer when gradients accumulate), so that samples and FVD sit
-    beside the losses of the same moment."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+    """The step flowvid's evaluations are logged at: ``trainer.global_step``, the optimizer steps taken, which
+    names the checkpoint of the same weights (``step=00000006.ckpt``). Lightning's own default, the batches
+    whose step was logged, is one behind it after a step (and counts batches, not steps, when gradients
+    accumulate)."""
+    return trainer.global_step
 
 
 def caption_list(owner: str, captions: Any) -> list[str]:
@@ -161,6 +162,7 @@ class SampleVideoLogger(_EveryNSteps):
         self._logged_captions: list[str] | None = None  # kept in checkpoints: a resumed run logs them once
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        refuse_a_shared_tag(self, trainer)
         if self._given_captions:
             return
         reads_text = getattr(pl_module, "text_encoder", None) is not None
@@ -172,11 +174,16 @@ class SampleVideoLogger(_EveryNSteps):
         # Loggers of different tags keep their states side by side in the checkpoint.
         return self._generate_state_key(tag=self.tag)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"logged_captions": self._logged_captions}
+    # The state is kept through on_save/on_load_checkpoint rather than state_dict: Lightning refuses two
+    # callbacks with a state_dict under one state_key at Trainer construction with a long traceback, before
+    # setup() can say in one line which two loggers share a tag.
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault("callbacks", {})[self.state_key] = {"logged_captions": self._logged_captions}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._logged_captions = state_dict["logged_captions"]
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if state is not None:
+            self._logged_captions = state["logged_captions"]
 
     @property
     def _captions_logged(self) -> bool:
@@ -210,6 +217,21 @@ class SampleVideoLogger(_EveryNSteps):
         name = f"step={step:08d}"
         (folder / f"{name}.gif").write_bytes(gif_bytes(tile_videos(videos), self.fps))
         Image.fromarray(frame_grid(videos).permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
+
+    def describe(self) -> str:
+        prompts = f"{len(self._given_captions)} prompt(s)" if self._given_captions else "the validation captions"
+        return f"every {self.every_n_steps} steps, {prompts}"
+
+
+def refuse_a_shared_tag(logger: SampleVideoLogger, trainer: Trainer) -> None:
+    """Two loggers under one tag would write their images over each other's (the same TensorBoard tags, the
+    same files at the steps they share)."""
+    others = [other for other in trainer.callbacks if isinstance(other, SampleVideoLogger) and other is not logger
+              and other.tag == logger.tag]
+    if others:
+        raise ValueError(f"two SampleVideoLoggers write under tag {logger.tag!r} ({others[0].describe()}; "
+                         f"{logger.describe()}): the recipe may already list one; give the other its own "
+                         "init_args.tag, or leave it out")
 
 
 def validation_captions(trainer: Trainer, count: int) -> list[str]:
@@ -270,6 +292,7 @@ class FVDCallback(_EveryNSteps):
         self._real_collected = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._refuse_a_twin(trainer)
         # Built here, before the first step, so that missing weights or a stale reference fail at once.
         if self.metric is None:
             self.metric = FrechetVideoDistance(self.extractor, self.extractor_args)
@@ -278,6 +301,20 @@ class FVDCallback(_EveryNSteps):
                 self._real_collected = True
         if self.metric.reference is not None:
             self._check_reference_fits(pl_module)
+
+    def _protocol_settings(self) -> tuple[str, str, int]:
+        """What the logged name is made of, besides the generated videos' shape (the same for every callback)."""
+        extractor = self.extractor if isinstance(self.extractor, str) else type(self.extractor).__name__
+        return extractor, repr(sorted((self.extractor_args or {}).items())), self.num_samples
+
+    def _refuse_a_twin(self, trainer: Trainer) -> None:
+        """Two callbacks of one extractor, settings and sample count log under one name, each over the other's
+        values (a reference file and ``reference: val``, say)."""
+        if any(isinstance(other, FVDCallback) and other is not self
+               and other._protocol_settings() == self._protocol_settings() for other in trainer.callbacks):
+            extractor, _, count = self._protocol_settings()
+            raise ValueError(f"two FVDCallbacks measure {extractor} FVD of {count} samples: both would log under "
+                             "one name; give one of them another num_samples, or leave it out")
 
     def _check_reference_fits(self, pl_module: LightningModule) -> None:
         """A module that says what it generates (``video_shape``, as ``FlowModule`` does) is checked against

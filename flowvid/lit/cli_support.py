@@ -535,8 +535,6 @@ class FlowvidCLI(LightningCLI):
             elif settings.ckpt_path is None:
                 warn_of_unused_checkpoints(checkpoint_dir_of(self.trainer))
         self._load_exports_for_validation(export, settings.ckpt_path)
-        if settings.ckpt_path not in LIGHTNING_CHECKPOINT_NAMES and os.path.exists(settings.ckpt_path or ""):
-            self._log_at_the_step_of(settings.ckpt_path)
 
     def _load_exports_for_validation(self, export: Path | None, ckpt_path: str | None) -> None:
         """The export given as ``--ckpt_path`` is loaded as ``InitFromExport`` loads one (its codec and text
@@ -547,14 +545,6 @@ class FlowvidCLI(LightningCLI):
                 callback.resuming = ckpt_path is not None or export is not None
         if export is not None:
             self.trainer.callbacks.append(InitFromExport(str(export)))
-
-    def _log_at_the_step_of(self, ckpt_path: str) -> None:
-        """Log the validation of a checkpoint at the step where its run logged the validation after it, so
-        that it lands on the run's curves in TensorBoard (the run's logs are its default folder), not at step
-        0. (Lightning restores the step counters only when fitting.)"""
-        loops = load_client_state(ckpt_path).get("loops") or {}
-        state = (loops.get("fit_loop") or {}).get("epoch_loop.state_dict") or {}
-        self.trainer.fit_loop.epoch_loop._batches_that_stepped = int(state.get("_batches_that_stepped", 0))
 
     def resolved_config(self) -> dict[str, Any]:
         """The full config of this command as plain data (what ``config.yaml`` holds)."""

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import nn
@@ -238,6 +239,9 @@ class FlowModule(LightningModule):
         self.schedule_length: int | None = None
         self._resumed_schedule_length: int | None = None
         self.skipped_samples = SkippedSamples()  # by the data module, over all ranks and resumes
+        # Validation is logged at the optimizer step of the weights it measures (see log_validation).
+        self._validation_names: set[str] = set()
+        self._checkpoint_step: int | None = None
 
     def _check_parts_fit(self) -> None:
         """The codec, flow, text encoder and denoiser must agree on sizes: fail at construction."""
@@ -756,8 +760,30 @@ class FlowModule(LightningModule):
         prefix = self._validation_prefix(dataloader_idx)
         # A float count: Lightning averages each process's count of samples over the processes in the
         # count's own dtype, and an integer one rounds down (5 samples on 2 processes would count as 4).
-        self.log_dict({f"{prefix}/{name}": value for name, value in metrics.items()}, batch_size=float(batch_size),
-                      sync_dist=True, add_dataloader_idx=False)
+        named = {f"{prefix}/{name}": value for name, value in metrics.items()}
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        self.log_dict(named, batch_size=float(batch_size), sync_dist=True, add_dataloader_idx=False, logger=not fitting)
+        if fitting:
+            self._validation_names.update(named)
+
+    def on_validation_start(self) -> None:
+        # Validating a checkpoint: at the step of its weights (Lightning restores the step only when fitting).
+        if self.trainer.state.fn == TrainerFn.VALIDATING and self._checkpoint_step is not None:
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self._checkpoint_step
+
+    def on_validation_end(self) -> None:
+        """During fit, the validation is logged at ``global_step``, the optimizer steps that made the weights it
+        measured, which also names their checkpoint and is what the console prints. Lightning would log it at
+        the count of batches whose step it logged, one less at this point (and batches, not steps, when
+        gradients accumulate). The values are Lightning's averages over the batches and processes."""
+        names, self._validation_names = self._validation_names, set()
+        if self.trainer.sanity_checking or not names:
+            return
+        reduced = self.trainer.callback_metrics
+        metrics = {name: float(reduced[name]) for name in sorted(names) if name in reduced}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+            logger.save()
 
     def _validation_prefix(self, dataloader_idx: int) -> str:
         if dataloader_idx == 0:
@@ -859,6 +885,7 @@ class FlowModule(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_step = checkpoint.get("global_step")
         saved = checkpoint.get("flowvid")
         if saved is None:
             return

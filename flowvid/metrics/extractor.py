@@ -83,6 +83,20 @@ def build_extractor(spec: str | FVDExtractor, **kwargs: Any) -> FVDExtractor:
     return extractor
 
 
+#: What each built-in extractor is for, in the commands' help; a plugin's is listed by its name.
+EXTRACTOR_NOTES = {"i3d": "standard FVD, needs its weights", "inception-proxy": "FVD-proxy, offline",
+                   "pixel-stats": "weight-free, for smoke tests"}
+
+
+def extractor_help() -> str:
+    """The registered FVD extractors, plugins included, for an ``--extractor`` option's help."""
+    from flowvid.registry import FVD_EXTRACTORS  # the registry imports this module when it checks a class
+
+    names = [f"{name} ({EXTRACTOR_NOTES[name]})" if name in EXTRACTOR_NOTES else name
+             for name in FVD_EXTRACTORS.names()]
+    return "registered FVD extractor: " + ", ".join(names)
+
+
 @contextlib.contextmanager
 def tf32_off() -> Iterator[None]:
     """Convolutions and matmuls in full fp32 inside, the caller's TF32 settings restored after.

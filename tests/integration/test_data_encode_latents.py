@@ -223,7 +223,7 @@ def test_a_misspelt_constructor_argument_is_one_line_before_anything_is_written(
     code = data_main(["encode-latents", str(raw), "--out", str(out), "--codec", "pixel", *text,
                       option, json.dumps(arguments)])
     error = capsys.readouterr().err
-    assert code == 2 and error.startswith("error:") and error.count("\n") == 1
+    assert code == 2 and error.startswith("flowvid data encode-latents: error:") and error.count("\n") == 1
     assert all(part in error for part in named), error
     assert not out.exists()
 
@@ -242,7 +242,8 @@ def test_a_request_that_cannot_be_done_is_one_line_without_a_progress_bar(raw, t
         request_ = []
     code = data_main(["encode-latents", str(raw), "--out", str(out), *request_])
     error = capsys.readouterr().err
-    assert code == 2 and error.startswith("error:") and error.count("\n") == 1 and named in error, error
+    assert code == 2 and error.startswith("flowvid data encode-latents: error:") and error.count("\n") == 1, error
+    assert named in error, error
     assert not out.is_dir()
 
 
@@ -264,7 +265,8 @@ def test_a_device_that_is_not_here_is_one_line_before_anything_is_read(raw, tmp_
     out = tmp_path / "out"
     code = data_main([verb, str(raw), "--out", str(out), "--device", "cuda:99"])
     error = capsys.readouterr().err
-    assert code == 2 and error.startswith("error:") and error.count("\n") == 1 and "--device 'cuda:99'" in error
+    assert code == 2 and error.startswith(f"flowvid data {verb}: error:") and error.count("\n") == 1
+    assert "--device 'cuda:99'" in error
     assert not out.exists()
 
 

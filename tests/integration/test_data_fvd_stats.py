@@ -24,7 +24,8 @@ def wide_console(monkeypatch):
 def test_i3d_without_weights_says_which_file_which_option_and_where_to_get_it(raw_folder, capsys, wide_console):
     code = data_main(["fvd-stats", str(raw_folder), "--extractor", "i3d", "--frames", "4", "--max-samples", "8"])
     error = capsys.readouterr().err
-    assert code == 2 and error.startswith("error:") and error.count("\n") == 1 and "Traceback" not in error
+    assert code == 2 and error.startswith("flowvid data fvd-stats: error:") and error.count("\n") == 1
+    assert "Traceback" not in error
     assert "i3d extractor needs its weights file" in error and "--extractor-args" in error
     assert WEIGHTS_FILE in error and WEIGHTS_URL in error
     assert not (raw_folder / "fvd_stats").exists()
@@ -33,7 +34,7 @@ def test_i3d_without_weights_says_which_file_which_option_and_where_to_get_it(ra
 def test_a_misspelt_extractor_argument_names_the_accepted_ones(raw_folder, capsys, wide_console):
     code = data_main(["fvd-stats", str(raw_folder), "--extractor", "i3d", "--extractor-args", '{"weight": "i3d.pt"}'])
     error = capsys.readouterr().err
-    assert code == 2 and error.startswith("error:") and error.count("\n") == 1
+    assert code == 2 and error.startswith("flowvid data fvd-stats: error:") and error.count("\n") == 1
     assert "FVD extractor 'i3d' takes no argument 'weight'" in error and "weights, resolution" in error
     with pytest.raises(SystemExit) as refused:  # argparse: not a JSON object
         data_main(["fvd-stats", str(raw_folder), "--extractor-args", '["weights"]'])
@@ -61,7 +62,7 @@ def test_an_output_that_cannot_hold_the_statistics_is_one_line_before_computing(
     for out, message in refusals.items():
         assert data_main(["fvd-stats", str(raw_folder), "--out", out]) == 2
         error = capsys.readouterr().err
-        assert error.startswith("error:") and error.count("\n") == 1 and message in error
+        assert error.startswith("flowvid data fvd-stats: error:") and error.count("\n") == 1 and message in error
     assert notes.read_text() == "keep me"
 
 
@@ -71,7 +72,7 @@ def test_an_output_over_the_folders_own_files_is_refused_even_with_force(raw_fol
         for force in ([], ["--force"]):  # --force was offered to replace it, and replaced it
             code = data_main(["fvd-stats", str(raw_folder), "--extractor", "pixel-stats", "--out", str(own), *force])
             error = capsys.readouterr().err
-            assert code == 2 and error.startswith("error:") and error.count("\n") == 1
+            assert code == 2 and error.startswith("flowvid data fvd-stats: error:") and error.count("\n") == 1
             assert f"--out {own} is one of the inputs" in error and "--force" not in error
         assert own.read_bytes() == before
 
@@ -96,7 +97,7 @@ def test_a_request_that_cannot_give_statistics_is_refused_before_any_work(raw_fo
                                                                            extractor_builds, option, value, message):
     assert data_main(["fvd-stats", str(raw_folder), "--extractor", "pixel-stats", option, value]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("error:") and error.count("\n") == 1 and message in error
+    assert error.startswith("flowvid data fvd-stats: error:") and error.count("\n") == 1 and message in error
     assert extractor_builds == [] and not (raw_folder / "fvd_stats").exists()
 
 
@@ -105,7 +106,7 @@ def test_an_output_without_the_npz_suffix_is_refused_in_one_line(raw_folder, tmp
     # The file was written as given, while `--reference stats.npz` (numpy's own naming) was not found.
     assert data_main(["fvd-stats", str(raw_folder), "--extractor", "pixel-stats", "--out", str(tmp_path / "stats")]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("error:") and error.count("\n") == 1
+    assert error.startswith("flowvid data fvd-stats: error:") and error.count("\n") == 1
     assert f"--out {tmp_path / 'stats'} does not end in .npz; give the .npz file to write, e.g. " \
            f"{tmp_path / 'stats'}.npz" in error
     assert extractor_builds == [] and list(tmp_path.iterdir()) == []

@@ -79,7 +79,8 @@ def test_an_output_folder_whose_manifest_latents_must_not_replace_is_refused(
     before = folder_contents(out)
     code = data_main(["encode-latents", str(raw), "--out", str(out), "--codec", "test-space-to-depth"])
     error = capsys.readouterr().err
-    assert code == 2 and error.startswith("error:") and error.count("\n") == 1 and named in error, error
+    assert code == 2 and error.startswith("flowvid data encode-latents: error:") and error.count("\n") == 1, error
+    assert named in error, error
     assert folder_contents(out) == before
 
 

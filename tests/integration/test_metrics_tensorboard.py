@@ -82,8 +82,8 @@ def test_event_files_hold_the_video_fvd_and_bits_per_dim(tmp_path):
 
     assert {"samples/video", "samples/frames"} <= set(tags["images"])
     (video,) = events.Images("samples/video")
-    # Sampled after optimiser step 2, and logged where Lightning logs that batch's scalars (step 1).
-    assert video.step == 1 and video.encoded_image_string.startswith(b"GIF8")
+    # Sampled after optimiser step 2, and logged at that step (the checkpoint of those weights is step=2).
+    assert video.step == 2 and video.encoded_image_string.startswith(b"GIF8")
     assert (video.width, video.height) == (2 * SIZE, SIZE)  # the two prompts side by side
     assert Image.open(io.BytesIO(video.encoded_image_string)).n_frames == FRAMES
     (grid,) = events.Images("samples/frames")
@@ -92,7 +92,7 @@ def test_event_files_hold_the_video_fvd_and_bits_per_dim(tmp_path):
 
     name = "fvd_debug/pixel-stats_f4_r16_n6"
     (logged,) = events.Scalars(name)
-    assert logged.step == 1
+    assert logged.step == 2
     assert model.seeds_seen == [5, 0, 4]  # the prompts, then two FVD batches of 4 and 2 samples
 
     expected = FrechetVideoDistance("pixel-stats")

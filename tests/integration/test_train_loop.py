@@ -231,7 +231,8 @@ def test_each_validation_folder_logs_what_it_would_alone(shapes_shards):
     assert both[0]["val/bits_per_dim"] != both[1]["val/train/bits_per_dim"]
     # Each latent frame's bits/dim given the frames before it; the video's is their mean.
     frames = [both[1][f"val/train/bits_per_dim/frame_{t:02d}"] for t in range(VIDEO[0])]
-    assert len(set(frames)) == VIDEO[0] and sum(frames) / len(frames) == pytest.approx(both[1]["val/train/bits_per_dim"])
+    assert len(set(frames)) == VIDEO[0]
+    assert sum(frames) / len(frames) == pytest.approx(both[1]["val/train/bits_per_dim"])
     alone = trainer(limit_val_batches=None).validate(module, datamodule=shard_data(shapes_shards, val_dir=folders[1]),
                                                     verbose=False)
     assert alone[0]["val/bits_per_dim"] == pytest.approx(both[1]["val/train/bits_per_dim"], rel=1e-6)
@@ -761,7 +762,8 @@ def test_a_resumed_run_does_not_sample_again_at_the_step_it_starts_at(tmp_path):
     assert first.steps == [2] and resumed.steps == [4]
 
 
-def test_samples_of_an_accumulating_run_sit_beside_the_losses_of_the_same_moment(tmp_path):
+def test_samples_of_an_accumulating_run_are_logged_at_its_optimizer_step(tmp_path):
+    """The step that names the checkpoint of the same weights; the losses keep Lightning's count of batches."""
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -773,7 +775,8 @@ def test_samples_of_an_accumulating_run_sit_beside_the_losses_of_the_same_moment
     events = EventAccumulator(run.logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     (video,) = events.Images("samples/video")
-    assert video.step == max(event.step for event in events.Scalars("train/loss")) == 3  # the last batch
+    assert video.step == run.global_step == 2
+    assert max(event.step for event in events.Scalars("train/loss")) == 3  # the last of the 4 batches
 
 
 def test_on_a_gpu_the_peak_memory_is_the_allocators(monkeypatch):

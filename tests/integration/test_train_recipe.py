@@ -124,6 +124,38 @@ def test_validating_a_checkpoint_logs_beside_the_validation_its_run_logged_after
     during_training = logged_scalars(logs[0], "val/bits_per_dim")
     validated = logged_scalars(logs[-1], "val/bits_per_dim")
     assert len(during_training) == 2 and validated == [pytest.approx(during_training[0], rel=1e-6)]
+    assert validated[0][0] == 2  # the checkpoint's step, as during training
+
+
+def test_evaluations_are_logged_at_the_step_of_the_checkpoint_of_the_same_weights(tmp_path):
+    """Validation, FVD and sample videos after optimizer step 2 land at TensorBoard step 2, beside
+    ``step=00000002.ckpt`` and the console's "at step 2", not at Lightning's batch count (1 at that point)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from scale_runs import recipe
+
+    write_synthetic_dataset(tmp_path / "shapes", num_videos=8, frames=4, size=8, val_videos=4, shard_samples=8)
+    evaluations = [
+        {"class_path": "flowvid.lit.callbacks.SampleVideoLogger",
+         "init_args": {"every_n_steps": 2, "captions": ["a red circle moves left"]}},
+        {"class_path": "flowvid.lit.callbacks.FVDCallback",
+         "init_args": {"every_n_steps": 2, "num_samples": 4, "extractor": "pixel-stats", "batch_size": 4}},
+    ]
+    config = recipe(tmp_path / "shapes", tmp_path / "run", denoiser=False, max_steps=4)
+    config["trainer"].update(logger=True, callbacks=config["trainer"]["callbacks"][:2] + evaluations)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config))
+    assert run_cli("fit", tmp_path) == 0
+
+    checkpoints = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    checkpoint_steps = sorted(int(path.stem.removeprefix("step=")) for path in checkpoints)
+    assert checkpoint_steps == [2, 4]
+    (version,) = (tmp_path / "run" / "lightning_logs").iterdir()
+    events = EventAccumulator(str(version), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    for tag in ("val/bits_per_dim", "val/bits_per_dim/frame_00", "fvd_debug/pixel-stats_f4_r8_n4"):
+        assert [event.step for event in events.Scalars(tag)] == checkpoint_steps, tag
+    for tag in ("samples/video", "samples/frames"):
+        assert [event.step for event in events.Images(tag)] == checkpoint_steps, tag
 
 
 def newest_version(logs: Path) -> Path:

@@ -139,7 +139,8 @@ def test_a_refused_command_leaves_an_existing_dataset_byte_for_byte(tmp_path, ca
     capsys.readouterr()
     assert data_main([*make, *bad_option]) == 2  # the later option wins
     error = capsys.readouterr().err
-    assert error.startswith("error:") and "Traceback" not in error  # nothing before it, not even a progress bar
+    # nothing before it, not even a progress bar
+    assert error.startswith("flowvid data make-synthetic: error:") and "Traceback" not in error
     assert folder_contents(tmp_path) == before
 
 
@@ -150,7 +151,7 @@ def test_an_output_that_is_a_file_is_one_line_and_the_file_is_kept(tmp_path, cap
                       "--size", "8"]) == 2
     error = capsys.readouterr().err
     assert "Traceback" not in error and f"output folder {tmp_path / out}" in " ".join(error.split())
-    assert error.startswith("error:")  # refused before the progress bar shows
+    assert error.startswith("flowvid data make-synthetic: error:")  # refused before the progress bar shows
     assert (tmp_path / "taken.txt").read_text() == "keep me"
 
 
@@ -158,7 +159,7 @@ def test_a_negative_seed_is_refused_by_name_before_anything_shows(tmp_path, caps
     assert data_main(["make-synthetic", "--out", str(tmp_path / "shapes"), "--num-videos", "4", "--frames", "2",
                       "--size", "8", "--seed", "-1"]) == 2
     error = " ".join(capsys.readouterr().err.split())
-    assert error.startswith("error: --seed must be an integer >= 0, got -1")
+    assert error.startswith("flowvid data make-synthetic: error: --seed must be an integer >= 0, got -1")
     assert not (tmp_path / "shapes").exists()
     with pytest.raises(ValueError, match="seed"):
         write_synthetic_dataset(tmp_path / "shapes", num_videos=4, frames=2, size=8, seed=-1)
@@ -186,7 +187,8 @@ def test_a_dataset_make_synthetic_did_not_write_is_refused_and_kept(tmp_path, ca
     assert data_main(["make-synthetic", "--out", str(tmp_path), "--num-videos", "4", "--frames", "2",
                       "--size", "8"]) == 2
     error = " ".join(capsys.readouterr().err.split())
-    assert error.startswith(f"error: {tmp_path / split / 'manifest.json'} was not written by make-synthetic")
+    manifest = tmp_path / split / "manifest.json"
+    assert error.startswith(f"flowvid data make-synthetic: error: {manifest} was not written by make-synthetic")
     assert folder_contents(tmp_path) == before
     with pytest.raises(ValueError, match="not written by make-synthetic"):
         write_synthetic_dataset(tmp_path, num_videos=4, frames=2, size=8)
@@ -272,7 +274,8 @@ def test_videos_that_would_not_fit_are_refused_before_one_is_drawn(tmp_path, cap
     make = ["make-synthetic", "--out", str(tmp_path / "out"), "--num-videos", "4", "--frames", "2", "--size", "8"]
     assert data_main([*make, *too_much]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("error:") and message in " ".join(error.split()) and len(error.splitlines()) == 1
+    assert error.startswith("flowvid data make-synthetic: error:") and message in " ".join(error.split())
+    assert len(error.splitlines()) == 1
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="64 MiB"):
         write_synthetic_dataset(tmp_path / "out", num_videos=4, frames=2, size=100000)

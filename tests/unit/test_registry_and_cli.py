@@ -175,7 +175,8 @@ def test_a_missing_file_on_the_data_command_line_is_just_its_cause(raw_folder, t
     code = data_main(["encode-latents", str(raw), "--out", str(tmp_path / "lat"), "--codec", "video_vae",
                       "--codec-args", f'{{"checkpoint": "{missing}"}}'])
     out = " ".join(capsys.readouterr().err.split())
-    assert code == 2 and out.startswith(f"error: VideoVAE checkpoint {missing} does not exist")
+    assert code == 2
+    assert out.startswith(f"flowvid data encode-latents: error: VideoVAE checkpoint {missing} does not exist")
     assert "cannot write or read" not in out
 
 

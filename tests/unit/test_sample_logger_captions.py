@@ -63,7 +63,7 @@ def test_without_captions_the_logger_samples_the_first_captions_of_the_validatio
 
 
 def trainer_of(datamodule) -> SimpleNamespace:
-    return SimpleNamespace(datamodule=datamodule)
+    return SimpleNamespace(datamodule=datamodule, callbacks=[])
 
 
 def test_given_captions_are_sampled_whatever_the_validation_shards_hold(shapes):

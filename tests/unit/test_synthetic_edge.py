@@ -109,7 +109,8 @@ def test_make_synthetic_refuses_datasets_whose_captions_the_videos_cannot_show(t
     make = ["make-synthetic", "--out", str(tmp_path / "out"), "--num-videos", "4", "--frames", "2", "--size", "8"]
     assert data_main([*make, *bad_option]) == 2
     error = capsys.readouterr().err
-    assert error.startswith(f"error: {bad_option[0]} ") and "Traceback" not in error  # the option, as typed
+    # the option, as typed
+    assert error.startswith(f"flowvid data make-synthetic: error: {bad_option[0]} ") and "Traceback" not in error
     assert not (tmp_path / "out").exists()
     assert data_main(make) == 0  # the smallest accepted dataset
 

@@ -405,8 +405,11 @@ def load_captions(path: str | Path) -> dict[str, str]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is not data
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read captions file {path}: {err}") from err
+    except UnicodeDecodeError as err:  # Excel's "Unicode text" is UTF-16; old tools write Latin-1
+        raise ValueError(f"captions file {path} is not UTF-8 text: {err.reason} at byte {err.start}; "
+                         "save it as UTF-8") from None
+    except OSError as err:
+        raise ValueError(f"cannot read captions file {path}: {err.strerror or err}") from None
     rows = list(_jsonl_rows(text, path) if path.suffix.lower() == ".jsonl" else _csv_rows(text, path))
     table = {str((path.parent / video).resolve()): caption for video, caption in rows}
     names: dict[str, list[str]] = {}

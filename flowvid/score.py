@@ -26,8 +26,14 @@ Captions: a shard's samples are scored under their own, video files under ``--ca
 caption without it), or each under its row of ``--captions FILE``, a CSV or JSONL of ``path,caption``
 read as ``flowvid data from-videos --captions`` reads it (paths relative to that file). There
 ``--caption`` is the caption of the files the table lacks, as from-videos' ``--default-caption`` is;
-without it such a file gets a line with ``error``, as from-videos skips it. A captions file that is
-missing, unreadable or names none of the video files is refused before the model loads.
+without it such a file gets a line with ``error`` and ``caption`` null, as from-videos skips it, and
+the summary counts it apart from the files that could not be read (a file that cannot be read says so,
+row or not). A captions file that is missing, unreadable, not UTF-8 or names none of the video files is
+refused before the model loads. A sample ``flowvid generate`` wrote (``NAME.npy`` or ``NAME.mp4`` with
+its record ``NAME.json`` beside it) is scored, when neither ``--caption`` nor ``--captions`` is given,
+under the caption it was sampled under: the record's ``prompt`` with the task's prefix, as the model
+read it (``caption_seen_by_model``). Every line names its ``caption``: the one scored under, ``""`` for
+the empty caption and for every line of a model without text, which reads none.
 
 A video file of another size than the model's is centre-cropped and resized to it (as ``generate``
 fits its images), and its line says so with ``resized_from`` ([height, width] of the file as a
@@ -81,10 +87,10 @@ from flowvid.cli import HelpFormatter, exit_statuses, help_text
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.data.manifest import SPLIT_FOLDERS, what_to_give
 from flowvid.export import add_weights_argument
-from flowvid.generate import LATENTS_SUFFIX
+from flowvid.generate import LATENTS_SUFFIX, sample_record
 from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_at_training_rate
 from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
-from flowvid.sampling.tasks import check_seed
+from flowvid.sampling.tasks import TASKS, check_seed, task_caption
 from flowvid.placement import (add_placement_arguments, join_launch_group, precision_context, resolve_device,
                                resolve_precision)
 
@@ -94,6 +100,11 @@ LATENT_UNIT = "bits per latent dimension"
 
 class ScoreError(ValueError):
     """An input that cannot be scored; the message is the one line the user sees."""
+
+
+class MissingCaption(ScoreError):
+    """A video file that ``--captions`` gives no caption: readable, but not scored. Its line has ``caption``
+    null, and the summary counts it apart from the files that could not be read."""
 
 
 def is_pixel_codec(codec) -> bool:
@@ -250,10 +261,10 @@ class FileCaptions:
     missing: dict[Path, str]  # why a video file has none
 
     def caption(self, video: Path) -> str:
-        """``video``'s caption; ScoreError, which its record gives, when it has none."""
+        """``video``'s caption; MissingCaption, which its line gives, when it has none."""
         if video in self.captions:
             return self.captions[video]
-        raise ScoreError(self.missing[video])
+        raise MissingCaption(self.missing[video])
 
 
 def read_file_captions(table: str | Path, listed: list[Path | ShardFolder], default: str | None) -> FileCaptions:
@@ -366,12 +377,16 @@ def score_work(module, work: Work, caption: str | None, generator: torch.Generat
 def score_file(module, path: Path, caption: str | None, generator: torch.Generator,
                captions: FileCaptions | None = None) -> dict[str, Any]:
     """The record of one video file (see ``score_work``): its frames fitted to the model's size and, for a
-    model whose training rate is known, picked at that rate (``read_at_training_rate``)."""
+    model whose training rate is known, picked at that rate (``read_at_training_rate``). A file that cannot
+    be read says so before whether it has a caption: what is wrong with it is the file."""
     _, height, width = module.video_shape
     try:
-        text = (caption or "") if captions is None else captions.caption(path)
         timed = read_at_training_rate(path, getattr(module, "training_fps", None))
-        record = {"path": str(path), **score_video(module, fit_frames(timed.frames, height, width), text, generator)}
+        text = caption_of_file(path, caption, captions)
+        record = {"path": str(path), "caption": caption_in_line(module, text),
+                  **score_video(module, fit_frames(timed.frames, height, width), text, generator)}
+    except MissingCaption as err:
+        return {"path": str(path), "caption": None, "error": str(err)}
     except (MediaError, ScoreError) as err:
         return {"path": str(path), "error": str(err)}
     if path.suffix != ".npy":  # an array holds frames, not their times
@@ -380,6 +395,39 @@ def score_file(module, path: Path, caption: str | None, generator: torch.Generat
     if shown != (height, width):  # the score is of the fitted frames, not of the file's own
         record["resized_from"] = list(shown)
     return record
+
+
+def caption_of_file(path: Path, caption: str | None, captions: FileCaptions | None) -> str:
+    """The caption ``path`` is scored under: its row of ``captions``, else ``caption``, else, for a sample
+    ``flowvid generate`` wrote, the caption it was sampled under, else the empty caption."""
+    if captions is not None:
+        return captions.caption(path)
+    if caption is not None:
+        return caption
+    recorded = generated_caption(path)
+    return "" if recorded is None else recorded
+
+
+def generated_caption(video: Path) -> str | None:
+    """The caption the model was given for ``video`` when ``flowvid generate`` wrote it: the sample's record
+    ``NAME.json`` beside it gives it with the task's prefix (``caption_seen_by_model``), or, for a record of
+    a model without text, its ``prompt`` and ``task``. None when no sample record lies beside ``video``."""
+    try:
+        record = sample_record(json.loads(video.with_suffix(".json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):  # no record, or not one generate wrote: a video like any other
+        return None
+    if record is None:
+        return None
+    seen, prompt, task = record.get("caption_seen_by_model"), record["prompt"], record.get("task", "t2v")
+    if isinstance(seen, str):
+        return seen
+    return task_caption(task, prompt) if isinstance(prompt, str) and task in TASKS else None
+
+
+def caption_in_line(module, caption: str) -> str:
+    """The caption a record names: the one scored under, or the empty one for a model without text, which
+    reads none (a shard's samples keep their captions, and a generated sample its own)."""
+    return caption if module.text_encoder is not None else ""
 
 
 def score_shard(module, work: Work, generator: torch.Generator) -> Iterator[dict[str, Any]]:
@@ -405,10 +453,13 @@ def score_shard(module, work: Work, generator: torch.Generator) -> Iterator[dict
         if "latents" in sample and is_pixel_codec(module.codec):
             # Pixel latents are 8-bit frames: score them as such, in the unit of every other pixel record.
             sample["video"] = module.codec.decode(torch.from_numpy(sample["latents"])[None])[0].numpy()
+        caption = sample["caption"]
         if "video" in sample:
-            yield {"path": where, **score_video(module, sample["video"], sample["caption"], generator)}
+            yield {"path": where, "caption": caption_in_line(module, caption),
+                   **score_video(module, sample["video"], caption, generator)}
         else:
-            yield {"path": where, **score_latent_clips(module, torch.from_numpy(sample["latents"]), sample["caption"])}
+            yield {"path": where, "caption": caption_in_line(module, caption),
+                   **score_latent_clips(module, torch.from_numpy(sample["latents"]), caption)}
 
 
 def score_latent_clips(module, latents: torch.Tensor, caption: str) -> dict[str, Any]:
@@ -477,9 +528,9 @@ def not_a_number_as_error(record: dict[str, Any]) -> dict[str, Any]:
     of every other video. It is reported as a video that could not be scored."""
     if "error" in record or not math.isnan(record["bits_per_dim"]):
         return record
-    return {"path": record["path"], "error": "the model's likelihood of this video is NaN (not a number): the "
-                                             "weights or the precision overflow on it; score it with --precision "
-                                             "32-true, or with another checkpoint"}
+    return {"path": record["path"], "caption": record["caption"],
+            "error": "the model's likelihood of this video is NaN (not a number): the weights or the precision "
+                     "overflow on it; score it with --precision 32-true, or with another checkpoint"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -494,9 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="video files, folders of videos (not the .latent.npy beside generated samples) "
                              "or shard folders")
     parser.add_argument("--caption", default=None,
-                        help="caption for video files (default: unconditional); with --captions, for the files its "
-                             "table lacks (default: those are listed unscored); shards are scored under their own "
-                             "captions; a model without text takes none")
+                        help="caption for video files (default: unconditional, and a sample of `flowvid generate` "
+                             "under its own prompt); with --captions, for the files its table lacks (default: those "
+                             "are listed unscored); shards are scored under their own captions; a model without text "
+                             "takes none")
     parser.add_argument("--captions", default=None, metavar="FILE",
                         help="CSV or JSONL of path,caption rows giving each video file its caption, as `flowvid data "
                              "from-videos --captions` reads it (paths relative to FILE; a bare file name captions "
@@ -507,6 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_placement_arguments(parser, precision="32-true")  # scores are exact unless asked otherwise
     parser.add_argument("--out", required=True, help="JSON lines, one per video")
     return parser
+
+
+def summary(records: list[dict[str, Any]], out: Path) -> str:
+    """The closing line: the videos scored, and those that were not, by reason."""
+    scored = sum("error" not in r for r in records)
+    uncaptioned = sum("error" in r and r.get("caption", "") is None for r in records)
+    # A broken shard counts every sample it lost.
+    failed = sum(r.get("samples", 1) for r in records if "error" in r) - uncaptioned
+    partly = sum("unscored_latent_frames" in r for r in records)
+    return (f"scored {scored} video{'' if scored == 1 else 's'} into {out}"
+            + (f"; {partly} in their first clip only (unscored_reason says why)" if partly else "")
+            + (f"; {uncaptioned} without a caption (listed)" if uncaptioned else "")
+            + (f"; {failed} could not be read (listed)" if failed else ""))
 
 
 def main(argv: list[str]) -> int:
@@ -540,10 +605,5 @@ def main(argv: list[str]) -> int:
         write_atomically(out, lambda path: path.write_text(text))  # a full disk keeps the earlier scores whole
     except OSError as err:  # a full disk or a folder without write permission
         raise UserError(f"cannot write the scores to {out}: {err.strerror or err}") from None
-    scored = sum("error" not in r for r in records)
-    failed = sum(r.get("samples", 1) for r in records if "error" in r)  # a broken shard: every sample it lost
-    partly = sum("unscored_latent_frames" in r for r in records)
-    print(f"scored {scored} video{'' if scored == 1 else 's'} into {out}"
-          + (f"; {partly} in their first clip only (unscored_reason says why)" if partly else "")
-          + (f"; {failed} could not be read (listed)" if failed else ""))
-    return 0 if scored else 1
+    print(summary(records, out))
+    return 0 if any("error" not in r for r in records) else 1

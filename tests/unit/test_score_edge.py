@@ -275,7 +275,7 @@ def test_a_captions_table_that_cannot_caption_the_inputs_is_refused_before_loadi
     for table, inputs, message in (
             ("missing.csv", [clip], f"--captions {tmp_path / 'missing.csv'} does not exist"),
             ("data", [clip], f"--captions {tmp_path / 'data'} is a folder"),
-            ("latin1.csv", [clip], f"cannot read captions file {tmp_path / 'latin1.csv'}"),
+            ("latin1.csv", [clip], f"captions file {tmp_path / 'latin1.csv'} is not UTF-8 text"),
             ("others.csv", [clip], f"--captions {tmp_path / 'others.csv'} names none of the 1 video files"),
             ("named.csv", [shards], "--captions applies to video files, and the inputs are all shard folders")):
         # A checkpoint that is not there: only a refusal before the model loads names the captions.

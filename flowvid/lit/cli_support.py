@@ -414,16 +414,77 @@ def _value(recipe: Any, keys: list[str]) -> Any:
     return node
 
 
+#: The help of the checkpoint options, as flowvid reads them (``before_fit``, ``before_validate``), in place
+#: of Lightning's, which offers names flowvid refuses (``UNSUPPORTED_CHECKPOINT_NAMES``) and no run directory.
+CHECKPOINT_OPTION_HELP = {
+    "fit": {
+        "resume": "'auto' continues from the newest readable checkpoint in <trainer.default_root_dir>/checkpoints "
+                  "(written by the recipe's RunCheckpoint), or starts fresh when there is none; 'none' starts "
+                  "fresh; a checkpoint file, or a run directory for its newest checkpoint, continues from it. "
+                  "Not with --ckpt_path",
+        "ckpt_path": "The checkpoint to continue from: a checkpoint file, or a run directory for its newest "
+                     "checkpoint (as --resume PATH); 'last' is the newest of this run's checkpoints (as --resume "
+                     "auto). Not with --resume. A flowvid export is no run to continue: the recipe's "
+                     "InitFromExport starts from one",
+    },
+    "validate": {
+        "resume": "What to validate when --ckpt_path is not given (a recipe's resume: auto is read here too): "
+                  "'auto' the newest readable checkpoint in <trainer.default_root_dir>/checkpoints; a checkpoint "
+                  "file, or a run directory for its newest checkpoint; 'none', or 'auto' finding no checkpoint, "
+                  "the model as initialised (for a recipe with InitFromExport, its export)",
+        "ckpt_path": "What to validate: a checkpoint file; a run directory (its newest readable checkpoint); "
+                     "'last' (the newest checkpoint the recipe's RunCheckpoint wrote); or a flowvid export (its "
+                     ".safetensors file or its folder), loaded into the recipe's model. Without it, --resume "
+                     "chooses",
+    },
+}
+
+#: What each name of Lightning's ``ckpt_path`` that flowvid does not take would have asked for.
+UNSUPPORTED_CHECKPOINT_NAMES = {
+    "best": "the best checkpoint of a fit earlier in the same process, which a flowvid command never has "
+            "(RunCheckpoint keeps the newest steps, not the best)",
+    "hpc": "the checkpoint it saved on a SLURM signal, which flowvid does not look up by name",
+    "registry": "a model from its online registry; flowvid downloads nothing",
+}
+
+#: What the same commands take instead.
+CHECKPOINTS_TAKEN = {
+    "fit": "a checkpoint file, a run directory (its newest checkpoint) or last; or --resume auto",
+    "validate": "a checkpoint file, a run directory (its newest checkpoint), last, or a flowvid export "
+                "(its .safetensors file or its folder)",
+}
+
+
+def check_checkpoint_name(subcommand: str, ckpt_path: Any) -> None:
+    """Refuse a ``ckpt_path`` that Lightning reads as one of ``UNSUPPORTED_CHECKPOINT_NAMES`` before anything is
+    built: ``best`` would fail only once the model is, ``hpc`` and ``registry`` ask for what flowvid does not do.
+    A file of such a name is given as ``./best``."""
+    if not isinstance(ckpt_path, str):
+        return
+    # Lightning's ``registry`` is any case, alone or as ``registry:MODEL[:VERSION]``.
+    name = "registry" if re.fullmatch(r"registry(:.*)?", ckpt_path.lower()) else ckpt_path
+    if name in UNSUPPORTED_CHECKPOINT_NAMES:
+        taken = CHECKPOINTS_TAKEN.get(subcommand, "a checkpoint file")
+        raise ValueError(f"ckpt_path {ckpt_path} asks Lightning for {UNSUPPORTED_CHECKPOINT_NAMES[name]}; "
+                         f"give {taken} (for a file so named: ./{ckpt_path})")
+
+
 class FlowvidCLI(LightningCLI):
-    """LightningCLI with a ``--resume`` argument for ``fit`` (``auto``, ``none`` or a checkpoint path)."""
+    """LightningCLI with a ``--resume`` argument (``auto``, ``none`` or a checkpoint path) and a ``--ckpt_path`` that
+    takes a run directory, and for ``validate`` an export."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--resume", type=str | None, default=None,
             help="'auto' continues from the newest checkpoint in <trainer.default_root_dir>/checkpoints "
-                 "(or starts fresh when there is none), 'none' starts fresh, a path continues from that checkpoint; "
-                 "validate takes the same checkpoint unless --ckpt_path names one",
+                 "(or starts fresh when there is none), 'none' starts fresh, a path continues from that checkpoint",
         )
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for action in parser._actions:
+            action.help = CHECKPOINT_OPTION_HELP.get(subcommand, {}).get(action.dest, action.help)
+        return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         command_line = list(sys.argv[1:] if args is None else args)
@@ -440,6 +501,8 @@ class FlowvidCLI(LightningCLI):
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         with refused_by(reporting):
             check_overlay_order(recipes, config.trainer.get("callbacks"))
+            if self.config.get("subcommand"):
+                check_checkpoint_name(self.config.subcommand, config.get("ckpt_path"))
 
     def _parse_ckpt_path(self) -> None:
         """``ckpt_path`` is checked like ``resume``: a file that cannot be read is a one-line error, and the
@@ -447,7 +510,10 @@ class FlowvidCLI(LightningCLI):
         (Lightning would put the checkpoint's hyperparameters over the config's without a word.)"""
         if not self.config.get("subcommand"):
             return
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        settings = self.config[self.config.subcommand]
+        ckpt_path = settings.get("ckpt_path")
+        if self.config.subcommand == "fit":
+            check_fit_continues_no_export(ckpt_path, settings.get("resume"))
         validating_an_export = self.config.subcommand == "validate" and export_named(ckpt_path) is not None
         if ckpt_path and Path(ckpt_path).is_file() and not validating_an_export:
             load_client_state(ckpt_path)
@@ -583,6 +649,16 @@ def export_named(ckpt_path: str | None) -> Path | None:
     if path.suffix == ".safetensors" and path.is_file():
         return path
     return export_in(path)
+
+
+def check_fit_continues_no_export(ckpt_path: str | None, resume: str | None) -> None:
+    """An export holds weights only, not the optimiser and step a run continues with: ``fit`` starts from one
+    through ``InitFromExport``, as the fine-tuning recipes do."""
+    for option, value in (("ckpt_path", ckpt_path), ("resume", resume)):
+        if value not in (None, "auto", "none") and export_named(value) is not None:
+            raise ValueError(f"{option} {value} is a flowvid export, which holds no run to continue: start from it "
+                             "with a flowvid.lit.finetune.InitFromExport callback (path: the export), as "
+                             "the recipes in recipes/finetune/ do")
 
 
 def check_some_batch_is_validated(trainer: Trainer) -> None:

@@ -19,11 +19,12 @@ plays at the frame rate the model was trained at when its checkpoint or export r
 (``--fps`` sets another). A folder holds one model's samples:
 an ``--out`` with another model's is refused, and a sample of another request (another seed, prompt,
 sampler...) under a name to be written is kept unless ``--force`` is given. Sample ``i`` uses seed
-``seed + i``, so a sample does not depend on its batch; ``--samples-per-prompt N`` samples each prompt
-N times in a row, named and seeded as the prompt repeated N times would be. The sampler is the model's
-own (its recipe's ``model.sampler``; a windowed one's windows, context and sampler of each window)
-unless ``--sampler`` names one. The model runs on the first CUDA GPU when there is one (``--device``),
-in bf16-mixed on a GPU that supports it and in fp32 elsewhere (``--precision``; see ``flowvid.placement``).
+``seed + i``, so a sample does not depend on its batch (but for float rounding); ``--samples-per-prompt N``
+samples each prompt N times in a row, named and seeded as the prompt repeated N times would be. The
+sampler is the model's own (its recipe's ``model.sampler``; a windowed one's windows, context and
+sampler of each window) unless ``--sampler`` names one. The model runs on the first CUDA GPU when
+there is one (``--device``), in bf16-mixed on a GPU that supports it and in fp32 elsewhere
+(``--precision``; see ``flowvid.placement``).
 An unconditional model (one trained without text) takes no prompt: leave ``--prompt`` out for one
 sample, or give ``--samples-per-prompt`` for several. Under torchrun every process draws its share of
 the samples (``i % WORLD_SIZE == RANK``) on its own GPU (``cuda:LOCAL_RANK``), without talking to the
@@ -36,6 +37,7 @@ import argparse
 import json
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,23 +55,27 @@ from flowvid.export import add_weights_argument
 from flowvid.media import DEFAULT_FPS, MediaError, frame_rate, write_video
 from flowvid.paths import check_output_folder, write_atomically
 from flowvid.pipeline import (
+    CLIP_TASKS,
     DEFAULT_TOLERANCE,
     NON_FINITE_ADVICE,
     GenerateError,
+    Source,
     VideoPipeline,
     build_named_sampler,
     check_per_prompt,
     check_window_fits,
+    default_frames,
     each_prompt_repeated,
     is_windowed,
     model_sampler,
     playback_fps,
+    read_source,
     sampler_takes,
     takes_the_precisions_tolerance,
     window_sampler,
 )
 from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
-from flowvid.registry import check_arguments
+from flowvid.registry import SAMPLERS, check_arguments
 from flowvid.sampling import Sampler, WindowedSampler, sampler_class
 from flowvid.sampling.jacobi import check_tolerance
 from flowvid.sampling.tasks import TASKS, check_seed
@@ -77,6 +83,22 @@ from flowvid.sampling.tasks import TASKS, check_seed
 
 #: The latents written beside each sample (``NAME.latent.npy``): arrays, but not videos.
 LATENTS_SUFFIX = ".latent.npy"
+
+#: The files of a sample besides its record (``NAME.json``); a sample is complete when all are there.
+SAMPLE_SUFFIXES = (".mp4", ".npy", LATENTS_SUFFIX)
+
+#: The exit status of a run stopped by Ctrl-C: 128 + SIGINT, as a shell reports it and as ``flowvid fit``
+#: exits (``flowvid.lit.cli_support.CTRL_C_EXIT_STATUS``, which would cost the command Lightning's import).
+CTRL_C_EXIT_STATUS = 128 + signal.SIGINT
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while sampling: ``complete`` of the request's ``total`` samples are complete in the folder
+    (their record and every file); the others are sampled by a rerun with ``--skip-existing``."""
+
+    def __init__(self, complete: int, total: int):
+        self.complete, self.total = complete, total
+        super().__init__(f"interrupted with {complete} of {total} samples complete")
 
 
 class NonFiniteSamples(GenerateError):
@@ -190,7 +212,8 @@ def check_sampler_settings(args: argparse.Namespace, sampler: str, source: str,
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
-    """Prompts from ``--prompt`` (repeatable) and ``--prompts FILE`` (one per line); may be none."""
+    """Prompts from ``--prompt`` (repeatable), in the order given, then those of ``--prompts FILE`` (one per
+    line), whatever the order of the options; may be none. Samples are numbered in this order."""
     found = list(prompts or [])
     if prompt_file is not None:
         found += read_prompt_file(Path(prompt_file))
@@ -198,10 +221,11 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    """One prompt per line of a UTF-8 file; an empty line is a mistake, not an unconditional sample."""
+    """The prompts of a UTF-8 file, one per line, in order. Blank lines and comment lines (``#`` first) are
+    skipped wherever they are: they are no prompts, and an unconditional sample is ``--prompt ''``."""
     if path.is_dir():
         raise GenerateError(f"prompt file {path} is a folder; give a text file with one prompt per line")
-    if not path.is_file():
+    if not path.exists():  # /dev/null or a pipe (<(...)) is no regular file, yet is read as one
         raise GenerateError(f"prompt file {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
@@ -213,16 +237,17 @@ def read_prompt_file(path: Path) -> list[str]:
     # A byte-order mark is not prompt text: Windows editors write one first, and files joined with cat hold
     # one inside. Lines end at \n, \r\n or \r alone: str.splitlines() would also cut a prompt at a Unicode
     # line separator (U+2028, as text pasted from the web holds) or a form feed.
-    lines = re.split(r"\r\n|\r|\n", text.replace("\ufeff", ""))
-    while lines and is_blank(lines[-1]):  # an editor's blank lines at the end are not prompts
-        lines.pop()
-    if not lines:
-        raise GenerateError(f"prompt file {path} is empty; write one prompt per line")
-    for number, line in enumerate(lines, start=1):
-        if is_blank(line):
-            raise GenerateError(f"{path} line {number} is empty; write one prompt per line "
-                                "(an unconditional sample is --prompt '')")
-    return [line.strip() for line in lines]
+    text = text.replace("\ufeff", "")
+    prompts = [line.strip() for line in re.split(r"\r\n|\r|\n", text) if not (is_blank(line) or is_comment(line))]
+    if not prompts:
+        held = "is empty" if is_blank(text) else "holds only blank lines and # comments"
+        raise GenerateError(f"prompt file {path} {held}; write one prompt per line")
+    return prompts
+
+
+def is_comment(line: str) -> bool:
+    """Whether a line of a prompt file is a comment: ``#`` is its first character but spaces."""
+    return line.lstrip().startswith("#")
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -346,9 +371,10 @@ def resolved_source(path: str | Path) -> str:
 
 def already_written(out: Path, name: str, planned: dict[str, Any], found: dict[str, Any],
                     force: bool = False) -> bool:
-    """Whether ``out`` holds this sample, complete (its record is written last; ``found`` holds the folder's
-    records, ``read_json_files``); a record of another request under the same name is an error rather than
-    a sample silently kept, or, without ``force``, overwritten."""
+    """Whether ``out`` holds this sample, complete: its record (written last; ``found`` holds the folder's
+    records, ``read_json_files``) and every file beside it (one removed by hand, or lost, is sampled
+    again). A record of another request under the same name is an error rather than a sample silently
+    kept, or, without ``force``, overwritten."""
     path = out / f"{name}.json"
     if path.name not in found:
         return False
@@ -362,7 +388,21 @@ def already_written(out: Path, name: str, planned: dict[str, Any], found: dict[s
     if differences and not force:
         raise GenerateError(f"{path} was written by another request ({'; '.join(differences)}); "
                             "write to another --out folder, remove it, or pass --force to overwrite it")
-    return not differences
+    return not differences and has_every_file(out, name)
+
+
+def has_every_file(out: Path, name: str) -> bool:
+    """Whether the files of sample ``name`` besides its record are all in ``out``."""
+    return all((out / f"{name}{suffix}").is_file() for suffix in SAMPLE_SUFFIXES)
+
+
+def is_complete(out: Path, name: str, planned: dict[str, Any]) -> bool:
+    """Whether ``out`` holds sample ``name`` of the request that plans ``planned``, complete."""
+    try:
+        record = sample_record(json.loads((out / f"{name}.json").read_text()))
+    except (OSError, ValueError):
+        return False
+    return record is not None and not request_differences(record, planned) and has_every_file(out, name)
 
 
 def request_differences(record: dict[str, Any], planned: dict[str, Any]) -> list[str]:
@@ -371,8 +411,51 @@ def request_differences(record: dict[str, Any], planned: dict[str, Any]) -> list
         # An older record holds the path as typed, relative to where generate ran: it is read from
         # here, where a rerun of its request most likely runs too.
         record = {**record, "source": resolved_source(record["source"])}
-    return [f"{key} {record.get(key)!r}, not {planned.get(key)!r}" for key in REQUEST_KEYS
+    record, planned = with_registered_sampler(record), with_registered_sampler(planned)
+    return [difference(key, record, planned) for key in REQUEST_KEYS
             if (key in planned or key in record) and record.get(key) != planned.get(key)]
+
+
+def difference(key: str, record: dict[str, Any], planned: dict[str, Any]) -> str:
+    """``key``'s value in ``record``, and in ``planned`` (asked now), for a message."""
+    asked = shown(planned, key)
+    return f"{key} {shown(record, key)}, " + ("now not given" if asked == NOT_GIVEN else f"not {asked}")
+
+
+def with_registered_sampler(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its sampler by its registered name: a class path names the same sampler."""
+    sampler = record.get("sampler")
+    return {**record, "sampler": registered_name(sampler)} if isinstance(sampler, str) else record
+
+
+def registered_name(sampler: str) -> str:
+    """The registered name of the sampler a name or class path names; the name as given where it names no
+    registered one (a plugin's own class, or one not installed here)."""
+    try:
+        return SAMPLERS.name_of(sampler_class(sampler)) or sampler
+    except (KeyError, TypeError, ValueError, ImportError):
+        return sampler
+
+
+#: What a record that leaves a key out was sampled with: the default of its option.
+LEFT_OUT_MEANS = {"samples_per_prompt": 1, "fps": DEFAULT_FPS}
+#: How a key left out, that has no default value, is shown.
+NOT_GIVEN = "not given"
+
+
+def shown(record: dict[str, Any], key: str) -> str:
+    """The value of ``key`` in ``record`` as a user gives it: a number as typed, a JSON object as JSON, and a
+    key left out (or None) as its option's default, else ``NOT_GIVEN``."""
+    value = record.get(key)
+    if value is None:
+        value = LEFT_OUT_MEANS.get(key)
+    if value is None:
+        return NOT_GIVEN
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return repr(value)
 
 
 def check_not_overwriting(out: Path, names: dict[int, str], planned: dict[int, dict[str, Any]],
@@ -402,8 +485,7 @@ def check_one_model(out: Path, planned: dict[str, Any], found: dict[str, Any]) -
         record = sample_record(found[file_name])
         if record is None or "model" not in record:
             continue
-        differences = [f"{key} {record.get(key)!r}, not {planned.get(key)!r}" for key in MODEL_KEYS
-                       if record.get(key) != planned.get(key)]
+        differences = [difference(key, record, planned) for key in MODEL_KEYS if record.get(key) != planned.get(key)]
         if differences:
             raise GenerateError(f"{out} holds samples of another model ({file_name}: {'; '.join(differences)}); "
                                 "write to another --out folder or remove them")
@@ -434,16 +516,19 @@ def sample_record(content: Any) -> dict[str, Any] | None:
     return content if isinstance(content, dict) and {"sampler", "seed", "prompt"} <= content.keys() else None
 
 
-def run(module, request: Request, out: Path, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def run(module, request: Request, out: Path, progress: Callable[[str], None] | None = None,
+        source: Source | None = None) -> list[dict[str, Any]]:
     """Generate every prompt of ``request`` into ``out``; returns the JSON records written. ``progress``
-    receives a line after every batch."""
+    receives a line after every batch; ``source``: the request's image or clip read already (``read_source``),
+    else it is read here. Ctrl-C raises ``Interrupted``, which counts the samples complete in ``out``."""
     pipeline = VideoPipeline(module, request_sampler(request), request.precision)
     check_per_prompt(request.samples_per_prompt, "samples_per_prompt")
     prompts = each_prompt_repeated(pipeline.prompts_for(request.prompts), request.samples_per_prompt)
     pipeline.check(request.task, request.frames, request.guidance, request.negative_prompt, request.seed,
                    request.batch_size, count=len(prompts))
     pipeline.sampler = with_context(pipeline.sampler, module, request)
-    source = pipeline.source_frames(request.task, request.image, request.video)
+    if source is None:
+        source = pipeline.source_frames(request.task, request.image, request.video)
     pipeline.check_room(request.task, request.frames, source)
     # As flowvid score records it: the given image or video was centre-cropped and resized to the model's size.
     resized = {"resized_from": source.resized_from} if source is not None and source.resized_from else {}
@@ -464,39 +549,44 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
         progress(f"{len(planned) - len(todo)} of {len(planned)} samples are in {out} already")
     records, failed = [], []
     started = time.perf_counter()
-    for start in range(0, len(todo), request.batch_size):
-        indices = todo[start:start + request.batch_size]
-        names = [name[i] for i in indices]
-        for sample in names:  # frames streamed for an earlier sample of the same name are not this one's
-            shutil.rmtree(out / f"{sample}.stream", ignore_errors=True)
-        result = pipeline.generate_batch([prompts[i] for i in indices], [request.seed + i for i in indices],
-                                         None if source is None else source.frames,
-                                         task=request.task, frames=request.frames, guidance=request.guidance,
-                                         negative_prompt=request.negative_prompt,
-                                         on_frame=_frame_writer(module, out, names) if request.stream else None)
-        diverged = result.failed
-        for row, (index, sample) in enumerate(zip(indices, names)):
-            if row in diverged:  # nothing is written: --skip-existing samples it again
-                failed.append(sample)
+    try:
+        for start in range(0, len(todo), request.batch_size):
+            indices = todo[start:start + request.batch_size]
+            names = [name[i] for i in indices]
+            for sample in names:  # frames streamed for an earlier sample of the same name are not this one's
                 shutil.rmtree(out / f"{sample}.stream", ignore_errors=True)
-                continue
-            record = {
-                **planned[index], **resized,
-                # A model without text sees no caption: say so by leaving the field out.
-                **({"caption_seen_by_model": result.captions[row]} if pipeline.reads_text else {}),
-                "device": str(module.device),
-                "timings": {k: v / len(indices) for k, v in result.timings.items()}, "batch_size": len(indices),
-                "sampler_stats": result.sampler_stats[0],
-            }
-            if request.stream and not decodes_frame_by_frame(module.codec):  # its frames come now, at the end
-                write_stream_frames(out / f"{sample}.stream", result.videos[row])
-            write_sample(out, sample, result.videos[row], result.latents[row], record, request.fps)
-            records.append({"name": sample, **record})
-        if progress:
-            done, seconds = len(records) + len(failed), sum(result.timings.values())
-            left = (time.perf_counter() - started) / done * (len(todo) - done)
-            progress(f"{done}/{len(todo)} samples ({seconds:.1f} s for the last {len(indices)}"
-                     + (f", about {_duration(left)} left)" if done < len(todo) else ")"))
+            result = pipeline.generate_batch([prompts[i] for i in indices], [request.seed + i for i in indices],
+                                             None if source is None else source.frames,
+                                             task=request.task, frames=request.frames, guidance=request.guidance,
+                                             negative_prompt=request.negative_prompt,
+                                             on_frame=_frame_writer(module, out, names) if request.stream else None)
+            diverged = result.failed
+            for row, (index, sample) in enumerate(zip(indices, names)):
+                if row in diverged:  # nothing is written: --skip-existing samples it again
+                    failed.append(sample)
+                    shutil.rmtree(out / f"{sample}.stream", ignore_errors=True)
+                    continue
+                record = {
+                    **planned[index], **resized,
+                    # A model without text sees no caption: say so by leaving the field out.
+                    **({"caption_seen_by_model": result.captions[row]} if pipeline.reads_text else {}),
+                    "device": str(module.device),
+                    "timings": {k: v / len(indices) for k, v in result.timings.items()}, "batch_size": len(indices),
+                    "sampler_stats": result.sampler_stats[0],
+                }
+                if request.stream and not decodes_frame_by_frame(module.codec):  # its frames come now, at the end
+                    write_stream_frames(out / f"{sample}.stream", result.videos[row])
+                write_sample(out, sample, result.videos[row], result.latents[row], record, request.fps)
+                records.append({"name": sample, **record})
+            if progress:
+                done, seconds = len(records) + len(failed), sum(result.timings.values())
+                left = (time.perf_counter() - started) / done * (len(todo) - done)
+                progress(f"{done}/{len(todo)} samples ({seconds:.1f} s for the last {len(indices)}"
+                         + (f", about {_duration(left)} left)" if done < len(todo) else ")"))
+    except KeyboardInterrupt:
+        # A sample is written whole or not at all (its record last), so the folder says what is done.
+        complete = sum(is_complete(out, name[i], planned[i]) for i in planned)
+        raise Interrupted(complete, len(planned)) from None
     if failed:
         raise NonFiniteSamples(failed, len(records))
     return records
@@ -537,27 +627,44 @@ def _frame_writer(module, out: Path, names: list[str]):
     return write
 
 
+def interrupted_line(stop: Interrupted, args: argparse.Namespace) -> str:
+    """What a Ctrl-C left in ``--out``, and how to finish, in one line."""
+    share = " of this process's" if launch_rank()[1] > 1 else " of"
+    finish = "the same command" if args.skip_existing else "the same command with --skip-existing"
+    return (f"interrupted with {stop.complete}{share} {stop.total} samples complete in {args.out}; run {finish} to "
+            "sample the others")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowvid generate", description=help_text(__doc__.split("\n\n")[0]), formatter_class=HelpFormatter,
         epilog=exit_statuses("every sample is written", "some samples came out NaN or infinite and were not "
-                             "written (the others were; --skip-existing samples only those again)"))
+                             "written (the others were; --skip-existing samples only those again)")
+        + f" {CTRL_C_EXIT_STATUS} when stopped by Ctrl-C (the samples written are complete; --skip-existing "
+          "samples the others).")
     parser.add_argument("--ckpt", required=True,
                         help="exported .safetensors (or its folder), Lightning .ckpt, DeepSpeed directory, "
                              "or a run directory (its newest checkpoint)")
     parser.add_argument("--task", choices=TASKS, default="t2v",
                         help="t2v: text-to-video, i2v: from --image, extend: continue --video, v2v: transform --video")
-    parser.add_argument("--prompt", action="append", help="a caption (repeatable)")
-    parser.add_argument("--prompts", help="a file with one caption per line")
+    parser.add_argument("--prompt", action="append",
+                        help="a caption (repeatable); samples are numbered from the --prompt captions, in order, "
+                             "then the --prompts file's")
+    parser.add_argument("--prompts",
+                        help="a UTF-8 file with one caption per line; blank lines and lines starting with # are "
+                             "skipped")
     parser.add_argument("--samples-per-prompt", type=int, default=1,
                         help="samples of each caption, in a row, named and seeded as the caption repeated "
                              "(default: 1)")
     parser.add_argument("--image",
-                        help="i2v: the first frame: an image file, or a video file (or .npy) whose first frame it is")
+                        help="i2v: the first frame: an image file, a .npy of one image (H, W, 3) uint8, or a video "
+                             "file or .npy of frames (T, H, W, 3) whose first frame it is")
     parser.add_argument("--video", help="extend / v2v: the clip to continue or transform (video file or .npy)")
     parser.add_argument("--frames", type=int,
-                        help="video frames to generate (default: the training length); longer videos are sampled "
-                             "in windows of the training length, each continuing the one before (see --context)")
+                        help="video frames to generate, the given image or clip included (default: the training "
+                             "length; extend and v2v: the clip's frames, then one training length of new ones); "
+                             "longer videos than the training length are sampled in windows of that length, each "
+                             "continuing the one before (see --context)")
     parser.add_argument("--context", type=int, default=None,
                         help="for videos longer than the training length: the latent frames of the window before "
                              "that each window continues, 0 (none) to the training length - 1 (default: the "
@@ -590,7 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"checkpoint or export records it, else {DEFAULT_FPS:g})")
     parser.add_argument("--stream", action="store_true", help="write frames as soon as they are sampled")
     parser.add_argument("--skip-existing", action="store_true",
-                        help="leave out samples already complete in --out (to finish an interrupted run)")
+                        help="leave out samples already complete in --out, their record and every file (to "
+                             "finish an interrupted run)")
     parser.add_argument("--force", action="store_true",
                         help="overwrite samples of another request (seed, prompt, sampler, ...) in --out; without "
                              "it they are refused")
@@ -630,7 +738,10 @@ def main(argv: list[str]) -> int:
         chosen.update({key: getattr(args, key) for key in SAMPLER_OPTIONS if getattr(args, key) is not None})
         if chosen["tol"] is None and takes_the_precisions_tolerance(sampler):
             chosen["tol"] = DEFAULT_TOLERANCE[precision]
-        frames = module.video_shape[0] if args.frames is None else args.frames
+        # extend and v2v continue the clip by default, so it is read (once) for its length.
+        source = read_source(module, args.task, args.image, args.video) if args.frames is None \
+            and args.task in CLIP_TASKS else None
+        frames = default_frames(module, args.task, source) if args.frames is None else args.frames
         window, context = recipe_windows(module, frames, windowed, args.context)
         request = Request(
             task=args.task, prompts=prompts, frames=frames,
@@ -644,7 +755,14 @@ def main(argv: list[str]) -> int:
             samples_per_prompt=args.samples_per_prompt,
             model=str(model.resolve()), weights=module.weights_used,
         )
-        records = run(module, request, Path(args.out), progress=lambda line: print(line, file=sys.stderr, flush=True))
+        records = run(module, request, Path(args.out), progress=lambda line: print(line, file=sys.stderr, flush=True),
+                      source=source)
+    except Interrupted as stop:
+        print(f"flowvid generate: {interrupted_line(stop, args)}", file=sys.stderr)
+        return CTRL_C_EXIT_STATUS
+    except KeyboardInterrupt:  # while the model loads: nothing is written yet
+        print("flowvid generate: interrupted before sampling began", file=sys.stderr)
+        return CTRL_C_EXIT_STATUS
     except NonFiniteSamples as err:  # the request was sound and the other samples are written: no usage error
         print(f"flowvid generate: error: {err}", file=sys.stderr)
         return 1

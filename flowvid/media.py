@@ -64,7 +64,7 @@ DEFAULT_FPS = 8.0
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = DEFAULT_FPS, codec: str = "libx264",
                 container: str | None = None) -> None:
-    """uint8 frames (T, H, W, 3) -> a video file; H.264 at near-lossless quality by default.
+    """uint8 frames (T, H, W, 3) -> a video file; H.264 at CRF 12, colour at half resolution, by default.
 
     ``ffv1`` stores the frames losslessly (RGB). Other encoders store YUV, converted with BT.601's matrix in
     limited range and tagged so (``YUV_COLOUR_TAGS``). Most keep colour at half the resolution of brightness
@@ -322,6 +322,25 @@ def read_frame_array(path: Path, max_frames: int | None) -> list[np.ndarray]:
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise MediaError(f"{path} holds {frames.dtype} {frames.shape}, expected uint8 (T, H, W, 3)")
     return list(np.array(frames[:max_frames]))
+
+
+def read_image_array(path: str | Path) -> np.ndarray:
+    """The image a ``.npy`` file holds, uint8 (H, W, 3): one image as ``numpy.save`` writes it, or the first
+    of uint8 frames (T, H, W, 3), the only frame read."""
+    path = Path(path)
+    if path.is_dir():
+        raise MediaError(f"image {path} is a folder; give an image file or a .npy array")
+    if not path.is_file():
+        raise MediaError(f"image {path} does not exist")
+    array = load_frame_array(path)
+    if array.dtype == np.uint8 and array.ndim in (3, 4) and array.shape[-1] == 3:
+        if array.ndim == 3:
+            return np.array(array)
+        if len(array):
+            return np.array(array[0])
+        raise MediaError(f"video {path} has no frames")
+    raise MediaError(f"{path} holds {array.dtype} {array.shape}, expected a uint8 image (H, W, 3) or uint8 frames "
+                     "(T, H, W, 3)")
 
 
 def decode_frames(path: Path, fps: float | None, max_frames: int | None) -> TimedFrames:

@@ -16,7 +16,8 @@
 
 It is what ``flowvid generate`` runs, without the files: the same seeds give the same videos. Sample
 ``i`` of a call draws its noise from ``seed + i``, so a sample does not depend on the batch it is
-sampled in; ``videos_per_prompt=N`` samples each prompt N times in a row, as the prompt repeated would.
+sampled in, but for float rounding (about 1e-6 in the latents); ``videos_per_prompt=N`` samples each
+prompt N times in a row, as the prompt repeated would.
 The sampler stands apart from the model: ``sampler`` is any registered sampler, used as it is for the
 training length and inside a sliding window (``WindowedSampler``) for longer videos.
 """
@@ -39,7 +40,15 @@ import torch
 
 from flowvid.caller_warnings import warn_caller
 from flowvid.checks import is_blank, is_integer
-from flowvid.media import DEFAULT_FPS, READABLE_VIDEO_SUFFIXES, fit_frames, read_at_training_rate, read_frames, read_image_frame
+from flowvid.media import (
+    DEFAULT_FPS,
+    READABLE_VIDEO_SUFFIXES,
+    fit_frames,
+    read_at_training_rate,
+    read_frames,
+    read_image_array,
+    read_image_frame,
+)
 from flowvid.other_names import (
     DIFFUSERS_CALL_NAMES,
     DIFFUSERS_LOAD_NAMES,
@@ -337,7 +346,9 @@ class VideoPipeline:
             task: ``t2v``, ``i2v`` (needs ``image``), ``extend`` or ``v2v`` (need ``video``).
             image, video: uint8 frames (H, W, 3) / (T, H, W, 3) at the model's size, or a file to read
                 and resize; the image may be a video file, whose first frame it is.
-            frames: frames to generate (default: the training length; longer ones slide a window).
+            frames: frames to generate, the given image or clip included (default: the training length;
+                for ``extend`` and ``v2v``, the clip followed by one training length of new frames); longer
+                videos than the training length slide a window.
             guidance: classifier-free guidance weight (default: the model's).
             negative_prompt: a caption guidance steers away from instead of the empty one ("" or None: none).
             seed: video ``i`` draws its noise from ``seed + i`` (every one from 0 to 2**32 - 1).
@@ -400,10 +411,13 @@ class VideoPipeline:
         prompts = each_prompt_repeated(
             self.prompts_for([prompts] if one_prompt else [] if prompts is None else list(prompts)), videos_per_prompt)
         guidance = self.model.guidance if guidance is None else guidance
-        frames = self.model.video_shape[0] if frames is None else frames
+        asked = frames
+        frames = self.model.video_shape[0] if frames is None else frames  # checked before the clip is read
         negative_prompt = "" if negative_prompt is None else negative_prompt  # None, as diffusers pipelines take
         self.check(task, frames, guidance, negative_prompt, seed, batch_size, count=len(prompts))
         source = self.source_frames(task, image, video)
+        if asked is None:
+            frames = default_frames(self.model, task, source)
         self.check_room(task, frames, source)
         seeds = list(range(int(seed), int(seed) + len(prompts)))
         return prompts, seeds, int(frames), guidance, negative_prompt, None if source is None else source.frames
@@ -467,33 +481,9 @@ class VideoPipeline:
                                     f"than {given_frames} frames (the result starts with the given ones)")
         warn_if_untrained(self.model, task, self.reads_text)
 
-    @refused_as_generate_error()
     def source_frames(self, task: str, image, video) -> "Source | None":
         """The task's conditioning frames, read once, or None for t2v."""
-        _, height, width = self.model.video_shape
-        codec = self.model.codec
-        if task == "t2v":
-            if image is not None or video is not None:
-                raise GenerateError("t2v takes no image or video; use the task i2v, extend or v2v")
-            return None
-        if task == "i2v":
-            if image is None:
-                raise GenerateError("i2v needs an image")
-            frame, given_size = _frames(image, self.model, "image")
-            frames = np.repeat(frame[None], 1 if codec.causal_first_frame else codec.temporal_factor, axis=0)
-        else:
-            if video is None:
-                raise GenerateError(f"{task} needs a video")
-            frames, given_size = _frames(video, self.model, "video")
-            usable = codec.usable_frames(len(frames))
-            if usable < 1:
-                raise GenerateError(f"the video has {len(frames)} frames, fewer than one latent frame")
-            if usable < len(frames):  # the codec encodes whole latent frames only
-                warn_caller(f"the video's last {len(frames) - usable} of {len(frames)} frames are left out: codec "
-                            f"{codec.name!r} encodes {usable} of them exactly")
-            frames = frames[:usable]
-        resized_from = list(given_size) if given_size != (height, width) else None
-        return Source(torch.from_numpy(np.ascontiguousarray(frames))[None], resized_from)
+        return read_source(self.model, task, image, video)
 
     # --- one batch -------------------------------------------------------------------------------
 
@@ -674,10 +664,56 @@ class Source:
     resized_from: list[int] | None  # [height, width] of a file of another size, as a player shows it
 
 
+@refused_as_generate_error()
+def read_source(model, task: str, image, video) -> "Source | None":
+    """The conditioning frames of ``task`` (an image, or a clip cut to the frames the codec encodes exactly)
+    at the model's size, or None for t2v; what ``VideoPipeline.source_frames`` reads."""
+    _, height, width = model.video_shape
+    codec = model.codec
+    if task == "t2v":
+        if image is not None or video is not None:
+            raise GenerateError("t2v takes no image or video; use the task i2v, extend or v2v")
+        return None
+    if task == "i2v":
+        if image is None:
+            raise GenerateError("i2v needs an image")
+        frame, given_size = _frames(image, model, "image")
+        frames = np.repeat(frame[None], 1 if codec.causal_first_frame else codec.temporal_factor, axis=0)
+    else:
+        if video is None:
+            raise GenerateError(f"{task} needs a video")
+        frames, given_size = _frames(video, model, "video")
+        usable = codec.usable_frames(len(frames))
+        if usable < 1:
+            raise GenerateError(f"the video has {len(frames)} frames, fewer than one latent frame")
+        if usable < len(frames):  # the codec encodes whole latent frames only
+            warn_caller(f"the video's last {len(frames) - usable} of {len(frames)} frames are left out: codec "
+                        f"{codec.name!r} encodes {usable} of them exactly")
+        frames = frames[:usable]
+    resized_from = list(given_size) if given_size != (height, width) else None
+    return Source(torch.from_numpy(np.ascontiguousarray(frames))[None], resized_from)
+
+
+#: The tasks that continue a given clip.
+CLIP_TASKS = ("extend", "v2v")
+
+
+def default_frames(model, task: str, source: "Source | None") -> int:
+    """The frames a request that names none generates: the training length, or for ``extend`` and ``v2v``
+    the clip (as read, ``read_source``) followed by one training length of new latent frames, so that any
+    clip, one as long as the model makes included, is continued."""
+    if task not in CLIP_TASKS or source is None:
+        return model.video_shape[0]
+    codec = model.codec
+    return codec.decoded_frames(codec.latent_frames(source.frames.shape[1]) + model.latent_shape[0])
+
+
 def read_start_image(path: str | os.PathLike) -> np.ndarray:
-    """The image ``i2v`` starts from, uint8 (H, W, 3): an image file, or the first frame of a video file (or
-    of a ``.npy`` of frames), the only frame decoded. A video is known by its suffix, as ``flowvid score``
-    knows the videos of a folder."""
+    """The image ``i2v`` starts from, uint8 (H, W, 3): an image file, a ``.npy`` of one image (H, W, 3) or
+    of frames (T, H, W, 3), whose first it is, or the first frame of a video file, the only frame decoded.
+    A video is known by its suffix, as ``flowvid score`` knows the videos of a folder."""
+    if Path(path).suffix.lower() == ".npy":
+        return read_image_array(path)
     if Path(path).suffix.lower() in READABLE_VIDEO_SUFFIXES:
         return read_frames(path, max_frames=1)[0]
     return read_image_frame(path)

@@ -55,9 +55,9 @@ def test_a_v2v_request_with_nothing_to_sample_is_refused_before_any_warning(pipe
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(GenerateError, match=r"v2v: 4 frames leave nothing to sample after the video's 4 frames"):
-            pipe("a red circle", task="v2v", video=CLIP)  # the default length: the clip's own
+            pipe("a red circle", task="v2v", video=CLIP, frames=4)  # the clip's own length
         with pytest.raises(GenerateError, match="leave nothing to sample"):
-            next(pipe.stream("a red circle", task="v2v", video=CLIP))
+            next(pipe.stream("a red circle", task="v2v", video=CLIP, frames=4))
     assert [str(w.message) for w in caught] == []
 
 

@@ -14,9 +14,9 @@
 For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
 before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, negative
 prompt, device, precision, timings, Jacobi iterations, the model and the weights that sampled, the ``fps``
-of the mp4 unless it is 8, and ``resized_from`` for an image or video fitted to the model's size). The mp4
-plays at the frame rate the model was trained at when its checkpoint or export records it, else at 8 fps
-(``--fps`` sets another). A folder holds one model's samples:
+of the mp4 unless it is 8, ``stream`` true for a sample of ``--stream``, and ``resized_from`` for an image or
+video fitted to the model's size). The mp4 plays at the frame rate the model was trained at when its
+checkpoint or export records it, else at 8 fps (``--fps`` sets another). A folder holds one model's samples:
 an ``--out`` with another model's is refused, and a sample of another request (another seed, prompt,
 sampler...) under a name to be written is kept unless ``--force`` is given. Sample ``i`` uses seed
 ``seed + i``, so a sample does not depend on its batch (but for float rounding); ``--samples-per-prompt N``
@@ -333,8 +333,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 #: compared too, so that a sample made with a negative prompt or an adapter is not kept for one without.
 REQUEST_KEYS = ("prompt", "task", "seed", "samples_per_prompt", "sampler", "tol", "first_block_size",
                 "block_size", "sampler_args", "context", "window", "guidance",
-                "negative_prompt", "precision", "lora", "lora_strength", "frames", "fps", "model", "weights", "source",
-                "source_sha256")
+                "negative_prompt", "precision", "lora", "lora_strength", "frames", "fps", "stream", "model", "weights",
+                "source", "source_sha256")
 
 
 def planned_records(request: Request, prompts: list[str], frames: int) -> dict[int, dict[str, Any]]:
@@ -356,6 +356,9 @@ def planned_records(request: Request, prompts: list[str], frames: int) -> dict[i
         # Likewise. Another count moves the later prompts to other names and seeds, so a run resumed with
         # another one would leave the folder a mix of both.
         **({"samples_per_prompt": request.samples_per_prompt} if request.samples_per_prompt != 1 else {}),
+        # Likewise: a streamed sample inverts frame by frame, each from a guess of the one before, and comes
+        # out other than the plain one up to the tolerance, so a folder of either is not completed with the other.
+        **({"stream": True} if request.stream else {}),
         **({"model": request.model, "weights": request.weights} if request.model else {}),
         # The file as resolved, as the model is recorded: another spelling of it is the same request.
         **({"source": resolved_source(source), "source_sha256": file_sha256(source)} if source else {}),  # read once
@@ -438,7 +441,7 @@ def registered_name(sampler: str) -> str:
 
 
 #: What a record that leaves a key out was sampled with: the default of its option.
-LEFT_OUT_MEANS = {"samples_per_prompt": 1, "fps": DEFAULT_FPS}
+LEFT_OUT_MEANS = {"samples_per_prompt": 1, "fps": DEFAULT_FPS, "stream": False}
 #: How a key left out, that has no default value, is shown.
 NOT_GIVEN = "not given"
 
@@ -695,7 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fps", type=float, default=None,
                         help=f"frame rate of the written mp4 (default: the rate the model was trained at, when its "
                              f"checkpoint or export records it, else {DEFAULT_FPS:g})")
-    parser.add_argument("--stream", action="store_true", help="write frames as soon as they are sampled")
+    parser.add_argument("--stream", action="store_true",
+                        help="write each frame as soon as it is final, as NAME.stream/frame_000.png, ... beside the "
+                             "sample's files (with a codec that decodes frames in groups, once the sample is done); "
+                             "streamed samples differ from plain ones up to the tolerance, so each is its own request "
+                             "for --skip-existing")
     parser.add_argument("--skip-existing", action="store_true",
                         help="leave out samples already complete in --out, their record and every file (to "
                              "finish an interrupted run)")
@@ -720,6 +727,8 @@ def main(argv: list[str]) -> int:
         check_options(args)
         check_adapter_arguments(args.lora, args.lora_strength)
         prompts = read_prompts(args.prompt, args.prompts)
+        # Every sample's seed, before the model loads; an unconditional model samples once without a prompt.
+        check_seed(args.seed, max(len(prompts), 1) * args.samples_per_prompt, name="--seed")
         rank, world_size = launch_rank()
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)

@@ -73,6 +73,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -87,7 +88,7 @@ from flowvid.cli import HelpFormatter, exit_statuses, help_text
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.data.manifest import SPLIT_FOLDERS, what_to_give
 from flowvid.export import add_weights_argument
-from flowvid.generate import LATENTS_SUFFIX, sample_record
+from flowvid.generate import CTRL_C_EXIT_STATUS, LATENTS_SUFFIX, sample_record
 from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_at_training_rate
 from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
 from flowvid.sampling.tasks import TASKS, check_seed, task_caption
@@ -173,38 +174,55 @@ class ShardFolder:
         return shard_folder_files(self.path, self.manifest)
 
 
+@dataclass(frozen=True)
+class Listing:
+    """The listed inputs (``list_inputs``), and the files of their folders that are no videos and are not
+    scored: a summary names how many, so that a file of an unknown format is not passed over in silence."""
+
+    entries: list[Path | ShardFolder]
+    not_videos: list[Path]
+
+
 def list_inputs(inputs: list[str], caption: str | None = None) -> list[Path | ShardFolder]:
     """Every video file of the inputs (a folder's walked once) and every shard folder, in the order given.
     Every check and the scoring work on this one listing, so a file that appears in a folder afterwards is
     not scored unchecked. Refused before any work: an input that does not exist, a folder with nothing to
     score, a caption with no video file to apply to (shards are scored under their own captions)."""
+    return listing_of(inputs, caption).entries
+
+
+def listing_of(inputs: list[str], caption: str | None = None) -> Listing:
+    """``list_inputs``, with the files of the folders given that are not videos."""
     from flowvid.data import load_manifest
 
     listed: list[Path | ShardFolder] = []
+    not_videos: list[Path] = []
     for given in map(Path, inputs):
         if is_shard_folder(given):
             listed.append(ShardFolder(given, load_manifest(given)))
         elif not given.exists():
             raise ScoreError(f"input {given} does not exist")
         elif given.is_dir():
-            listed += videos_of_folder(given)
+            found = folder_files(given)  # walked once, for the videos and for the files left out
+            listed += videos_of_folder(given, found)
+            not_videos += files_not_videos(found)
         else:
             listed.append(given)
     if caption and all(isinstance(entry, ShardFolder) for entry in listed):
         raise ScoreError("--caption applies to video files, and the inputs are all shard folders, whose samples "
                          "are scored under their own captions; leave out --caption")
-    return listed
+    return Listing(listed, not_videos)
 
 
-def list_inputs_once(inputs: list[str], caption: str | None = None) -> list[Path | ShardFolder]:
-    """``list_inputs`` made by the first process under a process group and shared with the others: listed
+def list_inputs_once(inputs: list[str], caption: str | None = None) -> Listing:
+    """``listing_of`` made by the first process under a process group and shared with the others: listed
     by each, a folder written to meanwhile would give the processes different work to divide."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return list_inputs(inputs, caption)
+        return listing_of(inputs, caption)
     shared: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            shared[0] = list_inputs(inputs, caption)
+            shared[0] = listing_of(inputs, caption)
         except (ValueError, OSError) as refused:  # the others must not wait for a listing that never comes
             shared[0] = refused
     dist.broadcast_object_list(shared, src=0)
@@ -213,8 +231,9 @@ def list_inputs_once(inputs: list[str], caption: str | None = None) -> list[Path
     return shared[0]
 
 
-def videos_of_folder(folder: Path) -> list[Path]:
-    videos = list(video_inputs([folder]))
+def videos_of_folder(folder: Path, found: list[Path]) -> list[Path]:
+    """The videos of ``folder`` among ``found``, what its walk found (``folder_files``)."""
+    videos = videos_among(found)
     if not videos and holds_split_folders(folder):
         # The folder given to ``from-videos --val-fraction`` or ``make-synthetic`` as --out: point at its
         # halves, as the data tools do.
@@ -304,16 +323,47 @@ def read_file_captions(table: str | Path, listed: list[Path | ShardFolder], defa
 
 
 def video_inputs(paths: list[Path]) -> Iterator[Path]:
-    """The videos of files and folders. A folder written by ``flowvid generate`` holds every sample as
-    ``NAME.npy`` (its exact pixels) and ``NAME.mp4``, and its latents: each sample counts once, as its array."""
+    """The videos of files and folders (``videos_among`` a folder's files)."""
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in READABLE_VIDEO_SUFFIXES
-                           and not p.name.endswith(LATENTS_SUFFIX))
-            arrays = {p.with_suffix("") for p in found if p.suffix == ".npy"}
-            yield from (p for p in found if p.suffix == ".npy" or p.with_suffix("") not in arrays)
+            yield from videos_among(folder_files(path))
         else:
             yield path
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Everything in ``folder`` and its subfolders, sorted: the one walk of it that its listing reads."""
+    return sorted(folder.rglob("*"))
+
+
+def videos_among(found: list[Path]) -> list[Path]:
+    """The videos of a folder's ``found`` files. A folder written by ``flowvid generate`` holds every sample
+    as ``NAME.npy`` (its exact pixels) and ``NAME.mp4``, and its latents: each sample counts once, as its
+    array."""
+    videos = [p for p in found if is_video_name(p) and not p.name.endswith(LATENTS_SUFFIX)]
+    arrays = {p.with_suffix("") for p in videos if p.suffix == ".npy"}
+    return [p for p in videos if p.suffix == ".npy" or p.with_suffix("") not in arrays]
+
+
+def files_not_videos(found: list[Path]) -> list[Path]:
+    """The files among a folder's ``found`` that ``videos_among`` leaves out for not being videos. A sample
+    ``flowvid generate`` wrote is more than its array: its record ``NAME.json``, latents ``NAME.latent.npy``
+    and streamed frames ``NAME.stream/`` belong to it, as does the ``NAME.mp4`` beside its array: none of
+    them is left out."""
+    files = [path for path in found if path.is_file()]
+    samples = {path.with_suffix("") for path in files if is_video_name(path) and not path.name.endswith(LATENTS_SUFFIX)}
+    return [path for path in files if not (is_video_name(path) or belongs_to_sample(path, samples))]
+
+
+def is_video_name(path: Path) -> bool:
+    return path.suffix.lower() in READABLE_VIDEO_SUFFIXES
+
+
+def belongs_to_sample(path: Path, samples: set[Path]) -> bool:
+    """Whether ``path`` is the record or a streamed frame of one of ``samples`` (paths without suffix)."""
+    if path.suffix == ".json" and path.with_suffix("") in samples:
+        return True
+    return any(folder.suffix == ".stream" and folder.with_suffix("") in samples for folder in path.parents)
 
 
 @dataclass(frozen=True)
@@ -387,7 +437,9 @@ def score_file(module, path: Path, caption: str | None, generator: torch.Generat
                   **score_video(module, fit_frames(timed.frames, height, width), text, generator)}
     except MissingCaption as err:
         return {"path": str(path), "caption": None, "error": str(err)}
-    except (MediaError, ScoreError) as err:
+    except MediaError as err:
+        return {"path": str(path), "error": str(err) + latents_hint(path)}
+    except ScoreError as err:
         return {"path": str(path), "error": str(err)}
     if path.suffix != ".npy":  # an array holds frames, not their times
         record["fps"] = timed.fps
@@ -395,6 +447,16 @@ def score_file(module, path: Path, caption: str | None, generator: torch.Generat
     if shown != (height, width):  # the score is of the fitted frames, not of the file's own
         record["resized_from"] = list(shown)
     return record
+
+
+def latents_hint(path: Path) -> str:
+    """What to score instead of the latents ``flowvid generate`` writes beside a sample, which are no frames;
+    nothing for any other file."""
+    if not path.name.endswith(LATENTS_SUFFIX):
+        return ""
+    sample = path.with_name(path.name.removesuffix(LATENTS_SUFFIX))
+    return (f"; this is the latents of a sample `flowvid generate` wrote: score its frames, {sample}.npy "
+            f"(or {sample}.mp4), instead")
 
 
 def caption_of_file(path: Path, caption: str | None, captions: FileCaptions | None) -> str:
@@ -537,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowvid score", description=help_text(__doc__.split("\n\n")[0]), formatter_class=HelpFormatter,
         epilog=exit_statuses("some video is scored (those that cannot be are listed with an error)",
-                             "no video could be scored"))
+                             "no video could be scored")
+        + f" {CTRL_C_EXIT_STATUS} when stopped by Ctrl-C (nothing is written: the scores are written once all "
+          "are done).")
     parser.add_argument("--ckpt", required=True,
                         help="exported .safetensors (or its folder), Lightning .ckpt, DeepSpeed directory, "
                              "or a run directory (its newest checkpoint)")
@@ -561,8 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def summary(records: list[dict[str, Any]], out: Path) -> str:
-    """The closing line: the videos scored, and those that were not, by reason."""
+def summary(records: list[dict[str, Any]], out: Path, not_videos: int = 0) -> str:
+    """The closing line: the videos scored, those that were not, by reason, and the ``not_videos`` files of
+    the folders given that were left out."""
     scored = sum("error" not in r for r in records)
     uncaptioned = sum("error" in r and r.get("caption", "") is None for r in records)
     # A broken shard counts every sample it lost.
@@ -571,7 +636,9 @@ def summary(records: list[dict[str, Any]], out: Path) -> str:
     return (f"scored {scored} video{'' if scored == 1 else 's'} into {out}"
             + (f"; {partly} in their first clip only (unscored_reason says why)" if partly else "")
             + (f"; {uncaptioned} without a caption (listed)" if uncaptioned else "")
-            + (f"; {failed} could not be read (listed)" if failed else ""))
+            + (f"; {failed} could not be read (listed)" if failed else "")
+            + (f"; left out {not_videos} file{' that is not a video' if not_videos == 1 else 's that are not videos'}"
+               if not_videos else ""))
 
 
 def main(argv: list[str]) -> int:
@@ -584,7 +651,8 @@ def main(argv: list[str]) -> int:
         rank, world_size = join_launch_group()
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
-        listed = list_inputs_once(args.input, args.caption)
+        listing = list_inputs_once(args.input, args.caption)
+        listed = listing.entries
         captions = None if args.captions is None else read_file_captions(args.captions, listed, args.caption)
         check_seed(args.seed, name="--seed")
         check_output_file(args.out, "--out", "give the JSON lines file to write", ScoreError)
@@ -594,16 +662,35 @@ def main(argv: list[str]) -> int:
                             adapter_strength=args.lora_strength)
         with precision_context(precision, device):
             records = score_listed(module, listed, args.caption, args.seed, captions)
+    except KeyboardInterrupt:
+        # The scores are written once every video is scored: an earlier scores file is left as it was.
+        print(f"flowvid score: interrupted before every video was scored; nothing was written to {args.out}",
+              file=sys.stderr)
+        return CTRL_C_EXIT_STATUS
     except (ScoreError, FileNotFoundError, ValueError, CorruptCheckpointError, ImportError) as err:
         raise UserError(str(err)) from None
     if rank != 0:  # the first process writes everyone's records
         return 0
     out = Path(args.out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        write_atomically(out, lambda path: path.write_text(text))  # a full disk keeps the earlier scores whole
+        write_scores(out, records)
+    except KeyboardInterrupt:
+        print(f"flowvid score: interrupted while writing the scores to {out}, which holds either all of them or "
+              "what it held before", file=sys.stderr)
+        return CTRL_C_EXIT_STATUS
     except OSError as err:  # a full disk or a folder without write permission
         raise UserError(f"cannot write the scores to {out}: {err.strerror or err}") from None
-    print(summary(records, out))
+    print(summary(records, out, len(left_out(listing, captions))))
     return 0 if any("error" not in r for r in records) else 1
+
+
+def write_scores(out: Path, records: list[dict[str, Any]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    write_atomically(out, lambda path: path.write_text(text))  # a full disk keeps the earlier scores whole
+
+
+def left_out(listing: Listing, captions: FileCaptions | None) -> list[Path]:
+    """The files of the folders given that are no videos, but for the captions table, which is read."""
+    table = None if captions is None else Path(captions.table).resolve()
+    return [path for path in listing.not_videos if path.resolve() != table]

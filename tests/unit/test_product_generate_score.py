@@ -943,8 +943,8 @@ def _score_as_rank_that_sees_one_more_video(rank: int, world: int, port: int, ar
     import flowvid.score as score
 
     if rank == 1:
-        seen = score.video_inputs
-        score.video_inputs = lambda paths: [*seen(paths), paths[0] / "written_meanwhile.npy"]
+        seen = score.folder_files
+        score.folder_files = lambda folder: [*seen(folder), folder / "written_meanwhile.npy"]
     _score_as_torchrun_rank(rank, world, port, args)
 
 

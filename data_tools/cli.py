@@ -13,7 +13,7 @@ import sys
 import warnings
 from types import ModuleType
 
-from data_tools.report import console
+from data_tools.report import console, error_prefix
 from flowvid.cli import RawDescriptionHelpFormatter, help_text
 
 VERBS: dict[str, str] = {
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     that cannot take the clip size) is reported in one line with exit code 2.
     """
     args = build_parser().parse_args(argv)
-    error = f"[red]flowvid data {args.verb}: error:[/]"  # as the other commands, and argparse's usage errors, name theirs
+    error = error_prefix(args.verb)
     try:
         return args.run(args)
     except (ValueError, KeyError) as err:

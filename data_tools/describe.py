@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_tools.report import console, print_error, print_summary, results
+from data_tools.report import console, load_folder_manifest, print_error, print_summary, results
 from flowvid.cli import exit_statuses
-from flowvid.data.manifest import ManifestError, load_manifest, video_shape
+from flowvid.data.manifest import ManifestError, video_shape
 from flowvid.data.shards import BrokenShard, iter_tar, shard_paths
 
 
@@ -61,13 +61,13 @@ def describe_each(folders: list[str], captions: int) -> list[dict[str, Any]]:
         try:
             descriptions.append(describe_folder(folder, captions=captions))
         except ManifestError as err:
-            print_error(err)
+            print_error("describe", err)
     return descriptions
 
 
 def describe_folder(folder: str | Path, captions: int = 5) -> dict[str, Any]:
     """What ``folder`` holds, as JSON-ready values; ManifestError when it is not a finished shard folder."""
-    manifest = load_manifest(folder)
+    manifest = load_folder_manifest(folder)
     frames, height, width = video_shape(manifest)
     fps = manifest["video"].get("fps")
     clip_seconds = frames / fps if fps else None

@@ -1,7 +1,8 @@
 """``encode-latents``: raw clip shards -> latent shards through a registered codec.
 
-    flowvid data encode-latents RAW_DIR --out DIR --codec pixel [--codec-args JSON]
+    flowvid data encode-latents RAW_DIR --out DIR [--codec pixel] [--codec-args JSON]
                                 [--text-encoder NAME [--text-encoder-args JSON]] [--first-frame]
+                                [--batch-size 8] [--device auto] [--shard-samples 1000]
 
 The manifest records the codec's identity (name, config and config hash, checked against the model at
 training time), the latent shape, the per-channel mean and std measured over all written latents,
@@ -39,6 +40,7 @@ from data_tools.report import console, print_summary, progress_bar
 from flowvid.checks import json_object
 from flowvid.cli import exit_statuses
 from flowvid.codecs.base import LatentCodec
+from flowvid.codecs.video_vae import VideoVAE
 from flowvid.data.manifest import MANIFEST_NAME, load_manifest, new_manifest, video_shape, write_manifest
 from flowvid.data.shards import (
     SHARD_PATTERN,
@@ -85,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     rank, world_size = join_launch_group()
     device = resolve_device(args.device)
     codec = build_registered(CODECS, args.codec, args.codec_args, "--codec-args")
+    check_trained(codec, args.codec_args)
     text_encoder = None
     if args.text_encoder:
         text_encoder = build_registered(TEXT_ENCODERS, args.text_encoder, args.text_encoder_args, "--text-encoder-args")
@@ -111,6 +114,15 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]no latent written[/]: {args.out} is left as it was")
         return 1
     return 0
+
+
+def check_trained(codec: LatentCodec, codec_args: dict[str, Any]) -> None:
+    """Refuse a VideoVAE built without a checkpoint: its weights are a random start, and latents written
+    with them are of no trained latent space."""
+    if isinstance(codec, VideoVAE) and codec_args.get("checkpoint") is None:
+        raise ValueError(f"codec {codec.name!r} needs its trained weights: give --codec-args "
+                         "'{\"checkpoint\": \"PATH.ckpt\"}' (train one with "
+                         "`flowvid fit --config recipes/codecs/video_vae_shapes.yaml`)")
 
 
 def encode_latents(

@@ -34,6 +34,7 @@ import glob
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -91,8 +92,23 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, int(match.group(2) or height)
 
 
+def clip_spec_of(args: argparse.Namespace) -> ClipSpec:
+    """The clips the command line asks for; a value out of range is refused naming its option (ClipSpec's own
+    errors name its fields, which the command line does not have)."""
+    height, width = args.size
+    if args.frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    if height < 1 or width < 1:
+        raise ValueError(f"--size must be at least 1 pixel each way, got {height}x{width}")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        raise ValueError(f"--fps must be a finite number of frames per second > 0, got {args.fps:g}")
+    if args.stride is not None and args.stride < 1:
+        raise ValueError(f"--stride must be >= 1, got {args.stride}")
+    return ClipSpec(args.frames, height, width, args.fps, args.stride)
+
+
 def run(args: argparse.Namespace) -> int:
-    spec = ClipSpec(args.frames, args.size[0], args.size[1], args.fps, args.stride)
+    spec = clip_spec_of(args)
     summary = convert_videos(
         args.inputs, args.out, spec, captions=args.captions, default_caption=args.default_caption,
         workers=args.workers, shard_samples=args.shard_samples, shard_bytes=args.shard_mb * 2**20, show_progress=True,

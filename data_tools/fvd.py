@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         too_few = f"{used} usable generated videos ({len(skipped)} skipped); FVD needs at least 2"
         if not skipped:  # fewer than 2 were given: no input failed, the request cannot be done
             raise ValueError(too_few)
-        print_error(too_few)
+        print_error("fvd", too_few)
         return 1
     note_few_samples(used, metric.extractor.feature_dim, "generated videos")
     note_long_distance(metric.extractor.feature_dim)

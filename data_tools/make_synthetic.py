@@ -1,7 +1,7 @@
 """``make-synthetic``: the built-in dataset of captioned moving shapes, made locally, deterministic by seed.
 
-    flowvid data make-synthetic --out DIR --num-videos N [--val-videos V] --frames T --size S
-        [--fps F] --seed K [--shard-samples N] [--max-objects M] [--backgrounds plain textured]
+    flowvid data make-synthetic --out DIR --num-videos N [--val-videos V] [--frames 8] [--size 16]
+        [--fps 8] [--seed 0] [--shard-samples 64] [--max-objects 2] [--backgrounds plain textured]
 
 Writes ``DIR/train`` and ``DIR/val``; validation holds only (shape, colour, motion) combinations that
 training never shows. The same options give the same bytes. A synthetic dataset already there is

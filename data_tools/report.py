@@ -8,21 +8,37 @@ Progress, warnings, errors and the summaries of the tools that write a folder go
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from flowvid.data.manifest import ManifestError, load_manifest, what_to_give
+
 # Messages are not wrapped at the console's width: a path broken over two lines cannot be copied.
 console = Console(stderr=True, soft_wrap=True)
 results = Console(soft_wrap=True)
 
 
-def print_error(error: Exception | str) -> None:
-    """One line on stderr for an input that stops its own part of a run, as ``flowvid data`` prints one
-    that stops all of it."""
-    console.print(f"[red]error:[/] {error}")
+def error_prefix(verb: str) -> str:
+    """``flowvid data VERB: error:``, in red: every data tool's errors name the command, as argparse's do."""
+    return f"[red]flowvid data {verb}: error:[/]"
+
+
+def print_error(verb: str, error: Exception | str) -> None:
+    """One line on stderr for an input that stops its own part of a run of ``verb``, as ``flowvid data``
+    prints one that stops all of it."""
+    console.print(f"{error_prefix(verb)} {error}")
+
+
+def load_folder_manifest(folder: str | Path) -> dict[str, Any]:
+    """``load_manifest``, where a ``folder`` that is not there at all is said to be missing, rather than to
+    lack a manifest as an unfinished shard folder does."""
+    if not Path(folder).exists():
+        raise ManifestError(f"{folder} does not exist ({what_to_give(folder)})")
+    return load_manifest(folder)
 
 
 def progress_bar(enabled: bool = True) -> Progress:

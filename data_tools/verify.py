@@ -23,9 +23,9 @@ from typing import Any
 
 from rich.table import Table
 
-from data_tools.report import print_error, progress_bar, results
+from data_tools.report import load_folder_manifest, print_error, progress_bar, results
 from flowvid.cli import exit_statuses
-from flowvid.data.manifest import MANIFEST_NAME, ManifestError, load_manifest
+from flowvid.data.manifest import MANIFEST_NAME, ManifestError
 from flowvid.data.shards import (
     STAGING_PREFIX,
     TEMPORARY_SUFFIX,
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             report = verify_folder(folder, show_progress=True)
         except ManifestError as err:
-            print_error(err)
+            print_error("verify", err)
             continue
         if not args.json:  # each table as soon as its folder is read, not after the last one
             print_report(report)
@@ -73,7 +73,7 @@ def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, 
                               "shards": [], "problems": []}
     problems: list[str] = report["problems"]
     try:
-        manifest = load_manifest(folder)
+        manifest = load_folder_manifest(folder)
     except ManifestError as err:
         if not holds_shard_files(folder):
             raise

@@ -32,9 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from data_tools.report import console
+from data_tools.report import console, load_folder_manifest
 from flowvid.cli import exit_statuses
-from flowvid.data.manifest import load_manifest
 from flowvid.data.shards import captions_of_shards, shard_folder_files, shard_paths
 from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
 from flowvid.text.vocabulary import caption_words, vocabulary_of
@@ -55,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.min_count < 1:
         raise ValueError(f"--min-count must be >= 1, got {args.min_count}")
     # Every manifest first: a mistyped folder stops the command before any shard is read.
-    manifests = {folder: load_manifest(folder) for folder in args.folders}
-    shards = [path for folder, manifest in manifests.items() for path in shard_paths(folder, manifest)]
+    manifests = {folder: load_folder_manifest(folder) for folder in args.folders}
     if args.out is not None:
         check_output_file(args.out, "--out", "give the .yaml file to write")
         check_output_is_no_input(args.out, [file for folder, manifest in manifests.items()
@@ -64,9 +62,13 @@ def run(args: argparse.Namespace) -> int:
     broken: list[str] = []
     words: Counter[str] = Counter()
     captions = 0
-    for caption in captions_of_shards(shards, broken):
-        words.update(caption_words([caption]))
-        captions += 1
+    for folder, manifest in manifests.items():
+        damaged: list[str] = []
+        listed = [shard["samples"] for shard in manifest["shards"]]
+        for caption in captions_of_shards(shard_paths(folder, manifest), damaged, listed):
+            words.update(caption_words([caption]))
+            captions += 1
+        broken += [f"{error} (run `flowvid data verify {folder}`)" for error in damaged]
     vocabulary = vocabulary_of(words, args.min_count)
     for error in broken:
         console.print(f"[yellow]warning:[/] skipped the rest of a damaged shard: {error}")

@@ -320,8 +320,21 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a VideoVAE checkpoint file, with one clear error if it is missing or of another kind."""
     path = Path(path)
     check_checkpoint_exists(path)
-    checkpoint = read_torch_file(path, "VideoVAE checkpoint", "train one again with "
-                                 "`flowvid fit --config recipes/codecs/video_vae_shapes.yaml`")
+    try:
+        checkpoint = read_torch_file(path, "VideoVAE checkpoint")
+    except ValueError as err:
+        raise ValueError(f"{path} is not a VideoVAE checkpoint{_load_failure(err)}; train one with "
+                         "`flowvid fit --config recipes/codecs/video_vae_shapes.yaml`") from err
     if not isinstance(checkpoint, dict) or CHECKPOINT_CONFIG_KEY not in checkpoint:
         raise ValueError(f"{path} is not a VideoVAE checkpoint (it has no {CHECKPOINT_CONFIG_KEY!r} entry)")
     return checkpoint
+
+
+def _load_failure(err: ValueError) -> str:
+    """What torch said about a file it could not read, as " (detail)"; nothing where it advises loading the
+    file with weights_only=False, which would run the code a file of another kind holds."""
+    cause = err.__cause__
+    if cause is None:  # refused before torch read it (a TorchScript program)
+        return ""
+    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return "" if "weights_only" in detail else f" (truncated, or not a PyTorch file: {detail})"

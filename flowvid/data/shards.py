@@ -374,15 +374,20 @@ def _member_keys(path: str | os.PathLike) -> set[str]:
     return keys
 
 
-def shard_captions(path: str | os.PathLike) -> Iterator[str]:
+def shard_captions(path: str | os.PathLike, keys: set[str] | None = None) -> Iterator[str]:
     """The captions of one shard's samples, in stored order, read without the clips: only the tar headers
     and the ``.txt`` members are read, every other member's data is skipped. A caption that is not UTF-8
-    is left out, as training skips its sample. Raises BrokenShard at the point of damage, after the
-    captions before it."""
+    is left out, as training skips its sample. The key of every sample met is added to ``keys``. Raises
+    BrokenShard at the point of damage, after the captions before it."""
     try:
         with open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:") as archive:
             for member in archive:
-                if not member.isfile() or _key_and_field(member.name)[1] != "txt":
+                if not member.isfile():
+                    continue
+                key, field = _key_and_field(member.name)
+                if keys is not None:
+                    keys.add(key)
+                if field != "txt":
                     continue
                 try:
                     caption = archive.extractfile(member).read().decode("utf-8")  # type: ignore[union-attr]
@@ -397,15 +402,21 @@ def shard_captions(path: str | os.PathLike) -> Iterator[str]:
         raise BrokenShard(f"{path}: {damage}")
 
 
-def captions_of_shards(shards: Sequence[str | os.PathLike], broken: list[str] | None = None) -> Iterator[str]:
+def captions_of_shards(shards: Sequence[str | os.PathLike], broken: list[str] | None = None,
+                       listed: Sequence[int] | None = None) -> Iterator[str]:
     """The captions of ``shards`` in order (``shard_captions``). A damaged shard gives the captions before its
-    damage, and the error naming it is appended to ``broken``."""
-    for shard in shards:
+    damage, and the error naming it is appended to ``broken``; so is a shard that holds fewer samples than
+    ``listed`` gives for it (the manifest's counts), as a zero-filled one reads as a normal, early end."""
+    for index, shard in enumerate(shards):
+        keys: set[str] = set()
         try:
-            yield from shard_captions(shard)
+            yield from shard_captions(shard, keys)
         except BrokenShard as err:
             if broken is not None:
                 broken.append(str(err))
+            continue
+        if broken is not None and listed is not None and len(keys) < listed[index]:
+            broken.append(f"{shard}: holds {len(keys)} samples, the manifest lists {listed[index]}")
 
 
 @dataclass(frozen=True)

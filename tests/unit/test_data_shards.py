@@ -313,11 +313,13 @@ def test_verify_takes_a_path_that_is_no_shard_folder_for_a_mistake_as_describe_d
     described = capsys.readouterr().err
     assert data_main(["verify", str(path)]) == 2
     printed = capsys.readouterr()
-    assert printed.err == described and len(described.strip().splitlines()) == 1 and hint in described
+    assert printed.err.startswith("flowvid data verify: error: ") and described.startswith("flowvid data describe: ")
+    assert printed.err.split(": error: ")[1] == described.split(": error: ")[1]
+    assert len(described.strip().splitlines()) == 1 and hint in described
     assert "DAMAGED" not in printed.out
     if path.name == "dataset":
         assert f"{path / 'train'} and {path / 'val'}: give one of those" in " ".join(described.split())
-    with pytest.raises(ManifestError, match="is not a finished shard folder"):
+    with pytest.raises(ManifestError, match="does not exist" if path.name == "typo" else "is not a finished shard"):
         verify_folder(path)
 
     _write_folder(tmp_path / "whole")
@@ -364,7 +366,7 @@ def test_verify_json_gives_the_counts_of_the_report_with_the_same_exit_status(tm
     assert data_main(["verify", str(whole), str(tmp_path / "typo"), "--json"]) == 2
     printed = capsys.readouterr()
     assert [r["folder"] for r in json.loads(printed.out)] == [str(whole)]  # several folders given: a list
-    assert f"error: {tmp_path / 'typo' / 'manifest.json'} not found" in " ".join(printed.err.split())
+    assert f"flowvid data verify: error: {tmp_path / 'typo'} does not exist" in " ".join(printed.err.split())
 
 
 def test_verify_reads_each_shard_once(tmp_path, monkeypatch):
@@ -511,7 +513,7 @@ def test_describe_describes_every_folder_it_can_and_names_each_it_cannot(tmp_pat
     printed = capsys.readouterr()
     assert f"describe {tmp_path / 'a'}" in printed.out and f"describe {tmp_path / 'c'}" in printed.out
     errors = printed.err.strip().splitlines()
-    assert len(errors) == 2 and all(line.startswith("error:") for line in errors)
+    assert len(errors) == 2 and all(line.startswith("flowvid data describe: error:") for line in errors)
     assert str(tmp_path / "typo") in errors[0] and str(tmp_path / "also-typo") in errors[1]
 
     assert data_main(["describe", *folders, "--json"]) == 2

@@ -441,7 +441,7 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_on_sigterm and self._stopping(trainer):
             self._save_step(trainer)
             rank_zero_info(f"{self._signal or 'a signal to another process'}: stopping after step "
-                           f"{trainer.global_step}, saved in {self.dirpath}; the same command with resume: auto "
+                           f"{trainer.global_step}, saved in {self.dirpath}; the same command with --resume auto "
                            "continues from there")
 
     # EarlyStopping decides after a validation or at the end of an epoch, after this batch's

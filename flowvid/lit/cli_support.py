@@ -8,7 +8,8 @@ carries (and ``flowvid export`` writes out as ``config.yaml``).
 
 A wrong value, path or checkpoint found before the first loop starts (while the recipe's classes are
 built, the resume point is found, the data and the model are checked) is reported in one line, exit
-status 2; ``FLOWVID_TRACEBACK=1`` shows the traceback instead. Later errors keep their traceback.
+status 2; ``FLOWVID_TRACEBACK=1`` shows the traceback instead. Later errors keep their traceback, except
+the stop of a diverged run (``TrainingDiverged``), one line with exit status 1.
 
 ``flowvid fit`` ends by naming the run's newest checkpoint, its TensorBoard folder and the commands that take
 the checkpoint on (``FitSummary``).
@@ -50,6 +51,7 @@ from flowvid.lit.checkpointing import (
     resolve_resume,
 )
 from flowvid.lit.finetune import InitFromExport
+from flowvid.lit.module import TrainingDiverged
 from flowvid.lit.progress import StepProgressBar
 from flowvid.loading import export_in
 from flowvid.registry import class_path_for, did_you_mean
@@ -79,30 +81,83 @@ class LoopStarted(Callback):
 
 class FitSummary(Callback):
     """Ends ``flowvid fit`` by saying where the run's newest checkpoint and its logs are, and the commands that
-    take the checkpoint on: after the last step, and after a stop by SIGTERM or a first Ctrl-C (for which
-    ``RunCheckpoint`` saves the step in progress). Not after a crash or a second Ctrl-C, which save nothing."""
+    take the checkpoint on: after the last step, after a resume that found nothing left to train, and after a
+    stop by SIGTERM or a first Ctrl-C (for which ``RunCheckpoint`` saves the step in progress; the command that
+    continues the run comes first then). After a diverged run (``TrainingDiverged``) only the checkpoint and
+    the logs, before the error. Not after a crash or a second Ctrl-C, which save nothing.
+
+    ``command`` is the fit command line as given (without ``flowvid``), for the command that resumes it;
+    ``resumes_auto`` says that it resumes with ``resume: auto`` already."""
+
+    #: The command line ``main`` was given, as typed: what ``flowvid fit`` passes on as ``command``.
+    command_line: list[str] | None = None
+
+    def __init__(self, command: list[str] | None = None, resumes_auto: bool = False):
+        self.command = command
+        self.resumes_auto = resumes_auto
+        self.trained = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.trained = True
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        print_fit_summary(trainer, pl_module, stopped=False)
+        if not self.trained and trainer.global_step > 0:  # resumed at its end: Lightning skips the loop
+            print_on_first_process(trainer, nothing_to_train(trainer, pl_module))
+        else:
+            print_fit_summary(trainer, pl_module, stopped=False)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            print_fit_summary(trainer, pl_module, stopped=True)
+            print_fit_summary(trainer, pl_module, stopped=True, resume=self.resume_command())
+        elif isinstance(exception, TrainingDiverged):
+            print_on_first_process(trainer, fit_summary(trainer, pl_module, stopped=True).split("\n")[0])
+
+    def resume_command(self) -> str:
+        """The command that continues the run from the checkpoint of its stop."""
+        if self.resumes_auto:
+            return "the same command (it has resume: auto) continues the run"
+        if self.command is None:
+            return "the same command with --resume auto continues the run"
+        return shlex.join(["flowvid", *self.command, "--resume", "auto"])
 
 
-def print_fit_summary(trainer: Trainer, pl_module: LightningModule, stopped: bool) -> None:
-    """``fit_summary`` on the first process; the others know the same paths and stay quiet."""
+def print_on_first_process(trainer: Trainer, text: str) -> None:
+    """Print on the first process; the others know the same paths and stay quiet."""
     if trainer.is_global_zero:
-        print(fit_summary(trainer, pl_module, stopped), flush=True)
+        print(text, flush=True)
 
 
-def fit_summary(trainer: Trainer, pl_module: LightningModule, stopped: bool) -> str:
-    """``trained to step N; saved CHECKPOINT, logs in FOLDER`` and the commands that take the checkpoint on;
-    only the first part, saying so, when the run wrote no checkpoint."""
-    checkpoint = newest_checkpoint_saved(trainer)
-    logger = next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
+def print_fit_summary(trainer: Trainer, pl_module: LightningModule, stopped: bool, resume: str | None = None) -> None:
+    print_on_first_process(trainer, fit_summary(trainer, pl_module, stopped, resume))
+
+
+def fit_summary(trainer: Trainer, pl_module: LightningModule, stopped: bool, resume: str | None = None) -> str:
+    """``trained to step N; saved CHECKPOINT, logs in FOLDER`` and the commands that take the checkpoint on
+    (``resume`` first, when given); only the first part, saying so, when the run has no checkpoint. A run that
+    saved none itself names the newest of its folder (the one it resumed from)."""
+    saved = newest_checkpoint_saved(trainer)
+    checkpoint = saved or newest_run_checkpoint_of(trainer)
     summary = f"{'stopped at' if stopped else 'trained to'} step {trainer.global_step}; "
-    summary += f"saved {shown(checkpoint)}" if checkpoint else "wrote no checkpoint"
+    if saved:
+        summary += f"saved {shown(saved)}"
+    else:
+        summary += f"saved no checkpoint; newest {shown(checkpoint)}" if checkpoint else "wrote no checkpoint"
+    return summary_with_next_commands(trainer, pl_module, summary, checkpoint, resume)
+
+
+def nothing_to_train(trainer: Trainer, pl_module: LightningModule) -> str:
+    """What a resume of a run that had already reached its end did: nothing, from which checkpoint."""
+    limit = f" (max_steps {trainer.max_steps})" if trainer.max_steps != -1 else ""
+    checkpoint = newest_run_checkpoint_of(trainer)
+    summary = f"{shown(trainer.default_root_dir)} is already at step {trainer.global_step}{limit}: nothing to train"
+    if checkpoint:
+        summary += f"; newest checkpoint {shown(checkpoint)}"
+    return summary_with_next_commands(trainer, pl_module, summary, checkpoint, None)
+
+
+def summary_with_next_commands(trainer: Trainer, pl_module: LightningModule, summary: str,
+                               checkpoint: str | None, resume: str | None) -> str:
+    logger = next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
     if logger is not None:
         summary += f", logs in {shown(logger.log_dir)}"
     if checkpoint is None:
@@ -113,6 +168,8 @@ def fit_summary(trainer: Trainer, pl_module: LightningModule, stopped: bool) -> 
     samples_to = shlex.quote(shown(os.path.join(trainer.default_root_dir, "samples")))
     commands = [f"flowvid export --ckpt {ckpt} --out {export_to}",
                 f"flowvid generate --ckpt {ckpt}{prompt} --out {samples_to}"]
+    if resume is not None:
+        commands.insert(0, resume)
     if logger is not None:
         commands.append(f"tensorboard --logdir {shlex.quote(shown(logger.root_dir))}")
     return "\n".join([summary, "next:", *(f"  {command}" for command in commands)])
@@ -125,6 +182,15 @@ def newest_checkpoint_saved(trainer: Trainer) -> str | None:
     # The last checkpoint a ModelCheckpoint wrote in this process (unlike best_model_path, not restored on resume).
     saved = [callback._last_checkpoint_saved for callback in callbacks if isinstance(callback, ModelCheckpoint)]
     return next((path for path in saved if path), None)
+
+
+def newest_run_checkpoint_of(trainer: Trainer) -> str | None:
+    """The newest checkpoint in the run's folder, else the one the run resumed from; None when neither."""
+    found = list_checkpoints(checkpoint_dir_of(trainer)) if has_run_checkpoint(trainer) else []
+    if found:
+        return str(found[-1])
+    resumed = trainer.ckpt_path
+    return str(resumed) if resumed and os.path.isfile(resumed) else None
 
 
 def shown(path: str | os.PathLike) -> str:
@@ -574,7 +640,8 @@ class FlowvidCLI(LightningCLI):
                 callback.resuming_from = settings.ckpt_path
             if isinstance(callback, InitFromExport):  # ("last" with no checkpoint yet starts afresh)
                 callback.resuming = settings.ckpt_path is not None and os.path.exists(settings.ckpt_path)
-        self.trainer.callbacks.append(FitSummary())  # for fit only, and once the run is accepted
+        # For fit only, and once the run is accepted.
+        self.trainer.callbacks.append(FitSummary(FitSummary.command_line, resumes_auto=resume == "auto"))
 
     def before_validate(self) -> None:
         """``--ckpt_path`` may name a run directory (its newest readable checkpoint is validated), ``last``
@@ -817,14 +884,15 @@ def quiet_benign_messages() -> None:
 
 @warnings_for_the_console()
 def main(argv: list[str] | None = None) -> int:
-    """Run ``FlowvidCLI`` as ``flowvid fit|validate`` does; 2 for bad input found before training, 143
-    for a run stopped by SIGTERM, 130 by Ctrl-C."""
+    """Run ``FlowvidCLI`` as ``flowvid fit|validate`` does; 2 for bad input found before training, 1 for a
+    run stopped because it diverged, 143 for a run stopped by SIGTERM, 130 by Ctrl-C."""
     from flowvid.lit.strategies import finish_distributed
     from flowvid.registry import load_plugins
 
     load_plugins()
     quiet_benign_messages()
     LoopStarted.started = False
+    FitSummary.command_line = list(sys.argv[1:] if argv is None else argv)
     if argv is None:  # rewritten where Lightning reads them, and relaunches other processes from
         sys.argv[1:] = nulls_as_mappings(sys.argv[1:])
     args = None if argv is None else nulls_as_mappings(argv)
@@ -847,6 +915,12 @@ def main(argv: list[str] | None = None) -> int:
         subcommand = (sys.argv[1:] if args is None else args)[:1]
         print(f"flowvid {' '.join(subcommand)}: error: {_first_cause(err)}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:  # an expected stop, which says what to change: no traceback
+        if os.environ.get("FLOWVID_TRACEBACK"):
+            raise
+        finish_distributed()
+        print(f"flowvid fit: error: {err}", file=sys.stderr)
+        return 1
     except SIGTERMException as stopped:  # stopped after a step (RunCheckpoint saved it): not a finished run
         finish_distributed()
         return CTRL_C_EXIT_STATUS if getattr(stopped, "stopped_by", None) == "Ctrl-C" else SIGTERM_EXIT_STATUS

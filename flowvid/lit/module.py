@@ -66,6 +66,12 @@ MAX_CONSECUTIVE_SKIPS = 50
 #: enough to meet a folder's common words, few enough to read at once.
 VOCABULARY_CHECK_CAPTIONS = 256
 
+
+class TrainingDiverged(RuntimeError):
+    """``MAX_CONSECUTIVE_SKIPS`` optimiser steps in a row were skipped: an expected stop of a diverged run,
+    whose message says what to change, so ``flowvid fit`` reports it in one line."""
+
+
 PREDICT_REFUSED = ("FlowModule does not run under trainer.predict: sample with module.generate_videos(captions, "
                    "seed=...), or with flowvid generate")
 
@@ -523,11 +529,15 @@ class FlowModule(LightningModule):
             self.optimizers().zero_grad(set_to_none=True)
         self.skipped_steps += 1
         self._consecutive_skips += 1
-        log.warning("skipped training step %d: %s; %d skipped so far", self.global_step, reason, self.skipped_steps)
+        # The optimiser step does not advance while steps are skipped: the batch and the count in a row do.
+        log.warning("skipped an optimiser step: %s; %d in a row (the run stops at %d), %d in all", reason,
+                    self._consecutive_skips, MAX_CONSECUTIVE_SKIPS, self.skipped_steps)
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
         if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-            raise RuntimeError(f"{self._consecutive_skips} training steps in a row were skipped (last: {reason}); "
-                               "lower the learning rate, check the data, or raise skip_threshold")
+            raise TrainingDiverged(
+                f"stopped at step {self.global_step}: {self._consecutive_skips} optimiser steps in a row were "
+                f"skipped (last: {reason}); lower the learning rate, check the data (flowvid data verify DIR) or "
+                "raise skip_threshold, then continue from the run's last good checkpoint with --resume auto")
 
     def _on_all_ranks(self, condition: torch.Tensor) -> bool:
         """True only when ``condition`` holds on every rank, so that all ranks take the same branch.

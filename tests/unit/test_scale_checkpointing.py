@@ -387,7 +387,8 @@ def test_a_run_stopped_by_sigterm_names_the_checkpoint_of_the_step_it_stopped_af
     checkpoint = tmp_path / "checkpoints" / "step=00000002.ckpt"
     assert saved(tmp_path) == [checkpoint.name]
     summary = capsys.readouterr().out
-    assert f"stopped at step 2; saved {checkpoint}\nnext:\n  flowvid export --ckpt {checkpoint} " in summary
+    assert (f"stopped at step 2; saved {checkpoint}\nnext:\n  the same command with --resume auto continues the run\n"
+            f"  flowvid export --ckpt {checkpoint} ") in summary
 
 
 def test_a_run_that_saved_no_checkpoint_names_none(tmp_path, capsys):

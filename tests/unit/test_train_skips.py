@@ -22,7 +22,7 @@ def test_a_skipped_accumulation_window_names_its_bad_batch_not_its_last(caplog):
     with caplog.at_level(logging.WARNING, logger="flowvid.train"):
         trainer(max_steps=2).fit(module, batches(6))
     assert module.skipped_steps == 1
-    skips = [record.getMessage() for record in caplog.records if "skipped training step" in record.getMessage()]
+    skips = [record.getMessage() for record in caplog.records if "skipped an optimiser step" in record.getMessage()]
     assert len(skips) == 1 and "non-finite values in the batch's latents in batch 2 of epoch 0" in skips[0], skips
 
 
@@ -38,6 +38,6 @@ def test_skips_in_a_row_are_counted_across_a_resume(tmp_path, monkeypatch):
 
     resumed = make_module()
     resumed.latents_of = module.latents_of
-    with pytest.raises(RuntimeError, match="4 training steps in a row were skipped"):
+    with pytest.raises(RuntimeError, match="4 optimiser steps in a row were skipped"):
         trainer(max_epochs=2).fit(resumed, batches(3), ckpt_path=tmp_path / "diverged.ckpt")
     assert resumed.skipped_steps == 4

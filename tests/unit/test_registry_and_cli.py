@@ -310,7 +310,10 @@ def test_only_the_first_process_of_a_run_says_how_it_ended(capsys):
         return SimpleNamespace(is_global_zero=rank == 0, global_step=7, checkpoint_callbacks=[checkpoints],
                                loggers=[], default_root_dir="/runs/a")
 
-    FitSummary().on_fit_end(process(rank=1), nn.Linear(1, 1))
-    assert capsys.readouterr().out == ""
-    FitSummary().on_fit_end(process(rank=0), nn.Linear(1, 1))
+    for rank in (1, 0):
+        summary = FitSummary()
+        summary.on_train_start(process(rank), nn.Linear(1, 1))
+        summary.on_fit_end(process(rank), nn.Linear(1, 1))
+        if rank == 1:
+            assert capsys.readouterr().out == ""
     assert capsys.readouterr().out.startswith("trained to step 7; saved /runs/a/checkpoints/step=00000007.ckpt\n")

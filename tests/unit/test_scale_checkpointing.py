@@ -371,7 +371,16 @@ def batches_in(checkpoint: Path) -> int:
     return load_client_state(checkpoint)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"]
 
 
-def test_ctrl_c_saves_the_step_in_progress_and_stops(tmp_path):
+@pytest.fixture
+def ctrl_c_interrupts():
+    """SIGINT as in a terminal's foreground job: a background job started without job control inherits it
+    ignored, and a run then leaves Ctrl-C alone (RunCheckpoint.on_train_start)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_saves_the_step_in_progress_and_stops(tmp_path, ctrl_c_interrupts):
     with pytest.raises(SIGTERMException) as stopped:
         tiny_trainer(tmp_path, 4, SignalAt(signal.SIGINT, batch=2)).fit(TrainableTiny(), tiny_data())
     assert saved(tmp_path) == ["step=00000002.ckpt"]
@@ -415,7 +424,7 @@ def test_flowvid_fit_exits_as_a_shell_reports_the_signal_that_stopped_the_run(st
     assert cli_support.main(["fit"]) == status
 
 
-def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, ctrl_c_interrupts):
     with pytest.raises(SystemExit):  # Lightning's answer to a KeyboardInterrupt
         tiny_trainer(tmp_path, 4, SignalAt(signal.SIGINT, batch=2, times=2)).fit(TrainableTiny(), tiny_data())
     assert saved(tmp_path) == []

@@ -91,6 +91,7 @@ from flowvid.export import add_weights_argument
 from flowvid.generate import CTRL_C_EXIT_STATUS, LATENTS_SUFFIX, sample_record
 from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_at_training_rate
 from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
+from flowvid.pipeline import training_fps
 from flowvid.sampling.tasks import TASKS, check_seed, task_caption
 from flowvid.placement import (add_placement_arguments, join_launch_group, precision_context, resolve_device,
                                resolve_precision)
@@ -431,7 +432,7 @@ def score_file(module, path: Path, caption: str | None, generator: torch.Generat
     be read says so before whether it has a caption: what is wrong with it is the file."""
     _, height, width = module.video_shape
     try:
-        timed = read_at_training_rate(path, getattr(module, "training_fps", None))
+        timed = read_at_training_rate(path, training_fps(module))
         text = caption_of_file(path, caption, captions)
         record = {"path": str(path), "caption": caption_in_line(module, text),
                   **score_video(module, fit_frames(timed.frames, height, width), text, generator)}

@@ -496,7 +496,7 @@ CHECKPOINT_OPTION_HELP = {
     "validate": {
         "resume": "What to validate when --ckpt_path is not given (a recipe's resume: auto is read here too): "
                   "'auto' the newest readable checkpoint in <trainer.default_root_dir>/checkpoints; a checkpoint "
-                  "file, or a run directory for its newest checkpoint; 'none', or 'auto' finding no checkpoint, "
+                  "file, or a run directory for its newest checkpoint; a flowvid export, as --ckpt_path takes one; 'none', or 'auto' finding no checkpoint, "
                   "the model as initialised (for a recipe with InitFromExport, its export)",
         "ckpt_path": "What to validate: a checkpoint file; a run directory (its newest readable checkpoint); "
                      "'last' (the newest checkpoint the recipe's RunCheckpoint wrote); or a flowvid export (its "
@@ -653,7 +653,7 @@ class FlowvidCLI(LightningCLI):
         if settings.get("ckpt_path") == "last" and has_run_checkpoint(self.trainer):
             # RunCheckpoint writes no last.ckpt: Lightning would validate the model as initialised.
             settings.ckpt_path = newest_run_checkpoint(checkpoint_dir_of(self.trainer))
-        export = export_named(settings.get("ckpt_path"))
+        export = export_named(settings.get("ckpt_path") or _named_path(settings.get("resume")))
         if export is not None:
             settings.ckpt_path = None  # Lightning reads checkpoints only
         elif settings.get("ckpt_path"):
@@ -718,11 +718,16 @@ def export_named(ckpt_path: str | None) -> Path | None:
     return export_in(path)
 
 
+def _named_path(resume: str | None) -> str | None:
+    """``resume`` when it names a path, not ``auto`` or ``none``."""
+    return None if resume in (None, "auto", "none") else resume
+
+
 def check_fit_continues_no_export(ckpt_path: str | None, resume: str | None) -> None:
     """An export holds weights only, not the optimiser and step a run continues with: ``fit`` starts from one
     through ``InitFromExport``, as the fine-tuning recipes do."""
     for option, value in (("ckpt_path", ckpt_path), ("resume", resume)):
-        if value not in (None, "auto", "none") and export_named(value) is not None:
+        if export_named(_named_path(value)) is not None:
             raise ValueError(f"{option} {value} is a flowvid export, which holds no run to continue: start from it "
                              "with a flowvid.lit.finetune.InitFromExport callback (path: the export), as "
                              "the recipes in recipes/finetune/ do")

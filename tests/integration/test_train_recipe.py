@@ -180,9 +180,10 @@ def test_validating_an_export_gives_the_bits_per_dim_of_its_checkpoint(small_run
 
     export = export_checkpoint(small_run / "run" / "checkpoints" / "step=00000004.ckpt",
                                tmp_path / "export" / "model.safetensors")
-    for named in (export, export.parent):  # the file, or the folder of the export
-        logs = tmp_path / f"validated_{named.name}"
-        assert run_cli("validate", small_run, "--ckpt_path", str(named), f"--trainer.default_root_dir={logs}") == 0
+    given = [(option, named) for option in ("--ckpt_path", "--resume") for named in (export, export.parent)]
+    for option, named in given:  # the file, or the folder of the export
+        logs = tmp_path / f"validated_{option.strip('-')}_{named.name}"
+        assert run_cli("validate", small_run, option, str(named), f"--trainer.default_root_dir={logs}") == 0
         validated = logged_scalars(newest_version(logs / "lightning_logs"), "val/bits_per_dim")
         assert [value for _, value in validated] == [pytest.approx(bits_per_dim_after_training(small_run), rel=1e-6)]
 

@@ -16,9 +16,11 @@ import warnings
 
 import torch
 
-#: Where flowvid's code lies, and the decorators around its methods (contextlib's, torch's ``no_grad``,
-#: ``nn.Module.__call__``): the frames a warning passes over to name the caller's line.
-FLOWVID_FOLDER = os.path.dirname(__file__) + os.sep
+#: Where flowvid's code lies (with the plugins that ship with it), and the decorators around its methods
+#: (contextlib's, torch's ``no_grad``, ``nn.Module.__call__``): the frames a warning passes over to name the
+#: caller's line.
+FLOWVID_FOLDERS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), package) + os.sep
+                        for package in ("flowvid", "flowvid_plugins"))
 PASSED_OVER_FILES = frozenset(inspect.getfile(code) for code in (contextlib.ContextDecorator.__call__,
                                                                  torch.no_grad.__call__, torch.nn.Module.__call__))
 
@@ -33,4 +35,4 @@ def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
 
 
 def _passed_over(filename: str) -> bool:
-    return filename.startswith(FLOWVID_FOLDER) or filename in PASSED_OVER_FILES
+    return filename.startswith(FLOWVID_FOLDERS) or filename in PASSED_OVER_FILES

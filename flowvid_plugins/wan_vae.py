@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from flowvid.caller_warnings import warn_caller
 from flowvid.codecs.base import LatentCodec
 from flowvid.codecs.pixel import to_uint8, to_unit_range
 from flowvid.fingerprint import json_fingerprint, weights_fingerprint
@@ -86,15 +87,37 @@ def load_wan_vae(directory: Path) -> Any:
     return load_complete(load, first_present(directory, _WEIGHT_FILES), "Wan VAE weights")
 
 
-def normalisation_tables(config: Any) -> tuple[list[float], list[float]]:
-    """The model config's ``latents_mean``/``latents_std`` when they fit ``z_dim``, else Wan2.2's 48-value tables."""
+def normalisation_tables(config: Any, config_file: Path | None = None) -> tuple[list[float], list[float]]:
+    """The model config's ``latents_mean``/``latents_std`` when they fit ``z_dim``, else Wan2.2's 48-value tables
+    (with a warning, once per file, when ``config_file`` itself gives tables of another length)."""
     mean, std = list(config.latents_mean or []), list(config.latents_std or [])
     if len(mean) == len(std) == config.z_dim:
         return mean, std
     if config.z_dim == len(WAN22_LATENTS_MEAN):
+        if config_file is not None:
+            _warn_tables_replaced(config_file, len(mean), len(std))
         return list(WAN22_LATENTS_MEAN), list(WAN22_LATENTS_STD)
     raise ValueError(f"the Wan VAE config has z_dim={config.z_dim} but normalisation tables of "
                      f"{len(mean)} and {len(std)} values; add latents_mean/latents_std of {config.z_dim} values")
+
+
+_WARNED_TABLES: set[str] = set()
+
+
+def _warn_tables_replaced(config_file: Path, mean_length: int, std_length: int) -> None:
+    """Warn that Wan2.2's tables replace those ``config_file`` gives; silent when it gives none (diffusers then
+    fills in Wan2.1's 16 values, and the Wan2.2 tables are what such a 48-channel folder means)."""
+    try:
+        settings = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    given = isinstance(settings, dict) and ("latents_mean" in settings or "latents_std" in settings)
+    if not given or str(config_file.resolve()) in _WARNED_TABLES:
+        return
+    _WARNED_TABLES.add(str(config_file.resolve()))
+    warn_caller(f"{config_file} has z_dim 48 but latents_mean of {mean_length} and latents_std of {std_length} "
+                "values: normalising with Wan2.2 TI2V-5B's 48-value tables instead; give tables of 48 values "
+                "there to use the model's own")
 
 
 class WanVAECodec(LatentCodec):
@@ -128,7 +151,7 @@ class WanVAECodec(LatentCodec):
         self.temporal_factor = config.scale_factor_temporal
         self.temporal_scale = temporal_scale
         self.sample_posterior = sample_posterior
-        mean, std = normalisation_tables(config)
+        mean, std = normalisation_tables(config, Path(path) / "config.json")
         self.register_buffer("latents_mean", torch.tensor(mean), persistent=False)
         self.register_buffer("latents_std", torch.tensor(std), persistent=False)
 

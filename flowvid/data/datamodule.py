@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from flowvid.checks import is_positive_number
-from flowvid.codecs.base import check_codec_identity, same_codec
+from flowvid.codecs.base import CodecMismatchError, same_codec
 from flowvid.data import manifest as manifests
 from flowvid.data.pipeline import ShardLoader, ShardSource, ShardStream, SkipCounter, shards_for_rank
 from flowvid.data.shards import SampleSpec, captions_of_shards, keys_held_earlier, shard_paths
@@ -154,17 +154,14 @@ class VideoShardDataModule(L.LightningDataModule):
                                  "`encode-latents` for latent shards), or train a model of their size")
             if manifest["kind"] == "latent":
                 if codec_identity is not None:
-                    check_codec_identity(codec_identity, manifests.codec_identity(manifest), where)
+                    _check_shards_codec(manifests.codec_identity(manifest), codec_identity, folder,
+                                        _raw_folder(manifest))
                 if latent_shape is not None and tuple(latent_shape) != tuple(manifest["latent_shape"]):
                     raise ValueError(f"{where} hold latents of shape {tuple(manifest['latent_shape'])}, "
                                      f"but the model expects {tuple(latent_shape)}")
             cached = manifest.get("text_encoder")
-            if (text_encoder is not None and cached is not None
-                    and not same_text_encoder(dict(cached), dict(text_encoder))):
-                raise ValueError(f"{where} cache text embeddings of {cached}, but the model uses {text_encoder}; "
-                                 "encode the shards again with the model's text encoder (`flowvid data "
-                                 "encode-latents ... --text-encoder`), or give the model the encoder they were "
-                                 "cached with")
+            if text_encoder is not None and cached is not None:
+                _check_shards_text_encoder(dict(cached), dict(text_encoder), folder, _raw_folder(manifest))
 
     def training_captions(self, per_folder: int) -> dict[str, list[str]]:
         """The captions of the first ``per_folder`` samples of each training folder, in stored order and read
@@ -448,6 +445,66 @@ def _check_weights(folders: list[str], weights: list[float] | None) -> list[floa
     if not all(is_positive_number(weight) for weight in weights):
         raise ValueError(f"train_weights must all be > 0 and finite numbers, got {list(weights)}")
     return [float(weight) for weight in weights]
+
+
+def _raw_folder(manifest: dict[str, Any]) -> str:
+    """The raw shard folder the latent shards were encoded from, as encode-latents recorded it."""
+    source = manifest.get("source")
+    return str(source.get("raw") or "RAW_DIR") if isinstance(source, dict) else "RAW_DIR"
+
+
+def _check_shards_codec(there: dict[str, Any], here: dict[str, Any], folder: str, raw: str) -> None:
+    """Raise CodecMismatchError when the latent shards in ``folder`` (codec identity ``there``) were not made
+    with the model's codec (``here``), naming what differs and the two ways out."""
+    if same_codec(here, there):
+        return
+    raise CodecMismatchError(
+        f"the shards in {folder} were made with codec {there.get('name')!r}, but the model uses "
+        f"{here.get('name')!r}: they differ in {_codec_differences(there, here)}; encode the shards again "
+        f"with the model's codec (`flowvid data encode-latents {raw} --out {folder} --codec {here.get('name')} "
+        "--codec-args JSON`), or point the recipe at the codec the shards were made with")
+
+
+def _codec_differences(there: dict[str, Any], here: dict[str, Any]) -> str:
+    """The name, what else both identities record (an identity lacking a key is an older one) and the config
+    settings that differ; the config hash when the configs are not recorded."""
+    recorded = sorted((there.keys() & here.keys()) - {"name", "config", "config_hash"})
+    differing = _differences(there, here, _differing_keys(there, here, ["name", *recorded]))
+    configs = there.get("config"), here.get("config")
+    settings = ""
+    if all(isinstance(config, dict) for config in configs):
+        settings = _differences(*configs, _differing_keys(*configs, sorted(configs[0].keys() | configs[1].keys())))
+    if not settings and there.get("config_hash") != here.get("config_hash"):
+        settings = _differences(there, here, ["config_hash"])
+    return ", ".join(part for part in (differing, settings) if part)
+
+
+def _check_shards_text_encoder(there: dict[str, Any], here: dict[str, Any], folder: str, raw: str) -> None:
+    """Raise a ValueError when the text embeddings cached in ``folder`` (encoder identity ``there``) are not the
+    model's text encoder's (``here``), naming the keys that differ (of those both identities record)."""
+    if same_text_encoder(there, here):
+        return
+    shared = sorted(there.keys() & here.keys())
+    differing = (["name"] if "name" not in shared else []) + _differing_keys(there, here, shared)
+    raise ValueError(
+        f"the shards in {folder} cache text embeddings of text encoder {there.get('name')!r}, but the model uses "
+        f"{here.get('name')!r}: they differ in {_differences(there, here, differing)}; encode the shards again "
+        f"with the model's text encoder (`flowvid data encode-latents {raw} --out {folder} --text-encoder "
+        f"{here.get('name')} --text-encoder-args JSON`), or point the recipe at the text encoder the shards "
+        "were made with")
+
+
+def _differing_keys(there: dict[str, Any], here: dict[str, Any], keys: list[str]) -> list[str]:
+    return [key for key in keys if key not in there or key not in here or there[key] != here[key]]
+
+
+def _differences(there: dict[str, Any], here: dict[str, Any], keys: list[str]) -> str:
+    """``"name ('a' there, 'b' here), width (8 there, 16 here)"``: "there" the shards, "here" the model."""
+    return ", ".join(f"{key} ({_shown(there, key)} there, {_shown(here, key)} here)" for key in keys)
+
+
+def _shown(identity: dict[str, Any], key: str) -> str:
+    return repr(identity[key]) if key in identity else "not set"
 
 
 def _check_same_space(first: dict[str, Any], other: dict[str, Any], first_dir: str, other_dir: str) -> None:

@@ -228,6 +228,24 @@ def test_a_misspelt_constructor_argument_is_one_line_before_anything_is_written(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("request_,named", [
+    (["--codec", "test-space-to-depth", "--codec-args", '{"scale": "0.5"}'],
+     ["codec 'test-space-to-depth'", "'scale' as float", "got str '0.5'", "(in --codec-args)"]),
+    (["--codec", "pixel", "--text-encoder", "learned", "--text-encoder-args", '{"width": "8"}'],
+     ["text encoder 'learned'", "'width' as int", "got str '8'", "(in --text-encoder-args)"]),
+])
+def test_a_constructor_argument_of_another_json_type_is_one_line_naming_the_types(
+    raw, tmp_path, capsys, monkeypatch, request_, named
+):
+    monkeypatch.setattr(console, "width", 400)  # the message on one line
+    out = tmp_path / "latent"
+    code = data_main(["encode-latents", str(raw), "--out", str(out), *request_])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("flowvid data encode-latents: error:") and error.count("\n") == 1
+    assert all(part in error for part in named), error
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("request_, named", [
     (["--codec", "pixel", "--codec-args", '{"patch_size": 3}'], "needs height divisible by 3"),
     (["--text-encoder", "learned"], "trains with the model"),

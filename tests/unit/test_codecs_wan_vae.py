@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,6 +79,32 @@ def test_normalisation_tables_from_config_else_wan22():
     assert mean == list(WAN22_LATENTS_MEAN) and len(std) == 48 and min(std) > 0.3
     with pytest.raises(ValueError, match="z_dim=8"):
         normalisation_tables(SimpleNamespace(z_dim=8, latents_mean=[0.0] * 16, latents_std=[1.0] * 16))
+
+
+def test_wan22_tables_replacing_a_config_files_own_are_warned_of_once_naming_the_file_and_lengths(tmp_path):
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=16, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 16,
+                     latents_std=[1.0] * 12).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning) as caught:
+        codec = WanVAECodec(str(tmp_path))
+    assert [str(warning.message) for warning in caught] == [
+        f"{tmp_path / 'config.json'} has z_dim 48 but latents_mean of 16 and latents_std of 12 values: normalising "
+        "with Wan2.2 TI2V-5B's 48-value tables instead; give tables of 48 values there to use the model's own"]
+    assert caught[0].filename == __file__
+    assert codec.latents_mean.tolist() == pytest.approx(WAN22_LATENTS_MEAN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        WanVAECodec(str(tmp_path))  # the same file again: warned of already
+        # A config without tables of its own means Wan2.2's: nothing to warn of.
+        config = tmp_path / "config.json"
+        settings = json.loads(config.read_text())
+        del settings["latents_mean"], settings["latents_std"]
+        config.write_text(json.dumps(settings))
+        other = tmp_path / "copy"
+        shutil.copytree(tmp_path, other, ignore=shutil.ignore_patterns("copy"))
+        normalisation_tables(SimpleNamespace(z_dim=48, latents_mean=[0.0] * 16, latents_std=[1.0] * 16),
+                             other / "config.json")
 
 
 def test_identity_follows_the_model_config_and_scale_not_the_folder(wan_dir, tmp_path):

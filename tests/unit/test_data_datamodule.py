@@ -385,12 +385,36 @@ def test_a_codec_mismatch_names_the_settings_that_differ_also_in_older_folders(t
     write_manifest(tmp_path, {**manifest, "codec_config": {"patch_size": 1, "temporal_patch": 1}})
     dm = VideoShardDataModule(str(tmp_path), batch_size=1, batches_per_epoch=1)
     model = {"name": "tiny", "config_hash": "fedcba9876543210", "config": {"patch_size": 2, "temporal_patch": 1}}
-    with pytest.raises(CodecMismatchError, match=r"they differ in patch_size \(1 there, 2 here\)$"):
+    with pytest.raises(CodecMismatchError, match=r"they differ in patch_size \(1 there, 2 here\); encode"):
         dm.check_compatible(model)
     # A folder whose identity carries the config mixes with an older one of the same codec.
     newer = write_folder(tmp_path / "newer", shards=1, kind="latent", name="n")
     write_manifest(newer, {**load_manifest(newer), "codec": {**CODEC, "config": {"patch_size": 1, "temporal_patch": 1}}})
     VideoShardDataModule([str(tmp_path), str(newer)], batch_size=1, batches_per_epoch=1).setup("fit")
+
+
+def test_codec_and_text_mismatches_name_only_the_keys_that_differ_and_the_two_ways_out(tmp_path):
+    write_folder(tmp_path, shards=1, kind="latent")
+    write_manifest(tmp_path, {**load_manifest(tmp_path), "source": {"tool": "encode-latents", "raw": "data/raw"},
+                              "codec": {**CODEC, "config": {"patch_size": 1, "weights_sha256": "aa"}}})
+    dm = VideoShardDataModule(str(tmp_path), batch_size=1, batches_per_epoch=1)
+    model = {"name": "tiny", "config_hash": "fedcba9876543210", "config": {"patch_size": 1, "weights_sha256": "bb"}}
+    with pytest.raises(CodecMismatchError) as codec:
+        dm.check_compatible(model)
+    assert str(codec.value) == (
+        f"the shards in {tmp_path} were made with codec 'tiny', but the model uses 'tiny': they differ in "
+        f"weights_sha256 ('aa' there, 'bb' here); encode the shards again with the model's codec (`flowvid data "
+        f"encode-latents data/raw --out {tmp_path} --codec tiny --codec-args JSON`), or point the recipe at the "
+        "codec the shards were made with")
+    with pytest.raises(ValueError) as text:
+        dm.check_compatible(text_encoder={"name": "tiny-text", "width": "16", "weights_sha256": "cc"})
+    assert str(text.value) == (
+        f"the shards in {tmp_path} cache text embeddings of text encoder 'tiny-text', but the model uses "
+        f"'tiny-text': they differ in width ('8' there, '16' here); encode the shards again with the model's "
+        f"text encoder (`flowvid data encode-latents data/raw --out {tmp_path} --text-encoder tiny-text "
+        "--text-encoder-args JSON`), or point the recipe at the text encoder the shards were made with")
+    with pytest.raises(ValueError, match=r"they differ in name \('tiny-text' there, 'other' here\); encode"):
+        dm.check_compatible(text_encoder={"name": "other", "width": "8"})
 
 
 def test_latent_shards_and_compatibility_checks(tmp_path):

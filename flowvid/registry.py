@@ -56,6 +56,24 @@ def describe(obj: Any) -> str:
     return f"{_module_of(obj)}.{qualname}"
 
 
+def package_of(obj: Any) -> str | None:
+    """The top-level package that defines ``obj`` (``flowvid``, ``my_package``): what tells apart two classes
+    that two installed packages register under one short name. An import name, not a distribution's, so
+    that it is the same installed or run from a source tree. None for a script's class (``__main__``),
+    which is the same class when a module imports it later."""
+    package = _module_of(obj).split(".")[0]
+    return None if package == "__main__" else package
+
+
+def with_package(identity: dict[str, Any], obj: Any) -> dict[str, Any]:
+    """``identity`` with the ``package`` of ``obj`` added after its name, where it has one."""
+    package = package_of(obj)
+    if package is None:
+        return identity
+    name, *rest = identity.items()
+    return dict([name, ("package", package), *rest])
+
+
 def _module_of(obj: Any) -> str:
     if isinstance(obj, functools.partial):
         return _module_of(obj.func)
@@ -155,6 +173,8 @@ class Registry:
         self.base = base
         self._entries: dict[str, Entry] = {}
         self._failed: dict[str, Failure] = {}  # plugin names that did not load
+        # The name each plugin's own package gives it, kept also when another package took that name first.
+        self._claimed: dict[Any, str] = {}
 
     def register(self, name: str | None = None) -> Callable[[Any], Any]:
         def decorator(obj: Any) -> Any:
@@ -208,10 +228,23 @@ class Registry:
         return f"; did you mean {close!r}?" if close else ""
 
     def name_of(self, obj: Any) -> str | None:
+        """The name ``obj`` is registered under; for a plugin that lost its name to another package, the
+        name its own package gives it. So the name (recorded in codec and text-encoder identities) does not
+        depend on what else is installed."""
         for entry in self._entries.values():
             if entry.obj is obj:
                 return entry.name
-        return None
+        try:
+            return self._claimed.get(obj)
+        except TypeError:  # an unhashable factory: never claimed
+            return None
+
+    def claim(self, name: str, obj: Any) -> None:
+        """Record that ``obj``'s package registers it under ``name`` (whether or not it gets that name)."""
+        try:
+            self._claimed.setdefault(obj, name)
+        except TypeError:  # an unhashable factory cannot be looked up by name_of either
+            pass
 
     def __contains__(self, name: str) -> bool:
         load_plugins()
@@ -287,6 +320,7 @@ def load_plugins() -> None:
             try:
                 obj = entry_point.load()
                 registry.check_kind(obj)
+                registry.claim(entry_point.name, obj)
                 registry.add(entry_point.name, obj)
             except Exception as err:  # noqa: BLE001 - a broken plugin must not break the CLI or the others
                 failure = _failure(entry_point, err)

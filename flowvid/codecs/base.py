@@ -40,6 +40,8 @@ class LatentCodec(nn.Module, ABC):
 
     @property
     def name(self) -> str:
+        """The short name the class's own package registers it under (its class name without one): the same
+        whatever other installed package registers that name too."""
         from flowvid.registry import CODECS, load_plugins
 
         load_plugins()  # plugins register their names on first use
@@ -107,7 +109,13 @@ class LatentCodec(nn.Module, ABC):
         return None
 
     def check_video(self, video: torch.Tensor) -> None:
-        """Raise a ValueError unless ``video`` is uint8 ``(B, T, H, W, 3)`` of a size this codec encodes."""
+        """Raise a ValueError unless ``video`` is uint8 ``(B, T, H, W, 3)`` of a size this codec encodes
+        (a TypeError when it is no torch.Tensor: numpy's uint8 is not torch's)."""
+        if not isinstance(video, torch.Tensor):
+            raise TypeError(f"codec {self.name!r} expects a torch.Tensor of uint8 video (B, T, H, W, 3), got "
+                            f"{type(video).__module__}.{type(video).__qualname__}"
+                            + ("; convert it with torch.from_numpy(video)" if type(video).__module__ == "numpy"
+                               else ""))
         if video.dtype != torch.uint8 or video.dim() != 5 or video.shape[-1] != 3:
             raise ValueError(
                 f"codec {self.name!r} expects uint8 video (B, T, H, W, 3), got {video.dtype} {tuple(video.shape)}"
@@ -137,17 +145,27 @@ class LatentCodec(nn.Module, ABC):
         return torch.zeros((0, *size, 3), dtype=torch.uint8, device=latents.device)
 
     def identity(self) -> dict[str, Any]:
-        """The registered name, the config as JSON values and a hash of it: two codecs with the same
-        name and hash make the same latents. The config is there so that a mismatch can say what differs."""
+        """The registered name, the package that defines the class, the config as JSON values and a hash
+        of it: two codecs with the same name, package and hash make the same latents. The config is there
+        so that a mismatch can say what differs."""
+        from flowvid.registry import with_package
+
         config = self.config()
-        return {"name": self.name, "config_hash": json_fingerprint(config),
-                "config": json.loads(json.dumps(config, default=str))}
+        return with_package({"name": self.name, "config_hash": json_fingerprint(config),
+                             "config": json.loads(json.dumps(config, default=str))}, type(self))
 
 
 def same_codec(first: dict[str, Any], other: dict[str, Any]) -> bool:
-    """Whether two codec identities are one codec: the same name and config hash (identities recorded
-    before they carried the config still match those that do)."""
-    return first.get("name") == other.get("name") and first.get("config_hash") == other.get("config_hash")
+    """Whether two codec identities are one codec: the same name and config hash, and the same package
+    where both record one (identities recorded before they carried the package or the config still
+    match those that do)."""
+    return (first.get("name") == other.get("name") and first.get("config_hash") == other.get("config_hash")
+            and same_where_recorded(first, other, "package"))
+
+
+def same_where_recorded(first: dict[str, Any], other: dict[str, Any], key: str) -> bool:
+    """Whether two identities agree on ``key``, or one of them (written before it was recorded) lacks it."""
+    return key not in first or key not in other or first[key] == other[key]
 
 
 def check_codec_identity(expected: dict[str, Any], actual: dict[str, Any], where: str) -> None:
@@ -157,6 +175,10 @@ def check_codec_identity(expected: dict[str, Any], actual: dict[str, Any], where
         return
     message = (f"{where} was made with codec {actual.get('name')!r} (config {actual.get('config_hash')}), "
                f"but this model uses {expected.get('name')!r} (config {expected.get('config_hash')})")
+    if expected.get("name") == actual.get("name") and not same_where_recorded(expected, actual, "package"):
+        raise CodecMismatchError(f"{message}: the name {expected.get('name')!r} is a codec of the package "
+                                 f"{actual['package']} there and of {expected['package']} here; give the model "
+                                 f"the codec class of {actual['package']} by its import path (class_path)")
     differences = config_differences(expected.get("config"), actual.get("config"))
     raise CodecMismatchError(message + (f": {differences}" if differences else ""))
 

@@ -119,6 +119,7 @@ class VideoVAE(LatentCodec):
                                    ("latent_channels", latent_channels, 1), ("width", width, 1), ("depth", depth, 0)):
             if not (is_count(value) and value >= least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        check_linear_start(spatial_factor, temporal_factor, latent_channels, width)
         self.spatial_factor = spatial_factor
         self.temporal_factor = temporal_factor
         self.latent_channels = latent_channels
@@ -292,6 +293,22 @@ class VideoVAE(LatentCodec):
         self.load_state_dict(state)
 
 
+def check_linear_start(spatial_factor: int, temporal_factor: int, latent_channels: int, width: int) -> None:
+    """Raise a ValueError, in one line, unless training can begin from the linear start
+    (``initialise_from``): it gives each latent channel an inner channel and a principal component of the
+    pixel blocks. Checked when the VAE is built, so that ``flowvid fit`` refuses it before any step."""
+    if width < latent_channels:
+        raise ValueError(f"width {width} is less than latent_channels {latent_channels}: the linear start training "
+                         f"begins from needs width >= latent_channels; use width >= {latent_channels} (or fewer "
+                         "latent channels)")
+    block_values = 3 * temporal_factor * spatial_factor**2
+    if block_values < latent_channels:
+        raise ValueError(f"latent_channels {latent_channels} is more than the {block_values} values of a pixel block "
+                         f"(3 x temporal_factor {temporal_factor} x spatial_factor {spatial_factor}^2): the linear "
+                         "start training begins from gives each latent channel a principal component of them; use "
+                         f"at most {block_values} latent channels, or larger factors")
+
+
 def weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
     """What keeps ``found`` from loading in place of ``expected`` ("missing: a, b; other shape: c"), or None.
     Said in one line, where ``load_state_dict`` would list every key over several."""
@@ -326,8 +343,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not a VideoVAE checkpoint{_load_failure(err)}; train one with "
                          "`flowvid fit --config recipes/codecs/video_vae_shapes.yaml`") from err
     if not isinstance(checkpoint, dict) or CHECKPOINT_CONFIG_KEY not in checkpoint:
-        raise ValueError(f"{path} is not a VideoVAE checkpoint (it has no {CHECKPOINT_CONFIG_KEY!r} entry)")
+        raise ValueError(f"{path} is not a VideoVAE checkpoint ({_what_it_holds(checkpoint)}); give a checkpoint of "
+                         "`flowvid fit --config recipes/codecs/video_vae_shapes.yaml`, or a file of VideoVAE.save")
     return checkpoint
+
+
+#: The entry a flow model's checkpoint records its run in (``flowvid.lit.checkpointing.METADATA_KEY``;
+#: named here because codecs do not import the training code).
+FLOW_RUN_KEY = "flowvid_run"
+
+
+def _what_it_holds(checkpoint: Any) -> str:
+    """Why a file that torch reads is not a VideoVAE checkpoint, in a few words."""
+    if not isinstance(checkpoint, dict):
+        return f"it holds a {type(checkpoint).__name__}, not a checkpoint"
+    state = checkpoint.get("state_dict")
+    if FLOW_RUN_KEY in checkpoint or (isinstance(state, dict) and any(str(key).startswith("flow.") for key in state)):
+        return "it is the checkpoint of a flow model, a video generator, not of a VideoVAE"
+    return f"it has no {CHECKPOINT_CONFIG_KEY!r} entry"
 
 
 def _load_failure(err: ValueError) -> str:

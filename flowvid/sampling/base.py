@@ -84,6 +84,8 @@ def check_request(flow, z: torch.Tensor, text: TextInput = None, guidance: float
         raise ValueError("this flow is text-conditioned: pass the caption's text states (for an unconditional "
                          "sample, the text encoder's embedding of the empty caption)")
     cond = flow.check_input(z, cond)  # its tokens now in the flow's dtype
+    if isinstance(guidance, bool):  # True would run as weight 1
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r} (a bool)")
     guidance = float(guidance)
     if not math.isfinite(guidance) or guidance < 0:
         raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
@@ -168,8 +170,15 @@ class Sampler(ABC):
 
     @property
     def last_stats(self) -> dict:
-        """Statistics of the last ``sample`` / ``stream`` call as JSON-ready values ({} if none kept)."""
-        return {}
+        """Statistics of the last ``sample`` / ``stream`` call as JSON-ready values ({} if none kept).
+
+        A sampler keeps its own by assigning ``self.last_stats = {...}`` in each call (or by overriding
+        this property, as ``JacobiSampler`` does)."""
+        return self.__dict__.get("_last_stats", {})
+
+    @last_stats.setter
+    def last_stats(self, stats: dict) -> None:
+        self.__dict__["_last_stats"] = stats
 
 
 class BlockSampler(Sampler):

@@ -43,6 +43,19 @@ def smooth_video(batch: int, frames: int, height: int, width: int, seed: int = 0
     return ((wave + noise) * 100 + 128).clamp(0, 255).to(torch.uint8)
 
 
+def floating_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The floating-point buffers of ``module``: fixed weights (a seeded projection), as opposed to counters."""
+    return [buffer for buffer in module.buffers() if buffer.is_floating_point()]
+
+
+def perturb_buffers(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
+    """Move every floating-point buffer off its value, as ``perturb_parameters`` does for parameters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for buffer in floating_buffers(module):
+            buffer.add_((torch.randn(buffer.shape, generator=generator) * std).to(buffer.device, buffer.dtype))
+
+
 class CodecConformance:
     """Mixin of tests every LatentCodec must pass. Implement ``make_codec``; set ``video_shape``."""
 
@@ -192,7 +205,8 @@ class CodecConformance:
 
     def test_identity_is_stable_and_json_serialisable(self, codec):
         identity = codec.identity()
-        assert set(identity) == {"name", "config_hash", "config"} and len(identity["config_hash"]) == 16
+        assert {"name", "config_hash", "config"} <= set(identity) <= {"name", "package", "config_hash", "config"}
+        assert len(identity["config_hash"]) == 16
         assert identity == self.make_codec().identity()
         assert identity["config"] == json.loads(json.dumps(codec.config(), default=str))
         normalisation = codec.normalisation()
@@ -202,17 +216,23 @@ class CodecConformance:
     def make_codec_with_other_weights(self) -> LatentCodec:
         """The codec under test with other weights. Default: ``make_codec()``'s, perturbed in memory.
         Override it where that is not another codec: an identity that fingerprints weight files needs one
-        loaded from other files."""
+        loaded from other files, a codec whose weights are buffers (fixed, not trained) may be one built with
+        another seed. A codec without parameters has its floating-point buffers perturbed instead."""
         codec = self.make_codec()
-        perturb_parameters(codec, std=0.1, seed=3)
+        if any(True for _ in codec.parameters()):
+            perturb_parameters(codec, std=0.1, seed=3)
+        else:
+            perturb_buffers(codec, std=0.1, seed=3)
         return codec
 
     def test_identity_tells_other_weights_apart(self, codec):
         """Latent shards, checkpoints and exports are matched to the codec by ``identity()``: a codec whose
-        weights give other latents must not report the same identity (put a weights fingerprint in
-        ``config()``)."""
-        if not any(True for _ in codec.parameters()):
-            pytest.skip("a codec without weights")
+        weights (parameters or buffers) give other latents must not report the same identity (put a
+        weights fingerprint in ``config()``). Skipped only for a codec with neither parameters nor
+        floating-point buffers whose test class does not say how to make other weights (``PixelCodec``)."""
+        overridden = type(self).make_codec_with_other_weights is not CodecConformance.make_codec_with_other_weights
+        if not overridden and not any(True for _ in codec.parameters()) and not floating_buffers(codec):
+            pytest.skip("a codec without weights (no parameters, no floating-point buffers)")
         other = self.make_codec_with_other_weights().eval()
         video = self.video()
         assert not torch.allclose(other.encode(video), codec.encode(video)), \

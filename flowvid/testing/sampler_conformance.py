@@ -15,11 +15,12 @@ text a real token, as text encoders give the empty caption), guided samples that
 exact prefix reproduction, the inverse of the flow's own noise and shapes and dtypes (also for an
 unconditional flow, sampled without text, and for a batch of one video), determinism (also after a call
 with other inputs), the caller's noise, text, prefix and flow left as given, streaming (plain and guided),
-and clear errors. A failure says what the sampler did wrong.
+``last_stats`` as JSON values, and clear errors. A failure says what the sampler did wrong.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 import pytest
@@ -228,6 +229,16 @@ class SamplerConformance:
         check_close(torch.stack(frames, dim=1), x[:, 1:], self.tolerance,
                     f"the streamed frames differ from sample's at guidance {guidance}")
 
+    def test_last_stats_are_json_ready(self):
+        """``sampler.last_stats`` (written to generate's records) holds JSON values after a call."""
+        flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
+        sampler = self.make_sampler()
+        sampler.sample(flow, z, text.cond)
+        stats = sampler.last_stats
+        assert isinstance(stats, dict), f"last_stats is a {type(stats).__name__}, not a dict"
+        assert json.loads(json.dumps(stats)) == stats, (
+            f"last_stats {stats!r} is not JSON-ready: keep plain numbers, strings, lists and dicts with string keys")
+
     def test_bad_input_is_rejected_before_sampling(self):
         flow, z, text = self.make_flow(), self.make_noise(), self.make_text()
         sampler = self.make_sampler()
@@ -237,5 +248,7 @@ class SamplerConformance:
             sampler.sample(flow, z, text.cond, prefix=torch.zeros(2, 1, 3, 2, 3))
         with pytest.raises(ValueError, match="unconditional"):
             sampler.sample(flow, z, text.cond, guidance=1.0)
+        with pytest.raises(ValueError, match="guidance"):  # a bool is no weight: True would run as 1.0
+            sampler.sample(flow, z, text, guidance=True)
         with pytest.raises(ValueError, match="latents"):
             sampler.sample(flow, z[..., :2], text.cond)

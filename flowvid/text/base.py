@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -74,11 +74,13 @@ class TextEncoder(nn.Module, ABC):
         self.truncated_count += count
 
     def identity(self) -> dict[str, str]:
-        from flowvid.registry import TEXT_ENCODERS, load_plugins
+        """The registered name (the one the class's own package gives it, whatever else is installed), the
+        package that defines the class, ``width`` and ``max_length``, as strings."""
+        from flowvid.registry import TEXT_ENCODERS, load_plugins, with_package
 
         load_plugins()  # plugins register their names on first use
-        return {"name": TEXT_ENCODERS.name_of(type(self)) or type(self).__name__, "width": str(self.width),
-                "max_length": str(self.max_length)}
+        return with_package({"name": TEXT_ENCODERS.name_of(type(self)) or type(self).__name__,
+                             "width": str(self.width), "max_length": str(self.max_length)}, type(self))
 
 
 def round_as_cached(tokens: torch.Tensor) -> torch.Tensor:
@@ -92,6 +94,9 @@ def check_captions(captions: Sequence[str]) -> list[str]:
     caption per character) or an entry that is not a string."""
     if isinstance(captions, str):
         raise ValueError(f"expected a list of captions, got the string {captions[:40]!r}; pass [caption]")
+    if not isinstance(captions, Iterable):
+        raise ValueError(f"expected a list of captions, got {type(captions).__name__} {repr(captions)[:40]}; "
+                         "pass [caption]")
     captions = list(captions)
     for index, caption in enumerate(captions):
         if not isinstance(caption, str):

@@ -83,11 +83,24 @@ def test_linear_start_keeps_the_top_components():
     assert quality[3] < quality[6] < quality[12]
 
 
-def test_a_linear_start_with_more_latent_channels_than_pixel_values_says_so():
+def test_more_latent_channels_than_pixel_values_is_refused_when_built():
     # 3 x 1 x 2^2 = 12 values per pixel block: 16 latent channels cannot each take a principal component.
-    vae = VideoVAE(spatial_factor=2, temporal_factor=1, latent_channels=16, width=16, depth=1)
-    with pytest.raises(ValueError, match=r"pixel blocks of at least 16 values \(3 x 1 x 2\^2 = 12\)"):
-        vae.initialise_from(smooth_video(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"latent_channels 16 is more than the 12 values of a pixel block "
+                                         r"\(3 x temporal_factor 1 x spatial_factor 2\^2\).*at most 12 latent"):
+        VideoVAE(spatial_factor=2, temporal_factor=1, latent_channels=16, width=16, depth=1)
+
+
+def test_a_width_below_latent_channels_is_refused_when_built_naming_the_smallest_width():
+    """Training begins from the linear start, which needs an inner channel per latent channel: refused when
+    the VAE is built, before any data is written or any step runs, in one line."""
+    with pytest.raises(ValueError) as refused:
+        VideoVAE(spatial_factor=4, temporal_factor=4, latent_channels=48, width=32)
+    message = str(refused.value)
+    assert message.startswith("width 32 is less than latent_channels 48") and "use width >= 48" in message
+    assert "\n" not in message
+    with pytest.raises(ValueError, match="use width >= 48"):
+        VideoVAEModule(width=32)
+    assert VideoVAE(spatial_factor=4, temporal_factor=4, latent_channels=48, width=48).width == 48
 
 
 def video_batches(count: int = 4, batch: int = 4):
@@ -204,6 +217,13 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not a VideoVAE checkpoint"):
         VideoVAE.from_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_a_flow_model_checkpoint_is_named_as_such(tmp_path):
+    torch.save({"state_dict": {"flow.deep.proj.weight": torch.zeros(2)}, "flowvid_run": {}}, tmp_path / "flow.ckpt")
+    with pytest.raises(ValueError, match=r"flow.ckpt is not a VideoVAE checkpoint \(it is the checkpoint of a flow "
+                                         r"model, a video generator, not of a VideoVAE\)"):
+        VideoVAE.from_checkpoint(tmp_path / "flow.ckpt")
 
 
 def test_the_recipe_trains_on_the_synthetic_data_module(tmp_path, monkeypatch):

@@ -75,6 +75,7 @@ def recipe_shown(doc: str, key: str) -> dict:
 def installed_plugin_package(tmp_path, monkeypatch):
     """The plugin package docs/plugins.md writes, as `pip install -e .` leaves it: importable, with the
     entry points of its pyproject.toml; the registries are restored afterwards."""
+    registry.load_plugins()  # the built-ins register on import: into the registries kept, not the test's copies
     write_files_shown("plugins.md", tmp_path)
     monkeypatch.chdir(tmp_path)
     build_meta.prepare_metadata_for_build_wheel(str(tmp_path))  # the .dist-info with the entry points
@@ -83,6 +84,7 @@ def installed_plugin_package(tmp_path, monkeypatch):
     for kind in registry.REGISTRIES.values():
         monkeypatch.setattr(kind, "_entries", dict(kind._entries))
         monkeypatch.setattr(kind, "_failed", dict(kind._failed))
+        monkeypatch.setattr(kind, "_claimed", dict(kind._claimed))
     forget_installed_packages()
     yield tmp_path
     forget_installed_packages()

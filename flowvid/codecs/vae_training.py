@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from flowvid.codecs.pixel import to_unit_range
-from flowvid.codecs.video_vae import CHECKPOINT_CONFIG_KEY, VideoVAE
+from flowvid.codecs.video_vae import CHECKPOINT_CONFIG_KEY, VideoVAE, check_linear_start
 
 
 def psnr(mse: torch.Tensor, peak_to_peak: float) -> torch.Tensor:
@@ -56,6 +56,7 @@ class VideoVAEModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_linear_start(spatial_factor, temporal_factor, latent_channels, width)
         self.vae = VideoVAE(spatial_factor, temporal_factor, latent_channels, width, depth)
         # Saved with the weights, so that a resumed run does not start over from the linear map.
         self.register_buffer("started", torch.tensor(False))

@@ -119,7 +119,6 @@ class VideoVAE(LatentCodec):
                                    ("latent_channels", latent_channels, 1), ("width", width, 1), ("depth", depth, 0)):
             if not (is_count(value) and value >= least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-        check_linear_start(spatial_factor, temporal_factor, latent_channels, width)
         self.spatial_factor = spatial_factor
         self.temporal_factor = temporal_factor
         self.latent_channels = latent_channels
@@ -296,7 +295,8 @@ class VideoVAE(LatentCodec):
 def check_linear_start(spatial_factor: int, temporal_factor: int, latent_channels: int, width: int) -> None:
     """Raise a ValueError, in one line, unless training can begin from the linear start
     (``initialise_from``): it gives each latent channel an inner channel and a principal component of the
-    pixel blocks. Checked when the VAE is built, so that ``flowvid fit`` refuses it before any step."""
+    pixel blocks. Checked when the training module is built, so that ``flowvid fit`` refuses it before any
+    step; a VAE only used as a codec needs no linear start."""
     if width < latent_channels:
         raise ValueError(f"width {width} is less than latent_channels {latent_channels}: the linear start training "
                          f"begins from needs width >= latent_channels; use width >= {latent_channels} (or fewer "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,45 @@ SEED = 1234
 
 class StepFailed(Exception):
     """A step's command failed; it printed why, so the demo ends with one line that names the step."""
+
+
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM stopped the training command, after it saved the step in progress."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+#: The signals the demo passes on to its training command, which saves the step in progress on either.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def run_to_the_end(command: list[str]) -> None:
+    """Run ``command`` to its end, passing it the demo's Ctrl-C and SIGTERM: the first lets ``flowvid fit``
+    save the step in progress, and a second Ctrl-C stops it at once. Raises Stopped when a signal came,
+    CalledProcessError when the command failed otherwise.
+
+    The command runs in a process group of its own, so that a terminal's Ctrl-C reaches it once, through
+    the demo, and a signal sent to the demo alone reaches it too."""
+    child = subprocess.Popen(command, process_group=0)
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if child.returncode is None:
+            child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    try:
+        returncode = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise Stopped(received[0])
+    if returncode:
+        raise subprocess.CalledProcessError(returncode, command)
 
 
 def exit_status(returncode: int) -> str:
@@ -143,6 +183,23 @@ def resumable(out: Path, recipe: str, extra: list[str]) -> bool:
     return False
 
 
+def fit_command(recipe: str, run_dir: Path, extra: list[str]) -> list[str]:
+    # The run directory last: the checkpoints are looked for there, whatever a config given in extra says.
+    return [sys.executable, "-m", "flowvid.cli", "fit", "--config", recipe, *extra,
+            f"--trainer.default_root_dir={run_dir}"]
+
+
+def how_to_continue(out: Path) -> str:
+    """What the same demo command does after a stop: continue from the newest checkpoint of ``out``'s run
+    (as ``resumable`` decides), or train afresh when the run saved none."""
+    from flowvid.lit.checkpointing import list_checkpoints
+
+    found = list_checkpoints(out / "run" / "checkpoints") if not (out / "metrics.json").exists() else []
+    if found:
+        return f"the same command continues its training from the newest checkpoint, {found[-1]}"
+    return "no checkpoint was saved, so the same command trains afresh"
+
+
 def train(recipe: str, run_dir: Path, extra: list[str], resume: bool = False) -> Path:
     """Run ``flowvid fit`` on ``recipe``: a fresh run, or with ``resume`` the continuation of the run in
     ``run_dir``; returns its newest checkpoint."""
@@ -152,11 +209,9 @@ def train(recipe: str, run_dir: Path, extra: list[str], resume: bool = False) ->
     else:
         remove_earlier_checkpoints(run_dir)
         record_model(run_dir, recipe, extra)  # after the removal: the record describes the checkpoints beside it
-    # The run directory last: the checkpoints are looked for there, whatever a config given in extra says.
-    command = [sys.executable, "-m", "flowvid.cli", "fit", "--config", recipe, *extra,
-               f"--trainer.default_root_dir={run_dir}"]
+    command = fit_command(recipe, run_dir, extra)
     print("    " + " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    run_to_the_end(command)
     checkpoints = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not checkpoints:
         raise RuntimeError(f"training wrote no checkpoint under {run_dir}")
@@ -330,7 +385,8 @@ def run_demo(out: Path, recipe: str, extra: list[str], checkpoint: Path | None =
         metrics: dict[str, Any] = {"val_bits_per_dim_init": bits_per_dim(initial.eval(), held_out)[0],
                                    "val_bits_per_dim": trained, "val_bits_per_dim_per_frame": per_frame}
     metrics.update(speed)  # how fast it trained, when this run trained
-    with step(f"text-to-video for {len(captions)} held-out captions"):
+    distinct = len(set(captions))
+    with step(f"text-to-video for the captions of {len(captions)} held-out clips ({distinct} distinct)"):
         t2v = generate_t2v(module, captions, out / "t2v")
     with step(f"image-to-video from {len(held_out) // 2} held-out first frames"):
         i2v = generate_i2v(module, held_out[: len(held_out) // 2], out / "i2v")
@@ -393,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
                    else run_demo(out, args.recipe, extra, args.checkpoint, args.guidance))
     except StepFailed as failed:
         parser.exit(1, f"{parser.prog}: error: {failed}\n")
+    except Stopped as stopped:
+        name = "Ctrl-C" if stopped.signum == signal.SIGINT else stopped.args[0]
+        parser.exit(128 + stopped.signum, f"{parser.prog}: stopped by {name} during training; "
+                                          f"{how_to_continue(out)}\n")
+    except KeyboardInterrupt:
+        again = "the same command samples again" if args.checkpoint is not None else how_to_continue(out)
+        parser.exit(128 + signal.SIGINT, f"{parser.prog}: stopped by Ctrl-C; {again}\n")
     width = max(map(len, metrics))
     for key, value in metrics.items():
         shown = f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else value

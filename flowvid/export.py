@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -51,6 +52,7 @@ from flowvid.lit.checkpointing import (
 )
 from flowvid.model_card import CARD_NAME, is_card, is_replaceable, model_card
 from flowvid.nn.lora import is_adapter_key, merge_lora
+from flowvid.part_files import missing_file_line, missing_files, with_files_found
 from flowvid.paths import check_output_file, write_atomically
 from flowvid.text.base import TextEncoder, same_text_encoder
 
@@ -108,6 +110,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
 
     ckpt = resolve_checkpoint(ckpt)
     state_dict, config, client_state = checkpoint_weights(ckpt, weights)
+    check_flow_model(config, ckpt)
     tensors = {name: _portable(tensor, DTYPES[dtype]) for name, tensor in state_dict.items()}
     run = client_state.get(METADATA_KEY) or {}
     used = weights_taken(weights, client_state)
@@ -132,6 +135,28 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     except (OSError, SafetensorError) as err:  # a full disk, a folder without write permission
         raise OSError(f"cannot write the export {out}: {getattr(err, 'strerror', None) or err}") from None
     return out
+
+
+def check_flow_model(config: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse the checkpoint or export of a module other than a flow video generator (a VideoVAE's, say):
+    an export of it would carry a flow model's card, and generating or scoring would fail deep inside."""
+    from flowvid.codecs.vae_training import VideoVAEModule, architecture_in, codec_commands
+    from flowvid.lit.module import FlowModule
+
+    class_path = str(((config.get("model") or {}).get("class_path")) or "")
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        module_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):  # building the module later says what is missing
+        return
+    if not isinstance(module_class, type) or issubclass(module_class, FlowModule):
+        return
+    said = f"{path} holds a {class_path}, not a flow video generator"
+    if issubclass(module_class, VideoVAEModule):
+        checkpoint = "CKPT" if Path(path).suffix == ".safetensors" else str(path)  # an export is no codec file
+        encode, save = codec_commands(checkpoint, architecture_in(config))
+        said += f"; a video VAE's training checkpoint is a codec as it is: `{encode}`, or {save} in Python"
+    raise ValueError(said)
 
 
 def check_weights(weights: str) -> None:
@@ -267,8 +292,10 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
     """Rebuild the model of an export from ``config.yaml`` and load its weights (in fp32).
 
     ``config`` defaults to the ``config.yaml`` beside ``path``. The returned module is in eval mode, with
-    ``training_fps`` set as ``flowvid.loading.load_model`` sets it.
-    Raises FileNotFoundError, CorruptCheckpointError (a damaged file) or ValueError with a one-line reason.
+    ``training_fps`` set as ``flowvid.loading.load_model`` sets it. A part's folder or file named by a
+    relative path (a T5 folder) is also looked for beside the export (``flowvid.part_files``).
+    Raises FileNotFoundError, CorruptCheckpointError (a damaged file) or ValueError (also for an export of
+    a module that is no flow video generator) with a one-line reason.
     """
     path = Path(path)
     config_path = Path(config) if config is not None else path.parent / CONFIG_NAME
@@ -278,7 +305,9 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
     metadata = read_export_metadata(path)  # fails early on a file that is not an export
     if config is None:
         check_config_matches(path, config_path, metadata)
-    module = build_recorded_module(run_config, metadata, f"{path} from {config_path}", made="exported")
+    check_flow_model(run_config, path)
+    module = build_with_files_found(run_config, metadata, f"{path} from {config_path}", "exported",
+                                    [path.parent.resolve()])
     with reading_export(path):
         state = load_file(str(path), device=str(map_location))
     load_weights(module, state, where=str(path))
@@ -293,6 +322,20 @@ def load_exported(path: str | os.PathLike, config: str | os.PathLike | None = No
         denoiser=getattr(module, "denoiser", None),
         config=run_config,
     )
+
+
+def build_with_files_found(config: dict[str, Any], recorded: dict[str, Any], where: str, made: str,
+                           folders: list[Path]) -> nn.Module:
+    """``build_recorded_module`` of ``config`` with its parts' relative files found in ``folders`` where the
+    current folder lacks them; a file found nowhere is named in one line, not in the builder's long error."""
+    config = with_files_found(config, folders)
+    try:
+        return build_recorded_module(config, recorded, where, made)
+    except ValueError as err:
+        missing = next(iter(missing_files(config)), None)
+        if missing is None:
+            raise
+        raise FileNotFoundError(missing_file_line(where, *missing, folders)) from err
 
 
 def sha256(text: str) -> str:

@@ -14,7 +14,8 @@
 For every sample it writes ``NAME.mp4``, the frames as ``NAME.npy`` (T, H, W, 3) uint8, the latents
 before decoding as ``NAME.latent.npy`` and ``NAME.json`` (prompt, task, seed, sampler, guidance, negative
 prompt, device, precision, timings, Jacobi iterations, the model and the weights that sampled, the ``fps``
-of the mp4 unless it is 8, ``stream`` true for a sample of ``--stream``, and ``resized_from`` for an image or
+of the mp4 unless it is 8, ``stream`` true for a sample of ``--stream``, ``denoise`` false for one of
+``--no-denoise`` (the sampled latents decoded without the final denoising step), and ``resized_from`` for an image or
 video fitted to the model's size). The mp4 plays at the frame rate the model was trained at when its
 checkpoint or export records it, else at 8 fps (``--fps`` sets another). A folder holds one model's samples:
 an ``--out`` with another model's is refused, and a sample of another request (another seed, prompt,
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import signal
@@ -75,7 +77,7 @@ from flowvid.pipeline import (
     window_sampler,
 )
 from flowvid.placement import add_placement_arguments, launch_rank, resolve_device, resolve_precision
-from flowvid.registry import SAMPLERS, check_arguments
+from flowvid.registry import SAMPLERS, check_arguments, closest_name, did_you_mean
 from flowvid.sampling import Sampler, WindowedSampler, sampler_class
 from flowvid.sampling.jacobi import check_tolerance
 from flowvid.sampling.tasks import TASKS, check_seed
@@ -140,6 +142,7 @@ class Request:
     rank: int = 0  # under torchrun this process samples prompts rank, rank + world_size, ...
     world_size: int = 1
     samples_per_prompt: int = 1  # each prompt's samples, in a row, as the prompt repeated would give them
+    denoise: bool = True  # end with the model's denoising step; False decodes the sampled latents as they are
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -151,7 +154,10 @@ def check_options(args: argparse.Namespace) -> None:
         raise GenerateError(f"--frames must be >= 1, got {args.frames}")
     if args.context is not None and args.context < 0:
         raise GenerateError(f"--context must be >= 0 latent frames, got {args.context}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise GenerateError(f"--guidance must be a finite number >= 0, got {args.guidance:g}")
     if args.sampler is not None:
+        check_sampler_known(args.sampler)
         try:
             sampler_class(args.sampler)
         except KeyError as err:
@@ -187,6 +193,21 @@ def check_options(args: argparse.Namespace) -> None:
     check_output_folder(args.out, "--out", "give a folder for the samples", GenerateError)
 
 
+def usable_samplers() -> list[str]:
+    """The registered samplers ``--sampler`` takes: all but the windowed ones (``check_sampler_settings``)."""
+    return [name for name in SAMPLERS.names() if not is_windowed(name)]
+
+
+def check_sampler_known(name: str) -> None:
+    """Refuse a name no registered sampler has, listing (and suggesting) only those generate takes."""
+    # A class path is imported later, and a plugin's sampler that failed to load is named with its failure.
+    if "." in name or name in SAMPLERS or name in {failure.name for failure in SAMPLERS.failures()}:
+        return
+    usable = usable_samplers()
+    raise GenerateError(f"--sampler: unknown sampler {name!r}; generate takes {', '.join(usable)} or a plugin's "
+                        f"class path{did_you_mean(name, usable)}")
+
+
 #: The sampler settings the command line sets, by the option that sets each.
 SAMPLER_OPTIONS = {"tol": "--tol", "first_block_size": "--first-block-size", "block_size": "--block-size"}
 
@@ -203,6 +224,8 @@ def check_sampler_settings(args: argparse.Namespace, sampler: str, source: str,
         if getattr(args, key) is not None and not sampler_takes(sampler, key):
             raise GenerateError(f"{option}: {source} {sampler} takes no {key}")
         if key in args.sampler_args:
+            if getattr(args, key) is not None:
+                raise GenerateError(f"--sampler-args: {key} is set by {option} already; leave it out of --sampler-args")
             raise GenerateError(f"--sampler-args: give {key} as {option}")
     try:
         check_arguments(f"{source} {sampler}", sampler_class(sampler), {**(settings or {}), **args.sampler_args},
@@ -332,7 +355,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 #: The keys of a record that the request fixes (``planned_records``); a key only some requests set is
 #: compared too, so that a sample made with a negative prompt or an adapter is not kept for one without.
 REQUEST_KEYS = ("prompt", "task", "seed", "samples_per_prompt", "sampler", "tol", "first_block_size",
-                "block_size", "sampler_args", "context", "window", "guidance",
+                "block_size", "sampler_args", "context", "window", "guidance", "denoise",
                 "negative_prompt", "precision", "lora", "lora_strength", "frames", "fps", "stream", "model", "weights",
                 "source", "source_sha256")
 
@@ -359,6 +382,8 @@ def planned_records(request: Request, prompts: list[str], frames: int) -> dict[i
         # Likewise: a streamed sample inverts frame by frame, each from a guess of the one before, and comes
         # out other than the plain one up to the tolerance, so a folder of either is not completed with the other.
         **({"stream": True} if request.stream else {}),
+        # Likewise: records from before the switch hold denoised samples.
+        **({"denoise": False} if not request.denoise else {}),
         **({"model": request.model, "weights": request.weights} if request.model else {}),
         # The file as resolved, as the model is recorded: another spelling of it is the same request.
         **({"source": resolved_source(source), "source_sha256": file_sha256(source)} if source else {}),  # read once
@@ -420,9 +445,24 @@ def request_differences(record: dict[str, Any], planned: dict[str, Any]) -> list
 
 
 def difference(key: str, record: dict[str, Any], planned: dict[str, Any]) -> str:
-    """``key``'s value in ``record``, and in ``planned`` (asked now), for a message."""
+    """``key``'s value in ``record``, and in ``planned`` (asked now), for a message; a value the user did not
+    give but the run chose is said to be a default."""
     asked = shown(planned, key)
-    return f"{key} {shown(record, key)}, " + ("now not given" if asked == NOT_GIVEN else f"not {asked}")
+    now = "now not given" if asked == NOT_GIVEN else f"not {asked}{default_note(key, planned)}"
+    return f"{key} {shown(record, key)}, {now}"
+
+
+def default_note(key: str, planned: dict[str, Any]) -> str:
+    """`` (the default in PRECISION)`` for a Jacobi tolerance that is the precision's default, which the
+    run fills in where neither the user nor the model sets one."""
+    precision = planned.get("precision")
+    if key != "tol" or planned.get("tol") != DEFAULT_TOLERANCE.get(precision):
+        return ""
+    try:
+        chosen = takes_the_precisions_tolerance(planned["sampler"])
+    except (KeyError, TypeError, ValueError, ImportError):
+        return ""
+    return f" (the default in {precision})" if chosen else ""
 
 
 def with_registered_sampler(record: dict[str, Any]) -> dict[str, Any]:
@@ -441,7 +481,7 @@ def registered_name(sampler: str) -> str:
 
 
 #: What a record that leaves a key out was sampled with: the default of its option.
-LEFT_OUT_MEANS = {"samples_per_prompt": 1, "fps": DEFAULT_FPS, "stream": False}
+LEFT_OUT_MEANS = {"samples_per_prompt": 1, "fps": DEFAULT_FPS, "stream": False, "denoise": True}
 #: How a key left out, that has no default value, is shown.
 NOT_GIVEN = "not given"
 
@@ -561,7 +601,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
             result = pipeline.generate_batch([prompts[i] for i in indices], [request.seed + i for i in indices],
                                              None if source is None else source.frames,
                                              task=request.task, frames=request.frames, guidance=request.guidance,
-                                             negative_prompt=request.negative_prompt,
+                                             negative_prompt=request.negative_prompt, denoise=request.denoise,
                                              on_frame=_frame_writer(module, out, names) if request.stream else None)
             diverged = result.failed
             for row, (index, sample) in enumerate(zip(indices, names)):
@@ -638,8 +678,28 @@ def interrupted_line(stop: Interrupted, args: argparse.Namespace) -> str:
             "sample the others")
 
 
+class SuggestingArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose refusal of an unknown option suggests the option it most likely misspells."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self.suggestion(extras)}")
+        return parsed
+
+    def suggestion(self, extras: list[str]) -> str:
+        """`` (did you mean --x?)`` for the first unknown option close to one of this parser's."""
+        options = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        for extra in extras:
+            if extra.startswith("--"):
+                close = closest_name(extra.split("=", 1)[0], options)
+                if close:
+                    return f" (did you mean {close}?)"
+        return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingArgumentParser(
         prog="flowvid generate", description=help_text(__doc__.split("\n\n")[0]), formatter_class=HelpFormatter,
         epilog=exit_statuses("every sample is written", "some samples came out NaN or infinite and were not "
                              "written (the others were; --skip-existing samples only those again)")
@@ -703,6 +763,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "sample's files (with a codec that decodes frames in groups, once the sample is done); "
                              "streamed samples differ from plain ones up to the tolerance, so each is its own request "
                              "for --skip-existing")
+    parser.add_argument("--no-denoise", dest="denoise", action="store_false",
+                        help="decode the sampled latents as they are, without the model's final denoising step "
+                             "(its learned denoiser, else a Tweedie step through the flow); recorded as denoise "
+                             "false")
     parser.add_argument("--skip-existing", action="store_true",
                         help="leave out samples already complete in --out, their record and every file (to "
                              "finish an interrupted run)")
@@ -761,7 +825,7 @@ def main(argv: list[str]) -> int:
             image=args.image, video=args.video,
             precision=precision, lora=args.lora, lora_strength=args.lora_strength,
             negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,
-            samples_per_prompt=args.samples_per_prompt,
+            samples_per_prompt=args.samples_per_prompt, denoise=args.denoise,
             model=str(model.resolve()), weights=module.weights_used,
         )
         records = run(module, request, Path(args.out), progress=lambda line: print(line, file=sys.stderr, flush=True),

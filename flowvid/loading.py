@@ -11,7 +11,8 @@ from torch import nn
 from flowvid.adapters import apply_adapters
 from flowvid.export import (
     CONFIG_NAME,
-    build_recorded_module,
+    build_with_files_found,
+    check_flow_model,
     check_outside_parts,
     check_weights,
     checkpoint_weights,
@@ -22,6 +23,7 @@ from flowvid.export import (
     without_held_weight_files,
 )
 from flowvid.lit.checkpointing import METADATA_KEY, recorded_fps, resolve_checkpoint
+from flowvid.part_files import run_folders
 
 
 def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str | torch.device = "cpu",
@@ -38,9 +40,15 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
     unknown (a checkpoint or export made before the rate was recorded, or data of no single rate).
     ``flowvid generate`` writes its videos at that rate and ``flowvid score`` reads video files at it.
     ``adapters`` (a file of ``flowvid export --adapters-only``) are merged into the weights, their updates
-    scaled by ``adapter_strength``. Raises FileNotFoundError,
-    CorruptCheckpointError (a damaged or incomplete checkpoint or export) or ValueError, each with a
-    one-line reason.
+    scaled by ``adapter_strength``.
+
+    A part that loads a folder or file of its own (a T5 folder, a Wan VAE) named by a relative path is
+    looked for from the current folder, then beside an export (in its folder), or for a checkpoint in the
+    folder its run was started in, its run directory and the checkpoint's folder: a model moves with its
+    folders beside it.
+
+    Raises FileNotFoundError, CorruptCheckpointError (a damaged or incomplete checkpoint or export) or
+    ValueError (one that is no flow video generator, such as a video VAE's), each with a one-line reason.
     """
     check_weights(weights)
     path = model_file(path)
@@ -51,8 +59,10 @@ def load_model(path: str | os.PathLike, weights: str = "ema", map_location: str 
         state_dict, config, client_state = checkpoint_weights(path, weights)
         recorded = client_state.get(METADATA_KEY) or {}
         # The checkpoint holds the weights of a codec trained for this model: its file may be long gone.
-        module = build_recorded_module(without_held_weight_files(config, state_dict), recorded, f"checkpoint {path}",
-                                       made="trained")
+        config = without_held_weight_files(config, state_dict)
+        check_flow_model(config, path)
+        folders = [*run_folders(path, config), path.parent.resolve()]
+        module = build_with_files_found(config, recorded, f"checkpoint {path}", "trained", folders)
         load_weights(module, state_dict, where=str(path))
         check_outside_parts(module, recorded, state_dict, where=f"checkpoint {path}")
         module = module.to(map_location).eval()

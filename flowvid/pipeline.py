@@ -150,6 +150,21 @@ def check_per_prompt(count: Any, name: str = "videos_per_prompt") -> None:
         raise GenerateError(f"{name} must be an integer >= 1, got {count!r}")
 
 
+def prompt_list(prompts: Any) -> list[Any]:
+    """The items of a sequence of prompts; a single prompt of another type than a string (a number, say) is
+    refused as ``prompts_for`` refuses one inside a list."""
+    try:
+        return list(prompts)
+    except TypeError:
+        raise GenerateError(f"prompts must be strings, got {prompts!r} ({type(prompts).__name__})") from None
+
+
+def check_denoise(denoise: Any) -> None:
+    """``denoise`` is a switch: a string such as "tweedie" would otherwise count as True without a word."""
+    if not isinstance(denoise, (bool, np.bool_)):
+        raise GenerateError(f"denoise must be True or False, got {denoise!r}")
+
+
 def each_prompt_repeated(prompts: list[str], times: int) -> list[str]:
     """``prompts`` with each one ``times`` in a row, as diffusers orders its videos per prompt: video ``i``
     still draws from ``seed + i``, so each is the video that the prompt repeated by hand gives."""
@@ -192,8 +207,9 @@ class GeneratedVideos:
     """What a pipeline call returns.
 
     Attributes:
-        videos: uint8 (B, T, H, W, 3), the given frames of ``i2v`` / ``extend`` / ``v2v`` as given.
-        latents: float32 (B, T, h, w, c), denoised, before decoding.
+        videos: a uint8 numpy array (B, T, H, W, 3), the given frames of ``i2v`` / ``extend`` / ``v2v`` as given.
+        latents: a float32 numpy array (B, T, h, w, c), denoised (unless the call set ``denoise=False``),
+            before decoding.
         captions: the captions the model saw (with the task's prefix).
         seeds: the noise seed of each video.
         timings: seconds spent sampling, denoising and decoding, summed over the batches.
@@ -337,7 +353,8 @@ class VideoPipeline:
                  image: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
                  video: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
                  frames: int | None = None, guidance: float | None = None, negative_prompt: str | None = "",
-                 seed: int = 0, batch_size: int = 8, videos_per_prompt: int = 1) -> GeneratedVideos:
+                 seed: int = 0, batch_size: int = 8, videos_per_prompt: int = 1,
+                 denoise: bool = True) -> GeneratedVideos:
         """Videos for ``prompts`` (``videos_per_prompt`` each; an unconditional model takes none and samples
         ``videos_per_prompt``).
 
@@ -355,6 +372,8 @@ class VideoPipeline:
             batch_size: videos sampled together.
             videos_per_prompt: videos of each prompt, in a row: those of ``["a", "b"]`` with 2 are those of
                 ``["a", "a", "b", "b"]``, seeds included.
+            denoise: end with the model's denoising step (its learned denoiser, else a Tweedie step through
+                the flow); False decodes the sampled latents as they are.
 
         Returns:
             ``GeneratedVideos``: ``videos`` uint8 (B, T, H, W, 3) in 0..255, ``latents`` and the rest.
@@ -364,11 +383,12 @@ class VideoPipeline:
         """
         prompts, seeds, frames, guidance, negative_prompt, source = self._request(
             prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size, videos_per_prompt)
+        check_denoise(denoise)
         parts = []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
             parts.append(self.generate_batch(batch, seeds[start:start + batch_size], source, task=task, frames=frames,
-                                             guidance=guidance, negative_prompt=negative_prompt))
+                                             guidance=guidance, negative_prompt=negative_prompt, denoise=denoise))
         result = GeneratedVideos.concatenate(parts)
         failed = result.failed
         if failed:
@@ -409,7 +429,8 @@ class VideoPipeline:
         one_prompt = isinstance(prompts, (str, bytes))
         check_per_prompt(videos_per_prompt)
         prompts = each_prompt_repeated(
-            self.prompts_for([prompts] if one_prompt else [] if prompts is None else list(prompts)), videos_per_prompt)
+            self.prompts_for([prompts] if one_prompt else [] if prompts is None else prompt_list(prompts)),
+            videos_per_prompt)
         guidance = self.model.guidance if guidance is None else guidance
         asked = frames
         frames = self.model.video_shape[0] if frames is None else frames  # checked before the clip is read
@@ -503,8 +524,9 @@ class VideoPipeline:
     @torch.no_grad()
     def generate_batch(self, prompts: list[str], seeds: list[int], source: torch.Tensor | None, *, task: str = "t2v",
                        frames: int | None = None, guidance: float = 0.0, negative_prompt: str = "",
-                       on_frame: FrameCallback | None = None) -> GeneratedVideos:
-        """Sample, denoise and decode one batch, checked already (``__call__`` checks and batches).
+                       on_frame: FrameCallback | None = None, denoise: bool = True) -> GeneratedVideos:
+        """Sample, denoise (unless ``denoise=False``) and decode one batch, checked already (``__call__``
+        checks and batches).
 
         With ``on_frame`` the video is sampled frame by frame and denoised as it comes (``stream``), and
         ``on_frame(index, latents)`` receives each frame's final latents (B, h, w, c) as soon as they are
@@ -517,12 +539,13 @@ class VideoPipeline:
                 latents = batch.sampler.sample(self.model.flow, batch.z, batch.text, guidance, batch.prefix)
                 check_sampled(batch.sampler, latents, batch.z.shape, "sample")
                 sampled = time.perf_counter()
-                latents = self.model.denoise(latents, batch.cond)
+                if denoise:
+                    latents = self.model.denoise(latents, batch.cond)
                 if batch.known is not None:  # the given frames come back exactly as given
                     latents[:, :batch.known.shape[1]] = batch.known
             else:
                 final = []
-                for index, frame in enumerate(self._final_frames(batch, guidance)):
+                for index, frame in enumerate(self._final_frames(batch, guidance, denoise)):
                     on_frame(index, frame)
                     final.append(frame)
                 latents = torch.stack(final, dim=1)
@@ -545,7 +568,7 @@ class VideoPipeline:
                image: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
                video: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
                frames: int | None = None, guidance: float | None = None, negative_prompt: str | None = "",
-               seed: int = 0, videos_per_prompt: int = 1) -> Iterator[np.ndarray]:
+               seed: int = 0, videos_per_prompt: int = 1, denoise: bool = True) -> Iterator[np.ndarray]:
         """The frames of the videos for ``prompts`` (sampled together; arguments as for a call), uint8
         (B, H, W, 3) each, in order, as soon as each is final: sampled, denoised and decoded. Each
         prompt is sampled ``videos_per_prompt`` times in a row, from the seeds a call gives those videos.
@@ -553,15 +576,17 @@ class VideoPipeline:
         The learned denoiser needs the ``lookahead`` frames after a frame, so frames come that many
         behind the sampler; without a denoiser (the Tweedie step reads every later frame), or with a
         codec that decodes frames in groups, they come once the video is done. The videos equal a
-        call's up to the sampler's tolerance (the frames are sampled one at a time)."""
+        call's up to the sampler's tolerance (the frames are sampled one at a time). With
+        ``denoise=False`` each frame comes as soon as it is sampled."""
         prompts, seeds, frames, guidance, negative_prompt, source = self._request(
             prompts, task, image, video, frames, guidance, negative_prompt, seed, batch_size=1,
             videos_per_prompt=videos_per_prompt)
+        check_denoise(denoise)
         codec = self.model.codec
         by_frame = codec.temporal_factor == 1 and not codec.causal_first_frame
         with self._precision():
             batch = self._prepare(prompts, seeds, source, task, frames, guidance, negative_prompt)
-            final = self._final_frames(batch, guidance)
+            final = self._final_frames(batch, guidance, denoise)
         # The frames that come back as given: none for t2v, yet shaped as frames, to be written into a video.
         given = np.zeros((0, *self.model.video_shape[1:], 3), np.uint8) if source is None else source[0].numpy()
         # Autocast is entered for each step only: a caller's code between two frames runs without it.
@@ -605,14 +630,15 @@ class VideoPipeline:
             sampler=self.sampler_for(latent_frames),
         )
 
-    def _final_frames(self, batch: "_Batch", guidance: float) -> Iterator[torch.Tensor]:
+    def _final_frames(self, batch: "_Batch", guidance: float, denoise: bool = True) -> Iterator[torch.Tensor]:
         """Each frame's final latents (B, h, w, c), in order, as soon as they are known: the given frames
-        as given, the sampled ones once the denoiser has what it needs."""
+        as given, the sampled ones once the denoiser has what it needs (as sampled with ``denoise=False``)."""
         given = [] if batch.prefix is None else list(batch.prefix.unbind(1))
         frame_shape = (batch.z.shape[0], *batch.z.shape[2:])
         sampled = (check_sampled(batch.sampler, frame, frame_shape, "stream")
                    for frame in batch.sampler.stream(self.model.flow, batch.z, batch.text, guidance, batch.prefix))
-        for index, frame in enumerate(self.model.denoise_stream(itertools.chain(given, sampled), batch.cond)):
+        frames = itertools.chain(given, sampled)
+        for index, frame in enumerate(self.model.denoise_stream(frames, batch.cond) if denoise else frames):
             yield batch.known[:, index].expand_as(frame) if index < len(given) else frame
 
 

@@ -88,7 +88,7 @@ from flowvid.cli import HelpFormatter, exit_statuses, help_text
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.data.manifest import SPLIT_FOLDERS, what_to_give
 from flowvid.export import add_weights_argument
-from flowvid.generate import CTRL_C_EXIT_STATUS, LATENTS_SUFFIX, sample_record
+from flowvid.generate import CTRL_C_EXIT_STATUS, LATENTS_SUFFIX, SuggestingArgumentParser, sample_record
 from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_at_training_rate
 from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
 from flowvid.pipeline import training_fps
@@ -597,7 +597,7 @@ def not_a_number_as_error(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingArgumentParser(
         prog="flowvid score", description=help_text(__doc__.split("\n\n")[0]), formatter_class=HelpFormatter,
         epilog=exit_statuses("some video is scored (those that cannot be are listed with an error)",
                              "no video could be scored")

@@ -11,7 +11,10 @@ posterior means' statistics) and saved with the weights, so a checkpoint is a re
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
+import shlex
 from typing import Any
 
 import lightning as L
@@ -120,3 +123,19 @@ class VideoVAEModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def codec_commands(checkpoint: str, architecture: dict[str, Any]) -> tuple[str, str]:
+    """How a training checkpoint of a VideoVAE serves as a codec: the ``encode-latents`` command and the
+    Python line that saves it as a codec file (``vae.pt``)."""
+    codec_args = json.dumps({"checkpoint": checkpoint, **architecture})
+    return (f"flowvid data encode-latents SHARD_DIR --out LATENT_DIR --codec video_vae --codec-args "
+            f"{shlex.quote(codec_args)}",
+            f"VideoVAE.from_checkpoint({json.dumps(checkpoint)}).save(\"vae.pt\")")
+
+
+def architecture_in(config: dict[str, Any]) -> dict[str, Any]:
+    """The VideoVAE architecture a ``VideoVAEModule`` run's config gives (the constructor's defaults filled in)."""
+    given = (config.get("model") or {}).get("init_args") or {}
+    defaults = inspect.signature(VideoVAEModule).parameters
+    return {key: given.get(key, defaults[key].default) for key in VideoVAE.ARCHITECTURE}

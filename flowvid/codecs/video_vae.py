@@ -138,10 +138,12 @@ class VideoVAE(LatentCodec):
             check_checkpoint_exists(Path(checkpoint))
 
     # --- the codec ---------------------------------------------------------------------------------
+    #: The constructor arguments that fix the shapes of the weights.
+    ARCHITECTURE = ("spatial_factor", "temporal_factor", "latent_channels", "width", "depth")
+
     def architecture(self) -> dict[str, int]:
-        """Constructor arguments that fix the shapes of the weights."""
-        return {"spatial_factor": self.spatial_factor, "temporal_factor": self.temporal_factor,
-                "latent_channels": self.latent_channels, "width": self.width, "depth": self.depth}
+        """The values of ``ARCHITECTURE``."""
+        return {key: getattr(self, key) for key in self.ARCHITECTURE}
 
     def config(self) -> dict[str, Any]:
         # Two trainings of one architecture give different latent spaces: the weights are part of it.

@@ -85,7 +85,7 @@ def run_metadata(pl_module: LightningModule, config: dict[str, Any] | None = Non
 
     plugins = {entry.package: entry.version for registry in REGISTRIES.values() for entry in registry
                if entry.package != "flowvid"}
-    codec = _first(pl_module, LatentCodec)
+    codec = fixed_codec(pl_module)
     text_encoder = _first(pl_module, TextEncoder)
     trainer = pl_module._trainer
     return {
@@ -124,6 +124,15 @@ def recorded_fps(metadata: dict[str, Any]) -> float | None:
 def parameter_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     """Full shapes of all parameters, also when DeepSpeed ZeRO-3 holds only a shard of each."""
     return {name: list(getattr(param, "ds_shape", param.shape)) for name, param in module.named_parameters()}
+
+
+def fixed_codec(module: torch.nn.Module) -> LatentCodec | None:
+    """The first codec inside ``module``, unless the module trains its weights (``VideoVAEModule``): the
+    identity of such a codec includes a digest of weights that change at every step."""
+    codec = _first(module, LatentCodec)
+    if codec is None or any(parameter.requires_grad for parameter in codec.parameters()):
+        return None
+    return codec
 
 
 def _first(module: torch.nn.Module, kind: type) -> Any:
@@ -224,16 +233,14 @@ def check_resumable(checkpoint: dict[str, Any], pl_module: LightningModule, wher
     if metadata is None:
         rank_zero_info(f"{where} carries no flowvid metadata; skipping the model and codec checks")
         return
-    codec = _first(pl_module, LatentCodec)
+    codec = fixed_codec(pl_module)
     if codec is not None and metadata.get("codec") is not None:
         check_codec_identity(codec.identity(), metadata["codec"], where)
     text_encoder = _first(pl_module, TextEncoder)
     if text_encoder is not None and metadata.get("text_encoder") is not None:
         if not same_text_encoder(dict(metadata["text_encoder"]), dict(text_encoder.identity())):
-            raise CheckpointMismatchError(
-                f"{where} was trained with text encoder {metadata['text_encoder']}, "
-                f"but this model uses {text_encoder.identity()}"
-            )
+            raise CheckpointMismatchError(text_encoder_mismatch(dict(metadata["text_encoder"]),
+                                                                dict(text_encoder.identity()), where))
     stored, current = metadata.get("parameters"), parameter_shapes(pl_module)
     if stored is None or not current:  # no parameters yet: built later in configure_model
         return
@@ -245,6 +252,18 @@ def check_resumable(checkpoint: dict[str, Any], pl_module: LightningModule, wher
             f"{where} was made by a different model configuration: {'; '.join(problems)}"
             + (f". Config differences: {'; '.join(hints)}" if hints else "")
         )
+
+
+def text_encoder_mismatch(recorded: dict[str, str], current: dict[str, str], where: str) -> str:
+    """Which keys of the text encoders' identities differ, with both values, and what to do about it."""
+    keys = sorted(key for key in recorded.keys() & current.keys() if recorded[key] != current[key])
+    differences = ", ".join(f"{key} ({recorded[key]} there, {current[key]} here)" for key in keys)
+    text = f"{where} was trained with another text encoder than this model's: they differ in {differences}"
+    if keys == ["vocabulary_sha256"]:
+        return (text + "; its weights keep the vocabulary they were trained with (words outside it read as <unk>): "
+                "leave out the config or option that gives text_encoder a vocabulary, or train from scratch "
+                "to learn new words")
+    return text + "; give the text encoder the settings it was trained with"
 
 
 def check_adapters(stored: dict[str, list[int]], current: dict[str, list[int]], where: str) -> None:
@@ -366,6 +385,8 @@ class RunCheckpoint(ModelCheckpoint):
     ``run_config`` (the resolved CLI config, set by ``FlowvidCLI``) is stored in every checkpoint and
     becomes ``config.yaml`` on export. ``resuming_from`` (the checkpoint ``fit`` resumes from, also set by
     ``FlowvidCLI``) tells a resume, which expects checkpoints in ``dirpath``, from a run that finds some there.
+    ``continued_by`` (also set by ``FlowvidCLI``) says how the run continues after a stop by a signal, in the
+    line that names the step saved.
     """
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 1000, keep_last_k: int = 3,
@@ -384,6 +405,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._stop_held = False  # a trainer.should_stop that waits for the end of the accumulation window
         self.run_config: dict[str, Any] | None = None
         self.resuming_from: str | None = None
+        self.continued_by: str | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.dirpath = self._checkpoint_dir(trainer)
@@ -440,9 +462,9 @@ class RunCheckpoint(ModelCheckpoint):
         self._save_if_training_stops(trainer)
         if self.save_on_sigterm and self._stopping(trainer):
             self._save_step(trainer)
+            continued = f"; {self.continued_by}" if self.continued_by else ""
             rank_zero_info(f"{self._signal or 'a signal to another process'}: stopping after step "
-                           f"{trainer.global_step}, saved in {self.dirpath}; the same command with --resume auto "
-                           "continues from there")
+                           f"{trainer.global_step}, saved in {self.dirpath}{continued}")
 
     # EarlyStopping decides after a validation or at the end of an epoch, after this batch's
     # on_train_batch_end: the step it stops after is saved there, before Lightning closes the epoch.
@@ -626,31 +648,33 @@ def _second_name_of_one_of(path: Path, others: list[Path]) -> bool:
     return path.is_symlink() and any(path.resolve() == other.resolve() for other in others if not other.is_symlink())
 
 
-def resolve_resume(checkpoint_dir: str | os.PathLike, resume: str | None) -> str | None:
+def resolve_resume(checkpoint_dir: str | os.PathLike, resume: str | None, validating: bool = False) -> str | None:
     """The checkpoint to resume from: ``"auto"`` (the newest readable one in ``checkpoint_dir``, or
     None for a fresh start), ``None`` / ``"none"`` (fresh start) or a path (which must exist): a
     checkpoint, or a run directory for its newest one (``resolve_checkpoint``).
 
     ``auto`` passes over checkpoints that cannot be read (a file truncated by a full disk, say) with a
     warning naming each, and resumes from the newest good one; when none can be read it stops.
+    ``validating`` words what it says for ``flowvid validate``, which continues nothing.
     """
     if resume is None or str(resume).lower() in ("none", "false", ""):
         return None
     if resume == "auto":
-        return _newest_readable(checkpoint_dir)
+        return _newest_readable(checkpoint_dir, validating)
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"resume: {resume} does not exist (use 'auto', 'none' or a checkpoint path)")
     return str(resolve_checkpoint(path))
 
 
-def _newest_readable(checkpoint_dir: str | os.PathLike) -> str | None:
+def _newest_readable(checkpoint_dir: str | os.PathLike, validating: bool = False) -> str | None:
     found = list_checkpoints(checkpoint_dir)
     if not found:
-        rank_zero_info(f"resume: auto found no checkpoint in {checkpoint_dir}; starting from scratch")
+        if not validating:  # validate warns that it validates the model as initialised
+            rank_zero_info(f"resume: auto found no checkpoint in {checkpoint_dir}; starting from scratch")
         return None
     path = newest_readable(found, f"resume: auto found {len(found)} checkpoint(s) in {checkpoint_dir}")
-    rank_zero_info(f"resume: auto continues from {path}")
+    rank_zero_info(f"resume: auto {'validates' if validating else 'continues from'} {path}")
     return str(path)
 
 

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -114,11 +115,13 @@ class FitSummary(Callback):
 
     def resume_command(self) -> str:
         """The command that continues the run from the checkpoint of its stop."""
-        if self.resumes_auto:
-            return "the same command (it has resume: auto) continues the run"
-        if self.command is None:
-            return "the same command with --resume auto continues the run"
+        if self.resumes_auto or self.command is None:
+            return f"{self.same_command()} continues the run"
         return shlex.join(["flowvid", *self.command, "--resume", "auto"])
+
+    def same_command(self) -> str:
+        """The command that continues the run, in words."""
+        return "the same command " + ("(it has resume: auto)" if self.resumes_auto else "with --resume auto")
 
 
 def print_on_first_process(trainer: Trainer, text: str) -> None:
@@ -162,17 +165,35 @@ def summary_with_next_commands(trainer: Trainer, pl_module: LightningModule, sum
         summary += f", logs in {shown(logger.log_dir)}"
     if checkpoint is None:
         return summary
-    ckpt = shlex.quote(shown(checkpoint))
-    prompt = ' --prompt "..."' if any(isinstance(module, TextEncoder) for module in pl_module.modules()) else ""
-    export_to = shlex.quote(shown(os.path.join(trainer.default_root_dir, "exported", "model.safetensors")))
-    samples_to = shlex.quote(shown(os.path.join(trainer.default_root_dir, "samples")))
-    commands = [f"flowvid export --ckpt {ckpt} --out {export_to}",
-                f"flowvid generate --ckpt {ckpt}{prompt} --out {samples_to}"]
+    commands = commands_taking_on(trainer, pl_module, checkpoint)
     if resume is not None:
         commands.insert(0, resume)
     if logger is not None:
         commands.append(f"tensorboard --logdir {shlex.quote(shown(logger.root_dir))}")
     return "\n".join([summary, "next:", *(f"  {command}" for command in commands)])
+
+
+def commands_taking_on(trainer: Trainer, pl_module: LightningModule, checkpoint: str) -> list[str]:
+    """What uses a checkpoint of ``pl_module``: a flow model's is exported and sampled (a LoRA run's adapters
+    also alone), a VideoVAE's is a codec; other modules get none."""
+    from flowvid.codecs.vae_training import VideoVAEModule, codec_commands
+    from flowvid.lit.module import FlowModule
+    from flowvid.nn.lora import LoRALinear
+
+    ckpt = shlex.quote(shown(checkpoint))
+    if isinstance(pl_module, VideoVAEModule):
+        encode, save = codec_commands(shown(checkpoint), pl_module.vae.architecture())
+        return [encode, f"python -c {shlex.quote(f'from flowvid.codecs import VideoVAE; {save}')}"]
+    if not isinstance(pl_module, FlowModule):
+        return []
+    prompt = ' --prompt "..."' if any(isinstance(module, TextEncoder) for module in pl_module.modules()) else ""
+    export_to = shlex.quote(shown(os.path.join(trainer.default_root_dir, "exported", "model.safetensors")))
+    samples_to = shlex.quote(shown(os.path.join(trainer.default_root_dir, "samples")))
+    commands = [f"flowvid export --ckpt {ckpt} --out {export_to}"]
+    if any(isinstance(module, LoRALinear) for module in pl_module.modules()):
+        adapters_to = shlex.quote(shown(os.path.join(trainer.default_root_dir, "exported", "adapters.safetensors")))
+        commands.append(f"flowvid export --ckpt {ckpt} --out {adapters_to} --adapters-only")
+    return [*commands, f"flowvid generate --ckpt {ckpt}{prompt} --out {samples_to}"]
 
 
 def newest_checkpoint_saved(trainer: Trainer) -> str | None:
@@ -539,6 +560,9 @@ class FlowvidCLI(LightningCLI):
     """LightningCLI with a ``--resume`` argument (``auto``, ``none`` or a checkpoint path) and a ``--ckpt_path`` that
     takes a run directory, and for ``validate`` an export."""
 
+    #: The folders the run will write to that did not exist when its trainer was built.
+    new_folders: list[str] = []
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--resume", type=str | None, default=None,
@@ -602,6 +626,7 @@ class FlowvidCLI(LightningCLI):
         configured = configured if isinstance(configured, list) else [configured]  # one callback may stand alone
         chose_a_bar = any(isinstance(callback, ProgressBar) for callback in configured)
         trainer = super().instantiate_trainer(**kwargs)
+        FlowvidCLI.new_folders = folders_a_run_makes(trainer)
         trainer.callbacks.append(LoopStarted())
         if not chose_a_bar:
             _use_step_progress_bar(trainer)
@@ -641,7 +666,11 @@ class FlowvidCLI(LightningCLI):
             if isinstance(callback, InitFromExport):  # ("last" with no checkpoint yet starts afresh)
                 callback.resuming = settings.ckpt_path is not None and os.path.exists(settings.ckpt_path)
         # For fit only, and once the run is accepted.
-        self.trainer.callbacks.append(FitSummary(FitSummary.command_line, resumes_auto=resume == "auto"))
+        summary = FitSummary(FitSummary.command_line, resumes_auto=resume == "auto")
+        self.trainer.callbacks.append(summary)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunCheckpoint):
+                callback.continued_by = f"{summary.same_command()} continues from there"
 
     def before_validate(self) -> None:
         """``--ckpt_path`` may name a run directory (its newest readable checkpoint is validated), ``last``
@@ -661,7 +690,7 @@ class FlowvidCLI(LightningCLI):
                 settings.ckpt_path = str(resolve_checkpoint(settings.ckpt_path))
         else:
             resume = settings.get("resume")
-            settings.ckpt_path = resolve_resume(checkpoint_dir_of(self.trainer), resume)
+            settings.ckpt_path = resolve_resume(checkpoint_dir_of(self.trainer), resume, validating=True)
             if settings.ckpt_path is None and resume not in (None, "none"):
                 warnings.warn(f"resume: {resume} found no checkpoint in {checkpoint_dir_of(self.trainer)}: "
                               "validating the model as initialised", stacklevel=2)
@@ -683,6 +712,34 @@ class FlowvidCLI(LightningCLI):
         """The full config of this command as plain data (what ``config.yaml`` holds)."""
         parser = self._parser(self.subcommand)
         return yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False))
+
+
+def folders_a_run_makes(trainer: Trainer) -> list[str]:
+    """The folders ``trainer`` writes to (its run directory, checkpoint folder, TensorBoard ``version_N``) that
+    do not exist yet, deepest first."""
+    folders = [trainer.default_root_dir]
+    if has_run_checkpoint(trainer):
+        folders.append(checkpoint_dir_of(trainer))
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            folders += [logger.root_dir, logger.log_dir]
+    new = {os.path.abspath(folder) for folder in folders if "://" not in str(folder) and not os.path.exists(folder)}
+    return sorted(new, key=lambda folder: folder.count(os.sep), reverse=True)
+
+
+#: What a run writes before its first step, and nothing after a refusal needs: the logger's event file and the
+#: config files.
+SETUP_FILES = re.compile(r"events\.out\.tfevents\..*|config\.yaml|hparams\.yaml")
+
+
+def remove_what_a_refused_run_made(folders: list[str]) -> None:
+    """Remove the folders of ``folders`` (made by a run that was refused before its first step) that hold
+    nothing but what ``SETUP_FILES`` matches: left behind, a refused run would take ``version_0`` of its logs,
+    and the run that follows the fix would be ``version_1``."""
+    for folder in folders:
+        written = [name for _, _, names in os.walk(folder) for name in names]
+        if os.path.isdir(folder) and all(SETUP_FILES.fullmatch(name) for name in written):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _imported(class_path: str) -> Any:
@@ -869,6 +926,8 @@ BENIGN_WARNINGS = (
     r"Your `IterableDataset` has `__len__` defined",
     # Lightning calling a torch API that torch has deprecated.
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # Frozen parts (a codec, a pretrained text encoder) stay in eval mode on purpose.
+    r"Found \d+ module\(s\) in eval mode at the start of training",
     # DeepSpeed's ZeRO calling torch collectives that torch has deprecated, at every step.
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
     r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
@@ -897,6 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     load_plugins()
     quiet_benign_messages()
     LoopStarted.started = False
+    FlowvidCLI.new_folders = []
     FitSummary.command_line = list(sys.argv[1:] if argv is None else argv)
     if argv is None:  # rewritten where Lightning reads them, and relaunches other processes from
         sys.argv[1:] = nulls_as_mappings(sys.argv[1:])
@@ -917,6 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as err:
         if LoopStarted.started or os.environ.get("FLOWVID_TRACEBACK"):
             raise
+        remove_what_a_refused_run_made(FlowvidCLI.new_folders)
         subcommand = (sys.argv[1:] if args is None else args)[:1]
         print(f"flowvid {' '.join(subcommand)}: error: {_first_cause(err)}", file=sys.stderr)
         return 2
@@ -929,6 +990,16 @@ def main(argv: list[str] | None = None) -> int:
     except SIGTERMException as stopped:  # stopped after a step (RunCheckpoint saved it): not a finished run
         finish_distributed()
         return CTRL_C_EXIT_STATUS if getattr(stopped, "stopped_by", None) == "Ctrl-C" else SIGTERM_EXIT_STATUS
+    except KeyboardInterrupt:  # a Ctrl-C before Lightning took over (building the model, reading the data)
+        subcommand = (sys.argv[1:] if args is None else args)[:1]
+        print(f"flowvid {' '.join(subcommand)}: stopped by Ctrl-C before the run started", file=sys.stderr)
+        return CTRL_C_EXIT_STATUS
+    except SystemExit as exited:
+        # Lightning ends a run interrupted by Ctrl-C (a second one, or one before RunCheckpoint listens) with
+        # exit(1), the status of a crash; a shell reports Ctrl-C as 130.
+        if exited.code == 1 and isinstance(exited.__context__, KeyboardInterrupt):
+            return CTRL_C_EXIT_STATUS
+        raise
     finish_distributed()
     return 0
 

@@ -35,6 +35,7 @@ from flowvid.lit.ema import EMA
 from flowvid.loading import export_in
 from flowvid.nn.lora import (DEFAULT_TARGETS, LoRALinear, add_lora, check_lora_settings, check_targets_match,
                              is_adapter_key)
+from flowvid.text.learned import LearnedTextEncoder
 
 #: Shorthands for ``Freeze(modules=...)``.
 PRESETS = {
@@ -63,7 +64,12 @@ class InitFromExport(Callback):
         self.resuming = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage not in ("fit", "validate") or self.resuming or trainer.ckpt_path:
+        if stage not in ("fit", "validate"):
+            return
+        for module in pl_module.modules():  # also on a resume: the checkpoint's weights came from the export
+            if isinstance(module, LearnedTextEncoder):
+                module.vocabulary_fixed = True
+        if self.resuming or trainer.ckpt_path:
             return
         path = self.export_file()
         with reading_export(path), safe_open(str(path), framework="pt") as file:
@@ -161,7 +167,8 @@ class Freeze(Callback):
         ema = getattr(pl_module, "ema", None)
         if isinstance(ema, EMA):  # made with the module, before this froze anything: it averages what trains
             ema.stop_averaging_frozen()
-        rank_zero_info(f"froze {frozen:,} parameters of {', '.join(self.modules)}; {trainable:,} train")
+        if stage == "fit":  # validate trains nothing: the count would read as if it did
+            rank_zero_info(f"froze {frozen:,} parameters of {', '.join(self.modules)}; {trainable:,} train")
 
 
 class LoRA(Callback):
@@ -202,5 +209,10 @@ class LoRA(Callback):
         if isinstance(ema, EMA):  # it averages what trains: now the adapters
             pl_module.ema = EMA(pl_module, ema.decay)
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        rank_zero_info(f"LoRA: {adapted} linear layers of {', '.join(self.modules)} adapted at rank {self.rank}; "
-                       f"{trainable:,} parameters train")
+        adapters = sum(p.numel() for name, p in pl_module.named_parameters() if is_adapter_key(name))
+        said = f"LoRA: {adapted} linear layers of {', '.join(self.modules)} adapted at rank {self.rank}"
+        if stage == "fit":
+            rank_zero_info(f"{said} ({adapters:,} adapter parameters); {trainable:,} parameters train in all, "
+                           "adapters included")
+        else:  # validate trains nothing
+            rank_zero_info(f"{said} ({adapters:,} adapter parameters)")

@@ -815,17 +815,19 @@ class FlowModule(LightningModule):
 
     def denoise(self, x_noisy: torch.Tensor, text: TextEmbedding | None = None) -> torch.Tensor:
         """One final denoising step: the learned denoiser, else a Tweedie step through the flow. A video
-        that sampling left NaN or infinite stays so, and the others are denoised."""
+        that sampling left NaN or infinite stays so, and the others are denoised. The result is detached:
+        the Tweedie step differentiates the flow, which a caller outside ``torch.no_grad`` would otherwise
+        find in the returned tensor's graph."""
         if self.denoiser is not None:
-            return self.denoiser.denoise(x_noisy, text)
+            return self.denoiser.denoise(x_noisy, text).detach()
         finite = torch.isfinite(x_noisy).flatten(1).all(dim=1)
         if finite.all():
-            return tweedie_denoise(self.flow, x_noisy, self.noise_std, text)
+            return tweedie_denoise(self.flow, x_noisy, self.noise_std, text).detach()
         denoised = x_noisy.float().clone()  # the flow refuses non-finite input, so it sees the finite videos only
         if finite.any():
             denoised[finite] = tweedie_denoise(self.flow, x_noisy[finite], self.noise_std,
                                                None if text is None else text[finite])
-        return denoised
+        return denoised.detach()
 
     def denoise_stream(self, frames: Iterable[torch.Tensor], text: TextEmbedding | None = None
                        ) -> Iterator[torch.Tensor]:
@@ -842,12 +844,14 @@ class FlowModule(LightningModule):
         return build_sampler(self.sampler_spec)
 
     @torch.no_grad()
-    def generate_videos(self, captions: list[str], seed: int) -> torch.Tensor:
-        """uint8 videos (B, T, H, W, 3) of ``video_shape`` for ``captions``, the same for the same seed."""
-        return self.codec.decode(self.sample_latents(captions, seed))
+    def generate_videos(self, captions: list[str], seed: int, denoise: bool = True) -> torch.Tensor:
+        """uint8 videos (B, T, H, W, 3) of ``video_shape`` for ``captions``, a torch tensor, the same for the
+        same seed; ``denoise=False`` decodes the sampled latents without the final denoising step."""
+        return self.codec.decode(self.sample_latents(captions, seed, denoise))
 
-    def sample_latents(self, captions: list[str], seed: int) -> torch.Tensor:
-        """The denoised latents that ``generate_videos`` decodes: NaN or infinite where a sample diverged."""
+    def sample_latents(self, captions: list[str], seed: int, denoise: bool = True) -> torch.Tensor:
+        """The latents that ``generate_videos`` decodes, denoised unless ``denoise=False``: NaN or infinite
+        where a sample diverged."""
         from flowvid.sampling import GuidedText
 
         generator = torch.Generator().manual_seed(seed)
@@ -858,7 +862,7 @@ class FlowModule(LightningModule):
             if self.guidance > 0 and text is not None:
                 condition = GuidedText(text, self.encode_text([""]))
             latents = self.sampler().sample(self.flow, z, condition, guidance=self.guidance)
-            return self.denoise(latents, text)
+            return self.denoise(latents, text) if denoise else latents
 
     # --- checkpoints ---------------------------------------------------------------------------
 

@@ -62,6 +62,8 @@ class LearnedTextEncoder(TextEncoder):
         self.max_length = max_length
         self.tokenizer = WordTokenizer(SHAPES_WORDS if vocabulary is None else vocabulary)
         self.unknown_count = 0
+        # Set where the weights come from an export (InitFromExport): fine-tuning cannot change the vocabulary.
+        self.vocabulary_fixed = False
         self.embed = nn.Embedding(len(self.tokenizer), width)
         self.position = nn.Parameter(torch.randn(max_length, width) * 0.02)
         self.layers = nn.ModuleList(TransformerLayer(width, head_dim) for _ in range(depth))
@@ -79,7 +81,8 @@ class LearnedTextEncoder(TextEncoder):
         """Add the ``count`` unknown words of ``captions`` to ``unknown_count``, warning the first time only,
         with their names: a model trained on captions it cannot read learns to ignore them, and a prompt of
         words a trained model never learned says less than it seems. In training mode the warning says how to
-        make them known; otherwise (sampling, validation) the vocabulary came with the weights and is fixed."""
+        make them known, unless it is fine-tuned from an export (``vocabulary_fixed``); otherwise (sampling,
+        validation) the vocabulary came with the weights and is fixed."""
         if count and not self.unknown_count:
             unknown = sorted({word for caption in captions for word in split_words(caption)
                               if word not in self.tokenizer.ids})
@@ -88,6 +91,10 @@ class LearnedTextEncoder(TextEncoder):
         self.unknown_count += count
 
     def _unknown_words_said(self, count: int, named: str) -> str:
+        if self.training and self.vocabulary_fixed:
+            return (f"{count} word(s) unknown to its vocabulary became <unk> ({named}); later ones are only counted "
+                    "(unknown_count). Its vocabulary came with the exported weights and cannot change when "
+                    "fine-tuning: these words stay <unk> (a model trained from scratch learns them)")
         if self.training:
             return (f"{count} word(s) unknown to its vocabulary became <unk> ({named}); later ones are only counted "
                     "(unknown_count). Give it the words of the captions as its vocabulary "

@@ -71,12 +71,11 @@ def test_continuing_keeps_the_checkpoints_and_asks_fit_to_resume(tmp_path, monke
     kept = write_checkpoint(tmp_path)
     commands = []
 
-    def fake_fit(command, check):
+    def fake_fit(command):
         commands.append(command)
         write_checkpoint(tmp_path, "step=00000640.ckpt")
-        return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(demo.subprocess, "run", fake_fit)
+    monkeypatch.setattr(demo, "run_to_the_end", fake_fit)
     newest = demo.train("recipe.yaml", tmp_path / "run", ["--trainer.max_steps=640"], resume=True)
     assert kept.exists() and newest.name == "step=00000640.ckpt"
     assert commands[0][-4:] == ["--trainer.max_steps=640", "--resume", "auto",
@@ -89,12 +88,12 @@ def test_a_demo_stopped_in_another_recipe_trains_afresh_and_replaces_its_checkpo
     other = write_recipe(tmp_path / "deeper.yaml", deep_depth=8)
     commands = []
 
-    def fake_fit(command, check):
+    def fake_fit(command):
         commands.append(command)
         raise TrainingStarted
 
     monkeypatch.setattr(demo, "make_data", lambda root: None)
-    monkeypatch.setattr(demo.subprocess, "run", fake_fit)
+    monkeypatch.setattr(demo, "run_to_the_end", fake_fit)
     with pytest.raises(TrainingStarted):
         demo.run_demo(tmp_path, str(other), [])
     assert "--resume" not in commands[0] and not earlier.exists()
@@ -135,11 +134,11 @@ def test_a_demo_stopped_without_a_readable_record_of_its_recipe_trains_afresh(tm
 @pytest.mark.parametrize("returncode, status", [(1, "exited with status 1"), (-9, "was stopped by signal 9")])
 def test_a_failed_training_ends_the_demo_with_one_line_naming_the_step(tmp_path, monkeypatch, capsys,
                                                                        returncode, status):
-    def failing_fit(command, check):
+    def failing_fit(command):
         raise subprocess.CalledProcessError(returncode, command)
 
     monkeypatch.setattr(demo, "make_data", lambda root: None)
-    monkeypatch.setattr(demo.subprocess, "run", failing_fit)
+    monkeypatch.setattr(demo, "run_to_the_end", failing_fit)
     with pytest.raises(SystemExit) as stopped:
         demo.main(["--out", str(tmp_path)])
     err = capsys.readouterr().err

@@ -147,5 +147,5 @@ def test_a_warning_of_a_call_points_at_the_caller_past_the_keyword_check(pipe):
 
 def test_a_keyword_far_from_any_lists_the_keywords(pipe):
     with pytest.raises(TypeError, match=r"'clip_skip': the keywords are prompts, task, image, video, frames, "
-                                        r"guidance, negative_prompt, seed, batch_size, videos_per_prompt$"):
+                                        r"guidance, negative_prompt, seed, batch_size, videos_per_prompt, denoise$"):
         pipe("a red circle", clip_skip=2)

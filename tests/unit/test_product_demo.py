@@ -1,7 +1,5 @@
 """The demo's training step starts a fresh run in its output folder and reports how fast it trained."""
 
-import subprocess
-
 import pytest
 
 from flowvid import demo
@@ -13,13 +11,12 @@ def test_a_second_demo_run_replaces_the_checkpoints_of_the_first(tmp_path, monke
     old.parent.mkdir(parents=True)
     old.write_bytes(b"first run")
 
-    def fake_fit(command, check):
+    def fake_fit(command):
         # Lightning writes a -v1 name next to a checkpoint of the same step.
         name = "step=00000640-v1.ckpt" if old.exists() else "step=00000640.ckpt"
         (run_dir / "checkpoints" / name).write_bytes(b"second run")
-        return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(demo.subprocess, "run", fake_fit)
+    monkeypatch.setattr(demo, "run_to_the_end", fake_fit)
     checkpoint = demo.train(demo.RECIPE, run_dir, [])
     assert checkpoint == old and checkpoint.read_bytes() == b"second run"
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step=00000640.ckpt"]

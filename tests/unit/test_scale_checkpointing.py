@@ -396,8 +396,9 @@ def test_a_run_stopped_by_sigterm_names_the_checkpoint_of_the_step_it_stopped_af
     checkpoint = tmp_path / "checkpoints" / "step=00000002.ckpt"
     assert saved(tmp_path) == [checkpoint.name]
     summary = capsys.readouterr().out
-    assert (f"stopped at step 2; saved {checkpoint}\nnext:\n  the same command with --resume auto continues the run\n"
-            f"  flowvid export --ckpt {checkpoint} ") in summary
+    # Export and generate take flow models only: for this module, the command that continues the run alone.
+    assert summary == (f"stopped at step 2; saved {checkpoint}\nnext:\n"
+                       "  the same command with --resume auto continues the run\n")
 
 
 def test_a_run_that_saved_no_checkpoint_names_none(tmp_path, capsys):

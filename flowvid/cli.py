@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import signal
 import sys
 import textwrap
 import warnings
@@ -190,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(versions())
         return 0
     verb, rest = argv[0], argv[1:]
-    load_plugins()
     try:
+        load_plugins()
         if verb in LIGHTNING_VERBS:
             return run_lightning(argv)
         if verb not in VERBS:
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"flowvid {verb}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # where no command says more of it (loading plugins, importing torch)
+        print(f"flowvid {verb}: stopped by Ctrl-C", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

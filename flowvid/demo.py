@@ -200,6 +200,10 @@ def how_to_continue(out: Path) -> str:
     return "no checkpoint was saved, so the same command trains afresh"
 
 
+#: What ``--real`` does after a stop: its short fine-tuning starts over from the demo model's export.
+REAL_AGAIN = "the same command fine-tunes the demo model afresh"
+
+
 def train(recipe: str, run_dir: Path, extra: list[str], resume: bool = False) -> Path:
     """Run ``flowvid fit`` on ``recipe``: a fresh run, or with ``resume`` the continuation of the run in
     ``run_dir``; returns its newest checkpoint."""
@@ -451,10 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(1, f"{parser.prog}: error: {failed}\n")
     except Stopped as stopped:
         name = "Ctrl-C" if stopped.signum == signal.SIGINT else stopped.args[0]
-        parser.exit(128 + stopped.signum, f"{parser.prog}: stopped by {name} during training; "
-                                          f"{how_to_continue(out)}\n")
+        again = REAL_AGAIN if args.real else how_to_continue(out)
+        parser.exit(128 + stopped.signum, f"{parser.prog}: stopped by {name} during training; {again}\n")
     except KeyboardInterrupt:
-        again = "the same command samples again" if args.checkpoint is not None else how_to_continue(out)
+        again = ("the same command samples again" if args.checkpoint is not None
+                 else REAL_AGAIN if args.real else how_to_continue(out))
         parser.exit(128 + signal.SIGINT, f"{parser.prog}: stopped by Ctrl-C; {again}\n")
     width = max(map(len, metrics))
     for key, value in metrics.items():

@@ -82,7 +82,7 @@ def run_demo_real(out: Path, extra: list[str]) -> dict[str, Any]:
     from flowvid.data.shards import shard_paths
     from flowvid.export import export_checkpoint
 
-    from flowvid.demo import remove_earlier_checkpoints, step
+    from flowvid.demo import remove_earlier_checkpoints, run_to_the_end, step
 
     clips, demo_checkpoint = check_inputs(out)
     real = out / "real"
@@ -102,7 +102,7 @@ def run_demo_real(out: Path, extra: list[str]) -> dict[str, Any]:
         command = [sys.executable, "-m", "flowvid.cli", "fit", "--config", "recipes/demo/shapes_t2v.yaml",
                    "--config", str(overlay), *extra]
         print("    " + " ".join(command), flush=True)
-        subprocess.run(command, check=True)
+        run_to_the_end(command)
     with step("bits/dim of the held-out real clips: the flow before and after fine-tuning, and FFV1"):
         tuned = sorted((real / "run").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
         scores = {}

@@ -43,6 +43,12 @@ def test_a_command_like_no_other_suggests_none(capsys):
     assert "did you mean" not in capsys.readouterr().err
 
 
+def test_ctrl_c_while_plugins_load_ends_in_one_line_with_status_130(capsys):
+    with mock.patch("flowvid.cli.load_plugins", side_effect=KeyboardInterrupt):
+        assert main(["generate", "--ckpt", "model.safetensors"]) == 130
+    assert capsys.readouterr().err == "flowvid generate: stopped by Ctrl-C\n"
+
+
 def test_a_mistyped_recipe_key_is_one_line_naming_the_key_the_file_and_the_likely_option(tmp_path, capsys):
     recipe = recipe_with(tmp_path, "    warmup_steps: 50", "    warmup_stepz: 50")
     err = fit_error("--config", str(RECIPE), "--config", str(recipe), capsys=capsys)

@@ -79,3 +79,19 @@ def test_a_second_ctrl_c_stops_at_once_and_the_demo_says_nothing_was_saved(tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists()
     [line] = stderr.strip().splitlines()
     assert line.endswith("no checkpoint was saved, so the same command trains afresh")
+
+
+def test_a_stop_during_the_real_clips_fine_tuning_says_the_same_command_fine_tunes_afresh(tmp_path, monkeypatch,
+                                                                                          capsys):
+    from flowvid import demo, demo_real
+
+    def stopped_while_fine_tuning(out, extra):
+        raise demo.Stopped(signal.SIGINT)
+
+    monkeypatch.setattr(demo_real, "check_inputs", lambda out: None)
+    monkeypatch.setattr(demo_real, "run_demo_real", stopped_while_fine_tuning)
+    with pytest.raises(SystemExit) as ended:
+        demo.main(["--real", "--out", str(tmp_path)])
+    assert ended.value.code == 130
+    assert capsys.readouterr().err == ("python -m flowvid.demo: stopped by Ctrl-C during training; the same command "
+                                       "fine-tunes the demo model afresh\n")

@@ -972,6 +972,7 @@ def main(argv: list[str] | None = None) -> int:
             # --optimizer would replace its parameter groups and --lr_scheduler would be ignored.
             auto_configure_optimizers=False,
             parser_class=FlowvidArgumentParser,
+            parser_kwargs={"allow_abbrev": False},
             args=args,
         )
     except INPUT_ERRORS as err:

@@ -43,6 +43,12 @@ def test_a_command_like_no_other_suggests_none(capsys):
     assert "did you mean" not in capsys.readouterr().err
 
 
+def test_a_cut_short_option_is_refused_not_taken_for_the_option_it_begins(capsys):
+    """argparse would read --trainer.max_step as --trainer.max_steps: a typo then sets a setting unseen."""
+    error = fit_error("--config", str(RECIPE), "--trainer.max_step", "5", "--print_config", capsys=capsys)
+    assert "unrecognized arguments: --trainer.max_step (did you mean 'trainer.max_steps'?)" in error
+
+
 def test_ctrl_c_while_plugins_load_ends_in_one_line_with_status_130(capsys):
     with mock.patch("flowvid.cli.load_plugins", side_effect=KeyboardInterrupt):
         assert main(["generate", "--ckpt", "model.safetensors"]) == 130

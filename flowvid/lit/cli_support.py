@@ -266,6 +266,7 @@ NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 NOT_ACCEPTED_BY_SUBCOMMAND = re.compile(r"Subcommand '[^']+' does not accept option '([^']+)'")
 UNRECOGNIZED = re.compile(r"unrecognized arguments: (\S+)")
 NOT_AN_IMPORT_PATH = re.compile(r"Expected a dot import path string: (\S+)")
+NO_SUCH_NAME = re.compile(r"module '([^']+)' has no attribute '([^']+)'")
 
 
 def one_line_error(message: str, recipes: dict[str, Any], options: list[str] = ()) -> str:
@@ -282,6 +283,10 @@ def one_line_error(message: str, recipes: dict[str, Any], options: list[str] = (
         error += did_you_mean(match[1], options)
     elif match := UNRECOGNIZED.match(error):
         return _unrecognized(match[1], keys, options)
+    elif match := NO_SUCH_NAME.fullmatch(error):  # a class_path naming a class (or module) that is not there
+        unknown_key = False
+        keys = [*(keys[:-1] if keys[-1:] == ["init_args"] else keys), "class_path"]
+        error = _no_such_name(match[1], match[2])
     else:  # a wrong value: a recipe holding the key may not be where the value came from
         unknown_key = False
         if (match := NOT_AN_IMPORT_PATH.fullmatch(error)) and (instead := class_path_for(match[1])):
@@ -311,6 +316,15 @@ def _unrecognized(option: str, keys: list[str], options: list[str]) -> str:
                  f"overlay (a later --config's {listed} replaces the list); --{listed}+=... adds an item, it does "
                  "not edit one")
     return text
+
+
+def _no_such_name(module: str, name: str) -> str:
+    """A class_path's missing part, with the name of ``module`` it likely misspells."""
+    try:
+        names = [held for held in dir(importlib.import_module(module)) if not held.startswith("_")]
+    except ImportError:
+        names = []
+    return f"{module}.{name}: module {module!r} has no {name!r}{did_you_mean(name, names)}"
 
 
 def _init_args_without_a_class(recipes: dict[str, Any], keys: list[str]) -> tuple[str, str] | None:

@@ -49,6 +49,15 @@ def test_a_cut_short_option_is_refused_not_taken_for_the_option_it_begins(capsys
     assert "unrecognized arguments: --trainer.max_step (did you mean 'trainer.max_steps'?)" in error
 
 
+@pytest.mark.parametrize("given, missing, likely", [("flowvid.codecs.PixelCodecc", "'flowvid.codecs' has no 'PixelCodecc'",
+                                                       "PixelCodec"),
+                                                      ("flowvid.codecz.PixelCodec", "'flowvid' has no 'codecz'", "codecs")])
+def test_a_misspelt_class_path_names_the_class_path_and_the_likely_name(given, missing, likely, capsys):
+    error = fit_error("--config", str(RECIPE), "--model.init_args.codec.class_path", given, capsys=capsys)
+    assert error.startswith("flowvid fit: error: model.init_args.codec.class_path: ")
+    assert f"module {missing} (did you mean {likely!r}?)" in error and error.count("\n") == 1
+
+
 def test_ctrl_c_while_plugins_load_ends_in_one_line_with_status_130(capsys):
     with mock.patch("flowvid.cli.load_plugins", side_effect=KeyboardInterrupt):
         assert main(["generate", "--ckpt", "model.safetensors"]) == 130

@@ -9,6 +9,7 @@ file and how to get a good one.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -56,11 +57,31 @@ def reading(file: Path, what: str) -> Iterator[None]:
                          f"{GET_AGAIN}") from err
 
 
+@contextlib.contextmanager
+def without_progress_bars() -> Iterator[None]:
+    """transformers' and diffusers' loading bars off: a frozen part loads at every command, in a fraction of a
+    second, and its bar would print among the command's own lines each time."""
+    turned_off = []
+    for library in ("transformers", "diffusers"):
+        try:
+            logging = importlib.import_module(f"{library}.utils.logging")
+        except ImportError:
+            continue
+        if logging.is_progress_bar_enabled():
+            logging.disable_progress_bar()
+            turned_off.append(logging)
+    try:
+        yield
+    finally:
+        for logging in turned_off:
+            logging.enable_progress_bar()
+
+
 def load_complete(load: Callable[..., Any], file: Path, what: str) -> Any:
     """``load(**options)``, a ``from_pretrained`` of transformers or diffusers, refusing weights that the file
     lacks or holds in another shape than the config describes (both libraries would draw them at random),
     and weights that hold NaN or inf (a frozen model would turn every batch into NaN)."""
-    with reading(file, what):
+    with reading(file, what), without_progress_bars():
         model, info = load(output_loading_info=True, ignore_mismatched_sizes=True)
     missing = sorted(info.get("missing_keys") or ())
     reshaped = sorted(f"{key} ({tuple(found)} in the file, {tuple(expected)} in the config)"

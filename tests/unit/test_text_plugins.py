@@ -140,6 +140,14 @@ def test_a_caption_longer_than_the_tokenizer_allows_is_truncated_without_an_inde
     assert "indexing errors" not in caplog.text
 
 
+def test_loading_prints_no_progress_bar_and_leaves_the_libraries_bars_as_they_were(t5_dir, capfd):
+    import transformers.utils.logging as transformers_logging
+
+    T5TextEncoder(t5_dir, max_length=8)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()
+
+
 def test_frozen_weights_stay_out_of_checkpoints(t5_dir):
     holder = nn.Module()
     holder.text = T5TextEncoder(t5_dir, max_length=4)

@@ -42,23 +42,24 @@ def adherence_per_seed(module, samples: list[dict[str, Any]], seeds: list[int]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from run_all import DEMO_CHECKPOINT, require_model, wait_policy
+    from run_all import DEMO_CHECKPOINT, held_out_samples, positive_int, require_model, wait_policy
 
-    from flowvid.demo import SEED, validation_samples
+    from flowvid.demo import SEED
     from flowvid.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=DEMO_CHECKPOINT)
     parser.add_argument("--data", default="data/shapes/val", help="held-out shards of the shapes videos")
-    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--samples", type=positive_int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[SEED, 1, 2, 3, 4])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     require_model(parser, args.ckpt)
+    samples = held_out_samples(parser, args.data, args.samples)
     torch.set_num_threads(args.threads)
     module = load_model(args.ckpt)
-    results = adherence_per_seed(module, validation_samples(Path(args.data), args.samples), args.seeds)
+    results = adherence_per_seed(module, samples, args.seeds)
     for seed, value in results.items():
         print(f"seed {seed}: caption adherence {value:.4f}")
     print(f"mean over {len(results)} seeds: {statistics.mean(results.values()):.4f}")

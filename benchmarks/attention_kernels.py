@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from run_all import wait_policy
+from run_all import positive_int, wait_policy
 
 TOKENS = 8192
 HEADS = 4
@@ -58,8 +58,8 @@ def measure(length: int, tokens: int = TOKENS) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128, 192, 272, 384, 512, 1040, 2080])
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[16, 64, 128, 192, 272, 384, 512, 1040, 2080])
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

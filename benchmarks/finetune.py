@@ -23,7 +23,7 @@ import torch
 from flowvid.flows import GlobalLocalFlow
 from flowvid.nn.lora import add_lora
 from flowvid.testing import perturb_parameters
-from run_all import wait_policy
+from run_all import multiple_of, positive_int, wait_policy
 
 VIDEO = (8, 8, 8, 12)  # latent frames, height, width, channels of the demo recipe
 
@@ -95,11 +95,12 @@ def markdown(results: dict[int, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[192, 384], help="deep block widths")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--widths", type=multiple_of(32, "the demo preset's attention head width"), nargs="+",
+                        default=[192, 384], help="deep block widths, multiples of 32 (the attention head width)")
+    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--rounds", type=positive_int, default=6)
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:

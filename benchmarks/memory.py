@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run_all import wait_policy
+from run_all import positive_int, wait_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "demo" / "shapes_t2v.yaml"
@@ -84,7 +84,7 @@ def markdown(rows: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30, help="training steps of the demo recipe")
+    parser.add_argument("--steps", type=positive_int, default=30, help="training steps of the demo recipe")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     rows = measure(args.steps)

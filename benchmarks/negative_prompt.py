@@ -77,24 +77,24 @@ def markdown(results: dict[float, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from run_all import DEMO_CHECKPOINT, require_model, wait_policy
+    from run_all import DEMO_CHECKPOINT, held_out_samples, positive_int, require_model, wait_policy
 
-    from flowvid.demo import SEED, validation_samples
+    from flowvid.demo import SEED
     from flowvid.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=DEMO_CHECKPOINT)
     parser.add_argument("--data", default="data/shapes/val", help="held-out shards of the shapes videos")
-    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--samples", type=positive_int, default=16)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     require_model(parser, args.ckpt)
+    samples = [s for s in held_out_samples(parser, args.data, args.samples)
+               if len(s["meta"]["attributes"]["objects"]) == 1]  # the probe reads one captioned object
     torch.set_num_threads(args.threads)
     module = load_model(args.ckpt)
-    samples = [s for s in validation_samples(Path(args.data), args.samples)
-               if len(s["meta"]["attributes"]["objects"]) == 1]  # the probe reads one captioned object
     results = {guidance: measure(module, samples, guidance, seed=SEED) for guidance in args.guidance}
     print(markdown(results))
     if args.json:

@@ -40,7 +40,7 @@ from torch import nn
 
 from flowvid.flows import GlobalLocalFlow
 from flowvid.text.base import TextEmbedding
-from run_all import wait_policy
+from run_all import positive_float, positive_int, wait_policy
 
 
 @dataclass(frozen=True)
@@ -253,13 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", required=True, help="checkout of apple/ml-starflow")
     parser.add_argument("--fit-steps", type=int, default=250, help="maximum-likelihood steps on the shapes videos")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tol", type=float, nargs="+", default=[0.0316, 0.1],
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--tol", type=positive_float, nargs="+", default=[0.0316, 0.1],
                         help="our tolerances on the relative change (0.0316: the square root of the reference's)")
     parser.add_argument("--threshold", type=float, default=1e-3,
                         help="the reference's threshold on the squared relative change (its scripts' value)")
-    parser.add_argument("--reference-block-size", type=int, default=32, help="the reference's default")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reference-block-size", type=positive_int, default=32, help="the reference's default")
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     try:

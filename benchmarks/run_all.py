@@ -28,7 +28,9 @@ Benchmarks run with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (
 section shows why); each records the policy it ran under in its JSON (``omp_wait_policy``). Every
 benchmark's JSON and the report (``report.md``, with a last section listing what failed) go to
 ``--out-dir`` (default ``runs/benchmarks``). A benchmark that runs past ``TIMEOUT_S`` is stopped and
-counted as failed. Numbers depend on the machine and its load; quote them with their command.
+counted as failed. Ctrl-C stops the benchmark that is running and ends the run with exit status 130,
+the report holding the benchmarks that finished. Numbers depend on the machine and its load; quote them
+with their command.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
+from flowvid.checks import is_positive_number
 from flowvid.placement import cpu_has_native_bf16
 
 HERE = Path(__file__).resolve().parent
@@ -75,6 +79,56 @@ def require_model(parser: argparse.ArgumentParser, path: str) -> None:
     """Stop with one line naming ``path``, not a loader's traceback, when the model to measure is missing."""
     if not Path(path).exists():
         parser.error(f"no model at {path} (`make demo` trains one at {DEMO_CHECKPOINT})")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1. A 0 would otherwise end in a traceback, often after minutes of
+    measuring (no median of no rounds), or mean something else entirely (every clip of a folder)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def multiple_of(step: int, what: str):
+    """argparse type: a positive multiple of ``step`` (``what`` says why, in the error)."""
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value % step:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {step} ({what}), got {value}")
+        return value
+
+    parse.__name__ = f"multiple of {step}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if not is_positive_number(value):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def held_out_samples(parser: argparse.ArgumentParser, folder: str, count: int) -> list[dict]:
+    """The first ``count`` clips of the held-out shards in ``folder``, read before the model loads: a
+    missing folder ends in one line, and a folder with fewer clips says so on stderr."""
+    from flowvid.data import ManifestError
+    from flowvid.demo import validation_samples
+
+    try:
+        samples = validation_samples(Path(folder), count)
+    except (ManifestError, OSError) as error:
+        parser.error(f"--data {folder}: {error}")
+    if len(samples) < count:
+        print(f"--samples {count}: {folder} holds only {len(samples)} clips; using those", file=sys.stderr)
+    return samples
 
 
 def run(script: str, arguments: list[str], json_path: Path, env: dict[str, str] | None = None,
@@ -151,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=str(ROOT / "runs" / "benchmarks"))
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    out = Path(args.out_dir)
+    out = Path(args.out_dir).resolve()  # the benchmarks run from the repository root, not from here
     out.mkdir(parents=True, exist_ok=True)
     quick = args.quick
     bf16 = cpu_has_native_bf16()  # elsewhere bf16 is emulated, slower than fp32: nothing to measure
@@ -162,38 +216,55 @@ def main(argv: list[str] | None = None) -> int:
     if not demo_model:
         print(f"no {DEMO_CHECKPOINT} (make demo writes it): the streaming and quality measurements skipped")
 
-    sections: dict[str, list[str | None]] = {
+    plan: dict[str, list[Callable[[], str | None]]] = {
         "Training throughput": [
-            run("train_throughput.py", ["--rounds", "3" if quick else "8", *reference], out / "training.json"),
-            None if quick else run("train_throughput.py", ["--frames", "16", "--batch", "2", "--rounds", "6",
-                                                            *reference], out / "training_16_frames.json"),
-            run("train_throughput.py", ["--precision", "bf16-mixed", "--rounds", "3" if quick else "8", *reference],
-                out / "training_bf16.json") if bf16 else None,
-            run("attention_kernels.py", ["--lengths", "16", "64", "192", "512"] if quick else [],
-                out / "attention_kernels.json") if bf16 else None,
+            lambda: run("train_throughput.py", ["--rounds", "3" if quick else "8", *reference], out / "training.json"),
+            lambda: None if quick else run("train_throughput.py", ["--frames", "16", "--batch", "2", "--rounds", "6",
+                                                                    *reference], out / "training_16_frames.json"),
+            lambda: run("train_throughput.py", ["--precision", "bf16-mixed", "--rounds", "3" if quick else "8",
+                                                *reference], out / "training_bf16.json") if bf16 else None,
+            lambda: run("attention_kernels.py", ["--lengths", "16", "64", "192", "512"] if quick else [],
+                        out / "attention_kernels.json") if bf16 else None,
         ],
         "Sampling": [
-            run("sampling.py", ["--perturb", "0.02", "--repeats", "2" if quick else "3"], out / "sampling.json"),
-            None if quick else run("sampling.py", ["--config", "large", "--repeats", "2"], out / "sampling_large.json"),
-            run("sampling.py", ["--perturb", "0.02", "--precision", "bf16-mixed", "--repeats", "2" if quick else "3"],
-                out / "sampling_bf16.json") if bf16 else None,
-            run("reference.py", [*reference, "--rounds", "3" if quick else "5"], out / "reference_jacobi.json")
-            if reference else None,
+            lambda: run("sampling.py", ["--perturb", "0.02", "--repeats", "2" if quick else "3"],
+                        out / "sampling.json"),
+            lambda: None if quick else run("sampling.py", ["--config", "large", "--repeats", "2"],
+                                           out / "sampling_large.json"),
+            lambda: run("sampling.py", ["--perturb", "0.02", "--precision", "bf16-mixed",
+                                        "--repeats", "2" if quick else "3"], out / "sampling_bf16.json")
+            if bf16 else None,
+            lambda: run("reference.py", [*reference, "--rounds", "3" if quick else "5"],
+                        out / "reference_jacobi.json") if reference else None,
         ],
-        "Fine-tuning": [run("finetune.py", ["--rounds", "2" if quick else "6"], out / "finetune.json")],
-        "Memory": [run("memory.py", ["--steps", "10" if quick else "30"], out / "memory.json")],
-        "Data": [run("data.py", ["--quick"] if quick else [], out / "data.json")],
-        "Streaming": [run("streaming.py", ["--rounds", "1" if quick else "3"], out / "streaming.json")
+        "Fine-tuning": [lambda: run("finetune.py", ["--threads", "2", "--rounds", "2" if quick else "8"],
+                                     out / "finetune.json")],
+        "Memory": [lambda: run("memory.py", ["--steps", "10" if quick else "30"], out / "memory.json")],
+        "Data": [lambda: run("data.py", ["--quick"] if quick else [], out / "data.json")],
+        "Streaming": [lambda: run("streaming.py", ["--rounds", "1" if quick else "3"], out / "streaming.json")
                       if demo_model else None],
         "Quality": [
-            run("negative_prompt.py", ["--samples", "8" if quick else "16"], out / "negative_prompt.json")
+            lambda: run("negative_prompt.py", ["--samples", "8" if quick else "16"], out / "negative_prompt.json")
             if demo_model else None,
-            run("adherence.py", ["--seeds", "1234", "1"] if quick else [], out / "adherence.json")
+            lambda: run("adherence.py", ["--seeds", "1234", "1"] if quick else [], out / "adherence.json")
             if demo_model else None,
         ],
-        "Thread settings": [None if quick else thread_settings(out, cycles=2)],
-        "GPU": [run("gpu.py", [], out / "gpu.json")],
+        "Thread settings": [lambda: None if quick else thread_settings(out, cycles=2)],
+        "GPU": [lambda: run("gpu.py", [], out / "gpu.json")],
     }
+    # Run one at a time, so that a Ctrl-C still leaves a report of the benchmarks that finished.
+    sections: dict[str, list[str | None]] = {}
+    try:
+        for title, parts in plan.items():
+            sections[title] = []
+            for part in parts:
+                sections[title].append(part())
+    except KeyboardInterrupt:
+        # run_to_end has stopped the benchmark that was running; what finished before it is kept.
+        FAILURES.append("interrupted (Ctrl-C): the later benchmarks did not run")
+        (out / "report.md").write_text(report(sections) + "\n")
+        print(f"interrupted: the benchmarks that finished are in {out / 'report.md'}", file=sys.stderr)
+        return 130
     text = report(sections)
     (out / "report.md").write_text(text + "\n")
     print(text)

@@ -50,7 +50,7 @@ from flowvid.placement import precision_context
 from flowvid.sampling import JacobiSampler, Sampler, SequentialSampler
 from flowvid.testing import perturb_parameters
 from flowvid.text.base import TextEmbedding
-from run_all import require_model, wait_policy
+from run_all import positive_float, positive_int, require_model, wait_policy
 
 CONFIGS: dict[str, dict] = {
     # The "demo" preset at the demo recipe's latent size (16x16 pixels, patch 2).
@@ -275,16 +275,16 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="demo")
-    parser.add_argument("--frames", type=int, default=4, help="latent frames of the video")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--frames", type=positive_int, default=4, help="latent frames of the video")
+    parser.add_argument("--batch", type=positive_int, default=2)
     parser.add_argument("--perturb", type=float, default=0.02, help="std of the weight perturbation")
     parser.add_argument("--train-steps", type=int, default=0, help="fit the flow to shapes videos instead")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per sampler; the fastest counts")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="runs per sampler; the fastest counts")
     parser.add_argument("--checkpoint", default=None, help="measure this trained model (checkpoint or export)")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true",
                         help="precision of the Jacobi samplers and their forward pass")
-    parser.add_argument("--tolerances", type=float, nargs="*", default=[],
+    parser.add_argument("--tolerances", type=positive_float, nargs="*", default=[],
                         help="also measure Jacobi (default settings) at these tolerances")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)

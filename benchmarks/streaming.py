@@ -52,7 +52,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from run_all import DEMO_CHECKPOINT, require_model, wait_policy
+    from run_all import DEMO_CHECKPOINT, positive_int, require_model, wait_policy
 
     from flowvid.loading import load_model
     from flowvid.pipeline import VideoPipeline
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=DEMO_CHECKPOINT)
-    parser.add_argument("--frames", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--frames", type=positive_int, nargs="+", default=[8, 32])
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     require_model(parser, args.ckpt)

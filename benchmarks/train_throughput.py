@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flowvid.nn.attention import attention_bands, prefix_causal_mask
 from flowvid.placement import precision_context
 from reference import SharedConfig, build_reference, load_reference, reference_loss, reference_video
-from run_all import wait_policy
+from run_all import multiple_of, positive_int, wait_policy
 
 MATMUL_SIZE = 2048
 #: Lightning's precision names and the dtype of the network's matmuls in each.
@@ -228,12 +228,13 @@ def markdown(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[128, 256])
-    parser.add_argument("--deep-depth", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--frames", type=int, default=4, help="latent frames per video")
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds; medians are reported")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--widths", type=multiple_of(64, "the attention head width"), nargs="+", default=[128, 256],
+                        help="deep block widths, multiples of 64 (the attention head width)")
+    parser.add_argument("--deep-depth", type=positive_int, default=4)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--frames", type=positive_int, default=4, help="latent frames per video")
+    parser.add_argument("--rounds", type=positive_int, default=8, help="interleaved rounds; medians are reported")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     parser.add_argument("--precision", choices=list(MATMUL_DTYPES), default="32-true",
                         help="bf16-mixed: the step under bf16 autocast, MFU against the bf16 matmul")
     parser.add_argument("--reference", default=None, help="checkout of apple/ml-starflow to compare against")

@@ -271,10 +271,14 @@ def training_speed(run_dir: Path) -> dict[str, float]:
 
 
 def validation_samples(root: Path, count: int) -> list[dict[str, Any]]:
-    """The first ``count`` held-out samples: uint8 video, caption, attributes."""
+    """The first ``count`` held-out samples (fewer when ``root`` holds fewer): uint8 video, caption, attributes.
+
+    ``count`` must be >= 1: a loop that stops only at ``count`` reads every clip for 0 or less."""
+    from flowvid.checks import check_count
     from flowvid.data import SampleSpec, decode_sample, iter_tar, load_manifest
     from flowvid.data.shards import shard_paths
 
+    check_count("count", count)
     manifest = load_manifest(root)
     spec = SampleSpec.from_manifest(manifest)
     samples = []

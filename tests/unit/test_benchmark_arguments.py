@@ -6,7 +6,6 @@ Every check here stops before anything is measured or a model is loaded, so the 
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,11 @@ import pytest
 from flowvid.data import write_synthetic_dataset
 from flowvid.demo import validation_samples
 
+from test_perf_benchmarks import (adherence, finetune, memory, negative_prompt, reference, run_all, sampling,
+                                  streaming, train_throughput)
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-adherence = importlib.import_module("adherence")
-attention_kernels = importlib.import_module("attention_kernels")
-finetune = importlib.import_module("finetune")
-memory = importlib.import_module("memory")
-negative_prompt = importlib.import_module("negative_prompt")
-reference = importlib.import_module("reference")
-run_all = importlib.import_module("run_all")
-sampling = importlib.import_module("sampling")
-streaming = importlib.import_module("streaming")
-train_throughput = importlib.import_module("train_throughput")
+attention_kernels = importlib.import_module("attention_kernels")  # on the path test_perf_benchmarks gives
 
 
 def refusal(script, argv: list[str], capsys) -> str:

@@ -416,12 +416,14 @@ def already_written(out: Path, name: str, planned: dict[str, Any], found: dict[s
     if differences and not force:
         raise GenerateError(f"{path} was written by another request ({'; '.join(differences)}); "
                             "write to another --out folder, remove it, or pass --force to overwrite it")
-    return not differences and has_every_file(out, name)
+    return not differences and has_every_file(out, name, planned)
 
 
-def has_every_file(out: Path, name: str) -> bool:
-    """Whether the files of sample ``name`` besides its record are all in ``out``."""
-    return all((out / f"{name}{suffix}").is_file() for suffix in SAMPLE_SUFFIXES)
+def has_every_file(out: Path, name: str, planned: dict[str, Any]) -> bool:
+    """Whether the files of sample ``name`` besides its record are all in ``out``: with ``--stream``, its
+    frames' folder too."""
+    streamed = not planned.get("stream") or (out / f"{name}.stream").is_dir()
+    return streamed and all((out / f"{name}{suffix}").is_file() for suffix in SAMPLE_SUFFIXES)
 
 
 def is_complete(out: Path, name: str, planned: dict[str, Any]) -> bool:
@@ -430,7 +432,7 @@ def is_complete(out: Path, name: str, planned: dict[str, Any]) -> bool:
         record = sample_record(json.loads((out / f"{name}.json").read_text()))
     except (OSError, ValueError):
         return False
-    return record is not None and not request_differences(record, planned) and has_every_file(out, name)
+    return record is not None and not request_differences(record, planned) and has_every_file(out, name, planned)
 
 
 def request_differences(record: dict[str, Any], planned: dict[str, Any]) -> list[str]:

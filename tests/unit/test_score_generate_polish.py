@@ -3,6 +3,7 @@ latents of a sample given to score, files of a folder that are not videos, the s
 `--stream` writes, and a folder of streamed and plain samples."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,16 @@ def test_streamed_and_plain_samples_are_not_mixed_in_one_folder(checkpoint, tmp_
     assert "stream True, not False" in one_line_error(capsys)
     assert main([*args, "--stream", "--out", str(streamed)]) == 0  # the same request: kept
     assert "1 of 1 samples are in" in capsys.readouterr().err
+
+
+def test_skip_existing_streams_again_a_sample_whose_frames_folder_is_gone(checkpoint, tmp_path, capsys):
+    args = ["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--skip-existing", "--stream",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    [frames] = tmp_path.glob("*.stream")
+    written = sorted(path.name for path in frames.iterdir())
+    shutil.rmtree(frames)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "wrote 1 sample to" in capsys.readouterr().out
+    assert sorted(path.name for path in frames.iterdir()) == written

@@ -26,6 +26,9 @@ from typing import Callable, Iterator
 
 from flowvid.registry import REGISTRIES, did_you_mean, load_plugins
 
+#: The exit status of a command stopped by Ctrl-C: 128 + SIGINT, as a shell reports it.
+CTRL_C_EXIT_STATUS = 128 + signal.SIGINT
+
 LIGHTNING_VERBS = ("fit", "validate")
 
 
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # where no command says more of it (loading plugins, importing torch)
         print(f"flowvid {verb}: stopped by Ctrl-C", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return CTRL_C_EXIT_STATUS
 
 
 if __name__ == "__main__":

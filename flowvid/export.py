@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import copy
 import hashlib
-import importlib
 import json
 import os
 import pickle
@@ -54,6 +53,7 @@ from flowvid.model_card import CARD_NAME, is_card, is_replaceable, model_card
 from flowvid.nn.lora import is_adapter_key, merge_lora
 from flowvid.part_files import missing_file_line, missing_files, with_files_found
 from flowvid.paths import check_output_file, write_atomically
+from flowvid.registry import imported
 from flowvid.text.base import TextEncoder, same_text_encoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -144,9 +144,8 @@ def check_flow_model(config: dict[str, Any], path: str | os.PathLike) -> None:
     from flowvid.lit.module import FlowModule
 
     class_path = str(((config.get("model") or {}).get("class_path")) or "")
-    module_name, _, class_name = class_path.rpartition(".")
     try:
-        module_class = getattr(importlib.import_module(module_name), class_name)
+        module_class = imported(class_path)
     except (ImportError, AttributeError, ValueError):  # building the module later says what is missing
         return
     if not isinstance(module_class, type) or issubclass(module_class, FlowModule):

@@ -39,7 +39,6 @@ import json
 import math
 import re
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ import torch
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.checks import is_blank, json_object
-from flowvid.cli import HelpFormatter, exit_statuses, help_text
+from flowvid.cli import CTRL_C_EXIT_STATUS, HelpFormatter, exit_statuses, help_text
 from flowvid.data.shards import file_sha256
 from flowvid.export import add_weights_argument
 from flowvid.media import DEFAULT_FPS, MediaError, frame_rate, write_video
@@ -88,10 +87,6 @@ LATENTS_SUFFIX = ".latent.npy"
 
 #: The files of a sample besides its record (``NAME.json``); a sample is complete when all are there.
 SAMPLE_SUFFIXES = (".mp4", ".npy", LATENTS_SUFFIX)
-
-#: The exit status of a run stopped by Ctrl-C: 128 + SIGINT, as a shell reports it and as ``flowvid fit``
-#: exits (``flowvid.lit.cli_support.CTRL_C_EXIT_STATUS``, which would cost the command Lightning's import).
-CTRL_C_EXIT_STATUS = 128 + signal.SIGINT
 
 
 class Interrupted(KeyboardInterrupt):

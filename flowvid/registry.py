@@ -56,6 +56,12 @@ def describe(obj: Any) -> str:
     return f"{_module_of(obj)}.{qualname}"
 
 
+def imported(class_path: str) -> Any:
+    """The object an import path names (``package.module.Name``)."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def package_of(obj: Any) -> str | None:
     """The top-level package that defines ``obj`` (``flowvid``, ``my_package``): what tells apart two classes
     that two installed packages register under one short name. An import name, not a distribution's, so

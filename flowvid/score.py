@@ -84,11 +84,11 @@ import torch.distributed as dist
 
 from flowvid.adapters import add_adapter_arguments, check_adapter_arguments
 from flowvid.checks import is_blank
-from flowvid.cli import HelpFormatter, exit_statuses, help_text
+from flowvid.cli import CTRL_C_EXIT_STATUS, HelpFormatter, exit_statuses, help_text
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.data.manifest import SPLIT_FOLDERS, what_to_give
 from flowvid.export import add_weights_argument
-from flowvid.generate import CTRL_C_EXIT_STATUS, LATENTS_SUFFIX, SuggestingArgumentParser, sample_record
+from flowvid.generate import LATENTS_SUFFIX, SuggestingArgumentParser, sample_record
 from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_at_training_rate
 from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
 from flowvid.pipeline import training_fps

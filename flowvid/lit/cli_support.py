@@ -40,7 +40,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from flowvid.cli import warnings_for_the_console
+from flowvid.cli import CTRL_C_EXIT_STATUS, warnings_for_the_console
 from flowvid.lit.checkpointing import (
     CorruptCheckpointError,
     RunCheckpoint,
@@ -55,7 +55,7 @@ from flowvid.lit.finetune import InitFromExport
 from flowvid.lit.module import TrainingDiverged
 from flowvid.lit.progress import StepProgressBar
 from flowvid.loading import export_in
-from flowvid.registry import class_path_for, did_you_mean
+from flowvid.registry import class_path_for, did_you_mean, imported
 from flowvid.text.base import TextEncoder
 
 
@@ -373,7 +373,7 @@ def _innermost_error(message: str) -> tuple[list[str], str | None, str]:
 
 def _did_you_mean_in_class(option: str, owner: str | None) -> str:
     try:
-        accepted = list(inspect.signature(_imported(owner)).parameters) if owner else []
+        accepted = list(inspect.signature(imported(owner)).parameters) if owner else []
     except (ImportError, AttributeError, ValueError, TypeError):  # a class this cannot look into: no guess
         return ""
     return did_you_mean(option, accepted)
@@ -631,7 +631,7 @@ class FlowvidCLI(LightningCLI):
             spec = model_args.get(part)
             if spec is None or not spec.get("class_path"):
                 continue
-            check_files = getattr(_imported(spec.class_path), "check_files", None)
+            check_files = getattr(imported(spec.class_path), "check_files", None)
             if check_files is not None:
                 check_files(**dict(spec.get("init_args") or {}))
 
@@ -754,11 +754,6 @@ def remove_what_a_refused_run_made(folders: list[str]) -> None:
         written = [name for _, _, names in os.walk(folder) for name in names]
         if os.path.isdir(folder) and all(SETUP_FILES.fullmatch(name) for name in written):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _imported(class_path: str) -> Any:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 def check_no_earlier_run(checkpoint_dir: str) -> None:
@@ -931,8 +926,6 @@ def _union_errors(err: BaseException) -> list[BaseException]:
 
 #: What a shell reports for a process ended by SIGTERM (128 + 15): schedulers then know the run is not done.
 SIGTERM_EXIT_STATUS = 143
-#: And for one ended by Ctrl-C (128 + SIGINT's 2).
-CTRL_C_EXIT_STATUS = 130
 
 #: Lightning's warnings that tell a flowvid user nothing to act on.
 BENIGN_WARNINGS = (

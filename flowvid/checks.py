@@ -1,4 +1,5 @@
-"""Checks of values users give, shared by the modules that take them."""
+"""Checks of values users give, and the wording of what differs between a recorded setting and the current
+one, shared by the modules that take them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import math
 import unicodedata
 from numbers import Integral, Real
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -52,6 +53,29 @@ def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """The name of the first floating-point tensor of ``(name, tensor)`` pairs that holds NaN or inf."""
     return next((name for name, tensor in tensors
                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+
+
+_ABSENT = object()
+
+
+def differences(there: Mapping[str, Any], here: Mapping[str, Any], keys: Iterable[str] | None = None) -> str:
+    """``"name ('a' there, 'b' here), patch_size (1 there, 2 here)"``: the keys whose values differ, "there"
+    being the recorded side (shards, a checkpoint, an export) and "here" the current one; "" when none differ.
+
+    ``keys`` are the keys looked at, in the order shown (all keys of both, sorted, by default). Strings are
+    quoted, other values shown plainly, and a key that one side lacks is shown as ``absent`` there.
+    """
+    looked_at = sorted(there.keys() | here.keys()) if keys is None else keys
+    return ", ".join(f"{key} ({_shown(there, key)} there, {_shown(here, key)} here)" for key in looked_at
+                     if there.get(key, _ABSENT) != here.get(key, _ABSENT))
+
+
+def _shown(values: Mapping[str, Any], key: str) -> str:
+    # Quotes tell the string "1" from the number 1; a missing key must not read as the value None.
+    if key not in values:
+        return "absent"
+    value = values[key]
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def json_object(text: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flowvid.checks import first_non_finite
+from flowvid.checks import differences, first_non_finite
 from flowvid.cli import HelpFormatter, exit_statuses, help_text
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.lit.checkpointing import (
@@ -429,8 +429,7 @@ def check_outside_parts(module: nn.Module, recorded: dict[str, Any], held: dict[
     if text_encoder is not None and recorded.get("text_encoder"):
         theirs, ours = dict(recorded["text_encoder"]), dict(text_encoder.identity())
         if not same_text_encoder(theirs, ours):
-            differing = ", ".join(f"{key} ({theirs[key]} there, {ours[key]} here)"
-                                  for key in sorted(theirs.keys() & ours.keys()) if theirs[key] != ours[key])
+            differing = differences(theirs, ours, sorted(theirs.keys() & ours.keys()))
             raise CheckpointMismatchError(
                 f"{where} was made with text encoder {theirs.get('name')!r}, but the one built from its config "
                 f"differs in {differing}: point the config at the files the model was trained with")

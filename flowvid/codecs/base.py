@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flowvid.checks import differences
 from flowvid.fingerprint import json_fingerprint
 
 
@@ -179,8 +180,8 @@ def check_codec_identity(expected: dict[str, Any], actual: dict[str, Any], where
         raise CodecMismatchError(f"{message}: the name {expected.get('name')!r} is a codec of the package "
                                  f"{actual['package']} there and of {expected['package']} here; give the model "
                                  f"the codec class of {actual['package']} by its import path (class_path)")
-    differences = config_differences(expected.get("config"), actual.get("config"))
-    raise CodecMismatchError(message + (f": {differences}" if differences else ""))
+    differing = config_differences(expected.get("config"), actual.get("config"))
+    raise CodecMismatchError(message + (f": {differing}" if differing else ""))
 
 
 def config_differences(expected: dict[str, Any] | None, actual: dict[str, Any] | None) -> str:
@@ -188,13 +189,5 @@ def config_differences(expected: dict[str, Any] | None, actual: dict[str, Any] |
     or "" when either config is unknown."""
     if not isinstance(expected, dict) or not isinstance(actual, dict):
         return ""
-    differing = [key for key in sorted(expected.keys() | actual.keys())
-                 if key not in expected or key not in actual or expected[key] != actual[key]]
-    if not differing:
-        return ""
-    return "they differ in " + ", ".join(f"{key} ({_shown(actual, key)} there, {_shown(expected, key)} here)"
-                                         for key in differing)
-
-
-def _shown(config: dict[str, Any], key: str) -> str:
-    return json.dumps(config[key]) if key in config else "not set"
+    differing = differences(actual, expected)
+    return f"they differ in {differing}" if differing else ""

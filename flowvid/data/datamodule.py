@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 
-from flowvid.checks import is_positive_number
+from flowvid.checks import differences, is_positive_number
 from flowvid.codecs.base import CodecMismatchError, same_codec
 from flowvid.data import manifest as manifests
 from flowvid.data.pipeline import ShardLoader, ShardSource, ShardStream, SkipCounter, shards_for_rank
@@ -469,14 +469,12 @@ def _codec_differences(there: dict[str, Any], here: dict[str, Any]) -> str:
     """The name, what else both identities record (an identity lacking a key is an older one) and the config
     settings that differ; the config hash when the configs are not recorded."""
     recorded = sorted((there.keys() & here.keys()) - {"name", "config", "config_hash"})
-    differing = _differences(there, here, _differing_keys(there, here, ["name", *recorded]))
+    identity = differences(there, here, ["name", *recorded])
     configs = there.get("config"), here.get("config")
-    settings = ""
-    if all(isinstance(config, dict) for config in configs):
-        settings = _differences(*configs, _differing_keys(*configs, sorted(configs[0].keys() | configs[1].keys())))
-    if not settings and there.get("config_hash") != here.get("config_hash"):
-        settings = _differences(there, here, ["config_hash"])
-    return ", ".join(part for part in (differing, settings) if part)
+    settings = differences(*configs) if all(isinstance(config, dict) for config in configs) else ""
+    if not settings:
+        settings = differences(there, here, ["config_hash"])
+    return ", ".join(part for part in (identity, settings) if part)
 
 
 def _check_shards_text_encoder(there: dict[str, Any], here: dict[str, Any], folder: str, raw: str) -> None:
@@ -484,27 +482,13 @@ def _check_shards_text_encoder(there: dict[str, Any], here: dict[str, Any], fold
     model's text encoder's (``here``), naming the keys that differ (of those both identities record)."""
     if same_text_encoder(there, here):
         return
-    shared = sorted(there.keys() & here.keys())
-    differing = (["name"] if "name" not in shared else []) + _differing_keys(there, here, shared)
+    shared = sorted((there.keys() & here.keys()) - {"name"})
     raise ValueError(
         f"the shards in {folder} cache text embeddings of text encoder {there.get('name')!r}, but the model uses "
-        f"{here.get('name')!r}: they differ in {_differences(there, here, differing)}; encode the shards again "
-        f"with the model's text encoder (`flowvid data encode-latents {raw} --out {folder} --text-encoder "
+        f"{here.get('name')!r}: they differ in {differences(there, here, ['name', *shared])}; encode the shards "
+        f"again with the model's text encoder (`flowvid data encode-latents {raw} --out {folder} --text-encoder "
         f"{here.get('name')} --text-encoder-args JSON`), or point the recipe at the text encoder the shards "
         "were made with")
-
-
-def _differing_keys(there: dict[str, Any], here: dict[str, Any], keys: list[str]) -> list[str]:
-    return [key for key in keys if key not in there or key not in here or there[key] != here[key]]
-
-
-def _differences(there: dict[str, Any], here: dict[str, Any], keys: list[str]) -> str:
-    """``"name ('a' there, 'b' here), width (8 there, 16 here)"``: "there" the shards, "here" the model."""
-    return ", ".join(f"{key} ({_shown(there, key)} there, {_shown(here, key)} here)" for key in keys)
-
-
-def _shown(identity: dict[str, Any], key: str) -> str:
-    return repr(identity[key]) if key in identity else "not set"
 
 
 def _check_same_space(first: dict[str, Any], other: dict[str, Any], first_dir: str, other_dir: str) -> None:
@@ -573,10 +557,9 @@ class SyntheticVideoDataModule(VideoShardDataModule):
         if made == self.recipe:
             return
         if made is not None:
-            differ = ", ".join(f"{key}={made.get(key)!r} there, {value!r} here" for key, value in self.recipe.items()
-                               if made.get(key) != value)
-            warnings.warn(f"{self.root} holds a synthetic dataset made with other settings ({differ}): "
-                          "writing it again with these", stacklevel=2)
+            differing = differences(made, self.recipe, list(self.recipe))
+            warnings.warn(f"{self.root} holds a synthetic dataset made with other settings: they differ in "
+                          f"{differing}; writing it again with these", stacklevel=2)
         write_synthetic_dataset(self.root, **self.recipe)
         self._manifests.clear()
         self._repeated_keys.clear()

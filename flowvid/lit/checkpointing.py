@@ -39,6 +39,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from flowvid.checks import differences
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.nn.lora import is_adapter_key
 from flowvid.paths import PARTIAL_SUFFIX, sync_folder
@@ -257,8 +258,8 @@ def check_resumable(checkpoint: dict[str, Any], pl_module: LightningModule, wher
 def text_encoder_mismatch(recorded: dict[str, str], current: dict[str, str], where: str) -> str:
     """Which keys of the text encoders' identities differ, with both values, and what to do about it."""
     keys = sorted(key for key in recorded.keys() & current.keys() if recorded[key] != current[key])
-    differences = ", ".join(f"{key} ({recorded[key]} there, {current[key]} here)" for key in keys)
-    text = f"{where} was trained with another text encoder than this model's: they differ in {differences}"
+    text = (f"{where} was trained with another text encoder than this model's: they differ in "
+            f"{differences(recorded, current, keys)}")
     if keys == ["vocabulary_sha256"]:
         return (text + "; its weights keep the vocabulary they were trained with (words outside it read as <unk>): "
                 "leave out the config or option that gives text_encoder a vocabulary, or train from scratch "

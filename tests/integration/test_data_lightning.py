@@ -54,7 +54,7 @@ def test_prepare_data_keeps_a_dataset_made_with_the_same_recipe(tmp_path):
     made = manifest.stat().st_mtime_ns
     SyntheticVideoDataModule(str(tmp_path), **settings).prepare_data()
     assert manifest.stat().st_mtime_ns == made  # recognised, not written again
-    with pytest.warns(UserWarning, match="size=8 there, 12 here"):
+    with pytest.warns(UserWarning, match=r"other settings: they differ in size \(8 there, 12 here\); writing"):
         SyntheticVideoDataModule(str(tmp_path), **{**settings, "size": 12}).prepare_data()
     assert manifest.stat().st_mtime_ns != made
 
@@ -70,6 +70,6 @@ def test_prepare_data_reuses_a_narrowed_dataset_that_make_synthetic_wrote(tmp_pa
     settings = dict(num_videos=8, val_videos=2, frames=2, size=8, shard_samples=4)
     SyntheticVideoDataModule(str(tmp_path), **settings, max_objects=1, backgrounds=["plain"]).prepare_data()
     assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == made  # recognised, not written again
-    with pytest.warns(UserWarning, match="max_objects=1 there, 2 here"):
+    with pytest.warns(UserWarning, match=r"max_objects \(1 there, 2 here\)"):
         SyntheticVideoDataModule(str(tmp_path), **settings).prepare_data()
     assert load_manifest(tmp_path / "train")["source"]["recipe"]["max_objects"] == 2

@@ -235,8 +235,8 @@ def test_a_checkpoint_of_another_vocabulary_is_refused_naming_the_key_and_what_t
     message = str(refused.value)
     current = module.text_encoder.identity()["vocabulary_sha256"]
     assert message.startswith("the export exported/model.safetensors was trained with another text encoder than "
-                              f"this model's: they differ in vocabulary_sha256 (0123456789abcdef there, {current} "
-                              "here); ")
+                              f"this model's: they differ in vocabulary_sha256 ('0123456789abcdef' there, "
+                              f"'{current}' here); ")
     assert "leave out the config or option that gives text_encoder a vocabulary" in message
     assert "{" not in message  # no identity dicts to compare by eye
 

@@ -676,7 +676,12 @@ def interrupted_line(stop: Interrupted, args: argparse.Namespace) -> str:
 
 
 class SuggestingArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose refusal of an unknown option suggests the option it most likely misspells."""
+    """An ArgumentParser whose refusal of an unknown option suggests the option it most likely misspells.
+    Abbreviations are refused, as ``flowvid fit`` refuses them: ``--guid`` would silently mean ``--guidance``
+    until an option starting the same way is added."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)

@@ -246,8 +246,7 @@ def test_every_rank_samples_as_many_fvd_batches_so_that_synced_samplers_keep_in_
                                      compute=lambda: torch.tensor(1.0), protocol_name="fvd")
         fvd._real_collected = True
         trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=4, callback_metrics={}, loggers=[],
-                                  strategy=SimpleNamespace(reduce=lambda count, reduce_op: count),
-                                  fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=4)))
+                                  strategy=SimpleNamespace(reduce=lambda count, reduce_op: count))
         fvd.run(trainer, SimpleNamespace(device=torch.device("cpu")))
         assert sum(updated) == (9 if rank == 0 else 8)
     assert len(calls[0]) == len(calls[1]) == 2

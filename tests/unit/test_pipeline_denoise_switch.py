@@ -114,6 +114,19 @@ def test_a_misspelt_option_gets_a_suggestion(command, checkpoint, tmp_path, caps
     assert error.endswith(f"unrecognized arguments: {' '.join(misspelt)} (did you mean {suggested}?)")
 
 
+@pytest.mark.parametrize("command, cut_short, option", [("generate", "--guid", "--guidance"),
+                                                         ("score", "--lora-str", "--lora-strength")])
+def test_a_cut_short_option_is_refused_not_taken_for_the_option_it_begins(command, cut_short, option, checkpoint,
+                                                                          tmp_path, capsys):
+    """argparse would read --guid as --guidance: the day an option --guide came, it would mean something else."""
+    args = [command, "--ckpt", str(checkpoint), "--out", str(tmp_path / "o"), cut_short, "2"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, *{"generate": [], "score": ["--input", "x"]}[command]])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith(f"unrecognized arguments: {cut_short} 2 (did you mean {option}?)")
+
+
 @pytest.mark.parametrize("options, message", [
     (["--guidance", "-1"], "--guidance must be a finite number >= 0, got -1"),
     (["--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),

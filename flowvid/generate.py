@@ -579,12 +579,7 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
     frames = module.codec.usable_frames(request.frames)
     name = {i: f"{request.task}_{i:03d}_{slug(prompt)}" for i, prompt in enumerate(prompts)}
     planned = planned_records(request, prompts, frames)
-    found = read_json_files(out)
-    check_one_model(out, next(iter(planned.values()), {}), found)
-    if not (request.skip_existing or request.force):
-        check_not_overwriting(out, name, planned, found)
-    todo = [i for i in planned
-            if not (request.skip_existing and already_written(out, name[i], planned[i], found, request.force))]
+    todo = samples_to_make(out, request, name, planned)
     if progress and len(todo) < len(planned):
         progress(f"{len(planned) - len(todo)} of {len(planned)} samples are in {out} already")
     records, failed = [], []
@@ -600,24 +595,8 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
                                              task=request.task, frames=request.frames, guidance=request.guidance,
                                              negative_prompt=request.negative_prompt, denoise=request.denoise,
                                              on_frame=_frame_writer(module, out, names) if request.stream else None)
-            diverged = result.failed
-            for row, (index, sample) in enumerate(zip(indices, names)):
-                if row in diverged:  # nothing is written: --skip-existing samples it again
-                    failed.append(sample)
-                    shutil.rmtree(out / f"{sample}.stream", ignore_errors=True)
-                    continue
-                record = {
-                    **planned[index], **resized,
-                    # A model without text sees no caption: say so by leaving the field out.
-                    **({"caption_seen_by_model": result.captions[row]} if pipeline.reads_text else {}),
-                    "device": str(module.device),
-                    "timings": {k: v / len(indices) for k, v in result.timings.items()}, "batch_size": len(indices),
-                    "sampler_stats": result.sampler_stats[0],
-                }
-                if request.stream and not decodes_frame_by_frame(module.codec):  # its frames come now, at the end
-                    write_stream_frames(out / f"{sample}.stream", result.videos[row])
-                write_sample(out, sample, result.videos[row], result.latents[row], record, request.fps)
-                records.append({"name": sample, **record})
+            records += write_batch(pipeline, request, out, result, names, [{**planned[i], **resized} for i in indices])
+            failed += [names[row] for row in result.failed]
             if progress:
                 done, seconds = len(records) + len(failed), sum(result.timings.values())
                 left = (time.perf_counter() - started) / done * (len(todo) - done)
@@ -629,6 +608,41 @@ def run(module, request: Request, out: Path, progress: Callable[[str], None] | N
         raise Interrupted(complete, len(planned)) from None
     if failed:
         raise NonFiniteSamples(failed, len(records))
+    return records
+
+
+def samples_to_make(out: Path, request: Request, name: dict[int, str], planned: dict[int, dict[str, Any]]) -> list[int]:
+    """The indices of the samples to make: all of them, or with --skip-existing those ``out`` lacks. Raises a
+    GenerateError if ``out`` holds another model's samples, or samples this run would overwrite unasked."""
+    found = read_json_files(out)
+    check_one_model(out, next(iter(planned.values()), {}), found)
+    if not (request.skip_existing or request.force):
+        check_not_overwriting(out, name, planned, found)
+    return [i for i in planned
+            if not (request.skip_existing and already_written(out, name[i], planned[i], found, request.force))]
+
+
+def write_batch(pipeline: VideoPipeline, request: Request, out: Path, result, names: list[str],
+                planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Write the samples of one generated batch, named ``names``, whose records start as ``planned``;
+    returns the records written. A sample that diverged is not written, so --skip-existing samples it again."""
+    module, records = pipeline.model, []
+    for row, sample in enumerate(names):
+        if row in result.failed:
+            shutil.rmtree(out / f"{sample}.stream", ignore_errors=True)
+            continue
+        record = {
+            **planned[row],
+            # A model without text sees no caption: say so by leaving the field out.
+            **({"caption_seen_by_model": result.captions[row]} if pipeline.reads_text else {}),
+            "device": str(module.device),
+            "timings": {k: v / len(names) for k, v in result.timings.items()}, "batch_size": len(names),
+            "sampler_stats": result.sampler_stats[0],
+        }
+        if request.stream and not decodes_frame_by_frame(module.codec):  # its frames come now, at the end
+            write_stream_frames(out / f"{sample}.stream", result.videos[row])
+        write_sample(out, sample, result.videos[row], result.latents[row], record, request.fps)
+        records.append({"name": sample, **record})
     return records
 
 
@@ -783,6 +797,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def request_from_options(args: argparse.Namespace, module, model: Path, prompts: list[str], precision: str,
+                         rank: int, world_size: int) -> tuple[Request, Source | None]:
+    """The request the command line makes of the loaded ``module``, and the image or clip it gives, read
+    once (``None`` when the task takes none or it is read later, by ``run``)."""
+    if args.sampler is None:
+        sampler, settings, windowed = model_window_sampler(module)
+        check_sampler_settings(args, sampler, "the model's sampler", settings)
+    else:
+        sampler, settings, windowed = args.sampler, {}, None
+    settings.update(args.sampler_args)
+    # The command line's settings, else the model's, else the precision's tolerance (Jacobi) and the
+    # sampler's own defaults.
+    chosen = {key: settings.pop(key, None) for key in SAMPLER_OPTIONS}
+    chosen.update({key: getattr(args, key) for key in SAMPLER_OPTIONS if getattr(args, key) is not None})
+    if chosen["tol"] is None and takes_the_precisions_tolerance(sampler):
+        chosen["tol"] = DEFAULT_TOLERANCE[precision]
+    # extend and v2v continue the clip by default, so it is read (once) for its length.
+    source = read_source(module, args.task, args.image, args.video) if args.frames is None \
+        and args.task in CLIP_TASKS else None
+    frames = default_frames(module, args.task, source) if args.frames is None else args.frames
+    window, context = recipe_windows(module, frames, windowed, args.context)
+    request = Request(
+        task=args.task, prompts=prompts, frames=frames,
+        sampler=sampler, sampler_args=settings, **chosen, context=context, window=window,
+        guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
+        batch_size=args.batch_size, fps=playback_fps(module) if args.fps is None else args.fps,
+        stream=args.stream, skip_existing=args.skip_existing, force=args.force,
+        image=args.image, video=args.video,
+        precision=precision, lora=args.lora, lora_strength=args.lora_strength,
+        negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,
+        samples_per_prompt=args.samples_per_prompt, denoise=args.denoise,
+        model=str(model.resolve()), weights=module.weights_used,
+    )
+    return request, source
+
+
 def main(argv: list[str]) -> int:
     from flowvid.cli import UserError
     from flowvid.lit.checkpointing import CorruptCheckpointError
@@ -801,35 +851,7 @@ def main(argv: list[str]) -> int:
         model = model_file(args.ckpt)
         module = load_model(model, weights=args.weights, map_location=device, adapters=args.lora,
                             adapter_strength=args.lora_strength)
-        if args.sampler is None:
-            sampler, settings, windowed = model_window_sampler(module)
-            check_sampler_settings(args, sampler, "the model's sampler", settings)
-        else:
-            sampler, settings, windowed = args.sampler, {}, None
-        settings.update(args.sampler_args)
-        # The command line's settings, else the model's, else the precision's tolerance (Jacobi) and the
-        # sampler's own defaults.
-        chosen = {key: settings.pop(key, None) for key in SAMPLER_OPTIONS}
-        chosen.update({key: getattr(args, key) for key in SAMPLER_OPTIONS if getattr(args, key) is not None})
-        if chosen["tol"] is None and takes_the_precisions_tolerance(sampler):
-            chosen["tol"] = DEFAULT_TOLERANCE[precision]
-        # extend and v2v continue the clip by default, so it is read (once) for its length.
-        source = read_source(module, args.task, args.image, args.video) if args.frames is None \
-            and args.task in CLIP_TASKS else None
-        frames = default_frames(module, args.task, source) if args.frames is None else args.frames
-        window, context = recipe_windows(module, frames, windowed, args.context)
-        request = Request(
-            task=args.task, prompts=prompts, frames=frames,
-            sampler=sampler, sampler_args=settings, **chosen, context=context, window=window,
-            guidance=module.guidance if args.guidance is None else args.guidance, seed=args.seed,
-            batch_size=args.batch_size, fps=playback_fps(module) if args.fps is None else args.fps,
-            stream=args.stream, skip_existing=args.skip_existing, force=args.force,
-            image=args.image, video=args.video,
-            precision=precision, lora=args.lora, lora_strength=args.lora_strength,
-            negative_prompt=args.negative_prompt or "", rank=rank, world_size=world_size,
-            samples_per_prompt=args.samples_per_prompt, denoise=args.denoise,
-            model=str(model.resolve()), weights=module.weights_used,
-        )
+        request, source = request_from_options(args, module, model, prompts, precision, rank, world_size)
         records = run(module, request, Path(args.out), progress=lambda line: print(line, file=sys.stderr, flush=True),
                       source=source)
     except Interrupted as stop:

@@ -105,6 +105,37 @@ def validation_noise(keys: list[Any] | None, shape: torch.Size, batch_idx: int) 
     return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed)) for seed in seeds])
 
 
+def check_hyperparameters(*, noise_std: float, lr: float, denoiser_lr: float, grad_clip: float | None,
+                          skip_threshold: float | None, min_lr: float, text_dropout: float, extend_prob: float,
+                          v2v_prob: float, schedule_steps: int | None, accumulate_grad_batches: int,
+                          warmup_steps: int, guidance: float, latent_norm_penalty: float, weight_decay: float,
+                          has_text_encoder: bool, **parts_and_shapes: Any) -> None:
+    """Raise a ValueError for the first of FlowModule's settings out of its range, naming it, before anything
+    is built on it. The parts and shapes are checked against each other once they are built."""
+    for name, value in (("noise_std", noise_std), ("lr", lr), ("denoiser_lr", denoiser_lr)):
+        check_positive(name, value)
+    # A negative clip norm turns the step round (the loss climbs); zero would mean "no clipping" silently.
+    for name, value in (("grad_clip", grad_clip), ("skip_threshold", skip_threshold)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, or null for none, got {value}")
+    if not 0 <= min_lr <= lr:
+        raise ValueError(f"min_lr must be in [0, lr={lr}], got {min_lr}")
+    for name, value in (("text_dropout", text_dropout), ("extend_prob", extend_prob), ("v2v_prob", v2v_prob)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+    if schedule_steps is not None and not (is_count(schedule_steps) and schedule_steps >= 1):
+        raise ValueError(f"schedule_steps must be an integer >= 1, or null for the run's planned steps, "
+                         f"got {schedule_steps!r}")
+    check_count("accumulate_grad_batches", accumulate_grad_batches)
+    check_count("warmup_steps", warmup_steps, minimum=0)
+    for name, value in (("guidance", guidance), ("latent_norm_penalty", latent_norm_penalty),
+                        ("weight_decay", weight_decay)):
+        if not (math.isfinite(value) and value >= 0):  # a negative penalty rewards latents that blow up
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if guidance > 0 and not has_text_encoder:  # else the first sample logged mid-training would fail
+        raise ValueError(f"guidance={guidance} needs a text encoder: a model without one has no caption to "
+                         "guide towards; set guidance: 0")
+
 class FlowModule(LightningModule):
     """Trains a ``GlobalLocalFlow`` (and optionally a ``CausalDenoiser``) on latent or raw-video batches.
 
@@ -191,29 +222,7 @@ class FlowModule(LightningModule):
                              "(whole numbers of frames and pixels)")
         self.video_shape = tuple(int(s) for s in video_shape)
         self.latent_shape = tuple(self.codec.latent_shape(*self.video_shape))
-        for name, value in (("noise_std", noise_std), ("lr", lr), ("denoiser_lr", denoiser_lr)):
-            check_positive(name, value)
-        # A negative clip norm turns the step round (the loss climbs); zero would mean "no clipping" silently.
-        for name, value in (("grad_clip", grad_clip), ("skip_threshold", skip_threshold)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0, or null for none, got {value}")
-        if not 0 <= min_lr <= lr:
-            raise ValueError(f"min_lr must be in [0, lr={lr}], got {min_lr}")
-        for name, value in (("text_dropout", text_dropout), ("extend_prob", extend_prob), ("v2v_prob", v2v_prob)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
-        if schedule_steps is not None and not (is_count(schedule_steps) and schedule_steps >= 1):
-            raise ValueError(f"schedule_steps must be an integer >= 1, or null for the run's planned steps, "
-                             f"got {schedule_steps!r}")
-        check_count("accumulate_grad_batches", accumulate_grad_batches)
-        check_count("warmup_steps", warmup_steps, minimum=0)
-        for name, value in (("guidance", guidance), ("latent_norm_penalty", latent_norm_penalty),
-                            ("weight_decay", weight_decay)):
-            if not (math.isfinite(value) and value >= 0):  # a negative penalty rewards latents that blow up
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if guidance > 0 and text_encoder is None:  # else the first sample logged mid-training would fail
-            raise ValueError(f"guidance={guidance} needs a text encoder: a model without one has no caption to "
-                             "guide towards; set guidance: 0")
+        check_hyperparameters(**self.hparams, has_text_encoder=text_encoder is not None)
         build_sampler(sampler)  # a sampler that cannot be built fails here, not at the first logged sample
         self._check_parts_fit()
         if denoiser is not None:
@@ -245,7 +254,7 @@ class FlowModule(LightningModule):
         self.schedule_length: int | None = None
         self._resumed_schedule_length: int | None = None
         self.skipped_samples = SkippedSamples()  # by the data module, over all ranks and resumes
-        # Validation is logged at the optimizer step of the weights it measures (see log_validation).
+        # Validation is logged at the optimizer step of the weights it measures (see on_validation_end).
         self._validation_names: set[str] = set()
         self._checkpoint_step: int | None = None
 

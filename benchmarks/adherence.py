@@ -12,7 +12,6 @@ figure for 16 captions moves by about ±0.07 from seed to seed; the mean over se
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -41,31 +40,45 @@ def adherence_per_seed(module, samples: list[dict[str, Any]], seeds: list[int]) 
     return results
 
 
+def check_seeds(parser: argparse.ArgumentParser, seeds: list[int], samples: int) -> None:
+    """Stop with one line, before the model loads, on a seed the sampler would refuse (caption i of
+    ``samples`` uses seed + i) or a seed given twice (its run would count once in the mean)."""
+    from flowvid.sampling.tasks import check_seed
+
+    for seed in seeds:
+        try:
+            check_seed(seed, samples, name="--seeds")
+        except ValueError as error:
+            parser.error(str(error))
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        parser.error(f"--seeds: each seed once, got {', '.join(map(str, repeated))} more than once")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from run_all import DEMO_CHECKPOINT, held_out_samples, positive_int, require_model, wait_policy
+    from run_all import (DEMO_CHECKPOINT, benchmark_parser, held_out_samples, load_measured_model, positive_int,
+                         require_model, save_result)
 
     from flowvid.demo import SEED
-    from flowvid.loading import load_model
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", default=DEMO_CHECKPOINT)
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--ckpt", default=DEMO_CHECKPOINT, help="the trained model: a checkpoint or an export")
     parser.add_argument("--data", default="data/shapes/val", help="held-out shards of the shapes videos")
-    parser.add_argument("--samples", type=positive_int, default=16)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[SEED, 1, 2, 3, 4])
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--samples", type=positive_int, default=16, help="held-out captions to sample")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[SEED, 1, 2, 3, 4],
+                        help="sampling seeds, each a run over all the captions (caption i uses seed + i)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
+    check_seeds(parser, args.seeds, args.samples)
     require_model(parser, args.ckpt)
     samples = held_out_samples(parser, args.data, args.samples)
+    module = load_measured_model(parser, "--ckpt", args.ckpt)
     torch.set_num_threads(args.threads)
-    module = load_model(args.ckpt)
     results = adherence_per_seed(module, samples, args.seeds)
     for seed, value in results.items():
         print(f"seed {seed}: caption adherence {value:.4f}")
     print(f"mean over {len(results)} seeds: {statistics.mean(results.values()):.4f}")
-    if args.json:
-        result = {"args": vars(args), "omp_wait_policy": wait_policy(), "results": results}
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    save_result(args.json, args, {"results": results})
     return 0
 
 

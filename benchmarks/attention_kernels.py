@@ -10,15 +10,13 @@ to fp32 and back (the casts are timed too), as ``flowvid.nn.attention.attention`
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from run_all import positive_int, wait_policy
+from run_all import benchmark_parser, positive_int, save_result, wait_policy
 
 TOKENS = 8192
 HEADS = 4
@@ -57,10 +55,10 @@ def measure(length: int, tokens: int = TOKENS) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=positive_int, default=1)
-    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[16, 64, 128, 192, 272, 384, 512, 1040, 2080])
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    parser.add_argument("--lengths", type=positive_int, nargs="+", help="sequence lengths T to time",
+                        default=[16, 64, 128, 192, 272, 384, 512, 1040, 2080])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# attention kernels: torch {torch.__version__}, {args.threads} thread(s), CPU capability "
@@ -75,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['fp32_forward_backward_ms']:.1f} | "
               f"{row['bf16_forward_backward_ms'] / row['fp32_forward_backward_ms']:.2f} | "
               f"{row['bf16_forward_ms'] / row['fp32_forward_ms']:.2f} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"threads": args.threads, "omp_wait_policy": wait_policy(), "rows": rows}, handle, indent=2)
+    save_result(args.json, args, {"threads": args.threads, "rows": rows})
     return 0
 
 

@@ -9,9 +9,7 @@ numbers. Wall-clock numbers depend on the machine and its load; the command is t
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import os
 import platform
 import tempfile
@@ -24,7 +22,7 @@ import numpy as np
 from data_tools.clips import ClipSpec
 from data_tools.from_videos import convert_videos
 from flowvid.data import VideoShardDataModule, write_synthetic_dataset
-from run_all import wait_policy
+from run_all import benchmark_parser, save_result, wait_policy
 
 
 def make_h264_corpus(folder: Path, files: int, frames: int, size: int) -> list[Path]:
@@ -75,9 +73,8 @@ def bench_loader(folder: Path, batch_size: int, num_workers: int, batches: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller corpora (a smoke run)")
-    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     scale = 1 if args.quick else 4
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "omp_wait_policy": wait_policy()}
@@ -111,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"DataModule   {row['shards']:<28} workers={row['num_workers']}  "
               f"{row['samples_per_second']:>7.1f} samples/s")
     print(f"load average over the last 1, 5 and 15 minutes, read after measuring: {machine['load_average']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    save_result(args.json, args, results)
     return 0
 
 

@@ -12,8 +12,6 @@ state (two fp32 moments per trainable parameter).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from typing import Callable
@@ -23,7 +21,7 @@ import torch
 from flowvid.flows import GlobalLocalFlow
 from flowvid.nn.lora import add_lora
 from flowvid.testing import perturb_parameters
-from run_all import multiple_of, positive_int, wait_policy
+from run_all import benchmark_parser, multiple_of, positive_int, save_result, wait_policy
 
 VIDEO = (8, 8, 8, 12)  # latent frames, height, width, channels of the demo recipe
 
@@ -94,14 +92,13 @@ def markdown(results: dict[int, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--widths", type=multiple_of(32, "the demo preset's attention head width"), nargs="+",
                         default=[192, 384], help="deep block widths, multiples of 32 (the attention head width)")
-    parser.add_argument("--rank", type=positive_int, default=16)
-    parser.add_argument("--rounds", type=positive_int, default=6)
-    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--rank", type=positive_int, default=16, help="rank of the LoRA adapters")
+    parser.add_argument("--rounds", type=positive_int, default=6, help="alternating rounds; medians are reported")
+    parser.add_argument("--batch", type=positive_int, default=4, help="videos per training step")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,10 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# fine-tuning step: full vs LoRA rank {args.rank}, batch {args.batch} x {VIDEO}, "
           f"{torch.get_num_threads()} thread(s), OMP_WAIT_POLICY: {wait_policy()}\n")
     print(markdown(results))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"threads": torch.get_num_threads(), "omp_wait_policy": wait_policy(),
-                       "results": {str(width): rows for width, rows in results.items()}}, handle, indent=2)
+    save_result(args.json, args, {"threads": torch.get_num_threads(),
+                                  "results": {str(width): rows for width, rows in results.items()}})
     return 0
 
 

@@ -31,7 +31,6 @@ A part that fails records its error and the others still run, and the exit statu
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -44,6 +43,7 @@ import torch
 
 from flowvid.flows import GlobalLocalFlow
 from flowvid.text.base import TextEmbedding
+from run_all import benchmark_parser, write_json
 from sampling import passes_in_a_row
 
 SKIPPED = "skipped: no CUDA device (torch.cuda.is_available() is False); these benchmarks need a GPU"
@@ -314,22 +314,20 @@ def run_all(json_path: str | None = None, only: list[str] | None = None) -> dict
         print(name, json.dumps(result[name]), flush=True)
         torch.cuda.empty_cache()
         if json_path:
-            with open(json_path, "w") as handle:
-                json.dump(result, handle, indent=2)
+            write_json(json_path, result)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--parts", nargs="+", choices=list(gpu_parts(torch.device("cpu"))), default=None,
-                        help="run only these parts (default: all)")
+    parser = benchmark_parser(__doc__)
+    parts = list(gpu_parts(torch.device("cpu")))
+    parser.add_argument("--parts", nargs="+", choices=parts, default=None, metavar="PART",
+                        help=f"run only these parts, of {', '.join(parts)} (default: all)")
     args = parser.parse_args(argv)
     result = run_all(args.json, args.parts)
     print(result.get("skipped") or json.dumps(result, indent=2))
     if args.json and "skipped" in result:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+        write_json(args.json, result)
     failed = [name for name, part in result.items() if isinstance(part, dict) and "error" in part]
     if failed:
         print(f"failed parts: {', '.join(failed)}", file=sys.stderr)

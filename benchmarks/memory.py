@@ -11,15 +11,13 @@ row is that floor alone), the model, optimiser state, activations and the data p
 
 from __future__ import annotations
 
-import argparse
-import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from run_all import positive_int, wait_policy
+from run_all import benchmark_parser, positive_int, save_result
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "demo" / "shapes_t2v.yaml"
@@ -83,15 +81,12 @@ def markdown(rows: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--steps", type=positive_int, default=30, help="training steps of the demo recipe")
-    parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     rows = measure(args.steps)
     print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"rows": rows, "omp_wait_policy": wait_policy(), "args": vars(args)}, handle, indent=2)
+    save_result(args.json, args, {"rows": rows})
     return 0
 
 

@@ -12,8 +12,6 @@ then reports how often the captioned colour is found, and with it the captioned 
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -77,29 +75,27 @@ def markdown(results: dict[float, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from run_all import DEMO_CHECKPOINT, held_out_samples, positive_int, require_model, wait_policy
+    from run_all import (DEMO_CHECKPOINT, benchmark_parser, held_out_samples, load_measured_model, positive_float,
+                         positive_int, require_model, save_result)
 
     from flowvid.demo import SEED
-    from flowvid.loading import load_model
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", default=DEMO_CHECKPOINT)
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--ckpt", default=DEMO_CHECKPOINT, help="the trained model: a checkpoint or an export")
     parser.add_argument("--data", default="data/shapes/val", help="held-out shards of the shapes videos")
-    parser.add_argument("--samples", type=positive_int, default=16)
-    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--samples", type=positive_int, default=16, help="held-out captions to sample")
+    parser.add_argument("--guidance", type=positive_float, nargs="+", default=[1.0, 3.0],
+                        help="guidance weights; a negative prompt steers only with guidance > 0")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
     require_model(parser, args.ckpt)
     samples = [s for s in held_out_samples(parser, args.data, args.samples)
                if len(s["meta"]["attributes"]["objects"]) == 1]  # the probe reads one captioned object
+    module = load_measured_model(parser, "--ckpt", args.ckpt)
     torch.set_num_threads(args.threads)
-    module = load_model(args.ckpt)
     results = {guidance: measure(module, samples, guidance, seed=SEED) for guidance in args.guidance}
     print(markdown(results))
-    if args.json:
-        result = {"args": vars(args), "omp_wait_policy": wait_policy(), "results": results}
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    save_result(args.json, args, {"results": results})
     return 0
 
 

@@ -23,9 +23,7 @@ The reference's Jacobi calls ``torch.distributed.all_reduce`` unconditionally, s
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -40,7 +38,7 @@ from torch import nn
 
 from flowvid.flows import GlobalLocalFlow
 from flowvid.text.base import TextEmbedding
-from run_all import positive_float, positive_int, wait_policy
+from run_all import benchmark_parser, positive_float, positive_int, save_result, wait_policy
 
 
 @dataclass(frozen=True)
@@ -89,12 +87,19 @@ class SharedConfig:
         return x, TextEmbedding(tokens, torch.ones(self.batch, self.text_length, dtype=torch.bool))
 
 
-def load_reference(path: str | os.PathLike) -> ModuleType:
-    """Import ``transformer_flow`` from a checkout of the reference implementation."""
+def check_reference(path: str | os.PathLike) -> Path:
+    """The whole path of a checkout of the reference implementation; a FileNotFoundError saying what is
+    missing when ``path`` is none."""
     folder = Path(path).resolve()
     if not (folder / "transformer_flow.py").is_file() or not (folder / "misc").is_dir():
         raise FileNotFoundError(f"{folder} is not a checkout of the reference implementation: expected "
                                 "transformer_flow.py and misc/ in it")
+    return folder
+
+
+def load_reference(path: str | os.PathLike) -> ModuleType:
+    """Import ``transformer_flow`` from a checkout of the reference implementation."""
+    folder = check_reference(path)
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     return importlib.import_module("transformer_flow")
@@ -250,17 +255,18 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--reference", required=True, help="checkout of apple/ml-starflow")
-    parser.add_argument("--fit-steps", type=int, default=250, help="maximum-likelihood steps on the shapes videos")
-    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--fit-steps", type=positive_int, default=250,
+                        help="maximum-likelihood steps on the shapes videos (unfitted, the flow is the identity)")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="rounds; medians are reported")
     parser.add_argument("--tol", type=positive_float, nargs="+", default=[0.0316, 0.1],
                         help="our tolerances on the relative change (0.0316: the square root of the reference's)")
-    parser.add_argument("--threshold", type=float, default=1e-3,
+    parser.add_argument("--threshold", type=positive_float, default=1e-3,
                         help="the reference's threshold on the squared relative change (its scripts' value)")
-    parser.add_argument("--reference-block-size", type=positive_int, default=32, help="the reference's default")
-    parser.add_argument("--threads", type=positive_int, default=1)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--reference-block-size", type=positive_int, default=32,
+                        help="slots per Jacobi block of the reference, as its own code sets them")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     try:
         reference = load_reference(args.reference)  # before minutes of fitting, not after
@@ -272,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     result = compare_jacobi(reference, args.fit_steps, args.rounds, args.tol, args.threshold,
                             args.reference_block_size)
     print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({**result, "omp_wait_policy": wait_policy(), "args": vars(args)}, handle, indent=2)
+    save_result(args.json, args, result)
     return 0
 
 

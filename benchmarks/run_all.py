@@ -81,16 +81,77 @@ def require_model(parser: argparse.ArgumentParser, path: str) -> None:
         parser.error(f"no model at {path} (`make demo` trains one at {DEMO_CHECKPOINT})")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1. A 0 would otherwise end in a traceback, often after minutes of
-    measuring (no median of no rounds), or mean something else entirely (every clip of a folder)."""
+def load_measured_model(parser: argparse.ArgumentParser, option: str, path: str):
+    """The model at ``path``, loaded for measuring; one line naming ``option`` and the file, not a loader's
+    traceback, when it is missing, damaged or no flow video generator."""
+    from flowvid.lit.checkpointing import CorruptCheckpointError
+    from flowvid.loading import load_model
+
+    require_model(parser, path)
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+        return load_model(path)
+    except (OSError, CorruptCheckpointError, ValueError) as error:
+        parser.error(f"{option} {path}: {error}")
+
+
+class DefaultsInHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` ends every option's line with its default, written as it is typed (``--widths 128 256``);
+    options that default to nothing (None, an off flag, an empty list) or say their default show none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if (default is None or default is False or default == [] or default is argparse.SUPPRESS
+                or "(default:" in text or not action.option_strings):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def benchmark_parser(doc: str, json_option: bool = True) -> argparse.ArgumentParser:
+    """The command line every benchmark starts from: the first paragraph of its docstring, defaults shown
+    in ``--help`` and, with ``json_option``, ``--json`` (see ``save_result``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=DefaultsInHelp)
+    if json_option:
+        parser.add_argument("--json", default=None, metavar="OUT",
+                            help="also write the results to this file, as JSON")
+    return parser
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write ``data`` as JSON, making the file's folder first: a folder not made yet must not cost the
+    numbers of a run that has already measured them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def save_result(path: str | None, args: argparse.Namespace, result: dict) -> None:
+    """A benchmark's JSON, when ``--json`` asks for one: ``result``, the wait policy it ran under
+    (``omp_wait_policy``) and the options it was given (``args``), so that the file says how to rerun it."""
+    if path:
+        write_json(path, {**result, "omp_wait_policy": wait_policy(), "args": vars(args)})
+
+
+def integer_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+#: argparse type of counts: a 0 would otherwise end in a traceback, often after minutes of measuring (no
+#: median of no rounds), or mean something else entirely (every clip of a folder).
+positive_int = integer_at_least(1)
+#: argparse type of counts where 0 means "none of it" (no fitting steps).
+non_negative_int = integer_at_least(0)
 
 
 def multiple_of(step: int, what: str):
@@ -197,19 +258,41 @@ def report(sections: dict[str, list[str | None]]) -> str:
     return "\n\n".join(parts)
 
 
+def output_folder(parser: argparse.ArgumentParser, folder: str) -> Path:
+    """``--out-dir`` as a whole path, made with its parents: the benchmarks run from the repository root,
+    not from the caller's folder. One line when it cannot be made (a file of that name, no permission)."""
+    out = Path(folder).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out-dir {folder}: {error}")
+    return out
+
+
+def reference_checkout(parser: argparse.ArgumentParser, folder: str) -> Path:
+    """``--reference`` as a whole path, checked before the first benchmark: a wrong one would otherwise fail
+    every side-by-side benchmark in turn, each in a process that runs from the repository root."""
+    from reference import check_reference
+
+    try:
+        return check_reference(folder)
+    except FileNotFoundError as error:
+        parser.error(f"--reference: {error}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, json_option=False)
     parser.add_argument("--reference", default=os.environ.get("FLOWVID_REFERENCE"),
                         help="checkout of apple/ml-starflow (default: $FLOWVID_REFERENCE)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, no thread-settings comparison")
-    parser.add_argument("--out-dir", default=str(ROOT / "runs" / "benchmarks"))
+    parser.add_argument("--out-dir", default=str(ROOT / "runs" / "benchmarks"), metavar="DIR",
+                        help="folder of the JSON files and report.md, made if missing")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    out = Path(args.out_dir).resolve()  # the benchmarks run from the repository root, not from here
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(parser, args.out_dir)
     quick = args.quick
     bf16 = cpu_has_native_bf16()  # elsewhere bf16 is emulated, slower than fp32: nothing to measure
-    reference = ["--reference", args.reference] if args.reference else []
+    reference = ["--reference", str(reference_checkout(parser, args.reference))] if args.reference else []
     if not args.reference:
         print("no reference checkout (--reference PATH or FLOWVID_REFERENCE): side-by-side comparisons skipped")
     demo_model = (ROOT / DEMO_CHECKPOINT).is_file()

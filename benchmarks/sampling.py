@@ -33,8 +33,6 @@ than one thread (the output and the JSON record it); the command is the referenc
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import time
 from dataclasses import dataclass
@@ -50,7 +48,8 @@ from flowvid.placement import precision_context
 from flowvid.sampling import JacobiSampler, Sampler, SequentialSampler
 from flowvid.testing import perturb_parameters
 from flowvid.text.base import TextEmbedding
-from run_all import positive_float, positive_int, require_model, wait_policy
+from run_all import (benchmark_parser, load_measured_model, non_negative_int, positive_float, positive_int, save_result,
+                     wait_policy)
 
 CONFIGS: dict[str, dict] = {
     # The "demo" preset at the demo recipe's latent size (16x16 pixels, patch 2).
@@ -171,21 +170,24 @@ def first_and_later_iterations(stats: dict) -> tuple[float, float]:
     return float(np.mean(first)) if first else 0.0, float(np.mean(later)) if later else 0.0
 
 
-def trained_flow(checkpoint: str, batch: int) -> tuple[GlobalLocalFlow, TextEmbedding | None, int]:
-    """The flow of a trained model, the empty caption's text states for ``batch`` videos, and its latent frames."""
+def trained_flow(checkpoint: str, batch: int, module=None) -> tuple[GlobalLocalFlow, TextEmbedding | None, int]:
+    """The flow of a trained model (``module``, or the one ``checkpoint`` holds), the empty caption's text
+    states for ``batch`` videos, and its latent frames."""
     from flowvid.loading import load_model
 
-    module = load_model(checkpoint)
+    module = load_model(checkpoint) if module is None else module
     text = module.encode_text([""] * batch) if module.text_encoder is not None else None
     return module.flow, text, module.latent_shape[0]
 
 
 @torch.no_grad()
 def measure(config: str, frames: int, batch: int, perturb: float, train_steps: int, repeats: int,
-            checkpoint: str | None = None, precision: str = "32-true", tolerances: tuple[float, ...] = ()) -> dict:
+            checkpoint: str | None = None, precision: str = "32-true", tolerances: tuple[float, ...] = (),
+            model=None) -> dict:
+    """``model``: the trained model of ``checkpoint``, when it is loaded already."""
     text = None
     if checkpoint:
-        flow, text, frames = trained_flow(checkpoint, batch)
+        flow, text, frames = trained_flow(checkpoint, batch, model)
         config, weights = "trained", f"trained, {checkpoint}"
     else:
         flow = build_flow(config)
@@ -273,12 +275,14 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="demo")
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="demo", help="size of the flow")
     parser.add_argument("--frames", type=positive_int, default=4, help="latent frames of the video")
-    parser.add_argument("--batch", type=positive_int, default=2)
-    parser.add_argument("--perturb", type=float, default=0.02, help="std of the weight perturbation")
-    parser.add_argument("--train-steps", type=int, default=0, help="fit the flow to shapes videos instead")
+    parser.add_argument("--batch", type=positive_int, default=2, help="videos sampled at once")
+    parser.add_argument("--perturb", type=positive_float, default=0.02,
+                        help="std of the weight perturbation (unperturbed, the flow is the identity)")
+    parser.add_argument("--train-steps", type=non_negative_int, default=0,
+                        help="fit the flow to shapes videos for this many steps instead of perturbing it")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=positive_int, default=3, help="runs per sampler; the fastest counts")
     parser.add_argument("--checkpoint", default=None, help="measure this trained model (checkpoint or export)")
@@ -286,19 +290,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="precision of the Jacobi samplers and their forward pass")
     parser.add_argument("--tolerances", type=positive_float, nargs="*", default=[],
                         help="also measure Jacobi (default settings) at these tolerances")
-    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.checkpoint:
-        require_model(parser, args.checkpoint)
+    model = load_measured_model(parser, "--checkpoint", args.checkpoint) if args.checkpoint else None
     torch.set_num_threads(args.threads)
     print(f"# sampling benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), {args.precision}, OMP_WAIT_POLICY: {wait_policy()}", flush=True)
     result = measure(args.config, args.frames, args.batch, args.perturb, args.train_steps, args.repeats,
-                     args.checkpoint, args.precision, tuple(args.tolerances))
+                     args.checkpoint, args.precision, tuple(args.tolerances), model)
     print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({**result, "omp_wait_policy": wait_policy(), "args": vars(args)}, handle, indent=2)
+    save_result(args.json, args, result)
     return 0
 
 

@@ -12,11 +12,8 @@ Lengths beyond the training length slide a window (``WindowedSampler``).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -52,28 +49,24 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from run_all import DEMO_CHECKPOINT, positive_int, require_model, wait_policy
+    from run_all import DEMO_CHECKPOINT, benchmark_parser, load_measured_model, positive_int, save_result
 
-    from flowvid.loading import load_model
     from flowvid.pipeline import VideoPipeline
     from flowvid.sampling import JacobiSampler
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", default=DEMO_CHECKPOINT)
-    parser.add_argument("--frames", type=positive_int, nargs="+", default=[8, 32])
-    parser.add_argument("--rounds", type=positive_int, default=3)
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--json", default=None)
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--ckpt", default=DEMO_CHECKPOINT, help="the trained model: a checkpoint or an export")
+    parser.add_argument("--frames", type=positive_int, nargs="+", default=[8, 32], help="video lengths, in frames")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds; medians are reported")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
-    require_model(parser, args.ckpt)
+    model = load_measured_model(parser, "--ckpt", args.ckpt)
     torch.set_num_threads(args.threads)
-    pipe = VideoPipeline(load_model(args.ckpt), JacobiSampler(tol=1e-3))
+    pipe = VideoPipeline(model, JacobiSampler(tol=1e-3))
     pipe(CAPTION, seed=0)  # warm up
     rows = [measure(pipe, frames, args.rounds) for frames in args.frames]
     print(markdown(rows))
-    if args.json:
-        result = {"args": vars(args), "omp_wait_policy": wait_policy(), "rows": rows}
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    save_result(args.json, args, {"rows": rows})
     return 0
 
 

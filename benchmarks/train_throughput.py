@@ -35,8 +35,6 @@ record: ``run_all.py`` compares the policies, so this script must not pick one o
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import time
@@ -51,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flowvid.nn.attention import attention_bands, prefix_causal_mask
 from flowvid.placement import precision_context
 from reference import SharedConfig, build_reference, load_reference, reference_loss, reference_video
-from run_all import multiple_of, positive_int, wait_policy
+from run_all import benchmark_parser, multiple_of, positive_int, save_result, wait_policy
 
 MATMUL_SIZE = 2048
 #: Lightning's precision names and the dtype of the network's matmuls in each.
@@ -227,11 +225,11 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--widths", type=multiple_of(64, "the attention head width"), nargs="+", default=[128, 256],
                         help="deep block widths, multiples of 64 (the attention head width)")
-    parser.add_argument("--deep-depth", type=positive_int, default=4)
-    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--deep-depth", type=positive_int, default=4, help="layers of the deep block")
+    parser.add_argument("--batch", type=positive_int, default=8, help="videos per training step")
     parser.add_argument("--frames", type=positive_int, default=4, help="latent frames per video")
     parser.add_argument("--rounds", type=positive_int, default=8, help="interleaved rounds; medians are reported")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
@@ -240,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default=None, help="checkout of apple/ml-starflow to compare against")
     parser.add_argument("--compile", action="store_true",
                         help="also time the flow with its blocks compiled (FlowModule's compile_flow)")
-    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     reference = None
     if args.reference:
@@ -258,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(measure_width(config, args.rounds, reference, args.precision, args.compile))
         print(f"  width {width} done", flush=True)
     print(markdown(results))
-    result = {"threads": args.threads, "omp_wait_policy": wait_policy(), "results": results}
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({**result, "args": vars(args)}, handle, indent=2)
+    save_result(args.json, args, {"threads": args.threads, "results": results})
     return 0
 
 

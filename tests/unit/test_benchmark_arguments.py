@@ -1,23 +1,32 @@
-"""The benchmark scripts refuse bad option values in one line, and ``run_all.py`` keeps its report whole.
+"""The benchmark scripts refuse bad option values in one line, show their defaults in ``--help``, record their
+options in their JSON, and ``run_all.py`` keeps its report whole.
 
-Every check here stops before anything is measured or a model is loaded, so the tests are fast.
+Every check here stops before anything is measured or a model is loaded (or measures nothing), so the
+tests are fast.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from flowvid.data import write_synthetic_dataset
 from flowvid.demo import validation_samples
 
-from test_perf_benchmarks import (adherence, finetune, memory, negative_prompt, reference, run_all, sampling,
+from test_perf_benchmarks import (adherence, finetune, gpu, memory, negative_prompt, reference, run_all, sampling,
                                   streaming, train_throughput)
 
 ROOT = Path(__file__).resolve().parents[2]
-attention_kernels = importlib.import_module("attention_kernels")  # on the path test_perf_benchmarks gives
+# On the path test_perf_benchmarks gives.
+attention_kernels = importlib.import_module("attention_kernels")
+data = importlib.import_module("data")
+SCRIPTS = [adherence, attention_kernels, data, finetune, gpu, memory, negative_prompt, reference, run_all, sampling,
+           streaming, train_throughput]
 
 
 def refusal(script, argv: list[str], capsys) -> str:
@@ -65,6 +74,122 @@ def test_the_widths_help_says_the_rule(script, step, capsys):
     with pytest.raises(SystemExit):
         script.main(["--help"])
     assert f"multiples of {step}" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("script, argv, option, rule", [
+    (sampling, ["--train-steps", "-1"], "--train-steps", "must be an integer >= 0, got -1"),
+    (reference, ["--reference", "x", "--fit-steps", "0"], "--fit-steps", "must be an integer >= 1, got 0"),
+    (reference, ["--reference", "x", "--threshold", "0"], "--threshold", "must be a number > 0, got '0'"),
+    (sampling, ["--perturb", "-0.02"], "--perturb", "must be a number > 0, got '-0.02'"),
+    (sampling, ["--perturb", "nan"], "--perturb", "must be a number > 0, got 'nan'"),
+    # With guidance 0 a negative prompt steers nothing: the sampler refuses it, after the model has loaded.
+    (negative_prompt, ["--guidance", "3", "0"], "--guidance", "must be a number > 0, got '0'"),
+])
+def test_a_size_or_weight_that_cannot_be_measured_is_refused_in_one_line(script, argv, option, rule, capsys):
+    assert refusal(script, argv, capsys).endswith(f"argument {option}: {rule}")
+
+
+@pytest.mark.parametrize("seeds, message", [
+    (["-1"], "--seeds must be an integer from 0 to"),
+    (["4294967295"], "--seeds must be an integer from 0 to"),  # caption i samples with seed + i
+    (["1234", "1", "1234"], "--seeds: each seed once, got 1234 more than once"),
+])
+def test_seeds_the_sampler_would_refuse_stop_before_the_data_and_model_are_read(seeds, message, tmp_path, capsys):
+    missing = tmp_path / "model.ckpt"  # neither is read: the seeds are checked first
+    argv = ["--ckpt", str(missing), "--data", str(tmp_path / "val"), "--seeds", *seeds]
+    assert message in refusal(adherence, argv, capsys)
+
+
+def test_seed_zero_is_a_seed_not_a_count():
+    # --seeds lists the seeds themselves; 0 is as good a seed as any.
+    adherence.check_seeds(argparse.ArgumentParser(), [0, 1, 2], samples=16)
+
+
+def parser_of(script, monkeypatch) -> argparse.ArgumentParser:
+    """The parser a script's ``main`` builds, caught as it starts parsing: nothing runs."""
+    class Parsing(Exception):
+        pass
+
+    def caught(parser, *args, **kwargs):
+        raise Parsing(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", caught)
+    with pytest.raises(Parsing) as parsing:
+        script.main([])
+    return parsing.value.args[0]
+
+
+def shown(default) -> str:
+    return " ".join(map(str, default)) if isinstance(default, list) else str(default)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.__name__)
+def test_help_shows_every_default_as_it_is_typed(script, monkeypatch):
+    parser = parser_of(script, monkeypatch)
+    text = " ".join(parser.format_help().split())
+    options = [action for action in parser._actions if action.option_strings and action.dest != "help"]
+    assert all(action.help for action in options)  # an option without help shows no default either
+    for action in options:
+        if action.default not in (None, False, []) and "(default:" not in action.help:
+            assert f"(default: {shown(action.default)})" in text, action.option_strings
+
+
+def test_help_ends_a_line_with_the_default(capsys):
+    with pytest.raises(SystemExit):
+        train_throughput.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--rounds ROUNDS interleaved rounds; medians are reported (default: 8)" in text
+    assert "--widths WIDTHS [WIDTHS ...] deep block widths, multiples of 64 (the attention head width) " \
+           "(default: 128 256)" in text
+    assert text.endswith("--compile also time the flow with its blocks compiled (FlowModule's compile_flow)")
+
+
+@pytest.fixture
+def measured_nothing(monkeypatch):
+    """finetune.py with its measurement replaced by fixed rows."""
+    def rows(width, rank, rounds, batch):
+        row = {"step_ms": 10.0, "parameters": 1000, "trainable": 10, "adamw_state_mib": 0.0, "speed_up": 1.0}
+        return {"full": row, f"lora r{rank}": row}
+
+    monkeypatch.setattr(finetune, "measure_width", rows)
+
+
+def test_finetune_records_its_options_in_its_json(measured_nothing, tmp_path):
+    path = tmp_path / "finetune.json"
+    assert finetune.main(["--widths", "64", "--rank", "4", "--rounds", "2", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["args"] == {"widths": [64], "rank": 4, "rounds": 2, "batch": 4, "threads": None, "json": str(path)}
+    assert result["omp_wait_policy"] == run_all.wait_policy() and set(result["results"]) == {"64"}
+
+
+def test_a_json_file_in_a_folder_not_made_yet_is_written_there(measured_nothing, tmp_path):
+    # The folder used to be found missing only after the measuring, the numbers lost with a traceback.
+    path = tmp_path / "runs" / "today" / "finetune.json"
+    assert finetune.main(["--widths", "64", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["args"]["json"] == str(path)
+
+
+@pytest.fixture
+def threads_kept():
+    """A benchmark sets torch's threads as it starts measuring; the test process keeps its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("script, option", [(streaming, "--ckpt"), (adherence, "--ckpt"), (negative_prompt, "--ckpt"),
+                                            (sampling, "--checkpoint")])
+@pytest.mark.parametrize("name, damage, reason", [
+    ("step=00000640.ckpt", lambda path: path.write_text("not a checkpoint"), "not a PyTorch checkpoint"),
+    ("run", lambda path: path.mkdir(), "is a directory without a checkpoint"),
+])
+def test_a_model_that_cannot_be_loaded_stops_a_benchmark_with_one_line(script, option, name, damage, reason, held_out,
+                                                                        tmp_path, capsys, threads_kept):
+    model = tmp_path / name
+    damage(model)
+    data = ["--data", str(held_out)] if script in (adherence, negative_prompt) else []
+    last_line = refusal(script, [option, str(model), *data], capsys)
+    assert f"error: {option} {model}: " in last_line and reason in last_line
 
 
 def test_validation_samples_refuse_a_count_below_one(tmp_path):
@@ -150,3 +275,35 @@ def test_make_bench_runs_the_fine_tuning_command_the_documentation_quotes(record
     [arguments] = [arguments for script, arguments, _ in recorded_runs if script == "finetune.py"]
     command = " ".join(["python benchmarks/finetune.py", *arguments])
     assert command in (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def reference_checkout(folder: Path) -> Path:
+    """A folder shaped like a checkout of the reference implementation (nothing in it is imported here)."""
+    (folder / "misc").mkdir(parents=True)
+    (folder / "transformer_flow.py").write_text("")
+    return folder
+
+
+def test_a_wrong_reference_checkout_stops_run_all_before_the_first_benchmark(recorded_runs, tmp_path, capsys):
+    last_line = refusal(run_all, ["--reference", str(tmp_path), "--out-dir", str(tmp_path / "out")], capsys)
+    assert "error: --reference: " in last_line
+    assert f"{tmp_path} is not a checkout of the reference implementation" in last_line
+    assert recorded_runs == []
+
+
+def test_a_relative_reference_reaches_the_benchmarks_as_a_whole_path(recorded_runs, tmp_path, monkeypatch):
+    checkout = reference_checkout(tmp_path / "ml-starflow")
+    monkeypatch.chdir(tmp_path)
+    assert run_all.main(["--quick", "--reference", "ml-starflow", "--out-dir", "results"]) == 0
+    # The benchmarks run with the repository root as their working folder.
+    given = [arguments[arguments.index("--reference") + 1] for _, arguments, _ in recorded_runs
+             if "--reference" in arguments]
+    assert given and set(given) == {str(checkout)}
+
+
+def test_an_out_dir_that_cannot_be_made_is_refused_in_one_line(recorded_runs, tmp_path, capsys):
+    taken = tmp_path / "results"
+    taken.write_text("a file, not a folder")
+    last_line = refusal(run_all, ["--out-dir", str(taken / "benchmarks")], capsys)
+    assert f"error: --out-dir {taken / 'benchmarks'}: " in last_line and "Not a directory" in last_line
+    assert recorded_runs == []

@@ -780,13 +780,22 @@ class FlowModule(LightningModule):
         # A float count: Lightning averages each process's count of samples over the processes in the
         # count's own dtype, and an integer one rounds down (5 samples on 2 processes would count as 4).
         named = {f"{prefix}/{name}": value for name, value in metrics.items()}
-        self.log_dict(named, batch_size=float(batch_size), sync_dist=True, add_dataloader_idx=False, logger=False)
-        self._validation_names.update(named)
+        # Validating, Lightning logs the values itself: they are also what it prints and what
+        # ``trainer.validate`` returns, which take only values given to the logger.
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        self.log_dict(named, batch_size=float(batch_size), sync_dist=True, add_dataloader_idx=False, logger=not fitting)
+        if fitting:
+            self._validation_names.update(named)
+
+    def on_validation_start(self) -> None:
+        # Validating a checkpoint: at the step of its weights (Lightning restores the step only when fitting,
+        # and logs an evaluation at its count of batches that stepped, which has no public setter).
+        if self.trainer.state.fn == TrainerFn.VALIDATING and self._checkpoint_step is not None:
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self._checkpoint_step
 
     def on_validation_end(self) -> None:
-        """The validation is logged at the optimizer steps that made the weights it measured: ``global_step``
-        during fit, which also names their checkpoint and is what the console prints, and the checkpoint's
-        step when validating one (Lightning restores the step only when fitting). Lightning would log it at
+        """During fit, the validation is logged at ``global_step``, the optimizer steps that made the weights it
+        measured, which also names their checkpoint and is what the console prints. Lightning would log it at
         the count of batches whose step it logged, one less at this point (and batches, not steps, when
         gradients accumulate). The values are Lightning's averages over the batches and processes."""
         names, self._validation_names = self._validation_names, set()
@@ -795,12 +804,8 @@ class FlowModule(LightningModule):
         reduced = self.trainer.callback_metrics
         metrics = {name: float(reduced[name]) for name in sorted(names) if name in reduced}
         for logger in self.loggers:
-            logger.log_metrics(metrics, step=self._step_of_the_weights())
+            logger.log_metrics(metrics, step=self.global_step)
             logger.save()
-
-    def _step_of_the_weights(self) -> int:
-        validating = self.trainer.state.fn == TrainerFn.VALIDATING
-        return self._checkpoint_step if validating and self._checkpoint_step is not None else self.global_step
 
     def _validation_prefix(self, dataloader_idx: int) -> str:
         if dataloader_idx == 0:

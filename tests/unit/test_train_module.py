@@ -376,3 +376,13 @@ def test_trainer_options_of_automatic_optimisation_are_refused_naming_the_module
         trainer.fit(module, DataLoader([video_batch()] * 2, batch_size=None))
     assert module.global_step == 0
     trainer.validate(module, DataLoader([video_batch()], batch_size=None))  # validation takes no optimiser step
+
+
+def test_validate_returns_and_prints_the_validation_metrics(capsys):
+    """What ``flowvid validate`` shows: Lightning prints and returns only the values given to its logger."""
+    module = make_module()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    results = trainer.validate(module, DataLoader([video_batch()], batch_size=None))
+    assert math.isfinite(results[0]["val/bits_per_dim"]) and results[0]["val/noisy_mse"] > 0
+    assert "val/bits_per_dim" in capsys.readouterr().out

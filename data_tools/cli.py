@@ -12,19 +12,27 @@ import importlib
 import sys
 import warnings
 from types import ModuleType
+from typing import Iterable
 
 from data_tools.report import console, error_prefix
 from flowvid.cli import RawDescriptionHelpFormatter, help_text
 
-VERBS: dict[str, str] = {
-    "from-videos": "data_tools.from_videos",
-    "make-synthetic": "data_tools.make_synthetic",
-    "encode-latents": "data_tools.encode_latents",
-    "verify": "data_tools.verify",
-    "describe": "data_tools.describe",
-    "vocabulary": "data_tools.vocabulary",
-    "fvd-stats": "data_tools.fvd_stats",
-    "fvd": "data_tools.fvd",
+# Each verb's module and the summary ``flowvid data --help`` lists, the first line of the module's docstring:
+# listing the verbs imports none of them, and running one imports only its own module.
+VERBS: dict[str, tuple[str, str]] = {
+    "from-videos": ("data_tools.from_videos",
+                    "a folder or glob of video files plus captions -> raw clip shards with a manifest."),
+    "make-synthetic": ("data_tools.make_synthetic",
+                       "the built-in dataset of captioned moving shapes, made locally, deterministic by seed."),
+    "encode-latents": ("data_tools.encode_latents", "raw clip shards -> latent shards through a registered codec."),
+    "verify": ("data_tools.verify", "decode every sample of a shard folder and check it against its manifest."),
+    "describe": ("data_tools.describe",
+                 "what a shard folder holds, read from its manifest, with a few of its captions."),
+    "vocabulary": ("data_tools.vocabulary",
+                   "the words of shard folders' captions, as the learned text encoder's vocabulary."),
+    "fvd-stats": ("data_tools.fvd_stats",
+                  "FVD reference statistics of a raw shard folder, computed once and cached."),
+    "fvd": ("data_tools.fvd", "FVD (or FVD-proxy) of generated videos against a real set, from the command line."),
 }
 
 
@@ -37,19 +45,29 @@ def _load(module_name: str) -> ModuleType | None:
         return None
 
 
-def build_parser(prog: str = "flowvid data") -> argparse.ArgumentParser:
+def build_parser(prog: str = "flowvid data", verbs_read: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``flowvid data``. ``verbs_read``: the verbs whose options it knows, their modules
+    imported (by default every verb's); the others are listed by their summary alone."""
     parser = argparse.ArgumentParser(prog=prog, description="Video files -> shards -> latent shards, and checks.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, module_name in VERBS.items():
+    read = set(VERBS if verbs_read is None else verbs_read)
+    for verb, (module_name, summary) in VERBS.items():
+        if verb not in read:
+            verbs.add_parser(verb, help=help_text(summary))
+            continue
         module = _load(module_name)
         if module is None:
             continue
-        summary = (module.__doc__ or verb).strip().split("\n")[0].split(": ", 1)[-1]  # drop the "``verb``: "
         sub = verbs.add_parser(verb, help=help_text(summary), description=help_text(module.__doc__ or verb),
                                epilog=module.EXIT_STATUS, formatter_class=RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
+
+
+def verb_of(argv: list[str]) -> str | None:
+    """The verb ``argv`` names: its first word that is no option."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     Bad input that stops a whole run (no videos found, a folder that is not a shard folder, a codec
     that cannot take the clip size) is reported in one line with exit code 2.
     """
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(verbs_read=[verb_of(argv)]).parse_args(argv)
     error = error_prefix(args.verb)
     try:
         return args.run(args)

@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from flowvid.media import decode_failure, frames_at_rate, is_slower, shown_frame, shown_size, stream_rate
+from flowvid.media import EmptyVideo, decode_failure, frames_at_rate, is_slower, shown_frame, shown_size, stream_rate
 
 
 class VideoSkipped(Exception):
@@ -68,7 +68,7 @@ def read_clips(path: str | Path, spec: ClipSpec) -> Clips:
 
 def _decode(path: Path, spec: ClipSpec) -> tuple[list[np.ndarray], float]:
     if path.stat().st_size == 0:
-        raise VideoSkipped("empty file")
+        raise VideoSkipped(EmptyVideo.reason)
     try:
         # Titles and tags are never read; one in another encoding (Latin-1 from old taggers) must not lose the video.
         with av.open(str(path), metadata_errors="replace") as container:

@@ -7,7 +7,8 @@
 The manifest records the codec's identity (name, config and config hash, checked against the model at
 training time), the latent shape, the per-channel mean and std measured over all written latents,
 the codec's own normalisation when it has one (``latents_mean`` / ``latents_std``) and the clips
-skipped (a broken raw shard as one entry with the number of ``samples`` it lost). A frozen text
+skipped (a broken raw shard, or one whose sha256 differs from the raw manifest's, as one entry with
+the number of ``samples`` it lost: a changed shard gives none). A frozen text
 encoder's embeddings can be cached with the latents. Codec and text-encoder arguments are
 checked before anything is written, and a run replaces earlier shards in DIR only when it writes at
 least one latent.
@@ -51,6 +52,7 @@ from flowvid.data.shards import (
     encode_sample,
     keys_held_earlier,
     listed_samples,
+    listed_sha256,
     replace_shard_folder,
     shard_paths,
     staging_folder,
@@ -231,7 +233,8 @@ def _write_latents(
         held_earlier = keys_held_earlier(every_shard)
         shards = every_shard[rank::world_size]
         listed = [shard["samples"] for shard in raw["shards"]][rank::world_size]
-        samples = _samples(shards, listed, SampleSpec.from_manifest(raw), skipped, on_sample, held_earlier)
+        checksums = listed_sha256(raw)[rank::world_size]
+        samples = _samples(shards, listed, checksums, SampleSpec.from_manifest(raw), skipped, on_sample, held_earlier)
         for group in _groups(samples, batch_size):
             with torch.inference_mode():
                 video = torch.from_numpy(np.stack([s["video"] for s in group])).to(device)
@@ -302,13 +305,15 @@ def _gather_shards(parts: list[dict[str, Any]], staging: Path) -> None:
         os.replace(middle, staging / (SHARD_PATTERN % index))
 
 
-def _samples(shards: list[Path], listed: list[int], spec: SampleSpec, skipped: list[dict[str, Any]],
-             on_sample: Callable[[], None] | None,
+def _samples(shards: list[Path], listed: list[int], checksums: list[str | None], spec: SampleSpec,
+             skipped: list[dict[str, Any]], on_sample: Callable[[], None] | None,
              held_earlier: dict[str, frozenset[str]]) -> Iterator[dict[str, Any]]:
     """Decoded samples of raw shards in stored order; unusable ones are appended to ``skipped``, a broken
-    shard once with the number of ``samples`` it lost, a repeated key as ``listed_samples`` finds it (with
-    ``held_earlier`` over every raw shard, a process under torchrun drops what a single one does)."""
-    for sample in listed_samples(shards, listed, skipped, held_earlier):
+    shard or one whose bytes differ from its ``checksums`` entry once with the number of ``samples`` it
+    lost, a repeated key as ``listed_samples`` finds it (with ``held_earlier`` over every raw shard, a
+    process under torchrun drops what a single one does). Every shard is read once, so checking its sha256
+    on the way costs no second read."""
+    for sample in listed_samples(shards, listed, skipped, held_earlier, checksums):
         if on_sample is not None:
             on_sample()
         try:

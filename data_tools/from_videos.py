@@ -4,7 +4,9 @@
                              [--val-fraction 0.05]
 
 Captions come from a CSV or JSONL of ``path,caption`` (paths relative to that file), else from a
-sidecar ``<video>.txt``, else ``--default-caption``; a video without one is skipped. A table's paths
+sidecar named as the video without its extension, ``<video stem>.txt`` (``clip.txt`` for ``clip.mp4``;
+``clip.mp4.txt`` is read too, and a video with both is skipped as ambiguous), else ``--default-caption``;
+a video without one is skipped. A table's paths
 and sidecars' names match as spelt, else up to Unicode normalisation (NFC). Files are decoded in
 parallel; the output depends only on the inputs and options (not on --workers). Every skipped file
 is listed with its reason in ``DIR/summary.json`` (with ``--val-fraction``: ``DIR/train/summary.json``
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import glob
 import hashlib
 import itertools
@@ -511,10 +514,17 @@ class CaptionTable:
         return None
 
 
+def sidecar_names(video: Path) -> list[str]:
+    """The names a caption file of ``video`` may have: ``<stem>.txt`` (``clip.txt`` for ``clip.mp4``) and
+    ``<name>.txt`` (``clip.mp4.txt``). A video named ``clip.txt`` is never its own caption file."""
+    names = [f"{video.stem}.txt", f"{video.name}.txt"]
+    return [name for name in dict.fromkeys(names) if name != video.name]
+
+
 class Sidecars:
-    """Each video's caption file ``<video>.txt``, found as it is spelt, else up to Unicode normalisation,
-    as ``CaptionTable`` finds rows: a video and its sidecar copied from different systems may spell the
-    same name differently (NFD, NFC)."""
+    """Each video's caption file, ``<stem>.txt`` or ``<name>.txt`` (``sidecar_names``), found as it is spelt,
+    else up to Unicode normalisation, as ``CaptionTable`` finds rows: a video and its sidecar copied from
+    different systems may spell the same name differently (NFD, NFC)."""
 
     def __init__(self, videos: Iterable[Path]):
         self.videos: dict[str, list[Path]] = {}  # normalised path -> the videos spelt so
@@ -523,12 +533,20 @@ class Sidecars:
         self.folders: dict[Path, dict[str, list[Path]]] = {}  # folder -> normalised .txt name -> files; listed once
 
     def find(self, video: Path) -> Path | None:
-        """The sidecar of ``video``, None without one; NoCaption when sidecars in several spellings, or videos
-        whose names differ only in their spelling, make it ambiguous."""
-        spelt = video.with_suffix(".txt")
+        """The sidecar of ``video``, None without one; NoCaption when both names are there (neither is
+        preferred: one of them is likely stale), or when sidecars in several spellings, or videos whose
+        names differ only in their spelling, make it ambiguous."""
+        found = [sidecar for name in sidecar_names(video) if (sidecar := self._named(video, name)) is not None]
+        if len(found) > 1:
+            raise NoCaption(f"ambiguous caption: both {found[0].name} and {found[1].name} fit {video.name}; keep "
+                            "one of them")
+        return found[0] if found else None
+
+    def _named(self, video: Path, name: str) -> Path | None:
+        spelt = video.with_name(name)
         if spelt.is_file():
             return spelt
-        found = self._text_files(video.parent).get(_normalised(spelt.name), [])
+        found = [path for path in self._text_files(video.parent).get(_normalised(name), []) if path != video]
         if len(found) > 1:
             raise NoCaption(f"ambiguous caption: {len(found)} sidecars fit {video.name}, spelt differently only in "
                             "Unicode normalisation")
@@ -551,20 +569,39 @@ class Sidecars:
         return self.folders[folder]
 
 
-def caption_for(video: Path, table: CaptionTable, sidecars: Sidecars, default: str | None) -> str:
-    """The captions table's entry, else the sidecar ``.txt``, else ``default``; NoCaption says why not."""
+@dataclasses.dataclass(frozen=True)
+class FoundCaption:
+    """A caption a video carries itself, and the sidecar it was read from (None: a captions table's row)."""
+
+    text: str
+    sidecar: Path | None = None
+
+
+def found_caption(video: Path, table: CaptionTable, sidecars: Sidecars) -> FoundCaption | None:
+    """The caption ``video`` carries itself: the captions table's entry, else its sidecar's text; None without
+    either. NoCaption for an ambiguous entry or sidecar, or a sidecar that cannot be read. ``flowvid score``
+    captions video files by this lookup too, so that a clip gets the same caption in both."""
     caption = table.caption(video)
     if caption is not None:
-        return caption
+        return FoundCaption(caption)
     sidecar = sidecars.find(video)
-    if sidecar is not None:
-        try:
-            return sidecar.read_bytes().decode("utf-8-sig").strip()  # without a byte-order mark
-        except (OSError, UnicodeDecodeError) as err:
-            raise NoCaption(f"unreadable caption {sidecar.name}: {err}") from err
+    if sidecar is None:
+        return None
+    try:
+        return FoundCaption(sidecar.read_bytes().decode("utf-8-sig").strip(), sidecar)  # without a byte-order mark
+    except (OSError, UnicodeDecodeError) as err:
+        raise NoCaption(f"unreadable caption {sidecar.name}: {err}") from err
+
+
+def caption_for(video: Path, table: CaptionTable, sidecars: Sidecars, default: str | None) -> str:
+    """The captions table's entry, else the sidecar ``.txt``, else ``default``; NoCaption says why not."""
+    found = found_caption(video, table, sidecars)
+    if found is not None:
+        return found.text
     if default is not None:
         return default
-    raise NoCaption("no caption (no sidecar .txt, no --captions entry, no --default-caption)")
+    raise NoCaption(f"no caption (no sidecar {' or '.join(sidecar_names(video))}, no --captions entry, "
+                    "no --default-caption)")
 
 
 def key_prefixes(relatives: Iterable[str]) -> dict[str, str]:

@@ -10,10 +10,14 @@ in it, and settings such as I3D's ``resolution`` to the reference's; others are 
 and the resolution, or a raw shard folder, whose statistics (of every clip) are computed with
 ``--extractor`` (default ``inception-proxy``) the first time and kept in its ``fvd_stats/``, where
 ``fvd-stats`` keeps them too.
-Every generated video is cut to the reference's frames and fitted to its resolution (centre-cropped to
-its aspect ratio, then resized), and counted as ``cut`` or ``resized``; a video that cannot be read or
-is too short is skipped and counted (the skips are listed even when too few videos are left for an
-FVD: the exit status is then 1, while fewer than 2 videos found is 2). The result is one JSON line on
+A generated video file is read at the frame rate of the reference's clips (frame k: the one nearest in
+time to k / fps), which a shard folder's manifest records and an ``.npz`` takes from the folder it was
+computed from while that still holds the same shards; an unknown rate is one warning, and the files are
+then read frame by frame. Every generated video is cut to the reference's frames and fitted to its
+resolution (centre-cropped to its aspect ratio, then resized), and counted as ``cut`` or ``resized``; a
+video that cannot be read, is too short or is slower than the reference is skipped and counted (the
+skips are listed even when too few videos are left for an FVD: the exit status is then 1, while fewer
+than 2 videos found is 2). The result is one JSON line on
 stdout (and in ``--out``, which must not be one of the inputs): the distance, its protocol name
 (extractor, frames, resolution, sample count) and the counts.
 """
@@ -21,6 +25,7 @@ stdout (and in ``--out``, which must not be one of the inputs): the distance, it
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections import Counter
@@ -31,13 +36,15 @@ import numpy as np
 import torch
 
 from data_tools.arguments import check_registered_arguments
-from data_tools.fvd_stats import feed_in_batches, kept_statistics, note_few_samples, planned_key
+from data_tools.fvd_stats import (check_raw_shards, feed_in_batches, kept_statistics, note_few_samples, planned_key,
+                                 shards_sha256)
 from data_tools.report import console, print_error, print_summary, progress_bar, samples_skipped
 from flowvid.checks import json_object
 from flowvid.cli import exit_statuses
 from flowvid.data.manifest import load_manifest, video_shape
 from flowvid.data.shards import shard_folder_files
-from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_frames
+from flowvid.media import (READABLE_VIDEO_SUFFIXES, EmptyVideo, MediaError, SlowerVideo, fit_frames,
+                           read_frames_at)
 from flowvid.metrics.extractor import build_extractor, extractor_help
 from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
 from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
@@ -76,11 +83,15 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output_file(args.out, "--out", "give the .json file to write")
     videos = generated_videos(args.generated)
+    if len(videos) < 2:  # before the reference and the extractor: the request cannot be done
+        raise ValueError(too_few(len(videos), 0))
     reference_path = Path(args.reference)
     if not reference_path.exists():  # before the extractor (I3D weights) is loaded
         raise ValueError(f"--reference {reference_path} does not exist; give an .npz of `flowvid data fvd-stats` "
                          "or a raw shard folder")
     shard_manifest = load_manifest(reference_path) if reference_path.is_dir() else None
+    if shard_manifest is not None:
+        check_raw_shards(shard_manifest, reference_path, "fvd --reference")
     if args.out is not None:
         check_output_is_no_input(args.out, [*videos, *reference_files(reference_path, shard_manifest)], "result")
     cached = None if reference_path.is_dir() else ReferenceStats.load(reference_path)
@@ -95,19 +106,19 @@ def run(args: argparse.Namespace) -> int:
     if cached is not None:
         check_reference_fits(cached, metric, reference_path)
     reference = real_set(metric, reference_path, args.batch_size, device, cached, shard_manifest)
+    fps = reference_fps(reference_path, shard_manifest, cached)
+    if fps is None:
+        note_unknown_rate(reference_path, videos)
 
     skipped: list[dict[str, str]] = []
     fitted: Counter = Counter()
     with progress_bar() as bar:
         task = bar.add_task("generated videos", total=len(videos))
         used = add_generated(metric, videos, reference, args.batch_size, device, skipped, fitted,
-                             on_video=lambda: bar.advance(task))
+                             on_video=lambda: bar.advance(task), fps=fps)
     if used < 2:
         print_summary("fvd: too few usable generated videos", {"generated": used, "skipped": len(skipped)}, skipped)
-        too_few = f"{used} usable generated videos ({len(skipped)} skipped); FVD needs at least 2"
-        if not skipped:  # fewer than 2 were given: no input failed, the request cannot be done
-            raise ValueError(too_few)
-        print_error("fvd", too_few)
+        print_error("fvd", too_few(used, len(skipped)))
         return 1
     note_few_samples(used, metric.extractor.feature_dim, "generated videos")
     note_long_distance(metric.extractor.feature_dim)
@@ -117,9 +128,41 @@ def run(args: argparse.Namespace) -> int:
     print_summary(f"fvd of {used} generated videos", result, skipped)
     print(json.dumps(result))
     if args.out is not None:
-        text = json.dumps(result, indent=2) + "\n"
+        text = json.dumps(result) + "\n"  # the line printed: one JSON line, as a log of runs appends them
         write_atomically(Path(args.out), lambda path: path.write_text(text))
     return 0
+
+
+def too_few(used: int, skipped: int) -> str:
+    videos = "video" if used == 1 else "videos"
+    return f"{used} usable generated {videos} ({skipped} skipped); FVD needs at least 2"
+
+
+def reference_fps(reference: Path, shard_manifest: dict[str, Any] | None,
+                  cached: ReferenceStats | None) -> float | None:
+    """The frame rate of the reference's clips: its shard folder's manifest records it. An .npz records none
+    itself; the folder it was computed from does, while it still holds those shards (the .npz's
+    ``shards_sha256``): the folder it names, else the one whose ``fvd_stats/`` holds it. None: unknown."""
+    if shard_manifest is not None:
+        return shard_manifest["video"].get("fps")
+    if cached is None or not cached.shards_sha256:
+        return None
+    named = [Path(cached.source)] if cached.source else []
+    for folder in dict.fromkeys([*named, reference.resolve().parent.parent]):
+        try:
+            manifest = load_manifest(folder)
+        except (ValueError, KeyError, OSError):  # moved, replaced or never there: the rate stays unknown
+            continue
+        if shards_sha256(manifest) == cached.shards_sha256:
+            return manifest["video"].get("fps")
+    return None
+
+
+def note_unknown_rate(reference: Path, videos: list[Path]) -> None:
+    """One line when video files are read frame by frame for want of the reference's frame rate."""
+    if any(video.suffix != ".npy" for video in videos):
+        console.print(f"[yellow]warning[/] the frame rate of {reference}'s clips is unknown: the generated video files "
+                      "are read frame by frame, whatever their rate")
 
 
 def note_long_distance(features: int) -> None:
@@ -189,16 +232,26 @@ def shard_folder_stats(metric: FrechetVideoDistance, folder: Path, manifest: dic
 
 def add_generated(metric: FrechetVideoDistance, videos: list[Path], reference: ReferenceStats, batch_size: int,
                   device: torch.device, skipped: list[dict[str, Any]], fitted: Counter,
-                  on_video=lambda: None) -> int:
+                  on_video=lambda: None, fps: float | None = None) -> int:
     """Feed the generated videos, at the reference's frames and resolution, to ``metric``; returns how many.
-    ``fitted`` counts the videos that were ``cut`` (more frames) and ``resized`` (another height or width)."""
+    A video file is read at ``fps``, the reference's frame rate (``read_frames_at``: frame k is the one nearest
+    in time to k / fps), where known. ``fitted`` counts the videos that were ``cut`` (more frames) and
+    ``resized`` (another height or width). The extractor runs once two videos are usable: fewer is refused
+    without it."""
     size = (reference.height, reference.width)
 
     def usable() -> Iterator[np.ndarray]:
         for path in videos:
             on_video()
             try:
-                frames = read_frames(path, max_frames=reference.frames + 1)  # one more tells a longer video
+                frames = read_frames_at(path, fps, max_frames=reference.frames + 1).frames  # one more: longer
+            except SlowerVideo as err:
+                skipped.append({"path": str(path), "reason": f"too_slow: {err.source_fps:g} fps, below the "
+                                                             f"reference's {err.fps:g} fps"})
+                continue
+            except EmptyVideo as err:
+                skipped.append({"path": str(path), "reason": err.reason})
+                continue
             except MediaError as err:
                 skipped.append({"path": str(path), "reason": f"unreadable: {err}"})
                 continue
@@ -210,7 +263,11 @@ def add_generated(metric: FrechetVideoDistance, videos: list[Path], reference: R
             fitted["resized"] += frames[0].shape[:2] != size
             yield fit_frames(frames[:reference.frames], *size)
 
-    return feed_in_batches(metric, usable(), real=False, batch_size=batch_size, device=device)
+    clips = usable()
+    first = list(itertools.islice(clips, 2))
+    if len(first) < 2:
+        return len(first)
+    return feed_in_batches(metric, itertools.chain(first, clips), real=False, batch_size=batch_size, device=device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ from flowvid.data.shards import (
     decode_sample,
     keys_held_earlier,
     listed_samples,
+    listed_sha256,
     shard_folder_files,
     shard_paths,
 )
@@ -55,7 +56,7 @@ EXIT_STATUS = exit_statuses("the statistics are written or already kept")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RAW_DIR", help="raw shard folder (from from-videos or make-synthetic)")
-    parser.add_argument("--extractor", default="inception-proxy", help=extractor_help())
+    parser.add_argument("--extractor", default="inception-proxy", help=f"{extractor_help()}; default: inception-proxy")
     parser.add_argument("--extractor-args", type=json_object, default={}, metavar="JSON",
                         help='extractor arguments as JSON, e.g. \'{"weights": "i3d_pretrained_400.pt"}\'')
     parser.add_argument("--frames", type=int, default=None, help="use the first T >= 1 frames of every clip (default: all)")
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-samples must be >= 2 (a covariance needs 2 clips), got {args.max_samples}")
     device = resolve_device(args.device)
     manifest = load_manifest(args.source)
+    check_raw_shards(manifest, Path(args.source), "fvd-stats")
     frames = checked_frames(manifest, args.frames)
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -146,6 +148,13 @@ def kept_statistics(source: str | Path, manifest: dict[str, Any], metric: Freche
                       f"{err.strerror or err}")
         return KeptStatistics(None, stats)
     return KeptStatistics(path, stats)
+
+
+def check_raw_shards(manifest: dict[str, Any], folder: Path, command: str) -> None:
+    """Refuse, before any work, a shard folder that holds no video frames (latent shards) for ``command``."""
+    if manifest["kind"] != "raw":
+        raise ValueError(f"{folder} holds {manifest['kind']} shards; {command} reads raw video shards (frames.npy), "
+                         "such as from-videos or make-synthetic write")
 
 
 def check_out(out: Path, source: str | Path, manifest: dict[str, Any]) -> None:
@@ -227,8 +236,7 @@ def reference_stats(
     """Feature statistics of the first ``max_samples`` usable clips of a raw shard folder (first ``frames`` frames);
     ``manifest`` is the folder's when the caller has read it already."""
     manifest = load_manifest(source) if manifest is None else manifest
-    if manifest["kind"] != "raw":
-        raise ValueError(f"{source} holds {manifest['kind']} shards; fvd-stats reads raw video shards (frames.npy)")
+    check_raw_shards(manifest, Path(source), "fvd-stats")
     frames = checked_frames(manifest, frames)
     skipped = [] if skipped is None else skipped
     metric = metric.to(device)
@@ -268,11 +276,12 @@ def feed_in_batches(metric: FrechetVideoDistance, clips: Iterable[np.ndarray], r
 
 
 def _clips(source: str | Path, manifest: dict[str, Any], skipped: list[dict[str, Any]]) -> Iterator[np.ndarray]:
-    """The clips of a folder; a broken shard is one skip that counts the ``samples`` it lost (``listed_samples``)."""
+    """The clips of a folder; a broken shard, or one whose bytes differ from the manifest's sha256, is one skip
+    that counts the ``samples`` it lost (``listed_samples``)."""
     spec = SampleSpec.from_manifest(manifest)
     listed = [shard["samples"] for shard in manifest["shards"]]
     shards = shard_paths(source, manifest)
-    for raw in listed_samples(shards, listed, skipped, keys_held_earlier(shards)):
+    for raw in listed_samples(shards, listed, skipped, keys_held_earlier(shards), listed_sha256(manifest)):
         try:
             yield decode_sample(raw, spec)["video"]
         except BadSample as err:

@@ -94,9 +94,10 @@ def verify_folder(folder: str | Path, show_progress: bool = False) -> dict[str, 
     with progress_bar(show_progress) as bar:
         task = bar.add_task(f"verify {folder.name}", total=len(manifest["shards"]))
         for entry in manifest["shards"]:
-            report["shards"].append(_verify_shard(folder / entry["name"], entry, spec, keys, problems))
+            row, usable = _verify_shard(folder / entry["name"], entry, spec, keys, problems)
+            report["shards"].append(row)
+            report["samples"] += usable
             bar.advance(task)
-    report["samples"] = sum(shard["found"] for shard in report["shards"])
     report["shards_found"] = sum(shard["checksum"] != "missing" for shard in report["shards"])
     if report["samples"] != manifest["samples"]:
         problems.append(f"found {report['samples']} good samples, the manifest lists {manifest['samples']}")
@@ -114,15 +115,18 @@ def holds_shard_files(folder: Path) -> bool:
 
 def _verify_shard(
     path: Path, entry: dict[str, Any], spec: SampleSpec, keys: dict[str, str], problems: list[str]
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], int]:
     """Check one shard in a single pass over its bytes: its samples and its sha256 are read together, so a
-    folder larger than memory is read from disk once."""
+    folder larger than memory is read from disk once. Returns its row and how many of its samples are
+    good: none of a shard that reads whole but whose bytes differ from the manifest, as the tools that
+    check (``shard_samples``) skip it all; those before the damage of a broken or short one."""
     row = {"name": entry["name"], "listed": entry["samples"], "found": 0, "bad": 0, "checksum": "missing"}
     if not path.is_file():
         problems.append(f"shard {entry['name']} is missing")
-        return row
+        return row, 0
     digest = hashlib.sha256()
     sample_problems: list[str] = []
+    broken = False
     try:
         for raw in iter_tar(path, digest):
             try:
@@ -137,15 +141,21 @@ def _verify_shard(
             keys.setdefault(sample["key"], entry["name"])
             row["found"] += 1
     except BrokenShard as err:
+        broken = True
         sample_problems.append(f"shard {entry['name']}: broken_tar: {err}")
+    held = row["found"] + row["bad"]
     row["checksum"] = "ok" if digest.hexdigest() == entry["sha256"] else "MISMATCH"
-    if row["checksum"] != "ok":
+    changed = row["checksum"] != "ok" and not broken and held >= entry["samples"]
+    if changed:
+        problems.append(f"shard {entry['name']}: checksum: sha256 differs from the manifest, though the shard "
+                        f"reads whole: its bytes changed after it was written, so none of its {held} samples "
+                        "is good (encode-latents skips them; training reads them)")
+    elif row["checksum"] != "ok":
         problems.append(f"shard {entry['name']}: sha256 differs from the manifest")
     problems += sample_problems
-    if row["found"] + row["bad"] != entry["samples"]:
-        held = row["found"] + row["bad"]
+    if held != entry["samples"]:
         problems.append(f"shard {entry['name']}: holds {held} samples, the manifest lists {entry['samples']}")
-    return row
+    return row, 0 if changed else row["found"]
 
 
 def print_report(report: dict[str, Any], show: int = 20) -> None:

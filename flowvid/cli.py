@@ -5,7 +5,8 @@
 plugins``, ``flowvid data ...``). Plugins are loaded before any parsing, so YAML can name a plugin
 class by its bare class name in ``class_path`` (``class_path: PixelCodec``, codecs, text encoders,
 data modules), and blocks and samplers by their registered short name (``deep_block: gated``);
-a short name in ``class_path`` is not resolved.
+a short name in ``class_path`` is not resolved. ``flowvid data`` reaches plugins through the registries
+alone, which load them on first use, and imports only the module of the tool it runs.
 
 Warnings are printed as ``flowvid: warning: MESSAGE``, without the file, line and source line Python
 names (code of flowvid or a library, of no use at the command line); ``FLOWVID_TRACEBACK=1`` keeps
@@ -134,6 +135,10 @@ def _verb(module: str, function: str = "main") -> Callable[[list[str]], int]:
     return run
 
 
+# Commands that reach plugins only through the registries, which load them on first use: listing or
+# checking shard folders need not import every model part first.
+PLUGINS_ON_FIRST_USE = {"data"}
+
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "plugins": list_plugins,
     "data": _verb("data_tools.cli"),
@@ -195,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     try:
-        load_plugins()
+        if verb not in PLUGINS_ON_FIRST_USE:
+            load_plugins()
         if verb in LIGHTNING_VERBS:
             return run_lightning(argv)
         if verb not in VERBS:

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# How torch's safe loader names the class of a pickled object it refuses (torch.save(model) stores the model).
+PICKLED_CLASS = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+class TorchFileError(ValueError):
+    """A file ``torch.load`` cannot read as tensors; ``problem`` says why in a few words, without the file."""
+
+    def __init__(self, message: str, problem: str):
+        super().__init__(message)
+        self.problem = problem
 
 
 def read_torch_file(path: str | Path, what: str, hint: str = "") -> Any:
@@ -14,18 +27,33 @@ def read_torch_file(path: str | Path, what: str, hint: str = "") -> Any:
 
     ``what`` names the file in the error (``"I3D weights"``); ``hint`` says how to get a good one.
     torch raises many kinds of error for a damaged file, some without a message (``EOFError`` on an
-    empty one): each becomes a ValueError naming the file.
+    empty one): each becomes a TorchFileError naming the file, in one line.
     """
     if is_torchscript(path):
         # torch would call it damaged and advise loading it with weights_only=False, which runs its code.
-        raise ValueError(f"cannot read {what} {path}: it is a TorchScript program, not a file of tensors"
-                         + (f"; {hint}" if hint else ""))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - see above
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot read {what} {path}: truncated, or not a PyTorch file ({detail})"
-                         + (f"; {hint}" if hint else "")) from err
+        problem = "it is a TorchScript program, not a file of tensors"
+    else:
+        try:
+            with warnings.catch_warnings():  # torch's note on a foreign pickle's protocol: the error says more
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - see above
+            problem = load_failure(err)
+    raise TorchFileError(f"cannot read {what} {path}: {problem}" + (f"; {hint}" if hint else ""), problem)
+
+
+def load_failure(err: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` could not read a file, in one line. Never torch's advice to load it
+    with weights_only=False: that runs whatever code a pickled object brings, and is no fix for a file of
+    another kind."""
+    text = str(err).strip()
+    pickled = PICKLED_CLASS.search(text)
+    if pickled:
+        return (f"it holds a pickled {pickled.group(1)} object, not a state dict of tensors; save "
+                "`model.state_dict()` rather than the model itself")
+    if "weights_only" in text or isinstance(err, KeyError):  # a KeyError's message is a byte of the file
+        return "truncated, or not a PyTorch file"
+    return f"truncated, or not a PyTorch file ({text.splitlines()[0] if text else type(err).__name__})"
 
 
 def is_torchscript(path: str | Path) -> bool:

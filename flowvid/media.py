@@ -20,6 +20,16 @@ class MediaError(ValueError):
     """A file that cannot be read as the image or video it should be, or a video that cannot be written."""
 
 
+class EmptyVideo(MediaError):
+    """A video file of 0 bytes (a copy or a download that never started). ``reason`` is the wording every tool
+    lists it under, ``flowvid data from-videos`` too."""
+
+    reason = "empty file"
+
+    def __init__(self, path: Path):
+        super().__init__(f"video {path}: {self.reason}")
+
+
 def decode_failure(err: Exception) -> str:
     """Why a file could not be decoded, in FFmpeg's words ("Invalid data found when processing input"), with
     the line FFmpeg logged about it when PyAV kept one. PyAV prints its errors as ``[Errno 1094995529] ...:
@@ -294,6 +304,8 @@ def read_frames_at(path: str | Path, fps: float | None, max_frames: int | None =
         raise MediaError(f"video {path} is a folder; give a video file or a .npy array")
     if not path.is_file():
         raise MediaError(f"video {path} does not exist")
+    if path.stat().st_size == 0:  # FFmpeg would call it "Invalid data"; there is no data
+        raise EmptyVideo(path)
     timed = TimedFrames(read_frame_array(path, max_frames), None) if path.suffix == ".npy" else \
         decode_frames(path, fps, max_frames)
     if not timed.frames:

@@ -298,7 +298,7 @@ _BUILTIN_MODULES = (
     "flowvid.codecs",
     "flowvid.text",
     "flowvid.metrics",
-    "flowvid.data",
+    "flowvid.data.datamodule",
 )
 
 _loaded = False

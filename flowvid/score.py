@@ -22,14 +22,15 @@ What cannot be scored (an unreadable file, a sample that cannot be decoded, a br
 a repeated key, a likelihood that comes out NaN) gets a line with ``error`` after them; a shard's says
 how many ``samples`` it lost, the manifest's count telling those of a shard that ends early.
 
-Captions: a shard's samples are scored under their own, video files under ``--caption`` (the empty
-caption without it), or each under its row of ``--captions FILE``, a CSV or JSONL of ``path,caption``
-read as ``flowvid data from-videos --captions`` reads it (paths relative to that file). There
-``--caption`` is the caption of the files the table lacks, as from-videos' ``--default-caption`` is;
-without it such a file gets a line with ``error`` and ``caption`` null, as from-videos skips it, and
-the summary counts it apart from the files that could not be read (a file that cannot be read says so,
-row or not). A captions file that is missing, unreadable, not UTF-8 or names none of the video files is
-refused before the model loads. A sample ``flowvid generate`` wrote (``NAME.npy`` or ``NAME.mp4`` with
+Captions: a shard's samples are scored under their own, video files as ``flowvid data from-videos``
+captions them: each under its row of ``--captions FILE``, a CSV or JSONL of ``path,caption`` read as
+from-videos reads it (paths relative to that file), else under its sidecar ``<video stem>.txt`` (or
+``<video>.txt``), else under ``--caption`` (the empty caption without it), as from-videos'
+``--default-caption``. With a table, a file that has neither a row, a sidecar nor ``--caption`` gets a
+line with ``error`` and ``caption`` null, as from-videos skips it, and the summary counts it apart
+from the files that could not be read (a file that cannot be read says so, row or not). A captions
+file that is missing, unreadable, not UTF-8 or names none of the video files is refused before the
+model loads. A sample ``flowvid generate`` wrote (``NAME.npy`` or ``NAME.mp4`` with
 its record ``NAME.json`` beside it) is scored, when neither ``--caption`` nor ``--captions`` is given,
 under the caption it was sampled under: the record's ``prompt`` with the task's prefix, as the model
 read it (``caption_seen_by_model``). Every line names its ``caption``: the one scored under, ``""`` for
@@ -74,7 +75,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -89,7 +90,7 @@ from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.data.manifest import SPLIT_FOLDERS, what_to_give
 from flowvid.export import add_weights_argument
 from flowvid.generate import LATENTS_SUFFIX, SuggestingArgumentParser, sample_record
-from flowvid.media import READABLE_VIDEO_SUFFIXES, MediaError, fit_frames, read_at_training_rate
+from flowvid.media import READABLE_VIDEO_SUFFIXES, EmptyVideo, MediaError, fit_frames, read_at_training_rate
 from flowvid.paths import check_output_file, check_output_is_no_input, write_atomically
 from flowvid.pipeline import training_fps
 from flowvid.sampling.tasks import TASKS, check_seed, task_caption
@@ -257,7 +258,7 @@ def check_out_is_no_listed_input(out: str, listed: list[Path | ShardFolder],
     """Writing the scores over a video being scored, over a shard folder's manifest or shard, or over the
     captions table would destroy it: refuse such an ``--out`` before any work."""
     read = [path for entry in listed for path in (entry.files() if isinstance(entry, ShardFolder) else [entry])]
-    read += [Path(captions.table)] if captions is not None else []
+    read += captions.files() if captions is not None else []
     check_output_is_no_input(out, read, "scores", ScoreError)
 
 
@@ -274,53 +275,82 @@ def check_caption(module, caption: str, name: str = "--caption") -> None:
 
 @dataclass(frozen=True)
 class FileCaptions:
-    """The caption of each video file of the inputs, from a table of ``path,caption`` rows (``--captions``)."""
+    """The caption each video file of the inputs carries, looked up as ``flowvid data from-videos`` looks it up:
+    its row of a ``path,caption`` table (``--captions``), else its sidecar ``<video stem>.txt``, else
+    ``--caption``."""
 
-    table: str  # the table's file, as given
+    table: str | None  # the table's file, as given; None: sidecars alone
     captions: dict[Path, str]  # by video file, as listed
     missing: dict[Path, str]  # why a video file has none
+    sidecars: dict[Path, Path] = field(default_factory=dict)  # the sidecar each video file's caption was read from
 
-    def caption(self, video: Path) -> str:
-        """``video``'s caption; MissingCaption, which its line gives, when it has none."""
-        if video in self.captions:
-            return self.captions[video]
-        raise MissingCaption(self.missing[video])
+    def caption(self, video: Path) -> str | None:
+        """``video``'s caption, None where neither a row, a sidecar nor ``--caption`` gives one; MissingCaption,
+        which its line gives, where the table should have (or its sidecar cannot be read)."""
+        if video in self.missing:
+            raise MissingCaption(self.missing[video])
+        return self.captions.get(video)
+
+    def files(self) -> list[Path]:
+        """The files the captions are read from: the table and the sidecars."""
+        return ([] if self.table is None else [Path(self.table)]) + list(self.sidecars.values())
+
+    def given(self) -> dict[Path, str]:
+        """The captions a user asked for by name (a row, ``--caption``) rather than left beside a video."""
+        return {video: text for video, text in self.captions.items() if video not in self.sidecars}
 
 
-def read_file_captions(table: str | Path, listed: list[Path | ShardFolder], default: str | None) -> FileCaptions:
-    """The captions a table gives the listed video files, read as ``flowvid data from-videos --captions``
-    reads it; a file the table lacks gets ``default`` (``--caption``), as from-videos gives its
-    ``--default-caption``, and where that is None none, so that it is listed unscored as from-videos skips
-    it. Refused before any work: a table that is missing or unreadable, or that names none of the files."""
-    from data_tools.from_videos import CaptionTable, NoCaption, load_captions
+def read_file_captions(table: str | Path | None, listed: list[Path | ShardFolder],
+                       default: str | None) -> FileCaptions:
+    """The captions the listed video files carry, found as ``flowvid data from-videos`` finds them
+    (``found_caption``: the row of ``table``, read as ``--captions`` is, else the sidecar); a file without
+    either gets ``default`` (``--caption``), as from-videos gives its ``--default-caption``, and where that
+    is None and a table is given none, so that it is listed unscored as from-videos skips it. Refused before
+    any work: a table that is missing or unreadable, or that names none of the files."""
+    from data_tools.from_videos import CaptionTable, NoCaption, Sidecars, found_caption
 
-    table = str(table)
+    videos = [entry for entry in listed if isinstance(entry, Path)]
+    # The table's rows are keyed by absolute paths, and by bare file names, as from-videos finds its videos.
+    resolved = {video: video.resolve() for video in videos}
+    rows = CaptionTable(table_rows(table, videos), resolved.values())
+    sidecars = Sidecars(resolved.values())
+    found = FileCaptions(None if table is None else str(table), {}, {})
+    for video in videos:
+        try:
+            caption = found_caption(resolved[video], rows, sidecars)
+        except NoCaption as err:
+            found.missing[video] = str(err)
+            continue
+        if caption is not None:
+            found.captions[video] = caption.text
+            if caption.sidecar is not None:
+                found.sidecars[video] = caption.sidecar
+        elif default is not None:
+            found.captions[video] = default
+        elif table is not None:
+            found.missing[video] = (f"no caption: --captions {table} has no row for it, no sidecar holds one, and "
+                                    "no --caption gives the caption of such files")
+    return found
+
+
+def table_rows(table: str | Path | None, videos: list[Path]) -> dict[str, str]:
+    """The rows of ``--captions`` (none without it), refused unless they name one of ``videos``."""
+    from data_tools.from_videos import CaptionTable, load_captions
+
+    if table is None:
+        return {}
     if Path(table).is_dir():
         raise ScoreError(f"--captions {table} is a folder; give a CSV or JSONL file of path,caption rows")
     if not Path(table).exists():
         raise ScoreError(f"--captions {table} does not exist; give a CSV or JSONL file of path,caption rows")
-    videos = [entry for entry in listed if isinstance(entry, Path)]
     if not videos:
         raise ScoreError("--captions applies to video files, and the inputs are all shard folders, whose samples "
                          "are scored under their own captions; leave out --captions")
-    # The table's rows are keyed by absolute paths, and by bare file names, as from-videos finds its videos.
-    rows = CaptionTable(load_captions(table), [video.resolve() for video in videos])
-    if not any(rows.names(video.resolve()) for video in videos):
+    rows = load_captions(table)
+    if not any(CaptionTable(rows, []).names(video.resolve()) for video in videos):
         raise ScoreError(f"--captions {table} names none of the {len(videos)} video files of the inputs (paths are "
                          f"read relative to the captions file's folder, {Path(table).resolve().parent})")
-    captions, missing = {}, {}
-    for video in videos:
-        try:
-            caption = rows.caption(video.resolve())
-        except NoCaption as err:
-            missing[video] = str(err)
-            continue
-        if caption is None and default is None:
-            missing[video] = (f"no caption: --captions {table} has no row for it, and no --caption gives the "
-                              "caption of such files")
-        else:
-            captions[video] = default if caption is None else caption
-    return FileCaptions(table, captions, missing)
+    return rows
 
 
 def video_inputs(paths: list[Path]) -> Iterator[Path]:
@@ -438,6 +468,8 @@ def score_file(module, path: Path, caption: str | None, generator: torch.Generat
                   **score_video(module, fit_frames(timed.frames, height, width), text, generator)}
     except MissingCaption as err:
         return {"path": str(path), "caption": None, "error": str(err)}
+    except EmptyVideo as err:  # the line names the file: the reason alone, as from-videos lists it
+        return {"path": str(path), "error": err.reason}
     except MediaError as err:
         return {"path": str(path), "error": str(err) + latents_hint(path)}
     except ScoreError as err:
@@ -461,10 +493,11 @@ def latents_hint(path: Path) -> str:
 
 
 def caption_of_file(path: Path, caption: str | None, captions: FileCaptions | None) -> str:
-    """The caption ``path`` is scored under: its row of ``captions``, else ``caption``, else, for a sample
-    ``flowvid generate`` wrote, the caption it was sampled under, else the empty caption."""
-    if captions is not None:
-        return captions.caption(path)
+    """The caption ``path`` is scored under: its row of ``captions`` or its sidecar, else ``caption``, else, for a
+    sample ``flowvid generate`` wrote, the caption it was sampled under, else the empty caption."""
+    found = None if captions is None else captions.caption(path)
+    if found is not None:
+        return found
     if caption is not None:
         return caption
     recorded = generated_caption(path)
@@ -558,16 +591,15 @@ def score_inputs(module, inputs: list[str], caption: str | None = None, seed: in
     every rank returns all the records: the same as one process gives.
     """
     listed = list_inputs(inputs, caption)
-    table = None if captions is None else read_file_captions(captions, listed, caption)
-    return score_listed(module, listed, caption, seed, table)
+    return score_listed(module, listed, caption, seed, read_file_captions(captions, listed, caption))
 
 
 def score_listed(module, listed: list[Path | ShardFolder], caption: str | None = None, seed: int = 0,
                  captions: FileCaptions | None = None) -> list[dict[str, Any]]:
     """``score_inputs`` of inputs already listed (``list_inputs``), with their ``captions`` already read."""
     check_caption(module, caption)
-    if captions is not None:
-        for text in set(captions.captions.values()):
+    if captions is not None and captions.table is not None:  # a sidecar's caption is only there, not asked for
+        for text in set(captions.given().values()):
             check_caption(module, text, f"--captions {captions.table}")
     work = work_of(module, listed)
     check_seed(seed, len(work), name="--seed")  # each file or shard its own seed: none may wrap onto another's
@@ -610,10 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="video files, folders of videos (not the .latent.npy beside generated samples) "
                              "or shard folders")
     parser.add_argument("--caption", default=None,
-                        help="caption for video files (default: unconditional, and a sample of `flowvid generate` "
-                             "under its own prompt); with --captions, for the files its table lacks (default: those "
-                             "are listed unscored); shards are scored under their own captions; a model without text "
-                             "takes none")
+                        help="caption for video files that have no row in --captions and no sidecar <video stem>.txt, "
+                             "as from-videos' --default-caption (default: unconditional, and a sample of `flowvid "
+                             "generate` under its own prompt; with --captions, such files are listed unscored); shards "
+                             "are scored under their own captions; a model without text takes none")
     parser.add_argument("--captions", default=None, metavar="FILE",
                         help="CSV or JSONL of path,caption rows giving each video file its caption, as `flowvid data "
                              "from-videos --captions` reads it (paths relative to FILE; a bare file name captions "
@@ -654,7 +686,7 @@ def main(argv: list[str]) -> int:
         precision = resolve_precision(args.precision, device)
         listing = list_inputs_once(args.input, args.caption)
         listed = listing.entries
-        captions = None if args.captions is None else read_file_captions(args.captions, listed, args.caption)
+        captions = read_file_captions(args.captions, listed, args.caption)
         check_seed(args.seed, name="--seed")
         check_output_file(args.out, "--out", "give the JSON lines file to write", ScoreError)
         check_out_is_no_listed_input(args.out, listed, captions)
@@ -692,6 +724,6 @@ def write_scores(out: Path, records: list[dict[str, Any]]) -> None:
 
 
 def left_out(listing: Listing, captions: FileCaptions | None) -> list[Path]:
-    """The files of the folders given that are no videos, but for the captions table, which is read."""
-    table = None if captions is None else Path(captions.table).resolve()
-    return [path for path in listing.not_videos if path.resolve() != table]
+    """The files of the folders given that are no videos, but for the captions table and sidecars, which are read."""
+    read = set() if captions is None else {path.resolve() for path in captions.files()}
+    return [path for path in listing.not_videos if path.resolve() not in read]

@@ -29,7 +29,7 @@ from torch import nn
 from flowvid.checks import first_non_finite, is_count
 from flowvid.codecs.base import LatentCodec
 from flowvid.codecs.pixel import to_uint8, to_unit_range
-from flowvid.files import read_torch_file
+from flowvid.files import TorchFileError, read_torch_file
 from flowvid.registry import CODECS
 
 #: Checkpoint entry that holds a VideoVAE's architecture (written by VideoVAEModule and VideoVAE.save).
@@ -366,10 +366,5 @@ def _what_it_holds(checkpoint: Any) -> str:
 
 
 def _load_failure(err: ValueError) -> str:
-    """What torch said about a file it could not read, as " (detail)"; nothing where it advises loading the
-    file with weights_only=False, which would run the code a file of another kind holds."""
-    cause = err.__cause__
-    if cause is None:  # refused before torch read it (a TorchScript program)
-        return ""
-    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return "" if "weights_only" in detail else f" (truncated, or not a PyTorch file: {detail})"
+    """What kept torch from reading a file (``read_torch_file``'s problem), as " (problem)"."""
+    return f" ({err.problem})" if isinstance(err, TorchFileError) else ""

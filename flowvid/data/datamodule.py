@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from flowvid.checks import differences, is_positive_number
 from flowvid.codecs.base import CodecMismatchError, same_codec
@@ -51,9 +52,10 @@ class VideoShardDataModule(L.LightningDataModule):
     given (set it under multi-device training so that ranks do not wait for each other). A rank whose
     share holds fewer than ``val_batches × batch_size`` clips reads some again: ``setup`` warns.
 
-    Unusable samples are skipped, logged once and counted (``skipped_counts()``). The data order is
-    fixed by ``seed``, epoch, rank and worker; ``state_dict()`` records the position in the epoch and
-    ``load_state_dict()`` resumes from it batch-exactly (with the same ``num_workers`` and devices).
+    Unusable samples are skipped, logged once and counted each time they are met (``skipped_counts()``).
+    The data order is fixed by ``seed``, epoch, rank and worker; ``state_dict()`` records the position in
+    the epoch and ``load_state_dict()`` resumes from it batch-exactly (with the same ``num_workers`` and
+    devices).
     """
 
     def __init__(
@@ -171,6 +173,12 @@ class VideoShardDataModule(L.LightningDataModule):
 
     def skipped_counts(self) -> dict[str, int]:
         """Samples skipped so far (train and validation, all workers; before a resume too), per reason.
+
+        A sample counts each time it is met and skipped, not once: a damaged shard read again (every
+        epoch, or many times an epoch when training resamples the shards) adds the samples it loses again,
+        so the totals grow with the run and their rate is the rate of skips. ``flowvid data verify``
+        counts a folder's damaged samples. The shards are trusted as they are: unlike ``encode-latents``,
+        the stream does not check their sha256 (which costs a hash of every byte read).
 
         A resumed run counts as the uninterrupted one does, except that with worker processes the
         samples of the batches the workers had read ahead when the checkpoint was written count again."""
@@ -320,8 +328,7 @@ class VideoShardDataModule(L.LightningDataModule):
                     ("world_size", self._rank_and_world_size()[1]), ("mixture", self._mixture()))
         for key, now in settings:
             if key in state and state[key] != now and not repeated:
-                warnings.warn(f"resuming with {key}={now} where the run had {state[key]}: "
-                              "the data order will differ", stacklevel=2)
+                rank_zero_warn(f"resuming with {key}={now} where the run had {state[key]}: the data order will differ")
         self._resume = (int(state["epoch"]), int(state["batches_consumed"]))
         self._skipped_before = {str(reason): int(count) for reason, count in (state.get("skipped") or {}).items()}
         self._next_epoch = self._resume[0]

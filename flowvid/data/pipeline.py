@@ -260,9 +260,11 @@ class ShardStream(IterableDataset):
         return refilled
 
     def _read(self, shard: str, worker: int) -> Iterator[Sample]:
-        for raw in shard_samples(shard, self.listed.get(shard, 0), self.held_earlier.get(shard, frozenset())):
+        listed = self.listed.get(shard, 0)
+        for raw in shard_samples(shard, listed, self.held_earlier.get(shard, frozenset())):
             if isinstance(raw, LostSamples):
-                self._skip(raw.reason, raw.message, worker, raw.samples)
+                message = raw.message if raw.key is not None else _shard_loss(shard, listed, raw)
+                self._skip(raw.reason, message, worker, raw.samples)
                 continue
             try:
                 yield decode_sample(raw, self.spec)
@@ -278,6 +280,13 @@ class ShardStream(IterableDataset):
 
 
 _reported: set[str] = set()  # per process: each defect is logged once, counted every time
+
+
+def _shard_loss(shard: str, listed: int, lost: LostSamples) -> str:
+    """What a damaged shard costs, for the one warning about it: its samples are skipped again each time it
+    is read, and ``verify`` counts the folder's damaged samples once."""
+    return (f"{lost.message}; {lost.samples} of its {listed} listed samples are skipped each time it is read "
+            f"(`flowvid data verify {os.path.dirname(shard) or '.'}` counts the folder's damaged samples)")
 
 
 def _dry(source: ShardSource, barren: set[str]) -> bool:

@@ -38,6 +38,7 @@ STAGING_PREFIX = ".staging-"
 # Why a sample can be skipped; the DataModule and `verify` count skips under these names.
 SKIP_REASONS = (
     "broken_tar",
+    "checksum",
     "missing_field",
     "bad_caption",
     "bad_metadata",
@@ -533,8 +534,8 @@ def shard_folder_files(folder: str | Path, manifest: dict[str, Any]) -> list[Pat
 
 @dataclass(frozen=True)
 class LostSamples:
-    """Samples a shard did not give: ``samples`` of them, for ``reason`` (``duplicate_key`` or ``broken_tar``).
-    ``message`` names the shard, and ``key`` the sample of a repeated key."""
+    """Samples a shard did not give: ``samples`` of them, for ``reason`` (``duplicate_key``, ``broken_tar`` or
+    ``checksum``). ``message`` names the shard, and ``key`` the sample of a repeated key."""
 
     reason: str
     message: str
@@ -542,16 +543,42 @@ class LostSamples:
     key: str | None = None
 
 
-def shard_samples(shard: str | os.PathLike, listed: int = 0,
-                  held_earlier: frozenset[str] = frozenset()) -> Iterator[dict[str, bytes] | LostSamples]:
+def shard_samples(shard: str | os.PathLike, listed: int = 0, held_earlier: frozenset[str] = frozenset(),
+                  sha256: str | None = None) -> Iterator[dict[str, bytes] | LostSamples]:
     """The raw samples of one shard in stored order (``iter_tar``), each key once, with a ``LostSamples``
     where samples are lost, in the order they are met: a sample whose key the shard gave before or that
     ``held_earlier`` (``keys_held_earlier``) lists; the damage of a broken shard, which costs every one of
     the ``listed`` samples it did not give (one at least); the end of a shard that holds fewer than
-    ``listed`` (a zero-filled tail reads as a normal end). No sample is lost without a count."""
+    ``listed`` (a zero-filled tail reads as a normal end). No sample is lost without a count.
+
+    With ``sha256`` (the manifest's), the bytes read are hashed on the way and a shard that reads whole but
+    differs is one ``checksum`` loss of every sample it held: its bytes cannot be trusted. The samples
+    are then held back until the shard's last byte is read, so one shard's raw bytes are in memory at
+    once. A broken or short shard is reported as such, with the samples before its damage."""
+    if not sha256:
+        yield from _unchecked_samples(shard, listed, held_earlier)
+        return
+    digest = hashlib.sha256()
+    read = list(_unchecked_samples(shard, listed, held_earlier, digest))
+    if digest.hexdigest() == sha256 or any(lost.reason == "broken_tar" for lost in _losses(read)):
+        yield from read
+        return
+    held = sum(not isinstance(item, LostSamples) or item.key is not None for item in read)
+    yield LostSamples("checksum", f"{shard}: its sha256 differs from the manifest's, though it reads as a whole "
+                                  "archive: its bytes changed after it was written", max(held, 1))
+
+
+def _losses(read: list[dict[str, bytes] | LostSamples]) -> Iterator[LostSamples]:
+    """The losses among a shard's ``shard_samples``."""
+    return (item for item in read if isinstance(item, LostSamples))
+
+
+def _unchecked_samples(shard: str | os.PathLike, listed: int, held_earlier: frozenset[str],
+                       digest: Any = None) -> Iterator[dict[str, bytes] | LostSamples]:
+    """``shard_samples`` without the checksum; ``digest`` is fed the shard's bytes (``iter_tar``)."""
     read, seen = 0, set()
     try:
-        for raw in iter_tar(shard):
+        for raw in iter_tar(shard, digest):
             read += 1
             key = raw["__key__"]
             if key in held_earlier or key in seen:
@@ -567,16 +594,24 @@ def shard_samples(shard: str | os.PathLike, listed: int = 0,
 
 
 def listed_samples(shards: list[Path], listed: list[int], skipped: list[dict[str, Any]],
-                   held_earlier: dict[str, frozenset[str]] | None = None) -> Iterator[dict[str, bytes]]:
-    """The raw samples of ``shards`` (``shard_samples``, shard ``i`` listing ``listed[i]``). What a shard
-    loses is appended to ``skipped``: ``{"shard", "reason", "samples"}`` for a broken or short shard,
-    ``{"key", "reason"}`` for a repeated key."""
+                   held_earlier: dict[str, frozenset[str]] | None = None,
+                   sha256: Sequence[str | None] | None = None) -> Iterator[dict[str, bytes]]:
+    """The raw samples of ``shards`` (``shard_samples``, shard ``i`` listing ``listed[i]`` and, when given,
+    recorded with ``sha256[i]``: a shard whose bytes differ gives none). What a shard loses is appended to
+    ``skipped``: ``{"shard", "reason", "samples"}`` for a broken, short or changed shard, ``{"key", "reason"}``
+    for a repeated key."""
     held_earlier = held_earlier or {}
-    for shard, count in zip(shards, listed):
-        for raw in shard_samples(shard, count, held_earlier.get(os.fspath(shard), frozenset())):
+    checksums = list(sha256) if sha256 is not None else [None] * len(shards)
+    for shard, count, checksum in zip(shards, listed, checksums):
+        for raw in shard_samples(shard, count, held_earlier.get(os.fspath(shard), frozenset()), checksum):
             if not isinstance(raw, LostSamples):
                 yield raw
             elif raw.key is not None:
                 skipped.append({"key": raw.key, "reason": f"{raw.reason}: {raw.message}"})
             else:
                 skipped.append({"shard": shard.name, "reason": f"{raw.reason}: {raw.message}", "samples": raw.samples})
+
+
+def listed_sha256(manifest: dict[str, Any]) -> list[str | None]:
+    """The sha256 the manifest records for each of its shards, in order (None where it records none)."""
+    return [shard.get("sha256") or None for shard in manifest["shards"]]

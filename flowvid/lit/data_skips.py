@@ -1,5 +1,10 @@
 """The run's count of skipped samples (corrupt clips, unreadable shards), over all ranks and across resumes.
 
+It counts skips, not damaged samples: a sample counts each time the data stream meets and skips it, so
+a damaged shard read again (every epoch, or repeatedly when training resamples its shards) counts its
+lost samples again, and the slope of ``data/skipped_samples`` is the rate of skips. ``flowvid data
+verify FOLDER`` counts a folder's damaged samples.
+
 Each rank's data module counts what it skipped itself. The run's totals are those counts summed over
 the ranks, plus what the run had counted before it last resumed. A checkpoint is rank 0's, and on
 resuming every rank's data module starts again from rank 0's own counts, so the sum over the ranks then
@@ -26,7 +31,8 @@ def by_reason(vector: torch.Tensor) -> dict[str, int]:
 
 
 class SkippedSamples:
-    """The skipped-sample totals of a run whose data module counts them (``skipped_counts()``).
+    """The skipped-sample totals of a run whose data module counts them (``skipped_counts()``): samples
+    skipped each time they are met, so a damaged shard adds its lost samples at every read.
 
     ``totals``, ``metrics`` and ``state`` all-reduce over the ranks: every rank must call them together.
     """

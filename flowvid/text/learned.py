@@ -87,7 +87,8 @@ class LearnedTextEncoder(TextEncoder):
             unknown = sorted({word for caption in captions for word in split_words(caption)
                               if word not in self.tokenizer.ids})
             named = ", ".join(map(repr, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
-            warn_caller(f"{type(self).__name__}: {self._unknown_words_said(count, named)}")
+            # The words, not their occurrences: the count is read next to the names it lists.
+            warn_caller(f"{type(self).__name__}: {self._unknown_words_said(len(unknown), named)}")
         self.unknown_count += count
 
     def _unknown_words_said(self, count: int, named: str) -> str:

@@ -17,7 +17,8 @@ from data_tools.report import console
 from data_tools.verify import verify_folder
 from flowvid.codecs.base import CodecMismatchError, LatentCodec
 from flowvid.data import VideoShardDataModule, load_manifest, write_synthetic_dataset
-from flowvid.data.shards import iter_tar
+from flowvid.data.manifest import write_manifest
+from flowvid.data.shards import file_sha256, iter_tar
 from flowvid.registry import CODECS
 from flowvid.text.base import TextEmbedding, TextEncoder
 from processes import free_port, set_torchrun_environment
@@ -174,6 +175,7 @@ def test_a_key_met_again_is_skipped_and_listed_so_the_latent_folder_verifies(raw
         for member, data in members:
             member.name = member.name.replace(repeated, first_key)
             archive.addfile(member, io.BytesIO(data))
+    _record_checksum(source, shard)  # written so by a tool: the shard is as its manifest says
     manifest = encode_latents(source, tmp_path / "latent", SpaceToDepth())
     reason = f"duplicate_key: {shard}: key {first_key!r} belongs to an earlier sample"
     assert manifest["skipped"] == [{"key": first_key, "reason": reason}]
@@ -183,6 +185,13 @@ def test_a_key_met_again_is_skipped_and_listed_so_the_latent_folder_verifies(raw
     part = _write_latents(source, load_manifest(source), tmp_path / "part", SpaceToDepth(), (4, 8, 8, 12), None,
                           False, 4, "cpu", 1000, None, rank=1, world_size=2)
     assert part["skipped"] == [{"key": first_key, "reason": reason}]
+
+
+def _record_checksum(folder, shard):
+    manifest = load_manifest(folder)
+    entry = next(entry for entry in manifest["shards"] if entry["name"] == shard.name)
+    entry.update(sha256=file_sha256(shard), bytes=shard.stat().st_size)
+    write_manifest(folder, manifest)
 
 
 def test_overflowing_latents_are_skipped_and_listed(raw, tmp_path):

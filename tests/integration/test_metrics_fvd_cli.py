@@ -107,7 +107,7 @@ def test_unreadable_and_short_videos_are_skipped_and_counted(raw_folder, real_cl
 @pytest.mark.parametrize("case, message", [
     ("missing reference", "does not exist"),
     ("no videos", "no videos found"),
-    ("one video", "1 usable generated videos"),
+    ("one video", "1 usable generated video (0 skipped)"),
 ])
 def test_inputs_that_cannot_give_an_fvd_are_one_line_errors(raw_folder, real_clips, tmp_path, capsys, case, message):
     write_videos(tmp_path / "generated", real_clips[:1] if case == "one video" else real_clips[:3])
@@ -138,7 +138,7 @@ def test_videos_found_but_unreadable_exit_1_and_none_found_exit_2(raw_folder, re
     capsys.readouterr()
     assert data_main(["fvd", str(folder), "--reference", str(raw_folder), "--extractor", "pixel-stats"]) == 1
     err = " ".join(capsys.readouterr().err.split())
-    assert "unreadable" in err and "error: 1 usable generated videos (1 skipped); FVD needs at least 2" in err
+    assert "unreadable" in err and "error: 1 usable generated video (1 skipped); FVD needs at least 2" in err
     assert data_main(["fvd", str(tmp_path / "empty"), "--reference", str(raw_folder),
                       "--extractor", "pixel-stats"]) == 2
     assert "error: no videos found" in " ".join(capsys.readouterr().err.split())

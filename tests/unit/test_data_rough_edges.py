@@ -59,7 +59,8 @@ def test_a_file_that_is_no_video_vae_checkpoint_is_said_so_without_torch_advice(
     with pytest.raises(ValueError) as refused:
         VideoVAE(checkpoint=str(script))
     message = str(refused.value)
-    assert message.startswith(f"{script} is not a VideoVAE checkpoint; train one with `flowvid fit")
+    assert message.startswith(f"{script} is not a VideoVAE checkpoint (truncated, or not a PyTorch file); train one "
+                              "with `flowvid fit")
     assert "weights_only" not in message and "\n" not in message
 
 

@@ -411,7 +411,12 @@ def test_verify_finds_a_changed_byte_in_a_sample_that_still_decodes(tmp_path):
     report = verify_folder(tmp_path)
     assert report["shards"][0] == {"name": "shard-000000.tar", "listed": 3, "found": 3, "bad": 0,
                                    "checksum": "MISMATCH"}
-    assert report["problems"] == ["shard shard-000000.tar: sha256 differs from the manifest"]
+    # The tools that check skip a changed shard whole: verify counts none of its samples as good.
+    assert report["samples"] == 0 and report["problems"] == [
+        "shard shard-000000.tar: checksum: sha256 differs from the manifest, though the shard reads whole: its bytes "
+        "changed after it was written, so none of its 3 samples is good (encode-latents skips them; training reads "
+        "them)",
+        "found 0 good samples, the manifest lists 3"]
 
 
 def test_verify_catches_a_bad_sample_behind_a_valid_checksum(tmp_path):

@@ -147,7 +147,8 @@ def test_the_fvd_commands_help_lists_every_registered_extractor(verb):
 
 def test_fvd_without_the_i3d_weights_names_the_command(raw_folder, tmp_path, capsys):
     (tmp_path / "generated").mkdir()
-    np.save(tmp_path / "generated" / "a.npy", np.zeros((4, 16, 16, 3), np.uint8))
+    for name in ("a", "b"):  # two videos: fewer are refused before the extractor is built
+        np.save(tmp_path / "generated" / f"{name}.npy", np.zeros((4, 16, 16, 3), np.uint8))
     assert data_main(["fvd", str(tmp_path / "generated"), "--reference", str(raw_folder), "--extractor", "i3d",
                       "--extractor-args", '{"weights": "%s"}' % (tmp_path / "missing.pt")]) == 2
     error = " ".join(capsys.readouterr().err.split())

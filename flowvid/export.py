@@ -103,7 +103,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     check_weights(weights)
     out = export_file(out)
     config_path = out.parent / CONFIG_NAME
-    check_export_path(out)
+    check_export_path(out, folder_taken=True)
     if not force:
         for existing in (p for p in (out, config_path) if p.exists()):
             raise FileExistsError(f"{existing} exists; pass --force to overwrite it")
@@ -185,13 +185,15 @@ def export_file(out: str | os.PathLike) -> Path:
     return out / EXPORT_NAME if spelt_as_folder or out.is_dir() else out
 
 
-def check_export_path(out: Path) -> None:
+def check_export_path(out: Path, folder_taken: bool = False) -> None:
     """Refuse, before the checkpoint is read, an ``out`` that cannot be an export: a folder, a path
-    inside a file, or a name without the ``.safetensors`` ending by which generate and score know one."""
+    inside a file, or a name without the ``.safetensors`` ending by which generate and score know one.
+    ``folder_taken``: the command also takes a folder spelt with a trailing separator (``export_file``)."""
     check_output_file(out, "--out", f"give the file to write, e.g. {out / 'model.safetensors'}")
     if out.suffix != ".safetensors":
+        folder = f", or a folder as {out}{os.sep} (for {out / EXPORT_NAME})" if folder_taken else ""
         raise ValueError(f"--out {out} does not end in .safetensors, which is how generate and score know an "
-                         f"export; name it {out.with_suffix('.safetensors')}")
+                         f"export; name it {out.with_suffix('.safetensors')}{folder}")
 
 
 def checkpoint_weights(ckpt: str | os.PathLike, weights: str = "ema",

@@ -27,6 +27,7 @@ from flowvid.checks import check_positive, is_integer
 from flowvid.data.shards import captions_of_shards, shard_paths
 from flowvid.lit.tensorboard import (MAX_GIF_FPS, add_video_gif, frame_grid, gif_bytes, tensorboard_writers,
                                      tile_videos)
+from flowvid.lit.step_axis import logged_step
 from flowvid.lit.throughput import apart_from_training
 from flowvid.metrics.extractor import FVDExtractor, check_video
 from flowvid.metrics.fvd import FrechetVideoDistance
@@ -69,14 +70,6 @@ def _sample(pl_module: LightningModule, captions: list[str], seed: int) -> Sampl
     latents = sample_latents(captions, seed)
     diverged = int((~torch.isfinite(latents).flatten(1).all(dim=1)).sum())
     return Samples(pl_module.codec.decode(latents), diverged)
-
-
-def logged_step(trainer: Trainer) -> int:
-    """The step flowvid's evaluations are logged at: ``trainer.global_step``, the optimizer steps taken, which
-    names the checkpoint of the same weights (``step=00000006.ckpt``). Lightning's own default, the batches
-    whose step was logged, is one behind it after a step (and counts batches, not steps, when gradients
-    accumulate)."""
-    return trainer.global_step
 
 
 def caption_list(owner: str, captions: Any) -> list[str]:

@@ -16,8 +16,10 @@ step a function of the step counter, so they are restored with it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
+import json
 import math
 import os
 import re
@@ -26,7 +28,7 @@ import tempfile
 import threading
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +44,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from flowvid.checks import differences
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.nn.lora import is_adapter_key
-from flowvid.paths import PARTIAL_SUFFIX, sync_folder
+from flowvid.paths import PARTIAL_SUFFIX, sync_folder, write_atomically
 from flowvid.text.base import TextEncoder, same_text_encoder
 
 #: Key of flowvid's own metadata in a checkpoint.
 METADATA_KEY = "flowvid_run"
 #: Where RunCheckpoint writes, inside the run directory (``trainer.default_root_dir``).
 CHECKPOINT_SUBDIR = "checkpoints"
+#: What a run that diverged leaves in its checkpoint folder: the step it stopped at and its skips in a row.
+DIVERGED_RECORD = "diverged.json"
 
 _STEP_IN_NAME = re.compile(r"step=(\d+)")
 
@@ -68,6 +72,15 @@ class CheckpointFolderError(ValueError):
 class CheckpointStrategyError(ValueError):
     """A checkpoint in a form that the run's strategy cannot load: DeepSpeed shards without
     ``ZeroStrategy``, or a Lightning file under it."""
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as a user would type it here: relative to the current folder when inside it."""
+    path = str(path)
+    if "://" in path:
+        return path
+    relative = os.path.relpath(path)
+    return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
 
 # --- what a checkpoint records ----------------------------------------------------------------
@@ -162,18 +175,24 @@ def load_client_state(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir() and importlib.util.find_spec("deepspeed") is None:  # its files unpickle DeepSpeed's classes
         raise ImportError(f"{path} is a DeepSpeed checkpoint, and reading it needs DeepSpeed: "
                           "pip install 'flowvid[deepspeed]'")
-    if not zipfile.is_zipfile(source):  # torch.load would only say that it cannot memory-map the file
-        raise CorruptCheckpointError(f"cannot read checkpoint {source}: not a PyTorch checkpoint (no zip archive "
-                                     "inside; truncated, or another kind of file)")
-    try:
-        state = torch.load(source, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged zip
-        raise CorruptCheckpointError(f"cannot read checkpoint {source}: {err}") from err
+    state = read_checkpoint_file(source, map_location="cpu", mmap=True, weights_only=False)
     if not isinstance(state, dict):
         raise CorruptCheckpointError(f"{source} holds a {type(state).__name__}, not a checkpoint dict")
     if path.is_dir():
         check_deepspeed_shards(path, state)
     return state
+
+
+def read_checkpoint_file(source: str | os.PathLike, **torch_load: Any) -> Any:
+    """``torch.load(source, **torch_load)``, with one CorruptCheckpointError naming the file for any file that
+    cannot be read, whichever reader (a resume, an export, Lightning's loading) reads it."""
+    if not zipfile.is_zipfile(source):  # torch.load would say only that it cannot memory-map it, or unpickle it
+        raise CorruptCheckpointError(f"cannot read checkpoint {source}: not a PyTorch checkpoint (no zip archive "
+                                     "inside; truncated, or another kind of file)")
+    try:
+        return torch.load(source, **torch_load)
+    except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged zip
+        raise CorruptCheckpointError(f"cannot read checkpoint {source}: {err}") from err
 
 
 def consolidated_state_dict(ckpt: str | os.PathLike, client_state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -182,10 +201,10 @@ def consolidated_state_dict(ckpt: str | os.PathLike, client_state: dict[str, Any
         if "state_dict" not in client_state:
             raise CorruptCheckpointError(f"{ckpt} has no 'state_dict': not a Lightning training checkpoint")
         return dict(client_state["state_dict"])
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils import zero_to_fp32
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
-        gathered = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    with contextlib.redirect_stdout(io.StringIO()), without_tqdm_bars(zero_to_fp32):  # it reports its progress
+        gathered = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
     # Lightning wraps the module; older versions saved it under this prefix.
     gathered = {name.removeprefix("_forward_module."): tensor for name, tensor in gathered.items()}
     # Keep exactly the module's state_dict keys: DeepSpeed also reconstructs frozen pretrained
@@ -197,6 +216,20 @@ def consolidated_state_dict(ckpt: str | os.PathLike, client_state: dict[str, Any
     if missing:
         raise CorruptCheckpointError(f"{ckpt}: the shards do not hold {', '.join(missing[:5])}")
     return {name: gathered[name] if name in gathered else tensor for name, tensor in module_state.items()}
+
+
+@contextlib.contextmanager
+def without_tqdm_bars(module: Any) -> Iterator[None]:
+    """The tqdm bars of ``module`` (one that calls ``tqdm`` by that name) off: consolidating a checkpoint takes
+    a moment at every export, generate or validate of it, and its bars would print among the command's lines."""
+    from tqdm import tqdm
+
+    bars = module.tqdm
+    module.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = bars
 
 
 def deepspeed_model_states(directory: Path) -> Path:
@@ -214,11 +247,31 @@ def check_deepspeed_shards(directory: Path, client_state: dict[str, Any]) -> Non
     world_size = (client_state.get(METADATA_KEY) or {}).get("world_size")
     if world_size is None:
         return
-    shards = list(directory.glob("*/*_optim_states.pt"))
+    shards = sorted(directory.glob("*/*_optim_states.pt"))
+    missing = [rank for rank in range(world_size) if not any(_shard_rank(shard) == rank for shard in shards)]
+    if missing:
+        files = ", ".join(str(_shard_of_rank(directory, shards, rank)) for rank in missing[:3])
+        ranks = f"rank {missing[0]}'s optimiser shard" if len(missing) == 1 else (
+            f"the optimiser shards of ranks {', '.join(map(str, missing[:3]))}{', ...' if len(missing) > 3 else ''}")
+        raise CorruptCheckpointError(f"{directory} was written by {world_size} ranks but lacks {ranks}: {files}")
     if len(shards) != world_size:
-        raise CorruptCheckpointError(
-            f"{directory} was written by {world_size} ranks but holds {len(shards)} optimiser shards"
-        )
+        raise CorruptCheckpointError(f"{directory} was written by {world_size} rank{'s' * (world_size != 1)} but "
+                                     f"holds {len(shards)} optimiser shards")
+
+
+_RANK_IN_SHARD_NAME = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def _shard_rank(shard: Path) -> int | None:
+    match = _RANK_IN_SHARD_NAME.search(shard.name)
+    return int(match[1]) if match else None
+
+
+def _shard_of_rank(directory: Path, shards: list[Path], rank: int) -> Path:
+    """The file a rank's optimiser shard would be, named as the other ranks' are (``bf16_`` or not)."""
+    if shards:
+        return shards[0].with_name(_RANK_IN_SHARD_NAME.sub(f"zero_pp_rank_{rank}_", shards[0].name, count=1))
+    return deepspeed_model_states(directory).parent / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 
 
 # --- checking a checkpoint against the model ----------------------------------------------------
@@ -248,10 +301,12 @@ def check_resumable(checkpoint: dict[str, Any], pl_module: LightningModule, wher
     check_adapters(stored, current, where)
     problems = _shape_differences(stored, current)
     if problems:
-        hints = _config_differences(checkpoint.get("hyper_parameters") or {}, dict(pl_module.hparams))
+        # The settings first: they say what to change, the parameters only what it does.
+        settings = _config_differences(checkpoint.get("hyper_parameters") or {}, dict(pl_module.hparams))
         raise CheckpointMismatchError(
-            f"{where} was made by a different model configuration: {'; '.join(problems)}"
-            + (f". Config differences: {'; '.join(hints)}" if hints else "")
+            f"{where} was made by a different model configuration"
+            + (f", whose settings differ in {settings}" if settings else "")
+            + f"; the parameters differ, {'; '.join(problems)}"
         )
 
 
@@ -279,7 +334,7 @@ def check_adapters(stored: dict[str, list[int]], current: dict[str, list[int]], 
         )
 
 
-def _shape_differences(stored: dict[str, list[int]], current: dict[str, list[int]], limit: int = 5) -> list[str]:
+def _shape_differences(stored: dict[str, list[int]], current: dict[str, list[int]], limit: int = 3) -> list[str]:
     missing = [name for name in current if name not in stored]
     unexpected = [name for name in stored if name not in current]
     reshaped = [f"{name} {tuple(stored[name])} in the checkpoint vs {tuple(shape)} in the model"
@@ -293,11 +348,14 @@ def _shape_differences(stored: dict[str, list[int]], current: dict[str, list[int
     return problems
 
 
-def _config_differences(stored: dict[str, Any], current: dict[str, Any], limit: int = 8) -> list[str]:
+def _config_differences(stored: dict[str, Any], current: dict[str, Any], limit: int = 6) -> str:
+    """The first ``limit`` differing settings, by their dotted names, with both values, and how many more."""
     flat_stored, flat_current = dict(_flatten(stored)), dict(_flatten(current))
-    keys = sorted(k for k in flat_stored.keys() | flat_current.keys()
-                  if not k.split(".")[-1].startswith("_") and flat_stored.get(k) != flat_current.get(k))
-    return [f"{k}: {flat_stored.get(k)!r} -> {flat_current.get(k)!r}" for k in keys[:limit]]
+    keys = sorted((k for k in flat_stored.keys() | flat_current.keys()
+                   if not k.split(".")[-1].startswith("_") and flat_stored.get(k) != flat_current.get(k)),
+                  key=lambda k: ("." not in k, k))  # the parts' settings first: they build the parameters
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return differences(flat_stored, flat_current, keys[:limit]) + more
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -353,10 +411,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 "flowvid.lit.strategies.ZeroStrategy loads: run with the ZeRO overlay that wrote it (--config "
                 "recipes/distributed/zero2.yaml or zero3.yaml), or `flowvid export` it and fine-tune from the export"
             )
-        try:
-            checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=bool(weights_only))
-        except Exception as err:  # noqa: BLE001
-            raise CorruptCheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        checkpoint = read_checkpoint_file(path, map_location=map_location or "cpu", weights_only=bool(weights_only))
         if self.check is not None:
             self.check(checkpoint, str(path))
         return checkpoint
@@ -465,7 +520,7 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_step(trainer)
             continued = f"; {self.continued_by}" if self.continued_by else ""
             rank_zero_info(f"{self._signal or 'a signal to another process'}: stopping after step "
-                           f"{trainer.global_step}, saved in {self.dirpath}{continued}")
+                           f"{trainer.global_step}, saved in {shown(self.dirpath)}{continued}")
 
     # EarlyStopping decides after a validation or at the end of an epoch, after this batch's
     # on_train_batch_end: the step it stops after is saved there, before Lightning closes the epoch.
@@ -718,3 +773,33 @@ def checkpoint_dir_of(trainer: Trainer) -> str:
         if isinstance(callback, RunCheckpoint) and callback.dirpath is not None:
             return str(callback.dirpath)
     return os.path.join(trainer.default_root_dir, CHECKPOINT_SUBDIR)
+
+
+# --- diverged runs -------------------------------------------------------------------------------
+
+
+def record_divergence(checkpoint_dir: str | os.PathLike, step: int, consecutive_skips: int, reason: str) -> None:
+    """Note that the run stopped at ``step`` after ``consecutive_skips`` skips in a row. The stop saves no
+    checkpoint, so a restart reads the count from here (``recorded_skips_in_a_row``). Remote folders are
+    left out."""
+    if "://" in str(checkpoint_dir):
+        return
+    folder = Path(checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"step": step, "consecutive_skips": consecutive_skips, "reason": reason}
+    write_atomically(folder / DIVERGED_RECORD, lambda path: path.write_text(json.dumps(record) + "\n"))
+
+
+def recorded_skips_in_a_row(checkpoint_dir: str | os.PathLike, step: int) -> int:
+    """The skips in a row of a diverged stop recorded at ``step``; 0 when none was, or at another step."""
+    try:
+        record = json.loads((Path(checkpoint_dir) / DIVERGED_RECORD).read_text())
+        return int(record["consecutive_skips"]) if record["step"] == step else 0
+    except (OSError, ValueError, KeyError, TypeError):  # none, remote, or unreadable: count from 0
+        return 0
+
+
+def forget_divergence(checkpoint_dir: str | os.PathLike) -> None:
+    """A step succeeded after the recorded stop: restarts count from 0 again."""
+    if "://" not in str(checkpoint_dir):
+        (Path(checkpoint_dir) / DIVERGED_RECORD).unlink(missing_ok=True)

@@ -9,7 +9,8 @@ carries (and ``flowvid export`` writes out as ``config.yaml``).
 A wrong value, path or checkpoint found before the first loop starts (while the recipe's classes are
 built, the resume point is found, the data and the model are checked) is reported in one line, exit
 status 2; ``FLOWVID_TRACEBACK=1`` shows the traceback instead. Later errors keep their traceback, except
-the stop of a diverged run (``TrainingDiverged``), one line with exit status 1.
+the stop of a diverged run (``TrainingDiverged``), one line with exit status 1, and a stop by Ctrl-C, at any
+moment (a checkpoint being written included), one line with exit status 130.
 
 ``flowvid fit`` ends by naming the run's newest checkpoint, its TensorBoard folder and the commands that take
 the checkpoint on (``FitSummary``).
@@ -50,6 +51,7 @@ from flowvid.lit.checkpointing import (
     load_client_state,
     resolve_checkpoint,
     resolve_resume,
+    shown,
 )
 from flowvid.lit.finetune import InitFromExport
 from flowvid.lit.module import TrainingDiverged
@@ -92,6 +94,8 @@ class FitSummary(Callback):
 
     #: The command line ``main`` was given, as typed: what ``flowvid fit`` passes on as ``command``.
     command_line: list[str] | None = None
+    #: Whether the run resumed at its end and trained nothing (``main`` then removes its new, empty log folder).
+    resumed_at_its_end = False
 
     def __init__(self, command: list[str] | None = None, resumes_auto: bool = False):
         self.command = command
@@ -103,6 +107,7 @@ class FitSummary(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.trained and trainer.global_step > 0:  # resumed at its end: Lightning skips the loop
+            FitSummary.resumed_at_its_end = True
             print_on_first_process(trainer, nothing_to_train(trainer, pl_module))
         else:
             print_fit_summary(trainer, pl_module, stopped=False)
@@ -155,14 +160,17 @@ def nothing_to_train(trainer: Trainer, pl_module: LightningModule) -> str:
     summary = f"{shown(trainer.default_root_dir)} is already at step {trainer.global_step}{limit}: nothing to train"
     if checkpoint:
         summary += f"; newest checkpoint {shown(checkpoint)}"
-    return summary_with_next_commands(trainer, pl_module, summary, checkpoint, None)
+    # This resume's own log version is removed once it ends (``main``): the run's logs are the earlier ones.
+    return summary_with_next_commands(trainer, pl_module, summary, checkpoint, None, logged=False)
 
 
 def summary_with_next_commands(trainer: Trainer, pl_module: LightningModule, summary: str,
-                               checkpoint: str | None, resume: str | None) -> str:
+                               checkpoint: str | None, resume: str | None, logged: bool = True) -> str:
+    """``summary``, the folder of the run's logs (its version, when this command ``logged``) and the commands
+    that take ``checkpoint`` on."""
     logger = next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
     if logger is not None:
-        summary += f", logs in {shown(logger.log_dir)}"
+        summary += f", logs in {shown(logger.log_dir if logged else logger.root_dir)}"
     if checkpoint is None:
         return summary
     commands = commands_taking_on(trainer, pl_module, checkpoint)
@@ -212,15 +220,6 @@ def newest_run_checkpoint_of(trainer: Trainer) -> str | None:
         return str(found[-1])
     resumed = trainer.ckpt_path
     return str(resumed) if resumed and os.path.isfile(resumed) else None
-
-
-def shown(path: str | os.PathLike) -> str:
-    """``path`` as a user would type it here: relative to the current folder when inside it."""
-    path = str(path)
-    if "://" in path:
-        return path
-    relative = os.path.relpath(path)
-    return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
 
 class FlowvidArgumentParser(LightningArgumentParser):
@@ -352,6 +351,7 @@ def _innermost_error(message: str) -> tuple[list[str], str | None, str]:
     """The key, the class that owns it and the first error in jsonargparse's indented report: a key's
     error nests the errors of its class's keys, and a union's lists those of each type it tried."""
     headers: list[tuple[int, list[str], str | None]] = []
+    found: list[tuple[list[str], str | None, str]] = []
     for line in message.splitlines():
         text = line.strip().removeprefix("- ")
         if not text or text.startswith(UNION_REPORT_NOISE):
@@ -367,16 +367,38 @@ def _innermost_error(message: str) -> tuple[list[str], str | None, str]:
             text = ""
         if text:
             owners = [owner for _, _, owner in headers if owner]
-            return [key for _, keys, _ in headers for key in keys], (owners or [None])[-1], text
-    return [], None, " ".join(message.split())
+            found.append(([key for _, keys, _ in headers for key in keys], (owners or [None])[-1], text))
+    if not found:
+        return [], None, " ".join(message.split())
+    # A union (``trainer.strategy: str | Strategy``, a logger, the plugins' classes) given a class's init_args
+    # fails first as the union's other types; the class's own error says what is wrong.
+    return next((error for error in found if not OTHER_UNION_TYPE.fullmatch(error[2])), found[0])
+
+
+#: jsonargparse's errors for a value that is not of one of the types a union tried, which it reports for each.
+OTHER_UNION_TYPE = re.compile(r"Expected a <class '[^']+'>|Import path \S+ does not correspond to a subclass of \w+")
 
 
 def _did_you_mean_in_class(option: str, owner: str | None) -> str:
     try:
-        accepted = list(inspect.signature(imported(owner)).parameters) if owner else []
+        accepted = accepted_arguments(imported(owner)) if owner else []
     except (ImportError, AttributeError, ValueError, TypeError):  # a class this cannot look into: no guess
         return ""
     return did_you_mean(option, accepted)
+
+
+def accepted_arguments(cls: type) -> list[str]:
+    """The arguments ``cls`` takes: those of its ``__init__``, and where that passes ``**kwargs`` on (as
+    ``ZeroStrategy`` does to Lightning's ``DeepSpeedStrategy``), those of the classes it inherits from."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return list(dict.fromkeys(names))
 
 
 def config_files(args: list[str]) -> list[str]:
@@ -636,11 +658,14 @@ class FlowvidCLI(LightningCLI):
                 check_files(**dict(spec.get("init_args") or {}))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        from flowvid.lit.strategies import check_deepspeed_runs_here
+
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]  # one callback may stand alone
         chose_a_bar = any(isinstance(callback, ProgressBar) for callback in configured)
         trainer = super().instantiate_trainer(**kwargs)
         FlowvidCLI.new_folders = folders_a_run_makes(trainer)
+        check_deepspeed_runs_here(trainer.strategy)
         trainer.callbacks.append(LoopStarted())
         if not chose_a_bar:
             _use_step_progress_bar(trainer)
@@ -945,29 +970,51 @@ def _not_a_tip(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("💡 Tip")
 
 
+def _not_lightnings_ctrl_c_notice(record: logging.LogRecord) -> bool:
+    # ``main`` says in its own line how a Ctrl-C ended the command.
+    return "Detected KeyboardInterrupt, attempting graceful shutdown" not in record.getMessage()
+
+
 def quiet_benign_messages() -> None:
-    """Leave out of a run's output the warnings above and Lightning's advertisement for a cloud logger.
-    Calling it again adds nothing (the same filters are kept once)."""
+    """Leave out of a run's output the warnings above, Lightning's advertisement for a cloud logger and its
+    notice of a Ctrl-C. Calling it again adds nothing (the same filters are kept once)."""
     for message in BENIGN_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_tip)
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addFilter(_not_a_tip)
+    logger.addFilter(_not_lightnings_ctrl_c_notice)
 
 
 @warnings_for_the_console()
 def main(argv: list[str] | None = None) -> int:
     """Run ``FlowvidCLI`` as ``flowvid fit|validate`` does; 2 for bad input found before training, 1 for a
     run stopped because it diverged, 143 for a run stopped by SIGTERM, 130 by Ctrl-C."""
-    from flowvid.lit.strategies import finish_distributed
     from flowvid.registry import load_plugins
 
     load_plugins()
     quiet_benign_messages()
     LoopStarted.started = False
     FlowvidCLI.new_folders = []
+    FitSummary.resumed_at_its_end = False
     FitSummary.command_line = list(sys.argv[1:] if argv is None else argv)
     if argv is None:  # rewritten where Lightning reads them, and relaunches other processes from
         sys.argv[1:] = nulls_as_mappings(sys.argv[1:])
     args = None if argv is None else nulls_as_mappings(argv)
+    subcommand = " ".join((sys.argv[1:] if args is None else args)[:1])
+    try:
+        return _run_cli(args, subcommand)
+    except BaseException as err:
+        if not stopped_by_ctrl_c(err):
+            raise
+        if not LoopStarted.started:
+            remove_what_a_refused_run_made(FlowvidCLI.new_folders)
+        print(ctrl_c_message(subcommand), file=sys.stderr)
+        return CTRL_C_EXIT_STATUS
+
+
+def _run_cli(args: list[str] | None, subcommand: str) -> int:
+    from flowvid.lit.strategies import finish_distributed
+
     try:
         FlowvidCLI(
             LightningModule,
@@ -983,11 +1030,10 @@ def main(argv: list[str] | None = None) -> int:
             args=args,
         )
     except INPUT_ERRORS as err:
-        if LoopStarted.started or os.environ.get("FLOWVID_TRACEBACK"):
+        if LoopStarted.started or os.environ.get("FLOWVID_TRACEBACK") or stopped_by_ctrl_c(err):
             raise
         remove_what_a_refused_run_made(FlowvidCLI.new_folders)
-        subcommand = (sys.argv[1:] if args is None else args)[:1]
-        print(f"flowvid {' '.join(subcommand)}: error: {_first_cause(err)}", file=sys.stderr)
+        print(f"flowvid {subcommand}: error: {_first_cause(err)}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:  # an expected stop, which says what to change: no traceback
         if os.environ.get("FLOWVID_TRACEBACK"):
@@ -998,18 +1044,39 @@ def main(argv: list[str] | None = None) -> int:
     except SIGTERMException as stopped:  # stopped after a step (RunCheckpoint saved it): not a finished run
         finish_distributed()
         return CTRL_C_EXIT_STATUS if getattr(stopped, "stopped_by", None) == "Ctrl-C" else SIGTERM_EXIT_STATUS
-    except KeyboardInterrupt:  # a Ctrl-C before Lightning took over (building the model, reading the data)
-        subcommand = (sys.argv[1:] if args is None else args)[:1]
-        print(f"flowvid {' '.join(subcommand)}: stopped by Ctrl-C before the run started", file=sys.stderr)
-        return CTRL_C_EXIT_STATUS
-    except SystemExit as exited:
-        # Lightning ends a run interrupted by Ctrl-C (a second one, or one before RunCheckpoint listens) with
-        # exit(1), the status of a crash; a shell reports Ctrl-C as 130.
-        if exited.code == 1 and isinstance(exited.__context__, KeyboardInterrupt):
-            return CTRL_C_EXIT_STATUS
-        raise
+    if FitSummary.resumed_at_its_end:  # its new, empty log version would only push the next run's number up
+        remove_what_a_refused_run_made(FlowvidCLI.new_folders)
     finish_distributed()
     return 0
+
+
+def stopped_by_ctrl_c(err: BaseException) -> bool:
+    """Whether a Ctrl-C is what ended the command: a KeyboardInterrupt, or one anywhere in the chain of what
+    came of it (Lightning exits with ``exit(1)`` after one; ``torch.save`` turns one into a RuntimeError
+    when its zip writer closes, as when a second Ctrl-C comes while the stop's checkpoint is written)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        pending += [current.__cause__, current.__context__]
+    return False
+
+
+def ctrl_c_message(subcommand: str) -> str:
+    """The one line that ends a command stopped by Ctrl-C (a second one in ``fit``, which saves nothing; the
+    first saves the step in progress and ends through ``SIGTERMException``)."""
+    if not LoopStarted.started:
+        return f"flowvid {subcommand}: stopped by Ctrl-C before the run started"
+    if subcommand == "fit":
+        # A checkpoint being written is dropped whole: AtomicCheckpointIO renames only a complete file.
+        return ("flowvid fit: stopped by Ctrl-C at once, without saving; the checkpoints saved before are "
+                "intact")
+    return f"flowvid {subcommand}: stopped by Ctrl-C"
 
 
 if __name__ == "__main__":  # `python -m flowvid.lit.cli_support fit ...`; multi-device runs relaunch it

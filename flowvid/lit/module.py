@@ -45,10 +45,14 @@ from flowvid.checks import check_count, check_positive, is_count, is_integer
 from flowvid.codecs.base import LatentCodec, check_codec_identity
 from flowvid.denoise import CausalDenoiser, flow_score_target, score_matching_tap, tweedie_denoise
 from flowvid.flows.global_local import LOG_2PI, GlobalLocalFlow
+from flowvid.lit.checkpointing import (checkpoint_dir_of, forget_divergence, has_run_checkpoint, list_checkpoints,
+                                       record_divergence, recorded_skips_in_a_row)
 from flowvid.lit.conditioning import EXTEND_PREFIX, V2V_PREFIX, add_prefix, chance, drop_captions
 from flowvid.lit.data_skips import SkippedSamples
 from flowvid.lit.ema import EMA
+from flowvid.lit.resumed_settings import check_resumed_settings
 from flowvid.lit.schedule import warmup_cosine_scheduler
+from flowvid.lit.step_axis import log_training_point
 from flowvid.lit.strategies import ZeroStrategy, discard_gradients
 from flowvid.nn.lora import LoRALinear, is_adapter_key, merge_lora
 from flowvid.placement import warn_if_bf16_is_emulated
@@ -74,7 +78,6 @@ class TrainingDiverged(RuntimeError):
 
 PREDICT_REFUSED = ("FlowModule does not run under trainer.predict: sample with module.generate_videos(captions, "
                    "seed=...), or with flowvid generate")
-
 
 def check_compilable(strategy) -> None:
     """``compile_flow`` under ZeRO-3 would compile around the hooks that gather each sharded parameter."""
@@ -245,6 +248,9 @@ class FlowModule(LightningModule):
         self.videos_seen = 0
         self._consecutive_skips = 0
         self._window_problem: str | None = None  # why the current accumulation window cannot step
+        # The values of the window's batches, logged as their mean when it closes (see step_axis.log_training_point).
+        self._window_values: dict[str, list[torch.Tensor]] = {}
+        self._divergence_restored = False  # the count in a row came from a diverged stop's record
         # Batches of the run before this fit started (restored on resuming): accumulation windows count
         # from there, so that a run resumed with another accumulate_grad_batches steps on whole windows.
         self.accumulation_start = 0
@@ -392,13 +398,14 @@ class FlowModule(LightningModule):
         if opens:
             optimizer.zero_grad(set_to_none=True)
             self._window_problem = None
+            self._window_values = {}
         if self._window_problem is None:  # after a bad batch, the rest of its window is not computed
             problem = self._accumulate_gradients(batch)
             if problem is not None:  # named now: the window is skipped at its last batch
                 self._window_problem = f"{problem} in batch {batch_idx} of epoch {self.current_epoch}"
         if self._window_problem is not None:
             # This batch trained nothing; unlogged, Lightning would show the loss of the batch before it.
-            self.log_dict({"train/loss": math.nan, "train/bits_per_dim": math.nan}, batch_size=1)
+            self.log_dict({"train/loss": math.nan, "train/bits_per_dim": math.nan}, batch_size=1, logger=False)
         if closes:
             self._step(optimizer)
 
@@ -447,10 +454,19 @@ class FlowModule(LightningModule):
             healthy &= torch.isfinite(den_loss)
         if not self._on_all_ranks(healthy):
             return "non-finite loss"
-        self.log_dict(metrics, prog_bar=False, batch_size=x.shape[0])
+        metrics.update(self._sigma_metrics(terms["sigma"]))
+        # Each batch's values for callbacks (trainer.callback_metrics); the loggers get the window's mean.
+        self.log_dict(metrics, prog_bar=False, batch_size=x.shape[0], logger=False)
         self.log("train/loss_step", terms["loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
-        self._log_sigma(terms["sigma"], x.shape[0])
+        self._add_to_window(metrics)
         return None
+
+    def _add_to_window(self, metrics: dict[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():
+            self._window_values.setdefault(name, []).append(value.detach())
+
+    def _window_means(self) -> dict[str, torch.Tensor]:
+        return {name: torch.stack(values).mean() for name, values in self._window_values.items()}
 
     def _count_seen(self, x: torch.Tensor) -> None:
         """Add a batch of latents (B, t, h, w, c) to the totals; every process trains on as many."""
@@ -480,6 +496,7 @@ class FlowModule(LightningModule):
 
     def _step(self, optimizer) -> None:
         """Clip the window's mean gradients and take the optimiser step, or skip the window."""
+        step = self.global_step  # the step this window takes, or fails to take
         problem = self._window_problem
         if problem is None:
             norms = self._clip_groups(optimizer)
@@ -490,9 +507,10 @@ class FlowModule(LightningModule):
             if not self._on_all_ranks(torch.stack(list(norms.values())).isfinite().all()):
                 problem = f"non-finite gradients of {self._window_batches()}"
             elif too_large:
-                problem = f"gradient norm above skip_threshold in {self._window_batches()}"
+                problem = (f"gradient norm {float(flow_norm):.4g} above skip_threshold "
+                           f"{self.hparams.skip_threshold:g} in {self._window_batches()}")
         if problem is not None:
-            self._skip_step(problem)
+            self._skip_step(problem, step)
             return
 
         deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
@@ -507,9 +525,12 @@ class FlowModule(LightningModule):
         if self.ema is not None:
             self.ema.update()
         self._consecutive_skips = 0
+        if self._divergence_restored:
+            self._forget_divergence()
         metrics["train/skipped_steps"] = float(self.skipped_steps)
         metrics.update(self.skipped_samples.metrics(self.trainer, self.device))
-        self.log_dict(metrics, prog_bar=False, batch_size=1)
+        self.log_dict(metrics, prog_bar=False, batch_size=1, logger=False)
+        log_training_point(self.trainer, {**self._window_means(), **metrics}, step)
 
     def _window_batches(self) -> str:
         """The batches of the window that closes now, for messages."""
@@ -531,7 +552,7 @@ class FlowModule(LightningModule):
                                     else torch.zeros((), device=self.device))
         return norms
 
-    def _skip_step(self, reason: str) -> None:
+    def _skip_step(self, reason: str, step: int) -> None:
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):
             discard_gradients(self.trainer.strategy.deepspeed_engine)
         else:
@@ -541,12 +562,44 @@ class FlowModule(LightningModule):
         # The optimiser step does not advance while steps are skipped: the batch and the count in a row do.
         log.warning("skipped an optimiser step: %s; %d in a row (the run stops at %d), %d in all", reason,
                     self._consecutive_skips, MAX_CONSECUTIVE_SKIPS, self.skipped_steps)
-        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1, logger=False)
+        log_training_point(self.trainer, {"train/loss": math.nan, "train/bits_per_dim": math.nan,
+                                          "train/skipped_steps": float(self.skipped_steps)}, step)
         if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            self._record_divergence(reason)
             raise TrainingDiverged(
                 f"stopped at step {self.global_step}: {self._consecutive_skips} optimiser steps in a row were "
                 f"skipped (last: {reason}); lower the learning rate, check the data (flowvid data verify DIR) or "
-                "raise skip_threshold, then continue from the run's last good checkpoint with --resume auto")
+                f"raise skip_threshold, then {self._how_to_continue()}")
+
+    def _how_to_continue(self) -> str:
+        newest = list_checkpoints(checkpoint_dir_of(self.trainer))
+        if not newest:
+            return "run it again: it saved no checkpoint, so it starts from scratch"
+        return f"continue from the run's last good checkpoint ({newest[-1].name}) with --resume auto"
+
+    def _record_divergence(self, reason: str) -> None:
+        """Leave the stop's count in a row in the checkpoint folder: the stop saves no checkpoint (the step did
+        not advance), so a restart from the last good one would otherwise count from 0 and skip fifty more."""
+        if self.trainer.is_global_zero and has_run_checkpoint(self.trainer):
+            record_divergence(checkpoint_dir_of(self.trainer), self.global_step, self._consecutive_skips, reason)
+
+    def _resume_skips_in_a_row(self) -> None:
+        """A run that starts at the step a diverged stop recorded continues its count in a row (the
+        checkpoint it resumes from was saved before those skips); at any other step the count stands."""
+        if not has_run_checkpoint(self.trainer):
+            return
+        recorded = recorded_skips_in_a_row(checkpoint_dir_of(self.trainer), self.global_step)
+        # Every process must count alike, or one would stop alone: the first process's reading counts.
+        recorded = self.trainer.strategy.broadcast(recorded, src=0)
+        if recorded > self._consecutive_skips:
+            self._consecutive_skips, self._divergence_restored = recorded, True
+
+    def _forget_divergence(self) -> None:
+        """A step succeeded after a restored count: a later restart at that step must count from 0."""
+        self._divergence_restored = False
+        if self.trainer.is_global_zero:
+            forget_divergence(checkpoint_dir_of(self.trainer))
 
     def _on_all_ranks(self, condition: torch.Tensor) -> bool:
         """True only when ``condition`` holds on every rank, so that all ranks take the same branch.
@@ -561,11 +614,12 @@ class FlowModule(LightningModule):
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
-    def _log_sigma(self, sigma: torch.Tensor, batch_size: int) -> None:
+    def _sigma_metrics(self, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
         names = [f"shallow{i}" for i in range(len(self.flow.shallow))] + ["deep"]
+        metrics = {}
         for name, (mean, low, high) in zip(names, sigma):
-            self.log_dict({f"sigma/{name}_mean": mean, f"sigma/{name}_min": low, f"sigma/{name}_max": high},
-                          batch_size=batch_size)
+            metrics.update({f"sigma/{name}_mean": mean, f"sigma/{name}_min": low, f"sigma/{name}_max": high})
+        return metrics
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -682,7 +736,9 @@ class FlowModule(LightningModule):
         self._check_accumulation()
         trainer = self.trainer
         check_validation_in_step(trainer.strategy, trainer.world_size, getattr(trainer, "datamodule", None))
-        if self.hparams.skip_threshold is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+        # Only a fit steps; a recipe's threshold is no fault of a validation that shares its config.
+        if (stage == "fit" and self.hparams.skip_threshold is not None
+                and isinstance(self.trainer.strategy, DeepSpeedStrategy)):
             rank_zero_warn("skip_threshold is not applied under DeepSpeed: the engine holds the gradients and takes "
                            "their norm inside its step (grad_clip still clips, the global norm of both groups); set "
                            "skip_threshold: null to silence this")
@@ -908,6 +964,7 @@ class FlowModule(LightningModule):
             "schedule_length": self.schedule_length,
             # An all-reduce: Lightning saves on every rank. A module saved outside a Trainer has none.
             "data_skips": self.skipped_samples.state(self._trainer, self.device),
+            "precision": str(self._trainer.precision) if self._trainer is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -916,19 +973,37 @@ class FlowModule(LightningModule):
         if saved is None:
             return
         check_codec_identity(self.codec.identity(), saved["codec"], "the checkpoint")
+        if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
+            self._check_resumed_settings(checkpoint)
         self._merge_adapters_for_a_plain_model(checkpoint)
         self.skipped_steps = int(saved["skipped_steps"])
         self._consecutive_skips = int(saved.get("consecutive_skips", 0))  # checkpoints of earlier versions have none
         self.tokens_seen = int(saved.get("tokens_seen", 0))  # checkpoints of earlier versions have none
         self.videos_seen = int(saved.get("videos_seen", 0))
-        if self.ema is not None and saved["ema"] is not None:
-            self.ema.load_state_dict(saved["ema"])
-        elif saved["ema"] is not None:
+        self._load_average(saved["ema"])
+        self._resumed_schedule_length = saved.get("schedule_length")  # checkpoints of earlier versions have none
+        self.skipped_samples.resumed = saved.get("data_skips")
+
+    def _check_resumed_settings(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run continues the checkpoint's: compare the settings it was trained with, and its
+        precision, with this run's (``RESUMED_SETTINGS``)."""
+        recorded = dict(checkpoint.get("hyper_parameters") or {})
+        precision = checkpoint["flowvid"].get("precision")  # none from earlier versions, nor saved outside a Trainer
+        if precision is not None:
+            recorded["precision"] = precision
+        check_resumed_settings(recorded, {**self.hparams, "precision": str(self.trainer.precision)})
+
+    def _load_average(self, average: dict[str, torch.Tensor] | None) -> None:
+        if self.ema is not None and average is not None:
+            self.ema.load_state_dict(average)
+        elif average is not None:
             rank_zero_warn("the checkpoint holds a moving average of the weights, which this model (ema_decay "
                            "null) leaves out: its trained weights are used, and a run continued from here keeps "
                            "no average; keep model.init_args.ema_decay to use it")
-        self._resumed_schedule_length = saved.get("schedule_length")  # checkpoints of earlier versions have none
-        self.skipped_samples.resumed = saved.get("data_skips")
+        elif self.ema is not None:
+            rank_zero_warn(f"the checkpoint holds no moving average of the weights (its run had ema_decay null): "
+                           f"this model's average (ema_decay={self.ema.decay}) starts from the resumed weights, at "
+                           "the next optimiser step; until then validation and samples use the trained weights")
 
     def _merge_adapters_for_a_plain_model(self, checkpoint: dict[str, Any]) -> None:
         """A LoRA run's checkpoint loaded into a model without adapters (``load_from_checkpoint``, which knows
@@ -947,6 +1022,7 @@ class FlowModule(LightningModule):
 
     def on_train_start(self) -> None:
         self.accumulation_start = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        self._resume_skips_in_a_row()
         # Both lengths are known only now: DeepSpeed restores the checkpoint after building the optimiser,
         # other strategies before. A model built by load_from_checkpoint and fitted afresh resumes nothing.
         if self.trainer.ckpt_path is not None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -75,6 +75,20 @@ def finish_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def check_deepspeed_runs_here(strategy: Any) -> None:
+    """Refuse Lightning's own DeepSpeed strategy off CUDA before anything starts: it would stop the run with a
+    traceback once its processes are up. ``ZeroStrategy`` runs the same ZeRO on CPUs."""
+    if not isinstance(strategy, DeepSpeedStrategy) or isinstance(strategy, ZeroStrategy):
+        return
+    if isinstance(strategy.accelerator, CUDAAccelerator):
+        return
+    accelerator = type(strategy.accelerator).__name__.removesuffix("Accelerator") or "this"
+    raise ValueError(f"trainer.strategy: Lightning's DeepSpeedStrategy runs only on CUDA GPUs, and this run's "
+                     f"accelerator is {accelerator}: use flowvid.lit.strategies.ZeroStrategy, the same ZeRO on "
+                     "CPUs too (--config recipes/distributed/zero2.yaml or zero3.yaml, in place of "
+                     "--trainer.strategy deepspeed)")
 
 
 class ZeroStrategy(DeepSpeedStrategy):

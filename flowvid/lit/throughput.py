@@ -50,6 +50,8 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from flowvid.lit.step_axis import log_training_point
+
 #: Largest side of the square matmul whose FLOP/s stand in for a device's peak when no datasheet figure
 #: is known.
 MATMUL_SIDE = {"cpu": 2048, "cuda": 8192}
@@ -189,7 +191,10 @@ class TrainingThroughput(Callback):
                    "train/videos_seen": float(pl_module.videos_seen), **peak_memory_gb(trainer.strategy.root_device)}
         if len(self._marks) >= 2:
             metrics.update(self._rates(trainer.world_size, pl_module.model_flops_per_token))
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+        # For callbacks (trainer.callback_metrics); the loggers get them beside the losses of the step that
+        # just ended (a skipped one's beside the step before it).
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True, logger=False)
+        log_training_point(trainer, metrics, max(trainer.global_step - 1, 0))
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:

@@ -11,17 +11,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import flowvid.lit.module as module_file
 from flowvid.lit import cli_support
-from flowvid.lit.checkpointing import RunCheckpoint
+from flowvid.lit.checkpointing import DIVERGED_RECORD, RunCheckpoint, resolve_resume
 from flowvid.lit.cli_support import FitSummary
 from flowvid.lit.module import TrainingDiverged
 from test_train_resume import batches, make_module
 
 
-def run_trainer(root, max_steps: int, *callbacks: L.Callback) -> L.Trainer:
+def run_trainer(root, max_steps: int, *callbacks: L.Callback, every_n_train_steps: int = 100) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=max_steps,
                      default_root_dir=root,
-                     callbacks=[RunCheckpoint(every_n_train_steps=100, keep_last_k=-1), *callbacks])
+                     callbacks=[RunCheckpoint(every_n_train_steps=every_n_train_steps, keep_last_k=-1), *callbacks])
 
 
 def diverging_module():
@@ -39,8 +39,53 @@ def test_skips_in_a_row_name_the_batch_and_the_count_in_a_row_and_stop_with_the_
     assert len(set(skips)) == 3, skips  # the optimiser step stays at 0: each line names another batch
     assert "batch 0 of epoch 0; 1 in a row (the run stops at 3)" in skips[0]
     assert "batch 2 of epoch 0; 3 in a row" in skips[2]
-    assert "lower the learning rate" in str(stopped.value) and "--resume auto" in str(stopped.value)
+    assert "lower the learning rate" in str(stopped.value) and "--resume auto" not in str(stopped.value)
+    assert str(stopped.value).endswith("then run it again: it saved no checkpoint, so it starts from scratch")
     assert capsys.readouterr().out == "stopped at step 0; wrote no checkpoint\n"
+
+
+def resume_auto(root) -> str | None:
+    return resolve_resume(root / "checkpoints", "auto")
+
+
+def test_a_diverged_run_restarted_with_resume_auto_stops_at_its_first_skip(tmp_path, monkeypatch):
+    """The stop saves no checkpoint: the count in a row it reached is recorded beside the checkpoints."""
+    run_trainer(tmp_path, 1).fit(make_module(), batches(5))
+    monkeypatch.setattr(module_file, "MAX_CONSECUTIVE_SKIPS", 3)
+    with pytest.raises(TrainingDiverged, match=r"last good checkpoint \(step=00000001.ckpt\) with --resume auto"):
+        run_trainer(tmp_path, 10).fit(diverging_module(), batches(5), ckpt_path=resume_auto(tmp_path))
+    restarted = diverging_module()
+    with pytest.raises(TrainingDiverged, match="stopped at step 1: 4 optimiser steps in a row"):
+        run_trainer(tmp_path, 10).fit(restarted, batches(5), ckpt_path=resume_auto(tmp_path))
+    assert restarted.skipped_steps == 1  # the checkpoint's 0, and the one skip of this restart
+
+
+def test_a_diverged_run_without_a_checkpoint_restarted_stops_at_its_first_skip(tmp_path, monkeypatch):
+    monkeypatch.setattr(module_file, "MAX_CONSECUTIVE_SKIPS", 3)
+    with pytest.raises(TrainingDiverged):
+        run_trainer(tmp_path, 10).fit(diverging_module(), batches(5))
+    restarted = diverging_module()
+    with pytest.raises(TrainingDiverged, match="stopped at step 0: 4 optimiser steps in a row"):
+        run_trainer(tmp_path, 10).fit(restarted, batches(5), ckpt_path=resume_auto(tmp_path))
+    assert restarted.skipped_steps == 1
+
+
+def test_a_restart_that_steps_or_resumes_at_another_step_counts_from_0(tmp_path, monkeypatch):
+    run_trainer(tmp_path, 2, every_n_train_steps=1).fit(make_module(), batches(5))
+    monkeypatch.setattr(module_file, "MAX_CONSECUTIVE_SKIPS", 3)
+    with pytest.raises(TrainingDiverged, match="stopped at step 2"):
+        run_trainer(tmp_path, 10).fit(diverging_module(), batches(5), ckpt_path=resume_auto(tmp_path))
+    earlier = diverging_module()
+    with pytest.raises(TrainingDiverged, match="3 optimiser steps in a row"):
+        run_trainer(tmp_path, 10).fit(earlier, batches(5), ckpt_path=tmp_path / "checkpoints" / "step=00000001.ckpt")
+    assert earlier.skipped_steps == 3  # resumed at step 1, not at the stop's step 2
+
+    record = tmp_path / "checkpoints" / DIVERGED_RECORD
+    assert record.exists()  # the stop at step 1
+    healthy = make_module()
+    run_trainer(tmp_path, 3).fit(healthy, batches(5), ckpt_path=tmp_path / "checkpoints" / "step=00000001.ckpt")
+    assert healthy.global_step == 3 and healthy._consecutive_skips == 0
+    assert not record.exists()  # its steps succeeded: a later restart at step 1 counts from 0
 
 
 def test_a_diverged_run_resumed_names_the_checkpoint_it_resumed_from(tmp_path, monkeypatch, capsys):

@@ -58,6 +58,8 @@ def print_summary(title: str, fields: dict[str, Any], skipped: Sequence[dict[str
     """A two-column table of results, the skip reasons with the samples they cost, and the first few skips,
     printed ``to`` stderr (``console``) or stdout (``results``)."""
     table = Table(title=title, show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # a path is folded over lines, never cut short to fit the terminal
     for name, value in fields.items():
         table.add_row(name, f"{value:.3g}" if isinstance(value, float) else str(value))
     reasons: Counter[str] = Counter()

@@ -598,6 +598,8 @@ class FlowvidCLI(LightningCLI):
 
     #: The folders the run will write to that did not exist when its trainer was built.
     new_folders: list[str] = []
+    #: The parsed config, kept to name the key of an argument a class refuses while it is built.
+    parsed: dict[str, Any] = {}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -648,6 +650,7 @@ class FlowvidCLI(LightningCLI):
         """Files the codec and the text encoder will read must exist before any part of the model is built:
         jsonargparse builds the flow first, which at billions of parameters takes minutes and much memory."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        FlowvidCLI.parsed = config.as_dict()
         model_args = (config.get("model") or {}).get("init_args") or {}
         for part in ("codec", "text_encoder"):
             spec = model_args.get(part)
@@ -995,6 +998,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_benign_messages()
     LoopStarted.started = False
     FlowvidCLI.new_folders = []
+    FlowvidCLI.parsed = {}
     FitSummary.resumed_at_its_end = False
     FitSummary.command_line = list(sys.argv[1:] if argv is None else argv)
     if argv is None:  # rewritten where Lightning reads them, and relaunches other processes from
@@ -1033,7 +1037,8 @@ def _run_cli(args: list[str] | None, subcommand: str) -> int:
         if LoopStarted.started or os.environ.get("FLOWVID_TRACEBACK") or stopped_by_ctrl_c(err):
             raise
         remove_what_a_refused_run_made(FlowvidCLI.new_folders)
-        print(f"flowvid {subcommand}: error: {_first_cause(err)}", file=sys.stderr)
+        print(f"flowvid {subcommand}: error: {with_its_setting(_first_cause(err), FlowvidCLI.parsed)}",
+              file=sys.stderr)
         return 2
     except TrainingDiverged as err:  # an expected stop, which says what to change: no traceback
         if os.environ.get("FLOWVID_TRACEBACK"):
@@ -1048,6 +1053,54 @@ def _run_cli(args: list[str] | None, subcommand: str) -> int:
         remove_what_a_refused_run_made(FlowvidCLI.new_folders)
     finish_distributed()
     return 0
+
+
+def with_its_setting(err: BaseException, config: dict[str, Any]) -> str:
+    """``err``'s message, its first word written as the recipe's key when a class of the recipe refused that
+    argument in its constructor (``batch_size must be >= 1`` -> ``data.init_args.batch_size must be >= 1``),
+    as jsonargparse names the keys it refuses."""
+    message = str(err)
+    refusing = _constructing_class(err)
+    key = _key_of_class(config, refusing) if refusing is not None else None
+    argument = message.split(" ", 1)[0]
+    if key is None or argument not in accepted_arguments(refusing):
+        return message
+    return f"{key}.init_args.{message}"
+
+
+def _constructing_class(err: BaseException) -> type | None:
+    """The class whose ``__init__`` was running, innermost, when ``err`` was raised."""
+    found, frame = None, err.__traceback__
+    while frame is not None:
+        owner = frame.tb_frame.f_locals.get("self") if frame.tb_frame.f_code.co_name == "__init__" else None
+        found = type(owner) if owner is not None else found
+        frame = frame.tb_next
+    return found
+
+
+def _key_of_class(config: Any, cls: type, key: str = "") -> str | None:
+    """The key of ``config`` whose ``class_path`` builds ``cls`` (the first, depth first), else None."""
+    if isinstance(config, dict):
+        path = config.get("class_path")
+        if isinstance(path, str) and _builds(path, cls):
+            return key
+        children = {name: value for name, value in config.items() if name != "class_path"}
+    elif isinstance(config, list):
+        children = {str(index): value for index, value in enumerate(config)}
+    else:
+        return None
+    for name, value in children.items():
+        found = _key_of_class(value, cls, f"{key}.{name}" if key else name)
+        if found is not None:
+            return found
+    return None
+
+
+def _builds(class_path: str, cls: type) -> bool:
+    try:
+        return imported(class_path) is cls
+    except (ImportError, AttributeError, ValueError):
+        return False
 
 
 def stopped_by_ctrl_c(err: BaseException) -> bool:

@@ -23,20 +23,20 @@ def fit(*args: str) -> int:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--data.init_args.batch_size=0", "batch_size must be >= 1, got 0"),
+    ("--data.init_args.batch_size=0", "data.init_args.batch_size must be >= 1, got 0"),
     ("--model.init_args.sampler=jacobbi", "unknown sampler 'jacobbi'; registered: jacobi"),
     ("--model.init_args.sampler={name: jacobi, init_args: {tol: 2}}", "tol must be a number in (0, 1)"),
-    ("--model.init_args.guidance=-3", "guidance must be a finite number >= 0, got -3.0"),
-    ("--model.init_args.video_shape=[0,16,16]", "video_shape is (frames, height, width), each >= 1"),
+    ("--model.init_args.guidance=-3", "model.init_args.guidance must be a finite number >= 0, got -3.0"),
+    ("--model.init_args.video_shape=[0,16,16]", "model.init_args.video_shape is (frames, height, width), each >= 1"),
     ("--resume=/no/such.ckpt", "resume: /no/such.ckpt does not exist"),
-    ("--model.init_args.accumulate_grad_batches=0", "accumulate_grad_batches must be an integer >= 1, got 0"),
+    ("--model.init_args.accumulate_grad_batches=0", "model.init_args.accumulate_grad_batches must be an integer >= 1, got 0"),
     ("--trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4 applies only to automatic optimisation; "
                                             "FlowModule optimises itself: set model.init_args.accumulate_grad_batches"),
     ("--trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0 applies only to automatic optimisation; "
                                         "FlowModule optimises itself: set model.init_args.grad_clip"),
-    ("--model.init_args.schedule_steps=0", "schedule_steps must be an integer >= 1, or null"),
-    ("--model.init_args.warmup_steps=-5", "warmup_steps must be an integer >= 0, got -5"),
-    ("--model.init_args.weight_decay=-0.1", "weight_decay must be a finite number >= 0, got -0.1"),
+    ("--model.init_args.schedule_steps=0", "model.init_args.schedule_steps must be an integer >= 1, or null"),
+    ("--model.init_args.warmup_steps=-5", "model.init_args.warmup_steps must be an integer >= 0, got -5"),
+    ("--model.init_args.weight_decay=-0.1", "model.init_args.weight_decay must be a finite number >= 0, got -0.1"),
     ("--model.init_args.denoiser.init_args.depth=0", "CausalDenoiser depth must be an int >= 1, got 0"),
     ("--ckpt_path=/no/such.ckpt", "ckpt_path /no/such.ckpt does not exist"),
     ("--data.init_args.train_dir=null", "data.init_args.train_dir is not set, so there is nothing to train on; "

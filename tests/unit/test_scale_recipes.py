@@ -215,4 +215,4 @@ def test_a_strategy_that_refuses_its_settings_says_why_in_one_line(capsys):
     status = main(["fit", "--config", str(DEMO), "--trainer.strategy", f"{__name__}.RefusingStrategy",
                    "--trainer.strategy.init_args.stage", "4"])
     assert status == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "flowvid fit: error: stage 4 is refused"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "flowvid fit: error: trainer.strategy.init_args.stage 4 is refused"

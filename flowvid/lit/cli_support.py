@@ -150,7 +150,18 @@ def fit_summary(trainer: Trainer, pl_module: LightningModule, stopped: bool, res
         summary += f"saved {shown(saved)}"
     else:
         summary += f"saved no checkpoint; newest {shown(checkpoint)}" if checkpoint else "wrote no checkpoint"
-    return summary_with_next_commands(trainer, pl_module, summary, checkpoint, resume)
+    return summary_with_next_commands(trainer, pl_module, summary + skipped_data(trainer), checkpoint, resume)
+
+
+def skipped_data(trainer: Trainer) -> str:
+    """``; skipped N samples ...`` when the run met damaged data: said once more at its end, since a folder
+    that is mostly broken would otherwise train on what is left with a warning at its start only."""
+    skipped = trainer.callback_metrics.get("data/skipped_samples")
+    if skipped is None or not float(skipped):
+        return ""
+    folders = " ".join(shown(folder) for folder in getattr(trainer.datamodule, "train_dirs", None) or [])
+    return (f"; skipped {int(skipped)} samples of damaged data, counted each time they were read "
+            f"(`flowvid data verify {folders or 'FOLDER'}` counts the damaged ones)")
 
 
 def nothing_to_train(trainer: Trainer, pl_module: LightningModule) -> str:

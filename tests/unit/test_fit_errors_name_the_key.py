@@ -1,4 +1,4 @@
-"""A value a recipe's class refuses while it is built is named by its key, as the config parser names keys."""
+"""What fit and validate say of a recipe's values: a refused one by its key, and the damaged data a run skipped."""
 
 import sys
 from pathlib import Path
@@ -27,3 +27,19 @@ def fit_error(capsys, tmp_path, *options: str) -> str:
 def test_a_refused_argument_is_named_by_its_key_in_the_recipe(capsys, tmp_path, option, value, message):
     assert fit_error(capsys, tmp_path, f"--{option}", value) == f"flowvid fit: error: {message}"
     assert not (tmp_path / "run").exists()
+
+
+def test_the_fit_summary_says_how_much_damaged_data_the_run_skipped():
+    from types import SimpleNamespace
+
+    import torch
+
+    from flowvid.lit.cli_support import skipped_data
+
+    def run(skipped):
+        metrics = {} if skipped is None else {"data/skipped_samples": torch.tensor(skipped)}
+        return SimpleNamespace(callback_metrics=metrics, datamodule=SimpleNamespace(train_dirs=["data/bad"]))
+
+    assert skipped_data(run(72.0)) == ("; skipped 72 samples of damaged data, counted each time they were read "
+                                       "(`flowvid data verify data/bad` counts the damaged ones)")
+    assert skipped_data(run(0.0)) == skipped_data(run(None)) == ""

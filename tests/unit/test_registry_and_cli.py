@@ -308,7 +308,7 @@ def test_only_the_first_process_of_a_run_says_how_it_ended(capsys):
 
     def process(rank: int) -> SimpleNamespace:
         return SimpleNamespace(is_global_zero=rank == 0, global_step=7, checkpoint_callbacks=[checkpoints],
-                               loggers=[], default_root_dir="/runs/a")
+                               loggers=[], default_root_dir="/runs/a", callback_metrics={}, datamodule=None)
 
     for rank in (1, 0):
         summary = FitSummary()

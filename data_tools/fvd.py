@@ -11,11 +11,11 @@ and the resolution, or a raw shard folder, whose statistics (of every clip) are 
 ``--extractor`` (default ``inception-proxy``) the first time and kept in its ``fvd_stats/``, where
 ``fvd-stats`` keeps them too.
 A generated video file is read at the frame rate of the reference's clips (frame k: the one nearest in
-time to k / fps), which a shard folder's manifest records and an ``.npz`` takes from the folder it was
-computed from while that still holds the same shards; an unknown rate is one warning, and the files are
-then read frame by frame. Every generated video is cut to the reference's frames and fitted to its
-resolution (centre-cropped to its aspect ratio, then resized), and counted as ``cut`` or ``resized``; a
-video that cannot be read, is too short or is slower than the reference is skipped and counted (the
+time to k / fps), which a shard folder's manifest and an ``.npz`` of ``fvd-stats`` record (an older ``.npz``
+takes it from the folder it was computed from while that still holds the same shards); an unknown rate is
+one warning, and the files are then read frame by frame. Every generated video is cut to the reference's
+frames and fitted to its resolution (centre-cropped to its aspect ratio, then resized), and counted as
+``cut`` or ``resized``; a video that cannot be read, is too short or is slower than the reference is skipped and counted (the
 skips are listed even when too few videos are left for an FVD: the exit status is then 1, while fewer
 than 2 videos found is 2). The result is one JSON line on
 stdout (and in ``--out``, which must not be one of the inputs): the distance, its protocol name
@@ -140,11 +140,14 @@ def too_few(used: int, skipped: int) -> str:
 
 def reference_fps(reference: Path, shard_manifest: dict[str, Any] | None,
                   cached: ReferenceStats | None) -> float | None:
-    """The frame rate of the reference's clips: its shard folder's manifest records it. An .npz records none
-    itself; the folder it was computed from does, while it still holds those shards (the .npz's
-    ``shards_sha256``): the folder it names, else the one whose ``fvd_stats/`` holds it. None: unknown."""
+    """The frame rate of the reference's clips: its shard folder's manifest records it, and so does an .npz
+    that ``fvd-stats`` wrote. For an .npz that records none, the folder it was computed from does, while it
+    still holds those shards (the .npz's ``shards_sha256``): the folder it names, else the one whose
+    ``fvd_stats/`` holds it. None: unknown."""
     if shard_manifest is not None:
         return shard_manifest["video"].get("fps")
+    if cached is not None and cached.fps is not None:
+        return cached.fps
     if cached is None or not cached.shards_sha256:
         return None
     named = [Path(cached.source)] if cached.source else []

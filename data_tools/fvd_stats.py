@@ -5,7 +5,7 @@
 
 Runs an FVD extractor on the clips (``frames.npy``, uint8) of a raw shard folder and writes their
 feature mean and covariance with the key they depend on (extractor, its settings, weights hash,
-frames, resolution, sample count) to an ``.npz``; ``FVDCallback(reference=FILE)`` and
+frames, resolution, sample count) and the clips' frame rate to an ``.npz``; ``FVDCallback(reference=FILE)`` and
 ``FrechetVideoDistance.set_reference(FILE)`` load it and refuse a key that does not fit. ``--out``
 names the file, which must end in ``.npz``; without it the file is ``RAW_DIR/fvd_stats/<key>.npz``,
 named by the samples it holds. An existing file computed from the same request (the same shards;
@@ -253,7 +253,7 @@ def reference_stats(
         raise ValueError(f"{source}: {used} usable clips ({samples_skipped(skipped)} skipped); "
                          "FVD statistics need at least 2")
     return dataclasses.replace(metric.real_statistics(source=str(source)), requested_samples=wanted,
-                               shards_sha256=shards_sha256(manifest))
+                               shards_sha256=shards_sha256(manifest), fps=manifest["video"].get("fps"))
 
 
 def checked_frames(manifest: dict[str, Any], frames: int | None) -> int:

@@ -15,6 +15,7 @@ FVD depends on all of these, so the protocol is part of the logged name::
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -57,6 +58,11 @@ def _open_npz(path: Path):
     return data
 
 
+def _known_rate(fps: float) -> float | None:
+    """A frame rate as saved (NaN for unknown) -> the rate, or None."""
+    return fps if math.isfinite(fps) and fps > 0 else None
+
+
 @dataclass(frozen=True)
 class ReferenceStats:
     """Mean and covariance of a real set's features, with everything they depend on.
@@ -64,6 +70,8 @@ class ReferenceStats:
     ``requested_samples`` is how many clips the computation asked for; it is more than
     ``num_samples`` when some could not be read (default: ``num_samples``). ``shards_sha256`` tells
     which shards they were read from, so that a kept file is never reused for other clips ("": unknown).
+    ``fps`` is the frame rate of those clips, at which generated video files are read to compare with them
+    (None: unknown).
     ``loaded_from`` is the file ``load`` read them from, for messages ("": not read from a file); it is not saved.
     """
 
@@ -79,6 +87,7 @@ class ReferenceStats:
     source: str = ""
     requested_samples: int | None = None
     shards_sha256: str = ""
+    fps: float | None = None
     loaded_from: str = ""
 
     KEY_FIELDS = ("extractor", "extractor_settings", "weights_hash", "frames", "height", "width", "num_samples")
@@ -110,7 +119,7 @@ class ReferenceStats:
                       "requested_samples": self.requested_samples}
             with open(partial, "wb") as stream:
                 np.savez(stream, mu=self.mu, sigma=self.sigma, source=np.str_(self.source),
-                         shards_sha256=np.str_(self.shards_sha256),
+                         shards_sha256=np.str_(self.shards_sha256), fps=np.float64(self.fps or np.nan),
                          **{name: np.asarray(value) for name, value in fields.items()})
 
         write_atomically(path, write)
@@ -136,7 +145,8 @@ class ReferenceStats:
                             "shards_sha256": str(data["shards_sha256"]) if "shards_sha256" in data else "",
                             "extractor_settings": json.loads(str(data["extractor_settings"]))
                             if "extractor_settings" in data else {},
-                            "requested_samples": int(data["requested_samples"]) if "requested_samples" in data else None}
+                            "requested_samples": int(data["requested_samples"]) if "requested_samples" in data else None,
+                            "fps": _known_rate(float(data["fps"])) if "fps" in data else None}
                 stats = cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64),
                             **text, **numbers, **optional, loaded_from=str(path))
             # TypeError, ValueError: a field of another type or shape, settings that are not JSON

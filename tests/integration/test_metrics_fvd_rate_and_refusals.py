@@ -1,6 +1,7 @@
 """``flowvid data fvd``: generated video files read at the reference's frame rate, refusals before any work,
 and the result file as the one JSON line printed."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from data_tools.cli import main as data_main
 from flowvid.data import write_synthetic_dataset
 from flowvid.media import write_video
-from flowvid.metrics.fvd import FrechetVideoDistance
+from flowvid.metrics.fvd import FrechetVideoDistance, ReferenceStats
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,32 @@ def test_video_files_are_read_at_the_frame_rate_of_a_shard_folder_reference(raw_
     assert (result["generated"], result["cut"], result["skipped"]) == (3, 0, 1)
 
 
-def test_a_reference_file_gives_the_frame_rate_of_the_folder_it_was_computed_from(raw_folder, tmp_path, capsys):
+def test_a_reference_file_records_the_frame_rate_of_its_clips(raw_folder, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "real"
+    shutil.copytree(raw_folder, folder, ignore=shutil.ignore_patterns("fvd_stats"))
+    stats = tmp_path / "reference.npz"
+    assert data_main(["fvd-stats", str(folder), "--extractor", "pixel-stats", "--out", str(stats)]) == 0
+    shutil.rmtree(folder)  # the rate is the file's own, not read again from the folder
+    assert ReferenceStats.load(stats).fps == 8.0
+    noise_videos(tmp_path / "fast", fps=32, frames=16)
+    result, err = fvd(capsys, str(tmp_path / "fast"), "--reference", str(stats))
+    assert (result["generated"], result["cut"]) == (3, 0) and "frame rate" not in err
+
+
+def without_frame_rate(stats) -> None:
+    """``stats`` written again as a file that records no frame rate."""
+    dataclasses.replace(ReferenceStats.load(stats), fps=None).save(stats)
+    assert ReferenceStats.load(stats).fps is None
+
+
+def test_a_reference_file_without_a_rate_takes_that_of_the_folder_it_was_computed_from(raw_folder, tmp_path,
+                                                                                        capsys):
     noise_videos(tmp_path / "fast", fps=32, frames=16)
     stats = tmp_path / "reference.npz"
     assert data_main(["fvd-stats", str(raw_folder), "--extractor", "pixel-stats", "--out", str(stats)]) == 0
+    without_frame_rate(stats)
     result, err = fvd(capsys, str(tmp_path / "fast"), "--reference", str(stats))
     assert (result["generated"], result["cut"]) == (3, 0) and "frame rate" not in err
 
@@ -55,6 +78,7 @@ def test_a_reference_of_unknown_frame_rate_is_one_warning(raw_folder, tmp_path, 
     shutil.copytree(raw_folder, folder, ignore=shutil.ignore_patterns("fvd_stats"))
     stats = tmp_path / "reference.npz"
     assert data_main(["fvd-stats", str(folder), "--extractor", "pixel-stats", "--out", str(stats)]) == 0
+    without_frame_rate(stats)
     shutil.rmtree(folder)
     noise_videos(tmp_path / "fast", fps=32, frames=16)
     result, err = fvd(capsys, str(tmp_path / "fast"), "--reference", str(stats))

@@ -367,9 +367,12 @@ def check_arguments(what: str, factory: Callable[..., Any], arguments: dict[str,
     except (TypeError, ValueError):  # no signature to check against (a builtin): the call itself will tell
         return
     named = [p for p in parameters if p.kind in _NAMED]
-    accepted = ", ".join(p.name for p in named) or "none"
+    names = [p.name for p in named]
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-    unknown = [key for key in arguments if key not in {p.name for p in named}]
+    if takes_any and inspect.isclass(factory):  # its **kwargs may go on to the classes it inherits from
+        names, takes_any = _init_arguments(factory)
+    accepted = ", ".join(names) or "none"
+    unknown = [key for key in arguments if key not in names]
     if unknown and not takes_any:
         raise ValueError(f"{what} takes no argument {', '.join(map(repr, unknown))} (in {option}); "
                          f"its arguments are: {accepted}")
@@ -394,3 +397,26 @@ def _takes_no_arguments(factory: Callable[..., Any]) -> bool:
         return True
     nn = sys.modules.get("torch.nn")  # not imported: ``factory`` cannot be a torch module
     return nn is not None and init is nn.Module.__init__
+
+
+def accepted_arguments(cls: type) -> list[str]:
+    """The arguments ``cls`` takes by name: those of its ``__init__``, and where that passes ``**kwargs`` on
+    (as a sampler plugin may to the built-in it extends), those of the classes it inherits from."""
+    return _init_arguments(cls)[0]
+
+
+def _init_arguments(cls: type) -> tuple[list[str], bool]:
+    """``accepted_arguments`` and whether ``cls`` takes others too: a ``**kwargs`` that no ``__init__`` up
+    its classes ends (or one that cannot be looked into)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        try:
+            parameters = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):  # a builtin's: what it takes is unknown
+            return list(dict.fromkeys(names)), True
+        names += [p.name for p in parameters if p.name != "self" and p.kind in _NAMED]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return list(dict.fromkeys(names)), False
+    return list(dict.fromkeys(names)), True

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -57,7 +56,7 @@ from flowvid.lit.finetune import InitFromExport
 from flowvid.lit.module import TrainingDiverged
 from flowvid.lit.progress import StepProgressBar
 from flowvid.loading import export_in
-from flowvid.registry import class_path_for, did_you_mean, imported
+from flowvid.registry import accepted_arguments, class_path_for, did_you_mean, imported
 from flowvid.text.base import TextEncoder
 
 
@@ -396,20 +395,6 @@ def _did_you_mean_in_class(option: str, owner: str | None) -> str:
     except (ImportError, AttributeError, ValueError, TypeError):  # a class this cannot look into: no guess
         return ""
     return did_you_mean(option, accepted)
-
-
-def accepted_arguments(cls: type) -> list[str]:
-    """The arguments ``cls`` takes: those of its ``__init__``, and where that passes ``**kwargs`` on (as
-    ``ZeroStrategy`` does to Lightning's ``DeepSpeedStrategy``), those of the classes it inherits from."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass) or klass is object:
-            continue
-        parameters = inspect.signature(klass.__init__).parameters.values()
-        names += [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            break
-    return list(dict.fromkeys(names))
 
 
 def config_files(args: list[str]) -> list[str]:

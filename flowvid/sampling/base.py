@@ -9,7 +9,6 @@ any computation, so every sampler rejects bad input the same way.
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any, Iterator, Mapping, Union
 
 import torch
 
-from flowvid.registry import SAMPLERS, check_arguments
+from flowvid.registry import SAMPLERS, accepted_arguments, check_arguments
 from flowvid.sampling.inversion import BlockInversion
 from flowvid.text.base import TextEmbedding
 
@@ -163,22 +162,27 @@ class Sampler(ABC):
 
     def __repr__(self) -> str:
         """The class and the settings its constructor took, as a diffusers scheduler shows its config: each
-        argument the instance keeps under the same name."""
-        names = [name for name, parameter in inspect.signature(type(self).__init__).parameters.items()
-                 if name != "self" and parameter.kind is not parameter.VAR_KEYWORD and hasattr(self, name)]
+        argument the instance keeps under the same name, those its constructor passes on to a base's too."""
+        names = [name for name in accepted_arguments(type(self)) if hasattr(self, name)]
         return f"{type(self).__name__}({', '.join(f'{name}={getattr(self, name)!r}' for name in names)})"
 
     @property
     def last_stats(self) -> dict:
         """Statistics of the last ``sample`` / ``stream`` call as JSON-ready values ({} if none kept).
 
-        A sampler keeps its own by assigning ``self.last_stats = {...}`` in each call (or by overriding
-        this property, as ``JacobiSampler`` does)."""
-        return self.__dict__.get("_last_stats", {})
+        A sampler keeps its own by assigning ``self.last_stats = {...}`` in each call; until one does, they
+        are ``call_stats()``, those the built-ins gather. A subclass of a built-in that assigns its own
+        replaces the built-in's; ``self.last_stats = {**self.call_stats(), ...}`` keeps both."""
+        assigned = self.__dict__.get("_last_stats")
+        return self.call_stats() if assigned is None else assigned
 
     @last_stats.setter
     def last_stats(self, stats: dict) -> None:
         self.__dict__["_last_stats"] = stats
+
+    def call_stats(self) -> dict:
+        """The statistics the sampler gathers itself in a call, as JSON-ready values ({}: none)."""
+        return {}
 
 
 class BlockSampler(Sampler):

@@ -190,8 +190,7 @@ class JacobiSampler(BlockSampler):
         self.warm_start = warm_start
         self.call = JacobiRun()
 
-    @property
-    def last_stats(self) -> dict:
+    def call_stats(self) -> dict:
         """Passes per block of the last call (deep and shallow blocks), as JSON-ready values."""
         return self.call.to_dict()
 

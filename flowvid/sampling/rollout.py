@@ -71,8 +71,7 @@ class WindowedSampler(Sampler):
         self.context = context
         self._window_stats: list[dict] = []
 
-    @property
-    def last_stats(self) -> dict:
+    def call_stats(self) -> dict:
         return {"window": self.window, "context": self.context, "windows": list(self._window_stats)}
 
     def _windows(self, z: torch.Tensor, prefix: torch.Tensor | None) -> list[tuple[int, int]]:

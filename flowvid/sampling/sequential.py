@@ -53,8 +53,7 @@ class SequentialSampler(BlockSampler):
 
     call: SequentialRun | None = None
 
-    @property
-    def last_stats(self) -> dict:
+    def call_stats(self) -> dict:
         return self.call.to_dict() if self.call is not None else {}
 
     def new_call(self) -> SequentialRun:

@@ -87,3 +87,35 @@ def test_guidance_true_is_refused_as_the_pipeline_refuses_it(sampler):
     with pytest.raises(ValueError, match="got False"):
         sampler.sample(flow, z, text.cond, guidance=False)
     assert torch.isfinite(sampler.sample(flow, z, GuidedText(text.cond, text.uncond), guidance=1)).all()
+
+
+class CappedJacobi(JacobiSampler):
+    """A plugin that extends a built-in as docs/plugins.md shows: its own setting, the rest passed on."""
+
+    def __init__(self, max_iterations: int = 8, **settings):
+        super().__init__(max_iterations=max_iterations, **settings)
+        self.calls = 0
+
+    def sample(self, flow, z, text=None, guidance=0.0, prefix=None):
+        x = super().sample(flow, z, text, guidance, prefix)
+        self.calls += 1
+        self.last_stats = {**self.call_stats(), "calls": self.calls}
+        return x
+
+
+def test_a_subclass_of_a_built_in_assigns_its_stats_and_keeps_the_built_ins():
+    flow, z, text = request(frames=2)
+    sampler = CappedJacobi(tol=1e-4)
+    sampler.sample(flow, z, text.cond)
+    assert sampler.last_stats["calls"] == 1 and sampler.last_stats["deep"]["passes"] >= 1
+
+
+def test_a_subclass_of_a_built_in_shows_and_checks_the_settings_it_passes_on():
+    from flowvid.registry import check_arguments
+
+    sampler = CappedJacobi(tol=1e-3, block_size=4)
+    assert repr(sampler).startswith("CappedJacobi(max_iterations=8, tol=0.001, block_size=4, ")
+    check_arguments("sampler", CappedJacobi, {"tol": 1e-3, "max_iterations": 2}, "--sampler-args")
+    with pytest.raises(ValueError, match=r"takes no argument 'max_iter' \(in --sampler-args\); its arguments are: "
+                                         r"max_iterations, tol, block_size"):
+        check_arguments("sampler", CappedJacobi, {"max_iter": 4}, "--sampler-args")

@@ -53,7 +53,7 @@ from flowvid.model_card import CARD_NAME, is_card, is_replaceable, model_card
 from flowvid.nn.lora import is_adapter_key, merge_lora
 from flowvid.part_files import missing_file_line, missing_files, with_files_found
 from flowvid.paths import check_output_file, write_atomically
-from flowvid.registry import imported
+from flowvid.registry import describe, distribution_of, imported, registered_as
 from flowvid.text.base import TextEncoder, same_text_encoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -331,12 +331,34 @@ def build_with_files_found(config: dict[str, Any], recorded: dict[str, Any], whe
     current folder lacks them; a file found nowhere is named in one line, not in the builder's long error."""
     config = with_files_found(config, folders)
     try:
-        return build_recorded_module(config, recorded, where, made)
+        module = build_recorded_module(config, recorded, where, made)
     except ValueError as err:
         missing = next(iter(missing_files(config)), None)
         if missing is None:
             raise
         raise FileNotFoundError(missing_file_line(where, *missing, folders)) from err
+    check_plugin_packages(module, recorded, where, made)
+    return module
+
+
+def check_plugin_packages(module: nn.Module, recorded: dict[str, Any], where: str, made: str) -> None:
+    """Raise when a part of ``module`` chosen by a registered name (a block, the sampler) comes from a plugin
+    package that ``recorded`` does not list: another package registers that name here, so the model would
+    run other code than it was ``made`` with, silently where the weights fit."""
+    if not recorded.get("flowvid_version"):  # not written by flowvid fit or export: nothing to compare with
+        return
+    parts = {type(part) for part in [*module.modules(), getattr(module, "sampler", None)] if part is not None}
+    for part in sorted(parts, key=describe):
+        registered = registered_as(part)
+        if registered is None:
+            continue
+        kind, name = registered
+        package = distribution_of(part)
+        if package != "flowvid" and package not in (recorded.get("plugins") or {}):
+            raise CheckpointMismatchError(
+                f"{where}: its {kind} {name!r} is {describe(part)} of the package {package} here, which the "
+                f"model was not {made} with: another package registers the name now; uninstall {package}, or "
+                f"install the one the model was {made} with{made_with(recorded, made)}")
 
 
 def sha256(text: str) -> str:

@@ -41,7 +41,7 @@ class Entry:
 
     @property
     def package(self) -> str:
-        return _distribution_of(_module_of(self.obj).split(".")[0])[0]
+        return distribution_of(self.obj)
 
     @property
     def version(self) -> str:
@@ -69,6 +69,22 @@ def package_of(obj: Any) -> str | None:
     which is the same class when a module imports it later."""
     package = _module_of(obj).split(".")[0]
     return None if package == "__main__" else package
+
+
+def distribution_of(obj: Any) -> str:
+    """The installed package (distribution) that provides ``obj``, as ``pip`` names it; the top-level import
+    name for one run from a folder that is not installed."""
+    return _distribution_of(_module_of(obj).split(".")[0])[0]
+
+
+def registered_as(obj: Any) -> tuple[str, str] | None:
+    """The kind and the name ``obj`` is registered under (``("block", "affine")``), else None."""
+    load_plugins()
+    for registry in REGISTRIES.values():
+        name = registry.name_of(obj)
+        if name is not None:
+            return registry.kind, name
+    return None
 
 
 def with_package(identity: dict[str, Any], obj: Any) -> dict[str, Any]:

@@ -201,6 +201,8 @@ class Registry:
     def register(self, name: str | None = None) -> Callable[[Any], Any]:
         def decorator(obj: Any) -> Any:
             self.check_kind(obj)
+            if package_of(obj) != "flowvid":  # the built-ins register while flowvid's own modules load
+                load_plugins()  # so that an installed plugin keeps its name whenever this is called
             self.add(name or obj.__name__, obj)
             return obj
 

@@ -116,6 +116,25 @@ def test_a_plugin_that_takes_a_taken_name_is_a_warning_and_the_others_still_load
     assert BLOCKS.get("affine").__name__ == "AffineBlock" and BLOCKS.get("fine-block") is Fine
 
 
+def test_an_installed_plugin_keeps_its_name_against_a_register_call_made_before_any_look_up(monkeypatch):
+    import flowvid.registry as registry_module
+    from flowvid.flows import FlowBlock
+
+    class Installed(FlowBlock):
+        pass
+
+    class Registered(FlowBlock):
+        pass
+
+    monkeypatch.setattr(registry_module.metadata, "entry_points",
+                        lambda group: [FakeEntryPoint("wide-mlp", Installed)] if group == BLOCKS.group else [])
+    monkeypatch.setattr(registry_module, "_loaded", False)
+    monkeypatch.setattr(BLOCKS, "_entries", dict(BLOCKS._entries))  # restored after the test
+    with pytest.raises(ValueError, match="block name 'wide-mlp' is taken by .*Installed"):
+        BLOCKS.register("wide-mlp")(Registered)
+    assert BLOCKS.get("wide-mlp") is Installed
+
+
 def test_a_plugin_that_fails_to_import_is_named_as_such_when_asked_for(monkeypatch):
     import flowvid.registry as registry_module
 

@@ -25,7 +25,7 @@ import textwrap
 import warnings
 from typing import Callable, Iterator
 
-from flowvid.registry import REGISTRIES, did_you_mean, load_plugins
+from flowvid.registry import REGISTRIES, did_you_mean, load_plugins, unread_entry_points, unread_note
 
 #: The exit status of a command stopped by Ctrl-C: 128 + SIGINT, as a shell reports it.
 CTRL_C_EXIT_STATUS = 128 + signal.SIGINT
@@ -89,7 +89,10 @@ def list_plugins(argv: list[str]) -> int:
         for failure in registry.failures():
             table.add_row(kind, failure.name, f"{failure.value} [red](not loaded: {escape(failure.error)})[/red]",
                           failure.package, failure.version)
-    Console(width=160).print(table)
+    console = Console(width=160)
+    console.print(table)
+    for entry_point in unread_entry_points():
+        console.print(f"[yellow]warning[/] {escape(unread_note(entry_point))}")
     return 0
 
 

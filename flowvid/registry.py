@@ -244,7 +244,10 @@ class Registry:
                 raise UnknownName(f"{self.kind} {name!r} is installed by {_source(failure)} ({failure.value}) "
                                   f"but could not be loaded: {failure.error}") from None
             known = ", ".join(sorted(self._entries)) or "none"
-            raise UnknownName(f"unknown {self.kind} {name!r}; registered: {known}{self._suggestion(name)}") from None
+            unread = "".join(f"; {unread_note(entry_point)}" for entry_point in unread_entry_points()
+                             if entry_point.name == name)
+            raise UnknownName(f"unknown {self.kind} {name!r}; registered: {known}{self._suggestion(name)}"
+                              f"{unread}") from None
 
     def _suggestion(self, name: str) -> str:
         """``; did you mean 'x'?`` for a name close to a registered one; names are case-sensitive."""
@@ -351,6 +354,23 @@ def load_plugins() -> None:
                 registry._failed.setdefault(entry_point.name, failure)
                 warnings.warn(f"could not load {registry.kind} plugin {entry_point.name!r} of {_source(failure)} "
                               f"({entry_point.value}): {failure.error}", stacklevel=2)
+
+
+def unread_entry_points() -> list[metadata.EntryPoint]:
+    """The entry points of ``flowvid.*`` groups that no registry reads: most likely a misspelt group in a
+    plugin's ``pyproject.toml``, which installs without a word and registers nothing."""
+    read = {registry.group for registry in REGISTRIES.values()}
+    found = metadata.entry_points()
+    return [entry_point for group in sorted(found.groups) if group.startswith("flowvid") and group not in read
+            for entry_point in found.select(group=group)]
+
+
+def unread_note(entry_point: metadata.EntryPoint) -> str:
+    """What an ``unread_entry_points`` entry is, and the group it was likely meant for."""
+    dist = getattr(entry_point, "dist", None)
+    groups = [registry.group for registry in REGISTRIES.values()]
+    return (f"{dist.name if dist is not None else 'a package'} declares {entry_point.name!r} in the entry-point "
+            f"group {entry_point.group!r}, which flowvid does not read{did_you_mean(entry_point.group, groups)}")
 
 
 def _package_and_name(entry_point: metadata.EntryPoint) -> tuple[str, str]:

@@ -135,6 +135,24 @@ def test_an_installed_plugin_keeps_its_name_against_a_register_call_made_before_
     assert BLOCKS.get("wide-mlp") is Installed
 
 
+def test_a_misspelt_entry_point_group_is_named_where_its_plugin_is_looked_for(monkeypatch, capsys):
+    import importlib.metadata as metadata
+
+    import flowvid.registry as registry_module
+    from flowvid.cli import main
+
+    misspelt = metadata.EntryPoints([metadata.EntryPoint("tg", "my_blocks.blocks:TGBlock", "flowvid.block")])
+    monkeypatch.setattr(registry_module.metadata, "entry_points", lambda: misspelt)
+    monkeypatch.setattr(registry_module, "_loaded", True)
+    note = ("a package declares 'tg' in the entry-point group 'flowvid.block', which flowvid does not read (did "
+            "you mean 'flowvid.blocks'?)")
+    with pytest.raises(KeyError) as unknown:
+        BLOCKS.get("tg")
+    assert str(unknown.value).endswith(f"; {note}")
+    assert main(["plugins"]) == 0
+    assert f"warning {note}" in " ".join(capsys.readouterr().out.split())
+
+
 def test_a_plugin_that_fails_to_import_is_named_as_such_when_asked_for(monkeypatch):
     import flowvid.registry as registry_module
 

@@ -107,7 +107,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if not action.option_strings or "default" in text or not _worth_stating(action.default):
+        if (not action.option_strings or "default" in text or not _worth_stating(action.default)
+                or isinstance(action, argparse._StoreFalseAction)):  # a switch's default is that it is off
             return text
         shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
         return f"{text} (default: {shown.replace('%', '%%')})".lstrip()

@@ -45,6 +45,7 @@ from flowvid.lit.checkpointing import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     consolidated_state_dict,
+    list_checkpoints,
     load_client_state,
     recorded_fps,
     resolve_checkpoint,
@@ -511,6 +512,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_not_an_export(ckpt: str | Path) -> None:
+    """Raise a ValueError naming an export given where a training checkpoint is read, rather than calling
+    it an unreadable checkpoint or a folder without one."""
+    path = Path(ckpt)
+    export = path / EXPORT_NAME if path.is_dir() and not path.name.endswith(".ckpt") else path
+    if export.suffix != ".safetensors" or not export.is_file():
+        return
+    if path.is_dir() and (list_checkpoints(path) or list_checkpoints(path / "checkpoints")):
+        return  # a run folder an export was written into: its checkpoints are what it means
+    what = f"an export ({export})" if path.is_dir() else "an export"
+    raise ValueError(f"{ckpt} is {what}, not a training checkpoint: export from the run's checkpoint "
+                     f"(a .ckpt, a DeepSpeed checkpoint folder or the run folder); an export is used as it is, as "
+                     f"in `flowvid generate --ckpt {ckpt}`")
+
+
 def main(argv: list[str]) -> int:
     """``flowvid export --ckpt C --out model.safetensors [--dtype fp32|bf16] [--weights ema|trained] [--force]``."""
     from flowvid.cli import UserError
@@ -520,6 +536,7 @@ def main(argv: list[str]) -> int:
         raise UserError("--adapters-only writes fp32 adapters (a few MB, merged into the weights in fp32); "
                         "leave out --dtype")
     try:
+        check_not_an_export(args.ckpt)
         if args.adapters_only:
             from flowvid.adapters import export_adapters
 

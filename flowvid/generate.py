@@ -443,7 +443,11 @@ def request_differences(record: dict[str, Any], planned: dict[str, Any]) -> list
 
 def difference(key: str, record: dict[str, Any], planned: dict[str, Any]) -> str:
     """``key``'s value in ``record``, and in ``planned`` (asked now), for a message; a value the user did not
-    give but the run chose is said to be a default."""
+    give but the run chose is said to be a default; one a switch sets, by that switch."""
+    if key in SWITCHES:
+        flag = SWITCHES[key][0]
+        return (f"{key}: written {'with' if switched(record, key) else 'without'} {flag}, now "
+                f"{'with' if switched(planned, key) else 'without'} it")
     asked = shown(planned, key)
     now = "now not given" if asked == NOT_GIVEN else f"not {asked}{default_note(key, planned)}"
     return f"{key} {shown(record, key)}, {now}"
@@ -481,6 +485,14 @@ def registered_name(sampler: str) -> str:
 LEFT_OUT_MEANS = {"samples_per_prompt": 1, "fps": DEFAULT_FPS, "stream": False, "denoise": True}
 #: How a key left out, that has no default value, is shown.
 NOT_GIVEN = "not given"
+#: Keys a switch sets: its flag and the value it gives them.
+SWITCHES = {"stream": ("--stream", True), "denoise": ("--no-denoise", False)}
+
+
+def switched(record: dict[str, Any], key: str) -> bool:
+    """Whether the request that wrote ``record`` gave the switch of ``key`` (one left out was not given)."""
+    value = record.get(key)
+    return (LEFT_OUT_MEANS[key] if value is None else value) == SWITCHES[key][1]
 
 
 def shown(record: dict[str, Any], key: str) -> str:

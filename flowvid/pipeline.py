@@ -772,6 +772,8 @@ def _frames(given, model, what: str) -> tuple[np.ndarray, tuple[int, int]]:
     expected = (height, width, 3)
     if frames.dtype != np.uint8 or frames.ndim != (3 if image else 4) or frames.shape[-3:] != expected:
         shape = ("" if image else "T, ") + ", ".join(map(str, expected))
+        well_shaped = frames.ndim == (3 if image else 4) and frames.shape[-3:] == expected
+        remedy = "convert them to uint8, 0 to 255" if well_shaped else "give a file to have it resized"
         raise GenerateError(f"the {what} must be uint8 frames of shape ({shape}), the model's size; got "
-                            f"{frames.dtype} {tuple(frames.shape)} (give a file to have it resized)")
+                            f"{frames.dtype} {tuple(frames.shape)} ({remedy})")
     return frames, (height, width)

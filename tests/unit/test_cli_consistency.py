@@ -157,13 +157,26 @@ def has_a_default(default: object) -> bool:
     return default is not None and default is not False and default not in ({}, "", argparse.SUPPRESS)
 
 
+def is_a_switch(action: argparse.Action) -> bool:
+    """A ``--flag`` that turns something on or off (``--no-denoise``'s default True means "denoise", not "on")."""
+    return isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+
+
 @pytest.mark.parametrize("command", argparse_commands())
 def test_every_option_that_has_a_default_says_which(command):
     parser = argparse_commands()[command]
     unsaid = [action.option_strings[0] for action in parser._actions
-              if action.option_strings and has_a_default(action.default)
+              if action.option_strings and has_a_default(action.default) and not is_a_switch(action)
               and "default" not in help_of(parser, action.option_strings[0])]
     assert not unsaid, f"`{command} --help` does not say the defaults of {unsaid}"
+
+
+@pytest.mark.parametrize("command", argparse_commands())
+def test_no_switch_states_a_default(command):
+    parser = argparse_commands()[command]
+    stated = [action.option_strings[0] for action in parser._actions
+              if is_a_switch(action) and "(default:" in help_of(parser, action.option_strings[0])]
+    assert not stated, f"`{command} --help` gives switches {stated} a default, which reads as the switch's state"
 
 
 def test_a_default_is_shown_as_the_command_takes_it(capsys):

@@ -88,7 +88,7 @@ def test_generate_no_denoise_is_recorded_and_kept_apart_by_skip_existing(checkpo
     assert main([*args, "--no-denoise", "--skip-existing", "--out", str(tmp_path / "raw")]) == 0
     assert "1 of 1 samples are in" in capsys.readouterr().err
     assert main([*args, "--no-denoise", "--skip-existing", "--out", str(tmp_path / "plain")]) == 2
-    assert "(denoise True, not False)" in capsys.readouterr().err
+    assert "(denoise: written without --no-denoise, now with it)" in capsys.readouterr().err
 
 
 def test_a_mismatch_names_a_tolerance_the_user_did_not_give_as_the_default(checkpoint, tmp_path, capsys):

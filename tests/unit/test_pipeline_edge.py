@@ -313,3 +313,11 @@ def test_a_pipeline_shows_what_it_samples_with(checkpoint):
     shape = pipe.model.video_shape
     assert repr(pipe) == (f"VideoPipeline(video_shape={shape}, codec='pixel', text_encoder=LearnedTextEncoder, "
                           "sampler=SequentialSampler(), device=cpu, precision='32-true')")
+
+
+@pytest.mark.parametrize("image, remedy", [(np.zeros((8, 8, 3), np.float32), "convert them to uint8, 0 to 255"),
+                                           (np.zeros((5, 5, 3), np.uint8), "give a file to have it resized")])
+def test_an_image_that_is_not_the_models_frame_says_what_to_change(checkpoint, image, remedy):
+    pipe = refusing_pipeline(checkpoint)  # of 8x8 frames
+    with pytest.raises(GenerateError, match=re.escape(f"({remedy})")):
+        pipe("a", task="i2v", image=image)

@@ -122,6 +122,20 @@ def test_a_corrupt_checkpoint_or_a_mismatched_config_is_a_clear_error(trained, t
         export_checkpoint(broken, tmp_path / "other" / "y.safetensors")
 
 
+def test_an_export_given_as_the_checkpoint_is_named_as_an_export(trained, tmp_path):
+    from flowvid.cli import UserError
+
+    _, ckpt = trained
+    out = export_checkpoint(ckpt, tmp_path / "exported" / "model.safetensors")
+    for given, what in ((out.parent, f"an export ({out})"), (out, "an export")):
+        for adapters in ([], ["--adapters-only"]):
+            with pytest.raises(UserError) as refused:
+                main(["--ckpt", str(given), "--out", str(tmp_path / "again" / "model.safetensors"), *adapters])
+            assert str(refused.value).startswith(f"{given} is {what}, not a training checkpoint: export from the "
+                                                 "run's checkpoint")
+    assert not (tmp_path / "again").exists()
+
+
 def test_a_config_that_is_not_the_one_exported_with_the_weights_is_named(trained, tmp_path, recwarn):
     """An export interrupted between its weights and its config, or another export into the same folder,
     leaves a pair that may still load: the checksum of the config in the weights' metadata tells."""

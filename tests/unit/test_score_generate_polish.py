@@ -146,9 +146,9 @@ def test_streamed_and_plain_samples_are_not_mixed_in_one_folder(checkpoint, tmp_
     assert record["stream"] is True
     capsys.readouterr()
     assert main([*args, "--stream", "--out", str(plain)]) == 2
-    assert "stream False, not True" in one_line_error(capsys)
+    assert "stream: written without --stream, now with it" in one_line_error(capsys)
     assert main([*args, "--out", str(streamed)]) == 2
-    assert "stream True, not False" in one_line_error(capsys)
+    assert "stream: written with --stream, now without it" in one_line_error(capsys)
     assert main([*args, "--stream", "--out", str(streamed)]) == 0  # the same request: kept
     assert "1 of 1 samples are in" in capsys.readouterr().err
 

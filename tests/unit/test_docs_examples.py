@@ -1,5 +1,6 @@
 """The examples of the user docs run as written, and the output they show is the output the tools print."""
 
+import copy
 import os
 import re
 import runpy
@@ -138,6 +139,34 @@ def test_plugins_md_classes_are_used_from_python_without_a_package(checkpoint, t
     assert isinstance(shown["flow"].deep, shown["WideMLPBlock"]) and shown["flow"].deep.ratio == 6.0
     assert isinstance(shown["pipe"].sampler, capped) and shown["pipe"].sampler.max_iterations == 8
     assert isinstance(shown["sampler"], capped) and shown["sampler"].tol == 1e-3
+
+
+def test_plugins_md_denoiser_is_taken_by_a_recipe_with_the_settings_it_says(tmp_path, monkeypatch, capsys):
+    from flowvid.lit.cli_support import main as fit_main
+
+    write_files_shown("plugins.md", tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overlay = recipe_shown("plugins.md", "denoiser")
+    without_window = copy.deepcopy(overlay)
+    del without_window["model"]["init_args"]["denoiser"]["init_args"]["window"]
+    demo = DOCS.parent / "recipes" / "demo" / "shapes_t2v.yaml"
+    windows = []
+    try:
+        for name, config in (("overlay.yaml", overlay), ("without_window.yaml", without_window)):
+            (tmp_path / name).write_text(yaml.safe_dump(config))
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as stop:
+                fit_main(["fit", "--config", str(demo), "--config", str(tmp_path / name), "--print_config"])
+            assert stop.value.code in (0, None)
+            out = capsys.readouterr().out
+            denoiser = yaml.safe_load(out[out.index("# lightning.pytorch"):])["model"]["init_args"]["denoiser"]
+            assert denoiser["class_path"] == "my_blocks.denoisers.LongMemoryDenoiser"
+            windows.append(denoiser["init_args"]["window"])
+        from my_blocks.denoisers import LongMemoryDenoiser
+    finally:
+        forget_my_blocks()
+    assert windows == [4, 2]  # the base recipe's window is kept where the overlay gives none, as the docs say
+    assert LongMemoryDenoiser(4, (2, 2)).frames_seen == (4 * 2, 1)
 
 
 def test_codecs_and_text_md_text_encoder_passes_its_conformance_tests(tmp_path):

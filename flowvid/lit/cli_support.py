@@ -55,6 +55,7 @@ from flowvid.lit.checkpointing import (
 from flowvid.lit.finetune import InitFromExport
 from flowvid.lit.module import TrainingDiverged
 from flowvid.lit.progress import StepProgressBar
+from flowvid.lit.tensorboard import without_placeholder_metric
 from flowvid.loading import export_in
 from flowvid.registry import accepted_arguments, class_path_for, did_you_mean, imported
 from flowvid.text.base import TextEncoder
@@ -662,7 +663,10 @@ class FlowvidCLI(LightningCLI):
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]  # one callback may stand alone
         chose_a_bar = any(isinstance(callback, ProgressBar) for callback in configured)
+        logger = self._get(self.config_init, "trainer", default={}).get("logger")
         trainer = super().instantiate_trainer(**kwargs)
+        if logger in (None, True):  # Lightning's own TensorBoard logger
+            without_placeholder_metric(trainer)
         FlowvidCLI.new_folders = folders_a_run_makes(trainer)
         check_deepspeed_runs_here(trainer.strategy)
         trainer.callbacks.append(LoopStarted())

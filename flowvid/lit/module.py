@@ -54,6 +54,7 @@ from flowvid.lit.resumed_settings import check_resumed_settings
 from flowvid.lit.schedule import warmup_cosine_scheduler
 from flowvid.lit.step_axis import log_training_point
 from flowvid.lit.strategies import ZeroStrategy, discard_gradients
+from flowvid.lit.tensorboard import compare_runs_by
 from flowvid.nn.lora import LoRALinear, is_adapter_key, merge_lora
 from flowvid.placement import warn_if_bf16_is_emulated
 from flowvid.registry import CODECS
@@ -263,6 +264,7 @@ class FlowModule(LightningModule):
         # Validation is logged at the optimizer step of the weights it measures (see on_validation_end).
         self._validation_names: set[str] = set()
         self._checkpoint_step: int | None = None
+        self._runs_comparable = False  # the settings are written for TensorBoard's HPARAMS tab (on_validation_end)
 
     def _check_parts_fit(self) -> None:
         """The codec, flow, text encoder and denoiser must agree on sizes: fail at construction."""
@@ -861,6 +863,8 @@ class FlowModule(LightningModule):
         metrics = {name: float(reduced[name]) for name in sorted(names) if name in reduced}
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
+            if not self._runs_comparable:
+                self._runs_comparable = compare_runs_by(logger, dict(self.hparams), metrics, self.global_step)
             logger.save()
 
     def _validation_prefix(self, dataloader_idx: int) -> str:

@@ -1,4 +1,4 @@
-"""Videos and frame grids for TensorBoard, without moviepy.
+"""Videos and frame grids for TensorBoard, without moviepy, and the metric its HPARAMS tab compares runs by.
 
 ``SummaryWriter.add_video`` needs moviepy 1.x and, without it, prints a message and logs nothing.
 A video here is written the way ``add_video`` stores it, as an animated GIF image summary, but
@@ -70,3 +70,25 @@ def add_video_gif(writer: SummaryWriter, tag: str, videos: torch.Tensor, step: i
 def tensorboard_writers(trainer: Trainer) -> list[SummaryWriter]:
     """The SummaryWriters of the trainer's TensorBoard loggers (empty when there are none)."""
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+#: The metric TensorBoard's HPARAMS tab lists beside each run's settings.
+COMPARED_METRIC = "val/bits_per_dim"
+
+
+def without_placeholder_metric(trainer: Trainer) -> None:
+    """Leave out the ``hp_metric`` of -1 that Lightning's default TensorBoard logger writes at step 0 as a
+    placeholder: bits/dim may be negative, and the run's settings are compared by ``COMPARED_METRIC``
+    instead (``compare_runs_by``)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger._default_hp_metric = False  # the constructor's setting; Lightning builds this logger itself
+
+
+def compare_runs_by(logger: object, hparams: dict, metrics: dict[str, float], step: int) -> bool:
+    """Write the run's settings for TensorBoard's HPARAMS tab with ``COMPARED_METRIC`` from ``metrics``, once
+    a validation has measured it; whether it was written."""
+    if not isinstance(logger, TensorBoardLogger) or COMPARED_METRIC not in metrics:
+        return False
+    logger.log_hyperparams(hparams, {COMPARED_METRIC: metrics[COMPARED_METRIC]}, step=step)
+    return True

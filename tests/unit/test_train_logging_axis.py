@@ -107,3 +107,23 @@ def test_throughput_and_the_counts_seen_are_logged_beside_the_losses_of_their_st
     assert logger.steps("throughput/tokens_per_sec") == [1, 2, 3]  # a rate needs two steps' ends
     tokens = [value for _, value in logger.points["train/tokens_seen"]]
     assert tokens == [tokens[0] * (step + 1) for step in range(4)]  # one point per step, at its end
+
+
+def test_tensorboard_compares_runs_by_validation_bits_per_dim_not_a_placeholder(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from flowvid.lit.tensorboard import without_placeholder_metric
+
+    logger = TensorBoardLogger(tmp_path)  # as Lightning builds its default one
+    run = trainer(max_steps=2, logger=logger, limit_val_batches=1, val_check_interval=2)
+    without_placeholder_metric(run)
+    run.fit(make_module(), batches(2), val_dataloaders=batches(1))
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert "hp_metric" not in events.Tags()["scalars"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    assert [info.name.tag for info in experiment.metric_infos] == ["val/bits_per_dim"]
+    assert {hparam.name for hparam in experiment.hparam_infos} >= {"noise_std", "lr"}

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Callable
 
 from flowvid.checks import is_positive_number
+from flowvid.paths import check_output_file
 from flowvid.placement import cpu_has_native_bf16
 
 HERE = Path(__file__).resolve().parent
@@ -112,17 +113,39 @@ def benchmark_parser(doc: str, json_option: bool = True) -> argparse.ArgumentPar
     in ``--help`` and, with ``json_option``, ``--json`` (see ``save_result``)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=DefaultsInHelp)
     if json_option:
-        parser.add_argument("--json", default=None, metavar="OUT",
+        parser.add_argument("--json", default=None, metavar="OUT", type=json_file,
                             help="also write the results to this file, as JSON")
     return parser
 
 
+def json_file(text: str) -> str:
+    """argparse type of ``--json``: a file that can be written, its folders made if need be; checked before
+    anything is measured, so that a run of hours does not end in an error."""
+    try:
+        check_output_file(text, "", "give a file in it", error=argparse.ArgumentTypeError)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(str(err).strip()) from None
+    existing = next(folder for folder in Path(text).absolute().parents if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {existing} is not a folder this user may write in")
+    return text
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Write ``data`` as JSON, making the file's folder first: a folder not made yet must not cost the
-    numbers of a run that has already measured them."""
+    numbers of a run that has already measured them. Where the file still cannot be written (the disk
+    filled up, the folder was removed), the numbers are printed as one JSON line instead, and the run
+    ends with status 1 and one line that says why."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    text = json.dumps(data, indent=2) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as err:
+        print(json.dumps(data))
+        print(f"error: could not write {path} ({err.strerror or err}); the results are the JSON line above",
+              file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def save_result(path: str | None, args: argparse.Namespace, result: dict) -> None:
@@ -249,10 +272,13 @@ def thread_settings(out_dir: Path, cycles: int) -> str:
     return "\n".join(lines)
 
 
-def report(sections: dict[str, list[str | None]]) -> str:
-    """The Markdown report: every section that has something to show, then what failed."""
+def report(sections: dict[str, list[str | None]], not_measured: list[str]) -> str:
+    """The Markdown report: every section that has something to show, what was left out for want of a
+    reference checkout or a demo model, then what failed."""
     parts = [f"## {title}\n\n" + "\n\n".join(part for part in parts if part)
              for title, parts in sections.items() if any(parts)]
+    if not_measured:
+        parts.append("## Not measured\n\n" + "\n".join(f"* {line}" for line in not_measured))
     if FAILURES:
         parts.append("## Failed\n\n" + "\n".join(f"* {failure}" for failure in FAILURES))
     return "\n\n".join(parts)
@@ -289,15 +315,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of the JSON files and report.md, made if missing")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    out = output_folder(parser, args.out_dir)
+    reference = ["--reference", str(reference_checkout(parser, args.reference))] if args.reference else []
+    out = output_folder(parser, args.out_dir)  # made once every option is found good
     quick = args.quick
     bf16 = cpu_has_native_bf16()  # elsewhere bf16 is emulated, slower than fp32: nothing to measure
-    reference = ["--reference", str(reference_checkout(parser, args.reference))] if args.reference else []
+    not_measured = []
     if not args.reference:
-        print("no reference checkout (--reference PATH or FLOWVID_REFERENCE): side-by-side comparisons skipped")
+        not_measured.append("no reference checkout (--reference PATH or FLOWVID_REFERENCE): side-by-side "
+                            "comparisons skipped")
     demo_model = (ROOT / DEMO_CHECKPOINT).is_file()
     if not demo_model:
-        print(f"no {DEMO_CHECKPOINT} (make demo writes it): the streaming and quality measurements skipped")
+        not_measured.append(f"no {DEMO_CHECKPOINT} (make demo writes it): the streaming and quality measurements "
+                            "skipped")
+    for line in not_measured:
+        print(line)
 
     plan: dict[str, list[Callable[[], str | None]]] = {
         "Training throughput": [
@@ -344,11 +375,13 @@ def main(argv: list[str] | None = None) -> int:
                 sections[title].append(part())
     except KeyboardInterrupt:
         # run_to_end has stopped the benchmark that was running; what finished before it is kept.
-        FAILURES.append("interrupted (Ctrl-C): the later benchmarks did not run")
-        (out / "report.md").write_text(report(sections) + "\n")
+        later = list(plan)[list(plan).index(title) + 1:]
+        FAILURES.append(f"interrupted (Ctrl-C) in {title}: its benchmark then running was stopped"
+                        + (f"; not run: {', '.join(later)}" if later else ""))
+        (out / "report.md").write_text(report(sections, not_measured) + "\n")
         print(f"interrupted: the benchmarks that finished are in {out / 'report.md'}", file=sys.stderr)
         return 130
-    text = report(sections)
+    text = report(sections, not_measured)
     (out / "report.md").write_text(text + "\n")
     print(text)
     if FAILURES:

@@ -33,6 +33,7 @@ than one thread (the output and the JSON record it); the command is the referenc
 
 from __future__ import annotations
 
+import argparse
 import platform
 import time
 from dataclasses import dataclass
@@ -274,15 +275,33 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+#: The options that say how the measured flow is built, which a trained model given by --checkpoint replaces.
+BUILT_MODEL_OPTIONS = ("config", "frames", "perturb", "train_steps")
+
+
+def check_nothing_built_is_asked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, with ``--checkpoint``, the options of a built flow: the trained model is measured as it is,
+    over its full video length, and its JSON would record settings that were never used."""
+    given = [f"--{name.replace('_', '-')}" for name in BUILT_MODEL_OPTIONS
+             if getattr(args, name) != parser.get_default(name)]
+    if given:
+        parser.error(f"{', '.join(given)} describe the flow built when no --checkpoint is given; the checkpoint's "
+                     "model is measured as it was trained, over its full video length: leave them out")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="demo", help="size of the flow")
-    parser.add_argument("--frames", type=positive_int, default=4, help="latent frames of the video")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="demo",
+                        help="size of the flow (not with --checkpoint)")
+    parser.add_argument("--frames", type=positive_int, default=4,
+                        help="latent frames of the video (not with --checkpoint)")
     parser.add_argument("--batch", type=positive_int, default=2, help="videos sampled at once")
     parser.add_argument("--perturb", type=positive_float, default=0.02,
-                        help="std of the weight perturbation (unperturbed, the flow is the identity)")
+                        help="std of the weight perturbation (unperturbed, the flow is the identity; not with "
+                             "--checkpoint)")
     parser.add_argument("--train-steps", type=non_negative_int, default=0,
-                        help="fit the flow to shapes videos for this many steps instead of perturbing it")
+                        help="fit the flow to shapes videos for this many steps instead of perturbing it (not "
+                             "with --checkpoint)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=positive_int, default=3, help="runs per sampler; the fastest counts")
     parser.add_argument("--checkpoint", default=None, help="measure this trained model (checkpoint or export)")
@@ -291,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerances", type=positive_float, nargs="*", default=[],
                         help="also measure Jacobi (default settings) at these tolerances")
     args = parser.parse_args(argv)
+    if args.checkpoint:
+        check_nothing_built_is_asked(parser, args)
     model = load_measured_model(parser, "--checkpoint", args.checkpoint) if args.checkpoint else None
     torch.set_num_threads(args.threads)
     print(f"# sampling benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "

@@ -162,6 +162,36 @@ def test_finetune_records_its_options_in_its_json(measured_nothing, tmp_path):
     assert result["omp_wait_policy"] == run_all.wait_policy() and set(result["results"]) == {"64"}
 
 
+@pytest.mark.parametrize("where, rule", [("taken/r.json", "is inside the file"), ("folder", "is a folder")])
+def test_a_json_file_that_cannot_be_written_is_refused_before_anything_is_measured(where, rule, tmp_path, capsys,
+                                                                                     monkeypatch):
+    (tmp_path / "taken").write_text("a file")
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setattr(finetune, "measure_width", lambda *args: pytest.fail("measured before refusing --json"))
+    last_line = refusal(finetune, ["--widths", "64", "--json", str(tmp_path / where)], capsys)
+    assert "error: argument --json: " in last_line and rule in last_line
+
+
+def test_results_that_cannot_be_written_at_the_end_are_printed_not_lost(measured_nothing, tmp_path, capsys,
+                                                                        monkeypatch):
+    path = tmp_path / "finetune.json"
+    monkeypatch.setattr(Path, "write_text", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(SystemExit) as exit_:
+        finetune.main(["--widths", "64", "--json", str(path)])
+    assert exit_.value.code == 1
+    printed = capsys.readouterr()
+    assert json.loads(printed.out.strip().splitlines()[-1])["args"]["json"] == str(path)
+    assert printed.err.strip() == f"error: could not write {path} (No space); the results are the JSON line above"
+
+
+def test_the_options_of_a_built_flow_are_refused_with_a_checkpoint(tmp_path, capsys):
+    last_line = refusal(sampling, ["--checkpoint", str(tmp_path / "m.ckpt"), "--frames", "2", "--config", "large"],
+                        capsys)
+    assert last_line.endswith("error: --config, --frames describe the flow built when no --checkpoint is given; "
+                              "the checkpoint's model is measured as it was trained, over its full video length: "
+                              "leave them out")
+
+
 def test_a_json_file_in_a_folder_not_made_yet_is_written_there(measured_nothing, tmp_path):
     # The folder used to be found missing only after the measuring, the numbers lost with a traceback.
     path = tmp_path / "runs" / "today" / "finetune.json"
@@ -265,7 +295,10 @@ def test_ctrl_c_keeps_a_report_of_the_benchmarks_that_finished(recorded_runs, tm
     assert status == 130
     report = (tmp_path / "report.md").read_text()
     assert "## Training throughput\n\ntrain_throughput.py measured" in report
-    assert "## Sampling" not in report and "* interrupted (Ctrl-C)" in report
+    assert "## Sampling" not in report
+    assert "* interrupted (Ctrl-C) in Sampling: its benchmark then running was stopped; not run: Fine-tuning, " \
+           "Memory, Data" in report
+    assert "## Not measured\n\n* no reference checkout" in report
     assert capsys.readouterr().err.strip().splitlines() == [
         f"interrupted: the benchmarks that finished are in {tmp_path / 'report.md'}"]
 
@@ -288,7 +321,7 @@ def test_a_wrong_reference_checkout_stops_run_all_before_the_first_benchmark(rec
     last_line = refusal(run_all, ["--reference", str(tmp_path), "--out-dir", str(tmp_path / "out")], capsys)
     assert "error: --reference: " in last_line
     assert f"{tmp_path} is not a checkout of the reference implementation" in last_line
-    assert recorded_runs == []
+    assert recorded_runs == [] and not (tmp_path / "out").exists()
 
 
 def test_a_relative_reference_reaches_the_benchmarks_as_a_whole_path(recorded_runs, tmp_path, monkeypatch):

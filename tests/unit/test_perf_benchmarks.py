@@ -457,8 +457,9 @@ def test_a_benchmark_that_hangs_is_stopped_and_reported_as_failed(monkeypatch, t
     assert run_all.run("hangs.py", ["--rounds", "1"], tmp_path / "hangs.json", timeout_s=1) is None
     failure = "`python benchmarks/hangs.py --rounds 1`: timed out after 1 s"
     assert run_all.FAILURES == [failure]
-    report = run_all.report({"Training throughput": ["a table"], "GPU": [None]})
-    assert report == f"## Training throughput\n\na table\n\n## Failed\n\n* {failure}"
+    report = run_all.report({"Training throughput": ["a table"], "GPU": [None]}, ["no demo model: skipped"])
+    assert report == (f"## Training throughput\n\na table\n\n## Not measured\n\n* no demo model: skipped\n\n"
+                      f"## Failed\n\n* {failure}")
 
 
 @pytest.mark.parametrize("script, option", [(streaming, "--ckpt"), (adherence, "--ckpt"), (negative_prompt, "--ckpt"),

@@ -54,7 +54,7 @@ from flowvid.lit.resumed_settings import check_resumed_settings
 from flowvid.lit.schedule import warmup_cosine_scheduler
 from flowvid.lit.step_axis import log_training_point
 from flowvid.lit.strategies import ZeroStrategy, discard_gradients
-from flowvid.lit.tensorboard import compare_runs_by
+from flowvid.lit.tensorboard import COMPARED_METRIC, compare_runs_by
 from flowvid.nn.lora import LoRALinear, is_adapter_key, merge_lora
 from flowvid.placement import warn_if_bf16_is_emulated
 from flowvid.registry import CODECS
@@ -862,9 +862,11 @@ class FlowModule(LightningModule):
         reduced = self.trainer.callback_metrics
         metrics = {name: float(reduced[name]) for name in sorted(names) if name in reduced}
         for logger in self.loggers:
-            logger.log_metrics(metrics, step=self.global_step)
-            if not self._runs_comparable:
-                self._runs_comparable = compare_runs_by(logger, dict(self.hparams), metrics, self.global_step)
+            left = metrics
+            if not self._runs_comparable and compare_runs_by(logger, dict(self.hparams), metrics, self.global_step):
+                self._runs_comparable = True
+                left = {name: value for name, value in metrics.items() if name != COMPARED_METRIC}  # logged with them
+            logger.log_metrics(left, step=self.global_step)
             logger.save()
 
     def _validation_prefix(self, dataloader_idx: int) -> str:

@@ -86,8 +86,8 @@ def without_placeholder_metric(trainer: Trainer) -> None:
 
 
 def compare_runs_by(logger: object, hparams: dict, metrics: dict[str, float], step: int) -> bool:
-    """Write the run's settings for TensorBoard's HPARAMS tab with ``COMPARED_METRIC`` from ``metrics``, once
-    a validation has measured it; whether it was written."""
+    """Write the run's settings for TensorBoard's HPARAMS tab with ``COMPARED_METRIC`` from ``metrics`` (its
+    point at ``step`` included), once a validation has measured it; whether it was written."""
     if not isinstance(logger, TensorBoardLogger) or COMPARED_METRIC not in metrics:
         return False
     logger.log_hyperparams(hparams, {COMPARED_METRIC: metrics[COMPARED_METRIC]}, step=step)

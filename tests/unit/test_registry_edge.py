@@ -35,7 +35,10 @@ def install(monkeypatch):
 
     def installed(**by_group):
         registry_module.load_plugins()  # the built-ins register in the registries restored afterwards
-        monkeypatch.setattr(registry_module.metadata, "entry_points", lambda group: by_group.get(group, []))
+        def entry_points(group=None):  # by group, as load_plugins asks; all of them, as `flowvid plugins` does
+            return by_group.get(group, []) if group else registry_module.metadata.EntryPoints([])
+
+        monkeypatch.setattr(registry_module.metadata, "entry_points", entry_points)
         monkeypatch.setattr(registry_module, "_loaded", False)
         for registry in REGISTRIES.values():
             monkeypatch.setattr(registry, "_entries", dict(registry._entries))

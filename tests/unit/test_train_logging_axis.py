@@ -123,6 +123,7 @@ def test_tensorboard_compares_runs_by_validation_bits_per_dim_not_a_placeholder(
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     assert "hp_metric" not in events.Tags()["scalars"]
+    assert [event.step for event in events.Scalars("val/bits_per_dim")] == [2]  # one point, with the settings
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
     assert [info.name.tag for info in experiment.metric_infos] == ["val/bits_per_dim"]

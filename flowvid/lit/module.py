@@ -80,6 +80,7 @@ class TrainingDiverged(RuntimeError):
 PREDICT_REFUSED = ("FlowModule does not run under trainer.predict: sample with module.generate_videos(captions, "
                    "seed=...), or with flowvid generate")
 
+
 def check_compilable(strategy) -> None:
     """``compile_flow`` under ZeRO-3 would compile around the hooks that gather each sharded parameter."""
     if isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 3:
@@ -139,6 +140,7 @@ def check_hyperparameters(*, noise_std: float, lr: float, denoiser_lr: float, gr
     if guidance > 0 and not has_text_encoder:  # else the first sample logged mid-training would fail
         raise ValueError(f"guidance={guidance} needs a text encoder: a model without one has no caption to "
                          "guide towards; set guidance: 0")
+
 
 class FlowModule(LightningModule):
     """Trains a ``GlobalLocalFlow`` (and optionally a ``CausalDenoiser``) on latent or raw-video batches.
